@@ -78,3 +78,6 @@ def open_broker(tmp_path_factory):
     directory = tmp_path_factory.mktemp("mosquitto-open")
     with Mosquitto(directory, auth=False) as m:
         yield m
+
+
+from db_fixtures import *  # noqa: E402,F401,F403  (db_url fixture: SQLite and PostgreSQL)
