@@ -1,0 +1,228 @@
+"""ORM models of the control center (SQLAlchemy 2 typed declarative).
+
+The same models run on SQLite (default) and PostgreSQL. All datetimes are
+timezone-aware UTC, on both backends (see ``UTCDateTime``).
+
+Migrations live in ``migrations/versions``; any change here needs a new revision
+(tests compare the migrated schema with this metadata).
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    false,
+    text,
+)
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.mutable import MutableDict, MutableList
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+__all__ = [
+    "Base",
+    "Deployment",
+    "Device",
+    "Job",
+    "JSONType",
+    "NAMING_CONVENTION",
+    "Release",
+    "StatusEvent",
+    "UTCDateTime",
+    "utcnow",
+]
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A DateTime that only stores and returns aware UTC datetimes.
+
+    PostgreSQL keeps ``timestamp with time zone``; SQLite has no time zones, so the
+    value is stored as naive UTC and made aware again when read. Naive datetimes are
+    refused when binding (they are ambiguous).
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, datetime):
+            raise TypeError(f"UTCDateTime needs a datetime, got {type(value).__name__}")
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError("naive datetime: use an aware UTC datetime (e.g. fota.server.store.utcnow())")
+        value = value.astimezone(timezone.utc)
+        if dialect.name == "sqlite":
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+def JSONType() -> JSON:  # noqa: N802  (used like a type class)
+    """Generic JSON everywhere, JSONB on PostgreSQL (comparable, indexable).
+
+    A new instance per column: ``Mutable*.as_mutable`` keys on the type instance.
+    """
+    return JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+# Deterministic constraint/index names on every backend (Alembic needs names).
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Release(Base):
+    """A signed firmware release (bundle of files or a full image)."""
+
+    __tablename__ = "releases"
+    # AUTOINCREMENT on SQLite: ids are never reused, even after deletes.
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    version: Mapped[str] = mapped_column(String(64), unique=True)
+    hardware: Mapped[list[str]] = mapped_column(JSONType())
+    kind: Mapped[str] = mapped_column(String(16))  # 'bundle' | 'image'
+    size: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    manifest: Mapped[str] = mapped_column(Text)  # the exact signed JSON text
+    signature: Mapped[str] = mapped_column(String(128))  # hex
+    key_id: Mapped[str] = mapped_column(String(16))
+    blob_path: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    deployments: Mapped[list[Deployment]] = relationship(back_populates="release")
+
+    def __repr__(self) -> str:
+        return f"Release(id={self.id!r}, version={self.version!r}, kind={self.kind!r})"
+
+
+class Device(Base):
+    """A device known to the control center; ``id`` is the device id (MQTT user)."""
+
+    __tablename__ = "devices"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    hardware: Mapped[str | None] = mapped_column(String(64))
+    version: Mapped[str | None] = mapped_column(String(64))
+    online: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Mutable wrappers: in-place changes (device.tags.append(...)) are persisted.
+    inventory: Mapped[dict[str, Any]] = mapped_column(MutableDict.as_mutable(JSONType()), default=dict)
+    tags: Mapped[list[str]] = mapped_column(MutableList.as_mutable(JSONType()), default=list)
+    password_hash: Mapped[str | None] = mapped_column(Text)  # Mosquitto "$7$..." line
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_seen: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    jobs: Mapped[list[Job]] = relationship(back_populates="device")
+
+    def __repr__(self) -> str:
+        return f"Device(id={self.id!r}, hardware={self.hardware!r}, version={self.version!r})"
+
+
+class Deployment(Base):
+    """A release rolled out to a target (devices / tags / hardware selector)."""
+
+    __tablename__ = "deployments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    release_id: Mapped[int] = mapped_column(ForeignKey("releases.id"))
+    target: Mapped[Any] = mapped_column(JSONType())
+    state: Mapped[str] = mapped_column(String(16), default="active", server_default=text("'active'"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    release: Mapped[Release] = relationship(back_populates="deployments")
+    jobs: Mapped[list[Job]] = relationship(
+        back_populates="deployment", cascade="all, delete-orphan", order_by="Job.id"
+    )
+
+    def __repr__(self) -> str:
+        return f"Deployment(id={self.id!r}, release_id={self.release_id!r}, state={self.state!r})"
+
+
+class Job(Base):
+    """One device's part of a deployment. ``id`` is the job id sent on the wire."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        Index("ix_jobs_device_id_state", "device_id", "state"),
+        Index("ix_jobs_state", "state"),
+        # AUTOINCREMENT on SQLite: job ids strictly increase, never reused.
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    deployment_id: Mapped[int] = mapped_column(ForeignKey("deployments.id"), index=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"))
+    state: Mapped[str] = mapped_column(String(16), default="pending", server_default=text("'pending'"))
+    code: Mapped[str | None] = mapped_column(String(32))
+    reason: Mapped[str | None] = mapped_column(Text)
+    progress: Mapped[float] = mapped_column(Float, default=0.0, server_default=text("0"))
+    bytes_total: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    # chunk bytes the server published for this job
+    bytes_served: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    deployment: Mapped[Deployment] = relationship(back_populates="jobs")
+    device: Mapped[Device] = relationship(back_populates="jobs")
+
+    def __repr__(self) -> str:
+        return f"Job(id={self.id!r}, device_id={self.device_id!r}, state={self.state!r})"
+
+
+class StatusEvent(Base):
+    """A status message received from a device (deduplicated on device/boot/seq)."""
+
+    __tablename__ = "status_events"
+    __table_args__ = (UniqueConstraint("device_id", "boot", "seq", name="uq_status_dedup"),)
+
+    id: Mapped[int] = mapped_column(
+        Integer().with_variant(BigInteger(), "postgresql"), primary_key=True, autoincrement=True
+    )
+    device_id: Mapped[str] = mapped_column(String(64), index=True)
+    job_id: Mapped[int | None] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))
+    code: Mapped[str | None] = mapped_column(String(32))
+    reason: Mapped[str | None] = mapped_column(Text)
+    progress: Mapped[float | None] = mapped_column(Float)
+    version: Mapped[str | None] = mapped_column(String(64))
+    boot: Mapped[int] = mapped_column(Integer)
+    seq: Mapped[int] = mapped_column(Integer)
+    payload: Mapped[Any] = mapped_column(JSONType())
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    def __repr__(self) -> str:
+        return (f"StatusEvent(id={self.id!r}, device_id={self.device_id!r}, boot={self.boot!r}, "
+                f"seq={self.seq!r}, state={self.state!r})")

@@ -1,0 +1,273 @@
+"""Storage layer: migrations vs models, ids, dedup, JSON and datetime round-trips (SQLite + PostgreSQL)."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import inspect, select, text
+from sqlalchemy.exc import IntegrityError
+
+from fota.server.store import (
+    Base,
+    Deployment,
+    Device,
+    Job,
+    Release,
+    StatusEvent,
+    Store,
+    default_url,
+    migrate,
+    normalize_url,
+    utcnow,
+)
+
+TABLES = {"releases", "devices", "deployments", "jobs", "status_events"}
+
+
+@pytest.fixture
+def store(db_url):
+    s = Store(db_url)
+    yield s
+    s.dispose()
+
+
+def _release(version: str = "1.0.0", **kw) -> Release:
+    values = dict(version=version, hardware=["esp32", "esp32s3"], kind="bundle", size=1234,
+                  sha256="ab" * 32, manifest='{"version":"%s"}' % version, signature="cd" * 64,
+                  key_id="0123456789abcdef", blob_path=f"/blobs/{version}.bin")
+    values.update(kw)
+    return Release(**values)
+
+
+def _diff(engine) -> list:
+    with engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": True})
+        return compare_metadata(ctx, Base.metadata)
+
+
+def _revision(engine) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def test_migration_matches_models(db_url):
+    migrate(db_url)
+    store = Store(db_url, migrate=False)
+    try:
+        assert TABLES <= set(inspect(store.engine).get_table_names())
+        assert _diff(store.engine) == []
+        assert _revision(store.engine) == "0001"
+    finally:
+        store.dispose()
+
+
+def test_migrate_twice_is_noop(db_url):
+    migrate(db_url)
+    store = Store(db_url)  # migrates again
+    try:
+        with store.session() as s:
+            s.add(Device(id="dev-1"))
+        migrate(db_url)
+        assert _revision(store.engine) == "0001"
+        assert _diff(store.engine) == []
+        with store.session() as s:
+            assert s.scalars(select(Device.id)).all() == ["dev-1"]
+    finally:
+        store.dispose()
+
+
+def test_release_device_deployment_jobs(store):
+    with store.session() as s:
+        release = _release()
+        device = Device(id="dev-1", hardware="esp32", version="0.9.0")
+        deployment = Deployment(release=release, target={"devices": ["dev-1"]})
+        first = Job(deployment=deployment, device=device, bytes_total=1234)
+        s.add_all([release, device, deployment, first])
+        s.flush()
+        second = Job(deployment=deployment, device=device)
+        s.add(second)
+        s.flush()
+        assert isinstance(first.id, int) and isinstance(second.id, int)
+        assert second.id > first.id
+        ids = (first.id, second.id)
+
+    with store.session() as s:
+        deployment = s.scalars(select(Deployment)).one()
+        assert deployment.state == "active"
+        assert deployment.release.version == "1.0.0"
+        assert [j.id for j in deployment.jobs] == list(ids)
+        job = deployment.jobs[0]
+        assert job.device.id == "dev-1"
+        assert (job.state, job.progress, job.bytes_total, job.bytes_served) == ("pending", 0.0, 1234, 0)
+        assert job.code is None and job.reason is None and job.sent_at is None
+        device = s.get(Device, "dev-1")
+        assert device.online is False and device.inventory == {} and device.tags == []
+        assert device.last_seen is None and device.password_hash is None
+
+
+def test_job_ids_never_reused(store):
+    """Job ids go on the wire: deleting the newest job must not make its id come back."""
+    with store.session() as s:
+        deployment = Deployment(release=_release(), target=["dev-1"])
+        s.add_all([Device(id="dev-1"), deployment])
+        s.flush()
+        job = Job(deployment=deployment, device_id="dev-1")
+        s.add(job)
+        s.flush()
+        first = job.id
+        s.delete(job)
+    with store.session() as s:
+        deployment = s.scalars(select(Deployment)).one()
+        job = Job(deployment=deployment, device_id="dev-1")
+        s.add(job)
+        s.flush()
+        assert job.id > first
+
+
+def test_unique_release_version(store):
+    with store.session() as s:
+        s.add(_release("2.0.0"))
+    with pytest.raises(IntegrityError):
+        with store.session() as s:
+            s.add(_release("2.0.0"))
+
+
+def test_foreign_keys_enforced(store):
+    with pytest.raises(IntegrityError):
+        with store.session() as s:
+            s.add(Job(deployment_id=12345, device_id="nobody"))
+
+
+def test_status_event_duplicate_rejected(store):
+    def event(seq: int, state: str = "downloading") -> StatusEvent:
+        return StatusEvent(device_id="dev-1", job_id=7, state=state, progress=0.5, boot=3, seq=seq,
+                           payload={"state": state, "seq": seq})
+
+    with store.session() as s:
+        s.add(event(1))
+        s.add(event(2))
+    with pytest.raises(IntegrityError):
+        with store.session() as s:
+            s.add(event(1, state="installing"))
+    # the rolled-back session left the first two untouched; other boots are separate
+    with store.session() as s:
+        s.add(StatusEvent(device_id="dev-1", state="idle", boot=4, seq=1, payload={}))
+        s.add(StatusEvent(device_id="dev-2", state="idle", boot=3, seq=1, payload={}))
+    with store.session() as s:
+        rows = s.execute(select(StatusEvent.device_id, StatusEvent.boot, StatusEvent.seq, StatusEvent.state)
+                         .order_by(StatusEvent.id)).all()
+        assert rows == [("dev-1", 3, 1, "downloading"), ("dev-1", 3, 2, "downloading"),
+                        ("dev-1", 4, 1, "idle"), ("dev-2", 3, 1, "idle")]
+        ids = s.scalars(select(StatusEvent.id).order_by(StatusEvent.id)).all()
+        assert ids == sorted(set(ids))
+
+
+def test_json_round_trip(store):
+    inventory = {"files": {"main.py": "ab" * 32}, "free": 123456, "nested": [1, {"a": None}], "ok": True,
+                 "text": "é ✓"}
+    target = {"tags": ["lab", "floor-2"], "hardware": ["esp32"]}
+    payload = {"state": "error", "code": "E_SHA", "extra": [1.5, "x", False]}
+    with store.session() as s:
+        release = _release(hardware=["esp32", "rp2040"])
+        s.add_all([
+            release,
+            Device(id="dev-1", inventory=inventory, tags=["lab", "floor-2"]),
+            Deployment(release=release, target=target),
+            StatusEvent(device_id="dev-1", state="error", boot=1, seq=1, payload=payload),
+        ])
+    with store.session() as s:
+        assert s.scalars(select(Release.hardware)).one() == ["esp32", "rp2040"]
+        device = s.get(Device, "dev-1")
+        assert device.inventory == inventory
+        assert device.tags == ["lab", "floor-2"]
+        assert s.scalars(select(Deployment.target)).one() == target
+        assert s.scalars(select(StatusEvent.payload)).one() == payload
+        # in-place changes of the mutable columns are persisted
+        device.tags.append("new")
+        device.inventory["free"] = 1
+    with store.session() as s:
+        device = s.get(Device, "dev-1")
+        assert device.tags == ["lab", "floor-2", "new"]
+        assert device.inventory["free"] == 1
+
+
+def test_aware_datetimes_round_trip(store):
+    seen = datetime(2024, 2, 29, 23, 59, 58, 123456, tzinfo=timezone.utc)
+    elsewhere = datetime(2024, 3, 1, 1, 59, 58, 123456, tzinfo=timezone(timedelta(hours=2)))  # == seen
+    before = utcnow()
+    with store.session() as s:
+        s.add(Device(id="dev-1", last_seen=seen))
+        s.add(Device(id="dev-2", last_seen=elsewhere))
+    with store.session() as s:
+        one, two = s.get(Device, "dev-1"), s.get(Device, "dev-2")
+        for value in (one.last_seen, two.last_seen, one.created_at):
+            assert value.tzinfo is not None and value.utcoffset() == timedelta(0)
+        assert one.last_seen == seen and two.last_seen == seen
+        assert before - timedelta(seconds=5) <= one.created_at <= utcnow() + timedelta(seconds=5)
+        # comparisons in SQL work with aware values too
+        assert s.scalars(select(Device.id).where(Device.last_seen >= seen).order_by(Device.id)).all() == \
+            ["dev-1", "dev-2"]
+
+
+def test_naive_datetime_refused(sqlite_url):
+    store = Store(sqlite_url)
+    try:
+        with pytest.raises(Exception, match="naive"):
+            with store.session() as s:
+                s.add(Device(id="dev-1", last_seen=datetime(2024, 1, 1)))
+    finally:
+        store.dispose()
+
+
+def test_session_rolls_back_on_error(sqlite_url):
+    store = Store(sqlite_url)
+    try:
+        with pytest.raises(RuntimeError):
+            with store.session() as s:
+                s.add(Device(id="dev-1"))
+                s.flush()
+                raise RuntimeError("boom")
+        with store.session() as s:
+            assert s.get(Device, "dev-1") is None
+    finally:
+        store.dispose()
+
+
+def test_sqlite_pragmas(sqlite_url):
+    store = Store(sqlite_url)
+    try:
+        with store.engine.connect() as conn:
+            assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+            assert conn.execute(text("PRAGMA busy_timeout")).scalar() == 5000
+            assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+    finally:
+        store.dispose()
+
+
+def test_urls(tmp_path):
+    assert default_url(tmp_path) == f"sqlite:///{tmp_path.resolve() / 'fota.db'}"
+    assert normalize_url("postgres://u:p@h:5432/db") == "postgresql+psycopg://u:p@h:5432/db"
+    assert normalize_url("postgresql://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert normalize_url("postgresql+psycopg://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert normalize_url("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_default_url_creates_directory(tmp_path):
+    store = Store(default_url(tmp_path / "data" / "deeper"))
+    try:
+        assert (tmp_path / "data" / "deeper" / "fota.db").exists()
+    finally:
+        store.dispose()
+
+
+def test_memory_sqlite():
+    store = Store("sqlite://")
+    try:
+        with store.session() as s:
+            s.add(Device(id="dev-1"))
+        with store.session() as s:
+            assert s.get(Device, "dev-1").id == "dev-1"
+    finally:
+        store.dispose()
