@@ -1,0 +1,518 @@
+# The device's update state machine, sans-IO (in the manner of h11): events in, actions out.
+#
+# Everything that decides a state transition lives in this file, and the transitions are a table
+# (TRANSITIONS) that docs/protocol.md repeats; a test keeps the two equal. The core never touches
+# a socket, a file or a clock: a runner feeds it events (command received, chunk received, tick,
+# install result) and executes the actions it returns, in order:
+#
+#   (A_PUBLISH, suffix, payload, qos, retain)   publish on fota/v1/<id>/<suffix>
+#   (A_BEGIN, size)                             prepare the inactive slot for `size` bytes
+#   (A_WRITE, offset, data)                     write image bytes to the inactive slot
+#   (A_JOURNAL, dict_or_None)                   flush the slot, then persist (or delete) the journal
+#   (A_STATE, dict)                             persist the agent state (last accepted job)
+#   (A_INSTALL, manifest)                       finalise the slot; the runner answers installed()
+#   (A_SET_TRIAL, job, version)                 mark the inactive slot for a trial boot
+#   (A_CONFIRM, report)                         make the running trial slot permanent
+#   (A_CLEAR_REPORT,)                           the boot record's terminal report was acknowledged
+#   (A_TRIAL_FAILED, reason)                    record a failed trial in the boot record
+#   (A_REBOOT,)                                 restart the device
+#
+# Runs on MicroPython and CPython alike: no typing, no dataclasses, no enum.
+
+import json
+import hashlib
+import struct
+from binascii import hexlify, unhexlify
+
+from fota.device import protocol as P
+from fota.device import ecdsa
+
+A_PUBLISH = "publish"
+A_BEGIN = "begin"
+A_WRITE = "write"
+A_JOURNAL = "journal"
+A_STATE = "state"
+A_INSTALL = "install"
+A_SET_TRIAL = "set_trial"
+A_CONFIRM = "confirm"
+A_CLEAR_REPORT = "clear_report"
+A_TRIAL_FAILED = "trial_failed"
+A_REBOOT = "reboot"
+
+# (from state, event) -> to state. An event the table does not allow raises ProtocolError.
+TRANSITIONS = (
+    (P.IDLE, "accept", P.DOWNLOADING),
+    (P.DOWNLOADING, "accept", P.DOWNLOADING),
+    (P.DOWNLOADING, "downloaded", P.VERIFYING),
+    (P.DOWNLOADING, "cancel", P.CANCELLED),
+    (P.DOWNLOADING, "error", P.FAILED),
+    (P.VERIFYING, "verified", P.INSTALLING),
+    (P.VERIFYING, "error", P.FAILED),
+    (P.INSTALLING, "installed", P.REBOOTING),
+    (P.INSTALLING, "error", P.FAILED),
+    (P.REBOOTING, "trial_boot", P.TRIAL),
+    (P.TRIAL, "healthy", P.CONFIRMED),
+    (P.TRIAL, "unhealthy", P.REVERTED),
+    (P.IDLE, "reverted_boot", P.REVERTED),
+    (P.CONFIRMED, "done", P.IDLE),
+    (P.FAILED, "done", P.IDLE),
+    (P.REVERTED, "done", P.IDLE),
+    (P.CANCELLED, "done", P.IDLE),
+)
+
+_TABLE = {}
+for _f, _e, _t in TRANSITIONS:
+    _TABLE[(_f, _e)] = _t
+
+REJECTED = "rejected"  # status kind for a refused message; not a state
+PROGRESS_STEP = 0.1     # report download progress at most every 10 %
+
+
+class ProtocolError(Exception):
+    pass
+
+
+class Rejection(Exception):
+    def __init__(self, code, reason, job=None, terminal=False):
+        Exception.__init__(self, reason)
+        self.code = code
+        self.reason = reason
+        self.job = job
+        self.terminal = terminal  # True: the job fails; False: the message is refused
+
+
+class Settings:
+    """Timing and trial settings; all times in milliseconds."""
+
+    def __init__(self, chunk_timeout=3000, stall_timeout=60000, trial_timeout=60000,
+                 max_chunk=P.MAX_CHUNK_SIZE):
+        self.chunk_timeout = chunk_timeout
+        self.stall_timeout = stall_timeout
+        self.trial_timeout = trial_timeout
+        self.max_chunk = max_chunk
+
+
+def _need(obj, key, kind):
+    value = obj.get(key)
+    # bool is an int subclass on CPython: a JSON true is not a job id or a size.
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise Rejection(P.E_BAD_COMMAND, "field '%s' missing or not %s" % (key, kind.__name__))
+    return value
+
+
+def _is_hex(text, length):
+    if not isinstance(text, str) or len(text) != length:
+        return False
+    for ch in text:
+        if ch not in "0123456789abcdefABCDEF":
+            return False
+    return True
+
+
+def parse_manifest(text, kinds):
+    """Parse a manifest whose signature already verified; raise Rejection(E_BAD_MANIFEST)."""
+    try:
+        m = json.loads(text)
+    except (ValueError, TypeError):
+        raise Rejection(P.E_BAD_MANIFEST, "manifest is not JSON", terminal=True)
+    if not isinstance(m, dict):
+        raise Rejection(P.E_BAD_MANIFEST, "manifest is not a JSON object", terminal=True)
+    problems = []
+    if m.get("v") != 1:
+        problems.append("v must be 1")
+    version = m.get("version")
+    if not isinstance(version, str) or not 0 < len(version) <= 64:
+        problems.append("version must be a string of 1..64 chars")
+    hw = m.get("hw")
+    if not isinstance(hw, list) or not hw or [h for h in hw if not isinstance(h, str)]:
+        problems.append("hw must be a non-empty list of strings")
+    size = m.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        problems.append("size must be a positive integer")
+    if not _is_hex(m.get("sha256"), 64):
+        problems.append("sha256 must be 64 hex chars")
+    if m.get("kind") not in kinds:
+        problems.append("kind %r is not installable here (backend takes %s)" % (m.get("kind"), "/".join(kinds)))
+    if problems:
+        raise Rejection(P.E_BAD_MANIFEST, "; ".join(problems), terminal=True)
+    return m
+
+
+class Job:
+    """An accepted update job: the command fields plus the parsed manifest."""
+
+    def __init__(self, cmd, manifest):
+        self.id = cmd["job"]
+        self.cmd = cmd
+        self.manifest = manifest
+        self.size = manifest["size"]
+        self.chunk = cmd["chunk"]
+        self.window = cmd["window"]
+        self.chunks = (self.size + self.chunk - 1) // self.chunk
+
+
+class UpdateCore:
+    """The update state machine of one device.
+
+    identity: dict with id, hardware, pubkey (65 bytes), capacity (bytes), kinds (tuple of
+    manifest kinds the slot backend installs), version (running version).
+    agent_state: persisted dict {"last_job": int, "boot": int} (boot already incremented).
+    """
+
+    def __init__(self, identity, agent_state, settings=None):
+        self.id = identity["id"]
+        self.hardware = identity["hardware"]
+        self.pubkey = identity["pubkey"]
+        self.kid = ecdsa.key_id(self.pubkey)
+        self.capacity = identity["capacity"]
+        self.kinds = identity["kinds"]
+        self.version = identity["version"]
+        self.settings = settings or Settings()
+        self.last_job = agent_state.get("last_job", 0)
+        self.boot = agent_state.get("boot", 0)
+        self.seq = 0
+        self.state = P.IDLE
+        self.job = None
+        self.report = None        # terminal status kept in the boot record until acknowledged
+        self.now = 0
+        self.connected = False
+        self._reset_transfer()
+
+    # ---- state table -------------------------------------------------------------------------
+    def _go(self, event):
+        to = _TABLE.get((self.state, event))
+        if to is None:
+            raise ProtocolError("event %r not allowed in state %r" % (event, self.state))
+        self.state = to
+        return to
+
+    def _reset_transfer(self):
+        self.hasher = None
+        self.next = 0             # next expected chunk index
+        self.requested = 0        # chunks requested so far (exclusive end)
+        self.last_chunk_at = 0
+        self.last_progress_at = 0
+        self.reported_progress = -1.0
+
+    # ---- statuses ----------------------------------------------------------------------------
+    def _status(self, state, job=None, code=None, reason=None):
+        self.seq += 1
+        written = min(self.next * self.job.chunk, self.job.size) if self.job else 0
+        total = self.job.size if self.job else 0
+        msg = {
+            "job": job if job is not None else (self.job.id if self.job else None),
+            "state": state, "code": code, "reason": reason,
+            "progress": (written / total) if total else 0.0,
+            "bytes": written, "total": total,
+            "version": self.version, "boot": self.boot, "seq": self.seq,
+        }
+        return msg
+
+    def _publish_status(self, msg):
+        return (A_PUBLISH, P.STATUS, json.dumps(msg), 1, False)
+
+    def inventory(self, extra=None):
+        inv = {"device": self.id, "proto": P.VERSION, "hardware": self.hardware,
+               "version": self.version, "max_chunk": self.settings.max_chunk,
+               "capacity": self.capacity, "state": self.state, "job": self.last_job}
+        if extra:
+            inv.update(extra)
+        return (A_PUBLISH, P.INVENTORY, json.dumps(inv), 1, True)
+
+    # ---- boot ----------------------------------------------------------------------------------
+    def booted(self, boot_record, journal=None, hasher=None):
+        """Start-up. boot_record: {"trial": {...} or None, "report": {...} or None}.
+
+        journal/hasher: an interrupted download (hasher already fed with the bytes in the slot).
+        """
+        actions = [(A_STATE, {"last_job": self.last_job, "boot": self.boot})]
+        trial = boot_record.get("trial")
+        report = boot_record.get("report")
+        if report:
+            self.report = report
+            if report.get("state") == P.REVERTED:
+                self._go("reverted_boot")
+                self._go("done")
+        if trial:
+            # We were started on trial; health is judged once the broker is reached.
+            self.state = P.REBOOTING
+            self._go("trial_boot")
+            self.trial = trial
+            self.trial_started = self.now
+        elif journal:
+            try:
+                cmd = journal["cmd"]
+                job = Job(cmd, self._verify(cmd))
+                pos = journal["pos"]
+                if hasher is None or not 0 <= pos <= job.chunks:
+                    raise Rejection(P.E_INSTALL, "bad journal")
+            except (Rejection, KeyError, TypeError, ValueError):
+                return actions + [(A_JOURNAL, None)]
+            self.job = job
+            self.state = P.DOWNLOADING
+            self.hasher = hasher
+            self.next = pos
+            self.requested = pos
+            self.last_progress_at = self.now
+        return actions
+
+    # ---- connection ------------------------------------------------------------------------
+    def connected_(self):
+        """The runner (re)connected and subscribed."""
+        self.connected = True
+        actions = [(A_PUBLISH, P.ONLINE, "1", 1, True), self.inventory()]
+        if self.report:
+            actions.append(self._publish_status(self._report_status(self.report)))
+            actions.append((A_CLEAR_REPORT,))
+            self.report = None
+        if self.state == P.TRIAL:
+            actions += self._healthy()
+        elif self.state == P.DOWNLOADING:
+            # Ask again from where we are: whatever was in flight is gone with the connection.
+            self.requested = self.next
+            self.last_chunk_at = self.now
+            self.last_progress_at = self.now
+            actions += self._request_more(True)
+        return actions
+
+    def disconnected(self):
+        self.connected = False
+        return []
+
+    # ---- commands ----------------------------------------------------------------------------
+    def command(self, payload):
+        """A message on the cmd topic (bytes)."""
+        try:
+            if len(payload) > P.MAX_COMMAND_BYTES:
+                raise Rejection(P.E_OVERSIZE, "command of %d bytes exceeds %d" % (len(payload), P.MAX_COMMAND_BYTES))
+            try:
+                cmd = json.loads(payload)
+            except (ValueError, TypeError, UnicodeError):
+                raise Rejection(P.E_BAD_COMMAND, "command is not JSON")
+            if not isinstance(cmd, dict):
+                raise Rejection(P.E_BAD_COMMAND, "command is not a JSON object")
+            kind = cmd.get("type")
+            if not isinstance(kind, str):
+                raise Rejection(P.E_BAD_COMMAND, "field 'type' missing or not str")
+            job = _need(cmd, "job", int)
+            if job < 1:
+                raise Rejection(P.E_BAD_COMMAND, "job must be >= 1")
+            if kind not in ("update", "cancel", "inventory"):
+                raise Rejection(P.E_UNKNOWN_COMMAND, "unknown command type %r" % kind, job)
+            if kind == "update":
+                self._check_update_fields(cmd)
+            elif kind == "cancel":
+                _need(cmd, "target", int)
+            if job == self.last_job:
+                raise Rejection(P.E_DUPLICATE_JOB, "job %d already accepted; ignored" % job, job)
+            if job < self.last_job:
+                raise Rejection(P.E_STALE_JOB, "job %d is older than job %d; ignored" % (job, self.last_job), job)
+        except Rejection as r:
+            return [self._publish_status(self._rejected(r, r.job))]
+
+        # From here the job id is new: persist it first so that a redelivery runs nothing twice.
+        self.last_job = job
+        actions = [(A_STATE, {"last_job": self.last_job, "boot": self.boot})]
+        if kind == "inventory":
+            return actions + [self.inventory()]
+        if kind == "cancel":
+            return actions + self._cancel(cmd)
+        return actions + self._update(cmd)
+
+    def _rejected(self, r, job):
+        msg = self._status(REJECTED, job=job, code=r.code, reason=r.reason)
+        msg["current"] = self.state
+        return msg
+
+    def _check_update_fields(self, cmd):
+        for key in ("manifest", "kid", "sig"):
+            _need(cmd, key, str)
+        if len(cmd["manifest"]) > P.MAX_COMMAND_BYTES:
+            raise Rejection(P.E_BAD_COMMAND, "manifest too long")
+        if not _is_hex(cmd["sig"], 128):
+            raise Rejection(P.E_BAD_COMMAND, "sig must be 128 hex chars")
+        if not _is_hex(cmd["kid"], 16):
+            raise Rejection(P.E_BAD_COMMAND, "kid must be 16 hex chars")
+        chunk = cmd.get("chunk", P.DEFAULT_CHUNK_SIZE)
+        window = cmd.get("window", P.DEFAULT_WINDOW)
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or not 64 <= chunk <= self.settings.max_chunk:
+            raise Rejection(P.E_BAD_COMMAND, "chunk must be an int in 64..%d" % self.settings.max_chunk)
+        if not isinstance(window, int) or isinstance(window, bool) or not 1 <= window <= P.MAX_WINDOW:
+            raise Rejection(P.E_BAD_COMMAND, "window must be an int in 1..%d" % P.MAX_WINDOW)
+        cmd["chunk"] = chunk
+        cmd["window"] = window
+
+    def _verify(self, cmd):
+        """Key, signature, manifest, hardware and size checks of an update; returns the manifest."""
+        if cmd["kid"].lower() != self.kid:
+            raise Rejection(P.E_UNKNOWN_KEY, "signed by key %s; this device trusts %s" % (cmd["kid"], self.kid), terminal=True)
+        text = cmd["manifest"].encode()
+        if not ecdsa.verify(self.pubkey, text, unhexlify(cmd["sig"])):
+            raise Rejection(P.E_BAD_SIGNATURE, "manifest signature does not verify", terminal=True)
+        m = parse_manifest(text, self.kinds)
+        if self.hardware not in m["hw"]:
+            raise Rejection(P.E_HW_MISMATCH, "release is for %s, this device is %s" % (",".join(m["hw"]), self.hardware), terminal=True)
+        if m["size"] > self.capacity:
+            raise Rejection(P.E_TOO_LARGE, "image of %d bytes exceeds slot capacity %d" % (m["size"], self.capacity), terminal=True)
+        return m
+
+    def _update(self, cmd):
+        try:
+            manifest = self._verify(cmd)
+        except Rejection as r:
+            msg = self._status(P.FAILED, job=cmd["job"], code=r.code, reason=r.reason)
+            msg["bytes"] = msg["total"] = 0
+            msg["progress"] = 0.0
+            return [self._publish_status(msg)]
+        actions = []
+        if self.state == P.DOWNLOADING:
+            actions += self._end(P.CANCELLED, "cancel", None, "superseded by job %d" % cmd["job"])
+        elif self.state != P.IDLE:
+            # Past the download (installing, rebooting, trial) a job cannot be replaced.
+            r = Rejection(P.E_NOT_RUNNING, "busy in state %s; job %d refused" % (self.state, cmd["job"]))
+            return [self._publish_status(self._rejected(r, cmd["job"]))]
+        self._go("accept")
+        self.job = Job(cmd, manifest)
+        self._reset_transfer()
+        self.hasher = hashlib.sha256()
+        self.last_progress_at = self.now
+        self.last_chunk_at = self.now
+        actions.append((A_BEGIN, self.job.size))
+        actions.append((A_JOURNAL, {"cmd": cmd, "pos": 0}))
+        actions.append(self._publish_status(self._status(P.DOWNLOADING)))
+        self.reported_progress = 0.0
+        if self.connected:
+            actions += self._request_more(True)
+        return actions
+
+    def _cancel(self, cmd):
+        target = cmd["target"]
+        if self.state != P.DOWNLOADING or self.job is None or self.job.id != target:
+            r = Rejection(P.E_NOT_RUNNING, "job %d is not downloading" % target)
+            return [self._publish_status(self._rejected(r, target))]
+        return self._end(P.CANCELLED, "cancel", None, "cancelled by job %d" % cmd["job"])
+
+    def _end(self, state, event, code, reason):
+        """Finish the current job in a terminal state and go back to idle."""
+        self._go(event)
+        msg = self._status(state, code=code, reason=reason)
+        self._go("done")
+        self.job = None
+        self._reset_transfer()
+        return [(A_JOURNAL, None), self._publish_status(msg)]
+
+    # ---- chunk transfer ----------------------------------------------------------------------
+    def _request_more(self, force=False):
+        job = self.job
+        outstanding = self.requested - self.next
+        if not force and (outstanding > job.window // 2 or self.requested >= job.chunks):
+            return []
+        if force:
+            self.requested = self.next
+            count = job.window
+        else:
+            count = max(1, job.window // 2)
+        first = self.requested
+        count = min(count, job.chunks - first)
+        if count <= 0:
+            return []
+        self.requested = first + count
+        req = {"job": job.id, "first": first, "count": count, "chunk": job.chunk}
+        return [(A_PUBLISH, P.REQ, json.dumps(req), 0, False)]
+
+    def chunk(self, payload):
+        """A message on the data topic (bytes)."""
+        if len(payload) < P.CHUNK_HEADER_SIZE:
+            r = Rejection(P.E_BAD_CHUNK, "chunk of %d bytes is shorter than its header" % len(payload))
+            return [self._publish_status(self._rejected(r, self.job.id if self.job else None))]
+        job_id, index = struct.unpack_from(P.CHUNK_HEADER, payload, 0)
+        job = self.job
+        if self.state != P.DOWNLOADING or job is None or job_id != job.id:
+            return []  # late delivery for a finished or replaced job
+        if index >= job.chunks:
+            r = Rejection(P.E_BAD_CHUNK, "chunk %d beyond the image's %d chunks" % (index, job.chunks))
+            return [self._publish_status(self._rejected(r, job.id))]
+        expected = job.chunk if index < job.chunks - 1 else job.size - index * job.chunk
+        got = len(payload) - P.CHUNK_HEADER_SIZE
+        if got != expected:
+            r = Rejection(P.E_BAD_CHUNK, "chunk %d has %d bytes, expected %d" % (index, got, expected))
+            return [self._publish_status(self._rejected(r, job.id))]
+        if index != self.next:
+            return []  # duplicate or out of order: re-requested on timeout
+        data = memoryview(payload)[P.CHUNK_HEADER_SIZE:]
+        self.hasher.update(data)
+        actions = [(A_WRITE, index * job.chunk, data)]
+        self.next += 1
+        self.last_chunk_at = self.now
+        self.last_progress_at = self.now
+        if self.next == job.chunks:
+            return actions + self._downloaded()
+        if self.next % job.window == 0:
+            actions.append((A_JOURNAL, {"cmd": job.cmd, "pos": self.next}))
+        progress = self.next / job.chunks
+        if progress - self.reported_progress >= PROGRESS_STEP:
+            self.reported_progress = progress
+            actions.append(self._publish_status(self._status(P.DOWNLOADING)))
+        return actions + self._request_more()
+
+    def _downloaded(self):
+        self._go("downloaded")
+        actions = [self._publish_status(self._status(P.VERIFYING))]
+        digest = hexlify(self.hasher.digest()).decode()
+        if digest != self.job.manifest["sha256"].lower():
+            return actions + self._end(P.FAILED, "error", P.E_HASH_MISMATCH,
+                                       "image sha256 %s does not match manifest %s" % (digest, self.job.manifest["sha256"]))
+        self._go("verified")
+        actions.append(self._publish_status(self._status(P.INSTALLING)))
+        actions.append((A_INSTALL, self.job.manifest))
+        return actions
+
+    def installed(self, code=None, reason=None):
+        """The runner's answer to A_INSTALL: code None on success, else E_INSTALL / E_BAD_BUNDLE."""
+        if code:
+            return self._end(P.FAILED, "error", code, reason)
+        self._go("installed")
+        return [
+            (A_SET_TRIAL, self.job.id, self.job.manifest["version"]),
+            (A_JOURNAL, None),
+            self._publish_status(self._status(P.REBOOTING)),
+            (A_REBOOT,),
+        ]
+
+    # ---- trial -----------------------------------------------------------------------------
+    def _healthy(self):
+        self._go("healthy")
+        report = {"job": self.trial.get("job"), "state": P.CONFIRMED, "code": None, "reason": None}
+        self._go("done")
+        self.trial = None
+        # A_CONFIRM stores the report in the boot record first: a power cut before the broker
+        # acknowledged it re-sends it at the next boot.
+        return [(A_CONFIRM, report), self._publish_status(self._report_status(report)),
+                (A_CLEAR_REPORT,), self.inventory()]
+
+    def _report_status(self, report):
+        msg = self._status(report["state"], job=report.get("job"), code=report.get("code"),
+                           reason=report.get("reason"))
+        msg["progress"] = 1.0 if report["state"] == P.CONFIRMED else 0.0
+        return msg
+
+    # ---- time --------------------------------------------------------------------------------
+    def tick(self, now):
+        """Called by the runner on every loop turn with a monotonic clock in milliseconds."""
+        self.now = now
+        if self.state == P.TRIAL and not self.connected:
+            if now - self.trial_started > self.settings.trial_timeout:
+                self.state = P.REBOOTING  # the boot selector counts the failed attempt
+                return [(A_TRIAL_FAILED, "broker not reached within %d ms" % self.settings.trial_timeout), (A_REBOOT,)]
+            return []
+        if self.state != P.DOWNLOADING or not self.connected:
+            if self.state == P.DOWNLOADING:
+                self.last_progress_at = now  # the stall deadline counts only while connected
+            return []
+        if now - self.last_progress_at > self.settings.stall_timeout:
+            return self._end(P.FAILED, "error", P.E_TIMEOUT,
+                             "no chunk for %d ms (at chunk %d of %d)" % (self.settings.stall_timeout, self.next, self.job.chunks))
+        if now - self.last_chunk_at > self.settings.chunk_timeout:
+            self.last_chunk_at = now
+            return self._request_more(True)
+        return []

@@ -1,0 +1,294 @@
+# The blocking runner for MicroPython (and CPython): boot selection, the MQTT loop, and the
+# execution of the core's actions against the slot backend and the files of the device.
+#
+# Device directory (root):
+#   config.json        id, hardware, broker, pubkey, backend, ... (written at provisioning)
+#   boot.json          the boot record (fota.device.boot)
+#   agent.json         {"last_job", "boot"}
+#   journal.json       an interrupted download, if any
+#   slots/a, slots/b   the slots (files backend) or flash.bin (sim backend)
+import sys
+import time
+import json
+import hashlib
+from binascii import unhexlify
+
+from fota.device import protocol as P
+from fota.device import boot as bootrec
+from fota.device import core as C
+from fota.device import fsutil
+from fota.device.mqtt import MQTTClient, connect_with_backoff
+from fota.device.slots import open_backend
+
+REBOOT_EXIT = 3   # the unix-port supervisor restarts the agent on this exit code
+
+try:
+    ticks_ms = time.ticks_ms
+    ticks_diff = time.ticks_diff
+except AttributeError:  # CPython
+    def ticks_ms():
+        return int(time.monotonic() * 1000)
+
+    def ticks_diff(a, b):
+        return a - b
+
+
+def log(*args):
+    print("[fota]", *args)
+
+
+class Reboot(Exception):
+    pass
+
+
+class Device:
+    def __init__(self, root, app_loader=None):
+        self.root = root
+        self.config = fsutil.read_json(root + "/config.json")
+        if not self.config:
+            raise OSError(2, "no config.json in " + root)
+        self.backend = open_backend(self.config.get("backend", "files"), root, self.config)
+        self.app_loader = app_loader or load_app
+        self.client = None
+        self.inbox = []
+        self.pending = []     # actions not yet executed (a publish failed: retried after reconnect)
+        self.t0 = ticks_ms()
+
+    # ---- paths -----------------------------------------------------------------------------
+    def _path(self, name):
+        return self.root + "/" + name
+
+    def now(self):
+        return ticks_diff(ticks_ms(), self.t0)
+
+    # ---- boot --------------------------------------------------------------------------------
+    def boot(self):
+        """Select the slot, start its app, build the core. Returns the core."""
+        cfg = self.config
+        record = fsutil.read_json(self._path("boot.json")) or bootrec.new_record(cfg.get("version"))
+        slot, on_trial = bootrec.select(record, cfg.get("max_trial_boots", 3))
+        fsutil.write_json(self._path("boot.json"), record)  # count the attempt before trying
+        self.record = record
+        self.slot = slot
+        version = record["versions"].get(slot)
+        app_dir = self.backend.app_dir(slot)
+        self.app = None
+        if app_dir:
+            try:
+                self.app = self.app_loader(app_dir)
+                version = getattr(self.app, "VERSION", version)
+            except Exception as e:  # the app is not ours to trust: any error fails the boot
+                reason = "app failed to start: %s: %s" % (type(e).__name__, e)
+                log(reason)
+                if on_trial:
+                    bootrec.trial_failed(record, reason)
+                    fsutil.write_json(self._path("boot.json"), record)
+                    raise Reboot()
+                # Not on trial: keep the agent running so the device can still be updated.
+        agent = fsutil.read_json(self._path("agent.json")) or {}
+        agent["boot"] = agent.get("boot", 0) + 1
+        identity = {
+            "id": cfg["id"], "hardware": cfg["hardware"], "pubkey": unhexlify(cfg["pubkey"]),
+            "capacity": self.backend.capacity, "kinds": self.backend.KINDS, "version": version,
+        }
+        settings = C.Settings(
+            chunk_timeout=cfg.get("chunk_timeout_ms", 3000),
+            stall_timeout=cfg.get("stall_timeout_ms", 60000),
+            trial_timeout=cfg.get("trial_timeout_ms", 60000),
+        )
+        self.core = C.UpdateCore(identity, agent, settings)
+        journal, hasher = self._load_journal()
+        self.execute(self.core.booted({"trial": record["trial"] if on_trial else None,
+                                       "report": record.get("report")}, journal, hasher))
+        return self.core
+
+    def _load_journal(self):
+        journal = fsutil.read_json(self._path("journal.json"))
+        if not journal:
+            return None, None
+        try:
+            cmd = journal["cmd"]
+            offset = journal["pos"] * cmd["chunk"]
+            inactive = bootrec.other(self.slot)
+            self.backend.resume(inactive, offset)
+            hasher = hashlib.sha256()
+            done = 0
+            while done < offset:
+                piece = self.backend.read(inactive, done, min(1024, offset - done))
+                if not piece:
+                    raise OSError(5, "slot shorter than the journal says")
+                hasher.update(piece)
+                done += len(piece)
+            log("resuming job", cmd.get("job"), "at byte", offset)
+            return journal, hasher
+        except (OSError, KeyError, TypeError, ValueError) as e:
+            log("journal unusable, starting over:", e)
+            fsutil.remove(self._path("journal.json"))
+            return None, None
+
+    # ---- actions ----------------------------------------------------------------------------
+    def execute(self, actions):
+        self.pending.extend(actions)
+        while self.pending:
+            action = self.pending[0]
+            kind = action[0]
+            if kind == C.A_PUBLISH:
+                if self.client is None:
+                    return  # offline: kept until the next connection
+                topic = P.topic(self.config["id"], action[1])
+                try:
+                    self.client.publish(topic, action[2], action[4], action[3])
+                except OSError as e:
+                    log("publish failed:", e)
+                    self._drop_connection()
+                    return
+            else:
+                self._local(action)
+            self.pending.pop(0)
+
+    def _local(self, action):
+        kind = action[0]
+        inactive = bootrec.other(self.slot)
+        if kind == C.A_WRITE:
+            self.backend.write(inactive, action[1], action[2])
+        elif kind == C.A_BEGIN:
+            self.backend.begin(inactive, action[1])
+        elif kind == C.A_JOURNAL:
+            if action[1] is None:
+                fsutil.remove(self._path("journal.json"))
+            else:
+                self.backend.flush(inactive)  # data first, then the journal that points past it
+                fsutil.write_json(self._path("journal.json"), action[1])
+        elif kind == C.A_STATE:
+            fsutil.write_json(self._path("agent.json"), action[1])
+        elif kind == C.A_INSTALL:
+            manifest = action[1]
+            code = reason = None
+            try:
+                self.backend.finalize(inactive, manifest["size"])
+            except Exception as e:
+                name = type(e).__name__
+                code = P.E_BAD_BUNDLE if name == "BundleError" else P.E_INSTALL
+                reason = "%s: %s" % (name, e)
+            # Answer the core at once; its actions run after this one.
+            self.pending[1:1] = self.core.installed(code, reason)
+        elif kind == C.A_SET_TRIAL:
+            bootrec.set_trial(self.record, action[1], action[2])
+            fsutil.write_json(self._path("boot.json"), self.record)
+        elif kind == C.A_CONFIRM:
+            bootrec.confirm(self.record, action[1])
+            fsutil.write_json(self._path("boot.json"), self.record)
+        elif kind == C.A_CLEAR_REPORT:
+            self.record["report"] = None
+            fsutil.write_json(self._path("boot.json"), self.record)
+        elif kind == C.A_TRIAL_FAILED:
+            bootrec.trial_failed(self.record, action[1])
+            fsutil.write_json(self._path("boot.json"), self.record)
+        elif kind == C.A_REBOOT:
+            raise Reboot()
+        else:
+            raise ValueError("unknown action %r" % (kind,))
+
+    # ---- MQTT ----------------------------------------------------------------------------------
+    def _on_message(self, topic, payload):
+        # Queued, not handled here: the callback can fire inside publish() while it waits for
+        # a PUBACK, and the core must not be re-entered.
+        self.inbox.append((topic, payload))
+
+    def _connect(self):
+        cfg = self.config
+        b = cfg["broker"]
+        ident = cfg["id"]
+        ssl_context = None
+        if b.get("tls"):
+            import ssl
+            ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            if b.get("cadata"):
+                ssl_context.load_verify_locations(cadata=unhexlify(b["cadata"]))
+        client = MQTTClient(ident, b.get("host", "127.0.0.1"), b.get("port", 1883), user=b.get("user", ident),
+                            password=b.get("password"), keepalive=b.get("keepalive", 30),
+                            clean_session=False, ssl_context=ssl_context)
+        client.set_will(P.topic(ident, P.ONLINE), "0", retain=True, qos=1)
+        client.set_callback(self._on_message)
+        connect_with_backoff(client, attempts=b.get("attempts", 0), base_ms=b.get("backoff_ms", 250))
+        client.subscribe(P.topic(ident, P.CMD), 1)
+        client.subscribe(P.topic(ident, P.DATA), 0)
+        self.client = client
+        log("connected as", ident)
+
+    def _drop_connection(self):
+        if self.client is not None:
+            try:
+                self.client.close()
+            except OSError:
+                pass
+        self.client = None
+        self.core.disconnected()
+
+    def _dispatch(self):
+        ident = self.config["id"]
+        cmd_topic = P.topic(ident, P.CMD)
+        data_topic = P.topic(ident, P.DATA)
+        while self.inbox:
+            topic, payload = self.inbox.pop(0)
+            if topic == data_topic:
+                self.execute(self.core.chunk(payload))
+            elif topic == cmd_topic:
+                self.execute(self.core.command(payload))
+
+    def run_forever(self, poll_ms=50):
+        self.boot()
+        while True:
+            if self.client is None:
+                self.execute(self.core.tick(self.now()))
+                try:
+                    self._connect()
+                except OSError as e:
+                    log("connect failed:", e)
+                    continue
+                # What was pending stays first: it was decided before this connection.
+                self.execute(self.core.connected_())
+            try:
+                self.client.check_msg(poll_ms)
+            except OSError as e:
+                log("connection lost:", e)
+                self._drop_connection()
+                continue
+            self._dispatch()
+            self.execute(self.core.tick(self.now()))
+            if self.app is not None and hasattr(self.app, "tick"):
+                self.app.tick()
+
+
+def load_app(app_dir):
+    """Import the slot's app module from app_dir and start it."""
+    if not fsutil.exists(app_dir + "/app.py") and not fsutil.exists(app_dir + "/app.mpy"):
+        raise ImportError("no app in " + app_dir)
+    sys.path.insert(0, app_dir)
+    try:
+        import app
+    finally:
+        sys.path.pop(0)
+    if hasattr(app, "start"):
+        app.start()
+    return app
+
+
+def main(root):
+    device = Device(root)
+    try:
+        device.run_forever()
+    except Reboot:
+        log("rebooting")
+        if device.client is not None:
+            try:
+                device.client.disconnect()
+            except OSError:
+                pass
+        if device.backend and hasattr(device.backend, "close"):
+            device.backend.close()
+        try:
+            import machine  # a board: a hard reset boots the selected slot
+            machine.reset()
+        except ImportError:
+            sys.exit(REBOOT_EXIT)

@@ -1,0 +1,23 @@
+# Slot backends: one interface, one backend per kind of port.
+#
+#   KINDS                      manifest kinds the backend installs ("bundle", "image")
+#   capacity                   largest image (bytes) a slot takes
+#   begin(slot, size)          prepare the slot for a new image of `size` bytes
+#   resume(slot, offset)       continue writing at `offset` after a restart
+#   write(slot, offset, data)  sequential writes of image bytes
+#   flush(slot)                make everything written so far durable
+#   read(slot, offset, n)      read image bytes back (re-hash on resume)
+#   finalize(slot, size)       turn the verified image into a bootable slot (raises on failure)
+#   app_dir(slot)              directory holding the slot's app (files) or None
+
+
+def open_backend(kind, root, config):
+    if kind == "files":
+        from fota.device.slots.files import FilesBackend
+        return FilesBackend(root + "/slots", config.get("capacity", 1 << 20))
+    if kind == "sim":
+        from fota.device.slots.sim import SimFlash, SimBackend
+        slot_size = config.get("capacity", 256 * 1024)
+        flash = SimFlash(2 * slot_size, path=root + "/flash.bin")
+        return SimBackend(flash, slot_size)
+    raise ValueError("unknown slot backend %r" % kind)

@@ -1,0 +1,73 @@
+# The `files` backend: an app bundle per slot directory (slots/a, slots/b).
+#
+# The download streams into slots/<x>/image.bin; after the hash verified, finalize() unpacks it
+# into slots/<x>/app/, which the boot selector puts on sys.path. Works on every port with a
+# filesystem (unix, RP2040, ESP8266, ESP32).
+from fota.device import fsutil
+from fota.device.bundle import extract
+
+
+class FilesBackend:
+    KINDS = ("bundle",)
+
+    def __init__(self, root, capacity):
+        self.root = root
+        self.capacity = capacity
+        self._f = None
+        self._slot = None
+
+    def _dir(self, slot):
+        return self.root + "/" + slot
+
+    def _image(self, slot):
+        return self._dir(slot) + "/image.bin"
+
+    def app_dir(self, slot):
+        return self._dir(slot) + "/app"
+
+    def _open(self, slot):
+        if self._slot != slot or self._f is None:
+            self.close()
+            self._f = open(self._image(slot), "r+b")
+            self._slot = slot
+        return self._f
+
+    def close(self):
+        if self._f is not None:
+            self._f.close()
+        self._f = None
+        self._slot = None
+
+    def begin(self, slot, size):
+        self.close()
+        fsutil.rmtree(self._dir(slot))
+        fsutil.makedirs(self._dir(slot))
+        with open(self._image(slot), "wb"):
+            pass
+
+    def resume(self, slot, offset):
+        if not fsutil.exists(self._image(slot)):
+            raise OSError(2, "no partial image to resume")
+
+    def write(self, slot, offset, data):
+        f = self._open(slot)
+        f.seek(offset)
+        f.write(data)
+
+    def flush(self, slot):
+        if self._f is not None:
+            self._f.flush()
+
+    def read(self, slot, offset, n):
+        f = self._open(slot)
+        f.seek(offset)
+        return f.read(n)
+
+    def finalize(self, slot, size):
+        self.close()
+        app = self.app_dir(slot)
+        fsutil.rmtree(app)
+        fsutil.makedirs(app)
+        with open(self._image(slot), "rb") as f:
+            extract(f, size, app)
+        fsutil.remove(self._image(slot))

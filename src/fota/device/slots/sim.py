@@ -1,0 +1,149 @@
+# The `sim` backend: a simulated NOR flash with the rules of the real thing.
+#
+# - erase works on whole sectors and sets every byte to the erased value (0xFF or 0x00);
+# - a write must start and end on the write alignment and may only touch erased bytes
+#   (NOR programming cannot set bits back: rewriting needs an erase first);
+# - every erase and write is counted (`ops`), so tests can cut power before the Nth operation.
+# The flash can be backed by a file so that a restarted device process finds its contents.
+from fota.device import fsutil
+
+
+class FlashError(Exception):
+    pass
+
+
+class SimFlash:
+    def __init__(self, size, sector=4096, align=4, erased=0xFF, path=None):
+        if size % sector:
+            raise ValueError("size must be a multiple of the sector size")
+        self.size = size
+        self.sector = sector
+        self.align = align
+        self.erased = erased
+        self.path = path
+        self.ops = 0
+        if path and fsutil.exists(path):
+            with open(path, "rb") as f:
+                self.mem = bytearray(f.read())
+            if len(self.mem) != size:
+                raise FlashError("flash file has the wrong size")
+        else:
+            self.mem = bytearray(bytes([erased]) * size)
+            self._persist(0, size)
+
+    def _persist(self, offset, n):
+        if not self.path:
+            return
+        mode = "r+b" if fsutil.exists(self.path) else "wb"
+        with open(self.path, mode) as f:
+            f.seek(offset)
+            f.write(self.mem[offset:offset + n])
+
+    def erase(self, sector_index):
+        start = sector_index * self.sector
+        if not 0 <= start < self.size:
+            raise FlashError("erase of sector %d outside the flash" % sector_index)
+        self.ops += 1
+        for i in range(start, start + self.sector):
+            self.mem[i] = self.erased
+        self._persist(start, self.sector)
+
+    def write(self, offset, data):
+        n = len(data)
+        if offset % self.align or n % self.align:
+            raise FlashError("write at %d of %d bytes is not %d-aligned" % (offset, n, self.align))
+        if offset < 0 or offset + n > self.size:
+            raise FlashError("write outside the flash")
+        for i in range(n):
+            if self.mem[offset + i] != self.erased:
+                raise FlashError("write to non-erased byte at %d" % (offset + i))
+        self.ops += 1
+        self.mem[offset:offset + n] = data
+        self._persist(offset, n)
+
+    def read(self, offset, n):
+        return bytes(self.mem[offset:offset + n])
+
+
+class SimBackend:
+    """Two image slots (a at 0, b at slot_size) on one SimFlash; sequential streaming writes."""
+    KINDS = ("image",)
+
+    def __init__(self, flash, slot_size):
+        if slot_size % flash.sector:
+            raise ValueError("slot size must be a multiple of the sector size")
+        self.flash = flash
+        self.slot_size = slot_size
+        self.capacity = slot_size
+        self._tail = bytearray()   # bytes waiting for a full alignment unit
+        self._tail_at = 0          # flash offset of the first tail byte
+        self._erased_end = 0       # flash offset up to which this session erased
+        self._reopen_at = None     # set when flush() programmed a padded partial unit
+
+    def _base(self, slot):
+        return 0 if slot == "a" else self.slot_size
+
+    def app_dir(self, slot):
+        return None
+
+    def begin(self, slot, size):
+        if size > self.slot_size:
+            raise FlashError("image larger than the slot")
+        base = self._base(slot)
+        self._tail = bytearray()
+        self._tail_at = base
+        self._erased_end = base  # sectors are erased as the writes reach them
+        self._reopen_at = None
+
+    def resume(self, slot, offset):
+        # The sector holding `offset` may already be partly programmed past it: keep its valid
+        # prefix, erase it, and write the prefix back so writing can continue at `offset`.
+        at = self._base(slot) + offset
+        sector_start = at - at % self.flash.sector
+        aligned = at - at % self.flash.align
+        prefix = self.flash.read(sector_start, aligned - sector_start)
+        partial = self.flash.read(aligned, at - aligned)
+        self.flash.erase(sector_start // self.flash.sector)
+        if prefix:
+            self.flash.write(sector_start, prefix)
+        self._erased_end = sector_start + self.flash.sector
+        self._tail = bytearray(partial)
+        self._tail_at = aligned
+
+    def _program(self, at, data):
+        end = at + len(data)
+        while self._erased_end < end:
+            self.flash.erase(self._erased_end // self.flash.sector)
+            self._erased_end += self.flash.sector
+        self.flash.write(at, data)
+
+    def write(self, slot, offset, data):
+        at = self._base(slot) + offset
+        if self._reopen_at is not None:
+            if at != self._reopen_at:
+                raise FlashError("writes must be sequential")
+            self._reopen_at = None
+            self.resume(slot, offset)
+        if at != self._tail_at + len(self._tail):
+            raise FlashError("writes must be sequential")
+        self._tail.extend(data)
+        usable = len(self._tail) - len(self._tail) % self.flash.align
+        if usable:
+            self._program(self._tail_at, self._tail[:usable])
+            self._tail = self._tail[usable:]
+            self._tail_at += usable
+
+    def flush(self, slot):
+        # A partial alignment unit is programmed padded with the erased value; a later write
+        # that continues inside it re-opens its sector first (see resume()).
+        if self._tail:
+            pad = self.flash.align - len(self._tail)
+            self._program(self._tail_at, bytes(self._tail) + bytes([self.flash.erased]) * pad)
+            self._reopen_at = self._tail_at + len(self._tail)
+            self._tail = bytearray()
+
+    def read(self, slot, offset, n):
+        return self.flash.read(self._base(slot) + offset, n)
+
+    def finalize(self, slot, size):
+        self.flush(slot)

@@ -1,0 +1,311 @@
+"""The sans-IO update core on CPython: events in, actions out, no broker, no files."""
+import hashlib
+import json
+import re
+import struct
+from pathlib import Path
+
+import pytest
+
+from fota.device import core as C
+from fota.device import protocol as P
+from fota.tools import signing
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def key():
+    return signing.generate_private_key()
+
+
+def make_update(key, image, job=1, version="1.1.0", hw=("unix",), kind="image", chunk=256, window=4,
+                sha=None, size=None):
+    manifest = json.dumps({"v": 1, "version": version, "hw": list(hw), "kind": kind,
+                           "size": len(image) if size is None else size,
+                           "sha256": sha or hashlib.sha256(image).hexdigest()}, sort_keys=True)
+    sig = signing.sign(key, manifest.encode()).hex()
+    pub = signing.public_key_bytes(key)
+    return {"type": "update", "job": job, "manifest": manifest, "sig": sig,
+            "kid": signing.key_id(pub), "chunk": chunk, "window": window}
+
+
+class Harness:
+    """Executes the core's actions in memory and records what it published."""
+
+    def __init__(self, key, capacity=1 << 16, agent=None, kinds=("image",)):
+        self.pub = signing.public_key_bytes(key)
+        self.core = C.UpdateCore({"id": "d1", "hardware": "unix", "pubkey": self.pub, "capacity": capacity,
+                                  "kinds": kinds, "version": "1.0.0"}, agent or {"last_job": 0, "boot": 1})
+        self.slot = bytearray()
+        self.published = []
+        self.journal = None
+        self.state_saved = None
+        self.began = 0
+        self.trial = None
+        self.rebooted = False
+        self.install_result = (None, None)
+        self.run(self.core.booted({"trial": None}))
+        self.run(self.core.connected_())
+
+    def run(self, actions):
+        queue = list(actions)
+        while queue:
+            a = queue.pop(0)
+            kind = a[0]
+            if kind == C.A_PUBLISH:
+                self.published.append((a[1], a[2]))
+            elif kind == C.A_BEGIN:
+                self.began += 1
+                self.slot = bytearray()
+            elif kind == C.A_WRITE:
+                assert a[1] == len(self.slot), "writes are sequential"
+                self.slot.extend(a[2])
+            elif kind == C.A_JOURNAL:
+                self.journal = a[1]
+            elif kind == C.A_STATE:
+                self.state_saved = a[1]
+            elif kind == C.A_INSTALL:
+                queue[0:0] = self.core.installed(*self.install_result)
+            elif kind == C.A_SET_TRIAL:
+                self.trial = {"job": a[1], "version": a[2]}
+            elif kind == C.A_REBOOT:
+                self.rebooted = True
+        return self
+
+    def statuses(self):
+        return [json.loads(p) for t, p in self.published if t == P.STATUS]
+
+    def requests(self):
+        return [json.loads(p) for t, p in self.published if t == P.REQ]
+
+    def serve(self, image, chunk, max_rounds=10000, corrupt=None):
+        """Answer every outstanding request like the control center would."""
+        served = 0
+        for _ in range(max_rounds):
+            reqs = self.requests()[served:]
+            if not reqs:
+                return
+            served += len(reqs)
+            for r in reqs:
+                for i in range(r["first"], r["first"] + r["count"]):
+                    data = image[i * chunk:(i + 1) * chunk]
+                    if corrupt is not None and i == corrupt:
+                        data = bytes([data[0] ^ 1]) + data[1:]
+                    self.run(self.core.chunk(struct.pack(">II", r["job"], i) + data))
+
+
+def test_transition_table_matches_protocol_doc():
+    doc = (ROOT / "docs/protocol.md").read_text()
+    block = doc.split("<!-- transitions:begin -->")[1].split("<!-- transitions:end -->")[0]
+    rows = re.findall(r"\| `(\w+)` \| `(\w+)` \| `(\w+)` \|", block)
+    assert rows == [tuple(t) for t in C.TRANSITIONS]
+    codes = doc.split("<!-- codes:begin -->")[1].split("<!-- codes:end -->")[0]
+    assert sorted(re.findall(r"\| `(E_\w+)` \|", codes)) == sorted(P.ERROR_CODES)
+    for state in P.STATES:
+        assert f"| `{state}` |" in doc
+
+
+def test_happy_path_downloads_verifies_installs_and_reboots(key):
+    image = bytes(range(256)) * 9 + b"tail"
+    h = Harness(key)
+    h.run(h.core.command(json.dumps(make_update(key, image, job=5)).encode()))
+    assert h.state_saved == {"last_job": 5, "boot": 1}
+    h.serve(image, 256)
+    assert bytes(h.slot) == image
+    states = [s["state"] for s in h.statuses()]
+    assert states[0] == "downloading" and states[-3:] == ["verifying", "installing", "rebooting"]
+    assert h.trial == {"job": 5, "version": "1.1.0"}
+    assert h.rebooted and h.journal is None
+    # Pipelined requests: never more than `window` chunks outstanding, none asked twice.
+    asked = [i for r in h.requests() for i in range(r["first"], r["first"] + r["count"])]
+    assert asked == list(range(len(asked))) and len(asked) == 10
+
+
+def test_trial_boot_confirms_once_connected(key):
+    h = Harness(key, agent={"last_job": 5, "boot": 2})
+    h.core = C.UpdateCore({"id": "d1", "hardware": "unix", "pubkey": h.pub, "capacity": 1 << 16,
+                           "kinds": ("image",), "version": "1.1.0"}, {"last_job": 5, "boot": 2})
+    h.published.clear()
+    confirmed = []
+    h.run(h.core.booted({"trial": {"slot": "b", "job": 5, "version": "1.1.0", "tries": 1}}))
+    assert h.core.state == P.TRIAL
+    for a in h.core.connected_():
+        if a[0] == C.A_CONFIRM:
+            confirmed.append(a[1])
+        h.run([a])
+    assert confirmed == [{"job": 5, "state": "confirmed", "code": None, "reason": None}]
+    st = h.statuses()[-1]
+    assert (st["state"], st["job"], st["version"]) == ("confirmed", 5, "1.1.0")
+    assert h.core.state == P.IDLE
+
+
+def test_trial_without_broker_fails_after_deadline(key):
+    pub = signing.public_key_bytes(key)
+    core = C.UpdateCore({"id": "d1", "hardware": "unix", "pubkey": pub, "capacity": 10, "kinds": ("image",),
+                         "version": "1.1.0"}, {}, C.Settings(trial_timeout=1000))
+    core.booted({"trial": {"slot": "b", "job": 5, "version": "1.1.0", "tries": 1}})
+    assert core.tick(500) == []
+    actions = core.tick(1500)
+    assert [a[0] for a in actions] == [C.A_TRIAL_FAILED, C.A_REBOOT]
+
+
+def test_reverted_boot_reports_reason(key):
+    h = Harness(key)
+    h.core = C.UpdateCore({"id": "d1", "hardware": "unix", "pubkey": h.pub, "capacity": 10,
+                           "kinds": ("image",), "version": "1.0.0"}, {"last_job": 5, "boot": 4})
+    report = {"job": 5, "state": "reverted", "code": P.E_HEALTH, "reason": "trial boot failed 3 times: boom"}
+    h.run(h.core.booted({"trial": None, "report": report}))
+    h.published.clear()
+    h.run(h.core.connected_())
+    st = h.statuses()[-1]
+    assert (st["state"], st["code"], st["version"], st["job"]) == ("reverted", P.E_HEALTH, "1.0.0", 5)
+    assert "boom" in st["reason"]
+
+
+@pytest.mark.parametrize("mutate, code", [
+    (lambda c, other: c.update(sig=c["sig"][:-2] + ("00" if c["sig"][-2:] != "00" else "01")), P.E_BAD_SIGNATURE),
+    (lambda c, other: c.update(other), P.E_UNKNOWN_KEY),
+    (lambda c, other: c.update(manifest=c["manifest"].replace("1.1.0", "9.9.9")), P.E_BAD_SIGNATURE),
+])
+def test_forged_or_foreign_signatures_fail_without_touching_the_slot(key, mutate, code):
+    other_key = signing.generate_private_key()
+    image = b"x" * 1000
+    cmd = make_update(key, image, job=3)
+    foreign = make_update(other_key, image, job=3)
+    mutate(cmd, {k: foreign[k] for k in ("sig", "kid")})
+    h = Harness(key)
+    h.run(h.core.command(json.dumps(cmd).encode()))
+    st = h.statuses()[-1]
+    assert (st["state"], st["code"], st["job"]) == ("failed", code, 3)
+    assert h.began == 0 and h.requests() == [] and h.core.state == P.IDLE
+
+
+def test_wrong_hardware_type_is_refused_before_any_write(key):
+    h = Harness(key)
+    h.run(h.core.command(json.dumps(make_update(key, b"x" * 100, hw=("esp32",))).encode()))
+    st = h.statuses()[-1]
+    assert (st["state"], st["code"]) == ("failed", P.E_HW_MISMATCH)
+    assert h.began == 0
+
+
+def test_image_larger_than_slot_is_refused(key):
+    h = Harness(key, capacity=50)
+    h.run(h.core.command(json.dumps(make_update(key, b"x" * 100)).encode()))
+    assert h.statuses()[-1]["code"] == P.E_TOO_LARGE and h.began == 0
+
+
+def test_flipped_bit_in_a_chunk_fails_the_hash(key):
+    image = bytes(range(256)) * 4
+    h = Harness(key)
+    h.run(h.core.command(json.dumps(make_update(key, image)).encode()))
+    h.serve(image, 256, corrupt=2)
+    st = h.statuses()[-1]
+    assert (st["state"], st["code"]) == ("failed", P.E_HASH_MISMATCH)
+    assert h.trial is None and not h.rebooted and h.core.state == P.IDLE
+
+
+@pytest.mark.parametrize("payload, code", [
+    (b"not json", P.E_BAD_COMMAND),
+    (b"[1, 2]", P.E_BAD_COMMAND),
+    (b'{"type": "update"}', P.E_BAD_COMMAND),
+    (b'{"type": "update", "job": "7"}', P.E_BAD_COMMAND),
+    (b'{"type": "update", "job": true}', P.E_BAD_COMMAND),
+    (b'{"type": "update", "job": 7, "manifest": 1, "kid": "a", "sig": "b"}', P.E_BAD_COMMAND),
+    (b'{"type": "reformat", "job": 7}', P.E_UNKNOWN_COMMAND),
+    (b'{"type": "cancel", "job": 7, "target": 99}', P.E_NOT_RUNNING),
+    (b"\xff\xfe\x00", P.E_BAD_COMMAND),
+    (b"{" + b" " * 5000 + b"}", P.E_OVERSIZE),
+])
+def test_malformed_commands_are_rejected_without_state_change(key, payload, code):
+    h = Harness(key)
+    before = h.core.state, h.core.last_job
+    h.run(h.core.command(payload))
+    st = h.statuses()[-1]
+    assert (st["state"], st["code"]) == ("rejected", code)
+    assert st["reason"]
+    assert (h.core.state, h.core.last_job) == before or code == P.E_NOT_RUNNING
+
+
+def test_duplicate_and_stale_jobs_are_ignored(key):
+    image = b"y" * 300
+    h = Harness(key)
+    cmd = json.dumps(make_update(key, image, job=9)).encode()
+    h.run(h.core.command(cmd))
+    began = h.began
+    h.run(h.core.command(cmd))
+    assert h.statuses()[-1]["code"] == P.E_DUPLICATE_JOB and h.began == began
+    h.run(h.core.command(json.dumps(make_update(key, image, job=4)).encode()))
+    assert h.statuses()[-1]["code"] == P.E_STALE_JOB and h.began == began
+    assert h.core.job.id == 9
+
+
+@pytest.mark.parametrize("payload", [b"", b"\x00\x00\x00\x01", struct.pack(">II", 1, 999) + b"x",
+                                     struct.pack(">II", 1, 0) + b"short"])
+def test_malformed_chunks_are_rejected_and_download_continues(key, payload):
+    image = bytes(range(200)) * 3
+    h = Harness(key)
+    h.run(h.core.command(json.dumps(make_update(key, image, job=1, chunk=256)).encode()))
+    h.run(h.core.chunk(payload))
+    st = h.statuses()[-1]
+    assert (st["state"], st["code"]) == ("rejected", P.E_BAD_CHUNK)
+    assert h.core.state == P.DOWNLOADING and h.slot == bytearray()
+    h.serve(image, 256)
+    assert bytes(h.slot) == image and h.rebooted
+
+
+def test_lost_chunks_are_requested_again_after_timeout_and_stall_fails(key):
+    image = b"z" * 2048
+    h = Harness(key)
+    h.core.settings = C.Settings(chunk_timeout=100, stall_timeout=1000)
+    h.run(h.core.tick(0))
+    h.run(h.core.command(json.dumps(make_update(key, image)).encode()))
+    n = len(h.requests())
+    h.run(h.core.tick(150))
+    again = h.requests()[n:]
+    assert again and again[0]["first"] == 0
+    h.run(h.core.tick(1200))
+    st = h.statuses()[-1]
+    assert (st["state"], st["code"]) == ("failed", P.E_TIMEOUT)
+
+
+def test_resume_from_journal_continues_at_checkpoint(key):
+    image = bytes(range(256)) * 16
+    h = Harness(key)
+    h.run(h.core.command(json.dumps(make_update(key, image, chunk=256, window=4)).encode()))
+    # Deliver 6 chunks, then "lose power": the journal points at chunk 4.
+    for i in range(6):
+        h.run(h.core.chunk(struct.pack(">II", 1, i) + image[i * 256:(i + 1) * 256]))
+    journal = h.journal
+    assert journal["pos"] == 4
+    hasher = hashlib.sha256(image[:4 * 256])
+    h2 = Harness(key, agent={"last_job": 1, "boot": 2})
+    h2.slot = bytearray(image[:4 * 256])
+    h2.core = C.UpdateCore({"id": "d1", "hardware": "unix", "pubkey": h2.pub, "capacity": 1 << 16,
+                            "kinds": ("image",), "version": "1.0.0"}, {"last_job": 1, "boot": 2})
+    h2.published.clear()
+    h2.run(h2.core.booted({"trial": None}, journal, hasher))
+    h2.run(h2.core.connected_())
+    assert h2.requests()[0]["first"] == 4
+    h2.serve(image, 256)
+    assert bytes(h2.slot) == image and h2.rebooted
+
+
+def test_newer_job_supersedes_a_download(key):
+    h = Harness(key)
+    h.run(h.core.command(json.dumps(make_update(key, b"a" * 3000, job=1)).encode()))
+    h.run(h.core.command(json.dumps(make_update(key, b"b" * 500, job=2)).encode()))
+    states = [(s["job"], s["state"]) for s in h.statuses()]
+    assert (1, "cancelled") in states and states[-1] == (2, "downloading")
+    h.serve(b"b" * 500, 256)
+    assert bytes(h.slot) == b"b" * 500 and h.trial["job"] == 2
+
+
+def test_install_failure_is_reported(key):
+    h = Harness(key)
+    h.install_result = (P.E_BAD_BUNDLE, "BundleError: bad magic")
+    image = b"q" * 10
+    h.run(h.core.command(json.dumps(make_update(key, image)).encode()))
+    h.serve(image, 256)
+    st = h.statuses()[-1]
+    assert (st["state"], st["code"]) == ("failed", P.E_BAD_BUNDLE) and not h.rebooted
