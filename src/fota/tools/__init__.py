@@ -1,0 +1,1 @@
+"""Host-side tools (CPython only): signing keys, image packaging, CLI helpers."""
