@@ -117,6 +117,8 @@ class Mosquitto:
                 raise BrokerError(f"mosquitto exited with {self.proc.returncode}: {err.strip()}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    # Mosquitto writes pid_file only as a daemon: keep our own, for reloads.
+                    (self.directory / "mosquitto.pid").write_text(str(self.proc.pid))
                     return self
             except OSError:
                 time.sleep(0.05)
@@ -130,6 +132,7 @@ class Mosquitto:
             time.sleep(0.2)
 
     def stop(self) -> None:
+        (self.directory / "mosquitto.pid").unlink(missing_ok=True)
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:

@@ -1,0 +1,115 @@
+"""A fota home directory: where the control center keeps its database, keys, blobs and broker.
+
+    <home>/config.json      database_url, broker_url (None: managed Mosquitto), broker_port,
+                            server_password (0600)
+    <home>/fota.db          SQLite database (default)
+    <home>/keys/            signing.pem (operator's private key), signing.pub (hex point)
+    <home>/blobs/           release images by sha256
+    <home>/broker/          managed Mosquitto: mosquitto.conf, passwords, acl, pid
+    <home>/devices/<id>/    unix-port device directories (demo, simulation)
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from fota.server.broker import SERVER_USER, free_port, write_passwords
+from fota.server.credentials import mosquitto_hash, new_password
+
+DEFAULT_HOME = ".fota"
+
+
+class HomeError(RuntimeError):
+    pass
+
+
+@dataclass
+class Home:
+    path: Path
+
+    @classmethod
+    def locate(cls, path: str | Path | None = None) -> "Home":
+        return cls(Path(path or os.environ.get("FOTA_HOME") or DEFAULT_HOME).resolve())
+
+    # ---- layout ------------------------------------------------------------------------------
+    @property
+    def keys(self) -> Path:
+        return self.path / "keys"
+
+    @property
+    def private_key(self) -> Path:
+        return self.keys / "signing.pem"
+
+    @property
+    def blobs(self) -> Path:
+        return self.path / "blobs"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.path / "broker"
+
+    @property
+    def devices_dir(self) -> Path:
+        return self.path / "devices"
+
+    # ---- config ------------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    def config(self) -> dict:
+        """Read config.json, creating it with defaults the first time."""
+        if self.config_path.exists():
+            return json.loads(self.config_path.read_text())
+        self.path.mkdir(parents=True, exist_ok=True)
+        cfg = {
+            "database_url": f"sqlite:///{self.path / 'fota.db'}",
+            "broker_url": None,
+            "broker_port": free_port(),
+            "server_password": new_password(),
+        }
+        self.save_config(cfg)
+        return cfg
+
+    def save_config(self, cfg: dict) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cfg, indent=1))
+        os.chmod(tmp, 0o600)
+        tmp.replace(self.config_path)
+
+    @property
+    def database_url(self) -> str:
+        return os.environ.get("FOTA_DATABASE_URL") or self.config()["database_url"]
+
+    @property
+    def broker_url(self) -> str:
+        cfg = self.config()
+        if os.environ.get("FOTA_BROKER_URL"):
+            return os.environ["FOTA_BROKER_URL"]
+        if cfg.get("broker_url"):
+            return cfg["broker_url"]
+        return f"mqtt://{SERVER_USER}:{cfg['server_password']}@127.0.0.1:{cfg['broker_port']}"
+
+    @property
+    def managed_broker(self) -> bool:
+        return not (os.environ.get("FOTA_BROKER_URL") or self.config().get("broker_url"))
+
+    # ---- managed broker credentials ---------------------------------------------------------
+    def write_broker_passwords(self, device_hashes: dict[str, str]) -> None:
+        """Regenerate the managed broker's password file and make a running broker reload it."""
+        if not self.managed_broker:
+            return
+        self.broker_dir.mkdir(parents=True, exist_ok=True)
+        hashes = dict(device_hashes)
+        hashes[SERVER_USER] = mosquitto_hash(self.config()["server_password"])
+        write_passwords(self.broker_dir / "passwords", hashes)
+        pid_file = self.broker_dir / "mosquitto.pid"
+        if pid_file.exists():
+            try:
+                os.kill(int(pid_file.read_text().strip()), signal.SIGHUP)
+            except (ValueError, ProcessLookupError, PermissionError):
+                pass

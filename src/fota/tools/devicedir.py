@@ -1,0 +1,38 @@
+"""Create the directory of a unix-port device (what provisioning writes onto a board)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fota.device import boot as bootrec
+
+
+def create_device_dir(root: Path, *, device_id: str, hardware: str, pubkey: bytes, host: str, port: int,
+                      password: str, app_files: dict[str, bytes], version: str, backend: str = "files",
+                      capacity: int = 1 << 20, **settings) -> Path:
+    """Write config.json, the boot record and slot a with the factory app."""
+    root = Path(root)
+    (root / "slots" / "a" / "app").mkdir(parents=True, exist_ok=True)
+    (root / "slots" / "b").mkdir(parents=True, exist_ok=True)
+    config = {
+        "id": device_id, "hardware": hardware, "pubkey": pubkey.hex(), "backend": backend,
+        "capacity": capacity, "version": version,
+        "broker": {"host": host, "port": port, "user": device_id, "password": password, "keepalive": 30},
+    }
+    config.update(settings)
+    (root / "config.json").write_text(json.dumps(config, indent=1))
+    for name, data in app_files.items():
+        target = root / "slots" / "a" / "app" / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    (root / "boot.json").write_text(json.dumps(bootrec.new_record(version)))
+    return root
+
+
+def read_boot_record(root: Path) -> dict:
+    return json.loads((Path(root) / "boot.json").read_text())
+
+
+def running_version(root: Path) -> str | None:
+    rec = read_boot_record(root)
+    return rec["versions"].get(rec["active"])
