@@ -481,13 +481,14 @@ class UpdateCore:
 
     # ---- trial -----------------------------------------------------------------------------
     def _healthy(self):
+        on_trial = self._status(P.TRIAL, job=self.trial.get("job"))
         self._go("healthy")
         report = {"job": self.trial.get("job"), "state": P.CONFIRMED, "code": None, "reason": None}
         self._go("done")
         self.trial = None
         # A_CONFIRM stores the report in the boot record first: a power cut before the broker
         # acknowledged it re-sends it at the next boot.
-        return [(A_CONFIRM, report), self._publish_status(self._report_status(report)),
+        return [self._publish_status(on_trial), (A_CONFIRM, report), self._publish_status(self._report_status(report)),
                 (A_CLEAR_REPORT,), self.inventory()]
 
     def _report_status(self, report):

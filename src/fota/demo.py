@@ -1,0 +1,121 @@
+"""`fota demo`: a broker, the control center and MicroPython devices; a signed update end to end.
+
+Everything runs on this machine in a throw-away fota home: a managed Mosquitto with per-device
+credentials and ACL, the control center, N unix-port MicroPython agents on the example app 1.0.0
+under the supervisor. It signs 1.1.0, deploys it to all devices, shows live progress, and exits 0
+once every device confirmed 1.1.0 after its reboot.
+"""
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console, Group
+from rich.live import Live
+
+from fota.device import protocol as P
+
+
+class DemoError(RuntimeError):
+    pass
+
+
+def run_demo(devices: int = 3, timeout: float = 120.0, keep: bool = False, console: Console | None = None,
+             heap: str = "128K") -> int:
+    console = console or Console()
+    root = Path(tempfile.mkdtemp(prefix="fota-demo-"))
+    try:
+        asyncio.run(_demo(root, devices, timeout, console, heap))
+        console.print(f"[green]demo passed:[/green] {devices} device(s) confirmed 1.1.0 after reboot")
+        return 0
+    except DemoError as e:
+        console.print(f"[red]demo failed:[/red] {e}")
+        return 1
+    finally:
+        if keep:
+            console.print(f"demo home kept at {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+async def _wait(predicate, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        await asyncio.sleep(interval)
+    raise DemoError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+async def _demo(root: Path, n: int, timeout: float, console: Console, heap: str) -> None:
+    from fota.cli import progress_view, render_status, _make_unix_device
+    from fota.examples import hello_files
+    from fota.server.app import control_center
+    from fota.server.deployments import create_deployment
+    from fota.server.fleet import list_devices, provision_device
+    from fota.server.home import Home
+    from fota.server.releases import create_release
+    from fota.server.store import Store
+    from fota.tools.signing import generate_private_key, save_private_key
+    from fota.tools.supervisor import DeviceProcess
+
+    home = Home(root / "home")
+    home.keys.mkdir(parents=True)
+    key = generate_private_key()
+    save_private_key(key, home.private_key)
+    home.config()
+    store = Store(home.database_url)
+    ids = [f"dev-{i:02d}" for i in range(1, n + 1)]
+    for dev in ids:
+        _, password = provision_device(store, dev, "unix", tags=("demo",))
+        _make_unix_device(home, dev, "unix", password, version="1.0.0")
+    console.print(f"provisioned {n} devices on hello app 1.0.0 (home {home.path})")
+
+    procs: list[DeviceProcess] = []
+    async with control_center(home) as center:
+        console.print(f"Mosquitto and control center up ({home.broker_url.rsplit('@', 1)[-1]})")
+        try:
+            procs = [DeviceProcess(home.devices_dir / dev, heap=heap).start() for dev in ids]
+
+            def all_online_on_1_0_0():
+                devs = {d.id: d for d in list_devices(store)}
+                return all(devs[i].online and devs[i].version == "1.0.0" for i in ids)
+            await _wait(all_online_on_1_0_0, 30, "the devices to come online on 1.0.0")
+            console.print(f"{n} MicroPython devices online on 1.0.0")
+
+            app_dir = root / "hello-1.1.0"
+            app_dir.mkdir()
+            for name, data in hello_files("1.1.0").items():
+                (app_dir / name).write_bytes(data)
+            rel = create_release(store, home.blobs, key, app_dir, "1.1.0", ["unix"])
+            console.print(f"signed release 1.1.0 ({rel.size} bytes, key {rel.key_id})")
+            dep = create_deployment(store, rel, device_ids=ids)
+            console.print(f"deployment {dep.id} to {n} devices")
+
+            deadline = time.monotonic() + timeout
+            with Live(console=console, refresh_per_second=4) as live:
+                while True:
+                    _, rows, summary = render_status(store, dep.id)
+                    live.update(Group(progress_view(rows), summary))
+                    if all(r[1] in P.TERMINAL_STATES for r in rows):
+                        break
+                    if time.monotonic() > deadline:
+                        raise DemoError(f"not every device finished within {timeout:.0f}s: {summary}")
+                    await asyncio.sleep(0.25)
+            bad = [r for r in rows if r[1] != P.CONFIRMED]
+            if bad:
+                raise DemoError("; ".join(f"{d} ended {st} ({code}: {reason})" for d, st, _, code, reason in bad))
+
+            def all_on_1_1_0():
+                devs = {d.id: d for d in list_devices(store)}
+                return all(devs[i].version == "1.1.0" and devs[i].online for i in ids)
+            await _wait(all_on_1_1_0, 20, "the devices to report 1.1.0 in their inventory")
+            reboots = sum(p.reboots for p in procs)
+            console.print(f"every device runs 1.1.0 ({reboots} reboots)")
+        finally:
+            for p in procs:
+                p.stop()
+    store.dispose()

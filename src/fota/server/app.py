@@ -1,0 +1,49 @@
+"""Wiring of the control center: store + (managed) Mosquitto + ControlCenter service."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+
+from fota.server.broker import Mosquitto
+from fota.server.home import Home
+
+
+def managed_broker(home: Home, device_hashes: dict[str, str]) -> Mosquitto:
+    """Start the home's own Mosquitto (password file + per-device ACL, persistence on)."""
+    home.write_broker_passwords(device_hashes)
+    return Mosquitto(home.broker_dir, port=home.config()["broker_port"], auth=True, persistence=True).start()
+
+
+def device_hashes(store) -> dict[str, str]:
+    from fota.server.store import Device
+    with store.session() as s:
+        return {d.id: d.password_hash for d in s.query(Device).all() if d.password_hash}
+
+
+@contextlib.asynccontextmanager
+async def control_center(home: Home, **settings):
+    """Start everything a home needs; yields the running ControlCenter."""
+    from fota.server.service import ControlCenter
+    from fota.server.store import Store
+    store = Store(home.database_url)
+    broker = managed_broker(home, device_hashes(store)) if home.managed_broker else None
+    center = ControlCenter(store, home.broker_url, home.blobs, **settings)
+    try:
+        await center.start()
+        yield center
+    finally:
+        await center.stop()
+        if broker:
+            broker.stop()
+        store.dispose()
+
+
+async def run_control_center(home: Home) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    async with control_center(home):
+        await stop.wait()

@@ -1,0 +1,148 @@
+"""A small real fleet for integration tests: control center + MicroPython device processes.
+
+The control center runs in a background thread with its own asyncio loop; devices are real
+`micropython` processes under the supervisor; the broker is the session's real Mosquitto.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+
+from fota.device import protocol as P
+from fota.examples import hello_files
+from fota.server.broker import SERVER_USER
+from fota.server.fleet import provision_device
+from fota.server.store import Device, Job, Store
+from fota.tools.devicedir import create_device_dir, read_boot_record
+from fota.tools.signing import generate_private_key, public_key_bytes
+from fota.tools.supervisor import DeviceProcess
+
+
+def wait_until(predicate, timeout=30.0, interval=0.1, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class CenterThread:
+    """Runs a ControlCenter on its own event loop in a thread."""
+
+    def __init__(self, store, broker_url, blobs, **settings):
+        from fota.server.service import ControlCenter
+        self.loop = asyncio.new_event_loop()
+        self.center = ControlCenter(store, broker_url, blobs, **settings)
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def start(self):
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.center.start(), self.loop).result(30)
+        return self
+
+    def stop(self):
+        asyncio.run_coroutine_threadsafe(self.center.stop(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+class Spy:
+    """A paho client on the server account that records every status and chunk request."""
+
+    def __init__(self, broker):
+        self.statuses: list[tuple[float, str, dict]] = []
+        self.requests: list[tuple[float, str, dict]] = []
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"spy-{time.monotonic_ns()}")
+        self.client.username_pw_set(SERVER_USER, broker.users[SERVER_USER])
+        self.client.on_message = self._on_message
+        self.client.connect(broker.host, broker.port)
+        self.client.subscribe([("fota/v1/+/status", 1), ("fota/v1/+/req", 0)])
+        self.client.loop_start()
+        time.sleep(0.2)
+
+    def _on_message(self, client, userdata, msg):
+        device = msg.topic.split("/")[2]
+        try:
+            body = json.loads(msg.payload)
+        except ValueError:
+            return
+        target = self.statuses if msg.topic.endswith("/status") else self.requests
+        target.append((time.monotonic(), device, body))
+
+    def of(self, device, job=None):
+        return [s for _, d, s in self.statuses if d == device and (job is None or s.get("job") == job)]
+
+    def publish(self, device, suffix, payload, qos=1):
+        info = self.client.publish(P.topic(device, suffix), payload, qos=qos)
+        info.wait_for_publish(5)
+
+    def close(self):
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+class Fleet:
+    def __init__(self, tmp: Path, broker, db_url: str, heap="128K", **center_settings):
+        self.tmp = tmp
+        self.broker = broker
+        self.store = Store(db_url)
+        self.key = generate_private_key()
+        self.pub = public_key_bytes(self.key)
+        self.blobs = tmp / "blobs"
+        self.heap = heap
+        self.devices: dict[str, DeviceProcess] = {}
+        self.center = CenterThread(self.store, broker.server_url, self.blobs, **center_settings).start()
+        self.spy = Spy(broker)
+
+    def add_device(self, device_id, hardware="unix", version="1.0.0", start=True, **settings):
+        _, password = provision_device(self.store, device_id, hardware)
+        self.broker.add_user(device_id, password)
+        root = create_device_dir(self.tmp / "devices" / device_id, device_id=device_id, hardware=hardware,
+                                 pubkey=self.pub, host=self.broker.host, port=self.broker.port,
+                                 password=password, app_files=hello_files(version), version=version, **settings)
+        proc = DeviceProcess(root, heap=self.heap)
+        self.devices[device_id] = proc
+        if start:
+            proc.start()
+        return proc
+
+    def root(self, device_id) -> Path:
+        return self.devices[device_id].root
+
+    def boot_record(self, device_id) -> dict:
+        return read_boot_record(self.root(device_id))
+
+    def running_version(self, device_id) -> str:
+        rec = self.boot_record(device_id)
+        return rec["versions"][rec["active"]]
+
+    def device_row(self, device_id) -> Device:
+        with self.store.session() as s:
+            return s.get(Device, device_id)
+
+    def job(self, job_id) -> Job:
+        with self.store.session() as s:
+            return s.get(Job, job_id)
+
+    def wait_online(self, *ids, version="1.0.0", timeout=30):
+        for dev in ids:
+            wait_until(lambda: (r := self.device_row(dev)) and r.online and r.version == version,
+                       timeout=timeout, what=f"{dev} online on {version}")
+
+    def wait_job(self, job_id, states=P.TERMINAL_STATES, timeout=60):
+        return wait_until(lambda: (j := self.job(job_id)).state in states and j, timeout=timeout,
+                          what=f"job {job_id} to reach {states}")
+
+    def close(self):
+        for p in self.devices.values():
+            p.stop()
+        self.spy.close()
+        self.center.stop()
+        self.store.dispose()
