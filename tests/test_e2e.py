@@ -1,0 +1,217 @@
+"""End to end: control center -> real Mosquitto -> real MicroPython device processes, and back."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from fota.device import protocol as P
+from fota.examples import hello_files
+from fota.server.deployments import create_deployment, device_history
+from fota.server.releases import create_release, update_command
+from fota.tools.bundle import pack_files
+from fota.tools.signing import generate_private_key
+from fleet import Fleet, wait_until
+
+
+@pytest.fixture
+def fleet(tmp_path, broker, sqlite_url):
+    f = Fleet(tmp_path, broker, sqlite_url)
+    yield f
+    f.close()
+
+
+def _release(fleet, version, *, broken=False, hw=("unix",), padding=0, key=None):
+    files = hello_files(version, broken=broken)
+    if padding:
+        files["blob.bin"] = os.urandom(padding)
+    return create_release(fleet.store, fleet.blobs, key or fleet.key, pack_files(files), version, list(hw))
+
+
+def _states(fleet, device, job):
+    return [s["state"] for s in fleet.spy.of(device, job)]
+
+
+def _slot_b_files(fleet, device):
+    b = fleet.root(device) / "slots" / "b"
+    return sorted(p.name for p in b.rglob("*")) if b.exists() else []
+
+
+def test_happy_path_three_devices_confirm_after_reboot(fleet):
+    ids = ["happy-1", "happy-2", "happy-3"]
+    for d in ids:
+        fleet.add_device(d)
+    fleet.wait_online(*ids)
+    rel = _release(fleet, "1.1.0", padding=20000)
+    dep = create_deployment(fleet.store, rel, device_ids=ids)
+    for job in dep.jobs:
+        j = fleet.wait_job(job.id)
+        assert j.state == "confirmed", (j.state, j.code, j.reason)
+    fleet.wait_online(*ids, version="1.1.0")
+    for job in dep.jobs:
+        d = job.device_id
+        assert fleet.running_version(d) == "1.1.0"
+        assert fleet.devices[d].reboots == 1
+        history = [e.state for e in device_history(fleet.store, d) if e.job_id == job.id]
+        # Every state, in order; progress repeats "downloading".
+        compact = [s for i, s in enumerate(history) if i == 0 or s != history[i - 1]]
+        assert compact == ["downloading", "verifying", "installing", "rebooting", "trial", "confirmed"]
+        assert "hello app 1.1.0 started" in fleet.devices[d].log_text()
+
+
+def _signed_command(fleet, rel, job, **changes):
+    cmd = json.loads(update_command(job, rel))
+    cmd.update(changes)
+    return json.dumps(cmd)
+
+
+def test_forged_and_foreign_signatures_and_flipped_chunk_are_rejected(fleet):
+    dev = "victim-1"
+    fleet.add_device(dev)
+    fleet.wait_online(dev)
+    rel = _release(fleet, "2.0.0")
+    # 1. forged: the manifest is edited after signing (claims another size/sha).
+    forged = rel.manifest.replace('"2.0.0"', '"2.0.1"')
+    fleet.spy.publish(dev, P.CMD, _signed_command(fleet, rel, 1001, manifest=forged))
+    # 2. signed by another key (its own honest key id).
+    other = _release(fleet, "2.0.2", key=generate_private_key())
+    fleet.spy.publish(dev, P.CMD, _signed_command(fleet, other, 1002))
+    # 2b. signed by another key but claiming our key id.
+    fleet.spy.publish(dev, P.CMD, _signed_command(fleet, other, 1003, kid=rel.key_id))
+    codes = {}
+    for job in (1001, 1002, 1003):
+        st = wait_until(lambda: [s for s in fleet.spy.of(dev, job) if s["state"] == "failed"], what=f"job {job}")
+        codes[job] = st[0]["code"]
+    assert codes == {1001: P.E_BAD_SIGNATURE, 1002: P.E_UNKNOWN_KEY, 1003: P.E_BAD_SIGNATURE}
+    assert _slot_b_files(fleet, dev) == []
+
+    # 3. a bit flipped in one chunk on the way: the blob the server serves is altered.
+    flipped = _release(fleet, "2.0.3", padding=9000)
+    blob = Path(flipped.blob_path)
+    data = bytearray(blob.read_bytes())
+    data[5000] ^= 0x10
+    blob.write_bytes(bytes(data))
+    dep = create_deployment(fleet.store, flipped, device_ids=[dev])
+    j = fleet.wait_job(dep.jobs[0].id)
+    assert (j.state, j.code) == ("failed", P.E_HASH_MISMATCH)
+    time.sleep(0.5)
+    assert fleet.running_version(dev) == "1.0.0" and fleet.devices[dev].reboots == 0
+    assert fleet.boot_record(dev)["trial"] is None
+    assert fleet.device_row(dev).version == "1.0.0" and fleet.device_row(dev).online
+
+
+def test_wrong_hardware_type_rejected_and_nothing_written(fleet):
+    dev = "hw-1"
+    fleet.add_device(dev)
+    fleet.wait_online(dev)
+    rel = _release(fleet, "3.0.0", hw=("esp32",))
+    fleet.spy.publish(dev, P.CMD, _signed_command(fleet, rel, 2001))
+    st = wait_until(lambda: [s for s in fleet.spy.of(dev, 2001) if s["state"] == "failed"], what="failure")
+    assert st[0]["code"] == P.E_HW_MISMATCH and "esp32" in st[0]["reason"]
+    assert _slot_b_files(fleet, dev) == []
+    assert not (fleet.root(dev) / "journal.json").exists()
+    assert fleet.running_version(dev) == "1.0.0"
+
+
+def test_failing_health_check_reverts_after_three_trial_boots(fleet):
+    dev = "sick-1"
+    fleet.add_device(dev)
+    fleet.wait_online(dev)
+    rel = _release(fleet, "4.0.0", broken=True)
+    dep = create_deployment(fleet.store, rel, device_ids=[dev])
+    j = fleet.wait_job(dep.jobs[0].id, timeout=90)
+    assert (j.state, j.code) == ("reverted", P.E_HEALTH)
+    assert "trial boot failed 3 times" in j.reason and "sensor init failed" in j.reason
+    assert fleet.running_version(dev) == "1.0.0"
+    fleet.wait_online(dev, version="1.0.0")
+    # One reboot into the trial, two more failed trial boots, then back on the old slot.
+    assert fleet.devices[dev].reboots == 3
+
+
+def test_kill_during_download_resumes_from_checkpoint(tmp_path, broker, sqlite_url):
+    # Small chunks and windows make the transfer long enough to kill it halfway.
+    fleet = Fleet(tmp_path, broker, sqlite_url, chunk=512, window=4)
+    try:
+        dev = "cut-1"
+        fleet.add_device(dev)
+        fleet.wait_online(dev)
+        rel = _release(fleet, "5.0.0", padding=400_000)
+        dep = create_deployment(fleet.store, rel, device_ids=[dev])
+        job = dep.jobs[0].id
+
+        def progressed():
+            ds = [s for s in fleet.spy.of(dev, job) if s["state"] == "downloading"]
+            return ds and ds[-1]["bytes"] >= rel.size * 0.3 and ds[-1]
+        at_kill = wait_until(progressed, timeout=60, interval=0.01, what="30% downloaded")
+        assert fleet.devices[dev].kill()
+        killed_at = time.monotonic()
+        j = fleet.wait_job(job, timeout=120)
+        assert j.state == "confirmed", (j.state, j.code, j.reason)
+        after = [r for t, d, r in fleet.spy.requests if d == dev and t > killed_at + 0.05 and r["job"] == job]
+        requested_after = sum(min(r["count"] * r["chunk"], rel.size - r["first"] * r["chunk"]) for r in after)
+        remaining = rel.size - at_kill["bytes"]
+        assert 0 < requested_after < remaining + 4 * 512
+        assert fleet.running_version(dev) == "5.0.0"
+    finally:
+        fleet.close()
+
+
+MALFORMED_COMMANDS = [
+    (b"this is not json", P.E_BAD_COMMAND),
+    (b'{"type": "update"}', P.E_BAD_COMMAND),
+    (b'{"type": "update", "job": "12"}', P.E_BAD_COMMAND),
+    (b'{"type": "update", "job": 12, "manifest": [], "kid": 1, "sig": null}', P.E_BAD_COMMAND),
+    (b'{"type": "format-flash", "job": 13}', P.E_UNKNOWN_COMMAND),
+    (b'{"x": "' + b"A" * 6000 + b'"}', P.E_OVERSIZE),
+]
+
+
+def test_malformed_messages_get_clear_errors_and_change_nothing(fleet):
+    dev = "fuzz-1"
+    proc = fleet.add_device(dev)
+    fleet.wait_online(dev)
+    for payload, _ in MALFORMED_COMMANDS:
+        fleet.spy.publish(dev, P.CMD, payload)
+    for chunk in (b"", b"\x00\x01", b"\xff" * 40):
+        fleet.spy.publish(dev, P.DATA, chunk, qos=0)
+    expected = [code for _, code in MALFORMED_COMMANDS]
+    got = wait_until(lambda: (c := [s["code"] for s in fleet.spy.of(dev) if s["state"] == "rejected"
+                                    and s["code"] != P.E_BAD_CHUNK]) and len(c) >= len(expected) and c,
+                     what="rejections")
+    assert got == expected
+    for s in fleet.spy.of(dev):
+        assert s["state"] == "rejected" and s["reason"] and s["current"] == "idle"
+    time.sleep(0.5)
+    assert proc.starts == 1 and proc.exits == []
+    assert fleet.running_version(dev) == "1.0.0"
+    assert json.loads((fleet.root(dev) / "agent.json").read_text())["last_job"] == 0
+    # The device still takes a real update afterwards.
+    rel = _release(fleet, "6.0.0")
+    dep = create_deployment(fleet.store, rel, device_ids=[dev])
+    assert fleet.wait_job(dep.jobs[0].id).state == "confirmed"
+
+
+def test_same_command_twice_runs_the_update_once(fleet):
+    dev = "dup-1"
+    fleet.add_device(dev)
+    fleet.wait_online(dev)
+    rel = _release(fleet, "7.0.0", padding=30000)
+    dep = create_deployment(fleet.store, rel, device_ids=[dev])
+    job = dep.jobs[0].id
+    wait_until(lambda: fleet.spy.of(dev, job), what="first status")
+    fleet.spy.publish(dev, P.CMD, update_command(job, rel))  # a QoS 1 redelivery
+    assert fleet.wait_job(job).state == "confirmed"
+    fleet.wait_online(dev, version="7.0.0")
+    dup = wait_until(lambda: [s for s in fleet.spy.of(dev, job) if s["code"] == P.E_DUPLICATE_JOB],
+                     what="duplicate notice")
+    assert dup[0]["state"] == "rejected"
+    assert fleet.devices[dev].reboots == 1
+    assert _states(fleet, dev, job).count("confirmed") == 1
+    # After the reboot a third delivery is still refused.
+    fleet.spy.publish(dev, P.CMD, update_command(job, rel))
+    wait_until(lambda: len([s for s in fleet.spy.of(dev, job) if s["code"] == P.E_DUPLICATE_JOB]) == 2,
+               what="second duplicate notice")
+    assert fleet.devices[dev].reboots == 1
