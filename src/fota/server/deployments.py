@@ -1,0 +1,112 @@
+"""Deployments: a release rolled out to devices, one Job (= wire job id) per device."""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import select
+
+from fota.device import protocol
+from fota.server.releases import get_release
+from fota.server.store import Deployment, Device, Job, Release, StatusEvent, Store
+
+__all__ = ["ACTIVE", "DONE", "PENDING", "SENT", "TERMINAL_STATES", "DeploymentError",
+           "create_deployment", "deployment_summary", "device_history", "list_deployments"]
+
+# Job states on the server side: 'pending' (not yet sent), 'sent', then the device's states.
+PENDING = "pending"
+SENT = "sent"
+TERMINAL_STATES = frozenset(protocol.TERMINAL_STATES)
+# Deployment states.
+ACTIVE = "active"
+DONE = "done"
+
+
+class DeploymentError(ValueError):
+    """A deployment cannot be created or found."""
+
+
+def _select_devices(s, release: Release, device_ids: Iterable[str] | None,
+                    tag: str | None) -> list[Device]:
+    hardware = set(release.hardware)
+    if device_ids is not None:
+        ids = list(dict.fromkeys(device_ids))
+        if not ids:
+            raise DeploymentError("no device given")
+        found = {d.id: d for d in s.scalars(select(Device).where(Device.id.in_(ids)))}
+        unknown = [i for i in ids if i not in found]
+        if unknown:
+            raise DeploymentError(f"unknown device(s): {', '.join(unknown)}")
+        wrong = [f"{i} ({found[i].hardware})" for i in ids if found[i].hardware not in hardware]
+        if wrong:
+            raise DeploymentError(f"release {release.version} is for hardware {', '.join(release.hardware)}; "
+                                  f"not for: {', '.join(wrong)}")
+        return [found[i] for i in ids]
+    tagged = [d for d in s.scalars(select(Device).order_by(Device.id)) if tag in (d.tags or [])]
+    if not tagged:
+        raise DeploymentError(f"no device has tag {tag!r}")
+    # A tag may span hardware types: target the devices this release is built for.
+    devices = [d for d in tagged if d.hardware in hardware]
+    if not devices:
+        raise DeploymentError(f"no device with tag {tag!r} has hardware {', '.join(release.hardware)} "
+                              f"(release {release.version})")
+    return devices
+
+
+def create_deployment(store: Store, release: Release | str | int, device_ids: Iterable[str] | None = None,
+                      tag: str | None = None) -> Deployment:
+    """Target explicit devices or a tag; creates one pending Job per device.
+
+    DeploymentError for an unknown device, no matching device, or hardware the release
+    is not built for.
+    """
+    if (device_ids is None) == (tag is None):
+        raise DeploymentError("give either device ids or a tag")
+    if not isinstance(release, Release):
+        release = get_release(store, release)
+    with store.session() as s:
+        devices = _select_devices(s, release, device_ids, tag)
+        target: dict[str, Any] = {"devices": [d.id for d in devices]} if tag is None else {"tag": tag}
+        deployment = Deployment(release_id=release.id, target=target, state=ACTIVE)
+        s.add(deployment)
+        for device in devices:
+            s.add(Job(deployment=deployment, device_id=device.id, state=PENDING, bytes_total=release.size))
+        s.flush()  # assigns the job ids; deployment.jobs is already filled in memory
+    return deployment
+
+
+def list_deployments(store: Store) -> list[Deployment]:
+    """All deployments, oldest first."""
+    with store.session() as s:
+        return list(s.scalars(select(Deployment).order_by(Deployment.id)))
+
+
+def deployment_summary(store: Store, deployment_id: int) -> dict[str, Any]:
+    """State of a deployment and of each of its jobs, as plain data."""
+    with store.session() as s:
+        deployment = s.get(Deployment, deployment_id)
+        if deployment is None:
+            raise DeploymentError(f"no deployment {deployment_id}")
+        jobs = [{"job": j.id, "device": j.device_id, "state": j.state, "code": j.code,
+                 "reason": j.reason, "progress": j.progress, "bytes_served": j.bytes_served,
+                 "sent_at": j.sent_at, "updated_at": j.updated_at}
+                for j in deployment.jobs]
+        return {
+            "id": deployment.id,
+            "release": deployment.release.version,
+            "state": deployment.state,
+            "target": deployment.target,
+            "created_at": deployment.created_at,
+            "counts": dict(Counter(j["state"] for j in jobs)),
+            "progress": sum(j["progress"] or 0.0 for j in jobs) / len(jobs) if jobs else 1.0,
+            "jobs": jobs,
+        }
+
+
+def device_history(store: Store, device_id: str) -> list[StatusEvent]:
+    """The statuses a device reported, in the order received."""
+    with store.session() as s:
+        query = (select(StatusEvent).where(StatusEvent.device_id == device_id)
+                 .order_by(StatusEvent.received_at, StatusEvent.boot, StatusEvent.seq, StatusEvent.id))
+        return list(s.scalars(query))

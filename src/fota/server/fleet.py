@@ -1,0 +1,116 @@
+"""The fleet: provisioning devices (broker accounts) and applying what they report.
+
+A device's broker password is shown once, at provisioning; the store keeps only its
+Mosquitto hash (fota.server.credentials), from which the broker's password file is built.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from fota.device import protocol
+from fota.server import credentials
+from fota.server.broker import SERVER_USER
+from fota.server.store import Device, Store, utcnow
+
+__all__ = ["FleetError", "apply_inventory", "apply_online", "broker_password_hashes", "get_device",
+           "list_devices", "provision_device"]
+
+log = logging.getLogger(__name__)
+
+
+class FleetError(ValueError):
+    """A device cannot be provisioned or found."""
+
+
+def provision_device(store: Store, device_id: str, hardware: str,
+                     tags: Iterable[str] = ()) -> tuple[Device, str]:
+    """Create a device with a fresh broker password; returns (device, plain password)."""
+    if not protocol.valid_device_id(device_id):
+        raise FleetError(f"invalid device id {device_id!r}: 1-64 characters of [A-Za-z0-9_-]")
+    if device_id == SERVER_USER:  # the control center's own broker account
+        raise FleetError(f"device id {device_id!r} is reserved")
+    if not isinstance(hardware, str) or not hardware or len(hardware) > 64:
+        raise FleetError("hardware must be a hardware type name of 1-64 characters")
+    tags = list(dict.fromkeys(tags))
+    if not all(isinstance(t, str) and t for t in tags):
+        raise FleetError("tags must be non-empty strings")
+    password = credentials.new_password()
+    device = Device(id=device_id, hardware=hardware, tags=tags,
+                    password_hash=credentials.mosquitto_hash(password), inventory={})
+    try:
+        with store.session() as s:
+            if s.get(Device, device_id) is not None:
+                raise FleetError(f"device {device_id} already exists")
+            s.add(device)
+    except IntegrityError:  # provisioned concurrently
+        raise FleetError(f"device {device_id} already exists") from None
+    return device, password
+
+
+def broker_password_hashes(store: Store, server_user_hash: str) -> dict[str, str]:
+    """username -> Mosquitto hash for every device, plus the server account (broker.write_passwords)."""
+    with store.session() as s:
+        rows = s.execute(select(Device.id, Device.password_hash).where(Device.password_hash.is_not(None)))
+        hashes = {device_id: pw_hash for device_id, pw_hash in rows}
+    hashes[SERVER_USER] = server_user_hash
+    return hashes
+
+
+def apply_inventory(session: Session, device_id: str, payload: dict[str, Any],
+                    when: datetime | None = None) -> Device | None:
+    """Record an inventory message (§3); None (and a log line) for an unknown device."""
+    device = session.get(Device, device_id)
+    if device is None:
+        log.warning("inventory from unprovisioned device %s ignored", device_id)
+        return None
+    device.inventory = dict(payload)
+    version = payload.get("version")
+    if isinstance(version, str):
+        device.version = version[:64]
+    hardware = payload.get("hardware")
+    if isinstance(hardware, str) and hardware != device.hardware:
+        # The provisioned type decides which releases a device gets; a differing report is
+        # worth a look but must not silently retarget it.
+        log.warning("device %s reports hardware %r, provisioned as %r", device_id, hardware, device.hardware)
+    device.last_seen = when or utcnow()
+    return device
+
+
+def apply_online(session: Session, device_id: str, online: bool,
+                 when: datetime | None = None) -> Device | None:
+    """Record an online flag (`1` on connect, `0` from the will); None for an unknown device."""
+    device = session.get(Device, device_id)
+    if device is None:
+        log.warning("online flag from unprovisioned device %s ignored", device_id)
+        return None
+    device.online = bool(online)
+    device.last_seen = when or utcnow()
+    return device
+
+
+def list_devices(store: Store, tag: str | None = None, hardware: str | None = None) -> list[Device]:
+    """Devices ordered by id, optionally only those with a tag and/or hardware type."""
+    with store.session() as s:
+        query = select(Device).order_by(Device.id)
+        if hardware is not None:
+            query = query.where(Device.hardware == hardware)
+        devices = list(s.scalars(query))
+    if tag is not None:  # JSON list membership differs per backend; fleets are small enough
+        devices = [d for d in devices if tag in (d.tags or [])]
+    return devices
+
+
+def get_device(store: Store, device_id: str) -> Device:
+    """One device; FleetError if unknown."""
+    with store.session() as s:
+        device = s.get(Device, device_id)
+        if device is None:
+            raise FleetError(f"no device {device_id!r}")
+        return device

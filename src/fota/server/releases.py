@@ -1,0 +1,199 @@
+"""Releases: build and sign the manifest (docs/protocol.md §4.1), keep the image as a blob.
+
+Blobs are content-addressed files ``blobs_dir/<sha256>``; the database keeps their path.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ec
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from fota.device import protocol
+from fota.server.store import Release, Store
+from fota.tools import bundle
+from fota.tools.signing import key_id, public_key_bytes, sign
+
+__all__ = ["KINDS", "ReleaseError", "build_manifest", "create_release", "get_release",
+           "list_releases", "read_blob", "update_command"]
+
+KINDS = ("bundle", "image")
+IMAGE_SUFFIXES = (".bin", ".img")
+MANIFEST_FORMAT = 1
+MAX_VERSION = 64
+BLOB_CACHE_SIZE = 8  # releases kept in memory; a rollout serves one or two at a time
+
+
+class ReleaseError(ValueError):
+    """A release cannot be created or found."""
+
+
+def build_manifest(version: str, hardware: list[str], kind: str, image: bytes) -> str:
+    """The manifest text that gets signed: compact JSON, sorted keys (§4.1)."""
+    if not isinstance(version, str) or not 0 < len(version) <= MAX_VERSION:
+        raise ReleaseError(f"version must be 1..{MAX_VERSION} characters")
+    if (not isinstance(hardware, (list, tuple)) or not hardware
+            or not all(isinstance(h, str) and h for h in hardware)):
+        raise ReleaseError("hardware must be a non-empty list of hardware type names")
+    if kind not in KINDS:
+        raise ReleaseError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    if not image:
+        raise ReleaseError("the image is empty")
+    manifest = {
+        "v": MANIFEST_FORMAT,
+        "version": version,
+        "hw": list(dict.fromkeys(hardware)),  # de-duplicated, order kept
+        "kind": kind,
+        "size": len(image),
+        "sha256": hashlib.sha256(image).hexdigest(),
+    }
+    return json.dumps(manifest, sort_keys=True, separators=(",", ":"))
+
+
+def update_command(job_id: int, release: Release, chunk: int = protocol.DEFAULT_CHUNK_SIZE,
+                   window: int = protocol.DEFAULT_WINDOW) -> bytes:
+    """The `update` command (§4.1) for one job, as the bytes published on `cmd`."""
+    command = {"type": "update", "job": job_id, "manifest": release.manifest,
+               "kid": release.key_id, "sig": release.signature, "chunk": chunk, "window": window}
+    return json.dumps(command, separators=(",", ":")).encode()
+
+
+def _load_image(source: str | os.PathLike | bytes, kind: str | None) -> tuple[bytes, str]:
+    """(image bytes, kind) from a directory (bundle), a .bin/.img file (image) or raw bytes."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        if kind is None:
+            kind = "bundle" if data.startswith(bundle.MAGIC) else "image"
+    else:
+        path = Path(source)
+        if path.is_dir():
+            if kind not in (None, "bundle"):
+                raise ReleaseError(f"{path} is a directory: it can only become a bundle")
+            try:
+                return bundle.pack_dir(path), "bundle"
+            except bundle.BundleError as exc:
+                raise ReleaseError(f"{path}: {exc}") from None
+        if not path.is_file():
+            raise ReleaseError(f"no such file or directory: {path}")
+        data = path.read_bytes()
+        if kind is None:
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                kind = "image"
+            elif data.startswith(bundle.MAGIC):
+                kind = "bundle"
+            else:
+                raise ReleaseError(f"{path}: expected a directory (bundle), a .bin/.img image "
+                                   "or a bundle file; or give the kind")
+    if kind == "bundle":
+        try:
+            bundle.unpack(data)  # never sign a bundle the device would refuse
+        except bundle.BundleError as exc:
+            raise ReleaseError(f"invalid bundle: {exc}") from None
+    return data, kind
+
+
+def _write_blob(blobs_dir: Path, image: bytes, sha256: str) -> Path:
+    blobs_dir.mkdir(parents=True, exist_ok=True)
+    path = blobs_dir / sha256
+    if not path.exists():  # content-addressed: an existing file already holds these bytes
+        tmp = path.with_name(f".{sha256}.{os.getpid()}.tmp")
+        tmp.write_bytes(image)
+        tmp.replace(path)
+    return path.resolve()
+
+
+def create_release(store: Store, blobs_dir: str | os.PathLike, key: ec.EllipticCurvePrivateKey,
+                   path_or_bytes: str | os.PathLike | bytes, version: str, hardware: list[str],
+                   kind: str | None = None) -> Release:
+    """Pack, sign and store a release; ReleaseError if invalid or the version exists."""
+    image, kind = _load_image(path_or_bytes, kind)
+    manifest = build_manifest(version, list(hardware), kind, image)
+    signature = sign(key, manifest.encode()).hex()
+    kid = key_id(public_key_bytes(key))
+    release = Release(version=version, hardware=json.loads(manifest)["hw"], kind=kind,
+                      size=len(image), sha256=hashlib.sha256(image).hexdigest(),
+                      manifest=manifest, signature=signature, key_id=kid, blob_path="")
+    # The command carries the manifest; it must fit the device's command limit.
+    if len(update_command(2**32 - 1, release, protocol.MAX_CHUNK_SIZE, protocol.MAX_WINDOW)) \
+            > protocol.MAX_COMMAND_BYTES:
+        raise ReleaseError(f"the update command would exceed {protocol.MAX_COMMAND_BYTES} bytes "
+                           "(too many hardware types?)")
+    with store.session() as s:
+        if s.scalar(select(Release.id).where(Release.version == version)) is not None:
+            raise ReleaseError(f"release {version} already exists")
+    release.blob_path = str(_write_blob(Path(blobs_dir), image, release.sha256))
+    try:
+        with store.session() as s:
+            s.add(release)
+    except IntegrityError:  # created concurrently since the check above
+        raise ReleaseError(f"release {version} already exists") from None
+    return release
+
+
+def get_release(store: Store, version_or_id: str | int) -> Release:
+    """A release by version, or by id (an int, or a string of digits no version matches)."""
+    with store.session() as s:
+        release = None
+        if isinstance(version_or_id, str):
+            release = s.scalar(select(Release).where(Release.version == version_or_id))
+            if release is None and version_or_id.isdigit():
+                release = s.get(Release, int(version_or_id))
+        elif isinstance(version_or_id, int):
+            release = s.get(Release, version_or_id)
+        if release is None:
+            raise ReleaseError(f"no release {version_or_id!r}")
+        return release
+
+
+def list_releases(store: Store) -> list[Release]:
+    """All releases, oldest first."""
+    with store.session() as s:
+        return list(s.scalars(select(Release).order_by(Release.id)))
+
+
+class _BlobCache:
+    """A small LRU of verified blob contents, keyed by blob path and sha256."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._items: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        self._lock = threading.Lock()  # the control center reads blobs from worker threads
+
+    def get(self, release: Release) -> bytes:
+        key = (release.blob_path, release.sha256)
+        with self._lock:
+            data = self._items.get(key)
+            if data is not None:
+                self._items.move_to_end(key)
+                return data
+        try:
+            data = Path(release.blob_path).read_bytes()
+        except OSError as exc:
+            raise ReleaseError(f"cannot read the image of release {release.version}: {exc}") from None
+        if hashlib.sha256(data).hexdigest() != release.sha256:
+            raise ReleaseError(f"the image of release {release.version} is corrupt "
+                               f"({release.blob_path}: sha256 differs from the manifest)")
+        with self._lock:
+            self._items[key] = data
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return data
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+_blob_cache = _BlobCache(BLOB_CACHE_SIZE)
+
+
+def read_blob(release: Release) -> bytes:
+    """The release's image bytes (checked against its sha256, cached in memory)."""
+    return _blob_cache.get(release)
