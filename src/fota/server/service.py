@@ -1,0 +1,643 @@
+"""The control center: sends update commands, serves chunks, records what devices report.
+
+One MQTT connection (gmqtt, MQTT 5, persistent session ``fota-center``) and three duties:
+
+* job sender: pending Jobs -> `update` command on fota/v1/<dev>/cmd (QoS 1), Job 'sent';
+* ingestion: status / inventory / online messages are queued and written in batches
+  (one transaction per 50 ms or 200 messages); a QoS 1 message is acknowledged to the
+  broker only after its batch committed, so a crash never loses a status;
+* chunk server: fota/v1/<dev>/req -> chunks on fota/v1/<dev>/data (QoS 0), from an
+  in-memory job cache so the hot path never touches the database.
+
+All database work runs on one worker thread: the event loop (and so the chunk server)
+never blocks on it, and SQLite never sees two writers of ours at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import struct
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+from urllib.parse import unquote, urlsplit
+
+from gmqtt import Client as MQTTClient
+from gmqtt import Subscription
+from gmqtt.mqtt.constants import MQTTv50
+from sqlalchemy import select, tuple_, update
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+
+from fota.device import protocol
+from fota.server import fleet
+from fota.server.deployments import DONE, PENDING, SENT, TERMINAL_STATES
+from fota.server.releases import read_blob, update_command
+from fota.server.store import Deployment, Device, Job, Release, StatusEvent, Store, utcnow
+
+__all__ = ["ControlCenter", "parse_request", "parse_status"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CLIENT_ID = "fota-center"
+KEEPALIVE = 30
+SESSION_EXPIRY = 0xFFFFFFFF      # MQTT 5: keep the session (and queued statuses) forever
+SEND_BATCH = 500                 # pending jobs claimed per sender pass
+CACHE_REFRESH_INTERVAL = 5.0     # re-read states of cached jobs changed outside this process
+DB_RETRY_DELAY = 1.0             # database unreachable: keep the batch, retry after this
+REJECTED = "rejected"
+STATUS_STATES = frozenset(protocol.STATES) | {REJECTED}
+ACK_OK = 0                       # MQTT 5 PUBACK reason code "success"
+MAX_ID = 2**31 - 1               # job ids, boot and seq are 32-bit integer columns
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _opt(value: Any, kind: type | tuple[type, ...]) -> bool:
+    return value is None or (isinstance(value, kind) and not isinstance(value, bool))
+
+
+# ---------------------------------------------------------------- message parsing
+
+def parse_status(payload: bytes) -> dict[str, Any]:
+    """A status message (§6) as a dict; ValueError with the reason if malformed."""
+    msg = json.loads(payload)
+    if not isinstance(msg, dict):
+        raise ValueError("not a JSON object")
+    if msg.get("state") not in STATUS_STATES:
+        raise ValueError(f"unknown state {msg.get('state')!r}")
+    for name in ("boot", "seq"):
+        if not _is_int(msg.get(name)) or not 0 <= msg[name] <= MAX_ID:
+            raise ValueError(f"{name} must be an integer 0..{MAX_ID}")
+    if not (msg.get("job") is None or (_is_int(msg["job"]) and 0 <= msg["job"] <= MAX_ID)):
+        raise ValueError(f"job must be an integer 0..{MAX_ID} or null")
+    for name, kind in (("code", str), ("reason", str), ("version", str),
+                       ("progress", (int, float)), ("bytes", int), ("total", int)):
+        if not _opt(msg.get(name), kind):
+            raise ValueError(f"{name} has the wrong type")
+    return msg
+
+
+@dataclass(frozen=True)
+class ChunkRequest:
+    job: int
+    first: int
+    count: int
+    chunk: int
+
+
+def parse_request(payload: bytes) -> ChunkRequest:
+    """A chunk-window request (§5); ValueError if malformed or out of bounds."""
+    msg = json.loads(payload)
+    if not isinstance(msg, dict):
+        raise ValueError("not a JSON object")
+    values = {name: msg.get(name) for name in ("job", "first", "count", "chunk")}
+    if not all(_is_int(v) for v in values.values()):
+        raise ValueError("job, first, count and chunk must be integers")
+    req = ChunkRequest(**values)
+    if not 1 <= req.job <= MAX_ID or not 0 <= req.first <= MAX_ID:
+        raise ValueError(f"job must be 1..{MAX_ID} and first 0..{MAX_ID}")
+    if not 1 <= req.count <= protocol.MAX_WINDOW:
+        raise ValueError(f"count must be 1..{protocol.MAX_WINDOW}")
+    if not 64 <= req.chunk <= protocol.MAX_CHUNK_SIZE:
+        raise ValueError(f"chunk must be 64..{protocol.MAX_CHUNK_SIZE}")
+    return req
+
+
+def _split_topic(topic: str) -> tuple[str, str] | None:
+    parts = topic.split("/")
+    if len(parts) != 4 or parts[0] + "/" + parts[1] + "/" != protocol.PREFIX:
+        return None
+    if not protocol.valid_device_id(parts[2]):
+        return None
+    return parts[2], parts[3]
+
+
+# ---------------------------------------------------------------- in-memory state
+
+@dataclass
+class _JobInfo:
+    """What the chunk server needs to know about a job."""
+    device_id: str
+    state: str
+    blob: bytes | None  # None once terminal (nothing more to serve)
+
+
+@dataclass
+class _Incoming:
+    """A device message waiting for the next batch write."""
+    kind: str  # protocol.STATUS | protocol.INVENTORY | protocol.ONLINE
+    device_id: str
+    data: Any
+    received_at: datetime
+    done: asyncio.Future[None] | None = None
+
+
+@dataclass
+class _BatchResult:
+    job_states: dict[int, str] = field(default_factory=dict)
+    stored: int = 0
+    duplicates: int = 0
+    ignored: int = 0
+
+
+@dataclass
+class _Outgoing:
+    job_id: int
+    device_id: str
+    command: bytes
+    info: _JobInfo
+
+
+# ---------------------------------------------------------------- the service
+
+class ControlCenter:
+    """The asyncio control center. ``await start()`` ... ``await stop()``."""
+
+    def __init__(self, store: Store, broker_url: str, blobs_dir: str | Path, *,
+                 chunk: int = protocol.DEFAULT_CHUNK_SIZE, window: int = protocol.DEFAULT_WINDOW,
+                 poll_interval: float = 0.2, client_id: str = CLIENT_ID,
+                 flush_interval: float = 0.05, flush_max: int = 200, require_online: bool = True):
+        if not 64 <= chunk <= protocol.MAX_CHUNK_SIZE:
+            raise ValueError(f"chunk must be 64..{protocol.MAX_CHUNK_SIZE}")
+        if not 1 <= window <= protocol.MAX_WINDOW:
+            raise ValueError(f"window must be 1..{protocol.MAX_WINDOW}")
+        self.store = store
+        self.broker_url = broker_url
+        self.blobs_dir = Path(blobs_dir)
+        self.chunk = chunk
+        self.window = window
+        self.poll_interval = poll_interval
+        self.client_id = client_id
+        self.flush_interval = flush_interval
+        self.flush_max = flush_max
+        # A command to a device that never connected is dropped by the broker (no session
+        # yet), so by default jobs wait until their device is online.
+        self.require_online = require_online
+
+        # counters (benchmarks, diagnostics)
+        self.requests = 0            # chunk requests served
+        self.ignored_requests = 0    # malformed, foreign, unknown or finished jobs
+        self.chunks = 0              # chunks published
+        self.bytes_published = 0     # data payload bytes published, headers included
+        self.commands = 0            # update commands published
+        self.statuses = 0            # status events stored
+        self.duplicates = 0          # status duplicates dropped
+        self.garbage = 0             # undecodable messages dropped
+
+        self._jobs: dict[int, _JobInfo] = {}
+        self._queue: list[_Incoming] = []
+        self._served: defaultdict[int, int] = defaultdict(int)  # job -> bytes not yet in the DB
+        self._client: MQTTClient | None = None
+        self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fota-db")
+        self._tasks: list[asyncio.Task] = []
+        self._wakeup = asyncio.Event()    # something to flush
+        self._full = asyncio.Event()      # flush_max messages queued
+        self._subscribed = asyncio.Event()
+        self._closing = False
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self, timeout: float = 10.0) -> None:
+        url = urlsplit(self.broker_url)
+        if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
+            raise ValueError(f"broker URL must look like mqtt://user:password@host:port, not {self.broker_url!r}")
+        client = MQTTClient(self.client_id, clean_session=False, optimistic_acknowledgement=False,
+                            session_expiry_interval=SESSION_EXPIRY)
+        if url.username:
+            client.set_auth_credentials(unquote(url.username), unquote(url.password or ""))
+        client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        client.on_disconnect = self._on_disconnect
+        self._client = client
+        self._tasks = [asyncio.create_task(self._flush_loop(), name="fota-flush")]
+        try:
+            await client.connect(url.hostname, url.port or (8883 if url.scheme == "mqtts" else 1883),
+                                 ssl=url.scheme == "mqtts", keepalive=KEEPALIVE, version=MQTTv50)
+            await asyncio.wait_for(self._subscribed.wait(), timeout)
+        except BaseException:
+            await self.stop()
+            raise
+        self._tasks.append(asyncio.create_task(self._send_loop(), name="fota-sender"))
+        log.info("control center connected to %s:%s as %s", url.hostname, url.port, self.client_id)
+
+    async def stop(self) -> None:
+        """Stop sending, write what is queued (and acknowledge it), disconnect."""
+        self._closing = True
+        self._wakeup.set()
+        for task in self._tasks:
+            if task.get_name() != "fota-flush":
+                task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                log.exception("control center task %s failed", task.get_name())
+        self._tasks = []
+        if self._client is not None:
+            try:
+                await self._client.disconnect()
+            except Exception:
+                log.exception("MQTT disconnect failed")
+            self._client = None
+        # Messages not written (arrived during shutdown, or the database is down): their
+        # acknowledgements go nowhere now, so the broker redelivers them next time.
+        for item in self._queue:
+            if item.done is not None and not item.done.done():
+                item.done.set_result(None)
+        self._queue = []
+        self._db.shutdown(wait=True)
+
+    async def __aenter__(self) -> ControlCenter:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    async def _db_call(self, fn: Callable[..., T], *args) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._db, partial(fn, *args))
+
+    # ------------------------------------------------------------ MQTT callbacks
+
+    def _on_connect(self, client: MQTTClient, session_present: int, rc: int, properties: Any) -> None:
+        # retain_handling 1: retained inventory/online only for a new subscription, so a
+        # reconnect with a kept session does not replay the whole fleet's flags.
+        if not client.subscriptions:
+            subs = [Subscription(protocol.PREFIX + "+/" + suffix, qos=1, retain_handling_options=1)
+                    for suffix in (protocol.STATUS, protocol.INVENTORY, protocol.ONLINE)]
+            subs.append(Subscription(protocol.PREFIX + "+/" + protocol.REQ, qos=0, retain_handling_options=1))
+            client.subscribe(subs)
+        else:
+            for sub in client.subscriptions:
+                client.resubscribe(sub)
+        log.info("connected to the broker (session present: %s)", bool(session_present))
+
+    def _on_subscribe(self, client: MQTTClient, mid: int, qos: Any, properties: Any) -> None:
+        self._subscribed.set()
+
+    def _on_disconnect(self, client: MQTTClient, packet: Any, exc: Any = None) -> None:
+        if not self._closing:
+            log.warning("disconnected from the broker; gmqtt reconnects")
+
+    async def _on_message(self, client: MQTTClient, topic: str, payload: bytes, qos: int,
+                          properties: Any) -> int:
+        """Returns the PUBACK reason code; gmqtt acknowledges when this returns."""
+        parts = _split_topic(topic)
+        if parts is None:
+            log.warning("message on unexpected topic %r ignored", topic)
+            return ACK_OK
+        device_id, suffix = parts
+        try:
+            if suffix == protocol.REQ:
+                await self._serve(device_id, payload)
+                return ACK_OK
+            data = self._decode(device_id, suffix, payload)
+            if data is None:
+                return ACK_OK  # garbage is acknowledged: redelivering it would not help
+            done = asyncio.get_running_loop().create_future()
+            self._enqueue(_Incoming(suffix, device_id, data, utcnow(), done))
+            # Acknowledge only once the batch holding this message committed. (If the
+            # center stops first, the ack goes to a closed connection and the broker
+            # redelivers the message to the kept session.)
+            await done
+        except Exception:
+            log.exception("%s message from %s could not be handled", suffix, device_id)
+        return ACK_OK
+
+    def _decode(self, device_id: str, suffix: str, payload: bytes) -> Any:
+        try:
+            if suffix == protocol.STATUS:
+                return parse_status(payload)
+            if suffix == protocol.INVENTORY:
+                if not payload:
+                    return None  # a cleared retained message
+                inventory = json.loads(payload)
+                if not isinstance(inventory, dict):
+                    raise ValueError("not a JSON object")
+                return inventory
+            if suffix == protocol.ONLINE:
+                if payload in (b"1", b"0"):
+                    return payload == b"1"
+                if not payload:
+                    return None
+                raise ValueError("expected 1 or 0")
+            raise ValueError("unexpected topic suffix")
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError included
+            self.garbage += 1
+            log.warning("bad %s message from %s ignored: %s", suffix, device_id, exc)
+            return None
+
+    # ------------------------------------------------------------ chunk server
+
+    async def _serve(self, device_id: str, payload: bytes) -> None:
+        try:
+            req = parse_request(payload)
+        except ValueError as exc:
+            self.ignored_requests += 1
+            log.warning("bad chunk request from %s ignored: %s", device_id, exc)
+            return
+        info = self._jobs.get(req.job)
+        if info is None:
+            info = await self._db_call(self._load_job, req.job)
+            if info is not None:
+                info = self._jobs.setdefault(req.job, info)
+        if info is None or info.device_id != device_id or info.blob is None or info.state in TERMINAL_STATES:
+            self.ignored_requests += 1
+            log.info("chunk request from %s for job %s not served", device_id, req.job)
+            return
+        client = self._client
+        if client is None or not client.is_connected:
+            return
+        blob = info.blob
+        count = min(req.count, -(-len(blob) // req.chunk) - req.first)
+        if count <= 0:
+            self.ignored_requests += 1
+            return
+        topic = protocol.topic(device_id, protocol.DATA)
+        served = 0
+        for index in range(req.first, req.first + count):
+            data = blob[index * req.chunk:(index + 1) * req.chunk]
+            message = struct.pack(protocol.CHUNK_HEADER, req.job, index) + data
+            client.publish(topic, message, qos=0)
+            served += len(data)
+            self.bytes_published += len(message)
+        self.requests += 1
+        self.chunks += count
+        self._served[req.job] += served
+        self._wakeup.set()
+
+    def _load_job(self, job_id: int) -> _JobInfo | None:
+        """(DB thread) a job the cache does not know yet."""
+        with self.store.session() as s:
+            row = s.execute(select(Job.device_id, Job.state, Release)
+                            .join(Deployment, Job.deployment_id == Deployment.id)
+                            .join(Release, Deployment.release_id == Release.id)
+                            .where(Job.id == job_id)).first()
+        if row is None:
+            return None
+        device_id, state, release = row
+        blob = None if state in TERMINAL_STATES else self._blob(release)
+        return _JobInfo(device_id, state, blob)
+
+    def _blob(self, release: Release) -> bytes:
+        """(DB thread) a release's image; blobs_dir/<sha256> if the stored path is gone."""
+        if not Path(release.blob_path).is_file():
+            # The data directory moved; blobs are content-addressed, so look in ours.
+            release.blob_path = str(self.blobs_dir / release.sha256)  # detached copy, not saved
+        return read_blob(release)
+
+    def _set_job_state(self, job_id: int, state: str) -> None:
+        info = self._jobs.get(job_id)
+        if info is not None:
+            info.state = state
+            if state in TERMINAL_STATES:
+                info.blob = None
+
+    # ------------------------------------------------------------ job sender
+
+    async def _send_loop(self) -> None:
+        last_refresh = asyncio.get_running_loop().time()
+        while True:
+            try:
+                if self._client is not None and self._client.is_connected:
+                    await self._send_pending()
+                now = asyncio.get_running_loop().time()
+                if now - last_refresh >= CACHE_REFRESH_INTERVAL:
+                    last_refresh = now
+                    await self._refresh_cache()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("job sender pass failed")
+            await asyncio.sleep(self.poll_interval)
+
+    async def _send_pending(self) -> None:
+        outgoing = await self._db_call(self._claim_pending)
+        if not outgoing:
+            return
+        client = self._client
+        for out in outgoing:
+            # Cache first, so that the device's first request finds the job.
+            self._jobs.setdefault(out.job_id, out.info)
+            client.publish(protocol.topic(out.device_id, protocol.CMD), out.command, qos=1)
+            self.commands += 1
+        await self._db_call(self._mark_sent, [out.job_id for out in outgoing])
+        log.info("sent %d update command(s)", len(outgoing))
+
+    def _claim_pending(self) -> list[_Outgoing]:
+        """(DB thread) the oldest pending jobs, with their commands."""
+        query = (select(Job.id, Job.device_id, Device.inventory, Release)
+                 .join(Deployment, Job.deployment_id == Deployment.id)
+                 .join(Release, Deployment.release_id == Release.id)
+                 .join(Device, Job.device_id == Device.id)
+                 .where(Job.state == PENDING).order_by(Job.id).limit(SEND_BATCH))
+        if self.require_online:
+            query = query.where(Device.online.is_(True))
+        with self.store.session() as s:
+            rows = s.execute(query).all()
+        outgoing = []
+        for job_id, device_id, inventory, release in rows:
+            chunk = self.chunk
+            max_chunk = (inventory or {}).get("max_chunk")
+            if _is_int(max_chunk) and 64 <= max_chunk < chunk:
+                chunk = max_chunk  # never more than the device accepts
+            command = update_command(job_id, release, chunk, self.window)
+            outgoing.append(_Outgoing(job_id, device_id, command, _JobInfo(device_id, SENT, self._blob(release))))
+        return outgoing
+
+    def _mark_sent(self, job_ids: list[int]) -> None:
+        """(DB thread) pending -> sent; a status may already have moved a job further."""
+        now = utcnow()
+        with self.store.session() as s:
+            s.execute(update(Job).where(Job.id.in_(job_ids), Job.sent_at.is_(None)).values(sent_at=now))
+            s.execute(update(Job).where(Job.id.in_(job_ids), Job.state == PENDING).values(state=SENT))
+
+    async def _refresh_cache(self) -> None:
+        live = [job_id for job_id, info in self._jobs.items() if info.state not in TERMINAL_STATES]
+        if live:
+            for job_id, state in (await self._db_call(self._job_states_by_id, live)).items():
+                if state != self._jobs[job_id].state:
+                    self._set_job_state(job_id, state)
+
+    def _job_states_by_id(self, job_ids: list[int]) -> dict[int, str]:
+        with self.store.session() as s:
+            return dict(s.execute(select(Job.id, Job.state).where(Job.id.in_(job_ids))).all())
+
+    def job_states(self, deployment_id: int) -> dict[str, str]:
+        """device id -> job state of a deployment (read from the database)."""
+        with self.store.session() as s:
+            rows = s.execute(select(Job.device_id, Job.state).where(Job.deployment_id == deployment_id))
+            return dict(rows.all())
+
+    # ------------------------------------------------------------ batched ingestion
+
+    def _enqueue(self, item: _Incoming) -> None:
+        self._queue.append(item)
+        self._wakeup.set()
+        if len(self._queue) >= self.flush_max:
+            self._full.set()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            if not self._closing:
+                try:  # gather a batch: up to flush_interval, or until flush_max messages
+                    await asyncio.wait_for(self._full.wait(), self.flush_interval)
+                except TimeoutError:
+                    pass
+            batch, self._queue = self._queue[:self.flush_max], self._queue[self.flush_max:]
+            served, self._served = dict(self._served), defaultdict(int)
+            if len(self._queue) < self.flush_max:
+                self._full.clear()
+            if not self._queue:
+                self._wakeup.clear()
+            ok = await self._flush(batch, served) if batch or served else True
+            if self._closing and (not ok or (not self._queue and not self._served)):
+                return
+
+    async def _flush(self, batch: list[_Incoming], served: dict[int, int]) -> bool:
+        """Write a batch, then release its acknowledgements; False if the database is unavailable."""
+        try:
+            result = await self._db_call(self._write_batch, batch, served)
+        except OperationalError as exc:
+            # The database is unreachable or locked: keep everything (unacknowledged) and retry.
+            self._queue[:0] = batch
+            for job_id, n in served.items():
+                self._served[job_id] += n
+            self._wakeup.set()
+            if self._closing:
+                log.error("database unavailable while stopping; %d message(s) stay unacknowledged: %s",
+                          len(self._queue), exc)
+                return False
+            log.error("database write failed, retrying in %.0fs: %s", DB_RETRY_DELAY, exc)
+            await asyncio.sleep(DB_RETRY_DELAY)
+            return False
+        except Exception:
+            log.exception("batch write failed; writing its %d message(s) one by one", len(batch))
+            result = await self._write_one_by_one(batch, served)
+        for job_id, state in result.job_states.items():
+            self._set_job_state(job_id, state)
+        self.statuses += result.stored
+        self.duplicates += result.duplicates
+        for item in batch:
+            if item.done is not None and not item.done.done():
+                item.done.set_result(None)
+        return True
+
+    async def _write_one_by_one(self, batch: list[_Incoming], served: dict[int, int]) -> _BatchResult:
+        total = _BatchResult()
+        for items, counts in [([], served)] + [([item], {}) for item in batch]:
+            try:
+                result = await self._db_call(self._write_batch, items, counts)
+            except IntegrityError:
+                # (device, boot, seq) stored meanwhile by another writer: a duplicate
+                total.duplicates += 1
+                continue
+            except Exception:
+                # A message the database refuses on its own is dropped (and acknowledged):
+                # redelivering it would wedge the session.
+                log.exception("dropping %s from %s", items[0].kind if items else "served-bytes counters",
+                              items[0].device_id if items else "-")
+                continue
+            total.job_states.update(result.job_states)
+            total.stored += result.stored
+            total.duplicates += result.duplicates
+        return total
+
+    def _write_batch(self, batch: list[_Incoming], served: dict[int, int]) -> _BatchResult:
+        """(DB thread) one transaction for a batch of messages and served-byte counters."""
+        result = _BatchResult()
+        with self.store.session() as s:
+            for job_id, n in served.items():
+                s.execute(update(Job).where(Job.id == job_id).values(bytes_served=Job.bytes_served + n))
+            device_ids = {item.device_id for item in batch}
+            devices = {d.id: d for d in s.scalars(select(Device).where(Device.id.in_(device_ids)))} \
+                if device_ids else {}
+            seen = self._known_statuses(s, [i for i in batch if i.kind == protocol.STATUS])
+            finished: set[int] = set()
+            for item in batch:
+                device = devices.get(item.device_id)
+                if device is None:
+                    result.ignored += 1
+                    log.warning("%s from unprovisioned device %s ignored", item.kind, item.device_id)
+                elif item.kind == protocol.INVENTORY:
+                    fleet.apply_inventory(s, item.device_id, item.data, item.received_at)
+                elif item.kind == protocol.ONLINE:
+                    fleet.apply_online(s, item.device_id, item.data, item.received_at)
+                else:
+                    key = (item.device_id, item.data["boot"], item.data["seq"])
+                    if key in seen:
+                        result.duplicates += 1
+                        continue
+                    seen.add(key)
+                    self._apply_status(s, device, item, result, finished)
+            if finished:
+                self._finish_deployments(s, finished)
+        return result
+
+    @staticmethod
+    def _known_statuses(s: Session, statuses: list[_Incoming]) -> set[tuple[str, int, int]]:
+        if not statuses:
+            return set()
+        keys = {(i.device_id, i.data["boot"], i.data["seq"]) for i in statuses}
+        rows = s.execute(select(StatusEvent.device_id, StatusEvent.boot, StatusEvent.seq)
+                         .where(tuple_(StatusEvent.device_id, StatusEvent.boot, StatusEvent.seq).in_(keys)))
+        return {tuple(row) for row in rows}
+
+    @staticmethod
+    def _apply_status(s: Session, device: Device, item: _Incoming, result: _BatchResult,
+                      finished: set[int]) -> None:
+        msg = item.data
+        progress = float(msg["progress"]) if msg.get("progress") is not None else None
+        code = msg["code"][:32] if msg.get("code") is not None else None
+        version = msg["version"][:64] if msg.get("version") is not None else None
+        s.add(StatusEvent(device_id=device.id, job_id=msg.get("job"), state=msg["state"],
+                          code=code, reason=msg.get("reason"), progress=progress,
+                          version=version, boot=msg["boot"], seq=msg["seq"],
+                          payload=msg, received_at=item.received_at))
+        result.stored += 1
+        device.last_seen = item.received_at
+        if version:
+            device.version = version
+        if msg.get("job") is None or msg["state"] == REJECTED:
+            return  # a refused message changes no job
+        job = s.get(Job, msg["job"])
+        if job is None or job.device_id != device.id:
+            log.warning("status from %s for job %s that is not its own ignored", device.id, msg["job"])
+            return
+        if job.state in TERMINAL_STATES:
+            log.warning("status %s from %s for finished job %s (%s) not applied",
+                        msg["state"], device.id, job.id, job.state)
+            return
+        job.state = msg["state"]
+        job.code = code
+        job.reason = msg.get("reason")
+        if progress is not None:
+            job.progress = progress
+        if _is_int(msg.get("total")) and msg["total"] > 0:
+            job.bytes_total = msg["total"]
+        result.job_states[job.id] = job.state
+        if job.state in TERMINAL_STATES:
+            finished.add(job.deployment_id)
+
+    @staticmethod
+    def _finish_deployments(s: Session, deployment_ids: set[int]) -> None:
+        s.flush()
+        open_ids = set(s.scalars(select(Job.deployment_id).where(
+            Job.deployment_id.in_(deployment_ids), Job.state.not_in(TERMINAL_STATES))))
+        done = deployment_ids - open_ids
+        if done:
+            s.execute(update(Deployment).where(Deployment.id.in_(done), Deployment.state != DONE)
+                      .values(state=DONE))
