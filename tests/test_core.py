@@ -309,3 +309,12 @@ def test_install_failure_is_reported(key):
     h.serve(image, 256)
     st = h.statuses()[-1]
     assert (st["state"], st["code"]) == ("failed", P.E_BAD_BUNDLE) and not h.rebooted
+
+
+def test_payloads_dropped_as_oversized_are_reported(key):
+    h = Harness(key)
+    h.run(h.core.command(70000))
+    assert (h.statuses()[-1]["state"], h.statuses()[-1]["code"]) == ("rejected", P.E_OVERSIZE)
+    h.run(h.core.chunk(70000))
+    assert (h.statuses()[-1]["state"], h.statuses()[-1]["code"]) == ("rejected", P.E_BAD_CHUNK)
+    assert h.core.state == P.IDLE

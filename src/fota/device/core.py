@@ -74,7 +74,7 @@ class ProtocolError(Exception):
 
 class Rejection(Exception):
     def __init__(self, code, reason, job=None, terminal=False):
-        Exception.__init__(self, reason)
+        super().__init__(reason)
         self.code = code
         self.reason = reason
         self.job = job
@@ -283,8 +283,10 @@ class UpdateCore:
     def command(self, payload):
         """A message on the cmd topic (bytes)."""
         try:
-            if len(payload) > P.MAX_COMMAND_BYTES:
-                raise Rejection(P.E_OVERSIZE, "command of %d bytes exceeds %d" % (len(payload), P.MAX_COMMAND_BYTES))
+            # An int is the length of a payload the MQTT client dropped as too large.
+            size = payload if isinstance(payload, int) else len(payload)
+            if size > P.MAX_COMMAND_BYTES:
+                raise Rejection(P.E_OVERSIZE, "command of %d bytes exceeds %d" % (size, P.MAX_COMMAND_BYTES))
             try:
                 cmd = json.loads(payload)
             except (ValueError, TypeError, UnicodeError):
@@ -421,7 +423,10 @@ class UpdateCore:
         return [(A_PUBLISH, P.REQ, json.dumps(req), 0, False)]
 
     def chunk(self, payload):
-        """A message on the data topic (bytes)."""
+        """A message on the data topic (bytes, or the length of one dropped as too large)."""
+        if isinstance(payload, int):
+            r = Rejection(P.E_BAD_CHUNK, "chunk of %d bytes exceeds the largest chunk" % payload)
+            return [self._publish_status(self._rejected(r, self.job.id if self.job else None))]
         if len(payload) < P.CHUNK_HEADER_SIZE:
             r = Rejection(P.E_BAD_CHUNK, "chunk of %d bytes is shorter than its header" % len(payload))
             return [self._publish_status(self._rejected(r, self.job.id if self.job else None))]

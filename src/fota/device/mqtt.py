@@ -84,7 +84,11 @@ def _str(pkt, s):
 
 class MQTTClient:
     def __init__(self, client_id, host, port=1883, user=None, password=None, keepalive=30,
-                 clean_session=False, ssl_context=None, timeout=10):
+                 clean_session=False, ssl_context=None, timeout=10, max_payload=0):
+        # max_payload > 0: a larger incoming payload is read and dropped without being stored,
+        # and the callback gets its length (an int) instead of the bytes, so one oversized
+        # message cannot exhaust a small heap (and, redelivered, crash-loop the device).
+        self.max_payload = max_payload
         self.client_id = _b(client_id)
         self.host = host
         self.port = port
@@ -108,6 +112,8 @@ class MQTTClient:
         self._body = None          # payload bytearray of a large PUBLISH being received
         self._got = 0              # bytes of _body received so far
         self._pub = None           # (topic, qos, pid) of that PUBLISH
+        self._skip = -1            # >= 0: bytes of an oversized payload still to drop
+        self._skip_len = 0         # the oversized payload's length
         self._last_tx = ticks_ms()
         self._ping_at = None       # ticks of an unanswered PINGREQ
 
@@ -294,6 +300,10 @@ class MQTTClient:
     def _read_once(self):
         body = self._body
         rb = self._rb
+        if self._skip > 0:  # dropping an oversized payload: read into rb and forget it
+            n = self._recv(memoryview(rb)[:min(len(rb), self._skip)])
+            self._skip -= n
+            return n
         if body is not None and len(body) - self._got >= len(rb):
             n = self._recv(memoryview(body)[self._got:])
             self._got += n
@@ -325,6 +335,12 @@ class MQTTClient:
         # Handle one complete packet if buffered; returns (type, a, b) or None.
         # CONNACK: (type, flags, return code); PUBACK: (type, pid, 0);
         # SUBACK: (type, pid, granted qos); PUBLISH: (type, 0, 0); others: (type, 0, 0)
+        if self._skip == 0:
+            t, q, pid = self._pub
+            self._skip, self._pub = -1, None
+            return self._deliver(t, self._skip_len, q, pid)
+        if self._skip > 0:
+            return None
         if self._body is not None:
             if self._got < len(self._body):
                 return None
@@ -371,8 +387,14 @@ class MQTTClient:
         mv = memoryview(rb)
         topic = bytes(mv[s + i + 2:s + vh - (2 if q else 0)]).decode()
         pid = rb[s + vh - 2] << 8 | rb[s + vh - 1] if q else 0
-        body = bytearray(i + n - vh)
         k = avail - vh
+        if self.max_payload and i + n - vh > self.max_payload:
+            self._skip_len = i + n - vh
+            self._skip = self._skip_len - k
+            self._rs = self._re = 0
+            self._pub = (topic, q, pid)
+            return None
+        body = bytearray(i + n - vh)
         memoryview(body)[:k] = mv[s + vh:s + avail]
         self._rs = self._re = 0
         self._body, self._got, self._pub = body, k, (topic, q, pid)

@@ -17,7 +17,7 @@ from fota.device import protocol as P
 from fota.device import boot as bootrec
 from fota.device import core as C
 from fota.device import fsutil
-from fota.device.mqtt import MQTTClient, connect_with_backoff
+from fota.device.mqtt import MQTTClient, MQTTError, connect_with_backoff
 from fota.device.slots import open_backend
 
 REBOOT_EXIT = 3   # the unix-port supervisor restarts the agent on this exit code
@@ -207,7 +207,8 @@ class Device:
                 ssl_context.load_verify_locations(cadata=unhexlify(b["cadata"]))
         client = MQTTClient(ident, b.get("host", "127.0.0.1"), b.get("port", 1883), user=b.get("user", ident),
                             password=b.get("password"), keepalive=b.get("keepalive", 30),
-                            clean_session=False, ssl_context=ssl_context)
+                            clean_session=False, ssl_context=ssl_context,
+                            max_payload=max(P.MAX_COMMAND_BYTES, P.MAX_CHUNK_SIZE + P.CHUNK_HEADER_SIZE))
         client.set_will(P.topic(ident, P.ONLINE), "0", retain=True, qos=1)
         client.set_callback(self._on_message)
         connect_with_backoff(client, attempts=b.get("attempts", 0), base_ms=b.get("backoff_ms", 250))
@@ -243,14 +244,14 @@ class Device:
                 self.execute(self.core.tick(self.now()))
                 try:
                     self._connect()
-                except OSError as e:
+                except (OSError, MQTTError) as e:
                     log("connect failed:", e)
                     continue
                 # What was pending stays first: it was decided before this connection.
                 self.execute(self.core.connected_())
             try:
                 self.client.check_msg(poll_ms)
-            except OSError as e:
+            except (OSError, MQTTError) as e:
                 log("connection lost:", e)
                 self._drop_connection()
                 continue
@@ -287,8 +288,7 @@ def main(root):
                 pass
         if device.backend and hasattr(device.backend, "close"):
             device.backend.close()
-        try:
-            import machine  # a board: a hard reset boots the selected slot
-            machine.reset()
-        except ImportError:
-            sys.exit(REBOOT_EXIT)
+        if sys.platform in ("linux", "darwin"):
+            sys.exit(REBOOT_EXIT)  # the unix port: the supervisor starts us again
+        import machine  # a board: a hard reset boots the selected slot
+        machine.reset()

@@ -41,7 +41,10 @@ class DeviceProcess:
                  max_restarts: int = 100, restart_delay: float = 0.05):
         self.root = Path(root)
         self.heap = heap
-        self.code_path = Path(code_path or SRC)
+        if code_path is None:
+            from fota.tools.mpy import build_agent
+            code_path = build_agent()  # precompiled, as on a board
+        self.code_path = Path(code_path)
         self.max_restarts = max_restarts
         self.restart_delay = restart_delay
         self.exits: list[int] = []
