@@ -503,7 +503,14 @@ class ControlCenter:
                 self._full.clear()
             if not self._queue:
                 self._wakeup.clear()
-            ok = await self._flush(batch, served) if batch or served else True
+            try:
+                ok = await self._flush(batch, served) if batch or served else True
+            except Exception:  # never let the writer die: every status would stall behind it
+                log.exception("writing a batch of %d message(s) failed; dropped", len(batch))
+                for item in batch:
+                    if item.done is not None and not item.done.done():
+                        item.done.set_result(None)
+                ok = True
             if self._closing and (not ok or (not self._queue and not self._served)):
                 return
 
