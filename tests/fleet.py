@@ -39,6 +39,9 @@ class CenterThread:
     def __init__(self, store, broker_url, blobs, **settings):
         from fota.server.service import ControlCenter
         self.loop = asyncio.new_event_loop()
+        # A client id of its own: a shared persistent session would hand one test's queued
+        # statuses to the next test's center.
+        settings.setdefault("client_id", f"center-{time.monotonic_ns()}")
         self.center = ControlCenter(store, broker_url, blobs, **settings)
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 

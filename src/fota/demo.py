@@ -8,6 +8,8 @@ once every device confirmed 1.1.0 after its reboot.
 from __future__ import annotations
 
 import asyncio
+import logging
+import random
 import shutil
 import tempfile
 import time
@@ -26,6 +28,7 @@ class DemoError(RuntimeError):
 def run_demo(devices: int = 3, timeout: float = 120.0, keep: bool = False, console: Console | None = None,
              heap: str = "128K") -> int:
     console = console or Console()
+    logging.getLogger("gmqtt").setLevel(logging.ERROR)  # its reconnect chatter is not for the demo
     root = Path(tempfile.mkdtemp(prefix="fota-demo-"))
     try:
         asyncio.run(_demo(root, devices, timeout, console, heap))
@@ -90,6 +93,9 @@ async def _demo(root: Path, n: int, timeout: float, console: Console, heap: str)
             app_dir.mkdir()
             for name, data in hello_files("1.1.0").items():
                 (app_dir / name).write_bytes(data)
+            # Some weight, so that the transfer shows: a 128 KiB asset next to the code.
+            (app_dir / "assets").mkdir()
+            (app_dir / "assets" / "splash.bin").write_bytes(random.Random(11).randbytes(128 * 1024))
             rel = create_release(store, home.blobs, key, app_dir, "1.1.0", ["unix"])
             console.print(f"signed release 1.1.0 ({rel.size} bytes, key {rel.key_id})")
             dep = create_deployment(store, rel, device_ids=ids)
@@ -105,6 +111,7 @@ async def _demo(root: Path, n: int, timeout: float, console: Console, heap: str)
                     if time.monotonic() > deadline:
                         raise DemoError(f"not every device finished within {timeout:.0f}s: {summary}")
                     await asyncio.sleep(0.25)
+            console.print()
             bad = [r for r in rows if r[1] != P.CONFIRMED]
             if bad:
                 raise DemoError("; ".join(f"{d} ended {st} ({code}: {reason})" for d, st, _, code, reason in bad))

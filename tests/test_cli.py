@@ -1,0 +1,118 @@
+"""The `fota` command as an operator uses it: real processes, a real broker, real devices."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fota.examples import hello_files
+
+FOTA = [sys.executable, "-m", "fota.cli"]
+
+
+def fota(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = dict(os.environ, FOTA_HOME=str(home), COLUMNS="120")
+    return subprocess.run(FOTA + list(args), capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def background(home: Path, *args: str) -> subprocess.Popen:
+    env = dict(os.environ, FOTA_HOME=str(home))
+    return subprocess.Popen(FOTA + list(args), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> str:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.stdout.read() if proc.stdout else ""
+
+
+def assert_clean_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out
+    assert "Traceback" not in out, out
+    for needle in needles:
+        assert needle in out, out
+
+
+def _app_dir(tmp_path: Path, version: str) -> Path:
+    d = tmp_path / f"app-{version}"
+    d.mkdir()
+    for name, data in hello_files(version).items():
+        (d / name).write_bytes(data)
+    return d
+
+
+def test_clear_errors_without_tracebacks(tmp_path):
+    home = tmp_path / "home"
+    app = _app_dir(tmp_path, "1.1.0")
+    assert_clean_error(fota(home, "release", "create", str(app), "--version", "1.1.0", "--hardware", "unix"),
+                       "no signing key", "fota keys init")
+    assert fota(home, "keys", "init").returncode == 0
+    assert_clean_error(fota(home, "keys", "init"), "already exists")
+    assert_clean_error(fota(home, "release", "create", str(tmp_path / "nope"), "--version", "1", "--hardware", "x"),
+                       "does not exist")
+    assert_clean_error(fota(home, "deploy", "9.9.9", "--device", "d1"), "9.9.9")
+    assert fota(home, "release", "create", str(app), "--version", "1.1.0", "--hardware", "unix").returncode == 0
+    assert_clean_error(fota(home, "release", "create", str(app), "--version", "1.1.0", "--hardware", "unix"),
+                       "already exists")
+    assert_clean_error(fota(home, "deploy", "1.1.0", "--device", "ghost"), "ghost")
+    assert_clean_error(fota(home, "deploy", "1.1.0"), "--device")
+    assert_clean_error(fota(home, "device", "add", "bad/id", "--hardware", "unix"), "bad/id")
+    assert fota(home, "device", "add", "esp-1", "--hardware", "esp32").returncode == 0
+    assert_clean_error(fota(home, "deploy", "1.1.0", "--device", "esp-1"), "esp32")
+    assert_clean_error(fota(home, "status"), "no deployments")
+    assert_clean_error(fota(home, "device", "run", "nobody"), "no device directory")
+
+
+def test_operator_flow_serve_devices_deploy_and_watch(tmp_path):
+    home = tmp_path / "home"
+    assert fota(home, "keys", "init").returncode == 0
+    for dev in ("cli-1", "cli-2"):
+        r = fota(home, "device", "add", dev, "--hardware", "unix", "--tag", "lab", "--unix-dir")
+        assert r.returncode == 0, r.stderr
+    serve = background(home, "serve")
+    devices = [background(home, "device", "run", dev) for dev in ("cli-1", "cli-2")]
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            listing = fota(home, "devices").stdout
+            if listing.count("1.0.0") == 2 and listing.count("yes") == 2:
+                break
+            time.sleep(0.3)
+        else:
+            pytest.fail(f"devices did not come online: {listing}\n{stop(serve)}")
+        app = _app_dir(tmp_path, "1.2.0")
+        assert fota(home, "release", "create", str(app), "--version", "1.2.0", "--hardware", "unix").returncode == 0
+        r = fota(home, "deploy", "1.2.0", "--tag", "lab")
+        assert r.returncode == 0 and "2 device(s)" in r.stdout, r.stdout + r.stderr
+        watch = fota(home, "status", "--watch", timeout=90)
+        assert watch.returncode == 0, watch.stdout + watch.stderr
+        assert "2 confirmed" in watch.stdout
+        hist = fota(home, "history", "cli-1").stdout
+        for state in ("downloading", "verifying", "installing", "rebooting", "trial", "confirmed"):
+            assert state in hist
+        time.sleep(0.5)
+        assert fota(home, "devices").stdout.count("1.2.0") == 2
+    finally:
+        for p in devices:
+            stop(p)
+        stop(serve)
+
+
+def test_demo_command_rolls_out_and_exits_zero():
+    r = subprocess.run(FOTA + ["demo", "--devices", "3", "--timeout", "90"], capture_output=True, text=True,
+                       timeout=180, env=dict(os.environ, COLUMNS="120"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "demo passed: 3 device(s) confirmed 1.1.0 after reboot" in r.stdout
+    assert "Traceback" not in r.stdout + r.stderr
