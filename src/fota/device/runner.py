@@ -282,6 +282,10 @@ def main(root):
     except Reboot:
         log("rebooting")
         if device.client is not None:
+            # Bytes this connection moved, for overhead measurements (bench/e2e).
+            stats = fsutil.read_json(root + "/wire.json") or []
+            stats.append({"tx": device.client.bytes_sent, "rx": device.client.bytes_received})
+            fsutil.write_json(root + "/wire.json", stats[-8:])
             try:
                 device.client.disconnect()
             except OSError:
