@@ -230,3 +230,28 @@ def test_same_command_twice_runs_the_update_once(fleet):
     wait_until(lambda: len([s for s in fleet.spy.of(dev, job) if s["code"] == P.E_DUPLICATE_JOB]) == 2,
                what="second duplicate notice")
     assert fleet.devices[dev].reboots == 1
+
+
+def test_sim_flash_backend_installs_a_raw_image(fleet):
+    # The same agent with the `sim` NOR-flash backend takes raw images instead of bundles.
+    dev = "flash-1"
+    slot_size = 128 * 1024
+    fleet.add_device(dev, hardware="sim-board", backend="sim", capacity=slot_size)
+    fleet.wait_online(dev)
+    image = os.urandom(70_001)
+    rel = create_release(fleet.store, fleet.blobs, fleet.key, image, "8.0.0", ["sim-board"], kind="image")
+    dep = create_deployment(fleet.store, rel, device_ids=[dev])
+    j = fleet.wait_job(dep.jobs[0].id)
+    assert j.state == "confirmed", (j.state, j.code, j.reason)
+    fleet.wait_online(dev, version="8.0.0")
+    flash = (fleet.root(dev) / "flash.bin").read_bytes()
+    assert flash[slot_size:slot_size + len(image)] == image
+    rec = fleet.boot_record(dev)
+    assert rec["active"] == "b" and rec["versions"] == {"a": "1.0.0", "b": "8.0.0"}
+    inv = fleet.device_row(dev).inventory
+    assert inv["backend"] == "sim" and inv["active"] == "b" and inv["slots"]["b"] == "8.0.0"
+    # A bundle is not installable by a flash backend: refused before anything is written.
+    bundle_rel = _release(fleet, "8.1.0", hw=("sim-board",))
+    dep = create_deployment(fleet.store, bundle_rel, device_ids=[dev])
+    j = fleet.wait_job(dep.jobs[0].id)
+    assert (j.state, j.code) == ("failed", P.E_BAD_MANIFEST) and "kind" in j.reason

@@ -176,6 +176,7 @@ class UpdateCore:
         self.report = None        # terminal status kept in the boot record until acknowledged
         self.now = 0
         self.connected = False
+        self.inventory_extra = {}  # runner-provided facts: active slot, slot versions, backend, port
         self._reset_transfer()
 
     # ---- state table -------------------------------------------------------------------------
@@ -215,6 +216,7 @@ class UpdateCore:
         inv = {"device": self.id, "proto": P.VERSION, "hardware": self.hardware,
                "version": self.version, "max_chunk": self.settings.max_chunk,
                "capacity": self.capacity, "state": self.state, "job": self.last_job}
+        inv.update(self.inventory_extra)
         if extra:
             inv.update(extra)
         return (A_PUBLISH, P.INVENTORY, json.dumps(inv), 1, True)

@@ -97,6 +97,8 @@ class Device:
             trial_timeout=cfg.get("trial_timeout_ms", 60000),
         )
         self.core = C.UpdateCore(identity, agent, settings)
+        self.core.inventory_extra = {"active": slot, "slots": record["versions"],
+                                     "backend": cfg.get("backend", "files"), "port": sys.platform}
         journal, hasher = self._load_journal()
         self.execute(self.core.booted({"trial": record["trial"] if on_trial else None,
                                        "report": record.get("report")}, journal, hasher))
@@ -177,6 +179,8 @@ class Device:
             fsutil.write_json(self._path("boot.json"), self.record)
         elif kind == C.A_CONFIRM:
             bootrec.confirm(self.record, action[1])
+            self.slot = self.record["active"]
+            self.core.inventory_extra["active"] = self.slot
             fsutil.write_json(self._path("boot.json"), self.record)
         elif kind == C.A_CLEAR_REPORT:
             self.record["report"] = None

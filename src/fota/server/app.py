@@ -3,10 +3,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 
 from fota.server.broker import Mosquitto
 from fota.server.home import Home
+
+log = logging.getLogger(__name__)
+
+
+async def supervise_broker(broker: Mosquitto, interval: float = 1.0) -> None:
+    """Restart the managed Mosquitto if it dies (its persistence keeps queued messages)."""
+    while True:
+        await asyncio.sleep(interval)
+        if broker.proc is None or broker.proc.poll() is not None:
+            code = broker.proc.returncode if broker.proc else None
+            log.warning("managed Mosquitto exited (code %s): restarting it", code)
+            try:
+                await asyncio.to_thread(broker.start)
+            except Exception:  # keep trying: the control center is useless without it
+                log.exception("restarting Mosquitto failed")
 
 
 def managed_broker(home: Home, device_hashes: dict[str, str]) -> Mosquitto:
@@ -29,10 +45,13 @@ async def control_center(home: Home, **settings):
     store = Store(home.database_url)
     broker = managed_broker(home, device_hashes(store)) if home.managed_broker else None
     center = ControlCenter(store, home.broker_url, home.blobs, **settings)
+    watchdog = asyncio.create_task(supervise_broker(broker)) if broker else None
     try:
         await center.start()
         yield center
     finally:
+        if watchdog:
+            watchdog.cancel()
         await center.stop()
         if broker:
             broker.stop()

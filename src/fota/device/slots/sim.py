@@ -13,6 +13,9 @@ class FlashError(Exception):
 
 
 class SimFlash:
+    """NOR flash model. With `path` the contents live in that file (never all in RAM, so a
+    flash larger than the heap works on MicroPython); without, in a bytearray (`mem`)."""
+
     def __init__(self, size, sector=4096, align=4, erased=0xFF, path=None):
         if size % sector:
             raise ValueError("size must be a multiple of the sector size")
@@ -22,31 +25,51 @@ class SimFlash:
         self.erased = erased
         self.path = path
         self.ops = 0
-        if path and fsutil.exists(path):
-            with open(path, "rb") as f:
-                self.mem = bytearray(f.read())
-            if len(self.mem) != size:
+        self.mem = None
+        self._f = None
+        if path is None:
+            self.mem = bytearray(bytes([erased]) * size)
+            return
+        if fsutil.exists(path):
+            self._f = open(path, "r+b")
+            self._f.seek(0, 2)
+            if self._f.tell() != size:
+                self._f.close()
                 raise FlashError("flash file has the wrong size")
         else:
-            self.mem = bytearray(bytes([erased]) * size)
-            self._persist(0, size)
+            self._f = open(path, "w+b")
+            blank = bytes([erased]) * 256
+            for _ in range(size // 256):
+                self._f.write(blank)
+            self._f.flush()
 
-    def _persist(self, offset, n):
-        if not self.path:
-            return
-        mode = "r+b" if fsutil.exists(self.path) else "wb"
-        with open(self.path, mode) as f:
-            f.seek(offset)
-            f.write(self.mem[offset:offset + n])
+    def close(self):
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def read(self, offset, n):
+        if self.mem is not None:
+            return bytes(self.mem[offset:offset + n])
+        self._f.seek(offset)
+        return self._f.read(n)
+
+    def _store(self, offset, data):
+        if self.mem is not None:
+            self.mem[offset:offset + len(data)] = data
+        else:
+            self._f.seek(offset)
+            self._f.write(data)
+            self._f.flush()
 
     def erase(self, sector_index):
         start = sector_index * self.sector
         if not 0 <= start < self.size:
             raise FlashError("erase of sector %d outside the flash" % sector_index)
         self.ops += 1
-        for i in range(start, start + self.sector):
-            self.mem[i] = self.erased
-        self._persist(start, self.sector)
+        blank = bytes([self.erased]) * min(256, self.sector)
+        for at in range(start, start + self.sector, len(blank)):
+            self._store(at, blank)
 
     def write(self, offset, data):
         n = len(data)
@@ -54,15 +77,12 @@ class SimFlash:
             raise FlashError("write at %d of %d bytes is not %d-aligned" % (offset, n, self.align))
         if offset < 0 or offset + n > self.size:
             raise FlashError("write outside the flash")
+        current = self.read(offset, n)
         for i in range(n):
-            if self.mem[offset + i] != self.erased:
+            if current[i] != self.erased:
                 raise FlashError("write to non-erased byte at %d" % (offset + i))
         self.ops += 1
-        self.mem[offset:offset + n] = data
-        self._persist(offset, n)
-
-    def read(self, offset, n):
-        return bytes(self.mem[offset:offset + n])
+        self._store(offset, data)
 
 
 class SimBackend:
