@@ -51,6 +51,9 @@ def extract(f, size, dest, buf_size=512):
             raise BundleError("file name is not UTF-8")
         if not check_name(name):
             raise BundleError("bad file name %r" % name)
+        for prev in names:  # one name as both a file and a directory cannot be unpacked
+            if prev.startswith(name + "/") or name.startswith(prev + "/"):
+                raise BundleError("file %s conflicts with %s" % (name, prev))
         (fsize,) = struct.unpack(">I", _read_exact(f, 4, remaining))
         if fsize > remaining[0]:
             raise BundleError("file %s truncated" % name)

@@ -41,6 +41,7 @@ class SimFlash:
             blank = bytes([erased]) * 256
             for _ in range(size // 256):
                 self._f.write(blank)
+            self._f.write(blank[:size % 256])
             self._f.flush()
 
     def close(self):
@@ -69,7 +70,7 @@ class SimFlash:
         self.ops += 1
         blank = bytes([self.erased]) * min(256, self.sector)
         for at in range(start, start + self.sector, len(blank)):
-            self._store(at, blank)
+            self._store(at, blank[:start + self.sector - at])  # never past the sector
 
     def write(self, offset, data):
         n = len(data)
