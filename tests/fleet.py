@@ -19,7 +19,7 @@ from fota.server.broker import SERVER_USER
 from fota.server.fleet import provision_device
 from fota.server.store import Device, Job, Store
 from fota.tools.devicedir import create_device_dir, read_boot_record
-from fota.tools.signing import generate_private_key, public_key_bytes
+from fota.tools.keyring import Keyring
 from fota.tools.supervisor import DeviceProcess
 
 
@@ -96,11 +96,15 @@ class Fleet:
         self.tmp = tmp
         self.broker = broker
         self.store = Store(db_url)
-        self.key = generate_private_key()
-        self.pub = public_key_bytes(self.key)
+        self.keyring = Keyring(tmp / "keys")
+        self.keyring.init()
+        self.signer = self.keyring.signer()
+        self.key = self.signer.key
         self.blobs = tmp / "blobs"
         self.heap = heap
         self.devices: dict[str, DeviceProcess] = {}
+        center_settings.setdefault("signer", self.signer)
+        center_settings.setdefault("keys_update", self.keyring.keys_update())
         self.center = CenterThread(self.store, broker.server_url, self.blobs, **center_settings).start()
         self.spy = Spy(broker)
 
@@ -108,7 +112,8 @@ class Fleet:
         _, password = provision_device(self.store, device_id, hardware)
         self.broker.add_user(device_id, password)
         root = create_device_dir(self.tmp / "devices" / device_id, device_id=device_id, hardware=hardware,
-                                 pubkey=self.pub, host=self.broker.host, port=self.broker.port,
+                                 root_key=self.keyring.root_public(), trust=self.keyring.trust(),
+                                 host=self.broker.host, port=self.broker.port,
                                  password=password, app_files=hello_files(version), version=version, **settings)
         proc = DeviceProcess(root, heap=self.heap)
         self.devices[device_id] = proc

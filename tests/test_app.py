@@ -25,6 +25,7 @@ def _connect(port, user, password):
 
 def test_managed_broker_enforces_accounts_and_acl_and_is_restarted(tmp_path):
     home = Home(tmp_path / "home")
+    home.keyring.init()
     cfg = home.config()
     store = Store(home.database_url)
     _, pw_a = provision_device(store, "acl-a", "unix")

@@ -59,7 +59,7 @@ def test_clear_errors_without_tracebacks(tmp_path):
     assert_clean_error(fota(home, "release", "create", str(app), "--version", "1.1.0", "--hardware", "unix"),
                        "no signing key", "fota keys init")
     assert fota(home, "keys", "init").returncode == 0
-    assert_clean_error(fota(home, "keys", "init"), "already exists")
+    assert_clean_error(fota(home, "keys", "init"), "already exist")
     assert_clean_error(fota(home, "release", "create", str(tmp_path / "nope"), "--version", "1", "--hardware", "x"),
                        "does not exist")
     assert_clean_error(fota(home, "deploy", "9.9.9", "--device", "d1"), "9.9.9")

@@ -3,6 +3,7 @@ import hashlib
 import json
 import re
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -10,33 +11,59 @@ import pytest
 from fota.device import core as C
 from fota.device import protocol as P
 from fota.tools import signing
+from fota.tools.keyring import envelope, make_cert
 
 ROOT = Path(__file__).resolve().parent.parent
+ROOT_KEY = signing.generate_private_key()
+SIGNING_KEY = signing.generate_private_key()
+NOW = int(time.time())
+
+
+def trust_doc(*keys, version=1, revoked=(), **cert_args):
+    return {"version": version, "certs": [make_cert(ROOT_KEY, k, **cert_args) for k in keys],
+            "revoked": list(revoked)}
+
+
+TRUST = trust_doc(SIGNING_KEY)
 
 
 @pytest.fixture(scope="module")
 def key():
-    return signing.generate_private_key()
+    return SIGNING_KEY
 
 
 def make_update(key, image, job=1, version="1.1.0", hw=("unix",), kind="image", chunk=256, window=4,
-                sha=None, size=None):
-    manifest = json.dumps({"v": 1, "version": version, "hw": list(hw), "kind": kind,
+                sha=None, size=None, counter=0, device="d1"):
+    """The body of an update command whose manifest `key` signed."""
+    manifest = json.dumps({"v": 1, "version": version, "hw": list(hw), "kind": kind, "counter": counter,
                            "size": len(image) if size is None else size,
                            "sha256": sha or hashlib.sha256(image).hexdigest()}, sort_keys=True)
     sig = signing.sign(key, manifest.encode()).hex()
     pub = signing.public_key_bytes(key)
-    return {"type": "update", "job": job, "manifest": manifest, "sig": sig,
-            "kid": signing.key_id(pub), "chunk": chunk, "window": window}
+    return {"type": "update", "job": job, "device": device, "manifest": manifest, "manifest_sig": sig,
+            "manifest_kid": signing.key_id(pub), "chunk": chunk, "window": window}
+
+
+def cmd(body, key=SIGNING_KEY, now=NOW):
+    """The signed envelope of a command body."""
+    body = dict(body)
+    body.setdefault("time", now)
+    return envelope(key, body)
+
+
+def new_core(capacity=1 << 16, agent=None, kinds=("image",), trust=TRUST, counter=0, version="1.0.0",
+             settings=None):
+    return C.UpdateCore({"id": "d1", "hardware": "unix", "root": signing.public_key_bytes(ROOT_KEY),
+                         "trust": trust, "capacity": capacity, "kinds": kinds, "version": version,
+                         "counter": counter, "time": NOW - 100},
+                        agent or {"last_job": 0, "boot": 1}, settings)
 
 
 class Harness:
     """Executes the core's actions in memory and records what it published."""
 
-    def __init__(self, key, capacity=1 << 16, agent=None, kinds=("image",)):
-        self.pub = signing.public_key_bytes(key)
-        self.core = C.UpdateCore({"id": "d1", "hardware": "unix", "pubkey": self.pub, "capacity": capacity,
-                                  "kinds": kinds, "version": "1.0.0"}, agent or {"last_job": 0, "boot": 1})
+    def __init__(self, key, capacity=1 << 16, agent=None, kinds=("image",), trust=TRUST, counter=0):
+        self.core = new_core(capacity=capacity, agent=agent, kinds=kinds, trust=trust, counter=counter)
         self.slot = bytearray()
         self.published = []
         self.journal = None
@@ -109,8 +136,8 @@ def test_transition_table_matches_protocol_doc():
 def test_happy_path_downloads_verifies_installs_and_reboots(key):
     image = bytes(range(256)) * 9 + b"tail"
     h = Harness(key)
-    h.run(h.core.command(json.dumps(make_update(key, image, job=5)).encode()))
-    assert h.state_saved == {"last_job": 5, "boot": 1}
+    h.run(h.core.command(cmd(make_update(key, image, job=5))))
+    assert h.state_saved == {"last_job": 5, "boot": 1, "time": NOW}
     h.serve(image, 256)
     assert bytes(h.slot) == image
     states = [s["state"] for s in h.statuses()]
@@ -124,8 +151,7 @@ def test_happy_path_downloads_verifies_installs_and_reboots(key):
 
 def test_trial_boot_confirms_once_connected(key):
     h = Harness(key, agent={"last_job": 5, "boot": 2})
-    h.core = C.UpdateCore({"id": "d1", "hardware": "unix", "pubkey": h.pub, "capacity": 1 << 16,
-                           "kinds": ("image",), "version": "1.1.0"}, {"last_job": 5, "boot": 2})
+    h.core = new_core(agent={"last_job": 5, "boot": 2}, version="1.1.0")
     h.published.clear()
     confirmed = []
     h.run(h.core.booted({"trial": {"slot": "b", "job": 5, "version": "1.1.0", "tries": 1}}))
@@ -141,9 +167,7 @@ def test_trial_boot_confirms_once_connected(key):
 
 
 def test_trial_without_broker_fails_after_deadline(key):
-    pub = signing.public_key_bytes(key)
-    core = C.UpdateCore({"id": "d1", "hardware": "unix", "pubkey": pub, "capacity": 10, "kinds": ("image",),
-                         "version": "1.1.0"}, {}, C.Settings(trial_timeout=1000))
+    core = new_core(agent={}, version="1.1.0", settings=C.Settings(trial_timeout=1000))
     core.booted({"trial": {"slot": "b", "job": 5, "version": "1.1.0", "tries": 1}})
     assert core.tick(500) == []
     actions = core.tick(1500)
@@ -152,8 +176,7 @@ def test_trial_without_broker_fails_after_deadline(key):
 
 def test_reverted_boot_reports_reason(key):
     h = Harness(key)
-    h.core = C.UpdateCore({"id": "d1", "hardware": "unix", "pubkey": h.pub, "capacity": 10,
-                           "kinds": ("image",), "version": "1.0.0"}, {"last_job": 5, "boot": 4})
+    h.core = new_core(agent={"last_job": 5, "boot": 4})
     report = {"job": 5, "state": "reverted", "code": P.E_HEALTH, "reason": "trial boot failed 3 times: boom"}
     h.run(h.core.booted({"trial": None, "report": report}))
     h.published.clear()
@@ -163,27 +186,108 @@ def test_reverted_boot_reports_reason(key):
     assert "boom" in st["reason"]
 
 
-@pytest.mark.parametrize("mutate, code", [
-    (lambda c, other: c.update(sig=c["sig"][:-2] + ("00" if c["sig"][-2:] != "00" else "01")), P.E_BAD_SIGNATURE),
-    (lambda c, other: c.update(other), P.E_UNKNOWN_KEY),
-    (lambda c, other: c.update(manifest=c["manifest"].replace("1.1.0", "9.9.9")), P.E_BAD_SIGNATURE),
+def _flip_last_hex(text):
+    return text[:-2] + ("00" if text[-2:] != "00" else "01")
+
+
+UNCERTIFIED = signing.generate_private_key()
+
+
+@pytest.mark.parametrize("make, code", [
+    # the command's signature is forged
+    (lambda: json.dumps(dict(json.loads(cmd(make_update(SIGNING_KEY, b"x" * 1000, job=3))),
+                             sig=_flip_last_hex(json.loads(cmd(make_update(SIGNING_KEY, b"x" * 1000, job=3)))["sig"]))),
+     P.E_BAD_SIGNATURE),
+    # a valid signature by a key the root never certified
+    (lambda: cmd(make_update(UNCERTIFIED, b"x" * 1000, job=3), key=UNCERTIFIED), P.E_UNKNOWN_KEY),
+    # the root key may sign key updates only
+    (lambda: cmd(make_update(SIGNING_KEY, b"x" * 1000, job=3), key=ROOT_KEY), P.E_UNKNOWN_KEY),
+    # a command captured for another device
+    (lambda: cmd(make_update(SIGNING_KEY, b"x" * 1000, job=3, device="d2")), P.E_WRONG_DEVICE),
 ])
-def test_forged_or_foreign_signatures_fail_without_touching_the_slot(key, mutate, code):
-    other_key = signing.generate_private_key()
-    image = b"x" * 1000
-    cmd = make_update(key, image, job=3)
-    foreign = make_update(other_key, image, job=3)
-    mutate(cmd, {k: foreign[k] for k in ("sig", "kid")})
+def test_unauthentic_commands_are_rejected_without_touching_the_slot(key, make, code):
     h = Harness(key)
-    h.run(h.core.command(json.dumps(cmd).encode()))
+    h.run(h.core.command(make()))
+    st = h.statuses()[-1]
+    assert (st["state"], st["code"]) == ("rejected", code)
+    assert h.began == 0 and h.requests() == [] and h.core.state == P.IDLE and h.core.last_job == 0
+
+
+@pytest.mark.parametrize("body, code", [
+    # manifest edited after it was signed
+    (lambda: dict(make_update(SIGNING_KEY, b"x" * 1000, job=3),
+                  manifest=make_update(SIGNING_KEY, b"x" * 1000)["manifest"].replace("1.1.0", "9.9.9")),
+     P.E_BAD_SIGNATURE),
+    # manifest signed by an uncertified key (inside an authentic command)
+    (lambda: make_update(UNCERTIFIED, b"x" * 1000, job=3), P.E_UNKNOWN_KEY),
+])
+def test_bad_manifest_signatures_fail_the_job(key, body, code):
+    h = Harness(key)
+    h.run(h.core.command(cmd(body())))
     st = h.statuses()[-1]
     assert (st["state"], st["code"], st["job"]) == ("failed", code, 3)
     assert h.began == 0 and h.requests() == [] and h.core.state == P.IDLE
 
 
+def test_revoked_and_expired_keys_are_refused(key):
+    revoked = Harness(key, trust=trust_doc(SIGNING_KEY, revoked=[signing.key_id(signing.public_key_bytes(SIGNING_KEY))]))
+    revoked.run(revoked.core.command(cmd(make_update(key, b"x" * 10, job=3))))
+    assert revoked.statuses()[-1]["code"] == P.E_KEY_REVOKED
+    expired = Harness(key, trust=trust_doc(SIGNING_KEY, not_before=NOW - 1000, not_after=NOW - 10))
+    expired.run(expired.core.command(cmd(make_update(key, b"x" * 10, job=3))))
+    assert expired.statuses()[-1]["code"] == P.E_KEY_EXPIRED
+    # An old time claimed by the signer does not bring an expired key back: the device keeps
+    # the latest time it has seen.
+    h = Harness(key, trust=trust_doc(SIGNING_KEY, not_before=NOW - 1000, not_after=NOW + 1000))
+    h.run(h.core.command(cmd(make_update(key, b"x" * 10, job=3), now=NOW + 5000)))
+    assert h.statuses()[-1]["code"] == P.E_KEY_EXPIRED
+    h.core.time = NOW + 5000
+    h.run(h.core.command(cmd(make_update(key, b"x" * 10, job=4), now=NOW)))
+    assert h.statuses()[-1]["code"] == P.E_KEY_EXPIRED
+
+
+def test_downgrade_below_installed_counter_is_refused(key):
+    h = Harness(key, counter=5)
+    h.run(h.core.command(cmd(make_update(key, b"x" * 10, job=3, counter=4))))
+    st = h.statuses()[-1]
+    assert (st["state"], st["code"]) == ("failed", P.E_DOWNGRADE) and h.began == 0
+    h.run(h.core.command(cmd(make_update(key, b"x" * 10, job=4, counter=5))))
+    assert h.began == 1  # the same counter is allowed (a deliberate re-release)
+    assert h.trial is None
+
+
+def test_root_signed_key_update_rotates_the_signing_key(key):
+    new_key = signing.generate_private_key()
+    old_kid = signing.key_id(signing.public_key_bytes(SIGNING_KEY))
+    h = Harness(key)
+    update = {"type": "keys", "version": 2, "certs": trust_doc(new_key)["certs"], "revoked": [old_kid]}
+    # Only the root may sign it.
+    h.run(h.core.command(cmd(update, key=SIGNING_KEY)))
+    assert h.statuses()[-1]["code"] == P.E_UNKNOWN_KEY and h.core.trust.version == 1
+    trusted = []
+    for a in h.core.command(cmd(update, key=ROOT_KEY)):
+        if a[0] == C.A_TRUST:
+            trusted.append(a[1])
+        h.run([a])
+    assert trusted and trusted[0]["version"] == 2 and h.core.trust.version == 2
+    assert h.statuses()[-1]["state"] == "keys"
+    # The old key is now refused, the new one accepted.
+    h.run(h.core.command(cmd(make_update(SIGNING_KEY, b"x" * 10, job=3))))
+    assert h.statuses()[-1]["code"] == P.E_KEY_REVOKED
+    h.run(h.core.command(cmd(make_update(new_key, b"x" * 10, job=4), key=new_key)))
+    assert h.began == 1
+    # Replaying the key update (or an older one) is refused.
+    h.run(h.core.command(cmd(update, key=ROOT_KEY)))
+    assert h.statuses()[-1]["code"] == P.E_STALE_KEYS
+    forged_cert = dict(trust_doc(UNCERTIFIED)["certs"][0])
+    forged_cert["sig"] = _flip_last_hex(forged_cert["sig"])
+    h.run(h.core.command(cmd({"type": "keys", "version": 3, "certs": [forged_cert], "revoked": []}, key=ROOT_KEY)))
+    assert h.statuses()[-1]["code"] == P.E_BAD_KEYS and h.core.trust.version == 2
+
+
 def test_wrong_hardware_type_is_refused_before_any_write(key):
     h = Harness(key)
-    h.run(h.core.command(json.dumps(make_update(key, b"x" * 100, hw=("esp32",))).encode()))
+    h.run(h.core.command(cmd(make_update(key, b"x" * 100, hw=("esp32",)))))
     st = h.statuses()[-1]
     assert (st["state"], st["code"]) == ("failed", P.E_HW_MISMATCH)
     assert h.began == 0
@@ -191,14 +295,14 @@ def test_wrong_hardware_type_is_refused_before_any_write(key):
 
 def test_image_larger_than_slot_is_refused(key):
     h = Harness(key, capacity=50)
-    h.run(h.core.command(json.dumps(make_update(key, b"x" * 100)).encode()))
+    h.run(h.core.command(cmd(make_update(key, b"x" * 100))))
     assert h.statuses()[-1]["code"] == P.E_TOO_LARGE and h.began == 0
 
 
 def test_flipped_bit_in_a_chunk_fails_the_hash(key):
     image = bytes(range(256)) * 4
     h = Harness(key)
-    h.run(h.core.command(json.dumps(make_update(key, image)).encode()))
+    h.run(h.core.command(cmd(make_update(key, image))))
     h.serve(image, 256, corrupt=2)
     st = h.statuses()[-1]
     assert (st["state"], st["code"]) == ("failed", P.E_HASH_MISMATCH)
@@ -208,14 +312,18 @@ def test_flipped_bit_in_a_chunk_fails_the_hash(key):
 @pytest.mark.parametrize("payload, code", [
     (b"not json", P.E_BAD_COMMAND),
     (b"[1, 2]", P.E_BAD_COMMAND),
-    (b'{"type": "update"}', P.E_BAD_COMMAND),
-    (b'{"type": "update", "job": "7"}', P.E_BAD_COMMAND),
-    (b'{"type": "update", "job": true}', P.E_BAD_COMMAND),
-    (b'{"type": "update", "job": 7, "manifest": 1, "kid": "a", "sig": "b"}', P.E_BAD_COMMAND),
-    (b'{"type": "reformat", "job": 7}', P.E_UNKNOWN_COMMAND),
-    (b'{"type": "cancel", "job": 7, "target": 99}', P.E_NOT_RUNNING),
+    (b'{"body": 1, "kid": "00", "sig": "00"}', P.E_BAD_COMMAND),
+    (b'{"body": "{}", "kid": "zz", "sig": "00"}', P.E_BAD_COMMAND),
     (b"\xff\xfe\x00", P.E_BAD_COMMAND),
-    (b"{" + b" " * 5000 + b"}", P.E_OVERSIZE),
+    (b"{" + b" " * 9000 + b"}", P.E_OVERSIZE),
+    # well signed, malformed bodies
+    (cmd({"type": "update"}), P.E_BAD_COMMAND),
+    (cmd({"type": "update", "job": "7", "device": "d1"}), P.E_BAD_COMMAND),
+    (cmd({"type": "update", "job": True, "device": "d1"}), P.E_BAD_COMMAND),
+    (cmd({"type": "update", "job": 7, "device": "d1", "manifest": 1}), P.E_BAD_COMMAND),
+    (cmd({"type": "update", "job": 7, "device": "d1", "time": "now"}), P.E_BAD_COMMAND),
+    (cmd({"type": "reformat", "job": 7, "device": "d1"}), P.E_UNKNOWN_COMMAND),
+    (cmd({"type": "cancel", "job": 7, "device": "d1", "target": 99}), P.E_NOT_RUNNING),
 ])
 def test_malformed_commands_are_rejected_without_state_change(key, payload, code):
     h = Harness(key)
@@ -230,12 +338,12 @@ def test_malformed_commands_are_rejected_without_state_change(key, payload, code
 def test_duplicate_and_stale_jobs_are_ignored(key):
     image = b"y" * 300
     h = Harness(key)
-    cmd = json.dumps(make_update(key, image, job=9)).encode()
-    h.run(h.core.command(cmd))
+    first = cmd(make_update(key, image, job=9))
+    h.run(h.core.command(first))
     began = h.began
-    h.run(h.core.command(cmd))
+    h.run(h.core.command(first))
     assert h.statuses()[-1]["code"] == P.E_DUPLICATE_JOB and h.began == began
-    h.run(h.core.command(json.dumps(make_update(key, image, job=4)).encode()))
+    h.run(h.core.command(cmd(make_update(key, image, job=4))))
     assert h.statuses()[-1]["code"] == P.E_STALE_JOB and h.began == began
     assert h.core.job.id == 9
 
@@ -245,7 +353,7 @@ def test_duplicate_and_stale_jobs_are_ignored(key):
 def test_malformed_chunks_are_rejected_and_download_continues(key, payload):
     image = bytes(range(200)) * 3
     h = Harness(key)
-    h.run(h.core.command(json.dumps(make_update(key, image, job=1, chunk=256)).encode()))
+    h.run(h.core.command(cmd(make_update(key, image, job=1, chunk=256))))
     h.run(h.core.chunk(payload))
     st = h.statuses()[-1]
     assert (st["state"], st["code"]) == ("rejected", P.E_BAD_CHUNK)
@@ -259,7 +367,7 @@ def test_lost_chunks_are_requested_again_after_timeout_and_stall_fails(key):
     h = Harness(key)
     h.core.settings = C.Settings(chunk_timeout=100, stall_timeout=1000)
     h.run(h.core.tick(0))
-    h.run(h.core.command(json.dumps(make_update(key, image)).encode()))
+    h.run(h.core.command(cmd(make_update(key, image))))
     n = len(h.requests())
     h.run(h.core.tick(150))
     again = h.requests()[n:]
@@ -272,7 +380,7 @@ def test_lost_chunks_are_requested_again_after_timeout_and_stall_fails(key):
 def test_resume_from_journal_continues_at_checkpoint(key):
     image = bytes(range(256)) * 16
     h = Harness(key)
-    h.run(h.core.command(json.dumps(make_update(key, image, chunk=256, window=4)).encode()))
+    h.run(h.core.command(cmd(make_update(key, image, chunk=256, window=4))))
     # Deliver 6 chunks, then "lose power": the journal points at chunk 4.
     for i in range(6):
         h.run(h.core.chunk(struct.pack(">II", 1, i) + image[i * 256:(i + 1) * 256]))
@@ -281,8 +389,7 @@ def test_resume_from_journal_continues_at_checkpoint(key):
     hasher = hashlib.sha256(image[:4 * 256])
     h2 = Harness(key, agent={"last_job": 1, "boot": 2})
     h2.slot = bytearray(image[:4 * 256])
-    h2.core = C.UpdateCore({"id": "d1", "hardware": "unix", "pubkey": h2.pub, "capacity": 1 << 16,
-                            "kinds": ("image",), "version": "1.0.0"}, {"last_job": 1, "boot": 2})
+    h2.core = new_core(agent={"last_job": 1, "boot": 2})
     h2.published.clear()
     h2.run(h2.core.booted({"trial": None}, journal, hasher))
     h2.run(h2.core.connected_())
@@ -293,8 +400,8 @@ def test_resume_from_journal_continues_at_checkpoint(key):
 
 def test_newer_job_supersedes_a_download(key):
     h = Harness(key)
-    h.run(h.core.command(json.dumps(make_update(key, b"a" * 3000, job=1)).encode()))
-    h.run(h.core.command(json.dumps(make_update(key, b"b" * 500, job=2)).encode()))
+    h.run(h.core.command(cmd(make_update(key, b"a" * 3000, job=1))))
+    h.run(h.core.command(cmd(make_update(key, b"b" * 500, job=2))))
     states = [(s["job"], s["state"]) for s in h.statuses()]
     assert (1, "cancelled") in states and states[-1] == (2, "downloading")
     h.serve(b"b" * 500, 256)
@@ -305,7 +412,7 @@ def test_install_failure_is_reported(key):
     h = Harness(key)
     h.install_result = (P.E_BAD_BUNDLE, "BundleError: bad magic")
     image = b"q" * 10
-    h.run(h.core.command(json.dumps(make_update(key, image)).encode()))
+    h.run(h.core.command(cmd(make_update(key, image))))
     h.serve(image, 256)
     st = h.statuses()[-1]
     assert (st["state"], st["code"]) == ("failed", P.E_BAD_BUNDLE) and not h.rebooted

@@ -14,6 +14,7 @@ from fota.server import service
 from fota.server.deployments import create_deployment, device_history
 from fota.server.releases import create_release, update_command
 from fota.tools.bundle import pack_files
+from fota.tools.keyring import Signer
 from fota.tools.signing import generate_private_key
 from fleet import Fleet, wait_until
 
@@ -68,10 +69,17 @@ def test_happy_path_three_devices_confirm_after_reboot(fleet):
         assert "hello app 1.1.0 started" in fleet.devices[d].log_text()
 
 
-def _signed_command(fleet, rel, job, **changes):
-    cmd = json.loads(update_command(job, rel))
-    cmd.update(changes)
-    return json.dumps(cmd)
+def _command(fleet, rel, job, device, signer=None, **changes):
+    """An update command for `device`, signed by `signer` (default: the fleet's signing key)."""
+    body = json.loads(json.loads(update_command(job, device, rel, fleet.signer))["body"])
+    body.update(changes)
+    return (signer or fleet.signer).command(body)
+
+
+def _forge(envelope: bytes) -> bytes:
+    env = json.loads(envelope)
+    env["sig"] = env["sig"][:-2] + ("00" if env["sig"][-2:] != "00" else "01")
+    return json.dumps(env).encode()
 
 
 def test_forged_and_foreign_signatures_and_flipped_chunk_are_rejected(fleet, monkeypatch):
@@ -96,19 +104,19 @@ def test_forged_and_foreign_signatures_and_flipped_chunk_are_rejected(fleet, mon
     slot_b_before = _slot_tree(fleet, dev)
     # Injected commands use job ids above the control center's.
     rel = _release(fleet, "2.0.0")
-    # 2. forged: the manifest is edited after signing (claims another size/sha).
-    forged = rel.manifest.replace('"2.0.0"', '"2.0.1"')
-    fleet.spy.publish(dev, P.CMD, _signed_command(fleet, rel, 1001, manifest=forged))
-    # 3. signed by another key (its own honest key id).
-    other = _release(fleet, "2.0.2", key=generate_private_key())
-    fleet.spy.publish(dev, P.CMD, _signed_command(fleet, other, 1002))
-    # 3b. signed by another key but claiming our key id.
-    fleet.spy.publish(dev, P.CMD, _signed_command(fleet, other, 1003, kid=rel.key_id))
+    # 2. the command's signature is forged.
+    fleet.spy.publish(dev, P.CMD, _forge(_command(fleet, rel, 1001, dev)))
+    # 3. signed by another key, which the device's root never certified.
+    fleet.spy.publish(dev, P.CMD, _command(fleet, rel, 1002, dev, signer=Signer(generate_private_key())))
+    # 4. an authentic command carrying a manifest edited after it was signed.
+    fleet.spy.publish(dev, P.CMD, _command(fleet, rel, 1003, dev, manifest=rel.manifest.replace('"2.0.0"', '"2.0.1"')))
     codes = {}
     for job in (1001, 1002, 1003):
-        st = wait_until(lambda: [s for s in fleet.spy.of(dev, job) if s["state"] == "failed"], what=f"job {job}")
-        codes[job] = st[0]["code"]
-    assert codes == {1001: P.E_BAD_SIGNATURE, 1002: P.E_UNKNOWN_KEY, 1003: P.E_BAD_SIGNATURE}
+        st = wait_until(lambda: [s for s in fleet.spy.of(dev, job) if s["state"] in ("failed", "rejected")],
+                        what=f"job {job}")
+        codes[job] = (st[0]["state"], st[0]["code"])
+    assert codes == {1001: ("rejected", P.E_BAD_SIGNATURE), 1002: ("rejected", P.E_UNKNOWN_KEY),
+                     1003: ("failed", P.E_BAD_SIGNATURE)}
     assert _slot_tree(fleet, dev) == slot_b_before  # nothing written for a bad signature
 
     time.sleep(0.5)
@@ -122,7 +130,7 @@ def test_wrong_hardware_type_rejected_and_nothing_written(fleet):
     fleet.add_device(dev)
     fleet.wait_online(dev)
     rel = _release(fleet, "3.0.0", hw=("esp32",))
-    fleet.spy.publish(dev, P.CMD, _signed_command(fleet, rel, 2001))
+    fleet.spy.publish(dev, P.CMD, _command(fleet, rel, 2001, dev))
     st = wait_until(lambda: [s for s in fleet.spy.of(dev, 2001) if s["state"] == "failed"], what="failure")
     assert st[0]["code"] == P.E_HW_MISMATCH and "esp32" in st[0]["reason"]
     assert _slot_b_files(fleet, dev) == []
@@ -173,26 +181,28 @@ def test_kill_during_download_resumes_from_checkpoint(tmp_path, broker, sqlite_u
         fleet.close()
 
 
-MALFORMED_COMMANDS = [
-    (b"this is not json", P.E_BAD_COMMAND),
-    (b'{"type": "update"}', P.E_BAD_COMMAND),
-    (b'{"type": "update", "job": "12"}', P.E_BAD_COMMAND),
-    (b'{"type": "update", "job": 12, "manifest": [], "kid": 1, "sig": null}', P.E_BAD_COMMAND),
-    (b'{"type": "format-flash", "job": 13}', P.E_UNKNOWN_COMMAND),
-    (b'{"x": "' + b"A" * 6000 + b'"}', P.E_OVERSIZE),
-    (b'{"x": "' + b"A" * 60000 + b'"}', P.E_OVERSIZE),  # dropped unread by the MQTT client
-]
+def malformed_commands(signer, dev):
+    return [
+        (b"this is not json", P.E_BAD_COMMAND),
+        (b'{"type": "update", "job": 12}', P.E_BAD_COMMAND),  # not a signed envelope
+        (signer.command({"type": "update", "job": "12", "device": dev}), P.E_BAD_COMMAND),
+        (signer.command({"type": "update", "job": 12, "device": dev, "manifest": []}), P.E_BAD_COMMAND),
+        (signer.command({"type": "format-flash", "job": 13, "device": dev}), P.E_UNKNOWN_COMMAND),
+        (b'{"x": "' + b"A" * 9000 + b'"}', P.E_OVERSIZE),
+        (b'{"x": "' + b"A" * 60000 + b'"}', P.E_OVERSIZE),  # dropped unread by the MQTT client
+    ]
 
 
 def test_malformed_messages_get_clear_errors_and_change_nothing(fleet):
     dev = "fuzz-1"
     proc = fleet.add_device(dev)
     fleet.wait_online(dev)
-    for payload, _ in MALFORMED_COMMANDS:
+    cases = malformed_commands(fleet.signer, dev)
+    for payload, _ in cases:
         fleet.spy.publish(dev, P.CMD, payload)
     for chunk in (b"", b"\x00\x01", b"\xff" * 40, b"\x00" * 50000):
         fleet.spy.publish(dev, P.DATA, chunk, qos=0)
-    expected = [code for _, code in MALFORMED_COMMANDS]
+    expected = [code for _, code in cases]
     got = wait_until(lambda: (c := [s["code"] for s in fleet.spy.of(dev) if s["state"] == "rejected"
                                     and s["code"] != P.E_BAD_CHUNK]) and len(c) >= len(expected) and c,
                      what="rejections")
@@ -217,7 +227,8 @@ def test_same_command_twice_runs_the_update_once(fleet):
     dep = create_deployment(fleet.store, rel, device_ids=[dev])
     job = dep.jobs[0].id
     wait_until(lambda: fleet.spy.of(dev, job), what="first status")
-    fleet.spy.publish(dev, P.CMD, update_command(job, rel))  # a QoS 1 redelivery
+    redelivery = update_command(job, dev, rel, fleet.signer)  # the same command again (QoS 1)
+    fleet.spy.publish(dev, P.CMD, redelivery)
     assert fleet.wait_job(job).state == "confirmed"
     fleet.wait_online(dev, version="7.0.0")
     dup = wait_until(lambda: [s for s in fleet.spy.of(dev, job) if s["code"] == P.E_DUPLICATE_JOB],
@@ -226,7 +237,7 @@ def test_same_command_twice_runs_the_update_once(fleet):
     assert fleet.devices[dev].reboots == 1
     assert _states(fleet, dev, job).count("confirmed") == 1
     # After the reboot a third delivery is still refused.
-    fleet.spy.publish(dev, P.CMD, update_command(job, rel))
+    fleet.spy.publish(dev, P.CMD, redelivery)
     wait_until(lambda: len([s for s in fleet.spy.of(dev, job) if s["code"] == P.E_DUPLICATE_JOB]) == 2,
                what="second duplicate notice")
     assert fleet.devices[dev].reboots == 1

@@ -36,6 +36,7 @@ from fota.server.releases import ReleaseError, build_manifest, create_release, g
 from fota.server.service import ControlCenter
 from fota.server.store import Device, Job, Store
 from fota.tools import bundle
+from fota.tools.keyring import Signer
 from fota.tools.signing import generate_private_key, key_id, public_key_bytes
 
 APP = b"VERSION = '1.1.0'\n\ndef start():\n    print('hello')\n"
@@ -43,9 +44,13 @@ APP = b"VERSION = '1.1.0'\n\ndef start():\n    print('hello')\n"
 
 # ---------------------------------------------------------------- fixtures and helpers
 
+SERVER_KEY = generate_private_key()
+
+
 @pytest.fixture(scope="module")
 def key():
-    return generate_private_key()
+    # One key signs releases and commands here (the control center's signing key).
+    return SERVER_KEY
 
 
 @pytest.fixture
@@ -170,7 +175,11 @@ class ScriptedDevice:
     def _on_message(self, client, userdata, msg):
         with self.lock:
             if msg.topic.endswith("/cmd"):
-                self._on_command(json.loads(msg.payload))
+                # A signed envelope (§4): check the command signature, then use the body.
+                env = json.loads(msg.payload)
+                assert env["kid"] == key_id(self.pub65)
+                verify_signature(self.pub65, env["sig"], env["body"].encode())
+                self._on_command(json.loads(env["body"]))
             elif msg.topic.endswith("/data"):
                 self._on_chunk(bytes(msg.payload))
 
@@ -180,8 +189,9 @@ class ScriptedDevice:
         if not self.auto or cmd["type"] != "update":
             return
         assert cmd["job"] > self.job
-        assert cmd["kid"] == key_id(self.pub65)
-        verify_signature(self.pub65, cmd["sig"], cmd["manifest"].encode())
+        assert cmd["device"] == self.id
+        assert cmd["manifest_kid"] == key_id(self.pub65)
+        verify_signature(self.pub65, cmd["manifest_sig"], cmd["manifest"].encode())
         manifest = json.loads(cmd["manifest"])
         assert self.hardware in manifest["hw"]
         self.job, self.manifest = cmd["job"], manifest
@@ -236,6 +246,7 @@ def add_device(store, broker, key, hardware="unix", tags=(), **kw) -> ScriptedDe
 
 def center_for(store, broker, tmp_path, **kw) -> ControlCenter:
     kw.setdefault("poll_interval", 0.05)
+    kw.setdefault("signer", Signer(SERVER_KEY))
     return ControlCenter(store, broker.server_url, tmp_path / "blobs", client_id=uid("fota-center"), **kw)
 
 
@@ -279,7 +290,7 @@ def test_bundle_requires_app_and_exact_length(tmp_path):
 
 def test_build_manifest_is_compact_sorted_json():
     text = build_manifest("1.2.0", ["esp32", "unix"], "image", b"abc")
-    assert text == ('{"hw":["esp32","unix"],"kind":"image","sha256":"%s","size":3,"v":1,"version":"1.2.0"}'
+    assert text == ('{"counter":0,"hw":["esp32","unix"],"kind":"image","sha256":"%s","size":3,"v":1,"version":"1.2.0"}'
                     % hashlib.sha256(b"abc").hexdigest())
     for args in (("", ["x"], "image", b"a"), ("1", [], "image", b"a"), ("1", ["x"], "zip", b"a"),
                  ("1", ["x"], "image", b""), ("v" * 65, ["x"], "image", b"a")):
@@ -398,7 +409,7 @@ def test_update_end_to_end(store, broker, key, app_dir, tmp_path):
     job_id = dep.jobs[0].id
     (cmd,) = dev.commands
     assert (cmd["type"], cmd["job"], cmd["chunk"], cmd["window"]) == ("update", job_id, 256, 4)
-    assert (cmd["manifest"], cmd["sig"], cmd["kid"]) == (rel.manifest, rel.signature, rel.key_id)
+    assert (cmd["manifest"], cmd["manifest_sig"], cmd["manifest_kid"]) == (rel.manifest, rel.signature, rel.key_id)
     nchunks = math.ceil(len(image) / 256)
     assert [(j, i) for j, i, _ in dev.chunks] == [(job_id, i) for i in range(nchunks)]
     assert dev.image == image and dev.files == bundle.unpack(image)
@@ -537,7 +548,8 @@ def test_statuses_queued_while_center_is_away(lite_store, broker, key, tmp_path)
     client_id = uid("fota-center")
 
     async def scenario():
-        center = ControlCenter(store, broker.server_url, tmp_path / "blobs", client_id=client_id, poll_interval=0.05)
+        center = ControlCenter(store, broker.server_url, tmp_path / "blobs", client_id=client_id, poll_interval=0.05,
+                               signer=Signer(SERVER_KEY))
         await center.start()
         dev.start()
         dep = create_deployment(store, rel, device_ids=[dev.id])
@@ -547,7 +559,8 @@ def test_statuses_queued_while_center_is_away(lite_store, broker, key, tmp_path)
         dev.status(job, "downloading", progress=0.0)
         dev.status(job, "failed", code=protocol.E_HW_MISMATCH)
         await asyncio.sleep(0.2)
-        center = ControlCenter(store, broker.server_url, tmp_path / "blobs", client_id=client_id, poll_interval=0.05)
+        center = ControlCenter(store, broker.server_url, tmp_path / "blobs", client_id=client_id, poll_interval=0.05,
+                               signer=Signer(SERVER_KEY))
         await center.start()
         try:
             await until(lambda: center.job_states(dep.id)[dev.id] == "failed", what="queued statuses")

@@ -19,9 +19,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 keys_app = typer.Typer(no_args_is_help=True, help="The operator's signing key.")
 release_app = typer.Typer(no_args_is_help=True, help="Releases: signed images and app bundles.")
 device_app = typer.Typer(no_args_is_help=True, help="Provision and run devices.")
+token_app = typer.Typer(no_args_is_help=True, help="API tokens of the operators (fota api).")
 app.add_typer(keys_app, name="keys")
 app.add_typer(release_app, name="release")
 app.add_typer(device_app, name="device")
+app.add_typer(token_app, name="token")
 
 console = Console()
 err = Console(stderr=True)
@@ -42,32 +44,69 @@ def _store(home: Home):
     return Store(home.database_url)
 
 
+def _audit(store, action: str, target: str, detail: dict | None = None) -> None:
+    """Record a CLI action in the audit log (actor "cli:<os user>")."""
+    from fota.server import audit
+    audit.record(store, audit.cli_actor(), action, target, detail)
+
+
 def _signing_key(home: Home):
-    from fota.tools.signing import SigningError, load_private_key
-    if not home.private_key.exists():
+    from fota.tools.signing import SigningError
+    if not home.keyring.exists():
         _fail(f"no signing key in {home.keys}: run 'fota keys init' first")
     try:
-        return load_private_key(home.private_key)
+        return home.keyring.signer().key
     except SigningError as e:
         _fail(str(e))
 
 
 # ---- keys ----------------------------------------------------------------------------------------
 @keys_app.command("init")
-def keys_init(home: Optional[Path] = HomeOpt, force: bool = typer.Option(False, help="replace an existing key")):
-    """Create the operator's ECDSA P-256 signing key; prints the public key devices must pin."""
-    from fota.tools.signing import generate_private_key, key_id, public_key_bytes, save_private_key
+def keys_init(home: Optional[Path] = HomeOpt, force: bool = typer.Option(False, help="replace existing keys")):
+    """Create the root key (pinned on devices) and a root-certified signing key."""
     h = Home.locate(home)
-    if h.private_key.exists() and not force:
-        _fail(f"a signing key already exists at {h.private_key} (use --force to replace it)")
-    h.keys.mkdir(parents=True, exist_ok=True)
-    key = generate_private_key()
-    save_private_key(key, h.private_key)
-    pub = public_key_bytes(key)
-    (h.keys / "signing.pub").write_text(pub.hex() + "\n")
+    ring = h.keyring
+    if ring.exists() and not force:
+        _fail(f"keys already exist in {h.keys} (use --force to replace them: devices pinned to the old "
+              "root key would refuse everything)")
+    ring.init()
     h.config()
-    console.print(f"signing key written to {h.private_key}")
-    console.print(f"key id {key_id(pub)}; public key (pin on devices): {pub.hex()}")
+    signer = ring.signer()
+    console.print(f"root key {ring.root_path} (pin on devices; keep it offline in production)")
+    console.print(f"signing key {signer.kid} certified by the root; trust version {ring.trust()['version']}")
+
+
+@keys_app.command("rotate")
+def keys_rotate(home: Optional[Path] = HomeOpt,
+                keep_old: bool = typer.Option(False, "--keep-old", help="do not revoke the current key")):
+    """Replace the signing key: the root certifies a new one and revokes the old one.
+
+    Devices get the root-signed key update from the running control center when they next
+    report an older trust version; no reflash is needed.
+    """
+    from fota.tools.signing import SigningError
+    h = Home.locate(home)
+    try:
+        old = h.keyring.signer().kid
+        new = h.keyring.rotate(revoke_old=not keep_old)
+    except SigningError as e:
+        _fail(str(e))
+    console.print(f"signing key {new.kid} replaces {old}{'' if keep_old else ' (revoked)'}; "
+                  f"trust version {h.keyring.trust()['version']}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(kid: str, home: Optional[Path] = HomeOpt):
+    """Revoke a signing key by its key id (devices refuse it after the next key update)."""
+    from fota.tools.signing import SigningError
+    h = Home.locate(home)
+    try:
+        if kid == h.keyring.signer().kid:
+            _fail("that is the current signing key: run 'fota keys rotate' instead")
+        doc = h.keyring.revoke(kid)
+    except SigningError as e:
+        _fail(str(e))
+    console.print(f"key {kid} revoked; trust version {doc['version']}")
 
 
 # ---- releases ------------------------------------------------------------------------------------
@@ -75,6 +114,9 @@ def keys_init(home: Optional[Path] = HomeOpt, force: bool = typer.Option(False, 
 def release_create(path: Path = typer.Argument(..., help="app directory (bundle) or .bin image"),
                    version: str = typer.Option(..., "--version", help="release version, e.g. 1.1.0"),
                    hardware: List[str] = typer.Option(..., "--hardware", help="hardware type (repeatable)"),
+                   counter: int = typer.Option(0, "--counter", min=0,
+                                               help="security counter: devices refuse releases below the "
+                                                    "highest counter they installed"),
                    home: Optional[Path] = HomeOpt):
     """Sign and store a release."""
     from fota.server.releases import ReleaseError, create_release
@@ -82,10 +124,14 @@ def release_create(path: Path = typer.Argument(..., help="app directory (bundle)
     if not path.exists():
         _fail(f"{path} does not exist")
     key = _signing_key(h)
+    store = _store(h)
     try:
-        rel = create_release(_store(h), h.blobs, key, path, version, list(hardware))
+        rel = create_release(store, h.blobs, key, path, version, list(hardware), counter=counter)
     except (ReleaseError, ValueError) as e:
         _fail(str(e))
+    _audit(store, "release.create", f"release:{rel.version}",
+           {"id": rel.id, "kind": rel.kind, "size": rel.size, "sha256": rel.sha256,
+            "hardware": list(rel.hardware), "key_id": rel.key_id})
     console.print(f"release {rel.version} ({rel.kind}, {rel.size} bytes, sha256 {rel.sha256[:16]}…) "
                   f"for {', '.join(rel.hardware)} signed by key {rel.key_id}")
 
@@ -115,6 +161,7 @@ def device_add(device_id: str, hardware: str = typer.Option(..., "--hardware"),
         _, password = provision_device(store, device_id, hardware, tags=tuple(tag))
     except FleetError as e:
         _fail(str(e))
+    _audit(store, "device.add", f"device:{device_id}", {"hardware": hardware, "tags": list(tag)})
     _refresh_broker_passwords(h, store)
     console.print(f"device {device_id} provisioned; broker user {device_id}, password {password}")
     if unix_dir:
@@ -132,11 +179,11 @@ def _refresh_broker_passwords(h: Home, store) -> None:
 def _make_unix_device(h: Home, device_id: str, hardware: str, password: str, version: str = "1.0.0", **settings):
     from fota.examples import hello_files
     from fota.tools.devicedir import create_device_dir
-    from fota.tools.signing import load_private_key, public_key_bytes
     from urllib.parse import urlparse
     url = urlparse(h.broker_url)
-    pub = public_key_bytes(load_private_key(h.private_key))
-    return create_device_dir(h.devices_dir / device_id, device_id=device_id, hardware=hardware, pubkey=pub,
+    ring = h.keyring
+    return create_device_dir(h.devices_dir / device_id, device_id=device_id, hardware=hardware,
+                             root_key=ring.root_public(), trust=ring.trust(),
                              host=url.hostname or "127.0.0.1", port=url.port or 1883, password=password,
                              app_files=hello_files(version), version=version, **settings)
 
@@ -189,6 +236,8 @@ def deploy(release: str = typer.Argument(..., help="release version or id"),
         dep = create_deployment(store, rel, device_ids=list(device) or None, tag=tag)
     except (DeploymentError, ReleaseError, LookupError) as e:
         _fail(str(e))
+    _audit(store, "deployment.create", f"deployment:{dep.id}",
+           {"release": rel.version, "target": dep.target, "devices": [j.device_id for j in dep.jobs]})
     console.print(f"deployment {dep.id}: release {rel.version} to {len(dep.jobs)} device(s)")
 
 
@@ -262,12 +311,75 @@ def history(device_id: str, home: Optional[Path] = HomeOpt):
     console.print(t)
 
 
+# ---- API tokens ------------------------------------------------------------------------------------
+@token_app.command("create")
+def token_create(name: str = typer.Argument(..., help="token name (the actor in the audit log)"),
+                 role: str = typer.Option(..., "--role", help="read | admin"),
+                 ttl: Optional[int] = typer.Option(None, "--ttl", min=1, help="expires after SECONDS "
+                                                                              "(default: never)"),
+                 home: Optional[Path] = HomeOpt):
+    """Create an API token; its secret is printed once and stored nowhere (only its SHA-256)."""
+    from fota.server.audit import cli_actor
+    from fota.server.auth import AuthError, create_token
+    try:
+        token, secret = create_token(_store(Home.locate(home)), name, role, ttl, actor=cli_actor())
+    except AuthError as e:
+        _fail(str(e))
+    expires = token.expires_at.strftime("%Y-%m-%d %H:%M:%S UTC") if token.expires_at else "never"
+    console.print(f"token {token.name} ({token.role}, expires {expires}); its secret, shown only now:")
+    console.print(secret, highlight=False, soft_wrap=True)
+
+
+@token_app.command("list")
+def token_list(home: Optional[Path] = HomeOpt):
+    """List API tokens (never their secrets)."""
+    from fota.server.auth import list_tokens, token_state
+    fmt = "%Y-%m-%d %H:%M:%S"
+    t = Table("name", "role", "state", "created", "expires", "last used")
+    for tok in list_tokens(_store(Home.locate(home))):
+        t.add_row(tok.name, tok.role, token_state(tok), tok.created_at.strftime(fmt),
+                  tok.expires_at.strftime(fmt) if tok.expires_at else "never",
+                  tok.last_used_at.strftime(fmt) if tok.last_used_at else "never")
+    console.print(t)
+
+
+@token_app.command("revoke")
+def token_revoke(name: str, home: Optional[Path] = HomeOpt):
+    """Revoke an API token for good."""
+    from fota.server.audit import cli_actor
+    from fota.server.auth import AuthError, revoke_token
+    try:
+        revoke_token(_store(Home.locate(home)), name, actor=cli_actor())
+    except AuthError as e:
+        _fail(str(e))
+    console.print(f"token {name} revoked")
+
+
 # ---- services --------------------------------------------------------------------------------------
+@app.command("api")
+def api(host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (plain HTTP)"),
+        port: int = typer.Option(8080, "--port"),
+        home: Optional[Path] = HomeOpt):
+    """Serve the HTTP API (bearer tokens: 'fota token create'); OpenAPI UI at /docs."""
+    import uvicorn
+    from fota.server.api import create_app
+    from fota.tools.signing import load_private_key
+    h = Home.locate(home)
+    api_app = create_app(_store(h), h.blobs, lambda: load_private_key(h.private_key))
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(f"[yellow]warning:[/yellow] plain HTTP on {host}: bearer tokens travel in clear text; "
+                  "put a TLS-terminating proxy in front")
+    console.print(f"API on http://{host}:{port} (OpenAPI UI: /docs; home {h.path})")
+    uvicorn.run(api_app, host=host, port=port, log_level="info")
+
+
 @app.command("serve")
 def serve(home: Optional[Path] = HomeOpt):
     """Run the control center (and its own Mosquitto unless a broker URL is configured)."""
     from fota.server.app import run_control_center
     h = Home.locate(home)
+    if not h.keyring.exists():
+        _fail(f"no keys in {h.keys}: run 'fota keys init' first (commands to devices are signed)")
     console.print(f"control center on {h.path}; broker {'managed' if h.managed_broker else h.broker_url}")
     try:
         asyncio.run(run_control_center(h))

@@ -62,13 +62,11 @@ async def _demo(root: Path, n: int, timeout: float, console: Console, heap: str)
     from fota.server.home import Home
     from fota.server.releases import create_release
     from fota.server.store import Store
-    from fota.tools.signing import generate_private_key, save_private_key
     from fota.tools.supervisor import DeviceProcess
 
     home = Home(root / "home")
-    home.keys.mkdir(parents=True)
-    key = generate_private_key()
-    save_private_key(key, home.private_key)
+    home.keyring.init()
+    key = home.keyring.signer().key
     home.config()
     store = Store(home.database_url)
     ids = [f"dev-{i:02d}" for i in range(1, n + 1)]

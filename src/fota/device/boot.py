@@ -1,6 +1,6 @@
 # The boot record and the boot selector: which slot runs, trial attempts, revert.
 #
-# record = {"active": "a", "versions": {"a": "1.0.0", "b": None},
+# record = {"active": "a", "versions": {"a": "1.0.0", "b": None}, "counter": 0,
 #           "trial": None | {"slot", "job", "version", "tries", "error"},
 #           "report": None | {"job", "state", "code", "reason"}}
 # "report" is a terminal status (confirmed/reverted) kept until the broker acknowledged it.
@@ -10,7 +10,7 @@ SLOTS = ("a", "b")
 
 
 def new_record(version=None):
-    return {"active": "a", "versions": {"a": version, "b": None}, "trial": None, "report": None}
+    return {"active": "a", "versions": {"a": version, "b": None}, "trial": None, "report": None, "counter": 0}
 
 
 def other(slot):
@@ -38,10 +38,11 @@ def select(record, max_tries):
     return record["active"], False
 
 
-def set_trial(record, job, version):
+def set_trial(record, job, version, counter=0):
     slot = other(record["active"])
     record["versions"][slot] = version
-    record["trial"] = {"slot": slot, "job": job, "version": version, "tries": 0, "error": None}
+    record["trial"] = {"slot": slot, "job": job, "version": version, "tries": 0, "error": None,
+                       "counter": counter}
     record["report"] = None
 
 
@@ -53,5 +54,7 @@ def trial_failed(record, reason):
 def confirm(record, report):
     trial = record["trial"]
     record["active"] = trial["slot"]
+    # The anti-rollback floor rises only with a confirmed image, in the same atomic write.
+    record["counter"] = max(record.get("counter", 0), trial.get("counter", 0))
     record["trial"] = None
     record["report"] = report

@@ -1,5 +1,7 @@
 # Streaming reader of app bundles (docs/protocol.md section 7), with a small fixed buffer.
 import struct
+import hashlib
+from binascii import hexlify
 
 from fota.device import fsutil
 
@@ -33,8 +35,17 @@ def _read_exact(f, n, remaining):
     return data
 
 
-def extract(f, size, dest, buf_size=512):
-    """Unpack `size` bytes of bundle from file object f into directory dest. Returns names."""
+def extract(f, size, dest, files=None, buf_size=512):
+    """Unpack `size` bytes of bundle from file object f into directory dest. Returns names.
+
+    files: the signed manifest's [name, size, sha256] list; when given, the bundle must hold
+    exactly those files with those sizes and hashes.
+    """
+    expected = None
+    if files is not None:
+        expected = {}
+        for name, fsize, digest in files:
+            expected[name] = (fsize, digest.lower())
     remaining = [size]
     if _read_exact(f, 4, remaining) != MAGIC:
         raise BundleError("not a bundle (bad magic)")
@@ -54,9 +65,15 @@ def extract(f, size, dest, buf_size=512):
         for prev in names:  # one name as both a file and a directory cannot be unpacked
             if prev.startswith(name + "/") or name.startswith(prev + "/"):
                 raise BundleError("file %s conflicts with %s" % (name, prev))
+        if name in names:
+            raise BundleError("file %s appears twice" % name)
         (fsize,) = struct.unpack(">I", _read_exact(f, 4, remaining))
         if fsize > remaining[0]:
             raise BundleError("file %s truncated" % name)
+        if expected is not None:
+            if name not in expected or expected[name][0] != fsize:
+                raise BundleError("file %s (%d bytes) is not in the signed manifest" % (name, fsize))
+        h = hashlib.sha256()
         if "/" in name:
             fsutil.makedirs(dest + "/" + name.rsplit("/", 1)[0])
         with open(dest + "/" + name, "wb") as out:
@@ -67,11 +84,16 @@ def extract(f, size, dest, buf_size=512):
                 if not n:
                     raise BundleError("file %s truncated" % name)
                 out.write(mv[:n])
+                h.update(mv[:n])
                 left -= n
         remaining[0] -= fsize
+        if expected is not None and hexlify(h.digest()).decode() != expected[name][1]:
+            raise BundleError("file %s does not match its signed sha256" % name)
         names.append(name)
     if remaining[0]:
         raise BundleError("%d bytes after the last file" % remaining[0])
+    if expected is not None and len(names) != len(expected):
+        raise BundleError("bundle lacks files the signed manifest lists")
     if "app.py" not in names and "app.mpy" not in names:
         raise BundleError("bundle has no app.py or app.mpy")
     return names

@@ -11,7 +11,8 @@
 #   (A_JOURNAL, dict_or_None)                   flush the slot, then persist (or delete) the journal
 #   (A_STATE, dict)                             persist the agent state (last accepted job)
 #   (A_INSTALL, manifest)                       finalise the slot; the runner answers installed()
-#   (A_SET_TRIAL, job, version)                 mark the inactive slot for a trial boot
+#   (A_SET_TRIAL, job, version, counter)        mark the inactive slot for a trial boot
+#   (A_TRUST, document)                         persist a new trust store (root-signed key update)
 #   (A_CONFIRM, report)                         make the running trial slot permanent
 #   (A_CLEAR_REPORT,)                           the boot record's terminal report was acknowledged
 #   (A_TRIAL_FAILED, reason)                    record a failed trial in the boot record
@@ -26,6 +27,7 @@ from binascii import hexlify, unhexlify
 
 from fota.device import protocol as P
 from fota.device import ecdsa
+from fota.device.trust import TrustError, TrustStore
 
 A_PUBLISH = "publish"
 A_BEGIN = "begin"
@@ -38,6 +40,7 @@ A_CONFIRM = "confirm"
 A_CLEAR_REPORT = "clear_report"
 A_TRIAL_FAILED = "trial_failed"
 A_REBOOT = "reboot"
+A_TRUST = "trust"
 
 # (from state, event) -> to state. An event the table does not allow raises ProtocolError.
 TRANSITIONS = (
@@ -64,7 +67,7 @@ _TABLE = {}
 for _f, _e, _t in TRANSITIONS:
     _TABLE[(_f, _e)] = _t
 
-REJECTED = "rejected"  # status kind for a refused message; not a state
+REJECTED = P.REJECTED  # status kind for a refused message; not a state
 PROGRESS_STEP = 0.1     # report download progress at most every 10 %
 
 
@@ -131,11 +134,27 @@ def parse_manifest(text, kinds):
         problems.append("size must be a positive integer")
     if not _is_hex(m.get("sha256"), 64):
         problems.append("sha256 must be 64 hex chars")
+    counter = m.get("counter")
+    if not isinstance(counter, int) or isinstance(counter, bool) or counter < 0:
+        problems.append("counter must be an integer >= 0")
+    files = m.get("files")
+    if files is not None and not _valid_files(files):
+        problems.append("files must be a list of [name, size, sha256]")
     if m.get("kind") not in kinds:
         problems.append("kind %r is not installable here (backend takes %s)" % (m.get("kind"), "/".join(kinds)))
     if problems:
         raise Rejection(P.E_BAD_MANIFEST, "; ".join(problems), terminal=True)
     return m
+
+
+def _valid_files(files):
+    if not isinstance(files, list):
+        return False
+    for f in files:
+        if not (isinstance(f, list) and len(f) == 3 and isinstance(f[0], str) and isinstance(f[1], int)
+                and not isinstance(f[1], bool) and _is_hex(f[2], 64)):
+            return False
+    return True
 
 
 class Job:
@@ -154,22 +173,24 @@ class Job:
 class UpdateCore:
     """The update state machine of one device.
 
-    identity: dict with id, hardware, pubkey (65 bytes), capacity (bytes), kinds (tuple of
-    manifest kinds the slot backend installs), version (running version).
-    agent_state: persisted dict {"last_job": int, "boot": int} (boot already incremented).
+    identity: dict with id, hardware, root (65-byte root public key), trust (trust document, see
+    fota.device.trust), capacity (bytes), kinds (tuple of manifest kinds the slot backend
+    installs), version (running version), counter (highest installed security counter).
+    agent_state: persisted dict {"last_job", "boot" (already incremented), "time"}.
     """
 
     def __init__(self, identity, agent_state, settings=None):
         self.id = identity["id"]
         self.hardware = identity["hardware"]
-        self.pubkey = identity["pubkey"]
-        self.kid = ecdsa.key_id(self.pubkey)
+        self.trust = TrustStore(identity["root"], identity["trust"])
+        self.counter = identity.get("counter", 0)
         self.capacity = identity["capacity"]
         self.kinds = identity["kinds"]
         self.version = identity["version"]
         self.settings = settings or Settings()
         self.last_job = agent_state.get("last_job", 0)
         self.boot = agent_state.get("boot", 0)
+        self.time = agent_state.get("time", identity.get("time", 0))  # latest signed time seen
         self.seq = 0
         self.state = P.IDLE
         self.job = None
@@ -215,7 +236,8 @@ class UpdateCore:
     def inventory(self, extra=None):
         inv = {"device": self.id, "proto": P.VERSION, "hardware": self.hardware,
                "version": self.version, "max_chunk": self.settings.max_chunk,
-               "capacity": self.capacity, "state": self.state, "job": self.last_job}
+               "capacity": self.capacity, "state": self.state, "job": self.last_job,
+               "keys": self.trust.version, "counter": self.counter}
         inv.update(self.inventory_extra)
         if extra:
             inv.update(extra)
@@ -227,7 +249,7 @@ class UpdateCore:
 
         journal/hasher: an interrupted download (hasher already fed with the bytes in the slot).
         """
-        actions = [(A_STATE, {"last_job": self.last_job, "boot": self.boot})]
+        actions = [self._agent_state()]
         trial = boot_record.get("trial")
         report = boot_record.get("report")
         if report:
@@ -282,31 +304,27 @@ class UpdateCore:
         return []
 
     # ---- commands ----------------------------------------------------------------------------
+    def _agent_state(self):
+        return (A_STATE, {"last_job": self.last_job, "boot": self.boot, "time": self.time})
+
     def command(self, payload):
-        """A message on the cmd topic (bytes)."""
+        """A message on the cmd topic (bytes): a signed envelope, see docs/protocol.md section 4."""
         try:
-            # An int is the length of a payload the MQTT client dropped as too large.
-            size = payload if isinstance(payload, int) else len(payload)
-            if size > P.MAX_COMMAND_BYTES:
-                raise Rejection(P.E_OVERSIZE, "command of %d bytes exceeds %d" % (size, P.MAX_COMMAND_BYTES))
-            try:
-                cmd = json.loads(payload)
-            except (ValueError, TypeError, UnicodeError):
-                raise Rejection(P.E_BAD_COMMAND, "command is not JSON")
-            if not isinstance(cmd, dict):
-                raise Rejection(P.E_BAD_COMMAND, "command is not a JSON object")
-            kind = cmd.get("type")
-            if not isinstance(kind, str):
-                raise Rejection(P.E_BAD_COMMAND, "field 'type' missing or not str")
-            job = _need(cmd, "job", int)
-            if job < 1:
-                raise Rejection(P.E_BAD_COMMAND, "job must be >= 1")
+            body, kid, now = self._authenticate(payload)
+            kind = body["type"]
+            if kind == "keys":
+                return self._keys(body, kid, now)
+            if kid == self.trust.root_kid:
+                raise Rejection(P.E_UNKNOWN_KEY, "the root key signs only key updates", body.get("job"))
+            job = body["job"]
+            if body.get("device") != self.id:
+                raise Rejection(P.E_WRONG_DEVICE, "command is for device %r, this is %r" % (body.get("device"), self.id), job)
             if kind not in ("update", "cancel", "inventory"):
                 raise Rejection(P.E_UNKNOWN_COMMAND, "unknown command type %r" % kind, job)
             if kind == "update":
-                self._check_update_fields(cmd)
+                self._check_update_fields(body)
             elif kind == "cancel":
-                _need(cmd, "target", int)
+                _need(body, "target", int)
             if job == self.last_job:
                 raise Rejection(P.E_DUPLICATE_JOB, "job %d already accepted; ignored" % job, job)
             if job < self.last_job:
@@ -314,14 +332,81 @@ class UpdateCore:
         except Rejection as r:
             return [self._publish_status(self._rejected(r, r.job))]
 
-        # From here the job id is new: persist it first so that a redelivery runs nothing twice.
+        # Authentic and new: persist the job id first so that a redelivery runs nothing twice.
         self.last_job = job
-        actions = [(A_STATE, {"last_job": self.last_job, "boot": self.boot})]
+        self.time = now
+        actions = [self._agent_state()]
         if kind == "inventory":
             return actions + [self.inventory()]
         if kind == "cancel":
-            return actions + self._cancel(cmd)
-        return actions + self._update(cmd)
+            return actions + self._cancel(body)
+        return actions + self._update(body)
+
+    def _authenticate(self, payload):
+        """Envelope -> (body, signer kid, trusted time); raises Rejection.
+
+        The signer's key must be the root key or certified for commands at the command's time
+        (never earlier than the latest time already seen), and must have signed the body bytes.
+        """
+        # An int is the length of a payload the MQTT client dropped as too large.
+        size = payload if isinstance(payload, int) else len(payload)
+        if size > P.MAX_COMMAND_BYTES:
+            raise Rejection(P.E_OVERSIZE, "command of %d bytes exceeds %d" % (size, P.MAX_COMMAND_BYTES))
+        try:
+            env = json.loads(payload)
+        except (ValueError, TypeError, UnicodeError):
+            raise Rejection(P.E_BAD_COMMAND, "command is not JSON")
+        if not isinstance(env, dict):
+            raise Rejection(P.E_BAD_COMMAND, "command is not a JSON object")
+        text = env.get("body")
+        kid = env.get("kid")
+        sig = env.get("sig")
+        if not isinstance(text, str):
+            raise Rejection(P.E_BAD_COMMAND, "field 'body' missing or not str")
+        if not _is_hex(kid, 16) or not _is_hex(sig, 128):
+            raise Rejection(P.E_BAD_COMMAND, "kid must be 16 and sig 128 hex chars")
+        try:
+            body = json.loads(text)
+        except (ValueError, TypeError):
+            raise Rejection(P.E_BAD_COMMAND, "command body is not JSON")
+        if not isinstance(body, dict):
+            raise Rejection(P.E_BAD_COMMAND, "command body is not a JSON object")
+        if not isinstance(body.get("type"), str):
+            raise Rejection(P.E_BAD_COMMAND, "field 'type' missing or not str")
+        job = body.get("job")
+        if body["type"] != "keys":
+            job = _need(body, "job", int)
+            if job < 1:
+                raise Rejection(P.E_BAD_COMMAND, "job must be >= 1")
+        claimed = _need(body, "time", int)
+        now = claimed if claimed > self.time else self.time
+        kid = kid.lower()
+        if kid == self.trust.root_kid:
+            pub = self.trust.root
+        else:
+            try:
+                pub = self.trust.key_for(kid, "command", now)
+            except TrustError as e:
+                raise Rejection(e.code, e.reason, job)
+        if not ecdsa.verify(pub, text.encode(), unhexlify(sig)):
+            raise Rejection(P.E_BAD_SIGNATURE, "command signature does not verify", job)
+        return body, kid, now
+
+    def _keys(self, body, kid, now):
+        """A root-signed key update: replaces the trust store if its version is newer."""
+        try:
+            if kid != self.trust.root_kid:
+                raise Rejection(P.E_UNKNOWN_KEY, "key updates must be signed by the root key")
+            try:
+                self.trust = self.trust.updated(body)
+            except TrustError as e:
+                raise Rejection(e.code, e.reason)
+        except Rejection as r:
+            return [self._publish_status(self._rejected(r, None))]
+        self.time = now
+        msg = self._status(P.KEYS_UPDATED, job=None)
+        msg["keys"] = self.trust.version
+        return [self._agent_state(), (A_TRUST, self.trust.doc), self._publish_status(msg), self.inventory()]
 
     def _rejected(self, r, job):
         msg = self._status(REJECTED, job=job, code=r.code, reason=r.reason)
@@ -329,14 +414,12 @@ class UpdateCore:
         return msg
 
     def _check_update_fields(self, cmd):
-        for key in ("manifest", "kid", "sig"):
+        for key in ("manifest", "manifest_kid", "manifest_sig"):
             _need(cmd, key, str)
-        if len(cmd["manifest"]) > P.MAX_COMMAND_BYTES:
-            raise Rejection(P.E_BAD_COMMAND, "manifest too long")
-        if not _is_hex(cmd["sig"], 128):
-            raise Rejection(P.E_BAD_COMMAND, "sig must be 128 hex chars")
-        if not _is_hex(cmd["kid"], 16):
-            raise Rejection(P.E_BAD_COMMAND, "kid must be 16 hex chars")
+        if not _is_hex(cmd["manifest_sig"], 128):
+            raise Rejection(P.E_BAD_COMMAND, "manifest_sig must be 128 hex chars", cmd["job"])
+        if not _is_hex(cmd["manifest_kid"], 16):
+            raise Rejection(P.E_BAD_COMMAND, "manifest_kid must be 16 hex chars", cmd["job"])
         chunk = cmd.get("chunk", P.DEFAULT_CHUNK_SIZE)
         window = cmd.get("window", P.DEFAULT_WINDOW)
         if not isinstance(chunk, int) or isinstance(chunk, bool) or not 64 <= chunk <= self.settings.max_chunk:
@@ -347,15 +430,19 @@ class UpdateCore:
         cmd["window"] = window
 
     def _verify(self, cmd):
-        """Key, signature, manifest, hardware and size checks of an update; returns the manifest."""
-        if cmd["kid"].lower() != self.kid:
-            raise Rejection(P.E_UNKNOWN_KEY, "signed by key %s; this device trusts %s" % (cmd["kid"], self.kid), terminal=True)
+        """Release key, signature, manifest, hardware, counter and size checks; returns the manifest."""
+        try:
+            pub = self.trust.key_for(cmd["manifest_kid"].lower(), "release", self.time)
+        except TrustError as e:
+            raise Rejection(e.code, e.reason, terminal=True)
         text = cmd["manifest"].encode()
-        if not ecdsa.verify(self.pubkey, text, unhexlify(cmd["sig"])):
+        if not ecdsa.verify(pub, text, unhexlify(cmd["manifest_sig"])):
             raise Rejection(P.E_BAD_SIGNATURE, "manifest signature does not verify", terminal=True)
         m = parse_manifest(text, self.kinds)
         if self.hardware not in m["hw"]:
             raise Rejection(P.E_HW_MISMATCH, "release is for %s, this device is %s" % (",".join(m["hw"]), self.hardware), terminal=True)
+        if m["counter"] < self.counter:
+            raise Rejection(P.E_DOWNGRADE, "security counter %d is below the installed %d" % (m["counter"], self.counter), terminal=True)
         if m["size"] > self.capacity:
             raise Rejection(P.E_TOO_LARGE, "image of %d bytes exceeds slot capacity %d" % (m["size"], self.capacity), terminal=True)
         return m
@@ -480,7 +567,7 @@ class UpdateCore:
             return self._end(P.FAILED, "error", code, reason)
         self._go("installed")
         return [
-            (A_SET_TRIAL, self.job.id, self.job.manifest["version"]),
+            (A_SET_TRIAL, self.job.id, self.job.manifest["version"], self.job.manifest["counter"]),
             (A_JOURNAL, None),
             self._publish_status(self._status(P.REBOOTING)),
             (A_REBOOT,),

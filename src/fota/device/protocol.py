@@ -17,7 +17,7 @@ DATA = "data"            # control center -> device, QoS 0, binary chunk
 CHUNK_HEADER = ">II"
 CHUNK_HEADER_SIZE = 8
 
-MAX_COMMAND_BYTES = 4096     # a larger command is refused with E_OVERSIZE
+MAX_COMMAND_BYTES = 8192     # a larger command is refused with E_OVERSIZE
 MAX_CHUNK_SIZE = 8192        # largest chunk a device may ask for
 DEFAULT_CHUNK_SIZE = 2048
 DEFAULT_WINDOW = 8           # chunks per request
@@ -56,6 +56,10 @@ STATES = (IDLE, DOWNLOADING, VERIFYING, INSTALLING, REBOOTING, TRIAL,
           CONFIRMED, FAILED, REVERTED, CANCELLED)
 TERMINAL_STATES = (CONFIRMED, FAILED, REVERTED, CANCELLED)
 
+# Status kinds that are not states: a refused message, an applied key update.
+REJECTED = "rejected"
+KEYS_UPDATED = "keys"
+
 # Error codes: "code" field of a status. Each has one meaning; texts go in "reason".
 E_BAD_COMMAND = "E_BAD_COMMAND"        # command not JSON, missing field or wrong type
 E_OVERSIZE = "E_OVERSIZE"              # command larger than MAX_COMMAND_BYTES
@@ -74,8 +78,15 @@ E_BAD_BUNDLE = "E_BAD_BUNDLE"          # app bundle format invalid (after hash p
 E_TIMEOUT = "E_TIMEOUT"                # transfer stalled past its deadline
 E_HEALTH = "E_HEALTH"                  # new firmware failed its trial boot (reverted)
 E_NOT_RUNNING = "E_NOT_RUNNING"        # cancel for a job that is not in progress
+E_KEY_REVOKED = "E_KEY_REVOKED"        # signed by a key the root key revoked
+E_KEY_EXPIRED = "E_KEY_EXPIRED"        # signed by a key outside its certified validity
+E_WRONG_DEVICE = "E_WRONG_DEVICE"      # a command signed for another device
+E_DOWNGRADE = "E_DOWNGRADE"            # manifest security counter below the installed one
+E_STALE_KEYS = "E_STALE_KEYS"          # key update not newer than the trust store
+E_BAD_KEYS = "E_BAD_KEYS"              # key update or certificate malformed or not root-signed
 
 ERROR_CODES = (E_BAD_COMMAND, E_OVERSIZE, E_UNKNOWN_COMMAND, E_STALE_JOB, E_DUPLICATE_JOB,
                E_BAD_MANIFEST, E_UNKNOWN_KEY, E_BAD_SIGNATURE, E_HW_MISMATCH, E_TOO_LARGE,
                E_BAD_CHUNK, E_HASH_MISMATCH, E_INSTALL, E_BAD_BUNDLE, E_TIMEOUT, E_HEALTH,
-               E_NOT_RUNNING)
+               E_NOT_RUNNING, E_KEY_REVOKED, E_KEY_EXPIRED, E_WRONG_DEVICE, E_DOWNGRADE, E_STALE_KEYS,
+               E_BAD_KEYS)

@@ -88,8 +88,11 @@ class Device:
         agent = fsutil.read_json(self._path("agent.json")) or {}
         agent["boot"] = agent.get("boot", 0) + 1
         identity = {
-            "id": cfg["id"], "hardware": cfg["hardware"], "pubkey": unhexlify(cfg["pubkey"]),
+            "id": cfg["id"], "hardware": cfg["hardware"], "root": unhexlify(cfg["root"]),
+            # keys.json holds the trust store once a key update replaced the provisioned one
+            "trust": fsutil.read_json(self._path("keys.json")) or cfg["trust"],
             "capacity": self.backend.capacity, "kinds": self.backend.KINDS, "version": version,
+            "counter": record.get("counter", 0), "time": cfg.get("time", 0),
         }
         settings = C.Settings(
             chunk_timeout=cfg.get("chunk_timeout_ms", 3000),
@@ -167,7 +170,7 @@ class Device:
             manifest = action[1]
             code = reason = None
             try:
-                self.backend.finalize(inactive, manifest["size"])
+                self.backend.finalize(inactive, manifest["size"], manifest.get("files"))
             except Exception as e:
                 name = type(e).__name__
                 code = P.E_BAD_BUNDLE if name == "BundleError" else P.E_INSTALL
@@ -175,7 +178,7 @@ class Device:
             # Answer the core at once; its actions run after this one.
             self.pending[1:1] = self.core.installed(code, reason)
         elif kind == C.A_SET_TRIAL:
-            bootrec.set_trial(self.record, action[1], action[2])
+            bootrec.set_trial(self.record, action[1], action[2], action[3])
             fsutil.write_json(self._path("boot.json"), self.record)
         elif kind == C.A_CONFIRM:
             bootrec.confirm(self.record, action[1])
@@ -185,6 +188,8 @@ class Device:
         elif kind == C.A_CLEAR_REPORT:
             self.record["report"] = None
             fsutil.write_json(self._path("boot.json"), self.record)
+        elif kind == C.A_TRUST:
+            fsutil.write_json(self._path("keys.json"), action[1])
         elif kind == C.A_TRIAL_FAILED:
             bootrec.trial_failed(self.record, action[1])
             fsutil.write_json(self._path("boot.json"), self.record)
@@ -203,12 +208,7 @@ class Device:
         cfg = self.config
         b = cfg["broker"]
         ident = cfg["id"]
-        ssl_context = None
-        if b.get("tls"):
-            import ssl
-            ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            if b.get("cadata"):
-                ssl_context.load_verify_locations(cadata=unhexlify(b["cadata"]))
+        ssl_context = _TLS(b) if b.get("tls") else None
         client = MQTTClient(ident, b.get("host", "127.0.0.1"), b.get("port", 1883), user=b.get("user", ident),
                             password=b.get("password"), keepalive=b.get("keepalive", 30),
                             clean_session=False, ssl_context=ssl_context,
@@ -263,6 +263,33 @@ class Device:
             self.execute(self.core.tick(self.now()))
             if self.app is not None and hasattr(self.app, "tick"):
                 self.app.tick()
+
+
+class _TLS:
+    # The MQTT client's ssl_context: the broker's certificate must chain to the pinned CA
+    # (broker.cadata, DER as hex) and name broker.server_hostname (default: broker.host).
+    def __init__(self, b):
+        import ssl
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.verify_mode = ssl.CERT_REQUIRED  # MicroPython's default for a client is CERT_NONE
+        if b.get("cadata"):
+            ctx.load_verify_locations(cadata=unhexlify(b["cadata"]))
+        elif hasattr(ctx, "load_default_certs"):  # CPython: the system's CAs
+            ctx.load_default_certs()
+        self.ctx = ctx
+        self.hostname = b.get("server_hostname") or b.get("host", "127.0.0.1")
+
+    def wrap_socket(self, sock, server_hostname=None):
+        try:
+            return self.ctx.wrap_socket(sock, server_hostname=self.hostname)
+        except (OSError, ValueError) as e:
+            # MicroPython raises ValueError for a certificate that fails verification: as an
+            # OSError it is retried with back-off like any failed connection.
+            reason = str(e).strip() or repr(e)
+            log("TLS handshake with", self.hostname, "failed:", reason)
+            if isinstance(e, OSError):
+                raise
+            raise OSError("TLS: " + reason)
 
 
 def load_app(app_dir):

@@ -44,6 +44,9 @@ async def control_center(home: Home, **settings):
     from fota.server.store import Store
     store = Store(home.database_url)
     broker = managed_broker(home, device_hashes(store)) if home.managed_broker else None
+    ring = home.keyring
+    settings.setdefault("signer", ring.signer())
+    settings.setdefault("keys_update", ring.keys_update())
     center = ControlCenter(store, home.broker_url, home.blobs, **settings)
     watchdog = asyncio.create_task(supervise_broker(broker)) if broker else None
     try:

@@ -3,7 +3,8 @@
     <home>/config.json      database_url, broker_url (None: managed Mosquitto), broker_port,
                             server_password (0600)
     <home>/fota.db          SQLite database (default)
-    <home>/keys/            signing.pem (operator's private key), signing.pub (hex point)
+    <home>/keys/            root.pem (pinned on devices; offline in production), signing.pem
+                            (signs manifests and commands), trust.json, keys-update.json
     <home>/blobs/           release images by sha256
     <home>/broker/          managed Mosquitto: mosquitto.conf, passwords, acl, pid
     <home>/devices/<id>/    unix-port device directories (demo, simulation)
@@ -42,6 +43,11 @@ class Home:
     @property
     def private_key(self) -> Path:
         return self.keys / "signing.pem"
+
+    @property
+    def keyring(self):
+        from fota.tools.keyring import Keyring
+        return Keyring(self.keys)
 
     @property
     def blobs(self) -> Path:

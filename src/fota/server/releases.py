@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from fota.device import protocol
 from fota.server.store import Release, Store
 from fota.tools import bundle
+from fota.tools.keyring import Signer
 from fota.tools.signing import key_id, public_key_bytes, sign
 
 __all__ = ["KINDS", "ReleaseError", "build_manifest", "create_release", "get_release",
@@ -34,8 +35,12 @@ class ReleaseError(ValueError):
     """A release cannot be created or found."""
 
 
-def build_manifest(version: str, hardware: list[str], kind: str, image: bytes) -> str:
-    """The manifest text that gets signed: compact JSON, sorted keys (§4.1)."""
+def build_manifest(version: str, hardware: list[str], kind: str, image: bytes, counter: int = 0) -> str:
+    """The manifest text that gets signed: compact JSON, sorted keys (§4.1).
+
+    A bundle's manifest also lists every file with its size and SHA-256, so the device can
+    check each file it unpacks against the one signed release (no mixing of releases).
+    """
     if not isinstance(version, str) or not 0 < len(version) <= MAX_VERSION:
         raise ReleaseError(f"version must be 1..{MAX_VERSION} characters")
     if (not isinstance(hardware, (list, tuple)) or not hardware
@@ -45,6 +50,8 @@ def build_manifest(version: str, hardware: list[str], kind: str, image: bytes) -
         raise ReleaseError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
     if not image:
         raise ReleaseError("the image is empty")
+    if not isinstance(counter, int) or isinstance(counter, bool) or counter < 0:
+        raise ReleaseError("the security counter must be an integer >= 0")
     manifest = {
         "v": MANIFEST_FORMAT,
         "version": version,
@@ -52,16 +59,22 @@ def build_manifest(version: str, hardware: list[str], kind: str, image: bytes) -
         "kind": kind,
         "size": len(image),
         "sha256": hashlib.sha256(image).hexdigest(),
+        "counter": counter,
     }
+    if kind == "bundle":
+        manifest["files"] = [[name, len(data), hashlib.sha256(data).hexdigest()]
+                             for name, data in bundle.unpack(image).items()]
     return json.dumps(manifest, sort_keys=True, separators=(",", ":"))
 
 
-def update_command(job_id: int, release: Release, chunk: int = protocol.DEFAULT_CHUNK_SIZE,
-                   window: int = protocol.DEFAULT_WINDOW) -> bytes:
-    """The `update` command (§4.1) for one job, as the bytes published on `cmd`."""
-    command = {"type": "update", "job": job_id, "manifest": release.manifest,
-               "kid": release.key_id, "sig": release.signature, "chunk": chunk, "window": window}
-    return json.dumps(command, separators=(",", ":")).encode()
+def update_command(job_id: int, device_id: str, release: Release, signer: Signer,
+                   chunk: int = protocol.DEFAULT_CHUNK_SIZE, window: int = protocol.DEFAULT_WINDOW,
+                   now: int | None = None) -> bytes:
+    """The signed `update` command (§4.1) for one job on one device, as published on `cmd`."""
+    body = {"type": "update", "job": job_id, "device": device_id, "manifest": release.manifest,
+            "manifest_kid": release.key_id, "manifest_sig": release.signature, "chunk": chunk,
+            "window": window}
+    return signer.command(body, now)
 
 
 def _load_image(source: str | os.PathLike | bytes, kind: str | None) -> tuple[bytes, str]:
@@ -110,20 +123,26 @@ def _write_blob(blobs_dir: Path, image: bytes, sha256: str) -> Path:
 
 def create_release(store: Store, blobs_dir: str | os.PathLike, key: ec.EllipticCurvePrivateKey,
                    path_or_bytes: str | os.PathLike | bytes, version: str, hardware: list[str],
-                   kind: str | None = None) -> Release:
-    """Pack, sign and store a release; ReleaseError if invalid or the version exists."""
+                   kind: str | None = None, counter: int = 0) -> Release:
+    """Pack, sign and store a release; ReleaseError if invalid or the version exists.
+
+    counter: the security counter devices compare against the highest one they installed
+    (anti-rollback); a release may keep the previous counter or raise it, never lower it.
+    """
     image, kind = _load_image(path_or_bytes, kind)
-    manifest = build_manifest(version, list(hardware), kind, image)
+    manifest = build_manifest(version, list(hardware), kind, image, counter)
     signature = sign(key, manifest.encode()).hex()
     kid = key_id(public_key_bytes(key))
     release = Release(version=version, hardware=json.loads(manifest)["hw"], kind=kind,
                       size=len(image), sha256=hashlib.sha256(image).hexdigest(),
-                      manifest=manifest, signature=signature, key_id=kid, blob_path="")
+                      manifest=manifest, signature=signature, key_id=kid, blob_path="",
+                      security_counter=counter)
     # The command carries the manifest; it must fit the device's command limit.
-    if len(update_command(2**32 - 1, release, protocol.MAX_CHUNK_SIZE, protocol.MAX_WINDOW)) \
-            > protocol.MAX_COMMAND_BYTES:
+    longest = update_command(2**32 - 1, "x" * 64, release, Signer(key), protocol.MAX_CHUNK_SIZE,
+                             protocol.MAX_WINDOW, now=2**40)
+    if len(longest) > protocol.MAX_COMMAND_BYTES:
         raise ReleaseError(f"the update command would exceed {protocol.MAX_COMMAND_BYTES} bytes "
-                           "(too many hardware types?)")
+                           "(too many hardware types or files?)")
     with store.session() as s:
         if s.scalar(select(Release.id).where(Release.version == version)) is not None:
             raise ReleaseError(f"release {version} already exists")

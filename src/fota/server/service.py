@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import struct
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +39,7 @@ from fota.device import protocol
 from fota.server import fleet
 from fota.server.deployments import DONE, PENDING, SENT, TERMINAL_STATES
 from fota.server.releases import read_blob, update_command
+from fota.tools.keyring import Signer
 from fota.server.store import Deployment, Device, Job, Release, StatusEvent, Store, utcnow
 
 __all__ = ["ControlCenter", "parse_request", "parse_status"]
@@ -52,7 +54,7 @@ SEND_BATCH = 500                 # pending jobs claimed per sender pass
 CACHE_REFRESH_INTERVAL = 5.0     # re-read states of cached jobs changed outside this process
 DB_RETRY_DELAY = 1.0             # database unreachable: keep the batch, retry after this
 REJECTED = "rejected"
-STATUS_STATES = frozenset(protocol.STATES) | {REJECTED}
+STATUS_STATES = frozenset(protocol.STATES) | {REJECTED, protocol.KEYS_UPDATED}
 ACK_OK = 0                       # MQTT 5 PUBACK reason code "success"
 MAX_ID = 2**31 - 1               # job ids, boot and seq are 32-bit integer columns
 
@@ -165,7 +167,9 @@ class ControlCenter:
     def __init__(self, store: Store, broker_url: str, blobs_dir: str | Path, *,
                  chunk: int = protocol.DEFAULT_CHUNK_SIZE, window: int = protocol.DEFAULT_WINDOW,
                  poll_interval: float = 0.2, client_id: str = CLIENT_ID,
-                 flush_interval: float = 0.05, flush_max: int = 200, require_online: bool = True):
+                 flush_interval: float = 0.05, flush_max: int = 200, require_online: bool = True,
+                 signer: Signer | None = None, keys_update: bytes | None = None,
+                 ssl_context: ssl.SSLContext | None = None):
         if not 64 <= chunk <= protocol.MAX_CHUNK_SIZE:
             raise ValueError(f"chunk must be 64..{protocol.MAX_CHUNK_SIZE}")
         if not 1 <= window <= protocol.MAX_WINDOW:
@@ -177,11 +181,20 @@ class ControlCenter:
         self.window = window
         self.poll_interval = poll_interval
         self.client_id = client_id
+        self.ssl_context = ssl_context  # mqtts:// only; None: the system's CAs
         self.flush_interval = flush_interval
         self.flush_max = flush_max
         # A command to a device that never connected is dropped by the broker (no session
         # yet), so by default jobs wait until their device is online.
         self.require_online = require_online
+        if signer is None:
+            raise ValueError("a signer is needed: devices accept only signed commands")
+        self.signer = signer
+        # The root-signed key update (fota.tools.keyring): pushed to every device whose
+        # inventory reports an older trust version.
+        self.keys_update = keys_update
+        self.keys_version = json.loads(json.loads(keys_update)["body"])["version"] if keys_update else 0
+        self.key_updates = 0         # key updates published
 
         # counters (benchmarks, diagnostics)
         self.requests = 0            # chunk requests served
@@ -210,6 +223,8 @@ class ControlCenter:
         url = urlsplit(self.broker_url)
         if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
             raise ValueError(f"broker URL must look like mqtt://user:password@host:port, not {self.broker_url!r}")
+        if self.ssl_context is not None and url.scheme != "mqtts":
+            raise ValueError("an ssl_context needs an mqtts:// broker URL")
         client = MQTTClient(self.client_id, clean_session=False, optimistic_acknowledgement=False,
                             session_expiry_interval=SESSION_EXPIRY)
         if url.username:
@@ -220,9 +235,10 @@ class ControlCenter:
         client.on_disconnect = self._on_disconnect
         self._client = client
         self._tasks = [asyncio.create_task(self._flush_loop(), name="fota-flush")]
+        tls = (self.ssl_context or True) if url.scheme == "mqtts" else False
         try:
             await client.connect(url.hostname, url.port or (8883 if url.scheme == "mqtts" else 1883),
-                                 ssl=url.scheme == "mqtts", keepalive=KEEPALIVE, version=MQTTv50)
+                                 ssl=tls, keepalive=KEEPALIVE, version=MQTTv50)
             await asyncio.wait_for(self._subscribed.wait(), timeout)
         except BaseException:
             await self.stop()
@@ -316,6 +332,14 @@ class ControlCenter:
             log.exception("%s message from %s could not be handled", suffix, device_id)
         return ACK_OK
 
+    def _sync_keys(self, device_id: str, inventory: dict) -> None:
+        """Send the current key update to a device that reports an older trust version."""
+        version = inventory.get("keys")
+        if self.keys_update and _is_int(version) and version < self.keys_version and self._client:
+            self._client.publish(protocol.topic(device_id, protocol.CMD), self.keys_update, qos=1)
+            self.key_updates += 1
+            log.info("key update v%d sent to %s (has v%d)", self.keys_version, device_id, version)
+
     def _decode(self, device_id: str, suffix: str, payload: bytes) -> Any:
         try:
             if suffix == protocol.STATUS:
@@ -326,6 +350,7 @@ class ControlCenter:
                 inventory = json.loads(payload)
                 if not isinstance(inventory, dict):
                     raise ValueError("not a JSON object")
+                self._sync_keys(device_id, inventory)
                 return inventory
             if suffix == protocol.ONLINE:
                 if payload in (b"1", b"0"):
@@ -453,7 +478,7 @@ class ControlCenter:
             max_chunk = (inventory or {}).get("max_chunk")
             if _is_int(max_chunk) and 64 <= max_chunk < chunk:
                 chunk = max_chunk  # never more than the device accepts
-            command = update_command(job_id, release, chunk, self.window)
+            command = update_command(job_id, device_id, release, self.signer, chunk, self.window)
             outgoing.append(_Outgoing(job_id, device_id, command, _JobInfo(device_id, SENT, self._blob(release))))
         return outgoing
 

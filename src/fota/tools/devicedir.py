@@ -2,23 +2,36 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from fota.device import boot as bootrec
 
 
-def create_device_dir(root: Path, *, device_id: str, hardware: str, pubkey: bytes, host: str, port: int,
-                      password: str, app_files: dict[str, bytes], version: str, backend: str = "files",
-                      capacity: int = 1 << 20, **settings) -> Path:
-    """Write config.json, the boot record and slot a with the factory app."""
+def create_device_dir(root: Path, *, device_id: str, hardware: str, root_key: bytes, trust: dict, host: str,
+                      port: int, password: str, app_files: dict[str, bytes], version: str,
+                      backend: str = "files", capacity: int = 1 << 20, cadata: bytes | None = None,
+                      server_hostname: str | None = None, **settings) -> Path:
+    """Write config.json, the boot record and slot a with the factory app.
+
+    root_key: the 65-byte root public key the device pins; trust: the trust document (root-
+    certified signing keys) it starts with; the provisioning time is its first trusted time.
+
+    cadata: the broker's CA certificate (DER): the device connects over TLS and accepts only a
+    broker certificate issued by it for server_hostname (default: host).
+    """
     root = Path(root)
     (root / "slots" / "a" / "app").mkdir(parents=True, exist_ok=True)
     (root / "slots" / "b").mkdir(parents=True, exist_ok=True)
     config = {
-        "id": device_id, "hardware": hardware, "pubkey": pubkey.hex(), "backend": backend,
-        "capacity": capacity, "version": version,
+        "id": device_id, "hardware": hardware, "root": root_key.hex(), "trust": trust, "backend": backend,
+        "capacity": capacity, "version": version, "time": int(time.time()),
         "broker": {"host": host, "port": port, "user": device_id, "password": password, "keepalive": 30},
     }
+    if cadata is not None:
+        config["broker"].update(tls=True, cadata=cadata.hex())
+        if server_hostname:
+            config["broker"]["server_hostname"] = server_hostname
     config.update(settings)
     (root / "config.json").write_text(json.dumps(config, indent=1))
     for name, data in app_files.items():

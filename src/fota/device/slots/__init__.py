@@ -7,7 +7,8 @@
 #   write(slot, offset, data)  sequential writes of image bytes
 #   flush(slot)                make everything written so far durable
 #   read(slot, offset, n)      read image bytes back (re-hash on resume)
-#   finalize(slot, size)       turn the verified image into a bootable slot (raises on failure)
+#   finalize(slot, size, files)  turn the verified image into a bootable slot (raises on
+#                              failure); files: the manifest's [name, size, sha256] list
 #   app_dir(slot)              directory holding the slot's app (files) or None
 
 

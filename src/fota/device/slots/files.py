@@ -63,11 +63,11 @@ class FilesBackend:
         f.seek(offset)
         return f.read(n)
 
-    def finalize(self, slot, size):
+    def finalize(self, slot, size, files=None):
         self.close()
         app = self.app_dir(slot)
         fsutil.rmtree(app)
         fsutil.makedirs(app)
         with open(self._image(slot), "rb") as f:
-            extract(f, size, app)
+            extract(f, size, app, files)
         fsutil.remove(self._image(slot))

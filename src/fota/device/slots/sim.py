@@ -166,5 +166,5 @@ class SimBackend:
     def read(self, slot, offset, n):
         return self.flash.read(self._base(slot) + offset, n)
 
-    def finalize(self, slot, size):
+    def finalize(self, slot, size, files=None):
         self.flush(slot)
