@@ -1,0 +1,1 @@
+"""Benchmarks: one module each, run as ``./run bench NAME [options]`` (see bench/README.md)."""
