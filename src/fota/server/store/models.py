@@ -15,6 +15,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     Float,
     ForeignKey,
@@ -33,6 +34,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 __all__ = [
+    "TOKEN_ROLES",
+    "ApiToken",
+    "AuditEvent",
     "Base",
     "Deployment",
     "Device",
@@ -121,6 +125,8 @@ class Release(Base):
     key_id: Mapped[str] = mapped_column(String(16))
     blob_path: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # anti-rollback: devices refuse a release whose counter is below the one they run
+    security_counter: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
 
     deployments: Mapped[list[Deployment]] = relationship(back_populates="release")
 
@@ -226,3 +232,51 @@ class StatusEvent(Base):
     def __repr__(self) -> str:
         return (f"StatusEvent(id={self.id!r}, device_id={self.device_id!r}, boot={self.boot!r}, "
                 f"seq={self.seq!r}, state={self.state!r})")
+
+
+TOKEN_ROLES = ("read", "admin")
+
+
+class ApiToken(Base):
+    """An operator's API token. Only the SHA-256 of the secret is stored, never the secret."""
+
+    __tablename__ = "api_tokens"
+    __table_args__ = (
+        CheckConstraint("role IN ('read', 'admin')", name="role"),
+        # AUTOINCREMENT on SQLite: ids are never reused.
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # unique, revoked ones included: the name is the actor in the audit log
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))  # 'read' | 'admin'
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex of the secret
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    def __repr__(self) -> str:  # never the hash either
+        return f"ApiToken(id={self.id!r}, name={self.name!r}, role={self.role!r}, revoked={self.revoked!r})"
+
+
+class AuditEvent(Base):
+    """Who changed what, when: one row per state-changing operator action (API or CLI)."""
+
+    __tablename__ = "audit_events"
+    # AUTOINCREMENT on SQLite: ids strictly increase, a deleted row's id is never reused.
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(
+        Integer().with_variant(BigInteger(), "postgresql"), primary_key=True, autoincrement=True
+    )
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(64))  # token name, or "cli:<os user>"
+    action: Mapped[str] = mapped_column(String(64))  # e.g. "release.create"
+    target: Mapped[str] = mapped_column(String(128))  # e.g. "release:1.1.0"
+    detail: Mapped[dict[str, Any]] = mapped_column(JSONType(), default=dict)
+
+    def __repr__(self) -> str:
+        return (f"AuditEvent(id={self.id!r}, actor={self.actor!r}, action={self.action!r}, "
+                f"target={self.target!r})")
