@@ -1,0 +1,351 @@
+"""The control center's HTTP API (FastAPI): read the fleet, create releases and deployments.
+
+    app = create_app(store, home.blobs, lambda: load_private_key(home.private_key))
+    uvicorn.run(app, host="127.0.0.1", port=8080)      # or: fota api
+
+Every request carries ``Authorization: Bearer <secret>`` (tokens: ``fota token create``).
+A missing, unknown, expired or revoked token gets 401; a ``read`` token on an admin
+endpoint gets 403. The store is neither read nor changed before the token is checked
+(request bodies are parsed first, so their size is capped: 413 beyond ``max_upload_bytes``).
+
+The routes are thin: the work is done by fota.server.releases, fleet and deployments.
+Every state change and its audit event (actor = the token's name) are committed in one
+transaction (fota.server.audit.transaction). Errors of the service modules become 400
+(bad request body) or 404 (unknown resource in the path) with their message in
+``{"detail": "..."}``, like every other error of this API. OpenAPI UI: /docs.
+
+Plain HTTP: bind it to localhost, or put a TLS-terminating proxy in front of it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
+from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Query, Request, Response, UploadFile
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.exc import IntegrityError
+
+from fota.server import audit
+from fota.server.auth import ADMIN, AuthError, verify_token
+from fota.server.deployments import DeploymentError, create_deployment, deployment_summary, device_history
+from fota.server.fleet import FleetError, get_device, list_devices
+from fota.server.releases import IMAGE_SUFFIXES, KINDS, ReleaseError, create_release, get_release, list_releases
+from fota.server.store import Store
+from fota.server.store.models import ApiToken
+
+__all__ = ["API_PREFIX", "DEFAULT_MAX_UPLOAD", "create_app"]
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v1"
+DEFAULT_MAX_UPLOAD = 16 * 1024 * 1024  # bytes of one release image or bundle
+MULTIPART_OVERHEAD = 64 * 1024  # form fields and boundaries around the file
+
+SERVICE_ERRORS = (ReleaseError, DeploymentError, FleetError)
+
+
+# ---- response bodies -----------------------------------------------------------------------------
+class _Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class DeviceOut(_Out):
+    id: str
+    hardware: str | None
+    version: str | None
+    online: bool
+    tags: list[str]
+    created_at: datetime
+    last_seen: datetime | None
+
+
+class DeviceDetail(DeviceOut):
+    inventory: dict[str, Any]
+
+
+class StatusEventOut(_Out):
+    id: int
+    job_id: int | None
+    state: str
+    code: str | None
+    reason: str | None
+    progress: float | None
+    version: str | None
+    boot: int
+    seq: int
+    received_at: datetime
+
+
+class ReleaseOut(_Out):
+    id: int
+    version: str
+    kind: str
+    size: int
+    sha256: str
+    hardware: list[str]
+    key_id: str
+    security_counter: int
+    manifest: str = Field(description="the exact signed manifest text")
+    signature: str = Field(description="ECDSA P-256 signature of the manifest, hex r||s")
+    created_at: datetime
+
+
+class JobOut(BaseModel):
+    job: int
+    device: str
+    state: str
+    code: str | None
+    reason: str | None
+    progress: float | None
+    bytes_served: int
+    sent_at: datetime | None
+    updated_at: datetime | None
+
+
+class DeploymentOut(BaseModel):
+    id: int
+    release: str
+    state: str
+    target: Any
+    created_at: datetime
+    counts: dict[str, int]
+    progress: float
+    jobs: list[JobOut]
+
+
+class AuditEventOut(_Out):
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    target: str
+    detail: dict[str, Any]
+
+
+class DeploymentIn(BaseModel):
+    """Either ``devices`` or ``tag``."""
+
+    model_config = ConfigDict(extra="forbid")
+    release: str | int = Field(description="release version (or id)")
+    devices: list[str] | None = Field(None, description="explicit device ids")
+    tag: str | None = Field(None, description="every device with this tag (and the release's hardware)")
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+# ---- dependencies --------------------------------------------------------------------------------
+_bearer = HTTPBearer(auto_error=False, description="an API token: `fota token create NAME --role read|admin`")
+
+
+def get_store(request: Request) -> Store:
+    """The store of this app (override in tests with app.dependency_overrides)."""
+    return request.app.state.store
+
+
+def current_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+                  store: Annotated[Store, Depends(get_store)]) -> ApiToken:
+    """The caller's token; 401 when missing, unknown, expired or revoked."""
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if credentials is None:
+        raise HTTPException(401, "missing bearer token (Authorization: Bearer <token>)", headers=challenge)
+    try:
+        return verify_token(store, credentials.credentials)
+    except AuthError as exc:
+        log.warning("API request refused: %s", exc)
+        raise HTTPException(401, str(exc), headers=challenge) from None
+
+
+def require_admin(token: Annotated[ApiToken, Depends(current_token)]) -> ApiToken:
+    """The caller's token if it is an admin token; 403 otherwise."""
+    if token.role != ADMIN:
+        log.warning("API request refused: token %s (role %s) is not an admin token", token.name, token.role)
+        raise HTTPException(403, f"token {token.name!r} has role {token.role!r}: this needs an admin token")
+    return token
+
+
+StoreDep = Annotated[Store, Depends(get_store)]
+AdminDep = Annotated[ApiToken, Depends(require_admin)]
+
+
+@contextmanager
+def _service_errors(status_code: int) -> Iterator[None]:
+    """Errors of the service modules -> status_code; a concurrent duplicate -> 409."""
+    try:
+        yield
+    except SERVICE_ERRORS as exc:
+        raise HTTPException(status_code, str(exc)) from None
+    except IntegrityError:
+        raise HTTPException(409, "conflict with a concurrent change; retry") from None
+
+
+# ---- body size limit -----------------------------------------------------------------------------
+class _BodyLimit:
+    """ASGI middleware: 413 for request bodies over ``limit`` bytes, before they are parsed.
+
+    A declared Content-Length over the limit is refused at once; a body without one
+    (chunked) is counted as it is read.
+    """
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or ()).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            await _send_json(send, 413, f"request body over {self.limit} bytes")
+            return
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise HTTPException(413, f"request body over {self.limit} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+async def _send_json(send, status: int, detail: str) -> None:
+    import json
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+# ---- routes --------------------------------------------------------------------------------------
+def _router() -> APIRouter:
+    # Every route needs a valid token; admin routes add require_admin.
+    router = APIRouter(prefix=API_PREFIX, dependencies=[Depends(current_token)],
+                       responses={401: {"model": ErrorOut, "description": "missing, invalid, expired "
+                                                                          "or revoked token"}})
+    admin_responses: dict[int | str, dict[str, Any]] = {403: {"model": ErrorOut, "description": "not an admin token"}}
+
+    @router.get("/devices", response_model=list[DeviceOut], tags=["devices"])
+    def devices(store: StoreDep, tag: str | None = None, hardware: str | None = None):
+        """The fleet, by device id; optionally only devices with a tag and/or hardware type."""
+        return list_devices(store, tag=tag, hardware=hardware)
+
+    @router.get("/devices/{device_id}", response_model=DeviceDetail, tags=["devices"],
+                responses={404: {"model": ErrorOut}})
+    def device(device_id: str, store: StoreDep):
+        """One device, with its last inventory."""
+        with _service_errors(404):
+            return get_device(store, device_id)
+
+    @router.get("/devices/{device_id}/history", response_model=list[StatusEventOut], tags=["devices"],
+                responses={404: {"model": ErrorOut}})
+    def history(device_id: str, store: StoreDep):
+        """Every status the device reported, in the order received."""
+        with _service_errors(404):
+            get_device(store, device_id)
+        return device_history(store, device_id)
+
+    @router.get("/releases", response_model=list[ReleaseOut], tags=["releases"])
+    def releases(store: StoreDep):
+        """Every release, oldest first."""
+        return list_releases(store)
+
+    @router.get("/releases/{version}", response_model=ReleaseOut, tags=["releases"],
+                responses={404: {"model": ErrorOut}})
+    def release(version: str, store: StoreDep):
+        """One release, by version (or id)."""
+        with _service_errors(404):
+            return get_release(store, version)
+
+    @router.post("/releases", response_model=ReleaseOut, status_code=201, tags=["releases"],
+                 responses={**admin_responses, 400: {"model": ErrorOut}, 413: {"model": ErrorOut},
+                            503: {"model": ErrorOut}})
+    def new_release(request: Request, response: Response, store: StoreDep, token: AdminDep,
+                    file: Annotated[UploadFile, File(description="an image (.bin/.img) or an app bundle file")],
+                    version: Annotated[str, Form(description="release version, e.g. 1.1.0")],
+                    hardware: Annotated[list[str], Form(description="hardware type (repeat the field, "
+                                                                    "or separate with commas)")],
+                    kind: Annotated[str | None, Form(description=f"{' or '.join(KINDS)} "
+                                                                 "(default: from the file)")] = None):
+        """Sign an uploaded image or bundle with the operator's key and store it (admin)."""
+        limit = request.app.state.max_upload_bytes
+        data = file.file.read(limit + 1)
+        if len(data) > limit:
+            raise HTTPException(413, f"the file is over {limit} bytes")
+        if kind is None and Path(file.filename or "").suffix.lower() in IMAGE_SUFFIXES:
+            kind = "image"
+        hw = [h.strip() for field in hardware for h in field.split(",") if h.strip()]
+        try:
+            key: ec.EllipticCurvePrivateKey = request.app.state.signing_key_loader()
+        except Exception as exc:  # missing / unreadable key: the server's problem, not the request's
+            log.error("signing key unavailable: %s", exc)
+            raise HTTPException(503, f"the signing key is unavailable: {exc}") from None
+        with _service_errors(400), audit.transaction(store) as tx:
+            rel = create_release(tx, request.app.state.blobs_dir, key, data, version, hw, kind=kind)
+            tx.flush()  # rel.id
+            tx.record(token.name, "release.create", f"release:{rel.version}",
+                      {"id": rel.id, "kind": rel.kind, "size": rel.size, "sha256": rel.sha256,
+                       "hardware": list(rel.hardware), "key_id": rel.key_id, "filename": file.filename})
+        response.headers["Location"] = f"{API_PREFIX}/releases/{rel.version}"
+        return rel
+
+    @router.get("/deployments/{deployment_id}", response_model=DeploymentOut, tags=["deployments"],
+                responses={404: {"model": ErrorOut}})
+    def deployment(deployment_id: int, store: StoreDep):
+        """A deployment: state, per-state counts, mean progress and every job."""
+        with _service_errors(404):
+            return deployment_summary(store, deployment_id)
+
+    @router.post("/deployments", response_model=DeploymentOut, status_code=201, tags=["deployments"],
+                 responses={**admin_responses, 400: {"model": ErrorOut}})
+    def new_deployment(body: DeploymentIn, response: Response, store: StoreDep, token: AdminDep):
+        """Deploy a release to devices or to a tag (admin); the control center sends the commands."""
+        with _service_errors(400), audit.transaction(store) as tx:
+            rel = get_release(tx, body.release)
+            dep = create_deployment(tx, rel, device_ids=body.devices, tag=body.tag)
+            tx.record(token.name, "deployment.create", f"deployment:{dep.id}",
+                      {"release": rel.version, "target": dep.target,
+                       "devices": [job.device_id for job in dep.jobs]})
+        response.headers["Location"] = f"{API_PREFIX}/deployments/{dep.id}"
+        return deployment_summary(store, dep.id)
+
+    @router.get("/audit", response_model=list[AuditEventOut], tags=["audit"], responses=admin_responses)
+    def audit_log(store: StoreDep, _: AdminDep,
+                  limit: Annotated[int, Query(ge=1, le=audit.MAX_LIMIT)] = audit.DEFAULT_LIMIT,
+                  actor: str | None = None, action: str | None = None):
+        """The audit log, newest first (admin)."""
+        return audit.list_events(store, limit, actor=actor, action=action)
+
+    return router
+
+
+def create_app(store: Store, blobs_dir: str | os.PathLike,
+               signing_key_loader: Callable[[], ec.EllipticCurvePrivateKey], *,
+               max_upload_bytes: int = DEFAULT_MAX_UPLOAD) -> FastAPI:
+    """The API app on ``store``; releases go to ``blobs_dir``, signed with signing_key_loader()'s key.
+
+    The key is loaded for each release created (never kept in memory between requests).
+    """
+    app = FastAPI(title="fota control center", version="1",
+                  description="Signed firmware updates over MQTT: the operators' API. "
+                              "Authenticate with `Authorization: Bearer <token>`.")
+    app.state.store = store
+    app.state.blobs_dir = Path(blobs_dir)
+    app.state.signing_key_loader = signing_key_loader
+    app.state.max_upload_bytes = max_upload_bytes
+    app.include_router(_router())
+    app.add_middleware(_BodyLimit, limit=max_upload_bytes + MULTIPART_OVERHEAD)
+    return app

@@ -1,0 +1,526 @@
+"""The operators' HTTP API: bearer tokens, roles, audit log (FastAPI TestClient on SQLite and PostgreSQL)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select, update
+from typer.testing import CliRunner
+
+from fota.device import ecdsa
+from fota.server import audit
+from fota.server.api import create_app
+from fota.server.auth import AuthError, create_token, hash_secret, revoke_token, verify_token
+from fota.server.broker import free_port
+from fota.server.fleet import provision_device
+from fota.server.store import Base, Deployment, Device, Job, Release, StatusEvent, Store, utcnow
+from fota.server.store.models import ApiToken, AuditEvent
+from fota.tools.bundle import pack_files
+from fota.tools.signing import generate_private_key, public_key_bytes
+
+API = "/api/v1"
+KEY = generate_private_key()
+COUNTED = (Release, Device, Deployment, Job, StatusEvent, ApiToken, AuditEvent)
+
+
+def bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+def bundle_bytes(version: str = "1.1.0") -> bytes:
+    return pack_files({"app.py": f'VERSION = "{version}"\n'.encode()})
+
+
+@dataclass
+class Env:
+    store: Store
+    blobs: Path
+    client: TestClient
+    admin: str  # secrets
+    reader: str
+
+    def snapshot(self) -> dict:
+        """Row counts of every table, and the blob files: equal snapshots = nothing changed."""
+        with self.store.session() as s:
+            counts = {m.__tablename__: s.scalar(select(func.count()).select_from(m)) for m in COUNTED}
+        blobs = sorted(p.name for p in self.blobs.iterdir()) if self.blobs.exists() else []
+        return {"rows": counts, "blobs": blobs}
+
+    def upload(self, secret: str | None, version: str = "1.1.0", data: bytes | None = None,
+               filename: str = "app.fotb", hardware: tuple[str, ...] = ("esp32",)) -> httpx.Response:
+        headers = bearer(secret) if secret else {}
+        return self.client.post(f"{API}/releases", headers=headers,
+                                files={"file": (filename, bundle_bytes(version) if data is None else data)},
+                                data={"version": version, "hardware": list(hardware)})
+
+
+def make_env(url: str, tmp_path: Path, **app_kwargs) -> Env:
+    store = Store(url)
+    blobs = tmp_path / "blobs"
+    app = create_app(store, blobs, lambda: KEY, **app_kwargs)
+    _, admin = create_token(store, "ops-admin", "admin")
+    _, reader = create_token(store, "viewer", "read")
+    provision_device(store, "dev-1", "esp32", tags=["lab"])
+    provision_device(store, "dev-2", "esp32", tags=["lab", "floor-2"])
+    provision_device(store, "dev-3", "rp2040", tags=["lab"])
+    return Env(store, blobs, TestClient(app, raise_server_exceptions=False), admin, reader)
+
+
+@pytest.fixture
+def env(db_url, tmp_path):
+    e = make_env(db_url, tmp_path)
+    yield e
+    e.client.close()
+    e.store.dispose()
+
+
+@pytest.fixture
+def lite(sqlite_url, tmp_path):
+    e = make_env(sqlite_url, tmp_path)
+    yield e
+    e.client.close()
+    e.store.dispose()
+
+
+def admin_requests(env: Env) -> list[tuple[str, str, dict]]:
+    """(method, path, request kwargs) of every admin endpoint, with valid bodies."""
+    return [
+        ("POST", f"{API}/releases", {"files": {"file": ("app.fotb", bundle_bytes("9.0.0"))},
+                                     "data": {"version": "9.0.0", "hardware": ["esp32"]}}),
+        ("POST", f"{API}/deployments", {"json": {"release": "1.0.0", "devices": ["dev-1"]}}),
+        ("GET", f"{API}/audit", {}),
+    ]
+
+
+def read_requests() -> list[str]:
+    return [f"{API}/devices", f"{API}/devices/dev-1", f"{API}/devices/dev-1/history", f"{API}/releases",
+            f"{API}/releases/1.0.0", f"{API}/deployments/1"]
+
+
+def seed_release_and_deployment(env: Env) -> None:
+    """Release 1.0.0 and deployment 1 (to dev-1), so that the admin requests above are valid."""
+    assert env.upload(env.admin, "1.0.0").status_code == 201
+    assert env.client.post(f"{API}/deployments", headers=bearer(env.admin),
+                           json={"release": "1.0.0", "devices": ["dev-1"]}).status_code == 201
+
+
+def assert_401(response: httpx.Response, needle: str = "") -> None:
+    assert response.status_code == 401, response.text
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert response.headers["content-type"].startswith("application/json")
+    assert needle in response.json()["detail"]
+
+
+# ---- authentication ------------------------------------------------------------------------------
+def test_no_token_is_401_and_changes_nothing(env):
+    seed_release_and_deployment(env)
+    before = env.snapshot()
+    for method, path, kwargs in admin_requests(env):
+        assert_401(env.client.request(method, path, **kwargs), "missing bearer token")
+        # another scheme is no bearer token either
+        assert_401(env.client.request(method, path, headers={"Authorization": "Basic b3BzOnB3"}, **kwargs))
+    for path in read_requests():
+        assert_401(env.client.get(path), "missing bearer token")
+    assert env.snapshot() == before
+
+
+def test_wrong_token_is_401(env):
+    seed_release_and_deployment(env)
+    before = env.snapshot()
+    with env.store.session() as s:
+        stored_hash = s.scalar(select(ApiToken.token_hash).where(ApiToken.name == "ops-admin"))
+    wrong = ["fota_" + "A" * 43, env.admin[:-1], env.admin + "x", "not-a-fota-token", stored_hash,
+             "fota_" + stored_hash, "x" * 5000]
+    for secret in wrong:
+        for method, path, kwargs in admin_requests(env):
+            assert_401(env.client.request(method, path, headers=bearer(secret), **kwargs), "invalid token")
+        assert_401(env.client.get(f"{API}/devices", headers=bearer(secret)), "invalid token")
+    assert env.snapshot() == before
+
+
+def test_expired_token_is_401(env):
+    seed_release_and_deployment(env)
+    token, secret = create_token(env.store, "temp-admin", "admin", ttl_seconds=3600)
+    assert env.client.get(f"{API}/devices", headers=bearer(secret)).status_code == 200
+    with env.store.session() as s:
+        s.execute(update(ApiToken).where(ApiToken.id == token.id)
+                  .values(expires_at=utcnow() - timedelta(seconds=1)))
+    before = env.snapshot()
+    for method, path, kwargs in admin_requests(env):
+        assert_401(env.client.request(method, path, headers=bearer(secret), **kwargs), "token expired")
+    assert_401(env.client.get(f"{API}/devices", headers=bearer(secret)), "token expired")
+    assert env.snapshot() == before
+    with pytest.raises(AuthError, match="expired"):
+        verify_token(env.store, secret)
+
+
+def test_revoked_token_is_401(env):
+    seed_release_and_deployment(env)
+    assert env.client.get(f"{API}/audit", headers=bearer(env.admin)).status_code == 200
+    revoke_token(env.store, "ops-admin", actor="test")
+    before = env.snapshot()
+    for method, path, kwargs in admin_requests(env):
+        assert_401(env.client.request(method, path, headers=bearer(env.admin), **kwargs), "token revoked")
+    assert_401(env.client.get(f"{API}/devices", headers=bearer(env.admin)), "token revoked")
+    assert env.snapshot() == before
+    with pytest.raises(AuthError, match="already revoked"):
+        revoke_token(env.store, "ops-admin")
+    with pytest.raises(AuthError, match="no token"):
+        revoke_token(env.store, "nobody")
+
+
+def test_read_token_cannot_change_anything(env):
+    seed_release_and_deployment(env)
+    before = env.snapshot()
+    for method, path, kwargs in admin_requests(env):
+        response = env.client.request(method, path, headers=bearer(env.reader), **kwargs)
+        assert response.status_code == 403, (path, response.text)
+        assert "admin" in response.json()["detail"]
+    # the same requests with the admin token are valid (the 403 was the role, not the body)
+    r = env.client.post(f"{API}/deployments", headers=bearer(env.admin),
+                        json={"release": "1.0.0", "devices": ["dev-1"]})
+    assert r.status_code == 201
+    after = env.snapshot()
+    assert after["rows"]["deployments"] == before["rows"]["deployments"] + 1
+    before["rows"]["deployments"] += 1
+    before["rows"]["jobs"] += 1
+    before["rows"]["audit_events"] += 1
+    assert after == before
+
+
+# ---- admin actions and the audit log -------------------------------------------------------------
+def test_admin_creates_release_and_deployment_audited(env):
+    r = env.upload(env.admin, "1.1.0", hardware=("esp32", "esp32s3,rp2040"))
+    assert r.status_code == 201, r.text
+    release = r.json()
+    assert r.headers["location"] == f"{API}/releases/1.1.0"
+    assert (release["version"], release["kind"], release["hardware"]) == ("1.1.0", "bundle",
+                                                                          ["esp32", "esp32s3", "rp2040"])
+    assert release["security_counter"] == 0
+    data = bundle_bytes("1.1.0")
+    assert release["sha256"] == hashlib.sha256(data).hexdigest() and release["size"] == len(data)
+    assert (env.blobs / release["sha256"]).read_bytes() == data
+    # signed with the key of the loader
+    assert ecdsa.verify(public_key_bytes(KEY), release["manifest"].encode(), bytes.fromhex(release["signature"]))
+
+    image = os.urandom(3000)
+    r = env.upload(env.admin, "2.0.0-img", data=image, filename="fw.bin")
+    assert r.status_code == 201, r.text
+    assert r.json()["kind"] == "image" and r.json()["size"] == 3000
+
+    r = env.client.post(f"{API}/deployments", headers=bearer(env.admin), json={"release": "1.1.0", "tag": "lab"})
+    assert r.status_code == 201, r.text
+    dep = r.json()
+    assert r.headers["location"] == f"{API}/deployments/{dep['id']}"
+    # dev-3 is an rp2040 with tag lab: targeted as well, 1.1.0 is built for rp2040 too
+    assert sorted(j["device"] for j in dep["jobs"]) == ["dev-1", "dev-2", "dev-3"]
+    assert dep["counts"] == {"pending": 3} and dep["release"] == "1.1.0"
+    r = env.client.post(f"{API}/deployments", headers=bearer(env.admin),
+                        json={"release": "2.0.0-img", "devices": ["dev-2"]})
+    assert r.status_code == 201, r.text
+    second = r.json()["id"]
+
+    events = audit.list_events(env.store)
+    assert [(e.actor, e.action, e.target) for e in reversed(events)] == [
+        ("ops-admin", "release.create", "release:1.1.0"),
+        ("ops-admin", "release.create", "release:2.0.0-img"),
+        ("ops-admin", "deployment.create", f"deployment:{dep['id']}"),
+        ("ops-admin", "deployment.create", f"deployment:{second}"),
+    ]
+    assert events[-1].detail["sha256"] == release["sha256"] and events[-1].detail["id"] == release["id"]
+    assert events[1].detail == {"release": "1.1.0", "target": {"tag": "lab"},
+                                "devices": ["dev-1", "dev-2", "dev-3"]}
+    for e in events:
+        assert e.at.tzinfo is not None and utcnow() - e.at < timedelta(minutes=1)
+
+    r = env.client.get(f"{API}/audit", headers=bearer(env.admin), params={"limit": 2})
+    assert r.status_code == 200
+    assert [(e["actor"], e["action"]) for e in r.json()] == [("ops-admin", "deployment.create")] * 2
+    r = env.client.get(f"{API}/audit", headers=bearer(env.admin), params={"action": "release.create"})
+    assert [e["target"] for e in r.json()] == ["release:2.0.0-img", "release:1.1.0"]
+
+
+def test_service_errors_are_400_or_404_and_change_nothing(env):
+    seed_release_and_deployment(env)
+    before = env.snapshot()
+    admin = bearer(env.admin)
+    cases = [
+        (env.upload(env.admin, "1.0.0"), 400, "already exists"),
+        (env.upload(env.admin, "3.0.0", data=b""), 400, "empty"),
+        (env.upload(env.admin, "3.0.0", data=b"FOTB\x01garbage"), 400, "invalid bundle"),
+        (env.upload(env.admin, "3.0.0", hardware=(",",)), 400, "hardware"),
+        (env.client.post(f"{API}/deployments", headers=admin, json={"release": "7.7.7", "devices": ["dev-1"]}),
+         400, "7.7.7"),
+        (env.client.post(f"{API}/deployments", headers=admin, json={"release": "1.0.0", "devices": ["ghost"]}),
+         400, "ghost"),
+        (env.client.post(f"{API}/deployments", headers=admin, json={"release": "1.0.0", "devices": ["dev-3"]}),
+         400, "rp2040"),
+        (env.client.post(f"{API}/deployments", headers=admin, json={"release": "1.0.0"}), 400, "either"),
+        (env.client.post(f"{API}/deployments", headers=admin,
+                         json={"release": "1.0.0", "devices": ["dev-1"], "tag": "lab"}), 400, "either"),
+        (env.client.post(f"{API}/deployments", headers=admin, json={"release": "1.0.0", "tag": "nope"}),
+         400, "nope"),
+        (env.client.get(f"{API}/deployments/999", headers=admin), 404, "999"),
+        (env.client.get(f"{API}/devices/ghost", headers=admin), 404, "ghost"),
+        (env.client.get(f"{API}/devices/ghost/history", headers=admin), 404, "ghost"),
+        (env.client.get(f"{API}/releases/0.0.1", headers=admin), 404, "0.0.1"),
+    ]
+    for response, status, needle in cases:
+        assert response.status_code == status, response.text
+        assert needle in response.json()["detail"], response.text
+    r = env.client.post(f"{API}/deployments", headers=admin, json={"release": "1.0.0", "devices": "dev-1"})
+    assert r.status_code == 422  # body validation
+    assert env.snapshot() == before
+
+
+def test_action_and_audit_event_share_a_transaction(lite, monkeypatch):
+    """If the audit event cannot be written, the release is not created either."""
+    before = lite.snapshot()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("audit log unavailable")
+
+    monkeypatch.setattr(audit, "_event", broken)
+    assert lite.upload(lite.admin, "5.0.0").status_code == 500
+    r = lite.client.post(f"{API}/deployments", headers=bearer(lite.admin),
+                         json={"release": "5.0.0", "devices": ["dev-1"]})
+    assert r.status_code == 400  # no such release: it was rolled back
+    after = lite.snapshot()
+    # the blob is content-addressed and may stay; no row does
+    assert after["rows"] == before["rows"]
+
+
+def test_signing_key_unavailable_is_503(sqlite_url, tmp_path):
+    store = Store(sqlite_url)
+    _, admin = create_token(store, "ops", "admin")
+
+    def no_key():
+        raise FileNotFoundError("keys/signing.pem")
+
+    client = TestClient(create_app(store, tmp_path / "blobs", no_key))
+    r = client.post(f"{API}/releases", headers=bearer(admin), files={"file": ("a.fotb", bundle_bytes())},
+                    data={"version": "1.0.0", "hardware": "esp32"})
+    assert r.status_code == 503 and "signing key" in r.json()["detail"]
+    with store.session() as s:
+        assert s.scalar(select(func.count()).select_from(Release)) == 0
+        assert s.scalar(select(func.count()).select_from(AuditEvent)) == 0
+    store.dispose()
+
+
+def test_upload_size_limit(sqlite_url, tmp_path):
+    env = make_env(sqlite_url, tmp_path, max_upload_bytes=4096)
+    before = env.snapshot()
+    r = env.upload(env.admin, "1.0.0", data=os.urandom(5000), filename="fw.bin")
+    assert r.status_code == 413 and "4096" in r.json()["detail"]
+    # a body far over the limit is refused from its Content-Length, token or not
+    r = env.upload(None, "1.0.0", data=os.urandom(200_000), filename="fw.bin")
+    assert r.status_code == 413
+    assert env.snapshot() == before
+    assert env.upload(env.admin, "1.0.0", data=os.urandom(4000), filename="fw.bin").status_code == 201
+    env.store.dispose()
+
+
+# ---- tokens --------------------------------------------------------------------------------------
+def test_tokens_are_stored_hashed(env):
+    seed_release_and_deployment(env)
+    token, secret = create_token(env.store, "ci-bot", "read", ttl_seconds=600, actor="cli:test")
+    assert secret.startswith("fota_") and len(secret) >= 48
+    assert env.client.get(f"{API}/releases", headers=bearer(secret)).status_code == 200
+    with env.store.session() as s:
+        row = s.get(ApiToken, token.id)
+        assert row.token_hash == hashlib.sha256(secret.encode()).hexdigest() == hash_secret(secret)
+        assert row.last_used_at is not None
+        # the secret (or its random part) appears in no column of any table
+        dump = repr([s.execute(select(table)).all() for table in Base.metadata.sorted_tables])
+    assert "ci-bot" in dump  # the dump is real
+    for secret_ in (secret, env.admin, env.reader):
+        assert secret_ not in dump and secret_[len("fota_"):] not in dump
+    if env.store.engine.url.get_backend_name() == "sqlite":
+        db = Path(env.store.engine.url.database)
+        raw = b"".join(p.read_bytes() for p in (db, db.with_name(db.name + "-wal")) if p.exists())
+        assert b"ci-bot" in raw
+        for secret_ in (secret, env.admin, env.reader):
+            assert secret_.encode() not in raw
+    assert "fota_" not in repr(token) and row.token_hash not in repr(token)
+
+
+def test_token_rules(sqlite_url):
+    store = Store(sqlite_url)
+    try:
+        create_token(store, "ops", "admin")
+        with pytest.raises(AuthError, match="already exists"):
+            create_token(store, "ops", "read")
+        revoke_token(store, "ops")
+        with pytest.raises(AuthError, match="already exists"):  # names are never reused
+            create_token(store, "ops", "admin")
+        for bad_name in ("", "cli:alice", "a b", "x" * 65, "-x"):
+            with pytest.raises(AuthError, match="invalid token name"):
+                create_token(store, bad_name, "read")
+        with pytest.raises(AuthError, match="role"):
+            create_token(store, "root", "superuser")
+        for ttl in (0, -5, True):
+            with pytest.raises(AuthError, match="ttl"):
+                create_token(store, "short", "read", ttl_seconds=ttl)
+        with pytest.raises(AuthError):
+            verify_token(store, None)
+    finally:
+        store.dispose()
+
+
+# ---- reads -----------------------------------------------------------------------------------------
+def test_get_endpoints_with_read_token(env):
+    seed_release_and_deployment(env)
+    with env.store.session() as s:
+        device = s.get(Device, "dev-1")
+        device.inventory = {"version": "1.0.0", "free": 1234}
+        device.version = "1.0.0"
+        s.add(StatusEvent(device_id="dev-1", job_id=1, state="downloading", progress=0.5, boot=1, seq=1,
+                          payload={"state": "downloading"}))
+        s.add(StatusEvent(device_id="dev-1", job_id=1, state="installing", progress=1.0, boot=1, seq=2,
+                          payload={"state": "installing"}))
+    read = bearer(env.reader)
+
+    r = env.client.get(f"{API}/devices", headers=read)
+    assert r.status_code == 200
+    assert [d["id"] for d in r.json()] == ["dev-1", "dev-2", "dev-3"]
+    assert "password_hash" not in r.json()[0] and "inventory" not in r.json()[0]
+    r = env.client.get(f"{API}/devices", headers=read, params={"tag": "floor-2"})
+    assert [d["id"] for d in r.json()] == ["dev-2"]
+    r = env.client.get(f"{API}/devices", headers=read, params={"hardware": "rp2040"})
+    assert [d["id"] for d in r.json()] == ["dev-3"]
+
+    r = env.client.get(f"{API}/devices/dev-1", headers=read)
+    assert r.status_code == 200
+    assert r.json()["inventory"] == {"version": "1.0.0", "free": 1234} and r.json()["version"] == "1.0.0"
+    assert "password_hash" not in r.json()
+
+    r = env.client.get(f"{API}/devices/dev-1/history", headers=read)
+    assert [(e["state"], e["seq"], e["job_id"]) for e in r.json()] == [("downloading", 1, 1), ("installing", 2, 1)]
+    assert env.client.get(f"{API}/devices/dev-2/history", headers=read).json() == []
+
+    r = env.client.get(f"{API}/releases", headers=read)
+    assert [x["version"] for x in r.json()] == ["1.0.0"] and "blob_path" not in r.json()[0]
+    assert env.client.get(f"{API}/releases/1.0.0", headers=read).json()["kind"] == "bundle"
+
+    r = env.client.get(f"{API}/deployments/1", headers=read)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["release"] == "1.0.0" and body["target"] == {"devices": ["dev-1"]}
+    assert [(j["device"], j["state"]) for j in body["jobs"]] == [("dev-1", "pending")]
+
+
+def test_openapi_documents_the_bearer_scheme(lite):
+    spec = lite.client.get("/openapi.json").json()
+    assert {f"{API}/devices", f"{API}/releases", f"{API}/deployments", f"{API}/audit"} <= set(spec["paths"])
+    assert any(s.get("scheme") == "bearer" for s in spec["components"]["securitySchemes"].values())
+    assert "multipart/form-data" in spec["paths"][f"{API}/releases"]["post"]["requestBody"]["content"]
+    assert lite.client.get("/docs").status_code == 200
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------
+def _cli(home: Path, *args: str):
+    from fota.cli import app
+    result = CliRunner().invoke(app, list(args), env={"FOTA_HOME": str(home), "COLUMNS": "200"})
+    return result
+
+
+def test_cli_tokens_and_audit_events(tmp_path):
+    home = tmp_path / "home"
+    result = _cli(home, "token", "create", "alice", "--role", "admin", "--ttl", "3600")
+    assert result.exit_code == 0, result.output
+    secret = next(w for w in result.output.split() if w.startswith("fota_"))
+    assert _cli(home, "token", "create", "bob", "--role", "read").exit_code == 0
+    assert _cli(home, "token", "create", "alice", "--role", "read").exit_code != 0
+
+    from fota.server.home import Home
+    store = Store(Home.locate(home).database_url)
+    try:
+        assert verify_token(store, secret).name == "alice"
+        listing = _cli(home, "token", "list").output
+        assert "alice" in listing and "bob" in listing and "fota_" not in listing
+
+        assert _cli(home, "device", "add", "dev-9", "--hardware", "esp32", "--tag", "lab").exit_code == 0
+        assert _cli(home, "token", "revoke", "alice").exit_code == 0
+        assert "revoked" in _cli(home, "token", "list").output
+        with pytest.raises(AuthError, match="revoked"):
+            verify_token(store, secret)
+
+        events = list(reversed(audit.list_events(store)))
+        actor = audit.cli_actor()
+        assert actor.startswith("cli:")
+        assert [(e.actor, e.action, e.target) for e in events] == [
+            (actor, "token.create", "token:alice"),
+            (actor, "token.create", "token:bob"),
+            (actor, "device.add", "device:dev-9"),
+            (actor, "token.revoke", "token:alice"),
+        ]
+        assert events[0].detail["role"] == "admin" and events[0].detail["expires_at"]
+        assert events[2].detail == {"hardware": "esp32", "tags": ["lab"]}
+    finally:
+        store.dispose()
+
+
+def test_cli_release_and_deploy_are_audited(tmp_path):
+    home = tmp_path / "home"
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    (app_dir / "app.py").write_text('VERSION = "1.1.0"\n')
+    assert _cli(home, "keys", "init").exit_code == 0
+    result = _cli(home, "release", "create", str(app_dir), "--version", "1.1.0", "--hardware", "esp32")
+    assert result.exit_code == 0, result.output
+    assert _cli(home, "device", "add", "dev-1", "--hardware", "esp32").exit_code == 0
+    result = _cli(home, "deploy", "1.1.0", "--device", "dev-1")
+    assert result.exit_code == 0, result.output
+
+    from fota.server.home import Home
+    store = Store(Home.locate(home).database_url)
+    try:
+        events = list(reversed(audit.list_events(store)))
+        assert [(e.actor, e.action) for e in events] == [(audit.cli_actor(), "release.create"),
+                                                         (audit.cli_actor(), "device.add"),
+                                                         (audit.cli_actor(), "deployment.create")]
+        assert events[0].target == "release:1.1.0" and events[2].detail["devices"] == ["dev-1"]
+    finally:
+        store.dispose()
+
+
+def test_fota_api_command_serves_the_api(tmp_path):
+    home = tmp_path / "home"
+    result = _cli(home, "token", "create", "viewer", "--role", "read")
+    secret = next(w for w in result.output.split() if w.startswith("fota_"))
+    port = free_port()
+    env = dict(os.environ, FOTA_HOME=str(home))
+    proc = subprocess.Popen([sys.executable, "-m", "fota.cli", "api", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}{API}/devices"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                r = httpx.get(url, headers=bearer(secret), timeout=2)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stdout.read()
+                assert time.monotonic() < deadline, "the API did not start"
+                time.sleep(0.1)
+        assert r.status_code == 200 and r.json() == []
+        assert httpx.get(url, timeout=2).status_code == 401
+        assert httpx.get(f"http://127.0.0.1:{port}/docs", timeout=2).status_code == 200
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
