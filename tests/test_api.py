@@ -325,6 +325,20 @@ def test_upload_size_limit(sqlite_url, tmp_path):
     # a body far over the limit is refused from its Content-Length, token or not
     r = env.upload(None, "1.0.0", data=os.urandom(200_000), filename="fw.bin")
     assert r.status_code == 413
+    # and one without a Content-Length (chunked) is cut off while it is read
+    boundary = "b0undary"
+
+    def chunked():
+        yield (f'--{boundary}\r\nContent-Disposition: form-data; name="version"\r\n\r\n1.0.0\r\n'
+               f'--{boundary}\r\nContent-Disposition: form-data; name="hardware"\r\n\r\nesp32\r\n'
+               f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="fw.bin"\r\n\r\n').encode()
+        for _ in range(100):
+            yield os.urandom(1000)
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    r = env.client.post(f"{API}/releases", content=chunked(),
+                        headers={**bearer(env.admin), "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code == 413 and "content-length" not in r.request.headers
     assert env.snapshot() == before
     assert env.upload(env.admin, "1.0.0", data=os.urandom(4000), filename="fw.bin").status_code == 201
     env.store.dispose()
