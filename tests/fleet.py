@@ -103,6 +103,7 @@ class Fleet:
         self.blobs = tmp / "blobs"
         self.heap = heap
         self.devices: dict[str, DeviceProcess] = {}
+        self.passwords: dict[str, str] = {}
         center_settings.setdefault("signer", self.signer)
         center_settings.setdefault("keys_update", self.keyring.keys_update())
         self.center = CenterThread(self.store, broker.server_url, self.blobs, **center_settings).start()
@@ -111,6 +112,7 @@ class Fleet:
     def add_device(self, device_id, hardware="unix", version="1.0.0", start=True, **settings):
         _, password = provision_device(self.store, device_id, hardware)
         self.broker.add_user(device_id, password)
+        self.passwords[device_id] = password
         root = create_device_dir(self.tmp / "devices" / device_id, device_id=device_id, hardware=hardware,
                                  root_key=self.keyring.root_public(), trust=self.keyring.trust(),
                                  host=self.broker.host, port=self.broker.port,
@@ -147,6 +149,10 @@ class Fleet:
     def wait_job(self, job_id, states=P.TERMINAL_STATES, timeout=60):
         return wait_until(lambda: (j := self.job(job_id)).state in states and j, timeout=timeout,
                           what=f"job {job_id} to reach {states}")
+
+    def run(self, coro, timeout=30):
+        """Run a coroutine on the control center's loop (e.g. center.set_keys)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.center.loop).result(timeout)
 
     def close(self):
         for p in self.devices.values():

@@ -425,3 +425,13 @@ def test_payloads_dropped_as_oversized_are_reported(key):
     h.run(h.core.chunk(70000))
     assert (h.statuses()[-1]["state"], h.statuses()[-1]["code"]) == ("rejected", P.E_BAD_CHUNK)
     assert h.core.state == P.IDLE
+
+
+def test_confirmed_trial_raises_the_counter_for_the_running_agent(key):
+    h = Harness(key)
+    h.core = new_core(agent={"last_job": 5, "boot": 2}, version="3.0.0")
+    h.run(h.core.booted({"trial": {"slot": "b", "job": 5, "version": "3.0.0", "tries": 1, "counter": 5}}))
+    h.run(h.core.connected_())
+    assert h.core.counter == 5
+    h.run(h.core.command(cmd(make_update(key, b"x" * 10, job=6, counter=4))))
+    assert h.statuses()[-1]["code"] == P.E_DOWNGRADE

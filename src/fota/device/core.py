@@ -578,6 +578,8 @@ class UpdateCore:
         on_trial = self._status(P.TRIAL, job=self.trial.get("job"))
         self._go("healthy")
         report = {"job": self.trial.get("job"), "state": P.CONFIRMED, "code": None, "reason": None}
+        # The anti-rollback floor rises with the confirmation (A_CONFIRM persists it).
+        self.counter = max(self.counter, self.trial.get("counter", 0))
         self._go("done")
         self.trial = None
         # A_CONFIRM stores the report in the boot record first: a power cut before the broker

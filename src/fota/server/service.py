@@ -332,6 +332,24 @@ class ControlCenter:
             log.exception("%s message from %s could not be handled", suffix, device_id)
         return ACK_OK
 
+    async def set_keys(self, signer: Signer, keys_update: bytes) -> int:
+        """Switch to a rotated signing key and push the root-signed key update to online devices.
+
+        Devices offline now get it when they next publish their inventory. Returns how many
+        devices it was pushed to.
+        """
+        self.signer = signer
+        self.keys_update = keys_update
+        self.keys_version = json.loads(json.loads(keys_update)["body"])["version"]
+        online = await self._db_call(self._online_devices)
+        for device_id, inventory in online:
+            self._sync_keys(device_id, inventory or {})
+        return len(online)
+
+    def _online_devices(self) -> list[tuple[str, dict]]:
+        with self.store.session() as s:
+            return [(d.id, d.inventory) for d in s.scalars(select(Device).where(Device.online.is_(True)))]
+
     def _sync_keys(self, device_id: str, inventory: dict) -> None:
         """Send the current key update to a device that reports an older trust version."""
         version = inventory.get("keys")
