@@ -132,8 +132,12 @@ class MQTTClient:
         try:
             s.settimeout(self.timeout)  # bounded blocking connect and TLS handshake
             s.connect(ai[-1])
-            if hasattr(socket, "TCP_NODELAY"):  # CPython, ESP32: no Nagle delay on small writes
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # No Nagle delay on small writes (chunk requests, PUBACKs). The unix port lacks the
+            # names; 6 and 1 are IPPROTO_TCP and TCP_NODELAY on Linux and lwIP alike.
+            try:
+                s.setsockopt(getattr(socket, "IPPROTO_TCP", 6), getattr(socket, "TCP_NODELAY", 1), 1)
+            except (OSError, TypeError):
+                pass
             if self.ssl_context:
                 s = self.ssl_context.wrap_socket(s, server_hostname=self.host)
             s.setblocking(False)
