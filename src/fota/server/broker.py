@@ -12,6 +12,10 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fota.server.tls import TlsFiles
 
 SERVER_USER = "fota-server"
 
@@ -61,10 +65,18 @@ def write_passwords(path: Path, hashes: dict[str, str]) -> None:
 
 
 def write_config(directory: Path, port: int, *, auth: bool = True, persistence: bool = False,
-                 max_packet_size: int = 65536) -> Path:
+                 max_packet_size: int = 65536, tls: TlsFiles | None = None) -> Path:
+    """tls: the listener speaks only TLS (1.2 or later; 1.3 when the client has it)."""
     directory.mkdir(parents=True, exist_ok=True)
-    lines = [
-        f"listener {port} 127.0.0.1",
+    lines = [f"listener {port} 127.0.0.1"]
+    if tls is not None:
+        lines += [
+            f"cafile {tls.cafile}",
+            f"certfile {tls.certfile}",
+            f"keyfile {tls.keyfile}",
+            "tls_version tlsv1.2",  # the minimum: boards whose mbedTLS lacks 1.3 still connect
+        ]
+    lines += [
         "max_inflight_messages 0",
         "max_queued_messages 100000",
         f"max_packet_size {max_packet_size}",
@@ -92,14 +104,15 @@ def write_config(directory: Path, port: int, *, auth: bool = True, persistence: 
 
 
 class Mosquitto:
-    """A supervised Mosquitto process bound to 127.0.0.1:port."""
+    """A supervised Mosquitto process bound to 127.0.0.1:port (TLS only if tls is given)."""
 
     def __init__(self, directory: Path, port: int | None = None, *, auth: bool = True,
-                 persistence: bool = False):
+                 persistence: bool = False, tls: TlsFiles | None = None):
         self.directory = Path(directory)
         self.port = port or free_port()
         self.auth = auth
         self.persistence = persistence
+        self.tls = tls
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -107,7 +120,8 @@ class Mosquitto:
         return self.directory / "passwords"
 
     def start(self, timeout: float = 10.0) -> "Mosquitto":
-        conf = write_config(self.directory, self.port, auth=self.auth, persistence=self.persistence)
+        conf = write_config(self.directory, self.port, auth=self.auth, persistence=self.persistence,
+                            tls=self.tls)
         self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
