@@ -24,6 +24,8 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(release_app, name="release")
 app.add_typer(device_app, name="device")
 app.add_typer(token_app, name="token")
+broker_app = typer.Typer(no_args_is_help=True, help="The managed Mosquitto.")
+app.add_typer(broker_app, name="broker")
 
 console = Console()
 err = Console(stderr=True)
@@ -183,7 +185,7 @@ def _make_unix_device(h: Home, device_id: str, hardware: str, password: str, ver
     url = urlparse(h.broker_url)
     ring = h.keyring
     return create_device_dir(h.devices_dir / device_id, device_id=device_id, hardware=hardware,
-                             root_key=ring.root_public(), trust=ring.trust(),
+                             root_key=ring.root_public(), trust=ring.trust(), cadata=h.broker_cadata(),
                              host=url.hostname or "127.0.0.1", port=url.port or 1883, password=password,
                              app_files=hello_files(version), version=version, **settings)
 
@@ -371,6 +373,35 @@ def api(host: str = typer.Option("127.0.0.1", "--host", help="address to listen 
                   "put a TLS-terminating proxy in front")
     console.print(f"API on http://{host}:{port} (OpenAPI UI: /docs; home {h.path})")
     uvicorn.run(api_app, host=host, port=port, log_level="info")
+
+
+@broker_app.command("tls-init")
+def broker_tls_init(home: Optional[Path] = HomeOpt,
+                    cafile: Optional[Path] = typer.Option(None, help="your own CA certificate (PEM)"),
+                    certfile: Optional[Path] = typer.Option(None, help="your own broker certificate (PEM)"),
+                    keyfile: Optional[Path] = typer.Option(None, help="the broker certificate's key (PEM)")):
+    """Make the managed Mosquitto TLS-only: a CA of the home's own, or your certificates."""
+    from fota.server.tls import TlsError, TlsFiles, ensure_tls
+    h = Home.locate(home)
+    cfg = h.config()
+    if not h.managed_broker:
+        _fail("a broker URL is configured: give it as mqtts://... and set broker_cafile in config.json")
+    own = (cafile, certfile, keyfile)
+    if any(own) and not all(own):
+        _fail("--cafile, --certfile and --keyfile go together")
+    try:
+        files = TlsFiles(*(p.resolve() for p in own)) if all(own) else ensure_tls(h.tls_dir)
+    except TlsError as e:
+        _fail(str(e))
+    if all(own):
+        cfg.update(broker_cafile=str(files.cafile), broker_certfile=str(files.certfile),
+                   broker_keyfile=str(files.keyfile))
+    cfg["broker_tls"] = True
+    h.save_config(cfg)
+    console.print(f"managed broker: TLS only on 127.0.0.1:{cfg['broker_port']} from its next start; "
+                  f"devices pin the CA {files.cafile}")
+    console.print("device directories made from now on get it; existing devices need broker.tls and "
+                  "broker.cadata in their config.json (docs/architecture.md, TLS)")
 
 
 @app.command("serve")

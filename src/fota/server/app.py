@@ -26,9 +26,11 @@ async def supervise_broker(broker: Mosquitto, interval: float = 1.0) -> None:
 
 
 def managed_broker(home: Home, device_hashes: dict[str, str]) -> Mosquitto:
-    """Start the home's own Mosquitto (password file + per-device ACL, persistence on)."""
+    """Start the home's own Mosquitto (password file + per-device ACL, persistence on, TLS if
+    the home has broker_tls)."""
     home.write_broker_passwords(device_hashes)
-    return Mosquitto(home.broker_dir, port=home.config()["broker_port"], auth=True, persistence=True).start()
+    return Mosquitto(home.broker_dir, port=home.config()["broker_port"], auth=True, persistence=True,
+                     tls=home.tls_files()).start()
 
 
 def device_hashes(store) -> dict[str, str]:
@@ -47,6 +49,8 @@ async def control_center(home: Home, **settings):
     ring = home.keyring
     settings.setdefault("signer", ring.signer())
     settings.setdefault("keys_update", ring.keys_update())
+    if home.broker_tls:
+        settings.setdefault("ssl_context", home.broker_ssl_context())
     center = ControlCenter(store, home.broker_url, home.blobs, **settings)
     watchdog = asyncio.create_task(supervise_broker(broker)) if broker else None
     try:

@@ -1,12 +1,13 @@
 """A fota home directory: where the control center keeps its database, keys, blobs and broker.
 
     <home>/config.json      database_url, broker_url (None: managed Mosquitto), broker_port,
-                            server_password (0600)
+                            server_password, broker_tls, broker_cafile/certfile/keyfile (0600)
     <home>/fota.db          SQLite database (default)
     <home>/keys/            root.pem (pinned on devices; offline in production), signing.pem
                             (signs manifests and commands), trust.json, keys-update.json
     <home>/blobs/           release images by sha256
     <home>/broker/          managed Mosquitto: mosquitto.conf, passwords, acl, pid
+    <home>/tls/             managed Mosquitto's TLS (broker_tls): ca.pem, ca.key, server.pem, server.key
     <home>/devices/<id>/    unix-port device directories (demo, simulation)
 """
 from __future__ import annotations
@@ -61,6 +62,10 @@ class Home:
     def devices_dir(self) -> Path:
         return self.path / "devices"
 
+    @property
+    def tls_dir(self) -> Path:
+        return self.path / "tls"
+
     # ---- config ------------------------------------------------------------------------------
     @property
     def config_path(self) -> Path:
@@ -98,11 +103,57 @@ class Home:
             return os.environ["FOTA_BROKER_URL"]
         if cfg.get("broker_url"):
             return cfg["broker_url"]
-        return f"mqtt://{SERVER_USER}:{cfg['server_password']}@127.0.0.1:{cfg['broker_port']}"
+        scheme = "mqtts" if cfg.get("broker_tls") else "mqtt"
+        return f"{scheme}://{SERVER_USER}:{cfg['server_password']}@127.0.0.1:{cfg['broker_port']}"
 
     @property
     def managed_broker(self) -> bool:
         return not (os.environ.get("FOTA_BROKER_URL") or self.config().get("broker_url"))
+
+    # ---- TLS ---------------------------------------------------------------------------------
+    @property
+    def broker_tls(self) -> bool:
+        """Clients reach the broker over TLS: an mqtts:// URL (the managed one with broker_tls)."""
+        return self.broker_url.startswith("mqtts://")
+
+    def tls_files(self):
+        """The managed broker's listener files (fota.server.tls.TlsFiles), None without TLS: the
+        operator's own (broker_cafile, broker_certfile, broker_keyfile) or the home's CA and
+        server certificate, created on first use and then reused."""
+        from fota.server.tls import TlsFiles, ensure_tls
+        cfg = self.config()
+        if not (self.managed_broker and cfg.get("broker_tls")):
+            return None
+        own = ("broker_cafile", "broker_certfile", "broker_keyfile")
+        if cfg.get("broker_certfile") or cfg.get("broker_keyfile"):
+            missing = [k for k in own if not cfg.get(k)]
+            if missing:
+                raise HomeError(f"{self.config_path}: your own broker certificate also needs {', '.join(missing)}")
+            return TlsFiles(*(cfg[k] for k in own))
+        return ensure_tls(self.tls_dir)
+
+    @property
+    def broker_cafile(self) -> Path | None:
+        """The CA that clients verify the broker against (None: the system's CAs, or no TLS)."""
+        if not self.broker_tls:
+            return None
+        files = self.tls_files()
+        if files is not None:
+            return files.cafile
+        cafile = self.config().get("broker_cafile")
+        return Path(cafile) if cafile else None
+
+    def broker_ssl_context(self):
+        """The control center's TLS context for an mqtts:// broker (None: plain, or system CAs)."""
+        from fota.server.tls import client_context
+        cafile = self.broker_cafile
+        return client_context(cafile) if cafile else None
+
+    def broker_cadata(self) -> bytes | None:
+        """What a device pins to verify the broker (the CA certificate, DER); None: plain MQTT."""
+        from fota.server.tls import ca_der
+        cafile = self.broker_cafile
+        return ca_der(cafile) if cafile else None
 
     # ---- managed broker credentials ---------------------------------------------------------
     def write_broker_passwords(self, device_hashes: dict[str, str]) -> None:
