@@ -116,7 +116,7 @@ def parse_manifest(text, kinds):
     """Parse a manifest whose signature already verified; raise Rejection(E_BAD_MANIFEST)."""
     try:
         m = json.loads(text)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RuntimeError, MemoryError):  # nested too deep / too big for the heap
         raise Rejection(P.E_BAD_MANIFEST, "manifest is not JSON", terminal=True)
     if not isinstance(m, dict):
         raise Rejection(P.E_BAD_MANIFEST, "manifest is not a JSON object", terminal=True)
@@ -354,7 +354,10 @@ class UpdateCore:
             raise Rejection(P.E_OVERSIZE, "command of %d bytes exceeds %d" % (size, P.MAX_COMMAND_BYTES))
         try:
             env = json.loads(payload)
-        except (ValueError, TypeError, UnicodeError):
+        except (ValueError, TypeError, UnicodeError, RuntimeError, MemoryError):
+            # RuntimeError (RecursionError): nested too deep. MemoryError: MicroPython needs tens of
+            # bytes per JSON value, so 8 KB of "[[[..." or "[{},{},..." exhausts a small heap; a
+            # crash there would crash-loop the device, as the broker redelivers the command.
             raise Rejection(P.E_BAD_COMMAND, "command is not JSON")
         if not isinstance(env, dict):
             raise Rejection(P.E_BAD_COMMAND, "command is not a JSON object")
@@ -367,8 +370,12 @@ class UpdateCore:
             raise Rejection(P.E_BAD_COMMAND, "kid must be 16 and sig 128 hex chars")
         try:
             body = json.loads(text)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RuntimeError, MemoryError):
             raise Rejection(P.E_BAD_COMMAND, "command body is not JSON")
+        try:
+            data = text.encode()
+        except UnicodeError:  # CPython: a lone surrogate (JSON "\ud800") has no UTF-8 form
+            raise Rejection(P.E_BAD_COMMAND, "command body is not UTF-8")
         if not isinstance(body, dict):
             raise Rejection(P.E_BAD_COMMAND, "command body is not a JSON object")
         if not isinstance(body.get("type"), str):
@@ -388,7 +395,7 @@ class UpdateCore:
                 pub = self.trust.key_for(kid, "command", now)
             except TrustError as e:
                 raise Rejection(e.code, e.reason, job)
-        if not ecdsa.verify(pub, text.encode(), unhexlify(sig)):
+        if not ecdsa.verify(pub, data, unhexlify(sig)):
             raise Rejection(P.E_BAD_SIGNATURE, "command signature does not verify", job)
         return body, kid, now
 
@@ -435,7 +442,10 @@ class UpdateCore:
             pub = self.trust.key_for(cmd["manifest_kid"].lower(), "release", self.time)
         except TrustError as e:
             raise Rejection(e.code, e.reason, terminal=True)
-        text = cmd["manifest"].encode()
+        try:
+            text = cmd["manifest"].encode()
+        except UnicodeError:  # CPython: a lone surrogate has no UTF-8 form
+            raise Rejection(P.E_BAD_MANIFEST, "manifest is not UTF-8", terminal=True)
         if not ecdsa.verify(pub, text, unhexlify(cmd["manifest_sig"])):
             raise Rejection(P.E_BAD_SIGNATURE, "manifest signature does not verify", terminal=True)
         m = parse_manifest(text, self.kinds)

@@ -75,6 +75,14 @@ def _header(b0, n):
             return pkt
 
 
+def _topic(mv):
+    # a received topic name; the broker sends UTF-8, anything else is a protocol error
+    try:
+        return bytes(mv).decode()
+    except UnicodeError:
+        raise MQTTError("topic is not UTF-8")
+
+
 def _str(pkt, s):
     # append an MQTT string/binary field: 2-byte big-endian length + data
     pkt.append(len(s) >> 8)
@@ -389,7 +397,7 @@ class MQTTClient:
             self._grow(vh)
             return None
         mv = memoryview(rb)
-        topic = bytes(mv[s + i + 2:s + vh - (2 if q else 0)]).decode()
+        topic = _topic(mv[s + i + 2:s + vh - (2 if q else 0)])
         pid = rb[s + vh - 2] << 8 | rb[s + vh - 1] if q else 0
         k = avail - vh
         if self.max_payload and i + n - vh > self.max_payload:
@@ -407,11 +415,15 @@ class MQTTClient:
     def _handle(self, b0, a, n):
         t = b0 & 0xF0
         rb = self._rb
+        if n < (3 if t == SUBACK else 2) and t in (PUBLISH, CONNACK, PUBACK, SUBACK):
+            raise MQTTError("packet too short")
         if t == PUBLISH:
             q = b0 >> 1 & 3
             e = a + 2 + (rb[a] << 8 | rb[a + 1])
+            if e + (2 if q else 0) > a + n:
+                raise MQTTError("topic beyond the packet")
             mv = memoryview(rb)
-            topic = bytes(mv[a + 2:e]).decode()
+            topic = _topic(mv[a + 2:e])
             pid = 0
             if q:
                 pid = rb[e] << 8 | rb[e + 1]

@@ -28,16 +28,22 @@ def _cert_body(cert, root):
         sig = unhexlify(cert["sig"])
     except ValueError:
         raise TrustError(P.E_BAD_KEYS, "certificate signature not hex")
-    if not ecdsa.verify(root, cert["body"].encode(), sig):
+    try:
+        text = cert["body"].encode()
+    except UnicodeError:  # CPython: a lone surrogate has no UTF-8 form
+        raise TrustError(P.E_BAD_KEYS, "certificate body is not UTF-8")
+    if not ecdsa.verify(root, text, sig):
         raise TrustError(P.E_BAD_KEYS, "certificate not signed by the root key")
     try:
         body = json.loads(cert["body"])
         pub = unhexlify(body["pub"])
         if ecdsa.key_id(pub) != body["kid"] or not isinstance(body["usage"], list):
             raise ValueError("kid does not match key")
-        int(body["not_before"])
-        int(body["not_after"])
-    except (ValueError, KeyError, TypeError) as e:
+        for k in ("not_before", "not_after"):
+            # compared with integer times by key_for: "5", 1e999 or NaN must not get that far
+            if not isinstance(body[k], int) or isinstance(body[k], bool):
+                raise ValueError("%s is not an integer" % k)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:  # RuntimeError: nested too deep
         raise TrustError(P.E_BAD_KEYS, "certificate body invalid: %s" % e)
     body["pub"] = pub
     return body
