@@ -110,7 +110,8 @@ class Fleet:
         self.spy = Spy(broker)
 
     def add_device(self, device_id, hardware="unix", version="1.0.0", start=True, **settings):
-        _, password = provision_device(self.store, device_id, hardware)
+        row, password = provision_device(self.store, device_id, hardware)
+        settings.setdefault("enc_key", row.enc_key)
         self.broker.add_user(device_id, password)
         self.passwords[device_id] = password
         root = create_device_dir(self.tmp / "devices" / device_id, device_id=device_id, hardware=hardware,

@@ -119,6 +119,8 @@ def release_create(path: Path = typer.Argument(..., help="app directory (bundle)
                    counter: int = typer.Option(0, "--counter", min=0,
                                                help="security counter: devices refuse releases below the "
                                                     "highest counter they installed"),
+                   encrypt: bool = typer.Option(False, "--encrypt",
+                                                help="encrypt the bundle (AES-256-CBC, key wrapped per device)"),
                    home: Optional[Path] = HomeOpt):
     """Sign and store a release."""
     from fota.server.releases import ReleaseError, create_release
@@ -128,7 +130,8 @@ def release_create(path: Path = typer.Argument(..., help="app directory (bundle)
     key = _signing_key(h)
     store = _store(h)
     try:
-        rel = create_release(store, h.blobs, key, path, version, list(hardware), counter=counter)
+        rel = create_release(store, h.blobs, key, path, version, list(hardware), counter=counter,
+                             encrypt=encrypt)
     except (ReleaseError, ValueError) as e:
         _fail(str(e))
     _audit(store, "release.create", f"release:{rel.version}",
@@ -160,14 +163,14 @@ def device_add(device_id: str, hardware: str = typer.Option(..., "--hardware"),
     h = Home.locate(home)
     store = _store(h)
     try:
-        _, password = provision_device(store, device_id, hardware, tags=tuple(tag))
+        row, password = provision_device(store, device_id, hardware, tags=tuple(tag))
     except FleetError as e:
         _fail(str(e))
     _audit(store, "device.add", f"device:{device_id}", {"hardware": hardware, "tags": list(tag)})
     _refresh_broker_passwords(h, store)
     console.print(f"device {device_id} provisioned; broker user {device_id}, password {password}")
     if unix_dir:
-        _make_unix_device(h, device_id, hardware, password)
+        _make_unix_device(h, device_id, hardware, password, enc_key=row.enc_key)
         console.print(f"unix-port device directory: {h.devices_dir / device_id}")
 
 

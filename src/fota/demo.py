@@ -71,8 +71,8 @@ async def _demo(root: Path, n: int, timeout: float, console: Console, heap: str)
     store = Store(home.database_url)
     ids = [f"dev-{i:02d}" for i in range(1, n + 1)]
     for dev in ids:
-        _, password = provision_device(store, dev, "unix", tags=("demo",))
-        _make_unix_device(home, dev, "unix", password, version="1.0.0")
+        row, password = provision_device(store, dev, "unix", tags=("demo",))
+        _make_unix_device(home, dev, "unix", password, version="1.0.0", enc_key=row.enc_key)
     console.print(f"provisioned {n} devices on hello app 1.0.0 (home {home.path})")
 
     procs: list[DeviceProcess] = []

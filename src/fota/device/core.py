@@ -10,7 +10,8 @@
 #   (A_WRITE, offset, data)                     write image bytes to the inactive slot
 #   (A_JOURNAL, dict_or_None)                   flush the slot, then persist (or delete) the journal
 #   (A_STATE, dict)                             persist the agent state (last accepted job)
-#   (A_INSTALL, manifest)                       finalise the slot; the runner answers installed()
+#   (A_INSTALL, manifest, key)                  finalise the slot (key: release key of an encrypted
+#                                               release, else None); the runner answers installed()
 #   (A_SET_TRIAL, job, version, counter)        mark the inactive slot for a trial boot
 #   (A_TRUST, document)                         persist a new trust store (root-signed key update)
 #   (A_CONFIRM, report)                         make the running trial slot permanent
@@ -26,6 +27,7 @@ import struct
 from binascii import hexlify, unhexlify
 
 from fota.device import protocol as P
+from fota.device import aes
 from fota.device import ecdsa
 from fota.device.trust import TrustError, TrustStore
 
@@ -140,6 +142,10 @@ def parse_manifest(text, kinds):
     files = m.get("files")
     if files is not None and not _valid_files(files):
         problems.append("files must be a list of [name, size, sha256]")
+    enc = m.get("enc")
+    if enc is not None and not (isinstance(enc, dict) and enc.get("alg") == "aes-256-cbc"
+                                and isinstance(enc.get("plain_size"), int) and not isinstance(enc.get("plain_size"), bool)):
+        problems.append("enc must be {alg: aes-256-cbc, plain_size: int}")
     if m.get("kind") not in kinds:
         problems.append("kind %r is not installable here (backend takes %s)" % (m.get("kind"), "/".join(kinds)))
     if problems:
@@ -184,6 +190,9 @@ class UpdateCore:
         self.hardware = identity["hardware"]
         self.trust = TrustStore(identity["root"], identity["trust"])
         self.counter = identity.get("counter", 0)
+        # Device key for unwrapping release keys (optional payload encryption), or None when
+        # the device or its backend cannot decrypt.
+        self.enc_key = identity.get("enc_key")
         self.capacity = identity["capacity"]
         self.kinds = identity["kinds"]
         self.version = identity["version"]
@@ -455,6 +464,17 @@ class UpdateCore:
             raise Rejection(P.E_DOWNGRADE, "security counter %d is below the installed %d" % (m["counter"], self.counter), terminal=True)
         if m["size"] > self.capacity:
             raise Rejection(P.E_TOO_LARGE, "image of %d bytes exceeds slot capacity %d" % (m["size"], self.capacity), terminal=True)
+        m["_key"] = None
+        if m.get("enc"):
+            if self.enc_key is None:
+                raise Rejection(P.E_BAD_MANIFEST, "release is encrypted; this device cannot decrypt", terminal=True)
+            wrapped = cmd.get("key")
+            if not _is_hex(wrapped, 80):
+                raise Rejection(P.E_DECRYPT, "encrypted release without a wrapped key", terminal=True)
+            try:
+                m["_key"] = aes.unwrap(self.enc_key, unhexlify(wrapped))
+            except aes.DecryptError as e:
+                raise Rejection(P.E_DECRYPT, str(e), terminal=True)
         return m
 
     def _update(self, cmd):
@@ -568,7 +588,7 @@ class UpdateCore:
                                        "image sha256 %s does not match manifest %s" % (digest, self.job.manifest["sha256"]))
         self._go("verified")
         actions.append(self._publish_status(self._status(P.INSTALLING)))
-        actions.append((A_INSTALL, self.job.manifest))
+        actions.append((A_INSTALL, self.job.manifest, self.job.manifest["_key"]))
         return actions
 
     def installed(self, code=None, reason=None):

@@ -84,9 +84,10 @@ E_WRONG_DEVICE = "E_WRONG_DEVICE"      # a command signed for another device
 E_DOWNGRADE = "E_DOWNGRADE"            # manifest security counter below the installed one
 E_STALE_KEYS = "E_STALE_KEYS"          # key update not newer than the trust store
 E_BAD_KEYS = "E_BAD_KEYS"              # key update or certificate malformed or not root-signed
+E_DECRYPT = "E_DECRYPT"                # encrypted release: key unwrap or decryption failed
 
 ERROR_CODES = (E_BAD_COMMAND, E_OVERSIZE, E_UNKNOWN_COMMAND, E_STALE_JOB, E_DUPLICATE_JOB,
                E_BAD_MANIFEST, E_UNKNOWN_KEY, E_BAD_SIGNATURE, E_HW_MISMATCH, E_TOO_LARGE,
                E_BAD_CHUNK, E_HASH_MISMATCH, E_INSTALL, E_BAD_BUNDLE, E_TIMEOUT, E_HEALTH,
                E_NOT_RUNNING, E_KEY_REVOKED, E_KEY_EXPIRED, E_WRONG_DEVICE, E_DOWNGRADE, E_STALE_KEYS,
-               E_BAD_KEYS)
+               E_BAD_KEYS, E_DECRYPT)

@@ -93,6 +93,8 @@ class Device:
             "trust": fsutil.read_json(self._path("keys.json")) or cfg["trust"],
             "capacity": self.backend.capacity, "kinds": self.backend.KINDS, "version": version,
             "counter": record.get("counter", 0), "time": cfg.get("time", 0),
+            "enc_key": unhexlify(cfg["enc_key"]) if cfg.get("enc_key") and getattr(self.backend, "DECRYPTS", False)
+            else None,
         }
         settings = C.Settings(
             chunk_timeout=cfg.get("chunk_timeout_ms", 3000),
@@ -170,10 +172,11 @@ class Device:
             manifest = action[1]
             code = reason = None
             try:
-                self.backend.finalize(inactive, manifest["size"], manifest.get("files"))
+                self.backend.finalize(inactive, manifest["size"], manifest.get("files"), action[2],
+                                      (manifest.get("enc") or {}).get("plain_size"))
             except Exception as e:
                 name = type(e).__name__
-                code = P.E_BAD_BUNDLE if name == "BundleError" else P.E_INSTALL
+                code = {"BundleError": P.E_BAD_BUNDLE, "DecryptError": P.E_DECRYPT}.get(name, P.E_INSTALL)
                 reason = "%s: %s" % (name, e)
             # Answer the core at once; its actions run after this one.
             self.pending[1:1] = self.core.installed(code, reason)

@@ -5,6 +5,8 @@ Mosquitto hash (fota.server.credentials), from which the broker's password file 
 """
 from __future__ import annotations
 
+import os
+
 import logging
 from collections.abc import Iterable
 from datetime import datetime
@@ -42,8 +44,11 @@ def provision_device(store: Store, device_id: str, hardware: str,
     if not all(isinstance(t, str) and t for t in tags):
         raise FleetError("tags must be non-empty strings")
     password = credentials.new_password()
+    # enc_key: the device's key for unwrapping release keys (optional payload encryption);
+    # it goes into the device's config at provisioning, like the broker password.
     device = Device(id=device_id, hardware=hardware, tags=tags,
-                    password_hash=credentials.mosquitto_hash(password), inventory={})
+                    password_hash=credentials.mosquitto_hash(password), inventory={},
+                    enc_key=os.urandom(32).hex())
     try:
         with store.session() as s:
             if s.get(Device, device_id) is not None:

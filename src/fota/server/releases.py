@@ -11,7 +11,10 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
+from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
@@ -35,7 +38,25 @@ class ReleaseError(ValueError):
     """A release cannot be created or found."""
 
 
-def build_manifest(version: str, hardware: list[str], kind: str, image: bytes, counter: int = 0) -> str:
+def encrypt_image(image: bytes, key: bytes) -> bytes:
+    """IV || AES-256-CBC(PKCS#7(image)): the transferred form of an encrypted release."""
+    iv = os.urandom(16)
+    padder = padding.PKCS7(128).padder()
+    padded = padder.update(image) + padder.finalize()
+    return iv + Cipher(algorithms.AES(key), modes.CBC(iv)).encryptor().update(padded)
+
+
+def wrap_release_key(release: Release, device_enc_key_hex: str | None) -> str | None:
+    """The release key wrapped (RFC 3394) for one device, as hex; None for plain releases."""
+    if not release.enc_key:
+        return None
+    if not device_enc_key_hex:
+        raise ReleaseError(f"release {release.version} is encrypted and the device has no key")
+    return aes_key_wrap(bytes.fromhex(device_enc_key_hex), bytes.fromhex(release.enc_key)).hex()
+
+
+def build_manifest(version: str, hardware: list[str], kind: str, image: bytes, counter: int = 0,
+                   transferred: bytes | None = None) -> str:
     """The manifest text that gets signed: compact JSON, sorted keys (§4.1).
 
     A bundle's manifest also lists every file with its size and SHA-256, so the device can
@@ -52,15 +73,20 @@ def build_manifest(version: str, hardware: list[str], kind: str, image: bytes, c
         raise ReleaseError("the image is empty")
     if not isinstance(counter, int) or isinstance(counter, bool) or counter < 0:
         raise ReleaseError("the security counter must be an integer >= 0")
+    # transferred: the encrypted form of the image, when the release is encrypted; size and
+    # sha256 then describe those bytes, and "enc" the plaintext's size.
+    wire = image if transferred is None else transferred
     manifest = {
         "v": MANIFEST_FORMAT,
         "version": version,
         "hw": list(dict.fromkeys(hardware)),  # de-duplicated, order kept
         "kind": kind,
-        "size": len(image),
-        "sha256": hashlib.sha256(image).hexdigest(),
+        "size": len(wire),
+        "sha256": hashlib.sha256(wire).hexdigest(),
         "counter": counter,
     }
+    if transferred is not None:
+        manifest["enc"] = {"alg": "aes-256-cbc", "plain_size": len(image)}
     if kind == "bundle":
         manifest["files"] = [[name, len(data), hashlib.sha256(data).hexdigest()]
                              for name, data in bundle.unpack(image).items()]
@@ -69,11 +95,17 @@ def build_manifest(version: str, hardware: list[str], kind: str, image: bytes, c
 
 def update_command(job_id: int, device_id: str, release: Release, signer: Signer,
                    chunk: int = protocol.DEFAULT_CHUNK_SIZE, window: int = protocol.DEFAULT_WINDOW,
-                   now: int | None = None) -> bytes:
-    """The signed `update` command (§4.1) for one job on one device, as published on `cmd`."""
+                   now: int | None = None, wrapped_key: str | None = None) -> bytes:
+    """The signed `update` command (§4.1) for one job on one device, as published on `cmd`.
+
+    wrapped_key: for an encrypted release, the release key wrapped for this device
+    (wrap_release_key).
+    """
     body = {"type": "update", "job": job_id, "device": device_id, "manifest": release.manifest,
             "manifest_kid": release.key_id, "manifest_sig": release.signature, "chunk": chunk,
             "window": window}
+    if wrapped_key:
+        body["key"] = wrapped_key
     return signer.command(body, now)
 
 
@@ -123,23 +155,30 @@ def _write_blob(blobs_dir: Path, image: bytes, sha256: str) -> Path:
 
 def create_release(store: Store, blobs_dir: str | os.PathLike, key: ec.EllipticCurvePrivateKey,
                    path_or_bytes: str | os.PathLike | bytes, version: str, hardware: list[str],
-                   kind: str | None = None, counter: int = 0) -> Release:
+                   kind: str | None = None, counter: int = 0, encrypt: bool = False) -> Release:
     """Pack, sign and store a release; ReleaseError if invalid or the version exists.
 
     counter: the security counter devices compare against the highest one they installed
     (anti-rollback); a release may keep the previous counter or raise it, never lower it.
     """
     image, kind = _load_image(path_or_bytes, kind)
-    manifest = build_manifest(version, list(hardware), kind, image, counter)
+    enc_key = os.urandom(32) if encrypt else None
+    if encrypt and kind != "bundle":
+        raise ReleaseError("only bundles can be encrypted (flash backends write the image as it arrives)")
+    plain = image
+    if enc_key:
+        image = encrypt_image(plain, enc_key)  # what is stored, served and hashed
+    manifest = build_manifest(version, list(hardware), kind, plain, counter,
+                              transferred=image if enc_key else None)
     signature = sign(key, manifest.encode()).hex()
     kid = key_id(public_key_bytes(key))
     release = Release(version=version, hardware=json.loads(manifest)["hw"], kind=kind,
                       size=len(image), sha256=hashlib.sha256(image).hexdigest(),
                       manifest=manifest, signature=signature, key_id=kid, blob_path="",
-                      security_counter=counter)
+                      security_counter=counter, enc_key=enc_key.hex() if enc_key else None)
     # The command carries the manifest; it must fit the device's command limit.
     longest = update_command(2**32 - 1, "x" * 64, release, Signer(key), protocol.MAX_CHUNK_SIZE,
-                             protocol.MAX_WINDOW, now=2**40)
+                             protocol.MAX_WINDOW, now=2**40, wrapped_key="00" * 40 if enc_key else None)
     if len(longest) > protocol.MAX_COMMAND_BYTES:
         raise ReleaseError(f"the update command would exceed {protocol.MAX_COMMAND_BYTES} bytes "
                            "(too many hardware types or files?)")

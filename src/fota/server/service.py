@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session
 from fota.device import protocol
 from fota.server import fleet
 from fota.server.deployments import DONE, PENDING, SENT, TERMINAL_STATES
-from fota.server.releases import read_blob, update_command
+from fota.server.releases import ReleaseError, read_blob, update_command, wrap_release_key
 from fota.tools.keyring import Signer
 from fota.server.store import Deployment, Device, Job, Release, StatusEvent, Store, utcnow
 
@@ -481,7 +481,7 @@ class ControlCenter:
 
     def _claim_pending(self) -> list[_Outgoing]:
         """(DB thread) the oldest pending jobs, with their commands."""
-        query = (select(Job.id, Job.device_id, Device.inventory, Release)
+        query = (select(Job.id, Job.device_id, Device.inventory, Device.enc_key, Release)
                  .join(Deployment, Job.deployment_id == Deployment.id)
                  .join(Release, Deployment.release_id == Release.id)
                  .join(Device, Job.device_id == Device.id)
@@ -491,12 +491,18 @@ class ControlCenter:
         with self.store.session() as s:
             rows = s.execute(query).all()
         outgoing = []
-        for job_id, device_id, inventory, release in rows:
+        for job_id, device_id, inventory, device_key, release in rows:
             chunk = self.chunk
             max_chunk = (inventory or {}).get("max_chunk")
             if _is_int(max_chunk) and 64 <= max_chunk < chunk:
                 chunk = max_chunk  # never more than the device accepts
-            command = update_command(job_id, device_id, release, self.signer, chunk, self.window)
+            try:
+                wrapped = wrap_release_key(release, device_key)
+            except ReleaseError as exc:
+                log.error("job %d not sent: %s", job_id, exc)
+                continue
+            command = update_command(job_id, device_id, release, self.signer, chunk, self.window,
+                                     wrapped_key=wrapped)
             outgoing.append(_Outgoing(job_id, device_id, command, _JobInfo(device_id, SENT, self._blob(release))))
         return outgoing
 

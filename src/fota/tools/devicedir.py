@@ -11,11 +11,13 @@ from fota.device import boot as bootrec
 def create_device_dir(root: Path, *, device_id: str, hardware: str, root_key: bytes, trust: dict, host: str,
                       port: int, password: str, app_files: dict[str, bytes], version: str,
                       backend: str = "files", capacity: int = 1 << 20, cadata: bytes | None = None,
+                      enc_key: str | None = None,
                       server_hostname: str | None = None, **settings) -> Path:
     """Write config.json, the boot record and slot a with the factory app.
 
     root_key: the 65-byte root public key the device pins; trust: the trust document (root-
     certified signing keys) it starts with; the provisioning time is its first trusted time.
+    enc_key: the device's payload-encryption key (hex), from the store's Device.enc_key.
 
     cadata: the broker's CA certificate (DER): the device connects over TLS and accepts only a
     broker certificate issued by it for server_hostname (default: host).
@@ -25,7 +27,7 @@ def create_device_dir(root: Path, *, device_id: str, hardware: str, root_key: by
     (root / "slots" / "b").mkdir(parents=True, exist_ok=True)
     config = {
         "id": device_id, "hardware": hardware, "root": root_key.hex(), "trust": trust, "backend": backend,
-        "capacity": capacity, "version": version, "time": int(time.time()),
+        "capacity": capacity, "version": version, "time": int(time.time()), "enc_key": enc_key,
         "broker": {"host": host, "port": port, "user": device_id, "password": password, "keepalive": 30},
     }
     if cadata is not None:

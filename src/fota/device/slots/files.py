@@ -9,6 +9,7 @@ from fota.device.bundle import extract
 
 class FilesBackend:
     KINDS = ("bundle",)
+    DECRYPTS = True  # encrypted releases are decrypted while unpacking
 
     def __init__(self, root, capacity):
         self.root = root
@@ -63,11 +64,16 @@ class FilesBackend:
         f.seek(offset)
         return f.read(n)
 
-    def finalize(self, slot, size, files=None):
+    def finalize(self, slot, size, files=None, key=None, plain_size=None):
         self.close()
         app = self.app_dir(slot)
         fsutil.rmtree(app)
         fsutil.makedirs(app)
         with open(self._image(slot), "rb") as f:
-            extract(f, size, app, files)
+            if key is None:
+                extract(f, size, app, files)
+            else:
+                # The slot keeps the ciphertext that was hashed; plaintext exists only unpacked.
+                from fota.device.aes import DecryptingReader
+                extract(DecryptingReader(f, size, key), plain_size, app, files)
         fsutil.remove(self._image(slot))

@@ -166,5 +166,5 @@ class SimBackend:
     def read(self, slot, offset, n):
         return self.flash.read(self._base(slot) + offset, n)
 
-    def finalize(self, slot, size, files=None):
+    def finalize(self, slot, size, files=None, key=None, plain_size=None):
         self.flush(slot)
