@@ -219,8 +219,6 @@ def test_malformed_messages_get_clear_errors_and_change_nothing(fleet):
     assert fleet.wait_job(dep.jobs[0].id).state == "confirmed"
 
 
-@pytest.mark.xfail(reason="intermittent: the duplicate notice for a redelivered command is sometimes never "
-                          "seen (under investigation); the update itself still runs once", strict=False)
 def test_same_command_twice_runs_the_update_once(fleet):
     dev = "dup-1"
     fleet.add_device(dev)

@@ -92,11 +92,15 @@ def _str(pkt, s):
 
 class MQTTClient:
     def __init__(self, client_id, host, port=1883, user=None, password=None, keepalive=30,
-                 clean_session=False, ssl_context=None, timeout=10, max_payload=0):
+                 clean_session=False, ssl_context=None, timeout=10, max_payload=0, manual_ack=False):
+        # manual_ack: the callback gets (topic, msg, pid) and a QoS 1 message is acknowledged
+        # only when the application calls ack(pid), i.e. once it has really handled it. A device
+        # that reboots with the message still queued gets it again (persistent session).
         # max_payload > 0: a larger incoming payload is read and dropped without being stored,
         # and the callback gets its length (an int) instead of the bytes, so one oversized
         # message cannot exhaust a small heap (and, redelivered, crash-loop the device).
         self.max_payload = max_payload
+        self.manual_ack = manual_ack
         self.client_id = _b(client_id)
         self.host = host
         self.port = port
@@ -436,11 +440,21 @@ class MQTTClient:
         return (t, 0, 0)  # PINGRESP, UNSUBACK, ...: nothing to do
 
     def _deliver(self, topic, msg, q, pid):
-        if self.cb:
-            self.cb(topic, msg)
-        if q == 1:  # acknowledge only once the application has the message
-            self._write(struct.pack("!BBH", PUBACK, 2, pid))
+        if q != 1:
+            pid = 0
+        if self.manual_ack:
+            if self.cb:
+                self.cb(topic, msg, pid)
+        else:
+            if self.cb:
+                self.cb(topic, msg)
+            self.ack(pid)  # acknowledge only once the application has the message
         return (PUBLISH, 0, 0)
+
+    def ack(self, pid):
+        """PUBACK a QoS 1 message (pid 0: a QoS 0 message, nothing to do)."""
+        if pid:
+            self._write(struct.pack("!BBH", PUBACK, 2, pid))
 
     def _wait(self, t, pid):
         # process incoming packets until a packet of type t (with packet id pid) arrives

@@ -202,10 +202,11 @@ class Device:
             raise ValueError("unknown action %r" % (kind,))
 
     # ---- MQTT ----------------------------------------------------------------------------------
-    def _on_message(self, topic, payload):
+    def _on_message(self, topic, payload, pid):
         # Queued, not handled here: the callback can fire inside publish() while it waits for
-        # a PUBACK, and the core must not be re-entered.
-        self.inbox.append((topic, payload))
+        # a PUBACK, and the core must not be re-entered. A QoS 1 command is acknowledged only
+        # after the core handled it (see _dispatch).
+        self.inbox.append((topic, payload, pid, self.client))
 
     def _connect(self):
         cfg = self.config
@@ -214,7 +215,7 @@ class Device:
         ssl_context = _TLS(b) if b.get("tls") else None
         client = MQTTClient(ident, b.get("host", "127.0.0.1"), b.get("port", 1883), user=b.get("user", ident),
                             password=b.get("password"), keepalive=b.get("keepalive", 30),
-                            clean_session=False, ssl_context=ssl_context,
+                            clean_session=False, ssl_context=ssl_context, manual_ack=True,
                             max_payload=max(P.MAX_COMMAND_BYTES, P.MAX_CHUNK_SIZE + P.CHUNK_HEADER_SIZE))
         client.set_will(P.topic(ident, P.ONLINE), "0", retain=True, qos=1)
         client.set_callback(self._on_message)
@@ -238,11 +239,20 @@ class Device:
         cmd_topic = P.topic(ident, P.CMD)
         data_topic = P.topic(ident, P.DATA)
         while self.inbox:
-            topic, payload = self.inbox.pop(0)
+            topic, payload, pid, client = self.inbox.pop(0)
             if topic == data_topic:
                 self.execute(self.core.chunk(payload))
             elif topic == cmd_topic:
+                # A reboot raised while executing leaves the command unacknowledged: the broker
+                # redelivers it to the next boot, whose core refuses it as a duplicate, so no
+                # command is ever lost between a PUBACK and a reboot.
                 self.execute(self.core.command(payload))
+            if pid and client is self.client:
+                try:
+                    client.ack(pid)
+                except OSError as e:  # unacknowledged: redelivered after the reconnect
+                    log("ack failed:", e)
+                    self._drop_connection()
 
     def run_forever(self, poll_ms=50):
         self.boot()

@@ -83,6 +83,9 @@ def write_config(directory: Path, port: int, *, auth: bool = True, persistence: 
         f"persistence {'true' if persistence else 'false'}",
         f"persistence_location {directory}/",
         "log_dest none",
+        # Chunks are small request/response messages: Nagle's algorithm would hold each reply
+        # back until the previous one is acknowledged (tens of ms per chunk).
+        "set_tcp_nodelay true",
     ]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         # As root Mosquitto drops to the "mosquitto" user, which cannot read our 0600 files.
