@@ -27,22 +27,9 @@ from fota.server.store import Device, Job, Store
 from fota.tools.bundle import pack_files
 from fota.tools.devicedir import create_device_dir
 from fota.tools.supervisor import DeviceProcess
+from fota.tools.waiting import TimedOut, wait_until  # noqa: F401 (re-exported to the benchmarks)
 
 HOST = "127.0.0.1"
-
-
-class TimedOut(RuntimeError):
-    pass
-
-
-def wait_until(predicate, timeout=30.0, interval=0.05, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimedOut(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def bundle_of_size(version: str, size: int) -> bytes:

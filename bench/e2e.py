@@ -27,6 +27,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
+from bench._report import print_table
 from bench._fleet import Broker, Fleet, TimedOut, bundle_of_size, wait_until, wire_entries
 from fota.device import protocol as P
 from fota.server.broker import SERVER_USER
@@ -394,28 +395,7 @@ def pct(x) -> str:
 
 
 def render(results: dict) -> None:
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:  # plain text
-        Console = None
-
-    def table(title, columns, rows, notes=()):
-        print(f"\n{title}")
-        if Console is None:
-            widths = [max(len(str(c)), *(len(str(r[i])) for r in rows)) for i, c in enumerate(columns)]
-            print("  ".join(str(c).ljust(w) for c, w in zip(columns, widths)))
-            for r in rows:
-                print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))
-        else:
-            t = Table()
-            for c in columns:
-                t.add_column(str(c), justify="left" if c in ("result", "module", "note") else "right")
-            for r in rows:
-                t.add_row(*(str(v) for v in r))
-            Console(width=160).print(t)
-        for note in notes:
-            print(note)
+    table = print_table
 
     cfg = results["config"]
     rows = []

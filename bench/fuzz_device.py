@@ -45,6 +45,8 @@ from fota.device import trust as T
 from fota.tools import signing
 from fota.tools.keyring import make_cert
 
+from bench._report import print_table
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "fuzz_device.json"
 DEFAULT_EXAMPLES = 10_000
@@ -1179,24 +1181,8 @@ def render(results: dict) -> None:
     rows.append(("total", f"{results['total_inputs']:,}", "", "", "", "", results["total_crashes"],
                  f"{results['elapsed_s']:.0f}"))
     columns = ("parser", "inputs", "parsed", "refused", "codes", "distinct error codes seen", "crashes", "s")
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        Console = None
-    if Console is None:
-        widths = [max(len(str(c)), *(len(str(r[i])) for r in rows)) for i, c in enumerate(columns)]
-        print("  ".join(str(c).ljust(w) for c, w in zip(columns, widths)))
-        for r in rows:
-            print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))
-    else:
-        t = Table(title=f"device parser fuzzing (seed {results['seed']}, {results['examples']:,} examples per parser)")
-        for c in columns:
-            t.add_column(c, justify="left" if c in ("parser", "distinct error codes seen") else "right",
-                         overflow="fold")
-        for r in rows:
-            t.add_row(*(str(v) for v in r))
-        Console(width=160).print(t)
+    print_table(f"device parser fuzzing (seed {results['seed']}, {results['examples']:,} examples per parser)",
+                columns, rows, left=("parser", "distinct error codes seen"))
     for r in results["parsers"]:
         for c in r["crash_samples"]:
             print(f"\nCRASH in {r['parser']}: {c['error']}\n  input: {c['input']}\n{c['traceback']}")

@@ -21,16 +21,7 @@ from fota.server.store import Device, Job, Store
 from fota.tools.devicedir import create_device_dir, read_boot_record
 from fota.tools.keyring import Keyring
 from fota.tools.supervisor import DeviceProcess
-
-
-def wait_until(predicate, timeout=30.0, interval=0.1, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+from fota.tools.waiting import wait_until  # noqa: F401 (re-exported to the tests)
 
 
 class CenterThread:
@@ -63,6 +54,9 @@ class Spy:
         self.statuses: list[tuple[float, str, dict]] = []
         self.requests: list[tuple[float, str, dict]] = []
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"spy-{time.monotonic_ns()}")
+        tls = getattr(broker, "tls", None)
+        if tls is not None:  # verify the broker against its CA
+            self.client.tls_set(ca_certs=str(tls.cafile))
         self.client.username_pw_set(SERVER_USER, broker.users[SERVER_USER])
         self.client.on_message = self._on_message
         self.client.connect(broker.host, broker.port)

@@ -8,12 +8,10 @@ import ssl
 import stat
 import time
 
-import paho.mqtt.client as mqtt
 import pytest
 
-import fleet as fleet_module
 from conftest import BrokerInfo
-from fleet import Fleet, Spy, wait_until
+from fleet import Fleet, wait_until
 from fota.device.mqtt import MQTTClient
 from fota.examples import hello_files
 from fota.server.broker import SERVER_USER, Mosquitto
@@ -36,21 +34,6 @@ class TlsBroker(BrokerInfo):
         return f"mqtts://{SERVER_USER}:{self.users[SERVER_USER]}@{self.host}:{self.port}"
 
 
-class TlsSpy(Spy):
-    """fleet.Spy over TLS (paho, verifying the broker against the test CA)."""
-
-    def __init__(self, broker):
-        self.statuses, self.requests = [], []
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"spy-{time.monotonic_ns()}")
-        self.client.tls_set(ca_certs=str(broker.tls.cafile))
-        self.client.username_pw_set(SERVER_USER, broker.users[SERVER_USER])
-        self.client.on_message = self._on_message
-        self.client.connect(broker.host, broker.port)
-        self.client.subscribe([("fota/v1/+/status", 1), ("fota/v1/+/req", 0)])
-        self.client.loop_start()
-        time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
 def tls_broker(tmp_path_factory):
     directory = tmp_path_factory.mktemp("mosquitto-tls")
@@ -62,8 +45,7 @@ def tls_broker(tmp_path_factory):
 
 
 @pytest.fixture
-def tls_fleet(tmp_path, tls_broker, sqlite_url, monkeypatch):
-    monkeypatch.setattr(fleet_module, "Spy", TlsSpy)
+def tls_fleet(tmp_path, tls_broker, sqlite_url):
     f = Fleet(tmp_path, tls_broker, sqlite_url, ssl_context=tls_broker.tls.client_context())
     yield f
     f.close()

@@ -279,6 +279,14 @@ def progress_view(rows) -> Progress:
     return prog
 
 
+def refresh_live(live, store, deployment_id: int):
+    """Redraw a Live view of one deployment; returns (rows, summary, every device finished)."""
+    from rich.console import Group
+    _, rows, summary = render_status(store, deployment_id)
+    live.update(Group(progress_view(rows), summary))
+    return rows, summary, all(r[1] in P.TERMINAL_STATES for r in rows)
+
+
 @app.command("status")
 def status(deployment: Optional[int] = typer.Option(None, "--deployment", help="deployment id (default: latest)"),
            watch: bool = typer.Option(False, "--watch", help="follow live until every device is done"),
@@ -295,10 +303,8 @@ def status(deployment: Optional[int] = typer.Option(None, "--deployment", help="
         return
     with Live(console=console, refresh_per_second=4) as live:
         while True:
-            dep, rows, summary = render_status(store, dep.id)
-            from rich.console import Group
-            live.update(Group(progress_view(rows), summary))
-            if all(r[1] in P.TERMINAL_STATES for r in rows):
+            rows, summary, done = refresh_live(live, store, dep.id)
+            if done:
                 break
             time.sleep(0.5)
     if any(r[1] != P.CONFIRMED for r in rows):

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from rich.console import Console, Group
+from rich.console import Console
 from rich.live import Live
 
 from fota.device import protocol as P
@@ -54,7 +54,7 @@ async def _wait(predicate, timeout: float, what: str, interval: float = 0.2):
 
 
 async def _demo(root: Path, n: int, timeout: float, console: Console, heap: str) -> None:
-    from fota.cli import progress_view, render_status, _make_unix_device
+    from fota.cli import refresh_live, _make_unix_device
     from fota.examples import hello_files
     from fota.server.app import control_center
     from fota.server.deployments import create_deployment
@@ -102,9 +102,8 @@ async def _demo(root: Path, n: int, timeout: float, console: Console, heap: str)
             deadline = time.monotonic() + timeout
             with Live(console=console, refresh_per_second=4) as live:
                 while True:
-                    _, rows, summary = render_status(store, dep.id)
-                    live.update(Group(progress_view(rows), summary))
-                    if all(r[1] in P.TERMINAL_STATES for r in rows):
+                    rows, summary, done = refresh_live(live, store, dep.id)
+                    if done:
                         break
                     if time.monotonic() > deadline:
                         raise DemoError(f"not every device finished within {timeout:.0f}s: {summary}")
