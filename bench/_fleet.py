@@ -18,7 +18,6 @@ from pathlib import Path
 from sqlalchemy import select
 
 from fota.examples import hello_files
-from fota.server import broker as broker_mod
 from fota.server.broker import SERVER_USER, Mosquitto, write_passwords
 from fota.server.credentials import mosquitto_hash
 from fota.server.fleet import provision_device
@@ -42,40 +41,12 @@ def bundle_of_size(version: str, size: int) -> bytes:
     return pack_files(files)
 
 
-class _TunedMosquitto(Mosquitto):
-    """fota's Mosquitto with extra lines appended to its generated config (diagnostics only)."""
-
-    def __init__(self, directory: Path, extra: str, **kwargs):
-        super().__init__(directory, **kwargs)
-        self.extra = extra
-
-    def start(self, timeout: float = 10.0) -> Mosquitto:
-        generate = broker_mod.write_config
-
-        def write_config(*args, **kwargs):
-            conf = generate(*args, **kwargs)
-            conf.write_text(conf.read_text() + self.extra)
-            return conf
-        broker_mod.write_config = write_config  # start() calls it by its module name
-        try:
-            return super().start(timeout)
-        finally:
-            broker_mod.write_config = generate
-
-
 class Broker:
-    """An authenticated Mosquitto (password file + per-device ACL) in its own directory.
+    """An authenticated Mosquitto (password file + per-device ACL) in its own directory, with
+    fota's generated config (which turns Nagle off: `set_tcp_nodelay true`)."""
 
-    tcp_nodelay=True adds Mosquitto's `set_tcp_nodelay true` (Nagle off on client sockets);
-    fota's generated config leaves it at Mosquitto's default (false).
-    """
-
-    def __init__(self, directory: Path, *, tcp_nodelay: bool = False):
-        if tcp_nodelay:
-            self.mosquitto = _TunedMosquitto(Path(directory), "set_tcp_nodelay true\n", auth=True).start()
-        else:
-            self.mosquitto = Mosquitto(Path(directory), auth=True).start()
-        self.tcp_nodelay = tcp_nodelay
+    def __init__(self, directory: Path):
+        self.mosquitto = Mosquitto(Path(directory), auth=True).start()
         self.host = HOST
         self.port = self.mosquitto.port
         self.users: dict[str, str] = {}
@@ -142,10 +113,10 @@ def _keys(directory: Path):
 class Fleet:
     """Broker + store + control center + devices under one temporary directory."""
 
-    def __init__(self, tmp: Path, *, chunk: int, window: int, heap: str = "128K", tcp_nodelay: bool = False):
+    def __init__(self, tmp: Path, *, chunk: int, window: int, heap: str = "128K"):
         self.tmp = Path(tmp)
         self.heap = heap
-        self.broker = Broker(self.tmp / "mosquitto", tcp_nodelay=tcp_nodelay)
+        self.broker = Broker(self.tmp / "mosquitto")
         self.store = Store(f"sqlite:///{self.tmp / 'fota.db'}")
         self.blobs = self.tmp / "blobs"
         self.devices: dict[str, DeviceProcess] = {}

@@ -1,7 +1,7 @@
 """End-to-end update benchmark: fota against a bare-MQTT floor, wire overhead, smallest heap.
 
     ./run bench e2e [--devices 1,5,20] [--image-kib 256] [--chunk 2048] [--window 8] [--heap 128K]
-                    [--heap-start 128] [--heap-step 4] [--skip-heap] [--repeat 3] [--tcp-nodelay]
+                    [--heap-start 128] [--heap-step 4] [--skip-heap] [--repeat 3]
                     [--timeout 90] [--out bench/results/e2e.json]
 
 Everything runs on 127.0.0.1: a fresh authenticated Mosquitto per measurement, the control
@@ -146,8 +146,7 @@ def _median(values):
 def run_fota(n: int, size: int, args, tmp: Path) -> dict:
     """N devices updated by one deployment, --repeat times (1.0.0 -> 1.1.0 -> 1.2.0 ...);
     wall time from the deployment's creation until every job is 'confirmed'. Medians."""
-    fleet = Fleet(tmp / f"fota-{n}", chunk=args.chunk, window=args.window, heap=args.heap,
-                  tcp_nodelay=args.tcp_nodelay)
+    fleet = Fleet(tmp / f"fota-{n}", chunk=args.chunk, window=args.window, heap=args.heap)
     try:
         ids = [f"bench{n}-{i:03d}" for i in range(n)]
         t_start = time.monotonic()
@@ -190,7 +189,7 @@ def _paho(client_id: str, user: str, password: str) -> mqtt.Client:
 
 def run_floor(n: int, image: bytes, args, tmp: Path) -> dict:
     """The same image to N subscribers by bare paho at QoS 0 through the same kind of Mosquitto."""
-    broker = Broker(tmp / f"floor-{n}", tcp_nodelay=args.tcp_nodelay)
+    broker = Broker(tmp / f"floor-{n}")
     ids = [f"floor{n}-{i:03d}" for i in range(n)]
     broker.add_users({d: os.urandom(9).hex() for d in ids})
     size = len(image)
@@ -276,7 +275,7 @@ def run_floor(n: int, image: bytes, args, tmp: Path) -> dict:
 
 def run_heap(image: bytes, args, tmp: Path) -> dict:
     """N=1 full updates at heap start, start-step, ... until one fails; a fresh device each time."""
-    fleet = Fleet(tmp / "heap", chunk=args.chunk, window=args.window, tcp_nodelay=args.tcp_nodelay)
+    fleet = Fleet(tmp / "heap", chunk=args.chunk, window=args.window)
     attempts = []
     try:
         rel = fleet.release(image, "1.1.0")
@@ -416,7 +415,7 @@ def render(results: dict) -> None:
             "{center:.1f}/{devices_download:.1f}/{broker:.1f}".format(**f["cpu_s"]),
         ])
     table(f"fota vs bare MQTT floor: {cfg['image_bytes']} B image, chunk {cfg['chunk']}, window {cfg['window']}, "
-          f"device heap {cfg['heap']}; times are medians of {cfg['repeat']} updates / transfers" + (", Mosquitto set_tcp_nodelay true" if cfg["tcp_nodelay"] else ""),
+          f"device heap {cfg['heap']}; times are medians of {cfg['repeat']} updates / transfers",
           ["N", "confirmed", "fota wall s", "started s", "downloaded s", "floor wall s", "ratio",
            "overhead mean", "overhead max", "center sent +%", "CPU s ctr/dev/mqtt"], rows,
           [f"targets: overhead (device wire rx+tx / image - 1) <= {TARGET_OVERHEAD:.0%};"
@@ -460,8 +459,6 @@ def parse_args(argv=None):
     p.add_argument("--skip-heap", action="store_true", help="skip the heap search and the import footprint")
     p.add_argument("--repeat", type=int, default=3,
                    help="updates (and floor transfers) per N; the table shows medians")
-    p.add_argument("--tcp-nodelay", action="store_true",
-                   help="diagnostic: run every Mosquitto with set_tcp_nodelay true (fota's config leaves Nagle on)")
     p.add_argument("--timeout", type=float, default=90, help="seconds allowed per update (+3 s per device)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     args = p.parse_args(argv)
@@ -491,7 +488,7 @@ def main(argv=None) -> int:
                                  capture_output=True, text=True).stdout.strip()
     results = {
         "config": {"devices": args.devices, "image_bytes": len(image), "chunk": args.chunk, "window": args.window,
-                   "heap": args.heap, "repeat": args.repeat, "tcp_nodelay": args.tcp_nodelay, "heap_start_kib": args.heap_start, "heap_step_kib": args.heap_step},
+                   "heap": args.heap, "repeat": args.repeat, "heap_start_kib": args.heap_start, "heap_step_kib": args.heap_step},
         "targets": {"overhead_max": TARGET_OVERHEAD, "ratio_max": TARGET_RATIO, "ratio_at_devices": TARGET_RATIO_AT,
                     "heap_kib_max": TARGET_HEAP_KIB},
         "environment": {"python": platform.python_version(), "micropython": mpy_version,

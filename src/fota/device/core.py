@@ -27,7 +27,6 @@ import struct
 from binascii import hexlify, unhexlify
 
 from fota.device import protocol as P
-from fota.device import aes
 from fota.device import ecdsa
 from fota.device.trust import TrustError, TrustStore
 
@@ -471,6 +470,7 @@ class UpdateCore:
             wrapped = cmd.get("key")
             if not _is_hex(wrapped, 80):
                 raise Rejection(P.E_DECRYPT, "encrypted release without a wrapped key", terminal=True)
+            from fota.device import aes  # only encrypted releases pay for its ~4 KiB of heap
             try:
                 m["_key"] = aes.unwrap(self.enc_key, unhexlify(wrapped))
             except aes.DecryptError as e:
