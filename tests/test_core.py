@@ -1,6 +1,7 @@
 """The sans-IO update core on CPython: events in, actions out, no broker, no files."""
 import hashlib
 import json
+import os
 import re
 import struct
 import time
@@ -147,6 +148,27 @@ def test_happy_path_downloads_verifies_installs_and_reboots(key):
     # Pipelined requests: never more than `window` chunks outstanding, none asked twice.
     asked = [i for r in h.requests() for i in range(r["first"], r["first"] + r["count"])]
     assert asked == list(range(len(asked))) and len(asked) == 10
+
+
+def test_in_flight_chunks_are_bounded_by_the_device_budget(key):
+    # The command asks for 8 chunks of 4 KiB in flight; a device with a 10 KiB budget asks for
+    # at most 2 at a time, and the download still completes.
+    image = os.urandom(40_000)
+    h = Harness(key)
+    h.core = new_core(settings=C.Settings(max_inflight=10 * 1024))
+    h.run(h.core.connected_())
+    h.published.clear()
+    h.run(h.core.command(cmd(make_update(key, image, job=5, chunk=4096, window=8))))
+    assert h.statuses()[0]["state"] == "downloading", h.statuses()
+    first = h.requests()[0]
+    assert (first["first"], first["count"], first["chunk"]) == (0, 2, 4096)
+    h.serve(image, 4096)
+    assert bytes(h.slot) == image and h.rebooted
+    asked = set()
+    for r in h.requests():
+        asked.update(range(r["first"], r["first"] + r["count"]))
+        assert r["count"] <= 2
+    assert asked == set(range(10))
 
 
 def test_trial_boot_confirms_once_connected(key):

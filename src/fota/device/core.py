@@ -89,11 +89,15 @@ class Settings:
     """Timing and trial settings; all times in milliseconds."""
 
     def __init__(self, chunk_timeout=3000, stall_timeout=60000, trial_timeout=60000,
-                 max_chunk=P.MAX_CHUNK_SIZE):
+                 max_chunk=P.MAX_CHUNK_SIZE, max_inflight=P.DEFAULT_MAX_INFLIGHT):
         self.chunk_timeout = chunk_timeout
         self.stall_timeout = stall_timeout
         self.trial_timeout = trial_timeout
         self.max_chunk = max_chunk
+        # Bytes of requested chunks the device lets be in flight at once: the window it uses is
+        # min(command window, max_inflight // chunk), so a large chunk size cannot make
+        # queued chunks exhaust a small heap whatever the control center asks for.
+        self.max_inflight = max_inflight
 
 
 def _need(obj, key, kind):
@@ -165,13 +169,13 @@ def _valid_files(files):
 class Job:
     """An accepted update job: the command fields plus the parsed manifest."""
 
-    def __init__(self, cmd, manifest):
+    def __init__(self, cmd, manifest, max_inflight):
         self.id = cmd["job"]
         self.cmd = cmd
         self.manifest = manifest
         self.size = manifest["size"]
         self.chunk = cmd["chunk"]
-        self.window = cmd["window"]
+        self.window = max(1, min(cmd["window"], max_inflight // self.chunk))
         self.chunks = (self.size + self.chunk - 1) // self.chunk
 
 
@@ -274,7 +278,7 @@ class UpdateCore:
         elif journal:
             try:
                 cmd = journal["cmd"]
-                job = Job(cmd, self._verify(cmd))
+                job = Job(cmd, self._verify(cmd), self.settings.max_inflight)
                 pos = journal["pos"]
                 if hasher is None or not 0 <= pos <= job.chunks:
                     raise Rejection(P.E_INSTALL, "bad journal")
@@ -493,7 +497,7 @@ class UpdateCore:
             r = Rejection(P.E_NOT_RUNNING, "busy in state %s; job %d refused" % (self.state, cmd["job"]))
             return [self._publish_status(self._rejected(r, cmd["job"]))]
         self._go("accept")
-        self.job = Job(cmd, manifest)
+        self.job = Job(cmd, manifest, self.settings.max_inflight)
         self._reset_transfer()
         self.hasher = hashlib.sha256()
         self.last_progress_at = self.now

@@ -18,6 +18,7 @@ CHUNK_HEADER = ">II"
 CHUNK_HEADER_SIZE = 8
 
 MAX_COMMAND_BYTES = 8192     # a larger command is refused with E_OVERSIZE
+DEFAULT_MAX_INFLIGHT = 16384  # bytes of chunks a device lets be in flight (config max_inflight)
 MAX_CHUNK_SIZE = 8192        # largest chunk a device may ask for
 DEFAULT_CHUNK_SIZE = 2048
 DEFAULT_WINDOW = 8           # chunks per request

@@ -100,6 +100,7 @@ class Device:
             chunk_timeout=cfg.get("chunk_timeout_ms", 3000),
             stall_timeout=cfg.get("stall_timeout_ms", 60000),
             trial_timeout=cfg.get("trial_timeout_ms", 60000),
+            max_inflight=cfg.get("max_inflight", P.DEFAULT_MAX_INFLIGHT),
         )
         self.core = C.UpdateCore(identity, agent, settings)
         self.core.inventory_extra = {"active": slot, "slots": record["versions"],
