@@ -1,0 +1,434 @@
+"""One simulated device: the device's own UpdateCore and boot record logic behind an asyncio runner.
+
+What a board keeps across a reset lives in `SimDevice.storage` (JSON text per file, like the
+agent's boot.json, agent.json, journal.json and keys.json) and in the slot backend. A reboot
+throws the core away, closes the MQTT connection, runs the boot selector (fota.device.boot) on
+the stored boot record and builds a new core from what is stored, exactly as the MicroPython
+runner (fota.device.runner) does after machine.reset().
+
+The MQTT side is one gmqtt client per device (MQTT 3.1.1, its own broker account, persistent
+session, will on `online`), so the broker's password file and ACL apply as to real devices.
+A QoS 1 command is acknowledged only after the core handled it, as on the device.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from binascii import unhexlify
+from collections import deque
+
+from gmqtt import Client as MQTTClient
+from gmqtt import Message, Subscription
+from gmqtt.mqtt.constants import MQTTv311
+
+from fota.device import boot as bootrec
+from fota.device import core as C
+from fota.device import protocol as P
+from fota.device.slots.sim import SimBackend, SimFlash
+from fota.sim.slots import HashSlots
+
+log = logging.getLogger(__name__)
+
+ACK_TIMEOUT = 30.0        # s to wait for the broker's PUBACKs before a reboot or a nap
+CONNECT_TIMEOUT = 30.0    # s for CONNECT..CONNACK (thousands connect at once)
+
+
+class Reboot(Exception):
+    pass
+
+
+class Profile:
+    """How one simulated device misbehaves.
+
+    unhealthy: every trial boot of a new image fails its health check (the device reverts after
+               max_trial_boots attempts, as the boot selector decides).
+    chunk_delay: seconds added before each received chunk is handled (a slow link).
+    sleep_at / sleep_for: seconds after start at which the device naps, and for how long: it
+               disconnects cleanly (no will; the broker keeps its session and queues QoS 1
+               commands) and reconnects when it wakes.
+    """
+
+    def __init__(self, unhealthy=False, chunk_delay=0.0, sleep_at=None, sleep_for=0.0):
+        self.unhealthy = unhealthy
+        self.chunk_delay = chunk_delay
+        self.sleep_at = sleep_at
+        self.sleep_for = sleep_for
+
+    def to_dict(self):
+        return {"unhealthy": self.unhealthy, "chunk_delay": self.chunk_delay,
+                "sleep_at": self.sleep_at, "sleep_for": self.sleep_for}
+
+
+class SimDevice:
+    def __init__(self, device_id: str, password: str, *, host: str, port: int, root_key: bytes, trust: dict,
+                 hardware: str = "sim", version: str = "1.0.0", capacity: int = 256 * 1024,
+                 backend: str = "hash", verify=None, profile: Profile | None = None,
+                 max_trial_boots: int = 3, keepalive: int = 60, tick: float = 0.25,
+                 chunk_timeout_ms: int = 3000, stall_timeout_ms: int = 60000, trial_timeout_ms: int = 60000,
+                 enc_key: str | None = None, clock=time.monotonic):
+        self.id = device_id
+        self.password = password
+        self.host = host
+        self.port = port
+        self.root_key = root_key
+        self.trust = trust
+        self.hardware = hardware
+        self.capacity = capacity
+        self.verify = verify
+        self.profile = profile or Profile()
+        self.max_trial_boots = max_trial_boots
+        self.keepalive = keepalive
+        self.tick = tick
+        self.settings = C.Settings(chunk_timeout=chunk_timeout_ms, stall_timeout=stall_timeout_ms,
+                                   trial_timeout=trial_timeout_ms)
+        self.enc_key = enc_key  # unused: the image backends do not decrypt (like esp32/sim)
+        self.clock = clock
+        if backend == "hash":
+            self.backend = HashSlots(capacity)
+        elif backend == "flash":
+            self.backend = SimBackend(SimFlash(2 * capacity), capacity)
+        else:
+            raise ValueError("backend must be 'hash' or 'flash', not %r" % backend)
+        self.backend_name = backend
+        # the device's persistent files (JSON text), as the runner keeps them on its filesystem
+        self.storage: dict[str, str] = {"boot.json": json.dumps(bootrec.new_record(version))}
+
+        self.core: C.UpdateCore | None = None
+        self.client: MQTTClient | None = None
+        self.inbox: deque = deque()
+        self._orphans: list = []   # command handlers whose PUBACK must not be sent
+        self.pending: list = []
+        self._wake = asyncio.Event()
+        self._lost = False
+        self._stop = False
+        self._task: asyncio.Task | None = None
+        self.t0 = clock()
+        self.slept = False
+
+        # observations (tests, benchmark)
+        self.boots = 0
+        self.connects = 0
+        self.chunks = 0
+        self.published = 0
+        self.commands: list[float] = []    # clock() when a command reached the core
+        self.woke_at: float | None = None
+        self.confirmed_at: float | None = None
+        self.reverted_at: float | None = None
+        self.error: str | None = None
+
+    # ---- persistent files ------------------------------------------------------------------
+    def _read(self, name):
+        text = self.storage.get(name)
+        return json.loads(text) if text is not None else None
+
+    def _write(self, name, obj):
+        self.storage[name] = json.dumps(obj)
+
+    def boot_record(self) -> dict:
+        return self._read("boot.json")
+
+    def running_version(self) -> str | None:
+        rec = self.boot_record()
+        return rec["versions"].get(rec["active"])
+
+    def now_ms(self) -> int:
+        return int((self.clock() - self.t0) * 1000)
+
+    # ---- boot ------------------------------------------------------------------------------
+    def boot(self) -> None:
+        """Select the slot, run the health check of a trial image, build the core from storage."""
+        self.boots += 1
+        record = self._read("boot.json")
+        slot, on_trial = bootrec.select(record, self.max_trial_boots)
+        self._write("boot.json", record)  # count the attempt before trying
+        self.record, self.slot = record, slot
+        self.core = None
+        if on_trial and self.profile.unhealthy:
+            # The new image's app does not come up: the runner records it and resets.
+            bootrec.trial_failed(record, "health check failed (simulated)")
+            self._write("boot.json", record)
+            raise Reboot()
+        agent = self._read("agent.json") or {}
+        agent["boot"] = agent.get("boot", 0) + 1
+        identity = {
+            "id": self.id, "hardware": self.hardware, "root": self.root_key,
+            "trust": self._read("keys.json") or self.trust, "capacity": self.backend.capacity,
+            "kinds": self.backend.KINDS, "version": record["versions"].get(slot),
+            "counter": record.get("counter", 0), "time": 0, "enc_key": None,
+        }
+        core = C.UpdateCore(identity, agent, self.settings, verify=self.verify)
+        core.inventory_extra = {"active": slot, "slots": record["versions"], "backend": "sim",
+                                "port": "fleetsim"}
+        core.now = self.now_ms()
+        self.core = core
+        journal, hasher = self._load_journal()
+        self.pending = []
+        self._local_only(core.booted({"trial": record["trial"] if on_trial else None,
+                                      "report": record.get("report")}, journal, hasher))
+
+    def _load_journal(self):
+        journal = self._read("journal.json")
+        if not journal:
+            return None, None
+        try:
+            offset = journal["pos"] * journal["cmd"]["chunk"]
+            inactive = bootrec.other(self.slot)
+            if isinstance(self.backend, HashSlots):
+                return journal, self.backend.hasher_at(inactive, offset)
+            import hashlib
+            self.backend.resume(inactive, offset)
+            hasher = hashlib.sha256()
+            done = 0
+            while done < offset:
+                piece = self.backend.read(inactive, done, min(4096, offset - done))
+                hasher.update(piece)
+                done += len(piece)
+            return journal, hasher
+        except (OSError, KeyError, TypeError, ValueError) as e:
+            log.info("%s: journal unusable, starting over: %s", self.id, e)
+            self.storage.pop("journal.json", None)
+            return None, None
+
+    # ---- actions ---------------------------------------------------------------------------
+    def _local_only(self, actions):
+        # At boot nothing is connected: publishes wait for the first connection.
+        self.pending.extend(actions)
+        while self.pending and self.pending[0][0] != C.A_PUBLISH:
+            self._local(self.pending.pop(0))
+
+    async def execute(self, actions):
+        """Run actions in order; a publish while offline keeps it and the rest for later."""
+        self.pending.extend(actions)
+        while self.pending:
+            action = self.pending[0]
+            kind = action[0]
+            if kind == C.A_PUBLISH:
+                if self.client is None or self._lost:
+                    return
+                self.client.publish(P.topic(self.id, action[1]), action[2], qos=action[3], retain=action[4])
+                self.published += 1
+            elif kind in (C.A_CLEAR_REPORT, C.A_REBOOT):
+                # Only once the broker has acknowledged the statuses before it (the report, the
+                # 'rebooting' status), as the device's blocking QoS 1 publish guarantees.
+                if not await self._acked():
+                    return
+                self._local(action)
+            else:
+                self._local(action)
+            self.pending.pop(0)
+
+    async def _acked(self) -> bool:
+        client = self.client
+        if client is None or self._lost:
+            return False
+        try:
+            await asyncio.wait_for(client._persistent_storage.wait_empty(), ACK_TIMEOUT)
+        except TimeoutError:
+            return False
+        return not self._lost and client is self.client
+
+    def _local(self, action):
+        kind = action[0]
+        inactive = bootrec.other(self.slot)
+        if kind == C.A_WRITE:
+            self.backend.write(inactive, action[1], action[2])
+        elif kind == C.A_BEGIN:
+            self.backend.begin(inactive, action[1])
+        elif kind == C.A_JOURNAL:
+            if action[1] is None:
+                self.storage.pop("journal.json", None)
+            else:
+                self.backend.flush(inactive)
+                self._write("journal.json", action[1])
+        elif kind == C.A_STATE:
+            self._write("agent.json", action[1])
+        elif kind == C.A_INSTALL:
+            manifest = action[1]
+            code = reason = None
+            try:
+                if isinstance(self.backend, HashSlots):
+                    self.backend.finalize(inactive, manifest["size"], sha256=manifest["sha256"])
+                else:
+                    self.backend.finalize(inactive, manifest["size"], manifest.get("files"))
+            except Exception as e:  # same mapping as the runner
+                code, reason = P.E_INSTALL, "%s: %s" % (type(e).__name__, e)
+            self.pending[1:1] = self.core.installed(code, reason)
+        elif kind == C.A_SET_TRIAL:
+            bootrec.set_trial(self.record, action[1], action[2], action[3])
+            self._write("boot.json", self.record)
+        elif kind == C.A_CONFIRM:
+            bootrec.confirm(self.record, action[1])
+            self.slot = self.record["active"]
+            self.core.inventory_extra["active"] = self.slot
+            self._write("boot.json", self.record)
+            self.confirmed_at = self.clock()
+        elif kind == C.A_CLEAR_REPORT:
+            if (self.record.get("report") or {}).get("state") == P.REVERTED:
+                self.reverted_at = self.clock()
+            self.record["report"] = None
+            self._write("boot.json", self.record)
+        elif kind == C.A_TRUST:
+            self._write("keys.json", action[1])
+        elif kind == C.A_TRIAL_FAILED:
+            bootrec.trial_failed(self.record, action[1])
+            self._write("boot.json", self.record)
+        elif kind == C.A_REBOOT:
+            raise Reboot()
+        else:
+            raise ValueError("unknown action %r" % (kind,))
+
+    # ---- MQTT ------------------------------------------------------------------------------
+    async def _on_message(self, client, topic, payload, qos, properties):
+        if client is not self.client:
+            return 0
+        if qos == 0:
+            self.inbox.append((topic, payload, None))
+            self._wake.set()
+            return 0
+        done = asyncio.get_running_loop().create_future()
+        self.inbox.append((topic, payload, done))
+        self._wake.set()
+        # gmqtt sends the PUBACK when this returns: only after the core handled the command.
+        return await done
+
+    def _on_disconnect(self, client, packet, exc=None):
+        if client is self.client:
+            self._lost = True
+            self._wake.set()
+
+    async def _connect(self):
+        client = MQTTClient(self.id, clean_session=False, optimistic_acknowledgement=False,
+                            will_message=Message(P.topic(self.id, P.ONLINE), "0", qos=1, retain=True))
+        client.set_config({"reconnect_retries": 0})  # reconnects are ours, with the core told
+        client.set_auth_credentials(self.id, self.password)
+        client.on_message = self._on_message
+        client.on_disconnect = self._on_disconnect
+        self.client = client
+        self._lost = False
+        try:
+            await asyncio.wait_for(client.connect(self.host, self.port, keepalive=self.keepalive,
+                                                  version=MQTTv311), CONNECT_TIMEOUT)
+        except BaseException:
+            self.client = None
+            try:
+                await client.disconnect()
+            except Exception:
+                pass
+            raise
+        client.subscribe([Subscription(P.topic(self.id, P.CMD), qos=1),
+                          Subscription(P.topic(self.id, P.DATA), qos=0)])
+        self.connects += 1
+
+    async def _close(self):
+        client, self.client = self.client, None
+        # Unhandled commands stay unacknowledged: the broker redelivers them to the next session.
+        self._orphans += [done for _, _, done in self.inbox if done is not None]
+        self.inbox.clear()
+        if client is not None:
+            try:
+                await client.disconnect()
+            except Exception:
+                pass
+        # The connection is closed: releasing gmqtt's handlers now acknowledges nothing.
+        for done in self._orphans:
+            if not done.done():
+                done.set_result(0)
+        self._orphans = []
+        if self.core is not None:
+            self.core.disconnected()
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def start(self) -> asyncio.Task:
+        self._task = asyncio.create_task(self.run(), name="sim-" + self.id)
+        return self._task
+
+    async def stop(self):
+        self._stop = True
+        self._wake.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, 10)
+            except (TimeoutError, asyncio.CancelledError):
+                self._task.cancel()
+        await self._close()
+
+    async def run(self):
+        while not self._stop:
+            try:
+                self.boot()
+                await self._session()
+            except Reboot:
+                await self._close()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a bug in the simulator or the core: keep the fleet going
+                self.error = "%s: %s" % (type(e).__name__, e)
+                log.exception("simulated device %s failed", self.id)
+                await self._close()
+                return
+
+    async def _session(self):
+        backoff = 0.25
+        while not self._stop:
+            core = self.core
+            if self.client is None:
+                await self.execute(core.tick(self.now_ms()))
+                try:
+                    await self._connect()
+                except (OSError, TimeoutError, Exception) as e:
+                    log.info("%s: connect failed: %s", self.id, e)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 8.0)
+                    continue
+                backoff = 0.25
+                await self.execute(core.connected_())
+            if self._nap_due():
+                await self._nap()
+                continue
+            if not self.inbox:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.tick)
+                except TimeoutError:
+                    pass
+            while self.inbox and not self._lost:
+                topic, payload, done = self.inbox.popleft()
+                if topic.endswith("/" + P.DATA):
+                    if self.profile.chunk_delay:
+                        await asyncio.sleep(self.profile.chunk_delay)
+                    core.now = self.now_ms()
+                    self.chunks += 1
+                    await self.execute(core.chunk(payload))
+                else:
+                    self.commands.append(self.clock())
+                    try:
+                        await self.execute(core.command(payload))
+                    except BaseException:
+                        # A reboot while handling it: no PUBACK on this connection (the future is
+                        # resolved only once it is closed), so the broker redelivers the command
+                        # to the next boot, whose core refuses it as a duplicate.
+                        if done is not None:
+                            self._orphans.append(done)
+                        raise
+                    if done is not None and not done.done():
+                        if self._lost:
+                            self._orphans.append(done)
+                        else:
+                            done.set_result(0)
+            if self._lost:
+                await self._close()
+                continue
+            await self.execute(core.tick(self.now_ms()))
+
+    def _nap_due(self) -> bool:
+        p = self.profile
+        return (p.sleep_at is not None and not self.slept and self.clock() - self.t0 >= p.sleep_at)
+
+    async def _nap(self):
+        self.slept = True
+        await self._acked()
+        await self._close()   # clean DISCONNECT: no will, the session stays
+        await asyncio.sleep(self.profile.sleep_for)
+        self.woke_at = self.clock()

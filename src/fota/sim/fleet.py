@@ -1,0 +1,118 @@
+"""A fleet of simulated devices in one asyncio process, provisioned like real devices.
+
+    plan = FailurePlan(unhealthy=0.1, slow=0.05, chunk_delay=0.05, sleepy=0.02, sleep_at=5, sleep_for=20)
+    creds = provision(store, ["sim-00001", ...])           # broker accounts, as `fota device add`
+    fleet = SimFleet.build(creds, host=..., port=..., root_key=..., trust=..., plan=plan)
+    await fleet.start(); ...; await fleet.stop()
+
+The caller makes the broker take the new accounts (the tests' BrokerInfo, the bench's Broker,
+or Home.write_broker_passwords for a managed broker).
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from collections.abc import Iterable
+
+from fota.server.fleet import provision_device
+from fota.server.store import Store
+from fota.sim.device import Profile, SimDevice
+from fota.sim.verify import VERIFIERS
+
+__all__ = ["FailurePlan", "SimFleet", "device_ids", "provision"]
+
+HARDWARE = "sim"
+
+
+def device_ids(n: int, prefix: str = "sim") -> list[str]:
+    width = max(5, len(str(n)))
+    return [f"{prefix}-{i:0{width}d}" for i in range(1, n + 1)]
+
+
+class FailurePlan:
+    """Failure rates (fractions of the fleet, exact counts: round(rate * n) devices, chosen by seed).
+
+    unhealthy: a new image fails its health check at every trial boot, so the device reverts;
+    slow: `chunk_delay` seconds before each chunk is handled;
+    sleepy: napping `sleep_for` seconds, starting at a random time in [0, sleep_at] s.
+    """
+
+    def __init__(self, unhealthy: float = 0.0, slow: float = 0.0, chunk_delay: float = 0.05,
+                 sleepy: float = 0.0, sleep_at: float = 5.0, sleep_for: float = 10.0, seed: int = 1):
+        for name, rate in (("unhealthy", unhealthy), ("slow", slow), ("sleepy", sleepy)):
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"{name} rate must be within 0..1")
+        self.unhealthy, self.slow, self.sleepy = unhealthy, slow, sleepy
+        self.chunk_delay, self.sleep_at, self.sleep_for = chunk_delay, sleep_at, sleep_for
+        self.seed = seed
+
+    def profiles(self, ids: list[str]) -> dict[str, Profile]:
+        rng = random.Random(self.seed)
+        n = len(ids)
+        pick = lambda rate: set(rng.sample(ids, round(rate * n)))  # noqa: E731
+        unhealthy, slow, sleepy = pick(self.unhealthy), pick(self.slow), pick(self.sleepy)
+        return {i: Profile(unhealthy=i in unhealthy,
+                           chunk_delay=self.chunk_delay if i in slow else 0.0,
+                           sleep_at=rng.uniform(0, self.sleep_at) if i in sleepy else None,
+                           sleep_for=self.sleep_for if i in sleepy else 0.0)
+                for i in ids}
+
+
+def provision(store: Store, ids: Iterable[str], hardware: str = HARDWARE,
+              tags: Iterable[str] = ("sim",)) -> dict[str, str]:
+    """Provision devices in the store (fota.server.fleet); returns id -> broker password."""
+    return {i: provision_device(store, i, hardware, tags=tuple(tags))[1] for i in ids}
+
+
+class SimFleet:
+    def __init__(self, devices: list[SimDevice]):
+        self.devices = {d.id: d for d in devices}
+
+    @classmethod
+    def build(cls, passwords: dict[str, str], *, host: str, port: int, root_key: bytes, trust: dict,
+              plan: FailurePlan | None = None, verify: str = "cryptography", **device_settings) -> "SimFleet":
+        ids = list(passwords)
+        profiles = (plan or FailurePlan()).profiles(ids)
+        check = VERIFIERS[verify]
+        return cls([SimDevice(i, passwords[i], host=host, port=port, root_key=root_key, trust=trust,
+                              verify=check, profile=profiles[i], **device_settings) for i in ids])
+
+    async def start(self, connect_batch: int = 500) -> None:
+        """Start every device; `connect_batch` at a time get a short head start (CONNECT storms
+        of thousands are fine for Mosquitto, but spreading them keeps CONNACK latency low)."""
+        for n, device in enumerate(self.devices.values(), 1):
+            device.start()
+            if n % connect_batch == 0:
+                await asyncio.sleep(0.05)
+
+    async def wait_connected(self, timeout: float = 120.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            if all(d.connects for d in self.devices.values()):
+                return
+            await asyncio.sleep(0.1)
+        missing = [d.id for d in self.devices.values() if not d.connects]
+        raise TimeoutError(f"{len(missing)} simulated device(s) never connected, e.g. {missing[:3]}")
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(d.stop() for d in self.devices.values()), return_exceptions=True)
+
+    def versions(self) -> Counter:
+        """running version -> number of devices"""
+        return Counter(d.running_version() for d in self.devices.values())
+
+    def summary(self) -> dict:
+        devs = self.devices.values()
+        return {
+            "devices": len(self.devices),
+            "connected": sum(1 for d in devs if d.client is not None and not d._lost),
+            "versions": dict(self.versions()),
+            "states": dict(Counter(d.core.state if d.core else "booting" for d in devs)),
+            "confirmed": sum(1 for d in devs if d.confirmed_at is not None),
+            "reverted": sum(1 for d in devs if d.reverted_at is not None),
+            "reboots": sum(d.boots - 1 for d in devs),
+            "chunks": sum(d.chunks for d in devs),
+            "errors": [f"{d.id}: {d.error}" for d in devs if d.error][:10],
+        }

@@ -1,0 +1,176 @@
+"""The fleet simulator against the session's real Mosquitto, a real SQLite store and the real
+ControlCenter: simulated devices run the device's UpdateCore and boot selector."""
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+
+import pytest
+from sqlalchemy import func, select
+
+from fota.device import protocol as P
+from fota.server.broker import write_passwords
+from fota.server.credentials import mosquitto_hash
+from fota.server.deployments import create_deployment
+from fota.server.releases import create_release
+from fota.server.store import Job, StatusEvent, Store
+from fota.sim import FailurePlan, SimFleet, device_ids, provision
+from fota.sim.verify import fast_verify
+from fota.device import ecdsa
+from fota.tools.keyring import Keyring
+
+from fleet import CenterThread, wait_until
+
+IMAGE = 16 * 1024
+
+
+class SimThread:
+    """A SimFleet on its own event loop in a background thread."""
+
+    def __init__(self, fleet: SimFleet):
+        self.fleet = fleet
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def call(self, coro, timeout=60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self):
+        self.thread.start()
+        self.call(self.fleet.start())
+        self.call(self.fleet.wait_connected(60), timeout=90)
+        return self
+
+    def stop(self):
+        self.call(self.fleet.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def add_users(broker, passwords: dict[str, str]) -> None:
+    """Give the session broker many accounts with one reload."""
+    for name, pw in passwords.items():
+        broker.users[name] = pw
+        broker.hashes[name] = mosquitto_hash(pw)
+    write_passwords(broker.broker.passwords, broker.hashes)
+    broker.broker.reload()
+
+
+@pytest.fixture
+def setup(tmp_path, broker, sqlite_url):
+    keyring = Keyring(tmp_path / "keys")
+    keyring.init()
+    signer = keyring.signer()
+    store = Store(sqlite_url)
+    center = CenterThread(store, broker.server_url, tmp_path / "blobs", signer=signer,
+                          keys_update=keyring.keys_update()).start()
+    made = []
+
+    def make(n, prefix, plan=None, **settings):
+        ids = device_ids(n, prefix)
+        passwords = provision(store, ids)
+        add_users(broker, passwords)
+        fleet = SimFleet.build(passwords, host=broker.host, port=broker.port, root_key=keyring.root_public(),
+                               trust=keyring.trust(), plan=plan, **settings)
+        sim = SimThread(fleet).start()
+        made.append(sim)
+        wait_until(lambda: _online(store, ids), timeout=60, what=f"{n} simulated devices online")
+        return fleet, ids
+
+    def release(version, size=IMAGE):
+        return create_release(store, tmp_path / "blobs", signer.key, os.urandom(size), version, ["sim"],
+                              kind="image")
+
+    yield store, make, release
+    for sim in made:
+        sim.stop()
+    center.stop()
+    store.dispose()
+
+
+def _online(store, ids):
+    from fota.server.store import Device
+    with store.session() as s:
+        return s.scalar(select(func.count()).select_from(Device).where(Device.id.in_(ids), Device.online.is_(True))) == len(ids)
+
+
+def _job_states(store, deployment_id):
+    with store.session() as s:
+        return dict(s.execute(select(Job.device_id, Job.state).where(Job.deployment_id == deployment_id)).all())
+
+
+def _all_terminal(store, deployment_id):
+    states = _job_states(store, deployment_id)
+    return states if states and all(v in P.TERMINAL_STATES for v in states.values()) else None
+
+
+def test_fast_verify_agrees_with_the_device_verifier(tmp_path):
+    keyring = Keyring(tmp_path / "keys")
+    keyring.init()
+    signer = keyring.signer()
+    env = signer.command({"type": "inventory", "job": 1, "device": "d"})
+    import json
+    from binascii import unhexlify
+    e = json.loads(env)
+    pub = signer.public if hasattr(signer, "public") else None
+    cert = keyring.trust()["certs"][0]
+    root = keyring.root_public()
+    cases = [(root, cert["body"].encode(), unhexlify(cert["sig"]))]
+    body, sig = cases[0][1], cases[0][2]
+    cases += [(root, body + b" ", sig), (root, body, sig[:-1] + bytes([sig[-1] ^ 1])), (root, body, sig[:63]),
+              (root[:-1] + bytes([root[-1] ^ 1]), body, sig), (b"\x04" + b"\x00" * 64, body, sig),
+              (root, body, b"\x00" * 64)]
+    for args in cases:
+        assert fast_verify(*args) == ecdsa.verify(*args)
+    assert fast_verify(*cases[0]) is True
+
+
+def test_deployment_over_simulated_devices_all_confirm(setup):
+    store, make, release = setup
+    fleet, ids = make(100, "simok", backend="flash", capacity=64 * 1024)
+    rel = release("2.0.0")
+    dep = create_deployment(store, rel, device_ids=ids)
+    states = wait_until(lambda: _all_terminal(store, dep.id), timeout=120, what="all jobs terminal")
+    assert set(states.values()) == {P.CONFIRMED}
+    assert all(d.running_version() == "2.0.0" for d in fleet.devices.values())
+    # each device rebooted into the new image once: the core was rebuilt from stored state
+    assert all(d.boots == 2 for d in fleet.devices.values())
+
+
+def test_unhealthy_devices_revert(setup):
+    store, make, release = setup
+    fleet, ids = make(60, "simbad", plan=FailurePlan(unhealthy=0.2, seed=7))
+    bad = {i for i, d in fleet.devices.items() if d.profile.unhealthy}
+    assert len(bad) == 12
+    dep = create_deployment(store, release("2.0.0"), device_ids=ids)
+    states = wait_until(lambda: _all_terminal(store, dep.id), timeout=120, what="all jobs terminal")
+    assert {i for i, s in states.items() if s == P.REVERTED} == bad
+    assert {i for i, s in states.items() if s == P.CONFIRMED} == set(ids) - bad
+    for i in bad:
+        d = fleet.devices[i]
+        assert d.running_version() == "1.0.0"
+        assert d.boots == 2 + 3  # boot, 3 failed trial boots, boot of the old image
+    with store.session() as s:
+        codes = set(s.scalars(select(Job.code).where(Job.deployment_id == dep.id, Job.state == P.REVERTED)))
+        reverted_events = s.scalar(select(func.count()).select_from(StatusEvent).where(StatusEvent.state == P.REVERTED,
+                                                                                     StatusEvent.device_id.in_(bad)))
+    assert codes == {P.E_HEALTH}
+    assert reverted_events == len(bad)
+
+
+def test_sleeping_device_gets_its_command_when_it_wakes(setup):
+    store, make, release = setup
+    plan = FailurePlan(sleepy=0.25, sleep_at=0.0, sleep_for=6.0, slow=0.25, chunk_delay=0.02, seed=3)
+    fleet, ids = make(20, "simnap", plan=plan)
+    sleepers = [d for d in fleet.devices.values() if d.profile.sleep_at is not None]
+    assert len(sleepers) == 5
+    wait_until(lambda: all(d.slept and d.client is None for d in sleepers), timeout=30, what="sleepers asleep")
+    dep = create_deployment(store, release("2.0.0"), device_ids=ids)
+    created = time.monotonic()
+    states = wait_until(lambda: _all_terminal(store, dep.id), timeout=120, what="all jobs terminal")
+    assert set(states.values()) == {P.CONFIRMED}
+    for d in sleepers:
+        # the command was queued by the broker while it slept and handled after it woke
+        assert d.woke_at is not None and d.commands and d.commands[0] >= d.woke_at > created - 6.0
