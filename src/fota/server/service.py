@@ -622,6 +622,10 @@ class ControlCenter:
             devices = {d.id: d for d in s.scalars(select(Device).where(Device.id.in_(device_ids)))} \
                 if device_ids else {}
             seen = self._known_statuses(s, [i for i in batch if i.kind == protocol.STATUS])
+            # The batch's jobs in one query: s.get() per status would autoflush the previous
+            # status's rows first, one round of INSERT/UPDATEs per message (~200 statuses/s).
+            job_ids = {i.data["job"] for i in batch if i.kind == protocol.STATUS and _is_int(i.data.get("job"))}
+            jobs = {j.id: j for j in s.scalars(select(Job).where(Job.id.in_(job_ids)))} if job_ids else {}
             finished: set[int] = set()
             for item in batch:
                 device = devices.get(item.device_id)
@@ -638,7 +642,7 @@ class ControlCenter:
                         result.duplicates += 1
                         continue
                     seen.add(key)
-                    self._apply_status(s, device, item, result, finished)
+                    self._apply_status(s, device, item, result, finished, jobs)
             if finished:
                 self._finish_deployments(s, finished)
         return result
@@ -654,7 +658,7 @@ class ControlCenter:
 
     @staticmethod
     def _apply_status(s: Session, device: Device, item: _Incoming, result: _BatchResult,
-                      finished: set[int]) -> None:
+                      finished: set[int], jobs: dict[int, Job]) -> None:
         msg = item.data
         progress = float(msg["progress"]) if msg.get("progress") is not None else None
         code = msg["code"][:32] if msg.get("code") is not None else None
@@ -669,7 +673,7 @@ class ControlCenter:
             device.version = version
         if msg.get("job") is None or msg["state"] == REJECTED:
             return  # a refused message changes no job
-        job = s.get(Job, msg["job"])
+        job = jobs.get(msg["job"])
         if job is None or job.device_id != device.id:
             log.warning("status from %s for job %s that is not its own ignored", device.id, msg["job"])
             return
