@@ -174,3 +174,35 @@ def test_sleeping_device_gets_its_command_when_it_wakes(setup):
     for d in sleepers:
         # the command was queued by the broker while it slept and handled after it woke
         assert d.woke_at is not None and d.commands and d.commands[0] >= d.woke_at > created - 6.0
+
+
+def test_fota_simulate_command_with_a_served_home(tmp_path):
+    """The operator's path: fota serve (managed Mosquitto), fota simulate, fota deploy --tag sim."""
+    from test_cli import background, fota, stop
+    home = tmp_path / "home"
+    assert fota(home, "keys", "init").returncode == 0
+    image = tmp_path / "fw.bin"
+    image.write_bytes(os.urandom(8 * 1024))
+    assert fota(home, "release", "create", str(image), "--version", "2.0.0", "--hardware", "sim").returncode == 0
+    serve = background(home, "serve")
+    sim = background(home, "simulate", "--devices", "30", "--unhealthy", "0.1", "--duration", "120")
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            listing = fota(home, "devices").stdout
+            if listing.count("sim-000") == 30 and listing.count("yes") == 30:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"simulated devices did not come online: {listing}\n{stop(sim)}\n{stop(serve)}")
+        r = fota(home, "deploy", "2.0.0", "--tag", "sim")
+        assert r.returncode == 0 and "30 device(s)" in r.stdout, r.stdout + r.stderr
+        watch = fota(home, "status", "--watch", timeout=90)
+        assert "27 confirmed" in watch.stdout and "3 reverted" in watch.stdout, watch.stdout
+        secrets_file = home / "sim" / "sim.json"
+        assert oct(secrets_file.stat().st_mode & 0o777) == "0o600"
+    finally:
+        out = stop(sim)
+        stop(serve)
+    assert "Traceback" not in out, out
+    assert "reverted 3" in out, out

@@ -427,6 +427,92 @@ def serve(home: Optional[Path] = HomeOpt):
         pass
 
 
+@app.command("simulate")
+def simulate(devices: int = typer.Option(100, "--devices", min=1, help="number of simulated devices"),
+             prefix: str = typer.Option("sim", help="device ids are PREFIX-00001, ..."),
+             hardware: str = typer.Option("sim", help="hardware type (releases must name it)"),
+             tag: List[str] = typer.Option(["sim"], "--tag", help="tags of newly provisioned devices"),
+             unhealthy: float = typer.Option(0.0, help="fraction whose new image fails its health check (they revert)"),
+             slow: float = typer.Option(0.0, help="fraction on a slow link (--chunk-delay per chunk)"),
+             chunk_delay: float = typer.Option(0.05, help="seconds per chunk on a slow link"),
+             sleepy: float = typer.Option(0.0, help="fraction that nap once (disconnect, session kept)"),
+             sleep_at: float = typer.Option(30.0, help="a nap starts within this many seconds"),
+             sleep_for: float = typer.Option(60.0, help="seconds a nap lasts"),
+             backend: str = typer.Option("hash", help="slot backend: hash (light) or flash (NOR flash model)"),
+             capacity_kib: int = typer.Option(1024, help="slot size in KiB"),
+             verify: str = typer.Option("cryptography", help="signature check: cryptography or pure (the device's)"),
+             seed: int = typer.Option(1, help="which devices get which failure"),
+             duration: Optional[float] = typer.Option(None, help="seconds to run (default: until Ctrl-C)"),
+             home: Optional[Path] = HomeOpt):
+    """Run simulated devices (the device's update core, one broker account each) against this home's broker.
+
+    Devices are provisioned on first use; their broker passwords are kept in <home>/sim/<prefix>.json.
+    Roll out with 'fota deploy RELEASE --tag sim' while 'fota serve' runs.
+    """
+    import json
+    import os
+    from urllib.parse import urlparse
+
+    from fota.server.fleet import FleetError
+    from fota.sim.fleet import FailurePlan, SimFleet, device_ids, provision
+    from fota.sim.run import raise_fd_limit
+    from fota.sim.verify import VERIFIERS
+
+    if backend not in ("hash", "flash"):
+        _fail("--backend must be hash or flash")
+    if verify not in VERIFIERS:
+        _fail("--verify must be cryptography or pure")
+    h = Home.locate(home)
+    if not h.keyring.exists():
+        _fail(f"no keys in {h.keys}: run 'fota keys init' first")
+    if h.broker_tls:
+        _fail("the simulator speaks plain MQTT; this home's broker is TLS-only")
+    store = _store(h)
+    secrets_path = h.path / "sim" / f"{prefix}.json"
+    known = json.loads(secrets_path.read_text()) if secrets_path.exists() else {}
+    ids = device_ids(devices, prefix)
+    new = [i for i in ids if i not in known]
+    if new:
+        try:
+            known.update(provision(store, new, hardware, tags=tuple(tag)))
+        except (FleetError, ValueError) as e:
+            _fail(f"{e} (simulated devices must be provisioned by 'fota simulate', which keeps their passwords)")
+        secrets_path.parent.mkdir(parents=True, exist_ok=True)
+        secrets_path.write_text(json.dumps(known))
+        os.chmod(secrets_path, 0o600)
+        _refresh_broker_passwords(h, store)
+        console.print(f"provisioned {len(new)} simulated device(s), hardware {hardware}, tags {','.join(tag)}")
+    url = urlparse(h.broker_url)
+    plan = FailurePlan(unhealthy=unhealthy, slow=slow, chunk_delay=chunk_delay, sleepy=sleepy,
+                       sleep_at=sleep_at, sleep_for=sleep_for, seed=seed)
+    raise_fd_limit()
+
+    async def run():
+        fleet = SimFleet.build({i: known[i] for i in ids}, host=url.hostname or "127.0.0.1", port=url.port or 1883,
+                               root_key=h.keyring.root_public(), trust=h.keyring.trust(), plan=plan,
+                               verify=verify, hardware=hardware, backend=backend, capacity=capacity_kib * 1024)
+        await fleet.start()
+        start = time.monotonic()
+
+        def report():
+            s = fleet.summary()
+            console.print(f"{time.monotonic() - start:6.0f}s  connected {s['connected']}/{s['devices']}  "
+                          f"versions {s['versions']}  states {s['states']}  confirmed {s['confirmed']}  "
+                          f"reverted {s['reverted']}" + (f"  errors {s['errors']}" if s["errors"] else ""))
+        try:
+            while duration is None or time.monotonic() - start < duration:
+                await asyncio.sleep(min(5.0, max(0.0, duration - (time.monotonic() - start))) if duration else 5.0)
+                report()
+        finally:  # also on Ctrl-C: the final state
+            report()
+            await fleet.stop()
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+
+
 @app.command("demo")
 def demo(devices: int = typer.Option(3, "--devices", min=1, max=50),
          timeout: float = typer.Option(120.0, help="seconds to wait for every device to confirm"),

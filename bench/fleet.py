@@ -1,0 +1,563 @@
+"""Fleet benchmark: a deployment over thousands of simulated devices, and status ingestion.
+
+    ./run bench fleet [--devices 1000,10000] [--image-kib 64] [--db sqlite,postgres] [--chunk 2048]
+                      [--window 8] [--statuses 20000] [--verify cryptography] [--timeout 900]
+                      [--skip-deploy] [--skip-ingest] [--out bench/results/fleet.json]
+
+1. Deployment: a fresh Mosquitto (password file + per-device ACL, raised connection limits),
+   N simulated devices (fota.sim, one process, one connection and broker account each), the
+   ControlCenter in this process on a store (--deploy-db), one deployment of an --image-kib
+   release to all N; wall time until every job is confirmed in the database. Floor: the same
+   bytes (N x image, in --chunk pieces at QoS 0) pushed through the same kind of broker to N
+   bare gmqtt subscribers (one process, device accounts) by one raw-socket publisher.
+2. Ingestion: --statuses status messages (QoS 1, valid, for real jobs) published as fast as a
+   pipelined paho publisher can; statuses persisted per second by the ControlCenter (SQLite,
+   PostgreSQL) against the rate one bare paho subscriber receives the same messages.
+See bench/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from sqlalchemy import func, select
+
+from bench._fleet import CenterThread, _TunedMosquitto, wait_until
+from fota.device import protocol as P
+from fota.server.broker import SERVER_USER, write_passwords
+from fota.server.credentials import mosquitto_hash
+from fota.server.deployments import create_deployment
+from fota.server.releases import create_release
+from fota.server.store import Device, Job, Store
+from fota.sim.fleet import device_ids, provision
+from fota.sim.run import raise_fd_limit
+from fota.tools.keyring import Keyring
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "bench" / "results" / "fleet.json"
+PG_ADMIN_URL = os.environ.get("FOTA_POSTGRES_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+TARGET_RATIO = 1.5          # deployment wall <= 1.5x the floor at 10,000 devices
+TARGET_INGEST = 0.5         # persisted statuses/s >= 0.5x one bare paho subscriber's receive rate
+# Mosquitto for thousands of clients: no connection cap, and a big enough listen backlog.
+BROKER_EXTRA = "max_connections -1\n"
+
+
+def log(*args) -> None:
+    print("[bench]", *args, file=sys.stderr, flush=True)
+
+
+class Broker:
+    def __init__(self, directory: Path):
+        self.mosquitto = _TunedMosquitto(directory, BROKER_EXTRA, auth=True).start()
+        self.host, self.port = "127.0.0.1", self.mosquitto.port
+        self.users: dict[str, str] = {}
+        self.hashes: dict[str, str] = {}
+        self.add_users({SERVER_USER: secrets.token_urlsafe(12)})
+
+    def add_users(self, users: dict[str, str]) -> None:
+        for name, password in users.items():
+            self.users[name] = password
+            self.hashes[name] = mosquitto_hash(password)
+        write_passwords(self.mosquitto.passwords, self.hashes)
+        self.mosquitto.reload()
+
+    @property
+    def server_url(self) -> str:
+        return f"mqtt://{SERVER_USER}:{self.users[SERVER_USER]}@{self.host}:{self.port}"
+
+    def rss_mib(self) -> float:
+        try:
+            for line in Path(f"/proc/{self.mosquitto.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return 0.0
+
+    def stop(self) -> None:
+        self.mosquitto.stop()
+
+
+class Child:
+    """A helper process speaking JSON lines on stdout; stdin's end (or 'stop') ends it."""
+
+    def __init__(self, argv: list[str], log_path: Path):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")])
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True, env=env)
+
+    def read_event(self, timeout: float) -> dict:
+        result: list = []
+        t = threading.Thread(target=lambda: result.append(self.proc.stdout.readline()), daemon=True)
+        t.start()
+        t.join(timeout)
+        if not result or not result[0]:
+            raise RuntimeError(f"helper gave no answer within {timeout:.0f}s (see {self.log.name})")
+        return json.loads(result[0])
+
+    def stop(self, timeout: float = 120) -> dict | None:
+        try:
+            self.proc.stdin.write("stop\n")
+            self.proc.stdin.close()
+            return self.read_event(timeout)
+        except (OSError, RuntimeError, ValueError):
+            return None
+        finally:
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.log.close()
+
+
+# ----------------------------------------------------------------------------------- deployment
+
+def _count(store: Store, deployment_id: int, states) -> int:
+    with store.session() as s:
+        return s.scalar(select(func.count()).select_from(Job).where(Job.deployment_id == deployment_id,
+                                                                   Job.state.in_(states)))
+
+
+def _online(store: Store) -> int:
+    with store.session() as s:
+        return s.scalar(select(func.count()).select_from(Device).where(Device.online.is_(True)))
+
+
+def deploy_run(n: int, args, tmp: Path) -> dict:
+    """fota: one deployment of a fresh image to n simulated devices; time to all confirmed."""
+    broker = Broker(tmp / f"mosquitto-fota-{n}")
+    store = Store(f"sqlite:///{tmp / f'fleet-{n}.db'}")
+    keyring = Keyring(tmp / f"keys-{n}")
+    keyring.init()
+    signer = keyring.signer()
+    center = sim = None
+    try:
+        t = time.monotonic()
+        ids = device_ids(n)
+        passwords = provision(store, ids)
+        broker.add_users(passwords)
+        provision_s = time.monotonic() - t
+        config = {"host": broker.host, "port": broker.port, "root": keyring.root_public().hex(),
+                  "trust": keyring.trust(), "passwords": passwords, "verify": args.verify,
+                  "device": {"backend": "hash", "capacity": max(args.image_kib * 1024, 64 * 1024),
+                             "keepalive": 300}}
+        (tmp / f"sim-{n}.json").write_text(json.dumps(config))
+        center = CenterThread(store, broker.server_url, tmp / "blobs", chunk=args.chunk, window=args.window,
+                              signer=signer, keys_update=keyring.keys_update()).start()
+        sim = Child(["-m", "fota.sim.run", str(tmp / f"sim-{n}.json")], tmp / f"sim-{n}.log")
+        ready = sim.read_event(args.timeout)
+        log(f"{n} simulated devices connected in {ready['connect_s']:.1f}s")
+        wait_until(lambda: _online(store) == n, timeout=args.timeout, interval=0.2,
+                   what=f"{n} devices online in the store")
+        image = os.urandom(args.image_kib * 1024)
+        rel = create_release(store, tmp / "blobs", signer.key, image, "2.0.0", ["sim"], kind="image")
+        c = center.center
+        c0 = (c.statuses, c.commands, c.chunks, c.bytes_published)
+        cpu0 = time.process_time()
+        t0 = time.monotonic()
+        dep = create_deployment(store, rel, device_ids=ids)
+        marks: dict[str, float] = {}
+        deadline = t0 + args.timeout
+        while time.monotonic() < deadline:
+            started = _count(store, dep.id, ("downloading", "verifying", "installing", "rebooting", "trial",
+                                              "confirmed", "failed", "reverted"))
+            done = _count(store, dep.id, ("confirmed", "failed", "reverted", "cancelled"))
+            now = time.monotonic() - t0
+            if started == n:
+                marks.setdefault("started", now)
+            if done == n:
+                marks["done"] = now
+                break
+            time.sleep(0.2)
+        wall = marks.get("done")
+        confirmed = _count(store, dep.id, ("confirmed",))
+        result = {
+            "devices": n, "provision_s": provision_s, "connect_s": ready["connect_s"],
+            "wall_s": wall, "started_s": marks.get("started"), "confirmed": confirmed,
+            "center": {"statuses": c.statuses - c0[0], "commands": c.commands - c0[1],
+                       "chunks": c.chunks - c0[2], "bytes_published": c.bytes_published - c0[3],
+                       "cpu_s": time.process_time() - cpu0},
+        }
+        result["sim"] = sim.stop()
+        sim = None
+        result["broker_rss_mib"] = broker.rss_mib()
+        if wall is None:
+            result["error"] = f"not all confirmed within {args.timeout}s ({confirmed}/{n})"
+        return result
+    finally:
+        if sim is not None:
+            sim.stop()
+        if center is not None:
+            center.stop()
+        store.dispose()
+        broker.stop()
+
+
+# ---- floor: bare receivers (gmqtt, one process) and a raw-socket QoS 0 publisher ----------
+
+def _mqtt_string(s: bytes) -> bytes:
+    return len(s).to_bytes(2, "big") + s
+
+
+def _remaining(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n % 128
+        n //= 128
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+async def _raw_publish(host, port, user, password, messages) -> None:
+    """MQTT 3.1.1 CONNECT + QoS 0 PUBLISHes on a plain asyncio stream, with drain() for flow control."""
+    reader, writer = await asyncio.open_connection(host, port)
+    var = _mqtt_string(b"MQTT") + bytes([4, 0xC2]) + (60).to_bytes(2, "big")
+    payload = _mqtt_string(b"floor-pub-" + secrets.token_hex(4).encode()) + _mqtt_string(user.encode()) \
+        + _mqtt_string(password.encode())
+    writer.write(bytes([0x10]) + _remaining(len(var) + len(payload)) + var + payload)
+    connack = await reader.readexactly(4)
+    if connack[3] != 0:
+        raise RuntimeError(f"floor publisher refused: CONNACK {connack[3]}")
+    for topic, data in messages:
+        t = _mqtt_string(topic)
+        writer.write(b"\x30" + _remaining(len(t) + len(data)) + t)
+        writer.write(data)
+        if writer.transport.get_write_buffer_size() > 1 << 20:
+            await writer.drain()
+    await writer.drain()
+    writer.write(b"\xe0\x00")
+    await writer.drain()
+    writer.close()
+
+
+def floor_receivers(config_path: str) -> None:
+    """(child process) n gmqtt subscribers on device accounts; prints the time the last byte came."""
+    from gmqtt import Client, Subscription
+    from gmqtt.mqtt.constants import MQTTv311
+    raise_fd_limit()
+    config = json.loads(Path(config_path).read_text())
+    want = config["bytes"]
+    got: dict[str, int] = {}
+    complete = 0
+    last = [0.0]
+    done = asyncio.Event()
+
+    async def main():
+        nonlocal complete
+        clients = []
+
+        def on_message(client, topic, payload, qos, properties):
+            nonlocal complete
+            dev = client._client_id
+            got[dev] = got.get(dev, 0) + len(payload)
+            if got[dev] >= want and got[dev] - len(payload) < want:
+                complete += 1
+                if complete == len(config["passwords"]):
+                    last[0] = time.time()
+                    done.set()
+            return 0
+
+        async def connect(dev, pw):
+            c = Client(dev, clean_session=True)
+            c.set_auth_credentials(dev, pw)
+            c.on_message = on_message
+            await c.connect(config["host"], config["port"], keepalive=300, version=MQTTv311)
+            c.subscribe(Subscription(P.topic(dev, P.DATA), qos=0))
+            clients.append(c)
+
+        t0 = time.monotonic()
+        items = list(config["passwords"].items())
+        for i in range(0, len(items), 500):
+            await asyncio.gather(*(connect(d, p) for d, p in items[i:i + 500]))
+        await asyncio.sleep(1.0)  # the last SUBACKs
+        print(json.dumps({"event": "ready", "connect_s": time.monotonic() - t0}), flush=True)
+        await done.wait()
+        print(json.dumps({"event": "done", "last_byte": last[0]}), flush=True)
+        await asyncio.gather(*(c.disconnect() for c in clients), return_exceptions=True)
+
+    asyncio.run(main())
+
+
+def floor_run(n: int, args, tmp: Path) -> dict:
+    broker = Broker(tmp / f"mosquitto-floor-{n}")
+    recv = None
+    try:
+        ids = device_ids(n, "floor")
+        passwords = {i: secrets.token_urlsafe(12) for i in ids}
+        broker.add_users(passwords)
+        image = os.urandom(args.image_kib * 1024)
+        pieces = [image[i:i + args.chunk] for i in range(0, len(image), args.chunk)]
+        per_device = sum(len(p) + P.CHUNK_HEADER_SIZE for p in pieces)
+        cfg = tmp / f"floor-{n}.json"
+        cfg.write_text(json.dumps({"host": broker.host, "port": broker.port, "passwords": passwords,
+                                   "bytes": per_device}))
+        recv = Child(["-m", "bench.fleet", "_floor", str(cfg)], tmp / f"floor-{n}.log")
+        ready = recv.read_event(args.timeout)
+
+        # interleaved across devices, like many downloads at once; same 8-byte header as fota
+        def messages():
+            import struct
+            for index, piece in enumerate(pieces):
+                for dev in ids:
+                    yield P.topic(dev, P.DATA).encode(), struct.pack(P.CHUNK_HEADER, 1, index) + piece
+
+        t0 = time.time()
+        asyncio.run(_raw_publish(broker.host, broker.port, SERVER_USER, broker.users[SERVER_USER], messages()))
+        publish_s = time.time() - t0
+        done = recv.read_event(args.timeout)
+        return {"devices": n, "connect_s": ready["connect_s"], "wall_s": done["last_byte"] - t0,
+                "publish_s": publish_s, "bytes": per_device * n}
+    finally:
+        if recv is not None:
+            try:
+                recv.proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                recv.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                recv.proc.kill()
+            recv.log.close()
+        broker.stop()
+
+
+# ----------------------------------------------------------------------------------- ingestion
+
+class PahoCounter:
+    """One bare paho subscriber on fota/v1/+/status (QoS 1), counting messages."""
+
+    def __init__(self, broker: Broker, expect: int):
+        self.expect = expect
+        self.count = 0
+        self.last = 0.0
+        self.done = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"floor-sub-{secrets.token_hex(4)}")
+        self.client.username_pw_set(SERVER_USER, broker.users[SERVER_USER])
+        self.client.on_message = self._on_message
+        self.client.connect(broker.host, broker.port)
+        self.client.subscribe(P.PREFIX + "+/" + P.STATUS, 1)
+        self.client.loop_start()
+        time.sleep(0.5)
+
+    def _on_message(self, client, userdata, msg):
+        self.count += 1
+        if self.count == self.expect:
+            self.last = time.monotonic()
+            self.done.set()
+
+    def close(self):
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def _publish_statuses(broker: Broker, messages: list[tuple[str, bytes]]) -> float:
+    """Publish at QoS 1, pipelined (paho, 1000 in flight); returns the start time."""
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"status-pub-{secrets.token_hex(4)}")
+    pub.username_pw_set(SERVER_USER, broker.users[SERVER_USER])
+    pub.max_inflight_messages_set(1000)
+    pub.max_queued_messages_set(0)
+    pub.connect(broker.host, broker.port)
+    pub.loop_start()
+    t0 = time.monotonic()
+    infos = [pub.publish(topic, payload, qos=1) for topic, payload in messages]
+    infos[-1].wait_for_publish(300)
+    pub.loop_stop()
+    pub.disconnect()
+    return t0
+
+
+def _status_messages(jobs: list[tuple[int, str]], count: int, size: int) -> list[tuple[str, bytes]]:
+    out = []
+    per = -(-count // len(jobs))
+    for seq in range(1, per + 1):
+        for job_id, dev in jobs:
+            if len(out) == count:
+                return out
+            done = min(size, seq * 2048)
+            msg = {"job": job_id, "state": "downloading", "code": None, "reason": None,
+                   "progress": done / size, "bytes": done, "total": size, "version": "1.0.0",
+                   "boot": 1, "seq": seq}
+            out.append((P.topic(dev, P.STATUS), json.dumps(msg).encode()))
+    return out
+
+
+def _postgres_url() -> tuple[str, callable]:
+    import psycopg
+    from psycopg import sql
+    from sqlalchemy.engine import make_url
+    name = f"fota_bench_{secrets.token_hex(5)}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+    def drop():
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    url = make_url(PG_ADMIN_URL).set(drivername="postgresql+psycopg", database=name)
+    return url.render_as_string(hide_password=False), drop
+
+
+def ingest_run(db: str, args, tmp: Path) -> dict:
+    broker = Broker(tmp / f"mosquitto-ingest-{db}")
+    drop = None
+    if db == "sqlite":
+        url = f"sqlite:///{tmp / 'ingest.db'}"
+    else:
+        url, drop = _postgres_url()
+    store = Store(url)
+    center = None
+    try:
+        n = args.ingest_devices
+        ids = device_ids(n, "ing")
+        provision(store, ids)
+        keyring = Keyring(tmp / f"keys-ingest-{db}")
+        keyring.init()
+        signer = keyring.signer()
+        rel = create_release(store, tmp / "blobs", signer.key, os.urandom(64 * 1024), "2.0.0", ["sim"], kind="image")
+        dep = create_deployment(store, rel, device_ids=ids)  # devices stay offline: jobs stay pending
+        with store.session() as s:
+            jobs = [(j, d) for j, d in s.execute(select(Job.id, Job.device_id).where(Job.deployment_id == dep.id))]
+        messages = _status_messages(jobs, args.statuses, rel.size)
+
+        # floor: one bare paho subscriber, same messages, same publisher
+        sub = PahoCounter(broker, len(messages))
+        t0 = _publish_statuses(broker, messages)
+        got = sub.done.wait(args.timeout)
+        sub.close()
+        floor_s = (sub.last - t0) if got else None
+
+        center = CenterThread(store, broker.server_url, tmp / "blobs", signer=signer)
+        center.start()
+        c = center.center
+        base = c.statuses
+        t1 = _publish_statuses(broker, [(t, p.replace(b'"boot": 1', b'"boot": 2')) for t, p in messages])
+        wait_until(lambda: c.statuses - base >= len(messages), timeout=args.timeout, interval=0.02,
+                   what=f"{len(messages)} statuses stored")
+        fota_s = time.monotonic() - t1
+        with store.session() as s:
+            states = dict(s.execute(select(Job.state, func.count()).where(Job.deployment_id == dep.id)
+                                    .group_by(Job.state)).all())
+        return {"db": db, "statuses": len(messages), "devices": n,
+                "floor_s": floor_s, "floor_rate": len(messages) / floor_s if floor_s else None,
+                "fota_s": fota_s, "fota_rate": len(messages) / fota_s,
+                "ratio": (len(messages) / fota_s) / (len(messages) / floor_s) if floor_s else None,
+                "job_states": states, "duplicates": c.duplicates}
+    finally:
+        if center is not None:
+            center.stop()
+        store.dispose()
+        if drop is not None:
+            drop()
+        broker.stop()
+
+
+# ----------------------------------------------------------------------------------- main
+
+def _table(title, columns, rows):
+    from rich.console import Console
+    from rich.table import Table
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c, justify="right")
+    for r in rows:
+        t.add_row(*[("-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)) for v in r])
+    Console(width=200).print(t)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_floor"]:
+        floor_receivers(argv[1])
+        return 0
+    ap = argparse.ArgumentParser(prog="./run bench fleet", description=__doc__.split("\n")[0])
+    ap.add_argument("--devices", default="1000,10000", help="fleet sizes, comma-separated")
+    ap.add_argument("--image-kib", type=int, default=64)
+    ap.add_argument("--chunk", type=int, default=2048)
+    ap.add_argument("--window", type=int, default=8)
+    ap.add_argument("--db", default="sqlite,postgres", help="ingestion databases: sqlite,postgres")
+    ap.add_argument("--statuses", type=int, default=20000, help="status messages per ingestion run")
+    ap.add_argument("--ingest-devices", type=int, default=1000)
+    ap.add_argument("--verify", default="cryptography", choices=("cryptography", "pure"))
+    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--skip-deploy", action="store_true")
+    ap.add_argument("--skip-floor", action="store_true")
+    ap.add_argument("--skip-ingest", action="store_true")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    fd_limit = raise_fd_limit()
+    sizes = [int(x) for x in args.devices.split(",") if x]
+    results = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+               "targets": {"ratio_at_10000": TARGET_RATIO, "ingest_ratio": TARGET_INGEST},
+               "env": {"python": platform.python_version(), "cpus": os.cpu_count(), "fd_limit": fd_limit},
+               "deploy": [], "ingest": []}
+    with tempfile.TemporaryDirectory(prefix="fota-bench-fleet-") as tmp_name:
+        tmp = Path(tmp_name)
+        if not args.skip_deploy:
+            for n in sizes:
+                log(f"deployment over {n} simulated devices")
+                try:
+                    fota = deploy_run(n, args, tmp)
+                except Exception as e:
+                    fota = {"devices": n, "error": f"{type(e).__name__}: {e}"}
+                log("fota", json.dumps({k: v for k, v in fota.items() if k != "sim"}))
+                floor = None
+                if not args.skip_floor:
+                    log(f"floor over {n} bare subscribers")
+                    try:
+                        floor = floor_run(n, args, tmp)
+                    except Exception as e:
+                        floor = {"devices": n, "error": f"{type(e).__name__}: {e}"}
+                    log("floor", json.dumps(floor))
+                ratio = (fota["wall_s"] / floor["wall_s"]) if fota.get("wall_s") and floor and floor.get("wall_s") else None
+                results["deploy"].append({"devices": n, "fota": fota, "floor": floor, "ratio": ratio})
+        if not args.skip_ingest:
+            for db in [x for x in args.db.split(",") if x]:
+                log(f"status ingestion on {db}")
+                try:
+                    r = ingest_run(db, args, tmp)
+                except Exception as e:
+                    r = {"db": db, "error": f"{type(e).__name__}: {e}"}
+                log("ingest", json.dumps(r))
+                results["ingest"].append(r)
+    rows = []
+    for d in results["deploy"]:
+        f, fl = d["fota"], d["floor"] or {}
+        sim = f.get("sim") or {}
+        rows.append((d["devices"], f.get("connect_s"), f.get("started_s"), f.get("wall_s"), fl.get("wall_s"),
+                     d["ratio"], f.get("confirmed"), (f.get("center") or {}).get("statuses"),
+                     sim.get("cpu_s"), sim.get("rss_mib"), f.get("broker_rss_mib"), f.get("error") or fl.get("error")))
+    if rows:
+        _table(f"deployment of a {args.image_kib} KiB image (target: ratio <= {TARGET_RATIO} at 10,000)",
+               ["devices", "connect s", "started s", "fota wall s", "floor wall s", "ratio", "confirmed",
+                "statuses", "sim CPU s", "sim RSS MiB", "broker RSS MiB", "error"], rows)
+    rows = [(r["db"], r.get("statuses"), r.get("floor_rate"), r.get("fota_rate"), r.get("ratio"), r.get("error"))
+            for r in results["ingest"]]
+    if rows:
+        _table(f"status ingestion (target: ratio >= {TARGET_INGEST})",
+               ["db", "statuses", "paho subscriber msg/s", "fota persisted/s", "ratio", "error"], rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1, default=str))
+    log(f"results in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
