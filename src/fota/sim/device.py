@@ -65,7 +65,7 @@ class SimDevice:
     def __init__(self, device_id: str, password: str, *, host: str, port: int, root_key: bytes, trust: dict,
                  hardware: str = "sim", version: str = "1.0.0", capacity: int = 256 * 1024,
                  backend: str = "hash", verify=None, profile: Profile | None = None,
-                 max_trial_boots: int = 3, keepalive: int = 60, tick: float = 0.25,
+                 max_trial_boots: int = 3, keepalive: int = 60, tick: float = 1.0,
                  chunk_timeout_ms: int = 3000, stall_timeout_ms: int = 60000, trial_timeout_ms: int = 60000,
                  enc_key: str | None = None, clock=time.monotonic):
         self.id = device_id
@@ -383,14 +383,18 @@ class SimDevice:
                     backoff = min(backoff * 2, 8.0)
                     continue
                 backoff = 0.25
+                core.now = self.now_ms()
                 await self.execute(core.connected_())
             if self._nap_due():
                 await self._nap()
                 continue
             if not self.inbox:
                 self._wake.clear()
+                # An idle, connected core has no deadline: sleep until a message (thousands of
+                # idle devices ticking 4 times a second would keep the process busy).
+                idle = core.state == P.IDLE and not (self.profile.sleep_at is not None and not self.slept)
                 try:
-                    await asyncio.wait_for(self._wake.wait(), self.tick)
+                    await asyncio.wait_for(self._wake.wait(), None if idle else self.tick)
                 except TimeoutError:
                     pass
             while self.inbox and not self._lost:
@@ -403,6 +407,7 @@ class SimDevice:
                     await self.execute(core.chunk(payload))
                 else:
                     self.commands.append(self.clock())
+                    core.now = self.now_ms()  # an idle core is not ticked: bring its clock forward
                     try:
                         await self.execute(core.command(payload))
                     except BaseException:
