@@ -6,7 +6,7 @@
 
 1. Deployment: a fresh Mosquitto (password file + per-device ACL, raised connection limits),
    N simulated devices (fota.sim, one process, one connection and broker account each), the
-   ControlCenter in this process on a store (--deploy-db), one deployment of an --image-kib
+   ControlCenter in this process on a store (--deploy-db, default SQLite), one deployment of an --image-kib
    release to all N; wall time until every job is confirmed in the database. Floor: the same
    bytes (N x image, in --chunk pieces at QoS 0) pushed through the same kind of broker to N
    bare gmqtt subscribers (one process, device accounts) by one raw-socket publisher.
@@ -143,7 +143,12 @@ def _online(store: Store) -> int:
 def deploy_run(n: int, args, tmp: Path) -> dict:
     """fota: one deployment of a fresh image to n simulated devices; time to all confirmed."""
     broker = Broker(tmp / f"mosquitto-fota-{n}")
-    store = Store(f"sqlite:///{tmp / f'fleet-{n}.db'}")
+    drop = None
+    if args.deploy_db == "postgres":
+        url, drop = _postgres_url()
+    else:
+        url = f"sqlite:///{tmp / f'fleet-{n}.db'}"
+    store = Store(url)
     keyring = Keyring(tmp / f"keys-{n}")
     keyring.init()
     signer = keyring.signer()
@@ -189,7 +194,7 @@ def deploy_run(n: int, args, tmp: Path) -> dict:
         wall = marks.get("done")
         confirmed = _count(store, dep.id, ("confirmed",))
         result = {
-            "devices": n, "provision_s": provision_s, "connect_s": ready["connect_s"],
+            "devices": n, "db": args.deploy_db, "provision_s": provision_s, "connect_s": ready["connect_s"],
             "wall_s": wall, "started_s": marks.get("started"), "confirmed": confirmed,
             "center": {"statuses": c.statuses - c0[0], "commands": c.commands - c0[1],
                        "chunks": c.chunks - c0[2], "bytes_published": c.bytes_published - c0[3],
@@ -207,6 +212,8 @@ def deploy_run(n: int, args, tmp: Path) -> dict:
         if center is not None:
             center.stop()
         store.dispose()
+        if drop is not None:
+            drop()
         broker.stop()
 
 
@@ -492,6 +499,7 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=2048)
     ap.add_argument("--window", type=int, default=8)
     ap.add_argument("--db", default="sqlite,postgres", help="ingestion databases: sqlite,postgres")
+    ap.add_argument("--deploy-db", default="sqlite", choices=("sqlite", "postgres"), help="store of part 1")
     ap.add_argument("--statuses", type=int, default=20000, help="status messages per ingestion run")
     ap.add_argument("--ingest-devices", type=int, default=1000)
     ap.add_argument("--verify", default="cryptography", choices=("cryptography", "pure"))
@@ -545,7 +553,7 @@ def main(argv=None) -> int:
                      d["ratio"], f.get("confirmed"), (f.get("center") or {}).get("statuses"),
                      sim.get("cpu_s"), sim.get("rss_mib"), f.get("broker_rss_mib"), f.get("error") or fl.get("error")))
     if rows:
-        _table(f"deployment of a {args.image_kib} KiB image (target: ratio <= {TARGET_RATIO} at 10,000)",
+        _table(f"deployment of a {args.image_kib} KiB image, {args.deploy_db} store (target: ratio <= {TARGET_RATIO} at 10,000)",
                ["devices", "connect s", "started s", "fota wall s", "floor wall s", "ratio", "confirmed",
                 "statuses", "sim CPU s", "sim RSS MiB", "broker RSS MiB", "error"], rows)
     rows = [(r["db"], r.get("statuses"), r.get("floor_rate"), r.get("fota_rate"), r.get("ratio"), r.get("error"))
