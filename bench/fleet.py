@@ -35,9 +35,10 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from sqlalchemy import func, select
 
-from bench._fleet import CenterThread, _TunedMosquitto, wait_until
+from bench._fleet import CenterThread
+from bench._report import print_table
 from fota.device import protocol as P
-from fota.server.broker import SERVER_USER, write_passwords
+from fota.server.broker import SERVER_USER, Mosquitto, write_passwords
 from fota.server.credentials import mosquitto_hash
 from fota.server.deployments import create_deployment
 from fota.server.releases import create_release
@@ -45,6 +46,7 @@ from fota.server.store import Device, Job, Store
 from fota.sim.fleet import device_ids, provision
 from fota.sim.run import raise_fd_limit
 from fota.tools.keyring import Keyring
+from fota.tools.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "fleet.json"
@@ -52,8 +54,6 @@ PG_ADMIN_URL = os.environ.get("FOTA_POSTGRES_ADMIN_URL", "postgresql://postgres@
 
 TARGET_RATIO = 1.5          # deployment wall <= 1.5x the floor at 10,000 devices
 TARGET_INGEST = 0.5         # persisted statuses/s >= 0.5x one bare paho subscriber's receive rate
-# Mosquitto for thousands of clients: no connection cap, and a big enough listen backlog.
-BROKER_EXTRA = "max_connections -1\n"
 
 
 def log(*args) -> None:
@@ -62,7 +62,9 @@ def log(*args) -> None:
 
 class Broker:
     def __init__(self, directory: Path):
-        self.mosquitto = _TunedMosquitto(directory, BROKER_EXTRA, auth=True).start()
+        # fota's generated config: Mosquitto's connection cap is unlimited by default
+        # (max_connections -1); the open-files limit, raised by main(), is what bounds it.
+        self.mosquitto = Mosquitto(directory, auth=True).start()
         self.host, self.port = "127.0.0.1", self.mosquitto.port
         self.users: dict[str, str] = {}
         self.hashes: dict[str, str] = {}
@@ -477,15 +479,8 @@ def ingest_run(db: str, args, tmp: Path) -> dict:
 
 # ----------------------------------------------------------------------------------- main
 
-def _table(title, columns, rows):
-    from rich.console import Console
-    from rich.table import Table
-    t = Table(title=title)
-    for c in columns:
-        t.add_column(c, justify="right")
-    for r in rows:
-        t.add_row(*[("-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)) for v in r])
-    Console(width=200).print(t)
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
 def main(argv=None) -> int:
@@ -553,14 +548,15 @@ def main(argv=None) -> int:
                      d["ratio"], f.get("confirmed"), (f.get("center") or {}).get("statuses"),
                      sim.get("cpu_s"), sim.get("rss_mib"), f.get("broker_rss_mib"), f.get("error") or fl.get("error")))
     if rows:
-        _table(f"deployment of a {args.image_kib} KiB image, {args.deploy_db} store (target: ratio <= {TARGET_RATIO} at 10,000)",
+        print_table(f"deployment of a {args.image_kib} KiB image, {args.deploy_db} store (target: ratio <= {TARGET_RATIO} at 10,000)",
                ["devices", "connect s", "started s", "fota wall s", "floor wall s", "ratio", "confirmed",
-                "statuses", "sim CPU s", "sim RSS MiB", "broker RSS MiB", "error"], rows)
+                "statuses", "sim CPU s", "sim RSS MiB", "broker RSS MiB", "note"], [[_fmt(v) for v in r] for r in rows])
     rows = [(r["db"], r.get("statuses"), r.get("floor_rate"), r.get("fota_rate"), r.get("ratio"), r.get("error"))
             for r in results["ingest"]]
     if rows:
-        _table(f"status ingestion (target: ratio >= {TARGET_INGEST})",
-               ["db", "statuses", "paho subscriber msg/s", "fota persisted/s", "ratio", "error"], rows)
+        print_table(f"status ingestion (target: ratio >= {TARGET_INGEST})",
+               ["db", "statuses", "paho subscriber msg/s", "fota persisted/s", "ratio", "note"],
+                    [[_fmt(v) for v in r] for r in rows])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1, default=str))
     log(f"results in {args.out}")
