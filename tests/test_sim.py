@@ -162,7 +162,7 @@ def test_unhealthy_devices_revert(setup):
 
 def test_sleeping_device_gets_its_command_when_it_wakes(setup):
     store, make, release = setup
-    plan = FailurePlan(sleepy=0.25, sleep_at=0.0, sleep_for=6.0, slow=0.25, chunk_delay=0.02, seed=3)
+    plan = FailurePlan(sleepy=0.25, sleep_at=0.0, sleep_for=6.0, slow=0.25, chunk_delay=0.25, seed=3)
     fleet, ids = make(20, "simnap", plan=plan)
     sleepers = [d for d in fleet.devices.values() if d.profile.sleep_at is not None]
     assert len(sleepers) == 5
@@ -174,6 +174,12 @@ def test_sleeping_device_gets_its_command_when_it_wakes(setup):
     for d in sleepers:
         # the command was queued by the broker while it slept and handled after it woke
         assert d.woke_at is not None and d.commands and d.commands[0] >= d.woke_at > created - 6.0
+    # slow links: every one of the image's chunks waited chunk_delay before it was handled
+    # (2 s in all: several times what a 16 KiB update takes here)
+    slow = [d for d in fleet.devices.values() if d.profile.chunk_delay]
+    assert len(slow) == 5
+    for d in slow:
+        assert d.chunks >= IMAGE // 2048 and d.confirmed_at - d.commands[0] >= (IMAGE // 2048) * 0.25
 
 
 def test_fota_simulate_command_with_a_served_home(tmp_path):
