@@ -16,6 +16,7 @@ from fota.server.store.db import (
 )
 from fota.server.store.models import (
     Base,
+    Delta,
     Deployment,
     Device,
     Job,
@@ -29,6 +30,7 @@ from fota.server.store.models import (
 __all__ = [
     "MIGRATIONS_DIR",
     "Base",
+    "Delta",
     "Deployment",
     "Device",
     "Job",

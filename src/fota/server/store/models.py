@@ -136,6 +136,25 @@ class Release(Base):
         return f"Release(id={self.id!r}, version={self.version!r}, kind={self.kind!r})"
 
 
+class Delta(Base):
+    """A cached delta patch from one image (base) to another (target), at one window size.
+
+    The patch bytes live in the blob store (content-addressed by ``sha256``)."""
+
+    __tablename__ = "deltas"
+    __table_args__ = (UniqueConstraint("base_sha256", "target_sha256", "wbits", name="uq_deltas_pair"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    base_sha256: Mapped[str] = mapped_column(String(64))
+    base_size: Mapped[int] = mapped_column(Integer)
+    target_sha256: Mapped[str] = mapped_column(String(64))
+    wbits: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    blob_path: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class Device(Base):
     """A device known to the control center; ``id`` is the device id (MQTT user)."""
 

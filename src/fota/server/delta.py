@@ -1,0 +1,171 @@
+"""Delta patches (docs/delta.md): encoder, and the per-(base, target) cache of the control center.
+
+The diff itself comes from bsdiff4 (``bsdiff4.core.diff``: suffix sorting and the
+control/diff/extra triples); this module lays the triples out as one stream of records inside one
+raw-deflate stream with a small window, which fota.device.delta applies as it streams in.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import struct
+import threading
+import zlib
+from pathlib import Path
+
+import bsdiff4.core
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from fota.device import delta as device_delta
+from fota.server.store import Delta, Release, Store
+
+__all__ = ["DEFAULT_WBITS", "DeltaInfo", "encode", "get_delta", "header"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WBITS = 12   # a 4 KiB window: the decoder then fits in ~20 KiB of MicroPython heap
+DEFAULT_COPY_RUN = 32  # zero diff bytes in a row that become a copy (bench delta --copy-run)
+_locks: dict[tuple[str, str, int], threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def header(base: bytes, new: bytes, wbits: int) -> bytes:
+    return struct.pack(device_delta.HEADER, device_delta.MAGIC, device_delta.FORMAT, wbits,
+                       len(base), hashlib.sha256(base).digest(), len(new), hashlib.sha256(new).digest())
+
+
+def records(base: bytes, new: bytes):
+    """The patch's records as (diff_len, extra_len, seek, diff_bytes, extra_bytes)."""
+    control, diff, extra = bsdiff4.core.diff(base, new)  # control: 24-byte triples of int64
+    d = e = 0
+    for at in range(0, len(control), 24):
+        x, y, z = (bsdiff4.core.decode_int64(control[at + k:at + k + 8]) for k in (0, 8, 16))
+        yield x, y, z, diff[d:d + x], extra[e:e + y]
+        d += x
+        e += y
+
+
+def varint(n: int) -> bytes:
+    """LEB128: 7 bits a byte, low bits first, high bit set on all but the last byte."""
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if not n:
+            out.append(low)
+            return bytes(out)
+        out.append(low | 0x80)
+
+
+def zigzag(n: int) -> int:
+    return (n << 1) ^ (n >> 63)
+
+
+def fota_records(base: bytes, new: bytes, copy_run: int = DEFAULT_COPY_RUN):
+    """Records (copy, diff, extra, seek, diff bytes, extra bytes) of the fota format.
+
+    A bsdiff diff region is mostly zero bytes (code that did not change); every run of at least
+    `copy_run` zeros becomes a copy, which costs a few header bytes instead of the run and lets
+    the decoder pass old bytes through without touching them.
+    """
+    zeros = re.compile(b"\\x00{%d,}" % copy_run)
+    for x, y, seek, dbytes, ebytes in records(base, new):
+        segments = []   # (copy, diff bytes)
+        copy, at = 0, 0
+        for m in zeros.finditer(dbytes):
+            segments.append((copy, dbytes[at:m.start()]))
+            copy, at = m.end() - m.start(), m.end()
+        segments.append((copy, dbytes[at:]))
+        segments = [seg for seg in segments if seg[0] or seg[1]] or [(0, b"")]
+        for i, (copy, dpart) in enumerate(segments):
+            last = i == len(segments) - 1
+            rec = (copy, len(dpart), y if last else 0, seek if last else 0, dpart, ebytes if last else b"")
+            if rec[0] or rec[1] or rec[2] or rec[3]:
+                yield rec
+
+
+def encode(base: bytes, new: bytes, wbits: int = DEFAULT_WBITS, level: int = 9,
+           copy_run: int = DEFAULT_COPY_RUN) -> bytes:
+    """The patch that turns `base` into `new`, for a decoder with a 2**wbits-byte window."""
+    if not device_delta.MIN_WBITS <= wbits <= device_delta.MAX_WBITS:
+        raise ValueError(f"wbits must be {device_delta.MIN_WBITS}..{device_delta.MAX_WBITS}")
+    z = zlib.compressobj(level, zlib.DEFLATED, -wbits, 9)
+    out = [header(base, new, wbits)]
+    for copy, diff, extra, seek, dbytes, ebytes in fota_records(base, new, copy_run):
+        out.append(z.compress(varint(copy) + varint(diff) + varint(extra) + varint(zigzag(seek))))
+        out.append(z.compress(dbytes))
+        out.append(z.compress(ebytes))
+    out.append(z.flush())
+    return b"".join(out)
+
+
+class DeltaInfo:
+    """A cached patch: what the update command describes and the chunk server serves."""
+
+    def __init__(self, row: Delta, data: bytes):
+        self.base_sha256 = row.base_sha256
+        self.base_size = row.base_size
+        self.target_sha256 = row.target_sha256
+        self.wbits = row.wbits
+        self.size = row.size
+        self.sha256 = row.sha256
+        self.data = data
+
+    def descriptor(self) -> dict:
+        """The `delta` object of the update command (docs/protocol.md §4.1)."""
+        return {"base_sha256": self.base_sha256, "base_size": self.base_size, "size": self.size,
+                "sha256": self.sha256, "wbits": self.wbits}
+
+
+def _lock(key) -> threading.Lock:
+    with _locks_guard:
+        return _locks.setdefault(key, threading.Lock())
+
+
+def get_delta(store: Store, blobs_dir: Path, base: Release, target: Release, wbits: int,
+              read_blob) -> DeltaInfo | None:
+    """The patch from `base` to `target` at window 2**wbits, computed once and cached (a row in
+    `deltas`, the bytes in the blob store). None when a patch is not worth it (not smaller than
+    the full image) or not possible (different kinds, an encrypted release)."""
+    if base.kind != target.kind or base.enc_key or target.enc_key or base.sha256 == target.sha256:
+        return None
+    key = (base.sha256, target.sha256, wbits)
+    with _lock(key):
+        with store.session() as s:
+            row = s.scalar(select(Delta).where(Delta.base_sha256 == base.sha256,
+                                               Delta.target_sha256 == target.sha256,
+                                               Delta.wbits == wbits))
+        if row is None:
+            data = encode(read_blob(base), read_blob(target), wbits)
+            sha = hashlib.sha256(data).hexdigest()
+            path = Path(blobs_dir) / sha
+            if not path.exists():
+                Path(blobs_dir).mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{sha}.{os.getpid()}.tmp")
+                tmp.write_bytes(data)
+                tmp.replace(path)
+            row = Delta(base_sha256=base.sha256, base_size=base.size, target_sha256=target.sha256,
+                        wbits=wbits, size=len(data), sha256=sha, blob_path=str(path.resolve()))
+            try:
+                with store.session() as s:
+                    s.add(row)
+            except IntegrityError:  # another process cached it meanwhile: same bytes
+                pass
+            log.info("delta %s -> %s (2**%d): %d bytes for a %d-byte image", base.version,
+                     target.version, wbits, len(data), target.size)
+        if row.size >= target.size:
+            return None
+        try:
+            data = Path(row.blob_path).read_bytes()
+        except OSError:
+            data = b""
+        if hashlib.sha256(data).hexdigest() != row.sha256:
+            # Lost or damaged in the blob store: recompute rather than serve a bad patch.
+            data = encode(read_blob(base), read_blob(target), wbits)
+            if hashlib.sha256(data).hexdigest() != row.sha256:
+                log.error("delta %s -> %s cannot be reproduced; full image", base.version, target.version)
+                return None
+            Path(row.blob_path).write_bytes(data)
+        return DeltaInfo(row, data)
