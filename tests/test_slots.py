@@ -414,8 +414,9 @@ def test_files_backend_installs_a_bundle(tmp_path):
     app = Path(be.app_dir("b"))
     assert app == tmp_path / "slots" / "b" / "app"
     assert tree(app) == FILES
-    # The streamed image is gone; only the app remains in the slot.
-    assert tree(tmp_path / "slots") == {"b/app/" + k: v for k, v in FILES.items()}
+    # The streamed image stays beside the app: it is the base of the next delta update.
+    assert tree(tmp_path / "slots") == {"b/image.bin": data} | {"b/app/" + k: v for k, v in FILES.items()}
+    assert be.has_image("b") and not be.has_image("a")
 
 
 def test_files_backend_read_back_and_resume(tmp_path):
@@ -432,8 +433,8 @@ def test_files_backend_read_back_and_resume(tmp_path):
     be.write("b", 700, data[700:])
     be.finalize("b", len(data))
     assert tree(Path(be.app_dir("b"))) == FILES
-    with pytest.raises(OSError):  # nothing left to resume after finalize
-        FilesBackend(str(tmp_path / "slots"), 1 << 20).resume("b", 10)
+    # The finalised image is kept whole: the base a later delta reads.
+    assert FilesBackend(str(tmp_path / "slots"), 1 << 20).read("b", 0, len(data) + 10) == data
 
 
 def test_files_backend_begin_clears_previous_slot_contents(tmp_path):
@@ -745,7 +746,7 @@ def test_files_backend_under_micropython(tmp_path):
     assert line, proc.stdout
     out = json.loads(line[0][7:])
     assert out["good"] == {k: hashlib.sha256(v).hexdigest() for k, v in FILES.items()}
-    assert out["slot_b"] == ["app"]
+    assert out["slot_b"] == ["app", "image.bin"]
     for name in bad:
         assert out[name] == "BundleError", (name, out[name])
     assert out["root"] == sorted(["slots"] + [f"{n}.bin" for n in bad] + ["old.bin", "good.bin"])

@@ -6,8 +6,10 @@
 # install result) and executes the actions it returns, in order:
 #
 #   (A_PUBLISH, suffix, payload, qos, retain)   publish on fota/v1/<id>/<suffix>
-#   (A_BEGIN, size)                             prepare the inactive slot for `size` bytes
-#   (A_WRITE, offset, data)                     write image bytes to the inactive slot
+#   (A_BEGIN, size, delta)                      prepare the inactive slot for `size` bytes; delta:
+#                                               None, or the patch to apply (see Job.delta_expect)
+#   (A_WRITE, offset, data)                     write image bytes to the inactive slot (a delta
+#                                               job: patch bytes, for the runner's decoder)
 #   (A_JOURNAL, dict_or_None)                   flush the slot, then persist (or delete) the journal
 #   (A_STATE, dict)                             persist the agent state (last accepted job)
 #   (A_INSTALL, manifest, key)                  finalise the slot (key: release key of an encrypted
@@ -166,6 +168,18 @@ def _valid_files(files):
     return True
 
 
+def _valid_delta(d):
+    if not isinstance(d, dict) or not _is_hex(d.get("base_sha256"), 64) or not _is_hex(d.get("sha256"), 64):
+        return False
+    for key, low in (("base_size", 1), ("size", 1), ("wbits", 9)):
+        v = d.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            return False
+    d["base_sha256"] = d["base_sha256"].lower()
+    d["sha256"] = d["sha256"].lower()
+    return d["wbits"] <= 15
+
+
 class Job:
     """An accepted update job: the command fields plus the parsed manifest."""
 
@@ -173,10 +187,21 @@ class Job:
         self.id = cmd["job"]
         self.cmd = cmd
         self.manifest = manifest
-        self.size = manifest["size"]
+        self.delta = cmd.get("delta")
+        # What travels: the image, or the patch that turns the running image into it.
+        self.size = self.delta["size"] if self.delta else manifest["size"]
         self.chunk = cmd["chunk"]
         self.window = max(1, min(cmd["window"], max_inflight // self.chunk))
         self.chunks = (self.size + self.chunk - 1) // self.chunk
+
+    def delta_expect(self):
+        """For A_BEGIN: what the patch must agree with (docs/delta.md), or None."""
+        d = self.delta
+        if not d:
+            return None
+        m = self.manifest
+        return {"base_sha256": d["base_sha256"], "base_size": d["base_size"], "patch_size": d["size"],
+                "wbits": d["wbits"], "sha256": m["sha256"].lower(), "size": m["size"]}
 
 
 class UpdateCore:
@@ -202,6 +227,9 @@ class UpdateCore:
         self.capacity = identity["capacity"]
         self.kinds = identity["kinds"]
         self.version = identity["version"]
+        # The running image ({"sha256", "size"}, or None if unknown): the base a delta must name.
+        self.image = identity.get("image")
+        self.delta_wbits = identity.get("delta_wbits", 0)  # 0: this device takes no deltas
         self.settings = settings or Settings()
         self.last_job = agent_state.get("last_job", 0)
         self.boot = agent_state.get("boot", 0)
@@ -252,7 +280,8 @@ class UpdateCore:
         inv = {"device": self.id, "proto": P.VERSION, "hardware": self.hardware,
                "version": self.version, "max_chunk": self.settings.max_chunk,
                "capacity": self.capacity, "state": self.state, "job": self.last_job,
-               "keys": self.trust.version, "counter": self.counter}
+               "keys": self.trust.version, "counter": self.counter,
+               "image": self.image["sha256"] if self.image else None, "delta_wbits": self.delta_wbits}
         inv.update(self.inventory_extra)
         if extra:
             inv.update(extra)
@@ -287,6 +316,11 @@ class UpdateCore:
                     raise Rejection(P.E_INSTALL, "bad journal")
             except (Rejection, KeyError, TypeError, ValueError):
                 return actions + [(A_JOURNAL, None)]
+            if job.delta and pos:
+                # The decoder's state is not checkpointed: a patch starts over (it is small).
+                pos = 0
+                hasher = hashlib.sha256()
+                actions += [(A_BEGIN, job.manifest["size"], job.delta_expect()), (A_JOURNAL, {"cmd": cmd, "pos": 0})]
             self.job = job
             self.state = P.DOWNLOADING
             self.hasher = hasher
@@ -450,6 +484,10 @@ class UpdateCore:
             raise Rejection(P.E_BAD_COMMAND, "window must be an int in 1..%d" % P.MAX_WINDOW)
         cmd["chunk"] = chunk
         cmd["window"] = window
+        delta = cmd.get("delta")
+        if delta is not None and not _valid_delta(delta):
+            raise Rejection(P.E_BAD_COMMAND, "delta must be {base_sha256, base_size, size, sha256, wbits}",
+                            cmd["job"])
 
     def _verify(self, cmd):
         """Release key, signature, manifest, hardware, counter and size checks; returns the manifest."""
@@ -470,6 +508,18 @@ class UpdateCore:
             raise Rejection(P.E_DOWNGRADE, "security counter %d is below the installed %d" % (m["counter"], self.counter), terminal=True)
         if m["size"] > self.capacity:
             raise Rejection(P.E_TOO_LARGE, "image of %d bytes exceeds slot capacity %d" % (m["size"], self.capacity), terminal=True)
+        delta = cmd.get("delta")
+        if delta:
+            # The patch must start from the image this device runs; checked before any write.
+            image = self.image
+            if not image or image["sha256"] != delta["base_sha256"] or image["size"] != delta["base_size"]:
+                raise Rejection(P.E_BASE_MISMATCH, "patch is for base %s, this device runs %s" % (
+                    delta["base_sha256"][:16], image["sha256"][:16] if image else "an unknown image"), terminal=True)
+            if delta["wbits"] > self.delta_wbits:
+                raise Rejection(P.E_DELTA, "patch window 2**%d exceeds this device's 2**%d" % (
+                    delta["wbits"], self.delta_wbits), terminal=True)
+            if m.get("enc"):
+                raise Rejection(P.E_DELTA, "encrypted releases are not sent as patches", terminal=True)
         m["_key"] = None
         if m.get("enc"):
             if self.enc_key is None:
@@ -505,7 +555,7 @@ class UpdateCore:
         self.hasher = hashlib.sha256()
         self.last_progress_at = self.now
         self.last_chunk_at = self.now
-        actions.append((A_BEGIN, self.job.size))
+        actions.append((A_BEGIN, manifest["size"], self.job.delta_expect()))
         actions.append((A_JOURNAL, {"cmd": cmd, "pos": 0}))
         actions.append(self._publish_status(self._status(P.DOWNLOADING)))
         self.reported_progress = 0.0
@@ -590,7 +640,13 @@ class UpdateCore:
         self._go("downloaded")
         actions = [self._publish_status(self._status(P.VERIFYING))]
         digest = hexlify(self.hasher.digest()).decode()
-        if digest != self.job.manifest["sha256"].lower():
+        if self.job.delta:
+            # The patch is checked here against the signed command; the image it produced is
+            # checked against the manifest by the runner's decoder before A_INSTALL finalises.
+            if digest != self.job.delta["sha256"]:
+                return actions + self._end(P.FAILED, "error", P.E_DELTA,
+                                           "patch sha256 %s does not match %s" % (digest, self.job.delta["sha256"]))
+        elif digest != self.job.manifest["sha256"].lower():
             return actions + self._end(P.FAILED, "error", P.E_HASH_MISMATCH,
                                        "image sha256 %s does not match manifest %s" % (digest, self.job.manifest["sha256"]))
         self._go("verified")

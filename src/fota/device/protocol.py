@@ -23,6 +23,7 @@ MAX_CHUNK_SIZE = 8192        # largest chunk a device may ask for
 DEFAULT_CHUNK_SIZE = 2048
 DEFAULT_WINDOW = 8           # chunks per request
 MAX_WINDOW = 32
+DELTA_WBITS = 12             # largest delta window (2**N bytes) a device takes unless configured
 
 # Device-id rule: 1..64 chars of [A-Za-z0-9_-] (safe inside a topic and an ACL pattern).
 DEVICE_ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"
@@ -86,9 +87,11 @@ E_DOWNGRADE = "E_DOWNGRADE"            # manifest security counter below the ins
 E_STALE_KEYS = "E_STALE_KEYS"          # key update not newer than the trust store
 E_BAD_KEYS = "E_BAD_KEYS"              # key update or certificate malformed or not root-signed
 E_DECRYPT = "E_DECRYPT"                # encrypted release: key unwrap or decryption failed
+E_BASE_MISMATCH = "E_BASE_MISMATCH"    # delta patch for another base than the running image
+E_DELTA = "E_DELTA"                    # delta patch corrupt, or it does not produce the manifest's image
 
 ERROR_CODES = (E_BAD_COMMAND, E_OVERSIZE, E_UNKNOWN_COMMAND, E_STALE_JOB, E_DUPLICATE_JOB,
                E_BAD_MANIFEST, E_UNKNOWN_KEY, E_BAD_SIGNATURE, E_HW_MISMATCH, E_TOO_LARGE,
                E_BAD_CHUNK, E_HASH_MISMATCH, E_INSTALL, E_BAD_BUNDLE, E_TIMEOUT, E_HEALTH,
                E_NOT_RUNNING, E_KEY_REVOKED, E_KEY_EXPIRED, E_WRONG_DEVICE, E_DOWNGRADE, E_STALE_KEYS,
-               E_BAD_KEYS, E_DECRYPT)
+               E_BAD_KEYS, E_DECRYPT, E_BASE_MISMATCH, E_DELTA)

@@ -52,6 +52,7 @@ class Device:
         self.client = None
         self.inbox = []
         self.pending = []     # actions not yet executed (a publish failed: retried after reconnect)
+        self.patcher = None   # the delta decoder of the current job, if it is a delta job
         self.t0 = ticks_ms()
 
     # ---- paths -----------------------------------------------------------------------------
@@ -93,6 +94,9 @@ class Device:
             "trust": fsutil.read_json(self._path("keys.json")) or cfg["trust"],
             "capacity": self.backend.capacity, "kinds": self.backend.KINDS, "version": version,
             "counter": record.get("counter", 0), "time": cfg.get("time", 0),
+            # the running image (recorded when it was installed): the base of delta updates
+            "image": (record.get("images") or {}).get(slot) if self.backend.has_image(slot) else None,
+            "delta_wbits": cfg.get("delta_wbits", P.DELTA_WBITS),
             "enc_key": unhexlify(cfg["enc_key"]) if cfg.get("enc_key") and getattr(self.backend, "DECRYPTS", False)
             else None,
         }
@@ -116,6 +120,8 @@ class Device:
             return None, None
         try:
             cmd = journal["cmd"]
+            if cmd.get("delta"):
+                return journal, hashlib.sha256()  # the core restarts a patch from its start
             offset = journal["pos"] * cmd["chunk"]
             inactive = bootrec.other(self.slot)
             self.backend.resume(inactive, offset)
@@ -158,11 +164,19 @@ class Device:
         kind = action[0]
         inactive = bootrec.other(self.slot)
         if kind == C.A_WRITE:
-            self.backend.write(inactive, action[1], action[2])
+            if self.patcher is None:
+                self.backend.write(inactive, action[1], action[2])
+            else:
+                try:
+                    self.patcher.feed(action[2])
+                except Exception:  # DeltaError, kept in the patcher: reported as E_DELTA at A_INSTALL
+                    pass
         elif kind == C.A_BEGIN:
             self.backend.begin(inactive, action[1])
+            self.patcher = self._patcher(action[2], inactive) if action[2] else None
         elif kind == C.A_JOURNAL:
             if action[1] is None:
+                self.patcher = None
                 fsutil.remove(self._path("journal.json"))
             else:
                 self.backend.flush(inactive)  # data first, then the journal that points past it
@@ -173,12 +187,20 @@ class Device:
             manifest = action[1]
             code = reason = None
             try:
+                if self.patcher is not None:
+                    self.patcher.finish()  # DeltaError unless it produced the manifest's image
+                    self.patcher = None
                 self.backend.finalize(inactive, manifest["size"], manifest.get("files"), action[2],
                                       (manifest.get("enc") or {}).get("plain_size"))
             except Exception as e:
                 name = type(e).__name__
-                code = {"BundleError": P.E_BAD_BUNDLE, "DecryptError": P.E_DECRYPT}.get(name, P.E_INSTALL)
+                code = {"BundleError": P.E_BAD_BUNDLE, "DecryptError": P.E_DECRYPT,
+                        "DeltaError": P.E_DELTA}.get(name, P.E_INSTALL)
                 reason = "%s: %s" % (name, e)
+            if code is None:
+                # What the slot now holds: the base for the next delta once it runs.
+                images = self.record.setdefault("images", {})
+                images[inactive] = {"sha256": manifest["sha256"].lower(), "size": manifest["size"]}
             # Answer the core at once; its actions run after this one.
             self.pending[1:1] = self.core.installed(code, reason)
         elif kind == C.A_SET_TRIAL:
@@ -201,6 +223,21 @@ class Device:
             raise Reboot()
         else:
             raise ValueError("unknown action %r" % (kind,))
+
+    def _patcher(self, expect, inactive):
+        from fota.device.delta import Patcher  # imported only by a device that gets a delta
+        backend = self.backend
+        active = self.slot
+        state = [0]  # offset of the next new-image byte
+
+        def write_new(data):
+            backend.write(inactive, state[0], data)
+            state[0] += len(data)
+
+        def read_old(at, n):
+            return backend.read(active, at, n)
+
+        return Patcher(read_old, write_new, expect["patch_size"], expect, self.core.delta_wbits)
 
     # ---- MQTT ----------------------------------------------------------------------------------
     def _on_message(self, topic, payload, pid):

@@ -6,7 +6,8 @@
 #   resume(slot, offset)       continue writing at `offset` after a restart
 #   write(slot, offset, data)  sequential writes of image bytes
 #   flush(slot)                make everything written so far durable
-#   read(slot, offset, n)      read image bytes back (re-hash on resume)
+#   read(slot, offset, n)      read image bytes back (re-hash on resume; the base of a delta)
+#   has_image(slot)            whether the slot still holds its installed image (a delta base)
 #   finalize(slot, size, files)  turn the verified image into a bootable slot (raises on
 #                              failure); files: the manifest's [name, size, sha256] list
 #   app_dir(slot)              directory holding the slot's app (files) or None

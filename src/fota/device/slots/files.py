@@ -1,7 +1,8 @@
 # The `files` backend: an app bundle per slot directory (slots/a, slots/b).
 #
 # The download streams into slots/<x>/image.bin; after the hash verified, finalize() unpacks it
-# into slots/<x>/app/, which the boot selector puts on sys.path. Works on every port with a
+# into slots/<x>/app/, which the boot selector puts on sys.path. image.bin stays: it is the base
+# the next delta update is applied to (an unchanged file then costs the patch a few bytes). Works on every port with a
 # filesystem (unix, RP2040, ESP8266, ESP32).
 from fota.device import fsutil
 from fota.device.bundle import extract
@@ -16,6 +17,8 @@ class FilesBackend:
         self.capacity = capacity
         self._f = None
         self._slot = None
+        self._r = None      # a read handle on another slot's image (the base of a delta)
+        self._r_slot = None
 
     def _dir(self, slot):
         return self.root + "/" + slot
@@ -36,8 +39,13 @@ class FilesBackend:
     def close(self):
         if self._f is not None:
             self._f.close()
-        self._f = None
-        self._slot = None
+        if self._r is not None:
+            self._r.close()
+        self._f = self._r = None
+        self._slot = self._r_slot = None
+
+    def has_image(self, slot):
+        return fsutil.exists(self._image(slot))
 
     def begin(self, slot, size):
         self.close()
@@ -60,7 +68,16 @@ class FilesBackend:
             self._f.flush()
 
     def read(self, slot, offset, n):
-        f = self._open(slot)
+        if self._f is not None and self._slot != slot:
+            # Writing one slot while reading the other (a delta): keep both open.
+            if self._r_slot != slot:
+                if self._r is not None:
+                    self._r.close()
+                self._r = open(self._image(slot), "rb")
+                self._r_slot = slot
+            f = self._r
+        else:
+            f = self._open(slot)
         f.seek(offset)
         return f.read(n)
 
@@ -76,4 +93,3 @@ class FilesBackend:
                 # The slot keeps the ciphertext that was hashed; plaintext exists only unpacked.
                 from fota.device.aes import DecryptingReader
                 extract(DecryptingReader(f, size, key), plain_size, app, files)
-        fsutil.remove(self._image(slot))

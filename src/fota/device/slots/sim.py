@@ -166,5 +166,8 @@ class SimBackend:
     def read(self, slot, offset, n):
         return self.flash.read(self._base(slot) + offset, n)
 
+    def has_image(self, slot):
+        return True  # the image stays in flash; the boot record says which one it is
+
     def finalize(self, slot, size, files=None, key=None, plain_size=None):
         self.flush(slot)
