@@ -166,6 +166,9 @@ class Patcher:
         except DeltaError as e:
             self.error = str(e)
             raise
+        except Exception as e:  # e.g. the base cannot be read: the patch cannot be applied
+            self.error = "%s: %s" % (type(e).__name__, e)
+            raise DeltaError(self.error)
 
     def _feed(self, data):
         if self.received + len(data) > self.patch_size:

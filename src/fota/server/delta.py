@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from fota.device import delta as device_delta
 from fota.server.store import Delta, Release, Store
 
-__all__ = ["DEFAULT_WBITS", "DeltaInfo", "encode", "get_delta", "header"]
+__all__ = ["DEFAULT_WBITS", "DeltaInfo", "encode", "get_delta", "header", "load_delta"]
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ class DeltaInfo:
     """A cached patch: what the update command describes and the chunk server serves."""
 
     def __init__(self, row: Delta, data: bytes):
+        self.id = row.id
         self.base_sha256 = row.base_sha256
         self.base_size = row.base_size
         self.target_sha256 = row.target_sha256
@@ -152,7 +153,10 @@ def get_delta(store: Store, blobs_dir: Path, base: Release, target: Release, wbi
                 with store.session() as s:
                     s.add(row)
             except IntegrityError:  # another process cached it meanwhile: same bytes
-                pass
+                with store.session() as s:
+                    row = s.scalar(select(Delta).where(Delta.base_sha256 == base.sha256,
+                                                       Delta.target_sha256 == target.sha256,
+                                                       Delta.wbits == wbits))
             log.info("delta %s -> %s (2**%d): %d bytes for a %d-byte image", base.version,
                      target.version, wbits, len(data), target.size)
         if row.size >= target.size:
@@ -169,3 +173,16 @@ def get_delta(store: Store, blobs_dir: Path, base: Release, target: Release, wbi
                 return None
             Path(row.blob_path).write_bytes(data)
         return DeltaInfo(row, data)
+
+
+def load_delta(store: Store, delta_id: int) -> bytes | None:
+    """The bytes of a cached patch (a job sent as a delta, after a restart); None if lost."""
+    with store.session() as s:
+        row = s.get(Delta, delta_id)
+    if row is None:
+        return None
+    try:
+        data = Path(row.blob_path).read_bytes()
+    except OSError:
+        return None
+    return data if hashlib.sha256(data).hexdigest() == row.sha256 else None

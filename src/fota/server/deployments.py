@@ -90,7 +90,7 @@ def deployment_summary(store: Store, deployment_id: int) -> dict[str, Any]:
             raise DeploymentError(f"no deployment {deployment_id}")
         jobs = [{"job": j.id, "device": j.device_id, "state": j.state, "code": j.code,
                  "reason": j.reason, "progress": j.progress, "bytes_served": j.bytes_served,
-                 "sent_at": j.sent_at, "updated_at": j.updated_at}
+                 "sent_at": j.sent_at, "updated_at": j.updated_at, "delta": j.delta_id is not None}
                 for j in deployment.jobs]
         return {
             "id": deployment.id,

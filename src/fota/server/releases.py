@@ -95,8 +95,11 @@ def build_manifest(version: str, hardware: list[str], kind: str, image: bytes, c
 
 def update_command(job_id: int, device_id: str, release: Release, signer: Signer,
                    chunk: int = protocol.DEFAULT_CHUNK_SIZE, window: int = protocol.DEFAULT_WINDOW,
-                   now: int | None = None, wrapped_key: str | None = None) -> bytes:
+                   now: int | None = None, wrapped_key: str | None = None,
+                   delta: dict | None = None) -> bytes:
     """The signed `update` command (§4.1) for one job on one device, as published on `cmd`.
+
+    delta: the descriptor of the patch sent instead of the image (fota.server.delta), or None.
 
     wrapped_key: for an encrypted release, the release key wrapped for this device
     (wrap_release_key).
@@ -106,6 +109,8 @@ def update_command(job_id: int, device_id: str, release: Release, signer: Signer
             "window": window}
     if wrapped_key:
         body["key"] = wrapped_key
+    if delta:
+        body["delta"] = delta
     return signer.command(body, now)
 
 
@@ -178,7 +183,9 @@ def create_release(store: Store, blobs_dir: str | os.PathLike, key: ec.EllipticC
                       security_counter=counter, enc_key=enc_key.hex() if enc_key else None)
     # The command carries the manifest; it must fit the device's command limit.
     longest = update_command(2**32 - 1, "x" * 64, release, Signer(key), protocol.MAX_CHUNK_SIZE,
-                             protocol.MAX_WINDOW, now=2**40, wrapped_key="00" * 40 if enc_key else None)
+                             protocol.MAX_WINDOW, now=2**40, wrapped_key="00" * 40 if enc_key else None,
+                             delta={"base_sha256": "0" * 64, "base_size": 2**32, "size": 2**32,
+                                    "sha256": "0" * 64, "wbits": 15})
     if len(longest) > protocol.MAX_COMMAND_BYTES:
         raise ReleaseError(f"the update command would exceed {protocol.MAX_COMMAND_BYTES} bytes "
                            "(too many hardware types or files?)")

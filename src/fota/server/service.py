@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 
 from fota.device import protocol
 from fota.server import fleet
+from fota.server.delta import DEFAULT_WBITS, get_delta, load_delta
 from fota.server.deployments import DONE, PENDING, SENT, TERMINAL_STATES
 from fota.server.releases import ReleaseError, read_blob, update_command, wrap_release_key
 from fota.tools.keyring import Signer
@@ -157,6 +158,7 @@ class _Outgoing:
     device_id: str
     command: bytes
     info: _JobInfo
+    delta_id: int | None = None
 
 
 # ---------------------------------------------------------------- the service
@@ -169,12 +171,17 @@ class ControlCenter:
                  poll_interval: float = 0.2, client_id: str = CLIENT_ID,
                  flush_interval: float = 0.05, flush_max: int = 200, require_online: bool = True,
                  signer: Signer | None = None, keys_update: bytes | None = None,
-                 ssl_context: ssl.SSLContext | None = None):
+                 ssl_context: ssl.SSLContext | None = None, delta_wbits: int | None = DEFAULT_WBITS):
         if not 64 <= chunk <= protocol.MAX_CHUNK_SIZE:
             raise ValueError(f"chunk must be 64..{protocol.MAX_CHUNK_SIZE}")
         if not 1 <= window <= protocol.MAX_WINDOW:
             raise ValueError(f"window must be 1..{protocol.MAX_WINDOW}")
+        if delta_wbits is not None and not 9 <= delta_wbits <= 15:
+            raise ValueError("delta_wbits must be 9..15, or None for no delta updates")
         self.store = store
+        # Largest delta window used (a device's own limit may be lower); None: full images only.
+        self.delta_wbits = delta_wbits
+        self.deltas_sent = 0         # update commands sent as a delta
         self.broker_url = broker_url
         self.blobs_dir = Path(blobs_dir)
         self.chunk = chunk
@@ -424,14 +431,20 @@ class ControlCenter:
     def _load_job(self, job_id: int) -> _JobInfo | None:
         """(DB thread) a job the cache does not know yet."""
         with self.store.session() as s:
-            row = s.execute(select(Job.device_id, Job.state, Release)
+            row = s.execute(select(Job.device_id, Job.state, Job.delta_id, Release)
                             .join(Deployment, Job.deployment_id == Deployment.id)
                             .join(Release, Deployment.release_id == Release.id)
                             .where(Job.id == job_id)).first()
         if row is None:
             return None
-        device_id, state, release = row
-        blob = None if state in TERMINAL_STATES else self._blob(release)
+        device_id, state, delta_id, release = row
+        if state in TERMINAL_STATES:
+            blob = None
+        elif delta_id is not None:
+            # Sent as a patch: serve the same patch (None if lost: the device times out).
+            blob = load_delta(self.store, delta_id)
+        else:
+            blob = self._blob(release)
         return _JobInfo(device_id, state, blob)
 
     def _blob(self, release: Release) -> bytes:
@@ -476,7 +489,10 @@ class ControlCenter:
             self._jobs.setdefault(out.job_id, out.info)
             client.publish(protocol.topic(out.device_id, protocol.CMD), out.command, qos=1)
             self.commands += 1
-        await self._db_call(self._mark_sent, [out.job_id for out in outgoing])
+        await self._db_call(self._mark_sent, [out.job_id for out in outgoing],
+                            {out.job_id: (out.delta_id, len(out.info.blob or b"")) for out in outgoing
+                             if out.delta_id is not None})
+        self.deltas_sent += sum(1 for out in outgoing if out.delta_id is not None)
         log.info("sent %d update command(s)", len(outgoing))
 
     def _claim_pending(self) -> list[_Outgoing]:
@@ -501,15 +517,41 @@ class ControlCenter:
             except ReleaseError as exc:
                 log.error("job %d not sent: %s", job_id, exc)
                 continue
+            patch = self._delta_for(release, inventory or {})
             command = update_command(job_id, device_id, release, self.signer, chunk, self.window,
-                                     wrapped_key=wrapped)
-            outgoing.append(_Outgoing(job_id, device_id, command, _JobInfo(device_id, SENT, self._blob(release))))
+                                     wrapped_key=wrapped, delta=patch.descriptor() if patch else None)
+            blob = patch.data if patch else self._blob(release)
+            outgoing.append(_Outgoing(job_id, device_id, command, _JobInfo(device_id, SENT, blob),
+                                      patch.id if patch else None))
         return outgoing
 
-    def _mark_sent(self, job_ids: list[int]) -> None:
-        """(DB thread) pending -> sent; a status may already have moved a job further."""
+    def _delta_for(self, release: Release, inventory: dict[str, Any]):
+        """(DB thread) the patch from the device's running image to `release`, or None: no
+        delta when the device takes none, runs an image no release has, or the patch would not
+        be smaller than the image."""
+        image, wbits = inventory.get("image"), inventory.get("delta_wbits")
+        if self.delta_wbits is None or release.enc_key or not isinstance(image, str) or not _is_int(wbits) \
+                or wbits < 9:
+            return None
+        with self.store.session() as s:
+            base = s.scalars(select(Release).where(Release.sha256 == image.lower(),
+                                                   Release.kind == release.kind).order_by(Release.id)).first()
+        if base is None or base.sha256 == release.sha256:
+            return None
+        try:
+            return get_delta(self.store, self.blobs_dir, base, release, min(self.delta_wbits, wbits), self._blob)
+        except Exception:  # a patch is an optimisation: never let it stop the update
+            log.exception("delta %s -> %s failed; sending the full image", base.version, release.version)
+            return None
+
+    def _mark_sent(self, job_ids: list[int], deltas: dict[int, tuple[int, int]] | None = None) -> None:
+        """(DB thread) pending -> sent; a status may already have moved a job further.
+
+        deltas: job id -> (delta id, patch size) for jobs sent as a patch."""
         now = utcnow()
         with self.store.session() as s:
+            for job_id, (delta_id, size) in (deltas or {}).items():
+                s.execute(update(Job).where(Job.id == job_id).values(delta_id=delta_id, bytes_total=size))
             s.execute(update(Job).where(Job.id.in_(job_ids), Job.sent_at.is_(None)).values(sent_at=now))
             s.execute(update(Job).where(Job.id.in_(job_ids), Job.state == PENDING).values(state=SENT))
 

@@ -223,6 +223,8 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The delta patch this job was sent as (None: the full image).
+    delta_id: Mapped[int | None] = mapped_column(ForeignKey("deltas.id"))
 
     deployment: Mapped[Deployment] = relationship(back_populates="jobs")
     device: Mapped[Device] = relationship(back_populates="jobs")

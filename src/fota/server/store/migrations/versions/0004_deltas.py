@@ -1,4 +1,5 @@
-"""Delta updates: the deltas table caches one patch per (base image, target image, window).
+"""Delta updates: the deltas table caches one patch per (base image, target image, window);
+jobs.delta_id records which patch a job was sent as.
 
 Revision ID: 0004
 Revises: 0003
@@ -31,7 +32,13 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.UniqueConstraint("base_sha256", "target_sha256", "wbits", name="uq_deltas_pair"),
     )
+    with op.batch_alter_table("jobs") as batch:
+        batch.add_column(sa.Column("delta_id", sa.Integer, nullable=True))
+        batch.create_foreign_key("fk_jobs_delta_id_deltas", "deltas", ["delta_id"], ["id"])
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("jobs") as batch:
+        batch.drop_constraint("fk_jobs_delta_id_deltas", type_="foreignkey")
+        batch.drop_column("delta_id")
     op.drop_table("deltas")

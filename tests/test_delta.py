@@ -1,0 +1,247 @@
+"""Delta updates (docs/delta.md): the patch format on real firmware, the streaming decoder under
+CPython and the real MicroPython, and delta deployments through Mosquitto to MicroPython devices."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zlib
+from pathlib import Path
+
+import pytest
+
+from fota.device import protocol as P
+from fota.device.delta import HEADER_SIZE, DeltaError, Patcher, parse_header
+from fota.examples import hello_files
+from fota.server import delta as server_delta
+from fota.server.delta import encode
+from fota.server.deployments import create_deployment
+from fota.server.releases import create_release
+from fota.tools.bundle import pack_files
+from fota.tools.deltarun import apply_with_micropython
+from fleet import Fleet, wait_until
+
+CORPUS = Path(os.environ.get("FOTA_CORPUS", Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "esp8266"))
+if not CORPUS.is_dir():
+    CORPUS = Path("/work/shared/corpus/esp8266")
+
+
+def corpus_pairs():
+    files = sorted(CORPUS.glob("*.bin"))
+    return list(zip(files, files[1:]))
+
+
+def apply(old: bytes, patch: bytes, piece: int = 2048, expect: dict | None = None, max_wbits: int = 15) -> bytes:
+    out = bytearray()
+    p = Patcher(lambda at, n: old[at:at + n], out.extend, len(patch), expect or parse_header(patch), max_wbits)
+    for at in range(0, len(patch), piece):
+        p.feed(patch[at:at + piece])
+    p.finish()
+    return bytes(out)
+
+
+def expect_of(old: bytes, new: bytes) -> dict:
+    return {"base_sha256": hashlib.sha256(old).hexdigest(), "base_size": len(old),
+            "sha256": hashlib.sha256(new).hexdigest(), "size": len(new)}
+
+
+# ---- the format on the real firmware corpus -----------------------------------------------------
+
+@pytest.mark.skipif(not corpus_pairs(), reason="firmware corpus missing")
+@pytest.mark.parametrize("pair", corpus_pairs(), ids=lambda p: f"{p[0].stem}->{p[1].stem}")
+def test_corpus_round_trip_cpython_and_micropython(pair, tmp_path):
+    old, new = pair[0].read_bytes(), pair[1].read_bytes()
+    patch = encode(old, new, 12)
+    assert len(patch) < len(new) // 3  # consecutive releases share most of their bytes
+    assert parse_header(patch) == {"wbits": 12, **expect_of(old, new)}
+    assert apply(old, patch, expect=expect_of(old, new), max_wbits=12) == new
+    (tmp_path / "patch").write_bytes(patch)
+    proc = apply_with_micropython(pair[0], tmp_path / "patch", tmp_path / "out", heap="64K", chunk=2048,
+                                  max_wbits=12)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
+    assert (tmp_path / "out").read_bytes() == new
+
+
+def test_decoder_streams_in_any_piece_size():
+    rnd = os.urandom(40_000)
+    old = rnd + bytes(range(256)) * 40
+    new = rnd[:15_000] + b"inserted" * 100 + rnd[15_000:39_000] + bytes(range(256)) * 41
+    patch = encode(old, new, 9)
+    for piece in (1, 7, 100, 4096, len(patch)):
+        assert apply(old, patch, piece) == new
+
+
+def test_identical_and_unrelated_images():
+    old = os.urandom(20_000)
+    assert len(encode(old, old)) < 200
+    assert apply(old, encode(old, old)) == old
+    new = os.urandom(5_000)
+    assert apply(old, encode(old, new)) == new
+
+
+# ---- bad patches: a precise error, never a wrong image --------------------------------------------
+
+def _patch():
+    old = os.urandom(30_000)
+    new = old[:10_000] + os.urandom(3_000) + old[10_000:]
+    return old, new, encode(old, new, 10)
+
+
+def test_corrupt_compressed_stream_is_refused():
+    old, new, patch = _patch()
+    for at in (HEADER_SIZE + 5, len(patch) // 2, len(patch) - 3):
+        bad = bytearray(patch)
+        bad[at] ^= 0x55
+        with pytest.raises(DeltaError):
+            apply(old, bytes(bad), expect=expect_of(old, new))
+
+
+def test_patch_for_another_base_or_result_is_refused():
+    old, new, patch = _patch()
+    other = expect_of(old[:-1], new)
+    with pytest.raises(DeltaError, match="base"):
+        apply(old, patch, expect=other)
+    with pytest.raises(DeltaError, match="produces"):
+        apply(old, patch, expect=expect_of(old, new + b"x"))
+
+
+def test_truncated_trailing_or_oversized_window_patch_is_refused():
+    old, new, patch = _patch()
+    with pytest.raises(DeltaError):
+        apply(old, patch[:-10])
+    with pytest.raises(DeltaError):
+        apply(old, patch + b"\0" * 10)
+    with pytest.raises(DeltaError, match="window"):
+        apply(old, patch, max_wbits=9)
+    with pytest.raises(DeltaError, match="magic"):
+        apply(old, b"XXXX" + patch[4:])
+
+
+def test_record_reading_outside_the_base_is_refused():
+    old = os.urandom(1000)
+    new = os.urandom(20_000)
+    z = zlib.compressobj(9, zlib.DEFLATED, -9)
+    body = z.compress(bytes([0x90, 0x4E, 0, 0, 0])) + z.flush()  # copy 10000 bytes of a 1000-byte base
+    patch = server_delta.header(old, new, 9) + body
+    with pytest.raises(DeltaError, match="outside the base"):
+        apply(old, patch)
+
+
+# ---- end to end through Mosquitto to MicroPython devices ------------------------------------------
+
+@pytest.fixture
+def fleet(tmp_path, broker, sqlite_url):
+    f = Fleet(tmp_path, broker, sqlite_url)
+    yield f
+    f.close()
+
+
+def _deploy(fleet, rel, dev):
+    dep = create_deployment(fleet.store, rel, device_ids=[dev])
+    return fleet.wait_job(dep.jobs[0].id, timeout=120)
+
+
+def _firmware(n: int) -> tuple[bytes, bytes]:
+    """Two consecutive real firmware images cut to n bytes (or synthetic ones without the corpus)."""
+    pairs = corpus_pairs()
+    if pairs:
+        return pairs[-1][0].read_bytes()[:n], pairs[-1][1].read_bytes()[:n]
+    old = os.urandom(n)
+    return old, old[:n // 2] + b"new code" * 50 + old[n // 2 + 400:]
+
+
+def test_image_delta_through_mosquitto_and_corrupt_patch_rejected(fleet):
+    dev = "delta-sim"
+    slot = 256 * 1024
+    fleet.add_device(dev, hardware="sim-board", backend="sim", capacity=slot)
+    fleet.wait_online(dev)
+    v1, v2 = _firmware(200_000)
+    rel1 = create_release(fleet.store, fleet.blobs, fleet.key, v1, "20.0.0", ["sim-board"], kind="image")
+    rel2 = create_release(fleet.store, fleet.blobs, fleet.key, v2, "20.1.0", ["sim-board"], kind="image")
+    j = _deploy(fleet, rel1, dev)   # a fresh device runs no known image: the full image
+    assert (j.state, j.delta_id) == ("confirmed", None), (j.state, j.code, j.reason)
+    fleet.wait_online(dev, version="20.0.0")
+    wait_until(lambda: fleet.device_row(dev).inventory.get("image") == rel1.sha256, what="inventory image")
+
+    # A corrupted patch (its description signed for the corrupt bytes, so only the decoder and
+    # the manifest's hash can catch it): E_DELTA, nothing bootable, the device keeps 20.0.0.
+    center = fleet.center.center
+    real = center._delta_for
+
+    def corrupt(release, inventory):
+        info = real(release, inventory)
+        bad = bytearray(info.data)
+        bad[len(bad) // 2] ^= 0xFF
+        info.data = bytes(bad)
+        info.sha256 = hashlib.sha256(info.data).hexdigest()
+        return info
+    center._delta_for = corrupt
+    try:
+        j = _deploy(fleet, rel2, dev)
+    finally:
+        center._delta_for = real
+    assert (j.state, j.code) == ("failed", P.E_DELTA), (j.state, j.code, j.reason)
+    assert j.delta_id is not None
+    rec = fleet.boot_record(dev)
+    assert rec["active"] == "b" and rec["trial"] is None and fleet.running_version(dev) == "20.0.0"
+
+    # The real patch: a fraction of the image on the wire, the slot holds exactly v2.
+    j = _deploy(fleet, rel2, dev)
+    assert j.state == "confirmed", (j.state, j.code, j.reason)
+    assert j.delta_id is not None and j.bytes_served < len(v2) // 3, j.bytes_served
+    fleet.wait_online(dev, version="20.1.0")
+    flash = (fleet.root(dev) / "flash.bin").read_bytes()
+    assert flash[:len(v2)] == v2
+    assert fleet.boot_record(dev)["images"]["a"] == {"sha256": rel2.sha256, "size": len(v2)}
+
+
+def test_bundle_delta_sends_only_what_changed_and_unknown_base_gets_full_image(fleet):
+    dev, stranger = "delta-files", "delta-stranger"
+    fleet.add_device(dev)
+    fleet.add_device(stranger)
+    fleet.wait_online(dev, stranger)
+    files = hello_files("30.0.0")
+    for i in range(8):
+        files[f"lib/mod{i}.py"] = os.urandom(6000).hex().encode()[:6000]  # 48 KB that stay the same
+    rel1 = create_release(fleet.store, fleet.blobs, fleet.key, pack_files(files), "30.0.0", ["unix"])
+    files2 = dict(hello_files("30.1.0"), **{k: v for k, v in files.items() if k.startswith("lib/")})
+    files2["lib/mod3.py"] = files["lib/mod3.py"][:3000] + b"# changed\n" + files["lib/mod3.py"][3000:]
+    rel2 = create_release(fleet.store, fleet.blobs, fleet.key, pack_files(files2), "30.1.0", ["unix"])
+    assert _deploy(fleet, rel1, dev).state == "confirmed"
+    fleet.wait_online(dev, version="30.0.0")
+    wait_until(lambda: fleet.device_row(dev).inventory.get("image") == rel1.sha256, what="inventory image")
+
+    j = _deploy(fleet, rel2, dev)
+    assert j.state == "confirmed", (j.state, j.code, j.reason)
+    assert j.delta_id is not None
+    assert j.bytes_served < 1500, j.bytes_served  # the changed lines, not the 49 KB bundle
+    fleet.wait_online(dev, version="30.1.0")
+    app = fleet.root(dev) / "slots" / fleet.boot_record(dev)["active"] / "app"
+    assert (app / "lib" / "mod3.py").read_bytes() == files2["lib/mod3.py"]
+    assert (app / "app.py").read_bytes() == files2["app.py"]
+
+    # A device running an image no release has (the factory app) gets the full bundle.
+    j = _deploy(fleet, rel2, stranger)
+    assert (j.state, j.delta_id) == ("confirmed", None), (j.state, j.code, j.reason)
+    assert j.bytes_served >= rel2.size
+
+
+def test_patch_for_another_base_is_refused_before_writing(fleet):
+    # The inventory claims a base the device does not run (e.g. reflashed by hand): the device
+    # refuses the patch with E_BASE_MISMATCH and keeps its firmware and its inactive slot.
+    dev = "delta-liar"
+    fleet.add_device(dev)
+    fleet.wait_online(dev)
+    rel1 = create_release(fleet.store, fleet.blobs, fleet.key, pack_files(hello_files("40.0.0")), "40.0.0", ["unix"])
+    rel2 = create_release(fleet.store, fleet.blobs, fleet.key, pack_files(hello_files("40.1.0")), "40.1.0", ["unix"])
+    center = fleet.center.center
+    real = center._delta_for
+    center._delta_for = lambda release, inventory: real(release, dict(inventory, image=rel1.sha256))
+    try:
+        j = _deploy(fleet, rel2, dev)
+    finally:
+        center._delta_for = real
+    assert (j.state, j.code) == ("failed", P.E_BASE_MISMATCH), (j.state, j.code, j.reason)
+    assert j.delta_id is not None
+    assert fleet.running_version(dev) == "1.0.0"
+    assert not (fleet.root(dev) / "slots" / "b" / "image.bin").exists()
