@@ -223,8 +223,9 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    # The delta patch this job was sent as (None: the full image).
-    delta_id: Mapped[int | None] = mapped_column(ForeignKey("deltas.id"))
+    # The delta patch (deltas.id) this job was sent as; None: the full image. No foreign key:
+    # see migration 0004.
+    delta_id: Mapped[int | None] = mapped_column(Integer)
 
     deployment: Mapped[Deployment] = relationship(back_populates="jobs")
     device: Mapped[Device] = relationship(back_populates="jobs")

@@ -32,13 +32,11 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.UniqueConstraint("base_sha256", "target_sha256", "wbits", name="uq_deltas_pair"),
     )
-    with op.batch_alter_table("jobs") as batch:
-        batch.add_column(sa.Column("delta_id", sa.Integer, nullable=True))
-        batch.create_foreign_key("fk_jobs_delta_id_deltas", "deltas", ["delta_id"], ["id"])
+    # A plain column, no foreign key: adding one on SQLite needs a batch rebuild of jobs, which
+    # drops the table's AUTOINCREMENT (job ids must never be reused). Deltas are never deleted.
+    op.add_column("jobs", sa.Column("delta_id", sa.Integer, nullable=True))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("jobs") as batch:
-        batch.drop_constraint("fk_jobs_delta_id_deltas", type_="foreignkey")
-        batch.drop_column("delta_id")
+    op.drop_column("jobs", "delta_id")
     op.drop_table("deltas")
