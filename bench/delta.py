@@ -1,0 +1,306 @@
+"""Delta patches: size against reference delta tools, encoder time, smallest MicroPython heap.
+
+    ./run bench delta [--corpus DIR] [--windows 10,12,15] [--copy-run 32] [--chunk 2048]
+                      [--target-wbits 12] [--skip-refs] [--skip-heap] [--skip-agent]
+                      [--out bench/results/delta.json]
+
+For every consecutive pair of images in the corpus (sorted by name): the fota patch at each
+window, and the same pair with bsdiff4 (BSDIFF40), detools (sequential; heatshrink and lzma),
+xdelta3 and zstd --patch-from; the smallest `micropython -X heapsize` at which the device decoder
+applies the patch (bisection); and, with a real agent, the smallest heap for a whole delta update.
+See bench/README.md for what each number means.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from fota.server.delta import DEFAULT_COPY_RUN, encode
+from fota.tools.deltarun import SCRIPT, apply_with_micropython, micropython_binary
+from fota.tools.mpy import build_agent
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CORPUS = ROOT.parent / "shared" / "corpus" / "esp8266"
+DEFAULT_OUT = ROOT / "bench" / "results" / "delta.json"
+TARGET_RATIO = 1.15      # fota patch at the target window <= 1.15 x the smallest reference
+TARGET_HEAP_KIB = 24     # decoder alone within 24 KiB of MicroPython heap
+
+# The same script without applying anything: what importing the decoder and opening the files
+# costs (the interpreter and the decoder's bytecode, which a board keeps in flash when frozen).
+BASELINE = SCRIPT.split("p = D.Patcher")[0] + "print('OK')\n"
+
+
+def log(*args) -> None:
+    print("[bench]", *args, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------ reference tools
+
+def _timed(fn):
+    t = time.perf_counter()
+    size = fn()
+    return {"bytes": size, "encode_s": round(time.perf_counter() - t, 3)}
+
+
+def references(old: Path, new: Path, tmp: Path) -> dict[str, dict]:
+    """name -> {"bytes", "encode_s"} or {"skipped": why}."""
+    out: dict[str, dict] = {}
+    a, b = old.read_bytes(), new.read_bytes()
+    try:
+        import bsdiff4
+        out["bsdiff4 (BSDIFF40)"] = _timed(lambda: len(bsdiff4.diff(a, b)))
+    except ImportError:
+        out["bsdiff4 (BSDIFF40)"] = {"skipped": "pip install bsdiff4"}
+    try:
+        import detools
+        for comp in ("heatshrink", "lzma"):
+            def run(comp=comp):
+                f = io.BytesIO()
+                detools.create_patch(io.BytesIO(a), io.BytesIO(b), f, compression=comp, patch_type="sequential")
+                return len(f.getvalue())
+            out[f"detools sequential {comp}"] = _timed(run)
+    except ImportError:
+        for comp in ("heatshrink", "lzma"):
+            out[f"detools sequential {comp}"] = {"skipped": "pip install detools"}
+    if shutil.which("xdelta3"):
+        def xd():
+            subprocess.run(["xdelta3", "-e", "-9", "-f", "-s", str(old), str(new), str(tmp / "x.vcdiff")],
+                           check=True, capture_output=True)
+            return (tmp / "x.vcdiff").stat().st_size
+        out["xdelta3 -9"] = _timed(xd)
+    else:
+        out["xdelta3 -9"] = {"skipped": "xdelta3 not installed (apt-get install xdelta3)"}
+    if shutil.which("zstd"):
+        def zs():
+            subprocess.run(["zstd", "-q", "-19", "-f", "--single-thread", "--patch-from", str(old), str(new),
+                            "-o", str(tmp / "z.zst")], check=True, capture_output=True)
+            return (tmp / "z.zst").stat().st_size
+        out["zstd -19 --patch-from"] = _timed(zs)
+    else:
+        out["zstd -19 --patch-from"] = {"skipped": "zstd not installed (apt-get install zstd)"}
+    return out
+
+
+# ------------------------------------------------------------------------------ heap
+
+def _runs(script: str, heap_kib: int) -> bool:
+    proc = subprocess.run([micropython_binary(), "-X", f"heapsize={heap_kib}K", "-c", script],
+                          capture_output=True, text=True, timeout=300)
+    return proc.returncode == 0 and "OK" in proc.stdout
+
+
+def bisect(ok, lo: int = 4, hi: int = 256) -> int | None:
+    """Smallest KiB in (lo, hi] for which ok(k) holds, assuming monotonic; None if not even hi."""
+    if not ok(hi):
+        return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def decoder_heap(old: Path, patch: Path, tmp: Path, chunk: int, root: Path) -> dict:
+    out = tmp / "out.bin"
+    fields = dict(root=str(root), old=str(old), out=str(out), patch=str(patch),
+                  size=patch.stat().st_size, chunk=chunk, max_wbits=15)
+    full = bisect(lambda k: _runs(SCRIPT.format(**fields), k))
+    base = bisect(lambda k: _runs(BASELINE.format(**fields), k))
+    t = time.perf_counter()
+    proc = apply_with_micropython(old, patch, out, heap="256K", chunk=chunk, root=root)
+    secs = time.perf_counter() - t
+    return {"smallest_heap_kib": full, "baseline_heap_kib": base,
+            "decoder_kib": None if full is None or base is None else full - base,
+            "apply_s_256k": round(secs, 3), "applied_ok": proc.returncode == 0}
+
+
+# ------------------------------------------------------------------------------ agent
+
+def agent_heap(tmp: Path, wbits: int) -> dict:
+    """Smallest heap at which the whole agent (.mpy) applies a bundle delta through Mosquitto:
+    a fresh device per try gets 1.1.0 in full, then 1.2.0 (one file changed) as a delta."""
+    from bench._fleet import Fleet, TimedOut, bundle_of_size
+    from fota.server.deployments import create_deployment
+    from fota.server.store import Job
+    from fota.tools.bundle import unpack, pack_files
+
+    fleet = Fleet(tmp / "agent", chunk=2048, window=8)
+    fleet.center.center.delta_wbits = wbits
+    attempts = []
+    try:
+        v1 = bundle_of_size("1.1.0", 64 * 1024)
+        files = unpack(v1)
+        files["app.py"] = files["app.py"].replace(b"1.1.0", b"1.2.0")
+        v2 = pack_files(files)
+        rel1, rel2 = fleet.release(v1, "1.1.0"), fleet.release(v2, "1.2.0")
+
+        def update(dev, rel, version):
+            dep = create_deployment(fleet.store, rel, device_ids=[dev])
+            job_id = dep.jobs[0].id
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                with fleet.store.session() as s:
+                    j = s.get(Job, job_id)
+                    if j.state in ("confirmed", "failed", "reverted", "cancelled"):
+                        return j.state, j.code, j.delta_id
+                time.sleep(0.1)
+            return "timeout", None, None
+
+        def ok(k):
+            dev = f"agent-{k}k-{len(attempts)}"
+            fleet.add_devices([dev], heap=f"{k}K")
+            result = {"heap_kib": k, "ok": False}
+            try:
+                fleet.wait_online([dev], timeout=30)
+                state, code, _ = update(dev, rel1, "1.1.0")
+                result["full"] = [state, code]
+                if state == "confirmed":
+                    fleet.wait_online([dev], timeout=30, version="1.1.0")
+                    state, code, delta_id = update(dev, rel2, "1.2.0")
+                    result["delta"] = [state, code, delta_id is not None]
+                    result["ok"] = state == "confirmed" and delta_id is not None
+            except TimedOut as e:
+                result["why"] = str(e)
+            finally:
+                fleet.devices[dev].stop()
+            attempts.append(result)
+            log(f"agent heap {k} KiB: {'ok' if result['ok'] else 'failed'} {result}")
+            return result["ok"]
+
+        smallest = bisect(ok, 16, 128)
+    finally:
+        fleet.close()
+    return {"smallest_heap_kib": smallest, "attempts": attempts, "bundle_bytes": len(v1)}
+
+
+# ------------------------------------------------------------------------------ main
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="./run bench delta", description=__doc__.split("\n")[0])
+    p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="directory of images (*.bin), in version order by name")
+    p.add_argument("--windows", default="10,12,15", help="fota patch windows, as wbits (2**N bytes)")
+    p.add_argument("--target-wbits", type=int, default=12, help="window the targets are checked at")
+    p.add_argument("--copy-run", type=int, default=DEFAULT_COPY_RUN, help="zero diff bytes in a row that become a copy")
+    p.add_argument("--chunk", type=int, default=2048, help="patch bytes fed to the decoder at a time")
+    p.add_argument("--skip-refs", action="store_true", help="skip the reference tools")
+    p.add_argument("--skip-heap", action="store_true", help="skip the decoder heap bisection")
+    p.add_argument("--skip-agent", action="store_true", help="skip the whole-agent delta update heap search")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results")
+    args = p.parse_args(argv)
+    windows = [int(w) for w in args.windows.split(",") if w]
+    if args.target_wbits not in windows:
+        windows.append(args.target_wbits)
+    images = sorted(args.corpus.glob("*.bin"))
+    if len(images) < 2:
+        p.error(f"{args.corpus}: needs at least two *.bin images")
+    root = build_agent()
+    results = {"config": {"corpus": str(args.corpus), "windows": windows, "copy_run": args.copy_run,
+                          "chunk": args.chunk, "target_wbits": args.target_wbits},
+               "targets": {"ratio_max": TARGET_RATIO, "decoder_heap_kib_max": TARGET_HEAP_KIB},
+               "env": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                       "micropython": subprocess.run([micropython_binary(), "-c", "import sys; print(sys.version)"],
+                                                     capture_output=True, text=True).stdout.strip()},
+               "pairs": []}
+    with tempfile.TemporaryDirectory(prefix="bench-delta-") as tmpdir:
+        tmp = Path(tmpdir)
+        for old, new in zip(images, images[1:]):
+            a, b = old.read_bytes(), new.read_bytes()
+            log(f"{old.name} -> {new.name}")
+            pair = {"old": old.name, "new": new.name, "old_bytes": len(a), "new_bytes": len(b), "fota": {}}
+            for w in windows:
+                t = time.perf_counter()
+                patch = encode(a, b, w, copy_run=args.copy_run)
+                row = {"bytes": len(patch), "encode_s": round(time.perf_counter() - t, 3)}
+                path = tmp / f"p{w}.bin"
+                path.write_bytes(patch)
+                if not args.skip_heap:
+                    row.update(decoder_heap(old, path, tmp, args.chunk, root))
+                    if not row["applied_ok"] or hashlib.sha256((tmp / "out.bin").read_bytes()).digest() != hashlib.sha256(b).digest():
+                        row["applied_ok"] = False
+                pair["fota"][str(w)] = row
+                log(f"  fota 2**{w}: {row}")
+            if not args.skip_refs:
+                pair["refs"] = references(old, new, tmp)
+                sizes = [r["bytes"] for r in pair["refs"].values() if "bytes" in r]
+                pair["smallest_ref"] = min(sizes) if sizes else None
+                target = pair["fota"][str(args.target_wbits)]["bytes"]
+                pair["ratio"] = round(target / pair["smallest_ref"], 3) if sizes else None
+            results["pairs"].append(pair)
+        if not args.skip_agent:
+            results["agent"] = agent_heap(tmp, args.target_wbits)
+    report(results, args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    log(f"wrote {args.out}")
+    return 0
+
+
+def report(results: dict, args) -> None:
+    console = Console()
+    windows = results["config"]["windows"]
+    t = Table(title=f"Patch bytes per consecutive pair ({results['config']['corpus']})")
+    t.add_column("pair")
+    t.add_column("new image", justify="right")
+    for w in windows:
+        t.add_column(f"fota 2^{w}", justify="right")
+    refs = sorted({name for p in results["pairs"] for name in p.get("refs", {})})
+    for name in refs:
+        t.add_column(name, justify="right")
+    t.add_column(f"2^{args.target_wbits} / best ref", justify="right")
+    for p in results["pairs"]:
+        cells = [f"{p['old'].removesuffix('.bin')} → {p['new'].removesuffix('.bin')}", str(p["new_bytes"])]
+        cells += [str(p["fota"][str(w)]["bytes"]) for w in windows]
+        cells += [str(p["refs"][n].get("bytes", "skipped")) for n in refs] if refs else []
+        ratio = p.get("ratio")
+        cells.append("-" if ratio is None else f"{ratio:.3f} {'ok' if ratio <= TARGET_RATIO else 'MISSED'}")
+        t.add_row(*cells)
+    console.print(t)
+
+    t = Table(title="Encoder seconds")
+    t.add_column("pair")
+    for w in windows:
+        t.add_column(f"fota 2^{w}", justify="right")
+    for name in refs:
+        t.add_column(name, justify="right")
+    for p in results["pairs"]:
+        cells = [p["new"].removesuffix(".bin")] + [f"{p['fota'][str(w)]['encode_s']:.2f}" for w in windows]
+        cells += [f"{p['refs'][n]['encode_s']:.2f}" if "encode_s" in p["refs"][n] else "-" for n in refs] if refs else []
+        t.add_row(*cells)
+    console.print(t)
+
+    if not args.skip_heap:
+        t = Table(title=f"Decoder heap (micropython -X heapsize, bisected; patch fed in {args.chunk}-byte chunks)")
+        for col in ("pair", "window", "smallest heap KiB", "import-only KiB", "decoder KiB", "apply s", "ok"):
+            t.add_column(col, justify="right")
+        for p in results["pairs"]:
+            for w in windows:
+                r = p["fota"][str(w)]
+                t.add_row(p["new"].removesuffix(".bin"), f"2^{w}", str(r["smallest_heap_kib"]), str(r["baseline_heap_kib"]),
+                          str(r["decoder_kib"]), f"{r['apply_s_256k']:.2f}", "yes" if r["applied_ok"] else "NO")
+        console.print(t)
+    agent = results.get("agent")
+    if agent:
+        console.print(f"Whole agent (.mpy) applying a {agent['bundle_bytes']}-byte bundle delta through Mosquitto: "
+                      f"smallest heap {agent['smallest_heap_kib']} KiB")
+    sizes_ok = all(p.get("ratio") is not None and p["ratio"] <= TARGET_RATIO for p in results["pairs"])
+    console.print(f"Targets at 2^{args.target_wbits}: patch <= {TARGET_RATIO}x smallest reference on every pair: "
+                  f"{'met' if sizes_ok else 'MISSED or not measured'}; decoder <= {TARGET_HEAP_KIB} KiB: see the heap table")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
