@@ -21,9 +21,9 @@ from fota.tools.bundle import pack_files
 from fota.tools.deltarun import apply_with_micropython
 from fleet import Fleet, wait_until
 
-CORPUS = Path(os.environ.get("FOTA_CORPUS", Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "esp8266"))
-if not CORPUS.is_dir():
-    CORPUS = Path("/work/shared/corpus/esp8266")
+# ../shared/corpus/esp8266 beside the repository (from a worktree, the nearest such ancestor)
+CORPUS = next((d / "shared" / "corpus" / "esp8266" for d in Path(__file__).resolve().parents
+               if (d / "shared" / "corpus" / "esp8266").is_dir()), Path("/nonexistent"))
 
 
 def corpus_pairs():
