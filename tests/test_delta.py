@@ -254,3 +254,102 @@ def test_patch_for_another_base_is_refused_before_writing(fleet):
     assert j.delta_id is not None
     assert fleet.running_version(dev) == "1.0.0"
     assert not (fleet.root(dev) / "slots" / "b" / "image.bin").exists()
+
+
+# ---- the sans-IO core: what a delta job does and refuses ------------------------------------------
+
+from test_core import SIGNING_KEY, Harness, cmd, make_update  # noqa: E402
+from fota.device import core as C  # noqa: E402
+
+
+def _delta_job(old: bytes, new: bytes, job=1, **changes):
+    patch = encode(old, new, 10)
+    body = make_update(SIGNING_KEY, new, job=job, chunk=64)
+    body["delta"] = dict({"base_sha256": hashlib.sha256(old).hexdigest(), "base_size": len(old),
+                          "size": len(patch), "sha256": hashlib.sha256(patch).hexdigest(), "wbits": 10},
+                         **changes)
+    return patch, body
+
+
+def _harness(old: bytes, wbits=12):
+    h = Harness(SIGNING_KEY)
+    h.core.image = {"sha256": hashlib.sha256(old).hexdigest(), "size": len(old)}
+    h.core.delta_wbits = wbits
+    return h
+
+
+def _images():
+    old = bytes(range(256)) * 40
+    return old, old[:3000] + b"patched!" + old[3000:]
+
+
+def test_core_delta_job_transfers_the_patch_then_installs():
+    old, new = _images()
+    patch, body = _delta_job(old, new)
+    h = _harness(old)
+    actions = h.core.command(cmd(body))
+    begin = [a for a in actions if a[0] == C.A_BEGIN]
+    assert begin == [(C.A_BEGIN, len(new), {"base_sha256": hashlib.sha256(old).hexdigest(), "base_size": len(old),
+                                            "patch_size": len(patch), "wbits": 10,
+                                            "sha256": hashlib.sha256(new).hexdigest(), "size": len(new)})]
+    h.run(actions)
+    h.serve(patch, 64)
+    assert bytes(h.slot) == patch  # the runner feeds these to the decoder
+    statuses = h.statuses()
+    assert [s["state"] for s in statuses][-3:] == ["verifying", "installing", "rebooting"]
+    assert statuses[-1]["total"] == len(patch)
+    assert h.trial == {"job": 1, "version": "1.1.0"}
+
+
+def test_core_corrupt_patch_fails_with_e_delta():
+    old, new = _images()
+    patch, body = _delta_job(old, new)
+    h = _harness(old)
+    h.run(h.core.command(cmd(body)))
+    h.serve(patch, 64, corrupt=1)
+    last = h.statuses()[-1]
+    assert (last["state"], last["code"]) == ("failed", P.E_DELTA) and h.trial is None
+
+
+@pytest.mark.parametrize("image,changes,code", [
+    ("other", {}, P.E_BASE_MISMATCH),             # the device runs another image
+    (None, {}, P.E_BASE_MISMATCH),                # the device does not know what it runs
+    ("same", {"base_size": 1}, P.E_BASE_MISMATCH),
+    ("same", {"wbits": 13}, P.E_DELTA),           # a window larger than the device's 2**12
+])
+def test_core_refuses_a_patch_it_cannot_apply_before_writing(image, changes, code):
+    old, new = _images()
+    _, body = _delta_job(old, new, **changes)
+    h = _harness(old)
+    if image == "other":
+        h.core.image = {"sha256": "ab" * 32, "size": len(old)}
+    elif image is None:
+        h.core.image = None
+    h.run(h.core.command(cmd(body)))
+    last = h.statuses()[-1]
+    assert (last["state"], last["code"]) == ("failed", code), last
+    assert h.began == 0 and not h.slot
+
+
+def test_core_rejects_a_malformed_delta_field():
+    old, new = _images()
+    _, body = _delta_job(old, new, sha256="xyz")
+    h = _harness(old)
+    h.run(h.core.command(cmd(body)))
+    last = h.statuses()[-1]
+    assert (last["state"], last["code"]) == ("rejected", P.E_BAD_COMMAND)
+
+
+def test_core_restarts_an_interrupted_patch_from_the_start():
+    old, new = _images()
+    patch, body = _delta_job(old, new)
+    h = _harness(old)
+    h.run(h.core.command(cmd(body)))
+    journal = {"cmd": json.loads(json.loads(cmd(body))["body"]) | {"chunk": 64, "window": 4}, "pos": 1}
+    core = Harness(SIGNING_KEY).core
+    core.image, core.delta_wbits = h.core.image, 12
+    core.last_job = 1
+    actions = core.booted({"trial": None}, journal, hashlib.sha256(patch[:64]))
+    assert [a[0] for a in actions if a[0] in (C.A_BEGIN, C.A_JOURNAL)] == [C.A_BEGIN, C.A_JOURNAL]
+    assert [a[1] for a in actions if a[0] == C.A_JOURNAL] == [{"cmd": journal["cmd"], "pos": 0}]
+    assert core.state == P.DOWNLOADING and core.next == 0
