@@ -25,9 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
-
+from bench._report import print_table
 from fota.server.delta import DEFAULT_COPY_RUN, encode
 from fota.tools.deltarun import SCRIPT, apply_with_micropython, micropython_binary
 from fota.tools.mpy import build_agent
@@ -259,54 +257,38 @@ def main(argv=None) -> int:
 
 
 def report(results: dict, args) -> None:
-    console = Console(width=200)
     windows = results["config"]["windows"]
-    t = Table(title=f"Patch bytes per consecutive pair ({results['config']['corpus']})")
-    t.add_column("pair")
-    t.add_column("new image", justify="right")
-    for w in windows:
-        t.add_column(f"fota 2^{w}", justify="right")
     refs = sorted({name for p in results["pairs"] for name in p.get("refs", {})})
-    for name in refs:
-        t.add_column(name, justify="right")
-    t.add_column(f"2^{args.target_wbits} / best ref", justify="right")
+    rows = []
     for p in results["pairs"]:
-        cells = [f"{_short(p['old'])} → {_short(p['new'])}", str(p["new_bytes"])]
-        cells += [str(p["fota"][str(w)]["bytes"]) for w in windows]
-        cells += [str(p["refs"][n].get("bytes", "skipped")) for n in refs] if refs else []
         ratio = p.get("ratio")
-        cells.append("-" if ratio is None else f"{ratio:.3f} {'ok' if ratio <= TARGET_RATIO else 'MISSED'}")
-        t.add_row(*cells)
-    console.print(t)
-
-    t = Table(title="Encoder seconds")
-    t.add_column("pair")
-    for w in windows:
-        t.add_column(f"fota 2^{w}", justify="right")
-    for name in refs:
-        t.add_column(name, justify="right")
-    for p in results["pairs"]:
-        cells = [_short(p["new"])] + [f"{p['fota'][str(w)]['encode_s']:.2f}" for w in windows]
-        cells += [f"{p['refs'][n]['encode_s']:.2f}" if "encode_s" in p["refs"][n] else "-" for n in refs] if refs else []
-        t.add_row(*cells)
-    console.print(t)
-
+        rows.append([f"{_short(p['old'])} → {_short(p['new'])}", p["new_bytes"]]
+                    + [p["fota"][str(w)]["bytes"] for w in windows]
+                    + [p["refs"][n].get("bytes", "skipped") for n in refs]
+                    + ["-" if ratio is None else f"{ratio:.3f} {'ok' if ratio <= TARGET_RATIO else 'MISSED'}"])
+    print_table(f"Patch bytes per consecutive pair ({results['config']['corpus']})",
+                ["pair", "new image"] + [f"fota 2^{w}" for w in windows] + refs
+                + [f"2^{args.target_wbits} / best ref"], rows, left=("pair",))
+    rows = [[_short(p["new"])] + [f"{p['fota'][str(w)]['encode_s']:.2f}" for w in windows]
+            + [f"{p['refs'][n]['encode_s']:.2f}" if "encode_s" in p["refs"][n] else "-" for n in refs]
+            for p in results["pairs"]]
+    print_table("Encoder seconds", ["new image"] + [f"fota 2^{w}" for w in windows] + refs, rows,
+                left=("new image",))
     if not args.skip_heap:
-        t = Table(title=f"Decoder heap (micropython -X heapsize, bisected; patch fed in {args.chunk}-byte chunks)")
-        for col in ("pair", "window", "smallest heap KiB", "interpreter KiB", "+ decoder import KiB",
-                    "decoder state KiB", "decoder code+state KiB", "apply s", "ok"):
-            t.add_column(col, justify="right")
+        rows = []
         for p in results["pairs"]:
             for w in windows:
                 r = p["fota"][str(w)]
-                t.add_row(_short(p["new"]), f"2^{w}", str(r["smallest_heap_kib"]), str(r["interpreter_heap_kib"]),
-                          str(r["baseline_heap_kib"]), str(r["decoder_kib"]), str(r["decoder_with_code_kib"]),
-                          f"{r['apply_s_256k']:.2f}", "yes" if r["applied_ok"] else "NO")
-        console.print(t)
+                rows.append([_short(p["new"]), f"2^{w}", r["smallest_heap_kib"], r["interpreter_heap_kib"],
+                             r["baseline_heap_kib"], r["decoder_kib"], r["decoder_with_code_kib"],
+                             f"{r['apply_s_256k']:.2f}", "yes" if r["applied_ok"] else "NO"])
+        print_table(f"Decoder heap KiB (micropython -X heapsize, bisected; patch fed in {args.chunk}-byte chunks)",
+                    ["new image", "window", "smallest heap", "interpreter", "+ decoder import", "decoder state",
+                     "decoder code+state", "apply s", "ok"], rows, left=("new image",))
     agent = results.get("agent")
     if agent:
-        console.print(f"Whole agent (.mpy) applying a {agent['bundle_bytes']}-byte bundle delta through Mosquitto: "
-                      f"smallest heap {agent['smallest_heap_kib']} KiB")
+        print(f"Whole agent (.mpy) applying a {agent['bundle_bytes']}-byte bundle delta through Mosquitto: "
+              f"smallest heap {agent['smallest_heap_kib']} KiB")
     sizes_ok = all(p.get("ratio") is not None and p["ratio"] <= TARGET_RATIO for p in results["pairs"])
     line = (f"Targets at 2^{args.target_wbits}: patch <= {TARGET_RATIO}x smallest reference on every pair: "
             f"{'met' if sizes_ok else 'MISSED or not measured'}")
@@ -314,7 +296,7 @@ def report(results: dict, args) -> None:
         worst = max(p["fota"][str(args.target_wbits)]["decoder_with_code_kib"] or 10**6 for p in results["pairs"])
         line += (f"; decoder (code + state) <= {TARGET_HEAP_KIB} KiB of heap: {worst} KiB, "
                  f"{'met' if worst <= TARGET_HEAP_KIB else 'MISSED'}")
-    console.print(line)
+    print(line)
     results["verdict"] = line
 
 
