@@ -136,6 +136,40 @@ def test_record_reading_outside_the_base_is_refused():
         apply(old, patch)
 
 
+# ---- the control center's cache ----------------------------------------------------------------------
+
+def test_patch_computed_once_per_base_target_and_window_and_only_if_smaller(db_url, tmp_path, monkeypatch):
+    from fota.server.releases import read_blob
+    from fota.server.store import Delta, Store
+    from fota.tools.signing import generate_private_key
+    store = Store(db_url)
+    try:
+        key, blobs = generate_private_key(), tmp_path / "blobs"
+        old = os.urandom(50_000)
+        new = old[:20_000] + b"change" + old[20_000:]
+        v1 = create_release(store, blobs, key, old, "1.0.0", ["board"], kind="image")
+        v2 = create_release(store, blobs, key, new, "1.1.0", ["board"], kind="image")
+        calls = []
+        real = server_delta.encode
+        monkeypatch.setattr(server_delta, "encode", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+        first = server_delta.get_delta(store, blobs, v1, v2, 12, read_blob)
+        again = server_delta.get_delta(store, blobs, v1, v2, 12, read_blob)
+        other_window = server_delta.get_delta(store, blobs, v1, v2, 10, read_blob)
+        assert calls == [12, 10]
+        assert first.data == again.data and apply(old, first.data) == new and first.size < 1000
+        assert Path(blobs / first.sha256).read_bytes() == first.data
+        assert other_window.id != first.id and apply(old, other_window.data) == new
+        # Unrelated images: the patch is not smaller than the image, so no delta (cached as such).
+        v3 = create_release(store, blobs, key, os.urandom(5_000), "2.0.0", ["board"], kind="image")
+        assert server_delta.get_delta(store, blobs, v2, v3, 12, read_blob) is None
+        assert server_delta.get_delta(store, blobs, v2, v3, 12, read_blob) is None
+        assert calls == [12, 10, 12]
+        with store.session() as s:
+            assert s.query(Delta).count() == 3
+    finally:
+        store.dispose()
+
+
 # ---- end to end through Mosquitto to MicroPython devices ------------------------------------------
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import re
 import struct
 import threading
 import zlib
+from collections import OrderedDict
 from pathlib import Path
 
 import bsdiff4.core
@@ -30,6 +31,8 @@ DEFAULT_WBITS = 12   # a 4 KiB window: the decoder then fits in ~20 KiB of Micro
 DEFAULT_COPY_RUN = 32  # zero diff bytes in a row that become a copy (bench delta --copy-run)
 _locks: dict[tuple[str, str, int], threading.Lock] = {}
 _locks_guard = threading.Lock()
+_CACHE_SIZE = 8   # patches kept in memory: a rollout moves a fleet from one or two bases
+_cache: OrderedDict[str, bytes] = OrderedDict()   # patch sha256 -> bytes, shared by all jobs
 
 
 def header(base: bytes, new: bytes, wbits: int) -> bytes:
@@ -161,6 +164,9 @@ def get_delta(store: Store, blobs_dir: Path, base: Release, target: Release, wbi
                      target.version, wbits, len(data), target.size)
         if row.size >= target.size:
             return None
+        data = _cached(row.sha256)
+        if data is not None:
+            return DeltaInfo(row, data)
         try:
             data = Path(row.blob_path).read_bytes()
         except OSError:
@@ -172,7 +178,23 @@ def get_delta(store: Store, blobs_dir: Path, base: Release, target: Release, wbi
                 log.error("delta %s -> %s cannot be reproduced; full image", base.version, target.version)
                 return None
             Path(row.blob_path).write_bytes(data)
+        _remember(row.sha256, data)
         return DeltaInfo(row, data)
+
+
+def _cached(sha256: str) -> bytes | None:
+    with _locks_guard:
+        data = _cache.get(sha256)
+        if data is not None:
+            _cache.move_to_end(sha256)
+        return data
+
+
+def _remember(sha256: str, data: bytes) -> None:
+    with _locks_guard:
+        _cache[sha256] = data
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
 
 
 def load_delta(store: Store, delta_id: int) -> bytes | None:
