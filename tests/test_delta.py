@@ -387,3 +387,43 @@ def test_core_restarts_an_interrupted_patch_from_the_start():
     assert [a[0] for a in actions if a[0] in (C.A_BEGIN, C.A_JOURNAL)] == [C.A_BEGIN, C.A_JOURNAL]
     assert [a[1] for a in actions if a[0] == C.A_JOURNAL] == [{"cmd": journal["cmd"], "pos": 0}]
     assert core.state == P.DOWNLOADING and core.next == 0
+
+
+def test_power_cut_during_a_delta_download_restarts_the_patch(tmp_path, broker, sqlite_url):
+    # Small chunks make the patch transfer long enough to cut it; after the restart the device
+    # asks for the patch from chunk 0 (the decoder's state is not checkpointed) and completes.
+    import time
+    fleet = Fleet(tmp_path, broker, sqlite_url, chunk=512, window=4)
+    try:
+        dev = "delta-cut"
+        fleet.add_device(dev, hardware="sim-board", backend="sim", capacity=320 * 1024)
+        fleet.wait_online(dev)
+        pairs = corpus_pairs()
+        if pairs:
+            v1, v2 = pairs[1][0].read_bytes()[:300_000], pairs[1][1].read_bytes()[:300_000]
+        else:
+            v1 = os.urandom(300_000)
+            v2 = bytes(b ^ 1 if i % 7 == 0 else b for i, b in enumerate(v1))
+        rel1 = create_release(fleet.store, fleet.blobs, fleet.key, v1, "50.0.0", ["sim-board"], kind="image")
+        rel2 = create_release(fleet.store, fleet.blobs, fleet.key, v2, "50.1.0", ["sim-board"], kind="image")
+        assert _deploy(fleet, rel1, dev).state == "confirmed"
+        fleet.wait_online(dev, version="50.0.0")
+        wait_until(lambda: fleet.device_row(dev).inventory.get("image") == rel1.sha256, what="inventory image")
+        dep = create_deployment(fleet.store, rel2, device_ids=[dev])
+        job = dep.jobs[0].id
+
+        def progressed():
+            ds = [s for s in fleet.spy.of(dev, job) if s["state"] == "downloading"]
+            return ds and ds[-1]["bytes"] >= ds[-1]["total"] * 0.3 and ds[-1]
+        at_kill = wait_until(progressed, timeout=60, interval=0.01, what="30% of the patch downloaded")
+        assert at_kill["total"] < len(v2) // 2  # a patch, not the image
+        assert fleet.devices[dev].kill()
+        killed_at = time.monotonic()
+        j = fleet.wait_job(job, timeout=120)
+        assert j.state == "confirmed", (j.state, j.code, j.reason)
+        after = [r for t, d, r in fleet.spy.requests if d == dev and t > killed_at + 0.05 and r["job"] == job]
+        assert after and after[0]["first"] == 0
+        fleet.wait_online(dev, version="50.1.0")
+        assert (fleet.root(dev) / "flash.bin").read_bytes()[:len(v2)] == v2
+    finally:
+        fleet.close()
