@@ -7,6 +7,7 @@
 #   agent.json         {"last_job", "boot"}
 #   journal.json       an interrupted download, if any
 #   slots/a, slots/b   the slots (files backend) or flash.bin (sim backend)
+import gc
 import sys
 import time
 import json
@@ -225,7 +226,10 @@ class Device:
             raise ValueError("unknown action %r" % (kind,))
 
     def _patcher(self, expect, inactive):
-        from fota.device.delta import Patcher  # imported only by a device that gets a delta
+        # Imported only by a device that gets a delta; collected first, so that its bytecode
+        # fills the heap's holes and leaves room in one piece for the inflate window.
+        gc.collect()
+        from fota.device.delta import Patcher
         backend = self.backend
         active = self.slot
         state = [0]  # offset of the next new-image byte
