@@ -387,6 +387,11 @@ def test_core_restarts_an_interrupted_patch_from_the_start():
     assert [a[0] for a in actions if a[0] in (C.A_BEGIN, C.A_JOURNAL)] == [C.A_BEGIN, C.A_JOURNAL]
     assert [a[1] for a in actions if a[0] == C.A_JOURNAL] == [{"cmd": journal["cmd"], "pos": 0}]
     assert core.state == P.DOWNLOADING and core.next == 0
+    # Also when the cut came before the first checkpoint (journal at 0): the decoder is set up again.
+    core = Harness(SIGNING_KEY).core
+    core.image, core.delta_wbits, core.last_job = h.core.image, 12, 1
+    actions = core.booted({"trial": None}, dict(journal, pos=0), hashlib.sha256())
+    assert [a[0] for a in actions if a[0] == C.A_BEGIN] == [C.A_BEGIN]
 
 
 def test_power_cut_during_a_delta_download_restarts_the_patch(tmp_path, broker, sqlite_url):

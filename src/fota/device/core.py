@@ -316,7 +316,7 @@ class UpdateCore:
                     raise Rejection(P.E_INSTALL, "bad journal")
             except (Rejection, KeyError, TypeError, ValueError):
                 return actions + [(A_JOURNAL, None)]
-            if job.delta and pos:
+            if job.delta:
                 # The decoder's state is not checkpointed: a patch starts over (it is small).
                 pos = 0
                 hasher = hashlib.sha256()
@@ -520,6 +520,7 @@ class UpdateCore:
                     delta["wbits"], self.delta_wbits), terminal=True)
             if m.get("enc"):
                 raise Rejection(P.E_DELTA, "encrypted releases are not sent as patches", terminal=True)
+        m["_delta"] = bool(delta)  # the runner must have applied a patch, not stored one
         m["_key"] = None
         if m.get("enc"):
             if self.enc_key is None:

@@ -191,6 +191,9 @@ class Device:
                 if self.patcher is not None:
                     self.patcher.finish()  # DeltaError unless it produced the manifest's image
                     self.patcher = None
+                elif manifest.get("_delta"):
+                    from fota.device.delta import DeltaError
+                    raise DeltaError("no decoder ran: the slot holds the patch, not the image")
                 self.backend.finalize(inactive, manifest["size"], manifest.get("files"), action[2],
                                       (manifest.get("enc") or {}).get("plain_size"))
             except Exception as e:
