@@ -2,6 +2,10 @@
 import os
 import json
 
+# Power-cut simulation only (fota.device.slots.sim.Power): counts every file replacement and
+# removal as a persistent operation and may cut power there. None on a real device.
+power = None
+
 
 def exists(path):
     try:
@@ -51,12 +55,23 @@ def read_json(path, default=None):
 def write_json(path, obj):
     # Write-then-rename: a power cut leaves either the old or the new file, never half of one.
     tmp = path + ".tmp"
+    if power is not None and power.step("replace " + path.rsplit("/", 1)[-1]):
+        # Torn: half of the temporary file is written; the rename (atomic) never happens.
+        text = json.dumps(obj)
+        with open(tmp, "w") as f:
+            f.write(text[:len(text) // 2])
+        from fota.device.slots.sim import PowerCut
+        raise PowerCut("in the middle of writing " + tmp)
     with open(tmp, "w") as f:
         json.dump(obj, f)
     os.rename(tmp, path)
 
 
 def remove(path):
+    # Removing an existing file counts as a persistent operation (atomic: torn = not done).
+    if power is not None and exists(path) and power.step("remove " + path.rsplit("/", 1)[-1]):
+        from fota.device.slots.sim import PowerCut
+        raise PowerCut("in the middle of removing " + path)
     try:
         os.remove(path)
     except OSError:

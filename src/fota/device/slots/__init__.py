@@ -3,9 +3,13 @@
 #   KINDS                      manifest kinds the backend installs ("bundle", "image")
 #   capacity                   largest image (bytes) a slot takes
 #   begin(slot, size)          prepare the slot for a new image of `size` bytes
-#   resume(slot, offset)       continue writing at `offset` after a restart
+#   resume(slot, offset)       after a restart, continue an image whose first `offset` bytes
+#                              were flushed; returns the offset writing continues from (<= offset;
+#                              None: offset). The runner re-sends from a chunk boundary at or
+#                              below it; replayed bytes below it must equal those already written
 #   write(slot, offset, data)  sequential writes of image bytes
-#   flush(slot)                make everything written so far durable
+#   flush(slot)                make what was written so far durable, as far as a later resume()
+#                              relies on it
 #   read(slot, offset, n)      read image bytes back (re-hash on resume; the base of a delta)
 #   has_image(slot)            whether the slot still holds its installed image (a delta base)
 #   finalize(slot, size, files)  turn the verified image into a bootable slot (raises on
@@ -20,6 +24,8 @@ def open_backend(kind, root, config):
     if kind == "sim":
         from fota.device.slots.sim import SimFlash, SimBackend
         slot_size = config.get("capacity", 256 * 1024)
-        flash = SimFlash(2 * slot_size, path=root + "/flash.bin")
+        geometry = config.get("flash") or {}  # {"sector", "align", "erased"}: the simulated chip
+        flash = SimFlash(2 * slot_size, sector=geometry.get("sector", 4096), align=geometry.get("align", 4),
+                         erased=geometry.get("erased", 0xFF), path=root + "/flash.bin")
         return SimBackend(flash, slot_size)
     raise ValueError("unknown slot backend %r" % kind)
