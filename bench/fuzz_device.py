@@ -250,15 +250,19 @@ def feed_command(core, payload) -> str:
     sts = statuses_of(actions, core)
     after = observe(core)
     kinds = [a[0] for a in actions]
-    if not kinds or kinds[0] != C.A_STATE:
+    if C.A_STATE not in kinds:
         # Refused by the checks of protocol.md section 4: one rejected status and nothing else.
         require(kinds == [C.A_PUBLISH] and len(sts) == 1 and sts[0]["state"] == P.REJECTED,
                 f"refused command gave {actions!r:.300}")
         require(after == before, "refused command changed the device: " + _diff(before, after))
         return sts[0]["code"]
-    # Accepted: the job id (or, for keys, the time) is persisted before anything else.
-    require(actions[0][1] == {"last_job": core.last_job, "boot": core.boot, "time": core.time},
-            f"persisted state {actions[0][1]!r} is not the core's")
+    # Accepted: the job id (or, for keys, the time) is persisted before anything is published
+    # (an update persists its journal, the job itself, just before it).
+    at = kinds.index(C.A_STATE)
+    require(C.A_PUBLISH not in kinds[:at] and set(kinds[:at]) <= {C.A_BEGIN, C.A_JOURNAL},
+            f"the job id is persisted after {kinds[:at]!r}")
+    require(actions[at][1] == {"last_job": core.last_job, "boot": core.boot, "time": core.time},
+            f"persisted state {actions[at][1]!r} is not the core's")
     require(after["time"] >= before["time"], "trusted time went backwards")
     if any(s["state"] == P.KEYS_UPDATED for s in sts):
         require(after["keys"] > before["keys"] and C.A_TRUST in kinds and after["last_job"] == before["last_job"],
@@ -268,7 +272,7 @@ def feed_command(core, payload) -> str:
     errors = [s for s in sts if s["state"] in (P.REJECTED, P.FAILED)]
     if errors:
         # A refused update (manifest checks) or cancel: the download and the slot stay as they were.
-        require(len(errors) == 1 and all(k == C.A_PUBLISH for k in kinds[1:]),
+        require(len(errors) == 1 and kinds[0] == C.A_STATE and all(k == C.A_PUBLISH for k in kinds[1:]),
                 f"failed command also acted: {actions!r:.300}")
         for k in ("state", "job", "next", "requested", "trust", "counter", "version"):
             require(before[k] is after[k] or before[k] == after[k], "failed command changed " + _diff(before, after))

@@ -165,7 +165,7 @@ with open(DIR + "/events.txt") as f:
         run(n, acts)
         kinds = [a[0] for a in acts]
         if kind in "cn":
-            refused = not kinds or kinds[0] != C.A_STATE
+            refused = C.A_STATE not in kinds
         else:
             refused = C.A_WRITE not in kinds
         if refused and obs(core) != before:

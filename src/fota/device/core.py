@@ -293,7 +293,7 @@ class UpdateCore:
 
         journal/hasher: an interrupted download (hasher already fed with the bytes in the slot).
         """
-        actions = [self._agent_state()]
+        actions = []
         trial = boot_record.get("trial")
         report = boot_record.get("report")
         if report:
@@ -315,7 +315,13 @@ class UpdateCore:
                 if hasher is None or not 0 <= pos <= job.chunks:
                     raise Rejection(P.E_INSTALL, "bad journal")
             except (Rejection, KeyError, TypeError, ValueError):
-                return actions + [(A_JOURNAL, None)]
+                return [self._agent_state(), (A_JOURNAL, None)]
+            # The journal is also the record that the job was accepted: it is written before
+            # last_job (see _update), and a cut between the two must not let the command run twice.
+            if job.id > self.last_job:
+                self.last_job = job.id
+            if isinstance(cmd.get("time"), int) and cmd["time"] > self.time:
+                self.time = cmd["time"]
             if job.delta:
                 # The decoder's state is not checkpointed: a patch starts over (it is small).
                 pos = 0
@@ -327,7 +333,7 @@ class UpdateCore:
             self.next = pos
             self.requested = pos
             self.last_progress_at = self.now
-        return actions
+        return [self._agent_state()] + actions
 
     # ---- connection ------------------------------------------------------------------------
     def connected_(self):
@@ -381,15 +387,15 @@ class UpdateCore:
         except Rejection as r:
             return [self._publish_status(self._rejected(r, r.job))]
 
-        # Authentic and new: persist the job id first so that a redelivery runs nothing twice.
+        # Authentic and new: persist the job id before anything is published, so that a
+        # redelivery runs nothing twice. An update persists its journal (the job itself) first.
         self.last_job = job
         self.time = now
-        actions = [self._agent_state()]
         if kind == "inventory":
-            return actions + [self.inventory()]
+            return [self._agent_state(), self.inventory()]
         if kind == "cancel":
-            return actions + self._cancel(body)
-        return actions + self._update(body)
+            return [self._agent_state()] + self._cancel(body)
+        return self._update(body)
 
     def _authenticate(self, payload):
         """Envelope -> (body, signer kid, trusted time); raises Rejection.
@@ -542,22 +548,28 @@ class UpdateCore:
             msg = self._status(P.FAILED, job=cmd["job"], code=r.code, reason=r.reason)
             msg["bytes"] = msg["total"] = 0
             msg["progress"] = 0.0
-            return [self._publish_status(msg)]
-        actions = []
+            return [self._agent_state(), self._publish_status(msg)]
+        statuses = []
         if self.state == P.DOWNLOADING:
-            actions += self._end(P.CANCELLED, "cancel", None, "superseded by job %d" % cmd["job"])
+            # The new journal replaces the old one: a cut before it leaves the old job to resume.
+            statuses = [a for a in self._end(P.CANCELLED, "cancel", None, "superseded by job %d" % cmd["job"])
+                        if a[0] == A_PUBLISH]
         elif self.state != P.IDLE:
             # Past the download (installing, rebooting, trial) a job cannot be replaced.
             r = Rejection(P.E_NOT_RUNNING, "busy in state %s; job %d refused" % (self.state, cmd["job"]))
-            return [self._publish_status(self._rejected(r, cmd["job"]))]
+            return [self._agent_state(), self._publish_status(self._rejected(r, cmd["job"]))]
         self._go("accept")
         self.job = Job(cmd, manifest, self.settings.max_inflight)
         self._reset_transfer()
         self.hasher = hashlib.sha256()
         self.last_progress_at = self.now
         self.last_chunk_at = self.now
-        actions.append((A_BEGIN, manifest["size"], self.job.delta_expect()))
-        actions.append((A_JOURNAL, {"cmd": cmd, "pos": 0}))
+        # The journal before last_job: a cut between them resumes the job (booted() adopts its
+        # id), where the other order would have the job's redelivery refused as a duplicate
+        # with nothing left to run it.
+        actions = [(A_BEGIN, manifest["size"], self.job.delta_expect()), (A_JOURNAL, {"cmd": cmd, "pos": 0}),
+                   self._agent_state()]
+        actions += statuses
         actions.append(self._publish_status(self._status(P.DOWNLOADING)))
         self.reported_progress = 0.0
         if self.connected:

@@ -121,11 +121,23 @@ class Device:
             return None, None
         try:
             cmd = journal["cmd"]
+            # A cut between marking the trial and deleting the journal leaves the journal of a
+            # download that is over. Resuming it would write into the other slot: the fallback
+            # image while on trial.
+            report = self.record.get("report") or {}
+            if self.record.get("trial") or cmd.get("job") == report.get("job"):
+                raise ValueError("its download is over")
             if cmd.get("delta"):
                 return journal, hashlib.sha256()  # the core restarts a patch from its start
-            offset = journal["pos"] * cmd["chunk"]
+            chunk = cmd["chunk"]
             inactive = bootrec.other(self.slot)
-            self.backend.resume(inactive, offset)
+            start = self.backend.resume(inactive, journal["pos"] * chunk)
+            if start is None:
+                start = journal["pos"] * chunk
+            # The backend may continue below the journal's position: send again from the chunk
+            # that holds its offset.
+            journal = {"cmd": cmd, "pos": start // chunk}
+            offset = journal["pos"] * chunk
             hasher = hashlib.sha256()
             done = 0
             while done < offset:
