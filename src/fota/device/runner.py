@@ -185,6 +185,11 @@ class Device:
                 except Exception:  # DeltaError, kept in the patcher: reported as E_DELTA at A_INSTALL
                     pass
         elif kind == C.A_BEGIN:
+            # The slot is about to be written over: the boot record must stop naming the
+            # version it held (nothing may boot it, and the inventory must not report it).
+            if self.record["versions"].get(inactive) is not None:
+                self.record["versions"][inactive] = None
+                fsutil.write_json(self._path("boot.json"), self.record)
             self.backend.begin(inactive, action[1])
             self.patcher = self._patcher(action[2], inactive) if action[2] else None
         elif kind == C.A_JOURNAL:
