@@ -1,0 +1,201 @@
+"""Power-cut sweep: cut power before, and in the middle of, every persistent operation of an update.
+
+    ./run bench powercut [--image-kib 64] [--sector 4096] [--align 4] [--erased 0xff] [--chunk 1000]
+                         [--window 3] [--seed 1] [--chained 100] [--depth 2]
+                         [--scenarios update,revert,second] [--eager-ack] [--out bench/results/powercut.json]
+
+Each scenario (fota.powercut.scenario) is one update of a device on the `sim` NOR-flash backend,
+driven without a network by fota.powercut.harness through the real runner and core. The clean run
+counts the update's persistent operations N (flash erases and writes, file replacements and
+removals); then for every i in 1..N the update is replayed with power cut before operation i, and
+again with operation i torn in the middle; then `--chained` runs per scenario with `--depth` cuts
+each (the next cut at a random point of the recovery from the previous one). See bench/README.md and
+docs/reliability.md for the flash model, the cut model and the checks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from fota.powercut import harness as H
+from fota.powercut.scenario import SCENARIOS, build
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "bench" / "results" / "powercut.json"
+PHASE_NAMES = {"download": "download", "install": "verify+install", "trial": "trial boot+confirm"}
+
+
+def log(*args) -> None:
+    print("[bench]", *args, file=sys.stderr, flush=True)
+
+
+def _phase(scenario: str, label: str) -> str:
+    if label == "trial" and scenario == "revert":
+        return "trial boots+revert"
+    return PHASE_NAMES.get(label, label)
+
+
+class Row:
+    def __init__(self, scenario: str, phase: str, n_ops: int | None):
+        self.scenario, self.phase, self.n_ops = scenario, phase, n_ops
+        self.cases = self.passed = self.bricked = self.lost = self.resent = 0
+        self.max_resent = 0
+        self.seconds = 0.0
+        self.failures: list[dict] = []
+
+    def add(self, case: dict, out: dict, seconds: float) -> None:
+        self.cases += 1
+        self.seconds += seconds
+        self.passed += bool(out["ok"])
+        self.bricked += bool(out["bricked"])
+        self.lost += out["lost"]
+        self.resent += out["resent"]
+        self.max_resent = max(self.max_resent, out["resent"])
+        if not out["ok"]:
+            self.failures.append(dict(case, **out))
+
+    def as_dict(self) -> dict:
+        return {"scenario": self.scenario, "phase": self.phase, "n_ops": self.n_ops, "cases": self.cases,
+                "passed": self.passed, "bricked": self.bricked, "lost_statuses": self.lost,
+                "bytes_resent": self.resent, "max_resent": self.max_resent, "seconds": round(self.seconds, 2),
+                "failures": self.failures[:20]}
+
+
+def sweep(args, directory: Path) -> dict:
+    dirs = build(directory / "scenarios", image_size=args.image_kib * 1024, sector=args.sector,
+                 erased=args.erased, align=args.align, chunk=args.chunk, window=args.window, seed=args.seed,
+                 max_trial_boots=args.max_trial_boots)
+    work = str(directory / "device")
+    rows: list[Row] = []
+    clean = {}
+    for name in args.scenarios:
+        scenario = H.Scenario(str(dirs[name]))
+        t0 = time.perf_counter()
+        out, oplog = H.clean_run(scenario, work)
+        clean_s = time.perf_counter() - t0
+        if not out["ok"]:
+            raise SystemExit(f"the clean run of {name} fails: {out['problems']}")
+        n = out["ops"]
+        phases = [_phase(name, label) for _, label in oplog]
+        clean[name] = {"ops": n, "boots": out["boots"], "seconds": round(clean_s, 4),
+                       "kinds": dict(Counter(kind.split()[0] for kind, _ in oplog)),
+                       "phases": dict(Counter(phases)), "log": [[k, p] for (k, _), p in zip(oplog, phases)]}
+        log(f"{name}: N = {n} persistent operations ({clean[name]['kinds']}), {out['boots']} boots")
+        by_phase = {}
+        for p in phases:
+            if p not in by_phase:
+                by_phase[p] = Row(name, p, phases.count(p))
+                rows.append(by_phase[p])
+        known = {}
+        for mid in (False, True):
+            for i in range(1, n + 1):
+                t0 = time.perf_counter()
+                r = H.run_case(scenario, work, (i,), mid, eager_ack=args.eager_ack)
+                known[((i,), (i,) if mid else ())] = r["ops"]
+                by_phase[phases[i - 1]].add({"cuts": [i], "torn": [i] if mid else []}, r,
+                                            time.perf_counter() - t0)
+        if args.chained:
+            row = Row(name, f"chained, {args.depth} cuts", None)
+            rows.append(row)
+            t0 = time.perf_counter()
+            cases = H.chained_cases(scenario, work, args.seed, args.chained, args.depth, known)
+            per = (time.perf_counter() - t0) / max(1, len(cases))
+            for cuts, torn, r in cases:
+                row.add({"cuts": list(cuts), "torn": list(torn)}, r, per)
+        log(f"{name}: {sum(r.cases for r in rows if r.scenario == name)} cases")
+    return {"clean": clean, "rows": rows}
+
+
+def show(results: dict, args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = results["rows"]
+    t = Table(title=f"power cuts: {args.image_kib} KiB image, sector {args.sector}, align {args.align}, "
+                    f"erased 0x{args.erased:02X}, chunk {args.chunk} x window {args.window}"
+                    + (", EAGER ACK" if args.eager_ack else ""))
+    for col in ("scenario", "phase", "N ops", "cases", "passed", "bricked", "lost statuses",
+                "re-sent KiB", "max re-sent / image", "ms/case"):
+        t.add_column(col, justify="left" if col in ("scenario", "phase") else "right")
+    size = args.image_kib * 1024
+    for r in rows:
+        ok = r.passed == r.cases and not r.bricked
+        t.add_row(r.scenario, r.phase, "" if r.n_ops is None else str(r.n_ops), str(r.cases),
+                  f"[green]{r.passed}[/]" if ok else f"[red]{r.passed}[/]",
+                  f"[red]{r.bricked}[/]" if r.bricked else "0", str(r.lost), f"{r.resent / 1024:.1f}",
+                  f"{r.max_resent / size:.2f}", f"{1000 * r.seconds / max(1, r.cases):.0f}")
+    total = sum(r.cases for r in rows)
+    t.add_row("all", "", "", str(total), str(sum(r.passed for r in rows)), str(sum(r.bricked for r in rows)),
+              str(sum(r.lost for r in rows)), f"{sum(r.resent for r in rows) / 1024:.1f}",
+              f"{max((r.max_resent for r in rows), default=0) / size:.2f}", "", end_section=True)
+    Console(width=max(Console().width, 150)).print(t)
+    for name, c in results["clean"].items():
+        print(f"{name}: N = {c['ops']} persistent operations in the clean update "
+              f"({', '.join(f'{v} {k}' for k, v in c['kinds'].items())}); clean run {1000 * c['seconds']:.0f} ms")
+    print(f"cases run: {total}, passed: {sum(r.passed for r in rows)}, bricked: {sum(r.bricked for r in rows)}")
+    for r in rows:
+        for f in r.failures[:3]:
+            print(f"FAIL {r.scenario} / {r.phase}: cuts {f['cuts']} torn {f['torn']}: "
+                  f"{f['bricked'] or ''} {'; '.join(f['problems'])}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="./run bench powercut", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--image-kib", type=int, default=64, help="size of the new image, KiB")
+    p.add_argument("--sector", type=int, default=4096, help="flash sector (erase unit), bytes")
+    p.add_argument("--align", type=int, default=4, help="flash write alignment, bytes")
+    p.add_argument("--erased", type=lambda v: int(v, 0), default=0xFF, help="erased byte value (0xff or 0x00)")
+    p.add_argument("--chunk", type=int, default=1000,
+                   help="chunk size; not a divisor of the sector, so checkpoints fall inside sectors")
+    p.add_argument("--window", type=int, default=3, help="chunks per checkpoint (and in flight)")
+    p.add_argument("--seed", type=int, default=1, help="images and chained cut points")
+    p.add_argument("--chained", type=int, default=100, help="random chained cases per scenario (0: none)")
+    p.add_argument("--depth", type=int, default=2, help="cuts per chained case")
+    p.add_argument("--max-trial-boots", type=int, default=3, help="trial boots before a revert")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated: " + ", ".join(SCENARIOS))
+    p.add_argument("--eager-ack", action="store_true",
+                   help="diagnostic: the device acknowledges a command when it arrives, before it is persisted "
+                        "(the MQTT client's behaviour before manual_ack)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
+    args = p.parse_args(argv)
+    args.scenarios = [s for s in args.scenarios.split(",") if s]
+    for s in args.scenarios:
+        if s not in SCENARIOS:
+            p.error(f"unknown scenario {s!r}")
+    if args.erased not in (0x00, 0xFF):
+        p.error("--erased must be 0xff or 0x00")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fota-powercut-") as tmp:
+        results = sweep(args, Path(tmp))
+    show(results, args)
+    rows = results["rows"]
+    doc = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "environment": {"python": platform.python_version(), "platform": platform.platform()},
+        "seconds": round(time.perf_counter() - t0, 1),
+        "clean": results["clean"],
+        "rows": [r.as_dict() for r in rows],
+        "totals": {"cases": sum(r.cases for r in rows), "passed": sum(r.passed for r in rows),
+                   "bricked": sum(r.bricked for r in rows), "lost_statuses": sum(r.lost for r in rows),
+                   "bytes_resent": sum(r.resent for r in rows)},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1))
+    print(f"JSON: {args.out} ({doc['seconds']} s)")
+    return 0 if doc["totals"]["passed"] == doc["totals"]["cases"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,408 @@
+# Power-cut harness: one update of a device on the `sim` flash backend, with no network, and
+# power cut at chosen persistent operations (fota.device.slots.sim.Power). MicroPython and CPython.
+#
+# The device is the real thing: fota.device.runner.Device (boot selection, journal resume, the
+# execution of the core's actions) and fota.device.core. This module plays the rest of the world:
+#   Link    the runner's MQTT client: a publish reaches the Center at once; a QoS 1 message to
+#           the device stays queued (and is delivered again at the next power-on) until the
+#           runner acknowledges it, as the broker's persistent session would do;
+#   Center  the control center: the signed update command of one job, the chunks of its image
+#           (answers every chunk request), the statuses it received;
+#   Run     powers the device on again after every reboot and every cut, checks every boot
+#           (problems()) and the end state (outcome()).
+# A scenario directory is prepared on CPython by fota.powercut.scenario.build.
+
+import gc
+import json
+import struct
+import hashlib
+from binascii import hexlify
+
+from fota.device import protocol as P
+from fota.device import fsutil
+from fota.device import runner
+from fota.device.runner import Device, Reboot
+from fota.device.slots.sim import Power, PowerCut
+
+TEMPLATE_FILES = ("config.json", "boot.json", "agent.json", "flash.bin")
+
+
+def sha256_hex(data):
+    return hexlify(hashlib.sha256(data).digest()).decode()
+
+
+def copy_file(src, dst):
+    with open(src, "rb") as f, open(dst, "wb") as g:
+        while True:
+            block = f.read(1024)
+            if not block:
+                break
+            g.write(block)
+
+
+def _silent(*args):
+    pass
+
+
+def _size(path):
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        return f.tell()
+
+
+class Scenario:
+    """A prepared scenario: template/ (the provisioned device), scenario.json, image.bin."""
+
+    def __init__(self, path):
+        self.path = path
+        meta = fsutil.read_json(path + "/scenario.json")
+        if not meta:
+            raise OSError(2, "no scenario.json in " + path)
+        self.name = meta["name"]
+        self.device = meta["device"]
+        self.job = meta["job"]
+        self.command = meta["command"].encode()
+        self.chunk = meta["chunk"]
+        self.images = meta["images"]          # version -> [size, sha256 hex]
+        self.unhealthy = meta["unhealthy"]    # versions whose health check fails
+        self.expect = meta["expect"]          # {"version", "state", "counter"} after the job
+        self.first = meta["first"]            # the version running before the job
+        self.first_slot = meta["first_slot"]  # and its slot
+        self.counter_before = meta["counter_before"]
+        self.max_trial_boots = meta["max_trial_boots"]
+        self.trial_timeout = meta["trial_timeout"]
+        self.chunk_timeout = meta["chunk_timeout"]
+        self.slot_size = meta["slot_size"]
+        self.image = path + "/image.bin"      # served in chunks, never all in RAM
+        self.size = _size(self.image)
+
+
+class Center:
+    def __init__(self, scenario):
+        self.s = scenario
+        self.acked = False   # the device acknowledged the update command
+        self.queue = []      # chunks on their way to the device (QoS 0: lost with the power)
+        self.statuses = []
+        self.sent = 0        # image bytes sent in chunks
+
+    def received(self, topic, payload):
+        suffix = topic.rsplit("/", 1)[-1]
+        if suffix == P.STATUS:
+            self.statuses.append(json.loads(payload))
+        elif suffix == P.REQ:
+            req = json.loads(payload)
+            s = self.s
+            if req.get("job") != s.job or req.get("chunk") != s.chunk:
+                return
+            with open(s.image, "rb") as f:
+                for i in range(req["first"], req["first"] + req["count"]):
+                    f.seek(i * s.chunk)
+                    data = f.read(s.chunk)
+                    if data:
+                        self.queue.append(struct.pack(P.CHUNK_HEADER, s.job, i) + data)
+                        self.sent += len(data)
+
+    def terminal(self):
+        """The terminal states reported for the job, in order."""
+        return [st["state"] for st in self.statuses
+                if st.get("job") == self.s.job and st.get("state") in P.TERMINAL_STATES]
+
+
+class Link:
+    """Stands in for fota.device.mqtt.MQTTClient inside the runner."""
+
+    CMD_PID = 1  # the packet id of the update command (QoS 1); chunks (QoS 0) have none
+
+    def __init__(self, center, eager_ack=False):
+        self.center = center
+        # eager_ack: acknowledge a QoS 1 message as soon as it is handed to the runner (before
+        # it is processed), instead of when the runner calls ack(pid).
+        self.eager_ack = eager_ack
+        self.delivered = False
+
+    def publish(self, topic, msg, retain=False, qos=0):
+        self.center.received(topic, msg)
+
+    def ack(self, pid):
+        if pid == self.CMD_PID and self.delivered:
+            self.center.acked = True
+
+    def close(self):
+        pass
+
+
+class Wedged(Exception):
+    pass
+
+
+class Run:
+    """One update from the scenario's template, with power cut before (or, with mid, in the
+    middle of) each persistent operation whose number is in `cuts`."""
+
+    MAX_BOOTS = 40
+    MAX_IDLE_TIMEOUTS = 3
+
+    def __init__(self, scenario, workdir, cuts=(), mid=False, log=None, eager_ack=False):
+        self.s = scenario
+        self.root = workdir
+        self.eager_ack = eager_ack
+        self.power = Power(cuts, mid, log, self._label if log is not None else None)
+        self.center = Center(scenario)
+        self.dev = None
+        self.boots = 0
+        self.cuts = 0            # cuts that happened
+        self.exhausted = False   # cuts used up the trial boots of a healthy image
+        self.errors = []         # broken invariants (see problems())
+        self.bricked = None      # why the device did not boot a verified image, or None
+        self.counter = 0
+        self.booted = []         # (slot, version, on trial) of every completed boot
+        self.now = 0
+
+    # ---- the device's world ----------------------------------------------------------------
+    def _reset(self):
+        fsutil.rmtree(self.root)
+        fsutil.makedirs(self.root)
+        for name in TEMPLATE_FILES:
+            if fsutil.exists(self.s.path + "/template/" + name):
+                copy_file(self.s.path + "/template/" + name, self.root + "/" + name)
+
+    def _label(self):
+        # The phase of the update an operation belongs to (for reports of the clean run).
+        dev = self.dev
+        core = getattr(dev, "core", None) if dev is not None else None
+        if core is not None and core.state in (P.VERIFYING, P.INSTALLING, P.REBOOTING):
+            return "install"
+        record = fsutil.read_json(self.root + "/boot.json") or {}
+        if record.get("trial") or record.get("report") or record.get("active") != self.s.first_slot:
+            return "trial"
+        return "download"
+
+    def run(self):
+        self._reset()
+        fsutil.power = self.power
+        say = runner.log
+        runner.log = _silent  # thousands of boots: the runner's messages would drown the report
+        try:
+            while True:
+                try:
+                    if self._power_on():
+                        break
+                except Reboot:
+                    pass
+                except PowerCut:
+                    self.cuts += 1
+                    self.center.queue = []
+                except Wedged as e:
+                    self.errors.append("wedged: %s" % e)
+                    break
+                except Exception as e:  # the device code crashed: it would crash again at every boot
+                    self.errors.append("crash: %s: %s" % (type(e).__name__, e))
+                    self.bricked = self.bricked or "agent crashed at boot %d: %s: %s" % (self.boots, type(e).__name__, e)
+                    break
+                if self.bricked:
+                    break
+        finally:
+            fsutil.power = None
+            runner.log = say
+        return self
+
+    def _power_on(self):
+        """One boot until the device is quiet (True) or reboots/loses power (raises)."""
+        self.boots += 1
+        if hasattr(gc, "mem_free"):  # MicroPython: a reboot starts with an empty heap
+            gc.collect()
+        if self.boots > self.MAX_BOOTS:
+            raise Wedged("still not done after %d boots" % self.MAX_BOOTS)
+        self.dev = None
+        # Cuts during trial boots count as failed trials, as a crash would (the attempt is
+        # counted before the image runs): enough of them revert even a healthy image. That is
+        # the designed outcome, not a failure.
+        trial = (fsutil.read_json(self.root + "/boot.json") or {}).get("trial")
+        if trial and trial.get("tries", 0) >= self.s.max_trial_boots and trial.get("version") not in self.s.unhealthy:
+            self.exhausted = True
+        dev = Device(self.root)
+        self.dev = dev
+        dev.backend.flash.power = self.power
+        dev.on_trial = False
+        try:
+            dev.boot()
+            dev.on_trial = dev.core.state == P.TRIAL
+            self._check_boot(dev)
+            if self.bricked:
+                return True
+            version = dev.record["versions"].get(dev.slot)
+            if version in self.s.unhealthy:
+                if not dev.on_trial:
+                    self.errors.append("boot %d runs the unhealthy %s outside a trial" % (self.boots, version))
+                    return True
+                # Its health check fails: the broker is never reached before the trial deadline.
+                self.now += self.s.trial_timeout + 1
+                dev.execute(dev.core.tick(self.now))
+                raise Wedged("an unhealthy trial did not reboot")
+            self._online(dev)
+            return self._quiet(dev)
+        finally:
+            dev.backend.flash.close()
+
+    def _online(self, dev):
+        link = Link(self.center, self.eager_ack)
+        dev.client = link
+        dev.execute(dev.core.connected_())
+        cmd_topic = P.topic(self.s.device, P.CMD)
+        data_topic = P.topic(self.s.device, P.DATA)
+        timeouts = 0
+        while True:
+            if not self.center.acked and not link.delivered:
+                link.delivered = True
+                dev._on_message(cmd_topic, self.s.command, Link.CMD_PID)
+                if link.eager_ack:
+                    self.center.acked = True
+                dev._dispatch()
+            elif self.center.queue:
+                dev._on_message(data_topic, self.center.queue.pop(0), 0)
+                dev._dispatch()
+                timeouts = 0
+            elif dev.core.state == P.DOWNLOADING and timeouts < self.MAX_IDLE_TIMEOUTS:
+                # Nothing in flight: let the chunk timeout fire (re-requests the window).
+                timeouts += 1
+                self.now += self.s.chunk_timeout + 1
+                dev.execute(dev.core.tick(self.now))
+            else:
+                return
+
+    def _quiet(self, dev):
+        if dev.pending:
+            raise Wedged("actions left pending while connected")
+        if dev.core.state != P.IDLE:
+            raise Wedged("stuck in state %s" % dev.core.state)
+        if not self.center.acked:
+            raise Wedged("the update command was never acknowledged")
+        if dev.record.get("report"):
+            raise Wedged("terminal report never cleared")
+        if not self.center.terminal():
+            raise Wedged("idle, but the job never ended (last job %s)" % dev.core.last_job)
+        return True
+
+    # ---- checks ------------------------------------------------------------------------------
+    def _slot_holds(self, dev, slot, version):
+        """True if the flash of `slot` holds exactly the image of `version`."""
+        known = self.s.images.get(version)
+        if not known:
+            return False
+        base = 0 if slot == "a" else self.s.slot_size
+        h = hashlib.sha256()
+        done = 0
+        while done < known[0]:
+            n = min(1024, known[0] - done)
+            h.update(dev.backend.flash.read(base + done, n))
+            done += n
+        return hexlify(h.digest()).decode() == known[1]
+
+    def _check_boot(self, dev):
+        record = dev.record
+        slot = dev.slot
+        version = record["versions"].get(slot)
+        self.booted.append((slot, version, dev.on_trial))
+        if version is None or not self._slot_holds(dev, slot, version):
+            self.bricked = "boot %d: slot %s (record: %s) holds no verified image" % (self.boots, slot, version)
+            return
+        for s in ("a", "b"):
+            v = record["versions"].get(s)
+            if v is not None and not self._slot_holds(dev, s, v):
+                self.errors.append("boot %d: record says slot %s holds %s, it does not" % (self.boots, s, v))
+        trial = record.get("trial")
+        if trial and not self._slot_holds(dev, trial["slot"], trial.get("version")):
+            self.errors.append("boot %d: trial points at unverified slot %s" % (self.boots, trial["slot"]))
+        counter = record.get("counter", 0)
+        if counter < self.counter:
+            self.errors.append("boot %d: counter went down %d -> %d" % (self.boots, self.counter, counter))
+        self.counter = counter
+
+    def outcome(self):
+        """The run's result: a dict (JSON-able)."""
+        problems = list(self.errors)
+        record = fsutil.read_json(self.root + "/boot.json") or {}
+        final = (record.get("versions") or {}).get(record.get("active"))
+        terminal = self.center.terminal()
+        expect = self.s.expect
+        want_state, want_version = expect["state"], expect["version"]
+        if want_state == P.CONFIRMED and self.exhausted:
+            want_state, want_version = P.REVERTED, self.s.first
+        lost = 0
+        if not self.bricked and not problems:
+            if final != want_version:
+                problems.append("runs %s, expected %s" % (final, want_version))
+            if not terminal:
+                lost = 1
+                problems.append("terminal status of job %d never reached the center" % self.s.job)
+            elif terminal[-1] != want_state:
+                problems.append("job ended %s, expected %s" % (terminal[-1], want_state))
+            if record.get("counter", 0) != (expect["counter"] if want_state == P.CONFIRMED else self.s.counter_before):
+                problems.append("counter %s after %s" % (record.get("counter"), want_state))
+            if fsutil.exists(self.root + "/journal.json"):
+                problems.append("journal left behind")
+        return {
+            "ops": self.power.ops, "boots": self.boots, "cuts": self.cuts, "exhausted": self.exhausted,
+            "bricked": self.bricked, "problems": problems, "final": final, "terminal": terminal,
+            "lost": lost, "resent": max(0, self.center.sent - self.s.size),
+            "ok": not self.bricked and not problems,
+        }
+
+
+def clean_run(scenario, workdir):
+    """The run without a cut; returns (outcome, [(kind, phase)] for operations 1..N)."""
+    log = []
+    out = Run(scenario, workdir, log=log).run().outcome()
+    return out, log
+
+
+def run_case(scenario, workdir, cuts, mid=False, eager_ack=False):
+    """One run with power cut at the operations in `cuts` (torn: mid=True or those in mid)."""
+    return Run(scenario, workdir, cuts, mid, eager_ack=eager_ack).run().outcome()
+
+
+class Rng:
+    """xorshift32: the same random cut points on MicroPython and CPython for a seed."""
+
+    def __init__(self, seed):
+        self.x = (seed * 2654435761 + 1) & 0xFFFFFFFF or 1
+
+    def next(self):
+        x = self.x
+        x ^= (x << 13) & 0xFFFFFFFF
+        x ^= x >> 17
+        x ^= (x << 5) & 0xFFFFFFFF
+        self.x = x
+        return x
+
+    def below(self, n):
+        return self.next() % n
+
+
+def chained_cases(scenario, workdir, seed, count, depth=2, known=None, points=None):
+    """`count` runs with `depth` cuts each: the first at a random operation of the clean run
+    (from `points`, default all), each next one at a random operation of the recovery that
+    follows (so it lands during the reboot, resume or re-download); each cut falls before its
+    operation or tears it, at random. known: {(cuts, torn): total ops} of runs already made.
+
+    Returns [(cuts, torn, outcome)]."""
+    rng = Rng(seed)
+    known = dict(known or {})
+    if points is None:
+        points = list(range(1, clean_run(scenario, workdir)[0]["ops"] + 1))
+    cases = []
+    for _ in range(count):
+        cuts = [points[rng.below(len(points))]]
+        torn = cuts[:] if rng.below(2) else []
+        while len(cuts) < depth:
+            key = (tuple(cuts), tuple(torn))
+            if key not in known:
+                known[key] = run_case(scenario, workdir, key[0], key[1] or False)["ops"]
+            end = known[key]
+            if end <= cuts[-1]:
+                break
+            cuts.append(cuts[-1] + 1 + rng.below(end - cuts[-1]))
+            if rng.below(2):
+                torn.append(cuts[-1])
+        cases.append((tuple(cuts), tuple(torn), run_case(scenario, workdir, tuple(cuts), tuple(torn) or False)))
+    return cases
