@@ -28,6 +28,8 @@ from fota.powercut.scenario import SCENARIOS, build
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "powercut.json"
+FAULTS = ("power cut before an operation", "power cut in the middle of an operation",
+          "chained power cuts (random, during recovery)")
 PHASE_NAMES = {"download": "download", "install": "verify+install", "trial": "trial boot+confirm"}
 
 
@@ -73,6 +75,7 @@ def sweep(args, directory: Path) -> dict:
                  max_trial_boots=args.max_trial_boots)
     work = str(directory / "device")
     rows: list[Row] = []
+    faults = {m: Row("all", m, None) for m in FAULTS}  # the same cases, by kind of fault
     clean = {}
     for name in args.scenarios:
         scenario = H.Scenario(str(dirs[name]))
@@ -98,8 +101,9 @@ def sweep(args, directory: Path) -> dict:
                 t0 = time.perf_counter()
                 r = H.run_case(scenario, work, (i,), mid, eager_ack=args.eager_ack)
                 known[((i,), (i,) if mid else ())] = r["ops"]
-                by_phase[phases[i - 1]].add({"cuts": [i], "torn": [i] if mid else []}, r,
-                                            time.perf_counter() - t0)
+                case, seconds = {"cut_at": [i], "torn_at": [i] if mid else []}, time.perf_counter() - t0
+                by_phase[phases[i - 1]].add(case, r, seconds)
+                faults[FAULTS[1] if mid else FAULTS[0]].add(case, r, seconds)
         if args.chained:
             row = Row(name, f"chained, {args.depth} cuts", None)
             rows.append(row)
@@ -107,9 +111,10 @@ def sweep(args, directory: Path) -> dict:
             cases = H.chained_cases(scenario, work, args.seed, args.chained, args.depth, known)
             per = (time.perf_counter() - t0) / max(1, len(cases))
             for cuts, torn, r in cases:
-                row.add({"cuts": list(cuts), "torn": list(torn)}, r, per)
+                row.add({"cut_at": list(cuts), "torn_at": list(torn)}, r, per)
+                faults[FAULTS[2]].add({"cut_at": list(cuts), "torn_at": list(torn)}, r, per)
         log(f"{name}: {sum(r.cases for r in rows if r.scenario == name)} cases")
-    return {"clean": clean, "rows": rows}
+    return {"clean": clean, "rows": rows, "faults": list(faults.values())}
 
 
 def show(results: dict, args) -> None:
@@ -134,14 +139,23 @@ def show(results: dict, args) -> None:
     t.add_row("all", "", "", str(total), str(sum(r.passed for r in rows)), str(sum(r.bricked for r in rows)),
               str(sum(r.lost for r in rows)), f"{sum(r.resent for r in rows) / 1024:.1f}",
               f"{max((r.max_resent for r in rows), default=0) / size:.2f}", "", end_section=True)
-    Console(width=max(Console().width, 150)).print(t)
+    console = Console(width=max(Console().width, 150))
+    console.print(t)
+    f = Table(title="by fault (the rows of docs/reliability.md)")
+    for col in ("fault", "cases run", "passed", "bricked", "lost statuses", "bytes re-sent", "max per case"):
+        f.add_column(col, justify="left" if col == "fault" else "right")
+    for r in results["faults"]:
+        if r.cases:
+            f.add_row(r.phase, str(r.cases), str(r.passed), str(r.bricked), str(r.lost), str(r.resent),
+                      str(r.max_resent))
+    console.print(f)
     for name, c in results["clean"].items():
         print(f"{name}: N = {c['ops']} persistent operations in the clean update "
               f"({', '.join(f'{v} {k}' for k, v in c['kinds'].items())}); clean run {1000 * c['seconds']:.0f} ms")
     print(f"cases run: {total}, passed: {sum(r.passed for r in rows)}, bricked: {sum(r.bricked for r in rows)}")
     for r in rows:
         for f in r.failures[:3]:
-            print(f"FAIL {r.scenario} / {r.phase}: cuts {f['cuts']} torn {f['torn']}: "
+            print(f"FAIL {r.scenario} / {r.phase}: cut at {f['cut_at']} torn {f['torn_at']}: "
                   f"{f['bricked'] or ''} {'; '.join(f['problems'])}")
 
 
@@ -187,6 +201,7 @@ def main(argv=None) -> int:
         "seconds": round(time.perf_counter() - t0, 1),
         "clean": results["clean"],
         "rows": [r.as_dict() for r in rows],
+        "faults": [r.as_dict() for r in results["faults"]],
         "totals": {"cases": sum(r.cases for r in rows), "passed": sum(r.passed for r in rows),
                    "bricked": sum(r.bricked for r in rows), "lost_statuses": sum(r.lost for r in rows),
                    "bytes_resent": sum(r.resent for r in rows)},

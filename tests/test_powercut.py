@@ -94,7 +94,7 @@ def test_a_command_acknowledged_before_it_is_persisted_is_lost(scenarios, clean,
     _, log = clean["update"]
     first_journal = [i for i, (k, _) in enumerate(log, 1) if k == "replace journal.json"][0]
     eager = H.run_case(s, str(tmp_path / "dev"), (first_journal,), eager_ack=True)
-    assert not eager["ok"] and eager["terminal"] == [] and eager["final"] == "1.0.0"
+    assert not eager["ok"] and eager["terminal"] == [] and eager["lost"] == 1 and eager["final"] == "1.0.0"
     assert any("never ended" in p for p in eager["problems"]), eager
     assert H.run_case(s, str(tmp_path / "dev"), (first_journal,))["ok"]
 

@@ -328,12 +328,11 @@ class Run:
         want_state, want_version = expect["state"], expect["version"]
         if want_state == P.CONFIRMED and self.exhausted:
             want_state, want_version = P.REVERTED, self.s.first
-        lost = 0
+        lost = 0 if terminal else 1
         if not self.bricked and not problems:
             if final != want_version:
                 problems.append("runs %s, expected %s" % (final, want_version))
             if not terminal:
-                lost = 1
                 problems.append("terminal status of job %d never reached the center" % self.s.job)
             elif terminal[-1] != want_state:
                 problems.append("job ended %s, expected %s" % (terminal[-1], want_state))
