@@ -23,6 +23,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from bench._report import print_table
 from fota.powercut import harness as H
 from fota.powercut.scenario import SCENARIOS, build
 
@@ -118,45 +119,33 @@ def sweep(args, directory: Path) -> dict:
 
 
 def show(results: dict, args) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     rows = results["rows"]
-    t = Table(title=f"power cuts: {args.image_kib} KiB image, sector {args.sector}, align {args.align}, "
-                    f"erased 0x{args.erased:02X}, chunk {args.chunk} x window {args.window}"
-                    + (", EAGER ACK" if args.eager_ack else ""))
-    for col in ("scenario", "phase", "N ops", "cases", "passed", "bricked", "lost statuses",
-                "re-sent KiB", "max re-sent / image", "ms/case"):
-        t.add_column(col, justify="left" if col in ("scenario", "phase") else "right")
     size = args.image_kib * 1024
-    for r in rows:
-        ok = r.passed == r.cases and not r.bricked
-        t.add_row(r.scenario, r.phase, "" if r.n_ops is None else str(r.n_ops), str(r.cases),
-                  f"[green]{r.passed}[/]" if ok else f"[red]{r.passed}[/]",
-                  f"[red]{r.bricked}[/]" if r.bricked else "0", str(r.lost), f"{r.resent / 1024:.1f}",
-                  f"{r.max_resent / size:.2f}", f"{1000 * r.seconds / max(1, r.cases):.0f}")
+    table = [[r.scenario, r.phase, "" if r.n_ops is None else r.n_ops, r.cases, r.passed, r.bricked, r.lost,
+              f"{r.resent / 1024:.1f}", f"{r.max_resent / size:.2f}", f"{1000 * r.seconds / max(1, r.cases):.0f}"]
+             for r in rows]
     total = sum(r.cases for r in rows)
-    t.add_row("all", "", "", str(total), str(sum(r.passed for r in rows)), str(sum(r.bricked for r in rows)),
-              str(sum(r.lost for r in rows)), f"{sum(r.resent for r in rows) / 1024:.1f}",
-              f"{max((r.max_resent for r in rows), default=0) / size:.2f}", "", end_section=True)
-    console = Console(width=max(Console().width, 150))
-    console.print(t)
-    f = Table(title="by fault (the rows of docs/reliability.md)")
-    for col in ("fault", "cases run", "passed", "bricked", "lost statuses", "bytes re-sent", "max per case"):
-        f.add_column(col, justify="left" if col == "fault" else "right")
-    for r in results["faults"]:
-        if r.cases:
-            f.add_row(r.phase, str(r.cases), str(r.passed), str(r.bricked), str(r.lost), str(r.resent),
-                      str(r.max_resent))
-    console.print(f)
-    for name, c in results["clean"].items():
-        print(f"{name}: N = {c['ops']} persistent operations in the clean update "
-              f"({', '.join(f'{v} {k}' for k, v in c['kinds'].items())}); clean run {1000 * c['seconds']:.0f} ms")
-    print(f"cases run: {total}, passed: {sum(r.passed for r in rows)}, bricked: {sum(r.bricked for r in rows)}")
+    table.append(["all", "", "", total, sum(r.passed for r in rows), sum(r.bricked for r in rows),
+                  sum(r.lost for r in rows), f"{sum(r.resent for r in rows) / 1024:.1f}",
+                  f"{max((r.max_resent for r in rows), default=0) / size:.2f}", ""])
+    print_table(f"power cuts: {args.image_kib} KiB image, sector {args.sector}, align {args.align}, "
+                f"erased 0x{args.erased:02X}, chunk {args.chunk} x window {args.window}"
+                + (", EAGER ACK" if args.eager_ack else ""),
+                ["scenario", "phase", "N ops", "cases", "passed", "bricked", "lost statuses", "re-sent KiB",
+                 "max re-sent / image", "ms/case"], table, left=("scenario", "phase"))
+    notes = [f"{name}: N = {c['ops']} persistent operations in the clean update "
+             f"({', '.join(f'{v} {k}' for k, v in c['kinds'].items())}); clean run {1000 * c['seconds']:.0f} ms"
+             for name, c in results["clean"].items()]
+    notes.append(f"cases run: {total}, passed: {sum(r.passed for r in rows)}, "
+                 f"bricked: {sum(r.bricked for r in rows)}")
     for r in rows:
         for f in r.failures[:3]:
-            print(f"FAIL {r.scenario} / {r.phase}: cut at {f['cut_at']} torn {f['torn_at']}: "
-                  f"{f['bricked'] or ''} {'; '.join(f['problems'])}")
+            notes.append(f"FAIL {r.scenario} / {r.phase}: cut at {f['cut_at']} torn {f['torn_at']}: "
+                         f"{f['bricked'] or ''} {'; '.join(f['problems'])}")
+    print_table("by fault (the rows of docs/reliability.md)",
+                ["fault", "cases run", "passed", "bricked", "lost statuses", "bytes re-sent", "max per case"],
+                [[r.phase, r.cases, r.passed, r.bricked, r.lost, r.resent, r.max_resent]
+                 for r in results["faults"] if r.cases], notes, left=("fault",))
 
 
 def parse_args(argv=None):
