@@ -9,7 +9,7 @@
 #   Center  the control center: the signed update command of one job, the chunks of its image
 #           (answers every chunk request), the statuses it received;
 #   Run     powers the device on again after every reboot and every cut, checks every boot
-#           (problems()) and the end state (outcome()).
+#           (_check_boot) and the end state (outcome()).
 # A scenario directory is prepared on CPython by fota.powercut.scenario.build.
 
 import gc
@@ -25,10 +25,6 @@ from fota.device.runner import Device, Reboot
 from fota.device.slots.sim import Power, PowerCut
 
 TEMPLATE_FILES = ("config.json", "boot.json", "agent.json", "flash.bin")
-
-
-def sha256_hex(data):
-    return hexlify(hashlib.sha256(data).digest()).decode()
 
 
 def copy_file(src, dst):
@@ -152,7 +148,7 @@ class Run:
         self.boots = 0
         self.cuts = 0            # cuts that happened
         self.exhausted = False   # cuts used up the trial boots of a healthy image
-        self.errors = []         # broken invariants (see problems())
+        self.errors = []         # broken invariants (see _check_boot)
         self.bricked = None      # why the device did not boot a verified image, or None
         self.counter = 0
         self.booted = []         # (slot, version, on trial) of every completed boot
@@ -197,7 +193,8 @@ class Run:
                     break
                 except Exception as e:  # the device code crashed: it would crash again at every boot
                     self.errors.append("crash: %s: %s" % (type(e).__name__, e))
-                    self.bricked = self.bricked or "agent crashed at boot %d: %s: %s" % (self.boots, type(e).__name__, e)
+                    self.bricked = self.bricked or "agent crashed in boot %d: %s: %s" % (
+                        self.boots, type(e).__name__, e)
                     break
                 if self.bricked:
                     break
@@ -223,16 +220,15 @@ class Run:
         dev = Device(self.root)
         self.dev = dev
         dev.backend.flash.power = self.power
-        dev.on_trial = False
         try:
             dev.boot()
-            dev.on_trial = dev.core.state == P.TRIAL
-            self._check_boot(dev)
+            on_trial = dev.core.state == P.TRIAL
+            self._check_boot(dev, on_trial)
             if self.bricked:
                 return True
             version = dev.record["versions"].get(dev.slot)
             if version in self.s.unhealthy:
-                if not dev.on_trial:
+                if not on_trial:
                     self.errors.append("boot %d runs the unhealthy %s outside a trial" % (self.boots, version))
                     return True
                 # Its health check fails: the broker is never reached before the trial deadline.
@@ -298,11 +294,11 @@ class Run:
             done += n
         return hexlify(h.digest()).decode() == known[1]
 
-    def _check_boot(self, dev):
+    def _check_boot(self, dev, on_trial):
         record = dev.record
         slot = dev.slot
         version = record["versions"].get(slot)
-        self.booted.append((slot, version, dev.on_trial))
+        self.booted.append((slot, version, on_trial))
         if version is None or not self._slot_holds(dev, slot, version):
             self.bricked = "boot %d: slot %s (record: %s) holds no verified image" % (self.boots, slot, version)
             return
