@@ -186,9 +186,11 @@ class Device:
                     pass
         elif kind == C.A_BEGIN:
             # The slot is about to be written over: the boot record must stop naming the
-            # version it held (nothing may boot it, and the inventory must not report it).
-            if self.record["versions"].get(inactive) is not None:
+            # version (and image) it held: nothing may boot it, report it, or patch from it.
+            images = self.record.get("images") or {}
+            if self.record["versions"].get(inactive) is not None or images.get(inactive):
                 self.record["versions"][inactive] = None
+                images.pop(inactive, None)
                 fsutil.write_json(self._path("boot.json"), self.record)
             self.backend.begin(inactive, action[1])
             self.patcher = self._patcher(action[2], inactive) if action[2] else None
