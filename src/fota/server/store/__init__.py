@@ -16,6 +16,8 @@ from fota.server.store.db import (
 )
 from fota.server.store.models import (
     Base,
+    Campaign,
+    CampaignDevice,
     Delta,
     Deployment,
     Device,
@@ -30,6 +32,8 @@ from fota.server.store.models import (
 __all__ = [
     "MIGRATIONS_DIR",
     "Base",
+    "Campaign",
+    "CampaignDevice",
     "Delta",
     "Deployment",
     "Device",

@@ -38,6 +38,8 @@ __all__ = [
     "ApiToken",
     "AuditEvent",
     "Base",
+    "Campaign",
+    "CampaignDevice",
     "Deployment",
     "Device",
     "Job",
@@ -129,6 +131,8 @@ class Release(Base):
     security_counter: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     # Optional payload encryption: the release's AES-256 key (hex); None for plain releases.
     enc_key: Mapped[str | None] = mapped_column(String(64))
+    # Optional: campaigns send this release only to devices running at least this version.
+    min_version: Mapped[str | None] = mapped_column(String(64))
 
     deployments: Mapped[list[Deployment]] = relationship(back_populates="release")
 
@@ -213,6 +217,10 @@ class Job(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     deployment_id: Mapped[int] = mapped_column(ForeignKey("deployments.id"), index=True)
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"))
+    # 'update' (the release's update command) or 'cancel' (a cancel command for job `target_job`;
+    # the job id of a cancel is only its place in the device's job-id order).
+    kind: Mapped[str] = mapped_column(String(16), default="update", server_default=text("'update'"))
+    target_job: Mapped[int | None] = mapped_column(Integer)
     state: Mapped[str] = mapped_column(String(16), default="pending", server_default=text("'pending'"))
     code: Mapped[str | None] = mapped_column(String(32))
     reason: Mapped[str | None] = mapped_column(Text)
@@ -306,3 +314,67 @@ class AuditEvent(Base):
     def __repr__(self) -> str:
         return (f"AuditEvent(id={self.id!r}, actor={self.actor!r}, action={self.action!r}, "
                 f"target={self.target!r})")
+
+
+class Campaign(Base):
+    """A staged rollout of a release: target filter, waves, pacing (see docs/campaigns.md).
+
+    Its whole state lives here and in ``campaign_devices``: any worker can run its next step.
+    """
+
+    __tablename__ = "campaigns"
+    __table_args__ = (Index("ix_campaigns_state", "state"), {"sqlite_autoincrement": True})
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    release_id: Mapped[int] = mapped_column(ForeignKey("releases.id"))
+    # the deployment that holds the campaign's jobs (the control center sends them)
+    deployment_id: Mapped[int] = mapped_column(ForeignKey("deployments.id"))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSONType())  # filter, waves, pacing (validated)
+    state: Mapped[str] = mapped_column(String(16), default="draft", server_default=text("'draft'"))
+    wave: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))  # current wave index
+    reason: Mapped[str | None] = mapped_column(Text)  # why it paused / aborted / waits
+    rate: Mapped[float | None] = mapped_column(Float)  # current starts per minute (grows)
+    rate_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # when `rate` was last set
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    release: Mapped[Release] = relationship()
+    deployment: Mapped[Deployment] = relationship()
+
+    def __repr__(self) -> str:
+        return f"Campaign(id={self.id!r}, name={self.name!r}, state={self.state!r}, wave={self.wave!r})"
+
+
+class CampaignDevice(Base):
+    """One device's part of a campaign: its wave, state and current attempt."""
+
+    __tablename__ = "campaign_devices"
+    __table_args__ = (
+        UniqueConstraint("campaign_id", "device_id"),
+        Index("ix_campaign_devices_campaign_id_state", "campaign_id", "state"),
+        Index("ix_campaign_devices_device_id_state", "device_id", "state"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id"))
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"))
+    wave: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    job_id: Mapped[int | None] = mapped_column(Integer)  # the current attempt's update job
+    step: Mapped[str | None] = mapped_column(String(16))  # download | install | confirm
+    step_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # when `step` began
+    next_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # retry not before
+    confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # probation began
+    confirm_boot: Mapped[int | None] = mapped_column(Integer)  # (boot, seq) of the confirmation
+    confirm_seq: Mapped[int | None] = mapped_column(Integer)
+    code: Mapped[str | None] = mapped_column(String(32))
+    reason: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    def __repr__(self) -> str:
+        return (f"CampaignDevice(campaign_id={self.campaign_id!r}, device_id={self.device_id!r}, "
+                f"wave={self.wave!r}, state={self.state!r})")
