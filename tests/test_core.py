@@ -102,6 +102,13 @@ class Harness:
         return self
 
     def statuses(self):
+        """Update statuses (health reports apart: see healths())."""
+        return [m for m in self.all_statuses() if m["state"] != P.HEALTH]
+
+    def healths(self):
+        return [m for m in self.all_statuses() if m["state"] == P.HEALTH]
+
+    def all_statuses(self):
         return [json.loads(p) for t, p in self.published if t == P.STATUS]
 
     def requests(self):
@@ -457,3 +464,53 @@ def test_confirmed_trial_raises_the_counter_for_the_running_agent(key):
     assert h.core.counter == 5
     h.run(h.core.command(cmd(make_update(key, b"x" * 10, job=6, counter=4))))
     assert h.statuses()[-1]["code"] == P.E_DOWNGRADE
+
+
+# ---- health reports (docs/protocol.md §6): what campaigns judge a probation by ----------------
+
+def test_health_report_follows_the_confirmation_with_the_new_version(key):
+    h = Harness(key)
+    h.core = new_core(agent={"last_job": 5, "boot": 2}, version="1.1.0")
+    h.published.clear()
+    h.run(h.core.booted({"trial": {"slot": "b", "job": 5, "version": "1.1.0", "tries": 1}}))
+    h.run(h.core.connected_())
+    kinds = [m["state"] for m in h.all_statuses()]
+    assert kinds.index("confirmed") < kinds.index("health")
+    health = h.healths()[-1]
+    assert (health["ok"], health["job"], health["version"], health["reason"]) == (True, None, "1.1.0", None)
+    # after the confirmation in the (boot, seq) order: the control center relies on it
+    confirmed = [m for m in h.all_statuses() if m["state"] == "confirmed"][0]
+    assert (health["boot"], health["seq"]) > (confirmed["boot"], confirmed["seq"])
+
+
+def test_health_report_says_why_the_app_is_unhealthy(key):
+    core = C.UpdateCore({"id": "d1", "hardware": "unix", "root": signing.public_key_bytes(ROOT_KEY),
+                         "trust": TRUST, "capacity": 1 << 16, "kinds": ("image",), "version": "1.0.0",
+                         "app_error": "app failed to start: ValueError: boom"}, {"last_job": 0, "boot": 3})
+    core.booted({"trial": None})
+    health = [json.loads(a[2]) for a in core.connected_() if a[0] == C.A_PUBLISH and a[1] == P.STATUS]
+    assert [(m["state"], m["ok"], m["reason"]) for m in health] == \
+        [("health", False, "app failed to start: ValueError: boom")]
+
+
+def test_health_report_repeats_every_interval_while_connected(key):
+    core = new_core(settings=C.Settings(health_interval=1000))
+    core.booted({"trial": None})
+    core.tick(100)
+    core.connected_()
+
+    def healths(actions):
+        return [a for a in actions if a[0] == C.A_PUBLISH and json.loads(a[2]).get("state") == P.HEALTH]
+
+    assert healths(core.tick(900)) == []
+    assert len(healths(core.tick(1200))) == 1
+    assert healths(core.tick(1500)) == []
+    core.disconnected()
+    assert healths(core.tick(5000)) == []  # nothing to publish on while offline
+    # a health report changes no state and names no job
+    assert core.state == P.IDLE
+
+
+def test_health_status_kind_is_documented():
+    spec = (ROOT / "docs" / "protocol.md").read_text()
+    assert "`health`" in spec and "health_interval" in spec

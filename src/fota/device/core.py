@@ -91,7 +91,7 @@ class Settings:
     """Timing and trial settings; all times in milliseconds."""
 
     def __init__(self, chunk_timeout=3000, stall_timeout=60000, trial_timeout=60000,
-                 max_chunk=P.MAX_CHUNK_SIZE, max_inflight=P.DEFAULT_MAX_INFLIGHT):
+                 max_chunk=P.MAX_CHUNK_SIZE, max_inflight=P.DEFAULT_MAX_INFLIGHT, health_interval=600000):
         self.chunk_timeout = chunk_timeout
         self.stall_timeout = stall_timeout
         self.trial_timeout = trial_timeout
@@ -100,6 +100,9 @@ class Settings:
         # min(command window, max_inflight // chunk), so a large chunk size cannot make
         # queued chunks exhaust a small heap whatever the control center asks for.
         self.max_inflight = max_inflight
+        # A health report after every connect, then every health_interval while connected (0: never
+        # again): campaigns judge a confirmed update by it during their probation time.
+        self.health_interval = health_interval
 
 
 def _need(obj, key, kind):
@@ -241,6 +244,9 @@ class UpdateCore:
         self.now = 0
         self.connected = False
         self.inventory_extra = {}  # runner-provided facts: active slot, slot versions, backend, port
+        # Why the running app is unhealthy (it failed to start outside a trial), or None.
+        self.app_error = identity.get("app_error")
+        self.last_health = 0
         self._reset_transfer()
 
     # ---- state table -------------------------------------------------------------------------
@@ -352,7 +358,18 @@ class UpdateCore:
             self.last_chunk_at = self.now
             self.last_progress_at = self.now
             actions += self._request_more(True)
+        actions.append(self._health())
         return actions
+
+    def _health(self):
+        """A health report (status kind `health`): ok unless the running app failed to start."""
+        self.last_health = self.now
+        msg = self._status(P.HEALTH)
+        msg["job"] = None
+        msg["ok"] = self.app_error is None
+        msg["reason"] = self.app_error
+        msg["uptime"] = self.now
+        return self._publish_status(msg)
 
     def disconnected(self):
         self.connected = False
@@ -703,6 +720,8 @@ class UpdateCore:
     def tick(self, now):
         """Called by the runner on every loop turn with a monotonic clock in milliseconds."""
         self.now = now
+        if self.connected and self.settings.health_interval and now - self.last_health >= self.settings.health_interval:
+            return [self._health()] + self.tick(now)
         if self.state == P.TRIAL and not self.connected:
             if now - self.trial_started > self.settings.trial_timeout:
                 self.state = P.REBOOTING  # the boot selector counts the failed attempt

@@ -58,9 +58,10 @@ STATES = (IDLE, DOWNLOADING, VERIFYING, INSTALLING, REBOOTING, TRIAL,
           CONFIRMED, FAILED, REVERTED, CANCELLED)
 TERMINAL_STATES = (CONFIRMED, FAILED, REVERTED, CANCELLED)
 
-# Status kinds that are not states: a refused message, an applied key update.
+# Status kinds that are not states: a refused message, an applied key update, a health report.
 REJECTED = "rejected"
 KEYS_UPDATED = "keys"
+HEALTH = "health"        # after every boot and periodically: is the running firmware healthy
 
 # Error codes: "code" field of a status. Each has one meaning; texts go in "reason".
 E_BAD_COMMAND = "E_BAD_COMMAND"        # command not JSON, missing field or wrong type

@@ -75,6 +75,7 @@ class Device:
         version = record["versions"].get(slot)
         app_dir = self.backend.app_dir(slot)
         self.app = None
+        app_error = None
         if app_dir:
             try:
                 self.app = self.app_loader(app_dir)
@@ -86,7 +87,9 @@ class Device:
                     bootrec.trial_failed(record, reason)
                     fsutil.write_json(self._path("boot.json"), record)
                     raise Reboot()
-                # Not on trial: keep the agent running so the device can still be updated.
+                # Not on trial: keep the agent running so the device can still be updated,
+                # and say so in its health reports.
+                app_error = reason
         agent = fsutil.read_json(self._path("agent.json")) or {}
         agent["boot"] = agent.get("boot", 0) + 1
         identity = {
@@ -94,7 +97,7 @@ class Device:
             # keys.json holds the trust store once a key update replaced the provisioned one
             "trust": fsutil.read_json(self._path("keys.json")) or cfg["trust"],
             "capacity": self.backend.capacity, "kinds": self.backend.KINDS, "version": version,
-            "counter": record.get("counter", 0), "time": cfg.get("time", 0),
+            "counter": record.get("counter", 0), "time": cfg.get("time", 0), "app_error": app_error,
             # the running image (recorded when it was installed): the base of delta updates
             "image": (record.get("images") or {}).get(slot) if self.backend.has_image(slot) else None,
             "delta_wbits": cfg.get("delta_wbits", P.DELTA_WBITS),
@@ -106,6 +109,7 @@ class Device:
             stall_timeout=cfg.get("stall_timeout_ms", 60000),
             trial_timeout=cfg.get("trial_timeout_ms", 60000),
             max_inflight=cfg.get("max_inflight", P.DEFAULT_MAX_INFLIGHT),
+            health_interval=cfg.get("health_interval_ms", 600000),
         )
         self.core = C.UpdateCore(identity, agent, settings)
         self.core.inventory_extra = {"active": slot, "slots": record["versions"],

@@ -11,13 +11,16 @@ from fota.device import protocol
 from fota.server.releases import get_release
 from fota.server.store import Deployment, Device, Job, Release, StatusEvent, Store
 
-__all__ = ["ACTIVE", "DONE", "PENDING", "SENT", "TERMINAL_STATES", "DeploymentError",
+__all__ = ["ACTIVE", "CANCEL", "DONE", "PENDING", "SENT", "UPDATE", "TERMINAL_STATES", "DeploymentError",
            "create_deployment", "deployment_summary", "device_history", "list_deployments"]
 
 # Job states on the server side: 'pending' (not yet sent), 'sent', then the device's states.
 PENDING = "pending"
 SENT = "sent"
 TERMINAL_STATES = frozenset(protocol.TERMINAL_STATES)
+# Job kinds: the release's update command, or a cancel command for another job (target_job).
+UPDATE = "update"
+CANCEL = "cancel"
 # Deployment states.
 ACTIVE = "active"
 DONE = "done"
@@ -91,7 +94,7 @@ def deployment_summary(store: Store, deployment_id: int) -> dict[str, Any]:
         jobs = [{"job": j.id, "device": j.device_id, "state": j.state, "code": j.code,
                  "reason": j.reason, "progress": j.progress, "bytes_served": j.bytes_served,
                  "sent_at": j.sent_at, "updated_at": j.updated_at, "delta": j.delta_id is not None}
-                for j in deployment.jobs]
+                for j in deployment.jobs if j.kind == UPDATE]
         return {
             "id": deployment.id,
             "release": deployment.release.version,

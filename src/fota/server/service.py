@@ -37,8 +37,9 @@ from sqlalchemy.orm import Session
 
 from fota.device import protocol
 from fota.server import fleet
+from fota.server.campaigns import CampaignEngine
 from fota.server.delta import DEFAULT_WBITS, get_delta, load_delta
-from fota.server.deployments import DONE, PENDING, SENT, TERMINAL_STATES
+from fota.server.deployments import CANCEL, DONE, PENDING, SENT, TERMINAL_STATES, UPDATE
 from fota.server.releases import ReleaseError, read_blob, update_command, wrap_release_key
 from fota.tools.keyring import Signer
 from fota.server.store import Deployment, Device, Job, Release, StatusEvent, Store, utcnow
@@ -55,7 +56,7 @@ SEND_BATCH = 500                 # pending jobs claimed per sender pass
 CACHE_REFRESH_INTERVAL = 5.0     # re-read states of cached jobs changed outside this process
 DB_RETRY_DELAY = 1.0             # database unreachable: keep the batch, retry after this
 REJECTED = "rejected"
-STATUS_STATES = frozenset(protocol.STATES) | {REJECTED, protocol.KEYS_UPDATED}
+STATUS_STATES = frozenset(protocol.STATES) | {REJECTED, protocol.KEYS_UPDATED, protocol.HEALTH}
 ACK_OK = 0                       # MQTT 5 PUBACK reason code "success"
 MAX_ID = 2**31 - 1               # job ids, boot and seq are 32-bit integer columns
 
@@ -171,7 +172,8 @@ class ControlCenter:
                  poll_interval: float = 0.2, client_id: str = CLIENT_ID,
                  flush_interval: float = 0.05, flush_max: int = 200, require_online: bool = True,
                  signer: Signer | None = None, keys_update: bytes | None = None,
-                 ssl_context: ssl.SSLContext | None = None, delta_wbits: int | None = DEFAULT_WBITS):
+                 ssl_context: ssl.SSLContext | None = None, delta_wbits: int | None = DEFAULT_WBITS,
+                 campaign_interval: float | None = 1.0):
         if not 64 <= chunk <= protocol.MAX_CHUNK_SIZE:
             raise ValueError(f"chunk must be 64..{protocol.MAX_CHUNK_SIZE}")
         if not 1 <= window <= protocol.MAX_WINDOW:
@@ -194,6 +196,10 @@ class ControlCenter:
         # A command to a device that never connected is dropped by the broker (no session
         # yet), so by default jobs wait until their device is online.
         self.require_online = require_online
+        # Step the campaigns (fota.server.campaigns) every campaign_interval seconds; None: never
+        # (another worker, or a test driving the engine with its own clock, does it).
+        self.campaign_interval = campaign_interval
+        self._campaigns = CampaignEngine(store) if campaign_interval else None
         if signer is None:
             raise ValueError("a signer is needed: devices accept only signed commands")
         self.signer = signer
@@ -251,6 +257,8 @@ class ControlCenter:
             await self.stop()
             raise
         self._tasks.append(asyncio.create_task(self._send_loop(), name="fota-sender"))
+        if self._campaigns is not None:
+            self._tasks.append(asyncio.create_task(self._campaign_loop(), name="fota-campaigns"))
         log.info("control center connected to %s:%s as %s", url.hostname, url.port, self.client_id)
 
     async def stop(self) -> None:
@@ -479,6 +487,16 @@ class ControlCenter:
                 log.exception("job sender pass failed")
             await asyncio.sleep(self.poll_interval)
 
+    async def _campaign_loop(self) -> None:
+        while True:
+            try:
+                await self._db_call(self._campaigns.tick)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("campaign step failed")
+            await asyncio.sleep(self.campaign_interval)
+
     async def _send_pending(self) -> None:
         outgoing = await self._db_call(self._claim_pending)
         if not outgoing:
@@ -497,7 +515,7 @@ class ControlCenter:
 
     def _claim_pending(self) -> list[_Outgoing]:
         """(DB thread) the oldest pending jobs, with their commands."""
-        query = (select(Job.id, Job.device_id, Device.inventory, Device.enc_key, Release)
+        query = (select(Job.id, Job.device_id, Device.inventory, Device.enc_key, Release, Job.kind, Job.target_job)
                  .join(Deployment, Job.deployment_id == Deployment.id)
                  .join(Release, Deployment.release_id == Release.id)
                  .join(Device, Job.device_id == Device.id)
@@ -507,7 +525,12 @@ class ControlCenter:
         with self.store.session() as s:
             rows = s.execute(query).all()
         outgoing = []
-        for job_id, device_id, inventory, device_key, release in rows:
+        for job_id, device_id, inventory, device_key, release, kind, target_job in rows:
+            if kind == CANCEL:
+                command = self.signer.command({"type": "cancel", "job": job_id, "device": device_id,
+                                               "target": target_job})
+                outgoing.append(_Outgoing(job_id, device_id, command, _JobInfo(device_id, SENT, None)))
+                continue
             chunk = self.chunk
             max_chunk = (inventory or {}).get("max_chunk")
             if _is_int(max_chunk) and 64 <= max_chunk < chunk:
@@ -713,8 +736,8 @@ class ControlCenter:
         device.last_seen = item.received_at
         if version:
             device.version = version
-        if msg.get("job") is None or msg["state"] == REJECTED:
-            return  # a refused message changes no job
+        if msg.get("job") is None or msg["state"] in (REJECTED, protocol.KEYS_UPDATED, protocol.HEALTH):
+            return  # a refused message, a key update or a health report changes no job
         job = jobs.get(msg["job"])
         if job is None or job.device_id != device.id:
             log.warning("status from %s for job %s that is not its own ignored", device.id, msg["job"])
@@ -738,7 +761,7 @@ class ControlCenter:
     def _finish_deployments(s: Session, deployment_ids: set[int]) -> None:
         s.flush()
         open_ids = set(s.scalars(select(Job.deployment_id).where(
-            Job.deployment_id.in_(deployment_ids), Job.state.not_in(TERMINAL_STATES))))
+            Job.deployment_id.in_(deployment_ids), Job.kind == UPDATE, Job.state.not_in(TERMINAL_STATES))))
         done = deployment_ids - open_ids
         if done:
             s.execute(update(Deployment).where(Deployment.id.in_(done), Deployment.state != DONE)

@@ -336,6 +336,8 @@ class Campaign(Base):
     reason: Mapped[str | None] = mapped_column(Text)  # why it paused / aborted / waits
     rate: Mapped[float | None] = mapped_column(Float)  # current starts per minute (grows)
     rate_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # when `rate` was last set
+    # failed devices per wave an operator accepted by resuming after a failure-threshold pause
+    accepted: Mapped[dict[str, Any]] = mapped_column(MutableDict.as_mutable(JSONType()), default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -45,6 +45,7 @@ def upgrade() -> None:
         sa.Column("reason", sa.Text(), nullable=True),
         sa.Column("rate", sa.Float(), nullable=True),
         sa.Column("rate_at", _ts(), nullable=True),
+        sa.Column("accepted", _json(), nullable=False),
         sa.Column("created_at", _ts(), nullable=False),
         sa.Column("started_at", _ts(), nullable=True),
         sa.Column("finished_at", _ts(), nullable=True),

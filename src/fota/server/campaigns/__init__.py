@@ -1,0 +1,24 @@
+"""Staged rollout campaigns: a release, a target filter, waves, pacing (docs/campaigns.md).
+
+    spec.py    what a campaign is (validated JSON)
+    states.py  the campaign state table and device-in-campaign states
+    pacing.py  maintenance window, rate, back-off (pure functions of time)
+    engine.py  CampaignEngine.tick(): one idempotent step per campaign, state in the database
+    ops.py     operator actions (create/start/pause/resume/abort) and views
+"""
+from fota.server.campaigns.engine import CampaignEngine
+from fota.server.campaigns.ops import (
+    abort_campaign,
+    campaign_summary,
+    create_campaign,
+    get_campaign,
+    list_campaigns,
+    pause_campaign,
+    resume_campaign,
+    start_campaign,
+)
+from fota.server.campaigns.spec import CampaignError, CampaignSpec
+
+__all__ = ["CampaignEngine", "CampaignError", "CampaignSpec", "abort_campaign", "campaign_summary",
+           "create_campaign", "get_campaign", "list_campaigns", "pause_campaign", "resume_campaign",
+           "start_campaign"]

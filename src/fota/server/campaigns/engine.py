@@ -1,0 +1,427 @@
+"""The campaign engine: one step of a campaign is a function of the database and the time.
+
+``CampaignEngine(store).tick()`` steps every active campaign once, each in its own
+transaction, holding the campaign's row lock (``FOR UPDATE SKIP LOCKED`` on PostgreSQL: a
+campaign another worker is stepping right now is skipped, not waited for). Devices are
+started under their row lock too, so two workers never drive the same device. A step is
+idempotent: it reads what devices reported (jobs, status events), decides, and writes;
+running it twice, or on another worker after a crash, does no harm. No state is kept in
+the process between ticks. The clock is injectable (``tick(now)``) for tests.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.orm import Session
+
+from fota.device import protocol as P
+from fota.server.campaigns import pacing
+from fota.server.campaigns import states as S
+from fota.server.campaigns.spec import CampaignSpec, version_key
+from fota.server.deployments import PENDING, SENT, TERMINAL_STATES
+from fota.server.store import Campaign, CampaignDevice, Device, Job, Release, StatusEvent, Store, utcnow
+
+__all__ = ["CampaignEngine", "cancel_downloads", "target_devices", "PHASES"]
+
+log = logging.getLogger(__name__)
+
+# Job state -> the step whose timeout applies.
+PHASES = {PENDING: "download", SENT: "download", P.DOWNLOADING: "download",
+          P.VERIFYING: "install", P.INSTALLING: "install",
+          P.REBOOTING: "confirm", P.TRIAL: "confirm"}
+# A failure that another attempt cannot fix: no retry.
+PERMANENT_CODES = frozenset({P.E_HW_MISMATCH, P.E_DOWNGRADE, P.E_TOO_LARGE, P.E_BAD_MANIFEST,
+                             P.E_UNKNOWN_KEY, P.E_KEY_REVOKED, P.E_KEY_EXPIRED, P.E_BAD_SIGNATURE,
+                             P.E_DECRYPT, P.E_WRONG_DEVICE})
+HEALTH = "health"  # status kind a device publishes after every boot (docs/protocol.md §6)
+
+
+def _set(row: CampaignDevice, now: datetime, state: str, code: str | None = None,
+         reason: str | None = None) -> None:
+    row.state = state
+    row.code = code
+    row.reason = reason
+    row.updated_at = now
+
+
+# ---------------------------------------------------------------- targeting
+
+def _order(campaign_id: int, device_id: str) -> str:
+    # A stable shuffle: the canary is not always the alphabetically first devices.
+    return hashlib.sha256(f"{campaign_id}:{device_id}".encode()).hexdigest()
+
+
+def _eligibility(s: Session, campaign: Campaign, release: Release, device: Device) -> str | None:
+    """Why ``device`` is skipped, or None if this campaign may drive it."""
+    if device.hardware not in release.hardware:
+        return f"hardware {device.hardware} not in the release's {', '.join(release.hardware)}"
+    if device.version == release.version:
+        return f"already runs {release.version}"
+    if release.min_version and (device.version is None
+                                or version_key(device.version) < version_key(release.min_version)):
+        return f"runs {device.version}, the release needs at least {release.min_version}"
+    older = s.scalar(select(CampaignDevice.campaign_id)
+                     .join(Campaign, Campaign.id == CampaignDevice.campaign_id)
+                     .where(CampaignDevice.device_id == device.id, CampaignDevice.campaign_id < campaign.id,
+                            CampaignDevice.state.in_(S.UNSETTLED), Campaign.state.in_(S.ACTIVE))
+                     .limit(1))
+    if older is not None:
+        return f"held by campaign {older} (the older running campaign keeps the device)"
+    return None
+
+
+def target_devices(s: Session, campaign: Campaign, spec: CampaignSpec, now: datetime,
+                   late: bool = False) -> list[CampaignDevice]:
+    """Add the devices matching the filter that the campaign does not have yet.
+
+    At start (late=False) they are spread over the waves; late joiners (dynamic targeting)
+    join the current wave. Devices of other hardware than the release's are never added.
+    """
+    release = campaign.release
+    hardware = [h for h in release.hardware if not spec.filter.hardware or h in spec.filter.hardware]
+    if not hardware:
+        return []
+    query = select(Device).where(Device.hardware.in_(hardware), ~select(CampaignDevice.id).where(
+        CampaignDevice.campaign_id == campaign.id, CampaignDevice.device_id == Device.id).exists())
+    if spec.filter.devices:
+        query = query.where(Device.id.in_(spec.filter.devices))
+    if spec.filter.versions:
+        query = query.where(Device.version.in_(spec.filter.versions))
+    if spec.filter.online is not None:
+        query = query.where(Device.online.is_(spec.filter.online))
+    devices = sorted((d for d in s.scalars(query) if spec.filter.matches(d)),
+                     key=lambda d: _order(campaign.id, d.id))
+    rows: list[CampaignDevice] = []
+    eligible: list[Device] = []
+    for device in devices:
+        why = _eligibility(s, campaign, release, device)
+        if why is None:
+            eligible.append(device)
+        else:
+            rows.append(CampaignDevice(campaign_id=campaign.id, device_id=device.id, wave=campaign.wave,
+                                       state=S.SKIPPED, reason=why, updated_at=now))
+    waves = [campaign.wave] * len(eligible) if late else _assign_waves(spec, eligible)
+    for device, wave in zip(eligible, waves):
+        rows.append(CampaignDevice(campaign_id=campaign.id, device_id=device.id, wave=wave,
+                                   state=S.QUEUED, updated_at=now))
+    s.add_all(rows)
+    if late and eligible:
+        log.info("campaign %s: %d late device(s) joined wave %d", campaign.name, len(eligible), campaign.wave + 1)
+    return rows
+
+
+def _assign_waves(spec: CampaignSpec, devices: list[Device]) -> list[int]:
+    """Wave index per device: groups take their members, percentages cumulative shares of the rest."""
+    total = len(devices)
+    wave_of: dict[str, int] = {}
+    for index, wave in enumerate(spec.waves):
+        for device in devices:
+            if device.id in wave_of:
+                continue
+            if (wave.devices and device.id in wave.devices) or (wave.tag and wave.tag in (device.tags or [])):
+                wave_of[device.id] = index
+    assigned = len(wave_of)
+    free = [d for d in devices if d.id not in wave_of]
+    for index, wave in enumerate(spec.waves):
+        if wave.percent is None:
+            continue
+        want = max(0, math.ceil(total * wave.percent / 100) - assigned)
+        for device in free[:want]:
+            wave_of[device.id] = index
+        free = free[want:]
+        assigned += want
+    last = len(spec.waves) - 1
+    for device in free:  # in no group and past the last percentage: the last wave takes them
+        wave_of[device.id] = last
+    return [wave_of[d.id] for d in devices]
+
+
+# ---------------------------------------------------------------- cancelling
+
+def _cancel_job(s: Session, job: Job, now: datetime) -> None:
+    """Queue a signed cancel command for ``job`` (the control center sends it in job-id order)."""
+    s.add(Job(deployment_id=job.deployment_id, device_id=job.device_id, kind="cancel", target_job=job.id,
+              state=PENDING, created_at=now, updated_at=now))
+    if job.state == PENDING:
+        # Never sent: it must not be. (If a sender published it a moment ago, the cancel
+        # command queued above follows it on the same topic.)
+        job.state = P.CANCELLED
+        job.reason = "campaign: cancelled before it was sent"
+
+
+def cancel_downloads(s: Session, campaign: Campaign, now: datetime) -> int:
+    """Abort: queued devices are dropped, downloads cancelled; past the download a device finishes.
+
+    Returns how many cancel commands were queued.
+    """
+    rows = s.scalars(select(CampaignDevice).where(CampaignDevice.campaign_id == campaign.id,
+                                                  CampaignDevice.state.in_((S.QUEUED, S.RETRY, S.IN_FLIGHT))))
+    cancels = 0
+    for row in rows:
+        if row.state != S.IN_FLIGHT:
+            _set(row, now, S.CANCELLED, reason="campaign aborted before this device started")
+            continue
+        job = s.get(Job, row.job_id)
+        if job is not None and PHASES.get(job.state) == "download":
+            _cancel_job(s, job, now)
+            cancels += 1
+    return cancels
+
+
+# ---------------------------------------------------------------- the engine
+
+class CampaignEngine:
+    """Steps campaigns. Stateless between ticks: any number of engines may share a database."""
+
+    def __init__(self, store: Store, clock: Callable[[], datetime] = utcnow):
+        self.store = store
+        self.clock = clock
+
+    def tick(self, now: datetime | None = None) -> int:
+        """Step every active campaign once; returns how many were stepped (locked ones are skipped)."""
+        now = now or self.clock()
+        with self.store.session() as s:
+            ids = list(s.scalars(select(Campaign.id).where(Campaign.state.in_(S.ACTIVE)).order_by(Campaign.id)))
+        stepped = 0
+        for campaign_id in ids:
+            with self.store.session() as s:
+                campaign = s.scalars(select(Campaign).where(Campaign.id == campaign_id,
+                                                            Campaign.state.in_(S.ACTIVE))
+                                     .with_for_update(skip_locked=True)).first()
+                if campaign is None:
+                    continue
+                self._step(s, campaign, now)
+                stepped += 1
+        return stepped
+
+    # ------------------------------------------------------------ one step
+    def _step(self, s: Session, c: Campaign, now: datetime) -> None:
+        spec = CampaignSpec.parse(c.spec)
+        if spec.dynamic and c.state in (S.RUNNING, S.PAUSED, S.WAITING):
+            target_devices(s, c, spec, now, late=True)
+            s.flush()
+        rows = list(s.scalars(select(CampaignDevice).where(CampaignDevice.campaign_id == c.id,
+                                                           CampaignDevice.state.in_((S.IN_FLIGHT, S.PROBATION)))))
+        jobs = {j.id: j for j in s.scalars(select(Job).where(Job.id.in_([r.job_id for r in rows if r.job_id])))}
+        for row in rows:
+            if row.state == S.IN_FLIGHT:
+                self._track(s, c, spec, row, jobs.get(row.job_id), now)
+            else:
+                self._probation(s, c, spec, row, now)
+        s.flush()
+        counts = self._counts(s, c.id)
+        if c.state == S.ABORTING:
+            if not any(counts[w][st] for w in counts for st in (S.IN_FLIGHT, S.PROBATION, S.QUEUED, S.RETRY)):
+                c.state = S.advance(c.state, "nothing_in_flight")
+                c.finished_at = now
+                log.info("campaign %s aborted; nothing in flight any more", c.name)
+            return
+        if self._failure_threshold(s, c, spec, counts, now):
+            return
+        if c.state == S.RUNNING:
+            self._advance_waves(c, spec, counts, now)
+        if c.state == S.RUNNING and pacing.window_open(spec.window, now):
+            self._adjust_rate(s, c, spec, now)
+            self._start(s, c, spec, counts, now)
+
+    @staticmethod
+    def _counts(s: Session, campaign_id: int) -> defaultdict[int, Counter]:
+        counts: defaultdict[int, Counter] = defaultdict(Counter)
+        for wave, state, n in s.execute(select(CampaignDevice.wave, CampaignDevice.state, func.count())
+                                        .where(CampaignDevice.campaign_id == campaign_id)
+                                        .group_by(CampaignDevice.wave, CampaignDevice.state)):
+            counts[wave][state] = n
+        return counts
+
+    # ------------------------------------------------------------ in-flight devices
+    def _track(self, s: Session, c: Campaign, spec: CampaignSpec, row: CampaignDevice, job: Job | None,
+               now: datetime) -> None:
+        if job is None:
+            self._attempt_failed(row, spec, now, "E_LOST", "the campaign's job is gone", retry=True)
+            return
+        if job.state == P.CONFIRMED:
+            confirm = s.execute(select(StatusEvent.boot, StatusEvent.seq)
+                                .where(StatusEvent.device_id == row.device_id, StatusEvent.job_id == job.id,
+                                       StatusEvent.state == P.CONFIRMED)
+                                .order_by(StatusEvent.id.desc()).limit(1)).first()
+            row.confirm_boot, row.confirm_seq = confirm if confirm else (None, None)
+            row.confirmed_at = now
+            _set(row, now, S.PROBATION)
+            self._probation(s, c, spec, row, now)
+            return
+        if job.state == P.REVERTED:
+            _set(row, now, S.FAILED, job.code or P.E_HEALTH, job.reason or "reverted to the previous firmware")
+            return
+        if job.state in (P.FAILED, P.CANCELLED):
+            retry = job.code not in PERMANENT_CODES and c.state != S.ABORTING
+            self._attempt_failed(row, spec, now, job.code, job.reason or job.state, retry=retry)
+            return
+        phase = PHASES.get(job.state, "download")
+        if phase != row.step:
+            row.step, row.step_at, row.updated_at = phase, now, now
+            return
+        limit = spec.timeouts[phase]
+        if row.step_at is not None and now - row.step_at > timedelta(seconds=limit):
+            reason = f"no progress past {job.state} within {limit} s ({phase} timeout)"
+            if phase == "download":
+                _cancel_job(s, job, now)
+                if job.state not in TERMINAL_STATES:
+                    job.state, job.code, job.reason = P.FAILED, P.E_TIMEOUT, f"campaign: {reason}"
+                self._attempt_failed(row, spec, now, P.E_TIMEOUT, reason, retry=c.state != S.ABORTING)
+            else:
+                # Past the download a device cannot be cancelled: it finishes on its own.
+                _set(row, now, S.FAILED, P.E_TIMEOUT, reason)
+
+    @staticmethod
+    def _attempt_failed(row: CampaignDevice, spec: CampaignSpec, now: datetime, code: str | None,
+                        reason: str, retry: bool) -> None:
+        if retry and row.attempts <= spec.retries:
+            _set(row, now, S.RETRY, code, reason)
+            row.next_at = now + pacing.backoff_delay(spec.backoff, row.attempts)
+        else:
+            _set(row, now, S.FAILED, code, reason)
+
+    def _probation(self, s: Session, c: Campaign, spec: CampaignSpec, row: CampaignDevice,
+                   now: datetime) -> None:
+        """Succeeded once healthy for the probation time; failed on an unhealthy report."""
+        version = c.release.version
+        boot, seq = row.confirm_boot or 0, row.confirm_seq or 0
+        reports = s.execute(select(StatusEvent.payload).where(
+            StatusEvent.device_id == row.device_id, StatusEvent.state == HEALTH, StatusEvent.version == version,
+            or_(StatusEvent.boot > boot, and_(StatusEvent.boot == boot, StatusEvent.seq > seq)))).scalars().all()
+        bad = [r for r in reports if not (isinstance(r, dict) and r.get("ok") is True)]
+        if bad:
+            reason = bad[0].get("reason") if isinstance(bad[0], dict) else None
+            _set(row, now, S.FAILED, P.E_HEALTH, f"unhealthy during probation: {reason or 'no reason given'}")
+            return
+        if row.confirmed_at is not None and now - row.confirmed_at >= timedelta(seconds=spec.probation) \
+                and (reports or spec.probation == 0):
+            _set(row, now, S.SUCCEEDED)
+
+    # ------------------------------------------------------------ thresholds and waves
+    def _failure_threshold(self, s: Session, c: Campaign, spec: CampaignSpec, counts, now: datetime) -> bool:
+        if c.state not in (S.RUNNING, S.WAITING, S.PAUSED):
+            return False
+        for index in range(min(c.wave, len(spec.waves) - 1) + 1):
+            wave = spec.waves[index]
+            total = sum(n for st, n in counts[index].items() if st != S.SKIPPED)
+            failed = counts[index][S.FAILED] - int((c.accepted or {}).get(str(index), 0))
+            if total and failed > wave.failure / 100 * total:
+                reason = (f"wave {index + 1}: {counts[index][S.FAILED]} of {total} devices failed "
+                          f"(threshold {wave.failure:g}%)")
+                if spec.on_failure == "abort":
+                    c.state = S.advance(c.state, "failure_threshold_abort")
+                    c.reason = reason + "; aborting"
+                    cancel_downloads(s, c, now)
+                elif c.state != S.PAUSED:
+                    c.state = S.advance(c.state, "failure_threshold")
+                    c.reason = reason + "; paused"
+                else:
+                    return True
+                log.warning("campaign %s: %s", c.name, c.reason)
+                return True
+        return False
+
+    @staticmethod
+    def _advance_waves(c: Campaign, spec: CampaignSpec, counts, now: datetime) -> None:
+        last = len(spec.waves) - 1
+        while True:
+            wave = spec.waves[c.wave]
+            total = sum(n for st, n in counts[c.wave].items() if st != S.SKIPPED)
+            succeeded = counts[c.wave][S.SUCCEEDED]
+            unsettled = sum(counts[c.wave][st] for st in S.UNSETTLED)
+            if total and succeeded < wave.success / 100 * total:
+                if not unsettled:
+                    c.state = S.advance(c.state, "failure_threshold")
+                    c.reason = (f"wave {c.wave + 1} settled below its success threshold: {succeeded} of {total} "
+                                f"succeeded (needs {wave.success:g}%)")
+                return
+            if c.wave == last:
+                if not any(counts[w][st] for w in counts for st in S.UNSETTLED):
+                    c.state = S.advance(c.state, "all_settled")
+                    c.finished_at = now
+                    c.reason = None
+                return
+            if wave.approval:
+                c.state = S.advance(c.state, "wave_needs_approval")
+                c.reason = f"wave {c.wave + 1} succeeded; resume to start wave {c.wave + 2}"
+                return
+            c.wave += 1
+            log.info("campaign %s: wave %d starts", c.name, c.wave + 1)
+
+    # ------------------------------------------------------------ pacing and starts
+    @staticmethod
+    def _adjust_rate(s: Session, c: Campaign, spec: CampaignSpec, now: datetime) -> None:
+        if spec.rate is None:
+            return
+        if c.rate is None or c.rate_at is None:
+            c.rate, c.rate_at = spec.rate, now
+            return
+        if spec.rate_growth <= 1 or now - c.rate_at < timedelta(minutes=1):
+            return
+        failures = s.scalar(select(func.count()).where(
+            CampaignDevice.campaign_id == c.id, CampaignDevice.state.in_((S.FAILED, S.RETRY)),
+            CampaignDevice.updated_at >= c.rate_at))
+        # exponential while the success rate holds; back to the base rate on any failure
+        c.rate = spec.rate if failures else min(spec.max_rate or math.inf, c.rate * spec.rate_growth)
+        c.rate_at = now
+
+    def _start(self, s: Session, c: Campaign, spec: CampaignSpec, counts, now: datetime) -> None:
+        in_flight = sum(counts[w][S.IN_FLIGHT] for w in counts)
+        allowed = spec.max_in_flight - in_flight
+        if c.rate is not None:
+            span = timedelta(seconds=60 if c.rate >= 1 else 60 / c.rate)
+            started = s.scalar(select(func.count()).where(Job.deployment_id == c.deployment_id,
+                                                          Job.kind == "update", Job.created_at > now - span))
+            allowed = min(allowed, pacing.starts_allowed(c.rate, started))
+        if allowed <= 0:
+            return
+        release = c.release
+        # Online devices only (a command to an offline device waits for it; its slot would idle);
+        # each candidate row-locked, so a device another worker is starting now is skipped.
+        candidates = s.execute(
+            select(CampaignDevice, Device)
+            .join(Device, Device.id == CampaignDevice.device_id)
+            .where(CampaignDevice.campaign_id == c.id, CampaignDevice.wave <= c.wave, Device.online.is_(True),
+                   or_(CampaignDevice.state == S.QUEUED,
+                       and_(CampaignDevice.state == S.RETRY, CampaignDevice.next_at <= now)))
+            .order_by(CampaignDevice.wave, CampaignDevice.id)
+            .limit(allowed * 4 + 10)
+            .with_for_update(of=[CampaignDevice, Device], skip_locked=True)).all()
+        started_now = 0
+        for row, device in candidates:
+            if started_now >= allowed:
+                break
+            if device.hardware not in release.hardware:  # re-provisioned meanwhile: never elsewhere
+                _set(row, now, S.SKIPPED, reason=f"hardware {device.hardware} not in the release's list")
+                continue
+            if self._busy(s, c, device.id):
+                continue
+            job = Job(deployment_id=c.deployment_id, device_id=device.id, kind="update", state=PENDING,
+                      bytes_total=release.size, created_at=now, updated_at=now)
+            s.add(job)
+            s.flush()
+            row.job_id = job.id
+            row.attempts += 1
+            row.step, row.step_at, row.next_at = "download", now, None
+            _set(row, now, S.IN_FLIGHT)
+            started_now += 1
+        if started_now:
+            log.info("campaign %s: started %d device(s)", c.name, started_now)
+
+    @staticmethod
+    def _busy(s: Session, c: Campaign, device_id: str) -> bool:
+        """Another campaign drives the device, or a job of any deployment is still open on it."""
+        other = s.scalar(select(func.count()).where(
+            CampaignDevice.device_id == device_id, CampaignDevice.campaign_id != c.id,
+            CampaignDevice.state.in_((S.IN_FLIGHT, S.PROBATION))))
+        if other:
+            return True
+        return bool(s.scalar(select(func.count()).where(
+            Job.device_id == device_id, Job.kind == "update", Job.state.not_in(TERMINAL_STATES))))

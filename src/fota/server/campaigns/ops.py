@@ -1,0 +1,171 @@
+"""Operator actions on campaigns (create, start, pause, resume, abort) and their views.
+
+Each action locks the campaign's row (``FOR UPDATE``, waiting for a worker's step to end)
+and changes state only through the table in ``states``. Callers record the audit event in
+the same transaction (``fota.server.audit.transaction``).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from fota.server.campaigns import pacing
+from fota.server.campaigns import states as S
+from fota.server.campaigns.engine import cancel_downloads, target_devices
+from fota.server.campaigns.spec import CampaignError, CampaignSpec
+from fota.server.deployments import ACTIVE as DEPLOYMENT_ACTIVE
+from fota.server.releases import ReleaseError, get_release
+from fota.server.store import Campaign, CampaignDevice, Deployment, Job, Release, Store, utcnow
+
+__all__ = ["abort_campaign", "campaign_summary", "create_campaign", "get_campaign", "list_campaigns",
+           "pause_campaign", "resume_campaign", "start_campaign"]
+
+
+def _load(s: Session, ref: str | int, lock: bool = False) -> Campaign:
+    query = select(Campaign)
+    if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
+        query = query.where(Campaign.id == int(ref))
+    else:
+        query = query.where(Campaign.name == ref)
+    if lock:
+        query = query.with_for_update()
+    campaign = s.scalars(query).first()
+    if campaign is None:
+        raise CampaignError(f"no campaign {ref!r}")
+    return campaign
+
+
+def get_campaign(store: Store, ref: str | int) -> Campaign:
+    with store.session() as s:
+        return _load(s, ref)
+
+
+def list_campaigns(store: Store) -> list[Campaign]:
+    with store.session() as s:
+        return list(s.scalars(select(Campaign).order_by(Campaign.id)))
+
+
+def create_campaign(store: Store, name: str, release: Release | str | int, spec: dict[str, Any] | None = None,
+                    ) -> Campaign:
+    """A draft campaign of ``release`` (nothing is sent before ``start_campaign``)."""
+    if not isinstance(name, str) or not 0 < len(name) <= 64 or name.isdigit():
+        raise CampaignError("a campaign name is 1..64 characters and not a number")
+    parsed = CampaignSpec.parse(spec)
+    with store.session() as s:
+        if s.scalar(select(Campaign.id).where(Campaign.name == name)) is not None:
+            raise CampaignError(f"a campaign named {name!r} exists")
+        if not isinstance(release, Release):
+            try:
+                release = get_release(store, release)
+            except ReleaseError as exc:
+                raise CampaignError(str(exc)) from None
+        unknown_hw = [h for h in parsed.filter.hardware if h not in release.hardware]
+        if parsed.filter.hardware and len(unknown_hw) == len(parsed.filter.hardware):
+            raise CampaignError(f"release {release.version} is for hardware {', '.join(release.hardware)}; "
+                                f"the filter asks only for {', '.join(parsed.filter.hardware)}")
+        deployment = Deployment(release_id=release.id, target={"campaign": name}, state=DEPLOYMENT_ACTIVE)
+        s.add(deployment)
+        s.flush()
+        campaign = Campaign(name=name, release_id=release.id, deployment_id=deployment.id,
+                            spec=parsed.to_json(), state=S.DRAFT, wave=0, accepted={})
+        s.add(campaign)
+        s.flush()
+        return campaign
+
+
+def start_campaign(store: Store, ref: str | int, now: datetime | None = None) -> Campaign:
+    """Target the devices (spread over the waves) and let the engine start them."""
+    now = now or utcnow()
+    with store.session() as s:
+        c = _load(s, ref, lock=True)
+        c.state = S.advance(c.state, "start")
+        c.started_at = now
+        target_devices(s, c, CampaignSpec.parse(c.spec), now)
+        return c
+
+
+def pause_campaign(store: Store, ref: str | int, reason: str | None = None) -> Campaign:
+    """No new device starts; devices in flight finish."""
+    with store.session() as s:
+        c = _load(s, ref, lock=True)
+        c.state = S.advance(c.state, "pause")
+        c.reason = reason or "paused by an operator"
+        return c
+
+
+def resume_campaign(store: Store, ref: str | int) -> Campaign:
+    """Continue a paused campaign, or approve the next wave of a waiting one.
+
+    Resuming after a failure-threshold pause accepts the failures so far (they no longer
+    count against the threshold; new ones do).
+    """
+    with store.session() as s:
+        c = _load(s, ref, lock=True)
+        was = c.state
+        c.state = S.advance(c.state, "resume")
+        if was == S.WAITING:
+            c.wave = min(c.wave + 1, len(CampaignSpec.parse(c.spec).waves) - 1)
+        failed = Counter(s.scalars(select(CampaignDevice.wave).where(CampaignDevice.campaign_id == c.id,
+                                                                     CampaignDevice.state == S.FAILED)))
+        c.accepted = {str(w): n for w, n in failed.items()}
+        c.reason = None
+        return c
+
+
+def abort_campaign(store: Store, ref: str | int, now: datetime | None = None) -> Campaign:
+    """Stop: queued devices are dropped, downloads cancelled with the protocol's cancel command;
+    a device past its download (installing, rebooting, on trial) finishes, so none is left
+    half-installed. The campaign is ``aborting`` until nothing is in flight, then ``aborted``."""
+    now = now or utcnow()
+    with store.session() as s:
+        c = _load(s, ref, lock=True)
+        c.state = S.advance(c.state, "abort")
+        c.reason = "aborted by an operator"
+        if c.state == S.ABORTED:
+            c.finished_at = now
+        else:
+            cancel_downloads(s, c, now)
+        return c
+
+
+def campaign_summary(store: Store, ref: str | int, devices: bool = True, now: datetime | None = None,
+                     ) -> dict[str, Any]:
+    """State, per-wave counts and (optionally) every device's state, as plain data."""
+    now = now or utcnow()
+    with store.session() as s:
+        c = _load(s, ref)
+        spec = CampaignSpec.parse(c.spec)
+        rows = list(s.scalars(select(CampaignDevice).where(CampaignDevice.campaign_id == c.id)
+                              .order_by(CampaignDevice.wave, CampaignDevice.device_id)))
+        job_states = dict(s.execute(select(Job.id, Job.state).where(
+            Job.id.in_([r.job_id for r in rows if r.job_id]))).all()) if rows else {}
+        waves = []
+        for index, wave in enumerate(spec.waves):
+            counts = Counter(r.state for r in rows if r.wave == index)
+            total = sum(n for st, n in counts.items() if st != S.SKIPPED)
+            waves.append({"wave": index + 1, "percent": wave.percent, "devices": wave.devices or None,
+                          "tag": wave.tag, "success": wave.success, "failure": wave.failure,
+                          "approval": wave.approval, "total": total, "counts": dict(counts),
+                          "current": index == c.wave})
+        total = sum(1 for r in rows if r.state != S.SKIPPED)
+        succeeded = sum(1 for r in rows if r.state == S.SUCCEEDED)
+        summary = {
+            "id": c.id, "name": c.name, "release": c.release.version, "state": c.state,
+            "wave": c.wave + 1, "waves_total": len(spec.waves), "reason": c.reason,
+            "rate": c.rate, "created_at": c.created_at, "started_at": c.started_at,
+            "finished_at": c.finished_at, "spec": c.spec, "total": total,
+            "counts": dict(Counter(r.state for r in rows)),
+            "progress": succeeded / total if total else (1.0 if c.state == S.DONE else 0.0),
+            "window_open": pacing.window_open(spec.window, now),
+            "waves": waves,
+        }
+        if devices:
+            summary["devices"] = [
+                {"device": r.device_id, "wave": r.wave + 1, "state": r.state, "attempts": r.attempts,
+                 "job": r.job_id, "job_state": job_states.get(r.job_id), "code": r.code, "reason": r.reason,
+                 "confirmed_at": r.confirmed_at, "updated_at": r.updated_at} for r in rows]
+        return summary
