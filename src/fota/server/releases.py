@@ -160,12 +160,16 @@ def _write_blob(blobs_dir: Path, image: bytes, sha256: str) -> Path:
 
 def create_release(store: Store, blobs_dir: str | os.PathLike, key: ec.EllipticCurvePrivateKey,
                    path_or_bytes: str | os.PathLike | bytes, version: str, hardware: list[str],
-                   kind: str | None = None, counter: int = 0, encrypt: bool = False) -> Release:
+                   kind: str | None = None, counter: int = 0, encrypt: bool = False,
+                   min_version: str | None = None) -> Release:
     """Pack, sign and store a release; ReleaseError if invalid or the version exists.
 
     counter: the security counter devices compare against the highest one they installed
     (anti-rollback); a release may keep the previous counter or raise it, never lower it.
+    min_version: campaigns send the release only to devices running at least this version.
     """
+    if min_version is not None and (not isinstance(min_version, str) or not 0 < len(min_version) <= 64):
+        raise ReleaseError("min_version must be a version string of 1..64 characters")
     image, kind = _load_image(path_or_bytes, kind)
     enc_key = os.urandom(32) if encrypt else None
     if encrypt and kind != "bundle":
@@ -180,7 +184,8 @@ def create_release(store: Store, blobs_dir: str | os.PathLike, key: ec.EllipticC
     release = Release(version=version, hardware=json.loads(manifest)["hw"], kind=kind,
                       size=len(image), sha256=hashlib.sha256(image).hexdigest(),
                       manifest=manifest, signature=signature, key_id=kid, blob_path="",
-                      security_counter=counter, enc_key=enc_key.hex() if enc_key else None)
+                      security_counter=counter, enc_key=enc_key.hex() if enc_key else None,
+                      min_version=min_version)
     # The command carries the manifest; it must fit the device's command limit.
     longest = update_command(2**32 - 1, "x" * 64, release, Signer(key), protocol.MAX_CHUNK_SIZE,
                              protocol.MAX_WINDOW, now=2**40, wrapped_key="00" * 40 if enc_key else None,

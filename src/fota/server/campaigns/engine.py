@@ -6,7 +6,8 @@ campaign another worker is stepping right now is skipped, not waited for). Devic
 started under their row lock too, so two workers never drive the same device. A step is
 idempotent: it reads what devices reported (jobs, status events), decides, and writes;
 running it twice, or on another worker after a crash, does no harm. No state is kept in
-the process between ticks. The clock is injectable (``tick(now)``) for tests.
+the process between ticks. The clock is injectable (``tick(now)``) for tests. On SQLite (no
+row locks) a step takes the database's write lock first instead.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from fota.device import protocol as P
@@ -66,13 +67,13 @@ def _eligibility(s: Session, campaign: Campaign, release: Release, device: Devic
     if release.min_version and (device.version is None
                                 or version_key(device.version) < version_key(release.min_version)):
         return f"runs {device.version}, the release needs at least {release.min_version}"
-    older = s.scalar(select(CampaignDevice.campaign_id)
-                     .join(Campaign, Campaign.id == CampaignDevice.campaign_id)
+    older = s.scalar(select(Campaign.name)
+                     .join(CampaignDevice, Campaign.id == CampaignDevice.campaign_id)
                      .where(CampaignDevice.device_id == device.id, CampaignDevice.campaign_id < campaign.id,
                             CampaignDevice.state.in_(S.UNSETTLED), Campaign.state.in_(S.ACTIVE))
                      .limit(1))
     if older is not None:
-        return f"held by campaign {older} (the older running campaign keeps the device)"
+        return f"held by campaign {older!r} (the older running campaign keeps the device)"
     return None
 
 
@@ -191,6 +192,10 @@ class CampaignEngine:
         stepped = 0
         for campaign_id in ids:
             with self.store.session() as s:
+                if s.get_bind().dialect.name == "sqlite":
+                    # SQLite has no row locks: write first, so this transaction holds the
+                    # database's write lock before it reads (steps of several engines serialize).
+                    s.execute(update(Campaign).where(Campaign.id == campaign_id).values(state=Campaign.state))
                 campaign = s.scalars(select(Campaign).where(Campaign.id == campaign_id,
                                                             Campaign.state.in_(S.ACTIVE))
                                      .with_for_update(skip_locked=True)).first()
@@ -257,6 +262,9 @@ class CampaignEngine:
             return
         if job.state == P.REVERTED:
             _set(row, now, S.FAILED, job.code or P.E_HEALTH, job.reason or "reverted to the previous firmware")
+            return
+        if job.state == P.CANCELLED and c.state == S.ABORTING:
+            _set(row, now, S.CANCELLED, None, job.reason or "cancelled: the campaign was aborted")
             return
         if job.state in (P.FAILED, P.CANCELLED):
             retry = job.code not in PERMANENT_CODES and c.state != S.ABORTING
@@ -343,7 +351,10 @@ class CampaignEngine:
                                 f"succeeded (needs {wave.success:g}%)")
                 return
             if c.wave == last:
-                if not any(counts[w][st] for w in counts for st in S.UNSETTLED):
+                if spec.dynamic:  # open-ended: late devices may still join; an operator ends it
+                    c.reason = None if any(counts[w][st] for w in counts for st in S.UNSETTLED) \
+                        else "every targeted device settled; waiting for new devices (dynamic)"
+                elif not any(counts[w][st] for w in counts for st in S.UNSETTLED):
                     c.state = S.advance(c.state, "all_settled")
                     c.finished_at = now
                     c.reason = None

@@ -10,7 +10,7 @@ from collections import Counter
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from fota.server.campaigns import pacing
@@ -100,6 +100,9 @@ def pause_campaign(store: Store, ref: str | int, reason: str | None = None) -> C
 def resume_campaign(store: Store, ref: str | int) -> Campaign:
     """Continue a paused campaign, or approve the next wave of a waiting one.
 
+    A paused campaign whose current wave has settled (every device finished) goes on with
+    the next wave: the operator accepts the wave as it is.
+
     Resuming after a failure-threshold pause accepts the failures so far (they no longer
     count against the threshold; new ones do).
     """
@@ -107,8 +110,13 @@ def resume_campaign(store: Store, ref: str | int) -> Campaign:
         c = _load(s, ref, lock=True)
         was = c.state
         c.state = S.advance(c.state, "resume")
-        if was == S.WAITING:
-            c.wave = min(c.wave + 1, len(CampaignSpec.parse(c.spec).waves) - 1)
+        last = len(CampaignSpec.parse(c.spec).waves) - 1
+        unsettled = s.scalar(select(func.count()).where(CampaignDevice.campaign_id == c.id,
+                                                        CampaignDevice.wave == c.wave,
+                                                        CampaignDevice.state.in_(S.UNSETTLED)))
+        if was == S.WAITING or not unsettled:
+            # approved, or the operator accepts a wave that settled below its success threshold
+            c.wave = min(c.wave + 1, last)
         failed = Counter(s.scalars(select(CampaignDevice.wave).where(CampaignDevice.campaign_id == c.id,
                                                                      CampaignDevice.state == S.FAILED)))
         c.accepted = {str(w): n for w, n in failed.items()}
