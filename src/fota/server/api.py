@@ -32,8 +32,20 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import IntegrityError
 
-from fota.server import audit
+from fota.server import audit, metrics
 from fota.server.auth import ADMIN, AuthError, verify_token
+from fota.server.campaigns import (
+    CampaignError,
+    CampaignNotFound,
+    CampaignStateError,
+    abort_campaign,
+    campaign_summary,
+    create_campaign,
+    list_campaigns,
+    pause_campaign,
+    resume_campaign,
+    start_campaign,
+)
 from fota.server.deployments import DeploymentError, create_deployment, deployment_summary, device_history
 from fota.server.fleet import FleetError, get_device, list_devices
 from fota.server.releases import IMAGE_SUFFIXES, KINDS, ReleaseError, create_release, get_release, list_releases
@@ -48,7 +60,7 @@ API_PREFIX = "/api/v1"
 DEFAULT_MAX_UPLOAD = 16 * 1024 * 1024  # bytes of one release image or bundle
 MULTIPART_OVERHEAD = 64 * 1024  # form fields and boundaries around the file
 
-SERVICE_ERRORS = (ReleaseError, DeploymentError, FleetError)
+SERVICE_ERRORS = (ReleaseError, DeploymentError, FleetError, CampaignError)
 
 
 # ---- response bodies -----------------------------------------------------------------------------
@@ -138,6 +150,61 @@ class DeploymentIn(BaseModel):
     tag: str | None = Field(None, description="every device with this tag (and the release's hardware)")
 
 
+class WaveOut(BaseModel):
+    wave: int
+    percent: float | None
+    devices: list[str] | None
+    tag: str | None
+    success: float
+    failure: float
+    approval: bool
+    total: int
+    counts: dict[str, int]
+    current: bool
+
+
+class CampaignDeviceOut(BaseModel):
+    device: str
+    wave: int
+    state: str
+    attempts: int
+    job: int | None
+    job_state: str | None
+    code: str | None
+    reason: str | None
+    confirmed_at: datetime | None
+    updated_at: datetime | None
+
+
+class CampaignOut(BaseModel):
+    id: int
+    name: str
+    release: str
+    state: str
+    wave: int = Field(description="current wave, 1-based")
+    waves_total: int
+    reason: str | None
+    rate: float | None = Field(description="current starts per minute (None: no limit)")
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    spec: dict[str, Any]
+    total: int = Field(description="targeted devices (skipped ones excluded)")
+    counts: dict[str, int]
+    progress: float = Field(description="share of the targeted devices that succeeded")
+    window_open: bool
+    waves: list[WaveOut]
+    devices: list[CampaignDeviceOut] | None = None
+
+
+class CampaignIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="unique campaign name (not a number)")
+    release: str | int = Field(description="release version (or id)")
+    spec: dict[str, Any] = Field(default_factory=dict,
+                                 description="filter, waves, pacing: see docs/campaigns.md")
+
+
 class ErrorOut(BaseModel):
     detail: str
 
@@ -181,6 +248,10 @@ def _service_errors(status_code: int) -> Iterator[None]:
     """Errors of the service modules -> status_code; a concurrent duplicate -> 409."""
     try:
         yield
+    except CampaignNotFound as exc:
+        raise HTTPException(404, str(exc)) from None
+    except CampaignStateError as exc:
+        raise HTTPException(409, str(exc)) from None
     except SERVICE_ERRORS as exc:
         raise HTTPException(status_code, str(exc)) from None
     except IntegrityError:
@@ -322,6 +393,57 @@ def _router() -> APIRouter:
         response.headers["Location"] = f"{API_PREFIX}/deployments/{dep.id}"
         return deployment_summary(store, dep.id)
 
+    @router.get("/campaigns", response_model=list[CampaignOut], tags=["campaigns"])
+    def campaigns(store: StoreDep):
+        """Every campaign, oldest first: state, per-wave counts, progress (no per-device rows)."""
+        return [campaign_summary(store, c.id, devices=False) for c in list_campaigns(store)]
+
+    @router.get("/campaigns/{ref}", response_model=CampaignOut, tags=["campaigns"],
+                responses={404: {"model": ErrorOut}})
+    def campaign(ref: str, store: StoreDep, devices: bool = True,
+                 state: Annotated[str | None, Query(description="only devices in this state")] = None,
+                 wave: Annotated[int | None, Query(ge=1, description="only devices of this wave")] = None):
+        """A campaign by name or id: waves and (filterable) per-device states."""
+        with _service_errors(404):
+            summary = campaign_summary(store, ref, devices=devices)
+        if devices:
+            summary["devices"] = [d for d in summary["devices"]
+                                  if (state is None or d["state"] == state) and (wave is None or d["wave"] == wave)]
+        return summary
+
+    @router.post("/campaigns", response_model=CampaignOut, status_code=201, tags=["campaigns"],
+                 responses={**admin_responses, 400: {"model": ErrorOut}})
+    def new_campaign(body: CampaignIn, response: Response, store: StoreDep, token: AdminDep):
+        """Create a draft campaign (admin); nothing is sent before it is started."""
+        with _service_errors(400), audit.transaction(store) as tx:
+            c = create_campaign(tx, body.name, body.release, body.spec)
+            tx.record(token.name, "campaign.create", f"campaign:{c.name}",
+                      {"id": c.id, "release": body.release, "spec": c.spec})
+        response.headers["Location"] = f"{API_PREFIX}/campaigns/{c.name}"
+        return campaign_summary(store, c.id)
+
+    actions = {"start": start_campaign, "pause": pause_campaign, "resume": resume_campaign,
+               "abort": abort_campaign}
+
+    def _action(name: str):
+        def act(ref: str, store: StoreDep, token: AdminDep):
+            with _service_errors(400), audit.transaction(store) as tx:
+                c = actions[name](tx, ref)
+                tx.record(token.name, f"campaign.{name}", f"campaign:{c.name}", {"id": c.id, "state": c.state})
+            return campaign_summary(store, c.id, devices=False)
+        act.__name__ = f"campaign_{name}"
+        act.__doc__ = {"start": "Start a draft campaign: target the devices over the waves (admin).",
+                       "pause": "No new device starts; devices in flight finish (admin).",
+                       "resume": "Continue a paused campaign, or approve a waiting campaign's next wave (admin).",
+                       "abort": "Stop: downloads are cancelled, devices past their download finish (admin).",
+                       }[name]
+        return act
+
+    for name in actions:
+        router.add_api_route(f"/campaigns/{{ref}}/{name}", _action(name), methods=["POST"],
+                             response_model=CampaignOut, tags=["campaigns"],
+                             responses={**admin_responses, 404: {"model": ErrorOut}, 409: {"model": ErrorOut}})
+
     @router.get("/audit", response_model=list[AuditEventOut], tags=["audit"], responses=admin_responses)
     def audit_log(store: StoreDep, _: AdminDep,
                   limit: Annotated[int, Query(ge=1, le=audit.MAX_LIMIT)] = audit.DEFAULT_LIMIT,
@@ -347,5 +469,11 @@ def create_app(store: Store, blobs_dir: str | os.PathLike,
     app.state.signing_key_loader = signing_key_loader
     app.state.max_upload_bytes = max_upload_bytes
     app.include_router(_router())
+
+    @app.get("/metrics", tags=["metrics"], dependencies=[Depends(current_token)],
+             response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    def prometheus_metrics(store: StoreDep):
+        """Prometheus exposition (needs a token: a read token in the scrape config's authorization)."""
+        return Response(metrics.render(store), media_type=metrics.CONTENT_TYPE_LATEST)
     app.add_middleware(_BodyLimit, limit=max_upload_bytes + MULTIPART_OVERHEAD)
     return app

@@ -17,8 +17,8 @@ from fota.server.campaigns.ops import (
     resume_campaign,
     start_campaign,
 )
-from fota.server.campaigns.spec import CampaignError, CampaignSpec
+from fota.server.campaigns.spec import CampaignError, CampaignNotFound, CampaignSpec, CampaignStateError
 
-__all__ = ["CampaignEngine", "CampaignError", "CampaignSpec", "abort_campaign", "campaign_summary",
+__all__ = ["CampaignEngine", "CampaignError", "CampaignNotFound", "CampaignSpec", "CampaignStateError", "abort_campaign", "campaign_summary",
            "create_campaign", "get_campaign", "list_campaigns", "pause_campaign", "resume_campaign",
            "start_campaign"]

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from fota.server.campaigns import pacing
 from fota.server.campaigns import states as S
 from fota.server.campaigns.engine import cancel_downloads, target_devices
-from fota.server.campaigns.spec import CampaignError, CampaignSpec
+from fota.server.campaigns.spec import CampaignError, CampaignNotFound, CampaignSpec
 from fota.server.deployments import ACTIVE as DEPLOYMENT_ACTIVE
 from fota.server.releases import ReleaseError, get_release
 from fota.server.store import Campaign, CampaignDevice, Deployment, Job, Release, Store, utcnow
@@ -35,7 +35,7 @@ def _load(s: Session, ref: str | int, lock: bool = False) -> Campaign:
         query = query.with_for_update()
     campaign = s.scalars(query).first()
     if campaign is None:
-        raise CampaignError(f"no campaign {ref!r}")
+        raise CampaignNotFound(f"no campaign {ref!r}")
     return campaign
 
 

@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
 
-__all__ = ["CampaignError", "CampaignSpec", "TargetFilter", "Wave", "Window", "version_key"]
+__all__ = ["CampaignError", "CampaignNotFound", "CampaignSpec", "CampaignStateError", "TargetFilter", "Wave", "Window", "version_key"]
 
 ON_FAILURE = ("pause", "abort")
 DEFAULT_WAVES = (1.0, 10.0, 50.0, 100.0)
@@ -19,6 +19,14 @@ DEFAULT_WAVES = (1.0, 10.0, 50.0, 100.0)
 
 class CampaignError(ValueError):
     """A campaign cannot be created, found or changed as asked."""
+
+
+class CampaignNotFound(CampaignError):
+    """No campaign of that name or id."""
+
+
+class CampaignStateError(CampaignError):
+    """The campaign's state table does not allow this action now (e.g. resume a running campaign)."""
 
 
 def version_key(version: str) -> tuple:

@@ -5,7 +5,7 @@ the table does not allow raises CampaignError instead of being guessed at.
 """
 from __future__ import annotations
 
-from fota.server.campaigns.spec import CampaignError
+from fota.server.campaigns.spec import CampaignStateError
 
 __all__ = ["ACTIVE", "DEVICE_STATES", "STATES", "TRANSITIONS", "UNSETTLED", "advance"]
 
@@ -56,8 +56,8 @@ UNSETTLED = (QUEUED, IN_FLIGHT, PROBATION, RETRY)
 
 
 def advance(state: str, event: str) -> str:
-    """The state after ``event``; CampaignError if the table does not allow it."""
+    """The state after ``event``; CampaignStateError if the table does not allow it."""
     to = _TABLE.get((state, event))
     if to is None:
-        raise CampaignError(f"cannot {event.replace('_', ' ')} a campaign that is {state}")
+        raise CampaignStateError(f"cannot {event.replace('_', ' ')} a campaign that is {state}")
     return to
