@@ -121,6 +121,9 @@ def release_create(path: Path = typer.Argument(..., help="app directory (bundle)
                                                     "highest counter they installed"),
                    encrypt: bool = typer.Option(False, "--encrypt",
                                                 help="encrypt the bundle (AES-256-CBC, key wrapped per device)"),
+                   min_version: Optional[str] = typer.Option(None, "--min-version",
+                                                             help="campaigns send it only to devices running "
+                                                                  "at least this version"),
                    home: Optional[Path] = HomeOpt):
     """Sign and store a release."""
     from fota.server.releases import ReleaseError, create_release
@@ -131,7 +134,7 @@ def release_create(path: Path = typer.Argument(..., help="app directory (bundle)
     store = _store(h)
     try:
         rel = create_release(store, h.blobs, key, path, version, list(hardware), counter=counter,
-                             encrypt=encrypt)
+                             encrypt=encrypt, min_version=min_version)
     except (ReleaseError, ValueError) as e:
         _fail(str(e))
     _audit(store, "release.create", f"release:{rel.version}",
@@ -254,7 +257,7 @@ def render_status(store, deployment_id: int | None = None):
         dep = q.get(deployment_id) if deployment_id else q.order_by(Deployment.id.desc()).first()
         if dep is None:
             return None, None, "no deployments"
-        jobs = s.query(Job).filter(Job.deployment_id == dep.id).order_by(Job.device_id).all()
+        jobs = s.query(Job).filter(Job.deployment_id == dep.id, Job.kind == "update").order_by(Job.device_id).all()
         version = dep.release.version
         rows = [(j.device_id, j.state, j.progress or 0.0, j.code, j.reason) for j in jobs]
     counts: dict[str, int] = {}
@@ -521,6 +524,11 @@ def demo(devices: int = typer.Option(3, "--devices", min=1, max=50),
     from fota.demo import run_demo
     code = run_demo(devices=devices, timeout=timeout, keep=keep, console=console)
     raise typer.Exit(code)
+
+
+from fota.campaign_cli import campaign_app  # noqa: E402  (uses the helpers above)
+
+app.add_typer(campaign_app, name="campaign")
 
 
 def main() -> None:
