@@ -454,3 +454,14 @@ def test_two_engines_ticking_at_once_never_double_drive_a_device(rig):
     assert rig.campaign("pair").state == S.DONE
     assert sorted(j.device_id for j in rig.jobs()) == sorted(ids)  # exactly one job per device
     assert peak <= 5
+
+
+def test_campaign_state_tables_match_the_docs():
+    import re
+    from pathlib import Path
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "campaigns.md").read_text()
+    block = doc.split("<!-- campaign-transitions:begin -->")[1].split("<!-- campaign-transitions:end -->")[0]
+    assert re.findall(r"\| `(\w+)` \| `(\w+)` \| `(\w+)` \|", block) == [tuple(t) for t in S.TRANSITIONS]
+    section = doc.split("## 3. A device in a campaign")[1].split("## 4.")[0]
+    assert re.findall(r"^\| `(\w+)` \|", section, re.M) == list(S.DEVICE_STATES)
+    assert {f for f, _, _ in S.TRANSITIONS} | {t for _, _, t in S.TRANSITIONS} == set(S.STATES)

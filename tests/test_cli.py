@@ -116,3 +116,52 @@ def test_demo_command_rolls_out_and_exits_zero():
     assert r.returncode == 0, r.stdout + r.stderr
     assert "demo passed: 3 device(s) confirmed 1.1.0 after reboot" in r.stdout
     assert "Traceback" not in r.stdout + r.stderr
+
+
+def test_campaign_commands_roll_out_in_waves_and_watch(tmp_path):
+    home = tmp_path / "home"
+    assert fota(home, "keys", "init").returncode == 0
+    for dev in ("wave-1", "wave-2", "wave-3"):
+        assert fota(home, "device", "add", dev, "--hardware", "unix", "--tag", "lab", "--unix-dir").returncode == 0
+    assert fota(home, "device", "add", "esp-9", "--hardware", "esp32", "--tag", "lab").returncode == 0
+    serve = background(home, "serve")
+    devices = [background(home, "device", "run", dev) for dev in ("wave-1", "wave-2", "wave-3")]
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            listing = fota(home, "devices").stdout
+            if listing.count("yes") == 3:
+                break
+            time.sleep(0.3)
+        else:
+            pytest.fail(f"devices did not come online: {listing}\n{stop(serve)}")
+        app = _app_dir(tmp_path, "1.3.0")
+        assert fota(home, "release", "create", str(app), "--version", "1.3.0", "--hardware", "unix").returncode == 0
+        assert_clean_error(fota(home, "campaign", "start", "nope"), "no campaign 'nope'")
+        r = fota(home, "campaign", "create", "lab-rollout", "--release", "1.3.0", "--tag", "lab",
+                 "--waves", "34,100", "--approval", "--probation", "1", "--online")
+        assert r.returncode == 0 and "draft" in r.stdout, r.stdout + r.stderr
+        assert_clean_error(fota(home, "campaign", "resume", "lab-rollout"), "cannot resume a campaign that is draft")
+        assert fota(home, "campaign", "start", "lab-rollout").returncode == 0
+        # wave 1 (one device) succeeds, then the campaign waits for approval
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            view = fota(home, "campaign", "status", "lab-rollout", "--devices").stdout
+            if "waiting" in view:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"wave 1 never finished: {view}\n{stop(serve)}")
+        assert "resume to start wave 2" in view and view.count("queued") == 2, view
+        assert "esp-9" not in view  # an esp32 never gets a unix release
+        assert fota(home, "campaign", "resume", "lab-rollout").returncode == 0
+        watch = fota(home, "campaign", "status", "lab-rollout", "--watch", "--interval", "0.3", timeout=120)
+        assert watch.returncode == 0, watch.stdout + watch.stderr
+        assert "done" in watch.stdout and "3/3 succeeded" in watch.stdout
+        listing = fota(home, "campaign", "list").stdout
+        assert "lab-rollout" in listing and "100%" in listing
+        assert fota(home, "devices").stdout.count("1.3.0") == 3  # every unix device, not the esp32
+    finally:
+        for p in devices:
+            stop(p)
+        stop(serve)

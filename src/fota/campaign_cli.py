@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
-from rich.console import Group
+from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
@@ -20,9 +20,28 @@ HomeOpt = typer.Option(None, "--home", envvar="FOTA_HOME", help="fota home direc
 FINISHED = ("done", "aborted")
 
 
-def _cli():
-    from fota import cli  # the shared helpers (_store, _fail, console); imported late: cli imports us
-    return cli
+console = Console()
+err = Console(stderr=True)
+
+
+class _Helpers:
+    """What the commands need: a store, one-line errors (no traceback), the console."""
+
+    console = console
+
+    @staticmethod
+    def _fail(message: str) -> None:
+        err.print(f"[red]error:[/red] {message}")
+        raise typer.Exit(1)
+
+    @staticmethod
+    def _store(home: Home):
+        from fota.server.store import Store
+        return Store(home.database_url)
+
+
+def _cli() -> type[_Helpers]:
+    return _Helpers
 
 
 def _spec_from_options(spec_file: Optional[Path], options: dict[str, Any]) -> dict[str, Any]:
@@ -184,7 +203,8 @@ def render(summary: dict[str, Any], devices: bool) -> Group:
     """Rich view of a campaign: a header, one progress bar per wave, optionally every device."""
     head = (f"campaign [bold]{summary['name']}[/bold] (release {summary['release']}): {summary['state']}, "
             f"wave {summary['wave']}/{summary['waves_total']}, {summary['counts'].get('succeeded', 0)}/"
-            f"{summary['total']} succeeded" + ("" if summary["window_open"] else ", outside its window")
+            f"{summary['total']} succeeded" + ("" if summary["window_open"] else
+               f", outside its window (opens {summary['window_opens_at']:%Y-%m-%d %H:%M %Z})")
             + (f"\n{summary['reason']}" if summary["reason"] else ""))
     bars = Progress(TextColumn("{task.description:<8}"), BarColumn(), TextColumn("{task.completed:>5.0f}/{task.total:<5.0f}"),
                     TextColumn("{task.fields[counts]}"), auto_refresh=False)

@@ -193,6 +193,7 @@ class CampaignOut(BaseModel):
     counts: dict[str, int]
     progress: float = Field(description="share of the targeted devices that succeeded")
     window_open: bool
+    window_opens_at: datetime | None = Field(description="next opening of the maintenance window, if closed")
     waves: list[WaveOut]
     devices: list[CampaignDeviceOut] | None = None
 

@@ -169,6 +169,8 @@ def campaign_summary(store: Store, ref: str | int, devices: bool = True, now: da
             "counts": dict(Counter(r.state for r in rows)),
             "progress": succeeded / total if total else (1.0 if c.state == S.DONE else 0.0),
             "window_open": pacing.window_open(spec.window, now),
+            "window_opens_at": (pacing.window_opens_at(spec.window, now)
+                                if spec.window and not pacing.window_open(spec.window, now) else None),
             "waves": waves,
         }
         if devices:
