@@ -73,8 +73,10 @@ class Spy:
         target = self.statuses if msg.topic.endswith("/status") else self.requests
         target.append((time.monotonic(), device, body))
 
-    def of(self, device, job=None):
-        return [s for _, d, s in self.statuses if d == device and (job is None or s.get("job") == job)]
+    def of(self, device, job=None, health=False):
+        """Statuses of a device (of one job); health reports (protocol §6) only with health=True."""
+        return [s for _, d, s in self.statuses if d == device and (job is None or s.get("job") == job)
+                and (health or s.get("state") != P.HEALTH)]
 
     def publish(self, device, suffix, payload, qos=1):
         info = self.client.publish(P.topic(device, suffix), payload, qos=qos)

@@ -43,6 +43,12 @@ PERMANENT_CODES = frozenset({P.E_HW_MISMATCH, P.E_DOWNGRADE, P.E_TOO_LARGE, P.E_
 HEALTH = "health"  # status kind a device publishes after every boot (docs/protocol.md §6)
 
 
+def _chunks(items: list, size: int = 1000):
+    """Slices for IN (...) lists (SQLite caps the number of bound parameters)."""
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
 def _set(row: CampaignDevice, now: datetime, state: str, code: str | None = None,
          reason: str | None = None) -> None:
     row.state = state
@@ -58,7 +64,19 @@ def _order(campaign_id: int, device_id: str) -> str:
     return hashlib.sha256(f"{campaign_id}:{device_id}".encode()).hexdigest()
 
 
-def _eligibility(s: Session, campaign: Campaign, release: Release, device: Device) -> str | None:
+def _held_by_older(s: Session, campaign: Campaign, device_ids: list[str]) -> dict[str, str]:
+    """device id -> name of an older active campaign that has not settled the device."""
+    held: dict[str, str] = {}
+    for ids in _chunks(device_ids):
+        rows = s.execute(select(CampaignDevice.device_id, Campaign.name)
+                         .join(Campaign, Campaign.id == CampaignDevice.campaign_id)
+                         .where(CampaignDevice.device_id.in_(ids), CampaignDevice.campaign_id < campaign.id,
+                                CampaignDevice.state.in_(S.UNSETTLED), Campaign.state.in_(S.ACTIVE)))
+        held.update((device_id, name) for device_id, name in rows)
+    return held
+
+
+def _eligibility(campaign: Campaign, release: Release, device: Device, held: dict[str, str]) -> str | None:
     """Why ``device`` is skipped, or None if this campaign may drive it."""
     if device.hardware not in release.hardware:
         return f"hardware {device.hardware} not in the release's {', '.join(release.hardware)}"
@@ -67,11 +85,7 @@ def _eligibility(s: Session, campaign: Campaign, release: Release, device: Devic
     if release.min_version and (device.version is None
                                 or version_key(device.version) < version_key(release.min_version)):
         return f"runs {device.version}, the release needs at least {release.min_version}"
-    older = s.scalar(select(Campaign.name)
-                     .join(CampaignDevice, Campaign.id == CampaignDevice.campaign_id)
-                     .where(CampaignDevice.device_id == device.id, CampaignDevice.campaign_id < campaign.id,
-                            CampaignDevice.state.in_(S.UNSETTLED), Campaign.state.in_(S.ACTIVE))
-                     .limit(1))
+    older = held.get(device.id)
     if older is not None:
         return f"held by campaign {older!r} (the older running campaign keeps the device)"
     return None
@@ -100,8 +114,9 @@ def target_devices(s: Session, campaign: Campaign, spec: CampaignSpec, now: date
                      key=lambda d: _order(campaign.id, d.id))
     rows: list[CampaignDevice] = []
     eligible: list[Device] = []
+    held = _held_by_older(s, campaign, [d.id for d in devices]) if devices else {}
     for device in devices:
-        why = _eligibility(s, campaign, release, device)
+        why = _eligibility(campaign, release, device, held)
         if why is None:
             eligible.append(device)
         else:
@@ -213,12 +228,18 @@ class CampaignEngine:
             s.flush()
         rows = list(s.scalars(select(CampaignDevice).where(CampaignDevice.campaign_id == c.id,
                                                            CampaignDevice.state.in_((S.IN_FLIGHT, S.PROBATION)))))
-        jobs = {j.id: j for j in s.scalars(select(Job).where(Job.id.in_([r.job_id for r in rows if r.job_id])))}
+        jobs: dict[int, Job] = {}
+        for ids in _chunks([r.job_id for r in rows if r.job_id]):
+            jobs.update((j.id, j) for j in s.scalars(select(Job).where(Job.id.in_(ids))))
+        confirmed = []
         for row in rows:
-            if row.state == S.IN_FLIGHT:
-                self._track(s, c, spec, row, jobs.get(row.job_id), now)
-            else:
-                self._probation(s, c, spec, row, now)
+            job = jobs.get(row.job_id)
+            if row.state == S.IN_FLIGHT and job is not None and job.state == P.CONFIRMED:
+                confirmed.append(row)
+            elif row.state == S.IN_FLIGHT:
+                self._track(s, c, spec, row, job, now)
+        self._confirmed(s, confirmed, now)
+        self._probation(s, c, spec, [r for r in rows if r.state == S.PROBATION], now)
         s.flush()
         counts = self._counts(s, c.id)
         if c.state == S.ABORTING:
@@ -249,16 +270,6 @@ class CampaignEngine:
                now: datetime) -> None:
         if job is None:
             self._attempt_failed(row, spec, now, "E_LOST", "the campaign's job is gone", retry=True)
-            return
-        if job.state == P.CONFIRMED:
-            confirm = s.execute(select(StatusEvent.boot, StatusEvent.seq)
-                                .where(StatusEvent.device_id == row.device_id, StatusEvent.job_id == job.id,
-                                       StatusEvent.state == P.CONFIRMED)
-                                .order_by(StatusEvent.id.desc()).limit(1)).first()
-            row.confirm_boot, row.confirm_seq = confirm if confirm else (None, None)
-            row.confirmed_at = now
-            _set(row, now, S.PROBATION)
-            self._probation(s, c, spec, row, now)
             return
         if job.state == P.REVERTED:
             _set(row, now, S.FAILED, job.code or P.E_HEALTH, job.reason or "reverted to the previous firmware")
@@ -295,22 +306,48 @@ class CampaignEngine:
         else:
             _set(row, now, S.FAILED, code, reason)
 
-    def _probation(self, s: Session, c: Campaign, spec: CampaignSpec, row: CampaignDevice,
-                   now: datetime) -> None:
-        """Succeeded once healthy for the probation time; failed on an unhealthy report."""
-        version = c.release.version
-        boot, seq = row.confirm_boot or 0, row.confirm_seq or 0
-        reports = s.execute(select(StatusEvent.payload).where(
-            StatusEvent.device_id == row.device_id, StatusEvent.state == HEALTH, StatusEvent.version == version,
-            or_(StatusEvent.boot > boot, and_(StatusEvent.boot == boot, StatusEvent.seq > seq)))).scalars().all()
-        bad = [r for r in reports if not (isinstance(r, dict) and r.get("ok") is True)]
-        if bad:
-            reason = bad[0].get("reason") if isinstance(bad[0], dict) else None
-            _set(row, now, S.FAILED, P.E_HEALTH, f"unhealthy during probation: {reason or 'no reason given'}")
+    @staticmethod
+    def _confirmed(s: Session, rows: list[CampaignDevice], now: datetime) -> None:
+        """Jobs that reached `confirmed`: probation starts; remember the confirmation's (boot, seq)."""
+        if not rows:
             return
-        if row.confirmed_at is not None and now - row.confirmed_at >= timedelta(seconds=spec.probation) \
-                and (reports or spec.probation == 0):
-            _set(row, now, S.SUCCEEDED)
+        where: dict[int, tuple[int, int]] = {}
+        for ids in _chunks([r.job_id for r in rows]):
+            for job_id, boot, seq in s.execute(select(StatusEvent.job_id, StatusEvent.boot, StatusEvent.seq)
+                                               .where(StatusEvent.job_id.in_(ids),
+                                                      StatusEvent.state == P.CONFIRMED)):
+                where[job_id] = max(where.get(job_id, (boot, seq)), (boot, seq))
+        for row in rows:
+            row.confirm_boot, row.confirm_seq = where.get(row.job_id, (None, None))
+            row.confirmed_at = now
+            _set(row, now, S.PROBATION)
+
+    def _probation(self, s: Session, c: Campaign, spec: CampaignSpec, rows: list[CampaignDevice],
+                   now: datetime) -> None:
+        """Succeeded once healthy for the probation time; failed on an unhealthy report.
+
+        Only health reports of the new version that came after the confirmation, in the
+        device's (boot, seq) order, count (the wall clocks of device and server never meet).
+        """
+        if not rows:
+            return
+        reports: defaultdict[str, list] = defaultdict(list)
+        for ids in _chunks([r.device_id for r in rows]):
+            for device_id, boot, seq, payload in s.execute(
+                    select(StatusEvent.device_id, StatusEvent.boot, StatusEvent.seq, StatusEvent.payload)
+                    .where(StatusEvent.device_id.in_(ids), StatusEvent.state == HEALTH,
+                           StatusEvent.version == c.release.version)):
+                reports[device_id].append(((boot, seq), payload))
+        for row in rows:
+            after = (row.confirm_boot or 0, row.confirm_seq or 0)
+            seen = [p for key, p in reports[row.device_id] if key > after]
+            bad = [p for p in seen if not (isinstance(p, dict) and p.get("ok") is True)]
+            if bad:
+                reason = bad[0].get("reason") if isinstance(bad[0], dict) else None
+                _set(row, now, S.FAILED, P.E_HEALTH, f"unhealthy during probation: {reason or 'no reason given'}")
+            elif row.confirmed_at is not None and now - row.confirmed_at >= timedelta(seconds=spec.probation) \
+                    and (seen or spec.probation == 0):
+                _set(row, now, S.SUCCEEDED)
 
     # ------------------------------------------------------------ thresholds and waves
     def _failure_threshold(self, s: Session, c: Campaign, spec: CampaignSpec, counts, now: datetime) -> bool:
