@@ -442,34 +442,37 @@ class CampaignEngine:
             .order_by(CampaignDevice.wave, CampaignDevice.id)
             .limit(allowed * 4 + 10)
             .with_for_update(of=[CampaignDevice, Device], skip_locked=True)).all()
-        started_now = 0
+        busy = self._busy(s, c, [device.id for _, device in candidates])
+        starting: list[tuple[CampaignDevice, Job]] = []
         for row, device in candidates:
-            if started_now >= allowed:
+            if len(starting) >= allowed:
                 break
             if device.hardware not in release.hardware:  # re-provisioned meanwhile: never elsewhere
                 _set(row, now, S.SKIPPED, reason=f"hardware {device.hardware} not in the release's list")
                 continue
-            if self._busy(s, c, device.id):
+            if device.id in busy:
                 continue
             job = Job(deployment_id=c.deployment_id, device_id=device.id, kind="update", state=PENDING,
                       bytes_total=release.size, created_at=now, updated_at=now)
             s.add(job)
-            s.flush()
+            starting.append((row, job))
+        s.flush()  # job ids, in start order
+        for row, job in starting:
             row.job_id = job.id
             row.attempts += 1
             row.step, row.step_at, row.next_at = "download", now, None
             _set(row, now, S.IN_FLIGHT)
-            started_now += 1
-        if started_now:
-            log.info("campaign %s: started %d device(s)", c.name, started_now)
+        if starting:
+            log.info("campaign %s: started %d device(s)", c.name, len(starting))
 
     @staticmethod
-    def _busy(s: Session, c: Campaign, device_id: str) -> bool:
-        """Another campaign drives the device, or a job of any deployment is still open on it."""
-        other = s.scalar(select(func.count()).where(
-            CampaignDevice.device_id == device_id, CampaignDevice.campaign_id != c.id,
-            CampaignDevice.state.in_((S.IN_FLIGHT, S.PROBATION))))
-        if other:
-            return True
-        return bool(s.scalar(select(func.count()).where(
-            Job.device_id == device_id, Job.kind == "update", Job.state.not_in(TERMINAL_STATES))))
+    def _busy(s: Session, c: Campaign, device_ids: list[str]) -> set[str]:
+        """Devices another campaign drives (in flight, on probation) or with an open job of any deployment."""
+        busy: set[str] = set()
+        for ids in _chunks(device_ids):
+            busy.update(s.scalars(select(CampaignDevice.device_id).where(
+                CampaignDevice.device_id.in_(ids), CampaignDevice.campaign_id != c.id,
+                CampaignDevice.state.in_((S.IN_FLIGHT, S.PROBATION)))))
+            busy.update(s.scalars(select(Job.device_id).where(
+                Job.device_id.in_(ids), Job.kind == "update", Job.state.not_in(TERMINAL_STATES))))
+        return busy
