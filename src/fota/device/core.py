@@ -91,7 +91,7 @@ class Settings:
     """Timing and trial settings; all times in milliseconds."""
 
     def __init__(self, chunk_timeout=3000, stall_timeout=60000, trial_timeout=60000,
-                 max_chunk=P.MAX_CHUNK_SIZE, max_inflight=P.DEFAULT_MAX_INFLIGHT, health_interval=600000):
+                 max_chunk=P.MAX_CHUNK_SIZE, max_inflight=P.DEFAULT_MAX_INFLIGHT, health_interval=0):
         self.chunk_timeout = chunk_timeout
         self.stall_timeout = stall_timeout
         self.trial_timeout = trial_timeout
@@ -100,8 +100,8 @@ class Settings:
         # min(command window, max_inflight // chunk), so a large chunk size cannot make
         # queued chunks exhaust a small heap whatever the control center asks for.
         self.max_inflight = max_inflight
-        # A health report after every connect, then every health_interval while connected (0: never
-        # again): campaigns judge a confirmed update by it during their probation time.
+        # A health report after every connect, and every health_interval ms while connected (0: only
+        # after connecting): campaigns judge a confirmed update by it during their probation time.
         self.health_interval = health_interval
 
 

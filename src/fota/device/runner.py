@@ -109,7 +109,7 @@ class Device:
             stall_timeout=cfg.get("stall_timeout_ms", 60000),
             trial_timeout=cfg.get("trial_timeout_ms", 60000),
             max_inflight=cfg.get("max_inflight", P.DEFAULT_MAX_INFLIGHT),
-            health_interval=cfg.get("health_interval_ms", 600000),
+            health_interval=cfg.get("health_interval_ms", 0),
         )
         self.core = C.UpdateCore(identity, agent, settings)
         self.core.inventory_extra = {"active": slot, "slots": record["versions"],
