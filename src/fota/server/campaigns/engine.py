@@ -18,7 +18,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from fota.device import protocol as P
@@ -76,7 +76,7 @@ def _held_by_older(s: Session, campaign: Campaign, device_ids: list[str]) -> dic
     return held
 
 
-def _eligibility(campaign: Campaign, release: Release, device: Device, held: dict[str, str]) -> str | None:
+def _eligibility(campaign: Campaign, release: Release, device, held: dict[str, str]) -> str | None:
     """Why ``device`` is skipped, or None if this campaign may drive it."""
     if device.hardware not in release.hardware:
         return f"hardware {device.hardware} not in the release's {', '.join(release.hardware)}"
@@ -92,8 +92,8 @@ def _eligibility(campaign: Campaign, release: Release, device: Device, held: dic
 
 
 def target_devices(s: Session, campaign: Campaign, spec: CampaignSpec, now: datetime,
-                   late: bool = False) -> list[CampaignDevice]:
-    """Add the devices matching the filter that the campaign does not have yet.
+                   late: bool = False) -> int:
+    """Add the devices matching the filter that the campaign does not have yet; returns how many.
 
     At start (late=False) they are spread over the waves; late joiners (dynamic targeting)
     join the current wave. Devices of other hardware than the release's are never added.
@@ -101,8 +101,10 @@ def target_devices(s: Session, campaign: Campaign, spec: CampaignSpec, now: date
     release = campaign.release
     hardware = [h for h in release.hardware if not spec.filter.hardware or h in spec.filter.hardware]
     if not hardware:
-        return []
-    query = select(Device).where(Device.hardware.in_(hardware), ~select(CampaignDevice.id).where(
+        return 0
+    # Plain rows, not ORM objects: a campaign may target tens of thousands of devices.
+    query = select(Device.id, Device.hardware, Device.version, Device.online, Device.tags,
+                   Device.inventory).where(Device.hardware.in_(hardware), ~select(CampaignDevice.id).where(
         CampaignDevice.campaign_id == campaign.id, CampaignDevice.device_id == Device.id).exists())
     if spec.filter.devices:
         query = query.where(Device.id.in_(spec.filter.devices))
@@ -110,29 +112,30 @@ def target_devices(s: Session, campaign: Campaign, spec: CampaignSpec, now: date
         query = query.where(Device.version.in_(spec.filter.versions))
     if spec.filter.online is not None:
         query = query.where(Device.online.is_(spec.filter.online))
-    devices = sorted((d for d in s.scalars(query) if spec.filter.matches(d)),
+    devices = sorted((d for d in s.execute(query) if spec.filter.matches(d)),
                      key=lambda d: _order(campaign.id, d.id))
-    rows: list[CampaignDevice] = []
-    eligible: list[Device] = []
+    rows: list[dict] = []
+    eligible: list = []
     held = _held_by_older(s, campaign, [d.id for d in devices]) if devices else {}
     for device in devices:
         why = _eligibility(campaign, release, device, held)
         if why is None:
             eligible.append(device)
         else:
-            rows.append(CampaignDevice(campaign_id=campaign.id, device_id=device.id, wave=campaign.wave,
-                                       state=S.SKIPPED, reason=why, updated_at=now))
+            rows.append({"campaign_id": campaign.id, "device_id": device.id, "wave": campaign.wave,
+                         "state": S.SKIPPED, "reason": why, "attempts": 0, "updated_at": now})
     waves = [campaign.wave] * len(eligible) if late else _assign_waves(spec, eligible)
     for device, wave in zip(eligible, waves):
-        rows.append(CampaignDevice(campaign_id=campaign.id, device_id=device.id, wave=wave,
-                                   state=S.QUEUED, updated_at=now))
-    s.add_all(rows)
+        rows.append({"campaign_id": campaign.id, "device_id": device.id, "wave": wave, "state": S.QUEUED,
+                     "reason": None, "attempts": 0, "updated_at": now})
+    if rows:
+        s.execute(insert(CampaignDevice), rows)
     if late and eligible:
         log.info("campaign %s: %d late device(s) joined wave %d", campaign.name, len(eligible), campaign.wave + 1)
-    return rows
+    return len(rows)
 
 
-def _assign_waves(spec: CampaignSpec, devices: list[Device]) -> list[int]:
+def _assign_waves(spec: CampaignSpec, devices: list) -> list[int]:
     """Wave index per device: groups take their members, percentages cumulative shares of the rest."""
     total = len(devices)
     wave_of: dict[str, int] = {}
@@ -434,7 +437,7 @@ class CampaignEngine:
         # Online devices only (a command to an offline device waits for it; its slot would idle);
         # each candidate row-locked, so a device another worker is starting now is skipped.
         candidates = s.execute(
-            select(CampaignDevice, Device)
+            select(CampaignDevice.id, CampaignDevice.device_id, CampaignDevice.attempts, Device.hardware)
             .join(Device, Device.id == CampaignDevice.device_id)
             .where(CampaignDevice.campaign_id == c.id, CampaignDevice.wave <= c.wave, Device.online.is_(True),
                    or_(CampaignDevice.state == S.QUEUED,
@@ -442,28 +445,30 @@ class CampaignEngine:
             .order_by(CampaignDevice.wave, CampaignDevice.id)
             .limit(allowed * 4 + 10)
             .with_for_update(of=[CampaignDevice, Device], skip_locked=True)).all()
-        busy = self._busy(s, c, [device.id for _, device in candidates])
-        starting: list[tuple[CampaignDevice, Job]] = []
-        for row, device in candidates:
-            if len(starting) >= allowed:
+        busy = self._busy(s, c, [row.device_id for row in candidates])
+        chosen, foreign = [], []
+        for row in candidates:
+            if len(chosen) >= allowed:
                 break
-            if device.hardware not in release.hardware:  # re-provisioned meanwhile: never elsewhere
-                _set(row, now, S.SKIPPED, reason=f"hardware {device.hardware} not in the release's list")
-                continue
-            if device.id in busy:
-                continue
-            job = Job(deployment_id=c.deployment_id, device_id=device.id, kind="update", state=PENDING,
-                      bytes_total=release.size, created_at=now, updated_at=now)
-            s.add(job)
-            starting.append((row, job))
-        s.flush()  # job ids, in start order
-        for row, job in starting:
-            row.job_id = job.id
-            row.attempts += 1
-            row.step, row.step_at, row.next_at = "download", now, None
-            _set(row, now, S.IN_FLIGHT)
-        if starting:
-            log.info("campaign %s: started %d device(s)", c.name, len(starting))
+            if row.hardware not in release.hardware:  # re-provisioned meanwhile: never elsewhere
+                foreign.append({"id": row.id, "state": S.SKIPPED, "updated_at": now,
+                                "reason": f"hardware {row.hardware} not in the release's list"})
+            elif row.device_id not in busy:
+                chosen.append(row)
+        if foreign:
+            s.execute(update(CampaignDevice), foreign)
+        if not chosen:
+            return
+        # Bulk statements (thousands of devices may start in one step); job ids in start order.
+        jobs = s.execute(insert(Job).returning(Job.id, sort_by_parameter_order=True),
+                         [{"deployment_id": c.deployment_id, "device_id": row.device_id, "kind": "update",
+                           "state": PENDING, "bytes_total": release.size, "created_at": now, "updated_at": now}
+                          for row in chosen]).scalars().all()
+        s.execute(update(CampaignDevice), [
+            {"id": row.id, "job_id": job_id, "attempts": row.attempts + 1, "step": "download", "step_at": now,
+             "next_at": None, "state": S.IN_FLIGHT, "code": None, "reason": None, "updated_at": now}
+            for row, job_id in zip(chosen, jobs)])
+        log.info("campaign %s: started %d device(s)", c.name, len(chosen))
 
     @staticmethod
     def _busy(s: Session, c: Campaign, device_ids: list[str]) -> set[str]:
