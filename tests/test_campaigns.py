@@ -465,3 +465,53 @@ def test_campaign_state_tables_match_the_docs():
     section = doc.split("## 3. A device in a campaign")[1].split("## 4.")[0]
     assert re.findall(r"^\| `(\w+)` \|", section, re.M) == list(S.DEVICE_STATES)
     assert {f for f, _, _ in S.TRANSITIONS} | {t for _, _, t in S.TRANSITIONS} == set(S.STATES)
+
+
+ENGINE_LOOP = """
+import sys, time
+from fota.server.campaigns import CampaignEngine
+from fota.server.store import Store
+engine = CampaignEngine(Store(sys.argv[1]))
+print("ticking", flush=True)
+while True:
+    engine.tick()
+    time.sleep(0.05)
+"""
+
+
+def test_engine_process_killed_mid_campaign_loses_nothing(rig):
+    """The engine keeps no state of its own: kill -9 one engine process, the next carries on."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    rig.release()
+    ids = [rig.devices.add(f"k{i}") for i in range(12)]
+    create_campaign(rig.store, "kill", "2.0.0", {"waves": [25, 50, 100], "max_in_flight": 3, "probation": 0})
+    start_campaign(rig.store, "kill")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+
+    def engine():
+        proc = subprocess.Popen([sys.executable, "-c", ENGINE_LOOP, rig.store.url], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout.readline().strip() == "ticking"
+        return proc
+
+    def succeeded():
+        return sum(1 for d in ids if rig.state("kill", d) == S.SUCCEEDED)
+
+    first = engine()
+    try:
+        wait_until(lambda: succeeded() >= 4, timeout=60, what="first engine at work")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    assert rig.campaign("kill").state == S.RUNNING and succeeded() < len(ids)
+    second = engine()
+    try:
+        wait_until(lambda: rig.campaign("kill").state == S.DONE, timeout=60, what="second engine finishes")
+    finally:
+        second.send_signal(signal.SIGKILL)
+        second.wait(10)
+    assert succeeded() == len(ids)
+    assert sorted(j.device_id for j in rig.jobs()) == sorted(ids)  # one job each: nothing started twice
