@@ -104,13 +104,6 @@ def rig(tmp_path, broker, db_url):
     r.close()
 
 
-@pytest.fixture
-def sqlite_rig(tmp_path, broker, sqlite_url):
-    r = Rig(tmp_path, broker, sqlite_url)
-    yield r
-    r.close()
-
-
 # ---------------------------------------------------------------- waves and probation
 
 def test_wave_advances_only_after_confirmed_and_probation(rig):
@@ -147,8 +140,7 @@ def test_wave_advances_only_after_confirmed_and_probation(rig):
     assert [w["counts"] for w in summary["waves"]] == [{"succeeded": 1}, {"succeeded": 3}, {"probation": 1}]
 
 
-def test_unhealthy_and_reverted_devices_count_as_failed(sqlite_rig):
-    rig = sqlite_rig
+def test_unhealthy_and_reverted_devices_count_as_failed(rig):
     rig.release()
     bad = rig.devices.add("bad", behaviour="unhealthy")
     back = rig.devices.add("back", behaviour="revert")
@@ -217,8 +209,7 @@ def test_failure_threshold_aborts_cancels_downloads_and_lets_installs_finish(rig
     assert rig.row("abort", installing).code == "E_TIMEOUT"
 
 
-def test_operator_abort_of_a_draft_and_of_a_running_campaign(sqlite_rig):
-    rig = sqlite_rig
+def test_operator_abort_of_a_draft_and_of_a_running_campaign(rig):
     rig.release()
     d = rig.devices.add("x", "stall")
     create_campaign(rig.store, "draft", "2.0.0")
@@ -254,8 +245,7 @@ def test_rate_limit_counts_starts_per_minute(rig):
     assert {j.device_id for j in rig.jobs()} <= set(ids)
 
 
-def test_rate_grows_while_no_device_fails(sqlite_rig):
-    rig = sqlite_rig
+def test_rate_grows_while_no_device_fails(rig):
     rig.release()
     for i in range(12):
         rig.devices.add(f"g{i}", "silent")
@@ -272,8 +262,7 @@ def test_rate_grows_while_no_device_fails(sqlite_rig):
     assert rig.campaign("grow").rate == 5 and len(rig.jobs()) == 11
 
 
-def test_maintenance_window_respected(sqlite_rig):
-    rig = sqlite_rig
+def test_maintenance_window_respected(rig):
     rig.release()
     for i in range(3):
         rig.devices.add(f"m{i}", "silent")
@@ -346,9 +335,8 @@ def test_timeouts_retry_with_back_off_then_fail(rig):
 
 # ---------------------------------------------------------------- targeting
 
-@pytest.mark.parametrize("dynamic", [True, False])
-def test_late_joining_device_picked_up_only_when_dynamic(sqlite_rig, dynamic):
-    rig = sqlite_rig
+@pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic", "static"])
+def test_late_joining_device_picked_up_only_when_dynamic(rig, dynamic):
     rig.release()
     first = rig.devices.add("first", tags=["field"])
     create_campaign(rig.store, "late", "2.0.0", {"filter": {"tags": ["field"]}, "waves": [100],
@@ -388,8 +376,7 @@ def test_hardware_min_version_and_filters_respected(rig):
         create_campaign(rig.store, "esp-only", "2.0.0", {"filter": {"hardware": ["esp32"]}})
 
 
-def test_two_campaigns_never_drive_the_same_device(sqlite_rig):
-    rig = sqlite_rig
+def test_two_campaigns_never_drive_the_same_device(rig):
     rig.release("2.0.0")
     rig.release("2.1.0")
     a = rig.devices.add("a", "stall")
