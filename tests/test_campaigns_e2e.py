@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 
-
 from fota.examples import hello_files
 from fota.server.campaigns import abort_campaign, campaign_summary, create_campaign, start_campaign
 from fota.server.deployments import device_history
