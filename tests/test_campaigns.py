@@ -250,7 +250,8 @@ def test_rate_grows_while_no_device_fails(rig):
     for i in range(12):
         rig.devices.add(f"g{i}", "silent")
     create_campaign(rig.store, "grow", "2.0.0", {"waves": [100], "rate": 2, "rate_growth": 2, "max_rate": 5,
-                                                 "max_in_flight": 100, "timeouts": {"download": 3600}})
+                                                 "failure": 100, "max_in_flight": 100,
+                                                 "timeouts": {"download": 3600}})
     start_campaign(rig.store, "grow", now=rig.clock.now)
     rig.tick(3)
     assert len(rig.jobs()) == 2
@@ -260,6 +261,13 @@ def test_rate_grows_while_no_device_fails(rig):
     rig.clock.advance(60)
     rig.tick(3)
     assert rig.campaign("grow").rate == 5 and len(rig.jobs()) == 11
+    # a failure within the minute: back to the base rate
+    with rig.store.session() as s:
+        row = s.scalars(select(CampaignDevice).where(CampaignDevice.state == S.IN_FLIGHT)).first()
+        row.state, row.code, row.updated_at = S.FAILED, "E_INSTALL", rig.clock.now
+    rig.clock.advance(60)
+    rig.tick()
+    assert rig.campaign("grow").rate == 2
 
 
 def test_maintenance_window_respected(rig):
