@@ -44,6 +44,8 @@ def test_campaign_lifecycle_over_the_api_is_audited(env):
     assert [w["counts"] for w in view["waves"]] == [{"in_flight": 1}, {"queued": 1}]
     only = env.client.get(f"{API}/campaigns/spring", params={"wave": 2}, headers=reader).json()["devices"]
     assert [d["device"] for d in only] == ["dev-2"]
+    page = env.client.get(f"{API}/campaigns/spring", params={"offset": 1, "limit": 1}, headers=reader).json()
+    assert [d["device"] for d in page["devices"]] == [view["devices"][1]["device"]]
     assert env.client.post(f"{API}/campaigns/spring/pause", headers=admin).json()["state"] == "paused"
     assert env.client.post(f"{API}/campaigns/spring/resume", headers=admin).json()["state"] == "running"
     assert env.client.post(f"{API}/campaigns/spring/abort", headers=admin).json()["state"] == "aborting"

@@ -403,13 +403,16 @@ def _router() -> APIRouter:
                 responses={404: {"model": ErrorOut}})
     def campaign(ref: str, store: StoreDep, devices: bool = True,
                  state: Annotated[str | None, Query(description="only devices in this state")] = None,
-                 wave: Annotated[int | None, Query(ge=1, description="only devices of this wave")] = None):
-        """A campaign by name or id: waves and (filterable) per-device states."""
+                 wave: Annotated[int | None, Query(ge=1, description="only devices of this wave")] = None,
+                 offset: Annotated[int, Query(ge=0, description="skip this many devices")] = 0,
+                 limit: Annotated[int | None, Query(ge=1, description="at most this many devices")] = None):
+        """A campaign by name or id: waves and (filterable, pageable) per-device states."""
         with _service_errors(404):
             summary = campaign_summary(store, ref, devices=devices)
         if devices:
-            summary["devices"] = [d for d in summary["devices"]
-                                  if (state is None or d["state"] == state) and (wave is None or d["wave"] == wave)]
+            rows = [d for d in summary["devices"]
+                    if (state is None or d["state"] == state) and (wave is None or d["wave"] == wave)]
+            summary["devices"] = rows[offset:None if limit is None else offset + limit]
         return summary
 
     @router.post("/campaigns", response_model=CampaignOut, status_code=201, tags=["campaigns"],
