@@ -7,10 +7,14 @@ One MQTT connection (gmqtt, MQTT 5, persistent session ``fota-center``) and thre
   (one transaction per 50 ms or 200 messages); a QoS 1 message is acknowledged to the
   broker only after its batch committed, so a crash never loses a status;
 * chunk server: fota/v1/<dev>/req -> chunks on fota/v1/<dev>/data (QoS 0), from an
-  in-memory job cache so the hot path never touches the database.
+  in-memory job cache so the hot path never touches the database;
+* campaigns: every ``campaign_interval`` seconds one step of each active campaign
+  (fota.server.campaigns.CampaignEngine), which adds the jobs the sender then sends and
+  ``cancel`` jobs (signed cancel commands) on abort or timeout.
 
 All database work runs on one worker thread: the event loop (and so the chunk server)
-never blocks on it, and SQLite never sees two writers of ours at once.
+never blocks on it, and SQLite never sees two writers of ours at once. (On PostgreSQL the
+campaign steps run on a second thread: row locks keep them apart from other writers.)
 """
 from __future__ import annotations
 
@@ -224,6 +228,10 @@ class ControlCenter:
         self._served: defaultdict[int, int] = defaultdict(int)  # job -> bytes not yet in the DB
         self._client: MQTTClient | None = None
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fota-db")
+        # Campaign steps get a thread of their own on PostgreSQL (a big step must not hold up
+        # ingestion); on SQLite they share the one DB thread (one writer of ours at a time).
+        self._campaign_db = self._db if store.engine.dialect.name == "sqlite" else \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="fota-campaigns")
         self._tasks: list[asyncio.Task] = []
         self._wakeup = asyncio.Event()    # something to flush
         self._full = asyncio.Event()      # flush_max messages queued
@@ -289,6 +297,7 @@ class ControlCenter:
                 item.done.set_result(None)
         self._queue = []
         self._db.shutdown(wait=True)
+        self._campaign_db.shutdown(wait=True)
 
     async def __aenter__(self) -> ControlCenter:
         await self.start()
@@ -490,7 +499,7 @@ class ControlCenter:
     async def _campaign_loop(self) -> None:
         while True:
             try:
-                await self._db_call(self._campaigns.tick)
+                await asyncio.get_running_loop().run_in_executor(self._campaign_db, self._campaigns.tick)
             except asyncio.CancelledError:
                 raise
             except Exception:
