@@ -384,13 +384,10 @@ class CampaignEngine:
             total = sum(n for st, n in counts[c.wave].items() if st != S.SKIPPED)
             succeeded = counts[c.wave][S.SUCCEEDED]
             unsettled = sum(counts[c.wave][st] for st in S.UNSETTLED)
-            if total and succeeded < wave.success / 100 * total:
-                if not unsettled:
-                    c.state = S.advance(c.state, "failure_threshold")
-                    c.reason = (f"wave {c.wave + 1} settled below its success threshold: {succeeded} of {total} "
-                                f"succeeded (needs {wave.success:g}%)")
-                return
             if c.wave == last:
+                # The success threshold gates the next wave; after the last one there is none:
+                # the campaign is done once every device settled (failures were judged by the
+                # failure threshold on the way).
                 if spec.dynamic:  # open-ended: late devices may still join; an operator ends it
                     c.reason = None if any(counts[w][st] for w in counts for st in S.UNSETTLED) \
                         else "every targeted device settled; waiting for new devices (dynamic)"
@@ -398,6 +395,12 @@ class CampaignEngine:
                     c.state = S.advance(c.state, "all_settled")
                     c.finished_at = now
                     c.reason = None
+                return
+            if total and succeeded < wave.success / 100 * total:
+                if not unsettled:
+                    c.state = S.advance(c.state, "failure_threshold")
+                    c.reason = (f"wave {c.wave + 1} settled below its success threshold: {succeeded} of {total} "
+                                f"succeeded (needs {wave.success:g}%)")
                 return
             if wave.approval:
                 c.state = S.advance(c.state, "wave_needs_approval")
