@@ -40,7 +40,6 @@ PHASES = {PENDING: "download", SENT: "download", P.DOWNLOADING: "download",
 PERMANENT_CODES = frozenset({P.E_HW_MISMATCH, P.E_DOWNGRADE, P.E_TOO_LARGE, P.E_BAD_MANIFEST,
                              P.E_UNKNOWN_KEY, P.E_KEY_REVOKED, P.E_KEY_EXPIRED, P.E_BAD_SIGNATURE,
                              P.E_DECRYPT, P.E_WRONG_DEVICE})
-HEALTH = "health"  # status kind a device publishes after every boot (docs/protocol.md §6)
 
 
 def _chunks(items: list, size: int = 1000):
@@ -338,7 +337,7 @@ class CampaignEngine:
         for ids in _chunks([r.device_id for r in rows]):
             for device_id, boot, seq, payload in s.execute(
                     select(StatusEvent.device_id, StatusEvent.boot, StatusEvent.seq, StatusEvent.payload)
-                    .where(StatusEvent.device_id.in_(ids), StatusEvent.state == HEALTH,
+                    .where(StatusEvent.device_id.in_(ids), StatusEvent.state == P.HEALTH,
                            StatusEvent.version == c.release.version)):
                 reports[device_id].append(((boot, seq), payload))
         for row in rows:
