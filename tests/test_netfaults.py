@@ -1,0 +1,151 @@
+"""Network faults between real MicroPython devices and the real Mosquitto.
+
+The devices connect through fota.tools.faultproxy (their config.json points at the proxy);
+the control center talks to the broker directly. Cuts every few KiB, a stall longer than the
+device's stall deadline, and a throttled link.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from fota.device import protocol as P
+from fota.examples import hello_files
+from fota.server.deployments import create_deployment
+from fota.server.releases import create_release
+from fota.tools.bundle import pack_files
+from fota.tools.devicedir import verify_slot
+from fota.tools.faultproxy import FaultProxy
+
+from fleet import Fleet, wait_until
+
+SIM_SLOT = 128 * 1024
+
+
+@pytest.fixture
+def proxy(broker):
+    p = FaultProxy(broker.port).start_thread()
+    yield p
+    p.stop_thread()
+
+
+@pytest.fixture
+def fleet(tmp_path, broker, sqlite_url):
+    f = Fleet(tmp_path, broker, sqlite_url)
+    yield f
+    f.close()
+
+
+def _add_via_proxy(fleet, proxy, device_id, **settings):
+    """Provision a device whose broker address is the proxy, then start it."""
+    proc = fleet.add_device(device_id, start=False, **settings)
+    cfg_path = proc.root / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["broker"]["port"] = proxy.port
+    cfg["broker"]["backoff_ms"] = 100
+    cfg_path.write_text(json.dumps(cfg, indent=1))
+    return proc.start()
+
+
+def _bundle(version, size):
+    files = dict(hello_files(version))
+    files["assets/blob.bin"] = os.urandom(size)
+    return pack_files(files)
+
+
+def _never_bad(fleet, device):
+    """No status of the device reports a wrong hash, a failed install or a revert."""
+    bad = [s for s in fleet.spy.of(device)
+           if s.get("code") in (P.E_HASH_MISMATCH, P.E_INSTALL, P.E_BAD_BUNDLE)
+           or s["state"] in (P.FAILED, P.REVERTED)]
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("budget", [{"cut_after_down": 3072}, {"cut_after": 4096}],
+                         ids=["down-3KiB", "total-4KiB"])
+def test_update_completes_through_a_cut_every_few_kib_and_installs_the_exact_release(fleet, proxy, budget):
+    files_dev, sim_dev = "cut-files", "cut-sim"
+    _add_via_proxy(fleet, proxy, files_dev)
+    _add_via_proxy(fleet, proxy, sim_dev, hardware="sim-board", backend="sim", capacity=SIM_SLOT)
+    fleet.wait_online(files_dev, sim_dev)
+    bundle_rel = create_release(fleet.store, fleet.blobs, fleet.key, _bundle("1.1.0", 40_000), "1.1.0", ["unix"])
+    image_rel = create_release(fleet.store, fleet.blobs, fleet.key, os.urandom(40_000), "1.1.1", ["sim-board"],
+                               kind="image")
+    start = (proxy.bytes_up, proxy.bytes_down, proxy.cuts)
+    for name, value in budget.items():
+        setattr(proxy, name, value)  # from now on every connection is cut after that budget
+    deps = [create_deployment(fleet.store, bundle_rel, device_ids=[files_dev]),
+            create_deployment(fleet.store, image_rel, device_ids=[sim_dev])]
+    jobs = [d.jobs[0].id for d in deps]
+    for job_id in jobs:
+        j = fleet.wait_job(job_id, timeout=180)
+        assert j.state == P.CONFIRMED, (j.state, j.code, j.reason)
+    fleet.wait_online(files_dev, version="1.1.0", timeout=60)
+    fleet.wait_online(sim_dev, version="1.1.1", timeout=60)
+    up, down, cuts = (proxy.bytes_up - start[0], proxy.bytes_down - start[1], proxy.cuts - start[2])
+
+    image_bytes = bundle_rel.size + image_rel.size
+    assert cuts >= image_bytes // 4096  # the transfer really went through many cut connections
+    for dev, rel in ((files_dev, bundle_rel), (sim_dev, image_rel)):
+        rec = fleet.boot_record(dev)
+        assert rec["active"] == "b" and rec["versions"]["b"] == rel.version and rec["trial"] is None
+        assert verify_slot(fleet.root(dev), "b", json.loads(rel.manifest)) == []
+        _never_bad(fleet, dev)
+        states = [s["state"] for s in fleet.spy.of(dev, deps[0 if dev == files_dev else 1].jobs[0].id)]
+        assert states.index(P.VERIFYING) < states.index(P.INSTALLING) < states.index(P.CONFIRMED)
+        assert fleet.devices[dev].reboots == 1  # one reboot into the new slot; cuts cost none
+    served = sum(fleet.job(j).bytes_served for j in jobs)
+    # What the faults cost, against the image bytes (printed; shown with pytest -s).
+    print(f"\n{budget}: images {image_bytes} B, cuts {cuts}, proxy->devices {down} B "
+          f"({down / image_bytes:.2f}x), devices->proxy {up} B ({up / image_bytes:.2f}x), "
+          f"center served {served} B ({served / image_bytes:.2f}x)")
+    assert down >= image_bytes and served >= image_bytes
+
+
+def test_stall_longer_than_the_deadline_fails_with_e_timeout_and_keeps_the_firmware(fleet, proxy):
+    dev = "stall-1"
+    # stall deadline 3 s: the link goes silent for 8 s once 8000 bytes reached the device
+    _add_via_proxy(fleet, proxy, dev, stall_timeout_ms=3000, chunk_timeout_ms=1000)
+    fleet.wait_online(dev)
+    rel = create_release(fleet.store, fleet.blobs, fleet.key, _bundle("1.2.0", 60_000), "1.2.0", ["unix"])
+    proxy.stall_after, proxy.stall_for = proxy.sessions[-1].down + 8000, 8.0
+    t0 = time.monotonic()
+    dep = create_deployment(fleet.store, rel, device_ids=[dev])
+    j = fleet.wait_job(dep.jobs[0].id, timeout=60)
+    assert (j.state, j.code) == (P.FAILED, P.E_TIMEOUT), (j.state, j.code, j.reason)
+    assert "no chunk for 3000 ms" in j.reason
+    assert proxy.stalls == 1 and proxy.cuts == 0  # stalled, never cut
+    assert time.monotonic() - t0 >= 3.0
+    failed = [s for s in fleet.spy.of(dev, j.id) if s["state"] == P.FAILED]
+    assert len(failed) == 1 and 0 < failed[0]["bytes"] < rel.size  # it stopped part-way
+    # The device keeps its firmware: same slot, nothing on trial, no reboot, still reachable.
+    rec = fleet.boot_record(dev)
+    assert rec["active"] == "a" and rec["trial"] is None and rec["versions"]["b"] is None
+    assert fleet.running_version(dev) == "1.0.0" and fleet.devices[dev].reboots == 0
+    assert not (fleet.root(dev) / "journal.json").exists()
+    assert not (fleet.root(dev) / "slots" / "b" / "app").exists()
+    wait_until(lambda: fleet.device_row(dev).online, timeout=30, what="device online after the stall")
+    assert fleet.device_row(dev).version == "1.0.0"
+
+
+def test_throttled_link_still_completes(fleet, proxy):
+    dev = "slow-1"
+    rate = 16_000
+    proxy.throttle_up = proxy.throttle_down = rate
+    _add_via_proxy(fleet, proxy, dev)
+    fleet.wait_online(dev)
+    rel = create_release(fleet.store, fleet.blobs, fleet.key, _bundle("1.3.0", 32_000), "1.3.0", ["unix"])
+    dep = create_deployment(fleet.store, rel, device_ids=[dev])
+    j = fleet.wait_job(dep.jobs[0].id, timeout=120)
+    assert j.state == P.CONFIRMED, (j.state, j.code, j.reason)
+    assert verify_slot(fleet.root(dev), "b", json.loads(rel.manifest)) == []
+    _never_bad(fleet, dev)
+    # The download really went at the throttled rate: first to last downloading status.
+    times = [t for t, d, s in fleet.spy.statuses if d == dev and s.get("job") == j.id]
+    states = [s["state"] for t, d, s in fleet.spy.statuses if d == dev and s.get("job") == j.id]
+    download = times[states.index(P.VERIFYING)] - times[0]
+    assert download >= 0.8 * rel.size / rate, download
+    assert proxy.cuts == 0
