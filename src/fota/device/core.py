@@ -318,9 +318,14 @@ class UpdateCore:
                 cmd = journal["cmd"]
                 job = Job(cmd, self._verify(cmd), self.settings.max_inflight)
                 pos = journal["pos"]
-                if hasher is None or not 0 <= pos <= job.chunks:
-                    raise Rejection(P.E_INSTALL, "bad journal")
-            except (Rejection, KeyError, TypeError, ValueError):
+                if not isinstance(pos, int) or not 0 <= pos <= job.chunks:
+                    raise ValueError("bad journal position")
+            except Rejection as r:
+                # The job cannot go on (e.g. its key was revoked meanwhile): say so, or the
+                # control center would wait for it forever.
+                msg = self._status(P.FAILED, job=cmd.get("job"), code=r.code, reason=r.reason)
+                return [self._agent_state(), (A_JOURNAL, None), self._publish_status(msg)]
+            except (KeyError, TypeError, ValueError, AttributeError):
                 return [self._agent_state(), (A_JOURNAL, None)]
             # The journal is also the record that the job was accepted: it is written before
             # last_job (see _update), and a cut between the two must not let the command run twice.
@@ -328,8 +333,11 @@ class UpdateCore:
                 self.last_job = job.id
             if isinstance(cmd.get("time"), int) and cmd["time"] > self.time:
                 self.time = cmd["time"]
-            if job.delta:
-                # The decoder's state is not checkpointed: a patch starts over (it is small).
+            if job.delta or hasher is None:
+                # A patch starts over: the decoder's state is not checkpointed (it is small). So
+                # does a download whose slot could not be re-read up to the checkpoint (e.g. a
+                # power cut after the install unpacked and deleted the image, before the trial
+                # was marked), instead of being dropped without a word.
                 pos = 0
                 hasher = hashlib.sha256()
                 actions += [(A_BEGIN, job.manifest["size"], job.delta_expect()), (A_JOURNAL, {"cmd": cmd, "pos": 0})]

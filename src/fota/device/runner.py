@@ -130,7 +130,9 @@ class Device:
             # image while on trial.
             report = self.record.get("report") or {}
             if self.record.get("trial") or cmd.get("job") == report.get("job"):
-                raise ValueError("its download is over")
+                log("journal of a finished download dropped")
+                fsutil.remove(self._path("journal.json"))
+                return None, None
             if cmd.get("delta"):
                 return journal, hashlib.sha256()  # the core restarts a patch from its start
             chunk = cmd["chunk"]
@@ -153,9 +155,9 @@ class Device:
             log("resuming job", cmd.get("job"), "at byte", offset)
             return journal, hasher
         except (OSError, KeyError, TypeError, ValueError) as e:
-            log("journal unusable, starting over:", e)
-            fsutil.remove(self._path("journal.json"))
-            return None, None
+            # The core downloads the job again from the start (or drops a malformed journal).
+            log("cannot resume from the slot, starting the download over:", e)
+            return journal, None
 
     # ---- actions ----------------------------------------------------------------------------
     def execute(self, actions):

@@ -49,6 +49,8 @@ class DeviceProcess:
         self.restart_delay = restart_delay
         self.exits: list[int] = []
         self.starts = 0
+        self.started_at = 0.0   # time.monotonic() of the latest start
+        self.kills = 0          # SIGKILLs sent by kill()
         self._proc: subprocess.Popen | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -76,6 +78,7 @@ class DeviceProcess:
                     break
                 self._proc = self._spawn()
                 self.starts += 1
+                self.started_at = time.monotonic()
             code = self._proc.wait()
             self.exits.append(code)
             if code == 0 or self._stop.is_set():
@@ -93,13 +96,24 @@ class DeviceProcess:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc and self._proc.poll() is None else None
 
-    def kill(self) -> bool:
-        """SIGKILL the running agent (a power cut); the supervisor restarts it."""
+    def kill(self, wait: bool = False) -> bool:
+        """SIGKILL the running agent (a power cut); the supervisor restarts it.
+
+        wait: return only once the process is gone, so its files can be inspected before the
+        restart (which follows after 4 x restart_delay). False if no agent was running.
+        """
         with self._lock:
-            if self._proc and self._proc.poll() is None:
-                self._proc.send_signal(signal.SIGKILL)
-                return True
-        return False
+            proc = self._proc
+            if not proc or proc.poll() is not None:
+                return False
+            proc.send_signal(signal.SIGKILL)
+            self.kills += 1
+        if wait:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        return True
 
     def stop(self) -> None:
         self._stop.set()
