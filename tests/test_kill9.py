@@ -1,0 +1,168 @@
+"""Kill -9 of real MicroPython agents: a sampled kill sweep (bench/killsweep.py runs 200+ kills),
+the exact states two kills left behind that the sweep found, and the core's side of the fix."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import time
+
+import pytest
+
+from bench import killsweep as K
+from fota.device import boot as bootrec
+from fota.device import core as C
+from fota.device import protocol as P
+from fota.server.deployments import create_deployment
+from fota.server.releases import create_release, update_command
+from fota.tools.devicedir import verify_slot
+from fota.tools.supervisor import DeviceProcess
+
+from fleet import Fleet, wait_until
+from test_core import Harness, cmd, make_update, new_core, trust_doc
+
+OTHER_KEY = __import__("fota.tools.signing", fromlist=["x"]).generate_private_key()
+
+
+# ---------------------------------------------------------------- the core (CPython, no I/O)
+
+def _half_download(key, image):
+    h = Harness(key)
+    h.run(h.core.command(cmd(make_update(key, image, chunk=256, window=4))))
+    for i in range(6):
+        h.run(h.core.chunk(struct.pack(">II", 1, i) + image[i * 256:(i + 1) * 256]))
+    assert h.journal["pos"] == 4
+    return h.journal
+
+
+def test_resume_without_a_readable_slot_downloads_the_job_again(key):
+    image = os.urandom(4096)
+    journal = _half_download(key, image)
+    core = new_core(agent={"last_job": 1, "boot": 2})
+    actions = core.booted({"trial": None}, journal, None)  # the runner could not re-hash the slot
+    assert (C.A_BEGIN, len(image)) in actions
+    assert (C.A_JOURNAL, {"cmd": journal["cmd"], "pos": 0}) in actions
+    h = Harness(key)
+    h.core, h.slot, h.published = core, bytearray(), []
+    h.run(core.connected_())
+    assert h.requests()[0]["first"] == 0
+    h.serve(image, 256)
+    assert bytes(h.slot) == image and h.rebooted and h.trial["job"] == 1
+
+
+def test_journalled_job_that_no_longer_verifies_is_reported_not_dropped(key):
+    journal = _half_download(key, os.urandom(4096))
+    # The trust document no longer certifies the key that signed the release.
+    core = new_core(agent={"last_job": 1, "boot": 2}, trust=trust_doc(OTHER_KEY))
+    actions = core.booted({"trial": None}, journal, hashlib.sha256())
+    assert (C.A_JOURNAL, None) in actions
+    statuses = [json.loads(a[2]) for a in actions if a[0] == C.A_PUBLISH and a[1] == P.STATUS]
+    assert [(s["job"], s["state"], s["code"]) for s in statuses] == [(1, P.FAILED, P.E_UNKNOWN_KEY)]
+    assert core.state == P.IDLE and core.job is None
+
+
+@pytest.fixture(scope="module")
+def key():
+    from test_core import SIGNING_KEY
+    return SIGNING_KEY
+
+
+# ---------------------------------------------------------------- real agents, exact kill states
+
+@pytest.fixture
+def fleet(tmp_path, broker, sqlite_url):
+    f = Fleet(tmp_path, broker, sqlite_url)
+    yield f
+    f.close()
+
+
+def _restart(fleet, dev):
+    """A new supervisor on the same device directory (the old one was stopped)."""
+    proc = DeviceProcess(fleet.root(dev), heap=fleet.heap)
+    fleet.devices[dev] = proc
+    return proc.start()
+
+
+def test_kill_after_unpacking_before_the_trial_mark_still_completes_the_job(fleet):
+    """A kill after the files backend unpacked the bundle and deleted image.bin, before the trial
+    was marked, leaves a journal whose slot cannot be re-read. The job used to stay 'installing'
+    forever; now the agent downloads it again and confirms."""
+    dev = "kill-unpacked"
+    fleet.add_device(dev)
+    fleet.wait_online(dev)
+    rel = create_release(fleet.store, fleet.blobs, fleet.key, K.bundle_of_size("4.0.0", 40_000), "4.0.0", ["unix"])
+    dep = create_deployment(fleet.store, rel, device_ids=[dev])
+    job = dep.jobs[0].id
+    wait_until(lambda: any(s["state"] == P.DOWNLOADING for s in fleet.spy.of(dev, job)), what="download start")
+    fleet.devices[dev].stop()
+    root = fleet.root(dev)
+    assert (root / "journal.json").exists()
+    (root / "slots" / "b" / "image.bin").unlink()  # what finalize() does last
+    _restart(fleet, dev)
+    j = fleet.wait_job(job, timeout=60)
+    assert j.state == P.CONFIRMED, (j.state, j.code, j.reason)
+    assert "starting the download over" in fleet.devices[dev].log_text()
+    assert verify_slot(root, "b", json.loads(rel.manifest)) == []
+    assert fleet.running_version(dev) == "4.0.0" and not (root / "journal.json").exists()
+
+
+def test_kill_between_trial_mark_and_journal_delete_leaves_the_fallback_slot_alone(fleet):
+    """The state a kill leaves between A_SET_TRIAL and deleting the journal, on the sim flash
+    backend: the trial boot used to resume the journal into the *other* slot (the one it falls
+    back to), erasing a sector of it, and kept the journal for a later boot."""
+    dev = "kill-marked"
+    slot = 64 * 1024
+    fleet.add_device(dev, hardware="sim-board", backend="sim", capacity=slot)
+    fleet.wait_online(dev)
+    fleet.devices[dev].stop()
+    root = fleet.root(dev)
+    image = os.urandom(20_000)
+    rel = create_release(fleet.store, fleet.blobs, fleet.key, image, "5.0.0", ["sim-board"], kind="image")
+    job = 4242  # not a control-center job: the statuses are checked on the wire
+    old_firmware = os.urandom(slot)
+    with open(root / "flash.bin", "r+b") as f:
+        f.write(old_firmware)                  # slot a: what the device falls back to
+        f.seek(slot)
+        f.write(image)                         # slot b: the verified, installed image
+    body = json.loads(json.loads(update_command(job, dev, rel, fleet.signer))["body"])
+    (root / "journal.json").write_text(json.dumps({"cmd": body, "pos": 4}))
+    record = json.loads((root / "boot.json").read_text())
+    bootrec.set_trial(record, job, "5.0.0", 0)
+    (root / "boot.json").write_text(json.dumps(record))
+    agent = json.loads((root / "agent.json").read_text())
+    agent["last_job"] = job
+    (root / "agent.json").write_text(json.dumps(agent))
+
+    _restart(fleet, dev)
+    wait_until(lambda: any(s["state"] == P.CONFIRMED for s in fleet.spy.of(dev, job)), timeout=30,
+               what="confirmed")
+    time.sleep(0.3)
+    rec = fleet.boot_record(dev)
+    assert rec["active"] == "b" and rec["trial"] is None
+    assert not (root / "journal.json").exists()
+    flash = (root / "flash.bin").read_bytes()
+    assert flash[:slot] == old_firmware  # the fallback slot is untouched
+    assert verify_slot(root, "b", json.loads(rel.manifest), capacity=slot) == []
+    # Restarting again does not resume the finished job.
+    fleet.devices[dev].kill(wait=True)
+    wait_until(lambda: fleet.devices[dev].starts >= 2 and fleet.device_row(dev).online, timeout=30,
+               what="restart")
+    time.sleep(0.5)
+    assert [s for s in fleet.spy.of(dev, job) if s["state"] not in (P.TRIAL, P.CONFIRMED)] == []
+    assert (root / "flash.bin").read_bytes()[:slot] == old_firmware
+
+
+# ---------------------------------------------------------------- a sampled kill sweep
+
+def test_sampled_kill_sweep_every_phase_no_brick_no_lost_status(tmp_path):
+    """~15 SIGKILLs of 3 real agents during download, install, trial boot and confirm; every
+    job ends confirmed at the control center and every device on a verified slot."""
+    t0 = time.monotonic()
+    s = K.sweep(tmp_path, devices=3, kills=15, min_per_phase=1, seed=11, image_kib=32, timeout=60)
+    per_phase = {r["phase"]: r["kills"] for r in s["phases"]}
+    assert s["kills"] >= 15 and all(per_phase[p] >= 1 for p in K.PHASES), per_phase
+    assert s["bricked"] == 0 and s["lost_statuses"] == 0
+    assert s["completed"] == s["jobs"] and s["verified"] == s["jobs"]
+    assert s["bad_statuses"] == []
+    print(f"\n{s['kills']} kills in {s['rounds']} rounds ({time.monotonic() - t0:.0f} s): {per_phase}")
