@@ -38,7 +38,7 @@ from fota.tools.devicedir import verify_slot
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "killsweep.json"
 
-PHASES = ("download", "install", "trial", "confirm")
+PHASES = ("command", "download", "install", "trial", "confirm")
 OTHER = "idle"                # a kill that landed outside the job (already confirmed)
 MAX_TRIAL_BOOTS = 3           # the agent's default max_trial_boots
 BAD_CODES = (P.E_HASH_MISMATCH, P.E_INSTALL, P.E_BAD_BUNDLE)
@@ -59,25 +59,37 @@ class Watcher:
         self.client.on_message = self._on_message
         self.client.connect(broker.host, broker.port)
         self.client.subscribe([(P.PREFIX + "+/" + P.STATUS, 1), (P.PREFIX + "+/" + P.ONLINE, 1),
-                               (P.PREFIX + "+/" + P.REQ, 0)])
+                               (P.PREFIX + "+/" + P.REQ, 0), (P.PREFIX + "+/" + P.CMD, 1)])
         self.client.loop_start()
 
-    def arm(self, device: str, fire) -> None:
-        """Call fire() from the network thread as soon as the device's next online "1" arrives:
-        no polling delay between the agent reaching the broker and the kill."""
-        self.armed[device] = fire
+    def arm(self, device: str, fire, on: str = "online") -> None:
+        """Call fire() from the network thread as soon as the device's next online "1" (or, with
+        on="cmd", the next command to it) arrives: no polling delay before the kill."""
+        self.armed[device] = (on, fire)
 
     def disarm(self, device: str) -> None:
         self.armed.pop(device, None)
+
+    def _fire(self, device: str, on: str) -> None:
+        armed = self.armed.get(device)
+        if armed and armed[0] == on and self.armed.pop(device, None):
+            armed[1]()
 
     def _on_message(self, client, userdata, msg):
         t = time.monotonic()
         _, _, device, suffix = msg.topic.split("/")
         if suffix == P.ONLINE:
             self.events[device].append((t, "online", msg.payload == b"1"))
-            fire = self.armed.pop(device, None) if msg.payload == b"1" else None
-            if fire:
-                fire()
+            if msg.payload == b"1":
+                self._fire(device, "online")
+            return
+        if suffix == P.CMD:  # the device receives the same message now
+            try:
+                body = json.loads(json.loads(msg.payload)["body"])
+            except (ValueError, KeyError, TypeError):
+                return
+            self.events[device].append((t, "cmd", body))
+            self._fire(device, "cmd")
             return
         try:
             body = json.loads(msg.payload)
@@ -106,7 +118,8 @@ def _read_json(path: Path):
         return None
 
 
-def classify(record: dict, journal: bool, states_this_boot: list[str], online_this_boot: bool) -> str:
+def classify(record: dict, journal: bool, states_this_boot: list[str], online_this_boot: bool,
+             command_seen: bool = False) -> str:
     """The phase a killed agent was in, from the files it left and what this boot published."""
     trial = record.get("trial")
     if trial and trial.get("tries", 0) == 0:
@@ -117,14 +130,16 @@ def classify(record: dict, journal: bool, states_this_boot: list[str], online_th
         return "confirm"          # confirmed, the report not yet acknowledged by the broker
     if journal:
         return "install" if {P.VERIFYING, P.INSTALLING} & set(states_this_boot) else "download"
+    if command_seen and not states_this_boot:
+        return "command"          # the command arrived; the download had not started
     return OTHER
 
 
 class Durations:
     """Phase lengths measured in the fault-free round (seconds), the scale of the random delays."""
 
-    def __init__(self, download=0.5, install=0.05, trial=0.3, confirm=0.02):
-        self.download, self.install, self.trial, self.confirm = download, install, trial, confirm
+    def __init__(self, command=0.02, download=0.5, install=0.05, trial=0.3, confirm=0.02):
+        self.command, self.download, self.install, self.trial, self.confirm = command, download, install, trial, confirm
 
     def as_dict(self):
         return {k: round(v, 4) for k, v in vars(self).items()}
@@ -156,6 +171,11 @@ class Killer(threading.Thread):
         w, d, rng = self.sweep.watcher, self.sweep.durations, self.rng
         started = self.proc.started_at
         states = [s for _, s in w.states(self.device, self.job, started)]
+        if target == "command":
+            if states or any(b.get("job") == self.job for _, _, b in w.since(self.device, 0, "cmd")):
+                return "missed"
+            # while the agent checks the command's signatures and sets up the download
+            return ("cmd", rng.uniform(0, 0.6 * d.command))
         if target == "download":
             if P.VERIFYING in states or P.INSTALLING in states:
                 return "missed"
@@ -184,7 +204,7 @@ class Killer(threading.Thread):
         # confirm: from the moment the trial boot reached the broker (its online flag)
         if online:
             return rng.uniform(0, d.confirm)  # already there: now (probably late)
-        return ("arm", rng.uniform(0, d.confirm))
+        return ("online", rng.uniform(0, d.confirm))
 
     def run(self):
         for target in self.plan:
@@ -207,8 +227,9 @@ class Killer(threading.Thread):
             return False
         return started, start_no, t_kill
 
-    def _armed(self, target: str, delay: float):
-        """Kill from the watcher's thread when the online flag arrives; None if the job ended."""
+    def _armed(self, target: str, delay: float, on: str):
+        """Kill from the watcher's thread when the online flag (or the command) arrives; None if
+        the job ended first."""
         done = threading.Event()
         box = {}
 
@@ -216,7 +237,7 @@ class Killer(threading.Thread):
             time.sleep(delay)
             box["shot"] = self._shoot(target)
             done.set()
-        self.sweep.watcher.arm(self.device, fire)
+        self.sweep.watcher.arm(self.device, fire, on)
         while not done.wait(0.01):
             if self._done() or self.proc.starts != self.killed_start and self.proc.pid is None:
                 self.sweep.watcher.disarm(self.device)
@@ -246,7 +267,7 @@ class Killer(threading.Thread):
                 time.sleep(0.003)
                 continue
             if isinstance(delay, tuple):
-                shot = self._armed(target, delay[1])
+                shot = self._armed(target, delay[1], delay[0])
                 if shot is None:
                     continue
             else:
@@ -265,7 +286,8 @@ class Killer(threading.Thread):
             w = self.sweep.watcher
             states = [s for t, s in w.states(self.device, self.job, started) if t <= t_kill + 0.05]
             online = any(on for t, _, on in w.since(self.device, started, "online") if t <= t_kill)
-            phase = classify(record, journal, states, online)
+            command_seen = any(b.get("job") == self.job for t, _, b in w.since(self.device, 0, "cmd") if t <= t_kill)
+            phase = classify(record, journal, states, online, command_seen)
             if isinstance(delay, tuple):
                 delay = delay[1]
             self.kills.append({"device": self.device, "job": self.job, "target": target, "phase": phase,
@@ -324,7 +346,9 @@ class Sweep:
         killers = []
         if kills:
             for d in self.ids:
-                plan = (["download"] * rng.randint(1, 3) + ["install"] * rng.randint(1, 2)
+                # the short command window is aimed at in every plan until it had its kills
+                lacking = Counter(k["phase"] for k in self.kills)["command"] < self.args.min_per_phase
+                plan = (["command"] * (lacking or rng.random() < 0.5) + ["download"] * rng.randint(1, 3) + ["install"] * rng.randint(1, 2)
                         + ["trial", "confirm"])
                 k = Killer(self, d, jobs[d], chunks, plan, random.Random(rng.random()))
                 killers.append(k)
@@ -385,6 +409,9 @@ class Sweep:
             online = [t for t, _, on in self.watcher.since(d, seen.get(P.REBOOTING, t0), "online") if on]
             if not {P.DOWNLOADING, P.VERIFYING, P.REBOOTING, P.CONFIRMED} <= set(seen) or not online:
                 continue
+            cmds = [t for t, _, b in self.watcher.since(d, t0, "cmd") if b.get("job") == job]
+            if cmds:
+                spans["command"].append(seen[P.DOWNLOADING] - cmds[0])
             spans["download"].append(seen[P.VERIFYING] - seen[P.DOWNLOADING])
             spans["install"].append(seen[P.REBOOTING] - seen[P.VERIFYING])
             # round 0 has no kills: the running agent is the one that booted on trial

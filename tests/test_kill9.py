@@ -62,6 +62,31 @@ def test_journalled_job_that_no_longer_verifies_is_reported_not_dropped(key):
     assert core.state == P.IDLE and core.job is None
 
 
+def test_accepted_update_persists_its_journal_before_the_job_id(key):
+    """A kill between persisting the job id and the journal lost the job: the redelivered
+    command was a duplicate and nothing was in progress. The journal (holding the command) now
+    goes first; a kill between the two resumes it, and the redelivery stays a duplicate."""
+    image = os.urandom(2048)
+    core = new_core()
+    core.booted({"trial": None})
+    core.connected_()
+    command = cmd(make_update(key, image, job=7))
+    actions = core.command(command)
+    kinds = [a[0] for a in actions]
+    at = kinds.index(C.A_STATE)
+    assert kinds[:at + 1] == [C.A_BEGIN, C.A_JOURNAL, C.A_STATE] and actions[at][1]["last_job"] == 7
+    journal = actions[1][1]
+    # killed right after the journal: agent.json still says job 6
+    again = new_core(agent={"last_job": 6, "boot": 2})
+    boot = again.booted({"trial": None}, journal, hashlib.sha256())
+    assert boot[0] == (C.A_STATE, {"last_job": 7, "boot": 2, "time": again.time})
+    assert again.state == P.DOWNLOADING and again.job.id == 7
+    again.connected_()
+    st = [json.loads(a[2]) for a in again.command(command) if a[0] == C.A_PUBLISH]
+    assert [(s["state"], s["code"]) for s in st] == [(P.REJECTED, P.E_DUPLICATE_JOB)]
+    assert again.state == P.DOWNLOADING and again.job.id == 7  # not superseded by itself
+
+
 @pytest.fixture(scope="module")
 def key():
     from test_core import SIGNING_KEY
@@ -156,10 +181,12 @@ def test_kill_between_trial_mark_and_journal_delete_leaves_the_fallback_slot_alo
 # ---------------------------------------------------------------- a sampled kill sweep
 
 def test_sampled_kill_sweep_every_phase_no_brick_no_lost_status(tmp_path):
-    """~15 SIGKILLs of 3 real agents during download, install, trial boot and confirm; every
-    job ends confirmed at the control center and every device on a verified slot."""
+    """~15 SIGKILLs of 3 real agents between command and download, during download, install,
+    trial boot and confirm; every job ends confirmed at the control center and every device on
+    a verified slot."""
     t0 = time.monotonic()
-    s = K.sweep(tmp_path, devices=3, kills=15, min_per_phase=1, seed=11, image_kib=32, timeout=60)
+    s = K.sweep(tmp_path, devices=3, kills=15, min_per_phase=1, seed=11, image_kib=32, timeout=60,
+                max_rounds=15)
     per_phase = {r["phase"]: r["kills"] for r in s["phases"]}
     assert s["kills"] >= 15 and all(per_phase[p] >= 1 for p in K.PHASES), per_phase
     assert s["bricked"] == 0 and s["lost_statuses"] == 0
