@@ -200,11 +200,11 @@ class Killer(threading.Thread):
             self.sweep.trial_boots[(self.device, self.proc.starts)] = online[0] - started  # keep the scale current
         if target == "trial":
             # before the health check passes: the agent starts, loads its app, connects
-            return max(0.0, started + rng.uniform(0, 0.9 * self.sweep.trial_length()) - time.monotonic())
+            return max(0.0, started + rng.uniform(0, 0.7 * self.sweep.trial_length()) - time.monotonic())
         # confirm: from the moment the trial boot reached the broker (its online flag)
         if online:
             return rng.uniform(0, d.confirm)  # already there: now (probably late)
-        return ("online", rng.uniform(0, d.confirm))
+        return ("online", rng.uniform(0, 0.3 * d.confirm))  # the window is a few ms long
 
     def run(self):
         for target in self.plan:

@@ -1,0 +1,185 @@
+"""Network-fault benchmark: what cuts and throttling cost an update, in bytes and time.
+
+    ./run bench netfaults [--devices 2] [--image-kib 64] [--cuts none,3072,8192,32768]
+                          [--direction down] [--throttle 16000] [--chunk 2048] [--window 8]
+                          [--timeout 180] [--out bench/results/netfaults.json]
+
+A fresh Mosquitto and control center (bench/_fleet.py); the devices connect through
+fota.tools.faultproxy. For each case a new release goes to every device: "none" (no fault, the
+baseline of this run), each cut budget (every connection aborted after that many bytes in
+--direction, or in both directions together with --direction total) and a throttled link. Every
+job must end `confirmed` with the installed slot identical to the release. See bench/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench._fleet import Fleet, TimedOut, bundle_of_size, wait_until
+from fota.device import protocol as P
+from fota.server.deployments import create_deployment
+from fota.server.fleet import provision_device
+from fota.examples import hello_files
+from fota.tools.devicedir import create_device_dir, verify_slot
+from fota.tools.faultproxy import FaultProxy
+from fota.tools.supervisor import DeviceProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "bench" / "results" / "netfaults.json"
+
+
+def log(*args) -> None:
+    print("[netfaults]", *args, file=sys.stderr, flush=True)
+
+
+def _devices(fleet: Fleet, proxy: FaultProxy, ids: list[str]) -> None:
+    """Provision devices whose broker address is the proxy, and start them."""
+    passwords = {}
+    for device_id in ids:
+        _, passwords[device_id] = provision_device(fleet.store, device_id, "unix")
+    fleet.broker.add_users(passwords)
+    for device_id in ids:
+        root = create_device_dir(fleet.tmp / "devices" / device_id, device_id=device_id, hardware="unix",
+                                 host=fleet.broker.host, port=proxy.port, **fleet.device_keys,
+                                 password=passwords[device_id], app_files=hello_files("1.0.0"),
+                                 version="1.0.0", backoff_ms=100)
+        cfg = json.loads((root / "config.json").read_text())
+        cfg["broker"]["backoff_ms"] = 100
+        (root / "config.json").write_text(json.dumps(cfg))
+        proc = DeviceProcess(root, heap=fleet.heap)
+        proc.max_restarts = 1_000_000
+        fleet.devices[device_id] = proc.start()
+
+
+def _case(fleet: Fleet, proxy: FaultProxy, ids: list[str], name: str, number: int, args) -> dict:
+    version = f"1.{number}.0"
+    image = bundle_of_size(version, args.image_kib * 1024)
+    rel = fleet.release(image, version)
+    manifest = json.loads(rel.manifest)
+    up0, down0, cuts0, conns0 = proxy.bytes_up, proxy.bytes_down, proxy.cuts, proxy.connections
+    t0 = time.monotonic()
+    dep = create_deployment(fleet.store, rel, device_ids=ids)
+    jobs = [j.id for j in dep.jobs]
+    try:
+        wait_until(lambda: all(s in P.TERMINAL_STATES for s, _, _ in fleet.job_states(jobs).values()),
+                   timeout=args.timeout, interval=0.05, what=f"{name}: every job terminal")
+    except TimedOut as exc:
+        log(exc)
+    wall = time.monotonic() - t0
+    states = fleet.job_states(jobs)
+    with fleet.store.session() as s:
+        from fota.server.store import Job
+        served = sum(s.get(Job, j).bytes_served or 0 for j in jobs)
+    verified = 0
+    for d in ids:
+        rec = json.loads((Path(fleet.devices[d].root) / "boot.json").read_text())
+        if rec["versions"].get(rec["active"]) == version and not verify_slot(fleet.devices[d].root, rec["active"],
+                                                                             manifest):
+            verified += 1
+    total = rel.size * len(ids)
+    return {"case": name, "version": version, "devices": len(ids), "image": rel.size,
+            "confirmed": sum(1 for st, _, _ in states.values() if st == P.CONFIRMED),
+            "verified": verified, "codes": sorted({c for _, c, _ in states.values() if c}),
+            "cuts": proxy.cuts - cuts0, "connections": proxy.connections - conns0,
+            "down": proxy.bytes_down - down0, "up": proxy.bytes_up - up0, "served": served,
+            "down_x": round((proxy.bytes_down - down0) / total, 3), "up_x": round((proxy.bytes_up - up0) / total, 3),
+            "served_x": round(served / total, 3), "resent": max(0, served - total), "wall_s": round(wall, 3)}
+
+
+def run(tmp: Path, args) -> list[dict]:
+    fleet = Fleet(tmp, chunk=args.chunk, window=args.window, heap=args.heap)
+    proxy = FaultProxy(fleet.broker.port).start_thread()
+    ids = [f"net-{i:02d}" for i in range(args.devices)]
+    results = []
+    try:
+        _devices(fleet, proxy, ids)
+        fleet.wait_online(ids, timeout=60)
+        cases = [c.strip() for c in args.cuts.split(",") if c.strip()]
+        if args.throttle:
+            cases.append(f"throttle {args.throttle}")
+        for number, case in enumerate(cases, start=1):
+            proxy.cut_after = proxy.cut_after_down = proxy.cut_after_up = None
+            proxy.throttle_up = proxy.throttle_down = None
+            if case.startswith("throttle"):
+                proxy.throttle_up = proxy.throttle_down = args.throttle
+                name = f"throttle {args.throttle} B/s"
+            elif case == "none":
+                name = "no fault"
+            else:
+                budget = int(case)
+                attr = {"down": "cut_after_down", "up": "cut_after_up", "total": "cut_after"}[args.direction]
+                setattr(proxy, attr, budget)
+                name = f"cut every {budget} B ({args.direction})"
+            r = _case(fleet, proxy, ids, name, number, args)
+            log(f"{name}: {r['confirmed']}/{r['devices']} confirmed, {r['cuts']} cuts, "
+                f"down {r['down_x']}x, served {r['served_x']}x, {r['wall_s']} s")
+            results.append(r)
+            proxy.cut_after = proxy.cut_after_down = proxy.cut_after_up = None
+            proxy.throttle_up = proxy.throttle_down = None
+            fleet.wait_online(ids, timeout=60, version=r["version"]) if r["confirmed"] == len(ids) else None
+    finally:
+        proxy.stop_thread()
+        fleet.close()
+    base = next((r["wall_s"] for r in results if r["case"] == "no fault"), None)
+    for r in results:
+        r["wall_x"] = round(r["wall_s"] / base, 2) if base else None
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="./run bench netfaults", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--devices", type=int, default=2)
+    p.add_argument("--image-kib", type=int, default=64, help="release size in KiB (a bundle)")
+    p.add_argument("--cuts", default="none,3072,8192,32768",
+                   help="cases: 'none' and cut budgets in bytes, comma-separated")
+    p.add_argument("--direction", choices=("down", "up", "total"), default="down",
+                   help="which bytes count towards a cut budget")
+    p.add_argument("--throttle", type=int, default=16000, help="bytes/s each way for the throttle case (0: skip)")
+    p.add_argument("--chunk", type=int, default=2048)
+    p.add_argument("--window", type=int, default=8)
+    p.add_argument("--heap", default="128K")
+    p.add_argument("--timeout", type=float, default=180, help="seconds allowed per case")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    return p
+
+
+def _table(results: list[dict], args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    t = Table(title=f"network faults: {args.devices} devices, {args.image_kib} KiB image, chunk {args.chunk}, "
+                    f"window {args.window}")
+    cols = ("case", "confirmed", "verified", "cuts", "proxy→dev ×image", "dev→proxy ×image",
+            "center served ×image", "re-sent KiB", "wall s", "× no fault")
+    for c in cols:
+        t.add_column(c, justify="left" if c == "case" else "right")
+    for r in results:
+        t.add_row(r["case"], f"{r['confirmed']}/{r['devices']}", f"{r['verified']}/{r['devices']}", str(r["cuts"]),
+                  f"{r['down_x']:.2f}", f"{r['up_x']:.2f}", f"{r['served_x']:.2f}", f"{r['resent'] / 1024:.0f}",
+                  f"{r['wall_s']:.2f}", "" if r["wall_x"] is None else f"{r['wall_x']:.1f}")
+    Console(width=160).print(t)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+    with tempfile.TemporaryDirectory(prefix="fota-netfaults-") as tmp:
+        results = run(Path(tmp), args)
+    _table(results, args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                                    "environment": {"python": platform.python_version(), "cpus": os.cpu_count()},
+                                    "results": results}, indent=1))
+    ok = all(r["confirmed"] == r["devices"] == r["verified"] for r in results)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
