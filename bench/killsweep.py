@@ -30,6 +30,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 
 from bench._fleet import Fleet, TimedOut, bundle_of_size, wait_until
+from bench._report import print_table
 from fota.device import protocol as P
 from fota.server.broker import SERVER_USER
 from fota.server.deployments import create_deployment
@@ -513,26 +514,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _table(summary: dict, args) -> None:
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        print(json.dumps(summary["phases"], indent=1))
-        return
-    t = Table(title=f"kill -9 sweep: {summary['devices']} devices, {summary['rounds']} rounds, "
-                    f"{summary['kills']} kills, seed {args.seed}, {args.image_kib} KiB image")
-    for col in ("phase", "kills", "devices", "jobs", "completed", "bricked", "verified versions"):
-        t.add_column(col, justify="left" if col == "phase" else "right")
-    for r in summary["phases"]:
-        t.add_row(r["phase"], str(r["kills"]), str(r["devices"]), str(r["jobs"]), str(r["completed"]),
-                  str(r["bricked"]), str(r["verified"]))
-    t.add_row("all", str(summary["kills"]), str(summary["devices"]), str(summary["jobs"]),
-              str(summary["completed"]), str(summary["bricked"]), str(summary["verified"]), style="bold")
-    c = Console(width=140)
-    c.print(t)
-    c.print(f"lost statuses: {summary['lost_statuses']}; failed/reverted/bad-hash statuses: "
-            f"{len(summary['bad_statuses'])}; round wall time: {summary['baseline_wall_s']} s without kills, "
-            f"median {summary['median_round_wall_s']} s with kills; phase lengths (s) {summary['durations']}")
+    rows = [[r["phase"], r["kills"], r["devices"], r["jobs"], r["completed"], r["bricked"], r["verified"]]
+            for r in summary["phases"]]
+    rows.append(["all", summary["kills"], summary["devices"], summary["jobs"], summary["completed"],
+                 summary["bricked"], summary["verified"]])
+    print_table(f"kill -9 sweep: {summary['devices']} devices, {summary['rounds']} rounds, {summary['kills']} kills, "
+                f"seed {args.seed}, {args.image_kib} KiB image",
+                ("phase", "kills", "devices", "jobs", "completed", "bricked", "verified versions"), rows,
+                notes=[f"lost statuses: {summary['lost_statuses']}; failed/reverted/bad-hash statuses: "
+                       f"{len(summary['bad_statuses'])}; round wall time: {summary['baseline_wall_s']} s without "
+                       f"kills, median {summary['median_round_wall_s']} s with kills; phase lengths (s) "
+                       f"{summary['durations']}"], left=("phase",))
 
 
 def main(argv=None) -> int:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from bench._fleet import Fleet, TimedOut, bundle_of_size, wait_until
+from bench._report import print_table
 from fota.device import protocol as P
 from fota.server.deployments import create_deployment
 from fota.server.fleet import provision_device
@@ -152,19 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _table(results: list[dict], args) -> None:
-    from rich.console import Console
-    from rich.table import Table
-    t = Table(title=f"network faults: {args.devices} devices, {args.image_kib} KiB image, chunk {args.chunk}, "
-                    f"window {args.window}")
     cols = ("case", "confirmed", "verified", "cuts", "proxy→dev ×image", "dev→proxy ×image",
             "center served ×image", "re-sent KiB", "wall s", "× no fault")
-    for c in cols:
-        t.add_column(c, justify="left" if c == "case" else "right")
-    for r in results:
-        t.add_row(r["case"], f"{r['confirmed']}/{r['devices']}", f"{r['verified']}/{r['devices']}", str(r["cuts"]),
-                  f"{r['down_x']:.2f}", f"{r['up_x']:.2f}", f"{r['served_x']:.2f}", f"{r['resent'] / 1024:.0f}",
-                  f"{r['wall_s']:.2f}", "" if r["wall_x"] is None else f"{r['wall_x']:.1f}")
-    Console(width=160).print(t)
+    rows = [[r["case"], f"{r['confirmed']}/{r['devices']}", f"{r['verified']}/{r['devices']}", r["cuts"],
+             f"{r['down_x']:.2f}", f"{r['up_x']:.2f}", f"{r['served_x']:.2f}", f"{r['resent'] / 1024:.0f}",
+             f"{r['wall_s']:.2f}", "" if r["wall_x"] is None else f"{r['wall_x']:.1f}"] for r in results]
+    print_table(f"network faults: {args.devices} devices, {args.image_kib} KiB image, chunk {args.chunk}, "
+                f"window {args.window}", cols, rows, left=("case",))
 
 
 def main(argv=None) -> int:
