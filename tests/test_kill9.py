@@ -193,3 +193,27 @@ def test_sampled_kill_sweep_every_phase_no_brick_no_lost_status(tmp_path):
     assert s["completed"] == s["jobs"] and s["verified"] == s["jobs"]
     assert s["bad_statuses"] == []
     print(f"\n{s['kills']} kills in {s['rounds']} rounds ({time.monotonic() - t0:.0f} s): {per_phase}")
+
+
+def test_command_queued_while_offline_is_acknowledged_once_handled(fleet):
+    """A persistent session hands its queued command over while the agent is still subscribing,
+    before the runner has a client: it was never acknowledged, so every later connection got it
+    again (a rejected E_DUPLICATE_JOB each time, and ~2 KB of every cut-short connection)."""
+    dev = "queued-cmd"
+    fleet.add_device(dev)
+    fleet.wait_online(dev)
+    fleet.devices[dev].stop()
+    wait_until(lambda: not fleet.device_row(dev).online, timeout=30, what="offline")
+    rel = create_release(fleet.store, fleet.blobs, fleet.key, K.bundle_of_size("6.0.0", 8_000), "6.0.0", ["unix"])
+    center = fleet.center.center
+    center.require_online = False  # send now, into the broker's queue for the offline device
+    dep = create_deployment(fleet.store, rel, device_ids=[dev])
+    job = dep.jobs[0].id
+    wait_until(lambda: fleet.job(job).state == "sent", timeout=30, what="command queued")
+    _restart(fleet, dev)
+    assert fleet.wait_job(job, timeout=60).state == P.CONFIRMED
+    for _ in range(2):  # two more connections of the same session
+        fleet.devices[dev].kill(wait=True)
+        wait_until(lambda: fleet.device_row(dev).online, timeout=30, what="back online")
+        time.sleep(0.5)
+    assert [s for s in fleet.spy.of(dev, job) if s["state"] == "rejected"] == []

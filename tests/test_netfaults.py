@@ -21,6 +21,8 @@ from fota.tools.devicedir import verify_slot
 from fota.tools.faultproxy import FaultProxy
 
 from fleet import Fleet, wait_until
+from test_core import SIGNING_KEY, cmd, make_update, new_core
+from fota.device import core as C
 
 SIM_SLOT = 128 * 1024
 
@@ -149,3 +151,47 @@ def test_throttled_link_still_completes(fleet, proxy):
     download = times[states.index(P.VERIFYING)] - times[0]
     assert download >= 0.8 * rel.size / rate, download
     assert proxy.cuts == 0
+
+
+def test_core_stall_deadline_adds_up_across_reconnects():
+    """Connections that each break after 300 ms without a chunk: the 1 s deadline still ends the
+    job (it used to restart with every connection, so the device retried for ever)."""
+    core = new_core(settings=C.Settings(chunk_timeout=100, stall_timeout=1000))
+    core.booted({"trial": None})
+    core.tick(0)
+    core.connected_()
+    core.command(cmd(make_update(SIGNING_KEY, b"x" * 4096)))
+    now, failed, connections = 0, [], 1
+    while not failed and connections <= 10:
+        for _ in range(3):  # 300 ms connected, no chunk
+            now += 100
+            failed += [a for a in core.tick(now) if a[0] == C.A_PUBLISH and '"failed"' in a[2]]
+        if not failed:
+            core.disconnected()
+            now += 5000  # offline time does not count
+            core.tick(now)
+            core.connected_()
+            connections += 1
+    assert failed and json.loads(failed[0][2])["code"] == P.E_TIMEOUT
+    assert connections == 4  # 4 x 300 ms > 1000 ms connected
+
+
+def test_link_that_never_carries_a_whole_chunk_ends_with_e_timeout(tmp_path, broker, sqlite_url, proxy):
+    """Chunks of 4 KiB through a link cut every 3 KiB: no chunk ever arrives whole. The device
+    reports E_TIMEOUT after its stall deadline of connected time and keeps its firmware."""
+    fleet = Fleet(tmp_path, broker, sqlite_url, chunk=4096)
+    try:
+        dev = "tiny-link"
+        _add_via_proxy(fleet, proxy, dev, stall_timeout_ms=1000, chunk_timeout_ms=500)
+        fleet.wait_online(dev)
+        rel = create_release(fleet.store, fleet.blobs, fleet.key, _bundle("1.4.0", 20_000), "1.4.0", ["unix"])
+        proxy.cut_after_down = 3072
+        dep = create_deployment(fleet.store, rel, device_ids=[dev])
+        j = fleet.wait_job(dep.jobs[0].id, timeout=120)
+        assert (j.state, j.code) == (P.FAILED, P.E_TIMEOUT), (j.state, j.code, j.reason)
+        assert proxy.cuts >= 3
+        proxy.cut_after_down = None
+        assert fleet.running_version(dev) == "1.0.0" and fleet.boot_record(dev)["trial"] is None
+        wait_until(lambda: fleet.device_row(dev).online, timeout=30, what="device back online")
+    finally:
+        fleet.close()

@@ -263,6 +263,7 @@ class UpdateCore:
         self.requested = 0        # chunks requested so far (exclusive end)
         self.last_chunk_at = 0
         self.last_progress_at = 0
+        self.stalled = 0          # connected ms without a chunk, carried across reconnects
         self.reported_progress = -1.0
 
     # ---- statuses ----------------------------------------------------------------------------
@@ -350,8 +351,10 @@ class UpdateCore:
         return [self._agent_state()] + actions
 
     # ---- connection ------------------------------------------------------------------------
-    def connected_(self):
-        """The runner (re)connected and subscribed."""
+    def connected_(self, now=None):
+        """The runner (re)connected and subscribed (now: its clock, ms, if it has one)."""
+        if now is not None:
+            self.now = now
         self.connected = True
         actions = [(A_PUBLISH, P.ONLINE, "1", 1, True), self.inventory()]
         if self.report:
@@ -364,7 +367,7 @@ class UpdateCore:
             # Ask again from where we are: whatever was in flight is gone with the connection.
             self.requested = self.next
             self.last_chunk_at = self.now
-            self.last_progress_at = self.now
+            self.last_progress_at = self.now - self.stalled
             actions += self._request_more(True)
         actions.append(self._health())
         return actions
@@ -379,8 +382,15 @@ class UpdateCore:
         msg["uptime"] = self.now
         return self._publish_status(msg)
 
-    def disconnected(self):
+    def disconnected(self, now=None):
+        """The connection was lost (now: its clock, ms; a connection can die between ticks)."""
+        if now is not None:
+            self.now = now
         self.connected = False
+        if self.state == P.DOWNLOADING:
+            # Keep the stall time so far: a link that breaks every connection before a chunk
+            # gets through must still reach the deadline instead of retrying for ever.
+            self.stalled = max(0, self.now - self.last_progress_at)
         return []
 
     # ---- commands ----------------------------------------------------------------------------
@@ -737,7 +747,7 @@ class UpdateCore:
             return []
         if self.state != P.DOWNLOADING or not self.connected:
             if self.state == P.DOWNLOADING:
-                self.last_progress_at = now  # the stall deadline counts only while connected
+                self.last_progress_at = now - self.stalled  # the deadline counts only while connected
             return []
         if now - self.last_progress_at > self.settings.stall_timeout:
             return self._end(P.FAILED, "error", P.E_TIMEOUT,

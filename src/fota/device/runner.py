@@ -52,6 +52,7 @@ class Device:
         self.app_loader = app_loader or load_app
         self.client = None
         self.inbox = []
+        self._delivering = None   # the MQTT client whose messages arrive now
         self.pending = []     # actions not yet executed (a publish failed: retried after reconnect)
         self.patcher = None   # the delta decoder of the current job, if it is a delta job
         self.t0 = ticks_ms()
@@ -276,7 +277,9 @@ class Device:
         # Queued, not handled here: the callback can fire inside publish() while it waits for
         # a PUBACK, and the core must not be re-entered. A QoS 1 command is acknowledged only
         # after the core handled it (see _dispatch).
-        self.inbox.append((topic, payload, pid, self.client))
+        # The client delivering it: a session's queued commands arrive while _connect() still
+        # subscribes, before self.client is set, and must be acknowledged on that connection.
+        self.inbox.append((topic, payload, pid, self._delivering))
 
     def _connect(self):
         cfg = self.config
@@ -289,6 +292,7 @@ class Device:
                             max_payload=max(P.MAX_COMMAND_BYTES, P.MAX_CHUNK_SIZE + P.CHUNK_HEADER_SIZE))
         client.set_will(P.topic(ident, P.ONLINE), "0", retain=True, qos=1)
         client.set_callback(self._on_message)
+        self._delivering = client
         connect_with_backoff(client, attempts=b.get("attempts", 0), base_ms=b.get("backoff_ms", 250))
         client.subscribe(P.topic(ident, P.CMD), 1)
         client.subscribe(P.topic(ident, P.DATA), 0)
@@ -302,7 +306,7 @@ class Device:
             except OSError:
                 pass
         self.client = None
-        self.core.disconnected()
+        self.core.disconnected(self.now())
 
     def _dispatch(self):
         ident = self.config["id"]
@@ -317,7 +321,7 @@ class Device:
                 # redelivers it to the next boot, whose core refuses it as a duplicate, so no
                 # command is ever lost between a PUBACK and a reboot.
                 self.execute(self.core.command(payload))
-            if pid and client is self.client:
+            if pid and client is not None and client is self.client:
                 try:
                     client.ack(pid)
                 except OSError as e:  # unacknowledged: redelivered after the reconnect
@@ -334,8 +338,14 @@ class Device:
                 except (OSError, MQTTError) as e:
                     log("connect failed:", e)
                     continue
-                # What was pending stays first: it was decided before this connection.
-                self.execute(self.core.connected_())
+                # What was pending stays first: it was decided before this connection. But what
+                # a new connection sends again anyway is dropped (_superseded); kept, a link that
+                # breaks every connection grew the queue by ~0.5 KB per connection until the heap
+                # ran out.
+                self.pending = [a for a in self.pending if not _superseded(a)]
+                self.execute(self.core.connected_(self.now()))
+                if self.client is None:
+                    continue  # a publish failed: the connection is already gone
             try:
                 self.client.check_msg(poll_ms)
             except (OSError, MQTTError) as e:
@@ -346,6 +356,22 @@ class Device:
             self.execute(self.core.tick(self.now()))
             if self.app is not None and hasattr(self.app, "tick"):
                 self.app.tick()
+
+
+def _superseded(action):
+    """A publish queued on a dead connection that every new connection sends afresh: the online
+    flag and the inventory (retained: only the latest counts), chunk requests (asked again from
+    the current position) and health reports."""
+    if action[0] != C.A_PUBLISH:
+        return False
+    if action[1] in (P.ONLINE, P.INVENTORY, P.REQ):
+        return True
+    if action[1] == P.STATUS and '"health"' in action[2]:
+        try:
+            return json.loads(action[2]).get("state") == P.HEALTH
+        except ValueError:
+            return False
+    return False
 
 
 class _TLS:
