@@ -301,6 +301,8 @@ class Sweep:
     def __init__(self, tmp: Path, args):
         self.args = args
         self.fleet = Fleet(tmp, chunk=args.chunk, window=args.window, heap=args.heap)
+        if not args.delta:
+            self.fleet.center.center.delta_wbits = None  # full images, as the sweep was built for
         self.ids = [f"kill-{i:02d}" for i in range(args.devices)]
         self.fleet.add_devices(self.ids)
         for d in self.ids:
@@ -508,6 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heap", default="128K", help="device heap")
     p.add_argument("--timeout", type=float, default=120, help="seconds allowed per round")
     p.add_argument("--max-rounds", type=int, default=0, help="give up after this many rounds (0: automatic)")
+    p.add_argument("--delta", action="store_true",
+                   help="let the control center send deltas (from round 2 on every job is a patch)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--keep", type=Path, help="run in this directory and keep it (device logs)")
     return p

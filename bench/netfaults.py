@@ -96,6 +96,7 @@ def _case(fleet: Fleet, proxy: FaultProxy, ids: list[str], name: str, number: in
 
 def run(tmp: Path, args) -> list[dict]:
     fleet = Fleet(tmp, chunk=args.chunk, window=args.window, heap=args.heap)
+    fleet.center.center.delta_wbits = None  # full images: the bytes re-sent are against the image
     proxy = FaultProxy(fleet.broker.port).start_thread()
     ids = [f"net-{i:02d}" for i in range(args.devices)]
     results = []

@@ -41,7 +41,7 @@ def test_resume_without_a_readable_slot_downloads_the_job_again(key):
     journal = _half_download(key, image)
     core = new_core(agent={"last_job": 1, "boot": 2})
     actions = core.booted({"trial": None}, journal, None)  # the runner could not re-hash the slot
-    assert (C.A_BEGIN, len(image)) in actions
+    assert (C.A_BEGIN, len(image), None) in actions
     assert (C.A_JOURNAL, {"cmd": journal["cmd"], "pos": 0}) in actions
     h = Harness(key)
     h.core, h.slot, h.published = core, bytearray(), []
@@ -116,7 +116,7 @@ def test_kill_after_unpacking_before_the_trial_mark_still_completes_the_job(flee
     dev = "kill-unpacked"
     fleet.add_device(dev)
     fleet.wait_online(dev)
-    rel = create_release(fleet.store, fleet.blobs, fleet.key, K.bundle_of_size("4.0.0", 40_000), "4.0.0", ["unix"])
+    rel = create_release(fleet.store, fleet.blobs, fleet.key, K.bundle_of_size("4.0.0", 600_000), "4.0.0", ["unix"])
     dep = create_deployment(fleet.store, rel, device_ids=[dev])
     job = dep.jobs[0].id
     wait_until(lambda: any(s["state"] == P.DOWNLOADING for s in fleet.spy.of(dev, job)), what="download start")
