@@ -306,6 +306,11 @@ class Device:
             except OSError:
                 pass
         self.client = None
+        # Chunks still queued from the dead connection are dropped: the core asks for its window
+        # again after the reconnect, and keeping both copies could double the chunk memory of a
+        # small heap. Unacknowledged commands stay: the broker would redeliver them anyway.
+        data_topic = P.topic(self.config["id"], P.DATA)
+        self.inbox = [m for m in self.inbox if m[0] != data_topic]
         self.core.disconnected(self.now())
 
     def _dispatch(self):
