@@ -22,7 +22,7 @@ from fota.server.broker import SERVER_USER
 from fota.server.store import Device, Store, utcnow
 
 __all__ = ["FleetError", "apply_inventory", "apply_online", "broker_password_hashes", "get_device",
-           "list_devices", "provision_device"]
+           "inventory_values", "list_devices", "online_values", "provision_device"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,28 @@ def broker_password_hashes(store: Store, server_user_hash: str) -> dict[str, str
     return hashes
 
 
+def inventory_values(device_id: str, provisioned_hardware: str | None, payload: dict[str, Any],
+                     when: datetime) -> dict[str, Any]:
+    """The device columns an inventory message (§3) sets (the rules; apply_inventory and the
+    control center's batch writer both use them)."""
+    values: dict[str, Any] = {"inventory": dict(payload)}
+    version = payload.get("version")
+    if isinstance(version, str):
+        values["version"] = version[:64]
+    hardware = payload.get("hardware")
+    if isinstance(hardware, str) and hardware != provisioned_hardware:
+        # The provisioned type decides which releases a device gets; a differing report is
+        # worth a look but must not silently retarget it.
+        log.warning("device %s reports hardware %r, provisioned as %r", device_id, hardware, provisioned_hardware)
+    values["last_seen"] = when
+    return values
+
+
+def online_values(online: bool, when: datetime) -> dict[str, Any]:
+    """The device columns an online flag (`1` on connect, `0` from the will) sets."""
+    return {"online": bool(online), "last_seen": when}
+
+
 def apply_inventory(session: Session, device_id: str, payload: dict[str, Any],
                     when: datetime | None = None) -> Device | None:
     """Record an inventory message (§3); None (and a log line) for an unknown device."""
@@ -75,16 +97,8 @@ def apply_inventory(session: Session, device_id: str, payload: dict[str, Any],
     if device is None:
         log.warning("inventory from unprovisioned device %s ignored", device_id)
         return None
-    device.inventory = dict(payload)
-    version = payload.get("version")
-    if isinstance(version, str):
-        device.version = version[:64]
-    hardware = payload.get("hardware")
-    if isinstance(hardware, str) and hardware != device.hardware:
-        # The provisioned type decides which releases a device gets; a differing report is
-        # worth a look but must not silently retarget it.
-        log.warning("device %s reports hardware %r, provisioned as %r", device_id, hardware, device.hardware)
-    device.last_seen = when or utcnow()
+    for name, value in inventory_values(device_id, device.hardware, payload, when or utcnow()).items():
+        setattr(device, name, value)
     return device
 
 
@@ -95,8 +109,8 @@ def apply_online(session: Session, device_id: str, online: bool,
     if device is None:
         log.warning("online flag from unprovisioned device %s ignored", device_id)
         return None
-    device.online = bool(online)
-    device.last_seen = when or utcnow()
+    for name, value in online_values(online, when or utcnow()).items():
+        setattr(device, name, value)
     return device
 
 

@@ -25,8 +25,7 @@ import ssl
 import struct
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -35,18 +34,18 @@ from urllib.parse import unquote, urlsplit
 from gmqtt import Client as MQTTClient
 from gmqtt import Subscription
 from gmqtt.mqtt.constants import MQTTv50
-from sqlalchemy import select, tuple_, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from fota.device import protocol
-from fota.server import fleet
 from fota.server.campaigns import CampaignEngine
 from fota.server.delta import DEFAULT_WBITS, get_delta, load_delta
 from fota.server.deployments import CANCEL, DONE, PENDING, SENT, TERMINAL_STATES, UPDATE
+from fota.server.ingest import REJECTED, BatchResult, Incoming, write_batch
 from fota.server.releases import ReleaseError, read_blob, update_command, wrap_release_key
 from fota.tools.keyring import Signer
-from fota.server.store import Deployment, Device, Job, Release, StatusEvent, Store, utcnow
+from fota.server.store import Deployment, Device, Job, Release, Store, utcnow
 
 __all__ = ["ControlCenter", "parse_request", "parse_status"]
 
@@ -59,7 +58,6 @@ SESSION_EXPIRY = 0xFFFFFFFF      # MQTT 5: keep the session (and queued statuses
 SEND_BATCH = 500                 # pending jobs claimed per sender pass
 CACHE_REFRESH_INTERVAL = 5.0     # re-read states of cached jobs changed outside this process
 DB_RETRY_DELAY = 1.0             # database unreachable: keep the batch, retry after this
-REJECTED = "rejected"
 STATUS_STATES = frozenset(protocol.STATES) | {REJECTED, protocol.KEYS_UPDATED, protocol.HEALTH}
 ACK_OK = 0                       # MQTT 5 PUBACK reason code "success"
 MAX_ID = 2**31 - 1               # job ids, boot and seq are 32-bit integer columns
@@ -140,24 +138,6 @@ class _JobInfo:
 
 
 @dataclass
-class _Incoming:
-    """A device message waiting for the next batch write."""
-    kind: str  # protocol.STATUS | protocol.INVENTORY | protocol.ONLINE
-    device_id: str
-    data: Any
-    received_at: datetime
-    done: asyncio.Future[None] | None = None
-
-
-@dataclass
-class _BatchResult:
-    job_states: dict[int, str] = field(default_factory=dict)
-    stored: int = 0
-    duplicates: int = 0
-    ignored: int = 0
-
-
-@dataclass
 class _Outgoing:
     job_id: int
     device_id: str
@@ -224,7 +204,7 @@ class ControlCenter:
         self.garbage = 0             # undecodable messages dropped
 
         self._jobs: dict[int, _JobInfo] = {}
-        self._queue: list[_Incoming] = []
+        self._queue: list[Incoming] = []
         self._served: defaultdict[int, int] = defaultdict(int)  # job -> bytes not yet in the DB
         self._client: MQTTClient | None = None
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fota-db")
@@ -347,7 +327,7 @@ class ControlCenter:
             if data is None:
                 return ACK_OK  # garbage is acknowledged: redelivering it would not help
             done = asyncio.get_running_loop().create_future()
-            self._enqueue(_Incoming(suffix, device_id, data, utcnow(), done))
+            self._enqueue(Incoming(suffix, device_id, data, utcnow(), done))
             # Acknowledge only once the batch holding this message committed. (If the
             # center stops first, the ack goes to a closed connection and the broker
             # redelivers the message to the kept session.)
@@ -606,7 +586,7 @@ class ControlCenter:
 
     # ------------------------------------------------------------ batched ingestion
 
-    def _enqueue(self, item: _Incoming) -> None:
+    def _enqueue(self, item: Incoming) -> None:
         self._queue.append(item)
         self._wakeup.set()
         if len(self._queue) >= self.flush_max:
@@ -637,7 +617,7 @@ class ControlCenter:
             if self._closing and (not ok or (not self._queue and not self._served)):
                 return
 
-    async def _flush(self, batch: list[_Incoming], served: dict[int, int]) -> bool:
+    async def _flush(self, batch: list[Incoming], served: dict[int, int]) -> bool:
         """Write a batch, then release its acknowledgements; False if the database is unavailable."""
         try:
             result = await self._db_call(self._write_batch, batch, served)
@@ -666,8 +646,8 @@ class ControlCenter:
                 item.done.set_result(None)
         return True
 
-    async def _write_one_by_one(self, batch: list[_Incoming], served: dict[int, int]) -> _BatchResult:
-        total = _BatchResult()
+    async def _write_one_by_one(self, batch: list[Incoming], served: dict[int, int]) -> BatchResult:
+        total = BatchResult()
         for items, counts in [([], served)] + [([item], {}) for item in batch]:
             try:
                 result = await self._db_call(self._write_batch, items, counts)
@@ -686,85 +666,13 @@ class ControlCenter:
             total.duplicates += result.duplicates
         return total
 
-    def _write_batch(self, batch: list[_Incoming], served: dict[int, int]) -> _BatchResult:
+    def _write_batch(self, batch: list[Incoming], served: dict[int, int]) -> BatchResult:
         """(DB thread) one transaction for a batch of messages and served-byte counters."""
-        result = _BatchResult()
         with self.store.session() as s:
-            for job_id, n in served.items():
-                s.execute(update(Job).where(Job.id == job_id).values(bytes_served=Job.bytes_served + n))
-            device_ids = {item.device_id for item in batch}
-            devices = {d.id: d for d in s.scalars(select(Device).where(Device.id.in_(device_ids)))} \
-                if device_ids else {}
-            seen = self._known_statuses(s, [i for i in batch if i.kind == protocol.STATUS])
-            # The batch's jobs in one query: s.get() per status would autoflush the previous
-            # status's rows first, one round of INSERT/UPDATEs per message (~200 statuses/s).
-            job_ids = {i.data["job"] for i in batch if i.kind == protocol.STATUS and _is_int(i.data.get("job"))}
-            jobs = {j.id: j for j in s.scalars(select(Job).where(Job.id.in_(job_ids)))} if job_ids else {}
-            finished: set[int] = set()
-            for item in batch:
-                device = devices.get(item.device_id)
-                if device is None:
-                    result.ignored += 1
-                    log.warning("%s from unprovisioned device %s ignored", item.kind, item.device_id)
-                elif item.kind == protocol.INVENTORY:
-                    fleet.apply_inventory(s, item.device_id, item.data, item.received_at)
-                elif item.kind == protocol.ONLINE:
-                    fleet.apply_online(s, item.device_id, item.data, item.received_at)
-                else:
-                    key = (item.device_id, item.data["boot"], item.data["seq"])
-                    if key in seen:
-                        result.duplicates += 1
-                        continue
-                    seen.add(key)
-                    self._apply_status(s, device, item, result, finished, jobs)
-            if finished:
-                self._finish_deployments(s, finished)
+            result = write_batch(s, batch, served)
+            if result.finished:
+                self._finish_deployments(s, result.finished)
         return result
-
-    @staticmethod
-    def _known_statuses(s: Session, statuses: list[_Incoming]) -> set[tuple[str, int, int]]:
-        if not statuses:
-            return set()
-        keys = {(i.device_id, i.data["boot"], i.data["seq"]) for i in statuses}
-        rows = s.execute(select(StatusEvent.device_id, StatusEvent.boot, StatusEvent.seq)
-                         .where(tuple_(StatusEvent.device_id, StatusEvent.boot, StatusEvent.seq).in_(keys)))
-        return {tuple(row) for row in rows}
-
-    @staticmethod
-    def _apply_status(s: Session, device: Device, item: _Incoming, result: _BatchResult,
-                      finished: set[int], jobs: dict[int, Job]) -> None:
-        msg = item.data
-        progress = float(msg["progress"]) if msg.get("progress") is not None else None
-        code = msg["code"][:32] if msg.get("code") is not None else None
-        version = msg["version"][:64] if msg.get("version") is not None else None
-        s.add(StatusEvent(device_id=device.id, job_id=msg.get("job"), state=msg["state"],
-                          code=code, reason=msg.get("reason"), progress=progress,
-                          version=version, boot=msg["boot"], seq=msg["seq"],
-                          payload=msg, received_at=item.received_at))
-        result.stored += 1
-        device.last_seen = item.received_at
-        if version:
-            device.version = version
-        if msg.get("job") is None or msg["state"] in (REJECTED, protocol.KEYS_UPDATED, protocol.HEALTH):
-            return  # a refused message, a key update or a health report changes no job
-        job = jobs.get(msg["job"])
-        if job is None or job.device_id != device.id:
-            log.warning("status from %s for job %s that is not its own ignored", device.id, msg["job"])
-            return
-        if job.state in TERMINAL_STATES:
-            log.warning("status %s from %s for finished job %s (%s) not applied",
-                        msg["state"], device.id, job.id, job.state)
-            return
-        job.state = msg["state"]
-        job.code = code
-        job.reason = msg.get("reason")
-        if progress is not None:
-            job.progress = progress
-        if _is_int(msg.get("total")) and msg["total"] > 0:
-            job.bytes_total = msg["total"]
-        result.job_states[job.id] = job.state
-        if job.state in TERMINAL_STATES:
-            finished.add(job.deployment_id)
 
     @staticmethod
     def _finish_deployments(s: Session, deployment_ids: set[int]) -> None:

@@ -1,0 +1,230 @@
+"""Status ingestion (fota.server.ingest.write_batch): the rules of applying device messages one
+by one, kept by the set-based batch writer, on SQLite and PostgreSQL (no broker needed)."""
+from __future__ import annotations
+
+import json
+import os
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import event, select, update
+
+from fota.device import protocol
+from fota.server.deployments import create_deployment, device_history
+from fota.server.fleet import provision_device
+from fota.server.ingest import Incoming, write_batch
+from fota.server.releases import create_release
+from fota.server.service import parse_status
+from fota.server.store import Device, Job, StatusEvent, Store, utcnow
+from fota.tools.signing import generate_private_key
+
+KEY = generate_private_key()
+T0 = utcnow()
+
+
+class Fleet:
+    """Two provisioned devices, one deployment with a job each; messages built as the center does."""
+
+    def __init__(self, url: str, blobs):
+        self.store = Store(url)
+        for device_id in ("d1", "d2"):
+            provision_device(self.store, device_id, "unix")
+        release = create_release(self.store, blobs, KEY, os.urandom(1000), "2.0.0", ["unix"])
+        self.deployment = create_deployment(self.store, release, device_ids=["d1", "d2"])
+        self.job = {j.device_id: j.id for j in self.deployment.jobs}
+        self.clock = 0
+
+    def _item(self, kind: str, device_id: str, data) -> Incoming:
+        self.clock += 1
+        return Incoming(kind, device_id, data, T0 + timedelta(seconds=self.clock))
+
+    def status(self, device_id: str, job, state: str, seq: int, boot: int = 1, **fields) -> Incoming:
+        msg = {"job": job, "state": state, "code": None, "reason": None, "progress": None,
+               "version": "1.0.0", "boot": boot, "seq": seq, **fields}
+        return self._item(protocol.STATUS, device_id, parse_status(json.dumps(msg).encode()))
+
+    def inventory(self, device_id: str, **fields) -> Incoming:
+        return self._item(protocol.INVENTORY, device_id, {"device": device_id, "hardware": "unix", **fields})
+
+    def online(self, device_id: str, flag: bool) -> Incoming:
+        return self._item(protocol.ONLINE, device_id, flag)
+
+    def write(self, items, served=None):
+        with self.store.session() as s:
+            return write_batch(s, list(items), served or {})
+
+    def job_row(self, device_id: str) -> Job:
+        with self.store.session() as s:
+            return s.get(Job, self.job[device_id])
+
+    def device(self, device_id: str) -> Device:
+        with self.store.session() as s:
+            return s.get(Device, device_id)
+
+
+@pytest.fixture
+def fleet(db_url, tmp_path):
+    f = Fleet(db_url, tmp_path / "blobs")
+    yield f
+    f.store.dispose()
+
+
+def test_statuses_of_a_batch_apply_in_arrival_order(fleet):
+    """Several statuses of one job in one batch: the last state, code and reason win; progress
+    and total come from the last status that has them; every status is stored in order."""
+    job = fleet.job["d1"]
+    batch = [fleet.status("d1", job, "downloading", 1, progress=0.1, total=1000),
+             fleet.status("d1", job, "downloading", 2, progress=0.5),
+             fleet.status("d1", job, "verifying", 3, version="1.0.1")]
+    result = fleet.write(batch)
+    assert (result.stored, result.duplicates, result.ignored) == (3, 0, 0)
+    assert result.job_states == {job: "verifying"} and result.finished == set()
+    row = fleet.job_row("d1")
+    assert (row.state, row.progress, row.bytes_total, row.code, row.reason) == ("verifying", 0.5, 1000, None, None)
+    assert row.updated_at >= T0
+    assert [(e.state, e.seq, e.progress) for e in device_history(fleet.store, "d1")] == [
+        ("downloading", 1, 0.1), ("downloading", 2, 0.5), ("verifying", 3, None)]
+    device = fleet.device("d1")
+    assert (device.version, device.last_seen) == ("1.0.1", batch[-1].received_at)
+    assert fleet.job_row("d2").state == "pending"  # untouched
+
+    # next batch: a status without progress keeps the stored progress and total
+    fleet.write([fleet.status("d1", job, "installing", 4)])
+    row = fleet.job_row("d1")
+    assert (row.state, row.progress, row.bytes_total) == ("installing", 0.5, 1000)
+
+
+def test_terminal_state_is_never_overwritten(fleet):
+    """Within a batch and across batches; the deployment of a job that ended is reported."""
+    job = fleet.job["d1"]
+    result = fleet.write([fleet.status("d1", job, "downloading", 1, progress=0.2),
+                          fleet.status("d1", job, "failed", 2, code=protocol.E_TIMEOUT, reason="stalled"),
+                          fleet.status("d1", job, "downloading", 3, progress=0.9)])
+    assert result.stored == 3 and result.job_states == {job: "failed"}
+    assert result.finished == {fleet.deployment.id}
+    result = fleet.write([fleet.status("d1", job, "confirmed", 4, progress=1.0)])
+    assert result.stored == 1 and result.job_states == {} and result.finished == set()
+    row = fleet.job_row("d1")
+    assert (row.state, row.code, row.reason, row.progress) == ("failed", protocol.E_TIMEOUT, "stalled", 0.2)
+    assert [e.state for e in device_history(fleet.store, "d1")] == ["downloading", "failed", "downloading", "confirmed"]
+
+
+def test_a_job_ended_by_another_writer_is_not_overwritten(fleet):
+    """A job made terminal outside the batch (an operator, a deployment timeout) stays so: read
+    before the batch, and also when it ends between the batch's read and its UPDATE."""
+    job, other = fleet.job["d1"], fleet.job["d2"]
+    with fleet.store.session() as s:
+        s.execute(update(Job).where(Job.id == job).values(state="cancelled"))
+    result = fleet.write([fleet.status("d1", job, "downloading", 1, progress=0.3)])
+    assert result.stored == 1 and result.job_states == {}
+    assert (fleet.job_row("d1").state, fleet.job_row("d1").progress) == ("cancelled", 0.0)
+
+    def end_it_first(conn, cursor, statement, parameters, context, executemany):
+        if statement.startswith("UPDATE jobs SET state="):  # the batch's job update: another writer wins the race
+            raw = conn.connection.cursor()
+            raw.execute(f"UPDATE jobs SET state = 'failed' WHERE id = {other}")
+            raw.close()
+    event.listen(fleet.store.engine, "before_cursor_execute", end_it_first)
+    try:
+        fleet.write([fleet.status("d2", other, "downloading", 1, progress=0.3)])
+    finally:
+        event.remove(fleet.store.engine, "before_cursor_execute", end_it_first)
+    assert (fleet.job_row("d2").state, fleet.job_row("d2").progress) == ("failed", 0.0)
+
+
+def test_duplicates_within_the_batch_and_against_the_table(fleet):
+    job = fleet.job["d1"]
+    fleet.write([fleet.status("d1", job, "downloading", 1, progress=0.1)])
+    result = fleet.write([fleet.status("d1", job, "failed", 1, code=protocol.E_TIMEOUT),  # stored (1, 1)
+                          fleet.status("d1", job, "downloading", 2, progress=0.4),
+                          fleet.status("d1", job, "failed", 2, code=protocol.E_TIMEOUT),  # same (1, 2)
+                          fleet.status("d1", job, "downloading", 1, boot=2, progress=0.5),  # new boot
+                          fleet.status("d2", fleet.job["d2"], "downloading", 1, progress=0.7)])  # other device
+    assert (result.stored, result.duplicates) == (3, 2)
+    row = fleet.job_row("d1")
+    assert (row.state, row.progress, row.code) == ("downloading", 0.5, None)
+    assert fleet.job_row("d2").progress == 0.7
+    assert [(e.boot, e.seq, e.state) for e in device_history(fleet.store, "d1")] == [
+        (1, 1, "downloading"), (1, 2, "downloading"), (2, 1, "downloading")]
+
+
+def test_duplicate_lookup_over_many_keys(fleet):
+    """Batches larger than one lookup statement (256 keys), and sizes that are not a power of two."""
+    job = fleet.job["d1"]
+    first = fleet.write([fleet.status("d1", job, "downloading", seq, progress=seq / 1000) for seq in range(1, 301)])
+    assert (first.stored, first.duplicates) == (300, 0)
+    again = [fleet.status("d1", job, "downloading", seq, progress=0.0) for seq in range(1, 301)]
+    result = fleet.write(again + [fleet.status("d1", job, "downloading", 301, progress=0.99)])
+    assert (result.stored, result.duplicates) == (1, 300)
+    assert fleet.job_row("d1").progress == 0.99
+    for size in (1, 3, 5):
+        result = fleet.write([fleet.status("d1", job, "downloading", seq) for seq in range(298, 298 + size)])
+        assert (result.stored, result.duplicates) == (max(0, size - 4), min(size, 4))
+
+
+def test_statuses_that_change_no_job(fleet):
+    """Stored as events, but a foreign job, a rejected status, an unknown or no job change nothing."""
+    job = fleet.job["d1"]
+    fleet.write([fleet.status("d1", job, "downloading", 1, progress=0.25)])
+    result = fleet.write([
+        fleet.status("d2", job, "failed", 1, code=protocol.E_TIMEOUT),             # d1's job
+        fleet.status("d1", job, "rejected", 2, code=protocol.E_BAD_CHUNK, current="downloading"),
+        fleet.status("d1", 2**31 - 1, "failed", 3, code=protocol.E_TIMEOUT),       # no such job
+        fleet.status("d1", None, "rejected", 4, code=protocol.E_BAD_COMMAND)])
+    assert (result.stored, result.job_states, result.finished) == (4, {}, set())
+    row = fleet.job_row("d1")
+    assert (row.state, row.progress, row.code) == ("downloading", 0.25, None)
+    (event,) = device_history(fleet.store, "d2")
+    assert (event.job_id, event.state, event.code) == (job, "failed", protocol.E_TIMEOUT)
+    assert [e.job_id for e in device_history(fleet.store, "d1")][1:] == [job, 2**31 - 1, None]
+
+
+def test_messages_from_unprovisioned_devices_are_ignored(fleet):
+    result = fleet.write([fleet.status("ghost", fleet.job["d1"], "failed", 1),
+                          fleet.inventory("ghost", version="9"), fleet.online("ghost", True)])
+    assert (result.stored, result.ignored) == (0, 3)
+    assert fleet.job_row("d1").state == "pending"
+    with fleet.store.session() as s:
+        assert s.get(Device, "ghost") is None
+        assert s.scalars(select(StatusEvent)).all() == []
+
+
+def test_device_columns_follow_arrival_order(fleet):
+    """Inventory, online flags and statuses of one device in one batch, as if applied one by one."""
+    job = fleet.job["d1"]
+    batch = [fleet.inventory("d1", version="1.0.0", max_chunk=512),
+             fleet.online("d1", True),
+             fleet.status("d1", job, "downloading", 1, version="1.0.1"),
+             fleet.online("d2", True),
+             fleet.inventory("d2", version="3.0.0", hardware="esp32"),  # differing hardware: logged only
+             fleet.online("d2", False)]
+    result = fleet.write(batch)
+    assert (result.stored, result.ignored) == (1, 0)
+    d1, d2 = fleet.device("d1"), fleet.device("d2")
+    assert (d1.online, d1.version, d1.inventory["max_chunk"], d1.last_seen) == (True, "1.0.1", 512, batch[2].received_at)
+    assert (d2.online, d2.version, d2.hardware, d2.inventory["hardware"], d2.last_seen) == (
+        False, "3.0.0", "unix", "esp32", batch[5].received_at)
+    # an inventory after a status: its version is the latest word
+    fleet.write([fleet.status("d1", job, "downloading", 2, version="1.0.2"), fleet.inventory("d1", version="1.0.3")])
+    assert fleet.device("d1").version == "1.0.3"
+
+
+def test_served_bytes_accumulate(fleet):
+    j1, j2 = fleet.job["d1"], fleet.job["d2"]
+    assert fleet.write([], {j1: 100, j2: 50}).stored == 0
+    fleet.write([fleet.status("d1", j1, "downloading", 1)], {j1: 28})
+    assert (fleet.job_row("d1").bytes_served, fleet.job_row("d2").bytes_served) == (128, 50)
+
+
+def test_duplicate_lookup_searches_the_index(sqlite_url, tmp_path):
+    """The lookup must not scan every stored status (SQLite does for `(a, b, c) IN (...)`)."""
+    from fota.server.ingest import _lookup
+    store = Store(sqlite_url)
+    try:
+        with store.engine.connect() as conn:
+            sql = str(_lookup(4).compile(dialect=store.engine.dialect))
+            params = tuple(v for i in range(4) for v in (f"d{i}", 1, i))
+            plan = " | ".join(row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, params))
+    finally:
+        store.dispose()
+    assert "SEARCH e USING COVERING INDEX" in plan and "SCAN e" not in plan, plan
