@@ -463,9 +463,10 @@ class ControlCenter:
     async def _send_loop(self) -> None:
         last_refresh = asyncio.get_running_loop().time()
         while True:
+            sent = 0
             try:
                 if self._client is not None and self._client.is_connected:
-                    await self._send_pending()
+                    sent = await self._send_pending()
                 now = asyncio.get_running_loop().time()
                 if now - last_refresh >= CACHE_REFRESH_INTERVAL:
                     last_refresh = now
@@ -474,7 +475,8 @@ class ControlCenter:
                 raise
             except Exception:
                 log.exception("job sender pass failed")
-            await asyncio.sleep(self.poll_interval)
+            # After a full batch more jobs are probably pending: claim them at once.
+            await asyncio.sleep(0 if sent >= SEND_BATCH else self.poll_interval)
 
     async def _campaign_loop(self) -> None:
         while True:
@@ -486,10 +488,11 @@ class ControlCenter:
                 log.exception("campaign step failed")
             await asyncio.sleep(self.campaign_interval)
 
-    async def _send_pending(self) -> None:
+    async def _send_pending(self) -> int:
+        """Publish the commands of pending jobs and mark them sent; how many were sent."""
         outgoing = await self._db_call(self._claim_pending)
         if not outgoing:
-            return
+            return 0
         client = self._client
         for out in outgoing:
             # Cache first, so that the device's first request finds the job.
@@ -501,6 +504,7 @@ class ControlCenter:
                              if out.delta_id is not None})
         self.deltas_sent += sum(1 for out in outgoing if out.delta_id is not None)
         log.info("sent %d update command(s)", len(outgoing))
+        return len(outgoing)
 
     def _claim_pending(self) -> list[_Outgoing]:
         """(DB thread) the oldest pending jobs, with their commands."""
