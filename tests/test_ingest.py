@@ -1,7 +1,9 @@
-"""Status ingestion (fota.server.ingest.write_batch): the rules of applying device messages one
-by one, kept by the set-based batch writer, on SQLite and PostgreSQL (no broker needed)."""
+"""The control center's database paths at fleet scale, on SQLite and PostgreSQL: status ingestion
+(fota.server.ingest.write_batch: the rules of applying device messages one by one, kept by the
+set-based batch writer; no broker needed) and the command sender (real Mosquitto)."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from datetime import timedelta
@@ -14,9 +16,11 @@ from fota.server.deployments import create_deployment, device_history
 from fota.server.fleet import provision_device
 from fota.server.ingest import Incoming, write_batch
 from fota.server.releases import create_release
-from fota.server.service import parse_status
+from fota.server.service import SEND_BATCH, ControlCenter, parse_status
 from fota.server.store import Device, Job, StatusEvent, Store, utcnow
+from fota.tools.keyring import Signer
 from fota.tools.signing import generate_private_key
+from fota.tools.waiting import wait_until
 
 KEY = generate_private_key()
 T0 = utcnow()
@@ -228,3 +232,32 @@ def test_duplicate_lookup_searches_the_index(sqlite_url, tmp_path):
     finally:
         store.dispose()
     assert "SEARCH e USING COVERING INDEX" in plan and "SCAN e" not in plan, plan
+
+
+def test_sender_does_not_wait_between_full_batches(db_url, broker, tmp_path):
+    """More pending jobs than one sender pass claims: the next passes follow at once, not a
+    poll interval later (10,000 jobs used to take 20 poll intervals)."""
+    store = Store(db_url)
+    try:
+        n = 2 * SEND_BATCH + 100
+        ids = [f"s{i:05d}" for i in range(n)]
+        with store.session() as s:
+            s.add_all(Device(id=i, hardware="unix", online=True, inventory={}) for i in ids)
+        release = create_release(store, tmp_path / "blobs", KEY, os.urandom(300), "2.0.0", ["unix"])
+        dep = create_deployment(store, release, device_ids=ids)
+        center = ControlCenter(store, broker.server_url, tmp_path / "blobs", signer=Signer(KEY),
+                               client_id=f"fota-center-{os.getpid()}-sender", poll_interval=60)
+
+        async def scenario():
+            await center.start()
+            try:
+                # three passes; with a poll interval between them this would take 120 s
+                await asyncio.to_thread(wait_until, lambda: center.commands == n, timeout=40, interval=0.05,
+                                        what=f"{n} commands sent")
+                await asyncio.to_thread(wait_until, lambda: set(center.job_states(dep.id).values()) == {"sent"},
+                                        timeout=40, interval=0.05, what="jobs marked sent")
+            finally:
+                await center.stop()
+        asyncio.run(scenario())
+    finally:
+        store.dispose()
