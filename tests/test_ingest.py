@@ -168,20 +168,23 @@ def test_duplicate_lookup_over_many_keys(fleet):
 
 
 def test_statuses_that_change_no_job(fleet):
-    """Stored as events, but a foreign job, a rejected status, an unknown or no job change nothing."""
+    """Stored as events, but a foreign job, a rejected, key-update or health status, an unknown or
+    no job change nothing."""
     job = fleet.job["d1"]
     fleet.write([fleet.status("d1", job, "downloading", 1, progress=0.25)])
     result = fleet.write([
         fleet.status("d2", job, "failed", 1, code=protocol.E_TIMEOUT),             # d1's job
         fleet.status("d1", job, "rejected", 2, code=protocol.E_BAD_CHUNK, current="downloading"),
         fleet.status("d1", 2**31 - 1, "failed", 3, code=protocol.E_TIMEOUT),       # no such job
-        fleet.status("d1", None, "rejected", 4, code=protocol.E_BAD_COMMAND)])
-    assert (result.stored, result.job_states, result.finished) == (4, {}, set())
+        fleet.status("d1", None, "rejected", 4, code=protocol.E_BAD_COMMAND),
+        fleet.status("d1", job, protocol.KEYS_UPDATED, 5),                          # a key update
+        fleet.status("d1", job, protocol.HEALTH, 6)])                               # a health report
+    assert (result.stored, result.job_states, result.finished) == (6, {}, set())
     row = fleet.job_row("d1")
     assert (row.state, row.progress, row.code) == ("downloading", 0.25, None)
     (event,) = device_history(fleet.store, "d2")
     assert (event.job_id, event.state, event.code) == (job, "failed", protocol.E_TIMEOUT)
-    assert [e.job_id for e in device_history(fleet.store, "d1")][1:] == [job, 2**31 - 1, None]
+    assert [e.job_id for e in device_history(fleet.store, "d1")][1:] == [job, 2**31 - 1, None, job, job]
 
 
 def test_messages_from_unprovisioned_devices_are_ignored(fleet):
