@@ -1,0 +1,214 @@
+"""Never lose: broker restarts, control-center restarts and sleepy devices in the middle of a
+deployment, with real Mosquitto (persistence on), real MicroPython devices and a real database.
+
+Statuses are counted twice: every status a device generates carries (boot, seq), seq counting
+1, 2, 3, ... per boot, so a gap in the stored sequence is a lost status; and a persistent spy
+(its own broker session, re-subscribing after each reconnect) records what went over the
+broker, which must equal what the database holds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+import pytest
+from sqlalchemy import select
+
+from conftest import BrokerInfo
+from fleet import CenterThread, Fleet, wait_until
+from fota.examples import hello_files
+from fota.server.broker import SERVER_USER, Mosquitto
+from fota.server.deployments import create_deployment
+from fota.server.releases import create_release
+from fota.server.store import Job, StatusEvent
+from fota.tools.bundle import pack_files
+from fota.tools.supervisor import DeviceProcess
+
+
+@pytest.fixture
+def persistent_broker(tmp_path):
+    """A Mosquitto of our own, with persistence, that a test may stop and start again."""
+    with Mosquitto(tmp_path / "mosquitto", auth=True, persistence=True) as m:
+        info = BrokerInfo(m)
+        info.add_user(SERVER_USER, "server-secret")
+        yield info
+
+
+def restart_broker(info: BrokerInfo, down: float) -> None:
+    """Stop Mosquitto (it writes its persistence file), stay down `down` s, start it again."""
+    info.broker.stop()
+    time.sleep(down)
+    info.broker.start()
+
+
+class SessionSpy:
+    """Records every status over the broker, with a persistent session of its own (QoS 1), so it
+    also gets what devices published while it was cut off by a broker restart."""
+
+    def __init__(self, broker: BrokerInfo):
+        self.statuses: list[tuple[str, dict]] = []
+        self.lock = threading.Lock()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"sspy-{time.monotonic_ns()}",
+                                  clean_session=False)
+        self.client.username_pw_set(SERVER_USER, broker.users[SERVER_USER])
+        self.client.on_connect = lambda c, *a: c.subscribe("fota/v1/+/status", 1)
+        self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(0.2, 1)
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        wait_until(self.client.is_connected, timeout=10, what="spy connected")
+        time.sleep(0.2)
+
+    def _on_message(self, client, userdata, msg):
+        with self.lock:
+            self.statuses.append((msg.topic.split("/")[2], json.loads(msg.payload)))
+
+    def keys(self, device):
+        with self.lock:
+            return {(s["boot"], s["seq"]) for d, s in self.statuses if d == device}
+
+    def close(self):
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def stored(fleet, device) -> list[StatusEvent]:
+    with fleet.store.session() as s:
+        return list(s.scalars(select(StatusEvent).where(StatusEvent.device_id == device)
+                              .order_by(StatusEvent.boot, StatusEvent.seq)))
+
+
+def assert_no_status_lost(fleet, device, spy=None):
+    """Per boot, the stored seqs are 1..n without a gap; and they are what went over the broker."""
+    events = stored(fleet, device)
+    by_boot: dict[int, list[int]] = {}
+    for e in events:
+        by_boot.setdefault(e.boot, []).append(e.seq)
+    for boot, seqs in by_boot.items():
+        assert seqs == list(range(1, len(seqs) + 1)), f"{device} boot {boot}: stored seqs {seqs}"
+    if spy is not None:
+        assert {(e.boot, e.seq) for e in events} == spy.keys(device)
+    return len(events)
+
+
+def installs(fleet, device, job) -> int:
+    """How often the device installed the job: its 'rebooting' statuses (one per install)."""
+    return sum(1 for e in stored(fleet, device) if e.job_id == job and e.state == "rebooting")
+
+
+def release(fleet, version, padding):
+    files = hello_files(version)
+    files["blob.bin"] = os.urandom(padding)
+    return create_release(fleet.store, fleet.blobs, fleet.key, pack_files(files), version, ["unix"])
+
+
+def progressed(fleet, job_ids, fraction):
+    """Every job has downloaded at least `fraction` of its image (as stored)."""
+    def check():
+        jobs = [fleet.job(j) for j in job_ids]
+        return all(j.state == "downloading" and j.progress >= fraction for j in jobs)
+    return check
+
+
+def test_broker_restart_mid_deployment_loses_nothing(tmp_path, persistent_broker, sqlite_url):
+    fleet = Fleet(tmp_path, persistent_broker, sqlite_url, chunk=1024, window=4)
+    spy = SessionSpy(persistent_broker)
+    try:
+        ids = ["brk-1", "brk-2", "brk-3"]
+        for d in ids:
+            fleet.add_device(d)
+        fleet.wait_online(*ids)
+        rel = release(fleet, "1.1.0", 150_000)
+        dep = create_deployment(fleet.store, rel, device_ids=ids)
+        jobs = [j.id for j in dep.jobs]
+        wait_until(progressed(fleet, jobs, 0.2), timeout=60, interval=0.02, what="20% downloaded")
+        restart_broker(persistent_broker, down=2.0)
+        assert all(fleet.job(j).state == "downloading" for j in jobs)  # cut mid-download
+        for j in jobs:
+            job = fleet.wait_job(j, timeout=120)
+            assert job.state == "confirmed", (job.device_id, job.state, job.code, job.reason)
+        fleet.wait_online(*ids, version="1.1.0")
+        for j, d in zip(jobs, ids):
+            assert fleet.running_version(d) == "1.1.0"
+            assert fleet.devices[d].reboots == 1 and installs(fleet, d, j) == 1
+            wait_until(lambda: stored(fleet, d)[-1].state == "confirmed", timeout=30, what="confirmed stored")
+            assert_no_status_lost(fleet, d, spy)
+            # connected at start, again after the broker restart, and after the reboot
+            assert fleet.devices[d].log_text().count("connected as") == 3
+            served = fleet.job(j).bytes_served
+            assert rel.size <= served < rel.size + 2 * 4 * 1024  # re-sent at most what was in flight
+    finally:
+        spy.close()
+        close(fleet)
+
+
+def close(fleet):
+    """Fleet.close, except for a center a failing test left stopped."""
+    for p in fleet.devices.values():
+        p.stop()
+    fleet.spy.close()
+    if fleet.center.loop.is_running():
+        fleet.center.stop()
+    fleet.store.dispose()
+
+
+def new_center(fleet, client_id):
+    return CenterThread(fleet.store, fleet.broker.server_url, fleet.blobs, signer=fleet.signer,
+                        keys_update=fleet.keyring.keys_update(), client_id=client_id, chunk=1024, window=4).start()
+
+
+def test_center_restarts_mid_download_and_while_devices_report(tmp_path, persistent_broker, sqlite_url):
+    """Stop the control center twice (mid-download; then while devices install, reboot and
+    confirm, with a broker restart in between), start a new one on the same database and session."""
+    session = f"center-{time.monotonic_ns()}"
+    fleet = Fleet(tmp_path, persistent_broker, sqlite_url, client_id=session, chunk=1024, window=4)
+    spy = SessionSpy(persistent_broker)
+    try:
+        ids = ["ctr-1", "ctr-2", "ctr-3"]
+        for d in ids:
+            fleet.add_device(d)
+        fleet.wait_online(*ids)
+        rel = release(fleet, "1.2.0", 100_000)
+        dep = create_deployment(fleet.store, rel, device_ids=ids)
+        jobs = [j.id for j in dep.jobs]
+
+        # 1. mid-download: the devices stall and re-request; the new center serves from the database.
+        wait_until(progressed(fleet, jobs, 0.2), timeout=60, interval=0.02, what="20% downloaded")
+        fleet.center.stop()
+        assert all(fleet.job(j).state == "downloading" for j in jobs)
+        time.sleep(2.0)
+        fleet.center = new_center(fleet, session)
+
+        # 2. once every image is in, stop it again: the devices verify, install, reboot and
+        #    confirm with nobody listening; their statuses wait in the center's broker session,
+        #    through a broker restart, until the next center picks them up.
+        def downloaded():
+            return all(any(s["state"] in ("verifying", "installing") for d2, s in spy.statuses
+                           if d2 == d and s["job"] == j) for d, j in zip(ids, jobs))
+        for d in ids:
+            fleet.devices[d].restart_delay = 2.0  # a slow reboot: the center is gone by then
+        wait_until(downloaded, timeout=90, interval=0.01, what="all downloaded")
+        fleet.center.stop()
+        stopped = len(spy.statuses)  # from here on, statuses are published with no center
+        wait_until(lambda: all(any(s["state"] == "confirmed" for d2, s in spy.statuses if d2 == d) for d in ids),
+                   timeout=60, what="devices confirm while the center is down")
+        assert len(spy.statuses) - stopped >= len(ids)  # at least each device's 'confirmed'
+        restart_broker(persistent_broker, down=1.0)
+        # What the devices published that no center has stored yet: it waits in the session.
+        waiting = sum(len(spy.keys(d) - {(e.boot, e.seq) for e in stored(fleet, d)}) for d in ids)
+        assert waiting >= len(ids)
+        fleet.center = new_center(fleet, session)
+
+        for j, d in zip(jobs, ids):
+            job = fleet.wait_job(j, timeout=60)
+            assert job.state == "confirmed", (d, job.state, job.code, job.reason)
+            assert fleet.running_version(d) == "1.2.0"
+            assert fleet.devices[d].reboots == 1 and installs(fleet, d, j) == 1  # installed once
+            assert_no_status_lost(fleet, d, spy)
+        assert fleet.center.center.commands == 0  # the new centers re-sent no command
+    finally:
+        spy.close()
+        close(fleet)
