@@ -21,6 +21,10 @@
 #   (A_TRIAL_FAILED, reason)                    record a failed trial in the boot record
 #   (A_REBOOT,)                                 restart the device
 #
+# Power: the runner reports the battery level (percent, or None if the port cannot measure it)
+# and external power with power(); an update that needs more battery than there is waits in
+# `postponed` (before its download, or after verifying and before its install).
+#
 # Runs on MicroPython and CPython alike: no typing, no dataclasses, no enum.
 
 import json
@@ -64,6 +68,11 @@ TRANSITIONS = (
     (P.FAILED, "done", P.IDLE),
     (P.REVERTED, "done", P.IDLE),
     (P.CANCELLED, "done", P.IDLE),
+    (P.IDLE, "low_power", P.POSTPONED),
+    (P.VERIFYING, "low_power", P.POSTPONED),
+    (P.POSTPONED, "power_ok", P.DOWNLOADING),
+    (P.POSTPONED, "power_ok_verified", P.INSTALLING),
+    (P.POSTPONED, "cancel", P.CANCELLED),
 )
 
 _TABLE = {}
@@ -72,6 +81,7 @@ for _f, _e, _t in TRANSITIONS:
 
 REJECTED = P.REJECTED  # status kind for a refused message; not a state
 PROGRESS_STEP = 0.1     # report download progress at most every 10 %
+POWER_STEP = 5          # re-publish the inventory when the battery moved this many points
 
 
 class ProtocolError(Exception):
@@ -154,11 +164,17 @@ def parse_manifest(text, kinds):
     if enc is not None and not (isinstance(enc, dict) and enc.get("alg") == "aes-256-cbc"
                                 and isinstance(enc.get("plain_size"), int) and not isinstance(enc.get("plain_size"), bool)):
         problems.append("enc must be {alg: aes-256-cbc, plain_size: int}")
+    if not _percent(m.get("min_battery", 0)):
+        problems.append("min_battery must be an integer 0..100")
     if m.get("kind") not in kinds:
         problems.append("kind %r is not installable here (backend takes %s)" % (m.get("kind"), "/".join(kinds)))
     if problems:
         raise Rejection(P.E_BAD_MANIFEST, "; ".join(problems), terminal=True)
     return m
+
+
+def _percent(value):
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 100
 
 
 def _valid_files(files):
@@ -196,6 +212,9 @@ class Job:
         self.chunk = cmd["chunk"]
         self.window = max(1, min(cmd["window"], max_inflight // self.chunk))
         self.chunks = (self.size + self.chunk - 1) // self.chunk
+        # battery percent needed to download and to install: the stricter of the deployment's
+        # (command) and the release's (manifest) minimum
+        self.min_battery = max(cmd.get("min_battery", 0), manifest.get("min_battery", 0))
 
     def delta_expect(self):
         """For A_BEGIN: what the patch must agree with (docs/delta.md), or None."""
@@ -247,6 +266,9 @@ class UpdateCore:
         # Why the running app is unhealthy (it failed to start outside a trial), or None.
         self.app_error = identity.get("app_error")
         self.last_health = 0
+        self.battery = identity.get("battery")      # percent, or None: not measured
+        self.external = bool(identity.get("external"))  # on external power
+        self.reported_power = (self.battery, self.external)
         self._reset_transfer()
 
     # ---- state table -------------------------------------------------------------------------
@@ -288,7 +310,8 @@ class UpdateCore:
                "version": self.version, "max_chunk": self.settings.max_chunk,
                "capacity": self.capacity, "state": self.state, "job": self.last_job,
                "keys": self.trust.version, "counter": self.counter,
-               "image": self.image["sha256"] if self.image else None, "delta_wbits": self.delta_wbits}
+               "image": self.image["sha256"] if self.image else None, "delta_wbits": self.delta_wbits,
+               "battery": self.battery, "external": self.external}
         inv.update(self.inventory_extra)
         if extra:
             inv.update(extra)
@@ -339,15 +362,25 @@ class UpdateCore:
                 # does a download whose slot could not be re-read up to the checkpoint (e.g. a
                 # power cut after the install unpacked and deleted the image, before the trial
                 # was marked), instead of being dropped without a word.
+                # A postponed one starts once power allows (power()).
                 pos = 0
                 hasher = hashlib.sha256()
-                actions += [(A_BEGIN, job.manifest["size"], job.delta_expect()), (A_JOURNAL, {"cmd": cmd, "pos": 0})]
+                if not journal.get("postponed"):
+                    actions += [(A_BEGIN, job.manifest["size"], job.delta_expect()), (A_JOURNAL, {"cmd": cmd, "pos": 0})]
             self.job = job
             self.state = P.DOWNLOADING
             self.hasher = hasher
             self.next = pos
             self.requested = pos
             self.last_progress_at = self.now
+            if journal.get("postponed"):
+                if pos == job.chunks:
+                    # Downloaded and verified before the restart: the runner re-hashed the slot.
+                    self.state = P.VERIFYING
+                    failed = self._hash_failure()
+                    if failed:
+                        return [self._agent_state()] + actions + failed
+                self.state = P.POSTPONED  # re-checked at the runner's first power reading
         return [self._agent_state()] + actions
 
     # ---- connection ------------------------------------------------------------------------
@@ -523,6 +556,8 @@ class UpdateCore:
             raise Rejection(P.E_BAD_COMMAND, "chunk must be an int in 64..%d" % self.settings.max_chunk)
         if not isinstance(window, int) or isinstance(window, bool) or not 1 <= window <= P.MAX_WINDOW:
             raise Rejection(P.E_BAD_COMMAND, "window must be an int in 1..%d" % P.MAX_WINDOW)
+        if not _percent(cmd.get("min_battery", 0)):
+            raise Rejection(P.E_BAD_COMMAND, "min_battery must be an int in 0..100", cmd["job"])
         cmd["chunk"] = chunk
         cmd["window"] = window
         delta = cmd.get("delta")
@@ -585,7 +620,7 @@ class UpdateCore:
             msg["progress"] = 0.0
             return [self._agent_state(), self._publish_status(msg)]
         statuses = []
-        if self.state == P.DOWNLOADING:
+        if self.state in (P.DOWNLOADING, P.POSTPONED):
             # The new journal replaces the old one: a cut before it leaves the old job to resume.
             statuses = [a for a in self._end(P.CANCELLED, "cancel", None, "superseded by job %d" % cmd["job"])
                         if a[0] == A_PUBLISH]
@@ -593,8 +628,15 @@ class UpdateCore:
             # Past the download (installing, rebooting, trial) a job cannot be replaced.
             r = Rejection(P.E_NOT_RUNNING, "busy in state %s; job %d refused" % (self.state, cmd["job"]))
             return [self._agent_state(), self._publish_status(self._rejected(r, cmd["job"]))]
-        self._go("accept")
         self.job = Job(cmd, manifest, self.settings.max_inflight)
+        self._reset_transfer()
+        if not self._power_ok():
+            self._go("low_power")
+            return self._postpone(statuses)
+        self._go("accept")
+        return self._start_download(statuses)
+
+    def _start_download(self, statuses=()):
         self._reset_transfer()
         self.hasher = hashlib.sha256()
         self.last_progress_at = self.now
@@ -602,8 +644,8 @@ class UpdateCore:
         # The journal before last_job: a cut between them resumes the job (booted() adopts its
         # id), where the other order would have the job's redelivery refused as a duplicate
         # with nothing left to run it.
-        actions = [(A_BEGIN, manifest["size"], self.job.delta_expect()), (A_JOURNAL, {"cmd": cmd, "pos": 0}),
-                   self._agent_state()]
+        actions = [(A_BEGIN, self.job.manifest["size"], self.job.delta_expect()),
+                   (A_JOURNAL, {"cmd": self.job.cmd, "pos": 0}), self._agent_state()]
         actions += statuses
         actions.append(self._publish_status(self._status(P.DOWNLOADING)))
         self.reported_progress = 0.0
@@ -613,7 +655,7 @@ class UpdateCore:
 
     def _cancel(self, cmd):
         target = cmd["target"]
-        if self.state != P.DOWNLOADING or self.job is None or self.job.id != target:
+        if self.state not in (P.DOWNLOADING, P.POSTPONED) or self.job is None or self.job.id != target:
             r = Rejection(P.E_NOT_RUNNING, "job %d is not downloading" % target)
             return [self._publish_status(self._rejected(r, target))]
         return self._end(P.CANCELLED, "cancel", None, "cancelled by job %d" % cmd["job"])
@@ -687,19 +729,68 @@ class UpdateCore:
     def _downloaded(self):
         self._go("downloaded")
         actions = [self._publish_status(self._status(P.VERIFYING))]
+        failed = self._hash_failure()
+        if failed:
+            return actions + failed
+        if not self._power_ok():
+            # The image stays in the slot; the install waits for power.
+            self._go("low_power")
+            return actions + self._postpone()
+        self._go("verified")
+        return actions + self._install()
+
+    def _hash_failure(self):
         digest = hexlify(self.hasher.digest()).decode()
         if self.job.delta:
             # The patch is checked here against the signed command; the image it produced is
             # checked against the manifest by the runner's decoder before A_INSTALL finalises.
             if digest != self.job.delta["sha256"]:
-                return actions + self._end(P.FAILED, "error", P.E_DELTA,
-                                           "patch sha256 %s does not match %s" % (digest, self.job.delta["sha256"]))
+                return self._end(P.FAILED, "error", P.E_DELTA,
+                                 "patch sha256 %s does not match %s" % (digest, self.job.delta["sha256"]))
         elif digest != self.job.manifest["sha256"].lower():
-            return actions + self._end(P.FAILED, "error", P.E_HASH_MISMATCH,
-                                       "image sha256 %s does not match manifest %s" % (digest, self.job.manifest["sha256"]))
-        self._go("verified")
-        actions.append(self._publish_status(self._status(P.INSTALLING)))
-        actions.append((A_INSTALL, self.job.manifest, self.job.manifest["_key"]))
+            return self._end(P.FAILED, "error", P.E_HASH_MISMATCH,
+                             "image sha256 %s does not match manifest %s" % (digest, self.job.manifest["sha256"]))
+        return None
+
+    def _install(self):
+        return [self._publish_status(self._status(P.INSTALLING)),
+                (A_INSTALL, self.job.manifest, self.job.manifest["_key"])]
+
+    # ---- power -------------------------------------------------------------------------------
+    def _power_ok(self):
+        # A device that cannot measure its battery (None) is not held back.
+        return self.external or self.battery is None or self.battery >= self.job.min_battery
+
+    def _postpone(self, statuses=()):
+        msg = self._status(P.POSTPONED, code=P.E_LOW_BATTERY,
+                           reason="battery %d%% below the %d%% this update needs; waiting for power"
+                           % (self.battery, self.job.min_battery))
+        msg["battery"] = self.battery
+        msg["min_battery"] = self.job.min_battery
+        # The journal keeps the job (and, after the download, the image's place) over a restart;
+        # written before last_job, as for a download.
+        return ([(A_JOURNAL, {"cmd": self.job.cmd, "pos": self.next, "postponed": True}), self._agent_state()]
+                + list(statuses) + [self._publish_status(msg)])
+
+    def power(self, battery, external):
+        """The runner's power reading: battery percent (None if not measured), external power.
+
+        Called periodically; a postponed update goes on once there is enough power.
+        """
+        self.battery = battery
+        self.external = bool(external)
+        actions = []
+        last_battery, last_external = self.reported_power
+        if (self.external != last_external or (battery is None) != (last_battery is None)
+                or (battery is not None and abs(battery - last_battery) >= POWER_STEP)):
+            self.reported_power = (battery, self.external)
+            actions.append(self.inventory())
+        if self.state == P.POSTPONED and self._power_ok():
+            if self.next == self.job.chunks:
+                self._go("power_ok_verified")
+                return actions + self._install()
+            self._go("power_ok")
+            return actions + self._start_download()
         return actions
 
     def installed(self, code=None, reason=None):

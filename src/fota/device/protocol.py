@@ -53,9 +53,10 @@ CONFIRMED = "confirmed"
 FAILED = "failed"
 REVERTED = "reverted"
 CANCELLED = "cancelled"
+POSTPONED = "postponed"  # accepted, waiting for enough battery before download or install
 
 STATES = (IDLE, DOWNLOADING, VERIFYING, INSTALLING, REBOOTING, TRIAL,
-          CONFIRMED, FAILED, REVERTED, CANCELLED)
+          CONFIRMED, FAILED, REVERTED, CANCELLED, POSTPONED)
 TERMINAL_STATES = (CONFIRMED, FAILED, REVERTED, CANCELLED)
 
 # Status kinds that are not states: a refused message, an applied key update, a health report.
@@ -90,9 +91,10 @@ E_BAD_KEYS = "E_BAD_KEYS"              # key update or certificate malformed or 
 E_DECRYPT = "E_DECRYPT"                # encrypted release: key unwrap or decryption failed
 E_BASE_MISMATCH = "E_BASE_MISMATCH"    # delta patch for another base than the running image
 E_DELTA = "E_DELTA"                    # delta patch corrupt, or it does not produce the manifest's image
+E_LOW_BATTERY = "E_LOW_BATTERY"        # postponed: battery below the update's minimum
 
 ERROR_CODES = (E_BAD_COMMAND, E_OVERSIZE, E_UNKNOWN_COMMAND, E_STALE_JOB, E_DUPLICATE_JOB,
                E_BAD_MANIFEST, E_UNKNOWN_KEY, E_BAD_SIGNATURE, E_HW_MISMATCH, E_TOO_LARGE,
                E_BAD_CHUNK, E_HASH_MISMATCH, E_INSTALL, E_BAD_BUNDLE, E_TIMEOUT, E_HEALTH,
                E_NOT_RUNNING, E_KEY_REVOKED, E_KEY_EXPIRED, E_WRONG_DEVICE, E_DOWNGRADE, E_STALE_KEYS,
-               E_BAD_KEYS, E_DECRYPT, E_BASE_MISMATCH, E_DELTA)
+               E_BAD_KEYS, E_DECRYPT, E_BASE_MISMATCH, E_DELTA, E_LOW_BATTERY)

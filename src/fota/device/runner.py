@@ -18,6 +18,7 @@ from fota.device import protocol as P
 from fota.device import boot as bootrec
 from fota.device import core as C
 from fota.device import fsutil
+from fota.device import power as powerhook
 from fota.device.mqtt import MQTTClient, MQTTError, connect_with_backoff
 from fota.device.slots import open_backend
 
@@ -56,6 +57,7 @@ class Device:
         self.pending = []     # actions not yet executed (a publish failed: retried after reconnect)
         self.patcher = None   # the delta decoder of the current job, if it is a delta job
         self.t0 = ticks_ms()
+        self.power_at = None  # when power was last read (ms)
 
     # ---- paths -----------------------------------------------------------------------------
     def _path(self, name):
@@ -105,6 +107,8 @@ class Device:
             "enc_key": unhexlify(cfg["enc_key"]) if cfg.get("enc_key") and getattr(self.backend, "DECRYPTS", False)
             else None,
         }
+        # A failed first reading counts as an empty battery: no update with a minimum starts.
+        identity["battery"], identity["external"] = powerhook.read(self.root, cfg) or (0, False)
         settings = C.Settings(
             chunk_timeout=cfg.get("chunk_timeout_ms", 3000),
             stall_timeout=cfg.get("stall_timeout_ms", 60000),
@@ -138,13 +142,18 @@ class Device:
                 return journal, hashlib.sha256()  # the core restarts a patch from its start
             chunk = cmd["chunk"]
             inactive = bootrec.other(self.slot)
-            start = self.backend.resume(inactive, journal["pos"] * chunk)
-            if start is None:
-                start = journal["pos"] * chunk
-            # The backend may continue below the journal's position: send again from the chunk
-            # that holds its offset.
-            journal = {"cmd": cmd, "pos": start // chunk}
-            offset = journal["pos"] * chunk
+            if journal.get("postponed"):
+                # A postponed job writes nothing until it goes on: nothing to resume. Re-hash what
+                # it has: nothing, or the whole verified image (whose last chunk may be short).
+                offset = min(journal["pos"] * chunk, json.loads(cmd["manifest"])["size"])
+            else:
+                start = self.backend.resume(inactive, journal["pos"] * chunk)
+                if start is None:
+                    start = journal["pos"] * chunk
+                # The backend may continue below the journal's position: send again from the
+                # chunk that holds its offset.
+                journal = {"cmd": cmd, "pos": start // chunk}
+                offset = journal["pos"] * chunk
             hasher = hashlib.sha256()
             done = 0
             while done < offset:
@@ -333,6 +342,16 @@ class Device:
                     log("ack failed:", e)
                     self._drop_connection()
 
+    def _read_power(self):
+        # Every power_poll_ms: the core re-checks a postponed update and reports changes.
+        now = self.now()
+        if self.power_at is not None and now - self.power_at < self.config.get("power_poll_ms", 5000):
+            return
+        self.power_at = now
+        reading = powerhook.read(self.root, self.config)
+        if reading is not None:  # failed: keep the last reading
+            self.execute(self.core.power(reading[0], reading[1]))
+
     def run_forever(self, poll_ms=50):
         self.boot()
         while True:
@@ -358,6 +377,7 @@ class Device:
                 self._drop_connection()
                 continue
             self._dispatch()
+            self._read_power()
             self.execute(self.core.tick(self.now()))
             if self.app is not None and hasattr(self.app, "tick"):
                 self.app.tick()
