@@ -24,7 +24,7 @@ from fota.server.store import (
 )
 
 TABLES = {"releases", "devices", "deployments", "jobs", "status_events", "api_tokens", "audit_events"}
-HEAD = "0005"
+HEAD = "0006"
 
 
 @pytest.fixture

@@ -230,6 +230,11 @@ def devices(home: Optional[Path] = HomeOpt, tag: Optional[str] = typer.Option(No
 def deploy(release: str = typer.Argument(..., help="release version or id"),
            device: List[str] = typer.Option([], "--device", help="device id (repeatable)"),
            tag: Optional[str] = typer.Option(None, "--tag", help="every device with this tag"),
+           min_battery: Optional[int] = typer.Option(
+               None, "--min-battery", min=0, max=100,
+               help="battery %% a device needs to download and to install (it postpones the update until then)"),
+           timeout: Optional[int] = typer.Option(
+               None, "--timeout", min=1, help="seconds until unfinished jobs end 'timed_out' (default: wait for ever)"),
            home: Optional[Path] = HomeOpt):
     """Deploy a release to devices (all at once); the running control center sends the commands."""
     from fota.server.deployments import DeploymentError, create_deployment
@@ -241,16 +246,21 @@ def deploy(release: str = typer.Argument(..., help="release version or id"),
     store = _store(Home.locate(home))
     try:
         rel = get_release(store, release)
-        dep = create_deployment(store, rel, device_ids=list(device) or None, tag=tag)
+        dep = create_deployment(store, rel, device_ids=list(device) or None, tag=tag,
+                                min_battery=min_battery, timeout=timeout)
     except (DeploymentError, ReleaseError, LookupError) as e:
         _fail(str(e))
     _audit(store, "deployment.create", f"deployment:{dep.id}",
-           {"release": rel.version, "target": dep.target, "devices": [j.device_id for j in dep.jobs]})
-    console.print(f"deployment {dep.id}: release {rel.version} to {len(dep.jobs)} device(s)")
+           {"release": rel.version, "target": dep.target, "devices": [j.device_id for j in dep.jobs],
+            "min_battery": min_battery, "timeout": timeout})
+    limits = "".join([f", battery >= {min_battery}%" if min_battery else "",
+                      f", timeout {timeout} s" if timeout else ""])
+    console.print(f"deployment {dep.id}: release {rel.version} to {len(dep.jobs)} device(s){limits}")
 
 
 def render_status(store, deployment_id: int | None = None):
     """A Rich table of the jobs of one deployment (the latest by default) and a summary line."""
+    from fota.server.deployments import FINAL_STATES
     from fota.server.store import Deployment, Job
     with store.session() as s:
         q = s.query(Deployment)
@@ -263,10 +273,10 @@ def render_status(store, deployment_id: int | None = None):
     counts: dict[str, int] = {}
     for _, state, *_ in rows:
         counts[state] = counts.get(state, 0) + 1
-    in_progress = sum(n for st, n in counts.items() if st not in P.TERMINAL_STATES)
+    in_progress = sum(n for st, n in counts.items() if st not in FINAL_STATES)
     summary = (f"deployment {dep.id} (release {version}): " +
-               ", ".join(f"{counts.get(st, 0)} {st}" for st in P.TERMINAL_STATES if counts.get(st)) +
-               (", " if counts.keys() - set(P.TERMINAL_STATES) and any(counts.get(st) for st in P.TERMINAL_STATES) else "") +
+               ", ".join(f"{counts.get(st, 0)} {st}" for st in FINAL_STATES if counts.get(st)) +
+               (", " if counts.keys() - set(FINAL_STATES) and any(counts.get(st) for st in FINAL_STATES) else "") +
                (f"{in_progress} in progress" if in_progress else ""))
     return dep, rows, summary
 
@@ -285,9 +295,10 @@ def progress_view(rows) -> Progress:
 def refresh_live(live, store, deployment_id: int):
     """Redraw a Live view of one deployment; returns (rows, summary, every device finished)."""
     from rich.console import Group
+    from fota.server.deployments import TERMINAL_STATES  # device states and timed_out
     _, rows, summary = render_status(store, deployment_id)
     live.update(Group(progress_view(rows), summary))
-    return rows, summary, all(r[1] in P.TERMINAL_STATES for r in rows)
+    return rows, summary, all(r[1] in TERMINAL_STATES for r in rows)
 
 
 @app.command("status")

@@ -127,6 +127,8 @@ class DeploymentOut(BaseModel):
     state: str
     target: Any
     created_at: datetime
+    min_battery: int | None = None
+    timeout: int | None = None
     counts: dict[str, int]
     progress: float
     jobs: list[JobOut]
@@ -148,6 +150,9 @@ class DeploymentIn(BaseModel):
     release: str | int = Field(description="release version (or id)")
     devices: list[str] | None = Field(None, description="explicit device ids")
     tag: str | None = Field(None, description="every device with this tag (and the release's hardware)")
+    min_battery: int | None = Field(None, ge=0, le=100,
+                                    description="battery % a device needs to download and to install")
+    timeout: int | None = Field(None, ge=1, description="seconds until unfinished jobs end 'timed_out'")
 
 
 class WaveOut(BaseModel):
@@ -387,7 +392,8 @@ def _router() -> APIRouter:
         """Deploy a release to devices or to a tag (admin); the control center sends the commands."""
         with _service_errors(400), audit.transaction(store) as tx:
             rel = get_release(tx, body.release)
-            dep = create_deployment(tx, rel, device_ids=body.devices, tag=body.tag)
+            dep = create_deployment(tx, rel, device_ids=body.devices, tag=body.tag,
+                                    min_battery=body.min_battery, timeout=body.timeout)
             tx.record(token.name, "deployment.create", f"deployment:{dep.id}",
                       {"release": rel.version, "target": dep.target,
                        "devices": [job.device_id for job in dep.jobs]})

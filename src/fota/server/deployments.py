@@ -3,21 +3,27 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from fota.device import protocol
 from fota.server.releases import get_release
 from fota.server.store import Deployment, Device, Job, Release, StatusEvent, Store
 
-__all__ = ["ACTIVE", "CANCEL", "DONE", "PENDING", "SENT", "UPDATE", "TERMINAL_STATES", "DeploymentError",
-           "create_deployment", "deployment_summary", "device_history", "list_deployments"]
+__all__ = ["ACTIVE", "CANCEL", "DONE", "FINAL_STATES", "PENDING", "SENT", "TERMINAL_STATES", "TIMED_OUT",
+           "UPDATE", "DeploymentError", "create_deployment", "deployment_summary", "device_history",
+           "expire_jobs", "list_deployments"]
 
-# Job states on the server side: 'pending' (not yet sent), 'sent', then the device's states.
+# Job states on the server side: 'pending' (not yet sent), 'sent', then the device's states,
+# or 'timed_out' (set by the control center: no final status within the deployment's timeout).
 PENDING = "pending"
 SENT = "sent"
-TERMINAL_STATES = frozenset(protocol.TERMINAL_STATES)
+TIMED_OUT = "timed_out"
+FINAL_STATES = tuple(protocol.TERMINAL_STATES) + (TIMED_OUT,)  # in display order
+TERMINAL_STATES = frozenset(FINAL_STATES)
 # Job kinds: the release's update command, or a cancel command for another job (target_job).
 UPDATE = "update"
 CANCEL = "cancel"
@@ -58,25 +64,58 @@ def _select_devices(s, release: Release, device_ids: Iterable[str] | None,
 
 
 def create_deployment(store: Store, release: Release | str | int, device_ids: Iterable[str] | None = None,
-                      tag: str | None = None) -> Deployment:
+                      tag: str | None = None, *, min_battery: int | None = None,
+                      timeout: int | None = None) -> Deployment:
     """Target explicit devices or a tag; creates one pending Job per device.
 
-    DeploymentError for an unknown device, no matching device, or hardware the release
-    is not built for.
+    min_battery: battery percent (0..100; 0 = none) a device needs before it downloads and before it
+    installs (it postpones the job until then). timeout: seconds after which jobs that did
+    not finish end 'timed_out' (the device may be asleep or gone).
+
+    DeploymentError for an unknown device, no matching device, hardware the release
+    is not built for, or a limit out of range.
     """
     if (device_ids is None) == (tag is None):
         raise DeploymentError("give either device ids or a tag")
+    if min_battery is not None and (isinstance(min_battery, bool) or not isinstance(min_battery, int)
+                                    or not 0 <= min_battery <= 100):
+        raise DeploymentError("min_battery must be a percentage 0..100")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 1):
+        raise DeploymentError("timeout must be a positive number of seconds")
     if not isinstance(release, Release):
         release = get_release(store, release)
     with store.session() as s:
         devices = _select_devices(s, release, device_ids, tag)
         target: dict[str, Any] = {"devices": [d.id for d in devices]} if tag is None else {"tag": tag}
-        deployment = Deployment(release_id=release.id, target=target, state=ACTIVE)
+        deployment = Deployment(release_id=release.id, target=target, state=ACTIVE,
+                                min_battery=min_battery or None, timeout_s=timeout)
         s.add(deployment)
         for device in devices:
             s.add(Job(deployment=deployment, device_id=device.id, state=PENDING, bytes_total=release.size))
         s.flush()  # assigns the job ids; deployment.jobs is already filled in memory
     return deployment
+
+
+def expire_jobs(session: Session, now: datetime) -> dict[int, set[int]]:
+    """End the unfinished jobs of active deployments whose timeout passed: state 'timed_out'.
+
+    Returns {deployment id: ids of the jobs it timed out}. A device that comes back later
+    and reports is recorded (status history) but does not change the job any more.
+    """
+    expired: dict[int, set[int]] = {}
+    deployments = session.scalars(select(Deployment).where(Deployment.state == ACTIVE,
+                                                           Deployment.timeout_s.is_not(None)))
+    for dep in deployments:
+        if dep.created_at + timedelta(seconds=dep.timeout_s) > now:
+            continue
+        for job in dep.jobs:
+            if job.state not in TERMINAL_STATES:
+                job.reason = (f"no final status within {dep.timeout_s} s of the deployment's start "
+                              f"(last state: {job.state})")
+                job.state = TIMED_OUT
+                job.code = None
+                expired.setdefault(dep.id, set()).add(job.id)
+    return expired
 
 
 def list_deployments(store: Store) -> list[Deployment]:
@@ -101,6 +140,8 @@ def deployment_summary(store: Store, deployment_id: int) -> dict[str, Any]:
             "state": deployment.state,
             "target": deployment.target,
             "created_at": deployment.created_at,
+            "min_battery": deployment.min_battery,
+            "timeout": deployment.timeout_s,
             "counts": dict(Counter(j["state"] for j in jobs)),
             "progress": sum(j["progress"] or 0.0 for j in jobs) / len(jobs) if jobs else 1.0,
             "jobs": jobs,

@@ -96,13 +96,13 @@ def build_manifest(version: str, hardware: list[str], kind: str, image: bytes, c
 def update_command(job_id: int, device_id: str, release: Release, signer: Signer,
                    chunk: int = protocol.DEFAULT_CHUNK_SIZE, window: int = protocol.DEFAULT_WINDOW,
                    now: int | None = None, wrapped_key: str | None = None,
-                   delta: dict | None = None) -> bytes:
+                   delta: dict | None = None, min_battery: int | None = None) -> bytes:
     """The signed `update` command (§4.1) for one job on one device, as published on `cmd`.
 
     delta: the descriptor of the patch sent instead of the image (fota.server.delta), or None.
 
     wrapped_key: for an encrypted release, the release key wrapped for this device
-    (wrap_release_key).
+    (wrap_release_key). min_battery: the deployment's battery gate (§5.1), if any.
     """
     body = {"type": "update", "job": job_id, "device": device_id, "manifest": release.manifest,
             "manifest_kid": release.key_id, "manifest_sig": release.signature, "chunk": chunk,
@@ -111,6 +111,8 @@ def update_command(job_id: int, device_id: str, release: Release, signer: Signer
         body["key"] = wrapped_key
     if delta:
         body["delta"] = delta
+    if min_battery:
+        body["min_battery"] = min_battery
     return signer.command(body, now)
 
 

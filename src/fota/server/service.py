@@ -41,7 +41,7 @@ from sqlalchemy.orm import Session
 from fota.device import protocol
 from fota.server.campaigns import CampaignEngine
 from fota.server.delta import DEFAULT_WBITS, get_delta, load_delta
-from fota.server.deployments import CANCEL, DONE, PENDING, SENT, TERMINAL_STATES, UPDATE
+from fota.server.deployments import CANCEL, DONE, PENDING, SENT, TERMINAL_STATES, TIMED_OUT, UPDATE, expire_jobs
 from fota.server.ingest import REJECTED, BatchResult, Incoming, write_batch
 from fota.server.releases import ReleaseError, read_blob, update_command, wrap_release_key
 from fota.tools.keyring import Signer
@@ -57,6 +57,7 @@ KEEPALIVE = 30
 SESSION_EXPIRY = 0xFFFFFFFF      # MQTT 5: keep the session (and queued statuses) forever
 SEND_BATCH = 500                 # pending jobs claimed per sender pass
 CACHE_REFRESH_INTERVAL = 5.0     # re-read states of cached jobs changed outside this process
+EXPIRE_INTERVAL = 1.0            # how often deployment timeouts are checked
 DB_RETRY_DELAY = 1.0             # database unreachable: keep the batch, retry after this
 STATUS_STATES = frozenset(protocol.STATES) | {REJECTED, protocol.KEYS_UPDATED, protocol.HEALTH}
 ACK_OK = 0                       # MQTT 5 PUBACK reason code "success"
@@ -477,13 +478,17 @@ class ControlCenter:
     # ------------------------------------------------------------ job sender
 
     async def _send_loop(self) -> None:
-        last_refresh = asyncio.get_running_loop().time()
+        last_refresh = last_expiry = asyncio.get_running_loop().time()
         while True:
             sent = 0
             try:
                 if self._client is not None and self._client.is_connected:
                     sent = await self._send_pending()
                 now = asyncio.get_running_loop().time()
+                if now - last_expiry >= EXPIRE_INTERVAL:
+                    last_expiry = now
+                    for job_id in await self._db_call(self._expire):
+                        self._set_job_state(job_id, TIMED_OUT)
                 if now - last_refresh >= CACHE_REFRESH_INTERVAL:
                     last_refresh = now
                     await self._refresh_cache()
@@ -524,7 +529,8 @@ class ControlCenter:
 
     def _claim_pending(self) -> list[_Outgoing]:
         """(DB thread) the oldest pending jobs, with their commands."""
-        query = (select(Job.id, Job.device_id, Device.inventory, Device.enc_key, Release, Job.kind, Job.target_job)
+        query = (select(Job.id, Job.device_id, Device.inventory, Device.enc_key, Release, Job.kind, Job.target_job,
+                        Deployment.min_battery)
                  .join(Deployment, Job.deployment_id == Deployment.id)
                  .join(Release, Deployment.release_id == Release.id)
                  .join(Device, Job.device_id == Device.id)
@@ -534,7 +540,7 @@ class ControlCenter:
         with self.store.session() as s:
             rows = s.execute(query).all()
         outgoing = []
-        for job_id, device_id, inventory, device_key, release, kind, target_job in rows:
+        for job_id, device_id, inventory, device_key, release, kind, target_job, min_battery in rows:
             if kind == CANCEL:
                 command = self.signer.command({"type": "cancel", "job": job_id, "device": device_id,
                                                "target": target_job})
@@ -551,7 +557,8 @@ class ControlCenter:
                 continue
             patch = self._delta_for(release, inventory or {})
             command = update_command(job_id, device_id, release, self.signer, chunk, self.window,
-                                     wrapped_key=wrapped, delta=patch.descriptor() if patch else None)
+                                     wrapped_key=wrapped, delta=patch.descriptor() if patch else None,
+                                     min_battery=min_battery)
             blob = patch.data if patch else self._blob(release)
             outgoing.append(_Outgoing(job_id, device_id, command, _JobInfo(device_id, SENT, blob),
                                       patch.id if patch else None))
@@ -575,6 +582,16 @@ class ControlCenter:
         except Exception:  # a patch is an optimisation: never let it stop the update
             log.exception("delta %s -> %s failed; sending the full image", base.version, release.version)
             return None
+
+    def _expire(self) -> list[int]:
+        """(DB thread) time out the jobs of deployments past their timeout; their ids."""
+        with self.store.session() as s:
+            expired = expire_jobs(s, utcnow())
+            if expired:
+                self._finish_deployments(s, set(expired))
+        for dep_id, job_ids in expired.items():
+            log.warning("deployment %d: %d job(s) timed out", dep_id, len(job_ids))
+        return [job_id for job_ids in expired.values() for job_id in job_ids]
 
     def _mark_sent(self, job_ids: list[int], deltas: dict[int, tuple[int, int]] | None = None) -> None:
         """(DB thread) pending -> sent; a status may already have moved a job further.

@@ -193,6 +193,10 @@ class Deployment(Base):
     target: Mapped[Any] = mapped_column(JSONType())
     state: Mapped[str] = mapped_column(String(16), default="active", server_default=text("'active'"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # battery percent a device needs to download and install (sent in the command); None: no gate
+    min_battery: Mapped[int | None] = mapped_column(Integer)
+    # seconds from created_at until unfinished jobs end 'timed_out'; None: wait for ever
+    timeout_s: Mapped[int | None] = mapped_column(Integer)
 
     release: Mapped[Release] = relationship(back_populates="deployments")
     jobs: Mapped[list[Job]] = relationship(
