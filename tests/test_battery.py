@@ -3,13 +3,20 @@ device has is postponed (E_LOW_BATTERY) before its download or before its instal
 restart, and goes on once the power reading is enough. docs/protocol.md §5.1."""
 import hashlib
 import json
+import os
 import struct
+import time
 
 import pytest
 
 from fota.device import core as C
 from fota.device import protocol as P
+from fota.examples import hello_files
+from fota.server.deployments import create_deployment, device_history
+from fota.server.releases import create_release
 from fota.tools import signing
+from fota.tools.bundle import pack_files
+from fleet import Fleet, wait_until
 from test_core import SIGNING_KEY, Harness, cmd, make_update, new_core
 
 IMAGE = bytes(range(256)) * 12 + b"tail"  # 13 chunks of 256
@@ -176,3 +183,68 @@ def test_inventory_reports_power_and_its_changes():
     assert kinds(h.core.power(55, False)) == [C.A_PUBLISH]   # 5 points from the last report
     assert kinds(h.core.power(55, True)) == [C.A_PUBLISH]    # plugged in
     assert json.loads(h.core.power(55, False)[0][2])["external"] is False
+
+
+# ---- end to end: a MicroPython device whose battery changes at run time ---------------------------
+
+def set_power(root, battery, external=False):
+    """What a board's fuel gauge would say: the unix port's power.json, replaced atomically."""
+    tmp = root / "power.json.tmp"
+    tmp.write_text(json.dumps({"battery": battery, "external": external}))
+    os.replace(tmp, root / "power.json")
+
+
+def test_device_postpones_until_its_battery_is_charged(tmp_path, broker, sqlite_url):
+    # Small chunks: the second device's download lasts long enough to drain its battery halfway.
+    fleet = Fleet(tmp_path, broker, sqlite_url, chunk=512, window=4)
+    try:
+        low, drained = "batt-low", "batt-drain"
+        for dev in (low, drained):
+            fleet.add_device(dev, start=False, power_poll_ms=200)
+        set_power(fleet.root(low), 15)
+        set_power(fleet.root(drained), 90)
+        for dev in (low, drained):
+            fleet.devices[dev].start()
+        fleet.wait_online(low, drained)
+        wait_until(lambda: fleet.device_row(low).inventory.get("battery") == 15, what="battery in the inventory")
+        files = hello_files("2.0.0")
+        files["blob.bin"] = os.urandom(150_000)
+        rel = create_release(fleet.store, fleet.blobs, fleet.key, pack_files(files), "2.0.0", ["unix"])
+
+        # 1. Too low from the start: postponed, nothing downloaded or written.
+        dep = create_deployment(fleet.store, rel, device_ids=[low], min_battery=40)
+        job = dep.jobs[0].id
+        j = wait_until(lambda: (j := fleet.job(job)).state == "postponed" and j, what="postponed")
+        assert j.code == P.E_LOW_BATTERY and "15%" in j.reason and "40%" in j.reason
+        set_power(fleet.root(low), 30)  # charging, not there yet
+        wait_until(lambda: fleet.device_row(low).inventory.get("battery") == 30, what="battery 30 reported")
+        time.sleep(0.5)
+        assert fleet.job(job).state == "postponed" and fleet.job(job).bytes_served == 0
+        assert not (fleet.root(low) / "slots" / "b" / "image.bin").exists()
+        set_power(fleet.root(low), 45)
+        j = fleet.wait_job(job, timeout=90)
+        assert j.state == "confirmed", (j.state, j.code, j.reason)
+        fleet.wait_online(low, version="2.0.0")
+        assert fleet.devices[low].reboots == 1
+        states = [e.state for e in device_history(fleet.store, low) if e.job_id == job]
+        assert states[0] == "postponed" and states.count("postponed") == 1 and states[-1] == "confirmed"
+
+        # 2. Drained during the download: the image is fetched and verified, the install waits.
+        dep = create_deployment(fleet.store, rel, device_ids=[drained], min_battery=50)
+        job = dep.jobs[0].id
+        wait_until(lambda: fleet.job(job).state == "downloading" and fleet.job(job).progress >= 0.2,
+                   timeout=60, interval=0.02, what="20% downloaded")
+        set_power(fleet.root(drained), 20)
+        j = wait_until(lambda: (j := fleet.job(job)).state == "postponed" and j, timeout=90, what="install postponed")
+        assert j.code == P.E_LOW_BATTERY and j.progress == 1.0
+        time.sleep(1.0)
+        assert fleet.devices[drained].reboots == 0 and fleet.running_version(drained) == "1.0.0"
+        assert not (fleet.root(drained) / "slots" / "b" / "app").exists()  # not installed
+        set_power(fleet.root(drained), 20, external=True)  # plugged in
+        j = fleet.wait_job(job, timeout=60)
+        assert j.state == "confirmed", (j.state, j.code, j.reason)
+        assert fleet.running_version(drained) == "2.0.0" and fleet.devices[drained].reboots == 1
+        served = fleet.job(job).bytes_served
+        assert served < rel.size + 4 * 512 * 2  # the image was not fetched twice
+    finally:
+        fleet.close()
