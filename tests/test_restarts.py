@@ -21,7 +21,7 @@ from conftest import BrokerInfo
 from fleet import CenterThread, Fleet, wait_until
 from fota.examples import hello_files
 from fota.server.broker import SERVER_USER, Mosquitto
-from fota.server.deployments import create_deployment
+from fota.server.deployments import create_deployment, deployment_summary
 from fota.server.releases import create_release
 from fota.server.store import Job, StatusEvent
 from fota.tools.bundle import pack_files
@@ -211,4 +211,53 @@ def test_center_restarts_mid_download_and_while_devices_report(tmp_path, persist
         assert fleet.center.center.commands == 0  # the new centers re-sent no command
     finally:
         spy.close()
+        close(fleet)
+
+
+def test_sleepy_device_gets_its_queued_command_and_a_gone_one_times_out(tmp_path, broker, sqlite_url):
+    # require_online=False: commands go to sleeping devices too, queued in their broker sessions.
+    fleet = Fleet(tmp_path, broker, sqlite_url, require_online=False)
+    try:
+        sleepy, gone = "sleepy-1", "sleepy-gone"
+        fleet.add_device(sleepy)
+        fleet.add_device(gone, stall_timeout_ms=3000)
+        fleet.wait_online(sleepy, gone)
+        for d in (sleepy, gone):  # deep sleep: the process stops, the broker keeps the session
+            fleet.devices[d].stop()
+        wait_until(lambda: not fleet.device_row(sleepy).online and not fleet.device_row(gone).online,
+                   what="both asleep (will message)")
+        rel = release(fleet, "3.0.0", 20_000)
+        waits = create_deployment(fleet.store, rel, device_ids=[sleepy], timeout=300)
+        short = create_deployment(fleet.store, rel, device_ids=[gone], timeout=4)
+        job, gone_job = waits.jobs[0].id, short.jobs[0].id
+        wait_until(lambda: fleet.job(job).state == "sent" and fleet.job(gone_job).state == "sent",
+                   what="commands sent to sleeping devices")
+
+        # The device that never comes back: its job ends timed_out, and so does its deployment.
+        j = wait_until(lambda: (j := fleet.job(gone_job)).state == "timed_out" and j, timeout=30, what="timed out")
+        assert j.reason == "no final status within 4 s of the deployment's start (last state: sent)"
+        assert deployment_summary(fleet.store, short.id)["state"] == "done"
+        time.sleep(2.0)  # asleep for longer than a deployment step; the other job still waits
+        assert fleet.job(job).state == "sent"
+        assert deployment_summary(fleet.store, waits.id)["state"] == "active"
+
+        # Wake up with the same persistent session: the queued command is delivered, once.
+        fleet.devices[sleepy] = DeviceProcess(fleet.root(sleepy), heap=fleet.heap).start()
+        j = fleet.wait_job(job, timeout=60)
+        assert j.state == "confirmed", (j.state, j.code, j.reason)
+        fleet.wait_online(sleepy, version="3.0.0")
+        assert fleet.devices[sleepy].reboots == 1 and installs(fleet, sleepy, job) == 1
+        assert deployment_summary(fleet.store, waits.id)["state"] == "done"
+        assert fleet.center.center.commands == 2
+
+        # The gone device wakes after all: it gets its command, but no chunks for a timed-out job;
+        # it gives up (E_TIMEOUT) on its old firmware and the job stays timed_out.
+        fleet.devices[gone] = DeviceProcess(fleet.root(gone), heap=fleet.heap).start()
+        st = wait_until(lambda: [e for e in stored(fleet, gone) if e.job_id == gone_job and e.state == "failed"],
+                        timeout=30, what="late device gives up")
+        assert st[0].code == "E_TIMEOUT"
+        assert fleet.job(gone_job).state == "timed_out" and fleet.job(gone_job).bytes_served == 0
+        assert fleet.running_version(gone) == "1.0.0" and fleet.devices[gone].reboots == 0
+        assert_no_status_lost(fleet, sleepy)
+    finally:
         close(fleet)
