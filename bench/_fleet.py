@@ -45,8 +45,8 @@ class Broker:
     """An authenticated Mosquitto (password file + per-device ACL) in its own directory, with
     fota's generated config (which turns Nagle off: `set_tcp_nodelay true`)."""
 
-    def __init__(self, directory: Path):
-        self.mosquitto = Mosquitto(Path(directory), auth=True).start()
+    def __init__(self, directory: Path, *, persistence: bool = False):
+        self.mosquitto = Mosquitto(Path(directory), auth=True, persistence=persistence).start()
         self.host = HOST
         self.port = self.mosquitto.port
         self.users: dict[str, str] = {}
@@ -113,10 +113,10 @@ def _keys(directory: Path):
 class Fleet:
     """Broker + store + control center + devices under one temporary directory."""
 
-    def __init__(self, tmp: Path, *, chunk: int, window: int, heap: str = "128K"):
+    def __init__(self, tmp: Path, *, chunk: int, window: int, heap: str = "128K", persistence: bool = False):
         self.tmp = Path(tmp)
         self.heap = heap
-        self.broker = Broker(self.tmp / "mosquitto")
+        self.broker = Broker(self.tmp / "mosquitto", persistence=persistence)
         self.store = Store(f"sqlite:///{self.tmp / 'fota.db'}")
         self.blobs = self.tmp / "blobs"
         self.devices: dict[str, DeviceProcess] = {}

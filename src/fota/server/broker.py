@@ -64,9 +64,19 @@ def write_passwords(path: Path, hashes: dict[str, str]) -> None:
     tmp.replace(path)
 
 
+# With persistence, Mosquitto writes its state (sessions, subscriptions, queued QoS 1 messages)
+# on a clean exit, and otherwise only every autosave_interval seconds (default 1800). A broker
+# killed before its first save comes back without the control center's session: statuses
+# published before the center re-subscribes are dropped. Saving every second bounds that.
+AUTOSAVE_INTERVAL = 1
+
+
 def write_config(directory: Path, port: int, *, auth: bool = True, persistence: bool = False,
-                 max_packet_size: int = 65536, tls: TlsFiles | None = None) -> Path:
-    """tls: the listener speaks only TLS (1.2 or later; 1.3 when the client has it)."""
+                 max_packet_size: int = 65536, tls: TlsFiles | None = None,
+                 autosave_interval: int = AUTOSAVE_INTERVAL) -> Path:
+    """tls: the listener speaks only TLS (1.2 or later; 1.3 when the client has it).
+
+    autosave_interval: seconds between saves of the persistent state (persistence only)."""
     directory.mkdir(parents=True, exist_ok=True)
     lines = [f"listener {port} 127.0.0.1"]
     if tls is not None:
@@ -82,6 +92,7 @@ def write_config(directory: Path, port: int, *, auth: bool = True, persistence: 
         f"max_packet_size {max_packet_size}",
         f"persistence {'true' if persistence else 'false'}",
         f"persistence_location {directory}/",
+        f"autosave_interval {autosave_interval}",
         "log_dest none",
         # Chunks are small request/response messages: Nagle's algorithm would hold each reply
         # back until the previous one is acknowledged (tens of ms per chunk).

@@ -55,6 +55,8 @@ T = TypeVar("T")
 CLIENT_ID = "fota-center"
 KEEPALIVE = 30
 SESSION_EXPIRY = 0xFFFFFFFF      # MQTT 5: keep the session (and queued statuses) forever
+RECONNECT_DELAY = 1              # s between reconnect attempts (gmqtt's default, 6 s, stalls
+                                 # every download that long after a broker restart)
 SEND_BATCH = 500                 # pending jobs claimed per sender pass
 CACHE_REFRESH_INTERVAL = 5.0     # re-read states of cached jobs changed outside this process
 EXPIRE_INTERVAL = 1.0            # how often deployment timeouts are checked
@@ -247,6 +249,7 @@ class ControlCenter:
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         client.on_disconnect = self._on_disconnect
+        client.reconnect_delay = RECONNECT_DELAY
         self._client = client
         self._tasks = [asyncio.create_task(self._flush_loop(), name="fota-flush")]
         tls = (self.ssl_context or True) if url.scheme == "mqtts" else False

@@ -1,0 +1,299 @@
+"""Restart sweep: the broker or the control center restarts at chosen points of a deployment.
+
+    ./run bench restarts [--faults none,broker,broker-kill,center] [--cuts 0.1,0.5,0.9,install]
+                         [--devices 3] [--image-kib 64] [--chunk 1024] [--window 4] [--down 1.0]
+                         [--repeat 1] [--timeout 120] [--out bench/results/restarts.json]
+
+Each case is a fresh fleet on 127.0.0.1 (Mosquitto with persistence, SQLite, a control center,
+MicroPython unix-port devices running the agent as .mpy), one deployment to every device, and
+one fault at one point. Counted per case: devices updated, bricked, installed twice, statuses
+lost, chunk bytes re-sent. The `none` case is the baseline measured in the same run.
+See bench/README.md for what each number means.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from sqlalchemy import select
+
+from bench._fleet import CenterThread, Fleet, TimedOut, bundle_of_size, wait_until
+from fota.device import protocol as P
+from fota.server.broker import SERVER_USER
+from fota.server.deployments import create_deployment
+from fota.server.store import Job, StatusEvent
+from fota.tools.devicedir import read_boot_record
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "bench" / "results" / "restarts.json"
+FAULTS = ("none", "broker", "broker-kill", "center")
+REBOOT_DELAY = 0.5   # seconds a device takes to "reboot": an `install` cut lands inside it
+
+
+def log(*args) -> None:
+    print("[bench]", *args, file=sys.stderr, flush=True)
+
+
+class Spy:
+    """Every status over the broker, on a persistent session that re-subscribes on reconnect."""
+
+    def __init__(self, broker):
+        self.keys: set[tuple[str, int, int]] = set()
+        self.by_key: dict[tuple[str, int, int], str] = {}
+        self.states: list[tuple[str, int | None, str]] = []
+        self.lock = threading.Lock()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bspy-{time.monotonic_ns()}",
+                                  clean_session=False)
+        self.client.username_pw_set(SERVER_USER, broker.users[SERVER_USER])
+        self.client.on_connect = lambda c, *a: c.subscribe("fota/v1/+/status", 1)
+        self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(0.1, 1)
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        wait_until(self.client.is_connected, timeout=10, what="spy connected")
+        time.sleep(0.2)
+
+    def _on_message(self, client, userdata, msg):
+        try:
+            body = json.loads(msg.payload)
+        except ValueError:
+            return
+        device = msg.topic.split("/")[2]
+        with self.lock:
+            self.keys.add((device, body.get("boot"), body.get("seq")))
+            self.by_key[(device, body.get("boot"), body.get("seq"))] = body.get("state")
+            self.states.append((device, body.get("job"), body.get("state")))
+
+    def state_of(self, key) -> str | None:
+        with self.lock:
+            return self.by_key.get(key)
+
+    def saw_all(self, devices, states) -> bool:
+        with self.lock:
+            return all(any(d == dev and s in states for d, _, s in self.states) for dev in devices)
+
+    def close(self):
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def _apply_fault(fault: str, fleet: Fleet, args) -> Fleet:
+    if fault in ("broker", "broker-kill"):
+        m = fleet.broker.mosquitto
+        if fault == "broker":
+            m.stop()  # SIGTERM: Mosquitto writes its persistence file on the way out
+        else:
+            m.proc.kill()  # SIGKILL: whatever it had not saved is gone
+            m.proc.wait()
+            m.proc = None
+        time.sleep(args.down)
+        m.start()
+    elif fault == "center":
+        old = fleet.center.center
+        fleet.center.stop()
+        time.sleep(args.down)
+        fleet.center = CenterThread(fleet.store, fleet.broker.server_url, fleet.blobs, chunk=args.chunk,
+                                    window=args.window, client_id=old.client_id, signer=old.signer,
+                                    keys_update=old.keys_update).start()
+    return fleet
+
+
+def _progress(fleet: Fleet, job_ids: list[int]) -> dict[int, tuple[str, float]]:
+    with fleet.store.session() as s:
+        return {j: (st, p or 0.0) for j, st, p in s.execute(select(Job.id, Job.state, Job.progress)
+                                                            .where(Job.id.in_(job_ids)))}
+
+
+def run_case(fault: str, cut: str, args, tmp: Path) -> dict:
+    fleet = Fleet(tmp, chunk=args.chunk, window=args.window, persistence=True)
+    spy = None
+    try:
+        ids = [f"rs-{i}" for i in range(args.devices)]
+        fleet.add_devices(ids)
+        for proc in fleet.devices.values():
+            proc.restart_delay = REBOOT_DELAY
+        fleet.wait_online(ids)
+        spy = Spy(fleet.broker)
+        image = bundle_of_size("1.1.0", args.image_kib * 1024)
+        rel = fleet.release(image, "1.1.0")
+        t0 = time.monotonic()
+        dep = create_deployment(fleet.store, rel, device_ids=ids)
+        jobs = [j.id for j in dep.jobs]
+        cut_at = None
+        if fault != "none":
+            if cut == "install":
+                wait_until(lambda: spy.saw_all(ids, ("rebooting",)), timeout=args.timeout, interval=0.01,
+                           what="every device rebooting")
+            else:
+                f = float(cut)
+                wait_until(lambda: all(st not in ("pending", "sent") and (st != "downloading" or p >= f)
+                                       for st, p in _progress(fleet, jobs).values()),
+                           timeout=args.timeout, interval=0.01, what=f"{f:.0%} downloaded")
+            cut_at = _progress(fleet, jobs)
+            fleet = _apply_fault(fault, fleet, args)
+        try:
+            wait_until(lambda: all(st in P.TERMINAL_STATES for st, _ in _progress(fleet, jobs).values()),
+                       timeout=args.timeout, interval=0.05, what="every job final")
+            finished = True
+        except TimedOut:
+            finished = False
+        wall = time.monotonic() - t0
+        # Statuses still on their way to the database (e.g. just after a restart).
+        try:
+            wait_until(lambda: not (spy.keys - _stored_keys(fleet)), timeout=15, interval=0.1, what="statuses stored")
+        except TimedOut:
+            pass
+        return _score(fleet, spy, ids, jobs, rel, fault, cut, cut_at, wall, finished)
+    finally:
+        if spy is not None:
+            spy.close()
+        fleet.close()
+
+
+def _stored_keys(fleet: Fleet) -> set[tuple[str, int, int]]:
+    with fleet.store.session() as s:
+        return {tuple(r) for r in s.execute(select(StatusEvent.device_id, StatusEvent.boot, StatusEvent.seq))}
+
+
+def _score(fleet, spy, ids, jobs, rel, fault, cut, cut_at, wall, finished) -> dict:
+    with fleet.store.session() as s:
+        events = s.execute(select(StatusEvent.device_id, StatusEvent.boot, StatusEvent.seq, StatusEvent.job_id,
+                                  StatusEvent.state)).all()
+        rows = {j.id: j for j in s.scalars(select(Job).where(Job.id.in_(jobs)))}
+        job_rows = {j: (rows[j].device_id, rows[j].state, rows[j].bytes_served) for j in jobs}
+    stored = {(d, b, q) for d, b, q, _, _ in events}
+    gaps = 0
+    missing: list = []
+    for dev in ids:
+        by_boot: dict[int, list[int]] = {}
+        for d, b, q, _, _ in events:
+            if d == dev:
+                by_boot.setdefault(b, []).append(q)
+        for boot, seqs in by_boot.items():
+            gaps += max(seqs) - len(set(seqs))
+            missing += [(dev, boot, q) for q in range(1, max(seqs)) if q not in seqs]
+    lost = gaps + len(spy.keys - stored)
+    missing = sorted(set(missing) | (spy.keys - stored))  # gaps, and seen on the broker but never stored
+    updated = bricked = twice = 0
+    for dev in ids:
+        installs = sum(1 for d, _, _, j, st in events if d == dev and st == "rebooting" and j in jobs)
+        twice += installs > 1
+        rec = read_boot_record(fleet.devices[dev].root)
+        running = rec["versions"].get(rec["active"])
+        updated += running == "1.1.0"
+        # Bricked: not running a version it had, on trial for ever, or not back on the broker.
+        try:
+            fleet.wait_online([dev], timeout=30, version=running)
+            reachable = True
+        except TimedOut:
+            reachable = False
+        bricked += running not in ("1.0.0", "1.1.0") or rec.get("trial") is not None or not reachable
+    served = sum(b for _, _, b in job_rows.values())
+    return {
+        "fault": fault, "cut": cut, "devices": len(ids), "finished": finished,
+        "confirmed": sum(1 for _, st, _ in job_rows.values() if st == P.CONFIRMED),
+        "updated": updated, "bricked": bricked, "installed_twice": twice, "lost_statuses": lost,
+        "seq_gaps": gaps, "missing": [list(k) + [spy.state_of(k)] for k in missing], "statuses_stored": len(stored), "statuses_seen": len(spy.keys),
+        "bytes_resent": served - len(ids) * rel.size, "image_bytes": rel.size, "wall_s": round(wall, 2),
+        "progress_at_cut": {str(j): list(v) for j, v in cut_at.items()} if cut_at else None,
+    }
+
+
+def render(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    t = Table(title=f"restarts: {results['config']['devices']} device(s), "
+                    f"{results['config']['image_kib']} KiB, chunk {results['config']['chunk']}")
+    for col in ("fault", "at", "cases", "passed", "bricked", "twice", "lost", "re-sent KiB", "wall s", "× base"):
+        t.add_column(col, justify="right" if col not in ("fault", "at") else "left")
+    for row in results["summary"]:
+        t.add_row(row["fault"], row["cut"], str(row["cases"]), str(row["passed"]), str(row["bricked"]),
+                  str(row["installed_twice"]), str(row["lost_statuses"]), f"{row['bytes_resent'] / 1024:.1f}",
+                  f"{row['wall_s']:.1f}", f"{row['ratio']:.2f}" if row["ratio"] else "-")
+    Console().print(t)
+
+
+def summarize(cases: list[dict]) -> list[dict]:
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for c in cases:
+        groups.setdefault((c["fault"], c["cut"]), []).append(c)
+    base = statistics.median(c["wall_s"] for c in groups.get(("none", "-"), [])) if ("none", "-") in groups else None
+    out = []
+    for (fault, cut), cs in groups.items():
+        wall = statistics.median(c["wall_s"] for c in cs)
+        out.append({
+            "fault": fault, "cut": cut, "cases": len(cs),
+            "passed": sum(c["finished"] and c["confirmed"] == c["devices"] == c["updated"]
+                          and not c["lost_statuses"] and not c["installed_twice"] for c in cs),
+            "bricked": sum(c["bricked"] for c in cs), "installed_twice": sum(c["installed_twice"] for c in cs),
+            "lost_statuses": sum(c["lost_statuses"] for c in cs), "bytes_resent": sum(c["bytes_resent"] for c in cs),
+            "wall_s": wall, "ratio": wall / base if base else None,
+        })
+    return out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="./run bench restarts", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--faults", default=",".join(FAULTS), help=f"comma-separated, of {', '.join(FAULTS)}")
+    p.add_argument("--cuts", default="0.1,0.5,0.9,install",
+                   help="where the fault lands: fractions of the download, or 'install' (devices rebooting)")
+    p.add_argument("--devices", type=int, default=3, help="devices per case")
+    p.add_argument("--image-kib", type=int, default=64, help="release (bundle) size in KiB")
+    p.add_argument("--chunk", type=int, default=1024, help="chunk size in bytes")
+    p.add_argument("--window", type=int, default=4, help="chunks a device has in flight")
+    p.add_argument("--down", type=float, default=1.0, help="seconds the broker / center stays down")
+    p.add_argument("--repeat", type=int, default=1, help="cases per fault and cut")
+    p.add_argument("--timeout", type=float, default=120, help="seconds allowed per case")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
+    args = p.parse_args(argv)
+    args.faults = [f for f in args.faults.split(",") if f]
+    unknown = set(args.faults) - set(FAULTS)
+    if unknown:
+        p.error(f"unknown fault(s): {', '.join(sorted(unknown))}")
+    args.cuts = [c for c in args.cuts.split(",") if c]
+    for c in args.cuts:
+        if c != "install" and not 0 < float(c) < 1:
+            p.error(f"cut {c!r}: a fraction in (0, 1) or 'install'")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+    t_begin = time.monotonic()
+    cases = []
+    with tempfile.TemporaryDirectory(prefix="fota-bench-restarts-") as tmp:
+        n = 0
+        for fault in args.faults:
+            for cut in (["-"] if fault == "none" else args.cuts):
+                for r in range(args.repeat):
+                    n += 1
+                    log(f"case {n}: {fault} at {cut} ({r + 1}/{args.repeat})")
+                    case = run_case(fault, cut, args, Path(tmp) / f"case-{n}")
+                    log("  ", {k: case[k] for k in ("confirmed", "bricked", "lost_statuses", "bytes_resent", "wall_s")})
+                    cases.append(case)
+    results = {
+        "config": {k: v for k, v in vars(args).items() if k != "out"},
+        "environment": {"python": platform.python_version(), "machine": platform.machine()},
+        "summary": summarize(cases), "cases": cases,
+        "elapsed_s": round(time.monotonic() - t_begin, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1, default=str))
+    render(results)
+    print(f"\nJSON: {args.out}   ({results['elapsed_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
