@@ -219,7 +219,7 @@ def render(results: dict) -> None:
         t.add_row(row["fault"], row["cut"], str(row["cases"]), str(row["passed"]), str(row["bricked"]),
                   str(row["installed_twice"]), str(row["lost_statuses"]), f"{row['bytes_resent'] / 1024:.1f}",
                   f"{row['wall_s']:.1f}", f"{row['ratio']:.2f}" if row["ratio"] else "-")
-    Console().print(t)
+    Console(width=max(120, Console().width)).print(t)
 
 
 def summarize(cases: list[dict]) -> list[dict]:

@@ -266,6 +266,7 @@ def test_sleepy_device_gets_its_queued_command_and_a_gone_one_times_out(tmp_path
         assert fleet.devices[sleepy].reboots == 1 and installs(fleet, sleepy, job) == 1
         assert deployment_summary(fleet.store, waits.id)["state"] == "done"
         assert fleet.center.center.commands == 2
+        assert rel.size <= fleet.job(job).bytes_served < rel.size + 2 * 8 * 2048  # nothing fetched twice
 
         # The gone device wakes after all: it gets its command, but no chunks for a timed-out job;
         # it gives up (E_TIMEOUT) on its old firmware and the job stays timed_out.

@@ -356,6 +356,7 @@ class Device:
         self.boot()
         while True:
             if self.client is None:
+                self._read_power()  # a postponed install may go on offline
                 self.execute(self.core.tick(self.now()))
                 try:
                     self._connect()
