@@ -27,6 +27,7 @@ import paho.mqtt.client as mqtt
 from sqlalchemy import select
 
 from bench._fleet import CenterThread, Fleet, TimedOut, bundle_of_size, wait_until
+from bench._report import print_table
 from fota.device import protocol as P
 from fota.server.broker import SERVER_USER
 from fota.server.deployments import create_deployment
@@ -209,17 +210,13 @@ def _score(fleet, spy, ids, jobs, rel, fault, cut, cut_at, wall, finished) -> di
 
 
 def render(results: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-    t = Table(title=f"restarts: {results['config']['devices']} device(s), "
-                    f"{results['config']['image_kib']} KiB, chunk {results['config']['chunk']}")
-    for col in ("fault", "at", "cases", "passed", "bricked", "twice", "lost", "re-sent KiB", "wall s", "× base"):
-        t.add_column(col, justify="right" if col not in ("fault", "at") else "left")
-    for row in results["summary"]:
-        t.add_row(row["fault"], row["cut"], str(row["cases"]), str(row["passed"]), str(row["bricked"]),
-                  str(row["installed_twice"]), str(row["lost_statuses"]), f"{row['bytes_resent'] / 1024:.1f}",
-                  f"{row['wall_s']:.1f}", f"{row['ratio']:.2f}" if row["ratio"] else "-")
-    Console(width=max(120, Console().width)).print(t)
+    cfg = results["config"]
+    rows = [(r["fault"], r["cut"], r["cases"], r["passed"], r["bricked"], r["installed_twice"], r["lost_statuses"],
+             f"{r['bytes_resent'] / 1024:.1f}", f"{r['wall_s']:.1f}", f"{r['ratio']:.2f}" if r["ratio"] else "-")
+            for r in results["summary"]]
+    print_table(f"restarts: {cfg['devices']} device(s), {cfg['image_kib']} KiB, chunk {cfg['chunk']}",
+                ("fault", "at", "cases", "passed", "bricked", "twice", "lost", "re-sent KiB", "wall s", "x base"),
+                rows, left=("fault", "at"))
 
 
 def summarize(cases: list[dict]) -> list[dict]:

@@ -264,6 +264,9 @@ def test_sleepy_device_gets_its_queued_command_and_a_gone_one_times_out(tmp_path
         assert j.state == "confirmed", (j.state, j.code, j.reason)
         fleet.wait_online(sleepy, version="3.0.0")
         assert fleet.devices[sleepy].reboots == 1 and installs(fleet, sleepy, job) == 1
+        # The command delivered at connect was acknowledged: the reboot's new connection did not
+        # get it again (it would be refused as a duplicate).
+        assert [e.code for e in stored(fleet, sleepy) if e.state == "rejected"] == []
         assert deployment_summary(fleet.store, waits.id)["state"] == "done"
         assert fleet.center.center.commands == 2
         assert rel.size <= fleet.job(job).bytes_served < rel.size + 2 * 8 * 2048  # nothing fetched twice
