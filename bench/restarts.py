@@ -124,6 +124,9 @@ def run_case(fault: str, cut: str, args, tmp: Path) -> dict:
             proc.restart_delay = REBOOT_DELAY
         fleet.wait_online(ids)
         spy = Spy(fleet.broker)
+        # As `fota serve` does once the center subscribed: its session (and the spy's) on disk now.
+        fleet.broker.mosquitto.save()
+        time.sleep(0.2)
         image = bundle_of_size("1.1.0", args.image_kib * 1024)
         rel = fleet.release(image, "1.1.0")
         t0 = time.monotonic()

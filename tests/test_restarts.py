@@ -124,6 +124,7 @@ def progressed(fleet, job_ids, fraction):
 def test_broker_restart_mid_deployment_loses_nothing(tmp_path, persistent_broker, sqlite_url, kill, cut):
     fleet = Fleet(tmp_path, persistent_broker, sqlite_url, chunk=1024, window=4)
     spy = SessionSpy(persistent_broker)
+    persistent_broker.broker.save()  # as `fota serve` does once the center subscribed
     try:
         ids = ["brk-1", "brk-2", "brk-3"]
         for d in ids:

@@ -55,6 +55,8 @@ async def control_center(home: Home, **settings):
     watchdog = asyncio.create_task(supervise_broker(broker)) if broker else None
     try:
         await center.start()
+        if broker:
+            broker.save()  # the center's session on disk now, not at the next autosave
         yield center
     finally:
         if watchdog:
