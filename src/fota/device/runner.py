@@ -18,7 +18,6 @@ from fota.device import protocol as P
 from fota.device import boot as bootrec
 from fota.device import core as C
 from fota.device import fsutil
-from fota.device import power as powerhook
 from fota.device.mqtt import MQTTClient, MQTTError, connect_with_backoff
 from fota.device.slots import open_backend
 
@@ -108,7 +107,7 @@ class Device:
             else None,
         }
         # A failed first reading counts as an empty battery: no update with a minimum starts.
-        identity["battery"], identity["external"] = powerhook.read(self.root, cfg) or (0, False)
+        identity["battery"], identity["external"] = self._power() or (0, False)
         settings = C.Settings(
             chunk_timeout=cfg.get("chunk_timeout_ms", 3000),
             stall_timeout=cfg.get("stall_timeout_ms", 60000),
@@ -342,13 +341,22 @@ class Device:
                     log("ack failed:", e)
                     self._drop_connection()
 
+    def _power(self):
+        # (battery, external) from the power hook, or None if the reading failed. The hook's
+        # module is imported only by a device that has a power source: heap is tight on boards.
+        cfg = self.config
+        if not (cfg.get("power_hook") or cfg.get("power") is not None or fsutil.exists(self._path("power.json"))):
+            return None, False
+        from fota.device import power
+        return power.read(self.root, cfg)
+
     def _read_power(self):
         # Every power_poll_ms: the core re-checks a postponed update and reports changes.
         now = self.now()
         if self.power_at is not None and now - self.power_at < self.config.get("power_poll_ms", 5000):
             return
         self.power_at = now
-        reading = powerhook.read(self.root, self.config)
+        reading = self._power()
         if reading is not None:  # failed: keep the last reading
             self.execute(self.core.power(reading[0], reading[1]))
 
