@@ -195,8 +195,9 @@ def set_power(root, battery, external=False):
 
 
 def test_device_postpones_until_its_battery_is_charged(tmp_path, broker, sqlite_url):
-    # Small chunks: the second device's download lasts long enough to drain its battery halfway.
-    fleet = Fleet(tmp_path, broker, sqlite_url, chunk=512, window=4)
+    # Small chunks, one at a time: the second device's download lasts long enough (seconds) to
+    # drain its battery halfway.
+    fleet = Fleet(tmp_path, broker, sqlite_url, chunk=256, window=1)
     try:
         low, drained = "batt-low", "batt-drain"
         for dev in (low, drained):
