@@ -243,6 +243,7 @@ class Run:
     def _online(self, dev):
         link = Link(self.center, self.eager_ack)
         dev.client = link
+        dev._delivering = link  # the runner acknowledges on the connection that delivered
         dev.execute(dev.core.connected_())
         cmd_topic = P.topic(self.s.device, P.CMD)
         data_topic = P.topic(self.s.device, P.DATA)
