@@ -24,7 +24,7 @@ from fota.server.store import (
 )
 
 TABLES = {"releases", "devices", "deployments", "jobs", "status_events", "api_tokens", "audit_events"}
-HEAD = "0006"
+HEAD = "0007"
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -428,17 +429,57 @@ def broker_tls_init(home: Optional[Path] = HomeOpt,
 
 
 @app.command("serve")
-def serve(home: Optional[Path] = HomeOpt):
-    """Run the control center (and its own Mosquitto unless a broker URL is configured)."""
-    from fota.server.app import run_control_center
+def serve(home: Optional[Path] = HomeOpt,
+          workers: int = typer.Option(1, "--workers", min=1,
+                                      help="worker processes sharing the work (PostgreSQL only for more than 1)")):
+    """Run the control center (and its own Mosquitto unless a broker URL is configured).
+
+    On PostgreSQL it runs as --workers processes ('fota worker') sharing MQTT v5 shared
+    subscriptions and the database; on SQLite as one process (docs/operations.md)."""
+    from fota.server.app import ServeError, is_sqlite, run_control_center, sqlite_single_lock, supervise_workers
     h = Home.locate(home)
     if not h.keyring.exists():
         _fail(f"no keys in {h.keys}: run 'fota keys init' first (commands to devices are signed)")
-    console.print(f"control center on {h.path}; broker {'managed' if h.managed_broker else h.broker_url}")
+    broker = 'managed' if h.managed_broker else h.broker_url
     try:
-        asyncio.run(run_control_center(h))
+        if is_sqlite(h.database_url):
+            if workers > 1:
+                _fail("SQLite supports one control-center worker: set database_url to a PostgreSQL URL "
+                      "for --workers > 1 (docs/operations.md)")
+            with sqlite_single_lock(h):
+                console.print(f"control center on {h.path}; broker {broker}")
+                asyncio.run(run_control_center(h))
+        else:
+            console.print(f"control center on {h.path}: {workers} worker(s), PostgreSQL; broker {broker}")
+            supervise_workers(h, workers)
+    except ServeError as e:
+        _fail(str(e))
     except KeyboardInterrupt:
         pass
+
+
+@app.command("worker")
+def worker(home: Optional[Path] = HomeOpt,
+           lease: float = typer.Option(10.0, "--lease", min=1.0,
+                                       help="seconds without a heartbeat after which a worker counts as dead")):
+    """Run one control-center worker (PostgreSQL; no managed broker): 'fota serve --workers N'
+    starts these, or start them yourself on several hosts against one database and broker."""
+    from fota.server.app import EXIT_FENCED, is_sqlite, run_worker
+    from fota.server.workers import SingleWorkerError
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
+    h = Home.locate(home)
+    if not h.keyring.exists():
+        _fail(f"no keys in {h.keys}: run 'fota keys init' first (commands to devices are signed)")
+    if is_sqlite(h.database_url):
+        err.print("[yellow]warning:[/yellow] a worker on SQLite: only one may run (use PostgreSQL for several)")
+    try:
+        code = asyncio.run(run_worker(h, lease))
+    except SingleWorkerError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        code = 0
+    if code == EXIT_FENCED:
+        raise SystemExit(EXIT_FENCED)
 
 
 @app.command("simulate")

@@ -1,15 +1,52 @@
-"""Wiring of the control center: store + (managed) Mosquitto + ControlCenter service."""
+"""Wiring of the control center: store + (managed) Mosquitto + ControlCenter service.
+
+``fota serve`` runs one control center on SQLite; on PostgreSQL it runs ``--workers N``
+worker processes (``fota worker``), each a ControlCenter in the shared subscription group
+``SHARE_GROUP``, restarted (under a new worker id) when one exits.
+"""
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 from fota.server.broker import Mosquitto
 from fota.server.home import Home
 
 log = logging.getLogger(__name__)
+
+SHARE_GROUP = "fota"          # MQTT v5 shared subscriptions: $share/fota/fota/v1/+/status, ...
+EXIT_FENCED = 3               # a worker declared dead by the others exits with this code
+RESTART_DELAY = 1.0           # seconds before a worker that exited is started again
+
+
+class ServeError(RuntimeError):
+    pass
+
+
+def is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
+
+
+@contextlib.contextmanager
+def sqlite_single_lock(home: Home):
+    """One control center per SQLite database: an exclusive lock on <home>/serve.lock, held
+    while it runs (released by the OS if the process dies)."""
+    home.path.mkdir(parents=True, exist_ok=True)
+    with open(home.path / "serve.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ServeError(f"another control center runs on {home.path} (SQLite supports one worker): "
+                             "use PostgreSQL for several workers") from None
+        yield
 
 
 async def supervise_broker(broker: Mosquitto, interval: float = 1.0) -> None:
@@ -40,12 +77,12 @@ def device_hashes(store) -> dict[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def control_center(home: Home, **settings):
+async def control_center(home: Home, manage_broker: bool = True, **settings):
     """Start everything a home needs; yields the running ControlCenter."""
     from fota.server.service import ControlCenter
     from fota.server.store import Store
     store = Store(home.database_url)
-    broker = managed_broker(home, device_hashes(store)) if home.managed_broker else None
+    broker = managed_broker(home, device_hashes(store)) if home.managed_broker and manage_broker else None
     ring = home.keyring
     settings.setdefault("signer", ring.signer())
     settings.setdefault("keys_update", ring.keys_update())
@@ -75,3 +112,77 @@ async def run_control_center(home: Home) -> None:
             loop.add_signal_handler(sig, stop.set)
     async with control_center(home):
         await stop.wait()
+
+
+async def run_worker(home: Home, lease: float = 10.0) -> int:
+    """One worker of several (PostgreSQL): until SIGTERM (0) or declared dead by the others
+    (EXIT_FENCED: its supervisor starts a fresh one)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    async with control_center(home, manage_broker=False, share_group=SHARE_GROUP, lease=lease) as center:
+        log.info("worker %s running", center.client_id)
+        lost = asyncio.create_task(center.lost.wait())
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait([lost, stopped], return_when=asyncio.FIRST_COMPLETED)
+        lost.cancel()
+        stopped.cancel()
+        return EXIT_FENCED if center.lost.is_set() else 0
+
+
+def worker_command(home: Home) -> list[str]:
+    return [sys.executable, "-m", "fota.cli", "worker", "--home", str(home.path)]
+
+
+def supervise_workers(home: Home, n: int, stop_after: float | None = None) -> None:
+    """`fota serve --workers n` on PostgreSQL: the managed broker (if any) and n worker
+    processes, each restarted when it exits, until SIGINT/SIGTERM."""
+    if is_sqlite(home.database_url) and n > 1:
+        raise ServeError("SQLite supports one control-center worker: use PostgreSQL "
+                         "(database_url postgresql://...) for --workers > 1")
+    from fota.server.store import Store
+    store = Store(home.database_url)  # migrates once, before the workers start
+    broker = managed_broker(home, device_hashes(store)) if home.managed_broker else None
+    store.dispose()
+    stopping = []
+    previous = {sig: signal.signal(sig, lambda *_: stopping.append(1)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    procs: list[subprocess.Popen | None] = [None] * n
+    restart_at = [0.0] * n
+    deadline = time.monotonic() + stop_after if stop_after else None
+    try:
+        while not stopping and (deadline is None or time.monotonic() < deadline):
+            for i, proc in enumerate(procs):
+                if proc is not None and proc.poll() is not None:
+                    log.warning("worker %d exited with %s: starting a new one", i + 1, proc.returncode)
+                    procs[i], restart_at[i] = None, time.monotonic() + RESTART_DELAY
+                if procs[i] is None and time.monotonic() >= restart_at[i]:
+                    procs[i] = subprocess.Popen(worker_command(home), env=_worker_env())
+            if broker is not None and (broker.proc is None or broker.proc.poll() is not None):
+                log.warning("managed Mosquitto exited: restarting it")
+                with contextlib.suppress(Exception):
+                    broker.start()
+            time.sleep(0.2)
+    finally:
+        for proc in procs:
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            if proc is not None:
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        if broker:
+            broker.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[2])  # this fota, even when not installed
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    return env

@@ -8,6 +8,10 @@ One MQTT connection (gmqtt, MQTT 5, persistent session ``fota-center``) and thre
   broker only after its batch committed, so a crash never loses a status;
 * chunk server: fota/v1/<dev>/req -> chunks on fota/v1/<dev>/data (QoS 0), from an
   in-memory job cache so the hot path never touches the database;
+* workers (``share_group``): several control centers share the work through MQTT v5 shared
+  subscriptions and the database: each claims the pending jobs it sends
+  (``FOR UPDATE SKIP LOCKED``), serves any chunk request, and drains the MQTT session of a
+  worker that died (fota.server.workers; docs/operations.md §2);
 * campaigns: every ``campaign_interval`` seconds one step of each active campaign
   (fota.server.campaigns.CampaignEngine), which adds the jobs the sender then sends and
   ``cancel`` jobs (signed cancel commands) on abort or timeout.
@@ -34,11 +38,12 @@ from urllib.parse import unquote, urlsplit
 from gmqtt import Client as MQTTClient
 from gmqtt import Subscription
 from gmqtt.mqtt.constants import MQTTv50
-from sqlalchemy import select, update
+from sqlalchemy import exists, or_, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from fota.device import protocol
+from fota.server import workers
 from fota.server.campaigns import CampaignEngine
 from fota.server.delta import DEFAULT_WBITS, get_delta, load_delta
 from fota.server.deployments import CANCEL, DONE, PENDING, SENT, TERMINAL_STATES, TIMED_OUT, UPDATE, expire_jobs
@@ -64,6 +69,7 @@ DB_RETRY_DELAY = 1.0             # database unreachable: keep the batch, retry a
 STATUS_STATES = frozenset(protocol.STATES) | {REJECTED, protocol.KEYS_UPDATED, protocol.HEALTH}
 ACK_OK = 0                       # MQTT 5 PUBACK reason code "success"
 MAX_ID = 2**31 - 1               # job ids, boot and seq are 32-bit integer columns
+DRAIN_QUIET = 1.0                # a dead worker's session is drained once quiet this long
 
 
 def _is_int(value: Any) -> bool:
@@ -172,7 +178,8 @@ class ControlCenter:
                  flush_interval: float = 0.05, flush_max: int = 200, require_online: bool = True,
                  signer: Signer | None = None, keys_update: bytes | None = None,
                  ssl_context: ssl.SSLContext | None = None, delta_wbits: int | None = DEFAULT_WBITS,
-                 campaign_interval: float | None = 1.0):
+                 campaign_interval: float | None = 1.0, share_group: str | None = None,
+                 lease: float = workers.LEASE, heartbeat_interval: float = workers.HEARTBEAT):
         if not 64 <= chunk <= protocol.MAX_CHUNK_SIZE:
             raise ValueError(f"chunk must be 64..{protocol.MAX_CHUNK_SIZE}")
         if not 1 <= window <= protocol.MAX_WINDOW:
@@ -188,7 +195,19 @@ class ControlCenter:
         self.chunk = chunk
         self.window = window
         self.poll_interval = poll_interval
+        # share_group: one of several workers (shared subscriptions $share/<group>/..., a
+        # persistent session per worker start, registered in center_workers); None: the only one.
+        self.share_group = share_group
+        if share_group is not None and client_id == CLIENT_ID:
+            client_id = workers.new_worker_id()
         self.client_id = client_id
+        self.lease = lease
+        self.heartbeat_interval = heartbeat_interval
+        self.adopted: list[str] = []     # dead workers whose sessions this one drained
+        self.drained = 0                 # messages received on those sessions
+        self._adopting: set[str] = set()
+        self._fenced = False             # declared dead by the others: stop at once
+        self.lost: asyncio.Event | None = None  # set when fenced (the process should exit)
         self.ssl_context = ssl_context  # mqtts:// only; None: the system's CAs
         self.flush_interval = flush_interval
         self.flush_max = flush_max
@@ -251,6 +270,9 @@ class ControlCenter:
         client.on_disconnect = self._on_disconnect
         client.reconnect_delay = RECONNECT_DELAY
         self._client = client
+        self.lost = asyncio.Event()
+        if self.share_group is not None:
+            await self._db_call(workers.register, self.store, self.client_id, self.lease)
         self._tasks = [asyncio.create_task(self._flush_loop(), name="fota-flush")]
         tls = (self.ssl_context or True) if url.scheme == "mqtts" else False
         try:
@@ -263,6 +285,8 @@ class ControlCenter:
         self._tasks.append(asyncio.create_task(self._send_loop(), name="fota-sender"))
         if self._campaigns is not None:
             self._tasks.append(asyncio.create_task(self._campaign_loop(), name="fota-campaigns"))
+        if self.share_group is not None:
+            self._tasks.append(asyncio.create_task(self._worker_loop(), name="fota-workers"))
         log.info("control center connected to %s:%s as %s", url.hostname, url.port, self.client_id)
 
     async def stop(self) -> None:
@@ -286,6 +310,13 @@ class ControlCenter:
             except Exception:
                 log.exception("MQTT disconnect failed")
             self._client = None
+        if self.share_group is not None and not self._fenced:
+            # Our session keeps its share of the statuses (and what we did not acknowledge):
+            # a live worker adopts it at once; with none alive, the next one to start does.
+            try:
+                await self._db_call(workers.retire, self.store, self.client_id)
+            except Exception:
+                log.exception("could not retire worker %s (it is adopted after its lease)", self.client_id)
         # Messages not written (arrived during shutdown, or the database is down): their
         # acknowledgements go nowhere now, so the broker redelivers them next time.
         for item in self._queue:
@@ -311,20 +342,27 @@ class ControlCenter:
         # retain_handling 1: retained inventory/online only for a new subscription, so a
         # reconnect with a kept session does not replay the whole fleet's flags.
         if not client.subscriptions:
-            subs = [Subscription(protocol.PREFIX + "+/" + suffix, qos=1, retain_handling_options=1)
-                    for suffix in (protocol.STATUS, protocol.INVENTORY, protocol.ONLINE)]
-            subs.append(Subscription(protocol.PREFIX + "+/" + protocol.REQ, qos=0, retain_handling_options=1))
+            subs = [Subscription(topic, qos=qos, retain_handling_options=1) for topic, qos in self._filters()]
             client.subscribe(subs)
         else:
             for sub in client.subscriptions:
                 client.resubscribe(sub)
         log.info("connected to the broker (session present: %s)", bool(session_present))
 
+    def _filters(self) -> list[tuple[str, int]]:
+        """The topic filters and their QoS: shared ones ($share/<group>/...) for a worker."""
+        share = f"$share/{self.share_group}/" if self.share_group is not None else ""
+        filters = [(share + protocol.PREFIX + "+/" + suffix, 1)
+                   for suffix in (protocol.STATUS, protocol.INVENTORY, protocol.ONLINE)]
+        return filters + [(share + protocol.PREFIX + "+/" + protocol.REQ, 0)]
+
     def _on_subscribe(self, client: MQTTClient, mid: int, qos: Any, properties: Any) -> None:
         self._subscribed.set()
 
     def _on_disconnect(self, client: MQTTClient, packet: Any, exc: Any = None) -> None:
-        if not self._closing:
+        if self._fenced:
+            client.stop_reconnect()  # our session is another worker's now: never take it back
+        elif not self._closing:
             log.warning("disconnected from the broker; gmqtt reconnects")
 
     async def _on_message(self, client: MQTTClient, topic: str, payload: bytes, qos: int,
@@ -512,8 +550,92 @@ class ControlCenter:
                 log.exception("campaign step failed")
             await asyncio.sleep(self.campaign_interval)
 
+    # ------------------------------------------------------------ workers (share_group)
+
+    async def _worker_loop(self) -> None:
+        """Heartbeat; adopt a dead worker and drain its session (one at a time)."""
+        drain: asyncio.Task | None = None
+        while True:
+            try:
+                alive = await self._db_call(workers.heartbeat, self.store, self.client_id, sorted(self._adopting))
+                if not alive:
+                    self._fence()
+                    return
+                if drain is None or drain.done():
+                    dead = await self._db_call(workers.adopt_stale, self.store, self.client_id, self.lease)
+                    if dead is not None:
+                        self._adopting.add(dead)
+                        drain = asyncio.create_task(self._drain(dead), name=f"fota-drain-{dead}")
+            except asyncio.CancelledError:
+                if drain is not None:
+                    drain.cancel()
+                raise
+            except Exception:
+                log.exception("worker heartbeat/adoption failed")
+            await asyncio.sleep(self.heartbeat_interval)
+
+    def _fence(self) -> None:
+        """Another worker declared us dead and took our session: stop sending and leave."""
+        log.error("worker %s was declared dead (no heartbeat for %.0fs): stopping", self.client_id, self.lease)
+        self._fenced = True
+        if self.lost is not None:
+            self.lost.set()
+        if self._client is not None:
+            self._client.stop_reconnect()
+
+    async def _drain(self, dead: str) -> None:
+        """Take over a dead worker's persistent session: ingest what it queued (acknowledged after
+        commit, as ours), unsubscribe it from the group, and delete it once it is quiet."""
+        loop = asyncio.get_running_loop()
+        url = urlsplit(self.broker_url)
+        state = {"last": loop.time(), "busy": 0}
+        unsubscribed = asyncio.Event()
+
+        async def on_message(client, topic, payload, qos, properties):
+            state["last"] = loop.time()
+            state["busy"] += 1
+            self.drained += 1
+            try:
+                return await self._on_message(client, topic, payload, qos, properties)
+            finally:
+                state["busy"] -= 1
+                state["last"] = loop.time()
+
+        client = MQTTClient(dead, clean_session=False, optimistic_acknowledgement=False,
+                            session_expiry_interval=SESSION_EXPIRY)
+        if url.username:
+            client.set_auth_credentials(unquote(url.username), unquote(url.password or ""))
+        client.on_message = on_message
+        client.on_unsubscribe = lambda *args: unsubscribed.set()
+        client.set_config({"reconnect_retries": 0})
+        tls = (self.ssl_context or True) if url.scheme == "mqtts" else False
+        try:
+            await client.connect(url.hostname, url.port or (8883 if url.scheme == "mqtts" else 1883),
+                                 ssl=tls, keepalive=KEEPALIVE, version=MQTTv50)
+            # No new message is routed to the session after UNSUBACK; what it queued before
+            # arrives on connect (Mosquitto sends the whole queue: no in-flight limit).
+            client.unsubscribe([topic for topic, _ in self._filters()])
+            await asyncio.wait_for(unsubscribed.wait(), 30)
+            while state["busy"] or loop.time() - state["last"] < DRAIN_QUIET:
+                await asyncio.sleep(0.1)
+            await client.disconnect(session_expiry_interval=0)  # the broker deletes the session
+            await self._db_call(workers.forget, self.store, dead)
+            self.adopted.append(dead)
+            log.warning("adopted dead worker %s: drained its session", dead)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Its row goes stale again without our heartbeats: adopted again later.
+            log.exception("draining the session of dead worker %s failed", dead)
+            if client.is_connected:
+                await client.disconnect()
+        finally:
+            self._adopting.discard(dead)
+
     async def _send_pending(self) -> int:
         """Publish the commands of pending jobs and mark them sent; how many were sent."""
+        if self._fenced:
+            return 0
         outgoing = await self._db_call(self._claim_pending)
         if not outgoing:
             return 0
@@ -531,17 +653,27 @@ class ControlCenter:
         return len(outgoing)
 
     def _claim_pending(self) -> list[_Outgoing]:
-        """(DB thread) the oldest pending jobs, with their commands."""
+        """(DB thread) claim the oldest pending jobs (jobs.worker = us), with their commands.
+
+        A job is claimed only by one worker (row locks, SKIP LOCKED: a job another worker is
+        claiming is skipped) and only when no older job of its device is still pending, so a
+        device's commands leave in job-id order even when several workers send."""
+        older = aliased(Job)
         query = (select(Job.id, Job.device_id, Device.inventory, Device.enc_key, Release, Job.kind, Job.target_job,
                         Deployment.min_battery)
                  .join(Deployment, Job.deployment_id == Deployment.id)
                  .join(Release, Deployment.release_id == Release.id)
                  .join(Device, Job.device_id == Device.id)
-                 .where(Job.state == PENDING).order_by(Job.id).limit(SEND_BATCH))
+                 .where(Job.state == PENDING, or_(Job.worker.is_(None), Job.worker == self.client_id),
+                        ~exists().where(older.device_id == Job.device_id, older.id < Job.id,
+                                        older.state == PENDING))
+                 .order_by(Job.id).limit(SEND_BATCH).with_for_update(of=Job, skip_locked=True))
         if self.require_online:
             query = query.where(Device.online.is_(True))
         with self.store.session() as s:
             rows = s.execute(query).all()
+            if rows:
+                s.execute(update(Job).where(Job.id.in_([row[0] for row in rows])).values(worker=self.client_id))
         outgoing = []
         for job_id, device_id, inventory, device_key, release, kind, target_job, min_battery in rows:
             if kind == CANCEL:

@@ -40,6 +40,7 @@ __all__ = [
     "Base",
     "Campaign",
     "CampaignDevice",
+    "CenterWorker",
     "Deployment",
     "Device",
     "Job",
@@ -238,6 +239,8 @@ class Job(Base):
     # The delta patch (deltas.id) this job was sent as; None: the full image. No foreign key:
     # see migration 0004.
     delta_id: Mapped[int | None] = mapped_column(Integer)
+    # The worker (center_workers.id) that claimed this job to send it; None: not claimed yet.
+    worker: Mapped[str | None] = mapped_column(String(64))
 
     deployment: Mapped[Deployment] = relationship(back_populates="jobs")
     device: Mapped[Device] = relationship(back_populates="jobs")
@@ -270,6 +273,26 @@ class StatusEvent(Base):
     def __repr__(self) -> str:
         return (f"StatusEvent(id={self.id!r}, device_id={self.device_id!r}, boot={self.boot!r}, "
                 f"seq={self.seq!r}, state={self.state!r})")
+
+
+class CenterWorker(Base):
+    """A running control-center worker (one process, one MQTT session whose id is ``id``).
+
+    Heartbeats keep it alive; a worker silent for longer than the lease is adopted by a live
+    one (``adopted_by``), which drains its MQTT session and then deletes this row.
+    """
+
+    __tablename__ = "center_workers"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # = its MQTT client id
+    host: Mapped[str] = mapped_column(String(64))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    adopted_by: Mapped[str | None] = mapped_column(String(64))
+
+    def __repr__(self) -> str:
+        return f"CenterWorker(id={self.id!r}, host={self.host!r}, pid={self.pid!r}, adopted_by={self.adopted_by!r})"
 
 
 TOKEN_ROLES = ("read", "admin")

@@ -1,0 +1,262 @@
+"""Several control-center workers: MQTT v5 shared subscriptions + PostgreSQL.
+
+* what Mosquitto does with a dead member of a shared group (the reason for the design);
+* the worker registry (heartbeats, adoption of a dead worker, its claimed jobs freed);
+* two `fota worker` processes driving a campaign over simulated devices, one killed with
+  SIGKILL in the middle: the other finishes it, nothing lost, nothing done twice.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from sqlalchemy import func, select, update
+
+from fota.device import protocol as P
+from fota.server import workers
+from fota.server.broker import SERVER_USER
+from fota.server.campaigns import campaign_summary, create_campaign, start_campaign
+from fota.server.deployments import create_deployment
+from fota.server.home import Home
+from fota.server.releases import create_release
+from fota.server.store import CenterWorker, Job, StatusEvent, Store, utcnow
+from fota.sim import FailurePlan, SimFleet, device_ids, provision
+from fota.tools.keyring import Keyring
+
+from fleet import wait_until
+from test_sim import SimThread, add_users
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------ the broker's behaviour
+
+def _member(broker, client_id: str, group: str, topic: str, persistent: bool):
+    got: list[bytes] = []
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    c.username_pw_set(SERVER_USER, broker.users[SERVER_USER])
+    c.on_message = lambda client, userdata, msg: got.append(msg.payload)
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 3600 if persistent else 0
+    c.connect(broker.host, broker.port, clean_start=not persistent, properties=props)
+    c.loop_start()
+    c.subscribe(f"$share/{group}/{topic}", qos=1)
+    return c, got
+
+
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "clean"])
+def test_mosquitto_keeps_queueing_a_dead_shared_members_share(broker, persistent):
+    """Mosquitto 2.0 goes on routing a share of a group's QoS 1 messages to a member whose
+    persistent session outlived its connection (they wait in that session); a member without
+    a session (expiry 0) leaves the group when it dies. Hence: persistent sessions (nothing
+    lost while all workers are down) + a live worker drains a dead one's session."""
+    group, tag = f"g{secrets.token_hex(3)}", secrets.token_hex(3)
+    topic = f"fota/probe/{tag}/status"
+    live, got_live = _member(broker, f"live-{tag}", group, topic, persistent)
+    dead, _ = _member(broker, f"dead-{tag}", group, topic, persistent)
+    time.sleep(0.5)
+    dead.loop_stop()
+    dead.socket().close()  # dies without DISCONNECT, as under SIGKILL
+    time.sleep(1.0)
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"pub-{tag}", protocol=mqtt.MQTTv5)
+    pub.username_pw_set(SERVER_USER, broker.users[SERVER_USER])
+    pub.connect(broker.host, broker.port)
+    pub.loop_start()
+    for i in range(40):
+        pub.publish(topic, b"%d" % i, qos=1).wait_for_publish(10)
+    wait_until(lambda: len(got_live) >= (20 if persistent else 40), timeout=30, what="the live member's share")
+    time.sleep(0.5)
+    back, got_back = _member(broker, f"dead-{tag}", group, topic, persistent)  # the dead one's id again
+    time.sleep(1.0)
+    try:
+        if persistent:
+            # round robin over both members, the dead one included: half waited in its session
+            assert len(got_live) == 20 and len(got_back) == 20
+            assert sorted(got_live + got_back, key=int) == [b"%d" % i for i in range(40)]
+        else:
+            assert len(got_live) == 40 and got_back == []
+    finally:
+        for c in (live, back, pub):
+            c.loop_stop()
+            c.disconnect()
+        if persistent:  # delete the two sessions
+            for cid in (f"live-{tag}", f"dead-{tag}"):
+                _member(broker, cid, group, topic, False)[0].disconnect()
+
+
+# ------------------------------------------------------------------ the registry
+
+def test_registry_heartbeats_adoption_and_released_claims(db_url, tmp_path):
+    store = Store(db_url)
+    try:
+        keyring = Keyring(tmp_path / "keys")
+        keyring.init()
+        ids = device_ids(2, "reg")
+        provision(store, ids)
+        rel = create_release(store, tmp_path / "blobs", keyring.signer().key, b"x" * 4096, "2.0.0", ["sim"],
+                             kind="image")
+        dep = create_deployment(store, rel, device_ids=ids)
+        workers.register(store, "w-a", lease=5)
+        with store.session() as s:  # w-a claimed one job and sent the other
+            first, second = sorted(j.id for j in dep.jobs)
+            s.execute(update(Job).where(Job.id == first).values(worker="w-a"))
+            s.execute(update(Job).where(Job.id == second).values(worker="w-a", state="sent"))
+        assert workers.heartbeat(store, "w-a")
+        if store.engine.dialect.name == "sqlite":
+            with pytest.raises(workers.SingleWorkerError, match="PostgreSQL"):
+                workers.register(store, "w-b", lease=5)
+            with store.session() as s:  # w-a went silent
+                s.execute(update(CenterWorker).values(heartbeat_at=utcnow() - timedelta(seconds=60)))
+        workers.register(store, "w-b", lease=5)
+        if store.engine.dialect.name != "sqlite":
+            assert workers.adopt_stale(store, "w-b", lease=5) is None  # w-a is alive
+        with store.session() as s:
+            s.execute(update(CenterWorker).where(CenterWorker.id == "w-a")
+                      .values(heartbeat_at=utcnow() - timedelta(seconds=60)))
+        assert workers.adopt_stale(store, "w-b", lease=5) == "w-a"
+        assert workers.adopt_stale(store, "w-b", lease=5) is None  # adopted once
+        # its unsent claim is free again; the sent job stays its own
+        with store.session() as s:
+            assert s.get(Job, first).worker is None and s.get(Job, second).worker == "w-a"
+        assert not workers.heartbeat(store, "w-a")  # declared dead: it must stop
+        assert workers.live_workers(store, lease=5) == ["w-b"]
+        workers.forget(store, "w-a")
+        workers.retire(store, "w-b")
+        assert workers.live_workers(store, lease=5) == []
+    finally:
+        store.dispose()
+
+
+# ------------------------------------------------------------------ SIGKILL mid-campaign
+
+class StatusSpy:
+    """A plain (not shared) subscriber: every status the devices publish, by (device, boot, seq)."""
+
+    def __init__(self, broker):
+        self.statuses: dict[tuple[str, int, int], dict] = {}
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"spy-{secrets.token_hex(4)}")
+        self.client.username_pw_set(SERVER_USER, broker.users[SERVER_USER])
+        self.client.on_message = self._on_message
+        self.client.connect(broker.host, broker.port)
+        self.client.subscribe(P.PREFIX + "+/" + P.STATUS, 1)
+        self.client.loop_start()
+        time.sleep(0.3)
+
+    def _on_message(self, client, userdata, msg):
+        body = json.loads(msg.payload)
+        self.statuses[(msg.topic.split("/")[2], body["boot"], body["seq"])] = body
+
+    def close(self):
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def _start_worker(home: Home, log: Path) -> subprocess.Popen:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    return subprocess.Popen([sys.executable, "-m", "fota.cli", "worker", "--home", str(home.path), "--lease", "3"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+
+
+def _stored_keys(store: Store) -> set[tuple[str, int, int]]:
+    with store.session() as s:
+        return {tuple(r) for r in s.execute(select(StatusEvent.device_id, StatusEvent.boot, StatusEvent.seq))}
+
+
+@pytest.mark.postgres
+def test_worker_killed_mid_campaign_the_other_finishes_nothing_lost_nothing_twice(tmp_path, broker):
+    from db_fixtures import postgres_database
+    n = 30
+    with postgres_database() as url:
+        home = Home(tmp_path / "home")
+        home.save_config({"database_url": url, "broker_url": broker.server_url, "broker_port": broker.port,
+                          "server_password": broker.users[SERVER_USER]})
+        keyring = home.keyring
+        keyring.init()
+        store = Store(url)
+        procs: list[subprocess.Popen] = []
+        sim = spy = None
+        try:
+            ids = device_ids(n, "kw")
+            passwords = provision(store, ids)
+            add_users(broker, passwords)
+            procs = [_start_worker(home, tmp_path / f"worker-{i}.log") for i in (1, 2)]
+            wait_until(lambda: len(workers.live_workers(store)) == 2, timeout=60, what="two workers registered")
+            spy = StatusSpy(broker)
+            # slow links: every chunk takes 50 ms, so the campaign is still downloading at the kill
+            fleet = SimFleet.build(passwords, host=broker.host, port=broker.port, root_key=keyring.root_public(),
+                                   trust=keyring.trust(), plan=FailurePlan(slow=1.0, chunk_delay=0.05))
+            sim = SimThread(fleet).start()
+            wait_until(lambda: _online(store) == n, timeout=60, what=f"{n} devices online")
+            rel = create_release(store, home.blobs, keyring.signer().key, os.urandom(48 * 1024), "2.0.0",
+                                 ["sim"], kind="image")
+            create_campaign(store, "scale", rel, {"waves": [20, 100], "probation": 1, "max_in_flight": 10})
+            start_campaign(store, "scale")
+            wait_until(lambda: _count(store, ("downloading", "verifying", "installing", "rebooting", "trial",
+                                              "confirmed")) >= 3, timeout=120, interval=0.05,
+                       what="the campaign under way")
+            victim = procs[0]
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(10)
+            with store.session() as s:
+                at_kill = s.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+            print("jobs at the kill:", at_kill)
+            assert _count(store, ("confirmed",)) < n, "the campaign finished before the kill: slow the devices down"
+            wait_until(lambda: campaign_summary(store, "scale", devices=False)["state"] == "done",
+                       timeout=240, interval=0.5, what="the campaign done by the surviving worker")
+            summary = campaign_summary(store, "scale")
+            assert {d["state"] for d in summary["devices"]} == {"succeeded"}, summary["devices"]
+            # every device on the new image, through one accepted job, installed once
+            assert all(d.running_version() == "2.0.0" for d in fleet.devices.values())
+            with store.session() as s:
+                jobs = s.execute(select(Job.device_id, func.count()).where(Job.kind == "update")
+                                 .group_by(Job.device_id)).all()
+            assert sorted(jobs) == [(i, 1) for i in ids]
+            for dev in ids:
+                states = [b["state"] for (d, _, _), b in spy.statuses.items() if d == dev]
+                assert states.count("installing") == 1 and states.count("confirmed") == 1, (dev, states)
+            # no status lost: every one the devices published is a row (the dead worker's
+            # share was drained from its session by the survivor)
+            wait_until(lambda: set(spy.statuses) <= _stored_keys(store), timeout=60,
+                       what="every published status stored")
+            assert _stored_keys(store) == set(spy.statuses)
+            # the survivor adopted the dead worker: its row and session are gone
+            wait_until(lambda: workers.count_workers(store) == 1, timeout=30, what="the dead worker forgotten")
+            assert procs[1].poll() is None
+            log = (tmp_path / "worker-2.log").read_text()
+            assert "adopted dead worker" in log
+        finally:
+            if sim is not None:
+                sim.stop()
+            if spy is not None:
+                spy.close()
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+                    try:
+                        p.wait(30)
+                    except subprocess.TimeoutExpired:
+                        p.kill()
+            store.dispose()
+
+
+def _online(store: Store) -> int:
+    from fota.server.store import Device
+    with store.session() as s:
+        return s.scalar(select(func.count()).select_from(Device).where(Device.online.is_(True)))
+
+
+def _count(store: Store, states) -> int:
+    with store.session() as s:
+        return s.scalar(select(func.count()).select_from(Job).where(Job.kind == "update", Job.state.in_(states)))
