@@ -2,7 +2,8 @@
 
     ./run bench fleet [--devices 1000,10000] [--image-kib 64] [--db sqlite,postgres] [--chunk 2048]
                       [--window 8] [--statuses 20000] [--verify cryptography] [--timeout 900]
-                      [--skip-deploy] [--skip-ingest] [--out bench/results/fleet.json]
+                      [--skip-deploy] [--skip-ingest] [--workers 1,2] [--workers-devices 1000]
+                      [--out bench/results/fleet.json]
 
 1. Deployment: a fresh Mosquitto (password file + per-device ACL, raised connection limits),
    N simulated devices (fota.sim, one process, one connection and broker account each), the
@@ -13,6 +14,9 @@
 2. Ingestion: --statuses status messages (QoS 1, valid, for real jobs) published as fast as a
    pipelined paho publisher can; statuses persisted per second by the ControlCenter (SQLite,
    PostgreSQL) against the rate one bare paho subscriber receives the same messages.
+3. Workers: the same deployment (--workers-devices simulated devices, PostgreSQL) driven by 1,
+   then 2, ... control-center worker processes (`fota worker`: MQTT v5 shared subscriptions,
+   jobs claimed in the database); wall time to all confirmed, and how the work was shared.
 See bench/README.md.
 """
 from __future__ import annotations
@@ -348,6 +352,102 @@ def floor_run(n: int, args, tmp: Path) -> dict:
         broker.stop()
 
 
+# ----------------------------------------------------------------------------------- workers
+
+def workers_run(n: int, w: int, args, tmp: Path) -> dict:
+    """One deployment to n simulated devices driven by w `fota worker` processes (PostgreSQL)."""
+    from fota.server.home import Home
+    from fota.server.workers import live_workers
+    broker = Broker(tmp / f"mosquitto-workers-{w}")
+    url, drop = _postgres_url()
+    store = Store(url)
+    home = Home(tmp / f"home-workers-{w}")
+    home.save_config({"database_url": url, "broker_url": broker.server_url, "broker_port": broker.port,
+                      "server_password": broker.users[SERVER_USER]})
+    keyring = home.keyring
+    keyring.init()
+    procs: list[subprocess.Popen] = []
+    sim = None
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")])
+    try:
+        ids = device_ids(n, "wrk")
+        passwords = provision(store, ids)
+        broker.add_users(passwords)
+        for i in range(w):
+            procs.append(subprocess.Popen([sys.executable, "-m", "fota.cli", "worker", "--home", str(home.path)],
+                                          env=env, stdout=subprocess.DEVNULL,
+                                          stderr=open(tmp / f"worker-{w}-{i}.log", "w")))
+        wait_until(lambda: len(live_workers(store)) == w, timeout=args.timeout, what=f"{w} workers registered")
+        config = {"host": broker.host, "port": broker.port, "root": keyring.root_public().hex(),
+                  "trust": keyring.trust(), "passwords": passwords, "verify": args.verify,
+                  "device": {"backend": "hash", "capacity": max(args.image_kib * 1024, 64 * 1024),
+                             "keepalive": 300}}
+        (tmp / f"sim-w{w}.json").write_text(json.dumps(config))
+        sim = Child(["-m", "fota.sim.run", str(tmp / f"sim-w{w}.json")], tmp / f"sim-w{w}.log")
+        ready = sim.read_event(args.timeout)
+        wait_until(lambda: _online(store) == n, timeout=args.timeout, interval=0.2,
+                   what=f"{n} devices online in the store")
+        rel = create_release(store, home.blobs, keyring.signer().key, os.urandom(args.image_kib * 1024), "2.0.0",
+                             ["sim"], kind="image")
+        cpu0 = _children_cpu(procs)
+        t0 = time.monotonic()
+        dep = create_deployment(store, rel, device_ids=ids)
+        marks: dict[str, float] = {}
+        deadline = t0 + args.timeout
+        while time.monotonic() < deadline:
+            started = _count(store, dep.id, ("downloading", "verifying", "installing", "rebooting", "trial",
+                                              "confirmed", "failed", "reverted"))
+            done = _count(store, dep.id, ("confirmed", "failed", "reverted", "cancelled"))
+            if started == n:
+                marks.setdefault("started", time.monotonic() - t0)
+            if done == n:
+                marks["done"] = time.monotonic() - t0
+                break
+            time.sleep(0.2)
+        cpu = _children_cpu(procs) - cpu0
+        with store.session() as s:
+            shares = sorted(s.execute(select(func.count()).select_from(Job).where(Job.deployment_id == dep.id)
+                                      .group_by(Job.worker)).scalars().all(), reverse=True)
+        result = {"workers": w, "devices": n, "connect_s": ready["connect_s"], "started_s": marks.get("started"),
+                  "wall_s": marks.get("done"), "confirmed": _count(store, dep.id, ("confirmed",)),
+                  "jobs_per_worker": shares, "workers_cpu_s": cpu}
+        result["sim"] = sim.stop()
+        sim = None
+        logs = "".join((tmp / f"worker-{w}-{i}.log").read_text() for i in range(w))
+        result["worker_log_errors"] = sum(1 for line in logs.splitlines() if " ERROR " in line)
+        result["deadlock_retries"] = logs.count("deadlock")
+        if "done" not in marks:
+            result["error"] = f"not all confirmed within {args.timeout}s ({result['confirmed']}/{n})"
+        return result
+    finally:
+        if sim is not None:
+            sim.stop()
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        store.dispose()
+        drop()
+        broker.stop()
+
+
+def _children_cpu(procs: list[subprocess.Popen]) -> float:
+    """CPU seconds (user + system) the worker processes used so far, from /proc."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for p in procs:
+        try:
+            fields = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
 # ----------------------------------------------------------------------------------- ingestion
 
 class PahoCounter:
@@ -502,6 +602,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-deploy", action="store_true")
     ap.add_argument("--skip-floor", action="store_true")
     ap.add_argument("--skip-ingest", action="store_true")
+    ap.add_argument("--workers", default="1,2", help="part 3: worker counts, comma-separated ('' skips)")
+    ap.add_argument("--workers-devices", type=int, default=1000, help="part 3: simulated devices")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -510,7 +612,7 @@ def main(argv=None) -> int:
     results = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "targets": {"ratio_at_10000": TARGET_RATIO, "ingest_ratio": TARGET_INGEST},
                "env": {"python": platform.python_version(), "cpus": os.cpu_count(), "fd_limit": fd_limit},
-               "deploy": [], "ingest": []}
+               "deploy": [], "ingest": [], "workers": []}
     with tempfile.TemporaryDirectory(prefix="fota-bench-fleet-") as tmp_name:
         tmp = Path(tmp_name)
         if not args.skip_deploy:
@@ -540,6 +642,17 @@ def main(argv=None) -> int:
                     r = {"db": db, "error": f"{type(e).__name__}: {e}"}
                 log("ingest", json.dumps(r))
                 results["ingest"].append(r)
+        for w in [int(x) for x in args.workers.split(",") if x]:
+            log(f"deployment over {args.workers_devices} simulated devices with {w} worker(s), PostgreSQL")
+            try:
+                r = workers_run(args.workers_devices, w, args, tmp)
+            except Exception as e:
+                r = {"workers": w, "devices": args.workers_devices, "error": f"{type(e).__name__}: {e}"}
+            log("workers", json.dumps({k: v for k, v in r.items() if k != "sim"}))
+            results["workers"].append(r)
+    base = next((r.get("wall_s") for r in results["workers"] if r.get("workers") == 1), None)
+    for r in results["workers"]:
+        r["speedup"] = base / r["wall_s"] if base and r.get("wall_s") else None
     rows = []
     for d in results["deploy"]:
         f, fl = d["fota"], d["floor"] or {}
@@ -557,6 +670,13 @@ def main(argv=None) -> int:
         print_table(f"status ingestion (target: ratio >= {TARGET_INGEST})",
                ["db", "statuses", "paho subscriber msg/s", "fota persisted/s", "ratio", "note"],
                     [[_fmt(v) for v in r] for r in rows])
+    rows = [(r["workers"], r["devices"], r.get("started_s"), r.get("wall_s"), r.get("speedup"), r.get("confirmed"),
+             "/".join(str(x) for x in r.get("jobs_per_worker") or []), r.get("workers_cpu_s"), r.get("error"))
+            for r in results["workers"]]
+    if rows:
+        print_table(f"deployment of a {args.image_kib} KiB image with several workers (PostgreSQL)",
+                    ["workers", "devices", "started s", "wall s", "speedup vs 1", "confirmed", "jobs per worker",
+                     "workers CPU s", "note"], [[_fmt(v) for v in r] for r in rows])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1, default=str))
     log(f"results in {args.out}")

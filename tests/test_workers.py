@@ -260,3 +260,43 @@ def _online(store: Store) -> int:
 def _count(store: Store, states) -> int:
     with store.session() as s:
         return s.scalar(select(func.count()).select_from(Job).where(Job.kind == "update", Job.state.in_(states)))
+
+
+# ------------------------------------------------------------------ out-of-order statuses
+
+def test_a_status_older_than_the_stored_ones_does_not_move_its_job_back(db_url, tmp_path):
+    """Two workers may ingest one device's statuses in either order (round robin): a job
+    takes a status only if its (boot, seq) is newer than every stored one of that job."""
+    from fota.server.ingest import Incoming
+    from fota.server.service import ControlCenter
+    store = Store(db_url)
+    center = None
+    try:
+        keyring = Keyring(tmp_path / "keys")
+        keyring.init()
+        provision(store, ["ooo-1"])
+        rel = create_release(store, tmp_path / "blobs", keyring.signer().key, b"x" * 4096, "2.0.0", ["sim"],
+                             kind="image")
+        job_id = create_deployment(store, rel, device_ids=["ooo-1"]).jobs[0].id
+        center = ControlCenter(store, "mqtt://u:p@127.0.0.1:1", tmp_path / "blobs", signer=keyring.signer(),
+                               campaign_interval=None)
+
+        def status(state, boot, seq):
+            msg = {"job": job_id, "state": state, "code": None, "reason": None, "progress": 0.5, "boot": boot,
+                   "seq": seq, "version": "1.0.0"}
+            center._write_batch([Incoming("status", "ooo-1", msg, utcnow())], {})
+            with store.session() as s:
+                return s.get(Job, job_id).state
+
+        assert status("installing", 1, 7) == "installing"
+        assert status("downloading", 1, 5) == "installing"   # late: stored, not applied
+        assert status("rebooting", 1, 8) == "rebooting"
+        assert status("trial", 2, 1) == "trial"              # a new boot starts seq again
+        assert status("rebooting", 1, 9) == "trial"
+        with store.session() as s:
+            assert s.scalar(select(func.count()).select_from(StatusEvent)) == 5
+    finally:
+        if center is not None:
+            center._db.shutdown()
+            center._campaign_db.shutdown()
+        store.dispose()

@@ -7,7 +7,9 @@ order; only the writing is set-based (an ORM unit of work cost ~1 ms of CPU per 
 * statuses are deduplicated on (device, boot, seq), against the table and within the batch,
   and the new ones inserted with one executemany INSERT;
 * job rules (a device's own jobs only; a `rejected`, `keys` or `health` status changes no
-  job; a terminal state is never overwritten; progress and total kept when a status has
+  job; a terminal state is never overwritten; a status older (boot, seq) than a stored one of
+  the same job is stored but moves no job — several workers may ingest a device's statuses out
+  of order, so a batch locks its jobs first, in id order; progress and total kept when a status has
   none) are applied in memory, and each job's final values written by one executemany ``UPDATE jobs ... WHERE id = :id``
   that also skips rows another writer made terminal meanwhile;
 * devices (last_seen, version, inventory, online; fota.server.fleet decides the values): one
@@ -24,7 +26,20 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Float, Integer, TextClause, bindparam, func, insert, literal_column, select, text, update
+from sqlalchemy import (
+    BigInteger,
+    Float,
+    Integer,
+    TextClause,
+    bindparam,
+    cast,
+    func,
+    insert,
+    literal_column,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from fota.device import protocol
@@ -87,18 +102,24 @@ class _JobRow:
 def write_batch(s: Session, batch: list[Incoming], served: dict[int, int]) -> BatchResult:
     """Write a batch of messages and served-byte counters in the session's transaction."""
     result = BatchResult()
+    statuses = [i for i in batch if i.kind == protocol.STATUS]
+    job_ids = {i.data["job"] for i in statuses if i.data.get("job") is not None}
+    # Several workers (docs/operations.md §3) may hold statuses of one device in two batches at
+    # once. The batch's jobs (and those of its served-byte counters) are locked first, all at
+    # once and in id order (no deadlock between workers), and read once locked, so a batch sees
+    # what the other committed: its states and its statuses' (boot, seq).
+    locked = job_ids | set(served)
+    jobs = {row.id: _JobRow(row.device_id, row.state, row.deployment_id) for row in s.execute(
+        select(_jobs.c.id, _jobs.c.device_id, _jobs.c.state, _jobs.c.deployment_id)
+        .where(_jobs.c.id.in_(locked)).order_by(_jobs.c.id).with_for_update())} if locked else {}
     if served:
-        s.execute(_ADD_SERVED, [{"b_id": job_id, "b_served": n} for job_id, n in served.items()])
+        s.execute(_ADD_SERVED, [{"b_id": job_id, "b_served": n} for job_id, n in sorted(served.items())])
     if not batch:
         return result
     device_ids = {item.device_id for item in batch}
     hardware = dict(s.execute(select(_devices.c.id, _devices.c.hardware).where(_devices.c.id.in_(device_ids))).all())
-    statuses = [i for i in batch if i.kind == protocol.STATUS]
     seen = _known_statuses(s, statuses) if statuses else set()
-    job_ids = {i.data["job"] for i in statuses if i.data.get("job") is not None}
-    jobs = {row.id: _JobRow(row.device_id, row.state, row.deployment_id) for row in s.execute(
-        select(_jobs.c.id, _jobs.c.device_id, _jobs.c.state, _jobs.c.deployment_id)
-        .where(_jobs.c.id.in_(job_ids)))} if job_ids else {}
+    newest = _newest_statuses(s, job_ids & set(jobs), device_ids)
 
     events: list[dict[str, Any]] = []
     job_changes: dict[int, dict[str, Any]] = {}
@@ -118,7 +139,7 @@ def write_batch(s: Session, batch: list[Incoming], served: dict[int, int]) -> Ba
                 result.duplicates += 1
                 continue
             seen.add(key)
-            _apply_status(item, result, events, job_changes, device_changes, jobs)
+            _apply_status(item, result, events, job_changes, device_changes, jobs, newest)
 
     if events:
         s.execute(_INSERT_EVENTS, events)
@@ -126,9 +147,28 @@ def write_batch(s: Session, batch: list[Incoming], served: dict[int, int]) -> Ba
         now = utcnow()
         for change in job_changes.values():
             change["b_now"] = now
-        s.execute(_UPDATE_JOB, list(job_changes.values()))
+        s.execute(_UPDATE_JOB, [job_changes[job_id] for job_id in sorted(job_changes)])
     _update_devices(s, device_changes)
     return result
+
+
+def _order(boot: int, seq: int) -> int:
+    """A status's place in its device's order: (boot, seq) as one integer."""
+    return boot * _SEQ_SPAN + seq
+
+
+_SEQ_SPAN = 2**31  # boot and seq are 0..2**31-1
+
+
+def _newest_statuses(s: Session, job_ids: set[int], device_ids: set[str]) -> dict[int, int]:
+    """job id -> the order key of the newest stored status of that job."""
+    if not job_ids:
+        return {}
+    key = func.max(cast(_events.c.boot, BigInteger) * _SEQ_SPAN + _events.c.seq)
+    rows = s.execute(select(_events.c.job_id, key).where(_events.c.device_id.in_(device_ids),
+                                                         _events.c.job_id.in_(job_ids))
+                     .group_by(_events.c.job_id))
+    return {job_id: newest for job_id, newest in rows}
 
 
 def _known_statuses(s: Session, statuses: list[Incoming]) -> set[tuple[str, int, int]]:
@@ -167,7 +207,7 @@ def _lookup(n: int) -> TextClause:
 
 def _apply_status(item: Incoming, result: BatchResult, events: list[dict[str, Any]],
                   job_changes: dict[int, dict[str, Any]], device_changes: dict[str, dict[str, Any]],
-                  jobs: dict[int, _JobRow]) -> None:
+                  jobs: dict[int, _JobRow], newest: dict[int, int]) -> None:
     msg = item.data
     device_id = item.device_id
     progress = float(msg["progress"]) if msg.get("progress") is not None else None
@@ -191,6 +231,12 @@ def _apply_status(item: Incoming, result: BatchResult, events: list[dict[str, An
     if job.state in TERMINAL_STATES:
         log.warning("status %s from %s for finished job %s (%s) not applied", msg["state"], device_id, job_id, job.state)
         return
+    # Several workers may ingest a device's statuses out of order: a job takes a status only
+    # if it is newer (boot, seq) than every stored one of that job (it is stored regardless).
+    order = _order(msg["boot"], msg["seq"])
+    if newest.get(job_id, -1) > order:
+        return
+    newest[job_id] = order
     job.state = msg["state"]
     change = job_changes.setdefault(job_id, {"b_id": job_id, "b_progress": None, "b_total": None})
     change.update(b_state=job.state, b_code=code, b_reason=msg.get("reason"))
@@ -207,7 +253,7 @@ def _apply_status(item: Incoming, result: BatchResult, events: list[dict[str, An
 def _update_devices(s: Session, changes: dict[str, dict[str, Any]]) -> None:
     """One executemany UPDATE per distinct set of changed columns (usually one or two)."""
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-    for device_id, values in changes.items():
+    for device_id, values in sorted(changes.items()):  # id order: no deadlock between workers
         params = {"b_" + name: value for name, value in values.items()}
         params["b_id"] = device_id
         groups.setdefault(tuple(sorted(values)), []).append(params)
