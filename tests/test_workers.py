@@ -300,3 +300,54 @@ def test_a_status_older_than_the_stored_ones_does_not_move_its_job_back(db_url, 
             center._db.shutdown()
             center._campaign_db.shutdown()
         store.dispose()
+
+
+# ------------------------------------------------------------------ fota serve --workers
+
+def _fota(home: Path, *args: str, **kw):
+    env = dict(os.environ, FOTA_HOME=str(home), COLUMNS="160")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    return subprocess.Popen([sys.executable, "-m", "fota.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+
+
+def test_sqlite_takes_one_control_center(tmp_path):
+    home = Home(tmp_path / "home")
+    home.config()
+    home.keyring.init()
+    out = _fota(home.path, "serve", "--workers", "2").communicate(timeout=60)[0]
+    assert "SQLite supports one control-center worker" in out and "PostgreSQL" in out
+    first = _fota(home.path, "serve")
+    try:
+        wait_until(lambda: (home.path / "serve.lock").exists() and (home.path / "broker" / "mosquitto.pid").exists(),
+                   timeout=60, what="the first control center up")
+        second = _fota(home.path, "serve")
+        out = second.communicate(timeout=60)[0]
+        assert second.returncode == 1 and "another control center runs on" in out, out
+    finally:
+        os.killpg(first.pid, signal.SIGINT)
+        first.wait(30)
+
+
+@pytest.mark.postgres
+def test_serve_starts_n_workers_and_replaces_a_dead_one(tmp_path, broker):
+    from db_fixtures import postgres_database
+    with postgres_database() as url:
+        home = Home(tmp_path / "home")
+        home.save_config({"database_url": url, "broker_url": broker.server_url, "broker_port": broker.port,
+                          "server_password": broker.users[SERVER_USER]})
+        home.keyring.init()
+        store = Store(url)
+        serve = _fota(home.path, "serve", "--workers", "2")
+        try:
+            wait_until(lambda: len(workers.live_workers(store)) == 2, timeout=60, what="two workers")
+            first = set(workers.live_workers(store))
+            pid = int(next(iter(first)).split("-")[-2])
+            os.kill(pid, signal.SIGKILL)
+            # a new worker (a new identity) replaces it; the dead one is adopted and forgotten
+            wait_until(lambda: len(set(workers.live_workers(store)) - first) == 1
+                       and workers.count_workers(store) == 2, timeout=60, what="the dead worker replaced")
+        finally:
+            os.killpg(serve.pid, signal.SIGTERM)
+            serve.wait(60)
+            store.dispose()
