@@ -588,12 +588,13 @@ class ControlCenter:
         commit, as ours), unsubscribe it from the group, and delete it once it is quiet."""
         loop = asyncio.get_running_loop()
         url = urlsplit(self.broker_url)
-        state = {"last": loop.time(), "busy": 0}
+        state = {"last": loop.time(), "busy": 0, "count": 0}
         unsubscribed = asyncio.Event()
 
         async def on_message(client, topic, payload, qos, properties):
             state["last"] = loop.time()
             state["busy"] += 1
+            state["count"] += 1
             self.drained += 1
             try:
                 return await self._on_message(client, topic, payload, qos, properties)
@@ -621,7 +622,7 @@ class ControlCenter:
             await client.disconnect(session_expiry_interval=0)  # the broker deletes the session
             await self._db_call(workers.forget, self.store, dead)
             self.adopted.append(dead)
-            log.warning("adopted dead worker %s: drained its session", dead)
+            log.warning("adopted dead worker %s: drained %d message(s) from its session", dead, state["count"])
         except asyncio.CancelledError:
             raise
         except Exception:
