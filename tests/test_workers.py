@@ -354,3 +354,46 @@ def test_serve_starts_n_workers_and_replaces_a_dead_one(tmp_path, broker):
             os.killpg(serve.pid, signal.SIGTERM)
             serve.wait(60)
             store.dispose()
+
+
+# ------------------------------------------------------------------ all workers down
+
+@pytest.mark.postgres
+def test_statuses_published_while_every_worker_is_down_are_stored_by_the_next_one(tmp_path, broker):
+    """Both workers stop; a device publishes meanwhile (its statuses wait in the stopped workers'
+    sessions, half in each); a worker started later adopts both sessions and stores them all."""
+    from db_fixtures import postgres_database
+    from fleet import CenterThread
+    group = f"down{secrets.token_hex(3)}"
+    with postgres_database() as url:
+        store = Store(url)
+        keyring = Keyring(tmp_path / "keys")
+        keyring.init()
+        settings = dict(signer=keyring.signer(), share_group=group, lease=2.0, campaign_interval=None)
+        dev = f"down-{secrets.token_hex(3)}"
+        password = provision(store, [dev])[dev]
+        broker.add_user(dev, password)
+        new = None
+        try:
+            first = [CenterThread(store, broker.server_url, tmp_path / "blobs", **settings).start() for _ in (1, 2)]
+            for center in first:
+                center.stop()
+            pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=dev)
+            pub.username_pw_set(dev, password)
+            pub.connect(broker.host, broker.port)
+            pub.loop_start()
+            for seq in range(1, 31):
+                msg = {"job": None, "state": "idle", "code": None, "reason": None, "boot": 1, "seq": seq}
+                pub.publish(P.topic(dev, P.STATUS), json.dumps(msg), qos=1).wait_for_publish(10)
+            pub.loop_stop()
+            pub.disconnect()
+            time.sleep(1.0)
+            new = CenterThread(store, broker.server_url, tmp_path / "blobs", **settings).start()
+            wait_until(lambda: len(_stored_keys(store)) == 30, timeout=60, what="30 statuses stored")
+            assert _stored_keys(store) == {(dev, 1, seq) for seq in range(1, 31)}
+            wait_until(lambda: workers.count_workers(store) == 1, timeout=30, what="both stopped workers forgotten")
+            assert sorted(new.center.adopted) == sorted(c.center.client_id for c in first)
+        finally:
+            if new is not None:
+                new.stop()
+            store.dispose()
