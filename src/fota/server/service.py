@@ -11,7 +11,7 @@ One MQTT connection (gmqtt, MQTT 5, persistent session ``fota-center``) and thre
 * workers (``share_group``): several control centers share the work through MQTT v5 shared
   subscriptions and the database: each claims the pending jobs it sends
   (``FOR UPDATE SKIP LOCKED``), serves any chunk request, and drains the MQTT session of a
-  worker that died (fota.server.workers; docs/operations.md §2);
+  worker that died (fota.server.workers; docs/operations.md §3);
 * campaigns: every ``campaign_interval`` seconds one step of each active campaign
   (fota.server.campaigns.CampaignEngine), which adds the jobs the sender then sends and
   ``cancel`` jobs (signed cancel commands) on abort or timeout.

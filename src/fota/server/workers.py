@@ -4,7 +4,7 @@ Each worker is one process with one persistent MQTT session (client id = ``cente
 new for every start) in the shared subscription group. Mosquitto keeps routing a dead member's
 share of the QoS 1 statuses into its session (measured: tests/test_workers.py), so a dead
 worker's session must be drained and deleted by a live one. This module is the database side
-of that (docs/operations.md §2):
+of that (docs/operations.md §3):
 
 * ``register`` / ``heartbeat``: a worker renews its row every HEARTBEAT seconds;
   ``heartbeat`` returns False once the row is gone or adopted (the worker was declared dead:
