@@ -195,3 +195,23 @@ def test_link_that_never_carries_a_whole_chunk_ends_with_e_timeout(tmp_path, bro
         wait_until(lambda: fleet.device_row(dev).online, timeout=30, what="device back online")
     finally:
         fleet.close()
+
+
+def test_core_stall_deadline_is_checked_when_connections_die_before_any_tick():
+    """A link cut right after the chunk request: the runner never gets to tick the core while
+    connected. The deadline is then reached at a reconnect, not after endless reconnects."""
+    core = new_core(settings=C.Settings(chunk_timeout=100, stall_timeout=1000))
+    core.booted({"trial": None})
+    core.tick(0)
+    core.connected_(0)
+    core.command(cmd(make_update(SIGNING_KEY, b"x" * 4096)))
+    now, failed, connections = 0, [], 1
+    while not failed and connections <= 100:
+        now += 40                       # 40 ms of handshake + request, then the cut
+        core.disconnected(now)
+        now += 500                      # offline: does not count
+        connections += 1
+        failed = [a for a in core.connected_(now) if a[0] == C.A_PUBLISH and '"failed"' in a[2]]
+    assert failed and json.loads(failed[0][2])["code"] == P.E_TIMEOUT
+    assert connections == 27            # the first connection whose start sees > 1000 ms stalled
+    assert core.state == P.FAILED or core.state == P.IDLE

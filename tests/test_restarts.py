@@ -249,7 +249,9 @@ def test_sleepy_device_gets_its_queued_command_and_a_gone_one_times_out(tmp_path
     fleet = Fleet(tmp_path, broker, sqlite_url, require_online=False)
     try:
         sleepy, gone = "sleepy-1", "sleepy-gone"
-        fleet.add_device(sleepy)
+        # A long chunk timeout: on a loaded machine a 3 s one re-requests windows that are merely
+        # late, which would blur the "nothing fetched twice" check below.
+        fleet.add_device(sleepy, chunk_timeout_ms=20000)
         fleet.add_device(gone, stall_timeout_ms=3000)
         fleet.wait_online(sleepy, gone)
         for d in (sleepy, gone):  # deep sleep: the process stops, the broker keeps the session

@@ -401,7 +401,13 @@ class UpdateCore:
             self.requested = self.next
             self.last_chunk_at = self.now
             self.last_progress_at = self.now - self.stalled
-            actions += self._request_more(True)
+            if self.stalled > self.settings.stall_timeout:
+                # Connections that die before the next tick never reach tick()'s check.
+                actions += self._end(P.FAILED, "error", P.E_TIMEOUT,
+                                     "no chunk for %d ms of connected time (at chunk %d of %d)"
+                                     % (self.settings.stall_timeout, self.next, self.job.chunks))
+            else:
+                actions += self._request_more(True)
         actions.append(self._health())
         return actions
 

@@ -139,6 +139,7 @@ class MQTTClient:
 
     def connect(self):
         self.close()
+        self.connect_started = ticks_ms()  # the start of this attempt (the handshake counts)
         ai = socket.getaddrinfo(self.host, self.port, 0, socket.SOCK_STREAM)[0]
         s = socket.socket(ai[0], socket.SOCK_STREAM, ai[2])
         try:

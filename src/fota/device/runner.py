@@ -376,7 +376,12 @@ class Device:
                 # breaks every connection grew the queue by ~0.5 KB per connection until the heap
                 # ran out.
                 self.pending = [a for a in self.pending if not _superseded(a)]
-                self.execute(self.core.connected_(self.now()))
+                # The connection's time counts from the start of its handshake: on a link that
+                # breaks every connection right after the chunk request, the time after the
+                # subscribe alone is a fraction of a millisecond and the stall deadline would
+                # take tens of thousands of reconnects to reach.
+                started = ticks_diff(getattr(self.client, "connect_started", ticks_ms()), self.t0)
+                self.execute(self.core.connected_(min(self.now(), max(started, self.core.now))))
                 if self.client is None:
                     continue  # a publish failed: the connection is already gone
             try:
