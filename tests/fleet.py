@@ -88,7 +88,7 @@ class Spy:
 
 
 class Fleet:
-    def __init__(self, tmp: Path, broker, db_url: str, heap="128K", **center_settings):
+    def __init__(self, tmp: Path, broker, db_url: str, heap="160K", **center_settings):
         self.tmp = tmp
         self.broker = broker
         self.store = Store(db_url)

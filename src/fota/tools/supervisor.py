@@ -37,7 +37,7 @@ def find_micropython() -> str:
 class DeviceProcess:
     """One MicroPython agent process, restarted on reboot or crash until stop()."""
 
-    def __init__(self, root: Path, *, heap: str = "128K", code_path: Path | None = None,
+    def __init__(self, root: Path, *, heap: str = "160K", code_path: Path | None = None,
                  max_restarts: int = 100, restart_delay: float = 0.05):
         self.root = Path(root)
         self.heap = heap
