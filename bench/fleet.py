@@ -39,11 +39,11 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from sqlalchemy import func, select
 
+from bench import _fleet
 from bench._fleet import CenterThread
 from bench._report import print_table
 from fota.device import protocol as P
-from fota.server.broker import SERVER_USER, Mosquitto, write_passwords
-from fota.server.credentials import mosquitto_hash
+from fota.server.broker import SERVER_USER
 from fota.server.deployments import create_deployment
 from fota.server.releases import create_release
 from fota.server.store import Device, Job, Store
@@ -64,26 +64,10 @@ def log(*args) -> None:
     print("[bench]", *args, file=sys.stderr, flush=True)
 
 
-class Broker:
-    def __init__(self, directory: Path):
-        # fota's generated config: Mosquitto's connection cap is unlimited by default
-        # (max_connections -1); the open-files limit, raised by main(), is what bounds it.
-        self.mosquitto = Mosquitto(directory, auth=True).start()
-        self.host, self.port = "127.0.0.1", self.mosquitto.port
-        self.users: dict[str, str] = {}
-        self.hashes: dict[str, str] = {}
-        self.add_users({SERVER_USER: secrets.token_urlsafe(12)})
-
-    def add_users(self, users: dict[str, str]) -> None:
-        for name, password in users.items():
-            self.users[name] = password
-            self.hashes[name] = mosquitto_hash(password)
-        write_passwords(self.mosquitto.passwords, self.hashes)
-        self.mosquitto.reload()
-
-    @property
-    def server_url(self) -> str:
-        return f"mqtt://{SERVER_USER}:{self.users[SERVER_USER]}@{self.host}:{self.port}"
+class Broker(_fleet.Broker):
+    """bench._fleet's authenticated Mosquitto (fota's generated config: Mosquitto's connection cap
+    is unlimited by default, max_connections -1; the open-files limit, raised by main(), is what
+    bounds it), plus its peak memory."""
 
     def rss_mib(self) -> float:
         try:
@@ -93,9 +77,6 @@ class Broker:
         except OSError:
             pass
         return 0.0
-
-    def stop(self) -> None:
-        self.mosquitto.stop()
 
 
 class Child:
