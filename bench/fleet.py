@@ -39,7 +39,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from sqlalchemy import func, select
 
-from bench import _fleet
+from bench import _fleet, _paho_floor
 from bench._fleet import CenterThread
 from bench._report import print_table
 from fota.device import protocol as P
@@ -290,8 +290,13 @@ def floor_receivers(config_path: str) -> None:
     asyncio.run(main())
 
 
-def floor_run(n: int, args, tmp: Path) -> dict:
-    broker = Broker(tmp / f"mosquitto-floor-{n}")
+FLOORS = ("paho", "raw")   # paho: issue 6's floor (bare paho clients); raw: a stricter one, see README
+
+
+def floor_run(n: int, args, tmp: Path, kind: str = "paho") -> dict:
+    """The same bytes through a fresh broker of the same kind to n bare subscribers: `paho`
+    (paho publisher and subscribers) or `raw` (raw-socket publisher, gmqtt subscribers)."""
+    broker = Broker(tmp / f"mosquitto-floor-{kind}-{n}")
     recv = None
     try:
         ids = device_ids(n, "floor")
@@ -300,10 +305,11 @@ def floor_run(n: int, args, tmp: Path) -> dict:
         image = os.urandom(args.image_kib * 1024)
         pieces = [image[i:i + args.chunk] for i in range(0, len(image), args.chunk)]
         per_device = sum(len(p) + P.CHUNK_HEADER_SIZE for p in pieces)
-        cfg = tmp / f"floor-{n}.json"
+        cfg = tmp / f"floor-{kind}-{n}.json"
         cfg.write_text(json.dumps({"host": broker.host, "port": broker.port, "passwords": passwords,
                                    "bytes": per_device}))
-        recv = Child(["-m", "bench.fleet", "_floor", str(cfg)], tmp / f"floor-{n}.log")
+        recv = Child(["-m", "bench._paho_floor" if kind == "paho" else "bench.fleet", *([] if kind == "paho" else ["_floor"]),
+                      str(cfg)], tmp / f"floor-{kind}-{n}.log")
         ready = recv.read_event(args.timeout)
 
         # interleaved across devices, like many downloads at once; same 8-byte header as fota
@@ -314,10 +320,14 @@ def floor_run(n: int, args, tmp: Path) -> dict:
                     yield P.topic(dev, P.DATA).encode(), struct.pack(P.CHUNK_HEADER, 1, index) + piece
 
         t0 = time.time()
-        asyncio.run(_raw_publish(broker.host, broker.port, SERVER_USER, broker.users[SERVER_USER], messages()))
+        if kind == "paho":
+            _paho_floor.publish(broker.host, broker.port, SERVER_USER, broker.users[SERVER_USER],
+                                ((topic.decode(), data) for topic, data in messages()))
+        else:
+            asyncio.run(_raw_publish(broker.host, broker.port, SERVER_USER, broker.users[SERVER_USER], messages()))
         publish_s = time.time() - t0
         done = recv.read_event(args.timeout)
-        return {"devices": n, "connect_s": ready["connect_s"], "wall_s": done["last_byte"] - t0,
+        return {"devices": n, "kind": kind, "connect_s": ready["connect_s"], "wall_s": done["last_byte"] - t0,
                 "publish_s": publish_s, "bytes": per_device * n}
     finally:
         if recv is not None:
@@ -582,6 +592,9 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--skip-deploy", action="store_true")
     ap.add_argument("--skip-floor", action="store_true")
+    ap.add_argument("--floors", default="paho,raw",
+                    help="floors of part 1: paho (the target's: bare paho clients), raw (raw-socket publisher, "
+                         "gmqtt subscribers)")
     ap.add_argument("--skip-ingest", action="store_true")
     ap.add_argument("--workers", default="1,2", help="part 3: worker counts, comma-separated ('' skips)")
     ap.add_argument("--workers-devices", type=int, default=1000, help="part 3: simulated devices")
@@ -604,16 +617,17 @@ def main(argv=None) -> int:
                 except Exception as e:
                     fota = {"devices": n, "error": f"{type(e).__name__}: {e}"}
                 log("fota", json.dumps({k: v for k, v in fota.items() if k != "sim"}))
-                floor = None
-                if not args.skip_floor:
-                    log(f"floor over {n} bare subscribers")
+                floors, ratios = {}, {}
+                for kind in ([] if args.skip_floor else [k for k in args.floors.split(",") if k]):
+                    log(f"{kind} floor over {n} bare subscribers")
                     try:
-                        floor = floor_run(n, args, tmp)
+                        floors[kind] = floor_run(n, args, tmp, kind)
                     except Exception as e:
-                        floor = {"devices": n, "error": f"{type(e).__name__}: {e}"}
-                    log("floor", json.dumps(floor))
-                ratio = (fota["wall_s"] / floor["wall_s"]) if fota.get("wall_s") and floor and floor.get("wall_s") else None
-                results["deploy"].append({"devices": n, "fota": fota, "floor": floor, "ratio": ratio})
+                        floors[kind] = {"devices": n, "kind": kind, "error": f"{type(e).__name__}: {e}"}
+                    log("floor", json.dumps(floors[kind]))
+                    wall = floors[kind].get("wall_s")
+                    ratios[kind] = fota["wall_s"] / wall if fota.get("wall_s") and wall else None
+                results["deploy"].append({"devices": n, "fota": fota, "floors": floors, "ratios": ratios})
         if not args.skip_ingest:
             for db in [x for x in args.db.split(",") if x]:
                 log(f"status ingestion on {db}")
@@ -636,15 +650,20 @@ def main(argv=None) -> int:
         r["speedup"] = base / r["wall_s"] if base and r.get("wall_s") else None
     rows = []
     for d in results["deploy"]:
-        f, fl = d["fota"], d["floor"] or {}
+        f, fl, ra = d["fota"], d["floors"], d["ratios"]
         sim = f.get("sim") or {}
-        rows.append((d["devices"], f.get("connect_s"), f.get("started_s"), f.get("wall_s"), fl.get("wall_s"),
-                     d["ratio"], f.get("confirmed"), (f.get("center") or {}).get("statuses"),
-                     sim.get("cpu_s"), sim.get("rss_mib"), f.get("broker_rss_mib"), f.get("error") or fl.get("error")))
+        errors = [f.get("error")] + [x.get("error") for x in fl.values()]
+        rows.append((d["devices"], f.get("connect_s"), f.get("started_s"), f.get("wall_s"),
+                     (fl.get("paho") or {}).get("wall_s"), ra.get("paho"), (fl.get("raw") or {}).get("wall_s"),
+                     ra.get("raw"), f.get("confirmed"), (f.get("center") or {}).get("statuses"),
+                     (f.get("center") or {}).get("cpu_s"), sim.get("cpu_s"), sim.get("rss_mib"),
+                     f.get("broker_rss_mib"), "; ".join(e for e in errors if e) or None))
     if rows:
-        print_table(f"deployment of a {args.image_kib} KiB image, {args.deploy_db} store (target: ratio <= {TARGET_RATIO} at 10,000)",
-               ["devices", "connect s", "started s", "fota wall s", "floor wall s", "ratio", "confirmed",
-                "statuses", "sim CPU s", "sim RSS MiB", "broker RSS MiB", "note"], [[_fmt(v) for v in r] for r in rows])
+        print_table(f"deployment of a {args.image_kib} KiB image, {args.deploy_db} store "
+                    f"(target: paho ratio <= {TARGET_RATIO} at 10,000)",
+                    ["devices", "connect s", "started s", "fota wall s", "paho floor s", "ratio", "raw floor s",
+                     "ratio raw", "confirmed", "statuses", "center CPU s", "sim CPU s", "sim RSS MiB",
+                     "broker RSS MiB", "note"], [[_fmt(v) for v in r] for r in rows])
     rows = [(r["db"], r.get("statuses"), r.get("floor_rate"), r.get("fota_rate"), r.get("ratio"), r.get("error"))
             for r in results["ingest"]]
     if rows:

@@ -157,6 +157,33 @@ def test_happy_path_downloads_verifies_installs_and_reboots(key):
     assert asked == list(range(len(asked))) and len(asked) == 10
 
 
+@pytest.mark.parametrize("interval_ms, ms_per_chunk, expected_at", [
+    (1000, 100, [10, 20, 30]),   # 10 % steps would be every 4 chunks: the time limit wins
+    (1000, 400, [4, 8, 12, 16, 20, 24, 28, 32, 36]),  # a slow link: every 10 %
+    (1000, 0, []),               # a download faster than the interval: start and end only
+    (0, 0, [4, 8, 12, 16, 20, 24, 28, 32, 36]),
+])
+def test_download_progress_is_reported_every_tenth_but_not_more_often_than_the_interval(
+        key, interval_ms, ms_per_chunk, expected_at):
+    image = os.urandom(40 * 256)
+    h = Harness(key)
+    h.core.settings.progress_interval = interval_ms
+    h.run(h.core.command(cmd(make_update(key, image, job=5))))
+    served = 0
+    while True:
+        reqs = h.requests()[served:]
+        if not reqs:
+            break
+        served += len(reqs)
+        for r in reqs:
+            for i in range(r["first"], r["first"] + r["count"]):
+                h.core.now += ms_per_chunk
+                h.run(h.core.chunk(struct.pack(">II", 5, i) + image[i * 256:(i + 1) * 256]))
+    downloading = [s["bytes"] // 256 for s in h.statuses() if s["state"] == "downloading"]
+    assert downloading == [0] + expected_at
+    assert [s["state"] for s in h.statuses()][-3:] == ["verifying", "installing", "rebooting"]
+
+
 def test_in_flight_chunks_are_bounded_by_the_device_budget(key):
     # The command asks for 8 chunks of 4 KiB in flight; a device with a 10 KiB budget asks for
     # at most 2 at a time, and the download still completes.

@@ -80,7 +80,7 @@ for _f, _e, _t in TRANSITIONS:
     _TABLE[(_f, _e)] = _t
 
 REJECTED = P.REJECTED  # status kind for a refused message; not a state
-PROGRESS_STEP = 0.1     # report download progress at most every 10 %
+PROGRESS_STEPS = 10     # report download progress at most every 1/10 of the image
 POWER_STEP = 5          # re-publish the inventory when the battery moved this many points
 
 
@@ -101,7 +101,8 @@ class Settings:
     """Timing and trial settings; all times in milliseconds."""
 
     def __init__(self, chunk_timeout=3000, stall_timeout=60000, trial_timeout=60000,
-                 max_chunk=P.MAX_CHUNK_SIZE, max_inflight=P.DEFAULT_MAX_INFLIGHT, health_interval=0):
+                 max_chunk=P.MAX_CHUNK_SIZE, max_inflight=P.DEFAULT_MAX_INFLIGHT, health_interval=0,
+                 progress_interval=1000):
         self.chunk_timeout = chunk_timeout
         self.stall_timeout = stall_timeout
         self.trial_timeout = trial_timeout
@@ -113,6 +114,10 @@ class Settings:
         # A health report after every connect, and every health_interval ms while connected (0: only
         # after connecting): campaigns judge a confirmed update by it during their probation time.
         self.health_interval = health_interval
+        # Download progress is reported every 1/PROGRESS_STEPS of the image but not more often than
+        # this (ms): a fast link would otherwise send ten statuses for a download of a second,
+        # which at fleet scale is most of the control center's ingestion work.
+        self.progress_interval = progress_interval
 
 
 def _need(obj, key, kind):
@@ -286,7 +291,8 @@ class UpdateCore:
         self.last_chunk_at = 0
         self.last_progress_at = 0
         self.stalled = 0          # connected ms without a chunk, carried across reconnects
-        self.reported_progress = -1.0
+        self.reported_next = None  # self.next at the last progress report (None: report the next chunk)
+        self.reported_at = 0       # self.now of the last progress report
 
     # ---- statuses ----------------------------------------------------------------------------
     def _status(self, state, job=None, code=None, reason=None):
@@ -654,7 +660,8 @@ class UpdateCore:
                    (A_JOURNAL, {"cmd": self.job.cmd, "pos": 0}), self._agent_state()]
         actions += statuses
         actions.append(self._publish_status(self._status(P.DOWNLOADING)))
-        self.reported_progress = 0.0
+        self.reported_next = 0
+        self.reported_at = self.now
         if self.connected:
             actions += self._request_more(True)
         return actions
@@ -726,9 +733,11 @@ class UpdateCore:
             return actions + self._downloaded()
         if self.next % job.window == 0:
             actions.append((A_JOURNAL, {"cmd": job.cmd, "pos": self.next}))
-        progress = self.next / job.chunks
-        if progress - self.reported_progress >= PROGRESS_STEP:
-            self.reported_progress = progress
+        # integers: a float 10 % step misses by one chunk (0.3 - 0.2 < 0.1)
+        if (self.reported_next is None or (self.next - self.reported_next) * PROGRESS_STEPS >= job.chunks) \
+                and self.now - self.reported_at >= self.settings.progress_interval:
+            self.reported_next = self.next
+            self.reported_at = self.now
             actions.append(self._publish_status(self._status(P.DOWNLOADING)))
         return actions + self._request_more()
 

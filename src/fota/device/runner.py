@@ -114,6 +114,7 @@ class Device:
             trial_timeout=cfg.get("trial_timeout_ms", 60000),
             max_inflight=cfg.get("max_inflight", P.DEFAULT_MAX_INFLIGHT),
             health_interval=cfg.get("health_interval_ms", 0),
+            progress_interval=cfg.get("progress_interval_ms", 1000),
         )
         self.core = C.UpdateCore(identity, agent, settings)
         self.core.inventory_extra = {"active": slot, "slots": record["versions"],

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import resource
 import sys
 import time
@@ -70,7 +71,12 @@ def main(argv=None) -> None:
     raise_fd_limit()
     with open(argv[0]) as f:
         config = json.load(f)
-    asyncio.run(main_async(config))
+    profile_to = os.environ.get("FOTA_SIM_PROFILE")
+    if profile_to:  # developer aid: a cProfile of the whole simulator run
+        import cProfile
+        cProfile.runctx("asyncio.run(main_async(config))", globals(), {"config": config}, profile_to)
+    else:
+        asyncio.run(main_async(config))
 
 
 if __name__ == "__main__":
