@@ -49,6 +49,7 @@ from fota.server.releases import create_release
 from fota.server.store import Device, Job, Store
 from fota.sim.fleet import device_ids, provision
 from fota.sim.run import raise_fd_limit
+from fota.tools.gctune import tune_for_throughput
 from fota.tools.keyring import Keyring
 from fota.tools.waiting import wait_until
 
@@ -153,6 +154,7 @@ def deploy_run(n: int, args, tmp: Path) -> dict:
         (tmp / f"sim-{n}.json").write_text(json.dumps(config))
         center = CenterThread(store, broker.server_url, tmp / "blobs", chunk=args.chunk, window=args.window,
                               signer=signer, keys_update=keyring.keys_update()).start()
+        tune_for_throughput()  # as `fota serve` does once it runs
         sim = Child(["-m", "fota.sim.run", str(tmp / f"sim-{n}.json")], tmp / f"sim-{n}.log")
         ready = sim.read_event(args.timeout)
         log(f"{n} simulated devices connected in {ready['connect_s']:.1f}s")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from fota.server.broker import Mosquitto
 from fota.server.home import Home
+from fota.tools.gctune import tune_for_throughput
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ async def run_control_center(home: Home) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     async with control_center(home):
+        tune_for_throughput()
         await stop.wait()
 
 
@@ -124,6 +126,7 @@ async def run_worker(home: Home, lease: float = 10.0) -> int:
             loop.add_signal_handler(sig, stop.set)
     async with control_center(home, manage_broker=False, share_group=SHARE_GROUP, lease=lease) as center:
         log.info("worker %s running", center.client_id)
+        tune_for_throughput()
         lost = asyncio.create_task(center.lost.wait())
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait([lost, stopped], return_when=asyncio.FIRST_COMPLETED)

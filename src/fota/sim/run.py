@@ -20,6 +20,7 @@ import time
 from binascii import unhexlify
 
 from fota.sim.fleet import FailurePlan, SimFleet
+from fota.tools.gctune import tune_for_throughput
 
 
 def raise_fd_limit() -> int:
@@ -54,6 +55,7 @@ async def main_async(config: dict, out=sys.stdout) -> dict:
     t0 = time.monotonic()
     await fleet.start()
     await fleet.wait_connected(config.get("connect_timeout", 300))
+    tune_for_throughput()  # the fleet is built: thousands of long-lived objects
     print(json.dumps({"event": "ready", "devices": len(fleet.devices), "connect_s": time.monotonic() - t0,
                       "rss_mib": _rss_mib()}), file=out, flush=True)
     cpu0 = time.process_time()
