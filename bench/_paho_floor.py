@@ -84,9 +84,11 @@ def receivers(config_path: str) -> None:
     while state["subscribed"] < len(passwords):
         loop.run_once(0.1)
     print(json.dumps({"event": "ready", "connect_s": time.monotonic() - t0}), flush=True)
+    cpu0 = time.process_time()
     while not state["last"]:
         loop.run_once(1.0)
-    print(json.dumps({"event": "done", "last_byte": state["last"]}), flush=True)
+    print(json.dumps({"event": "done", "last_byte": state["last"], "cpu_s": time.process_time() - cpu0}),
+          flush=True)
     for c in loop.clients:
         c.disconnect()
         c.loop_write()

@@ -164,7 +164,7 @@ def deploy_run(n: int, args, tmp: Path) -> dict:
         rel = create_release(store, tmp / "blobs", signer.key, image, "2.0.0", ["sim"], kind="image")
         c = center.center
         c0 = (c.statuses, c.commands, c.chunks, c.bytes_published)
-        cpu0 = time.process_time()
+        cpu0, broker_cpu0 = time.process_time(), _children_cpu([broker.mosquitto.proc])
         t0 = time.monotonic()
         dep = create_deployment(store, rel, device_ids=ids)
         marks: dict[str, float] = {}
@@ -188,9 +188,12 @@ def deploy_run(n: int, args, tmp: Path) -> dict:
             "center": {"statuses": c.statuses - c0[0], "commands": c.commands - c0[1],
                        "chunks": c.chunks - c0[2], "bytes_published": c.bytes_published - c0[3],
                        "cpu_s": time.process_time() - cpu0},
+            "broker_cpu_s": _children_cpu([broker.mosquitto.proc]) - broker_cpu0,
         }
         result["sim"] = sim.stop()
         sim = None
+        # The work done, whatever the number of cores: center + simulator + broker CPU seconds.
+        result["cpu_s"] = result["center"]["cpu_s"] + (result["sim"] or {}).get("cpu_s", 0) + result["broker_cpu_s"]
         result["broker_rss_mib"] = broker.rss_mib()
         if wall is None:
             result["error"] = f"not all confirmed within {args.timeout}s ({confirmed}/{n})"
@@ -285,8 +288,9 @@ def floor_receivers(config_path: str) -> None:
             await asyncio.gather(*(connect(d, p) for d, p in items[i:i + 500]))
         await asyncio.sleep(1.0)  # the last SUBACKs
         print(json.dumps({"event": "ready", "connect_s": time.monotonic() - t0}), flush=True)
+        cpu0 = time.process_time()
         await done.wait()
-        print(json.dumps({"event": "done", "last_byte": last[0]}), flush=True)
+        print(json.dumps({"event": "done", "last_byte": last[0], "cpu_s": time.process_time() - cpu0}), flush=True)
         await asyncio.gather(*(c.disconnect() for c in clients), return_exceptions=True)
 
     asyncio.run(main())
@@ -322,15 +326,20 @@ def floor_run(n: int, args, tmp: Path, kind: str = "paho") -> dict:
                     yield P.topic(dev, P.DATA).encode(), struct.pack(P.CHUNK_HEADER, 1, index) + piece
 
         t0 = time.time()
+        cpu0, broker_cpu0 = time.process_time(), _children_cpu([broker.mosquitto.proc])
         if kind == "paho":
             _paho_floor.publish(broker.host, broker.port, SERVER_USER, broker.users[SERVER_USER],
                                 ((topic.decode(), data) for topic, data in messages()))
         else:
             asyncio.run(_raw_publish(broker.host, broker.port, SERVER_USER, broker.users[SERVER_USER], messages()))
         publish_s = time.time() - t0
+        publisher_cpu = time.process_time() - cpu0
         done = recv.read_event(args.timeout)
+        broker_cpu = _children_cpu([broker.mosquitto.proc]) - broker_cpu0
         return {"devices": n, "kind": kind, "connect_s": ready["connect_s"], "wall_s": done["last_byte"] - t0,
-                "publish_s": publish_s, "bytes": per_device * n}
+                "publish_s": publish_s, "bytes": per_device * n, "publisher_cpu_s": publisher_cpu,
+                "receivers_cpu_s": done["cpu_s"], "broker_cpu_s": broker_cpu,
+                "cpu_s": publisher_cpu + done["cpu_s"] + broker_cpu}
     finally:
         if recv is not None:
             try:
@@ -407,6 +416,8 @@ def workers_run(n: int, w: int, args, tmp: Path) -> dict:
                   "jobs_per_worker": shares, "workers_cpu_s": cpu}
         result["sim"] = sim.stop()
         sim = None
+        # The work done, whatever the number of cores: center + simulator + broker CPU seconds.
+        result["cpu_s"] = result["center"]["cpu_s"] + (result["sim"] or {}).get("cpu_s", 0) + result["broker_cpu_s"]
         logs = "".join((tmp / f"worker-{w}-{i}.log").read_text() for i in range(w))
         result["worker_log_errors"] = sum(1 for line in logs.splitlines() if " ERROR " in line)
         result["deadlock_retries"] = logs.count("deadlock")
@@ -572,6 +583,10 @@ def ingest_run(db: str, args, tmp: Path) -> dict:
 
 # ----------------------------------------------------------------------------------- main
 
+def _div(a, b):
+    return a / b if a is not None and b else None
+
+
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
 
@@ -658,14 +673,17 @@ def main(argv=None) -> int:
         rows.append((d["devices"], f.get("connect_s"), f.get("started_s"), f.get("wall_s"),
                      (fl.get("paho") or {}).get("wall_s"), ra.get("paho"), (fl.get("raw") or {}).get("wall_s"),
                      ra.get("raw"), f.get("confirmed"), (f.get("center") or {}).get("statuses"),
-                     (f.get("center") or {}).get("cpu_s"), sim.get("cpu_s"), sim.get("rss_mib"),
+                     (f.get("center") or {}).get("cpu_s"), sim.get("cpu_s"), f.get("broker_cpu_s"),
+                     _div(f.get("cpu_s"), (fl.get("paho") or {}).get("cpu_s")),
+                     _div(f.get("cpu_s"), (fl.get("raw") or {}).get("cpu_s")), sim.get("rss_mib"),
                      f.get("broker_rss_mib"), "; ".join(e for e in errors if e) or None))
     if rows:
         print_table(f"deployment of a {args.image_kib} KiB image, {args.deploy_db} store "
                     f"(target: paho ratio <= {TARGET_RATIO} at 10,000)",
                     ["devices", "connect s", "started s", "fota wall s", "paho floor s", "ratio", "raw floor s",
-                     "ratio raw", "confirmed", "statuses", "center CPU s", "sim CPU s", "sim RSS MiB",
-                     "broker RSS MiB", "note"], [[_fmt(v) for v in r] for r in rows])
+                     "ratio raw", "confirmed", "statuses", "center CPU s", "sim CPU s", "broker CPU s",
+                     "CPU ratio", "CPU ratio raw", "sim RSS MiB", "broker RSS MiB", "note"],
+                    [[_fmt(v) for v in r] for r in rows])
     rows = [(r["db"], r.get("statuses"), r.get("floor_rate"), r.get("fota_rate"), r.get("ratio"), r.get("error"))
             for r in results["ingest"]]
     if rows:
