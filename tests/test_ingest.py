@@ -125,7 +125,7 @@ def test_a_job_ended_by_another_writer_is_not_overwritten(fleet):
     assert (fleet.job_row("d1").state, fleet.job_row("d1").progress) == ("cancelled", 0.0)
 
     def end_it_first(conn, cursor, statement, parameters, context, executemany):
-        if statement.startswith("UPDATE jobs SET state="):  # the batch's job update: another writer wins the race
+        if statement.startswith("UPDATE jobs SET state"):  # the batch's job update: another writer wins the race
             raw = conn.connection.cursor()
             raw.execute(f"UPDATE jobs SET state = 'failed' WHERE id = {other}")
             raw.close()
@@ -226,11 +226,11 @@ def test_served_bytes_accumulate(fleet):
 
 def test_duplicate_lookup_searches_the_index(sqlite_url, tmp_path):
     """The lookup must not scan every stored status (SQLite does for `(a, b, c) IN (...)`)."""
-    from fota.server.ingest import _lookup
+    from fota.server.ingest_sql import lookup
     store = Store(sqlite_url)
     try:
         with store.engine.connect() as conn:
-            sql = str(_lookup(4).compile(dialect=store.engine.dialect))
+            sql = str(lookup(4).compile(dialect=store.engine.dialect))
             params = tuple(v for i in range(4) for v in (f"d{i}", 1, i))
             plan = " | ".join(row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, params))
     finally:
