@@ -45,6 +45,7 @@ from bench._report import print_table
 from fota.device import protocol as P
 from fota.server.broker import SERVER_USER
 from fota.server.deployments import create_deployment
+from fota.server.gc_tuning import tune_gc
 from fota.server.releases import create_release
 from fota.server.store import Device, Job, Store
 from fota.sim.fleet import device_ids, provision
@@ -505,6 +506,9 @@ def _postgres_url() -> tuple[str, callable]:
 
 
 def ingest_run(db: str, args, tmp: Path) -> dict:
+    # This process hosts the control center as `fota serve` does, garbage-collector settings
+    # included (set before the floor too: both are measured in the same process).
+    tune_gc()
     broker = Broker(tmp / f"mosquitto-ingest-{db}")
     drop = None
     if db == "sqlite":

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from fota.server.broker import Mosquitto
+from fota.server.gc_tuning import tune_gc
 from fota.server.home import Home
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ async def run_control_center(home: Home) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     async with control_center(home):
+        tune_gc()  # started: what exists now lives as long as the process
         await stop.wait()
 
 
@@ -123,6 +125,7 @@ async def run_worker(home: Home, lease: float = 10.0) -> int:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     async with control_center(home, manage_broker=False, share_group=SHARE_GROUP, lease=lease) as center:
+        tune_gc()
         log.info("worker %s running", center.client_id)
         lost = asyncio.create_task(center.lost.wait())
         stopped = asyncio.create_task(stop.wait())
