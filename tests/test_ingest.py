@@ -187,6 +187,18 @@ def test_statuses_that_change_no_job(fleet):
     assert [e.job_id for e in device_history(fleet.store, "d1")][1:] == [job, 2**31 - 1, None, job, job]
 
 
+def test_a_status_from_another_device_does_not_hold_a_job_back(fleet):
+    """Only a job's own device's statuses order it: another device's status naming the job (stored,
+    far ahead in (boot, seq)) does not make the owner's statuses look old, in a later batch with
+    both devices either."""
+    job = fleet.job["d1"]
+    fleet.write([fleet.status("d2", job, "failed", 100, boot=9, code=protocol.E_TIMEOUT)])
+    result = fleet.write([fleet.status("d2", None, protocol.HEALTH, 101, boot=9),
+                          fleet.status("d1", job, "downloading", 1, progress=0.5)])
+    assert result.job_states == {job: "downloading"}
+    assert (fleet.job_row("d1").state, fleet.job_row("d1").progress) == ("downloading", 0.5)
+
+
 def test_messages_from_unprovisioned_devices_are_ignored(fleet):
     result = fleet.write([fleet.status("ghost", fleet.job["d1"], "failed", 1),
                           fleet.inventory("ghost", version="9"), fleet.online("ghost", True)])
