@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -507,8 +508,17 @@ def _postgres_url() -> tuple[str, callable]:
 
 def ingest_run(db: str, args, tmp: Path) -> dict:
     # This process hosts the control center as `fota serve` does, garbage-collector settings
-    # included (set before the floor too: both are measured in the same process).
+    # included (set before the floor too: both are measured in the same process); restored after.
+    thresholds = gc.get_threshold()
     tune_gc()
+    try:
+        return _ingest_run(db, args, tmp)
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
+
+
+def _ingest_run(db: str, args, tmp: Path) -> dict:
     broker = Broker(tmp / f"mosquitto-ingest-{db}")
     drop = None
     if db == "sqlite":
