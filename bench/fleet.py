@@ -49,7 +49,7 @@ from fota.server.releases import create_release
 from fota.server.store import Device, Job, Store
 from fota.sim.fleet import device_ids, provision
 from fota.sim.run import raise_fd_limit
-from fota.tools.gctune import tune_for_throughput
+from fota.tools.gctune import tuned
 from fota.tools.keyring import Keyring
 from fota.tools.waiting import wait_until
 
@@ -154,7 +154,6 @@ def deploy_run(n: int, args, tmp: Path) -> dict:
         (tmp / f"sim-{n}.json").write_text(json.dumps(config))
         center = CenterThread(store, broker.server_url, tmp / "blobs", chunk=args.chunk, window=args.window,
                               signer=signer, keys_update=keyring.keys_update()).start()
-        tune_for_throughput()  # as `fota serve` does once it runs
         sim = Child(["-m", "fota.sim.run", str(tmp / f"sim-{n}.json")], tmp / f"sim-{n}.log")
         ready = sim.read_event(args.timeout)
         log(f"{n} simulated devices connected in {ready['connect_s']:.1f}s")
@@ -528,6 +527,13 @@ def _postgres_url() -> tuple[str, callable]:
 
 
 def ingest_run(db: str, args, tmp: Path) -> dict:
+    # This process hosts the control center as `fota serve` does, garbage-collector settings
+    # included (set before the floor too: both are measured in the same process); restored after.
+    with tuned():
+        return _ingest_run(db, args, tmp)
+
+
+def _ingest_run(db: str, args, tmp: Path) -> dict:
     broker = Broker(tmp / f"mosquitto-ingest-{db}")
     drop = None
     if db == "sqlite":
@@ -630,7 +636,8 @@ def main(argv=None) -> int:
             for n in sizes:
                 log(f"deployment over {n} simulated devices")
                 try:
-                    fota = deploy_run(n, args, tmp)
+                    with tuned():  # the control center runs in this process, set up as `fota serve`
+                        fota = deploy_run(n, args, tmp)
                 except Exception as e:
                     fota = {"devices": n, "error": f"{type(e).__name__}: {e}"}
                 log("fota", json.dumps({k: v for k, v in fota.items() if k != "sim"}))

@@ -125,7 +125,7 @@ def test_a_job_ended_by_another_writer_is_not_overwritten(fleet):
     assert (fleet.job_row("d1").state, fleet.job_row("d1").progress) == ("cancelled", 0.0)
 
     def end_it_first(conn, cursor, statement, parameters, context, executemany):
-        if statement.startswith("UPDATE jobs SET state="):  # the batch's job update: another writer wins the race
+        if statement.startswith("UPDATE jobs SET state"):  # the batch's job update: another writer wins the race
             raw = conn.connection.cursor()
             raw.execute(f"UPDATE jobs SET state = 'failed' WHERE id = {other}")
             raw.close()
@@ -187,6 +187,18 @@ def test_statuses_that_change_no_job(fleet):
     assert [e.job_id for e in device_history(fleet.store, "d1")][1:] == [job, 2**31 - 1, None, job, job]
 
 
+def test_a_status_from_another_device_does_not_hold_a_job_back(fleet):
+    """Only a job's own device's statuses order it: another device's status naming the job (stored,
+    far ahead in (boot, seq)) does not make the owner's statuses look old, in a later batch with
+    both devices either."""
+    job = fleet.job["d1"]
+    fleet.write([fleet.status("d2", job, "failed", 100, boot=9, code=protocol.E_TIMEOUT)])
+    result = fleet.write([fleet.status("d2", None, protocol.HEALTH, 101, boot=9),
+                          fleet.status("d1", job, "downloading", 1, progress=0.5)])
+    assert result.job_states == {job: "downloading"}
+    assert (fleet.job_row("d1").state, fleet.job_row("d1").progress) == ("downloading", 0.5)
+
+
 def test_messages_from_unprovisioned_devices_are_ignored(fleet):
     result = fleet.write([fleet.status("ghost", fleet.job["d1"], "failed", 1),
                           fleet.inventory("ghost", version="9"), fleet.online("ghost", True)])
@@ -226,11 +238,11 @@ def test_served_bytes_accumulate(fleet):
 
 def test_duplicate_lookup_searches_the_index(sqlite_url, tmp_path):
     """The lookup must not scan every stored status (SQLite does for `(a, b, c) IN (...)`)."""
-    from fota.server.ingest import _lookup
+    from fota.server.ingest_sql import lookup
     store = Store(sqlite_url)
     try:
         with store.engine.connect() as conn:
-            sql = str(_lookup(4).compile(dialect=store.engine.dialect))
+            sql = str(lookup(4).compile(dialect=store.engine.dialect))
             params = tuple(v for i in range(4) for v in (f"d{i}", 1, i))
             plan = " | ".join(row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, params))
     finally:

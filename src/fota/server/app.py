@@ -112,7 +112,7 @@ async def run_control_center(home: Home) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     async with control_center(home):
-        tune_for_throughput()
+        tune_for_throughput()  # started: what exists now lives as long as the process
         await stop.wait()
 
 

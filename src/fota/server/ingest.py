@@ -5,71 +5,40 @@ transaction per batch. The rules are those of applying the messages one by one i
 order; only the writing is set-based (an ORM unit of work cost ~1 ms of CPU per status):
 
 * statuses are deduplicated on (device, boot, seq), against the table and within the batch,
-  and the new ones inserted with one executemany INSERT;
+  and the new ones inserted with one statement;
 * job rules (a device's own jobs only; a `rejected`, `keys` or `health` status changes no
   job; a terminal state is never overwritten; a status older (boot, seq) than a stored one of
   the same job is stored but moves no job — several workers may ingest a device's statuses out
-  of order, so a batch locks its jobs first, in id order; progress and total kept when a status has
-  none) are applied in memory, and each job's final values written by one executemany ``UPDATE jobs ... WHERE id = :id``
-  that also skips rows another writer made terminal meanwhile;
+  of order, so a batch locks its jobs first, in id order; progress and total kept when a status
+  has none) are applied in memory, and each job's final values written by one statement that
+  also skips rows another writer made terminal meanwhile;
 * devices (last_seen, version, inventory, online; fota.server.fleet decides the values): one
-  executemany UPDATE per set of changed columns.
+  statement per set of changed columns.
 
-The same statements run on SQLite and PostgreSQL.
+The statements themselves (executemany on SQLite, column arrays on PostgreSQL) are in
+fota.server.ingest_sql.
 """
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import (
-    BigInteger,
-    Float,
-    Integer,
-    TextClause,
-    bindparam,
-    cast,
-    func,
-    insert,
-    literal_column,
-    select,
-    text,
-    update,
-)
 from sqlalchemy.orm import Session
 
 from fota.device import protocol
 from fota.server import fleet
 from fota.server.deployments import TERMINAL_STATES
-from fota.server.store import Device, Job, StatusEvent, utcnow
+from fota.server.ingest_sql import SEQ_SPAN, statements_for
+from fota.server.store import utcnow
 
 __all__ = ["REJECTED", "BatchResult", "Incoming", "write_batch"]
 
 log = logging.getLogger(__name__)
 
 REJECTED = "rejected"
-
-_events = StatusEvent.__table__
-_jobs = Job.__table__
-_devices = Device.__table__
-
-# Bound parameter names start with b_: SQLAlchemy reserves a column's own name in SET clauses.
-_INSERT_EVENTS = insert(_events)
-_ADD_SERVED = (update(_jobs).where(_jobs.c.id == bindparam("b_id"))
-               .values(bytes_served=_jobs.c.bytes_served + bindparam("b_served", type_=Integer)))
-# Terminal states inline: executemany() takes no expanding IN parameter (fixed names, no quoting issue).
-_TERMINAL = [literal_column(f"'{state}'") for state in sorted(TERMINAL_STATES)]
-# A status without progress or total keeps the stored one (COALESCE with NULL).
-_UPDATE_JOB = (update(_jobs)
-               .where(_jobs.c.id == bindparam("b_id"), _jobs.c.state.not_in(_TERMINAL))
-               .values(state=bindparam("b_state"), code=bindparam("b_code"), reason=bindparam("b_reason"),
-                       progress=func.coalesce(bindparam("b_progress", type_=Float), _jobs.c.progress),
-                       bytes_total=func.coalesce(bindparam("b_total", type_=Integer), _jobs.c.bytes_total),
-                       updated_at=bindparam("b_now")))
 
 
 @dataclass
@@ -101,6 +70,7 @@ class _JobRow:
 
 def write_batch(s: Session, batch: list[Incoming], served: dict[int, int]) -> BatchResult:
     """Write a batch of messages and served-byte counters in the session's transaction."""
+    sql = statements_for(s)
     result = BatchResult()
     statuses = [i for i in batch if i.kind == protocol.STATUS]
     job_ids = {i.data["job"] for i in statuses if i.data.get("job") is not None}
@@ -109,17 +79,19 @@ def write_batch(s: Session, batch: list[Incoming], served: dict[int, int]) -> Ba
     # once and in id order (no deadlock between workers), and read once locked, so a batch sees
     # what the other committed: its states and its statuses' (boot, seq).
     locked = job_ids | set(served)
-    jobs = {row.id: _JobRow(row.device_id, row.state, row.deployment_id) for row in s.execute(
-        select(_jobs.c.id, _jobs.c.device_id, _jobs.c.state, _jobs.c.deployment_id)
-        .where(_jobs.c.id.in_(locked)).order_by(_jobs.c.id).with_for_update())} if locked else {}
+    jobs = {job_id: _JobRow(device_id, state, deployment_id)
+            for job_id, device_id, state, deployment_id in sql.lock_jobs(s, locked)} if locked else {}
     if served:
-        s.execute(_ADD_SERVED, [{"b_id": job_id, "b_served": n} for job_id, n in sorted(served.items())])
+        sql.add_served(s, served)
     if not batch:
         return result
     device_ids = {item.device_id for item in batch}
-    hardware = dict(s.execute(select(_devices.c.id, _devices.c.hardware).where(_devices.c.id.in_(device_ids))).all())
-    seen = _known_statuses(s, statuses) if statuses else set()
-    newest = _newest_statuses(s, job_ids & set(jobs), device_ids)
+    hardware = sql.lock_devices(s, device_ids)
+    seen = sql.known_statuses(s, list({(i.device_id, i.data["boot"], i.data["seq"]) for i in statuses})) \
+        if statuses else set()
+    # (a status for a job that is not its device's moves nothing, so only the device's own count)
+    own = {job_id: jobs[job_id].device_id for job_id in job_ids if job_id in jobs}
+    newest = sql.newest_statuses(s, own) if own else {}
 
     events: list[dict[str, Any]] = []
     job_changes: dict[int, dict[str, Any]] = {}
@@ -142,67 +114,21 @@ def write_batch(s: Session, batch: list[Incoming], served: dict[int, int]) -> Ba
             _apply_status(item, result, events, job_changes, device_changes, jobs, newest)
 
     if events:
-        s.execute(_INSERT_EVENTS, events)
+        sql.insert_events(s, events)
     if job_changes:
-        now = utcnow()
-        for change in job_changes.values():
-            change["b_now"] = now
-        s.execute(_UPDATE_JOB, [job_changes[job_id] for job_id in sorted(job_changes)])
-    _update_devices(s, device_changes)
+        sql.update_jobs(s, [job_changes[job_id] for job_id in sorted(job_changes)], utcnow())
+    # One UPDATE per distinct set of changed columns (usually one or two), rows in id order.
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for device_id, values in sorted(device_changes.items()):
+        groups.setdefault(tuple(sorted(values)), []).append(dict(values, id=device_id))
+    for columns, rows in groups.items():
+        sql.update_devices(s, columns, rows)
     return result
 
 
 def _order(boot: int, seq: int) -> int:
     """A status's place in its device's order: (boot, seq) as one integer."""
-    return boot * _SEQ_SPAN + seq
-
-
-_SEQ_SPAN = 2**31  # boot and seq are 0..2**31-1
-
-
-def _newest_statuses(s: Session, job_ids: set[int], device_ids: set[str]) -> dict[int, int]:
-    """job id -> the order key of the newest stored status of that job."""
-    if not job_ids:
-        return {}
-    key = func.max(cast(_events.c.boot, BigInteger) * _SEQ_SPAN + _events.c.seq)
-    rows = s.execute(select(_events.c.job_id, key).where(_events.c.device_id.in_(device_ids),
-                                                         _events.c.job_id.in_(job_ids))
-                     .group_by(_events.c.job_id))
-    return {job_id: newest for job_id, newest in rows}
-
-
-def _known_statuses(s: Session, statuses: list[Incoming]) -> set[tuple[str, int, int]]:
-    """The batch's (device, boot, seq) keys already stored."""
-    keys = list({(i.device_id, i.data["boot"], i.data["seq"]) for i in statuses})
-    found: set[tuple[str, int, int]] = set()
-    for start in range(0, len(keys), _LOOKUP_MAX):
-        part = keys[start:start + _LOOKUP_MAX]
-        part += part[-1:] * (_lookup_size(len(part)) - len(part))  # padding: a repeated key
-        params = {}
-        for n, (device_id, boot, seq) in enumerate(part):
-            params[f"d{n}"], params[f"b{n}"], params[f"s{n}"] = device_id, boot, seq
-        found.update(tuple(row) for row in s.execute(_lookup(len(part)), params))
-    return found
-
-
-# The dedup lookup joins the batch's keys, as a VALUES list, to the unique index of
-# status_events: SQLite answers `(device_id, boot, seq) IN (...)` with a scan of the whole
-# index (EXPLAIN QUERY PLAN), ~25 ms per batch at 200,000 rows and growing with the history.
-# Plain SQL text: SQLAlchemy's values() took ~14 ms to compile for 200 rows. Key lists are
-# padded to a power of two so that a few statements serve every batch size.
-_LOOKUP_MAX = 256
-
-
-def _lookup_size(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
-@functools.lru_cache(maxsize=16)
-def _lookup(n: int) -> TextClause:
-    rows = ", ".join(f"(:d{i}, :b{i}, :s{i})" for i in range(n))
-    return text(f"WITH v (device_id, boot, seq) AS (VALUES {rows}) "
-                "SELECT e.device_id, e.boot, e.seq FROM v JOIN status_events e "
-                "ON e.device_id = v.device_id AND e.boot = v.boot AND e.seq = v.seq")
+    return boot * SEQ_SPAN + seq
 
 
 def _apply_status(item: Incoming, result: BatchResult, events: list[dict[str, Any]],
@@ -248,16 +174,3 @@ def _apply_status(item: Incoming, result: BatchResult, events: list[dict[str, An
     result.job_states[job_id] = job.state
     if job.state in TERMINAL_STATES:
         result.finished.add(job.deployment_id)
-
-
-def _update_devices(s: Session, changes: dict[str, dict[str, Any]]) -> None:
-    """One executemany UPDATE per distinct set of changed columns (usually one or two)."""
-    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-    for device_id, values in sorted(changes.items()):  # id order: no deadlock between workers
-        params = {"b_" + name: value for name, value in values.items()}
-        params["b_id"] = device_id
-        groups.setdefault(tuple(sorted(values)), []).append(params)
-    for columns, params in groups.items():
-        stmt = (update(_devices).where(_devices.c.id == bindparam("b_id"))
-                .values({name: bindparam("b_" + name) for name in columns}))
-        s.execute(stmt, params)
