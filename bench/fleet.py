@@ -28,7 +28,6 @@ import logging
 import os
 import platform
 import secrets
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,6 +48,7 @@ from fota.server.releases import create_release
 from fota.server.store import Device, Job, Store
 from fota.sim.fleet import device_ids, provision
 from fota.sim.run import raise_fd_limit
+from fota.tools.brokerspy import BrokerSpy
 from fota.tools.keyring import Keyring
 from fota.tools.waiting import wait_until
 
@@ -431,7 +431,7 @@ def _children_cpu(procs: list[subprocess.Popen]) -> float:
 
 # ----------------------------------------------------------------------------------- ingestion
 
-class PahoCounter:
+class PahoCounter(BrokerSpy):
     """One bare paho subscriber on fota/v1/+/status (QoS 1), counting messages."""
 
     def __init__(self, broker: Broker, expect: int):
@@ -439,23 +439,13 @@ class PahoCounter:
         self.count = 0
         self.last = 0.0
         self.done = threading.Event()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"floor-sub-{secrets.token_hex(4)}")
-        self.client.username_pw_set(SERVER_USER, broker.users[SERVER_USER])
-        self.client.on_message = self._on_message
-        self.client.connect(broker.host, broker.port)
-        self.client.subscribe(P.PREFIX + "+/" + P.STATUS, 1)
-        self.client.loop_start()
-        time.sleep(0.5)
+        super().__init__(broker, name="floor-sub", settle=0.5)
 
     def _on_message(self, client, userdata, msg):
         self.count += 1
         if self.count == self.expect:
             self.last = time.monotonic()
             self.done.set()
-
-    def close(self):
-        self.client.loop_stop()
-        self.client.disconnect()
 
 
 def _publish_statuses(broker: Broker, messages: list[tuple[str, bytes]]) -> float:
