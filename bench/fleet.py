@@ -79,15 +79,20 @@ class Broker(_fleet.Broker):
         return 0.0
 
 
+def _child_env() -> dict:
+    """This environment, with this checkout's src/ and bench/ first on a child's import path."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
 class Child:
     """A helper process speaking JSON lines on stdout; stdin's end (or 'stop') ends it."""
 
     def __init__(self, argv: list[str], log_path: Path):
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")])
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen([sys.executable, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.log, text=True, env=env)
+                                     stderr=self.log, text=True, env=_child_env())
 
     def read_event(self, timeout: float) -> dict:
         result: list = []
@@ -127,6 +132,42 @@ def _online(store: Store) -> int:
         return s.scalar(select(func.count()).select_from(Device).where(Device.online.is_(True)))
 
 
+def _start_sim(base: Path, broker: Broker, keyring: Keyring, passwords: dict[str, str], store: Store,
+               args) -> tuple[Child, dict]:
+    """fota.sim.run in a child process for these device accounts (its config in base.json, its
+    log in base.log); returns it and its 'ready' event once every device is online in the store."""
+    config = {"host": broker.host, "port": broker.port, "root": keyring.root_public().hex(),
+              "trust": keyring.trust(), "passwords": passwords, "verify": args.verify,
+              "device": {"backend": "hash", "capacity": max(args.image_kib * 1024, 64 * 1024),
+                         "keepalive": 300}}
+    base.with_suffix(".json").write_text(json.dumps(config))
+    sim = Child(["-m", "fota.sim.run", str(base.with_suffix(".json"))], base.with_suffix(".log"))
+    ready = sim.read_event(args.timeout)
+    n = len(passwords)
+    wait_until(lambda: _online(store) == n, timeout=args.timeout, interval=0.2,
+               what=f"{n} devices online in the store")
+    return sim, ready
+
+
+def _wait_all_done(store: Store, deployment_id: int, n: int, t0: float, timeout: float) -> dict[str, float]:
+    """Poll the deployment's n jobs until all are final; seconds since t0 at which all had
+    started ('started') and all were final ('done'), each missing if it did not happen in time."""
+    marks: dict[str, float] = {}
+    deadline = t0 + timeout
+    while time.monotonic() < deadline:
+        started = _count(store, deployment_id, ("downloading", "verifying", "installing", "rebooting", "trial",
+                                                "confirmed", "failed", "reverted"))
+        done = _count(store, deployment_id, ("confirmed", "failed", "reverted", "cancelled"))
+        now = time.monotonic() - t0
+        if started == n:
+            marks.setdefault("started", now)
+        if done == n:
+            marks["done"] = now
+            break
+        time.sleep(0.2)
+    return marks
+
+
 def deploy_run(n: int, args, tmp: Path) -> dict:
     """fota: one deployment of a fresh image to n simulated devices; time to all confirmed."""
     broker = Broker(tmp / f"mosquitto-fota-{n}")
@@ -146,18 +187,10 @@ def deploy_run(n: int, args, tmp: Path) -> dict:
         passwords = provision(store, ids)
         broker.add_users(passwords)
         provision_s = time.monotonic() - t
-        config = {"host": broker.host, "port": broker.port, "root": keyring.root_public().hex(),
-                  "trust": keyring.trust(), "passwords": passwords, "verify": args.verify,
-                  "device": {"backend": "hash", "capacity": max(args.image_kib * 1024, 64 * 1024),
-                             "keepalive": 300}}
-        (tmp / f"sim-{n}.json").write_text(json.dumps(config))
         center = CenterThread(store, broker.server_url, tmp / "blobs", chunk=args.chunk, window=args.window,
                               signer=signer, keys_update=keyring.keys_update()).start()
-        sim = Child(["-m", "fota.sim.run", str(tmp / f"sim-{n}.json")], tmp / f"sim-{n}.log")
-        ready = sim.read_event(args.timeout)
+        sim, ready = _start_sim(tmp / f"sim-{n}", broker, keyring, passwords, store, args)
         log(f"{n} simulated devices connected in {ready['connect_s']:.1f}s")
-        wait_until(lambda: _online(store) == n, timeout=args.timeout, interval=0.2,
-                   what=f"{n} devices online in the store")
         image = os.urandom(args.image_kib * 1024)
         rel = create_release(store, tmp / "blobs", signer.key, image, "2.0.0", ["sim"], kind="image")
         c = center.center
@@ -165,19 +198,7 @@ def deploy_run(n: int, args, tmp: Path) -> dict:
         cpu0 = time.process_time()
         t0 = time.monotonic()
         dep = create_deployment(store, rel, device_ids=ids)
-        marks: dict[str, float] = {}
-        deadline = t0 + args.timeout
-        while time.monotonic() < deadline:
-            started = _count(store, dep.id, ("downloading", "verifying", "installing", "rebooting", "trial",
-                                              "confirmed", "failed", "reverted"))
-            done = _count(store, dep.id, ("confirmed", "failed", "reverted", "cancelled"))
-            now = time.monotonic() - t0
-            if started == n:
-                marks.setdefault("started", now)
-            if done == n:
-                marks["done"] = now
-                break
-            time.sleep(0.2)
+        marks = _wait_all_done(store, dep.id, n, t0, args.timeout)
         wall = marks.get("done")
         confirmed = _count(store, dep.id, ("confirmed",))
         result = {
@@ -255,7 +276,6 @@ def floor_receivers(config_path: str) -> None:
     done = asyncio.Event()
 
     async def main():
-        nonlocal complete
         clients = []
 
         def on_message(client, topic, payload, qos, properties):
@@ -349,8 +369,7 @@ def workers_run(n: int, w: int, args, tmp: Path) -> dict:
     keyring.init()
     procs: list[subprocess.Popen] = []
     sim = None
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")])
+    env = _child_env()
     try:
         ids = device_ids(n, "wrk")
         passwords = provision(store, ids)
@@ -360,32 +379,13 @@ def workers_run(n: int, w: int, args, tmp: Path) -> dict:
                                           env=env, stdout=subprocess.DEVNULL,
                                           stderr=open(tmp / f"worker-{w}-{i}.log", "w")))
         wait_until(lambda: len(live_workers(store)) == w, timeout=args.timeout, what=f"{w} workers registered")
-        config = {"host": broker.host, "port": broker.port, "root": keyring.root_public().hex(),
-                  "trust": keyring.trust(), "passwords": passwords, "verify": args.verify,
-                  "device": {"backend": "hash", "capacity": max(args.image_kib * 1024, 64 * 1024),
-                             "keepalive": 300}}
-        (tmp / f"sim-w{w}.json").write_text(json.dumps(config))
-        sim = Child(["-m", "fota.sim.run", str(tmp / f"sim-w{w}.json")], tmp / f"sim-w{w}.log")
-        ready = sim.read_event(args.timeout)
-        wait_until(lambda: _online(store) == n, timeout=args.timeout, interval=0.2,
-                   what=f"{n} devices online in the store")
+        sim, ready = _start_sim(tmp / f"sim-w{w}", broker, keyring, passwords, store, args)
         rel = create_release(store, home.blobs, keyring.signer().key, os.urandom(args.image_kib * 1024), "2.0.0",
                              ["sim"], kind="image")
         cpu0 = _children_cpu(procs)
         t0 = time.monotonic()
         dep = create_deployment(store, rel, device_ids=ids)
-        marks: dict[str, float] = {}
-        deadline = t0 + args.timeout
-        while time.monotonic() < deadline:
-            started = _count(store, dep.id, ("downloading", "verifying", "installing", "rebooting", "trial",
-                                              "confirmed", "failed", "reverted"))
-            done = _count(store, dep.id, ("confirmed", "failed", "reverted", "cancelled"))
-            if started == n:
-                marks.setdefault("started", time.monotonic() - t0)
-            if done == n:
-                marks["done"] = time.monotonic() - t0
-                break
-            time.sleep(0.2)
+        marks = _wait_all_done(store, dep.id, n, t0, args.timeout)
         cpu = _children_cpu(procs) - cpu0
         with store.session() as s:
             shares = sorted(s.execute(select(func.count()).select_from(Job).where(Job.deployment_id == dep.id)
