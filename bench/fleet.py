@@ -171,11 +171,7 @@ def _wait_all_done(store: Store, deployment_id: int, n: int, t0: float, timeout:
 def deploy_run(n: int, args, tmp: Path) -> dict:
     """fota: one deployment of a fresh image to n simulated devices; time to all confirmed."""
     broker = Broker(tmp / f"mosquitto-fota-{n}")
-    drop = None
-    if args.deploy_db == "postgres":
-        url, drop = _postgres_url()
-    else:
-        url = f"sqlite:///{tmp / f'fleet-{n}.db'}"
+    url, drop = _database(args.deploy_db, tmp / f"fleet-{n}.db")
     store = Store(url)
     keyring = Keyring(tmp / f"keys-{n}")
     keyring.init()
@@ -220,8 +216,7 @@ def deploy_run(n: int, args, tmp: Path) -> dict:
         if center is not None:
             center.stop()
         store.dispose()
-        if drop is not None:
-            drop()
+        drop()
         broker.stop()
 
 
@@ -494,13 +489,17 @@ def _postgres_url() -> tuple[str, callable]:
     return url.render_as_string(hide_password=False), drop
 
 
+def _database(kind: str, sqlite_file: Path) -> tuple[str, callable]:
+    """A fresh database for one run: (URL, what drops it afterwards); a SQLite file is left to
+    the temporary directory."""
+    if kind == "sqlite":
+        return f"sqlite:///{sqlite_file}", lambda: None
+    return _postgres_url()
+
+
 def ingest_run(db: str, args, tmp: Path) -> dict:
     broker = Broker(tmp / f"mosquitto-ingest-{db}")
-    drop = None
-    if db == "sqlite":
-        url = f"sqlite:///{tmp / 'ingest.db'}"
-    else:
-        url, drop = _postgres_url()
+    url, drop = _database(db, tmp / "ingest.db")
     store = Store(url)
     center = None
     try:
@@ -543,8 +542,7 @@ def ingest_run(db: str, args, tmp: Path) -> dict:
         if center is not None:
             center.stop()
         store.dispose()
-        if drop is not None:
-            drop()
+        drop()
         broker.stop()
 
 
