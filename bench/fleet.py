@@ -552,6 +552,15 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
+def _guarded(run, *run_args, record: dict) -> dict:
+    """run(*run_args)'s result; if it raises, `record` with the error instead: one failed run does
+    not end the benchmark."""
+    try:
+        return run(*run_args)
+    except Exception as e:
+        return {**record, "error": f"{type(e).__name__}: {e}"}
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_floor"]:
@@ -587,36 +596,25 @@ def main(argv=None) -> int:
         if not args.skip_deploy:
             for n in sizes:
                 log(f"deployment over {n} simulated devices")
-                try:
-                    fota = deploy_run(n, args, tmp)
-                except Exception as e:
-                    fota = {"devices": n, "error": f"{type(e).__name__}: {e}"}
+                fota = _guarded(deploy_run, n, args, tmp, record={"devices": n})
                 log("fota", json.dumps({k: v for k, v in fota.items() if k != "sim"}))
                 floor = None
                 if not args.skip_floor:
                     log(f"floor over {n} bare subscribers")
-                    try:
-                        floor = floor_run(n, args, tmp)
-                    except Exception as e:
-                        floor = {"devices": n, "error": f"{type(e).__name__}: {e}"}
+                    floor = _guarded(floor_run, n, args, tmp, record={"devices": n})
                     log("floor", json.dumps(floor))
                 ratio = (fota["wall_s"] / floor["wall_s"]) if fota.get("wall_s") and floor and floor.get("wall_s") else None
                 results["deploy"].append({"devices": n, "fota": fota, "floor": floor, "ratio": ratio})
         if not args.skip_ingest:
             for db in [x for x in args.db.split(",") if x]:
                 log(f"status ingestion on {db}")
-                try:
-                    r = ingest_run(db, args, tmp)
-                except Exception as e:
-                    r = {"db": db, "error": f"{type(e).__name__}: {e}"}
+                r = _guarded(ingest_run, db, args, tmp, record={"db": db})
                 log("ingest", json.dumps(r))
                 results["ingest"].append(r)
         for w in [int(x) for x in args.workers.split(",") if x]:
             log(f"deployment over {args.workers_devices} simulated devices with {w} worker(s), PostgreSQL")
-            try:
-                r = workers_run(args.workers_devices, w, args, tmp)
-            except Exception as e:
-                r = {"workers": w, "devices": args.workers_devices, "error": f"{type(e).__name__}: {e}"}
+            r = _guarded(workers_run, args.workers_devices, w, args, tmp,
+                         record={"workers": w, "devices": args.workers_devices})
             log("workers", json.dumps({k: v for k, v in r.items() if k != "sim"}))
             results["workers"].append(r)
     base = next((r.get("wall_s") for r in results["workers"] if r.get("workers") == 1), None)
