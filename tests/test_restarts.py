@@ -98,6 +98,16 @@ def release(fleet, version, padding):
     return create_release(fleet.store, fleet.blobs, fleet.key, pack_files(files), version, ["unix"])
 
 
+def deploy_to_new_devices(fleet, ids, version):
+    """Add the devices, wait until they are online, deploy a 400 kB release to them: (release, job ids)."""
+    for d in ids:
+        fleet.add_device(d)
+    fleet.wait_online(*ids)
+    rel = release(fleet, version, 400_000)
+    dep = create_deployment(fleet.store, rel, device_ids=ids)
+    return rel, [j.id for j in dep.jobs]
+
+
 def progressed(fleet, job_ids, fraction):
     """Every job has downloaded at least `fraction` of its image (as stored), or is past it."""
     def check():
@@ -119,12 +129,7 @@ def test_broker_restart_mid_deployment_loses_nothing(tmp_path, persistent_broker
     persistent_broker.broker.save()  # as `fota serve` does once the center subscribed
     try:
         ids = ["brk-1", "brk-2", "brk-3"]
-        for d in ids:
-            fleet.add_device(d)
-        fleet.wait_online(*ids)
-        rel = release(fleet, "1.1.0", 400_000)
-        dep = create_deployment(fleet.store, rel, device_ids=ids)
-        jobs = [j.id for j in dep.jobs]
+        rel, jobs = deploy_to_new_devices(fleet, ids, "1.1.0")
         if cut == "download":
             wait_until(progressed(fleet, jobs, 0.2), timeout=60, interval=0.02, what="20% downloaded")
             restart_broker(persistent_broker, down=2.0, kill=kill)
@@ -187,12 +192,7 @@ def test_center_restarts_mid_download_and_while_devices_report(tmp_path, persist
     spy = SessionSpy(persistent_broker)
     try:
         ids = ["ctr-1", "ctr-2", "ctr-3"]
-        for d in ids:
-            fleet.add_device(d)
-        fleet.wait_online(*ids)
-        rel = release(fleet, "1.2.0", 400_000)
-        dep = create_deployment(fleet.store, rel, device_ids=ids)
-        jobs = [j.id for j in dep.jobs]
+        rel, jobs = deploy_to_new_devices(fleet, ids, "1.2.0")
 
         # 1. mid-download: the devices stall and re-request; the new center serves from the database.
         wait_until(progressed(fleet, jobs, 0.2), timeout=60, interval=0.02, what="20% downloaded")
