@@ -11,8 +11,6 @@ import pytest
 from sqlalchemy import func, select
 
 from fota.device import protocol as P
-from fota.server.broker import write_passwords
-from fota.server.credentials import mosquitto_hash
 from fota.server.deployments import create_deployment
 from fota.server.releases import create_release
 from fota.server.store import Job, StatusEvent, Store
@@ -51,11 +49,7 @@ class SimThread:
 
 def add_users(broker, passwords: dict[str, str]) -> None:
     """Give the session broker many accounts with one reload."""
-    for name, pw in passwords.items():
-        broker.users[name] = pw
-        broker.hashes[name] = mosquitto_hash(pw)
-    write_passwords(broker.broker.passwords, broker.hashes)
-    broker.broker.reload()
+    broker.add_users(passwords)
 
 
 @pytest.fixture
