@@ -59,6 +59,15 @@ def broker(tmp_path_factory) -> BrokerInfo:
         yield info
 
 
+@pytest.fixture
+def fleet(tmp_path, broker, sqlite_url):
+    """A tests/fleet.py Fleet (control center + MicroPython devices) on the session's broker and SQLite."""
+    from fleet import Fleet
+    f = Fleet(tmp_path, broker, sqlite_url)
+    yield f
+    f.close()
+
+
 @pytest.fixture(scope="session")
 def open_broker(tmp_path_factory):
     """An anonymous Mosquitto, for protocol-level tests of the MQTT client."""
