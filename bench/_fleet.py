@@ -18,11 +18,11 @@ from pathlib import Path
 from sqlalchemy import select
 
 from fota.examples import hello_files
-from fota.server.broker import SERVER_USER, Mosquitto, write_passwords
-from fota.server.credentials import mosquitto_hash
+from fota.server.broker import SERVER_USER, Mosquitto
 from fota.server.fleet import provision_device
 from fota.server.releases import create_release
 from fota.server.store import Device, Job, Store
+from fota.tools.brokeraccounts import BrokerAccounts
 from fota.tools.bundle import pack_files
 from fota.tools.devicedir import create_device_dir
 from fota.tools.supervisor import DeviceProcess
@@ -41,29 +41,13 @@ def bundle_of_size(version: str, size: int) -> bytes:
     return pack_files(files)
 
 
-class Broker:
+class Broker(BrokerAccounts):
     """An authenticated Mosquitto (password file + per-device ACL) in its own directory, with
     fota's generated config (which turns Nagle off: `set_tcp_nodelay true`)."""
 
     def __init__(self, directory: Path, *, persistence: bool = False):
-        self.mosquitto = Mosquitto(Path(directory), auth=True, persistence=persistence).start()
-        self.host = HOST
-        self.port = self.mosquitto.port
-        self.users: dict[str, str] = {}
-        self.hashes: dict[str, str] = {}
+        super().__init__(Mosquitto(Path(directory), auth=True, persistence=persistence).start(), HOST)
         self.add_users({SERVER_USER: secrets.token_urlsafe(12)})
-
-    def add_users(self, users: dict[str, str]) -> None:
-        """Add accounts (name -> password) and reload Mosquitto once."""
-        for name, password in users.items():
-            self.users[name] = password
-            self.hashes[name] = mosquitto_hash(password)
-        write_passwords(self.mosquitto.passwords, self.hashes)
-        self.mosquitto.reload()
-
-    @property
-    def server_url(self) -> str:
-        return f"mqtt://{SERVER_USER}:{self.users[SERVER_USER]}@{self.host}:{self.port}"
 
     def stop(self) -> None:
         self.mosquitto.stop()

@@ -28,7 +28,6 @@ import logging
 import os
 import platform
 import secrets
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,6 +48,7 @@ from fota.server.releases import create_release
 from fota.server.store import Device, Job, Store
 from fota.sim.fleet import device_ids, provision
 from fota.sim.run import raise_fd_limit
+from fota.tools.brokerspy import BrokerSpy
 from fota.tools.gctune import tuned
 from fota.tools.keyring import Keyring
 from fota.tools.waiting import wait_until
@@ -80,15 +80,20 @@ class Broker(_fleet.Broker):
         return 0.0
 
 
+def _child_env() -> dict:
+    """This environment, with this checkout's src/ and bench/ first on a child's import path."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
 class Child:
     """A helper process speaking JSON lines on stdout; stdin's end (or 'stop') ends it."""
 
     def __init__(self, argv: list[str], log_path: Path):
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")])
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen([sys.executable, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.log, text=True, env=env)
+                                     stderr=self.log, text=True, env=_child_env())
 
     def read_event(self, timeout: float) -> dict:
         result: list = []
@@ -128,14 +133,46 @@ def _online(store: Store) -> int:
         return s.scalar(select(func.count()).select_from(Device).where(Device.online.is_(True)))
 
 
+def _start_sim(base: Path, broker: Broker, keyring: Keyring, passwords: dict[str, str], store: Store,
+               args) -> tuple[Child, dict]:
+    """fota.sim.run in a child process for these device accounts (its config in base.json, its
+    log in base.log); returns it and its 'ready' event once every device is online in the store."""
+    config = {"host": broker.host, "port": broker.port, "root": keyring.root_public().hex(),
+              "trust": keyring.trust(), "passwords": passwords, "verify": args.verify,
+              "device": {"backend": "hash", "capacity": max(args.image_kib * 1024, 64 * 1024),
+                         "keepalive": 300}}
+    base.with_suffix(".json").write_text(json.dumps(config))
+    sim = Child(["-m", "fota.sim.run", str(base.with_suffix(".json"))], base.with_suffix(".log"))
+    ready = sim.read_event(args.timeout)
+    n = len(passwords)
+    wait_until(lambda: _online(store) == n, timeout=args.timeout, interval=0.2,
+               what=f"{n} devices online in the store")
+    return sim, ready
+
+
+def _wait_all_done(store: Store, deployment_id: int, n: int, t0: float, timeout: float) -> dict[str, float]:
+    """Poll the deployment's n jobs until all are final; seconds since t0 at which all had
+    started ('started') and all were final ('done'), each missing if it did not happen in time."""
+    marks: dict[str, float] = {}
+    deadline = t0 + timeout
+    while time.monotonic() < deadline:
+        started = _count(store, deployment_id, ("downloading", "verifying", "installing", "rebooting", "trial",
+                                                "confirmed", "failed", "reverted"))
+        done = _count(store, deployment_id, ("confirmed", "failed", "reverted", "cancelled"))
+        now = time.monotonic() - t0
+        if started == n:
+            marks.setdefault("started", now)
+        if done == n:
+            marks["done"] = now
+            break
+        time.sleep(0.2)
+    return marks
+
+
 def deploy_run(n: int, args, tmp: Path) -> dict:
     """fota: one deployment of a fresh image to n simulated devices; time to all confirmed."""
     broker = Broker(tmp / f"mosquitto-fota-{n}")
-    drop = None
-    if args.deploy_db == "postgres":
-        url, drop = _postgres_url()
-    else:
-        url = f"sqlite:///{tmp / f'fleet-{n}.db'}"
+    url, drop = _database(args.deploy_db, tmp / f"fleet-{n}.db")
     store = Store(url)
     keyring = Keyring(tmp / f"keys-{n}")
     keyring.init()
@@ -147,18 +184,10 @@ def deploy_run(n: int, args, tmp: Path) -> dict:
         passwords = provision(store, ids)
         broker.add_users(passwords)
         provision_s = time.monotonic() - t
-        config = {"host": broker.host, "port": broker.port, "root": keyring.root_public().hex(),
-                  "trust": keyring.trust(), "passwords": passwords, "verify": args.verify,
-                  "device": {"backend": "hash", "capacity": max(args.image_kib * 1024, 64 * 1024),
-                             "keepalive": 300}}
-        (tmp / f"sim-{n}.json").write_text(json.dumps(config))
         center = CenterThread(store, broker.server_url, tmp / "blobs", chunk=args.chunk, window=args.window,
                               signer=signer, keys_update=keyring.keys_update()).start()
-        sim = Child(["-m", "fota.sim.run", str(tmp / f"sim-{n}.json")], tmp / f"sim-{n}.log")
-        ready = sim.read_event(args.timeout)
+        sim, ready = _start_sim(tmp / f"sim-{n}", broker, keyring, passwords, store, args)
         log(f"{n} simulated devices connected in {ready['connect_s']:.1f}s")
-        wait_until(lambda: _online(store) == n, timeout=args.timeout, interval=0.2,
-                   what=f"{n} devices online in the store")
         image = os.urandom(args.image_kib * 1024)
         rel = create_release(store, tmp / "blobs", signer.key, image, "2.0.0", ["sim"], kind="image")
         c = center.center
@@ -166,19 +195,7 @@ def deploy_run(n: int, args, tmp: Path) -> dict:
         cpu0, broker_cpu0 = time.process_time(), _children_cpu([broker.mosquitto.proc])
         t0 = time.monotonic()
         dep = create_deployment(store, rel, device_ids=ids)
-        marks: dict[str, float] = {}
-        deadline = t0 + args.timeout
-        while time.monotonic() < deadline:
-            started = _count(store, dep.id, ("downloading", "verifying", "installing", "rebooting", "trial",
-                                              "confirmed", "failed", "reverted"))
-            done = _count(store, dep.id, ("confirmed", "failed", "reverted", "cancelled"))
-            now = time.monotonic() - t0
-            if started == n:
-                marks.setdefault("started", now)
-            if done == n:
-                marks["done"] = now
-                break
-            time.sleep(0.2)
+        marks = _wait_all_done(store, dep.id, n, t0, args.timeout)
         wall = marks.get("done")
         confirmed = _count(store, dep.id, ("confirmed",))
         result = {
@@ -203,8 +220,7 @@ def deploy_run(n: int, args, tmp: Path) -> dict:
         if center is not None:
             center.stop()
         store.dispose()
-        if drop is not None:
-            drop()
+        drop()
         broker.stop()
 
 
@@ -259,7 +275,6 @@ def floor_receivers(config_path: str) -> None:
     done = asyncio.Event()
 
     async def main():
-        nonlocal complete
         clients = []
 
         def on_message(client, topic, payload, qos, properties):
@@ -369,8 +384,7 @@ def workers_run(n: int, w: int, args, tmp: Path) -> dict:
     keyring.init()
     procs: list[subprocess.Popen] = []
     sim = None
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")])
+    env = _child_env()
     try:
         ids = device_ids(n, "wrk")
         passwords = provision(store, ids)
@@ -380,32 +394,13 @@ def workers_run(n: int, w: int, args, tmp: Path) -> dict:
                                           env=env, stdout=subprocess.DEVNULL,
                                           stderr=open(tmp / f"worker-{w}-{i}.log", "w")))
         wait_until(lambda: len(live_workers(store)) == w, timeout=args.timeout, what=f"{w} workers registered")
-        config = {"host": broker.host, "port": broker.port, "root": keyring.root_public().hex(),
-                  "trust": keyring.trust(), "passwords": passwords, "verify": args.verify,
-                  "device": {"backend": "hash", "capacity": max(args.image_kib * 1024, 64 * 1024),
-                             "keepalive": 300}}
-        (tmp / f"sim-w{w}.json").write_text(json.dumps(config))
-        sim = Child(["-m", "fota.sim.run", str(tmp / f"sim-w{w}.json")], tmp / f"sim-w{w}.log")
-        ready = sim.read_event(args.timeout)
-        wait_until(lambda: _online(store) == n, timeout=args.timeout, interval=0.2,
-                   what=f"{n} devices online in the store")
+        sim, ready = _start_sim(tmp / f"sim-w{w}", broker, keyring, passwords, store, args)
         rel = create_release(store, home.blobs, keyring.signer().key, os.urandom(args.image_kib * 1024), "2.0.0",
                              ["sim"], kind="image")
         cpu0 = _children_cpu(procs)
         t0 = time.monotonic()
         dep = create_deployment(store, rel, device_ids=ids)
-        marks: dict[str, float] = {}
-        deadline = t0 + args.timeout
-        while time.monotonic() < deadline:
-            started = _count(store, dep.id, ("downloading", "verifying", "installing", "rebooting", "trial",
-                                              "confirmed", "failed", "reverted"))
-            done = _count(store, dep.id, ("confirmed", "failed", "reverted", "cancelled"))
-            if started == n:
-                marks.setdefault("started", time.monotonic() - t0)
-            if done == n:
-                marks["done"] = time.monotonic() - t0
-                break
-            time.sleep(0.2)
+        marks = _wait_all_done(store, dep.id, n, t0, args.timeout)
         cpu = _children_cpu(procs) - cpu0
         with store.session() as s:
             shares = sorted(s.execute(select(func.count()).select_from(Job).where(Job.deployment_id == dep.id)
@@ -453,7 +448,7 @@ def _children_cpu(procs: list[subprocess.Popen]) -> float:
 
 # ----------------------------------------------------------------------------------- ingestion
 
-class PahoCounter:
+class PahoCounter(BrokerSpy):
     """One bare paho subscriber on fota/v1/+/status (QoS 1), counting messages."""
 
     def __init__(self, broker: Broker, expect: int):
@@ -461,23 +456,13 @@ class PahoCounter:
         self.count = 0
         self.last = 0.0
         self.done = threading.Event()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"floor-sub-{secrets.token_hex(4)}")
-        self.client.username_pw_set(SERVER_USER, broker.users[SERVER_USER])
-        self.client.on_message = self._on_message
-        self.client.connect(broker.host, broker.port)
-        self.client.subscribe(P.PREFIX + "+/" + P.STATUS, 1)
-        self.client.loop_start()
-        time.sleep(0.5)
+        super().__init__(broker, name="floor-sub", settle=0.5)
 
     def _on_message(self, client, userdata, msg):
         self.count += 1
         if self.count == self.expect:
             self.last = time.monotonic()
             self.done.set()
-
-    def close(self):
-        self.client.loop_stop()
-        self.client.disconnect()
 
 
 def _publish_statuses(broker: Broker, messages: list[tuple[str, bytes]]) -> float:
@@ -526,6 +511,14 @@ def _postgres_url() -> tuple[str, callable]:
     return url.render_as_string(hide_password=False), drop
 
 
+def _database(kind: str, sqlite_file: Path) -> tuple[str, callable]:
+    """A fresh database for one run: (URL, what drops it afterwards); a SQLite file is left to
+    the temporary directory."""
+    if kind == "sqlite":
+        return f"sqlite:///{sqlite_file}", lambda: None
+    return _postgres_url()
+
+
 def ingest_run(db: str, args, tmp: Path) -> dict:
     # This process hosts the control center as `fota serve` does, garbage-collector settings
     # included (set before the floor too: both are measured in the same process); restored after.
@@ -535,11 +528,7 @@ def ingest_run(db: str, args, tmp: Path) -> dict:
 
 def _ingest_run(db: str, args, tmp: Path) -> dict:
     broker = Broker(tmp / f"mosquitto-ingest-{db}")
-    drop = None
-    if db == "sqlite":
-        url = f"sqlite:///{tmp / 'ingest.db'}"
-    else:
-        url, drop = _postgres_url()
+    url, drop = _database(db, tmp / "ingest.db")
     store = Store(url)
     center = None
     try:
@@ -582,8 +571,7 @@ def _ingest_run(db: str, args, tmp: Path) -> dict:
         if center is not None:
             center.stop()
         store.dispose()
-        if drop is not None:
-            drop()
+        drop()
         broker.stop()
 
 
@@ -595,6 +583,20 @@ def _div(a, b):
 
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def _tuned_deploy_run(n: int, args, tmp: Path) -> dict:
+    with tuned():  # the control center runs in this process, set up as `fota serve` is
+        return deploy_run(n, args, tmp)
+
+
+def _guarded(run, *run_args, record: dict) -> dict:
+    """run(*run_args)'s result; if it raises, `record` with the error instead: one failed run does
+    not end the benchmark."""
+    try:
+        return run(*run_args)
+    except Exception as e:
+        return {**record, "error": f"{type(e).__name__}: {e}"}
 
 
 def main(argv=None) -> int:
@@ -635,19 +637,12 @@ def main(argv=None) -> int:
         if not args.skip_deploy:
             for n in sizes:
                 log(f"deployment over {n} simulated devices")
-                try:
-                    with tuned():  # the control center runs in this process, set up as `fota serve`
-                        fota = deploy_run(n, args, tmp)
-                except Exception as e:
-                    fota = {"devices": n, "error": f"{type(e).__name__}: {e}"}
+                fota = _guarded(_tuned_deploy_run, n, args, tmp, record={"devices": n})
                 log("fota", json.dumps({k: v for k, v in fota.items() if k != "sim"}))
                 floors, ratios = {}, {}
                 for kind in ([] if args.skip_floor else [k for k in args.floors.split(",") if k]):
                     log(f"{kind} floor over {n} bare subscribers")
-                    try:
-                        floors[kind] = floor_run(n, args, tmp, kind)
-                    except Exception as e:
-                        floors[kind] = {"devices": n, "kind": kind, "error": f"{type(e).__name__}: {e}"}
+                    floors[kind] = _guarded(floor_run, n, args, tmp, kind, record={"devices": n, "kind": kind})
                     log("floor", json.dumps(floors[kind]))
                     wall = floors[kind].get("wall_s")
                     ratios[kind] = fota["wall_s"] / wall if fota.get("wall_s") and wall else None
@@ -655,18 +650,13 @@ def main(argv=None) -> int:
         if not args.skip_ingest:
             for db in [x for x in args.db.split(",") if x]:
                 log(f"status ingestion on {db}")
-                try:
-                    r = ingest_run(db, args, tmp)
-                except Exception as e:
-                    r = {"db": db, "error": f"{type(e).__name__}: {e}"}
+                r = _guarded(ingest_run, db, args, tmp, record={"db": db})
                 log("ingest", json.dumps(r))
                 results["ingest"].append(r)
         for w in [int(x) for x in args.workers.split(",") if x]:
             log(f"deployment over {args.workers_devices} simulated devices with {w} worker(s), PostgreSQL")
-            try:
-                r = workers_run(args.workers_devices, w, args, tmp)
-            except Exception as e:
-                r = {"workers": w, "devices": args.workers_devices, "error": f"{type(e).__name__}: {e}"}
+            r = _guarded(workers_run, args.workers_devices, w, args, tmp,
+                         record={"workers": w, "devices": args.workers_devices})
             log("workers", json.dumps({k: v for k, v in r.items() if k != "sim"}))
             results["workers"].append(r)
     base = next((r.get("wall_s") for r in results["workers"] if r.get("workers") == 1), None)

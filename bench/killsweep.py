@@ -27,13 +27,11 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
-
 from bench._fleet import Fleet, TimedOut, bundle_of_size, wait_until
 from bench._report import print_table
 from fota.device import protocol as P
-from fota.server.broker import SERVER_USER
 from fota.server.deployments import create_deployment
+from fota.tools.brokerspy import BrokerSpy
 from fota.tools.devicedir import verify_slot
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,19 +47,15 @@ def log(*args) -> None:
     print("[killsweep]", *args, file=sys.stderr, flush=True)
 
 
-class Watcher:
+class Watcher(BrokerSpy):
     """A paho client on the server account recording statuses, online flags and chunk requests."""
 
     def __init__(self, broker):
         self.events: dict[str, list[tuple[float, str, object]]] = defaultdict(list)
         self.armed: dict[str, object] = {}
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"killsweep-{time.monotonic_ns()}")
-        self.client.username_pw_set(SERVER_USER, broker.users[SERVER_USER])
-        self.client.on_message = self._on_message
-        self.client.connect(broker.host, broker.port)
-        self.client.subscribe([(P.PREFIX + "+/" + P.STATUS, 1), (P.PREFIX + "+/" + P.ONLINE, 1),
-                               (P.PREFIX + "+/" + P.REQ, 0), (P.PREFIX + "+/" + P.CMD, 1)])
-        self.client.loop_start()
+        super().__init__(broker, name="killsweep", settle=0,
+                         topics=[(P.PREFIX + "+/" + P.STATUS, 1), (P.PREFIX + "+/" + P.ONLINE, 1),
+                                 (P.PREFIX + "+/" + P.REQ, 0), (P.PREFIX + "+/" + P.CMD, 1)])
 
     def arm(self, device: str, fire, on: str = "online") -> None:
         """Call fire() from the network thread as soon as the device's next online "1" (or, with
@@ -106,10 +100,6 @@ class Watcher:
 
     def statuses(self, device: str) -> list[dict]:
         return [b for _, k, b in list(self.events[device]) if k == "status"]
-
-    def close(self):
-        self.client.loop_stop()
-        self.client.disconnect()
 
 
 def _read_json(path: Path):

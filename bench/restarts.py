@@ -23,15 +23,14 @@ import threading
 import time
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 from sqlalchemy import select
 
 from bench._fleet import CenterThread, Fleet, TimedOut, bundle_of_size, wait_until
 from bench._report import print_table
 from fota.device import protocol as P
-from fota.server.broker import SERVER_USER
 from fota.server.deployments import create_deployment
 from fota.server.store import Job, StatusEvent
+from fota.tools.brokerspy import BrokerSpy
 from fota.tools.devicedir import read_boot_record
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +43,7 @@ def log(*args) -> None:
     print("[bench]", *args, file=sys.stderr, flush=True)
 
 
-class Spy:
+class Spy(BrokerSpy):
     """Every status over the broker, on a persistent session that re-subscribes on reconnect."""
 
     def __init__(self, broker):
@@ -52,16 +51,7 @@ class Spy:
         self.by_key: dict[tuple[str, int, int], str] = {}
         self.states: list[tuple[str, int | None, str]] = []
         self.lock = threading.Lock()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bspy-{time.monotonic_ns()}",
-                                  clean_session=False)
-        self.client.username_pw_set(SERVER_USER, broker.users[SERVER_USER])
-        self.client.on_connect = lambda c, *a: c.subscribe("fota/v1/+/status", 1)
-        self.client.on_message = self._on_message
-        self.client.reconnect_delay_set(0.1, 1)
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-        wait_until(self.client.is_connected, timeout=10, what="spy connected")
-        time.sleep(0.2)
+        super().__init__(broker, name="bspy", persistent=True, reconnect_delay=0.1)
 
     def _on_message(self, client, userdata, msg):
         try:
@@ -81,10 +71,6 @@ class Spy:
     def saw_all(self, devices, states) -> bool:
         with self.lock:
             return all(any(d == dev and s in states for d, _, s in self.states) for dev in devices)
-
-    def close(self):
-        self.client.loop_stop()
-        self.client.disconnect()
 
 
 def _apply_fault(fault: str, fleet: Fleet, args) -> Fleet:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fota.server.broker import SERVER_USER, Mosquitto, write_passwords
-from fota.server.credentials import mosquitto_hash
+from fota.server.broker import SERVER_USER, Mosquitto
+from fota.tools.brokeraccounts import BrokerAccounts
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src"
@@ -41,25 +41,12 @@ def run_micropython(script: str, *, heap: str = "256K", timeout: float = 60, env
                           capture_output=True, text=True, timeout=timeout, env=e, cwd=cwd)
 
 
-class BrokerInfo:
-    """A running Mosquitto with auth: add users with add_user(), which reloads it."""
-
-    def __init__(self, broker: Mosquitto):
-        self.broker = broker
-        self.host = "127.0.0.1"
-        self.port = broker.port
-        self.users: dict[str, str] = {}
-        self.hashes: dict[str, str] = {}
-
-    def add_user(self, name: str, password: str) -> None:
-        self.users[name] = password
-        self.hashes[name] = mosquitto_hash(password)
-        write_passwords(self.broker.passwords, self.hashes)
-        self.broker.reload()
+class BrokerInfo(BrokerAccounts):
+    """A running Mosquitto with auth: add users with add_user() or add_users(), which reload it."""
 
     @property
-    def server_url(self) -> str:
-        return f"mqtt://{SERVER_USER}:{self.users[SERVER_USER]}@{self.host}:{self.port}"
+    def broker(self) -> Mosquitto:
+        return self.mosquitto
 
 
 @pytest.fixture(scope="session")
@@ -70,6 +57,15 @@ def broker(tmp_path_factory) -> BrokerInfo:
         info = BrokerInfo(m)
         info.add_user(SERVER_USER, "server-secret")
         yield info
+
+
+@pytest.fixture
+def fleet(tmp_path, broker, sqlite_url):
+    """A tests/fleet.py Fleet (control center + MicroPython devices) on the session's broker and SQLite."""
+    from fleet import Fleet
+    f = Fleet(tmp_path, broker, sqlite_url)
+    yield f
+    f.close()
 
 
 @pytest.fixture(scope="session")

@@ -11,13 +11,11 @@ import threading
 import time
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
-
 from fota.device import protocol as P
 from fota.examples import hello_files
-from fota.server.broker import SERVER_USER
 from fota.server.fleet import provision_device
 from fota.server.store import Device, Job, Store
+from fota.tools.brokerspy import BrokerSpy
 from fota.tools.devicedir import create_device_dir, read_boot_record
 from fota.tools.keyring import Keyring
 from fota.tools.supervisor import DeviceProcess
@@ -47,22 +45,13 @@ class CenterThread:
         self.thread.join(10)
 
 
-class Spy:
+class Spy(BrokerSpy):
     """A paho client on the server account that records every status and chunk request."""
 
     def __init__(self, broker):
         self.statuses: list[tuple[float, str, dict]] = []
         self.requests: list[tuple[float, str, dict]] = []
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"spy-{time.monotonic_ns()}")
-        tls = getattr(broker, "tls", None)
-        if tls is not None:  # verify the broker against its CA
-            self.client.tls_set(ca_certs=str(tls.cafile))
-        self.client.username_pw_set(SERVER_USER, broker.users[SERVER_USER])
-        self.client.on_message = self._on_message
-        self.client.connect(broker.host, broker.port)
-        self.client.subscribe([("fota/v1/+/status", 1), ("fota/v1/+/req", 0)])
-        self.client.loop_start()
-        time.sleep(0.2)
+        super().__init__(broker, topics=[("fota/v1/+/status", 1), ("fota/v1/+/req", 0)])
 
     def _on_message(self, client, userdata, msg):
         device = msg.topic.split("/")[2]
@@ -81,10 +70,6 @@ class Spy:
     def publish(self, device, suffix, payload, qos=1):
         info = self.client.publish(P.topic(device, suffix), payload, qos=qos)
         info.wait_for_publish(5)
-
-    def close(self):
-        self.client.loop_stop()
-        self.client.disconnect()
 
 
 class Fleet:

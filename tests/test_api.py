@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -27,6 +26,8 @@ from fota.server.store import Base, Deployment, Device, Job, Release, StatusEven
 from fota.server.store.models import ApiToken, AuditEvent
 from fota.tools.bundle import pack_files
 from fota.tools.signing import generate_private_key, public_key_bytes
+
+from test_cli import stop
 
 API = "/api/v1"
 KEY = generate_private_key()
@@ -76,20 +77,22 @@ def make_env(url: str, tmp_path: Path, **app_kwargs) -> Env:
     return Env(store, blobs, TestClient(app, raise_server_exceptions=False), admin, reader)
 
 
-@pytest.fixture
-def env(db_url, tmp_path):
-    e = make_env(db_url, tmp_path)
+def env_fixture(url: str, tmp_path: Path):
+    """The body of an Env fixture: make_env, then close its client and its store."""
+    e = make_env(url, tmp_path)
     yield e
     e.client.close()
     e.store.dispose()
+
+
+@pytest.fixture
+def env(db_url, tmp_path):
+    yield from env_fixture(db_url, tmp_path)
 
 
 @pytest.fixture
 def lite(sqlite_url, tmp_path):
-    e = make_env(sqlite_url, tmp_path)
-    yield e
-    e.client.close()
-    e.store.dispose()
+    yield from env_fixture(sqlite_url, tmp_path)
 
 
 def admin_requests(env: Env) -> list[tuple[str, str, dict]]:
@@ -532,9 +535,4 @@ def test_fota_api_command_serves_the_api(tmp_path):
         assert httpx.get(url, timeout=2).status_code == 401
         assert httpx.get(f"http://127.0.0.1:{port}/docs", timeout=2).status_code == 200
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop(proc)

@@ -7,14 +7,12 @@ from sqlalchemy import select, update
 from fota.server.campaigns import CampaignEngine
 from fota.server.store import Device, StatusEvent
 from fota.server.store.models import AuditEvent
-from test_api import API, bearer, make_env
+from test_api import API, bearer, env_fixture
 
 
 @pytest.fixture
 def env(db_url, tmp_path):
-    e = make_env(db_url, tmp_path)
-    yield e
-    e.store.dispose()
+    yield from env_fixture(db_url, tmp_path)
 
 
 def test_campaign_lifecycle_over_the_api_is_audited(env):

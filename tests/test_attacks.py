@@ -10,7 +10,6 @@ import os
 import time
 
 import paho.mqtt.client as mqtt
-import pytest
 
 from fota.device import protocol as P
 from fota.examples import hello_files
@@ -20,17 +19,10 @@ from fota.server.releases import create_release, update_command
 from fota.tools.bundle import pack_files
 from fota.tools.keyring import Signer
 from fota.tools.signing import generate_private_key
-from fleet import Fleet, wait_until
+from fleet import wait_until
 
 # Short transfer deadlines, so that stalls and endless data end within the test.
 FAST = {"chunk_timeout_ms": 500, "stall_timeout_ms": 3000}
-
-
-@pytest.fixture
-def fleet(tmp_path, broker, sqlite_url):
-    f = Fleet(tmp_path, broker, sqlite_url)
-    yield f
-    f.close()
 
 
 def _release(fleet, version, *, counter=0, padding=0, hw=("unix",)):

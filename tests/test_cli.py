@@ -37,6 +37,20 @@ def stop(proc: subprocess.Popen) -> str:
     return proc.stdout.read() if proc.stdout else ""
 
 
+def wait_listed(home: Path, ready, what: str, *procs: subprocess.Popen, timeout: float = 30,
+                interval: float = 0.3) -> None:
+    """Poll `fota devices` until ready(listing); else fail with `what`, the last listing and the
+    output of procs (stopped, for the failure report)."""
+    listing = ""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        listing = fota(home, "devices").stdout
+        if ready(listing):
+            return
+        time.sleep(interval)
+    pytest.fail(f"{what}: {listing}\n" + "\n".join(stop(p) for p in procs))
+
+
 def assert_clean_error(result: subprocess.CompletedProcess, *needles: str) -> None:
     out = result.stdout + result.stderr
     assert result.returncode != 0, out
@@ -84,14 +98,8 @@ def test_operator_flow_serve_devices_deploy_and_watch(tmp_path):
     serve = background(home, "serve")
     devices = [background(home, "device", "run", dev) for dev in ("cli-1", "cli-2")]
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            listing = fota(home, "devices").stdout
-            if listing.count("1.0.0") == 2 and listing.count("yes") == 2:
-                break
-            time.sleep(0.3)
-        else:
-            pytest.fail(f"devices did not come online: {listing}\n{stop(serve)}")
+        wait_listed(home, lambda listing: listing.count("1.0.0") == 2 and listing.count("yes") == 2,
+                    "devices did not come online", serve)
         app = _app_dir(tmp_path, "1.2.0")
         assert fota(home, "release", "create", str(app), "--version", "1.2.0", "--hardware", "unix").returncode == 0
         r = fota(home, "deploy", "1.2.0", "--tag", "lab")
@@ -127,14 +135,7 @@ def test_campaign_commands_roll_out_in_waves_and_watch(tmp_path):
     serve = background(home, "serve")
     devices = [background(home, "device", "run", dev) for dev in ("wave-1", "wave-2", "wave-3")]
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            listing = fota(home, "devices").stdout
-            if listing.count("yes") == 3:
-                break
-            time.sleep(0.3)
-        else:
-            pytest.fail(f"devices did not come online: {listing}\n{stop(serve)}")
+        wait_listed(home, lambda listing: listing.count("yes") == 3, "devices did not come online", serve)
         app = _app_dir(tmp_path, "1.3.0")
         assert fota(home, "release", "create", str(app), "--version", "1.3.0", "--hardware", "unix").returncode == 0
         assert_clean_error(fota(home, "campaign", "start", "nope"), "no campaign 'nope'")

@@ -172,13 +172,6 @@ def test_patch_computed_once_per_base_target_and_window_and_only_if_smaller(db_u
 
 # ---- end to end through Mosquitto to MicroPython devices ------------------------------------------
 
-@pytest.fixture
-def fleet(tmp_path, broker, sqlite_url):
-    f = Fleet(tmp_path, broker, sqlite_url)
-    yield f
-    f.close()
-
-
 def _deploy(fleet, rel, dev):
     dep = create_deployment(fleet.store, rel, device_ids=[dev])
     return fleet.wait_job(dep.jobs[0].id, timeout=120)

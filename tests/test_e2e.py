@@ -6,8 +6,6 @@ import os
 import time
 from pathlib import Path
 
-import pytest
-
 from fota.device import protocol as P
 from fota.examples import hello_files
 from fota.server import service
@@ -17,13 +15,6 @@ from fota.tools.bundle import pack_files
 from fota.tools.keyring import Signer
 from fota.tools.signing import generate_private_key
 from fleet import Fleet, wait_until
-
-
-@pytest.fixture
-def fleet(tmp_path, broker, sqlite_url):
-    f = Fleet(tmp_path, broker, sqlite_url)
-    yield f
-    f.close()
 
 
 def _release(fleet, version, *, broken=False, hw=("unix",), padding=0, key=None):

@@ -34,13 +34,6 @@ def proxy(broker):
     p.stop_thread()
 
 
-@pytest.fixture
-def fleet(tmp_path, broker, sqlite_url):
-    f = Fleet(tmp_path, broker, sqlite_url)
-    yield f
-    f.close()
-
-
 def _add_via_proxy(fleet, proxy, device_id, **settings):
     """Provision a device whose broker address is the proxy, then start it."""
     proc = fleet.add_device(device_id, start=False, **settings)

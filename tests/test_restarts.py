@@ -13,7 +13,6 @@ import os
 import threading
 import time
 
-import paho.mqtt.client as mqtt
 import pytest
 from sqlalchemy import select
 
@@ -24,6 +23,7 @@ from fota.server.broker import SERVER_USER, Mosquitto
 from fota.server.deployments import create_deployment, deployment_summary
 from fota.server.releases import create_release
 from fota.server.store import Job, StatusEvent
+from fota.tools.brokerspy import BrokerSpy
 from fota.tools.bundle import pack_files
 from fota.tools.supervisor import DeviceProcess
 
@@ -50,23 +50,14 @@ def restart_broker(info: BrokerInfo, down: float, kill: bool = False) -> None:
     info.broker.start()
 
 
-class SessionSpy:
+class SessionSpy(BrokerSpy):
     """Records every status over the broker, with a persistent session of its own (QoS 1), so it
     also gets what devices published while it was cut off by a broker restart."""
 
     def __init__(self, broker: BrokerInfo):
         self.statuses: list[tuple[str, dict]] = []
         self.lock = threading.Lock()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"sspy-{time.monotonic_ns()}",
-                                  clean_session=False)
-        self.client.username_pw_set(SERVER_USER, broker.users[SERVER_USER])
-        self.client.on_connect = lambda c, *a: c.subscribe("fota/v1/+/status", 1)
-        self.client.on_message = self._on_message
-        self.client.reconnect_delay_set(0.2, 1)
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-        wait_until(self.client.is_connected, timeout=10, what="spy connected")
-        time.sleep(0.2)
+        super().__init__(broker, name="sspy", persistent=True, reconnect_delay=0.2)
 
     def _on_message(self, client, userdata, msg):
         with self.lock:
@@ -75,10 +66,6 @@ class SessionSpy:
     def keys(self, device):
         with self.lock:
             return {(s["boot"], s["seq"]) for d, s in self.statuses if d == device}
-
-    def close(self):
-        self.client.loop_stop()
-        self.client.disconnect()
 
 
 def stored(fleet, device) -> list[StatusEvent]:
@@ -111,6 +98,16 @@ def release(fleet, version, padding):
     return create_release(fleet.store, fleet.blobs, fleet.key, pack_files(files), version, ["unix"])
 
 
+def deploy_to_new_devices(fleet, ids, version):
+    """Add the devices, wait until they are online, deploy a 400 kB release to them: (release, job ids)."""
+    for d in ids:
+        fleet.add_device(d)
+    fleet.wait_online(*ids)
+    rel = release(fleet, version, 400_000)
+    dep = create_deployment(fleet.store, rel, device_ids=ids)
+    return rel, [j.id for j in dep.jobs]
+
+
 def progressed(fleet, job_ids, fraction):
     """Every job has downloaded at least `fraction` of its image (as stored), or is past it."""
     def check():
@@ -132,12 +129,7 @@ def test_broker_restart_mid_deployment_loses_nothing(tmp_path, persistent_broker
     persistent_broker.broker.save()  # as `fota serve` does once the center subscribed
     try:
         ids = ["brk-1", "brk-2", "brk-3"]
-        for d in ids:
-            fleet.add_device(d)
-        fleet.wait_online(*ids)
-        rel = release(fleet, "1.1.0", 400_000)
-        dep = create_deployment(fleet.store, rel, device_ids=ids)
-        jobs = [j.id for j in dep.jobs]
+        rel, jobs = deploy_to_new_devices(fleet, ids, "1.1.0")
         if cut == "download":
             wait_until(progressed(fleet, jobs, 0.2), timeout=60, interval=0.02, what="20% downloaded")
             restart_broker(persistent_broker, down=2.0, kill=kill)
@@ -200,12 +192,7 @@ def test_center_restarts_mid_download_and_while_devices_report(tmp_path, persist
     spy = SessionSpy(persistent_broker)
     try:
         ids = ["ctr-1", "ctr-2", "ctr-3"]
-        for d in ids:
-            fleet.add_device(d)
-        fleet.wait_online(*ids)
-        rel = release(fleet, "1.2.0", 400_000)
-        dep = create_deployment(fleet.store, rel, device_ids=ids)
-        jobs = [j.id for j in dep.jobs]
+        rel, jobs = deploy_to_new_devices(fleet, ids, "1.2.0")
 
         # 1. mid-download: the devices stall and re-request; the new center serves from the database.
         wait_until(progressed(fleet, jobs, 0.2), timeout=60, interval=0.02, what="20% downloaded")

@@ -11,8 +11,6 @@ import pytest
 from sqlalchemy import func, select
 
 from fota.device import protocol as P
-from fota.server.broker import write_passwords
-from fota.server.credentials import mosquitto_hash
 from fota.server.deployments import create_deployment
 from fota.server.releases import create_release
 from fota.server.store import Job, StatusEvent, Store
@@ -51,11 +49,7 @@ class SimThread:
 
 def add_users(broker, passwords: dict[str, str]) -> None:
     """Give the session broker many accounts with one reload."""
-    for name, pw in passwords.items():
-        broker.users[name] = pw
-        broker.hashes[name] = mosquitto_hash(pw)
-    write_passwords(broker.broker.passwords, broker.hashes)
-    broker.broker.reload()
+    broker.add_users(passwords)
 
 
 @pytest.fixture
@@ -186,7 +180,7 @@ def test_sleeping_device_gets_its_command_when_it_wakes(setup):
                    "within the deadline (under investigation)")
 def test_fota_simulate_command_with_a_served_home(tmp_path):
     """The operator's path: fota serve (managed Mosquitto), fota simulate, fota deploy --tag sim."""
-    from test_cli import background, fota, stop
+    from test_cli import background, fota, stop, wait_listed
     home = tmp_path / "home"
     assert fota(home, "keys", "init").returncode == 0
     image = tmp_path / "fw.bin"
@@ -195,14 +189,8 @@ def test_fota_simulate_command_with_a_served_home(tmp_path):
     serve = background(home, "serve")
     sim = background(home, "simulate", "--devices", "30", "--unhealthy", "0.1", "--duration", "120")
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            listing = fota(home, "devices").stdout
-            if listing.count("sim-000") == 30 and listing.count("yes") == 30:
-                break
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"simulated devices did not come online: {listing}\n{stop(sim)}\n{stop(serve)}")
+        wait_listed(home, lambda listing: listing.count("sim-000") == 30 and listing.count("yes") == 30,
+                    "simulated devices did not come online", sim, serve, timeout=60, interval=0.5)
         r = fota(home, "deploy", "2.0.0", "--tag", "sim")
         assert r.returncode == 0 and "30 device(s)" in r.stdout, r.stdout + r.stderr
         watch = fota(home, "status", "--watch", timeout=90)

@@ -33,6 +33,7 @@ from fota.server.home import Home
 from fota.server.releases import create_release
 from fota.server.store import CenterWorker, Job, StatusEvent, Store, utcnow
 from fota.sim import FailurePlan, SimFleet, device_ids, provision
+from fota.tools.brokerspy import BrokerSpy
 from fota.tools.keyring import Keyring
 
 from fleet import wait_until
@@ -141,26 +142,16 @@ def test_registry_heartbeats_adoption_and_released_claims(db_url, tmp_path):
 
 # ------------------------------------------------------------------ SIGKILL mid-campaign
 
-class StatusSpy:
+class StatusSpy(BrokerSpy):
     """A plain (not shared) subscriber: every status the devices publish, by (device, boot, seq)."""
 
     def __init__(self, broker):
         self.statuses: dict[tuple[str, int, int], dict] = {}
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"spy-{secrets.token_hex(4)}")
-        self.client.username_pw_set(SERVER_USER, broker.users[SERVER_USER])
-        self.client.on_message = self._on_message
-        self.client.connect(broker.host, broker.port)
-        self.client.subscribe(P.PREFIX + "+/" + P.STATUS, 1)
-        self.client.loop_start()
-        time.sleep(0.3)
+        super().__init__(broker, settle=0.3)
 
     def _on_message(self, client, userdata, msg):
         body = json.loads(msg.payload)
         self.statuses[(msg.topic.split("/")[2], body["boot"], body["seq"])] = body
-
-    def close(self):
-        self.client.loop_stop()
-        self.client.disconnect()
 
 
 def _start_worker(home: Home, log: Path) -> subprocess.Popen:

@@ -161,28 +161,21 @@ def _act(action: str, name: str, home: Optional[Path]) -> None:
     cli.console.print(f"campaign {c.name}: {c.state}" + (f" ({c.reason})" if c.reason else ""))
 
 
-@campaign_app.command("start")
-def start(name: str, home: Optional[Path] = HomeOpt):
-    """Target the devices over the waves; the running control center starts them, paced."""
-    _act("start", name, home)
+def _state_command(action: str, help_text: str) -> None:
+    """Register `fota campaign <action> NAME`: one audited state change (see _act)."""
+    def command(name: str, home: Optional[Path] = HomeOpt):
+        _act(action, name, home)
+    command.__name__ = action
+    command.__doc__ = help_text
+    campaign_app.command(action)(command)
 
 
-@campaign_app.command("pause")
-def pause(name: str, home: Optional[Path] = HomeOpt):
-    """No new device starts; devices in flight finish."""
-    _act("pause", name, home)
-
-
-@campaign_app.command("resume")
-def resume(name: str, home: Optional[Path] = HomeOpt):
-    """Continue a paused campaign, or approve the next wave of a waiting one."""
-    _act("resume", name, home)
-
-
-@campaign_app.command("abort")
-def abort(name: str, home: Optional[Path] = HomeOpt):
-    """Stop: downloads are cancelled, devices past their download finish; none is left half-installed."""
-    _act("abort", name, home)
+for _action, _help in (
+        ("start", "Target the devices over the waves; the running control center starts them, paced."),
+        ("pause", "No new device starts; devices in flight finish."),
+        ("resume", "Continue a paused campaign, or approve the next wave of a waiting one."),
+        ("abort", "Stop: downloads are cancelled, devices past their download finish; none is left half-installed.")):
+    _state_command(_action, _help)
 
 
 @campaign_app.command("list")

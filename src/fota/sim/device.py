@@ -16,7 +16,6 @@ import asyncio
 import json
 import logging
 import time
-from binascii import unhexlify
 from collections import deque
 
 from gmqtt import Client as MQTTClient
