@@ -46,6 +46,7 @@ from fota.device import protocol
 from fota.server import fleet
 from fota.server.deployments import TERMINAL_STATES
 from fota.server.store import Device, Job, StatusEvent, utcnow
+from fota.server.store.inlists import chunks
 
 __all__ = ["REJECTED", "BatchResult", "Incoming", "write_batch"]
 
@@ -108,18 +109,21 @@ def write_batch(s: Session, batch: list[Incoming], served: dict[int, int]) -> Ba
     # once. The batch's jobs (and those of its served-byte counters) are locked first, all at
     # once and in id order (no deadlock between workers), and read once locked, so a batch sees
     # what the other committed: its states and its statuses' (boot, seq).
-    locked = job_ids | set(served)
-    jobs = {row.id: _JobRow(row.device_id, row.state, row.deployment_id) for row in s.execute(
-        select(_jobs.c.id, _jobs.c.device_id, _jobs.c.state, _jobs.c.deployment_id)
-        .where(_jobs.c.id.in_(locked)).order_by(_jobs.c.id).with_for_update())} if locked else {}
+    # (Slices in id order keep the locks in id order.)
+    jobs: dict[int, _JobRow] = {}
+    for ids in chunks(sorted(job_ids | set(served))):
+        jobs.update((row.id, _JobRow(row.device_id, row.state, row.deployment_id)) for row in s.execute(
+            select(_jobs.c.id, _jobs.c.device_id, _jobs.c.state, _jobs.c.deployment_id)
+            .where(_jobs.c.id.in_(ids)).order_by(_jobs.c.id).with_for_update()))
     if served:
         s.execute(_ADD_SERVED, [{"b_id": job_id, "b_served": n} for job_id, n in sorted(served.items())])
     if not batch:
         return result
-    device_ids = {item.device_id for item in batch}
-    hardware = dict(s.execute(select(_devices.c.id, _devices.c.hardware).where(_devices.c.id.in_(device_ids))).all())
+    hardware: dict[str, str] = {}
+    for ids in chunks(sorted({item.device_id for item in batch})):
+        hardware.update(s.execute(select(_devices.c.id, _devices.c.hardware).where(_devices.c.id.in_(ids))).all())
     seen = _known_statuses(s, statuses) if statuses else set()
-    newest = _newest_statuses(s, job_ids & set(jobs), device_ids)
+    newest = _newest_statuses(s, {job_id: jobs[job_id].device_id for job_id in job_ids & set(jobs)})
 
     events: list[dict[str, Any]] = []
     job_changes: dict[int, dict[str, Any]] = {}
@@ -160,15 +164,17 @@ def _order(boot: int, seq: int) -> int:
 _SEQ_SPAN = 2**31  # boot and seq are 0..2**31-1
 
 
-def _newest_statuses(s: Session, job_ids: set[int], device_ids: set[str]) -> dict[int, int]:
-    """job id -> the order key of the newest stored status of that job."""
-    if not job_ids:
-        return {}
+def _newest_statuses(s: Session, job_devices: dict[int, str]) -> dict[int, int]:
+    """job id -> the order key of the newest stored status of that job (job_devices: job -> its device)."""
     key = func.max(cast(_events.c.boot, BigInteger) * _SEQ_SPAN + _events.c.seq)
-    rows = s.execute(select(_events.c.job_id, key).where(_events.c.device_id.in_(device_ids),
-                                                         _events.c.job_id.in_(job_ids))
-                     .group_by(_events.c.job_id))
-    return {job_id: newest for job_id, newest in rows}
+    newest: dict[int, int] = {}
+    for job_ids in chunks(sorted(job_devices)):
+        # status_events has no index on job_id: the device filter lets the query use device_id's.
+        device_ids = sorted({job_devices[job_id] for job_id in job_ids})
+        newest.update(s.execute(select(_events.c.job_id, key).where(_events.c.device_id.in_(device_ids),
+                                                                    _events.c.job_id.in_(job_ids))
+                                .group_by(_events.c.job_id)).all())
+    return newest
 
 
 def _known_statuses(s: Session, statuses: list[Incoming]) -> set[tuple[str, int, int]]:
