@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import insert, literal, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -120,18 +120,19 @@ def expire_jobs(session: Session, now: datetime) -> dict[int, set[int]]:
     and reports is recorded (status history) but does not change the job any more.
     """
     expired: dict[int, set[int]] = {}
-    deployments = session.scalars(select(Deployment).where(Deployment.state == ACTIVE,
-                                                           Deployment.timeout_s.is_not(None)))
-    for dep in deployments:
-        if dep.created_at + timedelta(seconds=dep.timeout_s) > now:
+    deployments = session.execute(select(Deployment.id, Deployment.created_at, Deployment.timeout_s)
+                                  .where(Deployment.state == ACTIVE, Deployment.timeout_s.is_not(None))
+                                  .order_by(Deployment.id)).all()
+    for dep_id, created_at, timeout_s in deployments:
+        if created_at + timedelta(seconds=timeout_s) > now:
             continue
-        for job in dep.jobs:
-            if job.state not in TERMINAL_STATES:
-                job.reason = (f"no final status within {dep.timeout_s} s of the deployment's start "
-                              f"(last state: {job.state})")
-                job.state = TIMED_OUT
-                job.code = None
-                expired.setdefault(dep.id, set()).add(job.id)
+        # One UPDATE per deployment (the ORM wrote each of 40,000 jobs on its own: 4-6 s).
+        reason = literal(f"no final status within {timeout_s} s of the deployment's start (last state: ") \
+            + Job.state + literal(")")
+        ids = session.scalars(update(Job).where(Job.deployment_id == dep_id, Job.state.not_in(TERMINAL_STATES))
+                              .values(state=TIMED_OUT, code=None, reason=reason).returning(Job.id)).all()
+        if ids:
+            expired[dep_id] = set(ids)
     return expired
 
 
