@@ -1,5 +1,6 @@
 """A deployment to 40,000 devices, on SQLite and PostgreSQL: created correctly, and the control
-center's bookkeeping of that many live jobs works (mark sent, cache refresh, a status batch).
+center's bookkeeping of that many live jobs works (mark sent, cache refresh, a status batch,
+the deployment's timeout).
 
 Every statement of these paths once took one bound parameter per job or device (an IN-list),
 and a statement's parameters are capped: SQLite's default build at 32,766 (set below: Debian's
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import event, func, insert, select, update
@@ -52,14 +54,14 @@ def big(tmp_path, db_url):
     store.dispose()
 
 
-def test_a_deployment_to_40000_devices_is_created_sent_refreshed_and_ingested(big):
+def test_a_deployment_to_40000_devices_is_created_sent_refreshed_ingested_and_timed_out(big):
     store, release, ids, center = big
     if store.engine.dialect.name == "sqlite":  # the cap is in force: one IN-list of every device fails
         with pytest.raises(OperationalError, match="too many SQL variables"), store.session() as s:
             s.execute(select(Device.id).where(Device.id.in_(ids)))
 
     # create_deployment: one pending job per device, of this release, in the devices' order
-    dep = create_deployment(store, release, device_ids=ids)
+    dep = create_deployment(store, release, device_ids=ids, timeout=3600)
     assert [j.device_id for j in dep.jobs] == ids
     assert all(j.state == PENDING and j.bytes_total == release.size and j.deployment_id == dep.id
                for j in dep.jobs)
@@ -105,12 +107,12 @@ def test_a_deployment_to_40000_devices_is_created_sent_refreshed_and_ingested(bi
                          .group_by(Job.bytes_served)).all() == [(512, N)]
         assert s.get(Deployment, dep.id).state == "active"  # jobs still downloading
 
-    # the batch that ends the last open job finishes the deployment
-    last_job, last_device = live[1]
+    # the deployment's timeout passes: its open jobs time out (one UPDATE) and it is done
     with store.session() as s:
-        s.execute(update(Job).where(Job.deployment_id == dep.id, Job.id != last_job, Job.state == P.DOWNLOADING)
-                  .values(state=P.CONFIRMED))
-    center._write_batch([Incoming(P.STATUS, last_device, {"state": P.CONFIRMED, "job": last_job, "boot": 1,
-                                                          "seq": 2, "progress": 1.0}, now)], {})
+        s.get(Deployment, dep.id).created_at -= timedelta(hours=2)
+    assert sorted(center._expire()) == sorted(job_id for job_id, state in result.job_states.items()
+                                              if state == P.DOWNLOADING)
     with store.session() as s:
         assert s.get(Deployment, dep.id).state == DONE
+        assert s.scalar(select(Job.reason).where(Job.id == live[1][0])) == \
+            "no final status within 3600 s of the deployment's start (last state: downloading)"
