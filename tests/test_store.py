@@ -22,6 +22,7 @@ from fota.server.store import (
     normalize_url,
     utcnow,
 )
+from fota.server.store.inlists import chunks, id_ranges, in_ranges
 
 TABLES = {"releases", "devices", "deployments", "jobs", "status_events", "api_tokens", "audit_events"}
 HEAD = "0007"
@@ -272,3 +273,24 @@ def test_memory_sqlite():
             assert s.get(Device, "dev-1").id == "dev-1"
     finally:
         store.dispose()
+
+
+def test_id_lists_are_sliced_and_id_ranges_cover_exactly_what_is_asked(store):
+    assert [len(part) for part in chunks(range(2500))] == [1000, 1000, 500]
+    assert list(chunks(set())) == []
+    assert id_ranges([9, 1, 2, 3, 3, 200, 80]) == [(1, 9), (80, 80), (200, 200)]  # 80 - 9 >= RANGE_GAP
+    assert id_ranges([1, 40], gap=40) == [(1, 40)] and id_ranges([1, 41], gap=40) == [(1, 1), (41, 41)]
+    with store.session() as s:
+        s.add_all([Device(id=f"r-{i}", hardware="esp32") for i in range(3)])
+        s.add(Deployment(release=_release(), target={}))
+        s.flush()
+        dep = s.scalar(select(Deployment.id))
+        s.add_all([Job(deployment_id=dep, device_id=f"r-{i % 3}") for i in range(300)])
+    with store.session() as s:
+        ids = sorted(s.scalars(select(Job.id)))
+        wanted = ids[5:60] + ids[150:151] + ids[180:181] + ids[250:]
+        ranges = id_ranges(wanted)
+        rows = set(s.scalars(select(Job.id).where(in_ranges(Job.id, ranges))))
+    # 150 and 180 are closer than RANGE_GAP: one range, which also reads the 29 jobs between
+    assert ranges == [(ids[5], ids[59]), (ids[150], ids[180]), (ids[250], ids[299])]
+    assert rows == set(ids[5:60] + ids[150:181] + ids[250:])

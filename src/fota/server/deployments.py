@@ -6,12 +6,14 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, literal, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from fota.device import protocol
 from fota.server.releases import get_release
-from fota.server.store import Deployment, Device, Job, Release, StatusEvent, Store
+from fota.server.store import Deployment, Device, Job, Release, StatusEvent, Store, utcnow
+from fota.server.store.inlists import chunks
 
 __all__ = ["ACTIVE", "CANCEL", "DONE", "FINAL_STATES", "PENDING", "SENT", "TERMINAL_STATES", "TIMED_OUT",
            "UPDATE", "DeploymentError", "create_deployment", "deployment_summary", "device_history",
@@ -37,26 +39,31 @@ class DeploymentError(ValueError):
 
 
 def _select_devices(s, release: Release, device_ids: Iterable[str] | None,
-                    tag: str | None) -> list[Device]:
+                    tag: str | None) -> list[str]:
+    """The ids of the target devices, in the order given (explicit ids) or of their ids (tag)."""
     hardware = set(release.hardware)
+    # Plain rows, not ORM objects: a deployment may target tens of thousands of devices.
     if device_ids is not None:
         ids = list(dict.fromkeys(device_ids))
         if not ids:
             raise DeploymentError("no device given")
-        found = {d.id: d for d in s.scalars(select(Device).where(Device.id.in_(ids)))}
+        found: dict[str, str] = {}
+        for part in chunks(ids):
+            found.update(s.execute(select(Device.id, Device.hardware).where(Device.id.in_(part))).all())
         unknown = [i for i in ids if i not in found]
         if unknown:
             raise DeploymentError(f"unknown device(s): {', '.join(unknown)}")
-        wrong = [f"{i} ({found[i].hardware})" for i in ids if found[i].hardware not in hardware]
+        wrong = [f"{i} ({found[i]})" for i in ids if found[i] not in hardware]
         if wrong:
             raise DeploymentError(f"release {release.version} is for hardware {', '.join(release.hardware)}; "
                                   f"not for: {', '.join(wrong)}")
-        return [found[i] for i in ids]
-    tagged = [d for d in s.scalars(select(Device).order_by(Device.id)) if tag in (d.tags or [])]
+        return ids
+    tagged = [(d.id, d.hardware) for d in s.execute(select(Device.id, Device.hardware, Device.tags)
+                                                    .order_by(Device.id)) if tag in (d.tags or [])]
     if not tagged:
         raise DeploymentError(f"no device has tag {tag!r}")
     # A tag may span hardware types: target the devices this release is built for.
-    devices = [d for d in tagged if d.hardware in hardware]
+    devices = [device_id for device_id, hw in tagged if hw in hardware]
     if not devices:
         raise DeploymentError(f"no device with tag {tag!r} has hardware {', '.join(release.hardware)} "
                               f"(release {release.version})")
@@ -72,6 +79,8 @@ def create_deployment(store: Store, release: Release | str | int, device_ids: It
     installs (it postpones the job until then). timeout: seconds after which jobs that did
     not finish end 'timed_out' (the device may be asleep or gone).
 
+    The returned deployment has its jobs loaded (``deployment.jobs``, in job-id order).
+
     DeploymentError for an unknown device, no matching device, hardware the release
     is not built for, or a limit out of range.
     """
@@ -86,13 +95,21 @@ def create_deployment(store: Store, release: Release | str | int, device_ids: It
         release = get_release(store, release)
     with store.session() as s:
         devices = _select_devices(s, release, device_ids, tag)
-        target: dict[str, Any] = {"devices": [d.id for d in devices]} if tag is None else {"tag": tag}
-        deployment = Deployment(release_id=release.id, target=target, state=ACTIVE,
+        target: dict[str, Any] = {"devices": devices} if tag is None else {"tag": tag}
+        now = utcnow()
+        deployment = Deployment(release_id=release.id, target=target, state=ACTIVE, created_at=now,
                                 min_battery=min_battery or None, timeout_s=timeout)
         s.add(deployment)
-        for device in devices:
-            s.add(Job(deployment=deployment, device_id=device.id, state=PENDING, bytes_total=release.size))
-        s.flush()  # assigns the job ids; deployment.jobs is already filled in memory
+        s.flush()
+        # One executemany INSERT, rows in the devices' order (an ORM unit of work cost ~0.25 ms
+        # per job: 10 s for 40,000); then the jobs read back once, for deployment.jobs.
+        s.execute(insert(Job.__table__), [
+            {"deployment_id": deployment.id, "device_id": device_id, "kind": UPDATE, "state": PENDING,
+             "bytes_total": release.size, "created_at": now, "updated_at": now} for device_id in devices])
+        jobs = list(s.scalars(select(Job).where(Job.deployment_id == deployment.id).order_by(Job.id)))
+        set_committed_value(deployment, "jobs", jobs)
+        for job in jobs:  # usable detached, as the ORM-built ones were
+            set_committed_value(job, "deployment", deployment)
     return deployment
 
 
@@ -103,18 +120,19 @@ def expire_jobs(session: Session, now: datetime) -> dict[int, set[int]]:
     and reports is recorded (status history) but does not change the job any more.
     """
     expired: dict[int, set[int]] = {}
-    deployments = session.scalars(select(Deployment).where(Deployment.state == ACTIVE,
-                                                           Deployment.timeout_s.is_not(None)))
-    for dep in deployments:
-        if dep.created_at + timedelta(seconds=dep.timeout_s) > now:
+    deployments = session.execute(select(Deployment.id, Deployment.created_at, Deployment.timeout_s)
+                                  .where(Deployment.state == ACTIVE, Deployment.timeout_s.is_not(None))
+                                  .order_by(Deployment.id)).all()
+    for dep_id, created_at, timeout_s in deployments:
+        if created_at + timedelta(seconds=timeout_s) > now:
             continue
-        for job in dep.jobs:
-            if job.state not in TERMINAL_STATES:
-                job.reason = (f"no final status within {dep.timeout_s} s of the deployment's start "
-                              f"(last state: {job.state})")
-                job.state = TIMED_OUT
-                job.code = None
-                expired.setdefault(dep.id, set()).add(job.id)
+        # One UPDATE per deployment (the ORM wrote each of 40,000 jobs on its own: 4-6 s).
+        reason = literal(f"no final status within {timeout_s} s of the deployment's start (last state: ") \
+            + Job.state + literal(")")
+        ids = session.scalars(update(Job).where(Job.deployment_id == dep_id, Job.state.not_in(TERMINAL_STATES))
+                              .values(state=TIMED_OUT, code=None, reason=reason).returning(Job.id)).all()
+        if ids:
+            expired[dep_id] = set(ids)
     return expired
 
 

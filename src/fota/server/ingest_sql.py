@@ -38,6 +38,7 @@ from sqlalchemy.orm import Session
 
 from fota.server.deployments import TERMINAL_STATES
 from fota.server.store import Device, Job, StatusEvent
+from fota.server.store.inlists import chunks
 
 __all__ = ["SEQ_SPAN", "Portable", "PostgreSQL", "statements_for"]
 
@@ -72,17 +73,21 @@ class Portable:
 
     def lock_jobs(self, s: Session, job_ids: set[int]) -> list[tuple[int, str, str, int]]:
         """(id, device_id, state, deployment_id) of the jobs, locked in id order."""
-        return [tuple(row) for row in s.execute(
+        # slices in id order keep the locks in id order (and under SQLite's parameter cap)
+        return [tuple(row) for ids in chunks(sorted(job_ids)) for row in s.execute(
             select(_jobs.c.id, _jobs.c.device_id, _jobs.c.state, _jobs.c.deployment_id)
-            .where(_jobs.c.id.in_(job_ids)).order_by(_jobs.c.id).with_for_update())]
+            .where(_jobs.c.id.in_(ids)).order_by(_jobs.c.id).with_for_update())]
 
     def add_served(self, s: Session, served: dict[int, int]) -> None:
         s.execute(self._ADD_SERVED, [{"b_id": job_id, "b_served": n} for job_id, n in sorted(served.items())])
 
     def lock_devices(self, s: Session, device_ids: set[str]) -> dict[str, str | None]:
         """device id -> provisioned hardware of the provisioned ones, locked in id order."""
-        return dict(s.execute(select(_devices.c.id, _devices.c.hardware).where(_devices.c.id.in_(device_ids))
-                              .order_by(_devices.c.id).with_for_update(key_share=True)).all())
+        found: dict[str, str | None] = {}
+        for ids in chunks(sorted(device_ids)):
+            found.update(s.execute(select(_devices.c.id, _devices.c.hardware).where(_devices.c.id.in_(ids))
+                                   .order_by(_devices.c.id).with_for_update(key_share=True)).all())
+        return found
 
     def known_statuses(self, s: Session, keys: list[tuple[str, int, int]]) -> set[tuple[str, int, int]]:
         """The (device, boot, seq) keys already stored."""

@@ -38,7 +38,7 @@ from urllib.parse import unquote, urlsplit
 from gmqtt import Client as MQTTClient
 from gmqtt import Subscription
 from gmqtt.mqtt.constants import MQTTv50
-from sqlalchemy import exists, or_, select, update
+from sqlalchemy import case, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, aliased
 
@@ -51,6 +51,7 @@ from fota.server.ingest import REJECTED, BatchResult, Incoming, write_batch
 from fota.server.releases import ReleaseError, read_blob, update_command, wrap_release_key
 from fota.tools.keyring import Signer
 from fota.server.store import Deployment, Device, Job, Release, Store, utcnow
+from fota.server.store.inlists import IN_LIST_MAX, chunks, id_ranges, in_ranges
 
 __all__ = ["ControlCenter", "parse_request", "parse_status"]
 
@@ -673,8 +674,8 @@ class ControlCenter:
             query = query.where(Device.online.is_(True))
         with self.store.session() as s:
             rows = s.execute(query).all()
-            if rows:
-                s.execute(update(Job).where(Job.id.in_([row[0] for row in rows])).values(worker=self.client_id))
+            for ids in chunks([row[0] for row in rows]):
+                s.execute(update(Job).where(Job.id.in_(ids)).values(worker=self.client_id))
         outgoing = []
         for job_id, device_id, inventory, device_key, release, kind, target_job, min_battery in rows:
             if kind == CANCEL:
@@ -737,8 +738,11 @@ class ControlCenter:
         with self.store.session() as s:
             for job_id, (delta_id, size) in (deltas or {}).items():
                 s.execute(update(Job).where(Job.id == job_id).values(delta_id=delta_id, bytes_total=size))
-            s.execute(update(Job).where(Job.id.in_(job_ids), Job.sent_at.is_(None)).values(sent_at=now))
-            s.execute(update(Job).where(Job.id.in_(job_ids), Job.state == PENDING).values(state=SENT))
+            for ids in chunks(job_ids):  # one UPDATE per row (a new row version on PostgreSQL), not two
+                s.execute(update(Job).where(Job.id.in_(ids), or_(Job.sent_at.is_(None), Job.state == PENDING))
+                          .values(sent_at=func.coalesce(Job.sent_at, now),
+                                  state=case((Job.state == PENDING, SENT), else_=Job.state))
+                          .execution_options(synchronize_session=False))
 
     async def _refresh_cache(self) -> None:
         live = [job_id for job_id, info in self._jobs.items() if info.state not in TERMINAL_STATES]
@@ -748,8 +752,17 @@ class ControlCenter:
                     self._set_job_state(job_id, state)
 
     def _job_states_by_id(self, job_ids: list[int]) -> dict[int, str]:
+        """(DB thread) job id -> state in the database, for the jobs of ``job_ids`` that exist.
+
+        Read by id ranges, not an IN-list: the cache's live jobs (tens of thousands in a big
+        rollout) are mostly runs of consecutive ids, so a few ranges cover them."""
+        wanted = set(job_ids)
+        states: dict[int, str] = {}
         with self.store.session() as s:
-            return dict(s.execute(select(Job.id, Job.state).where(Job.id.in_(job_ids))).all())
+            for ranges in chunks(id_ranges(wanted), IN_LIST_MAX // 2):
+                states.update(row for row in s.execute(select(Job.id, Job.state).where(in_ranges(Job.id, ranges)))
+                              if row[0] in wanted)
+        return states
 
     def job_states(self, deployment_id: int) -> dict[str, str]:
         """device id -> job state of a deployment (read from the database)."""
@@ -850,9 +863,10 @@ class ControlCenter:
     @staticmethod
     def _finish_deployments(s: Session, deployment_ids: set[int]) -> None:
         s.flush()
-        open_ids = set(s.scalars(select(Job.deployment_id).where(
-            Job.deployment_id.in_(deployment_ids), Job.kind == UPDATE, Job.state.not_in(TERMINAL_STATES))))
-        done = deployment_ids - open_ids
-        if done:
-            s.execute(update(Deployment).where(Deployment.id.in_(done), Deployment.state != DONE)
-                      .values(state=DONE))
+        # NOT EXISTS stops at a deployment's first open job (reading all of them cost a row per
+        # open job of a big deployment at every batch that ended one of its jobs).
+        for ids in chunks(sorted(deployment_ids)):
+            s.execute(update(Deployment).where(
+                Deployment.id.in_(ids), Deployment.state != DONE,
+                ~exists().where(Job.deployment_id == Deployment.id, Job.kind == UPDATE,
+                                Job.state.not_in(TERMINAL_STATES))).values(state=DONE))

@@ -27,6 +27,7 @@ from fota.server.campaigns import states as S
 from fota.server.campaigns.spec import CampaignSpec, version_key
 from fota.server.deployments import PENDING, SENT, TERMINAL_STATES
 from fota.server.store import Campaign, CampaignDevice, Device, Job, Release, StatusEvent, Store, utcnow
+from fota.server.store.inlists import chunks
 
 __all__ = ["CampaignEngine", "cancel_downloads", "target_devices", "PHASES"]
 
@@ -40,12 +41,6 @@ PHASES = {PENDING: "download", SENT: "download", P.DOWNLOADING: "download",
 PERMANENT_CODES = frozenset({P.E_HW_MISMATCH, P.E_DOWNGRADE, P.E_TOO_LARGE, P.E_BAD_MANIFEST,
                              P.E_UNKNOWN_KEY, P.E_KEY_REVOKED, P.E_KEY_EXPIRED, P.E_BAD_SIGNATURE,
                              P.E_DECRYPT, P.E_WRONG_DEVICE})
-
-
-def _chunks(items: list, size: int = 1000):
-    """Slices for IN (...) lists (SQLite caps the number of bound parameters)."""
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
 
 
 def _set(row: CampaignDevice, now: datetime, state: str, code: str | None = None,
@@ -66,7 +61,7 @@ def _order(campaign_id: int, device_id: str) -> str:
 def _held_by_older(s: Session, campaign: Campaign, device_ids: list[str]) -> dict[str, str]:
     """device id -> name of an older active campaign that has not settled the device."""
     held: dict[str, str] = {}
-    for ids in _chunks(device_ids):
+    for ids in chunks(device_ids):
         rows = s.execute(select(CampaignDevice.device_id, Campaign.name)
                          .join(Campaign, Campaign.id == CampaignDevice.campaign_id)
                          .where(CampaignDevice.device_id.in_(ids), CampaignDevice.campaign_id < campaign.id,
@@ -105,13 +100,14 @@ def target_devices(s: Session, campaign: Campaign, spec: CampaignSpec, now: date
     query = select(Device.id, Device.hardware, Device.version, Device.online, Device.tags,
                    Device.inventory).where(Device.hardware.in_(hardware), ~select(CampaignDevice.id).where(
         CampaignDevice.campaign_id == campaign.id, CampaignDevice.device_id == Device.id).exists())
-    if spec.filter.devices:
-        query = query.where(Device.id.in_(spec.filter.devices))
     if spec.filter.versions:
         query = query.where(Device.version.in_(spec.filter.versions))
     if spec.filter.online is not None:
         query = query.where(Device.online.is_(spec.filter.online))
-    devices = sorted((d for d in s.execute(query) if spec.filter.matches(d)),
+    # An explicit device list may be long: one query per slice of it.
+    queries = [query.where(Device.id.in_(ids)) for ids in chunks(sorted(spec.filter.device_set))] \
+        if spec.filter.devices else [query]
+    devices = sorted((d for q in queries for d in s.execute(q) if spec.filter.matches(d)),
                      key=lambda d: _order(campaign.id, d.id))
     rows: list[dict] = []
     eligible: list = []
@@ -142,7 +138,7 @@ def _assign_waves(spec: CampaignSpec, devices: list) -> list[int]:
         for device in devices:
             if device.id in wave_of:
                 continue
-            if (wave.devices and device.id in wave.devices) or (wave.tag and wave.tag in (device.tags or [])):
+            if (wave.devices and device.id in wave.device_set) or (wave.tag and wave.tag in (device.tags or [])):
                 wave_of[device.id] = index
     assigned = len(wave_of)
     free = [d for d in devices if d.id not in wave_of]
@@ -231,7 +227,7 @@ class CampaignEngine:
         rows = list(s.scalars(select(CampaignDevice).where(CampaignDevice.campaign_id == c.id,
                                                            CampaignDevice.state.in_((S.IN_FLIGHT, S.PROBATION)))))
         jobs: dict[int, Job] = {}
-        for ids in _chunks([r.job_id for r in rows if r.job_id]):
+        for ids in chunks([r.job_id for r in rows if r.job_id]):
             jobs.update((j.id, j) for j in s.scalars(select(Job).where(Job.id.in_(ids))))
         confirmed = []
         for row in rows:
@@ -314,7 +310,7 @@ class CampaignEngine:
         if not rows:
             return
         where: dict[int, tuple[int, int]] = {}
-        for ids in _chunks([r.job_id for r in rows]):
+        for ids in chunks([r.job_id for r in rows]):
             for job_id, boot, seq in s.execute(select(StatusEvent.job_id, StatusEvent.boot, StatusEvent.seq)
                                                .where(StatusEvent.job_id.in_(ids),
                                                       StatusEvent.state == P.CONFIRMED)):
@@ -334,7 +330,7 @@ class CampaignEngine:
         if not rows:
             return
         reports: defaultdict[str, list] = defaultdict(list)
-        for ids in _chunks([r.device_id for r in rows]):
+        for ids in chunks([r.device_id for r in rows]):
             for device_id, boot, seq, payload in s.execute(
                     select(StatusEvent.device_id, StatusEvent.boot, StatusEvent.seq, StatusEvent.payload)
                     .where(StatusEvent.device_id.in_(ids), StatusEvent.state == P.HEALTH,
@@ -476,7 +472,7 @@ class CampaignEngine:
     def _busy(s: Session, c: Campaign, device_ids: list[str]) -> set[str]:
         """Devices another campaign drives (in flight, on probation) or with an open job of any deployment."""
         busy: set[str] = set()
-        for ids in _chunks(device_ids):
+        for ids in chunks(device_ids):
             busy.update(s.scalars(select(CampaignDevice.device_id).where(
                 CampaignDevice.device_id.in_(ids), CampaignDevice.campaign_id != c.id,
                 CampaignDevice.state.in_((S.IN_FLIGHT, S.PROBATION)))))

@@ -149,8 +149,10 @@ def campaign_summary(store: Store, ref: str | int, devices: bool = True, now: da
         spec = CampaignSpec.parse(c.spec)
         rows = list(s.scalars(select(CampaignDevice).where(CampaignDevice.campaign_id == c.id)
                               .order_by(CampaignDevice.wave, CampaignDevice.device_id)))
-        job_states = dict(s.execute(select(Job.id, Job.state).where(
-            Job.id.in_([r.job_id for r in rows if r.job_id]))).all()) if rows else {}
+        # The campaign's job states by a join (an IN-list of every job id breaks past the
+        # database's bound-parameter cap).
+        job_states = dict(s.execute(select(Job.id, Job.state).join(CampaignDevice, CampaignDevice.job_id == Job.id)
+                                    .where(CampaignDevice.campaign_id == c.id)).all())
         waves = []
         for index, wave in enumerate(spec.waves):
             counts = Counter(r.state for r in rows if r.wave == index)

@@ -6,6 +6,7 @@ same object from it, so a campaign's rules never live in one process's memory.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -90,9 +91,14 @@ class TargetFilter:
                    _strings(data.get("versions"), "filter versions"), online, inventory,
                    _strings(data.get("devices"), "filter devices"))
 
+    @cached_property
+    def device_set(self) -> frozenset[str]:
+        """``devices`` as a set: a list may hold tens of thousands of ids."""
+        return frozenset(self.devices)
+
     def matches(self, device) -> bool:
         """True if ``device`` (a Device row) passes this filter (hardware compatibility is separate)."""
-        if self.devices and device.id not in self.devices:
+        if self.devices and device.id not in self.device_set:
             return False
         if self.hardware and device.hardware not in self.hardware:
             return False
@@ -121,6 +127,11 @@ class Wave:
     success: float = 100.0   # % of the wave's devices succeeded (confirmed + probation) to advance
     failure: float = 0.0     # more than this % of the wave failed: on_failure
     approval: bool = False   # after this wave succeeded, wait for an operator's resume
+
+    @cached_property
+    def device_set(self) -> frozenset[str]:
+        """``devices`` as a set: a group may hold tens of thousands of ids."""
+        return frozenset(self.devices)
 
     @classmethod
     def parse(cls, data: Any, success: float, failure: float) -> Wave:
