@@ -259,7 +259,8 @@ class StatusEvent(Base):
         Integer().with_variant(BigInteger(), "postgresql"), primary_key=True, autoincrement=True
     )
     device_id: Mapped[str] = mapped_column(String(64), index=True)
-    job_id: Mapped[int | None] = mapped_column(Integer)
+    # indexed: campaigns look up a wave's jobs' confirmations by job (a scan of the whole history before)
+    job_id: Mapped[int | None] = mapped_column(Integer, index=True)
     state: Mapped[str] = mapped_column(String(16))
     code: Mapped[str | None] = mapped_column(String(32))
     reason: Mapped[str | None] = mapped_column(Text)
