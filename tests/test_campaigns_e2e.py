@@ -23,8 +23,8 @@ def _summary(fleet, name):
     return campaign_summary(fleet.store, name)
 
 
-def test_canary_then_fleet_success_counts_only_after_health_and_probation(tmp_path, broker, sqlite_url):
-    fleet = Fleet(tmp_path, broker, sqlite_url, campaign_interval=0.2)
+def test_canary_then_fleet_success_counts_only_after_health_and_probation(tmp_path, broker, db_url):
+    fleet = Fleet(tmp_path, broker, db_url, campaign_interval=0.2)
     try:
         ids = ["cmp-1", "cmp-2", "cmp-3"]
         for d in ids:
@@ -55,9 +55,9 @@ def test_canary_then_fleet_success_counts_only_after_health_and_probation(tmp_pa
         fleet.close()
 
 
-def test_abort_mid_download_leaves_no_device_half_installed(tmp_path, broker, sqlite_url):
+def test_abort_mid_download_leaves_no_device_half_installed(tmp_path, broker, db_url):
     # Small chunks and a one-chunk window: the download takes long enough to abort in the middle.
-    fleet = Fleet(tmp_path, broker, sqlite_url, chunk=256, campaign_interval=0.2)
+    fleet = Fleet(tmp_path, broker, db_url, chunk=256, campaign_interval=0.2)
     try:
         ids = ["abt-1", "abt-2"]
         for d in ids:

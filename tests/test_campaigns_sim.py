@@ -18,11 +18,11 @@ from fleet import CenterThread, wait_until
 from test_sim import SimThread, _online, add_users
 
 
-def test_campaign_over_simulated_fleet_pauses_on_failures_and_finishes(tmp_path, broker, sqlite_url):
+def test_campaign_over_simulated_fleet_pauses_on_failures_and_finishes(tmp_path, broker, db_url):
     keyring = Keyring(tmp_path / "keys")
     keyring.init()
     signer = keyring.signer()
-    store = Store(sqlite_url)
+    store = Store(db_url)
     center = CenterThread(store, broker.server_url, tmp_path / "blobs", signer=signer,
                           keys_update=keyring.keys_update(), campaign_interval=0.2).start()
     ids = device_ids(40, "simcmp")
