@@ -66,6 +66,10 @@ def test_expired_deployments_time_out_their_unfinished_jobs_only(setup):
         assert jobs[j2].reason == "no final status within 60 s of the deployment's start (last state: postponed)"
         assert jobs[j3].reason.endswith("(last state: pending)")
         assert jobs[forever.jobs[0].id].state == "pending"
+        # the postponed job's device holds the command: a cancel follows it; the never-sent
+        # pending one needs none
+        cancels = [(j.device_id, j.target_job, j.state) for j in jobs.values() if j.kind == "cancel"]
+        assert cancels == [("lim-2", j2, "pending")]
     with store.session() as s:  # nothing left to expire
         assert expire_jobs(s, created + timedelta(seconds=3600)) == {}
 

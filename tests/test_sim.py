@@ -92,7 +92,8 @@ def _online(store, ids):
 
 def _job_states(store, deployment_id):
     with store.session() as s:
-        return dict(s.execute(select(Job.device_id, Job.state).where(Job.deployment_id == deployment_id)).all())
+        return dict(s.execute(select(Job.device_id, Job.state).where(Job.deployment_id == deployment_id,
+                                                                      Job.kind == "update")).all())
 
 
 def _all_terminal(store, deployment_id):
@@ -174,6 +175,33 @@ def test_sleeping_device_gets_its_command_when_it_wakes(setup):
     assert len(slow) == 5
     for d in slow:
         assert d.chunks >= IMAGE // 2048 and d.confirmed_at - d.commands[0] >= (IMAGE // 2048) * 0.25
+
+
+def test_timed_out_jobs_are_cancelled_on_devices_that_wake_later(setup):
+    """A deployment's timeout passes while its devices sleep: when they wake, the broker hands
+    them the update and then the cancel the timeout queued; they keep their firmware."""
+    store, make, release = setup
+    plan = FailurePlan(sleepy=1.0, sleep_at=0.0, sleep_for=6.0, seed=5)
+    fleet, ids = make(4, "simlate", plan=plan)
+    wait_until(lambda: all(d.slept and d.client is None for d in fleet.devices.values()), timeout=30,
+               what="all asleep")
+    dep = create_deployment(store, release("2.0.0"), device_ids=ids, timeout=2)
+    wait_until(lambda: set(_job_states(store, dep.id).values()) == {"timed_out"}, timeout=60,
+               what="all jobs timed out")
+    wait_until(lambda: all(d.woke_at for d in fleet.devices.values()), timeout=60, what="all awake")
+
+    def histories():
+        with store.session() as s:
+            rows = s.execute(select(StatusEvent.device_id, StatusEvent.state).where(
+                StatusEvent.job_id.in_(j.id for j in dep.jobs))).all()
+        out = {}
+        for device_id, state in rows:
+            out.setdefault(device_id, []).append(state)
+        return out if all(P.CANCELLED in out.get(i, ()) for i in ids) else None
+    seen = wait_until(histories, timeout=60, what="cancelled reported by every device")
+    assert all("rebooting" not in states for states in seen.values()), seen
+    assert all(d.running_version() == "1.0.0" and d.boots == 1 for d in fleet.devices.values())
+    assert set(_job_states(store, dep.id).values()) == {"timed_out"}  # the history does not move it
 
 
 @pytest.mark.xfail(strict=False, reason="intermittent under load: simulated devices sometimes not online "

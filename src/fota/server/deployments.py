@@ -30,6 +30,9 @@ TERMINAL_STATES = frozenset(FINAL_STATES)
 UPDATE = "update"
 CANCEL = "cancel"
 # Deployment states.
+# A timed-out job in one of these states gets a cancel command (the device may still run it).
+CANCELLABLE_STATES = (SENT, protocol.DOWNLOADING, protocol.POSTPONED)
+
 ACTIVE = "active"
 DONE = "done"
 
@@ -118,6 +121,13 @@ def expire_jobs(session: Session, now: datetime) -> dict[int, set[int]]:
 
     Returns {deployment id: ids of the jobs it timed out}. A device that comes back later
     and reports is recorded (status history) but does not change the job any more.
+
+    A job whose command went out and that has not passed its download (sent, downloading,
+    postponed) gets a signed cancel command queued behind it: a device asleep since then finds
+    the update and the cancel in its broker session when it wakes, starts and stops, and keeps
+    its firmware, rather than installing an update its operator already counts as timed out.
+    One that is verifying or installing finishes (a device never stops half-installed); its
+    later statuses are kept in the history.
     """
     expired: dict[int, set[int]] = {}
     deployments = session.execute(select(Deployment.id, Deployment.created_at, Deployment.timeout_s)
@@ -129,10 +139,17 @@ def expire_jobs(session: Session, now: datetime) -> dict[int, set[int]]:
         # One UPDATE per deployment (the ORM wrote each of 40,000 jobs on its own: 4-6 s).
         reason = literal(f"no final status within {timeout_s} s of the deployment's start (last state: ") \
             + Job.state + literal(")")
-        ids = session.scalars(update(Job).where(Job.deployment_id == dep_id, Job.state.not_in(TERMINAL_STATES))
+        cancellable = session.execute(select(Job.id, Job.device_id).where(
+            Job.deployment_id == dep_id, Job.kind == UPDATE, Job.state.in_(CANCELLABLE_STATES))).all()
+        ids = session.scalars(update(Job).where(Job.deployment_id == dep_id, Job.kind == UPDATE,
+                                                Job.state.not_in(TERMINAL_STATES))
                               .values(state=TIMED_OUT, code=None, reason=reason).returning(Job.id)).all()
         if ids:
             expired[dep_id] = set(ids)
+        if cancellable:
+            session.execute(insert(Job), [{"deployment_id": dep_id, "device_id": device_id, "kind": CANCEL,
+                                           "target_job": job_id, "state": PENDING, "created_at": now,
+                                           "updated_at": now} for job_id, device_id in cancellable])
     return expired
 
 
