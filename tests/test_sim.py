@@ -182,8 +182,6 @@ def test_sleeping_device_gets_its_command_when_it_wakes(setup):
         assert d.chunks >= IMAGE // 2048 and d.confirmed_at - d.commands[0] >= (IMAGE // 2048) * 0.25
 
 
-@pytest.mark.xfail(strict=False, reason="intermittent under load: simulated devices sometimes not online "
-                   "within the deadline (under investigation)")
 def test_fota_simulate_command_with_a_served_home(tmp_path):
     """The operator's path: fota serve (managed Mosquitto), fota simulate, fota deploy --tag sim."""
     from test_cli import background, fota, stop

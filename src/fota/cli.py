@@ -179,10 +179,7 @@ def device_add(device_id: str, hardware: str = typer.Option(..., "--hardware"),
 
 
 def _refresh_broker_passwords(h: Home, store) -> None:
-    from fota.server.store import Device
-    with store.session() as s:
-        hashes = {d.id: d.password_hash for d in s.query(Device).all() if d.password_hash}
-    h.write_broker_passwords(hashes)
+    h.sync_broker_passwords(store)
 
 
 def _make_unix_device(h: Home, device_id: str, hardware: str, password: str, version: str = "1.0.0", **settings):
