@@ -182,8 +182,6 @@ def test_kill_between_trial_mark_and_journal_delete_leaves_the_fallback_slot_alo
 
 # ---------------------------------------------------------------- a sampled kill sweep
 
-@pytest.mark.xfail(strict=False, reason="intermittent since the branches of 2026-11-27 were merged "
-                   "(under investigation; see the closing note of that session)")
 def test_sampled_kill_sweep_every_phase_no_brick_no_lost_status(tmp_path):
     """~15 SIGKILLs of 3 real agents between command and download, during download, install,
     trial boot and confirm; every job ends confirmed at the control center and every device on

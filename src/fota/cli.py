@@ -14,6 +14,7 @@ from rich.table import Table
 
 from fota.device import protocol as P
 from fota.server.home import Home
+from fota.tools.supervisor import DEFAULT_HEAP
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Signed firmware updates over MQTT for fleets of MicroPython devices.")
@@ -195,7 +196,7 @@ def _make_unix_device(h: Home, device_id: str, hardware: str, password: str, ver
 
 
 @device_app.command("run")
-def device_run(device_id: str, heap: str = typer.Option("128K", help="MicroPython heap size"),
+def device_run(device_id: str, heap: str = typer.Option(DEFAULT_HEAP, help="MicroPython heap size"),
                home: Optional[Path] = HomeOpt):
     """Run a unix-port device under the supervisor (restarts it on reboot) until Ctrl-C."""
     from fota.tools.supervisor import DeviceProcess
