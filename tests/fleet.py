@@ -105,14 +105,15 @@ class Fleet:
         self.center = CenterThread(self.store, broker.server_url, self.blobs, **center_settings).start()
         self.spy = Spy(broker)
 
-    def add_device(self, device_id, hardware="unix", version="1.0.0", start=True, **settings):
+    def add_device(self, device_id, hardware="unix", version="1.0.0", start=True, port=None, **settings):
+        """port: where the device connects instead of the broker (a fault proxy in front of it)."""
         row, password = provision_device(self.store, device_id, hardware)
         settings.setdefault("enc_key", row.enc_key)
         self.broker.add_user(device_id, password)
         self.passwords[device_id] = password
         root = create_device_dir(self.tmp / "devices" / device_id, device_id=device_id, hardware=hardware,
                                  root_key=self.keyring.root_public(), trust=self.keyring.trust(),
-                                 host=self.broker.host, port=self.broker.port,
+                                 host=self.broker.host, port=port or self.broker.port,
                                  password=password, app_files=hello_files(version), version=version, **settings)
         proc = DeviceProcess(root, heap=self.heap)
         self.devices[device_id] = proc
