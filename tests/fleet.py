@@ -20,7 +20,7 @@ from fota.server.fleet import provision_device
 from fota.server.store import Device, Job, Store
 from fota.tools.devicedir import create_device_dir, read_boot_record
 from fota.tools.keyring import Keyring
-from fota.tools.supervisor import DeviceProcess
+from fota.tools.supervisor import DEFAULT_HEAP, DeviceProcess
 from fota.tools.waiting import wait_until  # noqa: F401 (re-exported to the tests)
 
 
@@ -88,7 +88,7 @@ class Spy:
 
 
 class Fleet:
-    def __init__(self, tmp: Path, broker, db_url: str, heap="160K", **center_settings):
+    def __init__(self, tmp: Path, broker, db_url: str, heap=DEFAULT_HEAP, **center_settings):
         self.tmp = tmp
         self.broker = broker
         self.store = Store(db_url)
