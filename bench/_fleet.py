@@ -25,7 +25,7 @@ from fota.server.store import Device, Job, Store
 from fota.tools.brokeraccounts import BrokerAccounts
 from fota.tools.bundle import pack_files
 from fota.tools.devicedir import create_device_dir
-from fota.tools.supervisor import DeviceProcess
+from fota.tools.supervisor import DEFAULT_HEAP, DeviceProcess
 from fota.tools.waiting import TimedOut, wait_until  # noqa: F401 (re-exported to the benchmarks)
 
 HOST = "127.0.0.1"
@@ -97,7 +97,7 @@ def _keys(directory: Path):
 class Fleet:
     """Broker + store + control center + devices under one temporary directory."""
 
-    def __init__(self, tmp: Path, *, chunk: int, window: int, heap: str = "128K", persistence: bool = False):
+    def __init__(self, tmp: Path, *, chunk: int, window: int, heap: str = DEFAULT_HEAP, persistence: bool = False):
         self.tmp = Path(tmp)
         self.heap = heap
         self.broker = Broker(self.tmp / "mosquitto", persistence=persistence)

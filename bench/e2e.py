@@ -1,6 +1,6 @@
 """End-to-end update benchmark: fota against a bare-MQTT floor, wire overhead, smallest heap.
 
-    ./run bench e2e [--devices 1,5,20] [--image-kib 256] [--chunk 2048] [--window 8] [--heap 128K]
+    ./run bench e2e [--devices 1,5,20] [--image-kib 256] [--chunk 2048] [--window 8] [--heap 160K]
                     [--heap-start 128] [--heap-step 4] [--skip-heap] [--repeat 3]
                     [--timeout 90] [--out bench/results/e2e.json]
 
@@ -33,7 +33,7 @@ from fota.device import protocol as P
 from fota.server.broker import SERVER_USER
 from fota.server.deployments import create_deployment
 from fota.tools.mpy import SRC, agent_sources, build_agent
-from fota.tools.supervisor import find_micropython
+from fota.tools.supervisor import DEFAULT_HEAP, find_micropython
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "e2e.json"
@@ -453,7 +453,7 @@ def parse_args(argv=None):
     p.add_argument("--image-kib", type=int, default=256, help="release (bundle) size in KiB")
     p.add_argument("--chunk", type=int, default=2048, help="chunk size in bytes (fota and the floor)")
     p.add_argument("--window", type=int, default=8, help="chunks a device has in flight")
-    p.add_argument("--heap", default="128K", help="device heap for the fleet runs")
+    p.add_argument("--heap", default=DEFAULT_HEAP, help="device heap for the fleet runs")
     p.add_argument("--heap-start", type=int, default=128, help="first heap tried by the heap search, KiB")
     p.add_argument("--heap-step", type=int, default=4, help="heap search step, KiB")
     p.add_argument("--skip-heap", action="store_true", help="skip the heap search and the import footprint")

@@ -1,7 +1,7 @@
 """Kill -9 sweep: SIGKILL real MicroPython device agents at random moments of an update.
 
     ./run bench killsweep [--devices 4] [--kills 200] [--seed 1] [--image-kib 64] [--chunk 2048]
-                          [--window 8] [--heap 128K] [--timeout 120] [--out bench/results/killsweep.json]
+                          [--window 8] [--heap 160K] [--timeout 120] [--out bench/results/killsweep.json]
 
 A fresh Mosquitto, control center and N unix-port devices (bench/_fleet.py). Round 0 updates
 every device without faults and measures how long each phase takes. Then, round after round, a
@@ -33,6 +33,7 @@ from fota.device import protocol as P
 from fota.server.deployments import create_deployment
 from fota.tools.brokerspy import BrokerSpy
 from fota.tools.devicedir import verify_slot
+from fota.tools.supervisor import DEFAULT_HEAP
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "killsweep.json"
@@ -497,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-kib", type=int, default=64, help="release size in KiB (a bundle)")
     p.add_argument("--chunk", type=int, default=2048)
     p.add_argument("--window", type=int, default=8)
-    p.add_argument("--heap", default="128K", help="device heap")
+    p.add_argument("--heap", default=DEFAULT_HEAP, help="device heap")
     p.add_argument("--timeout", type=float, default=120, help="seconds allowed per round")
     p.add_argument("--max-rounds", type=int, default=0, help="give up after this many rounds (0: automatic)")
     p.add_argument("--delta", action="store_true",

@@ -30,7 +30,7 @@ from fota.server.fleet import provision_device
 from fota.examples import hello_files
 from fota.tools.devicedir import create_device_dir, verify_slot
 from fota.tools.faultproxy import FaultProxy
-from fota.tools.supervisor import DeviceProcess
+from fota.tools.supervisor import DEFAULT_HEAP, DeviceProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "netfaults.json"
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--throttle", type=int, default=16000, help="bytes/s each way for the throttle case (0: skip)")
     p.add_argument("--chunk", type=int, default=2048)
     p.add_argument("--window", type=int, default=8)
-    p.add_argument("--heap", default="128K")
+    p.add_argument("--heap", default=DEFAULT_HEAP)
     p.add_argument("--timeout", type=float, default=180, help="seconds allowed per case")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return p

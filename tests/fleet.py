@@ -18,7 +18,7 @@ from fota.server.store import Device, Job, Store
 from fota.tools.brokerspy import BrokerSpy
 from fota.tools.devicedir import create_device_dir, read_boot_record
 from fota.tools.keyring import Keyring
-from fota.tools.supervisor import DeviceProcess
+from fota.tools.supervisor import DEFAULT_HEAP, DeviceProcess
 from fota.tools.waiting import wait_until  # noqa: F401 (re-exported to the tests)
 
 
@@ -73,7 +73,7 @@ class Spy(BrokerSpy):
 
 
 class Fleet:
-    def __init__(self, tmp: Path, broker, db_url: str, heap="160K", **center_settings):
+    def __init__(self, tmp: Path, broker, db_url: str, heap=DEFAULT_HEAP, **center_settings):
         self.tmp = tmp
         self.broker = broker
         self.store = Store(db_url)
@@ -90,7 +90,8 @@ class Fleet:
         self.center = CenterThread(self.store, broker.server_url, self.blobs, **center_settings).start()
         self.spy = Spy(broker)
 
-    def add_device(self, device_id, hardware="unix", version="1.0.0", start=True, **settings):
+    def add_device(self, device_id, hardware="unix", version="1.0.0", start=True, port=None, **settings):
+        """port: where the device connects instead of the broker (a fault proxy in front of it)."""
         row, password = provision_device(self.store, device_id, hardware)
         settings.setdefault("enc_key", row.enc_key)
         # Tests time their faults (kills, restarts, cuts) by the progress statuses: every 10 %,
@@ -100,7 +101,7 @@ class Fleet:
         self.passwords[device_id] = password
         root = create_device_dir(self.tmp / "devices" / device_id, device_id=device_id, hardware=hardware,
                                  root_key=self.keyring.root_public(), trust=self.keyring.trust(),
-                                 host=self.broker.host, port=self.broker.port,
+                                 host=self.broker.host, port=port or self.broker.port,
                                  password=password, app_files=hello_files(version), version=version, **settings)
         proc = DeviceProcess(root, heap=self.heap)
         self.devices[device_id] = proc

@@ -73,3 +73,49 @@ def test_managed_broker_enforces_accounts_and_acl_and_is_restarted(tmp_path):
 
     asyncio.run(scenario())
     store.dispose()
+
+
+def test_device_provisioned_while_the_managed_broker_starts_is_accepted(tmp_path):
+    """A device provisioned after the broker read its password file but before its pid file
+    existed (so nobody could tell it to reload) used to be refused until the next provisioning:
+    `fota simulate` started together with `fota serve` lost some of its devices that way."""
+    from fota.server.app import start_broker
+    from fota.server.broker import Mosquitto
+    home = Home(tmp_path / "home")
+    home.keyring.init()
+    store = Store(home.database_url)
+    home.sync_broker_passwords(store)  # as `fota serve` does before starting the broker
+    _, password = provision_device(store, "late-dev", "unix")  # its own sync found no broker to reload
+    broker = start_broker(Mosquitto(home.broker_dir, port=home.config()["broker_port"], auth=True), home, store)
+    try:
+        c, _ = _connect(broker.port, "late-dev", password)
+        deadline = time.monotonic() + 5
+        while not c.is_connected() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert c.is_connected()
+        c.loop_stop()
+        c.disconnect()
+    finally:
+        broker.stop()
+        store.dispose()
+
+
+def test_password_sync_reads_the_devices_under_the_lock(tmp_path):
+    """Two processes syncing the password file at once: the one that waited for the lock
+    writes what the database holds then, never the list it could have read before waiting."""
+    import fcntl
+    import threading
+    home = Home(tmp_path / "home")
+    home.keyring.init()
+    store = Store(home.database_url)
+    home.broker_dir.mkdir(parents=True)
+    with open(home.broker_dir / "passwords.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process is syncing
+        waiting = threading.Thread(target=home.sync_broker_passwords, args=(store,))
+        waiting.start()
+        time.sleep(0.3)
+        provision_device(store, "meanwhile", "unix")
+    waiting.join(10)
+    users = [line.split(":")[0] for line in (home.broker_dir / "passwords").read_text().splitlines()]
+    assert "meanwhile" in users
+    store.dispose()

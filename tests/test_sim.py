@@ -204,8 +204,6 @@ def test_timed_out_jobs_are_cancelled_on_devices_that_wake_later(setup):
     assert set(_job_states(store, dep.id).values()) == {"timed_out"}  # the history does not move it
 
 
-@pytest.mark.xfail(strict=False, reason="intermittent under load: simulated devices sometimes not online "
-                   "within the deadline (under investigation)")
 def test_fota_simulate_command_with_a_served_home(tmp_path):
     """The operator's path: fota serve (managed Mosquitto), fota simulate, fota deploy --tag sim."""
     from test_cli import background, fota, stop, wait_listed

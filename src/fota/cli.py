@@ -14,6 +14,7 @@ from rich.table import Table
 
 from fota.device import protocol as P
 from fota.server.home import Home
+from fota.tools.supervisor import DEFAULT_HEAP
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Signed firmware updates over MQTT for fleets of MicroPython devices.")
@@ -179,10 +180,7 @@ def device_add(device_id: str, hardware: str = typer.Option(..., "--hardware"),
 
 
 def _refresh_broker_passwords(h: Home, store) -> None:
-    from fota.server.store import Device
-    with store.session() as s:
-        hashes = {d.id: d.password_hash for d in s.query(Device).all() if d.password_hash}
-    h.write_broker_passwords(hashes)
+    h.sync_broker_passwords(store)
 
 
 def _make_unix_device(h: Home, device_id: str, hardware: str, password: str, version: str = "1.0.0", **settings):
@@ -198,7 +196,7 @@ def _make_unix_device(h: Home, device_id: str, hardware: str, password: str, ver
 
 
 @device_app.command("run")
-def device_run(device_id: str, heap: str = typer.Option("128K", help="MicroPython heap size"),
+def device_run(device_id: str, heap: str = typer.Option(DEFAULT_HEAP, help="MicroPython heap size"),
                home: Optional[Path] = HomeOpt):
     """Run a unix-port device under the supervisor (restarts it on reboot) until Ctrl-C."""
     from fota.tools.supervisor import DeviceProcess

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.live import Live
 
 from fota.device import protocol as P
+from fota.tools.supervisor import DEFAULT_HEAP
 
 
 class DemoError(RuntimeError):
@@ -26,7 +27,7 @@ class DemoError(RuntimeError):
 
 
 def run_demo(devices: int = 3, timeout: float = 120.0, keep: bool = False, console: Console | None = None,
-             heap: str = "128K") -> int:
+             heap: str = DEFAULT_HEAP) -> int:
     console = console or Console()
     logging.getLogger("gmqtt").setLevel(logging.ERROR)  # its reconnect chatter is not for the demo
     root = Path(tempfile.mkdtemp(prefix="fota-demo-"))

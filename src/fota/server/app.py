@@ -50,7 +50,7 @@ def sqlite_single_lock(home: Home):
         yield
 
 
-async def supervise_broker(broker: Mosquitto, interval: float = 1.0) -> None:
+async def supervise_broker(broker: Mosquitto, home: Home, store, interval: float = 1.0) -> None:
     """Restart the managed Mosquitto if it dies (its persistence keeps queued messages)."""
     while True:
         await asyncio.sleep(interval)
@@ -58,23 +58,26 @@ async def supervise_broker(broker: Mosquitto, interval: float = 1.0) -> None:
             code = broker.proc.returncode if broker.proc else None
             log.warning("managed Mosquitto exited (code %s): restarting it", code)
             try:
-                await asyncio.to_thread(broker.start)
+                await asyncio.to_thread(start_broker, broker, home, store)
             except Exception:  # keep trying: the control center is useless without it
                 log.exception("restarting Mosquitto failed")
 
 
-def managed_broker(home: Home, device_hashes: dict[str, str]) -> Mosquitto:
+def start_broker(broker: Mosquitto, home: Home, store) -> Mosquitto:
+    """Start the managed Mosquitto and sync its passwords once more: a device provisioned while
+    it started (after it read the file, before its pid file said where to send the reload
+    signal) is in the file only now."""
+    broker.start()
+    home.sync_broker_passwords(store)
+    return broker
+
+
+def managed_broker(home: Home, store) -> Mosquitto:
     """Start the home's own Mosquitto (password file + per-device ACL, persistence on, TLS if
     the home has broker_tls)."""
-    home.write_broker_passwords(device_hashes)
-    return Mosquitto(home.broker_dir, port=home.config()["broker_port"], auth=True, persistence=True,
-                     tls=home.tls_files()).start()
-
-
-def device_hashes(store) -> dict[str, str]:
-    from fota.server.store import Device
-    with store.session() as s:
-        return {d.id: d.password_hash for d in s.query(Device).all() if d.password_hash}
+    home.sync_broker_passwords(store)
+    return start_broker(Mosquitto(home.broker_dir, port=home.config()["broker_port"], auth=True, persistence=True,
+                                  tls=home.tls_files()), home, store)
 
 
 @contextlib.asynccontextmanager
@@ -83,14 +86,14 @@ async def control_center(home: Home, manage_broker: bool = True, **settings):
     from fota.server.service import ControlCenter
     from fota.server.store import Store
     store = Store(home.database_url)
-    broker = managed_broker(home, device_hashes(store)) if home.managed_broker and manage_broker else None
+    broker = managed_broker(home, store) if home.managed_broker and manage_broker else None
     ring = home.keyring
     settings.setdefault("signer", ring.signer())
     settings.setdefault("keys_update", ring.keys_update())
     if home.broker_tls:
         settings.setdefault("ssl_context", home.broker_ssl_context())
     center = ControlCenter(store, home.broker_url, home.blobs, **settings)
-    watchdog = asyncio.create_task(supervise_broker(broker)) if broker else None
+    watchdog = asyncio.create_task(supervise_broker(broker, home, store)) if broker else None
     try:
         await center.start()
         if broker:
@@ -147,7 +150,7 @@ def supervise_workers(home: Home, n: int, stop_after: float | None = None) -> No
                          "(database_url postgresql://...) for --workers > 1")
     from fota.server.store import Store
     store = Store(home.database_url)  # migrates once, before the workers start
-    broker = managed_broker(home, device_hashes(store)) if home.managed_broker else None
+    broker = managed_broker(home, store) if home.managed_broker else None
     store.dispose()
     stopping = []
     previous = {sig: signal.signal(sig, lambda *_: stopping.append(1)) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -165,7 +168,11 @@ def supervise_workers(home: Home, n: int, stop_after: float | None = None) -> No
             if broker is not None and (broker.proc is None or broker.proc.poll() is not None):
                 log.warning("managed Mosquitto exited: restarting it")
                 with contextlib.suppress(Exception):
-                    broker.start()
+                    store = Store(home.database_url)
+                    try:
+                        start_broker(broker, home, store)
+                    finally:
+                        store.dispose()
             time.sleep(0.2)
     finally:
         for proc in procs:

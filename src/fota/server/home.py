@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -156,14 +157,27 @@ class Home:
         return ca_der(cafile) if cafile else None
 
     # ---- managed broker credentials ---------------------------------------------------------
-    def write_broker_passwords(self, device_hashes: dict[str, str]) -> None:
-        """Regenerate the managed broker's password file and make a running broker reload it."""
+    def sync_broker_passwords(self, store) -> None:
+        """Write the managed broker's password file from the database and make a running
+        broker reload it.
+
+        Several processes do this: `fota serve` before and after starting its broker, and every
+        command that provisions devices (`fota device add`, `fota simulate`). Reading the devices
+        and writing the file happen under one lock, so a process that read the list earlier never
+        replaces a newer file with it (`fota simulate` started with `fota serve` lost its devices'
+        passwords that way, and the broker refused them)."""
         if not self.managed_broker:
             return
+        from fota.server.fleet import broker_password_hashes
         self.broker_dir.mkdir(parents=True, exist_ok=True)
-        hashes = dict(device_hashes)
-        hashes[SERVER_USER] = mosquitto_hash(self.config()["server_password"])
-        write_passwords(self.broker_dir / "passwords", hashes)
+        server_hash = mosquitto_hash(self.config()["server_password"])
+        with open(self.broker_dir / "passwords.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (or the process dies)
+            write_passwords(self.broker_dir / "passwords", broker_password_hashes(store, server_hash))
+            self._reload_broker()
+
+    def _reload_broker(self) -> None:
+        """SIGHUP the managed Mosquitto if it runs (its pid file is written once it listens)."""
         pid_file = self.broker_dir / "mosquitto.pid"
         if pid_file.exists():
             try:

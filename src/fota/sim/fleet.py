@@ -6,7 +6,7 @@
     await fleet.start(); ...; await fleet.stop()
 
 The caller makes the broker take the new accounts (the tests' BrokerInfo, the bench's Broker,
-or Home.write_broker_passwords for a managed broker).
+or Home.sync_broker_passwords for a managed broker).
 """
 from __future__ import annotations
 

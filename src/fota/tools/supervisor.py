@@ -34,10 +34,16 @@ def find_micropython() -> str:
     return found
 
 
+# The heap an agent runs with unless told otherwise. Since the branches of 2026-11-27 the agent
+# (TLS, a stalled or resumed download) no longer fits 128K on the 64-bit unix port: at 128K the
+# first 2 KiB chunk after a resume failed with MemoryError nearly every time (a crash loop).
+DEFAULT_HEAP = "160K"
+
+
 class DeviceProcess:
     """One MicroPython agent process, restarted on reboot or crash until stop()."""
 
-    def __init__(self, root: Path, *, heap: str = "160K", code_path: Path | None = None,
+    def __init__(self, root: Path, *, heap: str = DEFAULT_HEAP, code_path: Path | None = None,
                  max_restarts: int = 100, restart_delay: float = 0.05):
         self.root = Path(root)
         self.heap = heap
