@@ -20,7 +20,7 @@ from fota.tools.devicedir import verify_slot
 from fota.tools.faultproxy import FaultProxy
 from fota.tools.supervisor import DeviceProcess
 
-from fleet import Fleet, wait_until
+from fleet import wait_until
 from test_core import Harness, cmd, make_update, new_core, trust_doc
 
 OTHER_KEY = __import__("fota.tools.signing", fromlist=["x"]).generate_private_key()
@@ -95,13 +95,6 @@ def key():
 
 
 # ---------------------------------------------------------------- real agents, exact kill states
-
-@pytest.fixture
-def fleet(tmp_path, broker, sqlite_url):
-    f = Fleet(tmp_path, broker, sqlite_url)
-    yield f
-    f.close()
-
 
 @pytest.fixture
 def proxy(broker):
