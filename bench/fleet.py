@@ -410,8 +410,6 @@ def workers_run(n: int, w: int, args, tmp: Path) -> dict:
                   "jobs_per_worker": shares, "workers_cpu_s": cpu}
         result["sim"] = sim.stop()
         sim = None
-        # The work done, whatever the number of cores: center + simulator + broker CPU seconds.
-        result["cpu_s"] = result["center"]["cpu_s"] + (result["sim"] or {}).get("cpu_s", 0) + result["broker_cpu_s"]
         logs = "".join((tmp / f"worker-{w}-{i}.log").read_text() for i in range(w))
         result["worker_log_errors"] = sum(1 for line in logs.splitlines() if " ERROR " in line)
         result["deadlock_retries"] = logs.count("deadlock")

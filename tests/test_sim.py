@@ -243,7 +243,8 @@ def test_fleet_benchmark_sampled(tmp_path):
         sys.path.remove(str(root))
     out = tmp_path / "fleet.json"
     assert bench_fleet.main(["--devices", "30", "--image-kib", "8", "--statuses", "600", "--ingest-devices", "50",
-                             "--db", "sqlite", "--timeout", "120", "--out", str(out)]) == 0
+                             "--db", "sqlite", "--timeout", "120", "--workers-devices", "30",
+                             "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     (deploy,) = result["deploy"]
     assert deploy["fota"]["confirmed"] == 30 and deploy["fota"]["wall_s"] > 0, deploy
@@ -253,3 +254,4 @@ def test_fleet_benchmark_sampled(tmp_path):
     (ingest,) = result["ingest"]
     assert ingest["statuses"] == 600 and ingest["fota_rate"] > 0 and ingest["floor_rate"] > 0, ingest
     assert ingest["job_states"] == {"downloading": 50}
+    assert [(w["workers"], w["confirmed"], w.get("error")) for w in result["workers"]] == [(1, 30, None), (2, 30, None)]

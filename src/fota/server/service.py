@@ -239,6 +239,7 @@ class ControlCenter:
         self.garbage = 0             # undecodable messages dropped
 
         self._jobs: dict[int, _JobInfo] = {}
+        self._loading: dict[int, asyncio.Future] = {}  # job id -> its read from the database, in flight
         self._queue: list[Incoming] = []
         self._served: defaultdict[int, int] = defaultdict(int)  # job -> bytes not yet in the DB
         self._client: MQTTClient | None = None
@@ -452,9 +453,7 @@ class ControlCenter:
             return
         info = self._jobs.get(req.job)
         if info is None:
-            info = await self._db_call(self._load_job, req.job)
-            if info is not None:
-                info = self._jobs.setdefault(req.job, info)
+            info = await self._job_info(req.job)
         if info is None or info.device_id != device_id or info.blob is None or info.state in TERMINAL_STATES:
             self.ignored_requests += 1
             log.info("chunk request from %s for job %s not served", device_id, req.job)
@@ -483,6 +482,18 @@ class ControlCenter:
         self.chunks += count
         self._served[req.job] += served
         self._wakeup.set()
+
+    async def _job_info(self, job_id: int) -> _JobInfo | None:
+        """A job this worker has not cached (another worker sent it, or this one restarted).
+        Requests for it that arrive while it is being read wait for that one read: a device
+        has several requests out at once, and each read queues behind the status batches on
+        the database thread."""
+        loading = self._loading.get(job_id)
+        if loading is None:
+            loading = self._loading[job_id] = asyncio.ensure_future(self._db_call(self._load_job, job_id))
+            loading.add_done_callback(lambda _: self._loading.pop(job_id, None))
+        info = await asyncio.shield(loading)
+        return self._jobs.setdefault(job_id, info) if info is not None else None
 
     def _load_job(self, job_id: int) -> _JobInfo | None:
         """(DB thread) a job the cache does not know yet."""
