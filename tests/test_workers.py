@@ -404,3 +404,45 @@ def test_statuses_published_while_every_worker_is_down_are_stored_by_the_next_on
             if new is not None:
                 new.stop()
             store.dispose()
+
+
+def test_each_job_is_served_by_its_own_worker_in_order(tmp_path, broker):
+    """Two workers share the chunk requests (shared subscription, round robin): a request that
+    reaches the worker which did not send the job goes on to the one that did, so a device's
+    windows arrive in order and nothing waits for a chunk timeout or is sent twice."""
+    from db_fixtures import postgres_database
+    from fleet import CenterThread
+    group = f"order{secrets.token_hex(3)}"
+    n, size, chunk = 20, 40 * 1024, 1024
+    with postgres_database() as url:
+        store = Store(url)
+        keyring = Keyring(tmp_path / "keys")
+        keyring.init()
+        settings = dict(signer=keyring.signer(), keys_update=keyring.keys_update(), share_group=group,
+                        campaign_interval=None, chunk=chunk, window=8)
+        ids = device_ids(n, "ord")
+        passwords = provision(store, ids)
+        add_users(broker, passwords)
+        centers, sim = [], None
+        try:
+            centers = [CenterThread(store, broker.server_url, tmp_path / "blobs", **settings).start() for _ in (1, 2)]
+            wait_until(lambda: all(c.center._live == {c2.center.client_id for c2 in centers} for c in centers),
+                       timeout=30, what="each worker sees both alive")
+            fleet = SimFleet.build(passwords, host=broker.host, port=broker.port, root_key=keyring.root_public(),
+                                   trust=keyring.trust())
+            sim = SimThread(fleet).start()
+            wait_until(lambda: _online(store) == n, timeout=60, what=f"{n} devices online")
+            rel = create_release(store, tmp_path / "blobs", keyring.signer().key, os.urandom(size), "2.0.0",
+                                 ["sim"], kind="image")
+            dep = create_deployment(store, rel, device_ids=ids)
+            wait_until(lambda: _count(store, ("confirmed",)) == n, timeout=120, what="all confirmed")
+            # every chunk was sent once: no window overtook another, no timeout re-request...
+            assert sum(c.center.chunks for c in centers) == n * (size // chunk)
+            assert sum(d.chunks for d in fleet.devices.values()) == n * (size // chunk)
+            assert sum(c.center.forwarded for c in centers) > 0  # ...though requests reached both
+        finally:
+            if sim is not None:
+                sim.stop()
+            for c in centers:
+                c.stop()
+            store.dispose()

@@ -140,6 +140,14 @@ def _publish_packet(topic: bytes, payload: bytes) -> bytes:
     return b"".join((header, len(topic).to_bytes(2, "big"), topic, b"\0", payload))
 
 
+REORDER_WAIT = 0.3   # s a worker holds a chunk request that overtook the one before it
+FORWARD_PREFIX = "fota/fwd/"  # fota/fwd/<worker>/<device>: chunk requests between workers
+
+
+def _forward_topic(worker_id: str, device_id: str) -> str:
+    return f"{FORWARD_PREFIX}{worker_id}/{device_id}"
+
+
 def _split_topic(topic: str) -> tuple[str, str] | None:
     parts = topic.split("/")
     if len(parts) != 4 or parts[0] + "/" + parts[1] + "/" != protocol.PREFIX:
@@ -157,6 +165,7 @@ class _JobInfo:
     device_id: str
     state: str
     blob: bytes | None  # None once terminal (nothing more to serve)
+    owner: str | None = None  # the worker that claimed and sent it (jobs.worker)
 
 
 @dataclass
@@ -207,6 +216,10 @@ class ControlCenter:
         self.adopted: list[str] = []     # dead workers whose sessions this one drained
         self.drained = 0                 # messages received on those sessions
         self._adopting: set[str] = set()
+        self._live: frozenset[str] = frozenset()  # workers whose heartbeat is fresh (refreshed by ours)
+        self.forwarded = 0               # chunk requests handed to the job's own worker
+        self._next_first: dict[int, int] = {}   # job -> first chunk after the last window served
+        self._parked: dict[int, list] = {}      # job -> requests waiting for the one before them
         self._fenced = False             # declared dead by the others: stop at once
         self.lost: asyncio.Event | None = None  # set when fenced (the process should exit)
         self.ssl_context = ssl_context  # mqtts:// only; None: the system's CAs
@@ -356,7 +369,10 @@ class ControlCenter:
         share = f"$share/{self.share_group}/" if self.share_group is not None else ""
         filters = [(share + protocol.PREFIX + "+/" + suffix, 1)
                    for suffix in (protocol.STATUS, protocol.INVENTORY, protocol.ONLINE)]
-        return filters + [(share + protocol.PREFIX + "+/" + protocol.REQ, 0)]
+        filters.append((share + protocol.PREFIX + "+/" + protocol.REQ, 0))
+        if self.share_group is not None:
+            filters.append((_forward_topic(self.client_id, "+"), 0))
+        return filters
 
     def _on_subscribe(self, client: MQTTClient, mid: int, qos: Any, properties: Any) -> None:
         self._subscribed.set()
@@ -370,6 +386,9 @@ class ControlCenter:
     async def _on_message(self, client: MQTTClient, topic: str, payload: bytes, qos: int,
                           properties: Any) -> int:
         """Returns the PUBACK reason code; gmqtt acknowledges when this returns."""
+        if topic.startswith(FORWARD_PREFIX):  # a chunk request another worker handed to us
+            await self._serve(topic.rsplit("/", 1)[1], payload, forwarded=True)
+            return ACK_OK
         parts = _split_topic(topic)
         if parts is None:
             log.warning("message on unexpected topic %r ignored", topic)
@@ -444,7 +463,7 @@ class ControlCenter:
 
     # ------------------------------------------------------------ chunk server
 
-    async def _serve(self, device_id: str, payload: bytes) -> None:
+    async def _serve(self, device_id: str, payload: bytes, forwarded: bool = False) -> None:
         try:
             req = parse_request(payload)
         except ValueError as exc:
@@ -461,7 +480,43 @@ class ControlCenter:
         client = self._client
         if client is None or not client.is_connected:
             return
+        if not forwarded and info.owner not in (None, self.client_id) and info.owner in self._live:
+            # The shared subscription hands a device's requests to any worker. Served by two,
+            # a window's chunks could overtake the previous one's, and the device, which takes
+            # chunks only in order, would drop them and wait for its chunk timeout (measured: 2
+            # workers 3.5x slower than 1). The job's own worker serves all of it, in order.
+            client.publish(_forward_topic(info.owner, device_id), payload, qos=0)
+            self.forwarded += 1
+            return
+        if self.share_group is not None:
+            # A forwarded request travels one hop more than the device's next one: a request
+            # beyond the job's next chunk waits (REORDER_WAIT at most) for the one before it.
+            expected = self._next_first.get(req.job)
+            if expected is not None and req.first > expected:
+                parked = self._parked.setdefault(req.job, [])
+                parked.append((device_id, req, info))
+                if len(parked) == 1:
+                    asyncio.get_running_loop().call_later(REORDER_WAIT, self._release_parked, req.job)
+                return
+        self._send_window(client, device_id, req, info)
+
+    def _release_parked(self, job_id: int, upto: int | None = None) -> None:
+        """Serve a job's parked requests in order: all of them, or (upto) those that follow on."""
+        parked = sorted(self._parked.pop(job_id, []), key=lambda p: p[1].first)
+        client = self._client
+        while parked and (upto is None or parked[0][1].first <= upto):
+            device_id, req, info = parked.pop(0)
+            if client is not None and client.is_connected:
+                self._send_window(client, device_id, req, info)
+            upto = self._next_first.get(job_id, upto) if upto is not None else None
+        if parked:
+            self._parked[job_id] = parked
+            asyncio.get_running_loop().call_later(REORDER_WAIT, self._release_parked, job_id)
+
+    def _send_window(self, client: MQTTClient, device_id: str, req: Any, info: _JobInfo) -> None:
         blob = info.blob
+        if blob is None:
+            return
         count = min(req.count, -(-len(blob) // req.chunk) - req.first)
         if count <= 0:
             self.ignored_requests += 1
@@ -482,6 +537,10 @@ class ControlCenter:
         self.chunks += count
         self._served[req.job] += served
         self._wakeup.set()
+        if self.share_group is not None:
+            self._next_first[req.job] = req.first + count
+            if req.job in self._parked:
+                self._release_parked(req.job, upto=req.first + count)
 
     async def _job_info(self, job_id: int) -> _JobInfo | None:
         """A job this worker has not cached (another worker sent it, or this one restarted).
@@ -498,13 +557,13 @@ class ControlCenter:
     def _load_job(self, job_id: int) -> _JobInfo | None:
         """(DB thread) a job the cache does not know yet."""
         with self.store.session() as s:
-            row = s.execute(select(Job.device_id, Job.state, Job.delta_id, Release)
+            row = s.execute(select(Job.device_id, Job.state, Job.delta_id, Release, Job.worker)
                             .join(Deployment, Job.deployment_id == Deployment.id)
                             .join(Release, Deployment.release_id == Release.id)
                             .where(Job.id == job_id)).first()
         if row is None:
             return None
-        device_id, state, delta_id, release = row
+        device_id, state, delta_id, release, owner = row
         if state in TERMINAL_STATES:
             blob = None
         elif delta_id is not None:
@@ -512,7 +571,7 @@ class ControlCenter:
             blob = load_delta(self.store, delta_id)
         else:
             blob = self._blob(release)
-        return _JobInfo(device_id, state, blob)
+        return _JobInfo(device_id, state, blob, owner)
 
     def _blob(self, release: Release) -> bytes:
         """(DB thread) a release's image; blobs_dir/<sha256> if the stored path is gone."""
@@ -527,6 +586,8 @@ class ControlCenter:
             info.state = state
             if state in TERMINAL_STATES:
                 info.blob = None
+                self._next_first.pop(job_id, None)
+                self._parked.pop(job_id, None)
 
     # ------------------------------------------------------------ job sender
 
@@ -573,6 +634,10 @@ class ControlCenter:
                 if not alive:
                     self._fence()
                     return
+                # Requests go to a job's own worker only while it answers its heartbeats (2 missed:
+                # served here), not for the whole lease: a dead one's devices must not stall.
+                fresh = min(self.lease, 2 * self.heartbeat_interval)
+                self._live = frozenset(await self._db_call(workers.live_workers, self.store, fresh))
                 if drain is None or drain.done():
                     dead = await self._db_call(workers.adopt_stale, self.store, self.client_id, self.lease)
                     if dead is not None:
@@ -692,7 +757,7 @@ class ControlCenter:
             if kind == CANCEL:
                 command = self.signer.command({"type": "cancel", "job": job_id, "device": device_id,
                                                "target": target_job})
-                outgoing.append(_Outgoing(job_id, device_id, command, _JobInfo(device_id, SENT, None)))
+                outgoing.append(_Outgoing(job_id, device_id, command, _JobInfo(device_id, SENT, None, self.client_id)))
                 continue
             chunk = self.chunk
             max_chunk = (inventory or {}).get("max_chunk")
@@ -708,7 +773,7 @@ class ControlCenter:
                                      wrapped_key=wrapped, delta=patch.descriptor() if patch else None,
                                      min_battery=min_battery)
             blob = patch.data if patch else self._blob(release)
-            outgoing.append(_Outgoing(job_id, device_id, command, _JobInfo(device_id, SENT, blob),
+            outgoing.append(_Outgoing(job_id, device_id, command, _JobInfo(device_id, SENT, blob, self.client_id),
                                       patch.id if patch else None))
         return outgoing
 
