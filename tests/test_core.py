@@ -114,8 +114,9 @@ class Harness:
     def requests(self):
         return [json.loads(p) for t, p in self.published if t == P.REQ]
 
-    def serve(self, image, chunk, max_rounds=10000, corrupt=None):
-        """Answer every outstanding request like the control center would."""
+    def serve(self, image, chunk, max_rounds=10000, corrupt=None, ms_per_chunk=0):
+        """Answer every outstanding request like the control center would (the device's clock
+        moving ms_per_chunk per chunk)."""
         served = 0
         for _ in range(max_rounds):
             reqs = self.requests()[served:]
@@ -124,6 +125,7 @@ class Harness:
             served += len(reqs)
             for r in reqs:
                 for i in range(r["first"], r["first"] + r["count"]):
+                    self.core.now += ms_per_chunk
                     data = image[i * chunk:(i + 1) * chunk]
                     if corrupt is not None and i == corrupt:
                         data = bytes([data[0] ^ 1]) + data[1:]
@@ -169,16 +171,7 @@ def test_download_progress_is_reported_every_tenth_but_not_more_often_than_the_i
     h = Harness(key)
     h.core.settings.progress_interval = interval_ms
     h.run(h.core.command(cmd(make_update(key, image, job=5))))
-    served = 0
-    while True:
-        reqs = h.requests()[served:]
-        if not reqs:
-            break
-        served += len(reqs)
-        for r in reqs:
-            for i in range(r["first"], r["first"] + r["count"]):
-                h.core.now += ms_per_chunk
-                h.run(h.core.chunk(struct.pack(">II", 5, i) + image[i * 256:(i + 1) * 256]))
+    h.serve(image, 256, ms_per_chunk=ms_per_chunk)
     downloading = [s["bytes"] // 256 for s in h.statuses() if s["state"] == "downloading"]
     assert downloading == [0] + expected_at
     assert [s["state"] for s in h.statuses()][-3:] == ["verifying", "installing", "rebooting"]

@@ -183,6 +183,11 @@ def test_worker_killed_mid_campaign_the_other_finishes_nothing_lost_nothing_twic
             ids = device_ids(n, "kw")
             passwords = provision(store, ids)
             add_users(broker, passwords)
+            # a device outside the campaign (other hardware) that reports after the kill: the
+            # dead worker's share of its statuses must come back from its session
+            bystander = f"kw-by-{secrets.token_hex(2)}"
+            bystander_pw = provision(store, [bystander], hardware="other", tags=())[bystander]
+            add_users(broker, {bystander: bystander_pw})
             procs = [_start_worker(home, tmp_path / f"worker-{i}.log") for i in (1, 2)]
             wait_until(lambda: len(workers.live_workers(store)) == 2, timeout=60, what="two workers registered")
             spy = StatusSpy(broker)
@@ -201,6 +206,15 @@ def test_worker_killed_mid_campaign_the_other_finishes_nothing_lost_nothing_twic
             victim = procs[0]
             victim.send_signal(signal.SIGKILL)
             victim.wait(10)
+            pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=bystander)
+            pub.username_pw_set(bystander, bystander_pw)
+            pub.connect(broker.host, broker.port)
+            pub.loop_start()
+            for seq in range(1, 11):  # round robin: about half wait in the dead worker's session
+                msg = {"job": None, "state": "idle", "code": None, "reason": None, "boot": 1, "seq": seq}
+                pub.publish(P.topic(bystander, P.STATUS), json.dumps(msg), qos=1).wait_for_publish(10)
+            pub.loop_stop()
+            pub.disconnect()
             with store.session() as s:
                 at_kill = s.execute(select(Job.state, func.count()).group_by(Job.state)).all()
             print("jobs at the kill:", at_kill)
@@ -228,8 +242,10 @@ def test_worker_killed_mid_campaign_the_other_finishes_nothing_lost_nothing_twic
             assert procs[1].poll() is None
             log = (tmp_path / "worker-2.log").read_text()
             drained = re.search(r"adopted dead worker \S+: drained (\d+) message", log)
-            # statuses the broker kept routing to the dead worker, ingested from its session
+            # statuses the broker kept routing to the dead worker (the bystander's at least),
+            # ingested from its session
             assert drained and int(drained.group(1)) > 0, log
+            assert {(bystander, 1, seq) for seq in range(1, 11)} <= _stored_keys(store)
         finally:
             if sim is not None:
                 sim.stop()

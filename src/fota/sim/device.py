@@ -223,22 +223,15 @@ class SimDevice:
     async def execute(self, actions):
         """Run actions in order; a publish while offline keeps it and the rest for later."""
         self.pending.extend(actions)
-        while self.pending:
+        while not self._execute_now(()):
             action = self.pending[0]
-            kind = action[0]
-            if kind == C.A_PUBLISH:
-                if self.client is None or self._lost:
-                    return
-                self.client.publish(P.topic(self.id, action[1]), action[2], qos=action[3], retain=action[4])
-                self.published += 1
-            elif kind in (C.A_CLEAR_REPORT, C.A_REBOOT):
-                # Only once the broker has acknowledged the statuses before it (the report, the
-                # 'rebooting' status), as the device's blocking QoS 1 publish guarantees.
-                if not await self._acked():
-                    return
-                self._local(action)
-            else:
-                self._local(action)
+            if action[0] == C.A_PUBLISH:
+                return  # offline: the rest waits for the next connection
+            # A_CLEAR_REPORT / A_REBOOT: only once the broker has acknowledged the statuses before
+            # it (the report, the 'rebooting' status), as the device's blocking QoS 1 publish does.
+            if not await self._acked():
+                return
+            self._local(action)
             self.pending.pop(0)
 
     async def _acked(self) -> bool:
