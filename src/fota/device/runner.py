@@ -331,16 +331,30 @@ class Device:
             if topic == data_topic:
                 self.execute(self.core.chunk(payload))
             elif topic == cmd_topic:
-                # A reboot raised while executing leaves the command unacknowledged: the broker
-                # redelivers it to the next boot, whose core refuses it as a duplicate, so no
-                # command is ever lost between a PUBACK and a reboot.
-                self.execute(self.core.command(payload))
-            if pid and client is not None and client is self.client:
-                try:
-                    client.ack(pid)
-                except OSError as e:  # unacknowledged: redelivered after the reconnect
-                    log("ack failed:", e)
-                    self._drop_connection()
+                # Acknowledged once the core's persistent actions ran (they come before its
+                # first publish: an accepted job's id is stored first), so a reboot before that
+                # leaves it unacknowledged: the broker redelivers it to the next boot, whose core
+                # refuses it as a duplicate, and no command is lost between a PUBACK and a reboot.
+                # Not after the statuses: on a link that breaks every few KiB, waiting for their
+                # PUBACKs first left the command unacknowledged, redelivered on every connection
+                # (2 KB of each connection's budget) and refused again, for ever.
+                actions = self.core.command(payload)
+                first_publish = 0
+                while first_publish < len(actions) and actions[first_publish][0] != C.A_PUBLISH:
+                    first_publish += 1
+                self.execute(actions[:first_publish])
+                self._ack(pid, client)
+                self.execute(actions[first_publish:])
+                continue
+            self._ack(pid, client)
+
+    def _ack(self, pid, client):
+        if pid and client is not None and client is self.client:
+            try:
+                client.ack(pid)
+            except OSError as e:  # unacknowledged: redelivered after the reconnect
+                log("ack failed:", e)
+                self._drop_connection()
 
     def _power(self):
         # (battery, external) from the power hook, or None if the reading failed. The hook's
