@@ -68,7 +68,11 @@ def log(*args) -> None:
 class Broker(_fleet.Broker):
     """bench._fleet's authenticated Mosquitto (fota's generated config: Mosquitto's connection cap
     is unlimited by default, max_connections -1; the open-files limit, raised by main(), is what
-    bounds it), plus its peak memory."""
+    bounds it), plus its CPU time and peak memory."""
+
+    def cpu_s(self) -> float:
+        """CPU seconds Mosquitto used so far."""
+        return _children_cpu([self.mosquitto.proc])
 
     def rss_mib(self) -> float:
         try:
@@ -192,7 +196,7 @@ def deploy_run(n: int, args, tmp: Path) -> dict:
         rel = create_release(store, tmp / "blobs", signer.key, image, "2.0.0", ["sim"], kind="image")
         c = center.center
         c0 = (c.statuses, c.commands, c.chunks, c.bytes_published)
-        cpu0, broker_cpu0 = time.process_time(), _children_cpu([broker.mosquitto.proc])
+        cpu0, broker_cpu0 = time.process_time(), broker.cpu_s()
         t0 = time.monotonic()
         dep = create_deployment(store, rel, device_ids=ids)
         marks = _wait_all_done(store, dep.id, n, t0, args.timeout)
@@ -204,7 +208,7 @@ def deploy_run(n: int, args, tmp: Path) -> dict:
             "center": {"statuses": c.statuses - c0[0], "commands": c.commands - c0[1],
                        "chunks": c.chunks - c0[2], "bytes_published": c.bytes_published - c0[3],
                        "cpu_s": time.process_time() - cpu0},
-            "broker_cpu_s": _children_cpu([broker.mosquitto.proc]) - broker_cpu0,
+            "broker_cpu_s": broker.cpu_s() - broker_cpu0,
         }
         result["sim"] = sim.stop()
         sim = None
@@ -310,7 +314,9 @@ def floor_receivers(config_path: str) -> None:
     asyncio.run(main())
 
 
-FLOORS = ("paho", "raw")   # paho: issue 6's floor (bare paho clients); raw: a stricter one, see README
+# The floors' receiver processes: paho (issue 6's floor, bare paho clients) and raw (a stricter
+# one: gmqtt receivers, fed by a raw-socket publisher); see README.
+FLOOR_RECEIVERS = {"paho": ["-m", "bench._paho_floor"], "raw": ["-m", "bench.fleet", "_floor"]}
 
 
 def floor_run(n: int, args, tmp: Path, kind: str = "paho") -> dict:
@@ -328,8 +334,7 @@ def floor_run(n: int, args, tmp: Path, kind: str = "paho") -> dict:
         cfg = tmp / f"floor-{kind}-{n}.json"
         cfg.write_text(json.dumps({"host": broker.host, "port": broker.port, "passwords": passwords,
                                    "bytes": per_device}))
-        recv = Child(["-m", "bench._paho_floor" if kind == "paho" else "bench.fleet", *([] if kind == "paho" else ["_floor"]),
-                      str(cfg)], tmp / f"floor-{kind}-{n}.log")
+        recv = Child([*FLOOR_RECEIVERS[kind], str(cfg)], tmp / f"floor-{kind}-{n}.log")
         ready = recv.read_event(args.timeout)
 
         # interleaved across devices, like many downloads at once; same 8-byte header as fota
@@ -340,7 +345,7 @@ def floor_run(n: int, args, tmp: Path, kind: str = "paho") -> dict:
                     yield P.topic(dev, P.DATA).encode(), struct.pack(P.CHUNK_HEADER, 1, index) + piece
 
         t0 = time.time()
-        cpu0, broker_cpu0 = time.process_time(), _children_cpu([broker.mosquitto.proc])
+        cpu0, broker_cpu0 = time.process_time(), broker.cpu_s()
         if kind == "paho":
             _paho_floor.publish(broker.host, broker.port, SERVER_USER, broker.users[SERVER_USER],
                                 ((topic.decode(), data) for topic, data in messages()))
@@ -349,7 +354,7 @@ def floor_run(n: int, args, tmp: Path, kind: str = "paho") -> dict:
         publish_s = time.time() - t0
         publisher_cpu = time.process_time() - cpu0
         done = recv.read_event(args.timeout)
-        broker_cpu = _children_cpu([broker.mosquitto.proc]) - broker_cpu0
+        broker_cpu = broker.cpu_s() - broker_cpu0
         return {"devices": n, "kind": kind, "connect_s": ready["connect_s"], "wall_s": done["last_byte"] - t0,
                 "publish_s": publish_s, "bytes": per_device * n, "publisher_cpu_s": publisher_cpu,
                 "receivers_cpu_s": done["cpu_s"], "broker_cpu_s": broker_cpu,
@@ -432,7 +437,7 @@ def workers_run(n: int, w: int, args, tmp: Path) -> dict:
 
 
 def _children_cpu(procs: list[subprocess.Popen]) -> float:
-    """CPU seconds (user + system) the worker processes used so far, from /proc."""
+    """CPU seconds (user + system) these processes used so far, from /proc."""
     total = 0.0
     tick = os.sysconf("SC_CLK_TCK")
     for p in procs:
@@ -623,6 +628,9 @@ def main(argv=None) -> int:
     ap.add_argument("--workers-devices", type=int, default=1000, help="part 3: simulated devices")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
+    unknown = [k for k in args.floors.split(",") if k and k not in FLOOR_RECEIVERS]
+    if unknown:
+        ap.error(f"--floors: unknown {', '.join(unknown)} (known: {', '.join(FLOOR_RECEIVERS)})")
     logging.basicConfig(level=logging.WARNING)
     fd_limit = raise_fd_limit()
     sizes = [int(x) for x in args.devices.split(",") if x]

@@ -29,10 +29,9 @@ TERMINAL_STATES = frozenset(FINAL_STATES)
 # Job kinds: the release's update command, or a cancel command for another job (target_job).
 UPDATE = "update"
 CANCEL = "cancel"
-# Deployment states.
 # A timed-out job in one of these states gets a cancel command (the device may still run it).
 CANCELLABLE_STATES = (SENT, protocol.DOWNLOADING, protocol.POSTPONED)
-
+# Deployment states.
 ACTIVE = "active"
 DONE = "done"
 

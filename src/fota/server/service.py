@@ -481,7 +481,7 @@ class ControlCenter:
         client = self._client
         if client is None or not client.is_connected:
             return
-        if not forwarded and info.owner not in (None, self.client_id) and info.owner in self._live:
+        if not forwarded and info.owner != self.client_id and info.owner in self._live:
             # The shared subscription hands a device's requests to any worker. Served by two,
             # a window's chunks could overtake the previous one's, and the device, which takes
             # chunks only in order, would drop them and wait for its chunk timeout (measured: 2
@@ -501,15 +501,15 @@ class ControlCenter:
                 return
         self._send_window(client, device_id, req, info)
 
-    def _release_parked(self, job_id: int, upto: int | None = None) -> None:
-        """Serve a job's parked requests in order: all of them, or (upto) those that follow on."""
+    def _release_parked(self, job_id: int, only_next: bool = False) -> None:
+        """Serve a job's parked requests in order: all of them (their wait is over), or
+        (only_next) those that now follow on from the last window served."""
         parked = sorted(self._parked.pop(job_id, []), key=lambda p: p[1].first)
         client = self._client
-        while parked and (upto is None or parked[0][1].first <= upto):
+        while parked and (not only_next or parked[0][1].first <= self._next_first[job_id]):
             device_id, req, info = parked.pop(0)
             if client is not None and client.is_connected:
                 self._send_window(client, device_id, req, info)
-            upto = self._next_first.get(job_id, upto) if upto is not None else None
         if parked:
             self._parked[job_id] = parked
             asyncio.get_running_loop().call_later(REORDER_WAIT, self._release_parked, job_id)
@@ -541,7 +541,7 @@ class ControlCenter:
         if self.share_group is not None:
             self._next_first[req.job] = req.first + count
             if req.job in self._parked:
-                self._release_parked(req.job, upto=req.first + count)
+                self._release_parked(req.job, only_next=True)
 
     async def _job_info(self, job_id: int) -> _JobInfo | None:
         """A job this worker has not cached (another worker sent it, or this one restarted).
@@ -552,8 +552,8 @@ class ControlCenter:
         if loading is None:
             loading = self._loading[job_id] = asyncio.get_running_loop().create_future()
             self._to_load.append(job_id)
-            if len(self._to_load) == 1:  # the first of a batch: read them all in one query
-                asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._load_batch()))
+            if len(self._to_load) == 1:  # the first of a batch: it reads them all, in one query
+                asyncio.create_task(self._load_batch())
         info = await asyncio.shield(loading)
         return self._jobs.setdefault(job_id, info) if info is not None else None
 
