@@ -334,6 +334,39 @@ def test_root_signed_key_update_rotates_the_signing_key(key):
     assert h.statuses()[-1]["code"] == P.E_BAD_KEYS and h.core.trust.version == 2
 
 
+def _cert_with_kid(key, kid):
+    """A certificate the root really signed for `key`'s public key, but naming `kid`."""
+    pub = signing.public_key_bytes(key)
+    body = json.dumps({"kid": kid, "pub": pub.hex(), "usage": ["release", "command"],
+                       "not_before": NOW - 100, "not_after": NOW + 10000}, sort_keys=True)
+    return {"body": body, "sig": signing.sign(ROOT_KEY, body.encode()).hex()}
+
+
+def test_key_update_needs_certificates_naming_their_own_key_and_revocations_by_exact_id(key):
+    """A certificate's kid must be the key id of its pub (protocol §4.0): else a root that revokes a
+    key by its id would leave it usable under the other name. Key ids in `revoked` are 16 lowercase
+    hex, as the device compares them: an upper-case one would revoke nothing."""
+    new_key = signing.generate_private_key()
+    old_kid = signing.key_id(signing.public_key_bytes(SIGNING_KEY))
+    new_kid = signing.key_id(signing.public_key_bytes(new_key))
+    h = Harness(key)
+    for version, certs, revoked in (
+            (2, [_cert_with_kid(new_key, old_kid)], []),          # names another key's id
+            (2, [_cert_with_kid(new_key, new_kid.upper())], []),  # its own id, in the wrong case
+            (2, [_cert_with_kid(new_key, new_kid)], [old_kid.upper()]),
+            (2, [_cert_with_kid(new_key, new_kid)], [12345])):
+        h.run(h.core.command(cmd({"type": "keys", "version": version, "certs": certs, "revoked": revoked},
+                                 key=ROOT_KEY)))
+        assert h.statuses()[-1]["code"] == P.E_BAD_KEYS, (certs, revoked)
+        assert h.core.trust.version == 1
+    # The same update, well formed, is taken, and the revoked key is refused from then on.
+    h.run(h.core.command(cmd({"type": "keys", "version": 2, "certs": [_cert_with_kid(new_key, new_kid)],
+                              "revoked": [old_kid]}, key=ROOT_KEY)))
+    assert h.core.trust.version == 2
+    h.run(h.core.command(cmd(make_update(SIGNING_KEY, b"x" * 10, job=3))))
+    assert h.statuses()[-1]["code"] == P.E_KEY_REVOKED
+
+
 def test_wrong_hardware_type_is_refused_before_any_write(key):
     h = Harness(key)
     h.run(h.core.command(cmd(make_update(key, b"x" * 100, hw=("esp32",)))))
@@ -534,3 +567,23 @@ def test_health_report_repeats_every_interval_while_connected(key):
 def test_health_status_kind_is_documented():
     spec = (ROOT / "docs" / "protocol.md").read_text()
     assert "`health`" in spec and "health_interval" in spec
+
+
+def test_keyring_revokes_by_the_key_id_devices_compare(tmp_path):
+    """`fota keys revoke` with an upper-case id writes the lower-case id devices match (§4.0), and
+    refuses what is no key id, instead of a key update every device would refuse."""
+    from fota.tools.keyring import Keyring
+    from fota.tools.signing import SigningError
+    ring = Keyring(tmp_path / "keys")
+    ring.init()
+    kid = "ABCDEF0123456789"
+    assert ring.revoke(kid)["revoked"] == [kid.lower()]
+    h = Harness(SIGNING_KEY)
+    update = json.loads(json.loads(ring.keys_update())["body"])
+    ring_root = ring.root()
+    h.core.trust.root = signing.public_key_bytes(ring_root)  # this keyring's root, for this check
+    h.core.trust.root_kid = signing.key_id(h.core.trust.root)
+    h.run(h.core.command(cmd(update, key=ring_root)))
+    assert h.statuses()[-1]["state"] == "keys" and h.core.trust.revoked == [kid.lower()]
+    with pytest.raises(SigningError):
+        ring.revoke("not-a-key-id")

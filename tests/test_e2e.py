@@ -11,6 +11,7 @@ from fota.examples import hello_files
 from fota.server import service
 from fota.server.deployments import create_deployment, device_history
 from fota.server.releases import create_release, update_command
+from fota.tools.brokerspy import BrokerSpy
 from fota.tools.bundle import pack_files
 from fota.tools.keyring import Signer
 from fota.tools.signing import generate_private_key
@@ -283,3 +284,40 @@ def test_encrypted_release_is_decrypted_by_the_device_only(fleet):
     j = fleet.wait_job(dep.jobs[0].id)
     assert (j.state, j.code) == ("failed", P.E_DECRYPT)
     assert fleet.running_version(other) == "1.0.0"
+
+
+class _OnlineAndStatusSpy(BrokerSpy):
+    """One connection hearing a device's `online` flags and statuses, in the order it got them."""
+
+    def __init__(self, broker, device):
+        self.seen: list[tuple[str, object]] = []
+        super().__init__(broker, name="online-spy", topics=[(P.topic(device, P.ONLINE), 1),
+                                                            (P.topic(device, P.STATUS), 1)])
+
+    def _on_message(self, client, userdata, msg):
+        if msg.topic.endswith("/" + P.ONLINE):
+            self.seen.append(("online", msg.payload))
+        else:
+            self.seen.append(("status", json.loads(msg.payload)["state"]))
+
+
+def test_device_publishes_online_0_before_its_clean_disconnect(fleet):
+    """A reboot ends the connection with a DISCONNECT, which suppresses the will: the device says
+    `online 0` itself first (protocol §1), so the center never takes a rebooting device for online."""
+    dev = "offline-1"
+    fleet.add_device(dev)
+    fleet.wait_online(dev)
+    spy = _OnlineAndStatusSpy(fleet.broker, dev)
+    try:
+        dep = create_deployment(fleet.store, _release(fleet, "1.2.0"), device_ids=[dev])
+        assert fleet.wait_job(dep.jobs[0].id).state == "confirmed"
+        fleet.wait_online(dev, version="1.2.0")
+        seen = list(spy.seen)
+    finally:
+        spy.close()
+    assert fleet.devices[dev].reboots == 1
+    # The flag goes to 0 after the last status of the old run and before the trial boot's 1.
+    rebooting = seen.index(("status", "rebooting"))
+    trial = seen.index(("status", "trial"))
+    assert [m for m in seen[rebooting:trial] if m[0] == "online"] == [("online", b"0"), ("online", b"1")], seen
+    assert fleet.device_row(dev).online

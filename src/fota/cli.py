@@ -104,6 +104,7 @@ def keys_revoke(kid: str, home: Optional[Path] = HomeOpt):
     """Revoke a signing key by its key id (devices refuse it after the next key update)."""
     from fota.tools.signing import SigningError
     h = Home.locate(home)
+    kid = kid.strip().lower()  # as the keyring stores it (an upper-case current key must not slip through)
     try:
         if kid == h.keyring.signer().kid:
             _fail("that is the current signing key: run 'fota keys rotate' instead")

@@ -564,8 +564,8 @@ class UpdateCore:
             raise Rejection(P.E_BAD_COMMAND, "manifest_kid must be 16 hex chars", cmd["job"])
         chunk = cmd.get("chunk", P.DEFAULT_CHUNK_SIZE)
         window = cmd.get("window", P.DEFAULT_WINDOW)
-        if not isinstance(chunk, int) or isinstance(chunk, bool) or not 64 <= chunk <= self.settings.max_chunk:
-            raise Rejection(P.E_BAD_COMMAND, "chunk must be an int in 64..%d" % self.settings.max_chunk)
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or not P.MIN_CHUNK_SIZE <= chunk <= self.settings.max_chunk:
+            raise Rejection(P.E_BAD_COMMAND, "chunk must be an int in %d..%d" % (P.MIN_CHUNK_SIZE, self.settings.max_chunk))
         if not isinstance(window, int) or isinstance(window, bool) or not 1 <= window <= P.MAX_WINDOW:
             raise Rejection(P.E_BAD_COMMAND, "window must be an int in 1..%d" % P.MAX_WINDOW)
         if not _percent(cmd.get("min_battery", 0)):

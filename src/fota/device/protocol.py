@@ -19,10 +19,12 @@ CHUNK_HEADER_SIZE = 8
 
 MAX_COMMAND_BYTES = 8192     # a larger command is refused with E_OVERSIZE
 DEFAULT_MAX_INFLIGHT = 16384  # bytes of chunks a device lets be in flight (config max_inflight)
+MIN_CHUNK_SIZE = 64          # smallest chunk size a command or a chunk request may use
 MAX_CHUNK_SIZE = 8192        # largest chunk a device may ask for
 DEFAULT_CHUNK_SIZE = 2048
 DEFAULT_WINDOW = 8           # chunks per request
-MAX_WINDOW = 32
+MAX_WINDOW = 32              # chunks per command window and per chunk request (`count`)
+MAX_ID = 2**31 - 1           # largest job id, boot and seq the control center takes (32-bit columns)
 DELTA_WBITS = 12             # largest delta window (2**N bytes) a device takes unless configured
 
 # Device-id rule: 1..64 chars of [A-Za-z0-9_-] (safe inside a topic and an ACL pattern).

@@ -308,6 +308,20 @@ class Device:
         self.client = client
         log("connected as", ident)
 
+    def go_offline(self):
+        """A clean disconnect (before a reboot, or a board's deep sleep). A DISCONNECT suppresses the
+        will, so the device publishes its retained `online 0` itself first: without it the control
+        center would go on taking it for online (docs/protocol.md §1)."""
+        client, self.client = self.client, None
+        if client is None:
+            return
+        try:
+            client.publish(P.topic(self.config["id"], P.ONLINE), "0", True, 1)
+            client.disconnect()
+        except (OSError, MQTTError) as e:  # the broker never got the DISCONNECT: the will says 0
+            log("clean disconnect failed:", e)
+            client.close()
+
     def _drop_connection(self):
         if self.client is not None:
             try:
@@ -475,15 +489,13 @@ def main(root):
         device.run_forever()
     except Reboot:
         log("rebooting")
-        if device.client is not None:
+        client = device.client
+        if client is not None:
+            device.go_offline()
             # Bytes this connection moved, for overhead measurements (bench/e2e).
             stats = fsutil.read_json(root + "/wire.json") or []
-            stats.append({"tx": device.client.bytes_sent, "rx": device.client.bytes_received})
+            stats.append({"tx": client.bytes_sent, "rx": client.bytes_received})
             fsutil.write_json(root + "/wire.json", stats[-8:])
-            try:
-                device.client.disconnect()
-            except OSError:
-                pass
         if device.backend and hasattr(device.backend, "close"):
             device.backend.close()
         if sys.platform in ("linux", "darwin"):

@@ -49,6 +49,16 @@ def _cert_body(cert, root, verify):
     return body
 
 
+def _is_kid(text):
+    # A key id as ecdsa.key_id writes it (16 lowercase hex): how the device compares them.
+    if not isinstance(text, str) or len(text) != 16:
+        return False
+    for ch in text:
+        if ch not in "0123456789abcdef":
+            return False
+    return True
+
+
 class TrustStore:
     # verify(pub, message, sig) -> bool: ecdsa.verify unless a host offers a faster one with the
     # same result (the fleet simulator on CPython).
@@ -89,4 +99,8 @@ class TrustStore:
         revoked = body.get("revoked", [])
         if not isinstance(certs, list) or not isinstance(revoked, list):
             raise TrustError(P.E_BAD_KEYS, "certs and revoked must be lists")
+        for kid in revoked:
+            # "ABC..." would never equal the lower-case id it means: that revocation would fail open
+            if not _is_kid(kid):
+                raise TrustError(P.E_BAD_KEYS, "revoked key id %r is not 16 lowercase hex chars" % (kid,))
         return TrustStore(self.root, {"version": version, "certs": certs, "revoked": revoked}, self.verify)

@@ -69,7 +69,7 @@ EXPIRE_INTERVAL = 1.0            # how often deployment timeouts are checked
 DB_RETRY_DELAY = 1.0             # database unreachable: keep the batch, retry after this
 STATUS_STATES = frozenset(protocol.STATES) | {REJECTED, protocol.KEYS_UPDATED, protocol.HEALTH}
 ACK_OK = 0                       # MQTT 5 PUBACK reason code "success"
-MAX_ID = 2**31 - 1               # job ids, boot and seq are 32-bit integer columns
+MAX_ID = protocol.MAX_ID         # job ids, boot and seq are 32-bit integer columns
 DRAIN_QUIET = 1.0                # a dead worker's session is drained once quiet this long
 
 
@@ -123,8 +123,8 @@ def parse_request(payload: bytes) -> ChunkRequest:
         raise ValueError(f"job must be 1..{MAX_ID} and first 0..{MAX_ID}")
     if not 1 <= req.count <= protocol.MAX_WINDOW:
         raise ValueError(f"count must be 1..{protocol.MAX_WINDOW}")
-    if not 64 <= req.chunk <= protocol.MAX_CHUNK_SIZE:
-        raise ValueError(f"chunk must be 64..{protocol.MAX_CHUNK_SIZE}")
+    if not protocol.MIN_CHUNK_SIZE <= req.chunk <= protocol.MAX_CHUNK_SIZE:
+        raise ValueError(f"chunk must be {protocol.MIN_CHUNK_SIZE}..{protocol.MAX_CHUNK_SIZE}")
     return req
 
 
@@ -190,8 +190,8 @@ class ControlCenter:
                  ssl_context: ssl.SSLContext | None = None, delta_wbits: int | None = DEFAULT_WBITS,
                  campaign_interval: float | None = 1.0, share_group: str | None = None,
                  lease: float = workers.LEASE, heartbeat_interval: float = workers.HEARTBEAT):
-        if not 64 <= chunk <= protocol.MAX_CHUNK_SIZE:
-            raise ValueError(f"chunk must be 64..{protocol.MAX_CHUNK_SIZE}")
+        if not protocol.MIN_CHUNK_SIZE <= chunk <= protocol.MAX_CHUNK_SIZE:
+            raise ValueError(f"chunk must be {protocol.MIN_CHUNK_SIZE}..{protocol.MAX_CHUNK_SIZE}")
         if not 1 <= window <= protocol.MAX_WINDOW:
             raise ValueError(f"window must be 1..{protocol.MAX_WINDOW}")
         if delta_wbits is not None and not 9 <= delta_wbits <= 15:
@@ -778,7 +778,7 @@ class ControlCenter:
                 continue
             chunk = self.chunk
             max_chunk = (inventory or {}).get("max_chunk")
-            if _is_int(max_chunk) and 64 <= max_chunk < chunk:
+            if _is_int(max_chunk) and protocol.MIN_CHUNK_SIZE <= max_chunk < chunk:
                 chunk = max_chunk  # never more than the device accepts
             try:
                 wrapped = wrap_release_key(release, device_key)

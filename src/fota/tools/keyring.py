@@ -151,6 +151,11 @@ class Keyring:
         return Signer(new)
 
     def revoke(self, kid: str) -> dict:
+        # Devices compare key ids as key_id() writes them and refuse a key update whose revoked
+        # list holds anything else (E_BAD_KEYS): an upper-case id typed by hand is normalised.
+        kid = kid.strip().lower()
+        if len(kid) != 16 or any(ch not in "0123456789abcdef" for ch in kid):
+            raise SigningError(f"{kid!r} is not a key id (16 hex characters)")
         doc = self.trust()
         doc = {"version": doc["version"] + 1,
                "certs": [c for c in doc["certs"] if json.loads(c["body"])["kid"] != kid],
