@@ -86,7 +86,9 @@ def test_device_provisioned_while_the_managed_broker_starts_is_accepted(tmp_path
     store = Store(home.database_url)
     home.sync_broker_passwords(store)  # as `fota serve` does before starting the broker
     _, password = provision_device(store, "late-dev", "unix")  # its own sync found no broker to reload
-    broker = start_broker(Mosquitto(home.broker_dir, port=home.config()["broker_port"], auth=True), home, store)
+    cfg = home.config()
+    broker = start_broker(Mosquitto(home.broker_dir, port=cfg["broker_port"], service_port=cfg["broker_service_port"],
+                                    auth=True), home, store)
     try:
         c, _ = _connect(broker.port, "late-dev", password)
         deadline = time.monotonic() + 5
