@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from sqlalchemy import select
 
 from fota.device import protocol
-from fota.server.broker import SERVER_USER
+from fota.server.broker import LEGACY_CENTER_ID, SERVER_USER
 from fota.server.deployments import DeploymentError, create_deployment, deployment_summary, device_history
 from fota.server.fleet import (
     FleetError,
@@ -33,7 +33,7 @@ from fota.server.fleet import (
     provision_device,
 )
 from fota.server.releases import ReleaseError, build_manifest, create_release, get_release, list_releases, read_blob
-from fota.server.service import ControlCenter
+from fota.server.service import CLIENT_ID, ControlCenter
 from fota.server.store import Device, Job, Store
 from fota.tools import bundle
 from fota.tools.keyring import Signer
@@ -339,7 +339,7 @@ def test_read_blob_detects_corruption(lite_store, key, tmp_path):
 def test_provision_and_password_hashes(store):
     device, password = provision_device(store, "dev-1", "unix", ["lab", "lab"])
     assert device.tags == ["lab"] and device.password_hash.startswith("$7$") and len(password) >= 16
-    for bad in ("", "a/b", "x" * 65, "dev 1", SERVER_USER):
+    for bad in ("", "a/b", "x" * 65, "dev 1", SERVER_USER, LEGACY_CENTER_ID, CLIENT_ID, "fota:w:host:1:ab"):
         with pytest.raises(FleetError):
             provision_device(store, bad, "unix")
     with pytest.raises(FleetError, match="already exists"):

@@ -365,7 +365,7 @@ def test_serve_starts_n_workers_and_replaces_a_dead_one(tmp_path, broker):
             # only bound a failure.
             wait_until(lambda: len(workers.live_workers(store)) == 2, timeout=120, what="two workers")
             first = set(workers.live_workers(store))
-            pid = int(next(iter(first)).split("-")[-2])
+            pid = int(next(iter(first)).split(":")[-2])
             os.kill(pid, signal.SIGKILL)
             # a new worker (a new identity) replaces it; the dead one is adopted and forgotten
             wait_until(lambda: len(set(workers.live_workers(store)) - first) == 1
