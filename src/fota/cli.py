@@ -420,7 +420,8 @@ def broker_tls_init(home: Optional[Path] = HomeOpt,
                    broker_keyfile=str(files.keyfile))
     cfg["broker_tls"] = True
     h.save_config(cfg)
-    console.print(f"managed broker: TLS only on 127.0.0.1:{cfg['broker_port']} from its next start; "
+    console.print(f"managed broker: TLS only on 127.0.0.1:{cfg['broker_port']} (devices) and "
+                  f"127.0.0.1:{cfg['broker_service_port']} (control center) from its next start; "
                   f"devices pin the CA {files.cafile}")
     console.print("device directories made from now on get it; existing devices need broker.tls and "
                   "broker.cadata in their config.json (docs/architecture.md, TLS)")
