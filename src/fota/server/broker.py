@@ -53,10 +53,14 @@ class BrokerError(RuntimeError):
     pass
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(besides: int | None = None) -> int:
+    """A port free now on 127.0.0.1 (not `besides`: the other listener's)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port != besides:
+            return port
 
 
 def mosquitto_binary() -> str:
@@ -162,7 +166,7 @@ class Mosquitto:
                  auth: bool = True, persistence: bool = False, tls: TlsFiles | None = None):
         self.directory = Path(directory)
         self.port = port or free_port()
-        self.service_port = (service_port or free_port()) if auth else self.port
+        self.service_port = (service_port or free_port(besides=self.port)) if auth else self.port
         self.auth = auth
         self.persistence = persistence
         self.tls = tls

@@ -94,7 +94,7 @@ class Home:
             if "broker_service_port" not in cfg:
                 # The managed broker's second listener (fota.server.broker): homes made before
                 # it existed get one on their first load.
-                cfg["broker_service_port"] = free_port()
+                cfg["broker_service_port"] = free_port(besides=cfg.get("broker_port"))
                 self.save_config(cfg)
         return cfg
 
