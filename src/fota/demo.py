@@ -79,8 +79,8 @@ async def _demo(root: Path, n: int, timeout: float, console: Console, heap: str)
     procs: list[DeviceProcess] = []
     async with control_center(home) as center:
         host, port = home.device_broker
-        console.print(f"Mosquitto and control center up (devices on {host}:{port}, "
-                      f"the center on {home.broker_url.rsplit('@', 1)[-1]})")
+        console.print(f"Mosquitto and control center up: devices {host}:{port}, "
+                      f"center {home.broker_url.rsplit('@', 1)[-1]}")
         try:
             procs = [DeviceProcess(home.devices_dir / dev, heap=heap).start() for dev in ids]
 
