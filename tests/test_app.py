@@ -142,6 +142,35 @@ def _server_session(port, password, client_id, clean_start, expiry):
     return c, flags[0][0]
 
 
+def _old_managed_broker(home, users):
+    """The managed Mosquitto as fota ran it before the service listener: one listener on
+    broker_port, every account (server included) in one password file, any client id."""
+    import os
+    import socket
+    import subprocess
+    from fota.server.broker import DEVICE_ACL, mosquitto_binary, write_acl, write_passwords
+    from fota.server.credentials import mosquitto_hash
+    d = home.broker_dir
+    d.mkdir(parents=True, exist_ok=True)
+    write_passwords(d / "passwords", {u: mosquitto_hash(p) for u, p in users.items()})
+    write_acl(d / "acl", "user fota-server\ntopic readwrite fota/#\n\n" + DEVICE_ACL)
+    port = home.config()["broker_port"]
+    lines = [f"listener {port} 127.0.0.1", "persistence true", f"persistence_location {d}/", "log_dest none",
+             "allow_anonymous false", f"password_file {d / 'passwords'}", f"acl_file {d / 'acl'}"]
+    if os.geteuid() == 0:
+        lines.append("user root")
+    (d / "mosquitto.conf").write_text("\n".join(lines) + "\n")
+    proc = subprocess.Popen([mosquitto_binary(), "-c", str(d / "mosquitto.conf")], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc
+        except OSError:
+            assert time.monotonic() < deadline and proc.poll() is None, "the old broker did not start"
+            time.sleep(0.05)
+
+
 def test_home_from_before_the_service_listener_keeps_working(tmp_path):
     """A home made by a fota whose center connected to the one listener as 'fota-center': its
     config gets a service port on load, devices keep their port, and the statuses still queued
@@ -149,7 +178,6 @@ def test_home_from_before_the_service_listener_keeps_working(tmp_path):
     import json
     from sqlalchemy import select
     from fota.device import protocol as P
-    from fota.server.app import managed_broker
     from fota.server.broker import LEGACY_CENTER_ID, free_port
     from fota.server.service import DRAIN_QUIET
     from fota.server.store import StatusEvent
@@ -165,11 +193,12 @@ def test_home_from_before_the_service_listener_keeps_working(tmp_path):
     assert home.device_broker == ("127.0.0.1", old["broker_port"])
     store = Store(home.database_url)
     _, pw = provision_device(store, "old-dev", "unix")
-    # What the old center left: its persistent session, subscribed, and statuses queued in it.
-    broker = managed_broker(home, store)
+    # What the old center left in the old broker: its persistent session, subscribed, and
+    # statuses queued in it.
+    broker = _old_managed_broker(home, {"fota-server": "old-secret", "old-dev": pw})
     try:
         # As the old center connected (clean start false: Mosquitto saves only such sessions to disk).
-        legacy, _ = _server_session(cfg["broker_service_port"], "old-secret", LEGACY_CENTER_ID, False, 0xFFFFFFFF)
+        legacy, _ = _server_session(cfg["broker_port"], "old-secret", LEGACY_CENTER_ID, False, 0xFFFFFFFF)
         legacy.subscribe([("fota/v1/+/status", 1)])
         time.sleep(0.3)
         legacy.disconnect()
@@ -184,7 +213,8 @@ def test_home_from_before_the_service_listener_keeps_working(tmp_path):
         dev.disconnect()
         dev.loop_stop()
     finally:
-        broker.stop()  # saves the sessions (persistence)
+        broker.terminate()  # Mosquitto saves the sessions on the way out (persistence)
+        broker.wait(10)
 
     def stored():
         with store.session() as s:

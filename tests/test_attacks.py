@@ -303,6 +303,8 @@ def test_attack_device_credentials_take_over_other_client_ids(tmp_path, broker, 
     fleet = Fleet(tmp_path, broker, sqlite_url, client_id=service.CLIENT_ID, require_online=False)
     worker = None
     try:
+        # A worker beside the center, only to have a worker's id to attack (both store B's
+        # statuses: the second write of each is refused as a duplicate, and logged).
         worker = CenterThread(fleet.store, broker.server_url, fleet.blobs, signer=fleet.signer, share_group="atk",
                               client_id=workers.new_worker_id(), campaign_interval=None).start()
         a = "atk-ids-a"
