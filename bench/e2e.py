@@ -231,7 +231,7 @@ def run_floor(n: int, image: bytes, args, tmp: Path) -> dict:
         pub = _paho(f"floor-pub-{os.getpid()}", SERVER_USER, broker.users[SERVER_USER])
         connected = threading.Event()
         pub.on_connect = lambda *a: connected.set()
-        pub.connect(broker.host, broker.port, keepalive=30)
+        pub.connect(broker.host, broker.service_port, keepalive=30)
         pub.loop_start()
         clients.append(pub)
         if not connected.wait(10):

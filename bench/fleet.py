@@ -347,10 +347,10 @@ def floor_run(n: int, args, tmp: Path, kind: str = "paho") -> dict:
         t0 = time.time()
         cpu0, broker_cpu0 = time.process_time(), broker.cpu_s()
         if kind == "paho":
-            _paho_floor.publish(broker.host, broker.port, SERVER_USER, broker.users[SERVER_USER],
+            _paho_floor.publish(broker.host, broker.service_port, SERVER_USER, broker.users[SERVER_USER],
                                 ((topic.decode(), data) for topic, data in messages()))
         else:
-            asyncio.run(_raw_publish(broker.host, broker.port, SERVER_USER, broker.users[SERVER_USER], messages()))
+            asyncio.run(_raw_publish(broker.host, broker.service_port, SERVER_USER, broker.users[SERVER_USER], messages()))
         publish_s = time.time() - t0
         publisher_cpu = time.process_time() - cpu0
         done = recv.read_event(args.timeout)
@@ -474,7 +474,7 @@ def _publish_statuses(broker: Broker, messages: list[tuple[str, bytes]]) -> floa
     pub.username_pw_set(SERVER_USER, broker.users[SERVER_USER])
     pub.max_inflight_messages_set(1000)
     pub.max_queued_messages_set(0)
-    pub.connect(broker.host, broker.port)
+    pub.connect(broker.host, broker.service_port)
     pub.loop_start()
     t0 = time.monotonic()
     infos = [pub.publish(topic, payload, qos=1) for topic, payload in messages]

@@ -57,7 +57,7 @@ class ScriptedDevices:
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"scripted-{time.monotonic_ns()}")
         self.client.username_pw_set(SERVER_USER, broker.users[SERVER_USER])
         self.client.on_message = self._on_message
-        self.client.connect(broker.host, broker.port)
+        self.client.connect(broker.host, broker.service_port)
         self.client.subscribe(f"{P.PREFIX}+/{P.CMD}", qos=1)
         self.client.loop_start()
         time.sleep(0.2)

@@ -86,7 +86,9 @@ def test_device_provisioned_while_the_managed_broker_starts_is_accepted(tmp_path
     store = Store(home.database_url)
     home.sync_broker_passwords(store)  # as `fota serve` does before starting the broker
     _, password = provision_device(store, "late-dev", "unix")  # its own sync found no broker to reload
-    broker = start_broker(Mosquitto(home.broker_dir, port=home.config()["broker_port"], auth=True), home, store)
+    cfg = home.config()
+    broker = start_broker(Mosquitto(home.broker_dir, port=cfg["broker_port"], service_port=cfg["broker_service_port"],
+                                    auth=True), home, store)
     try:
         c, _ = _connect(broker.port, "late-dev", password)
         deadline = time.monotonic() + 5
@@ -118,4 +120,118 @@ def test_password_sync_reads_the_devices_under_the_lock(tmp_path):
     waiting.join(10)
     users = [line.split(":")[0] for line in (home.broker_dir / "passwords").read_text().splitlines()]
     assert "meanwhile" in users
+    store.dispose()
+
+
+def _server_session(port, password, client_id, clean_start, expiry):
+    """An MQTT 5 client on the server account; returns (client, session_present)."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    c.username_pw_set("fota-server", password)
+    flags = []
+    c.on_connect = lambda cl, ud, f, rc, props: flags.append((f.session_present, rc))
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = expiry
+    c.connect("127.0.0.1", port, clean_start=clean_start, properties=props)
+    c.loop_start()
+    deadline = time.monotonic() + 10
+    while not flags and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert flags and not flags[0][1].is_failure, flags
+    return c, flags[0][0]
+
+
+def _old_managed_broker(home, users):
+    """The managed Mosquitto as fota ran it before the service listener: one listener on
+    broker_port, every account (server included) in one password file, any client id."""
+    import os
+    import socket
+    import subprocess
+    from fota.server.broker import DEVICE_ACL, mosquitto_binary, write_acl, write_passwords
+    from fota.server.credentials import mosquitto_hash
+    d = home.broker_dir
+    d.mkdir(parents=True, exist_ok=True)
+    write_passwords(d / "passwords", {u: mosquitto_hash(p) for u, p in users.items()})
+    write_acl(d / "acl", "user fota-server\ntopic readwrite fota/#\n\n" + DEVICE_ACL)
+    port = home.config()["broker_port"]
+    lines = [f"listener {port} 127.0.0.1", "persistence true", f"persistence_location {d}/", "log_dest none",
+             "allow_anonymous false", f"password_file {d / 'passwords'}", f"acl_file {d / 'acl'}"]
+    if os.geteuid() == 0:
+        lines.append("user root")
+    (d / "mosquitto.conf").write_text("\n".join(lines) + "\n")
+    proc = subprocess.Popen([mosquitto_binary(), "-c", str(d / "mosquitto.conf")], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc
+        except OSError:
+            assert time.monotonic() < deadline and proc.poll() is None, "the old broker did not start"
+            time.sleep(0.05)
+
+
+def test_home_from_before_the_service_listener_keeps_working(tmp_path):
+    """A home made by a fota whose center connected to the one listener as 'fota-center': its
+    config gets a service port on load, devices keep their port, and the statuses still queued
+    in the old center session are ingested, then that session is deleted."""
+    import json
+    from sqlalchemy import select
+    from fota.device import protocol as P
+    from fota.server.broker import LEGACY_CENTER_ID, free_port
+    from fota.server.service import DRAIN_QUIET
+    from fota.server.store import StatusEvent
+    home = Home(tmp_path / "home")
+    home.keyring.init()
+    home.path.mkdir(parents=True, exist_ok=True)
+    old = {"database_url": f"sqlite:///{home.path / 'fota.db'}", "broker_url": None, "broker_port": free_port(),
+           "server_password": "old-secret"}
+    home.config_path.write_text(json.dumps(old))
+    cfg = home.config()
+    assert cfg["broker_port"] == old["broker_port"] and cfg["broker_service_port"] not in (None, old["broker_port"])
+    assert json.loads(home.config_path.read_text()) == cfg  # saved: every process sees the same port
+    assert home.device_broker == ("127.0.0.1", old["broker_port"])
+    store = Store(home.database_url)
+    _, pw = provision_device(store, "old-dev", "unix")
+    # What the old center left in the old broker: its persistent session, subscribed, and
+    # statuses queued in it.
+    broker = _old_managed_broker(home, {"fota-server": "old-secret", "old-dev": pw})
+    try:
+        # As the old center connected (clean start false: Mosquitto saves only such sessions to disk).
+        legacy, _ = _server_session(cfg["broker_port"], "old-secret", LEGACY_CENTER_ID, False, 0xFFFFFFFF)
+        legacy.subscribe([("fota/v1/+/status", 1)])
+        time.sleep(0.3)
+        legacy.disconnect()
+        legacy.loop_stop()
+        dev, _ = _connect(cfg["broker_port"], "old-dev", pw)
+        time.sleep(0.3)
+        for seq in range(1, 6):
+            msg = {"job": None, "state": "idle", "code": None, "reason": None, "boot": 1, "seq": seq}
+            info = dev.publish(P.topic("old-dev", P.STATUS), json.dumps(msg), qos=1)
+            info.wait_for_publish(5)
+            assert info.is_published()
+        dev.disconnect()
+        dev.loop_stop()
+    finally:
+        broker.terminate()  # Mosquitto saves the sessions on the way out (persistence)
+        broker.wait(10)
+
+    def stored():
+        with store.session() as s:
+            return set(s.scalars(select(StatusEvent.seq).where(StatusEvent.device_id == "old-dev")))
+
+    async def scenario():
+        async with control_center(home) as center:
+            assert center.client_id == "fota:center"
+            deadline = time.monotonic() + 15
+            while stored() != {1, 2, 3, 4, 5} and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            assert stored() == {1, 2, 3, 4, 5}
+            await asyncio.sleep(DRAIN_QUIET + 1.5)  # the drain deletes the session once quiet
+            probe, present = _server_session(cfg["broker_service_port"], "old-secret", LEGACY_CENTER_ID, False, 0)
+            probe.disconnect()
+            probe.loop_stop()
+            assert not present  # the old session is gone
+
+    asyncio.run(scenario())
     store.dispose()

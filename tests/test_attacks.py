@@ -7,19 +7,23 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 
 import paho.mqtt.client as mqtt
+from sqlalchemy import select
 
 from fota.device import protocol as P
 from fota.examples import hello_files
-from fota.server import service
+from fota.server import service, workers
+from fota.server.broker import SERVER_USER
 from fota.server.deployments import create_deployment
 from fota.server.releases import create_release, update_command
+from fota.server.store import StatusEvent
 from fota.tools.bundle import pack_files
 from fota.tools.keyring import Signer
 from fota.tools.signing import generate_private_key
-from fleet import wait_until
+from fleet import CenterThread, Fleet, wait_until
 
 # Short transfer deadlines, so that stalls and endless data end within the test.
 FAST = {"chunk_timeout_ms": 500, "stall_timeout_ms": 3000}
@@ -202,24 +206,48 @@ def test_attack_wrong_hardware_type(fleet):
     _assert_unharmed(fleet, dev)
 
 
-def _as_device(fleet, dev):
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"stolen-{dev}-{time.monotonic_ns()}")
-    c.username_pw_set(dev, fleet.passwords[dev])
-    got = []
+def _connect(broker, user, password, client_id, port=None, clean=True):
+    """A paho client on `user`'s account asking for `client_id`; returns (client, topics received)
+    once the broker accepted it (CONNACK 0), so a refused login cannot pass for a refused attack."""
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean)
+    c.username_pw_set(user, password)
+    got, connacks = [], []
     c.on_message = lambda cl, ud, m: got.append(m.topic)
-    c.connect(fleet.broker.host, fleet.broker.port)
+    c.on_connect = lambda cl, ud, flags, rc, props: connacks.append(rc)
+    c.connect(broker.host, port or broker.port)
     c.loop_start()
+    wait_until(lambda: connacks, timeout=10, what=f"the CONNACK for {user}")
+    assert not connacks[0].is_failure, f"the broker refused {user}: {connacks[0]}"
     return c, got
 
 
+def _close(client):
+    client.disconnect()
+    client.loop_stop()
+
+
+def _acknowledged(info, timeout=5.0):
+    """Wait for the PUBACK of a QoS 1 publish; fail (not return) when none came."""
+    info.wait_for_publish(timeout)
+    assert info.is_published(), f"no PUBACK within {timeout} s"
+
+
+def _as_device(fleet, dev):
+    """Device `dev`'s stolen credentials, used from another machine (any client id it likes)."""
+    return _connect(fleet.broker, dev, fleet.passwords[dev], f"stolen-{dev}-{time.monotonic_ns()}")
+
+
 def test_attack_device_credentials_publish_command_to_another_device(fleet):
-    a = _device(fleet, "atk-cred-a")
+    # A's account only, A itself switched off: its client id is its username, so a running A and
+    # the stolen session would take the id from each other in turn.
+    a = "atk-cred-a"
+    fleet.add_device(a, start=False)
     b = _device(fleet, "atk-cred-b")
     rel = _release(fleet, "2.0.0")
     stolen, _ = _as_device(fleet, a)
     try:
         # A validly signed command (captured elsewhere), pushed with A's broker account.
-        stolen.publish(P.topic(b, P.CMD), update_command(901, b, rel, fleet.signer), qos=1).wait_for_publish(5)
+        _acknowledged(stolen.publish(P.topic(b, P.CMD), update_command(901, b, rel, fleet.signer), qos=1))
         time.sleep(2.0)
         assert fleet.spy.of(b, 901) == []  # the broker never delivered it
         assert fleet.running_version(b) == "1.0.0"
@@ -229,7 +257,8 @@ def test_attack_device_credentials_publish_command_to_another_device(fleet):
 
 
 def test_attack_device_subscribes_to_another_devices_topics(fleet):
-    a = _device(fleet, "atk-sub-a")
+    a = "atk-sub-a"
+    fleet.add_device(a, start=False)  # the account only (see above)
     b = _device(fleet, "atk-sub-b")
     spy_a, got = _as_device(fleet, a)
     try:
@@ -242,3 +271,110 @@ def test_attack_device_subscribes_to_another_devices_topics(fleet):
     finally:
         spy_a.loop_stop()
         spy_a.disconnect()
+
+
+# ---------------------------------------------------------------- session takeover by client id
+
+def _record_disconnects(monkeypatch) -> list[str]:
+    """Client ids of the control centers (and workers) the broker disconnected."""
+    kicked: list[str] = []
+    real = service.ControlCenter._on_disconnect
+
+    def on_disconnect(self, client, packet, exc=None):
+        if not self._closing:
+            kicked.append(self.client_id)
+        return real(self, client, packet, exc)
+    monkeypatch.setattr(service.ControlCenter, "_on_disconnect", on_disconnect)
+    return kicked
+
+
+def _forget_session(broker, client_id):
+    """Delete a persistent session this test made on the session's broker (clean connect)."""
+    c, _ = _connect(broker, SERVER_USER, broker.users[SERVER_USER], client_id, port=broker.service_port)
+    _close(c)
+
+
+def test_attack_device_credentials_take_over_other_client_ids(tmp_path, broker, sqlite_url, monkeypatch):
+    """A device's account asks for another device's client id, the control center's and a
+    worker's, with a clean session: the broker would kick the owner and destroy its session
+    (a sleeping device's queued command lost). Its client id is its own username instead."""
+    kicked = _record_disconnects(monkeypatch)
+    # The real center id (not a test's own); commands go out to sleeping devices too.
+    fleet = Fleet(tmp_path, broker, sqlite_url, client_id=service.CLIENT_ID, require_online=False)
+    worker = None
+    try:
+        # A worker beside the center, only to have a worker's id to attack (both store B's
+        # statuses: the second write of each is refused as a duplicate, and logged).
+        worker = CenterThread(fleet.store, broker.server_url, fleet.blobs, signer=fleet.signer, share_group="atk",
+                              client_id=workers.new_worker_id(), campaign_interval=None).start()
+        a = "atk-ids-a"
+        fleet.add_device(a, start=False)
+        b = _device(fleet, "atk-ids-b")
+        fleet.devices[b].stop()  # B sleeps; its persistent session keeps what comes for it
+        wait_until(lambda: not fleet.device_row(b).online, what=f"{b} offline")
+        dep = create_deployment(fleet.store, _release(fleet, "2.0.0"), device_ids=[b])
+        wait_until(lambda: fleet.job(dep.jobs[0].id).state == "sent", what="the command queued for B")
+        time.sleep(0.3)
+        for victim in (b, service.CLIENT_ID, worker.center.client_id):
+            stolen, _ = _connect(broker, a, fleet.passwords[a], victim)
+            time.sleep(0.5)
+            _close(stolen)
+        fleet.devices[b].start()  # B wakes up: its command is still there
+        j = fleet.wait_job(dep.jobs[0].id, timeout=30)
+        assert j.state == "confirmed", (j.state, j.code, j.reason)
+        assert kicked == []  # neither the center nor the worker lost its connection
+    finally:
+        if worker is not None:
+            worker.stop()
+        fleet.close()
+        _forget_session(broker, service.CLIENT_ID)
+
+
+def test_attack_takeover_loop_of_the_center_id_loses_no_acknowledged_status(tmp_path, broker, sqlite_url,
+                                                                              monkeypatch):
+    """A device publishes 120 QoS 1 statuses while another device's account connects again and
+    again with the control center's client id: every status the device got a PUBACK for is
+    stored (a takeover with a clean session used to drop the statuses queued for the center)."""
+    kicked = _record_disconnects(monkeypatch)
+    fleet = Fleet(tmp_path, broker, sqlite_url, client_id=service.CLIENT_ID)
+    try:
+        a, c = "atk-loop-a", "atk-loop-c"
+        for dev in (a, c):
+            fleet.add_device(dev, start=False)
+        stop = threading.Event()
+        attempts = []
+
+        def take_over():
+            while not stop.is_set():
+                stolen, _ = _connect(broker, a, fleet.passwords[a], service.CLIENT_ID)
+                attempts.append(1)
+                time.sleep(0.02)
+                _close(stolen)
+        attacker = threading.Thread(target=take_over, daemon=True)
+        attacker.start()
+        device, _ = _connect(broker, c, fleet.passwords[c], c, clean=False)
+        acknowledged = set()
+        try:
+            for seq in range(1, 121):
+                msg = {"job": None, "state": "idle", "code": None, "reason": None, "boot": 1, "seq": seq}
+                info = device.publish(P.topic(c, P.STATUS), json.dumps(msg), qos=1)
+                info.wait_for_publish(5)
+                if info.is_published():
+                    acknowledged.add(seq)
+                time.sleep(0.01)
+        finally:
+            stop.set()
+            attacker.join(10)
+            _close(device)
+        assert len(attempts) >= 10 and len(acknowledged) == 120
+
+        def stored():
+            with fleet.store.session() as s:
+                return set(s.scalars(select(StatusEvent.seq).where(StatusEvent.device_id == c)))
+        deadline = time.monotonic() + 15
+        while not acknowledged <= stored() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert sorted(acknowledged - stored()) == [] and kicked == []
+    finally:
+        fleet.close()
+        _forget_session(broker, service.CLIENT_ID)

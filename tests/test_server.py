@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from sqlalchemy import select
 
 from fota.device import protocol
-from fota.server.broker import SERVER_USER, write_passwords
+from fota.server.broker import LEGACY_CENTER_ID, SERVER_USER
 from fota.server.deployments import DeploymentError, create_deployment, deployment_summary, device_history
 from fota.server.fleet import (
     FleetError,
@@ -33,7 +33,7 @@ from fota.server.fleet import (
     provision_device,
 )
 from fota.server.releases import ReleaseError, build_manifest, create_release, get_release, list_releases, read_blob
-from fota.server.service import ControlCenter
+from fota.server.service import CLIENT_ID, ControlCenter
 from fota.server.store import Device, Job, Store
 from fota.tools import bundle
 from fota.tools.keyring import Signer
@@ -339,7 +339,7 @@ def test_read_blob_detects_corruption(lite_store, key, tmp_path):
 def test_provision_and_password_hashes(store):
     device, password = provision_device(store, "dev-1", "unix", ["lab", "lab"])
     assert device.tags == ["lab"] and device.password_hash.startswith("$7$") and len(password) >= 16
-    for bad in ("", "a/b", "x" * 65, "dev 1", SERVER_USER):
+    for bad in ("", "a/b", "x" * 65, "dev 1", SERVER_USER, LEGACY_CENTER_ID, CLIENT_ID, "fota:w:host:1:ab"):
         with pytest.raises(FleetError):
             provision_device(store, bad, "unix")
     with pytest.raises(FleetError, match="already exists"):
@@ -431,7 +431,7 @@ def test_stored_password_hash_works_with_mosquitto(lite_store, broker, key):
     device_id = uid("dev")
     _, password = provision_device(lite_store, device_id, "unix")
     broker.hashes.update(broker_password_hashes(lite_store, broker.hashes[SERVER_USER]))
-    write_passwords(broker.broker.passwords, broker.hashes)
+    broker.broker.write_passwords(broker.hashes)
     broker.broker.reload()
     assert connack(broker.port, device_id, password) == 0
     assert connack(broker.port, device_id, "wrong") != 0
@@ -502,7 +502,7 @@ def test_ingestion_rules_and_chunk_access(lite_store, broker, key, tmp_path):
             # a status from a device that is not provisioned (the server account may write anywhere)
             ghost = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=uid("ghost"))
             ghost.username_pw_set(SERVER_USER, broker.users[SERVER_USER])
-            ghost.connect("127.0.0.1", broker.port)
+            ghost.connect("127.0.0.1", broker.service_port)
             ghost.loop_start()
             ghost.publish(protocol.topic("ghost", protocol.STATUS),
                           json.dumps({"job": job, "state": "failed", "boot": 1, "seq": 1}), qos=1).wait_for_publish(5)

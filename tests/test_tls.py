@@ -31,7 +31,7 @@ class TlsBroker(BrokerInfo):
 
     @property
     def server_url(self) -> str:
-        return f"mqtts://{SERVER_USER}:{self.users[SERVER_USER]}@{self.host}:{self.port}"
+        return f"mqtts://{SERVER_USER}:{self.users[SERVER_USER]}@{self.host}:{self.service_port}"
 
 
 @pytest.fixture(scope="module")
@@ -107,12 +107,13 @@ def test_device_trusting_another_ca_or_name_never_comes_online(tls_fleet, tls_br
 
 def test_plain_mqtt_to_the_tls_port_fails(tls_broker):
     password = tls_broker.users[SERVER_USER]
-    plain = MQTTClient(f"plain-{time.monotonic_ns()}", tls_broker.host, tls_broker.port, user=SERVER_USER,
-                       password=password, clean_session=True, timeout=3)
-    with pytest.raises(OSError):
-        plain.connect()
-    # The same account and client over TLS get in.
-    secure = MQTTClient(f"tls-{time.monotonic_ns()}", tls_broker.host, tls_broker.port, user=SERVER_USER,
+    for port in (tls_broker.port, tls_broker.service_port):  # both listeners are TLS only
+        plain = MQTTClient(f"plain-{time.monotonic_ns()}", tls_broker.host, port, user=SERVER_USER,
+                           password=password, clean_session=True, timeout=3)
+        with pytest.raises(OSError):
+            plain.connect()
+    # The same account and client over TLS get in (on the service listener, the server account's).
+    secure = MQTTClient(f"tls-{time.monotonic_ns()}", tls_broker.host, tls_broker.service_port, user=SERVER_USER,
                         password=password, clean_session=True, timeout=3,
                         ssl_context=tls_broker.tls.client_context())
     secure.connect()

@@ -51,7 +51,7 @@ def _member(broker, client_id: str, group: str, topic: str, persistent: bool):
     c.on_message = lambda client, userdata, msg: got.append(msg.payload)
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = 3600 if persistent else 0
-    c.connect(broker.host, broker.port, clean_start=not persistent, properties=props)
+    c.connect(broker.host, broker.service_port, clean_start=not persistent, properties=props)
     c.loop_start()
     c.subscribe(f"$share/{group}/{topic}", qos=1)
     return c, got
@@ -73,7 +73,7 @@ def test_mosquitto_keeps_queueing_a_dead_shared_members_share(broker, persistent
     time.sleep(1.0)
     pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"pub-{tag}", protocol=mqtt.MQTTv5)
     pub.username_pw_set(SERVER_USER, broker.users[SERVER_USER])
-    pub.connect(broker.host, broker.port)
+    pub.connect(broker.host, broker.service_port)
     pub.loop_start()
     for i in range(40):
         pub.publish(topic, b"%d" % i, qos=1).wait_for_publish(10)
@@ -365,7 +365,7 @@ def test_serve_starts_n_workers_and_replaces_a_dead_one(tmp_path, broker):
             # only bound a failure.
             wait_until(lambda: len(workers.live_workers(store)) == 2, timeout=120, what="two workers")
             first = set(workers.live_workers(store))
-            pid = int(next(iter(first)).split("-")[-2])
+            pid = int(next(iter(first)).split(":")[-2])
             os.kill(pid, signal.SIGKILL)
             # a new worker (a new identity) replaces it; the dead one is adopted and forgotten
             wait_until(lambda: len(set(workers.live_workers(store)) - first) == 1

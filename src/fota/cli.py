@@ -187,12 +187,11 @@ def _refresh_broker_passwords(h: Home, store) -> None:
 def _make_unix_device(h: Home, device_id: str, hardware: str, password: str, version: str = "1.0.0", **settings):
     from fota.examples import hello_files
     from fota.tools.devicedir import create_device_dir
-    from urllib.parse import urlparse
-    url = urlparse(h.broker_url)
+    host, port = h.device_broker
     ring = h.keyring
     return create_device_dir(h.devices_dir / device_id, device_id=device_id, hardware=hardware,
                              root_key=ring.root_public(), trust=ring.trust(), cadata=h.broker_cadata(),
-                             host=url.hostname or "127.0.0.1", port=url.port or 1883, password=password,
+                             host=host, port=port, password=password,
                              app_files=hello_files(version), version=version, **settings)
 
 
@@ -421,7 +420,8 @@ def broker_tls_init(home: Optional[Path] = HomeOpt,
                    broker_keyfile=str(files.keyfile))
     cfg["broker_tls"] = True
     h.save_config(cfg)
-    console.print(f"managed broker: TLS only on 127.0.0.1:{cfg['broker_port']} from its next start; "
+    console.print(f"managed broker: TLS only on 127.0.0.1:{cfg['broker_port']} (devices) and "
+                  f"127.0.0.1:{cfg['broker_service_port']} (control center) from its next start; "
                   f"devices pin the CA {files.cafile}")
     console.print("device directories made from now on get it; existing devices need broker.tls and "
                   "broker.cadata in their config.json (docs/architecture.md, TLS)")
@@ -505,7 +505,6 @@ def simulate(devices: int = typer.Option(100, "--devices", min=1, help="number o
     """
     import json
     import os
-    from urllib.parse import urlparse
 
     from fota.server.fleet import FleetError
     from fota.sim.fleet import FailurePlan, SimFleet, device_ids, provision
@@ -536,13 +535,13 @@ def simulate(devices: int = typer.Option(100, "--devices", min=1, help="number o
         os.chmod(secrets_path, 0o600)
         _refresh_broker_passwords(h, store)
         console.print(f"provisioned {len(new)} simulated device(s), hardware {hardware}, tags {','.join(tag)}")
-    url = urlparse(h.broker_url)
+    host, port = h.device_broker
     plan = FailurePlan(unhealthy=unhealthy, slow=slow, chunk_delay=chunk_delay, sleepy=sleepy,
                        sleep_at=sleep_at, sleep_for=sleep_for, seed=seed)
     raise_fd_limit()
 
     async def run():
-        fleet = SimFleet.build({i: known[i] for i in ids}, host=url.hostname or "127.0.0.1", port=url.port or 1883,
+        fleet = SimFleet.build({i: known[i] for i in ids}, host=host, port=port,
                                root_key=h.keyring.root_public(), trust=h.keyring.trust(), plan=plan,
                                verify=verify, hardware=hardware, backend=backend, capacity=capacity_kib * 1024)
         await fleet.start()

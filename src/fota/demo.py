@@ -78,7 +78,9 @@ async def _demo(root: Path, n: int, timeout: float, console: Console, heap: str)
 
     procs: list[DeviceProcess] = []
     async with control_center(home) as center:
-        console.print(f"Mosquitto and control center up ({home.broker_url.rsplit('@', 1)[-1]})")
+        host, port = home.device_broker
+        console.print(f"Mosquitto and control center up: devices {host}:{port}, "
+                      f"center {home.broker_url.rsplit('@', 1)[-1]}")
         try:
             procs = [DeviceProcess(home.devices_dir / dev, heap=heap).start() for dev in ids]
 

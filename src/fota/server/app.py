@@ -73,11 +73,12 @@ def start_broker(broker: Mosquitto, home: Home, store) -> Mosquitto:
 
 
 def managed_broker(home: Home, store) -> Mosquitto:
-    """Start the home's own Mosquitto (password file + per-device ACL, persistence on, TLS if
-    the home has broker_tls)."""
+    """Start the home's own Mosquitto (device and service listeners, fota.server.broker;
+    persistence on, TLS if the home has broker_tls)."""
     home.sync_broker_passwords(store)
-    return start_broker(Mosquitto(home.broker_dir, port=home.config()["broker_port"], auth=True, persistence=True,
-                                  tls=home.tls_files()), home, store)
+    cfg = home.config()
+    return start_broker(Mosquitto(home.broker_dir, port=cfg["broker_port"], service_port=cfg["broker_service_port"],
+                                  auth=True, persistence=True, tls=home.tls_files()), home, store)
 
 
 @contextlib.asynccontextmanager

@@ -18,6 +18,24 @@ if TYPE_CHECKING:
     from fota.server.tls import TlsFiles
 
 SERVER_USER = "fota-server"
+# The control center's client id before the service listener existed. Valid as a device id, so
+# reserved (as SERVER_USER is): a home upgraded from then may still hold that persistent session
+# with statuses in it, which the center drains once (ControlCenter._drain_legacy).
+LEGACY_CENTER_ID = "fota-center"
+RESERVED_DEVICE_IDS = frozenset({SERVER_USER, LEGACY_CENTER_ID})
+
+# The managed broker has two listeners (per_listener_settings: each its own accounts and ACL):
+#   device listener   every device account and nothing else; use_username_as_clientid, so a
+#                     device's client id is its username = its device id, whatever it asks for.
+#                     No device account can take another device's client id or its session.
+#   service listener  127.0.0.1 only, the server account only: the control center and its
+#                     workers, with client ids of their own (fota.server.service.CLIENT_ID,
+#                     fota.server.workers.new_worker_id) that contain ':', which no device id
+#                     can (fota.device.protocol.valid_device_id): no device can take them either.
+DEVICE_PASSWORDS = "passwords"
+DEVICE_ACL_FILE = "acl"
+SERVICE_PASSWORDS = "service-passwords"
+SERVICE_ACL_FILE = "service-acl"
 
 # A device may only read its own command and data topics and write its own status,
 # inventory, online flag and chunk requests. %u is the MQTT username = the device id.
@@ -35,10 +53,14 @@ class BrokerError(RuntimeError):
     pass
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(besides: int | None = None) -> int:
+    """A port free now on 127.0.0.1 (not `besides`: the other listener's)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port != besides:
+            return port
 
 
 def mosquitto_binary() -> str:
@@ -48,8 +70,7 @@ def mosquitto_binary() -> str:
     return path
 
 
-def write_acl(path: Path, server_user: str = SERVER_USER) -> None:
-    text = f"user {server_user}\ntopic readwrite fota/#\n\n" + DEVICE_ACL
+def write_acl(path: Path, text: str) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
     os.chmod(tmp, 0o600)
@@ -64,6 +85,13 @@ def write_passwords(path: Path, hashes: dict[str, str]) -> None:
     tmp.replace(path)
 
 
+def write_broker_passwords(directory: Path, hashes: dict[str, str]) -> None:
+    """Both listeners' password files from one username -> hash map: the server account on the
+    service listener, every other account (the devices) on the device listener."""
+    write_passwords(directory / DEVICE_PASSWORDS, {u: h for u, h in hashes.items() if u != SERVER_USER})
+    write_passwords(directory / SERVICE_PASSWORDS, {u: h for u, h in hashes.items() if u == SERVER_USER})
+
+
 # With persistence, Mosquitto writes its state (sessions, subscriptions, queued QoS 1 messages)
 # on a clean exit, and otherwise only every autosave_interval seconds (default 1800). A broker
 # killed before its first save comes back without the control center's session: statuses
@@ -73,22 +101,22 @@ def write_passwords(path: Path, hashes: dict[str, str]) -> None:
 AUTOSAVE_INTERVAL = 1
 
 
-def write_config(directory: Path, port: int, *, auth: bool = True, persistence: bool = False,
-                 max_packet_size: int = 65536, tls: TlsFiles | None = None,
+def write_config(directory: Path, port: int, *, service_port: int | None = None, auth: bool = True,
+                 persistence: bool = False, max_packet_size: int = 65536, tls: TlsFiles | None = None,
                  autosave_interval: int = AUTOSAVE_INTERVAL) -> Path:
-    """tls: the listener speaks only TLS (1.2 or later; 1.3 when the client has it).
+    """auth: a device listener on port and a service listener on service_port (see the top of
+    this module); without auth one anonymous listener on port.
 
+    tls: both listeners speak only TLS (1.2 or later; 1.3 when the client has it).
     autosave_interval: seconds between saves of the persistent state (persistence only)."""
     directory.mkdir(parents=True, exist_ok=True)
-    lines = [f"listener {port} 127.0.0.1"]
-    if tls is not None:
-        lines += [
-            f"cafile {tls.cafile}",
-            f"certfile {tls.certfile}",
-            f"keyfile {tls.keyfile}",
-            "tls_version tlsv1.2",  # the minimum: boards whose mbedTLS lacks 1.3 still connect
-        ]
-    lines += [
+    tls_lines = [] if tls is None else [
+        f"cafile {tls.cafile}",
+        f"certfile {tls.certfile}",
+        f"keyfile {tls.keyfile}",
+        "tls_version tlsv1.2",  # the minimum: boards whose mbedTLS lacks 1.3 still connect
+    ]
+    lines = [
         "max_inflight_messages 0",
         "max_queued_messages 100000",
         f"max_packet_size {max_packet_size}",
@@ -104,40 +132,53 @@ def write_config(directory: Path, port: int, *, auth: bool = True, persistence: 
         # As root Mosquitto drops to the "mosquitto" user, which cannot read our 0600 files.
         lines.append("user root")
     if auth:
+        if service_port is None or service_port == port:
+            raise ValueError("an authenticated broker needs a service port of its own")
         lines += [
+            "per_listener_settings true",
+            f"listener {port} 127.0.0.1", *tls_lines,
+            "use_username_as_clientid true",
             "allow_anonymous false",
-            f"password_file {directory / 'passwords'}",
-            f"acl_file {directory / 'acl'}",
+            f"password_file {directory / DEVICE_PASSWORDS}",
+            f"acl_file {directory / DEVICE_ACL_FILE}",
+            f"listener {service_port} 127.0.0.1", *tls_lines,
+            "allow_anonymous false",
+            f"password_file {directory / SERVICE_PASSWORDS}",
+            f"acl_file {directory / SERVICE_ACL_FILE}",
         ]
-        if not (directory / "passwords").exists():
-            write_passwords(directory / "passwords", {})
-        write_acl(directory / "acl")
+        for name in (DEVICE_PASSWORDS, SERVICE_PASSWORDS):
+            if not (directory / name).exists():
+                write_passwords(directory / name, {})
+        write_acl(directory / DEVICE_ACL_FILE, DEVICE_ACL)
+        write_acl(directory / SERVICE_ACL_FILE, f"user {SERVER_USER}\ntopic readwrite fota/#\n")
     else:
-        lines.append("allow_anonymous true")
+        lines += [f"listener {port} 127.0.0.1", *tls_lines, "allow_anonymous true"]
     conf = directory / "mosquitto.conf"
     conf.write_text("\n".join(lines) + "\n")
     return conf
 
 
 class Mosquitto:
-    """A supervised Mosquitto process bound to 127.0.0.1:port (TLS only if tls is given)."""
+    """A supervised Mosquitto process: devices on 127.0.0.1:port, the control center on
+    127.0.0.1:service_port (the same port without auth); TLS only if tls is given."""
 
-    def __init__(self, directory: Path, port: int | None = None, *, auth: bool = True,
-                 persistence: bool = False, tls: TlsFiles | None = None):
+    def __init__(self, directory: Path, port: int | None = None, *, service_port: int | None = None,
+                 auth: bool = True, persistence: bool = False, tls: TlsFiles | None = None):
         self.directory = Path(directory)
         self.port = port or free_port()
+        self.service_port = (service_port or free_port(besides=self.port)) if auth else self.port
         self.auth = auth
         self.persistence = persistence
         self.tls = tls
         self.proc: subprocess.Popen | None = None
 
-    @property
-    def passwords(self) -> Path:
-        return self.directory / "passwords"
+    def write_passwords(self, hashes: dict[str, str]) -> None:
+        """Both listeners' accounts (write_broker_passwords); reload() makes them count."""
+        write_broker_passwords(self.directory, hashes)
 
     def start(self, timeout: float = 10.0) -> "Mosquitto":
-        conf = write_config(self.directory, self.port, auth=self.auth, persistence=self.persistence,
-                            tls=self.tls)
+        conf = write_config(self.directory, self.port, service_port=self.service_port, auth=self.auth,
+                            persistence=self.persistence, tls=self.tls)
         self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
@@ -146,7 +187,8 @@ class Mosquitto:
                 err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
                 raise BrokerError(f"mosquitto exited with {self.proc.returncode}: {err.strip()}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2), \
+                        socket.create_connection(("127.0.0.1", self.service_port), timeout=0.2):
                     # Mosquitto writes pid_file only as a daemon: keep our own, for reloads.
                     (self.directory / "mosquitto.pid").write_text(str(self.proc.pid))
                     return self

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from fota.device import protocol
 from fota.server import credentials
-from fota.server.broker import SERVER_USER
+from fota.server.broker import RESERVED_DEVICE_IDS, SERVER_USER
 from fota.server.store import Device, Store, utcnow
 
 __all__ = ["FleetError", "apply_inventory", "apply_online", "broker_password_hashes", "get_device",
@@ -36,7 +36,7 @@ def provision_device(store: Store, device_id: str, hardware: str,
     """Create a device with a fresh broker password; returns (device, plain password)."""
     if not protocol.valid_device_id(device_id):
         raise FleetError(f"invalid device id {device_id!r}: 1-64 characters of [A-Za-z0-9_-]")
-    if device_id == SERVER_USER:  # the control center's own broker account
+    if device_id in RESERVED_DEVICE_IDS:  # the control center's broker account and old client id
         raise FleetError(f"device id {device_id!r} is reserved")
     if not isinstance(hardware, str) or not hardware or len(hardware) > 64:
         raise FleetError("hardware must be a hardware type name of 1-64 characters")

@@ -1,12 +1,15 @@
 """A fota home directory: where the control center keeps its database, keys, blobs and broker.
 
-    <home>/config.json      database_url, broker_url (None: managed Mosquitto), broker_port,
-                            server_password, broker_tls, broker_cafile/certfile/keyfile (0600)
+    <home>/config.json      database_url, broker_url (None: managed Mosquitto), broker_port (the
+                            managed broker's device listener), broker_service_port (its service
+                            listener: the control center), server_password, broker_tls,
+                            broker_cafile/certfile/keyfile (0600)
     <home>/fota.db          SQLite database (default)
     <home>/keys/            root.pem (pinned on devices; offline in production), signing.pem
                             (signs manifests and commands), trust.json, keys-update.json
     <home>/blobs/           release images by sha256
-    <home>/broker/          managed Mosquitto: mosquitto.conf, passwords, acl, pid
+    <home>/broker/          managed Mosquitto: mosquitto.conf, passwords + acl (device listener),
+                            service-passwords + service-acl (service listener), pid
     <home>/tls/             managed Mosquitto's TLS (broker_tls): ca.pem, ca.key, server.pem, server.key
     <home>/devices/<id>/    unix-port device directories (demo, simulation)
 """
@@ -18,8 +21,9 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from fota.server.broker import SERVER_USER, free_port, write_passwords
+from fota.server.broker import SERVER_USER, free_port, write_broker_passwords
 from fota.server.credentials import mosquitto_hash, new_password
 
 DEFAULT_HOME = ".fota"
@@ -73,18 +77,30 @@ class Home:
         return self.path / "config.json"
 
     def config(self) -> dict:
-        """Read config.json, creating it with defaults the first time."""
+        """Read config.json, creating it with defaults the first time (and adding what a home
+        made by an older fota lacks)."""
         if self.config_path.exists():
-            return json.loads(self.config_path.read_text())
-        self.path.mkdir(parents=True, exist_ok=True)
-        cfg = {
-            "database_url": f"sqlite:///{self.path / 'fota.db'}",
-            "broker_url": None,
-            "broker_port": free_port(),
-            "server_password": new_password(),
-        }
-        self.save_config(cfg)
+            cfg = json.loads(self.config_path.read_text())
+            if "broker_service_port" in cfg:
+                return cfg
+        with open(self._config_lock(), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one writer: every process sees the same new port
+            cfg = json.loads(self.config_path.read_text()) if self.config_path.exists() else {
+                "database_url": f"sqlite:///{self.path / 'fota.db'}",
+                "broker_url": None,
+                "broker_port": free_port(),
+                "server_password": new_password(),
+            }
+            if "broker_service_port" not in cfg:
+                # The managed broker's second listener (fota.server.broker): homes made before
+                # it existed get one on their first load.
+                cfg["broker_service_port"] = free_port(besides=cfg.get("broker_port"))
+                self.save_config(cfg)
         return cfg
+
+    def _config_lock(self) -> Path:
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self.path / "config.lock"
 
     def save_config(self, cfg: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -105,7 +121,16 @@ class Home:
         if cfg.get("broker_url"):
             return cfg["broker_url"]
         scheme = "mqtts" if cfg.get("broker_tls") else "mqtt"
-        return f"{scheme}://{SERVER_USER}:{cfg['server_password']}@127.0.0.1:{cfg['broker_port']}"
+        return f"{scheme}://{SERVER_USER}:{cfg['server_password']}@127.0.0.1:{cfg['broker_service_port']}"
+
+    @property
+    def device_broker(self) -> tuple[str, int]:
+        """(host, port) the devices connect to: the managed broker's device listener, or the
+        configured broker's address."""
+        if self.managed_broker:
+            return "127.0.0.1", self.config()["broker_port"]
+        url = urlsplit(self.broker_url)
+        return url.hostname or "127.0.0.1", url.port or (8883 if url.scheme == "mqtts" else 1883)
 
     @property
     def managed_broker(self) -> bool:
@@ -173,7 +198,7 @@ class Home:
         server_hash = mosquitto_hash(self.config()["server_password"])
         with open(self.broker_dir / "passwords.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (or the process dies)
-            write_passwords(self.broker_dir / "passwords", broker_password_hashes(store, server_hash))
+            write_broker_passwords(self.broker_dir, broker_password_hashes(store, server_hash))
             self._reload_broker()
 
     def _reload_broker(self) -> None:

@@ -44,6 +44,7 @@ from sqlalchemy.orm import Session, aliased
 
 from fota.device import protocol
 from fota.server import workers
+from fota.server.broker import LEGACY_CENTER_ID
 from fota.server.campaigns import CampaignEngine
 from fota.server.delta import DEFAULT_WBITS, get_delta, load_delta
 from fota.server.deployments import CANCEL, DONE, PENDING, SENT, TERMINAL_STATES, TIMED_OUT, UPDATE, expire_jobs
@@ -58,7 +59,8 @@ __all__ = ["ControlCenter", "parse_request", "parse_status"]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-CLIENT_ID = "fota-center"
+# The ':' makes it an id no device can take (device ids are [A-Za-z0-9_-]; fota.server.broker).
+CLIENT_ID = "fota:center"
 KEEPALIVE = 30
 SESSION_EXPIRY = 0xFFFFFFFF      # MQTT 5: keep the session (and queued statuses) forever
 RECONNECT_DELAY = 1              # s between reconnect attempts (gmqtt's default, 6 s, stalls
@@ -303,6 +305,8 @@ class ControlCenter:
             self._tasks.append(asyncio.create_task(self._campaign_loop(), name="fota-campaigns"))
         if self.share_group is not None:
             self._tasks.append(asyncio.create_task(self._worker_loop(), name="fota-workers"))
+        elif self.client_id == CLIENT_ID:
+            self._tasks.append(asyncio.create_task(self._drain_legacy(), name="fota-drain-legacy"))
         log.info("control center connected to %s:%s as %s", url.hostname, url.port, self.client_id)
 
     async def stop(self) -> None:
@@ -365,13 +369,15 @@ class ControlCenter:
                 client.resubscribe(sub)
         log.info("connected to the broker (session present: %s)", bool(session_present))
 
-    def _filters(self) -> list[tuple[str, int]]:
-        """The topic filters and their QoS: shared ones ($share/<group>/...) for a worker."""
-        share = f"$share/{self.share_group}/" if self.share_group is not None else ""
+    def _filters(self, shared: bool = True) -> list[tuple[str, int]]:
+        """The topic filters and their QoS: shared ones ($share/<group>/...) for a worker
+        (shared=False: a single center's, whatever this one is)."""
+        group = self.share_group if shared else None
+        share = f"$share/{group}/" if group is not None else ""
         filters = [(share + protocol.PREFIX + "+/" + suffix, 1)
                    for suffix in (protocol.STATUS, protocol.INVENTORY, protocol.ONLINE)]
         filters.append((share + protocol.PREFIX + "+/" + protocol.REQ, 0))
-        if self.share_group is not None:
+        if group is not None:
             filters.append((_forward_topic(self.client_id, "+"), 0))
         return filters
 
@@ -677,12 +683,21 @@ class ControlCenter:
         if self._client is not None:
             self._client.stop_reconnect()
 
-    async def _drain(self, dead: str) -> None:
+    async def _drain_legacy(self) -> None:
+        """A home upgraded from a fota whose center connected as LEGACY_CENTER_ID may still
+        hold that persistent session, with statuses the devices were acknowledged for: ingest
+        them and delete it (no session: connect, see none, leave)."""
+        await self._drain(LEGACY_CENTER_ID, worker=False)
+
+    async def _drain(self, dead: str, worker: bool = True) -> None:
         """Take over a dead worker's persistent session: ingest what it queued (acknowledged after
-        commit, as ours), unsubscribe it from the group, and delete it once it is quiet."""
+        commit, as ours), unsubscribe it from the group, and delete it once it is quiet.
+
+        worker=False: the session of an earlier single center (LEGACY_CENTER_ID), not registered
+        as a worker; nothing to do if the broker has no such session."""
         loop = asyncio.get_running_loop()
         url = urlsplit(self.broker_url)
-        state = {"last": loop.time(), "busy": 0, "count": 0}
+        state = {"last": loop.time(), "busy": 0, "count": 0, "present": True}
         unsubscribed = asyncio.Event()
 
         async def on_message(client, topic, payload, qos, properties):
@@ -701,27 +716,37 @@ class ControlCenter:
         if url.username:
             client.set_auth_credentials(unquote(url.username), unquote(url.password or ""))
         client.on_message = on_message
+        client.on_connect = lambda client, session_present, *args: state.update(present=bool(session_present))
         client.on_unsubscribe = lambda *args: unsubscribed.set()
         client.set_config({"reconnect_retries": 0})
         tls = (self.ssl_context or True) if url.scheme == "mqtts" else False
         try:
             await client.connect(url.hostname, url.port or (8883 if url.scheme == "mqtts" else 1883),
                                  ssl=tls, keepalive=KEEPALIVE, version=MQTTv50)
+            if not worker and not state["present"]:
+                await client.disconnect(session_expiry_interval=0)  # the one our connect made
+                return
             # No new message is routed to the session after UNSUBACK; what it queued before
             # arrives on connect (Mosquitto sends the whole queue: no in-flight limit).
-            client.unsubscribe([topic for topic, _ in self._filters()])
+            client.unsubscribe([topic for topic, _ in self._filters(shared=worker)])
             await asyncio.wait_for(unsubscribed.wait(), 30)
             while state["busy"] or loop.time() - state["last"] < DRAIN_QUIET:
                 await asyncio.sleep(0.1)
             await client.disconnect(session_expiry_interval=0)  # the broker deletes the session
-            await self._db_call(workers.forget, self.store, dead)
-            self.adopted.append(dead)
-            log.warning("adopted dead worker %s: drained %d message(s) from its session", dead, state["count"])
+            if worker:
+                await self._db_call(workers.forget, self.store, dead)
+                self.adopted.append(dead)
+                log.warning("adopted dead worker %s: drained %d message(s) from its session", dead, state["count"])
+            else:
+                log.warning("drained %d message(s) from the session of the earlier control center id %s "
+                            "and deleted it", state["count"], dead)
         except asyncio.CancelledError:
+            if client.is_connected:  # stopping: the session stays, drained at the next start
+                await client.disconnect()
             raise
         except Exception:
             # Its row goes stale again without our heartbeats: adopted again later.
-            log.exception("draining the session of dead worker %s failed", dead)
+            log.exception("draining the session of %s failed", dead)
             if client.is_connected:
                 await client.disconnect()
         finally:

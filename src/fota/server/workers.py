@@ -39,10 +39,11 @@ class SingleWorkerError(RuntimeError):
     """Several workers on a database that supports only one (SQLite)."""
 
 
-def new_worker_id(prefix: str = "fota-w") -> str:
-    """A client id for one worker start: host, pid and randomness (≤ 64 characters)."""
+def new_worker_id(prefix: str = "fota:w") -> str:
+    """A client id for one worker start: host, pid and randomness (≤ 64 characters). The ':'
+    makes it one that no device can take (device ids are [A-Za-z0-9_-], fota.server.broker)."""
     host = socket.gethostname().split(".")[0][:24]
-    return f"{prefix}-{host}-{os.getpid()}-{secrets.token_hex(3)}"[:64]
+    return f"{prefix}:{host}:{os.getpid()}:{secrets.token_hex(3)}"[:64]
 
 
 def live_workers(store: Store, lease: float = LEASE) -> list[str]:

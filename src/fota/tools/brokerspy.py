@@ -15,7 +15,7 @@ STATUSES = P.PREFIX + "+/" + P.STATUS   # every device's status topic
 
 
 class BrokerSpy:
-    """Connects as the server to `broker` (anything with host, port, users and, optionally, tls)
+    """Connects as the server to `broker` (anything with host, service_port, users and, optionally, tls)
     and subscribes to `topics` ((topic, qos) pairs) on every connect, so it re-subscribes after a
     reconnect. persistent: a session of its own that the broker keeps (clean_session=False), so
     it also gets what was published while a broker restart cut it off. The constructor returns
@@ -34,7 +34,7 @@ class BrokerSpy:
         self.client.on_message = self._on_message
         if reconnect_delay is not None:
             self.client.reconnect_delay_set(reconnect_delay, 1)
-        self.client.connect(broker.host, broker.port)
+        self.client.connect(broker.host, broker.service_port)
         self.client.loop_start()
         wait_until(self.client.is_connected, timeout=10, what=f"{name} connected")
         time.sleep(settle)

@@ -94,6 +94,8 @@ class DeviceProcess:
             time.sleep(self.restart_delay if code == REBOOT_EXIT else self.restart_delay * 4)
 
     def start(self) -> "DeviceProcess":
+        """Start the agent (again after stop(): a device that was switched off)."""
+        self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name=f"device-{self.root.name}", daemon=True)
         self._thread.start()
         return self
