@@ -161,9 +161,12 @@ def _assign_waves(spec: CampaignSpec, devices: list) -> list[int]:
 # ---------------------------------------------------------------- cancelling
 
 def _cancel_job(s: Session, job: Job, now: datetime) -> None:
-    """Queue a signed cancel command for ``job`` (the control center sends it in job-id order)."""
-    s.add(Job(deployment_id=job.deployment_id, device_id=job.device_id, kind="cancel", target_job=job.id,
-              state=PENDING, created_at=now, updated_at=now))
+    """Queue a signed cancel command for ``job`` (the control center sends it in job-id order),
+    unless one was queued already (an abort, then the download's timeout)."""
+    if s.scalar(select(Job.id).where(Job.device_id == job.device_id, Job.kind == "cancel",
+                                     Job.target_job == job.id).limit(1)) is None:
+        s.add(Job(deployment_id=job.deployment_id, device_id=job.device_id, kind="cancel", target_job=job.id,
+                  state=PENDING, created_at=now, updated_at=now))
     if job.state == PENDING:
         # Never sent: it must not be. (If a sender published it a moment ago, the cancel
         # command queued above follows it on the same topic.)
