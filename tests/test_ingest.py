@@ -245,15 +245,20 @@ def test_a_cancel_job_ends_with_its_target_or_its_refusal(fleet):
     assert result.job_states == {j1: "cancelled", c1: "cancelled", c2: "failed"}
     assert (_state(fleet, c1), _state(fleet, c2)) == (("cancelled", None), ("failed", protocol.E_NOT_RUNNING))
     assert _state(fleet, j2) == ("installing", None)
+    # With no cancel of it open, E_NOT_RUNNING is the refusal of the update itself (the device was
+    # busy with another job): the job ends with it.
+    assert fleet.write([fleet.status("d2", j2, "rejected", 3, code=protocol.E_NOT_RUNNING)]).job_states == {
+        j2: "failed"}
+    assert _state(fleet, j2) == ("failed", protocol.E_NOT_RUNNING)
     # A target the server ended (timed out) that the device ends later: the cancel ends too,
     # and the device's status, which moved no job, is marked.
     with fleet.store.session() as s:
         s.execute(update(Job).where(Job.id == j2).values(state="timed_out"))
     c3 = _cancel_job(fleet, j2, "d2")
-    result = fleet.write([fleet.status("d2", j2, "confirmed", 3, version="2.0.0")])
+    result = fleet.write([fleet.status("d2", j2, "confirmed", 4, version="2.0.0")])
     assert result.job_states == {c3: "failed"} and _state(fleet, c3) == ("failed", protocol.E_NOT_RUNNING)
     assert [(e.state, e.ignored) for e in device_history(fleet.store, "d2", include_ignored=True)] == [
-        ("installing", None), ("rejected", None), ("confirmed", "job_ended")]
+        ("installing", None), ("rejected", None), ("rejected", None), ("confirmed", "job_ended")]
 
 
 def test_a_status_from_another_device_does_not_hold_a_job_back(fleet):
