@@ -115,6 +115,14 @@ def test_terminal_state_is_never_overwritten(fleet):
     assert [e.state for e in device_history(fleet.store, "d1")] == ["downloading", "failed"]
     assert [(e.state, e.ignored) for e in device_history(fleet.store, "d1", include_ignored=True)] == [
         ("downloading", None), ("failed", None), ("downloading", "job_ended"), ("confirmed", "job_ended")]
+    # Delivered out of order (two workers): a status older than the one that ended the job
+    # happened before the end, and is shown as such.
+    other = fleet.job["d2"]
+    fleet.write([fleet.status("d2", other, "confirmed", 5, version="2.0.0")])
+    assert fleet.write([fleet.status("d2", other, "trial", 4, version="2.0.0")]).job_states == {}
+    assert [(e.state, e.ignored) for e in device_history(fleet.store, "d2", include_ignored=True)] == [
+        ("confirmed", None), ("trial", None)]
+    assert fleet.job_row("d2").state == "confirmed"
 
 
 def test_a_job_ended_by_another_writer_is_not_overwritten(fleet):

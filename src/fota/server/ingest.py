@@ -219,13 +219,16 @@ def _apply_status(item: Incoming, result: BatchResult, events: list[dict[str, An
             _end_job(cancel_id, protocol.CANCELLED if took else protocol.FAILED, None if took else protocol.E_NOT_RUNNING,
                      f"job {job_id} {msg['state']}" + ("" if took else " before the cancel took effect"),
                      result, job_changes, jobs)
-    if job.state in TERMINAL_STATES:
-        event["ignored"] = JOB_ENDED
-        log.warning("status %s from %s for finished job %s (%s) not applied", msg["state"], device_id, job_id, job.state)
-        return
     # Several workers may ingest a device's statuses out of order: a job takes a status only
-    # if it is newer (boot, seq) than every stored one of that job (it is stored regardless).
+    # if it is newer (boot, seq) than every stored one of that job (it is stored regardless, and
+    # shown: it happened before what the job took, as a `trial` delivered after `confirmed`).
     order = _order(msg["boot"], msg["seq"])
+    if job.state in TERMINAL_STATES:
+        if newest.get(job_id, -1) < order:  # sent after the job had ended: marked
+            event["ignored"] = JOB_ENDED
+            log.warning("status %s from %s for finished job %s (%s) not applied",
+                        msg["state"], device_id, job_id, job.state)
+        return
     if newest.get(job_id, -1) > order:
         return
     newest[job_id] = order
