@@ -101,6 +101,7 @@ def admin_requests(env: Env) -> list[tuple[str, str, dict]]:
         ("POST", f"{API}/releases", {"files": {"file": ("app.fotb", bundle_bytes("9.0.0"))},
                                      "data": {"version": "9.0.0", "hardware": ["esp32"]}}),
         ("POST", f"{API}/deployments", {"json": {"release": "1.0.0", "devices": ["dev-1"]}}),
+        ("POST", f"{API}/deployments/1/cancel", {}),
         ("GET", f"{API}/audit", {}),
     ]
 
@@ -284,6 +285,58 @@ def test_service_errors_are_400_or_404_and_change_nothing(env):
     r = env.client.post(f"{API}/deployments", headers=admin, json={"release": "1.0.0", "devices": "dev-1"})
     assert r.status_code == 422  # body validation
     assert env.snapshot() == before
+
+
+def test_deployment_cancel_is_audited_and_refused_where_it_cannot_apply(env):
+    seed_release_and_deployment(env)
+    admin = bearer(env.admin)
+    with env.store.session() as s:
+        [job] = s.scalars(select(Job).where(Job.deployment_id == 1)).all()
+    r = env.client.post(f"{API}/deployments/1/cancel", headers=admin)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    # never sent (dev-1 never came online): withdrawn, no cancel command needed
+    assert (body["state"], body["counts"], body["withdrawn"], body["cancelling"], body["finishing"]) == (
+        "cancelled", {"cancelled": 1}, [job.id], [], [])
+    with env.store.session() as s:
+        assert s.scalar(select(func.count()).select_from(Job).where(Job.kind == "cancel")) == 0
+    [event] = audit.list_events(env.store, action="deployment.cancel")
+    assert (event.actor, event.target, event.detail["withdrawn"]) == ("ops-admin", "deployment:1", [job.id])
+    r = env.client.post(f"{API}/campaigns", headers=admin, json={"name": "spring", "release": "1.0.0"})
+    assert r.status_code == 201, r.text
+    with env.store.session() as s:
+        campaign_deployment = s.scalar(select(Deployment.id).order_by(Deployment.id.desc()))
+    before = env.snapshot()
+    for path, status, needle in [(f"{API}/deployments/1/cancel", 409, "is cancelled: nothing to cancel"),
+                                 (f"{API}/deployments/999/cancel", 404, "no deployment 999"),
+                                 (f"{API}/deployments/{campaign_deployment}/cancel", 409,
+                                  "use 'fota campaign abort spring'")]:
+        r = env.client.post(path, headers=admin)
+        assert r.status_code == status and needle in r.json()["detail"], r.text
+    assert env.snapshot() == before
+
+
+def test_history_shows_what_took_effect_and_marks_the_rest_on_request(env):
+    from fota.device import protocol
+    from fota.server.ingest import Incoming, write_batch
+    seed_release_and_deployment(env)
+    with env.store.session() as s:
+        [job] = s.scalars(select(Job.id).where(Job.deployment_id == 1)).all()
+
+    def status(device, seq, state, **fields):
+        msg = {"job": job, "state": state, "boot": 1, "seq": seq, "version": "1.0.0", **fields}
+        return Incoming(protocol.STATUS, device, msg, utcnow())
+    with env.store.session() as s:
+        write_batch(s, [status("dev-1", 1, "downloading"), status("dev-1", 2, "failed", code="E_TIMEOUT"),
+                        status("dev-1", 3, "confirmed"), status("dev-2", 1, "confirmed")], {})
+    r = env.client.get(f"{API}/devices/dev-1/history", headers=bearer(env.reader))
+    assert [(e["state"], e["ignored"]) for e in r.json()] == [("downloading", None), ("failed", None)]
+    r = env.client.get(f"{API}/devices/dev-1/history", headers=bearer(env.reader), params={"ignored": "true"})
+    assert [(e["state"], e["ignored"]) for e in r.json()] == [("downloading", None), ("failed", None),
+                                                              ("confirmed", "job_ended")]
+    assert env.client.get(f"{API}/devices/dev-2/history", headers=bearer(env.reader)).json() == []
+    r = env.client.get(f"{API}/devices/dev-2/history", headers=bearer(env.reader), params={"ignored": "true"})
+    assert [(e["state"], e["ignored"]) for e in r.json()] == [("confirmed", "other_device")]
 
 
 def test_action_and_audit_event_share_a_transaction(lite, monkeypatch):
@@ -507,6 +560,17 @@ def test_cli_release_and_deploy_are_audited(tmp_path):
                                                          (audit.cli_actor(), "device.add"),
                                                          (audit.cli_actor(), "deployment.create")]
         assert events[0].target == "release:1.1.0" and events[2].detail["devices"] == ["dev-1"]
+    finally:
+        store.dispose()
+    result = _cli(home, "deployment", "cancel", "1")
+    assert result.exit_code == 0, result.output
+    assert "deployment 1 cancelled: 1 job(s) not sent, 0 cancel command(s) queued" in result.output
+    result = _cli(home, "deployment", "cancel", "1")
+    assert result.exit_code == 1 and "deployment 1 is cancelled: nothing to cancel" in str(result.exception)
+    store = Store(Home.locate(home).database_url)
+    try:
+        [event] = audit.list_events(store, action="deployment.cancel")
+        assert (event.actor, event.target, event.detail["withdrawn"]) == (audit.cli_actor(), "deployment:1", [1])
     finally:
         store.dispose()
 

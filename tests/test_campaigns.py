@@ -224,6 +224,53 @@ def test_operator_abort_of_a_draft_and_of_a_running_campaign(rig):
     assert rig.state("run", d) == S.CANCELLED
 
 
+def test_abort_completes_even_if_devices_never_answer_again(rig):
+    """A device silent from the start, and one that confirmed and then fell silent (no health
+    report: its statuses lost, or its counters started over), do not hold an abort: it ends within
+    the bound docs/campaigns.md gives (download + install + 2 x confirm timeouts + probation)."""
+    rig.release()
+    silent = rig.devices.add("silent", "silent")
+    quiet = rig.devices.add("quiet", "nohealth")
+    spec = {"waves": [100], "failure": 100, "probation": 600,
+            "timeouts": {"download": 900, "install": 300, "confirm": 300}}
+    create_campaign(rig.store, "hush", "2.0.0", spec)
+    start_campaign(rig.store, "hush", now=rig.clock.now)
+    rig.drive(lambda: rig.state("hush", quiet) == S.PROBATION and rig.jobs(silent)[0].state == "sent",
+              what="one confirmed, one sent")
+    abort_campaign(rig.store, "hush", now=rig.clock.now)
+    rig.clock.advance(600)
+    rig.tick(3)
+    assert rig.campaign("hush").state == S.ABORTING  # both still within their bounds
+    rig.clock.advance(900 + 300 + 2 * 300 + 600 - 600)
+    rig.tick(2)
+    assert rig.campaign("hush").state == S.ABORTED
+    assert (rig.state("hush", silent), rig.row("hush", silent).code) == (S.FAILED, "E_TIMEOUT")
+    row = rig.row("hush", quiet)
+    assert (row.state, row.code) == (S.FAILED, "E_TIMEOUT") and "no health report" in row.reason
+    assert [c.target_job for c in rig.jobs(silent, kind="cancel")] == [rig.jobs(silent)[0].id]
+
+
+def test_an_attempt_is_bounded_even_when_its_step_keeps_changing(rig):
+    """Each step has its timeout, and a change of step restarts it: a job that goes back and
+    forth between steps is still not waited for longer than the steps' timeouts together."""
+    rig.release()
+    dev = rig.devices.add("flap", "silent")
+    create_campaign(rig.store, "flap", "2.0.0", {"waves": [100], "failure": 100, "retries": 0,
+                                                 "timeouts": {"download": 300, "install": 300, "confirm": 300}})
+    start_campaign(rig.store, "flap", now=rig.clock.now)
+    rig.drive(lambda: rig.jobs(dev) and rig.jobs(dev)[0].state == "sent", what="job sent")
+    job_id = rig.jobs(dev)[0].id
+    for n in range(6):  # 6 x 200 s: within each step's 300 s, beyond the 900 s of all three
+        with rig.store.session() as s:
+            s.get(Job, job_id).state = ("downloading", "verifying")[n % 2]
+        rig.clock.advance(200)
+        rig.tick()
+        if rig.state("flap", dev) != S.IN_FLIGHT:
+            break
+    row = rig.row("flap", dev)
+    assert (row.state, row.code) == (S.FAILED, "E_TIMEOUT") and "attempt not finished within 900 s" in row.reason
+
+
 # ---------------------------------------------------------------- pacing
 
 def test_rate_limit_counts_starts_per_minute(rig):

@@ -111,7 +111,18 @@ def test_terminal_state_is_never_overwritten(fleet):
     assert result.stored == 1 and result.job_states == {} and result.finished == set()
     row = fleet.job_row("d1")
     assert (row.state, row.code, row.reason, row.progress) == ("failed", protocol.E_TIMEOUT, "stalled", 0.2)
-    assert [e.state for e in device_history(fleet.store, "d1")] == ["downloading", "failed", "downloading", "confirmed"]
+    # The history shows what took effect; the late statuses are kept, marked.
+    assert [e.state for e in device_history(fleet.store, "d1")] == ["downloading", "failed"]
+    assert [(e.state, e.ignored) for e in device_history(fleet.store, "d1", include_ignored=True)] == [
+        ("downloading", None), ("failed", None), ("downloading", "job_ended"), ("confirmed", "job_ended")]
+    # Delivered out of order (two workers): a status older than the one that ended the job
+    # happened before the end, and is shown as such.
+    other = fleet.job["d2"]
+    fleet.write([fleet.status("d2", other, "confirmed", 5, version="2.0.0")])
+    assert fleet.write([fleet.status("d2", other, "trial", 4, version="2.0.0")]).job_states == {}
+    assert [(e.state, e.ignored) for e in device_history(fleet.store, "d2", include_ignored=True)] == [
+        ("confirmed", None), ("trial", None)]
+    assert fleet.job_row("d2").state == "confirmed"
 
 
 def test_a_job_ended_by_another_writer_is_not_overwritten(fleet):
@@ -182,9 +193,80 @@ def test_statuses_that_change_no_job(fleet):
     assert (result.stored, result.job_states, result.finished) == (6, {}, set())
     row = fleet.job_row("d1")
     assert (row.state, row.progress, row.code) == ("downloading", 0.25, None)
-    (event,) = device_history(fleet.store, "d2")
-    assert (event.job_id, event.state, event.code) == (job, "failed", protocol.E_TIMEOUT)
-    assert [e.job_id for e in device_history(fleet.store, "d1")][1:] == [job, 2**31 - 1, None, job, job]
+    # Stored, but the history shows only what took effect (or, rejected / keys / health: happened).
+    assert device_history(fleet.store, "d2") == []
+    (event,) = device_history(fleet.store, "d2", include_ignored=True)
+    assert (event.job_id, event.state, event.code, event.ignored) == (job, "failed", protocol.E_TIMEOUT, "other_device")
+    assert [e.job_id for e in device_history(fleet.store, "d1")][1:] == [job, None, job, job]
+    assert [(e.job_id, e.ignored) for e in device_history(fleet.store, "d1", include_ignored=True)][1:] == [
+        (job, None), (2**31 - 1, "no_such_job"), (None, None), (job, None), (job, None)]
+
+
+def test_a_command_refused_for_good_ends_its_job_with_the_code(fleet):
+    """A `rejected` naming the device's own job with a job-ending code ends it `failed` with the
+    device's code and reason, and its deployment is reported; a redelivery (E_DUPLICATE_JOB), a bad
+    chunk, or a code the center re-sends for (E_EXPIRED) leave the job as it was."""
+    j1, j2 = fleet.job["d1"], fleet.job["d2"]
+    fleet.write([fleet.status("d1", j1, "downloading", 1, progress=0.5)])
+    result = fleet.write([
+        fleet.status("d1", j1, "rejected", 2, code=protocol.E_DUPLICATE_JOB, current="downloading"),
+        fleet.status("d1", j1, "rejected", 3, code=protocol.E_BAD_CHUNK, current="downloading"),
+        fleet.status("d1", j1, "rejected", 4, code="E_EXPIRED", current="downloading"),
+        fleet.status("d1", j2, "rejected", 5, code=protocol.E_WRONG_DEVICE)])  # d2's job: not d1's to end
+    assert (result.job_states, result.finished) == ({}, set())
+    assert (fleet.job_row("d1").state, fleet.job_row("d2").state) == ("downloading", "pending")
+    result = fleet.write([fleet.status("d2", j2, "rejected", 1, code=protocol.E_WRONG_DEVICE, current="idle",
+                                       reason="command is for device 'x', this is 'd2'")])
+    assert (result.job_states, result.finished) == ({j2: "failed"}, {fleet.deployment.id})
+    row = fleet.job_row("d2")
+    assert (row.state, row.code, row.reason) == ("failed", protocol.E_WRONG_DEVICE, "command is for device 'x', this is 'd2'")
+    result = fleet.write([fleet.status("d1", j1, "rejected", 6, code=protocol.E_STALE_JOB, current="idle")])
+    assert result.job_states == {j1: "failed"} and fleet.job_row("d1").code == protocol.E_STALE_JOB
+    # Every refusal happened: all in the history, none marked.
+    assert [(e.code, e.ignored) for e in device_history(fleet.store, "d1") if e.state == "rejected"] == [
+        (protocol.E_DUPLICATE_JOB, None), (protocol.E_BAD_CHUNK, None), ("E_EXPIRED", None),
+        (protocol.E_WRONG_DEVICE, None), (protocol.E_STALE_JOB, None)]
+
+
+def _cancel_job(fleet, target: int, device_id: str, state: str = "sent") -> int:
+    with fleet.store.session() as s:
+        job = Job(deployment_id=fleet.deployment.id, device_id=device_id, kind="cancel", target_job=target,
+                  state=state)
+        s.add(job)
+        s.flush()
+        return job.id
+
+
+def _state(fleet, job_id):
+    with fleet.store.session() as s:
+        job = s.get(Job, job_id)
+        return job.state, job.code
+
+
+def test_a_cancel_job_ends_with_its_target_or_its_refusal(fleet):
+    j1, j2 = fleet.job["d1"], fleet.job["d2"]
+    fleet.write([fleet.status("d1", j1, "downloading", 1), fleet.status("d2", j2, "installing", 1)])
+    c1, c2 = _cancel_job(fleet, j1, "d1"), _cancel_job(fleet, j2, "d2", state="pending")
+    # d2 refuses its cancel (E_NOT_RUNNING names the target): the cancel ends, the install goes on.
+    result = fleet.write([fleet.status("d1", j1, "cancelled", 2, reason=f"cancelled by job {c1}"),
+                          fleet.status("d2", j2, "rejected", 2, code=protocol.E_NOT_RUNNING, current="installing")])
+    assert result.job_states == {j1: "cancelled", c1: "cancelled", c2: "failed"}
+    assert (_state(fleet, c1), _state(fleet, c2)) == (("cancelled", None), ("failed", protocol.E_NOT_RUNNING))
+    assert _state(fleet, j2) == ("installing", None)
+    # With no cancel of it open, E_NOT_RUNNING is the refusal of the update itself (the device was
+    # busy with another job): the job ends with it.
+    assert fleet.write([fleet.status("d2", j2, "rejected", 3, code=protocol.E_NOT_RUNNING)]).job_states == {
+        j2: "failed"}
+    assert _state(fleet, j2) == ("failed", protocol.E_NOT_RUNNING)
+    # A target the server ended (timed out) that the device ends later: the cancel ends too,
+    # and the device's status, which moved no job, is marked.
+    with fleet.store.session() as s:
+        s.execute(update(Job).where(Job.id == j2).values(state="timed_out"))
+    c3 = _cancel_job(fleet, j2, "d2")
+    result = fleet.write([fleet.status("d2", j2, "confirmed", 4, version="2.0.0")])
+    assert result.job_states == {c3: "failed"} and _state(fleet, c3) == ("failed", protocol.E_NOT_RUNNING)
+    assert [(e.state, e.ignored) for e in device_history(fleet.store, "d2", include_ignored=True)] == [
+        ("installing", None), ("rejected", None), ("rejected", None), ("confirmed", "job_ended")]
 
 
 def test_a_status_from_another_device_does_not_hold_a_job_back(fleet):

@@ -511,10 +511,10 @@ def test_ingestion_rules_and_chunk_access(lite_store, broker, key, tmp_path):
 
             first = a.status(job, "downloading", progress=0.25, bytes=256, total=1000)
             a.client.publish(a.topic(protocol.STATUS), json.dumps(first), qos=1)  # same boot/seq again
-            b.status(job, "failed", code="E_TIMEOUT")               # not b's job: event only
+            b.status(job, "failed", code="E_TIMEOUT")               # not b's job: event only, marked
             a.status(job, "rejected", code=protocol.E_BAD_CHUNK)   # rejected: event only
-            await until(lambda: len(device_history(store, a.id)) == 2 and device_history(store, b.id),
-                        what="statuses")
+            await until(lambda: len(device_history(store, a.id)) == 2
+                        and device_history(store, b.id, include_ignored=True), what="statuses")
             await asyncio.sleep(0.2)
             row = job_row()
             assert (row.state, row.progress, row.code) == ("downloading", 0.25, None)
@@ -533,8 +533,9 @@ def test_ingestion_rules_and_chunk_access(lite_store, broker, key, tmp_path):
     center = run(scenario())
     assert [(e.state, e.seq) for e in device_history(store, a.id)] == [("downloading", 1), ("rejected", 2),
                                                                        ("failed", 3)]
-    (event,) = device_history(store, b.id)
-    assert (event.job_id, event.state) == (job, "failed")
+    assert device_history(store, b.id) == []  # it took no effect
+    (event,) = device_history(store, b.id, include_ignored=True)
+    assert (event.job_id, event.state, event.ignored) == (job, "failed", "other_device")
     with store.session() as s:
         assert s.get(Device, "ghost") is None
         assert s.scalar(select(Job.bytes_served).where(Job.id == job)) == len(image) - 768

@@ -28,6 +28,8 @@ app.add_typer(device_app, name="device")
 app.add_typer(token_app, name="token")
 broker_app = typer.Typer(no_args_is_help=True, help="The managed Mosquitto.")
 app.add_typer(broker_app, name="broker")
+deployment_app = typer.Typer(no_args_is_help=True, help="Deployments (fota deploy creates them).")
+app.add_typer(deployment_app, name="deployment")
 
 console = Console()
 err = Console(stderr=True)
@@ -257,6 +259,27 @@ def deploy(release: str = typer.Argument(..., help="release version or id"),
     console.print(f"deployment {dep.id}: release {rel.version} to {len(dep.jobs)} device(s){limits}")
 
 
+@deployment_app.command("cancel")
+def deployment_cancel(deployment_id: int = typer.Argument(..., help="deployment id"),
+                      home: Optional[Path] = HomeOpt):
+    """Stop a deployment: pending jobs are not sent, downloads get a cancel command, devices past
+    their download finish (a campaign's deployment: use 'fota campaign abort')."""
+    from fota.server import audit
+    from fota.server.deployments import DeploymentError, cancel_deployment
+    from fota.server.store import utcnow
+    store = _store(Home.locate(home))
+    try:
+        with audit.transaction(store) as tx:
+            with tx.session() as s:
+                outcome = cancel_deployment(s, deployment_id, utcnow())
+            tx.record(audit.cli_actor(), "deployment.cancel", f"deployment:{deployment_id}", outcome)
+    except DeploymentError as e:
+        _fail(str(e))
+    console.print(f"deployment {deployment_id} cancelled: {len(outcome['withdrawn'])} job(s) not sent, "
+                  f"{len(outcome['cancelling'])} cancel command(s) queued, "
+                  f"{len(outcome['finishing'])} past their download finish")
+
+
 def render_status(store, deployment_id: int | None = None):
     """A Rich table of the jobs of one deployment (the latest by default) and a summary line."""
     from fota.server.deployments import FINAL_STATES
@@ -325,13 +348,16 @@ def status(deployment: Optional[int] = typer.Option(None, "--deployment", help="
 
 
 @app.command("history")
-def history(device_id: str, home: Optional[Path] = HomeOpt):
-    """Every status a device reported, in order."""
+def history(device_id: str,
+            ignored: bool = typer.Option(False, "--ignored",
+                                         help="also the statuses that did not take effect (column 'ignored' says why)"),
+            home: Optional[Path] = HomeOpt):
+    """The statuses a device reported that took effect, in order."""
     from fota.server.deployments import device_history
-    t = Table("received", "job", "state", "code", "reason", "version")
-    for e in device_history(_store(Home.locate(home)), device_id):
+    t = Table("received", "job", "state", "code", "reason", "version", *(["ignored"] if ignored else []))
+    for e in device_history(_store(Home.locate(home)), device_id, include_ignored=ignored):
         t.add_row(e.received_at.strftime("%H:%M:%S.%f")[:-3], str(e.job_id or ""), e.state, e.code or "",
-                  (e.reason or "")[:60], e.version or "")
+                  (e.reason or "")[:60], e.version or "", *([e.ignored or ""] if ignored else []))
     console.print(t)
 
 

@@ -46,10 +46,18 @@ from fota.server.campaigns import (
     resume_campaign,
     start_campaign,
 )
-from fota.server.deployments import DeploymentError, create_deployment, deployment_summary, device_history
+from fota.server.deployments import (
+    DeploymentError,
+    DeploymentNotFound,
+    DeploymentStateError,
+    cancel_deployment,
+    create_deployment,
+    deployment_summary,
+    device_history,
+)
 from fota.server.fleet import FleetError, get_device, list_devices
 from fota.server.releases import IMAGE_SUFFIXES, KINDS, ReleaseError, create_release, get_release, list_releases
-from fota.server.store import Store
+from fota.server.store import Store, utcnow
 from fota.server.store.models import ApiToken
 
 __all__ = ["API_PREFIX", "DEFAULT_MAX_UPLOAD", "create_app"]
@@ -93,6 +101,9 @@ class StatusEventOut(_Out):
     boot: int
     seq: int
     received_at: datetime
+    ignored: str | None = Field(None, description="null: the status took effect (rejected, keys and health "
+                                                  "statuses: it happened); otherwise why it did not: "
+                                                  "other_device, no_such_job, job_ended")
 
 
 class ReleaseOut(_Out):
@@ -132,6 +143,12 @@ class DeploymentOut(BaseModel):
     counts: dict[str, int]
     progress: float
     jobs: list[JobOut]
+
+
+class DeploymentCancelOut(DeploymentOut):
+    withdrawn: list[int] = Field(description="pending jobs ended without being sent")
+    cancelling: list[int] = Field(description="jobs sent a cancel command; they end when their device reports")
+    finishing: list[int] = Field(description="jobs past their download: they finish on the device")
 
 
 class AuditEventOut(_Out):
@@ -254,9 +271,9 @@ def _service_errors(status_code: int) -> Iterator[None]:
     """Errors of the service modules -> status_code; a concurrent duplicate -> 409."""
     try:
         yield
-    except CampaignNotFound as exc:
+    except (CampaignNotFound, DeploymentNotFound) as exc:
         raise HTTPException(404, str(exc)) from None
-    except CampaignStateError as exc:
+    except (CampaignStateError, DeploymentStateError) as exc:
         raise HTTPException(409, str(exc)) from None
     except SERVICE_ERRORS as exc:
         raise HTTPException(status_code, str(exc)) from None
@@ -329,11 +346,13 @@ def _router() -> APIRouter:
 
     @router.get("/devices/{device_id}/history", response_model=list[StatusEventOut], tags=["devices"],
                 responses={404: {"model": ErrorOut}})
-    def history(device_id: str, store: StoreDep):
-        """Every status the device reported, in the order received."""
+    def history(device_id: str, store: StoreDep,
+                ignored: Annotated[bool, Query(description="also the statuses that did not take effect "
+                                                           "(marked with why)")] = False):
+        """The statuses the device reported that took effect, in the order received."""
         with _service_errors(404):
             get_device(store, device_id)
-        return device_history(store, device_id)
+        return device_history(store, device_id, include_ignored=ignored)
 
     @router.get("/releases", response_model=list[ReleaseOut], tags=["releases"])
     def releases(store: StoreDep):
@@ -399,6 +418,17 @@ def _router() -> APIRouter:
                        "devices": [job.device_id for job in dep.jobs]})
         response.headers["Location"] = f"{API_PREFIX}/deployments/{dep.id}"
         return deployment_summary(store, dep.id)
+
+    @router.post("/deployments/{deployment_id}/cancel", response_model=DeploymentCancelOut, tags=["deployments"],
+                 responses={**admin_responses, 404: {"model": ErrorOut}, 409: {"model": ErrorOut}})
+    def deployment_cancel(deployment_id: int, store: StoreDep, token: AdminDep):
+        """Stop a deployment (admin): pending jobs are not sent, downloads get a cancel command,
+        devices past their download finish. A campaign's deployment: 409 (abort the campaign)."""
+        with _service_errors(400), audit.transaction(store) as tx:
+            with tx.session() as s:
+                outcome = cancel_deployment(s, deployment_id, utcnow())
+            tx.record(token.name, "deployment.cancel", f"deployment:{deployment_id}", outcome)
+        return {**deployment_summary(store, deployment_id), **outcome}
 
     @router.get("/campaigns", response_model=list[CampaignOut], tags=["campaigns"])
     def campaigns(store: StoreDep):

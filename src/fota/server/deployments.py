@@ -15,12 +15,15 @@ from fota.server.releases import get_release
 from fota.server.store import Deployment, Device, Job, Release, StatusEvent, Store, utcnow
 from fota.server.store.inlists import chunks
 
-__all__ = ["ACTIVE", "CANCEL", "DONE", "FINAL_STATES", "PENDING", "SENT", "TERMINAL_STATES", "TIMED_OUT",
-           "UPDATE", "DeploymentError", "create_deployment", "deployment_summary", "device_history",
-           "expire_jobs", "list_deployments"]
+__all__ = ["ACTIVE", "CANCEL", "CANCELLED", "DONE", "FINAL_STATES", "PENDING", "SENT", "TERMINAL_STATES",
+           "TIMED_OUT", "UPDATE", "DeploymentError", "DeploymentNotFound", "DeploymentStateError",
+           "cancel_deployment", "create_deployment", "deployment_summary", "device_history", "expire_jobs",
+           "list_deployments"]
 
 # Job states on the server side: 'pending' (not yet sent), 'sent', then the device's states,
 # or 'timed_out' (set by the control center: no final status within the deployment's timeout).
+# A command the device refuses for good (fota.server.ingest.JOB_ENDING_REFUSALS) ends 'failed'
+# with the device's code.
 PENDING = "pending"
 SENT = "sent"
 TIMED_OUT = "timed_out"
@@ -33,11 +36,20 @@ CANCEL = "cancel"
 CANCELLABLE_STATES = (SENT, protocol.DOWNLOADING, protocol.POSTPONED)
 # Deployment states.
 ACTIVE = "active"
-DONE = "done"
+DONE = "done"            # every update job ended
+CANCELLED = "cancelled"  # by an operator (cancel_deployment): nothing more is sent
 
 
 class DeploymentError(ValueError):
     """A deployment cannot be created or found."""
+
+
+class DeploymentNotFound(DeploymentError):
+    """No deployment with that id."""
+
+
+class DeploymentStateError(DeploymentError):
+    """The deployment's state (or owner) does not allow the action."""
 
 
 def _select_devices(s, release: Release, device_ids: Iterable[str] | None,
@@ -145,11 +157,55 @@ def expire_jobs(session: Session, now: datetime) -> dict[int, set[int]]:
                               .values(state=TIMED_OUT, code=None, reason=reason).returning(Job.id)).all()
         if ids:
             expired[dep_id] = set(ids)
-        if cancellable:
-            session.execute(insert(Job), [{"deployment_id": dep_id, "device_id": device_id, "kind": CANCEL,
-                                           "target_job": job_id, "state": PENDING, "created_at": now,
-                                           "updated_at": now} for job_id, device_id in cancellable])
+        _queue_cancels(session, dep_id, cancellable, now)
     return expired
+
+
+def _queue_cancels(session: Session, deployment_id: int, jobs: Iterable[tuple[int, str]], now: datetime) -> None:
+    """A cancel job (a signed `cancel` command, sent behind the update) for each (job id, device id)."""
+    rows = [{"deployment_id": deployment_id, "device_id": device_id, "kind": CANCEL, "target_job": job_id,
+             "state": PENDING, "created_at": now, "updated_at": now} for job_id, device_id in jobs]
+    if rows:
+        session.execute(insert(Job), rows)
+
+
+def cancel_deployment(session: Session, deployment_id: int, now: datetime) -> dict[str, list[int]]:
+    """An operator stops a deployment: it ends ('cancelled') and nothing more of it is sent.
+
+    Pending jobs end 'cancelled' without being sent. Jobs whose command went out and that have
+    not passed their download (sent, downloading, postponed) get a signed cancel command queued
+    behind it, as a timeout does; they end when their device reports (`cancelled`, or the state
+    it reached first). Jobs past the download finish on the device (it never stops
+    half-installed). A campaign's deployment is refused: `fota campaign abort` stops it.
+
+    Returns {"withdrawn": pending job ids, "cancelling": ids that got a cancel command,
+    "finishing": ids left to finish}. DeploymentNotFound, DeploymentStateError.
+    """
+    dep = session.scalars(select(Deployment).where(Deployment.id == deployment_id).with_for_update()).first()
+    if dep is None:
+        raise DeploymentNotFound(f"no deployment {deployment_id}")
+    campaign = dep.target.get("campaign") if isinstance(dep.target, dict) else None
+    if campaign is not None:
+        raise DeploymentStateError(f"deployment {deployment_id} belongs to campaign {campaign!r}: "
+                                   f"use 'fota campaign abort {campaign}'")
+    if dep.state != ACTIVE:
+        raise DeploymentStateError(f"deployment {deployment_id} is {dep.state}: nothing to cancel")
+    open_jobs = session.execute(select(Job.id, Job.device_id, Job.state, Job.worker).where(
+        Job.deployment_id == deployment_id, Job.kind == UPDATE, Job.state.not_in(TERMINAL_STATES))
+        .order_by(Job.id).with_for_update()).all()
+    # A pending job a sender has claimed may be on its way out right now: a cancel follows it.
+    cancelling = [(job_id, device_id) for job_id, device_id, state, worker in open_jobs
+                  if state in CANCELLABLE_STATES or (state == PENDING and worker is not None)]
+    withdrawn = [job_id for job_id, _, state, _ in open_jobs if state == PENDING]
+    for ids in chunks(withdrawn):
+        session.execute(update(Job).where(Job.id.in_(ids), Job.state == PENDING).values(
+            state=protocol.CANCELLED, reason="deployment cancelled before the command was sent", updated_at=now))
+    _queue_cancels(session, deployment_id, cancelling, now)
+    dep.state = CANCELLED
+    return {"withdrawn": withdrawn,
+            "cancelling": [job_id for job_id, _, state, _ in open_jobs if state in CANCELLABLE_STATES],
+            "finishing": [job_id for job_id, _, state, _ in open_jobs
+                          if state not in CANCELLABLE_STATES and state != PENDING]}
 
 
 def list_deployments(store: Store) -> list[Deployment]:
@@ -182,9 +238,15 @@ def deployment_summary(store: Store, deployment_id: int) -> dict[str, Any]:
         }
 
 
-def device_history(store: Store, device_id: str) -> list[StatusEvent]:
-    """The statuses a device reported, in the order received."""
+def device_history(store: Store, device_id: str, include_ignored: bool = False) -> list[StatusEvent]:
+    """The statuses a device reported that took effect, in the order received.
+
+    include_ignored: also those that did not (a job of another device, no such job, a job
+    already ended), each marked with why (``StatusEvent.ignored``). `rejected`, `keys` and
+    `health` statuses are reports of what the device did: always included."""
     with store.session() as s:
         query = (select(StatusEvent).where(StatusEvent.device_id == device_id)
                  .order_by(StatusEvent.received_at, StatusEvent.boot, StatusEvent.seq, StatusEvent.id))
+        if not include_ignored:
+            query = query.where(StatusEvent.ignored.is_(None))
         return list(s.scalars(query))

@@ -6,12 +6,18 @@ order; only the writing is set-based (an ORM unit of work cost ~1 ms of CPU per 
 
 * statuses are deduplicated on (device, boot, seq), against the table and within the batch,
   and the new ones inserted with one statement;
-* job rules (a device's own jobs only; a `rejected`, `keys` or `health` status changes no
-  job; a terminal state is never overwritten; a status older (boot, seq) than a stored one of
+* job rules (a device's own jobs only; a `keys` or `health` status changes no job, nor does a
+  `rejected` one unless its code is in JOB_ENDING_REFUSALS: then the refused job ends `failed`
+  with that code; a terminal state is never overwritten; a status older (boot, seq) than a stored one of
   the same job is stored but moves no job — several workers may ingest a device's statuses out
   of order, so a batch locks its jobs first, in id order; progress and total kept when a status
   has none) are applied in memory, and each job's final values written by one statement that
   also skips rows another writer made terminal meanwhile;
+* a cancel job (kind 'cancel') ends with its target: `cancelled` when the device reports the
+  target `cancelled`, `failed`/E_NOT_RUNNING when it reports another end or refuses the cancel;
+* a job-state status that moves no job because the job is another device's, unknown or already
+  ended is stored marked with why (status_events.ignored, IGNORED_WHY), so the history does
+  not show it as what happened;
 * devices (last_seen, version, inventory, online; fota.server.fleet decides the values): one
   statement per set of changed columns.
 
@@ -34,11 +40,26 @@ from fota.server.deployments import TERMINAL_STATES
 from fota.server.ingest_sql import SEQ_SPAN, statements_for
 from fota.server.store import utcnow
 
-__all__ = ["REJECTED", "BatchResult", "Incoming", "write_batch"]
+__all__ = ["IGNORED_WHY", "JOB_ENDING_REFUSALS", "REJECTED", "BatchResult", "Incoming", "write_batch"]
 
 log = logging.getLogger(__name__)
 
 REJECTED = "rejected"
+# A `rejected` status with one of these codes and the id of one of the device's jobs ends that
+# job `failed` with the code: the device will never run that command (docs/protocol.md §9).
+# Not in it: E_DUPLICATE_JOB (a redelivery of a command it accepted: the job goes on),
+# E_BAD_CHUNK (about a chunk), E_STALE_KEYS / E_BAD_KEYS (key updates, no job), and any code
+# not listed (E_EXPIRED: the center signs the job again and re-sends it).
+# E_NOT_RUNNING names the target of a refused cancel: it ends that cancel job, not the target.
+JOB_ENDING_REFUSALS = frozenset({
+    protocol.E_BAD_COMMAND, protocol.E_OVERSIZE, protocol.E_UNKNOWN_COMMAND, protocol.E_STALE_JOB,
+    protocol.E_NOT_RUNNING, protocol.E_WRONG_DEVICE, protocol.E_UNKNOWN_KEY, protocol.E_KEY_REVOKED,
+    protocol.E_KEY_EXPIRED, protocol.E_BAD_SIGNATURE})
+# status_events.ignored: why a job-state status did not take effect.
+OTHER_DEVICE = "other_device"  # the job is another device's
+NO_SUCH_JOB = "no_such_job"    # no job has that id
+JOB_ENDED = "job_ended"        # the job had already ended (a terminal state is never overwritten)
+IGNORED_WHY = (OTHER_DEVICE, NO_SUCH_JOB, JOB_ENDED)
 
 
 @dataclass
@@ -78,7 +99,17 @@ def write_batch(s: Session, batch: list[Incoming], served: dict[int, int]) -> Ba
     # once. The batch's jobs (and those of its served-byte counters) are locked first, all at
     # once and in id order (no deadlock between workers), and read once locked, so a batch sees
     # what the other committed: its states and its statuses' (boot, seq).
-    locked = job_ids | set(served)
+    # Cancel jobs a status of the batch may end: those whose target it reports ended, or whose
+    # refusal (E_NOT_RUNNING, naming the target) it is.
+    ends = {(i.device_id, i.data["job"]) for i in statuses if i.data.get("job") is not None and (
+        i.data["state"] in protocol.TERMINAL_STATES
+        or (i.data["state"] == REJECTED and i.data.get("code") == protocol.E_NOT_RUNNING))}
+    cancels: dict[tuple[str, int], list[int]] = {}  # (device, target job) -> its open cancel jobs
+    if ends:
+        for cancel_id, device_id, target in sql.open_cancels(s, {device_id for device_id, _ in ends}):
+            if (device_id, target) in ends:
+                cancels.setdefault((device_id, target), []).append(cancel_id)
+    locked = job_ids | set(served) | {cancel_id for ids in cancels.values() for cancel_id in ids}
     jobs = {job_id: _JobRow(device_id, state, deployment_id)
             for job_id, device_id, state, deployment_id in sql.lock_jobs(s, locked)} if locked else {}
     if served:
@@ -111,7 +142,7 @@ def write_batch(s: Session, batch: list[Incoming], served: dict[int, int]) -> Ba
                 result.duplicates += 1
                 continue
             seen.add(key)
-            _apply_status(item, result, events, job_changes, device_changes, jobs, newest)
+            _apply_status(item, result, events, job_changes, device_changes, jobs, newest, cancels)
 
     if events:
         sql.insert_events(s, events)
@@ -131,35 +162,73 @@ def _order(boot: int, seq: int) -> int:
     return boot * SEQ_SPAN + seq
 
 
+def _end_job(job_id: int, state: str, code: str | None, reason: str | None, result: BatchResult,
+             job_changes: dict[int, dict[str, Any]], jobs: dict[int, _JobRow]) -> None:
+    """A job ends: `state` (terminal) with the device's code and reason."""
+    job = jobs[job_id]
+    job.state = state
+    change = job_changes.setdefault(job_id, {"b_id": job_id, "b_progress": None, "b_total": None})
+    change.update(b_state=state, b_code=code, b_reason=reason)
+    result.job_states[job_id] = state
+    result.finished.add(job.deployment_id)
+
+
 def _apply_status(item: Incoming, result: BatchResult, events: list[dict[str, Any]],
                   job_changes: dict[int, dict[str, Any]], device_changes: dict[str, dict[str, Any]],
-                  jobs: dict[int, _JobRow], newest: dict[int, int]) -> None:
+                  jobs: dict[int, _JobRow], newest: dict[int, int], cancels: dict[tuple[str, int], list[int]]) -> None:
     msg = item.data
     device_id = item.device_id
     progress = float(msg["progress"]) if msg.get("progress") is not None else None
     code = msg["code"][:32] if msg.get("code") is not None else None
     version = msg["version"][:64] if msg.get("version") is not None else None
-    events.append({"device_id": device_id, "job_id": msg.get("job"), "state": msg["state"], "code": code,
-                   "reason": msg.get("reason"), "progress": progress, "version": version,
-                   "boot": msg["boot"], "seq": msg["seq"], "payload": msg, "received_at": item.received_at})
+    event = {"device_id": device_id, "job_id": msg.get("job"), "state": msg["state"], "code": code,
+             "reason": msg.get("reason"), "progress": progress, "version": version, "boot": msg["boot"],
+             "seq": msg["seq"], "payload": msg, "received_at": item.received_at, "ignored": None}
+    events.append(event)
     result.stored += 1
     device = device_changes.setdefault(device_id, {})
     device["last_seen"] = item.received_at
     if version:
         device["version"] = version
-    if msg.get("job") is None or msg["state"] in (REJECTED, protocol.KEYS_UPDATED, protocol.HEALTH):
-        return  # a refused message, a key update or a health report changes no job
+    if msg.get("job") is None or msg["state"] in (protocol.KEYS_UPDATED, protocol.HEALTH):
+        return  # a key update or a health report changes no job
     job_id = msg["job"]
     job = jobs.get(job_id)
-    if job is None or job.device_id != device_id:
+    own = job is not None and job.device_id == device_id
+    open_cancels = [c for c in cancels.get((device_id, job_id), ())
+                    if c in jobs and jobs[c].state not in TERMINAL_STATES] if own else []
+    if msg["state"] == REJECTED:
+        # A refusal happened whatever it ends (never marked ignored): the device will not run
+        # that command. E_NOT_RUNNING names the target of a refused cancel: the cancel ends.
+        if not own or code not in JOB_ENDING_REFUSALS:
+            return
+        if code == protocol.E_NOT_RUNNING and open_cancels:
+            for cancel_id in open_cancels:
+                _end_job(cancel_id, protocol.FAILED, code, msg.get("reason"), result, job_changes, jobs)
+        elif job.state not in TERMINAL_STATES:
+            _end_job(job_id, protocol.FAILED, code, msg.get("reason"), result, job_changes, jobs)
+        return
+    if not own:
+        event["ignored"] = NO_SUCH_JOB if job is None else OTHER_DEVICE
         log.warning("status from %s for job %s that is not its own ignored", device_id, job_id)
         return
-    if job.state in TERMINAL_STATES:
-        log.warning("status %s from %s for finished job %s (%s) not applied", msg["state"], device_id, job_id, job.state)
-        return
+    if msg["state"] in protocol.TERMINAL_STATES:
+        # The target ended (whatever the server's verdict on it): its cancel commands end too.
+        took = msg["state"] == protocol.CANCELLED
+        for cancel_id in open_cancels:
+            _end_job(cancel_id, protocol.CANCELLED if took else protocol.FAILED, None if took else protocol.E_NOT_RUNNING,
+                     f"job {job_id} {msg['state']}" + ("" if took else " before the cancel took effect"),
+                     result, job_changes, jobs)
     # Several workers may ingest a device's statuses out of order: a job takes a status only
-    # if it is newer (boot, seq) than every stored one of that job (it is stored regardless).
+    # if it is newer (boot, seq) than every stored one of that job (it is stored regardless, and
+    # shown: it happened before what the job took, as a `trial` delivered after `confirmed`).
     order = _order(msg["boot"], msg["seq"])
+    if job.state in TERMINAL_STATES:
+        if newest.get(job_id, -1) < order:  # sent after the job had ended: marked
+            event["ignored"] = JOB_ENDED
+            log.warning("status %s from %s for finished job %s (%s) not applied",
+                        msg["state"], device_id, job_id, job.state)
+        return
     if newest.get(job_id, -1) > order:
         return
     newest[job_id] = order

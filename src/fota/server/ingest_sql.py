@@ -36,7 +36,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
-from fota.server.deployments import TERMINAL_STATES
+from fota.server.deployments import CANCEL, PENDING, SENT, TERMINAL_STATES
 from fota.server.store import Device, Job, StatusEvent
 from fota.server.store.inlists import chunks
 
@@ -50,7 +50,7 @@ SEQ_SPAN = 2**31  # boot and seq are 0..2**31-1: (boot, seq) as one integer is b
 
 # The columns a status event is inserted with (the id is the database's).
 EVENT_COLUMNS = ("device_id", "job_id", "state", "code", "reason", "progress", "version", "boot", "seq",
-                 "payload", "received_at")
+                 "payload", "received_at", "ignored")
 
 _TERMINAL_SQL = ", ".join(f"'{state}'" for state in sorted(TERMINAL_STATES))  # fixed names, no quoting issue
 
@@ -77,6 +77,13 @@ class Portable:
         return [tuple(row) for ids in chunks(sorted(job_ids)) for row in s.execute(
             select(_jobs.c.id, _jobs.c.device_id, _jobs.c.state, _jobs.c.deployment_id)
             .where(_jobs.c.id.in_(ids)).order_by(_jobs.c.id).with_for_update())]
+
+    def open_cancels(self, s: Session, device_ids: set[str]) -> list[tuple[int, str, int]]:
+        """(id, device_id, target_job) of the devices' cancel jobs that have not ended (not locked:
+        the caller locks the ones it may end with the batch's jobs, in id order)."""
+        return [tuple(row) for ids in chunks(sorted(device_ids)) for row in s.execute(
+            select(_jobs.c.id, _jobs.c.device_id, _jobs.c.target_job)
+            .where(_jobs.c.device_id.in_(ids), _jobs.c.state.in_((PENDING, SENT)), _jobs.c.kind == CANCEL))]
 
     def add_served(self, s: Session, served: dict[int, int]) -> None:
         s.execute(self._ADD_SERVED, [{"b_id": job_id, "b_served": n} for job_id, n in sorted(served.items())])
@@ -199,6 +206,9 @@ class PostgreSQL(Portable):
 
     _LOCK_JOBS = text("SELECT id, device_id, state, deployment_id FROM jobs WHERE id = ANY(CAST(:ids AS integer[])) "
                       "ORDER BY id FOR UPDATE")
+    # (the (device_id, state) index finds them: a cancel job is only ever pending or sent)
+    _OPEN_CANCELS = text("SELECT id, device_id, target_job FROM jobs WHERE device_id = ANY(CAST(:ids AS varchar[])) "
+                         f"AND state IN ('{PENDING}', '{SENT}') AND kind = '{CANCEL}'")
     _ADD_SERVED_PG = text("UPDATE jobs SET bytes_served = jobs.bytes_served + v.served "
                           f"FROM {_recordset(_jobs, ['id', 'served'], served='bigint')} WHERE jobs.id = v.id")
     # FOR NO KEY UPDATE: the lock the UPDATE takes anyway (it blocks no insert of a job for the device).
@@ -223,6 +233,9 @@ class PostgreSQL(Portable):
 
     def lock_jobs(self, s: Session, job_ids: set[int]) -> list[tuple[int, str, str, int]]:
         return [tuple(row) for row in s.execute(self._LOCK_JOBS, {"ids": list(job_ids)})]
+
+    def open_cancels(self, s: Session, device_ids: set[str]) -> list[tuple[int, str, int]]:
+        return [tuple(row) for row in s.execute(self._OPEN_CANCELS, {"ids": list(device_ids)})]
 
     def add_served(self, s: Session, served: dict[int, int]) -> None:
         s.execute(self._ADD_SERVED_PG, {"rows": _rows([{"id": job_id, "served": n} for job_id, n in served.items()])})

@@ -47,7 +47,7 @@ from fota.server import workers
 from fota.server.broker import LEGACY_CENTER_ID
 from fota.server.campaigns import CampaignEngine
 from fota.server.delta import DEFAULT_WBITS, get_delta, load_delta
-from fota.server.deployments import CANCEL, DONE, PENDING, SENT, TERMINAL_STATES, TIMED_OUT, UPDATE, expire_jobs
+from fota.server.deployments import ACTIVE, CANCEL, DONE, PENDING, SENT, TERMINAL_STATES, TIMED_OUT, UPDATE, expire_jobs
 from fota.server.ingest import REJECTED, BatchResult, Incoming, write_batch
 from fota.server.releases import ReleaseError, read_blob, update_command, wrap_release_key
 from fota.tools.keyring import Signer
@@ -985,6 +985,6 @@ class ControlCenter:
         # open job of a big deployment at every batch that ended one of its jobs).
         for ids in chunks(sorted(deployment_ids)):
             s.execute(update(Deployment).where(
-                Deployment.id.in_(ids), Deployment.state != DONE,
+                Deployment.id.in_(ids), Deployment.state == ACTIVE,  # (a cancelled one stays cancelled)
                 ~exists().where(Job.deployment_id == Deployment.id, Job.kind == UPDATE,
                                 Job.state.not_in(TERMINAL_STATES))).values(state=DONE))

@@ -37,10 +37,12 @@ log = logging.getLogger(__name__)
 PHASES = {PENDING: "download", SENT: "download", P.DOWNLOADING: "download",
           P.VERIFYING: "install", P.INSTALLING: "install",
           P.REBOOTING: "confirm", P.TRIAL: "confirm"}
-# A failure that another attempt cannot fix: no retry.
+# A failure that another attempt cannot fix: no retry. (The command refusals among them
+# arrive as `rejected` statuses that end the job: fota.server.ingest.JOB_ENDING_REFUSALS.)
 PERMANENT_CODES = frozenset({P.E_HW_MISMATCH, P.E_DOWNGRADE, P.E_TOO_LARGE, P.E_BAD_MANIFEST,
                              P.E_UNKNOWN_KEY, P.E_KEY_REVOKED, P.E_KEY_EXPIRED, P.E_BAD_SIGNATURE,
-                             P.E_DECRYPT, P.E_WRONG_DEVICE})
+                             P.E_DECRYPT, P.E_WRONG_DEVICE, P.E_BAD_COMMAND, P.E_UNKNOWN_COMMAND,
+                             P.E_OVERSIZE})
 
 
 def _set(row: CampaignDevice, now: datetime, state: str, code: str | None = None,
@@ -159,9 +161,12 @@ def _assign_waves(spec: CampaignSpec, devices: list) -> list[int]:
 # ---------------------------------------------------------------- cancelling
 
 def _cancel_job(s: Session, job: Job, now: datetime) -> None:
-    """Queue a signed cancel command for ``job`` (the control center sends it in job-id order)."""
-    s.add(Job(deployment_id=job.deployment_id, device_id=job.device_id, kind="cancel", target_job=job.id,
-              state=PENDING, created_at=now, updated_at=now))
+    """Queue a signed cancel command for ``job`` (the control center sends it in job-id order),
+    unless one was queued already (an abort, then the download's timeout)."""
+    if s.scalar(select(Job.id).where(Job.device_id == job.device_id, Job.kind == "cancel",
+                                     Job.target_job == job.id).limit(1)) is None:
+        s.add(Job(deployment_id=job.deployment_id, device_id=job.device_id, kind="cancel", target_job=job.id,
+                  state=PENDING, created_at=now, updated_at=now))
     if job.state == PENDING:
         # Never sent: it must not be. (If a sender published it a moment ago, the cancel
         # command queued above follows it on the same topic.)
@@ -267,7 +272,7 @@ class CampaignEngine:
     def _track(self, s: Session, c: Campaign, spec: CampaignSpec, row: CampaignDevice, job: Job | None,
                now: datetime) -> None:
         if job is None:
-            self._attempt_failed(row, spec, now, "E_LOST", "the campaign's job is gone", retry=True)
+            self._attempt_failed(row, spec, now, "E_LOST", "the campaign's job is gone", retry=c.state != S.ABORTING)
             return
         if job.state == P.REVERTED:
             _set(row, now, S.FAILED, job.code or P.E_HEALTH, job.reason or "reverted to the previous firmware")
@@ -280,12 +285,17 @@ class CampaignEngine:
             self._attempt_failed(row, spec, now, job.code, job.reason or job.state, retry=retry)
             return
         phase = PHASES.get(job.state, "download")
-        if phase != row.step:
+        # A whole attempt is bounded too: a device whose job went back and forth between steps
+        # (each change restarts the step's clock) is not waited for longer than all steps' sum.
+        attempt = sum(spec.timeouts.values())
+        over = now - job.created_at > timedelta(seconds=attempt)
+        if phase != row.step and not over:
             row.step, row.step_at, row.updated_at = phase, now, now
             return
         limit = spec.timeouts[phase]
-        if row.step_at is not None and now - row.step_at > timedelta(seconds=limit):
-            reason = f"no progress past {job.state} within {limit} s ({phase} timeout)"
+        if over or (row.step_at is not None and now - row.step_at > timedelta(seconds=limit)):
+            reason = (f"attempt not finished within {attempt} s (the steps' timeouts together; last state "
+                      f"{job.state})" if over else f"no progress past {job.state} within {limit} s ({phase} timeout)")
             if phase == "download":
                 _cancel_job(s, job, now)
                 if job.state not in TERMINAL_STATES:
@@ -313,7 +323,10 @@ class CampaignEngine:
         for ids in chunks([r.job_id for r in rows]):
             for job_id, boot, seq in s.execute(select(StatusEvent.job_id, StatusEvent.boot, StatusEvent.seq)
                                                .where(StatusEvent.job_id.in_(ids),
-                                                      StatusEvent.state == P.CONFIRMED)):
+                                                      StatusEvent.state == P.CONFIRMED,
+                                                      # the one that took effect: not another
+                                                      # device's status naming the job
+                                                      StatusEvent.ignored.is_(None))):
                 where[job_id] = max(where.get(job_id, (boot, seq)), (boot, seq))
         for row in rows:
             row.confirm_boot, row.confirm_seq = where.get(row.job_id, (None, None))
@@ -336,16 +349,22 @@ class CampaignEngine:
                     .where(StatusEvent.device_id.in_(ids), StatusEvent.state == P.HEALTH,
                            StatusEvent.version == c.release.version)):
                 reports[device_id].append(((boot, seq), payload))
+        # A device sends a health report right after it confirms (protocol §6); one that sent
+        # none by the end of its probation plus the confirm step's timeout never will: failed.
+        silence = spec.probation + spec.timeouts["confirm"]
         for row in rows:
             after = (row.confirm_boot or 0, row.confirm_seq or 0)
             seen = [p for key, p in reports[row.device_id] if key > after]
             bad = [p for p in seen if not (isinstance(p, dict) and p.get("ok") is True)]
+            since = now - row.confirmed_at if row.confirmed_at is not None else None
             if bad:
                 reason = bad[0].get("reason") if isinstance(bad[0], dict) else None
                 _set(row, now, S.FAILED, P.E_HEALTH, f"unhealthy during probation: {reason or 'no reason given'}")
-            elif row.confirmed_at is not None and now - row.confirmed_at >= timedelta(seconds=spec.probation) \
-                    and (seen or spec.probation == 0):
+            elif since is not None and since >= timedelta(seconds=spec.probation) and (seen or spec.probation == 0):
                 _set(row, now, S.SUCCEEDED)
+            elif since is not None and since > timedelta(seconds=silence):
+                _set(row, now, S.FAILED, P.E_TIMEOUT, f"no health report of {c.release.version} within {silence} s "
+                                                      "of the confirmation (probation + confirm timeout)")
 
     # ------------------------------------------------------------ thresholds and waves
     def _failure_threshold(self, s: Session, c: Campaign, spec: CampaignSpec, counts, now: datetime) -> bool:

@@ -270,6 +270,10 @@ class StatusEvent(Base):
     seq: Mapped[int] = mapped_column(Integer)
     payload: Mapped[Any] = mapped_column(JSONType())
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # None: the status took effect (or, for rejected / keys / health, simply happened). Otherwise
+    # why it did not move its job (fota.server.ingest.IGNORED_WHY): it is kept, marked, and left out
+    # of the device's history by default.
+    ignored: Mapped[str | None] = mapped_column(String(16))
 
     def __repr__(self) -> str:
         return (f"StatusEvent(id={self.id!r}, device_id={self.device_id!r}, boot={self.boot!r}, "
