@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ROOT_KEY = signing.generate_private_key()
 SIGNING_KEY = signing.generate_private_key()
 NOW = int(time.time())
+TTL = 3600  # the commands' exp: time + TTL
 
 
 def trust_doc(*keys, version=1, revoked=(), **cert_args):
@@ -49,6 +50,7 @@ def cmd(body, key=SIGNING_KEY, now=NOW):
     """The signed envelope of a command body."""
     body = dict(body)
     body.setdefault("time", now)
+    body.setdefault("exp", now + TTL)
     return envelope(key, body)
 
 
@@ -147,7 +149,7 @@ def test_happy_path_downloads_verifies_installs_and_reboots(key):
     image = bytes(range(256)) * 9 + b"tail"
     h = Harness(key)
     h.run(h.core.command(cmd(make_update(key, image, job=5))))
-    assert h.state_saved == {"last_job": 5, "boot": 1, "time": NOW}
+    assert h.state_saved == {"last_job": 5, "boot": 1, "time": NOW, "epoch": 0}
     h.serve(image, 256)
     assert bytes(h.slot) == image
     states = [s["state"] for s in h.statuses()]

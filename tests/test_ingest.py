@@ -243,7 +243,7 @@ def test_duplicate_lookup_searches_the_index(sqlite_url, tmp_path):
     try:
         with store.engine.connect() as conn:
             sql = str(lookup(4).compile(dialect=store.engine.dialect))
-            params = tuple(v for i in range(4) for v in (f"d{i}", 1, i))
+            params = tuple(v for i in range(4) for v in (f"d{i}", 7, 1, i))
             plan = " | ".join(row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, params))
     finally:
         store.dispose()

@@ -4,14 +4,19 @@ The control center queues status, inventory and online messages and writes them 
 transaction per batch. The rules are those of applying the messages one by one in arrival
 order; only the writing is set-based (an ORM unit of work cost ~1 ms of CPU per status):
 
-* statuses are deduplicated on (device, boot, seq), against the table and within the batch,
-  and the new ones inserted with one statement;
+* statuses are deduplicated on (device, epoch, boot, seq), against the table and within the
+  batch, and the new ones inserted with one statement (`epoch`: chosen at random when a
+  device's agent state is created, 0 when a status has none; a device whose counters start over
+  gets a new one, so its new statuses are not taken for duplicates of its old ones);
 * job rules (a device's own jobs only; a `rejected`, `keys` or `health` status changes no
   job; a terminal state is never overwritten; a status older (boot, seq) than a stored one of
-  the same job is stored but moves no job — several workers may ingest a device's statuses out
-  of order, so a batch locks its jobs first, in id order; progress and total kept when a status
-  has none) are applied in memory, and each job's final values written by one statement that
-  also skips rows another writer made terminal meanwhile;
+  the same job and epoch is stored but moves no job — several workers may ingest a device's
+  statuses out of order, so a batch locks its jobs first, in id order; a status of another epoch
+  than the job's newest stored one counts as newer: its device started over; progress and total
+  kept when a status has none) are applied in memory, and each job's final values written by one
+  statement that also skips rows another writer made terminal meanwhile;
+* a `rejected` `E_EXPIRED` for a job still `sent` hands the job to fota.server.expiry (its
+  command is signed again, or the job fails once refused too often);
 * devices (last_seen, version, inventory, online; fota.server.fleet decides the values): one
   statement per set of changed columns.
 
@@ -29,7 +34,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from fota.device import protocol
-from fota.server import fleet
+from fota.server import expiry, fleet
 from fota.server.deployments import TERMINAL_STATES
 from fota.server.ingest_sql import SEQ_SPAN, statements_for
 from fota.server.store import utcnow
@@ -58,6 +63,7 @@ class BatchResult:
     stored: int = 0
     duplicates: int = 0
     ignored: int = 0
+    expired: dict[int, str] = field(default_factory=dict)  # job -> device that refused it E_EXPIRED
 
 
 class _JobRow:
@@ -87,8 +93,7 @@ def write_batch(s: Session, batch: list[Incoming], served: dict[int, int]) -> Ba
         return result
     device_ids = {item.device_id for item in batch}
     hardware = sql.lock_devices(s, device_ids)
-    seen = sql.known_statuses(s, list({(i.device_id, i.data["boot"], i.data["seq"]) for i in statuses})) \
-        if statuses else set()
+    seen = sql.known_statuses(s, list({_key(i) for i in statuses})) if statuses else set()
     # (a status for a job that is not its device's moves nothing, so only the device's own count)
     own = {job_id: jobs[job_id].device_id for job_id in job_ids if job_id in jobs}
     newest = sql.newest_statuses(s, own) if own else {}
@@ -106,7 +111,7 @@ def write_batch(s: Session, batch: list[Incoming], served: dict[int, int]) -> Ba
         elif item.kind == protocol.ONLINE:
             device_changes.setdefault(item.device_id, {}).update(fleet.online_values(item.data, item.received_at))
         else:
-            key = (item.device_id, item.data["boot"], item.data["seq"])
+            key = _key(item)
             if key in seen:
                 result.duplicates += 1
                 continue
@@ -117,6 +122,8 @@ def write_batch(s: Session, batch: list[Incoming], served: dict[int, int]) -> Ba
         sql.insert_events(s, events)
     if job_changes:
         sql.update_jobs(s, [job_changes[job_id] for job_id in sorted(job_changes)], utcnow())
+    if result.expired:
+        expiry.refused(s, result, jobs)
     # One UPDATE per distinct set of changed columns (usually one or two), rows in id order.
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for device_id, values in sorted(device_changes.items()):
@@ -126,21 +133,27 @@ def write_batch(s: Session, batch: list[Incoming], served: dict[int, int]) -> Ba
     return result
 
 
+def _key(item: Incoming) -> tuple[str, int, int, int]:
+    """What identifies a status: (device, epoch, boot, seq)."""
+    return item.device_id, item.data.get("epoch") or 0, item.data["boot"], item.data["seq"]
+
+
 def _order(boot: int, seq: int) -> int:
-    """A status's place in its device's order: (boot, seq) as one integer."""
+    """A status's place in its device's order within one epoch: (boot, seq) as one integer."""
     return boot * SEQ_SPAN + seq
 
 
 def _apply_status(item: Incoming, result: BatchResult, events: list[dict[str, Any]],
                   job_changes: dict[int, dict[str, Any]], device_changes: dict[str, dict[str, Any]],
-                  jobs: dict[int, _JobRow], newest: dict[int, int]) -> None:
+                  jobs: dict[int, _JobRow], newest: dict[int, tuple[int, int]]) -> None:
     msg = item.data
     device_id = item.device_id
     progress = float(msg["progress"]) if msg.get("progress") is not None else None
     code = msg["code"][:32] if msg.get("code") is not None else None
     version = msg["version"][:64] if msg.get("version") is not None else None
+    epoch = msg.get("epoch") or 0
     events.append({"device_id": device_id, "job_id": msg.get("job"), "state": msg["state"], "code": code,
-                   "reason": msg.get("reason"), "progress": progress, "version": version,
+                   "reason": msg.get("reason"), "progress": progress, "version": version, "epoch": epoch,
                    "boot": msg["boot"], "seq": msg["seq"], "payload": msg, "received_at": item.received_at})
     result.stored += 1
     device = device_changes.setdefault(device_id, {})
@@ -148,6 +161,8 @@ def _apply_status(item: Incoming, result: BatchResult, events: list[dict[str, An
     if version:
         device["version"] = version
     if msg.get("job") is None or msg["state"] in (REJECTED, protocol.KEYS_UPDATED, protocol.HEALTH):
+        if msg["state"] == REJECTED and code == protocol.E_EXPIRED and msg.get("job") is not None:
+            result.expired[msg["job"]] = device_id  # its command came too late: fota.server.expiry
         return  # a refused message, a key update or a health report changes no job
     job_id = msg["job"]
     job = jobs.get(job_id)
@@ -159,10 +174,12 @@ def _apply_status(item: Incoming, result: BatchResult, events: list[dict[str, An
         return
     # Several workers may ingest a device's statuses out of order: a job takes a status only
     # if it is newer (boot, seq) than every stored one of that job (it is stored regardless).
+    # Another epoch than the newest stored status's is newer: the device started over.
     order = _order(msg["boot"], msg["seq"])
-    if newest.get(job_id, -1) > order:
+    last = newest.get(job_id)
+    if last is not None and last[0] == epoch and last[1] > order:
         return
-    newest[job_id] = order
+    newest[job_id] = (epoch, order)
     job.state = msg["state"]
     change = job_changes.setdefault(job_id, {"b_id": job_id, "b_progress": None, "b_total": None})
     change.update(b_state=job.state, b_code=code, b_reason=msg.get("reason"))
