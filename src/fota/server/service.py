@@ -939,7 +939,7 @@ class ControlCenter:
             try:
                 result = await self._db_call(self._write_batch, items, counts)
             except IntegrityError:
-                # (device, boot, seq) stored meanwhile by another writer: a duplicate
+                # (device, epoch, boot, seq) stored meanwhile by another writer: a duplicate
                 total.duplicates += 1
                 continue
             except Exception:
