@@ -223,6 +223,19 @@ def test_a_device_whose_counters_start_over_is_not_silenced(fleet):
         (0, 1, 1), (777, 1, 1), (777, 1, 3), (777, 1, 2), (777, 2, 1)]
 
 
+@pytest.mark.parametrize("epoch, ok", [(None, True), (0, True), (1, True), (2**31 - 1, True), (2**31, False),
+                                       (-1, False), (True, False), ("5", False), (1.5, False)])
+def test_status_epoch_is_an_integer_in_range_or_absent(epoch, ok):
+    msg = {"job": None, "state": "health", "boot": 1, "seq": 1}
+    if epoch is not None:
+        msg["epoch"] = epoch
+    if ok:
+        assert parse_status(json.dumps(msg).encode()).get("epoch") == epoch
+    else:
+        with pytest.raises(ValueError, match="epoch"):
+            parse_status(json.dumps(msg).encode())
+
+
 def test_a_command_refused_as_expired_is_sent_again_then_fails(fleet):
     """A `rejected` E_EXPIRED for a job still `sent`: the job goes back to `pending` (any worker
     signs its command again), MAX_RESENDS times; the next refusal ends it failed E_EXPIRED.
