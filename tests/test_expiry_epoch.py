@@ -73,3 +73,33 @@ def test_a_reprovisioned_device_whose_counters_start_over_is_heard(fleet):
     assert new_epoch not in (0, old_epoch)
     # the counters did start over: without the epoch these would have been duplicates
     assert {(b, s) for _, b, s in after} & {(b, s) for _, b, s in before}
+
+
+def test_the_agent_keeps_its_epoch_across_boots_and_picks_a_new_one_when_erased(tmp_path):
+    """§10: the epoch is chosen with the agent state (first start, or agent.json gone) and kept
+    with the boot counter; every status carries it."""
+    import json
+    from fota.device import core as C
+    from fota.device.runner import Device
+    from fota.tools.devicedir import create_device_dir
+    from fota.tools.keyring import Keyring
+    ring = Keyring(tmp_path / "keys")
+    ring.init()
+    root = create_device_dir(tmp_path / "dev", device_id="ep-1", hardware="unix", root_key=ring.root_public(),
+                             trust=ring.trust(), host="127.0.0.1", port=1, password="pw",
+                             app_files=hello_files("1.0.0"), version="1.0.0")
+
+    def start():
+        device = Device(str(root), app_loader=lambda app_dir: None)
+        device.boot()
+        agent = json.loads((root / "agent.json").read_text())
+        statuses = [json.loads(a[2]) for a in device.core.connected_(0) if a[0] == C.A_PUBLISH and a[1] == P.STATUS]
+        assert {(s["epoch"], s["boot"]) for s in statuses} == {(agent["epoch"], agent["boot"])}
+        return agent["epoch"], agent["boot"]
+
+    first, boot = start()
+    assert 1 <= first <= P.MAX_EPOCH and boot == 1
+    assert start() == (first, 2)
+    (root / "agent.json").unlink()  # erased: counters start over, in a new epoch
+    again, boot = start()
+    assert boot == 1 and again != first
