@@ -88,6 +88,7 @@ def kid(key) -> str:
 
 KIDS = [kid(k) for k in KEYS]
 NOW = 1_800_000_000
+EXP = NOW + 3600           # the commands' expiry (protocol.md §4): valid at the device's time
 NOT_BEFORE, NOT_AFTER = NOW - 10**6, NOW + 10**8
 TRUST_DOC = {
     "version": 1,
@@ -150,7 +151,7 @@ def manifest_dict(**over) -> dict:
 
 def update_body(job, manifest_text=None, mkey=SIGNING_KEY, chunk=CHUNK, window=4, **extra) -> dict:
     text = compact(manifest_dict()) if manifest_text is None else manifest_text
-    body = {"type": "update", "job": job, "device": DEVICE, "time": NOW, "manifest": text,
+    body = {"type": "update", "job": job, "device": DEVICE, "time": NOW, "exp": EXP, "manifest": text,
             "manifest_kid": kid(mkey), "manifest_sig": signing.sign(mkey, utf8(text)).hex(),
             "chunk": chunk, "window": window}
     body.update(extra)
@@ -261,7 +262,7 @@ def feed_command(core, payload) -> str:
     at = kinds.index(C.A_STATE)
     require(C.A_PUBLISH not in kinds[:at] and set(kinds[:at]) <= {C.A_BEGIN, C.A_JOURNAL},
             f"the job id is persisted after {kinds[:at]!r}")
-    require(actions[at][1] == {"last_job": core.last_job, "boot": core.boot, "time": core.time},
+    require(actions[at][1] == {"last_job": core.last_job, "boot": core.boot, "time": core.time, "epoch": core.epoch},
             f"persisted state {actions[at][1]!r} is not the core's")
     require(after["time"] >= before["time"], "trusted time went backwards")
     if any(s["state"] == P.KEYS_UPDATED for s in sts):
@@ -383,6 +384,8 @@ F_DEVICE = mostly(st.just(DEVICE), st.one_of(st.sampled_from(["d2", "D1", "d1 ",
 F_TIME = mostly(st.sampled_from([NOW, NOW + 1, NOW + 60, NOW - 1, NOW - 5000]),
                 st.one_of(st.sampled_from([0, -1, NOT_BEFORE - 1, NOT_AFTER + 1, 2**64, True, 1.5, "now"]),
                           INTS, JSON_ANY))
+F_EXP = mostly(st.sampled_from([EXP, EXP, NOW, NOW + 1, NOW - 1, NOW + 10**6]),
+               st.one_of(st.sampled_from([0, -1, 2**64, True, 1.5, "later"]), INTS, JSON_ANY))
 F_CHUNK = mostly(st.sampled_from([64, 128, 1024, 100]),
                  st.one_of(st.sampled_from([63, 1025, 0, -64, 8192, True, 64.0, "64"]), INTS, JSON_ANY))
 F_WINDOW = mostly(st.sampled_from([1, 4, 8, 32]),
@@ -522,8 +525,10 @@ CMD_STATES = st.sampled_from(BASE_STATES)
 
 def _envelope_base_payloads():
     return [envelope(SIGNING_KEY, update_body(LAST_JOB + 1)),
-            envelope(SIGNING_KEY, {"type": "cancel", "job": LAST_JOB + 1, "device": DEVICE, "time": NOW, "target": 11}),
-            envelope(SIGNING_KEY, {"type": "inventory", "job": LAST_JOB + 1, "device": DEVICE, "time": NOW}),
+            envelope(SIGNING_KEY, {"type": "cancel", "job": LAST_JOB + 1, "device": DEVICE, "time": NOW, "exp": EXP,
+                                   "target": 11}),
+            envelope(SIGNING_KEY, {"type": "inventory", "job": LAST_JOB + 1, "device": DEVICE, "time": NOW,
+                                   "exp": EXP}),
             envelope(ROOT_KEY, {"type": "keys", "time": NOW, "version": 2, "certs": TRUST_DOC["certs"], "revoked": []})]
 
 
@@ -553,7 +558,7 @@ def bodies(draw):
     """A command body: the fields of a random command type, each mostly plausible, sometimes absent."""
     kind = draw(F_TYPE)
     body = {"type": kind}
-    fields = [("job", F_JOB), ("device", F_DEVICE), ("time", F_TIME)]
+    fields = [("job", F_JOB), ("device", F_DEVICE), ("time", F_TIME), ("exp", F_EXP)]
     real = kind if isinstance(kind, str) else draw(st.sampled_from(["update", "cancel", "keys"]))
     if real == "update":
         fields += [("chunk", F_CHUNK), ("window", F_WINDOW), ("manifest_kid", F_KID),
@@ -703,7 +708,7 @@ def check_keys(x) -> str:
         if label == "keys":
             # the new document is in use: a command by an arbitrary key goes through key_for
             feed_command(core, envelope(follow, {"type": "inventory", "job": LAST_JOB + 1, "device": DEVICE,
-                                                 "time": NOW + 1}))
+                                                 "time": NOW + 1, "exp": EXP}))
     return label
 
 
@@ -1005,7 +1010,7 @@ def check_session(events) -> str:
         elif kind == "cancel":
             target = (core.job.id if core.job else core.last_job) + ev[1]
             labels.append(feed_command(core, envelope(SIGNING_KEY, {"type": "cancel", "job": core.last_job + 1,
-                                                                    "device": DEVICE, "time": NOW,
+                                                                    "device": DEVICE, "time": NOW, "exp": EXP,
                                                                     "target": target})))
         elif kind == "cmd":
             labels.append(feed_command(core, ev[1]))
@@ -1069,7 +1074,7 @@ def _cert_text(not_before_json: str) -> dict:
 
 def edge_events() -> list:
     """Inputs behind the bugs this fuzzer found (see bench/README.md), as (kind, payload)."""
-    surrogate_body = '{"device":"d1","job":11,"time":%d,"type":"inventory\ud800"}' % NOW
+    surrogate_body = '{"device":"d1","exp":%d,"job":11,"time":%d,"type":"inventory\ud800"}' % (EXP, NOW)
     out = [("c", b"[" * 8000),
            ("c", json.dumps({"body": "[" * 5000, "kid": kid(SIGNING_KEY), "sig": "0" * 128}).encode()),
            ("c", json.dumps({"body": surrogate_body, "kid": kid(SIGNING_KEY), "sig": "0" * 128}).encode()),
@@ -1079,7 +1084,7 @@ def edge_events() -> list:
         out.append(("c", envelope(ROOT_KEY, {"type": "keys", "time": NOW, "version": 2,
                                              "certs": [_cert_text(literal)], "revoked": []})))
         out.append(("c", envelope(OTHER_KEY, {"type": "inventory", "job": LAST_JOB + 3, "device": DEVICE,
-                                              "time": NOW})))
+                                              "time": NOW, "exp": EXP})))
     return out
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -99,15 +100,28 @@ class Fleet:
         settings.setdefault("progress_interval_ms", 0)
         self.broker.add_user(device_id, password)
         self.passwords[device_id] = password
+        return self._create(device_id, hardware, version, start, port, settings)
+
+    def _create(self, device_id, hardware, version, start, port, settings):
         root = create_device_dir(self.tmp / "devices" / device_id, device_id=device_id, hardware=hardware,
                                  root_key=self.keyring.root_public(), trust=self.keyring.trust(),
                                  host=self.broker.host, port=port or self.broker.port,
-                                 password=password, app_files=hello_files(version), version=version, **settings)
+                                 password=self.passwords[device_id], app_files=hello_files(version),
+                                 version=version, **settings)
         proc = DeviceProcess(root, heap=self.heap)
         self.devices[device_id] = proc
         if start:
             proc.start()
         return proc
+
+    def reprovision(self, device_id, hardware="unix", version="1.0.0", **settings):
+        """Stop a device, erase its directory and provision it again with the same id and
+        password: its boot counter and status numbers start over (a flash erase)."""
+        self.devices[device_id].stop()
+        shutil.rmtree(self.root(device_id))
+        settings.setdefault("enc_key", self.device_row(device_id).enc_key)
+        settings.setdefault("progress_interval_ms", 0)
+        return self._create(device_id, hardware, version, True, None, settings)
 
     def root(self, device_id) -> Path:
         return self.devices[device_id].root

@@ -142,6 +142,21 @@ def test_attack_replayed_old_command(fleet):
     _assert_unharmed(fleet, dev, "2.1.0")
 
 
+def test_attack_command_signed_90_days_ago(fleet):
+    """A command captured (or stuck in a queue) long ago, validly signed, with a job id the device
+    never saw: its `exp` passed long before the device's trusted time, so it is refused E_EXPIRED
+    and nothing is written."""
+    dev = _device(fleet, "atk-old")
+    rel = _release(fleet, "2.0.0")
+    long_ago = int(time.time()) - 90 * 86400
+    fleet.spy.publish(dev, P.CMD, update_command(9000, dev, rel, fleet.signer, now=long_ago))
+    st = _outcome(fleet, dev, 9000)
+    assert (st["state"], st["code"]) == ("rejected", P.E_EXPIRED)
+    assert not (fleet.root(dev) / "journal.json").exists()
+    _assert_unharmed(fleet, dev)
+    assert json.loads((fleet.root(dev) / "agent.json").read_text())["last_job"] == 0  # nor its job id
+
+
 def test_attack_command_for_device_a_sent_to_device_b(fleet):
     a = _device(fleet, "atk-a")
     b = _device(fleet, "atk-b")

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ROOT_KEY = signing.generate_private_key()
 SIGNING_KEY = signing.generate_private_key()
 NOW = int(time.time())
+TTL = 3600  # the commands' exp: time + TTL
 
 
 def trust_doc(*keys, version=1, revoked=(), **cert_args):
@@ -49,6 +50,7 @@ def cmd(body, key=SIGNING_KEY, now=NOW):
     """The signed envelope of a command body."""
     body = dict(body)
     body.setdefault("time", now)
+    body.setdefault("exp", now + TTL)
     return envelope(key, body)
 
 
@@ -147,7 +149,7 @@ def test_happy_path_downloads_verifies_installs_and_reboots(key):
     image = bytes(range(256)) * 9 + b"tail"
     h = Harness(key)
     h.run(h.core.command(cmd(make_update(key, image, job=5))))
-    assert h.state_saved == {"last_job": 5, "boot": 1, "time": NOW}
+    assert h.state_saved == {"last_job": 5, "boot": 1, "time": NOW, "epoch": 0}
     h.serve(image, 256)
     assert bytes(h.slot) == image
     states = [s["state"] for s in h.statuses()]
@@ -428,6 +430,67 @@ def test_duplicate_and_stale_jobs_are_ignored(key):
     h.run(h.core.command(cmd(make_update(key, image, job=4))))
     assert h.statuses()[-1]["code"] == P.E_STALE_JOB and h.began == began
     assert h.core.job.id == 9
+
+
+def test_command_expires_after_its_exp_and_a_fresh_copy_of_the_job_is_accepted(key):
+    """Trusted time = the latest verified signed time: a command is taken up to its `exp`
+    second inclusive and refused after it (E_EXPIRED) with nothing persisted, so the center's
+    fresh copy of the same job is accepted."""
+    image = b"e" * 300
+    h = Harness(key)
+    h.run(h.core.command(cmd({"type": "inventory", "job": 1, "device": "d1"}, now=NOW)))
+    assert h.core.time == NOW and h.core.last_job == 1
+    saved, published = h.state_saved, len(h.published)
+    expired = cmd(dict(make_update(key, image, job=2), exp=NOW - 1), now=NOW - 1000)
+    h.run(h.core.command(expired))
+    st = h.statuses()[-1]
+    assert (st["state"], st["code"], st["job"], st["current"]) == ("rejected", P.E_EXPIRED, 2, P.IDLE)
+    assert h.state_saved == saved and h.began == 0 and h.core.last_job == 1 and h.journal is None
+    assert [t for t, _ in h.published[published:]] == [P.STATUS]  # nothing but the refusal
+    # the boundary: exp equal to the trusted time is still valid; the same job id, signed again
+    h.run(h.core.command(cmd(dict(make_update(key, image, job=2), exp=NOW), now=NOW - 1000)))
+    assert h.core.last_job == 2 and h.began == 1 and h.statuses()[-1]["state"] == P.DOWNLOADING
+    h.serve(image, 256)
+    assert bytes(h.slot) == image and h.rebooted
+
+
+def test_a_command_signed_long_ago_is_refused_once_the_device_saw_a_later_time(key):
+    """A captured command replayed 90 days later: valid signature, new job id, but expired."""
+    h = Harness(key)
+    h.run(h.core.command(cmd({"type": "inventory", "job": 1, "device": "d1"}, now=NOW)))
+    old = NOW - 90 * 86400
+    h.run(h.core.command(cmd(make_update(key, b"o" * 100, job=50), now=old)))
+    assert h.statuses()[-1]["code"] == P.E_EXPIRED and h.began == 0 and h.core.last_job == 1
+
+
+def test_real_time_clock_expires_commands_only_when_it_is_later_than_the_signed_time(key):
+    h = Harness(key)  # signed time: the provisioning time, NOW - 100
+    update = cmd(make_update(key, b"c" * 100, job=3), now=NOW - 100)  # exp NOW - 100 + TTL
+    h.run(h.core.command(update, clock=NOW - 100 + TTL + 1))
+    assert h.statuses()[-1]["code"] == P.E_EXPIRED and h.core.last_job == 0
+    # A board without a set clock says 2000-01-01: below the signed time, it changes nothing.
+    h.run(h.core.command(update, clock=946684800))
+    assert h.core.last_job == 3 and h.began == 1
+
+
+def test_exp_is_required_except_on_root_signed_key_updates(key):
+    h = Harness(key)
+    body = dict(make_update(key, b"x" * 10, job=3), time=NOW)
+    h.run(h.core.command(envelope(key, body)))
+    assert h.statuses()[-1]["code"] == P.E_BAD_COMMAND and "exp" in h.statuses()[-1]["reason"]
+    keys = {"type": "keys", "time": NOW, "version": 2, "certs": TRUST["certs"], "revoked": []}
+    h.run(h.core.command(envelope(ROOT_KEY, keys)))
+    assert h.statuses()[-1]["state"] == "keys" and h.core.trust.version == 2
+
+
+def test_statuses_and_agent_state_carry_the_boot_epoch(key):
+    h = Harness(key, agent={"last_job": 0, "boot": 4, "epoch": 123456})
+    h.run(h.core.command(cmd(make_update(key, b"p" * 10, job=2))))
+    assert {(m["epoch"], m["boot"]) for m in h.all_statuses()} == {(123456, 4)}
+    assert h.state_saved["epoch"] == 123456
+    assert C.new_epoch(b"\x00\x00\x00\x00") == 1 and C.new_epoch(b"\xff\xff\xff\xff") == 2
+    epochs = {C.new_epoch(os.urandom(4)) for _ in range(100)}
+    assert len(epochs) > 90 and all(1 <= e <= P.MAX_EPOCH for e in epochs)
 
 
 @pytest.mark.parametrize("payload", [b"", b"\x00\x00\x00\x01", struct.pack(">II", 1, 999) + b"x",

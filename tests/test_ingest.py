@@ -281,6 +281,77 @@ def test_a_status_from_another_device_does_not_hold_a_job_back(fleet):
     assert (fleet.job_row("d1").state, fleet.job_row("d1").progress) == ("downloading", 0.5)
 
 
+def test_a_device_whose_counters_start_over_is_not_silenced(fleet):
+    """Statuses are identified by (device, epoch, boot, seq): a device re-provisioned or erased
+    (a new random epoch, counters from 1 again) has its statuses stored, and they move its job
+    although their (boot, seq) is lower than the stored ones; within an epoch an older status
+    still moves nothing. No epoch (an old device) is epoch 0."""
+    job = fleet.job["d1"]
+    fleet.write([fleet.status("d1", job, "downloading", seq, boot=3, progress=seq / 10) for seq in (1, 2)]
+                + [fleet.status("d1", None, protocol.HEALTH, 1, boot=1)])  # no epoch: 0
+    assert fleet.write([fleet.status("d1", None, protocol.HEALTH, 1, boot=1, epoch=0)]).duplicates == 1
+    again = fleet.write([fleet.status("d1", job, "downloading", 1, boot=1, epoch=777, progress=0.6),
+                         fleet.status("d1", None, protocol.HEALTH, 1, boot=1, epoch=777)])  # same batch: dup
+    assert (again.stored, again.duplicates, again.job_states) == (1, 1, {job: "downloading"})
+    assert fleet.job_row("d1").progress == 0.6
+    # within the new epoch, order still holds: an older (boot, seq) stored but moves nothing
+    fleet.write([fleet.status("d1", job, "verifying", 3, boot=1, epoch=777)])
+    late = fleet.write([fleet.status("d1", job, "downloading", 2, boot=1, epoch=777, progress=0.7)])
+    assert (late.stored, late.job_states) == (1, {})
+    assert fleet.job_row("d1").state == "verifying"
+    done = fleet.write([fleet.status("d1", job, "confirmed", 1, boot=2, epoch=777, progress=1.0)])
+    assert done.job_states == {job: "confirmed"} and fleet.job_row("d1").state == "confirmed"
+    assert [(e.epoch, e.boot, e.seq) for e in device_history(fleet.store, "d1")][-5:] == [
+        (0, 1, 1), (777, 1, 1), (777, 1, 3), (777, 1, 2), (777, 2, 1)]
+
+
+@pytest.mark.parametrize("epoch, ok", [(None, True), (0, True), (1, True), (2**31 - 1, True), (2**31, False),
+                                       (-1, False), (True, False), ("5", False), (1.5, False)])
+def test_status_epoch_is_an_integer_in_range_or_absent(epoch, ok):
+    msg = {"job": None, "state": "health", "boot": 1, "seq": 1}
+    if epoch is not None:
+        msg["epoch"] = epoch
+    if ok:
+        assert parse_status(json.dumps(msg).encode()).get("epoch") == epoch
+    else:
+        with pytest.raises(ValueError, match="epoch"):
+            parse_status(json.dumps(msg).encode())
+
+
+def test_a_command_refused_as_expired_is_sent_again_then_fails(fleet):
+    """A `rejected` E_EXPIRED for a job still `sent`: the job goes back to `pending` (any worker
+    signs its command again), MAX_RESENDS times; the next refusal ends it failed E_EXPIRED.
+    Refusals for a job the device already took, or for another device's job, change nothing."""
+    from fota.server.expiry import MAX_RESENDS
+    job, other = fleet.job["d1"], fleet.job["d2"]
+
+    def sent(*job_ids):
+        with fleet.store.session() as s:
+            s.execute(update(Job).where(Job.id.in_(job_ids)).values(state="sent", worker="w-gone"))
+
+    def refusal(device_id, job_id, seq):
+        return fleet.status(device_id, job_id, "rejected", seq, code=protocol.E_EXPIRED, current="idle")
+
+    sent(job, other)
+    seq = 0
+    for _ in range(MAX_RESENDS):
+        seq += 1
+        result = fleet.write([refusal("d1", job, seq), refusal("d1", other, 100 + seq)])
+        assert result.job_states == {job: "pending"} and result.finished == set()
+        row = fleet.job_row("d1")
+        assert (row.state, row.worker) == ("pending", None)
+        assert fleet.job_row("d2").state == "sent"
+        sent(job)
+    result = fleet.write([refusal("d1", job, seq + 1)])
+    assert result.job_states == {job: "failed"} and result.finished == {fleet.deployment.id}
+    row = fleet.job_row("d1")
+    assert (row.state, row.code) == ("failed", protocol.E_EXPIRED)
+    # a job its device took (downloading) is not sent again for a stale copy's refusal
+    fleet.write([fleet.status("d2", other, "downloading", 1, progress=0.1)])
+    assert fleet.write([refusal("d2", other, 2)]).job_states == {}
+    assert fleet.job_row("d2").state == "downloading"
+
+
 def test_messages_from_unprovisioned_devices_are_ignored(fleet):
     result = fleet.write([fleet.status("ghost", fleet.job["d1"], "failed", 1),
                           fleet.inventory("ghost", version="9"), fleet.online("ghost", True)])
@@ -325,7 +396,7 @@ def test_duplicate_lookup_searches_the_index(sqlite_url, tmp_path):
     try:
         with store.engine.connect() as conn:
             sql = str(lookup(4).compile(dialect=store.engine.dialect))
-            params = tuple(v for i in range(4) for v in (f"d{i}", 1, i))
+            params = tuple(v for i in range(4) for v in (f"d{i}", 7, 1, i))
             plan = " | ".join(row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, params))
     finally:
         store.dispose()

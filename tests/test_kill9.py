@@ -80,7 +80,7 @@ def test_accepted_update_persists_its_journal_before_the_job_id(key):
     # killed right after the journal: agent.json still says job 6
     again = new_core(agent={"last_job": 6, "boot": 2})
     boot = again.booted({"trial": None}, journal, hashlib.sha256())
-    assert boot[0] == (C.A_STATE, {"last_job": 7, "boot": 2, "time": again.time})
+    assert boot[0] == (C.A_STATE, {"last_job": 7, "boot": 2, "time": again.time, "epoch": 0})
     assert again.state == P.DOWNLOADING and again.job.id == 7
     again.connected_()
     st = [json.loads(a[2]) for a in again.command(command) if a[0] == C.A_PUBLISH]

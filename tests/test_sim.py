@@ -66,17 +66,24 @@ def setup(tmp_path, broker, sqlite_url):
         ids = device_ids(n, prefix)
         passwords = provision(store, ids)
         add_users(broker, passwords)
+        return start(passwords, plan, **settings)
+
+    def start(passwords, plan=None, **settings):
+        """A simulator over provisioned devices (again: a restarted simulator, counters from 1)."""
+        ids = list(passwords)
         fleet = SimFleet.build(passwords, host=broker.host, port=broker.port, root_key=keyring.root_public(),
                                trust=keyring.trust(), plan=plan, **settings)
         sim = SimThread(fleet).start()
         made.append(sim)
-        wait_until(lambda: _online(store, ids), timeout=60, what=f"{n} simulated devices online")
+        fleet.passwords = passwords
+        wait_until(lambda: _online(store, ids), timeout=60, what=f"{len(ids)} simulated devices online")
         return fleet, ids
 
     def release(version, size=IMAGE):
         return create_release(store, tmp_path / "blobs", signer.key, os.urandom(size), version, ["sim"],
                               kind="image")
 
+    make.start, make.made = start, made
     yield store, make, release
     for sim in made:
         sim.stop()
@@ -175,6 +182,31 @@ def test_sleeping_device_gets_its_command_when_it_wakes(setup):
     assert len(slow) == 5
     for d in slow:
         assert d.chunks >= IMAGE // 2048 and d.confirmed_at - d.commands[0] >= (IMAGE // 2048) * 0.25
+
+
+def test_a_simulator_restarted_with_the_same_ids_is_heard(setup):
+    """A new simulator process over the same device ids: every device's boot and status numbers
+    start over, in a new epoch; its statuses are stored and its next job is confirmed."""
+    store, make, release = setup
+    fleet, ids = make(10, "simagain")
+    first = create_deployment(store, release("2.0.0"), device_ids=ids)
+    assert set(wait_until(lambda: _all_terminal(store, first.id), timeout=120, what="first").values()) == {P.CONFIRMED}
+    (sim,) = [sim for sim in make.made if sim.fleet is fleet]
+    sim.stop()  # the simulator process ends: its devices' stored state is gone with it
+    make.made.remove(sim)
+    make.start(fleet.passwords)  # restarted with the same ids (all connected): boot 1, seq 1 again
+    second = create_deployment(store, release("2.1.0"), device_ids=ids)
+    assert set(wait_until(lambda: _all_terminal(store, second.id), timeout=120, what="second").values()) \
+        == {P.CONFIRMED}
+    with store.session() as s:
+        rows = s.execute(select(StatusEvent.device_id, StatusEvent.epoch, StatusEvent.boot, StatusEvent.seq)
+                         .where(StatusEvent.device_id.in_(ids))).all()
+    for device_id in ids:
+        epochs = {epoch for d, epoch, _, _ in rows if d == device_id}
+        assert len(epochs) == 2 and 0 not in epochs  # one per simulator run
+        # the second run reused (boot, seq) pairs of the first: without the epoch, duplicates
+        runs = [{(b, q) for d, e, b, q in rows if d == device_id and e == epoch} for epoch in epochs]
+        assert runs[0] & runs[1]
 
 
 def test_timed_out_jobs_are_cancelled_on_devices_that_wake_later(setup):

@@ -84,6 +84,16 @@ PROGRESS_STEPS = 10     # report download progress at most every 1/10 of the ima
 POWER_STEP = 5          # re-publish the inventory when the battery moved this many points
 
 
+def new_epoch(seed):
+    """A boot epoch (1..MAX_EPOCH) from 4 random bytes: chosen once, when the agent state is
+    first created, so that statuses of a device whose counters started over (re-provisioned,
+    flash erased) are not taken for duplicates of its old ones (docs/protocol.md section 6)."""
+    n = 0
+    for b in bytes(seed)[:4]:
+        n = n * 256 + b
+    return n % P.MAX_EPOCH + 1
+
+
 class ProtocolError(Exception):
     pass
 
@@ -237,7 +247,7 @@ class UpdateCore:
     identity: dict with id, hardware, root (65-byte root public key), trust (trust document, see
     fota.device.trust), capacity (bytes), kinds (tuple of manifest kinds the slot backend
     installs), version (running version), counter (highest installed security counter).
-    agent_state: persisted dict {"last_job", "boot" (already incremented), "time"}.
+    agent_state: persisted dict {"last_job", "boot" (already incremented), "time", "epoch"}.
     verify: ECDSA P-256 verify(pub, message, sig) -> bool; default the pure-Python ecdsa.verify
     (the fleet simulator passes one backed by `cryptography`, same result, ~20x faster).
     """
@@ -261,6 +271,7 @@ class UpdateCore:
         self.last_job = agent_state.get("last_job", 0)
         self.boot = agent_state.get("boot", 0)
         self.time = agent_state.get("time", identity.get("time", 0))  # latest signed time seen
+        self.epoch = agent_state.get("epoch", 0)  # boot epoch (new_epoch); 0: a device without one
         self.seq = 0
         self.state = P.IDLE
         self.job = None
@@ -304,7 +315,7 @@ class UpdateCore:
             "state": state, "code": code, "reason": reason,
             "progress": (written / total) if total else 0.0,
             "bytes": written, "total": total,
-            "version": self.version, "boot": self.boot, "seq": self.seq,
+            "version": self.version, "boot": self.boot, "seq": self.seq, "epoch": self.epoch,
         }
         return msg
 
@@ -440,14 +451,18 @@ class UpdateCore:
 
     # ---- commands ----------------------------------------------------------------------------
     def _agent_state(self):
-        return (A_STATE, {"last_job": self.last_job, "boot": self.boot, "time": self.time})
+        return (A_STATE, {"last_job": self.last_job, "boot": self.boot, "time": self.time, "epoch": self.epoch})
 
-    def command(self, payload):
-        """A message on the cmd topic (bytes): a signed envelope, see docs/protocol.md section 4."""
+    def command(self, payload, clock=None):
+        """A message on the cmd topic (bytes): a signed envelope, see docs/protocol.md section 4.
+
+        clock: Unix seconds of the port's real-time clock, or None (no clock); it only ever
+        makes commands expire sooner (see _expiry)."""
         try:
             body, kid, now = self._authenticate(payload)
             kind = body["type"]
             if kind == "keys":
+                self._expiry(body, clock, None)
                 return self._keys(body, kid, now)
             if kid == self.trust.root_kid:
                 raise Rejection(P.E_UNKNOWN_KEY, "the root key signs only key updates", body.get("job"))
@@ -464,6 +479,7 @@ class UpdateCore:
                 raise Rejection(P.E_DUPLICATE_JOB, "job %d already accepted; ignored" % job, job)
             if job < self.last_job:
                 raise Rejection(P.E_STALE_JOB, "job %d is older than job %d; ignored" % (job, self.last_job), job)
+            self._expiry(body, clock, job)
         except Rejection as r:
             return [self._publish_status(self._rejected(r, r.job))]
 
@@ -521,6 +537,8 @@ class UpdateCore:
             if job < 1:
                 raise Rejection(P.E_BAD_COMMAND, "job must be >= 1")
         claimed = _need(body, "time", int)
+        if body["type"] != "keys" or "exp" in body:  # key updates are root-signed and versioned
+            _need(body, "exp", int)
         now = claimed if claimed > self.time else self.time
         kid = kid.lower()
         if kid == self.trust.root_kid:
@@ -533,6 +551,20 @@ class UpdateCore:
         if not self.verify(pub, data, unhexlify(sig)):
             raise Rejection(P.E_BAD_SIGNATURE, "command signature does not verify", job)
         return body, kid, now
+
+    def _expiry(self, body, clock, job):
+        """E_EXPIRED when the command's `exp` is before the trusted time: the latest signed time
+        verified (self.time), or the real-time clock if it is later. A clock that is not set (a
+        board without NTP says 2000-01-01) is below the signed time and changes nothing; nothing
+        is persisted, so a fresh copy of the command (same job id) is still accepted."""
+        exp = body.get("exp")
+        if exp is None:
+            return  # only `keys` may come without one (_authenticate)
+        trusted = self.time
+        if clock is not None and clock > trusted:
+            trusted = clock
+        if exp < trusted:
+            raise Rejection(P.E_EXPIRED, "command expired at %d, trusted time is %d" % (exp, trusted), job)
 
     def _keys(self, body, kid, now):
         """A root-signed key update: replaces the trust store if its version is newer."""

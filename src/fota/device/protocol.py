@@ -25,6 +25,7 @@ DEFAULT_CHUNK_SIZE = 2048
 DEFAULT_WINDOW = 8           # chunks per request
 MAX_WINDOW = 32              # chunks per command window and per chunk request (`count`)
 MAX_ID = 2**31 - 1           # largest job id, boot and seq the control center takes (32-bit columns)
+MAX_EPOCH = 2**31 - 1        # boot epoch: 1..MAX_EPOCH, chosen at random with the agent state
 DELTA_WBITS = 12             # largest delta window (2**N bytes) a device takes unless configured
 
 # Device-id rule: 1..64 chars of [A-Za-z0-9_-] (safe inside a topic and an ACL pattern).
@@ -94,9 +95,10 @@ E_DECRYPT = "E_DECRYPT"                # encrypted release: key unwrap or decryp
 E_BASE_MISMATCH = "E_BASE_MISMATCH"    # delta patch for another base than the running image
 E_DELTA = "E_DELTA"                    # delta patch corrupt, or it does not produce the manifest's image
 E_LOW_BATTERY = "E_LOW_BATTERY"        # postponed: battery below the update's minimum
+E_EXPIRED = "E_EXPIRED"                # command's "exp" is before the device's trusted time
 
 ERROR_CODES = (E_BAD_COMMAND, E_OVERSIZE, E_UNKNOWN_COMMAND, E_STALE_JOB, E_DUPLICATE_JOB,
                E_BAD_MANIFEST, E_UNKNOWN_KEY, E_BAD_SIGNATURE, E_HW_MISMATCH, E_TOO_LARGE,
                E_BAD_CHUNK, E_HASH_MISMATCH, E_INSTALL, E_BAD_BUNDLE, E_TIMEOUT, E_HEALTH,
                E_NOT_RUNNING, E_KEY_REVOKED, E_KEY_EXPIRED, E_WRONG_DEVICE, E_DOWNGRADE, E_STALE_KEYS,
-               E_BAD_KEYS, E_DECRYPT, E_BASE_MISMATCH, E_DELTA, E_LOW_BATTERY)
+               E_BAD_KEYS, E_DECRYPT, E_BASE_MISMATCH, E_DELTA, E_LOW_BATTERY, E_EXPIRED)

@@ -4,7 +4,7 @@
 # Device directory (root):
 #   config.json        id, hardware, broker, pubkey, backend, ... (written at provisioning)
 #   boot.json          the boot record (fota.device.boot)
-#   agent.json         {"last_job", "boot"}
+#   agent.json         {"last_job", "boot", "time", "epoch"}
 #   journal.json       an interrupted download, if any
 #   slots/a, slots/b   the slots (files backend) or flash.bin (sim backend)
 import gc
@@ -22,6 +22,7 @@ from fota.device.mqtt import MQTTClient, MQTTError, connect_with_backoff
 from fota.device.slots import open_backend
 
 REBOOT_EXIT = 3   # the unix-port supervisor restarts the agent on this exit code
+EPOCH_2000 = 946684800  # Unix time of 2000-01-01: some MicroPython ports count from there
 
 try:
     ticks_ms = time.ticks_ms
@@ -32,6 +33,23 @@ except AttributeError:  # CPython
 
     def ticks_diff(a, b):
         return a - b
+
+
+def random_bytes():
+    """4 random bytes for the boot epoch: os.urandom (the unix port, most boards), else the
+    random module or the clocks (a fallback: an epoch need only differ from the last one)."""
+    try:
+        import os
+        return os.urandom(4)
+    except (ImportError, AttributeError, OSError, NotImplementedError):
+        pass
+    try:
+        import random
+        n = random.getrandbits(32)
+    except (ImportError, AttributeError):
+        n = 0
+    n ^= ticks_ms() * 7919 ^ int(time.time())
+    return bytes([(n >> s) & 255 for s in (24, 16, 8, 0)])
 
 
 def log(*args):
@@ -94,6 +112,9 @@ class Device:
                 app_error = reason
         agent = fsutil.read_json(self._path("agent.json")) or {}
         agent["boot"] = agent.get("boot", 0) + 1
+        if not agent.get("epoch"):
+            # No agent state (a fresh or erased device): its counters start over in a new epoch.
+            agent["epoch"] = C.new_epoch(random_bytes())
         identity = {
             "id": cfg["id"], "hardware": cfg["hardware"], "root": unhexlify(cfg["root"]),
             # keys.json holds the trust store once a key update replaced the provisioned one
@@ -352,7 +373,7 @@ class Device:
                 # Not after the statuses: on a link that breaks every few KiB, waiting for their
                 # PUBACKs first left the command unacknowledged, redelivered on every connection
                 # (2 KB of each connection's budget) and refused again, for ever.
-                actions = self.core.command(payload)
+                actions = self.core.command(payload, self._clock())
                 first_publish = 0
                 while first_publish < len(actions) and actions[first_publish][0] != C.A_PUBLISH:
                     first_publish += 1
@@ -361,6 +382,17 @@ class Device:
                 self.execute(actions[first_publish:])
                 continue
             self._ack(pid, client)
+
+    def _clock(self):
+        # The real-time clock for command expiry (Unix seconds), unless config "clock" is false.
+        # One that is not set reads as 1970/2000, below the signed time: the core ignores it.
+        if self.config.get("clock", True) is False:
+            return None
+        try:
+            t = int(time.time())
+        except (AttributeError, OSError):
+            return None
+        return t + EPOCH_2000 if time.gmtime(0)[0] == 2000 else t
 
     def _ack(self, pid, client):
         if pid and client is not None and client is self.client:

@@ -91,6 +91,8 @@ async def control_center(home: Home, manage_broker: bool = True, **settings):
     ring = home.keyring
     settings.setdefault("signer", ring.signer())
     settings.setdefault("keys_update", ring.keys_update())
+    if home.config().get("command_ttl") is not None:  # seconds a signed command stays valid
+        settings.setdefault("command_ttl", home.config()["command_ttl"])
     if home.broker_tls:
         settings.setdefault("ssl_context", home.broker_ssl_context())
     center = ControlCenter(store, home.broker_url, home.blobs, **settings)

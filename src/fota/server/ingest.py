@@ -4,15 +4,20 @@ The control center queues status, inventory and online messages and writes them 
 transaction per batch. The rules are those of applying the messages one by one in arrival
 order; only the writing is set-based (an ORM unit of work cost ~1 ms of CPU per status):
 
-* statuses are deduplicated on (device, boot, seq), against the table and within the batch,
-  and the new ones inserted with one statement;
+* statuses are deduplicated on (device, epoch, boot, seq), against the table and within the
+  batch, and the new ones inserted with one statement (`epoch`: chosen at random when a
+  device's agent state is created, 0 when a status has none; a device whose counters start over
+  gets a new one, so its new statuses are not taken for duplicates of its old ones);
 * job rules (a device's own jobs only; a `keys` or `health` status changes no job, nor does a
   `rejected` one unless its code is in JOB_ENDING_REFUSALS: then the refused job ends `failed`
-  with that code; a terminal state is never overwritten; a status older (boot, seq) than a stored one of
-  the same job is stored but moves no job — several workers may ingest a device's statuses out
-  of order, so a batch locks its jobs first, in id order; progress and total kept when a status
-  has none) are applied in memory, and each job's final values written by one statement that
-  also skips rows another writer made terminal meanwhile;
+  with that code; a terminal state is never overwritten; a status older (boot, seq) than a
+  stored one of the same job and epoch is stored but moves no job — several workers may ingest
+  a device's statuses out of order, so a batch locks its jobs first, in id order; a status of
+  another epoch than the job's newest stored one counts as newer: its device started over;
+  progress and total kept when a status has none) are applied in memory, and each job's final
+  values written by one statement that also skips rows another writer made terminal meanwhile;
+* a `rejected` `E_EXPIRED` for a job still `sent` hands the job to fota.server.expiry (its
+  command is signed again, or the job fails once refused too often);
 * a cancel job (kind 'cancel') ends with its target: `cancelled` when the device reports the
   target `cancelled`, `failed`/E_NOT_RUNNING when it reports another end or refuses the cancel;
 * a job-state status that moves no job because the job is another device's, unknown or already
@@ -35,7 +40,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from fota.device import protocol
-from fota.server import fleet
+from fota.server import expiry, fleet
 from fota.server.deployments import TERMINAL_STATES
 from fota.server.ingest_sql import SEQ_SPAN, statements_for
 from fota.server.store import utcnow
@@ -79,6 +84,7 @@ class BatchResult:
     stored: int = 0
     duplicates: int = 0
     ignored: int = 0
+    expired: dict[int, str] = field(default_factory=dict)  # job -> device that refused it E_EXPIRED
 
 
 class _JobRow:
@@ -118,8 +124,7 @@ def write_batch(s: Session, batch: list[Incoming], served: dict[int, int]) -> Ba
         return result
     device_ids = {item.device_id for item in batch}
     hardware = sql.lock_devices(s, device_ids)
-    seen = sql.known_statuses(s, list({(i.device_id, i.data["boot"], i.data["seq"]) for i in statuses})) \
-        if statuses else set()
+    seen = sql.known_statuses(s, list({_key(i) for i in statuses})) if statuses else set()
     # (a status for a job that is not its device's moves nothing, so only the device's own count)
     own = {job_id: jobs[job_id].device_id for job_id in job_ids if job_id in jobs}
     newest = sql.newest_statuses(s, own) if own else {}
@@ -137,7 +142,7 @@ def write_batch(s: Session, batch: list[Incoming], served: dict[int, int]) -> Ba
         elif item.kind == protocol.ONLINE:
             device_changes.setdefault(item.device_id, {}).update(fleet.online_values(item.data, item.received_at))
         else:
-            key = (item.device_id, item.data["boot"], item.data["seq"])
+            key = _key(item)
             if key in seen:
                 result.duplicates += 1
                 continue
@@ -148,6 +153,8 @@ def write_batch(s: Session, batch: list[Incoming], served: dict[int, int]) -> Ba
         sql.insert_events(s, events)
     if job_changes:
         sql.update_jobs(s, [job_changes[job_id] for job_id in sorted(job_changes)], utcnow())
+    if result.expired:
+        expiry.refused(s, result, jobs)
     # One UPDATE per distinct set of changed columns (usually one or two), rows in id order.
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for device_id, values in sorted(device_changes.items()):
@@ -157,8 +164,13 @@ def write_batch(s: Session, batch: list[Incoming], served: dict[int, int]) -> Ba
     return result
 
 
+def _key(item: Incoming) -> tuple[str, int, int, int]:
+    """What identifies a status: (device, epoch, boot, seq)."""
+    return item.device_id, item.data.get("epoch") or 0, item.data["boot"], item.data["seq"]
+
+
 def _order(boot: int, seq: int) -> int:
-    """A status's place in its device's order: (boot, seq) as one integer."""
+    """A status's place in its device's order within one epoch: (boot, seq) as one integer."""
     return boot * SEQ_SPAN + seq
 
 
@@ -175,15 +187,18 @@ def _end_job(job_id: int, state: str, code: str | None, reason: str | None, resu
 
 def _apply_status(item: Incoming, result: BatchResult, events: list[dict[str, Any]],
                   job_changes: dict[int, dict[str, Any]], device_changes: dict[str, dict[str, Any]],
-                  jobs: dict[int, _JobRow], newest: dict[int, int], cancels: dict[tuple[str, int], list[int]]) -> None:
+                  jobs: dict[int, _JobRow], newest: dict[int, tuple[int, int]],
+                  cancels: dict[tuple[str, int], list[int]]) -> None:
     msg = item.data
     device_id = item.device_id
     progress = float(msg["progress"]) if msg.get("progress") is not None else None
     code = msg["code"][:32] if msg.get("code") is not None else None
     version = msg["version"][:64] if msg.get("version") is not None else None
+    epoch = msg.get("epoch") or 0
     event = {"device_id": device_id, "job_id": msg.get("job"), "state": msg["state"], "code": code,
-             "reason": msg.get("reason"), "progress": progress, "version": version, "boot": msg["boot"],
-             "seq": msg["seq"], "payload": msg, "received_at": item.received_at, "ignored": None}
+             "reason": msg.get("reason"), "progress": progress, "version": version, "epoch": epoch,
+             "boot": msg["boot"], "seq": msg["seq"], "payload": msg, "received_at": item.received_at,
+             "ignored": None}
     events.append(event)
     result.stored += 1
     device = device_changes.setdefault(device_id, {})
@@ -197,6 +212,9 @@ def _apply_status(item: Incoming, result: BatchResult, events: list[dict[str, An
     own = job is not None and job.device_id == device_id
     open_cancels = [c for c in cancels.get((device_id, job_id), ())
                     if c in jobs and jobs[c].state not in TERMINAL_STATES] if own else []
+    if msg["state"] == REJECTED and code == protocol.E_EXPIRED:
+        result.expired[job_id] = device_id  # its command came too late: fota.server.expiry
+        return
     if msg["state"] == REJECTED:
         # A refusal happened whatever it ends (never marked ignored): the device will not run
         # that command. E_NOT_RUNNING names the target of a refused cancel: the cancel ends.
@@ -222,16 +240,19 @@ def _apply_status(item: Incoming, result: BatchResult, events: list[dict[str, An
     # Several workers may ingest a device's statuses out of order: a job takes a status only
     # if it is newer (boot, seq) than every stored one of that job (it is stored regardless, and
     # shown: it happened before what the job took, as a `trial` delivered after `confirmed`).
+    # Another epoch than the newest stored status's is newer: the device started over.
     order = _order(msg["boot"], msg["seq"])
+    last = newest.get(job_id)
+    older = last is not None and last[0] == epoch and last[1] > order
     if job.state in TERMINAL_STATES:
-        if newest.get(job_id, -1) < order:  # sent after the job had ended: marked
+        if not older:  # sent after the job had ended: marked
             event["ignored"] = JOB_ENDED
             log.warning("status %s from %s for finished job %s (%s) not applied",
                         msg["state"], device_id, job_id, job.state)
         return
-    if newest.get(job_id, -1) > order:
+    if older:
         return
-    newest[job_id] = order
+    newest[job_id] = (epoch, order)
     job.state = msg["state"]
     change = job_changes.setdefault(job_id, {"b_id": job_id, "b_progress": None, "b_total": None})
     change.update(b_state=job.state, b_code=code, b_reason=msg.get("reason"))

@@ -49,8 +49,8 @@ _devices: Table = Device.__table__
 SEQ_SPAN = 2**31  # boot and seq are 0..2**31-1: (boot, seq) as one integer is boot * SEQ_SPAN + seq
 
 # The columns a status event is inserted with (the id is the database's).
-EVENT_COLUMNS = ("device_id", "job_id", "state", "code", "reason", "progress", "version", "boot", "seq",
-                 "payload", "received_at", "ignored")
+EVENT_COLUMNS = ("device_id", "job_id", "state", "code", "reason", "progress", "version", "epoch", "boot",
+                 "seq", "payload", "received_at", "ignored")
 
 _TERMINAL_SQL = ", ".join(f"'{state}'" for state in sorted(TERMINAL_STATES))  # fixed names, no quoting issue
 
@@ -96,23 +96,24 @@ class Portable:
                                    .order_by(_devices.c.id).with_for_update(key_share=True)).all())
         return found
 
-    def known_statuses(self, s: Session, keys: list[tuple[str, int, int]]) -> set[tuple[str, int, int]]:
-        """The (device, boot, seq) keys already stored."""
-        found: set[tuple[str, int, int]] = set()
+    def known_statuses(self, s: Session, keys: list[tuple[str, int, int, int]]) -> set[tuple[str, int, int, int]]:
+        """The (device, epoch, boot, seq) keys already stored."""
+        found: set[tuple[str, int, int, int]] = set()
         for start in range(0, len(keys), _LOOKUP_MAX):
             part = keys[start:start + _LOOKUP_MAX]
             part += part[-1:] * (_lookup_size(len(part)) - len(part))  # padding: a repeated key
             params = {}
-            for n, (device_id, boot, seq) in enumerate(part):
-                params[f"d{n}"], params[f"b{n}"], params[f"s{n}"] = device_id, boot, seq
+            for n, (device_id, epoch, boot, seq) in enumerate(part):
+                params[f"d{n}"], params[f"e{n}"], params[f"b{n}"], params[f"s{n}"] = device_id, epoch, boot, seq
             found.update(tuple(row) for row in s.execute(lookup(len(part)), params))
         return found
 
-    def newest_statuses(self, s: Session, jobs: dict[int, str]) -> dict[int, int]:
-        """job id -> (boot, seq) as one integer of the newest stored status its device sent for it.
+    def newest_statuses(self, s: Session, jobs: dict[int, str]) -> dict[int, tuple[int, int]]:
+        """job id -> (epoch, (boot, seq) as one integer) of the newest status its device sent for
+        it: the epoch of the last one stored, and the highest (boot, seq) of that epoch.
 
         jobs: job id -> its device."""
-        found: dict[int, int] = {}
+        found: dict[int, tuple[int, int]] = {}
         pairs = sorted(jobs.items())
         for start in range(0, len(pairs), _LOOKUP_MAX):
             part = pairs[start:start + _LOOKUP_MAX]
@@ -120,8 +121,8 @@ class Portable:
             params = {}
             for n, (job_id, device_id) in enumerate(part):
                 params[f"j{n}"], params[f"d{n}"] = job_id, device_id
-            found.update((job_id, newest) for job_id, newest in s.execute(newest_lookup(len(part)), params)
-                         if newest is not None)
+            found.update((job_id, (epoch, newest)) for job_id, epoch, newest
+                         in s.execute(newest_lookup(len(part)), params) if newest is not None)
         return found
 
     def insert_events(self, s: Session, events: list[dict[str, Any]]) -> None:
@@ -151,11 +152,13 @@ def _lookup_size(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-# A job's newest status: its device's statuses, newest first along the unique index, down to
-# the first of that job (usually the very first): the cost does not grow with the history.
-_NEWEST_OF = ("(SELECT CAST(e.boot AS BIGINT) * %d + e.seq FROM status_events e "
-              "WHERE e.device_id = v.device_id AND e.job_id = v.job_id "
-              "ORDER BY e.boot DESC, e.seq DESC LIMIT 1)" % SEQ_SPAN)
+# A job's newest status: the epoch of the last one stored for it (along the job_id index: a
+# job has a few dozen statuses at most), then the highest (boot, seq) of that epoch. Statuses
+# of an older epoch do not count: their device started over since.
+_OF_JOB = "FROM status_events e WHERE e.device_id = v.device_id AND e.job_id = v.job_id"
+_EPOCH_OF = f"(SELECT e.epoch {_OF_JOB} ORDER BY e.id DESC LIMIT 1)"
+_NEWEST_OF = (f"{_EPOCH_OF}, (SELECT MAX(CAST(e.boot AS BIGINT) * {SEQ_SPAN} + e.seq) {_OF_JOB} "
+              f"AND e.epoch = {_EPOCH_OF})")
 
 
 @functools.lru_cache(maxsize=16)
@@ -166,10 +169,10 @@ def newest_lookup(n: int) -> TextClause:
 
 @functools.lru_cache(maxsize=16)
 def lookup(n: int) -> TextClause:
-    rows = ", ".join(f"(:d{i}, :b{i}, :s{i})" for i in range(n))
-    return text(f"WITH v (device_id, boot, seq) AS (VALUES {rows}) "
-                "SELECT e.device_id, e.boot, e.seq FROM v JOIN status_events e "
-                "ON e.device_id = v.device_id AND e.boot = v.boot AND e.seq = v.seq")
+    rows = ", ".join(f"(:d{i}, :e{i}, :b{i}, :s{i})" for i in range(n))
+    return text(f"WITH v (device_id, epoch, boot, seq) AS (VALUES {rows}) "
+                "SELECT e.device_id, e.epoch, e.boot, e.seq FROM v JOIN status_events e "
+                "ON e.device_id = v.device_id AND e.epoch = v.epoch AND e.boot = v.boot AND e.seq = v.seq")
 
 
 # ------------------------------------------------------------------------------ PostgreSQL
@@ -216,11 +219,17 @@ class PostgreSQL(Portable):
                          "ORDER BY id FOR NO KEY UPDATE")
     # One index lookup per key (LIMIT 1 keeps the planner from turning the join into a scan
     # of the whole table, which it did for a 10,000-row history).
-    _KNOWN = text("SELECT v.device_id, v.boot, v.seq "
-                  f"FROM {_recordset(_events, ['device_id', 'boot', 'seq'])} "
+    _KNOWN = text("SELECT v.device_id, v.epoch, v.boot, v.seq "
+                  f"FROM {_recordset(_events, ['device_id', 'epoch', 'boot', 'seq'])} "
                   "CROSS JOIN LATERAL (SELECT 1 FROM status_events e WHERE e.device_id = v.device_id "
-                  "AND e.boot = v.boot AND e.seq = v.seq LIMIT 1) AS found")
-    _NEWEST = text(f"SELECT v.job_id, {_NEWEST_OF} FROM {_recordset(_events, ['job_id', 'device_id'])}")
+                  "AND e.epoch = v.epoch AND e.boot = v.boot AND e.seq = v.seq LIMIT 1) AS found")
+    # The same answer as _NEWEST_OF in one pass over the job's statuses (a third of the time of
+    # the two subqueries): per epoch its highest (boot, seq) and last id, the last epoch first.
+    _NEWEST = text("SELECT v.job_id, n.epoch, n.newest "
+                   f"FROM {_recordset(_events, ['job_id', 'device_id'])} CROSS JOIN LATERAL ("
+                   f"SELECT e.epoch, MAX(CAST(e.boot AS BIGINT) * {SEQ_SPAN} + e.seq) AS newest, MAX(e.id) AS last "
+                   "FROM status_events e WHERE e.device_id = v.device_id AND e.job_id = v.job_id "
+                   "GROUP BY e.epoch ORDER BY last DESC LIMIT 1) AS n")
     # Ordered by position: event ids follow arrival order.
     _INSERT = text(f"INSERT INTO status_events ({', '.join(EVENT_COLUMNS)}) "
                    f"SELECT {', '.join(EVENT_COLUMNS)} FROM {_recordset(_events, EVENT_COLUMNS)} ORDER BY n")
@@ -243,13 +252,15 @@ class PostgreSQL(Portable):
     def lock_devices(self, s: Session, device_ids: set[str]) -> dict[str, str | None]:
         return dict(s.execute(self._LOCK_DEVICES, {"ids": list(device_ids)}).all())
 
-    def known_statuses(self, s: Session, keys: list[tuple[str, int, int]]) -> set[tuple[str, int, int]]:
-        rows = _rows([{"device_id": device_id, "boot": boot, "seq": seq} for device_id, boot, seq in keys])
+    def known_statuses(self, s: Session, keys: list[tuple[str, int, int, int]]) -> set[tuple[str, int, int, int]]:
+        rows = _rows([{"device_id": device_id, "epoch": epoch, "boot": boot, "seq": seq}
+                      for device_id, epoch, boot, seq in keys])
         return {tuple(row) for row in s.execute(self._KNOWN, {"rows": rows})}
 
-    def newest_statuses(self, s: Session, jobs: dict[int, str]) -> dict[int, int]:
+    def newest_statuses(self, s: Session, jobs: dict[int, str]) -> dict[int, tuple[int, int]]:
         rows = _rows([{"job_id": job_id, "device_id": device_id} for job_id, device_id in jobs.items()])
-        return {job_id: newest for job_id, newest in s.execute(self._NEWEST, {"rows": rows}) if newest is not None}
+        return {job_id: (epoch, newest) for job_id, epoch, newest in s.execute(self._NEWEST, {"rows": rows})
+                if newest is not None}
 
     def insert_events(self, s: Session, events: list[dict[str, Any]]) -> None:
         s.execute(self._INSERT, {"rows": _rows(events)})

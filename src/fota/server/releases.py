@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from fota.device import protocol
 from fota.server.store import Release, Store
 from fota.tools import bundle
-from fota.tools.keyring import Signer
+from fota.tools.keyring import COMMAND_TTL, Signer
 from fota.tools.signing import key_id, public_key_bytes, sign
 
 __all__ = ["KINDS", "ReleaseError", "build_manifest", "create_release", "get_release",
@@ -96,13 +96,15 @@ def build_manifest(version: str, hardware: list[str], kind: str, image: bytes, c
 def update_command(job_id: int, device_id: str, release: Release, signer: Signer,
                    chunk: int = protocol.DEFAULT_CHUNK_SIZE, window: int = protocol.DEFAULT_WINDOW,
                    now: int | None = None, wrapped_key: str | None = None,
-                   delta: dict | None = None, min_battery: int | None = None) -> bytes:
+                   delta: dict | None = None, min_battery: int | None = None,
+                   ttl: int = COMMAND_TTL) -> bytes:
     """The signed `update` command (§4.1) for one job on one device, as published on `cmd`.
 
     delta: the descriptor of the patch sent instead of the image (fota.server.delta), or None.
 
     wrapped_key: for an encrypted release, the release key wrapped for this device
-    (wrap_release_key). min_battery: the deployment's battery gate (§5.1), if any.
+    (wrap_release_key). min_battery: the deployment's battery gate (§5.1), if any. ttl: seconds
+    until the command expires (its `exp`, §4).
     """
     body = {"type": "update", "job": job_id, "device": device_id, "manifest": release.manifest,
             "manifest_kid": release.key_id, "manifest_sig": release.signature, "chunk": chunk,
@@ -113,7 +115,7 @@ def update_command(job_id: int, device_id: str, release: Release, signer: Signer
         body["delta"] = delta
     if min_battery:
         body["min_battery"] = min_battery
-    return signer.command(body, now)
+    return signer.command(body, now, ttl)
 
 
 def _load_image(source: str | os.PathLike | bytes, kind: str | None) -> tuple[bytes, str]:

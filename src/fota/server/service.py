@@ -50,7 +50,7 @@ from fota.server.delta import DEFAULT_WBITS, get_delta, load_delta
 from fota.server.deployments import ACTIVE, CANCEL, DONE, PENDING, SENT, TERMINAL_STATES, TIMED_OUT, UPDATE, expire_jobs
 from fota.server.ingest import REJECTED, BatchResult, Incoming, write_batch
 from fota.server.releases import ReleaseError, read_blob, update_command, wrap_release_key
-from fota.tools.keyring import Signer
+from fota.tools.keyring import COMMAND_TTL, Signer
 from fota.server.store import Deployment, Device, Job, Release, Store, utcnow
 from fota.server.store.inlists import IN_LIST_MAX, chunks, id_ranges, in_ranges
 
@@ -95,6 +95,8 @@ def parse_status(payload: bytes) -> dict[str, Any]:
     for name in ("boot", "seq"):
         if not _is_int(msg.get(name)) or not 0 <= msg[name] <= MAX_ID:
             raise ValueError(f"{name} must be an integer 0..{MAX_ID}")
+    if not (msg.get("epoch") is None or (_is_int(msg["epoch"]) and 0 <= msg["epoch"] <= protocol.MAX_EPOCH)):
+        raise ValueError(f"epoch must be an integer 0..{protocol.MAX_EPOCH} or absent")
     if not (msg.get("job") is None or (_is_int(msg["job"]) and 0 <= msg["job"] <= MAX_ID)):
         raise ValueError(f"job must be an integer 0..{MAX_ID} or null")
     for name, kind in (("code", str), ("reason", str), ("version", str),
@@ -191,13 +193,19 @@ class ControlCenter:
                  signer: Signer | None = None, keys_update: bytes | None = None,
                  ssl_context: ssl.SSLContext | None = None, delta_wbits: int | None = DEFAULT_WBITS,
                  campaign_interval: float | None = 1.0, share_group: str | None = None,
-                 lease: float = workers.LEASE, heartbeat_interval: float = workers.HEARTBEAT):
+                 lease: float = workers.LEASE, heartbeat_interval: float = workers.HEARTBEAT,
+                 command_ttl: int = COMMAND_TTL):
         if not protocol.MIN_CHUNK_SIZE <= chunk <= protocol.MAX_CHUNK_SIZE:
             raise ValueError(f"chunk must be {protocol.MIN_CHUNK_SIZE}..{protocol.MAX_CHUNK_SIZE}")
         if not 1 <= window <= protocol.MAX_WINDOW:
             raise ValueError(f"window must be 1..{protocol.MAX_WINDOW}")
         if delta_wbits is not None and not 9 <= delta_wbits <= 15:
             raise ValueError("delta_wbits must be 9..15, or None for no delta updates")
+        if not _is_int(command_ttl) or command_ttl < 1:
+            raise ValueError("command_ttl must be a positive number of seconds")
+        # Seconds a signed command stays acceptable (its `exp`); a device that refuses one as
+        # expired gets it signed again (fota.server.expiry).
+        self.command_ttl = command_ttl
         self.store = store
         # Largest delta window used (a device's own limit may be lower); None: full images only.
         self.delta_wbits = delta_wbits
@@ -798,7 +806,7 @@ class ControlCenter:
         for job_id, device_id, inventory, device_key, release, kind, target_job, min_battery in rows:
             if kind == CANCEL:
                 command = self.signer.command({"type": "cancel", "job": job_id, "device": device_id,
-                                               "target": target_job})
+                                               "target": target_job}, ttl=self.command_ttl)
                 outgoing.append(_Outgoing(job_id, device_id, command, _JobInfo(device_id, SENT, None, self.client_id)))
                 continue
             chunk = self.chunk
@@ -813,7 +821,7 @@ class ControlCenter:
             patch = self._delta_for(release, inventory or {})
             command = update_command(job_id, device_id, release, self.signer, chunk, self.window,
                                      wrapped_key=wrapped, delta=patch.descriptor() if patch else None,
-                                     min_battery=min_battery)
+                                     min_battery=min_battery, ttl=self.command_ttl)
             blob = patch.data if patch else self._blob(release)
             outgoing.append(_Outgoing(job_id, device_id, command, _JobInfo(device_id, SENT, blob, self.client_id),
                                       patch.id if patch else None))
@@ -956,7 +964,7 @@ class ControlCenter:
             try:
                 result = await self._db_call(self._write_batch, items, counts)
             except IntegrityError:
-                # (device, boot, seq) stored meanwhile by another writer: a duplicate
+                # (device, epoch, boot, seq) stored meanwhile by another writer: a duplicate
                 total.duplicates += 1
                 continue
             except Exception:

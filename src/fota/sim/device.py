@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections import deque
 
@@ -153,6 +154,8 @@ class SimDevice:
             raise Reboot()
         agent = self._read("agent.json") or {}
         agent["boot"] = agent.get("boot", 0) + 1
+        if not agent.get("epoch"):  # a new device (or a simulator restarted with the same ids)
+            agent["epoch"] = C.new_epoch(os.urandom(4))
         identity = {
             "id": self.id, "hardware": self.hardware, "root": self.root_key,
             "trust": self._read("keys.json") or self.trust, "capacity": self.backend.capacity,

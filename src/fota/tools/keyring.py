@@ -22,6 +22,10 @@ from fota.tools.signing import (SigningError, generate_private_key, key_id, load
                                 public_key_bytes, save_private_key, sign)
 
 DEFAULT_VALIDITY = 5 * 365 * 24 * 3600
+# Seconds a signed command stays acceptable (its "exp" = "time" + this; docs/protocol.md §4):
+# a command captured or stuck in a queue cannot be replayed long after. A sleeping device that
+# wakes later refuses it (E_EXPIRED) and the control center signs it again (§9).
+COMMAND_TTL = 24 * 3600
 USAGES = ("release", "command")
 
 
@@ -59,9 +63,11 @@ class Signer:
     def sign(self, message: bytes) -> str:
         return sign(self.key, message).hex()
 
-    def command(self, body: dict, now: int | None = None) -> bytes:
+    def command(self, body: dict, now: int | None = None, ttl: int = COMMAND_TTL) -> bytes:
+        """The signed envelope of a device command: `time` (now) and `exp` (now + ttl) added."""
         body = dict(body)
         body.setdefault("time", int(time.time() if now is None else now))
+        body.setdefault("exp", body["time"] + ttl)
         return envelope(self.key, body)
 
 

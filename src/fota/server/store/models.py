@@ -250,10 +250,10 @@ class Job(Base):
 
 
 class StatusEvent(Base):
-    """A status message received from a device (deduplicated on device/boot/seq)."""
+    """A status message received from a device (deduplicated on device/epoch/boot/seq)."""
 
     __tablename__ = "status_events"
-    __table_args__ = (UniqueConstraint("device_id", "boot", "seq", name="uq_status_dedup"),)
+    __table_args__ = (UniqueConstraint("device_id", "epoch", "boot", "seq", name="uq_status_dedup"),)
 
     id: Mapped[int] = mapped_column(
         Integer().with_variant(BigInteger(), "postgresql"), primary_key=True, autoincrement=True
@@ -266,6 +266,9 @@ class StatusEvent(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     progress: Mapped[float | None] = mapped_column(Float)
     version: Mapped[str | None] = mapped_column(String(64))
+    # The device's boot epoch (random, new when its agent state is created; 0: none sent): a
+    # device whose boot counter starts over sends statuses of a new epoch.
+    epoch: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     boot: Mapped[int] = mapped_column(Integer)
     seq: Mapped[int] = mapped_column(Integer)
     payload: Mapped[Any] = mapped_column(JSONType())

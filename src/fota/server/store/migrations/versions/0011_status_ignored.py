@@ -2,7 +2,7 @@
 such job, a job that had already ended); NULL for every status that did (and for the existing rows).
 
 Revision ID: 0011
-Revises: 0008
+Revises: 0009
 Create Date: 2026-12-04
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0011"
-down_revision: str | None = "0008"
+down_revision: str | None = "0009"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
