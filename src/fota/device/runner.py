@@ -403,8 +403,15 @@ class Device:
                 # What was pending stays first: it was decided before this connection. But what
                 # a new connection sends again anyway is dropped (_superseded); kept, a link that
                 # breaks every connection grew the queue by ~0.5 KB per connection until the heap
-                # ran out.
-                self.pending = [a for a in self.pending if not _superseded(a)]
+                # ran out. A dropped health report leaves a gap in this boot's seq numbers: the
+                # log names it, so that a gap can be told from a lost status (bench/_faults.py).
+                kept = []
+                for a in self.pending:
+                    if not _superseded(a):
+                        kept.append(a)
+                    elif a[1] == P.STATUS:
+                        log(DROPPED_HEALTH, a[2])
+                self.pending = kept
                 # The connection's time counts from the start of its handshake: on a link that
                 # breaks every connection right after the chunk request, the time after the
                 # subscribe alone is a fraction of a millisecond and the stall deadline would
@@ -424,6 +431,10 @@ class Device:
             self.execute(self.core.tick(self.now()))
             if self.app is not None and hasattr(self.app, "tick"):
                 self.app.tick()
+
+
+# Log prefix of a health report dropped unsent (superseded by the next connection's): its JSON follows.
+DROPPED_HEALTH = "superseded health report dropped:"
 
 
 def _superseded(action):
