@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -29,7 +30,6 @@ from sqlalchemy import select
 from fota.device.runner import DROPPED_HEALTH
 from fota.server.store import StatusEvent
 from fota.tools.devicedir import verify_slot
-from fota.tools.waiting import TimedOut
 
 Key = tuple[str, int, int]   # (device, boot, seq)
 
@@ -83,24 +83,29 @@ def files_manifest(files: dict[str, bytes]) -> dict:
 
 
 def device_outcome(fleet, device_id: str, manifests: dict[str, dict], online_timeout: float = 30) -> dict:
-    """What the bench can observe of one device at the end: the version it runs, whether that
-    slot holds exactly the version's files (`manifests`: version -> manifest), whether it is on
-    trial and back online on that version; `bricked` if any of these fails."""
+    """What the bench can observe of one device once it settled (off trial and online on the
+    version its boot record names; waited for up to `online_timeout` s, since a device may still
+    be rebooting or on trial when a case ends): the version it runs, whether that slot holds
+    exactly the version's files (`manifests`: version -> manifest), and `bricked` if it did not
+    settle or its slot is not verified."""
     root = Path(fleet.devices[device_id].root)
-    try:
-        record = json.loads((root / "boot.json").read_text())
-    except (OSError, ValueError) as exc:
-        return {"running": None, "verified": False, "problems": [f"boot record unreadable: {exc}"],
-                "on_trial": False, "online": False, "bricked": True}
-    running = record.get("versions", {}).get(record.get("active"))
-    manifest = manifests.get(running)
-    problems = (verify_slot(root, record["active"], manifest) if manifest
-                else [f"runs {running!r}, not a version this bench knows"])
-    try:
-        fleet.wait_online([device_id], timeout=online_timeout, version=running)
-        online = True
-    except TimedOut:
-        online = False
-    on_trial = record.get("trial") is not None
+    deadline = time.monotonic() + online_timeout
+    while True:
+        try:
+            record = json.loads((root / "boot.json").read_text())
+        except (OSError, ValueError):
+            record = None   # being replaced right now, or gone
+        running = record.get("versions", {}).get(record.get("active")) if record else None
+        on_trial = bool(record) and record.get("trial") is not None
+        online = record is not None and fleet.online([device_id], version=running)
+        if (online and not on_trial) or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    if record is None:
+        problems = ["boot record unreadable"]
+    elif running in manifests:
+        problems = verify_slot(root, record["active"], manifests[running])
+    else:
+        problems = [f"runs {running!r}, not a version this bench knows"]
     return {"running": running, "verified": not problems, "problems": problems, "on_trial": on_trial,
             "online": online, "bricked": bool(problems) or on_trial or not online}
