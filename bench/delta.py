@@ -33,7 +33,7 @@ from fota.tools.mpy import build_agent
 
 ROOT = Path(__file__).resolve().parent.parent
 # $FOTA_CORPUS/esp8266, or shared/corpus/esp8266 beside the checkout (fota.tools.corpus)
-DEFAULT_CORPUS = (corpus_dir() or ROOT.parent / "shared" / "corpus") / "esp8266"
+DEFAULT_CORPUS = (corpus_dir(ROOT) or ROOT.parent / "shared" / "corpus") / "esp8266"
 DEFAULT_OUT = ROOT / "bench" / "results" / "delta.json"
 TARGET_RATIO = 1.15      # fota patch at the target window <= 1.15 x the smallest reference
 TARGET_HEAP_KIB = 24     # decoder alone within 24 KiB of MicroPython heap

@@ -26,7 +26,7 @@ from fleet import Fleet, wait_until
 def corpus_pairs():
     """Consecutive esp8266 images of the firmware corpus (fota.tools.corpus: $FOTA_CORPUS, or
     shared/corpus beside the checkout)."""
-    files = corpus_images("esp8266")
+    files = corpus_images("esp8266", start=Path(__file__))
     return list(zip(files, files[1:]))
 
 
