@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-from bench import delta, e2e, fleet as fleet_bench, powercut, restarts
+from bench import delta, e2e, fleet as fleet_bench, netfaults, powercut, restarts
 from bench._faults import seq_gaps, status_gaps
 from fota.device.runner import DROPPED_HEALTH
 from fota.server.store import StatusEvent, Store
@@ -92,3 +92,12 @@ def test_e2e_and_fleet_failures_are_failed_runs_not_missed_targets():
     assert fleet_bench.failures(broken) == ["deploy N=1000, fota: not all confirmed",
                                             "ingest postgres: TimedOut: 20000 statuses stored",
                                             "2 worker(s): 999/1000 confirmed"]
+
+
+def test_netfaults_run_passes_only_with_every_device_confirmed_verified_and_nothing_lost():
+    case = {"devices": 2, "confirmed": 2, "verified": 2, "bricked": 0, "lost_statuses": 0, "superseded_health": 3}
+    assert netfaults.passed([case])  # health reports dropped unsent are not lost statuses
+    assert not netfaults.passed([])  # no case ran
+    assert not netfaults.passed([case, dict(case, lost_statuses=1)])
+    assert not netfaults.passed([dict(case, bricked=1)])
+    assert not netfaults.passed([dict(case, verified=1)])
