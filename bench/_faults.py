@@ -5,8 +5,9 @@ Lost statuses. A device numbers its statuses (boot, seq): `boot` is its persiste
 once by (device, boot, seq) (`StatusEvent`). So within one boot of one device, every seq below the
 highest one stored must be stored too: each one missing is a status the device published (or
 generated) that never reached the table, a **lost status**, with one exception the device
-itself documents: a health report still unsent when its connection died is dropped, since the next
-connection sends a fresh one (fota.device.runner), and the device logs each such drop with its
+itself documents: a health report still unsent when its connection died (or when the device
+rebooted into an update) is dropped, since the next connection sends a fresh one
+(fota.device.runner), and the device logs each such drop with its
 JSON (`DROPPED_HEALTH`). A gap the device log names that way is counted apart ("superseded health
 reports"), not as lost; every other gap is lost. What a device generated after its last stored
 status of a boot (the tail cut by a crash) leaves no gap and is not counted here; a bench that
