@@ -27,13 +27,13 @@ from pathlib import Path
 
 from bench._report import print_table
 from fota.server.delta import DEFAULT_COPY_RUN, encode
+from fota.tools.corpus import corpus_dir
 from fota.tools.deltarun import SCRIPT, apply_with_micropython, micropython_binary
 from fota.tools.mpy import build_agent
 
 ROOT = Path(__file__).resolve().parent.parent
-# ../shared/corpus/esp8266 beside the repository (from a worktree, the nearest such ancestor)
-DEFAULT_CORPUS = next((d / "shared" / "corpus" / "esp8266" for d in ROOT.parents
-                       if (d / "shared" / "corpus" / "esp8266").is_dir()), ROOT.parent / "shared" / "corpus" / "esp8266")
+# $FOTA_CORPUS/esp8266, or shared/corpus/esp8266 beside the checkout (fota.tools.corpus)
+DEFAULT_CORPUS = (corpus_dir(ROOT) or ROOT.parent / "shared" / "corpus") / "esp8266"
 DEFAULT_OUT = ROOT / "bench" / "results" / "delta.json"
 TARGET_RATIO = 1.15      # fota patch at the target window <= 1.15 x the smallest reference
 TARGET_HEAP_KIB = 24     # decoder alone within 24 KiB of MicroPython heap
@@ -57,42 +57,50 @@ def _timed(fn):
     return {"bytes": size, "encode_s": round(time.perf_counter() - t, 3)}
 
 
-def references(old: Path, new: Path, tmp: Path) -> dict[str, dict]:
-    """name -> {"bytes", "encode_s"} or {"skipped": why}."""
+REFERENCE_TOOLS = ("bsdiff4", "detools", "xdelta3", "zstd")
+
+
+def references(old: Path, new: Path, tmp: Path, tools=REFERENCE_TOOLS) -> dict[str, dict]:
+    """name -> {"bytes", "encode_s"} or {"skipped": why}, for the requested `tools`."""
     out: dict[str, dict] = {}
     a, b = old.read_bytes(), new.read_bytes()
-    try:
-        import bsdiff4
-        out["bsdiff4 (BSDIFF40)"] = _timed(lambda: len(bsdiff4.diff(a, b)))
-    except ImportError:
-        out["bsdiff4 (BSDIFF40)"] = {"skipped": "pip install bsdiff4"}
-    try:
-        import detools
-        for comp in ("heatshrink", "lzma"):
-            def run(comp=comp):
-                f = io.BytesIO()
-                detools.create_patch(io.BytesIO(a), io.BytesIO(b), f, compression=comp, patch_type="sequential")
-                return len(f.getvalue())
-            out[f"detools sequential {comp}"] = _timed(run)
-    except ImportError:
-        for comp in ("heatshrink", "lzma"):
-            out[f"detools sequential {comp}"] = {"skipped": "pip install detools"}
-    if shutil.which("xdelta3"):
-        def xd():
-            subprocess.run(["xdelta3", "-e", "-9", "-f", "-s", str(old), str(new), str(tmp / "x.vcdiff")],
-                           check=True, capture_output=True)
-            return (tmp / "x.vcdiff").stat().st_size
-        out["xdelta3 -9"] = _timed(xd)
-    else:
-        out["xdelta3 -9"] = {"skipped": "xdelta3 not installed (apt-get install xdelta3)"}
-    if shutil.which("zstd"):
-        def zs():
-            subprocess.run(["zstd", "-q", "-19", "-f", "--single-thread", "--patch-from", str(old), str(new),
-                            "-o", str(tmp / "z.zst")], check=True, capture_output=True)
-            return (tmp / "z.zst").stat().st_size
-        out["zstd -19 --patch-from"] = _timed(zs)
-    else:
-        out["zstd -19 --patch-from"] = {"skipped": "zstd not installed (apt-get install zstd)"}
+    if "bsdiff4" in tools:
+        try:
+            import bsdiff4
+            out["bsdiff4 (BSDIFF40)"] = _timed(lambda: len(bsdiff4.diff(a, b)))
+        except ImportError:
+            out["bsdiff4 (BSDIFF40)"] = {"skipped": "pip install bsdiff4"}
+    if "detools" in tools:
+        try:
+            import detools
+            for comp in ("heatshrink", "lzma"):
+                def run(comp=comp):
+                    f = io.BytesIO()
+                    detools.create_patch(io.BytesIO(a), io.BytesIO(b), f, compression=comp,
+                                         patch_type="sequential")
+                    return len(f.getvalue())
+                out[f"detools sequential {comp}"] = _timed(run)
+        except ImportError:
+            for comp in ("heatshrink", "lzma"):
+                out[f"detools sequential {comp}"] = {"skipped": "pip install detools"}
+    if "xdelta3" in tools:
+        if shutil.which("xdelta3"):
+            def xd():
+                subprocess.run(["xdelta3", "-e", "-9", "-f", "-s", str(old), str(new), str(tmp / "x.vcdiff")],
+                               check=True, capture_output=True)
+                return (tmp / "x.vcdiff").stat().st_size
+            out["xdelta3 -9"] = _timed(xd)
+        else:
+            out["xdelta3 -9"] = {"skipped": "xdelta3 not installed (apt-get install xdelta3)"}
+    if "zstd" in tools:
+        if shutil.which("zstd"):
+            def zs():
+                subprocess.run(["zstd", "-q", "-19", "-f", "--single-thread", "--patch-from", str(old), str(new),
+                                "-o", str(tmp / "z.zst")], check=True, capture_output=True)
+                return (tmp / "z.zst").stat().st_size
+            out["zstd -19 --patch-from"] = _timed(zs)
+        else:
+            out["zstd -19 --patch-from"] = {"skipped": "zstd not installed (apt-get install zstd)"}
     return out
 
 
@@ -203,11 +211,17 @@ def main(argv=None) -> int:
     p.add_argument("--target-wbits", type=int, default=12, help="window the targets are checked at")
     p.add_argument("--copy-run", type=int, default=DEFAULT_COPY_RUN, help="zero diff bytes in a row that become a copy")
     p.add_argument("--chunk", type=int, default=2048, help="patch bytes fed to the decoder at a time")
-    p.add_argument("--skip-refs", action="store_true", help="skip the reference tools")
+    p.add_argument("--refs", default=",".join(REFERENCE_TOOLS),
+                   help="reference tools to measure, comma-separated; one that is missing fails the run")
+    p.add_argument("--skip-refs", action="store_true", help="skip the reference tools (= --refs '')")
     p.add_argument("--skip-heap", action="store_true", help="skip the decoder heap bisection")
     p.add_argument("--skip-agent", action="store_true", help="skip the whole-agent delta update heap search")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results")
     args = p.parse_args(argv)
+    args.refs = [] if args.skip_refs else [t for t in args.refs.split(",") if t]
+    unknown = set(args.refs) - set(REFERENCE_TOOLS)
+    if unknown:
+        p.error(f"--refs: unknown {', '.join(sorted(unknown))} (known: {', '.join(REFERENCE_TOOLS)})")
     windows = [int(w) for w in args.windows.split(",") if w]
     if args.target_wbits not in windows:
         windows.append(args.target_wbits)
@@ -240,8 +254,8 @@ def main(argv=None) -> int:
                         row["applied_ok"] = False
                 pair["fota"][str(w)] = row
                 log(f"  fota 2**{w}: {row}")
-            if not args.skip_refs:
-                pair["refs"] = references(old, new, tmp)
+            if args.refs:
+                pair["refs"] = references(old, new, tmp, args.refs)
                 sizes = [r["bytes"] for r in pair["refs"].values() if "bytes" in r]
                 pair["smallest_ref"] = min(sizes) if sizes else None
                 target = pair["fota"][str(args.target_wbits)]["bytes"]
@@ -250,10 +264,32 @@ def main(argv=None) -> int:
         if not args.skip_agent:
             results["agent"] = agent_heap(tmp, args.target_wbits)
     report(results, args)
+    results["failures"] = failures(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     log(f"wrote {args.out}")
-    return 0
+    for problem in results["failures"]:
+        print("FAILED:", problem)
+    return 1 if results["failures"] else 0
+
+
+def failures(results: dict) -> list[str]:
+    """Why the run failed (empty: it did; the targets are verdicts, not failures): a requested
+    reference tool missing, a patch the MicroPython decoder did not apply, a heap search that
+    found no heap at all."""
+    out = []
+    for p in results["pairs"]:
+        name = f"{_short(p['old'])} -> {_short(p['new'])}"
+        out += [f"{name}: {tool} {r['skipped']}" for tool, r in p.get("refs", {}).items() if "skipped" in r]
+        for w, r in p["fota"].items():
+            if r.get("applied_ok") is False:
+                out.append(f"{name}: the 2^{w} patch was not applied correctly under MicroPython")
+            if "smallest_heap_kib" in r and r["smallest_heap_kib"] is None:
+                out.append(f"{name}: the 2^{w} patch does not apply within any heap tried")
+    agent = results.get("agent")
+    if agent and agent["smallest_heap_kib"] is None:
+        out.append("whole agent: no heap tried completed a delta update")
+    return out
 
 
 def report(results: dict, args) -> None:

@@ -510,11 +510,30 @@ def main(argv=None) -> int:
             probe = results["heap"]["first_failed_kib"] or results["heap"]["smallest_ok_kib"] or args.heap_start
             results["footprint"] = import_footprint(max(probe, 64))
     results["elapsed_s"] = round(time.monotonic() - t_begin, 1)
+    results["failures"] = failures(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     render(results)
     print(f"\nJSON: {args.out}   ({results['elapsed_s']:.0f} s)")
-    return 0
+    for problem in results["failures"]:
+        print("FAILED:", problem)
+    return 1 if results["failures"] else 0
+
+
+def failures(results: dict) -> list[str]:
+    """Why the run failed (empty: it did; the targets are verdicts, not failures): an update not
+    confirmed on every device, a floor transfer that did not complete, no heap passing at all."""
+    out = []
+    for run in results["runs"]:
+        n = run["fota"]["devices"]
+        if run["fota"]["confirmed"] != n:
+            out.append(f"N={n}: {run['fota']['confirmed']}/{n} jobs confirmed")
+        if not run["floor"]["complete"]:
+            out.append(f"N={n}: the floor transfer did not complete")
+    heap = results.get("heap")
+    if heap and heap["smallest_ok_kib"] is None:
+        out.append("heap search: no heap passed a full update")
+    return out
 
 
 if __name__ == "__main__":

@@ -700,10 +700,31 @@ def main(argv=None) -> int:
         print_table(f"deployment of a {args.image_kib} KiB image with several workers (PostgreSQL)",
                     ["workers", "devices", "started s", "wall s", "speedup vs 1", "confirmed", "jobs per worker",
                      "workers CPU s", "note"], [[_fmt(v) for v in r] for r in rows])
+    results["failures"] = failures(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1, default=str))
     log(f"results in {args.out}")
-    return 0
+    for problem in results["failures"]:
+        print("FAILED:", problem)
+    return 1 if results["failures"] else 0
+
+
+def failures(results: dict) -> list[str]:
+    """Why the run failed (empty: it did; the targets are verdicts, not failures): a measurement
+    that raised or timed out (its "error"), or a deployment with a job not confirmed."""
+    out = []
+    for d in results["deploy"]:
+        runs = [("fota", d["fota"])] + [(f"{kind} floor", f) for kind, f in d["floors"].items()]
+        out += [f"deploy N={d['devices']}, {name}: {r['error']}" for name, r in runs if r.get("error")]
+        if not d["fota"].get("error") and d["fota"].get("confirmed") != d["devices"]:
+            out.append(f"deploy N={d['devices']}: {d['fota'].get('confirmed')}/{d['devices']} confirmed")
+    out += [f"ingest {r['db']}: {r['error']}" for r in results["ingest"] if r.get("error")]
+    for r in results["workers"]:
+        if r.get("error"):
+            out.append(f"{r['workers']} worker(s): {r['error']}")
+        elif r.get("confirmed") != r["devices"]:
+            out.append(f"{r['workers']} worker(s): {r.get('confirmed')}/{r['devices']} confirmed")
+    return out
 
 
 if __name__ == "__main__":

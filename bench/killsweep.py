@@ -27,12 +27,13 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from bench._faults import device_outcome, files_manifest, status_gaps
 from bench._fleet import Fleet, TimedOut, bundle_of_size, wait_until
 from bench._report import print_table
 from fota.device import protocol as P
 from fota.server.deployments import create_deployment
+from fota.examples import hello_files
 from fota.tools.brokerspy import BrokerSpy
-from fota.tools.devicedir import verify_slot
 from fota.tools.supervisor import DEFAULT_HEAP
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -304,7 +305,8 @@ class Sweep:
         sys.setswitchinterval(0.0005)
         self.durations = Durations()
         self.trial_boots: dict[tuple[str, int], float] = {}
-        self.manifests: dict[str, dict] = {}
+        self.manifests: dict[str, dict] = {"1.0.0": files_manifest(hello_files("1.0.0"))}
+        self.gaps_seen: set = set()   # (boot, seq) gaps already counted in an earlier round
         self.stop = threading.Event()
         self.version = "1.0.0"
         self.rounds: list[dict] = []
@@ -369,27 +371,17 @@ class Sweep:
         devices = {}
         for d, job in jobs.items():
             state, code, reason = states[job]
-            rec = _read_json(Path(self.fleet.devices[d].root) / "boot.json") or {}
-            running = rec.get("versions", {}).get(rec.get("active"))
-            try:  # reachable, on the version its boot record says it runs
-                self.fleet.wait_online([d], timeout=30, version=running)
-                online = True
-            except TimedOut:
-                online = False
-            manifest = self.manifests.get(running)
-            problems = (verify_slot(self.fleet.devices[d].root, rec["active"], manifest) if manifest
-                        else [f"running {running!r}, not a release of this sweep"])
-            devices[d] = {"job": job, "state": state, "code": code, "reason": reason, "running": running,
-                          "online": online, "verified": not problems, "problems": problems,
-                          "on_trial": rec.get("trial") is not None}
+            devices[d] = {"job": job, "state": state, "code": code, "reason": reason,
+                          **device_outcome(self.fleet, d, self.manifests)}
         completed = sum(1 for v in devices.values() if v["state"] == P.CONFIRMED)
-        # A device running the new version whose job the center does not know as confirmed
-        # lost a status on the way.
-        lost = sum(1 for v in devices.values() if v["running"] == self.version and v["state"] != P.CONFIRMED)
-        # Bricked: not running a verified release, or unreachable.
-        bricked = sum(1 for v in devices.values() if not v["verified"] or not v["online"])
+        # Lost statuses: (boot, seq) gaps in what the center stored, new since the last round.
+        gaps = {kind: [k for k in keys if k not in self.gaps_seen]
+                for kind, keys in status_gaps(self.fleet, self.ids).items()}
+        self.gaps_seen.update(gaps["lost"], gaps["superseded"])
         return {"round": number, "version": self.version, "wall_s": round(wall, 3), "jobs": len(jobs),
-                "completed": completed, "lost_statuses": lost, "bricked": bricked,
+                "completed": completed, "lost_statuses": len(gaps["lost"]), "lost": [list(k) for k in gaps["lost"]],
+                "superseded_health": len(gaps["superseded"]),
+                "bricked": sum(1 for v in devices.values() if v["bricked"]),
                 "verified": sum(1 for v in devices.values() if v["verified"] and v["running"] == self.version),
                 "devices": devices}
 
@@ -451,8 +443,7 @@ class Sweep:
             rows.append({"phase": phase, "kills": len(ks), "devices": len({k["device"] for k in ks}),
                          "jobs": len(jobs),
                          "completed": sum(1 for j in jobs if outcome.get(j, {}).get("state") == P.CONFIRMED),
-                         "bricked": sum(1 for j in jobs if not outcome.get(j, {}).get("verified", False)
-                                        or not outcome.get(j, {}).get("online", False)),
+                         "bricked": sum(1 for j in jobs if outcome.get(j, {}).get("bricked", True)),
                          "verified": sum(1 for j in jobs if outcome.get(j, {}).get("verified"))})
         bad = [s for d in self.ids for s in self.watcher.statuses(d)
                if s.get("code") in BAD_CODES or s.get("state") in (P.FAILED, P.REVERTED)]
@@ -462,6 +453,7 @@ class Sweep:
             "completed": sum(r["completed"] for r in killed_rounds),
             "bricked": sum(r["bricked"] for r in self.rounds),
             "lost_statuses": sum(r["lost_statuses"] for r in self.rounds),
+            "superseded_health": sum(r["superseded_health"] for r in self.rounds),
             "verified": sum(r["verified"] for r in killed_rounds),
             "bad_statuses": bad, "phases": rows,
             "restarts": {d: self.fleet.devices[d].starts - 1 for d in self.ids},
@@ -516,7 +508,8 @@ def _table(summary: dict, args) -> None:
     print_table(f"kill -9 sweep: {summary['devices']} devices, {summary['rounds']} rounds, {summary['kills']} kills, "
                 f"seed {args.seed}, {args.image_kib} KiB image",
                 ("phase", "kills", "devices", "jobs", "completed", "bricked", "verified versions"), rows,
-                notes=[f"lost statuses: {summary['lost_statuses']}; failed/reverted/bad-hash statuses: "
+                notes=[f"lost statuses ((boot, seq) gaps): {summary['lost_statuses']} (health reports dropped unsent, "
+                       f"superseded: {summary['superseded_health']}); failed/reverted/bad-hash statuses: "
                        f"{len(summary['bad_statuses'])}; round wall time: {summary['baseline_wall_s']} s without "
                        f"kills, median {summary['median_round_wall_s']} s with kills; phase lengths (s) "
                        f"{summary['durations']}"], left=("phase",))

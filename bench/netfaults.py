@@ -22,13 +22,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench._faults import device_outcome, files_manifest, status_gaps
 from bench._fleet import Fleet, TimedOut, bundle_of_size, wait_until
 from bench._report import print_table
 from fota.device import protocol as P
 from fota.server.deployments import create_deployment
 from fota.server.fleet import provision_device
 from fota.examples import hello_files
-from fota.tools.devicedir import create_device_dir, verify_slot
+from fota.tools.devicedir import create_device_dir
 from fota.tools.faultproxy import FaultProxy
 from fota.tools.supervisor import DEFAULT_HEAP, DeviceProcess
 
@@ -59,11 +60,12 @@ def _devices(fleet: Fleet, proxy: FaultProxy, ids: list[str]) -> None:
         fleet.devices[device_id] = proc.start()
 
 
-def _case(fleet: Fleet, proxy: FaultProxy, ids: list[str], name: str, number: int, args) -> dict:
+def _case(fleet: Fleet, proxy: FaultProxy, ids: list[str], name: str, number: int, args,
+          manifests: dict[str, dict]) -> dict:
     version = f"1.{number}.0"
     image = bundle_of_size(version, args.image_kib * 1024)
     rel = fleet.release(image, version)
-    manifest = json.loads(rel.manifest)
+    manifests[version] = json.loads(rel.manifest)
     up0, down0, cuts0, conns0 = proxy.bytes_up, proxy.bytes_down, proxy.cuts, proxy.connections
     t0 = time.monotonic()
     dep = create_deployment(fleet.store, rel, device_ids=ids)
@@ -71,23 +73,19 @@ def _case(fleet: Fleet, proxy: FaultProxy, ids: list[str], name: str, number: in
     try:
         wait_until(lambda: all(s in P.TERMINAL_STATES for s, _, _ in fleet.job_states(jobs).values()),
                    timeout=args.timeout, interval=0.05, what=f"{name}: every job terminal")
+        finished = True
     except TimedOut as exc:
         log(exc)
+        finished = False
     wall = time.monotonic() - t0
     states = fleet.job_states(jobs)
     with fleet.store.session() as s:
         from fota.server.store import Job
         served = sum(s.get(Job, j).bytes_served or 0 for j in jobs)
-    verified = 0
-    for d in ids:
-        rec = json.loads((Path(fleet.devices[d].root) / "boot.json").read_text())
-        if rec["versions"].get(rec["active"]) == version and not verify_slot(fleet.devices[d].root, rec["active"],
-                                                                             manifest):
-            verified += 1
     total = rel.size * len(ids)
-    return {"case": name, "version": version, "devices": len(ids), "image": rel.size,
+    return {"case": name, "version": version, "devices": len(ids), "image": rel.size, "finished": finished,
             "confirmed": sum(1 for st, _, _ in states.values() if st == P.CONFIRMED),
-            "verified": verified, "codes": sorted({c for _, c, _ in states.values() if c}),
+            "codes": sorted({c for _, c, _ in states.values() if c}),
             "cuts": proxy.cuts - cuts0, "connections": proxy.connections - conns0,
             "down": proxy.bytes_down - down0, "up": proxy.bytes_up - up0, "served": served,
             "down_x": round((proxy.bytes_down - down0) / total, 3), "up_x": round((proxy.bytes_up - up0) / total, 3),
@@ -99,6 +97,8 @@ def run(tmp: Path, args) -> list[dict]:
     fleet.center.center.delta_wbits = None  # full images: the bytes re-sent are against the image
     proxy = FaultProxy(fleet.broker.port).start_thread()
     ids = [f"net-{i:02d}" for i in range(args.devices)]
+    manifests = {"1.0.0": files_manifest(hello_files("1.0.0"))}  # what the devices are provisioned with
+    gaps_so_far: set = set()
     results = []
     try:
         _devices(fleet, proxy, ids)
@@ -119,13 +119,21 @@ def run(tmp: Path, args) -> list[dict]:
                 attr = {"down": "cut_after_down", "up": "cut_after_up", "total": "cut_after"}[args.direction]
                 setattr(proxy, attr, budget)
                 name = f"cut every {budget} B ({args.direction})"
-            r = _case(fleet, proxy, ids, name, number, args)
-            log(f"{name}: {r['confirmed']}/{r['devices']} confirmed, {r['cuts']} cuts, "
-                f"down {r['down_x']}x, served {r['served_x']}x, {r['wall_s']} s")
-            results.append(r)
+            r = _case(fleet, proxy, ids, name, number, args, manifests)
             proxy.cut_after = proxy.cut_after_down = proxy.cut_after_up = None
             proxy.throttle_up = proxy.throttle_down = None
-            fleet.wait_online(ids, timeout=60, version=r["version"]) if r["confirmed"] == len(ids) else None
+            # With the link whole again: bricked = not back online on a verified image.
+            outcome = {d: device_outcome(fleet, d, manifests) for d in ids}
+            gaps = {kind: [k for k in keys if k not in gaps_so_far] for kind, keys in status_gaps(fleet, ids).items()}
+            gaps_so_far.update(gaps["lost"], gaps["superseded"])  # a gap counts in the case it appeared in
+            r.update(verified=sum(1 for o in outcome.values() if o["verified"] and o["running"] == r["version"]),
+                     bricked=sum(1 for o in outcome.values() if o["bricked"]), lost_statuses=len(gaps["lost"]),
+                     lost=[list(k) for k in gaps["lost"]], superseded_health=len(gaps["superseded"]),
+                     outcome=outcome)
+            log(f"{name}: {r['confirmed']}/{r['devices']} confirmed, {r['bricked']} bricked, "
+                f"{r['lost_statuses']} lost statuses ({r['superseded_health']} health reports superseded), {r['cuts']} cuts, "
+                f"down {r['down_x']}x, served {r['served_x']}x, {r['wall_s']} s")
+            results.append(r)
     finally:
         proxy.stop_thread()
         fleet.close()
@@ -154,9 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _table(results: list[dict], args) -> None:
-    cols = ("case", "confirmed", "verified", "cuts", "proxy→dev ×image", "dev→proxy ×image",
-            "center served ×image", "re-sent KiB", "wall s", "× no fault")
-    rows = [[r["case"], f"{r['confirmed']}/{r['devices']}", f"{r['verified']}/{r['devices']}", r["cuts"],
+    cols = ("case", "confirmed", "verified", "bricked", "lost statuses", "superseded health", "cuts", "proxy→dev ×image",
+            "dev→proxy ×image", "center served ×image", "re-sent KiB", "wall s", "× no fault")
+    rows = [[r["case"], f"{r['confirmed']}/{r['devices']}", f"{r['verified']}/{r['devices']}", r["bricked"],
+             r["lost_statuses"], r["superseded_health"], r["cuts"],
              f"{r['down_x']:.2f}", f"{r['up_x']:.2f}", f"{r['served_x']:.2f}", f"{r['resent'] / 1024:.0f}",
              f"{r['wall_s']:.2f}", "" if r["wall_x"] is None else f"{r['wall_x']:.1f}"] for r in results]
     print_table(f"network faults: {args.devices} devices, {args.image_kib} KiB image, chunk {args.chunk}, "
@@ -173,8 +182,14 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps({"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                                     "environment": {"python": platform.python_version(), "cpus": os.cpu_count()},
                                     "results": results}, indent=1))
-    ok = all(r["confirmed"] == r["devices"] == r["verified"] for r in results)
-    return 0 if ok else 1
+    return 0 if passed(results) else 1
+
+
+def passed(results: list[dict]) -> bool:
+    """The run passed: every case ran, and in each every job was confirmed, every device runs the
+    release from a verified slot, none is bricked and no status was lost."""
+    return bool(results) and all(r["confirmed"] == r["devices"] == r["verified"] and not r["bricked"]
+                                 and not r["lost_statuses"] for r in results)
 
 
 if __name__ == "__main__":

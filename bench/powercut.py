@@ -23,6 +23,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from bench._faults import seq_gaps
 from bench._report import print_table
 from fota.powercut import harness as H
 from fota.powercut.scenario import SCENARIOS, build
@@ -53,15 +54,20 @@ class Row:
         self.failures: list[dict] = []
 
     def add(self, case: dict, out: dict, seconds: float) -> None:
+        # Lost: the terminal status never reached the center (the harness's check), plus every
+        # (boot, seq) gap in what it received.
+        gaps = seq_gaps(("device", boot, seq) for boot, seq in out["statuses"])
+        ok = out["ok"] and not gaps
         self.cases += 1
         self.seconds += seconds
-        self.passed += bool(out["ok"])
+        self.passed += bool(ok)
         self.bricked += bool(out["bricked"])
-        self.lost += out["lost"]
+        self.lost += out["lost"] + len(gaps)
         self.resent += out["resent"]
         self.max_resent = max(self.max_resent, out["resent"])
-        if not out["ok"]:
-            self.failures.append(dict(case, **out))
+        if not ok:
+            out = {k: v for k, v in out.items() if k != "statuses"}
+            self.failures.append(dict(case, **out, gaps=[[b, q] for _, b, q in gaps]))
 
     def as_dict(self) -> dict:
         return {"scenario": self.scenario, "phase": self.phase, "n_ops": self.n_ops, "cases": self.cases,
@@ -141,7 +147,8 @@ def show(results: dict, args) -> None:
     for r in rows:
         for f in r.failures[:3]:
             notes.append(f"FAIL {r.scenario} / {r.phase}: cut at {f['cut_at']} torn {f['torn_at']}: "
-                         f"{f['bricked'] or ''} {'; '.join(f['problems'])}")
+                         f"{f['bricked'] or ''} {'; '.join(f['problems'])}"
+                         + (f" (boot, seq) gaps {f['gaps']}" if f["gaps"] else ""))
     print_table("by fault (the rows of docs/reliability.md)",
                 ["fault", "cases run", "passed", "bricked", "lost statuses", "bytes re-sent", "max per case"],
                 [[r.phase, r.cases, r.passed, r.bricked, r.lost, r.resent, r.max_resent]

@@ -25,13 +25,14 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from bench._faults import device_outcome, files_manifest, status_gaps, stored_keys
 from bench._fleet import CenterThread, Fleet, TimedOut, bundle_of_size, wait_until
 from bench._report import print_table
 from fota.device import protocol as P
 from fota.server.deployments import create_deployment
+from fota.examples import hello_files
 from fota.server.store import Job, StatusEvent
 from fota.tools.brokerspy import BrokerSpy
-from fota.tools.devicedir import read_boot_record
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "restarts.json"
@@ -63,6 +64,10 @@ class Spy(BrokerSpy):
             self.keys.add((device, body.get("boot"), body.get("seq")))
             self.by_key[(device, body.get("boot"), body.get("seq"))] = body.get("state")
             self.states.append((device, body.get("job"), body.get("state")))
+
+    def seen(self) -> set[tuple[str, int, int]]:
+        with self.lock:
+            return set(self.keys)
 
     def state_of(self, key) -> str | None:
         with self.lock:
@@ -139,7 +144,8 @@ def run_case(fault: str, cut: str, args, tmp: Path) -> dict:
         wall = time.monotonic() - t0
         # Statuses still on their way to the database (e.g. just after a restart).
         try:
-            wait_until(lambda: not (spy.keys - _stored_keys(fleet)), timeout=15, interval=0.1, what="statuses stored")
+            wait_until(lambda: not (spy.seen() - stored_keys(fleet.store, ids)), timeout=15, interval=0.1,
+                       what="statuses stored")
         except TimedOut:
             pass
         return _score(fleet, spy, ids, jobs, rel, fault, cut, cut_at, wall, finished)
@@ -149,50 +155,30 @@ def run_case(fault: str, cut: str, args, tmp: Path) -> dict:
         fleet.close()
 
 
-def _stored_keys(fleet: Fleet) -> set[tuple[str, int, int]]:
-    with fleet.store.session() as s:
-        return {tuple(r) for r in s.execute(select(StatusEvent.device_id, StatusEvent.boot, StatusEvent.seq))}
-
-
 def _score(fleet, spy, ids, jobs, rel, fault, cut, cut_at, wall, finished) -> dict:
     with fleet.store.session() as s:
-        events = s.execute(select(StatusEvent.device_id, StatusEvent.boot, StatusEvent.seq, StatusEvent.job_id,
-                                  StatusEvent.state)).all()
+        events = s.execute(select(StatusEvent.device_id, StatusEvent.job_id, StatusEvent.state)
+                           .where(StatusEvent.device_id.in_(ids))).all()
         rows = {j.id: j for j in s.scalars(select(Job).where(Job.id.in_(jobs)))}
         job_rows = {j: (rows[j].device_id, rows[j].state, rows[j].bytes_served) for j in jobs}
-    stored = {(d, b, q) for d, b, q, _, _ in events}
-    gaps = 0
-    missing: list = []
-    for dev in ids:
-        by_boot: dict[int, list[int]] = {}
-        for d, b, q, _, _ in events:
-            if d == dev:
-                by_boot.setdefault(b, []).append(q)
-        for boot, seqs in by_boot.items():
-            gaps += max(seqs) - len(set(seqs))
-            missing += [(dev, boot, q) for q in range(1, max(seqs)) if q not in seqs]
-    lost = gaps + len(spy.keys - stored)
-    missing = sorted(set(missing) | (spy.keys - stored))  # gaps, and seen on the broker but never stored
+    # Lost: (boot, seq) gaps in the table, and statuses the spy saw on the broker but never stored.
+    gaps = status_gaps(fleet, ids, seen_on_broker=spy.seen())
+    manifests = {"1.0.0": files_manifest(hello_files("1.0.0")), "1.1.0": json.loads(rel.manifest)}
     updated = bricked = twice = 0
     for dev in ids:
-        installs = sum(1 for d, _, _, j, st in events if d == dev and st == "rebooting" and j in jobs)
+        installs = sum(1 for d, j, st in events if d == dev and st == "rebooting" and j in jobs)
         twice += installs > 1
-        rec = read_boot_record(fleet.devices[dev].root)
-        running = rec["versions"].get(rec["active"])
-        updated += running == "1.1.0"
-        # Bricked: not running a version it had, on trial for ever, or not back on the broker.
-        try:
-            fleet.wait_online([dev], timeout=30, version=running)
-            reachable = True
-        except TimedOut:
-            reachable = False
-        bricked += running not in ("1.0.0", "1.1.0") or rec.get("trial") is not None or not reachable
+        outcome = device_outcome(fleet, dev, manifests)
+        updated += outcome["running"] == "1.1.0" and outcome["verified"]
+        bricked += outcome["bricked"]
     served = sum(b for _, _, b in job_rows.values())
     return {
         "fault": fault, "cut": cut, "devices": len(ids), "finished": finished,
         "confirmed": sum(1 for _, st, _ in job_rows.values() if st == P.CONFIRMED),
-        "updated": updated, "bricked": bricked, "installed_twice": twice, "lost_statuses": lost,
-        "seq_gaps": gaps, "missing": [list(k) + [spy.state_of(k)] for k in missing], "statuses_stored": len(stored), "statuses_seen": len(spy.keys),
+        "updated": updated, "bricked": bricked, "installed_twice": twice, "lost_statuses": len(gaps["lost"]),
+        "superseded_health": len(gaps["superseded"]),
+        "missing": [list(k) + [spy.state_of(k)] for k in gaps["lost"]],
+        "statuses_stored": len(stored_keys(fleet.store, ids)), "statuses_seen": len(spy.seen()),
         "bytes_resent": served - len(ids) * rel.size, "image_bytes": rel.size, "wall_s": round(wall, 2),
         "progress_at_cut": {str(j): list(v) for j, v in cut_at.items()} if cut_at else None,
     }
@@ -201,11 +187,19 @@ def _score(fleet, spy, ids, jobs, rel, fault, cut, cut_at, wall, finished) -> di
 def render(results: dict) -> None:
     cfg = results["config"]
     rows = [(r["fault"], r["cut"], r["cases"], r["passed"], r["bricked"], r["installed_twice"], r["lost_statuses"],
-             f"{r['bytes_resent'] / 1024:.1f}", f"{r['wall_s']:.1f}", f"{r['ratio']:.2f}" if r["ratio"] else "-")
+             r["superseded_health"], f"{r['bytes_resent'] / 1024:.1f}", f"{r['wall_s']:.1f}", f"{r['ratio']:.2f}" if r["ratio"] else "-")
             for r in results["summary"]]
     print_table(f"restarts: {cfg['devices']} device(s), {cfg['image_kib']} KiB, chunk {cfg['chunk']}",
-                ("fault", "at", "cases", "passed", "bricked", "twice", "lost", "re-sent KiB", "wall s", "x base"),
+                ("fault", "at", "cases", "passed", "bricked", "twice", "lost", "superseded health", "re-sent KiB",
+                 "wall s", "x base"),
                 rows, left=("fault", "at"))
+
+
+def case_passed(case: dict) -> bool:
+    """Every job confirmed, every device on the release from a verified slot, none bricked or
+    installed twice, no status lost."""
+    return (case["finished"] and case["confirmed"] == case["devices"] == case["updated"] and not case["bricked"]
+            and not case["lost_statuses"] and not case["installed_twice"])
 
 
 def summarize(cases: list[dict]) -> list[dict]:
@@ -218,10 +212,10 @@ def summarize(cases: list[dict]) -> list[dict]:
         wall = statistics.median(c["wall_s"] for c in cs)
         out.append({
             "fault": fault, "cut": cut, "cases": len(cs),
-            "passed": sum(c["finished"] and c["confirmed"] == c["devices"] == c["updated"]
-                          and not c["lost_statuses"] and not c["installed_twice"] for c in cs),
+            "passed": sum(case_passed(c) for c in cs),
             "bricked": sum(c["bricked"] for c in cs), "installed_twice": sum(c["installed_twice"] for c in cs),
-            "lost_statuses": sum(c["lost_statuses"] for c in cs), "bytes_resent": sum(c["bytes_resent"] for c in cs),
+            "lost_statuses": sum(c["lost_statuses"] for c in cs),
+            "superseded_health": sum(c["superseded_health"] for c in cs), "bytes_resent": sum(c["bytes_resent"] for c in cs),
             "wall_s": wall, "ratio": wall / base if base else None,
         })
     return out
@@ -278,7 +272,11 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps(results, indent=1, default=str))
     render(results)
     print(f"\nJSON: {args.out}   ({results['elapsed_s']:.0f} s)")
-    return 0
+    failed = [c for c in cases if not case_passed(c)]
+    if failed:
+        print(f"FAILED: {len(failed)} of {len(cases)} case(s): "
+              + ", ".join(f"{c['fault']} at {c['cut']}" for c in failed))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -26,6 +26,16 @@ def micropython_binary() -> str:
     return found
 
 
+def missing_corpus(what: str) -> None:
+    """A test that needs the firmware corpus (fota.tools.corpus) and has none: skipped, but
+    failed under CI=true, where a missing corpus means the proof did not run."""
+    from fota.tools.corpus import where
+    message = f"firmware corpus missing ({what}; {where()})"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message + ": required under CI=true", pytrace=False)
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def micropython() -> str:
     return micropython_binary()

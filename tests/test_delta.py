@@ -19,15 +19,14 @@ from fota.server.deployments import create_deployment
 from fota.server.releases import create_release
 from fota.tools.bundle import pack_files
 from fota.tools.deltarun import apply_with_micropython
+from fota.tools.corpus import corpus_images
+from conftest import missing_corpus
 from fleet import Fleet, wait_until
 
-# ../shared/corpus/esp8266 beside the repository (from a worktree, the nearest such ancestor)
-CORPUS = next((d / "shared" / "corpus" / "esp8266" for d in Path(__file__).resolve().parents
-               if (d / "shared" / "corpus" / "esp8266").is_dir()), Path("/nonexistent"))
-
-
 def corpus_pairs():
-    files = sorted(CORPUS.glob("*.bin"))
+    """Consecutive esp8266 images of the firmware corpus (fota.tools.corpus: $FOTA_CORPUS, or
+    shared/corpus beside the checkout)."""
+    files = corpus_images("esp8266", start=Path(__file__))
     return list(zip(files, files[1:]))
 
 
@@ -47,9 +46,11 @@ def expect_of(old: bytes, new: bytes) -> dict:
 
 # ---- the format on the real firmware corpus -----------------------------------------------------
 
-@pytest.mark.skipif(not corpus_pairs(), reason="firmware corpus missing")
-@pytest.mark.parametrize("pair", corpus_pairs(), ids=lambda p: f"{p[0].stem}->{p[1].stem}")
+@pytest.mark.parametrize("pair", corpus_pairs() or [None],
+                         ids=lambda p: f"{p[0].stem}->{p[1].stem}" if p else "no-corpus")
 def test_corpus_round_trip_cpython_and_micropython(pair, tmp_path):
+    if pair is None:
+        missing_corpus("esp8266/*.bin, two images or more")
     old, new = pair[0].read_bytes(), pair[1].read_bytes()
     patch = encode(old, new, 12)
     assert len(patch) < len(new) // 3  # consecutive releases share most of their bytes

@@ -1,0 +1,103 @@
+"""The fault benchmarks' proofs: lost statuses and bricked devices measured the same way in every
+bench (bench/_faults.py), and a bench whose run fails exits non-zero (a missed target does not)."""
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+from bench import delta, e2e, fleet as fleet_bench, netfaults, powercut, restarts
+from bench._faults import seq_gaps, status_gaps
+from fota.device.runner import DROPPED_HEALTH
+from fota.server.store import StatusEvent, Store
+
+
+def test_seq_gaps_are_the_seqs_missing_below_each_boots_last_stored_one():
+    keys = [("a", 1, 1), ("a", 1, 2), ("a", 1, 5), ("a", 2, 2), ("b", 7, 1), ("b", 7, 2)]
+    # a/1: 3 and 4 missing; a/2: 1 missing; b/7 whole. What came after the last stored one of a
+    # boot (a crash's tail) is no gap.
+    assert seq_gaps(keys) == [("a", 1, 3), ("a", 1, 4), ("a", 2, 1)]
+    assert seq_gaps([]) == []
+
+
+def test_status_gaps_reads_the_table_and_tells_dropped_health_reports_from_lost_statuses(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'fota.db'}")
+    try:
+        with store.session() as s:
+            for device, boot, seq in [("d1", 3, 1), ("d1", 3, 3), ("d1", 3, 6), ("d2", 1, 2), ("other", 1, 9)]:
+                s.add(StatusEvent(device_id=device, boot=boot, seq=seq, state="health", payload={}))
+            s.commit()
+        dropped = json.dumps({"job": None, "state": "health", "boot": 3, "seq": 4})
+        logs = {"d1": f"[fota] connected as d1\n[fota] {DROPPED_HEALTH} {dropped}\n", "d2": ""}
+        fleet = SimpleNamespace(store=store, devices={d: SimpleNamespace(log_text=lambda t=t: t)
+                                                      for d, t in logs.items()})
+        gaps = status_gaps(fleet, ["d1", "d2"], seen_on_broker=[("d2", 1, 3), ("other", 1, 1)])
+        # d1/3: 2 and 5 lost, 4 dropped by the device on purpose; d2/1: 1 is a gap, 3 was seen on
+        # the broker and never stored; "other" is not asked about.
+        assert gaps == {"lost": [("d1", 3, 2), ("d1", 3, 5), ("d2", 1, 1), ("d2", 1, 3)],
+                        "superseded": [("d1", 3, 4)]}
+    finally:
+        store.dispose()
+
+
+def test_powercut_counts_a_seq_gap_as_a_lost_status_and_a_failed_case():
+    row = powercut.Row("update", "download", 10)
+    out = {"ok": True, "bricked": None, "lost": 0, "resent": 0, "problems": [], "statuses": [[1, 1], [1, 2]]}
+    row.add({"cut_at": [1], "torn_at": []}, out, 0.01)
+    row.add({"cut_at": [2], "torn_at": []}, dict(out, statuses=[[1, 1], [1, 3], [2, 1]]), 0.01)
+    assert (row.cases, row.passed, row.lost) == (2, 1, 1)
+    assert row.failures[0]["gaps"] == [[1, 2]]
+
+
+def test_restarts_bench_exits_1_when_a_case_fails_and_0_when_all_pass(tmp_path):
+    ok = tmp_path / "ok.json"
+    assert restarts.main(["--faults", "none", "--devices", "1", "--out", str(ok)]) == 0
+    [case] = json.loads(ok.read_text())["cases"]
+    assert case["confirmed"] == case["updated"] == 1 and case["bricked"] == case["lost_statuses"] == 0
+    # Too short to finish the update: the case fails, and so does the run (it used to exit 0).
+    failed = tmp_path / "failed.json"
+    assert restarts.main(["--faults", "none", "--devices", "1", "--timeout", "0.3", "--out", str(failed)]) == 1
+    [case] = json.loads(failed.read_text())["cases"]
+    assert not case["finished"] and case["bricked"] == 0
+
+
+def _corpus(directory: Path) -> Path:
+    directory.mkdir()
+    old = bytes(range(256)) * 64
+    (directory / "a.bin").write_bytes(old)
+    (directory / "b.bin").write_bytes(old[:8000] + b"new code" * 20 + old[8160:])
+    return directory
+
+
+def test_delta_bench_fails_when_a_requested_reference_tool_is_missing(tmp_path, monkeypatch):
+    corpus = _corpus(tmp_path / "corpus")
+    common = ["--corpus", str(corpus), "--windows", "10", "--target-wbits", "10", "--skip-heap", "--skip-agent"]
+    out = tmp_path / "delta.json"
+    assert delta.main(common + ["--refs", "bsdiff4", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["failures"] == []
+    monkeypatch.setenv("PATH", str(tmp_path))  # no xdelta3 on it
+    assert delta.main(common + ["--refs", "bsdiff4,xdelta3", "--out", str(out)]) == 1
+    [failure] = json.loads(out.read_text())["failures"]
+    assert "xdelta3" in failure and "not installed" in failure
+
+
+def test_e2e_and_fleet_failures_are_failed_runs_not_missed_targets():
+    run = {"fota": {"devices": 5, "confirmed": 5}, "floor": {"complete": True}, "ratio": 9.0}  # target missed
+    assert e2e.failures({"runs": [run], "heap": {"smallest_ok_kib": 200}}) == []
+    assert e2e.failures({"runs": [dict(run, fota={"devices": 5, "confirmed": 4})]}) == ["N=5: 4/5 jobs confirmed"]
+    assert e2e.failures({"runs": [], "heap": {"smallest_ok_kib": None}}) == ["heap search: no heap passed a full update"]
+    deploy = {"devices": 1000, "fota": {"confirmed": 1000, "wall_s": 30.0}, "floors": {"paho": {"wall_s": 1.0}}}
+    assert fleet_bench.failures({"deploy": [deploy], "ingest": [{"db": "sqlite", "ratio": 0.1}], "workers": []}) == []
+    broken = {"deploy": [dict(deploy, fota={"confirmed": 990, "wall_s": None, "error": "not all confirmed"})],
+              "ingest": [{"db": "postgres", "error": "TimedOut: 20000 statuses stored"}],
+              "workers": [{"workers": 2, "devices": 1000, "confirmed": 999}]}
+    assert fleet_bench.failures(broken) == ["deploy N=1000, fota: not all confirmed",
+                                            "ingest postgres: TimedOut: 20000 statuses stored",
+                                            "2 worker(s): 999/1000 confirmed"]
+
+
+def test_netfaults_run_passes_only_with_every_device_confirmed_verified_and_nothing_lost():
+    case = {"devices": 2, "confirmed": 2, "verified": 2, "bricked": 0, "lost_statuses": 0, "superseded_health": 3}
+    assert netfaults.passed([case])  # health reports dropped unsent are not lost statuses
+    assert not netfaults.passed([])  # no case ran
+    assert not netfaults.passed([case, dict(case, lost_statuses=1)])
+    assert not netfaults.passed([dict(case, bricked=1)])
+    assert not netfaults.passed([dict(case, verified=1)])
