@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -36,7 +37,6 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
 from fota.server import audit, metrics, names
 from fota.server.auth import ADMIN, AuthError, verify_token
@@ -354,7 +354,7 @@ UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
 
 def _location(collection: str, ref: str | int) -> str:
     """The Location of a created resource (names are checked ASCII words already; quoted all the same)."""
-    return f"{API_PREFIX}/{collection}/{quote(str(ref), safe='')}"
+    return f"{API_PREFIX}/{collection}/{quote(str(ref), safe='+')}"
 
 
 def _printable(text: str | None, limit: int) -> str | None:
@@ -376,21 +376,23 @@ def _one_or_more(schema: dict[str, Any]) -> None:
     schema["anyOf"] = [item, array]
 
 
-def _allowed_methods(app: FastAPI, scope) -> list[str]:
-    """The methods of every route whose path matches (a path's GET and POST may be two routes)."""
-    methods: set[str] = set()
-    for route in app.router.routes:
-        match, _ = route.matches(scope)
-        if match != Match.NONE:
-            methods |= getattr(route, "methods", None) or set()
-    return sorted(methods)
+def _allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """The methods the OpenAPI schema documents for ``path`` (a path's GET and POST may be two
+    routes: the router's own 405 names only the first one's)."""
+    templates = getattr(app.state, "path_templates", None)
+    if templates is None:  # built once, from the schema the clients read
+        templates = app.state.path_templates = [
+            (re.compile("^" + re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(template)) + "$"),
+             sorted(method.upper() for method in operations))
+            for template, operations in app.openapi()["paths"].items()]
+    return sorted({m for regex, methods in templates if regex.match(path) for m in methods})
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException):
     """FastAPI's handler, except that a 405's Allow lists every method the path has (as the schema does)."""
-    if exc.status_code == 405:
-        return JSONResponse({"detail": "Method Not Allowed"}, 405,
-                            headers={"Allow": ", ".join(_allowed_methods(request.app, request.scope))})
+    allowed = _allowed_methods(request.app, request.url.path) if exc.status_code == 405 else None
+    if allowed:
+        return JSONResponse({"detail": "Method Not Allowed"}, 405, headers={"Allow": ", ".join(allowed)})
     return await http_exception_handler(request, exc)
 
 
