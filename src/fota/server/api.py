@@ -10,9 +10,13 @@ endpoint gets 403. The store is neither read nor changed before the token is che
 
 The routes are thin: the work is done by fota.server.releases, fleet and deployments.
 Every state change and its audit event (actor = the token's name) are committed in one
-transaction (fota.server.audit.transaction). Errors of the service modules become 400
-(bad request body) or 404 (unknown resource in the path) with their message in
-``{"detail": "..."}``, like every other error of this API. OpenAPI UI: /docs.
+transaction (fota.server.audit.transaction). The OpenAPI schema states the form of every
+parameter and body (patterns, lengths, integer ranges: fota.server.names); a request not of that
+form gets 422 (FastAPI's validation errors), before anything is read. Errors of the service
+modules become 400 (a rule on stored data: unknown release or device, wrong hardware, ...), 404
+(unknown resource in the path) or 409, with their message in ``{"detail": "..."}``. Every status
+an endpoint returns is in its ``responses``; a 405's ``Allow`` lists the methods the schema
+documents for the path. OpenAPI UI: /docs; tests/test_api_schema.py runs schemathesis on it.
 
 Plain HTTP: bind it to localhost, or put a TLS-terminating proxy in front of it.
 """
@@ -80,7 +84,7 @@ CampaignNameStr = Annotated[str, Field(min_length=1, max_length=names.MAX_NAME, 
 RowId = Annotated[int, Field(ge=1, le=names.MAX_DB_INT)]
 ReleaseRef = Annotated[VersionStr | RowId, Field(description="release version (or id)")]
 # Hardware form fields: one name, or several separated by commas
-HARDWARE_FIELD = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(,[A-Za-z0-9][A-Za-z0-9._-]{0,63})*$"
+HARDWARE_FIELD = "^{0}(,{0})*$".format(names.NAME.removeprefix("^").removesuffix("$"))
 # Audit log filters (actors are token names or cli:<user>): printable ASCII
 AUDIT_FILTER = r"^[!-~]{1,128}$"
 MAX_FILENAME = 128  # characters of an upload's file name kept in the audit log
@@ -400,6 +404,12 @@ def _router() -> APIRouter:
     # Every route needs a valid token; admin routes add require_admin.
     router = APIRouter(prefix=API_PREFIX, dependencies=[Depends(current_token)], responses=UNAUTHORIZED)
     admin_responses: dict[int | str, dict[str, Any]] = {403: {"model": ErrorOut, "description": "not an admin token"}}
+    # What a state change may answer besides 2xx, 401, 403 and 422 (_service_errors, _BodyLimit)
+    change_responses = {**admin_responses,
+                        400: {"model": ErrorOut, "description": "refused by a rule on stored data (see detail)"},
+                        409: {"model": ErrorOut, "description": "conflict with a concurrent change, or the "
+                                                                "state does not allow it"},
+                        413: {"model": ErrorOut, "description": "request body too large"}}
 
     @router.get("/devices", response_model=list[DeviceOut], tags=["devices"])
     def devices(store: StoreDep, tag: NameQuery = None, hardware: NameQuery = None):
@@ -434,8 +444,7 @@ def _router() -> APIRouter:
             return get_release(store, version)
 
     @router.post("/releases", response_model=ReleaseOut, status_code=201, tags=["releases"],
-                 responses={**admin_responses, 400: {"model": ErrorOut}, 413: {"model": ErrorOut},
-                            503: {"model": ErrorOut}})
+                 responses={**change_responses, 503: {"model": ErrorOut}})
     def new_release(request: Request, response: Response, store: StoreDep, token: AdminDep,
                     file: Annotated[UploadFile, File(description="an image (.bin/.img) or an app bundle file")],
                     version: Annotated[str, Form(min_length=1, max_length=names.MAX_NAME, pattern=names.VERSION,
@@ -445,8 +454,9 @@ def _router() -> APIRouter:
                                         Form(min_length=1, json_schema_extra=_one_or_more,
                                              description="hardware type (repeat the field, "
                                                          "or separate with commas)")],
+                    # not "| None": a form cannot send null; leaving the field out is the default
                     kind: Annotated[Literal[KINDS], Form(description=f"{' or '.join(KINDS)} "
-                                                                             "(default: from the file)")] = None):
+                                                                     "(default: from the file)")] = None):
         """Sign an uploaded image or bundle with the operator's key and store it (admin)."""
         limit = request.app.state.max_upload_bytes
         data = file.file.read(limit + 1)
@@ -478,7 +488,7 @@ def _router() -> APIRouter:
             return deployment_summary(store, deployment_id)
 
     @router.post("/deployments", response_model=DeploymentOut, status_code=201, tags=["deployments"],
-                 responses={**admin_responses, 400: {"model": ErrorOut}})
+                 responses=change_responses)
     def new_deployment(body: DeploymentIn, response: Response, store: StoreDep, token: AdminDep):
         """Deploy a release to devices or to a tag (admin); the control center sends the commands."""
         with _service_errors(400), audit.transaction(store) as tx:
@@ -516,7 +526,7 @@ def _router() -> APIRouter:
         return summary
 
     @router.post("/campaigns", response_model=CampaignOut, status_code=201, tags=["campaigns"],
-                 responses={**admin_responses, 400: {"model": ErrorOut}})
+                 responses=change_responses)
     def new_campaign(body: CampaignIn, response: Response, store: StoreDep, token: AdminDep):
         """Create a draft campaign (admin); nothing is sent before it is started."""
         with _service_errors(400), audit.transaction(store) as tx:
@@ -546,7 +556,7 @@ def _router() -> APIRouter:
     for name in actions:
         router.add_api_route(f"/campaigns/{{ref}}/{name}", _action(name), methods=["POST"],
                              response_model=CampaignOut, tags=["campaigns"],
-                             responses={**admin_responses, 404: {"model": ErrorOut}, 409: {"model": ErrorOut}})
+                             responses={**change_responses, 404: {"model": ErrorOut}})
 
     @router.get("/audit", response_model=list[AuditEventOut], tags=["audit"], responses=admin_responses)
     def audit_log(store: StoreDep, _: AdminDep,
