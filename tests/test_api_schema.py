@@ -9,12 +9,14 @@ import json
 from pathlib import Path
 
 import pytest
+from sqlalchemy import update
 
 from bench import api_fuzz
 from fota.server.campaigns import CampaignError, CampaignNotFound, create_campaign, get_campaign
 from fota.server.deployments import DeploymentError, create_deployment, deployment_summary
 from fota.server.fleet import FleetError, get_device, provision_device
 from fota.server.releases import ReleaseError, create_release, get_release
+from fota.server.store import Campaign, Release
 from fota.server.store.models import AuditEvent
 
 from test_cli import assert_clean_error, fota
@@ -103,6 +105,23 @@ def test_campaign_device_and_deployment_names_are_bounded(lite):
         provision_device(store, "dev-9", "esp32\x1b[0m")
     with pytest.raises(DeploymentError, match="invalid device id"):
         create_deployment(store, "1.0.0", device_ids=["dev-1\x00"])
+
+
+def test_names_stored_before_the_rules_are_still_found(env):
+    """A version or campaign name stored before these rules is looked up, not refused (NUL is)."""
+    seed_release_and_deployment(env)
+    create_campaign(env.store, "spring", "1.0.0")
+    with env.store.session() as s:
+        s.execute(update(Release).where(Release.version == "1.0.0").values(version="old 1.0"))
+        s.execute(update(Campaign).where(Campaign.name == "spring").values(name="my spring"))
+    assert get_release(env.store, "old 1.0").version == "old 1.0"
+    assert get_campaign(env.store, "my spring").name == "my spring"
+    assert create_deployment(env.store, "old 1.0", device_ids=["dev-1"]).release_id == 1
+    for ref in ("old 1.0\x00", "\udcff", "x" * 65):
+        with pytest.raises(ReleaseError, match="no release"):
+            get_release(env.store, ref)
+        with pytest.raises(CampaignNotFound):
+            get_campaign(env.store, ref)
 
 
 def test_campaign_spec_numbers_and_inventory_are_bounded(lite):

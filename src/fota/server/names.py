@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 
 __all__ = ["CAMPAIGN_NAME", "DEVICE_ID", "MAX_DB_INT", "MAX_NAME", "NAME", "VERSION", "as_id", "check",
-           "describe", "matches"]
+           "describe", "matches", "may_be_stored"]
 
 MAX_NAME = 64
 MAX_DB_INT = 2**31 - 1  # PostgreSQL INTEGER, the narrowest integer column (ids, sizes, seconds)
@@ -57,6 +57,13 @@ def check(value: object, pattern: str, what: str, error: type[Exception]) -> str
         return value
     shown = repr(value) if not isinstance(value, str) or len(value) <= MAX_NAME else repr(value[:MAX_NAME]) + "…"
     raise error(f"invalid {what} {shown}: {describe(pattern)}")
+
+
+def may_be_stored(value: object) -> bool:
+    """True if ``value`` is a string a stored name can equal: also names stored before these
+    rules (found, not refused); never one PostgreSQL cannot take (NUL, a lone surrogate from
+    undecodable argv bytes) or longer than any."""
+    return isinstance(value, str) and 0 < len(value) <= MAX_NAME and value.isprintable()
 
 
 def as_id(ref: object) -> int | None:

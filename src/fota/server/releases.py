@@ -212,7 +212,7 @@ def get_release(store: Store, version_or_id: str | int) -> Release:
     """A release by version, or by id (an int, or a string of digits no version matches)."""
     with store.session() as s:
         release = None
-        if names.matches(version_or_id, names.VERSION):  # no other string is a stored version
+        if names.may_be_stored(version_or_id):
             release = s.scalar(select(Release).where(Release.version == version_or_id))
         release_id = names.as_id(version_or_id)
         if release is None and release_id is not None:

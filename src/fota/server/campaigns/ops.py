@@ -30,7 +30,7 @@ def _load(s: Session, ref: str | int, lock: bool = False) -> Campaign:
     query = select(Campaign)
     if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
         query = query.where(Campaign.id == names.as_id(ref))  # None (out of range): no row
-    elif names.matches(ref, names.CAMPAIGN_NAME):
+    elif names.may_be_stored(ref):
         query = query.where(Campaign.name == ref)
     else:
         raise CampaignNotFound(f"no campaign {ref!r}")
