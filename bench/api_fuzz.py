@@ -14,7 +14,9 @@ One rule is the project's, not schemathesis's default (SCHEMATHESIS_CONFIG): a s
 request may be answered 400 besides the defaults (2xx, 401, 403, 404, 409, ...). The schema
 states every rule of form (patterns, lengths, ranges); a 400 is a refusal that depends on the
 stored data (no such release or device, hardware the release is not built for, a bad
-campaign spec), which a schema cannot state. A schema-valid request answered 422 fails.
+campaign spec), which a schema cannot state. A schema-valid request answered 422 fails. And
+``negative_data_rejection`` is off for the multipart upload (``POST /api/v1/releases``) alone:
+see the comment in SCHEMATHESIS_CONFIG.
 
 Prints a table per backend and the failures (schemathesis's own output is in
 ``<out>.<backend>.log``), writes JSON (``--out``); exits 1 if any check failed or
@@ -41,6 +43,15 @@ from bench.campaign_engine import _database
 SCHEMATHESIS_CONFIG = """\
 [checks.positive_data_acceptance]
 expected-statuses = ["2xx", "3xx", "400", "401", "403", "404", "409", "429", "5xx"]
+
+# Multipart text parts carry no JSON type: a boolean that negative testing puts into `version`
+# arrives as the text "false", a valid version, and schemathesis 4.32 cannot re-read a body that
+# has a file part to see that. So this one check is off for the upload; its 422s for malformed
+# fields are asserted in tests/test_api_schema.py (every other check still runs on it).
+[[operations]]
+include-path = "/api/v1/releases"
+include-method = "POST"
+checks.negative_data_rejection.enabled = false
 
 # The seeded rows (served_api), mixed into generated values by parameter name, so that
 # requests reach past "no such release / device / campaign" (any endpoint using these names)
@@ -102,9 +113,10 @@ def served_api(url: str, workdir: Path) -> Iterator[tuple[str, str]]:
     server = uvicorn.Server(uvicorn.Config(create_app(store, blobs, lambda: key), host="127.0.0.1", port=port,
                                            log_level="critical", lifespan="off"))
     thread = threading.Thread(target=server.run, name="api-fuzz-uvicorn", daemon=True)
-    api_log = logging.getLogger("fota.server.api")
-    level = api_log.level
-    api_log.setLevel(logging.ERROR)  # not a warning per refused token: schemathesis sends hundreds
+    # not a warning per refused token or malformed multipart header: schemathesis sends hundreds
+    quiet = {name: logging.getLogger(name).level for name in ("fota.server.api", "python_multipart.multipart")}
+    for name in quiet:
+        logging.getLogger(name).setLevel(logging.ERROR)
     thread.start()
     try:
         deadline = time.monotonic() + 20
@@ -116,7 +128,8 @@ def served_api(url: str, workdir: Path) -> Iterator[tuple[str, str]]:
     finally:
         server.should_exit = True
         thread.join(10)
-        api_log.setLevel(level)
+        for name, level in quiet.items():
+            logging.getLogger(name).setLevel(level)
         store.dispose()
 
 

@@ -380,6 +380,12 @@ def _one_or_more(schema: dict[str, Any]) -> None:
     schema["anyOf"] = [item, array]
 
 
+def _any_bytes(schema: dict[str, Any]) -> None:
+    """A file part's schema says ``format: binary`` too (OpenAPI 3.0's spelling of any bytes), so
+    that schema checkers know a part sent as the bytes ``false`` is a file, not a boolean."""
+    schema["format"] = "binary"
+
+
 def _allowed_methods(app: FastAPI, path: str) -> list[str]:
     """The methods the OpenAPI schema documents for ``path`` (a path's GET and POST may be two
     routes: the router's own 405 names only the first one's)."""
@@ -446,7 +452,8 @@ def _router() -> APIRouter:
     @router.post("/releases", response_model=ReleaseOut, status_code=201, tags=["releases"],
                  responses={**change_responses, 503: {"model": ErrorOut}})
     def new_release(request: Request, response: Response, store: StoreDep, token: AdminDep,
-                    file: Annotated[UploadFile, File(description="an image (.bin/.img) or an app bundle file")],
+                    file: Annotated[UploadFile, File(json_schema_extra=_any_bytes,
+                                                     description="an image (.bin/.img) or an app bundle file")],
                     version: Annotated[str, Form(min_length=1, max_length=names.MAX_NAME, pattern=names.VERSION,
                                                  description="release version, e.g. 1.1.0: "
                                                              + names.describe(names.VERSION))],
