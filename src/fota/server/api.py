@@ -10,9 +10,13 @@ endpoint gets 403. The store is neither read nor changed before the token is che
 
 The routes are thin: the work is done by fota.server.releases, fleet and deployments.
 Every state change and its audit event (actor = the token's name) are committed in one
-transaction (fota.server.audit.transaction). Errors of the service modules become 400
-(bad request body) or 404 (unknown resource in the path) with their message in
-``{"detail": "..."}``, like every other error of this API. OpenAPI UI: /docs.
+transaction (fota.server.audit.transaction). The OpenAPI schema states the form of every
+parameter and body (patterns, lengths, integer ranges: fota.server.names); a request not of that
+form gets 422 (FastAPI's validation errors), before anything is read. Errors of the service
+modules become 400 (a rule on stored data: unknown release or device, wrong hardware, ...), 404
+(unknown resource in the path) or 409, with their message in ``{"detail": "..."}``. Every status
+an endpoint returns is in its ``responses``; a 405's ``Allow`` lists the methods the schema
+documents for the path. OpenAPI UI: /docs; tests/test_api_schema.py runs schemathesis on it.
 
 Plain HTTP: bind it to localhost, or put a TLS-terminating proxy in front of it.
 """
@@ -20,19 +24,25 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 from cryptography.hazmat.primitives.asymmetric import ec
-from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Query, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Path as PathParam, Query, Request, \
+    Response, UploadFile
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy.exc import IntegrityError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fota.server import audit, metrics
+from fota.server import audit, metrics, names
 from fota.server.auth import ADMIN, AuthError, verify_token
 from fota.server.campaigns import (
     CampaignError,
@@ -69,6 +79,23 @@ DEFAULT_MAX_UPLOAD = 16 * 1024 * 1024  # bytes of one release image or bundle
 MULTIPART_OVERHEAD = 64 * 1024  # form fields and boundaries around the file
 
 SERVICE_ERRORS = (ReleaseError, DeploymentError, FleetError, CampaignError)
+
+# ---- the forms of names and numbers (fota.server.names): the schema states them, pydantic checks them
+VersionStr = Annotated[str, Field(min_length=1, max_length=names.MAX_NAME, pattern=names.VERSION,
+                                  description=f"release version: {names.describe(names.VERSION)}")]
+NameStr = Annotated[str, Field(min_length=1, max_length=names.MAX_NAME, pattern=names.NAME,
+                               description=names.describe(names.NAME))]
+DeviceIdStr = Annotated[str, Field(min_length=1, max_length=names.MAX_NAME, pattern=names.DEVICE_ID,
+                                   description=f"device id: {names.describe(names.DEVICE_ID)}")]
+CampaignNameStr = Annotated[str, Field(min_length=1, max_length=names.MAX_NAME, pattern=names.CAMPAIGN_NAME,
+                                       description=f"campaign name: {names.describe(names.CAMPAIGN_NAME)}")]
+RowId = Annotated[int, Field(ge=1, le=names.MAX_DB_INT)]
+ReleaseRef = Annotated[VersionStr | RowId, Field(description="release version (or id)")]
+# Hardware form fields: one name, or several separated by commas
+HARDWARE_FIELD = "^{0}(,{0})*$".format(names.NAME.removeprefix("^").removesuffix("$"))
+# Audit log filters (actors are token names or cli:<user>): printable ASCII
+AUDIT_FILTER = r"^[!-~]{1,128}$"
+MAX_FILENAME = 128  # characters of an upload's file name kept in the audit log
 
 
 # ---- response bodies -----------------------------------------------------------------------------
@@ -163,13 +190,23 @@ class AuditEventOut(_Out):
 class DeploymentIn(BaseModel):
     """Either ``devices`` or ``tag``."""
 
-    model_config = ConfigDict(extra="forbid")
-    release: str | int = Field(description="release version (or id)")
-    devices: list[str] | None = Field(None, description="explicit device ids")
-    tag: str | None = Field(None, description="every device with this tag (and the release's hardware)")
+    # The schema states the rule too: exactly one of them is given (and not null)
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [
+        {"required": ["devices"], "properties": {"devices": {"type": "array"}}},
+        {"required": ["tag"], "properties": {"tag": {"type": "string"}}}]})
+    release: ReleaseRef
+    devices: list[DeviceIdStr] | None = Field(None, min_length=1, description="explicit device ids")
+    tag: NameStr | None = Field(None, description="every device with this tag (and the release's hardware)")
     min_battery: int | None = Field(None, ge=0, le=100,
                                     description="battery % a device needs to download and to install")
-    timeout: int | None = Field(None, ge=1, description="seconds until unfinished jobs end 'timed_out'")
+    timeout: int | None = Field(None, ge=1, le=names.MAX_DB_INT,
+                                description="seconds until unfinished jobs end 'timed_out'")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> DeploymentIn:
+        if (self.devices is None) == (self.tag is None):
+            raise ValueError("give either devices or tag")
+        return self
 
 
 class WaveOut(BaseModel):
@@ -222,8 +259,8 @@ class CampaignOut(BaseModel):
 
 class CampaignIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(description="unique campaign name (not a number)")
-    release: str | int = Field(description="release version (or id)")
+    name: CampaignNameStr
+    release: ReleaseRef
     spec: dict[str, Any] = Field(default_factory=dict,
                                  description="filter, waves, pacing: see docs/campaigns.md")
 
@@ -264,6 +301,13 @@ def require_admin(token: Annotated[ApiToken, Depends(current_token)]) -> ApiToke
 
 StoreDep = Annotated[Store, Depends(get_store)]
 AdminDep = Annotated[ApiToken, Depends(require_admin)]
+DeviceIdPath = Annotated[str, PathParam(min_length=1, max_length=names.MAX_NAME, pattern=names.DEVICE_ID)]
+VersionPath = Annotated[str, PathParam(min_length=1, max_length=names.MAX_NAME, pattern=names.VERSION,
+                                       description="release version (or id)")]
+CampaignRefPath = Annotated[str, PathParam(min_length=1, max_length=names.MAX_NAME, pattern=names.NAME,
+                                           description="campaign name (or id)")]
+DeploymentIdPath = Annotated[int, PathParam(ge=1, le=names.MAX_DB_INT)]
+NameQuery = Annotated[str | None, Query(min_length=1, max_length=names.MAX_NAME, pattern=names.NAME)]
 
 
 @contextmanager
@@ -325,28 +369,86 @@ async def _send_json(send, status: int, detail: str) -> None:
 
 
 # ---- routes --------------------------------------------------------------------------------------
+UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorOut, "description": "missing, invalid, expired or revoked token"}}
+
+
+def _location(collection: str, ref: str | int) -> str:
+    """The Location of a created resource (names are checked ASCII words already; quoted all the same)."""
+    return f"{API_PREFIX}/{collection}/{quote(str(ref), safe='+')}"
+
+
+def _printable(text: str | None, limit: int) -> str | None:
+    """``text`` cut to ``limit`` characters, control characters (NUL included) as '?': for the audit log."""
+    if text is None:
+        return None
+    return "".join("?" if ord(ch) < 32 or ord(ch) == 127 else ch for ch in text[:limit])
+
+
+def _one_or_more(schema: dict[str, Any]) -> None:
+    """A repeatable form field's schema: one value, or an array of them.
+
+    A form sends an array of one as a single field, read back as that one value: the schema
+    says both, so that a client (or schemathesis) sending one field is schema-valid.
+    """
+    item = schema.pop("items")
+    array = {"type": "array", "items": item, "minItems": schema.pop("minItems", 1)}
+    schema.pop("type", None)
+    schema["anyOf"] = [item, array]
+
+
+def _any_bytes(schema: dict[str, Any]) -> None:
+    """A file part's schema says ``format: binary`` too (OpenAPI 3.0's spelling of any bytes), so
+    that schema checkers know a part sent as the bytes ``false`` is a file, not a boolean."""
+    schema["format"] = "binary"
+
+
+def _allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """The methods the OpenAPI schema documents for ``path`` (a path's GET and POST may be two
+    routes: the router's own 405 names only the first one's)."""
+    templates = getattr(app.state, "path_templates", None)
+    if templates is None:  # built once, from the schema the clients read
+        templates = app.state.path_templates = [
+            (re.compile("^" + re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(template)) + "$"),
+             sorted(method.upper() for method in operations))
+            for template, operations in app.openapi()["paths"].items()]
+    return sorted({m for regex, methods in templates if regex.match(path) for m in methods})
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    """FastAPI's handler, except that a 405's Allow lists every method the path has (as the schema does)."""
+    allowed = _allowed_methods(request.app, request.url.path) if exc.status_code == 405 else None
+    if allowed:
+        return JSONResponse({"detail": "Method Not Allowed"}, 405, headers={"Allow": ", ".join(allowed)})
+    return await http_exception_handler(request, exc)
+
+
 def _router() -> APIRouter:
     # Every route needs a valid token; admin routes add require_admin.
-    router = APIRouter(prefix=API_PREFIX, dependencies=[Depends(current_token)],
-                       responses={401: {"model": ErrorOut, "description": "missing, invalid, expired "
-                                                                          "or revoked token"}})
+    router = APIRouter(prefix=API_PREFIX, dependencies=[Depends(current_token)], responses=UNAUTHORIZED)
     admin_responses: dict[int | str, dict[str, Any]] = {403: {"model": ErrorOut, "description": "not an admin token"}}
+    # What a state change may answer besides 2xx, 401, 403 and 422 (_service_errors, _BodyLimit)
+    change_responses = {**admin_responses,
+                        400: {"model": ErrorOut, "description": "refused by a rule on stored data (see detail)"},
+                        409: {"model": ErrorOut, "description": "conflict with a concurrent change, or the "
+                                                                "state does not allow it"},
+                        413: {"model": ErrorOut, "description": "request body too large"}}
 
     @router.get("/devices", response_model=list[DeviceOut], tags=["devices"])
-    def devices(store: StoreDep, tag: str | None = None, hardware: str | None = None):
+    def devices(store: StoreDep, tag: NameQuery = None, hardware: NameQuery = None):
         """The fleet, by device id; optionally only devices with a tag and/or hardware type."""
         return list_devices(store, tag=tag, hardware=hardware)
 
     @router.get("/devices/{device_id}", response_model=DeviceDetail, tags=["devices"],
                 responses={404: {"model": ErrorOut}})
-    def device(device_id: str, store: StoreDep):
+    def device(device_id: DeviceIdPath, store: StoreDep):
         """One device, with its last inventory."""
         with _service_errors(404):
             return get_device(store, device_id)
 
     @router.get("/devices/{device_id}/history", response_model=list[StatusEventOut], tags=["devices"],
                 responses={404: {"model": ErrorOut}})
-    def history(device_id: str, store: StoreDep,
+    def history(device_id: DeviceIdPath, store: StoreDep,
                 ignored: Annotated[bool, Query(description="also the statuses that did not take effect "
                                                            "(marked with why)")] = False):
         """The statuses the device reported that took effect, in the order received."""
@@ -361,21 +463,26 @@ def _router() -> APIRouter:
 
     @router.get("/releases/{version}", response_model=ReleaseOut, tags=["releases"],
                 responses={404: {"model": ErrorOut}})
-    def release(version: str, store: StoreDep):
+    def release(version: VersionPath, store: StoreDep):
         """One release, by version (or id)."""
         with _service_errors(404):
             return get_release(store, version)
 
     @router.post("/releases", response_model=ReleaseOut, status_code=201, tags=["releases"],
-                 responses={**admin_responses, 400: {"model": ErrorOut}, 413: {"model": ErrorOut},
-                            503: {"model": ErrorOut}})
+                 responses={**change_responses, 503: {"model": ErrorOut}})
     def new_release(request: Request, response: Response, store: StoreDep, token: AdminDep,
-                    file: Annotated[UploadFile, File(description="an image (.bin/.img) or an app bundle file")],
-                    version: Annotated[str, Form(description="release version, e.g. 1.1.0")],
-                    hardware: Annotated[list[str], Form(description="hardware type (repeat the field, "
-                                                                    "or separate with commas)")],
-                    kind: Annotated[str | None, Form(description=f"{' or '.join(KINDS)} "
-                                                                 "(default: from the file)")] = None):
+                    file: Annotated[UploadFile, File(json_schema_extra=_any_bytes,
+                                                     description="an image (.bin/.img) or an app bundle file")],
+                    version: Annotated[str, Form(min_length=1, max_length=names.MAX_NAME, pattern=names.VERSION,
+                                                 description="release version, e.g. 1.1.0: "
+                                                             + names.describe(names.VERSION))],
+                    hardware: Annotated[list[Annotated[str, Field(max_length=1024, pattern=HARDWARE_FIELD)]],
+                                        Form(min_length=1, json_schema_extra=_one_or_more,
+                                             description="hardware type (repeat the field, "
+                                                         "or separate with commas)")],
+                    # not "| None": a form cannot send null; leaving the field out is the default
+                    kind: Annotated[Literal[KINDS], Form(description=f"{' or '.join(KINDS)} "
+                                                                     "(default: from the file)")] = None):
         """Sign an uploaded image or bundle with the operator's key and store it (admin)."""
         limit = request.app.state.max_upload_bytes
         data = file.file.read(limit + 1)
@@ -383,7 +490,7 @@ def _router() -> APIRouter:
             raise HTTPException(413, f"the file is over {limit} bytes")
         if kind is None and Path(file.filename or "").suffix.lower() in IMAGE_SUFFIXES:
             kind = "image"
-        hw = [h.strip() for field in hardware for h in field.split(",") if h.strip()]
+        hw = [h for field in hardware for h in field.split(",")]
         try:
             key: ec.EllipticCurvePrivateKey = request.app.state.signing_key_loader()
         except Exception as exc:  # missing / unreadable key: the server's problem, not the request's
@@ -394,19 +501,20 @@ def _router() -> APIRouter:
             tx.flush()  # rel.id
             tx.record(token.name, "release.create", f"release:{rel.version}",
                       {"id": rel.id, "kind": rel.kind, "size": rel.size, "sha256": rel.sha256,
-                       "hardware": list(rel.hardware), "key_id": rel.key_id, "filename": file.filename})
-        response.headers["Location"] = f"{API_PREFIX}/releases/{rel.version}"
+                       "hardware": list(rel.hardware), "key_id": rel.key_id,
+                       "filename": _printable(file.filename, MAX_FILENAME)})
+        response.headers["Location"] = _location("releases", rel.version)
         return rel
 
     @router.get("/deployments/{deployment_id}", response_model=DeploymentOut, tags=["deployments"],
                 responses={404: {"model": ErrorOut}})
-    def deployment(deployment_id: int, store: StoreDep):
+    def deployment(deployment_id: DeploymentIdPath, store: StoreDep):
         """A deployment: state, per-state counts, mean progress and every job."""
         with _service_errors(404):
             return deployment_summary(store, deployment_id)
 
     @router.post("/deployments", response_model=DeploymentOut, status_code=201, tags=["deployments"],
-                 responses={**admin_responses, 400: {"model": ErrorOut}})
+                 responses=change_responses)
     def new_deployment(body: DeploymentIn, response: Response, store: StoreDep, token: AdminDep):
         """Deploy a release to devices or to a tag (admin); the control center sends the commands."""
         with _service_errors(400), audit.transaction(store) as tx:
@@ -416,12 +524,12 @@ def _router() -> APIRouter:
             tx.record(token.name, "deployment.create", f"deployment:{dep.id}",
                       {"release": rel.version, "target": dep.target,
                        "devices": [job.device_id for job in dep.jobs]})
-        response.headers["Location"] = f"{API_PREFIX}/deployments/{dep.id}"
+        response.headers["Location"] = _location("deployments", dep.id)
         return deployment_summary(store, dep.id)
 
     @router.post("/deployments/{deployment_id}/cancel", response_model=DeploymentCancelOut, tags=["deployments"],
-                 responses={**admin_responses, 404: {"model": ErrorOut}, 409: {"model": ErrorOut}})
-    def deployment_cancel(deployment_id: int, store: StoreDep, token: AdminDep):
+                 responses={**change_responses, 404: {"model": ErrorOut}})
+    def deployment_cancel(deployment_id: DeploymentIdPath, store: StoreDep, token: AdminDep):
         """Stop a deployment (admin): pending jobs are not sent, downloads get a cancel command,
         devices past their download finish. A campaign's deployment: 409 (abort the campaign)."""
         with _service_errors(400), audit.transaction(store) as tx:
@@ -437,11 +545,14 @@ def _router() -> APIRouter:
 
     @router.get("/campaigns/{ref}", response_model=CampaignOut, tags=["campaigns"],
                 responses={404: {"model": ErrorOut}})
-    def campaign(ref: str, store: StoreDep, devices: bool = True,
-                 state: Annotated[str | None, Query(description="only devices in this state")] = None,
-                 wave: Annotated[int | None, Query(ge=1, description="only devices of this wave")] = None,
-                 offset: Annotated[int, Query(ge=0, description="skip this many devices")] = 0,
-                 limit: Annotated[int | None, Query(ge=1, description="at most this many devices")] = None):
+    def campaign(ref: CampaignRefPath, store: StoreDep, devices: bool = True,
+                 state: Annotated[str | None, Query(max_length=names.MAX_NAME,
+                                                    description="only devices in this state")] = None,
+                 wave: Annotated[int | None, Query(ge=1, le=names.MAX_DB_INT,
+                                                   description="only devices of this wave")] = None,
+                 offset: Annotated[int, Query(ge=0, le=names.MAX_DB_INT, description="skip this many devices")] = 0,
+                 limit: Annotated[int | None, Query(ge=1, le=names.MAX_DB_INT,
+                                                    description="at most this many devices")] = None):
         """A campaign by name or id: waves and (filterable, pageable) per-device states."""
         with _service_errors(404):
             summary = campaign_summary(store, ref, devices=devices)
@@ -452,21 +563,21 @@ def _router() -> APIRouter:
         return summary
 
     @router.post("/campaigns", response_model=CampaignOut, status_code=201, tags=["campaigns"],
-                 responses={**admin_responses, 400: {"model": ErrorOut}})
+                 responses=change_responses)
     def new_campaign(body: CampaignIn, response: Response, store: StoreDep, token: AdminDep):
         """Create a draft campaign (admin); nothing is sent before it is started."""
         with _service_errors(400), audit.transaction(store) as tx:
             c = create_campaign(tx, body.name, body.release, body.spec)
             tx.record(token.name, "campaign.create", f"campaign:{c.name}",
                       {"id": c.id, "release": body.release, "spec": c.spec})
-        response.headers["Location"] = f"{API_PREFIX}/campaigns/{c.name}"
+        response.headers["Location"] = _location("campaigns", c.name)
         return campaign_summary(store, c.id)
 
     actions = {"start": start_campaign, "pause": pause_campaign, "resume": resume_campaign,
                "abort": abort_campaign}
 
     def _action(name: str):
-        def act(ref: str, store: StoreDep, token: AdminDep):
+        def act(ref: CampaignRefPath, store: StoreDep, token: AdminDep):
             with _service_errors(400), audit.transaction(store) as tx:
                 c = actions[name](tx, ref)
                 tx.record(token.name, f"campaign.{name}", f"campaign:{c.name}", {"id": c.id, "state": c.state})
@@ -482,12 +593,13 @@ def _router() -> APIRouter:
     for name in actions:
         router.add_api_route(f"/campaigns/{{ref}}/{name}", _action(name), methods=["POST"],
                              response_model=CampaignOut, tags=["campaigns"],
-                             responses={**admin_responses, 404: {"model": ErrorOut}, 409: {"model": ErrorOut}})
+                             responses={**change_responses, 404: {"model": ErrorOut}})
 
     @router.get("/audit", response_model=list[AuditEventOut], tags=["audit"], responses=admin_responses)
     def audit_log(store: StoreDep, _: AdminDep,
                   limit: Annotated[int, Query(ge=1, le=audit.MAX_LIMIT)] = audit.DEFAULT_LIMIT,
-                  actor: str | None = None, action: str | None = None):
+                  actor: Annotated[str | None, Query(max_length=128, pattern=AUDIT_FILTER)] = None,
+                  action: Annotated[str | None, Query(max_length=128, pattern=AUDIT_FILTER)] = None):
         """The audit log, newest first (admin)."""
         return audit.list_events(store, limit, actor=actor, action=action)
 
@@ -509,9 +621,10 @@ def create_app(store: Store, blobs_dir: str | os.PathLike,
     app.state.signing_key_loader = signing_key_loader
     app.state.max_upload_bytes = max_upload_bytes
     app.include_router(_router())
+    app.add_exception_handler(StarletteHTTPException, _http_error)
 
     @app.get("/metrics", tags=["metrics"], dependencies=[Depends(current_token)],
-             response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+             response_class=Response, responses={200: {"content": {"text/plain": {}}}, **UNAUTHORIZED})
     def prometheus_metrics(store: StoreDep):
         """Prometheus exposition (needs a token: a read token in the scrape config's authorization)."""
         return Response(metrics.render(store), media_type=metrics.CONTENT_TYPE_LATEST)

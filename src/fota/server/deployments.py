@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from fota.device import protocol
+from fota.server import names
 from fota.server.releases import get_release
 from fota.server.store import Deployment, Device, Job, Release, StatusEvent, Store, utcnow
 from fota.server.store.inlists import chunks
@@ -61,6 +62,8 @@ def _select_devices(s, release: Release, device_ids: Iterable[str] | None,
         ids = list(dict.fromkeys(device_ids))
         if not ids:
             raise DeploymentError("no device given")
+        for device_id in ids:  # before the query: an id with a NUL breaks PostgreSQL's
+            names.check(device_id, names.DEVICE_ID, "device id", DeploymentError)
         found: dict[str, str] = {}
         for part in chunks(ids):
             found.update(s.execute(select(Device.id, Device.hardware).where(Device.id.in_(part))).all())
@@ -103,8 +106,11 @@ def create_deployment(store: Store, release: Release | str | int, device_ids: It
     if min_battery is not None and (isinstance(min_battery, bool) or not isinstance(min_battery, int)
                                     or not 0 <= min_battery <= 100):
         raise DeploymentError("min_battery must be a percentage 0..100")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 1):
-        raise DeploymentError("timeout must be a positive number of seconds")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int)
+                                or not 1 <= timeout <= names.MAX_DB_INT):
+        raise DeploymentError(f"timeout must be 1..{names.MAX_DB_INT} seconds")
+    if tag is not None:
+        names.check(tag, names.NAME, "tag", DeploymentError)
     if not isinstance(release, Release):
         release = get_release(store, release)
     with store.session() as s:
@@ -217,7 +223,7 @@ def list_deployments(store: Store) -> list[Deployment]:
 def deployment_summary(store: Store, deployment_id: int) -> dict[str, Any]:
     """State of a deployment and of each of its jobs, as plain data."""
     with store.session() as s:
-        deployment = s.get(Deployment, deployment_id)
+        deployment = s.get(Deployment, deployment_id) if names.as_id(deployment_id) else None
         if deployment is None:
             raise DeploymentError(f"no deployment {deployment_id}")
         jobs = [{"job": j.id, "device": j.device_id, "state": j.state, "code": j.code,

@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from fota.device import protocol
-from fota.server import credentials
+from fota.server import credentials, names
 from fota.server.broker import RESERVED_DEVICE_IDS, SERVER_USER
 from fota.server.store import Device, Store, utcnow
 
@@ -38,11 +38,10 @@ def provision_device(store: Store, device_id: str, hardware: str,
         raise FleetError(f"invalid device id {device_id!r}: 1-64 characters of [A-Za-z0-9_-]")
     if device_id in RESERVED_DEVICE_IDS:  # the control center's broker account and old client id
         raise FleetError(f"device id {device_id!r} is reserved")
-    if not isinstance(hardware, str) or not hardware or len(hardware) > 64:
-        raise FleetError("hardware must be a hardware type name of 1-64 characters")
+    names.check(hardware, names.NAME, "hardware type", FleetError)
     tags = list(dict.fromkeys(tags))
-    if not all(isinstance(t, str) and t for t in tags):
-        raise FleetError("tags must be non-empty strings")
+    for tag in tags:
+        names.check(tag, names.NAME, "tag", FleetError)
     password = credentials.new_password()
     # enc_key: the device's key for unwrapping release keys (optional payload encryption);
     # it goes into the device's config at provisioning, like the broker password.
@@ -129,7 +128,7 @@ def list_devices(store: Store, tag: str | None = None, hardware: str | None = No
 def get_device(store: Store, device_id: str) -> Device:
     """One device; FleetError if unknown."""
     with store.session() as s:
-        device = s.get(Device, device_id)
+        device = s.get(Device, device_id) if protocol.valid_device_id(device_id) else None
         if device is None:
             raise FleetError(f"no device {device_id!r}")
         return device

@@ -19,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from fota.device import protocol
+from fota.server import names
 from fota.server.store import Release, Store
 from fota.tools import bundle
 from fota.tools.keyring import COMMAND_TTL, Signer
@@ -30,7 +31,6 @@ __all__ = ["KINDS", "ReleaseError", "build_manifest", "create_release", "get_rel
 KINDS = ("bundle", "image")
 IMAGE_SUFFIXES = (".bin", ".img")
 MANIFEST_FORMAT = 1
-MAX_VERSION = 64
 BLOB_CACHE_SIZE = 8  # releases kept in memory; a rollout serves one or two at a time
 
 
@@ -62,11 +62,11 @@ def build_manifest(version: str, hardware: list[str], kind: str, image: bytes, c
     A bundle's manifest also lists every file with its size and SHA-256, so the device can
     check each file it unpacks against the one signed release (no mixing of releases).
     """
-    if not isinstance(version, str) or not 0 < len(version) <= MAX_VERSION:
-        raise ReleaseError(f"version must be 1..{MAX_VERSION} characters")
-    if (not isinstance(hardware, (list, tuple)) or not hardware
-            or not all(isinstance(h, str) and h for h in hardware)):
+    names.check(version, names.VERSION, "version", ReleaseError)
+    if not isinstance(hardware, (list, tuple)) or not hardware:
         raise ReleaseError("hardware must be a non-empty list of hardware type names")
+    for hw in hardware:
+        names.check(hw, names.NAME, "hardware type", ReleaseError)
     if kind not in KINDS:
         raise ReleaseError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
     if not image:
@@ -172,8 +172,8 @@ def create_release(store: Store, blobs_dir: str | os.PathLike, key: ec.EllipticC
     (anti-rollback); a release may keep the previous counter or raise it, never lower it.
     min_version: campaigns send the release only to devices running at least this version.
     """
-    if min_version is not None and (not isinstance(min_version, str) or not 0 < len(min_version) <= 64):
-        raise ReleaseError("min_version must be a version string of 1..64 characters")
+    if min_version is not None:
+        names.check(min_version, names.VERSION, "min_version", ReleaseError)
     image, kind = _load_image(path_or_bytes, kind)
     enc_key = os.urandom(32) if encrypt else None
     if encrypt and kind != "bundle":
@@ -214,12 +214,11 @@ def get_release(store: Store, version_or_id: str | int) -> Release:
     """A release by version, or by id (an int, or a string of digits no version matches)."""
     with store.session() as s:
         release = None
-        if isinstance(version_or_id, str):
+        if names.may_be_stored(version_or_id):
             release = s.scalar(select(Release).where(Release.version == version_or_id))
-            if release is None and version_or_id.isdigit():
-                release = s.get(Release, int(version_or_id))
-        elif isinstance(version_or_id, int):
-            release = s.get(Release, version_or_id)
+        release_id = names.as_id(version_or_id)
+        if release is None and release_id is not None:
+            release = s.get(Release, release_id)
         if release is None:
             raise ReleaseError(f"no release {version_or_id!r}")
         return release

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from fota.server import names
 from fota.server.campaigns import pacing
 from fota.server.campaigns import states as S
 from fota.server.campaigns.engine import cancel_downloads, target_devices
@@ -28,9 +29,11 @@ __all__ = ["abort_campaign", "campaign_summary", "create_campaign", "get_campaig
 def _load(s: Session, ref: str | int, lock: bool = False) -> Campaign:
     query = select(Campaign)
     if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
-        query = query.where(Campaign.id == int(ref))
-    else:
+        query = query.where(Campaign.id == names.as_id(ref))  # None (out of range): no row
+    elif names.may_be_stored(ref):
         query = query.where(Campaign.name == ref)
+    else:
+        raise CampaignNotFound(f"no campaign {ref!r}")
     if lock:
         query = query.with_for_update()
     campaign = s.scalars(query).first()
@@ -52,8 +55,7 @@ def list_campaigns(store: Store) -> list[Campaign]:
 def create_campaign(store: Store, name: str, release: Release | str | int, spec: dict[str, Any] | None = None,
                     ) -> Campaign:
     """A draft campaign of ``release`` (nothing is sent before ``start_campaign``)."""
-    if not isinstance(name, str) or not 0 < len(name) <= 64 or name.isdigit():
-        raise CampaignError("a campaign name is 1..64 characters and not a number")
+    names.check(name, names.CAMPAIGN_NAME, "campaign name", CampaignError)
     parsed = CampaignSpec.parse(spec)
     with store.session() as s:
         if s.scalar(select(Campaign.id).where(Campaign.name == name)) is not None:

@@ -5,12 +5,15 @@ same object from it, so a campaign's rules never live in one process's memory.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
+
+from fota.server import names
 
 __all__ = ["CampaignError", "CampaignNotFound", "CampaignSpec", "CampaignStateError", "TargetFilter", "Wave", "Window", "version_key"]
 
@@ -34,17 +37,44 @@ def version_key(version: str) -> tuple:
     """Order of dotted versions: numeric parts numerically ("1.10.0" > "1.9.2"), others as text."""
     parts = []
     for part in version.replace("-", ".").replace("+", ".").split("."):
-        parts.append((0, int(part), "") if part.isdigit() else (1, 0, part))
+        # isascii: '²'.isdigit() is True and int('²') fails
+        parts.append((0, int(part), "") if part.isascii() and part.isdigit() else (1, 0, part))
     return tuple(parts)
 
 
-def _strings(value: Any, name: str) -> list[str]:
+def _strings(value: Any, name: str, pattern: str) -> list[str]:
+    """A string or a list of strings, each of the form ``pattern`` (fota.server.names)."""
     if value is None:
         return []
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise CampaignError(f"{name} must be a string or a list of strings")
+    for v in value:
+        names.check(v, pattern, name, CampaignError)
+    return value
+
+
+MAX_INVENTORY_TEXT = 256
+
+
+def _inventory_value(value: Any) -> bool:
+    """A JSON scalar a device's inventory can hold (finite numbers; text without NUL)."""
+    if value is None or isinstance(value, (bool, int)):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, str) and len(value) <= MAX_INVENTORY_TEXT and "\x00" not in value
+
+
+def _inventory(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise CampaignError("filter inventory must be an object of field: value")
+    for key, want in value.items():
+        names.check(key, names.NAME, "filter inventory field", CampaignError)
+        if not all(_inventory_value(v) for v in (want if isinstance(want, list) else [want])):
+            raise CampaignError(f"filter inventory {key}: a value is null, true/false, a finite number or a "
+                                f"text of at most {MAX_INVENTORY_TEXT} characters without NUL (or a list of them)")
     return value
 
 
@@ -53,8 +83,10 @@ def _number(spec: dict, name: str, default: float | None, low: float, high: floa
     value = spec.get(name, default)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise CampaignError(f"{name} must be a number")
+    if high is None and integer:
+        high = names.MAX_DB_INT  # counts and seconds go into integer columns and timedelta
     if value < low or (high is not None and value > high):
         raise CampaignError(f"{name} must be {low}..{high if high is not None else 'any'}, not {value}")
     if integer:
@@ -84,12 +116,11 @@ class TargetFilter:
         online = data.get("online")
         if online is not None and not isinstance(online, bool):
             raise CampaignError("filter online must be true, false or null")
-        inventory = data.get("inventory") or {}
-        if not isinstance(inventory, dict) or not all(isinstance(k, str) for k in inventory):
-            raise CampaignError("filter inventory must be an object of field: value")
-        return cls(_strings(data.get("hardware"), "filter hardware"), _strings(data.get("tags"), "filter tags"),
-                   _strings(data.get("versions"), "filter versions"), online, inventory,
-                   _strings(data.get("devices"), "filter devices"))
+        inventory = _inventory(data.get("inventory") or {})
+        return cls(_strings(data.get("hardware"), "filter hardware", names.NAME),
+                   _strings(data.get("tags"), "filter tags", names.NAME),
+                   _strings(data.get("versions"), "filter versions", names.VERSION), online, inventory,
+                   _strings(data.get("devices"), "filter devices", names.DEVICE_ID))
 
     @cached_property
     def device_set(self) -> frozenset[str]:
@@ -147,12 +178,12 @@ class Wave:
             raise CampaignError("a wave needs exactly one of percent, devices, tag")
         percent = _number(data, "percent", None, 0.0001, 100.0)
         tag = data.get("tag")
-        if tag is not None and (not isinstance(tag, str) or not tag):
-            raise CampaignError("wave tag must be a string")
+        if tag is not None:
+            names.check(tag, names.NAME, "wave tag", CampaignError)
         approval = data.get("approval", False)
         if not isinstance(approval, bool):
             raise CampaignError("wave approval must be true or false")
-        return cls(percent, _strings(data.get("devices"), "wave devices"), tag,
+        return cls(percent, _strings(data.get("devices"), "wave devices", names.DEVICE_ID), tag,
                    _number(data, "success", success, 0.0, 100.0), _number(data, "failure", failure, 0.0, 100.0),
                    approval)
 
@@ -180,7 +211,7 @@ class Window:
         tz = data.get("tz", "UTC")
         try:
             ZoneInfo(tz)
-        except (ZoneInfoNotFoundError, ValueError, TypeError):
+        except (ZoneInfoNotFoundError, ValueError, TypeError, OSError):  # OSError: a name too long
             raise CampaignError(f"unknown time zone {tz!r}") from None
         return cls(cron, minutes, tz)
 
