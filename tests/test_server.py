@@ -11,6 +11,7 @@ import struct
 import threading
 import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -357,6 +358,9 @@ def test_provision_and_password_hashes(store):
         assert apply_online(s, "ghost", True) is None
     d = get_device(store, "dev-1")
     assert (d.version, d.online, d.inventory["version"]) == ("1.0.0", True, "1.0.0")
+    with store.session() as s:  # a flag received before the stored one does not apply
+        apply_online(s, "dev-1", False, d.online_at - timedelta(seconds=1))
+    assert get_device(store, "dev-1").online
 
 
 def test_create_deployment(store, key, tmp_path):

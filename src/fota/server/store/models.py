@@ -177,6 +177,9 @@ class Device(Base):
     enc_key: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_seen: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # When the center received the online flag `online` holds: an older flag ingested later (by
+    # another worker) does not overwrite it (fota.server.fleet.online_values).
+    online_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     jobs: Mapped[list[Job]] = relationship(back_populates="device")
 
