@@ -57,7 +57,8 @@ def _after_confirmation(row: CampaignDevice, event_id: int, epoch: int, boot: in
     """Whether a status (a health report) came after the confirmation that started the row's
     probation in its device's order: by (boot, seq) within the confirmation's epoch; of another
     epoch (the device started over: its counters begin again, below the confirmation's) by
-    arrival, the status_events id. Rows confirmed before their epoch was kept: by (boot, seq)."""
+    arrival, the status_events id. A row without the confirmation's id (in probation since before
+    migration 0013, or its confirmation not found): by (boot, seq), as before."""
     if row.confirm_event is not None and epoch != row.confirm_epoch:
         return event_id > row.confirm_event
     return (boot, seq) > (row.confirm_boot or 0, row.confirm_seq or 0)
@@ -365,7 +366,7 @@ class CampaignEngine:
         # none by the end of its probation plus the confirm step's timeout never will: failed.
         silence = spec.probation + spec.timeouts["confirm"]
         for row in rows:
-            seen = [p for where, p in reports[row.device_id] if _after_confirmation(row, *where)]
+            seen = [p for place, p in reports[row.device_id] if _after_confirmation(row, *place)]
             bad = [p for p in seen if not (isinstance(p, dict) and p.get("ok") is True)]
             since = now - row.confirmed_at if row.confirmed_at is not None else None
             if bad:
