@@ -1,9 +1,11 @@
 """What every fault benchmark counts the same way: lost statuses and bricked devices.
 
-Lost statuses. A device numbers its statuses (boot, seq): `boot` is its persisted boot counter and
-`seq` counts 1, 2, 3, ... within a boot (fota.device.core). The control center stores each status
-once by (device, boot, seq) (`StatusEvent`). So within one boot of one device, every seq below the
-highest one stored must be stored too: each one missing is a status the device published (or
+Lost statuses. A device numbers its statuses (epoch, boot, seq): `boot` is its persisted boot
+counter, `seq` counts 1, 2, 3, ... within a boot (fota.device.core), and `epoch` is chosen at
+random when its agent state is created (0: a device that sends none), so a device whose counters
+start over (state erased, simulator restarted) numbers its boots again in a new epoch. The
+control center stores each status once by (device, epoch, boot, seq) (`StatusEvent`). So within
+one boot of one epoch of one device, every seq below the highest one stored must be stored too: each one missing is a status the device published (or
 generated) that never reached the table, a **lost status**, with one exception the device
 itself documents: a health report still unsent when its connection died (or when the device
 rebooted into an update) is dropped, since the next connection sends a fresh one
@@ -32,42 +34,49 @@ from fota.device.runner import DROPPED_HEALTH
 from fota.server.store import StatusEvent
 from fota.tools.devicedir import verify_slot
 
-Key = tuple[str, int, int]   # (device, boot, seq)
+Key = tuple[str, int, int, int]   # (device, epoch, boot, seq)
+
+
+def status_key(device_id: str, status: dict) -> Key:
+    """A status message's key, as the control center de-duplicates it (epoch 0 when it has none)."""
+    return device_id, status.get("epoch") or 0, status.get("boot"), status.get("seq")
 
 
 def seq_gaps(keys: Iterable[Key]) -> list[Key]:
-    """The (device, boot, seq) missing below the highest seq stored for each (device, boot)."""
-    by_boot: dict[tuple[str, int], set[int]] = {}
-    for device, boot, seq in keys:
-        by_boot.setdefault((device, boot), set()).add(seq)
-    return sorted((device, boot, seq) for (device, boot), seqs in by_boot.items()
+    """The (device, epoch, boot, seq) missing below the highest seq stored for each boot of each
+    epoch of each device."""
+    by_boot: dict[tuple[str, int, int], set[int]] = {}
+    for device, epoch, boot, seq in keys:
+        by_boot.setdefault((device, epoch, boot), set()).add(seq)
+    return sorted((device, epoch, boot, seq) for (device, epoch, boot), seqs in by_boot.items()
                   for seq in range(1, max(seqs)) if seq not in seqs)
 
 
 def stored_keys(store, device_ids: Iterable[str]) -> set[Key]:
-    """Every (device, boot, seq) the control center stored for these devices."""
+    """Every (device, epoch, boot, seq) the control center stored for these devices."""
     ids = list(device_ids)
     with store.session() as s:
-        return {(d, b, q) for d, b, q in s.execute(select(StatusEvent.device_id, StatusEvent.boot, StatusEvent.seq)
-                                                   .where(StatusEvent.device_id.in_(ids)))}
+        return {tuple(row) for row in s.execute(
+            select(StatusEvent.device_id, StatusEvent.epoch, StatusEvent.boot, StatusEvent.seq)
+            .where(StatusEvent.device_id.in_(ids)))}
 
 
 def dropped_health_reports(fleet, device_ids: Iterable[str]) -> set[Key]:
-    """(device, boot, seq) of every health report the devices' logs say was dropped unsent."""
+    """(device, epoch, boot, seq) of every health report the devices' logs say was dropped unsent."""
     dropped = set()
     for device_id in device_ids:
         for line in fleet.devices[device_id].log_text().splitlines():
             if DROPPED_HEALTH in line:
                 try:
                     body = json.loads(line.split(DROPPED_HEALTH, 1)[1])
-                    dropped.add((device_id, body["boot"], body["seq"]))
-                except (ValueError, KeyError, TypeError):
+                    dropped.add(status_key(device_id, body))
+                except (ValueError, AttributeError):
                     pass  # a line cut short by a kill: its gap stays counted as lost
     return dropped
 
 
 def status_gaps(fleet, device_ids: Iterable[str], seen_on_broker: Iterable[Key] = ()) -> dict[str, list[Key]]:
-    """{"lost": [...], "superseded": [...]}: the (boot, seq) gaps in what the control center stored
+    """{"lost": [...], "superseded": [...]}: the (epoch, boot, seq) gaps in what the control center stored
     for these devices, plus the statuses seen on the broker (a spy's keys) but not stored, split
     into lost statuses and the health reports the devices logged as dropped unsent."""
     ids = list(device_ids)

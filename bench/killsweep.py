@@ -306,7 +306,7 @@ class Sweep:
         self.durations = Durations()
         self.trial_boots: dict[tuple[str, int], float] = {}
         self.manifests: dict[str, dict] = {"1.0.0": files_manifest(hello_files("1.0.0"))}
-        self.gaps_seen: set = set()   # (boot, seq) gaps already counted in an earlier round
+        self.gaps_seen: set = set()   # (epoch, boot, seq) gaps already counted in an earlier round
         self.stop = threading.Event()
         self.version = "1.0.0"
         self.rounds: list[dict] = []
@@ -374,7 +374,7 @@ class Sweep:
             devices[d] = {"job": job, "state": state, "code": code, "reason": reason,
                           **device_outcome(self.fleet, d, self.manifests)}
         completed = sum(1 for v in devices.values() if v["state"] == P.CONFIRMED)
-        # Lost statuses: (boot, seq) gaps in what the center stored, new since the last round.
+        # Lost statuses: (epoch, boot, seq) gaps in what the center stored, new since the last round.
         gaps = {kind: [k for k in keys if k not in self.gaps_seen]
                 for kind, keys in status_gaps(self.fleet, self.ids).items()}
         self.gaps_seen.update(gaps["lost"], gaps["superseded"])
@@ -508,7 +508,7 @@ def _table(summary: dict, args) -> None:
     print_table(f"kill -9 sweep: {summary['devices']} devices, {summary['rounds']} rounds, {summary['kills']} kills, "
                 f"seed {args.seed}, {args.image_kib} KiB image",
                 ("phase", "kills", "devices", "jobs", "completed", "bricked", "verified versions"), rows,
-                notes=[f"lost statuses ((boot, seq) gaps): {summary['lost_statuses']} (health reports dropped unsent, "
+                notes=[f"lost statuses ((epoch, boot, seq) gaps): {summary['lost_statuses']} (health reports dropped unsent, "
                        f"superseded: {summary['superseded_health']}); failed/reverted/bad-hash statuses: "
                        f"{len(summary['bad_statuses'])}; round wall time: {summary['baseline_wall_s']} s without "
                        f"kills, median {summary['median_round_wall_s']} s with kills; phase lengths (s) "

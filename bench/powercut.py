@@ -55,8 +55,8 @@ class Row:
 
     def add(self, case: dict, out: dict, seconds: float) -> None:
         # Lost: the terminal status never reached the center (the harness's check), plus every
-        # (boot, seq) gap in what it received.
-        gaps = seq_gaps(("device", boot, seq) for boot, seq in out["statuses"])
+        # (epoch, boot, seq) gap in what it received.
+        gaps = seq_gaps(("device", epoch, boot, seq) for epoch, boot, seq in out["statuses"])
         ok = out["ok"] and not gaps
         self.cases += 1
         self.seconds += seconds
@@ -67,7 +67,7 @@ class Row:
         self.max_resent = max(self.max_resent, out["resent"])
         if not ok:
             out = {k: v for k, v in out.items() if k != "statuses"}
-            self.failures.append(dict(case, **out, gaps=[[b, q] for _, b, q in gaps]))
+            self.failures.append(dict(case, **out, gaps=[[e, b, q] for _, e, b, q in gaps]))
 
     def as_dict(self) -> dict:
         return {"scenario": self.scenario, "phase": self.phase, "n_ops": self.n_ops, "cases": self.cases,
@@ -148,7 +148,7 @@ def show(results: dict, args) -> None:
         for f in r.failures[:3]:
             notes.append(f"FAIL {r.scenario} / {r.phase}: cut at {f['cut_at']} torn {f['torn_at']}: "
                          f"{f['bricked'] or ''} {'; '.join(f['problems'])}"
-                         + (f" (boot, seq) gaps {f['gaps']}" if f["gaps"] else ""))
+                         + (f" (epoch, boot, seq) gaps {f['gaps']}" if f["gaps"] else ""))
     print_table("by fault (the rows of docs/reliability.md)",
                 ["fault", "cases run", "passed", "bricked", "lost statuses", "bytes re-sent", "max per case"],
                 [[r.phase, r.cases, r.passed, r.bricked, r.lost, r.resent, r.max_resent]

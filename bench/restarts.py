@@ -25,7 +25,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from bench._faults import device_outcome, files_manifest, status_gaps, stored_keys
+from bench._faults import device_outcome, files_manifest, status_gaps, status_key, stored_keys
 from bench._fleet import CenterThread, Fleet, TimedOut, bundle_of_size, wait_until
 from bench._report import print_table
 from fota.device import protocol as P
@@ -48,8 +48,8 @@ class Spy(BrokerSpy):
     """Every status over the broker, on a persistent session that re-subscribes on reconnect."""
 
     def __init__(self, broker):
-        self.keys: set[tuple[str, int, int]] = set()
-        self.by_key: dict[tuple[str, int, int], str] = {}
+        self.keys: set[tuple[str, int, int, int]] = set()
+        self.by_key: dict[tuple[str, int, int, int], str] = {}
         self.states: list[tuple[str, int | None, str]] = []
         self.lock = threading.Lock()
         super().__init__(broker, name="bspy", persistent=True, reconnect_delay=0.1)
@@ -60,12 +60,15 @@ class Spy(BrokerSpy):
         except ValueError:
             return
         device = msg.topic.split("/")[2]
+        if not isinstance(body, dict):
+            return
+        key = status_key(device, body)
         with self.lock:
-            self.keys.add((device, body.get("boot"), body.get("seq")))
-            self.by_key[(device, body.get("boot"), body.get("seq"))] = body.get("state")
+            self.keys.add(key)
+            self.by_key[key] = body.get("state")
             self.states.append((device, body.get("job"), body.get("state")))
 
-    def seen(self) -> set[tuple[str, int, int]]:
+    def seen(self) -> set[tuple[str, int, int, int]]:
         with self.lock:
             return set(self.keys)
 
@@ -161,7 +164,7 @@ def _score(fleet, spy, ids, jobs, rel, fault, cut, cut_at, wall, finished) -> di
                            .where(StatusEvent.device_id.in_(ids))).all()
         rows = {j.id: j for j in s.scalars(select(Job).where(Job.id.in_(jobs)))}
         job_rows = {j: (rows[j].device_id, rows[j].state, rows[j].bytes_served) for j in jobs}
-    # Lost: (boot, seq) gaps in the table, and statuses the spy saw on the broker but never stored.
+    # Lost: (epoch, boot, seq) gaps in the table, and statuses the spy saw on the broker but never stored.
     gaps = status_gaps(fleet, ids, seen_on_broker=spy.seen())
     manifests = {"1.0.0": files_manifest(hello_files("1.0.0")), "1.1.0": json.loads(rel.manifest)}
     updated = bricked = twice = 0

@@ -21,6 +21,7 @@ from fota.tools.devicedir import create_device_dir, read_boot_record
 from fota.tools.keyring import Keyring
 from fota.tools.supervisor import DEFAULT_HEAP, DeviceProcess
 from fota.tools.waiting import wait_until  # noqa: F401 (re-exported to the tests)
+from checked_mqtt import acknowledged
 
 
 class CenterThread:
@@ -69,8 +70,7 @@ class Spy(BrokerSpy):
                 and (health or s.get("state") != P.HEALTH)]
 
     def publish(self, device, suffix, payload, qos=1):
-        info = self.client.publish(P.topic(device, suffix), payload, qos=qos)
-        info.wait_for_publish(5)
+        acknowledged(self.client.publish(P.topic(device, suffix), payload, qos=qos))
 
 
 class Fleet:

@@ -50,6 +50,7 @@ class ScriptedDevices:
         self.behaviour: dict[str, str] = {}
         self.version: dict[str, str] = {}
         self.seq: dict[str, int] = {}
+        self.epoch: dict[str, int] = {}  # device -> its epoch once it started over (none sent before)
         self.current: dict[str, tuple[int, str]] = {}  # device -> (job, last state)
         self.commands: list[tuple[str, dict]] = []
         self.held: dict[str, list[dict]] = {}  # device -> update commands not answered yet
@@ -86,6 +87,17 @@ class ScriptedDevices:
             for body in self.held.pop(device_id, []):
                 self._run(device_id, body)
 
+    def start_over(self, device_id: str, epoch: int) -> None:
+        """The device's counters start over (flash erased, re-provisioned): a new epoch, seq from 1."""
+        with self.lock:
+            self.epoch[device_id] = epoch
+            self.seq[device_id] = 0
+
+    def report_health(self, device_id: str, ok: bool, **extra) -> None:
+        """A health report (protocol §6) of the version it runs, next in its (epoch, boot, seq)."""
+        with self.lock:
+            self._status(device_id, None, "health", ok=ok, reason=None if ok else "app failed to start", **extra)
+
     def jobs_of(self, device_id: str, kind: str = "update") -> list[int]:
         with self.lock:
             return [c["job"] for d, c in self.commands if d == device_id and c["type"] == kind]
@@ -97,6 +109,8 @@ class ScriptedDevices:
         self.seq[device_id] += 1
         msg = {"job": job, "state": state, "code": code, "reason": None, "progress": 0.0,
                "version": self.version[device_id], "boot": 1, "seq": self.seq[device_id]}
+        if device_id in self.epoch:
+            msg["epoch"] = self.epoch[device_id]
         msg.update(extra)
         self._publish(device_id, P.STATUS, json.dumps(msg).encode())
 

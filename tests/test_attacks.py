@@ -10,7 +10,6 @@ import os
 import threading
 import time
 
-import paho.mqtt.client as mqtt
 from sqlalchemy import select
 
 from fota.device import protocol as P
@@ -23,6 +22,7 @@ from fota.server.store import StatusEvent
 from fota.tools.bundle import pack_files
 from fota.tools.keyring import Signer
 from fota.tools.signing import generate_private_key
+from checked_mqtt import acknowledged, close, connect
 from fleet import CenterThread, Fleet, wait_until
 
 # Short transfer deadlines, so that stalls and endless data end within the test.
@@ -221,35 +221,9 @@ def test_attack_wrong_hardware_type(fleet):
     _assert_unharmed(fleet, dev)
 
 
-def _connect(broker, user, password, client_id, port=None, clean=True):
-    """A paho client on `user`'s account asking for `client_id`; returns (client, topics received)
-    once the broker accepted it (CONNACK 0), so a refused login cannot pass for a refused attack."""
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean)
-    c.username_pw_set(user, password)
-    got, connacks = [], []
-    c.on_message = lambda cl, ud, m: got.append(m.topic)
-    c.on_connect = lambda cl, ud, flags, rc, props: connacks.append(rc)
-    c.connect(broker.host, port or broker.port)
-    c.loop_start()
-    wait_until(lambda: connacks, timeout=10, what=f"the CONNACK for {user}")
-    assert not connacks[0].is_failure, f"the broker refused {user}: {connacks[0]}"
-    return c, got
-
-
-def _close(client):
-    client.disconnect()
-    client.loop_stop()
-
-
-def _acknowledged(info, timeout=5.0):
-    """Wait for the PUBACK of a QoS 1 publish; fail (not return) when none came."""
-    info.wait_for_publish(timeout)
-    assert info.is_published(), f"no PUBACK within {timeout} s"
-
-
 def _as_device(fleet, dev):
     """Device `dev`'s stolen credentials, used from another machine (any client id it likes)."""
-    return _connect(fleet.broker, dev, fleet.passwords[dev], f"stolen-{dev}-{time.monotonic_ns()}")
+    return connect(fleet.broker, dev, fleet.passwords[dev], f"stolen-{dev}-{time.monotonic_ns()}")
 
 
 def test_attack_device_credentials_publish_command_to_another_device(fleet):
@@ -262,7 +236,7 @@ def test_attack_device_credentials_publish_command_to_another_device(fleet):
     stolen, _ = _as_device(fleet, a)
     try:
         # A validly signed command (captured elsewhere), pushed with A's broker account.
-        _acknowledged(stolen.publish(P.topic(b, P.CMD), update_command(901, b, rel, fleet.signer), qos=1))
+        acknowledged(stolen.publish(P.topic(b, P.CMD), update_command(901, b, rel, fleet.signer), qos=1))
         time.sleep(2.0)
         assert fleet.spy.of(b, 901) == []  # the broker never delivered it
         assert fleet.running_version(b) == "1.0.0"
@@ -305,8 +279,8 @@ def _record_disconnects(monkeypatch) -> list[str]:
 
 def _forget_session(broker, client_id):
     """Delete a persistent session this test made on the session's broker (clean connect)."""
-    c, _ = _connect(broker, SERVER_USER, broker.users[SERVER_USER], client_id, port=broker.service_port)
-    _close(c)
+    c, _ = connect(broker, SERVER_USER, broker.users[SERVER_USER], client_id, port=broker.service_port)
+    close(c)
 
 
 def test_attack_device_credentials_take_over_other_client_ids(tmp_path, broker, sqlite_url, monkeypatch):
@@ -331,9 +305,9 @@ def test_attack_device_credentials_take_over_other_client_ids(tmp_path, broker, 
         wait_until(lambda: fleet.job(dep.jobs[0].id).state == "sent", what="the command queued for B")
         time.sleep(0.3)
         for victim in (b, service.CLIENT_ID, worker.center.client_id):
-            stolen, _ = _connect(broker, a, fleet.passwords[a], victim)
+            stolen, _ = connect(broker, a, fleet.passwords[a], victim)
             time.sleep(0.5)
-            _close(stolen)
+            close(stolen)
         fleet.devices[b].start()  # B wakes up: its command is still there
         j = fleet.wait_job(dep.jobs[0].id, timeout=30)
         assert j.state == "confirmed", (j.state, j.code, j.reason)
@@ -361,35 +335,35 @@ def test_attack_takeover_loop_of_the_center_id_loses_no_acknowledged_status(tmp_
 
         def take_over():
             while not stop.is_set():
-                stolen, _ = _connect(broker, a, fleet.passwords[a], service.CLIENT_ID)
+                stolen, _ = connect(broker, a, fleet.passwords[a], service.CLIENT_ID)
                 attempts.append(1)
                 time.sleep(0.02)
-                _close(stolen)
+                close(stolen)
         attacker = threading.Thread(target=take_over, daemon=True)
         attacker.start()
-        device, _ = _connect(broker, c, fleet.passwords[c], c, clean=False)
-        acknowledged = set()
+        device, _ = connect(broker, c, fleet.passwords[c], c, clean=False)
+        acked = set()
         try:
             for seq in range(1, 121):
                 msg = {"job": None, "state": "idle", "code": None, "reason": None, "boot": 1, "seq": seq}
                 info = device.publish(P.topic(c, P.STATUS), json.dumps(msg), qos=1)
                 info.wait_for_publish(5)
                 if info.is_published():
-                    acknowledged.add(seq)
+                    acked.add(seq)
                 time.sleep(0.01)
         finally:
             stop.set()
             attacker.join(10)
-            _close(device)
-        assert len(attempts) >= 10 and len(acknowledged) == 120
+            close(device)
+        assert len(attempts) >= 10 and len(acked) == 120
 
         def stored():
             with fleet.store.session() as s:
                 return set(s.scalars(select(StatusEvent.seq).where(StatusEvent.device_id == c)))
         deadline = time.monotonic() + 15
-        while not acknowledged <= stored() and time.monotonic() < deadline:
+        while not acked <= stored() and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert sorted(acknowledged - stored()) == [] and kicked == []
+        assert sorted(acked - stored()) == [] and kicked == []
     finally:
         fleet.close()
         _forget_session(broker, service.CLIENT_ID)

@@ -28,7 +28,7 @@ from fota.server.campaigns import states as S
 from fota.server.campaigns.pacing import window_open
 from fota.server.campaigns.spec import CampaignSpec, Window, version_key
 from fota.server.releases import create_release
-from fota.server.store import Campaign, CampaignDevice, Job, Store
+from fota.server.store import Campaign, CampaignDevice, Job, StatusEvent, Store
 from fota.tools.bundle import pack_files
 from fota.tools.keyring import Keyring
 from fleet import CenterThread, wait_until
@@ -151,6 +151,44 @@ def test_unhealthy_and_reverted_devices_count_as_failed(rig):
     assert "unhealthy" in rig.row("health", bad).reason
     # a revert is not retried: the release is bad for that device
     assert len(rig.jobs(back)) == 1
+
+
+def test_probation_orders_health_reports_of_another_epoch_by_arrival(rig):
+    """A device whose counters start over during probation (a new epoch: its (boot, seq) begin
+    again, below the confirmation's) is judged on the reports it sends after the confirmation."""
+    rig.release()
+    well = rig.devices.add("well", behaviour="nohealth")
+    sick = rig.devices.add("sick", behaviour="nohealth")
+    # Sent before the campaign, in an epoch of its own: not after the confirmation, never counted
+    # (it ran 2.0.0 once, unhealthy, then 1.0.0 again).
+    rig.devices.start_over(well, 41)
+    rig.devices.report_health(well, False, version="2.0.0")
+    rig.devices.report_health(well, True)
+    wait_until(lambda: _health_reports(rig, well) == 2, timeout=10, what="old reports stored")
+    rig.devices.start_over(well, 5)  # the campaign's statuses: epoch 5 (well), none sent (sick)
+    create_campaign(rig.store, "epochs", "2.0.0", {"waves": [100], "failure": 100, "probation": 60})
+    start_campaign(rig.store, "epochs", now=rig.clock.now)
+    rig.drive(lambda: all(rig.state("epochs", d) in (S.PROBATION, S.FAILED) for d in (well, sick)),
+              what="both confirmed")
+    assert (rig.state("epochs", well), rig.state("epochs", sick)) == (S.PROBATION, S.PROBATION)
+    assert rig.row("epochs", well).confirm_seq == 6  # (1, 6): downloading ... confirmed
+    for device_id, ok in ((well, True), (sick, False)):
+        rig.devices.start_over(device_id, 7)
+        rig.devices.report_health(device_id, ok)  # (epoch 7, boot 1, seq 1)
+    wait_until(lambda: (_health_reports(rig, well), _health_reports(rig, sick)) == (3, 1), timeout=10,
+               what="the new epoch's reports stored")
+    rig.tick()
+    assert rig.state("epochs", sick) == S.FAILED and rig.row("epochs", sick).code == "E_HEALTH"
+    assert rig.state("epochs", well) == S.PROBATION
+    rig.clock.advance(61)
+    rig.tick()
+    assert rig.state("epochs", well) == S.SUCCEEDED
+
+
+def _health_reports(rig, device_id) -> int:
+    with rig.store.session() as s:
+        return s.scalar(select(func.count()).select_from(StatusEvent).where(
+            StatusEvent.device_id == device_id, StatusEvent.state == "health"))
 
 
 # ---------------------------------------------------------------- failure thresholds

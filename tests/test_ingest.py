@@ -382,6 +382,22 @@ def test_device_columns_follow_arrival_order(fleet):
     assert fleet.device("d1").version == "1.0.3"
 
 
+def test_an_older_online_flag_committed_later_does_not_overwrite_a_newer_one(fleet):
+    """A device's `online 0` (before a clean DISCONNECT) and its `online 1` a second later, taken by
+    two workers: the batch holding the `1` commits first, then the one holding the older `0`."""
+    offline, online = fleet.online("d1", False), fleet.online("d1", True)  # received in this order
+    fleet.write([online])
+    result = fleet.write([offline, fleet.online("d2", True)])
+    d1 = fleet.device("d1")
+    assert (d1.online, d1.online_at, d1.last_seen) == (True, online.received_at, online.received_at)
+    assert result.stale_online == 1
+    assert fleet.device("d2").online  # the batch's other flags apply
+    # a flag received later applies, and an older one held in the same batch does not
+    later = fleet.online("d1", False)
+    fleet.write([later, offline])
+    assert (fleet.device("d1").online, fleet.device("d1").online_at) == (False, later.received_at)
+
+
 def test_served_bytes_accumulate(fleet):
     j1, j2 = fleet.job["d1"], fleet.job["d2"]
     assert fleet.write([], {j1: 100, j2: 50}).stored == 0

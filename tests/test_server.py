@@ -11,6 +11,7 @@ import struct
 import threading
 import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -38,6 +39,7 @@ from fota.server.store import Device, Job, Store
 from fota.tools import bundle
 from fota.tools.keyring import Signer
 from fota.tools.signing import generate_private_key, key_id, public_key_bytes
+from checked_mqtt import acknowledged, close, connect
 
 APP = b"VERSION = '1.1.0'\n\ndef start():\n    print('hello')\n"
 
@@ -147,7 +149,7 @@ class ScriptedDevice:
             payload = json.dumps(payload)
         info = self.client.publish(self.topic(suffix), payload, qos=qos, retain=retain)
         if wait:
-            info.wait_for_publish(5)
+            acknowledged(info)
 
     def inventory(self) -> dict:
         return {"device": self.id, "proto": 1, "hardware": self.hardware, "version": self.version,
@@ -357,6 +359,9 @@ def test_provision_and_password_hashes(store):
         assert apply_online(s, "ghost", True) is None
     d = get_device(store, "dev-1")
     assert (d.version, d.online, d.inventory["version"]) == ("1.0.0", True, "1.0.0")
+    with store.session() as s:  # a flag received before the stored one does not apply
+        apply_online(s, "dev-1", False, d.online_at - timedelta(seconds=1))
+    assert get_device(store, "dev-1").online
 
 
 def test_create_deployment(store, key, tmp_path):
@@ -500,14 +505,10 @@ def test_ingestion_rules_and_chunk_access(lite_store, broker, key, tmp_path):
                          b'{"state":"downloading","job":1}', b"[" * 60000):
                 a.publish(protocol.STATUS, junk)
             # a status from a device that is not provisioned (the server account may write anywhere)
-            ghost = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=uid("ghost"))
-            ghost.username_pw_set(SERVER_USER, broker.users[SERVER_USER])
-            ghost.connect("127.0.0.1", broker.service_port)
-            ghost.loop_start()
-            ghost.publish(protocol.topic("ghost", protocol.STATUS),
-                          json.dumps({"job": job, "state": "failed", "boot": 1, "seq": 1}), qos=1).wait_for_publish(5)
-            ghost.disconnect()
-            ghost.loop_stop()
+            ghost, _ = connect(broker, SERVER_USER, broker.users[SERVER_USER], uid("ghost"), port=broker.service_port)
+            acknowledged(ghost.publish(protocol.topic("ghost", protocol.STATUS),
+                                       json.dumps({"job": job, "state": "failed", "boot": 1, "seq": 1}), qos=1))
+            close(ghost)
 
             first = a.status(job, "downloading", progress=0.25, bytes=256, total=1000)
             a.client.publish(a.topic(protocol.STATUS), json.dumps(first), qos=1)  # same boot/seq again

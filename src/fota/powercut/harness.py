@@ -341,8 +341,8 @@ class Run:
             "ops": self.power.ops, "boots": self.boots, "cuts": self.cuts, "exhausted": self.exhausted,
             "bricked": self.bricked, "problems": problems, "final": final, "terminal": terminal,
             "lost": lost, "resent": max(0, self.center.sent - self.s.size),
-            # (boot, seq) of every status the center received: bench/powercut.py counts the gaps
-            "statuses": [[st.get("boot"), st.get("seq")] for st in self.center.statuses],
+            # (epoch, boot, seq) of every status the center received: bench/powercut.py counts the gaps
+            "statuses": [[st.get("epoch") or 0, st.get("boot"), st.get("seq")] for st in self.center.statuses],
             "ok": not self.bricked and not problems,
         }
 

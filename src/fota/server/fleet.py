@@ -84,9 +84,17 @@ def inventory_values(device_id: str, provisioned_hardware: str | None, payload: 
     return values
 
 
-def online_values(online: bool, when: datetime) -> dict[str, Any]:
-    """The device columns an online flag (`1` on connect, `0` from the will) sets."""
-    return {"online": bool(online), "last_seen": when}
+def online_values(online: bool, when: datetime, stored_at: datetime | None) -> dict[str, Any] | None:
+    """The device columns an online flag (`1` on connect, `0` from the will or before a clean
+    DISCONNECT) received at `when` sets; None when the flag the row holds was received later
+    (`stored_at`, its online_at).
+
+    A device publishes `online 0` before a clean DISCONNECT and `online 1` a second later, once
+    reconnected: with several workers the two may be ingested by two of them, and the `0` may
+    commit last. Keeping the newer one by the time the center received it keeps the device online."""
+    if stored_at is not None and when < stored_at:
+        return None
+    return {"online": bool(online), "online_at": when, "last_seen": when}
 
 
 def apply_inventory(session: Session, device_id: str, payload: dict[str, Any],
@@ -103,12 +111,13 @@ def apply_inventory(session: Session, device_id: str, payload: dict[str, Any],
 
 def apply_online(session: Session, device_id: str, online: bool,
                  when: datetime | None = None) -> Device | None:
-    """Record an online flag (`1` on connect, `0` from the will); None for an unknown device."""
+    """Record an online flag (`1` on connect, `0` from the will) unless the device holds a newer
+    one (online_values); None for an unknown device."""
     device = session.get(Device, device_id)
     if device is None:
         log.warning("online flag from unprovisioned device %s ignored", device_id)
         return None
-    for name, value in online_values(online, when or utcnow()).items():
+    for name, value in (online_values(online, when or utcnow(), device.online_at) or {}).items():
         setattr(device, name, value)
     return device
 

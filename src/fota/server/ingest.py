@@ -24,7 +24,8 @@ order; only the writing is set-based (an ORM unit of work cost ~1 ms of CPU per 
   ended is stored marked with why (status_events.ignored, IGNORED_WHY), so the history does
   not show it as what happened;
 * devices (last_seen, version, inventory, online; fota.server.fleet decides the values): one
-  statement per set of changed columns.
+  statement per set of changed columns; an online flag received before the one a device row
+  holds (devices.online_at: another worker's batch committed a newer one first) is not applied.
 
 The statements themselves (executemany on SQLite, column arrays on PostgreSQL) are in
 fota.server.ingest_sql.
@@ -85,6 +86,7 @@ class BatchResult:
     duplicates: int = 0
     ignored: int = 0
     expired: dict[int, str] = field(default_factory=dict)  # job -> device that refused it E_EXPIRED
+    stale_online: int = 0  # online flags older than the one stored (ingested late by this worker)
 
 
 class _JobRow:
@@ -123,7 +125,10 @@ def write_batch(s: Session, batch: list[Incoming], served: dict[int, int]) -> Ba
     if not batch:
         return result
     device_ids = {item.device_id for item in batch}
-    hardware = sql.lock_devices(s, device_ids)
+    locked_devices = sql.lock_devices(s, device_ids)
+    hardware = {device_id: hw for device_id, (hw, _) in locked_devices.items()}
+    # when the online flag each device row holds was received (fleet.online_values keeps the newer)
+    online_at = {device_id: at for device_id, (_, at) in locked_devices.items()}
     seen = sql.known_statuses(s, list({_key(i) for i in statuses})) if statuses else set()
     # (a status for a job that is not its device's moves nothing, so only the device's own count)
     own = {job_id: jobs[job_id].device_id for job_id in job_ids if job_id in jobs}
@@ -140,7 +145,13 @@ def write_batch(s: Session, batch: list[Incoming], served: dict[int, int]) -> Ba
             device_changes.setdefault(item.device_id, {}).update(
                 fleet.inventory_values(item.device_id, hardware[item.device_id], item.data, item.received_at))
         elif item.kind == protocol.ONLINE:
-            device_changes.setdefault(item.device_id, {}).update(fleet.online_values(item.data, item.received_at))
+            values = fleet.online_values(item.data, item.received_at, online_at[item.device_id])
+            if values is None:  # older than the flag stored by another worker's batch
+                result.stale_online += 1
+                log.info("online %d from %s received before the stored flag: not applied", item.data, item.device_id)
+                continue
+            online_at[item.device_id] = item.received_at
+            device_changes.setdefault(item.device_id, {}).update(values)
         else:
             key = _key(item)
             if key in seen:

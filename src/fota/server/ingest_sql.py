@@ -88,12 +88,13 @@ class Portable:
     def add_served(self, s: Session, served: dict[int, int]) -> None:
         s.execute(self._ADD_SERVED, [{"b_id": job_id, "b_served": n} for job_id, n in sorted(served.items())])
 
-    def lock_devices(self, s: Session, device_ids: set[str]) -> dict[str, str | None]:
-        """device id -> provisioned hardware of the provisioned ones, locked in id order."""
-        found: dict[str, str | None] = {}
+    def lock_devices(self, s: Session, device_ids: set[str]) -> dict[str, tuple[str | None, datetime | None]]:
+        """device id -> (provisioned hardware, online_at) of the provisioned ones, locked in id order."""
+        found: dict[str, tuple[str | None, datetime | None]] = {}
         for ids in chunks(sorted(device_ids)):
-            found.update(s.execute(select(_devices.c.id, _devices.c.hardware).where(_devices.c.id.in_(ids))
-                                   .order_by(_devices.c.id).with_for_update(key_share=True)).all())
+            found.update((device_id, (hardware, online_at)) for device_id, hardware, online_at in s.execute(
+                select(_devices.c.id, _devices.c.hardware, _devices.c.online_at).where(_devices.c.id.in_(ids))
+                .order_by(_devices.c.id).with_for_update(key_share=True)))
         return found
 
     def known_statuses(self, s: Session, keys: list[tuple[str, int, int, int]]) -> set[tuple[str, int, int, int]]:
@@ -215,7 +216,7 @@ class PostgreSQL(Portable):
     _ADD_SERVED_PG = text("UPDATE jobs SET bytes_served = jobs.bytes_served + v.served "
                           f"FROM {_recordset(_jobs, ['id', 'served'], served='bigint')} WHERE jobs.id = v.id")
     # FOR NO KEY UPDATE: the lock the UPDATE takes anyway (it blocks no insert of a job for the device).
-    _LOCK_DEVICES = text("SELECT id, hardware FROM devices WHERE id = ANY(CAST(:ids AS varchar[])) "
+    _LOCK_DEVICES = text("SELECT id, hardware, online_at FROM devices WHERE id = ANY(CAST(:ids AS varchar[])) "
                          "ORDER BY id FOR NO KEY UPDATE")
     # One index lookup per key (LIMIT 1 keeps the planner from turning the join into a scan
     # of the whole table, which it did for a 10,000-row history).
@@ -249,8 +250,9 @@ class PostgreSQL(Portable):
     def add_served(self, s: Session, served: dict[int, int]) -> None:
         s.execute(self._ADD_SERVED_PG, {"rows": _rows([{"id": job_id, "served": n} for job_id, n in served.items()])})
 
-    def lock_devices(self, s: Session, device_ids: set[str]) -> dict[str, str | None]:
-        return dict(s.execute(self._LOCK_DEVICES, {"ids": list(device_ids)}).all())
+    def lock_devices(self, s: Session, device_ids: set[str]) -> dict[str, tuple[str | None, datetime | None]]:
+        return {device_id: (hardware, online_at) for device_id, hardware, online_at
+                in s.execute(self._LOCK_DEVICES, {"ids": list(device_ids)})}
 
     def known_statuses(self, s: Session, keys: list[tuple[str, int, int, int]]) -> set[tuple[str, int, int, int]]:
         rows = _rows([{"device_id": device_id, "epoch": epoch, "boot": boot, "seq": seq}

@@ -53,6 +53,17 @@ def _set(row: CampaignDevice, now: datetime, state: str, code: str | None = None
     row.updated_at = now
 
 
+def _after_confirmation(row: CampaignDevice, event_id: int, epoch: int, boot: int, seq: int) -> bool:
+    """Whether a status (a health report) came after the confirmation that started the row's
+    probation in its device's order: by (boot, seq) within the confirmation's epoch; of another
+    epoch (the device started over: its counters begin again, below the confirmation's) by
+    arrival, the status_events id. A row without the confirmation's id (in probation since before
+    migration 0013, or its confirmation not found): by (boot, seq), as before."""
+    if row.confirm_event is not None and epoch != row.confirm_epoch:
+        return event_id > row.confirm_event
+    return (boot, seq) > (row.confirm_boot or 0, row.confirm_seq or 0)
+
+
 # ---------------------------------------------------------------- targeting
 
 def _order(campaign_id: int, device_id: str) -> str:
@@ -316,20 +327,21 @@ class CampaignEngine:
 
     @staticmethod
     def _confirmed(s: Session, rows: list[CampaignDevice], now: datetime) -> None:
-        """Jobs that reached `confirmed`: probation starts; remember the confirmation's (boot, seq)."""
+        """Jobs that reached `confirmed`: probation starts; remember where the confirmation is in
+        its device's order: its epoch, (boot, seq) and status_events id (_after_confirmation)."""
         if not rows:
             return
-        where: dict[int, tuple[int, int]] = {}
+        where: dict[int, tuple[int, int, int, int]] = {}  # job -> (event id, epoch, boot, seq)
         for ids in chunks([r.job_id for r in rows]):
-            for job_id, boot, seq in s.execute(select(StatusEvent.job_id, StatusEvent.boot, StatusEvent.seq)
-                                               .where(StatusEvent.job_id.in_(ids),
-                                                      StatusEvent.state == P.CONFIRMED,
-                                                      # the one that took effect: not another
-                                                      # device's status naming the job
-                                                      StatusEvent.ignored.is_(None))):
-                where[job_id] = max(where.get(job_id, (boot, seq)), (boot, seq))
+            for job_id, *found in s.execute(
+                    select(StatusEvent.job_id, StatusEvent.id, StatusEvent.epoch, StatusEvent.boot, StatusEvent.seq)
+                    .where(StatusEvent.job_id.in_(ids), StatusEvent.state == P.CONFIRMED,
+                           # the one that took effect: not another device's status naming the job
+                           StatusEvent.ignored.is_(None))):
+                where[job_id] = max(where.get(job_id, tuple(found)), tuple(found))  # the last stored
         for row in rows:
-            row.confirm_boot, row.confirm_seq = where.get(row.job_id, (None, None))
+            row.confirm_event, row.confirm_epoch, row.confirm_boot, row.confirm_seq = where.get(
+                row.job_id, (None, None, None, None))
             row.confirmed_at = now
             _set(row, now, S.PROBATION)
 
@@ -337,24 +349,24 @@ class CampaignEngine:
                    now: datetime) -> None:
         """Succeeded once healthy for the probation time; failed on an unhealthy report.
 
-        Only health reports of the new version that came after the confirmation, in the
-        device's (boot, seq) order, count (the wall clocks of device and server never meet).
+        Only health reports of the new version that came after the confirmation count
+        (_after_confirmation; the wall clocks of device and server never meet).
         """
         if not rows:
             return
         reports: defaultdict[str, list] = defaultdict(list)
         for ids in chunks([r.device_id for r in rows]):
-            for device_id, boot, seq, payload in s.execute(
-                    select(StatusEvent.device_id, StatusEvent.boot, StatusEvent.seq, StatusEvent.payload)
+            for device_id, event_id, epoch, boot, seq, payload in s.execute(
+                    select(StatusEvent.device_id, StatusEvent.id, StatusEvent.epoch, StatusEvent.boot,
+                           StatusEvent.seq, StatusEvent.payload)
                     .where(StatusEvent.device_id.in_(ids), StatusEvent.state == P.HEALTH,
                            StatusEvent.version == c.release.version)):
-                reports[device_id].append(((boot, seq), payload))
+                reports[device_id].append(((event_id, epoch, boot, seq), payload))
         # A device sends a health report right after it confirms (protocol §6); one that sent
         # none by the end of its probation plus the confirm step's timeout never will: failed.
         silence = spec.probation + spec.timeouts["confirm"]
         for row in rows:
-            after = (row.confirm_boot or 0, row.confirm_seq or 0)
-            seen = [p for key, p in reports[row.device_id] if key > after]
+            seen = [p for place, p in reports[row.device_id] if _after_confirmation(row, *place)]
             bad = [p for p in seen if not (isinstance(p, dict) and p.get("ok") is True)]
             since = now - row.confirmed_at if row.confirmed_at is not None else None
             if bad:

@@ -177,6 +177,9 @@ class Device(Base):
     enc_key: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_seen: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # When the center received the online flag `online` holds: an older flag ingested later (by
+    # another worker) does not overwrite it (fota.server.fleet.online_values).
+    online_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     jobs: Mapped[list[Job]] = relationship(back_populates="device")
 
@@ -408,6 +411,8 @@ class CampaignDevice(Base):
     confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # probation began
     confirm_boot: Mapped[int | None] = mapped_column(Integer)  # (boot, seq) of the confirmation
     confirm_seq: Mapped[int | None] = mapped_column(Integer)
+    confirm_epoch: Mapped[int | None] = mapped_column(Integer)  # its epoch and status_events id (a
+    confirm_event: Mapped[int | None] = mapped_column(Integer)  # report of another epoch: by arrival)
     code: Mapped[str | None] = mapped_column(String(32))
     reason: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
