@@ -9,6 +9,11 @@
     <home>/broker/          managed Mosquitto: mosquitto.conf, passwords, acl, pid
     <home>/tls/             managed Mosquitto's TLS (broker_tls): ca.pem, ca.key, server.pem, server.key
     <home>/devices/<id>/    unix-port device directories (demo, simulation)
+    <home>/keys/kek         the key-encryption key of the database's secret keys, unless
+                            $FOTA_KEK gives it (fota.server.kek; back it up: docs/operations.md)
+
+Everything in a home is private to its owner: the home and its directories 0700, files 0600
+(``Home.secure``, run by every fota command that opens the home's database).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from pathlib import Path
 
 from fota.server.broker import SERVER_USER, free_port, write_passwords
 from fota.server.credentials import mosquitto_hash, new_password
+from fota.tools.private import private_dir, private_tree, write_private
 
 DEFAULT_HOME = ".fota"
 
@@ -52,6 +58,50 @@ class Home:
         return Keyring(self.keys)
 
     @property
+    def kek_path(self) -> Path:
+        return self.keys / "kek"
+
+    def kek(self):
+        """The key-encryption key ($FOTA_KEK, else keys/kek: created on first need). KekError
+        when keys/kek is gone but the database holds keys it wrapped: a new one would not open
+        them (restore it from a backup, docs/operations.md)."""
+        from fota.server.kek import ENV, Kek, KekError, count_wrapped
+        from fota.server.store import Store
+        if not os.environ.get(ENV) and not self.kek_path.exists():
+            store = Store(self.database_url)
+            try:
+                wrapped = count_wrapped(store)
+            finally:
+                store.dispose()
+            if wrapped:
+                raise KekError(f"{self.kek_path} is missing and {wrapped} key(s) in the database are wrapped by it: "
+                               f"restore it from your backup or set ${ENV} (docs/operations.md)")
+        return Kek.load(self.kek_path)
+
+    def secure(self) -> None:
+        """Make the home private to its owner: 0700 directories, 0600 files, also what an older
+        version or another umask created wider."""
+        private_dir(self.path)
+        private_tree(self.path)
+
+    def store(self):
+        """The home's database (migrated), with the home made private and any key an older
+        version stored in clear wrapped by the KEK (fota.server.kek.wrap_plain_keys)."""
+        from fota.server.kek import wrap_plain_keys
+        from fota.server.store import Store
+        self.secure()
+        store = Store(self.database_url)
+        try:
+            wrapped = wrap_plain_keys(store, self.kek)
+        except BaseException:
+            store.dispose()
+            raise
+        if wrapped:
+            import logging
+            logging.getLogger(__name__).warning("wrapped %d plain key(s) with the key-encryption key", wrapped)
+        return store
+
+    @property
     def blobs(self) -> Path:
         return self.path / "blobs"
 
@@ -76,7 +126,7 @@ class Home:
         """Read config.json, creating it with defaults the first time."""
         if self.config_path.exists():
             return json.loads(self.config_path.read_text())
-        self.path.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path)
         cfg = {
             "database_url": f"sqlite:///{self.path / 'fota.db'}",
             "broker_url": None,
@@ -87,11 +137,8 @@ class Home:
         return cfg
 
     def save_config(self, cfg: dict) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.config_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cfg, indent=1))
-        os.chmod(tmp, 0o600)
-        tmp.replace(self.config_path)
+        private_dir(self.path)
+        write_private(self.config_path, json.dumps(cfg, indent=1))
 
     @property
     def database_url(self) -> str:
@@ -169,7 +216,7 @@ class Home:
         if not self.managed_broker:
             return
         from fota.server.fleet import broker_password_hashes
-        self.broker_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.broker_dir)
         server_hash = mosquitto_hash(self.config()["server_password"])
         with open(self.broker_dir / "passwords.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (or the process dies)

@@ -14,7 +14,11 @@ One MQTT connection (gmqtt, MQTT 5, persistent session ``fota-center``) and thre
   worker that died (fota.server.workers; docs/operations.md §3);
 * campaigns: every ``campaign_interval`` seconds one step of each active campaign
   (fota.server.campaigns.CampaignEngine), which adds the jobs the sender then sends and
-  ``cancel`` jobs (signed cancel commands) on abort or timeout.
+  ``cancel`` jobs (signed cancel commands) on abort or timeout;
+* keys (``keyring``): a rotation or revocation (``fota keys rotate|revoke`` rewrites the
+  keyring's files) is picked up within ``keys_interval`` seconds: new commands are signed with
+  the new key and the root-signed key update is queued (QoS 1) for every device whose trust
+  version is older, asleep or offline too.
 
 All database work runs on one worker thread: the event loop (and so the chunk server)
 never blocks on it, and SQLite never sees two writers of ours at once. (On PostgreSQL the
@@ -49,7 +53,9 @@ from fota.server.delta import DEFAULT_WBITS, get_delta, load_delta
 from fota.server.deployments import CANCEL, DONE, PENDING, SENT, TERMINAL_STATES, TIMED_OUT, UPDATE, expire_jobs
 from fota.server.ingest import REJECTED, BatchResult, Incoming, write_batch
 from fota.server.releases import ReleaseError, read_blob, update_command, wrap_release_key
-from fota.tools.keyring import Signer
+from fota.server.kek import Kek
+from fota.tools.keyring import Keyring, Signer
+from fota.tools.signing import SigningError
 from fota.server.store import Deployment, Device, Job, Release, Store, utcnow
 from fota.server.store.inlists import IN_LIST_MAX, chunks, id_ranges, in_ranges
 
@@ -71,6 +77,7 @@ STATUS_STATES = frozenset(protocol.STATES) | {REJECTED, protocol.KEYS_UPDATED, p
 ACK_OK = 0                       # MQTT 5 PUBACK reason code "success"
 MAX_ID = 2**31 - 1               # job ids, boot and seq are 32-bit integer columns
 DRAIN_QUIET = 1.0                # a dead worker's session is drained once quiet this long
+KEYS_INTERVAL = 1.0              # s between looks at the keyring's files (rotation, revocation)
 
 
 def _is_int(value: Any) -> bool:
@@ -189,7 +196,8 @@ class ControlCenter:
                  signer: Signer | None = None, keys_update: bytes | None = None,
                  ssl_context: ssl.SSLContext | None = None, delta_wbits: int | None = DEFAULT_WBITS,
                  campaign_interval: float | None = 1.0, share_group: str | None = None,
-                 lease: float = workers.LEASE, heartbeat_interval: float = workers.HEARTBEAT):
+                 lease: float = workers.LEASE, heartbeat_interval: float = workers.HEARTBEAT,
+                 kek: Kek | None = None, keyring: Keyring | None = None, keys_interval: float = KEYS_INTERVAL):
         if not 64 <= chunk <= protocol.MAX_CHUNK_SIZE:
             raise ValueError(f"chunk must be 64..{protocol.MAX_CHUNK_SIZE}")
         if not 1 <= window <= protocol.MAX_WINDOW:
@@ -240,6 +248,12 @@ class ControlCenter:
         self.keys_update = keys_update
         self.keys_version = json.loads(json.loads(keys_update)["body"])["version"] if keys_update else 0
         self.key_updates = 0         # key updates published
+        # keyring: watched for rotations and revocations (None: keys change only by set_keys).
+        self.keyring = keyring
+        self.keys_interval = keys_interval
+        self._keys_seen = keyring.fingerprint() if keyring is not None else None
+        # The key-encryption key that opens the stored release and device keys (encrypted releases).
+        self.kek = kek
 
         # counters (benchmarks, diagnostics)
         self.requests = 0            # chunk requests served
@@ -303,6 +317,7 @@ class ControlCenter:
             self._tasks.append(asyncio.create_task(self._campaign_loop(), name="fota-campaigns"))
         if self.share_group is not None:
             self._tasks.append(asyncio.create_task(self._worker_loop(), name="fota-workers"))
+        self._tasks.append(asyncio.create_task(self._keys_loop(), name="fota-keys"))
         log.info("control center connected to %s:%s as %s", url.hostname, url.port, self.client_id)
 
     async def stop(self) -> None:
@@ -413,22 +428,68 @@ class ControlCenter:
         return ACK_OK
 
     async def set_keys(self, signer: Signer, keys_update: bytes) -> int:
-        """Switch to a rotated signing key and push the root-signed key update to online devices.
+        """Switch to a rotated signing key and push the root-signed key update to every device
+        whose trust version is older (fota.tools.keyring); returns how many it was pushed to.
 
-        Devices offline now get it when they next publish their inventory. Returns how many
-        devices it was pushed to.
+        Offline and sleeping devices get it queued on their persistent sessions (QoS 1), ahead
+        of any command signed with the new key. A device that never connected has no session:
+        it gets the update when it publishes its inventory. Of several workers only one pushes
+        (the first live one by id), so a device gets it once.
         """
         self.signer = signer
         self.keys_update = keys_update
         self.keys_version = json.loads(json.loads(keys_update)["body"])["version"]
-        online = await self._db_call(self._online_devices)
-        for device_id, inventory in online:
-            self._sync_keys(device_id, inventory or {})
-        return len(online)
+        if self.share_group is not None and min(self._live | {self.client_id}) != self.client_id:
+            return 0
+        devices = await self._db_call(self._devices_behind, self.keys_version)
+        for device_id, inventory in devices:
+            self._sync_keys(device_id, inventory)
+        log.info("keys v%d (signing key %s): key update queued for %d device(s)", self.keys_version,
+                 signer.kid, len(devices))
+        return len(devices)
 
-    def _online_devices(self) -> list[tuple[str, dict]]:
+    def _devices_behind(self, version: int) -> list[tuple[str, dict]]:
+        """(DB thread) devices whose last inventory reports a trust version below ``version``."""
         with self.store.session() as s:
-            return [(d.id, d.inventory) for d in s.scalars(select(Device).where(Device.online.is_(True)))]
+            rows = s.execute(select(Device.id, Device.inventory)).all()
+        return [(device_id, inventory) for device_id, inventory in rows
+                if _is_int((inventory or {}).get("keys")) and inventory["keys"] < version]
+
+    async def _keys_loop(self) -> None:
+        """Pick up a rotation or revocation written to the keyring while we run."""
+        if self.keyring is None:
+            return
+        await asyncio.sleep(self.keys_interval)  # workers: the live ones are known after a heartbeat
+        try:  # a rotation made while no center ran: queue its key update for sleeping devices too
+            await self.set_keys(self.signer, self.keys_update)
+        except Exception:
+            log.exception("pushing the key update failed")
+        while True:
+            await asyncio.sleep(self.keys_interval)
+            try:
+                await self.reload_keys()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reloading the keys failed")
+
+    async def reload_keys(self) -> bool:
+        """Switch to the keyring's keys if its files changed; True if they did."""
+        seen = self.keyring.fingerprint()
+        if seen == self._keys_seen:
+            return False
+        try:
+            signer, keys_update = self.keyring.current()
+        except SigningError as exc:  # a rotation still writing its files: look again shortly
+            log.info("keys changed but not usable yet: %s", exc)
+            return False
+        self._keys_seen = seen
+        if signer.kid == self.signer.kid and keys_update == self.keys_update:
+            return False
+        log.warning("keys changed: signing key %s (was %s), trust version %s", signer.kid, self.signer.kid,
+                    json.loads(json.loads(keys_update)["body"])["version"])
+        await self.set_keys(signer, keys_update)
+        return True
 
     def _sync_keys(self, device_id: str, inventory: dict) -> None:
         """Send the current key update to a device that reports an older trust version."""
@@ -781,7 +842,7 @@ class ControlCenter:
             if _is_int(max_chunk) and 64 <= max_chunk < chunk:
                 chunk = max_chunk  # never more than the device accepts
             try:
-                wrapped = wrap_release_key(release, device_key)
+                wrapped = wrap_release_key(release, device_id, device_key, self.kek)
             except ReleaseError as exc:
                 log.error("job %d not sent: %s", job_id, exc)
                 continue
