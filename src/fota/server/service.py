@@ -182,6 +182,7 @@ class _Outgoing:
     command: bytes
     info: _JobInfo
     delta_id: int | None = None
+    keys_behind: bool = False  # the device's last inventory reports an older trust version
 
 
 # ---------------------------------------------------------------- the service
@@ -248,6 +249,7 @@ class ControlCenter:
         self.keys_update = keys_update
         self.keys_version = json.loads(json.loads(keys_update)["body"])["version"] if keys_update else 0
         self.key_updates = 0         # key updates published
+        self._keys_pushed: dict[str, int] = {}  # device -> trust version last pushed to it by us
         # keyring: watched for rotations and revocations (None: keys change only by set_keys).
         self.keyring = keyring
         self.keys_interval = keys_interval
@@ -496,6 +498,7 @@ class ControlCenter:
         version = inventory.get("keys")
         if self.keys_update and _is_int(version) and version < self.keys_version and self._client:
             self._client.publish(protocol.topic(device_id, protocol.CMD), self.keys_update, qos=1)
+            self._keys_pushed[device_id] = self.keys_version
             self.key_updates += 1
             log.info("key update v%d sent to %s (has v%d)", self.keys_version, device_id, version)
 
@@ -792,6 +795,9 @@ class ControlCenter:
         """Publish the commands of pending jobs and mark them sent; how many were sent."""
         if self._fenced:
             return 0
+        if self.keyring is not None:
+            # A rotation made just before a deployment: sign its commands with the new key.
+            await self.reload_keys()
         outgoing = await self._db_call(self._claim_pending)
         if not outgoing:
             return 0
@@ -799,6 +805,13 @@ class ControlCenter:
         for out in outgoing:
             # Cache first, so that the device's first request finds the job.
             self._jobs.setdefault(out.job_id, out.info)
+            if out.keys_behind and self._keys_pushed.get(out.device_id) != self.keys_version:
+                # The key update goes ahead of the command on the same session (QoS 1 keeps the
+                # order): the device must trust the new key before it checks the command. (Another
+                # worker may not have pushed it yet.)
+                client.publish(protocol.topic(out.device_id, protocol.CMD), self.keys_update, qos=1)
+                self._keys_pushed[out.device_id] = self.keys_version
+                self.key_updates += 1
             client.publish(protocol.topic(out.device_id, protocol.CMD), out.command, qos=1)
             self.commands += 1
         await self._db_call(self._mark_sent, [out.job_id for out in outgoing],
@@ -832,10 +845,13 @@ class ControlCenter:
                 s.execute(update(Job).where(Job.id.in_(ids)).values(worker=self.client_id))
         outgoing = []
         for job_id, device_id, inventory, device_key, release, kind, target_job, min_battery in rows:
+            keys = (inventory or {}).get("keys")
+            behind = bool(self.keys_update) and _is_int(keys) and keys < self.keys_version
             if kind == CANCEL:
                 command = self.signer.command({"type": "cancel", "job": job_id, "device": device_id,
                                                "target": target_job})
-                outgoing.append(_Outgoing(job_id, device_id, command, _JobInfo(device_id, SENT, None, self.client_id)))
+                outgoing.append(_Outgoing(job_id, device_id, command, _JobInfo(device_id, SENT, None, self.client_id),
+                                          keys_behind=behind))
                 continue
             chunk = self.chunk
             max_chunk = (inventory or {}).get("max_chunk")
@@ -852,7 +868,7 @@ class ControlCenter:
                                      min_battery=min_battery)
             blob = patch.data if patch else self._blob(release)
             outgoing.append(_Outgoing(job_id, device_id, command, _JobInfo(device_id, SENT, blob, self.client_id),
-                                      patch.id if patch else None))
+                                      patch.id if patch else None, keys_behind=behind))
         return outgoing
 
     def _delta_for(self, release: Release, inventory: dict[str, Any]):

@@ -1,0 +1,99 @@
+"""Key rotation while `fota serve` runs (issue 11, item 4): real processes, real MicroPython devices.
+
+`fota keys rotate` only rewrites the home's keyring files; the running control center (every
+worker of `fota serve --workers N`) picks the new key up, queues the root-signed key update for
+the devices, and signs new commands with the new key: a deployment right after the rotation
+confirms with no restart. A release signed by the revoked key is refused until it is re-signed.
+"""
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+
+from fota.server.home import Home
+from fota.server.store import Device, Store
+from fota.tools.waiting import wait_until
+from test_cli import _app_dir, assert_clean_error, background, fota, stop, wait_listed
+
+DEVICES = ("rot-1", "rot-2")
+ASLEEP = "rot-3"  # offline while the keys rotate (its persistent session is kept)
+
+
+def _trust_versions(url: str) -> dict[str, int | None]:
+    store = Store(url, migrate=False)
+    try:
+        with store.session() as s:
+            return {d: (inv or {}).get("keys") for d, inv in s.execute(select(Device.id, Device.inventory))}
+    finally:
+        store.dispose()
+
+
+def _deploy_and_watch(home, release: str, *devices: str) -> str:
+    r = fota(home, "deploy", release, *[a for d in devices for a in ("--device", d)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    watch = fota(home, "status", "--watch", timeout=120)
+    assert watch.returncode == 0, watch.stdout + watch.stderr
+    return watch.stdout
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def serving_home(request, tmp_path):
+    """(home dir, database URL, `fota serve` arguments): SQLite with one center, PostgreSQL with
+    two worker processes."""
+    home = tmp_path / "home"
+    if request.param == "sqlite":
+        yield home, f"sqlite:///{home / 'fota.db'}", ["serve"]
+        return
+    from db_fixtures import postgres_database
+    with postgres_database() as url:
+        h = Home(home)
+        h.save_config(dict(h.config(), database_url=url))
+        yield home, url, ["serve", "--workers", "2"]
+
+
+def test_rotation_while_serving_takes_effect_without_restart(serving_home, tmp_path):
+    home, url, serve_args = serving_home
+    assert fota(home, "keys", "init").returncode == 0
+    for dev in DEVICES + (ASLEEP,):
+        r = fota(home, "device", "add", dev, "--hardware", "unix", "--unix-dir")
+        assert r.returncode == 0, r.stderr
+    r = fota(home, "release", "create", str(_app_dir(tmp_path, "1.1.0")), "--version", "1.1.0", "--hardware", "unix")
+    assert r.returncode == 0, r.stdout + r.stderr
+    serve = background(home, *serve_args)
+    devices = {dev: background(home, "device", "run", dev) for dev in DEVICES + (ASLEEP,)}
+    try:
+        wait_listed(home, lambda listing: listing.count("yes") == 3, "devices did not come online", serve,
+                    timeout=60)
+        stop(devices.pop(ASLEEP))
+        wait_listed(home, lambda listing: listing.count("yes") == 2, "rot-3 did not go offline", serve)
+
+        r = fota(home, "keys", "rotate")
+        assert r.returncode == 0 and "trust version 2" in r.stdout, r.stdout + r.stderr
+        # A release signed after the rotation, deployed at once: the center signs the command with
+        # the new key and the devices get the key update first. No restart.
+        app = _app_dir(tmp_path, "2.0.0")
+        assert fota(home, "release", "create", str(app), "--version", "2.0.0", "--hardware", "unix").returncode == 0
+        out = _deploy_and_watch(home, "2.0.0", *DEVICES)
+        assert "2 confirmed" in out, out
+        wait_until(lambda: all(_trust_versions(url)[d] == 2 for d in DEVICES), timeout=30, what="keys v2 reported")
+
+        # A release signed by the revoked key: refused, saying what to do (deployment and campaign).
+        assert_clean_error(fota(home, "deploy", "1.1.0", "--device", "rot-1"), "revoked",
+                           "fota release resign 1.1.0")
+        assert_clean_error(fota(home, "campaign", "create", "old-key", "--release", "1.1.0"), "revoked",
+                           "fota release resign 1.1.0")
+        r = fota(home, "release", "resign", "1.1.0")
+        assert r.returncode == 0 and "re-signed" in r.stdout, r.stdout + r.stderr
+        out = _deploy_and_watch(home, "1.1.0", *DEVICES)
+        assert "2 confirmed" in out, out
+
+        # The device that slept through the rotation: the key update was queued on its session.
+        devices[ASLEEP] = background(home, "device", "run", ASLEEP)
+        wait_until(lambda: _trust_versions(url)[ASLEEP] == 2, timeout=60, what="rot-3 on keys v2")
+        out = _deploy_and_watch(home, "2.0.0", ASLEEP)
+        assert "1 confirmed" in out, out
+    finally:
+        for p in devices.values():
+            stop(p)
+        output = stop(serve)
+    assert "Traceback" not in output, output
