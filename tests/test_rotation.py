@@ -97,3 +97,41 @@ def test_rotation_while_serving_takes_effect_without_restart(serving_home, tmp_p
             stop(p)
         output = stop(serve)
     assert "Traceback" not in output, output
+
+
+def test_api_refuses_deployments_and_campaigns_of_a_release_signed_by_a_revoked_key(sqlite_url, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from fota.server.api import create_app
+    from fota.server.auth import create_token
+    from fota.server.fleet import provision_device
+    from fota.server.releases import resign_release
+    from fota.tools.keyring import Keyring
+    from test_api import API, bearer, bundle_bytes
+    ring = Keyring(tmp_path / "keys")
+    ring.init()
+    store = Store(sqlite_url)
+    app = create_app(store, tmp_path / "blobs", lambda: ring.signer().key, trust_loader=ring.trust)
+    _, admin = create_token(store, "ops", "admin")
+    provision_device(store, "dev-1", "esp32")
+    client = TestClient(app, raise_server_exceptions=False)
+    try:
+        def post(path, body):
+            return client.post(f"{API}{path}", headers=bearer(admin), json=body)
+        r = client.post(f"{API}/releases", headers=bearer(admin), files={"file": ("a.fotb", bundle_bytes("1.0.0"))},
+                        data={"version": "1.0.0", "hardware": ["esp32"]})
+        assert r.status_code == 201, r.text
+        assert post("/campaigns", {"name": "before", "release": "1.0.0"}).status_code == 201
+        ring.rotate()
+        for path, body in (("/deployments", {"release": "1.0.0", "devices": ["dev-1"]}),
+                           ("/campaigns", {"name": "after", "release": "1.0.0"}),
+                           ("/campaigns/before/start", None)):
+            r = post(path, body)
+            assert r.status_code == 400 and "revoked" in r.json()["detail"], (path, r.text)
+            assert "fota release resign 1.0.0" in r.json()["detail"]
+        resign_release(store, "1.0.0", ring.signer())
+        assert post("/deployments", {"release": "1.0.0", "devices": ["dev-1"]}).status_code == 201
+        assert post("/campaigns/before/start", None).status_code == 200
+    finally:
+        client.close()
+        store.dispose()

@@ -535,6 +535,7 @@ def simulate(devices: int = typer.Option(100, "--devices", min=1, help="number o
     from fota.sim.fleet import FailurePlan, SimFleet, device_ids, provision
     from fota.sim.run import raise_fd_limit
     from fota.sim.verify import VERIFIERS
+    from fota.tools.private import write_private
 
     if backend not in ("hash", "flash"):
         _fail("--backend must be hash or flash")

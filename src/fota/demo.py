@@ -62,7 +62,6 @@ async def _demo(root: Path, n: int, timeout: float, console: Console, heap: str)
     from fota.server.fleet import list_devices, provision_device
     from fota.server.home import Home
     from fota.server.releases import create_release
-    from fota.server.store import Store
     from fota.tools.supervisor import DeviceProcess
 
     home = Home(root / "home")

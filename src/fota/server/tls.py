@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fota.tools.private import private_dir
+
 RENEW_BEFORE = datetime.timedelta(days=30)   # ensure_tls re-issues a server cert this close to expiry
 
 
