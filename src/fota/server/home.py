@@ -78,11 +78,17 @@ class Home:
                                f"restore it from your backup or set ${ENV} (docs/operations.md)")
         return Kek.load(self.kek_path)
 
+    # What fota keeps in a home (see the module docstring): only these are tightened, so that a
+    # home pointed at a directory holding other files (--home .) leaves those alone.
+    OWN_ENTRIES = ("config.json", "fota.db", "fota.db-wal", "fota.db-shm", "fota.db-journal", "keys", "blobs",
+                   "broker", "tls", "devices", "sim", "serve.lock")
+
     def secure(self) -> None:
         """Make the home private to its owner: 0700 directories, 0600 files, also what an older
         version or another umask created wider."""
         private_dir(self.path)
-        private_tree(self.path)
+        for name in self.OWN_ENTRIES:
+            private_tree(self.path / name)
 
     def store(self):
         """The home's database (migrated), with the home made private and any key an older

@@ -254,6 +254,7 @@ class ControlCenter:
         self.keyring = keyring
         self.keys_interval = keys_interval
         self._keys_seen = keyring.fingerprint() if keyring is not None else None
+        self._keys_lock = asyncio.Lock()
         # The key-encryption key that opens the stored release and device keys (encrypted releases).
         self.kek = kek
 
@@ -477,6 +478,10 @@ class ControlCenter:
 
     async def reload_keys(self) -> bool:
         """Switch to the keyring's keys if its files changed; True if they did."""
+        async with self._keys_lock:  # the sender and the keys loop both look: one switch, one push
+            return await self._reload_keys()
+
+    async def _reload_keys(self) -> bool:
         seen = self.keyring.fingerprint()
         if seen == self._keys_seen:
             return False
