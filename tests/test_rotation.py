@@ -16,6 +16,7 @@ from sqlalchemy import select
 
 from fota.server.home import Home
 from fota.server.store import Device, Store
+from fota.tools.supervisor import DeviceProcess
 from fota.tools.waiting import wait_until
 from test_cli import _app_dir, assert_clean_error, background, fota, stop
 
@@ -38,7 +39,11 @@ def _trust_version(home, device_id: str) -> int | None:
     """The trust version a device persisted (its keys.json; None: still the provisioned one).
     Read from the device, not from its last inventory in the database: with several workers two
     inventories of one device may be stored out of order."""
-    path = home / "devices" / device_id / "keys.json"
+    return _trust_version_in(home / "devices" / device_id)
+
+
+def _trust_version_in(device_dir) -> int | None:
+    path = device_dir / "keys.json"
     try:
         return json.loads(path.read_text())["version"]
     except (FileNotFoundError, ValueError):  # not written yet, or being written
@@ -170,3 +175,18 @@ def test_api_refuses_deployments_and_campaigns_of_a_release_signed_by_a_revoked_
     finally:
         client.close()
         store.dispose()
+
+
+def test_key_update_is_queued_for_offline_devices_too(fleet):
+    """ControlCenter.set_keys publishes the key update to every device behind, not only to the
+    online ones: an offline device finds it on its persistent session when it comes back."""
+    fleet.add_device("kq-on")
+    asleep = fleet.add_device("kq-off")
+    fleet.wait_online("kq-on", "kq-off")
+    asleep.stop()
+    wait_until(lambda: not fleet.device_row("kq-off").online, what="kq-off offline")
+    new = fleet.keyring.rotate()
+    assert fleet.run(fleet.center.center.set_keys(new, fleet.keyring.keys_update())) == 2
+    fleet.devices["kq-off"] = DeviceProcess(fleet.root("kq-off"), heap=fleet.heap).start()  # wakes up
+    wait_until(lambda: _trust_version_in(fleet.root("kq-off")) == 2, timeout=30, what="kq-off on keys v2")
+    wait_until(lambda: _trust_version_in(fleet.root("kq-on")) == 2, timeout=30, what="kq-on on keys v2")
