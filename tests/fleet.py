@@ -15,6 +15,7 @@ from pathlib import Path
 from fota.device import protocol as P
 from fota.examples import hello_files
 from fota.server.fleet import provision_device
+from fota.server.kek import Kek
 from fota.server.store import Device, Job, Store
 from fota.tools.brokerspy import BrokerSpy
 from fota.tools.devicedir import create_device_dir, read_boot_record
@@ -82,19 +83,21 @@ class Fleet:
         self.keyring.init()
         self.signer = self.keyring.signer()
         self.key = self.signer.key
+        self.kek = Kek.load(tmp / "keys" / "kek")  # opens the stored release and device keys
         self.blobs = tmp / "blobs"
         self.heap = heap
         self.devices: dict[str, DeviceProcess] = {}
         self.passwords: dict[str, str] = {}
         center_settings.setdefault("signer", self.signer)
         center_settings.setdefault("keys_update", self.keyring.keys_update())
+        center_settings.setdefault("kek", self.kek)
         self.center = CenterThread(self.store, broker.server_url, self.blobs, **center_settings).start()
         self.spy = Spy(broker)
 
     def add_device(self, device_id, hardware="unix", version="1.0.0", start=True, port=None, **settings):
         """port: where the device connects instead of the broker (a fault proxy in front of it)."""
-        row, password = provision_device(self.store, device_id, hardware)
-        settings.setdefault("enc_key", row.enc_key)
+        row, password = provision_device(self.store, device_id, hardware, kek=self.kek)
+        settings.setdefault("enc_key", self.kek.device_key(device_id, row.enc_key).hex())
         # Tests time their faults (kills, restarts, cuts) by the progress statuses: every 10 %,
         # not at most once a second as the device's default would on the loopback.
         settings.setdefault("progress_interval_ms", 0)

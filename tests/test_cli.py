@@ -15,8 +15,8 @@ from fota.examples import hello_files
 FOTA = [sys.executable, "-m", "fota.cli"]
 
 
-def fota(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    env = dict(os.environ, FOTA_HOME=str(home), COLUMNS="120")
+def fota(home: Path, *args: str, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, FOTA_HOME=str(home), COLUMNS="120", **(env or {}))
     return subprocess.run(FOTA + list(args), capture_output=True, text=True, timeout=timeout, env=env)
 
 

@@ -266,7 +266,8 @@ def test_encrypted_release_is_decrypted_by_the_device_only(fleet):
     fleet.wait_online(dev)
     files = hello_files("9.0.0")
     files["secret.txt"] = b"the launch code is 0000 " * 100
-    rel = create_release(fleet.store, fleet.blobs, fleet.key, pack_files(files), "9.0.0", ["unix"], encrypt=True)
+    rel = create_release(fleet.store, fleet.blobs, fleet.key, pack_files(files), "9.0.0", ["unix"], encrypt=True,
+                         kek=fleet.kek)
     blob = Path(rel.blob_path).read_bytes()
     assert b"launch code" not in blob and b"VERSION" not in blob  # confidential on the wire and at rest
     assert json.loads(rel.manifest)["enc"]["alg"] == "aes-256-cbc"

@@ -18,6 +18,7 @@ campaign_app = typer.Typer(no_args_is_help=True, help="Staged rollouts: waves, t
 
 HomeOpt = typer.Option(None, "--home", envvar="FOTA_HOME", help="fota home directory (default ./.fota)")
 FINISHED = ("done", "aborted")
+KEY_CHECKED_ACTIONS = ("start", "resume")  # they send the release: its signing key must be trusted
 
 
 console = Console()
@@ -36,8 +37,7 @@ class _Helpers:
 
     @staticmethod
     def _store(home: Home):
-        from fota.server.store import Store
-        return Store(home.database_url)
+        return home.store()
 
 
 def _cli() -> type[_Helpers]:
@@ -133,10 +133,11 @@ def create(name: str = typer.Argument(..., help="campaign name"),
     options = dict(locals())
     options.update(tags=tag, versions=version, devices=device)
     spec = _spec_from_options(spec_file, options)
-    store = cli._store(Home.locate(home))
+    h = Home.locate(home)
+    store = cli._store(h)
     try:
         with audit.transaction(store) as tx:
-            c = create_campaign(tx, name, release, spec)
+            c = create_campaign(tx, name, release, spec, trust=h.keyring.trust())
             tx.record(audit.cli_actor(), "campaign.create", f"campaign:{c.name}",
                       {"id": c.id, "release": release, "spec": c.spec})
     except CampaignError as e:
@@ -146,13 +147,16 @@ def create(name: str = typer.Argument(..., help="campaign name"),
 
 def _act(action: str, name: str, home: Optional[Path]) -> None:
     from fota.server import audit
-    from fota.server.campaigns import (CampaignError, abort_campaign, pause_campaign, resume_campaign,
-                                       start_campaign)
+    from fota.server.campaigns import (CampaignError, abort_campaign, check_campaign_key, pause_campaign,
+                                       resume_campaign, start_campaign)
     cli = _cli()
     fn = {"start": start_campaign, "pause": pause_campaign, "resume": resume_campaign,
           "abort": abort_campaign}[action]
-    store = cli._store(Home.locate(home))
+    h = Home.locate(home)
+    store = cli._store(h)
     try:
+        if action in KEY_CHECKED_ACTIONS:
+            check_campaign_key(store, name, h.keyring.trust())
         with audit.transaction(store) as tx:
             c = fn(tx, name)
             tx.record(audit.cli_actor(), f"campaign.{action}", f"campaign:{c.name}", {"id": c.id, "state": c.state})

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -46,8 +47,8 @@ def _fail(message: str) -> None:
 
 
 def _store(home: Home):
-    from fota.server.store import Store
-    return Store(home.database_url)
+    """The home's database; the home made private and plain keys wrapped first (Home.store)."""
+    return home.store()
 
 
 def _audit(store, action: str, target: str, detail: dict | None = None) -> None:
@@ -139,7 +140,7 @@ def release_create(path: Path = typer.Argument(..., help="app directory (bundle)
     store = _store(h)
     try:
         rel = create_release(store, h.blobs, key, path, version, list(hardware), counter=counter,
-                             encrypt=encrypt, min_version=min_version)
+                             encrypt=encrypt, min_version=min_version, kek=h.kek() if encrypt else None)
     except (ReleaseError, ValueError) as e:
         _fail(str(e))
     _audit(store, "release.create", f"release:{rel.version}",
@@ -147,6 +148,24 @@ def release_create(path: Path = typer.Argument(..., help="app directory (bundle)
             "hardware": list(rel.hardware), "key_id": rel.key_id})
     console.print(f"release {rel.version} ({rel.kind}, {rel.size} bytes, sha256 {rel.sha256[:16]}…) "
                   f"for {', '.join(rel.hardware)} signed by key {rel.key_id}")
+
+
+@release_app.command("resign")
+def release_resign(release: str = typer.Argument(..., help="release version or id"),
+                   home: Optional[Path] = HomeOpt):
+    """Sign a release's unchanged manifest with the current signing key (after 'fota keys rotate':
+    devices refuse a release signed by a revoked key)."""
+    from fota.server.releases import ReleaseError, resign_release
+    h = Home.locate(home)
+    _signing_key(h)
+    store = _store(h)
+    try:
+        rel, old_kid = resign_release(store, release, h.keyring.signer())
+    except ReleaseError as e:
+        _fail(str(e))
+    _audit(store, "release.resign", f"release:{rel.version}", {"id": rel.id, "old_key_id": old_kid,
+                                                                "key_id": rel.key_id})
+    console.print(f"release {rel.version} re-signed by key {rel.key_id} (was {old_kid}); image unchanged")
 
 
 @app.command("releases")
@@ -171,14 +190,14 @@ def device_add(device_id: str, hardware: str = typer.Option(..., "--hardware"),
     h = Home.locate(home)
     store = _store(h)
     try:
-        row, password = provision_device(store, device_id, hardware, tags=tuple(tag))
+        row, password = provision_device(store, device_id, hardware, tags=tuple(tag), kek=h.kek())
     except FleetError as e:
         _fail(str(e))
     _audit(store, "device.add", f"device:{device_id}", {"hardware": hardware, "tags": list(tag)})
     _refresh_broker_passwords(h, store)
     console.print(f"device {device_id} provisioned; broker user {device_id}, password {password}")
     if unix_dir:
-        _make_unix_device(h, device_id, hardware, password, enc_key=row.enc_key)
+        _make_unix_device(h, device_id, hardware, password, wrapped_key=row.enc_key)
         console.print(f"unix-port device directory: {h.devices_dir / device_id}")
 
 
@@ -186,11 +205,15 @@ def _refresh_broker_passwords(h: Home, store) -> None:
     h.sync_broker_passwords(store)
 
 
-def _make_unix_device(h: Home, device_id: str, hardware: str, password: str, version: str = "1.0.0", **settings):
+def _make_unix_device(h: Home, device_id: str, hardware: str, password: str, version: str = "1.0.0",
+                      wrapped_key: str | None = None, **settings):
+    """wrapped_key: the device's payload key as the store keeps it (Device.enc_key)."""
     from fota.examples import hello_files
     from fota.tools.devicedir import create_device_dir
     host, port = h.device_broker
     ring = h.keyring
+    if wrapped_key:
+        settings["enc_key"] = h.kek().device_key(device_id, wrapped_key).hex()
     return create_device_dir(h.devices_dir / device_id, device_id=device_id, hardware=hardware,
                              root_key=ring.root_public(), trust=ring.trust(), cadata=h.broker_cadata(),
                              host=host, port=port, password=password,
@@ -239,14 +262,16 @@ def deploy(release: str = typer.Argument(..., help="release version or id"),
            home: Optional[Path] = HomeOpt):
     """Deploy a release to devices (all at once); the running control center sends the commands."""
     from fota.server.deployments import DeploymentError, create_deployment
-    from fota.server.releases import ReleaseError, get_release
+    from fota.server.releases import ReleaseError, check_release_key, get_release
     if not device and not tag:
         _fail("name the targets: --device ID (repeatable) or --tag TAG")
     if device and tag:
         _fail("use either --device or --tag, not both")
-    store = _store(Home.locate(home))
+    h = Home.locate(home)
+    store = _store(h)
     try:
         rel = get_release(store, release)
+        check_release_key(rel, h.keyring.trust())
         dep = create_deployment(store, rel, device_ids=list(device) or None, tag=tag,
                                 min_battery=min_battery, timeout=timeout)
     except (DeploymentError, ReleaseError, LookupError) as e:
@@ -415,7 +440,8 @@ def api(host: str = typer.Option("127.0.0.1", "--host", help="address to listen 
     from fota.server.api import create_app
     from fota.tools.signing import load_private_key
     h = Home.locate(home)
-    api_app = create_app(_store(h), h.blobs, lambda: load_private_key(h.private_key))
+    api_app = create_app(_store(h), h.blobs, lambda: load_private_key(h.private_key),
+                         trust_loader=lambda: h.keyring.trust())
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"[yellow]warning:[/yellow] plain HTTP on {host}: bearer tokens travel in clear text; "
                   "put a TLS-terminating proxy in front")
@@ -530,12 +556,12 @@ def simulate(devices: int = typer.Option(100, "--devices", min=1, help="number o
     Roll out with 'fota deploy RELEASE --tag sim' while 'fota serve' runs.
     """
     import json
-    import os
 
     from fota.server.fleet import FleetError
     from fota.sim.fleet import FailurePlan, SimFleet, device_ids, provision
     from fota.sim.run import raise_fd_limit
     from fota.sim.verify import VERIFIERS
+    from fota.tools.private import write_private
 
     if backend not in ("hash", "flash"):
         _fail("--backend must be hash or flash")
@@ -556,9 +582,7 @@ def simulate(devices: int = typer.Option(100, "--devices", min=1, help="number o
             known.update(provision(store, new, hardware, tags=tuple(tag)))
         except (FleetError, ValueError) as e:
             _fail(f"{e} (simulated devices must be provisioned by 'fota simulate', which keeps their passwords)")
-        secrets_path.parent.mkdir(parents=True, exist_ok=True)
-        secrets_path.write_text(json.dumps(known))
-        os.chmod(secrets_path, 0o600)
+        write_private(secrets_path, json.dumps(known))
         _refresh_broker_passwords(h, store)
         console.print(f"provisioned {len(new)} simulated device(s), hardware {hardware}, tags {','.join(tag)}")
     host, port = h.device_broker
@@ -608,10 +632,14 @@ app.add_typer(campaign_app, name="campaign")
 
 
 def main() -> None:
+    # Whatever fota creates (home, database, keys, broker state, device directories) is private
+    # to its owner; the code also sets the modes explicitly (fota.tools.private).
+    os.umask(0o077)
+    from fota.server.kek import KekError
     try:
         app(standalone_mode=True)
-    except CLIError as e:
-        err.print(f"[red]error:[/red] {e}")
+    except (CLIError, KekError) as e:  # KekError: no key-encryption key, or not the one that wrapped the keys
+        err.print(f"[red]error:[/red] {e}", soft_wrap=True)
         raise SystemExit(1)
 
 

@@ -62,18 +62,17 @@ async def _demo(root: Path, n: int, timeout: float, console: Console, heap: str)
     from fota.server.fleet import list_devices, provision_device
     from fota.server.home import Home
     from fota.server.releases import create_release
-    from fota.server.store import Store
     from fota.tools.supervisor import DeviceProcess
 
     home = Home(root / "home")
     home.keyring.init()
     key = home.keyring.signer().key
     home.config()
-    store = Store(home.database_url)
+    store = home.store()
     ids = [f"dev-{i:02d}" for i in range(1, n + 1)]
     for dev in ids:
-        row, password = provision_device(store, dev, "unix", tags=("demo",))
-        _make_unix_device(home, dev, "unix", password, version="1.0.0", enc_key=row.enc_key)
+        row, password = provision_device(store, dev, "unix", tags=("demo",), kek=home.kek())
+        _make_unix_device(home, dev, "unix", password, version="1.0.0", wrapped_key=row.enc_key)
     console.print(f"provisioned {n} devices on hello app 1.0.0 (home {home.path})")
 
     procs: list[DeviceProcess] = []

@@ -50,6 +50,7 @@ from fota.server.campaigns import (
     CampaignStateError,
     abort_campaign,
     campaign_summary,
+    check_campaign_key,
     create_campaign,
     list_campaigns,
     pause_campaign,
@@ -66,7 +67,8 @@ from fota.server.deployments import (
     device_history,
 )
 from fota.server.fleet import FleetError, get_device, list_devices
-from fota.server.releases import IMAGE_SUFFIXES, KINDS, ReleaseError, create_release, get_release, list_releases
+from fota.server.releases import (IMAGE_SUFFIXES, KINDS, ReleaseError, check_release_key, create_release, get_release,
+                                  list_releases)
 from fota.server.store import Store, utcnow
 from fota.server.store.models import ApiToken
 
@@ -423,6 +425,12 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
     return await http_exception_handler(request, exc)
 
 
+def _trust(request: Request) -> dict | None:
+    """The current trust document (read at each request: a rotation takes effect at once)."""
+    loader = request.app.state.trust_loader
+    return loader() if loader is not None else None
+
+
 def _router() -> APIRouter:
     # Every route needs a valid token; admin routes add require_admin.
     router = APIRouter(prefix=API_PREFIX, dependencies=[Depends(current_token)], responses=UNAUTHORIZED)
@@ -515,10 +523,13 @@ def _router() -> APIRouter:
 
     @router.post("/deployments", response_model=DeploymentOut, status_code=201, tags=["deployments"],
                  responses=change_responses)
-    def new_deployment(body: DeploymentIn, response: Response, store: StoreDep, token: AdminDep):
+    def new_deployment(request: Request, body: DeploymentIn, response: Response, store: StoreDep, token: AdminDep):
         """Deploy a release to devices or to a tag (admin); the control center sends the commands."""
         with _service_errors(400), audit.transaction(store) as tx:
             rel = get_release(tx, body.release)
+            trust = _trust(request)
+            if trust is not None:
+                check_release_key(rel, trust)
             dep = create_deployment(tx, rel, device_ids=body.devices, tag=body.tag,
                                     min_battery=body.min_battery, timeout=body.timeout)
             tx.record(token.name, "deployment.create", f"deployment:{dep.id}",
@@ -564,10 +575,10 @@ def _router() -> APIRouter:
 
     @router.post("/campaigns", response_model=CampaignOut, status_code=201, tags=["campaigns"],
                  responses=change_responses)
-    def new_campaign(body: CampaignIn, response: Response, store: StoreDep, token: AdminDep):
+    def new_campaign(request: Request, body: CampaignIn, response: Response, store: StoreDep, token: AdminDep):
         """Create a draft campaign (admin); nothing is sent before it is started."""
         with _service_errors(400), audit.transaction(store) as tx:
-            c = create_campaign(tx, body.name, body.release, body.spec)
+            c = create_campaign(tx, body.name, body.release, body.spec, trust=_trust(request))
             tx.record(token.name, "campaign.create", f"campaign:{c.name}",
                       {"id": c.id, "release": body.release, "spec": c.spec})
         response.headers["Location"] = _location("campaigns", c.name)
@@ -577,8 +588,11 @@ def _router() -> APIRouter:
                "abort": abort_campaign}
 
     def _action(name: str):
-        def act(ref: CampaignRefPath, store: StoreDep, token: AdminDep):
+        def act(request: Request, ref: CampaignRefPath, store: StoreDep, token: AdminDep):
+            trust = _trust(request) if name in ("start", "resume") else None
             with _service_errors(400), audit.transaction(store) as tx:
+                if trust is not None:  # they send the release: its signing key must be trusted
+                    check_campaign_key(tx, ref, trust)
                 c = actions[name](tx, ref)
                 tx.record(token.name, f"campaign.{name}", f"campaign:{c.name}", {"id": c.id, "state": c.state})
             return campaign_summary(store, c.id, devices=False)
@@ -608,8 +622,12 @@ def _router() -> APIRouter:
 
 def create_app(store: Store, blobs_dir: str | os.PathLike,
                signing_key_loader: Callable[[], ec.EllipticCurvePrivateKey], *,
-               max_upload_bytes: int = DEFAULT_MAX_UPLOAD) -> FastAPI:
+               max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
+               trust_loader: Callable[[], dict] | None = None) -> FastAPI:
     """The API app on ``store``; releases go to ``blobs_dir``, signed with signing_key_loader()'s key.
+
+    trust_loader: the keyring's current trust document; given, deployments and campaigns of a
+    release signed by a key devices refuse (revoked, not certified) are refused with 400.
 
     The key is loaded for each release created (never kept in memory between requests).
     """
@@ -619,6 +637,7 @@ def create_app(store: Store, blobs_dir: str | os.PathLike,
     app.state.store = store
     app.state.blobs_dir = Path(blobs_dir)
     app.state.signing_key_loader = signing_key_loader
+    app.state.trust_loader = trust_loader
     app.state.max_upload_bytes = max_upload_bytes
     app.include_router(_router())
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -20,6 +20,7 @@ from pathlib import Path
 from fota.server.broker import Mosquitto
 from fota.server.home import Home
 from fota.tools.gctune import tune_for_throughput
+from fota.tools.private import private_dir
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def is_sqlite(url: str) -> bool:
 def sqlite_single_lock(home: Home):
     """One control center per SQLite database: an exclusive lock on <home>/serve.lock, held
     while it runs (released by the OS if the process dies)."""
-    home.path.mkdir(parents=True, exist_ok=True)
+    private_dir(home.path)
     with open(home.path / "serve.lock", "w") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -85,12 +86,14 @@ def managed_broker(home: Home, store) -> Mosquitto:
 async def control_center(home: Home, manage_broker: bool = True, **settings):
     """Start everything a home needs; yields the running ControlCenter."""
     from fota.server.service import ControlCenter
-    from fota.server.store import Store
-    store = Store(home.database_url)
+    store = home.store()
     broker = managed_broker(home, store) if home.managed_broker and manage_broker else None
     ring = home.keyring
-    settings.setdefault("signer", ring.signer())
-    settings.setdefault("keys_update", ring.keys_update())
+    signer, keys_update = ring.current()
+    settings.setdefault("signer", signer)
+    settings.setdefault("keys_update", keys_update)
+    settings.setdefault("keyring", ring)  # watched: a rotation takes effect without a restart
+    settings.setdefault("kek", home.kek())
     if home.config().get("command_ttl") is not None:  # seconds a signed command stays valid
         settings.setdefault("command_ttl", home.config()["command_ttl"])
     if home.broker_tls:
@@ -152,7 +155,7 @@ def supervise_workers(home: Home, n: int, stop_after: float | None = None) -> No
         raise ServeError("SQLite supports one control-center worker: use PostgreSQL "
                          "(database_url postgresql://...) for --workers > 1")
     from fota.server.store import Store
-    store = Store(home.database_url)  # migrates once, before the workers start
+    store = home.store()  # migrates (and wraps plain keys) once, before the workers start
     broker = managed_broker(home, store) if home.managed_broker else None
     store.dispose()
     stopping = []

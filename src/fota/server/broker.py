@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fota.tools.private import private_dir
+
 if TYPE_CHECKING:
     from fota.server.tls import TlsFiles
 
@@ -109,7 +111,7 @@ def write_config(directory: Path, port: int, *, service_port: int | None = None,
 
     tls: both listeners speak only TLS (1.2 or later; 1.3 when the client has it).
     autosave_interval: seconds between saves of the persistent state (persistence only)."""
-    directory.mkdir(parents=True, exist_ok=True)
+    private_dir(directory)  # passwords, ACL and the persistent sessions (queued messages)
     tls_lines = [] if tls is None else [
         f"cafile {tls.cafile}",
         f"certfile {tls.certfile}",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import struct
 import threading
@@ -21,6 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from fota.device import delta as device_delta
+from fota.server.releases import write_blob
 from fota.server.store import Delta, Release, Store
 
 __all__ = ["DEFAULT_WBITS", "DeltaInfo", "encode", "get_delta", "header", "load_delta"]
@@ -144,12 +144,7 @@ def get_delta(store: Store, blobs_dir: Path, base: Release, target: Release, wbi
         if row is None:
             data = encode(read_blob(base), read_blob(target), wbits)
             sha = hashlib.sha256(data).hexdigest()
-            path = Path(blobs_dir) / sha
-            if not path.exists():
-                Path(blobs_dir).mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{sha}.{os.getpid()}.tmp")
-                tmp.write_bytes(data)
-                tmp.replace(path)
+            path = write_blob(Path(blobs_dir), data, sha)
             row = Delta(base_sha256=base.sha256, base_size=base.size, target_sha256=target.sha256,
                         wbits=wbits, size=len(data), sha256=sha, blob_path=str(path.resolve()))
             try:

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from fota.device import protocol
 from fota.server import credentials, names
 from fota.server.broker import RESERVED_DEVICE_IDS, SERVER_USER
+from fota.server.kek import Kek
 from fota.server.store import Device, Store, utcnow
 
 __all__ = ["FleetError", "apply_inventory", "apply_online", "broker_password_hashes", "get_device",
@@ -32,8 +33,12 @@ class FleetError(ValueError):
 
 
 def provision_device(store: Store, device_id: str, hardware: str,
-                     tags: Iterable[str] = ()) -> tuple[Device, str]:
-    """Create a device with a fresh broker password; returns (device, plain password)."""
+                     tags: Iterable[str] = (), kek: Kek | None = None) -> tuple[Device, str]:
+    """Create a device with a fresh broker password; returns (device, plain password).
+
+    kek: the key-encryption key (fota.server.kek) the device's payload key is stored wrapped
+    with (``kek.device_key(device.id, device.enc_key)`` gives it back for the device's config);
+    None: no payload key (the device cannot receive encrypted releases)."""
     if not protocol.valid_device_id(device_id):
         raise FleetError(f"invalid device id {device_id!r}: 1-64 characters of [A-Za-z0-9_-]")
     if device_id in RESERVED_DEVICE_IDS:  # the control center's broker account and old client id
@@ -47,7 +52,7 @@ def provision_device(store: Store, device_id: str, hardware: str,
     # it goes into the device's config at provisioning, like the broker password.
     device = Device(id=device_id, hardware=hardware, tags=tags,
                     password_hash=credentials.mosquitto_hash(password), inventory={},
-                    enc_key=os.urandom(32).hex())
+                    enc_key=kek.wrap_device_key(device_id, os.urandom(32)) if kek else None)
     try:
         with store.session() as s:
             if s.get(Device, device_id) is not None:

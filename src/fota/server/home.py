@@ -12,6 +12,11 @@
                             service-passwords + service-acl (service listener), pid
     <home>/tls/             managed Mosquitto's TLS (broker_tls): ca.pem, ca.key, server.pem, server.key
     <home>/devices/<id>/    unix-port device directories (demo, simulation)
+    <home>/keys/kek         the key-encryption key of the database's secret keys, unless
+                            $FOTA_KEK gives it (fota.server.kek; back it up: docs/operations.md)
+
+Everything in a home is private to its owner: the home and its directories 0700, files 0600
+(``Home.secure``, run by every fota command that opens the home's database).
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from urllib.parse import urlsplit
 
 from fota.server.broker import SERVER_USER, free_port, write_broker_passwords
 from fota.server.credentials import mosquitto_hash, new_password
+from fota.tools.private import private_dir, private_tree, write_private
 
 DEFAULT_HOME = ".fota"
 
@@ -54,6 +60,56 @@ class Home:
     def keyring(self):
         from fota.tools.keyring import Keyring
         return Keyring(self.keys)
+
+    @property
+    def kek_path(self) -> Path:
+        return self.keys / "kek"
+
+    def kek(self):
+        """The key-encryption key ($FOTA_KEK, else keys/kek: created on first need). KekError
+        when keys/kek is gone but the database holds keys it wrapped: a new one would not open
+        them (restore it from a backup, docs/operations.md)."""
+        from fota.server.kek import ENV, Kek, KekError, count_wrapped
+        from fota.server.store import Store
+        if not os.environ.get(ENV) and not self.kek_path.exists():
+            store = Store(self.database_url)
+            try:
+                wrapped = count_wrapped(store)
+            finally:
+                store.dispose()
+            if wrapped:
+                raise KekError(f"{self.kek_path} is missing and {wrapped} key(s) in the database are wrapped by it: "
+                               f"restore it from your backup or set ${ENV} (docs/operations.md)")
+        return Kek.load(self.kek_path)
+
+    # What fota keeps in a home (see the module docstring): only these are tightened, so that a
+    # home pointed at a directory holding other files (--home .) leaves those alone.
+    OWN_ENTRIES = ("config.json", "fota.db", "fota.db-wal", "fota.db-shm", "fota.db-journal", "keys", "blobs",
+                   "broker", "tls", "devices", "sim", "serve.lock", "config.lock")
+
+    def secure(self) -> None:
+        """Make the home private to its owner: 0700 directories, 0600 files, also what an older
+        version or another umask created wider."""
+        private_dir(self.path)
+        for name in self.OWN_ENTRIES:
+            private_tree(self.path / name)
+
+    def store(self):
+        """The home's database (migrated), with the home made private and any key an older
+        version stored in clear wrapped by the KEK (fota.server.kek.wrap_plain_keys)."""
+        from fota.server.kek import wrap_plain_keys
+        from fota.server.store import Store
+        self.secure()
+        store = Store(self.database_url)
+        try:
+            wrapped = wrap_plain_keys(store, self.kek)
+        except BaseException:
+            store.dispose()
+            raise
+        if wrapped:
+            import logging
+            logging.getLogger(__name__).warning("wrapped %d plain key(s) with the key-encryption key", wrapped)
+        return store
 
     @property
     def blobs(self) -> Path:
@@ -99,15 +155,14 @@ class Home:
         return cfg
 
     def _config_lock(self) -> Path:
-        self.path.mkdir(parents=True, exist_ok=True)
-        return self.path / "config.lock"
+        private_dir(self.path)
+        lock = self.path / "config.lock"
+        os.close(os.open(lock, os.O_WRONLY | os.O_CREAT, 0o600))  # private whatever the umask
+        return lock
 
     def save_config(self, cfg: dict) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.config_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cfg, indent=1))
-        os.chmod(tmp, 0o600)
-        tmp.replace(self.config_path)
+        private_dir(self.path)
+        write_private(self.config_path, json.dumps(cfg, indent=1))
 
     @property
     def database_url(self) -> str:
@@ -194,7 +249,7 @@ class Home:
         if not self.managed_broker:
             return
         from fota.server.fleet import broker_password_hashes
-        self.broker_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.broker_dir)
         server_hash = mosquitto_hash(self.config()["server_password"])
         with open(self.broker_dir / "passwords.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (or the process dies)

@@ -22,11 +22,13 @@ from fota.device import protocol
 from fota.server import names
 from fota.server.store import Release, Store
 from fota.tools import bundle
+from fota.server.kek import Kek, KekError
 from fota.tools.keyring import COMMAND_TTL, Signer
+from fota.tools.private import private_dir, write_private
 from fota.tools.signing import key_id, public_key_bytes, sign
 
-__all__ = ["KINDS", "ReleaseError", "build_manifest", "create_release", "get_release",
-           "list_releases", "read_blob", "update_command"]
+__all__ = ["KINDS", "ReleaseError", "build_manifest", "check_release_key", "create_release", "get_release",
+           "list_releases", "read_blob", "resign_release", "update_command", "wrap_release_key"]
 
 KINDS = ("bundle", "image")
 IMAGE_SUFFIXES = (".bin", ".img")
@@ -46,13 +48,48 @@ def encrypt_image(image: bytes, key: bytes) -> bytes:
     return iv + Cipher(algorithms.AES(key), modes.CBC(iv)).encryptor().update(padded)
 
 
-def wrap_release_key(release: Release, device_enc_key_hex: str | None) -> str | None:
-    """The release key wrapped (RFC 3394) for one device, as hex; None for plain releases."""
+def wrap_release_key(release: Release, device_id: str, device_enc_key: str | None, kek: Kek | None) -> str | None:
+    """The release key wrapped (RFC 3394) for one device, as hex; None for plain releases.
+
+    Both keys are stored wrapped by the key-encryption key (fota.server.kek); ``kek`` opens them."""
     if not release.enc_key:
         return None
-    if not device_enc_key_hex:
+    if not device_enc_key:
         raise ReleaseError(f"release {release.version} is encrypted and the device has no key")
-    return aes_key_wrap(bytes.fromhex(device_enc_key_hex), bytes.fromhex(release.enc_key)).hex()
+    if kek is None:
+        raise ReleaseError(f"release {release.version} is encrypted and no key-encryption key is loaded")
+    try:
+        return aes_key_wrap(kek.device_key(device_id, device_enc_key), kek.release_key(release)).hex()
+    except KekError as exc:
+        raise ReleaseError(str(exc)) from None
+
+
+def check_release_key(release: Release, trust: dict) -> None:
+    """ReleaseError unless devices holding ``trust`` (the keyring's trust document) accept the
+    key that signed the release's manifest: refused before a deployment or campaign is made,
+    since every device would answer E_KEY_REVOKED / E_UNKNOWN_KEY."""
+    fix = f"re-sign it with the current signing key: fota release resign {release.version}"
+    if release.key_id in trust.get("revoked", ()):
+        raise ReleaseError(f"release {release.version} is signed by key {release.key_id}, revoked in trust "
+                           f"version {trust['version']}: devices would refuse it (E_KEY_REVOKED); {fix}")
+    certified = {json.loads(cert["body"])["kid"] for cert in trust.get("certs", ())}
+    if release.key_id not in certified:
+        raise ReleaseError(f"release {release.version} is signed by key {release.key_id}, which trust version "
+                           f"{trust['version']} does not certify: devices would refuse it (E_UNKNOWN_KEY); {fix}")
+
+
+def resign_release(store: Store, version_or_id: str | int, signer: Signer) -> tuple[Release, str]:
+    """Sign a release's unchanged manifest with ``signer`` (after a key rotation); returns the
+    release and the key id it had. Image, hash and version stay the same."""
+    release = get_release(store, version_or_id)
+    old_kid = release.key_id
+    with store.session() as s:
+        row = s.get(Release, release.id)
+        row.signature = signer.sign(row.manifest.encode())
+        row.key_id = signer.kid
+        s.flush()
+        release = row
+    return release, old_kid
 
 
 def build_manifest(version: str, hardware: list[str], kind: str, image: bytes, counter: int = 0,
@@ -152,21 +189,23 @@ def _load_image(source: str | os.PathLike | bytes, kind: str | None) -> tuple[by
     return data, kind
 
 
-def _write_blob(blobs_dir: Path, image: bytes, sha256: str) -> Path:
-    blobs_dir.mkdir(parents=True, exist_ok=True)
+def write_blob(blobs_dir: Path, data: bytes, sha256: str) -> Path:
+    """Store ``data`` as blobs_dir/<sha256> (0600, in a 0700 directory); its resolved path."""
+    private_dir(blobs_dir)
     path = blobs_dir / sha256
     if not path.exists():  # content-addressed: an existing file already holds these bytes
-        tmp = path.with_name(f".{sha256}.{os.getpid()}.tmp")
-        tmp.write_bytes(image)
-        tmp.replace(path)
+        write_private(path, data)
     return path.resolve()
 
 
 def create_release(store: Store, blobs_dir: str | os.PathLike, key: ec.EllipticCurvePrivateKey,
                    path_or_bytes: str | os.PathLike | bytes, version: str, hardware: list[str],
                    kind: str | None = None, counter: int = 0, encrypt: bool = False,
-                   min_version: str | None = None) -> Release:
+                   min_version: str | None = None, kek: Kek | None = None) -> Release:
     """Pack, sign and store a release; ReleaseError if invalid or the version exists.
+
+    encrypt: the image is stored and sent AES-encrypted; its key is stored wrapped by ``kek``
+    (fota.server.kek), which an encrypted release needs.
 
     counter: the security counter devices compare against the highest one they installed
     (anti-rollback); a release may keep the previous counter or raise it, never lower it.
@@ -178,6 +217,8 @@ def create_release(store: Store, blobs_dir: str | os.PathLike, key: ec.EllipticC
     enc_key = os.urandom(32) if encrypt else None
     if encrypt and kind != "bundle":
         raise ReleaseError("only bundles can be encrypted (flash backends write the image as it arrives)")
+    if encrypt and kek is None:
+        raise ReleaseError("an encrypted release needs the key-encryption key (its key is stored wrapped)")
     plain = image
     if enc_key:
         image = encrypt_image(plain, enc_key)  # what is stored, served and hashed
@@ -188,7 +229,7 @@ def create_release(store: Store, blobs_dir: str | os.PathLike, key: ec.EllipticC
     release = Release(version=version, hardware=json.loads(manifest)["hw"], kind=kind,
                       size=len(image), sha256=hashlib.sha256(image).hexdigest(),
                       manifest=manifest, signature=signature, key_id=kid, blob_path="",
-                      security_counter=counter, enc_key=enc_key.hex() if enc_key else None,
+                      security_counter=counter, enc_key=kek.wrap_release_key(version, enc_key) if enc_key else None,
                       min_version=min_version)
     # The command carries the manifest; it must fit the device's command limit.
     longest = update_command(2**32 - 1, "x" * 64, release, Signer(key), protocol.MAX_CHUNK_SIZE,
@@ -201,7 +242,7 @@ def create_release(store: Store, blobs_dir: str | os.PathLike, key: ec.EllipticC
     with store.session() as s:
         if s.scalar(select(Release.id).where(Release.version == version)) is not None:
             raise ReleaseError(f"release {version} already exists")
-    release.blob_path = str(_write_blob(Path(blobs_dir), image, release.sha256))
+    release.blob_path = str(write_blob(Path(blobs_dir), image, release.sha256))
     try:
         with store.session() as s:
             s.add(release)

@@ -14,7 +14,11 @@ One MQTT connection (gmqtt, MQTT 5, persistent session ``fota-center``) and thre
   worker that died (fota.server.workers; docs/operations.md §3);
 * campaigns: every ``campaign_interval`` seconds one step of each active campaign
   (fota.server.campaigns.CampaignEngine), which adds the jobs the sender then sends and
-  ``cancel`` jobs (signed cancel commands) on abort or timeout.
+  ``cancel`` jobs (signed cancel commands) on abort or timeout;
+* keys (``keyring``): a rotation or revocation (``fota keys rotate|revoke`` rewrites the
+  keyring's files) is picked up within ``keys_interval`` seconds: new commands are signed with
+  the new key and the root-signed key update is queued (QoS 1) for every device whose trust
+  version is older, asleep or offline too.
 
 All database work runs on one worker thread: the event loop (and so the chunk server)
 never blocks on it, and SQLite never sees two writers of ours at once. (On PostgreSQL the
@@ -50,7 +54,9 @@ from fota.server.delta import DEFAULT_WBITS, get_delta, load_delta
 from fota.server.deployments import ACTIVE, CANCEL, DONE, PENDING, SENT, TERMINAL_STATES, TIMED_OUT, UPDATE, expire_jobs
 from fota.server.ingest import REJECTED, BatchResult, Incoming, write_batch
 from fota.server.releases import ReleaseError, read_blob, update_command, wrap_release_key
-from fota.tools.keyring import COMMAND_TTL, Signer
+from fota.server.kek import Kek
+from fota.tools.keyring import COMMAND_TTL, Keyring, Signer
+from fota.tools.signing import SigningError
 from fota.server.store import Deployment, Device, Job, Release, Store, utcnow
 from fota.server.store.inlists import IN_LIST_MAX, chunks, id_ranges, in_ranges
 
@@ -73,6 +79,7 @@ STATUS_STATES = frozenset(protocol.STATES) | {REJECTED, protocol.KEYS_UPDATED, p
 ACK_OK = 0                       # MQTT 5 PUBACK reason code "success"
 MAX_ID = protocol.MAX_ID         # job ids, boot and seq are 32-bit integer columns
 DRAIN_QUIET = 1.0                # a dead worker's session is drained once quiet this long
+KEYS_INTERVAL = 1.0              # s between looks at the keyring's files (rotation, revocation)
 
 
 def _is_int(value: Any) -> bool:
@@ -179,6 +186,7 @@ class _Outgoing:
     command: bytes
     info: _JobInfo
     delta_id: int | None = None
+    keys_behind: bool = False  # the device's last inventory reports an older trust version
 
 
 # ---------------------------------------------------------------- the service
@@ -194,7 +202,8 @@ class ControlCenter:
                  ssl_context: ssl.SSLContext | None = None, delta_wbits: int | None = DEFAULT_WBITS,
                  campaign_interval: float | None = 1.0, share_group: str | None = None,
                  lease: float = workers.LEASE, heartbeat_interval: float = workers.HEARTBEAT,
-                 command_ttl: int = COMMAND_TTL):
+                 command_ttl: int = COMMAND_TTL,
+                 kek: Kek | None = None, keyring: Keyring | None = None, keys_interval: float = KEYS_INTERVAL):
         if not protocol.MIN_CHUNK_SIZE <= chunk <= protocol.MAX_CHUNK_SIZE:
             raise ValueError(f"chunk must be {protocol.MIN_CHUNK_SIZE}..{protocol.MAX_CHUNK_SIZE}")
         if not 1 <= window <= protocol.MAX_WINDOW:
@@ -250,6 +259,14 @@ class ControlCenter:
         self.keys_update = keys_update
         self.keys_version = json.loads(json.loads(keys_update)["body"])["version"] if keys_update else 0
         self.key_updates = 0         # key updates published
+        self._keys_pushed: dict[str, int] = {}  # device -> trust version last pushed to it by us
+        # keyring: watched for rotations and revocations (None: keys change only by set_keys).
+        self.keyring = keyring
+        self.keys_interval = keys_interval
+        self._keys_seen = keyring.fingerprint() if keyring is not None else None
+        self._keys_lock = asyncio.Lock()
+        # The key-encryption key that opens the stored release and device keys (encrypted releases).
+        self.kek = kek
 
         # counters (benchmarks, diagnostics)
         self.requests = 0            # chunk requests served
@@ -315,6 +332,7 @@ class ControlCenter:
             self._tasks.append(asyncio.create_task(self._worker_loop(), name="fota-workers"))
         elif self.client_id == CLIENT_ID:
             self._tasks.append(asyncio.create_task(self._drain_legacy(), name="fota-drain-legacy"))
+        self._tasks.append(asyncio.create_task(self._keys_loop(), name="fota-keys"))
         log.info("control center connected to %s:%s as %s", url.hostname, url.port, self.client_id)
 
     async def stop(self) -> None:
@@ -427,28 +445,79 @@ class ControlCenter:
         return ACK_OK
 
     async def set_keys(self, signer: Signer, keys_update: bytes) -> int:
-        """Switch to a rotated signing key and push the root-signed key update to online devices.
+        """Switch to a rotated signing key and push the root-signed key update to every device
+        whose trust version is older (fota.tools.keyring); returns how many it was pushed to.
 
-        Devices offline now get it when they next publish their inventory. Returns how many
-        devices it was pushed to.
+        Offline and sleeping devices get it queued on their persistent sessions (QoS 1), ahead
+        of any command signed with the new key. A device that never connected has no session:
+        it gets the update when it publishes its inventory. Of several workers only one pushes
+        (the first live one by id), so a device gets it once.
         """
         self.signer = signer
         self.keys_update = keys_update
         self.keys_version = json.loads(json.loads(keys_update)["body"])["version"]
-        online = await self._db_call(self._online_devices)
-        for device_id, inventory in online:
-            self._sync_keys(device_id, inventory or {})
-        return len(online)
+        if self.share_group is not None and min(self._live | {self.client_id}) != self.client_id:
+            return 0
+        devices = await self._db_call(self._devices_behind, self.keys_version)
+        for device_id, inventory in devices:
+            self._sync_keys(device_id, inventory)
+        log.info("keys v%d (signing key %s): key update queued for %d device(s)", self.keys_version,
+                 signer.kid, len(devices))
+        return len(devices)
 
-    def _online_devices(self) -> list[tuple[str, dict]]:
+    def _devices_behind(self, version: int) -> list[tuple[str, dict]]:
+        """(DB thread) devices whose last inventory reports a trust version below ``version``."""
         with self.store.session() as s:
-            return [(d.id, d.inventory) for d in s.scalars(select(Device).where(Device.online.is_(True)))]
+            rows = s.execute(select(Device.id, Device.inventory)).all()
+        return [(device_id, inventory) for device_id, inventory in rows
+                if _is_int((inventory or {}).get("keys")) and inventory["keys"] < version]
+
+    async def _keys_loop(self) -> None:
+        """Pick up a rotation or revocation written to the keyring while we run."""
+        if self.keyring is None:
+            return
+        await asyncio.sleep(self.keys_interval)  # workers: the live ones are known after a heartbeat
+        try:  # a rotation made while no center ran: queue its key update for sleeping devices too
+            await self.set_keys(self.signer, self.keys_update)
+        except Exception:
+            log.exception("pushing the key update failed")
+        while True:
+            await asyncio.sleep(self.keys_interval)
+            try:
+                await self.reload_keys()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reloading the keys failed")
+
+    async def reload_keys(self) -> bool:
+        """Switch to the keyring's keys if its files changed; True if they did."""
+        async with self._keys_lock:  # the sender and the keys loop both look: one switch, one push
+            return await self._reload_keys()
+
+    async def _reload_keys(self) -> bool:
+        seen = self.keyring.fingerprint()
+        if seen == self._keys_seen:
+            return False
+        try:
+            signer, keys_update = self.keyring.current()
+        except SigningError as exc:  # a rotation still writing its files: look again shortly
+            log.info("keys changed but not usable yet: %s", exc)
+            return False
+        self._keys_seen = seen
+        if signer.kid == self.signer.kid and keys_update == self.keys_update:
+            return False
+        log.warning("keys changed: signing key %s (was %s), trust version %s", signer.kid, self.signer.kid,
+                    json.loads(json.loads(keys_update)["body"])["version"])
+        await self.set_keys(signer, keys_update)
+        return True
 
     def _sync_keys(self, device_id: str, inventory: dict) -> None:
         """Send the current key update to a device that reports an older trust version."""
         version = inventory.get("keys")
         if self.keys_update and _is_int(version) and version < self.keys_version and self._client:
             self._client.publish(protocol.topic(device_id, protocol.CMD), self.keys_update, qos=1)
+            self._keys_pushed[device_id] = self.keys_version
             self.key_updates += 1
             log.info("key update v%d sent to %s (has v%d)", self.keys_version, device_id, version)
 
@@ -764,6 +833,9 @@ class ControlCenter:
         """Publish the commands of pending jobs and mark them sent; how many were sent."""
         if self._fenced:
             return 0
+        if self.keyring is not None:
+            # A rotation made just before a deployment: sign its commands with the new key.
+            await self.reload_keys()
         outgoing = await self._db_call(self._claim_pending)
         if not outgoing:
             return 0
@@ -771,6 +843,13 @@ class ControlCenter:
         for out in outgoing:
             # Cache first, so that the device's first request finds the job.
             self._jobs.setdefault(out.job_id, out.info)
+            if out.keys_behind and self._keys_pushed.get(out.device_id) != self.keys_version:
+                # The key update goes ahead of the command on the same session (QoS 1 keeps the
+                # order): the device must trust the new key before it checks the command. (Another
+                # worker may not have pushed it yet.)
+                client.publish(protocol.topic(out.device_id, protocol.CMD), self.keys_update, qos=1)
+                self._keys_pushed[out.device_id] = self.keys_version
+                self.key_updates += 1
             client.publish(protocol.topic(out.device_id, protocol.CMD), out.command, qos=1)
             self.commands += 1
         await self._db_call(self._mark_sent, [out.job_id for out in outgoing],
@@ -804,17 +883,20 @@ class ControlCenter:
                 s.execute(update(Job).where(Job.id.in_(ids)).values(worker=self.client_id))
         outgoing = []
         for job_id, device_id, inventory, device_key, release, kind, target_job, min_battery in rows:
+            keys = (inventory or {}).get("keys")
+            behind = bool(self.keys_update) and _is_int(keys) and keys < self.keys_version
             if kind == CANCEL:
                 command = self.signer.command({"type": "cancel", "job": job_id, "device": device_id,
                                                "target": target_job}, ttl=self.command_ttl)
-                outgoing.append(_Outgoing(job_id, device_id, command, _JobInfo(device_id, SENT, None, self.client_id)))
+                outgoing.append(_Outgoing(job_id, device_id, command, _JobInfo(device_id, SENT, None, self.client_id),
+                                          keys_behind=behind))
                 continue
             chunk = self.chunk
             max_chunk = (inventory or {}).get("max_chunk")
             if _is_int(max_chunk) and protocol.MIN_CHUNK_SIZE <= max_chunk < chunk:
                 chunk = max_chunk  # never more than the device accepts
             try:
-                wrapped = wrap_release_key(release, device_key)
+                wrapped = wrap_release_key(release, device_id, device_key, self.kek)
             except ReleaseError as exc:
                 log.error("job %d not sent: %s", job_id, exc)
                 continue
@@ -824,7 +906,7 @@ class ControlCenter:
                                      min_battery=min_battery, ttl=self.command_ttl)
             blob = patch.data if patch else self._blob(release)
             outgoing.append(_Outgoing(job_id, device_id, command, _JobInfo(device_id, SENT, blob, self.client_id),
-                                      patch.id if patch else None))
+                                      patch.id if patch else None, keys_behind=behind))
         return outgoing
 
     def _delta_for(self, release: Release, inventory: dict[str, Any]):

@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fota.tools.private import private_dir
+
 RENEW_BEFORE = datetime.timedelta(days=30)   # ensure_tls re-issues a server cert this close to expiry
 
 
@@ -83,7 +85,7 @@ def _write_cert(cert: x509.Certificate, path: Path) -> None:
 def create_ca(directory: Path, name: str = "fota CA", days: int = 3650) -> tuple[Path, Path]:
     """Create a self-signed CA (EC P-256) in directory: returns (ca.pem, ca.key)."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    private_dir(directory)
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = _now()
@@ -111,7 +113,7 @@ def issue_server_cert(directory: Path, ca_cert: Path, ca_key: Path, hostnames=("
                       ips=("127.0.0.1",), days: int = 825) -> tuple[Path, Path]:
     """Issue the broker's certificate signed by the CA: returns (server.pem, server.key)."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    private_dir(directory)
     ca = x509.load_pem_x509_certificate(Path(ca_cert).read_bytes())
     signer = serialization.load_pem_private_key(Path(ca_key).read_bytes(), password=None)
     hostnames, ips = list(hostnames), list(ips)

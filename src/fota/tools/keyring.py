@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fota.tools.signing import (SigningError, generate_private_key, key_id, load_private_key,
                                 public_key_bytes, save_private_key, sign)
+from fota.tools.private import private_dir, write_private
 
 DEFAULT_VALIDITY = 5 * 365 * 24 * 3600
 # Seconds a signed command stays acceptable (its "exp" = "time" + this; docs/protocol.md §4):
@@ -94,7 +95,7 @@ class Keyring:
 
     def init(self) -> None:
         """Create a root key, a certified signing key and trust version 1."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.dir)
         root = generate_private_key()
         save_private_key(root, self.root_path)
         signing = generate_private_key()
@@ -128,9 +129,7 @@ class Keyring:
         # never needs the root key online.
         for path, data in ((self.trust_path, json.dumps(doc, indent=1)),
                            (self.keys_update_path, self._sign_keys_update(doc).decode())):
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(data)
-            tmp.replace(path)
+            write_private(path, data)
 
     def _sign_keys_update(self, doc: dict) -> bytes:
         body = {"type": "keys", "version": doc["version"], "certs": doc["certs"], "revoked": doc["revoked"],
@@ -142,6 +141,32 @@ class Keyring:
         if not self.keys_update_path.exists():
             raise SigningError(f"no key update in {self.dir}: run 'fota keys init' first")
         return self.keys_update_path.read_bytes()
+
+    def fingerprint(self) -> tuple:
+        """What changes when a rotation or revocation rewrites the key files (cheap: stat only)."""
+        marks = []
+        for path in (self.signing_path, self.keys_update_path):
+            try:
+                st = path.stat()
+                marks.append((st.st_ino, st.st_mtime_ns, st.st_size))
+            except FileNotFoundError:
+                marks.append(None)
+        return tuple(marks)
+
+    def current(self) -> tuple[Signer, bytes]:
+        """The signing key and the key update, checked to belong together: the key update
+        certifies the signing key and does not revoke it. SigningError while a rotation is
+        still writing the files (or if they disagree)."""
+        try:
+            signer = self.signer()
+            update = self.keys_update()
+            body = json.loads(json.loads(update)["body"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SigningError(f"the keys in {self.dir} cannot be read: {exc}") from None
+        certified = {json.loads(cert["body"])["kid"] for cert in body.get("certs", ())}
+        if signer.kid not in certified or signer.kid in body.get("revoked", ()):
+            raise SigningError(f"signing key {signer.kid} is not certified by key update v{body.get('version')}")
+        return signer, update
 
     def rotate(self, *, revoke_old: bool = True) -> Signer:
         """A new signing key, certified by the root; the old one revoked; trust version + 1."""

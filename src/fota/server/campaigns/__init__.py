@@ -10,6 +10,7 @@ from fota.server.campaigns.engine import CampaignEngine
 from fota.server.campaigns.ops import (
     abort_campaign,
     campaign_summary,
+    check_campaign_key,
     create_campaign,
     get_campaign,
     list_campaigns,
@@ -20,5 +21,6 @@ from fota.server.campaigns.ops import (
 from fota.server.campaigns.spec import CampaignError, CampaignNotFound, CampaignSpec, CampaignStateError
 
 __all__ = ["CampaignEngine", "CampaignError", "CampaignNotFound", "CampaignSpec", "CampaignStateError", "abort_campaign", "campaign_summary",
+           "check_campaign_key",
            "create_campaign", "get_campaign", "list_campaigns", "pause_campaign", "resume_campaign",
            "start_campaign"]

@@ -19,10 +19,10 @@ from fota.server.campaigns import states as S
 from fota.server.campaigns.engine import cancel_downloads, target_devices
 from fota.server.campaigns.spec import CampaignError, CampaignNotFound, CampaignSpec
 from fota.server.deployments import ACTIVE as DEPLOYMENT_ACTIVE
-from fota.server.releases import ReleaseError, get_release
+from fota.server.releases import ReleaseError, check_release_key, get_release
 from fota.server.store import Campaign, CampaignDevice, Deployment, Job, Release, Store, utcnow
 
-__all__ = ["abort_campaign", "campaign_summary", "create_campaign", "get_campaign", "list_campaigns",
+__all__ = ["abort_campaign", "campaign_summary", "check_campaign_key", "create_campaign", "get_campaign", "list_campaigns",
            "pause_campaign", "resume_campaign", "start_campaign"]
 
 
@@ -53,8 +53,11 @@ def list_campaigns(store: Store) -> list[Campaign]:
 
 
 def create_campaign(store: Store, name: str, release: Release | str | int, spec: dict[str, Any] | None = None,
-                    ) -> Campaign:
-    """A draft campaign of ``release`` (nothing is sent before ``start_campaign``)."""
+                    trust: dict | None = None) -> Campaign:
+    """A draft campaign of ``release`` (nothing is sent before ``start_campaign``).
+
+    trust: the keyring's trust document; given, a release signed by a key devices refuse is
+    refused (releases.check_release_key)."""
     names.check(name, names.CAMPAIGN_NAME, "campaign name", CampaignError)
     parsed = CampaignSpec.parse(spec)
     with store.session() as s:
@@ -65,6 +68,8 @@ def create_campaign(store: Store, name: str, release: Release | str | int, spec:
                 release = get_release(store, release)
             except ReleaseError as exc:
                 raise CampaignError(str(exc)) from None
+        if trust is not None:
+            _check_key(release, trust)
         unknown_hw = [h for h in parsed.filter.hardware if h not in release.hardware]
         if parsed.filter.hardware and len(unknown_hw) == len(parsed.filter.hardware):
             raise CampaignError(f"release {release.version} is for hardware {', '.join(release.hardware)}; "
@@ -77,6 +82,22 @@ def create_campaign(store: Store, name: str, release: Release | str | int, spec:
         s.add(campaign)
         s.flush()
         return campaign
+
+
+def _check_key(release: Release, trust: dict) -> None:
+    try:
+        check_release_key(release, trust)
+    except ReleaseError as exc:
+        raise CampaignError(str(exc)) from None
+
+
+def check_campaign_key(store: Store, ref: str | int, trust: dict) -> None:
+    """CampaignError unless devices holding ``trust`` accept the key that signed the campaign's
+    release: checked before a campaign starts or resumes (a key may have been rotated since it
+    was created)."""
+    with store.session() as s:
+        release = s.get(Release, _load(s, ref).release_id)
+    _check_key(release, trust)
 
 
 def start_campaign(store: Store, ref: str | int, now: datetime | None = None) -> Campaign:

@@ -6,6 +6,7 @@ with the migrations shipped inside this package (no alembic.ini needed).
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +17,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
+
+from fota.tools.private import FILE_MODE, private_dir, tighten
 
 __all__ = ["MIGRATIONS_DIR", "Store", "alembic_config", "default_url", "make_engine", "migrate", "normalize_url"]
 
@@ -52,6 +55,21 @@ def _sqlite_on_connect(dbapi_connection, _record) -> None:
         cursor.close()
 
 
+SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+def _private_sqlite_file(path: Path) -> None:
+    """The database file readable by its owner only (0600; it holds wrapped keys, password
+    hashes, the fleet): created so before SQLite opens it, tightened if it exists. SQLite gives
+    its -wal, -shm and -journal files the database file's mode; those of an older, wider file
+    are tightened too."""
+    if not path.parent.exists():
+        private_dir(path.parent)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE))
+    for file in [path] + [path.with_name(path.name + suffix) for suffix in SQLITE_SIDE_FILES]:
+        tighten(file)
+
+
 def make_engine(url: str | URL, **kwargs) -> Engine:
     """An engine for ``url``; for SQLite: WAL, busy_timeout 5 s, foreign keys on."""
     sa_url = make_url(normalize_url(url))
@@ -62,7 +80,7 @@ def make_engine(url: str | URL, **kwargs) -> Engine:
             # one shared connection, otherwise every connection is a new empty database
             options["poolclass"] = StaticPool
         else:
-            Path(sa_url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            _private_sqlite_file(Path(sa_url.database).expanduser())
         options["connect_args"] = connect_args
     options.update(kwargs)
     engine = create_engine(sa_url, **options)

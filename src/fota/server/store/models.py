@@ -130,8 +130,9 @@ class Release(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     # anti-rollback: devices refuse a release whose counter is below the one they run
     security_counter: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
-    # Optional payload encryption: the release's AES-256 key (hex); None for plain releases.
-    enc_key: Mapped[str | None] = mapped_column(String(64))
+    # Optional payload encryption: the release's AES-256 key wrapped by the key-encryption key
+    # (fota.server.kek: "kek1:<hex>"); None for plain releases.
+    enc_key: Mapped[str | None] = mapped_column(String(160))
     # Optional: campaigns send this release only to devices running at least this version.
     min_version: Mapped[str | None] = mapped_column(String(64))
 
@@ -173,8 +174,9 @@ class Device(Base):
     inventory: Mapped[dict[str, Any]] = mapped_column(MutableDict.as_mutable(JSONType()), default=dict)
     tags: Mapped[list[str]] = mapped_column(MutableList.as_mutable(JSONType()), default=list)
     password_hash: Mapped[str | None] = mapped_column(Text)  # Mosquitto "$7$..." line
-    # The device's AES-256 key (hex) that release keys are wrapped with; set at provisioning.
-    enc_key: Mapped[str | None] = mapped_column(String(64))
+    # The device's AES-256 key that release keys are wrapped with, itself wrapped by the
+    # key-encryption key (fota.server.kek); set at provisioning.
+    enc_key: Mapped[str | None] = mapped_column(String(160))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_seen: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # When the center received the online flag `online` holds: an older flag ingested later (by
