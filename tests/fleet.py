@@ -122,7 +122,7 @@ class Fleet:
         password: its boot counter and status numbers start over (a flash erase)."""
         self.devices[device_id].stop()
         shutil.rmtree(self.root(device_id))
-        settings.setdefault("enc_key", self.device_row(device_id).enc_key)
+        settings.setdefault("enc_key", self.kek.device_key(device_id, self.device_row(device_id).enc_key).hex())
         settings.setdefault("progress_interval_ms", 0)
         return self._create(device_id, hardware, version, True, None, settings)
 
