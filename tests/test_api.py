@@ -476,8 +476,11 @@ def test_get_endpoints_with_read_token(env):
     assert "password_hash" not in r.json()
 
     r = env.client.get(f"{API}/devices/dev-1/history", headers=read)
-    assert [(e["state"], e["seq"], e["job_id"]) for e in r.json()] == [("downloading", 1, 1), ("installing", 2, 1)]
-    assert env.client.get(f"{API}/devices/dev-2/history", headers=read).json() == []
+    assert [(e["state"], e["seq"], e["job_id"]) for e in r.json()["statuses"]] == \
+        [("downloading", 1, 1), ("installing", 2, 1)]
+    assert r.json()["next_cursor"] is None
+    assert env.client.get(f"{API}/devices/dev-2/history", headers=read).json() == {"statuses": [],
+                                                                                  "next_cursor": None}
 
     r = env.client.get(f"{API}/releases", headers=read)
     assert [x["version"] for x in r.json()] == ["1.0.0"] and "blob_path" not in r.json()[0]

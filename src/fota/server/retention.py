@@ -28,7 +28,8 @@ from fota.server.deployments import TERMINAL_STATES
 from fota.server.store import Device, Store, UTCDateTime
 from fota.server.store.inlists import chunks
 
-__all__ = ["DEFAULT_DAYS", "DEFAULT_INTERVAL", "DEFAULT_KEEP", "Retention", "prune"]
+__all__ = ["DEFAULT_DAYS", "DEFAULT_INTERVAL", "DEFAULT_KEEP", "Retention", "prune", "retention_policy",
+           "sweep_devices"]
 
 log = logging.getLogger(__name__)
 
@@ -39,20 +40,28 @@ DEFAULT_INTERVAL = 60.0   # seconds between the control center's passes
 
 @dataclass(frozen=True)
 class Retention:
-    """keep: unprotected statuses kept per device (newest first); days: age limit of
+    """keep: unprotected statuses kept per device (newest first; None: no count limit); days: age limit of
     unprotected statuses (None: none); batch: rows per DELETE; max_rows: rows per pass;
     sweep: devices not heard from that a pass checks too (all of them over the passes)."""
-    keep: int = DEFAULT_KEEP
+    keep: int | None = DEFAULT_KEEP
     days: float | None = DEFAULT_DAYS
     batch: int = 2000
     max_rows: int = 20000
     sweep: int = 500
 
     def __post_init__(self):
-        if self.keep < 0 or self.batch < 1 or self.max_rows < 1 or self.sweep < 0:
+        if (self.keep is not None and self.keep < 0) or self.batch < 1 or self.max_rows < 1 or self.sweep < 0:
             raise ValueError("retention: keep >= 0, batch >= 1, max_rows >= 1, sweep >= 0")
         if self.days is not None and self.days <= 0:
             raise ValueError("retention: days must be > 0 (or None: no age limit)")
+
+
+def retention_policy(keep: int | None, days: float | None) -> Retention | None:
+    """The policy for a history_keep / history_days setting: 0 or None turns that limit off;
+    None when both are off (everything is kept)."""
+    keep = keep if keep else None
+    days = days if days else None
+    return Retention(keep=keep, days=days) if keep is not None or days is not None else None
 
 
 def _quoted(states: Iterable[str]) -> str:
@@ -108,7 +117,7 @@ def prune(store: Store, policy: Retention, devices: Iterable[str], now: datetime
                 return
 
     # A few devices a statement: the window function ranks only their rows.
-    for part in chunks(sorted(set(devices)), 50):
+    for part in chunks(sorted(set(devices)) if policy.keep is not None else [], 50):
         run(_OVER_COUNT, {"devices": part, "keep": policy.keep})
         if budget <= 0:
             break
