@@ -25,6 +25,7 @@ from fota.server.service import parse_status
 from fota.server.statuses import StatusLimiter, StatusRefused, stored_payload
 from fota.server.store import Campaign, CampaignDevice, Job, StatusEvent, Store, utcnow
 from fota.tools.signing import generate_private_key
+from conftest import run_micropython
 from test_api import API, bearer, make_env
 from test_core import SIGNING_KEY, Harness, cmd, make_update
 from test_server import add_device, center_for, until
@@ -108,6 +109,17 @@ def test_every_status_the_device_sends_fits():
     assert longest.startswith("app failed") and len(longest) == P.MAX_REASON  # cut by the device
 
 
+def test_the_device_cuts_a_long_reason_on_micropython():
+    result = run_micropython(
+        "import json\n"
+        "from fota.device import core as C\n"
+        "a = C.UpdateCore._publish_status(None, {'state': 'health', 'reason': '\\u00e9x' * 3000})\n"
+        "r = json.loads(a[2])['reason']\n"
+        "print(len(r), len(a[2].encode()) <= C.P.MAX_STATUS_BYTES, r[:2] == '\\u00e9x')\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(P.MAX_REASON), "True", "True"]
+
+
 def test_stored_payload_holds_each_field_once():
     msg = parse_status(encode(status(3, ok=False, reason="crash", uptime=61234, battery=80)))
     assert stored_payload(msg) == {"bytes": 0, "total": 0, "ok": False, "uptime": 61234, "battery": 80}
@@ -170,31 +182,41 @@ def _events(store: Store, device_id: str) -> int:
         return s.scalar(select(func.count()).select_from(StatusEvent).where(StatusEvent.device_id == device_id))
 
 
-def test_refused_statuses_are_acknowledged_counted_and_not_stored(store, broker, tmp_path):
-    dev = add_device(store, broker, KEY, auto=False)
-    dev.start()
+def with_center(store, broker, tmp_path, body, devices, **settings) -> None:
+    """Start the devices and a control center, run ``await body(center)``, stop them all."""
+    for dev in devices:
+        dev.start()
 
     async def scenario():
-        center = center_for(store, broker, tmp_path)
+        center = center_for(store, broker, tmp_path, **settings)
         await center.start()
         try:
-            infos = [dev.client.publish(dev.topic(P.STATUS), REFUSED[name], qos=1) for name in sorted(REFUSED)]
-            for info in infos:
-                info.wait_for_publish(5)
-            assert all(info.is_published() for info in infos)  # acknowledged: never redelivered
-            dev.status(None, "health", ok=True, uptime=5)
-            await until(lambda: _events(store, dev.id) == 1, what="the valid status stored")
-            await until(lambda: _metric(store, 'fota_statuses_dropped_total{reason="invalid"}') == len(REFUSED) - 1,
-                        what="refusals counted in /metrics")
-            assert center.refused == len(REFUSED)
-            assert _metric(store, 'fota_statuses_dropped_total{reason="oversize"}') == 1
-            assert _metric(store, "fota_statuses_received_total") == 1
+            await body(center)
         finally:
             await center.stop()
     try:
         asyncio.run(asyncio.wait_for(scenario(), 60))
     finally:
-        dev.stop()
+        for dev in devices:
+            dev.stop()
+
+
+def test_refused_statuses_are_acknowledged_counted_and_not_stored(store, broker, tmp_path):
+    dev = add_device(store, broker, KEY, auto=False)
+
+    async def body(center):
+        infos = [dev.client.publish(dev.topic(P.STATUS), REFUSED[name], qos=1) for name in sorted(REFUSED)]
+        for info in infos:
+            info.wait_for_publish(5)
+        assert all(info.is_published() for info in infos)  # acknowledged: never redelivered
+        dev.status(None, "health", ok=True, uptime=5)
+        await until(lambda: _events(store, dev.id) == 1, what="the valid status stored")
+        await until(lambda: _metric(store, 'fota_statuses_dropped_total{reason="invalid"}') == len(REFUSED) - 1,
+                    what="refusals counted in /metrics")
+        assert center.refused == len(REFUSED)
+        assert _metric(store, 'fota_statuses_dropped_total{reason="oversize"}') == 1
+        assert _metric(store, "fota_statuses_received_total") == 1
+    with_center(store, broker, tmp_path, body, [dev])
     [event] = device_history(store, dev.id)
     assert event.state == "health" and event.payload == {"bytes": None, "total": None, "ok": True, "uptime": 5}
 
@@ -203,26 +225,18 @@ def test_a_nul_status_does_not_slow_other_devices(store, broker, tmp_path, caplo
     """On PostgreSQL a NUL failed every batch it was in, which then went one message at a time
     (a traceback each): now it is refused at parsing and the batches stay whole."""
     hostile, other = add_device(store, broker, KEY, auto=False), add_device(store, broker, KEY, auto=False)
-    hostile.start(), other.start()
 
-    async def scenario():
+    async def body(center):
+        for i in range(200):
+            other.status(None, "health", ok=True, uptime=i)
+            if i % 10 == 0:
+                hostile.status(None, "health", ok=False, reason="bad\u0000byte")
+        await until(lambda: _events(store, other.id) == 200, timeout=30, what="the other device's statuses")
+        assert center.refused == 20
+    with caplog.at_level(logging.WARNING, logger="fota.server.service"):
         # the other device sends faster than any real one: no rate limit in the way here
-        center = center_for(store, broker, tmp_path, status_limiter=StatusLimiter(rate=1000, burst=1000))
-        await center.start()
-        try:
-            for i in range(200):
-                other.status(None, "health", ok=True, uptime=i)
-                if i % 10 == 0:
-                    hostile.status(None, "health", ok=False, reason="bad\u0000byte")
-            await until(lambda: _events(store, other.id) == 200, timeout=30, what="the other device's statuses")
-            assert center.refused == 20
-        finally:
-            await center.stop()
-    try:
-        with caplog.at_level(logging.WARNING, logger="fota.server.service"):
-            asyncio.run(asyncio.wait_for(scenario(), 60))
-    finally:
-        hostile.stop(), other.stop()
+        with_center(store, broker, tmp_path, body, [hostile, other],
+                    status_limiter=StatusLimiter(rate=1000, burst=1000))
     assert not [r for r in caplog.records if "one by one" in r.getMessage() or "dropping" in r.getMessage()]
     assert _events(store, hostile.id) == 0
     # one line about the hostile device, not one per status
@@ -234,30 +248,20 @@ def test_rate_limit_drops_a_flood_but_not_a_job_transition(store, broker, tmp_pa
     dev = add_device(store, broker, KEY, auto=False)
     dep = create_deployment(store, rel, device_ids=[dev.id])
     job = dep.jobs[0].id
-    dev.start()
 
-    async def scenario():
-        center = center_for(store, broker, tmp_path, status_limiter=StatusLimiter(rate=1.0, burst=10))
-        await center.start()
-        try:
-            t0 = time.monotonic()
-            for i in range(100):
-                dev.status(None, "health", ok=True, uptime=i)
-            dev.status(job, "failed", code="E_TIMEOUT", reason="stalled")  # after the flood: still applied
-            await until(lambda: center.rate_limited + _events(store, dev.id) == 101, timeout=20,
-                        what="every status stored or limited")
-            elapsed = time.monotonic() - t0
-            await until(lambda: center.job_states(dep.id)[dev.id] == "failed", what="the job failed")
-            stored = _events(store, dev.id)
-            assert 11 <= stored <= 11 + elapsed + 1
-            await until(lambda: _metric(store, 'fota_statuses_dropped_total{reason="rate_limited"}')
-                        == center.rate_limited, what="rate-limited statuses counted in /metrics")
-        finally:
-            await center.stop()
-    try:
-        asyncio.run(asyncio.wait_for(scenario(), 60))
-    finally:
-        dev.stop()
+    async def body(center):
+        t0 = time.monotonic()
+        for i in range(100):
+            dev.status(None, "health", ok=True, uptime=i)
+        dev.status(job, "failed", code="E_TIMEOUT", reason="stalled")  # after the flood: still applied
+        await until(lambda: center.rate_limited + _events(store, dev.id) == 101, timeout=20,
+                    what="every status stored or limited")
+        elapsed = time.monotonic() - t0
+        await until(lambda: center.job_states(dep.id)[dev.id] == "failed", what="the job failed")
+        assert 11 <= _events(store, dev.id) <= 11 + elapsed + 1
+        await until(lambda: _metric(store, 'fota_statuses_dropped_total{reason="rate_limited"}')
+                    == center.rate_limited, what="rate-limited statuses counted in /metrics")
+    with_center(store, broker, tmp_path, body, [dev], status_limiter=StatusLimiter(rate=1.0, burst=10))
 
 
 # ---- retention ------------------------------------------------------------------------------------

@@ -185,7 +185,7 @@ class StatusLimiter:
     take no token.
     """
 
-    def __init__(self, rate: float = 2.0, burst: int = 60, transitions: int = 32,
+    def __init__(self, rate: float = 5.0, burst: int = 200, transitions: int = 32,
                  transition_rate: float = 0.2, last_jobs: int = 8):
         if rate <= 0 or burst < 1 or transitions < 0 or transition_rate < 0:
             raise ValueError("status rate limit: rate > 0, burst >= 1, transitions and transition_rate >= 0")
