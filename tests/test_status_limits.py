@@ -264,6 +264,48 @@ def test_rate_limit_drops_a_flood_but_not_a_job_transition(store, broker, tmp_pa
     with_center(store, broker, tmp_path, body, [dev], status_limiter=StatusLimiter(rate=1.0, burst=10))
 
 
+# ---- the managed broker's packet limit ------------------------------------------------------------
+
+def test_managed_broker_packet_limit_fits_the_largest_legitimate_packets(tmp_path):
+    """max_packet_size 16 KiB: a full chunk (8192 + 8 bytes) and a command of MAX_COMMAND_BYTES
+    on a 64-character device id's topics pass; a 20 KB status gets its sender disconnected."""
+    import threading
+
+    import paho.mqtt.client as mqtt
+
+    from fota.server.broker import MANAGED_MAX_PACKET, Mosquitto
+    device_id = "d" * 64
+    got, gone = [], threading.Event()
+    with Mosquitto(tmp_path / "mosquitto", auth=False, max_packet_size=MANAGED_MAX_PACKET) as broker:
+        def client(name):
+            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv5)
+            c.connect("127.0.0.1", broker.port)
+            c.loop_start()
+            return c
+        receiver = client("receiver")
+        receiver.on_message = lambda c, u, msg: got.append((msg.topic, len(msg.payload)))
+        receiver.subscribe("fota/#", qos=1)
+        time.sleep(0.3)
+        sender = client("sender")
+        sender.on_disconnect = lambda *args: gone.set()
+        for suffix, size in ((P.DATA, P.MAX_CHUNK_SIZE + P.CHUNK_HEADER_SIZE), (P.CMD, P.MAX_COMMAND_BYTES),
+                             (P.STATUS, P.MAX_STATUS_BYTES)):
+            sender.publish(P.topic(device_id, suffix), os.urandom(size), qos=1).wait_for_publish(5)
+        deadline = time.monotonic() + 5
+        while len(got) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sorted(got) == sorted([(P.topic(device_id, P.DATA), P.MAX_CHUNK_SIZE + P.CHUNK_HEADER_SIZE),
+                                      (P.topic(device_id, P.CMD), P.MAX_COMMAND_BYTES),
+                                      (P.topic(device_id, P.STATUS), P.MAX_STATUS_BYTES)])
+        sender.publish(P.topic(device_id, P.STATUS), b"x" * 20000, qos=1)
+        assert gone.wait(5)  # the broker closed the connection
+        time.sleep(0.3)
+        assert len(got) == 3
+        for c in (sender, receiver):
+            c.disconnect()
+            c.loop_stop()
+
+
 # ---- retention ------------------------------------------------------------------------------------
 
 def test_retention_keeps_what_campaigns_and_operators_need_and_bounds_the_rest(store, tmp_path):
