@@ -13,7 +13,6 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select, update
 
-from fota.device import core as C
 from fota.device import protocol as P
 from fota.server import counters, metrics
 from fota.server.deployments import create_deployment, device_history

@@ -81,6 +81,11 @@ DB_RETRY_DELAY = 1.0             # database unreachable: keep the batch, retry a
 ACK_OK = 0                       # MQTT 5 PUBACK reason code "success"
 DRAIN_QUIET = 1.0                # a dead worker's session is drained once quiet this long
 KEYS_INTERVAL = 1.0              # s between looks at the keyring's files (rotation, revocation)
+# MQTT 5 Maximum Packet Size the center announces in its CONNECT: the broker discards a larger
+# message instead of sending it (MQTT 5.0 §3.1.2.11.4), so a flood of huge statuses costs the
+# center nothing. What it receives is small: statuses (at most protocol.MAX_STATUS_BYTES, the
+# larger are refused and counted up to this size), inventories, chunk requests.
+MAX_PACKET = 16384
 
 
 def _is_int(value: Any) -> bool:
@@ -294,7 +299,7 @@ class ControlCenter:
         if self.ssl_context is not None and url.scheme != "mqtts":
             raise ValueError("an ssl_context needs an mqtts:// broker URL")
         client = MQTTClient(self.client_id, clean_session=False, optimistic_acknowledgement=False,
-                            session_expiry_interval=SESSION_EXPIRY)
+                            session_expiry_interval=SESSION_EXPIRY, maximum_packet_size=MAX_PACKET)
         if url.username:
             client.set_auth_credentials(unquote(url.username), unquote(url.password or ""))
         client.on_connect = self._on_connect
@@ -799,7 +804,7 @@ class ControlCenter:
                 state["last"] = loop.time()
 
         client = MQTTClient(dead, clean_session=False, optimistic_acknowledgement=False,
-                            session_expiry_interval=SESSION_EXPIRY)
+                            session_expiry_interval=SESSION_EXPIRY, maximum_packet_size=MAX_PACKET)
         if url.username:
             client.set_auth_credentials(unquote(url.username), unquote(url.password or ""))
         client.on_message = on_message
@@ -1019,7 +1024,7 @@ class ControlCenter:
                     if item.done is not None and not item.done.done():
                         item.done.set_result(None)
                 ok = True
-            if self._closing and (not ok or (not self._queue and not self._served)):
+            if self._closing and (not ok or (not self._queue and not self._served and not self._counts)):
                 return
 
     async def _flush(self, batch: list[Incoming], served: dict[int, int], counts: dict[str, int]) -> bool:

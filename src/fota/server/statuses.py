@@ -25,8 +25,7 @@ from fota.device import protocol
 __all__ = ["COLUMNS", "DropLog", "MAX_ID", "STATUS_STATES", "StatusLimiter", "StatusRefused", "parse_status",
            "stored_payload"]
 
-REJECTED = protocol.REJECTED
-STATUS_STATES = frozenset(protocol.STATES) | {REJECTED, protocol.KEYS_UPDATED, protocol.HEALTH}
+STATUS_STATES = frozenset(protocol.STATES) | {protocol.REJECTED, protocol.KEYS_UPDATED, protocol.HEALTH}
 MAX_ID = protocol.MAX_ID    # job ids, boot, seq, bytes and total are 32-bit integer columns
 MAX_UPTIME = 2**53 - 1      # milliseconds; the largest integer every JSON reader keeps exact
 MAX_VERSION = 64            # devices.version, status_events.version
