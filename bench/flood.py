@@ -1,24 +1,25 @@
 """Flood benchmark: one hostile device floods statuses while a simulated fleet updates.
 
     ./run bench flood [--devices 1000] [--hostile-statuses 20000] [--reason-kib 60] [--small-every 10]
-                      [--image-kib 16] [--db sqlite] [--max-packet 131072] [--timeout 900]
-                      [--out bench/results/flood.json]
+                      [--image-kib 16] [--db sqlite] [--max-packet 16384,131072] [--timeout 900]
+                      [--skip-baseline] [--out bench/results/flood.json]
 
-Two runs, each on a fresh Mosquitto, database and control center (in this process): a deployment
-of an --image-kib release to --devices simulated devices (fota.sim, one child process), once
-alone ("baseline") and once while a hostile device (its own broker account, a paho client in a
-child process) publishes --hostile-statuses QoS 1 statuses as fast as the broker takes them:
-every one with a --reason-kib reason except every --small-every-th, a valid small status (those
-meet the device's rate limit). Reported per run: database growth (file + WAL on SQLite,
-pg_database_size on PostgreSQL) from before the deployment to the end, the control center's RSS
-(this process) before, peak and after, the other devices' ingestion rate (their statuses stored
-per second of the deployment), the deployment's wall time, this process's CPU time (the center),
-and what became of the hostile device's statuses: not sent to the center by the broker (over the
-center's MQTT 5 Maximum Packet Size, 16 KiB), refused at parsing, rate-limited, stored.
+Runs, each on a fresh Mosquitto, database and control center (in this process): a deployment of
+an --image-kib release to --devices simulated devices (fota.sim, one child process), once alone
+("baseline") and then, for each --max-packet, while a hostile device (its own broker account; a
+raw MQTT connection in a child process) publishes --hostile-statuses QoS 1 statuses as fast as
+the broker reads them: every one with a --reason-kib reason except every --small-every-th, a
+valid small status (those meet the device's rate limit). Reported per run: database growth
+(file + WAL on SQLite, pg_database_size on PostgreSQL) from before the deployment to the end, the
+control center's RSS (this process) before, peak and after, and its CPU time, the other devices'
+ingestion rate (their statuses stored per second of the deployment), the deployment's wall time,
+and what became of the hostile device's statuses: not sent to the center (the broker discarded
+them: over the center's MQTT 5 Maximum Packet Size, 16 KiB, or over the broker's own limit, which
+also closes the connection), refused at parsing, rate-limited, stored.
 
-The broker takes packets up to --max-packet bytes (default 128 KiB: an external broker that
-lets the 60 KB statuses through, so the center's own limits are what is measured; `fota serve`'s
-managed broker takes 16 KiB, fota.server.broker.MANAGED_MAX_PACKET, and disconnects the flooder).
+--max-packet is the broker's max_packet_size: 16384 is `fota serve`'s managed broker
+(fota.server.broker.MANAGED_MAX_PACKET: the flooder is disconnected at each oversize packet);
+131072 an external broker that takes the 60 KB statuses and routes them.
 
 Targets: the hostile device adds under 5 MB to the database (flood growth - baseline growth),
 and the other devices' ingestion rate stays within 20 % of the baseline. A run whose jobs are
@@ -40,8 +41,9 @@ from sqlalchemy import func, select, text
 
 from bench._fleet import CenterThread
 from bench._report import print_table
-from bench.fleet import Broker, Child, _count, _database, _start_sim, _wait_all_done, log
+from bench.fleet import Broker, Child, _count, _database, _mqtt_string, _remaining, _start_sim, _wait_all_done, log
 from fota.device import protocol as P
+from fota.server.broker import MANAGED_MAX_PACKET
 from fota.server.deployments import create_deployment
 from fota.server.fleet import provision_device
 from fota.server.releases import create_release
@@ -112,72 +114,97 @@ def _settle(read, quiet: float = 1.0, timeout: float = 120.0) -> None:
 
 # ------------------------------------------------------------------------ the hostile device
 
+class _RawDevice:
+    """An MQTT 3.1.1 connection on a plain socket: QoS 1 PUBLISHes written without waiting for
+    their PUBACKs (TCP is the flow control), PUBACKs counted by a reader thread. A flooder does
+    not need a client library's care, and a broker that closes the connection (a packet over its
+    max_packet_size) just gets a new one."""
+
+    def __init__(self, host: str, port: int, password: str):
+        self.address, self.password = (host, port), password
+        self.acked = self.connects = 0
+        self.sock = None
+
+    def connect(self) -> None:
+        import socket
+        sock = socket.create_connection(self.address, timeout=10)
+        var = _mqtt_string(b"MQTT") + bytes([4, 0xC2]) + (0).to_bytes(2, "big")  # no keepalive
+        body = _mqtt_string(HOSTILE.encode()) + _mqtt_string(HOSTILE.encode()) + _mqtt_string(self.password.encode())
+        sock.sendall(b"\x10" + _remaining(len(var) + len(body)) + var + body)
+        connack = sock.recv(4)
+        if len(connack) != 4 or connack[3] != 0:
+            raise RuntimeError(f"hostile device refused: CONNACK {connack!r}")
+        sock.settimeout(None)
+        self.sock = sock
+        self.connects += 1
+        threading.Thread(target=self._read, args=(sock,), daemon=True).start()
+
+    def _read(self, sock) -> None:
+        pending = b""
+        while True:
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            pending += data
+            while len(pending) >= 2 and len(pending) >= 2 + pending[1]:  # PUBACK: 40 02 id id
+                self.acked += pending[0] == 0x40
+                pending = pending[2 + pending[1]:]
+
+    def publish(self, topic: bytes, payload: bytes, mid: int) -> None:
+        """Send a QoS 1 PUBLISH; a connection the broker closed is replaced (the message is lost)."""
+        packet = _mqtt_string(topic) + mid.to_bytes(2, "big") + payload
+        try:
+            self.sock.sendall(b"\x32" + _remaining(len(packet)) + packet)
+        except OSError:
+            self.sock.close()
+            self.connect()
+
+    def close(self) -> None:
+        try:
+            self.sock.sendall(b"\xe0\x00")
+            self.sock.close()
+        except OSError:
+            pass
+
+
 def hostile(config_path: str) -> None:
     """(child process) publish the flood as one device; print {"event": "done", ...}."""
-    import paho.mqtt.client as mqtt
     cfg = json.loads(Path(config_path).read_text())
     big = "x" * (cfg["reason_kib"] * 1024)
-    acked = disconnects = 0
-    connected = threading.Event()
-
-    def on_connect(client, userdata, flags, reason_code, properties):
-        if not reason_code.is_failure:
-            connected.set()
-
-    def on_disconnect(client, userdata, flags, reason_code, properties):
-        nonlocal disconnects
-        disconnects += 1
-        connected.clear()
-
-    def on_publish(client, userdata, mid, reason_code, properties):
-        nonlocal acked
-        acked += 1
-
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=HOSTILE)
-    client.username_pw_set(HOSTILE, cfg["password"])
-    client.max_inflight_messages_set(cfg["inflight"])
-    client.max_queued_messages_set(cfg["inflight"])
-    client.on_connect, client.on_disconnect, client.on_publish = on_connect, on_disconnect, on_publish
-    client.reconnect_delay_set(0.05, 0.5)
-    client.connect(cfg["host"], cfg["port"], keepalive=60)
-    client.loop_start()
-    connected.wait(10)
+    device = _RawDevice(cfg["host"], cfg["port"], cfg["password"])
+    device.connect()
     print(json.dumps({"event": "ready"}), flush=True)
     sys.stdin.readline()  # "go"
     t0 = time.monotonic()
-    sent = 0
-    topic = P.topic(HOSTILE, P.STATUS)
+    topic = P.topic(HOSTILE, P.STATUS).encode()
     # encoded once: the attacker's CPU is the bench machine's too
     head = {reason: json.dumps({"job": None, "state": P.HEALTH, "ok": True, "reason": reason, "uptime": 1,
                                 "version": "1.0.0", "boot": 1})[:-1].encode() + b', "seq": '
             for reason in ("flood", big)}
     for seq in range(1, cfg["statuses"] + 1):
         small = cfg["small_every"] and seq % cfg["small_every"] == 0
-        payload = head["flood" if small else big] + str(seq).encode() + b"}"
-        while True:
-            connected.wait()
-            info = client.publish(topic, payload, qos=1)
-            if info.rc == mqtt.MQTT_ERR_SUCCESS:
-                sent += 1
-                break
-            time.sleep(0.001)  # queue full (in flight) or disconnected: wait for PUBACKs
-    deadline = time.monotonic() + cfg["drain_s"]
-    while acked < sent and time.monotonic() < deadline:
-        time.sleep(0.05)
-    wall = time.monotonic() - t0
-    client.disconnect()
-    client.loop_stop()
-    print(json.dumps({"event": "done", "sent": sent, "acked": acked, "disconnects": disconnects,
-                      "wall_s": wall}), flush=True)
+        device.publish(topic, head["flood" if small else big] + str(seq).encode() + b"}", seq % 65535 + 1)
+    sent_s = time.monotonic() - t0
+    # the PUBACKs of what the broker took (it acknowledges on receipt, before routing)
+    last, deadline = -1, time.monotonic() + 10
+    while device.acked != last and time.monotonic() < deadline:
+        last = device.acked
+        time.sleep(0.5)
+    device.close()
+    print(json.dumps({"event": "done", "sent": cfg["statuses"], "acked": device.acked,
+                      "connections": device.connects, "wall_s": sent_s}), flush=True)
 
 
 # ------------------------------------------------------------------------------------- a run
 
-def run(mode: str, args, tmp: Path) -> dict:
-    broker = Broker(tmp / f"mosquitto-{mode}", max_packet_size=args.max_packet)
-    url, drop = _database(args.db, tmp / f"{mode}.db")
+def run(mode: str, args, tmp: Path, max_packet: int) -> dict:
+    broker = Broker(tmp / f"mosquitto-{mode}-{max_packet}", max_packet_size=max_packet)
+    url, drop = _database(args.db, tmp / f"{mode}-{max_packet}.db")
     store = Store(url)
-    keyring = Keyring(tmp / f"keys-{mode}")
+    keyring = Keyring(tmp / f"keys-{mode}-{max_packet}")
     keyring.init()
     signer = keyring.signer()
     center = sim = attacker = None
@@ -188,7 +215,7 @@ def run(mode: str, args, tmp: Path) -> dict:
         broker.add_users(passwords)
         center = CenterThread(store, broker.server_url, tmp / "blobs", chunk=args.chunk, window=args.window,
                               signer=signer, keys_update=keyring.keys_update()).start()
-        sim, ready = _start_sim(tmp / f"sim-{mode}", broker, keyring, passwords, store, args)
+        sim, ready = _start_sim(tmp / f"sim-{mode}-{max_packet}", broker, keyring, passwords, store, args)
         log(f"{mode}: {n} simulated devices connected in {ready['connect_s']:.1f}s")
         if mode == "flood":
             _, password = provision_device(store, HOSTILE, "sim")
@@ -196,8 +223,7 @@ def run(mode: str, args, tmp: Path) -> dict:
             cfg = tmp / "hostile.json"
             cfg.write_text(json.dumps({"host": broker.host, "port": broker.port, "password": password,
                                        "statuses": args.hostile_statuses, "reason_kib": args.reason_kib,
-                                       "small_every": args.small_every, "inflight": 100,
-                                       "drain_s": args.timeout}))
+                                       "small_every": args.small_every}))
             attacker = Child(["-m", "bench.flood", "_hostile", str(cfg)], tmp / "hostile.log")
             attacker.read_event(60)
         rel = create_release(store, tmp / "blobs", signer.key, os.urandom(args.image_kib * 1024), "2.0.0",
@@ -222,7 +248,8 @@ def run(mode: str, args, tmp: Path) -> dict:
         others = _statuses(store, False) - others0
         confirmed = _count(store, dep.id, ("confirmed",))
         result = {
-            "mode": mode, "devices": n, "db": args.db, "wall_s": wall, "confirmed": confirmed,
+            "mode": mode, "max_packet": max_packet, "devices": n, "db": args.db, "wall_s": wall,
+            "confirmed": confirmed,
             "others_statuses": others, "others_rate": others / wall if wall else None,
             "db_growth_mb": (db_bytes(store, url) - size0) / 1e6,
             "rss_mib": {"before": rss0, "peak": rss.peak, "after": rss_mib()},
@@ -265,21 +292,23 @@ def _f(value, fmt="{:.1f}") -> str:
     return "-" if value is None else fmt.format(value)
 
 
-def report(results: list[dict], verdict: dict | None) -> None:
-    rows = []
+def report(results: list[dict]) -> None:
+    rows, notes = [], []
     for r in results:
         h = r.get("hostile") or {}
-        rows.append([r["mode"], r["devices"], f"{r['confirmed']}/{r['devices']}", _f(r["wall_s"]),
+        rows.append([r["mode"] if r["mode"] == "baseline" else f"flood@{r['max_packet'] // 1024}KiB",
+                     r["devices"], f"{r['confirmed']}/{r['devices']}", _f(r["wall_s"]),
                      _f(r["others_rate"], "{:.0f}"), _f(r["db_growth_mb"], "{:.2f}"),
                      f"{r['rss_mib']['before']:.0f} / {r['rss_mib']['peak']:.0f} / {r['rss_mib']['after']:.0f}",
                      _f(r["center_cpu_s"]), h.get("sent", "-"), h.get("discarded", "-"), h.get("refused", "-"),
                      h.get("rate_limited", "-"), h.get("stored", "-")])
-    notes = []
-    if verdict is not None:
-        notes.append(f"hostile device's database growth: {verdict['hostile_growth_mb']:.2f} MB "
-                     f"(target < {TARGET_GROWTH_MB:g} MB): {'ok' if verdict['growth_ok'] else 'MISSED'}")
-        notes.append(f"other devices' ingestion rate: {_f(verdict['rate_ratio'], '{:.2f}')}x the baseline "
-                     f"(target >= {TARGET_RATE:g}x): {'ok' if verdict['rate_ok'] else 'MISSED'}")
+        verdict = r.get("verdict")
+        if verdict is not None:
+            notes.append(f"broker max {r['max_packet'] // 1024} KiB: hostile device's database growth "
+                         f"{verdict['hostile_growth_mb']:.2f} MB (target < {TARGET_GROWTH_MB:g} MB): "
+                         f"{'ok' if verdict['growth_ok'] else 'MISSED'}; other devices' ingestion rate "
+                         f"{_f(verdict['rate_ratio'], '{:.2f}')}x the baseline (target >= {TARGET_RATE:g}x): "
+                         f"{'ok' if verdict['rate_ok'] else 'MISSED'}")
     print_table("status flood: one hostile device while a fleet updates",
                 ["run", "devices", "confirmed", "wall s", "others' statuses/s", "DB growth MB",
                  "center RSS MiB (before/peak/after)", "center CPU s", "hostile sent", "not sent to center",
@@ -302,23 +331,28 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=2048)
     ap.add_argument("--window", type=int, default=8)
     ap.add_argument("--db", default="sqlite", choices=("sqlite", "postgres"))
-    ap.add_argument("--max-packet", type=int, default=128 * 1024, help="the broker's max_packet_size")
+    ap.add_argument("--max-packet", default=f"{MANAGED_MAX_PACKET},{128 * 1024}",
+                    help="the broker's max_packet_size, one flood run each (comma-separated)")
     ap.add_argument("--verify", default="cryptography", choices=("cryptography", "pure"))
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--skip-baseline", action="store_true", help="only the run with the hostile device")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
     raise_fd_limit()
+    packets = [int(v) for v in args.max_packet.split(",") if v]
+    runs = ([] if args.skip_baseline else [("baseline", packets[0])]) + [("flood", p) for p in packets]
     results = []
     with tuned(), tempfile.TemporaryDirectory(prefix="fota-flood-") as tmp:
-        for mode in (("flood",) if args.skip_baseline else ("baseline", "flood")):
-            results.append(run(mode, args, Path(tmp)))
+        for mode, max_packet in runs:
+            results.append(run(mode, args, Path(tmp), max_packet))
             log(f"{mode}: {json.dumps({k: v for k, v in results[-1].items() if k != 'sim'})}")
     base = next((r for r in results if r["mode"] == "baseline"), None)
-    verdict = verdicts(base, results[-1]) if base is not None else None
-    report(results, verdict)
+    for r in results:
+        if r["mode"] == "flood" and base is not None:
+            r["verdict"] = verdicts(base, r)
+    report(results)
     out = {"host": platform.node(), "python": platform.python_version(), "args": {k: str(v) for k, v in vars(args).items()},
-           "runs": results, "verdict": verdict, "ok": not any("error" in r for r in results)}
+           "runs": results, "ok": not any("error" in r for r in results)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
     print(f"JSON: {args.out}")

@@ -364,6 +364,33 @@ def test_retention_keeps_what_campaigns_and_operators_need_and_bounds_the_rest(s
     assert len(kept("d2")) == 12
 
 
+def test_the_control_center_prunes_periodically(store, broker, tmp_path):
+    dev = add_device(store, broker, KEY, auto=False)
+
+    async def body(center):
+        for i in range(10):
+            dev.status(None, "health", ok=True, uptime=i)
+        await until(lambda: center.pruned == 8 and _events(store, dev.id) == 2, timeout=20,
+                    what="the device's history cut to 2")
+        assert [e.seq for e in device_history(store, dev.id)] == [9, 10]
+    with_center(store, broker, tmp_path, body, [dev], retention=Retention(keep=2, days=None),
+                retention_interval=0.2)
+
+
+def test_retention_settings_of_a_home(tmp_path):
+    from fota.server.home import Home, HomeError
+    home = Home(tmp_path / "home")
+    assert home.retention() == Retention()  # the defaults
+    cfg = home.config()
+    home.save_config(dict(cfg, history_keep=50, history_days=None))
+    assert home.retention() == Retention(keep=50, days=None)
+    assert home.retention(keep=0, days=7) == Retention(keep=None, days=7)  # 0: no count limit
+    assert home.retention(keep=0, days=0) is None  # keep everything
+    home.save_config(dict(cfg, history_keep=-1))
+    with pytest.raises(HomeError, match="history_keep"):
+        home.retention()
+
+
 # ---- history pages --------------------------------------------------------------------------------
 
 def test_history_is_paginated(db_url, tmp_path):
