@@ -295,13 +295,13 @@ def _f(value, fmt="{:.1f}") -> str:
 def report(results: list[dict]) -> None:
     rows, notes = [], []
     for r in results:
-        h = r.get("hostile") or {}
+        h = r.get("hostile")
+        rss = r["rss_mib"]
         rows.append([r["mode"] if r["mode"] == "baseline" else f"flood@{r['max_packet'] // 1024}KiB",
-                     r["devices"], f"{r['confirmed']}/{r['devices']}", _f(r["wall_s"]),
-                     _f(r["others_rate"], "{:.0f}"), _f(r["db_growth_mb"], "{:.2f}"),
-                     f"{r['rss_mib']['before']:.0f} / {r['rss_mib']['peak']:.0f} / {r['rss_mib']['after']:.0f}",
-                     _f(r["center_cpu_s"]), h.get("sent", "-"), h.get("discarded", "-"), h.get("refused", "-"),
-                     h.get("rate_limited", "-"), h.get("stored", "-")])
+                     f"{r['confirmed']}/{r['devices']}", _f(r["wall_s"]), _f(r["others_rate"], "{:.0f}"),
+                     _f(r["db_growth_mb"], "{:.2f}"), f"{rss['before']:.0f}/{rss['peak']:.0f}/{rss['after']:.0f}",
+                     _f(r["center_cpu_s"]),
+                     "-" if h is None else f"{h['sent']}: {h['discarded']}/{h['refused']}/{h['rate_limited']}/{h['stored']}"])
         verdict = r.get("verdict")
         if verdict is not None:
             notes.append(f"broker max {r['max_packet'] // 1024} KiB: hostile device's database growth "
@@ -310,9 +310,8 @@ def report(results: list[dict]) -> None:
                          f"{_f(verdict['rate_ratio'], '{:.2f}')}x the baseline (target >= {TARGET_RATE:g}x): "
                          f"{'ok' if verdict['rate_ok'] else 'MISSED'}")
     print_table("status flood: one hostile device while a fleet updates",
-                ["run", "devices", "confirmed", "wall s", "others' statuses/s", "DB growth MB",
-                 "center RSS MiB (before/peak/after)", "center CPU s", "hostile sent", "not sent to center",
-                 "refused", "rate-limited", "stored"],
+                ["run", "confirmed", "wall s", "others' statuses/s", "DB growth MB", "center RSS MiB before/peak/after",
+                 "center CPU s", "hostile sent: not sent to center/refused/rate-limited/stored"],
                 rows, notes, left=("run",))
 
 
