@@ -1,7 +1,7 @@
 """Device statuses at the door: parsing with field limits, and a rate limit per device.
 
-A status (docs/protocol.md §6) is checked here before it is queued for the database, so one
-device cannot fill the disk, the memory or the batch writer with what it sends:
+A status (docs/protocol.md §6; its limits: §11) is checked here before it is queued for the
+database, so one device cannot fill the disk, the memory or the batch writer with what it sends:
 
 * ``parse_status`` refuses (``StatusRefused``) a payload over ``protocol.MAX_STATUS_BYTES``
   before decoding it, anything that is not a JSON object, NaN/Infinity, a NUL character or a
