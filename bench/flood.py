@@ -112,6 +112,14 @@ def _settle(read, quiet: float = 1.0, timeout: float = 120.0) -> None:
             last, since = now, time.monotonic()
 
 
+def _hostile_bytes(store: Store) -> int:
+    """Text the hostile device's stored statuses hold (reason and payload): its share of the
+    database without the noise of file and WAL sizes."""
+    with store.session() as s:
+        return int(s.scalar(text("SELECT COALESCE(SUM(LENGTH(COALESCE(reason, '')) + LENGTH(CAST(payload AS TEXT))), 0) "
+                                 "FROM status_events WHERE device_id = :d"), {"d": HOSTILE}) or 0)
+
+
 # ------------------------------------------------------------------------ the hostile device
 
 class _RawDevice:
@@ -258,7 +266,8 @@ def run(mode: str, args, tmp: Path, max_packet: int) -> dict:
         }
         if flood is not None:
             hostile = {**{k: v for k, v in flood.items() if k != "event"},
-                       "stored": _statuses(store, True), "refused": c.refused - c0[0],
+                       "stored": _statuses(store, True), "stored_bytes": _hostile_bytes(store),
+                       "refused": c.refused - c0[0],
                        "rate_limited": c.rate_limited - c0[1]}
             # discarded by the broker: over the center's MQTT 5 Maximum Packet Size (or the broker's)
             hostile["discarded"] = hostile["sent"] - hostile["stored"] - hostile["refused"] - hostile["rate_limited"]
