@@ -416,7 +416,9 @@ def test_history_is_paginated(db_url, tmp_path):
         assert [e["seq"] for e in r.json()["statuses"]] == [7, 6, 5, 4, 3]
         r = env.client.get(url, headers=read, params={"limit": 5, "order": "desc", "cursor": r.json()["next_cursor"]})
         assert [e["seq"] for e in r.json()["statuses"]] == [2, 1] and r.json()["next_cursor"] is None
-        for bad in ({"limit": 0}, {"limit": 1001}, {"cursor": 2**64}, {"order": "sideways"}):
+        assert env.client.get(url, headers=read, params={"cursor": 2**63 - 1}).json() == \
+            {"statuses": [], "next_cursor": None}  # the schema's largest cursor: no server error
+        for bad in ({"limit": 0}, {"limit": 1001}, {"cursor": 2**63}, {"cursor": -1}, {"order": "sideways"}):
             assert env.client.get(url, headers=read, params=bad).status_code == 422
         schema = env.client.get("/openapi.json").json()
         spec = schema["paths"][f"{API}/devices/{{device_id}}/history"]["get"]
