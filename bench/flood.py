@@ -2,17 +2,17 @@
 
     ./run bench flood [--devices 1000] [--hostile-statuses 20000] [--reason-kib 60] [--small-every 10]
                       [--image-kib 16] [--db sqlite] [--max-packet 16384,131072] [--timeout 900]
-                      [--skip-baseline] [--out bench/results/flood.json]
+                      [--repeat 3] [--skip-baseline] [--out bench/results/flood.json]
 
-Runs, each on a fresh Mosquitto, database and control center (in this process): a deployment of
+Runs (--repeat times each, interleaved; the table shows medians), each on a fresh Mosquitto, database and control center (in this process): a deployment of
 an --image-kib release to --devices simulated devices (fota.sim, one child process), once alone
 ("baseline") and then, for each --max-packet, while a hostile device (its own broker account; a
 raw MQTT connection in a child process) publishes --hostile-statuses QoS 1 statuses as fast as
 the broker reads them: every one with a --reason-kib reason except every --small-every-th, a
 valid small status (those meet the device's rate limit). Reported per run: database growth
 (file + WAL on SQLite, pg_database_size on PostgreSQL) from before the deployment to the end, the
-control center's RSS (this process) before, peak and after, and its CPU time, the other devices'
-ingestion rate (their statuses stored per second of the deployment), the deployment's wall time,
+control center's RSS (this process) at its peak and what a run left behind (after - before), its
+CPU time and Mosquitto's, the other devices' ingestion rate (their statuses stored per second of the deployment), the deployment's wall time,
 and what became of the hostile device's statuses: not sent to the center (the broker discarded
 them: over the center's MQTT 5 Maximum Packet Size, 16 KiB, or over the broker's own limit, which
 also closes the connection), refused at parsing, rate-limited, stored.
@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import threading
@@ -209,10 +210,11 @@ def hostile(config_path: str) -> None:
 # ------------------------------------------------------------------------------------- a run
 
 def run(mode: str, args, tmp: Path, max_packet: int) -> dict:
-    broker = Broker(tmp / f"mosquitto-{mode}-{max_packet}", max_packet_size=max_packet)
-    url, drop = _database(args.db, tmp / f"{mode}-{max_packet}.db")
+    tmp = Path(tempfile.mkdtemp(prefix=f"{mode}-{max_packet}-", dir=tmp))  # a directory per run
+    broker = Broker(tmp / "mosquitto", max_packet_size=max_packet)
+    url, drop = _database(args.db, tmp / "fota.db")
     store = Store(url)
-    keyring = Keyring(tmp / f"keys-{mode}-{max_packet}")
+    keyring = Keyring(tmp / "keys")
     keyring.init()
     signer = keyring.signer()
     center = sim = attacker = None
@@ -223,7 +225,7 @@ def run(mode: str, args, tmp: Path, max_packet: int) -> dict:
         broker.add_users(passwords)
         center = CenterThread(store, broker.server_url, tmp / "blobs", chunk=args.chunk, window=args.window,
                               signer=signer, keys_update=keyring.keys_update()).start()
-        sim, ready = _start_sim(tmp / f"sim-{mode}-{max_packet}", broker, keyring, passwords, store, args)
+        sim, ready = _start_sim(tmp / "sim", broker, keyring, passwords, store, args)
         log(f"{mode}: {n} simulated devices connected in {ready['connect_s']:.1f}s")
         if mode == "flood":
             _, password = provision_device(store, HOSTILE, "sim")
@@ -240,7 +242,7 @@ def run(mode: str, args, tmp: Path, max_packet: int) -> dict:
         time.sleep(1.0)  # the health reports of the connects stored
         size0, others0, rss0 = db_bytes(store, url), _statuses(store, False), rss_mib()
         c0 = (c.refused, c.rate_limited)
-        cpu0 = time.process_time()
+        cpu0, broker_cpu0 = time.process_time(), broker.cpu_s()
         with RssSampler() as rss:
             t0 = time.monotonic()
             if attacker is not None:
@@ -252,7 +254,7 @@ def run(mode: str, args, tmp: Path, max_packet: int) -> dict:
             flood = attacker.read_event(args.timeout) if attacker is not None else None
             if flood is not None:
                 _settle(lambda: (c.refused, c.rate_limited, _statuses(store, True)))
-        cpu = time.process_time() - cpu0
+        cpu, broker_cpu = time.process_time() - cpu0, broker.cpu_s() - broker_cpu0
         others = _statuses(store, False) - others0
         confirmed = _count(store, dep.id, ("confirmed",))
         result = {
@@ -261,7 +263,7 @@ def run(mode: str, args, tmp: Path, max_packet: int) -> dict:
             "others_statuses": others, "others_rate": others / wall if wall else None,
             "db_growth_mb": (db_bytes(store, url) - size0) / 1e6,
             "rss_mib": {"before": rss0, "peak": rss.peak, "after": rss_mib()},
-            "center_cpu_s": cpu,
+            "center_cpu_s": cpu, "broker_cpu_s": broker_cpu,
             "hostile": None,
         }
         if flood is not None:
@@ -289,28 +291,53 @@ def run(mode: str, args, tmp: Path, max_packet: int) -> dict:
         broker.stop()
 
 
-def verdicts(base: dict, flood: dict) -> dict:
-    growth = flood["db_growth_mb"] - base["db_growth_mb"]
-    ratio = (flood["others_rate"] / base["others_rate"]) if base.get("others_rate") and flood.get("others_rate") \
-        else None
-    return {"hostile_growth_mb": growth, "growth_ok": growth < TARGET_GROWTH_MB,
-            "rate_ratio": ratio, "rate_ok": ratio is not None and ratio >= TARGET_RATE}
+def _median(values):
+    values = sorted(v for v in values if v is not None)
+    return statistics.median(values) if values else None
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """One row per (mode, max_packet): medians over the repeats; the flood rows with their verdict
+    against the baseline's medians."""
+    rows = []
+    for key in dict.fromkeys((r["mode"], r["max_packet"]) for r in results):
+        runs = [r for r in results if (r["mode"], r["max_packet"]) == key]
+        row = {"mode": key[0], "max_packet": key[1], "repeats": len(runs),
+               "confirmed": min(r["confirmed"] for r in runs), "devices": runs[0]["devices"],
+               "rss_peak_mib": max(r["rss_mib"]["peak"] for r in runs),
+               # what a run left behind in the center: RSS after it - before it (the largest)
+               "rss_kept_mib": max(r["rss_mib"]["after"] - r["rss_mib"]["before"] for r in runs)}
+        for name in ("wall_s", "others_rate", "db_growth_mb", "center_cpu_s", "broker_cpu_s"):
+            row[name] = _median(r[name] for r in runs)
+        if runs[0]["hostile"] is not None:
+            row["hostile"] = {name: _median(r["hostile"][name] for r in runs)
+                              for name in ("sent", "discarded", "refused", "rate_limited", "stored", "stored_bytes")}
+        rows.append(row)
+    base = next((row for row in rows if row["mode"] == "baseline"), None)
+    for row in rows:
+        if row["mode"] == "flood" and base is not None:
+            growth = row["db_growth_mb"] - base["db_growth_mb"]
+            ratio = row["others_rate"] / base["others_rate"] if base["others_rate"] and row["others_rate"] else None
+            row["verdict"] = {"hostile_growth_mb": growth, "growth_ok": growth < TARGET_GROWTH_MB,
+                              "rate_ratio": ratio, "rate_ok": ratio is not None and ratio >= TARGET_RATE}
+    return rows
 
 
 def _f(value, fmt="{:.1f}") -> str:
     return "-" if value is None else fmt.format(value)
 
 
-def report(results: list[dict]) -> None:
-    rows, notes = [], []
-    for r in results:
+def report(rows: list[dict]) -> None:
+    table, notes = [], []
+    for r in rows:
         h = r.get("hostile")
-        rss = r["rss_mib"]
-        rows.append([r["mode"] if r["mode"] == "baseline" else f"flood@{r['max_packet'] // 1024}KiB",
-                     f"{r['confirmed']}/{r['devices']}", _f(r["wall_s"]), _f(r["others_rate"], "{:.0f}"),
-                     _f(r["db_growth_mb"], "{:.2f}"), f"{rss['before']:.0f}/{rss['peak']:.0f}/{rss['after']:.0f}",
-                     _f(r["center_cpu_s"]),
-                     "-" if h is None else f"{h['sent']}: {h['discarded']}/{h['refused']}/{h['rate_limited']}/{h['stored']}"])
+        table.append([r["mode"] if r["mode"] == "baseline" else f"flood@{r['max_packet'] // 1024}KiB",
+                      f"{r['confirmed']}/{r['devices']}", _f(r["wall_s"]), _f(r["others_rate"], "{:.0f}"),
+                      _f(r["db_growth_mb"], "{:.2f}"), f"{r['rss_peak_mib']:.0f} / {r['rss_kept_mib']:+.0f}",
+                      _f(r["center_cpu_s"]),
+                      _f(r["broker_cpu_s"]),
+                      "-" if h is None else "{sent:.0f}: {discarded:.0f}/{refused:.0f}/{rate_limited:.0f}/{stored:.0f}"
+                      .format(**h)])
         verdict = r.get("verdict")
         if verdict is not None:
             notes.append(f"broker max {r['max_packet'] // 1024} KiB: hostile device's database growth "
@@ -318,10 +345,11 @@ def report(results: list[dict]) -> None:
                          f"{'ok' if verdict['growth_ok'] else 'MISSED'}; other devices' ingestion rate "
                          f"{_f(verdict['rate_ratio'], '{:.2f}')}x the baseline (target >= {TARGET_RATE:g}x): "
                          f"{'ok' if verdict['rate_ok'] else 'MISSED'}")
-    print_table("status flood: one hostile device while a fleet updates",
-                ["run", "confirmed", "wall s", "others' statuses/s", "DB growth MB", "center RSS MiB before/peak/after",
-                 "center CPU s", "hostile sent: not sent to center/refused/rate-limited/stored"],
-                rows, notes, left=("run",))
+    repeats = max(r["repeats"] for r in rows)
+    print_table(f"status flood: one hostile device while a fleet updates (medians of {repeats} run(s))",
+                ["run", "confirmed", "wall s", "others' statuses/s", "DB growth MB", "center RSS MiB: peak / kept",
+                 "center CPU s", "broker CPU s", "hostile sent: not sent to center/refused/rate-limited/stored"],
+                table, notes, left=("run",))
 
 
 def main(argv=None) -> int:
@@ -344,23 +372,21 @@ def main(argv=None) -> int:
     ap.add_argument("--verify", default="cryptography", choices=("cryptography", "pure"))
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--skip-baseline", action="store_true", help="only the run with the hostile device")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each kind, interleaved (medians shown)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
     raise_fd_limit()
     packets = [int(v) for v in args.max_packet.split(",") if v]
-    runs = ([] if args.skip_baseline else [("baseline", packets[0])]) + [("flood", p) for p in packets]
+    runs = (([] if args.skip_baseline else [("baseline", packets[0])]) + [("flood", p) for p in packets]) * args.repeat
     results = []
     with tuned(), tempfile.TemporaryDirectory(prefix="fota-flood-") as tmp:
         for mode, max_packet in runs:
             results.append(run(mode, args, Path(tmp), max_packet))
             log(f"{mode}: {json.dumps({k: v for k, v in results[-1].items() if k != 'sim'})}")
-    base = next((r for r in results if r["mode"] == "baseline"), None)
-    for r in results:
-        if r["mode"] == "flood" and base is not None:
-            r["verdict"] = verdicts(base, r)
-    report(results)
+    summary = summarize(results)
+    report(summary)
     out = {"host": platform.node(), "python": platform.python_version(), "args": {k: str(v) for k, v in vars(args).items()},
-           "runs": results, "ok": not any("error" in r for r in results)}
+           "summary": summary, "runs": results, "ok": not any("error" in r for r in results)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
     print(f"JSON: {args.out}")
