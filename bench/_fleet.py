@@ -45,8 +45,9 @@ class Broker(BrokerAccounts):
     """An authenticated Mosquitto (password file + per-device ACL) in its own directory, with
     fota's generated config (which turns Nagle off: `set_tcp_nodelay true`)."""
 
-    def __init__(self, directory: Path, *, persistence: bool = False):
-        super().__init__(Mosquitto(Path(directory), auth=True, persistence=persistence).start(), HOST)
+    def __init__(self, directory: Path, *, persistence: bool = False, max_packet_size: int = 65536):
+        super().__init__(Mosquitto(Path(directory), auth=True, persistence=persistence,
+                                   max_packet_size=max_packet_size).start(), HOST)
         self.add_users({SERVER_USER: secrets.token_urlsafe(12)})
 
     def stop(self) -> None:

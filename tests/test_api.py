@@ -330,14 +330,13 @@ def test_history_shows_what_took_effect_and_marks_the_rest_on_request(env):
     with env.store.session() as s:
         write_batch(s, [status("dev-1", 1, "downloading"), status("dev-1", 2, "failed", code="E_TIMEOUT"),
                         status("dev-1", 3, "confirmed"), status("dev-2", 1, "confirmed")], {})
-    r = env.client.get(f"{API}/devices/dev-1/history", headers=bearer(env.reader))
-    assert [(e["state"], e["ignored"]) for e in r.json()] == [("downloading", None), ("failed", None)]
-    r = env.client.get(f"{API}/devices/dev-1/history", headers=bearer(env.reader), params={"ignored": "true"})
-    assert [(e["state"], e["ignored"]) for e in r.json()] == [("downloading", None), ("failed", None),
-                                                              ("confirmed", "job_ended")]
-    assert env.client.get(f"{API}/devices/dev-2/history", headers=bearer(env.reader)).json() == []
-    r = env.client.get(f"{API}/devices/dev-2/history", headers=bearer(env.reader), params={"ignored": "true"})
-    assert [(e["state"], e["ignored"]) for e in r.json()] == [("confirmed", "other_device")]
+    def history(device, **params):
+        r = env.client.get(f"{API}/devices/{device}/history", headers=bearer(env.reader), params=params)
+        return [(e["state"], e["ignored"]) for e in r.json()["statuses"]]
+    assert history("dev-1") == [("downloading", None), ("failed", None)]
+    assert history("dev-1", ignored="true") == [("downloading", None), ("failed", None), ("confirmed", "job_ended")]
+    assert history("dev-2") == []
+    assert history("dev-2", ignored="true") == [("confirmed", "other_device")]
 
 
 def test_action_and_audit_event_share_a_transaction(lite, monkeypatch):
@@ -476,8 +475,11 @@ def test_get_endpoints_with_read_token(env):
     assert "password_hash" not in r.json()
 
     r = env.client.get(f"{API}/devices/dev-1/history", headers=read)
-    assert [(e["state"], e["seq"], e["job_id"]) for e in r.json()] == [("downloading", 1, 1), ("installing", 2, 1)]
-    assert env.client.get(f"{API}/devices/dev-2/history", headers=read).json() == []
+    assert [(e["state"], e["seq"], e["job_id"]) for e in r.json()["statuses"]] == \
+        [("downloading", 1, 1), ("installing", 2, 1)]
+    assert r.json()["next_cursor"] is None
+    assert env.client.get(f"{API}/devices/dev-2/history", headers=read).json() == {"statuses": [],
+                                                                                  "next_cursor": None}
 
     r = env.client.get(f"{API}/releases", headers=read)
     assert [x["version"] for x in r.json()] == ["1.0.0"] and "blob_path" not in r.json()[0]

@@ -14,7 +14,7 @@ from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 from fota.device import protocol as P
-from fota.server.home import Home
+from fota.server.home import Home, HomeError
 from fota.tools.supervisor import DEFAULT_HEAP
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -374,16 +374,30 @@ def status(deployment: Optional[int] = typer.Option(None, "--deployment", help="
 
 @app.command("history")
 def history(device_id: str,
+            limit: int = typer.Option(50, "--limit", min=1, max=1000, help="statuses per page"),
+            cursor: Optional[int] = typer.Option(None, "--cursor", min=0,
+                                                 help="continue after a page (the cursor it printed)"),
+            newest: bool = typer.Option(False, "--newest", help="newest first"),
+            all_pages: bool = typer.Option(False, "--all", help="every page, one after the other"),
             ignored: bool = typer.Option(False, "--ignored",
                                          help="also the statuses that did not take effect (column 'ignored' says why)"),
             home: Optional[Path] = HomeOpt):
-    """The statuses a device reported that took effect, in order."""
-    from fota.server.deployments import device_history
+    """A device's statuses that took effect, in the order stored, a page at a time (those the
+    retention keeps)."""
+    from fota.server.deployments import history_page
+    store = _store(Home.locate(home))
     t = Table("received", "job", "state", "code", "reason", "version", *(["ignored"] if ignored else []))
-    for e in device_history(_store(Home.locate(home)), device_id, include_ignored=ignored):
-        t.add_row(e.received_at.strftime("%H:%M:%S.%f")[:-3], str(e.job_id or ""), e.state, e.code or "",
-                  (e.reason or "")[:60], e.version or "", *([e.ignored or ""] if ignored else []))
+    while True:
+        rows, cursor = history_page(store, device_id, limit, cursor, newest_first=newest, include_ignored=ignored)
+        for e in rows:
+            t.add_row(e.received_at.strftime("%H:%M:%S.%f")[:-3], str(e.job_id or ""), e.state, e.code or "",
+                      (e.reason or "")[:60], e.version or "", *([e.ignored or ""] if ignored else []))
+        if cursor is None or not all_pages:
+            break
     console.print(t)
+    if cursor is not None:
+        console.print(f"more: fota history {device_id} --cursor {cursor}" + (" --newest" if newest else "")
+                      + (f" --limit {limit}" if limit != 50 else ""))
 
 
 # ---- API tokens ------------------------------------------------------------------------------------
@@ -479,10 +493,24 @@ def broker_tls_init(home: Optional[Path] = HomeOpt,
                   "broker.cadata in their config.json (docs/architecture.md, TLS)")
 
 
+HistoryKeepOpt = typer.Option(None, "--history-keep", min=0,
+                              help="statuses kept per device beyond those campaigns and operators need "
+                                   "(0: no count limit; default: config.json history_keep, else 200)")
+HistoryDaysOpt = typer.Option(None, "--history-days", min=0,
+                              help="days such statuses are kept (0: no age limit; default: config.json "
+                                   "history_days, else 90)")
+
+
+def _retention_args(keep: Optional[int], days: Optional[float]) -> list[str]:
+    return ([f"--history-keep={keep}"] if keep is not None else []) + \
+        ([f"--history-days={days}"] if days is not None else [])
+
+
 @app.command("serve")
 def serve(home: Optional[Path] = HomeOpt,
           workers: int = typer.Option(1, "--workers", min=1,
-                                      help="worker processes sharing the work (PostgreSQL only for more than 1)")):
+                                      help="worker processes sharing the work (PostgreSQL only for more than 1)"),
+          history_keep: Optional[int] = HistoryKeepOpt, history_days: Optional[float] = HistoryDaysOpt):
     """Run the control center (and its own Mosquitto unless a broker URL is configured).
 
     On PostgreSQL it runs as --workers processes ('fota worker') sharing MQTT v5 shared
@@ -493,17 +521,18 @@ def serve(home: Optional[Path] = HomeOpt,
         _fail(f"no keys in {h.keys}: run 'fota keys init' first (commands to devices are signed)")
     broker = 'managed' if h.managed_broker else h.broker_url
     try:
+        retention = h.retention(history_keep, history_days)  # refuses a bad config.json before starting
         if is_sqlite(h.database_url):
             if workers > 1:
                 _fail("SQLite supports one control-center worker: set database_url to a PostgreSQL URL "
                       "for --workers > 1 (docs/operations.md)")
             with sqlite_single_lock(h):
                 console.print(f"control center on {h.path}; broker {broker}")
-                asyncio.run(run_control_center(h))
+                asyncio.run(run_control_center(h, retention=retention))
         else:
             console.print(f"control center on {h.path}: {workers} worker(s), PostgreSQL; broker {broker}")
-            supervise_workers(h, workers)
-    except ServeError as e:
+            supervise_workers(h, workers, worker_args=_retention_args(history_keep, history_days))
+    except (ServeError, HomeError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         pass
@@ -512,7 +541,8 @@ def serve(home: Optional[Path] = HomeOpt,
 @app.command("worker")
 def worker(home: Optional[Path] = HomeOpt,
            lease: float = typer.Option(10.0, "--lease", min=1.0,
-                                       help="seconds without a heartbeat after which a worker counts as dead")):
+                                       help="seconds without a heartbeat after which a worker counts as dead"),
+           history_keep: Optional[int] = HistoryKeepOpt, history_days: Optional[float] = HistoryDaysOpt):
     """Run one control-center worker (PostgreSQL; no managed broker): 'fota serve --workers N'
     starts these, or start them yourself on several hosts against one database and broker."""
     from fota.server.app import EXIT_FENCED, is_sqlite, run_worker
@@ -524,8 +554,8 @@ def worker(home: Optional[Path] = HomeOpt,
     if is_sqlite(h.database_url):
         err.print("[yellow]warning:[/yellow] a worker on SQLite: only one may run (use PostgreSQL for several)")
     try:
-        code = asyncio.run(run_worker(h, lease))
-    except SingleWorkerError as e:
+        code = asyncio.run(run_worker(h, lease, retention=h.retention(history_keep, history_days)))
+    except (SingleWorkerError, HomeError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         code = 0

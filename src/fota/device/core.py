@@ -320,6 +320,10 @@ class UpdateCore:
         return msg
 
     def _publish_status(self, msg):
+        reason = msg.get("reason")
+        if reason is not None and len(reason) > P.MAX_REASON:
+            # An app's exception text can be any length; the center refuses a longer reason.
+            msg["reason"] = reason[:P.MAX_REASON]
         return (A_PUBLISH, P.STATUS, json.dumps(msg), 1, False)
 
     def inventory(self, extra=None):

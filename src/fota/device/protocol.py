@@ -18,6 +18,8 @@ CHUNK_HEADER = ">II"
 CHUNK_HEADER_SIZE = 8
 
 MAX_COMMAND_BYTES = 8192     # a larger command is refused with E_OVERSIZE
+MAX_STATUS_BYTES = 4096      # the control center drops a larger status (docs/protocol.md §11)
+MAX_REASON = 512             # characters of a status's reason; the device cuts a longer one
 DEFAULT_MAX_INFLIGHT = 16384  # bytes of chunks a device lets be in flight (config max_inflight)
 MIN_CHUNK_SIZE = 64          # smallest chunk size a command or a chunk request may use
 MAX_CHUNK_SIZE = 8192        # largest chunk a device may ask for

@@ -58,13 +58,15 @@ from fota.server.campaigns import (
     start_campaign,
 )
 from fota.server.deployments import (
+    HISTORY_LIMIT,
+    HISTORY_MAX_LIMIT,
     DeploymentError,
     DeploymentNotFound,
     DeploymentStateError,
     cancel_deployment,
     create_deployment,
     deployment_summary,
-    device_history,
+    history_page,
 )
 from fota.server.fleet import FleetError, get_device, list_devices
 from fota.server.releases import (IMAGE_SUFFIXES, KINDS, ReleaseError, check_release_key, create_release, get_release,
@@ -133,6 +135,12 @@ class StatusEventOut(_Out):
     ignored: str | None = Field(None, description="null: the status took effect (rejected, keys and health "
                                                   "statuses: it happened); otherwise why it did not: "
                                                   "other_device, no_such_job, job_ended")
+
+
+class HistoryPageOut(BaseModel):
+    statuses: list[StatusEventOut] = Field(description="at most `limit` statuses, in the order asked for")
+    next_cursor: int | None = Field(description="pass it as `cursor` (same `order`) for the next page; "
+                                                "null: this is the last page")
 
 
 class ReleaseOut(_Out):
@@ -454,15 +462,25 @@ def _router() -> APIRouter:
         with _service_errors(404):
             return get_device(store, device_id)
 
-    @router.get("/devices/{device_id}/history", response_model=list[StatusEventOut], tags=["devices"],
+    @router.get("/devices/{device_id}/history", response_model=HistoryPageOut, tags=["devices"],
                 responses={404: {"model": ErrorOut}})
     def history(device_id: DeviceIdPath, store: StoreDep,
+                limit: Annotated[int, Query(ge=1, le=HISTORY_MAX_LIMIT,
+                                            description="statuses per page")] = HISTORY_LIMIT,
+                # int, not int | None: a query parameter is absent or a number (no null in the schema)
+                cursor: Annotated[int, Query(ge=0, le=2**63 - 1,
+                                             description="`next_cursor` of the previous page")] = None,
+                order: Annotated[Literal["asc", "desc"], Query(description="asc: oldest first; desc: newest "
+                                                                            "first")] = "asc",
                 ignored: Annotated[bool, Query(description="also the statuses that did not take effect "
                                                            "(marked with why)")] = False):
-        """The statuses the device reported that took effect, in the order received."""
+        """The statuses the device reported that took effect (those the retention policy keeps), a
+        page at a time in the order stored; `next_cursor` gets the next page."""
         with _service_errors(404):
             get_device(store, device_id)
-        return device_history(store, device_id, include_ignored=ignored)
+        rows, next_cursor = history_page(store, device_id, limit, cursor, newest_first=order == "desc",
+                                         include_ignored=ignored)
+        return {"statuses": rows, "next_cursor": next_cursor}
 
     @router.get("/releases", response_model=list[ReleaseOut], tags=["releases"])
     def releases(store: StoreDep):

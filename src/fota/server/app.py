@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from fota.server.broker import Mosquitto
+from fota.server.broker import MANAGED_MAX_PACKET, Mosquitto
 from fota.server.home import Home
 from fota.tools.gctune import tune_for_throughput
 from fota.tools.private import private_dir
@@ -79,7 +79,8 @@ def managed_broker(home: Home, store) -> Mosquitto:
     home.sync_broker_passwords(store)
     cfg = home.config()
     return start_broker(Mosquitto(home.broker_dir, port=cfg["broker_port"], service_port=cfg["broker_service_port"],
-                                  auth=True, persistence=True, tls=home.tls_files()), home, store)
+                                  auth=True, persistence=True, tls=home.tls_files(),
+                                  max_packet_size=MANAGED_MAX_PACKET), home, store)
 
 
 @contextlib.asynccontextmanager
@@ -114,18 +115,18 @@ async def control_center(home: Home, manage_broker: bool = True, **settings):
         store.dispose()
 
 
-async def run_control_center(home: Home) -> None:
+async def run_control_center(home: Home, **settings) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    async with control_center(home):
+    async with control_center(home, **settings):
         tune_for_throughput()  # started: what exists now lives as long as the process
         await stop.wait()
 
 
-async def run_worker(home: Home, lease: float = 10.0) -> int:
+async def run_worker(home: Home, lease: float = 10.0, **settings) -> int:
     """One worker of several (PostgreSQL): until SIGTERM (0) or declared dead by the others
     (EXIT_FENCED: its supervisor starts a fresh one)."""
     stop = asyncio.Event()
@@ -133,7 +134,8 @@ async def run_worker(home: Home, lease: float = 10.0) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    async with control_center(home, manage_broker=False, share_group=SHARE_GROUP, lease=lease) as center:
+    async with control_center(home, manage_broker=False, share_group=SHARE_GROUP, lease=lease,
+                              **settings) as center:
         log.info("worker %s running", center.client_id)
         tune_for_throughput()
         lost = asyncio.create_task(center.lost.wait())
@@ -144,11 +146,11 @@ async def run_worker(home: Home, lease: float = 10.0) -> int:
         return EXIT_FENCED if center.lost.is_set() else 0
 
 
-def worker_command(home: Home) -> list[str]:
-    return [sys.executable, "-m", "fota.cli", "worker", "--home", str(home.path)]
+def worker_command(home: Home, extra: list[str] = ()) -> list[str]:
+    return [sys.executable, "-m", "fota.cli", "worker", "--home", str(home.path), *extra]
 
 
-def supervise_workers(home: Home, n: int, stop_after: float | None = None) -> None:
+def supervise_workers(home: Home, n: int, stop_after: float | None = None, worker_args: list[str] = ()) -> None:
     """`fota serve --workers n` on PostgreSQL: the managed broker (if any) and n worker
     processes, each restarted when it exits, until SIGINT/SIGTERM."""
     if is_sqlite(home.database_url) and n > 1:
@@ -170,7 +172,7 @@ def supervise_workers(home: Home, n: int, stop_after: float | None = None) -> No
                     log.warning("worker %d exited with %s: starting a new one", i + 1, proc.returncode)
                     procs[i], restart_at[i] = None, time.monotonic() + RESTART_DELAY
                 if procs[i] is None and time.monotonic() >= restart_at[i]:
-                    procs[i] = subprocess.Popen(worker_command(home), env=_worker_env())
+                    procs[i] = subprocess.Popen(worker_command(home, list(worker_args)), env=_worker_env())
             if broker is not None and (broker.proc is None or broker.proc.poll() is not None):
                 log.warning("managed Mosquitto exited: restarting it")
                 with contextlib.suppress(Exception):

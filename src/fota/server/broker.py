@@ -102,6 +102,14 @@ def write_broker_passwords(directory: Path, hashes: dict[str, str]) -> None:
 # save as soon as the control center subscribed (Mosquitto.save), so its session is on disk at once.
 AUTOSAVE_INTERVAL = 1
 
+# The largest MQTT packet the managed broker (`fota serve`) takes from any client; a client that
+# sends a larger one is disconnected. The largest legitimate packets are the center's chunks
+# (8192 + 8 bytes of payload plus topic and header) and commands (at most 8192 bytes, key
+# updates included); a device's status is at most protocol.MAX_STATUS_BYTES (4096), its inventory
+# a few hundred bytes. Defence in depth only: the control center enforces its own limits on any
+# broker. Mosquitto's class default stays 65536 (tests send oversize commands to devices).
+MANAGED_MAX_PACKET = 16384
+
 
 def write_config(directory: Path, port: int, *, service_port: int | None = None, auth: bool = True,
                  persistence: bool = False, max_packet_size: int = 65536, tls: TlsFiles | None = None,
@@ -165,8 +173,10 @@ class Mosquitto:
     127.0.0.1:service_port (the same port without auth); TLS only if tls is given."""
 
     def __init__(self, directory: Path, port: int | None = None, *, service_port: int | None = None,
-                 auth: bool = True, persistence: bool = False, tls: TlsFiles | None = None):
+                 auth: bool = True, persistence: bool = False, tls: TlsFiles | None = None,
+                 max_packet_size: int = 65536):
         self.directory = Path(directory)
+        self.max_packet_size = max_packet_size
         self.port = port or free_port()
         self.service_port = (service_port or free_port(besides=self.port)) if auth else self.port
         self.auth = auth
@@ -180,7 +190,7 @@ class Mosquitto:
 
     def start(self, timeout: float = 10.0) -> "Mosquitto":
         conf = write_config(self.directory, self.port, service_port=self.service_port, auth=self.auth,
-                            persistence=self.persistence, tls=self.tls)
+                            persistence=self.persistence, tls=self.tls, max_packet_size=self.max_packet_size)
         self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout

@@ -16,10 +16,10 @@ from fota.server.releases import get_release
 from fota.server.store import Deployment, Device, Job, Release, StatusEvent, Store, utcnow
 from fota.server.store.inlists import chunks
 
-__all__ = ["ACTIVE", "CANCEL", "CANCELLED", "DONE", "FINAL_STATES", "PENDING", "SENT", "TERMINAL_STATES",
-           "TIMED_OUT", "UPDATE", "DeploymentError", "DeploymentNotFound", "DeploymentStateError",
-           "cancel_deployment", "create_deployment", "deployment_summary", "device_history", "expire_jobs",
-           "list_deployments"]
+__all__ = ["ACTIVE", "CANCEL", "CANCELLED", "DONE", "FINAL_STATES", "HISTORY_LIMIT", "HISTORY_MAX_LIMIT", "PENDING",
+           "SENT", "TERMINAL_STATES", "TIMED_OUT", "UPDATE", "DeploymentError", "DeploymentNotFound",
+           "DeploymentStateError", "cancel_deployment", "create_deployment", "deployment_summary", "device_history",
+           "expire_jobs", "history_page", "list_deployments"]
 
 # Job states on the server side: 'pending' (not yet sent), 'sent', then the device's states,
 # or 'timed_out' (set by the control center: no final status within the deployment's timeout).
@@ -242,6 +242,32 @@ def deployment_summary(store: Store, deployment_id: int) -> dict[str, Any]:
             "progress": sum(j["progress"] or 0.0 for j in jobs) / len(jobs) if jobs else 1.0,
             "jobs": jobs,
         }
+
+
+HISTORY_LIMIT = 100       # statuses per page by default
+HISTORY_MAX_LIMIT = 1000  # and at most
+
+
+def history_page(store: Store, device_id: str, limit: int = HISTORY_LIMIT, cursor: int | None = None,
+                 newest_first: bool = False, include_ignored: bool = False) -> tuple[list[StatusEvent], int | None]:
+    """One page of a device's statuses that took effect (include_ignored: all of them, see
+    device_history) in the order they were stored (status ids), oldest first or newest first,
+    and the cursor of the next page (None: this is the last one).
+
+    cursor: the ``next`` of the previous page (a status id; the page starts after it)."""
+    if not 1 <= limit <= HISTORY_MAX_LIMIT:
+        raise DeploymentError(f"limit must be 1..{HISTORY_MAX_LIMIT}")
+    query = select(StatusEvent).where(StatusEvent.device_id == device_id)
+    if not include_ignored:
+        query = query.where(StatusEvent.ignored.is_(None))
+    if cursor is not None:
+        query = query.where(StatusEvent.id < cursor if newest_first else StatusEvent.id > cursor)
+    query = query.order_by(StatusEvent.id.desc() if newest_first else StatusEvent.id).limit(limit + 1)
+    with store.session() as s:
+        rows = list(s.scalars(query))
+    if len(rows) > limit:
+        return rows[:limit], rows[limit - 1].id
+    return rows, None
 
 
 def device_history(store: Store, device_id: str, include_ignored: bool = False) -> list[StatusEvent]:

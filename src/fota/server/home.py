@@ -160,6 +160,19 @@ class Home:
         os.close(os.open(lock, os.O_WRONLY | os.O_CREAT, 0o600))  # private whatever the umask
         return lock
 
+    def retention(self, keep: int | None = None, days: float | None = None):
+        """The status history retention (fota.server.retention) from config.json's history_keep
+        and history_days (absent: the defaults; 0 or null: no such limit), keep/days overriding."""
+        from fota.server.retention import DEFAULT_DAYS, DEFAULT_KEEP, retention_policy
+        cfg = self.config()
+        keep = keep if keep is not None else cfg.get("history_keep", DEFAULT_KEEP)
+        days = days if days is not None else cfg.get("history_days", DEFAULT_DAYS)
+        if (keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 0)) or \
+                (days is not None and (not isinstance(days, (int, float)) or isinstance(days, bool) or days < 0)):
+            raise HomeError(f"{self.config_path}: history_keep must be an integer >= 0 and history_days "
+                            "a number >= 0 (0 or null: no limit)")
+        return retention_policy(keep, days)
+
     def save_config(self, cfg: dict) -> None:
         private_dir(self.path)
         write_private(self.config_path, json.dumps(cfg, indent=1))

@@ -44,6 +44,7 @@ from fota.device import protocol
 from fota.server import expiry, fleet
 from fota.server.deployments import TERMINAL_STATES
 from fota.server.ingest_sql import SEQ_SPAN, statements_for
+from fota.server.statuses import stored_payload
 from fota.server.store import utcnow
 
 __all__ = ["IGNORED_WHY", "JOB_ENDING_REFUSALS", "REJECTED", "BatchResult", "Incoming", "write_batch"]
@@ -208,8 +209,9 @@ def _apply_status(item: Incoming, result: BatchResult, events: list[dict[str, An
     epoch = msg.get("epoch") or 0
     event = {"device_id": device_id, "job_id": msg.get("job"), "state": msg["state"], "code": code,
              "reason": msg.get("reason"), "progress": progress, "version": version, "epoch": epoch,
-             "boot": msg["boot"], "seq": msg["seq"], "payload": msg, "received_at": item.received_at,
-             "ignored": None}
+             "boot": msg["boot"], "seq": msg["seq"],
+             "payload": stored_payload(msg),  # a reason, a version ... once: in their columns
+             "received_at": item.received_at, "ignored": None}
     events.append(event)
     result.stored += 1
     device = device_changes.setdefault(device_id, {})

@@ -3,7 +3,9 @@
 Everything comes from the shared database, so one scrape of any API process shows the whole
 fleet, however many control-center workers write to it. Counters are totals (take
 ``rate()`` in Prometheus for per-second figures): ``fota_statuses_received_total`` is the
-ingestion rate, ``fota_chunk_bytes_served_total`` the chunk bytes served.
+ingestion rate (statuses stored, those the retention deleted since included, so it never goes
+down), ``fota_statuses_dropped_total{reason}`` the statuses not stored (refused at parsing,
+over a device's rate limit), ``fota_chunk_bytes_served_total`` the chunk bytes served.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from sqlalchemy import func, select
 
+from fota.server import counters
 from fota.server.campaigns import states as S
 from fota.server.deployments import UPDATE
 from fota.server.store import Campaign, CampaignDevice, Device, Job, StatusEvent, Store
@@ -72,10 +75,25 @@ class FleetCollector:
                 progress.add_metric([c.name], succeeded.get(cid, 0) / total if total else 0.0)
             yield progress
 
+            ingest = counters.totals(s)
             statuses = CounterMetricFamily("fota_statuses_received",
-                                           "Device statuses stored (rate() of it: the ingestion rate)")
-            statuses.add_metric([], s.scalar(select(func.count()).select_from(StatusEvent)) or 0)
+                                           "Device statuses stored, pruned ones included (rate() of it: "
+                                           "the ingestion rate)")
+            stored = s.scalar(select(func.count()).select_from(StatusEvent)) or 0
+            statuses.add_metric([], stored + ingest.get(counters.PRUNED, 0))
             yield statuses
+            dropped = CounterMetricFamily("fota_statuses_dropped",
+                                          "Device statuses acknowledged but not stored: refused at parsing "
+                                          "(oversize, invalid) or over the device's rate limit (rate_limited)",
+                                          labels=["reason"])
+            for reason, name in (("oversize", counters.OVERSIZE), ("invalid", counters.INVALID),
+                                 ("rate_limited", counters.RATE_LIMITED)):
+                dropped.add_metric([reason], ingest.get(name, 0))
+            yield dropped
+            pruned = CounterMetricFamily("fota_statuses_pruned",
+                                         "Statuses deleted by the status history retention policy")
+            pruned.add_metric([], ingest.get(counters.PRUNED, 0))
+            yield pruned
             served = CounterMetricFamily("fota_chunk_bytes_served", "Chunk payload bytes served to devices")
             served.add_metric([], s.scalar(select(func.coalesce(func.sum(Job.bytes_served), 0))) or 0)
             yield served

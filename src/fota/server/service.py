@@ -31,7 +31,7 @@ import json
 import logging
 import ssl
 import struct
-from collections import defaultdict
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -47,7 +47,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, aliased
 
 from fota.device import protocol
-from fota.server import workers
+from fota.server import counters, workers
 from fota.server.broker import LEGACY_CENTER_ID
 from fota.server.campaigns import CampaignEngine
 from fota.server.delta import DEFAULT_WBITS, get_delta, load_delta
@@ -55,6 +55,9 @@ from fota.server.deployments import ACTIVE, CANCEL, DONE, PENDING, SENT, TERMINA
 from fota.server.ingest import REJECTED, BatchResult, Incoming, write_batch
 from fota.server.releases import ReleaseError, read_blob, update_command, wrap_release_key
 from fota.server.kek import Kek
+from fota.server.retention import DEFAULT_INTERVAL as RETENTION_INTERVAL
+from fota.server.retention import Retention, prune, sweep_devices
+from fota.server.statuses import MAX_ID, OVERSIZE, DropLog, StatusLimiter, StatusRefused, parse_status
 from fota.tools.keyring import COMMAND_TTL, Keyring, Signer
 from fota.tools.signing import SigningError
 from fota.server.store import Deployment, Device, Job, Release, Store, utcnow
@@ -75,43 +78,21 @@ SEND_BATCH = 500                 # pending jobs claimed per sender pass
 CACHE_REFRESH_INTERVAL = 5.0     # re-read states of cached jobs changed outside this process
 EXPIRE_INTERVAL = 1.0            # how often deployment timeouts are checked
 DB_RETRY_DELAY = 1.0             # database unreachable: keep the batch, retry after this
-STATUS_STATES = frozenset(protocol.STATES) | {REJECTED, protocol.KEYS_UPDATED, protocol.HEALTH}
 ACK_OK = 0                       # MQTT 5 PUBACK reason code "success"
-MAX_ID = protocol.MAX_ID         # job ids, boot and seq are 32-bit integer columns
 DRAIN_QUIET = 1.0                # a dead worker's session is drained once quiet this long
 KEYS_INTERVAL = 1.0              # s between looks at the keyring's files (rotation, revocation)
+# MQTT 5 Maximum Packet Size the center announces in its CONNECT: the broker discards a larger
+# message instead of sending it (MQTT 5.0 §3.1.2.11.4), so a flood of huge statuses costs the
+# center nothing. What it receives is small: statuses (at most protocol.MAX_STATUS_BYTES, the
+# larger are refused and counted up to this size), inventories, chunk requests.
+MAX_PACKET = 16384
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _opt(value: Any, kind: type | tuple[type, ...]) -> bool:
-    return value is None or (isinstance(value, kind) and not isinstance(value, bool))
-
-
 # ---------------------------------------------------------------- message parsing
-
-def parse_status(payload: bytes) -> dict[str, Any]:
-    """A status message (§6) as a dict; ValueError with the reason if malformed."""
-    msg = json.loads(payload)
-    if not isinstance(msg, dict):
-        raise ValueError("not a JSON object")
-    if msg.get("state") not in STATUS_STATES:
-        raise ValueError(f"unknown state {msg.get('state')!r}")
-    for name in ("boot", "seq"):
-        if not _is_int(msg.get(name)) or not 0 <= msg[name] <= MAX_ID:
-            raise ValueError(f"{name} must be an integer 0..{MAX_ID}")
-    if not (msg.get("epoch") is None or (_is_int(msg["epoch"]) and 0 <= msg["epoch"] <= protocol.MAX_EPOCH)):
-        raise ValueError(f"epoch must be an integer 0..{protocol.MAX_EPOCH} or absent")
-    if not (msg.get("job") is None or (_is_int(msg["job"]) and 0 <= msg["job"] <= MAX_ID)):
-        raise ValueError(f"job must be an integer 0..{MAX_ID} or null")
-    for name, kind in (("code", str), ("reason", str), ("version", str),
-                       ("progress", (int, float)), ("bytes", int), ("total", int)):
-        if not _opt(msg.get(name), kind):
-            raise ValueError(f"{name} has the wrong type")
-    return msg
-
 
 @dataclass(frozen=True)
 class ChunkRequest:
@@ -203,7 +184,9 @@ class ControlCenter:
                  campaign_interval: float | None = 1.0, share_group: str | None = None,
                  lease: float = workers.LEASE, heartbeat_interval: float = workers.HEARTBEAT,
                  command_ttl: int = COMMAND_TTL,
-                 kek: Kek | None = None, keyring: Keyring | None = None, keys_interval: float = KEYS_INTERVAL):
+                 kek: Kek | None = None, keyring: Keyring | None = None, keys_interval: float = KEYS_INTERVAL,
+                 status_limiter: StatusLimiter | None = None, retention: Retention | None = Retention(),
+                 retention_interval: float = RETENTION_INTERVAL):
         if not protocol.MIN_CHUNK_SIZE <= chunk <= protocol.MAX_CHUNK_SIZE:
             raise ValueError(f"chunk must be {protocol.MIN_CHUNK_SIZE}..{protocol.MAX_CHUNK_SIZE}")
         if not 1 <= window <= protocol.MAX_WINDOW:
@@ -276,7 +259,19 @@ class ControlCenter:
         self.commands = 0            # update commands published
         self.statuses = 0            # status events stored
         self.duplicates = 0          # status duplicates dropped
-        self.garbage = 0             # undecodable messages dropped
+        self.garbage = 0             # undecodable messages dropped (refused statuses included)
+        self.refused = 0             # statuses refused at parsing (oversize, NUL, NaN, out of range ...)
+        self.rate_limited = 0        # statuses over their device's rate (StatusLimiter), not stored
+        self.pruned = 0              # statuses deleted by the retention policy
+        # Per-device status rate limit (fota.server.statuses.StatusLimiter; its defaults here).
+        self.status_limiter = status_limiter if status_limiter is not None else StatusLimiter()
+        self._drop_log = DropLog(log)
+        self._counts: Counter[str] = Counter()   # ingest_counters deltas not written yet
+        # Status history retention (fota.server.retention); None: keep everything.
+        self.retention = retention
+        self.retention_interval = retention_interval
+        self._touched: set[str] = set()  # devices with statuses stored since the last retention pass
+        self._sweep_after = ""           # the retention's walk over the whole fleet
 
         self._jobs: dict[int, _JobInfo] = {}
         self._loading: dict[int, asyncio.Future] = {}  # job id -> its read from the database, in flight
@@ -304,7 +299,7 @@ class ControlCenter:
         if self.ssl_context is not None and url.scheme != "mqtts":
             raise ValueError("an ssl_context needs an mqtts:// broker URL")
         client = MQTTClient(self.client_id, clean_session=False, optimistic_acknowledgement=False,
-                            session_expiry_interval=SESSION_EXPIRY)
+                            session_expiry_interval=SESSION_EXPIRY, maximum_packet_size=MAX_PACKET)
         if url.username:
             client.set_auth_credentials(unquote(url.username), unquote(url.password or ""))
         client.on_connect = self._on_connect
@@ -333,6 +328,7 @@ class ControlCenter:
         elif self.client_id == CLIENT_ID:
             self._tasks.append(asyncio.create_task(self._drain_legacy(), name="fota-drain-legacy"))
         self._tasks.append(asyncio.create_task(self._keys_loop(), name="fota-keys"))
+        self._tasks.append(asyncio.create_task(self._retention_loop(), name="fota-retention"))
         log.info("control center connected to %s:%s as %s", url.hostname, url.port, self.client_id)
 
     async def stop(self) -> None:
@@ -434,6 +430,11 @@ class ControlCenter:
             data = self._decode(device_id, suffix, payload)
             if data is None:
                 return ACK_OK  # garbage is acknowledged: redelivering it would not help
+            if suffix == protocol.STATUS and not self.status_limiter.allow(
+                    device_id, data, asyncio.get_running_loop().time()):
+                self.rate_limited += 1
+                self._count_drop(device_id, counters.RATE_LIMITED, "over its status rate limit")
+                return ACK_OK  # acknowledged, not stored: redelivering it would only repeat the flood
             done = asyncio.get_running_loop().create_future()
             self._enqueue(Incoming(suffix, device_id, data, utcnow(), done))
             # Acknowledge only once the batch holding this message committed. (If the
@@ -524,7 +525,14 @@ class ControlCenter:
     def _decode(self, device_id: str, suffix: str, payload: bytes) -> Any:
         try:
             if suffix == protocol.STATUS:
-                return parse_status(payload)
+                try:
+                    return parse_status(payload)
+                except StatusRefused as exc:
+                    self.garbage += 1
+                    self.refused += 1
+                    self._count_drop(device_id, counters.OVERSIZE if exc.kind == OVERSIZE else counters.INVALID,
+                                     f"refused: {exc}")
+                    return None
             if suffix == protocol.INVENTORY:
                 if not payload:
                     return None  # a cleared retained message
@@ -544,6 +552,13 @@ class ControlCenter:
             self.garbage += 1
             log.warning("bad %s message from %s ignored: %s", suffix, device_id, exc)
             return None
+
+    def _count_drop(self, device_id: str, counter: str, why: str) -> None:
+        """A status not stored: counted (ingest_counters, written with the next batch), logged
+        at most once a minute per device."""
+        self._counts[counter] += 1
+        self._drop_log.dropped(device_id, why, asyncio.get_running_loop().time())
+        self._wakeup.set()
 
     # ------------------------------------------------------------ chunk server
 
@@ -789,7 +804,7 @@ class ControlCenter:
                 state["last"] = loop.time()
 
         client = MQTTClient(dead, clean_session=False, optimistic_acknowledgement=False,
-                            session_expiry_interval=SESSION_EXPIRY)
+                            session_expiry_interval=SESSION_EXPIRY, maximum_packet_size=MAX_PACKET)
         if url.username:
             client.set_auth_credentials(unquote(url.username), unquote(url.password or ""))
         client.on_message = on_message
@@ -996,30 +1011,32 @@ class ControlCenter:
                     pass
             batch, self._queue = self._queue[:self.flush_max], self._queue[self.flush_max:]
             served, self._served = dict(self._served), defaultdict(int)
+            counts, self._counts = dict(self._counts), Counter()
             if len(self._queue) < self.flush_max:
                 self._full.clear()
             if not self._queue:
                 self._wakeup.clear()
             try:
-                ok = await self._flush(batch, served) if batch or served else True
+                ok = await self._flush(batch, served, counts) if batch or served or counts else True
             except Exception:  # never let the writer die: every status would stall behind it
                 log.exception("writing a batch of %d message(s) failed; dropped", len(batch))
                 for item in batch:
                     if item.done is not None and not item.done.done():
                         item.done.set_result(None)
                 ok = True
-            if self._closing and (not ok or (not self._queue and not self._served)):
+            if self._closing and (not ok or (not self._queue and not self._served and not self._counts)):
                 return
 
-    async def _flush(self, batch: list[Incoming], served: dict[int, int]) -> bool:
+    async def _flush(self, batch: list[Incoming], served: dict[int, int], counts: dict[str, int]) -> bool:
         """Write a batch, then release its acknowledgements; False if the database is unavailable."""
         try:
-            result = await self._db_call(self._write_batch, batch, served)
+            result = await self._db_call(self._write_batch, batch, served, counts)
         except OperationalError as exc:
             # The database is unreachable or locked: keep everything (unacknowledged) and retry.
             self._queue[:0] = batch
             for job_id, n in served.items():
                 self._served[job_id] += n
+            self._counts.update(counts)
             self._wakeup.set()
             if self._closing:
                 log.error("database unavailable while stopping; %d message(s) stay unacknowledged: %s",
@@ -1030,9 +1047,10 @@ class ControlCenter:
             return False
         except Exception:
             log.exception("batch write failed; writing its %d message(s) one by one", len(batch))
-            result = await self._write_one_by_one(batch, served)
+            result = await self._write_one_by_one(batch, served, counts)
         for job_id, state in result.job_states.items():
             self._set_job_state(job_id, state)
+        self._touched.update(item.device_id for item in batch if item.kind == protocol.STATUS)
         self.statuses += result.stored
         self.duplicates += result.duplicates
         for item in batch:
@@ -1040,33 +1058,72 @@ class ControlCenter:
                 item.done.set_result(None)
         return True
 
-    async def _write_one_by_one(self, batch: list[Incoming], served: dict[int, int]) -> BatchResult:
+    async def _write_one_by_one(self, batch: list[Incoming], served: dict[int, int],
+                                counts: dict[str, int]) -> BatchResult:
         total = BatchResult()
-        for items, counts in [([], served)] + [([item], {}) for item in batch]:
+        traced = False
+        for items, served_part, counts_part in [([], served, counts)] + [([item], {}, {}) for item in batch]:
             try:
-                result = await self._db_call(self._write_batch, items, counts)
+                result = await self._db_call(self._write_batch, items, served_part, counts_part)
             except IntegrityError:
                 # (device, epoch, boot, seq) stored meanwhile by another writer: a duplicate
                 total.duplicates += 1
                 continue
-            except Exception:
+            except Exception as exc:
                 # A message the database refuses on its own is dropped (and acknowledged):
-                # redelivering it would wedge the session.
-                log.exception("dropping %s from %s", items[0].kind if items else "served-bytes counters",
-                              items[0].device_id if items else "-")
+                # redelivering it would wedge the session. One traceback a batch, not one each.
+                what = (items[0].kind, items[0].device_id) if items else ("served-bytes counters", "-")
+                if traced:
+                    log.error("dropping %s from %s: %s", *what, exc)
+                else:
+                    log.exception("dropping %s from %s", *what)
+                traced = True
                 continue
             total.job_states.update(result.job_states)
             total.stored += result.stored
             total.duplicates += result.duplicates
         return total
 
-    def _write_batch(self, batch: list[Incoming], served: dict[int, int]) -> BatchResult:
-        """(DB thread) one transaction for a batch of messages and served-byte counters."""
+    def _write_batch(self, batch: list[Incoming], served: dict[int, int],
+                     counts: dict[str, int] | None = None) -> BatchResult:
+        """(DB thread) one transaction for a batch of messages, served-byte counters and the
+        counters of statuses not stored."""
         with self.store.session() as s:
             result = write_batch(s, batch, served)
             if result.finished:
                 self._finish_deployments(s, result.finished)
+            if counts:
+                counters.add(s, self.client_id, counts)
         return result
+
+    # ------------------------------------------------------------ retention
+
+    async def _retention_loop(self) -> None:
+        """Every retention_interval: prune the status history (fota.server.retention) of the
+        devices heard from since the last pass and of the next few others; forget idle rate buckets."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.retention_interval)
+            self.status_limiter.forget_idle(loop.time())
+            self._drop_log.forget_idle(loop.time())
+            if self.retention is None or self._fenced:
+                continue
+            touched, self._touched = self._touched, set()
+            try:
+                # The campaign thread on PostgreSQL (ingestion is not held up), the DB thread on SQLite.
+                self.pruned += await loop.run_in_executor(self._campaign_db, self._prune, touched)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self._touched |= touched  # next pass
+                log.exception("status history retention pass failed")
+
+    def _prune(self, touched: set[str]) -> int:
+        """(DB thread) one retention pass."""
+        swept = sweep_devices(self.store, self._sweep_after, self.retention.sweep)
+        if swept:
+            self._sweep_after = swept[-1]
+        return prune(self.store, self.retention, touched | set(swept), utcnow(), self.client_id)
 
     @staticmethod
     def _finish_deployments(s: Session, deployment_ids: set[int]) -> None:

@@ -356,21 +356,21 @@ class CampaignEngine:
             return
         reports: defaultdict[str, list] = defaultdict(list)
         for ids in chunks([r.device_id for r in rows]):
-            for device_id, event_id, epoch, boot, seq, payload in s.execute(
+            for device_id, event_id, epoch, boot, seq, payload, reason in s.execute(
                     select(StatusEvent.device_id, StatusEvent.id, StatusEvent.epoch, StatusEvent.boot,
-                           StatusEvent.seq, StatusEvent.payload)
+                           StatusEvent.seq, StatusEvent.payload, StatusEvent.reason)
                     .where(StatusEvent.device_id.in_(ids), StatusEvent.state == P.HEALTH,
                            StatusEvent.version == c.release.version)):
-                reports[device_id].append(((event_id, epoch, boot, seq), payload))
+                reports[device_id].append(((event_id, epoch, boot, seq), payload, reason))
         # A device sends a health report right after it confirms (protocol §6); one that sent
         # none by the end of its probation plus the confirm step's timeout never will: failed.
         silence = spec.probation + spec.timeouts["confirm"]
         for row in rows:
-            seen = [p for place, p in reports[row.device_id] if _after_confirmation(row, *place)]
-            bad = [p for p in seen if not (isinstance(p, dict) and p.get("ok") is True)]
+            seen = [(p, reason) for place, p, reason in reports[row.device_id] if _after_confirmation(row, *place)]
+            bad = [(p, reason) for p, reason in seen if not (isinstance(p, dict) and p.get("ok") is True)]
             since = now - row.confirmed_at if row.confirmed_at is not None else None
             if bad:
-                reason = bad[0].get("reason") if isinstance(bad[0], dict) else None
+                reason = bad[0][1]  # the reason column (payloads hold only the fields without one)
                 _set(row, now, S.FAILED, P.E_HEALTH, f"unhealthy during probation: {reason or 'no reason given'}")
             elif since is not None and since >= timedelta(seconds=spec.probation) and (seen or spec.probation == 0):
                 _set(row, now, S.SUCCEEDED)

@@ -43,6 +43,7 @@ __all__ = [
     "CenterWorker",
     "Deployment",
     "Device",
+    "IngestCounter",
     "Job",
     "JSONType",
     "NAMING_CONVENTION",
@@ -258,7 +259,9 @@ class StatusEvent(Base):
     """A status message received from a device (deduplicated on device/epoch/boot/seq)."""
 
     __tablename__ = "status_events"
-    __table_args__ = (UniqueConstraint("device_id", "epoch", "boot", "seq", name="uq_status_dedup"),)
+    __table_args__ = (UniqueConstraint("device_id", "epoch", "boot", "seq", name="uq_status_dedup"),
+                      # the retention's age limit (fota.server.retention) deletes by it
+                      Index("ix_status_events_received_at", "received_at"))
 
     id: Mapped[int] = mapped_column(
         Integer().with_variant(BigInteger(), "postgresql"), primary_key=True, autoincrement=True
@@ -276,6 +279,7 @@ class StatusEvent(Base):
     epoch: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     boot: Mapped[int] = mapped_column(Integer)
     seq: Mapped[int] = mapped_column(Integer)
+    # the fields without a column of their own (fota.server.statuses.stored_payload: ok, uptime, ...)
     payload: Mapped[Any] = mapped_column(JSONType())
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     # None: the status took effect (or, for rejected / keys / health, simply happened). Otherwise
@@ -286,6 +290,20 @@ class StatusEvent(Base):
     def __repr__(self) -> str:
         return (f"StatusEvent(id={self.id!r}, device_id={self.device_id!r}, boot={self.boot!r}, "
                 f"seq={self.seq!r}, state={self.state!r})")
+
+
+class IngestCounter(Base):
+    """Totals a control-center worker counts about statuses it did not store, or deleted:
+    ``refused_oversize``, ``refused_invalid``, ``rate_limited``, ``pruned`` (/metrics sums them).
+
+    One row per (worker, name): each worker adds to its own rows, so workers never wait for
+    each other's counters."""
+
+    __tablename__ = "ingest_counters"
+
+    worker: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
 
 
 class CenterWorker(Base):
