@@ -2,7 +2,7 @@
 status_events.received_at for the retention's age limit, and payloads without the fields that
 have columns (a reason was stored twice).
 
-Revision ID: 0010
+Revision ID: 0015
 Revises: 0014
 Create Date: 2026-12-04
 """
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0010"
+revision: str = "0015"
 down_revision: str | None = "0014"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
