@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -50,7 +52,7 @@ from fota.sim.fleet import device_ids, provision
 from fota.sim.run import raise_fd_limit
 from fota.tools.brokerspy import BrokerSpy
 from fota.tools.gctune import tuned
-from fota.tools.keyring import Keyring
+from fota.tools.keyring import Keyring, Signer
 from fota.tools.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -173,59 +175,89 @@ def _wait_all_done(store: Store, deployment_id: int, n: int, t0: float, timeout:
     return marks
 
 
+@dataclass
+class DeployRig:
+    """What a deployment bench runs on: a broker, a database, a keyring, n provisioned devices, a
+    control center and the simulated fleet (connected, every device online in the store)."""
+    broker: Broker
+    store: Store
+    url: str
+    keyring: Keyring
+    signer: Signer
+    ids: list[str]
+    passwords: dict[str, str] = field(default_factory=dict)
+    provision_s: float = 0.0
+    center: CenterThread | None = None
+    sim: Child | None = None
+    ready: dict = field(default_factory=dict)
+
+    def stop_sim(self) -> dict | None:
+        """Stop the simulated fleet; its final report."""
+        sim, self.sim = self.sim, None
+        return sim.stop()
+
+
+@contextlib.contextmanager
+def deploy_rig(broker: Broker, db: str, db_file: Path, keys: Path, sim_base: Path, tmp: Path, ids: list[str],
+               args):
+    """A DeployRig on `broker` and a fresh `db` database; everything stopped (the database dropped)
+    on exit."""
+    url, drop = _database(db, db_file)
+    store = Store(url)
+    keyring = Keyring(keys)
+    keyring.init()
+    rig = DeployRig(broker, store, url, keyring, keyring.signer(), ids)
+    try:
+        t = time.monotonic()
+        rig.passwords = provision(store, ids)
+        broker.add_users(rig.passwords)
+        rig.provision_s = time.monotonic() - t
+        rig.center = CenterThread(store, broker.server_url, tmp / "blobs", chunk=args.chunk, window=args.window,
+                                  signer=rig.signer, keys_update=keyring.keys_update()).start()
+        rig.sim, rig.ready = _start_sim(sim_base, broker, keyring, rig.passwords, store, args)
+        yield rig
+    finally:
+        if rig.sim is not None:
+            rig.sim.stop()
+        if rig.center is not None:
+            rig.center.stop()
+        store.dispose()
+        drop()
+        broker.stop()
+
+
 def deploy_run(n: int, args, tmp: Path) -> dict:
     """fota: one deployment of a fresh image to n simulated devices; time to all confirmed."""
     broker = Broker(tmp / f"mosquitto-fota-{n}")
-    url, drop = _database(args.deploy_db, tmp / f"fleet-{n}.db")
-    store = Store(url)
-    keyring = Keyring(tmp / f"keys-{n}")
-    keyring.init()
-    signer = keyring.signer()
-    center = sim = None
-    try:
-        t = time.monotonic()
-        ids = device_ids(n)
-        passwords = provision(store, ids)
-        broker.add_users(passwords)
-        provision_s = time.monotonic() - t
-        center = CenterThread(store, broker.server_url, tmp / "blobs", chunk=args.chunk, window=args.window,
-                              signer=signer, keys_update=keyring.keys_update()).start()
-        sim, ready = _start_sim(tmp / f"sim-{n}", broker, keyring, passwords, store, args)
-        log(f"{n} simulated devices connected in {ready['connect_s']:.1f}s")
+    with deploy_rig(broker, args.deploy_db, tmp / f"fleet-{n}.db", tmp / f"keys-{n}", tmp / f"sim-{n}", tmp,
+                    device_ids(n), args) as rig:
+        store = rig.store
+        log(f"{n} simulated devices connected in {rig.ready['connect_s']:.1f}s")
         image = os.urandom(args.image_kib * 1024)
-        rel = create_release(store, tmp / "blobs", signer.key, image, "2.0.0", ["sim"], kind="image")
-        c = center.center
+        rel = create_release(store, tmp / "blobs", rig.signer.key, image, "2.0.0", ["sim"], kind="image")
+        c = rig.center.center
         c0 = (c.statuses, c.commands, c.chunks, c.bytes_published)
         cpu0, broker_cpu0 = time.process_time(), broker.cpu_s()
         t0 = time.monotonic()
-        dep = create_deployment(store, rel, device_ids=ids)
+        dep = create_deployment(store, rel, device_ids=rig.ids)
         marks = _wait_all_done(store, dep.id, n, t0, args.timeout)
         wall = marks.get("done")
         confirmed = _count(store, dep.id, ("confirmed",))
         result = {
-            "devices": n, "db": args.deploy_db, "provision_s": provision_s, "connect_s": ready["connect_s"],
+            "devices": n, "db": args.deploy_db, "provision_s": rig.provision_s, "connect_s": rig.ready["connect_s"],
             "wall_s": wall, "started_s": marks.get("started"), "confirmed": confirmed,
             "center": {"statuses": c.statuses - c0[0], "commands": c.commands - c0[1],
                        "chunks": c.chunks - c0[2], "bytes_published": c.bytes_published - c0[3],
                        "cpu_s": time.process_time() - cpu0},
             "broker_cpu_s": broker.cpu_s() - broker_cpu0,
         }
-        result["sim"] = sim.stop()
-        sim = None
+        result["sim"] = rig.stop_sim()
         # The work done, whatever the number of cores: center + simulator + broker CPU seconds.
         result["cpu_s"] = result["center"]["cpu_s"] + (result["sim"] or {}).get("cpu_s", 0) + result["broker_cpu_s"]
         result["broker_rss_mib"] = broker.rss_mib()
         if wall is None:
             result["error"] = f"not all confirmed within {args.timeout}s ({confirmed}/{n})"
         return result
-    finally:
-        if sim is not None:
-            sim.stop()
-        if center is not None:
-            center.stop()
-        store.dispose()
-        drop()
-        broker.stop()
 
 
 # ---- floor: bare receivers (gmqtt, one process) and a raw-socket QoS 0 publisher ----------

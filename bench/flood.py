@@ -40,19 +40,17 @@ from pathlib import Path
 
 from sqlalchemy import func, select, text
 
-from bench._fleet import CenterThread
 from bench._report import print_table
-from bench.fleet import Broker, Child, _count, _database, _mqtt_string, _remaining, _start_sim, _wait_all_done, log
+from bench.fleet import Broker, Child, _count, _mqtt_string, _remaining, _wait_all_done, deploy_rig, log
 from fota.device import protocol as P
 from fota.server.broker import MANAGED_MAX_PACKET
 from fota.server.deployments import create_deployment
 from fota.server.fleet import provision_device
 from fota.server.releases import create_release
 from fota.server.store import StatusEvent, Store
-from fota.sim.fleet import device_ids, provision
+from fota.sim.fleet import device_ids
 from fota.sim.run import raise_fd_limit
 from fota.tools.gctune import tuned
-from fota.tools.keyring import Keyring
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "flood.json"
@@ -212,83 +210,67 @@ def hostile(config_path: str) -> None:
 def run(mode: str, args, tmp: Path, max_packet: int) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f"{mode}-{max_packet}-", dir=tmp))  # a directory per run
     broker = Broker(tmp / "mosquitto", max_packet_size=max_packet)
-    url, drop = _database(args.db, tmp / "fota.db")
-    store = Store(url)
-    keyring = Keyring(tmp / "keys")
-    keyring.init()
-    signer = keyring.signer()
-    center = sim = attacker = None
-    try:
-        n = args.devices
-        ids = device_ids(n, "fld")
-        passwords = provision(store, ids)
-        broker.add_users(passwords)
-        center = CenterThread(store, broker.server_url, tmp / "blobs", chunk=args.chunk, window=args.window,
-                              signer=signer, keys_update=keyring.keys_update()).start()
-        sim, ready = _start_sim(tmp / "sim", broker, keyring, passwords, store, args)
-        log(f"{mode}: {n} simulated devices connected in {ready['connect_s']:.1f}s")
-        if mode == "flood":
-            _, password = provision_device(store, HOSTILE, "sim")
-            broker.add_users({HOSTILE: password})
-            cfg = tmp / "hostile.json"
-            cfg.write_text(json.dumps({"host": broker.host, "port": broker.port, "password": password,
-                                       "statuses": args.hostile_statuses, "reason_kib": args.reason_kib,
-                                       "small_every": args.small_every}))
-            attacker = Child(["-m", "bench.flood", "_hostile", str(cfg)], tmp / "hostile.log")
-            attacker.read_event(60)
-        rel = create_release(store, tmp / "blobs", signer.key, os.urandom(args.image_kib * 1024), "2.0.0",
-                             ["sim"], kind="image")
-        c = center.center
-        time.sleep(1.0)  # the health reports of the connects stored
-        size0, others0, rss0 = db_bytes(store, url), _statuses(store, False), rss_mib()
-        c0 = (c.refused, c.rate_limited)
-        cpu0, broker_cpu0 = time.process_time(), broker.cpu_s()
-        with RssSampler() as rss:
-            t0 = time.monotonic()
-            if attacker is not None:
-                attacker.proc.stdin.write("go\n")
-                attacker.proc.stdin.flush()
-            dep = create_deployment(store, rel, device_ids=ids)
-            marks = _wait_all_done(store, dep.id, n, t0, args.timeout)
-            wall = marks.get("done")
-            flood = attacker.read_event(args.timeout) if attacker is not None else None
+    n = args.devices
+    attacker = None
+    with deploy_rig(broker, args.db, tmp / "fota.db", tmp / "keys", tmp / "sim", tmp, device_ids(n, "fld"),
+                    args) as rig:
+        store = rig.store
+        try:
+            log(f"{mode}: {n} simulated devices connected in {rig.ready['connect_s']:.1f}s")
+            if mode == "flood":
+                _, password = provision_device(store, HOSTILE, "sim")
+                broker.add_users({HOSTILE: password})
+                cfg = tmp / "hostile.json"
+                cfg.write_text(json.dumps({"host": broker.host, "port": broker.port, "password": password,
+                                           "statuses": args.hostile_statuses, "reason_kib": args.reason_kib,
+                                           "small_every": args.small_every}))
+                attacker = Child(["-m", "bench.flood", "_hostile", str(cfg)], tmp / "hostile.log")
+                attacker.read_event(60)
+            rel = create_release(store, tmp / "blobs", rig.signer.key, os.urandom(args.image_kib * 1024), "2.0.0",
+                                 ["sim"], kind="image")
+            c = rig.center.center
+            time.sleep(1.0)  # the health reports of the connects stored
+            size0, others0, rss0 = db_bytes(store, rig.url), _statuses(store, False), rss_mib()
+            c0 = (c.refused, c.rate_limited)
+            cpu0, broker_cpu0 = time.process_time(), broker.cpu_s()
+            with RssSampler() as rss:
+                t0 = time.monotonic()
+                if attacker is not None:
+                    attacker.proc.stdin.write("go\n")
+                    attacker.proc.stdin.flush()
+                dep = create_deployment(store, rel, device_ids=rig.ids)
+                marks = _wait_all_done(store, dep.id, n, t0, args.timeout)
+                wall = marks.get("done")
+                flood = attacker.read_event(args.timeout) if attacker is not None else None
+                if flood is not None:
+                    _settle(lambda: (c.refused, c.rate_limited, _statuses(store, True)))
+            cpu, broker_cpu = time.process_time() - cpu0, broker.cpu_s() - broker_cpu0
+            others = _statuses(store, False) - others0
+            confirmed = _count(store, dep.id, ("confirmed",))
+            result = {
+                "mode": mode, "max_packet": max_packet, "devices": n, "db": args.db, "wall_s": wall,
+                "confirmed": confirmed,
+                "others_statuses": others, "others_rate": others / wall if wall else None,
+                "db_growth_mb": (db_bytes(store, rig.url) - size0) / 1e6,
+                "rss_mib": {"before": rss0, "peak": rss.peak, "after": rss_mib()},
+                "center_cpu_s": cpu, "broker_cpu_s": broker_cpu,
+                "hostile": None,
+            }
             if flood is not None:
-                _settle(lambda: (c.refused, c.rate_limited, _statuses(store, True)))
-        cpu, broker_cpu = time.process_time() - cpu0, broker.cpu_s() - broker_cpu0
-        others = _statuses(store, False) - others0
-        confirmed = _count(store, dep.id, ("confirmed",))
-        result = {
-            "mode": mode, "max_packet": max_packet, "devices": n, "db": args.db, "wall_s": wall,
-            "confirmed": confirmed,
-            "others_statuses": others, "others_rate": others / wall if wall else None,
-            "db_growth_mb": (db_bytes(store, url) - size0) / 1e6,
-            "rss_mib": {"before": rss0, "peak": rss.peak, "after": rss_mib()},
-            "center_cpu_s": cpu, "broker_cpu_s": broker_cpu,
-            "hostile": None,
-        }
-        if flood is not None:
-            hostile = {**{k: v for k, v in flood.items() if k != "event"},
-                       "stored": _statuses(store, True), "stored_bytes": _hostile_bytes(store),
-                       "refused": c.refused - c0[0],
-                       "rate_limited": c.rate_limited - c0[1]}
-            # discarded by the broker: over the center's MQTT 5 Maximum Packet Size (or the broker's)
-            hostile["discarded"] = hostile["sent"] - hostile["stored"] - hostile["refused"] - hostile["rate_limited"]
-            result["hostile"] = hostile
-        result["sim"] = sim.stop()
-        sim = None
-        if wall is None:
-            result["error"] = f"not all confirmed within {args.timeout}s ({confirmed}/{n})"
-        return result
-    finally:
-        if attacker is not None:
-            attacker.stop(5)
-        if sim is not None:
-            sim.stop()
-        if center is not None:
-            center.stop()
-        store.dispose()
-        drop()
-        broker.stop()
+                hostile = {**{k: v for k, v in flood.items() if k != "event"},
+                           "stored": _statuses(store, True), "stored_bytes": _hostile_bytes(store),
+                           "refused": c.refused - c0[0],
+                           "rate_limited": c.rate_limited - c0[1]}
+                # discarded by the broker: over the center's MQTT 5 Maximum Packet Size (or the broker's)
+                hostile["discarded"] = hostile["sent"] - hostile["stored"] - hostile["refused"] - hostile["rate_limited"]
+                result["hostile"] = hostile
+            result["sim"] = rig.stop_sim()
+            if wall is None:
+                result["error"] = f"not all confirmed within {args.timeout}s ({confirmed}/{n})"
+            return result
+        finally:
+            if attacker is not None:
+                attacker.stop(5)
 
 
 def _median(values):
