@@ -186,15 +186,17 @@ def _order(boot: int, seq: int) -> int:
     return boot * SEQ_SPAN + seq
 
 
-def _end_job(job_id: int, state: str, code: str | None, reason: str | None, result: BatchResult,
-             job_changes: dict[int, dict[str, Any]], jobs: dict[int, _JobRow]) -> None:
-    """A job ends: `state` (terminal) with the device's code and reason."""
+def _move_job(job_id: int, state: str, code: str | None, reason: str | None, result: BatchResult,
+              job_changes: dict[int, dict[str, Any]], jobs: dict[int, _JobRow]) -> dict[str, Any]:
+    """A job takes `state` with the device's code and reason; its pending row change."""
     job = jobs[job_id]
     job.state = state
     change = job_changes.setdefault(job_id, {"b_id": job_id, "b_progress": None, "b_total": None})
     change.update(b_state=state, b_code=code, b_reason=reason)
     result.job_states[job_id] = state
-    result.finished.add(job.deployment_id)
+    if state in TERMINAL_STATES:
+        result.finished.add(job.deployment_id)
+    return change
 
 
 def _apply_status(item: Incoming, result: BatchResult, events: list[dict[str, Any]],
@@ -235,9 +237,9 @@ def _apply_status(item: Incoming, result: BatchResult, events: list[dict[str, An
             return
         if code == protocol.E_NOT_RUNNING and open_cancels:
             for cancel_id in open_cancels:
-                _end_job(cancel_id, protocol.FAILED, code, msg.get("reason"), result, job_changes, jobs)
+                _move_job(cancel_id, protocol.FAILED, code, msg.get("reason"), result, job_changes, jobs)
         elif job.state not in TERMINAL_STATES:
-            _end_job(job_id, protocol.FAILED, code, msg.get("reason"), result, job_changes, jobs)
+            _move_job(job_id, protocol.FAILED, code, msg.get("reason"), result, job_changes, jobs)
         return
     if not own:
         event["ignored"] = NO_SUCH_JOB if job is None else OTHER_DEVICE
@@ -247,7 +249,7 @@ def _apply_status(item: Incoming, result: BatchResult, events: list[dict[str, An
         # The target ended (whatever the server's verdict on it): its cancel commands end too.
         took = msg["state"] == protocol.CANCELLED
         for cancel_id in open_cancels:
-            _end_job(cancel_id, protocol.CANCELLED if took else protocol.FAILED, None if took else protocol.E_NOT_RUNNING,
+            _move_job(cancel_id, protocol.CANCELLED if took else protocol.FAILED, None if took else protocol.E_NOT_RUNNING,
                      f"job {job_id} {msg['state']}" + ("" if took else " before the cancel took effect"),
                      result, job_changes, jobs)
     # Several workers may ingest a device's statuses out of order: a job takes a status only
@@ -266,14 +268,9 @@ def _apply_status(item: Incoming, result: BatchResult, events: list[dict[str, An
     if older:
         return
     newest[job_id] = (epoch, order)
-    job.state = msg["state"]
-    change = job_changes.setdefault(job_id, {"b_id": job_id, "b_progress": None, "b_total": None})
-    change.update(b_state=job.state, b_code=code, b_reason=msg.get("reason"))
+    change = _move_job(job_id, msg["state"], code, msg.get("reason"), result, job_changes, jobs)
     if progress is not None:
         change["b_progress"] = progress
     total = msg.get("total")
     if isinstance(total, int) and not isinstance(total, bool) and total > 0:
         change["b_total"] = total
-    result.job_states[job_id] = job.state
-    if job.state in TERMINAL_STATES:
-        result.finished.add(job.deployment_id)
