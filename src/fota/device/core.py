@@ -82,10 +82,6 @@ TRANSITIONS = (
     (P.VERIFYING, "rehashed", P.POSTPONED),     # the slot still holds the image; wait for power
 )
 
-_TABLE = {}
-for _f, _e, _t in TRANSITIONS:
-    _TABLE[(_f, _e)] = _t
-
 REJECTED = P.REJECTED  # status kind for a refused message; not a state
 PROGRESS_STEPS = 10     # report download progress at most every 1/10 of the image
 POWER_STEP = 5          # re-publish the inventory when the battery moved this many points
@@ -296,11 +292,14 @@ class UpdateCore:
 
     # ---- state table -------------------------------------------------------------------------
     def _go(self, event):
-        to = _TABLE.get((self.state, event))
-        if to is None:
-            raise ProtocolError("event %r not allowed in state %r" % (event, self.state))
-        self.state = to
-        return to
+        # A scan, not a dict: a handful of calls per job, and a dict of the table would cost
+        # about 1.3 KB of heap on MicroPython (and a key tuple per call).
+        state = self.state
+        for frm, name, to in TRANSITIONS:
+            if frm == state and name == event:
+                self.state = to
+                return to
+        raise ProtocolError("event %r not allowed in state %r" % (event, state))
 
     def _reset_transfer(self):
         self.hasher = None
