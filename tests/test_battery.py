@@ -17,7 +17,7 @@ from fota.server.releases import create_release
 from fota.tools import signing
 from fota.tools.bundle import pack_files
 from fleet import Fleet, wait_until
-from test_core import SIGNING_KEY, Harness, cmd, make_update, new_core
+from test_core import SIGNING_KEY, Harness, cmd, make_update, new_core, transitions  # noqa: F401 (autouse)
 
 IMAGE = bytes(range(256)) * 12 + b"tail"  # 13 chunks of 256
 

@@ -1,4 +1,5 @@
 """The sans-IO update core on CPython: events in, actions out, no broker, no files."""
+import ast
 import hashlib
 import json
 import os
@@ -134,15 +135,148 @@ class Harness:
                     self.run(self.core.chunk(struct.pack(">II", r["job"], i) + data))
 
 
-def test_transition_table_matches_protocol_doc():
+# ---- the table is the whole truth: every state change of the core is one of its rows ----------
+
+def record_transitions(monkeypatch):
+    """From here on, every change of an UpdateCore's state as (from, event, to): event None when
+    the state was set anywhere but in _go, from None for the constructor's start state."""
+    steps = []
+    event = [None]
+    go = C.UpdateCore._go
+
+    def recording_go(core, name):
+        event[0] = name
+        try:
+            return go(core, name)
+        finally:
+            event[0] = None
+
+    def set_state(core, to):
+        steps.append((core.__dict__.get("state"), event[0], to))
+        core.__dict__["state"] = to
+
+    monkeypatch.setattr(C.UpdateCore, "_go", recording_go)
+    # A data descriptor on the class sees every assignment, wherever it is made.
+    monkeypatch.setattr(C.UpdateCore, "state", property(lambda core: core.__dict__["state"], set_state),
+                        raising=False)
+    return steps
+
+
+@pytest.fixture(autouse=True)
+def transitions(monkeypatch):
+    """Every state change in a core test is a row of the table (tests that import this fixture too)."""
+    steps = record_transitions(monkeypatch)
+    yield steps
+    allowed = set(C.TRANSITIONS) | {(None, None, P.IDLE)}  # the constructor's start state
+    assert [s for s in steps if s not in allowed] == []
+
+
+def _state_writes():
+    """(file, function, value) of every assignment to an attribute named `state`, and of every
+    other way of storing or deleting one, in the code that holds update cores: all of src/fota but
+    the control center (whose jobs and campaigns have tables of their own), and bench/."""
+    found = []
+
+    class Writes(ast.NodeVisitor):
+        def __init__(self, path):
+            self.path, self.scope = path, []
+
+        def scoped(self, node):
+            self.scope.append(node.name)
+            self.generic_visit(node)
+            self.scope.pop()
+
+        visit_ClassDef = visit_FunctionDef = visit_AsyncFunctionDef = scoped
+
+        def note(self, value):
+            found.append((self.path, ".".join(self.scope), value))
+
+        def visit_Assign(self, node):
+            for target in node.targets:
+                for a in ast.walk(target):
+                    if isinstance(a, ast.Attribute) and a.attr == "state" and isinstance(a.ctx, ast.Store):
+                        self.note(ast.unparse(node.value))
+            self.visit(node.value)
+
+        def visit_Attribute(self, node):  # augmented, annotated, loop or with targets, del
+            if node.attr == "state" and isinstance(node.ctx, (ast.Store, ast.Del)):
+                self.note("?")
+            self.generic_visit(node)
+
+        def visit_Call(self, node):  # setattr(core, "state", ...)
+            if any(isinstance(a, ast.Constant) and a.value == "state" for a in node.args[1:2]):
+                self.note(ast.unparse(node))
+            self.generic_visit(node)
+
+    server = ROOT / "src/fota/server"
+    for path in sorted((ROOT / "src/fota").rglob("*.py")) + sorted((ROOT / "bench").rglob("*.py")):
+        if server not in path.parents:
+            Writes(str(path.relative_to(ROOT))).visit(ast.parse(path.read_text()))
+    return found
+
+
+def test_transition_table_matches_protocol_doc_and_is_the_only_way_to_change_state():
     doc = (ROOT / "docs/protocol.md").read_text()
     block = doc.split("<!-- transitions:begin -->")[1].split("<!-- transitions:end -->")[0]
     rows = re.findall(r"\| `(\w+)` \| `(\w+)` \| `(\w+)` \|", block)
     assert rows == [tuple(t) for t in C.TRANSITIONS]
+    assert len({(f, e) for f, e, _ in C.TRANSITIONS}) == len(C.TRANSITIONS)  # one row per (state, event)
     codes = doc.split("<!-- codes:begin -->")[1].split("<!-- codes:end -->")[0]
     assert sorted(re.findall(r"\| `(E_\w+)` \|", codes)) == sorted(P.ERROR_CODES)
     for state in P.STATES:
         assert f"| `{state}` |" in doc
+    # The table holds because nothing else sets the state: _go, and the constructor's start state.
+    core = "src/fota/device/core.py"
+    assert sorted(_state_writes()) == [(core, "UpdateCore.__init__", "P.IDLE"), (core, "UpdateCore._go", "to")]
+
+
+def test_an_event_the_table_does_not_list_is_refused(key):
+    core = new_core()
+    core.booted({"trial": None})
+    with pytest.raises(C.ProtocolError):
+        core.installed()  # nothing is installing
+    assert core.state == P.IDLE
+
+
+def _row_takers():
+    """Each row of the table, and a test that takes it."""
+    import test_battery as B  # it imports this module: not at the top
+    return {
+        (P.IDLE, "accept", P.DOWNLOADING): test_happy_path_downloads_verifies_installs_and_reboots,
+        (P.DOWNLOADING, "downloaded", P.VERIFYING): test_happy_path_downloads_verifies_installs_and_reboots,
+        (P.DOWNLOADING, "cancel", P.CANCELLED): test_newer_job_supersedes_a_download,
+        (P.DOWNLOADING, "error", P.FAILED): test_lost_chunks_are_requested_again_after_timeout_and_stall_fails,
+        (P.VERIFYING, "verified", P.INSTALLING): test_happy_path_downloads_verifies_installs_and_reboots,
+        (P.VERIFYING, "error", P.FAILED): test_flipped_bit_in_a_chunk_fails_the_hash,
+        (P.INSTALLING, "installed", P.REBOOTING): test_happy_path_downloads_verifies_installs_and_reboots,
+        (P.INSTALLING, "error", P.FAILED): test_install_failure_is_reported,
+        (P.IDLE, "trial_boot", P.TRIAL): test_trial_boot_confirms_once_connected,
+        (P.TRIAL, "healthy", P.CONFIRMED): test_trial_boot_confirms_once_connected,
+        (P.TRIAL, "trial_timeout", P.REBOOTING): test_trial_without_broker_fails_after_deadline,
+        (P.IDLE, "reverted_boot", P.REVERTED): test_reverted_boot_reports_reason,
+        (P.CONFIRMED, "done", P.IDLE): test_trial_boot_confirms_once_connected,
+        (P.FAILED, "done", P.IDLE): test_install_failure_is_reported,
+        (P.REVERTED, "done", P.IDLE): test_reverted_boot_reports_reason,
+        (P.CANCELLED, "done", P.IDLE): test_newer_job_supersedes_a_download,
+        (P.IDLE, "low_power", P.POSTPONED): B.test_low_battery_postpones_before_anything_is_written_then_resumes,
+        (P.VERIFYING, "low_power", P.POSTPONED): B.test_battery_dropping_during_the_download_holds_the_install,
+        (P.POSTPONED, "power_ok", P.DOWNLOADING): B.test_low_battery_postpones_before_anything_is_written_then_resumes,
+        (P.POSTPONED, "power_ok_verified", P.INSTALLING): B.test_battery_dropping_during_the_download_holds_the_install,
+        (P.POSTPONED, "cancel", P.CANCELLED): B.test_cancel_or_a_newer_update_ends_a_postponed_job,
+        (P.IDLE, "resume", P.DOWNLOADING): test_resume_from_journal_continues_at_checkpoint,
+        (P.IDLE, "resume_postponed", P.POSTPONED): B.test_postponed_jobs_survive_a_restart,
+        (P.IDLE, "resume_verified", P.VERIFYING): B.test_postponed_jobs_survive_a_restart,
+        (P.VERIFYING, "rehashed", P.POSTPONED): B.test_postponed_jobs_survive_a_restart,
+    }
+
+
+def test_every_row_of_the_table_is_taken_by_a_test(transitions):
+    takers = _row_takers()
+    assert sorted(takers) == sorted(C.TRANSITIONS)
+    for row, test in takers.items():
+        del transitions[:]
+        test(*[SIGNING_KEY][:test.__code__.co_argcount])
+        assert row in transitions, (row, test.__name__)
 
 
 def test_happy_path_downloads_verifies_installs_and_reboots(key):

@@ -21,7 +21,7 @@ from fota.tools.faultproxy import FaultProxy
 from fota.tools.supervisor import DeviceProcess
 
 from fleet import wait_until
-from test_core import Harness, cmd, make_update, new_core, trust_doc
+from test_core import Harness, cmd, make_update, new_core, transitions, trust_doc  # noqa: F401 (autouse)
 
 OTHER_KEY = __import__("fota.tools.signing", fromlist=["x"]).generate_private_key()
 

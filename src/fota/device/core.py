@@ -1,7 +1,8 @@
 # The device's update state machine, sans-IO (in the manner of h11): events in, actions out.
 #
 # Everything that decides a state transition lives in this file, and the transitions are a table
-# (TRANSITIONS) that docs/protocol.md repeats; a test keeps the two equal. The core never touches
+# (TRANSITIONS) that docs/protocol.md repeats; tests keep the two equal and check that nothing
+# but the table (UpdateCore._go) changes the state. The core never touches
 # a socket, a file or a clock: a runner feeds it events (command received, chunk received, tick,
 # install result) and executes the actions it returns, in order:
 #
@@ -49,10 +50,12 @@ A_TRIAL_FAILED = "trial_failed"
 A_REBOOT = "reboot"
 A_TRUST = "trust"
 
-# (from state, event) -> to state. An event the table does not allow raises ProtocolError.
+# (from state, event) -> to state: every state change of the core is one of these rows, made by
+# _go(); an event the table does not allow raises ProtocolError. A core starts in idle at every
+# boot (the constructor sets it; no transition): the state of the boot before is not kept, and
+# booted() takes the core on from idle by what the boot record and the journal say.
 TRANSITIONS = (
     (P.IDLE, "accept", P.DOWNLOADING),
-    (P.DOWNLOADING, "accept", P.DOWNLOADING),
     (P.DOWNLOADING, "downloaded", P.VERIFYING),
     (P.DOWNLOADING, "cancel", P.CANCELLED),
     (P.DOWNLOADING, "error", P.FAILED),
@@ -60,10 +63,10 @@ TRANSITIONS = (
     (P.VERIFYING, "error", P.FAILED),
     (P.INSTALLING, "installed", P.REBOOTING),
     (P.INSTALLING, "error", P.FAILED),
-    (P.REBOOTING, "trial_boot", P.TRIAL),
+    (P.IDLE, "trial_boot", P.TRIAL),            # booted on trial (the boot record's trial)
     (P.TRIAL, "healthy", P.CONFIRMED),
-    (P.TRIAL, "unhealthy", P.REVERTED),
-    (P.IDLE, "reverted_boot", P.REVERTED),
+    (P.TRIAL, "trial_timeout", P.REBOOTING),    # broker not reached: the selector counts the attempt
+    (P.IDLE, "reverted_boot", P.REVERTED),      # the selector gave up the trial (the boot record's report)
     (P.CONFIRMED, "done", P.IDLE),
     (P.FAILED, "done", P.IDLE),
     (P.REVERTED, "done", P.IDLE),
@@ -73,11 +76,11 @@ TRANSITIONS = (
     (P.POSTPONED, "power_ok", P.DOWNLOADING),
     (P.POSTPONED, "power_ok_verified", P.INSTALLING),
     (P.POSTPONED, "cancel", P.CANCELLED),
+    (P.IDLE, "resume", P.DOWNLOADING),          # booted with the journal of a download
+    (P.IDLE, "resume_postponed", P.POSTPONED),  # ... of a job postponed before its download
+    (P.IDLE, "resume_verified", P.VERIFYING),   # ... of a job postponed after it: re-check the slot
+    (P.VERIFYING, "rehashed", P.POSTPONED),     # the slot still holds the image; wait for power
 )
-
-_TABLE = {}
-for _f, _e, _t in TRANSITIONS:
-    _TABLE[(_f, _e)] = _t
 
 REJECTED = P.REJECTED  # status kind for a refused message; not a state
 PROGRESS_STEPS = 10     # report download progress at most every 1/10 of the image
@@ -273,7 +276,7 @@ class UpdateCore:
         self.time = agent_state.get("time", identity.get("time", 0))  # latest signed time seen
         self.epoch = agent_state.get("epoch", 0)  # boot epoch (new_epoch); 0: a device without one
         self.seq = 0
-        self.state = P.IDLE
+        self.state = P.IDLE  # the start state, not a transition: see TRANSITIONS
         self.job = None
         self.report = None        # terminal status kept in the boot record until acknowledged
         self.now = 0
@@ -289,11 +292,14 @@ class UpdateCore:
 
     # ---- state table -------------------------------------------------------------------------
     def _go(self, event):
-        to = _TABLE.get((self.state, event))
-        if to is None:
-            raise ProtocolError("event %r not allowed in state %r" % (event, self.state))
-        self.state = to
-        return to
+        # A scan, not a dict: a handful of calls per job, and a dict of the table would cost
+        # about 1.3 KB of heap on MicroPython (and a key tuple per call).
+        state = self.state
+        for frm, name, to in TRANSITIONS:
+            if frm == state and name == event:
+                self.state = to
+                return to
+        raise ProtocolError("event %r not allowed in state %r" % (event, state))
 
     def _reset_transfer(self):
         self.hasher = None
@@ -354,7 +360,6 @@ class UpdateCore:
                 self._go("done")
         if trial:
             # We were started on trial; health is judged once the broker is reached.
-            self.state = P.REBOOTING
             self._go("trial_boot")
             self.trial = trial
             self.trial_started = self.now
@@ -389,7 +394,6 @@ class UpdateCore:
                 if not journal.get("postponed"):
                     actions += [(A_BEGIN, job.manifest["size"], job.delta_expect()), (A_JOURNAL, {"cmd": cmd, "pos": 0})]
             self.job = job
-            self.state = P.DOWNLOADING
             self.hasher = hasher
             self.next = pos
             self.requested = pos
@@ -397,11 +401,15 @@ class UpdateCore:
             if journal.get("postponed"):
                 if pos == job.chunks:
                     # Downloaded and verified before the restart: the runner re-hashed the slot.
-                    self.state = P.VERIFYING
+                    self._go("resume_verified")
                     failed = self._hash_failure()
                     if failed:
                         return [self._agent_state()] + actions + failed
-                self.state = P.POSTPONED  # re-checked at the runner's first power reading
+                    self._go("rehashed")  # re-checked at the runner's first power reading
+                else:
+                    self._go("resume_postponed")  # likewise
+            else:
+                self._go("resume")
         return [self._agent_state()] + actions
 
     # ---- connection ------------------------------------------------------------------------
@@ -884,7 +892,7 @@ class UpdateCore:
             return [self._health()] + self.tick(now)
         if self.state == P.TRIAL and not self.connected:
             if now - self.trial_started > self.settings.trial_timeout:
-                self.state = P.REBOOTING  # the boot selector counts the failed attempt
+                self._go("trial_timeout")  # the boot selector counts the failed attempt
                 return [(A_TRIAL_FAILED, "broker not reached within %d ms" % self.settings.trial_timeout), (A_REBOOT,)]
             return []
         if self.state != P.DOWNLOADING or not self.connected:
