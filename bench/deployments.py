@@ -33,7 +33,7 @@ from bench.campaign_engine import _database
 from fota.examples import hello_files
 from fota.server.deployments import create_deployment, expire_jobs
 from fota.server.releases import create_release
-from fota.server.service import ControlCenter
+from fota.server.center import ControlCenter
 from fota.server.store import Device, Job, Store, utcnow
 from fota.tools.bundle import pack_files
 from fota.tools.keyring import Signer
@@ -80,10 +80,10 @@ def run(url: str, n: int, sqlite_max_variables: int = 0) -> dict:
                                        campaign_interval=None)
                 try:
                     job_ids = [j.id for j in dep.jobs]
-                    mark_sent, _ = _timed(lambda: center._mark_sent(job_ids))
-                    refresh, states = _timed(lambda: center._job_states_by_id(job_ids))
+                    mark_sent, _ = _timed(lambda: center.sender.mark_sent(job_ids))
+                    refresh, states = _timed(lambda: center.jobs.states_by_id(job_ids))
                 finally:
-                    center._db.shutdown()
+                    center.db.shutdown()
                 expire, expired = _timed(lambda: _expire(store, dep))
         with store.session() as s:
             jobs = s.scalar(select(func.count()).select_from(Job).where(Job.kind == "update"))

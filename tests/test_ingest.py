@@ -17,7 +17,8 @@ from fota.server.deployments import create_deployment, device_history
 from fota.server.fleet import provision_device
 from fota.server.ingest import Incoming, write_batch
 from fota.server.releases import create_release
-from fota.server.service import SEND_BATCH, ControlCenter, parse_status
+from fota.server.center import ControlCenter, parse_status
+from fota.server.center.sender import SEND_BATCH
 from fota.server.store import Device, Job, StatusEvent, Store, utcnow
 from fota.tools.keyring import Signer
 from fota.tools.signing import generate_private_key
@@ -456,10 +457,10 @@ def test_chunk_packets_are_what_gmqtt_would_send(size):
     from gmqtt.mqtt.constants import MQTTv50
     from gmqtt.mqtt.package import PublishPacket
 
-    from fota.server.service import _publish_packet
+    from fota.gmqtt_adapter import publish_packet
 
     class Protocol:
         proto_ver = MQTTv50
     topic, payload = protocol.topic("dev-1", protocol.DATA), os.urandom(size)
     _, expected = PublishPacket.build_package(Message(topic, payload, qos=0), Protocol)
-    assert _publish_packet(topic.encode(), payload) == bytes(expected)
+    assert publish_packet(topic.encode(), payload) == bytes(expected)
