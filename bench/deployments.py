@@ -6,7 +6,7 @@ created; then timed:
 * ``create_deployment`` to the N devices by explicit ids (timeout 60 s), and (a second
   release) by tag;
 * the control center's bookkeeping of N live jobs, without a broker: marking them sent
-  (``_mark_sent``), re-reading their states (``_job_states_by_id``, the cache refresh), and
+  (``sender.mark_sent``), re-reading their states (``jobs.states_by_id``, the cache refresh), and
   timing them out once the deployment's timeout passed (``expire_jobs``).
 
 SQLite runs with the bound-parameter cap of its stock build (32,766; Debian's allows 250,000)
