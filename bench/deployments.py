@@ -6,7 +6,7 @@ created; then timed:
 * ``create_deployment`` to the N devices by explicit ids (timeout 60 s), and (a second
   release) by tag;
 * the control center's bookkeeping of N live jobs, without a broker: marking them sent
-  (``_mark_sent``), re-reading their states (``_job_states_by_id``, the cache refresh), and
+  (``sender.mark_sent``), re-reading their states (``jobs.states_by_id``, the cache refresh), and
   timing them out once the deployment's timeout passed (``expire_jobs``).
 
 SQLite runs with the bound-parameter cap of its stock build (32,766; Debian's allows 250,000)
@@ -33,7 +33,7 @@ from bench.campaign_engine import _database
 from fota.examples import hello_files
 from fota.server.deployments import create_deployment, expire_jobs
 from fota.server.releases import create_release
-from fota.server.service import ControlCenter
+from fota.server.center import ControlCenter
 from fota.server.store import Device, Job, Store, utcnow
 from fota.tools.bundle import pack_files
 from fota.tools.keyring import Signer
@@ -80,10 +80,10 @@ def run(url: str, n: int, sqlite_max_variables: int = 0) -> dict:
                                        campaign_interval=None)
                 try:
                     job_ids = [j.id for j in dep.jobs]
-                    mark_sent, _ = _timed(lambda: center._mark_sent(job_ids))
-                    refresh, states = _timed(lambda: center._job_states_by_id(job_ids))
+                    mark_sent, _ = _timed(lambda: center.sender.mark_sent(job_ids))
+                    refresh, states = _timed(lambda: center.jobs.states_by_id(job_ids))
                 finally:
-                    center._db.shutdown()
+                    center.db.shutdown()
                 expire, expired = _timed(lambda: _expire(store, dep))
         with store.session() as s:
             jobs = s.scalar(select(func.count()).select_from(Job).where(Job.kind == "update"))

@@ -181,7 +181,7 @@ def test_home_from_before_the_service_listener_keeps_working(tmp_path):
     from sqlalchemy import select
     from fota.device import protocol as P
     from fota.server.broker import LEGACY_CENTER_ID, free_port
-    from fota.server.service import DRAIN_QUIET
+    from fota.server.center.workgroup import DRAIN_QUIET
     from fota.server.store import StatusEvent
     home = Home(tmp_path / "home")
     home.keyring.init()

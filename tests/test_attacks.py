@@ -14,7 +14,11 @@ from sqlalchemy import select
 
 from fota.device import protocol as P
 from fota.examples import hello_files
-from fota.server import service, workers
+from fota.server import workers
+from fota.server.center import CLIENT_ID
+from fota.server.center import jobs as center_jobs
+from fota.server.center.chunks import ChunkServer
+from fota.server.center.connection import CenterConnection
 from fota.server.broker import SERVER_USER
 from fota.server.deployments import create_deployment
 from fota.server.releases import create_release, update_command
@@ -172,8 +176,8 @@ def test_attack_manifest_of_x_with_chunks_of_y(fleet, monkeypatch):
     x = _release(fleet, "2.0.0", padding=8000)
     y = _release(fleet, "2.0.1", padding=8000)
     assert x.size == y.size
-    real = service.read_blob
-    monkeypatch.setattr(service, "read_blob", lambda rel: real(y) if rel.version == "2.0.0" else real(rel))
+    real = center_jobs.read_blob
+    monkeypatch.setattr(center_jobs, "read_blob", lambda rel: real(y) if rel.version == "2.0.0" else real(rel))
     dep = create_deployment(fleet.store, x, device_ids=[dev])
     j = fleet.wait_job(dep.jobs[0].id)
     assert (j.state, j.code) == ("failed", P.E_HASH_MISMATCH)
@@ -183,8 +187,8 @@ def test_attack_manifest_of_x_with_chunks_of_y(fleet, monkeypatch):
 def test_attack_endless_data_beyond_the_signed_size(fleet, monkeypatch):
     dev = _device(fleet, "atk-endless", **FAST)
     rel = _release(fleet, "2.0.0", padding=5000)
-    real = service.read_blob
-    monkeypatch.setattr(service, "read_blob",
+    real = center_jobs.read_blob
+    monkeypatch.setattr(center_jobs, "read_blob",
                         lambda r: real(r) + os.urandom(300_000) if r.version == "2.0.0" else real(r))
     dep = create_deployment(fleet.store, rel, device_ids=[dev])
     j = fleet.wait_job(dep.jobs[0].id, timeout=60)
@@ -199,13 +203,13 @@ def test_attack_stalled_transfer(fleet, monkeypatch):
     dev = _device(fleet, "atk-stall", **FAST)
     rel = _release(fleet, "2.0.0", padding=100_000)
     served = []
-    real_serve = service.ControlCenter._serve
+    real_serve = ChunkServer.serve
 
     async def serve_then_stall(self, device_id, payload):
         if not served:  # a slow-retrieval attacker: one window of data, then nothing
             served.append(payload)
             await real_serve(self, device_id, payload)
-    monkeypatch.setattr(service.ControlCenter, "_serve", serve_then_stall)
+    monkeypatch.setattr(ChunkServer, "serve", serve_then_stall)
     dep = create_deployment(fleet.store, rel, device_ids=[dev])
     j = fleet.wait_job(dep.jobs[0].id, timeout=60)
     assert (j.state, j.code) == ("failed", P.E_TIMEOUT) and "no chunk for" in j.reason
@@ -267,13 +271,13 @@ def test_attack_device_subscribes_to_another_devices_topics(fleet):
 def _record_disconnects(monkeypatch) -> list[str]:
     """Client ids of the control centers (and workers) the broker disconnected."""
     kicked: list[str] = []
-    real = service.ControlCenter._on_disconnect
+    real = CenterConnection._on_disconnect
 
     def on_disconnect(self, client, packet, exc=None):
-        if not self._closing:
+        if not self.closing:
             kicked.append(self.client_id)
         return real(self, client, packet, exc)
-    monkeypatch.setattr(service.ControlCenter, "_on_disconnect", on_disconnect)
+    monkeypatch.setattr(CenterConnection, "_on_disconnect", on_disconnect)
     return kicked
 
 
@@ -289,7 +293,7 @@ def test_attack_device_credentials_take_over_other_client_ids(tmp_path, broker, 
     (a sleeping device's queued command lost). Its client id is its own username instead."""
     kicked = _record_disconnects(monkeypatch)
     # The real center id (not a test's own); commands go out to sleeping devices too.
-    fleet = Fleet(tmp_path, broker, sqlite_url, client_id=service.CLIENT_ID, require_online=False)
+    fleet = Fleet(tmp_path, broker, sqlite_url, client_id=CLIENT_ID, require_online=False)
     worker = None
     try:
         # A worker beside the center, only to have a worker's id to attack (both store B's
@@ -304,7 +308,7 @@ def test_attack_device_credentials_take_over_other_client_ids(tmp_path, broker, 
         dep = create_deployment(fleet.store, _release(fleet, "2.0.0"), device_ids=[b])
         wait_until(lambda: fleet.job(dep.jobs[0].id).state == "sent", what="the command queued for B")
         time.sleep(0.3)
-        for victim in (b, service.CLIENT_ID, worker.center.client_id):
+        for victim in (b, CLIENT_ID, worker.center.client_id):
             stolen, _ = connect(broker, a, fleet.passwords[a], victim)
             time.sleep(0.5)
             close(stolen)
@@ -316,7 +320,7 @@ def test_attack_device_credentials_take_over_other_client_ids(tmp_path, broker, 
         if worker is not None:
             worker.stop()
         fleet.close()
-        _forget_session(broker, service.CLIENT_ID)
+        _forget_session(broker, CLIENT_ID)
 
 
 def test_attack_takeover_loop_of_the_center_id_loses_no_acknowledged_status(tmp_path, broker, sqlite_url,
@@ -325,7 +329,7 @@ def test_attack_takeover_loop_of_the_center_id_loses_no_acknowledged_status(tmp_
     again with the control center's client id: every status the device got a PUBACK for is
     stored (a takeover with a clean session used to drop the statuses queued for the center)."""
     kicked = _record_disconnects(monkeypatch)
-    fleet = Fleet(tmp_path, broker, sqlite_url, client_id=service.CLIENT_ID)
+    fleet = Fleet(tmp_path, broker, sqlite_url, client_id=CLIENT_ID)
     try:
         a, c = "atk-loop-a", "atk-loop-c"
         for dev in (a, c):
@@ -335,7 +339,7 @@ def test_attack_takeover_loop_of_the_center_id_loses_no_acknowledged_status(tmp_
 
         def take_over():
             while not stop.is_set():
-                stolen, _ = connect(broker, a, fleet.passwords[a], service.CLIENT_ID)
+                stolen, _ = connect(broker, a, fleet.passwords[a], CLIENT_ID)
                 attempts.append(1)
                 time.sleep(0.02)
                 close(stolen)
@@ -366,4 +370,4 @@ def test_attack_takeover_loop_of_the_center_id_loses_no_acknowledged_status(tmp_
         assert sorted(acked - stored()) == [] and kicked == []
     finally:
         fleet.close()
-        _forget_session(broker, service.CLIENT_ID)
+        _forget_session(broker, CLIENT_ID)

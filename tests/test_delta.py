@@ -203,7 +203,7 @@ def test_image_delta_through_mosquitto_and_corrupt_patch_rejected(fleet):
     # A corrupted patch (its description signed for the corrupt bytes, so only the decoder and
     # the manifest's hash can catch it): E_DELTA, nothing bootable, the device keeps 20.0.0.
     center = fleet.center.center
-    real = center._delta_for
+    real = center.sender.delta_for
 
     def corrupt(release, inventory):
         info = real(release, inventory)
@@ -212,11 +212,11 @@ def test_image_delta_through_mosquitto_and_corrupt_patch_rejected(fleet):
         info.data = bytes(bad)
         info.sha256 = hashlib.sha256(info.data).hexdigest()
         return info
-    center._delta_for = corrupt
+    center.sender.delta_for = corrupt
     try:
         j = _deploy(fleet, rel2, dev)
     finally:
-        center._delta_for = real
+        del center.sender.delta_for  # the method again
     assert (j.state, j.code) == ("failed", P.E_DELTA), (j.state, j.code, j.reason)
     assert j.delta_id is not None
     rec = fleet.boot_record(dev)
@@ -272,12 +272,12 @@ def test_patch_for_another_base_is_refused_before_writing(fleet):
     rel1 = create_release(fleet.store, fleet.blobs, fleet.key, pack_files(hello_files("40.0.0")), "40.0.0", ["unix"])
     rel2 = create_release(fleet.store, fleet.blobs, fleet.key, pack_files(hello_files("40.1.0")), "40.1.0", ["unix"])
     center = fleet.center.center
-    real = center._delta_for
-    center._delta_for = lambda release, inventory: real(release, dict(inventory, image=rel1.sha256))
+    real = center.sender.delta_for
+    center.sender.delta_for = lambda release, inventory: real(release, dict(inventory, image=rel1.sha256))
     try:
         j = _deploy(fleet, rel2, dev)
     finally:
-        center._delta_for = real
+        del center.sender.delta_for  # the method again
     assert (j.state, j.code) == ("failed", P.E_BASE_MISMATCH), (j.state, j.code, j.reason)
     assert j.delta_id is not None
     assert fleet.running_version(dev) == "1.0.0"

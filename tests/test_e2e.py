@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fota.device import protocol as P
 from fota.examples import hello_files
-from fota.server import service
+from fota.server.center import jobs as center_jobs
 from fota.server.deployments import create_deployment, device_history
 from fota.server.releases import create_release, update_command
 from fota.tools.brokerspy import BrokerSpy
@@ -81,14 +81,14 @@ def test_forged_and_foreign_signatures_and_flipped_chunk_are_rejected(fleet, mon
     # 1. a bit flipped in one chunk on the way: the chunk server's copy is altered (the
     #    stored blob is checked against its manifest when read, so corrupt it after that).
     flipped = _release(fleet, "2.0.3", padding=9000)
-    real_read_blob = service.read_blob
+    real_read_blob = center_jobs.read_blob
 
     def read_flipped(release):
         data = bytearray(real_read_blob(release))
         if release.version == "2.0.3":
             data[5000] ^= 0x10
         return bytes(data)
-    monkeypatch.setattr(service, "read_blob", read_flipped)
+    monkeypatch.setattr(center_jobs, "read_blob", read_flipped)
     dep = create_deployment(fleet.store, flipped, device_ids=[dev])
     j = fleet.wait_job(dep.jobs[0].id)
     assert (j.state, j.code) == ("failed", P.E_HASH_MISMATCH)

@@ -17,7 +17,8 @@ from fota.server.deployments import create_deployment, device_history
 from fota.server.fleet import provision_device
 from fota.server.ingest import Incoming, write_batch
 from fota.server.releases import create_release
-from fota.server.service import SEND_BATCH, ControlCenter, parse_status
+from fota.server.center import ControlCenter, parse_status
+from fota.server.center.sender import SEND_BATCH
 from fota.server.store import Device, Job, StatusEvent, Store, utcnow
 from fota.tools.keyring import Signer
 from fota.tools.signing import generate_private_key
@@ -447,19 +448,3 @@ def test_sender_does_not_wait_between_full_batches(db_url, broker, tmp_path):
     finally:
         store.dispose()
 
-
-@pytest.mark.parametrize("size", [0, 1, 8, 119, 2056, 16392, 70000])
-def test_chunk_packets_are_what_gmqtt_would_send(size):
-    """The chunk server writes a window of QoS 0 PUBLISH packets at once, encoded by itself:
-    byte for byte gmqtt's MQTT 5 encoding (remaining lengths of 1 to 3 bytes)."""
-    from gmqtt import Message
-    from gmqtt.mqtt.constants import MQTTv50
-    from gmqtt.mqtt.package import PublishPacket
-
-    from fota.server.service import _publish_packet
-
-    class Protocol:
-        proto_ver = MQTTv50
-    topic, payload = protocol.topic("dev-1", protocol.DATA), os.urandom(size)
-    _, expected = PublishPacket.build_package(Message(topic, payload, qos=0), Protocol)
-    assert _publish_packet(topic.encode(), payload) == bytes(expected)

@@ -12,7 +12,7 @@ import time
 
 from fota.device import protocol as P
 from fota.examples import hello_files
-from fota.server import service
+from fota.server.center.chunks import ChunkServer
 from fota.server.deployments import cancel_deployment, create_deployment, deployment_summary, device_history
 from fota.server.releases import create_release, update_command
 from fota.server.store import Job, utcnow
@@ -81,19 +81,19 @@ def test_a_bad_chunk_or_a_redelivered_command_does_not_end_the_job(fleet, monkey
     fleet.add_device(dev)
     fleet.wait_online(dev)
     rel = _release(fleet, "3.0.0", padding=20000)
-    real_serve = service.ControlCenter._serve
+    real_serve = ChunkServer.serve
     bad_sent, go_on = [], threading.Event()
 
     async def serve_with_a_bad_chunk_first(self, device_id, payload, forwarded=False):
         if not bad_sent:  # on the same connection, so it reaches the device before the real chunks
             job = json.loads(payload)["job"]
             bad_sent.append(job)
-            self._client.publish(P.topic(device_id, P.DATA), struct.pack(P.CHUNK_HEADER, job, 9999) + b"x" * 64,
-                                 qos=0)
+            self.mqtt.publish(P.topic(device_id, P.DATA), struct.pack(P.CHUNK_HEADER, job, 9999) + b"x" * 64,
+                              qos=0)
         elif not go_on.is_set():
             return  # the download waits (the device asks again) until both refusals are stored
         await real_serve(self, device_id, payload, forwarded)
-    monkeypatch.setattr(service.ControlCenter, "_serve", serve_with_a_bad_chunk_first)
+    monkeypatch.setattr(ChunkServer, "serve", serve_with_a_bad_chunk_first)
     dep = create_deployment(fleet.store, rel, device_ids=[dev])
     job = dep.jobs[0].id
     wait_until(lambda: fleet.spy.of(dev, job), what="first status")
@@ -111,13 +111,13 @@ def test_deployment_cancel_stops_a_download_and_never_sends_a_pending_job(fleet,
     fleet.add_device(asleep, start=False)  # never connected: its job waits, pending
     fleet.wait_online(busy)
     served = []
-    real_serve = service.ControlCenter._serve
+    real_serve = ChunkServer.serve
 
     async def serve_one_window(self, device_id, payload, forwarded=False):
         if not served:  # one window of data, then nothing: the download stays in progress
             served.append(payload)
             await real_serve(self, device_id, payload, forwarded)
-    monkeypatch.setattr(service.ControlCenter, "_serve", serve_one_window)
+    monkeypatch.setattr(ChunkServer, "serve", serve_one_window)
     dep = create_deployment(fleet.store, _release(fleet, "5.0.0", padding=100_000), device_ids=[busy, asleep])
     running, pending = (j.id for j in dep.jobs)
     fleet.wait_job(running, states=("downloading",))

@@ -22,7 +22,8 @@ from fota.device import protocol as P
 from fota.server.deployments import DONE, PENDING, SENT, create_deployment
 from fota.server.ingest import Incoming
 from fota.server.releases import create_release
-from fota.server.service import ControlCenter, _JobInfo
+from fota.server.center import ControlCenter
+from fota.server.center.jobs import JobInfo
 from fota.server.store import Deployment, Device, Job, StatusEvent, Store, utcnow
 from fota.tools.keyring import Signer
 from fota.tools.signing import generate_private_key
@@ -50,7 +51,7 @@ def big(tmp_path, db_url):
     center = ControlCenter(store, "mqtt://127.0.0.1:1", tmp_path / "blobs", signer=Signer(key),
                            campaign_interval=None)
     yield store, release, ids, center
-    center._db.shutdown()
+    center.db.shutdown()
     store.dispose()
 
 
@@ -75,18 +76,19 @@ def test_a_deployment_to_40000_devices_is_created_sent_refreshed_ingested_and_ti
             (PENDING, "update", release.size, N)]
 
     # the sender marks them sent (the chunk server caches each job as it is sent)
-    center._mark_sent(job_ids)
+    center.sender.mark_sent(job_ids)
     with store.session() as s:
         assert s.execute(select(Job.state, func.count(), func.count(Job.sent_at))
                          .where(Job.deployment_id == dep.id).group_by(Job.state)).all() == [(SENT, N, N)]
-    center._jobs.update((j.id, _JobInfo(j.device_id, SENT, b"image")) for j in dep.jobs)
+    for j in dep.jobs:
+        center.jobs.add(j.id, JobInfo(j.device_id, SENT, b"image"))
 
     # the cache refresh picks up states changed outside this process (another worker)
     changed = {job_id: (P.DOWNLOADING if n % 2 else P.CANCELLED) for n, job_id in enumerate(job_ids[::7])}
     with store.session() as s:
         s.execute(update(Job), [{"id": job_id, "state": state} for job_id, state in changed.items()])
-    asyncio.run(center._refresh_cache())
-    for job_id, info in center._jobs.items():
+    asyncio.run(center.jobs.refresh())
+    for job_id, info in center.jobs:
         assert info.state == changed.get(job_id, SENT)
         assert (info.blob is None) == (info.state == P.CANCELLED)
 
@@ -97,7 +99,7 @@ def test_a_deployment_to_40000_devices_is_created_sent_refreshed_ingested_and_ti
     batch = [Incoming(P.STATUS, device_id, {"state": P.FAILED if n % 5 == 0 else P.DOWNLOADING, "job": job_id,
                                             "boot": 1, "seq": 1, "progress": 0.5, "code": None}, now)
              for n, (job_id, device_id) in enumerate(live)]
-    result = center._write_batch(batch, dict.fromkeys(job_ids, 512))
+    result = center.intake.write_batch(batch, dict.fromkeys(job_ids, 512))
     assert result.stored == len(live) and result.finished == {dep.id}
     assert result.job_states == {job_id: P.FAILED if n % 5 == 0 else P.DOWNLOADING
                                  for n, (job_id, _) in enumerate(live)}
@@ -110,7 +112,7 @@ def test_a_deployment_to_40000_devices_is_created_sent_refreshed_ingested_and_ti
     # the deployment's timeout passes: its open jobs time out (one UPDATE) and it is done
     with store.session() as s:
         s.get(Deployment, dep.id).created_at -= timedelta(hours=2)
-    assert sorted(center._expire()) == sorted(job_id for job_id, state in result.job_states.items()
+    assert sorted(center.sender.expire()) == sorted(job_id for job_id, state in result.job_states.items()
                                               if state == P.DOWNLOADING)
     with store.session() as s:
         assert s.get(Deployment, dep.id).state == DONE

@@ -12,7 +12,7 @@ import pytest
 from fota.device import core as C
 from fota.device import protocol as P
 from fota.device.runner import Device
-from fota.server.service import parse_request, parse_status
+from fota.server.center import parse_request, parse_status
 from fota.tools.devicedir import create_device_dir
 from test_core import SIGNING_KEY, TRUST, Harness, cmd, make_update
 

@@ -34,7 +34,7 @@ from fota.server.fleet import (
     provision_device,
 )
 from fota.server.releases import ReleaseError, build_manifest, create_release, get_release, list_releases, read_blob
-from fota.server.service import CLIENT_ID, ControlCenter
+from fota.server.center import CLIENT_ID, ControlCenter
 from fota.server.store import Device, Job, Store
 from fota.tools import bundle
 from fota.tools.keyring import Signer

@@ -20,7 +20,7 @@ from fota.server.fleet import provision_device
 from fota.server.ingest import Incoming, write_batch
 from fota.server.releases import create_release
 from fota.server.retention import Retention, prune
-from fota.server.service import parse_status
+from fota.server.center import parse_status
 from fota.server.statuses import StatusLimiter, StatusRefused, stored_payload
 from fota.server.store import Campaign, CampaignDevice, Job, StatusEvent, Store, utcnow
 from fota.tools.signing import generate_private_key
@@ -232,7 +232,7 @@ def test_a_nul_status_does_not_slow_other_devices(store, broker, tmp_path, caplo
                 hostile.status(None, "health", ok=False, reason="bad\u0000byte")
         await until(lambda: _events(store, other.id) == 200, timeout=30, what="the other device's statuses")
         assert center.refused == 20
-    with caplog.at_level(logging.WARNING, logger="fota.server.service"):
+    with caplog.at_level(logging.WARNING, logger="fota.server.center.intake"):
         # the other device sends faster than any real one: no rate limit in the way here
         with_center(store, broker, tmp_path, body, [hostile, other],
                     status_limiter=StatusLimiter(rate=1000, burst=1000))

@@ -121,7 +121,7 @@ def test_plain_mqtt_to_the_tls_port_fails(tls_broker):
 
 
 def test_control_center_verifies_the_broker_with_the_given_context(tls_broker, sqlite_url, tmp_path):
-    from fota.server.service import ControlCenter
+    from fota.server.center import ControlCenter
     from fota.server.store import Store
     ring = Keyring(tmp_path / "keys")
     ring.init()

@@ -278,7 +278,7 @@ def test_a_status_older_than_the_stored_ones_does_not_move_its_job_back(db_url, 
     """Two workers may ingest one device's statuses in either order (round robin): a job
     takes a status only if its (boot, seq) is newer than every stored one of that job."""
     from fota.server.ingest import Incoming
-    from fota.server.service import ControlCenter
+    from fota.server.center import ControlCenter
     store = Store(db_url)
     center = None
     try:
@@ -294,7 +294,7 @@ def test_a_status_older_than_the_stored_ones_does_not_move_its_job_back(db_url, 
         def status(state, boot, seq):
             msg = {"job": job_id, "state": state, "code": None, "reason": None, "progress": 0.5, "boot": boot,
                    "seq": seq, "version": "1.0.0"}
-            center._write_batch([Incoming("status", "ooo-1", msg, utcnow())], {})
+            center.intake.write_batch([Incoming("status", "ooo-1", msg, utcnow())], {})
             with store.session() as s:
                 return s.get(Job, job_id).state
 
@@ -307,8 +307,7 @@ def test_a_status_older_than_the_stored_ones_does_not_move_its_job_back(db_url, 
             assert s.scalar(select(func.count()).select_from(StatusEvent)) == 5
     finally:
         if center is not None:
-            center._db.shutdown()
-            center._campaign_db.shutdown()
+            center.db.shutdown()
         store.dispose()
 
 
@@ -442,7 +441,7 @@ def test_each_job_is_served_by_its_own_worker_in_order(tmp_path, broker):
         centers, sim = [], None
         try:
             centers = [CenterThread(store, broker.server_url, tmp_path / "blobs", **settings).start() for _ in (1, 2)]
-            wait_until(lambda: all(c.center._live == {c2.center.client_id for c2 in centers} for c in centers),
+            wait_until(lambda: all(c.center.workgroup.live == {c2.center.client_id for c2 in centers} for c in centers),
                        timeout=30, what="each worker sees both alive")
             fleet = SimFleet.build(passwords, host=broker.host, port=broker.port, root_key=keyring.root_public(),
                                    trust=keyring.trust())

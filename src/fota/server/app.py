@@ -86,7 +86,7 @@ def managed_broker(home: Home, store) -> Mosquitto:
 @contextlib.asynccontextmanager
 async def control_center(home: Home, manage_broker: bool = True, **settings):
     """Start everything a home needs; yields the running ControlCenter."""
-    from fota.server.service import ControlCenter
+    from fota.server.center import ControlCenter
     store = home.store()
     broker = managed_broker(home, store) if home.managed_broker and manage_broker else None
     ring = home.keyring

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 SERVER_USER = "fota-server"
 # The control center's client id before the service listener existed. Valid as a device id, so
 # reserved (as SERVER_USER is): a home upgraded from then may still hold that persistent session
-# with statuses in it, which the center drains once (ControlCenter._drain_legacy).
+# with statuses in it, which the center drains once (fota.server.center.workgroup).
 LEGACY_CENTER_ID = "fota-center"
 RESERVED_DEVICE_IDS = frozenset({SERVER_USER, LEGACY_CENTER_ID})
 
@@ -31,7 +31,7 @@ RESERVED_DEVICE_IDS = frozenset({SERVER_USER, LEGACY_CENTER_ID})
 #                     device's client id is its username = its device id, whatever it asks for.
 #                     No device account can take another device's client id or its session.
 #   service listener  127.0.0.1 only, the server account only: the control center and its
-#                     workers, with client ids of their own (fota.server.service.CLIENT_ID,
+#                     workers, with client ids of their own (fota.server.center.connection.CLIENT_ID,
 #                     fota.server.workers.new_worker_id) that contain ':', which no device id
 #                     can (fota.device.protocol.valid_device_id): no device can take them either.
 DEVICE_PASSWORDS = "passwords"

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import insert, literal, select, update
+from sqlalchemy import exists, insert, literal, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -19,7 +19,7 @@ from fota.server.store.inlists import chunks
 __all__ = ["ACTIVE", "CANCEL", "CANCELLED", "DONE", "FINAL_STATES", "HISTORY_LIMIT", "HISTORY_MAX_LIMIT", "PENDING",
            "SENT", "TERMINAL_STATES", "TIMED_OUT", "UPDATE", "DeploymentError", "DeploymentNotFound",
            "DeploymentStateError", "cancel_deployment", "create_deployment", "deployment_summary", "device_history",
-           "expire_jobs", "history_page", "list_deployments"]
+           "expire_jobs", "finish_deployments", "history_page", "list_deployments"]
 
 # Job states on the server side: 'pending' (not yet sent), 'sent', then the device's states,
 # or 'timed_out' (set by the control center: no final status within the deployment's timeout).
@@ -165,6 +165,18 @@ def expire_jobs(session: Session, now: datetime) -> dict[int, set[int]]:
             expired[dep_id] = set(ids)
         _queue_cancels(session, dep_id, cancellable, now)
     return expired
+
+
+def finish_deployments(session: Session, deployment_ids: set[int]) -> None:
+    """Mark ``done`` those of the (active) deployments whose update jobs all ended."""
+    session.flush()
+    # NOT EXISTS stops at a deployment's first open job (reading all of them cost a row per
+    # open job of a big deployment at every batch that ended one of its jobs).
+    for ids in chunks(sorted(deployment_ids)):
+        session.execute(update(Deployment).where(
+            Deployment.id.in_(ids), Deployment.state == ACTIVE,  # (a cancelled one stays cancelled)
+            ~exists().where(Job.deployment_id == Deployment.id, Job.kind == UPDATE,
+                            Job.state.not_in(TERMINAL_STATES))).values(state=DONE))
 
 
 def _queue_cancels(session: Session, deployment_id: int, jobs: Iterable[tuple[int, str]], now: datetime) -> None:

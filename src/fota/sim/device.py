@@ -23,6 +23,7 @@ from gmqtt import Client as MQTTClient
 from gmqtt import Message, Subscription
 from gmqtt.mqtt.constants import MQTTv311
 
+from fota import gmqtt_adapter
 from fota.device import boot as bootrec
 from fota.device import core as C
 from fota.device import protocol as P
@@ -242,7 +243,7 @@ class SimDevice:
         if client is None or self._lost:
             return False
         try:
-            await asyncio.wait_for(client._persistent_storage.wait_empty(), ACK_TIMEOUT)
+            await asyncio.wait_for(gmqtt_adapter.wait_acked(client), ACK_TIMEOUT)
         except TimeoutError:
             return False
         return not self._lost and client is self.client
