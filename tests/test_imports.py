@@ -2,10 +2,13 @@
 run when a module is imported; imports inside functions run only when used).
 
 - no import cycle among fota's modules;
+- `fota` commands do not import the device runner or SQLAlchemy to show their help.
 """
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,3 +132,13 @@ def test_the_cycle_check_finds_a_cycle():
     edges = _edges(nested=False)
     edges["fota.cli_common"] = edges["fota.cli_common"] | {"fota.cli"}
     assert _cycles(edges) == [["fota.campaign_cli", "fota.cli_common", "fota.cli", "fota.campaign_cli"]]
+
+
+def test_the_help_imports_neither_the_device_runner_nor_sqlalchemy():
+    code = ("import sys; sys.argv = ['fota', '--help']; from fota.cli import main\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('fota.device.runner', 'sqlalchemy', "
+            "'fota.tools.supervisor', 'asyncio'))))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout[-500:]

@@ -1,9 +1,9 @@
 """The `fota` command (Typer + Rich). Every command works on a fota home (--home or $FOTA_HOME)."""
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -16,7 +16,7 @@ from fota.cli_common import CLIError, HomeOpt, audit, console, err, fail, make_u
 from fota.deployment_view import progress_view, refresh_live, render_status
 from fota.device import protocol as P
 from fota.server.home import Home, HomeError
-from fota.tools.supervisor import DEFAULT_HEAP
+from fota.tools.defaults import DEFAULT_HEAP
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Signed firmware updates over MQTT for fleets of MicroPython devices.")
@@ -435,6 +435,8 @@ def serve(home: Optional[Path] = HomeOpt,
 
     On PostgreSQL it runs as --workers processes ('fota worker') sharing MQTT v5 shared
     subscriptions and the database; on SQLite as one process (docs/operations.md)."""
+    import asyncio
+
     from fota.server.app import ServeError, is_sqlite, run_control_center, sqlite_single_lock, supervise_workers
     h = Home.locate(home)
     if not h.keyring.exists():
@@ -465,6 +467,8 @@ def worker(home: Optional[Path] = HomeOpt,
            history_keep: Optional[int] = HistoryKeepOpt, history_days: Optional[float] = HistoryDaysOpt):
     """Run one control-center worker (PostgreSQL; no managed broker): 'fota serve --workers N'
     starts these, or start them yourself on several hosts against one database and broker."""
+    import asyncio
+
     from fota.server.app import EXIT_FENCED, is_sqlite, run_worker
     from fota.server.workers import SingleWorkerError
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
@@ -505,6 +509,7 @@ def simulate(devices: int = typer.Option(100, "--devices", min=1, help="number o
     Devices are provisioned on first use; their broker passwords are kept in <home>/sim/<prefix>.json.
     Roll out with 'fota deploy RELEASE --tag sim' while 'fota serve' runs.
     """
+    import asyncio
     import json
 
     from fota.server.fleet import FleetError
@@ -580,12 +585,22 @@ def main() -> None:
     # Whatever fota creates (home, database, keys, broker state, device directories) is private
     # to its owner; the code also sets the modes explicitly (fota.tools.private).
     os.umask(0o077)
-    from fota.server.kek import KekError
     try:
         app(standalone_mode=True)
-    except (CLIError, KekError) as e:  # KekError: no key-encryption key, or not the one that wrapped the keys
-        err.print(f"[red]error:[/red] {e}", soft_wrap=True)
-        raise SystemExit(1)
+    except CLIError as e:
+        _exit_with(str(e))
+    except Exception as e:
+        # KekError: no key-encryption key, or not the one that wrapped the keys. Looked up only
+        # once raised: importing fota.server.kek (SQLAlchemy) costs `fota --help` ~100 ms.
+        kek = sys.modules.get("fota.server.kek")
+        if kek is None or not isinstance(e, kek.KekError):
+            raise
+        _exit_with(str(e))
+
+
+def _exit_with(message: str) -> None:
+    err.print(f"[red]error:[/red] {message}", soft_wrap=True)
+    raise SystemExit(1)
 
 
 if __name__ == "__main__":

