@@ -14,6 +14,7 @@ from rich.table import Table
 from fota.campaign_cli import campaign_app
 from fota.cli_common import CLIError, HomeOpt, audit, console, err, fail, make_unix_device, open_store
 from fota.deployment_view import progress_view, refresh_live, render_status
+from fota.extras import missing_module_message
 from fota.device import protocol as P
 from fota.server.home import Home, HomeError
 from fota.tools.defaults import DEFAULT_HEAP
@@ -589,6 +590,11 @@ def main() -> None:
         app(standalone_mode=True)
     except CLIError as e:
         _exit_with(str(e))
+    except ModuleNotFoundError as e:  # a command of an extra that is not installed
+        message = missing_module_message(e)
+        if message is None:
+            raise
+        _exit_with(message)
     except Exception as e:
         # KekError: no key-encryption key, or not the one that wrapped the keys. Looked up only
         # once raised: importing fota.server.kek (SQLAlchemy) costs `fota --help` ~100 ms.
@@ -599,7 +605,8 @@ def main() -> None:
 
 
 def _exit_with(message: str) -> None:
-    err.print(f"[red]error:[/red] {message}", soft_wrap=True)
+    from rich.markup import escape  # the message is text: "fota[server]" is no markup
+    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     raise SystemExit(1)
 
 

