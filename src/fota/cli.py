@@ -187,19 +187,23 @@ def _refresh_broker_passwords(h: Home, store) -> None:
 @device_app.command("run")
 def device_run(device_id: str, heap: str = typer.Option(DEFAULT_HEAP, help="MicroPython heap size"),
                home: Optional[Path] = HomeOpt):
-    """Run a unix-port device under the supervisor (restarts it on reboot) until Ctrl-C."""
-    from fota.tools.supervisor import DeviceProcess
+    """Run a unix-port device under the supervisor (restarts it on reboot) until Ctrl-C (or
+    SIGTERM, SIGHUP); its MicroPython process ends with it."""
+    from fota.tools.supervisor import DeviceProcess, SupervisorError, find_micropython, run_in_foreground
     h = Home.locate(home)
     root = h.devices_dir / device_id
     if not (root / "config.json").exists():
         fail(f"no device directory {root}: create it with 'fota device add {device_id} --unix-dir ...'")
-    proc = DeviceProcess(root, heap=heap).start()
-    console.print(f"device {device_id} running (log: {proc.log_path}); Ctrl-C to stop")
     try:
-        while True:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        proc.stop()
+        find_micropython()
+    except SupervisorError as e:
+        fail(str(e))
+    proc = DeviceProcess(root, heap=heap)
+    stopped_by = run_in_foreground(proc, on_start=lambda proc: console.print(
+        f"device {device_id} running (log: {proc.log_path}); Ctrl-C to stop"))
+    if stopped_by is None and proc.exits[-1:] != [0]:
+        fail(f"device {device_id}: its agent ended {len(proc.exits)} time(s), last with exit code "
+             f"{proc.exits[-1] if proc.exits else None}; the supervisor gave up (log: {proc.log_path})")
 
 
 @app.command("devices")
