@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 
 from fota.tools.supervisor import DeviceProcess, run_in_foreground
 
-from test_cli import background, fota
+from test_cli import FOTA, background, fota
 
 
 def agent_pids(device_dir: Path) -> set[int]:
@@ -110,3 +111,25 @@ def test_a_terminal_ctrl_c_reaches_only_the_supervisor(device_home):
         for pid in agent_pids(device_dir):
             os.kill(pid, signal.SIGKILL)
 
+
+
+def test_nohup_keeps_a_hangup_ignored(device_home):
+    """Started under nohup (SIGHUP ignored), `fota device run` survives a hangup as before."""
+    home, device_dir = device_home
+    env = dict(os.environ, FOTA_HOME=str(home))
+    run = subprocess.Popen(["nohup", *FOTA, "device", "run", "stopper"], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True, cwd=home)
+    try:
+        agent, = wait_for(lambda: agent_pids(device_dir), 30, "the agent to start")
+        os.kill(run.pid, signal.SIGHUP)
+        time.sleep(1)
+        assert run.poll() is None and agent_pids(device_dir) == {agent}
+        os.kill(run.pid, signal.SIGTERM)
+        assert run.wait(15) == 0
+        assert not agent_pids(device_dir)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+        for pid in agent_pids(device_dir):
+            os.kill(pid, signal.SIGKILL)

@@ -178,11 +178,13 @@ def run_in_foreground(proc: DeviceProcess, on_start=None, poll: float = 0.2) -> 
     its restart loop ends; the agent is stopped on every way out, an exception included.
 
     The handlers only set a flag (stop() runs here, not inside a handler, so a second signal
-    cannot interrupt it); they stay until the agent is gone. on_start(proc): after the start.
+    cannot interrupt it); they stay until the agent is gone. A signal ignored when it starts stays
+    ignored. on_start(proc): after the start.
     Returns the signal that stopped it, None if its restart loop ended.
     """
     stopping = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: stopping.append(signum)) for sig in STOP_SIGNALS}
+    previous = {sig: signal.signal(sig, lambda signum, frame: stopping.append(signum)) for sig in STOP_SIGNALS
+                if signal.getsignal(sig) is not signal.SIG_IGN}  # nohup, a script's background job: still ignored
     try:
         proc.start()
         if on_start is not None:
