@@ -148,7 +148,8 @@ def test_control_center_verifies_the_broker_with_the_given_context(tls_broker, s
 
 def test_home_managed_broker_with_tls_init(tmp_path):
     from typer.testing import CliRunner
-    from fota.cli import _make_unix_device, app
+    from fota.cli import app
+    from fota.cli_common import make_unix_device
     from fota.server.app import control_center
     from fota.server.fleet import list_devices, provision_device
     from fota.server.home import Home
@@ -163,7 +164,7 @@ def test_home_managed_broker_with_tls_init(tmp_path):
     assert home.config()["broker_tls"] and home.broker_url.startswith("mqtts://")
     store = Store(home.database_url)
     _, password = provision_device(store, "home-tls-1", "unix")
-    root = _make_unix_device(home, "home-tls-1", "unix", password)
+    root = make_unix_device(home, "home-tls-1", "unix", password)
     assert json.loads((root / "config.json").read_text())["broker"]["tls"] is True
 
     async def scenario():

@@ -7,41 +7,18 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
-from rich.console import Console, Group
+from rich.console import Group
 from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
+from fota.cli_common import HomeOpt, console, fail, open_store
 from fota.server.home import Home
 
 campaign_app = typer.Typer(no_args_is_help=True, help="Staged rollouts: waves, thresholds, pacing.")
 
-HomeOpt = typer.Option(None, "--home", envvar="FOTA_HOME", help="fota home directory (default ./.fota)")
 FINISHED = ("done", "aborted")
 KEY_CHECKED_ACTIONS = ("start", "resume")  # they send the release: its signing key must be trusted
-
-
-console = Console()
-err = Console(stderr=True)
-
-
-class _Helpers:
-    """What the commands need: a store, one-line errors (no traceback), the console."""
-
-    console = console
-
-    @staticmethod
-    def _fail(message: str) -> None:
-        err.print(f"[red]error:[/red] {message}")
-        raise typer.Exit(1)
-
-    @staticmethod
-    def _store(home: Home):
-        return home.store()
-
-
-def _cli() -> type[_Helpers]:
-    return _Helpers
 
 
 def _spec_from_options(spec_file: Optional[Path], options: dict[str, Any]) -> dict[str, Any]:
@@ -50,9 +27,9 @@ def _spec_from_options(spec_file: Optional[Path], options: dict[str, Any]) -> di
         try:
             spec = json.loads(spec_file.read_text())
         except (OSError, ValueError) as e:
-            _cli()._fail(f"cannot read the spec file {spec_file}: {e}")
+            fail(f"cannot read the spec file {spec_file}: {e}")
         if not isinstance(spec, dict):
-            _cli()._fail("the spec file must hold a JSON object")
+            fail("the spec file must hold a JSON object")
     filt = dict(spec.get("filter") or {})
     for key in ("hardware", "tags", "versions", "devices"):
         if options[key]:
@@ -62,7 +39,7 @@ def _spec_from_options(spec_file: Optional[Path], options: dict[str, Any]) -> di
     for item in options["where"]:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            _cli()._fail(f"--where needs KEY=VALUE, not {item!r}")
+            fail(f"--where needs KEY=VALUE, not {item!r}")
         try:
             filt.setdefault("inventory", {})[key] = json.loads(value)
         except ValueError:
@@ -73,7 +50,7 @@ def _spec_from_options(spec_file: Optional[Path], options: dict[str, Any]) -> di
         try:
             spec["waves"] = [float(p) for p in options["waves"].split(",")]
         except ValueError:
-            _cli()._fail(f"--waves needs percentages like 1,10,50,100, not {options['waves']!r}")
+            fail(f"--waves needs percentages like 1,10,50,100, not {options['waves']!r}")
     if options["approval"]:
         spec["waves"] = [dict(w if isinstance(w, dict) else {"percent": w}, approval=True)
                          for w in spec.get("waves", [1, 10, 50, 100])]
@@ -129,31 +106,29 @@ def create(name: str = typer.Argument(..., help="campaign name"),
     """Create a draft campaign (nothing is sent before 'fota campaign start')."""
     from fota.server import audit
     from fota.server.campaigns import CampaignError, create_campaign
-    cli = _cli()
     options = dict(locals())
     options.update(tags=tag, versions=version, devices=device)
     spec = _spec_from_options(spec_file, options)
     h = Home.locate(home)
-    store = cli._store(h)
+    store = open_store(h)
     try:
         with audit.transaction(store) as tx:
             c = create_campaign(tx, name, release, spec, trust=h.keyring.trust())
             tx.record(audit.cli_actor(), "campaign.create", f"campaign:{c.name}",
                       {"id": c.id, "release": release, "spec": c.spec})
     except CampaignError as e:
-        cli._fail(str(e))
-    cli.console.print(f"campaign {c.name} (id {c.id}): release {release}, {len(c.spec['waves'])} wave(s), draft")
+        fail(str(e))
+    console.print(f"campaign {c.name} (id {c.id}): release {release}, {len(c.spec['waves'])} wave(s), draft")
 
 
 def _act(action: str, name: str, home: Optional[Path]) -> None:
     from fota.server import audit
     from fota.server.campaigns import (CampaignError, abort_campaign, check_campaign_key, pause_campaign,
                                        resume_campaign, start_campaign)
-    cli = _cli()
     fn = {"start": start_campaign, "pause": pause_campaign, "resume": resume_campaign,
           "abort": abort_campaign}[action]
     h = Home.locate(home)
-    store = cli._store(h)
+    store = open_store(h)
     try:
         if action in KEY_CHECKED_ACTIONS:
             check_campaign_key(store, name, h.keyring.trust())
@@ -161,8 +136,8 @@ def _act(action: str, name: str, home: Optional[Path]) -> None:
             c = fn(tx, name)
             tx.record(audit.cli_actor(), f"campaign.{action}", f"campaign:{c.name}", {"id": c.id, "state": c.state})
     except CampaignError as e:
-        cli._fail(str(e))
-    cli.console.print(f"campaign {c.name}: {c.state}" + (f" ({c.reason})" if c.reason else ""))
+        fail(str(e))
+    console.print(f"campaign {c.name}: {c.state}" + (f" ({c.reason})" if c.reason else ""))
 
 
 def _state_command(action: str, help_text: str) -> None:
@@ -186,14 +161,13 @@ for _action, _help in (
 def list_(home: Optional[Path] = HomeOpt):
     """Every campaign with its state and progress."""
     from fota.server.campaigns import campaign_summary, list_campaigns
-    cli = _cli()
-    store = cli._store(Home.locate(home))
+    store = open_store(Home.locate(home))
     t = Table("id", "name", "release", "state", "wave", "succeeded", "progress")
     for c in list_campaigns(store):
         s = campaign_summary(store, c.id, devices=False)
         t.add_row(str(s["id"]), s["name"], s["release"], s["state"], f"{s['wave']}/{s['waves_total']}",
                   f"{s['counts'].get('succeeded', 0)}/{s['total']}", f"{s['progress']:.0%}")
-    cli.console.print(t)
+    console.print(t)
 
 
 def render(summary: dict[str, Any], devices: bool) -> Group:
@@ -228,21 +202,20 @@ def status(name: Optional[str] = typer.Argument(None, help="campaign name or id 
            home: Optional[Path] = HomeOpt):
     """Per-wave progress (and per-device states with --devices)."""
     from fota.server.campaigns import CampaignError, campaign_summary, list_campaigns
-    cli = _cli()
-    store = cli._store(Home.locate(home))
+    store = open_store(Home.locate(home))
     if name is None:
         campaigns = list_campaigns(store)
         if not campaigns:
-            cli._fail("no campaigns")
+            fail("no campaigns")
         name = str(campaigns[-1].id)
     try:
         summary = campaign_summary(store, name, devices=devices)
     except CampaignError as e:
-        cli._fail(str(e))
+        fail(str(e))
     if not watch:
-        cli.console.print(render(summary, devices))
+        console.print(render(summary, devices))
         return
-    with Live(render(summary, devices), console=cli.console, refresh_per_second=4) as live:
+    with Live(render(summary, devices), console=console, refresh_per_second=4) as live:
         while summary["state"] not in FINISHED:
             time.sleep(interval)
             summary = campaign_summary(store, name, devices=devices)

@@ -1,21 +1,23 @@
 """The `fota` command (Typer + Rich). Every command works on a fota home (--home or $FOTA_HOME)."""
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
+from fota.campaign_cli import campaign_app
+from fota.cli_common import CLIError, HomeOpt, audit, console, err, fail, make_unix_device, open_store
+from fota.deployment_view import progress_view, refresh_live, render_status
+from fota.extras import missing_module_message
 from fota.device import protocol as P
 from fota.server.home import Home, HomeError
-from fota.tools.supervisor import DEFAULT_HEAP
+from fota.tools.defaults import DEFAULT_HEAP
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Signed firmware updates over MQTT for fleets of MicroPython devices.")
@@ -31,40 +33,17 @@ broker_app = typer.Typer(no_args_is_help=True, help="The managed Mosquitto.")
 app.add_typer(broker_app, name="broker")
 deployment_app = typer.Typer(no_args_is_help=True, help="Deployments (fota deploy creates them).")
 app.add_typer(deployment_app, name="deployment")
-
-console = Console()
-err = Console(stderr=True)
-
-HomeOpt = typer.Option(None, "--home", envvar="FOTA_HOME", help="fota home directory (default ./.fota)")
-
-
-class CLIError(Exception):
-    """An error for the operator: printed in one line, exit code 1, no traceback."""
-
-
-def _fail(message: str) -> None:
-    raise CLIError(message)
-
-
-def _store(home: Home):
-    """The home's database; the home made private and plain keys wrapped first (Home.store)."""
-    return home.store()
-
-
-def _audit(store, action: str, target: str, detail: dict | None = None) -> None:
-    """Record a CLI action in the audit log (actor "cli:<os user>")."""
-    from fota.server import audit
-    audit.record(store, audit.cli_actor(), action, target, detail)
+app.add_typer(campaign_app, name="campaign")
 
 
 def _signing_key(home: Home):
     from fota.tools.signing import SigningError
     if not home.keyring.exists():
-        _fail(f"no signing key in {home.keys}: run 'fota keys init' first")
+        fail(f"no signing key in {home.keys}: run 'fota keys init' first")
     try:
         return home.keyring.signer().key
     except SigningError as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 # ---- keys ----------------------------------------------------------------------------------------
@@ -74,7 +53,7 @@ def keys_init(home: Optional[Path] = HomeOpt, force: bool = typer.Option(False, 
     h = Home.locate(home)
     ring = h.keyring
     if ring.exists() and not force:
-        _fail(f"keys already exist in {h.keys} (use --force to replace them: devices pinned to the old "
+        fail(f"keys already exist in {h.keys} (use --force to replace them: devices pinned to the old "
               "root key would refuse everything)")
     ring.init()
     h.config()
@@ -97,7 +76,7 @@ def keys_rotate(home: Optional[Path] = HomeOpt,
         old = h.keyring.signer().kid
         new = h.keyring.rotate(revoke_old=not keep_old)
     except SigningError as e:
-        _fail(str(e))
+        fail(str(e))
     console.print(f"signing key {new.kid} replaces {old}{'' if keep_old else ' (revoked)'}; "
                   f"trust version {h.keyring.trust()['version']}")
 
@@ -110,10 +89,10 @@ def keys_revoke(kid: str, home: Optional[Path] = HomeOpt):
     kid = kid.strip().lower()  # as the keyring stores it (an upper-case current key must not slip through)
     try:
         if kid == h.keyring.signer().kid:
-            _fail("that is the current signing key: run 'fota keys rotate' instead")
+            fail("that is the current signing key: run 'fota keys rotate' instead")
         doc = h.keyring.revoke(kid)
     except SigningError as e:
-        _fail(str(e))
+        fail(str(e))
     console.print(f"key {kid} revoked; trust version {doc['version']}")
 
 
@@ -135,15 +114,15 @@ def release_create(path: Path = typer.Argument(..., help="app directory (bundle)
     from fota.server.releases import ReleaseError, create_release
     h = Home.locate(home)
     if not path.exists():
-        _fail(f"{path} does not exist")
+        fail(f"{path} does not exist")
     key = _signing_key(h)
-    store = _store(h)
+    store = open_store(h)
     try:
         rel = create_release(store, h.blobs, key, path, version, list(hardware), counter=counter,
                              encrypt=encrypt, min_version=min_version, kek=h.kek() if encrypt else None)
     except (ReleaseError, ValueError) as e:
-        _fail(str(e))
-    _audit(store, "release.create", f"release:{rel.version}",
+        fail(str(e))
+    audit(store, "release.create", f"release:{rel.version}",
            {"id": rel.id, "kind": rel.kind, "size": rel.size, "sha256": rel.sha256,
             "hardware": list(rel.hardware), "key_id": rel.key_id})
     console.print(f"release {rel.version} ({rel.kind}, {rel.size} bytes, sha256 {rel.sha256[:16]}…) "
@@ -158,12 +137,12 @@ def release_resign(release: str = typer.Argument(..., help="release version or i
     from fota.server.releases import ReleaseError, resign_release
     h = Home.locate(home)
     _signing_key(h)
-    store = _store(h)
+    store = open_store(h)
     try:
         rel, old_kid = resign_release(store, release, h.keyring.signer())
     except ReleaseError as e:
-        _fail(str(e))
-    _audit(store, "release.resign", f"release:{rel.version}", {"id": rel.id, "old_key_id": old_kid,
+        fail(str(e))
+    audit(store, "release.resign", f"release:{rel.version}", {"id": rel.id, "old_key_id": old_kid,
                                                                 "key_id": rel.key_id})
     console.print(f"release {rel.version} re-signed by key {rel.key_id} (was {old_kid}); image unchanged")
 
@@ -173,7 +152,7 @@ def releases(home: Optional[Path] = HomeOpt):
     """List releases."""
     from fota.server.releases import list_releases
     t = Table("id", "version", "kind", "size", "hardware", "sha256")
-    for r in list_releases(_store(Home.locate(home))):
+    for r in list_releases(open_store(Home.locate(home))):
         t.add_row(str(r.id), r.version, r.kind, str(r.size), ",".join(r.hardware), r.sha256[:16])
     console.print(t)
 
@@ -188,16 +167,16 @@ def device_add(device_id: str, hardware: str = typer.Option(..., "--hardware"),
     """Provision a device: broker credentials (printed once) and registry entry."""
     from fota.server.fleet import FleetError, provision_device
     h = Home.locate(home)
-    store = _store(h)
+    store = open_store(h)
     try:
         row, password = provision_device(store, device_id, hardware, tags=tuple(tag), kek=h.kek())
     except FleetError as e:
-        _fail(str(e))
-    _audit(store, "device.add", f"device:{device_id}", {"hardware": hardware, "tags": list(tag)})
+        fail(str(e))
+    audit(store, "device.add", f"device:{device_id}", {"hardware": hardware, "tags": list(tag)})
     _refresh_broker_passwords(h, store)
     console.print(f"device {device_id} provisioned; broker user {device_id}, password {password}")
     if unix_dir:
-        _make_unix_device(h, device_id, hardware, password, wrapped_key=row.enc_key)
+        make_unix_device(h, device_id, hardware, password, wrapped_key=row.enc_key)
         console.print(f"unix-port device directory: {h.devices_dir / device_id}")
 
 
@@ -205,37 +184,26 @@ def _refresh_broker_passwords(h: Home, store) -> None:
     h.sync_broker_passwords(store)
 
 
-def _make_unix_device(h: Home, device_id: str, hardware: str, password: str, version: str = "1.0.0",
-                      wrapped_key: str | None = None, **settings):
-    """wrapped_key: the device's payload key as the store keeps it (Device.enc_key)."""
-    from fota.examples import hello_files
-    from fota.tools.devicedir import create_device_dir
-    host, port = h.device_broker
-    ring = h.keyring
-    if wrapped_key:
-        settings["enc_key"] = h.kek().device_key(device_id, wrapped_key).hex()
-    return create_device_dir(h.devices_dir / device_id, device_id=device_id, hardware=hardware,
-                             root_key=ring.root_public(), trust=ring.trust(), cadata=h.broker_cadata(),
-                             host=host, port=port, password=password,
-                             app_files=hello_files(version), version=version, **settings)
-
-
 @device_app.command("run")
 def device_run(device_id: str, heap: str = typer.Option(DEFAULT_HEAP, help="MicroPython heap size"),
                home: Optional[Path] = HomeOpt):
-    """Run a unix-port device under the supervisor (restarts it on reboot) until Ctrl-C."""
-    from fota.tools.supervisor import DeviceProcess
+    """Run a unix-port device under the supervisor (restarts it on reboot) until Ctrl-C (or
+    SIGTERM, SIGHUP); its MicroPython process ends with it."""
+    from fota.tools.supervisor import DeviceProcess, SupervisorError, find_micropython, run_in_foreground
     h = Home.locate(home)
     root = h.devices_dir / device_id
     if not (root / "config.json").exists():
-        _fail(f"no device directory {root}: create it with 'fota device add {device_id} --unix-dir ...'")
-    proc = DeviceProcess(root, heap=heap).start()
-    console.print(f"device {device_id} running (log: {proc.log_path}); Ctrl-C to stop")
+        fail(f"no device directory {root}: create it with 'fota device add {device_id} --unix-dir ...'")
     try:
-        while True:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        proc.stop()
+        find_micropython()
+    except SupervisorError as e:
+        fail(str(e))
+    proc = DeviceProcess(root, heap=heap)
+    stopped_by = run_in_foreground(proc, on_start=lambda proc: console.print(
+        f"device {device_id} running (log: {proc.log_path}); Ctrl-C to stop"))
+    if stopped_by is None and proc.exits[-1:] != [0]:
+        fail(f"device {device_id}: its agent ended {len(proc.exits)} time(s), last with exit code "
+             f"{proc.exits[-1] if proc.exits else None}; the supervisor gave up (log: {proc.log_path})")
 
 
 @app.command("devices")
@@ -243,7 +211,7 @@ def devices(home: Optional[Path] = HomeOpt, tag: Optional[str] = typer.Option(No
     """List the fleet."""
     from fota.server.fleet import list_devices
     t = Table("device", "hardware", "version", "online", "tags", "last seen")
-    for d in list_devices(_store(Home.locate(home)), tag=tag):
+    for d in list_devices(open_store(Home.locate(home)), tag=tag):
         t.add_row(d.id, d.hardware or "", d.version or "?", "yes" if d.online else "no", ",".join(d.tags or []),
                   d.last_seen.strftime("%Y-%m-%d %H:%M:%S") if d.last_seen else "never")
     console.print(t)
@@ -264,19 +232,19 @@ def deploy(release: str = typer.Argument(..., help="release version or id"),
     from fota.server.deployments import DeploymentError, create_deployment
     from fota.server.releases import ReleaseError, check_release_key, get_release
     if not device and not tag:
-        _fail("name the targets: --device ID (repeatable) or --tag TAG")
+        fail("name the targets: --device ID (repeatable) or --tag TAG")
     if device and tag:
-        _fail("use either --device or --tag, not both")
+        fail("use either --device or --tag, not both")
     h = Home.locate(home)
-    store = _store(h)
+    store = open_store(h)
     try:
         rel = get_release(store, release)
         check_release_key(rel, h.keyring.trust())
         dep = create_deployment(store, rel, device_ids=list(device) or None, tag=tag,
                                 min_battery=min_battery, timeout=timeout)
     except (DeploymentError, ReleaseError, LookupError) as e:
-        _fail(str(e))
-    _audit(store, "deployment.create", f"deployment:{dep.id}",
+        fail(str(e))
+    audit(store, "deployment.create", f"deployment:{dep.id}",
            {"release": rel.version, "target": dep.target, "devices": [j.device_id for j in dep.jobs],
             "min_battery": min_battery, "timeout": timeout})
     limits = "".join([f", battery >= {min_battery}%" if min_battery else "",
@@ -292,60 +260,17 @@ def deployment_cancel(deployment_id: int = typer.Argument(..., help="deployment 
     from fota.server import audit
     from fota.server.deployments import DeploymentError, cancel_deployment
     from fota.server.store import utcnow
-    store = _store(Home.locate(home))
+    store = open_store(Home.locate(home))
     try:
         with audit.transaction(store) as tx:
             with tx.session() as s:
                 outcome = cancel_deployment(s, deployment_id, utcnow())
             tx.record(audit.cli_actor(), "deployment.cancel", f"deployment:{deployment_id}", outcome)
     except DeploymentError as e:
-        _fail(str(e))
+        fail(str(e))
     console.print(f"deployment {deployment_id} cancelled: {len(outcome['withdrawn'])} job(s) not sent, "
                   f"{len(outcome['cancelling'])} cancel command(s) queued, "
                   f"{len(outcome['finishing'])} past their download finish")
-
-
-def render_status(store, deployment_id: int | None = None):
-    """A Rich table of the jobs of one deployment (the latest by default) and a summary line."""
-    from fota.server.deployments import FINAL_STATES
-    from fota.server.store import Deployment, Job
-    with store.session() as s:
-        q = s.query(Deployment)
-        dep = q.get(deployment_id) if deployment_id else q.order_by(Deployment.id.desc()).first()
-        if dep is None:
-            return None, None, "no deployments"
-        jobs = s.query(Job).filter(Job.deployment_id == dep.id, Job.kind == "update").order_by(Job.device_id).all()
-        version = dep.release.version
-        rows = [(j.device_id, j.state, j.progress or 0.0, j.code, j.reason) for j in jobs]
-    counts: dict[str, int] = {}
-    for _, state, *_ in rows:
-        counts[state] = counts.get(state, 0) + 1
-    in_progress = sum(n for st, n in counts.items() if st not in FINAL_STATES)
-    summary = (f"deployment {dep.id} (release {version}): " +
-               ", ".join(f"{counts.get(st, 0)} {st}" for st in FINAL_STATES if counts.get(st)) +
-               (", " if counts.keys() - set(FINAL_STATES) and any(counts.get(st) for st in FINAL_STATES) else "") +
-               (f"{in_progress} in progress" if in_progress else ""))
-    return dep, rows, summary
-
-
-def progress_view(rows) -> Progress:
-    prog = Progress(TextColumn("{task.fields[device]:<12}"), BarColumn(),
-                    TextColumn("{task.percentage:>5.1f}%"), TextColumn("{task.fields[state]:<11}"),
-                    TextColumn("{task.fields[detail]}"), console=console, auto_refresh=False)
-    for dev, state, progress, code, reason in rows:
-        pct = 100.0 if state == P.CONFIRMED else progress * 100
-        detail = f"{code}: {reason}" if code else ""
-        prog.add_task("", total=100, completed=pct, device=dev, state=state, detail=detail)
-    return prog
-
-
-def refresh_live(live, store, deployment_id: int):
-    """Redraw a Live view of one deployment; returns (rows, summary, every device finished)."""
-    from rich.console import Group
-    from fota.server.deployments import TERMINAL_STATES  # device states and timed_out
-    _, rows, summary = render_status(store, deployment_id)
-    live.update(Group(progress_view(rows), summary))
-    return rows, summary, all(r[1] in TERMINAL_STATES for r in rows)
 
 
 @app.command("status")
@@ -354,10 +279,10 @@ def status(deployment: Optional[int] = typer.Option(None, "--deployment", help="
            home: Optional[Path] = HomeOpt):
     """Per-device progress of a deployment and a summary line."""
     from rich.live import Live
-    store = _store(Home.locate(home))
+    store = open_store(Home.locate(home))
     dep, rows, summary = render_status(store, deployment)
     if dep is None:
-        _fail(summary)
+        fail(summary)
     if not watch:
         console.print(progress_view(rows))
         console.print(summary)
@@ -385,7 +310,7 @@ def history(device_id: str,
     """A device's statuses that took effect, in the order stored, a page at a time (those the
     retention keeps)."""
     from fota.server.deployments import history_page
-    store = _store(Home.locate(home))
+    store = open_store(Home.locate(home))
     t = Table("received", "job", "state", "code", "reason", "version", *(["ignored"] if ignored else []))
     while True:
         rows, cursor = history_page(store, device_id, limit, cursor, newest_first=newest, include_ignored=ignored)
@@ -411,9 +336,9 @@ def token_create(name: str = typer.Argument(..., help="token name (the actor in 
     from fota.server.audit import cli_actor
     from fota.server.auth import AuthError, create_token
     try:
-        token, secret = create_token(_store(Home.locate(home)), name, role, ttl, actor=cli_actor())
+        token, secret = create_token(open_store(Home.locate(home)), name, role, ttl, actor=cli_actor())
     except AuthError as e:
-        _fail(str(e))
+        fail(str(e))
     expires = token.expires_at.strftime("%Y-%m-%d %H:%M:%S UTC") if token.expires_at else "never"
     console.print(f"token {token.name} ({token.role}, expires {expires}); its secret, shown only now:")
     console.print(secret, highlight=False, soft_wrap=True)
@@ -425,7 +350,7 @@ def token_list(home: Optional[Path] = HomeOpt):
     from fota.server.auth import list_tokens, token_state
     fmt = "%Y-%m-%d %H:%M:%S"
     t = Table("name", "role", "state", "created", "expires", "last used")
-    for tok in list_tokens(_store(Home.locate(home))):
+    for tok in list_tokens(open_store(Home.locate(home))):
         t.add_row(tok.name, tok.role, token_state(tok), tok.created_at.strftime(fmt),
                   tok.expires_at.strftime(fmt) if tok.expires_at else "never",
                   tok.last_used_at.strftime(fmt) if tok.last_used_at else "never")
@@ -438,9 +363,9 @@ def token_revoke(name: str, home: Optional[Path] = HomeOpt):
     from fota.server.audit import cli_actor
     from fota.server.auth import AuthError, revoke_token
     try:
-        revoke_token(_store(Home.locate(home)), name, actor=cli_actor())
+        revoke_token(open_store(Home.locate(home)), name, actor=cli_actor())
     except AuthError as e:
-        _fail(str(e))
+        fail(str(e))
     console.print(f"token {name} revoked")
 
 
@@ -454,7 +379,7 @@ def api(host: str = typer.Option("127.0.0.1", "--host", help="address to listen 
     from fota.server.api import create_app
     from fota.tools.signing import load_private_key
     h = Home.locate(home)
-    api_app = create_app(_store(h), h.blobs, lambda: load_private_key(h.private_key),
+    api_app = create_app(open_store(h), h.blobs, lambda: load_private_key(h.private_key),
                          trust_loader=lambda: h.keyring.trust())
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"[yellow]warning:[/yellow] plain HTTP on {host}: bearer tokens travel in clear text; "
@@ -473,14 +398,14 @@ def broker_tls_init(home: Optional[Path] = HomeOpt,
     h = Home.locate(home)
     cfg = h.config()
     if not h.managed_broker:
-        _fail("a broker URL is configured: give it as mqtts://... and set broker_cafile in config.json")
+        fail("a broker URL is configured: give it as mqtts://... and set broker_cafile in config.json")
     own = (cafile, certfile, keyfile)
     if any(own) and not all(own):
-        _fail("--cafile, --certfile and --keyfile go together")
+        fail("--cafile, --certfile and --keyfile go together")
     try:
         files = TlsFiles(*(p.resolve() for p in own)) if all(own) else ensure_tls(h.tls_dir)
     except TlsError as e:
-        _fail(str(e))
+        fail(str(e))
     if all(own):
         cfg.update(broker_cafile=str(files.cafile), broker_certfile=str(files.certfile),
                    broker_keyfile=str(files.keyfile))
@@ -515,16 +440,18 @@ def serve(home: Optional[Path] = HomeOpt,
 
     On PostgreSQL it runs as --workers processes ('fota worker') sharing MQTT v5 shared
     subscriptions and the database; on SQLite as one process (docs/operations.md)."""
+    import asyncio
+
     from fota.server.app import ServeError, is_sqlite, run_control_center, sqlite_single_lock, supervise_workers
     h = Home.locate(home)
     if not h.keyring.exists():
-        _fail(f"no keys in {h.keys}: run 'fota keys init' first (commands to devices are signed)")
+        fail(f"no keys in {h.keys}: run 'fota keys init' first (commands to devices are signed)")
     broker = 'managed' if h.managed_broker else h.broker_url
     try:
         retention = h.retention(history_keep, history_days)  # refuses a bad config.json before starting
         if is_sqlite(h.database_url):
             if workers > 1:
-                _fail("SQLite supports one control-center worker: set database_url to a PostgreSQL URL "
+                fail("SQLite supports one control-center worker: set database_url to a PostgreSQL URL "
                       "for --workers > 1 (docs/operations.md)")
             with sqlite_single_lock(h):
                 console.print(f"control center on {h.path}; broker {broker}")
@@ -533,7 +460,7 @@ def serve(home: Optional[Path] = HomeOpt,
             console.print(f"control center on {h.path}: {workers} worker(s), PostgreSQL; broker {broker}")
             supervise_workers(h, workers, worker_args=_retention_args(history_keep, history_days))
     except (ServeError, HomeError) as e:
-        _fail(str(e))
+        fail(str(e))
     except KeyboardInterrupt:
         pass
 
@@ -545,18 +472,20 @@ def worker(home: Optional[Path] = HomeOpt,
            history_keep: Optional[int] = HistoryKeepOpt, history_days: Optional[float] = HistoryDaysOpt):
     """Run one control-center worker (PostgreSQL; no managed broker): 'fota serve --workers N'
     starts these, or start them yourself on several hosts against one database and broker."""
+    import asyncio
+
     from fota.server.app import EXIT_FENCED, is_sqlite, run_worker
     from fota.server.workers import SingleWorkerError
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
     h = Home.locate(home)
     if not h.keyring.exists():
-        _fail(f"no keys in {h.keys}: run 'fota keys init' first (commands to devices are signed)")
+        fail(f"no keys in {h.keys}: run 'fota keys init' first (commands to devices are signed)")
     if is_sqlite(h.database_url):
         err.print("[yellow]warning:[/yellow] a worker on SQLite: only one may run (use PostgreSQL for several)")
     try:
         code = asyncio.run(run_worker(h, lease, retention=h.retention(history_keep, history_days)))
     except (SingleWorkerError, HomeError) as e:
-        _fail(str(e))
+        fail(str(e))
     except KeyboardInterrupt:
         code = 0
     if code == EXIT_FENCED:
@@ -585,6 +514,7 @@ def simulate(devices: int = typer.Option(100, "--devices", min=1, help="number o
     Devices are provisioned on first use; their broker passwords are kept in <home>/sim/<prefix>.json.
     Roll out with 'fota deploy RELEASE --tag sim' while 'fota serve' runs.
     """
+    import asyncio
     import json
 
     from fota.server.fleet import FleetError
@@ -594,15 +524,15 @@ def simulate(devices: int = typer.Option(100, "--devices", min=1, help="number o
     from fota.tools.private import write_private
 
     if backend not in ("hash", "flash"):
-        _fail("--backend must be hash or flash")
+        fail("--backend must be hash or flash")
     if verify not in VERIFIERS:
-        _fail("--verify must be cryptography or pure")
+        fail("--verify must be cryptography or pure")
     h = Home.locate(home)
     if not h.keyring.exists():
-        _fail(f"no keys in {h.keys}: run 'fota keys init' first")
+        fail(f"no keys in {h.keys}: run 'fota keys init' first")
     if h.broker_tls:
-        _fail("the simulator speaks plain MQTT; this home's broker is TLS-only")
-    store = _store(h)
+        fail("the simulator speaks plain MQTT; this home's broker is TLS-only")
+    store = open_store(h)
     secrets_path = h.path / "sim" / f"{prefix}.json"
     known = json.loads(secrets_path.read_text()) if secrets_path.exists() else {}
     ids = device_ids(devices, prefix)
@@ -611,7 +541,7 @@ def simulate(devices: int = typer.Option(100, "--devices", min=1, help="number o
         try:
             known.update(provision(store, new, hardware, tags=tuple(tag)))
         except (FleetError, ValueError) as e:
-            _fail(f"{e} (simulated devices must be provisioned by 'fota simulate', which keeps their passwords)")
+            fail(f"{e} (simulated devices must be provisioned by 'fota simulate', which keeps their passwords)")
         write_private(secrets_path, json.dumps(known))
         _refresh_broker_passwords(h, store)
         console.print(f"provisioned {len(new)} simulated device(s), hardware {hardware}, tags {','.join(tag)}")
@@ -656,21 +586,32 @@ def demo(devices: int = typer.Option(3, "--devices", min=1, max=50),
     raise typer.Exit(code)
 
 
-from fota.campaign_cli import campaign_app  # noqa: E402  (uses the helpers above)
-
-app.add_typer(campaign_app, name="campaign")
-
-
 def main() -> None:
     # Whatever fota creates (home, database, keys, broker state, device directories) is private
     # to its owner; the code also sets the modes explicitly (fota.tools.private).
     os.umask(0o077)
-    from fota.server.kek import KekError
     try:
         app(standalone_mode=True)
-    except (CLIError, KekError) as e:  # KekError: no key-encryption key, or not the one that wrapped the keys
-        err.print(f"[red]error:[/red] {e}", soft_wrap=True)
-        raise SystemExit(1)
+    except CLIError as e:
+        _exit_with(str(e))
+    except ModuleNotFoundError as e:  # a command of an extra that is not installed
+        message = missing_module_message(e)
+        if message is None:
+            raise
+        _exit_with(message)
+    except Exception as e:
+        # KekError: no key-encryption key, or not the one that wrapped the keys. Looked up only
+        # once raised: importing fota.server.kek (SQLAlchemy) costs `fota --help` ~100 ms.
+        kek = sys.modules.get("fota.server.kek")
+        if kek is None or not isinstance(e, kek.KekError):
+            raise
+        _exit_with(str(e))
+
+
+def _exit_with(message: str) -> None:
+    from rich.markup import escape  # the message is text: "fota[server]" is no markup
+    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+    raise SystemExit(1)
 
 
 if __name__ == "__main__":

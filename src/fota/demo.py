@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.live import Live
 
 from fota.device import protocol as P
-from fota.tools.supervisor import DEFAULT_HEAP
+from fota.tools.defaults import DEFAULT_HEAP
 
 
 class DemoError(RuntimeError):
@@ -55,7 +55,8 @@ async def _wait(predicate, timeout: float, what: str, interval: float = 0.2):
 
 
 async def _demo(root: Path, n: int, timeout: float, console: Console, heap: str) -> None:
-    from fota.cli import refresh_live, _make_unix_device
+    from fota.cli_common import make_unix_device
+    from fota.deployment_view import refresh_live
     from fota.examples import hello_files
     from fota.server.app import control_center
     from fota.server.deployments import create_deployment
@@ -72,7 +73,7 @@ async def _demo(root: Path, n: int, timeout: float, console: Console, heap: str)
     ids = [f"dev-{i:02d}" for i in range(1, n + 1)]
     for dev in ids:
         row, password = provision_device(store, dev, "unix", tags=("demo",), kek=home.kek())
-        _make_unix_device(home, dev, "unix", password, version="1.0.0", wrapped_key=row.enc_key)
+        make_unix_device(home, dev, "unix", password, version="1.0.0", wrapped_key=row.enc_key)
     console.print(f"provisioned {n} devices on hello app 1.0.0 (home {home.path})")
 
     procs: list[DeviceProcess] = []

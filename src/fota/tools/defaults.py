@@ -1,0 +1,7 @@
+"""Defaults that `fota` commands show in their help, importable without what uses them (the
+supervisor imports the device runner: 20-90 ms that every command paid to read one string)."""
+
+# The heap an agent runs with unless told otherwise. Since the branches of 2026-11-27 the agent
+# (TLS, a stalled or resumed download) no longer fits 128K on the 64-bit unix port: at 128K the
+# first 2 KiB chunk after a resume failed with MemoryError nearly every time (a crash loop).
+DEFAULT_HEAP = "160K"
