@@ -198,7 +198,7 @@ def device_run(device_id: str, heap: str = typer.Option(DEFAULT_HEAP, help="Micr
         find_micropython()
     except SupervisorError as e:
         fail(str(e))
-    proc = DeviceProcess(root, heap=heap)
+    proc = DeviceProcess(root, heap=heap, die_with_parent=True)
     stopped_by = run_in_foreground(proc, on_start=lambda proc: console.print(
         f"device {device_id} running (log: {proc.log_path}); Ctrl-C to stop"))
     if stopped_by is None and proc.exits[-1:] != [0]:

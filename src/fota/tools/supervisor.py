@@ -7,8 +7,11 @@ like a watchdog reset would.
 The agent ends with its supervisor, however that is stopped: SIGTERM, SIGINT or SIGHUP to
 `fota device run` (run_in_foreground), an exception or a normal return (DeviceProcess.stop in a
 finally), and SIGKILL, which no handler sees: the kernel then sends the agent SIGKILL
-(PR_SET_PDEATHSIG, Linux). The agent runs in a process group of its own, so that a terminal's
-Ctrl-C reaches only the supervisor, which stops the agent instead of restarting it.
+(PR_SET_PDEATHSIG, Linux). That flag is set in a preexec_fn, which Python documents as unsafe in a
+process with other threads, so only `fota device run` asks for it (die_with_parent=True); the
+demo, tests and benches run a control center in threads beside their devices and stop the devices
+in a finally. The agent runs in a process group of its own, so that a terminal's Ctrl-C reaches
+only the supervisor, which stops the agent instead of restarting it.
 """
 from __future__ import annotations
 
@@ -65,8 +68,9 @@ class DeviceProcess:
     """One MicroPython agent process, restarted on reboot or crash until stop()."""
 
     def __init__(self, root: Path, *, heap: str = DEFAULT_HEAP, code_path: Path | None = None,
-                 max_restarts: int = 100, restart_delay: float = 0.05):
+                 max_restarts: int = 100, restart_delay: float = 0.05, die_with_parent: bool = False):
         self.root = Path(root)
+        self.die_with_parent = die_with_parent
         self.heap = heap
         if code_path is None:
             from fota.tools.mpy import build_agent
@@ -95,7 +99,7 @@ class DeviceProcess:
             return subprocess.Popen([find_micropython(), "-X", f"heapsize={self.heap}", "-m", "fota.device.main",
                                      str(self.root)], env=env, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, process_group=0,
-                                    preexec_fn=_die_with_parent(os.getpid()))
+                                    preexec_fn=_die_with_parent(os.getpid()) if self.die_with_parent else None)
         finally:
             log.close()
 
