@@ -5,7 +5,7 @@
 # Device directory (root):
 #   config.json        id, hardware, broker, pubkey, backend, ... (written at provisioning)
 #   boot.json, agent.json, journal.json, keys.json   the stored state (fota.device.executor)
-#   wire.json          bytes moved per connection (bench/e2e)
+#   wire.json          bytes moved per connection, only with config "wire_stats" (bench/e2e)
 #   slots/a, slots/b   the slots (files backend) or flash.bin (sim backend)
 import sys
 import time
@@ -399,10 +399,12 @@ def main(root):
         client = device.client
         if client is not None:
             device.go_offline()
-            # Bytes this connection moved, for overhead measurements (bench/e2e).
-            stats = fsutil.read_json(root + "/wire.json") or []
-            stats.append({"tx": client.bytes_sent, "rx": client.bytes_received})
-            fsutil.write_json(root + "/wire.json", stats[-8:])
+            if device.config.get("wire_stats"):
+                # Bytes this connection moved, for overhead measurements (bench/e2e). Off unless
+                # the config asks: on a board it is a flash write per reboot.
+                stats = fsutil.read_json(root + "/wire.json") or []
+                stats.append({"tx": client.bytes_sent, "rx": client.bytes_received})
+                fsutil.write_json(root + "/wire.json", stats[-8:])
         if device.backend and hasattr(device.backend, "close"):
             device.backend.close()
         if sys.platform in ("linux", "darwin"):
