@@ -5,12 +5,14 @@
 # The runner owns the sockets, the clock, the app and the order of the actions; it never
 # re-implements one.
 #
-# Stored state, by name in the device's store (the runner: files in the device directory):
+# Stored state, JSON files under `prefix` (the runner: "<device directory>/"):
 #   boot.json     the boot record (fota.device.boot)
 #   agent.json    the agent state {"last_job", "boot", "time", "epoch"}
 #   journal.json  an interrupted download, if any
 #   keys.json     the trust store, once a key update replaced the provisioned one
-# A store is any object with read(name) -> object or None, write(name, object), remove(name).
+# `files` reads and writes them: fota.device.fsutil on a device (atomic replacement), or any
+# object with the same read_json(path), write_json(path, obj) and remove(path) (the simulator
+# keeps them in memory). A module, not a wrapper class: on a board every class costs heap.
 #
 # MicroPython and CPython.
 import gc
@@ -20,27 +22,10 @@ import hashlib
 from fota.device import protocol as P
 from fota.device import boot as bootrec
 from fota.device import core as C
-from fota.device import fsutil
 
 
 class Reboot(Exception):
     """The device restarts: A_REBOOT, or a trial boot whose app did not come up."""
-
-
-class FileStore:
-    """The stored state as JSON files in the device directory, each replaced atomically."""
-
-    def __init__(self, root):
-        self.root = root
-
-    def read(self, name):
-        return fsutil.read_json(self.root + "/" + name)
-
-    def write(self, name, obj):
-        fsutil.write_json(self.root + "/" + name, obj)
-
-    def remove(self, name):
-        fsutil.remove(self.root + "/" + name)
 
 
 def install_error(e):
@@ -52,9 +37,10 @@ def install_error(e):
 
 
 class Executor:
-    def __init__(self, backend, store, log):
+    def __init__(self, backend, files, prefix, log):
         self.backend = backend
-        self.store = store
+        self.files = files      # read_json, write_json, remove (see above)
+        self.prefix = prefix    # of the state files' paths
         self.log = log          # log(*args): the runner's logger
         self.record = None      # the boot record, as last stored
         self.slot = None        # the running slot
@@ -66,9 +52,9 @@ class Executor:
         """Read the boot record (a device without one runs `version` in slot a), pick the slot to
         boot and store the record before anything runs (an attempt counts even if it crashes).
         Returns True if the slot boots on trial."""
-        record = self.store.read("boot.json") or bootrec.new_record(version)
+        record = self._read("boot.json") or bootrec.new_record(version)
         slot, on_trial = bootrec.select(record, max_trial_boots)
-        self.store.write("boot.json", record)
+        self._write("boot.json", record)
         self.record = record
         self.slot = slot
         return on_trial
@@ -81,7 +67,7 @@ class Executor:
     def agent_state(self, random4):
         """The stored agent state with this boot counted; random4() gives 4 random bytes for a new
         epoch (a fresh or erased device: its counters start over)."""
-        agent = self.store.read("agent.json") or {}
+        agent = self._read("agent.json") or {}
         agent["boot"] = agent.get("boot", 0) + 1
         if not agent.get("epoch"):
             agent["epoch"] = C.new_epoch(random4())
@@ -91,7 +77,7 @@ class Executor:
         """The core's identity as far as the stored state and the backend decide it; `trust`: the
         provisioned trust store, used until a key update stored another."""
         return {"id": device_id, "hardware": hardware, "root": root,
-                "trust": self.store.read("keys.json") or trust,
+                "trust": self._read("keys.json") or trust,
                 "capacity": self.backend.capacity, "kinds": self.backend.KINDS, "version": version,
                 "counter": self.record.get("counter", 0)}
 
@@ -111,7 +97,7 @@ class Executor:
                            journal, hasher)
 
     def _load_journal(self):
-        journal = self.store.read("journal.json")
+        journal = self._read("journal.json")
         if not journal:
             return None, None
         try:
@@ -122,7 +108,7 @@ class Executor:
             report = self.record.get("report") or {}
             if self.record.get("trial") or cmd.get("job") == report.get("job"):
                 self.log("journal of a finished download dropped")
-                self.store.remove("journal.json")
+                self._remove("journal.json")
                 return None, None
             if cmd.get("delta"):
                 return journal, hashlib.sha256()  # the core restarts a patch from its start
@@ -195,13 +181,13 @@ class Executor:
             _, journal = action
             if journal is None:
                 self.patcher = None
-                self.store.remove("journal.json")
+                self._remove("journal.json")
             else:
                 self.backend.flush(inactive)  # data first, then the journal that points past it
-                self.store.write("journal.json", journal)
+                self._write("journal.json", journal)
         elif kind == C.A_STATE:
             _, agent = action
-            self.store.write("agent.json", agent)
+            self._write("agent.json", agent)
         elif kind == C.A_INSTALL:
             _, manifest, key = action
             code = reason = None
@@ -229,7 +215,7 @@ class Executor:
             self._save_record()
         elif kind == C.A_TRUST:
             _, document = action
-            self.store.write("keys.json", document)
+            self._write("keys.json", document)
         elif kind == C.A_TRIAL_FAILED:
             _, reason = action
             self.trial_failed(reason)
@@ -240,7 +226,16 @@ class Executor:
         return None
 
     def _save_record(self):
-        self.store.write("boot.json", self.record)
+        self._write("boot.json", self.record)
+
+    def _read(self, name):
+        return self.files.read_json(self.prefix + name)
+
+    def _write(self, name, obj):
+        self.files.write_json(self.prefix + name, obj)
+
+    def _remove(self, name):
+        self.files.remove(self.prefix + name)
 
     def _install(self, slot, manifest, key):
         if self.patcher is not None:

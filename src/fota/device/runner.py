@@ -15,7 +15,7 @@ from binascii import unhexlify
 from fota.device import protocol as P
 from fota.device import core as C
 from fota.device import fsutil
-from fota.device.executor import Executor, FileStore, Reboot
+from fota.device.executor import Executor, Reboot
 from fota.device.mqtt import MQTTClient, MQTTError, connect_with_backoff
 from fota.device.slots import open_backend
 
@@ -61,9 +61,9 @@ class Device:
         if not self.config:
             raise OSError(2, "no config.json in " + root)
         self.backend = open_backend(self.config.get("backend", "files"), root, self.config)
-        # The stored state and the local actions (log: looked up now, so that a caller who
-        # replaced this module's log before building the device silences it too).
-        self.executor = Executor(self.backend, FileStore(root), log)
+        # The stored state (files in root) and the local actions (log: looked up now, so that a
+        # caller who replaced this module's log before building the device silences it too).
+        self.executor = Executor(self.backend, fsutil, root + "/", log)
         self.app_loader = app_loader or load_app
         self.core = None
         self.client = None

@@ -93,7 +93,7 @@ class SimDevice:
         self.backend_name = backend
         # the device's persistent files (JSON text), as the runner keeps them on its filesystem
         self.storage: dict[str, str] = {"boot.json": json.dumps(bootrec.new_record(version))}
-        self.executor = Executor(self.backend, _Store(self.storage), self._log)
+        self.executor = Executor(self.backend, _Files(self.storage), "", self._log)
 
         self.core: C.UpdateCore | None = None
         self.client: MQTTClient | None = None
@@ -411,18 +411,19 @@ class SimDevice:
         self.woke_at = self.clock()
 
 
-class _Store:
-    """The executor's store over SimDevice.storage (JSON text per name)."""
+class _Files:
+    """The executor's files (fota.device.fsutil's read_json, write_json, remove) over
+    SimDevice.storage: JSON text by name."""
 
-    def __init__(self, files: dict[str, str]):
-        self.files = files
+    def __init__(self, storage: dict[str, str]):
+        self.storage = storage
 
-    def read(self, name):
-        text = self.files.get(name)
+    def read_json(self, path):
+        text = self.storage.get(path)
         return json.loads(text) if text is not None else None
 
-    def write(self, name, obj):
-        self.files[name] = json.dumps(obj)
+    def write_json(self, path, obj):
+        self.storage[path] = json.dumps(obj)
 
-    def remove(self, name):
-        self.files.pop(name, None)
+    def remove(self, path):
+        self.storage.pop(path, None)
