@@ -73,13 +73,10 @@ class Executor:
             agent["epoch"] = C.new_epoch(random4())
         return agent
 
-    def identity(self, device_id, hardware, root, trust, version):
-        """The core's identity as far as the stored state and the backend decide it; `trust`: the
-        provisioned trust store, used until a key update stored another."""
-        return {"id": device_id, "hardware": hardware, "root": root,
-                "trust": self._read("keys.json") or trust,
-                "capacity": self.backend.capacity, "kinds": self.backend.KINDS, "version": version,
-                "counter": self.record.get("counter", 0)}
+    def trust(self, provisioned):
+        """The trust store the core starts with: keys.json once a key update replaced the
+        provisioned one."""
+        return self._read("keys.json") or provisioned
 
     def running_image(self):
         """The running slot's image as installed ({"sha256", "size"}), the base of a delta; None if
@@ -88,7 +85,7 @@ class Executor:
         return (self.record.get("images") or {}).get(slot) if self.backend.has_image(slot) else None
 
     def start(self, core, on_trial):
-        """Hand over this boot's core (built from select(), agent_state() and identity()); returns
+        """Hand over this boot's core (built from select(), agent_state() and trust()); returns
         its first actions: the trial or report of the boot record, the journal to resume."""
         self.core = core
         journal, hasher = self._load_journal()

@@ -104,14 +104,17 @@ class Device:
                 # and say so in its health reports.
                 app_error = reason
         agent = ex.agent_state(random_bytes)
-        identity = ex.identity(cfg["id"], cfg["hardware"], unhexlify(cfg["root"]), cfg["trust"], version)
-        identity["time"] = cfg.get("time", 0)
-        identity["app_error"] = app_error
-        # the running image (recorded when it was installed): the base of delta updates
-        identity["image"] = ex.running_image()
-        identity["delta_wbits"] = cfg.get("delta_wbits", P.DELTA_WBITS)
-        identity["enc_key"] = unhexlify(cfg["enc_key"]) if cfg.get("enc_key") and getattr(
-            self.backend, "DECRYPTS", False) else None
+        identity = {
+            "id": cfg["id"], "hardware": cfg["hardware"], "root": unhexlify(cfg["root"]),
+            "trust": ex.trust(cfg["trust"]),
+            "capacity": self.backend.capacity, "kinds": self.backend.KINDS, "version": version,
+            "counter": ex.record.get("counter", 0), "time": cfg.get("time", 0), "app_error": app_error,
+            # the running image (recorded when it was installed): the base of delta updates
+            "image": ex.running_image(),
+            "delta_wbits": cfg.get("delta_wbits", P.DELTA_WBITS),
+            "enc_key": unhexlify(cfg["enc_key"]) if cfg.get("enc_key") and getattr(self.backend, "DECRYPTS", False)
+            else None,
+        }
         # A failed first reading counts as an empty battery: no update with a minimum starts.
         identity["battery"], identity["external"] = self._power() or (0, False)
         settings = C.Settings(

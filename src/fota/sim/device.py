@@ -146,8 +146,12 @@ class SimDevice:
             ex.trial_failed("health check failed (simulated)")
             raise Reboot()
         agent = ex.agent_state(lambda: os.urandom(4))
-        identity = ex.identity(self.id, self.hardware, self.root_key, self.trust,
-                               ex.record["versions"].get(ex.slot))
+        identity = {
+            "id": self.id, "hardware": self.hardware, "root": self.root_key, "trust": ex.trust(self.trust),
+            "capacity": self.backend.capacity, "kinds": self.backend.KINDS,
+            "version": ex.record["versions"].get(ex.slot), "counter": ex.record.get("counter", 0),
+            "time": 0, "enc_key": None,
+        }
         core = C.UpdateCore(identity, agent, self.settings, verify=self.verify)
         core.inventory_extra = {"active": ex.slot, "slots": ex.record["versions"], "backend": "sim",
                                 "port": "fleetsim"}
