@@ -114,8 +114,10 @@ class Fleet:
             self.close()
             raise
 
-    def add_devices(self, ids: list[str], *, heap: str | None = None, version: str = "1.0.0") -> list[DeviceProcess]:
-        """Provision devices, add their accounts in one broker reload, start them."""
+    def add_devices(self, ids: list[str], *, heap: str | None = None, version: str = "1.0.0",
+                    **config) -> list[DeviceProcess]:
+        """Provision devices, add their accounts in one broker reload, start them; `config`: more
+        keys for their config.json (e.g. wire_stats=True: wire_entries() then has their bytes)."""
         passwords = {}
         for device_id in ids:
             _, passwords[device_id] = provision_device(self.store, device_id, "unix")
@@ -125,7 +127,7 @@ class Fleet:
             root = create_device_dir(self.tmp / "devices" / device_id, device_id=device_id, hardware="unix",
                                      host=self.broker.host, port=self.broker.port, **self.device_keys,
                                      password=passwords[device_id], app_files=hello_files(version),
-                                     version=version)
+                                     version=version, **config)
             proc = DeviceProcess(root, heap=heap or self.heap)
             self.devices[device_id] = proc
             procs.append(proc)
@@ -167,7 +169,8 @@ class Fleet:
 
 
 def wire_entries(root: Path) -> list[dict]:
-    """The {"tx", "rx"} entries a device appended to wire.json at each reboot."""
+    """The {"tx", "rx"} entries a device appended to wire.json at each reboot (only a device whose
+    config has "wire_stats": true writes them)."""
     path = Path(root) / "wire.json"
     if not path.exists():
         return []

@@ -150,7 +150,7 @@ def run_fota(n: int, size: int, args, tmp: Path) -> dict:
     try:
         ids = [f"bench{n}-{i:03d}" for i in range(n)]
         t_start = time.monotonic()
-        fleet.add_devices(ids)
+        fleet.add_devices(ids, wire_stats=True)  # each reboot appends its connection's bytes to wire.json
         fleet.wait_online(ids, timeout=30 + 2 * n)
         online_s = time.monotonic() - t_start
         repeats = []

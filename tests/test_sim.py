@@ -3,18 +3,22 @@ ControlCenter: simulated devices run the device's UpdateCore and boot selector."
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import struct
 import threading
 import time
 
 import pytest
 from sqlalchemy import func, select
 
+from fota.device import core as C
 from fota.device import protocol as P
 from fota.server.deployments import create_deployment
 from fota.server.releases import create_release
 from fota.server.store import Job, StatusEvent, Store
 from fota.sim import FailurePlan, SimFleet, device_ids, provision
+from fota.sim.device import SimDevice
 from fota.sim.verify import fast_verify
 from fota.device import ecdsa
 from fota.tools.keyring import Keyring
@@ -127,6 +131,110 @@ def test_fast_verify_agrees_with_the_device_verifier(tmp_path):
     for args in cases:
         assert fast_verify(*args) == ecdsa.verify(*args)
     assert fast_verify(*cases[0]) is True
+
+
+# ---- the shipped executor inside the simulator (no broker: the core's actions run in-process) ----
+
+class _Client:
+    """Stands in for the device's gmqtt client: keeps the statuses the device publishes."""
+
+    def __init__(self):
+        self.statuses = []
+
+    def publish(self, topic, payload, qos=0, retain=False):
+        if topic.endswith("/" + P.STATUS):
+            self.statuses.append(json.loads(payload))
+
+
+def _sim_device(backend="flash", versions=None):
+    """A booted, connected simulated device; versions: the slots' versions in its boot record."""
+    from test_core import ROOT_KEY, TRUST
+    from fota.device import boot as bootrec
+    from fota.tools import signing
+    dev = SimDevice("sim-x", "pw", host="127.0.0.1", port=1, root_key=signing.public_key_bytes(ROOT_KEY),
+                    trust=TRUST, backend=backend, capacity=16 * 1024)
+    if versions:
+        record = bootrec.new_record()
+        record["versions"].update(versions)
+        dev.storage["boot.json"] = json.dumps(record)
+    dev.boot()
+    dev.client = _Client()
+    asyncio.run(dev.execute(dev.core.connected_()))
+    return dev
+
+
+def _update(image, job=1):
+    from test_core import SIGNING_KEY, cmd, make_update
+    return cmd(make_update(SIGNING_KEY, image, job=job, hw=("sim",), device="sim-x", chunk=256, window=4))
+
+
+def _chunk(image, i, job=1):
+    return struct.pack(P.CHUNK_HEADER, job, i) + image[i * 256:(i + 1) * 256]
+
+
+def test_sim_boot_record_stops_naming_the_slot_it_writes_over():
+    """docs/reliability.md, power cuts, fix 6: the slot's version goes from the boot record before
+    the slot is written (the simulator's own copy of the executor had lost it)."""
+    dev = _sim_device(versions={"a": "1.0.0", "b": "0.9.0"})
+    assert dev.boot_record()["versions"] == {"a": "1.0.0", "b": "0.9.0"}
+    asyncio.run(dev.execute(dev.core.command(_update(os.urandom(2048)))))
+    assert dev.core.state == P.DOWNLOADING
+    assert dev.boot_record()["versions"] == {"a": "1.0.0", "b": None}
+
+
+@pytest.mark.parametrize("error, code", [("BundleError", P.E_BAD_BUNDLE), ("DecryptError", P.E_DECRYPT),
+                                         ("DeltaError", P.E_DELTA), ("FlashError", P.E_INSTALL)])
+def test_sim_install_failure_reports_the_runners_code(monkeypatch, error, code):
+    """A slot that refuses the image at install: the simulated device reports the code the
+    MicroPython runner reports for that error (fota.device.executor.install_error)."""
+    from fota.device.aes import DecryptError
+    from fota.device.bundle import BundleError
+    from fota.device.delta import DeltaError
+    from fota.device.slots.sim import FlashError
+    raised = {"BundleError": BundleError, "DecryptError": DecryptError, "DeltaError": DeltaError,
+              "FlashError": FlashError}[error]
+
+    def refuse(*args):
+        raise raised("refused")
+    dev = _sim_device()
+    monkeypatch.setattr(dev.backend, "finalize", refuse)
+    image = os.urandom(1024)
+    asyncio.run(dev.execute(dev.core.command(_update(image))))
+    for i in range(4):
+        asyncio.run(dev.execute(dev.core.chunk(_chunk(image, i))))
+    (failed,) = [s for s in dev.client.statuses if s["state"] == P.FAILED]
+    assert (failed["job"], failed["code"], failed["reason"]) == (1, code, error + ": refused")
+    assert dev.core.state == P.IDLE and "journal.json" not in dev.storage
+
+
+@pytest.mark.parametrize("backend", ["flash", "hash"])
+def test_sim_reboot_mid_download_resumes_from_the_journal(backend):
+    """A reboot after the first checkpoint (4 chunks): the new boot resumes from what the backend
+    kept (the flash backend: the start of the sector holding the checkpoint, here chunk 0) and
+    the image verifies and installs."""
+    image = os.urandom(24 * 256)
+    dev = _sim_device(backend)
+    asyncio.run(dev.execute(dev.core.command(_update(image))))
+    for i in range(6):
+        asyncio.run(dev.execute(dev.core.chunk(_chunk(image, i))))
+    assert json.loads(dev.storage["journal.json"])["pos"] == 4
+    dev.boot()  # the reboot: a new core from what is stored
+    dev.client = _Client()
+    asyncio.run(dev.execute(dev.core.connected_()))
+    assert dev.core.state == P.DOWNLOADING
+    first = dev.core.next
+    assert first == (0 if backend == "flash" else 4)
+    for i in range(first, 23):
+        asyncio.run(dev.execute(dev.core.chunk(_chunk(image, i))))
+    actions = dev.core.chunk(_chunk(image, 23))
+    states = [json.loads(a[2])["state"] for a in actions if a[0] == C.A_PUBLISH]
+    assert states == [P.VERIFYING, P.INSTALLING]
+    *before, install = actions
+    assert install[0] == C.A_INSTALL
+    for action in before:  # the last chunk's write
+        if action[0] != C.A_PUBLISH:
+            dev.executor.run(action)
+    assert [a[0] for a in dev.executor.run(install)][:2] == [C.A_SET_TRIAL, C.A_JOURNAL]
 
 
 def test_deployment_over_simulated_devices_all_confirm(setup):

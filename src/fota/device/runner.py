@@ -1,23 +1,21 @@
-# The blocking runner for MicroPython (and CPython): boot selection, the MQTT loop, and the
-# execution of the core's actions against the slot backend and the files of the device.
+# The blocking runner for MicroPython (and CPython): boot selection, starting the app, the MQTT
+# loop, and the order in which the core's actions run. The executor (fota.device.executor)
+# performs every action but a publish, against the slot backend and the device's files.
 #
 # Device directory (root):
 #   config.json        id, hardware, broker, pubkey, backend, ... (written at provisioning)
-#   boot.json          the boot record (fota.device.boot)
-#   agent.json         {"last_job", "boot", "time", "epoch"}
-#   journal.json       an interrupted download, if any
+#   boot.json, agent.json, journal.json, keys.json   the stored state (fota.device.executor)
+#   wire.json          bytes moved per connection, only with config "wire_stats" (bench/e2e)
 #   slots/a, slots/b   the slots (files backend) or flash.bin (sim backend)
-import gc
 import sys
 import time
 import json
-import hashlib
 from binascii import unhexlify
 
 from fota.device import protocol as P
-from fota.device import boot as bootrec
 from fota.device import core as C
 from fota.device import fsutil
+from fota.device.executor import Executor, Reboot
 from fota.device.mqtt import MQTTClient, MQTTError, connect_with_backoff
 from fota.device.slots import open_backend
 
@@ -56,10 +54,6 @@ def log(*args):
     print("[fota]", *args)
 
 
-class Reboot(Exception):
-    pass
-
-
 class Device:
     def __init__(self, root, app_loader=None):
         self.root = root
@@ -67,16 +61,18 @@ class Device:
         if not self.config:
             raise OSError(2, "no config.json in " + root)
         self.backend = open_backend(self.config.get("backend", "files"), root, self.config)
+        # The stored state (files in root) and the local actions (log: looked up now, so that a
+        # caller who replaced this module's log before building the device silences it too).
+        self.executor = Executor(self.backend, fsutil, root + "/", log)
         self.app_loader = app_loader or load_app
+        self.core = None
         self.client = None
         self.inbox = []
         self._delivering = None   # the MQTT client whose messages arrive now
         self.pending = []     # actions not yet executed (a publish failed: retried after reconnect)
-        self.patcher = None   # the delta decoder of the current job, if it is a delta job
         self.t0 = ticks_ms()
         self.power_at = None  # when power was last read (ms)
 
-    # ---- paths -----------------------------------------------------------------------------
     def _path(self, name):
         return self.root + "/" + name
 
@@ -87,12 +83,10 @@ class Device:
     def boot(self):
         """Select the slot, start its app, build the core. Returns the core."""
         cfg = self.config
-        record = fsutil.read_json(self._path("boot.json")) or bootrec.new_record(cfg.get("version"))
-        slot, on_trial = bootrec.select(record, cfg.get("max_trial_boots", 3))
-        fsutil.write_json(self._path("boot.json"), record)  # count the attempt before trying
-        self.record = record
-        self.slot = slot
-        version = record["versions"].get(slot)
+        ex = self.executor
+        on_trial = ex.select(cfg.get("version"), cfg.get("max_trial_boots", 3))
+        slot = ex.slot
+        version = ex.record["versions"].get(slot)
         app_dir = self.backend.app_dir(slot)
         self.app = None
         app_error = None
@@ -104,25 +98,19 @@ class Device:
                 reason = "app failed to start: %s: %s" % (type(e).__name__, e)
                 log(reason)
                 if on_trial:
-                    bootrec.trial_failed(record, reason)
-                    fsutil.write_json(self._path("boot.json"), record)
+                    ex.trial_failed(reason)
                     raise Reboot()
                 # Not on trial: keep the agent running so the device can still be updated,
                 # and say so in its health reports.
                 app_error = reason
-        agent = fsutil.read_json(self._path("agent.json")) or {}
-        agent["boot"] = agent.get("boot", 0) + 1
-        if not agent.get("epoch"):
-            # No agent state (a fresh or erased device): its counters start over in a new epoch.
-            agent["epoch"] = C.new_epoch(random_bytes())
+        agent = ex.agent_state(random_bytes)
         identity = {
             "id": cfg["id"], "hardware": cfg["hardware"], "root": unhexlify(cfg["root"]),
-            # keys.json holds the trust store once a key update replaced the provisioned one
-            "trust": fsutil.read_json(self._path("keys.json")) or cfg["trust"],
+            "trust": ex.trust(cfg["trust"]),
             "capacity": self.backend.capacity, "kinds": self.backend.KINDS, "version": version,
-            "counter": record.get("counter", 0), "time": cfg.get("time", 0), "app_error": app_error,
+            "counter": ex.record.get("counter", 0), "time": cfg.get("time", 0), "app_error": app_error,
             # the running image (recorded when it was installed): the base of delta updates
-            "image": (record.get("images") or {}).get(slot) if self.backend.has_image(slot) else None,
+            "image": ex.running_image(),
             "delta_wbits": cfg.get("delta_wbits", P.DELTA_WBITS),
             "enc_key": unhexlify(cfg["enc_key"]) if cfg.get("enc_key") and getattr(self.backend, "DECRYPTS", False)
             else None,
@@ -138,60 +126,15 @@ class Device:
             progress_interval=cfg.get("progress_interval_ms", 1000),
         )
         self.core = C.UpdateCore(identity, agent, settings)
-        self.core.inventory_extra = {"active": slot, "slots": record["versions"],
+        self.core.inventory_extra = {"active": slot, "slots": ex.record["versions"],
                                      "backend": cfg.get("backend", "files"), "port": sys.platform}
-        journal, hasher = self._load_journal()
-        self.execute(self.core.booted({"trial": record["trial"] if on_trial else None,
-                                       "report": record.get("report")}, journal, hasher))
+        self.execute(ex.start(self.core, on_trial))
         return self.core
-
-    def _load_journal(self):
-        journal = fsutil.read_json(self._path("journal.json"))
-        if not journal:
-            return None, None
-        try:
-            cmd = journal["cmd"]
-            # A cut between marking the trial and deleting the journal leaves the journal of a
-            # download that is over. Resuming it would write into the other slot: the fallback
-            # image while on trial.
-            report = self.record.get("report") or {}
-            if self.record.get("trial") or cmd.get("job") == report.get("job"):
-                log("journal of a finished download dropped")
-                fsutil.remove(self._path("journal.json"))
-                return None, None
-            if cmd.get("delta"):
-                return journal, hashlib.sha256()  # the core restarts a patch from its start
-            chunk = cmd["chunk"]
-            inactive = bootrec.other(self.slot)
-            if journal.get("postponed"):
-                # A postponed job writes nothing until it goes on: nothing to resume. Re-hash what
-                # it has: nothing, or the whole verified image (whose last chunk may be short).
-                offset = min(journal["pos"] * chunk, json.loads(cmd["manifest"])["size"])
-            else:
-                start = self.backend.resume(inactive, journal["pos"] * chunk)
-                if start is None:
-                    start = journal["pos"] * chunk
-                # The backend may continue below the journal's position: send again from the
-                # chunk that holds its offset.
-                journal = {"cmd": cmd, "pos": start // chunk}
-                offset = journal["pos"] * chunk
-            hasher = hashlib.sha256()
-            done = 0
-            while done < offset:
-                piece = self.backend.read(inactive, done, min(1024, offset - done))
-                if not piece:
-                    raise OSError(5, "slot shorter than the journal says")
-                hasher.update(piece)
-                done += len(piece)
-            log("resuming job", cmd.get("job"), "at byte", offset)
-            return journal, hasher
-        except (OSError, KeyError, TypeError, ValueError) as e:
-            # The core downloads the job again from the start (or drops a malformed journal).
-            log("cannot resume from the slot, starting the download over:", e)
-            return journal, None
 
     # ---- actions ----------------------------------------------------------------------------
     def execute(self, actions):
+        """Run actions in order; a publish while offline (or one that fails) keeps itself and
+        the rest queued until the next connection."""
         self.pending.extend(actions)
         while self.pending:
             action = self.pending[0]
@@ -199,120 +142,35 @@ class Device:
             if kind == C.A_PUBLISH:
                 if self.client is None:
                     return  # offline: kept until the next connection
-                topic = P.topic(self.config["id"], action[1])
+                _, suffix, payload, qos, retain = action
                 try:
-                    self.client.publish(topic, action[2], action[4], action[3])
+                    self.client.publish(P.topic(self.config["id"], suffix), payload, retain, qos)
                 except OSError as e:
                     log("publish failed:", e)
                     self._drop_connection()
                     return
             else:
-                self._local(action)
+                if kind == C.A_REBOOT:
+                    # What is still queued behind the reboot dies with it (a health report made by
+                    # a reconnect during the install): the next boot reports its health afresh.
+                    _log_dropped_health(self.pending[1:])
+                more = self.executor.run(action)
+                if more:  # the core's answer to an install: runs next
+                    self.pending[1:1] = more
             self.pending.pop(0)
 
-    def _local(self, action):
-        kind = action[0]
-        inactive = bootrec.other(self.slot)
-        if kind == C.A_WRITE:
-            if self.patcher is None:
-                self.backend.write(inactive, action[1], action[2])
-            else:
-                try:
-                    self.patcher.feed(action[2])
-                except Exception:  # DeltaError, kept in the patcher: reported as E_DELTA at A_INSTALL
-                    pass
-        elif kind == C.A_BEGIN:
-            # The slot is about to be written over: the boot record must stop naming the
-            # version (and image) it held: nothing may boot it, report it, or patch from it.
-            images = self.record.get("images") or {}
-            if self.record["versions"].get(inactive) is not None or images.get(inactive):
-                self.record["versions"][inactive] = None
-                images.pop(inactive, None)
-                fsutil.write_json(self._path("boot.json"), self.record)
-            self.backend.begin(inactive, action[1])
-            self.patcher = self._patcher(action[2], inactive) if action[2] else None
-        elif kind == C.A_JOURNAL:
-            if action[1] is None:
-                self.patcher = None
-                fsutil.remove(self._path("journal.json"))
-            else:
-                self.backend.flush(inactive)  # data first, then the journal that points past it
-                fsutil.write_json(self._path("journal.json"), action[1])
-        elif kind == C.A_STATE:
-            fsutil.write_json(self._path("agent.json"), action[1])
-        elif kind == C.A_INSTALL:
-            manifest = action[1]
-            code = reason = None
-            try:
-                if self.patcher is not None:
-                    self.patcher.finish()  # DeltaError unless it produced the manifest's image
-                    self.patcher = None
-                elif manifest.get("_delta"):
-                    from fota.device.delta import DeltaError
-                    raise DeltaError("no decoder ran: the slot holds the patch, not the image")
-                self.backend.finalize(inactive, manifest["size"], manifest.get("files"), action[2],
-                                      (manifest.get("enc") or {}).get("plain_size"))
-            except Exception as e:
-                name = type(e).__name__
-                code = {"BundleError": P.E_BAD_BUNDLE, "DecryptError": P.E_DECRYPT,
-                        "DeltaError": P.E_DELTA}.get(name, P.E_INSTALL)
-                reason = "%s: %s" % (name, e)
-            if code is None:
-                # What the slot now holds: the base for the next delta once it runs.
-                images = self.record.setdefault("images", {})
-                images[inactive] = {"sha256": manifest["sha256"].lower(), "size": manifest["size"]}
-            # Answer the core at once; its actions run after this one.
-            self.pending[1:1] = self.core.installed(code, reason)
-        elif kind == C.A_SET_TRIAL:
-            bootrec.set_trial(self.record, action[1], action[2], action[3])
-            fsutil.write_json(self._path("boot.json"), self.record)
-        elif kind == C.A_CONFIRM:
-            bootrec.confirm(self.record, action[1])
-            self.slot = self.record["active"]
-            self.core.inventory_extra["active"] = self.slot
-            fsutil.write_json(self._path("boot.json"), self.record)
-        elif kind == C.A_CLEAR_REPORT:
-            self.record["report"] = None
-            fsutil.write_json(self._path("boot.json"), self.record)
-        elif kind == C.A_TRUST:
-            fsutil.write_json(self._path("keys.json"), action[1])
-        elif kind == C.A_TRIAL_FAILED:
-            bootrec.trial_failed(self.record, action[1])
-            fsutil.write_json(self._path("boot.json"), self.record)
-        elif kind == C.A_REBOOT:
-            # What is still queued behind the reboot dies with it (a health report made by a
-            # reconnect during the install): the next boot reports its health afresh.
-            _log_dropped_health(self.pending[1:])
-            raise Reboot()
-        else:
-            raise ValueError("unknown action %r" % (kind,))
-
-    def _patcher(self, expect, inactive):
-        # Imported only by a device that gets a delta; collected first, so that its bytecode
-        # fills the heap's holes and leaves room in one piece for the inflate window.
-        gc.collect()
-        from fota.device.delta import Patcher
-        backend = self.backend
-        active = self.slot
-        state = [0]  # offset of the next new-image byte
-
-        def write_new(data):
-            backend.write(inactive, state[0], data)
-            state[0] += len(data)
-
-        def read_old(at, n):
-            return backend.read(active, at, n)
-
-        return Patcher(read_old, write_new, expect["patch_size"], expect, self.core.delta_wbits)
-
     # ---- MQTT ----------------------------------------------------------------------------------
+    def deliver(self, topic, payload, pid, via):
+        """A message from the connection `via` (pid: a QoS 1 message's packet id, else 0), queued
+        for dispatch(). Not handled here: the MQTT callback can fire inside publish() while it
+        waits for a PUBACK, and the core must not be re-entered. A QoS 1 command is acknowledged
+        on `via` only after the core handled it (see dispatch)."""
+        self.inbox.append((topic, payload, pid, via))
+
     def _on_message(self, topic, payload, pid):
-        # Queued, not handled here: the callback can fire inside publish() while it waits for
-        # a PUBACK, and the core must not be re-entered. A QoS 1 command is acknowledged only
-        # after the core handled it (see _dispatch).
         # The client delivering it: a session's queued commands arrive while _connect() still
         # subscribes, before self.client is set, and must be acknowledged on that connection.
-        self.inbox.append((topic, payload, pid, self._delivering))
+        self.deliver(topic, payload, pid, self._delivering)
 
     def _connect(self):
         cfg = self.config
@@ -360,7 +218,8 @@ class Device:
         self.inbox = [m for m in self.inbox if m[0] != data_topic]
         self.core.disconnected(self.now())
 
-    def _dispatch(self):
+    def dispatch(self):
+        """Hand the queued messages to the core, in order, and run what it answers."""
         ident = self.config["id"]
         cmd_topic = P.topic(ident, P.CMD)
         data_topic = P.topic(ident, P.DATA)
@@ -455,7 +314,7 @@ class Device:
                 log("connection lost:", e)
                 self._drop_connection()
                 continue
-            self._dispatch()
+            self.dispatch()
             self._read_power()
             self.execute(self.core.tick(self.now()))
             if self.app is not None and hasattr(self.app, "tick"):
@@ -469,9 +328,11 @@ DROPPED_HEALTH = "superseded health report dropped:"
 
 
 def _log_dropped_health(actions):
-    for a in actions:
-        if _superseded(a) and a[1] == P.STATUS:
-            log(DROPPED_HEALTH, a[2])
+    for action in actions:
+        if _superseded(action):
+            _, suffix, payload, _, _ = action
+            if suffix == P.STATUS:
+                log(DROPPED_HEALTH, payload)
 
 
 def _superseded(action):
@@ -480,11 +341,12 @@ def _superseded(action):
     the current position) and health reports."""
     if action[0] != C.A_PUBLISH:
         return False
-    if action[1] in (P.ONLINE, P.INVENTORY, P.REQ):
+    _, suffix, payload, _, _ = action
+    if suffix in (P.ONLINE, P.INVENTORY, P.REQ):
         return True
-    if action[1] == P.STATUS and '"health"' in action[2]:
+    if suffix == P.STATUS and '"health"' in payload:
         try:
-            return json.loads(action[2]).get("state") == P.HEALTH
+            return json.loads(payload).get("state") == P.HEALTH
         except ValueError:
             return False
     return False
@@ -540,10 +402,12 @@ def main(root):
         client = device.client
         if client is not None:
             device.go_offline()
-            # Bytes this connection moved, for overhead measurements (bench/e2e).
-            stats = fsutil.read_json(root + "/wire.json") or []
-            stats.append({"tx": client.bytes_sent, "rx": client.bytes_received})
-            fsutil.write_json(root + "/wire.json", stats[-8:])
+            if device.config.get("wire_stats"):
+                # Bytes this connection moved, for overhead measurements (bench/e2e). Off unless
+                # the config asks: on a board it is a flash write per reboot.
+                stats = fsutil.read_json(root + "/wire.json") or []
+                stats.append({"tx": client.bytes_sent, "rx": client.bytes_received})
+                fsutil.write_json(root + "/wire.json", stats[-8:])
         if device.backend and hasattr(device.backend, "close"):
             device.backend.close()
         if sys.platform in ("linux", "darwin"):

@@ -1,8 +1,10 @@
 # Power-cut harness: one update of a device on the `sim` flash backend, with no network, and
 # power cut at chosen persistent operations (fota.device.slots.sim.Power). MicroPython and CPython.
 #
-# The device is the real thing: fota.device.runner.Device (boot selection, journal resume, the
-# execution of the core's actions) and fota.device.core. This module plays the rest of the world:
+# The device is the real thing: fota.device.runner.Device (boot selection, the order of the
+# actions), the executor it performs them with (fota.device.executor: journal resume, slots,
+# boot record) and fota.device.core, driven through the runner's public methods only (boot,
+# deliver, dispatch, execute). This module plays the rest of the world:
 #   Link    the runner's MQTT client: a publish reaches the Center at once; a QoS 1 message to
 #           the device stays queued (and is delivered again at the next power-on) until the
 #           runner acknowledges it, as the broker's persistent session would do;
@@ -226,7 +228,7 @@ class Run:
             self._check_boot(dev, on_trial)
             if self.bricked:
                 return True
-            version = dev.record["versions"].get(dev.slot)
+            version = dev.executor.record["versions"].get(dev.executor.slot)
             if version in self.s.unhealthy:
                 if not on_trial:
                     self.errors.append("boot %d runs the unhealthy %s outside a trial" % (self.boots, version))
@@ -243,7 +245,6 @@ class Run:
     def _online(self, dev):
         link = Link(self.center, self.eager_ack)
         dev.client = link
-        dev._delivering = link  # the runner acknowledges on the connection that delivered
         dev.execute(dev.core.connected_())
         cmd_topic = P.topic(self.s.device, P.CMD)
         data_topic = P.topic(self.s.device, P.DATA)
@@ -251,13 +252,13 @@ class Run:
         while True:
             if not self.center.acked and not link.delivered:
                 link.delivered = True
-                dev._on_message(cmd_topic, self.s.command, Link.CMD_PID)
+                dev.deliver(cmd_topic, self.s.command, Link.CMD_PID, link)
                 if link.eager_ack:
                     self.center.acked = True
-                dev._dispatch()
+                dev.dispatch()
             elif self.center.queue:
-                dev._on_message(data_topic, self.center.queue.pop(0), 0)
-                dev._dispatch()
+                dev.deliver(data_topic, self.center.queue.pop(0), 0, link)
+                dev.dispatch()
                 timeouts = 0
             elif dev.core.state == P.DOWNLOADING and timeouts < self.MAX_IDLE_TIMEOUTS:
                 # Nothing in flight: let the chunk timeout fire (re-requests the window).
@@ -274,7 +275,7 @@ class Run:
             raise Wedged("stuck in state %s" % dev.core.state)
         if not self.center.acked:
             raise Wedged("the update command was never acknowledged")
-        if dev.record.get("report"):
+        if dev.executor.record.get("report"):
             raise Wedged("terminal report never cleared")
         if not self.center.terminal():
             raise Wedged("idle, but the job never ended (last job %s)" % dev.core.last_job)
@@ -296,8 +297,8 @@ class Run:
         return hexlify(h.digest()).decode() == known[1]
 
     def _check_boot(self, dev, on_trial):
-        record = dev.record
-        slot = dev.slot
+        record = dev.executor.record
+        slot = dev.executor.slot
         version = record["versions"].get(slot)
         self.booted.append((slot, version, on_trial))
         if version is None or not self._slot_holds(dev, slot, version):

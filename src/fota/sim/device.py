@@ -1,10 +1,12 @@
-"""One simulated device: the device's own UpdateCore and boot record logic behind an asyncio runner.
+"""One simulated device: the device's own UpdateCore and executor behind an asyncio runner.
 
-What a board keeps across a reset lives in `SimDevice.storage` (JSON text per file, like the
-agent's boot.json, agent.json, journal.json and keys.json) and in the slot backend. A reboot
-throws the core away, closes the MQTT connection, runs the boot selector (fota.device.boot) on
-the stored boot record and builds a new core from what is stored, exactly as the MicroPython
-runner (fota.device.runner) does after machine.reset().
+The core's local actions (slots, journal, agent state, boot record, trust store, install result)
+run in the shipped executor (fota.device.executor), as on the MicroPython runner; this module
+adds the asyncio I/O around it. What a board keeps across a reset lives in `SimDevice.storage`
+(JSON text per file: boot.json, agent.json, journal.json, keys.json) and in the slot backend. A
+reboot throws the core away, closes the MQTT connection, runs the boot selector on the stored
+boot record and builds a new core from what is stored, exactly as the MicroPython runner
+(fota.device.runner) does after machine.reset().
 
 The MQTT side is one gmqtt client per device (MQTT 3.1.1, its own broker account, persistent
 session, will on `online`), so the broker's password file and ACL apply as to real devices.
@@ -27,6 +29,7 @@ from fota import gmqtt_adapter
 from fota.device import boot as bootrec
 from fota.device import core as C
 from fota.device import protocol as P
+from fota.device.executor import Executor, Reboot
 from fota.device.slots.sim import SimBackend, SimFlash
 from fota.sim.slots import HashSlots
 
@@ -34,10 +37,6 @@ log = logging.getLogger(__name__)
 
 ACK_TIMEOUT = 30.0        # s to wait for the broker's PUBACKs before a reboot or a nap
 CONNECT_TIMEOUT = 30.0    # s for CONNECT..CONNACK (thousands connect at once)
-
-
-class Reboot(Exception):
-    pass
 
 
 class Profile:
@@ -95,6 +94,7 @@ class SimDevice:
         self.backend_name = backend
         # the device's persistent files (JSON text), as the runner keeps them on its filesystem
         self.storage: dict[str, str] = {"boot.json": json.dumps(bootrec.new_record(version))}
+        self.executor = Executor(self.backend, _Files(self.storage), "", self._log)
 
         self.core: C.UpdateCore | None = None
         self.client: MQTTClient | None = None
@@ -122,15 +122,8 @@ class SimDevice:
         self.error: str | None = None
 
     # ---- persistent files ------------------------------------------------------------------
-    def _read(self, name):
-        text = self.storage.get(name)
-        return json.loads(text) if text is not None else None
-
-    def _write(self, name, obj):
-        self.storage[name] = json.dumps(obj)
-
     def boot_record(self) -> dict:
-        return self._read("boot.json")
+        return json.loads(self.storage["boot.json"])
 
     def running_version(self) -> str | None:
         rec = self.boot_record()
@@ -139,69 +132,41 @@ class SimDevice:
     def now_ms(self) -> int:
         return int((self.clock() - self.t0) * 1000)
 
+    def _log(self, *args):
+        log.info("%s: %s", self.id, " ".join(str(a) for a in args))
+
     # ---- boot ------------------------------------------------------------------------------
     def boot(self) -> None:
         """Select the slot, run the health check of a trial image, build the core from storage."""
         self.boots += 1
-        record = self._read("boot.json")
-        slot, on_trial = bootrec.select(record, self.max_trial_boots)
-        self._write("boot.json", record)  # count the attempt before trying
-        self.record, self.slot = record, slot
+        ex = self.executor
+        on_trial = ex.select(None, self.max_trial_boots)  # boot.json is stored from the start
         self.core = None
         if on_trial and self.profile.unhealthy:
             # The new image's app does not come up: the runner records it and resets.
-            bootrec.trial_failed(record, "health check failed (simulated)")
-            self._write("boot.json", record)
+            ex.trial_failed("health check failed (simulated)")
             raise Reboot()
-        agent = self._read("agent.json") or {}
-        agent["boot"] = agent.get("boot", 0) + 1
-        if not agent.get("epoch"):  # a new device (or a simulator restarted with the same ids)
-            agent["epoch"] = C.new_epoch(os.urandom(4))
+        agent = ex.agent_state(lambda: os.urandom(4))
         identity = {
-            "id": self.id, "hardware": self.hardware, "root": self.root_key,
-            "trust": self._read("keys.json") or self.trust, "capacity": self.backend.capacity,
-            "kinds": self.backend.KINDS, "version": record["versions"].get(slot),
-            "counter": record.get("counter", 0), "time": 0, "enc_key": None,
+            "id": self.id, "hardware": self.hardware, "root": self.root_key, "trust": ex.trust(self.trust),
+            "capacity": self.backend.capacity, "kinds": self.backend.KINDS,
+            "version": ex.record["versions"].get(ex.slot), "counter": ex.record.get("counter", 0),
+            "time": 0, "enc_key": None,
         }
         core = C.UpdateCore(identity, agent, self.settings, verify=self.verify)
-        core.inventory_extra = {"active": slot, "slots": record["versions"], "backend": "sim",
+        core.inventory_extra = {"active": ex.slot, "slots": ex.record["versions"], "backend": "sim",
                                 "port": "fleetsim"}
         core.now = self.now_ms()
         self.core = core
-        journal, hasher = self._load_journal()
         self.pending = []
-        self._local_only(core.booted({"trial": record["trial"] if on_trial else None,
-                                      "report": record.get("report")}, journal, hasher))
-
-    def _load_journal(self):
-        journal = self._read("journal.json")
-        if not journal:
-            return None, None
-        try:
-            offset = journal["pos"] * journal["cmd"]["chunk"]
-            inactive = bootrec.other(self.slot)
-            if isinstance(self.backend, HashSlots):
-                return journal, self.backend.hasher_at(inactive, offset)
-            import hashlib
-            self.backend.resume(inactive, offset)
-            hasher = hashlib.sha256()
-            done = 0
-            while done < offset:
-                piece = self.backend.read(inactive, done, min(4096, offset - done))
-                hasher.update(piece)
-                done += len(piece)
-            return journal, hasher
-        except (OSError, KeyError, TypeError, ValueError) as e:
-            log.info("%s: journal unusable, starting over: %s", self.id, e)
-            self.storage.pop("journal.json", None)
-            return None, None
+        self._local_only(ex.start(core, on_trial))
 
     # ---- actions ---------------------------------------------------------------------------
     def _local_only(self, actions):
         # At boot nothing is connected: publishes wait for the first connection.
         self.pending.extend(actions)
         while self.pending and self.pending[0][0] != C.A_PUBLISH:
-            self._local(self.pending.pop(0))
+            self._local(self.pending[0])
 
     def _execute_now(self, actions) -> bool:
         """Run actions in order as far as they need no waiting; True if all ran.
@@ -215,13 +180,14 @@ class SimDevice:
             if kind == C.A_PUBLISH:
                 if self.client is None or self._lost:
                     return False
-                self.client.publish(P.topic(self.id, action[1]), action[2], qos=action[3], retain=action[4])
+                _, suffix, payload, qos, retain = action
+                self.client.publish(P.topic(self.id, suffix), payload, qos=qos, retain=retain)
                 self.published += 1
+                self.pending.pop(0)
             elif kind in (C.A_CLEAR_REPORT, C.A_REBOOT):
                 return False
             else:
                 self._local(action)
-            self.pending.pop(0)
         return True
 
     async def execute(self, actions):
@@ -236,7 +202,6 @@ class SimDevice:
             if not await self._acked():
                 return
             self._local(action)
-            self.pending.pop(0)
 
     async def _acked(self) -> bool:
         client = self.client
@@ -249,54 +214,17 @@ class SimDevice:
         return not self._lost and client is self.client
 
     def _local(self, action):
+        """Run pending[0], a local action, in the executor; then drop it from `pending` (the core's
+        answer to an install runs next)."""
         kind = action[0]
-        inactive = bootrec.other(self.slot)
-        if kind == C.A_WRITE:
-            self.backend.write(inactive, action[1], action[2])
-        elif kind == C.A_BEGIN:
-            self.backend.begin(inactive, action[1])
-        elif kind == C.A_JOURNAL:
-            if action[1] is None:
-                self.storage.pop("journal.json", None)
-            else:
-                self.backend.flush(inactive)
-                self._write("journal.json", action[1])
-        elif kind == C.A_STATE:
-            self._write("agent.json", action[1])
-        elif kind == C.A_INSTALL:
-            manifest = action[1]
-            code = reason = None
-            try:
-                if isinstance(self.backend, HashSlots):
-                    self.backend.finalize(inactive, manifest["size"], sha256=manifest["sha256"])
-                else:
-                    self.backend.finalize(inactive, manifest["size"], manifest.get("files"))
-            except Exception as e:  # same mapping as the runner
-                code, reason = P.E_INSTALL, "%s: %s" % (type(e).__name__, e)
-            self.pending[1:1] = self.core.installed(code, reason)
-        elif kind == C.A_SET_TRIAL:
-            bootrec.set_trial(self.record, action[1], action[2], action[3])
-            self._write("boot.json", self.record)
-        elif kind == C.A_CONFIRM:
-            bootrec.confirm(self.record, action[1])
-            self.slot = self.record["active"]
-            self.core.inventory_extra["active"] = self.slot
-            self._write("boot.json", self.record)
+        if kind == C.A_CLEAR_REPORT and (self.executor.record.get("report") or {}).get("state") == P.REVERTED:
+            self.reverted_at = self.clock()
+        more = self.executor.run(action)
+        if more:
+            self.pending[1:1] = more
+        self.pending.pop(0)
+        if kind == C.A_CONFIRM:
             self.confirmed_at = self.clock()
-        elif kind == C.A_CLEAR_REPORT:
-            if (self.record.get("report") or {}).get("state") == P.REVERTED:
-                self.reverted_at = self.clock()
-            self.record["report"] = None
-            self._write("boot.json", self.record)
-        elif kind == C.A_TRUST:
-            self._write("keys.json", action[1])
-        elif kind == C.A_TRIAL_FAILED:
-            bootrec.trial_failed(self.record, action[1])
-            self._write("boot.json", self.record)
-        elif kind == C.A_REBOOT:
-            raise Reboot()
-        else:
-            raise ValueError("unknown action %r" % (kind,))
 
     # ---- MQTT ------------------------------------------------------------------------------
     async def _on_message(self, client, topic, payload, qos, properties):
@@ -486,3 +414,21 @@ class SimDevice:
         await self._close()   # clean DISCONNECT: no will, the session stays
         await asyncio.sleep(self.profile.sleep_for)
         self.woke_at = self.clock()
+
+
+class _Files:
+    """The executor's files (fota.device.fsutil's read_json, write_json, remove) over
+    SimDevice.storage: JSON text by name."""
+
+    def __init__(self, storage: dict[str, str]):
+        self.storage = storage
+
+    def read_json(self, path):
+        text = self.storage.get(path)
+        return json.loads(text) if text is not None else None
+
+    def write_json(self, path, obj):
+        self.storage[path] = json.dumps(obj)
+
+    def remove(self, path):
+        self.storage.pop(path, None)

@@ -5,8 +5,8 @@ fota.device.slots.sim.SimBackend models NOR flash byte for byte (erase rules, al
 HashSlots keeps per slot only what decides correctness: how many bytes were written (strictly
 sequentially, within the capacity) and a running SHA-256 of them, plus a copy of that hash at
 every flush, so that a download can resume from its last journal checkpoint after a reboot.
-finalize() refuses an image whose length or digest differs from the signed manifest, like a
-bootloader's image check; the core has already verified signature and hash on the stream.
+finalize() refuses an image whose length differs from the signed manifest, like a bootloader's
+image check; the core has already verified signature and hash on the stream.
 """
 from __future__ import annotations
 
@@ -49,21 +49,27 @@ class HashSlots:
     def flush(self, slot):
         self._saved[slot] = (self._len[slot], self._hash[slot].copy())
 
-    def hasher_at(self, slot, offset):
-        """After a reboot: continue at the last flushed position, which must be `offset`;
-        returns the SHA-256 state of the bytes before it (what the runner re-hashes from flash)."""
+    def _flushed(self, slot, offset):
         length, saved = self._saved[slot]
         if length != offset:
             raise SlotError("slot holds %d flushed bytes, the journal says %d" % (length, offset))
-        self._len[slot] = length
-        self._hash[slot] = saved.copy()
-        return saved.copy()
+        return saved
 
-    def finalize(self, slot, size, files=None, key=None, plain_size=None, sha256=None):
+    def resume(self, slot, offset):
+        """After a reboot: continue at the last flushed position, which must be `offset`."""
+        self._hash[slot] = self._flushed(slot, offset).copy()
+        self._len[slot] = offset
+        return offset
+
+    def hasher_at(self, slot, offset):
+        """The SHA-256 state of the slot's first `offset` bytes (flushed), in place of reading them
+        back (the executor re-hashes the slot of a resumed download: fota.device.executor)."""
+        return self._flushed(slot, offset).copy()
+
+    def finalize(self, slot, size, files=None, key=None, plain_size=None):
+        # The core verified the image's SHA-256 on the stream, from this slot's hash state on
+        # (hasher_at); the length is what a bootloader's check would refuse.
         self.flush(slot)
         if self._len[slot] != size:
             raise SlotError("slot holds %d bytes, the manifest says %d" % (self._len[slot], size))
-        digest = self._hash[slot].hexdigest()
-        if sha256 is not None and digest != sha256.lower():
-            raise SlotError("slot image does not match the manifest's sha256")
-        self.digest[slot] = digest
+        self.digest[slot] = self._hash[slot].hexdigest()
