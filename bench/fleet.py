@@ -40,8 +40,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from sqlalchemy import func, select
 
-from bench import _fleet, _paho_floor
-from bench._fleet import CenterThread
+from bench import _paho_floor
 from bench._report import print_table
 from fota.device import protocol as P
 from fota.server.broker import SERVER_USER
@@ -50,10 +49,12 @@ from fota.server.releases import create_release
 from fota.server.store import Device, Job, Store
 from fota.sim.fleet import device_ids, provision
 from fota.sim.run import raise_fd_limit
-from fota.tools.brokerspy import BrokerSpy
+from fota.testkit.broker import ManagedBroker
+from fota.testkit.brokerspy import BrokerSpy
+from fota.testkit.center import CenterThread
+from fota.testkit.waiting import wait_until
 from fota.tools.gctune import tuned
 from fota.tools.keyring import Keyring, Signer
-from fota.tools.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "fleet.json"
@@ -67,8 +68,8 @@ def log(*args) -> None:
     print("[bench]", *args, file=sys.stderr, flush=True)
 
 
-class Broker(_fleet.Broker):
-    """bench._fleet's authenticated Mosquitto (fota's generated config: Mosquitto's connection cap
+class Broker(ManagedBroker):
+    """fota.testkit's authenticated Mosquitto (fota's generated config: Mosquitto's connection cap
     is unlimited by default, max_connections -1; the open-files limit, raised by main(), is what
     bounds it), plus its CPU time and peak memory."""
 
