@@ -20,8 +20,8 @@ import tempfile
 from pathlib import Path
 
 from bench._report import print_table
-from bench.campaign_engine import _database
 from fota.testkit.apifuzz import fuzz
+from fota.testkit.databases import fresh_database
 
 
 def main(argv=None) -> int:
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for backend in args.backends.split(","):
-            url, drop = _database(backend, Path(tmp))
+            url, drop = fresh_database(backend, Path(tmp) / f"{backend}.db")
             try:
                 result = fuzz(url, Path(tmp) / backend, args.examples, args.seed,
                               log=out.with_suffix(f".{backend}.log"))
