@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import secrets
 import sys
 import tempfile
@@ -33,28 +32,9 @@ from fota.server.campaigns import CampaignEngine, create_campaign, start_campaig
 from fota.server.campaigns import states as S
 from fota.server.releases import create_release
 from fota.server.store import Campaign, CampaignDevice, Deployment, Device, Job, StatusEvent, Store, utcnow
+from fota.testkit.databases import fresh_database
 from fota.tools.bundle import pack_files
 from fota.tools.signing import generate_private_key
-
-PG_ADMIN = os.environ.get("FOTA_POSTGRES_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-
-
-def _database(backend: str, tmp: Path):
-    """(url, cleanup) of a fresh database."""
-    if backend == "sqlite":
-        return f"sqlite:///{tmp / f'bench-{secrets.token_hex(4)}.db'}", lambda: None
-    import psycopg
-    from sqlalchemy.engine import make_url
-    name = f"fota_bench_{secrets.token_hex(5)}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-
-    def drop():
-        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    url = make_url(PG_ADMIN).set(drivername="postgresql+psycopg", database=name)
-    return url.render_as_string(hide_password=False), drop
-
 
 def _fleet(store: Store, n: int) -> None:
     now = utcnow()
@@ -161,12 +141,12 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for backend in args.backends.split(","):
             for n in sizes:
-                url, drop = _database(backend, Path(tmp))
+                url, drop = fresh_database(backend, Path(tmp) / f"bench-{secrets.token_hex(4)}.db")
                 try:
                     engine = run_engine(url, n)
                 finally:
                     drop()
-                url, drop = _database(backend, Path(tmp))
+                url, drop = fresh_database(backend, Path(tmp) / f"bench-{secrets.token_hex(4)}.db")
                 try:
                     floor = run_floor(url, n)
                 finally:

@@ -27,12 +27,13 @@ from pathlib import Path
 
 from bench._report import print_table
 from fota.server.delta import DEFAULT_COPY_RUN, encode
-from fota.tools.corpus import corpus_dir
-from fota.tools.deltarun import SCRIPT, apply_with_micropython, micropython_binary
+from fota.testkit.corpus import corpus_dir
+from fota.testkit.deltarun import SCRIPT, apply_with_micropython
 from fota.tools.mpy import build_agent
+from fota.tools.supervisor import find_micropython
 
 ROOT = Path(__file__).resolve().parent.parent
-# $FOTA_CORPUS/esp8266, or shared/corpus/esp8266 beside the checkout (fota.tools.corpus)
+# $FOTA_CORPUS/esp8266, or shared/corpus/esp8266 beside the checkout (fota.testkit.corpus)
 DEFAULT_CORPUS = (corpus_dir(ROOT) or ROOT.parent / "shared" / "corpus") / "esp8266"
 DEFAULT_OUT = ROOT / "bench" / "results" / "delta.json"
 TARGET_RATIO = 1.15      # fota patch at the target window <= 1.15 x the smallest reference
@@ -107,7 +108,7 @@ def references(old: Path, new: Path, tmp: Path, tools=REFERENCE_TOOLS) -> dict[s
 # ------------------------------------------------------------------------------ heap
 
 def _runs(script: str, heap_kib: int) -> bool:
-    proc = subprocess.run([micropython_binary(), "-X", f"heapsize={heap_kib}K", "-c", script],
+    proc = subprocess.run([find_micropython(), "-X", f"heapsize={heap_kib}K", "-c", script],
                           capture_output=True, text=True, timeout=300)
     return proc.returncode == 0 and "OK" in proc.stdout
 
@@ -148,12 +149,12 @@ def decoder_heap(old: Path, patch: Path, tmp: Path, chunk: int, root: Path) -> d
 def agent_heap(tmp: Path, wbits: int, lo: int = 64, hi: int = 160) -> dict:
     """Smallest heap at which the whole agent (.mpy) applies a bundle delta through Mosquitto:
     a fresh device per try gets 1.1.0 in full, then 1.2.0 (one file changed) as a delta."""
-    from bench._fleet import Fleet, TimedOut, bundle_of_size
+    from fota.testkit.fleet import Fleet, bundle_of_size
+    from fota.testkit.waiting import TimedOut
     from fota.server.deployments import create_deployment
-    from fota.server.store import Job
     from fota.tools.bundle import unpack, pack_files
 
-    fleet = Fleet(tmp / "agent", chunk=2048, window=8)
+    fleet = Fleet.standalone(tmp / "agent", chunk=2048, window=8)
     fleet.center.center.delta_wbits = wbits
     attempts = []
     try:
@@ -165,26 +166,22 @@ def agent_heap(tmp: Path, wbits: int, lo: int = 64, hi: int = 160) -> dict:
 
         def update(dev, rel, version):
             dep = create_deployment(fleet.store, rel, device_ids=[dev])
-            job_id = dep.jobs[0].id
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                with fleet.store.session() as s:
-                    j = s.get(Job, job_id)
-                    if j.state in ("confirmed", "failed", "reverted", "cancelled"):
-                        return j.state, (j.code, j.reason) if j.code else None, j.delta_id
-                time.sleep(0.1)
-            return "timeout", None, None
+            try:
+                j = fleet.wait_job(dep.jobs[0].id, timeout=60)
+            except TimedOut:
+                return "timeout", None, None
+            return j.state, (j.code, j.reason) if j.code else None, j.delta_id
 
         def ok(k):
             dev = f"agent-{k}k-{len(attempts)}"
             fleet.add_devices([dev], heap=f"{k}K")
             result = {"heap_kib": k, "ok": False}
             try:
-                fleet.wait_online([dev], timeout=30)
+                fleet.wait_online(dev, timeout=30)
                 state, code, _ = update(dev, rel1, "1.1.0")
                 result["full"] = [state, code]
                 if state == "confirmed":
-                    fleet.wait_online([dev], timeout=30, version="1.1.0")
+                    fleet.wait_online(dev, timeout=30, version="1.1.0")
                     state, code, delta_id = update(dev, rel2, "1.2.0")
                     result["delta"] = [state, code, delta_id is not None]
                     result["ok"] = state == "confirmed" and delta_id is not None
@@ -233,7 +230,7 @@ def main(argv=None) -> int:
                           "chunk": args.chunk, "target_wbits": args.target_wbits},
                "targets": {"ratio_max": TARGET_RATIO, "decoder_heap_kib_max": TARGET_HEAP_KIB},
                "env": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                       "micropython": subprocess.run([micropython_binary(), "-c", "import sys; print(sys.version)"],
+                       "micropython": subprocess.run([find_micropython(), "-c", "import sys; print(sys.version)"],
                                                      capture_output=True, text=True).stdout.strip()},
                "pairs": []}
     with tempfile.TemporaryDirectory(prefix="bench-delta-") as tmpdir:

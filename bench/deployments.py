@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import sqlite3
 import sys
 import tempfile
@@ -29,12 +30,12 @@ from pathlib import Path
 from sqlalchemy import event, func, insert, select
 
 from bench._report import print_table
-from bench.campaign_engine import _database
 from fota.examples import hello_files
 from fota.server.deployments import create_deployment, expire_jobs
 from fota.server.releases import create_release
 from fota.server.center import ControlCenter
 from fota.server.store import Device, Job, Store, utcnow
+from fota.testkit.databases import fresh_database
 from fota.tools.bundle import pack_files
 from fota.tools.keyring import Signer
 from fota.tools.signing import generate_private_key
@@ -122,7 +123,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for backend in args.backends.split(","):
             for n in (int(x) for x in args.devices.split(",")):
-                url, drop = _database(backend, Path(tmp))
+                url, drop = fresh_database(backend, Path(tmp) / f"bench-{secrets.token_hex(4)}.db")
                 try:
                     results.append({"backend": backend, "devices": n, **run(url, n, args.sqlite_max_variables)})
                 finally:

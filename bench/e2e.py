@@ -28,10 +28,12 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 
 from bench._report import print_table
-from bench._fleet import Broker, Fleet, TimedOut, bundle_of_size, wait_until, wire_entries
 from fota.device import protocol as P
 from fota.server.broker import SERVER_USER
 from fota.server.deployments import create_deployment
+from fota.testkit.broker import ManagedBroker
+from fota.testkit.fleet import Fleet, bundle_of_size
+from fota.testkit.waiting import TimedOut, wait_until
 from fota.tools.mpy import SRC, agent_sources, build_agent
 from fota.tools.supervisor import DEFAULT_HEAP, find_micropython
 
@@ -46,6 +48,17 @@ TARGET_HEAP_KIB = 64        # a full update within a 64 KiB MicroPython heap
 DONE_DOWNLOADING = ("rebooting", "trial", "confirmed")
 # Not measured in the import footprint: the entry point, and the backend the bench does not use.
 FOOTPRINT_SKIP = ("fota.device.main", "fota.device.slots.sim")
+
+
+def wire_entries(root: Path) -> list[dict]:
+    """The {"tx", "rx"} entries a device appended to wire.json at each reboot."""
+    path = Path(root) / "wire.json"
+    if not path.exists():
+        return []
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        return []
 
 
 def log(*args) -> None:
@@ -146,12 +159,12 @@ def _median(values):
 def run_fota(n: int, size: int, args, tmp: Path) -> dict:
     """N devices updated by one deployment, --repeat times (1.0.0 -> 1.1.0 -> 1.2.0 ...);
     wall time from the deployment's creation until every job is 'confirmed'. Medians."""
-    fleet = Fleet(tmp / f"fota-{n}", chunk=args.chunk, window=args.window, heap=args.heap)
+    fleet = Fleet.standalone(tmp / f"fota-{n}", chunk=args.chunk, window=args.window, heap=args.heap)
     try:
         ids = [f"bench{n}-{i:03d}" for i in range(n)]
         t_start = time.monotonic()
         fleet.add_devices(ids, wire_stats=True)  # each reboot appends its connection's bytes to wire.json
-        fleet.wait_online(ids, timeout=30 + 2 * n)
+        fleet.wait_online(*ids, timeout=30 + 2 * n)
         online_s = time.monotonic() - t_start
         repeats = []
         for r in range(args.repeat):
@@ -161,7 +174,7 @@ def run_fota(n: int, size: int, args, tmp: Path) -> dict:
             log(f"N={n}: update to {version}: {run['wall_s']:.2f}s, {run['confirmed']}/{n} confirmed")
             if run["confirmed"] != n:
                 break
-            fleet.wait_online(ids, version=version, timeout=30 + n)
+            fleet.wait_online(*ids, version=version, timeout=30 + n)
         overheads = [d["overhead"] for run in repeats for d in run["per_device"] if d["overhead"] is not None]
         return {
             "devices": n, "image_bytes": size, "online_s": round(online_s, 3), "repeats": len(repeats),
@@ -189,7 +202,7 @@ def _paho(client_id: str, user: str, password: str) -> mqtt.Client:
 
 def run_floor(n: int, image: bytes, args, tmp: Path) -> dict:
     """The same image to N subscribers by bare paho at QoS 0 through the same kind of Mosquitto."""
-    broker = Broker(tmp / f"floor-{n}")
+    broker = ManagedBroker(tmp / f"floor-{n}")
     ids = [f"floor{n}-{i:03d}" for i in range(n)]
     broker.add_users({d: os.urandom(9).hex() for d in ids})
     size = len(image)
@@ -275,7 +288,7 @@ def run_floor(n: int, image: bytes, args, tmp: Path) -> dict:
 
 def run_heap(image: bytes, args, tmp: Path) -> dict:
     """N=1 full updates at heap start, start-step, ... until one fails; a fresh device each time."""
-    fleet = Fleet(tmp / "heap", chunk=args.chunk, window=args.window)
+    fleet = Fleet.standalone(tmp / "heap", chunk=args.chunk, window=args.window)
     attempts = []
     try:
         rel = fleet.release(image, "1.1.0")

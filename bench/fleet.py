@@ -40,8 +40,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from sqlalchemy import func, select
 
-from bench import _fleet, _paho_floor
-from bench._fleet import CenterThread
+from bench import _paho_floor
 from bench._report import print_table
 from fota.device import protocol as P
 from fota.server.broker import SERVER_USER
@@ -50,14 +49,16 @@ from fota.server.releases import create_release
 from fota.server.store import Device, Job, Store
 from fota.sim.fleet import device_ids, provision
 from fota.sim.run import raise_fd_limit
-from fota.tools.brokerspy import BrokerSpy
+from fota.testkit.broker import ManagedBroker
+from fota.testkit.brokerspy import BrokerSpy
+from fota.testkit.center import CenterThread
+from fota.testkit.databases import create_postgres_database, fresh_database
+from fota.testkit.waiting import wait_until
 from fota.tools.gctune import tuned
 from fota.tools.keyring import Keyring, Signer
-from fota.tools.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "fleet.json"
-PG_ADMIN_URL = os.environ.get("FOTA_POSTGRES_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 TARGET_RATIO = 1.5          # deployment wall <= 1.5x the floor at 10,000 devices
 TARGET_INGEST = 0.5         # persisted statuses/s >= 0.5x one bare paho subscriber's receive rate
@@ -67,8 +68,8 @@ def log(*args) -> None:
     print("[bench]", *args, file=sys.stderr, flush=True)
 
 
-class Broker(_fleet.Broker):
-    """bench._fleet's authenticated Mosquitto (fota's generated config: Mosquitto's connection cap
+class Broker(ManagedBroker):
+    """fota.testkit's authenticated Mosquitto (fota's generated config: Mosquitto's connection cap
     is unlimited by default, max_connections -1; the open-files limit, raised by main(), is what
     bounds it), plus its CPU time and peak memory."""
 
@@ -202,7 +203,7 @@ def deploy_rig(broker: Broker, db: str, db_file: Path, keys: Path, sim_base: Pat
                args):
     """A DeployRig on `broker` and a fresh `db` database; everything stopped (the database dropped)
     on exit."""
-    url, drop = _database(db, db_file)
+    url, drop = fresh_database(db, db_file)
     store = Store(url)
     keyring = Keyring(keys)
     keyring.init()
@@ -412,7 +413,7 @@ def workers_run(n: int, w: int, args, tmp: Path) -> dict:
     from fota.server.home import Home
     from fota.server.workers import live_workers
     broker = Broker(tmp / f"mosquitto-workers-{w}")
-    url, drop = _postgres_url()
+    url, drop = create_postgres_database("fota_bench")
     store = Store(url)
     home = Home(tmp / f"home-workers-{w}")
     home.save_config({"database_url": url, "broker_url": broker.server_url, "broker_port": broker.port,
@@ -531,29 +532,6 @@ def _status_messages(jobs: list[tuple[int, str]], count: int, size: int) -> list
     return out
 
 
-def _postgres_url() -> tuple[str, callable]:
-    import psycopg
-    from psycopg import sql
-    from sqlalchemy.engine import make_url
-    name = f"fota_bench_{secrets.token_hex(5)}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-
-    def drop():
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-    url = make_url(PG_ADMIN_URL).set(drivername="postgresql+psycopg", database=name)
-    return url.render_as_string(hide_password=False), drop
-
-
-def _database(kind: str, sqlite_file: Path) -> tuple[str, callable]:
-    """A fresh database for one run: (URL, what drops it afterwards); a SQLite file is left to
-    the temporary directory."""
-    if kind == "sqlite":
-        return f"sqlite:///{sqlite_file}", lambda: None
-    return _postgres_url()
-
-
 def ingest_run(db: str, args, tmp: Path) -> dict:
     # This process hosts the control center as `fota serve` does, garbage-collector settings
     # included (set before the floor too: both are measured in the same process); restored after.
@@ -563,7 +541,7 @@ def ingest_run(db: str, args, tmp: Path) -> dict:
 
 def _ingest_run(db: str, args, tmp: Path) -> dict:
     broker = Broker(tmp / f"mosquitto-ingest-{db}")
-    url, drop = _database(db, tmp / "ingest.db")
+    url, drop = fresh_database(db, tmp / "ingest.db")
     store = Store(url)
     center = None
     try:

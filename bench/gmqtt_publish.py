@@ -37,11 +37,11 @@ import paho.mqtt.client as paho
 from gmqtt import Client
 from gmqtt.mqtt.constants import MQTTv50
 
-from bench._fleet import Broker
 from bench._report import print_table
 from fota import gmqtt_adapter
 from fota.device import protocol as P
 from fota.server.broker import SERVER_USER
+from fota.testkit.broker import ManagedBroker as Broker
 
 PATHS = ("public", "raw")
 

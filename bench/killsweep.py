@@ -3,7 +3,7 @@
     ./run bench killsweep [--devices 4] [--kills 200] [--seed 1] [--image-kib 64] [--chunk 2048]
                           [--window 8] [--heap 160K] [--timeout 120] [--out bench/results/killsweep.json]
 
-A fresh Mosquitto, control center and N unix-port devices (bench/_fleet.py). Round 0 updates
+A fresh Mosquitto, control center and N unix-port devices (fota.testkit.fleet). Round 0 updates
 every device without faults and measures how long each phase takes. Then, round after round, a
 new release goes to every device while one thread per device kills its agent (SIGKILL, as a
 power cut) at random moments of the download, the install, the trial boot and the confirmation;
@@ -27,13 +27,14 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from bench._faults import device_outcome, files_manifest, status_gaps
-from bench._fleet import Fleet, TimedOut, bundle_of_size, wait_until
 from bench._report import print_table
 from fota.device import protocol as P
-from fota.server.deployments import create_deployment
 from fota.examples import hello_files
-from fota.tools.brokerspy import BrokerSpy
+from fota.server.deployments import create_deployment
+from fota.testkit.brokerspy import BrokerSpy
+from fota.testkit.faults import device_outcome, files_manifest, status_gaps
+from fota.testkit.fleet import Fleet, bundle_of_size
+from fota.testkit.waiting import TimedOut, wait_until
 from fota.tools.supervisor import DEFAULT_HEAP
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -292,7 +293,7 @@ class Killer(threading.Thread):
 class Sweep:
     def __init__(self, tmp: Path, args):
         self.args = args
-        self.fleet = Fleet(tmp, chunk=args.chunk, window=args.window, heap=args.heap)
+        self.fleet = Fleet.standalone(tmp, chunk=args.chunk, window=args.window, heap=args.heap)
         if not args.delta:
             self.fleet.center.center.delta_wbits = None  # full images, as the sweep was built for
         self.ids = [f"kill-{i:02d}" for i in range(args.devices)]
@@ -413,7 +414,7 @@ class Sweep:
                 and all(per_phase[p] >= self.args.min_per_phase for p in PHASES))
 
     def run(self) -> dict:
-        self.fleet.wait_online(self.ids, timeout=60)
+        self.fleet.wait_online(*self.ids, timeout=60)
         log(f"{len(self.ids)} devices online; round 0 without faults")
         self.rounds.append(self.round(0, kills=False))
         log("phase lengths (s):", self.durations.as_dict())

@@ -4,8 +4,8 @@
                           [--direction down] [--throttle 16000] [--chunk 2048] [--window 8]
                           [--timeout 180] [--out bench/results/netfaults.json]
 
-A fresh Mosquitto and control center (bench/_fleet.py); the devices connect through
-fota.tools.faultproxy. For each case a new release goes to every device: "none" (no fault, the
+A fresh Mosquitto and control center (fota.testkit.fleet); the devices connect through
+fota.testkit.faultproxy. For each case a new release goes to every device: "none" (no fault, the
 baseline of this run), each cut budget (every connection aborted after that many bytes in
 --direction, or in both directions together with --direction total) and a throttled link. Every
 job must end `confirmed` with the installed slot identical to the release. See bench/README.md.
@@ -22,16 +22,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench._faults import device_outcome, files_manifest, status_gaps
-from bench._fleet import Fleet, TimedOut, bundle_of_size, wait_until
 from bench._report import print_table
 from fota.device import protocol as P
-from fota.server.deployments import create_deployment
-from fota.server.fleet import provision_device
 from fota.examples import hello_files
-from fota.tools.devicedir import create_device_dir
-from fota.tools.faultproxy import FaultProxy
-from fota.tools.supervisor import DEFAULT_HEAP, DeviceProcess
+from fota.server.deployments import create_deployment
+from fota.testkit.faultproxy import FaultProxy
+from fota.testkit.faults import device_outcome, files_manifest, status_gaps
+from fota.testkit.fleet import Fleet, bundle_of_size
+from fota.testkit.waiting import TimedOut, wait_until
+from fota.tools.supervisor import DEFAULT_HEAP
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "netfaults.json"
@@ -43,21 +42,7 @@ def log(*args) -> None:
 
 def _devices(fleet: Fleet, proxy: FaultProxy, ids: list[str]) -> None:
     """Provision devices whose broker address is the proxy, and start them."""
-    passwords = {}
-    for device_id in ids:
-        _, passwords[device_id] = provision_device(fleet.store, device_id, "unix")
-    fleet.broker.add_users(passwords)
-    for device_id in ids:
-        root = create_device_dir(fleet.tmp / "devices" / device_id, device_id=device_id, hardware="unix",
-                                 host=fleet.broker.host, port=proxy.port, **fleet.device_keys,
-                                 password=passwords[device_id], app_files=hello_files("1.0.0"),
-                                 version="1.0.0", backoff_ms=100)
-        cfg = json.loads((root / "config.json").read_text())
-        cfg["broker"]["backoff_ms"] = 100
-        (root / "config.json").write_text(json.dumps(cfg))
-        proc = DeviceProcess(root, heap=fleet.heap)
-        proc.max_restarts = 1_000_000
-        fleet.devices[device_id] = proc.start()
+    fleet.add_devices(ids, port=proxy.port, backoff_ms=100, max_restarts=1_000_000)
 
 
 def _case(fleet: Fleet, proxy: FaultProxy, ids: list[str], name: str, number: int, args,
@@ -93,7 +78,7 @@ def _case(fleet: Fleet, proxy: FaultProxy, ids: list[str], name: str, number: in
 
 
 def run(tmp: Path, args) -> list[dict]:
-    fleet = Fleet(tmp, chunk=args.chunk, window=args.window, heap=args.heap)
+    fleet = Fleet.standalone(tmp, chunk=args.chunk, window=args.window, heap=args.heap)
     fleet.center.center.delta_wbits = None  # full images: the bytes re-sent are against the image
     proxy = FaultProxy(fleet.broker.port).start_thread()
     ids = [f"net-{i:02d}" for i in range(args.devices)]
@@ -102,7 +87,7 @@ def run(tmp: Path, args) -> list[dict]:
     results = []
     try:
         _devices(fleet, proxy, ids)
-        fleet.wait_online(ids, timeout=60)
+        fleet.wait_online(*ids, timeout=60)
         cases = [c.strip() for c in args.cuts.split(",") if c.strip()]
         if args.throttle:
             cases.append(f"throttle {args.throttle}")

@@ -23,10 +23,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from bench._faults import seq_gaps
 from bench._report import print_table
 from fota.powercut import harness as H
 from fota.powercut.scenario import SCENARIOS, build
+from fota.testkit.faults import seq_gaps
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "powercut.json"

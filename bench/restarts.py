@@ -25,14 +25,16 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from bench._faults import device_outcome, files_manifest, status_gaps, status_key, stored_keys
-from bench._fleet import CenterThread, Fleet, TimedOut, bundle_of_size, wait_until
 from bench._report import print_table
 from fota.device import protocol as P
-from fota.server.deployments import create_deployment
 from fota.examples import hello_files
+from fota.server.deployments import create_deployment
 from fota.server.store import Job, StatusEvent
-from fota.tools.brokerspy import BrokerSpy
+from fota.testkit.brokerspy import BrokerSpy
+from fota.testkit.center import CenterThread
+from fota.testkit.faults import device_outcome, files_manifest, status_gaps, status_key, stored_keys
+from fota.testkit.fleet import Fleet, bundle_of_size
+from fota.testkit.waiting import TimedOut, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "restarts.json"
@@ -109,14 +111,14 @@ def _progress(fleet: Fleet, job_ids: list[int]) -> dict[int, tuple[str, float]]:
 
 
 def run_case(fault: str, cut: str, args, tmp: Path) -> dict:
-    fleet = Fleet(tmp, chunk=args.chunk, window=args.window, persistence=True)
+    fleet = Fleet.standalone(tmp, chunk=args.chunk, window=args.window, persistence=True)
     spy = None
     try:
         ids = [f"rs-{i}" for i in range(args.devices)]
         fleet.add_devices(ids)
         for proc in fleet.devices.values():
             proc.restart_delay = REBOOT_DELAY
-        fleet.wait_online(ids)
+        fleet.wait_online(*ids, timeout=60)
         spy = Spy(fleet.broker)
         # As `fota serve` does once the center subscribed: its session (and the spy's) on disk now.
         fleet.broker.mosquitto.save()

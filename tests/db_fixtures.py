@@ -12,46 +12,36 @@ If PostgreSQL is unreachable the postgres case FAILS, unless FOTA_SKIP_POSTGRES=
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psycopg
 import pytest
-from psycopg import sql
-from sqlalchemy.engine import make_url
+
+from fota.testkit.databases import PG_ADMIN_URL, create_postgres_database
 
 __all__ = ["db_url", "postgres_database", "sqlite_url", "PG_ADMIN_URL"]
-
-PG_ADMIN_URL = os.environ.get("FOTA_POSTGRES_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 def _skip_postgres() -> bool:
     return os.environ.get("FOTA_SKIP_POSTGRES") == "1"
 
 
-def _admin_connection() -> psycopg.Connection:
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database (fota.testkit.databases); yields its postgresql+psycopg://
+    URL, drops it after."""
     try:
-        return psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
+        url, drop = create_postgres_database("fota_test")
     except psycopg.OperationalError as exc:
         message = f"PostgreSQL unreachable at {PG_ADMIN_URL}: {exc}".strip()
         if _skip_postgres():
             pytest.skip(f"{message} (FOTA_SKIP_POSTGRES=1)")
         pytest.fail(f"{message}\n(set FOTA_SKIP_POSTGRES=1 to skip the PostgreSQL cases)", pytrace=False)
-
-
-@contextmanager
-def postgres_database() -> Iterator[str]:
-    """A fresh, empty PostgreSQL database; yields its postgresql+psycopg:// URL, drops it after."""
-    name = f"fota_test_{secrets.token_hex(6)}"
-    with _admin_connection() as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     try:
-        url = make_url(PG_ADMIN_URL).set(drivername="postgresql+psycopg", database=name)
-        yield url.render_as_string(hide_password=False)
+        yield url
     finally:
-        with _admin_connection() as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        drop()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)],

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import update
 
-from bench import api_fuzz
 from fota.server.campaigns import CampaignError, CampaignNotFound, create_campaign, get_campaign
 from fota.server.deployments import DeploymentError, create_deployment, deployment_summary
 from fota.server.fleet import FleetError, get_device, provision_device
 from fota.server.releases import ReleaseError, create_release, get_release
 from fota.server.store import Campaign, Release
 from fota.server.store.models import AuditEvent
+from fota.testkit.apifuzz import fuzz
 
 from test_cli import assert_clean_error, fota
 from test_api import API, KEY, bearer, bundle_bytes, env, lite, seed_release_and_deployment  # noqa: F401 (fixtures)
@@ -32,7 +32,7 @@ UNSAFE_VERSIONS = ["../../..", "1.0\n", "1.0\nX-Injected: 1", "\x1b[31m1.0", "1.
 # ---- schemathesis, every check ---------------------------------------------------------------
 def test_schemathesis_every_check_passes(db_url, tmp_path):
     """Whole schema (endpoints added later are covered), admin token, real database."""
-    result = api_fuzz.fuzz(db_url, tmp_path / "fuzz", SAMPLED_EXAMPLES, log=tmp_path / "schemathesis.log")
+    result = fuzz(db_url, tmp_path / "fuzz", SAMPLED_EXAMPLES, log=tmp_path / "schemathesis.log")
     summary = {k: result.get(k) for k in ("generated", "failing_cases", "server_errors", "failures", "errors")}
     assert result["ok"], f"{json.dumps(summary, indent=1)}\n{result['output_tail']}"
     assert result["operations"] >= 17 and result["generated"] > 300, summary

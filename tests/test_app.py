@@ -11,7 +11,7 @@ from fota.server.app import control_center
 from fota.server.fleet import provision_device
 from fota.server.home import Home
 from fota.server.store import Store
-from checked_mqtt import acknowledged
+from fota.testkit.checked_mqtt import acknowledged
 
 
 def _connect(port, user, password):

@@ -23,11 +23,13 @@ from fota.server.broker import SERVER_USER
 from fota.server.deployments import create_deployment
 from fota.server.releases import create_release, update_command
 from fota.server.store import StatusEvent
+from fota.testkit.center import CenterThread
+from fota.testkit.checked_mqtt import acknowledged, close, connect
+from fota.testkit.fleet import Fleet
+from fota.testkit.waiting import wait_until
 from fota.tools.bundle import pack_files
 from fota.tools.keyring import Signer
 from fota.tools.signing import generate_private_key
-from checked_mqtt import acknowledged, close, connect
-from fleet import CenterThread, Fleet, wait_until
 
 # Short transfer deadlines, so that stalls and endless data end within the test.
 FAST = {"chunk_timeout_ms": 500, "stall_timeout_ms": 3000}

@@ -14,9 +14,10 @@ from fota.device import protocol as P
 from fota.examples import hello_files
 from fota.server.deployments import create_deployment, device_history
 from fota.server.releases import create_release
+from fota.testkit.fleet import Fleet
+from fota.testkit.waiting import wait_until
 from fota.tools import signing
 from fota.tools.bundle import pack_files
-from fleet import Fleet, wait_until
 from test_core import SIGNING_KEY, Harness, cmd, make_update, new_core, transitions  # noqa: F401 (autouse)
 
 IMAGE = bytes(range(256)) * 12 + b"tail"  # 13 chunks of 256

@@ -8,8 +8,9 @@ from fota.server.campaigns import abort_campaign, campaign_summary, create_campa
 from fota.server.deployments import device_history
 from fota.server.releases import create_release
 from fota.server.store import Job
+from fota.testkit.fleet import Fleet
+from fota.testkit.waiting import wait_until
 from fota.tools.bundle import pack_files
-from fleet import Fleet, wait_until
 
 
 def _release(fleet, version, padding=0, broken=False):

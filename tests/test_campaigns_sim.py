@@ -13,8 +13,9 @@ from fota.server.campaigns import campaign_summary, create_campaign, resume_camp
 from fota.server.releases import create_release
 from fota.server.store import Job, StatusEvent, Store
 from fota.sim import FailurePlan, SimFleet, device_ids, provision
+from fota.testkit.center import CenterThread
+from fota.testkit.waiting import wait_until
 from fota.tools.keyring import Keyring
-from fleet import CenterThread, wait_until
 from test_sim import SimThread, _online, add_users
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from fota.examples import hello_files
+from fota.testkit.waiting import TimedOut, wait_until
 
 FOTA = [sys.executable, "-m", "fota.cli"]
 
@@ -41,14 +42,16 @@ def wait_listed(home: Path, ready, what: str, *procs: subprocess.Popen, timeout:
                 interval: float = 0.3) -> None:
     """Poll `fota devices` until ready(listing); else fail with `what`, the last listing and the
     output of procs (stopped, for the failure report)."""
-    listing = ""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        listing = fota(home, "devices").stdout
-        if ready(listing):
-            return
-        time.sleep(interval)
-    pytest.fail(f"{what}: {listing}\n" + "\n".join(stop(p) for p in procs))
+    listing = [""]
+
+    def listed():
+        listing[0] = fota(home, "devices").stdout
+        return ready(listing[0])
+
+    try:
+        wait_until(listed, timeout=timeout, interval=interval, what=what)
+    except TimedOut:
+        pytest.fail(f"{what}: {listing[0]}\n" + "\n".join(stop(p) for p in procs))
 
 
 def assert_clean_error(result: subprocess.CompletedProcess, *needles: str) -> None:

@@ -1,11 +1,11 @@
-"""Finding the firmware corpus (fota.tools.corpus), and a test that needs it failing under CI=true
+"""Finding the firmware corpus (fota.testkit.corpus), and a test that needs it failing under CI=true
 when it is missing instead of skipping (a skipped proof is not a passed one)."""
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from fota.tools.corpus import ENV, corpus_dir, corpus_images
+from fota.testkit.corpus import ENV, corpus_dir, corpus_images
 
 ROOT = Path(__file__).resolve().parent.parent
 

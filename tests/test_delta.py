@@ -17,14 +17,15 @@ from fota.server import delta as server_delta
 from fota.server.delta import encode
 from fota.server.deployments import create_deployment
 from fota.server.releases import create_release
+from fota.testkit.corpus import corpus_images
+from fota.testkit.deltarun import apply_with_micropython
+from fota.testkit.fleet import Fleet
+from fota.testkit.waiting import wait_until
 from fota.tools.bundle import pack_files
-from fota.tools.deltarun import apply_with_micropython
-from fota.tools.corpus import corpus_images
 from conftest import missing_corpus
-from fleet import Fleet, wait_until
 
 def corpus_pairs():
-    """Consecutive esp8266 images of the firmware corpus (fota.tools.corpus: $FOTA_CORPUS, or
+    """Consecutive esp8266 images of the firmware corpus (fota.testkit.corpus: $FOTA_CORPUS, or
     shared/corpus beside the checkout)."""
     files = corpus_images("esp8266", start=Path(__file__))
     return list(zip(files, files[1:]))

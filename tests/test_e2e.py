@@ -11,11 +11,12 @@ from fota.examples import hello_files
 from fota.server.center import jobs as center_jobs
 from fota.server.deployments import create_deployment, device_history
 from fota.server.releases import create_release, update_command
-from fota.tools.brokerspy import BrokerSpy
+from fota.testkit.brokerspy import BrokerSpy
+from fota.testkit.fleet import Fleet
+from fota.testkit.waiting import wait_until
 from fota.tools.bundle import pack_files
 from fota.tools.keyring import Signer
 from fota.tools.signing import generate_private_key
-from fleet import Fleet, wait_until
 
 
 def _release(fleet, version, *, broken=False, hw=("unix",), padding=0, key=None):

@@ -10,9 +10,10 @@ from fota.device import protocol as P
 from fota.examples import hello_files
 from fota.server.deployments import create_deployment, device_history
 from fota.server.releases import create_release
+from fota.testkit.fleet import Fleet
+from fota.testkit.waiting import wait_until
 from fota.tools.bundle import pack_files
 from fota.tools.supervisor import DeviceProcess
-from fleet import Fleet, wait_until
 
 TTL = 2  # s: the center's command TTL in these tests
 

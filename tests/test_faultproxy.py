@@ -9,9 +9,8 @@ import time
 import paho.mqtt.client as mqtt
 import pytest
 
-from fota.tools.faultproxy import FaultProxy
-
-from fleet import wait_until
+from fota.testkit.faultproxy import FaultProxy
+from fota.testkit.waiting import wait_until
 
 
 class Echo:

@@ -1,4 +1,5 @@
-"""Fuzzing the device-side parsers (hypothesis): a fast sample of bench/fuzz_device.py's targets.
+"""Fuzzing the device-side parsers (hypothesis): a fast sample of the targets
+(fota.testkit.fuzzing) that bench/fuzz_device.py runs long.
 
 Every input must parse or give a clean error (a `rejected`/`failed` status with a known code, or
 an MQTTError / BundleError / TrustError), never raise anything else, and a refused input must
@@ -10,21 +11,15 @@ from __future__ import annotations
 
 import json
 import struct
-import sys
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench import fuzz_device as F  # noqa: E402
-from conftest import run_micropython  # noqa: E402
-from fota.device import core as C  # noqa: E402
-from fota.device import protocol as P  # noqa: E402
-from fota.device import trust as T  # noqa: E402
+from conftest import run_micropython
+from fota.device import core as C
+from fota.device import protocol as P
+from fota.device import trust as T
+from fota.testkit import fuzzing as F
 
 # examples per parser: about 15 s in all on a 2-CPU machine (the MicroPython run: 2 s)
 SAMPLE = {"manifest": 300, "manifest_signed": 200, "envelope_bytes": 300, "envelope_json": 300,

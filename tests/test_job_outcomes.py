@@ -16,8 +16,8 @@ from fota.server.center.chunks import ChunkServer
 from fota.server.deployments import cancel_deployment, create_deployment, deployment_summary, device_history
 from fota.server.releases import create_release, update_command
 from fota.server.store import Job, utcnow
+from fota.testkit.waiting import wait_until
 from fota.tools.bundle import pack_files
-from fleet import wait_until
 
 
 def _release(fleet, version, *, broken=False, padding=0):

@@ -1,5 +1,6 @@
-"""Kill -9 of real MicroPython agents: a sampled kill sweep (bench/killsweep.py runs 200+ kills),
-the exact states two kills left behind that the sweep found, and the core's side of the fix."""
+"""Kill -9 of real MicroPython agents: the exact states two kills left behind that the kill sweep
+(bench/killsweep.py, 200+ kills; bench/tests/test_killsweep.py runs a sample) found, and the core's
+side of the fix."""
 from __future__ import annotations
 
 import hashlib
@@ -10,17 +11,17 @@ import time
 
 import pytest
 
-from bench import killsweep as K
 from fota.device import boot as bootrec
 from fota.device import core as C
 from fota.device import protocol as P
 from fota.server.deployments import create_deployment
 from fota.server.releases import create_release, update_command
-from fota.tools.devicedir import verify_slot
-from fota.tools.faultproxy import FaultProxy
+from fota.testkit.devices import verify_slot
+from fota.testkit.faultproxy import FaultProxy
+from fota.testkit.fleet import bundle_of_size
+from fota.testkit.waiting import wait_until
 from fota.tools.supervisor import DeviceProcess
 
-from fleet import wait_until
 from test_core import Harness, cmd, make_update, new_core, transitions, trust_doc  # noqa: F401 (autouse)
 
 OTHER_KEY = __import__("fota.tools.signing", fromlist=["x"]).generate_private_key()
@@ -120,7 +121,7 @@ def test_kill_after_unpacking_before_the_trial_mark_still_completes_the_job(flee
     # go) before the test has seen it start and stopped the agent.
     fleet.add_device(dev, port=proxy.port)
     fleet.wait_online(dev)
-    rel = create_release(fleet.store, fleet.blobs, fleet.key, K.bundle_of_size("4.0.0", 600_000), "4.0.0", ["unix"])
+    rel = create_release(fleet.store, fleet.blobs, fleet.key, bundle_of_size("4.0.0", 600_000), "4.0.0", ["unix"])
     dep = create_deployment(fleet.store, rel, device_ids=[dev])
     job = dep.jobs[0].id
     wait_until(lambda: any(s["state"] == P.DOWNLOADING for s in fleet.spy.of(dev, job)), what="download start")
@@ -183,23 +184,6 @@ def test_kill_between_trial_mark_and_journal_delete_leaves_the_fallback_slot_alo
     assert (root / "flash.bin").read_bytes()[:slot] == old_firmware
 
 
-# ---------------------------------------------------------------- a sampled kill sweep
-
-def test_sampled_kill_sweep_every_phase_no_brick_no_lost_status(tmp_path):
-    """~15 SIGKILLs of 3 real agents between command and download, during download, install,
-    trial boot and confirm; every job ends confirmed at the control center and every device on
-    a verified slot."""
-    t0 = time.monotonic()
-    s = K.sweep(tmp_path, devices=3, kills=15, min_per_phase=1, seed=11, image_kib=32, timeout=60,
-                max_rounds=15)
-    per_phase = {r["phase"]: r["kills"] for r in s["phases"]}
-    assert s["kills"] >= 15 and all(per_phase[p] >= 1 for p in K.PHASES), per_phase
-    assert s["bricked"] == 0 and s["lost_statuses"] == 0
-    assert s["completed"] == s["jobs"] and s["verified"] == s["jobs"]
-    assert s["bad_statuses"] == []
-    print(f"\n{s['kills']} kills in {s['rounds']} rounds ({time.monotonic() - t0:.0f} s): {per_phase}")
-
-
 def test_command_queued_while_offline_is_acknowledged_once_handled(fleet):
     """A persistent session hands its queued command over while the agent is still subscribing,
     before the runner has a client: it was never acknowledged, so every later connection got it
@@ -209,7 +193,7 @@ def test_command_queued_while_offline_is_acknowledged_once_handled(fleet):
     fleet.wait_online(dev)
     fleet.devices[dev].stop()
     wait_until(lambda: not fleet.device_row(dev).online, timeout=30, what="offline")
-    rel = create_release(fleet.store, fleet.blobs, fleet.key, K.bundle_of_size("6.0.0", 8_000), "6.0.0", ["unix"])
+    rel = create_release(fleet.store, fleet.blobs, fleet.key, bundle_of_size("6.0.0", 8_000), "6.0.0", ["unix"])
     center = fleet.center.center
     center.require_online = False  # send now, into the broker's queue for the offline device
     dep = create_deployment(fleet.store, rel, device_ids=[dev])

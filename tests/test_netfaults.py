@@ -1,6 +1,6 @@
 """Network faults between real MicroPython devices and the real Mosquitto.
 
-The devices connect through fota.tools.faultproxy (their config.json points at the proxy);
+The devices connect through fota.testkit.faultproxy (their config.json points at the proxy);
 the control center talks to the broker directly. Cuts every few KiB, a stall longer than the
 device's stall deadline, and a throttled link.
 """
@@ -12,18 +12,19 @@ import time
 
 import pytest
 
+from fota.device import core as C
 from fota.device import protocol as P
 from fota.examples import hello_files
 from fota.server.deployments import create_deployment
 from fota.server.releases import create_release
+from fota.testkit.devices import verify_slot
+from fota.testkit.faultproxy import FaultProxy
+from fota.testkit.faults import status_gaps
+from fota.testkit.fleet import Fleet
+from fota.testkit.waiting import wait_until
 from fota.tools.bundle import pack_files
-from fota.tools.devicedir import verify_slot
-from fota.tools.faultproxy import FaultProxy
 
-from bench._faults import status_gaps
-from fleet import Fleet, wait_until
 from test_core import SIGNING_KEY, cmd, make_update, new_core
-from fota.device import core as C
 
 SIM_SLOT = 128 * 1024
 
@@ -37,13 +38,7 @@ def proxy(broker):
 
 def _add_via_proxy(fleet, proxy, device_id, **settings):
     """Provision a device whose broker address is the proxy, then start it."""
-    proc = fleet.add_device(device_id, start=False, **settings)
-    cfg_path = proc.root / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["broker"]["port"] = proxy.port
-    cfg["broker"]["backoff_ms"] = 100
-    cfg_path.write_text(json.dumps(cfg, indent=1))
-    return proc.start()
+    return fleet.add_device(device_id, port=proxy.port, backoff_ms=100, **settings)
 
 
 def _bundle(version, size):

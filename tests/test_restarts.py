@@ -16,18 +16,20 @@ import time
 import pytest
 from sqlalchemy import select
 
-from bench._faults import status_gaps
-from conftest import BrokerInfo
-from fleet import CenterThread, Fleet, wait_until
 from fota.examples import hello_files
 from fota.server.broker import SERVER_USER, Mosquitto
 from fota.server.deployments import create_deployment, deployment_summary
 from fota.server.releases import create_release
 from fota.server.store import StatusEvent
-from fota.tools.brokerspy import BrokerSpy
+from fota.testkit.brokerspy import BrokerSpy
+from fota.testkit.center import CenterThread
+from fota.testkit.faultproxy import FaultProxy
+from fota.testkit.faults import status_gaps
+from fota.testkit.fleet import Fleet
+from fota.testkit.waiting import wait_until
 from fota.tools.bundle import pack_files
-from fota.tools.faultproxy import FaultProxy
 from fota.tools.supervisor import DeviceProcess
+from conftest import BrokerInfo
 
 
 @pytest.fixture

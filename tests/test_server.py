@@ -9,7 +9,6 @@ import math
 import os
 import struct
 import threading
-import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -36,10 +35,11 @@ from fota.server.fleet import (
 from fota.server.releases import ReleaseError, build_manifest, create_release, get_release, list_releases, read_blob
 from fota.server.center import CLIENT_ID, ControlCenter
 from fota.server.store import Device, Job, Store
+from fota.testkit.checked_mqtt import acknowledged, close, connect
+from fota.testkit.waiting import wait_until_async
 from fota.tools import bundle
 from fota.tools.keyring import Signer
 from fota.tools.signing import generate_private_key, key_id, public_key_bytes
-from checked_mqtt import acknowledged, close, connect
 
 APP = b"VERSION = '1.1.0'\n\ndef start():\n    print('hello')\n"
 
@@ -86,16 +86,6 @@ def uid(prefix: str) -> str:
 
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
-
-
-async def until(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def verify_signature(pub65: bytes, sig_hex: str, message: bytes) -> None:
@@ -399,11 +389,11 @@ def test_update_end_to_end(store, broker, key, app_dir, tmp_path):
         await center.start()
         try:
             dev.start()
-            await until(lambda: get_device(store, dev.id).online, what="device online")
+            await wait_until_async(lambda: get_device(store, dev.id).online, what="device online")
             dep = create_deployment(store, rel, device_ids=[dev.id])
-            await until(lambda: center.job_states(dep.id)[dev.id] == "confirmed", what="confirmed")
-            await until(lambda: deployment_summary(store, dep.id)["state"] == "done", what="deployment done")
-            await until(lambda: deployment_summary(store, dep.id)["jobs"][0]["bytes_served"] == len(image),
+            await wait_until_async(lambda: center.job_states(dep.id)[dev.id] == "confirmed", what="confirmed")
+            await wait_until_async(lambda: deployment_summary(store, dep.id)["state"] == "done", what="deployment done")
+            await wait_until_async(lambda: deployment_summary(store, dep.id)["jobs"][0]["bytes_served"] == len(image),
                         what="bytes_served")
             return center, dep
         finally:
@@ -484,9 +474,9 @@ def test_ingestion_rules_and_chunk_access(lite_store, broker, key, tmp_path):
             await asyncio.sleep(0.3)
             assert job_row().state == "pending" and not a.commands  # a has never connected
             a.start(), b.start()
-            await until(lambda: a.commands, what="command")
+            await wait_until_async(lambda: a.commands, what="command")
             # The outbox marks a job sent after its publish: the device may see it first.
-            await until(lambda: job_row().state == "sent", what="job marked sent")
+            await wait_until_async(lambda: job_row().state == "sent", what="job marked sent")
 
             # another device asking for a's job gets nothing
             b.request(job, 0, 4, 256)
@@ -495,7 +485,7 @@ def test_ingestion_rules_and_chunk_access(lite_store, broker, key, tmp_path):
             a.request(job, 0, 2, 32)
             a.client.publish(a.topic(protocol.REQ), b"{not json", qos=0)
             a.request(job, 3, 8, 256)  # the last chunk only (1000 bytes = 4 chunks)
-            await until(lambda: len(a.chunks) == 1, what="chunk")
+            await wait_until_async(lambda: len(a.chunks) == 1, what="chunk")
             await asyncio.sleep(0.2)
             assert a.chunks == [(job, 3, image[768:])] and b.chunks == []
             assert center.ignored_requests == 4 and center.requests == 1
@@ -514,15 +504,15 @@ def test_ingestion_rules_and_chunk_access(lite_store, broker, key, tmp_path):
             a.client.publish(a.topic(protocol.STATUS), json.dumps(first), qos=1)  # same boot/seq again
             b.status(job, "failed", code="E_TIMEOUT")               # not b's job: event only, marked
             a.status(job, "rejected", code=protocol.E_BAD_CHUNK)   # rejected: event only
-            await until(lambda: len(device_history(store, a.id)) == 2
+            await wait_until_async(lambda: len(device_history(store, a.id)) == 2
                         and device_history(store, b.id, include_ignored=True), what="statuses")
             await asyncio.sleep(0.2)
             row = job_row()
             assert (row.state, row.progress, row.code) == ("downloading", 0.25, None)
             assert center.duplicates == 1 and center.garbage == 6
             a.status(job, "failed", code=protocol.E_TIMEOUT, reason="stalled")
-            await until(lambda: center.job_states(dep.id)[a.id] == "failed", what="failed")
-            await until(lambda: deployment_summary(store, dep.id)["state"] == "done", what="done")
+            await wait_until_async(lambda: center.job_states(dep.id)[a.id] == "failed", what="failed")
+            await wait_until_async(lambda: deployment_summary(store, dep.id)["state"] == "done", what="done")
             a.request(job, 0, 1, 256)  # a finished job is not served any more
             await asyncio.sleep(0.2)
             assert len(a.chunks) == 1 and center.requests == 1
@@ -556,7 +546,7 @@ def test_statuses_queued_while_center_is_away(lite_store, broker, key, tmp_path)
         await center.start()
         dev.start()
         dep = create_deployment(store, rel, device_ids=[dev.id])
-        await until(lambda: dev.commands, what="command")
+        await wait_until_async(lambda: dev.commands, what="command")
         await center.stop()
         job = dep.jobs[0].id
         dev.status(job, "downloading", progress=0.0)
@@ -566,7 +556,7 @@ def test_statuses_queued_while_center_is_away(lite_store, broker, key, tmp_path)
                                signer=Signer(SERVER_KEY))
         await center.start()
         try:
-            await until(lambda: center.job_states(dep.id)[dev.id] == "failed", what="queued statuses")
+            await wait_until_async(lambda: center.job_states(dep.id)[dev.id] == "failed", what="queued statuses")
         finally:
             await center.stop()
             dev.stop()

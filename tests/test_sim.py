@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import func, select
 
 from fota.device import core as C
+from fota.device import ecdsa
 from fota.device import protocol as P
 from fota.server.deployments import create_deployment
 from fota.server.releases import create_release
@@ -20,10 +21,10 @@ from fota.server.store import Job, StatusEvent, Store
 from fota.sim import FailurePlan, SimFleet, device_ids, provision
 from fota.sim.device import SimDevice
 from fota.sim.verify import fast_verify
-from fota.device import ecdsa
+from fota.testkit.center import CenterThread
+from fota.testkit.waiting import wait_until
 from fota.tools.keyring import Keyring
 
-from fleet import CenterThread, wait_until
 
 IMAGE = 16 * 1024
 
@@ -368,30 +369,3 @@ def test_fota_simulate_command_with_a_served_home(tmp_path):
         stop(serve)
     assert "Traceback" not in out, out
     assert "reverted 3" in out, out
-
-
-def test_fleet_benchmark_sampled(tmp_path):
-    """bench/fleet.py end to end at a sample size: both parts produce their numbers and JSON."""
-    import json
-    import sys
-    from pathlib import Path
-    root = Path(__file__).resolve().parent.parent
-    sys.path.insert(0, str(root))
-    try:
-        from bench import fleet as bench_fleet
-    finally:
-        sys.path.remove(str(root))
-    out = tmp_path / "fleet.json"
-    assert bench_fleet.main(["--devices", "30", "--image-kib", "8", "--statuses", "600", "--ingest-devices", "50",
-                             "--db", "sqlite", "--timeout", "120", "--workers-devices", "30",
-                             "--out", str(out)]) == 0
-    result = json.loads(out.read_text())
-    (deploy,) = result["deploy"]
-    assert deploy["fota"]["confirmed"] == 30 and deploy["fota"]["wall_s"] > 0, deploy
-    assert deploy["fota"]["sim"]["versions"] == {"2.0.0": 30}
-    for kind in ("paho", "raw"):  # the target's floor (bare paho clients) and the stricter one
-        assert deploy["floors"][kind]["wall_s"] > 0 and deploy["ratios"][kind] > 0, deploy["floors"]
-    (ingest,) = result["ingest"]
-    assert ingest["statuses"] == 600 and ingest["fota_rate"] > 0 and ingest["floor_rate"] > 0, ingest
-    assert ingest["job_states"] == {"downloading": 50}
-    assert [(w["workers"], w["confirmed"], w.get("error")) for w in result["workers"]] == [(1, 30, None), (2, 30, None)]

@@ -23,11 +23,12 @@ from fota.server.retention import Retention, prune
 from fota.server.center import parse_status
 from fota.server.statuses import StatusLimiter, StatusRefused, stored_payload
 from fota.server.store import Campaign, CampaignDevice, Job, StatusEvent, Store, utcnow
+from fota.testkit.waiting import wait_until_async
 from fota.tools.signing import generate_private_key
 from conftest import run_micropython
 from test_api import API, bearer, make_env
 from test_core import SIGNING_KEY, Harness, cmd, make_update
-from test_server import add_device, center_for, until
+from test_server import add_device, center_for
 
 KEY = generate_private_key()
 
@@ -209,8 +210,8 @@ def test_refused_statuses_are_acknowledged_counted_and_not_stored(store, broker,
             info.wait_for_publish(5)
         assert all(info.is_published() for info in infos)  # acknowledged: never redelivered
         dev.status(None, "health", ok=True, uptime=5)
-        await until(lambda: _events(store, dev.id) == 1, what="the valid status stored")
-        await until(lambda: _metric(store, 'fota_statuses_dropped_total{reason="invalid"}') == len(REFUSED) - 1,
+        await wait_until_async(lambda: _events(store, dev.id) == 1, what="the valid status stored")
+        await wait_until_async(lambda: _metric(store, 'fota_statuses_dropped_total{reason="invalid"}') == len(REFUSED) - 1,
                     what="refusals counted in /metrics")
         assert center.refused == len(REFUSED)
         assert _metric(store, 'fota_statuses_dropped_total{reason="oversize"}') == 1
@@ -230,7 +231,7 @@ def test_a_nul_status_does_not_slow_other_devices(store, broker, tmp_path, caplo
             other.status(None, "health", ok=True, uptime=i)
             if i % 10 == 0:
                 hostile.status(None, "health", ok=False, reason="bad\u0000byte")
-        await until(lambda: _events(store, other.id) == 200, timeout=30, what="the other device's statuses")
+        await wait_until_async(lambda: _events(store, other.id) == 200, timeout=30, what="the other device's statuses")
         assert center.refused == 20
     with caplog.at_level(logging.WARNING, logger="fota.server.center.intake"):
         # the other device sends faster than any real one: no rate limit in the way here
@@ -253,12 +254,12 @@ def test_rate_limit_drops_a_flood_but_not_a_job_transition(store, broker, tmp_pa
         for i in range(100):
             dev.status(None, "health", ok=True, uptime=i)
         dev.status(job, "failed", code="E_TIMEOUT", reason="stalled")  # after the flood: still applied
-        await until(lambda: center.rate_limited + _events(store, dev.id) == 101, timeout=20,
+        await wait_until_async(lambda: center.rate_limited + _events(store, dev.id) == 101, timeout=20,
                     what="every status stored or limited")
         elapsed = time.monotonic() - t0
-        await until(lambda: center.job_states(dep.id)[dev.id] == "failed", what="the job failed")
+        await wait_until_async(lambda: center.job_states(dep.id)[dev.id] == "failed", what="the job failed")
         assert 11 <= _events(store, dev.id) <= 11 + elapsed + 1
-        await until(lambda: _metric(store, 'fota_statuses_dropped_total{reason="rate_limited"}')
+        await wait_until_async(lambda: _metric(store, 'fota_statuses_dropped_total{reason="rate_limited"}')
                     == center.rate_limited, what="rate-limited statuses counted in /metrics")
     with_center(store, broker, tmp_path, body, [dev], status_limiter=StatusLimiter(rate=1.0, burst=10))
 
@@ -370,7 +371,7 @@ def test_the_control_center_prunes_periodically(store, broker, tmp_path):
     async def body(center):
         for i in range(10):
             dev.status(None, "health", ok=True, uptime=i)
-        await until(lambda: center.pruned == 8 and _events(store, dev.id) == 2, timeout=20,
+        await wait_until_async(lambda: center.pruned == 8 and _events(store, dev.id) == 2, timeout=20,
                     what="the device's history cut to 2")
         assert [e.seq for e in device_history(store, dev.id)] == [9, 10]
     with_center(store, broker, tmp_path, body, [dev], retention=Retention(keep=2, days=None),

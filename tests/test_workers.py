@@ -33,10 +33,10 @@ from fota.server.home import Home
 from fota.server.releases import create_release
 from fota.server.store import CenterWorker, Job, StatusEvent, Store, utcnow
 from fota.sim import FailurePlan, SimFleet, device_ids, provision
-from fota.tools.brokerspy import BrokerSpy
+from fota.testkit.brokerspy import BrokerSpy
+from fota.testkit.waiting import wait_until
 from fota.tools.keyring import Keyring
 
-from fleet import wait_until
 from test_sim import SimThread, add_users
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -385,7 +385,7 @@ def test_statuses_published_while_every_worker_is_down_are_stored_by_the_next_on
     """Both workers stop; a device publishes meanwhile (its statuses wait in the stopped workers'
     sessions, half in each); a worker started later adopts both sessions and stores them all."""
     from db_fixtures import postgres_database
-    from fleet import CenterThread
+    from fota.testkit.center import CenterThread
     group = f"down{secrets.token_hex(3)}"
     with postgres_database() as url:
         store = Store(url)
@@ -426,7 +426,7 @@ def test_each_job_is_served_by_its_own_worker_in_order(tmp_path, broker):
     reaches the worker which did not send the job goes on to the one that did, so a device's
     windows arrive in order and nothing waits for a chunk timeout or is sent twice."""
     from db_fixtures import postgres_database
-    from fleet import CenterThread
+    from fota.testkit.center import CenterThread
     group = f"order{secrets.token_hex(3)}"
     n, size, chunk = 20, 40 * 1024, 1024
     with postgres_database() as url:

@@ -323,7 +323,7 @@ class Device:
 
 # Log prefix of a health report dropped unsent (superseded by the next connection's or boot's):
 # its JSON follows. Its seq then never reaches the center: the log tells that gap from a lost
-# status (bench/_faults.py).
+# status (fota.testkit.faults).
 DROPPED_HEALTH = "superseded health report dropped:"
 
 

@@ -1,19 +1,24 @@
 """A running authenticated Mosquitto as the tests and benchmarks use it: where it listens, its
-accounts, and the control center's URL.
+accounts, and the control center's URL; and one started in a directory of its own (the benches').
 
 Devices connect to host:port (the device listener: client id = username); the server account
 exists only on host:service_port (fota.server.broker)."""
 from __future__ import annotations
 
+import secrets
+from pathlib import Path
+
 from fota.server.broker import SERVER_USER, Mosquitto
 from fota.server.credentials import mosquitto_hash
+
+HOST = "127.0.0.1"
 
 
 class BrokerAccounts:
     """`users` (name -> password) and `hashes` (what the password files hold) of `mosquitto`,
     which listens on host:port (devices) and host:service_port (the server account)."""
 
-    def __init__(self, mosquitto: Mosquitto, host: str = "127.0.0.1"):
+    def __init__(self, mosquitto: Mosquitto, host: str = HOST):
         self.mosquitto = mosquitto
         self.host = host
         self.port = mosquitto.port
@@ -35,3 +40,17 @@ class BrokerAccounts:
     @property
     def server_url(self) -> str:
         return f"mqtt://{SERVER_USER}:{self.users[SERVER_USER]}@{self.host}:{self.service_port}"
+
+
+class ManagedBroker(BrokerAccounts):
+    """An authenticated Mosquitto (password file + per-device ACL) started in `directory` with
+    fota's generated config (which turns Nagle off: `set_tcp_nodelay true`) and a server account
+    of its own; stop() ends it."""
+
+    def __init__(self, directory: Path, *, persistence: bool = False, max_packet_size: int = 65536):
+        super().__init__(Mosquitto(Path(directory), auth=True, persistence=persistence,
+                                   max_packet_size=max_packet_size).start(), HOST)
+        self.add_users({SERVER_USER: secrets.token_urlsafe(12)})
+
+    def stop(self) -> None:
+        self.mosquitto.stop()

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 ENV = "FOTA_CORPUS"
-CHECKOUT = Path(__file__).resolve().parents[3]   # src/fota/tools/corpus.py -> the checkout
+CHECKOUT = Path(__file__).resolve().parents[3]   # src/fota/testkit/corpus.py -> the checkout
 
 
 def corpus_dir(start: Path = CHECKOUT) -> Path | None:

@@ -7,10 +7,10 @@ the network, reads the old image by seek + read and writes the new one sequentia
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 from fota.tools.mpy import build_agent
+from fota.tools.supervisor import find_micropython
 
 SCRIPT = """
 import sys, gc
@@ -38,11 +38,6 @@ print("OK")
 """
 
 
-def micropython_binary() -> str:
-    exe = Path(sys.executable).parent / "micropython"
-    return str(exe) if exe.exists() else "micropython"
-
-
 def apply_with_micropython(old: Path, patch: Path, out: Path, *, heap: str = "256K", chunk: int = 2048,
                            max_wbits: int = 15, timeout: float = 120,
                            root: Path | None = None) -> subprocess.CompletedProcess:
@@ -50,5 +45,5 @@ def apply_with_micropython(old: Path, patch: Path, out: Path, *, heap: str = "25
     root = root or build_agent()
     script = SCRIPT.format(root=str(root), old=str(old), out=str(out), patch=str(patch),
                            size=patch.stat().st_size, chunk=chunk, max_wbits=max_wbits)
-    return subprocess.run([micropython_binary(), "-X", f"heapsize={heap}", "-c", script],
+    return subprocess.run([find_micropython(), "-X", f"heapsize={heap}", "-c", script],
                           capture_output=True, text=True, timeout=timeout)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -32,7 +31,8 @@ from sqlalchemy import select
 
 from fota.device.runner import DROPPED_HEALTH
 from fota.server.store import StatusEvent
-from fota.tools.devicedir import verify_slot
+from fota.testkit.devices import read_boot_record, verify_slot
+from fota.testkit.waiting import TimedOut, wait_until
 
 Key = tuple[str, int, int, int]   # (device, epoch, boot, seq)
 
@@ -99,18 +99,23 @@ def device_outcome(fleet, device_id: str, manifests: dict[str, dict], online_tim
     exactly the version's files (`manifests`: version -> manifest), and `bricked` if it did not
     settle or its slot is not verified."""
     root = Path(fleet.devices[device_id].root)
-    deadline = time.monotonic() + online_timeout
-    while True:
+    seen = {}
+
+    def settled() -> bool:
         try:
-            record = json.loads((root / "boot.json").read_text())
+            record = read_boot_record(root)
         except (OSError, ValueError):
             record = None   # being replaced right now, or gone
         running = record.get("versions", {}).get(record.get("active")) if record else None
-        on_trial = bool(record) and record.get("trial") is not None
-        online = record is not None and fleet.online([device_id], version=running)
-        if (online and not on_trial) or time.monotonic() >= deadline:
-            break
-        time.sleep(0.1)
+        seen.update(record=record, running=running, on_trial=bool(record) and record.get("trial") is not None,
+                    online=record is not None and fleet.online([device_id], version=running))
+        return seen["online"] and not seen["on_trial"]
+
+    try:
+        wait_until(settled, timeout=online_timeout, interval=0.1, what=f"{device_id} settled")
+    except TimedOut:
+        settled()  # what it is at the deadline
+    record, running, on_trial, online = seen["record"], seen["running"], seen["on_trial"], seen["online"]
     if record is None:
         problems = ["boot record unreadable"]
     elif running in manifests:

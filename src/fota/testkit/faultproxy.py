@@ -20,7 +20,7 @@ discarded by a cut), ``connections``, ``cuts``, ``stalls``.
 
 Use it from asyncio (``await proxy.start()`` / ``await proxy.close()``) or from synchronous code
 in its own thread (``proxy.start_thread()`` / ``proxy.stop_thread()``), or as a command:
-``python -m fota.tools.faultproxy 1883 --port 11883 --cut-after-down 3072``.
+``python -m fota.testkit.faultproxy 1883 --port 11883 --cut-after-down 3072``.
 """
 from __future__ import annotations
 
@@ -302,7 +302,7 @@ class FaultProxy:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m fota.tools.faultproxy",
+    p = argparse.ArgumentParser(prog="python -m fota.testkit.faultproxy",
                                 description="Fault-injecting TCP proxy on loopback (cut, stall, throttle).")
     p.add_argument("upstream_port", type=int)
     p.add_argument("--upstream-host", default="127.0.0.1")
