@@ -43,3 +43,41 @@ def test_a_connected_client_without_a_connection_fails_the_connect_check():
     from gmqtt import Client
     with pytest.raises(gmqtt_adapter.GmqttChanged, match="_connection.send_package"):
         gmqtt_adapter.check_connected(Client("never-connected"))  # _connection is None until connected
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_a_loop_ending_while_gmqtt_waits_to_reconnect_logs_no_traceback_with_the_filter(tmp_path, caplog, quiet):
+    """Ctrl-C on `fota serve --workers N` stops the broker and the workers at once: a worker whose
+    connection dropped ends its loop while gmqtt's reconnect task waits, and asyncio logged the
+    CancelledError of gmqtt's done-callback as an "Exception in callback" with a traceback. The
+    center installs quiet_cancelled_reconnects; without it the traceback is there (the first case)."""
+    import asyncio
+    import logging
+
+    from gmqtt import Client
+
+    from fota.server.broker import SERVER_USER
+    from fota.testkit.broker import ManagedBroker
+
+    broker = ManagedBroker(tmp_path / "mosquitto")
+    caplog.set_level(logging.ERROR, logger="asyncio")
+
+    async def main():
+        if quiet:
+            gmqtt_adapter.quiet_cancelled_reconnects(asyncio.get_running_loop())
+        client = Client("fota:w:test")
+        client.set_auth_credentials(SERVER_USER, broker.users[SERVER_USER])
+        client.reconnect_delay = 30
+        await client.connect(broker.host, broker.service_port, version=MQTTv50)
+        broker.stop()
+        for _ in range(100):
+            if not client.is_connected:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # gmqtt's reconnect task now waits for its delay
+    try:
+        asyncio.run(main())
+    finally:
+        broker.stop()
+    alarms = [r for r in caplog.records if "Exception in callback" in r.getMessage()]
+    assert bool(alarms) is not quiet, [r.getMessage() for r in alarms]

@@ -21,6 +21,8 @@ AttributeError in the middle of a deployment.
 """
 from __future__ import annotations
 
+from asyncio import CancelledError
+
 from gmqtt import Client
 
 GMQTT_VERSION = "0.8.0"   # the version pinned in pyproject.toml (dependencies)
@@ -83,3 +85,25 @@ def publish_qos0(client: Client, topic: str, payloads: list[bytes]) -> None:
 async def wait_acked(client: Client) -> None:
     """Return once the broker acknowledged every QoS 1 (and 2) message the client published."""
     await client._persistent_storage.wait_empty()
+
+
+def quiet_cancelled_reconnects(loop) -> None:
+    """Drop one known false alarm from the loop's error log. When the connection drops, gmqtt
+    starts a reconnect task with a done-callback (MqttPackageHandler._handle_exception_in_future)
+    that calls future.exception(); if the loop ends while that task waits for its reconnect delay
+    (a worker stopped by the same Ctrl-C that stopped the broker), asyncio cancels the task and the
+    callback raises CancelledError, which asyncio logs with a traceback as an "Exception in
+    callback". Nothing failed. Every other error goes to the handler that was there before."""
+    previous = loop.get_exception_handler()
+
+    def handler(loop, context):
+        handle = context.get("handle")
+        callback = getattr(getattr(handle, "_callback", None), "func", None)  # a functools.partial
+        if isinstance(context.get("exception"), CancelledError) and \
+                getattr(callback, "__qualname__", "") == "MqttPackageHandler._handle_exception_in_future":
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+    loop.set_exception_handler(handler)

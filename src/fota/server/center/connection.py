@@ -122,6 +122,7 @@ class CenterConnection:
         client.on_message = self.on_message
         client.on_disconnect = self._on_disconnect
         client.reconnect_delay = RECONNECT_DELAY
+        gmqtt_adapter.quiet_cancelled_reconnects(asyncio.get_running_loop())
         self.client = client
         await address.connect(client)
         await asyncio.wait_for(self._subscribed.wait(), timeout)
