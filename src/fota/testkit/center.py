@@ -6,7 +6,7 @@ import os
 import threading
 import time
 
-from fota.server.service import ControlCenter
+from fota.server.center import ControlCenter
 
 
 class CenterThread:
