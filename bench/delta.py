@@ -150,7 +150,7 @@ def agent_heap(tmp: Path, wbits: int, lo: int = 64, hi: int = 160) -> dict:
     """Smallest heap at which the whole agent (.mpy) applies a bundle delta through Mosquitto:
     a fresh device per try gets 1.1.0 in full, then 1.2.0 (one file changed) as a delta."""
     from fota.testkit.fleet import Fleet, bundle_of_size
-    from fota.testkit.waiting import TimedOut
+    from fota.tools.waiting import TimedOut
     from fota.server.deployments import create_deployment
     from fota.tools.bundle import unpack, pack_files
 

@@ -33,7 +33,7 @@ from fota.server.broker import SERVER_USER
 from fota.server.deployments import create_deployment
 from fota.testkit.broker import ManagedBroker
 from fota.testkit.fleet import Fleet, bundle_of_size
-from fota.testkit.waiting import TimedOut, wait_until
+from fota.tools.waiting import TimedOut, wait_until
 from fota.tools.mpy import SRC, agent_sources, build_agent
 from fota.tools.supervisor import DEFAULT_HEAP, find_micropython
 

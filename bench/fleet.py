@@ -53,7 +53,7 @@ from fota.testkit.broker import ManagedBroker
 from fota.testkit.brokerspy import BrokerSpy
 from fota.testkit.center import CenterThread
 from fota.testkit.databases import create_postgres_database, fresh_database
-from fota.testkit.waiting import wait_until
+from fota.tools.waiting import wait_until
 from fota.tools.gctune import tuned
 from fota.tools.keyring import Keyring, Signer
 

@@ -34,7 +34,7 @@ from fota.server.deployments import create_deployment
 from fota.testkit.brokerspy import BrokerSpy
 from fota.testkit.faults import device_outcome, files_manifest, status_gaps
 from fota.testkit.fleet import Fleet, bundle_of_size
-from fota.testkit.waiting import TimedOut, wait_until
+from fota.tools.waiting import TimedOut, wait_until
 from fota.tools.supervisor import DEFAULT_HEAP
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -34,7 +34,7 @@ from fota.testkit.brokerspy import BrokerSpy
 from fota.testkit.center import CenterThread
 from fota.testkit.faults import device_outcome, files_manifest, status_gaps, status_key, stored_keys
 from fota.testkit.fleet import Fleet, bundle_of_size
-from fota.testkit.waiting import TimedOut, wait_until
+from fota.tools.waiting import TimedOut, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "restarts.json"

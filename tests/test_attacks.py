@@ -26,7 +26,7 @@ from fota.server.store import StatusEvent
 from fota.testkit.center import CenterThread
 from fota.testkit.checked_mqtt import acknowledged, close, connect
 from fota.testkit.fleet import Fleet
-from fota.testkit.waiting import wait_until
+from fota.tools.waiting import wait_until
 from fota.tools.bundle import pack_files
 from fota.tools.keyring import Signer
 from fota.tools.signing import generate_private_key

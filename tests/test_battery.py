@@ -15,7 +15,7 @@ from fota.examples import hello_files
 from fota.server.deployments import create_deployment, device_history
 from fota.server.releases import create_release
 from fota.testkit.fleet import Fleet
-from fota.testkit.waiting import wait_until
+from fota.tools.waiting import wait_until
 from fota.tools import signing
 from fota.tools.bundle import pack_files
 from test_core import SIGNING_KEY, Harness, cmd, make_update, new_core, transitions  # noqa: F401 (autouse)

@@ -30,7 +30,7 @@ from fota.server.campaigns.spec import CampaignSpec, Window, version_key
 from fota.server.releases import create_release
 from fota.server.store import Campaign, CampaignDevice, Job, StatusEvent, Store
 from fota.testkit.center import CenterThread
-from fota.testkit.waiting import wait_until
+from fota.tools.waiting import wait_until
 from fota.tools.bundle import pack_files
 from fota.tools.keyring import Keyring
 from scripted import ScriptedDevices

@@ -9,7 +9,7 @@ from fota.server.deployments import device_history
 from fota.server.releases import create_release
 from fota.server.store import Job
 from fota.testkit.fleet import Fleet
-from fota.testkit.waiting import wait_until
+from fota.tools.waiting import wait_until
 from fota.tools.bundle import pack_files
 
 

@@ -14,7 +14,7 @@ from fota.server.releases import create_release
 from fota.server.store import Job, StatusEvent, Store
 from fota.sim import FailurePlan, SimFleet, device_ids, provision
 from fota.testkit.center import CenterThread
-from fota.testkit.waiting import wait_until
+from fota.tools.waiting import wait_until
 from fota.tools.keyring import Keyring
 from test_sim import SimThread, _online, add_users
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fota.examples import hello_files
-from fota.testkit.waiting import TimedOut, wait_until
+from fota.tools.waiting import TimedOut, wait_until
 
 FOTA = [sys.executable, "-m", "fota.cli"]
 

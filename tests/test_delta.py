@@ -20,7 +20,7 @@ from fota.server.releases import create_release
 from fota.testkit.corpus import corpus_images
 from fota.testkit.deltarun import apply_with_micropython
 from fota.testkit.fleet import Fleet
-from fota.testkit.waiting import wait_until
+from fota.tools.waiting import wait_until
 from fota.tools.bundle import pack_files
 from conftest import missing_corpus
 

@@ -13,7 +13,7 @@ from fota.server.deployments import create_deployment, device_history
 from fota.server.releases import create_release, update_command
 from fota.testkit.brokerspy import BrokerSpy
 from fota.testkit.fleet import Fleet
-from fota.testkit.waiting import wait_until
+from fota.tools.waiting import wait_until
 from fota.tools.bundle import pack_files
 from fota.tools.keyring import Signer
 from fota.tools.signing import generate_private_key

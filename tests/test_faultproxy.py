@@ -10,7 +10,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from fota.testkit.faultproxy import FaultProxy
-from fota.testkit.waiting import wait_until
+from fota.tools.waiting import wait_until
 
 
 class Echo:

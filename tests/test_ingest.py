@@ -20,7 +20,7 @@ from fota.server.releases import create_release
 from fota.server.center import ControlCenter, parse_status
 from fota.server.center.sender import SEND_BATCH
 from fota.server.store import Device, Job, StatusEvent, Store, utcnow
-from fota.testkit.waiting import wait_until
+from fota.tools.waiting import wait_until
 from fota.tools.keyring import Signer
 from fota.tools.signing import generate_private_key
 

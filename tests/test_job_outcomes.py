@@ -16,7 +16,7 @@ from fota.server.center.chunks import ChunkServer
 from fota.server.deployments import cancel_deployment, create_deployment, deployment_summary, device_history
 from fota.server.releases import create_release, update_command
 from fota.server.store import Job, utcnow
-from fota.testkit.waiting import wait_until
+from fota.tools.waiting import wait_until
 from fota.tools.bundle import pack_files
 
 

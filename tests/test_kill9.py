@@ -19,7 +19,7 @@ from fota.server.releases import create_release, update_command
 from fota.testkit.devices import verify_slot
 from fota.testkit.faultproxy import FaultProxy
 from fota.testkit.fleet import bundle_of_size
-from fota.testkit.waiting import wait_until
+from fota.tools.waiting import wait_until
 from fota.tools.supervisor import DeviceProcess
 
 from test_core import Harness, cmd, make_update, new_core, transitions, trust_doc  # noqa: F401 (autouse)

@@ -21,7 +21,7 @@ from fota.testkit.devices import verify_slot
 from fota.testkit.faultproxy import FaultProxy
 from fota.testkit.faults import status_gaps
 from fota.testkit.fleet import Fleet
-from fota.testkit.waiting import wait_until
+from fota.tools.waiting import wait_until
 from fota.tools.bundle import pack_files
 
 from test_core import SIGNING_KEY, cmd, make_update, new_core

@@ -26,7 +26,7 @@ from fota.testkit.center import CenterThread
 from fota.testkit.faultproxy import FaultProxy
 from fota.testkit.faults import status_gaps
 from fota.testkit.fleet import Fleet
-from fota.testkit.waiting import wait_until
+from fota.tools.waiting import wait_until
 from fota.tools.bundle import pack_files
 from fota.tools.supervisor import DeviceProcess
 from conftest import BrokerInfo

@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from fota.server.home import Home
 from fota.server.store import Device, Store
-from fota.testkit.waiting import wait_until
+from fota.tools.waiting import wait_until
 from fota.tools.supervisor import DeviceProcess
 from test_cli import _app_dir, assert_clean_error, background, fota, stop
 

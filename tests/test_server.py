@@ -36,7 +36,7 @@ from fota.server.releases import ReleaseError, build_manifest, create_release, g
 from fota.server.center import CLIENT_ID, ControlCenter
 from fota.server.store import Device, Job, Store
 from fota.testkit.checked_mqtt import acknowledged, close, connect
-from fota.testkit.waiting import wait_until_async
+from fota.tools.waiting import wait_until_async
 from fota.tools import bundle
 from fota.tools.keyring import Signer
 from fota.tools.signing import generate_private_key, key_id, public_key_bytes

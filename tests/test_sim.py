@@ -22,7 +22,7 @@ from fota.sim import FailurePlan, SimFleet, device_ids, provision
 from fota.sim.device import SimDevice
 from fota.sim.verify import fast_verify
 from fota.testkit.center import CenterThread
-from fota.testkit.waiting import wait_until
+from fota.tools.waiting import wait_until
 from fota.tools.keyring import Keyring
 
 

@@ -23,7 +23,7 @@ from fota.server.retention import Retention, prune
 from fota.server.center import parse_status
 from fota.server.statuses import StatusLimiter, StatusRefused, stored_payload
 from fota.server.store import Campaign, CampaignDevice, Job, StatusEvent, Store, utcnow
-from fota.testkit.waiting import wait_until_async
+from fota.tools.waiting import wait_until_async
 from fota.tools.signing import generate_private_key
 from conftest import run_micropython
 from test_api import API, bearer, make_env

@@ -18,7 +18,7 @@ from fota.server.deployments import create_deployment, device_history
 from fota.server.releases import create_release
 from fota.server.tls import ca_der, create_ca, ensure_tls
 from fota.testkit.fleet import Fleet
-from fota.testkit.waiting import wait_until
+from fota.tools.waiting import wait_until
 from fota.tools.bundle import pack_files
 from fota.tools.keyring import Keyring
 

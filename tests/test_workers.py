@@ -34,7 +34,7 @@ from fota.server.releases import create_release
 from fota.server.store import CenterWorker, Job, StatusEvent, Store, utcnow
 from fota.sim import FailurePlan, SimFleet, device_ids, provision
 from fota.testkit.brokerspy import BrokerSpy
-from fota.testkit.waiting import wait_until
+from fota.tools.waiting import wait_until
 from fota.tools.keyring import Keyring
 
 from test_sim import SimThread, add_users

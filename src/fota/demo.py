@@ -20,6 +20,7 @@ from rich.live import Live
 
 from fota.device import protocol as P
 from fota.tools.defaults import DEFAULT_HEAP
+from fota.tools.waiting import TimedOut, wait_until_async
 
 
 class DemoError(RuntimeError):
@@ -45,13 +46,11 @@ def run_demo(devices: int = 3, timeout: float = 120.0, keep: bool = False, conso
             shutil.rmtree(root, ignore_errors=True)
 
 
-async def _wait(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        await asyncio.sleep(interval)
-    raise DemoError(f"timed out after {timeout:.0f}s waiting for {what}")
+async def _wait(predicate, timeout: float, what: str) -> None:
+    try:
+        await wait_until_async(predicate, timeout, interval=0.2, what=what)
+    except TimedOut as e:
+        raise DemoError(str(e)) from None
 
 
 async def _demo(root: Path, n: int, timeout: float, console: Console, heap: str) -> None:

@@ -9,7 +9,7 @@ import paho.mqtt.client as mqtt
 
 from fota.device import protocol as P
 from fota.server.broker import SERVER_USER
-from fota.testkit.waiting import wait_until
+from fota.tools.waiting import wait_until
 
 STATUSES = P.PREFIX + "+/" + P.STATUS   # every device's status topic
 

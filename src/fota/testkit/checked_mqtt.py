@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import paho.mqtt.client as mqtt
 
-from fota.testkit.waiting import wait_until
+from fota.tools.waiting import wait_until
 
 
 def connect(broker, user, password, client_id, port=None, clean=True):

@@ -32,7 +32,7 @@ from sqlalchemy import select
 from fota.device.runner import DROPPED_HEALTH
 from fota.server.store import StatusEvent
 from fota.testkit.devices import read_boot_record, verify_slot
-from fota.testkit.waiting import TimedOut, wait_until
+from fota.tools.waiting import TimedOut, wait_until
 
 Key = tuple[str, int, int, int]   # (device, epoch, boot, seq)
 

@@ -27,7 +27,7 @@ from fota.testkit.brokerspy import BrokerSpy
 from fota.testkit.center import CenterThread
 from fota.testkit.checked_mqtt import acknowledged
 from fota.testkit.devices import read_boot_record
-from fota.testkit.waiting import wait_until
+from fota.tools.waiting import wait_until
 from fota.tools.bundle import pack_files
 from fota.tools.devicedir import create_device_dir
 from fota.tools.keyring import Keyring

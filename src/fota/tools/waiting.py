@@ -1,5 +1,5 @@
-"""Polling for a condition with a deadline: the one wait of the tests and the benchmarks, in a
-thread (wait_until) or on an event loop (wait_until_async)."""
+"""Polling for a condition with a deadline: the one wait of the demo, the tests and the
+benchmarks, in a thread (wait_until) or on an event loop (wait_until_async)."""
 from __future__ import annotations
 
 import asyncio
