@@ -1,7 +1,7 @@
 """End-to-end update benchmark: fota against a bare-MQTT floor, wire overhead, smallest heap.
 
     ./run bench e2e [--devices 1,5,20] [--image-kib 256] [--chunk 2048] [--window 8] [--heap 160K]
-                    [--heap-start 128] [--heap-step 4] [--skip-heap] [--repeat 3]
+                    [--heap-start 144] [--heap-step 4] [--skip-heap] [--repeat 3]
                     [--timeout 90] [--out bench/results/e2e.json]
 
 Everything runs on 127.0.0.1: a fresh authenticated Mosquitto per measurement, the control
@@ -467,7 +467,8 @@ def parse_args(argv=None):
     p.add_argument("--chunk", type=int, default=2048, help="chunk size in bytes (fota and the floor)")
     p.add_argument("--window", type=int, default=8, help="chunks a device has in flight")
     p.add_argument("--heap", default=DEFAULT_HEAP, help="device heap for the fleet runs")
-    p.add_argument("--heap-start", type=int, default=128, help="first heap tried by the heap search, KiB")
+    p.add_argument("--heap-start", type=int, default=144,
+                   help="first heap tried by the heap search, KiB (one that passes: the search goes down from it)")
     p.add_argument("--heap-step", type=int, default=4, help="heap search step, KiB")
     p.add_argument("--skip-heap", action="store_true", help="skip the heap search and the import footprint")
     p.add_argument("--repeat", type=int, default=3,
