@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from fota.tools.supervisor import DeviceProcess, run_in_foreground
+from fota.tools.waiting import wait_until
 
 from test_cli import FOTA, background, fota
 
@@ -33,13 +34,16 @@ def agent_pids(device_dir: Path) -> set[int]:
 
 
 def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+    return wait_until(predicate, timeout, interval=0.05, what=what)
+
+
+def end_all(run: subprocess.Popen, device_dir: Path) -> None:
+    """A test's cleanup: `fota device run`'s group and any agent of the device, killed."""
+    if run.poll() is None:
+        os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    for pid in agent_pids(device_dir):
+        os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +73,7 @@ def test_the_agent_ends_with_fota_device_run(device_home, sig):
         else:
             assert code == 0, run.stdout.read()
     finally:
-        if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
-        for pid in agent_pids(device_dir):
-            os.kill(pid, signal.SIGKILL)
-        run.wait()
+        end_all(run, device_dir)
 
 
 def test_an_exception_in_the_supervisor_ends_the_agent(device_home):
@@ -105,12 +105,7 @@ def test_a_terminal_ctrl_c_reaches_only_the_supervisor(device_home):
         assert run.wait(15) == 0
         assert not agent_pids(device_dir)
     finally:
-        if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
-        run.wait()
-        for pid in agent_pids(device_dir):
-            os.kill(pid, signal.SIGKILL)
-
+        end_all(run, device_dir)
 
 
 def test_nohup_keeps_a_hangup_ignored(device_home):
@@ -128,8 +123,4 @@ def test_nohup_keeps_a_hangup_ignored(device_home):
         assert run.wait(15) == 0
         assert not agent_pids(device_dir)
     finally:
-        if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
-        run.wait()
-        for pid in agent_pids(device_dir):
-            os.kill(pid, signal.SIGKILL)
+        end_all(run, device_dir)

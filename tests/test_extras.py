@@ -4,7 +4,6 @@ as if they were not installed."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 
 from fota.extras import EXTRA_OF_MODULE
 
-from test_cli import _app_dir, assert_clean_error, wait_listed
+from test_cli import _app_dir, assert_clean_error, stop, wait_listed
 
 
 def without(*extras: str) -> list[str]:
@@ -90,14 +89,5 @@ def test_a_server_install_rolls_out_to_simulated_devices(tmp_path):
         ok(home, server, "deploy", "1.1.0", "--tag", "x")
         assert "2 confirmed" in ok(home, server, "status", "--watch", timeout=90)
     finally:
-        outputs = []
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGINT)
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-            outputs.append(p.stdout.read())
+        outputs = [stop(p) for p in procs]
     assert "Traceback" not in outputs[0], outputs[0]  # serve
