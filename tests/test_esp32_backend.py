@@ -71,6 +71,8 @@ def err(fn, *args):
     try:
         fn(*args)
         return "ok"
+    except OSError as e:
+        return "OSError %d" % e.args[0]
     except Exception as e:
         return type(e).__name__
 
@@ -163,6 +165,8 @@ elif STEP == "partition":
     p.readblocks(2, buf)
     out["ioctl_erase"] = bytes(buf) == b"\xff" * 16
     out["set_boot_invalid"] = err(p.set_boot)
+    out["unknown_label"] = err(Partition, "nvs_x")
+    out["outside"] = err(p.readblocks, APP_SIZE // 4096, bytearray(1))
     out["status"] = status()
 
 print("RESULT " + json.dumps(out))
@@ -259,7 +263,7 @@ def test_finalize_refuses_bad_images(board):
     assert out["wrong_chip"] == "ImageError"
     assert out["short"] == "ImageError"
     assert out["corrupt"] == "ImageError"
-    assert out["bad_checksum"] == "OSError"
+    assert out["bad_checksum"] == "OSError -5379"
     untouched = {"running": "ota_0", "boot": "ota_0", "ota_0": "UNDEFINED", "ota_1": "UNDEFINED"}
     assert out["after_rejects"] == untouched
     assert out["status"] == untouched
@@ -274,5 +278,7 @@ def test_partition_emulation(board):
     assert out["no_erase"] is True
     assert out["erase"] is True
     assert out["ioctl_erase"] is True
-    assert out["set_boot_invalid"] == "OSError"
+    assert out["set_boot_invalid"] == "OSError -5379"   # -ESP_ERR_OTA_VALIDATE_FAILED
+    assert out["unknown_label"] == "OSError 2"          # ENOENT
+    assert out["outside"] == "OSError -260"             # -ESP_ERR_INVALID_SIZE
     assert out["status"]["boot"] == "ota_0"

@@ -12,8 +12,9 @@
 #   it writes, writeblocks(block, buf, offset) does not (the "3- and 4-argument" forms, counting
 #   self); ioctl(6, block) erases one block, 4 = block count, 5 = block size; set_boot();
 #   get_next_update(); Partition.mark_app_valid_cancel_rollback().
-#   MicroPython's ports/esp32/esp32_partition.c (read for facts only): set_boot maps to
-#   esp_ota_set_boot_partition, errors from ESP-IDF are raised as OSError.
+#   MicroPython's ports/esp32/esp32_partition.c (read for facts only, nothing copied): an ESP-IDF
+#   error code e is raised as OSError(-e); a label, or a next update partition, that does not
+#   exist raises OSError(ENOENT); set_boot is esp_ota_set_boot_partition.
 # - ESP-IDF, Over The Air Updates, "App rollback" and "Rollback Process":
 #   https://docs.espressif.com/projects/esp-idf/en/stable/esp32/api-reference/system/ota.html#app-rollback
 #   esp_ota_set_boot_partition verifies the image first (ESP_ERR_OTA_VALIDATE_FAILED) and marks
@@ -43,7 +44,7 @@ TYPE_DATA = 1
 ERASE = 4096                  # flash sector: the erase unit
 BASE = 0x10000                # ota_0's address in ESP32_GENERIC-OTA's partition table
 ESP_ERR_OTA_VALIDATE_FAILED = 0x1503
-ESP_ERR_NOT_FOUND = 0x105
+ENOENT = 2
 ESP_ERR_INVALID_SIZE = 0x104
 LABELS = ("ota_0", "ota_1")
 SUBTYPES = {"ota_0": 0x10, "ota_1": 0x11}
@@ -104,7 +105,7 @@ class _Board:
 
     def erase(self, at, n):
         if at % ERASE or n % ERASE:
-            raise OSError(ESP_ERR_INVALID_SIZE)
+            raise OSError(-ESP_ERR_INVALID_SIZE)
         self.f.seek(at)
         for _ in range(n // ERASE):
             self.f.write(b"\xff" * ERASE)
@@ -162,7 +163,7 @@ def setup(path, app_size=0x180000, chip_id=0):
 
 def board():
     if _board is None:
-        raise OSError(ESP_ERR_NOT_FOUND)
+        raise OSError(ENOENT)
     return _board
 
 
@@ -190,7 +191,7 @@ def reset():
             target = other
             ota["boot"] = other
         else:
-            raise OSError(ESP_ERR_NOT_FOUND)  # bricked: no app the bootloader can run
+            raise OSError(ENOENT)  # bricked: no app the bootloader can run
     ota["running"] = target
     b.save()
     return target
@@ -209,7 +210,7 @@ class Partition:
         elif id == BOOT:
             id = b.ota["boot"]
         if id not in LABELS:
-            raise ValueError("partition not found")
+            raise OSError(ENOENT)
         if block_size < 1 or block_size & (block_size - 1):
             raise ValueError("invalid block size")
         self.label = id
@@ -236,7 +237,7 @@ class Partition:
     def _span(self, block, n, offset):
         at = block * self.block_size + offset
         if block < 0 or offset < 0 or at + n > board().app_size:
-            raise OSError(ESP_ERR_INVALID_SIZE)
+            raise OSError(-ESP_ERR_INVALID_SIZE)
         return board().start(self.label) + at
 
     def readblocks(self, block, buf, offset=0):
@@ -268,7 +269,7 @@ class Partition:
     def set_boot(self):
         b = board()
         if not b.valid_image(self.label):
-            raise OSError(ESP_ERR_OTA_VALIDATE_FAILED)
+            raise OSError(-ESP_ERR_OTA_VALIDATE_FAILED)
         b.ota["boot"] = self.label
         b.ota["states"][self.label] = "NEW"
         b.save()
