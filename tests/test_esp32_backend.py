@@ -282,3 +282,48 @@ def test_partition_emulation(board):
     assert out["unknown_label"] == "OSError 2"          # ENOENT
     assert out["outside"] == "OSError -260"             # -ESP_ERR_INVALID_SIZE
     assert out["status"]["boot"] == "ota_0"
+
+
+@pytest.fixture
+def emulated_esp32(monkeypatch):
+    """The emulated `esp32` module imported in this process, and gone again afterwards."""
+    monkeypatch.syspath_prepend(str(BOARDS))
+    import esp32
+    yield esp32
+    for name in ("esp32", "fota.device.slots.esp32"):
+        sys.modules.pop(name, None)
+
+
+def test_executor_confirm_marks_the_image_valid(tmp_path, emulated_esp32):
+    """The executor's confirm step cancels the bootloader's rollback before the boot record
+    names the new slot active (CPython, in process)."""
+    esp32 = emulated_esp32
+
+    from fota.device import boot as bootrec
+    from fota.device import core as C
+    from fota.device import fsutil
+    from fota.device.executor import Executor
+    from fota.device.slots import open_backend
+
+    esp32.setup(str(tmp_path / "flash.bin"), app_size=APP_SIZE)
+    first = app_image(2000, seed=1)
+    esp32.Partition("ota_0").writeblocks(0, first + b"\xff" * (4096 - len(first)))  # esptool's job
+    backend = open_backend("esp32", str(tmp_path), {})
+    new = app_image(3 * 4096 + 5, seed=2)
+    backend.begin("b", len(new))
+    backend.write("b", 0, new)
+    backend.finalize("b", len(new))
+    assert esp32.reset() == "ota_1" and esp32.state("ota_1") == "PENDING_VERIFY"
+
+    ex = Executor(backend, fsutil, str(tmp_path) + "/", lambda *a: None)
+    ex.record = bootrec.new_record("1.0")
+    bootrec.set_trial(ex.record, "job-1", "2.0")
+    ex.slot = "a"
+
+    class Core:
+        inventory_extra: dict = {}
+    ex.core = Core()
+    ex.run((C.A_CONFIRM, {"job": "job-1"}))
+    assert esp32.state("ota_1") == "VALID"
+    assert ex.record["active"] == "b" and ex.slot == "b"
+    assert esp32.reset() == "ota_1"
