@@ -216,7 +216,6 @@ def board(request, tmp_path):
         assert lines, proc.stdout
         return json.loads(lines[0][7:])
 
-    step.files = files
     step("factory")
     return step
 
