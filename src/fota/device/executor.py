@@ -203,6 +203,8 @@ class Executor:
             self._save_record()
         elif kind == C.A_CONFIRM:
             _, report = action
+            if hasattr(self.backend, "confirm"):
+                self.backend.confirm()  # esp32: the bootloader's rollback is cancelled first
             bootrec.confirm(self.record, report)
             self.slot = self.record["active"]
             self.core.inventory_extra["active"] = self.slot

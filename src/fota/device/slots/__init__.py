@@ -15,6 +15,8 @@
 #   finalize(slot, size, files)  turn the verified image into a bootable slot (raises on
 #                              failure); files: the manifest's [name, size, sha256] list
 #   app_dir(slot)              directory holding the slot's app (files) or None
+#   confirm()                  optional: the running image passed its health check (esp32: cancel
+#                              the bootloader's rollback)
 
 
 def open_backend(kind, root, config):
@@ -28,4 +30,8 @@ def open_backend(kind, root, config):
         flash = SimFlash(2 * slot_size, sector=geometry.get("sector", 4096), align=geometry.get("align", 4),
                          erased=geometry.get("erased", 0xFF), path=root + "/flash.bin")
         return SimBackend(flash, slot_size)
+    if kind == "esp32":
+        from fota.device.slots.esp32 import CHIP_IDS, Esp32Backend
+        chip = config.get("chip_id")  # the board's chip: an id, or a name in CHIP_IDS
+        return Esp32Backend(CHIP_IDS[config.get("chip", "esp32")] if chip is None else chip)
     raise ValueError("unknown slot backend %r" % kind)

@@ -1,0 +1,143 @@
+# The `esp32` backend: whole firmware images in the ESP32's OTA app partitions, through
+# MicroPython's `esp32.Partition` (an OTA-variant build such as ESP32_GENERIC-OTA: two app
+# partitions ota_0 and ota_1). Slot "a" is ota_0, slot "b" is ota_1; the slot written is always
+# the next update partition of the running one, never the running one.
+#
+# Rollback is the bootloader's (CONFIG_BOOTLOADER_APP_ROLLBACK_ENABLE): set_boot() marks the new
+# image NEW, its first boot makes it PENDING_VERIFY, and a reset before confirm() (which marks it
+# valid) makes the bootloader abandon it and boot the previous app.
+import hashlib
+
+from esp32 import Partition
+
+BLOCK = 4096          # flash sector: the erase unit, and the unit this backend programs
+LABELS = {"a": "ota_0", "b": "ota_1"}
+# The chip id field of the ESP app image header (esp_chip_id_t)
+CHIP_IDS = {"esp32": 0x0000, "esp32s2": 0x0002, "esp32c3": 0x0005, "esp32s3": 0x0009,
+            "esp32c2": 0x000C, "esp32c6": 0x000D, "esp32h2": 0x0010}
+
+
+class ImageError(Exception):
+    pass
+
+
+def running_slot():
+    """The fota slot ("a"/"b") of the partition that runs now."""
+    label = Partition(Partition.RUNNING).info()[4]
+    for slot in LABELS:
+        if LABELS[slot] == label:
+            return slot
+    raise ImageError("running from %s, not an OTA partition" % label)
+
+
+class Esp32Backend:
+    """Writes are buffered into whole blocks; each full block is written with the 2-argument
+    writeblocks(), which erases the block first. A partial block stays in RAM until it is full
+    or finalize() pads it, so resume() continues from the start of the block holding its offset.
+    """
+    KINDS = ("image",)
+
+    def __init__(self, chip_id=0):
+        self.chip_id = chip_id
+        self.capacity = min(Partition(LABELS[s]).info()[3] for s in LABELS)
+        self._restart(None, 0)
+
+    def _restart(self, part, at):
+        self._part = part
+        self._buf = bytearray()
+        self._buf_at = at          # slot offset of the first buffered byte (block aligned)
+        self._kept_end = at        # after resume(): replayed bytes below this are on the flash
+        self._bad = None           # a replayed byte differed from the flash: finalize() fails
+        self._hash = hashlib.sha256()  # of the bytes of this image given to write()
+
+    def _target(self, slot):
+        part = Partition(LABELS[slot])
+        nxt = Partition(Partition.RUNNING).get_next_update()
+        if part.info()[4] != nxt.info()[4]:
+            raise ImageError("slot %s (%s) is not the next update partition" % (slot, LABELS[slot]))
+        return part
+
+    def app_dir(self, slot):
+        return None
+
+    def begin(self, slot, size):
+        part = self._target(slot)
+        if size > part.info()[3]:
+            raise ImageError("image larger than the partition")
+        self._restart(part, 0)
+
+    def resume(self, slot, offset):
+        """Only whole blocks below `offset` are trusted: the block holding it is written again
+        from its first byte. The SHA-256 of the kept blocks is read back from the flash."""
+        part = self._target(slot)
+        start = offset - offset % BLOCK
+        self._restart(part, start)
+        done = 0
+        while done < start:
+            n = min(1024, start - done)
+            self._hash.update(self.read(slot, done, n))
+            done += n
+        return start
+
+    def write(self, slot, offset, data):
+        if offset < self._kept_end:
+            n = min(len(data), self._kept_end - offset)
+            if self.read(slot, offset, n) != bytes(data[:n]) and self._bad is None:
+                self._bad = "replayed bytes at %d differ from the flash" % offset
+            data = data[n:]
+            offset += n
+            if not data:
+                return
+        if offset != self._buf_at + len(self._buf):
+            raise ImageError("writes must be sequential")
+        self._hash.update(data)
+        self._buf.extend(data)
+        while len(self._buf) >= BLOCK:
+            self._program(self._buf[:BLOCK])
+            self._buf = self._buf[BLOCK:]
+
+    def _program(self, block):
+        self._part.writeblocks(self._buf_at // BLOCK, block)  # erases the block, then writes
+        self._buf_at += BLOCK
+
+    def flush(self, slot):
+        # Whole blocks are written as soon as they are full; a resume trusts only those.
+        pass
+
+    def read(self, slot, offset, n):
+        buf = bytearray(n)
+        Partition(LABELS[slot]).readblocks(offset // BLOCK, buf, offset % BLOCK)
+        return bytes(buf)
+
+    def has_image(self, slot):
+        return True  # the image stays in its partition; the boot record says which one it is
+
+    def finalize(self, slot, size, files=None, key=None, plain_size=None):
+        if key is not None:
+            raise ImageError("encrypted firmware images are not supported")
+        if self._bad:
+            raise ImageError(self._bad)
+        if self._buf_at + len(self._buf) != size:
+            raise ImageError("%d bytes written, the image has %d" % (self._buf_at + len(self._buf), size))
+        if self._buf:
+            self._program(bytes(self._buf) + b"\xff" * (BLOCK - len(self._buf)))
+            self._buf = bytearray()
+        head = self.read(slot, 0, 24)
+        if size < 24 or head[0] != 0xE9:
+            raise ImageError("not an ESP app image (magic byte %d)" % head[0])
+        chip = head[12] | (head[13] << 8)
+        if chip != self.chip_id:
+            raise ImageError("image for chip id %d, this board is %d" % (chip, self.chip_id))
+        h = hashlib.sha256()
+        done = 0
+        while done < size:
+            n = min(1024, size - done)
+            h.update(self.read(slot, done, n))
+            done += n
+        if h.digest() != self._hash.digest():
+            raise ImageError("the flash does not hold the image written")
+        self._target(slot).set_boot()  # OSError if ESP-IDF's own image check fails
+
+    def confirm(self):
+        """The running app passed its health check: cancel the bootloader's rollback."""
+        Partition.mark_app_valid_cancel_rollback()
