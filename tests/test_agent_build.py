@@ -74,6 +74,7 @@ def test_march_of_the_table_reaches_the_compiler(tmp_path):
         target = tmp_path / f"{board}.mpy"
         mpy.compile_module(source, target, BOARDS[board][0], name="probe.py")
         assert mpy.mpy_header(target) == (6, 3, arch)
+        assert mpy.MPY_ARCH[BOARDS[board][0]] == arch  # the table the build checks headers with
 
 
 def test_package_json_is_mip_format_and_lists_every_file(builds):

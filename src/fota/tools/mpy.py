@@ -154,6 +154,8 @@ def build_board_agent(board: str, out: Path, micropython_version: str | None = N
         target = out / rel.with_suffix(".mpy")
         compile_module(path, target, march)
         _, sub, arch = mpy_header(target)
+        if arch and arch != MPY_ARCH[march]:
+            raise BoardError(f"{rel}: mpy-cross wrote native code for arch {arch}, not {march}")
         if arch and sub != want[1]:  # native code: its sub-version must match the firmware's
             raise BoardError(f"{rel} holds native code for .mpy v{have[0]}.{sub}, which MicroPython "
                              f"{version} (v{want[0]}.{want[1]}) refuses: use an mpy-cross of that release")
