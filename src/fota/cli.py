@@ -25,10 +25,12 @@ keys_app = typer.Typer(no_args_is_help=True, help="The operator's signing key.")
 release_app = typer.Typer(no_args_is_help=True, help="Releases: signed images and app bundles.")
 device_app = typer.Typer(no_args_is_help=True, help="Provision and run devices.")
 token_app = typer.Typer(no_args_is_help=True, help="API tokens of the operators (fota api).")
+agent_app = typer.Typer(no_args_is_help=True, help="The device agent, packaged for a board.")
 app.add_typer(keys_app, name="keys")
 app.add_typer(release_app, name="release")
 app.add_typer(device_app, name="device")
 app.add_typer(token_app, name="token")
+app.add_typer(agent_app, name="agent")
 broker_app = typer.Typer(no_args_is_help=True, help="The managed Mosquitto.")
 app.add_typer(broker_app, name="broker")
 deployment_app = typer.Typer(no_args_is_help=True, help="Deployments (fota deploy creates them).")
@@ -204,6 +206,26 @@ def device_run(device_id: str, heap: str = typer.Option(DEFAULT_HEAP, help="Micr
     if stopped_by is None and proc.exits[-1:] != [0]:
         fail(f"device {device_id}: its agent ended {len(proc.exits)} time(s), last with exit code "
              f"{proc.exits[-1] if proc.exits else None}; the supervisor gave up (log: {proc.log_path})")
+
+
+@agent_app.command("build")
+def agent_build(board: str = typer.Option(..., "--board", help="esp32, esp32s3, rp2, esp8266 or unix"),
+                out: Optional[Path] = typer.Option(None, "--out", help="output directory (default: agent-BOARD)"),
+                micropython_version: Optional[str] = typer.Option(
+                    None, "--micropython-version", help="the board's MicroPython release (default: 1.28)")):
+    """Build the agent as .mpy for a board, with a package.json for `mpremote mip install` and a
+    manifest.py that freezes it into a custom firmware."""
+    from fota.tools.mpy import BoardError, build_board_agent
+    out = out or Path(f"agent-{board}")
+    try:
+        built = build_board_agent(board, out, micropython_version)
+    except BoardError as e:
+        fail(str(e))
+    march = built["march"] or "none (bytecode for the host)"
+    console.print(f"agent for {board} (MicroPython {built['micropython']}, .mpy v{built['mpy']}, "
+                  f"-march {march}): {len(built['files'])} modules in {out}")
+    console.print(f"install on a board:  mpremote mip install {out / 'package.json'}")
+    console.print(f"freeze into firmware: include(\"{(out / 'manifest.py').resolve()}\") in the board's manifest")
 
 
 @app.command("devices")
