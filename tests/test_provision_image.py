@@ -99,11 +99,7 @@ def test_extracted_tree_boots_under_the_unix_port(tmp_path):
     """The image's files, copied out, are a device the real micropython loads: the agent from
     the board's .mpy (no sources), the config through fsutil, the files backend's slots."""
     _, image, _ = _provision(tmp_path, "rp2")
-    board = tmp_path / "board"
-    for name, data in read_image(image.read_bytes()).items():
-        (board / name).parent.mkdir(parents=True, exist_ok=True)
-        (board / name).write_bytes(data)
-    (board / "device" / "slots" / "b").mkdir(exist_ok=True)  # empty directories are not files
+    board = _extract(image.read_bytes(), tmp_path / "board")
     script = (
         "import sys\n"
         "from fota.device import fsutil, runner\n"
@@ -117,3 +113,35 @@ def test_extracted_tree_boots_under_the_unix_port(tmp_path):
                        text=True, timeout=60, env={"MICROPYPATH": f"{board / 'lib'}:.frozen"})
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.split() == ["board-1", "board-1", "FilesBackend"]
+
+
+def _extract(data: bytes, into: Path) -> Path:
+    for name, content in read_image(data).items():
+        (into / name).parent.mkdir(parents=True, exist_ok=True)
+        (into / name).write_bytes(content)
+    (into / "device" / "slots" / "b").mkdir(parents=True, exist_ok=True)  # empty directories are not files
+    return into
+
+
+def test_device_from_an_image_completes_an_update(fleet, tmp_path):
+    """A board's image of a fleet device (its directory, the rp2 agent's .mpy), extracted and
+    run by the real micropython against the fleet's broker and control center: it comes online
+    and installs a release."""
+    from fota.device import protocol as P
+    from fota.server.deployments import create_deployment
+    from fota.testkit.fleet import bundle_of_size
+    from fota.tools.lfsimage import image_tree
+    from fota.tools.mpy import build_board_agent
+    from fota.tools.supervisor import DeviceProcess
+    dev = "from-image"
+    fleet.add_device(dev, start=False)
+    build_board_agent("rp2", tmp_path / "agent")
+    data = build_image(image_tree("rp2", fleet.root(dev), tmp_path / "agent"), layout("rp2")["size"])
+    board = _extract(data, tmp_path / "board")
+    fleet.devices[dev] = proc = DeviceProcess(board / "device", code_path=board / "lib").start()
+    fleet.wait_online(dev)
+    rel = fleet.release(bundle_of_size("2.0.0", 8_000), "2.0.0")
+    job = create_deployment(fleet.store, rel, device_ids=[dev]).jobs[0].id
+    assert fleet.wait_job(job, timeout=60).state == P.CONFIRMED, proc.log_path.read_text()
+    boot = json.loads((board / "device" / "boot.json").read_text())
+    assert boot["versions"][boot["active"]] == "2.0.0"
