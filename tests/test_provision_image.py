@@ -145,3 +145,13 @@ def test_device_from_an_image_completes_an_update(fleet, tmp_path):
     assert fleet.wait_job(job, timeout=60).state == P.CONFIRMED, proc.log_path.read_text()
     boot = json.loads((board / "device" / "boot.json").read_text())
     assert boot["versions"][boot["active"]] == "2.0.0"
+
+
+def test_a_filesystem_too_small_for_the_tree_registers_nothing(tmp_path):
+    home = tmp_path / "home"
+    assert fota(home, "keys", "init").returncode == 0
+    r = fota(home, "device", "provision", "d2", "--hardware", "x", "--board", "esp32", "--fs-size", str(8 * 4096),
+             "--image", str(tmp_path / "x.img"))
+    assert_clean_error(r, "does not fit", "--fs-size")
+    assert not (tmp_path / "x.img").exists()
+    assert "d2" not in fota(home, "devices").stdout
