@@ -82,6 +82,7 @@ def build_image(tree: dict[str, bytes], size: int, block_size: int = 4096) -> by
     """A LittleFS (v2, as MicroPython mounts it) image of `size` bytes holding the tree; empty
     directories of the device directory (slots/b) are kept."""
     from littlefs import LittleFS
+    from littlefs.errors import LittleFSError
     if size % block_size:
         raise ImageError(f"filesystem size {size} is not a multiple of the block size {block_size}")
     fs = LittleFS(block_size=block_size, block_count=size // block_size)
@@ -92,8 +93,8 @@ def build_image(tree: dict[str, bytes], size: int, block_size: int = 4096) -> by
                 continue
             with fs.open(name, "wb") as f:
                 f.write(data)
-    except Exception as e:
-        if "NOSPC" in str(e) or "-28" in str(e):
+    except LittleFSError as e:
+        if e.code == LittleFSError.Error.LFS_ERR_NOSPC:
             raise ImageError(f"the tree ({sum(map(len, tree.values()))} bytes) does not fit {size} bytes: "
                              "raise --fs-size") from e
         raise
