@@ -182,6 +182,59 @@ def device_add(device_id: str, hardware: str = typer.Option(..., "--hardware"),
         console.print(f"unix-port device directory: {h.devices_dir / device_id}")
 
 
+@device_app.command("provision")
+def device_provision(device_id: str, hardware: str = typer.Option(..., "--hardware"),
+                     board: str = typer.Option(..., "--board", help="esp32, esp32s3 or rp2"),
+                     image: Path = typer.Option(..., "--image", help="write a LittleFS image of the board's "
+                                                                     "filesystem to this file"),
+                     fs_size: Optional[int] = typer.Option(None, "--fs-size", help="filesystem size in bytes "
+                                                           "(default: the board's stock MicroPython layout)"),
+                     block_size: int = typer.Option(4096, "--block-size", help="LittleFS block size: the "
+                                                    "board's flash erase block (4096 on esp32 and rp2)"),
+                     tag: List[str] = typer.Option([], "--tag"),
+                     home: Optional[Path] = HomeOpt):
+    """Provision a device for a board: registers it (fresh broker credentials) and builds a
+    LittleFS image with its config, trust store, broker CA, the agent as .mpy and a main.py, for
+    factory programming at the filesystem's offset (the command is printed)."""
+    import tempfile
+    from fota.server.credentials import new_password
+    from fota.server.fleet import FleetError, provision_device
+    from fota.tools.lfsimage import ImageError, build_image, image_tree, layout, write_command
+    from fota.tools.mpy import BoardError, build_board_agent
+    h = Home.locate(home)
+    try:
+        where = layout(board, fs_size)
+    except ImageError as e:
+        fail(str(e))
+    with tempfile.TemporaryDirectory(prefix="fota-provision-") as tmp:
+        tmp = Path(tmp)
+
+        def board_image(name: str, password: str, **device) -> bytes:
+            make_unix_device(h, device_id, hardware, password, root=tmp / name, **device)
+            return build_image(image_tree(board, tmp / name, tmp / "agent"), where["size"], block_size)
+        try:  # the agent, and a trial image with placeholder secrets of the real sizes: a board,
+            # compiler or filesystem size that cannot serve registers no device
+            build_board_agent(board, tmp / "agent")
+            board_image("trial", "x" * len(new_password()), enc_key="00" * 32)
+        except (BoardError, ImageError) as e:
+            fail(str(e))
+        store = open_store(h)
+        try:
+            row, password = provision_device(store, device_id, hardware, tags=tuple(tag), kek=h.kek())
+        except FleetError as e:
+            fail(str(e))
+        audit(store, "device.add", f"device:{device_id}", {"hardware": hardware, "tags": list(tag),
+                                                           "board": board})
+        _refresh_broker_passwords(h, store)
+        data = board_image("device", password, wrapped_key=row.enc_key)
+    from fota.tools.private import write_private
+    write_private(image, data)  # the image holds the broker password and the payload key
+    console.print(f"device {device_id} provisioned for {board}: {image} ({len(data)} bytes, LittleFS, "
+                  f"{block_size}-byte blocks)")
+    console.print(f"write it at the filesystem's offset {hex(where['offset'])}:  "
+                  f"{write_command(board, image, fs_size)}")
+
+
 def _refresh_broker_passwords(h: Home, store) -> None:
     h.sync_broker_passwords(store)
 

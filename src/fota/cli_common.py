@@ -39,17 +39,18 @@ def audit(store, action: str, target: str, detail: dict | None = None) -> None:
 
 
 def make_unix_device(h: "Home", device_id: str, hardware: str, password: str, version: str = "1.0.0",
-                     wrapped_key: str | None = None, **settings):
+                     wrapped_key: str | None = None, root: "Path | None" = None, **settings):
     """A unix-port device directory running the example app `version`, for this home's broker.
 
-    wrapped_key: the device's payload key as the store keeps it (Device.enc_key)."""
+    wrapped_key: the device's payload key as the store keeps it (Device.enc_key); root: where to
+    write it (default: the home's devices/<id>; a board image is built from a temporary one)."""
     from fota.examples import hello_files
     from fota.tools.devicedir import create_device_dir
     host, port = h.device_broker
     ring = h.keyring
     if wrapped_key:
         settings["enc_key"] = h.kek().device_key(device_id, wrapped_key).hex()
-    return create_device_dir(h.devices_dir / device_id, device_id=device_id, hardware=hardware,
+    return create_device_dir(root or h.devices_dir / device_id, device_id=device_id, hardware=hardware,
                              root_key=ring.root_public(), trust=ring.trust(), cadata=h.broker_cadata(),
                              host=host, port=port, password=password,
                              app_files=hello_files(version), version=version, **settings)

