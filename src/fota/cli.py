@@ -478,7 +478,7 @@ def broker_tls_init(home: Optional[Path] = HomeOpt,
     if any(own) and not all(own):
         fail("--cafile, --certfile and --keyfile go together")
     try:
-        files = TlsFiles(*(p.resolve() for p in own)) if all(own) else ensure_tls(h.tls_dir)
+        files = TlsFiles(*(p.resolve() for p in own)) if all(own) else ensure_tls(h.tls_dir, *h.tls_names())
     except TlsError as e:
         fail(str(e))
     if all(own):
@@ -510,7 +510,14 @@ def _retention_args(keep: Optional[int], days: Optional[float]) -> list[str]:
 def serve(home: Optional[Path] = HomeOpt,
           workers: int = typer.Option(1, "--workers", min=1,
                                       help="worker processes sharing the work (PostgreSQL only for more than 1)"),
-          history_keep: Optional[int] = HistoryKeepOpt, history_days: Optional[float] = HistoryDaysOpt):
+          history_keep: Optional[int] = HistoryKeepOpt, history_days: Optional[float] = HistoryDaysOpt,
+          listen: Optional[str] = typer.Option(
+              None, "--listen", metavar="ADDR[:PORT]",
+              help="the managed broker's device listener, kept in config.json broker_listen (e.g. 0.0.0.0 for "
+                   "boards on the network: TLS is then turned on, port 8883 unless given)"),
+          hostname: Optional[str] = typer.Option(
+              None, "--hostname", help="the name or IP address boards connect to (put in the broker's certificate; "
+                                       "kept in config.json broker_hostname)")):
     """Run the control center (and its own Mosquitto unless a broker URL is configured).
 
     On PostgreSQL it runs as --workers processes ('fota worker') sharing MQTT v5 shared
@@ -519,6 +526,8 @@ def serve(home: Optional[Path] = HomeOpt,
 
     from fota.server.app import ServeError, is_sqlite, run_control_center, sqlite_single_lock, supervise_workers
     h = Home.locate(home)
+    if listen is not None or hostname is not None:  # settings: kept even if serving fails below
+        _save_broker_listen(h, listen, hostname)
     if not h.keyring.exists():
         fail(f"no keys in {h.keys}: run 'fota keys init' first (commands to devices are signed)")
     broker = 'managed' if h.managed_broker else h.broker_url
@@ -538,6 +547,36 @@ def serve(home: Optional[Path] = HomeOpt,
         fail(str(e))
     except KeyboardInterrupt:
         pass
+
+
+def _save_broker_listen(h: Home, listen: Optional[str], hostname: Optional[str]) -> None:
+    """Keep --listen/--hostname in config.json (the next 'fota serve' listens the same way). A
+    listener beyond loopback turns TLS on rather than refusing: boards send their passwords over
+    it, and a home user asked for boards to reach the broker, not for another command to run."""
+    from fota.server.broker import WILDCARDS, is_loopback, parse_listen
+    if not h.managed_broker:
+        fail("--listen and --hostname configure the managed broker; a broker URL is configured")
+    cfg = h.config()
+    if listen is not None:
+        try:
+            parse_listen(listen)
+        except ValueError as e:
+            fail(str(e))
+        cfg["broker_listen"] = listen
+    if hostname is not None:
+        cfg["broker_hostname"] = hostname
+    h.save_config(cfg)
+    addr, port = h.broker_listen
+    if not is_loopback(addr):
+        if not cfg.get("broker_tls"):
+            cfg["broker_tls"] = True
+            h.save_config(cfg)
+            console.print(f"TLS turned on: the broker listens beyond loopback ({addr}); devices need the CA "
+                          f"{h.tls_dir / 'ca.pem'} (docs/operations.md, boards on the network)")
+        if addr in WILDCARDS and not cfg.get("broker_hostname"):
+            err.print("[yellow]warning:[/yellow] listening on every address but no --hostname: the certificate "
+                      "names only localhost and 127.0.0.1, so boards cannot verify it")
+    console.print(f"device listener on {addr}:{port}")
 
 
 @app.command("worker")

@@ -55,6 +55,42 @@ class BrokerError(RuntimeError):
     pass
 
 
+LOOPBACK = "127.0.0.1"
+WILDCARDS = ("0.0.0.0", "::")  # every address of the machine
+TLS_PORT = 8883                  # MQTT over TLS (IANA): the default of a listener beyond loopback
+
+
+def parse_listen(text: str) -> tuple[str, int | None]:
+    """'ADDR[:PORT]' (an IPv6 address in brackets: '[::]:8883') -> (ADDR, PORT or None)."""
+    text = text.strip()
+    if text.startswith("["):
+        addr, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else (None if not rest else "bad")
+    elif text.count(":") == 1:
+        addr, port = text.split(":")
+    else:
+        addr, port = text, None
+    if not addr or (port is not None and not (port.isdigit() and 0 < int(port) < 65536)):
+        raise ValueError(f"not an ADDR[:PORT] to listen on: {text!r}")
+    return addr, int(port) if port is not None else None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach host (a wildcard reaches every interface)."""
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: whatever it resolves to, boards use it over the network
+
+
+def connect_host(listen_host: str) -> str:
+    """Where a client on this machine reaches a listener bound to listen_host."""
+    return LOOPBACK if listen_host in WILDCARDS else listen_host
+
+
 def free_port(besides: int | None = None) -> int:
     """A port free now on 127.0.0.1 (not `besides`: the other listener's)."""
     while True:
@@ -113,12 +149,17 @@ MANAGED_MAX_PACKET = 16384
 
 def write_config(directory: Path, port: int, *, service_port: int | None = None, auth: bool = True,
                  persistence: bool = False, max_packet_size: int = 65536, tls: TlsFiles | None = None,
-                 autosave_interval: int = AUTOSAVE_INTERVAL) -> Path:
-    """auth: a device listener on port and a service listener on service_port (see the top of
-    this module); without auth one anonymous listener on port.
+                 autosave_interval: int = AUTOSAVE_INTERVAL, host: str = LOOPBACK) -> Path:
+    """auth: a device listener on host:port and a service listener on 127.0.0.1:service_port
+    (see the top of this module); without auth one anonymous listener on host:port.
+
+    host: the device listener's address; beyond loopback only with tls (boards on the network
+    send their passwords over it).
 
     tls: both listeners speak only TLS (1.2 or later; 1.3 when the client has it).
     autosave_interval: seconds between saves of the persistent state (persistence only)."""
+    if tls is None and not is_loopback(host):
+        raise BrokerError(f"a listener on {host} (beyond loopback) needs TLS")
     private_dir(directory)  # passwords, ACL and the persistent sessions (queued messages)
     tls_lines = [] if tls is None else [
         f"cafile {tls.cafile}",
@@ -146,12 +187,12 @@ def write_config(directory: Path, port: int, *, service_port: int | None = None,
             raise ValueError("an authenticated broker needs a service port of its own")
         lines += [
             "per_listener_settings true",
-            f"listener {port} 127.0.0.1", *tls_lines,
+            f"listener {port} {host}", *tls_lines,
             "use_username_as_clientid true",
             "allow_anonymous false",
             f"password_file {directory / DEVICE_PASSWORDS}",
             f"acl_file {directory / DEVICE_ACL_FILE}",
-            f"listener {service_port} 127.0.0.1", *tls_lines,
+            f"listener {service_port} {LOOPBACK}", *tls_lines,
             "allow_anonymous false",
             f"password_file {directory / SERVICE_PASSWORDS}",
             f"acl_file {directory / SERVICE_ACL_FILE}",
@@ -162,20 +203,22 @@ def write_config(directory: Path, port: int, *, service_port: int | None = None,
         write_acl(directory / DEVICE_ACL_FILE, DEVICE_ACL)
         write_acl(directory / SERVICE_ACL_FILE, f"user {SERVER_USER}\ntopic readwrite fota/#\n")
     else:
-        lines += [f"listener {port} 127.0.0.1", *tls_lines, "allow_anonymous true"]
+        lines += [f"listener {port} {host}", *tls_lines, "allow_anonymous true"]
     conf = directory / "mosquitto.conf"
     conf.write_text("\n".join(lines) + "\n")
     return conf
 
 
 class Mosquitto:
-    """A supervised Mosquitto process: devices on 127.0.0.1:port, the control center on
-    127.0.0.1:service_port (the same port without auth); TLS only if tls is given."""
+    """A supervised Mosquitto process: devices on host:port (127.0.0.1 unless given), the
+    control center on 127.0.0.1:service_port (the same port without auth); TLS only if tls is
+    given."""
 
     def __init__(self, directory: Path, port: int | None = None, *, service_port: int | None = None,
                  auth: bool = True, persistence: bool = False, tls: TlsFiles | None = None,
-                 max_packet_size: int = 65536):
+                 max_packet_size: int = 65536, host: str = LOOPBACK):
         self.directory = Path(directory)
+        self.host = host
         self.max_packet_size = max_packet_size
         self.port = port or free_port()
         self.service_port = (service_port or free_port(besides=self.port)) if auth else self.port
@@ -190,7 +233,8 @@ class Mosquitto:
 
     def start(self, timeout: float = 10.0) -> "Mosquitto":
         conf = write_config(self.directory, self.port, service_port=self.service_port, auth=self.auth,
-                            persistence=self.persistence, tls=self.tls, max_packet_size=self.max_packet_size)
+                            persistence=self.persistence, tls=self.tls, max_packet_size=self.max_packet_size,
+                            host=self.host)
         self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
@@ -199,8 +243,8 @@ class Mosquitto:
                 err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
                 raise BrokerError(f"mosquitto exited with {self.proc.returncode}: {err.strip()}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2), \
-                        socket.create_connection(("127.0.0.1", self.service_port), timeout=0.2):
+                with socket.create_connection((connect_host(self.host), self.port), timeout=0.2), \
+                        socket.create_connection((LOOPBACK, self.service_port), timeout=0.2):
                     # Mosquitto writes pid_file only as a daemon: keep our own, for reloads.
                     (self.directory / "mosquitto.pid").write_text(str(self.proc.pid))
                     return self

@@ -3,7 +3,9 @@
     <home>/config.json      database_url, broker_url (None: managed Mosquitto), broker_port (the
                             managed broker's device listener), broker_service_port (its service
                             listener: the control center), server_password, broker_tls,
-                            broker_cafile/certfile/keyfile (0600)
+                            broker_cafile/certfile/keyfile, broker_listen ("ADDR[:PORT]" of the
+                            device listener; beyond loopback it implies broker_tls), broker_hostname
+                            (the name or IP boards connect to: in the server certificate) (0600)
     <home>/fota.db          SQLite database (default)
     <home>/keys/            root.pem (pinned on devices; offline in production), signing.pem
                             (signs manifests and commands), trust.json, keys-update.json
@@ -28,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from fota.server.broker import SERVER_USER, free_port, write_broker_passwords
+from fota.server.broker import (LOOPBACK, SERVER_USER, TLS_PORT, connect_host, free_port, is_loopback,
+                                parse_listen, write_broker_passwords)
 from fota.server.credentials import mosquitto_hash, new_password
 from fota.tools.private import private_dir, private_tree, write_private
 
@@ -188,7 +191,7 @@ class Home:
             return os.environ["FOTA_BROKER_URL"]
         if cfg.get("broker_url"):
             return cfg["broker_url"]
-        scheme = "mqtts" if cfg.get("broker_tls") else "mqtt"
+        scheme = "mqtts" if self._managed_tls(cfg) else "mqtt"
         return f"{scheme}://{SERVER_USER}:{cfg['server_password']}@127.0.0.1:{cfg['broker_service_port']}"
 
     @property
@@ -196,13 +199,51 @@ class Home:
         """(host, port) the devices connect to: the managed broker's device listener, or the
         configured broker's address."""
         if self.managed_broker:
-            return "127.0.0.1", self.config()["broker_port"]
+            host, port = self.broker_listen
+            return self.config().get("broker_hostname") or connect_host(host), port
         url = urlsplit(self.broker_url)
         return url.hostname or "127.0.0.1", url.port or (8883 if url.scheme == "mqtts" else 1883)
 
     @property
     def managed_broker(self) -> bool:
         return not (os.environ.get("FOTA_BROKER_URL") or self.config().get("broker_url"))
+
+    @property
+    def broker_listen(self) -> tuple[str, int]:
+        """(address, port) of the managed broker's device listener: config.json's broker_listen
+        (its port defaults to 8883 beyond loopback, else broker_port), else 127.0.0.1:broker_port."""
+        cfg = self.config()
+        if not cfg.get("broker_listen"):
+            return LOOPBACK, cfg["broker_port"]
+        try:
+            host, port = parse_listen(cfg["broker_listen"])
+        except ValueError as e:
+            raise HomeError(f"{self.config_path}: broker_listen: {e}") from None
+        return host, port or (cfg["broker_port"] if is_loopback(host) else TLS_PORT)
+
+    def _managed_tls(self, cfg: dict) -> bool:
+        """The managed broker speaks TLS: broker_tls, or a device listener beyond loopback (boards
+        on the network send their passwords over it: never in clear)."""
+        return bool(cfg.get("broker_tls")) or (bool(cfg.get("broker_listen")) and not is_loopback(self.broker_listen[0]))
+
+    def tls_names(self) -> tuple[list[str], list[str]]:
+        """(host names, IP addresses) the managed broker's certificate names: localhost and
+        127.0.0.1 (the control center, local devices), the listen address unless a wildcard,
+        and broker_hostname (what boards connect to)."""
+        import ipaddress
+
+        from fota.server.broker import WILDCARDS
+        names, ips = ["localhost"], [LOOPBACK]
+        for name in (self.broker_listen[0], self.config().get("broker_hostname")):
+            if not name or name in WILDCARDS:
+                continue
+            try:
+                ip = str(ipaddress.ip_address(name))
+            except ValueError:
+                names += [name] if name not in names else []
+            else:
+                ips += [ip] if ip not in ips else []
+        return names, ips
 
     # ---- TLS ---------------------------------------------------------------------------------
     @property
@@ -216,7 +257,7 @@ class Home:
         server certificate, created on first use and then reused."""
         from fota.server.tls import TlsFiles, ensure_tls
         cfg = self.config()
-        if not (self.managed_broker and cfg.get("broker_tls")):
+        if not (self.managed_broker and self._managed_tls(cfg)):
             return None
         own = ("broker_cafile", "broker_certfile", "broker_keyfile")
         if cfg.get("broker_certfile") or cfg.get("broker_keyfile"):
@@ -224,7 +265,7 @@ class Home:
             if missing:
                 raise HomeError(f"{self.config_path}: your own broker certificate also needs {', '.join(missing)}")
             return TlsFiles(*(cfg[k] for k in own))
-        return ensure_tls(self.tls_dir)
+        return ensure_tls(self.tls_dir, *self.tls_names())
 
     @property
     def broker_cafile(self) -> Path | None:

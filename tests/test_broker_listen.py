@@ -1,0 +1,128 @@
+"""The managed broker reachable by boards: its device listener beyond loopback, TLS only, the
+server certificate naming the address boards use (real Mosquitto, real TLS handshakes)."""
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+import ssl
+import subprocess
+from urllib.parse import urlsplit
+
+import pytest
+from cryptography import x509
+from typer.testing import CliRunner
+
+from fota.cli import app
+from fota.server.broker import BrokerError, free_port, parse_listen, write_config
+from fota.server.home import Home
+from fota.server.tls import client_context, ensure_tls
+
+NAME = "fota.home.arpa"
+
+
+def _network_address() -> str | None:
+    """One of this machine's non-loopback IPv4 addresses (hostname -I), None if it has none."""
+    try:
+        out = subprocess.run(["hostname", "-I"], capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for word in out.split():
+        try:
+            ip = ipaddress.ip_address(word)
+        except ValueError:
+            continue
+        if ip.version == 4 and not ip.is_loopback:
+            return word
+    return None
+
+
+def _serve(home: Home, *args: str) -> str:
+    """What `fota serve` printed, its error included (fail() raises CLIError)."""
+    result = CliRunner().invoke(app, ["serve", "--home", str(home.path), *args])
+    return result.output + str(result.exception or "")
+
+
+def _san(certfile) -> set[str]:
+    san = x509.load_pem_x509_certificate(certfile.read_bytes()).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value
+    return {*san.get_values_for_type(x509.DNSName)} | {str(i) for i in san.get_values_for_type(x509.IPAddress)}
+
+
+def test_parse_listen():
+    assert parse_listen("0.0.0.0") == ("0.0.0.0", None)
+    assert parse_listen("192.0.2.7:8884") == ("192.0.2.7", 8884)
+    assert parse_listen("[::]:8883") == ("::", 8883)
+    assert parse_listen("broker.lan") == ("broker.lan", None)
+    for bad in ("0.0.0.0:", "0.0.0.0:99999", ":8883", "[::1]x"):
+        with pytest.raises(ValueError):
+            parse_listen(bad)
+
+
+def test_config_opens_only_the_device_listener_with_tls(tmp_path):
+    files = ensure_tls(tmp_path / "tls")
+    conf = write_config(tmp_path / "broker", 8883, service_port=18830, tls=files, host="0.0.0.0").read_text()
+    device, service = conf.split("listener ")[1:]
+    assert device.startswith("8883 0.0.0.0\n")
+    for line in (f"cafile {files.cafile}", f"certfile {files.certfile}", f"keyfile {files.keyfile}"):
+        assert line in device and line in service
+    assert service.startswith("18830 127.0.0.1\n")
+    with pytest.raises(BrokerError, match="needs TLS"):
+        write_config(tmp_path / "plain", 8883, service_port=18830, host="0.0.0.0")
+
+
+def test_listen_beyond_loopback_turns_tls_on_and_persists(tmp_path):
+    home = Home(tmp_path / "home")
+    assert home.broker_listen == ("127.0.0.1", home.config()["broker_port"]) and not home.broker_tls
+    out = _serve(home, "--listen", "0.0.0.0", "--hostname", NAME)  # no keys: stops after saving
+    assert "TLS turned on" in out and "no keys" in out
+    cfg = json.loads(home.config_path.read_text())
+    assert (cfg["broker_listen"], cfg["broker_hostname"], cfg["broker_tls"]) == ("0.0.0.0", NAME, True)
+    assert home.broker_listen == ("0.0.0.0", 8883)  # the MQTT-over-TLS port by default
+    url = urlsplit(home.broker_url)  # the center stays on loopback
+    assert (url.scheme, url.hostname, url.port) == ("mqtts", "127.0.0.1", home.config()["broker_service_port"])
+    assert home.device_broker == (NAME, 8883)
+    assert "not an ADDR[:PORT]" in _serve(home, "--listen", "0.0.0.0:x")
+
+
+def test_certificate_names_the_listen_address_and_hostname_same_ca(tmp_path):
+    home = Home(tmp_path / "home")
+    home.config()
+    files = ensure_tls(home.tls_dir, *home.tls_names())
+    ca_before = files.cafile.read_bytes()
+    assert _san(files.certfile) == {"localhost", "127.0.0.1"}
+    cfg = home.config()
+    cfg.update(broker_listen="192.0.2.7:8884", broker_hostname=NAME)
+    home.save_config(cfg)
+    files = home.tls_files()  # TLS implied by the listener beyond loopback
+    assert _san(files.certfile) == {"localhost", "127.0.0.1", "192.0.2.7", NAME}
+    assert files.cafile.read_bytes() == ca_before  # re-issued by the CA devices already pin
+
+
+def test_a_board_on_the_network_verifies_the_broker(tmp_path):
+    """The managed broker bound to the machine's network address (or every address when it has
+    none): a TLS client there verifies the certificate by --hostname and by IP against the
+    home's CA, and the service listener is not reachable from the network."""
+    from fota.server.app import managed_broker
+    address = _network_address()
+    home = Home(tmp_path / "home")
+    port = free_port()
+    assert "TLS turned on" in _serve(home, "--listen", f"{address or '0.0.0.0'}:{port}", "--hostname", NAME)
+    home.keyring.init()
+    store = home.store()
+    broker = managed_broker(home, store)
+    try:
+        target = address or "127.0.0.1"
+        ctx = client_context(home.broker_cafile)
+        for server_hostname in (NAME, target):
+            with socket.create_connection((target, port), timeout=5) as raw, \
+                    ctx.wrap_socket(raw, server_hostname=server_hostname) as tls:
+                assert tls.version() in ("TLSv1.2", "TLSv1.3")
+        with socket.create_connection((target, port), timeout=5) as raw, pytest.raises(ssl.SSLCertVerificationError):
+            ctx.wrap_socket(raw, server_hostname="other.home.arpa")
+        if address:
+            with pytest.raises(OSError):
+                socket.create_connection((address, home.config()["broker_service_port"]), timeout=2).close()
+    finally:
+        broker.stop()
+        store.dispose()
