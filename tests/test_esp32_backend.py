@@ -47,6 +47,8 @@ def app_image(payload: int, chip_id: int = 0, seed: int = 0, hash_appended: bool
 # files from the test.
 BOARD = r"""
 import json
+import hashlib
+from binascii import hexlify
 import esp32
 from esp32 import Partition
 from fota.device.slots import open_backend
@@ -58,6 +60,9 @@ out = {}
 def load(name):
     with open(name, "rb") as f:
         return f.read()
+
+def sha(data):  # the manifest's sha256 of an image
+    return hexlify(hashlib.sha256(data).digest()).decode()
 
 def stream(be, slot, data, at, sizes):
     k = 0
@@ -84,7 +89,7 @@ def install(be, slot, name):
     data = load(name)
     be.begin(slot, len(data))
     stream(be, slot, data, 0, (CHUNK,))
-    return err(be.finalize, slot, len(data))
+    return err(be.finalize, slot, len(data), None, None, None, sha(data))
 
 if STEP == "factory":
     # esptool's job: the first app in ota_0.
@@ -112,7 +117,7 @@ elif STEP == "resume":
     out["resume_at"] = start
     at = start - start % CHUNK      # the runner re-sends from a chunk boundary
     stream(be, "b", data, at, (CHUNK,))
-    out["finalize"] = err(be.finalize, "b", len(data))
+    out["finalize"] = err(be.finalize, "b", len(data), None, None, None, sha(data))
     out["readback"] = be.read("b", 0, len(data)) == data
     out["status"] = status()
 
@@ -142,7 +147,7 @@ elif STEP == "bad":
     be.begin("b", len(data))
     stream(be, "b", data, 0, (CHUNK,))
     Partition("ota_1").writeblocks(1, b"\x00", 7)  # a bit flipped on the flash after it was written
-    out["corrupt"] = err(be.finalize, "b", len(data))
+    out["corrupt"] = err(be.finalize, "b", len(data), None, None, None, sha(data))
     out["bad_checksum"] = install(be, "b", "bad_checksum.bin")  # passes our checks, not ESP-IDF's
     out["status"] = status()
 
@@ -311,7 +316,7 @@ def test_executor_confirm_marks_the_image_valid(tmp_path, emulated_esp32):
     new = app_image(3 * 4096 + 5, seed=2)
     backend.begin("b", len(new))
     backend.write("b", 0, new)
-    backend.finalize("b", len(new))
+    backend.finalize("b", len(new), sha256=hashlib.sha256(new).hexdigest())
     assert esp32.reset() == "ota_1" and esp32.state("ota_1") == "PENDING_VERIFY"
 
     ex = Executor(backend, fsutil, str(tmp_path) + "/", lambda *a: None)

@@ -369,3 +369,20 @@ def test_fota_simulate_command_with_a_served_home(tmp_path):
         stop(serve)
     assert "Traceback" not in out, out
     assert "reverted 3" in out, out
+
+
+def test_hash_slots_refuse_an_image_whose_hash_is_not_the_manifests():
+    """The simulator's light backend checks its slot's own hash against the manifest's at
+    finalize, as a bootloader's image check would (the executor passes the manifest's sha256)."""
+    import hashlib
+
+    from fota.sim.slots import HashSlots, SlotError
+
+    image = bytes(range(256)) * 20
+    slots = HashSlots(capacity=64 * 1024)
+    slots.begin("b", len(image))
+    slots.write("b", 0, image)
+    with pytest.raises(SlotError, match="sha256"):
+        slots.finalize("b", len(image), sha256=hashlib.sha256(image + b"x").hexdigest())
+    slots.finalize("b", len(image), sha256=hashlib.sha256(image).hexdigest().upper())
+    assert slots.digest["b"] == hashlib.sha256(image).hexdigest()

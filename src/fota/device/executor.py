@@ -244,7 +244,7 @@ class Executor:
             from fota.device.delta import DeltaError
             raise DeltaError("no decoder ran: the slot holds the patch, not the image")
         self.backend.finalize(slot, manifest["size"], manifest.get("files"), key,
-                              (manifest.get("enc") or {}).get("plain_size"))
+                              (manifest.get("enc") or {}).get("plain_size"), manifest["sha256"])
 
     def _patcher(self, expect, inactive):
         # Imported only by a device that gets a delta; collected first, so that its bytecode

@@ -66,10 +66,13 @@ class HashSlots:
         back (the executor re-hashes the slot of a resumed download: fota.device.executor)."""
         return self._flushed(slot, offset).copy()
 
-    def finalize(self, slot, size, files=None, key=None, plain_size=None):
-        # The core verified the image's SHA-256 on the stream, from this slot's hash state on
-        # (hasher_at); the length is what a bootloader's check would refuse.
+    def finalize(self, slot, size, files=None, key=None, plain_size=None, sha256=None):
+        # What a bootloader's check would refuse: a length or an image hash that is not the
+        # manifest's (the core checked the stream; this is the slot's own hash state).
         self.flush(slot)
         if self._len[slot] != size:
             raise SlotError("slot holds %d bytes, the manifest says %d" % (self._len[slot], size))
-        self.digest[slot] = self._hash[slot].hexdigest()
+        digest = self._hash[slot].hexdigest()
+        if sha256 is not None and digest != sha256.lower():
+            raise SlotError("slot image does not match the manifest's sha256")
+        self.digest[slot] = digest

@@ -12,8 +12,11 @@
 #                              relies on it
 #   read(slot, offset, n)      read image bytes back (re-hash on resume; the base of a delta)
 #   has_image(slot)            whether the slot still holds its installed image (a delta base)
-#   finalize(slot, size, files)  turn the verified image into a bootable slot (raises on
-#                              failure); files: the manifest's [name, size, sha256] list
+#   finalize(slot, size, files, key, plain_size, sha256)
+#                              turn the verified image into a bootable slot (raises on
+#                              failure); files: the manifest's [name, size, sha256] list; key,
+#                              plain_size: payload decryption; sha256: the image's (hex), for a
+#                              backend that checks what it wrote by reading it back (esp32)
 #   app_dir(slot)              directory holding the slot's app (files) or None
 #   confirm()                  optional: the running image passed its health check (esp32: cancel
 #                              the bootloader's rollback)

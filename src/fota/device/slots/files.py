@@ -81,7 +81,7 @@ class FilesBackend:
         f.seek(offset)
         return f.read(n)
 
-    def finalize(self, slot, size, files=None, key=None, plain_size=None):
+    def finalize(self, slot, size, files=None, key=None, plain_size=None, sha256=None):
         self.close()
         app = self.app_dir(slot)
         fsutil.rmtree(app)

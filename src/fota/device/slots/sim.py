@@ -241,7 +241,7 @@ class SimBackend:
     def has_image(self, slot):
         return True  # the image stays in flash; the boot record says which one it is
 
-    def finalize(self, slot, size, files=None, key=None, plain_size=None):
+    def finalize(self, slot, size, files=None, key=None, plain_size=None, sha256=None):
         if self._bad:
             raise FlashError(self._bad)
         if self._tail:
