@@ -95,6 +95,8 @@ def quiet_cancelled_reconnects(loop) -> None:
     callback raises CancelledError, which asyncio logs with a traceback as an "Exception in
     callback". Nothing failed. Every other error goes to the handler that was there before."""
     previous = loop.get_exception_handler()
+    if getattr(previous, "quiets_gmqtt", False):
+        return  # installed by an earlier center on this loop (the workers' tests run several)
 
     def handler(loop, context):
         handle = context.get("handle")
@@ -106,4 +108,5 @@ def quiet_cancelled_reconnects(loop) -> None:
             previous(loop, context)
         else:
             loop.default_exception_handler(context)
+    handler.quiets_gmqtt = True
     loop.set_exception_handler(handler)
