@@ -12,7 +12,9 @@
 #   reset      a reboot is machine.reset(), a hard reset (on an ESP32 a soft reset does not load
 #              the new firmware), after a clean disconnect (go_offline).
 #   watchdog   on a trial boot a machine.WDT(timeout=config "trial_wdt_ms") is armed before the
-#              app starts and fed at every step of the agent: an app that hangs (a tick that
+#              app starts and fed at every step of the agent; the broker (whose connection
+#              confirms the trial) is not reached before the app ran "trial_settle_ms" with the
+#              watchdog fed: an app that hangs (a tick that
 #              never returns, an asyncio task that never yields) stops the feeding and resets the
 #              board, and that boot counts as a failed trial attempt (the executor counted it
 #              before the app ran; after max_trial_boots the boot selector reverts, and on an
@@ -55,6 +57,7 @@ class BoardDevice(Device):
     def __init__(self, root, app_loader=None):
         Device.__init__(self, root, app_loader or load_board_app)
         self.frozen_app = True     # a firmware image's frozen `app` module (esp32 backend)
+        self.stepped_install = True  # the app runs between the install's steps
         self.wdt = None
         self._trial_since = None   # on trial: when the app started (the health check waits)
         self.wifi = self.config.get("wifi") or None
@@ -77,7 +80,8 @@ class BoardDevice(Device):
             return
         import machine
         ms = self.wdt_timeout_ms()
-        self.wdt = machine.WDT(timeout=ms)
+        # The ESP8266's watchdog has a fixed timeout of the system's: it takes none.
+        self.wdt = machine.WDT() if sys.platform == "esp8266" else machine.WDT(timeout=ms)
         # Every blocking network wait must end well before the watchdog would.
         self.net_timeout_s = max(1, min(self.net_timeout_s, ms // 3000))
         self._trial_since = ticks_ms()
