@@ -1,6 +1,6 @@
 """How long the agent keeps the app waiting: the longest step of the board runner, per kind.
 
-    ./run bench agent_blocking [--image-kib 128] [--chunk 2048] [--window 8] [--idle-s 2]
+    ./run bench agent_blocking [--image-kib 128] [--chunk 2048] [--window 8] [--idle-s 2] [--tls]
                                [--app-sleep-ms 2] [--target-ms 100] [--heap 224K] [--timeout 90]
                                [--out bench/results/agent_blocking.json]
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,8 @@ from pathlib import Path
 
 from bench._report import print_table
 from fota.server.deployments import create_deployment
+from fota.server.broker import SERVER_USER, Mosquitto
+from fota.testkit.broker import BrokerAccounts
 from fota.testkit.fleet import Fleet, bundle_of_size
 from fota.tools.supervisor import DeviceProcess, find_micropython
 from fota.tools.waiting import TimedOut, wait_until
@@ -168,10 +171,34 @@ def log(*args) -> None:
     print("[bench]", *args, file=sys.stderr, flush=True)
 
 
+class _TlsBroker(BrokerAccounts):
+    """A TLS-only Mosquitto of the bench's own (the device verifies it against the CA)."""
+
+    def __init__(self, directory: Path):
+        from fota.server.tls import ensure_tls
+        self.files = ensure_tls(directory / "tls")
+        super().__init__(Mosquitto(directory / "broker", auth=True, tls=self.files).start())
+        self.add_users({SERVER_USER: secrets.token_urlsafe(12)})
+
+    @property
+    def server_url(self) -> str:
+        return f"mqtts://{SERVER_USER}:{self.users[SERVER_USER]}@{self.host}:{self.service_port}"
+
+
+def _fleet(args, tmp: Path):
+    """(fleet, device settings, stop): plain MQTT, or with --tls a TLS-only broker."""
+    if not args.tls:
+        return Fleet.standalone(tmp / "fleet", chunk=args.chunk, window=args.window), {}, lambda: None
+    broker = _TlsBroker(tmp / "mosquitto")
+    fleet = Fleet(tmp / "fleet", broker, f"sqlite:///{tmp / 'fota.db'}", kek=False, spy=False, device_settings={},
+                  chunk=args.chunk, window=args.window, ssl_context=broker.files.client_context())
+    return fleet, {"cadata": broker.files.ca_der(), "server_hostname": "localhost"}, broker.mosquitto.stop
+
+
 def measure(args, tmp: Path) -> dict:
-    fleet = Fleet.standalone(tmp / "fleet", chunk=args.chunk, window=args.window)
+    fleet, settings, stop_broker = _fleet(args, tmp)
     try:
-        fleet.add_device("probe-1", start=False, trial_wdt_ms=args.wdt_ms, trial_settle_ms=200)
+        fleet.add_device("probe-1", start=False, trial_wdt_ms=args.wdt_ms, trial_settle_ms=200, **settings)
         root = fleet.root("probe-1")
         stats_path = tmp / "stats.json"
         proc = ProbeBoard(root, stats_path, args.app_sleep_ms, heap=args.heap)
@@ -195,6 +222,7 @@ def measure(args, tmp: Path) -> dict:
                 "log_tail": proc.log_text()[-2000:]}
     finally:
         fleet.close()
+        stop_broker()
 
 
 def summarize(raw: dict, target_ms: float) -> dict:
@@ -226,7 +254,7 @@ def render(result: dict) -> None:
     order += [k for k in sorted(s["kinds"]) if k not in order]
     rows = [[k, v["count"], v["mean_ms"], v["max_ms"]] for k in order if (v := s["kinds"].get(k))]
     print_table(f"agent steps seen by the app: {cfg['image_kib']} KiB bundle, chunk {cfg['chunk']}, "
-                f"window {cfg['window']}, MicroPython unix port",
+                f"window {cfg['window']}, {'TLS' if cfg['tls'] else 'plain MQTT'}, MicroPython unix port",
                 ["module", "count", "mean ms", "max ms"], rows,
                 notes=[f"longest step: idle {s['idle_max_ms']} ms, during the update {s['update_max_ms']} ms "
                        f"(x{s['ratio_update_to_idle']} the idle baseline); target {s['target_ms']} ms: {s['verdict']}",
@@ -243,6 +271,7 @@ def parse(argv):
     p.add_argument("--app-sleep-ms", type=int, default=2, help="the probe app's own work per turn (a sleep)")
     p.add_argument("--target-ms", type=float, default=100.0, help="the longest step allowed (a verdict)")
     p.add_argument("--wdt-ms", type=int, default=8000, help="the trial watchdog's timeout")
+    p.add_argument("--tls", action="store_true", help="a TLS-only broker: the connect includes the handshake")
     p.add_argument("--heap", default="224K", help="device heap (the board runner with emulated modules)")
     p.add_argument("--timeout", type=float, default=90, help="seconds allowed for the update")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
@@ -257,7 +286,7 @@ def main(argv=None) -> int:
         except TimedOut as e:
             raw = {"state": "timed out", "code": None, "reason": str(e), "wall_s": None, "image_bytes": None,
                    "exits": [], "stats": {}, "log_tail": ""}
-    result = {"config": {"image_kib": args.image_kib, "chunk": args.chunk, "window": args.window,
+    result = {"config": {"image_kib": args.image_kib, "chunk": args.chunk, "window": args.window, "tls": args.tls,
                          "idle_s": args.idle_s, "app_sleep_ms": args.app_sleep_ms, "heap": args.heap},
               "run": raw, "summary": summarize(raw, args.target_ms)}
     result["failures"] = failures(result)

@@ -155,6 +155,24 @@ def test_example_app_keeps_running_next_to_a_real_update(fleet, style):
     assert proc.exits == [RESET_EXIT], proc.exits
 
 
+def _swallowing_app(version):
+    files = hello_files(version)
+    files["app.py"] += (b"\ndef main(agent):\n    while True:\n        try:\n            agent.poll(10)\n"
+                        b"        except Exception as e:  # a careless app: swallows the agent's Reboot\n"
+                        b"            print('app swallowed', type(e).__name__)\n")
+    return files
+
+
+def test_app_loop_that_swallows_the_reboot_still_reboots(fleet):
+    proc = _board(fleet, "brd-swallow", app_files=_swallowing_app("1.0.0"), trial_settle_ms=200)
+    fleet.wait_online("brd-swallow")
+    job = _update(fleet, "brd-swallow", _swallowing_app("1.1.0"), "1.1.0")
+    assert (job.state, job.code) == ("confirmed", None), (job.reason, proc.log_text())
+    log = proc.log_text()
+    assert "app swallowed Reboot" in log and "the app's loop swallowed the reboot" in log
+    assert proc.exits == [RESET_EXIT]
+
+
 # ---------------------------------------------------------------------------------- Wi-Fi
 
 def _write_ap(path: Path, **ap) -> None:

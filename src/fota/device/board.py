@@ -67,6 +67,7 @@ class BoardDevice(Device):
         self._wifi_at = ticks_ms() # when the next join may start
         self._wifi_failures = 0
         self.wifi_joins = 0        # join attempts this boot
+        self._rebooting = False    # a Reboot left poll(): a later step resets the board itself
 
     # ---- watchdog ------------------------------------------------------------------------
     def wdt_timeout_ms(self):
@@ -161,12 +162,20 @@ class BoardDevice(Device):
         return Device._step_connect(self, timeout_ms)
 
     def poll(self, timeout_ms=DEFAULT_STEP_MS):
+        if self._rebooting:
+            # The app's loop caught the Reboot and stepped again: the agent resets by itself.
+            log("the app's loop swallowed the reboot")
+            reset(self)
         if self.client is not None and self.wifi and self.wlan is not None and not self.wlan.isconnected():
             # The link is gone: so is the broker connection, whatever its socket says yet.
             log("Wi-Fi lost")
             self._drop_connection()
             self._connect_at = ticks_ms()
-        Device.poll(self, timeout_ms)
+        try:
+            Device.poll(self, timeout_ms)
+        except Reboot:
+            self._rebooting = True
+            raise
 
     def busy(self):
         """True when the next step has work waiting (the asyncio runner does not sleep then)."""
@@ -219,6 +228,13 @@ def run_app(device, step_ms=DEFAULT_STEP_MS):
         device.app = None  # its tick() is not called after its own loop ended
     while True:
         device.poll(step_ms)
+
+
+def reset(device):
+    """The reboot: a clean disconnect, then a hard reset. Never returns."""
+    import machine
+    runner.shut_down(device)
+    machine.reset()
 
 
 def main(root, step_ms=DEFAULT_STEP_MS):
