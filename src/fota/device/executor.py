@@ -53,7 +53,12 @@ class Executor:
         boot and store the record before anything runs (an attempt counts even if it crashes).
         Returns True if the slot boots on trial."""
         record = self._read("boot.json") or bootrec.new_record(version)
-        slot, on_trial = bootrec.select(record, max_trial_boots)
+        # esp32: the bootloader picked the partition already (and may have rolled back).
+        booted = getattr(self.backend, "booted_slot", None)
+        slot, on_trial = bootrec.select(record, max_trial_boots, booted() if booted else None)
+        if on_trial is None:
+            self.log("running slot", slot, "that the boot record does not name: rebooting to the active one")
+            raise Reboot()
         self._write("boot.json", record)
         self.record = record
         self.slot = slot

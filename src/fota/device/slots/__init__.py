@@ -20,6 +20,8 @@
 #   app_dir(slot)              directory holding the slot's app (files) or None
 #   confirm()                  optional: the running image passed its health check (esp32: cancel
 #                              the bootloader's rollback)
+#   booted_slot()              optional: the slot a bootloader started, which the boot record
+#                              must follow (esp32: its rollback happens before the agent runs)
 
 
 def open_backend(kind, root, config):

@@ -133,6 +133,10 @@ class Esp32Backend:
             raise ImageError("the flash does not hold the image written")
         self._target(slot).set_boot()  # OSError if ESP-IDF's own image check fails
 
+    def booted_slot(self):
+        """The slot the bootloader started (after its rollback, if any): the boot record follows it."""
+        return running_slot()
+
     def confirm(self):
         """The running app passed its health check: cancel the bootloader's rollback."""
         Partition.mark_app_valid_cancel_rollback()
