@@ -32,7 +32,7 @@ class FilesBackend:
     def _open(self, slot):
         if self._slot != slot or self._f is None:
             self.close()
-            self._f = open(self._image(slot), "r+b")
+            self._f = fsutil.open_file(self._image(slot), "r+b")
             self._slot = slot
         return self._f
 
@@ -51,7 +51,7 @@ class FilesBackend:
         self.close()
         fsutil.rmtree(self._dir(slot))
         fsutil.makedirs(self._dir(slot))
-        with open(self._image(slot), "wb"):
+        with fsutil.open_file(self._image(slot), "wb"):
             pass
 
     def resume(self, slot, offset):
@@ -73,7 +73,7 @@ class FilesBackend:
             if self._r_slot != slot:
                 if self._r is not None:
                     self._r.close()
-                self._r = open(self._image(slot), "rb")
+                self._r = fsutil.open_file(self._image(slot), "rb")
                 self._r_slot = slot
             f = self._r
         else:
@@ -86,7 +86,7 @@ class FilesBackend:
         app = self.app_dir(slot)
         fsutil.rmtree(app)
         fsutil.makedirs(app)
-        with open(self._image(slot), "rb") as f:
+        with fsutil.open_file(self._image(slot), "rb") as f:
             if key is None:
                 extract(f, size, app, files)
             else:
