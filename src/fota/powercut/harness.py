@@ -1,5 +1,5 @@
-# Power-cut harness: one update of a device on the `sim` flash backend, with no network, and
-# power cut at chosen persistent operations (fota.device.slots.sim.Power). MicroPython and CPython.
+# Power-cut harness: one update of a device, with no network, and power cut at chosen persistent
+# operations (fota.device.slots.sim.Power). MicroPython and CPython.
 #
 # The device is the real thing: fota.device.runner.Device (boot selection, the order of the
 # actions), the executor it performs them with (fota.device.executor: journal resume, slots,
@@ -11,7 +11,17 @@
 #   Center  the control center: the signed update command of one job, the chunks of its image
 #           (answers every chunk request), the statuses it received;
 #   Run     powers the device on again after every reboot and every cut, checks every boot
-#           (_check_boot) and the end state (outcome()).
+#           (_check_boot) and the end state (outcome());
+#   worlds  what a slot backend's board adds (WORLDS): `sim` a NOR flash (SimFlash); `esp32`
+#           the board's `esp32` module (ota partitions, OTA data, the bootloader's choice and
+#           rollback at every reset); `files` nothing but the filesystem.
+# The device's files go through a file model: `replace` (fota.device.fsutil's own counting of
+# whole-file replacements and removals) or `littlefs` (fota.powercut.littlefs: every open,
+# write, sync, close, rename, remove, mkdir, with LittleFS's guarantees at a cut).
+#
+# The esp32 world imports the module `esp32` as the agent does. On a development machine that is
+# the emulation in tests/boards/esp32.py, which the caller (bench/powercut.py, the tests) puts on
+# the import path; fota itself never imports tests/.
 # A scenario directory is prepared on CPython by fota.powercut.scenario.build.
 
 import gc
@@ -26,7 +36,14 @@ from fota.device import runner
 from fota.device.runner import Device, Reboot
 from fota.device.slots.sim import Power, PowerCut
 
-TEMPLATE_FILES = ("config.json", "boot.json", "agent.json", "flash.bin")
+
+def copy_tree(src, dst):
+    fsutil.makedirs(dst)
+    for name in __import__("os").listdir(src):
+        if fsutil.is_dir(src + "/" + name):
+            copy_tree(src + "/" + name, dst + "/" + name)
+        else:
+            copy_file(src + "/" + name, dst + "/" + name)
 
 
 def copy_file(src, dst):
@@ -48,8 +65,22 @@ def _size(path):
         return f.tell()
 
 
+def _sha_file(path, size=None):
+    h = hashlib.sha256()
+    done = 0
+    with open(path, "rb") as f:
+        while size is None or done < size:
+            piece = f.read(1024 if size is None else min(1024, size - done))
+            if not piece:
+                break
+            h.update(piece)
+            done += len(piece)
+    return hexlify(h.digest()).decode()
+
+
 class Scenario:
-    """A prepared scenario: template/ (the provisioned device), scenario.json, image.bin."""
+    """A prepared scenario: template/ (the provisioned device), scenario.json, image.bin (what
+    the center serves: the image, or the patch of a delta job)."""
 
     def __init__(self, path):
         self.path = path
@@ -71,6 +102,11 @@ class Scenario:
         self.trial_timeout = meta["trial_timeout"]
         self.chunk_timeout = meta["chunk_timeout"]
         self.slot_size = meta["slot_size"]
+        self.backend = meta.get("backend", "sim")
+        self.fs = meta.get("fs", "replace")   # the file model: replace or littlefs
+        self.board = meta.get("board")        # esp32: {"app_size", "chip_id"}
+        self.files = meta.get("files")        # files: version -> {name: sha256} of its app
+        self.delta = meta.get("delta", False)
         self.image = path + "/image.bin"      # served in chunks, never all in RAM
         self.size = _size(self.image)
 
@@ -133,6 +169,187 @@ class Wedged(Exception):
     pass
 
 
+class Bricked(Exception):
+    """The board cannot start a verified image (the bootloader found none, or runs a corrupt one)."""
+
+
+# ---- worlds: what each slot backend's board adds ----------------------------------------------
+
+class SimWorld:
+    """The `sim` backend: a NOR flash file (flash.bin), slot a at 0, slot b at slot_size."""
+    bootloader = False  # the agent picks the slot from its boot record
+
+    def __init__(self, run):
+        self.run = run
+
+    def power_on(self):
+        pass
+
+    def attach(self, dev):
+        dev.backend.flash.power = self.run.power
+
+    def app_loader(self):
+        return None
+
+    def holds(self, dev, slot, version):
+        """True if `slot` holds exactly the image of `version`."""
+        s = self.run.s
+        known = s.images.get(version)
+        if not known:
+            return False
+        return _sha_backend(dev.backend, slot, known[0]) == known[1]
+
+    def release(self, dev):
+        dev.backend.flash.close()
+
+    def check_end(self, dev, record):
+        return []
+
+
+def _sha_backend(backend, slot, size):
+    h = hashlib.sha256()
+    done = 0
+    while done < size:
+        piece = backend.read(slot, done, min(1024, size - done))
+        if not piece:
+            return None
+        h.update(piece)
+        done += len(piece)
+    return hexlify(h.digest()).decode()
+
+
+class Esp32World(SimWorld):
+    """The `esp32` backend on the board's `esp32` module: the bootloader runs at every power-on
+    (esp32.reset: NEW -> PENDING_VERIFY, PENDING_VERIFY -> ABORTED and the previous app)."""
+    bootloader = True
+    LABELS = {"a": "ota_0", "b": "ota_1"}
+    BOOTABLE = ("VALID", "UNDEFINED", "PENDING_VERIFY")
+
+    def __init__(self, run):
+        SimWorld.__init__(self, run)
+        import esp32  # the board module: the emulation (tests/boards) on a development machine
+        self.esp32 = esp32
+        self.running = None
+
+    def _slot_of(self, label):
+        return "a" if label == "ota_0" else "b"
+
+    def power_on(self):
+        esp32 = self.esp32
+        board = self.run.s.board
+        esp32.power = None  # the bootloader's own OTA data writes are not the device's operations
+        esp32.setup(self.run.root + "/flash.bin", app_size=board["app_size"], chip_id=board["chip_id"])
+        try:
+            label = esp32.reset()
+        except OSError as e:
+            raise Bricked("the bootloader found no app to run (%s)" % e)
+        self.running = self._slot_of(label)
+        state = esp32.state(label)
+        if state not in self.BOOTABLE:
+            raise Bricked("the bootloader started %s in state %s" % (label, state))
+        if self._version_in(self.running) is None:
+            raise Bricked("the bootloader started %s, which holds no known image" % label)
+        esp32.power = self.run.power
+
+    def _holds(self, slot, version):
+        known = self.run.s.images.get(version)
+        if not known:
+            return False
+        part = self.esp32.Partition(self.LABELS[slot])
+        h = hashlib.sha256()
+        buf = bytearray(1024)
+        done = 0
+        while done < known[0]:
+            n = min(1024, known[0] - done)
+            if n < len(buf):
+                buf = bytearray(n)
+            part.readblocks(done // 4096, buf, done % 4096)
+            h.update(buf)
+            done += n
+        return hexlify(h.digest()).decode() == known[1]
+
+    def _version_in(self, slot):
+        for version in self.run.s.images:
+            if self._holds(slot, version):
+                return version
+        return None
+
+    def attach(self, dev):
+        pass
+
+    def holds(self, dev, slot, version):
+        return self._holds(slot, version)
+
+    def release(self, dev):
+        pass
+
+    def check_end(self, dev, record):
+        # The image the record runs must be committed with the bootloader: booted by it, and
+        # valid (or flashed as is), or the next reset would roll it back.
+        esp32 = self.esp32
+        label = esp32.Partition(esp32.Partition.BOOT).info()[4]
+        problems = []
+        if self._slot_of(label) != record.get("active"):
+            problems.append("the bootloader boots %s, the record says slot %s" % (label, record.get("active")))
+        if esp32.state(label) not in ("VALID", "UNDEFINED"):
+            problems.append("%s is %s at the end: the next reset rolls it back" % (label, esp32.state(label)))
+        return problems
+
+
+class FilesWorld(SimWorld):
+    """The `files` backend: each slot an app directory (slots/x/app) and the bundle it was
+    unpacked from (slots/x/image.bin, the base of a delta)."""
+
+    def attach(self, dev):
+        pass
+
+    def app_loader(self):
+        world = self
+
+        def load(app_dir):
+            # Stands in for importing the app: it starts only if its files are one release's.
+            version = world._version_in(app_dir)
+            if version is None:
+                raise ImportError("the app in %s is no release's" % app_dir)
+            return _App(version)
+        return load
+
+    def _version_in(self, app_dir):
+        for version in self.run.s.files:
+            want = self.run.s.files[version]
+            try:
+                names = __import__("os").listdir(app_dir)
+            except OSError:
+                return None
+            if sorted(names) != sorted(want):
+                continue
+            if all(fsutil.exists(app_dir + "/" + n) and _sha_file(app_dir + "/" + n) == want[n] for n in want):
+                return version
+        return None
+
+    def holds(self, dev, slot, version):
+        return version is not None and self._version_in(dev.backend.app_dir(slot)) == version
+
+    def release(self, dev):
+        dev.backend.close()  # runner.main closes the slot files before a reset
+
+    def check_end(self, dev, record):
+        problems = []
+        for slot, image in (record.get("images") or {}).items():
+            path = dev.backend.root + "/" + slot + "/image.bin"
+            if image and (not fsutil.exists(path) or _sha_file(path) != image["sha256"]):
+                problems.append("the record names the image of slot %s (a delta base), the slot does not hold it" % slot)
+        return problems
+
+
+class _App:
+    def __init__(self, version):
+        self.VERSION = version
+
+
+WORLDS = {"sim": SimWorld, "esp32": Esp32World, "files": FilesWorld}
+
+
 class Run:
     """One update from the scenario's template, with power cut before (or, with mid, in the
     middle of) each persistent operation whose number is in `cuts`."""
@@ -145,6 +362,11 @@ class Run:
         self.root = workdir
         self.eager_ack = eager_ack
         self.power = Power(cuts, mid, log, self._label if log is not None else None)
+        self.world = WORLDS[scenario.backend](self)
+        self.fs = None
+        if scenario.fs == "littlefs":
+            from fota.powercut.littlefs import LittleFS
+            self.fs = LittleFS(self.power)
         self.center = Center(scenario)
         self.dev = None
         self.boots = 0
@@ -159,10 +381,7 @@ class Run:
     # ---- the device's world ----------------------------------------------------------------
     def _reset(self):
         fsutil.rmtree(self.root)
-        fsutil.makedirs(self.root)
-        for name in TEMPLATE_FILES:
-            if fsutil.exists(self.s.path + "/template/" + name):
-                copy_file(self.s.path + "/template/" + name, self.root + "/" + name)
+        copy_tree(self.s.path + "/template", self.root)
 
     def _label(self):
         # The phase of the update an operation belongs to (for reports of the clean run).
@@ -177,7 +396,10 @@ class Run:
 
     def run(self):
         self._reset()
-        fsutil.power = self.power
+        if self.fs is not None:
+            fsutil.fs = self.fs
+        else:
+            fsutil.power = self.power
         say = runner.log
         runner.log = _silent  # thousands of boots: the runner's messages would drown the report
         try:
@@ -190,8 +412,13 @@ class Run:
                 except PowerCut:
                     self.cuts += 1
                     self.center.queue = []
+                    if self.fs is not None:
+                        self.fs.crash()  # a cut of the flash: the files lose their unsynced writes too
                 except Wedged as e:
                     self.errors.append("wedged: %s" % e)
+                    break
+                except Bricked as e:
+                    self.bricked = "boot %d: %s" % (self.boots, e)
                     break
                 except Exception as e:  # the device code crashed: it would crash again at every boot
                     self.errors.append("crash: %s: %s" % (type(e).__name__, e))
@@ -200,28 +427,43 @@ class Run:
                     break
                 if self.bricked:
                     break
+            # Power off at the end: what the device left must survive it.
+            self.power.down = True
+            if self.fs is not None:
+                self.fs.crash()
         finally:
             fsutil.power = None
+            fsutil.fs = None
+            if self.s.backend == "esp32":
+                self.world.esp32.power = None
             runner.log = say
         return self
 
     def _power_on(self):
         """One boot until the device is quiet (True) or reboots/loses power (raises)."""
         self.boots += 1
+        self.power.down = False
         if hasattr(gc, "mem_free"):  # MicroPython: a reboot starts with an empty heap
             gc.collect()
         if self.boots > self.MAX_BOOTS:
             raise Wedged("still not done after %d boots" % self.MAX_BOOTS)
         self.dev = None
-        # Cuts during trial boots count as failed trials, as a crash would (the attempt is
-        # counted before the image runs): enough of them revert even a healthy image. That is
-        # the designed outcome, not a failure.
+        self.world.power_on()  # esp32: the bootloader picks (and may roll back) the app
         trial = (fsutil.read_json(self.root + "/boot.json") or {}).get("trial")
-        if trial and trial.get("tries", 0) >= self.s.max_trial_boots and trial.get("version") not in self.s.unhealthy:
-            self.exhausted = True
-        dev = Device(self.root)
+        if trial and trial.get("version") not in self.s.unhealthy:
+            if self.world.bootloader:
+                # The bootloader abandons an image reset before it was marked valid: a cut during
+                # its trial boot reverts even a healthy image, by design.
+                if trial.get("slot") != self.world.running:
+                    self.exhausted = True
+            elif trial.get("tries", 0) >= self.s.max_trial_boots:
+                # Cuts during trial boots count as failed trials, as a crash would (the attempt
+                # is counted before the image runs): enough of them revert even a healthy image.
+                # That is the designed outcome, not a failure.
+                self.exhausted = True
+        dev = Device(self.root, app_loader=self.world.app_loader())
         self.dev = dev
-        dev.backend.flash.power = self.power
+        self.world.attach(dev)
         try:
             dev.boot()
             on_trial = dev.core.state == P.TRIAL
@@ -240,8 +482,7 @@ class Run:
             self._online(dev)
             return self._quiet(dev)
         finally:
-            dev.backend.flash.close()
-
+            self.world.release(dev)
     def _online(self, dev):
         link = Link(self.center, self.eager_ack)
         dev.client = link
@@ -282,34 +523,23 @@ class Run:
         return True
 
     # ---- checks ------------------------------------------------------------------------------
-    def _slot_holds(self, dev, slot, version):
-        """True if the flash of `slot` holds exactly the image of `version`."""
-        known = self.s.images.get(version)
-        if not known:
-            return False
-        base = 0 if slot == "a" else self.s.slot_size
-        h = hashlib.sha256()
-        done = 0
-        while done < known[0]:
-            n = min(1024, known[0] - done)
-            h.update(dev.backend.flash.read(base + done, n))
-            done += n
-        return hexlify(h.digest()).decode() == known[1]
-
     def _check_boot(self, dev, on_trial):
         record = dev.executor.record
         slot = dev.executor.slot
         version = record["versions"].get(slot)
         self.booted.append((slot, version, on_trial))
-        if version is None or not self._slot_holds(dev, slot, version):
+        if version is None or not self.world.holds(dev, slot, version):
             self.bricked = "boot %d: slot %s (record: %s) holds no verified image" % (self.boots, slot, version)
             return
+        if self.world.bootloader and slot != self.world.running:
+            self.errors.append("boot %d: the record runs slot %s, the bootloader started %s" % (
+                self.boots, slot, self.world.running))
         for s in ("a", "b"):
             v = record["versions"].get(s)
-            if v is not None and not self._slot_holds(dev, s, v):
+            if v is not None and not self.world.holds(dev, s, v):
                 self.errors.append("boot %d: record says slot %s holds %s, it does not" % (self.boots, s, v))
         trial = record.get("trial")
-        if trial and not self._slot_holds(dev, trial["slot"], trial.get("version")):
+        if trial and not self.world.holds(dev, trial["slot"], trial.get("version")):
             self.errors.append("boot %d: trial points at unverified slot %s" % (self.boots, trial["slot"]))
         counter = record.get("counter", 0)
         if counter < self.counter:
@@ -338,6 +568,8 @@ class Run:
                 problems.append("counter %s after %s" % (record.get("counter"), want_state))
             if fsutil.exists(self.root + "/journal.json"):
                 problems.append("journal left behind")
+            if self.dev is not None:
+                problems += self.world.check_end(self.dev, record)
         return {
             "ops": self.power.ops, "boots": self.boots, "cuts": self.cuts, "exhausted": self.exhausted,
             "bricked": self.bricked, "problems": problems, "final": final, "terminal": terminal,
