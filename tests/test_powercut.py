@@ -281,6 +281,24 @@ def test_esp32_cut_between_set_boot_and_the_trial_mark(boards, tmp_path):
     assert run.boots == 4 and run.booted == [("a", "1.0.0", False), ("a", "1.0.0", False), ("b", "2.0.0", True)]
 
 
+def test_board_checks_see_a_slot_that_does_not_hold_its_release(boards, tmp_path):
+    # The checks can fail: a byte of the running app changed on the files backend, the running
+    # partition blanked on the esp32 board (the bootloader then finds no app).
+    import shutil
+    s = boards["files"]["update"][0]
+    shutil.copytree(s.path, tmp_path / "files")
+    data = tmp_path / "files" / "template" / "slots" / "a" / "app" / "data.bin"
+    data.write_bytes(b"\x00" + data.read_bytes()[1:])
+    out = H.Run(H.Scenario(str(tmp_path / "files")), str(tmp_path / "dev")).run().outcome()
+    assert not out["ok"] and "slot a (record: 1.0.0) holds no verified image" in out["bricked"], out
+    s = boards["esp32"]["update"][0]
+    shutil.copytree(s.path, tmp_path / "esp")
+    flash = tmp_path / "esp" / "template" / "flash.bin"
+    flash.write_bytes(b"\xff" * 4096 + flash.read_bytes()[4096:])
+    out = H.Run(H.Scenario(str(tmp_path / "esp")), str(tmp_path / "dev")).run().outcome()
+    assert not out["ok"] and "the bootloader found no app" in out["bricked"], out
+
+
 def test_files_cut_before_a_sync_loses_the_unsynced_tail(boards, tmp_path):
     s, out, log = boards["files"]["update"]
     syncs = [n for n, (k, _) in enumerate(log, 1) if k == "sync image.bin"]
