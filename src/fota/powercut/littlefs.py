@@ -148,8 +148,8 @@ class _File:
         if not self.dead:
             self.f.close()
             self.dead = True
-        if not self.writing:
-            return
+        if not self.writing or _size(self.path) is None:
+            return  # read only, or removed since (a remove is atomic: it stays removed)
         with open(self.path, "r+b") as f:
             for at, old in reversed(self.undo):
                 f.seek(at)
