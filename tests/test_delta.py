@@ -22,7 +22,7 @@ from fota.testkit.deltarun import apply_with_micropython
 from fota.testkit.fleet import Fleet
 from fota.tools.waiting import wait_until
 from fota.tools.bundle import pack_files
-from conftest import missing_corpus
+from conftest import both_interpreters, missing_corpus
 
 def corpus_pairs():
     """Consecutive esp8266 images of the firmware corpus (fota.testkit.corpus: $FOTA_CORPUS, or
@@ -188,6 +188,7 @@ def _firmware(n: int) -> tuple[bytes, bytes]:
     return old, old[:n // 2] + b"new code" * 50 + old[n // 2 + 400:]
 
 
+@both_interpreters
 def test_image_delta_through_mosquitto_and_corrupt_patch_rejected(fleet):
     dev = "delta-sim"
     slot = 256 * 1024
