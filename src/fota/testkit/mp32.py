@@ -23,6 +23,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -58,20 +59,44 @@ def cache_dir() -> Path:
     return Path(base) / "fota"
 
 
-def manifest() -> str:
+def harness_sources() -> list[Path]:
+    """The power-cut harness's modules (fota.powercut.harness and the fota.powercut modules it
+    imports): frozen too, for `bench powercut --interpreter 32-frozen` (fota.testkit.mpharness),
+    since a frozen package finds no submodule on disk. The agent never imports them: they cost
+    the interpreter's "flash", not its heap."""
+    pkg = SRC / "fota" / "powercut"
+    found, todo = {"__init__", "harness"}, ["harness"]
+    while todo:
+        text = (pkg / f"{todo.pop()}.py").read_text()
+        names = set(re.findall(r"^\s*(?:from|import) fota\.powercut\.(\w+)", text, re.M))
+        for listed in re.findall(r"^\s*from fota\.powercut import ([\w, ]+)", text, re.M):
+            names.update(n.split(" as ")[0].strip() for n in listed.split(","))
+        for name in sorted(names - found):
+            if (pkg / f"{name}.py").is_file():
+                found.add(name)
+                todo.append(name)
+    return [pkg / f"{name}.py" for name in sorted(found)]
+
+
+def manifest(base_path: str | None = None) -> str:
     """The frozen manifest: the agent as for the unix board (fota.tools.mpy.freeze_manifest, as
-    `fota agent build` writes it), its files taken from this checkout's src/."""
-    return freeze_manifest("unix", base_path=str(SRC), requires=REQUIRES)
+    `fota agent build` writes it) and the power-cut harness, their files taken from base_path
+    (default: this checkout's src/)."""
+    base = str(SRC) if base_path is None else base_path
+    harness = [p.relative_to(SRC / "fota").as_posix() for p in harness_sources()]
+    return (freeze_manifest("unix", base_path=base, requires=REQUIRES)
+            + "# The power-cut harness (fota.testkit.mpharness), never imported by the agent:\n"
+            + f"package(\"fota\", base_path={base!r}, files={harness!r})\n")
 
 
 def build_key(source: Path) -> str:
-    """What the interpreter is built from: the agent's sources, the manifest (its base path left
-    out: two checkouts of the same sources share one interpreter), build.sh, the archive's name and
+    """What the interpreter is built from: the agent's and the harness's sources, the manifest (its
+    base path left out: two checkouts of the same sources share one interpreter), build.sh, the archive's name and
     size, the make variables."""
     h = hashlib.sha256()
-    for path in board_sources("unix"):
+    for path in board_sources("unix") + harness_sources():
         h.update(str(path.relative_to(SRC)).encode() + b"\0" + path.read_bytes() + b"\0")
-    h.update(freeze_manifest("unix", base_path="SRC", requires=REQUIRES).encode())
+    h.update(manifest(base_path="SRC").encode())
     h.update((source / "build.sh").read_bytes())
     for archive in sorted(source.glob("*.tar.*")):
         h.update(f"{archive.name} {archive.stat().st_size}".encode())
