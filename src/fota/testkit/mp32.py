@@ -139,8 +139,12 @@ def interpreter(log=None) -> Path:
     if target.exists():
         os.utime(target)   # in use: the newest for _prune
         return target
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / "mp32.lock", "w") as lock:
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        lock = open(cache / "mp32.lock", "w")
+    except OSError as exc:
+        raise BuildError(f"cannot write the build cache {cache} ({exc}): set {ENV_CACHE} to a writable directory")
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)   # another process may be building the same one
         if target.exists():
             return target
