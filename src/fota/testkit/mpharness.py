@@ -19,7 +19,7 @@ import subprocess
 from pathlib import Path
 
 from fota.powercut import harness as _local
-from fota.testkit.interpreters import interpreter as resolve
+from fota.testkit.interpreters import Interpreter, interpreter as resolve
 
 SRC = Path(__file__).resolve().parents[2]
 MARK = "\x00fota-harness "
@@ -107,10 +107,10 @@ class MicroPythonHarness:
 
     def __init__(self, interpreter: str, heap: str = "512K", extra_path: str | None = None):
         mp = resolve(interpreter)
-        path = mp.path if interpreter != "64" else f"{SRC}:.frozen"
+        if interpreter == "64":  # the harness is not in the agent's .mpy build: compiled from src/
+            mp = Interpreter(mp.name, mp.executable, f"{SRC}:.frozen")
         self.interpreter = interpreter
         env = mp.env(extra_path=extra_path)
-        env["MICROPYPATH"] = path + (":" + extra_path if extra_path else "")
         self._proc = subprocess.Popen(mp.argv(heap, "-c", SERVER), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       text=True, env=env)
 
