@@ -184,55 +184,184 @@ def device_add(device_id: str, hardware: str = typer.Option(..., "--hardware"),
 
 @device_app.command("provision")
 def device_provision(device_id: str, hardware: str = typer.Option(..., "--hardware"),
-                     board: str = typer.Option(..., "--board", help="esp32, esp32s3 or rp2"),
-                     image: Path = typer.Option(..., "--image", help="write a LittleFS image of the board's "
-                                                                     "filesystem to this file"),
-                     fs_size: Optional[int] = typer.Option(None, "--fs-size", help="filesystem size in bytes "
-                                                           "(default: the board's stock MicroPython layout)"),
-                     block_size: int = typer.Option(4096, "--block-size", help="LittleFS block size: the "
-                                                    "board's flash erase block (4096 on esp32 and rp2)"),
+                     board: str = typer.Option(..., "--board", help="esp32, esp32s3, rp2 (or esp8266 with --port)"),
+                     port: Optional[str] = typer.Option(None, "--port", help="write onto the board on this serial "
+                                                        "port with mpremote (e.g. /dev/ttyUSB0)"),
+                     image: Optional[Path] = typer.Option(None, "--image", help="write a LittleFS image of the "
+                                                          "board's filesystem to this file instead"),
+                     backend: Optional[str] = typer.Option(None, "--backend", help="slot backend: files (app "
+                                                           "bundles; default) or esp32 (whole firmware images in "
+                                                           "the OTA partitions; esp32 and esp32s3 only)"),
+                     wifi: Optional[str] = typer.Option(None, "--wifi", metavar="SSID",
+                                                        help="the Wi-Fi network the board joins"),
+                     wifi_password: Optional[str] = typer.Option(
+                         None, "--wifi-password", envvar="FOTA_WIFI_PASSWORD", show_envvar=True,
+                         help="its password (else asked for; '' for an open network)"),
+                     force: bool = typer.Option(False, "--force", help="--port: overwrite a board that holds "
+                                                "another device, or re-key a registered device its board lost"),
+                     micropython_version: Optional[str] = typer.Option(
+                         None, "--micropython-version", help="the board's MicroPython release (default: 1.28)"),
+                     fs_size: Optional[int] = typer.Option(None, "--fs-size", help="--image: filesystem size in "
+                                                           "bytes (default: the board's stock MicroPython layout)"),
+                     block_size: int = typer.Option(4096, "--block-size", help="--image: LittleFS block size: "
+                                                    "the board's flash erase block (4096 on esp32 and rp2)"),
                      tag: List[str] = typer.Option([], "--tag"),
                      home: Optional[Path] = HomeOpt):
-    """Provision a device for a board: registers it (fresh broker credentials) and builds a
-    LittleFS image with its config, trust store, broker CA, the agent as .mpy and a main.py, for
-    factory programming at the filesystem's offset (the command is printed)."""
+    """Provision a device for a board: registers it (fresh broker credentials) and writes its
+    config, trust store, broker CA, the agent as .mpy, main.py and boot.py onto the board through
+    --port (mpremote), or into a LittleFS --image for factory programming at the filesystem's
+    offset (the command is printed). Nothing is registered unless the board side checks pass."""
     import tempfile
+    from fota.tools.mpy import BoardError, build_board_agent
+    if (port is None) == (image is None):
+        fail("give --port PORT (a board on a serial port) or --image FILE (a filesystem image), one of them")
+    settings = _board_settings(board, backend, wifi, wifi_password)
+    h = Home.locate(home)
+    _warn_unreachable_broker(h)
+    with tempfile.TemporaryDirectory(prefix="fota-provision-") as tmp:
+        tmp = Path(tmp)
+        try:
+            built = build_board_agent(board, tmp / "agent", micropython_version)
+        except BoardError as e:
+            fail(str(e))
+        provision = _provision_port if port is not None else _provision_image
+        provision(h, tmp, device_id, hardware, board, settings, list(tag), port=port, image=image, force=force,
+                  mpy_major=int(built["mpy"].split(".")[0]), fs_size=fs_size, block_size=block_size)
+    if wifi is not None:
+        console.print(f"Wi-Fi: the board joins {wifi!r} (its password is in the board's config.json only)")
+
+
+# The boards a device is provisioned for: their slot backends (the first is the default).
+BOARD_BACKENDS = {"esp32": ("files", "esp32"), "esp32s3": ("files", "esp32"), "rp2": ("files",),
+                  "esp8266": ("files",)}
+
+
+def _board_settings(board: str, backend: Optional[str], wifi: Optional[str], wifi_password: Optional[str]) -> dict:
+    """The board's part of the device config: slot backend (and chip), Wi-Fi credentials."""
+    if board not in BOARD_BACKENDS:
+        fail(f"unknown board {board!r}; boards: {', '.join(BOARD_BACKENDS)}")
+    backend = backend or BOARD_BACKENDS[board][0]
+    if backend not in BOARD_BACKENDS[board]:
+        fail(f"--backend {backend}: board {board} supports {' or '.join(BOARD_BACKENDS[board])}"
+             + (" (only ESP32 firmware has OTA partitions)" if backend == "esp32" else ""))
+    settings: dict = {"backend": backend}
+    if backend == "esp32":
+        settings["chip"] = board  # the chip id the esp32 backend checks images against
+    if wifi is not None:
+        if not 1 <= len(wifi.encode()) <= 32:
+            fail(f"--wifi {wifi!r}: an SSID is 1 to 32 bytes")
+        if wifi_password is None:
+            if not sys.stdin.isatty():
+                fail("--wifi needs the network's password: --wifi-password, $FOTA_WIFI_PASSWORD, or a terminal "
+                     "to type it in")
+            wifi_password = typer.prompt(f"Wi-Fi password for {wifi} (empty: an open network)", default="",
+                                         show_default=False, hide_input=True)
+        if wifi_password and not 8 <= len(wifi_password) <= 63:
+            fail("the Wi-Fi password has the wrong length: WPA2 takes 8 to 63 characters (empty: an open network)")
+        settings["wifi"] = {"ssid": wifi, "password": wifi_password}
+    return settings
+
+
+def _warn_unreachable_broker(h: Home) -> None:
+    from fota.server.broker import is_loopback
+    host, port = h.device_broker
+    if is_loopback(host):
+        err.print(f"[yellow]warning:[/yellow] the board is told to connect to {host}:{port}, which only this "
+                  "machine reaches: run 'fota serve --listen 0.0.0.0 --hostname NAME' first (docs/boards.md)")
+
+
+def _provision_image(h: Home, tmp: Path, device_id: str, hardware: str, board: str, settings: dict,
+                     tags: list, *, image: Path, fs_size, block_size: int, **_) -> None:
     from fota.server.credentials import new_password
     from fota.server.fleet import FleetError, provision_device
     from fota.tools.lfsimage import ImageError, build_image, image_tree, layout, write_command
-    from fota.tools.mpy import BoardError, build_board_agent
-    h = Home.locate(home)
     try:
         where = layout(board, fs_size)
     except ImageError as e:
         fail(str(e))
-    with tempfile.TemporaryDirectory(prefix="fota-provision-") as tmp:
-        tmp = Path(tmp)
 
-        def board_image(name: str, password: str, **device) -> bytes:
-            make_unix_device(h, device_id, hardware, password, root=tmp / name, **device)
-            return build_image(image_tree(board, tmp / name, tmp / "agent"), where["size"], block_size)
-        try:  # the agent, and a trial image with placeholder secrets of the real sizes: a board,
-            # compiler or filesystem size that cannot serve registers no device
-            build_board_agent(board, tmp / "agent")
-            board_image("trial", "x" * len(new_password()), enc_key="00" * 32)
-        except (BoardError, ImageError) as e:
-            fail(str(e))
-        store = open_store(h)
-        try:
-            row, password = provision_device(store, device_id, hardware, tags=tuple(tag), kek=h.kek())
-        except FleetError as e:
-            fail(str(e))
-        audit(store, "device.add", f"device:{device_id}", {"hardware": hardware, "tags": list(tag),
-                                                           "board": board})
-        _refresh_broker_passwords(h, store)
-        data = board_image("device", password, wrapped_key=row.enc_key)
+    def board_image(name: str, password: str, **device) -> bytes:
+        _board_device_dir(h, tmp / name, device_id, hardware, password, settings, **device)
+        return build_image(image_tree(board, tmp / name, tmp / "agent"), where["size"], block_size)
+    try:  # a trial image with placeholder secrets of the real sizes: a filesystem size that
+        # cannot serve registers no device
+        board_image("trial", "x" * len(new_password()), enc_key="00" * 32)
+    except ImageError as e:
+        fail(str(e))
+    store = open_store(h)
+    try:
+        row, password = provision_device(store, device_id, hardware, tags=tuple(tags), kek=h.kek())
+    except FleetError as e:
+        fail(str(e))
+    audit(store, "device.add", f"device:{device_id}", {"hardware": hardware, "tags": tags, "board": board,
+                                                       "backend": settings["backend"]})
+    _refresh_broker_passwords(h, store)
+    data = board_image("device", password, wrapped_key=row.enc_key)
     from fota.tools.private import write_private
     write_private(image, data)  # the image holds the broker password and the payload key
-    console.print(f"device {device_id} provisioned for {board}: {image} ({len(data)} bytes, LittleFS, "
-                  f"{block_size}-byte blocks)")
+    console.print(f"device {device_id} provisioned for {board} ({settings['backend']} backend): {image} "
+                  f"({len(data)} bytes, LittleFS, {block_size}-byte blocks)")
     console.print(f"write it at the filesystem's offset {hex(where['offset'])}:  "
                   f"{write_command(board, image, fs_size)}")
+
+
+def _provision_port(h: Home, tmp: Path, device_id: str, hardware: str, board: str, settings: dict,
+                    tags: list, *, port: str, force: bool, mpy_major: int, **_) -> None:
+    from fota.server.credentials import new_password
+    from fota.server.fleet import FleetError, get_device, provision_device, rekey_device
+    from fota.tools import boardport
+    from fota.tools.boardfs import board_tree, tree_bytes, write_tree
+    # The board side first: a board that cannot be reached, runs another port or MicroPython,
+    # has no room or holds another device registers nothing.
+    _board_device_dir(h, tmp / "trial", device_id, hardware, "x" * len(new_password()), settings, enc_key="00" * 32)
+    need = tree_bytes(board_tree(tmp / "trial", tmp / "agent"))
+    try:
+        found = boardport.probe(port)
+        notes = boardport.check_board(found, board, mpy_major, need, device_id, force)
+    except boardport.BoardPortError as e:
+        fail(str(e))
+    store = open_store(h)
+    try:
+        registered = get_device(store, device_id)
+    except FleetError:
+        registered = None
+    if registered is not None:
+        if registered.hardware != hardware:
+            fail(f"device {device_id} is registered as hardware {registered.hardware!r}, not {hardware!r}")
+        if found["id"] != device_id and not force:
+            fail(f"device {device_id} is already registered and this board does not hold it: --force re-keys "
+                 "it for this board (the board that holds it now loses its broker access)")
+        row, password = rekey_device(store, device_id)
+        audit(store, "device.rekey", f"device:{device_id}", {"board": board, "port": port})
+        notes.append(f"device {device_id} was registered: re-provisioned with a new broker password "
+                     "(the old one stops working)")
+    else:
+        try:
+            row, password = provision_device(store, device_id, hardware, tags=tuple(tags), kek=h.kek())
+        except FleetError as e:
+            fail(str(e))
+        audit(store, "device.add", f"device:{device_id}", {"hardware": hardware, "tags": tags, "board": board,
+                                                           "backend": settings["backend"], "port": port})
+    _refresh_broker_passwords(h, store)
+    _board_device_dir(h, tmp / "device", device_id, hardware, password, settings, wrapped_key=row.enc_key)
+    tree = board_tree(tmp / "device", tmp / "agent")
+    stage = write_tree(tree, tmp / "stage")
+    try:
+        boardport.write(port, stage, tree, found)
+        boardport.reset(port)
+    except boardport.BoardPortError as e:
+        fail(f"{e}. Device {device_id} is registered with a broker password the board may not hold: run the "
+             "same command again with --force")
+    for note in notes:
+        console.print(note)
+    console.print(f"device {device_id} provisioned on {port} ({board}, {settings['backend']} backend): "
+                  f"{len(tree)} files, {sum(map(len, tree.values()))} bytes; the board restarts into the agent")
+
+
+def _board_device_dir(h: Home, root: Path, device_id: str, hardware: str, password: str, settings: dict,
+                      **device) -> Path:
+    """The board's device directory (the same for --port and --image)."""
+    return make_unix_device(h, device_id, hardware, password, root=root, **settings, **device)
 
 
 def _refresh_broker_passwords(h: Home, store) -> None:
