@@ -655,21 +655,26 @@ def serve(home: Optional[Path] = HomeOpt,
 
     from fota.server.app import ServeError, is_sqlite, run_control_center, sqlite_single_lock, supervise_workers
     h = Home.locate(home)
-    if listen is not None or hostname is not None:  # settings: kept even if serving fails below
-        _save_broker_listen(h, listen, hostname)
+    # --listen/--hostname are checked first and kept only once every check below passed: a
+    # command that fails leaves config.json as it was.
+    settings = _broker_listen_settings(h, listen, hostname) if listen is not None or hostname is not None else None
     if not h.keyring.exists():
         fail(f"no keys in {h.keys}: run 'fota keys init' first (commands to devices are signed)")
-    broker = 'managed' if h.managed_broker else h.broker_url
     try:
         retention = h.retention(history_keep, history_days)  # refuses a bad config.json before starting
+        if is_sqlite(h.database_url) and workers > 1:
+            fail("SQLite supports one control-center worker: set database_url to a PostgreSQL URL "
+                 "for --workers > 1 (docs/operations.md)")
+        broker = 'managed' if h.managed_broker else h.broker_url
         if is_sqlite(h.database_url):
-            if workers > 1:
-                fail("SQLite supports one control-center worker: set database_url to a PostgreSQL URL "
-                      "for --workers > 1 (docs/operations.md)")
-            with sqlite_single_lock(h):
+            with sqlite_single_lock(h):  # another 'fota serve' on this home: refused before saving
+                if settings is not None:
+                    _save_broker_listen(h, settings)
                 console.print(f"control center on {h.path}; broker {broker}")
                 asyncio.run(run_control_center(h, retention=retention))
         else:
+            if settings is not None:
+                _save_broker_listen(h, settings)
             console.print(f"control center on {h.path}: {workers} worker(s), PostgreSQL; broker {broker}")
             supervise_workers(h, workers, worker_args=_retention_args(history_keep, history_days))
     except (ServeError, HomeError) as e:
@@ -678,11 +683,11 @@ def serve(home: Optional[Path] = HomeOpt,
         pass
 
 
-def _save_broker_listen(h: Home, listen: Optional[str], hostname: Optional[str]) -> None:
-    """Keep --listen/--hostname in config.json (the next 'fota serve' listens the same way). A
-    listener beyond loopback turns TLS on rather than refusing: boards send their passwords over
-    it, and a home user asked for boards to reach the broker, not for another command to run."""
-    from fota.server.broker import WILDCARDS, is_loopback, parse_listen
+def _broker_listen_settings(h: Home, listen: Optional[str], hostname: Optional[str]) -> dict:
+    """config.json with --listen/--hostname applied (checked, not saved). A listener beyond
+    loopback turns TLS on rather than refusing: boards send their passwords over it, and a home
+    user asked for boards to reach the broker, not for another command to run."""
+    from fota.server.broker import is_loopback, parse_listen
     if not h.managed_broker:
         fail("--listen and --hostname configure the managed broker; a broker URL is configured")
     cfg = h.config()
@@ -694,12 +699,19 @@ def _save_broker_listen(h: Home, listen: Optional[str], hostname: Optional[str])
         cfg["broker_listen"] = listen
     if hostname is not None:
         cfg["broker_hostname"] = hostname
+    if cfg.get("broker_listen") and not is_loopback(parse_listen(cfg["broker_listen"])[0]):
+        cfg["broker_tls"] = True
+    return cfg
+
+
+def _save_broker_listen(h: Home, cfg: dict) -> None:
+    """Keep the listener settings (the next 'fota serve' listens the same way) and say what they mean."""
+    from fota.server.broker import WILDCARDS, is_loopback
+    tls_before = h.config().get("broker_tls")
     h.save_config(cfg)
     addr, port = h.broker_listen
     if not is_loopback(addr):
-        if not cfg.get("broker_tls"):
-            cfg["broker_tls"] = True
-            h.save_config(cfg)
+        if not tls_before:
             console.print(f"TLS turned on: the broker listens beyond loopback ({addr}); devices need the CA "
                           f"{h.tls_dir / 'ca.pem'} (docs/operations.md, boards on the network)")
         if addr in WILDCARDS and not cfg.get("broker_hostname"):
