@@ -158,3 +158,35 @@ def test_a_board_on_the_network_verifies_the_broker(tmp_path):
     finally:
         broker.stop()
         store.dispose()
+
+
+def test_simulated_devices_connect_to_a_tls_home(tmp_path):
+    """fota simulate on a home whose broker listens beyond loopback (TLS only, a --hostname that
+    does not resolve here): the simulated devices connect to the devices' TLS listener, verifying
+    it with the home's CA (Mosquitto accepts nothing else there)."""
+    import os
+
+    from fota.tools.waiting import wait_until
+    from test_cli import FOTA, fota, stop
+    home = Home(tmp_path / "home")
+    home.keyring.init()
+    port = free_port()
+    _listen(home, f"0.0.0.0:{port}", NAME)
+    assert fota(home.path, "devices").returncode == 0  # the database made before two processes open it
+    serve = subprocess.Popen(FOTA + ["serve"], env=dict(os.environ, FOTA_HOME=str(home.path)),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        wait_until(lambda: _answers(port), timeout=30, what="fota serve did not start")
+        r = fota(home.path, "simulate", "--devices", "2", "--hardware", "unix", "--duration", "3")
+    finally:
+        out = stop(serve)
+    assert r.returncode == 0 and "connected 2/2" in r.stdout, r.stdout + r.stderr + out
+    assert "TLS-only" not in r.stdout + r.stderr
+
+
+def _answers(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False

@@ -785,8 +785,6 @@ def simulate(devices: int = typer.Option(100, "--devices", min=1, help="number o
     h = Home.locate(home)
     if not h.keyring.exists():
         fail(f"no keys in {h.keys}: run 'fota keys init' first")
-    if h.broker_tls:
-        fail("the simulator speaks plain MQTT; this home's broker is TLS-only")
     store = open_store(h)
     secrets_path = h.path / "sim" / f"{prefix}.json"
     known = json.loads(secrets_path.read_text()) if secrets_path.exists() else {}
@@ -800,13 +798,13 @@ def simulate(devices: int = typer.Option(100, "--devices", min=1, help="number o
         write_private(secrets_path, json.dumps(known))
         _refresh_broker_passwords(h, store)
         console.print(f"provisioned {len(new)} simulated device(s), hardware {hardware}, tags {','.join(tag)}")
-    host, port = h.device_broker
+    host, port, tls = _simulator_broker(h)
     plan = FailurePlan(unhealthy=unhealthy, slow=slow, chunk_delay=chunk_delay, sleepy=sleepy,
                        sleep_at=sleep_at, sleep_for=sleep_for, seed=seed)
     raise_fd_limit()
 
     async def run():
-        fleet = SimFleet.build({i: known[i] for i in ids}, host=host, port=port,
+        fleet = SimFleet.build({i: known[i] for i in ids}, host=host, port=port, ssl=tls,
                                root_key=h.keyring.root_public(), trust=h.keyring.trust(), plan=plan,
                                verify=verify, hardware=hardware, backend=backend, capacity=capacity_kib * 1024)
         await fleet.start()
@@ -829,6 +827,21 @@ def simulate(devices: int = typer.Option(100, "--devices", min=1, help="number o
         asyncio.run(run())
     except KeyboardInterrupt:
         pass
+
+
+def _simulator_broker(h: Home):
+    """(host, port, TLS context or None) the simulated devices connect to: the devices' listener,
+    over TLS with the broker's CA when the home's broker is TLS-only (as boards connect). On this
+    machine the managed broker is reached at its listen address (127.0.0.1 for a wildcard), which
+    the home's own certificate names, rather than at --hostname, which may not resolve here."""
+    from fota.server.broker import connect_host
+    host, port = h.device_broker
+    if not h.broker_tls:
+        return host, port, None
+    if h.managed_broker and not h.config().get("broker_certfile"):
+        host = connect_host(h.broker_listen[0])
+    import ssl
+    return host, port, h.broker_ssl_context() or ssl.create_default_context()
 
 
 @app.command("demo")
