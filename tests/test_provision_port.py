@@ -180,6 +180,9 @@ def test_backend_and_wifi_refusals_register_nothing(home, tmp_path):
     assert_clean_error(provision(home, "d", port, "--wifi", "x" * 33, "--wifi-password", ""), "1 to 32 bytes")
     assert_clean_error(fota(home, "device", "provision", "d", "--hardware", "h", "--board", "rp2"),
                        "--port PORT", "--image FILE")
+    assert_clean_error(provision(home, "d", port, "--fs-size", "65536"), "go with --image")
+    assert_clean_error(fota(home, "device", "provision", "d", "--hardware", "h", "--board", "rp2", "--image",
+                            str(tmp_path / "d.img"), "--force"), "--force goes with --port")
     assert stored_device(home, "d") is None
 
 

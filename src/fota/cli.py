@@ -215,6 +215,10 @@ def device_provision(device_id: str, hardware: str = typer.Option(..., "--hardwa
     from fota.tools.mpy import BoardError, build_board_agent
     if (port is None) == (image is None):
         fail("give --port PORT (a board on a serial port) or --image FILE (a filesystem image), one of them")
+    if image is not None and force:
+        fail("--force goes with --port: an image is written onto a fresh or wiped board, with no identity to check")
+    if port is not None and (fs_size is not None or block_size != 4096):
+        fail("--fs-size and --block-size go with --image: with --port the board's filesystem is already there")
     settings = _board_settings(board, backend, wifi, wifi_password)
     h = Home.locate(home)
     _warn_unreachable_broker(h)
