@@ -125,6 +125,9 @@ def test_a_board_holding_another_device_is_refused_unless_forced(home, board):
 def test_the_same_device_reprovisioned_gets_a_new_broker_password(home, board):
     assert provision(home, "board-1", board.port).returncode == 0
     first = board_config(board)
+    # left by an older install: a source module shadows the .mpy of the same name on MicroPython
+    (board.root / "lib/fota/device/core.py").write_text("raise ImportError('stale')\n")
+    (board.root / "device/journal.json").write_text("{}")
     r = provision(home, "board-1", board.port)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "new broker password" in r.stdout.replace("\n", " ")
@@ -132,6 +135,8 @@ def test_the_same_device_reprovisioned_gets_a_new_broker_password(home, board):
     assert second["broker"]["password"] != first["broker"]["password"]
     assert second["enc_key"] == first["enc_key"]  # the payload key is the device's, it stays
     assert password_matches(stored_device(home, "board-1").password_hash, second["broker"]["password"])
+    assert not (board.root / "lib/fota/device/core.py").exists() and not (board.root / "device/journal.json").exists()
+    assert (board.root / "lib/fota/device/core.mpy").exists()
 
 
 def test_a_registered_device_on_a_fresh_board_needs_force(home, board, tmp_path):
@@ -157,6 +162,13 @@ def test_a_board_of_another_port_registers_nothing(home, tmp_path, micropython):
         assert_clean_error(r, "esp32 port, not rp2")
         assert stored_device(home, "board-1") is None
         assert not (board.root / "device").exists()
+
+
+def test_a_full_board_registers_nothing(home, tmp_path, micropython):
+    with EmulatedBoard(micropython, tmp_path / "board", "rp2", free=16 * 1024) as board:
+        r = provision(home, "board-1", board.port)
+        assert_clean_error(r, "16384 bytes free", "free some room")
+        assert stored_device(home, "board-1") is None and not (board.root / "device").exists()
 
 
 def test_esp32_backend_puts_backend_and_chip_into_the_config(home, tmp_path, micropython):

@@ -4,7 +4,7 @@
 # real `micropython` (unix port), so the code mpremote sends (its fs commands, fota's probe) is
 # executed by MicroPython itself, against VfsPosix mounted at "/". Never part of the agent.
 #
-#   micropython rawrepl.py ROOT PLATFORM LOG [--no-raw-paste]
+#   micropython rawrepl.py ROOT PLATFORM LOG [--no-raw-paste] [--free BYTES]
 #
 # Written from the documentation, not from code:
 # - MicroPython, "The MicroPython Interactive Interpreter Mode (aka REPL)", sections "Raw mode
@@ -25,7 +25,8 @@
 #   a hard reset, like pushing the reset button: the RAM (the REPL's globals) is lost.
 #
 # What it does not emulate: the board's firmware (sys.platform is reported as PLATFORM, every
-# other sys attribute is the unix port's), running boot.py/main.py after a reset, USB
+# other sys attribute is the unix port's; with --free, os.statvfs("/") reports that many free
+# bytes in 4096-byte blocks, as a small flash filesystem would, but writes are not limited), running boot.py/main.py after a reset, USB
 # re-enumeration, flash wear. Each hard reset is appended to LOG (outside ROOT) as "reset".
 import sys
 import os
@@ -36,6 +37,7 @@ WINDOW = 128  # raw-paste window-size increment (bytes)
 
 root, platform, log_path = sys.argv[1], sys.argv[2], sys.argv[3]
 raw_paste = "--no-raw-paste" not in sys.argv
+free = int(sys.argv[sys.argv.index("--free") + 1]) if "--free" in sys.argv else None
 log = open(log_path, "a")  # opened before "/" becomes the board's filesystem
 vfs.umount("/")
 vfs.mount(vfs.VfsPosix(root), "/")
@@ -63,6 +65,21 @@ class BoardSys:
         return getattr(real_sys, name)
 
 
+class BoardOs:
+    """`import os` on the board: the unix port's, with the free space of --free."""
+    def statvfs(self, path):
+        v = real_os.statvfs(path)
+        if free is None:
+            return v
+        return (4096, 4096, v[2], free // 4096, free // 4096) + tuple(v[5:])
+
+    def __getattr__(self, name):
+        return getattr(real_os, name)
+
+
+real_os = os
+
+
 class Machine:
     """The `machine` module, as far as mpremote's reset uses it."""
     @staticmethod
@@ -84,6 +101,7 @@ def read1():
 def execute(code, g):
     """Run code as the raw REPL does: output, Ctrl-D, exception text, Ctrl-D."""
     sys.modules["sys"] = BoardSys()
+    sys.modules["os"] = BoardOs()
     sys.modules["machine"] = Machine
     try:
         exec(code, g)
@@ -96,6 +114,7 @@ def execute(code, g):
         return
     finally:
         sys.modules["sys"] = real_sys
+        sys.modules["os"] = real_os
     wr.write(b"\x04\x04")
 
 

@@ -13,7 +13,8 @@ RAWREPL = Path(__file__).resolve().parent / "rawrepl.py"
 
 
 class EmulatedBoard:
-    def __init__(self, micropython: str, root: Path, platform: str = "rp2", raw_paste: bool = True):
+    def __init__(self, micropython: str, root: Path, platform: str = "rp2", raw_paste: bool = True,
+                 free: int | None = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.platform = platform
@@ -29,7 +30,7 @@ class EmulatedBoard:
         with open(self.stderr, "wb") as err:
             self.proc = subprocess.Popen(
                 [micropython, "-X", "heapsize=4M", str(RAWREPL), str(self.root), platform, str(self.log)]
-                + ([] if raw_paste else ["--no-raw-paste"]),
+                + ([] if raw_paste else ["--no-raw-paste"]) + ([] if free is None else ["--free", str(free)]),
                 stdin=master, stdout=master, stderr=err, close_fds=True)
 
     def events(self) -> list[str]:
