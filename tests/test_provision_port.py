@@ -291,3 +291,37 @@ def test_tree_room_is_counted_in_whole_blocks():
     # two files (one block each, a 5000-byte one two) and the directories a, a/b
     assert tree_bytes({"a/x": b"1", "a/b/y": bytes(5000)}) == (1 + 2 + 2) * 4096
     assert board_tree.__module__ == "fota.tools.boardfs"
+
+
+def test_a_board_written_over_the_port_runs_the_board_runner_and_updates(fleet, tmp_path, micropython):
+    """A fleet device's tree written by the real mpremote onto the emulated board, then run from
+    the board's files by the board runner (what main.py starts; tests/test_board_runner.py's
+    harness with the emulated machine module): it comes online and installs a release."""
+    from fota.device import protocol as P
+    from fota.server.deployments import create_deployment
+    from fota.testkit.fleet import bundle_of_size
+    from fota.tools.boardfs import tree_bytes, write_tree
+    from fota.tools.mpy import build_board_agent
+    from test_board_runner import BOARD_HEAP, BoardProcess
+    dev = "port-board"
+    fleet.add_device(dev, start=False)
+    build_board_agent("rp2", tmp_path / "agent")
+    tree = board_tree(fleet.root(dev), tmp_path / "agent")
+    stage = write_tree(tree, tmp_path / "stage")
+    with EmulatedBoard(micropython, tmp_path / "board", "rp2") as board:
+        found = boardport.probe(board.port)
+        assert found["id"] is None and found["platform"] == "rp2"
+        boardport.check_board(found, "rp2", 6, tree_bytes(tree), dev, force=False)
+        boardport.write(board.port, stage, tree, found)
+        boardport.reset(board.port)
+        assert boardport.probe(board.port)["id"] == dev
+    assert (board.root / "main.py").read_text() == MAIN_PY
+    fleet.devices[dev] = proc = BoardProcess(board.root / "device", code_path=board.root / "lib",
+                                             heap=BOARD_HEAP).start()
+    fleet.wait_online(dev)
+    rel = fleet.release(bundle_of_size("2.0.0", 8_000), "2.0.0")
+    job = create_deployment(fleet.store, rel, device_ids=[dev]).jobs[0].id
+    assert fleet.wait_job(job, timeout=90).state == P.CONFIRMED, proc.log_path.read_text()
+    boot = json.loads((board.root / "device" / "boot.json").read_text())
+    assert boot["versions"][boot["active"]] == "2.0.0"
+    assert proc.resets >= 1  # the board runner rebooted into the new app with machine.reset()
