@@ -325,3 +325,47 @@ def test_a_board_written_over_the_port_runs_the_board_runner_and_updates(fleet, 
     boot = json.loads((board.root / "device" / "boot.json").read_text())
     assert boot["versions"][boot["active"]] == "2.0.0"
     assert proc.resets >= 1  # the board runner rebooted into the new app with machine.reset()
+
+
+def test_the_wifi_password_is_asked_for_on_a_terminal_and_not_echoed(home, tmp_path):
+    """Without --wifi-password or $FOTA_WIFI_PASSWORD, fota asks on its terminal (a pty here,
+    its controlling terminal) with echo off; the password reaches the config, not the screen."""
+    import os
+    import pty
+    import select
+
+    from fota.tools.lfsimage import read_image
+    image = tmp_path / "w.img"
+    env = {k: v for k, v in os.environ.items() if k != "FOTA_WIFI_PASSWORD"}
+    env.update(FOTA_HOME=str(home), COLUMNS="200")
+    pid, master = pty.fork()
+    if pid == 0:  # the child: fota on the pty
+        os.execve(sys.executable, [sys.executable, "-m", "fota.cli", "device", "provision", "w-1", "--hardware",
+                                   "picow", "--board", "rp2", "--image", str(image), "--wifi", "net"], env)
+    screen = b""
+
+    def read_until(needle: bytes, timeout: float = 60) -> None:
+        nonlocal screen
+        while needle not in screen:
+            ready, _, _ = select.select([master], [], [], timeout)
+            assert ready, screen
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # the child ended
+                chunk = b""
+            assert chunk, screen
+            screen += chunk
+    read_until(b"Wi-Fi password for net")
+    import termios
+
+    from fota.tools.waiting import wait_until
+    # typed once the prompt has turned echo off (as a person would, after the prompt appeared)
+    wait_until(lambda: not termios.tcgetattr(master)[3] & termios.ECHO, timeout=30, what="echo never turned off")
+    os.write(master, WIFI_PASSWORD.encode() + b"\n")
+    read_until(b"write it at the filesystem")
+    _, status = os.waitpid(pid, 0)
+    os.close(master)
+    assert os.waitstatus_to_exitcode(status) == 0, screen
+    assert WIFI_PASSWORD.encode() not in screen
+    config = json.loads(read_image(image.read_bytes())["device/config.json"])
+    assert config["wifi"] == {"ssid": "net", "password": WIFI_PASSWORD}
