@@ -61,11 +61,20 @@ def write_tree(tree: dict[str, bytes], root: Path) -> Path:
     return root
 
 
+def tree_dirs(tree: dict[str, bytes]) -> list[str]:
+    """Every directory of the tree, parents first: each file's parents, and the empty
+    directories ("device/slots/b/") themselves."""
+    dirs = set()
+    for name in tree:
+        parts = name.rstrip("/").split("/")
+        depth = len(parts) if name.endswith("/") else len(parts) - 1
+        dirs.update("/".join(parts[:n]) for n in range(1, depth + 1))
+    return sorted(dirs)
+
+
 def tree_bytes(tree: dict[str, bytes], block: int = 4096) -> int:
     """Room the tree takes on a LittleFS filesystem of `block`-byte blocks, counted high: every
     file and directory a whole block at least (LittleFS stores a small file inline in its
     directory's block, so this is an upper bound)."""
-    dirs = {name.rstrip("/").rpartition("/")[0] for name in tree} | {name.rstrip("/") for name in tree
-                                                                       if name.endswith("/")}
     files = sum(max(1, -(-len(data) // block)) for name, data in tree.items() if not name.endswith("/"))
-    return (files + len(dirs - {""})) * block
+    return (files + len(tree_dirs(tree))) * block

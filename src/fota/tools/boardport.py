@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fota.tools.boardfs import AGENT_DIR, DEVICE_DIR
+from fota.tools.boardfs import AGENT_DIR, DEVICE_DIR, tree_dirs
 
 # sys.platform of each board's MicroPython port
 PLATFORM = {"esp32": "esp32", "esp32s3": "esp32", "rp2": "rp2", "esp8266": "esp8266"}
@@ -84,13 +84,7 @@ def write_steps(stage: Path, tree: dict[str, bytes], probe: dict) -> list[list[s
         steps.append(["fs", "rm", "-r", f":/{DEVICE_DIR}"])
     if probe["agent"] >= 0:
         steps.append(["fs", "rm", "-r", f":/{AGENT_DIR}"])
-    dirs = set()
-    for name in tree:
-        parts = name.rstrip("/").split("/")
-        dirs |= {"/".join(parts[:n]) for n in range(1, len(parts) if not name.endswith("/") else len(parts) + 1)}
-    if probe["lib"] >= 0:
-        dirs.discard("lib")
-    steps += [["fs", "mkdir", f":/{d}"] for d in sorted(dirs)]
+    steps += [["fs", "mkdir", f":/{d}"] for d in tree_dirs(tree) if not (d == "lib" and probe["lib"] >= 0)]
     # -f: copy without first hashing the (removed) destination on the board
     steps += [["fs", "cp", "-f", str(stage / name), f":/{name}"] for name in sorted(tree) if not name.endswith("/")]
     return steps
