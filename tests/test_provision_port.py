@@ -146,6 +146,10 @@ def test_a_registered_device_on_a_fresh_board_needs_force(home, board, tmp_path)
     old_hash = stored_device(home, "board-1").password_hash
     assert_clean_error(provision(home, "board-1", board.port), "already registered", "--force")
     assert not (board.root / "device").exists()
+    r = fota(home, "device", "provision", "board-1", "--hardware", "devkit", "--board", "rp2", "--port", board.port,
+             "--force", timeout=300)
+    assert_clean_error(r, "registered as hardware 'picow', not 'devkit'")
+    assert stored_device(home, "board-1").password_hash == old_hash
     assert provision(home, "board-1", board.port, "--force").returncode == 0
     assert stored_device(home, "board-1").password_hash != old_hash
 
