@@ -71,18 +71,49 @@ def test_config_opens_only_the_device_listener_with_tls(tmp_path):
         write_config(tmp_path / "plain", 8883, service_port=18830, host="0.0.0.0")
 
 
+def _listen(home: Home, listen: str, hostname: str | None = None) -> None:
+    """What 'fota serve --listen --hostname' keeps once its checks passed (without serving)."""
+    from fota.cli import _broker_listen_settings, _save_broker_listen
+    _save_broker_listen(home, _broker_listen_settings(home, listen, hostname))
+
+
 def test_listen_beyond_loopback_turns_tls_on_and_persists(tmp_path):
+    from test_cli import background, stop
     home = Home(tmp_path / "home")
     assert home.broker_listen == ("127.0.0.1", home.config()["broker_port"]) and not home.broker_tls
-    out = _serve(home, "--listen", "0.0.0.0", "--hostname", NAME)  # no keys: stops after saving
-    assert "TLS turned on" in out and "no keys" in out
+    home.keyring.init()
+    port = free_port()
+    proc = background(home.path, "serve", "--listen", f"0.0.0.0:{port}", "--hostname", NAME)
+    try:
+        from fota.tools.waiting import wait_until
+        wait_until(lambda: json.loads(home.config_path.read_text()).get("broker_listen"), timeout=30,
+                   what="fota serve --listen did not keep its settings")
+    finally:
+        out = stop(proc)
+    assert "TLS turned on" in out and f"device listener on 0.0.0.0:{port}" in out, out
     cfg = json.loads(home.config_path.read_text())
-    assert (cfg["broker_listen"], cfg["broker_hostname"], cfg["broker_tls"]) == ("0.0.0.0", NAME, True)
-    assert home.broker_listen == ("0.0.0.0", 8883)  # the MQTT-over-TLS port by default
+    assert (cfg["broker_listen"], cfg["broker_hostname"], cfg["broker_tls"]) == (f"0.0.0.0:{port}", NAME, True)
+    assert home.device_broker == (NAME, port)
     url = urlsplit(home.broker_url)  # the center stays on loopback
     assert (url.scheme, url.hostname, url.port) == ("mqtts", "127.0.0.1", home.config()["broker_service_port"])
-    assert home.device_broker == (NAME, 8883)
+    cfg.update(broker_listen="0.0.0.0")
+    home.save_config(cfg)
+    assert home.broker_listen == ("0.0.0.0", 8883)  # the MQTT-over-TLS port by default
     assert "not an ADDR[:PORT]" in _serve(home, "--listen", "0.0.0.0:x")
+
+
+def test_serve_that_fails_keeps_no_listen_settings(tmp_path):
+    """--listen/--hostname are kept only when serving starts: no keys, or a second worker on
+    SQLite, leave config.json as it was."""
+    home = Home(tmp_path / "home")
+    before = json.loads(home.config_path.read_text()) if home.config_path.exists() else home.config()
+    out = _serve(home, "--listen", "0.0.0.0", "--hostname", NAME)
+    assert "no keys" in out and "TLS turned on" not in out
+    home.keyring.init()
+    out = _serve(home, "--listen", "0.0.0.0", "--hostname", NAME, "--workers", "2")
+    assert "SQLite supports one" in out
+    assert json.loads(home.config_path.read_text()) == before
+    assert not home.broker_tls and home.broker_listen[0] == "127.0.0.1"
 
 
 def test_certificate_names_the_listen_address_and_hostname_same_ca(tmp_path):
@@ -107,8 +138,9 @@ def test_a_board_on_the_network_verifies_the_broker(tmp_path):
     address = _network_address()
     home = Home(tmp_path / "home")
     port = free_port()
-    assert "TLS turned on" in _serve(home, "--listen", f"{address or '0.0.0.0'}:{port}", "--hostname", NAME)
     home.keyring.init()
+    _listen(home, f"{address or '0.0.0.0'}:{port}", NAME)
+    assert home.broker_tls
     store = home.store()
     broker = managed_broker(home, store)
     try:
@@ -126,3 +158,35 @@ def test_a_board_on_the_network_verifies_the_broker(tmp_path):
     finally:
         broker.stop()
         store.dispose()
+
+
+def test_simulated_devices_connect_to_a_tls_home(tmp_path):
+    """fota simulate on a home whose broker listens beyond loopback (TLS only, a --hostname that
+    does not resolve here): the simulated devices connect to the devices' TLS listener, verifying
+    it with the home's CA (Mosquitto accepts nothing else there)."""
+    import os
+
+    from fota.tools.waiting import wait_until
+    from test_cli import FOTA, fota, stop
+    home = Home(tmp_path / "home")
+    home.keyring.init()
+    port = free_port()
+    _listen(home, f"0.0.0.0:{port}", NAME)
+    assert fota(home.path, "devices").returncode == 0  # the database made before two processes open it
+    serve = subprocess.Popen(FOTA + ["serve"], env=dict(os.environ, FOTA_HOME=str(home.path)),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        wait_until(lambda: _answers(port), timeout=30, what="fota serve did not start")
+        r = fota(home.path, "simulate", "--devices", "2", "--hardware", "unix", "--duration", "3")
+    finally:
+        out = stop(serve)
+    assert r.returncode == 0 and "connected 2/2" in r.stdout, r.stdout + r.stderr + out
+    assert "TLS-only" not in r.stdout + r.stderr
+
+
+def _answers(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False

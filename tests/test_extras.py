@@ -61,6 +61,7 @@ def test_the_core_install_manages_a_home(tmp_path):
     (("serve",), "server"),
     (("api",), "server"),
     (("simulate", "--duration", "1"), "server"),
+    (("device", "provision", "d-1", "--hardware", "h", "--board", "rp2", "--port", "/dev/null"), "device"),
 ])
 def test_a_command_without_its_extra_names_the_extra(tmp_path, args, extra):
     home = tmp_path / "home"

@@ -11,6 +11,7 @@ import pytest
 from littlefs import LittleFS
 
 from fota.server.credentials import mosquitto_hash
+from fota.tools.boardfs import BOOT_PY
 from fota.tools.lfsimage import MAIN_PY, ImageError, build_image, layout, read_image, write_command
 from fota.tools.supervisor import find_micropython
 from test_cli import assert_clean_error, fota
@@ -41,7 +42,7 @@ def test_rp2_image_holds_the_device_the_agent_and_main_py(tmp_path):
     # At the end of the 2 MiB flash, through the XIP base.
     assert "picotool load -v -t bin -o 0x1012c000" in out and str(image) in out
     fs = _open(image)
-    assert sorted(fs.listdir("/")) == ["device", "lib", "main.py"]
+    assert sorted(fs.listdir("/")) == ["boot.py", "device", "lib", "main.py"]
     with fs.open("device/config.json", "r") as f:
         config = json.load(f)
     assert config["id"] == "board-1" and config["hardware"] == "picow"
@@ -54,6 +55,9 @@ def test_rp2_image_holds_the_device_the_agent_and_main_py(tmp_path):
     assert "sim.mpy" not in fs.listdir("lib/fota/device/slots")  # unix-only backend left out
     with fs.open("main.py", "r") as f:
         assert f.read() == MAIN_PY
+    with fs.open("boot.py", "r") as f:  # a previous owner's boot.py would run before the agent
+        assert f.read() == BOOT_PY
+    assert config["backend"] == "files" and "wifi" not in config
     # The device is registered with the password the image holds.
     listing = fota(home, "devices").stdout
     assert "board-1" in listing

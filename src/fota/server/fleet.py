@@ -23,7 +23,7 @@ from fota.server.kek import Kek
 from fota.server.store import Device, Store, utcnow
 
 __all__ = ["FleetError", "apply_inventory", "apply_online", "broker_password_hashes", "get_device",
-           "inventory_values", "list_devices", "online_values", "provision_device"]
+           "inventory_values", "list_devices", "online_values", "provision_device", "rekey_device"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,19 @@ def provision_device(store: Store, device_id: str, hardware: str,
             s.add(device)
     except IntegrityError:  # provisioned concurrently
         raise FleetError(f"device {device_id} already exists") from None
+    return device, password
+
+
+def rekey_device(store: Store, device_id: str) -> tuple[Device, str]:
+    """A new broker password for a registered device (re-provisioning its board): returns
+    (device, plain password); the old password stops working at the broker's next reload. The
+    payload key, tags and history stay."""
+    password = credentials.new_password()
+    with store.session() as s:
+        device = s.get(Device, device_id)
+        if device is None:
+            raise FleetError(f"no device {device_id}")
+        device.password_hash = credentials.mosquitto_hash(password)
     return device, password
 
 

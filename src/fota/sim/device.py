@@ -67,8 +67,9 @@ class SimDevice:
                  backend: str = "hash", verify=None, profile: Profile | None = None,
                  max_trial_boots: int = 3, keepalive: int = 60, tick: float = 1.0,
                  chunk_timeout_ms: int = 3000, stall_timeout_ms: int = 60000, trial_timeout_ms: int = 60000,
-                 enc_key: str | None = None, clock=time.monotonic):
+                 enc_key: str | None = None, clock=time.monotonic, ssl=None):
         self.id = device_id
+        self.ssl = ssl  # an ssl.SSLContext (the broker's CA) for a TLS broker; None: plain MQTT
         self.password = password
         self.host = host
         self.port = port
@@ -276,8 +277,8 @@ class SimDevice:
         self.client = client
         self._lost = False
         try:
-            await asyncio.wait_for(client.connect(self.host, self.port, keepalive=self.keepalive,
-                                                  version=MQTTv311), CONNECT_TIMEOUT)
+            await asyncio.wait_for(client.connect(self.host, self.port, ssl=self.ssl or False,
+                                                  keepalive=self.keepalive, version=MQTTv311), CONNECT_TIMEOUT)
         except BaseException:
             self.client = None
             try:

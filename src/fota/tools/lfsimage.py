@@ -1,21 +1,12 @@
 """A board's filesystem as a LittleFS image (fota device provision --image), for factory
-programming: the device directory, the agent as .mpy for the board, and a main.py starting it.
-
-Layout of the image (the board's filesystem root):
-    /lib/fota/**.mpy   the agent (on sys.path of every MicroPython board port: '', .frozen, /lib)
-    /device/           the device directory create_device_dir writes (config.json, boot.json, slots/)
-    /main.py           starts the agent on /device
-The device directory is not /fota: '' precedes /lib on sys.path, so a /fota directory would
-shadow the agent package.
+programming: the tree of fota.tools.boardfs (the device directory, the agent as .mpy for the
+board, main.py and boot.py), the one --port copies onto a board with mpremote.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-DEVICE_DIR = "device"
-MAIN_PY = ("# Written by fota device provision: run the fota agent on the device directory.\n"
-           "from fota.device.main import main\n"
-           f"main(\"/{DEVICE_DIR}\")\n")
+from fota.tools.boardfs import DEVICE_DIR, MAIN_PY, board_tree  # noqa: F401  (MAIN_PY: its one home is boardfs)
 
 
 class ImageError(ValueError):
@@ -63,19 +54,8 @@ def write_command(board: str, image: Path, fs_size: int | None = None, port: str
 
 
 def image_tree(board: str, device_dir: Path, agent_dir: Path) -> dict[str, bytes]:
-    """path on the board (no leading /) -> content: the device directory under /device, the
-    agent's .mpy under /lib, and main.py; an empty directory is "path/" -> b""."""
-    tree = {}
-    for path in sorted(Path(device_dir).rglob("*")):
-        name = f"{DEVICE_DIR}/{path.relative_to(device_dir).as_posix()}"
-        if path.is_file():
-            tree[name] = path.read_bytes()
-        elif not any(path.iterdir()):  # an empty directory (slots/b): "name/"
-            tree[name + "/"] = b""
-    for path in sorted((Path(agent_dir) / "fota").rglob("*.mpy")):
-        tree[f"lib/{path.relative_to(agent_dir).as_posix()}"] = path.read_bytes()
-    tree["main.py"] = MAIN_PY.encode()
-    return tree
+    """The image's files (fota.tools.boardfs.board_tree: the same for every board)."""
+    return board_tree(device_dir, agent_dir)
 
 
 def build_image(tree: dict[str, bytes], size: int, block_size: int = 4096) -> bytes:
