@@ -142,7 +142,7 @@ def test_example_app_keeps_running_next_to_a_real_update(fleet, style):
     leaves the app's loop for machine.reset(), and the new version confirms."""
     def files(version):
         f = example_app_files(style, version)
-        f["app.py"] = f["app.py"].replace(b"REPORT_MS = 2000", b"REPORT_MS = 100")
+        f["app.py"] = f["app.py"].replace(b"REPORT_MS = 2000", b"REPORT_MS = 50")
         f["blob.bin"] = os.urandom(60000)  # a download of some length
         return f
 
