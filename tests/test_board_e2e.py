@@ -14,6 +14,7 @@ from fota.server.releases import create_release
 from fota.testkit.boards.firmware import HANGS, HEALTHY, RAISES, firmware_image
 from fota.testkit.boards.harness import EmulatedBoard, provision
 from fota.testkit.fleet import TEST_DEVICE_SETTINGS, Fleet
+from fota.tools.bundle import pack_files as bundle
 from fota.tools.waiting import wait_until
 
 HW = "esp32-devkit"
@@ -76,3 +77,41 @@ def test_full_firmware_update_confirms_in_the_new_partition(fleet):
     assert board.running_firmware()["version"] == "1.1.0"
     assert board.boots[-1]["label"] == "ota_1"
     assert board.resets == 1 and board.wdt_resets == 0 and board.halted == []
+
+
+def test_delta_update_patches_from_the_running_partition(fleet):
+    dev = "esp-delta"
+    board = add_board(fleet, dev)
+    fleet.wait_online(dev)
+    base = image_release(fleet, "2.0.0")
+    job = deploy(fleet, base, dev)   # the factory image is no release: the first update is whole
+    assert (job.state, job.delta_id) == (P.CONFIRMED, None), (job.state, job.code, job.reason)
+    wait_until(lambda: fleet.device_row(dev).inventory.get("image") == base.sha256, what="inventory image")
+
+    new_image = firmware_image("2.1.0")
+    rel = create_release(fleet.store, fleet.blobs, fleet.key, new_image, "2.1.0", [HW], kind="image")
+    job = deploy(fleet, rel, dev)
+    assert job.state == P.CONFIRMED, (job.state, job.code, job.reason, board.log_text()[-3000:])
+    # Patched against 2.0.0 read from ota_1 (running), written into ota_0: a fraction on the wire.
+    assert job.delta_id is not None and job.bytes_served < len(new_image) // 4, job.bytes_served
+    fleet.wait_online(dev, version="2.1.0")
+    ota = board.ota_data()
+    assert ota["running"] == "ota_0" and ota["states"]["ota_0"] == "VALID"
+    assert board.partition_image("ota_0", len(new_image)) == new_image
+    assert board.partition_image("ota_1", base.size) == firmware_image("2.0.0")  # the fallback, kept
+    assert board.boot_record()["images"]["a"] == {"sha256": rel.sha256, "size": len(new_image)}
+    assert board.resets == 2 and board.halted == []
+
+
+def test_files_backend_on_a_pico_w_board(fleet):
+    dev = "pico-files"
+    board = add_board(fleet, dev, chip=None)
+    fleet.wait_online(dev)
+    rel = create_release(fleet.store, fleet.blobs, fleet.key, bundle(hello_files("1.4.0")), "1.4.0", [PICO_HW])
+    job = deploy(fleet, rel, dev)
+    assert job.state == P.CONFIRMED, (job.state, job.code, job.reason, board.log_text()[-3000:])
+    fleet.wait_online(dev, version="1.4.0")
+    assert "hello app 1.4.0 started" in board.log_text()
+    assert (board.device_dir / "slots" / "b" / "app" / "app.py").read_bytes() == hello_files("1.4.0")["app.py"]
+    assert board.boot_record()["active"] == "b"
+    assert board.resets == 1 and board.halted == [] and board.boots == [{}, {}]

@@ -116,5 +116,7 @@ def test_tests_import_nothing_from_bench_and_bench_nothing_from_tests():
 def test_the_testkit_imports_neither_tests_nor_bench():
     kit = _py(SRC / "testkit")
     assert offenders(kit, "bench") == {}
-    test_modules = {p.stem for p in _py(TESTS)}
+    # tests/boards re-exports the board emulations under the board modules' own names (esp32,
+    # machine, network): the testkit's emulations import each other by those names.
+    test_modules = {p.stem for p in _py(TESTS) if (TESTS / "boards") not in p.parents}
     assert {str(p): n for p in kit for n in imported_names(p) if n.split(".")[0] in test_modules} == {}
