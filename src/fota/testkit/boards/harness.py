@@ -6,7 +6,10 @@ poweron.py, which runs the emulated bootloader (ESP32) and then the board's main
 firmware does. How the process ends says what the board did:
 
     exit 4 (RESET_EXIT)   machine.reset(): a hard reset          -> the bootloader runs again
-    exit 5 (WDT_EXIT)     the machine.WDT was not fed in time    -> the bootloader runs again
+    SIGKILL, reset_cause  the machine.WDT was not fed in time: its thread wrote "wdt" to the
+      file says "wdt"     reset-cause file and killed the process (machine.py), counted as
+                          exit 5 (WDT_EXIT)                      -> the bootloader runs again
+    SIGKILL otherwise     a power cut (power_cut())              -> powered on again
     exit 6 (NO_APP_EXIT)  the bootloader found no app to boot    -> the board is bricked: halted
     anything else         main.py returned or raised: on a board the REPL waits -> halted
     exit 3 (REBOOT_EXIT)  the unix-port runner's reboot (fota.device.runner on a "linux"
@@ -21,9 +24,13 @@ Layout of the board's directory (root):
     flash.bin.ota.json    ESP32: the OTA data (which app boots, the image states)
     rom/                  the frozen modules of the firmware the bootloader booted (poweron.py)
     board.json            the settings poweron.py, machine.py and network.py read
+    reset_cause           the emulated reset-reason register (machine.py)
     boots.jsonl           one line per power-on: partition booted, image states, firmware tag
     board.log             the processes' output
     wifi.json             the Wi-Fi the emulated network.WLAN sees (set_wifi)
+
+A board may reach the broker through a fault proxy (link): a lost Wi-Fi then also cuts its
+connections, as the radio link going away does on a board.
 
 The agent's code comes as .mpy (fota.tools.mpy.build_agent), on the import path as a board's
 /lib or frozen modules would be.
@@ -44,7 +51,8 @@ EMULATIONS = Path(__file__).resolve().parent    # esp32.py, machine.py, network.
 RESET_EXIT = 4
 WDT_EXIT = 5
 NO_APP_EXIT = 6
-RESTARTS = (RESET_EXIT, WDT_EXIT, REBOOT_EXIT)
+POWER_CUT = -9    # SIGKILL
+RESTARTS = (RESET_EXIT, WDT_EXIT, REBOOT_EXIT, POWER_CUT)
 ESP32_APP_SIZE = 0x180000   # ESP32_GENERIC-OTA: two 1.5 MiB app partitions
 DEVICE_DIR = "device"
 MAIN_PY = ("# The board's main.py (emulated board): the board runner on the device directory.\n"
@@ -58,8 +66,9 @@ class EmulatedBoard:
 
     def __init__(self, root: Path, *, chip: str | None = "esp32", chip_id: int = 0, app_size: int = ESP32_APP_SIZE,
                  heap: str = "256K", code_path: Path | None = None, main_py: str = MAIN_PY,
-                 max_restarts: int = 100, settings: dict | None = None):
+                 max_restarts: int = 100, settings: dict | None = None, link=None):
         self.root = Path(root)
+        self.link = link   # a fota.testkit.faultproxy.FaultProxy the board reaches the broker through
         self.chip = chip
         self.heap = heap
         if code_path is None:
@@ -143,10 +152,21 @@ class EmulatedBoard:
                     break
                 self._proc = self._spawn()
                 self.starts += 1
-            code = self._proc.wait()
+            code = self._exit_status(self._proc.wait())
             self.exits.append(code)
             if self._stop.is_set() or code not in RESTARTS or len(self.exits) > self.max_restarts:
                 break  # halted: bricked, at the REPL, or stopped
+
+    def _exit_status(self, code: int) -> int:
+        # The watchdog's reset is a SIGKILL after "wdt" went into the reset-cause register
+        # (machine.py; the next boot's `import machine` reads and clears it).
+        if code == POWER_CUT:
+            try:
+                if (self.root / "reset_cause").read_text().strip() == "wdt":
+                    return WDT_EXIT
+            except OSError:
+                pass
+        return code
 
     def start(self) -> "EmulatedBoard":
         """Power on (again after stop())."""
@@ -186,10 +206,16 @@ class EmulatedBoard:
     # ------------------------------------------------------------------------------- Wi-Fi
 
     def set_wifi(self, up: bool) -> None:
-        """The access point comes and goes: what the emulated network.WLAN sees (network.py)."""
+        """The access point comes and goes: what the emulated network.WLAN sees (network.py).
+        With a link (the board's broker connection through a fault proxy), a lost Wi-Fi also
+        breaks the board's open connections and every new one, as a lost radio link does."""
         tmp = self.wifi_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"up": bool(up)}))
         tmp.replace(self.wifi_path)
+        if self.link is not None:
+            self.link.cut_after = None if up else 0
+            if not up:
+                self.link.cut_all()
 
     # ------------------------------------------------------------------------- what is seen
 

@@ -15,8 +15,9 @@
 #    Another board (a Pico W: the `files` backend) has one firmware and no OTA partitions.
 # 2. Each boot is appended to the boots file (JSON lines) for the tests.
 # 3. boot.py, then main.py, from the filesystem, as MicroPython's firmware runs them. The board
-#    runner ends the process with machine.reset() (exit 4); a watchdog that was not fed ends it
-#    with exit 5 (machine.py). An uncaught exception ends it with exit 1: on a board, the REPL.
+#    runner ends the process with machine.reset() (exit 4); a watchdog that was not fed kills
+#    it after writing "wdt" to the reset-cause register (machine.py). An uncaught exception ends
+#    it with exit 1: on a board, the REPL.
 import os
 import sys
 import json
@@ -79,6 +80,12 @@ def run_file(name):
 
 
 def power_on():
+    # The reset reason is latched at power-on, before anything of this boot can run: machine.py
+    # reads its register when first imported (a watchdog reset, a hard reset, else power-on).
+    try:
+        import machine  # noqa: F401
+    except ImportError:
+        pass
     with open(os.getenv("FOTA_EMULATED_BOARD")) as f:
         settings = json.load(f)
     boot = {}
