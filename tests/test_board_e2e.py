@@ -4,6 +4,11 @@ real control center. Every reset is a new process that runs the emulated bootloa
 (fota.testkit.boards.harness, poweron.py)."""
 from __future__ import annotations
 
+import json
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
 from fota.device import protocol as P
@@ -11,8 +16,9 @@ from fota.examples import hello_files
 from fota.server.deployments import create_deployment
 from fota.server.fleet import provision_device
 from fota.server.releases import create_release
-from fota.testkit.boards.firmware import HANGS, HEALTHY, RAISES, firmware_image
+from fota.testkit.boards.firmware import HANGS, HEALTHY, RAISES, UNHEALTHY, firmware_image
 from fota.testkit.boards.harness import EmulatedBoard, provision
+from fota.testkit.faultproxy import FaultProxy
 from fota.testkit.fleet import TEST_DEVICE_SETTINGS, Fleet
 from fota.tools.bundle import pack_files as bundle
 from fota.tools.waiting import wait_until
@@ -36,15 +42,15 @@ def fleet(tmp_path_factory, broker):
     f.close()
 
 
-def add_board(fleet, device_id, *, chip="esp32", version="1.0.0", **settings) -> EmulatedBoard:
+def add_board(fleet, device_id, *, chip="esp32", version="1.0.0", link=None, **settings) -> EmulatedBoard:
     """Provision a device and power on its emulated board: an ESP32 flashed with a healthy
     factory firmware `version`, or (chip=None) a Pico W with the hello app in slot a."""
     hardware = HW if chip else PICO_HW
     _, password = provision_device(fleet.store, device_id, hardware)
     fleet.broker.add_user(device_id, password)
-    board = EmulatedBoard(fleet.tmp / "boards" / device_id, chip=chip, main_py=MAIN_PY)
+    board = EmulatedBoard(fleet.tmp / "boards" / device_id, chip=chip, main_py=MAIN_PY, link=link)
     provision(board, device_id=device_id, hardware=hardware, password=password, host=fleet.broker.host,
-              port=fleet.broker.port, root_key=fleet.keyring.root_public(), trust=fleet.keyring.trust(),
+              port=link.port if link else fleet.broker.port, root_key=fleet.keyring.root_public(), trust=fleet.keyring.trust(),
               version=version, app_files=None if chip else hello_files(version),
               **{**TEST_DEVICE_SETTINGS, **settings})
     if chip:
@@ -59,8 +65,11 @@ def deploy(fleet, release, device_id, timeout=60):
 
 
 def image_release(fleet, version, behaviour=HEALTHY, **kw):
-    return create_release(fleet.store, fleet.blobs, fleet.key, firmware_image(version, behaviour, **kw), version,
-                          [HW], kind="image")
+    """A release of a firmware image, from a file named as MicroPython names an OTA build's app
+    image (the kind follows from the .app-bin suffix)."""
+    path = fleet.tmp / f"ESP32_GENERIC-OTA-v{version}.app-bin"
+    path.write_bytes(firmware_image(version, behaviour, **kw))
+    return create_release(fleet.store, fleet.blobs, fleet.key, path, version, [HW])
 
 
 def test_full_firmware_update_confirms_in_the_new_partition(fleet):
@@ -115,3 +124,112 @@ def test_files_backend_on_a_pico_w_board(fleet):
     assert (board.device_dir / "slots" / "b" / "app" / "app.py").read_bytes() == hello_files("1.4.0")["app.py"]
     assert board.boot_record()["active"] == "b"
     assert board.resets == 1 and board.halted == [] and board.boots == [{}, {}]
+
+
+def assert_rolled_back(fleet, board, dev, job, *, factory="1.0.0"):
+    """The trial image was abandoned by the bootloader and the boot record agrees."""
+    assert job.state == P.REVERTED, (job.state, job.code, job.reason, board.log_text()[-3000:])
+    ota = board.ota_data()
+    assert ota["running"] == ota["boot"] == "ota_0", ota
+    assert ota["states"]["ota_1"] == "ABORTED", ota
+    assert [b["label"] for b in board.boots][-3:] == ["ota_0", "ota_1", "ota_0"]
+    assert board.running_firmware()["version"] == factory
+    record = board.boot_record()
+    assert record["active"] == "a" and record["trial"] is None, record
+    assert record["versions"]["b"] is None   # nothing may boot, report or patch from the abandoned image
+    fleet.wait_online(dev, version=factory)
+    assert board.halted == []
+
+
+@pytest.mark.parametrize("behaviour", [RAISES, UNHEALTHY])
+def test_failed_trial_is_rolled_back_by_the_bootloader(fleet, behaviour):
+    dev = f"esp-{behaviour}"
+    board = add_board(fleet, dev)
+    fleet.wait_online(dev)
+    rel = image_release(fleet, f"3.0.0-{behaviour}", behaviour)
+    job = deploy(fleet, rel, dev)
+    assert_rolled_back(fleet, board, dev, job)
+    assert job.code == P.E_HEALTH
+    assert board.wdt_resets == 0
+
+
+def test_hang_in_trial_is_caught_by_the_watchdog_and_rolled_back(fleet):
+    dev = "esp-hang"
+    board = add_board(fleet, dev, wdt_ms=1500)
+    fleet.wait_online(dev)
+    rel = image_release(fleet, "4.0.0", HANGS)
+    job = deploy(fleet, rel, dev, timeout=90)
+    assert_rolled_back(fleet, board, dev, job)
+    assert board.wdt_resets == 1
+    assert "hangs in tick()" in board.log_text()
+
+
+def test_wifi_loss_mid_download_resumes_and_confirms(fleet):
+    dev = "esp-wifi"
+    image = firmware_image("5.0.0", code_size=320 * 1024)
+    # The board's radio link: slow enough (64 KB/s) that the download takes seconds.
+    with FaultProxy(fleet.broker.port, throttle_down=64 * 1024) as link:
+        board = add_board(fleet, dev, link=link)
+        fleet.wait_online(dev)
+        rel = create_release(fleet.store, fleet.blobs, fleet.key, image, "5.0.0", [HW], kind="image")
+        dep = create_deployment(fleet.store, rel, device_ids=[dev])
+        job = dep.jobs[0].id
+
+        def progressed():
+            ds = [s for s in fleet.spy.of(dev, job) if s["state"] == "downloading"]
+            return ds and ds[-1]["bytes"] >= rel.size * 0.3 and ds[-1]
+        at_loss = wait_until(progressed, timeout=60, interval=0.02, what="30% downloaded")
+        connections = link.connections
+        board.set_wifi(False)
+        lost_at = time.monotonic()
+        time.sleep(2.0)
+        assert link.connections == connections  # no broker connection while the access point is gone
+        board.set_wifi(True)
+        j = fleet.wait_job(job, timeout=90)
+    assert j.state == P.CONFIRMED, (j.state, j.code, j.reason, board.log_text()[-3000:])
+    # Resumed where it was, not from the start: what was asked for after the loss is at most the
+    # rest of the image (and the chunk window in flight when the link went).
+    after = [r for t, d, r in fleet.spy.requests if d == dev and t > lost_at and r["job"] == job]
+    asked = sum(min(r["count"] * r["chunk"], rel.size - r["first"] * r["chunk"]) for r in after)
+    assert after and min(r["first"] * r["chunk"] for r in after) >= at_loss["bytes"] - 8 * after[0]["chunk"]
+    assert asked < rel.size - at_loss["bytes"] + 8 * after[0]["chunk"], (asked, at_loss["bytes"])
+    assert board.partition_image("ota_1", len(image)) == image
+    assert board.resets == 1 and board.wdt_resets == 0 and board.halted == []
+    attempts = (board.wifi_path.parent / (board.wifi_path.name + ".log")).read_text().splitlines()
+    assert len(attempts) >= 3  # the first association, then again after the loss (once per boot too)
+
+
+BOARD_SCRIPT = """
+import json, time, machine
+try:
+    with open("runs.json") as f:
+        runs = json.load(f)
+except OSError:
+    runs = []
+runs.append(machine.reset_cause())
+with open("runs.json", "w") as f:
+    json.dump(runs, f)
+if len(runs) == 1:
+    machine.reset()
+elif len(runs) == 2:
+    machine.WDT(timeout=300)
+    while True:
+        time.sleep_ms(10)
+"""
+
+
+def test_harness_plays_resets_watchdog_and_the_bootloader(tmp_path, monkeypatch):
+    """The harness itself: machine.reset() and a starving watchdog start the board again through
+    the bootloader; main.py returning halts it (the REPL)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "boards"))
+    import machine as emulated_machine  # the reset-cause values
+    board = EmulatedBoard(tmp_path / "b", main_py=BOARD_SCRIPT)
+    board.flash_factory_image(firmware_image("9.0.0"))
+    board.start()
+    wait_until(lambda: not board.running, timeout=30, what="the board to halt")
+    assert board.exits == [4, 5, 0]
+    assert (board.resets, board.wdt_resets) == (1, 1)
+    assert [(b["label"], b["version"]) for b in board.boots] == [("ota_0", "9.0.0")] * 3
+    runs = json.loads((board.fs / "runs.json").read_text())
+    assert runs == [emulated_machine.PWRON_RESET, emulated_machine.HARD_RESET, emulated_machine.WDT_RESET]
+    assert (board.rom / "app.py").read_text().count('VERSION = "9.0.0"') == 1  # the frozen app of the image

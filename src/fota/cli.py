@@ -100,7 +100,9 @@ def keys_revoke(kid: str, home: Optional[Path] = HomeOpt):
 
 # ---- releases ------------------------------------------------------------------------------------
 @release_app.command("create")
-def release_create(path: Path = typer.Argument(..., help="app directory (bundle) or .bin image"),
+def release_create(path: Path = typer.Argument(..., help="app directory (bundle), or an image: .bin, .img; for an "
+                                                   "ESP32 the .app-bin of an OTA build (ESP32_GENERIC-OTA), "
+                                                   "not the combined .bin"),
                    version: str = typer.Option(..., "--version", help="release version, e.g. 1.1.0"),
                    hardware: List[str] = typer.Option(..., "--hardware", help="hardware type (repeatable)"),
                    counter: int = typer.Option(0, "--counter", min=0,

@@ -48,6 +48,7 @@ from fota.device.runner import REBOOT_EXIT
 from fota.testkit.boards.firmware import firmware_tag
 
 EMULATIONS = Path(__file__).resolve().parent    # esp32.py, machine.py, network.py, poweron.py
+TESTS_BOARDS = EMULATIONS.parents[3] / "tests" / "boards"  # TEMPORARY: machine.py, network.py until moved
 RESET_EXIT = 4
 WDT_EXIT = 5
 NO_APP_EXIT = 6
@@ -66,8 +67,10 @@ class EmulatedBoard:
 
     def __init__(self, root: Path, *, chip: str | None = "esp32", chip_id: int = 0, app_size: int = ESP32_APP_SIZE,
                  heap: str = "256K", code_path: Path | None = None, main_py: str = MAIN_PY,
-                 max_restarts: int = 100, settings: dict | None = None, link=None):
+                 max_restarts: int = 100, settings: dict | None = None, link=None,
+                 wifi: tuple[str, str] = ("fota-lab", "emulated-wpa2")):
         self.root = Path(root)
+        self.wifi = wifi   # the access point's (SSID, password): provision() gives the board the same
         self.link = link   # a fota.testkit.faultproxy.FaultProxy the board reaches the broker through
         self.chip = chip
         self.heap = heap
@@ -135,7 +138,7 @@ class EmulatedBoard:
     def _spawn(self) -> subprocess.Popen:
         from fota.tools.supervisor import find_micropython
         env = dict(os.environ)
-        env["MICROPYPATH"] = f"{self.rom}:{EMULATIONS}:{self.code_path}:.frozen"
+        env["MICROPYPATH"] = f"{self.rom}:{EMULATIONS}:{TESTS_BOARDS}:{self.code_path}:.frozen"
         env["FOTA_EMULATED_BOARD"] = str(self.root / "board.json")
         log = open(self.log_path, "ab")
         try:
@@ -210,7 +213,8 @@ class EmulatedBoard:
         With a link (the board's broker connection through a fault proxy), a lost Wi-Fi also
         breaks the board's open connections and every new one, as a lost radio link does."""
         tmp = self.wifi_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"up": bool(up)}))
+        ssid, password = self.wifi
+        tmp.write_text(json.dumps({"up": bool(up), "ssid": ssid, "password": password}))
         tmp.replace(self.wifi_path)
         if self.link is not None:
             self.link.cut_after = None if up else 0
@@ -275,6 +279,7 @@ def provision(board: EmulatedBoard, *, device_id: str, hardware: str, password: 
     writes onto a real one): an ESP32 board gets the esp32 backend, another the files backend
     with `app_files` as its factory app in slot a. settings: more config.json settings."""
     from fota.tools.devicedir import create_device_dir
+    settings.setdefault("wifi", {"ssid": board.wifi[0], "password": board.wifi[1]})
     if board.chip is not None:
         settings.setdefault("backend", "esp32")
         settings.setdefault("chip", board.chip)
