@@ -5,6 +5,8 @@ real control center. Every reset is a new process that runs the emulated bootloa
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -233,3 +235,14 @@ def test_harness_plays_resets_watchdog_and_the_bootloader(tmp_path, monkeypatch)
     runs = json.loads((board.fs / "runs.json").read_text())
     assert runs == [emulated_machine.PWRON_RESET, emulated_machine.HARD_RESET, emulated_machine.WDT_RESET]
     assert (board.rom / "app.py").read_text().count('VERSION = "9.0.0"') == 1  # the frozen app of the image
+
+
+def test_demo_on_emulated_esp32s_rolls_out_firmware_and_shows_a_rollback():
+    r = subprocess.run([sys.executable, "-m", "fota.cli", "demo", "--board", "esp32", "--devices", "2",
+                        "--timeout", "60"], capture_output=True, text=True, timeout=150,
+                       env=dict(os.environ, COLUMNS="120"))
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "demo passed: 2 emulated ESP32 board(s) confirmed firmware 1.1.0" in r.stdout
+    assert "dev-01: the bootloader marked ota_0 ABORTED and booted ota_1 (firmware 1.1.0) again" in r.stdout
+    assert "Traceback" not in out
