@@ -507,11 +507,18 @@ class MQTTClient:
         return count
 
 
-def connect_with_backoff(client, attempts=0, base_ms=500, max_ms=30000, sleep=None):
-    # Retry client.connect() with exponential back-off and jitter: the n-th delay is
-    # random in [d/2, d] with d = min(max_ms, base_ms * 2**n). sleep(ms) defaults to
-    # time.sleep_ms. attempts=0: forever. Returns connect()'s session_present.
+def backoff_ms(n, base_ms=500, max_ms=30000):
+    # The wait after the n-th failed attempt in a row (n >= 1): random in [d/2, d] with
+    # d = min(max_ms, base_ms * 2**(n-1)): exponential back-off with jitter.
     import os
+    d = min(max_ms, base_ms << min(n - 1, 20))
+    r = struct.unpack("!H", os.urandom(2))[0]
+    return d // 2 + d * r // 131072
+
+
+def connect_with_backoff(client, attempts=0, base_ms=500, max_ms=30000, sleep=None):
+    # Retry client.connect() with backoff_ms() between attempts. sleep(ms) defaults to
+    # time.sleep_ms. attempts=0: forever. Returns connect()'s session_present.
     sleep = sleep or sleep_ms
     n = 0
     while True:
@@ -521,6 +528,4 @@ def connect_with_backoff(client, attempts=0, base_ms=500, max_ms=30000, sleep=No
             n += 1
             if attempts and n >= attempts:
                 raise
-        d = min(max_ms, base_ms << min(n - 1, 20))
-        r = struct.unpack("!H", os.urandom(2))[0]
-        sleep(d // 2 + d * r // 131072)
+        sleep(backoff_ms(n, base_ms, max_ms))

@@ -16,7 +16,7 @@ from fota.device import protocol as P
 from fota.device import core as C
 from fota.device import fsutil
 from fota.device.executor import Executor, Reboot
-from fota.device.mqtt import MQTTClient, MQTTError, connect_with_backoff
+from fota.device.mqtt import MQTTClient, MQTTError, backoff_ms
 from fota.device.slots import open_backend
 
 REBOOT_EXIT = 3   # the unix-port supervisor restarts the agent on this exit code
@@ -25,12 +25,20 @@ EPOCH_2000 = 946684800  # Unix time of 2000-01-01: some MicroPython ports count 
 try:
     ticks_ms = time.ticks_ms
     ticks_diff = time.ticks_diff
+    ticks_add = time.ticks_add
+    _sleep_ms = time.sleep_ms
 except AttributeError:  # CPython
     def ticks_ms():
         return int(time.monotonic() * 1000)
 
     def ticks_diff(a, b):
         return a - b
+
+    def ticks_add(a, b):
+        return a + b
+
+    def _sleep_ms(ms):
+        time.sleep(ms / 1000)
 
 
 def random_bytes():
@@ -72,6 +80,17 @@ class Device:
         self.pending = []     # actions not yet executed (a publish failed: retried after reconnect)
         self.t0 = ticks_ms()
         self.power_at = None  # when power was last read (ms)
+        self.app = None
+        self._connect_at = self.t0  # when the next connection attempt is due (ticks)
+        self._failures = 0          # failed connection attempts in a row
+        # Messages handed to the core per poll() step: one chunk's hash and write at a time, so
+        # that a step's length does not grow with the window (a board's app runs between steps).
+        self.step_messages = 1
+        # An app with no directory of its own (a firmware image's frozen `app` module) is loaded
+        # too: app_loader(None). The board runner's loader finds it; the unix runner has none.
+        self.frozen_app = False
+        # Longest blocking wait of one socket operation (connect, TLS handshake, a PUBACK), s.
+        self.net_timeout_s = 10
 
     def _path(self, name):
         return self.root + "/" + name
@@ -90,7 +109,8 @@ class Device:
         app_dir = self.backend.app_dir(slot)
         self.app = None
         app_error = None
-        if app_dir:
+        self.before_app(on_trial)
+        if app_dir or self.frozen_app:
             try:
                 self.app = self.app_loader(app_dir)
                 version = getattr(self.app, "VERSION", version)
@@ -180,13 +200,18 @@ class Device:
         client = MQTTClient(ident, b.get("host", "127.0.0.1"), b.get("port", 1883), user=b.get("user", ident),
                             password=b.get("password"), keepalive=b.get("keepalive", 30),
                             clean_session=False, ssl_context=ssl_context, manual_ack=True,
+                            timeout=self.net_timeout_s,
                             max_payload=max(P.MAX_COMMAND_BYTES, P.MAX_CHUNK_SIZE + P.CHUNK_HEADER_SIZE))
         client.set_will(P.topic(ident, P.ONLINE), "0", retain=True, qos=1)
         client.set_callback(self._on_message)
         self._delivering = client
-        connect_with_backoff(client, attempts=b.get("attempts", 0), base_ms=b.get("backoff_ms", 250))
-        client.subscribe(P.topic(ident, P.CMD), 1)
-        client.subscribe(P.topic(ident, P.DATA), 0)
+        try:
+            client.connect()  # one attempt: the back-off between attempts is _connect_failed's
+            client.subscribe(P.topic(ident, P.CMD), 1)
+            client.subscribe(P.topic(ident, P.DATA), 0)
+        except BaseException:
+            client.close()
+            raise
         self.client = client
         log("connected as", ident)
 
@@ -218,12 +243,15 @@ class Device:
         self.inbox = [m for m in self.inbox if m[0] != data_topic]
         self.core.disconnected(self.now())
 
-    def dispatch(self):
-        """Hand the queued messages to the core, in order, and run what it answers."""
+    def dispatch(self, limit=0):
+        """Hand the queued messages to the core, in order, and run what it answers: all of them,
+        or at most `limit` (the rest wait for the next step)."""
         ident = self.config["id"]
         cmd_topic = P.topic(ident, P.CMD)
         data_topic = P.topic(ident, P.DATA)
-        while self.inbox:
+        done = 0
+        while self.inbox and not (limit and done >= limit):
+            done += 1
             topic, payload, pid, client = self.inbox.pop(0)
             if topic == data_topic:
                 self.execute(self.core.chunk(payload))
@@ -283,42 +311,99 @@ class Device:
         if reading is not None:  # failed: keep the last reading
             self.execute(self.core.power(reading[0], reading[1]))
 
+    # ---- the loop, in bounded steps ------------------------------------------------------------
+    def poll(self, timeout_ms=50):
+        """One bounded step of the agent: continue a connection attempt that is due (one attempt,
+        never a back-off sleep: the back-off is a time of the next attempt), read what arrived
+        (waiting at most timeout_ms), hand at most `step_messages` messages to the core, run the
+        power check and the core's timers, tick the app. The caller loops: run_forever, an app's
+        own loop, or an asyncio task (fota.device.aio). Reboot propagates out of it."""
+        self.feed()
+        if self.client is None:
+            self._read_power()  # a postponed install may go on offline
+            self.execute(self.core.tick(self.now()))
+            if not self._step_connect(timeout_ms):
+                self.tick_app()
+                return
+        if self.inbox:
+            timeout_ms = 0  # work is waiting: read without waiting
+        try:
+            self.client.check_msg(timeout_ms)
+        except (OSError, MQTTError) as e:
+            log("connection lost:", e)
+            self._drop_connection()
+            self.tick_app()
+            return
+        self.dispatch(self.step_messages)
+        self._read_power()
+        self.execute(self.core.tick(self.now()))
+        self.tick_app()
+
+    def feed(self):
+        """Called at the start of every step (a board feeds its watchdog here)."""
+
+    def before_app(self, on_trial):
+        """Called at boot once the slot is chosen, before its app starts (a board arms its
+        watchdog for a trial here)."""
+
+    def link_up(self):
+        """True when the network under the broker connection is up (a board: its Wi-Fi); called
+        before each connection attempt and may itself take a bounded step to bring it up."""
+        return True
+
+    def tick_app(self):
+        if self.app is not None and hasattr(self.app, "tick"):
+            self.app.tick()
+
+    def _step_connect(self, timeout_ms):
+        """A connection attempt if one is due; True once connected. Waits (at most timeout_ms)
+        only when the next attempt is not due yet."""
+        wait = ticks_diff(self._connect_at, ticks_ms())
+        if wait > 0:
+            if timeout_ms > 0:
+                _sleep_ms(min(wait, timeout_ms))
+            return False
+        if not self.link_up():
+            return False
+        try:
+            self._connect()
+        except (OSError, MQTTError) as e:
+            log("connect failed:", e)
+            self._connect_failed()
+            return False
+        self._failures = 0
+        # What was pending stays first: it was decided before this connection. But what
+        # a new connection sends again anyway is dropped (_superseded); kept, a link that
+        # breaks every connection grew the queue by ~0.5 KB per connection until the heap
+        # ran out.
+        _log_dropped_health(self.pending)
+        self.pending = [a for a in self.pending if not _superseded(a)]
+        # The connection's time counts from the start of its handshake: on a link that
+        # breaks every connection right after the chunk request, the time after the
+        # subscribe alone is a fraction of a millisecond and the stall deadline would
+        # take tens of thousands of reconnects to reach.
+        started = ticks_diff(getattr(self.client, "connect_started", ticks_ms()), self.t0)
+        self.execute(self.core.connected_(min(self.now(), max(started, self.core.now))))
+        return self.client is not None  # a publish failed: the connection is already gone
+
+    def _connect_failed(self):
+        # The next attempt after the n-th failure in a row: exponential back-off with jitter
+        # (fota.device.mqtt.backoff_ms). After `attempts` failures (config broker.attempts) the
+        # count starts over, with an attempt at once, as a new round of connect_with_backoff did.
+        b = self.config["broker"]
+        self._failures += 1
+        attempts = b.get("attempts", 0)
+        if attempts and self._failures >= attempts:
+            self._failures = 0
+            delay = 0
+        else:
+            delay = backoff_ms(self._failures, b.get("backoff_ms", 250))
+        self._connect_at = ticks_add(ticks_ms(), delay)
+
     def run_forever(self, poll_ms=50):
         self.boot()
         while True:
-            if self.client is None:
-                self._read_power()  # a postponed install may go on offline
-                self.execute(self.core.tick(self.now()))
-                try:
-                    self._connect()
-                except (OSError, MQTTError) as e:
-                    log("connect failed:", e)
-                    continue
-                # What was pending stays first: it was decided before this connection. But what
-                # a new connection sends again anyway is dropped (_superseded); kept, a link that
-                # breaks every connection grew the queue by ~0.5 KB per connection until the heap
-                # ran out.
-                _log_dropped_health(self.pending)
-                self.pending = [a for a in self.pending if not _superseded(a)]
-                # The connection's time counts from the start of its handshake: on a link that
-                # breaks every connection right after the chunk request, the time after the
-                # subscribe alone is a fraction of a millisecond and the stall deadline would
-                # take tens of thousands of reconnects to reach.
-                started = ticks_diff(getattr(self.client, "connect_started", ticks_ms()), self.t0)
-                self.execute(self.core.connected_(min(self.now(), max(started, self.core.now))))
-                if self.client is None:
-                    continue  # a publish failed: the connection is already gone
-            try:
-                self.client.check_msg(poll_ms)
-            except (OSError, MQTTError) as e:
-                log("connection lost:", e)
-                self._drop_connection()
-                continue
-            self.dispatch()
-            self._read_power()
-            self.execute(self.core.tick(self.now()))
-            if self.app is not None and hasattr(self.app, "tick"):
-                self.app.tick()
+            self.poll(poll_ms)
 
 
 # Log prefix of a health report dropped unsent (superseded by the next connection's or boot's):
@@ -393,23 +478,30 @@ def load_app(app_dir):
     return app
 
 
+def shut_down(device):
+    """Before a reboot: a clean disconnect (the retained `online 0` first), the wire stats if
+    asked for, the backend's files closed."""
+    log("rebooting")
+    client = device.client
+    if client is not None:
+        device.go_offline()
+        if device.config.get("wire_stats"):
+            # Bytes this connection moved, for overhead measurements (bench/e2e). Off unless
+            # the config asks: on a board it is a flash write per reboot.
+            root = device.root
+            stats = fsutil.read_json(root + "/wire.json") or []
+            stats.append({"tx": client.bytes_sent, "rx": client.bytes_received})
+            fsutil.write_json(root + "/wire.json", stats[-8:])
+    if device.backend and hasattr(device.backend, "close"):
+        device.backend.close()
+
+
 def main(root):
     device = Device(root)
     try:
         device.run_forever()
     except Reboot:
-        log("rebooting")
-        client = device.client
-        if client is not None:
-            device.go_offline()
-            if device.config.get("wire_stats"):
-                # Bytes this connection moved, for overhead measurements (bench/e2e). Off unless
-                # the config asks: on a board it is a flash write per reboot.
-                stats = fsutil.read_json(root + "/wire.json") or []
-                stats.append({"tx": client.bytes_sent, "rx": client.bytes_received})
-                fsutil.write_json(root + "/wire.json", stats[-8:])
-        if device.backend and hasattr(device.backend, "close"):
-            device.backend.close()
+        shut_down(device)
         if sys.platform in ("linux", "darwin"):
             sys.exit(REBOOT_EXIT)  # the unix port: the supervisor starts us again
         import machine  # a board: a hard reset boots the selected slot
