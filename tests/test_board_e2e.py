@@ -18,7 +18,7 @@ from fota.examples import hello_files
 from fota.server.deployments import create_deployment
 from fota.server.fleet import provision_device
 from fota.server.releases import create_release
-from fota.testkit.boards.firmware import HANGS, HEALTHY, RAISES, UNHEALTHY, firmware_image
+from fota.testkit.boards.firmware import CRASHES, HANGS, HEALTHY, RAISES, firmware_image
 from fota.testkit.boards.harness import EmulatedBoard, provision
 from fota.testkit.faultproxy import FaultProxy
 from fota.testkit.fleet import TEST_DEVICE_SETTINGS, Fleet
@@ -27,8 +27,6 @@ from fota.tools.waiting import wait_until
 
 HW = "esp32-devkit"
 PICO_HW = "rp2-pico-w"
-# TEMPORARY until fota.device.board lands: the unix runner
-MAIN_PY = "from fota.device.main import main\nmain(\"device\")\n"
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +48,7 @@ def add_board(fleet, device_id, *, chip="esp32", version="1.0.0", link=None, **s
     hardware = HW if chip else PICO_HW
     _, password = provision_device(fleet.store, device_id, hardware)
     fleet.broker.add_user(device_id, password)
-    board = EmulatedBoard(fleet.tmp / "boards" / device_id, chip=chip, main_py=MAIN_PY, link=link)
+    board = EmulatedBoard(fleet.tmp / "boards" / device_id, chip=chip, link=link)
     provision(board, device_id=device_id, hardware=hardware, password=password, host=fleet.broker.host,
               port=link.port if link else fleet.broker.port, root_key=fleet.keyring.root_public(), trust=fleet.keyring.trust(),
               version=version, app_files=None if chip else hello_files(version),
@@ -143,7 +141,7 @@ def assert_rolled_back(fleet, board, dev, job, *, factory="1.0.0"):
     assert board.halted == []
 
 
-@pytest.mark.parametrize("behaviour", [RAISES, UNHEALTHY])
+@pytest.mark.parametrize("behaviour", [RAISES, CRASHES])
 def test_failed_trial_is_rolled_back_by_the_bootloader(fleet, behaviour):
     dev = f"esp-{behaviour}"
     board = add_board(fleet, dev)
@@ -157,7 +155,7 @@ def test_failed_trial_is_rolled_back_by_the_bootloader(fleet, behaviour):
 
 def test_hang_in_trial_is_caught_by_the_watchdog_and_rolled_back(fleet):
     dev = "esp-hang"
-    board = add_board(fleet, dev, wdt_ms=1500)
+    board = add_board(fleet, dev, trial_wdt_ms=1500)
     fleet.wait_online(dev)
     rel = image_release(fleet, "4.0.0", HANGS)
     job = deploy(fleet, rel, dev, timeout=90)

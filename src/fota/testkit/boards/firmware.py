@@ -26,11 +26,12 @@ import random
 MARK = b"FOTA-EMULATED-FIRMWARE\0"
 DROM = 0x3F400020     # where an ESP32 maps the first data segment
 IRAM = 0x40080000     # and the code
-HEALTHY, RAISES, HANGS, UNHEALTHY = "healthy", "raises", "hangs", "unhealthy"
-BEHAVIOURS = (HEALTHY, RAISES, HANGS, UNHEALTHY)
+# What the frozen app does: runs (healthy), raises in start() (its health check fails at once),
+# raises in tick() once running (crashes), or never returns from tick() (hangs).
+HEALTHY, RAISES, CRASHES, HANGS = "healthy", "raises", "crashes", "hangs"
+BEHAVIOURS = (HEALTHY, RAISES, CRASHES, HANGS)
 
-# The frozen app of each behaviour. start() and tick() as the agent calls them; healthy() as a
-# board runner's health check may ask (an app without it counts as healthy once started).
+# The frozen app of each behaviour, in the board runner's `tick()` style.
 _APP = '''# The frozen app of an emulated firmware image (fota.testkit.boards.firmware): {behaviour}.
 VERSION = "{version}"
 BEHAVIOUR = "{behaviour}"
@@ -43,15 +44,13 @@ def start():
 
 
 def tick():
+    if BEHAVIOUR == "crashes":
+        raise RuntimeError("app %s: crashed in its loop" % VERSION)
     if BEHAVIOUR == "hangs":
         print("firmware app", VERSION, "hangs in tick()")
         import time
         while True:  # never returns to the agent: only the watchdog ends this
             time.sleep_ms(50)
-
-
-def healthy():
-    return BEHAVIOUR != "unhealthy"
 '''
 
 
