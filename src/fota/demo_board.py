@@ -31,7 +31,6 @@ from rich.live import Live
 from rich.table import Table
 
 from fota.device import protocol as P
-from fota.tools.defaults import DEFAULT_HEAP
 from fota.tools.waiting import TimedOut, wait_until_async
 
 HARDWARE = "esp32"
@@ -43,7 +42,8 @@ class DemoError(RuntimeError):
 
 
 def run_board_demo(board: str = "esp32", devices: int = 3, timeout: float = 120.0, keep: bool = False,
-                   console: Console | None = None, heap: str = DEFAULT_HEAP) -> int:
+                   console: Console | None = None, heap: str | None = None) -> int:
+    """heap: each board process's MicroPython heap (default: the harness's BOARD_HEAP)."""
     if board not in BOARDS:
         raise ValueError(f"no emulated board {board!r}; boards: {', '.join(BOARDS)}")
     console = console or Console()
@@ -84,7 +84,8 @@ def boards_table(boards: dict) -> Table:
     return table
 
 
-async def _deploy_and_watch(console, store, release, ids, timeout) -> list:
+async def _deploy_and_watch(console, store, release, ids, timeout) -> tuple:
+    """(deployment, its rows once every board finished)."""
     from fota.deployment_view import refresh_live
     from fota.server.deployments import create_deployment
     dep = create_deployment(store, release, device_ids=ids)
@@ -94,19 +95,27 @@ async def _deploy_and_watch(console, store, release, ids, timeout) -> list:
         while True:
             rows, summary, done = refresh_live(live, store, dep.id)
             if done:
-                return rows
+                break
             if time.monotonic() > deadline:
                 raise DemoError(f"not every board finished within {timeout:.0f}s: {summary}")
             await asyncio.sleep(0.25)
+    console.print()
+    return dep, rows
 
 
-async def _demo(root: Path, n: int, timeout: float, console: Console, heap: str) -> None:
+def _job(store, job_id):
+    from fota.server.store import Job
+    with store.session() as s:
+        return s.get(Job, job_id)
+
+
+async def _demo(root: Path, n: int, timeout: float, console: Console, heap: str | None) -> None:
     from fota.server.app import control_center
     from fota.server.fleet import list_devices, provision_device
     from fota.server.home import Home
     from fota.server.releases import create_release
     from fota.testkit.boards.firmware import RAISES, firmware_image
-    from fota.testkit.boards.harness import EmulatedBoard, provision
+    from fota.testkit.boards.harness import BOARD_HEAP, EmulatedBoard, provision
 
     home = Home(root / "home")
     home.keyring.init()
@@ -118,7 +127,7 @@ async def _demo(root: Path, n: int, timeout: float, console: Console, heap: str)
     boards: dict[str, EmulatedBoard] = {}
     for dev in ids:
         row, password = provision_device(store, dev, HARDWARE, tags=("demo",), kek=home.kek())
-        board = EmulatedBoard(root / "boards" / dev, chip="esp32", heap=heap)
+        board = EmulatedBoard(root / "boards" / dev, chip="esp32", heap=heap or BOARD_HEAP)
         provision(board, device_id=dev, hardware=HARDWARE, password=password, host=host, port=port,
                   root_key=home.keyring.root_public(), trust=home.keyring.trust(), cadata=home.broker_cadata(),
                   enc_key=home.kek().device_key(dev, row.enc_key).hex(), version="1.0.0")
@@ -141,7 +150,7 @@ async def _demo(root: Path, n: int, timeout: float, console: Console, heap: str)
 
             good = create_release(store, home.blobs, key, firmware_image("1.1.0"), "1.1.0", [HARDWARE], kind="image")
             console.print(f"signed firmware 1.1.0: an ESP app image of {good.size} bytes (key {good.key_id})")
-            rows = await _deploy_and_watch(console, store, good, ids, timeout)
+            _, rows = await _deploy_and_watch(console, store, good, ids, timeout)
             bad = [r for r in rows if r[1] != P.CONFIRMED]
             if bad:
                 raise DemoError("; ".join(f"{d} ended {st} ({code}: {reason})" for d, st, _, code, reason in bad))
@@ -153,8 +162,12 @@ async def _demo(root: Path, n: int, timeout: float, console: Console, heap: str)
             faulty = create_release(store, home.blobs, key, firmware_image("1.2.0", RAISES), "1.2.0", [HARDWARE],
                                     kind="image")
             console.print(f"signed firmware 1.2.0, whose app fails at start; deployed to {victim} only")
-            rows = await _deploy_and_watch(console, store, faulty, [victim], timeout)
+            dep, rows = await _deploy_and_watch(console, store, faulty, [victim], timeout)
             (_, state, _, code, reason), = rows
+            job = _job(store, dep.jobs[0].id)
+            if job.delta_id is not None:
+                console.print(f"{victim} got 1.2.0 as a delta of 1.1.0 (read from its running partition): "
+                              f"{job.bytes_served} bytes sent for a {faulty.size}-byte image")
             if state != P.REVERTED:
                 raise DemoError(f"{victim} ended {state} ({code}: {reason}), not reverted")
             ota = boards[victim].ota_data()

@@ -14,8 +14,8 @@ The rest is an ordinary image (ESP-IDF, App Image Format): 24-byte header (magic
 count, entry point, chip id at offset 12, hash_appended at 23), segments of (load address,
 length, data), a checksum byte (XOR of the segment data, seeded with 0xEF) in the last byte of a
 16-byte block, and the SHA-256 of everything before it. The second segment (IRAM) is filler
-standing for the interpreter's code: the same bytes for every version unless `code_seed`
-differs, so that two versions differ in a few hundred bytes (what a delta update sends).
+standing for the interpreter's code: the same bytes for every version (unless `code_seed`
+differs) but its last KiB, so that two versions differ in about a KiB (what a delta sends).
 """
 from __future__ import annotations
 
@@ -68,6 +68,9 @@ def firmware_image(version: str, behaviour: str = HEALTHY, *, chip_id: int = 0, 
     data = MARK + len(tag).to_bytes(4, "little") + tag
     data += bytes(-len(data) % 4)  # segments are word-aligned
     code = random.Random(code_seed).randbytes(code_size - code_size % 4)
+    # The last KiB of the code stands for what changed between two versions.
+    changed = min(1024, len(code))
+    code = code[:len(code) - changed] + random.Random(f"{code_seed}/{version}").randbytes(changed)
     head = bytearray(24)
     head[0] = 0xE9
     head[1] = 2

@@ -49,16 +49,52 @@ from fota.testkit.boards.firmware import firmware_tag
 
 EMULATIONS = Path(__file__).resolve().parent    # esp32.py, machine.py, network.py, poweron.py
 TESTS_BOARDS = EMULATIONS.parents[3] / "tests" / "boards"  # TEMPORARY: machine.py, network.py until moved
+MICROPYTHON_SIDE = ("esp32", "machine", "network", "poweron")
 RESET_EXIT = 4
 WDT_EXIT = 5
 NO_APP_EXIT = 6
 POWER_CUT = -9    # SIGKILL
 RESTARTS = (RESET_EXIT, WDT_EXIT, REBOOT_EXIT, POWER_CUT)
 ESP32_APP_SIZE = 0x180000   # ESP32_GENERIC-OTA: two 1.5 MiB app partitions
+# The emulated board's heap. fota's DEFAULT_HEAP (160K) is the unix-port runner's; a board
+# process also holds the emulations, which a real board has built in (C code, no heap): about
+# 22 KiB before the agent starts (esp32, machine, network, poweron as .mpy, measured with
+# gc.mem_free()). Measured with the demo (board runner, esp32 backend, a delta): at 192K the
+# backend's 4 KiB block buffers failed with MemoryError in a fragmented heap (a crash loop); at
+# 208K it passed. 256K leaves a margin; tests of the agent's memory use bench/, not this.
+BOARD_HEAP = "256K"
 DEVICE_DIR = "device"
 MAIN_PY = ("# The board's main.py (emulated board): the board runner on the device directory.\n"
            "from fota.device.board import main\n"
            f"main(\"{DEVICE_DIR}\")\n")
+
+
+def build_emulations() -> Path:
+    """The MicroPython-side emulations compiled to .mpy (cached by their sources' hash), as the
+    agent is (fota.tools.mpy): on a board these modules are built into the firmware and cost no
+    heap; loaded from source they would also leave the compiler's litter in the board's heap."""
+    import hashlib
+    import shutil
+    import tempfile
+    from fota.tools.mpy import BUILD, compile_module
+    sources = [EMULATIONS / f"{name}.py" if (EMULATIONS / f"{name}.py").exists() else TESTS_BOARDS / f"{name}.py"
+               for name in MICROPYTHON_SIDE]
+    digest = hashlib.sha256()
+    for path in sources:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    out = BUILD.parent / "emulations" / digest.hexdigest()[:16]
+    if (out / ".complete").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".emu-", dir=out.parent))
+    for path in sources:
+        compile_module(path, tmp / (path.stem + ".mpy"), name=path.name)
+    (tmp / ".complete").write_text("ok\n")
+    try:
+        tmp.rename(out)
+    except OSError:  # built concurrently: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 class EmulatedBoard:
@@ -66,7 +102,7 @@ class EmulatedBoard:
     None (a board with one firmware and app bundles on its filesystem: a Pico W)."""
 
     def __init__(self, root: Path, *, chip: str | None = "esp32", chip_id: int = 0, app_size: int = ESP32_APP_SIZE,
-                 heap: str = "256K", code_path: Path | None = None, main_py: str = MAIN_PY,
+                 heap: str = BOARD_HEAP, code_path: Path | None = None, main_py: str = MAIN_PY,
                  max_restarts: int = 100, settings: dict | None = None, link=None,
                  wifi: tuple[str, str] = ("fota-lab", "emulated-wpa2")):
         self.root = Path(root)
@@ -78,6 +114,7 @@ class EmulatedBoard:
             from fota.tools.mpy import build_agent
             code_path = build_agent()
         self.code_path = Path(code_path)
+        self.emulations = build_emulations()
         self.max_restarts = max_restarts
         self.exits: list[int] = []
         self.starts = 0
@@ -138,7 +175,7 @@ class EmulatedBoard:
     def _spawn(self) -> subprocess.Popen:
         from fota.tools.supervisor import find_micropython
         env = dict(os.environ)
-        env["MICROPYPATH"] = f"{self.rom}:{EMULATIONS}:{TESTS_BOARDS}:{self.code_path}:.frozen"
+        env["MICROPYPATH"] = f"{self.rom}:{self.emulations}:{self.code_path}:.frozen"
         env["FOTA_EMULATED_BOARD"] = str(self.root / "board.json")
         log = open(self.log_path, "ab")
         try:
