@@ -29,7 +29,11 @@
 #                     FOTA_EMULATED_BOARD, a JSON file), else no file: an access point that is
 #                     always up and accepts any credentials.
 #   link loss         the file turning "up": false while connected: isconnected() becomes False
-#                     and status() STAT_NO_AP_FOUND at the next call. The emulated driver does not
+#                     and status() STAT_NO_AP_FOUND at the next call. "drops" (optional): how
+#                     many times the access point went away so far; a connection made at a lower
+#                     count is lost too, even if no call saw the file say "up": false (an outage
+#                     shorter than the caller's blocking socket wait: the driver's disconnect
+#                     event is not sampled, it is latched). The emulated driver does not
 #                     re-associate by itself when the access point comes back (the ESP32 driver
 #                     does, the Pico W's does not: the stricter case): the runner must call
 #                     connect() again. Sockets are NOT touched: on a board a dead link leaves TCP
@@ -110,6 +114,7 @@ class _WLAN:
         self._status = STAT_IDLE
         self._target = None      # (ssid, password) of the last connect()
         self._since = 0          # ticks of the last connect()
+        self._drops = 0          # the access point's "drops" when the connection was made
         self._config = {"mac": b"\x24\x0a\xc4\x00\xf0\x7a", "hostname": "mpy-emulated"}
 
     def active(self, is_active=None):
@@ -153,9 +158,11 @@ class _WLAN:
                 self._state, self._status = "failed", STAT_WRONG_PASSWORD
             else:
                 self._state, self._status = "connected", STAT_GOT_IP
+                self._drops = ap.get("drops", 0)
         elif self._state == "connected":
             ap = _access_point()
-            if ap is None or ("ssid" in ap and ap["ssid"] != self._target[0]):
+            if (ap is None or ("ssid" in ap and ap["ssid"] != self._target[0])
+                    or ap.get("drops", 0) != self._drops):
                 self._state, self._status = "lost", STAT_NO_AP_FOUND
 
     def status(self, param=None):

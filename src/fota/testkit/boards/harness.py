@@ -29,8 +29,8 @@ Layout of the board's directory (root):
     board.log             the processes' output
     wifi.json             the Wi-Fi the emulated network.WLAN sees (set_wifi)
 
-A board may reach the broker through a fault proxy (link): a lost Wi-Fi then also cuts its
-connections, as the radio link going away does on a board.
+A board may reach the broker through a fault proxy (link): a lost Wi-Fi then also silences its
+connections, as the radio link going away does on a board (set_wifi).
 
 The agent's code comes as .mpy (fota.tools.mpy.build_agent), on the import path as a board's
 /lib or frozen modules would be.
@@ -107,6 +107,7 @@ class EmulatedBoard:
                  wifi: tuple[str, str] = ("fota-lab", "emulated-wpa2")):
         self.root = Path(root)
         self.wifi = wifi   # the access point's (SSID, password): provision() gives the board the same
+        self.wifi_drops = 0
         self.link = link   # a fota.testkit.faultproxy.FaultProxy the board reaches the broker through
         self.chip = chip
         self.heap = heap
@@ -248,15 +249,20 @@ class EmulatedBoard:
     def set_wifi(self, up: bool) -> None:
         """The access point comes and goes: what the emulated network.WLAN sees (network.py).
         With a link (the board's broker connection through a fault proxy), a lost Wi-Fi also
-        breaks the board's open connections and every new one, as a lost radio link does."""
-        tmp = self.wifi_path.with_suffix(".tmp")
+        silences the board's connections (nothing flows, nothing resets them: the board must
+        notice the lost link itself, or its socket timeout must); when it is back, the old
+        connections are gone (the broker dropped them meanwhile)."""
+        if self.link is not None and up:
+            self.link.cut_all()
+            self.link.unstall()
         ssid, password = self.wifi
-        tmp.write_text(json.dumps({"up": bool(up), "ssid": ssid, "password": password}))
+        if not up:
+            self.wifi_drops += 1  # latched by the emulated driver: network.py "drops"
+        tmp = self.wifi_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"up": bool(up), "ssid": ssid, "password": password, "drops": self.wifi_drops}))
         tmp.replace(self.wifi_path)
-        if self.link is not None:
-            self.link.cut_after = None if up else 0
-            if not up:
-                self.link.cut_all()
+        if self.link is not None and not up:
+            self.link.stall(24 * 3600)
 
     # ------------------------------------------------------------------------- what is seen
 

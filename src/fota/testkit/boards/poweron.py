@@ -21,6 +21,7 @@
 import os
 import sys
 import json
+import time
 
 NO_APP_EXIT = 6
 
@@ -88,7 +89,7 @@ def power_on():
         pass
     with open(os.getenv("FOTA_EMULATED_BOARD")) as f:
         settings = json.load(f)
-    boot = {}
+    boot = {"at": time.time_ns() // 1000000}  # Unix ms: when it powered on
     ok = bootloader(settings, boot) if settings.get("flash") else True
     with open(settings["boots"], "a") as f:
         f.write(json.dumps(boot) + "\n")
