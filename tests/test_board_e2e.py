@@ -162,6 +162,12 @@ def test_hang_in_trial_is_caught_by_the_watchdog_and_rolled_back(fleet):
     assert_rolled_back(fleet, board, dev, job)
     assert board.wdt_resets == 1
     assert "hangs in tick()" in board.log_text()
+    # The abandoned partition takes the next update, and the board runs it.
+    job = deploy(fleet, image_release(fleet, "4.0.1"), dev)
+    assert job.state == P.CONFIRMED, (job.state, job.code, job.reason)
+    assert board.ota_data()["running"] == "ota_1" and board.ota_data()["states"]["ota_1"] == "VALID"
+    fleet.wait_online(dev, version="4.0.1")
+    assert board.wdt_resets == 1 and board.halted == []
 
 
 def test_wifi_loss_mid_download_resumes_and_confirms(fleet):
