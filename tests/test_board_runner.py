@@ -23,6 +23,10 @@ from fota.tools.waiting import wait_until
 ROOT = Path(__file__).resolve().parent.parent
 BOARDS = ROOT / "tests" / "boards"
 RESET_EXIT = 4
+# The board runner's heap in these tests: the unix runner's default plus what the emulated
+# board modules cost here (compiled from source at every boot, where a board has them built in)
+# and board.py itself (~12 KB more than the unix runner on this 64-bit port, about half on a board).
+BOARD_HEAP = "224K"
 
 
 class BoardProcess(DeviceProcess):
@@ -72,7 +76,7 @@ def _board(fleet, device_id, *, app_files=None, wlan=None, **settings) -> BoardP
             p.unlink()
         for name, data in app_files.items():
             (app / name).write_bytes(data)
-    proc = BoardProcess(root, wlan=wlan, heap=fleet.heap)
+    proc = BoardProcess(root, wlan=wlan, heap=BOARD_HEAP)
     fleet.devices[device_id] = proc
     return proc.start()
 
@@ -149,6 +153,24 @@ def test_example_app_keeps_running_next_to_a_real_update(fleet, style):
     counts = [int(line.split(": ")[1].split()[0]) for line in reports]
     assert len(counts) >= 2 and counts == sorted(counts) and counts[-1] > counts[0], reports
     assert proc.exits == [RESET_EXIT], proc.exits
+
+
+def _swallowing_app(version):
+    files = hello_files(version)
+    files["app.py"] += (b"\ndef main(agent):\n    while True:\n        try:\n            agent.poll(10)\n"
+                        b"        except Exception as e:  # a careless app: swallows the agent's Reboot\n"
+                        b"            print('app swallowed', type(e).__name__)\n")
+    return files
+
+
+def test_app_loop_that_swallows_the_reboot_still_reboots(fleet):
+    proc = _board(fleet, "brd-swallow", app_files=_swallowing_app("1.0.0"), trial_settle_ms=200)
+    fleet.wait_online("brd-swallow")
+    job = _update(fleet, "brd-swallow", _swallowing_app("1.1.0"), "1.1.0")
+    assert (job.state, job.code) == ("confirmed", None), (job.reason, proc.log_text())
+    log = proc.log_text()
+    assert "app swallowed Reboot" in log and "the app's loop swallowed the reboot" in log
+    assert proc.exits == [RESET_EXIT]
 
 
 # ---------------------------------------------------------------------------------- Wi-Fi
@@ -244,3 +266,251 @@ def test_poll_steps_stay_bounded_while_the_broker_is_unreachable(tmp_path):
     assert 1 <= out["failures"] <= 2, out
     assert out["steps"] >= 20, out          # stepping on, not sleeping the back-off away
     assert out["longest"] < 1000, out       # no step waits out the back-off
+
+
+# ------------------------------------------------------------- esp32: the bootloader decides
+
+ESP32_RECONCILE = r"""
+import json, os, hashlib
+from binascii import hexlify
+import esp32
+from esp32 import Partition
+from fota.device import fsutil, boot as bootrec
+from fota.device.executor import Executor
+from fota.device.slots import open_backend
+
+esp32.setup("flash.bin", app_size=APP_SIZE, chip_id=0)
+here = os.getcwd() + "/"
+
+def load(name):
+    with open(name, "rb") as f:
+        return f.read()
+
+def power_on():
+    # The ROM bootloader's choice, then the agent's boot selection.
+    label = esp32.reset()
+    be = open_backend("esp32", here, {"chip_id": 0})
+    ex = Executor(be, fsutil, here, lambda *a: None)
+    on_trial = ex.select("1.0.0", 3)
+    return label, be, ex, on_trial
+
+factory = load("factory.bin")
+Partition("ota_0").writeblocks(0, factory + b"\xff" * (-len(factory) % 4096))
+label, be, ex, on_trial = power_on()
+new = load("new.bin")
+be.begin("b", len(new))
+be.write("b", 0, new)
+be.finalize("b", len(new), None, None, None, hexlify(hashlib.sha256(new).digest()).decode())
+bootrec.set_trial(ex.record, 7, "1.1.0")
+ex._save_record()
+label, be, ex, on_trial = power_on()
+out = {"trial_boot": [label, on_trial, ex.slot]}
+if CASE == "marked_valid":
+    be.confirm()  # mark_app_valid_cancel_rollback(), then a reset before the record is written
+label, be, ex, on_trial = power_on()
+rec = fsutil.read_json(here + "boot.json")
+out["after"] = [label, on_trial, ex.slot, rec["active"], rec["trial"], rec["report"], rec["versions"]]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("case", ["rolled_back", "marked_valid"])
+def test_esp32_boot_record_follows_what_the_bootloader_did(tmp_path, case):
+    """A reset during the trial before mark_app_valid: the bootloader rolls back, and the record
+    says reverted (not a trial of a slot that no longer runs). A reset after mark_app_valid but
+    before the record said confirmed: the bootloader boots the new image as valid, and the record
+    says confirmed (not a trial whose tries run out into a revert while the new image runs)."""
+    from test_esp32_backend import APP_SIZE, app_image
+    (tmp_path / "factory.bin").write_bytes(app_image(30000, seed=1))
+    (tmp_path / "new.bin").write_bytes(app_image(40000, seed=2))
+    script = ESP32_RECONCILE.replace("APP_SIZE", str(APP_SIZE)).replace("CASE", repr(case))
+    p = run_micropython(script, heap="2M", env={"MICROPYPATH": f"{BOARDS}:{ROOT / 'src'}"}, cwd=str(tmp_path))
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["trial_boot"] == ["ota_1", True, "b"]
+    label, on_trial, slot, active, trial, report, versions = out["after"]
+    if case == "rolled_back":
+        assert (label, on_trial, slot, active, trial) == ("ota_0", False, "a", "a", None)
+        assert (report["state"], report["code"], report["job"]) == ("reverted", "E_HEALTH", 7)
+        assert "bootloader rolled back" in report["reason"] and versions["b"] is None
+    else:
+        assert (label, on_trial, slot, active, trial) == ("ota_1", False, "b", "b", None)
+        assert (report["state"], report["job"]) == ("confirmed", 7) and versions["b"] == "1.1.0"
+
+
+# ------------------------------------------------------------------ LittleFS and free space
+
+LFS_MAIN = r"""
+# The board's flash: a LittleFS (the ESP32's and RP2040's filesystem) on a block device kept in a
+# file across resets; the provisioned device directory copied onto it at the first power-on.
+import os
+
+class FileBlocks:
+    def __init__(self, path, blocks, size=4096):
+        self.size = size
+        self.blocks = blocks
+        try:
+            self.f = open(path, "r+b")
+        except OSError:
+            self.f = open(path, "w+b")
+            blank = b"\xff" * size
+            for _ in range(blocks):
+                self.f.write(blank)
+            self.f.flush()
+    def readblocks(self, n, buf, off=0):
+        self.f.seek(n * self.size + off)
+        self.f.readinto(buf)
+    def writeblocks(self, n, buf, off=None):
+        self.f.seek(n * self.size + (off or 0))
+        self.f.write(buf)
+        self.f.flush()
+    def ioctl(self, op, arg):
+        if op == 4:
+            return self.blocks
+        if op == 5:
+            return self.size
+        return 0
+
+def copytree(src, dst):
+    os.mkdir(dst)
+    for name in os.listdir(src):
+        if name in ("device.log", "reset_cause"):  # the harness's, not the board's
+            continue
+        s, d = src + "/" + name, dst + "/" + name
+        if os.stat(s)[0] & 0x4000:
+            copytree(s, d)
+        else:
+            with open(s, "rb") as fi, open(d, "wb") as fo:
+                fo.write(fi.read())
+
+bd = FileBlocks(IMAGE, BLOCKS)
+try:
+    os.mount(os.VfsLfs2(bd), "/flash")
+except OSError:
+    os.VfsLfs2.mkfs(bd)
+    os.mount(os.VfsLfs2(bd), "/flash")
+if "device" not in os.listdir("/flash"):
+    copytree(PROVISIONED, "/flash/device")
+print("[board] LittleFS free:", os.statvfs("/flash")[4] * 4096)
+from fota.device.board import main
+main("/flash/device")
+"""
+
+
+class LittleFsBoard(BoardProcess):
+    """The board runner with its device directory on a LittleFS of `blocks` 4 KiB blocks."""
+
+    def __init__(self, root: Path, blocks: int, **kwargs):
+        super().__init__(root, **kwargs)
+        self.script = (LFS_MAIN.replace("IMAGE", repr(str(Path(root).parent / (Path(root).name + ".lfs"))))
+                       .replace("BLOCKS", str(blocks)).replace("PROVISIONED", repr(str(root))))
+
+    def _spawn(self) -> subprocess.Popen:
+        env = dict(os.environ)
+        env["MICROPYPATH"] = f"{BOARDS}:{self.code_path}:.frozen"
+        env["FOTA_EMU_RESET_CAUSE"] = str(self.cause_path)
+        env.pop("FOTA_EMULATED_BOARD", None)
+        env.pop("FOTA_EMU_WLAN", None)
+        log = open(self.log_path, "ab")
+        try:
+            return subprocess.Popen([find_micropython(), "-X", f"heapsize={self.heap}", "-c", self.script],
+                                    env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    process_group=0)
+        finally:
+            log.close()
+
+
+def test_on_littlefs_an_update_that_does_not_fit_is_refused_E_SPACE_and_one_that_fits_installs(fleet):
+    """The device directory on a 256 KiB LittleFS: a bundle whose image and unpacked files need
+    more than the free space fails with E_SPACE before a byte is written (the old app keeps
+    running); a smaller one downloads, unpacks, renames and confirms on the same filesystem."""
+    fleet.add_device("brd-lfs", start=False)
+    root = fleet.root("brd-lfs")
+    proc = LittleFsBoard(root, blocks=64, heap="256K")  # LittleFS's caches live in the heap too
+    fleet.devices["brd-lfs"] = proc
+    proc.start()
+    fleet.wait_online("brd-lfs")
+    big = hello_files("2.0.0")
+    big["blob.bin"] = os.urandom(120_000)  # ~120 KB image + ~120 KB unpacked > ~240 KB free
+    job = _update(fleet, "brd-lfs", big, "2.0.0")
+    assert (job.state, job.code) == ("failed", "E_SPACE"), (job.state, job.code, job.reason)
+    assert "needs" in job.reason and "free space" in job.reason
+    small = hello_files("1.1.0")
+    small["blob.bin"] = os.urandom(30_000)
+    job = _update(fleet, "brd-lfs", small, "1.1.0")
+    assert (job.state, job.code) == ("confirmed", None), (job.reason, proc.log_text())
+    fleet.wait_online("brd-lfs", version="1.1.0")
+    assert proc.exits == [RESET_EXIT]
+    assert "LittleFS free:" in proc.log_text()
+
+
+FS_SCRIPT = r"""
+import os, json
+from fota.device import fsutil
+
+class RAM:
+    def __init__(self, blocks, size=512):
+        self.size, self.blocks = size, blocks
+        self.data = bytearray(blocks * size)
+    def readblocks(self, n, buf, off=0):
+        a = n * self.size + off
+        buf[:] = self.data[a:a + len(buf)]
+    def writeblocks(self, n, buf, off=None):
+        a = n * self.size + (off or 0)
+        self.data[a:a + len(buf)] = buf
+    def ioctl(self, op, arg):
+        return {4: self.blocks, 5: self.size}.get(op, 0)
+
+out = {}
+for kind in ("fat", "lfs"):
+    if kind == "fat":
+        bd = RAM(256)
+        os.VfsFat.mkfs(bd)
+        fs = os.VfsFat(bd)
+    else:
+        bd = RAM(64, 4096)
+        os.VfsLfs2.mkfs(bd)
+        fs = os.VfsLfs2(bd)
+    os.mount(fs, "/" + kind)
+    d = "/" + kind + "/dev"
+    os.mkdir(d)
+    # Does this filesystem rename over an existing file?
+    with open(d + "/x", "w") as f: f.write("1")
+    with open(d + "/y", "w") as f: f.write("2")
+    try:
+        os.rename(d + "/y", d + "/x")
+        native = "atomic"
+    except OSError:
+        native = "refused"
+    fsutil.write_json(d + "/state.json", {"v": 1})
+    fsutil.write_json(d + "/state.json", {"v": 2})   # a replacement
+    replaced = fsutil.read_json(d + "/state.json")
+    # A FAT replacement cut between its remove and its rename: only the complete .tmp is left.
+    with open(d + "/cut.json.tmp", "w") as f: json.dump({"v": 3}, f)
+    recovered = fsutil.read_json(d + "/cut.json")
+    out[kind] = {"rename_over": native, "replaced": replaced, "recovered": recovered,
+                 "tmp_left": fsutil.exists(d + "/cut.json.tmp"), "after": fsutil.read_json(d + "/cut.json"),
+                 "free": fsutil.free_bytes(d), "blocks_free": os.statvfs(d)[4] * os.statvfs(d)[1]}
+    os.chdir(d)
+    out[kind]["abspath"] = fsutil.abspath("device")
+    os.chdir("/")
+print(json.dumps(out))
+"""
+
+
+def test_fsutil_replaces_atomically_on_littlefs_and_fat_and_reads_free_space():
+    """The same write_json on the two filesystems boards have, mounted in the unix port from
+    MicroPython's own drivers: LittleFS and VfsFat both replace the old file (FAT by removing it
+    first, inside the driver or in fsutil.replace), and a cut between that remove and the rename
+    is recovered from the complete temporary file. Free space comes from os.statvfs; paths are
+    absolute whatever the working directory."""
+    p = run_micropython(FS_SCRIPT, heap="512K", env={"MICROPYPATH": str(ROOT / "src")})
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["lfs"]["rename_over"] == "atomic", out
+    for kind in ("fat", "lfs"):
+        r = out[kind]
+        assert r["replaced"] == {"v": 2}, (kind, r)
+        assert r["recovered"] == {"v": 3} and r["after"] == {"v": 3} and not r["tmp_left"], (kind, r)
+        assert r["free"] == r["blocks_free"] and 0 < r["free"] < 256 * 1024, (kind, r)
+        assert r["abspath"] == f"/{kind}/dev/device", (kind, r)

@@ -12,7 +12,9 @@
 #   reset      a reboot is machine.reset(), a hard reset (on an ESP32 a soft reset does not load
 #              the new firmware), after a clean disconnect (go_offline).
 #   watchdog   on a trial boot a machine.WDT(timeout=config "trial_wdt_ms") is armed before the
-#              app starts and fed at every step of the agent: an app that hangs (a tick that
+#              app starts and fed at every step of the agent; the broker (whose connection
+#              confirms the trial) is not reached before the app ran "trial_settle_ms" with the
+#              watchdog fed: an app that hangs (a tick that
 #              never returns, an asyncio task that never yields) stops the feeding and resets the
 #              board, and that boot counts as a failed trial attempt (the executor counted it
 #              before the app ran; after max_trial_boots the boot selector reverts, and on an
@@ -55,6 +57,7 @@ class BoardDevice(Device):
     def __init__(self, root, app_loader=None):
         Device.__init__(self, root, app_loader or load_board_app)
         self.frozen_app = True     # a firmware image's frozen `app` module (esp32 backend)
+        self.stepped_install = True  # the app runs between the install's steps
         self.wdt = None
         self._trial_since = None   # on trial: when the app started (the health check waits)
         self.wifi = self.config.get("wifi") or None
@@ -64,6 +67,7 @@ class BoardDevice(Device):
         self._wifi_at = ticks_ms() # when the next join may start
         self._wifi_failures = 0
         self.wifi_joins = 0        # join attempts this boot
+        self._rebooting = False    # a Reboot left poll(): a later step resets the board itself
 
     # ---- watchdog ------------------------------------------------------------------------
     def wdt_timeout_ms(self):
@@ -77,7 +81,8 @@ class BoardDevice(Device):
             return
         import machine
         ms = self.wdt_timeout_ms()
-        self.wdt = machine.WDT(timeout=ms)
+        # The ESP8266's watchdog has a fixed timeout of the system's: it takes none.
+        self.wdt = machine.WDT() if sys.platform == "esp8266" else machine.WDT(timeout=ms)
         # Every blocking network wait must end well before the watchdog would.
         self.net_timeout_s = max(1, min(self.net_timeout_s, ms // 3000))
         self._trial_since = ticks_ms()
@@ -157,12 +162,20 @@ class BoardDevice(Device):
         return Device._step_connect(self, timeout_ms)
 
     def poll(self, timeout_ms=DEFAULT_STEP_MS):
+        if self._rebooting:
+            # The app's loop caught the Reboot and stepped again: the agent resets by itself.
+            log("the app's loop swallowed the reboot")
+            reset(self)
         if self.client is not None and self.wifi and self.wlan is not None and not self.wlan.isconnected():
             # The link is gone: so is the broker connection, whatever its socket says yet.
             log("Wi-Fi lost")
             self._drop_connection()
             self._connect_at = ticks_ms()
-        Device.poll(self, timeout_ms)
+        try:
+            Device.poll(self, timeout_ms)
+        except Reboot:
+            self._rebooting = True
+            raise
 
     def busy(self):
         """True when the next step has work waiting (the asyncio runner does not sleep then)."""
@@ -215,6 +228,13 @@ def run_app(device, step_ms=DEFAULT_STEP_MS):
         device.app = None  # its tick() is not called after its own loop ended
     while True:
         device.poll(step_ms)
+
+
+def reset(device):
+    """The reboot: a clean disconnect, then a hard reset. Never returns."""
+    import machine
+    runner.shut_down(device)
+    machine.reset()
 
 
 def main(root, step_ms=DEFAULT_STEP_MS):

@@ -58,3 +58,33 @@ def confirm(record, report):
     record["counter"] = max(record.get("counter", 0), trial.get("counter", 0))
     record["trial"] = None
     record["report"] = report
+
+
+def follow_bootloader(record, running):
+    """A backend whose bootloader picks the image (esp32, with rollback on): bring a trial record
+    in line with what the bootloader booted, before select(). `running`: the slot it booted.
+    Returns True if the record changed (the caller persists it).
+
+    - It booted the other slot: the bootloader rolled the trial back (the image reset before it
+      was marked valid, or failed its check): the record says reverted, as the bootloader did.
+    - It booted the trial slot again after a trial boot (tries >= 1): an image still pending
+      verification is never booted twice (the bootloader aborts it instead), so it was marked
+      valid and the reset came before the record said so: the record says confirmed.
+    """
+    trial = record.get("trial")
+    if not trial:
+        return False
+    if running != trial["slot"]:
+        reason = "the bootloader rolled back to slot %s" % running
+        if trial.get("error"):
+            reason += ": " + trial["error"]
+        record["report"] = {"job": trial.get("job"), "state": P.REVERTED, "code": P.E_HEALTH,
+                            "reason": reason, "version": trial.get("version")}
+        record["versions"][trial["slot"]] = None
+        record["trial"] = None
+        record["active"] = running
+        return True
+    if trial.get("tries", 0) >= 1:
+        confirm(record, {"job": trial.get("job"), "state": P.CONFIRMED, "code": None, "reason": None})
+        return True
+    return False

@@ -35,12 +35,25 @@ def _read_exact(f, n, remaining):
     return data
 
 
+STEP_BYTES = 16384  # bytes unpacked between two yields of extract_steps
+
+
 def extract(f, size, dest, files=None, buf_size=512):
     """Unpack `size` bytes of bundle from file object f into directory dest. Returns names.
 
     files: the signed manifest's [name, size, sha256] list; when given, the bundle must hold
     exactly those files with those sizes and hashes.
     """
+    names = []
+    for _ in extract_steps(f, size, dest, files, buf_size, names):
+        pass
+    return names
+
+
+def extract_steps(f, size, dest, files=None, buf_size=512, names=None, step=STEP_BYTES):
+    """extract() as a generator that yields after every `step` bytes unpacked, so that a
+    runner can unpack a large bundle in bounded steps between its other work. `names` (a list)
+    receives the names unpacked."""
     expected = None
     if files is not None:
         expected = {}
@@ -52,8 +65,10 @@ def extract(f, size, dest, files=None, buf_size=512):
     version, count = struct.unpack(">BH", _read_exact(f, 3, remaining))
     if version != 1:
         raise BundleError("bundle version %d not supported" % version)
-    names = []
+    if names is None:
+        names = []
     buf = bytearray(buf_size)
+    since = 0  # bytes unpacked since the last yield
     for _ in range(count):
         (nlen,) = struct.unpack(">H", _read_exact(f, 2, remaining))
         try:
@@ -86,6 +101,10 @@ def extract(f, size, dest, files=None, buf_size=512):
                 out.write(mv[:n])
                 h.update(mv[:n])
                 left -= n
+                since += n
+                if since >= step:
+                    since = 0
+                    yield
         remaining[0] -= fsize
         if expected is not None and hexlify(h.digest()).decode() != expected[name][1]:
             raise BundleError("file %s does not match its signed sha256" % name)
@@ -96,4 +115,3 @@ def extract(f, size, dest, files=None, buf_size=512):
         raise BundleError("bundle lacks files the signed manifest lists")
     if "app.py" not in names and "app.mpy" not in names:
         raise BundleError("bundle has no app.py or app.mpy")
-    return names

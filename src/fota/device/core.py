@@ -265,6 +265,10 @@ class UpdateCore:
         # the device or its backend cannot decrypt.
         self.enc_key = identity.get("enc_key")
         self.capacity = identity["capacity"]
+        # Bytes the backend can write for a new image now (its filesystem's free space plus what
+        # the inactive slot holds), or None where that does not apply (flash partitions). The
+        # runner refreshes it before each command.
+        self.free = identity.get("free")
         self.kinds = identity["kinds"]
         self.version = identity["version"]
         # The running image ({"sha256", "size"}, or None if unknown): the base a delta must name.
@@ -640,6 +644,14 @@ class UpdateCore:
             raise Rejection(P.E_DOWNGRADE, "security counter %d is below the installed %d" % (m["counter"], self.counter), terminal=True)
         if m["size"] > self.capacity:
             raise Rejection(P.E_TOO_LARGE, "image of %d bytes exceeds slot capacity %d" % (m["size"], self.capacity), terminal=True)
+        if self.free is not None:
+            # The image, the files it unpacks to, and a margin must fit before a byte is written.
+            need = m["size"] + P.SPACE_MARGIN
+            for f in m.get("files") or ():
+                need += f[1]
+            if need > self.free:
+                raise Rejection(P.E_SPACE, "needs %d bytes of free space, the filesystem has %d" % (need, self.free),
+                                terminal=True)
         delta = cmd.get("delta")
         if delta:
             # The patch must start from the image this device runs; checked before any write.

@@ -46,6 +46,7 @@ class Executor:
         self.slot = None        # the running slot
         self.core = None        # this boot's core (start())
         self.patcher = None     # the delta decoder of the current job, if it is a delta job
+        self.installed = None   # the core's answer to the last install (install_steps)
 
     # ---- boot --------------------------------------------------------------------------------
     def select(self, version, max_trial_boots):
@@ -53,6 +54,14 @@ class Executor:
         boot and store the record before anything runs (an attempt counts even if it crashes).
         Returns True if the slot boots on trial."""
         record = self._read("boot.json") or bootrec.new_record(version)
+        booted_slot = getattr(self.backend, "booted_slot", None)
+        if booted_slot is not None:
+            # The bootloader chose (esp32): a trial it rolled back, or one marked valid just
+            # before a reset, is recorded as what it is (boot.follow_bootloader).
+            trial = record.get("trial")
+            if bootrec.follow_bootloader(record, booted_slot()):
+                self.log("boot record follows the bootloader:", (record.get("report") or {}).get("state"),
+                         "job", (trial or {}).get("job"))
         slot, on_trial = bootrec.select(record, max_trial_boots)
         self._write("boot.json", record)
         self.record = record
@@ -186,17 +195,9 @@ class Executor:
             _, agent = action
             self._write("agent.json", agent)
         elif kind == C.A_INSTALL:
-            _, manifest, key = action
-            code = reason = None
-            try:
-                self._install(inactive, manifest, key)
-            except Exception as e:
-                code, reason = install_error(e)
-            if code is None:
-                # What the slot now holds: the base for the next delta once it runs.
-                images = self.record.setdefault("images", {})
-                images[inactive] = {"sha256": manifest["sha256"].lower(), "size": manifest["size"]}
-            return self.core.installed(code, reason)
+            for _ in self.install_steps(action):
+                pass
+            return self.installed
         elif kind == C.A_SET_TRIAL:
             _, job, version, counter = action
             bootrec.set_trial(self.record, job, version, counter)
@@ -224,6 +225,24 @@ class Executor:
             raise ValueError("unknown action %r" % (kind,))
         return None
 
+    def install_steps(self, action):
+        """A_INSTALL in bounded steps (a generator): a runner that shares the board with an app
+        advances it one step at a time (fota.device.runner, Device.stepped_install); run() runs
+        it through. Afterwards `installed` holds the core's answer (actions to run next)."""
+        _, manifest, key = action
+        inactive = bootrec.other(self.slot)
+        self.installed = None
+        code = reason = None
+        try:
+            yield from self._install_steps(inactive, manifest, key)
+        except Exception as e:
+            code, reason = install_error(e)
+        if code is None:
+            # What the slot now holds: the base for the next delta once it runs.
+            images = self.record.setdefault("images", {})
+            images[inactive] = {"sha256": manifest["sha256"].lower(), "size": manifest["size"]}
+        self.installed = self.core.installed(code, reason)
+
     def _save_record(self):
         self._write("boot.json", self.record)
 
@@ -236,15 +255,20 @@ class Executor:
     def _remove(self, name):
         self.files.remove(self.prefix + name)
 
-    def _install(self, slot, manifest, key):
+    def _install_steps(self, slot, manifest, key):
         if self.patcher is not None:
             self.patcher.finish()  # DeltaError unless it produced the manifest's image
             self.patcher = None
         elif manifest.get("_delta"):
             from fota.device.delta import DeltaError
             raise DeltaError("no decoder ran: the slot holds the patch, not the image")
-        self.backend.finalize(slot, manifest["size"], manifest.get("files"), key,
-                              (manifest.get("enc") or {}).get("plain_size"), manifest["sha256"])
+        args = (slot, manifest["size"], manifest.get("files"), key,
+                (manifest.get("enc") or {}).get("plain_size"), manifest["sha256"])
+        steps = getattr(self.backend, "finalize_steps", None)
+        if steps is None:
+            self.backend.finalize(*args)  # a backend without steps: in one go
+        else:
+            yield from steps(*args)
 
     def _patcher(self, expect, inactive):
         # Imported only by a device that gets a delta; collected first, so that its bytecode

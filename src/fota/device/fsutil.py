@@ -1,4 +1,17 @@
-# Small file helpers that MicroPython's os module lacks (no os.path, no makedirs, no rmtree).
+# Small file helpers that MicroPython's os module lacks (no os.path, no makedirs, no rmtree),
+# written for the filesystems boards have as well as the unix port's:
+#
+#   LittleFS (ESP32, RP2040, ESP8266 builds since 1.12 by choice): a rename over an existing file
+#     is atomic; what was written to a file since its last flush/close may be lost at a power cut.
+#   FAT (ESP8266's stock filesystem on older builds, SD cards): FatFs cannot rename onto an
+#     existing file. MicroPython's VfsFat does it anyway by removing the target first (measured:
+#     the unix port 1.29 renames over an existing file on a mounted VfsFat); another FAT driver
+#     refuses (EEXIST), and replace() then removes it itself. Either way the replacement is
+#     remove-then-rename, not atomic: read_json recovers the complete temporary file (it was
+#     closed before the remove) when a cut fell between the two.
+#
+# Paths: the agent works with absolute paths under its device directory (abspath at start), so an
+# app that changes the working directory (os.chdir) does not move the agent's files.
 import os
 import json
 
@@ -44,12 +57,63 @@ def rmtree(path):
     os.rmdir(path)
 
 
+def abspath(path):
+    """`path` made absolute against the working directory now ("." and "./x" included)."""
+    if path.startswith("/"):
+        return path.rstrip("/") or "/"
+    cwd = os.getcwd().rstrip("/")
+    while path.startswith("./"):
+        path = path[2:]
+    if path in ("", "."):
+        return cwd or "/"
+    return cwd + "/" + path.rstrip("/")
+
+
+def free_bytes(path):
+    """Bytes free for writing on the filesystem holding `path` (os.statvfs: f_bavail blocks of
+    f_frsize bytes), or None where the port has no statvfs."""
+    try:
+        st = os.statvfs(path)
+    except (AttributeError, OSError):
+        return None
+    return st[4] * (st[1] or st[0])
+
+
+def tree_bytes(path):
+    """Bytes held by the files under `path` (0 if it does not exist)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return 0
+    if not st[0] & 0x4000:
+        return st[6]
+    total = 0
+    for name in os.listdir(path):
+        total += tree_bytes(path + "/" + name)
+    return total
+
+
 def read_json(path, default=None):
     try:
         with open(path) as f:
             return json.load(f)
+    except OSError:
+        pass
+    except ValueError:
+        return default
+    # Missing: a FAT replacement cut between its remove and its rename leaves the new file,
+    # complete (it was closed before the remove), under the temporary name. Take it.
+    tmp = path + ".tmp"
+    try:
+        with open(tmp) as f:
+            obj = json.load(f)
     except (OSError, ValueError):
         return default
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        pass
+    return obj
 
 
 def write_json(path, obj):
@@ -64,7 +128,20 @@ def write_json(path, obj):
         raise PowerCut("in the middle of writing " + tmp)
     with open(tmp, "w") as f:
         json.dump(obj, f)
-    os.rename(tmp, path)
+        f.flush()
+    replace(tmp, path)
+
+
+def replace(src, dst):
+    """Rename src over dst: atomic on LittleFS and POSIX. FAT refuses to rename onto an existing
+    file: there dst is removed first (read_json recovers a cut in between)."""
+    try:
+        os.rename(src, dst)
+    except OSError:
+        if not exists(dst) or not exists(src):
+            raise
+        os.remove(dst)
+        os.rename(src, dst)
 
 
 def remove(path):

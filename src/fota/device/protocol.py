@@ -98,9 +98,11 @@ E_BASE_MISMATCH = "E_BASE_MISMATCH"    # delta patch for another base than the r
 E_DELTA = "E_DELTA"                    # delta patch corrupt, or it does not produce the manifest's image
 E_LOW_BATTERY = "E_LOW_BATTERY"        # postponed: battery below the update's minimum
 E_EXPIRED = "E_EXPIRED"                # command's "exp" is before the device's trusted time
+E_SPACE = "E_SPACE"                    # the device's filesystem has no room for the image (and its unpacked files)
+SPACE_MARGIN = 16384                   # bytes a download leaves free beyond its files (filesystem metadata, state files)
 
 ERROR_CODES = (E_BAD_COMMAND, E_OVERSIZE, E_UNKNOWN_COMMAND, E_STALE_JOB, E_DUPLICATE_JOB,
                E_BAD_MANIFEST, E_UNKNOWN_KEY, E_BAD_SIGNATURE, E_HW_MISMATCH, E_TOO_LARGE,
                E_BAD_CHUNK, E_HASH_MISMATCH, E_INSTALL, E_BAD_BUNDLE, E_TIMEOUT, E_HEALTH,
                E_NOT_RUNNING, E_KEY_REVOKED, E_KEY_EXPIRED, E_WRONG_DEVICE, E_DOWNGRADE, E_STALE_KEYS,
-               E_BAD_KEYS, E_DECRYPT, E_BASE_MISMATCH, E_DELTA, E_LOW_BATTERY, E_EXPIRED)
+               E_BAD_KEYS, E_DECRYPT, E_BASE_MISMATCH, E_DELTA, E_LOW_BATTERY, E_EXPIRED, E_SPACE)

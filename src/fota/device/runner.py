@@ -15,6 +15,7 @@ from binascii import unhexlify
 from fota.device import protocol as P
 from fota.device import core as C
 from fota.device import fsutil
+from fota.device import boot as bootrec
 from fota.device.executor import Executor, Reboot
 from fota.device.mqtt import MQTTClient, MQTTError, backoff_ms
 from fota.device.slots import open_backend
@@ -64,6 +65,7 @@ def log(*args):
 
 class Device:
     def __init__(self, root, app_loader=None):
+        root = fsutil.abspath(root)  # the agent's files stay put if the app changes directory
         self.root = root
         self.config = fsutil.read_json(root + "/config.json")
         if not self.config:
@@ -89,6 +91,10 @@ class Device:
         # An app with no directory of its own (a firmware image's frozen `app` module) is loaded
         # too: app_loader(None). The board runner's loader finds it; the unix runner has none.
         self.frozen_app = False
+        # Install (unpack a bundle, read back and check an image) in bounded steps, one per
+        # poll(), instead of in one go; `installing` is the install under way (a generator).
+        self.stepped_install = False
+        self.installing = None
         # Longest blocking wait of one socket operation (connect, TLS handshake, a PUBACK), s.
         self.net_timeout_s = 10
 
@@ -132,6 +138,7 @@ class Device:
             # the running image (recorded when it was installed): the base of delta updates
             "image": ex.running_image(),
             "delta_wbits": cfg.get("delta_wbits", P.DELTA_WBITS),
+            "free": self._free_space(),
             "enc_key": unhexlify(cfg["enc_key"]) if cfg.get("enc_key") and getattr(self.backend, "DECRYPTS", False)
             else None,
         }
@@ -157,8 +164,13 @@ class Device:
         the rest queued until the next connection."""
         self.pending.extend(actions)
         while self.pending:
+            if self.installing is not None:
+                return  # an install in steps holds the queue: poll() advances it
             action = self.pending[0]
             kind = action[0]
+            if kind == C.A_INSTALL and self.stepped_install:
+                self.installing = self.executor.install_steps(action)
+                return
             if kind == C.A_PUBLISH:
                 if self.client is None:
                     return  # offline: kept until the next connection
@@ -263,6 +275,7 @@ class Device:
                 # Not after the statuses: on a link that breaks every few KiB, waiting for their
                 # PUBACKs first left the command unacknowledged, redelivered on every connection
                 # (2 KB of each connection's budget) and refused again, for ever.
+                self.core.free = self._free_space()
                 actions = self.core.command(payload, self._clock())
                 first_publish = 0
                 while first_publish < len(actions) and actions[first_publish][0] != C.A_PUBLISH:
@@ -272,6 +285,13 @@ class Device:
                 self.execute(actions[first_publish:])
                 continue
             self._ack(pid, client)
+
+    def _free_space(self):
+        # What the inactive slot may use on the filesystem (files backend), else None.
+        free_space = getattr(self.backend, "free_space", None)
+        if free_space is None or self.executor.slot is None:
+            return None
+        return free_space(bootrec.other(self.executor.slot))
 
     def _clock(self):
         # The real-time clock for command expiry (Unix seconds), unless config "clock" is false.
@@ -319,6 +339,9 @@ class Device:
         power check and the core's timers, tick the app. The caller loops: run_forever, an app's
         own loop, or an asyncio task (fota.device.aio). Reboot propagates out of it."""
         self.feed()
+        if self.installing is not None:
+            self._install_step()
+            return
         if self.client is None:
             self._read_power()  # a postponed install may go on offline
             self.execute(self.core.tick(self.now()))
@@ -337,6 +360,25 @@ class Device:
         self.dispatch(self.step_messages)
         self._read_power()
         self.execute(self.core.tick(self.now()))
+        self.tick_app()
+
+    def _install_step(self):
+        # One bounded piece of the install; nothing else of the agent's moves meanwhile but the
+        # connection's keepalive (what arrives waits in the inbox) and the app.
+        try:
+            next(self.installing)
+        except StopIteration:
+            self.installing = None
+            self.pending.pop(0)  # the A_INSTALL
+            self.pending[0:0] = self.executor.installed or []
+            self.execute([])
+        else:
+            if self.client is not None:
+                try:
+                    self.client.check_msg(0)
+                except (OSError, MQTTError) as e:
+                    log("connection lost:", e)
+                    self._drop_connection()
         self.tick_app()
 
     def feed(self):

@@ -20,6 +20,10 @@
 #   app_dir(slot)              directory holding the slot's app (files) or None
 #   confirm()                  optional: the running image passed its health check (esp32: cancel
 #                              the bootloader's rollback)
+#   booted_slot()              optional: the slot a bootloader chose (esp32); the boot record
+#                              follows it at boot (boot.follow_bootloader)
+#   free_space(slot)           optional: bytes a new image for `slot` may use on the device's
+#                              filesystem (files); checked before a download (E_SPACE)
 
 
 def open_backend(kind, root, config):

@@ -12,6 +12,7 @@ from binascii import unhexlify
 from esp32 import Partition
 
 BLOCK = 4096          # flash sector: the erase unit, and the unit this backend programs
+HASH_STEP = 16384     # bytes read back and hashed between two yields of finalize_steps
 LABELS = {"a": "ota_0", "b": "ota_1"}
 # The chip id field of the ESP app image header (esp_chip_id_t)
 CHIP_IDS = {"esp32": 0x0000, "esp32s2": 0x0002, "esp32c3": 0x0005, "esp32s3": 0x0009,
@@ -60,6 +61,10 @@ class Esp32Backend:
     def app_dir(self, slot):
         return None
 
+    def booted_slot(self):
+        """The slot the bootloader booted: the executor's boot record follows it."""
+        return running_slot()
+
     def begin(self, slot, size):
         part = self._target(slot)
         if size > part.info()[3]:
@@ -106,8 +111,14 @@ class Esp32Backend:
         return True  # the image stays in its partition; the boot record says which one it is
 
     def finalize(self, slot, size, files=None, key=None, plain_size=None, sha256=None):
-        # sha256: the manifest's, of the image. The core checked the streamed bytes against it;
-        # here the flash is read back and checked against it too, before set_boot().
+        for _ in self.finalize_steps(slot, size, files, key, plain_size, sha256):
+            pass
+
+    def finalize_steps(self, slot, size, files=None, key=None, plain_size=None, sha256=None):
+        # finalize() as a generator: the read-back hash yields every HASH_STEP bytes, so that a
+        # runner checks a 1.5 MiB image in bounded steps. sha256: the manifest's, of the image.
+        # The core checked the streamed bytes against it; here the flash is read back and checked
+        # against it too, before set_boot().
         if key is not None:
             raise ImageError("encrypted firmware images are not supported")
         if self._bad:
@@ -124,11 +135,15 @@ class Esp32Backend:
         if chip != self.chip_id:
             raise ImageError("image for chip id %d, this board is %d" % (chip, self.chip_id))
         h = hashlib.sha256()
-        done = 0
+        done = since = 0
         while done < size:
             n = min(1024, size - done)
             h.update(self.read(slot, done, n))
             done += n
+            since += n
+            if since >= HASH_STEP:
+                since = 0
+                yield
         if sha256 is None or h.digest() != unhexlify(sha256):
             raise ImageError("the flash does not hold the image written")
         self._target(slot).set_boot()  # OSError if ESP-IDF's own image check fails

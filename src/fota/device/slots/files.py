@@ -5,7 +5,7 @@
 # the next delta update is applied to (an unchanged file then costs the patch a few bytes). Works on every port with a
 # filesystem (unix, RP2040, ESP8266, ESP32).
 from fota.device import fsutil
-from fota.device.bundle import extract
+from fota.device.bundle import extract_steps
 
 
 class FilesBackend:
@@ -43,6 +43,14 @@ class FilesBackend:
             self._r.close()
         self._f = self._r = None
         self._slot = self._r_slot = None
+
+    def free_space(self, slot):
+        """Bytes a new image for `slot` may use: the filesystem's free space plus what the slot
+        holds now (begin() removes it); None if the port cannot tell."""
+        free = fsutil.free_bytes(self.root)
+        if free is None:
+            return None
+        return free + fsutil.tree_bytes(self._dir(slot))
 
     def has_image(self, slot):
         return fsutil.exists(self._image(slot))
@@ -82,14 +90,20 @@ class FilesBackend:
         return f.read(n)
 
     def finalize(self, slot, size, files=None, key=None, plain_size=None, sha256=None):
+        for _ in self.finalize_steps(slot, size, files, key, plain_size, sha256):
+            pass
+
+    def finalize_steps(self, slot, size, files=None, key=None, plain_size=None, sha256=None):
+        """finalize() in bounded steps (a generator): the bundle is unpacked a few KiB at a time."""
         self.close()
         app = self.app_dir(slot)
         fsutil.rmtree(app)
         fsutil.makedirs(app)
+        yield
         with open(self._image(slot), "rb") as f:
             if key is None:
-                extract(f, size, app, files)
+                yield from extract_steps(f, size, app, files)
             else:
                 # The slot keeps the ciphertext that was hashed; plaintext exists only unpacked.
                 from fota.device.aes import DecryptingReader
-                extract(DecryptingReader(f, size, key), plain_size, app, files)
+                yield from extract_steps(DecryptingReader(f, size, key), plain_size, app, files)
