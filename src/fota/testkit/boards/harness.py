@@ -60,8 +60,9 @@ ESP32_APP_SIZE = 0x180000   # ESP32_GENERIC-OTA: two 1.5 MiB app partitions
 # process also holds the emulations, which a real board has built in (C code, no heap): about
 # 22 KiB before the agent starts (esp32, machine, network, poweron as .mpy, measured with
 # gc.mem_free()). Measured with the demo (board runner, esp32 backend, a delta): at 192K the
-# backend's 4 KiB block buffers failed with MemoryError in a fragmented heap (a crash loop); at
-# 208K it passed. 256K leaves a margin; tests of the agent's memory use bench/, not this.
+# backend's 4 KiB block buffers failed with MemoryError in a fragmented heap in 2 runs of 3 (a
+# crash loop); at 208K 3 of 3 passed. 256K leaves a margin; the agent's memory is bench/'s to
+# measure, not this harness's.
 BOARD_HEAP = "256K"
 DEVICE_DIR = "device"
 MAIN_PY = ("# The board's main.py (emulated board): the board runner on the device directory.\n"
