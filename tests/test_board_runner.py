@@ -111,22 +111,28 @@ def test_tick_app_updated_reset_by_machine_reset_and_watchdog_fed_on_trial(fleet
     assert fleet.running_version("brd-tick") == "1.1.0"
 
 
-def _hanging_app(version):
+def _hanging_app(version, style):
     files = hello_files(version)
-    files["app.py"] += b"\ndef tick():\n    while True:\n        pass  # hangs: never returns\n"
+    if style == "tick":
+        files["app.py"] += b"\ndef tick():\n    while True:\n        pass  # hangs: never returns\n"
+    else:  # an asyncio task that never awaits: the agent's task never runs again
+        files["app.py"] += (b"\nimport asyncio\nasync def spin():\n    while True:\n        pass\n"
+                            b"async def main(agent):\n    await asyncio.sleep_ms(50)\n    await spin()\n")
     return files
 
 
-def test_app_hanging_on_trial_is_reset_by_the_watchdog_and_reverted(fleet):
-    proc = _board(fleet, "brd-hang", trial_wdt_ms=800, trial_settle_ms=3000, max_trial_boots=2)
-    fleet.wait_online("brd-hang")
-    job = _update(fleet, "brd-hang", _hanging_app("1.1.0"), "1.1.0")
+@pytest.mark.parametrize("style", ["tick", "asyncio"])
+def test_app_hanging_on_trial_is_reset_by_the_watchdog_and_reverted(fleet, style):
+    device = "brd-hang-" + style
+    proc = _board(fleet, device, trial_wdt_ms=800, trial_settle_ms=3000, max_trial_boots=2)
+    fleet.wait_online(device)
+    job = _update(fleet, device, _hanging_app("1.1.0", style), "1.1.0")
     assert (job.state, job.code) == ("reverted", "E_HEALTH"), (job.state, job.code, job.reason)
-    fleet.wait_online("brd-hang", version="1.0.0")
+    fleet.wait_online(device, version="1.0.0")
     # Two trial boots, each ended by the watchdog (SIGKILL after "wdt" in the reset cause).
     assert proc.watchdog_resets == 2, proc.exits
     assert "WDT: not fed in time" in proc.log_text()
-    assert fleet.running_version("brd-hang") == "1.0.0"
+    assert fleet.running_version(device) == "1.0.0"
 
 
 @pytest.mark.parametrize("style", ["poll_app", "asyncio_app"])
