@@ -228,11 +228,10 @@ elif len(runs) == 2:
 """
 
 
-def test_harness_plays_resets_watchdog_and_the_bootloader(tmp_path, monkeypatch):
+def test_harness_plays_resets_watchdog_and_the_bootloader(tmp_path):
     """The harness itself: machine.reset() and a starving watchdog start the board again through
     the bootloader; main.py returning halts it (the REPL)."""
-    monkeypatch.syspath_prepend(str(Path(__file__).parent / "boards"))
-    import machine as emulated_machine  # the reset-cause values
+    from fota.testkit.boards import machine as emulated_machine  # the reset-cause values
     board = EmulatedBoard(tmp_path / "b", main_py=BOARD_SCRIPT)
     board.flash_factory_image(firmware_image("9.0.0"))
     board.start()

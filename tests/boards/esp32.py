@@ -2,4 +2,3 @@
 # and `fota demo --board esp32` share: docs/boards.md). Re-exported here for the tests that put
 # tests/boards on the import path (with src/ on it too).
 from fota.testkit.boards.esp32 import *  # noqa: F401,F403
-from fota.testkit.boards.esp32 import setup, board, state, reset, Partition  # noqa: F401

@@ -48,7 +48,6 @@ from fota.device.runner import REBOOT_EXIT
 from fota.testkit.boards.firmware import firmware_tag
 
 EMULATIONS = Path(__file__).resolve().parent    # esp32.py, machine.py, network.py, poweron.py
-TESTS_BOARDS = EMULATIONS.parents[3] / "tests" / "boards"  # TEMPORARY: machine.py, network.py until moved
 MICROPYTHON_SIDE = ("esp32", "machine", "network", "poweron")
 RESET_EXIT = 4
 WDT_EXIT = 5
@@ -78,8 +77,7 @@ def build_emulations() -> Path:
     import shutil
     import tempfile
     from fota.tools.mpy import BUILD, compile_module
-    sources = [EMULATIONS / f"{name}.py" if (EMULATIONS / f"{name}.py").exists() else TESTS_BOARDS / f"{name}.py"
-               for name in MICROPYTHON_SIDE]
+    sources = [EMULATIONS / f"{name}.py" for name in MICROPYTHON_SIDE]
     digest = hashlib.sha256()
     for path in sources:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
