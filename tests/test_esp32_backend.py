@@ -1,4 +1,4 @@
-"""The `esp32` slot backend over the emulated `esp32.Partition` (tests/boards/esp32.py), under
+"""The `esp32` slot backend over the emulated `esp32.Partition` (fota.testkit.boards.esp32), under
 CPython and under the real MicroPython. Every step runs in its own process, as a board runs
 between two resets: the flash and the OTA data live in files."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from conftest import run_micropython
 
 ROOT = Path(__file__).resolve().parent.parent
-BOARDS = ROOT / "tests" / "boards"
+BOARDS = ROOT / "src" / "fota" / "testkit" / "boards"  # the emulations (tests/boards re-exports them)
 APP_SIZE = 16 * 4096
 CHUNK = 1000
 
@@ -331,3 +331,70 @@ def test_executor_confirm_marks_the_image_valid(tmp_path, emulated_esp32):
     assert esp32.state("ota_1") == "VALID"
     assert ex.record["active"] == "b" and ex.slot == "b"
     assert esp32.reset() == "ota_1"
+
+
+def test_boot_record_follows_the_bootloader(tmp_path, emulated_esp32):
+    """The bootloader picks the partition before the agent runs (and rolls back a trial image
+    reset before it was marked valid): the executor's boot selection follows it (CPython, in
+    process). Before, it followed the boot record alone: after a rollback it went on "trying"
+    slot b while slot a ran, and confirmed an image that did not run."""
+    esp32 = emulated_esp32
+
+    from fota.device import boot as bootrec
+    from fota.device import fsutil
+    from fota.device.executor import Executor, Reboot
+    from fota.device.slots import open_backend
+
+    esp32.setup(str(tmp_path / "flash.bin"), app_size=APP_SIZE)
+    first = app_image(2000, seed=1)
+    esp32.Partition("ota_0").writeblocks(0, first + b"\xff" * (4096 - len(first)))
+    new = app_image(3 * 4096 + 5, seed=2)
+
+    def install():  # into ota_1, set to boot next
+        backend = open_backend("esp32", str(tmp_path), {})
+        backend.begin("b", len(new))
+        backend.write("b", 0, new)
+        backend.finalize("b", len(new), sha256=hashlib.sha256(new).hexdigest())
+
+    install()
+
+    def executor():
+        return Executor(open_backend("esp32", str(tmp_path), {}), fsutil, str(tmp_path) + "/", lambda *a: None)
+
+    # set_boot happened, the trial was not recorded yet (a power cut in between): the agent
+    # must not run the image its record does not name; it reboots without marking it valid.
+    fsutil.write_json(str(tmp_path / "boot.json"), bootrec.new_record("1.0"))
+    assert esp32.reset() == "ota_1"
+    with pytest.raises(Reboot):
+        executor().select("1.0", 3)
+    assert esp32.reset() == "ota_0" and esp32.state("ota_1") == "ABORTED"
+    ex = executor()
+    assert ex.select("1.0", 3) is False and ex.slot == "a"
+
+    # The trial recorded, its boot reset before the health check: the bootloader rolled back,
+    # and the record reports the revert instead of booting slot b "on trial" again.
+    install()
+    record = bootrec.new_record("1.0")
+    bootrec.set_trial(record, 9, "2.0")
+    fsutil.write_json(str(tmp_path / "boot.json"), record)
+    assert esp32.reset() == "ota_1"
+    ex = executor()
+    assert ex.select("1.0", 3) is True and ex.slot == "b"       # the trial boot
+    assert esp32.reset() == "ota_0"                               # reset before it was marked valid
+    ex = executor()
+    assert ex.select("1.0", 3) is False and ex.slot == "a"
+    assert ex.record["trial"] is None and ex.record["versions"]["b"] is None
+    assert ex.record["report"]["state"] == "reverted" and ex.record["report"]["job"] == 9
+    assert "bootloader rolled back" in ex.record["report"]["reason"]
+
+    # Marked valid, reset before the record said so: the bootloader keeps it, so does the record.
+    install()
+    record = bootrec.new_record("1.0")
+    bootrec.set_trial(record, 10, "2.0")
+    record["trial"]["tries"] = 3  # as many as a trial may take: the bootloader has the say
+    fsutil.write_json(str(tmp_path / "boot.json"), record)
+    assert esp32.reset() == "ota_1"
+    esp32.Partition.mark_app_valid_cancel_rollback()
+    assert esp32.reset() == "ota_1"
+    ex = executor()
+    assert ex.select("1.0", 3) is True and ex.slot == "b" and ex.record["trial"]["job"] == 10

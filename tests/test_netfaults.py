@@ -106,11 +106,17 @@ def test_stall_longer_than_the_deadline_fails_with_e_timeout_and_keeps_the_firmw
     _add_via_proxy(fleet, proxy, dev, stall_timeout_ms=3000, chunk_timeout_ms=1000)
     fleet.wait_online(dev)
     rel = create_release(fleet.store, fleet.blobs, fleet.key, _bundle("1.2.0", 60_000), "1.2.0", ["unix"])
-    proxy.stall_after, proxy.stall_for = proxy.sessions[-1].down + 8000, 8.0
+    # The stall point counts from the device's live connection: its only open one (a stray second
+    # connection through this proxy would move the point and let the download through unstalled).
+    live = [s for s in proxy.sessions if not s.closed]
+    assert len(live) == 1, [(s.number, s.up, s.down, s.closed) for s in proxy.sessions]
+    proxy.stall_for = 8.0
+    proxy.stall_after = live[0].down + 8000
     t0 = time.monotonic()
     dep = create_deployment(fleet.store, rel, device_ids=[dev])
     j = fleet.wait_job(dep.jobs[0].id, timeout=60)
-    assert (j.state, j.code) == (P.FAILED, P.E_TIMEOUT), (j.state, j.code, j.reason)
+    sessions = [(s.number, s.up, s.down, s.stalled, s.closed) for s in proxy.sessions]
+    assert (j.state, j.code) == (P.FAILED, P.E_TIMEOUT), (j.state, j.code, j.reason, proxy.stall_after, sessions)
     assert "no chunk for 3000 ms" in j.reason
     assert proxy.stalls == 1 and proxy.cuts == 0  # stalled, never cut
     assert time.monotonic() - t0 >= 3.0

@@ -3,11 +3,13 @@ fault benches count a lost status or a bricked device as a failed case (fota.tes
 import json
 from pathlib import Path
 
+import pytest
+
 from bench import delta, e2e, fleet as fleet_bench, netfaults, powercut, restarts
 
 
 def test_powercut_counts_a_seq_gap_as_a_lost_status_and_a_failed_case():
-    row = powercut.Row("update", "download", 10)
+    row = powercut.Row("sim", "update", "download", 10)
     out = {"ok": True, "bricked": None, "lost": 0, "resent": 0, "problems": [], "statuses": [[7, 1, 1], [7, 1, 2]]}
     row.add({"cut_at": [1], "torn_at": []}, out, 0.01)
     row.add({"cut_at": [2], "torn_at": []}, dict(out, statuses=[[7, 1, 1], [7, 1, 3], [7, 2, 1]]), 0.01)
@@ -15,6 +17,19 @@ def test_powercut_counts_a_seq_gap_as_a_lost_status_and_a_failed_case():
     row.add({"cut_at": [3], "torn_at": []}, dict(out, statuses=[[7, 1, 1], [7, 1, 2], [7, 1, 3], [9, 1, 1]]), 0.01)
     assert (row.cases, row.passed, row.lost) == (3, 2, 1)
     assert row.failures[0]["gaps"] == [[7, 1, 2]]
+
+
+def test_powercut_bench_runs_the_board_backends_and_names_them(tmp_path, capsys):
+    out = tmp_path / "pc.json"
+    assert powercut.main(["--backends", "esp32,files", "--scenarios", "delta", "--image-kib", "2",
+                          "--chained", "1", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert {r["backend"] for r in doc["rows"]} == {"esp32", "files"}
+    assert sorted(doc["clean"]) == ["esp32/delta", "files/delta"]
+    assert doc["totals"]["cases"] == doc["totals"]["passed"] > 0 and doc["totals"]["bricked"] == 0
+    assert "set_boot" in doc["clean"]["esp32/delta"]["kinds"] and "rename" in doc["clean"]["files/delta"]["kinds"]
+    with pytest.raises(SystemExit):
+        powercut.parse_args(["--backends", "esp8266"])
 
 
 def test_restarts_bench_exits_1_when_a_case_fails_and_0_when_all_pass(tmp_path):

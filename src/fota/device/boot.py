@@ -17,25 +17,51 @@ def other(slot):
     return "b" if slot == "a" else "a"
 
 
-def select(record, max_tries):
+def select(record, max_tries, running=None):
     """Pick the slot to boot; mutates the record (the caller persists it before running).
 
-    Returns (slot, on_trial).
+    running: the slot a bootloader already started (esp32: its rollback decides, not the
+    record), or None where the agent picks the slot (files, sim). The record then follows it.
+
+    Returns (slot, on_trial); on_trial is None when the bootloader runs an image the record
+    does not name: one set to boot by an install whose trial was never recorded (a power cut
+    in between). The caller must reboot without marking it valid: the bootloader then abandons
+    it and boots the active slot again.
     """
     trial = record.get("trial")
+    if running is not None:
+        if trial and running != trial["slot"]:
+            # The bootloader rolled back: the trial image was reset before it was marked valid.
+            _revert(record, trial, "the bootloader rolled back after %d trial boot(s)" % trial.get("tries", 0))
+            return record["active"], False
+        if trial and trial.get("tries", 0) >= 1:
+            # The trial slot booted again: an image still pending verification is never booted
+            # twice (the bootloader aborts it instead), so it was marked valid and the reset came
+            # before the record said so. The record says confirmed, as the bootloader has it.
+            confirm(record, {"job": trial.get("job"), "state": P.CONFIRMED, "code": None, "reason": None})
+            return running, False
+        if trial:  # its first boot (PENDING_VERIFY): a trial boot
+            trial["tries"] = 1
+            return trial["slot"], True
+        if running != record["active"]:
+            return running, None
+        return running, False
     if trial:
         if trial.get("tries", 0) >= max_tries:
-            reason = "trial boot failed %d times" % trial.get("tries", 0)
-            if trial.get("error"):
-                reason += ": " + trial["error"]
-            record["report"] = {"job": trial.get("job"), "state": P.REVERTED, "code": P.E_HEALTH,
-                                "reason": reason, "version": trial.get("version")}
-            record["versions"][trial["slot"]] = None  # not bootable any more
-            record["trial"] = None
+            _revert(record, trial, "trial boot failed %d times" % trial.get("tries", 0))
             return record["active"], False
         trial["tries"] = trial.get("tries", 0) + 1
         return trial["slot"], True
     return record["active"], False
+
+
+def _revert(record, trial, reason):
+    if trial.get("error"):
+        reason += ": " + trial["error"]
+    record["report"] = {"job": trial.get("job"), "state": P.REVERTED, "code": P.E_HEALTH,
+                        "reason": reason, "version": trial.get("version")}
+    record["versions"][trial["slot"]] = None  # not bootable any more
+    record["trial"] = None
 
 
 def set_trial(record, job, version, counter=0):
@@ -59,32 +85,3 @@ def confirm(record, report):
     record["trial"] = None
     record["report"] = report
 
-
-def follow_bootloader(record, running):
-    """A backend whose bootloader picks the image (esp32, with rollback on): bring a trial record
-    in line with what the bootloader booted, before select(). `running`: the slot it booted.
-    Returns True if the record changed (the caller persists it).
-
-    - It booted the other slot: the bootloader rolled the trial back (the image reset before it
-      was marked valid, or failed its check): the record says reverted, as the bootloader did.
-    - It booted the trial slot again after a trial boot (tries >= 1): an image still pending
-      verification is never booted twice (the bootloader aborts it instead), so it was marked
-      valid and the reset came before the record said so: the record says confirmed.
-    """
-    trial = record.get("trial")
-    if not trial:
-        return False
-    if running != trial["slot"]:
-        reason = "the bootloader rolled back to slot %s" % running
-        if trial.get("error"):
-            reason += ": " + trial["error"]
-        record["report"] = {"job": trial.get("job"), "state": P.REVERTED, "code": P.E_HEALTH,
-                            "reason": reason, "version": trial.get("version")}
-        record["versions"][trial["slot"]] = None
-        record["trial"] = None
-        record["active"] = running
-        return True
-    if trial.get("tries", 0) >= 1:
-        confirm(record, {"job": trial.get("job"), "state": P.CONFIRMED, "code": None, "reason": None})
-        return True
-    return False

@@ -91,7 +91,7 @@ def extract_steps(f, size, dest, files=None, buf_size=512, names=None, step=STEP
         h = hashlib.sha256()
         if "/" in name:
             fsutil.makedirs(dest + "/" + name.rsplit("/", 1)[0])
-        with open(dest + "/" + name, "wb") as out:
+        with fsutil.open_file(dest + "/" + name, "wb") as out:
             left = fsize
             mv = memoryview(buf)
             while left:

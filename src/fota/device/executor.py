@@ -54,15 +54,13 @@ class Executor:
         boot and store the record before anything runs (an attempt counts even if it crashes).
         Returns True if the slot boots on trial."""
         record = self._read("boot.json") or bootrec.new_record(version)
-        booted_slot = getattr(self.backend, "booted_slot", None)
-        if booted_slot is not None:
-            # The bootloader chose (esp32): a trial it rolled back, or one marked valid just
-            # before a reset, is recorded as what it is (boot.follow_bootloader).
-            trial = record.get("trial")
-            if bootrec.follow_bootloader(record, booted_slot()):
-                self.log("boot record follows the bootloader:", (record.get("report") or {}).get("state"),
-                         "job", (trial or {}).get("job"))
-        slot, on_trial = bootrec.select(record, max_trial_boots)
+        # esp32: the bootloader picked the partition already (and may have rolled back): the
+        # record follows it (boot.select).
+        booted = getattr(self.backend, "booted_slot", None)
+        slot, on_trial = bootrec.select(record, max_trial_boots, booted() if booted else None)
+        if on_trial is None:
+            self.log("running slot", slot, "that the boot record does not name: rebooting to the active one")
+            raise Reboot()
         self._write("boot.json", record)
         self.record = record
         self.slot = slot

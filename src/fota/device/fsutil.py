@@ -18,6 +18,41 @@ import json
 # Power-cut simulation only (fota.device.slots.sim.Power): counts every file replacement and
 # removal as a persistent operation and may cut power there. None on a real device.
 power = None
+# Power-cut simulation only: a filesystem model (fota.powercut.littlefs) that every file the agent
+# writes, and every rename, remove and mkdir, goes through (open_file, rename, remove, mkdir,
+# rmdir below). None on a real device: the calls go straight to the builtins.
+fs = None
+
+
+def open_file(path, mode="rb"):
+    """open() for every file the agent writes (and the slot files it reads)."""
+    if fs is not None:
+        return fs.open(path, mode)
+    return open(path, mode)
+
+
+def rename(src, dst):
+    if fs is not None:
+        return fs.rename(src, dst)
+    os.rename(src, dst)
+
+
+def mkdir(path):
+    if fs is not None:
+        return fs.mkdir(path)
+    os.mkdir(path)
+
+
+def rmdir(path):
+    if fs is not None:
+        return fs.rmdir(path)
+    os.rmdir(path)
+
+
+def _remove(path):
+    if fs is not None:
+        return fs.remove(path)
+    os.remove(path)
 
 
 def exists(path):
@@ -43,18 +78,18 @@ def makedirs(path):
             continue
         cur = cur + part if cur.endswith("/") or not cur else cur + "/" + part
         if not exists(cur):
-            os.mkdir(cur)
+            mkdir(cur)
 
 
 def rmtree(path):
     if not exists(path):
         return
     if not is_dir(path):
-        os.remove(path)
+        _remove(path)
         return
     for name in os.listdir(path):
         rmtree(path + "/" + name)
-    os.rmdir(path)
+    rmdir(path)
 
 
 def abspath(path):
@@ -110,7 +145,7 @@ def read_json(path, default=None):
     except (OSError, ValueError):
         return default
     try:
-        os.rename(tmp, path)
+        rename(tmp, path)
     except OSError:
         pass
     return obj
@@ -126,9 +161,9 @@ def write_json(path, obj):
             f.write(text[:len(text) // 2])
         from fota.device.slots.sim import PowerCut
         raise PowerCut("in the middle of writing " + tmp)
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
+    text = json.dumps(obj)  # one write: small files, and one operation for a filesystem model
+    with open_file(tmp, "w") as f:
+        f.write(text)
     replace(tmp, path)
 
 
@@ -136,12 +171,12 @@ def replace(src, dst):
     """Rename src over dst: atomic on LittleFS and POSIX. FAT refuses to rename onto an existing
     file: there dst is removed first (read_json recovers a cut in between)."""
     try:
-        os.rename(src, dst)
+        rename(src, dst)
     except OSError:
         if not exists(dst) or not exists(src):
             raise
-        os.remove(dst)
-        os.rename(src, dst)
+        _remove(dst)
+        rename(src, dst)
 
 
 def remove(path):
@@ -150,6 +185,6 @@ def remove(path):
         from fota.device.slots.sim import PowerCut
         raise PowerCut("in the middle of removing " + path)
     try:
-        os.remove(path)
+        _remove(path)
     except OSError:
         pass

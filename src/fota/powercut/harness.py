@@ -1,5 +1,5 @@
-# Power-cut harness: one update of a device on the `sim` flash backend, with no network, and
-# power cut at chosen persistent operations (fota.device.slots.sim.Power). MicroPython and CPython.
+# Power-cut harness: one update of a device, with no network, and power cut at chosen persistent
+# operations (fota.device.slots.sim.Power). MicroPython and CPython.
 #
 # The device is the real thing: fota.device.runner.Device (boot selection, the order of the
 # actions), the executor it performs them with (fota.device.executor: journal resume, slots,
@@ -11,22 +11,35 @@
 #   Center  the control center: the signed update command of one job, the chunks of its image
 #           (answers every chunk request), the statuses it received;
 #   Run     powers the device on again after every reboot and every cut, checks every boot
-#           (_check_boot) and the end state (outcome()).
+#           (_check_boot) and the end state (outcome());
+#   worlds  what a slot backend's board adds (fota.powercut.worlds): `sim` a NOR flash;
+#           `esp32` the board's `esp32` module (OTA partitions, OTA data, the bootloader's choice
+#           and rollback at every reset); `files` nothing but the filesystem.
+# The device's files go through a file model: `replace` (fota.device.fsutil's own counting of
+# whole-file replacements and removals) or `littlefs` (fota.powercut.littlefs: every open,
+# write, sync, close, rename, remove, mkdir, with LittleFS's guarantees at a cut).
 # A scenario directory is prepared on CPython by fota.powercut.scenario.build.
 
 import gc
+import os
 import json
 import struct
-import hashlib
-from binascii import hexlify
 
 from fota.device import protocol as P
 from fota.device import fsutil
 from fota.device import runner
 from fota.device.runner import Device, Reboot
 from fota.device.slots.sim import Power, PowerCut
+from fota.powercut.worlds import WORLDS, Bricked
 
-TEMPLATE_FILES = ("config.json", "boot.json", "agent.json", "flash.bin")
+
+def copy_tree(src, dst):
+    fsutil.makedirs(dst)
+    for name in os.listdir(src):
+        if fsutil.is_dir(src + "/" + name):
+            copy_tree(src + "/" + name, dst + "/" + name)
+        else:
+            copy_file(src + "/" + name, dst + "/" + name)
 
 
 def copy_file(src, dst):
@@ -49,7 +62,8 @@ def _size(path):
 
 
 class Scenario:
-    """A prepared scenario: template/ (the provisioned device), scenario.json, image.bin."""
+    """A prepared scenario: template/ (the provisioned device), scenario.json, image.bin (what
+    the center serves: the image, or the patch of a delta job)."""
 
     def __init__(self, path):
         self.path = path
@@ -71,6 +85,11 @@ class Scenario:
         self.trial_timeout = meta["trial_timeout"]
         self.chunk_timeout = meta["chunk_timeout"]
         self.slot_size = meta["slot_size"]
+        self.backend = meta.get("backend", "sim")
+        self.fs = meta.get("fs", "replace")   # the file model: replace or littlefs
+        self.board = meta.get("board")        # esp32: {"app_size", "chip_id"}
+        self.files = meta.get("files")        # files: version -> {name: sha256} of its app
+        self.delta = meta.get("delta", False)
         self.image = path + "/image.bin"      # served in chunks, never all in RAM
         self.size = _size(self.image)
 
@@ -145,6 +164,11 @@ class Run:
         self.root = workdir
         self.eager_ack = eager_ack
         self.power = Power(cuts, mid, log, self._label if log is not None else None)
+        self.world = WORLDS[scenario.backend](self)
+        self.fs = None
+        if scenario.fs == "littlefs":
+            from fota.powercut.littlefs import LittleFS
+            self.fs = LittleFS(self.power)
         self.center = Center(scenario)
         self.dev = None
         self.boots = 0
@@ -159,10 +183,7 @@ class Run:
     # ---- the device's world ----------------------------------------------------------------
     def _reset(self):
         fsutil.rmtree(self.root)
-        fsutil.makedirs(self.root)
-        for name in TEMPLATE_FILES:
-            if fsutil.exists(self.s.path + "/template/" + name):
-                copy_file(self.s.path + "/template/" + name, self.root + "/" + name)
+        copy_tree(self.s.path + "/template", self.root)
 
     def _label(self):
         # The phase of the update an operation belongs to (for reports of the clean run).
@@ -177,7 +198,10 @@ class Run:
 
     def run(self):
         self._reset()
-        fsutil.power = self.power
+        if self.fs is not None:
+            fsutil.fs = self.fs
+        else:
+            fsutil.power = self.power
         say = runner.log
         runner.log = _silent  # thousands of boots: the runner's messages would drown the report
         try:
@@ -190,8 +214,13 @@ class Run:
                 except PowerCut:
                     self.cuts += 1
                     self.center.queue = []
+                    if self.fs is not None:
+                        self.fs.crash()  # a cut of the flash: the files lose their unsynced writes too
                 except Wedged as e:
                     self.errors.append("wedged: %s" % e)
+                    break
+                except Bricked as e:
+                    self.bricked = "boot %d: %s" % (self.boots, e)
                     break
                 except Exception as e:  # the device code crashed: it would crash again at every boot
                     self.errors.append("crash: %s: %s" % (type(e).__name__, e))
@@ -200,28 +229,43 @@ class Run:
                     break
                 if self.bricked:
                     break
+            # Power off at the end: what the device left must survive it.
+            self.power.down = True
+            if self.fs is not None:
+                self.fs.crash()
         finally:
             fsutil.power = None
+            fsutil.fs = None
+            if self.s.backend == "esp32":
+                self.world.esp32.power = None
             runner.log = say
         return self
 
     def _power_on(self):
         """One boot until the device is quiet (True) or reboots/loses power (raises)."""
         self.boots += 1
+        self.power.down = False
         if hasattr(gc, "mem_free"):  # MicroPython: a reboot starts with an empty heap
             gc.collect()
         if self.boots > self.MAX_BOOTS:
             raise Wedged("still not done after %d boots" % self.MAX_BOOTS)
         self.dev = None
-        # Cuts during trial boots count as failed trials, as a crash would (the attempt is
-        # counted before the image runs): enough of them revert even a healthy image. That is
-        # the designed outcome, not a failure.
+        self.world.power_on()  # esp32: the bootloader picks (and may roll back) the app
         trial = (fsutil.read_json(self.root + "/boot.json") or {}).get("trial")
-        if trial and trial.get("tries", 0) >= self.s.max_trial_boots and trial.get("version") not in self.s.unhealthy:
-            self.exhausted = True
-        dev = Device(self.root)
+        if trial and trial.get("version") not in self.s.unhealthy:
+            if self.world.bootloader:
+                # The bootloader abandons an image reset before it was marked valid: a cut during
+                # its trial boot reverts even a healthy image, by design.
+                if trial.get("slot") != self.world.running:
+                    self.exhausted = True
+            elif trial.get("tries", 0) >= self.s.max_trial_boots:
+                # Cuts during trial boots count as failed trials, as a crash would (the attempt
+                # is counted before the image runs): enough of them revert even a healthy image.
+                # That is the designed outcome, not a failure.
+                self.exhausted = True
+        dev = Device(self.root, app_loader=self.world.app_loader())
         self.dev = dev
-        dev.backend.flash.power = self.power
+        self.world.attach(dev)
         try:
             dev.boot()
             on_trial = dev.core.state == P.TRIAL
@@ -240,8 +284,7 @@ class Run:
             self._online(dev)
             return self._quiet(dev)
         finally:
-            dev.backend.flash.close()
-
+            self.world.release(dev)
     def _online(self, dev):
         link = Link(self.center, self.eager_ack)
         dev.client = link
@@ -282,34 +325,23 @@ class Run:
         return True
 
     # ---- checks ------------------------------------------------------------------------------
-    def _slot_holds(self, dev, slot, version):
-        """True if the flash of `slot` holds exactly the image of `version`."""
-        known = self.s.images.get(version)
-        if not known:
-            return False
-        base = 0 if slot == "a" else self.s.slot_size
-        h = hashlib.sha256()
-        done = 0
-        while done < known[0]:
-            n = min(1024, known[0] - done)
-            h.update(dev.backend.flash.read(base + done, n))
-            done += n
-        return hexlify(h.digest()).decode() == known[1]
-
     def _check_boot(self, dev, on_trial):
         record = dev.executor.record
         slot = dev.executor.slot
         version = record["versions"].get(slot)
         self.booted.append((slot, version, on_trial))
-        if version is None or not self._slot_holds(dev, slot, version):
+        if version is None or not self.world.holds(dev, slot, version):
             self.bricked = "boot %d: slot %s (record: %s) holds no verified image" % (self.boots, slot, version)
             return
+        if self.world.bootloader and slot != self.world.running:
+            self.errors.append("boot %d: the record runs slot %s, the bootloader started %s" % (
+                self.boots, slot, self.world.running))
         for s in ("a", "b"):
             v = record["versions"].get(s)
-            if v is not None and not self._slot_holds(dev, s, v):
+            if v is not None and not self.world.holds(dev, s, v):
                 self.errors.append("boot %d: record says slot %s holds %s, it does not" % (self.boots, s, v))
         trial = record.get("trial")
-        if trial and not self._slot_holds(dev, trial["slot"], trial.get("version")):
+        if trial and not self.world.holds(dev, trial["slot"], trial.get("version")):
             self.errors.append("boot %d: trial points at unverified slot %s" % (self.boots, trial["slot"]))
         counter = record.get("counter", 0)
         if counter < self.counter:
@@ -338,6 +370,8 @@ class Run:
                 problems.append("counter %s after %s" % (record.get("counter"), want_state))
             if fsutil.exists(self.root + "/journal.json"):
                 problems.append("journal left behind")
+            if self.dev is not None:
+                problems += self.world.check_end(self.dev, record)
         return {
             "ops": self.power.ops, "boots": self.boots, "cuts": self.cuts, "exhausted": self.exhausted,
             "bricked": self.bricked, "problems": problems, "final": final, "terminal": terminal,

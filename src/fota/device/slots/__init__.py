@@ -21,7 +21,7 @@
 #   confirm()                  optional: the running image passed its health check (esp32: cancel
 #                              the bootloader's rollback)
 #   booted_slot()              optional: the slot a bootloader chose (esp32); the boot record
-#                              follows it at boot (boot.follow_bootloader)
+#                              follows it at boot (boot.select: its rollback happened before the agent runs)
 #   free_space(slot)           optional: bytes a new image for `slot` may use on the device's
 #                              filesystem (files); checked before a download (E_SPACE)
 

@@ -148,6 +148,15 @@ class Esp32Backend:
             raise ImageError("the flash does not hold the image written")
         self._target(slot).set_boot()  # OSError if ESP-IDF's own image check fails
 
+    def booted_slot(self):
+        """The slot the bootloader started (after its rollback, if any): the boot record follows
+        it. None when it runs no OTA partition (a factory app): the agent still starts, and an
+        install fails with a status instead (_target)."""
+        try:
+            return running_slot()
+        except ImageError:
+            return None
+
     def confirm(self):
         """The running app passed its health check: cancel the bootloader's rollback."""
         Partition.mark_app_valid_cancel_rollback()

@@ -32,7 +32,7 @@ class FilesBackend:
     def _open(self, slot):
         if self._slot != slot or self._f is None:
             self.close()
-            self._f = open(self._image(slot), "r+b")
+            self._f = fsutil.open_file(self._image(slot), "r+b")
             self._slot = slot
         return self._f
 
@@ -59,7 +59,7 @@ class FilesBackend:
         self.close()
         fsutil.rmtree(self._dir(slot))
         fsutil.makedirs(self._dir(slot))
-        with open(self._image(slot), "wb"):
+        with fsutil.open_file(self._image(slot), "wb"):
             pass
 
     def resume(self, slot, offset):
@@ -81,7 +81,7 @@ class FilesBackend:
             if self._r_slot != slot:
                 if self._r is not None:
                     self._r.close()
-                self._r = open(self._image(slot), "rb")
+                self._r = fsutil.open_file(self._image(slot), "rb")
                 self._r_slot = slot
             f = self._r
         else:
@@ -100,7 +100,7 @@ class FilesBackend:
         fsutil.rmtree(app)
         fsutil.makedirs(app)
         yield
-        with open(self._image(slot), "rb") as f:
+        with fsutil.open_file(self._image(slot), "rb") as f:
             if key is None:
                 yield from extract_steps(f, size, app, files)
             else:

@@ -32,7 +32,10 @@ class Power:
     instead: it starts, and power fails half-way (see SimFlash.erase/write, fsutil.write_json);
     `mid` may also be a collection of operation numbers: only those are torn, other cuts fall
     before their operation.
-    `log` (a list, if set) gets one (kind, label()) entry per operation."""
+    `log` (a list, if set) gets one (kind, label()) entry per operation.
+    Once cut, the power stays off (`down`) until the simulation powers the device on again:
+    an operation attempted meanwhile (a `with` block closing a file while the cut unwinds)
+    raises PowerCut without being counted or done."""
 
     def __init__(self, cuts=(), mid=False, log=None, label=None):
         self.ops = 0
@@ -40,14 +43,23 @@ class Power:
         self.mid = mid
         self.log = log
         self.label = label
+        self.down = False
+
+    def fail(self, what):
+        """The torn operation's caller, once it left the operation half done."""
+        self.down = True
+        raise PowerCut("in the middle of " + what)
 
     def step(self, kind):
         """Called before an operation: raises PowerCut (cut before it), returns True (tear it:
-        the caller leaves it half done, then raises PowerCut) or False (it completes)."""
+        the caller leaves it half done, then calls fail()) or False (it completes)."""
+        if self.down:
+            raise PowerCut("no power (%s)" % kind)
         self.ops += 1
         if self.log is not None:
             self.log.append((kind, self.label() if self.label else None))
         if self.ops in self.cuts:
+            self.down = True
             if self.mid is True or (self.mid and self.ops in self.mid):
                 return True
             raise PowerCut("before operation %d (%s)" % (self.ops, kind))

@@ -30,6 +30,20 @@
 #   the segment data, seeded with 0xEF) in the last byte of a 16-byte-aligned block; then the
 #   SHA-256 of everything before it when hash_appended is 1.
 #
+# - ESP-IDF, Over The Air Updates, "OTA Data Partition": the OTA data is two flash sectors,
+#   erased and written independently so that a power failure while one is written leaves the
+#   other; a counter tells which is newer. So set_boot (esp_ota_set_boot_partition) and
+#   mark_app_valid_cancel_rollback change the boot choice and the image states atomically: a
+#   power cut leaves the old OTA data or the new, never a mix.
+#
+# Power cuts (the power-cut harness, fota.powercut, only): `power`, when set, is its
+# fota.device.slots.sim.Power. Every flash write (writeblocks, with or without its erase), block
+# erase (ioctl 6), set_boot and mark_app_valid_cancel_rollback is then one persistent operation
+# it may cut before, or in the middle of: a torn writeblocks has erased its blocks (the
+# 2-argument form) and programmed the first half of the buffer; a torn erase has erased the
+# first half of the block; a torn set_boot or mark_app_valid completes (the OTA data write is
+# atomic, above) and power fails right after.
+#
 # State lives in two files so that it survives a process restart (a reboot of the emulated
 # board): the flash image `path` (ota_0 then ota_1) and `path + ".ota.json"` (the OTA data: which
 # partition boots, which one runs, the image states). Flash writes behave as NOR flash does:
@@ -51,6 +65,12 @@ LABELS = ("ota_0", "ota_1")
 SUBTYPES = {"ota_0": 0x10, "ota_1": 0x11}
 
 _board = None
+power = None   # the power-cut harness's Power (see above); None otherwise
+
+
+def _step(kind):
+    # True: tear the operation (the caller does half of it, then power.fail()).
+    return power is not None and power.step(kind)
 
 
 class _Board:
@@ -118,6 +138,12 @@ class _Board:
         self.f.seek(at)
         for _ in range(n // ERASE):
             self.f.write(self.blank)
+        self.f.flush()
+
+    def fill(self, at, n):
+        # Bytes of a sector caught in a torn erase: erased (0xFF), the rest of the sector kept.
+        self.f.seek(at)
+        self.f.write(b"\xff" * n)
         self.f.flush()
 
     def valid_image(self, label):
@@ -255,12 +281,14 @@ class Partition:
 
     def writeblocks(self, block, buf, offset=None):
         b = board()
+        at = self._span(block, len(buf), 0 if offset is None else offset)
+        torn = _step("writeblocks" if offset is None else "writeblocks+offset")
         if offset is None:
             # Without an offset the blocks written are erased first.
-            at = self._span(block, len(buf), 0)
             b.erase(at, len(buf))
-        else:
-            at = self._span(block, len(buf), offset)
+        if torn:
+            b.program(at, memoryview(buf)[:len(buf) // 2])
+            power.fail("writeblocks of %d bytes in %s" % (len(buf), self.label))
         b.program(at, buf)
 
     def ioctl(self, cmd, arg):
@@ -269,7 +297,11 @@ class Partition:
         if cmd == 5:
             return self.block_size
         if cmd == 6:
-            board().erase(self._span(arg, self.block_size, 0), self.block_size)
+            at = self._span(arg, self.block_size, 0)
+            if _step("erase"):
+                board().fill(at, self.block_size // 2)
+                power.fail("erase of block %d in %s" % (arg, self.label))
+            board().erase(at, self.block_size)
             return 0
         if cmd in (1, 2, 3):
             return 0
@@ -279,9 +311,12 @@ class Partition:
         b = board()
         if not b.valid_image(self.label):
             raise OSError(-ESP_ERR_OTA_VALIDATE_FAILED)
+        torn = _step("set_boot")
         b.ota["boot"] = self.label
         b.ota["states"][self.label] = "NEW"
         b.save()
+        if torn:
+            power.fail("set_boot of " + self.label)
 
     def get_next_update(self):
         return Partition(LABELS[1 - LABELS.index(self.label)], self.block_size)
@@ -289,5 +324,8 @@ class Partition:
     @staticmethod
     def mark_app_valid_cancel_rollback():
         b = board()
+        torn = _step("mark_app_valid")
         b.ota["states"][b.ota["running"]] = "VALID"
         b.save()
+        if torn:
+            power.fail("mark_app_valid_cancel_rollback")
