@@ -193,9 +193,11 @@ class EmulatedBoard:
                 self._proc = self._spawn()
                 self.starts += 1
             code = self._exit_status(self._proc.wait())
+            if self._stop.is_set():
+                break  # powered off: not something the board did
             self.exits.append(code)
-            if self._stop.is_set() or code not in RESTARTS or len(self.exits) > self.max_restarts:
-                break  # halted: bricked, at the REPL, or stopped
+            if code not in RESTARTS or len(self.exits) > self.max_restarts:
+                break  # halted: bricked, or at the REPL
 
     def _exit_status(self, code: int) -> int:
         # The watchdog's reset is a SIGKILL after "wdt" went into the reset-cause register
@@ -311,7 +313,6 @@ class EmulatedBoard:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
 
 
 def provision(board: EmulatedBoard, *, device_id: str, hardware: str, password: str, host: str, port: int,
