@@ -2,12 +2,14 @@
 
     ./run bench delta [--corpus DIR] [--windows 10,12,15] [--copy-run 32] [--chunk 2048]
                       [--target-wbits 12] [--skip-refs] [--skip-heap] [--skip-agent]
-                      [--out bench/results/delta.json]
+                      [--interpreter 64|32-frozen] [--out bench/results/delta.json]
 
 For every consecutive pair of images in the corpus (sorted by name): the fota patch at each
 window, and the same pair with bsdiff4 (BSDIFF40), detools (sequential; heatshrink and lzma),
 xdelta3 and zstd --patch-from; the smallest `micropython -X heapsize` at which the device decoder
 applies the patch (bisection); and, with a real agent, the smallest heap for a whole delta update.
+The heap searches run on --interpreter: the 64-bit PyPI MicroPython with the agent as .mpy, or
+the 32-bit build with the agent frozen in, as on a board (fota.testkit.interpreters).
 See bench/README.md for what each number means.
 """
 from __future__ import annotations
@@ -28,9 +30,8 @@ from pathlib import Path
 from bench._report import print_table
 from fota.server.delta import DEFAULT_COPY_RUN, encode
 from fota.testkit.corpus import corpus_dir
-from fota.testkit.deltarun import SCRIPT, apply_with_micropython
-from fota.tools.mpy import build_agent
-from fota.tools.supervisor import find_micropython
+from fota.testkit.deltarun import SCRIPT, apply_with_micropython, path_line
+from fota.testkit.interpreters import INTERPRETERS, Interpreter, interpreter as resolve_interpreter
 
 ROOT = Path(__file__).resolve().parent.parent
 # $FOTA_CORPUS/esp8266, or shared/corpus/esp8266 beside the checkout (fota.testkit.corpus)
@@ -107,9 +108,9 @@ def references(old: Path, new: Path, tmp: Path, tools=REFERENCE_TOOLS) -> dict[s
 
 # ------------------------------------------------------------------------------ heap
 
-def _runs(script: str, heap_kib: int) -> bool:
-    proc = subprocess.run([find_micropython(), "-X", f"heapsize={heap_kib}K", "-c", script],
-                          capture_output=True, text=True, timeout=300)
+def _runs(script: str, heap_kib: int, mp: Interpreter) -> bool:
+    proc = subprocess.run(mp.argv(f"{heap_kib}K", "-c", script), capture_output=True, text=True, timeout=300,
+                          env=mp.env())
     return proc.returncode == 0 and "OK" in proc.stdout
 
 
@@ -126,15 +127,15 @@ def bisect(ok, lo: int = 4, hi: int = 256) -> int | None:
     return hi
 
 
-def decoder_heap(old: Path, patch: Path, tmp: Path, chunk: int, root: Path) -> dict:
+def decoder_heap(old: Path, patch: Path, tmp: Path, chunk: int, mp: Interpreter) -> dict:
     out = tmp / "out.bin"
-    fields = dict(root=str(root), old=str(old), out=str(out), patch=str(patch),
+    fields = dict(path=path_line(None), old=str(old), out=str(out), patch=str(patch),
                   size=patch.stat().st_size, chunk=chunk, max_wbits=15)
-    full = bisect(lambda k: _runs(SCRIPT.format(**fields), k))
-    base = bisect(lambda k: _runs(BASELINE.format(**fields), k))
-    interp = bisect(lambda k: _runs(INTERPRETER.format(**fields), k), 1)
+    full = bisect(lambda k: _runs(SCRIPT.format(**fields), k, mp))
+    base = bisect(lambda k: _runs(BASELINE.format(**fields), k, mp))
+    interp = bisect(lambda k: _runs(INTERPRETER.format(**fields), k, mp), 1)
     t = time.perf_counter()
-    proc = apply_with_micropython(old, patch, out, heap="256K", chunk=chunk, root=root)
+    proc = apply_with_micropython(old, patch, out, heap="256K", chunk=chunk, interpreter=mp.name)
     secs = time.perf_counter() - t
     return {"smallest_heap_kib": full, "baseline_heap_kib": base, "interpreter_heap_kib": interp,
             # state: buffers, inflate window, the chunk being fed; with_code: plus the decoder's
@@ -146,15 +147,18 @@ def decoder_heap(old: Path, patch: Path, tmp: Path, chunk: int, root: Path) -> d
 
 # ------------------------------------------------------------------------------ agent
 
-def agent_heap(tmp: Path, wbits: int, lo: int = 64, hi: int = 160) -> dict:
-    """Smallest heap at which the whole agent (.mpy) applies a bundle delta through Mosquitto:
-    a fresh device per try gets 1.1.0 in full, then 1.2.0 (one file changed) as a delta."""
+def agent_heap(tmp: Path, wbits: int, interpreter: str = "64", lo: int | None = None, hi: int = 160) -> dict:
+    """Smallest heap at which the whole agent applies a bundle delta through Mosquitto: a fresh
+    device per try gets 1.1.0 in full, then 1.2.0 (one file changed) as a delta. lo: 64 KiB on
+    the 64-bit interpreter (the agent's .mpy in the heap), 16 KiB on the frozen one."""
+    if lo is None:
+        lo = 64 if interpreter == "64" else 16
     from fota.testkit.fleet import Fleet, bundle_of_size
     from fota.tools.waiting import TimedOut
     from fota.server.deployments import create_deployment
     from fota.tools.bundle import unpack, pack_files
 
-    fleet = Fleet.standalone(tmp / "agent", chunk=2048, window=8)
+    fleet = Fleet.standalone(tmp / "agent", chunk=2048, window=8, interpreter=interpreter)
     fleet.center.center.delta_wbits = wbits
     attempts = []
     try:
@@ -213,6 +217,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-refs", action="store_true", help="skip the reference tools (= --refs '')")
     p.add_argument("--skip-heap", action="store_true", help="skip the decoder heap bisection")
     p.add_argument("--skip-agent", action="store_true", help="skip the whole-agent delta update heap search")
+    p.add_argument("--interpreter", choices=INTERPRETERS, default="64",
+                   help="MicroPython of the heap searches: 64 (PyPI, agent as .mpy) or 32-frozen (32-bit, agent frozen in)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results")
     args = p.parse_args(argv)
     args.refs = [] if args.skip_refs else [t for t in args.refs.split(",") if t]
@@ -225,12 +231,13 @@ def main(argv=None) -> int:
     images = sorted(args.corpus.glob("*.bin"))
     if len(images) < 2:
         p.error(f"{args.corpus}: needs at least two *.bin images")
-    root = build_agent()
+    mp = resolve_interpreter(args.interpreter, log=log)  # built or compiled once, outside the measurements
     results = {"config": {"corpus": str(args.corpus), "windows": windows, "copy_run": args.copy_run,
                           "chunk": args.chunk, "target_wbits": args.target_wbits},
                "targets": {"ratio_max": TARGET_RATIO, "decoder_heap_kib_max": TARGET_HEAP_KIB},
                "env": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                       "micropython": subprocess.run([find_micropython(), "-c", "import sys; print(sys.version)"],
+                       "interpreter": args.interpreter,
+                       "micropython": subprocess.run([mp.executable, "-c", "import sys; print(sys.version)"],
                                                      capture_output=True, text=True).stdout.strip()},
                "pairs": []}
     with tempfile.TemporaryDirectory(prefix="bench-delta-") as tmpdir:
@@ -246,7 +253,7 @@ def main(argv=None) -> int:
                 path = tmp / f"p{w}.bin"
                 path.write_bytes(patch)
                 if not args.skip_heap:
-                    row.update(decoder_heap(old, path, tmp, args.chunk, root))
+                    row.update(decoder_heap(old, path, tmp, args.chunk, mp))
                     if not row["applied_ok"] or hashlib.sha256((tmp / "out.bin").read_bytes()).digest() != hashlib.sha256(b).digest():
                         row["applied_ok"] = False
                 pair["fota"][str(w)] = row
@@ -259,7 +266,7 @@ def main(argv=None) -> int:
                 pair["ratio"] = round(target / pair["smallest_ref"], 3) if sizes else None
             results["pairs"].append(pair)
         if not args.skip_agent:
-            results["agent"] = agent_heap(tmp, args.target_wbits)
+            results["agent"] = agent_heap(tmp, args.target_wbits, args.interpreter)
     report(results, args)
     results["failures"] = failures(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -315,12 +322,12 @@ def report(results: dict, args) -> None:
                 rows.append([_short(p["new"]), f"2^{w}", r["smallest_heap_kib"], r["interpreter_heap_kib"],
                              r["baseline_heap_kib"], r["decoder_kib"], r["decoder_with_code_kib"],
                              f"{r['apply_s_256k']:.2f}", "yes" if r["applied_ok"] else "NO"])
-        print_table(f"Decoder heap KiB (micropython -X heapsize, bisected; patch fed in {args.chunk}-byte chunks)",
+        print_table(f"Decoder heap KiB ({args.interpreter} micropython -X heapsize, bisected; patch fed in {args.chunk}-byte chunks)",
                     ["new image", "window", "smallest heap", "interpreter", "+ decoder import", "decoder state",
                      "decoder code+state", "apply s", "ok"], rows, left=("new image",))
     agent = results.get("agent")
     if agent:
-        print(f"Whole agent (.mpy) applying a {agent['bundle_bytes']}-byte bundle delta through Mosquitto: "
+        print(f"Whole agent ({args.interpreter}) applying a {agent['bundle_bytes']}-byte bundle delta through Mosquitto: "
               f"smallest heap {agent['smallest_heap_kib']} KiB")
     sizes_ok = all(p.get("ratio") is not None and p["ratio"] <= TARGET_RATIO for p in results["pairs"])
     line = (f"Targets at 2^{args.target_wbits}: patch <= {TARGET_RATIO}x smallest reference on every pair: "

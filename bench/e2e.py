@@ -2,10 +2,11 @@
 
     ./run bench e2e [--devices 1,5,20] [--image-kib 256] [--chunk 2048] [--window 8] [--heap 160K]
                     [--heap-start 144] [--heap-step 4] [--skip-heap] [--repeat 3]
-                    [--timeout 90] [--out bench/results/e2e.json]
+                    [--timeout 90] [--interpreter 64|32-frozen] [--out bench/results/e2e.json]
 
 Everything runs on 127.0.0.1: a fresh authenticated Mosquitto per measurement, the control
-center in a thread, real MicroPython (unix port) devices running the agent as .mpy.
+center in a thread, real MicroPython (unix port) devices running the agent as .mpy on the 64-bit
+PyPI interpreter, or frozen into the 32-bit build as on a board (--interpreter 32-frozen).
 See bench/README.md for what each number means.
 """
 from __future__ import annotations
@@ -34,8 +35,9 @@ from fota.server.deployments import create_deployment
 from fota.testkit.broker import ManagedBroker
 from fota.testkit.fleet import Fleet, bundle_of_size
 from fota.tools.waiting import TimedOut, wait_until
-from fota.tools.mpy import SRC, agent_sources, build_agent
-from fota.tools.supervisor import DEFAULT_HEAP, find_micropython
+from fota.testkit.interpreters import INTERPRETERS, interpreter as resolve_interpreter
+from fota.tools.mpy import SRC, agent_sources
+from fota.tools.supervisor import DEFAULT_HEAP
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "e2e.json"
@@ -47,7 +49,8 @@ TARGET_HEAP_KIB = 64        # a full update within a 64 KiB MicroPython heap
 
 DONE_DOWNLOADING = ("rebooting", "trial", "confirmed")
 # Not measured in the import footprint: the entry point, and the backend the bench does not use.
-FOOTPRINT_SKIP = ("fota.device.main", "fota.device.slots.sim")
+FOOTPRINT_SKIP = ("fota.device.main", "fota.device.slots.sim",
+                  "fota.device.slots.esp32")  # a board's backend: imports the esp32 module of its firmware
 
 
 def wire_entries(root: Path) -> list[dict]:
@@ -159,7 +162,8 @@ def _median(values):
 def run_fota(n: int, size: int, args, tmp: Path) -> dict:
     """N devices updated by one deployment, --repeat times (1.0.0 -> 1.1.0 -> 1.2.0 ...);
     wall time from the deployment's creation until every job is 'confirmed'. Medians."""
-    fleet = Fleet.standalone(tmp / f"fota-{n}", chunk=args.chunk, window=args.window, heap=args.heap)
+    fleet = Fleet.standalone(tmp / f"fota-{n}", chunk=args.chunk, window=args.window, heap=args.heap,
+                             interpreter=args.interpreter)
     try:
         ids = [f"bench{n}-{i:03d}" for i in range(n)]
         t_start = time.monotonic()
@@ -288,7 +292,7 @@ def run_floor(n: int, image: bytes, args, tmp: Path) -> dict:
 
 def run_heap(image: bytes, args, tmp: Path) -> dict:
     """N=1 full updates at heap start, start-step, ... until one fails; a fresh device each time."""
-    fleet = Fleet.standalone(tmp / "heap", chunk=args.chunk, window=args.window)
+    fleet = Fleet.standalone(tmp / "heap", chunk=args.chunk, window=args.window, interpreter=args.interpreter)
     attempts = []
     try:
         rel = fleet.release(image, "1.1.0")
@@ -373,8 +377,8 @@ def agent_modules() -> list[str]:
     return [m for m in order if m.startswith("fota.device.") and m not in FOOTPRINT_SKIP]
 
 
-def import_footprint(heap_kib: int) -> dict:
-    """gc.mem_alloc() after importing each agent module (.mpy) in turn, and mem_free at the end."""
+def import_footprint(heap_kib: int, interpreter: str) -> dict:
+    """gc.mem_alloc() after importing each agent module (.mpy, or frozen) in turn, and mem_free at the end."""
     script = "\n".join([
         "import gc",
         "gc.collect()",
@@ -384,11 +388,13 @@ def import_footprint(heap_kib: int) -> dict:
         "    gc.collect()",
         "    print(m, gc.mem_alloc(), gc.mem_free())",
     ])
-    env = dict(os.environ, MICROPYPATH=f"{build_agent()}:.frozen")
-    out = subprocess.run([find_micropython(), "-X", f"heapsize={heap_kib}K", "-c", script],
-                         capture_output=True, text=True, timeout=60, env=env)
+    mp = resolve_interpreter(interpreter)
+    out = subprocess.run(mp.argv(f"{heap_kib}K", "-c", script), capture_output=True, text=True, timeout=60,
+                         env=mp.env())
     rows, prev = [], None
-    for line in out.stdout.splitlines():
+    lines = out.stdout.splitlines()
+    measured = [line for line in lines if len(line.split()) == 3 and line.split()[1].isdigit()]
+    for line in measured:
         name, alloc, free = line.split()
         alloc, free = int(alloc), int(free)
         if prev is not None:
@@ -397,7 +403,8 @@ def import_footprint(heap_kib: int) -> dict:
             rows.append({"module": "(interpreter)", "bytes": alloc, "alloc_after": alloc, "free_after": free})
         prev = alloc
     return {"heap_kib": heap_kib, "modules": rows, "total_bytes": prev,
-            "error": out.stderr.strip()[-500:] or None}
+            # MicroPython prints an uncaught exception's traceback to stdout
+            "error": ("\n".join(line for line in lines if line not in measured) + out.stderr).strip()[-500:] or None}
 
 
 # ---------------------------------------------------------------------------------------- output
@@ -446,12 +453,12 @@ def render(results: dict) -> None:
         smallest = heap["smallest_ok_kib"]
         verdict = (f"smallest heap with a full update: {smallest} KiB" if smallest else "no heap tried passed")
         verdict += f"; target <= {TARGET_HEAP_KIB} KiB: {'met' if heap['meets_target'] else 'MISSED'}"
-        table(f"Smallest heap (N=1, {cfg['image_bytes']} B image, heap -{cfg['heap_step_kib']} KiB until a failure)",
+        table(f"Smallest heap ({cfg.get('interpreter', '64')}, N=1, {cfg['image_bytes']} B image, heap -{cfg['heap_step_kib']} KiB until a failure)",
               ["heap KiB", "result", "update s", "note"], rows, [verdict])
     fp = results.get("footprint")
     if fp:
         rows = [[m["module"], m["bytes"], m["alloc_after"], m["free_after"]] for m in fp["modules"]]
-        table(f"Agent import footprint (.mpy, -X heapsize={fp['heap_kib']}K, after gc.collect())",
+        table(f"Agent import footprint ({cfg.get('interpreter', '64')}, -X heapsize={fp['heap_kib']}K, after gc.collect())",
               ["module", "bytes", "heap used after", "heap free after"], rows,
               [f"all imported: {fp['total_bytes']} B in use = {fp['total_bytes'] / 1024:.1f} KiB"
                + (f"; error: {fp['error']}" if fp["error"] else "")])
@@ -467,13 +474,16 @@ def parse_args(argv=None):
     p.add_argument("--chunk", type=int, default=2048, help="chunk size in bytes (fota and the floor)")
     p.add_argument("--window", type=int, default=8, help="chunks a device has in flight")
     p.add_argument("--heap", default=DEFAULT_HEAP, help="device heap for the fleet runs")
-    p.add_argument("--heap-start", type=int, default=144,
-                   help="first heap tried by the heap search, KiB (one that passes: the search goes down from it)")
+    p.add_argument("--heap-start", type=int, default=None,
+                   help="first heap tried by the heap search, KiB (one that passes: the search goes down from it); "
+                        "default 144 on the 64-bit interpreter, 80 on 32-frozen")
     p.add_argument("--heap-step", type=int, default=4, help="heap search step, KiB")
     p.add_argument("--skip-heap", action="store_true", help="skip the heap search and the import footprint")
     p.add_argument("--repeat", type=int, default=3,
                    help="updates (and floor transfers) per N; the table shows medians")
     p.add_argument("--timeout", type=float, default=90, help="seconds allowed per update (+3 s per device)")
+    p.add_argument("--interpreter", choices=INTERPRETERS, default="64",
+                   help="the devices' MicroPython: 64 (PyPI, agent as .mpy) or 32-frozen (32-bit, agent frozen in)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     args = p.parse_args(argv)
     try:
@@ -486,6 +496,8 @@ def parse_args(argv=None):
         p.error(f"--chunk must be 64..{P.MAX_CHUNK_SIZE}")
     if not 1 <= args.window <= P.MAX_WINDOW:
         p.error(f"--window must be 1..{P.MAX_WINDOW}")
+    if args.heap_start is None:
+        args.heap_start = 144 if args.interpreter == "64" else 80
     if min(args.image_kib, args.heap_start, args.heap_step, args.repeat) < 1:
         p.error("--image-kib, --heap-start, --heap-step and --repeat must be >= 1")
     return args
@@ -496,13 +508,13 @@ def main(argv=None) -> int:
     # gmqtt warns about acknowledgements that reach the center's closed socket at teardown.
     logging.getLogger("gmqtt").setLevel(logging.ERROR)
     t_begin = time.monotonic()
-    build_agent()  # compile once, outside every measurement
+    mp = resolve_interpreter(args.interpreter, log=log)  # compile or build once, outside every measurement
     image = bundle_of_size("1.1.0", args.image_kib * 1024)
-    mpy_version = subprocess.run([find_micropython(), "-c", "import sys; print(sys.version)"],
+    mpy_version = subprocess.run([mp.executable, "-c", "import sys; print(sys.version)"],
                                  capture_output=True, text=True).stdout.strip()
     results = {
         "config": {"devices": args.devices, "image_bytes": len(image), "chunk": args.chunk, "window": args.window,
-                   "heap": args.heap, "repeat": args.repeat, "heap_start_kib": args.heap_start, "heap_step_kib": args.heap_step},
+                   "heap": args.heap, "repeat": args.repeat, "interpreter": args.interpreter, "heap_start_kib": args.heap_start, "heap_step_kib": args.heap_step},
         "targets": {"overhead_max": TARGET_OVERHEAD, "ratio_max": TARGET_RATIO, "ratio_at_devices": TARGET_RATIO_AT,
                     "heap_kib_max": TARGET_HEAP_KIB},
         "environment": {"python": platform.python_version(), "micropython": mpy_version,
@@ -522,7 +534,7 @@ def main(argv=None) -> int:
         if not args.skip_heap:
             results["heap"] = run_heap(image, args, tmp)
             probe = results["heap"]["first_failed_kib"] or results["heap"]["smallest_ok_kib"] or args.heap_start
-            results["footprint"] = import_footprint(max(probe, 64))
+            results["footprint"] = import_footprint(max(probe, 64), args.interpreter)
     results["elapsed_s"] = round(time.monotonic() - t_begin, 1)
     results["failures"] = failures(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,8 @@
     ./run bench powercut [--backends sim,esp32,files] [--scenarios update,revert,second,delta]
                          [--image-kib 64] [--sector 4096] [--align 4] [--erased 0xff] [--chunk 1000]
                          [--window 3] [--seed 1] [--chained 100] [--depth 2] [--fs auto]
-                         [--eager-ack] [--out bench/results/powercut.json]
+                         [--eager-ack] [--interpreter cpython|64|32-frozen]
+                         [--out bench/results/powercut.json]
 
 Each scenario (fota.powercut.scenario) is one update of a device on one slot backend, driven
 without a network by fota.powercut.harness through the real runner and core: `sim` (a NOR flash),
@@ -197,6 +198,9 @@ def parse_args(argv=None):
     p.add_argument("--eager-ack", action="store_true",
                    help="diagnostic: the device acknowledges a command when it arrives, before it is persisted "
                         "(the MQTT client's behaviour before manual_ack)")
+    p.add_argument("--interpreter", choices=("cpython", "64", "32-frozen"), default="cpython",
+                   help="where the harness runs: this CPython process, or a MicroPython process (64: PyPI, "
+                        "32-frozen: 32-bit with the agent frozen in; fota.testkit.mpharness)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     args = p.parse_args(argv)
     args.scenarios = [s for s in args.scenarios.split(",") if s]
@@ -215,6 +219,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    global H
     args = parse_args(argv)
     t0 = time.perf_counter()
     lend = "esp32" in args.backends and str(BOARDS) not in sys.path
@@ -223,6 +228,9 @@ def main(argv=None) -> int:
     # The device collects its heap before a delta (a board's heap is small); on CPython each
     # collection walks every object of this process: the ones made so far are frozen.
     gc.freeze()
+    if args.interpreter != "cpython":  # the same calls, answered by the harness in MicroPython
+        from fota.testkit.mpharness import MicroPythonHarness
+        H = MicroPythonHarness(args.interpreter, extra_path=str(BOARDS))
     try:
         with tempfile.TemporaryDirectory(prefix="fota-powercut-") as tmp:
             results = sweep(args, Path(tmp))
@@ -230,6 +238,8 @@ def main(argv=None) -> int:
         gc.unfreeze()
         if lend:
             sys.path.remove(str(BOARDS))
+        if args.interpreter != "cpython":
+            H.close()
     show(results, args)
     rows = results["rows"]
     doc = {

@@ -65,11 +65,41 @@ def broker(tmp_path_factory) -> BrokerInfo:
         yield info
 
 
+# The interpreters a board-relevant test runs on (fota.testkit.interpreters): the 64-bit PyPI one
+# with the agent as .mpy, and the 32-bit build with the agent frozen in, as on a board.
+# @both_interpreters on a test that uses the `interpreter` fixture (or `fleet`) runs it on each.
+INTERPRETERS = ("64", "32-frozen")
+both_interpreters = pytest.mark.parametrize("interpreter", INTERPRETERS, indirect=True)
+
+
 @pytest.fixture
-def fleet(tmp_path, broker, sqlite_url):
-    """A fota.testkit Fleet (control center + MicroPython devices) on the session's broker and SQLite."""
+def interpreter(request) -> str:
+    """The interpreter's name: "64" unless the test is parametrized (both_interpreters). The
+    32-bit one is built here when ./run has not built it; a machine that cannot build it fails
+    the test with the reason, never skips it (./run test installs what it needs)."""
+    name = getattr(request, "param", "64")
+    if name != "64":
+        from fota.testkit.interpreters import interpreter as resolve
+        from fota.testkit.mp32 import BuildError
+        try:
+            resolve(name)
+        except BuildError as exc:
+            pytest.fail(f"the {name} interpreter cannot be built: {exc}", pytrace=False)
+    return name
+
+
+def micropython_on(name: str):
+    """The fota.testkit.interpreters.Interpreter `name` (the `interpreter` fixture built it)."""
+    from fota.testkit.interpreters import interpreter as resolve
+    return resolve(name)
+
+
+@pytest.fixture
+def fleet(tmp_path, broker, sqlite_url, interpreter):
+    """A fota.testkit Fleet (control center + MicroPython devices) on the session's broker and
+    SQLite, its devices on the `interpreter` fixture's MicroPython."""
     from fota.testkit.fleet import Fleet
-    f = Fleet(tmp_path, broker, sqlite_url)
+    f = Fleet(tmp_path, broker, sqlite_url, interpreter=interpreter)
     yield f
     f.close()
 

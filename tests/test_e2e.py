@@ -17,6 +17,7 @@ from fota.tools.waiting import wait_until
 from fota.tools.bundle import pack_files
 from fota.tools.keyring import Signer
 from fota.tools.signing import generate_private_key
+from conftest import both_interpreters
 
 
 def _release(fleet, version, *, broken=False, hw=("unix",), padding=0, key=None):
@@ -40,6 +41,7 @@ def _slot_tree(fleet, device):
     return {str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in b.rglob("*")}
 
 
+@both_interpreters
 def test_happy_path_three_devices_confirm_after_reboot(fleet):
     ids = ["happy-1", "happy-2", "happy-3"]
     for d in ids:
@@ -131,6 +133,7 @@ def test_wrong_hardware_type_rejected_and_nothing_written(fleet):
     assert fleet.running_version(dev) == "1.0.0"
 
 
+@both_interpreters
 def test_failing_health_check_reverts_after_three_trial_boots(fleet):
     dev = "sick-1"
     fleet.add_device(dev)
@@ -146,9 +149,10 @@ def test_failing_health_check_reverts_after_three_trial_boots(fleet):
     assert fleet.devices[dev].reboots == 4
 
 
-def test_kill_during_download_resumes_from_checkpoint(tmp_path, broker, sqlite_url):
+@both_interpreters
+def test_kill_during_download_resumes_from_checkpoint(tmp_path, broker, sqlite_url, interpreter):
     # Small chunks and windows make the transfer long enough to kill it halfway.
-    fleet = Fleet(tmp_path, broker, sqlite_url, chunk=512, window=4)
+    fleet = Fleet(tmp_path, broker, sqlite_url, chunk=512, window=4, interpreter=interpreter)
     try:
         dev = "cut-1"
         fleet.add_device(dev)
@@ -236,6 +240,7 @@ def test_same_command_twice_runs_the_update_once(fleet):
     assert fleet.devices[dev].reboots == 1
 
 
+@both_interpreters
 def test_sim_flash_backend_installs_a_raw_image(fleet):
     # The same agent with the `sim` NOR-flash backend takes raw images instead of bundles.
     dev = "flash-1"

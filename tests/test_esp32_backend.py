@@ -397,4 +397,7 @@ def test_boot_record_follows_the_bootloader(tmp_path, emulated_esp32):
     esp32.Partition.mark_app_valid_cancel_rollback()
     assert esp32.reset() == "ota_1"
     ex = executor()
-    assert ex.select("1.0", 3) is True and ex.slot == "b" and ex.record["trial"]["job"] == 10
+    # the trial slot booted a second time: it was marked valid, so it is confirmed, not retried
+    assert ex.select("1.0", 3) is False and ex.slot == "b" and ex.record["trial"] is None
+    assert ex.record["active"] == "b" and ex.record["report"] == {"job": 10, "state": "confirmed", "code": None,
+                                                                  "reason": None}

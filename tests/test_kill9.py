@@ -20,8 +20,8 @@ from fota.testkit.devices import verify_slot
 from fota.testkit.faultproxy import FaultProxy
 from fota.testkit.fleet import bundle_of_size
 from fota.tools.waiting import wait_until
-from fota.tools.supervisor import DeviceProcess
 
+from conftest import both_interpreters
 from test_core import Harness, cmd, make_update, new_core, transitions, trust_doc  # noqa: F401 (autouse)
 
 OTHER_KEY = __import__("fota.tools.signing", fromlist=["x"]).generate_private_key()
@@ -107,11 +107,12 @@ def proxy(broker):
 
 def _restart(fleet, dev):
     """A new supervisor on the same device directory (the old one was stopped)."""
-    proc = DeviceProcess(fleet.root(dev), heap=fleet.heap)
+    proc = fleet.process(fleet.root(dev))
     fleet.devices[dev] = proc
     return proc.start()
 
 
+@both_interpreters
 def test_kill_after_unpacking_before_the_trial_mark_still_completes_the_job(fleet, proxy):
     """A kill after the files backend unpacked the bundle and deleted image.bin, before the trial
     was marked, leaves a journal whose slot cannot be re-read. The job used to stay 'installing'
@@ -138,6 +139,7 @@ def test_kill_after_unpacking_before_the_trial_mark_still_completes_the_job(flee
     assert fleet.running_version(dev) == "4.0.0" and not (root / "journal.json").exists()
 
 
+@both_interpreters
 def test_kill_between_trial_mark_and_journal_delete_leaves_the_fallback_slot_alone(fleet):
     """The state a kill leaves between A_SET_TRIAL and deleting the journal, on the sim flash
     backend: the trial boot used to resume the journal into the *other* slot (the one it falls

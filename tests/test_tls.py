@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import BrokerInfo
+from conftest import BrokerInfo, both_interpreters
 from fota.device.mqtt import MQTTClient
 from fota.examples import hello_files
 from fota.server.broker import SERVER_USER, Mosquitto
@@ -46,8 +46,9 @@ def tls_broker(tmp_path_factory):
 
 
 @pytest.fixture
-def tls_fleet(tmp_path, tls_broker, sqlite_url):
-    f = Fleet(tmp_path, tls_broker, sqlite_url, ssl_context=tls_broker.tls.client_context())
+def tls_fleet(tmp_path, tls_broker, sqlite_url, interpreter):
+    f = Fleet(tmp_path, tls_broker, sqlite_url, ssl_context=tls_broker.tls.client_context(),
+              interpreter=interpreter)
     yield f
     f.close()
 
@@ -65,6 +66,7 @@ def test_ca_and_server_certificate_are_made_once_and_reused(tmp_path):
     assert ca_der(files.cafile)[:1] == b"\x30"  # DER SEQUENCE
 
 
+@both_interpreters
 def test_signed_update_end_to_end_over_tls(tls_fleet, tls_broker):
     dev = "tls-1"
     tls_fleet.add_device(dev, cadata=tls_broker.tls.ca_der(), server_hostname="localhost")

@@ -42,6 +42,33 @@ except AttributeError:  # CPython
         time.sleep(ms / 1000)
 
 
+class Clock:
+    """Milliseconds since the start, for the core's deadlines, from ticks_ms.
+
+    ticks_ms wraps (at 2**30 on MicroPython ports: ~12.4 days) and ticks_diff answers only within
+    half of that (-2**29..2**29-1 ms): ticks_diff(ticks_ms(), start) went negative after ~6.2 days
+    up, and every deadline with it. This clock adds up the differences between successive
+    readings (the runner reads it every loop turn, never 6 days apart); past 2**30 ms it is a
+    bignum on a 32-bit port, which the core compares and subtracts like any int.
+    ticks, diff: the tick source (tests: one that wraps on CPython too)."""
+
+    def __init__(self, ticks=None, diff=None):
+        self.ticks = ticks or ticks_ms
+        self.diff = diff or ticks_diff
+        self.last = self.ticks()
+        self.ms = 0
+
+    def now(self):
+        t = self.ticks()
+        self.ms += self.diff(t, self.last)
+        self.last = t
+        return self.ms
+
+    def at(self, ticks):
+        """The clock's value at an earlier ticks reading (less than 2**29 ms ago)."""
+        return self.now() - self.diff(self.last, ticks)
+
+
 def random_bytes():
     """4 random bytes for the boot epoch: os.urandom (the unix port, most boards), else the
     random module or the clocks (a fallback: an epoch need only differ from the last one)."""
@@ -80,10 +107,10 @@ class Device:
         self.inbox = []
         self._delivering = None   # the MQTT client whose messages arrive now
         self.pending = []     # actions not yet executed (a publish failed: retried after reconnect)
-        self.t0 = ticks_ms()
+        self.clock = Clock()
         self.power_at = None  # when power was last read (ms)
         self.app = None
-        self._connect_at = self.t0  # when the next connection attempt is due (ticks)
+        self._connect_at = self.clock.last  # when the next connection attempt is due (ticks)
         self._failures = 0          # failed connection attempts in a row
         # Messages handed to the core per poll() step: one chunk's hash and write at a time, so
         # that a step's length does not grow with the window (a board's app runs between steps).
@@ -102,7 +129,7 @@ class Device:
         return self.root + "/" + name
 
     def now(self):
-        return ticks_diff(ticks_ms(), self.t0)
+        return self.clock.now()
 
     # ---- boot --------------------------------------------------------------------------------
     def boot(self):
@@ -424,7 +451,7 @@ class Device:
         # breaks every connection right after the chunk request, the time after the
         # subscribe alone is a fraction of a millisecond and the stall deadline would
         # take tens of thousands of reconnects to reach.
-        started = ticks_diff(getattr(self.client, "connect_started", ticks_ms()), self.t0)
+        started = self.clock.at(getattr(self.client, "connect_started", self.clock.ticks()))
         self.execute(self.core.connected_(min(self.now(), max(started, self.core.now))))
         return self.client is not None  # a publish failed: the connection is already gone
 

@@ -9,12 +9,11 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from fota.tools.mpy import build_agent
-from fota.tools.supervisor import find_micropython
+from fota.testkit.interpreters import DEFAULT, interpreter as resolve
 
 SCRIPT = """
 import sys, gc
-sys.path.insert(0, {root!r})
+{path}
 from fota.device import delta as D
 old = open({old!r}, "rb")
 out = open({out!r}, "wb")
@@ -38,12 +37,19 @@ print("OK")
 """
 
 
+def path_line(root: Path | None) -> str:
+    """SCRIPT's {path}: the agent's import root put first, or nothing (the interpreter's
+    MICROPYPATH finds it: the .mpy build, or the frozen agent)."""
+    return f"sys.path.insert(0, {str(root)!r})" if root else "pass"
+
+
 def apply_with_micropython(old: Path, patch: Path, out: Path, *, heap: str = "256K", chunk: int = 2048,
-                           max_wbits: int = 15, timeout: float = 120,
-                           root: Path | None = None) -> subprocess.CompletedProcess:
-    """Run the decoder; returncode 0 and "OK" on stdout when the patch applied and verified."""
-    root = root or build_agent()
-    script = SCRIPT.format(root=str(root), old=str(old), out=str(out), patch=str(patch),
+                           max_wbits: int = 15, timeout: float = 120, root: Path | None = None,
+                           interpreter: str = DEFAULT) -> subprocess.CompletedProcess:
+    """Run the decoder on `interpreter` (fota.testkit.interpreters); returncode 0 and "OK" on
+    stdout when the patch applied and verified. root: an agent build to import instead."""
+    mp = resolve(interpreter)
+    script = SCRIPT.format(path=path_line(root), old=str(old), out=str(out), patch=str(patch),
                            size=patch.stat().st_size, chunk=chunk, max_wbits=max_wbits)
-    return subprocess.run([find_micropython(), "-X", f"heapsize={heap}", "-c", script],
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(mp.argv(heap, "-c", script), capture_output=True, text=True, timeout=timeout,
+                          env=mp.env())

@@ -27,6 +27,8 @@ from fota.testkit.brokerspy import BrokerSpy
 from fota.testkit.center import CenterThread
 from fota.testkit.checked_mqtt import acknowledged
 from fota.testkit.devices import read_boot_record
+from fota.testkit.interpreters import DEFAULT as DEFAULT_INTERPRETER
+from fota.testkit.interpreters import interpreter as resolve_interpreter
 from fota.tools.waiting import wait_until
 from fota.tools.bundle import pack_files
 from fota.tools.devicedir import create_device_dir
@@ -81,13 +83,16 @@ class Fleet:
     kek: devices get a payload key wrapped with the fleet's key-encryption key, as `fota device
     add` gives them (the benches' fleets have none). spy: a Spy on every status and chunk request
     (fleet.spy). device_settings: config.json settings every device gets unless told otherwise.
-    center_settings go to the ControlCenter."""
+    center_settings go to the ControlCenter. interpreter: the MicroPython the devices run
+    (fota.testkit.interpreters: "64" or "32-frozen")."""
 
     def __init__(self, tmp: Path, broker, db_url: str, *, heap: str = DEFAULT_HEAP, kek: bool = True,
-                 spy: bool = True, device_settings: dict | None = None, **center_settings):
+                 spy: bool = True, device_settings: dict | None = None, interpreter: str = DEFAULT_INTERPRETER,
+                 **center_settings):
         self.tmp = Path(tmp)
         self.broker = broker
         self.heap = heap
+        self.interpreter = resolve_interpreter(interpreter)  # built before anything starts
         self.device_settings = dict(TEST_DEVICE_SETTINGS if device_settings is None else device_settings)
         self.blobs = self.tmp / "blobs"
         self.devices: dict[str, DeviceProcess] = {}
@@ -117,14 +122,14 @@ class Fleet:
 
     @classmethod
     def standalone(cls, tmp: Path, *, persistence: bool = False, heap: str = DEFAULT_HEAP,
-                   **center_settings) -> "Fleet":
+                   interpreter: str = DEFAULT_INTERPRETER, **center_settings) -> "Fleet":
         """A fleet on a Mosquitto (ManagedBroker) and a SQLite file of its own, as the benches run
         it: no payload keys, no spy, the devices' default settings; close() stops the broker too."""
         tmp = Path(tmp)
         broker = ManagedBroker(tmp / "mosquitto", persistence=persistence)
         try:
             fleet = cls(tmp, broker, f"sqlite:///{tmp / 'fota.db'}", heap=heap, kek=False, spy=False,
-                        device_settings={}, **center_settings)
+                        device_settings={}, interpreter=interpreter, **center_settings)
         except BaseException:
             broker.stop()
             raise
@@ -168,11 +173,18 @@ class Fleet:
             config = json.loads((root / "config.json").read_text())
             config["broker"]["backoff_ms"] = backoff_ms
             (root / "config.json").write_text(json.dumps(config, indent=1))
-        proc = DeviceProcess(root, heap=heap or self.heap)
+        proc = self.process(root, heap=heap or self.heap)
         if max_restarts is not None:
             proc.max_restarts = max_restarts
         self.devices[device_id] = proc
         return proc
+
+    def process(self, root: Path, **options) -> DeviceProcess:
+        """A DeviceProcess (not started) for the device directory `root` on the fleet's interpreter;
+        options go to DeviceProcess (heap: the fleet's unless given)."""
+        options.setdefault("heap", self.heap)
+        return DeviceProcess(root, executable=self.interpreter.executable, micropypath=self.interpreter.path,
+                             **options)
 
     def reprovision(self, device_id, hardware="unix", version="1.0.0", **settings):
         """Stop a device, erase its directory and provision it again with the same id and

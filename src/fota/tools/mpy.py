@@ -166,11 +166,20 @@ def build_board_agent(board: str, out: Path, micropython_version: str | None = N
     from fota import __version__
     (out / "package.json").write_text(json.dumps(
         {"urls": [[f, f] for f in files], "version": __version__}, indent=1) + "\n")
-    in_package = [p.relative_to(SRC / "fota").as_posix() for p in sources]
-    (out / "manifest.py").write_text(
-        f"# Freezes the fota agent ({__version__}, board {board}) into a MicroPython firmware build:\n"
-        "# include() this file from the board's manifest. Paths are relative to this file.\n"
-        "package(\"fota\", base_path=\"src\", files=[\n"
-        + "".join(f"    {name!r},\n" for name in in_package) + "])\n")
+    (out / "manifest.py").write_text(freeze_manifest(board))
     return {"board": board, "micropython": version, "mpy": f"{want[0]}.{want[1]}", "march": march,
             "files": files}
+
+
+def freeze_manifest(board: str, base_path: str = "src", requires: tuple[str, ...] = ()) -> str:
+    """A MicroPython manifest.py freezing the agent's modules for `board`: package("fota") with
+    its files under base_path (relative to the manifest, or absolute), after require() of the
+    micropython-lib packages named (a manifest given as FROZEN_MANIFEST replaces the port's own,
+    so what the port would have frozen, such as "ssl" on the unix port, is named again)."""
+    from fota import __version__
+    in_package = [p.relative_to(SRC / "fota").as_posix() for p in board_sources(board)]
+    return (f"# Freezes the fota agent ({__version__}, board {board}) into a MicroPython firmware build:\n"
+            "# include() this file from the board's manifest. Paths are relative to this file.\n"
+            + "".join(f"require({name!r})\n" for name in requires)
+            + f"package(\"fota\", base_path={base_path!r}, files=[\n"
+            + "".join(f"    {name!r},\n" for name in in_package) + "])\n")

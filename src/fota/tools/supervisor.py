@@ -68,14 +68,22 @@ class DeviceProcess:
     """One MicroPython agent process, restarted on reboot or crash until stop()."""
 
     def __init__(self, root: Path, *, heap: str = DEFAULT_HEAP, code_path: Path | None = None,
-                 max_restarts: int = 100, restart_delay: float = 0.05, die_with_parent: bool = False):
+                 max_restarts: int = 100, restart_delay: float = 0.05, die_with_parent: bool = False,
+                 executable: str | None = None, micropypath: str | None = None):
+        """executable: another MicroPython than find_micropython()'s; micropypath: its MICROPYPATH
+        instead of "<code_path>:.frozen" (".frozen" alone runs an interpreter with the agent frozen
+        in, with nothing on disk shadowing it)."""
         self.root = Path(root)
         self.die_with_parent = die_with_parent
         self.heap = heap
-        if code_path is None:
-            from fota.tools.mpy import build_agent
-            code_path = build_agent()  # precompiled, as on a board
-        self.code_path = Path(code_path)
+        self.executable = executable
+        if micropypath is None:
+            if code_path is None:
+                from fota.tools.mpy import build_agent
+                code_path = build_agent()  # precompiled, as on a board
+            micropypath = f"{code_path}:.frozen"
+        self.code_path = Path(code_path) if code_path is not None else None
+        self.micropypath = micropypath
         self.max_restarts = max_restarts
         self.restart_delay = restart_delay
         self.exits: list[int] = []
@@ -93,10 +101,10 @@ class DeviceProcess:
 
     def _spawn(self) -> subprocess.Popen:
         env = dict(os.environ)
-        env["MICROPYPATH"] = f"{self.code_path}:.frozen"
+        env["MICROPYPATH"] = self.micropypath
         log = open(self.log_path, "ab")
         try:
-            return subprocess.Popen([find_micropython(), "-X", f"heapsize={self.heap}", "-m", "fota.device.main",
+            return subprocess.Popen([self.executable or find_micropython(), "-X", f"heapsize={self.heap}", "-m", "fota.device.main",
                                      str(self.root)], env=env, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, process_group=0,
                                     preexec_fn=_die_with_parent(os.getpid()) if self.die_with_parent else None)
