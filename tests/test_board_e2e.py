@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -51,8 +50,8 @@ def add_board(fleet, device_id, *, chip="esp32", version="1.0.0", link=None, boa
     fleet.broker.add_user(device_id, password)
     board = EmulatedBoard(fleet.tmp / "boards" / device_id, chip=chip, link=link, settings=board_settings)
     provision(board, device_id=device_id, hardware=hardware, password=password, host=fleet.broker.host,
-              port=link.port if link else fleet.broker.port, root_key=fleet.keyring.root_public(), trust=fleet.keyring.trust(),
-              version=version, app_files=None if chip else hello_files(version),
+              port=link.port if link else fleet.broker.port, root_key=fleet.keyring.root_public(),
+              trust=fleet.keyring.trust(), version=version, app_files=None if chip else hello_files(version),
               **{**TEST_DEVICE_SETTINGS, **settings})
     if chip:
         board.flash_factory_image(firmware_image(version))
