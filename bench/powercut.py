@@ -8,7 +8,7 @@
 
 Each scenario (fota.powercut.scenario) is one update of a device on one slot backend, driven
 without a network by fota.powercut.harness through the real runner and core: `sim` (a NOR flash),
-`esp32` (the OTA partitions of the emulated `esp32` module in tests/boards, whose bootloader runs
+`esp32` (the OTA partitions of the emulated `esp32` module of fota.testkit.boards, whose bootloader runs
 at every power-on) or `files` (app bundles in slot directories, on a LittleFS model of the
 filesystem). The clean run counts the update's persistent operations N (flash erases and writes,
 partition writes, set_boot and mark_app_valid, file operations); then for every i in 1..N the
@@ -35,7 +35,7 @@ from fota.powercut.scenario import BACKENDS, FILE_MODELS, SCENARIOS, build
 from fota.testkit.faults import seq_gaps
 
 ROOT = Path(__file__).resolve().parent.parent
-BOARDS = ROOT / "tests" / "boards"  # the emulated `esp32` module the esp32 backend runs on
+BOARDS = ROOT / "src" / "fota" / "testkit" / "boards"  # the emulated `esp32` module the esp32 backend runs on
 DEFAULT_OUT = ROOT / "bench" / "results" / "powercut.json"
 FAULTS = ("power cut before an operation", "power cut in the middle of an operation",
           "chained power cuts (random, during recovery)")
@@ -224,7 +224,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     lend = "esp32" in args.backends and str(BOARDS) not in sys.path
     if lend:
-        sys.path.insert(0, str(BOARDS))  # fota never imports tests/: the bench lends it the emulation
+        sys.path.insert(0, str(BOARDS))  # the agent never imports the test kit: the bench lends it the emulation
     # The device collects its heap before a delta (a board's heap is small); on CPython each
     # collection walks every object of this process: the ones made so far are frozen.
     gc.freeze()

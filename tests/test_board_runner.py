@@ -1,5 +1,5 @@
 """The board runner (fota.device.board) under the real MicroPython, with the board modules it
-uses emulated from their documentation (tests/boards/machine.py, tests/boards/network.py): Wi-Fi
+uses emulated from their documentation (fota.testkit.boards: machine.py, network.py): Wi-Fi
 bring-up and back-off, machine.reset() on a reboot, the trial watchdog, bounded poll() steps,
 the three app styles next to a real update through the real broker, the free-space refusal."""
 from __future__ import annotations
@@ -21,7 +21,7 @@ from fota.tools.supervisor import DeviceProcess, find_micropython
 from fota.tools.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
-BOARDS = ROOT / "tests" / "boards"
+BOARDS = ROOT / "src" / "fota" / "testkit" / "boards"  # the emulations (tests/boards re-exports them)
 RESET_EXIT = 4
 # The board runner's heap in these tests: the unix runner's default plus what the emulated
 # board modules cost here (compiled from source at every boot, where a board has them built in)

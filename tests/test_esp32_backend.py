@@ -1,4 +1,4 @@
-"""The `esp32` slot backend over the emulated `esp32.Partition` (tests/boards/esp32.py), under
+"""The `esp32` slot backend over the emulated `esp32.Partition` (fota.testkit.boards.esp32), under
 CPython and under the real MicroPython. Every step runs in its own process, as a board runs
 between two resets: the flash and the OTA data live in files."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from conftest import run_micropython
 
 ROOT = Path(__file__).resolve().parent.parent
-BOARDS = ROOT / "tests" / "boards"
+BOARDS = ROOT / "src" / "fota" / "testkit" / "boards"  # the emulations (tests/boards re-exports them)
 APP_SIZE = 16 * 4096
 CHUNK = 1000
 

@@ -3,8 +3,8 @@
 A real signed update (fota.powercut.scenario) runs through the real runner and core, driven
 without a network by fota.powercut.harness, with power cut before or in the middle of persistent
 operations; after every cut the device boots from what is on its flash and in its files. Three
-slot backends: `sim` (a NOR flash), `esp32` (the OTA partitions of the emulated esp32 module in
-tests/boards, whose bootloader runs at every power-on) and `files` (app bundles in slot
+slot backends: `sim` (a NOR flash), `esp32` (the OTA partitions of the emulated esp32 module of
+fota.testkit.boards, whose bootloader runs at every power-on) and `files` (app bundles in slot
 directories on a LittleFS model, fota.powercut.littlefs). Every case must boot a verified image at
 every boot, keep its boot record consistent (with the bootloader's choice on esp32) and finish the
 job (confirmed, or reverted for an unhealthy image). The same harness runs a sample under the real
@@ -27,7 +27,7 @@ from fota.powercut.littlefs import LittleFS
 from fota.powercut.scenario import build, esp_app_image
 
 ROOT = Path(__file__).resolve().parent.parent
-BOARDS = ROOT / "tests" / "boards"
+BOARDS = ROOT / "src" / "fota" / "testkit" / "boards"  # the emulated `esp32` (tests/boards re-exports it)
 
 # Small and awkward on purpose: 7 sectors of 1 KiB, chunks of 301 bytes (not a multiple of the
 # 4-byte alignment nor a divisor of the sector), a checkpoint every 2 chunks.
@@ -155,7 +155,7 @@ KINDS = {
 
 @pytest.fixture(scope="module")
 def emulated_boards():
-    """The emulated `esp32` module (tests/boards) importable, as the bench makes it."""
+    """The emulated `esp32` module (fota.testkit.boards) importable, as the bench makes it."""
     sys.path.insert(0, str(BOARDS))
     # The device collects its heap before a delta (a board's heap is small); on CPython, in a
     # process as big as pytest's, each collection took 40 ms: the old objects are frozen.

@@ -100,7 +100,9 @@ def keys_revoke(kid: str, home: Optional[Path] = HomeOpt):
 
 # ---- releases ------------------------------------------------------------------------------------
 @release_app.command("create")
-def release_create(path: Path = typer.Argument(..., help="app directory (bundle) or .bin image"),
+def release_create(path: Path = typer.Argument(..., help="app directory (bundle), or an image: .bin, .img; for an "
+                                                   "ESP32 the .app-bin of an OTA build (ESP32_GENERIC-OTA), "
+                                                   "not the combined .bin"),
                    version: str = typer.Option(..., "--version", help="release version, e.g. 1.1.0"),
                    hardware: List[str] = typer.Option(..., "--hardware", help="hardware type (repeatable)"),
                    counter: int = typer.Option(0, "--counter", min=0,
@@ -851,10 +853,19 @@ def _simulator_broker(h: Home):
 @app.command("demo")
 def demo(devices: int = typer.Option(3, "--devices", min=1, max=50),
          timeout: float = typer.Option(120.0, help="seconds to wait for every device to confirm"),
-         keep: bool = typer.Option(False, help="keep the demo's home directory")):
+         keep: bool = typer.Option(False, help="keep the demo's home directory"),
+         board: str = typer.Option("unix", "--board",
+                                   help="unix: app bundles on unix-port devices; esp32: firmware images on "
+                                        "emulated ESP32 boards, with a rollback by the bootloader")):
     """Broker + control center + MicroPython devices: roll out a signed update end to end."""
-    from fota.demo import run_demo
-    code = run_demo(devices=devices, timeout=timeout, keep=keep, console=console)
+    if board == "unix":
+        from fota.demo import run_demo
+        code = run_demo(devices=devices, timeout=timeout, keep=keep, console=console)
+    elif board == "esp32":
+        from fota.demo_board import run_board_demo
+        code = run_board_demo(board, devices=devices, timeout=timeout, keep=keep, console=console)
+    else:
+        raise CLIError(f"--board must be unix or esp32, not {board!r}")
     raise typer.Exit(code)
 
 

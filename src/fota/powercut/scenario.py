@@ -7,8 +7,9 @@ fota.server.delta.encode), as the control center makes them.
 
 Backends:
   sim    a simulated NOR flash (flash.bin); images are raw bytes;
-  esp32  the board's OTA partitions through its `esp32` module (tests/boards/esp32.py on a
-         development machine: the caller puts it on the import path); images are ESP app images
+  esp32  the board's OTA partitions through its `esp32` module (the emulation of
+         fota.testkit.boards on a development machine: the caller puts its directory on the
+         import path); images are ESP app images
          (header, segments, checksum, appended SHA-256) that the bootloader accepts;
   files  slot directories on the board's filesystem; images are app bundles (app.py, data.bin).
 """
@@ -94,7 +95,7 @@ class _Slots:
                                   erased=flash["erased"], path=str(template / "flash.bin"))
             self.be = SimBackend(self.flash, slot_size)
         elif backend == "esp32":
-            import esp32  # the board module: the emulation in tests/boards, put on the path by the caller
+            import esp32  # the board module: the emulation (fota.testkit.boards), put on the path by the caller
             self.esp32 = esp32
             esp32.power = None
             esp32.setup(str(template / "flash.bin"), app_size=slot_size, chip_id=ESP_CHIP_ID)

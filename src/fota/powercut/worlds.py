@@ -3,8 +3,8 @@
 # and CPython.
 #
 # The esp32 world imports the module `esp32` as the agent does: on a development machine the
-# emulation in tests/boards/esp32.py, which the caller (bench/powercut.py, the tests) puts on the
-# import path; fota itself never imports tests/.
+# emulation in fota.testkit.boards (esp32.py), whose directory the caller (bench/powercut.py, the
+# tests) puts on the import path; fota itself never imports the test kit.
 import os
 import hashlib
 from binascii import hexlify
@@ -83,7 +83,7 @@ class Esp32World(SimWorld):
 
     def __init__(self, run):
         SimWorld.__init__(self, run)
-        import esp32  # the board module: the emulation (tests/boards) on a development machine
+        import esp32  # the board module: the emulation (fota.testkit.boards) on a development machine
         self.esp32 = esp32
         self.running = None
 

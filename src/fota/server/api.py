@@ -498,7 +498,8 @@ def _router() -> APIRouter:
                  responses={**change_responses, 503: {"model": ErrorOut}})
     def new_release(request: Request, response: Response, store: StoreDep, token: AdminDep,
                     file: Annotated[UploadFile, File(json_schema_extra=_any_bytes,
-                                                     description="an image (.bin/.img) or an app bundle file")],
+                                                     description="an image (.bin/.img; an ESP32 firmware: the .app-bin "
+                                                                 "of an OTA build) or an app bundle file")],
                     version: Annotated[str, Form(min_length=1, max_length=names.MAX_NAME, pattern=names.VERSION,
                                                  description="release version, e.g. 1.1.0: "
                                                              + names.describe(names.VERSION))],

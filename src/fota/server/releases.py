@@ -31,7 +31,9 @@ __all__ = ["KINDS", "ReleaseError", "build_manifest", "check_release_key", "crea
            "list_releases", "read_blob", "resign_release", "update_command", "wrap_release_key"]
 
 KINDS = ("bundle", "image")
-IMAGE_SUFFIXES = (".bin", ".img")
+# .app-bin: an ESP32 firmware as MicroPython publishes it for an OTA build (ESP32_GENERIC-OTA): the
+# app partition's image, the one an ESP32 release takes (not the combined .bin with the bootloader)
+IMAGE_SUFFIXES = (".bin", ".img", ".app-bin")
 MANIFEST_FORMAT = 1
 BLOB_CACHE_SIZE = 8  # releases kept in memory; a rollout serves one or two at a time
 
@@ -156,7 +158,7 @@ def update_command(job_id: int, device_id: str, release: Release, signer: Signer
 
 
 def _load_image(source: str | os.PathLike | bytes, kind: str | None) -> tuple[bytes, str]:
-    """(image bytes, kind) from a directory (bundle), a .bin/.img file (image) or raw bytes."""
+    """(image bytes, kind) from a directory (bundle), a .bin/.img/.app-bin file (image) or raw bytes."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         if kind is None:
@@ -179,7 +181,7 @@ def _load_image(source: str | os.PathLike | bytes, kind: str | None) -> tuple[by
             elif data.startswith(bundle.MAGIC):
                 kind = "bundle"
             else:
-                raise ReleaseError(f"{path}: expected a directory (bundle), a .bin/.img image "
+                raise ReleaseError(f"{path}: expected a directory (bundle), a .bin/.img/.app-bin image "
                                    "or a bundle file; or give the kind")
     if kind == "bundle":
         try:

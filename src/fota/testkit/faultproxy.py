@@ -158,6 +158,17 @@ class FaultProxy:
         else:
             apply()
 
+    def unstall(self) -> None:
+        """End a stall now (thread-safe): what waited is forwarded."""
+        def apply():
+            self._stall_until = 0.0
+        if self._loop is None:
+            raise RuntimeError("the proxy is not running")
+        if self._thread is not None and threading.current_thread() is not self._thread:
+            self._loop.call_soon_threadsafe(apply)
+        else:
+            apply()
+
     def cut_all(self) -> int:
         """Abort every open connection now (thread-safe); returns how many."""
         open_ = [s for s in self.sessions if not s.closed]

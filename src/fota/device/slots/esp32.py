@@ -61,10 +61,6 @@ class Esp32Backend:
     def app_dir(self, slot):
         return None
 
-    def booted_slot(self):
-        """The slot the bootloader booted: the executor's boot record follows it."""
-        return running_slot()
-
     def begin(self, slot, size):
         part = self._target(slot)
         if size > part.info()[3]:
