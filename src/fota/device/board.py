@@ -28,7 +28,7 @@
 #              calls agent.poll(ms); `async def main(agent)`: the app's asyncio loop, with the
 #              agent as a task of it (fota.device.aio).
 #
-# main.py on a provisioned board:  from fota.device.board import main; main("/device")
+# main.py on a provisioned board:  from fota.device.board import main; main("device")  (cwd "/")
 import sys
 import time
 

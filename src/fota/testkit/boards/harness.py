@@ -19,7 +19,7 @@ Layout of the board's directory (root):
 
     fs/                   the board's filesystem: the process's working directory ('' on sys.path)
       device/             the device directory (config.json, boot.json, ...), as provisioned
-      main.py             starts the agent on "device"
+      main.py             starts the agent on "device": provisioning's (fota.tools.boardfs.MAIN_PY)
     flash.bin             ESP32: the two OTA app partitions, ota_0 then ota_1 (esp32.py)
     flash.bin.ota.json    ESP32: the OTA data (which app boots, the image states)
     rom/                  the frozen modules of the firmware the bootloader booted (poweron.py)
@@ -46,6 +46,7 @@ from pathlib import Path
 
 from fota.device.runner import REBOOT_EXIT
 from fota.testkit.boards.firmware import firmware_tag
+from fota.tools.boardfs import DEVICE_DIR, MAIN_PY  # a provisioned board's main.py, run as it is
 
 EMULATIONS = Path(__file__).resolve().parent    # esp32.py, machine.py, network.py, poweron.py
 MICROPYTHON_SIDE = ("esp32", "machine", "network", "poweron")
@@ -63,10 +64,6 @@ ESP32_APP_SIZE = 0x180000   # ESP32_GENERIC-OTA: two 1.5 MiB app partitions
 # crash loop); at 208K 3 of 3 passed. 256K leaves a margin; the agent's memory is bench/'s to
 # measure, not this harness's.
 BOARD_HEAP = "256K"
-DEVICE_DIR = "device"
-MAIN_PY = ("# The board's main.py (emulated board): the board runner on the device directory.\n"
-           "from fota.device.board import main\n"
-           f"main(\"{DEVICE_DIR}\")\n")
 
 
 def build_emulations() -> Path:
