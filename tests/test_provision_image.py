@@ -131,8 +131,8 @@ def _extract(data: bytes, into: Path) -> Path:
 # ESP32 provisioned with --backend esp32 (whole firmware images in the OTA partitions).
 IMAGE_BOARDS = {"rp2": {"hardware": "picow", "chip": None, "settings": {"trial_wdt_ms": 8000},
                         "board": {"wdt_max_ms": 8388}},   # an RP2040's watchdog takes at most 8388 ms
-                "esp32": {"hardware": "esp32-devkit", "chip": "esp32", "settings": {"backend": "esp32", "chip": "esp32"},
-                          "board": {}}}
+                "esp32": {"hardware": "esp32-devkit", "chip": "esp32",
+                          "settings": {"backend": "esp32", "chip": "esp32"}, "board": {}}}
 
 
 @pytest.mark.parametrize("kind", sorted(IMAGE_BOARDS))
