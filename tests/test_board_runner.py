@@ -320,6 +320,31 @@ print(json.dumps(out))
 """
 
 
+CRASH_IN_THE_CRASH = """
+from fota.device import board
+
+class Device:  # the agent fails with a full heap, and so does its clean disconnect after it
+    client = object()
+    def boot(self):
+        raise MemoryError("memory allocation failed, allocating 2057 bytes")
+    def go_offline(self):
+        raise MemoryError("memory allocation failed, allocating 64 bytes")
+
+board.BoardDevice = lambda root: Device()
+board.main("device")
+"""
+
+
+def test_an_agent_crash_resets_the_board_even_when_the_goodbye_fails_too(tmp_path):
+    """A MemoryError (the heap full) crashes the agent, and the clean disconnect in the crash
+    handler fails the same way: the board still resets (exit 4), instead of halting at the REPL
+    with the exception (seen on an emulated ESP32 with a heap too small for a chunk)."""
+    p = run_micropython(CRASH_IN_THE_CRASH, heap="256K", cwd=str(tmp_path),
+                        env={"MICROPYPATH": f"{BOARDS}:{ROOT / 'src'}", "FOTA_EMU_RESET_CAUSE": str(tmp_path / "rc")})
+    assert p.returncode == RESET_EXIT, p.stdout + p.stderr
+    assert "agent crashed: MemoryError" in p.stdout + p.stderr
+
+
 @pytest.mark.parametrize("case", ["rolled_back", "marked_valid"])
 def test_esp32_boot_record_follows_what_the_bootloader_did(tmp_path, case):
     """A reset during the trial before mark_app_valid: the bootloader rolls back, and the record

@@ -127,28 +127,67 @@ def _extract(data: bytes, into: Path) -> Path:
     return into
 
 
-def test_device_from_an_image_completes_an_update(fleet, tmp_path):
-    """A board's image of a fleet device (its directory, the rp2 agent's .mpy), extracted and
-    run by the real micropython against the fleet's broker and control center: it comes online
-    and installs a release."""
+# The two kinds of board an image is made for: a Pico W (files backend: app bundles) and an
+# ESP32 provisioned with --backend esp32 (whole firmware images in the OTA partitions).
+IMAGE_BOARDS = {"rp2": {"hardware": "picow", "chip": None, "settings": {"trial_wdt_ms": 8000},
+                        "board": {"wdt_max_ms": 8388}},   # an RP2040's watchdog takes at most 8388 ms
+                "esp32": {"hardware": "esp32-devkit", "chip": "esp32",
+                          "settings": {"backend": "esp32", "chip": "esp32"}, "board": {}}}
+
+
+@pytest.mark.parametrize("kind", sorted(IMAGE_BOARDS))
+def test_device_from_an_image_boots_its_own_main_py_and_completes_an_update(fleet, tmp_path, kind):
+    """A board's LittleFS image of a fleet device, opened with littlefs-python and extracted onto
+    an emulated board (fota.testkit.boards: every power-on a real micropython process with the
+    emulated machine, network and, on an ESP32, esp32 modules): the image's own main.py starts
+    the board runner from the image's /lib .mpy on the image's device directory; it joins the
+    Wi-Fi, comes online and completes an update of its kind (a bundle on the Pico W, a firmware
+    image on the ESP32), through machine.reset() and the trial boot."""
     from fota.device import protocol as P
     from fota.server.deployments import create_deployment
+    from fota.server.releases import create_release
+    from fota.testkit.boards.firmware import firmware_image
+    from fota.testkit.boards.harness import EmulatedBoard
     from fota.testkit.fleet import bundle_of_size
     from fota.tools.lfsimage import image_tree
     from fota.tools.mpy import build_board_agent
-    from fota.tools.supervisor import DeviceProcess
-    dev = "from-image"
-    fleet.add_device(dev, start=False)
-    build_board_agent("rp2", tmp_path / "agent")
-    data = build_image(image_tree("rp2", fleet.root(dev), tmp_path / "agent"), layout("rp2")["size"])
-    board = _extract(data, tmp_path / "board")
-    fleet.devices[dev] = proc = DeviceProcess(board / "device", code_path=board / "lib").start()
-    fleet.wait_online(dev)
-    rel = fleet.release(bundle_of_size("2.0.0", 8_000), "2.0.0")
-    job = create_deployment(fleet.store, rel, device_ids=[dev]).jobs[0].id
-    assert fleet.wait_job(job, timeout=60).state == P.CONFIRMED, proc.log_path.read_text()
-    boot = json.loads((board / "device" / "boot.json").read_text())
-    assert boot["versions"][boot["active"]] == "2.0.0"
+    spec = IMAGE_BOARDS[kind]
+    dev = f"from-image-{kind}"
+    board = EmulatedBoard(tmp_path / "board", chip=spec["chip"], code_path=tmp_path / "board" / "fs" / "lib",
+                          settings=spec["board"])
+    fleet.add_device(dev, hardware=spec["hardware"], start=False,
+                     wifi={"ssid": board.wifi[0], "password": board.wifi[1]}, **spec["settings"])
+    build_board_agent(kind, tmp_path / "agent")
+    data = build_image(image_tree(kind, fleet.root(dev), tmp_path / "agent"), layout(kind)["size"])
+    _extract(data, board.fs)   # over the harness's main.py: the image's own runs
+    assert (board.fs / "main.py").read_text() == MAIN_PY
+    assert not list((board.fs / "lib").rglob("*.py"))   # the agent only as the image's .mpy
+    if spec["chip"]:
+        board.flash_factory_image(firmware_image("1.0.0"))   # esptool's job at the factory
+    try:
+        board.start()
+        fleet.wait_online(dev)
+        if spec["chip"]:
+            rel = create_release(fleet.store, fleet.blobs, fleet.key, firmware_image("2.0.0"), "2.0.0",
+                                 [spec["hardware"]], kind="image")
+        else:
+            rel = fleet.release(bundle_of_size("2.0.0", 8_000), "2.0.0", hardware=[spec["hardware"]])
+        job = fleet.wait_job(create_deployment(fleet.store, rel, device_ids=[dev]).jobs[0].id, timeout=90)
+        assert job.state == P.CONFIRMED, (job.state, job.code, job.reason, board.log_text()[-3000:])
+        fleet.wait_online(dev, version="2.0.0")
+    finally:
+        board.stop()
+    log = board.log_text()
+    assert f"[fota] Wi-Fi: joining {board.wifi[0]}" in log and "Traceback" not in log, log[-3000:]
+    assert board.resets == 1 and board.halted == [], board.exits   # machine.reset() into the trial boot
+    boot = json.loads((board.fs / "device" / "boot.json").read_text())
+    assert boot["versions"][boot["active"]] == "2.0.0" and boot["trial"] is None
+    if spec["chip"]:
+        ota = board.ota_data()
+        assert ota["running"] == "ota_1" and ota["states"]["ota_1"] == "VALID"
+        assert board.running_firmware()["version"] == "2.0.0"
+    else:
+        assert boot["active"] == "b" and (board.fs / "device" / "slots" / "b" / "app" / "app.py").exists()
 
 
 def test_a_filesystem_too_small_for_the_tree_registers_nothing(tmp_path):

@@ -296,18 +296,24 @@ def test_tree_room_is_counted_in_whole_blocks():
     assert tree_bytes({"a/x": b"1", "a/b/c/y": bytes(5000), "e/": b""}) == (1 + 2 + 4) * 4096
 
 
-def test_a_board_written_over_the_port_runs_the_board_runner_and_updates(fleet, tmp_path, micropython):
-    """A fleet device's tree written by the real mpremote onto the emulated board, then run from
-    the board's files by the board runner (what main.py starts; tests/test_board_runner.py's
-    harness with the emulated machine module): it comes online and installs a release."""
+def test_a_board_written_over_the_port_boots_its_main_py_and_updates(fleet, tmp_path, micropython):
+    """A fleet device's tree written by the real mpremote onto the emulated board, then what the
+    board's filesystem holds powered on as a Pico W (fota.testkit.boards.harness: its own
+    main.py, its /lib .mpy and /device, under the real micropython with the emulated machine and
+    network modules): it joins the Wi-Fi, comes online and installs a release."""
+    import shutil
+
     from fota.device import protocol as P
     from fota.server.deployments import create_deployment
+    from fota.testkit.boards.harness import EmulatedBoard as PoweredBoard
     from fota.testkit.fleet import bundle_of_size
     from fota.tools.boardfs import tree_bytes, write_tree
     from fota.tools.mpy import build_board_agent
-    from test_board_runner import BOARD_HEAP, BoardProcess
     dev = "port-board"
-    fleet.add_device(dev, start=False)
+    powered = PoweredBoard(tmp_path / "powered", chip=None, code_path=tmp_path / "powered" / "fs" / "lib",
+                           settings={"wdt_max_ms": 8388})   # an RP2040's watchdog limit
+    fleet.add_device(dev, start=False, trial_wdt_ms=8000,
+                     wifi={"ssid": powered.wifi[0], "password": powered.wifi[1]})
     build_board_agent("rp2", tmp_path / "agent")
     tree = board_tree(fleet.root(dev), tmp_path / "agent")
     stage = write_tree(tree, tmp_path / "stage")
@@ -319,15 +325,20 @@ def test_a_board_written_over_the_port_runs_the_board_runner_and_updates(fleet, 
         boardport.reset(board.port)
         assert boardport.probe(board.port)["id"] == dev
     assert (board.root / "main.py").read_text() == MAIN_PY
-    fleet.devices[dev] = proc = BoardProcess(board.root / "device", code_path=board.root / "lib",
-                                             heap=BOARD_HEAP).start()
-    fleet.wait_online(dev)
-    rel = fleet.release(bundle_of_size("2.0.0", 8_000), "2.0.0")
-    job = create_deployment(fleet.store, rel, device_ids=[dev]).jobs[0].id
-    assert fleet.wait_job(job, timeout=90).state == P.CONFIRMED, proc.log_path.read_text()
-    boot = json.loads((board.root / "device" / "boot.json").read_text())
+    shutil.copytree(board.root, powered.fs, dirs_exist_ok=True)   # over the harness's main.py
+    try:
+        powered.start()
+        fleet.wait_online(dev)
+        rel = fleet.release(bundle_of_size("2.0.0", 8_000), "2.0.0")
+        job = create_deployment(fleet.store, rel, device_ids=[dev]).jobs[0].id
+        assert fleet.wait_job(job, timeout=90).state == P.CONFIRMED, powered.log_text()[-3000:]
+        fleet.wait_online(dev, version="2.0.0")
+    finally:
+        powered.stop()
+    boot = json.loads((powered.device_dir / "boot.json").read_text())
     assert boot["versions"][boot["active"]] == "2.0.0"
-    assert proc.resets >= 1  # the board runner rebooted into the new app with machine.reset()
+    assert "[fota] Wi-Fi: joining" in powered.log_text()
+    assert powered.resets == 1 and powered.halted == []   # machine.reset() into the new app
 
 
 def test_the_wifi_password_is_asked_for_on_a_terminal_and_not_echoed(home, tmp_path):

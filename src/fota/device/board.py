@@ -28,7 +28,7 @@
 #              calls agent.poll(ms); `async def main(agent)`: the app's asyncio loop, with the
 #              agent as a task of it (fota.device.aio).
 #
-# main.py on a provisioned board:  from fota.device.board import main; main("/device")
+# main.py on a provisioned board:  from fota.device.board import main; main("device")  (cwd "/")
 import sys
 import time
 
@@ -252,9 +252,12 @@ def main(root, step_ms=DEFAULT_STEP_MS):
     except Reboot:
         runner.shut_down(device)
     except Exception as e:  # the agent itself failed: a reset, not a board stuck at the REPL
-        log("agent crashed:", type(e).__name__, e)
-        sys.print_exception(e)
-        if device is not None and device.client is not None:
-            device.go_offline()
+        try:
+            log("agent crashed:", type(e).__name__, e)
+            sys.print_exception(e)
+            if device is not None and device.client is not None:
+                device.go_offline()
+        except Exception:  # a MemoryError again (a full heap): the reset matters, not the goodbye
+            pass
         _sleep_ms(1000)  # not a hot loop of crashing boots
     machine.reset()

@@ -5,7 +5,7 @@ fota.tools.boardport), so that the two cannot differ.
 Layout (the board's filesystem root):
     /lib/fota/**.mpy   the agent (on sys.path of every MicroPython board port: '', .frozen, /lib)
     /device/           the device directory create_device_dir writes (config.json, boot.json, slots/)
-    /main.py           starts the agent on /device
+    /main.py           starts the agent on device (relative: /device on a board)
     /boot.py           replaces whatever a previous owner left there (it runs before main.py)
 The device directory is not /fota: '' precedes /lib on sys.path, so a /fota directory would
 shadow the agent package.
@@ -18,10 +18,14 @@ DEVICE_DIR = "device"
 AGENT_DIR = "lib/fota"
 
 # The board runner's entry (fota.device.board: network bring-up, watchdog, machine.reset); the
-# only place that names it.
+# only place that names it (the emulated boards of fota.testkit.boards run it too). The device
+# directory is relative: a board runs main.py with "/" as its working directory, and the runner
+# makes the path absolute at start (fsutil.abspath), so this is /device on a board; the same
+# file runs unchanged from a board tree copied anywhere else (the emulated board runs it in its
+# filesystem's directory, where "/device" would be this machine's).
 MAIN_PY = ("# Written by fota device provision: run the fota agent on the device directory.\n"
            "from fota.device.board import main\n"
-           f"main(\"/{DEVICE_DIR}\")\n")
+           f"main(\"{DEVICE_DIR}\")\n")
 
 # boot.py runs before main.py on every boot. A stock one only holds comments; one left by another
 # application (starting WebREPL, or its own program) would run before the agent on every boot, so

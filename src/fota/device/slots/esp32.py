@@ -33,21 +33,27 @@ def running_slot():
 
 
 class Esp32Backend:
-    """Writes are buffered into whole blocks; each full block is written with the 2-argument
+    """Writes are gathered into whole blocks; each full block is written with the 2-argument
     writeblocks(), which erases the block first. A partial block stays in RAM until it is full
     or finalize() pads it, so resume() continues from the start of the block holding its offset.
+
+    One 4096-byte buffer, allocated once, holds the block being filled (and, at finalize, each
+    piece read back for the hash): a board's heap is small, and a new 4 KiB buffer per block
+    fragments it until no free run of 4 KiB is left (MemoryError in the middle of a download).
     """
     KINDS = ("image",)
 
     def __init__(self, chip_id=0):
         self.chip_id = chip_id
         self.capacity = min(Partition(LABELS[s]).info()[3] for s in LABELS)
+        self._block = bytearray(BLOCK)
+        self._view = memoryview(self._block)
         self._restart(None, 0)
 
     def _restart(self, part, at):
         self._part = part
-        self._buf = bytearray()
-        self._buf_at = at          # slot offset of the first buffered byte (block aligned)
+        self._fill = 0             # bytes of the block buffer that hold data
+        self._block_at = at        # slot offset of the block being filled (block aligned)
         self._kept_end = at        # after resume(): replayed bytes below this are on the flash
         self._bad = None           # a replayed byte differed from the flash: finalize() fails
 
@@ -75,24 +81,42 @@ class Esp32Backend:
         return start
 
     def write(self, slot, offset, data):
+        data = memoryview(data)    # slices of a memoryview copy nothing
         if offset < self._kept_end:
             n = min(len(data), self._kept_end - offset)
-            if self.read(slot, offset, n) != bytes(data[:n]) and self._bad is None:
-                self._bad = "replayed bytes at %d differ from the flash" % offset
+            self._check_replay(offset, data[:n])
             data = data[n:]
             offset += n
             if not data:
                 return
-        if offset != self._buf_at + len(self._buf):
+        if offset != self._block_at + self._fill:
             raise ImageError("writes must be sequential")
-        self._buf.extend(data)
-        while len(self._buf) >= BLOCK:
-            self._program(self._buf[:BLOCK])
-            self._buf = self._buf[BLOCK:]
+        done = 0
+        while done < len(data):
+            n = min(BLOCK - self._fill, len(data) - done)
+            self._view[self._fill:self._fill + n] = data[done:done + n]
+            self._fill += n
+            done += n
+            if self._fill == BLOCK:
+                self._program()
 
-    def _program(self, block):
-        self._part.writeblocks(self._buf_at // BLOCK, block)  # erases the block, then writes
-        self._buf_at += BLOCK
+    def _check_replay(self, offset, data):
+        # Bytes sent again below the resumed block: already on the flash, compared, not written.
+        # The block buffer is empty meanwhile (nothing is buffered below _kept_end).
+        done = 0
+        while done < len(data) and self._bad is None:
+            n = min(BLOCK, len(data) - done)
+            at = offset + done
+            piece = self._view[:n]
+            self._part.readblocks(at // BLOCK, piece, at % BLOCK)
+            if piece != data[done:done + n]:
+                self._bad = "replayed bytes at %d differ from the flash" % at
+            done += n
+
+    def _program(self):
+        self._part.writeblocks(self._block_at // BLOCK, self._block)  # erases the block, then writes
+        self._block_at += BLOCK
+        self._fill = 0
 
     def flush(self, slot):
         # Whole blocks are written as soon as they are full; a resume trusts only those.
@@ -101,7 +125,7 @@ class Esp32Backend:
     def read(self, slot, offset, n):
         buf = bytearray(n)
         Partition(LABELS[slot]).readblocks(offset // BLOCK, buf, offset % BLOCK)
-        return bytes(buf)
+        return buf
 
     def has_image(self, slot):
         return True  # the image stays in its partition; the boot record says which one it is
@@ -109,6 +133,19 @@ class Esp32Backend:
     def finalize(self, slot, size, files=None, key=None, plain_size=None, sha256=None):
         for _ in self.finalize_steps(slot, size, files, key, plain_size, sha256):
             pass
+
+    def _pad(self):
+        # The rest of the last block erased (0xFF), in place: one byte set, then the filled run
+        # copied after itself, doubling (no buffer of padding allocated).
+        view = self._view
+        at = self._fill
+        view[at] = 0xFF
+        k = 1
+        while at + k < BLOCK:
+            n = min(k, BLOCK - at - k)
+            view[at + k:at + k + n] = view[at:at + n]
+            k += n
+        self._fill = BLOCK
 
     def finalize_steps(self, slot, size, files=None, key=None, plain_size=None, sha256=None):
         # finalize() as a generator: the read-back hash yields every HASH_STEP bytes, so that a
@@ -119,22 +156,26 @@ class Esp32Backend:
             raise ImageError("encrypted firmware images are not supported")
         if self._bad:
             raise ImageError(self._bad)
-        if self._buf_at + len(self._buf) != size:
-            raise ImageError("%d bytes written, the image has %d" % (self._buf_at + len(self._buf), size))
-        if self._buf:
-            self._program(bytes(self._buf) + b"\xff" * (BLOCK - len(self._buf)))
-            self._buf = bytearray()
-        head = self.read(slot, 0, 24)
-        if size < 24 or head[0] != 0xE9:
-            raise ImageError("not an ESP app image (magic byte %d)" % head[0])
-        chip = head[12] | (head[13] << 8)
+        if self._block_at + self._fill != size:
+            raise ImageError("%d bytes written, the image has %d" % (self._block_at + self._fill, size))
+        if self._fill:
+            self._pad()
+            self._program()
+        part = Partition(LABELS[slot])
+        view = self._view          # the block buffer is free now: it takes the read-back pieces
+        part.readblocks(0, view[:24])
+        if size < 24 or view[0] != 0xE9:
+            raise ImageError("not an ESP app image (magic byte %d)" % view[0])
+        chip = view[12] | (view[13] << 8)
         if chip != self.chip_id:
             raise ImageError("image for chip id %d, this board is %d" % (chip, self.chip_id))
         h = hashlib.sha256()
         done = since = 0
         while done < size:
-            n = min(1024, size - done)
-            h.update(self.read(slot, done, n))
+            n = min(BLOCK, size - done)
+            piece = view[:n]
+            part.readblocks(done // BLOCK, piece)
+            h.update(piece)
             done += n
             since += n
             if since >= HASH_STEP:

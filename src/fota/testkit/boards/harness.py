@@ -19,7 +19,7 @@ Layout of the board's directory (root):
 
     fs/                   the board's filesystem: the process's working directory ('' on sys.path)
       device/             the device directory (config.json, boot.json, ...), as provisioned
-      main.py             starts the agent on "device"
+      main.py             starts the agent on "device": provisioning's (fota.tools.boardfs.MAIN_PY)
     flash.bin             ESP32: the two OTA app partitions, ota_0 then ota_1 (esp32.py)
     flash.bin.ota.json    ESP32: the OTA data (which app boots, the image states)
     rom/                  the frozen modules of the firmware the bootloader booted (poweron.py)
@@ -46,6 +46,7 @@ from pathlib import Path
 
 from fota.device.runner import REBOOT_EXIT
 from fota.testkit.boards.firmware import firmware_tag
+from fota.tools.boardfs import DEVICE_DIR, MAIN_PY  # a provisioned board's main.py, run as it is
 
 EMULATIONS = Path(__file__).resolve().parent    # esp32.py, machine.py, network.py, poweron.py
 MICROPYTHON_SIDE = ("esp32", "machine", "network", "poweron")
@@ -58,15 +59,12 @@ ESP32_APP_SIZE = 0x180000   # ESP32_GENERIC-OTA: two 1.5 MiB app partitions
 # The emulated board's heap. fota's DEFAULT_HEAP (160K) is the unix-port runner's; a board
 # process also holds the emulations, which a real board has built in (C code, no heap): about
 # 22 KiB before the agent starts (esp32, machine, network, poweron as .mpy, measured with
-# gc.mem_free()). Measured with the demo (board runner, esp32 backend, a delta): at 192K the
-# backend's 4 KiB block buffers failed with MemoryError in a fragmented heap in 2 runs of 3 (a
-# crash loop); at 208K 3 of 3 passed. 256K leaves a margin; the agent's memory is bench/'s to
-# measure, not this harness's.
-BOARD_HEAP = "256K"
-DEVICE_DIR = "device"
-MAIN_PY = ("# The board's main.py (emulated board): the board runner on the device directory.\n"
-           "from fota.device.board import main\n"
-           f"main(\"{DEVICE_DIR}\")\n")
+# gc.mem_free()). `./run bench board_heap` (a full firmware update of 256 KiB, then a delta, 3
+# boards per heap) found every run passing at 192K and above with the esp32 backend's one
+# preallocated block buffer (at 216K and above with a new 4 KiB buffer per block, which
+# fragmented the heap into crash loops below that); 200K passed 11 runs of 11 over the
+# measurements. 224K keeps a margin of 24-32 KiB above that floor.
+BOARD_HEAP = "224K"
 
 
 def build_emulations() -> Path:
