@@ -30,11 +30,17 @@ class DemoError(RuntimeError):
 def run_demo(devices: int = 3, timeout: float = 120.0, keep: bool = False, console: Console | None = None,
              heap: str = DEFAULT_HEAP) -> int:
     console = console or Console()
+    return run_in_home("fota-demo-", lambda root: _demo(root, devices, timeout, console, heap),
+                       f"{devices} device(s) confirmed 1.1.0 after reboot", keep, console)
+
+
+def run_in_home(prefix: str, demo, passed: str, keep: bool, console: Console) -> int:
+    """Run the coroutine demo(root) in a throw-away home directory; 0 if it passed, else 1."""
     logging.getLogger("gmqtt").setLevel(logging.ERROR)  # its reconnect chatter is not for the demo
-    root = Path(tempfile.mkdtemp(prefix="fota-demo-"))
+    root = Path(tempfile.mkdtemp(prefix=prefix))
     try:
-        asyncio.run(_demo(root, devices, timeout, console, heap))
-        console.print(f"[green]demo passed:[/green] {devices} device(s) confirmed 1.1.0 after reboot")
+        asyncio.run(demo(root))
+        console.print(f"[green]demo passed:[/green] {passed}")
         return 0
     except DemoError as e:
         console.print(f"[red]demo failed:[/red] {e}")
@@ -46,7 +52,8 @@ def run_demo(devices: int = 3, timeout: float = 120.0, keep: bool = False, conso
             shutil.rmtree(root, ignore_errors=True)
 
 
-async def _wait(predicate, timeout: float, what: str) -> None:
+async def wait(predicate, timeout: float, what: str) -> None:
+    """wait_until_async, failing the demo with what it waited for."""
     try:
         await wait_until_async(predicate, timeout, interval=0.2, what=what)
     except TimedOut as e:
@@ -86,7 +93,7 @@ async def _demo(root: Path, n: int, timeout: float, console: Console, heap: str)
             def all_online_on_1_0_0():
                 devs = {d.id: d for d in list_devices(store)}
                 return all(devs[i].online and devs[i].version == "1.0.0" for i in ids)
-            await _wait(all_online_on_1_0_0, 30, "the devices to come online on 1.0.0")
+            await wait(all_online_on_1_0_0, 30, "the devices to come online on 1.0.0")
             console.print(f"{n} MicroPython devices online on 1.0.0")
 
             app_dir = root / "hello-1.1.0"
@@ -118,7 +125,7 @@ async def _demo(root: Path, n: int, timeout: float, console: Console, heap: str)
             def all_on_1_1_0():
                 devs = {d.id: d for d in list_devices(store)}
                 return all(devs[i].version == "1.1.0" and devs[i].online for i in ids)
-            await _wait(all_on_1_1_0, 20, "the devices to report 1.1.0 in their inventory")
+            await wait(all_on_1_1_0, 20, "the devices to report 1.1.0 in their inventory")
             reboots = sum(p.reboots for p in procs)
             console.print(f"every device runs 1.1.0 ({reboots} reboots)")
         finally:

@@ -20,9 +20,6 @@ that loads them (docs/boards.md, "Demo on emulated ESP32s").
 from __future__ import annotations
 
 import asyncio
-import logging
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,14 +28,10 @@ from rich.live import Live
 from rich.table import Table
 
 from fota.device import protocol as P
-from fota.tools.waiting import TimedOut, wait_until_async
+from fota.demo import DemoError, run_in_home, wait as _wait
 
 HARDWARE = "esp32"
 BOARDS = ("esp32",)
-
-
-class DemoError(RuntimeError):
-    pass
 
 
 def run_board_demo(board: str = "esp32", devices: int = 3, timeout: float = 120.0, keep: bool = False,
@@ -47,28 +40,9 @@ def run_board_demo(board: str = "esp32", devices: int = 3, timeout: float = 120.
     if board not in BOARDS:
         raise ValueError(f"no emulated board {board!r}; boards: {', '.join(BOARDS)}")
     console = console or Console()
-    logging.getLogger("gmqtt").setLevel(logging.ERROR)
-    root = Path(tempfile.mkdtemp(prefix="fota-demo-esp32-"))
-    try:
-        asyncio.run(_demo(root, devices, timeout, console, heap))
-        console.print(f"[green]demo passed:[/green] {devices} emulated ESP32 board(s) confirmed firmware 1.1.0; "
-                      "the faulty 1.2.0 was rolled back by the bootloader on dev-01")
-        return 0
-    except DemoError as e:
-        console.print(f"[red]demo failed:[/red] {e}")
-        return 1
-    finally:
-        if keep:
-            console.print(f"demo home kept at {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-
-
-async def _wait(predicate, timeout: float, what: str) -> None:
-    try:
-        await wait_until_async(predicate, timeout, interval=0.2, what=what)
-    except TimedOut as e:
-        raise DemoError(str(e)) from None
+    return run_in_home("fota-demo-esp32-", lambda root: _demo(root, devices, timeout, console, heap),
+                       f"{devices} emulated ESP32 board(s) confirmed firmware 1.1.0; "
+                       "the faulty 1.2.0 was rolled back by the bootloader on dev-01", keep, console)
 
 
 def boards_table(boards: dict) -> Table:
