@@ -52,6 +52,22 @@ def run_in_home(prefix: str, demo, passed: str, keep: bool, console: Console) ->
             shutil.rmtree(root, ignore_errors=True)
 
 
+async def watch(console: Console, store, deployment_id: int, timeout: float, noun: str) -> list:
+    """Live progress of a deployment until every job finished; returns its rows."""
+    from fota.deployment_view import refresh_live
+    deadline = time.monotonic() + timeout
+    with Live(console=console, refresh_per_second=4) as live:
+        while True:
+            rows, summary, done = refresh_live(live, store, deployment_id)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                raise DemoError(f"not every {noun} finished within {timeout:.0f}s: {summary}")
+            await asyncio.sleep(0.25)
+    console.print()
+    return rows
+
+
 async def wait(predicate, timeout: float, what: str) -> None:
     """wait_until_async, failing the demo with what it waited for."""
     try:
@@ -62,7 +78,6 @@ async def wait(predicate, timeout: float, what: str) -> None:
 
 async def _demo(root: Path, n: int, timeout: float, console: Console, heap: str) -> None:
     from fota.cli_common import make_unix_device
-    from fota.deployment_view import refresh_live
     from fota.examples import hello_files
     from fota.server.app import control_center
     from fota.server.deployments import create_deployment
@@ -108,16 +123,7 @@ async def _demo(root: Path, n: int, timeout: float, console: Console, heap: str)
             dep = create_deployment(store, rel, device_ids=ids)
             console.print(f"deployment {dep.id} to {n} devices")
 
-            deadline = time.monotonic() + timeout
-            with Live(console=console, refresh_per_second=4) as live:
-                while True:
-                    rows, summary, done = refresh_live(live, store, dep.id)
-                    if done:
-                        break
-                    if time.monotonic() > deadline:
-                        raise DemoError(f"not every device finished within {timeout:.0f}s: {summary}")
-                    await asyncio.sleep(0.25)
-            console.print()
+            rows = await watch(console, store, dep.id, timeout, "device")
             bad = [r for r in rows if r[1] != P.CONFIRMED]
             if bad:
                 raise DemoError("; ".join(f"{d} ended {st} ({code}: {reason})" for d, st, _, code, reason in bad))

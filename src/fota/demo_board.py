@@ -19,16 +19,13 @@ that loads them (docs/boards.md, "Demo on emulated ESP32s").
 """
 from __future__ import annotations
 
-import asyncio
-import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.live import Live
 from rich.table import Table
 
 from fota.device import protocol as P
-from fota.demo import DemoError, run_in_home, wait as _wait
+from fota.demo import DemoError, run_in_home, wait as _wait, watch
 
 HARDWARE = "esp32"
 BOARDS = ("esp32",)
@@ -60,21 +57,10 @@ def boards_table(boards: dict) -> Table:
 
 async def _deploy_and_watch(console, store, release, ids, timeout) -> tuple:
     """(deployment, its rows once every board finished)."""
-    from fota.deployment_view import refresh_live
     from fota.server.deployments import create_deployment
     dep = create_deployment(store, release, device_ids=ids)
     console.print(f"deployment {dep.id}: {release.version} to {', '.join(ids)}")
-    deadline = time.monotonic() + timeout
-    with Live(console=console, refresh_per_second=4) as live:
-        while True:
-            rows, summary, done = refresh_live(live, store, dep.id)
-            if done:
-                break
-            if time.monotonic() > deadline:
-                raise DemoError(f"not every board finished within {timeout:.0f}s: {summary}")
-            await asyncio.sleep(0.25)
-    console.print()
-    return dep, rows
+    return dep, await watch(console, store, dep.id, timeout, "board")
 
 
 def _job(store, job_id):
