@@ -62,10 +62,20 @@ def _private_sqlite_file(path: Path) -> None:
     """The database file readable by its owner only (0600; it holds wrapped keys, password
     hashes, the fleet): created so before SQLite opens it, tightened if it exists. SQLite gives
     its -wal, -shm and -journal files the database file's mode; those of an older, wider file
-    are tightened too."""
+    are tightened too.
+
+    An existing file is never opened here: closing any descriptor of the database file drops
+    every POSIX lock this process holds on it, the shared lock of an open WAL connection
+    included (sqlite.org/howtocorrupt.html §2.2). Another process closing its last connection
+    then took itself for the last one and deleted the -wal and -shm files; this process kept
+    reading the old ones and never saw another process's writes again (a second Store in
+    `fota serve`, Home.kek(), made its control center ignore devices `fota simulate` provisioned)."""
     if not path.parent.exists():
         private_dir(path.parent)
-    os.close(os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE))
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE))
+    except FileExistsError:
+        pass
     for file in [path] + [path.with_name(path.name + suffix) for suffix in SQLITE_SIDE_FILES]:
         tighten(file)
 
