@@ -285,6 +285,25 @@ def test_a_second_store_in_a_process_keeps_the_first_seeing_other_processes_writ
         first.dispose()
 
 
+def test_processes_opening_a_new_database_at_once_all_migrate_it(db_url):
+    """`fota serve` and `fota simulate` (or any two commands) started together on a new home both
+    migrate its database: one runs the migrations, the others wait and find it current (they
+    failed with "table ... already exists" when both created the tables)."""
+    import subprocess
+    import sys
+
+    code = (f"from fota.server.store import Store\n"
+            f"Store({db_url!r}).dispose()\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    errors = [proc.communicate(timeout=120)[1] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * 4, "\n".join(errors)
+    store = Store(db_url, migrate=False)
+    try:
+        assert _revision(store.engine) == HEAD
+    finally:
+        store.dispose()
+
+
 def test_urls(tmp_path):
     assert default_url(tmp_path) == f"sqlite:///{tmp_path.resolve() / 'fota.db'}"
     assert normalize_url("postgres://u:p@h:5432/db") == "postgresql+psycopg://u:p@h:5432/db"
