@@ -162,26 +162,40 @@ def test_a_board_on_the_network_verifies_the_broker(tmp_path):
 
 def test_simulated_devices_connect_to_a_tls_home(tmp_path):
     """fota simulate on a home whose broker listens beyond loopback (TLS only, a --hostname that
-    does not resolve here): the simulated devices connect to the devices' TLS listener, verifying
-    it with the home's CA (Mosquitto accepts nothing else there)."""
+    does not resolve here), started as soon as fota serve's broker answers: the simulated devices
+    connect to the devices' TLS listener, verifying it with the home's CA (Mosquitto accepts
+    nothing else there), the control center marks them online, and a rollout to them is confirmed."""
     import os
 
     from fota.tools.waiting import wait_until
-    from test_cli import FOTA, fota, stop
+    from test_cli import FOTA, background, fota, stop, wait_listed
     home = Home(tmp_path / "home")
     home.keyring.init()
     port = free_port()
     _listen(home, f"0.0.0.0:{port}", NAME)
-    assert fota(home.path, "devices").returncode == 0  # the database made before two processes open it
+    image = tmp_path / "fw.bin"
+    image.write_bytes(os.urandom(4 * 1024))
+    r = fota(home.path, "release", "create", str(image), "--version", "2.0.0", "--hardware", "unix")
+    assert r.returncode == 0, r.stdout + r.stderr  # the database made before two processes open it
     serve = subprocess.Popen(FOTA + ["serve"], env=dict(os.environ, FOTA_HOME=str(home.path)),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    sim = None
     try:
         wait_until(lambda: _answers(port), timeout=30, what="fota serve did not start")
-        r = fota(home.path, "simulate", "--devices", "2", "--hardware", "unix", "--duration", "3")
+        sim = background(home.path, "simulate", "--devices", "2", "--hardware", "unix", "--duration", "60")
+        wait_listed(home.path, lambda listing: listing.count("sim-000") == 2 and listing.count("yes") == 2,
+                    "the control center did not mark the simulated devices online", sim, serve,
+                    timeout=30, interval=0.3)
+        r = fota(home.path, "deploy", "2.0.0", "--tag", "sim")
+        assert r.returncode == 0 and "2 device(s)" in r.stdout, r.stdout + r.stderr
+        watch = fota(home.path, "status", "--watch", timeout=60)
+        assert "2 confirmed" in watch.stdout, watch.stdout + watch.stderr
     finally:
+        sim_out = stop(sim) if sim is not None else ""
         out = stop(serve)
-    assert r.returncode == 0 and "connected 2/2" in r.stdout, r.stdout + r.stderr + out
-    assert "TLS-only" not in r.stdout + r.stderr
+    assert "connected 2/2" in sim_out and "confirmed 2" in sim_out, sim_out + out
+    assert "TLS-only" not in sim_out and "Traceback" not in sim_out + out, sim_out + out
+    assert "unprovisioned" not in out, out
 
 
 def _answers(port: int) -> bool:

@@ -346,18 +346,20 @@ def test_timed_out_jobs_are_cancelled_on_devices_that_wake_later(setup):
 
 
 def test_fota_simulate_command_with_a_served_home(tmp_path):
-    """The operator's path: fota serve (managed Mosquitto), fota simulate, fota deploy --tag sim."""
+    """The operator's path: fota serve (managed Mosquitto), fota simulate, fota deploy --tag sim.
+    Serve and simulate start together on a new home: both create its database."""
     from test_cli import background, fota, stop, wait_listed
     home = tmp_path / "home"
     assert fota(home, "keys", "init").returncode == 0
-    image = tmp_path / "fw.bin"
-    image.write_bytes(os.urandom(8 * 1024))
-    assert fota(home, "release", "create", str(image), "--version", "2.0.0", "--hardware", "sim").returncode == 0
     serve = background(home, "serve")
     sim = background(home, "simulate", "--devices", "30", "--unhealthy", "0.1", "--duration", "120")
     try:
         wait_listed(home, lambda listing: listing.count("sim-000") == 30 and listing.count("yes") == 30,
                     "simulated devices did not come online", sim, serve, timeout=60, interval=0.5)
+        image = tmp_path / "fw.bin"
+        image.write_bytes(os.urandom(8 * 1024))
+        r = fota(home, "release", "create", str(image), "--version", "2.0.0", "--hardware", "sim")
+        assert r.returncode == 0, r.stdout + r.stderr
         r = fota(home, "deploy", "2.0.0", "--tag", "sim")
         assert r.returncode == 0 and "30 device(s)" in r.stdout, r.stdout + r.stderr
         watch = fota(home, "status", "--watch", timeout=90)
@@ -366,9 +368,10 @@ def test_fota_simulate_command_with_a_served_home(tmp_path):
         assert oct(secrets_file.stat().st_mode & 0o777) == "0o600"
     finally:
         out = stop(sim)
-        stop(serve)
-    assert "Traceback" not in out, out
+        serve_out = stop(serve)
+    assert "Traceback" not in out + serve_out, out + serve_out
     assert "reverted 3" in out, out
+    assert "unprovisioned" not in serve_out, serve_out
 
 
 def test_hash_slots_refuse_an_image_whose_hash_is_not_the_manifests():

@@ -248,6 +248,62 @@ def test_sqlite_pragmas(sqlite_url):
         store.dispose()
 
 
+def test_a_second_store_in_a_process_keeps_the_first_seeing_other_processes_writes(db_url):
+    """`fota serve` opens a second Store while its first is open (Home.kek() before keys/kek
+    exists). On SQLite that once dropped the first one's lock on the database file: the next
+    process to close its last connection deleted the -wal and -shm files the first still read,
+    and the first never saw another process's writes again (its control center ignored the
+    devices `fota simulate` provisioned as unprovisioned)."""
+    import subprocess
+    import sys
+
+    first = Store(db_url)
+    try:
+        with first.session() as s:
+            assert s.get(Device, "dev-other") is None  # its connection open, reading the WAL
+        Store(db_url).dispose()  # a second store in this process
+        run = [sys.executable, "-c"]
+        # a short-lived process (`fota devices`): its connection is the last one it closes
+        subprocess.run(run + [f"from fota.server.store import Store; Store({db_url!r}).dispose()"], check=True,
+                       timeout=60)
+        # a process that writes and stays open (`fota simulate` provisioning)
+        writer = subprocess.Popen(run + [
+            "import sys\n"
+            "from fota.server.store import Device, Store\n"
+            f"store = Store({db_url!r})\n"
+            "with store.session() as s:\n"
+            "    s.add(Device(id='dev-other', hardware='sim', tags=[], inventory={}))\n"
+            "print('written', flush=True)\n"
+            "sys.stdin.readline()\n"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert writer.stdout.readline().strip() == "written"
+            with first.session() as s:
+                assert s.get(Device, "dev-other") is not None
+        finally:
+            writer.communicate("\n", timeout=60)
+    finally:
+        first.dispose()
+
+
+def test_processes_opening_a_new_database_at_once_all_migrate_it(db_url):
+    """`fota serve` and `fota simulate` (or any two commands) started together on a new home both
+    migrate its database: one runs the migrations, the others wait and find it current (they
+    failed with "table ... already exists" when both created the tables)."""
+    import subprocess
+    import sys
+
+    code = (f"from fota.server.store import Store\n"
+            f"Store({db_url!r}).dispose()\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    errors = [proc.communicate(timeout=120)[1] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * 4, "\n".join(errors)
+    store = Store(db_url, migrate=False)
+    try:
+        assert _revision(store.engine) == HEAD
+    finally:
+        store.dispose()
+
+
 def test_urls(tmp_path):
     assert default_url(tmp_path) == f"sqlite:///{tmp_path.resolve() / 'fota.db'}"
     assert normalize_url("postgres://u:p@h:5432/db") == "postgresql+psycopg://u:p@h:5432/db"

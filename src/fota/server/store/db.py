@@ -6,6 +6,7 @@ with the migrations shipped inside this package (no alembic.ini needed).
 """
 from __future__ import annotations
 
+import fcntl
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
@@ -62,10 +63,20 @@ def _private_sqlite_file(path: Path) -> None:
     """The database file readable by its owner only (0600; it holds wrapped keys, password
     hashes, the fleet): created so before SQLite opens it, tightened if it exists. SQLite gives
     its -wal, -shm and -journal files the database file's mode; those of an older, wider file
-    are tightened too."""
+    are tightened too.
+
+    An existing file is never opened here: closing any descriptor of the database file drops
+    every POSIX lock this process holds on it, the shared lock of an open WAL connection
+    included (sqlite.org/howtocorrupt.html §2.2). Another process closing its last connection
+    then took itself for the last one and deleted the -wal and -shm files; this process kept
+    reading the old ones and never saw another process's writes again (a second Store in
+    `fota serve`, Home.kek(), made its control center ignore devices `fota simulate` provisioned)."""
     if not path.parent.exists():
         private_dir(path.parent)
-    os.close(os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE))
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE))
+    except FileExistsError:
+        pass
     for file in [path] + [path.with_name(path.name + suffix) for suffix in SQLITE_SIDE_FILES]:
         tighten(file)
 
@@ -98,9 +109,34 @@ def alembic_config(url: str | URL) -> Config:
     return cfg
 
 
+# PostgreSQL advisory lock key held while migrating (any constant; "fota" in ASCII)
+MIGRATION_LOCK_KEY = 0x666F7461
+
+
+@contextmanager
+def _migration_lock(engine: Engine) -> Iterator[None]:
+    """One process migrates a SQLite file at a time: an flock on its directory (not on the file:
+    closing a descriptor of the database file would drop SQLite's own locks, _private_sqlite_file).
+    Commands started together on a new home (fota serve and fota simulate) both created the tables
+    and one failed with "table ... already exists"."""
+    url = engine.url
+    if url.get_backend_name() != "sqlite" or _is_sqlite_memory(url):
+        yield
+        return
+    fd = os.open(Path(url.database).expanduser().resolve().parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when closed (or the process dies)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _upgrade(engine: Engine, revision: str = "head") -> None:
+    """Migrate, one process at a time: the others wait and find the database current."""
     cfg = alembic_config(engine.url)
-    with engine.begin() as connection:
+    with _migration_lock(engine), engine.begin() as connection:
+        if engine.dialect.name == "postgresql":  # released with the migration's transaction
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, revision)
 
