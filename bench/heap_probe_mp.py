@@ -1,0 +1,274 @@
+# Runs under MicroPython (never CPython): one line of bench/heap_budget.py's table per process.
+#
+#   micropython -X heapsize=H bench/heap_probe_mp.py STEP DATA_DIR
+#   micropython -X heapsize=H -c "import sys; ballast = bytearray(N); sys.argv[:] = ['', STEP, DATA_DIR, 'N'];
+#                                  sys.path.append(MPY_DIR); import heap_probe_mp"
+#
+# DATA_DIR/cfg.json holds the inputs the bench made on CPython with the project's server-side
+# tools (signed manifest, bundle, delta patch, broker ports). Each step does its setup (imports,
+# inputs read) first, then gc.collect(), notes the heap, runs the agent's real code for that line
+# and notes the heap again with what the agent would keep still referenced. Prints one line
+# "RESULT {json}" when the step completed. The second form (this script compiled to .mpy by the
+# bench: compiling the source would need more heap than most steps) takes a ballast of N bytes
+# first, one block at the bottom of the heap, so that less is free when the step starts; a
+# MemoryError in the step (after the line "SETUP" was printed) ends the process with a
+# traceback, which is how the bench finds the smallest free heap a step completes with. The
+# setup's and the step's own allocations meet the heap's holes as an agent's do.
+import gc
+import sys
+import json
+import time
+
+STEP = sys.argv[1]
+DIR = sys.argv[2]
+BALLAST = int(sys.argv[3]) if len(sys.argv) > 3 else 0   # the -c stub holds it
+cfg = json.load(open(DIR + "/cfg.json"))
+marks = {}
+
+
+def mark(name):
+    # A heap figure inside a step (e.g. the delta decoder's state mid-stream).
+    gc.collect()
+    marks[name] = gc.mem_alloc()
+
+
+def read(name):
+    with open(DIR + "/" + name, "rb") as f:
+        return f.read()
+
+
+def wait_for(client, box, n):
+    # check_msg until n messages are in box (the runner's inbox), or fail after 10 s.
+    t0 = time.ticks_ms()
+    while len(box) < n:
+        client.check_msg(50)
+        if time.ticks_diff(time.ticks_ms(), t0) > 10000:
+            raise OSError("only %d of %d messages arrived" % (len(box), n))
+
+
+def client_for(tls=False):
+    from fota.device import protocol as P
+    from fota.device.mqtt import MQTTClient
+    ctx = None
+    port = cfg["port"]
+    if tls:
+        from fota.device.runner import _TLS
+        ctx = _TLS({"host": cfg["host"], "cadata": cfg["cadata"], "server_hostname": "localhost"})
+        port = cfg["tls_port"]
+    # As the runner makes it (fota.device.runner: manual_ack, max_payload)
+    return MQTTClient(cfg["client_id"], cfg["host"], port, keepalive=30, clean_session=True, ssl_context=ctx,
+                      manual_ack=True, timeout=10,
+                      max_payload=max(P.MAX_COMMAND_BYTES, P.MAX_CHUNK_SIZE + P.CHUNK_HEADER_SIZE))
+
+
+def connected_client():
+    from fota.device import protocol as P
+    c = client_for()
+    box = []
+    c.set_callback(lambda topic, msg, pid: box.append((topic, msg, pid)))   # the runner's inbox
+    c.connect()
+    c.subscribe(P.topic(cfg["client_id"], P.DATA), 0)
+    return c, box
+
+
+def chunks_sent(c, n):
+    # n chunks (header + --chunk bytes) published to the client's own data topic and waiting in
+    # its socket when the step starts, as chunks the control center sent for the window.
+    from fota.device import protocol as P
+    import struct
+    payload = bytearray(struct.pack(P.CHUNK_HEADER, 1, 0)) + bytearray(cfg["chunk"])
+    topic = P.topic(cfg["client_id"], P.DATA)
+    for i in range(n):
+        struct.pack_into(P.CHUNK_HEADER, payload, 0, 1, i)
+        c.publish(topic, payload)
+    del payload
+    time.sleep_ms(300)   # all back from the broker, in the socket buffer
+
+
+# ---- the steps: setup() -> state; run(state) -> what stays referenced ------------------------
+
+def setup_agent_import():
+    return None
+
+
+def run_agent_import(_):
+    # What fota.device.main imports: the runner and through it the whole agent.
+    from fota.device import runner
+    return runner
+
+
+def setup_mqtt_client():
+    from fota.device import mqtt  # noqa: F401  (the agent is imported already on a device)
+    from fota.device import protocol  # noqa: F401
+    return None
+
+
+def run_mqtt_client(_):
+    return connected_client()
+
+
+def setup_chunk():
+    c, box = connected_client()
+    chunks_sent(c, 1)
+    return c, box
+
+
+def run_chunk(state):
+    c, box = state
+    wait_for(c, box, 1)
+    from fota.device import protocol as P
+    assert len(box[0][1]) == cfg["chunk"] + P.CHUNK_HEADER_SIZE
+    return box
+
+
+def setup_window():
+    c, box = connected_client()
+    chunks_sent(c, cfg["window_chunks"])
+    return c, box
+
+
+def run_window(state):
+    # check_msg reads every chunk that arrived into the inbox before the core takes one.
+    c, box = state
+    wait_for(c, box, cfg["window_chunks"])
+    return box
+
+
+def setup_manifest():
+    from fota.device import core  # noqa: F401
+    with open(DIR + "/manifest.json") as f:
+        return f.read()
+
+
+def run_manifest(text):
+    from fota.device import core
+    return core.parse_manifest(text, ["image", "bundle"])
+
+
+def setup_command():
+    from fota.device import core  # noqa: F401
+    return read("command.json")
+
+
+def run_command(payload):
+    # The update command as Core._authenticate parses it: the envelope, then its signed body.
+    env = json.loads(payload)
+    body = json.loads(env["body"])
+    return env, body
+
+
+def setup_ecdsa():
+    from fota.device import ecdsa
+    from binascii import unhexlify
+    import hashlib
+    return (read("signer.pub"), hashlib.sha256(read("manifest.json")).digest(),
+            unhexlify(cfg["manifest_sig"]), ecdsa)
+
+
+def run_ecdsa(state):
+    pub, digest, sig, ecdsa = state
+    if not ecdsa.verify_digest(pub, digest, sig):
+        raise AssertionError("the manifest's signature did not verify")
+    return None
+
+
+def setup_sha256():
+    import hashlib
+    return bytearray(cfg["chunk"])
+
+
+def run_sha256(data):
+    import hashlib
+    h = hashlib.sha256()
+    h.update(data)
+    return h
+
+
+def setup_bundle():
+    from fota.device import bundle
+    from fota.device import core
+    with open(DIR + "/bundle.manifest.json") as f:
+        files = core.parse_manifest(f.read(), ["bundle"])["files"]
+    return bundle, files
+
+
+def run_bundle(state):
+    import os
+    bundle, files = state
+    dest = DIR + "/unpacked-%d" % time.ticks_ms()
+    os.mkdir(dest)
+    size = cfg["bundle_size"]
+    with open(DIR + "/bundle.bin", "rb") as f:
+        names = bundle.extract(f, size, dest, files)
+    if len(names) != len(files):
+        raise AssertionError("unpacked %d of %d files" % (len(names), len(files)))
+    return None
+
+
+def setup_delta():
+    from fota.device import delta
+    old = open(DIR + "/base.bin", "rb")
+    patch = open(DIR + "/patch.bin", "rb")
+    head = patch.read(delta.HEADER_SIZE)
+    expect = delta.parse_header(head)
+    patch.seek(0)
+    return delta, old, patch, expect, bytearray(cfg["chunk"])
+
+
+def run_delta(state):
+    delta, old, patch, expect, buf = state
+    out = open(DIR + "/new.out", "wb")
+
+    def read_old(at, n):
+        old.seek(at)
+        return old.read(n)
+
+    p = delta.Patcher(read_old, out.write, cfg["patch_size"], expect, cfg["wbits"])
+    half = cfg["patch_size"] // 2
+    fed = 0
+    mv = memoryview(buf)
+    while True:
+        n = patch.readinto(buf)
+        if not n:
+            break
+        p.feed(mv[:n])
+        fed += n
+        if "decoder" not in marks and fed >= half:
+            mark("decoder")   # the Patcher mid-stream: window, buffers, inflater, hash
+    p.finish()
+    out.close()
+    return None
+
+
+def setup_tls():
+    from fota.device import runner  # noqa: F401  (_TLS, the agent's ssl_context)
+    import ssl  # noqa: F401
+    return None
+
+
+def run_tls(_):
+    c = client_for(tls=True)
+    c.connect()
+    return c
+
+
+def main():
+    if STEP == "interpreter":  # handled by the bench with a one-line -c script
+        raise ValueError("the interpreter's baseline is measured with -c")
+    state = globals()["setup_" + STEP]()
+    run = globals()["run_" + STEP]
+    gc.collect()
+    before = gc.mem_alloc()
+    free = gc.mem_free()
+    print("SETUP")
+    kept = run(state)
+    gc.collect()
+    after = gc.mem_alloc()
+    out = {"step": STEP, "before": before, "free": free, "after": after, "ballast": BALLAST}
+    for name in marks:
+        out[name] = marks[name] - before
+    print("RESULT " + json.dumps(out))
+    del kept
+
+
+main()
