@@ -63,6 +63,7 @@ LABELS = {
     "delta": "delta patch applied (delta.Patcher)",
     "tls": "MQTT client connected over TLS",
 }
+CHUNK_STEPS = ("chunk", "window")   # the bench publishes chunks to the probe
 RESOLUTION = 256   # bytes: the heap search's step
 
 
@@ -128,7 +129,10 @@ def run_probe(mp, step: str, heap: int, data: Path, run_id: int, timeout: float,
     cfg["client_id"] = f"probe{run_id}"   # a fresh session each run: nothing left from a killed one
     (data / "cfg.json").write_text(json.dumps(cfg))
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=mp.env(), cwd=data)
+        if step in CHUNK_STEPS:
+            proc = run_with_chunks(argv, mp.env(), data, cfg, cfg["window_chunks"] if step == "window" else 1, timeout)
+        else:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=mp.env(), cwd=data)
     except subprocess.TimeoutExpired:
         raise MeasureError(f"{step} with a {ballast} B ballast: no answer within {timeout} s")
     for line in proc.stdout.splitlines():
@@ -139,6 +143,42 @@ def run_probe(mp, step: str, heap: int, data: Path, run_id: int, timeout: float,
         return "step" if after_setup else "setup"
     raise MeasureError(f"{step} with a {ballast} B ballast (heap {heap}): exit {proc.returncode}"
                        f"{'' if after_setup else ' in its setup'}: {(proc.stderr or proc.stdout)[-600:]}")
+
+
+def publish_chunks(cfg: dict, n: int) -> None:
+    """n chunks of cfg's size to the probe's data topic, as the control center sends them (QoS 0),
+    with the agent's MQTT client on CPython."""
+    import struct
+    from fota.device import protocol as P
+    from fota.device.mqtt import MQTTClient
+    client = MQTTClient(f"{cfg['client_id']}-center", cfg["host"], cfg["port"], clean_session=True)
+    client.connect()
+    try:
+        data = random.Random(n).randbytes(cfg["chunk"])
+        for i in range(n):
+            client.publish(P.topic(cfg["client_id"], P.DATA), struct.pack(P.CHUNK_HEADER, 1, i) + data)
+    finally:
+        client.disconnect()
+
+
+def run_with_chunks(argv, env, data: Path, cfg: dict, n: int, timeout: float):
+    """Run the probe; when it says READY (connected, subscribed), publish n chunks to it and let
+    it go on."""
+    deadline = time.monotonic() + timeout
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=data) as proc:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.strip() == "READY":
+                publish_chunks(cfg, n)
+                (data / f"go-{cfg['client_id']}").touch()
+                break
+        try:
+            out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        return subprocess.CompletedProcess(argv, proc.returncode, "".join(lines) + out, err)
 
 
 def measure(mp, step: str, data: Path, max_heap: int, timeout: float, counter) -> dict:

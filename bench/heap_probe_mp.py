@@ -72,17 +72,21 @@ def connected_client():
 
 
 def chunks_sent(c, n):
-    # n chunks (header + --chunk bytes) published to the client's own data topic and waiting in
-    # its socket when the step starts, as chunks the control center sent for the window.
-    from fota.device import protocol as P
-    import struct
-    payload = bytearray(struct.pack(P.CHUNK_HEADER, 1, 0)) + bytearray(cfg["chunk"])
-    topic = P.topic(cfg["client_id"], P.DATA)
-    for i in range(n):
-        struct.pack_into(P.CHUNK_HEADER, payload, 0, 1, i)
-        c.publish(topic, payload)
-    del payload
-    time.sleep_ms(300)   # all back from the broker, in the socket buffer
+    # The bench publishes n chunks (header + --chunk bytes) to this client's data topic once it
+    # reads READY, as the control center answers a chunk request, and then makes the file go-ID:
+    # the chunks wait in the socket (not the heap) when the step starts.
+    import os
+    print("READY")
+    flag = DIR + "/go-" + cfg["client_id"]
+    t0 = time.ticks_ms()
+    while True:
+        try:
+            os.stat(flag)
+            return
+        except OSError:
+            if time.ticks_diff(time.ticks_ms(), t0) > 10000:
+                raise OSError("the bench did not publish the chunks")
+            time.sleep_ms(20)
 
 
 # ---- the steps: setup() -> state; run(state) -> what stays referenced ------------------------
