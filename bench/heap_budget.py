@@ -24,9 +24,11 @@ only its objects in the heap; .mpy on 64: bytecode in the heap); the MQTT client
 one chunk received; a window of --window // --chunk chunks received into the inbox (check_msg
 reads what arrived before the core takes one); the manifest parsed; the update command's JSON
 parsed; ECDSA P-256 verification of the manifest's signature; a SHA-256 object; a bundle
-unpacked and checked; the delta decoder applying the patch (its state mid-stream too); an MQTT
-client connected over TLS (mbedTLS allocates in the MicroPython heap on the unix port) and its
-share over the plain client. Exit 1 when a line cannot be measured (also at the largest heap).
+unpacked and checked; the delta decoder applying the patch (and its state after the feed that
+passed half the patch, before finish()); an MQTT client connected over TLS and its share over the
+plain client (the MicroPython side only: the unix port's standard build gives mbedTLS the C
+library's calloc, so its record buffers are not in the MicroPython heap; docs/heap.md).
+Exit 1 when a line cannot be measured (a MemoryError even at the largest heap, any other error).
 """
 from __future__ import annotations
 
@@ -280,7 +282,7 @@ def render(result: dict) -> None:
         if r["step"] == "interpreter":
             note = f"heap free at start: {r['free']} B"
         elif "decoder" in r:
-            note = f"decoder state mid-stream: {r['decoder']} B"
+            note = f"decoder state while applying: {r['decoder']} B"
         needed = "-" if r["needed"] is None else ("<= %d" % r["needed"] if r.get("needed_is_bound") else r["needed"])
         table.append([r["label"], r["retained"], needed, note])
     o = result["options"]

@@ -27,7 +27,7 @@ marks = {}
 
 
 def mark(name):
-    # A heap figure inside a step (e.g. the delta decoder's state mid-stream).
+    # A heap figure inside a step (e.g. the delta decoder's state while it applies).
     gc.collect()
     marks[name] = gc.mem_alloc()
 
@@ -243,7 +243,7 @@ def run_delta(state):
         p.feed(mv[:n])
         fed += n
         if "decoder" not in marks and fed >= half:
-            mark("decoder")   # the Patcher mid-stream: window, buffers, inflater, hash
+            mark("decoder")   # the Patcher at work (after the feed that passed half the patch): window, buffers, inflater, hash
     p.finish()
     out.close()
     return None
