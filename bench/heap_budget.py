@@ -228,7 +228,7 @@ def run(args) -> dict:
     mp = interpreter(args.interpreter, log=lambda m: print(m, file=sys.stderr))
     steps = ["interpreter"] + [s for s in STEPS if s in args.steps]
     max_heap = args.max_heap_kib * 1024
-    rows, failures = [], []
+    rows, failures, modules = [], [], []
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="heap-budget-") as tmp:
         tmp = Path(tmp)
@@ -242,6 +242,12 @@ def run(args) -> dict:
             from fota.tools.mpy import compile_module
             compile_module(PROBE, data / "heap_probe_mp.mpy", name="bench/heap_probe_mp.py")
             counter = itertools.count()
+            if "agent_import" in steps:   # the import's breakdown per module: one run, no search
+                top = run_probe(mp, "agent_modules", max_heap, data, next(counter), args.timeout)
+                if isinstance(top, str):
+                    failures.append("agent_modules: MemoryError at the largest heap")
+                else:
+                    modules = top["modules"]
             for step in steps:
                 t0 = time.monotonic()
                 try:
@@ -268,7 +274,7 @@ def run(args) -> dict:
             "options": {"image_kib": args.image_kib, "chunk": args.chunk, "window": args.window,
                         "window_chunks": max(1, args.window // args.chunk), "wbits": args.wbits,
                         "max_heap_kib": args.max_heap_kib},
-            "inputs": inputs, "rows": rows, "derived": derived, "failures": failures,
+            "inputs": inputs, "rows": rows, "agent_modules": modules, "derived": derived, "failures": failures,
             "wall_s": round(time.monotonic() - started, 1)}
 
 
@@ -298,6 +304,9 @@ def render(result: dict) -> None:
         notes.append("FAILED: " + f)
     print_table(f"heap budget on {result['interpreter']} ({result['date']})",
                 ["line", "retained B", "needed B", "note"], table, notes, left=("line", "note"))
+    if result.get("agent_modules"):
+        print_table("the agent's import, module by module (retained, in import order)", ["module", "retained B"],
+                    result["agent_modules"], [f"sum: {sum(b for _, b in result['agent_modules'])} B"])
 
 
 def parse(argv):

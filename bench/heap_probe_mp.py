@@ -101,6 +101,25 @@ def run_agent_import(_):
     return runner
 
 
+# The agent's modules in the order the runner's imports load them (each imports only earlier ones)
+AGENT_MODULES = ("fota.device", "fota.device.protocol", "fota.device.fsutil", "fota.device.mqtt",
+                 "fota.device.ecdsa", "fota.device.trust", "fota.device.core", "fota.device.boot",
+                 "fota.device.slots", "fota.device.executor", "fota.device.runner")
+
+
+def setup_agent_modules():
+    return [0] * len(AGENT_MODULES)   # small ints stored in place: no allocation while measuring
+
+
+def run_agent_modules(after):
+    # The heap after each module of the agent's import, one by one (a breakdown of agent_import).
+    for i in range(len(AGENT_MODULES)):
+        __import__(AGENT_MODULES[i])
+        gc.collect()
+        after[i] = gc.mem_alloc()
+    return after
+
+
 def setup_mqtt_client():
     from fota.device import mqtt  # noqa: F401  (the agent is imported already on a device)
     from fota.device import protocol  # noqa: F401
@@ -276,6 +295,8 @@ def main():
     out = {"step": STEP, "before": before, "free": free, "after": after, "ballast": BALLAST}
     for name in marks:
         out[name] = marks[name] - before
+    if STEP == "agent_modules":
+        out["modules"] = [[AGENT_MODULES[i], kept[i] - (kept[i - 1] if i else before)] for i in range(len(kept))]
     print("RESULT " + json.dumps(out))
     del kept
 
