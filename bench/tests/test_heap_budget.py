@@ -36,3 +36,35 @@ def test_unknown_step_is_refused(capsys):
     with pytest.raises(SystemExit):
         heap_budget.parse(["--steps", "window,heap_of_gold"])
     assert "heap_of_gold" in capsys.readouterr().err
+
+
+def _fake_probe(step_needs, setup_needs=0, before=1000):
+    """A probe whose step completes when at least step_needs bytes are free at its start; the heap
+    free after the setup is 100 000 minus the ballast."""
+    def probe(mp, step, heap, data, run_id, timeout, ballast=0):
+        if 100_000 - ballast < setup_needs:
+            return "setup"
+        free = 100_000 - ballast - 40   # the setup's own retained bytes
+        if free < step_needs:
+            return "step"
+        return {"step": step, "before": before, "after": before + 100, "free": free, "ballast": ballast}
+    return probe
+
+
+def test_the_search_finds_the_smallest_free_heap_within_its_resolution(monkeypatch):
+    import itertools
+    monkeypatch.setattr(heap_budget, "run_probe", _fake_probe(step_needs=7000))
+    r = heap_budget.measure(None, "ecdsa", None, 1 << 20, 10, itertools.count())
+    assert 7000 <= r["needed"] <= 7000 + heap_budget.RESOLUTION and not r["needed_is_bound"], r
+    assert r["retained"] == 100
+    # The setup runs out first (it needs 9 000 free): the figure is only a bound.
+    monkeypatch.setattr(heap_budget, "run_probe", _fake_probe(step_needs=2000, setup_needs=9000))
+    r = heap_budget.measure(None, "sha256", None, 1 << 20, 10, itertools.count())
+    assert r["needed_is_bound"] and 9000 - 40 <= r["needed"] <= 9000 + heap_budget.RESOLUTION, r
+
+
+def test_a_step_out_of_heap_at_the_largest_heap_fails_the_line(monkeypatch):
+    import itertools
+    monkeypatch.setattr(heap_budget, "run_probe", _fake_probe(step_needs=200_000))
+    with pytest.raises(heap_budget.MeasureError, match="even at the largest heap"):
+        heap_budget.measure(None, "delta", None, 1 << 20, 10, itertools.count())
