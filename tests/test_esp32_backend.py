@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_micropython
+from fota.tools import espimage
 
 ROOT = Path(__file__).resolve().parent.parent
 BOARDS = ROOT / "src" / "fota" / "testkit" / "boards"  # the emulations (tests/boards re-exports them)
@@ -24,23 +25,8 @@ def app_image(payload: int, chip_id: int = 0, seed: int = 0, hash_appended: bool
     """An ESP app image (App Image Format): 24-byte header, two segments, checksum byte at the
     end of a 16-byte block, SHA-256 of all of it."""
     data = bytes((i * 131 + seed + (i >> 8)) & 0xFF for i in range(payload))
-    segments = [(0x3F400020, data[:payload // 3]), (0x40080000, data[payload // 3:])]
-    head = bytearray(24)
-    head[0] = 0xE9
-    head[1] = len(segments)
-    head[4:8] = (0x40080000).to_bytes(4, "little")
-    head[12:14] = chip_id.to_bytes(2, "little")
-    head[23] = 1 if hash_appended else 0
-    out = bytearray(head)
-    check = 0xEF
-    for addr, seg in segments:
-        out += addr.to_bytes(4, "little") + len(seg).to_bytes(4, "little") + seg
-        for b in seg:
-            check ^= b
-    out += bytes(15 - len(out) % 16) + bytes([check])
-    if hash_appended:
-        out += hashlib.sha256(out).digest()
-    return bytes(out)
+    return espimage.app_image([(espimage.DROM, data[:payload // 3]), (espimage.IRAM, data[payload // 3:])],
+                              chip_id, hash_appended)
 
 
 # The board's side, MicroPython-compatible. STEP names what this process does; images come as

@@ -25,7 +25,7 @@ from types import SimpleNamespace
 from fota.device import protocol as P
 from fota.device.slots.sim import SimBackend, SimFlash
 from fota.server.releases import build_manifest, update_command
-from fota.tools import bundle
+from fota.tools import bundle, espimage
 from fota.tools.devicedir import create_device_dir
 from fota.tools.keyring import Keyring
 
@@ -40,27 +40,9 @@ ESP_CHIP_ID = 0  # esp32
 
 
 def esp_app_image(payload: bytes, chip_id: int = ESP_CHIP_ID) -> bytes:
-    """`payload` as an ESP app image (ESP-IDF App Image Format): the 24-byte header (magic 0xE9,
-    segment count, chip id at offset 12, hash_appended at 23), two segments, the checksum byte
-    (XOR of the segment data seeded with 0xEF) ending a 16-byte block, then the SHA-256 of all
-    before it."""
+    """`payload` as an ESP app image of two segments (fota.tools.espimage)."""
     half = len(payload) // 2
-    segments = [(0x3F400020, payload[:half]), (0x40080000, payload[half:])]
-    head = bytearray(24)
-    head[0] = 0xE9
-    head[1] = len(segments)
-    head[4:8] = (0x40080000).to_bytes(4, "little")
-    head[12:14] = chip_id.to_bytes(2, "little")
-    head[23] = 1
-    out = bytearray(head)
-    check = 0xEF
-    for addr, seg in segments:
-        out += addr.to_bytes(4, "little") + len(seg).to_bytes(4, "little") + seg
-        for b in seg:
-            check ^= b
-    out += bytes(15 - len(out) % 16) + bytes([check])
-    out += hashlib.sha256(out).digest()
-    return bytes(out)
+    return espimage.app_image([(espimage.DROM, payload[:half]), (espimage.IRAM, payload[half:])], chip_id)
 
 
 def app_bundle(version: str, payload: bytes) -> bytes:

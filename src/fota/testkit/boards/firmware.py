@@ -10,22 +10,19 @@ with MARK, a 4-byte little-endian length and a JSON object {"version", "behaviou
 the tag of the partition the bootloader booted and puts that module where the firmware's frozen
 modules are (the "rom" directory on the board process's import path).
 
-The rest is an ordinary image (ESP-IDF, App Image Format): 24-byte header (magic 0xE9, segment
-count, entry point, chip id at offset 12, hash_appended at 23), segments of (load address,
-length, data), a checksum byte (XOR of the segment data, seeded with 0xEF) in the last byte of a
-16-byte block, and the SHA-256 of everything before it. The second segment (IRAM) is filler
+The rest is an ordinary ESP app image (fota.tools.espimage). The second segment (IRAM) is filler
 standing for the interpreter's code: the same bytes for every version (unless `code_seed`
 differs) but its last KiB, so that two versions differ in about a KiB (what a delta sends).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 
+from fota.tools import espimage
+
 MARK = b"FOTA-EMULATED-FIRMWARE\0"
-DROM = 0x3F400020     # where an ESP32 maps the first data segment
-IRAM = 0x40080000     # and the code
+DROM, IRAM = espimage.DROM, espimage.IRAM   # the data segment (the tag) and the code
 # What the frozen app does: runs (healthy), raises in start() (its health check fails at once),
 # raises in tick() once running (crashes), or never returns from tick() (hangs).
 HEALTHY, RAISES, CRASHES, HANGS = "healthy", "raises", "crashes", "hangs"
@@ -71,23 +68,7 @@ def firmware_image(version: str, behaviour: str = HEALTHY, *, chip_id: int = 0, 
     # The last KiB of the code stands for what changed between two versions.
     changed = min(1024, len(code))
     code = code[:len(code) - changed] + random.Random(f"{code_seed}/{version}").randbytes(changed)
-    head = bytearray(24)
-    head[0] = 0xE9
-    head[1] = 2
-    head[2], head[3] = 2, 0x20          # SPI mode DIO, 4 MB / 40 MHz: what esptool writes for ESP32
-    head[4:8] = IRAM.to_bytes(4, "little")
-    head[8] = 0xEE                      # WP pin: not used
-    head[12:14] = chip_id.to_bytes(2, "little")
-    head[23] = 1                        # SHA-256 appended
-    out = bytearray(head)
-    check = 0xEF
-    for addr, seg in ((DROM, data), (IRAM, code)):
-        out += addr.to_bytes(4, "little") + len(seg).to_bytes(4, "little") + seg
-        for b in seg:
-            check ^= b
-    out += bytes(15 - len(out) % 16) + bytes([check])
-    out += hashlib.sha256(out).digest()
-    return bytes(out)
+    return espimage.app_image([(DROM, data), (IRAM, code)], chip_id)
 
 
 def firmware_tag(image: bytes) -> dict | None:
