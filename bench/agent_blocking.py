@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import secrets
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ from fota.server.deployments import create_deployment
 from fota.server.broker import SERVER_USER, Mosquitto
 from fota.testkit.broker import BrokerAccounts
 from fota.testkit.fleet import Fleet, bundle_of_size
-from fota.tools.supervisor import DeviceProcess, find_micropython
+from fota.tools.supervisor import DeviceProcess
 from fota.tools.waiting import TimedOut, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,20 +150,17 @@ class ProbeBoard(DeviceProcess):
                        .replace("ROOT_DIR", repr(str(root))))
         self.phase = "idle"
 
-    def _spawn(self) -> subprocess.Popen:
-        env = dict(os.environ)
+    def arguments(self) -> list[str]:
+        return ["-c", self.script]
+
+    def environment(self) -> dict[str, str]:
+        env = super().environment()
         env["MICROPYPATH"] = f"{emulations()}:{self.code_path}:.frozen"
         env["FOTA_EMU_RESET_CAUSE"] = str(self.root / "reset_cause")
         env["FOTA_BENCH_PHASE"] = self.phase
         env.pop("FOTA_EMULATED_BOARD", None)
         env.pop("FOTA_EMU_WLAN", None)
-        log = open(self.log_path, "ab")
-        try:
-            return subprocess.Popen([find_micropython(), "-X", f"heapsize={self.heap}", "-c", self.script],
-                                    env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    process_group=0)
-        finally:
-            log.close()
+        return env
 
 
 def log(*args) -> None:

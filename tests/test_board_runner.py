@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from fota.examples import example_app_files, hello_files
 from fota.server.deployments import create_deployment
 from fota.server.releases import create_release
 from fota.tools.bundle import pack_files
-from fota.tools.supervisor import DeviceProcess, find_micropython
+from fota.tools.supervisor import DeviceProcess
 from fota.tools.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,9 +37,13 @@ class BoardProcess(DeviceProcess):
         super().__init__(root, **kwargs)
         self.wlan = wlan
         self.cause_path = Path(root) / "reset_cause"
+        self.script = f"from fota.device.board import main\nmain({str(self.root)!r})"
 
-    def _spawn(self) -> subprocess.Popen:
-        env = dict(os.environ)
+    def arguments(self) -> list[str]:
+        return ["-c", self.script]
+
+    def environment(self) -> dict[str, str]:
+        env = super().environment()
         env["MICROPYPATH"] = f"{BOARDS}:{self.code_path}:.frozen"
         env["FOTA_EMU_RESET_CAUSE"] = str(self.cause_path)
         env.pop("FOTA_EMULATED_BOARD", None)
@@ -48,14 +51,7 @@ class BoardProcess(DeviceProcess):
             env["FOTA_EMU_WLAN"] = str(self.wlan)
         else:
             env.pop("FOTA_EMU_WLAN", None)
-        log = open(self.log_path, "ab")
-        try:
-            return subprocess.Popen([find_micropython(), "-X", f"heapsize={self.heap}", "-c",
-                                     f"from fota.device.board import main\nmain({str(self.root)!r})"],
-                                    env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    process_group=0)
-        finally:
-            log.close()
+        return env
 
     @property
     def resets(self) -> int:
@@ -435,20 +431,6 @@ class LittleFsBoard(BoardProcess):
         super().__init__(root, **kwargs)
         self.script = (LFS_MAIN.replace("IMAGE", repr(str(Path(root).parent / (Path(root).name + ".lfs"))))
                        .replace("BLOCKS", str(blocks)).replace("PROVISIONED", repr(str(root))))
-
-    def _spawn(self) -> subprocess.Popen:
-        env = dict(os.environ)
-        env["MICROPYPATH"] = f"{BOARDS}:{self.code_path}:.frozen"
-        env["FOTA_EMU_RESET_CAUSE"] = str(self.cause_path)
-        env.pop("FOTA_EMULATED_BOARD", None)
-        env.pop("FOTA_EMU_WLAN", None)
-        log = open(self.log_path, "ab")
-        try:
-            return subprocess.Popen([find_micropython(), "-X", f"heapsize={self.heap}", "-c", self.script],
-                                    env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    process_group=0)
-        finally:
-            log.close()
 
 
 def test_on_littlefs_an_update_that_does_not_fit_is_refused_E_SPACE_and_one_that_fits_installs(fleet):

@@ -99,14 +99,22 @@ class DeviceProcess:
     def log_path(self) -> Path:
         return self.root / "device.log"
 
-    def _spawn(self) -> subprocess.Popen:
+    def arguments(self) -> list[str]:
+        """What the interpreter runs (after its heap option): the unix-port agent on the root."""
+        return ["-m", "fota.device.main", str(self.root)]
+
+    def environment(self) -> dict[str, str]:
+        """The process's environment: this one's, with the agent's MICROPYPATH."""
         env = dict(os.environ)
         env["MICROPYPATH"] = self.micropypath
+        return env
+
+    def _spawn(self) -> subprocess.Popen:
         log = open(self.log_path, "ab")
         try:
-            return subprocess.Popen([self.executable or find_micropython(), "-X", f"heapsize={self.heap}", "-m", "fota.device.main",
-                                     str(self.root)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, process_group=0,
+            return subprocess.Popen([self.executable or find_micropython(), "-X", f"heapsize={self.heap}",
+                                     *self.arguments()], env=self.environment(), stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, process_group=0,
                                     preexec_fn=_die_with_parent(os.getpid()) if self.die_with_parent else None)
         finally:
             log.close()
