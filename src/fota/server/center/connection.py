@@ -140,12 +140,17 @@ class CenterConnection:
     def connected(self) -> bool:
         return self.client is not None and self.client.is_connected
 
-    def publish(self, topic: str, payload: bytes, qos: int) -> bool:
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> bool:
         """Publish if started (gmqtt queues a QoS 1 message while reconnecting); False if not."""
         if self.client is None:
             return False
-        self.client.publish(topic, payload, qos=qos)
+        self.client.publish(topic, payload, qos=qos, retain=retain)
         return True
+
+    def subscribe_retained(self, topic: str, qos: int) -> None:
+        """An extra subscription that gets the broker's retained messages at every (re)subscribe,
+        even with a kept session (retain handling 0), and not our own publishes (no_local)."""
+        self.client.subscribe(Subscription(topic, qos=qos, no_local=True, retain_handling_options=0))
 
     def publish_qos0(self, topic: str, payloads: list[bytes]) -> None:
         """Several QoS 0 messages to one topic in one write (the chunk server's windows)."""
