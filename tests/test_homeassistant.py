@@ -373,3 +373,70 @@ def test_installed_version_waits_for_the_confirmation():
     check_state(state)
     downloading = DeviceView("d", "unix", "1.0.0", True, release, (9, "downloading", 0.426, None, None, "1.1.0"))
     assert bridge.state(downloading)["update_percentage"] == 43
+
+
+def test_fota_ha_commands_with_the_managed_broker(tmp_path):
+    """`fota ha enable` creates the account, `fota serve` publishes the entity on its own
+    Mosquitto, `fota ha installs` adds the install button live, `fota ha remove` removes it."""
+    import re
+
+    from test_cli import assert_clean_error, background, fota, stop
+
+    home = tmp_path / "home"
+    assert fota(home, "keys", "init").returncode == 0
+    assert fota(home, "device", "add", "cli-ha", "--hardware", "unix").returncode == 0
+    assert_clean_error(fota(home, "ha", "add", "cli-ha"), "not enabled")
+    r = fota(home, "ha", "enable")
+    assert r.returncode == 0, r.stdout + r.stderr
+    password = re.search(r"user homeassistant, password (\S+)", r.stdout).group(1)
+    assert password not in (home / "config.json").read_text()  # only its hash is kept
+    r = fota(home, "ha", "add", "cli-ha")
+    assert r.returncode == 0 and "1 device(s) opted in" in r.stdout, r.stdout + r.stderr
+    assert_clean_error(fota(home, "ha", "add", "nobody"), "nobody")
+    assert_clean_error(fota(home, "device", "add", "homeassistant", "--hardware", "unix"), "reserved")
+    port = json.loads((home / "config.json").read_text())["broker_port"]
+
+    class Broker:  # where Home Assistant connects: the managed broker's device listener
+        host, users = "127.0.0.1", {HOMEASSISTANT_USER: password}
+    Broker.port = port
+
+    serve = background(home, "serve")
+    ha = None
+    try:
+        ha = wait_until(lambda: _connected(Broker), timeout=30, what="Home Assistant connected to the managed broker")
+        topic = discovery_topic(PREFIX, "cli-ha")
+        config = wait_until(lambda: ha.last_json(topic), timeout=30, what="discovery config")
+        check_discovery(config)
+        assert "command_topic" not in config
+        state = wait_until(lambda: ha.last_json(config["state_topic"]), timeout=10, what="state")
+        check_state(state)
+        assert ha.last(config["availability_topic"]) == b"offline"  # never connected
+        assert fota(home, "ha", "installs", "--allow").returncode == 0
+        wait_until(lambda: "command_topic" in ha.last_json(topic), timeout=15, what="install button")
+        assert "installs allowed" in fota(home, "ha", "status").stdout
+        assert fota(home, "ha", "remove", "cli-ha").returncode == 0
+        wait_until(lambda: ha.last(topic) == b"", timeout=15, what="entity removed")
+        audit_log = [e.action for e in list_events(_store(home))]
+        assert {"ha.enable", "ha.installs", "device.tag", "device.untag"} <= set(audit_log)
+    finally:
+        if ha is not None:
+            ha.close()
+        out = stop(serve)
+    assert "Traceback" not in out, out
+
+
+def _connected(broker):
+    """A HomeAssistant client once the broker listens and lets it in; None before."""
+    try:
+        client = HomeAssistant(broker)
+    except OSError:
+        return None
+    if client.connected.wait(2):
+        return client
+    client.close()
+    return None
+
+
+def _store(home):
+    from fota.server.home import Home
+    return Home.locate(home).store()
