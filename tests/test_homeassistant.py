@@ -283,6 +283,12 @@ def test_install_from_home_assistant_updates_a_micropython_device(ha_fleet, ha_b
         state_topic = config["state_topic"]
         wait_until(lambda: (s := ha.last_json(state_topic)) and s.get("latest_version") == "1.1.0",
                    timeout=15, what="1.1.0 offered")
+        # A retained command would start an install at every new subscription: ignored.
+        bridge = fleet.center.center.homeassistant
+        ha.client.publish(config["command_topic"], config["payload_install"], qos=1, retain=True)
+        wait_until(lambda: bridge.commands_ignored == 1, timeout=10, what="retained command ignored")
+        ha.client.publish(config["command_topic"], b"", qos=1, retain=True)  # cleared
+        assert _deployments(fleet) == []
         ha.client.publish(config["command_topic"], config["payload_install"], qos=1)
         wait_until(lambda: (s := ha.last_json(state_topic)) and s["installed_version"] == "1.1.0",
                    timeout=90, what="installed 1.1.0")
@@ -337,6 +343,8 @@ def test_home_assistant_account_reads_its_topics_and_writes_only_install_command
         assert [m for m in denied if m in got] == []
         assert any(t.startswith("fota/v1/acl-dev/") for t, _ in got)  # the watcher does see the device
         assert json.loads(ha.last(config["state_topic"]))["installed_version"] == "1.0.0"
+        bridge = fleet.center.center.homeassistant
+        wait_until(lambda: bridge.commands_ignored == 1, timeout=10, what="wrong payload ignored")
         assert _deployments(fleet) == []  # a wrong payload starts nothing
     finally:
         ha.close()

@@ -167,6 +167,7 @@ class HomeAssistantBridge:
         self.passes = 0
         self.installs_started = 0
         self.installs_refused = 0
+        self.commands_ignored = 0       # not an install command, or retained
 
     # ------------------------------------------------------------ topics in
 
@@ -176,10 +177,20 @@ class HomeAssistantBridge:
     def retained_filter(self) -> str:
         return f"{self.prefix}/update/{NODE_ID}/+/config"
 
-    async def receive(self, topic: str, payload: bytes) -> None:
+    async def receive(self, topic: str, payload: bytes, retained: bool = False) -> None:
         parts = topic.split("/")
         if topic.startswith(TOPIC_ROOT):
-            if len(parts) == 4 and parts[3] == INSTALL and protocol.valid_device_id(parts[2]):
+            if len(parts) != 4 or parts[3] != INSTALL or not protocol.valid_device_id(parts[2]):
+                self.commands_ignored += 1
+                log.warning("Home Assistant message on %r ignored: not fota/ha/<device>/install", topic[:200])
+            elif retained:
+                # The broker would hand a retained command to every new subscription: an
+                # install at each reconnect. Home Assistant never retains its commands.
+                self.commands_ignored += 1
+                if payload:
+                    log.warning("retained Home Assistant command for %s ignored (clear it: publish an empty "
+                                "retained message on %s)", parts[2], topic)
+            else:
                 await self.install(parts[2], payload)
             return
         # a discovery config the broker retains (from an earlier run): removed at the next
@@ -348,6 +359,7 @@ class HomeAssistantBridge:
         """An install command from Home Assistant: a deployment of the newest compatible
         release to the device, if allowed; refused ones are logged and audited."""
         if payload != PAYLOAD_INSTALL.encode():
+            self.commands_ignored += 1
             log.warning("Home Assistant command for %s ignored: payload %r is not %s",
                         device_id, payload[:32], PAYLOAD_INSTALL)
             return

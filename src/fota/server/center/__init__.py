@@ -167,7 +167,10 @@ class ControlCenter:
         fenced = lambda: self.workgroup.fenced  # noqa: E731 (read when asked: fenced later)
         filters = topic_filters(share_group, client_id)
         if homeassistant is not None:  # Home Assistant's install commands
-            filters.append(((f"$share/{share_group}/" if share_group is not None else "") + command_filter(), 1))
+            # Never a retained one from the past (retain handling 2); a live one shows its retain
+            # flag (retain as published): the bridge ignores retained commands.
+            filters.append(((f"$share/{share_group}/" if share_group is not None else "") + command_filter(), 1,
+                            {"retain_handling_options": 2, "retain_as_published": True}))
         self.mqtt = CenterConnection(client_id, filters, self._on_message, fenced)
         self.workgroup = Workgroup(store, self.db.call, self.mqtt, self._on_message, client_id=client_id,
                                    share_group=share_group, lease=lease, heartbeat_interval=heartbeat_interval)
@@ -254,7 +257,7 @@ class ControlCenter:
             return ACK_OK
         if self.homeassistant is not None and self.homeassistant.handles(topic):
             try:
-                await self.homeassistant.receive(topic, payload)
+                await self.homeassistant.receive(topic, payload, bool((properties or {}).get("retain")))
             except Exception:
                 log.exception("Home Assistant message on %s could not be handled", topic)
             return ACK_OK

@@ -102,9 +102,10 @@ class BrokerAddress:
 
 
 class CenterConnection:
-    """The center's own session: subscribes to its filters, reconnects, publishes."""
+    """The center's own session: subscribes to its filters ((topic, qos) or (topic, qos, options):
+    options are gmqtt Subscription keywords), reconnects, publishes."""
 
-    def __init__(self, client_id: str, filters: list[tuple[str, int]], on_message: OnMessage,
+    def __init__(self, client_id: str, filters: list[tuple], on_message: OnMessage,
                  fenced: Callable[[], bool]):
         self.client_id = client_id
         self.filters = filters
@@ -164,7 +165,8 @@ class CenterConnection:
         # retain_handling 1: retained inventory/online only for a new subscription, so a
         # reconnect with a kept session does not replay the whole fleet's flags.
         if not client.subscriptions:
-            client.subscribe([Subscription(topic, qos=qos, retain_handling_options=1) for topic, qos in self.filters])
+            client.subscribe([Subscription(topic, qos=qos, **{"retain_handling_options": 1, **dict(*options)})
+                              for topic, qos, *options in self.filters])
         else:
             for sub in client.subscriptions:
                 client.resubscribe(sub)
