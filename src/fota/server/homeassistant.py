@@ -89,16 +89,15 @@ def command_filter() -> str:
 def broker_acl(user: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, str]:
     """(device listener, service listener) Mosquitto ACL lines for Home Assistant's account
     `user` and for the center (fota.server.broker.write_config): Home Assistant reads the
-    discovery configs and the fota/ha topics and writes only the install commands and its own
-    status (its birth and last-will messages: Mosquitto refuses a connection whose will it may
-    not publish); the center writes and reads the discovery configs."""
+    discovery configs and the fota/ha topics and writes only the install commands (its birth
+    and last-will messages on <prefix>/status are dropped: nothing here needs them, the
+    discovery configs are retained); the center writes and reads the discovery configs."""
     device = (f"user {user}\n"
               # Home Assistant subscribes to <prefix>/#: Mosquitto grants that subscription and
               # delivers only what this line allows
               f"topic read {prefix}/update/{NODE_ID}/#\n"
               f"topic read {TOPIC_ROOT}#\n"
-              f"topic write {command_filter()}\n"
-              f"topic write {prefix}/status\n")
+              f"topic write {command_filter()}\n")
     service = f"topic readwrite {prefix}/update/{NODE_ID}/#\n"
     return device, service
 
