@@ -449,3 +449,73 @@ def _connected(broker):
 def _store(home):
     from fota.server.home import Home
     return Home.locate(home).store()
+
+
+def test_opted_in_devices_newest_release_and_job_read_alike_on_both_databases(db_url, tmp_path):
+    """What a pass reads (tags are JSON: matched as text, then exactly), on SQLite and PostgreSQL."""
+    from fota.server.deployments import create_deployment
+    from fota.server.fleet import provision_device
+    from fota.server.store import Job, Store
+    from fota.tools.signing import generate_private_key
+
+    store = Store(db_url)
+    try:
+        key = generate_private_key()
+        provision_device(store, "in-a", "unix", tags=["lab", DEFAULT_TAG])
+        provision_device(store, "in-b", "esp32", tags=[DEFAULT_TAG])
+        provision_device(store, "out-c", "unix", tags=[DEFAULT_TAG + "-not", "x" + DEFAULT_TAG])
+        provision_device(store, "out-d", "unix")
+        with store.session() as s:
+            from fota.server.store import Device
+            for device_id in ("in-a", "in-b"):
+                s.get(Device, device_id).version = "1.0.0"
+        for version, hw, min_version in [("1.2.0", ["unix"], None), ("1.10.0", ["unix"], None),
+                                         ("1.9.0", ["esp32"], None), ("2.0.0", ["esp32"], "1.5.0")]:
+            create_release(store, tmp_path / "blobs", key, pack_files(hello_files(version)), version, hw,
+                           min_version=min_version)
+        first = create_deployment(store, "1.2.0", device_ids=["in-a"])
+        second = create_deployment(store, "1.10.0", device_ids=["in-a"])
+        with store.session() as s:
+            s.get(Job, first.jobs[0].id).state = "failed"
+            job = s.get(Job, second.jobs[0].id)
+            job.state, job.progress = "downloading", 0.5
+        bridge = HomeAssistantBridge(store, None, lambda *a: True, HomeAssistantSettings())
+        views = bridge.read_views()
+        assert sorted(views) == ["in-a", "in-b"]
+        assert views["in-a"].release[1] == "1.10.0"       # version order, not text order
+        assert views["in-a"].job[:3] == (second.jobs[0].id, "downloading", 0.5)
+        assert views["in-b"].release[1] == "1.9.0"        # 2.0.0 needs at least 1.5.0
+        assert views["in-b"].job is None
+        assert bridge.state(views["in-a"])["update_percentage"] == 50
+    finally:
+        store.dispose()
+
+
+def test_entities_are_published_again_after_a_broker_restart_lost_them(tmp_path, sqlite_url):
+    """A broker without persistence forgets retained messages when it restarts: the center
+    publishes every entity again once reconnected."""
+    with Mosquitto(tmp_path / "mosquitto", auth=True, acl_extra=broker_acl(HOMEASSISTANT_USER)) as m:
+        broker = BrokerAccounts(m)
+        broker.add_users({SERVER_USER: secrets.token_urlsafe(12), HOMEASSISTANT_USER: secrets.token_urlsafe(12)})
+        fleet = Fleet(tmp_path, broker, sqlite_url, spy=False, homeassistant=HomeAssistantSettings(interval=30))
+        try:
+            fleet.add_device("rs-dev", start=False)
+            set_opt_in(fleet.store, ["rs-dev"], DEFAULT_TAG, True)
+            fleet.center.center.homeassistant.republish()  # a pass now, not in 30 s
+            topic = discovery_topic(PREFIX, "rs-dev")
+            ha = HomeAssistant(broker)
+            try:
+                wait_until(lambda: ha.last(topic), timeout=15, what="discovery config")
+            finally:
+                ha.close()
+            m.stop()
+            m.start()
+            ha = wait_until(lambda: _connected(broker), timeout=30, what="broker back")
+            try:
+                # well within the 30 s between passes: the reconnect triggered it
+                wait_until(lambda: ha.last(topic), timeout=15, what="discovery config published again")
+                check_discovery(ha.last_json(topic))
+            finally:
+                ha.close()
+        finally:
+            fleet.close()

@@ -146,7 +146,8 @@ class DeviceView:
     version: str | None
     online: bool
     release: tuple | None = None          # newest_release row
-    job: tuple | None = None              # (id, state, progress, code, reason, release version) of its newest update job
+    job: tuple | None = None              # its newest update job: (id, state, progress, code, reason,
+    #                                       release version)
 
 
 class HomeAssistantBridge:
@@ -197,6 +198,12 @@ class HomeAssistantBridge:
         if len(parts) == 5 and payload and protocol.valid_device_id(parts[3]):
             self.retained.add(parts[3])
             self._wake.set()
+
+    def republish(self) -> None:
+        """Publish every entity again at the next pass (after a reconnect: a broker restarted
+        without persistence lost the retained messages)."""
+        self._sent.clear()
+        self._wake.set()
 
     def touched(self, device_ids) -> None:
         """The intake wrote statuses or online flags of these devices (after commit)."""
@@ -310,7 +317,8 @@ class HomeAssistantBridge:
         running = job is not None and job[1] not in TERMINAL_STATES
         installed = view.version
         if running and installed == job[5] and view.device_id in self._installed:
-            installed = self._installed[view.device_id]  # on trial: not confirmed yet
+            # on trial: not confirmed yet (a center started during the trial knows no older one)
+            installed = self._installed[view.device_id]
         if installed is not None:
             self._installed[view.device_id] = installed
         release = view.release

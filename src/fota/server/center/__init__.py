@@ -193,6 +193,7 @@ class ControlCenter:
             store, self.db.call, self.mqtt.publish, homeassistant)
         if self.homeassistant is not None:
             self.intake.on_written = self.homeassistant.touched
+            self.mqtt.on_reconnect = self.homeassistant.republish
         self._tasks: list[asyncio.Task] = []
 
     # ------------------------------------------------------------ lifecycle

@@ -113,6 +113,7 @@ class CenterConnection:
         self.fenced = fenced            # declared dead by the other workers: never reconnect
         self.closing = False
         self.client: MQTTClient | None = None
+        self.on_reconnect: Callable[[], None] | None = None  # after each reconnect (not the first connect)
         self._subscribed = asyncio.Event()
 
     async def start(self, address: BrokerAddress, timeout: float) -> None:
@@ -170,6 +171,8 @@ class CenterConnection:
         else:
             for sub in client.subscriptions:
                 client.resubscribe(sub)
+            if self.on_reconnect is not None:
+                self.on_reconnect()
         log.info("connected to the broker (session present: %s)", bool(session_present))
 
     def _on_subscribe(self, client: MQTTClient, mid: int, qos: Any, properties: Any) -> None:
