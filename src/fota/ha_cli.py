@@ -45,7 +45,8 @@ def _print_account(h: Home, password: str) -> None:
     from fota.server.broker import HOMEASSISTANT_USER
     host, port = h.device_broker
     console.print(f"Home Assistant's broker account (shown once): user {HOMEASSISTANT_USER}, password {password}")
-    console.print(f"broker: {host}:{port}{' (TLS: give Home Assistant the CA ' + str(h.broker_cafile) + ')' if h.broker_tls else ''}")
+    tls = f" (TLS: give Home Assistant the CA certificate {h.broker_cafile})" if h.broker_tls else ""
+    console.print(f"broker: {host}:{port}{tls}", soft_wrap=True)
     if not h.managed_broker:
         from fota.server.homeassistant import broker_acl
         device_acl, service_acl = broker_acl(HOMEASSISTANT_USER, h.homeassistant().get("discovery_prefix")
@@ -56,16 +57,17 @@ def _print_account(h: Home, password: str) -> None:
 
 
 @ha_app.command("enable")
-def ha_enable(installs: bool = typer.Option(False, "--installs/--no-installs",
-                                            help="let Home Assistant start installs (default: off; 'fota ha installs')"),
+def ha_enable(installs: bool = typer.Option(
+                  False, "--installs/--no-installs", help="let Home Assistant start installs (default: off)"),
               tag: str = typer.Option("home-assistant", "--tag", help="the tag that opts a device in"),
               discovery_prefix: str = typer.Option("homeassistant", "--discovery-prefix",
                                                    help="Home Assistant's MQTT discovery prefix"),
               release_url: Optional[str] = typer.Option(
                   None, "--release-url", help="link shown with a release, {version} replaced (http or https)"),
               home: Optional[Path] = HomeOpt):
-    """Publish Home Assistant update entities (from the next 'fota serve') and create the broker
-    account Home Assistant logs in with (its password is printed once)."""
+    """Turn on Home Assistant update entities and create its broker account.
+
+    The password is printed once; the entities are published from the next 'fota serve'."""
     from fota.server import names
     from fota.server.broker import HOMEASSISTANT_USER
     h = Home.locate(home)
@@ -93,6 +95,8 @@ def ha_enable(installs: bool = typer.Option(False, "--installs/--no-installs",
                   f"Assistant {'allowed' if installs else 'off'}. Restart 'fota serve' to start publishing.")
     if password:
         _print_account(h, password)
+    else:
+        console.print("its broker account is kept ('fota ha account' for a new password)")
 
 
 @ha_app.command("account")
@@ -111,8 +115,9 @@ def ha_account(home: Optional[Path] = HomeOpt):
 @ha_app.command("installs")
 def ha_installs(allow: bool = typer.Option(..., "--allow/--deny", help="whether Home Assistant may start installs"),
                 home: Optional[Path] = HomeOpt):
-    """Allow or forbid installs from Home Assistant; a running center follows within seconds
-    (the entities gain or lose their install button)."""
+    """Allow or forbid installs from Home Assistant (the Install button).
+
+    A running control center follows within seconds, without a restart."""
     h = Home.locate(home)
     block = _enabled(h)
     block["installs"] = allow
@@ -170,8 +175,10 @@ def ha_status(home: Optional[Path] = HomeOpt):
 
 @ha_app.command("disable")
 def ha_disable(home: Optional[Path] = HomeOpt):
-    """Stop publishing entities (from the next 'fota serve') and remove the broker account.
-    Run 'fota ha remove' on the devices first, while the center runs, to clear their entities."""
+    """Stop publishing entities and remove Home Assistant's broker account.
+
+    Takes effect at the next 'fota serve'. Run 'fota ha remove' on the devices first, while the
+    center runs, so that Home Assistant forgets their entities."""
     from fota.server.broker import HOMEASSISTANT_USER
     h = Home.locate(home)
     block = _enabled(h)

@@ -10,7 +10,8 @@ from Home Assistant, a command topic whose ``payload_install`` starts a deployme
 A device opts in with a tag (``HomeAssistantSettings.tag``, default ``home-assistant``): the
 existing tag machinery, no schema change; ``fota ha add`` / ``fota ha remove`` set it.
 
-What the bridge publishes (retained, QoS 1; the center's MQTT session, fota.server.center):
+What the bridge publishes (retained, QoS 1, through the center's connection: gmqtt's own publish,
+which queues and retransmits QoS 1 messages; fota.gmqtt_adapter's raw path is for QoS 0 chunks):
 
     <prefix>/update/fota/<device>/config   discovery (empty: the entity is removed)
     fota/ha/<device>/state                 JSON state
