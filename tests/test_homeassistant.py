@@ -25,7 +25,7 @@ from fota.server.broker import HOMEASSISTANT_USER, SERVER_USER, Mosquitto
 from fota.server.homeassistant import (DEFAULT_TAG, PAYLOAD_INSTALL, DeviceView, HomeAssistantBridge,
                                        HomeAssistantSettings, broker_acl, discovery_topic, set_opt_in)
 from fota.server.releases import create_release
-from fota.server.store import Deployment
+from fota.server.store import Deployment, Device
 from fota.testkit.broker import BrokerAccounts
 from fota.testkit.fleet import Fleet
 from fota.tools.bundle import pack_files
@@ -247,7 +247,7 @@ def test_discovery_state_and_availability_follow_the_opted_in_device(ha_fleet, h
         ha.close()
 
 
-def test_a_restarted_center_removes_an_entity_whose_device_opted_out_meanwhile(ha_fleet, ha_broker):
+def test_entity_removed_after_an_opt_out_while_the_center_was_down_and_after_a_deletion(ha_fleet, ha_broker):
     fleet = ha_fleet
     fleet.add_device("gone-dev", start=False)
     set_opt_in(fleet.store, ["gone-dev"], DEFAULT_TAG, True)
@@ -263,6 +263,14 @@ def test_a_restarted_center_removes_an_entity_whose_device_opted_out_meanwhile(h
                                     keys_update=fleet.keyring.keys_update(), kek=fleet.kek,
                                     homeassistant=HomeAssistantSettings(interval=0.5)).start()
         wait_until(lambda: ha.last(topic) == b"", timeout=15, what="stale entity removed")
+        # A device deleted from the registry loses its entity too.
+        fleet.add_device("deleted-dev", start=False)
+        set_opt_in(fleet.store, ["deleted-dev"], DEFAULT_TAG, True)
+        deleted = discovery_topic(PREFIX, "deleted-dev")
+        wait_until(lambda: ha.last(deleted), timeout=15, what="discovery config")
+        with fleet.store.session() as s:
+            s.delete(s.get(Device, "deleted-dev"))
+        wait_until(lambda: ha.last(deleted) == b"", timeout=15, what="deleted device's entity removed")
     finally:
         ha.close()
 
@@ -466,7 +474,6 @@ def test_opted_in_devices_newest_release_and_job_read_alike_on_both_databases(db
         provision_device(store, "out-c", "unix", tags=[DEFAULT_TAG + "-not", "x" + DEFAULT_TAG])
         provision_device(store, "out-d", "unix")
         with store.session() as s:
-            from fota.server.store import Device
             for device_id in ("in-a", "in-b"):
                 s.get(Device, device_id).version = "1.0.0"
         for version, hw, min_version in [("1.2.0", ["unix"], None), ("1.10.0", ["unix"], None),
