@@ -30,6 +30,7 @@ TRANSITIONS = (
     (RUNNING, "all_settled", DONE),
     (RUNNING, "abort", ABORTING),
     (PAUSED, "resume", RUNNING),
+    (PAUSED, "all_settled", DONE),               # nothing left to start (not dynamic)
     (PAUSED, "abort", ABORTING),
     (PAUSED, "failure_threshold_abort", ABORTING),
     (WAITING, "resume", RUNNING),
