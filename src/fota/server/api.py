@@ -629,7 +629,7 @@ def _router() -> APIRouter:
             summary["devices"] = summary["devices"][offset:None if limit is None else offset + limit]
         return summary
 
-    @router.post("/campaigns/preview", response_model=CampaignPreviewOut, tags=["campaigns"],
+    @router.post("/campaign-previews", response_model=CampaignPreviewOut, tags=["campaigns"],
                  responses={400: {"model": ErrorOut}})
     def campaign_preview(request: Request, body: CampaignPreviewIn, store: StoreDep):
         """What creating and starting this campaign now would do, without creating it (any token):

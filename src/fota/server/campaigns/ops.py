@@ -273,7 +273,7 @@ def campaign_summary(store: Store, ref: str | int, devices: bool = True, now: da
                                                    default=None)})
         total = sum(1 for r in rows if r.state != S.SKIPPED)
         succeeded = sum(1 for r in rows if r.state == S.SUCCEEDED)
-        window_matters = spec.window is not None and c.state not in FINISHED
+        starts_ahead = c.state not in FINISHED  # else no device starts any more: no window to show
         is_open = pacing.window_open(spec.window, now)
         summary = {
             "id": c.id, "name": c.name, "release": c.release.version, "state": c.state,
@@ -282,8 +282,8 @@ def campaign_summary(store: Store, ref: str | int, devices: bool = True, now: da
             "finished_at": c.finished_at, "spec": c.spec, "total": total,
             "counts": dict(Counter(r.state for r in rows)),
             "progress": succeeded / total if total else (1.0 if c.state == S.DONE else 0.0),
-            "window_open": is_open if window_matters or spec.window is None else None,
-            "window_opens_at": pacing.window_opens_at(spec.window, now) if window_matters and not is_open else None,
+            "window_open": is_open if starts_ahead else None,
+            "window_opens_at": pacing.window_opens_at(spec.window, now) if starts_ahead and not is_open else None,
             "probation_ends_at": max(ends.values(), default=None),
             "eta": _eta(c, rows, now),
             "skipped": _by_reason(r.reason or "" for r in rows if r.state == S.SKIPPED),
