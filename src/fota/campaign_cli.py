@@ -294,13 +294,15 @@ def render(summary: dict[str, Any], devices: bool, now: Optional[datetime] = Non
     if s["preview"] is not None:
         lines.append("if started now: " + escape(render_preview(s["preview"])))
     bars = Progress(TextColumn("{task.description:<8}"), BarColumn(),
-                    TextColumn("{task.completed:>5.0f}/{task.total:<5.0f}"),
+                    TextColumn("{task.completed:>5.0f}/{task.fields[of]:<5}"),
                     TextColumn("{task.fields[counts]}"), auto_refresh=False)
-    for w in s["waves"]:
+    # a draft has no devices yet: its waves' sizes are the preview's
+    sizes = [p["devices"] for p in s["preview"]["waves"]] if s["preview"] else [w["total"] for w in s["waves"]]
+    for w, size in zip(s["waves"], sizes):
         label = f"wave {w['wave']}" + ("*" if w["current"] else "")
         counts = ", ".join(f"{n} {st}" for st, n in sorted(w["counts"].items()))
         rule = f"needs {w['success']:g}% ok, >{w['failure']:g}% failed: {s['spec'].get('on_failure', 'pause')}"
-        bars.add_task(label, total=max(w["total"], 1), completed=w["counts"].get("succeeded", 0),
+        bars.add_task(label, total=max(size, 1), completed=w["counts"].get("succeeded", 0), of=size,
                       counts=f"{counts} ({rule})" if counts else f"({rule})")
     parts: list[Any] = ["\n".join(lines), bars]
     if devices:
