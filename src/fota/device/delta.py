@@ -10,7 +10,9 @@ import hashlib
 from binascii import hexlify
 
 MAGIC = b"FOTD"
-FORMAT = 1
+FORMAT = 1             # deflate-coded records (what the encoder makes unless told otherwise)
+RC_FORMAT = 2          # range-coded records (fota.device.delta_rc); its window byte is 0
+FORMATS = (1, 2)       # what this decoder reads: the device's inventory says so (delta_formats)
 HEADER = ">4sBBI32sI32s"
 HEADER_SIZE = 78
 # A record is four LEB128 varints: copy, diff and extra lengths, and the zigzag-coded seek of
@@ -31,11 +33,14 @@ def parse_header(data):
     magic, fmt, wbits, base_size, base_sha, new_size, new_sha = struct.unpack_from(HEADER, data, 0)
     if magic != MAGIC:
         raise DeltaError("not a delta patch (bad magic)")
-    if fmt != FORMAT:
+    if fmt not in FORMATS:
         raise DeltaError("patch format %d not supported" % fmt)
-    if not MIN_WBITS <= wbits <= MAX_WBITS:
+    if fmt == RC_FORMAT:
+        if wbits:
+            raise DeltaError("format 2 patch with a window byte of %d" % wbits)
+    elif not MIN_WBITS <= wbits <= MAX_WBITS:
         raise DeltaError("window 2**%d outside 2**%d..2**%d" % (wbits, MIN_WBITS, MAX_WBITS))
-    return {"wbits": wbits, "base_size": base_size, "base_sha256": hexlify(base_sha).decode(),
+    return {"format": fmt, "wbits": wbits, "base_size": base_size, "base_sha256": hexlify(base_sha).decode(),
             "size": new_size, "sha256": hexlify(new_sha).decode()}
 
 
@@ -142,7 +147,8 @@ class Patcher:
         self.max_wbits = max_wbits
         self.received = 0
         self.header = bytearray()
-        self.inflater = None
+        self.inflater = None      # format 1: _Inflater; format 2: delta_rc.Decoder
+        self.rc = None
         self.hasher = hashlib.sha256()
         self.out = 0              # new-image bytes written
         self.old = 0              # position in the old image
@@ -197,6 +203,11 @@ class Patcher:
 
     def _run(self):
         final = self.received == self.patch_size
+        if self.rc:
+            step = self.rc.step
+            while self.out < self.size and step(final):
+                pass
+            return
         while self.out < self.size and (final or self.inflater.available() > self.LOW_WATER):
             if not self._step():
                 break
@@ -211,8 +222,12 @@ class Patcher:
             raise DeltaError("window 2**%d exceeds this device's 2**%d" % (h["wbits"], self.max_wbits))
         self.size = h["size"]
         self.base_size = h["base_size"]
-        gc.collect()  # the inflate window is the one large allocation: give it a compact heap
-        self.inflater = _Inflater(h["wbits"])
+        gc.collect()  # the inflate window / probability table is the one large allocation
+        if h["format"] == RC_FORMAT:
+            from fota.device.delta_rc import Decoder
+            self.inflater = self.rc = Decoder(self, IN_BUF, DeltaError)
+        else:
+            self.inflater = _Inflater(h["wbits"])
 
     def _inflate(self, n):
         """Up to n (> 0) decompressed bytes into self.buf; 0 means the stream ran dry."""

@@ -35,8 +35,12 @@ _CACHE_SIZE = 8   # patches kept in memory: a rollout moves a fleet from one or 
 _cache: OrderedDict[str, bytes] = OrderedDict()   # patch sha256 -> bytes, shared by all jobs
 
 
+RC_WBITS = 0   # the "window" of a format-2 patch (range-coded, no window): how jobs and the cache name it
+
+
 def header(base: bytes, new: bytes, wbits: int) -> bytes:
-    return struct.pack(device_delta.HEADER, device_delta.MAGIC, device_delta.FORMAT, wbits,
+    fmt = device_delta.RC_FORMAT if wbits == RC_WBITS else device_delta.FORMAT
+    return struct.pack(device_delta.HEADER, device_delta.MAGIC, fmt, wbits,
                        len(base), hashlib.sha256(base).digest(), len(new), hashlib.sha256(new).digest())
 
 
@@ -91,7 +95,11 @@ def fota_records(base: bytes, new: bytes, copy_run: int = DEFAULT_COPY_RUN):
 
 def encode(base: bytes, new: bytes, wbits: int = DEFAULT_WBITS, level: int = 9,
            copy_run: int = DEFAULT_COPY_RUN) -> bytes:
-    """The patch that turns `base` into `new`, for a decoder with a 2**wbits-byte window."""
+    """The patch that turns `base` into `new`: format 1 for a decoder with a 2**wbits-byte
+    window, format 2 (range-coded, docs/delta.md §5) for wbits = RC_WBITS."""
+    if wbits == RC_WBITS:
+        from fota.server.delta_rc import encode_records
+        return header(base, new, wbits) + encode_records(base, fota_records(base, new, copy_run))
     if not device_delta.MIN_WBITS <= wbits <= device_delta.MAX_WBITS:
         raise ValueError(f"wbits must be {device_delta.MIN_WBITS}..{device_delta.MAX_WBITS}")
     z = zlib.compressobj(level, zlib.DEFLATED, -wbits, 9)

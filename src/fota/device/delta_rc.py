@@ -1,0 +1,355 @@
+# Delta patch format 2 (docs/delta.md §5): the records of format 1 coded with an adaptive binary
+# range coder (LZMA's scheme) and context models, decoded as the patch streams in.
+#
+# 32-bit MicroPython keeps ints below 2**30 unboxed: the range stays below 2**30 (RANGE_INIT) and
+# probabilities are 12-bit, so range, code and bound = (range >> 12) * p are all small ints.
+# RAM: the probability table (PROBS 16-bit entries, about 11 KiB), the compressed input not yet
+# used (at most one chunk plus LOW_WATER) and a 256-byte work buffer. The encoder is
+# fota.server.delta_rc; it imports the layout below.
+from array import array
+
+try:
+    from micropython import const
+except ImportError:  # CPython
+    def const(x):
+        return x
+
+PROB_BITS = const(12)
+PROB_INIT = const(2048)          # p = P(bit is 0) in 1/4096ths
+ADAPT_SHIFT = const(5)
+RANGE_INIT = const(0x3FFFFFFF)
+RANGE_TOP = const(0x400000)      # below 2**22 a byte is shifted in: range stays < 2**30
+
+# A number (record field): bit length in a 6-bit tree, TOP_BITS more bits in a tree per length,
+# the rest direct.
+LEN_TREE_BITS = const(6)
+TOP_BITS = const(3)
+TOP_OFFSET = const(64)
+TOP_STRIDE = const(8)
+MAX_NUMBER_BITS = const(30)
+NUMBER_SIZE = const(64 + 31 * 8)
+FIELD_BASE = const(0)                         # copy, diff, extra, zigzag(seek)
+FLAG_A = const(4 * NUMBER_SIZE)               # diff byte nonzero? by (out & 3, last 4 flags)
+FLAG_B = const(FLAG_A + 64)                   # ... by (last 2 flags, old byte)
+REP_BASE = const(FLAG_B + 1024)               # nonzero diff = last one in its lane? (lane, 2 hits)
+VALUE_BASE = const(REP_BASE + 16)             # nonzero diff value: a bit tree per lane (out & 3)
+EXTRA_CONTEXT_BITS = const(3)
+EXTRA_BASE = const(VALUE_BASE + 4 * 256)      # extra byte: a bit tree per top 3 bits of the last byte
+PROBS = const(EXTRA_BASE + (1 << EXTRA_CONTEXT_BITS) * 256)
+
+BUF = const(256)
+# Compressed bytes that one unit of work may consume at most (one bit shifts in at most one byte):
+# a record is 4 fields of at most 6 + 3 + 26 bits, a diff byte 10 bits, an extra byte 8.
+RECORD_IN = const(4 * (LEN_TREE_BITS + MAX_NUMBER_BITS))
+BYTE_IN = const(10)
+LOW_WATER = const(RECORD_IN)
+
+
+def adapt(p, b):
+    """The probability after coding bit b with it (shared with the encoder)."""
+    if b:
+        return p - (p >> ADAPT_SHIFT)
+    return p + ((4096 - p) >> ADAPT_SHIFT)
+
+
+class Decoder:
+    """The format-2 body: push() compressed bytes, step() decodes one unit of work.
+
+    patcher supplies read_old(offset, n), _emit(buf, n), size and base_size and gets DeltaError
+    raised through it. One instance per patch."""
+
+    def __init__(self, patcher, in_buf, error):
+        self.p = patcher
+        self.error = error
+        probs = array("H", bytes(2 * PROBS))
+        for i in range(PROBS):
+            probs[i] = PROB_INIT
+        self.probs = probs
+        self.buf = bytearray(in_buf)
+        self.start = 0
+        self.end = 0
+        self.work = bytearray(BUF)
+        self.range = RANGE_INIT
+        self.code = -1            # -1: the 5 opening bytes not read yet
+        self.out = 0
+        self.copy_left = 0
+        self.diff_left = 0
+        self.extra_left = 0
+        self.seek = 0
+        self.hist = 0             # last 4 diff flags (1: nonzero)
+        self.last = bytearray(4)  # last nonzero diff per lane
+        self.hits = bytearray(4)  # last 2 "same as last" outcomes per lane
+        self.prev = 0             # last byte of the new image
+
+    # -- input
+
+    def push(self, data):
+        if self.start:
+            n = self.end - self.start
+            self.buf[:n] = memoryview(self.buf)[self.start:self.end]
+            self.start, self.end = 0, n
+        self.buf[self.end:self.end + len(data)] = data
+        self.end += len(data)
+
+    def available(self):
+        return self.end - self.start
+
+    def at_end(self):
+        return self.code >= 0 and self.start == self.end
+
+    def _byte(self):
+        if self.start >= self.end:
+            raise self.error("patch ends inside a symbol")
+        b = self.buf[self.start]
+        self.start += 1
+        return b
+
+    # -- single bits (record fields)
+
+    def _bit(self, i):
+        probs = self.probs
+        p = probs[i]
+        bound = (self.range >> PROB_BITS) * p
+        if self.code < bound:
+            self.range = bound
+            probs[i] = p + ((4096 - p) >> ADAPT_SHIFT)
+            b = 0
+        else:
+            self.code -= bound
+            self.range -= bound
+            probs[i] = p - (p >> ADAPT_SHIFT)
+            b = 1
+        if self.range < RANGE_TOP:
+            self.range <<= 8
+            self.code = (self.code << 8) | self._byte()
+        return b
+
+    def _tree(self, base, nbits):
+        m = 1
+        for _ in range(nbits):
+            m = (m << 1) | self._bit(base + m)
+        return m - (1 << nbits)
+
+    def _number(self, base):
+        n = self._tree(base, LEN_TREE_BITS)
+        if n <= 1:
+            return n
+        if n > MAX_NUMBER_BITS:
+            raise self.error("record field of %d bits" % n)
+        rest = n - 1
+        hi = rest if rest < TOP_BITS else TOP_BITS
+        v = (1 << hi) | self._tree(base + TOP_OFFSET + n * TOP_STRIDE, hi)
+        for _ in range(rest - hi):
+            self.range >>= 1
+            if self.code >= self.range:
+                self.code -= self.range
+                v = (v << 1) | 1
+            else:
+                v <<= 1
+            if self.range < RANGE_TOP:
+                self.range <<= 8
+                self.code = (self.code << 8) | self._byte()
+        return v
+
+    # -- work
+
+    def step(self, final):
+        """One unit of work; False when more input is needed first."""
+        p = self.p
+        avail = self.end - self.start
+        if self.code < 0:
+            if avail < 5 and not final:
+                return False
+            if self._byte():
+                raise self.error("range coder: bad first byte")
+            code = 0
+            for _ in range(4):
+                code = (code << 8) | self._byte()
+            if code >= self.range:
+                raise self.error("range coder: bad start")
+            self.code = code
+            return True
+        if self.copy_left:
+            n = self.copy_left if self.copy_left < BUF else BUF
+            data = p._old(n)
+            self.prev = data[n - 1]
+            p._emit(data, n)
+            self.copy_left -= n
+            self.out += n
+            return True
+        if self.diff_left or self.extra_left:
+            n = self.diff_left or self.extra_left
+            if n > BUF:
+                n = BUF
+            if not final:
+                fit = (avail - 8) // BYTE_IN
+                if fit < n:
+                    if fit <= 0:
+                        return False
+                    n = fit
+            if self.diff_left:
+                self._diff(n)
+                self.diff_left -= n
+            else:
+                self._extra(n)
+                self.extra_left -= n
+            p._emit(self.work, n)
+            self.out += n
+            return True
+        if not final and avail < LOW_WATER:
+            return False
+        return self._record()
+
+    def _record(self):
+        p = self.p
+        p.old += self.seek
+        self.seek = 0
+        copy = self._number(FIELD_BASE)
+        diff = self._number(FIELD_BASE + NUMBER_SIZE)
+        extra = self._number(FIELD_BASE + 2 * NUMBER_SIZE)
+        seek = self._number(FIELD_BASE + 3 * NUMBER_SIZE)
+        seek = (seek >> 1) ^ -(seek & 1)
+        if copy + diff + extra == 0 and seek == 0:
+            raise self.error("empty record")
+        if self.out + copy + diff + extra > p.size:
+            raise self.error("record writes past the new image's %d bytes" % p.size)
+        if p.old < 0 or p.old + copy + diff > p.base_size:
+            raise self.error("record reads outside the base image")
+        self.copy_left = copy
+        self.diff_left = diff
+        self.extra_left = extra
+        self.seek = seek
+        return True
+
+    def _diff(self, n):
+        old = self.p._old(n)
+        probs = self.probs
+        work = self.work
+        last = self.last
+        hits = self.hits
+        buf = self.buf
+        pos = self.start
+        end = self.end
+        rng = self.range
+        code = self.code
+        hist = self.hist
+        out = self.out
+        for i in range(n):
+            o = old[i]
+            ia = FLAG_A + ((out & 3) | ((hist & 15) << 2))
+            ib = FLAG_B + (((hist & 3) << 8) | o)
+            pa = probs[ia]
+            pb = probs[ib]
+            bound = (rng >> PROB_BITS) * ((pa + pb) >> 1)
+            if code < bound:
+                rng = bound
+                probs[ia] = pa + ((4096 - pa) >> ADAPT_SHIFT)
+                probs[ib] = pb + ((4096 - pb) >> ADAPT_SHIFT)
+                nz = 0
+            else:
+                code -= bound
+                rng -= bound
+                probs[ia] = pa - (pa >> ADAPT_SHIFT)
+                probs[ib] = pb - (pb >> ADAPT_SHIFT)
+                nz = 1
+            if rng < RANGE_TOP:
+                if pos >= end:
+                    raise self.error("patch ends inside a symbol")
+                rng <<= 8
+                code = (code << 8) | buf[pos]
+                pos += 1
+            d = 0
+            if nz:
+                lane = out & 3
+                h = hits[lane]
+                k = REP_BASE + (lane << 2) + h
+                pr = probs[k]
+                bound = (rng >> PROB_BITS) * pr
+                if code < bound:
+                    rng = bound
+                    probs[k] = pr + ((4096 - pr) >> ADAPT_SHIFT)
+                    hit = 0
+                else:
+                    code -= bound
+                    rng -= bound
+                    probs[k] = pr - (pr >> ADAPT_SHIFT)
+                    hit = 1
+                if rng < RANGE_TOP:
+                    if pos >= end:
+                        raise self.error("patch ends inside a symbol")
+                    rng <<= 8
+                    code = (code << 8) | buf[pos]
+                    pos += 1
+                if hit:
+                    d = last[lane]
+                else:
+                    base = VALUE_BASE + (lane << 8)
+                    m = 1
+                    while m < 256:
+                        pr = probs[base + m]
+                        bound = (rng >> PROB_BITS) * pr
+                        if code < bound:
+                            rng = bound
+                            probs[base + m] = pr + ((4096 - pr) >> ADAPT_SHIFT)
+                            m <<= 1
+                        else:
+                            code -= bound
+                            rng -= bound
+                            probs[base + m] = pr - (pr >> ADAPT_SHIFT)
+                            m = (m << 1) | 1
+                        if rng < RANGE_TOP:
+                            if pos >= end:
+                                raise self.error("patch ends inside a symbol")
+                            rng <<= 8
+                            code = (code << 8) | buf[pos]
+                            pos += 1
+                    d = m & 0xFF
+                    if not d:
+                        raise self.error("diff value 0 coded as nonzero")
+                hits[lane] = ((h << 1) | hit) & 3
+                last[lane] = d
+            hist = ((hist << 1) | nz) & 15
+            out += 1
+            work[i] = (o + d) & 0xFF
+        self.prev = work[n - 1]
+        self.start = pos
+        self.range = rng
+        self.code = code
+        self.hist = hist
+
+    def _extra(self, n):
+        probs = self.probs
+        work = self.work
+        buf = self.buf
+        pos = self.start
+        end = self.end
+        rng = self.range
+        code = self.code
+        prev = self.prev
+        for i in range(n):
+            base = EXTRA_BASE + ((prev >> (8 - EXTRA_CONTEXT_BITS)) << 8)
+            m = 1
+            while m < 256:
+                pr = probs[base + m]
+                bound = (rng >> PROB_BITS) * pr
+                if code < bound:
+                    rng = bound
+                    probs[base + m] = pr + ((4096 - pr) >> ADAPT_SHIFT)
+                    m <<= 1
+                else:
+                    code -= bound
+                    rng -= bound
+                    probs[base + m] = pr - (pr >> ADAPT_SHIFT)
+                    m = (m << 1) | 1
+                if rng < RANGE_TOP:
+                    if pos >= end:
+                        raise self.error("patch ends inside a symbol")
+                    rng <<= 8
+                    code = (code << 8) | buf[pos]
+                    pos += 1
+            prev = m & 0xFF
+            work[i] = prev
+        self.prev = prev
+        self.start = pos
+        self.range = rng
+        self.code = code

@@ -1,0 +1,143 @@
+"""Delta patch format 2 (docs/delta.md §5): bsdiff records coded with an adaptive binary range
+coder and context models, the encoder side of fota.device.delta_rc.
+
+The records are format 1's (copy, diff, extra, seek; fota.server.delta.fota_records); what
+changes is their coding. The model (which probability codes which bit, how it adapts) is
+fota.device.delta_rc's, mirrored here bit for bit: the decoder's layout constants are imported,
+and the tests decode every patch this module makes with the device code under MicroPython.
+"""
+from __future__ import annotations
+
+from array import array
+
+from fota.device import delta_rc as M
+
+__all__ = ["RangeEncoder", "encode_records"]
+
+_MASK32 = 0xFFFFFFFF
+
+
+class RangeEncoder:
+    """LZMA's carry-less range encoder with the range kept below 2**30 (M.RANGE_INIT): the
+    decoder's range and code then stay 31-bit small ints on a 32-bit MicroPython."""
+
+    def __init__(self):
+        self.low = 0            # up to 33 bits: 32 + a carry
+        self.range = M.RANGE_INIT
+        self.cache = 0
+        self.cache_size = 1
+        self.out = bytearray()
+
+    def _shift_low(self):
+        if self.low < 0xFF000000 or self.low > _MASK32:
+            carry = self.low >> 32
+            temp = self.cache
+            while True:
+                self.out.append((temp + carry) & 0xFF)
+                temp = 0xFF
+                self.cache_size -= 1
+                if not self.cache_size:
+                    break
+            self.cache = (self.low >> 24) & 0xFF
+        self.cache_size += 1
+        self.low = (self.low << 8) & _MASK32
+
+    def _normalize(self):
+        while self.range < M.RANGE_TOP:
+            self.range <<= 8
+            self._shift_low()
+
+    def bit_p(self, p: int, b: int) -> None:
+        """One bit with P(0) = p / 2**PROB_BITS (no adaptation)."""
+        bound = (self.range >> M.PROB_BITS) * p
+        if b:
+            self.low += bound
+            self.range -= bound
+        else:
+            self.range = bound
+        self._normalize()
+
+    def bit(self, probs, i: int, b: int) -> None:
+        p = probs[i]
+        self.bit_p(p, b)
+        probs[i] = M.adapt(p, b)
+
+    def direct(self, v: int, n: int) -> None:
+        """The n low bits of v, most significant first, each with probability 1/2."""
+        for k in range(n - 1, -1, -1):
+            self.range >>= 1
+            if (v >> k) & 1:
+                self.low += self.range
+            self._normalize()
+
+    def finish(self) -> bytes:
+        for _ in range(5):
+            self._shift_low()
+        return bytes(self.out)
+
+
+def _tree(rc: RangeEncoder, probs, base: int, v: int, nbits: int) -> None:
+    m = 1
+    for k in range(nbits - 1, -1, -1):
+        b = (v >> k) & 1
+        rc.bit(probs, base + m, b)
+        m = (m << 1) | b
+
+
+def _number(rc: RangeEncoder, probs, base: int, v: int) -> None:
+    """An unsigned integer < 2**30: its bit length in a bit tree, the next TOP_BITS bits below
+    the leading one in a tree per length, the rest as direct bits."""
+    n = v.bit_length()
+    if n > M.MAX_NUMBER_BITS:
+        raise ValueError(f"record field {v} too large for format 2")
+    _tree(rc, probs, base, n, M.LEN_TREE_BITS)
+    if n > 1:
+        rest = n - 1
+        hi = min(rest, M.TOP_BITS)
+        _tree(rc, probs, base + M.TOP_OFFSET + n * M.TOP_STRIDE, (v >> (rest - hi)) & ((1 << hi) - 1), hi)
+        rc.direct(v, rest - hi)
+
+
+def encode_records(base: bytes, records) -> bytes:
+    """The range-coded body of a format-2 patch for `records` (copy, diff, extra, seek, diff
+    bytes, extra bytes), as fota.device.delta_rc.Decoder reads it."""
+    rc = RangeEncoder()
+    probs = array("H", [M.PROB_INIT]) * M.PROBS
+    prev = 0          # the last byte of the new image written (context of extra bytes)
+    old = out = 0
+    hist = 0          # the last 4 diff flags
+    last = [0] * 4    # the last nonzero diff byte per lane (out & 3)
+    hits = [0] * 4    # per lane: were the last 2 nonzero diffs equal to the one before?
+    for copy, diff, extra, seek, dbytes, ebytes in records:
+        for field, v in enumerate((copy, diff, extra, (seek << 1) ^ (seek >> 63))):
+            _number(rc, probs, M.FIELD_BASE + field * M.NUMBER_SIZE, v)
+        if copy:
+            prev = base[old + copy - 1]
+        old += copy
+        out += copy
+        for d in dbytes:
+            o = base[old]
+            ia = M.FLAG_A + ((out & 3) | ((hist & 15) << 2))
+            ib = M.FLAG_B + (((hist & 3) << 8) | o)
+            nz = 1 if d else 0
+            rc.bit_p((probs[ia] + probs[ib]) >> 1, nz)
+            probs[ia] = M.adapt(probs[ia], nz)
+            probs[ib] = M.adapt(probs[ib], nz)
+            if nz:
+                lane = out & 3
+                hit = 1 if d == last[lane] else 0
+                rc.bit(probs, M.REP_BASE + (lane << 2) + hits[lane], hit)
+                if not hit:
+                    _tree(rc, probs, M.VALUE_BASE + (lane << 8), d, 8)
+                hits[lane] = ((hits[lane] << 1) | hit) & 3
+                last[lane] = d
+            hist = ((hist << 1) | nz) & 15
+            prev = (o + d) & 0xFF
+            old += 1
+            out += 1
+        for e in ebytes:
+            _tree(rc, probs, M.EXTRA_BASE + ((prev >> (8 - M.EXTRA_CONTEXT_BITS)) << 8), e, 8)
+            prev = e
+            out += 1
+        old += seek
+    return rc.finish()
