@@ -35,13 +35,20 @@ REP_BASE = const(FLAG_B + 1024)               # nonzero diff = last one in its l
 VALUE_BASE = const(REP_BASE + 16)             # nonzero diff value: a bit tree per lane (out & 3)
 EXTRA_CONTEXT_BITS = const(3)
 EXTRA_BASE = const(VALUE_BASE + 4 * 256)      # extra byte: a bit tree per top 3 bits of the last byte
-PROBS = const(EXTRA_BASE + (1 << EXTRA_CONTEXT_BITS) * 256)
+MATCH_FLAG = const(EXTRA_BASE + (1 << EXTRA_CONTEXT_BITS) * 256)  # extra: match or literal? (after a match?)
+REP_FLAG = const(MATCH_FLAG + 2)              # match at the last match's displacement?
+MATCH_LEN = const(REP_FLAG + 1)               # match length - MIN_MATCH (a number)
+MATCH_DIST = const(MATCH_LEN + NUMBER_SIZE)   # zigzag(source - predicted source) (a number)
+MIN_MATCH = const(2)
+PROBS = const(MATCH_DIST + NUMBER_SIZE)
 
 BUF = const(256)
 # Compressed bytes that one unit of work may consume at most (one bit shifts in at most one byte):
-# a record is 4 fields of at most 6 + 3 + 26 bits, a diff byte 10 bits, an extra byte 8.
+# a record is 4 fields of at most 6 + 30 bits, a diff byte 10 bits, an extra byte 9, a match 2
+# bits and 2 fields.
 RECORD_IN = const(4 * (LEN_TREE_BITS + MAX_NUMBER_BITS))
 BYTE_IN = const(10)
+MATCH_IN = const(2 + 2 * (LEN_TREE_BITS + MAX_NUMBER_BITS))
 LOW_WATER = const(RECORD_IN)
 
 
@@ -80,6 +87,10 @@ class Decoder:
         self.last = bytearray(4)  # last nonzero diff per lane
         self.hits = bytearray(4)  # last 2 "same as last" outcomes per lane
         self.prev = 0             # last byte of the new image
+        self.lastm = 0            # was the last extra item a match?
+        self.disp = 0             # base position - new position of the last match
+        self.match_src = 0
+        self.match_left = 0
 
     # -- input
 
@@ -177,12 +188,24 @@ class Decoder:
             self.copy_left -= n
             self.out += n
             return True
+        if self.match_left:
+            # Extra bytes found in the base image: copied from there, nothing decoded.
+            n = self.match_left if self.match_left < BUF else BUF
+            data = p.read_old(self.match_src, n)
+            if len(data) != n:
+                raise self.error("cannot read the base image at %d" % self.match_src)
+            self.prev = data[n - 1]
+            p._emit(data, n)
+            self.match_src += n
+            self.match_left -= n
+            self.out += n
+            return True
         if self.diff_left or self.extra_left:
             n = self.diff_left or self.extra_left
             if n > BUF:
                 n = BUF
             if not final:
-                fit = (avail - 8) // BYTE_IN
+                fit = (avail - MATCH_IN) // BYTE_IN
                 if fit < n:
                     if fit <= 0:
                         return False
@@ -191,10 +214,11 @@ class Decoder:
                 self._diff(n)
                 self.diff_left -= n
             else:
-                self._extra(n)
-                self.extra_left -= n
-            p._emit(self.work, n)
-            self.out += n
+                n = self._extra(n)
+                self.extra_left -= n + self.match_left
+            if n:
+                p._emit(self.work, n)
+                self.out += n
             return True
         if not final and avail < LOW_WATER:
             return False
@@ -318,6 +342,8 @@ class Decoder:
         self.hist = hist
 
     def _extra(self, n):
+        """Up to n extra bytes: literals into work; stops after a match is decoded (its source
+        and length in match_src, match_left). The number of literals."""
         probs = self.probs
         work = self.work
         buf = self.buf
@@ -326,7 +352,36 @@ class Decoder:
         rng = self.range
         code = self.code
         prev = self.prev
-        for i in range(n):
+        lastm = self.lastm
+        i = 0
+        while i < n:
+            k = MATCH_FLAG + lastm
+            pr = probs[k]
+            bound = (rng >> PROB_BITS) * pr
+            if code < bound:
+                rng = bound
+                probs[k] = pr + ((4096 - pr) >> ADAPT_SHIFT)
+                lastm = 0
+            else:
+                code -= bound
+                rng -= bound
+                probs[k] = pr - (pr >> ADAPT_SHIFT)
+                lastm = 1
+            if rng < RANGE_TOP:
+                if pos >= end:
+                    raise self.error("patch ends inside a symbol")
+                rng <<= 8
+                code = (code << 8) | buf[pos]
+                pos += 1
+            if lastm:
+                self.start = pos
+                self.range = rng
+                self.code = code
+                self._match(self.out + i, self.extra_left - i)
+                pos = self.start
+                rng = self.range
+                code = self.code
+                break
             base = EXTRA_BASE + ((prev >> (8 - EXTRA_CONTEXT_BITS)) << 8)
             m = 1
             while m < 256:
@@ -349,7 +404,26 @@ class Decoder:
                     pos += 1
             prev = m & 0xFF
             work[i] = prev
-        self.prev = prev
+            i += 1
+        self.lastm = lastm
+        if i:
+            self.prev = prev
         self.start = pos
         self.range = rng
         self.code = code
+        return i
+
+    def _match(self, at, room):
+        """A match's fields, for the extra byte at new-image offset `at` with `room` extra bytes
+        left: its source in the base image becomes match_src, its length match_left."""
+        rep = self._bit(REP_FLAG)
+        length = self._number(MATCH_LEN) + MIN_MATCH
+        src = at + self.disp
+        if not rep:
+            d = self._number(MATCH_DIST)
+            src += (d >> 1) ^ -(d & 1)
+        if length > room or src < 0 or src + length > self.p.base_size:
+            raise self.error("match outside the base image or the extra bytes")
+        self.disp = src - at
+        self.match_src = src
+        self.match_left = length

@@ -98,6 +98,50 @@ def _number(rc: RangeEncoder, probs, base: int, v: int) -> None:
         rc.direct(v, rest - hi)
 
 
+class MatchFinder:
+    """Longest matches of extra bytes in the base image (hash chains over 4-byte keys)."""
+
+    def __init__(self, base: bytes, chain: int = 64):
+        self.base = base
+        self.chain = chain
+        index: dict[bytes, list[int]] = {}
+        for i in range(len(base) - KEY + 1):
+            index.setdefault(base[i:i + KEY], []).append(i)
+        self.index = index
+
+    def _extend(self, data, i, src):
+        base, n, k = self.base, min(len(data) - i, len(self.base) - src), 0
+        while k < n and data[i + k] == base[src + k]:
+            k += 1
+        return k
+
+    def match(self, data, i, out, disp):
+        """(base position, length, rep) of the match to code at data[i], or None."""
+        if len(data) - i < M.MIN_MATCH:
+            return None
+        best, best_len = None, 0
+        rsrc = out + disp
+        if 0 <= rsrc < len(self.base):
+            k = self._extend(data, i, rsrc)
+            if k >= REP_MIN:
+                best, best_len = rsrc, k
+        for src in reversed(self.index.get(bytes(data[i:i + KEY]), ())[-self.chain:]):
+            k = self._extend(data, i, src)
+            if k > best_len + (2 if best == rsrc else 0):
+                best, best_len = src, k
+        if best is None:
+            return None
+        rep = 1 if best == rsrc else 0
+        if not rep and best_len < NEW_MIN:
+            return None
+        return best, best_len, rep
+
+
+KEY = 4       # bytes hashed to find match candidates
+REP_MIN = 2   # shortest match at the last displacement worth coding (measured on the corpus)
+NEW_MIN = 5   # ... at a new displacement
+
+
 def encode_records(base: bytes, records) -> bytes:
     """The range-coded body of a format-2 patch for `records` (copy, diff, extra, seek, diff
     bytes, extra bytes), as fota.device.delta_rc.Decoder reads it."""
@@ -108,6 +152,9 @@ def encode_records(base: bytes, records) -> bytes:
     hist = 0          # the last 4 diff flags
     last = [0] * 4    # the last nonzero diff byte per lane (out & 3)
     hits = [0] * 4    # per lane: were the last 2 nonzero diffs equal to the one before?
+    disp = 0          # old position - new position of the last match
+    lastm = 0
+    finder = MatchFinder(base) if getattr(M, "MATCH_FLAG", None) is not None else None
     for copy, diff, extra, seek, dbytes, ebytes in records:
         for field, v in enumerate((copy, diff, extra, (seek << 1) ^ (seek >> 63))):
             _number(rc, probs, M.FIELD_BASE + field * M.NUMBER_SIZE, v)
@@ -135,9 +182,30 @@ def encode_records(base: bytes, records) -> bytes:
             prev = (o + d) & 0xFF
             old += 1
             out += 1
-        for e in ebytes:
+        i = 0
+        while i < len(ebytes):
+            m = finder.match(ebytes, i, out, disp) if finder else None
+            if m:
+                src, length, rep = m
+                rc.bit(probs, M.MATCH_FLAG + lastm, 1)
+                rc.bit(probs, M.REP_FLAG, rep)
+                _number(rc, probs, M.MATCH_LEN, length - M.MIN_MATCH)
+                if not rep:
+                    delta = src - (out + disp)
+                    _number(rc, probs, M.MATCH_DIST, (delta << 1) ^ (delta >> 63))
+                disp = src - out
+                prev = base[src + length - 1]
+                out += length
+                i += length
+                lastm = 1
+                continue
+            if finder:
+                rc.bit(probs, M.MATCH_FLAG + lastm, 0)
+                lastm = 0
+            e = ebytes[i]
             _tree(rc, probs, M.EXTRA_BASE + ((prev >> (8 - M.EXTRA_CONTEXT_BITS)) << 8), e, 8)
             prev = e
             out += 1
+            i += 1
         old += seek
     return rc.finish()
