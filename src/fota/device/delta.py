@@ -11,7 +11,7 @@ from binascii import hexlify
 
 MAGIC = b"FOTD"
 FORMAT = 1             # deflate-coded records (what the encoder makes unless told otherwise)
-RC_FORMAT = 2          # range-coded records (fota.device.delta_rc); its window byte is 0
+RC_FORMAT = 2          # range-coded records with matches (fota.device.delta_rc)
 FORMATS = (1, 2)       # what this decoder reads: the device's inventory says so (delta_formats)
 HEADER = ">4sBBI32sI32s"
 HEADER_SIZE = 78
@@ -35,10 +35,7 @@ def parse_header(data):
         raise DeltaError("not a delta patch (bad magic)")
     if fmt not in FORMATS:
         raise DeltaError("patch format %d not supported" % fmt)
-    if fmt == RC_FORMAT:
-        if wbits:
-            raise DeltaError("format 2 patch with a window byte of %d" % wbits)
-    elif not MIN_WBITS <= wbits <= MAX_WBITS:
+    if not MIN_WBITS <= wbits <= MAX_WBITS:
         raise DeltaError("window 2**%d outside 2**%d..2**%d" % (wbits, MIN_WBITS, MAX_WBITS))
     return {"format": fmt, "wbits": wbits, "base_size": base_size, "base_sha256": hexlify(base_sha).decode(),
             "size": new_size, "sha256": hexlify(new_sha).decode()}
@@ -225,7 +222,7 @@ class Patcher:
         gc.collect()  # the inflate window / probability table is the one large allocation
         if h["format"] == RC_FORMAT:
             from fota.device.delta_rc import Decoder
-            self.inflater = self.rc = Decoder(self, IN_BUF, DeltaError)
+            self.inflater = self.rc = Decoder(self, IN_BUF, h["wbits"], DeltaError)
         else:
             self.inflater = _Inflater(h["wbits"])
 

@@ -36,11 +36,13 @@ VALUE_BASE = const(REP_BASE + 16)             # nonzero diff value: a bit tree p
 EXTRA_CONTEXT_BITS = const(3)
 EXTRA_BASE = const(VALUE_BASE + 4 * 256)      # extra byte: a bit tree per top 3 bits of the last byte
 MATCH_FLAG = const(EXTRA_BASE + (1 << EXTRA_CONTEXT_BITS) * 256)  # extra: match or literal? (after a match?)
-REP_FLAG = const(MATCH_FLAG + 2)              # match at the last match's displacement?
-MATCH_LEN = const(REP_FLAG + 1)               # match length - MIN_MATCH (a number)
-MATCH_DIST = const(MATCH_LEN + NUMBER_SIZE)   # zigzag(source - predicted source) (a number)
+REP_FLAG = const(MATCH_FLAG + 2)              # base match at the last base match's displacement?
+WIN_FLAG = const(REP_FLAG + 1)                # if not: a match in the window (or in the base)?
+MATCH_LEN = const(WIN_FLAG + 1)               # match length - MIN_MATCH (a number)
+MATCH_DIST = const(MATCH_LEN + NUMBER_SIZE)   # base match: zigzag(source - predicted source)
+WIN_DIST = const(MATCH_DIST + NUMBER_SIZE)    # window match: distance back - 1
 MIN_MATCH = const(2)
-PROBS = const(MATCH_DIST + NUMBER_SIZE)
+PROBS = const(WIN_DIST + NUMBER_SIZE)
 
 BUF = const(256)
 # Compressed bytes that one unit of work may consume at most (one bit shifts in at most one byte):
@@ -48,7 +50,7 @@ BUF = const(256)
 # bits and 2 fields.
 RECORD_IN = const(4 * (LEN_TREE_BITS + MAX_NUMBER_BITS))
 BYTE_IN = const(10)
-MATCH_IN = const(2 + 2 * (LEN_TREE_BITS + MAX_NUMBER_BITS))
+MATCH_IN = const(3 + 2 * (LEN_TREE_BITS + MAX_NUMBER_BITS))
 LOW_WATER = const(RECORD_IN)
 
 
@@ -65,8 +67,10 @@ class Decoder:
     patcher supplies read_old(offset, n), _emit(buf, n), size and base_size and gets DeltaError
     raised through it. One instance per patch."""
 
-    def __init__(self, patcher, in_buf, error):
+    def __init__(self, patcher, in_buf, wbits, error):
         self.p = patcher
+        self.win = bytearray(1 << wbits)   # the last 2**wbits bytes of the new image
+        self.wmask = (1 << wbits) - 1
         self.error = error
         probs = array("H", bytes(2 * PROBS))
         for i in range(PROBS):
@@ -89,7 +93,7 @@ class Decoder:
         self.prev = 0             # last byte of the new image
         self.lastm = 0            # was the last extra item a match?
         self.disp = 0             # base position - new position of the last match
-        self.match_src = 0
+        self.match_src = 0        # base offset of a base match, or -distance of a window match
         self.match_left = 0
 
     # -- input
@@ -114,6 +118,21 @@ class Decoder:
         b = self.buf[self.start]
         self.start += 1
         return b
+
+    # -- output
+
+    def _put(self, data, n):
+        """n new-image bytes (n <= BUF <= window): into the window, then out."""
+        at = self.out & self.wmask
+        first = len(self.win) - at
+        if first >= n:
+            self.win[at:at + n] = memoryview(data)[:n]
+        else:
+            self.win[at:] = memoryview(data)[:first]
+            self.win[:n - first] = memoryview(data)[first:n]
+        self.prev = data[n - 1]
+        self.p._emit(data, n)
+        self.out += n
 
     # -- single bits (record fields)
 
@@ -182,23 +201,29 @@ class Decoder:
             return True
         if self.copy_left:
             n = self.copy_left if self.copy_left < BUF else BUF
-            data = p._old(n)
-            self.prev = data[n - 1]
-            p._emit(data, n)
+            self._put(p._old(n), n)
             self.copy_left -= n
-            self.out += n
             return True
         if self.match_left:
-            # Extra bytes found in the base image: copied from there, nothing decoded.
+            # Extra bytes found in the base image or the window: copied, nothing decoded.
             n = self.match_left if self.match_left < BUF else BUF
-            data = p.read_old(self.match_src, n)
-            if len(data) != n:
-                raise self.error("cannot read the base image at %d" % self.match_src)
-            self.prev = data[n - 1]
-            p._emit(data, n)
-            self.match_src += n
+            src = self.match_src
+            if src >= 0:
+                data = p.read_old(src, n)
+                if len(data) != n:
+                    raise self.error("cannot read the base image at %d" % src)
+                self.match_src += n
+            else:  # -distance: never more than the bytes written since the match began
+                data = self.work
+                at = (self.out + src) & self.wmask
+                first = len(self.win) - at
+                if first >= n:
+                    data[:n] = memoryview(self.win)[at:at + n]
+                else:
+                    data[:first] = memoryview(self.win)[at:]
+                    data[first:n] = memoryview(self.win)[:n - first]
+            self._put(data, n)
             self.match_left -= n
-            self.out += n
             return True
         if self.diff_left or self.extra_left:
             n = self.diff_left or self.extra_left
@@ -217,8 +242,7 @@ class Decoder:
                 n = self._extra(n)
                 self.extra_left -= n + self.match_left
             if n:
-                p._emit(self.work, n)
-                self.out += n
+                self._put(self.work, n)
             return True
         if not final and avail < LOW_WATER:
             return False
@@ -335,7 +359,6 @@ class Decoder:
             hist = ((hist << 1) | nz) & 15
             out += 1
             work[i] = (o + d) & 0xFF
-        self.prev = work[n - 1]
         self.start = pos
         self.range = rng
         self.code = code
@@ -406,8 +429,6 @@ class Decoder:
             work[i] = prev
             i += 1
         self.lastm = lastm
-        if i:
-            self.prev = prev
         self.start = pos
         self.range = rng
         self.code = code
@@ -415,15 +436,25 @@ class Decoder:
 
     def _match(self, at, room):
         """A match's fields, for the extra byte at new-image offset `at` with `room` extra bytes
-        left: its source in the base image becomes match_src, its length match_left."""
+        left: match_src its source (base offset, or -distance in the window), match_left its
+        length."""
         rep = self._bit(REP_FLAG)
+        win = 0 if rep else self._bit(WIN_FLAG)
         length = self._number(MATCH_LEN) + MIN_MATCH
-        src = at + self.disp
-        if not rep:
-            d = self._number(MATCH_DIST)
-            src += (d >> 1) ^ -(d & 1)
-        if length > room or src < 0 or src + length > self.p.base_size:
-            raise self.error("match outside the base image or the extra bytes")
-        self.disp = src - at
-        self.match_src = src
+        if length > room:
+            raise self.error("match longer than the extra bytes")
+        if win:
+            dist = self._number(WIN_DIST) + 1
+            if dist > at or dist > len(self.win) or length > dist:
+                raise self.error("window match outside the window")
+            self.match_src = -dist
+        else:
+            src = at + self.disp
+            if not rep:
+                d = self._number(MATCH_DIST)
+                src += (d >> 1) ^ -(d & 1)
+            if src < 0 or src + length > self.p.base_size:
+                raise self.error("match outside the base image")
+            self.disp = src - at
+            self.match_src = src
         self.match_left = length

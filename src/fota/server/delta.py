@@ -35,11 +35,7 @@ _CACHE_SIZE = 8   # patches kept in memory: a rollout moves a fleet from one or 
 _cache: OrderedDict[str, bytes] = OrderedDict()   # patch sha256 -> bytes, shared by all jobs
 
 
-RC_WBITS = 0   # the "window" of a format-2 patch (range-coded, no window): how jobs and the cache name it
-
-
-def header(base: bytes, new: bytes, wbits: int) -> bytes:
-    fmt = device_delta.RC_FORMAT if wbits == RC_WBITS else device_delta.FORMAT
+def header(base: bytes, new: bytes, wbits: int, fmt: int = device_delta.FORMAT) -> bytes:
     return struct.pack(device_delta.HEADER, device_delta.MAGIC, fmt, wbits,
                        len(base), hashlib.sha256(base).digest(), len(new), hashlib.sha256(new).digest())
 
@@ -94,14 +90,16 @@ def fota_records(base: bytes, new: bytes, copy_run: int = DEFAULT_COPY_RUN):
 
 
 def encode(base: bytes, new: bytes, wbits: int = DEFAULT_WBITS, level: int = 9,
-           copy_run: int = DEFAULT_COPY_RUN) -> bytes:
-    """The patch that turns `base` into `new`: format 1 for a decoder with a 2**wbits-byte
-    window, format 2 (range-coded, docs/delta.md §5) for wbits = RC_WBITS."""
-    if wbits == RC_WBITS:
-        from fota.server.delta_rc import encode_records
-        return header(base, new, wbits) + encode_records(base, fota_records(base, new, copy_run))
+           copy_run: int = DEFAULT_COPY_RUN, fmt: int = device_delta.FORMAT) -> bytes:
+    """The patch that turns `base` into `new`, for a decoder with a 2**wbits-byte window:
+    format 1 (deflate) or 2 (range-coded, docs/delta.md §5)."""
     if not device_delta.MIN_WBITS <= wbits <= device_delta.MAX_WBITS:
         raise ValueError(f"wbits must be {device_delta.MIN_WBITS}..{device_delta.MAX_WBITS}")
+    if fmt == device_delta.RC_FORMAT:
+        from fota.server.delta_rc import encode_records
+        return header(base, new, wbits, fmt) + encode_records(base, fota_records(base, new, copy_run), wbits)
+    if fmt != device_delta.FORMAT:
+        raise ValueError(f"unknown patch format {fmt}")
     z = zlib.compressobj(level, zlib.DEFLATED, -wbits, 9)
     out = [header(base, new, wbits)]
     for copy, diff, extra, seek, dbytes, ebytes in fota_records(base, new, copy_run):

@@ -99,7 +99,7 @@ def _number(rc: RangeEncoder, probs, base: int, v: int) -> None:
 
 
 class MatchFinder:
-    """Longest matches of extra bytes in the base image (hash chains over 4-byte keys)."""
+    """Longest matches of extra bytes in the base image (hash chains over KEY-byte keys)."""
 
     def __init__(self, base: bytes, chain: int = 64):
         self.base = base
@@ -116,7 +116,8 @@ class MatchFinder:
         return k
 
     def match(self, data, i, out, disp):
-        """(base position, length, rep) of the match to code at data[i], or None."""
+        """(base position, length, rep) of the longest match worth coding at data[i], or None;
+        rep: at the last match's displacement (its source costs nothing)."""
         if len(data) - i < M.MIN_MATCH:
             return None
         best, best_len = None, 0
@@ -137,14 +138,47 @@ class MatchFinder:
         return best, best_len, rep
 
 
+class WindowFinder:
+    """Longest matches of extra bytes in the last `size` bytes of the new image."""
+
+    def __init__(self, size: int, chain: int = 32):
+        self.size = size
+        self.chain = chain
+        self.new = bytearray()
+        self.index: dict[bytes, list[int]] = {}
+        self.indexed = 0
+
+    def extend(self, data) -> None:
+        self.new += data
+
+    def match(self, data, i):
+        """(distance, length) of the longest match at data[i] within the window, or None. A
+        match ends before the current position (it never overlaps itself)."""
+        new, out = self.new, len(self.new)
+        while self.indexed <= out - KEY:
+            self.index.setdefault(bytes(new[self.indexed:self.indexed + KEY]), []).append(self.indexed)
+            self.indexed += 1
+        best, best_len = None, 0
+        for src in reversed(self.index.get(bytes(data[i:i + KEY]), ())[-self.chain:]):
+            if out - src > self.size:
+                break
+            n, k = min(len(data) - i, out - src), 0
+            while k < n and data[i + k] == new[src + k]:
+                k += 1
+            if k > best_len:
+                best, best_len = src, k
+        return (out - best, best_len) if best_len >= NEW_MIN else None
+
+
 KEY = 4       # bytes hashed to find match candidates
 REP_MIN = 2   # shortest match at the last displacement worth coding (measured on the corpus)
-NEW_MIN = 5   # ... at a new displacement
+NEW_MIN = 5   # ... at a new displacement, or in the window
 
 
-def encode_records(base: bytes, records) -> bytes:
+def encode_records(base: bytes, records, wbits: int) -> bytes:
     """The range-coded body of a format-2 patch for `records` (copy, diff, extra, seek, diff
-    bytes, extra bytes), as fota.device.delta_rc.Decoder reads it."""
+    bytes, extra bytes) with a window of 2**wbits new-image bytes, as
+    fota.device.delta_rc.Decoder reads it."""
     rc = RangeEncoder()
     probs = array("H", [M.PROB_INIT]) * M.PROBS
     prev = 0          # the last byte of the new image written (context of extra bytes)
@@ -152,14 +186,16 @@ def encode_records(base: bytes, records) -> bytes:
     hist = 0          # the last 4 diff flags
     last = [0] * 4    # the last nonzero diff byte per lane (out & 3)
     hits = [0] * 4    # per lane: were the last 2 nonzero diffs equal to the one before?
-    disp = 0          # old position - new position of the last match
-    lastm = 0
-    finder = MatchFinder(base) if getattr(M, "MATCH_FLAG", None) is not None else None
+    disp = 0          # base position - new position of the last base match
+    lastm = 0         # was the last extra item a match?
+    finder = MatchFinder(base)
+    window = WindowFinder(1 << wbits)
     for copy, diff, extra, seek, dbytes, ebytes in records:
         for field, v in enumerate((copy, diff, extra, (seek << 1) ^ (seek >> 63))):
             _number(rc, probs, M.FIELD_BASE + field * M.NUMBER_SIZE, v)
         if copy:
             prev = base[old + copy - 1]
+            window.extend(base[old:old + copy])
         old += copy
         out += copy
         for d in dbytes:
@@ -180,32 +216,46 @@ def encode_records(base: bytes, records) -> bytes:
                 last[lane] = d
             hist = ((hist << 1) | nz) & 15
             prev = (o + d) & 0xFF
+            window.extend(bytes((prev,)))
             old += 1
             out += 1
         i = 0
         while i < len(ebytes):
-            m = finder.match(ebytes, i, out, disp) if finder else None
-            if m:
+            m = finder.match(ebytes, i, out, disp)
+            w = window.match(ebytes, i)
+            if w and (not m or w[1] > m[1] + 1):
+                dist, length = w
+                rc.bit(probs, M.MATCH_FLAG + lastm, 1)
+                rc.bit(probs, M.REP_FLAG, 0)
+                rc.bit(probs, M.WIN_FLAG, 1)
+                _number(rc, probs, M.MATCH_LEN, length - M.MIN_MATCH)
+                _number(rc, probs, M.WIN_DIST, dist - 1)
+                window.extend(ebytes[i:i + length])
+            elif m:
                 src, length, rep = m
                 rc.bit(probs, M.MATCH_FLAG + lastm, 1)
                 rc.bit(probs, M.REP_FLAG, rep)
+                if not rep:
+                    rc.bit(probs, M.WIN_FLAG, 0)
                 _number(rc, probs, M.MATCH_LEN, length - M.MIN_MATCH)
                 if not rep:
                     delta = src - (out + disp)
                     _number(rc, probs, M.MATCH_DIST, (delta << 1) ^ (delta >> 63))
                 disp = src - out
-                prev = base[src + length - 1]
-                out += length
-                i += length
-                lastm = 1
-                continue
-            if finder:
+                window.extend(ebytes[i:i + length])
+            else:
                 rc.bit(probs, M.MATCH_FLAG + lastm, 0)
                 lastm = 0
-            e = ebytes[i]
-            _tree(rc, probs, M.EXTRA_BASE + ((prev >> (8 - M.EXTRA_CONTEXT_BITS)) << 8), e, 8)
-            prev = e
-            out += 1
-            i += 1
+                e = ebytes[i]
+                _tree(rc, probs, M.EXTRA_BASE + ((prev >> (8 - M.EXTRA_CONTEXT_BITS)) << 8), e, 8)
+                window.extend(ebytes[i:i + 1])
+                prev = e
+                out += 1
+                i += 1
+                continue
+            lastm = 1
+            prev = ebytes[i + length - 1]
+            out += length
+            i += length
         old += seek
     return rc.finish()
