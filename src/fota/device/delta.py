@@ -215,6 +215,8 @@ class Patcher:
             raise DeltaError("patch applies to base %s, not %s" % (h["base_sha256"][:16], e["base_sha256"][:16]))
         if h["sha256"] != e["sha256"] or h["size"] != e["size"]:
             raise DeltaError("patch produces %s, the manifest says %s" % (h["sha256"][:16], e["sha256"][:16]))
+        if h["format"] != e.get("format", h["format"]):
+            raise DeltaError("patch format %d, the command says %d" % (h["format"], e["format"]))
         if h["wbits"] > self.max_wbits:
             raise DeltaError("window 2**%d exceeds this device's 2**%d" % (h["wbits"], self.max_wbits))
         self.size = h["size"]
