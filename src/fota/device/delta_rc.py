@@ -3,9 +3,9 @@
 #
 # 32-bit MicroPython keeps ints below 2**30 unboxed: the range stays below 2**30 (RANGE_INIT) and
 # probabilities are 12-bit, so range, code and bound = (range >> 12) * p are all small ints.
-# RAM: the probability table (PROBS 16-bit entries, about 11 KiB), the compressed input not yet
-# used (at most one chunk plus LOW_WATER) and a 256-byte work buffer. The encoder is
-# fota.server.delta_rc; it imports the layout below.
+# RAM: the probability table (PROBS 16-bit entries, 7.7 KiB), the window (2**wbits bytes of the
+# new image), the compressed input not yet used (at most IN_BUF) and a 256-byte work buffer.
+# The encoder is fota.server.delta_rc; it imports the layout below.
 from array import array
 
 try:
@@ -20,21 +20,21 @@ ADAPT_SHIFT = const(5)
 RANGE_INIT = const(0x3FFFFFFF)
 RANGE_TOP = const(0x400000)      # below 2**22 a byte is shifted in: range stays < 2**30
 
-# A number (record field): bit length in a 6-bit tree, TOP_BITS more bits in a tree per length,
-# the rest direct.
+# A number (record field, match length or distance): its bit length n in a 6-bit tree, the
+# TOP_BITS bits below the leading one in a tree per n, the rest as direct bits.
 LEN_TREE_BITS = const(6)
-TOP_BITS = const(3)
+TOP_BITS = const(2)
 TOP_OFFSET = const(64)
-TOP_STRIDE = const(8)
+TOP_STRIDE = const(4)
 MAX_NUMBER_BITS = const(30)
-NUMBER_SIZE = const(64 + 31 * 8)
+NUMBER_SIZE = const(64 + 31 * 4)
 FIELD_BASE = const(0)                         # copy, diff, extra, zigzag(seek)
 FLAG_A = const(4 * NUMBER_SIZE)               # diff byte nonzero? by (out & 3, last 4 flags)
 FLAG_B = const(FLAG_A + 64)                   # ... by (last 2 flags, old byte)
 REP_BASE = const(FLAG_B + 1024)               # nonzero diff = last one in its lane? (lane, 2 hits)
 VALUE_BASE = const(REP_BASE + 16)             # nonzero diff value: a bit tree per lane (out & 3)
-EXTRA_CONTEXT_BITS = const(3)
-EXTRA_BASE = const(VALUE_BASE + 4 * 256)      # extra byte: a bit tree per top 3 bits of the last byte
+EXTRA_CONTEXT_BITS = const(1)
+EXTRA_BASE = const(VALUE_BASE + 4 * 256)      # extra byte: a bit tree per top bit of the last byte
 MATCH_FLAG = const(EXTRA_BASE + (1 << EXTRA_CONTEXT_BITS) * 256)  # extra: match or literal? (after a match?)
 REP_FLAG = const(MATCH_FLAG + 2)              # base match at the last base match's displacement?
 WIN_FLAG = const(REP_FLAG + 1)                # if not: a match in the window (or in the base)?
@@ -72,7 +72,7 @@ class Decoder:
         self.win = bytearray(1 << wbits)   # the last 2**wbits bytes of the new image
         self.wmask = (1 << wbits) - 1
         self.error = error
-        probs = array("H", bytes(2 * PROBS))
+        probs = array("H", range(PROBS))  # sized from the range's length: no temporary copy
         for i in range(PROBS):
             probs[i] = PROB_INIT
         self.probs = probs
