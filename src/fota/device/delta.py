@@ -42,6 +42,7 @@ def parse_header(data):
 
 
 IN_BUF = 1536  # compressed bytes buffered (fixed: no allocation per chunk)
+RC_IN_BUF = 512  # format 2: its decoder waits for at most 144 bytes (a record), not a deflate block
 
 try:
     import deflate
@@ -146,6 +147,7 @@ class Patcher:
         self.header = bytearray()
         self.inflater = None      # format 1: _Inflater; format 2: delta_rc.Decoder
         self.rc = None
+        self.in_buf = IN_BUF      # compressed bytes the decoder buffers at most
         self.hasher = hashlib.sha256()
         self.out = 0              # new-image bytes written
         self.old = 0              # position in the old image
@@ -186,7 +188,7 @@ class Patcher:
             self._start(parse_header(self.header))
             mv = mv[need:]
         while len(mv):
-            take = min(IN_BUF - self.inflater.available(), len(mv))
+            take = min(self.in_buf - self.inflater.available(), len(mv))
             if not take:
                 raise DeltaError("data after the last record")
             self.inflater.push(mv[:take])
@@ -224,7 +226,8 @@ class Patcher:
         gc.collect()  # the inflate window / probability table is the one large allocation
         if h["format"] == RC_FORMAT:
             from fota.device.delta_rc import Decoder
-            self.inflater = self.rc = Decoder(self, IN_BUF, h["wbits"], DeltaError)
+            self.in_buf = RC_IN_BUF
+            self.inflater = self.rc = Decoder(self, RC_IN_BUF, h["wbits"], DeltaError)
         else:
             self.inflater = _Inflater(h["wbits"])
 

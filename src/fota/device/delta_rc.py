@@ -4,7 +4,7 @@
 # 32-bit MicroPython keeps ints below 2**30 unboxed: the range stays below 2**30 (RANGE_INIT) and
 # probabilities are 12-bit, so range, code and bound = (range >> 12) * p are all small ints.
 # RAM: the probability table (PROBS 16-bit entries, 7.7 KiB), the window (2**wbits bytes of the
-# new image), the compressed input not yet used (at most IN_BUF) and a 256-byte work buffer.
+# new image), the compressed input not yet used (a 512-byte buffer) and a 256-byte work buffer.
 # The encoder is fota.server.delta_rc; it imports the layout below.
 from array import array
 
