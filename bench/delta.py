@@ -149,10 +149,12 @@ def decoder_heap(old: Path, patch: Path, tmp: Path, chunk: int, mp: Interpreter)
 
 # ------------------------------------------------------------------------------ agent
 
-def agent_heap(tmp: Path, wbits: int, interpreter: str = "64", lo: int | None = None, hi: int = 160) -> dict:
+def agent_heap(tmp: Path, wbits: int, interpreter: str = "64", lo: int | None = None, hi: int = 160,
+               fmt: int = 2) -> dict:
     """Smallest heap at which the whole agent applies a bundle delta through Mosquitto: a fresh
-    device per try gets 1.1.0 in full, then 1.2.0 (one file changed) as a delta. lo: 64 KiB on
-    the 64-bit interpreter (the agent's .mpy in the heap), 16 KiB on the frozen one."""
+    device per try gets 1.1.0 in full, then 1.2.0 (one file changed) as a delta in format `fmt`
+    (the only one the device declares). lo: 64 KiB on the 64-bit interpreter (the agent's .mpy in
+    the heap), 16 KiB on the frozen one."""
     if lo is None:
         lo = 64 if interpreter == "64" else 16
     from fota.testkit.fleet import Fleet, bundle_of_size
@@ -180,7 +182,7 @@ def agent_heap(tmp: Path, wbits: int, interpreter: str = "64", lo: int | None = 
 
         def ok(k):
             dev = f"agent-{k}k-{len(attempts)}"
-            fleet.add_devices([dev], heap=f"{k}K")
+            fleet.add_devices([dev], heap=f"{k}K", delta_formats=[fmt])
             result = {"heap_kib": k, "ok": False}
             try:
                 fleet.wait_online(dev, timeout=30)
@@ -202,7 +204,7 @@ def agent_heap(tmp: Path, wbits: int, interpreter: str = "64", lo: int | None = 
         smallest = bisect(ok, lo, hi)
     finally:
         fleet.close()
-    return {"smallest_heap_kib": smallest, "attempts": attempts, "bundle_bytes": len(v1)}
+    return {"smallest_heap_kib": smallest, "attempts": attempts, "bundle_bytes": len(v1), "format": fmt}
 
 
 # ------------------------------------------------------------------------------ main
@@ -221,6 +223,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-refs", action="store_true", help="skip the reference tools (= --refs '')")
     p.add_argument("--skip-heap", action="store_true", help="skip the decoder heap bisection")
     p.add_argument("--skip-agent", action="store_true", help="skip the whole-agent delta update heap search")
+    p.add_argument("--agent-format", type=int, choices=FORMATS, default=None,
+                   help="patch format of the whole-agent search (default: the last of --formats)")
     p.add_argument("--interpreter", choices=INTERPRETERS, default="64",
                    help="MicroPython of the heap searches: 64 (PyPI, agent as .mpy) or 32-frozen (32-bit, agent frozen in)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results")
@@ -257,7 +261,7 @@ def main(argv=None) -> int:
             for old, new in zip(images, images[1:]):
                 results["pairs"].append(measure_pair(corpus, old, new, formats, windows, args, mp, tmp))
         if not args.skip_agent:
-            results["agent"] = agent_heap(tmp, args.target_wbits, args.interpreter)
+            results["agent"] = agent_heap(tmp, args.target_wbits, args.interpreter, fmt=args.agent_format or formats[-1])
     report(results, args)
     results["failures"] = failures(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -360,7 +364,8 @@ def report(results: dict, args) -> None:
                         ["corpus", "new image", first, last, "ratio"], rows, left=("corpus", "new image"))
     agent = results.get("agent")
     if agent:
-        print(f"Whole agent ({args.interpreter}) applying a {agent['bundle_bytes']}-byte bundle delta through Mosquitto: "
+        print(f"Whole agent ({args.interpreter}) applying a {agent['bundle_bytes']}-byte bundle delta "
+              f"(format {agent.get('format', 1)}) through Mosquitto: "
               f"smallest heap {agent['smallest_heap_kib']} KiB")
     ratios = [(p.get("ratio") or {}).get(str(checked)) for p in results["pairs"]]
     sizes_ok = all(r is not None and r <= TARGET_RATIO for r in ratios)

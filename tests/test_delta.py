@@ -322,6 +322,25 @@ def test_image_delta_through_mosquitto_and_corrupt_patch_rejected(fleet):
     assert fleet.boot_record(dev)["images"]["a"] == {"sha256": rel2.sha256, "size": len(v2)}
 
 
+def test_device_that_decodes_format_1_only_gets_format_1(fleet):
+    # An agent from before format 2 declares no delta_formats; this one declares [1]: the center
+    # sends it the deflate format, without `format` in the command, and the update completes.
+    dev = "delta-f1"
+    fleet.add_device(dev, hardware="sim-board", backend="sim", capacity=256 * 1024, delta_formats=[1])
+    fleet.wait_online(dev)
+    v1, v2 = _firmware(100_000)
+    rel1 = create_release(fleet.store, fleet.blobs, fleet.key, v1, "30.0.0", ["sim-board"], kind="image")
+    rel2 = create_release(fleet.store, fleet.blobs, fleet.key, v2, "30.1.0", ["sim-board"], kind="image")
+    assert _deploy(fleet, rel1, dev).state == "confirmed"
+    fleet.wait_online(dev, version="30.0.0")
+    wait_until(lambda: fleet.device_row(dev).inventory.get("image") == rel1.sha256, what="inventory image")
+    assert fleet.device_row(dev).inventory["delta_formats"] == [1]
+    j = _deploy(fleet, rel2, dev)
+    assert j.state == "confirmed" and j.delta_id is not None, (j.state, j.code, j.reason)
+    assert parse_header(server_delta.load_delta(fleet.store, j.delta_id))["format"] == 1
+    assert (fleet.root(dev) / "flash.bin").read_bytes()[:len(v2)] == v2
+
+
 def test_bundle_delta_sends_only_what_changed_and_unknown_base_gets_full_image(fleet):
     dev, stranger = "delta-files", "delta-stranger"
     fleet.add_device(dev)
