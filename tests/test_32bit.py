@@ -284,11 +284,11 @@ def _rc_fields(*fields: int) -> bytes:
     from array import array
     from fota.device import delta_rc as M
     from fota.server.delta_rc import RangeEncoder, _number, _tree
-    rc, probs = RangeEncoder(), array("H", [M.PROB_INIT]) * M.PROBS
+    rc, probs = RangeEncoder(), array("H", [M._PROB_INIT]) * M._PROBS
     if fields == (31,):
-        _tree(rc, probs, M.FIELD_BASE, 31, M.LEN_TREE_BITS)
+        _tree(rc, probs, M._FIELD_BASE, 31, M._LEN_TREE_BITS)
     for i, v in enumerate(fields if fields != (31,) else ()):
-        _number(rc, probs, M.FIELD_BASE + i % 4 * M.NUMBER_SIZE, v)
+        _number(rc, probs, M._FIELD_BASE + i % 4 * M._NUMBER_SIZE, v)
     return rc.finish()
 
 

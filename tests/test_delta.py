@@ -178,15 +178,15 @@ def _rc_body(fields, extra_items=()):
     from array import array
     from fota.device import delta_rc as M
     from fota.server.delta_rc import RangeEncoder, _number, _tree
-    rc, probs = RangeEncoder(), array("H", [M.PROB_INIT]) * M.PROBS
+    rc, probs = RangeEncoder(), array("H", [M._PROB_INIT]) * M._PROBS
     for i, v in enumerate(fields):
-        _number(rc, probs, M.FIELD_BASE + i * M.NUMBER_SIZE, v)
+        _number(rc, probs, M._FIELD_BASE + i * M._NUMBER_SIZE, v)
     for kind, length, where in extra_items:  # ("base" | "window", length, source / distance)
-        rc.bit(probs, M.MATCH_FLAG, 1)
-        rc.bit(probs, M.REP_FLAG, 0)
-        rc.bit(probs, M.WIN_FLAG, kind == "window")
-        _number(rc, probs, M.MATCH_LEN, length - M.MIN_MATCH)
-        _number(rc, probs, M.WIN_DIST if kind == "window" else M.MATCH_DIST,
+        rc.bit(probs, M._MATCH_FLAG, 1)
+        rc.bit(probs, M._REP_FLAG, 0)
+        rc.bit(probs, M._WIN_FLAG, kind == "window")
+        _number(rc, probs, M._MATCH_LEN, length - M._MIN_MATCH)
+        _number(rc, probs, M._WIN_DIST if kind == "window" else M._MATCH_DIST,
                 where - 1 if kind == "window" else where << 1)
     return rc.finish()
 

@@ -1,11 +1,12 @@
 # Delta patch format 2 (docs/delta.md §5): the records of format 1 coded with an adaptive binary
 # range coder (LZMA's scheme) and context models, decoded as the patch streams in.
 #
-# 32-bit MicroPython keeps ints below 2**30 unboxed: the range stays below 2**30 (RANGE_INIT) and
+# 32-bit MicroPython keeps ints below 2**30 unboxed: the range stays below 2**30 (_RANGE_INIT) and
 # probabilities are 12-bit, so range, code and bound = (range >> 12) * p are all small ints.
-# RAM: the probability table (PROBS 16-bit entries, 7.7 KiB), the window (2**wbits bytes of the
+# RAM: the probability table (_PROBS 16-bit entries, 7.7 KiB), the window (2**wbits bytes of the
 # new image), the compressed input not yet used (a 512-byte buffer) and a 256-byte work buffer.
-# The encoder is fota.server.delta_rc; it imports the layout below.
+# The encoder is fota.server.delta_rc; it imports the layout below (the names start with "_" so
+# that MicroPython inlines them and keeps no module attribute for them: heap on a board).
 from array import array
 
 try:
@@ -14,51 +15,56 @@ except ImportError:  # CPython
     def const(x):
         return x
 
-PROB_BITS = const(12)
-PROB_INIT = const(2048)          # p = P(bit is 0) in 1/4096ths
-ADAPT_SHIFT = const(5)
-RANGE_INIT = const(0x3FFFFFFF)
-RANGE_TOP = const(0x400000)      # below 2**22 a byte is shifted in: range stays < 2**30
+_PROB_BITS = const(12)
+_PROB_INIT = const(2048)          # p = P(bit is 0) in 1/4096ths
+_ADAPT_SHIFT = const(4)           # how fast a probability adapts: by 1/16 of the way
+_DIFF_SHIFT = const(3)            # ... diff flags and values: by 1/8 (they change faster)
+# Probabilities move towards _PROB_LO..PROB_HI and never leave it: with p >= 16 a bit leaves the
+# range >= (2**22 >> 12) * 16 = 2**14, so one byte shifted in brings it back to >= 2**22.
+_PROB_LO = const(16)
+_PROB_HI = const(4096 - 16)
+_RANGE_INIT = const(0x3FFFFFFF)
+_RANGE_TOP = const(0x400000)      # below 2**22 a byte is shifted in: range stays < 2**30
 
 # A number (record field, match length or distance): its bit length n in a 6-bit tree, the
-# TOP_BITS bits below the leading one in a tree per n, the rest as direct bits.
-LEN_TREE_BITS = const(6)
-TOP_BITS = const(2)
-TOP_OFFSET = const(64)
-TOP_STRIDE = const(4)
-MAX_NUMBER_BITS = const(30)
-NUMBER_SIZE = const(64 + 31 * 4)
-FIELD_BASE = const(0)                         # copy, diff, extra, zigzag(seek)
-FLAG_A = const(4 * NUMBER_SIZE)               # diff byte nonzero? by (out & 3, last 4 flags)
-FLAG_B = const(FLAG_A + 64)                   # ... by (last 2 flags, old byte)
-REP_BASE = const(FLAG_B + 1024)               # nonzero diff = last one in its lane? (lane, 2 hits)
-VALUE_BASE = const(REP_BASE + 16)             # nonzero diff value: a bit tree per lane (out & 3)
-EXTRA_CONTEXT_BITS = const(1)
-EXTRA_BASE = const(VALUE_BASE + 4 * 256)      # extra byte: a bit tree per top bit of the last byte
-MATCH_FLAG = const(EXTRA_BASE + (1 << EXTRA_CONTEXT_BITS) * 256)  # extra: match or literal? (after a match?)
-REP_FLAG = const(MATCH_FLAG + 2)              # base match at the last base match's displacement?
-WIN_FLAG = const(REP_FLAG + 1)                # if not: a match in the window (or in the base)?
-MATCH_LEN = const(WIN_FLAG + 1)               # match length - MIN_MATCH (a number)
-MATCH_DIST = const(MATCH_LEN + NUMBER_SIZE)   # base match: zigzag(source - predicted source)
-WIN_DIST = const(MATCH_DIST + NUMBER_SIZE)    # window match: distance back - 1
-MIN_MATCH = const(2)
-PROBS = const(WIN_DIST + NUMBER_SIZE)
+# _TOP_BITS bits below the leading one in a tree per n, the rest as direct bits.
+_LEN_TREE_BITS = const(6)
+_TOP_BITS = const(2)
+_TOP_OFFSET = const(64)
+_TOP_STRIDE = const(4)
+_MAX_NUMBER_BITS = const(30)
+_NUMBER_SIZE = const(64 + 31 * 4)
+_FIELD_BASE = const(0)                         # copy, diff, extra, zigzag(seek)
+_FLAG_A = const(4 * _NUMBER_SIZE)               # diff byte nonzero? by (out & 3, last 4 flags)
+_FLAG_B = const(_FLAG_A + 64)                   # ... by (last flag, old byte >> 1)
+_REP_BASE = const(_FLAG_B + 256)                # nonzero diff = last one in its lane? (lane, 2 hits)
+_VALUE_BASE = const(_REP_BASE + 16)             # nonzero diff value: a bit tree per lane (out & 3)
+_EXTRA_CONTEXT_BITS = const(1)
+_EXTRA_BASE = const(_VALUE_BASE + 4 * 256)      # extra byte: a bit tree per top bit of the last byte
+_MATCH_FLAG = const(_EXTRA_BASE + (1 << _EXTRA_CONTEXT_BITS) * 256)  # extra: match or literal? (after a match?)
+_REP_FLAG = const(_MATCH_FLAG + 2)              # base match at the last base match's displacement?
+_WIN_FLAG = const(_REP_FLAG + 1)                # if not: a match in the window (or in the base)?
+_MATCH_LEN = const(_WIN_FLAG + 1)               # match length - _MIN_MATCH (a number)
+_MATCH_DIST = const(_MATCH_LEN + _NUMBER_SIZE)   # base match: zigzag(source - predicted source)
+_WIN_DIST = const(_MATCH_DIST + _NUMBER_SIZE)    # window match: distance back - 1
+_MIN_MATCH = const(2)
+_PROBS = const(_WIN_DIST + _NUMBER_SIZE)
 
-BUF = const(256)
+_BUF = const(256)
 # Compressed bytes that one unit of work may consume at most (one bit shifts in at most one byte):
 # a record is 4 fields of at most 6 + 30 bits, a diff byte 10 bits, an extra byte 9, a match 2
 # bits and 2 fields.
-RECORD_IN = const(4 * (LEN_TREE_BITS + MAX_NUMBER_BITS))
-BYTE_IN = const(10)
-MATCH_IN = const(3 + 2 * (LEN_TREE_BITS + MAX_NUMBER_BITS))
-LOW_WATER = const(RECORD_IN)
+_RECORD_IN = const(4 * (_LEN_TREE_BITS + _MAX_NUMBER_BITS))
+_BYTE_IN = const(10)
+_MATCH_IN = const(3 + 2 * (_LEN_TREE_BITS + _MAX_NUMBER_BITS))
+_LOW_WATER = const(_RECORD_IN)
 
 
-def adapt(p, b):
+def adapt(p, b, shift=_ADAPT_SHIFT):
     """The probability after coding bit b with it (shared with the encoder)."""
     if b:
-        return p - (p >> ADAPT_SHIFT)
-    return p + ((4096 - p) >> ADAPT_SHIFT)
+        return p - ((p - _PROB_LO) >> shift)
+    return p + ((_PROB_HI - p) >> shift)
 
 
 class Decoder:
@@ -72,15 +78,15 @@ class Decoder:
         self.win = bytearray(1 << wbits)   # the last 2**wbits bytes of the new image
         self.wmask = (1 << wbits) - 1
         self.error = error
-        probs = array("H", range(PROBS))  # sized from the range's length: no temporary copy
-        for i in range(PROBS):
-            probs[i] = PROB_INIT
+        probs = array("H", range(_PROBS))  # sized from the range's length: no temporary copy
+        for i in range(_PROBS):
+            probs[i] = _PROB_INIT
         self.probs = probs
         self.buf = bytearray(in_buf)
         self.start = 0
         self.end = 0
-        self.work = bytearray(BUF)
-        self.range = RANGE_INIT
+        self.work = bytearray(_BUF)
+        self.range = _RANGE_INIT
         self.code = -1            # -1: the 5 opening bytes not read yet
         self.out = 0
         self.copy_left = 0
@@ -122,7 +128,7 @@ class Decoder:
     # -- output
 
     def _put(self, data, n):
-        """n new-image bytes (n <= BUF <= window): into the window, then out."""
+        """n new-image bytes (n <= _BUF <= window): into the window, then out."""
         at = self.out & self.wmask
         first = len(self.win) - at
         if first >= n:
@@ -139,17 +145,17 @@ class Decoder:
     def _bit(self, i):
         probs = self.probs
         p = probs[i]
-        bound = (self.range >> PROB_BITS) * p
+        bound = (self.range >> _PROB_BITS) * p
         if self.code < bound:
             self.range = bound
-            probs[i] = p + ((4096 - p) >> ADAPT_SHIFT)
+            probs[i] = p + ((_PROB_HI - p) >> _ADAPT_SHIFT)
             b = 0
         else:
             self.code -= bound
             self.range -= bound
-            probs[i] = p - (p >> ADAPT_SHIFT)
+            probs[i] = p - ((p - _PROB_LO) >> _ADAPT_SHIFT)
             b = 1
-        if self.range < RANGE_TOP:
+        if self.range < _RANGE_TOP:
             self.range <<= 8
             self.code = (self.code << 8) | self._byte()
         return b
@@ -161,14 +167,14 @@ class Decoder:
         return m - (1 << nbits)
 
     def _number(self, base):
-        n = self._tree(base, LEN_TREE_BITS)
+        n = self._tree(base, _LEN_TREE_BITS)
         if n <= 1:
             return n
-        if n > MAX_NUMBER_BITS:
+        if n > _MAX_NUMBER_BITS:
             raise self.error("record field of %d bits" % n)
         rest = n - 1
-        hi = rest if rest < TOP_BITS else TOP_BITS
-        v = (1 << hi) | self._tree(base + TOP_OFFSET + n * TOP_STRIDE, hi)
+        hi = rest if rest < _TOP_BITS else _TOP_BITS
+        v = (1 << hi) | self._tree(base + _TOP_OFFSET + n * _TOP_STRIDE, hi)
         for _ in range(rest - hi):
             self.range >>= 1
             if self.code >= self.range:
@@ -176,7 +182,7 @@ class Decoder:
                 v = (v << 1) | 1
             else:
                 v <<= 1
-            if self.range < RANGE_TOP:
+            if self.range < _RANGE_TOP:
                 self.range <<= 8
                 self.code = (self.code << 8) | self._byte()
         return v
@@ -200,13 +206,13 @@ class Decoder:
             self.code = code
             return True
         if self.copy_left:
-            n = self.copy_left if self.copy_left < BUF else BUF
+            n = self.copy_left if self.copy_left < _BUF else _BUF
             self._put(p._old(n), n)
             self.copy_left -= n
             return True
         if self.match_left:
             # Extra bytes found in the base image or the window: copied, nothing decoded.
-            n = self.match_left if self.match_left < BUF else BUF
+            n = self.match_left if self.match_left < _BUF else _BUF
             src = self.match_src
             if src >= 0:
                 data = p.read_old(src, n)
@@ -227,10 +233,10 @@ class Decoder:
             return True
         if self.diff_left or self.extra_left:
             n = self.diff_left or self.extra_left
-            if n > BUF:
-                n = BUF
+            if n > _BUF:
+                n = _BUF
             if not final:
-                fit = (avail - MATCH_IN) // BYTE_IN
+                fit = (avail - _MATCH_IN) // _BYTE_IN
                 if fit < n:
                     if fit <= 0:
                         return False
@@ -244,7 +250,7 @@ class Decoder:
             if n:
                 self._put(self.work, n)
             return True
-        if not final and avail < LOW_WATER:
+        if not final and avail < _LOW_WATER:
             return False
         return self._record()
 
@@ -252,10 +258,10 @@ class Decoder:
         p = self.p
         p.old += self.seek
         self.seek = 0
-        copy = self._number(FIELD_BASE)
-        diff = self._number(FIELD_BASE + NUMBER_SIZE)
-        extra = self._number(FIELD_BASE + 2 * NUMBER_SIZE)
-        seek = self._number(FIELD_BASE + 3 * NUMBER_SIZE)
+        copy = self._number(_FIELD_BASE)
+        diff = self._number(_FIELD_BASE + _NUMBER_SIZE)
+        extra = self._number(_FIELD_BASE + 2 * _NUMBER_SIZE)
+        seek = self._number(_FIELD_BASE + 3 * _NUMBER_SIZE)
         seek = (seek >> 1) ^ -(seek & 1)
         if copy + diff + extra == 0 and seek == 0:
             raise self.error("empty record")
@@ -284,23 +290,23 @@ class Decoder:
         out = self.out
         for i in range(n):
             o = old[i]
-            ia = FLAG_A + ((out & 3) | ((hist & 15) << 2))
-            ib = FLAG_B + (((hist & 3) << 8) | o)
+            ia = _FLAG_A + ((out & 3) | ((hist & 15) << 2))
+            ib = _FLAG_B + (((hist & 1) << 7) | (o >> 1))
             pa = probs[ia]
             pb = probs[ib]
-            bound = (rng >> PROB_BITS) * ((pa + pb) >> 1)
+            bound = (rng >> _PROB_BITS) * ((pa + pb) >> 1)
             if code < bound:
                 rng = bound
-                probs[ia] = pa + ((4096 - pa) >> ADAPT_SHIFT)
-                probs[ib] = pb + ((4096 - pb) >> ADAPT_SHIFT)
+                probs[ia] = pa + ((_PROB_HI - pa) >> _DIFF_SHIFT)
+                probs[ib] = pb + ((_PROB_HI - pb) >> _DIFF_SHIFT)
                 nz = 0
             else:
                 code -= bound
                 rng -= bound
-                probs[ia] = pa - (pa >> ADAPT_SHIFT)
-                probs[ib] = pb - (pb >> ADAPT_SHIFT)
+                probs[ia] = pa - ((pa - _PROB_LO) >> _DIFF_SHIFT)
+                probs[ib] = pb - ((pb - _PROB_LO) >> _DIFF_SHIFT)
                 nz = 1
-            if rng < RANGE_TOP:
+            if rng < _RANGE_TOP:
                 if pos >= end:
                     raise self.error("patch ends inside a symbol")
                 rng <<= 8
@@ -310,19 +316,19 @@ class Decoder:
             if nz:
                 lane = out & 3
                 h = hits[lane]
-                k = REP_BASE + (lane << 2) + h
+                k = _REP_BASE + (lane << 2) + h
                 pr = probs[k]
-                bound = (rng >> PROB_BITS) * pr
+                bound = (rng >> _PROB_BITS) * pr
                 if code < bound:
                     rng = bound
-                    probs[k] = pr + ((4096 - pr) >> ADAPT_SHIFT)
+                    probs[k] = pr + ((_PROB_HI - pr) >> _ADAPT_SHIFT)
                     hit = 0
                 else:
                     code -= bound
                     rng -= bound
-                    probs[k] = pr - (pr >> ADAPT_SHIFT)
+                    probs[k] = pr - ((pr - _PROB_LO) >> _ADAPT_SHIFT)
                     hit = 1
-                if rng < RANGE_TOP:
+                if rng < _RANGE_TOP:
                     if pos >= end:
                         raise self.error("patch ends inside a symbol")
                     rng <<= 8
@@ -331,21 +337,21 @@ class Decoder:
                 if hit:
                     d = last[lane]
                 else:
-                    base = VALUE_BASE + (lane << 8)
+                    base = _VALUE_BASE + (lane << 8)
                     m = 1
                     while m < 256:
                         pr = probs[base + m]
-                        bound = (rng >> PROB_BITS) * pr
+                        bound = (rng >> _PROB_BITS) * pr
                         if code < bound:
                             rng = bound
-                            probs[base + m] = pr + ((4096 - pr) >> ADAPT_SHIFT)
+                            probs[base + m] = pr + ((_PROB_HI - pr) >> _DIFF_SHIFT)
                             m <<= 1
                         else:
                             code -= bound
                             rng -= bound
-                            probs[base + m] = pr - (pr >> ADAPT_SHIFT)
+                            probs[base + m] = pr - ((pr - _PROB_LO) >> _DIFF_SHIFT)
                             m = (m << 1) | 1
-                        if rng < RANGE_TOP:
+                        if rng < _RANGE_TOP:
                             if pos >= end:
                                 raise self.error("patch ends inside a symbol")
                             rng <<= 8
@@ -378,19 +384,19 @@ class Decoder:
         lastm = self.lastm
         i = 0
         while i < n:
-            k = MATCH_FLAG + lastm
+            k = _MATCH_FLAG + lastm
             pr = probs[k]
-            bound = (rng >> PROB_BITS) * pr
+            bound = (rng >> _PROB_BITS) * pr
             if code < bound:
                 rng = bound
-                probs[k] = pr + ((4096 - pr) >> ADAPT_SHIFT)
+                probs[k] = pr + ((_PROB_HI - pr) >> _ADAPT_SHIFT)
                 lastm = 0
             else:
                 code -= bound
                 rng -= bound
-                probs[k] = pr - (pr >> ADAPT_SHIFT)
+                probs[k] = pr - ((pr - _PROB_LO) >> _ADAPT_SHIFT)
                 lastm = 1
-            if rng < RANGE_TOP:
+            if rng < _RANGE_TOP:
                 if pos >= end:
                     raise self.error("patch ends inside a symbol")
                 rng <<= 8
@@ -405,21 +411,21 @@ class Decoder:
                 rng = self.range
                 code = self.code
                 break
-            base = EXTRA_BASE + ((prev >> (8 - EXTRA_CONTEXT_BITS)) << 8)
+            base = _EXTRA_BASE + ((prev >> (8 - _EXTRA_CONTEXT_BITS)) << 8)
             m = 1
             while m < 256:
                 pr = probs[base + m]
-                bound = (rng >> PROB_BITS) * pr
+                bound = (rng >> _PROB_BITS) * pr
                 if code < bound:
                     rng = bound
-                    probs[base + m] = pr + ((4096 - pr) >> ADAPT_SHIFT)
+                    probs[base + m] = pr + ((_PROB_HI - pr) >> _ADAPT_SHIFT)
                     m <<= 1
                 else:
                     code -= bound
                     rng -= bound
-                    probs[base + m] = pr - (pr >> ADAPT_SHIFT)
+                    probs[base + m] = pr - ((pr - _PROB_LO) >> _ADAPT_SHIFT)
                     m = (m << 1) | 1
-                if rng < RANGE_TOP:
+                if rng < _RANGE_TOP:
                     if pos >= end:
                         raise self.error("patch ends inside a symbol")
                     rng <<= 8
@@ -438,20 +444,20 @@ class Decoder:
         """A match's fields, for the extra byte at new-image offset `at` with `room` extra bytes
         left: match_src its source (base offset, or -distance in the window), match_left its
         length."""
-        rep = self._bit(REP_FLAG)
-        win = 0 if rep else self._bit(WIN_FLAG)
-        length = self._number(MATCH_LEN) + MIN_MATCH
+        rep = self._bit(_REP_FLAG)
+        win = 0 if rep else self._bit(_WIN_FLAG)
+        length = self._number(_MATCH_LEN) + _MIN_MATCH
         if length > room:
             raise self.error("match longer than the extra bytes")
         if win:
-            dist = self._number(WIN_DIST) + 1
+            dist = self._number(_WIN_DIST) + 1
             if dist > at or dist > len(self.win) or length > dist:
                 raise self.error("window match outside the window")
             self.match_src = -dist
         else:
             src = at + self.disp
             if not rep:
-                d = self._number(MATCH_DIST)
+                d = self._number(_MATCH_DIST)
                 src += (d >> 1) ^ -(d & 1)
             if src < 0 or src + length > self.p.base_size:
                 raise self.error("match outside the base image")

@@ -18,12 +18,12 @@ _MASK32 = 0xFFFFFFFF
 
 
 class RangeEncoder:
-    """LZMA's carry-less range encoder with the range kept below 2**30 (M.RANGE_INIT): the
+    """LZMA's carry-less range encoder with the range kept below 2**30 (M._RANGE_INIT): the
     decoder's range and code then stay 31-bit small ints on a 32-bit MicroPython."""
 
     def __init__(self):
         self.low = 0            # up to 33 bits: 32 + a carry
-        self.range = M.RANGE_INIT
+        self.range = M._RANGE_INIT
         self.cache = 0
         self.cache_size = 1
         self.out = bytearray()
@@ -43,13 +43,13 @@ class RangeEncoder:
         self.low = (self.low << 8) & _MASK32
 
     def _normalize(self):
-        while self.range < M.RANGE_TOP:
+        while self.range < M._RANGE_TOP:
             self.range <<= 8
             self._shift_low()
 
     def bit_p(self, p: int, b: int) -> None:
         """One bit with P(0) = p / 2**PROB_BITS (no adaptation)."""
-        bound = (self.range >> M.PROB_BITS) * p
+        bound = (self.range >> M._PROB_BITS) * p
         if b:
             self.low += bound
             self.range -= bound
@@ -57,10 +57,10 @@ class RangeEncoder:
             self.range = bound
         self._normalize()
 
-    def bit(self, probs, i: int, b: int) -> None:
+    def bit(self, probs, i: int, b: int, shift: int = M._ADAPT_SHIFT) -> None:
         p = probs[i]
         self.bit_p(p, b)
-        probs[i] = M.adapt(p, b)
+        probs[i] = M.adapt(p, b, shift)
 
     def direct(self, v: int, n: int) -> None:
         """The n low bits of v, most significant first, each with probability 1/2."""
@@ -76,11 +76,11 @@ class RangeEncoder:
         return bytes(self.out)
 
 
-def _tree(rc: RangeEncoder, probs, base: int, v: int, nbits: int) -> None:
+def _tree(rc: RangeEncoder, probs, base: int, v: int, nbits: int, shift: int = M._ADAPT_SHIFT) -> None:
     m = 1
     for k in range(nbits - 1, -1, -1):
         b = (v >> k) & 1
-        rc.bit(probs, base + m, b)
+        rc.bit(probs, base + m, b, shift)
         m = (m << 1) | b
 
 
@@ -88,13 +88,13 @@ def _number(rc: RangeEncoder, probs, base: int, v: int) -> None:
     """An unsigned integer < 2**30: its bit length in a bit tree, the next TOP_BITS bits below
     the leading one in a tree per length, the rest as direct bits."""
     n = v.bit_length()
-    if n > M.MAX_NUMBER_BITS:
+    if n > M._MAX_NUMBER_BITS:
         raise ValueError(f"record field {v} too large for format 2")
-    _tree(rc, probs, base, n, M.LEN_TREE_BITS)
+    _tree(rc, probs, base, n, M._LEN_TREE_BITS)
     if n > 1:
         rest = n - 1
-        hi = min(rest, M.TOP_BITS)
-        _tree(rc, probs, base + M.TOP_OFFSET + n * M.TOP_STRIDE, (v >> (rest - hi)) & ((1 << hi) - 1), hi)
+        hi = min(rest, M._TOP_BITS)
+        _tree(rc, probs, base + M._TOP_OFFSET + n * M._TOP_STRIDE, (v >> (rest - hi)) & ((1 << hi) - 1), hi)
         rc.direct(v, rest - hi)
 
 
@@ -118,7 +118,7 @@ class MatchFinder:
     def match(self, data, i, out, disp):
         """(base position, length, rep) of the longest match worth coding at data[i], or None;
         rep: at the last match's displacement (its source costs nothing)."""
-        if len(data) - i < M.MIN_MATCH:
+        if len(data) - i < M._MIN_MATCH:
             return None
         best, best_len = None, 0
         rsrc = out + disp
@@ -180,7 +180,7 @@ def encode_records(base: bytes, records, wbits: int) -> bytes:
     bytes, extra bytes) with a window of 2**wbits new-image bytes, as
     fota.device.delta_rc.Decoder reads it."""
     rc = RangeEncoder()
-    probs = array("H", [M.PROB_INIT]) * M.PROBS
+    probs = array("H", [M._PROB_INIT]) * M._PROBS
     prev = 0          # the last byte of the new image written (context of extra bytes)
     old = out = 0
     hist = 0          # the last 4 diff flags
@@ -192,7 +192,7 @@ def encode_records(base: bytes, records, wbits: int) -> bytes:
     window = WindowFinder(1 << wbits)
     for copy, diff, extra, seek, dbytes, ebytes in records:
         for field, v in enumerate((copy, diff, extra, (seek << 1) ^ (seek >> 63))):
-            _number(rc, probs, M.FIELD_BASE + field * M.NUMBER_SIZE, v)
+            _number(rc, probs, M._FIELD_BASE + field * M._NUMBER_SIZE, v)
         if copy:
             prev = base[old + copy - 1]
             window.extend(base[old:old + copy])
@@ -200,18 +200,18 @@ def encode_records(base: bytes, records, wbits: int) -> bytes:
         out += copy
         for d in dbytes:
             o = base[old]
-            ia = M.FLAG_A + ((out & 3) | ((hist & 15) << 2))
-            ib = M.FLAG_B + (((hist & 3) << 8) | o)
+            ia = M._FLAG_A + ((out & 3) | ((hist & 15) << 2))
+            ib = M._FLAG_B + (((hist & 1) << 7) | (o >> 1))
             nz = 1 if d else 0
             rc.bit_p((probs[ia] + probs[ib]) >> 1, nz)
-            probs[ia] = M.adapt(probs[ia], nz)
-            probs[ib] = M.adapt(probs[ib], nz)
+            probs[ia] = M.adapt(probs[ia], nz, M._DIFF_SHIFT)
+            probs[ib] = M.adapt(probs[ib], nz, M._DIFF_SHIFT)
             if nz:
                 lane = out & 3
                 hit = 1 if d == last[lane] else 0
-                rc.bit(probs, M.REP_BASE + (lane << 2) + hits[lane], hit)
+                rc.bit(probs, M._REP_BASE + (lane << 2) + hits[lane], hit)
                 if not hit:
-                    _tree(rc, probs, M.VALUE_BASE + (lane << 8), d, 8)
+                    _tree(rc, probs, M._VALUE_BASE + (lane << 8), d, 8, M._DIFF_SHIFT)
                 hits[lane] = ((hits[lane] << 1) | hit) & 3
                 last[lane] = d
             hist = ((hist << 1) | nz) & 15
@@ -225,29 +225,29 @@ def encode_records(base: bytes, records, wbits: int) -> bytes:
             w = window.match(ebytes, i)
             if w and (not m or w[1] > m[1] + 1):
                 dist, length = w
-                rc.bit(probs, M.MATCH_FLAG + lastm, 1)
-                rc.bit(probs, M.REP_FLAG, 0)
-                rc.bit(probs, M.WIN_FLAG, 1)
-                _number(rc, probs, M.MATCH_LEN, length - M.MIN_MATCH)
-                _number(rc, probs, M.WIN_DIST, dist - 1)
+                rc.bit(probs, M._MATCH_FLAG + lastm, 1)
+                rc.bit(probs, M._REP_FLAG, 0)
+                rc.bit(probs, M._WIN_FLAG, 1)
+                _number(rc, probs, M._MATCH_LEN, length - M._MIN_MATCH)
+                _number(rc, probs, M._WIN_DIST, dist - 1)
                 window.extend(ebytes[i:i + length])
             elif m:
                 src, length, rep = m
-                rc.bit(probs, M.MATCH_FLAG + lastm, 1)
-                rc.bit(probs, M.REP_FLAG, rep)
+                rc.bit(probs, M._MATCH_FLAG + lastm, 1)
+                rc.bit(probs, M._REP_FLAG, rep)
                 if not rep:
-                    rc.bit(probs, M.WIN_FLAG, 0)
-                _number(rc, probs, M.MATCH_LEN, length - M.MIN_MATCH)
+                    rc.bit(probs, M._WIN_FLAG, 0)
+                _number(rc, probs, M._MATCH_LEN, length - M._MIN_MATCH)
                 if not rep:
                     delta = src - (out + disp)
-                    _number(rc, probs, M.MATCH_DIST, (delta << 1) ^ (delta >> 63))
+                    _number(rc, probs, M._MATCH_DIST, (delta << 1) ^ (delta >> 63))
                 disp = src - out
                 window.extend(ebytes[i:i + length])
             else:
-                rc.bit(probs, M.MATCH_FLAG + lastm, 0)
+                rc.bit(probs, M._MATCH_FLAG + lastm, 0)
                 lastm = 0
                 e = ebytes[i]
-                _tree(rc, probs, M.EXTRA_BASE + ((prev >> (8 - M.EXTRA_CONTEXT_BITS)) << 8), e, 8)
+                _tree(rc, probs, M._EXTRA_BASE + ((prev >> (8 - M._EXTRA_CONTEXT_BITS)) << 8), e, 8)
                 window.extend(ebytes[i:i + 1])
                 prev = e
                 out += 1
