@@ -281,14 +281,13 @@ def _rc_fields(*fields: int) -> bytes:
     """A format-2 body: record fields (four per record) as its range coder codes them
     (fota.server.delta_rc); a lone 31 is a field announced as 31 bits long, which no encoder
     makes."""
-    from array import array
     from fota.device import delta_rc as M
-    from fota.server.delta_rc import RangeEncoder, _number, _tree
-    rc, probs = RangeEncoder(), array("H", [M._PROB_INIT]) * M._PROBS
+    from fota.server.delta_rc import RangeEncoder, _number, _table, _tree
+    rc, nums = RangeEncoder(), [_table(M._NUMBER_SIZE) for _ in range(M._NUMBERS)]
     if fields == (31,):
-        _tree(rc, probs, M._FIELD_BASE, 31, M._LEN_TREE_BITS)
+        _tree(rc, nums[0], 0, 31, M._LEN_TREE_BITS)
     for i, v in enumerate(fields if fields != (31,) else ()):
-        _number(rc, probs, M._FIELD_BASE + i % 4 * M._NUMBER_SIZE, v)
+        _number(rc, nums[i % 4], v)
     return rc.finish()
 
 

@@ -175,19 +175,20 @@ def test_truncated_trailing_or_oversized_window_patch_is_refused(fmt):
 
 def _rc_body(fields, extra_items=()):
     """A format-2 body of one record with these (copy, diff, extra, seek) and extra items."""
-    from array import array
     from fota.device import delta_rc as M
-    from fota.server.delta_rc import RangeEncoder, _number, _tree
-    rc, probs = RangeEncoder(), array("H", [M._PROB_INIT]) * M._PROBS
+    from fota.server.delta_rc import RangeEncoder, _number, _table
+    rc, nums, lits = RangeEncoder(), [_table(M._NUMBER_SIZE) for _ in range(M._NUMBERS)], _table(M._LITS_SIZE)
     for i, v in enumerate(fields):
-        _number(rc, probs, M._FIELD_BASE + i * M._NUMBER_SIZE, v)
+        _number(rc, nums[i], v)
     for kind, length, where in extra_items:  # ("base" | "window", length, source / distance)
-        rc.bit(probs, M._MATCH_FLAG, 1)
-        rc.bit(probs, M._REP_FLAG, 0)
-        rc.bit(probs, M._WIN_FLAG, kind == "window")
-        _number(rc, probs, M._MATCH_LEN, length - M._MIN_MATCH)
-        _number(rc, probs, M._WIN_DIST if kind == "window" else M._MATCH_DIST,
-                where - 1 if kind == "window" else where << 1)
+        rc.bit(lits, M._LIT_MATCH, 1)
+        rc.bit(lits, M._LIT_REP, 0)
+        rc.bit(lits, M._LIT_WIN, kind == "window")
+        _number(rc, nums[M._MATCH_LEN], length - M._MIN_MATCH)
+        if kind == "window":
+            _number(rc, nums[M._WIN_DIST], where - 1)
+        else:
+            _number(rc, nums[M._MATCH_DIST], where << 1)
     return rc.finish()
 
 

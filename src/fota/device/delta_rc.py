@@ -3,8 +3,10 @@
 #
 # 32-bit MicroPython keeps ints below 2**30 unboxed: the range stays below 2**30 (_RANGE_INIT) and
 # probabilities are 12-bit, so range, code and bound = (range >> 12) * p are all small ints.
-# RAM: the probability table (_PROBS 16-bit entries, 7.7 KiB), the window (2**wbits bytes of the
-# new image), the compressed input not yet used (a 512-byte buffer) and a 256-byte work buffer.
+# RAM: the probability tables (3,192 16-bit entries, 6.2 KiB, in 10 arrays of at most 2 KiB:
+# a board's fragmented heap has room for those where one 6.2 KiB block may not), the window
+# (2**wbits bytes of the new image), the compressed input not yet used (a 512-byte buffer) and a 256-byte
+# work buffer.
 # The encoder is fota.server.delta_rc; it imports the layout below (the names start with "_" so
 # that MicroPython inlines them and keeps no module attribute for them: heap on a board).
 from array import array
@@ -34,21 +36,29 @@ _TOP_OFFSET = const(64)
 _TOP_STRIDE = const(4)
 _MAX_NUMBER_BITS = const(30)
 _NUMBER_SIZE = const(64 + 31 * 4)
-_FIELD_BASE = const(0)                         # copy, diff, extra, zigzag(seek)
-_FLAG_A = const(4 * _NUMBER_SIZE)               # diff byte nonzero? by (out & 3, last 4 flags)
-_FLAG_B = const(_FLAG_A + 64)                   # ... by (last flag, old byte >> 1)
-_REP_BASE = const(_FLAG_B + 256)                # nonzero diff = last one in its lane? (lane, 2 hits)
-_VALUE_BASE = const(_REP_BASE + 16)             # nonzero diff value: a bit tree per lane (out & 3)
-_EXTRA_CONTEXT_BITS = const(1)
-_EXTRA_BASE = const(_VALUE_BASE + 4 * 256)      # extra byte: a bit tree per top bit of the last byte
-_MATCH_FLAG = const(_EXTRA_BASE + (1 << _EXTRA_CONTEXT_BITS) * 256)  # extra: match or literal? (after a match?)
-_REP_FLAG = const(_MATCH_FLAG + 2)              # base match at the last base match's displacement?
-_WIN_FLAG = const(_REP_FLAG + 1)                # if not: a match in the window (or in the base)?
-_MATCH_LEN = const(_WIN_FLAG + 1)               # match length - _MIN_MATCH (a number)
-_MATCH_DIST = const(_MATCH_LEN + _NUMBER_SIZE)   # base match: zigzag(source - predicted source)
-_WIN_DIST = const(_MATCH_DIST + _NUMBER_SIZE)    # window match: distance back - 1
+# Seven number models, each its own table: record fields copy, diff, extra, zigzag(seek); match
+# length - _MIN_MATCH; base match zigzag(source - predicted source); window distance - 1.
+_COPY = const(0)
+_DIFF = const(1)
+_EXTRA = const(2)
+_SEEK = const(3)
+_MATCH_LEN = const(4)
+_MATCH_DIST = const(5)
+_WIN_DIST = const(6)
+_NUMBERS = const(7)
 _MIN_MATCH = const(2)
-_PROBS = const(_WIN_DIST + _NUMBER_SIZE)
+# The diff table: is a diff byte nonzero? (mixed from two contexts), is a nonzero one the last
+# of its lane? Then the values table: a bit tree per lane (out & 3).
+_FLAG_A = const(0)                 # by (out & 3, last 4 flags)
+_FLAG_B = const(64)                # by (last flag, old byte >> 1)
+_REP_BASE = const(320)             # by (lane, its last 2 hits)
+_DIFF_SIZE = const(336)
+_VALUES_SIZE = const(4 * 256)
+# The literals table: a bit tree per top bit of the last byte, then the match flags.
+_LIT_MATCH = const(512)            # match or literal? by lastm (the last extra item was a match)
+_LIT_REP = const(514)              # base match at the last base match's displacement?
+_LIT_WIN = const(515)              # if not: a match in the window (1) or in the base (0)?
+_LITS_SIZE = const(516)
 
 _BUF = const(256)
 # Compressed bytes that one unit of work may consume at most (one bit shifts in at most one byte):
@@ -58,6 +68,14 @@ _RECORD_IN = const(4 * (_LEN_TREE_BITS + _MAX_NUMBER_BITS))
 _BYTE_IN = const(10)
 _MATCH_IN = const(3 + 2 * (_LEN_TREE_BITS + _MAX_NUMBER_BITS))
 _LOW_WATER = const(_RECORD_IN)
+
+
+def _table(n):
+    """n probabilities at _PROB_INIT; sized from the range's length, so no temporary copy."""
+    t = array("H", range(n))
+    for i in range(n):
+        t[i] = _PROB_INIT
+    return t
 
 
 def adapt(p, b, shift=_ADAPT_SHIFT):
@@ -77,11 +95,11 @@ class Decoder:
         self.p = patcher
         self.win = bytearray(1 << wbits)   # the last 2**wbits bytes of the new image
         self.wmask = (1 << wbits) - 1
+        self.nums = [_table(_NUMBER_SIZE) for _ in range(_NUMBERS)]
+        self.dprobs = _table(_DIFF_SIZE)
+        self.vprobs = _table(_VALUES_SIZE)
+        self.lprobs = _table(_LITS_SIZE)
         self.error = error
-        probs = array("H", range(_PROBS))  # sized from the range's length: no temporary copy
-        for i in range(_PROBS):
-            probs[i] = _PROB_INIT
-        self.probs = probs
         self.buf = bytearray(in_buf)
         self.start = 0
         self.end = 0
@@ -142,8 +160,7 @@ class Decoder:
 
     # -- single bits (record fields)
 
-    def _bit(self, i):
-        probs = self.probs
+    def _bit(self, probs, i):
         p = probs[i]
         bound = (self.range >> _PROB_BITS) * p
         if self.code < bound:
@@ -160,21 +177,22 @@ class Decoder:
             self.code = (self.code << 8) | self._byte()
         return b
 
-    def _tree(self, base, nbits):
+    def _tree(self, probs, base, nbits):
         m = 1
         for _ in range(nbits):
-            m = (m << 1) | self._bit(base + m)
+            m = (m << 1) | self._bit(probs, base + m)
         return m - (1 << nbits)
 
-    def _number(self, base):
-        n = self._tree(base, _LEN_TREE_BITS)
+    def _number(self, k):
+        probs = self.nums[k]
+        n = self._tree(probs, 0, _LEN_TREE_BITS)
         if n <= 1:
             return n
         if n > _MAX_NUMBER_BITS:
             raise self.error("record field of %d bits" % n)
         rest = n - 1
         hi = rest if rest < _TOP_BITS else _TOP_BITS
-        v = (1 << hi) | self._tree(base + _TOP_OFFSET + n * _TOP_STRIDE, hi)
+        v = (1 << hi) | self._tree(probs, _TOP_OFFSET + n * _TOP_STRIDE, hi)
         for _ in range(rest - hi):
             self.range >>= 1
             if self.code >= self.range:
@@ -258,10 +276,10 @@ class Decoder:
         p = self.p
         p.old += self.seek
         self.seek = 0
-        copy = self._number(_FIELD_BASE)
-        diff = self._number(_FIELD_BASE + _NUMBER_SIZE)
-        extra = self._number(_FIELD_BASE + 2 * _NUMBER_SIZE)
-        seek = self._number(_FIELD_BASE + 3 * _NUMBER_SIZE)
+        copy = self._number(_COPY)
+        diff = self._number(_DIFF)
+        extra = self._number(_EXTRA)
+        seek = self._number(_SEEK)
         seek = (seek >> 1) ^ -(seek & 1)
         if copy + diff + extra == 0 and seek == 0:
             raise self.error("empty record")
@@ -277,7 +295,8 @@ class Decoder:
 
     def _diff(self, n):
         old = self.p._old(n)
-        probs = self.probs
+        probs = self.dprobs
+        vprobs = self.vprobs
         work = self.work
         last = self.last
         hits = self.hits
@@ -290,7 +309,7 @@ class Decoder:
         out = self.out
         for i in range(n):
             o = old[i]
-            ia = _FLAG_A + ((out & 3) | ((hist & 15) << 2))
+            ia = (out & 3) | ((hist & 15) << 2)
             ib = _FLAG_B + (((hist & 1) << 7) | (o >> 1))
             pa = probs[ia]
             pb = probs[ib]
@@ -337,19 +356,19 @@ class Decoder:
                 if hit:
                     d = last[lane]
                 else:
-                    base = _VALUE_BASE + (lane << 8)
+                    base = lane << 8
                     m = 1
                     while m < 256:
-                        pr = probs[base + m]
+                        pr = vprobs[base + m]
                         bound = (rng >> _PROB_BITS) * pr
                         if code < bound:
                             rng = bound
-                            probs[base + m] = pr + ((_PROB_HI - pr) >> _DIFF_SHIFT)
+                            vprobs[base + m] = pr + ((_PROB_HI - pr) >> _DIFF_SHIFT)
                             m <<= 1
                         else:
                             code -= bound
                             rng -= bound
-                            probs[base + m] = pr - ((pr - _PROB_LO) >> _DIFF_SHIFT)
+                            vprobs[base + m] = pr - ((pr - _PROB_LO) >> _DIFF_SHIFT)
                             m = (m << 1) | 1
                         if rng < _RANGE_TOP:
                             if pos >= end:
@@ -373,7 +392,7 @@ class Decoder:
     def _extra(self, n):
         """Up to n extra bytes: literals into work; stops after a match is decoded (its source
         and length in match_src, match_left). The number of literals."""
-        probs = self.probs
+        probs = self.lprobs
         work = self.work
         buf = self.buf
         pos = self.start
@@ -384,7 +403,7 @@ class Decoder:
         lastm = self.lastm
         i = 0
         while i < n:
-            k = _MATCH_FLAG + lastm
+            k = _LIT_MATCH + lastm
             pr = probs[k]
             bound = (rng >> _PROB_BITS) * pr
             if code < bound:
@@ -411,7 +430,7 @@ class Decoder:
                 rng = self.range
                 code = self.code
                 break
-            base = _EXTRA_BASE + ((prev >> (8 - _EXTRA_CONTEXT_BITS)) << 8)
+            base = (prev >> 7) << 8
             m = 1
             while m < 256:
                 pr = probs[base + m]
@@ -444,8 +463,8 @@ class Decoder:
         """A match's fields, for the extra byte at new-image offset `at` with `room` extra bytes
         left: match_src its source (base offset, or -distance in the window), match_left its
         length."""
-        rep = self._bit(_REP_FLAG)
-        win = 0 if rep else self._bit(_WIN_FLAG)
+        rep = self._bit(self.lprobs, _LIT_REP)
+        win = 0 if rep else self._bit(self.lprobs, _LIT_WIN)
         length = self._number(_MATCH_LEN) + _MIN_MATCH
         if length > room:
             raise self.error("match longer than the extra bytes")

@@ -84,18 +84,22 @@ def _tree(rc: RangeEncoder, probs, base: int, v: int, nbits: int, shift: int = M
         m = (m << 1) | b
 
 
-def _number(rc: RangeEncoder, probs, base: int, v: int) -> None:
+def _number(rc: RangeEncoder, probs, v: int) -> None:
     """An unsigned integer < 2**30: its bit length in a bit tree, the next TOP_BITS bits below
     the leading one in a tree per length, the rest as direct bits."""
     n = v.bit_length()
     if n > M._MAX_NUMBER_BITS:
         raise ValueError(f"record field {v} too large for format 2")
-    _tree(rc, probs, base, n, M._LEN_TREE_BITS)
+    _tree(rc, probs, 0, n, M._LEN_TREE_BITS)
     if n > 1:
         rest = n - 1
         hi = min(rest, M._TOP_BITS)
-        _tree(rc, probs, base + M._TOP_OFFSET + n * M._TOP_STRIDE, (v >> (rest - hi)) & ((1 << hi) - 1), hi)
+        _tree(rc, probs, M._TOP_OFFSET + n * M._TOP_STRIDE, (v >> (rest - hi)) & ((1 << hi) - 1), hi)
         rc.direct(v, rest - hi)
+
+
+def _table(n: int):
+    return array("H", [M._PROB_INIT]) * n
 
 
 class MatchFinder:
@@ -180,7 +184,8 @@ def encode_records(base: bytes, records, wbits: int) -> bytes:
     bytes, extra bytes) with a window of 2**wbits new-image bytes, as
     fota.device.delta_rc.Decoder reads it."""
     rc = RangeEncoder()
-    probs = array("H", [M._PROB_INIT]) * M._PROBS
+    nums = [_table(M._NUMBER_SIZE) for _ in range(M._NUMBERS)]
+    dprobs, vprobs, lprobs = _table(M._DIFF_SIZE), _table(M._VALUES_SIZE), _table(M._LITS_SIZE)
     prev = 0          # the last byte of the new image written (context of extra bytes)
     old = out = 0
     hist = 0          # the last 4 diff flags
@@ -192,7 +197,7 @@ def encode_records(base: bytes, records, wbits: int) -> bytes:
     window = WindowFinder(1 << wbits)
     for copy, diff, extra, seek, dbytes, ebytes in records:
         for field, v in enumerate((copy, diff, extra, (seek << 1) ^ (seek >> 63))):
-            _number(rc, probs, M._FIELD_BASE + field * M._NUMBER_SIZE, v)
+            _number(rc, nums[field], v)
         if copy:
             prev = base[old + copy - 1]
             window.extend(base[old:old + copy])
@@ -203,15 +208,15 @@ def encode_records(base: bytes, records, wbits: int) -> bytes:
             ia = M._FLAG_A + ((out & 3) | ((hist & 15) << 2))
             ib = M._FLAG_B + (((hist & 1) << 7) | (o >> 1))
             nz = 1 if d else 0
-            rc.bit_p((probs[ia] + probs[ib]) >> 1, nz)
-            probs[ia] = M.adapt(probs[ia], nz, M._DIFF_SHIFT)
-            probs[ib] = M.adapt(probs[ib], nz, M._DIFF_SHIFT)
+            rc.bit_p((dprobs[ia] + dprobs[ib]) >> 1, nz)
+            dprobs[ia] = M.adapt(dprobs[ia], nz, M._DIFF_SHIFT)
+            dprobs[ib] = M.adapt(dprobs[ib], nz, M._DIFF_SHIFT)
             if nz:
                 lane = out & 3
                 hit = 1 if d == last[lane] else 0
-                rc.bit(probs, M._REP_BASE + (lane << 2) + hits[lane], hit)
+                rc.bit(dprobs, M._REP_BASE + (lane << 2) + hits[lane], hit)
                 if not hit:
-                    _tree(rc, probs, M._VALUE_BASE + (lane << 8), d, 8, M._DIFF_SHIFT)
+                    _tree(rc, vprobs, lane << 8, d, 8, M._DIFF_SHIFT)
                 hits[lane] = ((hits[lane] << 1) | hit) & 3
                 last[lane] = d
             hist = ((hist << 1) | nz) & 15
@@ -225,29 +230,29 @@ def encode_records(base: bytes, records, wbits: int) -> bytes:
             w = window.match(ebytes, i)
             if w and (not m or w[1] > m[1] + 1):
                 dist, length = w
-                rc.bit(probs, M._MATCH_FLAG + lastm, 1)
-                rc.bit(probs, M._REP_FLAG, 0)
-                rc.bit(probs, M._WIN_FLAG, 1)
-                _number(rc, probs, M._MATCH_LEN, length - M._MIN_MATCH)
-                _number(rc, probs, M._WIN_DIST, dist - 1)
+                rc.bit(lprobs, M._LIT_MATCH + lastm, 1)
+                rc.bit(lprobs, M._LIT_REP, 0)
+                rc.bit(lprobs, M._LIT_WIN, 1)
+                _number(rc, nums[M._MATCH_LEN], length - M._MIN_MATCH)
+                _number(rc, nums[M._WIN_DIST], dist - 1)
                 window.extend(ebytes[i:i + length])
             elif m:
                 src, length, rep = m
-                rc.bit(probs, M._MATCH_FLAG + lastm, 1)
-                rc.bit(probs, M._REP_FLAG, rep)
+                rc.bit(lprobs, M._LIT_MATCH + lastm, 1)
+                rc.bit(lprobs, M._LIT_REP, rep)
                 if not rep:
-                    rc.bit(probs, M._WIN_FLAG, 0)
-                _number(rc, probs, M._MATCH_LEN, length - M._MIN_MATCH)
+                    rc.bit(lprobs, M._LIT_WIN, 0)
+                _number(rc, nums[M._MATCH_LEN], length - M._MIN_MATCH)
                 if not rep:
                     delta = src - (out + disp)
-                    _number(rc, probs, M._MATCH_DIST, (delta << 1) ^ (delta >> 63))
+                    _number(rc, nums[M._MATCH_DIST], (delta << 1) ^ (delta >> 63))
                 disp = src - out
                 window.extend(ebytes[i:i + length])
             else:
-                rc.bit(probs, M._MATCH_FLAG + lastm, 0)
+                rc.bit(lprobs, M._LIT_MATCH + lastm, 0)
                 lastm = 0
                 e = ebytes[i]
-                _tree(rc, probs, M._EXTRA_BASE + ((prev >> (8 - M._EXTRA_CONTEXT_BITS)) << 8), e, 8)
+                _tree(rc, lprobs, (prev >> 7) << 8, e, 8)
                 window.extend(ebytes[i:i + 1])
                 prev = e
                 out += 1
