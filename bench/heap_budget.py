@@ -319,7 +319,7 @@ def parse(argv):
     p.add_argument("--chunk", type=int, default=2048, help="chunk size in bytes")
     p.add_argument("--window", type=int, default=16384, help="bytes of chunks in flight (max_inflight)")
     p.add_argument("--wbits", type=int, default=None, help="delta window 2**N (default: the device default, protocol.DELTA_WBITS)")
-    p.add_argument("--delta-format", type=int, default=max(P.DELTA_FORMATS),
+    p.add_argument("--delta-format", type=int, default=None,
                    help="delta patch format (docs/delta.md; default: the newest, what the center sends this agent)")
     p.add_argument("--steps", default=",".join(STEPS), help="lines to measure (comma-separated)")
     p.add_argument("--max-heap-kib", type=int, default=None, help="largest heap tried (default 512, 2048 on 64)")
@@ -329,6 +329,8 @@ def parse(argv):
     from fota.device import protocol as P
     if args.wbits is None:
         args.wbits = P.DELTA_WBITS
+    if args.delta_format is None:
+        args.delta_format = max(P.DELTA_FORMATS)
     if args.max_heap_kib is None:
         args.max_heap_kib = 2048 if args.interpreter == "64" else 512
     args.steps = [s.strip() for s in args.steps.split(",") if s.strip()]
