@@ -102,16 +102,48 @@ def _table(n: int):
     return array("H", [M._PROB_INIT]) * n
 
 
+class _Chains:
+    """Where each KEY-byte string occurs in a buffer that grows at its end, newest first: the
+    latest position per hash of the string, and from each position the previous one with the
+    same hash (hash chains in two int arrays: 4 bytes per position, where a dict of lists took
+    some 400 bytes per position of a firmware image)."""
+
+    BITS = 18
+
+    def __init__(self):
+        self.head = array("i", [-1]) * (1 << self.BITS)
+        self.prev = array("i")
+
+    def _hash(self, key) -> int:
+        return (int.from_bytes(key, "little") * 2654435761 >> 13) & ((1 << self.BITS) - 1)
+
+    def index(self, buf, end: int) -> None:
+        """Take in the positions of buf up to the last one with KEY bytes before `end`."""
+        head, prev = self.head, self.prev
+        for i in range(len(prev), end - KEY + 1):
+            h = self._hash(buf[i:i + KEY])
+            prev.append(head[h])
+            head[h] = i
+
+    def positions(self, buf, key, limit: int):
+        """Up to `limit` positions where buf holds `key`, newest first."""
+        src, found, steps = self.head[self._hash(key)], 0, 0
+        while src >= 0 and found < limit and steps < 8 * limit:
+            if buf[src:src + KEY] == key:
+                yield src
+                found += 1
+            src = self.prev[src]
+            steps += 1
+
+
 class MatchFinder:
-    """Longest matches of extra bytes in the base image (hash chains over KEY-byte keys)."""
+    """Longest matches of extra bytes in the base image."""
 
     def __init__(self, base: bytes, chain: int = 64):
         self.base = base
         self.chain = chain
-        index: dict[bytes, list[int]] = {}
-        for i in range(len(base) - KEY + 1):
-            index.setdefault(base[i:i + KEY], []).append(i)
-        self.index = index
+        self.chains = _Chains()
+        self.chains.index(base, len(base))
 
     def _extend(self, data, i, src):
         base, n, k = self.base, min(len(data) - i, len(self.base) - src), 0
@@ -130,10 +162,11 @@ class MatchFinder:
             k = self._extend(data, i, rsrc)
             if k >= REP_MIN:
                 best, best_len = rsrc, k
-        for src in reversed(self.index.get(bytes(data[i:i + KEY]), ())[-self.chain:]):
-            k = self._extend(data, i, src)
-            if k > best_len + (2 if best == rsrc else 0):
-                best, best_len = src, k
+        if len(data) - i >= KEY:
+            for src in self.chains.positions(self.base, bytes(data[i:i + KEY]), self.chain):
+                k = self._extend(data, i, src)
+                if k > best_len + (2 if best == rsrc else 0):
+                    best, best_len = src, k
         if best is None:
             return None
         rep = 1 if best == rsrc else 0
@@ -149,8 +182,7 @@ class WindowFinder:
         self.size = size
         self.chain = chain
         self.new = bytearray()
-        self.index: dict[bytes, list[int]] = {}
-        self.indexed = 0
+        self.chains = _Chains()
 
     def extend(self, data) -> None:
         self.new += data
@@ -159,11 +191,11 @@ class WindowFinder:
         """(distance, length) of the longest match at data[i] within the window, or None. A
         match ends before the current position (it never overlaps itself)."""
         new, out = self.new, len(self.new)
-        while self.indexed <= out - KEY:
-            self.index.setdefault(bytes(new[self.indexed:self.indexed + KEY]), []).append(self.indexed)
-            self.indexed += 1
+        if len(data) - i < KEY:
+            return None
+        self.chains.index(new, out)
         best, best_len = None, 0
-        for src in reversed(self.index.get(bytes(data[i:i + KEY]), ())[-self.chain:]):
+        for src in self.chains.positions(new, bytes(data[i:i + KEY]), self.chain):
             if out - src > self.size:
                 break
             n, k = min(len(data) - i, out - src), 0
