@@ -144,9 +144,12 @@ class Release(Base):
 
 
 class Delta(Base):
-    """A cached delta patch from one image (base) to another (target), at one window size.
+    """A cached delta patch from one image (base) to another (target), at one window size, in
+    one format.
 
-    The patch bytes live in the blob store (content-addressed by ``sha256``)."""
+    The patch bytes live in the blob store (content-addressed by ``sha256``). ``wbits`` is the
+    window plus 16 per format after the first (fota.server.delta.window_code), so format 1 rows
+    keep their plain window and the pair's unique key covers the format."""
 
     __tablename__ = "deltas"
     __table_args__ = (UniqueConstraint("base_sha256", "target_sha256", "wbits", name="uq_deltas_pair"),)
