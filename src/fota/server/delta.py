@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_WBITS = 12   # a 4 KiB window: the decoder then fits in ~20 KiB of MicroPython heap
 DEFAULT_COPY_RUN = 32  # zero diff bytes in a row that become a copy (bench delta --copy-run)
-_locks: dict[tuple[str, str, int], threading.Lock] = {}
+_locks: dict[tuple[str, str, int, int], threading.Lock] = {}
 _locks_guard = threading.Lock()
 _CACHE_SIZE = 8   # patches kept in memory: a rollout moves a fleet from one or two bases
 _cache: OrderedDict[str, bytes] = OrderedDict()   # patch sha256 -> bytes, shared by all jobs
@@ -118,7 +118,7 @@ class DeltaInfo:
         self.base_sha256 = row.base_sha256
         self.base_size = row.base_size
         self.target_sha256 = row.target_sha256
-        self.wbits, self.format = window_format(row.wbits)
+        self.wbits, self.format = row.wbits, row.format
         self.size = row.size
         self.sha256 = row.sha256
         self.data = data
@@ -137,17 +137,6 @@ def _lock(key) -> threading.Lock:
         return _locks.setdefault(key, threading.Lock())
 
 
-def window_code(wbits: int, fmt: int) -> int:
-    """What `deltas.wbits` holds for a patch: its window, plus 16 per format after the first
-    (format 1 rows keep their plain window; one row per base, target, window and format)."""
-    return wbits + 16 * (fmt - 1)
-
-
-def window_format(code: int) -> tuple[int, int]:
-    """(wbits, format) of a `deltas.wbits` value (window_code)."""
-    return code % 16, code // 16 + 1
-
-
 def get_delta(store: Store, blobs_dir: Path, base: Release, target: Release, wbits: int,
               read_blob, fmt: int = device_delta.FORMAT) -> DeltaInfo | None:
     """The patch from `base` to `target` at window 2**wbits in format `fmt`, computed once and
@@ -155,19 +144,18 @@ def get_delta(store: Store, blobs_dir: Path, base: Release, target: Release, wbi
     (not smaller than the full image) or not possible (different kinds, an encrypted release)."""
     if base.kind != target.kind or base.enc_key or target.enc_key or base.sha256 == target.sha256:
         return None
-    code = window_code(wbits, fmt)
-    key = (base.sha256, target.sha256, code)
+    key = (base.sha256, target.sha256, wbits, fmt)
     with _lock(key):
         with store.session() as s:
             row = s.scalar(select(Delta).where(Delta.base_sha256 == base.sha256,
                                                Delta.target_sha256 == target.sha256,
-                                               Delta.wbits == code))
+                                               Delta.wbits == wbits, Delta.format == fmt))
         if row is None:
             data = encode(read_blob(base), read_blob(target), wbits, fmt=fmt)
             sha = hashlib.sha256(data).hexdigest()
             path = write_blob(Path(blobs_dir), data, sha)
             row = Delta(base_sha256=base.sha256, base_size=base.size, target_sha256=target.sha256,
-                        wbits=code, size=len(data), sha256=sha, blob_path=str(path.resolve()))
+                        wbits=wbits, format=fmt, size=len(data), sha256=sha, blob_path=str(path.resolve()))
             try:
                 with store.session() as s:
                     s.add(row)
@@ -175,7 +163,7 @@ def get_delta(store: Store, blobs_dir: Path, base: Release, target: Release, wbi
                 with store.session() as s:
                     row = s.scalar(select(Delta).where(Delta.base_sha256 == base.sha256,
                                                        Delta.target_sha256 == target.sha256,
-                                                       Delta.wbits == code))
+                                                       Delta.wbits == wbits, Delta.format == fmt))
             log.info("delta %s -> %s (format %d, 2**%d): %d bytes for a %d-byte image", base.version,
                      target.version, fmt, wbits, len(data), target.size)
         if row.size >= target.size:
