@@ -66,17 +66,20 @@ def chart(title: str, rows: list[tuple[str, int]], link: str | None = None) -> s
     if not rows:
         return f"<figure class=chart><figcaption>{e(title)}</figcaption><p class=muted>none</p></figure>"
     top = max(n for _, n in rows) or 1
-    height, width = 22, 240
+    height, width, label_w = 22, 200, 120
+    rows = rows[:20]
+    total_w = label_w + width + 60
     parts = [f'<figure class=chart><figcaption>{e(title)}</figcaption>'
-             f'<svg role="img" aria-label="{e(title)}" width="100%" viewBox="0 0 520 {height * len(rows)}">']
-    for i, (label, n) in enumerate(rows[:20]):
+             f'<svg role="img" aria-label="{e(title)}" width="{total_w}" height="{height * len(rows)}" '
+             f'viewBox="0 0 {total_w} {height * len(rows)}">']
+    for i, (label, n) in enumerate(rows):
         y = i * height
         w = max(2, int(width * n / top))
-        text = f'<text x="0" y="{y + 15}">{e(label)[:28]}</text>'
+        text = f'<text x="0" y="{y + 15}">{e(label[:18])}</text>'
         if link:
             text = f'<a href="{e(link + quote(label))}">{text}</a>'
-        parts.append(f'{text}<rect x="170" y="{y + 3}" width="{w}" height="{height - 8}" class="b"></rect>'
-                     f'<text x="{178 + w}" y="{y + 15}">{n}</text>')
+        parts.append(f'{text}<rect x="{label_w}" y="{y + 3}" width="{w}" height="{height - 8}" class="b"></rect>'
+                     f'<text x="{label_w + w + 6}" y="{y + 15}">{n}</text>')
     parts.append("</svg></figure>")
     return "".join(parts)
 
@@ -309,7 +312,7 @@ def campaign_fragments(c: dict[str, Any], ctx: Ctx) -> dict[str, str]:
             f'<p>{bar("campaign-progress", c["progress"], "devices succeeded")} '
             f'{c["counts"].get("succeeded", 0)} of {c["total"]} devices succeeded · '
             f'{c["counts"].get("failed", 0)} failed · {c["in_flight"]} in flight or on probation</p>'
-            f'<p>downloads and installs {bar("campaign-jobs-progress", c["job_progress"], "mean job progress")} '
+            f'<p>downloads {bar("campaign-jobs-progress", c["job_progress"], "downloads of the targeted devices")} '
             f'· <a href="/ui/deployments/{c["deployment"]}">its deployment</a></p>'
             f'<p>started {when(c["started_at"])} · finished {when(c["finished_at"])} · '
             f'ETA <span id="campaign-eta">{seconds(c["eta"])}</span> · '
@@ -321,7 +324,7 @@ def campaign_fragments(c: dict[str, Any], ctx: Ctx) -> dict[str, str]:
         total = w["total"] or 0
         ok = w["counts"].get("succeeded", 0)
         bad = w["counts"].get("failed", 0)
-        scope = (f'{w["percent"]:g}% of the fleet' if w["percent"] is not None
+        scope = (f'{w["percent"]:g}% of the targeted devices' if w["percent"] is not None
                  else f'tag {e(w["tag"])}' if w["tag"] else f'{len(w["devices"] or [])} named devices')
         waves.append(f'<tr{" class=current" if w["current"] else ""}><td>{w["wave"]}</td><td>{scope}</td>'
                      f'<td>{bar("wave-%d-progress" % w["wave"], ok / total if total else 0.0, "wave succeeded")}</td>'

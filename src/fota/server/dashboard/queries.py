@@ -24,7 +24,7 @@ from fota.server.campaigns.states import ACTIVE as CAMPAIGN_ACTIVE, IN_FLIGHT, P
 from fota.server.deployments import ACTIVE as DEPLOYMENT_ACTIVE, UPDATE
 from fota.server.releases import check_release_key
 from fota.server.store import Store, utcnow
-from fota.server.store.models import AuditEvent, Campaign, Deployment, Delta, Device, Job, Release, StatusEvent
+from fota.server.store.models import AuditEvent, Campaign, CampaignDevice, Deployment, Delta, Device, Job, Release, StatusEvent
 
 __all__ = ["DeviceFilter", "PAGE_SIZE", "SORTS", "campaign_view", "deployment_view", "device_page",
            "device_view", "fleet_view", "releases_view"]
@@ -200,8 +200,8 @@ def device_view(store: Store, device_id: str) -> dict[str, Any] | None:
                                 .order_by(StatusEvent.id.desc()).limit(TIMELINE)))
         # who did what to it: the deployments and campaigns that held a job for it
         deployment_ids = set(s.scalars(select(Job.deployment_id).where(Job.device_id == device_id).distinct()))
-        campaigns = list(s.scalars(select(Campaign.name).where(Campaign.deployment_id.in_(deployment_ids)))) \
-            if deployment_ids else []
+        campaigns = set(s.scalars(select(Campaign.name).join(CampaignDevice, CampaignDevice.campaign_id == Campaign.id)
+                                  .where(CampaignDevice.device_id == device_id)))
         targets = [f"deployment:{i}" for i in deployment_ids] + [f"campaign:{n}" for n in campaigns]
         audit = list(s.scalars(select(AuditEvent).where(AuditEvent.target.in_(targets))
                                .order_by(AuditEvent.id.desc()).limit(AUDIT_ROWS))) if targets else []
@@ -280,9 +280,12 @@ def campaign_brief(store: Store, ref: str | int) -> dict[str, Any]:
     summary = campaign_summary(store, ref, devices=False)
     with store.session() as s:
         deployment_id = s.scalar(select(Campaign.deployment_id).where(Campaign.id == summary["id"]))
-        _, job_progress = _job_counts(s, deployment_id)
+        # each targeted device's current job's progress (queued devices: 0), over the targeted devices:
+        # moves with every download, and only forward unless a job is retried from the start
+        moved = s.scalar(select(func.sum(Job.progress)).join(CampaignDevice, CampaignDevice.job_id == Job.id)
+                         .where(CampaignDevice.campaign_id == summary["id"])) or 0.0
     summary["deployment"] = deployment_id
-    summary["job_progress"] = job_progress if summary["state"] != "draft" else 0.0
+    summary["job_progress"] = min(1.0, moved / summary["total"]) if summary["total"] else 0.0
     return summary
 
 

@@ -28,8 +28,14 @@ document.addEventListener("submit", function (event) {
     });
     document.body.setAttribute("data-updated", String(Date.now()));
   });
+  // The session ended (signed out, signed in again elsewhere, token revoked or expired): stop
+  // updating and say so; the page's forms are stale now (their CSRF token is refused).
   source.addEventListener("signout", function () {
     source.close();
-    window.location.assign("/ui/login");
+    var note = document.createElement("p");
+    note.className = "error banner";
+    note.setAttribute("role", "alert");
+    note.textContent = "This session ended: the page no longer updates. Reload to sign in again.";
+    document.querySelector("main").prepend(note);
   });
 })();
