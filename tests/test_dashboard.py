@@ -245,3 +245,44 @@ def test_error_code_table_is_the_protocol_documents():
     from fota.device import protocol as P
     assert {v for k, v in vars(P).items() if k.startswith("E_")} == set(MEANINGS)
     assert explain(None) is None and "not a code" in explain("E_NEW")
+
+
+def test_demo_keep_leaves_the_dashboard_running_with_a_read_only_sign_in():
+    import os
+    import signal
+    import subprocess
+    import sys
+    import httpx
+    from fota.server.broker import free_port
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "fota.cli", "demo", "--devices", "1", "--keep", "--timeout", "90"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=dict(os.environ, COLUMNS="200", FOTA_DEMO_PORT=str(port)))
+    lines = []
+    try:
+        url = secret = None
+        for line in proc.stdout:
+            lines.append(line)
+            if m := re.search(r"dashboard: (http://127\.0\.0\.1:\d+/ui/)", line):
+                url = m.group(1)
+            if m := re.search(r"read-only token: (fota_\S+)", line):
+                secret = m.group(1)
+                break
+        assert url and secret, "".join(lines)
+        with httpx.Client(base_url=url.removesuffix("/ui/"), timeout=10) as client:
+            page = client.get("/ui/login")
+            nonce = re.search(r'name="login_nonce" value="([^"]+)"', page.text).group(1)
+            assert client.post("/ui/login", data={"token": secret, "login_nonce": nonce}).status_code == 303
+            fleet = client.get("/ui/")
+            assert "1 online" in fleet.text and "(read)" in fleet.text and 'class="act ' not in fleet.text
+            assert client.get("/api/v1/devices", headers={"Authorization": f"Bearer {secret}"}).json()[0]["version"] \
+                == "1.1.0"
+        os.killpg(proc.pid, signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+        lines.append(rest)
+        assert proc.returncode == 0, "".join(lines)
+        assert "demo passed" in rest and "demo home kept at" in rest
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -594,7 +594,7 @@ def api(host: str = typer.Option("127.0.0.1", "--host", help="address to listen 
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"[yellow]warning:[/yellow] plain HTTP on {host}: bearer tokens travel in clear text; "
                   "put a TLS-terminating proxy in front")
-    console.print(f"API on http://{host}:{port} (OpenAPI UI: /docs; home {h.path})")
+    console.print(f"API on http://{host}:{port} (dashboard: /ui/; OpenAPI UI: /docs; home {h.path})")
     uvicorn.run(api_app, host=host, port=port, log_level="info")
 
 
@@ -853,14 +853,17 @@ def _simulator_broker(h: Home):
 @app.command("demo")
 def demo(devices: int = typer.Option(3, "--devices", min=1, max=50),
          timeout: float = typer.Option(120.0, help="seconds to wait for every device to confirm"),
-         keep: bool = typer.Option(False, help="keep the demo's home directory"),
+         keep: bool = typer.Option(False, help="once it passed (--board unix), keep the demo running with the web dashboard "
+                                               "(its address and a read-only token are printed) until Ctrl-C, "
+                                               "and keep its home directory"),
          board: str = typer.Option("unix", "--board",
                                    help="unix: app bundles on unix-port devices; esp32: firmware images on "
                                         "emulated ESP32 boards, with a rollback by the bootloader")):
     """Broker + control center + MicroPython devices: roll out a signed update end to end."""
     if board == "unix":
         from fota.demo import run_demo
-        code = run_demo(devices=devices, timeout=timeout, keep=keep, console=console)
+        code = run_demo(devices=devices, timeout=timeout, keep=keep, console=console,
+                        port=int(os.environ.get("FOTA_DEMO_PORT", "8080")))
     elif board == "esp32":
         from fota.demo_board import run_board_demo
         code = run_board_demo(board, devices=devices, timeout=timeout, keep=keep, console=console)
