@@ -107,6 +107,11 @@ def populate(store: Store, blobs: Path, n: int, history: int, seed: int = 7) -> 
                 rows = []
     if rows:
         _insert_statuses(store, rows)
+    if store.engine.dialect.name == "postgresql":
+        # planner statistics, as autovacuum keeps them on a live database (a table filled a moment
+        # ago has none: PostgreSQL would scan where an index serves)
+        with store.engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql("ANALYZE")
 
 
 def _insert_statuses(store: Store, rows: list[dict]) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import timedelta
 
 import pytest
 from fastapi.testclient import TestClient
@@ -20,7 +19,7 @@ from fota.server.dashboard.sessions import COOKIE
 from fota.server.deployments import create_deployment
 from fota.server.fleet import provision_device
 from fota.server.releases import create_release
-from fota.server.store import Device, Job, StatusEvent, Store, utcnow
+from fota.server.store import Device, Job, StatusEvent, Store
 from fota.server.store.models import AuditEvent
 from fota.tools.bundle import pack_files
 from fota.tools.signing import generate_private_key
@@ -118,11 +117,10 @@ def test_read_token_sees_no_buttons_and_gets_403_on_every_post(env):
     page = client.get("/ui/campaigns/roll")
     assert page.status_code == 200 and 'class="act ' not in page.text and "data-confirm" not in page.text
     csrf = _csrf(page.text)  # the sign-out form's: a read session has one too
-    before = env.store.session
     for action in ("pause", "resume", "approve", "abort", "start"):
         r = client.post(f"/ui/campaigns/roll/{action}", data={"csrf": csrf})
         assert r.status_code == 403 and "needs an admin token" in r.text
-    with before() as s:
+    with env.store.session() as s:
         assert not s.scalars(select(AuditEvent).where(AuditEvent.action.like("campaign.%"))).all()
 
 
@@ -227,11 +225,16 @@ def test_events_stream_sends_the_live_sections(env):
     assert 'id="campaign-progress"' in fragments["campaign-head"]
 
 
-def test_releases_and_fleet_pages(env):
-    _campaign(env)
+def test_releases_say_whether_their_key_is_still_trusted_and_the_fleet_page_counts(env):
+    rel = _campaign(env)
+    trust = {"version": 2, "revoked": [], "certs": [{"body": json.dumps({"kid": rel.key_id})}]}
+    env.app.state.trust_loader = lambda: trust
     client = env.sign_in(env.reader)
-    page = client.get("/ui/releases").text
-    assert "1.1.0" in page and KEY and "esp32" in page
+    row = client.get("/ui/releases").text.split("<tbody>")[1]
+    assert "<td>1.1.0</td>" in row and "esp32" in row and rel.key_id in row and ">trusted<" in row
+    trust = {"version": 3, "revoked": [rel.key_id], "certs": []}
+    row = client.get("/ui/releases").text.split("<tbody>")[1]
+    assert ">not trusted<" in row and "revoked in trust version 3" in row
     fleet = client.get("/ui/").text
     assert "2 online" in fleet and "5 offline" in fleet and "campaign roll" in fleet and "<svg" in fleet
 

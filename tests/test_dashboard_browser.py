@@ -6,7 +6,6 @@ The screenshots go to docs/ (docs/dashboard.md and the README show them)."""
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import time
 from pathlib import Path

@@ -11,13 +11,14 @@ import asyncio
 import json
 import logging
 import secrets
+import time
 from pathlib import Path
 from typing import Annotated, Any, Callable
 from urllib.parse import quote
 
 from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response, StreamingResponse
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from fota.server import audit, names
 from fota.server.auth import ADMIN, AuthError, verify_token
@@ -40,6 +41,7 @@ STATIC_FILES = {"dash.js": "text/javascript", "dash.css": "text/css"}
 EVENTS_INTERVAL = 1.0      # seconds between two looks at the store for a live page
 KEEPALIVE = 15.0           # seconds between comments on an idle events stream
 CAMPAIGN_ACTIONS = ("start", "pause", "resume", "approve", "abort")
+CHOICES_TTL = 30.0         # seconds the device filters' hardware and version menus are kept
 RECENT = 20                # finished campaigns and deployments on the campaigns page
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
@@ -208,15 +210,26 @@ def fleet(request: Request):
     return _page(request, "Fleet", "fleet", render, _events_url("fleet"))
 
 
+def _filter_choices(request: Request) -> tuple[list[str], list[str]]:
+    """The hardware types and versions the filters offer: a scan of the devices table, so kept
+    for CHOICES_TTL seconds (a new version shows in the menu that much later)."""
+    cached = getattr(request.app.state, "dashboard_choices", None)
+    if cached is not None and time.monotonic() - cached[0] < CHOICES_TTL:
+        return cached[1]
+    with _store(request).session() as s:
+        choices = (sorted(h for h in s.scalars(select(Device.hardware).distinct()) if h),
+                   sorted(v for v in s.scalars(select(Device.version).distinct()) if v))
+    request.app.state.dashboard_choices = (time.monotonic(), choices)
+    return choices
+
+
 @router.get("/devices")
 def devices(request: Request):
     params = _devices_params(request)
     store = _store(request)
 
     def render(ctx):
-        with store.session() as s:
-            hardware = sorted(h for h in s.scalars(select(Device.hardware).distinct()) if h)
-            versions = sorted(v for v in s.scalars(select(Device.version).distinct()) if v)
+        hardware, versions = _filter_choices(request)
         try:
             view = _devices_view(store, params)
         except ValueError:  # a cursor not of ours
