@@ -12,6 +12,7 @@ and times whole answers (request sent to body received), `--requests` of each af
     devices deep    /ui/devices?after=...: a page from the middle of the fleet (keyset cursor)
     devices filter  /ui/devices?tag=...&online=1&sort=last_seen&desc=1
     device          /ui/devices/<a random device>: versions, health, job, timeline, audit
+    campaign        /ui/campaigns/bench: the campaign over every device (waves, clocks, failures)
 
 A row's verdict is `met` when both its median and 95th percentile are within --target-ms
 (default 300). A run fails (exit 1) when a request does not answer 200 or the setup raises.
@@ -166,6 +167,7 @@ def run_db(kind: str, n: int, history: int, requests: int, warmup: int, target_m
                     "devices deep": [f"/ui/devices?after={cursor}"] * requests,
                     "devices filter": ["/ui/devices?tag=site-4&online=1&sort=last_seen&desc=1"] * requests,
                     "device": [f"/ui/devices/dev-{rng.randrange(n):06d}" for _ in range(requests)],
+                    "campaign": ["/ui/campaigns/bench"] * requests,
                 }
                 shown = len(re.findall(r'<tr><td><a href="/ui/devices/dev-', first))
                 if shown != min(n, 50):

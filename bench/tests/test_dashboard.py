@@ -10,7 +10,7 @@ def test_dashboard_bench_times_every_page_on_a_small_fleet(tmp_path):
                            "--warmup", "1", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["failures"] == []
-    assert [r["page"] for r in report["results"]] == ["devices", "devices deep", "devices filter", "device"]
+    assert [r["page"] for r in report["results"]] == ["devices", "devices deep", "devices filter", "device", "campaign"]
     assert all(r["requests"] == 5 and 0 < r["median_ms"] <= r["p95_ms"] <= r["max_ms"] for r in report["results"])
 
 

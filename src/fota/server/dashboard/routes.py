@@ -122,17 +122,20 @@ def _device_filter(params: dict[str, str]) -> queries.DeviceFilter:
 
 
 def _devices_view(store: Store, params: dict[str, str]) -> dict[str, Any]:
-    view = queries.device_page(store, _device_filter(params))
+    try:
+        view = queries.device_page(store, _device_filter(params))
+    except ValueError:  # a cursor not of ours: the first page
+        params = {k: v for k, v in params.items() if k != "after"}
+        view = queries.device_page(store, _device_filter(params))
     view["params"] = params
     return view
 
 
 def _campaigns_view(store: Store) -> dict[str, Any]:
-    campaigns = [c.id for c in list_campaigns(store)][::-1][:RECENT]
-    in_campaigns = {c["deployment"] for c in (queries.campaign_brief(store, i) for i in campaigns)}
-    deployments = [d.id for d in list_deployments(store)][::-1]
-    deployments = [d for d in deployments if d not in in_campaigns][:RECENT]
-    return {"campaigns": [queries.campaign_brief(store, i) for i in campaigns],
+    all_campaigns = list_campaigns(store)
+    in_campaigns = {c.deployment_id for c in all_campaigns}
+    deployments = [d.id for d in list_deployments(store) if d.id not in in_campaigns][::-1][:RECENT]
+    return {"campaigns": [queries.campaign_brief(store, c.id) for c in all_campaigns[::-1][:RECENT]],
             "deployments": [queries.deployment_brief(store, d) for d in deployments]}
 
 
@@ -230,10 +233,7 @@ def devices(request: Request):
 
     def render(ctx):
         hardware, versions = _filter_choices(request)
-        try:
-            view = _devices_view(store, params)
-        except ValueError:  # a cursor not of ours
-            view = _devices_view(store, {k: v for k, v in params.items() if k != "after"})
+        view = _devices_view(store, params)
         return pages.devices_filters(params, hardware, versions) + _live_body(pages.devices_fragments(view, ctx))
     return _page(request, "Devices", "devices", render, _events_url("devices", params=params))
 
