@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import re
 
+from datetime import timedelta
+
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
@@ -19,7 +21,7 @@ from fota.server.dashboard.sessions import COOKIE
 from fota.server.deployments import create_deployment
 from fota.server.fleet import provision_device
 from fota.server.releases import create_release
-from fota.server.store import Device, Job, StatusEvent, Store
+from fota.server.store import Device, Job, StatusEvent, Store, utcnow
 from fota.server.store.models import AuditEvent
 from fota.tools.bundle import pack_files
 from fota.tools.signing import generate_private_key
@@ -289,3 +291,25 @@ def test_demo_keep_leaves_the_dashboard_running_with_a_read_only_sign_in():
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_campaign_brief_says_what_campaign_summary_says(env):
+    from fota.server.campaigns import campaign_summary, pause_campaign
+    from fota.server.dashboard.queries import campaign_brief, campaign_view
+    from fota.server.store.models import CampaignDevice
+    _campaign(env, devices=("dev-1", "dev-3", "dev-5", "dev-7"))
+    now = utcnow()
+    with env.store.session() as s:  # devices in several states, as the engine would leave them
+        rows = {r.device_id: r for r in s.scalars(select(CampaignDevice))}
+        rows["dev-1"].state, rows["dev-1"].code, rows["dev-1"].reason = "failed", "E_HEALTH", "boom"
+        rows["dev-3"].state, rows["dev-3"].confirmed_at = "probation", now - timedelta(seconds=100)
+        rows["dev-5"].state = "succeeded"
+    pause_campaign(env.store, "roll")
+    summary = campaign_summary(env.store, "roll", devices=False, now=now)
+    brief = campaign_brief(env.store, "roll", now)
+    assert {k: brief[k] for k in summary} == summary
+    view = campaign_view(env.store, "roll", now)
+    assert view["failed"] == [{"device": "dev-1", "wave": 1, "code": "E_HEALTH", "reason": "boom",
+                               "meaning": "the new firmware failed its trial boots"}]
+    assert view["clocks"] == [{"device": "dev-3", "left": 200.0}]  # probation 300 s by default
+    assert view["in_flight"] == 1 and view["eta"] is None  # paused: no ETA

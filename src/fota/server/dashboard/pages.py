@@ -342,6 +342,8 @@ def campaign_fragments(c: dict[str, Any], ctx: Ctx) -> dict[str, str]:
     failed = "".join(f'<tr><td><a href="/ui/devices/{quote(f["device"])}">{e(f["device"])}</a></td>'
                      f'<td>{f["wave"]}</td><td><code>{e(f["code"])}</code></td><td>{e(f["meaning"])}</td>'
                      f'<td>{e(f["reason"])}</td></tr>' for f in c["failed"])
+    if c["failed_more"]:
+        failed += f'<tr><td colspan="5" class="muted">and {c["failed_more"]} more</td></tr>'
     failed_html = ('<h2>Failed devices</h2>' + (
         '<table id="failed"><thead><tr><th>device</th><th>wave</th><th>code</th><th>meaning</th><th>reason</th>'
         f'</tr></thead><tbody>{failed}</tbody></table>' if failed else '<p class="muted">none</p>'))

@@ -2,8 +2,9 @@
 
 Lists are paginated by keyset (the last row's sort key and id, never OFFSET) and every per-device
 lookup goes through an index (devices' primary key, jobs by device, statuses by device), so a page
-costs about the same with 100 or 100,000 devices. Campaigns are read through
-fota.server.campaigns (campaign_summary), deployments through their jobs.
+costs about the same with 100 or 100,000 devices. A campaign is counted by the database
+(campaign_brief: the keys of fota.server.campaigns.campaign_summary, without reading every
+device's row), deployments through their jobs.
 """
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from sqlalchemy import and_, exists, func, literal, or_, select, text
 from sqlalchemy.orm import aliased
 
 from fota.error_codes import explain
-from fota.server.campaigns import campaign_summary
+from fota.server.campaigns import get_campaign, pacing
 from fota.server.campaigns.spec import CampaignSpec
-from fota.server.campaigns.states import ACTIVE as CAMPAIGN_ACTIVE, IN_FLIGHT, PROBATION, QUEUED, RETRY
+from fota.server.campaigns.states import (ACTIVE as CAMPAIGN_ACTIVE, DONE, FAILED, IN_FLIGHT, PROBATION, SKIPPED,
+                                          SUCCEEDED, UNSETTLED)
 from fota.server.deployments import ACTIVE as DEPLOYMENT_ACTIVE, UPDATE
 from fota.server.releases import check_release_key
 from fota.server.store import Store, utcnow
@@ -276,50 +278,79 @@ def deployment_view(store: Store, deployment_id: int) -> dict[str, Any] | None:
     return view
 
 
-def campaign_brief(store: Store, ref: str | int) -> dict[str, Any]:
-    summary = campaign_summary(store, ref, devices=False)
+LISTED = 200  # failed devices and probation clocks listed on a campaign page, at most
+
+
+def campaign_brief(store: Store, ref: str | int, now: datetime | None = None) -> dict[str, Any]:
+    """A campaign as fota.server.campaigns.campaign_summary(devices=False) describes it (same keys;
+    tests/test_dashboard.py compares them), counted by the database (GROUP BY over the
+    campaign-devices index) instead of reading every device's row: the fleet page and a live
+    campaign page ask for it every second. Plus `deployment` and `job_progress`."""
+    now = now or utcnow()
+    c = get_campaign(store, ref)  # CampaignNotFound for an unknown ref
+    spec = CampaignSpec.parse(c.spec)
     with store.session() as s:
-        deployment_id = s.scalar(select(Campaign.deployment_id).where(Campaign.id == summary["id"]))
+        release = s.scalar(select(Release.version).where(Release.id == c.release_id))
+        by_wave = s.execute(select(CampaignDevice.wave, CampaignDevice.state, func.count())
+                            .where(CampaignDevice.campaign_id == c.id)
+                            .group_by(CampaignDevice.wave, CampaignDevice.state)).all()
         # each targeted device's current job's progress (queued devices: 0), over the targeted devices:
         # moves with every download, and only forward unless a job is retried from the start
         moved = s.scalar(select(func.sum(Job.progress)).join(CampaignDevice, CampaignDevice.job_id == Job.id)
-                         .where(CampaignDevice.campaign_id == summary["id"])) or 0.0
-    summary["deployment"] = deployment_id
-    summary["job_progress"] = min(1.0, moved / summary["total"]) if summary["total"] else 0.0
-    return summary
+                         .where(CampaignDevice.campaign_id == c.id)) or 0.0
+    counts: Counter = Counter()
+    waves = []
+    for index, wave in enumerate(spec.waves):
+        wave_counts = {state: n for w, state, n in by_wave if w == index}
+        counts.update(wave_counts)
+        waves.append({"wave": index + 1, "percent": wave.percent, "devices": wave.devices or None,
+                      "tag": wave.tag, "success": wave.success, "failure": wave.failure,
+                      "approval": wave.approval, "total": sum(n for st, n in wave_counts.items() if st != SKIPPED),
+                      "counts": wave_counts, "current": index == c.wave})
+    total = sum(n for st, n in counts.items() if st != SKIPPED)
+    closed = spec.window is not None and not pacing.window_open(spec.window, now)
+    return {"id": c.id, "name": c.name, "release": release, "state": c.state, "wave": c.wave + 1,
+            "waves_total": len(spec.waves), "reason": c.reason, "rate": c.rate, "created_at": c.created_at,
+            "started_at": c.started_at, "finished_at": c.finished_at, "spec": c.spec, "total": total,
+            "counts": dict(counts),
+            "progress": counts.get(SUCCEEDED, 0) / total if total else (1.0 if c.state == DONE else 0.0),
+            "window_open": not closed, "window_opens_at": pacing.window_opens_at(spec.window, now) if closed else None,
+            "waves": waves, "deployment": c.deployment_id,
+            "job_progress": min(1.0, moved / total) if total else 0.0}
 
 
 def campaign_view(store: Store, ref: str | int, now: datetime | None = None) -> dict[str, Any]:
-    """The campaign's summary (fota.server.campaigns) plus what an operator watches: probation
-    clocks, an ETA from the pace so far, and the failed devices with their errors in words."""
+    """campaign_brief plus what an operator watches: probation clocks, an ETA from the pace so
+    far, and the failed devices with their errors in words (the first LISTED of each)."""
     now = now or utcnow()
-    summary = campaign_summary(store, ref, devices=True, now=now)
-    brief = campaign_brief(store, summary["id"])
-    summary["deployment"], summary["job_progress"] = brief["deployment"], brief["job_progress"]
-    spec = CampaignSpec.parse(summary["spec"])
-    summary["probation"] = spec.probation
-    summary["thresholds"] = {"max_in_flight": spec.max_in_flight, "on_failure": spec.on_failure}
-    devices = summary["devices"]
-    clocks = []
-    for d in devices:
-        if d["state"] == PROBATION and d["confirmed_at"] is not None:
-            left = spec.probation - (now - d["confirmed_at"]).total_seconds()
-            clocks.append({"device": d["device"], "left": max(0.0, left)})
-    summary["clocks"] = clocks
-    summary["failed"] = [{**d, "meaning": explain(d["code"])} for d in devices if d["state"] == "failed"]
-    summary["in_flight"] = sum(1 for d in devices if d["state"] in (IN_FLIGHT, PROBATION))
-    summary["eta"] = _eta(summary, devices, now)
-    return summary
+    view = campaign_brief(store, ref, now)
+    spec = CampaignSpec.parse(view["spec"])
+    view["probation"] = spec.probation
+    view["thresholds"] = {"max_in_flight": spec.max_in_flight, "on_failure": spec.on_failure}
+    with store.session() as s:
+        def rows(state):  # by the (campaign_id, state) index
+            return list(s.scalars(select(CampaignDevice).where(CampaignDevice.campaign_id == view["id"],
+                                                               CampaignDevice.state == state)
+                                  .order_by(CampaignDevice.wave, CampaignDevice.device_id).limit(LISTED)))
+        view["clocks"] = [{"device": r.device_id, "left": max(0.0, spec.probation - (now - r.confirmed_at).total_seconds())}
+                          for r in rows(PROBATION) if r.confirmed_at is not None]
+        view["failed"] = [{"device": r.device_id, "wave": r.wave + 1, "code": r.code, "reason": r.reason,
+                           "meaning": explain(r.code)} for r in rows(FAILED)]
+    counts = view["counts"]
+    view["failed_more"] = max(0, counts.get(FAILED, 0) - len(view["failed"]))
+    view["in_flight"] = counts.get(IN_FLIGHT, 0) + counts.get(PROBATION, 0)
+    view["eta"] = _eta(view, now)
+    return view
 
 
-def _eta(summary: dict[str, Any], devices: list[dict[str, Any]], now: datetime) -> float | None:
+def _eta(view: dict[str, Any], now: datetime) -> float | None:
     """Seconds until every targeted device settled, at the pace of those settled so far; None when
     not running or nothing settled yet."""
-    if summary["state"] != "running" or summary["started_at"] is None:
+    if view["state"] != "running" or view["started_at"] is None:
         return None
-    settled = sum(1 for d in devices if d["state"] in ("succeeded", "failed"))
-    left = sum(1 for d in devices if d["state"] in (QUEUED, IN_FLIGHT, PROBATION, RETRY))
+    counts = view["counts"]
+    settled = counts.get(SUCCEEDED, 0) + counts.get(FAILED, 0)
+    left = sum(counts.get(st, 0) for st in UNSETTLED)
     if not settled:
         return None
-    elapsed = (now - summary["started_at"]).total_seconds()
-    return elapsed / settled * left
+    return (now - view["started_at"]).total_seconds() / settled * left
