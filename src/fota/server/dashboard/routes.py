@@ -366,7 +366,7 @@ async def events(request: Request, view: Annotated[str, Query(max_length=16)],
         ctx = await asyncio.to_thread(_ctx, request)
     except NotSignedIn:
         return Response("not signed in", 401)
-    if view not in VIEWS:
+    if view not in VIEWS or (view in ("device", "campaign", "deployment") and not arg):
         return Response("no such view", 404)
     load, fragments = VIEWS[view]
     store = _store(request)
