@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from playwright import sync_api
 from sqlalchemy import update
 
 from fota.examples import hello_files
@@ -25,7 +26,6 @@ from fota.testkit.fleet import Fleet
 from fota.tools.bundle import pack_files
 from fota.tools.waiting import wait_until
 
-sync_api = pytest.importorskip("playwright.sync_api")
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 CHROMIUM = os.environ.get("FOTA_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
