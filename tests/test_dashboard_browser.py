@@ -49,7 +49,7 @@ class World:
                 s.execute(update(Device).where(Device.id.in_(UPDATING)).values(tags=["lab", "canary"]))
             self.fleet.wait_online(*UPDATING, MISPROVISIONED)
             files = dict(hello_files("1.1.0"))
-            files["assets/blob.bin"] = os.urandom(160 * 1024)
+            files["assets/blob.bin"] = os.urandom(320 * 1024)
             self.release = create_release(self.fleet.store, self.fleet.blobs, self.fleet.key, pack_files(files),
                                           "1.1.0", ["unix"])
             _, self.admin = create_token(self.fleet.store, "ops-admin", "admin")
@@ -150,11 +150,6 @@ def test_campaign_progress_moves_live_then_pause_stops_it(world):
     assert seen == sorted(seen)  # only forward
     assert page.evaluate("window.notReloaded") is True
     page.screenshot(path=str(DOCS / "dashboard-campaign.png"), full_page=True)
-    fleet = page.context.new_page()
-    fleet.goto("/ui/")
-    assert "campaign web-rollout" in fleet.inner_text("#fleet-rollouts")
-    fleet.screenshot(path=str(DOCS / "dashboard-fleet.png"), full_page=True)
-    fleet.close()
 
     # pause: asked for confirmation, then the campaign stops starting devices
     questions = []
@@ -177,6 +172,11 @@ def test_campaign_progress_moves_live_then_pause_stops_it(world):
     assert page.inner_text("#campaign-head").count("succeeded") == 1
     assert f"{states.count('succeeded')} of 3 devices succeeded" in page.inner_text("#campaign-head")
     page.screenshot(path=str(DOCS / "dashboard-campaign-paused.png"), full_page=True)
+    fleet = page.context.new_page()
+    fleet.goto("/ui/")
+    assert "campaign web-rollout" in fleet.inner_text("#fleet-rollouts")
+    fleet.screenshot(path=str(DOCS / "dashboard-fleet.png"), full_page=True)
+    fleet.close()
     # the pause is in the audit log, by the token that clicked
     page.goto(f"/ui/devices/{UPDATING[0]}")
     assert "campaign.pause" in page.inner_text("#device-audit") and "ops-admin" in page.inner_text("#device-audit")
