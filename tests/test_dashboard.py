@@ -75,7 +75,8 @@ def _campaign(env, name="roll", devices=("dev-1", "dev-3")):
 
 def test_pages_need_a_session_and_the_cookie_is_httponly_samesite_strict(env):
     client = env.client()
-    for path in ("/ui/", "/ui/devices", "/ui/devices/dev-1", "/ui/releases", "/ui/campaigns"):
+    for path in ("/ui/", "/ui/devices", "/ui/devices/dev-1", "/ui/devices/nope", "/ui/releases", "/ui/campaigns",
+                 "/ui/campaigns/nope", "/ui/deployments/1"):
         r = client.get(path)
         assert r.status_code == 303 and r.headers["location"] == "/ui/login", path
     assert client.get("/ui/events?view=fleet").status_code == 401
@@ -204,6 +205,10 @@ def test_device_page_explains_error_codes_in_words_and_shows_the_audit(env):
     assert '<dd id="device-running">1.0.0</dd>' in page and "<dd>0.9.0</dd>" in page
     assert "deployment.create" in page and "ops-admin" in page
     assert client.get("/ui/devices/nope").status_code == 404
+    deployment = client.get(f"/ui/deployments/{dep.id}").text
+    assert "E_HASH_MISMATCH" in deployment and MEANINGS["E_HASH_MISMATCH"][1] in deployment
+    assert 'class="act ' not in deployment  # a read token: no Cancel
+    assert client.get("/ui/deployments/999").status_code == 404
 
 
 def test_pages_escape_what_devices_report(env):

@@ -584,7 +584,7 @@ def token_revoke(name: str, home: Optional[Path] = HomeOpt):
 def api(host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (plain HTTP)"),
         port: int = typer.Option(8080, "--port"),
         home: Optional[Path] = HomeOpt):
-    """Serve the HTTP API (bearer tokens: 'fota token create'); OpenAPI UI at /docs."""
+    """Serve the HTTP API (bearer tokens: 'fota token create'; OpenAPI UI at /docs) and the web dashboard (/ui/)."""
     import uvicorn
     from fota.server.api import create_app
     from fota.tools.signing import load_private_key

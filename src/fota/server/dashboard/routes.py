@@ -240,14 +240,10 @@ def devices(request: Request):
 
 @router.get("/devices/{device_id}")
 def device(request: Request, device_id: str):
-    view = queries.device_view(_store(request), device_id) if len(device_id) <= names.MAX_NAME else None
-    if view is None:
-        try:
-            return _refused(404, f"no device {device_id!r}", _ctx(request))
-        except NotSignedIn:
-            return _to_login()
-    return _page(request, f"Device {device_id}", "devices",
-                 lambda ctx: _live_body(pages.device_fragments(view, ctx)), _events_url("device", device_id))
+    def load(store):
+        return queries.device_view(store, device_id) if len(device_id) <= names.MAX_NAME else None
+    return _detail(request, load, lambda v: f"Device {v['id']}", "devices", f"no device {device_id!r}",
+                   pages.device_fragments, lambda v: _events_url("device", v["id"]))
 
 
 @router.get("/releases")
@@ -268,28 +264,33 @@ def campaigns(request: Request):
 
 @router.get("/campaigns/{ref}")
 def campaign(request: Request, ref: str):
-    try:
-        view = queries.campaign_view(_store(request), ref)
-    except CampaignError:
+    def load(store):
         try:
-            return _refused(404, f"no campaign {ref!r}", _ctx(request))
-        except NotSignedIn:
-            return _to_login()
-    return _page(request, f"Campaign {view['name']}", "campaigns",
-                 lambda ctx: _live_body(pages.campaign_fragments(view, ctx)), _events_url("campaign", view["name"]))
+            return queries.campaign_view(store, ref)
+        except CampaignError:
+            return None
+    return _detail(request, load, lambda v: f"Campaign {v['name']}", "campaigns", f"no campaign {ref!r}",
+                   pages.campaign_fragments, lambda v: _events_url("campaign", v["name"]))
 
 
 @router.get("/deployments/{deployment_id}")
 def deployment(request: Request, deployment_id: int):
-    view = queries.deployment_view(_store(request), deployment_id) if 0 < deployment_id <= names.MAX_DB_INT else None
+    def load(store):
+        return queries.deployment_view(store, deployment_id) if 0 < deployment_id <= names.MAX_DB_INT else None
+    return _detail(request, load, lambda v: f"Deployment {v['id']}", "campaigns", f"no deployment {deployment_id}",
+                   pages.deployment_fragments, lambda v: _events_url("deployment", str(v["id"])))
+
+
+def _detail(request: Request, load, title, current: str, missing: str, fragments, live_url) -> Response:
+    """A page of one thing: the session checked before the store is read; 404 when load finds nothing."""
+    try:
+        ctx = _ctx(request)
+    except NotSignedIn:
+        return _to_login()
+    view = load(_store(request))
     if view is None:
-        try:
-            return _refused(404, f"no deployment {deployment_id}", _ctx(request))
-        except NotSignedIn:
-            return _to_login()
-    return _page(request, f"Deployment {deployment_id}", "campaigns",
-                 lambda ctx: _live_body(pages.deployment_fragments(view, ctx)),
-                 _events_url("deployment", str(deployment_id)))
+        return _refused(404, missing, ctx)
+    return _html(pages.layout(title(view), _live_body(fragments(view, ctx)), ctx, current, live_url(view)))
 
 
 # ---- state changes -------------------------------------------------------------------------------
