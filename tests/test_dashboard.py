@@ -318,3 +318,18 @@ def test_campaign_brief_says_what_campaign_summary_says(env):
                                "meaning": "the new firmware failed its trial boots"}]
     assert view["clocks"] == [{"device": "dev-3", "left": 200.0}]  # probation 300 s by default
     assert view["in_flight"] == 1 and view["eta"] is None  # paused: no ETA
+
+
+def test_admin_cancels_a_deployment_from_its_page(env):
+    rel = create_release(env.store, env.app.state.blobs_dir, KEY, pack_files({"app.py": b"V = 2\n"}), "1.1.0",
+                         ["esp32"])
+    dep = create_deployment(env.store, rel, device_ids=["dev-1", "dev-3"])
+    client = env.sign_in(env.admin)
+    page = client.get(f"/ui/deployments/{dep.id}").text
+    assert f'data-confirm="Cancel deployment {dep.id}?' in page
+    r = client.post(f"/ui/deployments/{dep.id}/cancel", data={"csrf": _csrf(page)})
+    assert r.status_code == 303
+    assert "cancelled" in client.get(f"/ui/deployments/{dep.id}").text
+    [event] = audit.list_events(env.store, 10)
+    assert (event.actor, event.action, event.detail["via"]) == ("ops-admin", "deployment.cancel", "dashboard")
+    assert sorted(event.detail["withdrawn"]) == sorted(j.id for j in dep.jobs)
