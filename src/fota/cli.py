@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 
 from fota.campaign_cli import campaign_app
+from fota.ha_cli import ha_app
 from fota.cli_common import CLIError, HomeOpt, audit, console, err, fail, make_unix_device, open_store
 from fota.deployment_view import progress_view, refresh_live, render_status
 from fota.extras import missing_module_message
@@ -36,6 +37,7 @@ app.add_typer(broker_app, name="broker")
 deployment_app = typer.Typer(no_args_is_help=True, help="Deployments (fota deploy creates them).")
 app.add_typer(deployment_app, name="deployment")
 app.add_typer(campaign_app, name="campaign")
+app.add_typer(ha_app, name="ha")
 
 
 def _signing_key(home: Home):

@@ -54,9 +54,11 @@ from fota.server.campaigns import (
     create_campaign,
     list_campaigns,
     pause_campaign,
+    preview_campaign,
     resume_campaign,
     start_campaign,
 )
+from fota.server.campaigns.states import DEVICE_STATES
 from fota.server.deployments import (
     HISTORY_LIMIT,
     HISTORY_MAX_LIMIT,
@@ -230,6 +232,7 @@ class WaveOut(BaseModel):
     total: int
     counts: dict[str, int]
     current: bool
+    probation_ends_at: datetime | None = Field(description="when the wave's last device on probation may succeed")
 
 
 class CampaignDeviceOut(BaseModel):
@@ -242,7 +245,30 @@ class CampaignDeviceOut(BaseModel):
     code: str | None
     reason: str | None
     confirmed_at: datetime | None
+    probation_ends_at: datetime | None = Field(description="on probation: when it succeeds if it stays healthy")
     updated_at: datetime | None
+
+
+DeviceStateName = Literal[DEVICE_STATES]  # a device's state in a campaign (campaigns.states)
+
+
+class SkippedOut(BaseModel):
+    reason: str
+    devices: int
+
+
+class WaveSizeOut(BaseModel):
+    wave: int
+    devices: int
+
+
+class CampaignPreviewOut(BaseModel):
+    targeted: int = Field(description="devices the campaign would drive")
+    offline: int = Field(description="of them offline now (they start once online)")
+    skipped: list[SkippedOut] = Field(description="devices matching the filter it would not drive, by reason "
+                                                  "(other hardware, already on the version, too old, held)")
+    waves: list[WaveSizeOut]
+    unknown: list[str] = Field(description="a dynamic campaign: device ids and tags no device has yet")
 
 
 class CampaignOut(BaseModel):
@@ -261,8 +287,14 @@ class CampaignOut(BaseModel):
     total: int = Field(description="targeted devices (skipped ones excluded)")
     counts: dict[str, int]
     progress: float = Field(description="share of the targeted devices that succeeded")
-    window_open: bool
+    window_open: bool | None = Field(description="inside the maintenance window (always, without one); None "
+                                                 "once the campaign is aborting, aborted or done")
     window_opens_at: datetime | None = Field(description="next opening of the maintenance window, if closed")
+    probation_ends_at: datetime | None = Field(description="when the last device now on probation may succeed")
+    eta: datetime | None = Field(description="running: when it may end at the pace devices settled so far "
+                                             "(windows, approvals and pauses not foreseen)")
+    skipped: list[SkippedOut] = Field(description="skipped devices by reason")
+    preview: CampaignPreviewOut | None = Field(description="a draft: what starting it now would target")
     waves: list[WaveOut]
     devices: list[CampaignDeviceOut] | None = None
 
@@ -273,6 +305,13 @@ class CampaignIn(BaseModel):
     release: ReleaseRef
     spec: dict[str, Any] = Field(default_factory=dict,
                                  description="filter, waves, pacing: see docs/campaigns.md")
+
+
+class CampaignPreviewIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: CampaignNameStr
+    release: ReleaseRef
+    spec: dict[str, Any] = Field(default_factory=dict, description="as for POST /campaigns")
 
 
 class ErrorOut(BaseModel):
@@ -576,8 +615,8 @@ def _router() -> APIRouter:
     @router.get("/campaigns/{ref}", response_model=CampaignOut, tags=["campaigns"],
                 responses={404: {"model": ErrorOut}})
     def campaign(ref: CampaignRefPath, store: StoreDep, devices: bool = True,
-                 state: Annotated[str | None, Query(max_length=names.MAX_NAME,
-                                                    description="only devices in this state")] = None,
+                 state: Annotated[list[DeviceStateName] | None,
+                                  Query(description="only devices in this state (repeatable)")] = None,
                  wave: Annotated[int | None, Query(ge=1, le=names.MAX_DB_INT,
                                                    description="only devices of this wave")] = None,
                  offset: Annotated[int, Query(ge=0, le=names.MAX_DB_INT, description="skip this many devices")] = 0,
@@ -585,12 +624,19 @@ def _router() -> APIRouter:
                                                     description="at most this many devices")] = None):
         """A campaign by name or id: waves and (filterable, pageable) per-device states."""
         with _service_errors(404):
-            summary = campaign_summary(store, ref, devices=devices)
+            summary = campaign_summary(store, ref, devices=devices, device_states=state, device_wave=wave)
         if devices:
-            rows = [d for d in summary["devices"]
-                    if (state is None or d["state"] == state) and (wave is None or d["wave"] == wave)]
-            summary["devices"] = rows[offset:None if limit is None else offset + limit]
+            summary["devices"] = summary["devices"][offset:None if limit is None else offset + limit]
         return summary
+
+    @router.post("/campaign-previews", response_model=CampaignPreviewOut, tags=["campaigns"],
+                 responses={400: {"model": ErrorOut}})
+    def campaign_preview(request: Request, body: CampaignPreviewIn, store: StoreDep):
+        """What creating and starting this campaign now would do, without creating it (any token):
+        the same checks as POST /campaigns (400 as there), then how many devices it targets, how
+        many it skips and why, each wave's size."""
+        with _service_errors(400):
+            return preview_campaign(store, body.name, body.release, body.spec, trust=_trust(request))
 
     @router.post("/campaigns", response_model=CampaignOut, status_code=201, tags=["campaigns"],
                  responses=change_responses)
