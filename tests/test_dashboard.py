@@ -318,6 +318,18 @@ def test_campaign_brief_says_what_campaign_summary_says(env):
                                "meaning": "the new firmware failed its trial boots"}]
     assert view["clocks"] == [{"device": "dev-3", "left": 200.0}]  # probation 300 s by default
     assert view["in_flight"] == 1 and view["eta"] is None  # paused: no ETA
+    # running again: the same ETA and probation ends as campaign_summary's
+    from fota.server.campaigns import resume_campaign
+    resume_campaign(env.store, "roll")
+    with env.store.session() as s:  # a wave-1 device skipped; what resume changed set back to the same wave
+        rows = {r.device_id: r for r in s.scalars(select(CampaignDevice))}
+        rows["dev-7"].state, rows["dev-7"].reason = "skipped", "held by campaign other"
+    summary = campaign_summary(env.store, "roll", devices=False, now=now)
+    brief = campaign_brief(env.store, "roll", now)
+    assert {k: brief[k] for k in summary} == summary
+    assert summary["eta"] is not None and summary["skipped"] and summary["probation_ends_at"] is not None
+    page = env.sign_in(env.reader).get("/ui/campaigns/roll").text
+    assert "skipped: 1 held by campaign other" in page and "ETA <span" in page
 
 
 def test_admin_cancels_a_deployment_from_its_page(env):

@@ -23,7 +23,8 @@ MEANINGS: dict[str, tuple[str, str]] = {
     'E_WRONG_DEVICE': ('rejected',
         'command signed for another device'),
     'E_EXPIRED': ('rejected / failed',
-        "command's `exp` is before the device's trusted time (§4, step 7); as a job's code: the device refused its command as expired on every re-send (§9)"),
+        "command's `exp` is before the device's trusted time (§4, step 7); as a job's code: the device "
+        'refused its command as expired on every re-send (§9)'),
     'E_STALE_KEYS': ('rejected',
         "key update not newer than the device's trust document"),
     'E_BAD_KEYS': ('rejected',
@@ -45,7 +46,8 @@ MEANINGS: dict[str, tuple[str, str]] = {
     'E_TOO_LARGE': ('failed',
         'image larger than the inactive slot'),
     'E_SPACE': ('failed',
-        "the device's filesystem has no room for the image, its unpacked files and a 16 KiB margin (§5, step 6); nothing is written, and the job may succeed once space is freed"),
+        "the device's filesystem has no room for the image, its unpacked files and a 16 KiB margin (§5, step "
+        '6); nothing is written, and the job may succeed once space is freed'),
     'E_HASH_MISMATCH': ('failed',
         'SHA-256 of the received image differs from the manifest'),
     'E_INSTALL': ('failed',
@@ -59,7 +61,10 @@ MEANINGS: dict[str, tuple[str, str]] = {
     'E_BASE_MISMATCH': ('failed',
         'delta update whose base is not the image the device runs (nothing written)'),
     'E_DELTA': ('failed',
-        "delta patch: window larger than the device takes, SHA-256 differs from the command's, corrupt, or it does not produce the manifest's image (the slot is not marked bootable)"),
+        'delta patch: window larger than the device takes, a format it does not decode or other than the '
+        "command's, SHA-256 differs from the command's, corrupt (a record or match outside the images, a "
+        "stream that ends early or has bytes left over), or it does not produce the manifest's image (the "
+        'slot is not marked bootable)'),
     'E_HEALTH': ('reverted',
         'the new firmware failed its trial boots'),
     'E_LOW_BATTERY': ('postponed',

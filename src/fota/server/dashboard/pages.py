@@ -306,16 +306,26 @@ def campaigns_fragments(view: dict[str, Any], ctx: Ctx) -> dict[str, str]:
 def campaign_fragments(c: dict[str, Any], ctx: Ctx) -> dict[str, str]:
     actions = ACTIONS_BY_STATE.get(c["state"], ())
     pace = "no limit" if c["rate"] is None else "%.1f starts/min" % c["rate"]
-    window = "" if c["window_open"] else f' · window closed, opens {when(c["window_opens_at"])}'
+    window = f' · window closed, opens {when(c["window_opens_at"])}' if c["window_opens_at"] else ""
+    eta = "—" if c["eta"] is None else f'{when(c["eta"])} (in {seconds((c["eta"] - c["now"]).total_seconds())})'
+    extra = ""
+    if c["skipped"]:
+        extra += ("<p>skipped: " + "; ".join(f'{g["devices"]} {e(g["reason"])}' for g in c["skipped"]) + "</p>")
+    if c["preview"]:
+        p = c["preview"]
+        extra += (f'<p>if started now: {p["targeted"]} devices ({p["offline"]} offline now), by wave '
+                  f'{e(", ".join(str(w["devices"]) for w in p["waves"]))}'
+                  + "".join(f'; skipped {g["devices"]} {e(g["reason"])}' for g in p["skipped"])
+                  + (f'; no device has yet {e(", ".join(p["unknown"]))}' if p["unknown"] else "") + "</p>")
     head = (f'<p>release {e(c["release"])} · {state(c["state"])}{" — " + e(c["reason"]) if c["reason"] else ""}'
             f' · wave {c["wave"]} of {c["waves_total"]}{window}</p>'
             f'<p>{bar("campaign-progress", c["progress"], "devices succeeded")} '
             f'{c["counts"].get("succeeded", 0)} of {c["total"]} devices succeeded · '
-            f'{c["counts"].get("failed", 0)} failed · {c["in_flight"]} in flight or on probation</p>'
+            f'{c["counts"].get("failed", 0)} failed · {c["in_flight"]} in flight or on probation</p>{extra}'
             f'<p>downloads {bar("campaign-jobs-progress", c["job_progress"], "downloads of the targeted devices")} '
             f'· <a href="/ui/deployments/{c["deployment"]}">its deployment</a></p>'
             f'<p>started {when(c["started_at"])} · finished {when(c["finished_at"])} · '
-            f'ETA <span id="campaign-eta">{seconds(c["eta"])}</span> · '
+            f'ETA <span id="campaign-eta">{eta}</span> · '
             f'pace {pace} · '
             f'at most {c["thresholds"]["max_in_flight"]} in flight · on failure: {e(c["thresholds"]["on_failure"])}'
             f'</p>{action_forms("campaigns", c["name"], c["name"], c["release"], actions, ctx)}')
@@ -330,10 +340,10 @@ def campaign_fragments(c: dict[str, Any], ctx: Ctx) -> dict[str, str]:
                      f'<td>{bar("wave-%d-progress" % w["wave"], ok / total if total else 0.0, "wave succeeded")}</td>'
                      f'<td>{ok}/{total}, needs {w["success"]:g}%</td>'
                      f'<td>{bad}/{total}, allowed {w["failure"]:g}%</td>'
-                     f'<td>{"yes" if w["approval"] else "no"}</td>'
+                     f'<td>{"yes" if w["approval"] else "no"}</td><td>{when(w["probation_ends_at"])}</td>'
                      f'<td>{e(", ".join(f"{k} {n}" for k, n in sorted(w["counts"].items())))}</td></tr>')
     waves_html = ('<h2>Waves</h2><table id="waves"><thead><tr><th>wave</th><th>devices</th><th>progress</th>'
-                  '<th>succeeded</th><th>failed</th><th>approval</th><th>states</th></tr></thead>'
+                  '<th>succeeded</th><th>failed</th><th>approval</th><th>probation ends</th><th>states</th></tr></thead>'
                   f'<tbody>{"".join(waves)}</tbody></table>')
     clocks = "".join(f'<li><a href="/ui/devices/{quote(k["device"])}">{e(k["device"])}</a>: '
                      f'{seconds(k["left"])} of {seconds(c["probation"])} left</li>' for k in c["clocks"])
