@@ -180,6 +180,8 @@ def test_devices_filters_and_keyset_pages(env):
     assert seen == expected
     # a cursor not of ours is the first page, not an error
     assert client.get("/ui/devices?after=garbage").status_code == 200
+    from fota.server.dashboard.queries import encode_cursor
+    assert ids(client.get(f"/ui/devices?sort=last_seen&after={encode_cursor('dev-3', 'dev-3')}").text)[0] == "dev-1"
 
 
 def env_hw(env, device_id):

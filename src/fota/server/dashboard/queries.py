@@ -149,6 +149,8 @@ def device_page(store: Store, f: DeviceFilter, size: int = PAGE_SIZE) -> dict[st
         query = query.where(exists(select(Job.id).where(Job.id == latest, Job.state == f.state)))
     if f.after:
         value, last_id = decode_cursor(f.after)
+        if isinstance(value, datetime) != (f.sort == "last_seen"):
+            raise ValueError("a cursor of another sort order")
         if key is Device.id:
             query = query.where(Device.id < last_id if f.desc else Device.id > last_id)
         elif f.desc:
