@@ -586,7 +586,7 @@ def token_revoke(name: str, home: Optional[Path] = HomeOpt):
 def api(host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (plain HTTP)"),
         port: int = typer.Option(8080, "--port"),
         home: Optional[Path] = HomeOpt):
-    """Serve the HTTP API (bearer tokens: 'fota token create'); OpenAPI UI at /docs."""
+    """Serve the HTTP API (bearer tokens: 'fota token create'; OpenAPI UI at /docs) and the web dashboard (/ui/)."""
     import uvicorn
     from fota.server.api import create_app
     from fota.tools.signing import load_private_key
@@ -596,7 +596,7 @@ def api(host: str = typer.Option("127.0.0.1", "--host", help="address to listen 
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"[yellow]warning:[/yellow] plain HTTP on {host}: bearer tokens travel in clear text; "
                   "put a TLS-terminating proxy in front")
-    console.print(f"API on http://{host}:{port} (OpenAPI UI: /docs; home {h.path})")
+    console.print(f"API on http://{host}:{port} (dashboard: /ui/; OpenAPI UI: /docs; home {h.path})")
     uvicorn.run(api_app, host=host, port=port, log_level="info")
 
 
@@ -855,14 +855,17 @@ def _simulator_broker(h: Home):
 @app.command("demo")
 def demo(devices: int = typer.Option(3, "--devices", min=1, max=50),
          timeout: float = typer.Option(120.0, help="seconds to wait for every device to confirm"),
-         keep: bool = typer.Option(False, help="keep the demo's home directory"),
+         keep: bool = typer.Option(False, help="once it passed (--board unix), keep the demo running with the web dashboard "
+                                               "(its address and a read-only token are printed) until Ctrl-C, "
+                                               "and keep its home directory"),
          board: str = typer.Option("unix", "--board",
                                    help="unix: app bundles on unix-port devices; esp32: firmware images on "
                                         "emulated ESP32 boards, with a rollback by the bootloader")):
     """Broker + control center + MicroPython devices: roll out a signed update end to end."""
     if board == "unix":
         from fota.demo import run_demo
-        code = run_demo(devices=devices, timeout=timeout, keep=keep, console=console)
+        code = run_demo(devices=devices, timeout=timeout, keep=keep, console=console,
+                        port=int(os.environ.get("FOTA_DEMO_PORT", "8080")))
     elif board == "esp32":
         from fota.demo_board import run_board_demo
         code = run_board_demo(board, devices=devices, timeout=timeout, keep=keep, console=console)

@@ -712,5 +712,7 @@ def create_app(store: Store, blobs_dir: str | os.PathLike,
     def prometheus_metrics(store: StoreDep):
         """Prometheus exposition (needs a token: a read token in the scrape config's authorization)."""
         return Response(metrics.render(store), media_type=metrics.CONTENT_TYPE_LATEST)
+    from fota.server.dashboard import mount
+    mount(app)  # the web dashboard under /ui (docs/dashboard.md): same store, same tokens
     app.add_middleware(_BodyLimit, limit=max_upload_bytes + MULTIPART_OVERHEAD)
     return app
