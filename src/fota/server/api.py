@@ -1,4 +1,5 @@
-"""The control center's HTTP API (FastAPI): read the fleet, create releases and deployments.
+"""The control center's HTTP API (FastAPI): read the fleet, create releases, deployments and
+campaigns, manage API tokens. `fota` in remote mode (fota.backend.remote, docs/cli.md) uses it.
 
     app = create_app(store, home.blobs, lambda: load_private_key(home.private_key))
     uvicorn.run(app, host="127.0.0.1", port=8080)      # or: fota api
