@@ -47,7 +47,7 @@ class Center:
         self.laptop = tmp_path / "laptop"
         self.laptop.mkdir()
         base = {k: v for k, v in os.environ.items() if not k.startswith("FOTA_")}
-        base.update(COLUMNS="200", XDG_CONFIG_HOME=str(tmp_path / "config"))
+        base.update(COLUMNS="250", XDG_CONFIG_HOME=str(tmp_path / "config"))
         self.base_env = base
         self.server_env = {**base, "FOTA_HOME": str(self.home), "FOTA_DATABASE_URL": db_url}
         assert self.local("keys", "init").returncode == 0
