@@ -9,6 +9,7 @@ import socket
 import ssl
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +26,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def run(args, env: dict, *, cwd: Path | None = None, stdin: str | None = None, timeout: float = 60):
@@ -212,7 +218,7 @@ def test_remote_refusals_are_one_line_and_exit_1(center, tmp_path):
     assert "1.2.0" not in center.remote("releases").stdout
 
     # a token the server does not know, or none at all
-    assert_clean_error(center.remote("releases", token="fota_" + "x" * 43), "refused the token", "fota login")
+    assert_clean_error(center.remote("releases", token="fota_" + "x" * 43), "refused the token", "FOTA_TOKEN")
     assert_clean_error(run(["devices"], {**center.base_env, "FOTA_URL": center.url}), "FOTA_TOKEN is not")
     # 404s: what the path names does not exist
     assert_clean_error(center.remote("deployment", "cancel", "77"), "no deployment 77")
@@ -225,6 +231,17 @@ def test_remote_refusals_are_one_line_and_exit_1(center, tmp_path):
         r = run(args, {**center.remote_env(), "FOTA_URL": f"http://127.0.0.1:{closed}"})
         assert_clean_error(r, f"cannot reach the control center at http://127.0.0.1:{closed}")
     assert_clean_error(run(["releases"], {**center.remote_env(), "FOTA_URL": "fota.example.net"}), "https://")
+    # a web server that is not fota's API
+    other = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(closed)],
+                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: listening(closed), timeout=10, what="http.server")
+        for args in (("releases",), ("deploy", "1.1.0", "--device", "d")):
+            r = run(args, {**center.remote_env(), "FOTA_URL": f"http://127.0.0.1:{closed}"})
+            assert_clean_error(r, "not as fota's API does: is it the control center's URL?")
+    finally:
+        other.kill()
+        other.wait()
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
@@ -258,6 +275,10 @@ def test_login_keeps_url_and_token_private_and_verifies_a_private_ca(tmp_path, d
         # an explicit home beats the login: local mode on that home
         assert "3.0.0" in run(["releases"], {**env, "FOTA_HOME": str(center.home),
                                              "FOTA_DATABASE_URL": db_url}).stdout
+        # the saved token revoked on the server: the next command says to log in again
+        assert center.local("token", "revoke", "ops").returncode == 0
+        assert_clean_error(run(["devices"], env, cwd=center.laptop), "refused the token (token revoked)",
+                           f"fota login {center.url}")
         r = run(["logout"], env, cwd=center.laptop)
         assert r.returncode == 0 and "logged out" in r.stdout and not login_file.exists()
         # local again: the laptop's own (empty) home

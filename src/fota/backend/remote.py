@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 import httpx
 
-from fota.backend.login import API_PREFIX, Remote
+from fota.backend.login import API_PREFIX, TOKEN_ENV, Remote
 from fota.cli_common import fail
 
 TIMEOUT = httpx.Timeout(30.0, connect=10.0)
@@ -32,12 +32,15 @@ def _parse_times(value: Any, key: str = "") -> Any:
     return value
 
 
-def _detail(response: httpx.Response) -> str:
-    """The error's text: the API's {"detail": ...} (a 422's list of problems in one line)."""
+def _detail(response: httpx.Response) -> str | None:
+    """The error's text: the API's {"detail": ...} (a 422's list of problems in one line); None
+    when the answer is not of fota's API (another server at that URL, a proxy's error page)."""
     try:
         detail = response.json().get("detail")
     except (ValueError, AttributeError):
-        return response.text.strip()[:200] or response.reason_phrase
+        return None
+    if detail is None:
+        return None
     if isinstance(detail, list):  # FastAPI's validation errors
         return "invalid request: " + "; ".join(
             f"{'.'.join(str(p) for p in d.get('loc', [])[1:]) or 'request'}: {d.get('msg')}"
@@ -78,16 +81,22 @@ class RemoteBackend:
         except httpx.HTTPError as e:
             fail(f"talking to the control center at {self.url} failed: {e or type(e).__name__}")
         status = response.status_code
+        detail = _detail(response) if status >= 400 else None
+        if status >= 400 and detail is None:
+            fail(f"{self.url} answered {status} {response.reason_phrase} to {method} {API_PREFIX}{path}, "
+                 "not as fota's API does: is it the control center's URL?")
         if status == 401:
-            fail(f"the control center at {self.url} refused the token ({_detail(response)}): "
-                 f"log in again with a valid token (fota login {self.url})")
+            again = (f"check {TOKEN_ENV}" if self.remote.source == "environment"
+                     else f"log in again with a valid token (fota login {self.url})")
+            fail(f"the control center at {self.url} refused the token ({detail}): {again}")
         if status >= 400:
-            fail(_detail(response) if status < 500 or status == 503
-                 else f"the control center at {self.url} answered {status}: {_detail(response)}")
+            fail(detail if status < 500 or status == 503
+                 else f"the control center at {self.url} answered {status}: {detail}")
         try:
             return _parse_times(response.json())
         except ValueError:
-            fail(f"{self.url} answered something other than fota's API (is it the control center's URL?)")
+            fail(f"{self.url} answered {method} {API_PREFIX}{path} with something other than fota's API's JSON: "
+                 "is it the control center's URL?")
 
     def get(self, path: str, **params) -> Any:
         return self.call("GET", path, params={k: v for k, v in params.items() if v is not None})
