@@ -134,7 +134,17 @@ def test_operator_commands_answer_alike_in_both_modes(center, mode, tmp_path):
                        "already exists")
     assert_clean_error(cli("release", "create", str(tmp_path / "nope"), "--version", "1.2", "--hardware", "x"),
                        "does not exist")
-    assert "1.1.0" in cli("releases").stdout
+    # an image file as it is, an encrypted bundle (the server's key-encryption key wraps its key)
+    (tmp_path / "fw.bin").write_bytes(bytes(range(256)) * 4)
+    r = cli("release", "create", str(tmp_path / "fw.bin"), "--version", "2.0.0", "--hardware", "esp32")
+    assert r.returncode == 0 and "release 2.0.0 (image, 1024 bytes" in r.stdout, r.stdout + r.stderr
+    r = cli("release", "create", str(_app_dir(tmp_path, "1.1.1")), "--version", "1.1.1", "--hardware", "unix",
+            "--encrypt", "--min-version", "1.0.0")
+    assert r.returncode == 0 and "release 1.1.1 (bundle," in r.stdout, r.stdout + r.stderr
+    assert_clean_error(cli("release", "create", str(tmp_path / "fw.bin"), "--version", "2.0.1", "--hardware",
+                           "esp32", "--encrypt"), "only bundles can be encrypted")
+    listing = cli("releases").stdout
+    assert all(v in listing for v in ("1.1.0", "1.1.1", "2.0.0")) and "2.0.1" not in listing
     listing = cli("devices", "--tag", "lab").stdout
     assert all(d in listing for d in ("u-1", "u-2", "esp-1")) and "never" in listing
 
