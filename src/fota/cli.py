@@ -13,7 +13,8 @@ from rich.table import Table
 
 from fota.campaign_cli import campaign_app
 from fota.ha_cli import ha_app
-from fota.cli_common import CLIError, HomeOpt, audit, console, err, fail, make_unix_device, open_store
+from fota.cli_common import CLIError, HomeOpt, audit, console, err, fail, make_unix_device, open_store, \
+    signing_key
 from fota.backend import open_backend
 from fota.deployment_view import progress_view, refresh_live, summarize
 from fota.extras import missing_module_message
@@ -39,16 +40,6 @@ deployment_app = typer.Typer(no_args_is_help=True, help="Deployments (fota deplo
 app.add_typer(deployment_app, name="deployment")
 app.add_typer(campaign_app, name="campaign")
 app.add_typer(ha_app, name="ha")
-
-
-def _signing_key(home: Home):
-    from fota.tools.signing import SigningError
-    if not home.keyring.exists():
-        fail(f"no signing key in {home.keys}: run 'fota keys init' first")
-    try:
-        return home.keyring.signer().key
-    except SigningError as e:
-        fail(str(e))
 
 
 # ---- keys ----------------------------------------------------------------------------------------
@@ -133,7 +124,7 @@ def release_resign(release: str = typer.Argument(..., help="release version or i
     devices refuse a release signed by a revoked key)."""
     from fota.server.releases import ReleaseError, resign_release
     h = Home.locate(home)
-    _signing_key(h)
+    signing_key(h)
     store = open_store(h)
     try:
         rel, old_kid = resign_release(store, release, h.keyring.signer())

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from fota.cli_common import audit, fail, open_store
+from fota.cli_common import audit, fail, open_store, signing_key
 from fota.server.home import Home
 
 
@@ -34,7 +34,7 @@ class LocalBackend:
     def create_release(self, path: Path, version: str, hardware: list[str], *, counter: int, encrypt: bool,
                        min_version: Optional[str]) -> dict[str, Any]:
         from fota.server.releases import ReleaseError, create_release
-        key = self._signing_key()
+        key = signing_key(self.home)
         h = self.home
         try:
             rel = create_release(self.store, h.blobs, key, path, version, hardware, counter=counter,
@@ -45,16 +45,6 @@ class LocalBackend:
               {"id": rel.id, "kind": rel.kind, "size": rel.size, "sha256": rel.sha256,
                "hardware": list(rel.hardware), "key_id": rel.key_id})
         return _release(rel)
-
-    def _signing_key(self):
-        from fota.tools.signing import SigningError
-        h = self.home
-        if not h.keyring.exists():
-            fail(f"no signing key in {h.keys}: run 'fota keys init' first")
-        try:
-            return h.keyring.signer().key
-        except SigningError as e:
-            fail(str(e))
 
     # ---- devices ------------------------------------------------------------------------------
     def devices(self, tag: Optional[str]) -> list[dict[str, Any]]:
