@@ -1,5 +1,6 @@
 """`fota campaign …` as an operator meets it (issue 15), through the real entry point (a `fota`
-process), on SQLite and PostgreSQL (the home's database_url from FOTA_DATABASE_URL)."""
+process), on SQLite and PostgreSQL (the home's database_url from FOTA_DATABASE_URL), locally on
+the home and remotely through `fota api` (test_cli_remote.Center)."""
 from __future__ import annotations
 
 import re
@@ -13,6 +14,7 @@ from fota.server.campaigns import states as S
 from fota.server.campaigns.spec import CampaignSpec
 from test_campaigns import Rig
 from test_cli import _app_dir, assert_clean_error, fota
+from test_cli_remote import Center
 
 
 class Cli:
@@ -26,11 +28,30 @@ class Cli:
         return fota(self.home, *args, env=self.env)
 
 
-@pytest.fixture
-def cli(tmp_path, db_url):
+class RemoteCli:
+    """`fota` on a laptop through the API of a control center on the test's database; the
+    commands that only work on the server's home (keys, device) run there."""
+
+    SERVER_SIDE = ("keys", "device")
+
+    def __init__(self, tmp_path: Path, db_url: str):
+        self.center = Center(tmp_path, db_url)  # keys made, `fota api` listening
+
+    def __call__(self, *args: str):
+        return (self.center.local if args[0] in self.SERVER_SIDE else self.center.remote)(*args)
+
+
+@pytest.fixture(params=["local", "remote"])
+def cli(request, tmp_path, db_url):
+    """`fota` with the keys made, locally or remotely."""
+    if request.param == "remote":
+        c = RemoteCli(tmp_path, db_url)
+        yield c
+        c.center.close()
+        return
     c = Cli(tmp_path, db_url)
     assert c("keys", "init").returncode == 0
-    return c
+    yield c
 
 
 def test_create_refuses_unknown_targets_and_lone_window_options_and_previews(cli, tmp_path):
@@ -65,6 +86,7 @@ def test_create_refuses_unknown_targets_and_lone_window_options_and_previews(cli
     assert_clean_error(cli("campaign", "status", "spring", "--state", "lost"), "unknown device state(s) lost")
 
 
+@pytest.mark.parametrize("cli", ["local"], indirect=True)  # help is not remote
 def test_create_help_explains_every_option_with_the_defaults_that_matter(cli):
     from click import Option
     from typer.main import get_command
@@ -87,11 +109,9 @@ def test_create_help_explains_every_option_with_the_defaults_that_matter(cli):
         assert needle in text, needle
 
 
-def test_status_shows_clocks_probation_eta_skips_and_filters_devices(tmp_path, broker, db_url):
+def test_status_shows_clocks_probation_eta_skips_and_filters_devices(tmp_path, broker, db_url, cli):
     rig = Rig(tmp_path, broker, db_url)
     try:
-        cli = Cli(tmp_path, db_url)
-        assert cli("keys", "init").returncode == 0
         rig.release()
         fast = [rig.devices.add(f"ok{i}") for i in range(2)]
         bad = rig.devices.add("bad", "hw")

@@ -14,15 +14,14 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
-from fota.cli_common import HomeOpt, console, fail, open_store
-from fota.server.home import Home
+from fota.backend import open_backend
+from fota.cli_common import HomeOpt, console, fail
 
 campaign_app = typer.Typer(no_args_is_help=True, help="Staged rollouts: waves, thresholds, pacing.")
 
 FINISHED = ("done", "aborted")
 # A device's states in a campaign (fota.server.campaigns.states.DEVICE_STATES, not imported: see HELP_DEFAULTS)
 DEVICE_STATES = ("queued", "in_flight", "probation", "retry", "succeeded", "failed", "skipped", "cancelled")
-KEY_CHECKED_ACTIONS = ("start", "resume")  # they send the release: its signing key must be trusted
 
 
 # The spec's defaults (CampaignSpec in fota.server.campaigns.spec), for the help: importing that
@@ -180,48 +179,25 @@ def create(name: str = typer.Argument(..., help="campaign name"),
     A device id or tag no device has is refused (unless --dynamic). Printed: what starting it now
     would target (also with --dry-run, which creates nothing) and the thresholds in words.
     """
-    from fota.server import audit
-    from fota.server.campaigns import CampaignError, campaign_summary, create_campaign, preview_campaign
     options = dict(locals())
     options.update(tags=tag, versions=version, devices=device)
     spec = _spec_from_options(spec_file, options)
-    h = Home.locate(home)
-    store = open_store(h)
-    try:
-        if dry_run:
-            preview = preview_campaign(store, name, release, spec, trust=h.keyring.trust())
-            console.print(f"campaign {name} (dry run, nothing created): release {release}", markup=False)
-            console.print(render_preview(preview), markup=False)
-            return
-        with audit.transaction(store) as tx:
-            c = create_campaign(tx, name, release, spec, trust=h.keyring.trust())
-            tx.record(audit.cli_actor(), "campaign.create", f"campaign:{c.name}",
-                      {"id": c.id, "release": release, "spec": c.spec})
-    except CampaignError as e:
-        fail(str(e))
-    console.print(f"campaign {c.name} (id {c.id}): release {release}, {len(c.spec['waves'])} wave(s), draft",
-                  markup=False)
-    console.print(_thresholds(c.spec), markup=False)
-    console.print(render_preview(campaign_summary(store, c.id, devices=False)["preview"]), markup=False)
+    backend = open_backend(home)
+    if dry_run:
+        preview = backend.campaign_preview(name, release, spec)
+        console.print(f"campaign {name} (dry run, nothing created): release {release}", markup=False)
+        console.print(render_preview(preview), markup=False)
+        return
+    c = backend.campaign_create(name, release, spec)
+    console.print(f"campaign {c['name']} (id {c['id']}): release {release}, {len(c['spec']['waves'])} wave(s), "
+                  "draft", markup=False)
+    console.print(_thresholds(c["spec"]), markup=False)
+    console.print(render_preview(c["preview"]), markup=False)
 
 
 def _act(action: str, name: str, home: Optional[Path]) -> None:
-    from fota.server import audit
-    from fota.server.campaigns import (CampaignError, abort_campaign, check_campaign_key, pause_campaign,
-                                       resume_campaign, start_campaign)
-    fn = {"start": start_campaign, "pause": pause_campaign, "resume": resume_campaign,
-          "abort": abort_campaign}[action]
-    h = Home.locate(home)
-    store = open_store(h)
-    try:
-        if action in KEY_CHECKED_ACTIONS:
-            check_campaign_key(store, name, h.keyring.trust())
-        with audit.transaction(store) as tx:
-            c = fn(tx, name)
-            tx.record(audit.cli_actor(), f"campaign.{action}", f"campaign:{c.name}", {"id": c.id, "state": c.state})
-    except CampaignError as e:
-        fail(str(e))
-    console.print(f"campaign {c.name}: {c.state}" + (f" ({c.reason})" if c.reason else ""))
+    c = open_backend(home).campaign_act(action, name)
+    console.print(f"campaign {c['name']}: {c['state']}" + (f" ({c['reason']})" if c["reason"] else ""), markup=False)
 
 
 def _state_command(action: str, help_text: str) -> None:
@@ -244,11 +220,8 @@ for _action, _help in (
 @campaign_app.command("list")
 def list_(home: Optional[Path] = HomeOpt):
     """Every campaign with its state and progress."""
-    from fota.server.campaigns import campaign_summary, list_campaigns
-    store = open_store(Home.locate(home))
     t = Table("id", "name", "release", "state", "wave", "succeeded", "progress")
-    for c in list_campaigns(store):
-        s = campaign_summary(store, c.id, devices=False)
+    for s in open_backend(home).campaigns():
         t.add_row(str(s["id"]), s["name"], s["release"], s["state"], f"{s['wave']}/{s['waves_total']}",
                   f"{s['counts'].get('succeeded', 0)}/{s['total']}", f"{s['progress']:.0%}")
     console.print(t)
@@ -330,25 +303,20 @@ def status(name: Optional[str] = typer.Argument(None, help="campaign name or id 
            home: Optional[Path] = HomeOpt):
     """Per-wave progress against the thresholds, time stamps, probation and ETA (and the devices
     with --devices, filtered by --state and --wave)."""
-    from fota.server.campaigns import CampaignError, campaign_summary, list_campaigns
     unknown = [st for st in state if st not in DEVICE_STATES]
     if unknown:
         fail(f"unknown device state(s) {', '.join(unknown)}: use {', '.join(DEVICE_STATES)}")
     devices = devices or bool(state) or wave is not None
-    store = open_store(Home.locate(home))
+    backend = open_backend(home)
     if name is None:
-        campaigns = list_campaigns(store)
-        if not campaigns:
+        name = backend.latest_campaign()
+        if name is None:
             fail("no campaigns")
-        name = str(campaigns[-1].id)
 
     def summary_now() -> dict[str, Any]:
-        return campaign_summary(store, name, devices=devices, device_states=state or None, device_wave=wave)
+        return backend.campaign(name, devices, state or None, wave)
 
-    try:
-        summary = summary_now()
-    except CampaignError as e:
-        fail(str(e))
+    summary = summary_now()
     if not watch:
         console.print(render(summary, devices))
         return

@@ -58,11 +58,11 @@ def run_in_home(prefix: str, demo, passed: str, keep: bool, console: Console) ->
 
 async def watch(console: Console, store, deployment_id: int, timeout: float, noun: str) -> list:
     """Live progress of a deployment until every job finished; returns its rows."""
-    from fota.deployment_view import refresh_live
+    from fota.deployment_view import local_deployment, refresh_live
     deadline = time.monotonic() + timeout
     with Live(console=console, refresh_per_second=4) as live:
         while True:
-            rows, summary, done = refresh_live(live, store, deployment_id)
+            rows, summary, done = refresh_live(live, lambda i: local_deployment(store, i), deployment_id)
             if done:
                 break
             if time.monotonic() > deadline:
