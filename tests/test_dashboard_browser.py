@@ -2,7 +2,9 @@
 Playwright, on the API's HTTP server, with real MicroPython devices updating through the real
 control center and Mosquitto (fota.testkit.fleet).
 
-The screenshots go to docs/ (docs/dashboard.md and the README show them)."""
+Every test saves screenshots into the run's temporary directory; with FOTA_SCREENSHOTS=DIR they go
+to DIR instead: `FOTA_SCREENSHOTS=docs ./run test tests/test_dashboard_browser.py` renews the ones
+docs/dashboard.md and the README show (a plain test run leaves the tree as it was)."""
 from __future__ import annotations
 
 import os
@@ -27,7 +29,6 @@ from fota.tools.bundle import pack_files
 from fota.tools.waiting import wait_until
 
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
 CHROMIUM = os.environ.get("FOTA_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 UPDATING = ["web-1", "web-2", "web-3"]
 MISPROVISIONED = "web-bad"   # its board says hardware unix-b, the store says unix: it refuses the release
@@ -93,6 +94,8 @@ def world(tmp_path_factory, broker):
     if not Path(CHROMIUM).exists():
         pytest.fail(f"no Chromium at {CHROMIUM}: install the Debian package chromium (./run test does)")
     w = World(tmp_path_factory.mktemp("dashboard"), broker)
+    w.shots = Path(os.environ.get("FOTA_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    w.shots.mkdir(parents=True, exist_ok=True)
     yield w
     w.close()
 
@@ -111,7 +114,7 @@ def test_sign_in_shows_the_fleet(world):
     assert page.locator("#devices tbody tr").count() == len(UPDATING) + 1
     page.goto("/ui/devices?tag=canary")
     assert page.locator("#devices tbody tr").count() == len(UPDATING)
-    page.screenshot(path=str(DOCS / "dashboard-devices.png"), full_page=True)
+    page.screenshot(path=str(world.shots / "dashboard-devices.png"), full_page=True)
     page.context.close()
 
 
@@ -127,7 +130,7 @@ def test_failed_device_timeline_reads_its_error_in_words(world):
     assert failed.locator(".meaning").inner_text() == "device hardware type not in manifest `hw`"
     assert "unix-b" in failed.locator(".reason").inner_text()  # the device's own words too
     assert "device hardware type not in manifest" in page.inner_text("#device-job")
-    page.screenshot(path=str(DOCS / "dashboard-device.png"), full_page=True)
+    page.screenshot(path=str(world.shots / "dashboard-device.png"), full_page=True)
     page.context.close()
 
 
@@ -149,7 +152,7 @@ def test_campaign_progress_moves_live_then_pause_stops_it(world):
     assert len(values) >= 3 and values[0] < values[-1], seen
     assert seen == sorted(seen)  # only forward
     assert page.evaluate("window.notReloaded") is True
-    page.screenshot(path=str(DOCS / "dashboard-campaign.png"), full_page=True)
+    page.screenshot(path=str(world.shots / "dashboard-campaign.png"), full_page=True)
 
     # pause: asked for confirmation, then the campaign stops starting devices
     questions = []
@@ -171,11 +174,11 @@ def test_campaign_progress_moves_live_then_pause_stops_it(world):
     assert "queued" in states and "succeeded" in states
     assert page.inner_text("#campaign-head").count("succeeded") == 1
     assert f"{states.count('succeeded')} of 3 devices succeeded" in page.inner_text("#campaign-head")
-    page.screenshot(path=str(DOCS / "dashboard-campaign-paused.png"), full_page=True)
+    page.screenshot(path=str(world.shots / "dashboard-campaign-paused.png"), full_page=True)
     fleet = page.context.new_page()
     fleet.goto("/ui/")
     assert "campaign web-rollout" in fleet.inner_text("#fleet-rollouts")
-    fleet.screenshot(path=str(DOCS / "dashboard-fleet.png"), full_page=True)
+    fleet.screenshot(path=str(world.shots / "dashboard-fleet.png"), full_page=True)
     fleet.close()
     # the pause is in the audit log, by the token that clicked
     page.goto(f"/ui/devices/{UPDATING[0]}")
@@ -191,7 +194,7 @@ def test_read_token_sees_no_buttons_and_its_post_gets_403(world):
     csrf = page.get_attribute("nav input[name=csrf]", "value")
     response = page.request.post("/ui/campaigns/web-rollout/resume", form={"csrf": csrf})
     assert response.status == 403 and "needs an admin token" in response.text()
-    page.screenshot(path=str(DOCS / "dashboard-readonly.png"), full_page=True)
+    page.screenshot(path=str(world.shots / "dashboard-readonly.png"), full_page=True)
     assert campaign_summary(world.fleet.store, "web-rollout")["state"] == "paused"
     page.context.close()
 
