@@ -293,6 +293,9 @@ class Decoder:
         self.seek = seek
         return True
 
+    # _diff and _extra decode every diff and literal byte: they write _bit's arithmetic out in
+    # their loops with the coder's state in locals, because on MicroPython a method call and the
+    # attribute loads per bit cost more than the bit's arithmetic itself. _bit serves the rest.
     def _diff(self, n):
         old = self.p._old(n)
         probs = self.dprobs
