@@ -106,6 +106,11 @@ class Device:
         self.client = None
         self.inbox = []
         self._delivering = None   # the MQTT client whose messages arrive now
+        # True while poll() reads one message that dispatch() takes at once: a chunk may then stay
+        # a view of the client's reused payload buffer (no copy); any other time it is copied.
+        self._borrow = False
+        self._cmd_topic = P.topic(self.config["id"], P.CMD)
+        self._data_topic = P.topic(self.config["id"], P.DATA)
         self.pending = []     # actions not yet executed (a publish failed: retried after reconnect)
         self.clock = Clock()
         self.power_at = None  # when power was last read (ms)
@@ -175,7 +180,7 @@ class Device:
             chunk_timeout=cfg.get("chunk_timeout_ms", 3000),
             stall_timeout=cfg.get("stall_timeout_ms", 60000),
             trial_timeout=cfg.get("trial_timeout_ms", 60000),
-            max_inflight=cfg.get("max_inflight", P.DEFAULT_MAX_INFLIGHT),
+            max_inflight=cfg.get("max_inflight") or inflight_for_heap(_mem_free()),
             health_interval=cfg.get("health_interval_ms", 0),
             progress_interval=cfg.get("progress_interval_ms", 1000),
         )
@@ -229,6 +234,12 @@ class Device:
     def _on_message(self, topic, payload, pid):
         # The client delivering it: a session's queued commands arrive while _connect() still
         # subscribes, before self.client is set, and must be acknowledged on that connection.
+        # A large payload is a view of the client's reused buffer, valid until it reads again:
+        # kept as is only for the chunk poll() hands to the core before that; anything that
+        # waits in the inbox (arrived during a publish's wait for its PUBACK, or behind other
+        # messages) and every command (parsed as bytes) is copied.
+        if type(payload) is memoryview and not (self._borrow and not self.inbox and topic == self._data_topic):
+            payload = bytes(payload)
         self.deliver(topic, payload, pid, self._delivering)
 
     def _connect(self):
@@ -240,7 +251,8 @@ class Device:
                             password=b.get("password"), keepalive=b.get("keepalive", 30),
                             clean_session=False, ssl_context=ssl_context, manual_ack=True,
                             timeout=self.net_timeout_s,
-                            max_payload=max(P.MAX_COMMAND_BYTES, P.MAX_CHUNK_SIZE + P.CHUNK_HEADER_SIZE))
+                            max_payload=max(P.MAX_COMMAND_BYTES, P.MAX_CHUNK_SIZE + P.CHUNK_HEADER_SIZE),
+                            reuse_payload=True)
         client.set_will(P.topic(ident, P.ONLINE), "0", retain=True, qos=1)
         client.set_callback(self._on_message)
         self._delivering = client
@@ -278,22 +290,24 @@ class Device:
         # Chunks still queued from the dead connection are dropped: the core asks for its window
         # again after the reconnect, and keeping both copies could double the chunk memory of a
         # small heap. Unacknowledged commands stay: the broker would redeliver them anyway.
-        data_topic = P.topic(self.config["id"], P.DATA)
+        data_topic = self._data_topic
         self.inbox = [m for m in self.inbox if m[0] != data_topic]
         self.core.disconnected(self.now())
 
     def dispatch(self, limit=0):
         """Hand the queued messages to the core, in order, and run what it answers: all of them,
         or at most `limit` (the rest wait for the next step)."""
-        ident = self.config["id"]
-        cmd_topic = P.topic(ident, P.CMD)
-        data_topic = P.topic(ident, P.DATA)
+        cmd_topic = self._cmd_topic
+        data_topic = self._data_topic
         done = 0
         while self.inbox and not (limit and done >= limit):
             done += 1
             topic, payload, pid, client = self.inbox.pop(0)
             if topic == data_topic:
+                if self.pending and type(payload) is memoryview:
+                    payload = bytes(payload)  # its write would wait behind them: keep a copy
                 self.execute(self.core.chunk(payload))
+                payload = None
             elif topic == cmd_topic:
                 # Acknowledged once the core's persistent actions ran (they come before its
                 # first publish: an accepted job's id is stored first), so a reboot before that
@@ -375,15 +389,20 @@ class Device:
             if not self._step_connect(timeout_ms):
                 self.tick_app()
                 return
-        if self.inbox:
-            timeout_ms = 0  # work is waiting: read without waiting
-        try:
-            self.client.check_msg(timeout_ms)
-        except (OSError, MQTTError) as e:
-            log("connection lost:", e)
-            self._drop_connection()
-            self.tick_app()
-            return
+        if not self.inbox:
+            # One message at a time: what else arrived stays in the socket (the TCP window and
+            # the broker's queue hold it, not the heap) until the core has taken this one.
+            # Messages already waiting in the inbox are dispatched first, without reading.
+            self._borrow = True
+            try:
+                self.client.check_msg(timeout_ms, 1)
+            except (OSError, MQTTError) as e:
+                log("connection lost:", e)
+                self._drop_connection()
+                self.tick_app()
+                return
+            finally:
+                self._borrow = False
         self.dispatch(self.step_messages)
         self._read_power()
         self.execute(self.core.tick(self.now()))
@@ -531,6 +550,26 @@ class _TLS:
             if isinstance(e, OSError):
                 raise
             raise OSError("TLS: " + reason)
+
+
+def _mem_free():
+    # Free heap now (MicroPython), or None (CPython: no such limit)
+    try:
+        import gc
+        gc.collect()
+        return gc.mem_free()
+    except (ImportError, AttributeError):
+        return None
+
+
+def inflight_for_heap(free):
+    """The default max_inflight (bytes of requested chunks in flight) for a device with `free`
+    bytes of heap at boot (None: unknown, the protocol's default). Chunks are read one at a time
+    and written at once, but those that arrive while a publish waits for its PUBACK are queued
+    in the heap: a window of a quarter of the free heap, 4..16 KiB (docs/heap.md)."""
+    if free is None:
+        return P.DEFAULT_MAX_INFLIGHT
+    return max(4096, min(P.DEFAULT_MAX_INFLIGHT, free // 4 // 1024 * 1024))
 
 
 def load_app(app_dir):
