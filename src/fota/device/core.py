@@ -792,9 +792,15 @@ class UpdateCore:
         # integers: a float 10 % step misses by one chunk (0.3 - 0.2 < 0.1)
         if (self.reported_next is None or (self.next - self.reported_next) * PROGRESS_STEPS >= job.chunks) \
                 and self.now - self.reported_at >= self.settings.progress_interval:
+            if self.requested > self.next:
+                # A progress report waits until the chunks in flight have arrived, and no more are
+                # asked for meanwhile: a runner waiting for its PUBACK would have to queue every
+                # chunk that came before it in the heap (docs/heap.md). Then a whole window.
+                return actions
             self.reported_next = self.next
             self.reported_at = self.now
             actions.append(self._publish_status(self._status(P.DOWNLOADING)))
+            return actions + self._request_more(True)
         return actions + self._request_more()
 
     def _downloaded(self):

@@ -239,7 +239,15 @@ class Device:
         # waits in the inbox (arrived during a publish's wait for its PUBACK, or behind other
         # messages) and every command (parsed as bytes) is copied.
         if type(payload) is memoryview and not (self._borrow and not self.inbox and topic == self._data_topic):
-            payload = bytes(payload)
+            try:
+                payload = bytes(payload)
+            except MemoryError:
+                if topic != self._data_topic:
+                    raise
+                # A chunk the heap cannot queue (it came while a publish waited for its PUBACK)
+                # is dropped: data is QoS 0 and the core asks for it again after chunk_timeout.
+                log("chunk dropped: no heap to queue it")
+                return
         self.deliver(topic, payload, pid, self._delivering)
 
     def _connect(self):
