@@ -15,6 +15,7 @@ from fota.examples import hello_files
 from fota.server.deployments import create_deployment
 from fota.server.releases import create_release
 from fota.tools.bundle import pack_files
+from fota.tools.waiting import TimedOut
 
 
 @pytest.mark.parametrize("interpreter", ["32-frozen"], indirect=True)
@@ -29,9 +30,12 @@ def test_a_full_update_confirms_in_32_kib_and_the_small_heap_asks_for_a_smaller_
     rel = create_release(fleet.store, fleet.blobs, fleet.key, bundle, "1.1.0", ["unix"])
     dep = create_deployment(fleet.store, rel, device_ids=[small, large])
     for job in dep.jobs:
-        j = fleet.wait_job(job.id, timeout=120)
-        assert j.state == "confirmed", (job.device_id, j.state, j.code, j.reason,
-                                        fleet.devices[job.device_id].log_text()[-3000:])
+        log = fleet.devices[job.device_id].log_text
+        try:
+            j = fleet.wait_job(job.id, timeout=120)
+        except TimedOut:
+            pytest.fail(f"{job.device_id}: no outcome; its log:\n{log()[:3000]}")
+        assert j.state == "confirmed", (job.device_id, j.state, j.code, j.reason, log()[-3000:])
     fleet.wait_online(small, large, version="1.1.0")
     for d in (small, large):
         assert "MemoryError" not in fleet.devices[d].log_text(), fleet.devices[d].log_text()[-2000:]

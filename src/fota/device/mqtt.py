@@ -96,7 +96,7 @@ def _str(pkt, s):
 class MQTTClient:
     def __init__(self, client_id, host, port=1883, user=None, password=None, keepalive=30,
                  clean_session=False, ssl_context=None, timeout=10, max_payload=0, manual_ack=False,
-                 reuse_payload=False):
+                 reuse_payload=False, payload_buffer=None):
         # manual_ack: the callback gets (topic, msg, pid) and a QoS 1 message is acknowledged
         # only when the application calls ack(pid), i.e. once it has really handled it. A device
         # that reboots with the message still queued gets it again (persistent session).
@@ -107,10 +107,12 @@ class MQTTClient:
         # memoryview of a buffer the client reuses for the next large PUBLISH. It is valid until
         # the client reads again (check_msg, or a publish/subscribe waiting for its
         # acknowledgement); a callback that keeps the message longer copies it (bytes(msg)).
+        # payload_buffer: the buffer to start with (a bytearray taken early, before the heap is
+        # fragmented; it is replaced by a larger one when a larger payload comes).
         self.max_payload = max_payload
         self.manual_ack = manual_ack
         self.reuse_payload = reuse_payload
-        self._pbuf = None  # the reused payload buffer (reuse_payload)
+        self.payload_buffer = payload_buffer  # the reused payload buffer (reuse_payload)
         self.client_id = _b(client_id)
         self.host = host
         self.port = port
@@ -432,10 +434,10 @@ class MQTTClient:
         # which grows (the old one dropped first) when a larger payload comes.
         if not self.reuse_payload:
             return bytearray(n)
-        if self._pbuf is None or len(self._pbuf) < n:
-            self._pbuf = None
-            self._pbuf = bytearray(n)
-        return memoryview(self._pbuf)[:n]
+        if self.payload_buffer is None or len(self.payload_buffer) < n:
+            self.payload_buffer = None
+            self.payload_buffer = bytearray(n)
+        return memoryview(self.payload_buffer)[:n]
 
     def _handle(self, b0, a, n):
         t = b0 & 0xF0

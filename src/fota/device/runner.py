@@ -109,6 +109,9 @@ class Device:
         # True while poll() reads one message that dispatch() takes at once: a chunk may then stay
         # a view of the client's reused payload buffer (no copy); any other time it is copied.
         self._borrow = False
+        # The MQTT client's payload buffer (chunks are read into it), taken now, before the heap is
+        # fragmented, and handed from one connection to the next.
+        self.payload_buffer = bytearray(P.DEFAULT_CHUNK_SIZE + P.CHUNK_HEADER_SIZE)
         self._cmd_topic = P.topic(self.config["id"], P.CMD)
         self._data_topic = P.topic(self.config["id"], P.DATA)
         self.pending = []     # actions not yet executed (a publish failed: retried after reconnect)
@@ -260,7 +263,7 @@ class Device:
                             clean_session=False, ssl_context=ssl_context, manual_ack=True,
                             timeout=self.net_timeout_s,
                             max_payload=max(P.MAX_COMMAND_BYTES, P.MAX_CHUNK_SIZE + P.CHUNK_HEADER_SIZE),
-                            reuse_payload=True)
+                            reuse_payload=True, payload_buffer=self.payload_buffer)
         client.set_will(P.topic(ident, P.ONLINE), "0", retain=True, qos=1)
         client.set_callback(self._on_message)
         self._delivering = client
@@ -290,6 +293,7 @@ class Device:
 
     def _drop_connection(self):
         if self.client is not None:
+            self.payload_buffer = self.client.payload_buffer  # grown for larger chunks: kept
             try:
                 self.client.close()
             except OSError:
