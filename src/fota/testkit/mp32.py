@@ -151,6 +151,11 @@ def interpreter(log=None) -> Path:
         check_toolchain()
         build = cache / "mp32-build"
         build.mkdir(exist_ok=True)
+        # The build tree is shared by every checkout (worktrees) and MicroPython's manifest tool
+        # recompiles a frozen module only when its .py is newer than the .mpy it made before:
+        # another checkout's later build of an older copy would be kept. Frozen modules are
+        # therefore compiled afresh for every interpreter (seconds).
+        shutil.rmtree(build / "build" / "frozen_mpy", ignore_errors=True)
         (build / "manifest.py").write_text(manifest())
         if log:
             log(f"building the 32-bit MicroPython with the agent frozen in ({build}) ...")
