@@ -531,6 +531,7 @@ class UpdateCore:
         text = env.get("body")
         kid = env.get("kid")
         sig = env.get("sig")
+        env = None  # free before allocating: the body's parse and the signature check come next
         if not isinstance(text, str):
             raise Rejection(P.E_BAD_COMMAND, "field 'body' missing or not str")
         if not _is_hex(kid, 16) or not _is_hex(sig, 128):
@@ -543,6 +544,7 @@ class UpdateCore:
             data = text.encode()
         except UnicodeError:  # CPython: a lone surrogate (JSON "\ud800") has no UTF-8 form
             raise Rejection(P.E_BAD_COMMAND, "command body is not UTF-8")
+        text = None
         if not isinstance(body, dict):
             raise Rejection(P.E_BAD_COMMAND, "command body is not a JSON object")
         if not isinstance(body.get("type"), str):

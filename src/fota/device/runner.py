@@ -330,6 +330,7 @@ class Device:
                 # (2 KB of each connection's budget) and refused again, for ever.
                 self.core.free = self._free_space()
                 actions = self.core.command(payload, self._clock())
+                payload = None  # free before its actions allocate (the journal, a delta decoder)
                 first_publish = 0
                 while first_publish < len(actions) and actions[first_publish][0] != C.A_PUBLISH:
                     first_publish += 1
