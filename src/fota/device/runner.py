@@ -578,11 +578,14 @@ def _mem_free():
 def inflight_for_heap(free):
     """The default max_inflight (bytes of requested chunks in flight) for a device with `free`
     bytes of heap at boot (None: unknown, the protocol's default). Chunks are read one at a time
-    and written at once, but those that arrive while a publish waits for its PUBACK are queued
-    in the heap: a window of a quarter of the free heap, 4..16 KiB (docs/heap.md)."""
+    and written at once, and a progress report waits until none is in flight; only those that
+    arrive while another publish waits for its PUBACK (a health report, an inventory) are queued
+    in the heap, and one the heap cannot take is dropped and asked for again. Half the free heap,
+    8..16 KiB: below 8 KiB (4 chunks of 2 KiB) a request per chunk would cost ~4 % of the image
+    on the wire (docs/heap.md)."""
     if free is None:
         return P.DEFAULT_MAX_INFLIGHT
-    return max(4096, min(P.DEFAULT_MAX_INFLIGHT, free // 4 // 1024 * 1024))
+    return max(8192, min(P.DEFAULT_MAX_INFLIGHT, free // 2 // 1024 * 1024))
 
 
 def load_app(app_dir):
