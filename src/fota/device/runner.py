@@ -109,6 +109,8 @@ class Device:
         # True while poll() reads one message that dispatch() takes at once: a chunk may then stay
         # a view of the client's reused payload buffer (no copy); any other time it is copied.
         self._borrow = False
+        # The last step read a message: more may be waiting in the socket (a step reads one).
+        self.more = False
         # The MQTT client's payload buffer (chunks are read into it), taken now, before the heap is
         # fragmented, and handed from one connection to the next.
         self.payload_buffer = bytearray(P.DEFAULT_CHUNK_SIZE + P.CHUNK_HEADER_SIZE)
@@ -292,6 +294,7 @@ class Device:
             client.close()
 
     def _drop_connection(self):
+        self.more = False
         if self.client is not None:
             self.payload_buffer = self.client.payload_buffer  # grown for larger chunks: kept
             try:
@@ -408,7 +411,7 @@ class Device:
             # Messages already waiting in the inbox are dispatched first, without reading.
             self._borrow = True
             try:
-                self.client.check_msg(timeout_ms, 1)
+                self.more = self.client.check_msg(timeout_ms, 1) > 0
             except (OSError, MQTTError) as e:
                 log("connection lost:", e)
                 self._drop_connection()
