@@ -99,3 +99,39 @@ def test_a_message_that_waits_in_the_inbox_is_a_copy_of_the_reused_buffer(tmp_pa
     kept = [m[1] for m in device.inbox[1:]]
     assert all(isinstance(p, bytes) and p == b"A" * 2056 for p in kept), [type(p) for p in kept]
     assert device.inbox[2][0] == cmd and device.inbox[2][2] == 7
+
+
+def test_a_step_that_read_a_message_says_more_may_wait_so_the_asyncio_loop_does_not_sleep(tmp_path):
+    """A step reads one message; the rest wait in the socket, where the inbox does not show them.
+    The board runner's busy() (the asyncio runner's cue to step again at once) is true after a
+    step that read one, and false after one that read nothing or lost the connection."""
+    from fota.device.board import BoardDevice
+
+    class OneAtATime:
+        def __init__(self, waiting):
+            self.waiting = waiting
+            self.payload_buffer = device.payload_buffer
+
+        def check_msg(self, timeout_ms=0, limit=0):
+            assert limit == 1
+            if not self.waiting:
+                return 0
+            self.waiting -= 1
+            return 1  # a PUBLISH the device does not subscribe to: nothing for the inbox
+
+        def close(self):
+            pass
+
+    device = _device(tmp_path)
+    device.boot()
+    device.client = OneAtATime(2)
+    busy = []
+    for _ in range(3):
+        device.poll(0)
+        busy.append(BoardDevice.busy(device))
+    assert busy == [True, True, False]
+    device.client = OneAtATime(1)
+    device.poll(0)
+    assert BoardDevice.busy(device)
+    device._drop_connection()
+    assert not BoardDevice.busy(device)
