@@ -221,6 +221,8 @@ def test_transition_table_matches_protocol_doc_and_is_the_only_way_to_change_sta
     rows = re.findall(r"\| `(\w+)` \| `(\w+)` \| `(\w+)` \|", block)
     assert rows == [tuple(t) for t in C.TRANSITIONS]
     assert len({(f, e) for f, e, _ in C.TRANSITIONS}) == len(C.TRANSITIONS)  # one row per (state, event)
+    # The table spells the states out (a constant tuple): every one is a protocol state.
+    assert {f for f, _, _ in C.TRANSITIONS} | {t for _, _, t in C.TRANSITIONS} <= set(P.STATES)
     codes = doc.split("<!-- codes:begin -->")[1].split("<!-- codes:end -->")[0]
     assert sorted(re.findall(r"\| `(E_\w+)` \|", codes)) == sorted(P.ERROR_CODES)
     for state in P.STATES:
