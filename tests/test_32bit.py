@@ -277,6 +277,20 @@ def _records(*records: tuple[int, int, int, int]) -> bytes:
     return z.compress(raw) + z.flush()
 
 
+def _rc_fields(*fields: int) -> bytes:
+    """A format-2 body: record fields (four per record) as its range coder codes them
+    (fota.server.delta_rc); a lone 31 is a field announced as 31 bits long, which no encoder
+    makes."""
+    from fota.device import delta_rc as M
+    from fota.server.delta_rc import RangeEncoder, _number, _table, _tree
+    rc, nums = RangeEncoder(), [_table(M._NUMBER_SIZE) for _ in range(M._NUMBERS)]
+    if fields == (31,):
+        _tree(rc, nums[0], 0, 31, M._LEN_TREE_BITS)
+    for i, v in enumerate(fields if fields != (31,) else ()):
+        _number(rc, nums[i % 4], v)
+    return rc.finish()
+
+
 def test_delta_header_and_record_fields_above_2_30_decode_the_same(interpreter):
     header = struct.pack(">4sBBI32sI32s", b"FOTD", 1, 12, 2**32 - 1, b"\x01" * 32, (1 << 31) + 5, b"\x02" * 32)
     old, new = bytes(1000), bytes(20_000)
@@ -288,9 +302,19 @@ def test_delta_header_and_record_fields_above_2_30_decode_the_same(interpreter):
         ("seek_far_back", head + _records((0, 1, 0, back), (1, 0, 0, 0))),
         ("seek_far_ahead", head + _records((0, 1, 0, ahead), (1, 0, 0, 0))),
     ]
+    # Format 2: fields are at most 30 bits (values stay small ints); a longer one is refused.
+    head2 = server_delta.header(old, new, 9, 2)
+    patches += [
+        ("f2_copy_past_the_end", head2 + _rc_fields((1 << 30) - 1, 0, 0, 0)),
+        ("f2_seek_far_back", head2 + _rc_fields(1, 0, 0, (1 << 30) - 1, 1, 0, 0, 0)),  # seek -2**29
+        ("f2_field_of_31_bits", head2 + _rc_fields(31)),
+    ]
     script = f"HEADER = {header!r}\nPATCHES = {patches!r}\n" + DELTA
     got = same_everywhere(script)
-    assert got["header"] == {"wbits": 12, "base_size": 2**32 - 1, "base_sha256": "01" * 32,
+    assert got["f2_copy_past_the_end"] == "record writes past the new image's 20000 bytes"
+    assert got["f2_seek_far_back"] == "record reads outside the base image"
+    assert got["f2_field_of_31_bits"] == "record field of 31 bits"
+    assert got["header"] == {"format": 1, "wbits": 12, "base_size": 2**32 - 1, "base_sha256": "01" * 32,
                              "size": (1 << 31) + 5, "sha256": "02" * 32}
     assert got["copy_past_the_end"] == "record writes past the new image's 20000 bytes"
     assert got["seek_far_back"] == "record reads outside the base image"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -103,12 +104,15 @@ def admin_requests(env: Env) -> list[tuple[str, str, dict]]:
         ("POST", f"{API}/deployments", {"json": {"release": "1.0.0", "devices": ["dev-1"]}}),
         ("POST", f"{API}/deployments/1/cancel", {}),
         ("GET", f"{API}/audit", {}),
+        ("GET", f"{API}/tokens", {}),
+        ("POST", f"{API}/tokens", {"json": {"name": "ci", "role": "read"}}),
+        ("POST", f"{API}/tokens/viewer/revoke", {}),
     ]
 
 
 def read_requests() -> list[str]:
     return [f"{API}/devices", f"{API}/devices/dev-1", f"{API}/devices/dev-1/history", f"{API}/releases",
-            f"{API}/releases/1.0.0", f"{API}/deployments/1"]
+            f"{API}/releases/1.0.0", f"{API}/deployments/1", f"{API}/deployments", f"{API}/whoami"]
 
 
 def seed_release_and_deployment(env: Env) -> None:
@@ -200,6 +204,69 @@ def test_read_token_cannot_change_anything(env):
     before["rows"]["jobs"] += 1
     before["rows"]["audit_events"] += 1
     assert after == before
+
+
+def test_whoami_newest_deployments_and_tokens_for_remote_mode(env):
+    """What `fota` in remote mode needs beyond the rest: who am I, the latest deployment, tokens."""
+    who = env.client.get(f"{API}/whoami", headers=bearer(env.reader)).json()
+    assert who == {"name": "viewer", "role": "read", "expires_at": None}
+    assert env.client.get(f"{API}/deployments", headers=bearer(env.reader)).json() == []
+    seed_release_and_deployment(env)
+    r = env.client.post(f"{API}/deployments", headers=bearer(env.admin), json={"release": "1.0.0", "tag": "lab"})
+    newest = env.client.get(f"{API}/deployments", params={"limit": 1}, headers=bearer(env.reader)).json()
+    assert [(d["id"], d["release"]) for d in newest] == [(r.json()["id"], "1.0.0")]
+
+    r = env.client.post(f"{API}/tokens", headers=bearer(env.admin), json={"name": "ci", "role": "read", "ttl": 60})
+    assert r.status_code == 201 and r.headers["location"] == f"{API}/tokens/ci", r.text
+    created = r.json()
+    assert created["state"] == "active" and created["expires_at"] is not None
+    assert verify_token(env.store, created["secret"]).name == "ci"  # the secret works, and is stored hashed
+    with env.store.session() as s:
+        assert s.scalar(select(ApiToken.token_hash).where(ApiToken.name == "ci")) == hash_secret(created["secret"])
+    again = env.client.post(f"{API}/tokens", headers=bearer(env.admin), json={"name": "ci", "role": "admin"})
+    assert again.status_code == 400 and "already exists" in again.json()["detail"]
+    listed = env.client.get(f"{API}/tokens", headers=bearer(env.admin)).json()
+    assert [t["name"] for t in listed] == ["ops-admin", "viewer", "ci"] and all("secret" not in t for t in listed)
+    r = env.client.post(f"{API}/tokens/ci/revoke", headers=bearer(env.admin))
+    assert r.status_code == 200 and r.json()["state"] == "revoked"
+    assert env.client.post(f"{API}/tokens/ci/revoke", headers=bearer(env.admin)).status_code == 409
+    assert env.client.post(f"{API}/tokens/nobody/revoke", headers=bearer(env.admin)).status_code == 404
+    assert_401(env.client.get(f"{API}/whoami", headers=bearer(created["secret"])), "revoked")
+    events = [(e.actor, e.action, e.target) for e in audit.list_events(env.store, 10)]
+    assert ("ops-admin", "token.create", "token:ci") in events and ("ops-admin", "token.revoke", "token:ci") in events
+
+
+def test_release_upload_takes_counter_min_version_and_encryption(sqlite_url, tmp_path):
+    from fota.server.kek import Kek
+    kek = Kek(os.urandom(32))
+    e = make_env(sqlite_url, tmp_path, kek_loader=lambda: kek)
+    try:
+        r = e.client.post(f"{API}/releases", headers=bearer(e.admin), files={"file": ("app.fotb", bundle_bytes())},
+                          data={"version": "1.1.0", "hardware": ["esp32"], "counter": "7", "min_version": "1.0.0",
+                                "encrypt": "true"})
+        assert r.status_code == 201, r.text
+        manifest = json.loads(r.json()["manifest"])
+        assert r.json()["security_counter"] == 7 and manifest["counter"] == 7
+        with e.store.session() as s:
+            rel = s.scalar(select(Release).where(Release.version == "1.1.0"))
+            assert rel.min_version == "1.0.0" and rel.enc_key is not None
+        image = e.client.post(f"{API}/releases", headers=bearer(e.admin), files={"file": ("fw.bin", b"\x00" * 64)},
+                              data={"version": "1.2.0", "hardware": ["esp32"], "encrypt": "true"})
+        assert image.status_code == 400 and "only bundles can be encrypted" in image.json()["detail"]
+    finally:
+        e.client.close()
+        e.store.dispose()
+    plain = make_env(f"sqlite:///{tmp_path / 'plain.db'}", tmp_path / "plain")  # no key-encryption key
+    try:
+        r = plain.upload(plain.admin)
+        assert r.status_code == 201
+        r = plain.client.post(f"{API}/releases", headers=bearer(plain.admin),
+                              files={"file": ("app.fotb", bundle_bytes("1.3.0"))},
+                              data={"version": "1.3.0", "hardware": ["esp32"], "encrypt": "true"})
+        assert r.status_code == 400 and "key-encryption key" in r.json()["detail"]
+    finally:
+        plain.client.close()
+        plain.store.dispose()
 
 
 # ---- admin actions and the audit log -------------------------------------------------------------

@@ -37,11 +37,17 @@ def test_campaign_lifecycle_over_the_api_is_audited(env):
     assert r.status_code == 200 and r.json()["state"] == "running"
     CampaignEngine(env.store).tick()
     view = env.client.get(f"{API}/campaigns/spring", headers=reader).json()
-    # dev-3 is an rp2040: the esp32 release never targets it, whatever the tag says
-    assert {d["device"] for d in view["devices"]} == {"dev-1", "dev-2"}
-    assert [w["counts"] for w in view["waves"]] == [{"in_flight": 1}, {"queued": 1}]
+    # dev-3 is an rp2040: the esp32 release never drives it, whatever the tag says; it is shown skipped
+    assert {d["device"]: d["state"] for d in view["devices"]} == {"dev-1": "in_flight", "dev-2": "queued",
+                                                                  "dev-3": "skipped"}
+    assert view["skipped"] == [{"reason": "hardware rp2040 not in the release's esp32", "devices": 1}]
+    assert [w["counts"] for w in view["waves"]] == [{"in_flight": 1, "skipped": 1}, {"queued": 1}]
     only = env.client.get(f"{API}/campaigns/spring", params={"wave": 2}, headers=reader).json()["devices"]
     assert [d["device"] for d in only] == ["dev-2"]
+    some = env.client.get(f"{API}/campaigns/spring", params={"state": ["queued", "skipped"]},
+                          headers=reader).json()["devices"]
+    assert sorted(d["device"] for d in some) == ["dev-2", "dev-3"]
+    assert env.client.get(f"{API}/campaigns/spring", params={"state": "lost"}, headers=reader).status_code == 422
     page = env.client.get(f"{API}/campaigns/spring", params={"offset": 1, "limit": 1}, headers=reader).json()
     assert [d["device"] for d in page["devices"]] == [view["devices"][1]["device"]]
     assert env.client.post(f"{API}/campaigns/spring/pause", headers=admin).json()["state"] == "paused"
@@ -75,3 +81,36 @@ def test_metrics_endpoint_reports_fleet_and_campaigns(env):
                  'fota_campaign_progress{campaign="m"} 0.0', "fota_statuses_received_total 1.0",
                  "fota_chunk_bytes_served_total 0.0"]:
         assert line in text, line
+
+
+def test_campaign_preview_and_refused_targets_over_the_api(env):
+    admin, reader = bearer(env.admin), bearer(env.reader)
+    assert env.upload(env.admin, "2.0.0", hardware=("esp32",)).status_code == 201
+    with env.store.session() as s:
+        s.execute(update(Device).values(version="1.0.0"))
+        s.execute(update(Device).where(Device.id == "dev-1").values(online=True))
+    body = {"name": "spring", "release": "2.0.0", "spec": {"filter": {"tags": ["lab"]}, "waves": [50, 100]}}
+    r = env.client.post(f"{API}/campaign-previews", json=body, headers=reader)  # changes nothing: any token
+    assert r.status_code == 200, r.text
+    assert r.json() == {"targeted": 2, "offline": 1, "unknown": [], "waves": [{"wave": 1, "devices": 1},
+                                                                              {"wave": 2, "devices": 1}],
+                        "skipped": [{"reason": "hardware rp2040 not in the release's esp32", "devices": 1}]}
+    assert env.client.get(f"{API}/campaigns", headers=reader).json() == []  # nothing created
+    for spec, message in [({"filter": {"tags": ["nope"]}}, "no device has tag 'nope'"),
+                          ({"filter": {"devices": ["ghost"]}}, "unknown device(s): ghost"),
+                          ({"window": {"cron": "0 0 2 * * ?", "minutes": 60}}, "has 6 field(s)")]:
+        for path, headers in (("campaign-previews", reader), ("campaigns", admin)):
+            r = env.client.post(f"{API}/{path}", json=dict(body, spec=spec), headers=headers)
+            assert r.status_code == 400 and message in r.json()["detail"], (path, r.text)
+    r = env.client.post(f"{API}/campaigns", json=body, headers=admin)
+    assert r.status_code == 201 and r.json()["preview"]["targeted"] == 2
+    draft = env.client.get(f"{API}/campaigns/spring", headers=reader).json()
+    assert draft["preview"] == r.json()["preview"] and draft["eta"] is None and draft["started_at"] is None
+    assert [(w["success"], w["failure"]) for w in draft["waves"]] == [(100, 0), (100, 0)]
+    tolerant = dict(body, name="tolerant", spec=dict(body["spec"], failure=5))
+    r = env.client.post(f"{API}/campaigns", json=tolerant, headers=admin)
+    assert [(w["success"], w["failure"]) for w in r.json()["waves"]] == [(95, 5), (95, 5)]
+    env.client.post(f"{API}/campaigns/spring/start", headers=admin)
+    view = env.client.get(f"{API}/campaigns/spring", headers=reader).json()
+    assert view["preview"] is None and view["started_at"] is not None and view["window_open"] is True
+    assert env.client.post(f"{API}/campaigns/spring/abort", headers=admin).json()["window_open"] is None

@@ -463,9 +463,11 @@ def test_hardware_min_version_and_filters_respected(rig):
     start_campaign(rig.store, "hw", now=rig.clock.now)
     rig.drive(lambda: rig.campaign("hw").state == S.DONE)
     summary = {d["device"]: d for d in campaign_summary(rig.store, "hw")["devices"]}
-    assert set(summary) == {ok, old}
+    assert set(summary) == {ok, old, esp}
     assert summary[ok]["state"] == S.SUCCEEDED
     assert summary[old]["state"] == S.SKIPPED and "at least 1.0.0" in summary[old]["reason"]
+    # another hardware type: shown as skipped with the reason, never driven
+    assert summary[esp]["state"] == S.SKIPPED and summary[esp]["reason"] == "hardware esp32 not in the release's unix"
     for device in (old, esp, us, offline):
         assert not rig.jobs(device) and not rig.devices.jobs_of(device)
     with pytest.raises(CampaignError, match="is for hardware unix"):

@@ -17,7 +17,7 @@ FOTA = [sys.executable, "-m", "fota.cli"]
 
 
 def fota(home: Path, *args: str, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, FOTA_HOME=str(home), COLUMNS="120", **(env or {}))
+    env = {**os.environ, "FOTA_HOME": str(home), "COLUMNS": "120", **(env or {})}
     return subprocess.run(FOTA + list(args), capture_output=True, text=True, timeout=timeout, env=env)
 
 

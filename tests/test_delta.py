@@ -24,10 +24,13 @@ from fota.tools.waiting import wait_until
 from fota.tools.bundle import pack_files
 from conftest import INTERPRETERS, both_interpreters, missing_corpus
 
-def corpus_pairs():
-    """Consecutive esp8266 images of the firmware corpus (fota.testkit.corpus: $FOTA_CORPUS, or
-    shared/corpus beside the checkout)."""
-    files = corpus_images("esp8266", start=Path(__file__))
+FORMATS = (1, 2)
+
+
+def corpus_pairs(corpus="esp8266"):
+    """Consecutive images of a firmware corpus (fota.testkit.corpus: $FOTA_CORPUS, or
+    shared/corpus beside the checkout): esp8266 (Xtensa) or thumb (Cortex-M)."""
+    files = corpus_images(corpus, start=Path(__file__))
     return list(zip(files, files[1:]))
 
 
@@ -47,15 +50,16 @@ def expect_of(old: bytes, new: bytes) -> dict:
 
 # ---- the format on the real firmware corpus -----------------------------------------------------
 
-@pytest.mark.parametrize("pair", corpus_pairs() or [None],
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("pair", corpus_pairs() + corpus_pairs("thumb") or [None],
                          ids=lambda p: f"{p[0].stem}->{p[1].stem}" if p else "no-corpus")
-def test_corpus_round_trip_cpython_and_micropython(pair, tmp_path):
+def test_corpus_round_trip_cpython_and_micropython(pair, fmt, tmp_path):
     if pair is None:
-        missing_corpus("esp8266/*.bin, two images or more")
+        missing_corpus("esp8266/*.bin and thumb/*.bin, two images or more")
     old, new = pair[0].read_bytes(), pair[1].read_bytes()
-    patch = encode(old, new, 12)
+    patch = encode(old, new, 12, fmt=fmt)
     assert len(patch) < len(new) // 3  # consecutive releases share most of their bytes
-    assert parse_header(patch) == {"wbits": 12, **expect_of(old, new)}
+    assert parse_header(patch) == {"format": fmt, "wbits": 12, **expect_of(old, new)}
     assert apply(old, patch, expect=expect_of(old, new), max_wbits=12) == new
     (tmp_path / "patch").write_bytes(patch)
     for name in INTERPRETERS:  # the 64-bit unix port, and the 32-bit build with the decoder frozen in
@@ -66,35 +70,68 @@ def test_corpus_round_trip_cpython_and_micropython(pair, tmp_path):
         assert (tmp_path / "out").read_bytes() == new, name
 
 
-def test_decoder_streams_in_any_piece_size():
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_decoder_streams_in_any_piece_size(fmt):
     rnd = os.urandom(40_000)
     old = rnd + bytes(range(256)) * 40
     new = rnd[:15_000] + b"inserted" * 100 + rnd[15_000:39_000] + bytes(range(256)) * 41
-    patch = encode(old, new, 9)
+    patch = encode(old, new, 9, fmt=fmt)
     for piece in (1, 7, 100, 4096, len(patch)):
         assert apply(old, patch, piece) == new
 
 
-def test_identical_and_unrelated_images():
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_identical_and_unrelated_images(fmt):
     old = os.urandom(20_000)
-    assert len(encode(old, old)) < 200
-    assert apply(old, encode(old, old)) == old
+    assert len(encode(old, old, fmt=fmt)) < 200
+    assert apply(old, encode(old, old, fmt=fmt)) == old
     new = os.urandom(5_000)
-    assert apply(old, encode(old, new)) == new
+    assert apply(old, encode(old, new, fmt=fmt)) == new
+
+
+def _synthetic_firmware(n: int, seed: int) -> tuple[bytes, bytes]:
+    """A base of "instructions" with 32-bit addresses and a new version with code inserted,
+    addresses moved, a block repeated from earlier in the new image and one from far in the
+    base: every kind of format-2 item (copies, diffs, literals, base and window matches)."""
+    import random
+    rnd = random.Random(seed)
+    words = [rnd.choice((0x4000_0000, 0x3FFE_8000)) + rnd.randrange(0, 1 << 16, 4) for _ in range(n // 8)]
+    old = b"".join(w.to_bytes(4, "little") + bytes([rnd.randrange(256), 0x20, 0x41, 0x12]) for w in words)
+    moved = b"".join((w + 64).to_bytes(4, "little") + old[8 * i + 4:8 * i + 8] for i, w in enumerate(words))
+    fresh = bytes(rnd.randrange(256) for _ in range(700))
+    new = moved[:n // 3] + fresh + moved[n // 3:2 * n // 3] + fresh[100:400] + old[100:900] + moved[2 * n // 3:]
+    return old, new
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_format_2_round_trip_on_synthetic_firmware_under_both_micropythons(seed, tmp_path):
+    old, new = _synthetic_firmware(60_000, seed)
+    patch = encode(old, new, 9, fmt=2)
+    assert len(patch) < len(encode(old, new, 9, fmt=1))
+    assert apply(old, patch, 333) == new
+    (tmp_path / "old").write_bytes(old)
+    (tmp_path / "patch").write_bytes(patch)
+    for name in INTERPRETERS:
+        (tmp_path / "out").unlink(missing_ok=True)
+        proc = apply_with_micropython(tmp_path / "old", tmp_path / "patch", tmp_path / "out", heap="64K",
+                                      chunk=512, max_wbits=9, interpreter=name)
+        assert proc.returncode == 0 and "OK" in proc.stdout, name + ": " + proc.stdout + proc.stderr
+        assert (tmp_path / "out").read_bytes() == new, name
 
 
 # ---- bad patches: a precise error, never a wrong image --------------------------------------------
 
-def _patch():
+def _patch(fmt=1):
     old = os.urandom(30_000)
     new = old[:10_000] + os.urandom(3_000) + old[10_000:]
-    return old, new, encode(old, new, 10)
+    return old, new, encode(old, new, 10, fmt=fmt)
 
 
-def test_corrupt_compressed_stream_never_yields_a_wrong_image():
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_corrupt_compressed_stream_never_yields_a_wrong_image(fmt):
     # Any flipped byte either is caught (DeltaError) or did not change the output (e.g. the
     # padding bits after the last block): the decoder never hands over a wrong image.
-    old, new, patch = _patch()
+    old, new, patch = _patch(fmt)
     refused = 0
     positions = range(HEADER_SIZE, len(patch), max(1, (len(patch) - HEADER_SIZE) // 25))
     for at in positions:
@@ -109,8 +146,9 @@ def test_corrupt_compressed_stream_never_yields_a_wrong_image():
     assert refused >= len(positions) - 2
 
 
-def test_patch_for_another_base_or_result_is_refused():
-    old, new, patch = _patch()
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_patch_for_another_base_or_result_is_refused(fmt):
+    old, new, patch = _patch(fmt)
     other = expect_of(old[:-1], new)
     with pytest.raises(DeltaError, match="base"):
         apply(old, patch, expect=other)
@@ -118,8 +156,9 @@ def test_patch_for_another_base_or_result_is_refused():
         apply(old, patch, expect=expect_of(old, new + b"x"))
 
 
-def test_truncated_trailing_or_oversized_window_patch_is_refused():
-    old, new, patch = _patch()
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_truncated_trailing_or_oversized_window_patch_is_refused(fmt):
+    old, new, patch = _patch(fmt)
     with pytest.raises(DeltaError):
         apply(old, patch[:-10])
     with pytest.raises(DeltaError):
@@ -128,6 +167,44 @@ def test_truncated_trailing_or_oversized_window_patch_is_refused():
         apply(old, patch, max_wbits=9)
     with pytest.raises(DeltaError, match="magic"):
         apply(old, b"XXXX" + patch[4:])
+    with pytest.raises(DeltaError, match="format 3"):
+        apply(old, patch[:4] + b"\x03" + patch[5:])
+    with pytest.raises(DeltaError, match="the command says"):  # the signed command names the format
+        apply(old, patch, expect=dict(expect_of(old, new), format=3 - fmt))
+
+
+def _rc_body(fields, extra_items=()):
+    """A format-2 body of one record with these (copy, diff, extra, seek) and extra items."""
+    from fota.device import delta_rc as M
+    from fota.server.delta_rc import RangeEncoder, _number, _table
+    rc, nums, lits = RangeEncoder(), [_table(M._NUMBER_SIZE) for _ in range(M._NUMBERS)], _table(M._LITS_SIZE)
+    for i, v in enumerate(fields):
+        _number(rc, nums[i], v)
+    for kind, length, where in extra_items:  # ("base" | "window", length, source / distance)
+        rc.bit(lits, M._LIT_MATCH, 1)
+        rc.bit(lits, M._LIT_REP, 0)
+        rc.bit(lits, M._LIT_WIN, kind == "window")
+        _number(rc, nums[M._MATCH_LEN], length - M._MIN_MATCH)
+        if kind == "window":
+            _number(rc, nums[M._WIN_DIST], where - 1)
+        else:
+            _number(rc, nums[M._MATCH_DIST], where << 1)
+    return rc.finish()
+
+
+@pytest.mark.parametrize("fields,items,error", [
+    ((10_000, 0, 0, 0), (), "outside the base"),                 # copy 10000 bytes of a 1000-byte base
+    ((0, 0, 0, 0), (), "empty record"),
+    ((0, 0, 30_000, 0), (), "past the new image"),
+    ((0, 0, 100, 0), [("base", 50, 990)], "outside the base"),   # a match past the base's end
+    ((0, 0, 100, 0), [("window", 50, 10)], "outside the window"),  # nothing written yet
+    ((0, 0, 100, 0), [("base", 150, 0)], "longer than the extra"),
+])
+def test_format_2_record_or_match_out_of_bounds_is_refused(fields, items, error):
+    old, new = os.urandom(1000), os.urandom(20_000)
+    patch = server_delta.header(old, new, 9, 2) + _rc_body(fields, items)
+    with pytest.raises(DeltaError, match=error):
+        apply(old, patch)
 
 
 def test_record_reading_outside_the_base_is_refused():
@@ -170,6 +247,13 @@ def test_patch_computed_once_per_base_target_and_window_and_only_if_smaller(db_u
         assert calls == [12, 10, 12]
         with store.session() as s:
             assert s.query(Delta).count() == 3
+        # Format 2 for a device that decodes it: a row of its own, named in the descriptor.
+        rc = server_delta.get_delta(store, blobs, v1, v2, 12, read_blob, 2)
+        assert server_delta.get_delta(store, blobs, v1, v2, 12, read_blob, 2).id == rc.id
+        assert calls == [12, 10, 12, 12] and rc.id not in (first.id, other_window.id)
+        assert parse_header(rc.data)["format"] == 2 and apply(old, rc.data) == new
+        assert rc.descriptor()["format"] == 2 and rc.descriptor()["wbits"] == 12
+        assert "format" not in first.descriptor()  # what agents before format 2 expect
     finally:
         store.dispose()
 
@@ -230,10 +314,32 @@ def test_image_delta_through_mosquitto_and_corrupt_patch_rejected(fleet):
     j = _deploy(fleet, rel2, dev)
     assert j.state == "confirmed", (j.state, j.code, j.reason)
     assert j.delta_id is not None and j.bytes_served < len(v2) // 3, j.bytes_served
+    # The agent declares formats 1 and 2: it was sent the range-coded format.
+    assert fleet.device_row(dev).inventory["delta_formats"] == [1, 2]
+    assert parse_header(server_delta.load_delta(fleet.store, j.delta_id))["format"] == 2
     fleet.wait_online(dev, version="20.1.0")
     flash = (fleet.root(dev) / "flash.bin").read_bytes()
     assert flash[:len(v2)] == v2
     assert fleet.boot_record(dev)["images"]["a"] == {"sha256": rel2.sha256, "size": len(v2)}
+
+
+def test_device_that_decodes_format_1_only_gets_format_1(fleet):
+    # An agent from before format 2 declares no delta_formats; this one declares [1]: the center
+    # sends it the deflate format, without `format` in the command, and the update completes.
+    dev = "delta-f1"
+    fleet.add_device(dev, hardware="sim-board", backend="sim", capacity=256 * 1024, delta_formats=[1])
+    fleet.wait_online(dev)
+    v1, v2 = _firmware(100_000)
+    rel1 = create_release(fleet.store, fleet.blobs, fleet.key, v1, "30.0.0", ["sim-board"], kind="image")
+    rel2 = create_release(fleet.store, fleet.blobs, fleet.key, v2, "30.1.0", ["sim-board"], kind="image")
+    assert _deploy(fleet, rel1, dev).state == "confirmed"
+    fleet.wait_online(dev, version="30.0.0")
+    wait_until(lambda: fleet.device_row(dev).inventory.get("image") == rel1.sha256, what="inventory image")
+    assert fleet.device_row(dev).inventory["delta_formats"] == [1]
+    j = _deploy(fleet, rel2, dev)
+    assert j.state == "confirmed" and j.delta_id is not None, (j.state, j.code, j.reason)
+    assert parse_header(server_delta.load_delta(fleet.store, j.delta_id))["format"] == 1
+    assert (fleet.root(dev) / "flash.bin").read_bytes()[:len(v2)] == v2
 
 
 def test_bundle_delta_sends_only_what_changed_and_unknown_base_gets_full_image(fleet):
@@ -294,8 +400,8 @@ from test_core import SIGNING_KEY, Harness, cmd, make_update  # noqa: E402
 from fota.device import core as C  # noqa: E402
 
 
-def _delta_job(old: bytes, new: bytes, job=1, **changes):
-    patch = encode(old, new, 10)
+def _delta_job(old: bytes, new: bytes, job=1, fmt=1, **changes):
+    patch = encode(old, new, 10, fmt=fmt)
     body = make_update(SIGNING_KEY, new, job=job, chunk=64)
     body["delta"] = dict({"base_sha256": hashlib.sha256(old).hexdigest(), "base_size": len(old),
                           "size": len(patch), "sha256": hashlib.sha256(patch).hexdigest(), "wbits": 10},
@@ -315,14 +421,16 @@ def _images():
     return old, old[:3000] + b"patched!" + old[3000:]
 
 
-def test_core_delta_job_transfers_the_patch_then_installs():
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_core_delta_job_transfers_the_patch_then_installs(fmt):
     old, new = _images()
-    patch, body = _delta_job(old, new)
+    patch, body = _delta_job(old, new, fmt=fmt, **({"format": 2} if fmt == 2 else {}))
     h = _harness(old)
+    assert json.loads(h.core.inventory()[2])["delta_formats"] == [1, 2]
     actions = h.core.command(cmd(body))
     begin = [a for a in actions if a[0] == C.A_BEGIN]
     assert begin == [(C.A_BEGIN, len(new), {"base_sha256": hashlib.sha256(old).hexdigest(), "base_size": len(old),
-                                            "patch_size": len(patch), "wbits": 10,
+                                            "patch_size": len(patch), "wbits": 10, "format": fmt,
                                             "sha256": hashlib.sha256(new).hexdigest(), "size": len(new)})]
     h.run(actions)
     h.serve(patch, 64)
@@ -333,9 +441,10 @@ def test_core_delta_job_transfers_the_patch_then_installs():
     assert h.trial == {"job": 1, "version": "1.1.0"}
 
 
-def test_core_corrupt_patch_fails_with_e_delta():
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_core_corrupt_patch_fails_with_e_delta(fmt):
     old, new = _images()
-    patch, body = _delta_job(old, new)
+    patch, body = _delta_job(old, new, fmt=fmt, **({"format": 2} if fmt == 2 else {}))
     h = _harness(old)
     h.run(h.core.command(cmd(body)))
     h.serve(patch, 64, corrupt=1)
@@ -348,6 +457,7 @@ def test_core_corrupt_patch_fails_with_e_delta():
     (None, {}, P.E_BASE_MISMATCH),                # the device does not know what it runs
     ("same", {"base_size": 1}, P.E_BASE_MISMATCH),
     ("same", {"wbits": 13}, P.E_DELTA),           # a window larger than the device's 2**12
+    ("same", {"format": 9}, P.E_DELTA),           # a format the device does not decode
 ])
 def test_core_refuses_a_patch_it_cannot_apply_before_writing(image, changes, code):
     old, new = _images()

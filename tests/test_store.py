@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 
 from fota.server.store import (
     Base,
+    Delta,
     Deployment,
     Device,
     Job,
@@ -25,7 +26,7 @@ from fota.server.store import (
 from fota.server.store.inlists import chunks, id_ranges, in_ranges
 
 TABLES = {"releases", "devices", "deployments", "jobs", "status_events", "api_tokens", "audit_events"}
-HEAD = "0015"
+HEAD = "0016"
 
 
 @pytest.fixture
@@ -350,3 +351,28 @@ def test_id_lists_are_sliced_and_id_ranges_cover_exactly_what_is_asked(store):
     # 150 and 180 are closer than RANGE_GAP: one range, which also reads the 29 jobs between
     assert ranges == [(ids[5], ids[59]), (ids[150], ids[180]), (ids[250], ids[299])]
     assert rows == set(ids[5:60] + ids[150:181] + ids[250:])
+
+
+def test_delta_rows_with_the_format_folded_into_the_window_are_split_by_migration_0016(db_url):
+    # Before 0016 a format-2 patch's row held window + 16 in `wbits`; after it, the window and
+    # the format have a column each, and both formats of one pair and window can be cached.
+    migrate(db_url, "0015")
+    store = Store(db_url, migrate=False)
+    try:
+        with store.engine.begin() as conn:
+            for wbits in (12, 12 + 16):
+                conn.execute(text("INSERT INTO deltas (base_sha256, base_size, target_sha256, wbits, size, sha256,"
+                                  " blob_path, created_at) VALUES (:b, 1, :t, :w, 2, :s, '/p', :now)"),
+                             {"b": "aa" * 32, "t": "bb" * 32, "w": wbits, "s": f"{wbits:02d}" * 32,
+                              "now": datetime(2026, 12, 5, tzinfo=timezone.utc)})
+        migrate(db_url)
+        with store.session() as s:
+            rows = sorted((d.wbits, d.format, d.sha256[:2]) for d in s.scalars(select(Delta)))
+        assert rows == [(12, 1, "12"), (12, 2, "28")]
+        assert _diff(store.engine) == []
+        with pytest.raises(IntegrityError):  # still one row per base, target, window and format
+            with store.session() as s:
+                s.add(Delta(base_sha256="aa" * 32, base_size=1, target_sha256="bb" * 32, wbits=12, format=2,
+                            size=2, sha256="cc" * 32, blob_path="/q"))
+    finally:
+        store.dispose()

@@ -12,8 +12,11 @@ import typer
 from rich.table import Table
 
 from fota.campaign_cli import campaign_app
-from fota.cli_common import CLIError, HomeOpt, audit, console, err, fail, make_unix_device, open_store
-from fota.deployment_view import progress_view, refresh_live, render_status
+from fota.ha_cli import ha_app
+from fota.cli_common import CLIError, HomeOpt, audit, console, err, fail, make_unix_device, open_store, \
+    signing_key
+from fota.backend import open_backend
+from fota.deployment_view import progress_view, refresh_live, summarize
 from fota.extras import missing_module_message
 from fota.device import protocol as P
 from fota.server.home import Home, HomeError
@@ -36,16 +39,7 @@ app.add_typer(broker_app, name="broker")
 deployment_app = typer.Typer(no_args_is_help=True, help="Deployments (fota deploy creates them).")
 app.add_typer(deployment_app, name="deployment")
 app.add_typer(campaign_app, name="campaign")
-
-
-def _signing_key(home: Home):
-    from fota.tools.signing import SigningError
-    if not home.keyring.exists():
-        fail(f"no signing key in {home.keys}: run 'fota keys init' first")
-    try:
-        return home.keyring.signer().key
-    except SigningError as e:
-        fail(str(e))
+app.add_typer(ha_app, name="ha")
 
 
 # ---- keys ----------------------------------------------------------------------------------------
@@ -114,23 +108,13 @@ def release_create(path: Path = typer.Argument(..., help="app directory (bundle)
                                                              help="campaigns send it only to devices running "
                                                                   "at least this version"),
                    home: Optional[Path] = HomeOpt):
-    """Sign and store a release."""
-    from fota.server.releases import ReleaseError, create_release
-    h = Home.locate(home)
+    """Sign and store a release (remote mode: uploads it; the control center signs it)."""
     if not path.exists():
         fail(f"{path} does not exist")
-    key = _signing_key(h)
-    store = open_store(h)
-    try:
-        rel = create_release(store, h.blobs, key, path, version, list(hardware), counter=counter,
-                             encrypt=encrypt, min_version=min_version, kek=h.kek() if encrypt else None)
-    except (ReleaseError, ValueError) as e:
-        fail(str(e))
-    audit(store, "release.create", f"release:{rel.version}",
-           {"id": rel.id, "kind": rel.kind, "size": rel.size, "sha256": rel.sha256,
-            "hardware": list(rel.hardware), "key_id": rel.key_id})
-    console.print(f"release {rel.version} ({rel.kind}, {rel.size} bytes, sha256 {rel.sha256[:16]}…) "
-                  f"for {', '.join(rel.hardware)} signed by key {rel.key_id}")
+    rel = open_backend(home).create_release(path, version, list(hardware), counter=counter, encrypt=encrypt,
+                                            min_version=min_version)
+    console.print(f"release {rel['version']} ({rel['kind']}, {rel['size']} bytes, sha256 {rel['sha256'][:16]}…) "
+                  f"for {', '.join(rel['hardware'])} signed by key {rel['key_id']}")
 
 
 @release_app.command("resign")
@@ -140,7 +124,7 @@ def release_resign(release: str = typer.Argument(..., help="release version or i
     devices refuse a release signed by a revoked key)."""
     from fota.server.releases import ReleaseError, resign_release
     h = Home.locate(home)
-    _signing_key(h)
+    signing_key(h)
     store = open_store(h)
     try:
         rel, old_kid = resign_release(store, release, h.keyring.signer())
@@ -154,10 +138,9 @@ def release_resign(release: str = typer.Argument(..., help="release version or i
 @app.command("releases")
 def releases(home: Optional[Path] = HomeOpt):
     """List releases."""
-    from fota.server.releases import list_releases
     t = Table("id", "version", "kind", "size", "hardware", "sha256")
-    for r in list_releases(open_store(Home.locate(home))):
-        t.add_row(str(r.id), r.version, r.kind, str(r.size), ",".join(r.hardware), r.sha256[:16])
+    for r in open_backend(home).releases():
+        t.add_row(str(r["id"]), r["version"], r["kind"], str(r["size"]), ",".join(r["hardware"]), r["sha256"][:16])
     console.print(t)
 
 
@@ -419,11 +402,11 @@ def agent_build(board: str = typer.Option(..., "--board", help="esp32, esp32s3, 
 @app.command("devices")
 def devices(home: Optional[Path] = HomeOpt, tag: Optional[str] = typer.Option(None)):
     """List the fleet."""
-    from fota.server.fleet import list_devices
     t = Table("device", "hardware", "version", "online", "tags", "last seen")
-    for d in list_devices(open_store(Home.locate(home)), tag=tag):
-        t.add_row(d.id, d.hardware or "", d.version or "?", "yes" if d.online else "no", ",".join(d.tags or []),
-                  d.last_seen.strftime("%Y-%m-%d %H:%M:%S") if d.last_seen else "never")
+    for d in open_backend(home).devices(tag):
+        t.add_row(d["id"], d["hardware"] or "", d["version"] or "?", "yes" if d["online"] else "no",
+                  ",".join(d["tags"] or []),
+                  d["last_seen"].strftime("%Y-%m-%d %H:%M:%S") if d["last_seen"] else "never")
     console.print(t)
 
 
@@ -439,27 +422,14 @@ def deploy(release: str = typer.Argument(..., help="release version or id"),
                None, "--timeout", min=1, help="seconds until unfinished jobs end 'timed_out' (default: wait for ever)"),
            home: Optional[Path] = HomeOpt):
     """Deploy a release to devices (all at once); the running control center sends the commands."""
-    from fota.server.deployments import DeploymentError, create_deployment
-    from fota.server.releases import ReleaseError, check_release_key, get_release
     if not device and not tag:
         fail("name the targets: --device ID (repeatable) or --tag TAG")
     if device and tag:
         fail("use either --device or --tag, not both")
-    h = Home.locate(home)
-    store = open_store(h)
-    try:
-        rel = get_release(store, release)
-        check_release_key(rel, h.keyring.trust())
-        dep = create_deployment(store, rel, device_ids=list(device) or None, tag=tag,
-                                min_battery=min_battery, timeout=timeout)
-    except (DeploymentError, ReleaseError, LookupError) as e:
-        fail(str(e))
-    audit(store, "deployment.create", f"deployment:{dep.id}",
-           {"release": rel.version, "target": dep.target, "devices": [j.device_id for j in dep.jobs],
-            "min_battery": min_battery, "timeout": timeout})
+    dep = open_backend(home).deploy(release, list(device) or None, tag, min_battery=min_battery, timeout=timeout)
     limits = "".join([f", battery >= {min_battery}%" if min_battery else "",
                       f", timeout {timeout} s" if timeout else ""])
-    console.print(f"deployment {dep.id}: release {rel.version} to {len(dep.jobs)} device(s){limits}")
+    console.print(f"deployment {dep['id']}: release {dep['release']} to {len(dep['jobs'])} device(s){limits}")
 
 
 @deployment_app.command("cancel")
@@ -467,17 +437,7 @@ def deployment_cancel(deployment_id: int = typer.Argument(..., help="deployment 
                       home: Optional[Path] = HomeOpt):
     """Stop a deployment: pending jobs are not sent, downloads get a cancel command, devices past
     their download finish (a campaign's deployment: use 'fota campaign abort')."""
-    from fota.server import audit
-    from fota.server.deployments import DeploymentError, cancel_deployment
-    from fota.server.store import utcnow
-    store = open_store(Home.locate(home))
-    try:
-        with audit.transaction(store) as tx:
-            with tx.session() as s:
-                outcome = cancel_deployment(s, deployment_id, utcnow())
-            tx.record(audit.cli_actor(), "deployment.cancel", f"deployment:{deployment_id}", outcome)
-    except DeploymentError as e:
-        fail(str(e))
+    outcome = open_backend(home).cancel_deployment(deployment_id)
     console.print(f"deployment {deployment_id} cancelled: {len(outcome['withdrawn'])} job(s) not sent, "
                   f"{len(outcome['cancelling'])} cancel command(s) queued, "
                   f"{len(outcome['finishing'])} past their download finish")
@@ -489,17 +449,16 @@ def status(deployment: Optional[int] = typer.Option(None, "--deployment", help="
            home: Optional[Path] = HomeOpt):
     """Per-device progress of a deployment and a summary line."""
     from rich.live import Live
-    store = open_store(Home.locate(home))
-    dep, rows, summary = render_status(store, deployment)
-    if dep is None:
-        fail(summary)
+    backend = open_backend(home)
+    dep = backend.deployment(deployment)
     if not watch:
+        rows, summary = summarize(dep)
         console.print(progress_view(rows))
         console.print(summary)
         return
     with Live(console=console, refresh_per_second=4) as live:
         while True:
-            rows, summary, done = refresh_live(live, store, dep.id)
+            rows, summary, done = refresh_live(live, backend.deployment, dep["id"])
             if done:
                 break
             time.sleep(0.5)
@@ -519,14 +478,14 @@ def history(device_id: str,
             home: Optional[Path] = HomeOpt):
     """A device's statuses that took effect, in the order stored, a page at a time (those the
     retention keeps)."""
-    from fota.server.deployments import history_page
-    store = open_store(Home.locate(home))
+    backend = open_backend(home)
     t = Table("received", "job", "state", "code", "reason", "version", *(["ignored"] if ignored else []))
     while True:
-        rows, cursor = history_page(store, device_id, limit, cursor, newest_first=newest, include_ignored=ignored)
+        rows, cursor = backend.history(device_id, limit, cursor, newest, ignored)
         for e in rows:
-            t.add_row(e.received_at.strftime("%H:%M:%S.%f")[:-3], str(e.job_id or ""), e.state, e.code or "",
-                      (e.reason or "")[:60], e.version or "", *([e.ignored or ""] if ignored else []))
+            t.add_row(e["received_at"].strftime("%H:%M:%S.%f")[:-3], str(e["job_id"] or ""), e["state"],
+                      e["code"] or "", (e["reason"] or "")[:60], e["version"] or "",
+                      *([e["ignored"] or ""] if ignored else []))
         if cursor is None or not all_pages:
             break
     console.print(t)
@@ -543,59 +502,105 @@ def token_create(name: str = typer.Argument(..., help="token name (the actor in 
                                                                               "(default: never)"),
                  home: Optional[Path] = HomeOpt):
     """Create an API token; its secret is printed once and stored nowhere (only its SHA-256)."""
-    from fota.server.audit import cli_actor
-    from fota.server.auth import AuthError, create_token
-    try:
-        token, secret = create_token(open_store(Home.locate(home)), name, role, ttl, actor=cli_actor())
-    except AuthError as e:
-        fail(str(e))
-    expires = token.expires_at.strftime("%Y-%m-%d %H:%M:%S UTC") if token.expires_at else "never"
-    console.print(f"token {token.name} ({token.role}, expires {expires}); its secret, shown only now:")
+    token, secret = open_backend(home).create_token(name, role, ttl)
+    expires = token["expires_at"].strftime("%Y-%m-%d %H:%M:%S UTC") if token["expires_at"] else "never"
+    console.print(f"token {token['name']} ({token['role']}, expires {expires}); its secret, shown only now:")
     console.print(secret, highlight=False, soft_wrap=True)
 
 
 @token_app.command("list")
 def token_list(home: Optional[Path] = HomeOpt):
     """List API tokens (never their secrets)."""
-    from fota.server.auth import list_tokens, token_state
     fmt = "%Y-%m-%d %H:%M:%S"
     t = Table("name", "role", "state", "created", "expires", "last used")
-    for tok in list_tokens(open_store(Home.locate(home))):
-        t.add_row(tok.name, tok.role, token_state(tok), tok.created_at.strftime(fmt),
-                  tok.expires_at.strftime(fmt) if tok.expires_at else "never",
-                  tok.last_used_at.strftime(fmt) if tok.last_used_at else "never")
+    for tok in open_backend(home).tokens():
+        t.add_row(tok["name"], tok["role"], tok["state"], tok["created_at"].strftime(fmt),
+                  tok["expires_at"].strftime(fmt) if tok["expires_at"] else "never",
+                  tok["last_used_at"].strftime(fmt) if tok["last_used_at"] else "never")
     console.print(t)
 
 
 @token_app.command("revoke")
 def token_revoke(name: str, home: Optional[Path] = HomeOpt):
     """Revoke an API token for good."""
-    from fota.server.audit import cli_actor
-    from fota.server.auth import AuthError, revoke_token
-    try:
-        revoke_token(open_store(Home.locate(home)), name, actor=cli_actor())
-    except AuthError as e:
-        fail(str(e))
+    open_backend(home).revoke_token(name)
     console.print(f"token {name} revoked")
+
+
+# ---- remote mode -----------------------------------------------------------------------------------
+@app.command("login")
+def login(url: str = typer.Argument(..., help="the control center's API, e.g. https://fota.example.net"),
+          token: Optional[str] = typer.Option(None, "--token", help="an API token (default: read from stdin, "
+                                              "or asked for on a terminal; 'fota token create' makes one)"),
+          ca: Optional[Path] = typer.Option(None, "--ca", help="PEM certificate of the private CA the "
+                                            "server's certificate chains to (default: the system's CAs)")):
+    """Work on a remote control center: check the token against its API and keep URL and token
+    in a login file private to you (0600); releases, devices, deploy, status, history, campaign
+    and token commands then go through the API with that token's role ('fota logout' ends it)."""
+    from fota.backend.login import Remote, login_file, normalize_url, save_login
+    from fota.backend.remote import RemoteBackend
+    from fota.server.broker import is_loopback
+    url = normalize_url(url)
+    if token is None:
+        if sys.stdin.isatty():
+            token = typer.prompt("API token", hide_input=True)
+        else:
+            token = sys.stdin.readline()
+    token = token.strip()
+    if not token:
+        fail("no token given: --token, on stdin, or typed in")
+    if ca is not None and not ca.is_file():
+        fail(f"the CA file {ca} does not exist")
+    remote = Remote(url, token, str(ca.resolve()) if ca else None, source=str(login_file()))
+    who = RemoteBackend(remote).whoami()
+    path = save_login(remote)
+    host = url.split("://", 1)[1].split("/")[0].rsplit(":", 1)[0].strip("[]")
+    if url.startswith("http://") and not is_loopback(host):
+        err.print(f"[yellow]warning:[/yellow] plain HTTP to {host}: the token travels in clear text; "
+                  "use https:// (a TLS proxy, or 'fota api --certfile')")
+    expires = who["expires_at"].strftime("%Y-%m-%d %H:%M:%S UTC") if who["expires_at"] else "never"
+    console.print(f"logged in to {url} as {who['name']} (role {who['role']}, expires {expires}); saved in {path}",
+                  markup=False)
+
+
+@app.command("logout")
+def logout():
+    """Forget the login ('fota login'): commands work on the local home again."""
+    from fota.backend.login import URL_ENV, forget_login
+    path = forget_login()
+    console.print(f"logged out: {path} removed" if path else "not logged in", markup=False)
+    if os.environ.get(URL_ENV):
+        err.print(f"[yellow]warning:[/yellow] {URL_ENV} is still set in the environment: commands stay remote")
 
 
 # ---- services --------------------------------------------------------------------------------------
 @app.command("api")
-def api(host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (plain HTTP)"),
+def api(host: str = typer.Option("127.0.0.1", "--host", help="address to listen on"),
         port: int = typer.Option(8080, "--port"),
+        certfile: Optional[Path] = typer.Option(None, "--certfile", help="serve HTTPS with this certificate "
+                                                "(PEM, the chain after it)"),
+        keyfile: Optional[Path] = typer.Option(None, "--keyfile", help="the certificate's private key (PEM)"),
         home: Optional[Path] = HomeOpt):
-    """Serve the HTTP API (bearer tokens: 'fota token create'); OpenAPI UI at /docs."""
+    """Serve the HTTP API (bearer tokens: 'fota token create'; OpenAPI UI at /docs) and the web
+    dashboard (/ui/). Remote 'fota' commands use it ('fota login URL')."""
     import uvicorn
     from fota.server.api import create_app
     from fota.tools.signing import load_private_key
+    if (certfile is None) != (keyfile is None):
+        fail("--certfile and --keyfile go together")
+    for given in (certfile, keyfile):
+        if given is not None and not given.is_file():
+            fail(f"{given} does not exist")
     h = Home.locate(home)
     api_app = create_app(open_store(h), h.blobs, lambda: load_private_key(h.private_key),
-                         trust_loader=lambda: h.keyring.trust())
-    if host not in ("127.0.0.1", "localhost", "::1"):
+                         trust_loader=lambda: h.keyring.trust(), kek_loader=h.kek)
+    scheme = "https" if certfile else "http"
+    if host not in ("127.0.0.1", "localhost", "::1") and not certfile:
         err.print(f"[yellow]warning:[/yellow] plain HTTP on {host}: bearer tokens travel in clear text; "
-                  "put a TLS-terminating proxy in front")
-    console.print(f"API on http://{host}:{port} (OpenAPI UI: /docs; home {h.path})")
-    uvicorn.run(api_app, host=host, port=port, log_level="info")
+                  "give --certfile/--keyfile or put a TLS-terminating proxy in front")
+    console.print(f"API on {scheme}://{host}:{port} (dashboard: /ui/; OpenAPI UI: /docs; home {h.path})")
+    uvicorn.run(api_app, host=host, port=port, log_level="info",
+                ssl_certfile=str(certfile) if certfile else None, ssl_keyfile=str(keyfile) if keyfile else None)
 
 
 @broker_app.command("tls-init")
@@ -853,14 +858,17 @@ def _simulator_broker(h: Home):
 @app.command("demo")
 def demo(devices: int = typer.Option(3, "--devices", min=1, max=50),
          timeout: float = typer.Option(120.0, help="seconds to wait for every device to confirm"),
-         keep: bool = typer.Option(False, help="keep the demo's home directory"),
+         keep: bool = typer.Option(False, help="once it passed (--board unix), keep the demo running with the web dashboard "
+                                               "(its address and a read-only token are printed) until Ctrl-C, "
+                                               "and keep its home directory"),
          board: str = typer.Option("unix", "--board",
                                    help="unix: app bundles on unix-port devices; esp32: firmware images on "
                                         "emulated ESP32 boards, with a rollback by the bootloader")):
     """Broker + control center + MicroPython devices: roll out a signed update end to end."""
     if board == "unix":
         from fota.demo import run_demo
-        code = run_demo(devices=devices, timeout=timeout, keep=keep, console=console)
+        code = run_demo(devices=devices, timeout=timeout, keep=keep, console=console,
+                        port=int(os.environ.get("FOTA_DEMO_PORT", "8080")))
     elif board == "esp32":
         from fota.demo_board import run_board_demo
         code = run_board_demo(board, devices=devices, timeout=timeout, keep=keep, console=console)

@@ -32,6 +32,17 @@ def open_store(home: "Home"):
     return home.store()
 
 
+def signing_key(home: "Home"):
+    """The home's current signing key (private), or a one-line error."""
+    from fota.tools.signing import SigningError
+    if not home.keyring.exists():
+        fail(f"no signing key in {home.keys}: run 'fota keys init' first")
+    try:
+        return home.keyring.signer().key
+    except SigningError as e:
+        fail(str(e))
+
+
 def audit(store, action: str, target: str, detail: dict | None = None) -> None:
     """Record a CLI action in the audit log (actor "cli:<os user>")."""
     from fota.server import audit as audit_log

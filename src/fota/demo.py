@@ -28,9 +28,13 @@ class DemoError(RuntimeError):
 
 
 def run_demo(devices: int = 3, timeout: float = 120.0, keep: bool = False, console: Console | None = None,
-             heap: str = DEFAULT_HEAP) -> int:
+             heap: str = DEFAULT_HEAP, port: int = 8080) -> int:
+    """keep: once the update passed, leave everything running with the web dashboard on
+    127.0.0.1:port (another free port if taken) and a read-only sign-in, until Ctrl-C; the home
+    directory is kept afterwards."""
     console = console or Console()
-    return run_in_home("fota-demo-", lambda root: _demo(root, devices, timeout, console, heap),
+    return run_in_home("fota-demo-", lambda root: _demo(root, devices, timeout, console, heap,
+                                                         port if keep else None),
                        f"{devices} device(s) confirmed 1.1.0 after reboot", keep, console)
 
 
@@ -54,11 +58,11 @@ def run_in_home(prefix: str, demo, passed: str, keep: bool, console: Console) ->
 
 async def watch(console: Console, store, deployment_id: int, timeout: float, noun: str) -> list:
     """Live progress of a deployment until every job finished; returns its rows."""
-    from fota.deployment_view import refresh_live
+    from fota.deployment_view import local_deployment, refresh_live
     deadline = time.monotonic() + timeout
     with Live(console=console, refresh_per_second=4) as live:
         while True:
-            rows, summary, done = refresh_live(live, store, deployment_id)
+            rows, summary, done = refresh_live(live, lambda i: local_deployment(store, i), deployment_id)
             if done:
                 break
             if time.monotonic() > deadline:
@@ -76,7 +80,50 @@ async def wait(predicate, timeout: float, what: str) -> None:
         raise DemoError(str(e)) from None
 
 
-async def _demo(root: Path, n: int, timeout: float, console: Console, heap: str) -> None:
+async def serve_dashboard(home, store, port: int, console: Console) -> None:
+    """The API and dashboard on 127.0.0.1 (port, or a free one if taken), with a new read-only
+    token printed for signing in; returns on Ctrl-C / SIGTERM."""
+    import contextlib
+    import signal
+    import socket
+
+    import uvicorn
+
+    from fota.server.api import create_app
+    from fota.server.auth import create_token
+    from fota.server.broker import free_port
+
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            port = free_port()
+    app = create_app(store, home.blobs, lambda: home.keyring.signer().key, trust_loader=home.keyring.trust)
+    _, secret = create_token(store, f"demo-viewer-{random.randrange(10**6):06d}", "read")
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                          timeout_graceful_shutdown=1))
+    server.install_signal_handlers = lambda: None  # ours below: Ctrl-C ends the demo, not only the server
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    task = asyncio.create_task(server.serve())
+    await wait(lambda: server.started or task.done(), 20, "the dashboard's HTTP server to start")
+    if task.done():
+        raise DemoError(f"the dashboard's HTTP server did not start on 127.0.0.1:{port}")
+    console.print(f"[bold]dashboard:[/bold] http://127.0.0.1:{port}/ui/  (sign in with the read-only token below)")
+    console.print(f"[bold]read-only token:[/bold] {secret}")
+    console.print(f"the demo keeps running (home {home.path}; an admin token: "
+                  f"fota token create NAME --role admin --home {home.path}); Ctrl-C stops it")
+    try:
+        await stop.wait()
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def _demo(root: Path, n: int, timeout: float, console: Console, heap: str, keep_port: int | None = None) -> None:
     from fota.cli_common import make_unix_device
     from fota.examples import hello_files
     from fota.server.app import control_center
@@ -134,6 +181,8 @@ async def _demo(root: Path, n: int, timeout: float, console: Console, heap: str)
             await wait(all_on_1_1_0, 20, "the devices to report 1.1.0 in their inventory")
             reboots = sum(p.reboots for p in procs)
             console.print(f"every device runs 1.1.0 ({reboots} reboots)")
+            if keep_port is not None:
+                await serve_dashboard(home, store, keep_port, console)
         finally:
             for p in procs:
                 p.stop()

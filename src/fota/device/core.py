@@ -215,6 +215,9 @@ def _valid_delta(d):
         v = d.get(key)
         if not isinstance(v, int) or isinstance(v, bool) or v < low:
             return False
+    fmt = d.get("format", 1)
+    if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
+        return False
     d["base_sha256"] = d["base_sha256"].lower()
     d["sha256"] = d["sha256"].lower()
     return d["wbits"] <= 15
@@ -244,7 +247,7 @@ class Job:
             return None
         m = self.manifest
         return {"base_sha256": d["base_sha256"], "base_size": d["base_size"], "patch_size": d["size"],
-                "wbits": d["wbits"], "sha256": m["sha256"].lower(), "size": m["size"]}
+                "wbits": d["wbits"], "format": d.get("format", 1), "sha256": m["sha256"].lower(), "size": m["size"]}
 
 
 class UpdateCore:
@@ -277,6 +280,7 @@ class UpdateCore:
         # The running image ({"sha256", "size"}, or None if unknown): the base a delta must name.
         self.image = identity.get("image")
         self.delta_wbits = identity.get("delta_wbits", 0)  # 0: this device takes no deltas
+        self.delta_formats = identity.get("delta_formats", P.DELTA_FORMATS)
         self.settings = settings or Settings()
         self.last_job = agent_state.get("last_job", 0)
         self.boot = agent_state.get("boot", 0)
@@ -345,7 +349,7 @@ class UpdateCore:
                "capacity": self.capacity, "state": self.state, "job": self.last_job,
                "keys": self.trust.version, "counter": self.counter,
                "image": self.image["sha256"] if self.image else None, "delta_wbits": self.delta_wbits,
-               "battery": self.battery, "external": self.external}
+               "delta_formats": list(self.delta_formats), "battery": self.battery, "external": self.external}
         inv.update(self.inventory_extra)
         if extra:
             inv.update(extra)
@@ -627,7 +631,7 @@ class UpdateCore:
         cmd["window"] = window
         delta = cmd.get("delta")
         if delta is not None and not _valid_delta(delta):
-            raise Rejection(P.E_BAD_COMMAND, "delta must be {base_sha256, base_size, size, sha256, wbits}",
+            raise Rejection(P.E_BAD_COMMAND, "delta must be {base_sha256, base_size, size, sha256, wbits[, format]}",
                             cmd["job"])
 
     def _verify(self, cmd):
@@ -667,6 +671,9 @@ class UpdateCore:
             if delta["wbits"] > self.delta_wbits:
                 raise Rejection(P.E_DELTA, "patch window 2**%d exceeds this device's 2**%d" % (
                     delta["wbits"], self.delta_wbits), terminal=True)
+            if delta.get("format", 1) not in self.delta_formats:
+                raise Rejection(P.E_DELTA, "patch format %d not decoded by this device" % delta["format"],
+                                terminal=True)
             if m.get("enc"):
                 raise Rejection(P.E_DELTA, "encrypted releases are not sent as patches", terminal=True)
         m["_delta"] = bool(delta)  # the runner must have applied a patch, not stored one

@@ -10,7 +10,9 @@ import hashlib
 from binascii import hexlify
 
 MAGIC = b"FOTD"
-FORMAT = 1
+FORMAT = 1             # deflate-coded records (what the encoder makes unless told otherwise)
+RC_FORMAT = 2          # range-coded records with matches (fota.device.delta_rc)
+FORMATS = (1, 2)       # what this decoder reads: the device's inventory says so (delta_formats)
 HEADER = ">4sBBI32sI32s"
 HEADER_SIZE = 78
 # A record is four LEB128 varints: copy, diff and extra lengths, and the zigzag-coded seek of
@@ -31,15 +33,16 @@ def parse_header(data):
     magic, fmt, wbits, base_size, base_sha, new_size, new_sha = struct.unpack_from(HEADER, data, 0)
     if magic != MAGIC:
         raise DeltaError("not a delta patch (bad magic)")
-    if fmt != FORMAT:
+    if fmt not in FORMATS:
         raise DeltaError("patch format %d not supported" % fmt)
     if not MIN_WBITS <= wbits <= MAX_WBITS:
         raise DeltaError("window 2**%d outside 2**%d..2**%d" % (wbits, MIN_WBITS, MAX_WBITS))
-    return {"wbits": wbits, "base_size": base_size, "base_sha256": hexlify(base_sha).decode(),
+    return {"format": fmt, "wbits": wbits, "base_size": base_size, "base_sha256": hexlify(base_sha).decode(),
             "size": new_size, "sha256": hexlify(new_sha).decode()}
 
 
 IN_BUF = 1536  # compressed bytes buffered (fixed: no allocation per chunk)
+RC_IN_BUF = 512  # format 2: its decoder waits for at most 144 bytes (a record), not a deflate block
 
 try:
     import deflate
@@ -142,7 +145,9 @@ class Patcher:
         self.max_wbits = max_wbits
         self.received = 0
         self.header = bytearray()
-        self.inflater = None
+        self.inflater = None      # format 1: _Inflater; format 2: delta_rc.Decoder
+        self.rc = None
+        self.in_buf = IN_BUF      # compressed bytes the decoder buffers at most
         self.hasher = hashlib.sha256()
         self.out = 0              # new-image bytes written
         self.old = 0              # position in the old image
@@ -183,7 +188,7 @@ class Patcher:
             self._start(parse_header(self.header))
             mv = mv[need:]
         while len(mv):
-            take = min(IN_BUF - self.inflater.available(), len(mv))
+            take = min(self.in_buf - self.inflater.available(), len(mv))
             if not take:
                 raise DeltaError("data after the last record")
             self.inflater.push(mv[:take])
@@ -197,6 +202,11 @@ class Patcher:
 
     def _run(self):
         final = self.received == self.patch_size
+        if self.rc:
+            step = self.rc.step
+            while self.out < self.size and step(final):
+                pass
+            return
         while self.out < self.size and (final or self.inflater.available() > self.LOW_WATER):
             if not self._step():
                 break
@@ -207,12 +217,19 @@ class Patcher:
             raise DeltaError("patch applies to base %s, not %s" % (h["base_sha256"][:16], e["base_sha256"][:16]))
         if h["sha256"] != e["sha256"] or h["size"] != e["size"]:
             raise DeltaError("patch produces %s, the manifest says %s" % (h["sha256"][:16], e["sha256"][:16]))
+        if h["format"] != e.get("format", h["format"]):
+            raise DeltaError("patch format %d, the command says %d" % (h["format"], e["format"]))
         if h["wbits"] > self.max_wbits:
             raise DeltaError("window 2**%d exceeds this device's 2**%d" % (h["wbits"], self.max_wbits))
         self.size = h["size"]
         self.base_size = h["base_size"]
-        gc.collect()  # the inflate window is the one large allocation: give it a compact heap
-        self.inflater = _Inflater(h["wbits"])
+        gc.collect()  # the inflate window / probability table is the one large allocation
+        if h["format"] == RC_FORMAT:
+            from fota.device.delta_rc import Decoder
+            self.in_buf = RC_IN_BUF
+            self.inflater = self.rc = Decoder(self, RC_IN_BUF, h["wbits"], DeltaError)
+        else:
+            self.inflater = _Inflater(h["wbits"])
 
     def _inflate(self, n):
         """Up to n (> 0) decompressed bytes into self.buf; 0 means the stream ran dry."""

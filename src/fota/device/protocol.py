@@ -29,6 +29,7 @@ MAX_WINDOW = 32              # chunks per command window and per chunk request (
 MAX_ID = 2**31 - 1           # largest job id, boot and seq the control center takes (32-bit columns)
 MAX_EPOCH = 2**31 - 1        # boot epoch: 1..MAX_EPOCH, chosen at random with the agent state
 DELTA_WBITS = 12             # largest delta window (2**N bytes) a device takes unless configured
+DELTA_FORMATS = (1, 2)       # delta patch formats this agent decodes (docs/delta.md)
 
 # Device-id rule: 1..64 chars of [A-Za-z0-9_-] (safe inside a topic and an ACL pattern).
 DEVICE_ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"

@@ -175,6 +175,7 @@ class Device:
             # the running image (recorded when it was installed): the base of delta updates
             "image": ex.running_image(),
             "delta_wbits": cfg.get("delta_wbits", P.DELTA_WBITS),
+            "delta_formats": cfg.get("delta_formats", P.DELTA_FORMATS),
             "free": self._free_space(),
             "enc_key": unhexlify(cfg["enc_key"]) if cfg.get("enc_key") and getattr(self.backend, "DECRYPTS", False)
             else None,

@@ -175,10 +175,13 @@ def build(out: Path, *, backend: str = "sim", image_size: int = 24 * 1024, secto
         delta = None
         served = image
         if name == "delta":
+            from fota.device.delta import RC_FORMAT
             from fota.server.delta import DEFAULT_WBITS, encode
-            served = encode(images[first], image, DEFAULT_WBITS)
+            # the newest format, which the center sends to an agent that decodes it (this one)
+            served = encode(images[first], image, DEFAULT_WBITS, fmt=RC_FORMAT)
             delta = {"base_sha256": hashlib.sha256(images[first]).hexdigest(), "base_size": len(images[first]),
-                     "size": len(served), "sha256": hashlib.sha256(served).hexdigest(), "wbits": DEFAULT_WBITS}
+                     "size": len(served), "sha256": hashlib.sha256(served).hexdigest(), "wbits": DEFAULT_WBITS,
+                     "format": RC_FORMAT}
         command = update_command(job, DEVICE, _release(signer, new, image, counter + 1, kind), signer, chunk, window,
                                  delta=delta)
         (d / "image.bin").write_bytes(served)

@@ -1,4 +1,5 @@
-"""The control center's HTTP API (FastAPI): read the fleet, create releases and deployments.
+"""The control center's HTTP API (FastAPI): read the fleet, create releases, deployments and
+campaigns, manage API tokens. `fota` in remote mode (fota.backend.remote, docs/cli.md) uses it.
 
     app = create_app(store, home.blobs, lambda: load_private_key(home.private_key))
     uvicorn.run(app, host="127.0.0.1", port=8080)      # or: fota api
@@ -43,7 +44,8 @@ from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fota.server import audit, metrics, names
-from fota.server.auth import ADMIN, AuthError, verify_token
+from fota.server.auth import ADMIN, MAX_TTL_SECONDS, ROLES, AuthError, create_token, list_tokens, revoke_token, \
+    token_state, verify_token
 from fota.server.campaigns import (
     CampaignError,
     CampaignNotFound,
@@ -54,9 +56,11 @@ from fota.server.campaigns import (
     create_campaign,
     list_campaigns,
     pause_campaign,
+    preview_campaign,
     resume_campaign,
     start_campaign,
 )
+from fota.server.campaigns.states import DEVICE_STATES
 from fota.server.deployments import (
     HISTORY_LIMIT,
     HISTORY_MAX_LIMIT,
@@ -67,6 +71,7 @@ from fota.server.deployments import (
     create_deployment,
     deployment_summary,
     history_page,
+    recent_deployments,
 )
 from fota.server.fleet import FleetError, get_device, list_devices
 from fota.server.releases import (IMAGE_SUFFIXES, KINDS, ReleaseError, check_release_key, create_release, get_release,
@@ -230,6 +235,7 @@ class WaveOut(BaseModel):
     total: int
     counts: dict[str, int]
     current: bool
+    probation_ends_at: datetime | None = Field(description="when the wave's last device on probation may succeed")
 
 
 class CampaignDeviceOut(BaseModel):
@@ -242,7 +248,30 @@ class CampaignDeviceOut(BaseModel):
     code: str | None
     reason: str | None
     confirmed_at: datetime | None
+    probation_ends_at: datetime | None = Field(description="on probation: when it succeeds if it stays healthy")
     updated_at: datetime | None
+
+
+DeviceStateName = Literal[DEVICE_STATES]  # a device's state in a campaign (campaigns.states)
+
+
+class SkippedOut(BaseModel):
+    reason: str
+    devices: int
+
+
+class WaveSizeOut(BaseModel):
+    wave: int
+    devices: int
+
+
+class CampaignPreviewOut(BaseModel):
+    targeted: int = Field(description="devices the campaign would drive")
+    offline: int = Field(description="of them offline now (they start once online)")
+    skipped: list[SkippedOut] = Field(description="devices matching the filter it would not drive, by reason "
+                                                  "(other hardware, already on the version, too old, held)")
+    waves: list[WaveSizeOut]
+    unknown: list[str] = Field(description="a dynamic campaign: device ids and tags no device has yet")
 
 
 class CampaignOut(BaseModel):
@@ -261,8 +290,14 @@ class CampaignOut(BaseModel):
     total: int = Field(description="targeted devices (skipped ones excluded)")
     counts: dict[str, int]
     progress: float = Field(description="share of the targeted devices that succeeded")
-    window_open: bool
+    window_open: bool | None = Field(description="inside the maintenance window (always, without one); None "
+                                                 "once the campaign is aborting, aborted or done")
     window_opens_at: datetime | None = Field(description="next opening of the maintenance window, if closed")
+    probation_ends_at: datetime | None = Field(description="when the last device now on probation may succeed")
+    eta: datetime | None = Field(description="running: when it may end at the pace devices settled so far "
+                                             "(windows, approvals and pauses not foreseen)")
+    skipped: list[SkippedOut] = Field(description="skipped devices by reason")
+    preview: CampaignPreviewOut | None = Field(description="a draft: what starting it now would target")
     waves: list[WaveOut]
     devices: list[CampaignDeviceOut] | None = None
 
@@ -273,6 +308,51 @@ class CampaignIn(BaseModel):
     release: ReleaseRef
     spec: dict[str, Any] = Field(default_factory=dict,
                                  description="filter, waves, pacing: see docs/campaigns.md")
+
+
+class CampaignPreviewIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: CampaignNameStr
+    release: ReleaseRef
+    spec: dict[str, Any] = Field(default_factory=dict, description="as for POST /campaigns")
+
+
+class DeploymentBriefOut(BaseModel):
+    id: int
+    release: str
+    state: str
+    created_at: datetime
+
+
+class WhoamiOut(BaseModel):
+    name: str = Field(description="the token's name (the actor in the audit log)")
+    role: str
+    expires_at: datetime | None
+
+
+class TokenOut(BaseModel):
+    name: str
+    role: str
+    state: str = Field(description="active, expired or revoked")
+    created_at: datetime
+    expires_at: datetime | None
+    last_used_at: datetime | None
+
+
+class TokenCreatedOut(TokenOut):
+    secret: str = Field(description="the token's secret: shown only in this answer, stored nowhere")
+
+
+# a token's name: the actor in the audit log (fota.server.auth.NAME_RE)
+TOKEN_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$"
+
+
+class TokenIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Annotated[str, Field(pattern=TOKEN_NAME, description="1-64 of [A-Za-z0-9_.@-], from a letter or digit")]
+    role: Literal[ROLES]
+    ttl: int | None = Field(None, ge=1, le=MAX_TTL_SECONDS, description="expires after this many seconds "
+                                                                      "(default: never)")
 
 
 class ErrorOut(BaseModel):
@@ -509,8 +589,18 @@ def _router() -> APIRouter:
                                                          "or separate with commas)")],
                     # not "| None": a form cannot send null; leaving the field out is the default
                     kind: Annotated[Literal[KINDS], Form(description=f"{' or '.join(KINDS)} "
-                                                                     "(default: from the file)")] = None):
-        """Sign an uploaded image or bundle with the operator's key and store it (admin)."""
+                                                                     "(default: from the file)")] = None,
+                    counter: Annotated[int, Form(ge=0, le=names.MAX_DB_INT,
+                                                 description="security counter: devices refuse releases below "
+                                                             "the highest counter they installed")] = 0,
+                    encrypt: Annotated[bool, Form(description="encrypt the bundle (AES-256-CBC, key wrapped per "
+                                                              "device); needs the home's key-encryption key")] = False,
+                    min_version: Annotated[str, Form(min_length=1, max_length=names.MAX_NAME,
+                                                     pattern=names.VERSION,
+                                                     description="campaigns send it only to devices running at "
+                                                                 "least this version")] = None):
+        """Sign an uploaded image or bundle with the operator's key and store it (admin): the key
+        stays on the server (`fota release create` in remote mode uploads here)."""
         limit = request.app.state.max_upload_bytes
         data = file.file.read(limit + 1)
         if len(data) > limit:
@@ -523,8 +613,16 @@ def _router() -> APIRouter:
         except Exception as exc:  # missing / unreadable key: the server's problem, not the request's
             log.error("signing key unavailable: %s", exc)
             raise HTTPException(503, f"the signing key is unavailable: {exc}") from None
+        kek = None
+        if encrypt and request.app.state.kek_loader is not None:
+            try:
+                kek = request.app.state.kek_loader()
+            except Exception as exc:  # KekError: keys/kek lost while the database holds keys it wrapped
+                log.error("key-encryption key unavailable: %s", exc)
+                raise HTTPException(503, f"the key-encryption key is unavailable: {exc}") from None
         with _service_errors(400), audit.transaction(store) as tx:
-            rel = create_release(tx, request.app.state.blobs_dir, key, data, version, hw, kind=kind)
+            rel = create_release(tx, request.app.state.blobs_dir, key, data, version, hw, kind=kind,
+                                 counter=counter, encrypt=encrypt, min_version=min_version, kek=kek)
             tx.flush()  # rel.id
             tx.record(token.name, "release.create", f"release:{rel.version}",
                       {"id": rel.id, "kind": rel.kind, "size": rel.size, "sha256": rel.sha256,
@@ -576,8 +674,8 @@ def _router() -> APIRouter:
     @router.get("/campaigns/{ref}", response_model=CampaignOut, tags=["campaigns"],
                 responses={404: {"model": ErrorOut}})
     def campaign(ref: CampaignRefPath, store: StoreDep, devices: bool = True,
-                 state: Annotated[str | None, Query(max_length=names.MAX_NAME,
-                                                    description="only devices in this state")] = None,
+                 state: Annotated[list[DeviceStateName] | None,
+                                  Query(description="only devices in this state (repeatable)")] = None,
                  wave: Annotated[int | None, Query(ge=1, le=names.MAX_DB_INT,
                                                    description="only devices of this wave")] = None,
                  offset: Annotated[int, Query(ge=0, le=names.MAX_DB_INT, description="skip this many devices")] = 0,
@@ -585,12 +683,19 @@ def _router() -> APIRouter:
                                                     description="at most this many devices")] = None):
         """A campaign by name or id: waves and (filterable, pageable) per-device states."""
         with _service_errors(404):
-            summary = campaign_summary(store, ref, devices=devices)
+            summary = campaign_summary(store, ref, devices=devices, device_states=state, device_wave=wave)
         if devices:
-            rows = [d for d in summary["devices"]
-                    if (state is None or d["state"] == state) and (wave is None or d["wave"] == wave)]
-            summary["devices"] = rows[offset:None if limit is None else offset + limit]
+            summary["devices"] = summary["devices"][offset:None if limit is None else offset + limit]
         return summary
+
+    @router.post("/campaign-previews", response_model=CampaignPreviewOut, tags=["campaigns"],
+                 responses={400: {"model": ErrorOut}})
+    def campaign_preview(request: Request, body: CampaignPreviewIn, store: StoreDep):
+        """What creating and starting this campaign now would do, without creating it (any token):
+        the same checks as POST /campaigns (400 as there), then how many devices it targets, how
+        many it skips and why, each wave's size."""
+        with _service_errors(400):
+            return preview_campaign(store, body.name, body.release, body.spec, trust=_trust(request))
 
     @router.post("/campaigns", response_model=CampaignOut, status_code=201, tags=["campaigns"],
                  responses=change_responses)
@@ -628,6 +733,50 @@ def _router() -> APIRouter:
                              response_model=CampaignOut, tags=["campaigns"],
                              responses={**change_responses, 404: {"model": ErrorOut}})
 
+    @router.get("/whoami", response_model=WhoamiOut, tags=["tokens"])
+    def whoami(token: Annotated[ApiToken, Depends(current_token)]):
+        """The caller's token: its name, role and expiry (`fota login` checks a token with it)."""
+        return {"name": token.name, "role": token.role, "expires_at": token.expires_at}
+
+    @router.get("/deployments", response_model=list[DeploymentBriefOut], tags=["deployments"])
+    def deployments(store: StoreDep,
+                    limit: Annotated[int, Query(ge=1, le=1000, description="at most this many")] = 20):
+        """The newest deployments, newest first (`fota status` without --deployment shows the first)."""
+        return recent_deployments(store, limit)
+
+    def _token_out(token: ApiToken) -> dict[str, Any]:
+        return {"name": token.name, "role": token.role, "state": token_state(token),
+                "created_at": token.created_at, "expires_at": token.expires_at,
+                "last_used_at": token.last_used_at}
+
+    @router.get("/tokens", response_model=list[TokenOut], tags=["tokens"], responses=admin_responses)
+    def tokens(store: StoreDep, _: AdminDep):
+        """Every API token, oldest first, never their secrets (admin)."""
+        return [_token_out(t) for t in list_tokens(store)]
+
+    @router.post("/tokens", response_model=TokenCreatedOut, status_code=201, tags=["tokens"],
+                 responses=change_responses)
+    def new_token(body: TokenIn, response: Response, store: StoreDep, token: AdminDep):
+        """Create an API token (admin); its secret is in this answer only (the store keeps its SHA-256).
+        A name in use (revoked tokens included): 400."""
+        try:
+            created, secret = create_token(store, body.name, body.role, body.ttl, actor=token.name)
+        except AuthError as exc:
+            raise HTTPException(400, str(exc)) from None
+        response.headers["Location"] = _location("tokens", created.name)
+        return {**_token_out(created), "secret": secret}
+
+    @router.post("/tokens/{name}/revoke", response_model=TokenOut, tags=["tokens"],
+                 responses={**change_responses, 404: {"model": ErrorOut}})
+    def token_revoke(name: Annotated[str, PathParam(pattern=TOKEN_NAME)], store: StoreDep, token: AdminDep):
+        """Revoke an API token for good (admin): 404 if there is none of that name, 409 if revoked already."""
+        if not any(t.name == name for t in list_tokens(store)):
+            raise HTTPException(404, f"no token named {name!r}")
+        try:
+            return _token_out(revoke_token(store, name, actor=token.name))
+        except AuthError as exc:
+            raise HTTPException(409, str(exc)) from None
+
     @router.get("/audit", response_model=list[AuditEventOut], tags=["audit"], responses=admin_responses)
     def audit_log(store: StoreDep, _: AdminDep,
                   limit: Annotated[int, Query(ge=1, le=audit.MAX_LIMIT)] = audit.DEFAULT_LIMIT,
@@ -642,11 +791,14 @@ def _router() -> APIRouter:
 def create_app(store: Store, blobs_dir: str | os.PathLike,
                signing_key_loader: Callable[[], ec.EllipticCurvePrivateKey], *,
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
-               trust_loader: Callable[[], dict] | None = None) -> FastAPI:
+               trust_loader: Callable[[], dict] | None = None,
+               kek_loader: Callable[[], Any] | None = None) -> FastAPI:
     """The API app on ``store``; releases go to ``blobs_dir``, signed with signing_key_loader()'s key.
 
     trust_loader: the keyring's current trust document; given, deployments and campaigns of a
     release signed by a key devices refuse (revoked, not certified) are refused with 400.
+    kek_loader: the home's key-encryption key (Home.kek); without it an encrypted release is
+    refused with 400.
 
     The key is loaded for each release created (never kept in memory between requests).
     """
@@ -657,6 +809,7 @@ def create_app(store: Store, blobs_dir: str | os.PathLike,
     app.state.blobs_dir = Path(blobs_dir)
     app.state.signing_key_loader = signing_key_loader
     app.state.trust_loader = trust_loader
+    app.state.kek_loader = kek_loader
     app.state.max_upload_bytes = max_upload_bytes
     app.include_router(_router())
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -666,5 +819,7 @@ def create_app(store: Store, blobs_dir: str | os.PathLike,
     def prometheus_metrics(store: StoreDep):
         """Prometheus exposition (needs a token: a read token in the scrape config's authorization)."""
         return Response(metrics.render(store), media_type=metrics.CONTENT_TYPE_LATEST)
+    from fota.server.dashboard import mount
+    mount(app)  # the web dashboard under /ui (docs/dashboard.md): same store, same tokens
     app.add_middleware(_BodyLimit, limit=max_upload_bytes + MULTIPART_OVERHEAD)
     return app

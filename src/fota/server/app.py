@@ -81,7 +81,8 @@ def managed_broker(home: Home, store) -> Mosquitto:
     host, port = home.broker_listen
     return start_broker(Mosquitto(home.broker_dir, port=port, service_port=cfg["broker_service_port"],
                                   auth=True, persistence=True, tls=home.tls_files(), host=host,
-                                  max_packet_size=MANAGED_MAX_PACKET), home, store)
+                                  max_packet_size=MANAGED_MAX_PACKET, acl_extra=home.broker_acl_extra()),
+                        home, store)
 
 
 @contextlib.asynccontextmanager
@@ -100,6 +101,7 @@ async def control_center(home: Home, manage_broker: bool = True, **settings):
         settings.setdefault("command_ttl", home.config()["command_ttl"])
     if home.broker_tls:
         settings.setdefault("ssl_context", home.broker_ssl_context())
+    settings.setdefault("homeassistant", home.homeassistant_settings())  # None: not enabled
     center = ControlCenter(store, home.broker_url, home.blobs, **settings)
     watchdog = asyncio.create_task(supervise_broker(broker, home, store)) if broker else None
     try:

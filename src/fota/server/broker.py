@@ -24,7 +24,11 @@ SERVER_USER = "fota-server"
 # reserved (as SERVER_USER is): a home upgraded from then may still hold that persistent session
 # with statuses in it, which the center drains once (fota.server.center.workgroup).
 LEGACY_CENTER_ID = "fota-center"
-RESERVED_DEVICE_IDS = frozenset({SERVER_USER, LEGACY_CENTER_ID})
+# Home Assistant's broker account (fota ha enable; device listener, its own ACL section:
+# fota.server.homeassistant.broker_acl). A ':' would break the password file's user:hash lines,
+# so the name is a valid device id and reserved as such.
+HOMEASSISTANT_USER = "homeassistant"
+RESERVED_DEVICE_IDS = frozenset({SERVER_USER, LEGACY_CENTER_ID, HOMEASSISTANT_USER})
 
 # The managed broker has two listeners (per_listener_settings: each its own accounts and ACL):
 #   device listener   every device account and nothing else; use_username_as_clientid, so a
@@ -115,6 +119,13 @@ def write_acl(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def write_broker_acl(directory: Path, acl_extra: tuple[str, str] = ("", "")) -> None:
+    """Both listeners' ACL files: the devices' patterns (and any extra account's lines after
+    them: a `user` line starts its own section), the server account's rights."""
+    write_acl(directory / DEVICE_ACL_FILE, DEVICE_ACL + acl_extra[0])
+    write_acl(directory / SERVICE_ACL_FILE, f"user {SERVER_USER}\ntopic readwrite fota/#\n" + acl_extra[1])
+
+
 def write_passwords(path: Path, hashes: dict[str, str]) -> None:
     """hashes: username -> Mosquitto hash line part (see fota.server.credentials)."""
     tmp = path.with_suffix(".tmp")
@@ -149,7 +160,8 @@ MANAGED_MAX_PACKET = 16384
 
 def write_config(directory: Path, port: int, *, service_port: int | None = None, auth: bool = True,
                  persistence: bool = False, max_packet_size: int = 65536, tls: TlsFiles | None = None,
-                 autosave_interval: int = AUTOSAVE_INTERVAL, host: str = LOOPBACK) -> Path:
+                 autosave_interval: int = AUTOSAVE_INTERVAL, host: str = LOOPBACK,
+                 acl_extra: tuple[str, str] = ("", "")) -> Path:
     """auth: a device listener on host:port and a service listener on 127.0.0.1:service_port
     (see the top of this module); without auth one anonymous listener on host:port.
 
@@ -157,7 +169,9 @@ def write_config(directory: Path, port: int, *, service_port: int | None = None,
     send their passwords over it).
 
     tls: both listeners speak only TLS (1.2 or later; 1.3 when the client has it).
-    autosave_interval: seconds between saves of the persistent state (persistence only)."""
+    autosave_interval: seconds between saves of the persistent state (persistence only).
+    acl_extra: ACL lines added to the (device listener, service listener) ACL files: Home
+    Assistant's account and the center's rights on its topics (fota.server.homeassistant.broker_acl)."""
     if tls is None and not is_loopback(host):
         raise BrokerError(f"a listener on {host} (beyond loopback) needs TLS")
     private_dir(directory)  # passwords, ACL and the persistent sessions (queued messages)
@@ -200,8 +214,7 @@ def write_config(directory: Path, port: int, *, service_port: int | None = None,
         for name in (DEVICE_PASSWORDS, SERVICE_PASSWORDS):
             if not (directory / name).exists():
                 write_passwords(directory / name, {})
-        write_acl(directory / DEVICE_ACL_FILE, DEVICE_ACL)
-        write_acl(directory / SERVICE_ACL_FILE, f"user {SERVER_USER}\ntopic readwrite fota/#\n")
+        write_broker_acl(directory, acl_extra)
     else:
         lines += [f"listener {port} {host}", *tls_lines, "allow_anonymous true"]
     conf = directory / "mosquitto.conf"
@@ -216,8 +229,9 @@ class Mosquitto:
 
     def __init__(self, directory: Path, port: int | None = None, *, service_port: int | None = None,
                  auth: bool = True, persistence: bool = False, tls: TlsFiles | None = None,
-                 max_packet_size: int = 65536, host: str = LOOPBACK):
+                 max_packet_size: int = 65536, host: str = LOOPBACK, acl_extra: tuple[str, str] = ("", "")):
         self.directory = Path(directory)
+        self.acl_extra = acl_extra
         self.host = host
         self.max_packet_size = max_packet_size
         self.port = port or free_port()
@@ -234,7 +248,7 @@ class Mosquitto:
     def start(self, timeout: float = 10.0) -> "Mosquitto":
         conf = write_config(self.directory, self.port, service_port=self.service_port, auth=self.auth,
                             persistence=self.persistence, tls=self.tls, max_packet_size=self.max_packet_size,
-                            host=self.host)
+                            host=self.host, acl_extra=self.acl_extra)
         self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout

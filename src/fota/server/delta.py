@@ -29,14 +29,14 @@ log = logging.getLogger(__name__)
 
 DEFAULT_WBITS = 12   # a 4 KiB window: the decoder then fits in ~20 KiB of MicroPython heap
 DEFAULT_COPY_RUN = 32  # zero diff bytes in a row that become a copy (bench delta --copy-run)
-_locks: dict[tuple[str, str, int], threading.Lock] = {}
+_locks: dict[tuple[str, str, int, int], threading.Lock] = {}
 _locks_guard = threading.Lock()
 _CACHE_SIZE = 8   # patches kept in memory: a rollout moves a fleet from one or two bases
 _cache: OrderedDict[str, bytes] = OrderedDict()   # patch sha256 -> bytes, shared by all jobs
 
 
-def header(base: bytes, new: bytes, wbits: int) -> bytes:
-    return struct.pack(device_delta.HEADER, device_delta.MAGIC, device_delta.FORMAT, wbits,
+def header(base: bytes, new: bytes, wbits: int, fmt: int = device_delta.FORMAT) -> bytes:
+    return struct.pack(device_delta.HEADER, device_delta.MAGIC, fmt, wbits,
                        len(base), hashlib.sha256(base).digest(), len(new), hashlib.sha256(new).digest())
 
 
@@ -90,10 +90,16 @@ def fota_records(base: bytes, new: bytes, copy_run: int = DEFAULT_COPY_RUN):
 
 
 def encode(base: bytes, new: bytes, wbits: int = DEFAULT_WBITS, level: int = 9,
-           copy_run: int = DEFAULT_COPY_RUN) -> bytes:
-    """The patch that turns `base` into `new`, for a decoder with a 2**wbits-byte window."""
+           copy_run: int = DEFAULT_COPY_RUN, fmt: int = device_delta.FORMAT) -> bytes:
+    """The patch that turns `base` into `new`, for a decoder with a 2**wbits-byte window:
+    format 1 (deflate) or 2 (range-coded, docs/delta.md §5)."""
     if not device_delta.MIN_WBITS <= wbits <= device_delta.MAX_WBITS:
         raise ValueError(f"wbits must be {device_delta.MIN_WBITS}..{device_delta.MAX_WBITS}")
+    if fmt == device_delta.RC_FORMAT:
+        from fota.server.delta_rc import encode_records
+        return header(base, new, wbits, fmt) + encode_records(base, fota_records(base, new, copy_run), wbits)
+    if fmt != device_delta.FORMAT:
+        raise ValueError(f"unknown patch format {fmt}")
     z = zlib.compressobj(level, zlib.DEFLATED, -wbits, 9)
     out = [header(base, new, wbits)]
     for copy, diff, extra, seek, dbytes, ebytes in fota_records(base, new, copy_run):
@@ -112,15 +118,18 @@ class DeltaInfo:
         self.base_sha256 = row.base_sha256
         self.base_size = row.base_size
         self.target_sha256 = row.target_sha256
-        self.wbits = row.wbits
+        self.wbits, self.format = row.wbits, row.format
         self.size = row.size
         self.sha256 = row.sha256
         self.data = data
 
     def descriptor(self) -> dict:
         """The `delta` object of the update command (docs/protocol.md §4.1)."""
-        return {"base_sha256": self.base_sha256, "base_size": self.base_size, "size": self.size,
-                "sha256": self.sha256, "wbits": self.wbits}
+        d = {"base_sha256": self.base_sha256, "base_size": self.base_size, "size": self.size,
+             "sha256": self.sha256, "wbits": self.wbits}
+        if self.format != device_delta.FORMAT:
+            d["format"] = self.format   # absent: format 1, as agents before format 2 expect
+        return d
 
 
 def _lock(key) -> threading.Lock:
@@ -129,24 +138,24 @@ def _lock(key) -> threading.Lock:
 
 
 def get_delta(store: Store, blobs_dir: Path, base: Release, target: Release, wbits: int,
-              read_blob) -> DeltaInfo | None:
-    """The patch from `base` to `target` at window 2**wbits, computed once and cached (a row in
-    `deltas`, the bytes in the blob store). None when a patch is not worth it (not smaller than
-    the full image) or not possible (different kinds, an encrypted release)."""
+              read_blob, fmt: int = device_delta.FORMAT) -> DeltaInfo | None:
+    """The patch from `base` to `target` at window 2**wbits in format `fmt`, computed once and
+    cached (a row in `deltas`, the bytes in the blob store). None when a patch is not worth it
+    (not smaller than the full image) or not possible (different kinds, an encrypted release)."""
     if base.kind != target.kind or base.enc_key or target.enc_key or base.sha256 == target.sha256:
         return None
-    key = (base.sha256, target.sha256, wbits)
+    key = (base.sha256, target.sha256, wbits, fmt)
     with _lock(key):
         with store.session() as s:
             row = s.scalar(select(Delta).where(Delta.base_sha256 == base.sha256,
                                                Delta.target_sha256 == target.sha256,
-                                               Delta.wbits == wbits))
+                                               Delta.wbits == wbits, Delta.format == fmt))
         if row is None:
-            data = encode(read_blob(base), read_blob(target), wbits)
+            data = encode(read_blob(base), read_blob(target), wbits, fmt=fmt)
             sha = hashlib.sha256(data).hexdigest()
             path = write_blob(Path(blobs_dir), data, sha)
             row = Delta(base_sha256=base.sha256, base_size=base.size, target_sha256=target.sha256,
-                        wbits=wbits, size=len(data), sha256=sha, blob_path=str(path.resolve()))
+                        wbits=wbits, format=fmt, size=len(data), sha256=sha, blob_path=str(path.resolve()))
             try:
                 with store.session() as s:
                     s.add(row)
@@ -154,9 +163,9 @@ def get_delta(store: Store, blobs_dir: Path, base: Release, target: Release, wbi
                 with store.session() as s:
                     row = s.scalar(select(Delta).where(Delta.base_sha256 == base.sha256,
                                                        Delta.target_sha256 == target.sha256,
-                                                       Delta.wbits == wbits))
-            log.info("delta %s -> %s (2**%d): %d bytes for a %d-byte image", base.version,
-                     target.version, wbits, len(data), target.size)
+                                                       Delta.wbits == wbits, Delta.format == fmt))
+            log.info("delta %s -> %s (format %d, 2**%d): %d bytes for a %d-byte image", base.version,
+                     target.version, fmt, wbits, len(data), target.size)
         if row.size >= target.size:
             return None
         data = _cached(row.sha256)
@@ -168,7 +177,7 @@ def get_delta(store: Store, blobs_dir: Path, base: Release, target: Release, wbi
             data = b""
         if hashlib.sha256(data).hexdigest() != row.sha256:
             # Lost or damaged in the blob store: recompute rather than serve a bad patch.
-            data = encode(read_blob(base), read_blob(target), wbits)
+            data = encode(read_blob(base), read_blob(target), wbits, fmt=fmt)
             if hashlib.sha256(data).hexdigest() != row.sha256:
                 log.error("delta %s -> %s cannot be reproduced; full image", base.version, target.version)
                 return None

@@ -19,7 +19,8 @@ from fota.server.store.inlists import chunks
 __all__ = ["ACTIVE", "CANCEL", "CANCELLED", "DONE", "FINAL_STATES", "HISTORY_LIMIT", "HISTORY_MAX_LIMIT", "PENDING",
            "SENT", "TERMINAL_STATES", "TIMED_OUT", "UPDATE", "DeploymentError", "DeploymentNotFound",
            "DeploymentStateError", "cancel_deployment", "create_deployment", "deployment_summary", "device_history",
-           "expire_jobs", "finish_deployments", "history_page", "list_deployments"]
+           "expire_jobs", "finish_deployments", "history_page", "list_deployments",
+           "recent_deployments"]
 
 # Job states on the server side: 'pending' (not yet sent), 'sent', then the device's states,
 # or 'timed_out' (set by the control center: no final status within the deployment's timeout).
@@ -230,6 +231,14 @@ def list_deployments(store: Store) -> list[Deployment]:
     """All deployments, oldest first."""
     with store.session() as s:
         return list(s.scalars(select(Deployment).order_by(Deployment.id)))
+
+
+def recent_deployments(store: Store, limit: int = 20) -> list[dict[str, Any]]:
+    """The newest ``limit`` deployments, newest first: id, release version, state, created_at."""
+    with store.session() as s:
+        rows = s.scalars(select(Deployment).order_by(Deployment.id.desc()).limit(limit))
+        return [{"id": d.id, "release": d.release.version, "state": d.state, "created_at": d.created_at}
+                for d in rows]
 
 
 def deployment_summary(store: Store, deployment_id: int) -> dict[str, Any]:

@@ -5,7 +5,9 @@
                             listener: the control center), server_password, broker_tls,
                             broker_cafile/certfile/keyfile, broker_listen ("ADDR[:PORT]" of the
                             device listener; beyond loopback it implies broker_tls), broker_hostname
-                            (the name or IP boards connect to: in the server certificate) (0600)
+                            (the name or IP boards connect to: in the server certificate),
+                            homeassistant (fota ha: enabled, installs, tag, discovery_prefix,
+                            release_url, password_hash of its broker account) (0600)
     <home>/fota.db          SQLite database (default)
     <home>/keys/            root.pem (pinned on devices; offline in production), signing.pem
                             (signs manifests and commands), trust.json, keys-update.json
@@ -30,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from fota.server.broker import (LOOPBACK, SERVER_USER, TLS_PORT, connect_host, free_port, is_loopback,
-                                parse_listen, write_broker_passwords)
+from fota.server.broker import (HOMEASSISTANT_USER, LOOPBACK, SERVER_USER, TLS_PORT, connect_host, free_port,
+                                is_loopback, parse_listen, write_broker_acl, write_broker_passwords)
 from fota.server.credentials import mosquitto_hash, new_password
 from fota.tools.private import private_dir, private_tree, write_private
 
@@ -290,6 +292,44 @@ class Home:
         cafile = self.broker_cafile
         return ca_der(cafile) if cafile else None
 
+    # ---- Home Assistant ----------------------------------------------------------------------
+    def homeassistant(self) -> dict:
+        """config.json's "homeassistant" block ({} when never enabled)."""
+        return dict(self.config().get("homeassistant") or {})
+
+    def save_homeassistant(self, block: dict) -> None:
+        cfg = self.config()
+        cfg["homeassistant"] = block
+        self.save_config(cfg)
+
+    def homeassistant_settings(self):
+        """The center's fota.server.homeassistant.HomeAssistantSettings, None when not enabled.
+        Whether installs are allowed is read from config.json at each use (fota ha installs)."""
+        from fota.server.homeassistant import DEFAULT_PREFIX, DEFAULT_TAG, HomeAssistantSettings
+        block = self.homeassistant()
+        if not block.get("enabled"):
+            return None
+        return HomeAssistantSettings(tag=block.get("tag") or DEFAULT_TAG,
+                                     discovery_prefix=block.get("discovery_prefix") or DEFAULT_PREFIX,
+                                     installs=lambda: bool(self.homeassistant().get("installs")),
+                                     release_url=block.get("release_url"))
+
+    def broker_acl_extra(self) -> tuple[str, str]:
+        """The managed broker's ACL lines beyond the devices' and the server's: Home Assistant's."""
+        from fota.server.homeassistant import DEFAULT_PREFIX, broker_acl
+        block = self.homeassistant()
+        if not block.get("enabled"):
+            return "", ""
+        return broker_acl(HOMEASSISTANT_USER, block.get("discovery_prefix") or DEFAULT_PREFIX)
+
+    def sync_broker_acl(self) -> None:
+        """Rewrite the managed broker's ACL files (Home Assistant enabled or not) and reload it."""
+        if not self.managed_broker:
+            return
+        private_dir(self.broker_dir)
+        write_broker_acl(self.broker_dir, self.broker_acl_extra())
+        self._reload_broker()
+
     # ---- managed broker credentials ---------------------------------------------------------
     def sync_broker_passwords(self, store) -> None:
         """Write the managed broker's password file from the database and make a running
@@ -307,7 +347,11 @@ class Home:
         server_hash = mosquitto_hash(self.config()["server_password"])
         with open(self.broker_dir / "passwords.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (or the process dies)
-            write_broker_passwords(self.broker_dir, broker_password_hashes(store, server_hash))
+            hashes = broker_password_hashes(store, server_hash)
+            ha = self.homeassistant()
+            if ha.get("enabled") and ha.get("password_hash"):
+                hashes[HOMEASSISTANT_USER] = ha["password_hash"]
+            write_broker_passwords(self.broker_dir, hashes)
             self._reload_broker()
 
     def _reload_broker(self) -> None:

@@ -109,15 +109,28 @@ class DeviceProcess:
         env["MICROPYPATH"] = self.micropypath
         return env
 
+    def cwd(self) -> Path | None:
+        """The process's working directory (None: this one's)."""
+        return None
+
     def _spawn(self) -> subprocess.Popen:
         log = open(self.log_path, "ab")
         try:
             return subprocess.Popen([self.executable or find_micropython(), "-X", f"heapsize={self.heap}",
-                                     *self.arguments()], env=self.environment(), stdout=log,
+                                     *self.arguments()], cwd=self.cwd(), env=self.environment(), stdout=log,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, process_group=0,
                                     preexec_fn=_die_with_parent(os.getpid()) if self.die_with_parent else None)
         finally:
             log.close()
+
+    def after_exit(self, code: int) -> bool:
+        """Record how the agent ended; True to start it again. The unix port: a clean exit ends
+        supervision, anything else (a reboot, a crash, a kill) restarts it, up to max_restarts."""
+        self.exits.append(code)
+        if code == 0 or self._stop.is_set() or len(self.exits) > self.max_restarts:
+            return False
+        time.sleep(self.restart_delay if code == REBOOT_EXIT else self.restart_delay * 4)
+        return True
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -127,13 +140,8 @@ class DeviceProcess:
                 self._proc = self._spawn()
                 self.starts += 1
                 self.started_at = time.monotonic()
-            code = self._proc.wait()
-            self.exits.append(code)
-            if code == 0 or self._stop.is_set():
+            if not self.after_exit(self._proc.wait()):
                 break
-            if len(self.exits) > self.max_restarts:
-                break
-            time.sleep(self.restart_delay if code == REBOOT_EXIT else self.restart_delay * 4)
 
     def start(self) -> "DeviceProcess":
         """Start the agent (again after stop(): a device that was switched off)."""

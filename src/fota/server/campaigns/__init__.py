@@ -15,6 +15,7 @@ from fota.server.campaigns.ops import (
     get_campaign,
     list_campaigns,
     pause_campaign,
+    preview_campaign,
     resume_campaign,
     start_campaign,
 )
@@ -22,5 +23,5 @@ from fota.server.campaigns.spec import CampaignError, CampaignNotFound, Campaign
 
 __all__ = ["CampaignEngine", "CampaignError", "CampaignNotFound", "CampaignSpec", "CampaignStateError", "abort_campaign", "campaign_summary",
            "check_campaign_key",
-           "create_campaign", "get_campaign", "list_campaigns", "pause_campaign", "resume_campaign",
+           "create_campaign", "get_campaign", "list_campaigns", "pause_campaign", "preview_campaign", "resume_campaign",
            "start_campaign"]

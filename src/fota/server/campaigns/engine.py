@@ -16,6 +16,7 @@ import logging
 import math
 from collections import Counter, defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import and_, func, insert, or_, select, update
@@ -29,7 +30,7 @@ from fota.server.deployments import PENDING, SENT, TERMINAL_STATES
 from fota.server.store import Campaign, CampaignDevice, Device, Job, Release, StatusEvent, Store, utcnow
 from fota.server.store.inlists import chunks
 
-__all__ = ["CampaignEngine", "cancel_downloads", "target_devices", "PHASES"]
+__all__ = ["CampaignEngine", "TargetPlan", "cancel_downloads", "plan_targets", "target_devices", "PHASES"]
 
 log = logging.getLogger(__name__)
 
@@ -71,19 +72,22 @@ def _order(campaign_id: int, device_id: str) -> str:
     return hashlib.sha256(f"{campaign_id}:{device_id}".encode()).hexdigest()
 
 
-def _held_by_older(s: Session, campaign: Campaign, device_ids: list[str]) -> dict[str, str]:
-    """device id -> name of an older active campaign that has not settled the device."""
+def _held_by_older(s: Session, campaign_id: int | None, device_ids: list[str]) -> dict[str, str]:
+    """device id -> name of an older active campaign that has not settled the device (campaign_id
+    None: a campaign not created yet, younger than every other)."""
     held: dict[str, str] = {}
     for ids in chunks(device_ids):
-        rows = s.execute(select(CampaignDevice.device_id, Campaign.name)
-                         .join(Campaign, Campaign.id == CampaignDevice.campaign_id)
-                         .where(CampaignDevice.device_id.in_(ids), CampaignDevice.campaign_id < campaign.id,
-                                CampaignDevice.state.in_(S.UNSETTLED), Campaign.state.in_(S.ACTIVE)))
-        held.update((device_id, name) for device_id, name in rows)
+        query = (select(CampaignDevice.device_id, Campaign.name)
+                 .join(Campaign, Campaign.id == CampaignDevice.campaign_id)
+                 .where(CampaignDevice.device_id.in_(ids), CampaignDevice.state.in_(S.UNSETTLED),
+                        Campaign.state.in_(S.ACTIVE)))
+        if campaign_id is not None:
+            query = query.where(CampaignDevice.campaign_id < campaign_id)
+        held.update((device_id, name) for device_id, name in s.execute(query))
     return held
 
 
-def _eligibility(campaign: Campaign, release: Release, device, held: dict[str, str]) -> str | None:
+def _eligibility(release: Release, device, held: dict[str, str]) -> str | None:
     """Why ``device`` is skipped, or None if this campaign may drive it."""
     if device.hardware not in release.hardware:
         return f"hardware {device.hardware} not in the release's {', '.join(release.hardware)}"
@@ -98,21 +102,29 @@ def _eligibility(campaign: Campaign, release: Release, device, held: dict[str, s
     return None
 
 
-def target_devices(s: Session, campaign: Campaign, spec: CampaignSpec, now: datetime,
-                   late: bool = False) -> int:
-    """Add the devices matching the filter that the campaign does not have yet; returns how many.
+@dataclass
+class TargetPlan:
+    """What targeting finds: devices the campaign drives (with their wave index) and those it
+    skips (with the reason). The same plan makes a campaign's preview and its start."""
 
-    At start (late=False) they are spread over the waves; late joiners (dynamic targeting)
-    join the current wave. Devices of other hardware than the release's are never added.
-    """
-    release = campaign.release
-    hardware = [h for h in release.hardware if not spec.filter.hardware or h in spec.filter.hardware]
-    if not hardware:
-        return 0
+    eligible: list = field(default_factory=list)       # device rows (id, hardware, version, online, tags, inventory)
+    waves: list[int] = field(default_factory=list)     # wave index per eligible device
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (device id, reason)
+
+
+def plan_targets(s: Session, campaign_id: int | None, release: Release, spec: CampaignSpec,
+                 late_wave: int | None = None) -> TargetPlan:
+    """The devices matching the filter that campaign ``campaign_id`` does not have yet (None: a
+    campaign not created yet, for a preview), spread over the waves (late_wave given: all join
+    that wave). Devices of another hardware type than the release's are skipped with the reason,
+    never driven."""
     # Plain rows, not ORM objects: a campaign may target tens of thousands of devices.
-    query = select(Device.id, Device.hardware, Device.version, Device.online, Device.tags,
-                   Device.inventory).where(Device.hardware.in_(hardware), ~select(CampaignDevice.id).where(
-        CampaignDevice.campaign_id == campaign.id, CampaignDevice.device_id == Device.id).exists())
+    query = select(Device.id, Device.hardware, Device.version, Device.online, Device.tags, Device.inventory)
+    if campaign_id is not None:
+        query = query.where(~select(CampaignDevice.id).where(
+            CampaignDevice.campaign_id == campaign_id, CampaignDevice.device_id == Device.id).exists())
+    if spec.filter.hardware:
+        query = query.where(Device.hardware.in_(spec.filter.hardware))
     if spec.filter.versions:
         query = query.where(Device.version.in_(spec.filter.versions))
     if spec.filter.online is not None:
@@ -121,25 +133,35 @@ def target_devices(s: Session, campaign: Campaign, spec: CampaignSpec, now: date
     queries = [query.where(Device.id.in_(ids)) for ids in chunks(sorted(spec.filter.device_set))] \
         if spec.filter.devices else [query]
     devices = sorted((d for q in queries for d in s.execute(q) if spec.filter.matches(d)),
-                     key=lambda d: _order(campaign.id, d.id))
-    rows: list[dict] = []
-    eligible: list = []
-    held = _held_by_older(s, campaign, [d.id for d in devices]) if devices else {}
+                     key=lambda d: _order(campaign_id or 0, d.id))
+    plan = TargetPlan()
+    held = _held_by_older(s, campaign_id, [d.id for d in devices]) if devices else {}
     for device in devices:
-        why = _eligibility(campaign, release, device, held)
+        why = _eligibility(release, device, held)
         if why is None:
-            eligible.append(device)
+            plan.eligible.append(device)
         else:
-            rows.append({"campaign_id": campaign.id, "device_id": device.id, "wave": campaign.wave,
-                         "state": S.SKIPPED, "reason": why, "attempts": 0, "updated_at": now})
-    waves = [campaign.wave] * len(eligible) if late else _assign_waves(spec, eligible)
-    for device, wave in zip(eligible, waves):
-        rows.append({"campaign_id": campaign.id, "device_id": device.id, "wave": wave, "state": S.QUEUED,
-                     "reason": None, "attempts": 0, "updated_at": now})
+            plan.skipped.append((device.id, why))
+    plan.waves = [late_wave] * len(plan.eligible) if late_wave is not None else _assign_waves(spec, plan.eligible)
+    return plan
+
+
+def target_devices(s: Session, campaign: Campaign, spec: CampaignSpec, now: datetime,
+                   late: bool = False) -> int:
+    """Add the devices matching the filter that the campaign does not have yet; returns how many.
+
+    At start (late=False) they are spread over the waves; late joiners (dynamic targeting)
+    join the current wave. Devices of other hardware than the release's are added as skipped.
+    """
+    plan = plan_targets(s, campaign.id, campaign.release, spec, campaign.wave if late else None)
+    rows = [{"campaign_id": campaign.id, "device_id": device_id, "wave": campaign.wave,
+             "state": S.SKIPPED, "reason": why, "attempts": 0, "updated_at": now} for device_id, why in plan.skipped]
+    rows += [{"campaign_id": campaign.id, "device_id": device.id, "wave": wave, "state": S.QUEUED,
+              "reason": None, "attempts": 0, "updated_at": now} for device, wave in zip(plan.eligible, plan.waves)]
     if rows:
         s.execute(insert(CampaignDevice), rows)
-    if late and eligible:
-        log.info("campaign %s: %d late device(s) joined wave %d", campaign.name, len(eligible), campaign.wave + 1)
+    if late and plan.eligible:
+        log.info("campaign %s: %d late device(s) joined wave %d", campaign.name, len(plan.eligible), campaign.wave + 1)
     return len(rows)
 
 
@@ -261,6 +283,15 @@ class CampaignEngine:
                 c.state = S.advance(c.state, "nothing_in_flight")
                 c.finished_at = now
                 log.info("campaign %s aborted; nothing in flight any more", c.name)
+            return
+        if c.state == S.PAUSED and not spec.dynamic and not any(
+                counts[w][st] for w in counts for st in S.UNSETTLED):
+            # Nothing is left that resume could start: the campaign is over, with why it was
+            # paused kept in its reason (docs/campaigns.md §6). A dynamic one stays paused.
+            c.state = S.advance(c.state, "all_settled")
+            c.finished_at = now
+            c.reason = f"every device settled while paused ({c.reason or 'paused'})"
+            log.info("campaign %s: %s", c.name, c.reason)
             return
         if self._failure_threshold(s, c, spec, counts, now):
             return

@@ -7,7 +7,7 @@ the same transaction (``fota.server.audit.transaction``).
 from __future__ import annotations
 
 from collections import Counter
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
@@ -16,14 +16,15 @@ from sqlalchemy.orm import Session
 from fota.server import names
 from fota.server.campaigns import pacing
 from fota.server.campaigns import states as S
-from fota.server.campaigns.engine import cancel_downloads, target_devices
+from fota.server.campaigns.engine import cancel_downloads, plan_targets, target_devices
 from fota.server.campaigns.spec import CampaignError, CampaignNotFound, CampaignSpec
 from fota.server.deployments import ACTIVE as DEPLOYMENT_ACTIVE
 from fota.server.releases import ReleaseError, check_release_key, get_release
-from fota.server.store import Campaign, CampaignDevice, Deployment, Job, Release, Store, utcnow
+from fota.server.store import Campaign, CampaignDevice, Deployment, Device, Job, Release, Store, utcnow
+from fota.server.store.inlists import chunks
 
 __all__ = ["abort_campaign", "campaign_summary", "check_campaign_key", "create_campaign", "get_campaign", "list_campaigns",
-           "pause_campaign", "resume_campaign", "start_campaign"]
+           "pause_campaign", "preview_campaign", "resume_campaign", "start_campaign"]
 
 
 def _load(s: Session, ref: str | int, lock: bool = False) -> Campaign:
@@ -52,28 +53,87 @@ def list_campaigns(store: Store) -> list[Campaign]:
         return list(s.scalars(select(Campaign).order_by(Campaign.id)))
 
 
+def _unknown_targets(s: Session, spec: CampaignSpec) -> list[str]:
+    """What the spec names that the fleet does not have: device ids, tags no device carries."""
+    ids = sorted(set(spec.filter.devices).union(*(w.devices for w in spec.waves)))
+    found: set[str] = set()
+    for chunk in chunks(ids):
+        found.update(s.scalars(select(Device.id).where(Device.id.in_(chunk))))
+    problems = []
+    unknown = [i for i in ids if i not in found]
+    if unknown:
+        problems.append(f"unknown device(s): {', '.join(unknown)}")
+    tags = sorted(set(spec.filter.tags).union(w.tag for w in spec.waves if w.tag))
+    if tags:
+        carried: set[str] = set()
+        for device_tags in s.scalars(select(Device.tags)):
+            carried.update(device_tags or [])
+        problems += [f"no device has tag {tag!r}" for tag in tags if tag not in carried]
+    return problems
+
+
+def _validated(s: Session, store: Store, name: str, release: Release | str | int, spec: dict[str, Any] | None,
+               trust: dict | None) -> tuple[CampaignSpec, Release, list[str]]:
+    """The checks of create_campaign (also run by its preview): the spec, the name not taken, the
+    release and its key, the hardware filter, the devices and tags named. Returns the parsed spec,
+    the release and, for a dynamic campaign, what it names that is not in the fleet yet (a static
+    campaign naming it is refused, as `fota deploy` is)."""
+    names.check(name, names.CAMPAIGN_NAME, "campaign name", CampaignError)
+    parsed = CampaignSpec.parse(spec)
+    if s.scalar(select(Campaign.id).where(Campaign.name == name)) is not None:
+        raise CampaignError(f"a campaign named {name!r} exists")
+    if not isinstance(release, Release):
+        try:
+            release = get_release(store, release)
+        except ReleaseError as exc:
+            raise CampaignError(str(exc)) from None
+    if trust is not None:
+        _check_key(release, trust)
+    unknown_hw = [h for h in parsed.filter.hardware if h not in release.hardware]
+    if parsed.filter.hardware and len(unknown_hw) == len(parsed.filter.hardware):
+        raise CampaignError(f"release {release.version} is for hardware {', '.join(release.hardware)}; "
+                            f"the filter asks only for {', '.join(parsed.filter.hardware)}")
+    unknown = _unknown_targets(s, parsed)
+    if unknown and not parsed.dynamic:
+        raise CampaignError("; ".join(unknown) + " (a dynamic campaign would wait for them)")
+    return parsed, release, unknown
+
+
+def _preview(s: Session, campaign_id: int | None, release: Release, spec: CampaignSpec,
+             unknown: list[str]) -> dict[str, Any]:
+    """What starting the campaign now would do: targeted devices per wave, skipped ones by reason."""
+    plan = plan_targets(s, campaign_id, release, spec)
+    sizes = Counter(plan.waves)
+    return {"targeted": len(plan.eligible), "offline": sum(1 for d in plan.eligible if not d.online),
+            "skipped": _by_reason(why for _, why in plan.skipped),
+            "waves": [{"wave": i + 1, "devices": sizes[i]} for i in range(len(spec.waves))],
+            "unknown": unknown}
+
+
+def _by_reason(reasons) -> list[dict[str, Any]]:
+    """Skipped devices grouped by their reason, the largest group first."""
+    return [{"reason": why, "devices": n} for why, n in sorted(Counter(reasons).items(), key=lambda x: (-x[1], x[0]))]
+
+
+def preview_campaign(store: Store, name: str, release: Release | str | int, spec: dict[str, Any] | None = None,
+                     trust: dict | None = None) -> dict[str, Any]:
+    """create_campaign's checks and what starting it now would target, without creating it:
+    ``{"targeted", "offline", "skipped": [{"reason", "devices"}], "waves": [{"wave", "devices"}],
+    "unknown"}`` (unknown: device ids and tags a dynamic campaign names that no device has yet)."""
+    with store.session() as s:
+        parsed, rel, unknown = _validated(s, store, name, release, spec, trust)
+        return _preview(s, None, rel, parsed, unknown)
+
+
 def create_campaign(store: Store, name: str, release: Release | str | int, spec: dict[str, Any] | None = None,
                     trust: dict | None = None) -> Campaign:
     """A draft campaign of ``release`` (nothing is sent before ``start_campaign``).
 
     trust: the keyring's trust document; given, a release signed by a key devices refuse is
-    refused (releases.check_release_key)."""
-    names.check(name, names.CAMPAIGN_NAME, "campaign name", CampaignError)
-    parsed = CampaignSpec.parse(spec)
+    refused (releases.check_release_key). A static campaign naming a device id or a tag the
+    fleet does not have is refused (CampaignError)."""
     with store.session() as s:
-        if s.scalar(select(Campaign.id).where(Campaign.name == name)) is not None:
-            raise CampaignError(f"a campaign named {name!r} exists")
-        if not isinstance(release, Release):
-            try:
-                release = get_release(store, release)
-            except ReleaseError as exc:
-                raise CampaignError(str(exc)) from None
-        if trust is not None:
-            _check_key(release, trust)
-        unknown_hw = [h for h in parsed.filter.hardware if h not in release.hardware]
-        if parsed.filter.hardware and len(unknown_hw) == len(parsed.filter.hardware):
-            raise CampaignError(f"release {release.version} is for hardware {', '.join(release.hardware)}; "
-                                f"the filter asks only for {', '.join(parsed.filter.hardware)}")
+        parsed, release, _ = _validated(s, store, name, release, spec, trust)
         deployment = Deployment(release_id=release.id, target={"campaign": name}, state=DEPLOYMENT_ACTIVE)
         s.add(deployment)
         s.flush()
@@ -163,9 +223,31 @@ def abort_campaign(store: Store, ref: str | int, now: datetime | None = None) ->
         return c
 
 
+FINISHED = (S.ABORTING, S.ABORTED, S.DONE)  # no device starts any more: the window no longer matters
+
+
+def _eta(c: Campaign, rows: list[CampaignDevice], now: datetime) -> datetime | None:
+    """When the campaign may end at the pace devices settled so far (a linear estimate; None while
+    it is not running or before the first device settled). Window closures, approvals and pauses
+    to come are not foreseen."""
+    if c.state != S.RUNNING or c.started_at is None:
+        return None
+    settled = sum(1 for r in rows if r.state in (S.SUCCEEDED, S.FAILED, S.CANCELLED))
+    left = sum(1 for r in rows if r.state in S.UNSETTLED)
+    if not settled or not left:
+        return None
+    return now + (now - c.started_at) * left / settled
+
+
 def campaign_summary(store: Store, ref: str | int, devices: bool = True, now: datetime | None = None,
+                     device_states: list[str] | None = None, device_wave: int | None = None,
                      ) -> dict[str, Any]:
-    """State, per-wave counts and (optionally) every device's state, as plain data."""
+    """State, per-wave counts and (optionally) every device's state, as plain data.
+
+    device_states, device_wave (1-based): list only the devices in one of these states, of that
+    wave (the counts stay whole). A draft has a ``preview`` (preview_campaign); ``skipped`` groups
+    the skipped devices by reason; ``eta`` and ``probation_ends_at`` are for the operator's clock.
+    """
     now = now or utcnow()
     with store.session() as s:
         c = _load(s, ref)
@@ -176,6 +258,9 @@ def campaign_summary(store: Store, ref: str | int, devices: bool = True, now: da
         # database's bound-parameter cap).
         job_states = dict(s.execute(select(Job.id, Job.state).join(CampaignDevice, CampaignDevice.job_id == Job.id)
                                     .where(CampaignDevice.campaign_id == c.id)).all())
+        probation = timedelta(seconds=spec.probation)
+        ends = {r.id: r.confirmed_at + probation for r in rows
+                if r.state == S.PROBATION and r.confirmed_at is not None}
         waves = []
         for index, wave in enumerate(spec.waves):
             counts = Counter(r.state for r in rows if r.wave == index)
@@ -183,9 +268,13 @@ def campaign_summary(store: Store, ref: str | int, devices: bool = True, now: da
             waves.append({"wave": index + 1, "percent": wave.percent, "devices": wave.devices or None,
                           "tag": wave.tag, "success": wave.success, "failure": wave.failure,
                           "approval": wave.approval, "total": total, "counts": dict(counts),
-                          "current": index == c.wave})
+                          "current": index == c.wave,
+                          "probation_ends_at": max((ends[r.id] for r in rows if r.wave == index and r.id in ends),
+                                                   default=None)})
         total = sum(1 for r in rows if r.state != S.SKIPPED)
         succeeded = sum(1 for r in rows if r.state == S.SUCCEEDED)
+        starts_ahead = c.state not in FINISHED  # else no device starts any more: no window to show
+        is_open = pacing.window_open(spec.window, now)
         summary = {
             "id": c.id, "name": c.name, "release": c.release.version, "state": c.state,
             "wave": c.wave + 1, "waves_total": len(spec.waves), "reason": c.reason,
@@ -193,14 +282,20 @@ def campaign_summary(store: Store, ref: str | int, devices: bool = True, now: da
             "finished_at": c.finished_at, "spec": c.spec, "total": total,
             "counts": dict(Counter(r.state for r in rows)),
             "progress": succeeded / total if total else (1.0 if c.state == S.DONE else 0.0),
-            "window_open": pacing.window_open(spec.window, now),
-            "window_opens_at": (pacing.window_opens_at(spec.window, now)
-                                if spec.window and not pacing.window_open(spec.window, now) else None),
+            "window_open": is_open if starts_ahead else None,
+            "window_opens_at": pacing.window_opens_at(spec.window, now) if starts_ahead and not is_open else None,
+            "probation_ends_at": max(ends.values(), default=None),
+            "eta": _eta(c, rows, now),
+            "skipped": _by_reason(r.reason or "" for r in rows if r.state == S.SKIPPED),
+            "preview": _preview(s, c.id, c.release, spec, _unknown_targets(s, spec)) if c.state == S.DRAFT else None,
             "waves": waves,
         }
         if devices:
             summary["devices"] = [
                 {"device": r.device_id, "wave": r.wave + 1, "state": r.state, "attempts": r.attempts,
                  "job": r.job_id, "job_state": job_states.get(r.job_id), "code": r.code, "reason": r.reason,
-                 "confirmed_at": r.confirmed_at, "updated_at": r.updated_at} for r in rows]
+                 "confirmed_at": r.confirmed_at, "probation_ends_at": ends.get(r.id), "updated_at": r.updated_at}
+                for r in rows
+                if (not device_states or r.state in device_states)
+                and (device_wave is None or r.wave + 1 == device_wave)]
         return summary

@@ -9,7 +9,7 @@ from croniter import croniter
 
 from fota.server.campaigns.spec import Window
 
-__all__ = ["backoff_delay", "starts_allowed", "window_open", "window_opens_at"]
+__all__ = ["backoff_delay", "last_opening", "starts_allowed", "window_open", "window_opens_at"]
 
 
 def window_open(window: Window | None, now: datetime) -> bool:
@@ -17,10 +17,19 @@ def window_open(window: Window | None, now: datetime) -> bool:
     if window is None:
         return True
     local = now.astimezone(ZoneInfo(window.tz))
-    # The latest start at or before now (a start exactly at now counts: croniter's get_prev is
-    # strictly before its base, hence the extra second).
+    return local < last_opening(window, local) + timedelta(minutes=window.minutes)
+
+
+def last_opening(window: Window, local: datetime) -> datetime:
+    """The latest cron time at or before ``local`` (a start exactly at ``local`` counts).
+
+    croniter's get_prev is strictly before its base, hence the base a second later; but from
+    01:59:59.5 that finds 02:00:00, which is still ahead: then the one before ``local`` itself
+    (else devices started up to a second before the window opened)."""
     start = croniter(window.cron, local + timedelta(seconds=1)).get_prev(datetime)
-    return local < start + timedelta(minutes=window.minutes)
+    if start > local:
+        start = croniter(window.cron, local).get_prev(datetime)
+    return start
 
 
 def window_opens_at(window: Window, now: datetime) -> datetime:

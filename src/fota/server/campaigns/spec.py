@@ -165,7 +165,9 @@ class Wave:
         return frozenset(self.devices)
 
     @classmethod
-    def parse(cls, data: Any, success: float, failure: float) -> Wave:
+    def parse(cls, data: Any, success: float | None, failure: float) -> Wave:
+        """success None: not given for the campaign, so 100 - the wave's failure threshold (a
+        wave that tolerates 5 % failures goes on with 95 % succeeded)."""
         if isinstance(data, (int, float)) and not isinstance(data, bool):
             data = {"percent": data}
         if not isinstance(data, dict):
@@ -183,9 +185,27 @@ class Wave:
         approval = data.get("approval", False)
         if not isinstance(approval, bool):
             raise CampaignError("wave approval must be true or false")
+        wave_failure = _number(data, "failure", failure, 0.0, 100.0)
+        wave_success = _number(data, "success", 100.0 - wave_failure if success is None else success, 0.0, 100.0)
         return cls(percent, _strings(data.get("devices"), "wave devices", names.DEVICE_ID), tag,
-                   _number(data, "success", success, 0.0, 100.0), _number(data, "failure", failure, 0.0, 100.0),
-                   approval)
+                   wave_success, wave_failure, approval)
+
+
+CRON_FIELDS = "minute hour day-of-month month day-of-week"
+
+
+def _five_fields(cron: str) -> None:
+    """Refuse a cron of other than five fields. croniter would read a sixth field as seconds
+    *after* the minute, while Quartz (hawkBit) puts seconds *first*: "0 0 2 * * ?" means 02:00
+    there and something else here, so it is refused with the five-field form to use."""
+    fields = cron.split()
+    if cron.strip().startswith("@") or len(fields) == 5:
+        return
+    hint = ""
+    if len(fields) in (6, 7) and fields[0] == "0" and fields[5] in ("?", "*") and "?" in fields[3:6]:
+        hint = f"; for a Quartz expression (seconds first) drop the seconds and the year: " \
+               f"{' '.join(f.replace('?', '*') for f in fields[1:6])!r}"
+    raise CampaignError(f"window cron {cron!r} has {len(fields)} field(s); it needs 5 ({CRON_FIELDS})" + hint)
 
 
 @dataclass(frozen=True)
@@ -203,7 +223,10 @@ class Window:
         if not isinstance(data, dict) or set(data) - {"cron", "minutes", "tz"}:
             raise CampaignError("window must be {cron, minutes, tz}")
         cron = data.get("cron")
-        if not isinstance(cron, str) or not croniter.is_valid(cron):
+        if not isinstance(cron, str):
+            raise CampaignError("window cron must be a text like '0 2 * * *'")
+        _five_fields(cron)
+        if not croniter.is_valid(cron):
             raise CampaignError(f"window cron {cron!r} is not a valid cron expression")
         minutes = _number(data, "minutes", None, 1, 7 * 24 * 60, integer=True)
         if minutes is None:
@@ -240,7 +263,7 @@ class CampaignSpec:
         unknown = set(data) - known
         if unknown:
             raise CampaignError(f"unknown campaign field(s): {', '.join(sorted(unknown))}")
-        success = _number(data, "success", 100.0, 0.0, 100.0)
+        success = _number(data, "success", None, 0.0, 100.0)  # None: 100 - failure, per wave
         failure = _number(data, "failure", 0.0, 0.0, 100.0)
         raw_waves = data.get("waves", list(DEFAULT_WAVES))
         if not isinstance(raw_waves, list) or not raw_waves:

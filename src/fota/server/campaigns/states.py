@@ -30,6 +30,7 @@ TRANSITIONS = (
     (RUNNING, "all_settled", DONE),
     (RUNNING, "abort", ABORTING),
     (PAUSED, "resume", RUNNING),
+    (PAUSED, "all_settled", DONE),               # nothing left to start (not dynamic)
     (PAUSED, "abort", ABORTING),
     (PAUSED, "failure_threshold_abort", ABORTING),
     (WAITING, "resume", RUNNING),
@@ -48,7 +49,7 @@ PROBATION = "probation"    # confirmed; must stay healthy for the probation time
 RETRY = "retry"            # an attempt failed or timed out; next attempt after a back-off
 SUCCEEDED = "succeeded"    # confirmed and healthy through probation
 FAILED = "failed"          # failed (reverted, unhealthy, out of retries, permanent error)
-SKIPPED = "skipped"        # not driven by this campaign (held by an older one, version too old)
+SKIPPED = "skipped"        # not driven: other hardware, held by an older campaign, version too old or current
 CANCELLED = "cancelled"    # the campaign was aborted before the device finished
 
 DEVICE_STATES = (QUEUED, IN_FLIGHT, PROBATION, RETRY, SUCCEEDED, FAILED, SKIPPED, CANCELLED)

@@ -19,6 +19,8 @@ each in its own module, each given only what it needs:
 * ``keys`` (``keyring``): a rotation or revocation is picked up within ``keys_interval`` seconds:
   new commands are signed with the new key and the root-signed key update is queued (QoS 1) for
   every device whose trust version is older, asleep or offline too;
+* ``homeassistant`` (fota.server.homeassistant, only when given settings): Home Assistant
+  update entities of the devices that opted in, and their install commands;
 * campaigns: every ``campaign_interval`` seconds one step of each active campaign
   (fota.server.campaigns.CampaignEngine), which adds the jobs the sender then sends and
   ``cancel`` jobs on abort or timeout.
@@ -53,6 +55,7 @@ from fota.server.center.keys import KEYS_INTERVAL, KeyPusher
 from fota.server.center.sender import CommandSender
 from fota.server.center.workgroup import Workgroup
 from fota.server.delta import DEFAULT_WBITS
+from fota.server.homeassistant import HomeAssistantBridge, HomeAssistantSettings, command_filter
 from fota.server.kek import Kek
 from fota.server.retention import DEFAULT_INTERVAL as RETENTION_INTERVAL
 from fota.server.retention import Retention
@@ -133,7 +136,8 @@ class ControlCenter:
                  command_ttl: int = COMMAND_TTL,
                  kek: Kek | None = None, keyring: Keyring | None = None, keys_interval: float = KEYS_INTERVAL,
                  status_limiter: StatusLimiter | None = None, retention: Retention | None = Retention(),
-                 retention_interval: float = RETENTION_INTERVAL):
+                 retention_interval: float = RETENTION_INTERVAL,
+                 homeassistant: HomeAssistantSettings | None = None):
         if not protocol.MIN_CHUNK_SIZE <= chunk <= protocol.MAX_CHUNK_SIZE:
             raise ValueError(f"chunk must be {protocol.MIN_CHUNK_SIZE}..{protocol.MAX_CHUNK_SIZE}")
         if not 1 <= window <= protocol.MAX_WINDOW:
@@ -161,7 +165,13 @@ class ControlCenter:
 
         self.db = DbThreads(store)
         fenced = lambda: self.workgroup.fenced  # noqa: E731 (read when asked: fenced later)
-        self.mqtt = CenterConnection(client_id, topic_filters(share_group, client_id), self._on_message, fenced)
+        filters = topic_filters(share_group, client_id)
+        if homeassistant is not None:  # Home Assistant's install commands
+            # Never a retained one from the past (retain handling 2); a live one shows its retain
+            # flag (retain as published): the bridge ignores retained commands.
+            filters.append(((f"$share/{share_group}/" if share_group is not None else "") + command_filter(), 1,
+                            {"retain_handling_options": 2, "retain_as_published": True}))
+        self.mqtt = CenterConnection(client_id, filters, self._on_message, fenced)
         self.workgroup = Workgroup(store, self.db.call, self.mqtt, self._on_message, client_id=client_id,
                                    share_group=share_group, lease=lease, heartbeat_interval=heartbeat_interval)
         self.keys = KeyPusher(store, self.db.call, self.mqtt.publish, signer, keys_update, keyring=keyring,
@@ -178,6 +188,12 @@ class ControlCenter:
             store, self.db.call, self.jobs, self.mqtt, self.keys, client_id=client_id, blobs_dir=self.blobs_dir,
             chunk=chunk, window=window, poll_interval=poll_interval, require_online=require_online,
             delta_wbits=delta_wbits, command_ttl=command_ttl, kek=kek, fenced=fenced)
+        # None unless Home Assistant is enabled: nothing of it on the paths of fleets without it.
+        self.homeassistant = None if homeassistant is None else HomeAssistantBridge(
+            store, self.db.call, self.mqtt.publish, homeassistant)
+        if self.homeassistant is not None:
+            self.intake.on_written = self.homeassistant.touched
+            self.mqtt.on_reconnect = self.homeassistant.republish
         self._tasks: list[asyncio.Task] = []
 
     # ------------------------------------------------------------ lifecycle
@@ -200,6 +216,9 @@ class ControlCenter:
             self._tasks.append(asyncio.create_task(self.workgroup.drain_legacy(), name="fota-drain-legacy"))
         self._tasks.append(asyncio.create_task(self.keys.run(), name="fota-keys"))
         self._tasks.append(asyncio.create_task(self.intake.run_retention(), name="fota-retention"))
+        if self.homeassistant is not None:
+            self.mqtt.subscribe_retained(self.homeassistant.retained_filter(), 1)
+            self._tasks.append(asyncio.create_task(self.homeassistant.run(), name="fota-homeassistant"))
         log.info("control center connected to %s:%s as %s", address.host, address.port, self.client_id)
 
     async def stop(self) -> None:
@@ -236,6 +255,12 @@ class ControlCenter:
         """Returns the PUBACK reason code; gmqtt acknowledges when this returns."""
         if topic.startswith(FORWARD_PREFIX):  # a chunk request another worker handed to us
             await self.chunk_server.serve(topic.rsplit("/", 1)[1], payload, forwarded=True)
+            return ACK_OK
+        if self.homeassistant is not None and self.homeassistant.handles(topic):
+            try:
+                await self.homeassistant.receive(topic, payload, bool((properties or {}).get("retain")))
+            except Exception:
+                log.exception("Home Assistant message on %s could not be handled", topic)
             return ACK_OK
         parts = split_topic(topic)
         if parts is None:

@@ -102,9 +102,10 @@ class BrokerAddress:
 
 
 class CenterConnection:
-    """The center's own session: subscribes to its filters, reconnects, publishes."""
+    """The center's own session: subscribes to its filters ((topic, qos) or (topic, qos, options):
+    options are gmqtt Subscription keywords), reconnects, publishes."""
 
-    def __init__(self, client_id: str, filters: list[tuple[str, int]], on_message: OnMessage,
+    def __init__(self, client_id: str, filters: list[tuple], on_message: OnMessage,
                  fenced: Callable[[], bool]):
         self.client_id = client_id
         self.filters = filters
@@ -112,6 +113,7 @@ class CenterConnection:
         self.fenced = fenced            # declared dead by the other workers: never reconnect
         self.closing = False
         self.client: MQTTClient | None = None
+        self.on_reconnect: Callable[[], None] | None = None  # after each reconnect (not the first connect)
         self._subscribed = asyncio.Event()
 
     async def start(self, address: BrokerAddress, timeout: float) -> None:
@@ -140,12 +142,17 @@ class CenterConnection:
     def connected(self) -> bool:
         return self.client is not None and self.client.is_connected
 
-    def publish(self, topic: str, payload: bytes, qos: int) -> bool:
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> bool:
         """Publish if started (gmqtt queues a QoS 1 message while reconnecting); False if not."""
         if self.client is None:
             return False
-        self.client.publish(topic, payload, qos=qos)
+        self.client.publish(topic, payload, qos=qos, retain=retain)
         return True
+
+    def subscribe_retained(self, topic: str, qos: int) -> None:
+        """An extra subscription that gets the broker's retained messages at every (re)subscribe,
+        even with a kept session (retain handling 0), and not our own publishes (no_local)."""
+        self.client.subscribe(Subscription(topic, qos=qos, no_local=True, retain_handling_options=0))
 
     def publish_qos0(self, topic: str, payloads: list[bytes]) -> None:
         """Several QoS 0 messages to one topic in one write (the chunk server's windows)."""
@@ -159,10 +166,13 @@ class CenterConnection:
         # retain_handling 1: retained inventory/online only for a new subscription, so a
         # reconnect with a kept session does not replay the whole fleet's flags.
         if not client.subscriptions:
-            client.subscribe([Subscription(topic, qos=qos, retain_handling_options=1) for topic, qos in self.filters])
+            client.subscribe([Subscription(topic, qos=qos, **{"retain_handling_options": 1, **dict(*options)})
+                              for topic, qos, *options in self.filters])
         else:
             for sub in client.subscriptions:
                 client.resubscribe(sub)
+            if self.on_reconnect is not None:
+                self.on_reconnect()
         log.info("connected to the broker (session present: %s)", bool(session_present))
 
     def _on_subscribe(self, client: MQTTClient, mid: int, qos: Any, properties: Any) -> None:

@@ -53,6 +53,8 @@ class StatusIntake:
         self.retention = retention
         self.retention_interval = retention_interval
         self.closing = False
+        # Called with the device ids of each committed batch (Home Assistant's entities); None: nobody.
+        self.on_written: Callable[[set[str]], None] | None = None
         # counters (benchmarks, diagnostics)
         self.statuses = 0            # status events stored
         self.duplicates = 0          # status duplicates dropped
@@ -205,6 +207,8 @@ class StatusIntake:
         for job_id, state in result.job_states.items():
             self.set_job_state(job_id, state)
         self._touched.update(item.device_id for item in batch if item.kind == protocol.STATUS)
+        if self.on_written is not None and batch:
+            self.on_written({item.device_id for item in batch})
         self.statuses += result.stored
         self.duplicates += result.duplicates
         for item in batch:

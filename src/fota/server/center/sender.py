@@ -186,9 +186,13 @@ class CommandSender:
                                                    Release.kind == release.kind).order_by(Release.id)).first()
         if base is None or base.sha256 == release.sha256:
             return None
+        formats = inventory.get("delta_formats")
+        # The newest format the device declares (agents before format 2 declare none: format 1).
+        fmt = max((f for f in formats if is_int(f) and f in protocol.DELTA_FORMATS), default=1) \
+            if isinstance(formats, list) else 1
         try:
             return get_delta(self.store, self.blobs_dir, base, release, min(self.delta_wbits, wbits),
-                             partial(release_blob, self.blobs_dir))
+                             partial(release_blob, self.blobs_dir), fmt)
         except Exception:  # a patch is an optimisation: never let it stop the update
             log.exception("delta %s -> %s failed; sending the full image", base.version, release.version)
             return None

@@ -144,18 +144,21 @@ class Release(Base):
 
 
 class Delta(Base):
-    """A cached delta patch from one image (base) to another (target), at one window size.
+    """A cached delta patch from one image (base) to another (target), at one window size, in
+    one format.
 
-    The patch bytes live in the blob store (content-addressed by ``sha256``)."""
+    The patch bytes live in the blob store (content-addressed by ``sha256``); ``wbits`` is its
+    window (2**wbits bytes), ``format`` its patch format (docs/delta.md)."""
 
     __tablename__ = "deltas"
-    __table_args__ = (UniqueConstraint("base_sha256", "target_sha256", "wbits", name="uq_deltas_pair"),)
+    __table_args__ = (UniqueConstraint("base_sha256", "target_sha256", "wbits", "format", name="uq_deltas_pair"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     base_sha256: Mapped[str] = mapped_column(String(64))
     base_size: Mapped[int] = mapped_column(Integer)
     target_sha256: Mapped[str] = mapped_column(String(64))
     wbits: Mapped[int] = mapped_column(Integer)
+    format: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))
     size: Mapped[int] = mapped_column(Integer)
     sha256: Mapped[str] = mapped_column(String(64))
     blob_path: Mapped[str] = mapped_column(Text)

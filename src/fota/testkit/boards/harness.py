@@ -38,20 +38,17 @@ The agent's code comes as .mpy (fota.tools.mpy.build_agent), on the import path 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import threading
 from pathlib import Path
 
 from fota.device.runner import REBOOT_EXIT
 from fota.testkit.boards.firmware import firmware_tag
+from fota.testkit.boards.machine import WDT_EXIT, wdt_exit_status
+from fota.tools.supervisor import DeviceProcess
 from fota.tools.boardfs import DEVICE_DIR, MAIN_PY  # a provisioned board's main.py, run as it is
 
 EMULATIONS = Path(__file__).resolve().parent    # esp32.py, machine.py, network.py, poweron.py
 MICROPYTHON_SIDE = ("esp32", "machine", "network", "poweron")
 RESET_EXIT = 4
-WDT_EXIT = 5
 NO_APP_EXIT = 6
 POWER_CUT = -9    # SIGKILL
 RESTARTS = (RESET_EXIT, WDT_EXIT, REBOOT_EXIT, POWER_CUT)
@@ -94,32 +91,28 @@ def build_emulations() -> Path:
     return out
 
 
-class EmulatedBoard:
+class EmulatedBoard(DeviceProcess):
     """One emulated board in `root`. chip: "esp32" (OTA partitions, whole firmware images) or
-    None (a board with one firmware and app bundles on its filesystem: a Pico W)."""
+    None (a board with one firmware and app bundles on its filesystem: a Pico W).
+
+    A DeviceProcess whose process is the board's firmware (poweron.py) and whose restarts follow
+    the board's hardware (after_exit), not the unix-port supervisor's."""
 
     def __init__(self, root: Path, *, chip: str | None = "esp32", chip_id: int = 0, app_size: int = ESP32_APP_SIZE,
                  heap: str = BOARD_HEAP, code_path: Path | None = None, main_py: str = MAIN_PY,
                  max_restarts: int = 100, settings: dict | None = None, link=None,
                  wifi: tuple[str, str] = ("fota-lab", "emulated-wpa2")):
-        self.root = Path(root)
+        if code_path is None:
+            from fota.tools.mpy import build_agent
+            code_path = build_agent()
+        self.emulations = build_emulations()
+        root = Path(root)
+        super().__init__(root, heap=heap, code_path=code_path, max_restarts=max_restarts,
+                         micropypath=f"{root / 'rom'}:{self.emulations}:{code_path}:.frozen")
         self.wifi = wifi   # the access point's (SSID, password): provision() gives the board the same
         self.wifi_drops = 0
         self.link = link   # a fota.testkit.faultproxy.FaultProxy the board reaches the broker through
         self.chip = chip
-        self.heap = heap
-        if code_path is None:
-            from fota.tools.mpy import build_agent
-            code_path = build_agent()
-        self.code_path = Path(code_path)
-        self.emulations = build_emulations()
-        self.max_restarts = max_restarts
-        self.exits: list[int] = []
-        self.starts = 0
-        self._proc: subprocess.Popen | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
         for d in (self.fs, self.rom):
             d.mkdir(parents=True, exist_ok=True)
         board = {"chip": chip, "rom": str(self.rom), "boots": str(self.root / "boots.jsonl"),
@@ -170,78 +163,34 @@ class EmulatedBoard:
 
     # ------------------------------------------------------------------------------ power
 
-    def _spawn(self) -> subprocess.Popen:
-        from fota.tools.supervisor import find_micropython
-        env = dict(os.environ)
-        env["MICROPYPATH"] = f"{self.rom}:{self.emulations}:{self.code_path}:.frozen"
+    def arguments(self) -> list[str]:
+        return ["-m", "poweron"]
+
+    def environment(self) -> dict[str, str]:
+        env = super().environment()
         env["FOTA_EMULATED_BOARD"] = str(self.root / "board.json")
-        log = open(self.log_path, "ab")
-        try:
-            return subprocess.Popen([find_micropython(), "-X", f"heapsize={self.heap}", "-m", "poweron"],
-                                    cwd=self.fs, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, process_group=0)
-        finally:
-            log.close()
+        return env
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            with self._lock:
-                if self._stop.is_set():
-                    break
-                self._proc = self._spawn()
-                self.starts += 1
-            code = self._exit_status(self._proc.wait())
-            if self._stop.is_set():
-                break  # powered off: not something the board did
-            self.exits.append(code)
-            if code not in RESTARTS or len(self.exits) > self.max_restarts:
-                break  # halted: bricked, or at the REPL
+    def cwd(self) -> Path:
+        return self.fs
 
-    def _exit_status(self, code: int) -> int:
-        # The watchdog's reset is a SIGKILL after "wdt" went into the reset-cause register
-        # (machine.py; the next boot's `import machine` reads and clears it).
-        if code == POWER_CUT:
-            try:
-                if (self.root / "reset_cause").read_text().strip() == "wdt":
-                    return WDT_EXIT
-            except OSError:
-                pass
-        return code
-
-    def start(self) -> "EmulatedBoard":
-        """Power on (again after stop())."""
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name=f"board-{self.root.name}", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Power off."""
-        self._stop.set()
-        with self._lock:
-            if self._proc and self._proc.poll() is None:
-                self._proc.terminate()
-                try:
-                    self._proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    self._proc.kill()
-        if self._thread:
-            self._thread.join(10)
+    def after_exit(self, code: int) -> bool:
+        """How the process ended says what the board did (the module's docstring): a reset, a
+        watchdog reset or a power cut boots it again; anything else halts it."""
+        if self._stop.is_set():
+            return False  # powered off: not something the board did
+        code = wdt_exit_status(code, self.root / "reset_cause")
+        self.exits.append(code)
+        return code in RESTARTS and len(self.exits) <= self.max_restarts
 
     def power_cut(self) -> bool:
         """SIGKILL the running process: the board loses power; the loop powers it on again."""
-        with self._lock:
-            proc = self._proc
-            if not proc or proc.poll() is not None:
-                return False
-            proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-        return True
+        return self.kill(wait=True)
 
     @property
     def running(self) -> bool:
         """Powered and not halted."""
-        return self._thread is not None and self._thread.is_alive()
+        return self.supervising
 
     # ------------------------------------------------------------------------------- Wi-Fi
 
@@ -308,9 +257,6 @@ class EmulatedBoard:
 
     def boot_record(self) -> dict:
         return json.loads((self.device_dir / "boot.json").read_text())
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
 def provision(board: EmulatedBoard, *, device_id: str, hardware: str, password: str, host: str, port: int,
