@@ -45,7 +45,9 @@ DEFAULT_OUT = ROOT / "bench" / "results" / "e2e.json"
 TARGET_OVERHEAD = 0.05      # wire bytes of the download connection <= image size + 5 %
 TARGET_RATIO = 2.0          # fota wall <= 2x the bare-MQTT floor ...
 TARGET_RATIO_AT = 20        # ... at N = 20 devices
-TARGET_HEAP_KIB = 64        # a full update within a 64 KiB MicroPython heap
+# A full update within this MicroPython heap: 64 KiB on the 64-bit interpreter (the agent's .mpy
+# in the heap), 32 KiB on the 32-bit one with the agent frozen in, as on a board (issue 14).
+TARGET_HEAP_KIB = {"64": 64, "32-frozen": 32}
 
 DONE_DOWNLOADING = ("rebooting", "trial", "confirmed")
 # Not measured in the import footprint: the entry point, and the backend the bench does not use.
@@ -317,7 +319,7 @@ def run_heap(image: bytes, args, tmp: Path) -> dict:
     smallest = min(passed) if passed else None
     return {"attempts": attempts, "levels": levels, "smallest_ok_kib": smallest, "tls": args.tls,
             "first_failed_kib": next((lv["heap_kib"] for lv in levels if not lv["ok"]), None),
-            "meets_target": smallest is not None and smallest <= TARGET_HEAP_KIB}
+            "meets_target": smallest is not None and smallest <= TARGET_HEAP_KIB[args.interpreter]}
 
 
 def heap_attempt(fleet, rel, k: int, run: int, args) -> dict:
@@ -467,7 +469,8 @@ def render(results: dict) -> None:
                  "" if lv["ok"] else (lv["why"] or "")[:90]] for lv in heap["levels"]]
         smallest = heap["smallest_ok_kib"]
         verdict = (f"smallest heap with a full update: {smallest} KiB" if smallest else "no heap tried passed")
-        verdict += f"; target <= {TARGET_HEAP_KIB} KiB: {'met' if heap['meets_target'] else 'MISSED'}"
+        target = TARGET_HEAP_KIB[cfg.get("interpreter", "64")]
+        verdict += f"; target <= {target} KiB: {'met' if heap['meets_target'] else 'MISSED'}"
         over = " over TLS" if heap.get("tls") else ""
         table(f"Smallest heap ({cfg.get('interpreter', '64')}{over}, N=1, {cfg['image_bytes']} B image, "
               f"{cfg.get('heap_repeat', 1)} updates per heap, heap -{cfg['heap_step_kib']} KiB until a failure)",
@@ -538,7 +541,7 @@ def main(argv=None) -> int:
                    "heap": args.heap, "repeat": args.repeat, "interpreter": args.interpreter, "heap_start_kib": args.heap_start, "heap_step_kib": args.heap_step,
                    "heap_repeat": args.heap_repeat, "tls": args.tls},
         "targets": {"overhead_max": TARGET_OVERHEAD, "ratio_max": TARGET_RATIO, "ratio_at_devices": TARGET_RATIO_AT,
-                    "heap_kib_max": TARGET_HEAP_KIB},
+                    "heap_kib_max": TARGET_HEAP_KIB[args.interpreter]},
         "environment": {"python": platform.python_version(), "micropython": mpy_version,
                         "cpus": os.cpu_count(), "platform": platform.platform()},
         "runs": [],
