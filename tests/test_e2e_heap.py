@@ -5,12 +5,13 @@ waits in the inbox. A smoke test at the target, not a measurement: bench e2e sea
 smallest heap (docs/heap.md)."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 
 from fota.device import protocol as P
-from fota.device.runner import Device, inflight_for_heap
+from fota.device.runner import Device, inflight_for_heap, wbits_for_heap
 from fota.examples import hello_files
 from fota.server.deployments import create_deployment
 from fota.server.releases import create_release
@@ -60,6 +61,23 @@ def test_the_default_window_follows_the_free_heap_within_its_bounds():
     assert min(sizes) == 8192 and max(sizes) == P.DEFAULT_MAX_INFLIGHT
     assert inflight_for_heap(20 * 1024) <= 20 * 1024 // 2
     assert inflight_for_heap(None) == P.DEFAULT_MAX_INFLIGHT  # CPython: no heap limit to follow
+
+
+def test_the_default_delta_window_follows_the_free_heap_within_its_bounds():
+    wbits = [wbits_for_heap(free) for free in range(0, 200 * 1024, 512)]
+    assert wbits == sorted(wbits)                       # more heap, never a smaller window
+    assert min(wbits) == 9 and max(wbits) == P.DELTA_WBITS
+    assert all(1 << w <= max(free // 16, 512) for w, free in zip(wbits, range(0, 200 * 1024, 512)))
+    assert wbits_for_heap(19 * 1024) == 10             # a 36 KiB heap on the 32-bit build at boot
+    assert wbits_for_heap(None) == P.DELTA_WBITS        # CPython: no heap limit to follow
+
+
+def test_a_configured_delta_window_overrides_the_heap_default_and_0_still_means_no_deltas(tmp_path):
+    for configured in (11, 0):
+        device = _device(tmp_path / str(configured), delta_wbits=configured)
+        device.boot()
+        assert device.core.delta_wbits == configured
+        assert json.loads(device.core.inventory()[2])["delta_wbits"] == configured  # what the center reads
 
 
 def test_a_configured_max_inflight_overrides_the_heap_default(tmp_path):

@@ -167,6 +167,7 @@ class Device:
                 # and say so in its health reports.
                 app_error = reason
         agent = ex.agent_state(random_bytes)
+        free_heap = _mem_free()
         identity = {
             "id": cfg["id"], "hardware": cfg["hardware"], "root": unhexlify(cfg["root"]),
             "trust": ex.trust(cfg["trust"]),
@@ -174,7 +175,8 @@ class Device:
             "counter": ex.record.get("counter", 0), "time": cfg.get("time", 0), "app_error": app_error,
             # the running image (recorded when it was installed): the base of delta updates
             "image": ex.running_image(),
-            "delta_wbits": cfg.get("delta_wbits", P.DELTA_WBITS),
+            # configured (0: no deltas), else from the heap
+            "delta_wbits": cfg["delta_wbits"] if "delta_wbits" in cfg else wbits_for_heap(free_heap),
             "delta_formats": cfg.get("delta_formats", P.DELTA_FORMATS),
             "free": self._free_space(),
             "enc_key": unhexlify(cfg["enc_key"]) if cfg.get("enc_key") and getattr(self.backend, "DECRYPTS", False)
@@ -186,7 +188,7 @@ class Device:
             chunk_timeout=cfg.get("chunk_timeout_ms", 3000),
             stall_timeout=cfg.get("stall_timeout_ms", 60000),
             trial_timeout=cfg.get("trial_timeout_ms", 60000),
-            max_inflight=cfg.get("max_inflight") or inflight_for_heap(_mem_free()),
+            max_inflight=cfg.get("max_inflight") or inflight_for_heap(free_heap),
             health_interval=cfg.get("health_interval_ms", 0),
             progress_interval=cfg.get("progress_interval_ms", 1000),
         )
@@ -590,6 +592,21 @@ def inflight_for_heap(free):
     if free is None:
         return P.DEFAULT_MAX_INFLIGHT
     return max(8192, min(P.DEFAULT_MAX_INFLIGHT, free // 2 // 1024 * 1024))
+
+
+def wbits_for_heap(free):
+    """The default delta window (the device's inventory `delta_wbits`: the patch's window is at
+    most 2**wbits bytes) for `free` bytes of heap at boot (None: unknown, the protocol's
+    default): the largest in 2**9..2**DELTA_WBITS that is at most 1/16 of it. The window is the
+    decoder's one large block; in a small, fragmented heap a 4 KiB one may find no room (a
+    36 KiB heap has ~19 KiB free at boot: 2**10), and format 2's patches at 2**10 are within
+    0.5 % of those at 2**12 (docs/delta.md)."""
+    if free is None:
+        return P.DELTA_WBITS
+    wbits = P.DELTA_WBITS
+    while wbits > 9 and (1 << wbits) > free // 16:
+        wbits -= 1
+    return wbits
 
 
 def load_app(app_dir):
