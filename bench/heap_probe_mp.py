@@ -37,13 +37,19 @@ def read(name):
         return f.read()
 
 
-def wait_for(client, box, n):
-    # check_msg until n messages are in box (the runner's inbox), or fail after 10 s.
+def wait_for(client, box, n, consume=None):
+    # One message at a time, as the runner's poll() reads them (check_msg with limit 1), until n
+    # arrived, or fail after 10 s. consume(msg): what the core does with each before the next
+    # read (the message is then dropped from box, as the runner's dispatch pops it).
     t0 = time.ticks_ms()
-    while len(box) < n:
-        client.check_msg(50)
+    got = 0
+    while got < n:
+        if client.check_msg(50, 1):
+            got += 1
+            if consume is not None:
+                consume(box.pop()[1])
         if time.ticks_diff(time.ticks_ms(), t0) > 10000:
-            raise OSError("only %d of %d messages arrived" % (len(box), n))
+            raise OSError("only %d of %d messages arrived" % (got, n))
 
 
 def client_for(tls=False):
@@ -55,10 +61,11 @@ def client_for(tls=False):
         from fota.device.runner import _TLS
         ctx = _TLS({"host": cfg["host"], "cadata": cfg["cadata"], "server_hostname": "localhost"})
         port = cfg["tls_port"]
-    # As the runner makes it (fota.device.runner: manual_ack, max_payload)
+    # As the runner makes it (fota.device.runner: manual_ack, max_payload, reuse_payload)
     return MQTTClient(cfg["client_id"], cfg["host"], port, keepalive=30, clean_session=True, ssl_context=ctx,
                       manual_ack=True, timeout=10,
-                      max_payload=max(P.MAX_COMMAND_BYTES, P.MAX_CHUNK_SIZE + P.CHUNK_HEADER_SIZE))
+                      max_payload=max(P.MAX_COMMAND_BYTES, P.MAX_CHUNK_SIZE + P.CHUNK_HEADER_SIZE),
+                      reuse_payload=True)
 
 
 def connected_client():
@@ -151,10 +158,16 @@ def setup_window():
 
 
 def run_window(state):
-    # check_msg reads every chunk that arrived into the inbox before the core takes one.
+    # The window read one chunk at a time, each hashed (as core.chunk does) before the next is
+    # read into the client's reused payload buffer; the rest wait in the socket.
+    import hashlib
     c, box = state
-    wait_for(c, box, cfg["window_chunks"])
-    return box
+    h = hashlib.sha256()
+
+    def consume(msg):
+        h.update(memoryview(msg)[8:])
+    wait_for(c, box, cfg["window_chunks"], consume)
+    return c, h
 
 
 def setup_manifest():

@@ -189,6 +189,46 @@ k.publish("ka/" + TAG, "still here", qos=1)        # the broker did not drop us
 k.disconnect()
 """
 
+ONE_AT_A_TIME = """
+# check_msg(timeout, limit=1) delivers one PUBLISH and leaves the rest in the socket; with
+# reuse_payload a payload larger than the receive buffer is a memoryview of one buffer the
+# client reuses (grown for a larger payload), valid until the next read: every message arrives,
+# in order, each with its own bytes.
+got = []
+c = MQTTClient("one-" + TAG, HOST, PORT, clean_session=True, reuse_payload=True)
+c.set_callback(lambda t, m: got.append(m))
+c.connect()
+c.subscribe("o/" + TAG, 0)
+q = MQTTClient("oq-" + TAG, HOST, PORT, clean_session=True)
+q.connect()
+sizes = [2056, 2056, 100, 2056, 3000, 1200, 2056, 600]
+sent = [bytes([i]) * 8 + bytes((i * 7 + k) & 255 for k in range(n - 8)) for i, n in enumerate(sizes)]
+for m in sent:
+    q.publish("o/" + TAG, m)
+q.publish("o/" + TAG, "end", qos=1)   # its PUBACK: every message is at the broker
+bufs = []
+copies = []
+t0 = ticks_ms()
+while len(copies) < len(sent) and ticks_diff(ticks_ms(), t0) < 8000:
+    n = c.check_msg(100, 1)
+    assert n <= 1 and len(got) == n, (n, got)
+    if n:
+        m = got.pop()
+        if len(m) > 512:     # larger than the receive buffer: a view of the reused buffer
+            assert isinstance(m, memoryview), type(m)
+            bufs.append(m)
+        else:
+            assert isinstance(m, bytes), type(m)
+        copies.append(bytes(m))   # consumed before the next read
+assert copies == sent, [len(x) for x in copies]
+# One buffer until a larger payload comes (the first three 2056-byte ones), then a larger one:
+# an earlier view shows the bytes of the last payload read into its buffer.
+assert bytes(bufs[0]) == sent[3], "the payload buffer was not reused"
+assert bytes(bufs[3][:600]) == sent[7], "the grown buffer was not reused"
+q.disconnect()
+c.disconnect()
+"""
+
 BACKOFF = """
 delays = []
 c = MQTTClient("bo-" + TAG, HOST, DEAD_PORT, timeout=2)
@@ -243,7 +283,8 @@ def test_subscription_refused(interp):
 @pytest.mark.parametrize("code", [pytest.param(ROUNDTRIP, id="roundtrip"), pytest.param(WILL, id="will"),
                                   pytest.param(PERSISTENT, id="persistent"),
                                   pytest.param(MANUAL_ACK, id="manual-ack"),
-                                  pytest.param(KEEPALIVE, id="keepalive")])
+                                  pytest.param(KEEPALIVE, id="keepalive"),
+                                  pytest.param(ONE_AT_A_TIME, id="one-at-a-time")])
 def test_scenario(open_broker, interp, code):
     run_scenario(interp, code, open_broker.port)
 

@@ -178,8 +178,9 @@ class BoardDevice(Device):
             raise
 
     def busy(self):
-        """True when the next step has work waiting (the asyncio runner does not sleep then)."""
-        return bool(self.inbox)
+        """True when the next step has work waiting (the asyncio runner does not sleep then): a
+        message in the inbox, or the last step read one and more may wait in the socket."""
+        return bool(self.inbox) or self.more
 
 
 def _join_failed(status):

@@ -161,9 +161,11 @@ def write_json(path, obj):
             f.write(text[:len(text) // 2])
         from fota.device.slots.sim import PowerCut
         raise PowerCut("in the middle of writing " + tmp)
-    text = json.dumps(obj)  # one write: small files, and one operation for a filesystem model
     with open_file(tmp, "w") as f:
-        f.write(text)
+        if fs is None:
+            json.dump(obj, f)  # streamed to the file: the text is never whole in the heap
+        else:
+            f.write(json.dumps(obj))  # one write: one operation for the filesystem model
     replace(tmp, path)
 
 

@@ -5,6 +5,9 @@
 # bytes go into one small bytearray that is parsed in place. A PUBLISH too large for
 # that buffer gets its own payload bytearray that the socket reads into directly, so
 # every byte is copied at most twice and a payload is never concatenated piece by piece.
+# With reuse_payload, that bytearray is kept for the next large PUBLISH and the callback
+# gets a memoryview of it instead of a bytes copy: one chunk-sized buffer for the whole
+# download, and no second copy of each chunk (docs/heap.md).
 #
 # Supported: CONNECT (will, user/password, keepalive, clean or persistent session),
 # PUBLISH QoS 0/1 both ways, SUBSCRIBE (granted QoS up to 1), PINGREQ, DISCONNECT.
@@ -92,15 +95,24 @@ def _str(pkt, s):
 
 class MQTTClient:
     def __init__(self, client_id, host, port=1883, user=None, password=None, keepalive=30,
-                 clean_session=False, ssl_context=None, timeout=10, max_payload=0, manual_ack=False):
+                 clean_session=False, ssl_context=None, timeout=10, max_payload=0, manual_ack=False,
+                 reuse_payload=False, payload_buffer=None):
         # manual_ack: the callback gets (topic, msg, pid) and a QoS 1 message is acknowledged
         # only when the application calls ack(pid), i.e. once it has really handled it. A device
         # that reboots with the message still queued gets it again (persistent session).
         # max_payload > 0: a larger incoming payload is read and dropped without being stored,
         # and the callback gets its length (an int) instead of the bytes, so one oversized
         # message cannot exhaust a small heap (and, redelivered, crash-loop the device).
+        # reuse_payload: a payload larger than the receive buffer reaches the callback as a
+        # memoryview of a buffer the client reuses for the next large PUBLISH. It is valid until
+        # the client reads again (check_msg, or a publish/subscribe waiting for its
+        # acknowledgement); a callback that keeps the message longer copies it (bytes(msg)).
+        # payload_buffer: the buffer to start with (a bytearray taken early, before the heap is
+        # fragmented; it is replaced by a larger one when a larger payload comes).
         self.max_payload = max_payload
         self.manual_ack = manual_ack
+        self.reuse_payload = reuse_payload
+        self.payload_buffer = payload_buffer  # the reused payload buffer (reuse_payload)
         self.client_id = _b(client_id)
         self.host = host
         self.port = port
@@ -362,7 +374,7 @@ class MQTTClient:
             if self._got < len(self._body):
                 return None
             t, q, pid = self._pub
-            msg = bytes(self._body)
+            msg = self._body if self.reuse_payload else bytes(self._body)
             self._body = self._pub = None
             return self._deliver(t, msg, q, pid)
         rb = self._rb
@@ -411,11 +423,21 @@ class MQTTClient:
             self._rs = self._re = 0
             self._pub = (topic, q, pid)
             return None
-        body = bytearray(i + n - vh)
+        body = self._payload_buffer(i + n - vh)
         memoryview(body)[:k] = mv[s + vh:s + avail]
         self._rs = self._re = 0
         self._body, self._got, self._pub = body, k, (topic, q, pid)
         return None
+
+    def _payload_buffer(self, n):
+        # A bytearray for an n-byte payload; with reuse_payload a memoryview of the kept buffer,
+        # which grows (the old one dropped first) when a larger payload comes.
+        if not self.reuse_payload:
+            return bytearray(n)
+        if self.payload_buffer is None or len(self.payload_buffer) < n:
+            self.payload_buffer = None
+            self.payload_buffer = bytearray(n)
+        return memoryview(self.payload_buffer)[:n]
 
     def _handle(self, b0, a, n):
         t = b0 & 0xF0
@@ -486,7 +508,10 @@ class MQTTClient:
             return self.keepalive * 500
         return left
 
-    def check_msg(self, timeout_ms=0):
+    def check_msg(self, timeout_ms=0, limit=0):
+        # Handle what has arrived (waiting up to timeout_ms for the first packet); returns the
+        # number of PUBLISH delivered. limit > 0: stop once that many are delivered and leave the
+        # rest in the socket (the broker's queue and the TCP window hold them, not the heap).
         t0 = ticks_ms()
         count = 0
         seen = False
@@ -496,6 +521,8 @@ class MQTTClient:
                 seen = True
                 if r[0] == PUBLISH:
                     count += 1
+                    if limit and count >= limit:
+                        break
                 continue
             wait = 0 if seen else timeout_ms - ticks_diff(ticks_ms(), t0)
             ka = self._keepalive()

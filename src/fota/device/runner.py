@@ -106,6 +106,16 @@ class Device:
         self.client = None
         self.inbox = []
         self._delivering = None   # the MQTT client whose messages arrive now
+        # True while poll() reads one message that dispatch() takes at once: a chunk may then stay
+        # a view of the client's reused payload buffer (no copy); any other time it is copied.
+        self._borrow = False
+        # The last step read a message: more may be waiting in the socket (a step reads one).
+        self.more = False
+        # The MQTT client's payload buffer (chunks are read into it), taken now, before the heap is
+        # fragmented, and handed from one connection to the next.
+        self.payload_buffer = bytearray(P.DEFAULT_CHUNK_SIZE + P.CHUNK_HEADER_SIZE)
+        self._cmd_topic = P.topic(self.config["id"], P.CMD)
+        self._data_topic = P.topic(self.config["id"], P.DATA)
         self.pending = []     # actions not yet executed (a publish failed: retried after reconnect)
         self.clock = Clock()
         self.power_at = None  # when power was last read (ms)
@@ -157,6 +167,7 @@ class Device:
                 # and say so in its health reports.
                 app_error = reason
         agent = ex.agent_state(random_bytes)
+        free_heap = _mem_free()
         identity = {
             "id": cfg["id"], "hardware": cfg["hardware"], "root": unhexlify(cfg["root"]),
             "trust": ex.trust(cfg["trust"]),
@@ -164,7 +175,8 @@ class Device:
             "counter": ex.record.get("counter", 0), "time": cfg.get("time", 0), "app_error": app_error,
             # the running image (recorded when it was installed): the base of delta updates
             "image": ex.running_image(),
-            "delta_wbits": cfg.get("delta_wbits", P.DELTA_WBITS),
+            # configured (0: no deltas), else from the heap
+            "delta_wbits": cfg["delta_wbits"] if "delta_wbits" in cfg else wbits_for_heap(free_heap),
             "delta_formats": cfg.get("delta_formats", P.DELTA_FORMATS),
             "free": self._free_space(),
             "enc_key": unhexlify(cfg["enc_key"]) if cfg.get("enc_key") and getattr(self.backend, "DECRYPTS", False)
@@ -176,7 +188,7 @@ class Device:
             chunk_timeout=cfg.get("chunk_timeout_ms", 3000),
             stall_timeout=cfg.get("stall_timeout_ms", 60000),
             trial_timeout=cfg.get("trial_timeout_ms", 60000),
-            max_inflight=cfg.get("max_inflight", P.DEFAULT_MAX_INFLIGHT),
+            max_inflight=cfg.get("max_inflight") or inflight_for_heap(free_heap),
             health_interval=cfg.get("health_interval_ms", 0),
             progress_interval=cfg.get("progress_interval_ms", 1000),
         )
@@ -230,6 +242,20 @@ class Device:
     def _on_message(self, topic, payload, pid):
         # The client delivering it: a session's queued commands arrive while _connect() still
         # subscribes, before self.client is set, and must be acknowledged on that connection.
+        # A large payload is a view of the client's reused buffer, valid until it reads again:
+        # kept as is only for the chunk poll() hands to the core before that; anything that
+        # waits in the inbox (arrived during a publish's wait for its PUBACK, or behind other
+        # messages) and every command (parsed as bytes) is copied.
+        if type(payload) is memoryview and not (self._borrow and not self.inbox and topic == self._data_topic):
+            try:
+                payload = bytes(payload)
+            except MemoryError:
+                if topic != self._data_topic:
+                    raise
+                # A chunk the heap cannot queue (it came while a publish waited for its PUBACK)
+                # is dropped: data is QoS 0 and the core asks for it again after chunk_timeout.
+                log("chunk dropped: no heap to queue it")
+                return
         self.deliver(topic, payload, pid, self._delivering)
 
     def _connect(self):
@@ -241,7 +267,8 @@ class Device:
                             password=b.get("password"), keepalive=b.get("keepalive", 30),
                             clean_session=False, ssl_context=ssl_context, manual_ack=True,
                             timeout=self.net_timeout_s,
-                            max_payload=max(P.MAX_COMMAND_BYTES, P.MAX_CHUNK_SIZE + P.CHUNK_HEADER_SIZE))
+                            max_payload=max(P.MAX_COMMAND_BYTES, P.MAX_CHUNK_SIZE + P.CHUNK_HEADER_SIZE),
+                            reuse_payload=True, payload_buffer=self.payload_buffer)
         client.set_will(P.topic(ident, P.ONLINE), "0", retain=True, qos=1)
         client.set_callback(self._on_message)
         self._delivering = client
@@ -270,7 +297,9 @@ class Device:
             client.close()
 
     def _drop_connection(self):
+        self.more = False
         if self.client is not None:
+            self.payload_buffer = self.client.payload_buffer  # grown for larger chunks: kept
             try:
                 self.client.close()
             except OSError:
@@ -279,22 +308,24 @@ class Device:
         # Chunks still queued from the dead connection are dropped: the core asks for its window
         # again after the reconnect, and keeping both copies could double the chunk memory of a
         # small heap. Unacknowledged commands stay: the broker would redeliver them anyway.
-        data_topic = P.topic(self.config["id"], P.DATA)
+        data_topic = self._data_topic
         self.inbox = [m for m in self.inbox if m[0] != data_topic]
         self.core.disconnected(self.now())
 
     def dispatch(self, limit=0):
         """Hand the queued messages to the core, in order, and run what it answers: all of them,
         or at most `limit` (the rest wait for the next step)."""
-        ident = self.config["id"]
-        cmd_topic = P.topic(ident, P.CMD)
-        data_topic = P.topic(ident, P.DATA)
+        cmd_topic = self._cmd_topic
+        data_topic = self._data_topic
         done = 0
         while self.inbox and not (limit and done >= limit):
             done += 1
             topic, payload, pid, client = self.inbox.pop(0)
             if topic == data_topic:
+                if self.pending and type(payload) is memoryview:
+                    payload = bytes(payload)  # its write would wait behind them: keep a copy
                 self.execute(self.core.chunk(payload))
+                payload = None
             elif topic == cmd_topic:
                 # Acknowledged once the core's persistent actions ran (they come before its
                 # first publish: an accepted job's id is stored first), so a reboot before that
@@ -305,6 +336,7 @@ class Device:
                 # (2 KB of each connection's budget) and refused again, for ever.
                 self.core.free = self._free_space()
                 actions = self.core.command(payload, self._clock())
+                payload = None  # free before its actions allocate (the journal, a delta decoder)
                 first_publish = 0
                 while first_publish < len(actions) and actions[first_publish][0] != C.A_PUBLISH:
                     first_publish += 1
@@ -376,15 +408,20 @@ class Device:
             if not self._step_connect(timeout_ms):
                 self.tick_app()
                 return
-        if self.inbox:
-            timeout_ms = 0  # work is waiting: read without waiting
-        try:
-            self.client.check_msg(timeout_ms)
-        except (OSError, MQTTError) as e:
-            log("connection lost:", e)
-            self._drop_connection()
-            self.tick_app()
-            return
+        if not self.inbox:
+            # One message at a time: what else arrived stays in the socket (the TCP window and
+            # the broker's queue hold it, not the heap) until the core has taken this one.
+            # Messages already waiting in the inbox are dispatched first, without reading.
+            self._borrow = True
+            try:
+                self.more = self.client.check_msg(timeout_ms, 1) > 0
+            except (OSError, MQTTError) as e:
+                log("connection lost:", e)
+                self._drop_connection()
+                self.tick_app()
+                return
+            finally:
+                self._borrow = False
         self.dispatch(self.step_messages)
         self._read_power()
         self.execute(self.core.tick(self.now()))
@@ -532,6 +569,44 @@ class _TLS:
             if isinstance(e, OSError):
                 raise
             raise OSError("TLS: " + reason)
+
+
+def _mem_free():
+    # Free heap now (MicroPython), or None (CPython: no such limit)
+    try:
+        import gc
+        gc.collect()
+        return gc.mem_free()
+    except (ImportError, AttributeError):
+        return None
+
+
+def inflight_for_heap(free):
+    """The default max_inflight (bytes of requested chunks in flight) for a device with `free`
+    bytes of heap at boot (None: unknown, the protocol's default). Chunks are read one at a time
+    and written at once, and a progress report waits until none is in flight; only those that
+    arrive while another publish waits for its PUBACK (a health report, an inventory) are queued
+    in the heap, and one the heap cannot take is dropped and asked for again. Half the free heap,
+    8..16 KiB: below 8 KiB (4 chunks of 2 KiB) a request per chunk would cost ~4 % of the image
+    on the wire (docs/heap.md)."""
+    if free is None:
+        return P.DEFAULT_MAX_INFLIGHT
+    return max(8192, min(P.DEFAULT_MAX_INFLIGHT, free // 2 // 1024 * 1024))
+
+
+def wbits_for_heap(free):
+    """The default delta window (the device's inventory `delta_wbits`: the patch's window is at
+    most 2**wbits bytes) for `free` bytes of heap at boot (None: unknown, the protocol's
+    default): the largest in 2**9..2**DELTA_WBITS that is at most 1/16 of it. The window is the
+    decoder's one large block; in a small, fragmented heap a 4 KiB one may find no room (a
+    36 KiB heap has ~19 KiB free at boot: 2**10), and format 2's patches at 2**10 are within
+    0.5 % of those at 2**12 (docs/delta.md)."""
+    if free is None:
+        return P.DELTA_WBITS
+    wbits = P.DELTA_WBITS
+    while wbits > 9 and (1 << wbits) > free // 16:
+        wbits -= 1
+    return wbits
 
 
 def load_app(app_dir):

@@ -39,17 +39,19 @@ class BrokerAccounts:
 
     @property
     def server_url(self) -> str:
-        return f"mqtt://{SERVER_USER}:{self.users[SERVER_USER]}@{self.host}:{self.service_port}"
+        scheme = "mqtts" if getattr(self.mosquitto, "tls", None) else "mqtt"
+        return f"{scheme}://{SERVER_USER}:{self.users[SERVER_USER]}@{self.host}:{self.service_port}"
 
 
 class ManagedBroker(BrokerAccounts):
     """An authenticated Mosquitto (password file + per-device ACL) started in `directory` with
     fota's generated config (which turns Nagle off: `set_tcp_nodelay true`) and a server account
-    of its own; stop() ends it."""
+    of its own; stop() ends it. tls: both listeners speak only TLS (fota.server.tls files)."""
 
-    def __init__(self, directory: Path, *, persistence: bool = False, max_packet_size: int = 65536):
+    def __init__(self, directory: Path, *, persistence: bool = False, max_packet_size: int = 65536,
+                 tls=None):
         super().__init__(Mosquitto(Path(directory), auth=True, persistence=persistence,
-                                   max_packet_size=max_packet_size).start(), HOST)
+                                   max_packet_size=max_packet_size, tls=tls).start(), HOST)
         self.add_users({SERVER_USER: secrets.token_urlsafe(12)})
 
     def stop(self) -> None:

@@ -122,14 +122,22 @@ class Fleet:
 
     @classmethod
     def standalone(cls, tmp: Path, *, persistence: bool = False, heap: str = DEFAULT_HEAP,
-                   interpreter: str = DEFAULT_INTERPRETER, **center_settings) -> "Fleet":
+                   interpreter: str = DEFAULT_INTERPRETER, tls: bool = False, **center_settings) -> "Fleet":
         """A fleet on a Mosquitto (ManagedBroker) and a SQLite file of its own, as the benches run
-        it: no payload keys, no spy, the devices' default settings; close() stops the broker too."""
+        it: no payload keys, no spy, the devices' default settings; close() stops the broker too.
+        tls: the broker speaks only TLS (a CA of the fleet's own, fota.server.tls); the control
+        center and the devices verify it (the devices pin the CA and check the name localhost)."""
         tmp = Path(tmp)
-        broker = ManagedBroker(tmp / "mosquitto", persistence=persistence)
+        device_settings = {}
+        if tls:
+            from fota.server.tls import ensure_tls
+            files = ensure_tls(tmp / "tls")
+            center_settings.setdefault("ssl_context", files.client_context())
+            device_settings = {"cadata": files.ca_der(), "server_hostname": "localhost"}
+        broker = ManagedBroker(tmp / "mosquitto", persistence=persistence, tls=files if tls else None)
         try:
             fleet = cls(tmp, broker, f"sqlite:///{tmp / 'fota.db'}", heap=heap, kek=False, spy=False,
-                        device_settings={}, interpreter=interpreter, **center_settings)
+                        device_settings=device_settings, interpreter=interpreter, **center_settings)
         except BaseException:
             broker.stop()
             raise

@@ -11,7 +11,7 @@ beside a folder above it (as fota.testkit.corpus finds the corpus).
 
 The cache: `$FOTA_CACHE` or `$XDG_CACHE_HOME/fota` or `~/.cache/fota`. The build tree
 (mp32-build/: the unpacked source and the object files) is shared, so that a change of the agent
-recompiles only the frozen modules; every interpreter built is kept as mp32-<key>/micropython,
+recompiles only the frozen modules (all of them, afresh for every build: see interpreter()); every interpreter built is kept as mp32-<key>/micropython,
 key = a hash of the agent's sources, the manifest, build.sh and the build's variables. A change
 of any of them builds a new one; the newest KEEP are kept. A lock file serialises builds (tests,
 benches and ./run may ask at the same time).
@@ -151,6 +151,11 @@ def interpreter(log=None) -> Path:
         check_toolchain()
         build = cache / "mp32-build"
         build.mkdir(exist_ok=True)
+        # The build tree is shared by every checkout (worktrees) and MicroPython's manifest tool
+        # recompiles a frozen module only when its .py is newer than the .mpy it made before:
+        # another checkout's later build of an older copy would be kept. Frozen modules are
+        # therefore compiled afresh for every interpreter (seconds).
+        shutil.rmtree(build / "build" / "frozen_mpy", ignore_errors=True)
         (build / "manifest.py").write_text(manifest())
         if log:
             log(f"building the 32-bit MicroPython with the agent frozen in ({build}) ...")
