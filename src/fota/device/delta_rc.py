@@ -3,7 +3,7 @@
 #
 # 32-bit MicroPython keeps ints below 2**30 unboxed: the range stays below 2**30 (_RANGE_INIT) and
 # probabilities are 12-bit, so range, code and bound = (range >> 12) * p are all small ints.
-# RAM: the probability tables (3,192 16-bit entries, 6.2 KiB, in 10 arrays of at most 2 KiB:
+# RAM: the probability tables (3,192 16-bit entries, 6.2 KiB, in 13 arrays of at most 1 KiB:
 # a board's fragmented heap has room for those where one 6.2 KiB block may not), the window
 # (2**wbits bytes of the new image), the compressed input not yet used (a 512-byte buffer) and a 256-byte
 # work buffer.
@@ -97,7 +97,7 @@ class Decoder:
         self.wmask = (1 << wbits) - 1
         self.nums = [_table(_NUMBER_SIZE) for _ in range(_NUMBERS)]
         self.dprobs = _table(_DIFF_SIZE)
-        self.vprobs = _table(_VALUES_SIZE)
+        self.vprobs = [_table(256) for _ in range(4)]  # one per lane: blocks of 512 bytes
         self.lprobs = _table(_LITS_SIZE)
         self.error = error
         self.buf = bytearray(in_buf)
@@ -359,19 +359,19 @@ class Decoder:
                 if hit:
                     d = last[lane]
                 else:
-                    base = lane << 8
+                    vp = vprobs[lane]
                     m = 1
                     while m < 256:
-                        pr = vprobs[base + m]
+                        pr = vp[m]
                         bound = (rng >> _PROB_BITS) * pr
                         if code < bound:
                             rng = bound
-                            vprobs[base + m] = pr + ((_PROB_HI - pr) >> _DIFF_SHIFT)
+                            vp[m] = pr + ((_PROB_HI - pr) >> _DIFF_SHIFT)
                             m <<= 1
                         else:
                             code -= bound
                             rng -= bound
-                            vprobs[base + m] = pr - ((pr - _PROB_LO) >> _DIFF_SHIFT)
+                            vp[m] = pr - ((pr - _PROB_LO) >> _DIFF_SHIFT)
                             m = (m << 1) | 1
                         if rng < _RANGE_TOP:
                             if pos >= end:
