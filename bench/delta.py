@@ -150,11 +150,13 @@ def decoder_heap(old: Path, patch: Path, tmp: Path, chunk: int, mp: Interpreter)
 # ------------------------------------------------------------------------------ agent
 
 def agent_heap(tmp: Path, wbits: int, interpreter: str = "64", lo: int | None = None, hi: int = 160,
-               fmt: int = 2) -> dict:
+               fmt: int = 2, heaps: list[int] | None = None, repeat: int = 1) -> dict:
     """Smallest heap at which the whole agent applies a bundle delta through Mosquitto: a fresh
     device per try gets 1.1.0 in full, then 1.2.0 (one file changed) as a delta in format `fmt`
     (the only one the device declares). lo: 64 KiB on the 64-bit interpreter (the agent's .mpy in
-    the heap), 16 KiB on the frozen one."""
+    the heap), 16 KiB on the frozen one. heaps: instead of bisecting, try each of these heaps
+    `repeat` times (largest first); the smallest heap is then the smallest of a run of heaps
+    from the largest down where every try passed."""
     if lo is None:
         lo = 64 if interpreter == "64" else 16
     from fota.testkit.fleet import Fleet, bundle_of_size
@@ -201,10 +203,19 @@ def agent_heap(tmp: Path, wbits: int, interpreter: str = "64", lo: int | None = 
             log(f"agent heap {k} KiB: {'ok' if result['ok'] else 'failed'} {result}")
             return result["ok"]
 
-        smallest = bisect(ok, lo, hi)
+        if heaps:
+            smallest = None
+            for k in sorted(heaps, reverse=True):
+                passed = sum(ok(k) for _ in range(repeat))
+                if passed < repeat:
+                    break
+                smallest = k
+        else:
+            smallest = bisect(ok, lo, hi)
     finally:
         fleet.close()
-    return {"smallest_heap_kib": smallest, "attempts": attempts, "bundle_bytes": len(v1), "format": fmt}
+    return {"smallest_heap_kib": smallest, "attempts": attempts, "bundle_bytes": len(v1), "format": fmt,
+            "repeat": repeat if heaps else 1}
 
 
 # ------------------------------------------------------------------------------ main
@@ -225,6 +236,11 @@ def main(argv=None) -> int:
     p.add_argument("--skip-agent", action="store_true", help="skip the whole-agent delta update heap search")
     p.add_argument("--agent-format", type=int, choices=FORMATS, default=None,
                    help="patch format of the whole-agent search (default: the last of --formats)")
+    p.add_argument("--agent-heaps", default=None,
+                   help="comma-separated heaps (KiB) for the whole-agent search instead of a bisection, tried "
+                        "largest first until one fails")
+    p.add_argument("--agent-repeat", type=int, default=1,
+                   help="whole-agent updates per heap with --agent-heaps; a heap passes when all confirm")
     p.add_argument("--interpreter", choices=INTERPRETERS, default="64",
                    help="MicroPython of the heap searches: 64 (PyPI, agent as .mpy) or 32-frozen (32-bit, agent frozen in)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results")
@@ -261,7 +277,9 @@ def main(argv=None) -> int:
             for old, new in zip(images, images[1:]):
                 results["pairs"].append(measure_pair(corpus, old, new, formats, windows, args, mp, tmp))
         if not args.skip_agent:
-            results["agent"] = agent_heap(tmp, args.target_wbits, args.interpreter, fmt=args.agent_format or formats[-1])
+            heaps = [int(k) for k in args.agent_heaps.split(",")] if args.agent_heaps else None
+            results["agent"] = agent_heap(tmp, args.target_wbits, args.interpreter, fmt=args.agent_format or formats[-1],
+                                          heaps=heaps, repeat=args.agent_repeat)
     report(results, args)
     results["failures"] = failures(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -366,7 +384,11 @@ def report(results: dict, args) -> None:
     if agent:
         print(f"Whole agent ({args.interpreter}) applying a {agent['bundle_bytes']}-byte bundle delta "
               f"(format {agent.get('format', 1)}) through Mosquitto: "
-              f"smallest heap {agent['smallest_heap_kib']} KiB")
+              f"smallest heap {agent['smallest_heap_kib']} KiB"
+              + (f" ({agent['repeat']} of {agent['repeat']} updates at each heap down to it)" if agent.get("repeat", 1) > 1 else ""))
+        for k in sorted({a["heap_kib"] for a in agent["attempts"]}, reverse=True):
+            tries = [a["ok"] for a in agent["attempts"] if a["heap_kib"] == k]
+            print(f"  {k} KiB: {sum(tries)}/{len(tries)} confirmed")
     ratios = [(p.get("ratio") or {}).get(str(checked)) for p in results["pairs"]]
     sizes_ok = all(r is not None and r <= TARGET_RATIO for r in ratios)
     worst_ratio = max((r for r in ratios if r is not None), default=None)
