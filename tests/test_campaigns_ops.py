@@ -22,14 +22,7 @@ from fota.server.campaigns import (
 from fota.server.campaigns import states as S
 from fota.server.campaigns.pacing import window_open
 from fota.server.campaigns.spec import CampaignSpec, Window
-from test_campaigns import Rig
-
-
-@pytest.fixture
-def rig(tmp_path, broker, db_url):
-    r = Rig(tmp_path, broker, db_url)
-    yield r
-    r.close()
+from test_campaigns import rig  # noqa: F401  (test_campaigns' fixture, used here as it is)
 
 
 def test_unknown_device_or_tag_is_refused_unless_dynamic(rig):
