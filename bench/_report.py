@@ -1,4 +1,5 @@
-"""Output shared by the benchmarks: one table printer (Rich, plain text without it)."""
+"""Output shared by the benchmarks: one table printer (Rich, plain text without it), and the ending of
+a bench whose result carries its own verdicts (`failures`)."""
 from __future__ import annotations
 
 
@@ -23,3 +24,17 @@ def print_table(title: str, columns, rows, notes=(), left=("result", "module", "
         Console(width=160).print(t)
     for note in notes:
         print(note)
+
+
+def write_and_judge(result: dict, out, render, failures) -> int:
+    """Add the verdicts (failures(result): a list of problems) to result, write it as JSON to out,
+    show it with render(result), print each problem; the exit status: 1 if any, else 0."""
+    import json
+    result["failures"] = failures(result)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    render(result)
+    print(f"\nJSON: {out}")
+    for problem in result["failures"]:
+        print("FAILED:", problem)
+    return 1 if result["failures"] else 0

@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench._report import print_table
+from bench._report import print_table, write_and_judge
 from fota.server.deployments import create_deployment
 from fota.server.broker import SERVER_USER, Mosquitto
 from fota.testkit.broker import BrokerAccounts
@@ -285,14 +285,7 @@ def main(argv=None) -> int:
     result = {"config": {"image_kib": args.image_kib, "chunk": args.chunk, "window": args.window, "tls": args.tls,
                          "idle_s": args.idle_s, "app_sleep_ms": args.app_sleep_ms, "heap": args.heap},
               "run": raw, "summary": summarize(raw, args.target_ms)}
-    result["failures"] = failures(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    render(result)
-    print(f"\nJSON: {args.out}")
-    for problem in result["failures"]:
-        print("FAILED:", problem)
-    return 1 if result["failures"] else 0
+    return write_and_judge(result, args.out, render, failures)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench._report import print_table
+from bench._report import print_table, write_and_judge
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "board_heap.json"
@@ -178,14 +178,7 @@ def main(argv=None) -> int:
             fleet.close()
     result = {"config": {"heaps": heaps, "runs": args.runs, "image_kib": args.image_kib, "delta": not args.no_delta},
               "runs": runs, "summary": summarize(runs, heaps, _kib(BOARD_HEAP), args.margin_kib)}
-    result["failures"] = failures(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    render(result)
-    print(f"\nJSON: {args.out}")
-    for problem in result["failures"]:
-        print("FAILED:", problem)
-    return 1 if result["failures"] else 0
+    return write_and_judge(result, args.out, render, failures)
 
 
 if __name__ == "__main__":
