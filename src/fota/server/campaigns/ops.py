@@ -226,14 +226,14 @@ def abort_campaign(store: Store, ref: str | int, now: datetime | None = None) ->
 FINISHED = (S.ABORTING, S.ABORTED, S.DONE)  # no device starts any more: the window no longer matters
 
 
-def _eta(c: Campaign, rows: list[CampaignDevice], now: datetime) -> datetime | None:
+def _eta(c: Campaign, counts: Counter, now: datetime) -> datetime | None:
     """When the campaign may end at the pace devices settled so far (a linear estimate; None while
     it is not running or before the first device settled). Window closures, approvals and pauses
-    to come are not foreseen."""
+    to come are not foreseen. counts: the campaign's devices by state."""
     if c.state != S.RUNNING or c.started_at is None:
         return None
-    settled = sum(1 for r in rows if r.state in (S.SUCCEEDED, S.FAILED, S.CANCELLED))
-    left = sum(1 for r in rows if r.state in S.UNSETTLED)
+    settled = counts.get(S.SUCCEEDED, 0) + counts.get(S.FAILED, 0) + counts.get(S.CANCELLED, 0)
+    left = sum(counts.get(st, 0) for st in S.UNSETTLED)
     if not settled or not left:
         return None
     return now + (now - c.started_at) * left / settled
@@ -247,32 +247,39 @@ def campaign_summary(store: Store, ref: str | int, devices: bool = True, now: da
     device_states, device_wave (1-based): list only the devices in one of these states, of that
     wave (the counts stay whole). A draft has a ``preview`` (preview_campaign); ``skipped`` groups
     the skipped devices by reason; ``eta`` and ``probation_ends_at`` are for the operator's clock.
+    The counts come from the database (GROUP BY over the campaign-devices index), not from every
+    device's row: the dashboard asks for a running campaign's summary every second; the rows are
+    read only for the device list.
     """
     now = now or utcnow()
     with store.session() as s:
         c = _load(s, ref)
         spec = CampaignSpec.parse(c.spec)
-        rows = list(s.scalars(select(CampaignDevice).where(CampaignDevice.campaign_id == c.id)
-                              .order_by(CampaignDevice.wave, CampaignDevice.device_id)))
-        # The campaign's job states by a join (an IN-list of every job id breaks past the
-        # database's bound-parameter cap).
-        job_states = dict(s.execute(select(Job.id, Job.state).join(CampaignDevice, CampaignDevice.job_id == Job.id)
-                                    .where(CampaignDevice.campaign_id == c.id)).all())
         probation = timedelta(seconds=spec.probation)
-        ends = {r.id: r.confirmed_at + probation for r in rows
-                if r.state == S.PROBATION and r.confirmed_at is not None}
+        mine = CampaignDevice.campaign_id == c.id
+        by_wave = s.execute(select(CampaignDevice.wave, CampaignDevice.state, func.count()).where(mine)
+                            .group_by(CampaignDevice.wave, CampaignDevice.state)).all()
+        # the last confirmation on probation in each wave: when the wave's probation ends
+        confirmed = s.execute(select(CampaignDevice.wave, func.max(CampaignDevice.confirmed_at))
+                              .where(mine, CampaignDevice.state == S.PROBATION)
+                              .group_by(CampaignDevice.wave)).all()
+        skipped = s.execute(select(CampaignDevice.reason, func.count()).where(mine, CampaignDevice.state == S.SKIPPED)
+                            .group_by(CampaignDevice.reason)).all()
+        ends = {w: t + probation for w, t in confirmed if t is not None}
+        skipped_by: Counter = Counter()
+        for why, n in skipped:
+            skipped_by[why or ""] += n
+        counts: Counter = Counter()
+        for _, state, n in by_wave:
+            counts[state] += n
         waves = []
         for index, wave in enumerate(spec.waves):
-            counts = Counter(r.state for r in rows if r.wave == index)
-            total = sum(n for st, n in counts.items() if st != S.SKIPPED)
+            wave_counts = {state: n for w, state, n in by_wave if w == index}
             waves.append({"wave": index + 1, "percent": wave.percent, "devices": wave.devices or None,
                           "tag": wave.tag, "success": wave.success, "failure": wave.failure,
-                          "approval": wave.approval, "total": total, "counts": dict(counts),
-                          "current": index == c.wave,
-                          "probation_ends_at": max((ends[r.id] for r in rows if r.wave == index and r.id in ends),
-                                                   default=None)})
-        total = sum(1 for r in rows if r.state != S.SKIPPED)
-        succeeded = sum(1 for r in rows if r.state == S.SUCCEEDED)
+                          "approval": wave.approval, "total": sum(n for st, n in wave_counts.items() if st != S.SKIPPED),
+                          "counts": wave_counts, "current": index == c.wave, "probation_ends_at": ends.get(index)})
+        total = sum(n for st, n in counts.items() if st != S.SKIPPED)
         starts_ahead = c.state not in FINISHED  # else no device starts any more: no window to show
         is_open = pacing.window_open(spec.window, now)
         summary = {
@@ -280,22 +287,33 @@ def campaign_summary(store: Store, ref: str | int, devices: bool = True, now: da
             "wave": c.wave + 1, "waves_total": len(spec.waves), "reason": c.reason,
             "rate": c.rate, "created_at": c.created_at, "started_at": c.started_at,
             "finished_at": c.finished_at, "spec": c.spec, "total": total,
-            "counts": dict(Counter(r.state for r in rows)),
-            "progress": succeeded / total if total else (1.0 if c.state == S.DONE else 0.0),
+            "counts": dict(counts),
+            "progress": counts.get(S.SUCCEEDED, 0) / total if total else (1.0 if c.state == S.DONE else 0.0),
             "window_open": is_open if starts_ahead else None,
             "window_opens_at": pacing.window_opens_at(spec.window, now) if starts_ahead and not is_open else None,
             "probation_ends_at": max(ends.values(), default=None),
-            "eta": _eta(c, rows, now),
-            "skipped": _by_reason(r.reason or "" for r in rows if r.state == S.SKIPPED),
+            "eta": _eta(c, counts, now),
+            "skipped": _by_reason(skipped_by),
             "preview": _preview(s, c.id, c.release, spec, _unknown_targets(s, spec)) if c.state == S.DRAFT else None,
             "waves": waves,
         }
         if devices:
+            listed = select(CampaignDevice).where(mine)
+            if device_states:
+                listed = listed.where(CampaignDevice.state.in_(device_states))
+            if device_wave is not None:
+                listed = listed.where(CampaignDevice.wave == device_wave - 1)
+            rows = list(s.scalars(listed.order_by(CampaignDevice.wave, CampaignDevice.device_id)))
+            # The campaign's job states by a join (an IN-list of every job id breaks past the
+            # database's bound-parameter cap).
+            job_states = dict(s.execute(select(Job.id, Job.state).join(CampaignDevice, CampaignDevice.job_id == Job.id)
+                                        .where(mine)).all())
             summary["devices"] = [
                 {"device": r.device_id, "wave": r.wave + 1, "state": r.state, "attempts": r.attempts,
                  "job": r.job_id, "job_state": job_states.get(r.job_id), "code": r.code, "reason": r.reason,
-                 "confirmed_at": r.confirmed_at, "probation_ends_at": ends.get(r.id), "updated_at": r.updated_at}
-                for r in rows
-                if (not device_states or r.state in device_states)
-                and (device_wave is None or r.wave + 1 == device_wave)]
+                 "confirmed_at": r.confirmed_at,
+                 "probation_ends_at": r.confirmed_at + probation
+                 if r.state == S.PROBATION and r.confirmed_at is not None else None,
+                 "updated_at": r.updated_at}
+                for r in rows]
         return summary

@@ -3,8 +3,8 @@
 Lists are paginated by keyset (the last row's sort key and id, never OFFSET) and every per-device
 lookup goes through an index (devices' primary key, jobs by device, statuses by device), so a page
 costs about the same with 100 or 100,000 devices. A campaign is counted by the database
-(campaign_brief: the keys of fota.server.campaigns.campaign_summary, without reading every
-device's row), deployments through their jobs.
+(campaign_brief: fota.server.campaigns.campaign_summary, which counts with GROUP BY, without
+reading every device's row), deployments through their jobs.
 """
 from __future__ import annotations
 
@@ -12,18 +12,16 @@ import base64
 import json
 from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import and_, exists, func, literal, or_, select, text
 from sqlalchemy.orm import aliased
 
 from fota.error_codes import explain
-from fota.server.campaigns import campaign_summary, get_campaign, pacing
-from fota.server.campaigns.ops import FINISHED
+from fota.server.campaigns import campaign_summary, get_campaign
 from fota.server.campaigns.spec import CampaignSpec
-from fota.server.campaigns.states import (ACTIVE as CAMPAIGN_ACTIVE, CANCELLED, DONE, FAILED, IN_FLIGHT, PROBATION,
-                                          RUNNING, SKIPPED, SUCCEEDED, UNSETTLED)
+from fota.server.campaigns.states import ACTIVE as CAMPAIGN_ACTIVE, FAILED, IN_FLIGHT, PROBATION
 from fota.server.deployments import ACTIVE as DEPLOYMENT_ACTIVE, UPDATE
 from fota.server.releases import check_release_key
 from fota.server.store import Store, utcnow
@@ -285,70 +283,22 @@ LISTED = 200  # failed devices and probation clocks listed on a campaign page, a
 
 
 def campaign_brief(store: Store, ref: str | int, now: datetime | None = None) -> dict[str, Any]:
-    """A campaign as fota.server.campaigns.campaign_summary(devices=False) describes it (same keys,
-    same values: tests/test_dashboard.py compares them), counted by the database (GROUP BY over
-    the campaign-devices index) instead of reading every device's row: the fleet page and a live
-    campaign page ask for it every second. A draft (no device rows yet) is campaign_summary's own,
-    for its preview. Plus `deployment` and `job_progress`."""
+    """A campaign as fota.server.campaigns.campaign_summary(devices=False) describes it (counted by
+    the database, so that the fleet page and a live campaign page may ask every second), plus
+    `deployment` and `job_progress`."""
     now = now or utcnow()
     c = get_campaign(store, ref)  # CampaignNotFound for an unknown ref
+    brief = campaign_summary(store, c.id, devices=False, now=now)
+    total = brief["total"]
     if c.state == "draft":
-        return {**campaign_summary(store, c.id, devices=False, now=now), "deployment": c.deployment_id,
-                "job_progress": 0.0}
-    spec = CampaignSpec.parse(c.spec)
-    probation = timedelta(seconds=spec.probation)
-    mine = CampaignDevice.campaign_id == c.id
-    with store.session() as s:
-        release = s.scalar(select(Release.version).where(Release.id == c.release_id))
-        by_wave = s.execute(select(CampaignDevice.wave, CampaignDevice.state, func.count()).where(mine)
-                            .group_by(CampaignDevice.wave, CampaignDevice.state)).all()
-        # the last confirmation on probation in each wave: when the wave's probation ends
-        confirmed = dict(s.execute(select(CampaignDevice.wave, func.max(CampaignDevice.confirmed_at))
-                                   .where(mine, CampaignDevice.state == PROBATION)
-                                   .group_by(CampaignDevice.wave)).all())
-        skipped = s.execute(select(CampaignDevice.reason, func.count()).where(mine, CampaignDevice.state == SKIPPED)
-                            .group_by(CampaignDevice.reason)).all()
-        # each targeted device's current job's progress (queued devices: 0), over the targeted devices:
-        # moves with every download, and only forward unless a job is retried from the start
-        moved = s.scalar(select(func.sum(Job.progress)).join(CampaignDevice, CampaignDevice.job_id == Job.id)
-                         .where(mine)) or 0.0
-    ends = {w: t + probation for w, t in confirmed.items() if t is not None}
-    counts: Counter = Counter()
-    waves = []
-    for index, wave in enumerate(spec.waves):
-        wave_counts = {state: n for w, state, n in by_wave if w == index}
-        counts.update(wave_counts)
-        waves.append({"wave": index + 1, "percent": wave.percent, "devices": wave.devices or None,
-                      "tag": wave.tag, "success": wave.success, "failure": wave.failure,
-                      "approval": wave.approval, "total": sum(n for st, n in wave_counts.items() if st != SKIPPED),
-                      "counts": wave_counts, "current": index == c.wave, "probation_ends_at": ends.get(index)})
-    total = sum(n for st, n in counts.items() if st != SKIPPED)
-    starts_ahead = c.state not in FINISHED
-    is_open = pacing.window_open(spec.window, now)
-    return {"id": c.id, "name": c.name, "release": release, "state": c.state, "wave": c.wave + 1,
-            "waves_total": len(spec.waves), "reason": c.reason, "rate": c.rate, "created_at": c.created_at,
-            "started_at": c.started_at, "finished_at": c.finished_at, "spec": c.spec, "total": total,
-            "counts": dict(counts),
-            "progress": counts.get(SUCCEEDED, 0) / total if total else (1.0 if c.state == DONE else 0.0),
-            "window_open": is_open if starts_ahead else None,
-            "window_opens_at": pacing.window_opens_at(spec.window, now) if starts_ahead and not is_open else None,
-            "probation_ends_at": max(ends.values(), default=None),
-            "eta": _eta(c, counts, now),
-            "skipped": [{"reason": why or "", "devices": n}
-                        for why, n in sorted(skipped, key=lambda x: (-x[1], x[0] or ""))],
-            "preview": None, "waves": waves, "deployment": c.deployment_id,
-            "job_progress": min(1.0, moved / total) if total else 0.0}
-
-
-def _eta(c: Campaign, counts: Counter, now: datetime) -> datetime | None:
-    """campaign_summary's ETA (the pace of the devices settled so far) from the counts."""
-    if c.state != RUNNING or c.started_at is None:
-        return None
-    settled = counts.get(SUCCEEDED, 0) + counts.get(FAILED, 0) + counts.get(CANCELLED, 0)
-    left = sum(counts.get(st, 0) for st in UNSETTLED)
-    if not settled or not left:
-        return None
-    return now + (now - c.started_at) * left / settled
+        moved = 0.0
+    else:
+        with store.session() as s:
+            # each targeted device's current job's progress (queued devices: 0), over the targeted
+            # devices: moves with every download, and only forward unless a job is retried
+            moved = s.scalar(select(func.sum(Job.progress)).join(CampaignDevice, CampaignDevice.job_id == Job.id)
+                             .where(CampaignDevice.campaign_id == c.id)) or 0.0
+    return {**brief, "deployment": c.deployment_id, "job_progress": min(1.0, moved / total) if total else 0.0}
 
 
 def campaign_view(store: Store, ref: str | int, now: datetime | None = None) -> dict[str, Any]:
