@@ -258,6 +258,40 @@ def test_patch_computed_once_per_base_target_and_window_and_only_if_smaller(db_u
         store.dispose()
 
 
+def test_the_smallest_format_the_device_decodes_and_no_format_2_where_format_1_loses(db_url, tmp_path, monkeypatch):
+    from fota.server.releases import read_blob
+    from fota.server.store import Delta, Store
+    from fota.tools.signing import generate_private_key
+    store = Store(db_url)
+    try:
+        key, blobs = generate_private_key(), tmp_path / "blobs"
+        old = os.urandom(50_000)
+        new = old[:20_000] + bytes(range(256)) * 8 + old[20_000:]
+        v1 = create_release(store, blobs, key, old, "1.0.0", ["board"], kind="image")
+        v2 = create_release(store, blobs, key, new, "1.1.0", ["board"], kind="image")
+        calls = []
+        real = server_delta.encode
+        monkeypatch.setattr(server_delta, "encode", lambda *a, **k: calls.append(k.get("fmt")) or real(*a, **k))
+        both = server_delta.best_delta(store, blobs, v1, v2, 12, read_blob, {1, 2})
+        f1 = server_delta.get_delta(store, blobs, v1, v2, 12, read_blob, 1)
+        f2 = server_delta.get_delta(store, blobs, v1, v2, 12, read_blob, 2)
+        assert calls == [1, 2]  # each made once, then cached
+        assert both.id == min((f1, f2), key=lambda p: p.size).id and apply(old, both.data) == new
+        assert server_delta.best_delta(store, blobs, v1, v2, 12, read_blob, {1}).id == f1.id
+        assert server_delta.best_delta(store, blobs, v1, v2, 12, read_blob, {2}).id == f2.id
+        assert server_delta.best_delta(store, blobs, v1, v2, 12, read_blob, set()) is None
+        # An image unlike its base: format 1 is not smaller than the image, so format 2 (seconds of
+        # Python per 100 KiB it cannot match) is never computed, and the image goes whole.
+        v3 = create_release(store, blobs, key, os.urandom(50_000), "2.0.0", ["board"], kind="image")
+        assert server_delta.best_delta(store, blobs, v2, v3, 12, read_blob, {1, 2}) is None
+        assert server_delta.best_delta(store, blobs, v2, v3, 12, read_blob, {2}) is None
+        assert calls == [1, 2, 1]
+        with store.session() as s:
+            assert s.query(Delta).filter(Delta.target_sha256 == v3.sha256).count() == 1
+    finally:
+        store.dispose()
+
+
 # ---- end to end through Mosquitto to MicroPython devices ------------------------------------------
 
 def _deploy(fleet, rel, dev):

@@ -186,6 +186,25 @@ def get_delta(store: Store, blobs_dir: Path, base: Release, target: Release, wbi
         return DeltaInfo(row, data)
 
 
+def best_delta(store: Store, blobs_dir: Path, base: Release, target: Release, wbits: int,
+               read_blob, formats) -> DeltaInfo | None:
+    """The smallest patch from `base` to `target` in one of `formats` (the formats the device
+    decodes), or None when none is smaller than the image.
+
+    Format 1 is made first: it takes a fraction of a second where format 2's literal coder, in
+    Python, takes about 30 us per byte it cannot match. When even format 1 is not smaller than the
+    image (an image unlike its base: compressed, encrypted or rebuilt), format 2 is not tried: on
+    every measured pair it is 0.76-0.88x format 1 (bench delta), it would cost seconds of the
+    control center's database thread (20 s for a 256 KiB image of random bytes) and lose anyway."""
+    first = get_delta(store, blobs_dir, base, target, wbits, read_blob, device_delta.FORMAT)
+    if first is None or device_delta.RC_FORMAT not in formats:
+        return first if device_delta.FORMAT in formats else None
+    second = get_delta(store, blobs_dir, base, target, wbits, read_blob, device_delta.RC_FORMAT)
+    if device_delta.FORMAT not in formats or (second is not None and second.size < first.size):
+        return second
+    return first
+
+
 def _cached(sha256: str) -> bytes | None:
     with _locks_guard:
         data = _cache.get(sha256)

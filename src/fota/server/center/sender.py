@@ -26,7 +26,7 @@ from fota.server.center.connection import CenterConnection
 from fota.server.center.inventory import is_int
 from fota.server.center.jobs import JobCache, JobInfo, release_blob
 from fota.server.center.keys import KeyPusher
-from fota.server.delta import get_delta
+from fota.server.delta import best_delta
 from fota.server.deployments import CANCEL, PENDING, SENT, TIMED_OUT, expire_jobs, finish_deployments
 from fota.server.kek import Kek
 from fota.server.releases import ReleaseError, update_command, wrap_release_key
@@ -187,12 +187,12 @@ class CommandSender:
         if base is None or base.sha256 == release.sha256:
             return None
         formats = inventory.get("delta_formats")
-        # The newest format the device declares (agents before format 2 declare none: format 1).
-        fmt = max((f for f in formats if is_int(f) and f in protocol.DELTA_FORMATS), default=1) \
-            if isinstance(formats, list) else 1
+        # Agents before format 2 declare none: format 1.
+        formats = {f for f in formats if is_int(f) and f in protocol.DELTA_FORMATS} \
+            if isinstance(formats, list) else {1}
         try:
-            return get_delta(self.store, self.blobs_dir, base, release, min(self.delta_wbits, wbits),
-                             partial(release_blob, self.blobs_dir), fmt)
+            return best_delta(self.store, self.blobs_dir, base, release, min(self.delta_wbits, wbits),
+                              partial(release_blob, self.blobs_dir), formats)
         except Exception:  # a patch is an optimisation: never let it stop the update
             log.exception("delta %s -> %s failed; sending the full image", base.version, release.version)
             return None
