@@ -161,6 +161,17 @@ class Patcher:
         self.one = bytearray(1)
         self.buf = bytearray(self.BUF)
         self.error = None
+        wbits = expect.get("wbits", 0)
+        if expect.get("format") == RC_FORMAT and MIN_WBITS <= wbits <= max_wbits:
+            # Format 2's state (8.6 KiB at 2**10: 13 tables, the window, two buffers) is taken
+            # now, when the job begins, from the command's signed format and window (the header
+            # must agree), not when the header arrives: by then the job's statuses, journal and
+            # first chunks have left the free heap in holes too small for its tables
+            # (docs/heap.md, "Delta update").
+            try:
+                self._decoder(wbits)
+            except MemoryError:
+                pass  # tried again when the header arrives; failing there is E_DELTA
 
     def feed(self, data):
         """More patch bytes; DeltaError if they cannot be part of a valid patch."""
@@ -221,15 +232,23 @@ class Patcher:
             raise DeltaError("patch format %d, the command says %d" % (h["format"], e["format"]))
         if h["wbits"] > self.max_wbits:
             raise DeltaError("window 2**%d exceeds this device's 2**%d" % (h["wbits"], self.max_wbits))
+        if h["wbits"] != e.get("wbits", h["wbits"]):
+            raise DeltaError("window 2**%d, the command says 2**%d" % (h["wbits"], e["wbits"]))
         self.size = h["size"]
         self.base_size = h["base_size"]
-        gc.collect()  # the inflate window / probability table is the one large allocation
         if h["format"] == RC_FORMAT:
-            from fota.device.delta_rc import Decoder
-            self.in_buf = RC_IN_BUF
-            self.inflater = self.rc = Decoder(self, RC_IN_BUF, h["wbits"], DeltaError)
+            if self.rc is None:
+                self._decoder(h["wbits"])
+            self.inflater = self.rc
         else:
+            gc.collect()  # the inflate window is the one large allocation
             self.inflater = _Inflater(h["wbits"])
+
+    def _decoder(self, wbits):
+        gc.collect()  # the decoder's state is the one large allocation
+        from fota.device.delta_rc import Decoder
+        self.in_buf = RC_IN_BUF
+        self.rc = Decoder(self, RC_IN_BUF, wbits, DeltaError)
 
     def _inflate(self, n):
         """Up to n (> 0) decompressed bytes into self.buf; 0 means the stream ran dry."""
