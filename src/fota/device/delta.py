@@ -172,7 +172,7 @@ class Patcher:
         self.min_free = min_free
         wbits = expect.get("wbits", 0)
         if expect.get("format") == RC_FORMAT and MIN_WBITS <= wbits <= max_wbits:
-            # Format 2's state (8.6 KiB at 2**10: 13 tables, the window, two buffers) is taken
+            # Format 2's state (7.7 KiB at 2**10: 13 tables, the window, two buffers) is taken
             # now, when the job begins, from the command's signed format and window (the header
             # must agree), not when the header arrives: by then the job's statuses, journal and
             # first chunks have left the free heap in holes too small for its tables

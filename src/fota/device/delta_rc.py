@@ -4,7 +4,7 @@
 # 32-bit MicroPython keeps ints below 2**30 unboxed: the range stays below 2**30 (_RANGE_INIT) and
 # probabilities are 12-bit, so range, code and bound = (range >> 12) * p are all small ints.
 # RAM: the probability tables (2,709 16-bit entries, 5.3 KiB, in 13 arrays of at most 1 KiB:
-# a board's fragmented heap has room for those where one 6.2 KiB block may not), the window
+# a board's fragmented heap has room for those where one 5.3 KiB block may not), the window
 # (2**wbits bytes of the new image), the compressed input not yet used (a 512-byte buffer) and a 256-byte
 # work buffer.
 # The encoder is fota.server.delta_rc; it imports the layout below (the names start with "_" so
