@@ -285,6 +285,7 @@ def _rc_fields(*fields: int) -> bytes:
     from fota.server.delta_rc import RangeEncoder, _number, _table, _tree
     rc, nums = RangeEncoder(), [_table(M._NUMBER_SIZE) for _ in range(M._NUMBERS)]
     if fields == (31,):
+        rc.bit(nums[0], 0, 0)  # the length tree's top bit (fota.server.delta_rc._number)
         _tree(rc, nums[0], 0, 31, M._LEN_TREE_BITS)
     for i, v in enumerate(fields if fields != (31,) else ()):
         _number(rc, nums[i % 4], v)
@@ -340,3 +341,29 @@ def test_key_unwrap_64_bit_arithmetic_is_the_same(interpreter):
     wrapped = aes_key_wrap(kek, key)          # RFC 3394: its counter xor is 64-bit arithmetic
     got = same_everywhere(f"KEK = {kek!r}\nWRAPPED = {wrapped!r}\n" + UNWRAP)
     assert got == {"key": key.hex(), "flipped": "key unwrap integrity check failed (wrong device key?)"}
+
+
+def test_a_format_2_decoder_that_leaves_too_little_heap_fails_the_patch_not_the_agent(interpreter):
+    """The agent's Patcher keeps delta.MIN_FREE bytes free beside format 2's decoder (MicroPython):
+    with less, the patch fails (DeltaError: E_DELTA, the device keeps its firmware) instead of a
+    later MemoryError elsewhere restarting the agent, which would resume the job at every boot.
+    CPython has no heap limit to check."""
+    old, new = os.urandom(1000), os.urandom(2000)
+    patch = server_delta.encode(old, new, 9, fmt=2)
+    script = f"PATCH = {patch!r}\nOLD = {old!r}\n" + r"""
+import json
+from fota.device import delta as D
+p = D.Patcher(lambda at, n: OLD[at:at + n], lambda data: None, len(PATCH), D.parse_header(PATCH), 15, 1000000)
+try:
+    p.feed(PATCH)
+    p.finish()
+    r = "applied"
+except D.DeltaError as e:
+    r = str(e)
+print(json.dumps({"result": r}))
+"""
+    got = run_everywhere(script)
+    assert got["cpython"]["result"] == "applied"
+    for name in ("64", "32-frozen"):
+        assert got[name]["result"].startswith("MemoryError: ") and \
+            got[name]["result"].endswith(" bytes of heap left beside the decoder, 1000000 needed"), got[name]

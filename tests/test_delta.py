@@ -171,6 +171,9 @@ def test_truncated_trailing_or_oversized_window_patch_is_refused(fmt):
         apply(old, patch[:4] + b"\x03" + patch[5:])
     with pytest.raises(DeltaError, match="the command says"):  # the signed command names the format
         apply(old, patch, expect=dict(expect_of(old, new), format=3 - fmt))
+    # ... and the window: a format-2 decoder takes its window when the job begins, from the command
+    with pytest.raises(DeltaError, match="window 2\\*\\*%d, the command says 2\\*\\*9" % patch[5]):
+        apply(old, patch, expect=dict(expect_of(old, new), format=fmt, wbits=9))
 
 
 def _rc_body(fields, extra_items=()):

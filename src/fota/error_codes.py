@@ -61,7 +61,8 @@ MEANINGS: dict[str, tuple[str, str]] = {
     'E_BASE_MISMATCH': ('failed',
         'delta update whose base is not the image the device runs (nothing written)'),
     'E_DELTA': ('failed',
-        'delta patch: window larger than the device takes, a format it does not decode or other than the '
+        "delta patch: window larger than the device takes or other than the command's, a format it does not "
+        'decode or other than the '
         "command's, SHA-256 differs from the command's, corrupt (a record or match outside the images, a "
         "stream that ends early or has bytes left over), or it does not produce the manifest's image (the "
         'slot is not marked bootable)'),

@@ -41,6 +41,13 @@ def parse_header(data):
             "size": new_size, "sha256": hexlify(new_sha).decode()}
 
 
+# Heap a device's job still needs free once format 2's decoder holds its state: a status or
+# inventory publish (a 200-450 byte packet), the journal, a read of the base image (a 256-byte
+# bytes object). With less, the decoder would finish allocating and something else fail: a
+# MemoryError outside the decoder restarts the agent, which resumes the job and fails again at
+# every boot. Below it the patch fails (E_DELTA) and the device keeps its firmware.
+MIN_FREE = 2048
+
 IN_BUF = 1536  # compressed bytes buffered (fixed: no allocation per chunk)
 RC_IN_BUF = 512  # format 2: its decoder waits for at most 144 bytes (a record), not a deflate block
 
@@ -128,7 +135,8 @@ class Patcher:
 
     read_old(offset, n) -> bytes of the base image; write_new(data) gets the new image in order.
     expect: the signed facts the patch must agree with: base_sha256, base_size, sha256, size
-    (hex digests); max_wbits: the largest window this device accepts.
+    (hex digests); max_wbits: the largest window this device accepts; min_free: heap (bytes,
+    MicroPython) that must stay free beside format 2's decoder, else the patch fails.
     """
 
     BUF = 256
@@ -137,7 +145,7 @@ class Patcher:
     # one output byte costs at most 2 input bytes.
     LOW_WATER = 2 * BUF + 512
 
-    def __init__(self, read_old, write_new, patch_size, expect, max_wbits=MAX_WBITS):
+    def __init__(self, read_old, write_new, patch_size, expect, max_wbits=MAX_WBITS, min_free=0):
         self.read_old = read_old
         self.write_new = write_new
         self.patch_size = patch_size
@@ -161,6 +169,18 @@ class Patcher:
         self.one = bytearray(1)
         self.buf = bytearray(self.BUF)
         self.error = None
+        self.min_free = min_free
+        wbits = expect.get("wbits", 0)
+        if expect.get("format") == RC_FORMAT and MIN_WBITS <= wbits <= max_wbits:
+            # Format 2's state (7.7 KiB at 2**10: 13 tables, the window, two buffers) is taken
+            # now, when the job begins, from the command's signed format and window (the header
+            # must agree), not when the header arrives: by then the job's statuses, journal and
+            # first chunks have left the free heap in holes too small for its tables
+            # (docs/heap.md, "Delta update").
+            try:
+                self._decoder(wbits)
+            except MemoryError as e:  # kept: the patch fails with it (E_DELTA at the install)
+                self.error = "MemoryError: %s" % e
 
     def feed(self, data):
         """More patch bytes; DeltaError if they cannot be part of a valid patch."""
@@ -221,15 +241,30 @@ class Patcher:
             raise DeltaError("patch format %d, the command says %d" % (h["format"], e["format"]))
         if h["wbits"] > self.max_wbits:
             raise DeltaError("window 2**%d exceeds this device's 2**%d" % (h["wbits"], self.max_wbits))
+        if h["wbits"] != e.get("wbits", h["wbits"]):
+            raise DeltaError("window 2**%d, the command says 2**%d" % (h["wbits"], e["wbits"]))
         self.size = h["size"]
         self.base_size = h["base_size"]
-        gc.collect()  # the inflate window / probability table is the one large allocation
         if h["format"] == RC_FORMAT:
-            from fota.device.delta_rc import Decoder
-            self.in_buf = RC_IN_BUF
-            self.inflater = self.rc = Decoder(self, RC_IN_BUF, h["wbits"], DeltaError)
+            if self.rc is None:
+                self._decoder(h["wbits"])
+            self.inflater = self.rc
         else:
+            gc.collect()  # the inflate window is the one large allocation
             self.inflater = _Inflater(h["wbits"])
+
+    def _decoder(self, wbits):
+        gc.collect()  # the decoder's state is the one large allocation
+        from fota.device.delta_rc import Decoder
+        self.in_buf = RC_IN_BUF
+        self.rc = Decoder(self, RC_IN_BUF, wbits, DeltaError)
+        mem_free = getattr(gc, "mem_free", None)  # MicroPython only
+        if self.min_free and mem_free:
+            gc.collect()
+            free = mem_free()
+            if free < self.min_free:
+                self.rc = None
+                raise MemoryError("%d bytes of heap left beside the decoder, %d needed" % (free, self.min_free))
 
     def _inflate(self, n):
         """Up to n (> 0) decompressed bytes into self.buf; 0 means the stream ran dry."""

@@ -3,8 +3,8 @@
 #
 # 32-bit MicroPython keeps ints below 2**30 unboxed: the range stays below 2**30 (_RANGE_INIT) and
 # probabilities are 12-bit, so range, code and bound = (range >> 12) * p are all small ints.
-# RAM: the probability tables (3,192 16-bit entries, 6.2 KiB, in 13 arrays of at most 1 KiB:
-# a board's fragmented heap has room for those where one 6.2 KiB block may not), the window
+# RAM: the probability tables (2,709 16-bit entries, 5.3 KiB, in 13 arrays of at most 1 KiB:
+# a board's fragmented heap has room for those where one 5.3 KiB block may not), the window
 # (2**wbits bytes of the new image), the compressed input not yet used (a 512-byte buffer) and a 256-byte
 # work buffer.
 # The encoder is fota.server.delta_rc; it imports the layout below (the names start with "_" so
@@ -28,14 +28,17 @@ _PROB_HI = const(4096 - 16)
 _RANGE_INIT = const(0x3FFFFFFF)
 _RANGE_TOP = const(0x400000)      # below 2**22 a byte is shifted in: range stays < 2**30
 
-# A number (record field, match length or distance): its bit length n in a 6-bit tree, the
-# _TOP_BITS bits below the leading one in a tree per n, the rest as direct bits.
-_LEN_TREE_BITS = const(6)
+# A number (record field, match length or distance): its bit length n (at most 30) in a 6-bit
+# tree, the _TOP_BITS bits below the leading one in a tree per n, the rest as direct bits. Only
+# the entries a valid number reaches are stored: the tree's top bit (n >= 32) at 0 (always 0),
+# the 5-bit tree below it at 1..31, the tree of length n (1 entry for n = 2, 3 for n >= 3) at
+# _TOP_OFFSET + n * _TOP_STRIDE + 1..3, n = 2..30 at 32..118.
+_LEN_TREE_BITS = const(5)
 _TOP_BITS = const(2)
-_TOP_OFFSET = const(64)
-_TOP_STRIDE = const(4)
+_TOP_OFFSET = const(25)
+_TOP_STRIDE = const(3)
 _MAX_NUMBER_BITS = const(30)
-_NUMBER_SIZE = const(64 + 31 * 4)
+_NUMBER_SIZE = const(119)
 # Seven number models, each its own table: record fields copy, diff, extra, zigzag(seek); match
 # length - _MIN_MATCH; base match zigzag(source - predicted source); window distance - 1.
 _COPY = const(0)
@@ -64,9 +67,9 @@ _BUF = const(256)
 # Compressed bytes that one unit of work may consume at most (one bit shifts in at most one byte):
 # a record is 4 fields of at most 6 + 30 bits, a diff byte 10 bits, an extra byte 9, a match 2
 # bits and 2 fields.
-_RECORD_IN = const(4 * (_LEN_TREE_BITS + _MAX_NUMBER_BITS))
+_RECORD_IN = const(4 * (1 + _LEN_TREE_BITS + _MAX_NUMBER_BITS))
 _BYTE_IN = const(10)
-_MATCH_IN = const(3 + 2 * (_LEN_TREE_BITS + _MAX_NUMBER_BITS))
+_MATCH_IN = const(3 + 2 * (1 + _LEN_TREE_BITS + _MAX_NUMBER_BITS))
 _LOW_WATER = const(_RECORD_IN)
 
 
@@ -185,6 +188,8 @@ class Decoder:
 
     def _number(self, k):
         probs = self.nums[k]
+        if self._bit(probs, 0):
+            raise self.error("record field of 32 bits or more")
         n = self._tree(probs, 0, _LEN_TREE_BITS)
         if n <= 1:
             return n

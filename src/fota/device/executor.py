@@ -272,7 +272,7 @@ class Executor:
         # Imported only by a device that gets a delta; collected first, so that its bytecode
         # fills the heap's holes and leaves room in one piece for the inflate window.
         gc.collect()
-        from fota.device.delta import Patcher
+        from fota.device.delta import MIN_FREE, Patcher
         backend = self.backend
         active = self.slot
         state = [0]  # offset of the next new-image byte
@@ -284,4 +284,4 @@ class Executor:
         def read_old(at, n):
             return backend.read(active, at, n)
 
-        return Patcher(read_old, write_new, expect["patch_size"], expect, self.core.delta_wbits)
+        return Patcher(read_old, write_new, expect["patch_size"], expect, self.core.delta_wbits, MIN_FREE)

@@ -90,6 +90,7 @@ def _number(rc: RangeEncoder, probs, v: int) -> None:
     n = v.bit_length()
     if n > M._MAX_NUMBER_BITS:
         raise ValueError(f"record field {v} too large for format 2")
+    rc.bit(probs, 0, 0)  # the length tree's top bit: n < 32 (fota.device.delta_rc's layout)
     _tree(rc, probs, 0, n, M._LEN_TREE_BITS)
     if n > 1:
         rest = n - 1
