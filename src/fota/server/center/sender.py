@@ -29,6 +29,7 @@ from fota.server.center.keys import KeyPusher
 from fota.server.delta import get_delta
 from fota.server.deployments import CANCEL, PENDING, SENT, TIMED_OUT, expire_jobs, finish_deployments
 from fota.server.kek import Kek
+from fota.server.payloadurls import HttpPayloads
 from fota.server.releases import ReleaseError, update_command, wrap_release_key
 from fota.server.store import Deployment, Device, Job, Release, Store, utcnow
 from fota.server.store.inlists import chunks
@@ -54,7 +55,7 @@ class CommandSender:
     def __init__(self, store: Store, db: Callable[..., Awaitable], jobs: JobCache, mqtt: CenterConnection,
                  keys: KeyPusher, *, client_id: str, blobs_dir: Path, chunk: int, window: int,
                  poll_interval: float, require_online: bool, delta_wbits: int | None, command_ttl: int,
-                 kek: Kek | None, fenced: Callable[[], bool]):
+                 kek: Kek | None, fenced: Callable[[], bool], http: HttpPayloads | None = None):
         self.store = store
         self.db = db                     # runs a function on the database thread
         self.jobs = jobs
@@ -74,6 +75,9 @@ class CommandSender:
         # The key-encryption key that opens the stored release and device keys (encrypted releases).
         self.kek = kek
         self.fenced = fenced             # declared dead by the other workers: send nothing
+        # Transport http: where the signed payload URLs point (None: every job gets chunks).
+        self.http = http
+        self.http_sent = 0               # update commands sent with a payload URL
         self.commands = 0                # update commands published
         self.deltas_sent = 0             # update commands sent as a delta
 
@@ -131,7 +135,7 @@ class CommandSender:
         device's commands leave in job-id order even when several workers send."""
         older = aliased(Job)
         query = (select(Job.id, Job.device_id, Device.inventory, Device.enc_key, Release, Job.kind, Job.target_job,
-                        Deployment.min_battery)
+                        Deployment.min_battery, Deployment.transport)
                  .join(Deployment, Job.deployment_id == Deployment.id)
                  .join(Release, Deployment.release_id == Release.id)
                  .join(Device, Job.device_id == Device.id)
@@ -147,7 +151,7 @@ class CommandSender:
                 s.execute(update(Job).where(Job.id.in_(ids)).values(worker=self.client_id))
         outgoing = []
         signer = self.keys.signer
-        for job_id, device_id, inventory, device_key, release, kind, target_job, min_battery in rows:
+        for job_id, device_id, inventory, device_key, release, kind, target_job, min_battery, transport in rows:
             behind = self.keys.behind(inventory)
             if kind == CANCEL:
                 command = signer.command({"type": "cancel", "job": job_id, "device": device_id,
@@ -165,13 +169,26 @@ class CommandSender:
                 log.error("job %d not sent: %s", job_id, exc)
                 continue
             patch = self.delta_for(release, inventory or {})
+            http = None
+            if transport == "http" and self._takes_http(job_id, inventory):
+                http = self.http.command_field(device_id, job_id, patch.sha256 if patch else release.sha256)
             command = update_command(job_id, device_id, release, signer, chunk, self.window,
                                      wrapped_key=wrapped, delta=patch.descriptor() if patch else None,
-                                     min_battery=min_battery, ttl=self.command_ttl)
+                                     min_battery=min_battery, ttl=self.command_ttl, http=http)
+            self.http_sent += http is not None
             blob = patch.data if patch else release_blob(self.blobs_dir, release)
             outgoing.append(Outgoing(job_id, device_id, command, JobInfo(device_id, SENT, blob, self.client_id),
                                      patch.id if patch else None, keys_behind=behind))
         return outgoing
+
+    def _takes_http(self, job_id: int, inventory: dict[str, Any] | None) -> bool:
+        """Whether a job of an http deployment gets a payload URL: the center has one to give
+        (HttpPayloads) and the device declares http in its inventory; else it gets chunks."""
+        if self.http is None:
+            log.warning("job %d: transport http, but this center has no http_url: sending chunks", job_id)
+            return False
+        transports = (inventory or {}).get("transports")
+        return isinstance(transports, list) and "http" in transports
 
     def delta_for(self, release: Release, inventory: dict[str, Any]):
         """(DB thread) the patch from the device's running image to `release`, or None: no
