@@ -218,3 +218,149 @@ def test_device_client_resumes_after_a_cut_with_a_range(blob_server, monkeypatch
     assert b"".join(got) == image and fetch.connections >= 3
     ranges = [e["range"] for e in app.state.blob_log]
     assert ranges[0].startswith("bytes=0-") and any(not r.startswith("bytes=0-") for r in ranges)
+
+
+# ---- real MicroPython devices, a real Mosquitto and the control center ------------------------------
+
+@pytest.fixture
+def http_fleet(tmp_path, broker, sqlite_url, interpreter):
+    """start(...) -> (fleet, server, app): a fleet whose center signs payload URLs to an API server
+    of its own (the blob route), on a port chosen first. tls: serve HTTPS with these TlsFiles."""
+    from fota.server.broker import free_port
+    from fota.server.kek import Kek
+    kek = Kek.load(tmp_path / "keys" / "kek")  # the one the Fleet loads too
+    started = []
+
+    def start(tls=None, url_ttl=3600, host="127.0.0.1", proxy=None, **settings):
+        """proxy: FaultProxy options: the URLs lead through one (fleet.http_proxy)."""
+        port = free_port()
+        scheme = "https" if tls else "http"
+        front = port
+        if proxy is not None:
+            fp = FaultProxy(port, **proxy).start_thread()
+            started.append(fp)
+            front = fp.port
+        fleet = Fleet(tmp_path, broker, sqlite_url, interpreter=interpreter,
+                      http=HttpPayloads(f"{scheme}://{host}:{front}", kek.url_key, url_ttl), **settings)
+        fleet.http_proxy = fp if proxy is not None else None
+        started.append(fleet)
+        app = create_app(fleet.store, fleet.blobs, lambda: fleet.key, url_key=kek.url_key)
+        server = AppServer(app, port=port, tls=tls).start()
+        started.append(server)
+        return fleet, server, app
+
+    yield start
+    for thing in reversed(started):
+        if isinstance(thing, AppServer):
+            thing.stop()
+        elif isinstance(thing, FaultProxy):
+            thing.stop_thread()
+        else:
+            thing.close()
+
+
+def _requests_of(fleet, dev):
+    return [r for _, d, r in fleet.spy.requests if d == dev]
+
+
+def _job_history(fleet, dev, job_id):
+    from fota.server.deployments import device_history
+    history = [e.state for e in device_history(fleet.store, dev) if e.job_id == job_id]
+    return [s for i, s in enumerate(history) if i == 0 or s != history[i - 1]]
+
+
+@both_interpreters
+def test_update_over_http_end_to_end(http_fleet):
+    fleet, server, app = http_fleet()
+    fleet.add_devices(["h-1", "h-mqtt"])
+    # h-mqtt's agent says it has no http: it gets chunks in the same deployment.
+    config = json.loads((fleet.root("h-mqtt") / "config.json").read_text())
+    fleet.devices["h-mqtt"].stop()
+    config["transports"] = ["mqtt"]
+    (fleet.root("h-mqtt") / "config.json").write_text(json.dumps(config))
+    fleet.devices["h-mqtt"].start()
+    fleet.wait_online("h-1", "h-mqtt")
+    wait_until(lambda: (fleet.device_row("h-1").inventory or {}).get("transports") == ["mqtt", "http"]
+               and (fleet.device_row("h-mqtt").inventory or {}).get("transports") == ["mqtt"],
+               timeout=10, what="inventories naming the transports")
+    rel = fleet.release(bundle_of_size("1.1.0", 60_000), "1.1.0")
+    dep = create_deployment(fleet.store, rel, device_ids=["h-1", "h-mqtt"], transport="http")
+    jobs = {j.device_id: j.id for j in dep.jobs}
+    for dev, job_id in jobs.items():
+        j = fleet.wait_job(job_id)
+        assert j.state == "confirmed", (dev, j.state, j.code, j.reason)
+        assert _job_history(fleet, dev, job_id) == ["downloading", "verifying", "installing", "rebooting",
+                                                    "trial", "confirmed"]
+    fleet.wait_online("h-1", "h-mqtt", version="1.1.0")
+    # h-1 fetched over http (ranged GETs, no chunk request); h-mqtt pulled chunks.
+    served = [e for e in app.state.blob_log if e["device"] == "h-1"]
+    assert served and all(e["status"] == 206 and e["range"].startswith("bytes=") for e in served)
+    assert not [e for e in app.state.blob_log if e["device"] == "h-mqtt"]
+    assert not _requests_of(fleet, "h-1") and _requests_of(fleet, "h-mqtt")
+    assert fleet.center.center.sender.http_sent == 1
+
+
+FAST = {"stall_timeout_ms": 20000}
+
+
+def test_cut_downloads_resume_with_a_range_request(http_fleet):
+    # Every connection to the blob server is cut after 24 KB: the 90 KB image needs several.
+    fleet, server, app = http_fleet(proxy={"cut_after_down": 24_000})
+    fleet.add_device("h-cut", **FAST)
+    fleet.wait_online("h-cut")
+    image = bundle_of_size("1.1.0", 90_000)
+    rel = fleet.release(image, "1.1.0")
+    dep = create_deployment(fleet.store, rel, device_ids=["h-cut"], transport="http")
+    j = fleet.wait_job(dep.jobs[0].id)
+    assert j.state == "confirmed", (j.state, j.code, j.reason)
+    assert fleet.http_proxy.cuts >= 3
+    ranges = [e["range"] for e in app.state.blob_log if e["device"] == "h-cut"]
+    starts = [int(r[6:].split("-")[0]) for r in ranges]
+    # Each fetch after a cut starts where the last whole chunk ended, not from 0.
+    assert starts[0] == 0 and len(set(starts)) >= 3 and all(s % 2048 == 0 for s in starts)
+    assert sorted(starts) == starts and max(starts) > 48_000
+    # Bytes served stay close to the image: a cut costs at most the chunk being read (and the
+    # headers of each response).
+    assert fleet.http_proxy.bytes_down < len(image) + len(ranges) * (2048 + 512)
+
+
+def test_tampered_blob_and_expired_url_are_refused_and_the_firmware_kept(http_fleet):
+    fleet, server, app = http_fleet()
+    fleet.add_devices(["h-tamper"], **FAST)
+    fleet.wait_online("h-tamper")
+    image = bundle_of_size("1.1.0", 30_000)
+    rel = fleet.release(image, "1.1.0")
+    # The stored blob is altered after signing (same size): the device's streaming hash refuses it.
+    blob = fleet.blobs / rel.sha256
+    blob.write_bytes(image[:20_000] + bytes([image[20_000] ^ 1]) + image[20_001:])
+    dep = create_deployment(fleet.store, rel, device_ids=["h-tamper"], transport="http")
+    j = fleet.wait_job(dep.jobs[0].id)
+    assert (j.state, j.code) == ("failed", "E_HASH_MISMATCH"), (j.state, j.code, j.reason)
+    assert fleet.running_version("h-tamper") == "1.0.0" and fleet.devices["h-tamper"].reboots == 0
+    # An expired URL: the server says 403 and the device ends the job with E_HTTP_STATUS.
+    blob.write_bytes(image)
+    fleet.center.center.http = HttpPayloads(fleet.center.center.http.base_url, fleet.center.center.http.key,
+                                            url_ttl=-5)
+    dep2 = create_deployment(fleet.store, rel, device_ids=["h-tamper"], transport="http")
+    j2 = fleet.wait_job(dep2.jobs[0].id)
+    assert (j2.state, j2.code) == ("failed", "E_HTTP_STATUS") and "403" in j2.reason, (j2.state, j2.code, j2.reason)
+    assert [e["status"] for e in app.state.blob_log if e["job"] == str(j2.id)] == [403]
+    assert fleet.running_version("h-tamper") == "1.0.0" and fleet.devices["h-tamper"].reboots == 0
+
+
+def test_https_payloads_are_verified_against_the_provisioned_ca(http_fleet, tmp_path):
+    files = ensure_tls(tmp_path / "tls")
+    impostor, _ = create_ca(tmp_path / "impostor", name="impostor CA")
+    fleet, server, app = http_fleet(tls=files)
+    fleet.add_device("h-tls", http_cadata=files.ca_der().hex(), **FAST)
+    fleet.add_device("h-impostor", http_cadata=ca_der(impostor).hex(), **FAST)
+    fleet.wait_online("h-tls", "h-impostor")
+    rel = fleet.release(bundle_of_size("1.1.0", 30_000), "1.1.0")
+    dep = create_deployment(fleet.store, rel, device_ids=["h-tls", "h-impostor"], transport="http")
+    jobs = {j.device_id: j.id for j in dep.jobs}
+    ok = fleet.wait_job(jobs["h-tls"])
+    assert ok.state == "confirmed", (ok.state, ok.code, ok.reason)
+    bad = fleet.wait_job(jobs["h-impostor"])
+    assert (bad.state, bad.code) == ("failed", "E_HTTP_TLS"), (bad.state, bad.code, bad.reason)
+    assert fleet.running_version("h-impostor") == "1.0.0"
+    assert not [e for e in app.state.blob_log if e["device"] == "h-impostor"]  # nothing reached the route

@@ -14,17 +14,36 @@
 # verification against the CA the device was provisioned with.
 #
 # Errors: HttpError(code, reason) ends the job (an E_HTTP_* code); OSError is a failure the
-# next attempt may not have (the runner drops the connection and the core's chunk timeout
-# starts the fetch again; its stall deadline ends the job).
+# next attempt may not have (a cut, a reset, a 5xx): the runner calls failed(), and the fetch
+# starts again from its next chunk after a back-off (RETRY_MS, doubling up to RETRY_MAX_MS);
+# the core's stall deadline ends the job if nothing gets through.
 
 import errno
 import select
 import socket
+import time
+
+try:
+    from time import ticks_ms, ticks_diff, ticks_add, sleep_ms
+except ImportError:  # CPython
+    def ticks_ms():
+        return int(time.monotonic() * 1000)
+
+    def ticks_diff(a, b):
+        return a - b
+
+    def ticks_add(a, b):
+        return a + b
+
+    def sleep_ms(ms):
+        time.sleep(ms / 1000)
 
 from fota.device import protocol as P
 
 SEGMENT = 65536       # bytes per ranged GET (a multiple of the chunk size is used)
 MAX_REDIRECTS = 4
+RETRY_MS = 200        # first wait after a failed attempt
+RETRY_MAX_MS = 5000
 HEADER_BUFFER = 1024  # smallest read buffer: the longest header line (a Location) must fit
 
 _AGAIN = (errno.EAGAIN, getattr(errno, "EWOULDBLOCK", errno.EAGAIN))
@@ -95,6 +114,8 @@ class Fetch:
         self.phase = 0
         self.done = True
         self.error = None     # an HttpError met by start(), for the runner's next step
+        self.failures = 0     # failed attempts in a row
+        self.retry_at = None  # ticks_ms of the next attempt after a failure
 
     # ---- the download ------------------------------------------------------------------------
     def start(self, job, http, offset, size, chunk):
@@ -123,6 +144,7 @@ class Fetch:
         if self.state_body():
             self.close()  # a response half read cannot be left behind on a kept-alive socket
         self.redirects = 0
+        self.retry_at = None
         self.phase = 0        # 0: send a request, 1: read headers, 2: read the body
         self.lo = self.hi = 0
         self.done = offset >= size
@@ -134,6 +156,12 @@ class Fetch:
         """The next whole chunk (a memoryview valid until the next call), or None."""
         if self.done:
             return None
+        if self.retry_at is not None:
+            wait = ticks_diff(self.retry_at, ticks_ms())
+            if wait > 0:
+                sleep_ms(min(wait, wait_ms))
+                return None
+            self.retry_at = None
         if self.phase == 0:
             self._request()
         if self.phase == 1:
@@ -141,6 +169,13 @@ class Fetch:
                 return None
             wait_ms = 0
         return self._body(wait_ms)
+
+    def failed(self):
+        """A failed attempt (OSError): the connection is dropped and the fetch goes on from its
+        next chunk after a back-off."""
+        self.close()
+        self.failures += 1
+        self.retry_at = ticks_add(ticks_ms(), min(RETRY_MAX_MS, RETRY_MS << min(self.failures - 1, 5)))
 
     def close(self):
         if self.sock is not None:
@@ -390,6 +425,7 @@ class Fetch:
         data = memoryview(buf)[self.lo:self.lo + want]
         self.lo += want
         self.pos += want
+        self.failures = 0
         if self.pos >= self.size:
             self.done = True
             self.close()  # the download is complete: no socket (nor TLS buffers) kept

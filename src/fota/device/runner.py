@@ -476,10 +476,9 @@ class Device:
             self.execute(self.core.fetch_failed(e.code, e.reason))
             return
         except (OSError, ValueError) as e:
-            # Maybe not for good: the core's chunk timeout starts the fetch again (and its stall
-            # deadline ends the job).
-            f.done = True
-            f.close()
+            # Maybe not for good: the fetch goes on from its next chunk after a back-off (the
+            # core's stall deadline ends the job if nothing gets through).
+            f.failed()
             log("http fetch failed:", e)
             return
         if data is not None:

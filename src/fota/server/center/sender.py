@@ -46,8 +46,9 @@ class Outgoing:
     job_id: int
     device_id: str
     command: bytes
-    info: JobInfo
+    info: JobInfo | None  # None: not cached for the chunk server (transport http: read if ever asked)
     delta_id: int | None = None
+    delta_size: int = 0
     keys_behind: bool = False  # the device's last inventory reports an older trust version
 
 
@@ -115,13 +116,14 @@ class CommandSender:
             return 0
         for out in outgoing:
             # Cache first, so that the device's first request finds the job.
-            self.jobs.add(out.job_id, out.info)
+            if out.info is not None:
+                self.jobs.add(out.job_id, out.info)
             if out.keys_behind:
                 self.keys.push_ahead_of_command(out.device_id)
             self.mqtt.publish(protocol.topic(out.device_id, protocol.CMD), out.command, qos=1)
             self.commands += 1
         await self.db(self.mark_sent, [out.job_id for out in outgoing],
-                      {out.job_id: (out.delta_id, len(out.info.blob or b"")) for out in outgoing
+                      {out.job_id: (out.delta_id, out.delta_size) for out in outgoing
                        if out.delta_id is not None})
         self.deltas_sent += sum(1 for out in outgoing if out.delta_id is not None)
         log.info("sent %d update command(s)", len(outgoing))
@@ -176,9 +178,11 @@ class CommandSender:
                                      wrapped_key=wrapped, delta=patch.descriptor() if patch else None,
                                      min_battery=min_battery, ttl=self.command_ttl, http=http)
             self.http_sent += http is not None
-            blob = patch.data if patch else release_blob(self.blobs_dir, release)
-            outgoing.append(Outgoing(job_id, device_id, command, JobInfo(device_id, SENT, blob, self.client_id),
-                                     patch.id if patch else None, keys_behind=behind))
+            # Over http the device fetches from the blob server: the image is not read here.
+            info = None if http else JobInfo(device_id, SENT, patch.data if patch else
+                                             release_blob(self.blobs_dir, release), self.client_id)
+            outgoing.append(Outgoing(job_id, device_id, command, info, patch.id if patch else None,
+                                     patch.size if patch else 0, keys_behind=behind))
         return outgoing
 
     def _takes_http(self, job_id: int, inventory: dict[str, Any] | None) -> bool:
