@@ -364,3 +364,35 @@ def test_https_payloads_are_verified_against_the_provisioned_ca(http_fleet, tmp_
     assert (bad.state, bad.code) == ("failed", "E_HTTP_TLS"), (bad.state, bad.code, bad.reason)
     assert fleet.running_version("h-impostor") == "1.0.0"
     assert not [e for e in app.state.blob_log if e["device"] == "h-impostor"]  # nothing reached the route
+
+
+# ---- choosing the transport: deployments, campaigns, the API -----------------------------------------
+
+def test_transport_is_chosen_per_deployment_and_campaign(db_url, tmp_path):
+    from fota.server.campaigns import CampaignError, create_campaign
+    from fota.server.deployments import DeploymentError
+    from fota.server.store import Deployment
+    from test_api import API, bearer, make_env
+    env = make_env(db_url, tmp_path, url_key=KEY)
+    try:
+        assert env.upload(env.admin, "1.1.0").status_code == 201
+        made = env.client.post(f"{API}/deployments", headers=bearer(env.admin),
+                               json={"release": "1.1.0", "devices": ["dev-1"], "transport": "http"})
+        assert made.status_code == 201 and made.json()["transport"] == "http", made.text
+        plain = env.client.post(f"{API}/deployments", headers=bearer(env.admin),
+                                json={"release": "1.1.0", "devices": ["dev-2"]})
+        assert plain.json()["transport"] == "mqtt"
+        bad = env.client.post(f"{API}/deployments", headers=bearer(env.admin),
+                              json={"release": "1.1.0", "devices": ["dev-2"], "transport": "ftp"})
+        assert bad.status_code == 422
+        with pytest.raises(DeploymentError, match="transport"):
+            create_deployment(env.store, "1.1.0", device_ids=["dev-1"], transport="ftp")
+        campaign = create_campaign(env.store, "via-http", "1.1.0", {"transport": "http"})
+        with pytest.raises(CampaignError, match="transport"):
+            create_campaign(env.store, "via-ftp", "1.1.0", {"transport": "ftp"})
+        with env.store.session() as s:
+            assert s.get(Deployment, campaign.deployment_id).transport == "http"
+            assert s.get(Deployment, made.json()["id"]).transport == "http"
+    finally:
+        env.client.close()
+        env.store.dispose()
