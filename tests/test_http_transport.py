@@ -9,6 +9,7 @@ import socket
 import time
 
 import pytest
+from sqlalchemy import select
 
 from conftest import both_interpreters
 from fota.device import http as devhttp
@@ -396,3 +397,46 @@ def test_transport_is_chosen_per_deployment_and_campaign(db_url, tmp_path):
     finally:
         env.client.close()
         env.store.dispose()
+
+
+
+def test_home_settings_and_the_deploy_command(tmp_path):
+    # http_url in the home's config.json gives the center its URL setting, with the key every
+    # process derives from the home's KEK; `fota deploy --transport http` stores the transport.
+    from typer.testing import CliRunner
+    from fota.cli import app as cli
+    from fota.server.fleet import provision_device
+    from fota.server.home import Home
+    from fota.server.store import Deployment
+    home = Home(tmp_path / "home")
+    runner = CliRunner()
+    assert runner.invoke(cli, ["keys", "init", "--home", str(home.path)]).exit_code == 0
+    assert home.http_payloads() is None  # not configured: every job gets chunks
+    cfg = home.config()
+    cfg.update(http_url="https://fota.example:8443", http_url_ttl=600, http_hosts=["cdn.example"])
+    home.save_config(cfg)
+    settings = home.http_payloads()
+    assert (settings.base_url, settings.url_ttl, settings.hosts) == ("https://fota.example:8443", 600, ("cdn.example",))
+    assert settings.key == home.kek().url_key == Home(home.path).kek().url_key and len(settings.key) == 32
+    field = settings.command_field("dev-1", 5, "ab" * 32, now=1000)
+    assert field == {"url": sign_url("https://fota.example:8443", settings.key, "dev-1", 5, "ab" * 32, 1600),
+                     "exp": 1600, "hosts": ["cdn.example"]}
+    store = home.store()
+    try:
+        provision_device(store, "dev-1", "unix")
+        app_dir = tmp_path / "app"
+        app_dir.mkdir()
+        from fota.examples import hello_files
+        for name, data in hello_files("1.2.0").items():
+            (app_dir / name).write_bytes(data)
+        r = runner.invoke(cli, ["release", "create", str(app_dir), "--version", "1.2.0", "--hardware", "unix",
+                                "--home", str(home.path)])
+        assert r.exit_code == 0, r.output
+        r = runner.invoke(cli, ["deploy", "1.2.0", "--device", "dev-1", "--transport", "http", "--home", str(home.path)])
+        assert r.exit_code == 0 and "over http" in r.output, r.output
+        r = runner.invoke(cli, ["deploy", "1.2.0", "--device", "dev-1", "--transport", "ftp", "--home", str(home.path)])
+        assert r.exit_code != 0 and "--transport must be mqtt or http" in str(r.exception)
+        with store.session() as s:
+            assert [d.transport for d in s.scalars(select(Deployment))] == ["http"]
+    finally:
+        store.dispose()

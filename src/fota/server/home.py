@@ -293,6 +293,17 @@ class Home:
         return ca_der(cafile) if cafile else None
 
     # ---- Home Assistant ----------------------------------------------------------------------
+    def http_payloads(self):
+        """Transport http's URL setting (fota.server.payloadurls.HttpPayloads) from config.json
+        (`http_url`, `http_url_ttl`, `http_hosts`; docs/http-transport.md), or None without
+        `http_url`. The URL key comes from the KEK, as in every process of the home."""
+        cfg = self.config()
+        if not cfg.get("http_url"):
+            return None
+        from fota.server.payloadurls import URL_TTL, HttpPayloads
+        return HttpPayloads(cfg["http_url"], self.kek().url_key, int(cfg.get("http_url_ttl", URL_TTL)),
+                            tuple(cfg.get("http_hosts", ())))
+
     def homeassistant(self) -> dict:
         """config.json's "homeassistant" block ({} when never enabled)."""
         return dict(self.config().get("homeassistant") or {})
