@@ -325,6 +325,29 @@ def test_cut_downloads_resume_with_a_range_request(http_fleet):
     assert fleet.http_proxy.bytes_down < len(image) + len(ranges) * (2048 + 512)
 
 
+
+def test_power_cut_mid_download_resumes_from_the_journal_with_a_range(http_fleet):
+    # The blob server is slow (60 KB/s); the device is killed once its journal has a checkpoint:
+    # after the restart it asks only for the bytes after that checkpoint.
+    fleet, server, app = http_fleet(proxy={"throttle_down": 60_000})
+    proc = fleet.add_device("h-kill", **FAST)
+    fleet.wait_online("h-kill")
+    image = bundle_of_size("1.1.0", 150_000)
+    rel = fleet.release(image, "1.1.0")
+    dep = create_deployment(fleet.store, rel, device_ids=["h-kill"], transport="http")
+    journal = fleet.root("h-kill") / "journal.json"
+    wait_until(lambda: journal.exists() and json.loads(journal.read_text())["pos"] >= 16, timeout=20,
+               interval=0.05, what="a checkpoint past chunk 16")
+    assert proc.kill(wait=True)
+    pos = json.loads(journal.read_text())["pos"]
+    assert 16 <= pos < len(image) // 2048
+    j = fleet.wait_job(dep.jobs[0].id)
+    assert j.state == "confirmed", (j.state, j.code, j.reason)
+    starts = [int(e["range"][6:].split("-")[0]) for e in app.state.blob_log if e["device"] == "h-kill"]
+    assert starts[0] == 0 and starts.count(0) == 1  # never downloaded from the start again
+    assert pos * 2048 in starts[1:], (pos, starts)
+
+
 def test_tampered_blob_and_expired_url_are_refused_and_the_firmware_kept(http_fleet):
     fleet, server, app = http_fleet()
     fleet.add_devices(["h-tamper"], **FAST)
@@ -440,3 +463,63 @@ def test_home_settings_and_the_deploy_command(tmp_path):
             assert [d.transport for d in s.scalars(select(Deployment))] == ["http"]
     finally:
         store.dispose()
+
+
+# ---- S3-compatible object storage (moto's server on loopback) ------------------------------------------
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+    from fota.server.broker import free_port
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_endpoint, monkeypatch, tmp_path):
+    import boto3
+    from botocore.config import Config
+    for name, value in (("AWS_ACCESS_KEY_ID", "fota-test"), ("AWS_SECRET_ACCESS_KEY", "fota-test-secret"),
+                        ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(name, value)
+    bucket = f"fota-{tmp_path.name.lower().replace('_', '-')[-40:]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, config=Config(s3={"addressing_style": "path"})) \
+        .create_bucket(Bucket=bucket)
+    return s3_endpoint, bucket
+
+
+def test_update_over_presigned_object_storage_urls(s3, tmp_path, broker, sqlite_url):
+    from fota.server.objectstore import S3Payloads
+    endpoint, bucket = s3
+    payloads = S3Payloads(bucket, blobs_dir=tmp_path / "blobs", endpoint_url=endpoint, region="us-east-1",
+                          prefix="blobs/", url_ttl=3600)
+    fleet = Fleet(tmp_path, broker, sqlite_url, http=payloads)
+    try:
+        fleet.add_device("h-s3", stall_timeout_ms=20000)
+        fleet.wait_online("h-s3")
+        image = bundle_of_size("1.1.0", 100_000)
+        rel = fleet.release(image, "1.1.0")
+        field = payloads.command_field("h-s3", 1, rel.sha256)  # uploads the blob on first use
+        assert field["url"].startswith(f"{endpoint}/{bucket}/blobs/{rel.sha256}?")
+        assert "X-Amz-Signature=" in field["url"] and "X-Amz-Expires=3600" in field["url"]
+        assert payloads.get_blob(rel.sha256) == image
+        dep = create_deployment(fleet.store, rel, device_ids=["h-s3"], transport="http")
+        j = fleet.wait_job(dep.jobs[0].id)
+        assert j.state == "confirmed", (j.state, j.code, j.reason)
+        assert fleet.center.center.sender.http_sent == 1 and not _requests_of(fleet, "h-s3")
+        fleet.wait_online("h-s3", version="1.1.0")
+    finally:
+        fleet.close()
+
+
+def test_object_storage_url_ttl_is_capped_at_sigv4s_week(s3, tmp_path):
+    from fota.server.objectstore import MAX_PRESIGN, S3Payloads
+    endpoint, bucket = s3
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / ("cd" * 32)).write_bytes(b"x" * 10)
+    payloads = S3Payloads(bucket, blobs_dir=tmp_path / "blobs", endpoint_url=endpoint, url_ttl=30 * 86400)
+    field = payloads.command_field("d", 1, "cd" * 32, now=1000)
+    assert field["exp"] == 1000 + MAX_PRESIGN and f"X-Amz-Expires={MAX_PRESIGN}" in field["url"]

@@ -36,7 +36,7 @@ import asyncio
 import logging
 import ssl
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gmqtt import Client as MQTTClient
 from sqlalchemy import select
@@ -58,6 +58,9 @@ from fota.server.delta import DEFAULT_WBITS
 from fota.server.homeassistant import HomeAssistantBridge, HomeAssistantSettings, command_filter
 from fota.server.kek import Kek
 from fota.server.payloadurls import HttpPayloads
+
+if TYPE_CHECKING:
+    from fota.server.objectstore import S3Payloads
 from fota.server.retention import DEFAULT_INTERVAL as RETENTION_INTERVAL
 from fota.server.retention import Retention
 from fota.server.statuses import StatusLimiter, parse_status
@@ -139,7 +142,8 @@ class ControlCenter:
                  kek: Kek | None = None, keyring: Keyring | None = None, keys_interval: float = KEYS_INTERVAL,
                  status_limiter: StatusLimiter | None = None, retention: Retention | None = Retention(),
                  retention_interval: float = RETENTION_INTERVAL,
-                 homeassistant: HomeAssistantSettings | None = None, http: HttpPayloads | None = None):
+                 homeassistant: HomeAssistantSettings | None = None,
+                 http: HttpPayloads | S3Payloads | None = None):
         if not protocol.MIN_CHUNK_SIZE <= chunk <= protocol.MAX_CHUNK_SIZE:
             raise ValueError(f"chunk must be {protocol.MIN_CHUNK_SIZE}..{protocol.MAX_CHUNK_SIZE}")
         if not 1 <= window <= protocol.MAX_WINDOW:

@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from sqlalchemy import case, exists, func, or_, select, update
 from sqlalchemy.orm import aliased
@@ -30,6 +30,9 @@ from fota.server.delta import get_delta
 from fota.server.deployments import CANCEL, PENDING, SENT, TIMED_OUT, expire_jobs, finish_deployments
 from fota.server.kek import Kek
 from fota.server.payloadurls import HttpPayloads
+
+if TYPE_CHECKING:
+    from fota.server.objectstore import S3Payloads
 from fota.server.releases import ReleaseError, update_command, wrap_release_key
 from fota.server.store import Deployment, Device, Job, Release, Store, utcnow
 from fota.server.store.inlists import chunks
@@ -56,7 +59,7 @@ class CommandSender:
     def __init__(self, store: Store, db: Callable[..., Awaitable], jobs: JobCache, mqtt: CenterConnection,
                  keys: KeyPusher, *, client_id: str, blobs_dir: Path, chunk: int, window: int,
                  poll_interval: float, require_online: bool, delta_wbits: int | None, command_ttl: int,
-                 kek: Kek | None, fenced: Callable[[], bool], http: HttpPayloads | None = None):
+                 kek: Kek | None, fenced: Callable[[], bool], http: HttpPayloads | S3Payloads | None = None):
         self.store = store
         self.db = db                     # runs a function on the database thread
         self.jobs = jobs
@@ -173,7 +176,10 @@ class CommandSender:
             patch = self.delta_for(release, inventory or {})
             http = None
             if transport == "http" and self._takes_http(job_id, inventory):
-                http = self.http.command_field(device_id, job_id, patch.sha256 if patch else release.sha256)
+                try:
+                    http = self.http.command_field(device_id, job_id, patch.sha256 if patch else release.sha256)
+                except Exception:  # object storage unreachable: the job is not lost, it gets chunks
+                    log.exception("job %d: no payload URL; sending chunks", job_id)
             command = update_command(job_id, device_id, release, signer, chunk, self.window,
                                      wrapped_key=wrapped, delta=patch.descriptor() if patch else None,
                                      min_battery=min_battery, ttl=self.command_ttl, http=http)
