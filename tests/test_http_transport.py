@@ -523,3 +523,55 @@ def test_object_storage_url_ttl_is_capped_at_sigv4s_week(s3, tmp_path):
     payloads = S3Payloads(bucket, blobs_dir=tmp_path / "blobs", endpoint_url=endpoint, url_ttl=30 * 86400)
     field = payloads.command_field("d", 1, "cd" * 32, now=1000)
     assert field["exp"] == 1000 + MAX_PRESIGN and f"X-Amz-Expires={MAX_PRESIGN}" in field["url"]
+
+
+# ---- a static server or CDN in front of the blob directory ---------------------------------------------
+
+def test_update_from_a_static_server_in_front_of_the_blob_directory(tmp_path, broker, sqlite_url):
+    # Any web server that answers byte ranges will do: here Starlette's StaticFiles on uvicorn.
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+    from starlette.staticfiles import StaticFiles
+    from fota.server.broker import free_port
+    from fota.server.payloadurls import StaticPayloads
+    (tmp_path / "blobs").mkdir()
+    port = free_port()
+    fleet = Fleet(tmp_path, broker, sqlite_url, http=StaticPayloads(f"http://127.0.0.1:{port}/fw"))
+    static = AppServer(Starlette(routes=[Mount("/fw", StaticFiles(directory=tmp_path / "blobs"))]), port=port)
+    try:
+        static.start()
+        fleet.add_device("h-static", stall_timeout_ms=20000)
+        fleet.wait_online("h-static")
+        rel = fleet.release(bundle_of_size("1.1.0", 80_000), "1.1.0")
+        part = _get(f"{static.url}/fw/{rel.sha256}", {"Range": "bytes=0-9"})
+        assert part.status_code == 206  # the server answers ranges
+        dep = create_deployment(fleet.store, rel, device_ids=["h-static"], transport="http")
+        j = fleet.wait_job(dep.jobs[0].id)
+        assert j.state == "confirmed", (j.state, j.code, j.reason)
+        assert not _requests_of(fleet, "h-static")
+    finally:
+        static.stop()
+        fleet.close()
+
+
+def test_device_client_takes_a_server_that_ignores_ranges(tmp_path):
+    # Python's http.server answers every GET with 200 and the whole file (HTTP/1.0): the client
+    # checks its length against the signed size, drops the bytes before its offset and goes on.
+    import functools
+    import http.server
+    import threading
+    blob = bundle_of_size("1.1.0", 50_000)
+    (tmp_path / "blob").write_bytes(blob)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = {"url": f"http://127.0.0.1:{server.server_address[1]}/blob", "exp": 0}
+        chunks, error = _fetch_all(devhttp.Fetch(), 1, url, 10 * 2048, len(blob), 2048)
+        assert error is None and b"".join(chunks) == blob[10 * 2048:]
+        with pytest.raises(devhttp.HttpError) as e:  # a whole file of another size is refused
+            _fetch_all(devhttp.Fetch(), 1, url, 0, len(blob) - 1, 2048)
+        assert e.value.code == P.E_HTTP_RANGE
+    finally:
+        server.shutdown()

@@ -12,7 +12,7 @@ import hmac
 import time
 from dataclasses import dataclass
 
-__all__ = ["PATH", "URL_TTL", "HttpPayloads", "sign_url", "check_url"]
+__all__ = ["PATH", "URL_TTL", "HttpPayloads", "StaticPayloads", "sign_url", "check_url"]
 
 PATH = "/v1/blobs/"
 URL_TTL = 7 * 86400  # seconds
@@ -49,6 +49,23 @@ class HttpPayloads:
         """The update command's signed ``http`` object (docs/protocol.md §5.2)."""
         exp = int(time.time() if now is None else now) + self.url_ttl
         field = {"url": sign_url(self.base_url, self.key, device, job, sha256, exp), "exp": exp}
+        if self.hosts:
+            field["hosts"] = list(self.hosts)
+        return field
+
+
+@dataclass(frozen=True)
+class StaticPayloads:
+    """Transport http from any static web server or CDN in front of a copy of the blob directory:
+    ``<base_url>/<sha256>``. Nothing in the URL is secret or bound to a device: the server decides
+    who may read (the images are signed, not secret; encrypted releases stay encrypted there)."""
+    base_url: str
+    url_ttl: int = URL_TTL     # only the command's informational `exp`
+    hosts: tuple[str, ...] = ()
+
+    def command_field(self, device: str, job: int, sha256: str, now: float | None = None) -> dict:
+        field = {"url": f"{self.base_url.rstrip('/')}/{sha256}",
+                 "exp": int(time.time() if now is None else now) + self.url_ttl}
         if self.hosts:
             field["hosts"] = list(self.hosts)
         return field
