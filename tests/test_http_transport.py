@@ -5,6 +5,7 @@ URL, over TLS)."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 
@@ -575,3 +576,68 @@ def test_device_client_takes_a_server_that_ignores_ranges(tmp_path):
         assert e.value.code == P.E_HTTP_RANGE
     finally:
         server.shutdown()
+
+
+# ---- the sans-IO core with a payload URL ------------------------------------------------------------
+
+def _http_core(transports=("mqtt", "http")):
+    from test_core import new_core
+    core = new_core()
+    core.transports = transports
+    core.booted({"trial": None})
+    core.connected_(0)
+    return core
+
+
+def test_core_fetches_over_http_with_the_same_hash_checkpoints_and_deadlines():
+    from test_core import SIGNING_KEY, cmd, make_update
+    from fota.device import core as C
+    image = os.urandom(256 * 10 + 100)
+    http = {"url": "https://blobs.example/x?s=1", "exp": 2**31 - 1}
+    core = _http_core()
+    actions = core.command(cmd({**make_update(SIGNING_KEY, image, chunk=256, window=4), "http": http}))
+    fetches = [a for a in actions if a[0] == C.A_FETCH]
+    assert fetches == [(C.A_FETCH, http, 0, len(image), 256)]
+    assert not [a for a in actions if a[0] == C.A_PUBLISH and a[1] == P.REQ]  # nothing asked on req
+    assert core.fetched(image[:100]) == []  # a piece of another length is not a chunk: dropped
+    journals, writes = [], []
+    for i in range(5):
+        for a in core.fetched(image[i * 256:(i + 1) * 256]):
+            journals += [a[1]["pos"] for _ in [0] if a[0] == C.A_JOURNAL]
+            writes += [a[1] for _ in [0] if a[0] == C.A_WRITE]
+            assert a[0] != C.A_FETCH  # one fetch streams to the end: nothing more is asked
+    assert writes == [0, 256, 512, 768, 1024] and journals == [4]
+    # A reconnect, and a chunk timeout, restart the fetch from the next chunk.
+    core.disconnected(10)
+    assert [a for a in core.connected_(20) if a[0] == C.A_FETCH] == [(C.A_FETCH, http, 5 * 256, len(image), 256)]
+    assert [a for a in core.tick(20 + 3001) if a[0] == C.A_FETCH] == [(C.A_FETCH, http, 5 * 256, len(image), 256)]
+    # A refusal the runner reports ends the job with its code.
+    ended = core.fetch_failed(P.E_HTTP_STATUS, "HTTP 403 for https://blobs.example/x")
+    status = json.loads([a for a in ended if a[0] == C.A_PUBLISH][0][2])
+    assert (status["state"], status["code"]) == ("failed", "E_HTTP_STATUS") and core.state == P.IDLE
+    assert (C.A_JOURNAL, None) in ended
+
+
+def test_core_without_http_ignores_the_url_and_pulls_chunks():
+    from test_core import SIGNING_KEY, cmd, make_update
+    from fota.device import core as C
+    image = os.urandom(1000)
+    core = _http_core(transports=("mqtt",))
+    inventory = json.loads(core.inventory()[2])
+    assert inventory["transports"] == ["mqtt"]
+    actions = core.command(cmd({**make_update(SIGNING_KEY, image), "http": {"url": "http://x/y", "exp": 1}}))
+    assert not [a for a in actions if a[0] == C.A_FETCH]
+    assert [a for a in actions if a[0] == C.A_PUBLISH and a[1] == P.REQ]
+    assert core.fetched(image[:256]) == [] and core.fetch_failed(P.E_HTTP_TLS, "x") == []
+
+
+@pytest.mark.parametrize("http", [
+    "https://x", {"url": "ftp://x/y", "exp": 1}, {"url": "http://x/" + "a" * P.MAX_URL, "exp": 1},
+    {"url": "http://x/y"}, {"url": "http://x/y", "exp": True}, {"url": "http://x/y", "exp": 1, "hosts": "x"},
+    {"url": "http://x/y", "exp": 1, "hosts": [1]}])
+def test_core_refuses_a_malformed_http_object(http):
+    from test_core import SIGNING_KEY, cmd, make_update
+    core = _http_core()
+    actions = core.command(cmd({**make_update(SIGNING_KEY, b"x" * 300), "http": http}))
+    status = json.loads(actions[-1][2])
+    assert (status["state"], status["code"]) == ("rejected", "E_BAD_COMMAND") and core.state == P.IDLE
