@@ -338,6 +338,7 @@ class Fetch:
         if chunked or length is None:
             raise HttpError(P.E_HTTP_RANGE, "HTTP %d without a Content-Length" % status)
         self.skip = 0
+        self.redirects = 0  # counted per request: a later segment may be redirected again
         if status == 206:
             # Content-Range: bytes a-b/total, exactly the range asked for, of a blob of the size
             # the signed manifest (or delta) gives.

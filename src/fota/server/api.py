@@ -797,15 +797,16 @@ def create_app(store: Store, blobs_dir: str | os.PathLike,
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
                trust_loader: Callable[[], dict] | None = None,
                kek_loader: Callable[[], Any] | None = None,
-               url_key: bytes | None = None) -> FastAPI:
+               url_key: bytes | Callable[[], bytes] | None = None) -> FastAPI:
     """The API app on ``store``; releases go to ``blobs_dir``, signed with signing_key_loader()'s key.
 
     trust_loader: the keyring's current trust document; given, deployments and campaigns of a
     release signed by a key devices refuse (revoked, not certified) are refused with 400.
     kek_loader: the home's key-encryption key (Home.kek); without it an encrypted release is
     refused with 400.
-    url_key: the key of transport http's signed payload URLs (fota.server.kek.Kek.url_key); given,
-    the app also serves release and delta blobs to devices at /v1/blobs/ (fota.server.blobhttp).
+    url_key: the key of transport http's signed payload URLs (fota.server.kek.Kek.url_key), or what
+    loads it at the first blob request; given, the app also serves release and delta blobs to
+    devices at /v1/blobs/ (fota.server.blobhttp).
 
     The key is loaded for each release created (never kept in memory between requests).
     """

@@ -71,14 +71,20 @@ def _refuse(status: int, detail: str) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status, headers={"Cache-Control": "no-store"})
 
 
-def mount(app: FastAPI, store: Store, blobs_dir: str | Path, url_key: bytes,
+def mount(app: FastAPI, store: Store, blobs_dir: str | Path, url_key,
           clock=time.time) -> None:
     """Add ``GET /v1/blobs/{sha256}`` to ``app`` (not in its OpenAPI schema: it is the devices',
-    not the operators')."""
+    not the operators'). url_key: the key, or a function that loads it (at the first request)."""
     from fota.server.deployments import TERMINAL_STATES
 
     blobs_dir = Path(blobs_dir)
     log = app.state.blob_log = collections.deque(maxlen=LOG_SIZE)
+    keys = [url_key] if isinstance(url_key, bytes) else []
+
+    def key() -> bytes:
+        if not keys:
+            keys.append(url_key())
+        return keys[0]
 
     def blob(sha256: str, request: Request):
         q = request.query_params
@@ -88,7 +94,7 @@ def mount(app: FastAPI, store: Store, blobs_dir: str | Path, url_key: bytes,
         log.append(entry)
         if not (_SHA.fullmatch(sha256) and device and job and job.isdigit() and exp and exp.isdigit() and sig):
             return _refuse(403, "not a signed blob URL")
-        why = check_url(url_key, device, int(job), sha256, int(exp), sig, clock())
+        why = check_url(key(), device, int(job), sha256, int(exp), sig, clock())
         if why:
             return _refuse(403, f"URL refused: {why}")
         with store.session() as s:
