@@ -90,7 +90,7 @@ def mount(app: FastAPI, store: Store, blobs_dir: str | Path, url_key,
         q = request.query_params
         device, job, exp, sig = q.get("d"), q.get("j"), q.get("e"), q.get("s")
         rng = request.headers.get("range")
-        entry = {"sha256": sha256, "device": device, "job": job, "range": rng, "status": 403}
+        entry = {"sha256": sha256, "device": device, "job": job, "range": rng, "status": 403, "at": time.time()}
         log.append(entry)
         if not (_SHA.fullmatch(sha256) and device and job and job.isdigit() and exp and exp.isdigit() and sig):
             return _refuse(403, "not a signed blob URL")
