@@ -641,3 +641,26 @@ def test_core_refuses_a_malformed_http_object(http):
     actions = core.command(cmd({**make_update(SIGNING_KEY, b"x" * 300), "http": http}))
     status = json.loads(actions[-1][2])
     assert (status["state"], status["code"]) == ("rejected", "E_BAD_COMMAND") and core.state == P.IDLE
+
+
+def test_a_center_without_the_blob_file_reads_it_from_object_storage(s3, tmp_path, broker, sqlite_url):
+    # A worker on another host has no copy of blobs/: the image comes from the bucket (written
+    # there when a job first needed it), checked against its sha256, for chunks over MQTT too.
+    from fota.server.objectstore import S3Payloads
+    endpoint, bucket = s3
+    payloads = S3Payloads(bucket, blobs_dir=tmp_path / "blobs", endpoint_url=endpoint, region="us-east-1")
+    fleet = Fleet(tmp_path, broker, sqlite_url, http=payloads)
+    try:
+        fleet.add_device("h-remote")
+        fleet.wait_online("h-remote")
+        image = bundle_of_size("1.1.0", 40_000)
+        rel = fleet.release(image, "1.1.0")
+        payloads.put_blob(rel.sha256)
+        (fleet.blobs / rel.sha256).unlink()
+        dep = create_deployment(fleet.store, rel, device_ids=["h-remote"])  # mqtt: the center serves chunks
+        j = fleet.wait_job(dep.jobs[0].id)
+        assert j.state == "confirmed", (j.state, j.code, j.reason)
+        assert (fleet.blobs / rel.sha256).read_bytes() == image  # fetched into the local store
+        assert _requests_of(fleet, "h-remote")
+    finally:
+        fleet.close()

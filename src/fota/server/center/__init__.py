@@ -194,6 +194,8 @@ class ControlCenter:
             store, self.db.call, self.jobs, self.mqtt, self.keys, client_id=client_id, blobs_dir=self.blobs_dir,
             chunk=chunk, window=window, poll_interval=poll_interval, require_online=require_online,
             delta_wbits=delta_wbits, command_ttl=command_ttl, kek=kek, fenced=fenced, http=http)
+        # Object storage as the blob store of workers that lack a file (fota.server.objectstore).
+        self.jobs.remote = getattr(http, "get_blob", None)
         # None unless Home Assistant is enabled: nothing of it on the paths of fleets without it.
         self.homeassistant = None if homeassistant is None else HomeAssistantBridge(
             store, self.db.call, self.mqtt.publish, homeassistant)

@@ -184,9 +184,18 @@ class CommandSender:
                                      wrapped_key=wrapped, delta=patch.descriptor() if patch else None,
                                      min_battery=min_battery, ttl=self.command_ttl, http=http)
             self.http_sent += http is not None
+            put = getattr(self.http, "put_blob", None)
+            if put is not None and http is None:
+                # Object storage holds every blob a job used, whatever its transport, so that a
+                # worker without the file finds it there (once per blob and process).
+                try:
+                    put(patch.sha256 if patch else release.sha256, patch.data if patch else None)
+                except Exception:
+                    log.exception("job %d: blob not stored in object storage", job_id)
             # Over http the device fetches from the blob server: the image is not read here.
             info = None if http else JobInfo(device_id, SENT, patch.data if patch else
-                                             release_blob(self.blobs_dir, release), self.client_id)
+                                             release_blob(self.blobs_dir, release, self.jobs.remote),
+                                             self.client_id)
             outgoing.append(Outgoing(job_id, device_id, command, info, patch.id if patch else None,
                                      patch.size if patch else 0, keys_behind=behind))
         return outgoing
@@ -219,7 +228,7 @@ class CommandSender:
             if isinstance(formats, list) else 1
         try:
             return get_delta(self.store, self.blobs_dir, base, release, min(self.delta_wbits, wbits),
-                             partial(release_blob, self.blobs_dir), fmt)
+                             partial(release_blob, self.blobs_dir, remote=self.jobs.remote), fmt)
         except Exception:  # a patch is an optimisation: never let it stop the update
             log.exception("delta %s -> %s failed; sending the full image", base.version, release.version)
             return None
