@@ -39,6 +39,8 @@ def test_url_signature_binds_device_job_blob_and_expiry():
                   ("dev-1", 7, sha, 9999)):
         assert check_url(KEY, *other, sig, now=0) == "bad signature", other
     assert check_url(b"x" * 32, "dev-1", 7, sha, 2000, sig, now=0) == "bad signature"
+    for junk in ("", sig[:-1], sig + "0", "é" * 64, sig.upper()):
+        assert check_url(KEY, "dev-1", 7, sha, 2000, junk, now=0) == "bad signature", junk
 
 
 def test_parse_range():
@@ -101,7 +103,8 @@ def test_blob_route_serves_ranges_only_to_the_signed_device_and_job(blob_server)
     expired = sign_url(server.url, KEY, "dev-1", jobs["dev-1"], rel.sha256, int(time.time()) - 1)
     wrong_key = sign_url(server.url, b"z" * 32, "dev-1", jobs["dev-1"], rel.sha256, exp)
     unsigned = url.split("?")[0]
-    for bad in (forged, other_job, other_dev, expired, wrong_key, unsigned):
+    non_ascii = url.rsplit("s=", 1)[0] + "s=" + "%C3%A9" * 64
+    for bad in (forged, other_job, other_dev, expired, wrong_key, unsigned, non_ascii):
         r = _get(bad, {"Range": "bytes=0-99"})
         assert r.status_code == 403 and image[:100] not in r.content, bad
     assert "expired" in _get(expired).json()["detail"]

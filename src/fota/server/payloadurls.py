@@ -30,7 +30,7 @@ def sign_url(base: str, key: bytes, device: str, job: int, sha256: str, exp: int
 
 def check_url(key: bytes, device: str, job: int, sha256: str, exp: int, sig: str, now: float) -> str | None:
     """Why the URL is refused, or None when its signature holds and it has not expired."""
-    if not hmac.compare_digest(_mac(key, device, job, sha256, exp), sig):
+    if len(sig) != 64 or not sig.isascii() or not hmac.compare_digest(_mac(key, device, job, sha256, exp), sig):
         return "bad signature"
     if exp < now:
         return "expired"
