@@ -26,7 +26,7 @@ from fota.server.store import (
 from fota.server.store.inlists import chunks, id_ranges, in_ranges
 
 TABLES = {"releases", "devices", "deployments", "jobs", "status_events", "api_tokens", "audit_events"}
-HEAD = "0016"
+HEAD = "0017"
 
 
 @pytest.fixture
@@ -374,5 +374,25 @@ def test_delta_rows_with_the_format_folded_into_the_window_are_split_by_migratio
             with store.session() as s:
                 s.add(Delta(base_sha256="aa" * 32, base_size=1, target_sha256="bb" * 32, wbits=12, format=2,
                             size=2, sha256="cc" * 32, blob_path="/q"))
+    finally:
+        store.dispose()
+
+
+def test_deployments_made_before_migration_0017_keep_transport_mqtt(db_url):
+    # 0017 adds deployments.transport: existing deployments are 'mqtt' (what they were sent with).
+    migrate(db_url, "0016")
+    store = Store(db_url, migrate=False)
+    try:
+        now = datetime(2026, 12, 5, tzinfo=timezone.utc)
+        with store.engine.begin() as conn:
+            conn.execute(text("INSERT INTO releases (version, hardware, kind, size, sha256, manifest,"
+                              " key_id, signature, blob_path, created_at) VALUES ('1.0.0', '[\"unix\"]', 'bundle',"
+                              " 1, :s, '{}', 'k', 's', '/p', :now)"), {"s": "aa" * 32, "now": now})
+            conn.execute(text("INSERT INTO deployments (release_id, target, state, created_at) VALUES"
+                              " ((SELECT id FROM releases), '{}', 'active', :now)"), {"now": now})
+        migrate(db_url)
+        with store.session() as s:
+            assert [d.transport for d in s.scalars(select(Deployment))] == ["mqtt"]
+        assert _diff(store.engine) == []
     finally:
         store.dispose()

@@ -420,15 +420,22 @@ def deploy(release: str = typer.Argument(..., help="release version or id"),
                help="battery %% a device needs to download and to install (it postpones the update until then)"),
            timeout: Optional[int] = typer.Option(
                None, "--timeout", min=1, help="seconds until unfinished jobs end 'timed_out' (default: wait for ever)"),
+           transport: str = typer.Option(
+               "mqtt", "--transport",
+               help="payload transport: mqtt (chunks through the broker) or http (a signed URL to the center's "
+                    "HTTP server, to devices that declare http; docs/http-transport.md)"),
            home: Optional[Path] = HomeOpt):
     """Deploy a release to devices (all at once); the running control center sends the commands."""
     if not device and not tag:
         fail("name the targets: --device ID (repeatable) or --tag TAG")
     if device and tag:
         fail("use either --device or --tag, not both")
-    dep = open_backend(home).deploy(release, list(device) or None, tag, min_battery=min_battery, timeout=timeout)
+    if transport not in ("mqtt", "http"):
+        fail("--transport must be mqtt or http")
+    dep = open_backend(home).deploy(release, list(device) or None, tag, min_battery=min_battery, timeout=timeout,
+                                    transport=transport)
     limits = "".join([f", battery >= {min_battery}%" if min_battery else "",
-                      f", timeout {timeout} s" if timeout else ""])
+                      f", timeout {timeout} s" if timeout else "", ", over http" if transport == "http" else ""])
     console.print(f"deployment {dep['id']}: release {dep['release']} to {len(dep['jobs'])} device(s){limits}")
 
 
@@ -593,7 +600,8 @@ def api(host: str = typer.Option("127.0.0.1", "--host", help="address to listen 
             fail(f"{given} does not exist")
     h = Home.locate(home)
     api_app = create_app(open_store(h), h.blobs, lambda: load_private_key(h.private_key),
-                         trust_loader=lambda: h.keyring.trust(), kek_loader=h.kek)
+                         trust_loader=lambda: h.keyring.trust(), kek_loader=h.kek,
+                         url_key=lambda: h.kek().url_key)
     scheme = "https" if certfile else "http"
     if host not in ("127.0.0.1", "localhost", "::1") and not certfile:
         err.print(f"[yellow]warning:[/yellow] plain HTTP on {host}: bearer tokens travel in clear text; "

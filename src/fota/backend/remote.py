@@ -143,8 +143,8 @@ class RemoteBackend:
 
     # ---- deployments ----------------------------------------------------------------------------
     def deploy(self, release: str, devices: Optional[list[str]], tag: Optional[str], *,
-               min_battery: Optional[int], timeout: Optional[int]) -> dict[str, Any]:
-        body: dict[str, Any] = {"release": release}
+               min_battery: Optional[int], timeout: Optional[int], transport: str = "mqtt") -> dict[str, Any]:
+        body: dict[str, Any] = {"release": release, "transport": transport}
         body.update({k: v for k, v in (("devices", devices), ("tag", tag), ("min_battery", min_battery),
                                        ("timeout", timeout)) if v is not None})
         return self.post("/deployments", body)

@@ -179,8 +179,9 @@ class BoardDevice(Device):
 
     def busy(self):
         """True when the next step has work waiting (the asyncio runner does not sleep then): a
-        message in the inbox, or the last step read one and more may wait in the socket."""
-        return bool(self.inbox) or self.more
+        message in the inbox, or the last step read one and more may wait in the socket, or an
+        http download is running (its step waits on its own socket)."""
+        return bool(self.inbox) or self.more or (self.fetch is not None and self._fetching())
 
 
 def _join_failed(status):

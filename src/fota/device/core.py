@@ -21,6 +21,10 @@
 #   (A_CLEAR_REPORT,)                           the boot record's terminal report was acknowledged
 #   (A_TRIAL_FAILED, reason)                    record a failed trial in the boot record
 #   (A_REBOOT,)                                 restart the device
+#   (A_FETCH, http, offset, size, chunk)        transport http (docs/protocol.md §5.2): (re)start
+#                                               the ranged GETs of http["url"] from byte `offset`;
+#                                               the runner hands each `chunk` bytes to fetched()
+#                                               and a refusal to fetch_failed()
 #
 # Power: the runner reports the battery level (percent, or None if the port cannot measure it)
 # and external power with power(); an update that needs more battery than there is waits in
@@ -58,6 +62,7 @@ A_CLEAR_REPORT = "clear_report"
 A_TRIAL_FAILED = "trial_failed"
 A_REBOOT = "reboot"
 A_TRUST = "trust"
+A_FETCH = "fetch"
 
 # (from state, event) -> to state: every state change of the core is one of these rows, made by
 # _go(); an event the table does not allow raises ProtocolError. A core starts in idle at every
@@ -232,14 +237,30 @@ def _valid_delta(d):
     return d["wbits"] <= 15
 
 
+def _valid_http(h):
+    if not isinstance(h, dict):
+        return False
+    url = h.get("url")
+    if not isinstance(url, str) or len(url) > P.MAX_URL or not (url.startswith("https://") or url.startswith("http://")):
+        return False
+    exp = h.get("exp")
+    if not isinstance(exp, int) or isinstance(exp, bool):
+        return False
+    hosts = h.get("hosts", [])
+    return isinstance(hosts, list) and not [x for x in hosts if not isinstance(x, str)]
+
+
 class Job:
     """An accepted update job: the command fields plus the parsed manifest."""
 
-    def __init__(self, cmd, manifest, max_inflight):
+    def __init__(self, cmd, manifest, max_inflight, transports=P.TRANSPORTS):
         self.id = cmd["job"]
         self.cmd = cmd
         self.manifest = manifest
         self.delta = cmd.get("delta")
+        # Transport http: the signed URL the payload is fetched from (a device without http
+        # ignores the field and pulls chunks over MQTT, which the center serves for any job).
+        self.http = cmd.get("http") if "http" in transports else None
         # What travels: the image, or the patch that turns the running image into it.
         self.size = self.delta["size"] if self.delta else manifest["size"]
         self.chunk = cmd["chunk"]
@@ -290,6 +311,7 @@ class UpdateCore:
         self.image = identity.get("image")
         self.delta_wbits = identity.get("delta_wbits", 0)  # 0: this device takes no deltas
         self.delta_formats = identity.get("delta_formats", P.DELTA_FORMATS)
+        self.transports = identity.get("transports", ("mqtt",))  # payload transports the runner has
         self.settings = settings or Settings()
         self.last_job = agent_state.get("last_job", 0)
         self.boot = agent_state.get("boot", 0)
@@ -358,7 +380,8 @@ class UpdateCore:
                "capacity": self.capacity, "state": self.state, "job": self.last_job,
                "keys": self.trust.version, "counter": self.counter,
                "image": self.image["sha256"] if self.image else None, "delta_wbits": self.delta_wbits,
-               "delta_formats": list(self.delta_formats), "battery": self.battery, "external": self.external}
+               "delta_formats": list(self.delta_formats), "transports": list(self.transports),
+               "battery": self.battery, "external": self.external}
         inv.update(self.inventory_extra)
         if extra:
             inv.update(extra)
@@ -386,7 +409,7 @@ class UpdateCore:
         elif journal:
             try:
                 cmd = journal["cmd"]
-                job = Job(cmd, self._verify(cmd), self.settings.max_inflight)
+                job = Job(cmd, self._verify(cmd), self.settings.max_inflight, self.transports)
                 pos = journal["pos"]
                 if not isinstance(pos, int) or not 0 <= pos <= job.chunks:
                     raise ValueError("bad journal position")
@@ -640,6 +663,10 @@ class UpdateCore:
             raise Rejection(P.E_BAD_COMMAND, "min_battery must be an int in 0..100", cmd["job"])
         cmd["chunk"] = chunk
         cmd["window"] = window
+        http = cmd.get("http")
+        if http is not None and not _valid_http(http):
+            raise Rejection(P.E_BAD_COMMAND, "http must be {url: http(s)://... (at most %d chars), exp: int[, hosts]}"
+                            % P.MAX_URL, cmd["job"])
         delta = cmd.get("delta")
         if delta is not None and not _valid_delta(delta):
             raise Rejection(P.E_BAD_COMMAND, "delta must be {base_sha256, base_size, size, sha256, wbits[, format]}",
@@ -720,7 +747,7 @@ class UpdateCore:
             # Past the download (installing, rebooting, trial) a job cannot be replaced.
             r = Rejection(P.E_NOT_RUNNING, "busy in state %s; job %d refused" % (self.state, cmd["job"]))
             return [self._agent_state(), self._publish_status(self._rejected(r, cmd["job"]))]
-        self.job = Job(cmd, manifest, self.settings.max_inflight)
+        self.job = Job(cmd, manifest, self.settings.max_inflight, self.transports)
         self._reset_transfer()
         if not self._power_ok():
             self._go("low_power")
@@ -765,6 +792,13 @@ class UpdateCore:
     # ---- chunk transfer ----------------------------------------------------------------------
     def _request_more(self, force=False):
         job = self.job
+        if job.http:
+            # One fetch streams from the next chunk to the end: nothing to ask for per window.
+            # Forced (start, reconnect, chunk timeout): the runner restarts it from here.
+            if not force:
+                return []
+            self.requested = job.chunks
+            return [(A_FETCH, job.http, self.next * job.chunk, job.size, job.chunk)]
         outstanding = self.requested - self.next
         if not force and (outstanding > job.window // 2 or self.requested >= job.chunks):
             return []
@@ -803,7 +837,30 @@ class UpdateCore:
             return [self._publish_status(self._rejected(r, job.id))]
         if index != self.next:
             return []  # duplicate or out of order: re-requested on timeout
-        data = memoryview(payload)[P.CHUNK_HEADER_SIZE:]
+        return self._take(memoryview(payload)[P.CHUNK_HEADER_SIZE:])
+
+    def fetched(self, data):
+        """Transport http: the next chunk's bytes (the runner's fetch cuts the body into the
+        job's chunks, so the length is the one the next index needs; anything else is dropped
+        and fetched again)."""
+        job = self.job
+        if self.state != P.DOWNLOADING or job is None or not job.http or self.next >= job.chunks:
+            return []
+        expected = job.chunk if self.next < job.chunks - 1 else job.size - self.next * job.chunk
+        if len(data) != expected:
+            return []
+        return self._take(data)
+
+    def fetch_failed(self, code, reason):
+        """Transport http: the server refused the fetch for good (an E_HTTP_* code)."""
+        if self.state != P.DOWNLOADING or self.job is None or not self.job.http:
+            return []
+        return self._end(P.FAILED, "error", code, reason)
+
+    def _take(self, data):
+        # The next chunk, whichever transport brought it: hash, write, checkpoint, progress.
+        job = self.job
+        index = self.next
         self.hasher.update(data)
         actions = [(A_WRITE, index * job.chunk, data)]
         self.next += 1
@@ -816,6 +873,13 @@ class UpdateCore:
         # integers: a float 10 % step misses by one chunk (0.3 - 0.2 < 0.1)
         if (self.reported_next is None or (self.next - self.reported_next) * PROGRESS_STEPS >= job.chunks) \
                 and self.now - self.reported_at >= self.settings.progress_interval:
+            if job.http:
+                # Over http nothing waits in the heap behind the report's PUBACK: the response
+                # stays in the socket.
+                self.reported_next = self.next
+                self.reported_at = self.now
+                actions.append(self._publish_status(self._status(P.DOWNLOADING)))
+                return actions
             if self.requested > self.next:
                 # A progress report waits until the chunks in flight have arrived, and no more are
                 # asked for meanwhile: a runner waiting for its PUBACK would have to queue every

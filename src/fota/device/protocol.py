@@ -30,6 +30,8 @@ MAX_ID = 2**31 - 1           # largest job id, boot and seq the control center t
 MAX_EPOCH = 2**31 - 1        # boot epoch: 1..MAX_EPOCH, chosen at random with the agent state
 DELTA_WBITS = 12             # largest delta window (2**N bytes) a device takes unless configured
 DELTA_FORMATS = (1, 2)       # delta patch formats this agent decodes (docs/delta.md)
+TRANSPORTS = ("mqtt", "http")  # payload transports (docs/protocol.md §5.2); inventory `transports`
+MAX_URL = 2048               # longest `http.url` of an update command
 
 # Device-id rule: 1..64 chars of [A-Za-z0-9_-] (safe inside a topic and an ACL pattern).
 DEVICE_ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"
@@ -100,10 +102,15 @@ E_DELTA = "E_DELTA"                    # delta patch corrupt, or it does not pro
 E_LOW_BATTERY = "E_LOW_BATTERY"        # postponed: battery below the update's minimum
 E_EXPIRED = "E_EXPIRED"                # command's "exp" is before the device's trusted time
 E_SPACE = "E_SPACE"                    # the device's filesystem has no room for the image (and its unpacked files)
+E_HTTP_STATUS = "E_HTTP_STATUS"        # transport http: the server refused the URL (4xx: forbidden, expired, not found)
+E_HTTP_RANGE = "E_HTTP_RANGE"          # transport http: 416, or a response whose range, length or framing is not the one asked for
+E_HTTP_REDIRECT = "E_HTTP_REDIRECT"    # transport http: a redirect to a host the command does not allow, to plain http, or too many
+E_HTTP_TLS = "E_HTTP_TLS"              # transport http: the server's certificate does not verify against the device's CA
 SPACE_MARGIN = 16384                   # bytes a download leaves free beyond its files (filesystem metadata, state files)
 
 ERROR_CODES = (E_BAD_COMMAND, E_OVERSIZE, E_UNKNOWN_COMMAND, E_STALE_JOB, E_DUPLICATE_JOB,
                E_BAD_MANIFEST, E_UNKNOWN_KEY, E_BAD_SIGNATURE, E_HW_MISMATCH, E_TOO_LARGE,
                E_BAD_CHUNK, E_HASH_MISMATCH, E_INSTALL, E_BAD_BUNDLE, E_TIMEOUT, E_HEALTH,
                E_NOT_RUNNING, E_KEY_REVOKED, E_KEY_EXPIRED, E_WRONG_DEVICE, E_DOWNGRADE, E_STALE_KEYS,
-               E_BAD_KEYS, E_DECRYPT, E_BASE_MISMATCH, E_DELTA, E_LOW_BATTERY, E_EXPIRED, E_SPACE)
+               E_BAD_KEYS, E_DECRYPT, E_BASE_MISMATCH, E_DELTA, E_LOW_BATTERY, E_EXPIRED, E_SPACE,
+               E_HTTP_STATUS, E_HTTP_RANGE, E_HTTP_REDIRECT, E_HTTP_TLS)

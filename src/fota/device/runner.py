@@ -134,6 +134,9 @@ class Device:
         self.installing = None
         # Longest blocking wait of one socket operation (connect, TLS handshake, a PUBACK), s.
         self.net_timeout_s = 10
+        # Transport http: the download's fetch (fota.device.http.Fetch, imported by the first
+        # job that uses it), or None.
+        self.fetch = None
 
     def _path(self, name):
         return self.root + "/" + name
@@ -178,6 +181,7 @@ class Device:
             # configured (0: no deltas), else from the heap
             "delta_wbits": cfg["delta_wbits"] if "delta_wbits" in cfg else wbits_for_heap(free_heap),
             "delta_formats": cfg.get("delta_formats", P.DELTA_FORMATS),
+            "transports": cfg.get("transports", P.TRANSPORTS),
             "free": self._free_space(),
             "enc_key": unhexlify(cfg["enc_key"]) if cfg.get("enc_key") and getattr(self.backend, "DECRYPTS", False)
             else None,
@@ -211,7 +215,9 @@ class Device:
             if kind == C.A_INSTALL and self.stepped_install:
                 self.installing = self.executor.install_steps(action)
                 return
-            if kind == C.A_PUBLISH:
+            if kind == C.A_FETCH:
+                self._fetch_start(action)  # no I/O here: poll() steps the fetch
+            elif kind == C.A_PUBLISH:
                 if self.client is None:
                     return  # offline: kept until the next connection
                 _, suffix, payload, qos, retain = action
@@ -408,13 +414,15 @@ class Device:
             if not self._step_connect(timeout_ms):
                 self.tick_app()
                 return
+        fetching = self._fetching()
         if not self.inbox:
             # One message at a time: what else arrived stays in the socket (the TCP window and
             # the broker's queue hold it, not the heap) until the core has taken this one.
             # Messages already waiting in the inbox are dispatched first, without reading.
+            # While an http fetch runs, its socket is the one waited on.
             self._borrow = True
             try:
-                self.more = self.client.check_msg(timeout_ms, 1) > 0
+                self.more = self.client.check_msg(0 if fetching else timeout_ms, 1) > 0
             except (OSError, MQTTError) as e:
                 log("connection lost:", e)
                 self._drop_connection()
@@ -423,9 +431,66 @@ class Device:
             finally:
                 self._borrow = False
         self.dispatch(self.step_messages)
+        if fetching and self._fetching():
+            self._fetch_step(timeout_ms)
         self._read_power()
         self.execute(self.core.tick(self.now()))
         self.tick_app()
+
+    # ---- transport http ------------------------------------------------------------------------
+    def _fetch_start(self, action):
+        _, http, offset, size, chunk = action
+        if self.fetch is None:
+            from fota.device.http import Fetch  # only devices that get an http job pay for it
+            self.fetch = Fetch(self._http_tls, self.net_timeout_s, log)
+        from fota.device.http import HttpError
+        try:
+            self.fetch.start(self.core.job.id, http, offset, size, chunk)
+        except HttpError as e:
+            self.fetch.done = True
+            self.fetch.error = e  # reported by the next step, outside this execute()
+
+    def _fetching(self):
+        f = self.fetch
+        if f is None:
+            return False
+        job = self.core.job
+        if self.core.state == P.DOWNLOADING and job is not None and job.http and f.job == job.id:
+            return not f.done or f.error is not None
+        if f.sock is not None:
+            f.close()  # the job ended (cancelled, superseded, failed): no socket kept for it
+        return False
+
+    def _fetch_step(self, timeout_ms):
+        from fota.device.http import HttpError
+        f = self.fetch
+        try:
+            if f.error is not None:
+                raise f.error
+            data = f.step(timeout_ms)
+        except HttpError as e:
+            f.error = None
+            f.done = True
+            f.close()
+            log("http:", e.reason)
+            self.execute(self.core.fetch_failed(e.code, e.reason))
+            return
+        except (OSError, ValueError) as e:
+            # Maybe not for good: the fetch goes on from its next chunk after a back-off (the
+            # core's stall deadline ends the job if nothing gets through).
+            f.failed()
+            log("http fetch failed:", e)
+            return
+        if data is not None:
+            if self.pending:
+                data = bytes(data)  # its write would wait behind them: keep a copy
+            self.execute(self.core.fetched(data))
+
+    def _http_tls(self, host):
+        # https payloads: the server's certificate must chain to the CA the device was
+        # provisioned with (config http_cadata, else the broker's cadata) and name the URL's host.
+        cfg = self.config
+        return _TLS({"cadata": cfg.get("http_cadata") or cfg["broker"].get("cadata"), "host": host})
 
     def _install_step(self):
         # One bounded piece of the install; nothing else of the agent's moves meanwhile but the

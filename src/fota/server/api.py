@@ -182,6 +182,7 @@ class DeploymentOut(BaseModel):
     created_at: datetime
     min_battery: int | None = None
     timeout: int | None = None
+    transport: str = "mqtt"
     counts: dict[str, int]
     progress: float
     jobs: list[JobOut]
@@ -216,6 +217,9 @@ class DeploymentIn(BaseModel):
                                     description="battery % a device needs to download and to install")
     timeout: int | None = Field(None, ge=1, le=names.MAX_DB_INT,
                                 description="seconds until unfinished jobs end 'timed_out'")
+    transport: Literal["mqtt", "http"] = Field(
+        "mqtt", description="payload transport: chunks over MQTT, or a signed URL over HTTP(S) to devices that "
+                            "declare http (the others get chunks)")
 
     @model_validator(mode="after")
     def _one_target(self) -> DeploymentIn:
@@ -648,7 +652,7 @@ def _router() -> APIRouter:
             if trust is not None:
                 check_release_key(rel, trust)
             dep = create_deployment(tx, rel, device_ids=body.devices, tag=body.tag,
-                                    min_battery=body.min_battery, timeout=body.timeout)
+                                    min_battery=body.min_battery, timeout=body.timeout, transport=body.transport)
             tx.record(token.name, "deployment.create", f"deployment:{dep.id}",
                       {"release": rel.version, "target": dep.target,
                        "devices": [job.device_id for job in dep.jobs]})
@@ -792,13 +796,17 @@ def create_app(store: Store, blobs_dir: str | os.PathLike,
                signing_key_loader: Callable[[], ec.EllipticCurvePrivateKey], *,
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
                trust_loader: Callable[[], dict] | None = None,
-               kek_loader: Callable[[], Any] | None = None) -> FastAPI:
+               kek_loader: Callable[[], Any] | None = None,
+               url_key: bytes | Callable[[], bytes] | None = None) -> FastAPI:
     """The API app on ``store``; releases go to ``blobs_dir``, signed with signing_key_loader()'s key.
 
     trust_loader: the keyring's current trust document; given, deployments and campaigns of a
     release signed by a key devices refuse (revoked, not certified) are refused with 400.
     kek_loader: the home's key-encryption key (Home.kek); without it an encrypted release is
     refused with 400.
+    url_key: the key of transport http's signed payload URLs (fota.server.kek.Kek.url_key), or what
+    loads it at the first blob request; given, the app also serves release and delta blobs to
+    devices at /v1/blobs/ (fota.server.blobhttp).
 
     The key is loaded for each release created (never kept in memory between requests).
     """
@@ -819,6 +827,9 @@ def create_app(store: Store, blobs_dir: str | os.PathLike,
     def prometheus_metrics(store: StoreDep):
         """Prometheus exposition (needs a token: a read token in the scrape config's authorization)."""
         return Response(metrics.render(store), media_type=metrics.CONTENT_TYPE_LATEST)
+    if url_key is not None:
+        from fota.server import blobhttp
+        blobhttp.mount(app, store, blobs_dir, url_key)
     from fota.server.dashboard import mount
     mount(app)  # the web dashboard under /ui (docs/dashboard.md): same store, same tokens
     app.add_middleware(_BodyLimit, limit=max_upload_bytes + MULTIPART_OVERHEAD)

@@ -102,6 +102,7 @@ async def control_center(home: Home, manage_broker: bool = True, **settings):
     if home.broker_tls:
         settings.setdefault("ssl_context", home.broker_ssl_context())
     settings.setdefault("homeassistant", home.homeassistant_settings())  # None: not enabled
+    settings.setdefault("http", home.http_payloads())  # None: transport http not configured
     center = ControlCenter(store, home.broker_url, home.blobs, **settings)
     watchdog = asyncio.create_task(supervise_broker(broker, home, store)) if broker else None
     try:

@@ -17,7 +17,7 @@ from fota.server.store import Deployment, Device, Job, Release, StatusEvent, Sto
 from fota.server.store.inlists import chunks
 
 __all__ = ["ACTIVE", "CANCEL", "CANCELLED", "DONE", "FINAL_STATES", "HISTORY_LIMIT", "HISTORY_MAX_LIMIT", "PENDING",
-           "SENT", "TERMINAL_STATES", "TIMED_OUT", "UPDATE", "DeploymentError", "DeploymentNotFound",
+           "SENT", "TERMINAL_STATES", "TIMED_OUT", "TRANSPORTS", "UPDATE", "DeploymentError", "DeploymentNotFound",
            "DeploymentStateError", "cancel_deployment", "create_deployment", "deployment_summary", "device_history",
            "expire_jobs", "finish_deployments", "history_page", "list_deployments",
            "recent_deployments"]
@@ -33,6 +33,7 @@ FINAL_STATES = tuple(protocol.TERMINAL_STATES) + (TIMED_OUT,)  # in display orde
 TERMINAL_STATES = frozenset(FINAL_STATES)
 # Job kinds: the release's update command, or a cancel command for another job (target_job).
 UPDATE = "update"
+TRANSPORTS = ("mqtt", "http")  # a deployment's payload transport (Deployment.transport)
 CANCEL = "cancel"
 # A timed-out job in one of these states gets a cancel command (the device may still run it).
 CANCELLABLE_STATES = (SENT, protocol.DOWNLOADING, protocol.POSTPONED)
@@ -90,12 +91,14 @@ def _select_devices(s, release: Release, device_ids: Iterable[str] | None,
 
 def create_deployment(store: Store, release: Release | str | int, device_ids: Iterable[str] | None = None,
                       tag: str | None = None, *, min_battery: int | None = None,
-                      timeout: int | None = None) -> Deployment:
+                      timeout: int | None = None, transport: str = "mqtt") -> Deployment:
     """Target explicit devices or a tag; creates one pending Job per device.
 
     min_battery: battery percent (0..100; 0 = none) a device needs before it downloads and before it
     installs (it postpones the job until then). timeout: seconds after which jobs that did
-    not finish end 'timed_out' (the device may be asleep or gone).
+    not finish end 'timed_out' (the device may be asleep or gone). transport: how the payload
+    travels, 'mqtt' (chunks) or 'http' (a signed URL, to devices that declare http; the others
+    get chunks: docs/http-transport.md).
 
     The returned deployment has its jobs loaded (``deployment.jobs``, in job-id order).
 
@@ -112,6 +115,8 @@ def create_deployment(store: Store, release: Release | str | int, device_ids: It
         raise DeploymentError(f"timeout must be 1..{names.MAX_DB_INT} seconds")
     if tag is not None:
         names.check(tag, names.NAME, "tag", DeploymentError)
+    if transport not in TRANSPORTS:
+        raise DeploymentError(f"transport must be one of {', '.join(TRANSPORTS)}")
     if not isinstance(release, Release):
         release = get_release(store, release)
     with store.session() as s:
@@ -119,7 +124,7 @@ def create_deployment(store: Store, release: Release | str | int, device_ids: It
         target: dict[str, Any] = {"devices": devices} if tag is None else {"tag": tag}
         now = utcnow()
         deployment = Deployment(release_id=release.id, target=target, state=ACTIVE, created_at=now,
-                                min_battery=min_battery or None, timeout_s=timeout)
+                                min_battery=min_battery or None, timeout_s=timeout, transport=transport)
         s.add(deployment)
         s.flush()
         # One executemany INSERT, rows in the devices' order (an ORM unit of work cost ~0.25 ms
@@ -259,6 +264,7 @@ def deployment_summary(store: Store, deployment_id: int) -> dict[str, Any]:
             "created_at": deployment.created_at,
             "min_battery": deployment.min_battery,
             "timeout": deployment.timeout_s,
+            "transport": deployment.transport,
             "counts": dict(Counter(j["state"] for j in jobs)),
             "progress": sum(j["progress"] or 0.0 for j in jobs) / len(jobs) if jobs else 1.0,
             "jobs": jobs,

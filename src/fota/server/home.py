@@ -293,6 +293,26 @@ class Home:
         return ca_der(cafile) if cafile else None
 
     # ---- Home Assistant ----------------------------------------------------------------------
+    def http_payloads(self):
+        """Transport http's URL setting from config.json (docs/http-transport.md): presigned URLs
+        of S3-compatible storage with `s3_bucket` (fota.server.objectstore.S3Payloads), else the
+        blob route of `fota api` at `http_url` (payloadurls.HttpPayloads, its URL key from the
+        KEK, as in every process of the home), or plain URLs of a static server or CDN with
+        `http_static_url` (payloadurls.StaticPayloads); `http_url_ttl`, `http_hosts`. None: none."""
+        cfg = self.config()
+        from fota.server.payloadurls import URL_TTL, HttpPayloads
+        ttl, hosts = int(cfg.get("http_url_ttl", URL_TTL)), tuple(cfg.get("http_hosts", ()))
+        if cfg.get("s3_bucket"):  # presigned URLs of S3-compatible storage (fota.server.objectstore)
+            from fota.server.objectstore import S3Payloads
+            return S3Payloads(cfg["s3_bucket"], blobs_dir=self.blobs, endpoint_url=cfg.get("s3_endpoint_url"),
+                              region=cfg.get("s3_region"), prefix=cfg.get("s3_prefix", ""), url_ttl=ttl, hosts=hosts)
+        if cfg.get("http_static_url"):  # a static server or CDN in front of a copy of blobs/
+            from fota.server.payloadurls import StaticPayloads
+            return StaticPayloads(cfg["http_static_url"], ttl, hosts)
+        if not cfg.get("http_url"):
+            return None
+        return HttpPayloads(cfg["http_url"], self.kek().url_key, ttl, hosts)
+
     def homeassistant(self) -> dict:
         """config.json's "homeassistant" block ({} when never enabled)."""
         return dict(self.config().get("homeassistant") or {})

@@ -16,6 +16,8 @@ by every ``fota`` command that opens a home's database, ``fota serve`` included)
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import secrets
 from collections.abc import Callable
@@ -60,6 +62,9 @@ class Kek:
         if len(key) != KEY_BYTES:
             raise KekError(f"a key-encryption key is {KEY_BYTES} bytes")
         self._aead = AESGCM(key)
+        # The key of the payload URLs' HMAC (fota.server.blobhttp), derived, so that every
+        # process holding the KEK (the API server, each worker) signs and checks the same URLs.
+        self.url_key = hmac.new(key, b"fota blob url v1", hashlib.sha256).digest()
 
     @classmethod
     def generate(cls) -> Kek:

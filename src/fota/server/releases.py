@@ -136,14 +136,15 @@ def update_command(job_id: int, device_id: str, release: Release, signer: Signer
                    chunk: int = protocol.DEFAULT_CHUNK_SIZE, window: int = protocol.DEFAULT_WINDOW,
                    now: int | None = None, wrapped_key: str | None = None,
                    delta: dict | None = None, min_battery: int | None = None,
-                   ttl: int = COMMAND_TTL) -> bytes:
+                   ttl: int = COMMAND_TTL, http: dict | None = None) -> bytes:
     """The signed `update` command (§4.1) for one job on one device, as published on `cmd`.
 
     delta: the descriptor of the patch sent instead of the image (fota.server.delta), or None.
 
     wrapped_key: for an encrypted release, the release key wrapped for this device
     (wrap_release_key). min_battery: the deployment's battery gate (§5.1), if any. ttl: seconds
-    until the command expires (its `exp`, §4).
+    until the command expires (its `exp`, §4). http: transport http's signed URL object
+    (fota.server.payloadurls.HttpPayloads.command_field, §5.2), or None: chunks over MQTT.
     """
     body = {"type": "update", "job": job_id, "device": device_id, "manifest": release.manifest,
             "manifest_kid": release.key_id, "manifest_sig": release.signature, "chunk": chunk,
@@ -154,6 +155,8 @@ def update_command(job_id: int, device_id: str, release: Release, signer: Signer
         body["delta"] = delta
     if min_battery:
         body["min_battery"] = min_battery
+    if http:
+        body["http"] = http
     return signer.command(body, now, ttl)
 
 

@@ -15,15 +15,18 @@ __all__ = ["AppServer"]
 class AppServer:
     """with AppServer(app) as server: server.url is http://127.0.0.1:<port>."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int | None = None):
+    def __init__(self, app, host: str = "127.0.0.1", port: int | None = None, *, tls=None):
+        """tls: a fota.server.tls TlsFiles: serve HTTPS with its server certificate."""
         self.host, self.port = host, port or free_port()
+        self.scheme = "https" if tls else "http"
+        options = {"ssl_certfile": str(tls.certfile), "ssl_keyfile": str(tls.keyfile)} if tls else {}
         self.server = uvicorn.Server(uvicorn.Config(app, host=self.host, port=self.port, log_level="warning",
-                                                    timeout_graceful_shutdown=1, lifespan="off"))
+                                                    timeout_graceful_shutdown=1, lifespan="off", **options))
         self.thread = threading.Thread(target=self.server.run, name="appserver", daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def start(self, timeout: float = 20) -> AppServer:
         self.thread.start()

@@ -134,7 +134,8 @@ def create_campaign(store: Store, name: str, release: Release | str | int, spec:
     fleet does not have is refused (CampaignError)."""
     with store.session() as s:
         parsed, release, _ = _validated(s, store, name, release, spec, trust)
-        deployment = Deployment(release_id=release.id, target={"campaign": name}, state=DEPLOYMENT_ACTIVE)
+        deployment = Deployment(release_id=release.id, target={"campaign": name}, state=DEPLOYMENT_ACTIVE,
+                                transport=parsed.transport)
         s.add(deployment)
         s.flush()
         campaign = Campaign(name=name, release_id=release.id, deployment_id=deployment.id,

@@ -254,12 +254,13 @@ class CampaignSpec:
     backoff: int = 60                # seconds before the first retry; doubles per attempt
     probation: int = 300             # seconds a confirmed device must stay healthy
     dynamic: bool = False            # devices matching later join while the campaign runs
+    transport: str = "mqtt"          # payload transport of its deployment (docs/http-transport.md)
 
     @classmethod
     def parse(cls, data: dict | None) -> CampaignSpec:
         data = dict(data or {})
         known = {"filter", "waves", "success", "failure", "on_failure", "max_in_flight", "rate", "rate_growth",
-                 "max_rate", "window", "timeouts", "retries", "backoff", "probation", "dynamic"}
+                 "max_rate", "window", "timeouts", "retries", "backoff", "probation", "dynamic", "transport"}
         unknown = set(data) - known
         if unknown:
             raise CampaignError(f"unknown campaign field(s): {', '.join(sorted(unknown))}")
@@ -287,6 +288,9 @@ class CampaignSpec:
         dynamic = data.get("dynamic", False)
         if not isinstance(dynamic, bool):
             raise CampaignError("dynamic must be true or false")
+        transport = data.get("transport", "mqtt")
+        if transport not in ("mqtt", "http"):
+            raise CampaignError("transport must be mqtt or http")
         rate = _number(data, "rate", None, 0.01)
         max_rate = _number(data, "max_rate", None, 0.01)
         return cls(TargetFilter.parse(data.get("filter")), waves, on_failure,
@@ -294,7 +298,7 @@ class CampaignSpec:
                    _number(data, "rate_growth", 1.0, 1.0, 100.0), max_rate, Window.parse(data.get("window")),
                    timeouts, _number(data, "retries", 2, 0, 100, integer=True),
                    _number(data, "backoff", 60, 0, None, integer=True),
-                   _number(data, "probation", 300, 0, None, integer=True), dynamic)
+                   _number(data, "probation", 300, 0, None, integer=True), dynamic, transport)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

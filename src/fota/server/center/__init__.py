@@ -36,7 +36,7 @@ import asyncio
 import logging
 import ssl
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gmqtt import Client as MQTTClient
 from sqlalchemy import select
@@ -57,6 +57,10 @@ from fota.server.center.workgroup import Workgroup
 from fota.server.delta import DEFAULT_WBITS
 from fota.server.homeassistant import HomeAssistantBridge, HomeAssistantSettings, command_filter
 from fota.server.kek import Kek
+from fota.server.payloadurls import HttpPayloads
+
+if TYPE_CHECKING:
+    from fota.server.objectstore import S3Payloads
 from fota.server.retention import DEFAULT_INTERVAL as RETENTION_INTERVAL
 from fota.server.retention import Retention
 from fota.server.statuses import StatusLimiter, parse_status
@@ -97,6 +101,7 @@ class ControlCenter:
     delta_wbits = _Held("sender")
     command_ttl = _Held("sender")
     kek = _Held("sender")
+    http = _Held("sender")               # transport http's URL settings (HttpPayloads), or None
     requests = _Held("chunk_server")          # chunk requests served
     ignored_requests = _Held("chunk_server")  # malformed, foreign, unknown or finished jobs
     chunks = _Held("chunk_server")            # chunks published
@@ -137,7 +142,8 @@ class ControlCenter:
                  kek: Kek | None = None, keyring: Keyring | None = None, keys_interval: float = KEYS_INTERVAL,
                  status_limiter: StatusLimiter | None = None, retention: Retention | None = Retention(),
                  retention_interval: float = RETENTION_INTERVAL,
-                 homeassistant: HomeAssistantSettings | None = None):
+                 homeassistant: HomeAssistantSettings | None = None,
+                 http: HttpPayloads | S3Payloads | None = None):
         if not protocol.MIN_CHUNK_SIZE <= chunk <= protocol.MAX_CHUNK_SIZE:
             raise ValueError(f"chunk must be {protocol.MIN_CHUNK_SIZE}..{protocol.MAX_CHUNK_SIZE}")
         if not 1 <= window <= protocol.MAX_WINDOW:
@@ -187,7 +193,9 @@ class ControlCenter:
         self.sender = CommandSender(
             store, self.db.call, self.jobs, self.mqtt, self.keys, client_id=client_id, blobs_dir=self.blobs_dir,
             chunk=chunk, window=window, poll_interval=poll_interval, require_online=require_online,
-            delta_wbits=delta_wbits, command_ttl=command_ttl, kek=kek, fenced=fenced)
+            delta_wbits=delta_wbits, command_ttl=command_ttl, kek=kek, fenced=fenced, http=http)
+        # Object storage as the blob store of workers that lack a file (fota.server.objectstore).
+        self.jobs.remote = getattr(http, "get_blob", None)
         # None unless Home Assistant is enabled: nothing of it on the paths of fleets without it.
         self.homeassistant = None if homeassistant is None else HomeAssistantBridge(
             store, self.db.call, self.mqtt.publish, homeassistant)

@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from sqlalchemy import case, exists, func, or_, select, update
 from sqlalchemy.orm import aliased
@@ -29,6 +29,10 @@ from fota.server.center.keys import KeyPusher
 from fota.server.delta import best_delta
 from fota.server.deployments import CANCEL, PENDING, SENT, TIMED_OUT, expire_jobs, finish_deployments
 from fota.server.kek import Kek
+from fota.server.payloadurls import HttpPayloads
+
+if TYPE_CHECKING:
+    from fota.server.objectstore import S3Payloads
 from fota.server.releases import ReleaseError, update_command, wrap_release_key
 from fota.server.store import Deployment, Device, Job, Release, Store, utcnow
 from fota.server.store.inlists import chunks
@@ -45,8 +49,9 @@ class Outgoing:
     job_id: int
     device_id: str
     command: bytes
-    info: JobInfo
+    info: JobInfo | None  # None: not cached for the chunk server (transport http: read if ever asked)
     delta_id: int | None = None
+    delta_size: int = 0
     keys_behind: bool = False  # the device's last inventory reports an older trust version
 
 
@@ -54,7 +59,7 @@ class CommandSender:
     def __init__(self, store: Store, db: Callable[..., Awaitable], jobs: JobCache, mqtt: CenterConnection,
                  keys: KeyPusher, *, client_id: str, blobs_dir: Path, chunk: int, window: int,
                  poll_interval: float, require_online: bool, delta_wbits: int | None, command_ttl: int,
-                 kek: Kek | None, fenced: Callable[[], bool]):
+                 kek: Kek | None, fenced: Callable[[], bool], http: HttpPayloads | S3Payloads | None = None):
         self.store = store
         self.db = db                     # runs a function on the database thread
         self.jobs = jobs
@@ -74,6 +79,9 @@ class CommandSender:
         # The key-encryption key that opens the stored release and device keys (encrypted releases).
         self.kek = kek
         self.fenced = fenced             # declared dead by the other workers: send nothing
+        # Transport http: where the signed payload URLs point (None: every job gets chunks).
+        self.http = http
+        self.http_sent = 0               # update commands sent with a payload URL
         self.commands = 0                # update commands published
         self.deltas_sent = 0             # update commands sent as a delta
 
@@ -111,13 +119,14 @@ class CommandSender:
             return 0
         for out in outgoing:
             # Cache first, so that the device's first request finds the job.
-            self.jobs.add(out.job_id, out.info)
+            if out.info is not None:
+                self.jobs.add(out.job_id, out.info)
             if out.keys_behind:
                 self.keys.push_ahead_of_command(out.device_id)
             self.mqtt.publish(protocol.topic(out.device_id, protocol.CMD), out.command, qos=1)
             self.commands += 1
         await self.db(self.mark_sent, [out.job_id for out in outgoing],
-                      {out.job_id: (out.delta_id, len(out.info.blob or b"")) for out in outgoing
+                      {out.job_id: (out.delta_id, out.delta_size) for out in outgoing
                        if out.delta_id is not None})
         self.deltas_sent += sum(1 for out in outgoing if out.delta_id is not None)
         log.info("sent %d update command(s)", len(outgoing))
@@ -131,7 +140,7 @@ class CommandSender:
         device's commands leave in job-id order even when several workers send."""
         older = aliased(Job)
         query = (select(Job.id, Job.device_id, Device.inventory, Device.enc_key, Release, Job.kind, Job.target_job,
-                        Deployment.min_battery)
+                        Deployment.min_battery, Deployment.transport)
                  .join(Deployment, Job.deployment_id == Deployment.id)
                  .join(Release, Deployment.release_id == Release.id)
                  .join(Device, Job.device_id == Device.id)
@@ -147,7 +156,7 @@ class CommandSender:
                 s.execute(update(Job).where(Job.id.in_(ids)).values(worker=self.client_id))
         outgoing = []
         signer = self.keys.signer
-        for job_id, device_id, inventory, device_key, release, kind, target_job, min_battery in rows:
+        for job_id, device_id, inventory, device_key, release, kind, target_job, min_battery, transport in rows:
             behind = self.keys.behind(inventory)
             if kind == CANCEL:
                 command = signer.command({"type": "cancel", "job": job_id, "device": device_id,
@@ -165,13 +174,40 @@ class CommandSender:
                 log.error("job %d not sent: %s", job_id, exc)
                 continue
             patch = self.delta_for(release, inventory or {})
+            http = None
+            if transport == "http" and self._takes_http(job_id, inventory):
+                try:
+                    http = self.http.command_field(device_id, job_id, patch.sha256 if patch else release.sha256)
+                except Exception:  # object storage unreachable: the job is not lost, it gets chunks
+                    log.exception("job %d: no payload URL; sending chunks", job_id)
             command = update_command(job_id, device_id, release, signer, chunk, self.window,
                                      wrapped_key=wrapped, delta=patch.descriptor() if patch else None,
-                                     min_battery=min_battery, ttl=self.command_ttl)
-            blob = patch.data if patch else release_blob(self.blobs_dir, release)
-            outgoing.append(Outgoing(job_id, device_id, command, JobInfo(device_id, SENT, blob, self.client_id),
-                                     patch.id if patch else None, keys_behind=behind))
+                                     min_battery=min_battery, ttl=self.command_ttl, http=http)
+            self.http_sent += http is not None
+            put = getattr(self.http, "put_blob", None)
+            if put is not None and http is None:
+                # Object storage holds every blob a job used, whatever its transport, so that a
+                # worker without the file finds it there (once per blob and process).
+                try:
+                    put(patch.sha256 if patch else release.sha256, patch.data if patch else None)
+                except Exception:
+                    log.exception("job %d: blob not stored in object storage", job_id)
+            # Over http the device fetches from the blob server: the image is not read here.
+            info = None if http else JobInfo(device_id, SENT, patch.data if patch else
+                                             release_blob(self.blobs_dir, release, self.jobs.remote),
+                                             self.client_id)
+            outgoing.append(Outgoing(job_id, device_id, command, info, patch.id if patch else None,
+                                     patch.size if patch else 0, keys_behind=behind))
         return outgoing
+
+    def _takes_http(self, job_id: int, inventory: dict[str, Any] | None) -> bool:
+        """Whether a job of an http deployment gets a payload URL: the center has one to give
+        (HttpPayloads) and the device declares http in its inventory; else it gets chunks."""
+        if self.http is None:
+            log.warning("job %d: transport http, but this center has no http_url: sending chunks", job_id)
+            return False
+        transports = (inventory or {}).get("transports")
+        return isinstance(transports, list) and "http" in transports
 
     def delta_for(self, release: Release, inventory: dict[str, Any]):
         """(DB thread) the patch from the device's running image to `release`, or None: no
@@ -192,7 +228,7 @@ class CommandSender:
             if isinstance(formats, list) else {1}
         try:
             return best_delta(self.store, self.blobs_dir, base, release, min(self.delta_wbits, wbits),
-                              partial(release_blob, self.blobs_dir), formats)
+                              partial(release_blob, self.blobs_dir, remote=self.jobs.remote), formats)
         except Exception:  # a patch is an optimisation: never let it stop the update
             log.exception("delta %s -> %s failed; sending the full image", base.version, release.version)
             return None

@@ -207,6 +207,9 @@ class Deployment(Base):
     min_battery: Mapped[int | None] = mapped_column(Integer)
     # seconds from created_at until unfinished jobs end 'timed_out'; None: wait for ever
     timeout_s: Mapped[int | None] = mapped_column(Integer)
+    # payload transport: 'mqtt' (chunks from the center) or 'http' (a signed URL, to devices
+    # that declare it; docs/http-transport.md)
+    transport: Mapped[str] = mapped_column(String(8), default="mqtt", server_default=text("'mqtt'"))
 
     release: Mapped[Release] = relationship(back_populates="deployments")
     jobs: Mapped[list[Job]] = relationship(

@@ -1,0 +1,81 @@
+"""Transport http from S3-compatible object storage (docs/http-transport.md, "Object storage").
+
+``S3Payloads`` is a center's ``http`` setting like ``payloadurls.HttpPayloads``: instead of a URL
+to the center's own blob route it signs, per job, a presigned GET URL of the blob's object
+(``<prefix><sha256>`` in ``bucket``), valid for ``url_ttl`` seconds (at most 7 days: SigV4's
+limit). The blob is uploaded from the home's blob store the first time a job needs it (objects
+are immutable and content-addressed, never overwritten); ``put_blob`` uploads one at once (a
+release or delta just created) and ``get_blob`` reads one back (a worker without the file).
+
+Credentials come from boto3's usual chain (environment, ``~/.aws``, an instance role); the
+device gets only the presigned URL, which grants a GET of that one object until it expires.
+Works with AWS S3, MinIO and Cloudflare R2 (``endpoint_url``); tested against moto's server.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from fota.server.payloadurls import URL_TTL
+
+__all__ = ["MAX_PRESIGN", "S3Payloads"]
+
+log = logging.getLogger(__name__)
+
+MAX_PRESIGN = 7 * 86400  # SigV4 presigned URLs live at most a week
+
+
+class S3Payloads:
+    def __init__(self, bucket: str, *, blobs_dir: str | Path, endpoint_url: str | None = None,
+                 region: str | None = None, prefix: str = "", url_ttl: int = URL_TTL, hosts: tuple[str, ...] = (),
+                 client=None):
+        if client is None:
+            import boto3
+            from botocore.config import Config
+            # Path-style addressing: an endpoint given as an address (MinIO, a local server) has no
+            # bucket subdomains; AWS and R2 answer it too.
+            client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region,
+                                  config=Config(signature_version="s3v4", s3={"addressing_style": "path"}))
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix
+        self.blobs_dir = Path(blobs_dir)
+        self.url_ttl = min(int(url_ttl), MAX_PRESIGN)
+        self.hosts = tuple(hosts)
+        self._stored: set[str] = set()  # objects known to exist (immutable: never re-checked)
+
+    def key(self, sha256: str) -> str:
+        return self.prefix + sha256
+
+    def put_blob(self, sha256: str, data: bytes | None = None) -> None:
+        """Store blob ``sha256`` (``data``, else the file ``<blobs_dir>/<sha256>``) unless it is there."""
+        if sha256 in self._stored:
+            return
+        from botocore.exceptions import ClientError
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self.key(sha256))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
+                raise
+            if data is None:
+                data = (self.blobs_dir / sha256).read_bytes()
+            self.client.put_object(Bucket=self.bucket, Key=self.key(sha256), Body=data,
+                                   ContentType="application/octet-stream")
+            log.info("blob %s stored in s3://%s/%s", sha256[:16], self.bucket, self.key(sha256))
+        self._stored.add(sha256)
+
+    def get_blob(self, sha256: str) -> bytes:
+        return self.client.get_object(Bucket=self.bucket, Key=self.key(sha256))["Body"].read()
+
+    def command_field(self, device: str, job: int, sha256: str, now: float | None = None) -> dict:
+        """The update command's signed ``http`` object: a presigned GET of the blob's object. (The
+        storage checks the signature and the expiry; ``device`` and ``job`` are not part of an
+        S3 URL: it grants that one immutable object, to whoever holds it, until it expires.)"""
+        self.put_blob(sha256)
+        url = self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": self.key(sha256)},
+                                                 ExpiresIn=self.url_ttl)
+        field = {"url": url, "exp": int(time.time() if now is None else now) + self.url_ttl}
+        if self.hosts:
+            field["hosts"] = list(self.hosts)
+        return field
