@@ -224,9 +224,16 @@ class NatsCluster:
         node looks up (the first creates) the account's MQTT streams before devices arrive.
         Measured without it: 24 devices connecting at once to a fresh cluster hit 5 s JetStream
         timeouts ("unable to connect: lookup ... stream") and some of their first messages were lost."""
+        deadline = time.monotonic() + timeout
         for node in self.nodes:
-            if node.running:
-                mqtt_ping(self.host, node.ports.mqtt, SERVER_USER, self.server_password, timeout)
+            while node.running:
+                try:  # refused (connection closed) while the node's JetStream calls time out: again
+                    mqtt_ping(self.host, node.ports.mqtt, SERVER_USER, self.server_password, timeout)
+                    break
+                except (BrokerError, OSError):
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Every running node listens and JetStream's meta group has a leader and every node as a

@@ -36,6 +36,7 @@ from fota.sim.slots import HashSlots
 
 log = logging.getLogger(__name__)
 
+DISCONNECT_TIMEOUT = 5.0  # s for a DISCONNECT to be written
 ACK_TIMEOUT = 30.0        # s to wait for the broker's PUBACKs before a reboot or a nap
 CONNECT_TIMEOUT = 30.0    # s for CONNECT..CONNACK (thousands connect at once)
 
@@ -286,7 +287,7 @@ class SimDevice:
         except BaseException:
             self.client = None
             try:
-                await client.disconnect()
+                await asyncio.wait_for(client.disconnect(), DISCONNECT_TIMEOUT)
             except Exception:
                 pass
             raise
@@ -301,7 +302,9 @@ class SimDevice:
         self.inbox.clear()
         if client is not None:
             try:
-                await client.disconnect()
+                # bounded: on a connection the broker dropped, gmqtt's disconnect can wait for
+                # ever (seen with a NATS node's JetStream stall closing MQTT connections)
+                await asyncio.wait_for(client.disconnect(), DISCONNECT_TIMEOUT)
             except Exception:
                 pass
         # The connection is closed: releasing gmqtt's handlers now acknowledges nothing.
