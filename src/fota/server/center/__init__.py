@@ -176,6 +176,8 @@ class ControlCenter:
         self.nats = is_nats_url(broker_url)
         if self.nats and homeassistant is not None:
             raise ValueError("Home Assistant needs an MQTT broker (retained messages), not NATS")
+        if self.nats and ssl_context is not None:
+            raise ValueError("TLS to NATS nodes is not supported yet (an ssl_context needs an mqtts:// broker URL)")
         self.mqtt = (NatsConnection(client_id, share_group, self._on_message, fenced) if self.nats
                      else CenterConnection(client_id, filters, self._on_message, fenced))
         self.workgroup = Workgroup(store, self.db.call, self.mqtt, self._on_message, client_id=client_id,
