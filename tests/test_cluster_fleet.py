@@ -62,6 +62,29 @@ class AckedStatuses:
                 self.keys.add((topic.split("/")[2], body["boot"], body["seq"]))
 
 
+def _stream_state(cluster) -> str:
+    """The stream and the consumer as the cluster sees them (a failure's diagnostics)."""
+    import asyncio
+
+    import nats
+
+    async def read():
+        nc = await nats.connect(cluster.server_url.split(",")[1:], connect_timeout=2, allow_reconnect=False)
+        try:
+            js = nc.jetstream(timeout=3)
+            si = await js.stream_info(natsconn.STREAM)
+            ci = await js.consumer_info(natsconn.STREAM, "nats-test")
+            return (f"messages {si.state.messages} last_seq {si.state.last_seq} leader {si.cluster.leader}; "
+                    f"consumer pending {ci.num_pending} ack_pending {ci.num_ack_pending} waiting {ci.num_waiting} "
+                    f"delivered {ci.delivered.stream_seq} leader {ci.cluster.leader}")
+        finally:
+            await nc.close()
+    try:
+        return asyncio.run(read())
+    except Exception as exc:
+        return f"unreadable: {exc!r}"
+
+
 def _stored(store: Store) -> set[tuple[str, int, int]]:
     with store.session() as s:
         return set(s.execute(select(StatusEvent.device_id, StatusEvent.boot, StatusEvent.seq)).all())
@@ -125,6 +148,7 @@ def test_node_killed_every_device_confirms_nothing_lost_nothing_twice(tmp_path, 
                     print("jobs:", s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
                 print("devices:", fleet.summary())
                 print("pulled:", [(c.center.mqtt.pulled, c.center.mqtt.connected, c.center.statuses) for c in centers])
+                print("stream:", _stream_state(cluster))
                 for d in fleet.devices.values():
                     if d.confirmed_at is None:
                         print("  ", d.id, "port", d.port, "connects", d.connects, "client", d.client is not None,

@@ -4,10 +4,14 @@ Devices speak MQTT 3.1.1 to any node; the workers speak NATS (nats-py) to all of
 interface as fota.server.center.connection.CenterConnection, so intake, chunk server, sender and
 key pusher are the same code on both brokers:
 
-* statuses, inventories and online flags: a JetStream stream (STREAM, work-queue retention,
-  replicated on up to 3 nodes) captures fota.v1.*.{status,inventory,online}; all workers pull
-  from one durable consumer (the group's), so each message goes to one worker, which
-  acknowledges it only once on_message returned (= stored). A worker or node that dies with
+* statuses, inventories and online flags (QoS 1 from the devices): nats-server's MQTT layer
+  stores each QoS 1 PUBLISH in its JetStream stream $MQTT_msgs (subject $MQTT.msgs.<subject>,
+  interest retention, replicated) before it sends the PUBACK; all workers pull from one durable
+  consumer (the group's) on that stream, filtered to fota.v1.*.{status,inventory,online}, so
+  the message is kept until a worker acknowledged it, and each goes to one worker, which
+  acknowledges it only once on_message returned (= stored). (A stream of our own capturing the
+  plain subjects was measured to miss statuses a device had been acknowledged for while a node
+  died: the PUBACK does not wait for such a capture.) A worker or node that dies with
   messages unacknowledged: JetStream hands them to a worker again after ACK_WAIT (the intake is
   idempotent on (device, boot, seq)). This replaces MQTT 5's $share and the session drains.
 * chunk requests (QoS 0 from the devices): a core NATS queue group, one worker each.
@@ -33,7 +37,7 @@ from fota.server.natscluster import MQTT_QOS1_PREFIX, MQTT_QOS_HEADER
 
 log = logging.getLogger(__name__)
 
-STREAM = "FOTA_IN"
+STREAM = "$MQTT_msgs"             # nats-server's MQTT layer: its QoS 1 messages (interest retention)
 INGESTED = (protocol.STATUS, protocol.INVENTORY, protocol.ONLINE)
 DEFAULT_GROUP = "fota-center"    # the consumer and queue group of a single center
 ACK_WAIT = 30.0                  # s before an unacknowledged status goes to a worker again
@@ -100,29 +104,28 @@ class NatsConnection:
 
     async def start(self, address: NatsAddress, timeout: float) -> None:
         import nats  # the `cluster` extra
-        from nats.js.api import (AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType,
-                                 StreamConfig)
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
         self.nc = await nats.connect(
             servers=list(address.servers), name=self.client_id, connect_timeout=2, reconnect_time_wait=0.5,
             max_reconnect_attempts=-1, allow_reconnect=True, error_cb=self._on_error,
             disconnected_cb=self._on_disconnected, reconnected_cb=self._on_reconnected)
         self.js = self.nc.jetstream(timeout=5)
-        config = StreamConfig(name=STREAM, subjects=[f"fota.v1.*.{s}" for s in INGESTED],
-                              retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
-                              num_replicas=address.replicas)
+        # The consumer reads the MQTT layer's own stream: a device's QoS 1 PUBLISH is stored there
+        # (as $MQTT.msgs.<subject>) before its PUBACK, and kept while a consumer is interested.
+        config = ConsumerConfig(
+            durable_name=self.group, ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
+            ack_wait=self.ack_wait, max_ack_pending=MAX_ACK_PENDING, max_deliver=-1,
+            filter_subjects=[f"{MQTT_QOS1_PREFIX}fota.v1.*.{s}" for s in INGESTED])
         deadline = asyncio.get_running_loop().time() + timeout
-        while True:  # a cluster just started may still elect its JetStream leader
-            try:
-                await self.js.add_stream(config)
-                await self.js.add_consumer(STREAM, ConsumerConfig(
-                    durable_name=self.group, ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
-                    ack_wait=self.ack_wait, max_ack_pending=MAX_ACK_PENDING, max_deliver=-1))
+        while True:  # a cluster just started may still elect its leaders; the stream exists once
+            try:     # an MQTT client connected (fota.server.natscluster.NatsCluster.warm_up)
+                await self.js.add_consumer(STREAM, config)
                 break
             except Exception as exc:
                 if asyncio.get_running_loop().time() > deadline:
                     raise
-                log.info("JetStream not ready (%s): retrying", exc)
+                log.info("JetStream stream %s not ready (%s): retrying", STREAM, exc)
                 await asyncio.sleep(RETRY_DELAY)
         pull = await self.js.pull_subscribe_bind(self.group, STREAM)
         await self.nc.subscribe(subject(protocol.PREFIX) + "*." + protocol.REQ, queue=self.group,
@@ -245,7 +248,7 @@ class NatsConnection:
         self.pulled += 1
         if msg.metadata.num_delivered > 1:
             self.redelivered += 1
-        await self.on_message(None, topic(msg.subject), msg.data, 1, {})
+        await self.on_message(None, topic(msg.subject[len(MQTT_QOS1_PREFIX):]), msg.data, 1, {})
         try:
             await msg.ack()
         except Exception as exc:  # redelivered after ack_wait: stored again as a duplicate, dropped
