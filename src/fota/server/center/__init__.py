@@ -6,7 +6,7 @@ each in its own module, each given only what it needs:
 * ``connection``: the MQTT session, its topic filters, reconnects; messages go to the router
   below (``_on_message``);
 * ``natsconn`` (a ``nats://`` broker URL): the same interface on a NATS cluster, the devices
-  still on MQTT 3.1.1 (JetStream work queue for statuses, queue group for chunk requests;
+  still on MQTT 3.1.1 (a JetStream consumer for statuses, a queue group for chunk requests;
   docs/operations.md §4a);
 * ``sender``: pending jobs -> signed ``update`` / ``cancel`` commands on fota/v1/<dev>/cmd (QoS 1),
   jobs 'sent'; deployment timeouts;
