@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import os
+import random
 import time
 from collections import deque
 
@@ -35,6 +36,7 @@ from fota.sim.slots import HashSlots
 
 log = logging.getLogger(__name__)
 
+DISCONNECT_TIMEOUT = 5.0  # s for a DISCONNECT to be written
 ACK_TIMEOUT = 30.0        # s to wait for the broker's PUBACKs before a reboot or a nap
 CONNECT_TIMEOUT = 30.0    # s for CONNECT..CONNACK (thousands connect at once)
 
@@ -62,7 +64,7 @@ class Profile:
 
 
 class SimDevice:
-    def __init__(self, device_id: str, password: str, *, host: str, port: int, root_key: bytes, trust: dict,
+    def __init__(self, device_id: str, password: str, *, host: str, port: int | list[int], root_key: bytes, trust: dict,
                  hardware: str = "sim", version: str = "1.0.0", capacity: int = 256 * 1024,
                  backend: str = "hash", verify=None, profile: Profile | None = None,
                  max_trial_boots: int = 3, keepalive: int = 60, tick: float = 1.0,
@@ -72,7 +74,9 @@ class SimDevice:
         self.ssl = ssl  # an ssl.SSLContext (the broker's CA) for a TLS broker; None: plain MQTT
         self.password = password
         self.host = host
-        self.port = port
+        # Several ports: the nodes of a clustered broker; each connect picks one at random.
+        self.ports = list(port) if isinstance(port, (list, tuple)) else [port]
+        self.port = self.ports[0]
         self.root_key = root_key
         self.trust = trust
         self.hardware = hardware
@@ -276,13 +280,14 @@ class SimDevice:
         client.on_disconnect = self._on_disconnect
         self.client = client
         self._lost = False
+        self.port = random.choice(self.ports)
         try:
             await asyncio.wait_for(client.connect(self.host, self.port, ssl=self.ssl or False,
                                                   keepalive=self.keepalive, version=MQTTv311), CONNECT_TIMEOUT)
         except BaseException:
             self.client = None
             try:
-                await client.disconnect()
+                await asyncio.wait_for(client.disconnect(), DISCONNECT_TIMEOUT)
             except Exception:
                 pass
             raise
@@ -297,7 +302,9 @@ class SimDevice:
         self.inbox.clear()
         if client is not None:
             try:
-                await client.disconnect()
+                # bounded: on a connection the broker dropped, gmqtt's disconnect can wait for
+                # ever (seen with a NATS node's JetStream stall closing MQTT connections)
+                await asyncio.wait_for(client.disconnect(), DISCONNECT_TIMEOUT)
             except Exception:
                 pass
         # The connection is closed: releasing gmqtt's handlers now acknowledges nothing.

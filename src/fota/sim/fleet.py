@@ -70,7 +70,7 @@ class SimFleet:
         self.devices = {d.id: d for d in devices}
 
     @classmethod
-    def build(cls, passwords: dict[str, str], *, host: str, port: int, root_key: bytes, trust: dict,
+    def build(cls, passwords: dict[str, str], *, host: str, port: int | list[int], root_key: bytes, trust: dict,
               plan: FailurePlan | None = None, verify: str = "cryptography", **device_settings) -> "SimFleet":
         ids = list(passwords)
         profiles = (plan or FailurePlan()).profiles(ids)

@@ -5,6 +5,9 @@ each in its own module, each given only what it needs:
 
 * ``connection``: the MQTT session, its topic filters, reconnects; messages go to the router
   below (``_on_message``);
+* ``natsconn`` (a ``nats://`` broker URL): the same interface on a NATS cluster, the devices
+  still on MQTT 3.1.1 (a JetStream consumer for statuses, a queue group for chunk requests;
+  docs/operations.md §4a);
 * ``sender``: pending jobs -> signed ``update`` / ``cancel`` commands on fota/v1/<dev>/cmd (QoS 1),
   jobs 'sent'; deployment timeouts;
 * ``chunks``: fota/v1/<dev>/req -> chunks on fota/v1/<dev>/data (QoS 0), from the in-memory
@@ -51,6 +54,7 @@ from fota.server.center.dbthreads import DbThreads
 from fota.server.center.intake import StatusIntake
 from fota.server.center.inventory import is_int
 from fota.server.center.jobs import JobCache
+from fota.server.center.natsconn import NatsAddress, NatsConnection, is_nats_url
 from fota.server.center.keys import KEYS_INTERVAL, KeyPusher
 from fota.server.center.sender import CommandSender
 from fota.server.center.workgroup import Workgroup
@@ -177,7 +181,14 @@ class ControlCenter:
             # flag (retain as published): the bridge ignores retained commands.
             filters.append(((f"$share/{share_group}/" if share_group is not None else "") + command_filter(), 1,
                             {"retain_handling_options": 2, "retain_as_published": True}))
-        self.mqtt = CenterConnection(client_id, filters, self._on_message, fenced)
+        # broker_url nats://...,nats://...: a NATS cluster (fota.server.center.natsconn), same interface.
+        self.nats = is_nats_url(broker_url)
+        if self.nats and homeassistant is not None:
+            raise ValueError("Home Assistant needs an MQTT broker (retained messages), not NATS")
+        if self.nats and ssl_context is not None:
+            raise ValueError("TLS to NATS nodes is not supported yet (an ssl_context needs an mqtts:// broker URL)")
+        self.mqtt = (NatsConnection(client_id, share_group, self._on_message, fenced) if self.nats
+                     else CenterConnection(client_id, filters, self._on_message, fenced))
         self.workgroup = Workgroup(store, self.db.call, self.mqtt, self._on_message, client_id=client_id,
                                    share_group=share_group, lease=lease, heartbeat_interval=heartbeat_interval)
         self.keys = KeyPusher(store, self.db.call, self.mqtt.publish, signer, keys_update, keyring=keyring,
@@ -207,7 +218,8 @@ class ControlCenter:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self, timeout: float = 10.0) -> None:
-        address = BrokerAddress.parse(self.broker_url, self.ssl_context)
+        address = (NatsAddress.parse(self.broker_url) if self.nats
+                   else BrokerAddress.parse(self.broker_url, self.ssl_context))
         await self.workgroup.register(address)
         self._tasks = [asyncio.create_task(self.intake.run(), name="fota-flush")]
         try:
@@ -220,14 +232,14 @@ class ControlCenter:
             self._tasks.append(asyncio.create_task(self._campaign_loop(), name="fota-campaigns"))
         if self.share_group is not None:
             self._tasks.append(asyncio.create_task(self.workgroup.run(), name="fota-workers"))
-        elif self.client_id == CLIENT_ID:
+        elif self.client_id == CLIENT_ID and not self.nats:
             self._tasks.append(asyncio.create_task(self.workgroup.drain_legacy(), name="fota-drain-legacy"))
         self._tasks.append(asyncio.create_task(self.keys.run(), name="fota-keys"))
         self._tasks.append(asyncio.create_task(self.intake.run_retention(), name="fota-retention"))
         if self.homeassistant is not None:
             self.mqtt.subscribe_retained(self.homeassistant.retained_filter(), 1)
             self._tasks.append(asyncio.create_task(self.homeassistant.run(), name="fota-homeassistant"))
-        log.info("control center connected to %s:%s as %s", address.host, address.port, self.client_id)
+        log.info("control center connected to %s as %s", self.broker_url.rsplit("@", 1)[-1], self.client_id)
 
     async def stop(self) -> None:
         """Stop sending, write what is queued (and acknowledge it), disconnect."""

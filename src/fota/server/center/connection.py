@@ -105,6 +105,8 @@ class CenterConnection:
     """The center's own session: subscribes to its filters ((topic, qos) or (topic, qos, options):
     options are gmqtt Subscription keywords), reconnects, publishes."""
 
+    sessions = True     # a dead worker's persistent session holds its share: drained (workgroup)
+
     def __init__(self, client_id: str, filters: list[tuple], on_message: OnMessage,
                  fenced: Callable[[], bool]):
         self.client_id = client_id

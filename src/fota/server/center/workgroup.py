@@ -108,7 +108,17 @@ class Workgroup:
         commit, as ours), unsubscribe it from the group, and delete it once it is quiet.
 
         worker=False: the session of an earlier single center (LEGACY_CENTER_ID), not registered
-        as a worker; nothing to do if the broker has no such session."""
+        as a worker; nothing to do if the broker has no such session.
+
+        On a broker without sessions (NATS: fota.server.center.natsconn) there is nothing to
+        drain: what the dead worker did not acknowledge goes to a live one after the ack wait."""
+        if not self.mqtt.sessions:
+            if worker:
+                await self.db(workers.forget, self.store, dead)
+                self.adopted.append(dead)
+                log.warning("adopted dead worker %s (JetStream redelivers what it did not acknowledge)", dead)
+            self._adopting.discard(dead)
+            return
         loop = asyncio.get_running_loop()
         state = {"last": loop.time(), "busy": 0, "count": 0, "present": True}
         unsubscribed = asyncio.Event()

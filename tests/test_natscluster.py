@@ -1,0 +1,108 @@
+"""The managed NATS cluster (fota.server.natscluster): 3 real nats-server processes with JetStream,
+MQTT listeners and routes; devices as paho MQTT 3.1.1 clients on different nodes."""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from fota.server.natscluster import MQTT_QOS1_PREFIX, MQTT_QOS_HEADER, NatsCluster
+from fota.tools.waiting import wait_until
+
+nats = pytest.importorskip("nats")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with NatsCluster(tmp_path_factory.mktemp("nats"), server_password="server-secret") as c:
+        c.add_devices({"dev1": "pw1", "dev2": "pw2"})
+        yield c
+
+
+class Device:
+    """A paho MQTT 3.1.1 client with a persistent session, recording what it receives."""
+
+    def __init__(self, device_id, password, port):
+        self.got: list[tuple[str, int, bytes]] = []
+        self.granted = None
+        self.subscribed = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id, clean_session=False,
+                                  protocol=mqtt.MQTTv311)
+        self.client.username_pw_set(device_id, password)
+        self.client.on_message = lambda c, u, m: self.got.append((m.topic, m.qos, m.payload))
+        self.client.on_subscribe = self._on_subscribe
+        self.rc = self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_subscribe(self, client, userdata, mid, codes, properties):
+        self.granted = [c.value for c in codes]
+        self.subscribed.set()
+
+    def subscribe(self, topics):
+        self.subscribed.clear()
+        self.client.subscribe(topics)
+        assert self.subscribed.wait(5)
+        return self.granted
+
+    def close(self):
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+async def _server(cluster):
+    nc = await nats.connect(cluster.server_url.split(","))
+    return nc, nc.jetstream()
+
+
+def test_device_acl_own_subjects_only(cluster):
+    """Like the Mosquitto ACL: a device subscribes and publishes only its own fota topics."""
+    dev = Device("dev1", "pw1", cluster.mqtt_ports[0])
+    try:
+        assert dev.subscribe([("fota/v1/dev1/cmd", 1), ("fota/v1/dev1/data", 0), ("fota/v1/dev2/cmd", 1),
+                              ("fota/v1/+/cmd", 1), ("#", 0)]) == [1, 0, 128, 128, 128]
+
+        async def check():
+            nc, _ = await _server(cluster)
+            seen = []
+
+            async def record(msg):
+                seen.append(msg.subject)
+            await nc.subscribe("fota.v1.>", cb=record)
+            await nc.flush()
+            dev.client.publish("fota/v1/dev1/status", b"mine", qos=1).wait_for_publish(5)
+            dev.client.publish("fota/v1/dev2/status", b"forged", qos=1)
+            dev.client.publish("fota/v1/dev1/cmd", b"to myself", qos=0)
+            await asyncio.sleep(0.5)
+            await nc.close()
+            return seen
+        assert asyncio.run(check()) == ["fota.v1.dev1.status"]
+    finally:
+        dev.close()
+    # a device account is for MQTT only: as a NATS client it is refused
+    with pytest.raises(Exception):
+        asyncio.run(nats.connect(f"nats://dev1:pw1@127.0.0.1:{cluster.nodes[0].ports.client}",
+                                 allow_reconnect=False, connect_timeout=2))
+
+
+def test_qos1_from_nats_reaches_offline_device_on_another_node(cluster):
+    """What the center's commands rely on: a JetStream publish on $MQTT.msgs.<subject> with the
+    QoS header is a QoS 1 message for the device's persistent session, kept while it is offline
+    and delivered when it reconnects to another node. A core publish is QoS 0: it is lost."""
+    dev = Device("dev2", "pw2", cluster.mqtt_ports[0])
+    assert dev.subscribe([("fota/v1/dev2/cmd", 1)]) == [1]
+    dev.close()
+
+    async def send():
+        nc, js = await _server(cluster)
+        await nc.publish("fota.v1.dev2.cmd", b"core")
+        await js.publish(MQTT_QOS1_PREFIX + "fota.v1.dev2.cmd", b"command", headers={MQTT_QOS_HEADER: "1"})
+        await nc.close()
+    asyncio.run(send())
+    dev = Device("dev2", "pw2", cluster.mqtt_ports[2])
+    try:
+        wait_until(lambda: dev.got, 10)
+        assert dev.got == [("fota/v1/dev2/cmd", 1, b"command")]
+    finally:
+        dev.close()
