@@ -29,10 +29,12 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 
 from bench._report import print_table
+from bench._wire_tally import WireTally
 from fota.device import protocol as P
 from fota.server.broker import SERVER_USER
 from fota.server.deployments import create_deployment
 from fota.testkit.broker import ManagedBroker
+from fota.testkit.faultproxy import FaultProxy
 from fota.testkit.fleet import Fleet, bundle_of_size
 from fota.tools.waiting import TimedOut, wait_until
 from fota.testkit.interpreters import INTERPRETERS, interpreter as resolve_interpreter
@@ -87,7 +89,7 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _update(fleet: Fleet, ids: list[str], version: str, size: int, args) -> dict:
+def _update(fleet: Fleet, ids: list[str], version: str, size: int, args, tally: WireTally | None = None) -> dict:
     """One deployment of a fresh `size`-byte release to every device; returns its measurements."""
     n = len(ids)
     image = bundle_of_size(version, size)
@@ -140,6 +142,7 @@ def _update(fleet: Fleet, ids: list[str], version: str, size: int, args) -> dict
             "wire_rx": entry and entry["rx"], "wire_tx": entry and entry["tx"],
             "overhead": None if wire is None else wire / len(image) - 1,
             "memory_error": "MemoryError" in proc.log_text(),
+            "breakdown": tally.find(entry["tx"], entry["rx"]) if tally and entry else None,
         })
     overheads = [d["overhead"] for d in per_device if d["overhead"] is not None]
     published = center.bytes_published - published0
@@ -167,16 +170,22 @@ def run_fota(n: int, size: int, args, tmp: Path) -> dict:
     wall time from the deployment's creation until every job is 'confirmed'. Medians."""
     fleet = Fleet.standalone(tmp / f"fota-{n}", chunk=args.chunk, window=args.window, heap=args.heap,
                              interpreter=args.interpreter)
+    proxy = tally = None
     try:
         ids = [f"bench{n}-{i:03d}" for i in range(n)]
+        if args.breakdown:  # the devices connect through a proxy that sorts their bytes by packet kind
+            tally = WireTally()
+            proxy = FaultProxy(fleet.broker.port).start_thread()
+            proxy.tap = tally.tap
         t_start = time.monotonic()
-        fleet.add_devices(ids, wire_stats=True)  # each reboot appends its connection's bytes to wire.json
+        # each reboot appends its connection's bytes to wire.json
+        fleet.add_devices(ids, wire_stats=True, port=proxy and proxy.port)
         fleet.wait_online(*ids, timeout=30 + 2 * n)
         online_s = time.monotonic() - t_start
         repeats = []
         for r in range(args.repeat):
             version = f"1.{r + 1}.0"
-            run = _update(fleet, ids, version, size, args)
+            run = _update(fleet, ids, version, size, args, tally)
             repeats.append(run)
             log(f"N={n}: update to {version}: {run['wall_s']:.2f}s, {run['confirmed']}/{n} confirmed")
             if run["confirmed"] != n:
@@ -197,6 +206,8 @@ def run_fota(n: int, size: int, args, tmp: Path) -> dict:
         }
     finally:
         fleet.close()
+        if proxy:
+            proxy.stop_thread()
 
 
 # ----------------------------------------------------------------------------------------- floor
@@ -462,6 +473,12 @@ def render(results: dict) -> None:
            f"CPU s during the update: control center process / device processes up to their reboot /"
            f" Mosquitto; {os.cpu_count()} CPUs"])
 
+    for run in results["runs"]:
+        for r, upd in enumerate(run["fota"]["runs"]):
+            for d in upd["per_device"]:
+                if d.get("breakdown"):
+                    render_breakdown(d, upd["image_bytes"], f"N={run['fota']['devices']} update {r + 1}")
+
     heap = results.get("heap")
     if heap:
         rows = [[lv["heap_kib"], f"{'ok' if lv['ok'] else 'FAILED'} {lv['passed']}/{lv['runs']}",
@@ -482,6 +499,20 @@ def render(results: dict) -> None:
               ["module", "bytes", "heap used after", "heap free after"], rows,
               [f"all imported: {fp['total_bytes']} B in use = {fp['total_bytes'] / 1024:.1f} KiB"
                + (f"; error: {fp['error']}" if fp["error"] else "")])
+
+
+def render_breakdown(d: dict, image: int, label: str) -> None:
+    b = d["breakdown"]
+    rows = []
+    for direction in ("tx", "rx"):
+        for kind, (packets, n) in sorted(b[direction].items(), key=lambda kv: -kv[1][1]):
+            share = f"image {n - image:+d} B" if kind == "data" else pct(n / image)
+            rows.append([direction, kind, packets, n, share])
+    wire = d["wire_rx"] + d["wire_tx"]
+    print_table(f"Wire breakdown, {label}, {d['device']}: {image} B image, {wire} B on the wire "
+                f"(overhead {pct(d['overhead'])})", ["dir", "kind", "packets", "bytes", "% of image"], rows,
+                [f"tx: device -> broker, rx: broker -> device (forwarded {b['rx_forwarded']} B, "
+                 f"the device read {b['rx_read']} B before it closed); data: chunk bytes only, vs the image"])
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -508,6 +539,9 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=90, help="seconds allowed per update (+3 s per device)")
     p.add_argument("--interpreter", choices=INTERPRETERS, default="64",
                    help="the devices' MicroPython: 64 (PyPI, agent as .mpy) or 32-frozen (32-bit, agent frozen in)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="fleet runs through a proxy that counts each update connection's bytes by MQTT packet "
+                        "kind and direction (a table per update)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     args = p.parse_args(argv)
     try:

@@ -118,11 +118,14 @@ class Settings:
 
     def __init__(self, chunk_timeout=3000, stall_timeout=60000, trial_timeout=60000,
                  max_chunk=P.MAX_CHUNK_SIZE, max_inflight=P.DEFAULT_MAX_INFLIGHT, health_interval=0,
-                 progress_interval=1000):
+                 progress_interval=1000, chunk=P.DEFAULT_CHUNK_SIZE):
         self.chunk_timeout = chunk_timeout
         self.stall_timeout = stall_timeout
         self.trial_timeout = trial_timeout
         self.max_chunk = max_chunk
+        # The chunk size the device asks the center for in its inventory (`chunk`, §3): larger
+        # chunks cost fewer headers and requests on the wire, and a chunk-sized buffer of heap.
+        self.chunk = chunk
         # Bytes of requested chunks the device lets be in flight at once: the window it uses is
         # min(command window, max_inflight // chunk), so a large chunk size cannot make
         # queued chunks exhaust a small heap whatever the control center asks for.
@@ -324,16 +327,25 @@ class UpdateCore:
 
     # ---- statuses ----------------------------------------------------------------------------
     def _status(self, state, job=None, code=None, reason=None):
+        # Fields without a value (no job, no code, no transfer) are left out: absent means null
+        # (§11), and every byte of a status is on the wire of an update (docs/heap.md).
         self.seq += 1
-        written = min(self.next * self.job.chunk, self.job.size) if self.job else 0
-        total = self.job.size if self.job else 0
-        msg = {
-            "job": job if job is not None else (self.job.id if self.job else None),
-            "state": state, "code": code, "reason": reason,
-            "progress": (written / total) if total else 0.0,
-            "bytes": written, "total": total,
-            "version": self.version, "boot": self.boot, "seq": self.seq, "epoch": self.epoch,
-        }
+        msg = {"state": state, "version": self.version, "boot": self.boot, "seq": self.seq,
+               "epoch": self.epoch}
+        if job is None and self.job:
+            job = self.job.id
+        if job is not None:
+            msg["job"] = job
+        if code is not None:
+            msg["code"] = code
+        if reason is not None:
+            msg["reason"] = reason
+        if self.job:
+            total = self.job.size
+            written = min(self.next * self.job.chunk, total)
+            msg["progress"] = written / total
+            msg["bytes"] = written
+            msg["total"] = total
         return msg
 
     def _publish_status(self, msg):
@@ -341,11 +353,11 @@ class UpdateCore:
         if reason is not None and len(reason) > P.MAX_REASON:
             # An app's exception text can be any length; the center refuses a longer reason.
             msg["reason"] = reason[:P.MAX_REASON]
-        return (A_PUBLISH, P.STATUS, json.dumps(msg), 1, False)
+        return (A_PUBLISH, P.STATUS, json.dumps(msg, separators=P.COMPACT), 1, False)
 
     def inventory(self, extra=None):
         inv = {"device": self.id, "proto": P.VERSION, "hardware": self.hardware,
-               "version": self.version, "max_chunk": self.settings.max_chunk,
+               "version": self.version, "max_chunk": self.settings.max_chunk, "chunk": self.settings.chunk,
                "capacity": self.capacity, "state": self.state, "job": self.last_job,
                "keys": self.trust.version, "counter": self.counter,
                "image": self.image["sha256"] if self.image else None, "delta_wbits": self.delta_wbits,
@@ -353,7 +365,7 @@ class UpdateCore:
         inv.update(self.inventory_extra)
         if extra:
             inv.update(extra)
-        return (A_PUBLISH, P.INVENTORY, json.dumps(inv), 1, True)
+        return (A_PUBLISH, P.INVENTORY, json.dumps(inv, separators=P.COMPACT), 1, True)
 
     # ---- boot ----------------------------------------------------------------------------------
     def booted(self, boot_record, journal=None, hasher=None):
@@ -455,9 +467,10 @@ class UpdateCore:
         """A health report (status kind `health`): ok unless the running app failed to start."""
         self.last_health = self.now
         msg = self._status(P.HEALTH)
-        msg["job"] = None
+        msg.pop("job", None)  # about the device, not a job
         msg["ok"] = self.app_error is None
-        msg["reason"] = self.app_error
+        if self.app_error is not None:
+            msg["reason"] = self.app_error
         msg["uptime"] = self.now
         return self._publish_status(msg)
 
@@ -752,22 +765,25 @@ class UpdateCore:
 
     # ---- chunk transfer ----------------------------------------------------------------------
     def _request_more(self, force=False):
+        # Refill once at most a quarter of the window is outstanding, up to a whole window: a
+        # window of 8 takes 6 chunks a request, of 4 three (§5); each request is ~40 bytes.
         job = self.job
         outstanding = self.requested - self.next
-        if not force and (outstanding > job.window // 2 or self.requested >= job.chunks):
+        if not force and (outstanding > job.window // 4 or self.requested >= job.chunks):
             return []
         if force:
             self.requested = self.next
-            count = job.window
-        else:
-            count = max(1, job.window // 2)
+            outstanding = 0
         first = self.requested
-        count = min(count, job.chunks - first)
+        count = min(job.window - outstanding, job.chunks - first)
         if count <= 0:
             return []
         self.requested = first + count
-        req = {"job": job.id, "first": first, "count": count, "chunk": job.chunk}
-        return [(A_PUBLISH, P.REQ, json.dumps(req), 0, False)]
+        if job.cmd.get("req_format") == 2:  # the center takes the short text form (§5)
+            req = "%d %d %d %d" % (job.id, first, count, job.chunk)
+        else:
+            req = json.dumps({"job": job.id, "first": first, "count": count, "chunk": job.chunk}, separators=P.COMPACT)
+        return [(A_PUBLISH, P.REQ, req, 0, False)]
 
     def chunk(self, payload):
         """A message on the data topic (bytes, or the length of one dropped as too large)."""

@@ -156,6 +156,9 @@ class CommandSender:
                                          keys_behind=behind))
                 continue
             chunk = self.chunk
+            wanted = (inventory or {}).get("chunk")
+            if is_int(wanted) and protocol.MIN_CHUNK_SIZE <= wanted <= protocol.MAX_CHUNK_SIZE:
+                chunk = wanted  # the chunk size the device asks for (§3)
             max_chunk = (inventory or {}).get("max_chunk")
             if is_int(max_chunk) and protocol.MIN_CHUNK_SIZE <= max_chunk < chunk:
                 chunk = max_chunk  # never more than the device accepts
