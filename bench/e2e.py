@@ -522,7 +522,9 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--devices", default="1,5,20", help="comma-separated fleet sizes N")
     p.add_argument("--image-kib", type=int, default=256, help="release (bundle) size in KiB")
-    p.add_argument("--chunk", type=int, default=2048, help="chunk size in bytes (fota and the floor)")
+    p.add_argument("--chunk", type=int, default=P.MAX_CHUNK_SIZE,
+                   help="largest chunk the control center sends (each device asks for a size its heap "
+                        "allows, inventory `chunk`) and the floor's chunk size")
     p.add_argument("--window", type=int, default=8, help="chunks a device has in flight")
     p.add_argument("--heap", default=DEFAULT_HEAP, help="device heap for the fleet runs")
     p.add_argument("--heap-start", type=int, default=None,
