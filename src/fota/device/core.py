@@ -441,14 +441,16 @@ class UpdateCore:
         if now is not None:
             self.now = now
         self.connected = True
-        actions = [(A_PUBLISH, P.ONLINE, "1", 1, True), self.inventory()]
+        # A trial boot reports `trial` and `confirmed` before `online`: the one inventory after
+        # `online` then names the confirmed firmware, and the center, which builds a command only
+        # once the device is online, never builds one from the inventory of before (§1.1).
+        actions = self._healthy() if self.state == P.TRIAL else []
+        actions += [(A_PUBLISH, P.ONLINE, "1", 1, True), self.inventory()]
         if self.report:
             actions.append(self._publish_status(self._report_status(self.report)))
             actions.append((A_CLEAR_REPORT,))
             self.report = None
-        if self.state == P.TRIAL:
-            actions += self._healthy()
-        elif self.state == P.DOWNLOADING:
+        if self.state == P.DOWNLOADING:
             # Ask again from where we are: whatever was in flight is gone with the connection.
             self.requested = self.next
             self.last_chunk_at = self.now
@@ -922,7 +924,7 @@ class UpdateCore:
         # A_CONFIRM stores the report in the boot record first: a power cut before the broker
         # acknowledged it re-sends it at the next boot.
         return [self._publish_status(on_trial), (A_CONFIRM, report), self._publish_status(self._report_status(report)),
-                (A_CLEAR_REPORT,), self.inventory()]
+                (A_CLEAR_REPORT,)]
 
     def _report_status(self, report):
         msg = self._status(report["state"], job=report.get("job"), code=report.get("code"),
