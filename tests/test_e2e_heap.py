@@ -70,7 +70,8 @@ def test_the_chunk_size_a_device_asks_for_follows_the_free_heap():
     sizes = [chunk_for_heap(free) for free in range(0, 200 * 1024, 512)]
     assert sizes == sorted(sizes)                       # more heap, never a smaller chunk
     assert min(sizes) == P.DEFAULT_CHUNK_SIZE and max(sizes) == P.MAX_CHUNK_SIZE
-    assert chunk_for_heap(15 * 1024) == P.DEFAULT_CHUNK_SIZE  # 28..30 KiB heaps: the old buffer size
+    assert chunk_for_heap(16 * 1024) == P.DEFAULT_CHUNK_SIZE  # 28..30 KiB heaps: the old buffer size
+    assert chunk_for_heap(17 * 1024) == 4096                  # 31..32 KiB heaps on 32-frozen
     assert chunk_for_heap(None) == P.MAX_CHUNK_SIZE     # CPython: no heap limit to follow
 
 

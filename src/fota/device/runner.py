@@ -599,13 +599,14 @@ def inflight_for_heap(free):
 
 def chunk_for_heap(free):
     """The chunk size a device with `free` bytes of heap (before its payload buffer is taken;
-    None: unknown, CPython) asks for: 8192 from 96 KiB free, 4096 from 16 KiB, else the protocol's
+    None: unknown, CPython) asks for: 8192 from 96 KiB free, 4096 from 17 KiB (a 31 KiB heap on
+    32-frozen; 30 KiB and less keep 2 KiB chunks and so their heap margin), else the protocol's
     default 2048. Each chunk costs ~36 bytes of headers and a share of a request on the wire
     (docs/heap.md); the buffer that holds one costs its size of heap, and a slot backend may
     take a few chunk-sized temporaries while it writes one (the sim flash backend does)."""
     if free is None or free >= 98304:
         return P.MAX_CHUNK_SIZE
-    return 4096 if free >= 16384 else P.DEFAULT_CHUNK_SIZE
+    return 4096 if free >= 17408 else P.DEFAULT_CHUNK_SIZE
 
 
 def wbits_for_heap(free):
