@@ -731,6 +731,23 @@ def test_confirmed_trial_raises_the_counter_for_the_running_agent(key):
     assert h.statuses()[-1]["code"] == P.E_DOWNGRADE
 
 
+def test_a_trial_boot_confirms_before_online_and_publishes_one_inventory(key):
+    # §1.1: trial and confirmed before online, then one inventory naming the confirmed firmware,
+    # so the center never builds a command from an inventory of before.
+    h = Harness(key)
+    h.core = new_core(agent={"last_job": 5, "boot": 2}, version="1.1.0")
+    h.published.clear()
+    h.run(h.core.booted({"trial": {"slot": "b", "job": 5, "version": "1.1.0", "tries": 1}}))
+    h.run(h.core.connected_())
+    kinds = [json.loads(body)["state"] if topic == P.STATUS else topic for topic, body in h.published
+             if topic in (P.STATUS, P.ONLINE)]
+    assert kinds[:3] == ["trial", "confirmed", P.ONLINE], kinds
+    inventories = [json.loads(body) for topic, body in h.published if topic == P.INVENTORY]
+    assert len(inventories) == 1 and (inventories[0]["version"], inventories[0]["state"]) == ("1.1.0", "idle")
+    topics = [topic for topic, _ in h.published]
+    assert topics.index(P.ONLINE) < topics.index(P.INVENTORY)
+
+
 # ---- health reports (docs/protocol.md §6): what campaigns judge a probation by ----------------
 
 def test_health_report_follows_the_confirmation_with_the_new_version(key):
