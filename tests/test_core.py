@@ -731,6 +731,34 @@ def test_confirmed_trial_raises_the_counter_for_the_running_agent(key):
     assert h.statuses()[-1]["code"] == P.E_DOWNGRADE
 
 
+def test_a_connection_that_breaks_before_a_whole_chunk_halves_the_chunk_down_to_2048(key):
+    # §5: 8 KiB chunks, the link breaks before one arrives: the rest goes in 4 KiB, then 2 KiB
+    # chunks, asked for from the same byte; a connection that brought a chunk changes nothing.
+    image = os.urandom(40_000)
+    h = Harness(key)
+    h.run(h.core.command(cmd(make_update(key, image, chunk=8192, window=2) | {"req_format": 2})))
+
+    def requests():
+        return [tuple(map(int, body.split())) for topic, body in h.published if topic == P.REQ]
+
+    def serve(first, count, chunk):
+        for i in range(first, min(first + count, -(-len(image) // chunk))):
+            h.run(h.core.chunk(struct.pack(">II", 1, i) + image[i * chunk:(i + 1) * chunk]))
+
+    serve(*requests()[-1][1:])                         # 2 chunks of 8 KiB arrive
+    h.run(h.core.disconnected()).run(h.core.connected_())
+    assert requests()[-1] == (1, 2, 2, 8192)           # a connection with chunks: same size
+    h.run(h.core.disconnected()).run(h.core.connected_())
+    assert requests()[-1] == (1, 4, 2, 4096)           # nothing arrived: half, from byte 16384
+    h.run(h.core.disconnected()).run(h.core.connected_())
+    assert requests()[-1][1:] == (8, 2, 2048)          # and again, not below 2048
+    h.run(h.core.disconnected()).run(h.core.connected_())
+    assert requests()[-1][1:] == (8, 2, 2048)
+    while h.core.state == P.DOWNLOADING:
+        serve(*requests()[-1][1:])
+    assert bytes(h.slot) == image and h.core.state != P.FAILED
+
+
 def test_a_trial_boot_confirms_before_online_and_publishes_one_inventory(key):
     # §1.1: trial and confirmed before online, then one inventory naming the confirmed firmware,
     # so the center never builds a command from an inventory of before.

@@ -295,6 +295,7 @@ class UpdateCore:
         self.report = None        # terminal status kept in the boot record until acknowledged
         self.now = 0
         self.connected = False
+        self.chunk_seen = False   # a whole chunk arrived on the current connection
         self.inventory_extra = {}  # runner-provided facts: active slot, slot versions, backend, port
         # Why the running app is unhealthy (it failed to start outside a trial), or None.
         self.app_error = identity.get("app_error")
@@ -441,6 +442,7 @@ class UpdateCore:
         if now is not None:
             self.now = now
         self.connected = True
+        self.chunk_seen = False  # a whole chunk arrived on this connection
         # A trial boot reports `trial` and `confirmed` before `online`: the one inventory after
         # `online` then names the confirmed firmware, and the center, which builds a command only
         # once the device is online, never builds one from the inventory of before (§1.1).
@@ -485,7 +487,23 @@ class UpdateCore:
             # Keep the stall time so far: a link that breaks every connection before a chunk
             # gets through must still reach the deadline instead of retrying for ever.
             self.stalled = max(0, self.now - self.last_progress_at)
+            if not self.chunk_seen and self.requested > self.next and self.job.chunk >= 2 * P.DEFAULT_CHUNK_SIZE:
+                self._halve_chunk()
         return []
+
+    def _halve_chunk(self):
+        # A connection broke with chunks requested and none arrived whole: the link may not carry
+        # one, so the rest of the job goes in half-size chunks (§5; not below the default 2048).
+        # The center slices by the request's chunk size; the bytes written stay where they are.
+        job = self.job
+        job.chunk //= 2
+        job.cmd["chunk"] = job.chunk  # the journal's next checkpoint stores the two together
+        job.chunks = (job.size + job.chunk - 1) // job.chunk
+        job.window = max(1, min(job.cmd["window"], self.settings.max_inflight // job.chunk))
+        self.next *= 2
+        self.requested = self.next
+        if self.reported_next is not None:
+            self.reported_next *= 2
 
     # ---- commands ----------------------------------------------------------------------------
     def _agent_state(self):
@@ -813,6 +831,7 @@ class UpdateCore:
         self.hasher.update(data)
         actions = [(A_WRITE, index * job.chunk, data)]
         self.next += 1
+        self.chunk_seen = True
         self.last_chunk_at = self.now
         self.last_progress_at = self.now
         if self.next == job.chunks:
