@@ -268,7 +268,7 @@ def run_floor(n: int, image: bytes, args, tmp: Path) -> dict:
         if not connected.wait(10):
             raise TimedOut("floor publisher did not connect")
         topics = [P.topic(d, P.DATA) for d in ids]
-        chunks = [image[i:i + args.chunk] for i in range(0, size, args.chunk)]
+        chunks = [image[i:i + args.floor_chunk] for i in range(0, size, args.floor_chunk)]
         runs = []
         for _ in range(args.repeat):
             with lock:
@@ -461,7 +461,7 @@ def render(results: dict) -> None:
             pct(f["center_overhead"]),
             "{center:.1f}/{devices_download:.1f}/{broker:.1f}".format(**f["cpu_s"]),
         ])
-    table(f"fota vs bare MQTT floor: {cfg['image_bytes']} B image, chunk {cfg['chunk']}, window {cfg['window']}, "
+    table(f"fota vs bare MQTT floor: {cfg['image_bytes']} B image, chunk at most {cfg['chunk']} (floor {cfg.get('floor_chunk', cfg['chunk'])}), window {cfg['window']}, "
           f"device heap {cfg['heap']}; times are medians of {cfg['repeat']} updates / transfers",
           ["N", "confirmed", "fota wall s", "started s", "downloaded s", "floor wall s", "ratio",
            "overhead mean", "overhead max", "center sent +%", "CPU s ctr/dev/mqtt"], rows,
@@ -524,7 +524,9 @@ def parse_args(argv=None):
     p.add_argument("--image-kib", type=int, default=256, help="release (bundle) size in KiB")
     p.add_argument("--chunk", type=int, default=P.MAX_CHUNK_SIZE,
                    help="largest chunk the control center sends (each device asks for a size its heap "
-                        "allows, inventory `chunk`) and the floor's chunk size")
+                        "allows, inventory `chunk`)")
+    p.add_argument("--floor-chunk", type=int, default=P.DEFAULT_CHUNK_SIZE,
+                   help="the bare-MQTT floor's piece size (as before devices chose their chunk size)")
     p.add_argument("--window", type=int, default=8, help="chunks a device has in flight")
     p.add_argument("--heap", default=DEFAULT_HEAP, help="device heap for the fleet runs")
     p.add_argument("--heap-start", type=int, default=None,
@@ -552,8 +554,8 @@ def parse_args(argv=None):
         p.error("--devices must be comma-separated integers")
     if not args.devices or min(args.devices) < 1:
         p.error("--devices needs fleet sizes >= 1")
-    if not 64 <= args.chunk <= P.MAX_CHUNK_SIZE:
-        p.error(f"--chunk must be 64..{P.MAX_CHUNK_SIZE}")
+    if not 64 <= min(args.chunk, args.floor_chunk) <= max(args.chunk, args.floor_chunk) <= P.MAX_CHUNK_SIZE:
+        p.error(f"--chunk and --floor-chunk must be 64..{P.MAX_CHUNK_SIZE}")
     if not 1 <= args.window <= P.MAX_WINDOW:
         p.error(f"--window must be 1..{P.MAX_WINDOW}")
     if args.heap_start is None:
@@ -573,7 +575,7 @@ def main(argv=None) -> int:
     mpy_version = subprocess.run([mp.executable, "-c", "import sys; print(sys.version)"],
                                  capture_output=True, text=True).stdout.strip()
     results = {
-        "config": {"devices": args.devices, "image_bytes": len(image), "chunk": args.chunk, "window": args.window,
+        "config": {"devices": args.devices, "image_bytes": len(image), "chunk": args.chunk, "floor_chunk": args.floor_chunk, "window": args.window,
                    "heap": args.heap, "repeat": args.repeat, "interpreter": args.interpreter, "heap_start_kib": args.heap_start, "heap_step_kib": args.heap_step,
                    "heap_repeat": args.heap_repeat, "tls": args.tls},
         "targets": {"overhead_max": TARGET_OVERHEAD, "ratio_max": TARGET_RATIO, "ratio_at_devices": TARGET_RATIO_AT,
