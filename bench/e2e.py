@@ -29,10 +29,12 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 
 from bench._report import print_table
+from bench._wire_tally import WireTally
 from fota.device import protocol as P
 from fota.server.broker import SERVER_USER
 from fota.server.deployments import create_deployment
 from fota.testkit.broker import ManagedBroker
+from fota.testkit.faultproxy import FaultProxy
 from fota.testkit.fleet import Fleet, bundle_of_size
 from fota.tools.waiting import TimedOut, wait_until
 from fota.testkit.interpreters import INTERPRETERS, interpreter as resolve_interpreter
@@ -87,7 +89,7 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _update(fleet: Fleet, ids: list[str], version: str, size: int, args) -> dict:
+def _update(fleet: Fleet, ids: list[str], version: str, size: int, args, tally: WireTally | None = None) -> dict:
     """One deployment of a fresh `size`-byte release to every device; returns its measurements."""
     n = len(ids)
     image = bundle_of_size(version, size)
@@ -140,6 +142,7 @@ def _update(fleet: Fleet, ids: list[str], version: str, size: int, args) -> dict
             "wire_rx": entry and entry["rx"], "wire_tx": entry and entry["tx"],
             "overhead": None if wire is None else wire / len(image) - 1,
             "memory_error": "MemoryError" in proc.log_text(),
+            "breakdown": tally.find(entry["tx"], entry["rx"]) if tally and entry else None,
         })
     overheads = [d["overhead"] for d in per_device if d["overhead"] is not None]
     published = center.bytes_published - published0
@@ -167,16 +170,22 @@ def run_fota(n: int, size: int, args, tmp: Path) -> dict:
     wall time from the deployment's creation until every job is 'confirmed'. Medians."""
     fleet = Fleet.standalone(tmp / f"fota-{n}", chunk=args.chunk, window=args.window, heap=args.heap,
                              interpreter=args.interpreter)
+    proxy = tally = None
     try:
         ids = [f"bench{n}-{i:03d}" for i in range(n)]
+        if args.breakdown:  # the devices connect through a proxy that sorts their bytes by packet kind
+            tally = WireTally()
+            proxy = FaultProxy(fleet.broker.port).start_thread()
+            proxy.tap = tally.tap
         t_start = time.monotonic()
-        fleet.add_devices(ids, wire_stats=True)  # each reboot appends its connection's bytes to wire.json
+        # each reboot appends its connection's bytes to wire.json
+        fleet.add_devices(ids, wire_stats=True, port=proxy and proxy.port)
         fleet.wait_online(*ids, timeout=30 + 2 * n)
         online_s = time.monotonic() - t_start
         repeats = []
         for r in range(args.repeat):
             version = f"1.{r + 1}.0"
-            run = _update(fleet, ids, version, size, args)
+            run = _update(fleet, ids, version, size, args, tally)
             repeats.append(run)
             log(f"N={n}: update to {version}: {run['wall_s']:.2f}s, {run['confirmed']}/{n} confirmed")
             if run["confirmed"] != n:
@@ -197,6 +206,8 @@ def run_fota(n: int, size: int, args, tmp: Path) -> dict:
         }
     finally:
         fleet.close()
+        if proxy:
+            proxy.stop_thread()
 
 
 # ----------------------------------------------------------------------------------------- floor
@@ -257,7 +268,7 @@ def run_floor(n: int, image: bytes, args, tmp: Path) -> dict:
         if not connected.wait(10):
             raise TimedOut("floor publisher did not connect")
         topics = [P.topic(d, P.DATA) for d in ids]
-        chunks = [image[i:i + args.chunk] for i in range(0, size, args.chunk)]
+        chunks = [image[i:i + args.floor_chunk] for i in range(0, size, args.floor_chunk)]
         runs = []
         for _ in range(args.repeat):
             with lock:
@@ -450,7 +461,7 @@ def render(results: dict) -> None:
             pct(f["center_overhead"]),
             "{center:.1f}/{devices_download:.1f}/{broker:.1f}".format(**f["cpu_s"]),
         ])
-    table(f"fota vs bare MQTT floor: {cfg['image_bytes']} B image, chunk {cfg['chunk']}, window {cfg['window']}, "
+    table(f"fota vs bare MQTT floor: {cfg['image_bytes']} B image, chunk at most {cfg['chunk']} (floor {cfg.get('floor_chunk', cfg['chunk'])}), window {cfg['window']}, "
           f"device heap {cfg['heap']}; times are medians of {cfg['repeat']} updates / transfers",
           ["N", "confirmed", "fota wall s", "started s", "downloaded s", "floor wall s", "ratio",
            "overhead mean", "overhead max", "center sent +%", "CPU s ctr/dev/mqtt"], rows,
@@ -461,6 +472,12 @@ def render(results: dict) -> None:
            " center sent +%: chunk payloads the center published (headers included) / (N x image) - 1",
            f"CPU s during the update: control center process / device processes up to their reboot /"
            f" Mosquitto; {os.cpu_count()} CPUs"])
+
+    for run in results["runs"]:
+        for r, upd in enumerate(run["fota"]["runs"]):
+            for d in upd["per_device"]:
+                if d.get("breakdown"):
+                    render_breakdown(d, upd["image_bytes"], f"N={run['fota']['devices']} update {r + 1}")
 
     heap = results.get("heap")
     if heap:
@@ -484,6 +501,20 @@ def render(results: dict) -> None:
                + (f"; error: {fp['error']}" if fp["error"] else "")])
 
 
+def render_breakdown(d: dict, image: int, label: str) -> None:
+    b = d["breakdown"]
+    rows = []
+    for direction in ("tx", "rx"):
+        for kind, (packets, n) in sorted(b[direction].items(), key=lambda kv: -kv[1][1]):
+            share = f"image {n - image:+d} B" if kind == "data" else pct(n / image)
+            rows.append([direction, kind, packets, n, share])
+    wire = d["wire_rx"] + d["wire_tx"]
+    print_table(f"Wire breakdown, {label}, {d['device']}: {image} B image, {wire} B on the wire "
+                f"(overhead {pct(d['overhead'])})", ["dir", "kind", "packets", "bytes", "% of image"], rows,
+                [f"tx: device -> broker, rx: broker -> device (forwarded {b['rx_forwarded']} B, "
+                 f"the device read {b['rx_read']} B before it closed); data: chunk bytes only, vs the image"])
+
+
 # ------------------------------------------------------------------------------------------ main
 
 def parse_args(argv=None):
@@ -491,7 +522,11 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--devices", default="1,5,20", help="comma-separated fleet sizes N")
     p.add_argument("--image-kib", type=int, default=256, help="release (bundle) size in KiB")
-    p.add_argument("--chunk", type=int, default=2048, help="chunk size in bytes (fota and the floor)")
+    p.add_argument("--chunk", type=int, default=P.MAX_CHUNK_SIZE,
+                   help="largest chunk the control center sends (each device asks for a size its heap "
+                        "allows, inventory `chunk`)")
+    p.add_argument("--floor-chunk", type=int, default=P.DEFAULT_CHUNK_SIZE,
+                   help="the bare-MQTT floor's piece size (as before devices chose their chunk size)")
     p.add_argument("--window", type=int, default=8, help="chunks a device has in flight")
     p.add_argument("--heap", default=DEFAULT_HEAP, help="device heap for the fleet runs")
     p.add_argument("--heap-start", type=int, default=None,
@@ -508,6 +543,9 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=90, help="seconds allowed per update (+3 s per device)")
     p.add_argument("--interpreter", choices=INTERPRETERS, default="64",
                    help="the devices' MicroPython: 64 (PyPI, agent as .mpy) or 32-frozen (32-bit, agent frozen in)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="fleet runs through a proxy that counts each update connection's bytes by MQTT packet "
+                        "kind and direction (a table per update)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     args = p.parse_args(argv)
     try:
@@ -516,8 +554,8 @@ def parse_args(argv=None):
         p.error("--devices must be comma-separated integers")
     if not args.devices or min(args.devices) < 1:
         p.error("--devices needs fleet sizes >= 1")
-    if not 64 <= args.chunk <= P.MAX_CHUNK_SIZE:
-        p.error(f"--chunk must be 64..{P.MAX_CHUNK_SIZE}")
+    if not 64 <= min(args.chunk, args.floor_chunk) <= max(args.chunk, args.floor_chunk) <= P.MAX_CHUNK_SIZE:
+        p.error(f"--chunk and --floor-chunk must be 64..{P.MAX_CHUNK_SIZE}")
     if not 1 <= args.window <= P.MAX_WINDOW:
         p.error(f"--window must be 1..{P.MAX_WINDOW}")
     if args.heap_start is None:
@@ -537,7 +575,7 @@ def main(argv=None) -> int:
     mpy_version = subprocess.run([mp.executable, "-c", "import sys; print(sys.version)"],
                                  capture_output=True, text=True).stdout.strip()
     results = {
-        "config": {"devices": args.devices, "image_bytes": len(image), "chunk": args.chunk, "window": args.window,
+        "config": {"devices": args.devices, "image_bytes": len(image), "chunk": args.chunk, "floor_chunk": args.floor_chunk, "window": args.window,
                    "heap": args.heap, "repeat": args.repeat, "interpreter": args.interpreter, "heap_start_kib": args.heap_start, "heap_step_kib": args.heap_step,
                    "heap_repeat": args.heap_repeat, "tls": args.tls},
         "targets": {"overhead_max": TARGET_OVERHEAD, "ratio_max": TARGET_RATIO, "ratio_at_devices": TARGET_RATIO_AT,

@@ -731,6 +731,51 @@ def test_confirmed_trial_raises_the_counter_for_the_running_agent(key):
     assert h.statuses()[-1]["code"] == P.E_DOWNGRADE
 
 
+def test_a_connection_that_breaks_before_a_whole_chunk_halves_the_chunk_down_to_2048(key):
+    # §5: 8 KiB chunks, the link breaks before one arrives: the rest goes in 4 KiB, then 2 KiB
+    # chunks, asked for from the same byte; a connection that brought a chunk changes nothing.
+    image = os.urandom(40_000)
+    h = Harness(key)
+    h.run(h.core.command(cmd(make_update(key, image, chunk=8192, window=2) | {"req_format": 2})))
+
+    def requests():
+        return [tuple(map(int, body.split())) for topic, body in h.published if topic == P.REQ]
+
+    def serve(first, count, chunk):
+        for i in range(first, min(first + count, -(-len(image) // chunk))):
+            h.run(h.core.chunk(struct.pack(">II", 1, i) + image[i * chunk:(i + 1) * chunk]))
+
+    serve(*requests()[-1][1:])                         # 2 chunks of 8 KiB arrive
+    h.run(h.core.disconnected()).run(h.core.connected_())
+    assert requests()[-1] == (1, 2, 2, 8192)           # a connection with chunks: same size
+    h.run(h.core.disconnected()).run(h.core.connected_())
+    assert requests()[-1] == (1, 4, 2, 4096)           # nothing arrived: half, from byte 16384
+    h.run(h.core.disconnected()).run(h.core.connected_())
+    assert requests()[-1][1:] == (8, 2, 2048)          # and again, not below 2048
+    h.run(h.core.disconnected()).run(h.core.connected_())
+    assert requests()[-1][1:] == (8, 2, 2048)
+    while h.core.state == P.DOWNLOADING:
+        serve(*requests()[-1][1:])
+    assert bytes(h.slot) == image and h.core.state != P.FAILED
+
+
+def test_a_trial_boot_confirms_before_online_and_publishes_one_inventory(key):
+    # §1.1: trial and confirmed before online, then one inventory naming the confirmed firmware,
+    # so the center never builds a command from an inventory of before.
+    h = Harness(key)
+    h.core = new_core(agent={"last_job": 5, "boot": 2}, version="1.1.0")
+    h.published.clear()
+    h.run(h.core.booted({"trial": {"slot": "b", "job": 5, "version": "1.1.0", "tries": 1}}))
+    h.run(h.core.connected_())
+    kinds = [json.loads(body)["state"] if topic == P.STATUS else topic for topic, body in h.published
+             if topic in (P.STATUS, P.ONLINE)]
+    assert kinds[:3] == ["trial", "confirmed", P.ONLINE], kinds
+    inventories = [json.loads(body) for topic, body in h.published if topic == P.INVENTORY]
+    assert len(inventories) == 1 and (inventories[0]["version"], inventories[0]["state"]) == ("1.1.0", "idle")
+    topics = [topic for topic, _ in h.published]
+    assert topics.index(P.ONLINE) < topics.index(P.INVENTORY)
+
+
 # ---- health reports (docs/protocol.md §6): what campaigns judge a probation by ----------------
 
 def test_health_report_follows_the_confirmation_with_the_new_version(key):
@@ -742,7 +787,7 @@ def test_health_report_follows_the_confirmation_with_the_new_version(key):
     kinds = [m["state"] for m in h.all_statuses()]
     assert kinds.index("confirmed") < kinds.index("health")
     health = h.healths()[-1]
-    assert (health["ok"], health["job"], health["version"], health["reason"]) == (True, None, "1.1.0", None)
+    assert (health["ok"], health.get("job"), health["version"], health.get("reason")) == (True, None, "1.1.0", None)
     # after the confirmation in the (boot, seq) order: the control center relies on it
     confirmed = [m for m in h.all_statuses() if m["state"] == "confirmed"][0]
     assert (health["boot"], health["seq"]) > (confirmed["boot"], confirmed["seq"])

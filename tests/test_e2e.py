@@ -323,8 +323,10 @@ def test_device_publishes_online_0_before_its_clean_disconnect(fleet):
     finally:
         spy.close()
     assert fleet.devices[dev].reboots == 1
-    # The flag goes to 0 after the last status of the old run and before the trial boot's 1.
+    # The flag goes to 0 after the last status of the old run; the trial boot reports `trial` and
+    # `confirmed` first and then sets it to 1 (§1.1).
     rebooting = seen.index(("status", "rebooting"))
-    trial = seen.index(("status", "trial"))
-    assert [m for m in seen[rebooting:trial] if m[0] == "online"] == [("online", b"0"), ("online", b"1")], seen
+    confirmed = seen.index(("status", "confirmed"))
+    assert [m for m in seen[rebooting:confirmed] if m[0] == "online"] == [("online", b"0")], seen
+    assert ("online", b"1") in seen[confirmed:], seen
     assert fleet.device_row(dev).online

@@ -11,7 +11,7 @@ import os
 import pytest
 
 from fota.device import protocol as P
-from fota.device.runner import Device, inflight_for_heap, wbits_for_heap
+from fota.device.runner import Device, chunk_for_heap, inflight_for_heap, wbits_for_heap
 from fota.examples import hello_files
 from fota.server.deployments import create_deployment
 from fota.server.releases import create_release
@@ -45,12 +45,15 @@ def test_a_full_update_confirms_in_32_kib_and_the_small_heap_asks_for_a_smaller_
         return [r for _, dev, r in fleet.spy.requests if dev == device]
     small_reqs, large_reqs = requested(small), requested(large)
     assert small_reqs and large_reqs
-    chunk = small_reqs[0]["chunk"]
-    # The large heap takes the command's whole window (8 chunks = 16 KiB); the 32 KiB heap asks
-    # for at most half of its heap at a time, and every chunk still arrives (confirmed).
-    assert max(r["count"] for r in large_reqs) == P.DEFAULT_WINDOW
+    chunk, large_chunk = small_reqs[0]["chunk"], large_reqs[0]["chunk"]
+    # Each asks for the chunk size its heap allows (inventory `chunk`): 4 KiB in 32 KiB, 8 KiB in
+    # the fleet's heap. The large heap has 16 KiB in flight (DEFAULT_MAX_INFLIGHT); the 32 KiB
+    # heap at most half of its heap, and every chunk still arrives (confirmed).
+    assert (chunk, large_chunk) == (4096, P.MAX_CHUNK_SIZE)
+    assert max(r["count"] * large_chunk for r in large_reqs) == P.DEFAULT_MAX_INFLIGHT
     small_window = max(r["count"] for r in small_reqs)
-    assert 1 <= small_window < P.DEFAULT_WINDOW and small_window * chunk <= 32 * 1024 // 2, small_reqs
+    assert 1 <= small_window and small_window * chunk <= 32 * 1024 // 2, small_reqs
+    assert small_window * chunk < P.DEFAULT_MAX_INFLIGHT
     total = sum(r["count"] for r in small_reqs)
     assert total >= -(-len(bundle) // chunk), (total, len(bundle))
 
@@ -61,6 +64,15 @@ def test_the_default_window_follows_the_free_heap_within_its_bounds():
     assert min(sizes) == 8192 and max(sizes) == P.DEFAULT_MAX_INFLIGHT
     assert inflight_for_heap(20 * 1024) <= 20 * 1024 // 2
     assert inflight_for_heap(None) == P.DEFAULT_MAX_INFLIGHT  # CPython: no heap limit to follow
+
+
+def test_the_chunk_size_a_device_asks_for_follows_the_free_heap():
+    sizes = [chunk_for_heap(free) for free in range(0, 200 * 1024, 512)]
+    assert sizes == sorted(sizes)                       # more heap, never a smaller chunk
+    assert min(sizes) == P.DEFAULT_CHUNK_SIZE and max(sizes) == P.MAX_CHUNK_SIZE
+    assert chunk_for_heap(16 * 1024) == P.DEFAULT_CHUNK_SIZE  # 28..30 KiB heaps: the old buffer size
+    assert chunk_for_heap(17 * 1024) == 4096                  # 31..32 KiB heaps on 32-frozen
+    assert chunk_for_heap(None) == P.MAX_CHUNK_SIZE     # CPython: no heap limit to follow
 
 
 def test_the_default_delta_window_follows_the_free_heap_within_its_bounds():

@@ -12,7 +12,7 @@ import time
 
 from fota.device import protocol as P
 from fota.examples import hello_files
-from fota.server.center.chunks import ChunkServer
+from fota.server.center.chunks import ChunkServer, parse_request
 from fota.server.deployments import cancel_deployment, create_deployment, deployment_summary, device_history
 from fota.server.releases import create_release, update_command
 from fota.server.store import Job, utcnow
@@ -86,7 +86,7 @@ def test_a_bad_chunk_or_a_redelivered_command_does_not_end_the_job(fleet, monkey
 
     async def serve_with_a_bad_chunk_first(self, device_id, payload, forwarded=False):
         if not bad_sent:  # on the same connection, so it reaches the device before the real chunks
-            job = json.loads(payload)["job"]
+            job = parse_request(payload).job
             bad_sent.append(job)
             self.mqtt.publish(P.topic(device_id, P.DATA), struct.pack(P.CHUNK_HEADER, job, 9999) + b"x" * 64,
                               qos=0)

@@ -176,15 +176,16 @@ def test_core_stall_deadline_adds_up_across_reconnects():
 
 
 def test_link_that_never_carries_a_whole_chunk_ends_with_e_timeout(tmp_path, broker, sqlite_url, proxy):
-    """Chunks of 4 KiB through a link cut every 3 KiB: no chunk ever arrives whole. The device
-    reports E_TIMEOUT after its stall deadline of connected time and keeps its firmware."""
+    """Chunks of 4 KiB through a link cut every 1800 bytes: no chunk ever arrives whole, not even
+    once the device halved them to 2 KiB (§5). The device reports E_TIMEOUT after its stall
+    deadline of connected time and keeps its firmware."""
     fleet = Fleet(tmp_path, broker, sqlite_url, chunk=4096)
     try:
         dev = "tiny-link"
         _add_via_proxy(fleet, proxy, dev, stall_timeout_ms=1000, chunk_timeout_ms=500)
         fleet.wait_online(dev)
         rel = create_release(fleet.store, fleet.blobs, fleet.key, _bundle("1.4.0", 20_000), "1.4.0", ["unix"])
-        proxy.cut_after_down = 3072
+        proxy.cut_after_down = 1800  # the command (~1.1 KB) gets through, a 2 KiB chunk never
         dep = create_deployment(fleet.store, rel, device_ids=[dev])
         j = fleet.wait_job(dep.jobs[0].id, timeout=120)
         assert (j.state, j.code) == (P.FAILED, P.E_TIMEOUT), (j.state, j.code, j.reason)

@@ -224,7 +224,7 @@ def test_center_restarts_mid_download_and_while_devices_report(tmp_path, persist
         #    through a broker restart, until the next center picks them up.
         def downloaded():
             return all(any(s["state"] in ("verifying", "installing") for d2, s in spy.statuses
-                           if d2 == d and s["job"] == j) for d, j in zip(ids, jobs))
+                           if d2 == d and s.get("job") == j) for d, j in zip(ids, jobs))
         for d in ids:
             fleet.devices[d].restart_delay = 2.0  # a slow reboot: the center is gone by then
         wait_until(downloaded, timeout=90, interval=0.01, what="all downloaded")

@@ -98,8 +98,10 @@ class ScriptedDevice:
     """A device that follows docs/protocol.md closely enough to run an update end to end."""
 
     def __init__(self, port: int, device_id: str, password: str, pub65: bytes, *,
-                 hardware: str = "unix", version: str = "1.0.0", auto: bool = True):
+                 hardware: str = "unix", version: str = "1.0.0", auto: bool = True, chunk: int | None = None):
         self.id, self.pub65, self.hardware, self.version, self.auto = device_id, pub65, hardware, version, auto
+        self.wanted_chunk = chunk   # the inventory's `chunk` (§3), if any
+        self.req_format = 1         # 2 once a command said the center takes text requests (§5)
         self.port = port
         self.boot, self.seq = 1, 0
         self.commands: list[dict] = []
@@ -144,7 +146,8 @@ class ScriptedDevice:
     def inventory(self) -> dict:
         return {"device": self.id, "proto": 1, "hardware": self.hardware, "version": self.version,
                 "active": "a", "slots": {"a": self.version, "b": None}, "backend": "files",
-                "capacity": 1 << 20, "max_chunk": 8192, "port": "linux", "state": "idle", "job": self.job}
+                "capacity": 1 << 20, "max_chunk": 8192, "port": "linux", "state": "idle", "job": self.job,
+                **({"chunk": self.wanted_chunk} if self.wanted_chunk else {})}
 
     def status(self, job, state, code=None, reason=None, progress=None, **extra) -> dict:
         self.seq += 1
@@ -156,7 +159,10 @@ class ScriptedDevice:
         return msg
 
     def request(self, job: int, first: int, count: int, chunk: int) -> None:
-        payload = json.dumps({"job": job, "first": first, "count": count, "chunk": chunk})
+        if self.req_format == 2:
+            payload = f"{job} {first} {count} {chunk}"
+        else:
+            payload = json.dumps({"job": job, "first": first, "count": count, "chunk": chunk})
         self.client.publish(self.topic(protocol.REQ), payload, qos=0)
 
     def _on_subscribe(self, client, *_):
@@ -188,6 +194,7 @@ class ScriptedDevice:
         assert self.hardware in manifest["hw"]
         self.job, self.manifest = cmd["job"], manifest
         self.chunk, self.window = cmd["chunk"], cmd["window"]
+        self.req_format = cmd.get("req_format", 1)
         self.nchunks = math.ceil(manifest["size"] / self.chunk)
         self.buf, self.next, self.requested = bytearray(), 0, 0
         self.status(self.job, "downloading", progress=0.0, bytes=0, total=manifest["size"])
@@ -403,7 +410,7 @@ def test_update_end_to_end(store, broker, key, app_dir, tmp_path):
     center, dep = run(scenario())
     job_id = dep.jobs[0].id
     (cmd,) = dev.commands
-    assert (cmd["type"], cmd["job"], cmd["chunk"], cmd["window"]) == ("update", job_id, 256, 4)
+    assert (cmd["type"], cmd["job"], cmd["chunk"], cmd["window"], cmd["req_format"]) == ("update", job_id, 256, 4, 2)
     assert (cmd["manifest"], cmd["manifest_sig"], cmd["manifest_kid"]) == (rel.manifest, rel.signature, rel.key_id)
     nchunks = math.ceil(len(image) / 256)
     assert [(j, i) for j, i, _ in dev.chunks] == [(job_id, i) for i in range(nchunks)]
@@ -458,7 +465,7 @@ def test_ingestion_rules_and_chunk_access(lite_store, broker, key, tmp_path):
     store = lite_store
     rel = create_release(store, tmp_path / "blobs", key, os.urandom(1000), "2.0.0", ["unix"])
     image = read_blob(rel)
-    a = add_device(store, broker, key, auto=False)
+    a = add_device(store, broker, key, auto=False, chunk=512)  # asks for 512-byte chunks (§3)
     b = add_device(store, broker, key, auto=False)
     dep = create_deployment(store, rel, device_ids=[a.id])
     job = dep.jobs[0].id
@@ -477,6 +484,7 @@ def test_ingestion_rules_and_chunk_access(lite_store, broker, key, tmp_path):
             await wait_until_async(lambda: a.commands, what="command")
             # The outbox marks a job sent after its publish: the device may see it first.
             await wait_until_async(lambda: job_row().state == "sent", what="job marked sent")
+            assert (a.commands[0]["chunk"], a.commands[0]["req_format"]) == (512, 2)
 
             # another device asking for a's job gets nothing
             b.request(job, 0, 4, 256)
@@ -484,7 +492,8 @@ def test_ingestion_rules_and_chunk_access(lite_store, broker, key, tmp_path):
             a.request(job, 0, 33, 256)
             a.request(job, 0, 2, 32)
             a.client.publish(a.topic(protocol.REQ), b"{not json", qos=0)
-            a.request(job, 3, 8, 256)  # the last chunk only (1000 bytes = 4 chunks)
+            a.req_format = 2
+            a.request(job, 3, 8, 256)  # the last chunk only (1000 bytes = 4 chunks), in text
             await wait_until_async(lambda: len(a.chunks) == 1, what="chunk")
             await asyncio.sleep(0.2)
             assert a.chunks == [(job, 3, image[768:])] and b.chunks == []

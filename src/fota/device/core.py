@@ -132,11 +132,14 @@ class Settings:
 
     def __init__(self, chunk_timeout=3000, stall_timeout=60000, trial_timeout=60000,
                  max_chunk=P.MAX_CHUNK_SIZE, max_inflight=P.DEFAULT_MAX_INFLIGHT, health_interval=0,
-                 progress_interval=1000):
+                 progress_interval=1000, chunk=P.DEFAULT_CHUNK_SIZE):
         self.chunk_timeout = chunk_timeout
         self.stall_timeout = stall_timeout
         self.trial_timeout = trial_timeout
         self.max_chunk = max_chunk
+        # The chunk size the device asks the center for in its inventory (`chunk`, §3): larger
+        # chunks cost fewer headers and requests on the wire, and a chunk-sized buffer of heap.
+        self.chunk = chunk
         # Bytes of requested chunks the device lets be in flight at once: the window it uses is
         # min(command window, max_inflight // chunk), so a large chunk size cannot make
         # queued chunks exhaust a small heap whatever the control center asks for.
@@ -323,6 +326,7 @@ class UpdateCore:
         self.report = None        # terminal status kept in the boot record until acknowledged
         self.now = 0
         self.connected = False
+        self.chunk_seen = False   # a whole chunk arrived on the current connection
         self.inventory_extra = {}  # runner-provided facts: active slot, slot versions, backend, port
         # Why the running app is unhealthy (it failed to start outside a trial), or None.
         self.app_error = identity.get("app_error")
@@ -355,16 +359,25 @@ class UpdateCore:
 
     # ---- statuses ----------------------------------------------------------------------------
     def _status(self, state, job=None, code=None, reason=None):
+        # Fields without a value (no job, no code, no transfer) are left out: absent means null
+        # (§11), and every byte of a status is on the wire of an update (docs/heap.md).
         self.seq += 1
-        written = min(self.next * self.job.chunk, self.job.size) if self.job else 0
-        total = self.job.size if self.job else 0
-        msg = {
-            "job": job if job is not None else (self.job.id if self.job else None),
-            "state": state, "code": code, "reason": reason,
-            "progress": (written / total) if total else 0.0,
-            "bytes": written, "total": total,
-            "version": self.version, "boot": self.boot, "seq": self.seq, "epoch": self.epoch,
-        }
+        msg = {"state": state, "version": self.version, "boot": self.boot, "seq": self.seq,
+               "epoch": self.epoch}
+        if job is None and self.job:
+            job = self.job.id
+        if job is not None:
+            msg["job"] = job
+        if code is not None:
+            msg["code"] = code
+        if reason is not None:
+            msg["reason"] = reason
+        if self.job:
+            total = self.job.size
+            written = min(self.next * self.job.chunk, total)
+            msg["progress"] = written / total
+            msg["bytes"] = written
+            msg["total"] = total
         return msg
 
     def _publish_status(self, msg):
@@ -372,11 +385,11 @@ class UpdateCore:
         if reason is not None and len(reason) > P.MAX_REASON:
             # An app's exception text can be any length; the center refuses a longer reason.
             msg["reason"] = reason[:P.MAX_REASON]
-        return (A_PUBLISH, P.STATUS, json.dumps(msg), 1, False)
+        return (A_PUBLISH, P.STATUS, json.dumps(msg, separators=P.COMPACT), 1, False)
 
     def inventory(self, extra=None):
         inv = {"device": self.id, "proto": P.VERSION, "hardware": self.hardware,
-               "version": self.version, "max_chunk": self.settings.max_chunk,
+               "version": self.version, "max_chunk": self.settings.max_chunk, "chunk": self.settings.chunk,
                "capacity": self.capacity, "state": self.state, "job": self.last_job,
                "keys": self.trust.version, "counter": self.counter,
                "image": self.image["sha256"] if self.image else None, "delta_wbits": self.delta_wbits,
@@ -385,7 +398,7 @@ class UpdateCore:
         inv.update(self.inventory_extra)
         if extra:
             inv.update(extra)
-        return (A_PUBLISH, P.INVENTORY, json.dumps(inv), 1, True)
+        return (A_PUBLISH, P.INVENTORY, json.dumps(inv, separators=P.COMPACT), 1, True)
 
     # ---- boot ----------------------------------------------------------------------------------
     def booted(self, boot_record, journal=None, hasher=None):
@@ -461,14 +474,17 @@ class UpdateCore:
         if now is not None:
             self.now = now
         self.connected = True
-        actions = [(A_PUBLISH, P.ONLINE, "1", 1, True), self.inventory()]
+        self.chunk_seen = False  # a whole chunk arrived on this connection
+        # A trial boot reports `trial` and `confirmed` before `online`: the one inventory after
+        # `online` then names the confirmed firmware, and the center, which builds a command only
+        # once the device is online, never builds one from the inventory of before (§1.1).
+        actions = self._healthy() if self.state == P.TRIAL else []
+        actions += [(A_PUBLISH, P.ONLINE, "1", 1, True), self.inventory()]
         if self.report:
             actions.append(self._publish_status(self._report_status(self.report)))
             actions.append((A_CLEAR_REPORT,))
             self.report = None
-        if self.state == P.TRIAL:
-            actions += self._healthy()
-        elif self.state == P.DOWNLOADING:
+        if self.state == P.DOWNLOADING:
             # Ask again from where we are: whatever was in flight is gone with the connection.
             self.requested = self.next
             self.last_chunk_at = self.now
@@ -487,9 +503,10 @@ class UpdateCore:
         """A health report (status kind `health`): ok unless the running app failed to start."""
         self.last_health = self.now
         msg = self._status(P.HEALTH)
-        msg["job"] = None
+        msg.pop("job", None)  # about the device, not a job
         msg["ok"] = self.app_error is None
-        msg["reason"] = self.app_error
+        if self.app_error is not None:
+            msg["reason"] = self.app_error
         msg["uptime"] = self.now
         return self._publish_status(msg)
 
@@ -502,7 +519,23 @@ class UpdateCore:
             # Keep the stall time so far: a link that breaks every connection before a chunk
             # gets through must still reach the deadline instead of retrying for ever.
             self.stalled = max(0, self.now - self.last_progress_at)
+            if not self.chunk_seen and self.requested > self.next and self.job.chunk >= 2 * P.DEFAULT_CHUNK_SIZE:
+                self._halve_chunk()
         return []
+
+    def _halve_chunk(self):
+        # A connection broke with chunks requested and none arrived whole: the link may not carry
+        # one, so the rest of the job goes in half-size chunks (§5; not below the default 2048).
+        # The center slices by the request's chunk size; the bytes written stay where they are.
+        job = self.job
+        job.chunk //= 2
+        job.cmd["chunk"] = job.chunk  # the journal's next checkpoint stores the two together
+        job.chunks = (job.size + job.chunk - 1) // job.chunk
+        job.window = max(1, min(job.cmd["window"], self.settings.max_inflight // job.chunk))
+        self.next *= 2
+        self.requested = self.next
+        if self.reported_next is not None:
+            self.reported_next *= 2
 
     # ---- commands ----------------------------------------------------------------------------
     def _agent_state(self):
@@ -791,6 +824,8 @@ class UpdateCore:
 
     # ---- chunk transfer ----------------------------------------------------------------------
     def _request_more(self, force=False):
+        # Refill once at most a quarter of the window is outstanding, up to a whole window: a
+        # window of 8 takes 6 chunks a request, of 4 three (§5); each request is ~40 bytes.
         job = self.job
         if job.http:
             # One fetch streams from the next chunk to the end: nothing to ask for per window.
@@ -800,20 +835,21 @@ class UpdateCore:
             self.requested = job.chunks
             return [(A_FETCH, job.http, self.next * job.chunk, job.size, job.chunk)]
         outstanding = self.requested - self.next
-        if not force and (outstanding > job.window // 2 or self.requested >= job.chunks):
+        if not force and (outstanding > job.window // 4 or self.requested >= job.chunks):
             return []
         if force:
             self.requested = self.next
-            count = job.window
-        else:
-            count = max(1, job.window // 2)
+            outstanding = 0
         first = self.requested
-        count = min(count, job.chunks - first)
+        count = min(job.window - outstanding, job.chunks - first)
         if count <= 0:
             return []
         self.requested = first + count
-        req = {"job": job.id, "first": first, "count": count, "chunk": job.chunk}
-        return [(A_PUBLISH, P.REQ, json.dumps(req), 0, False)]
+        if job.cmd.get("req_format") == 2:  # the center takes the short text form (§5)
+            req = "%d %d %d %d" % (job.id, first, count, job.chunk)
+        else:
+            req = json.dumps({"job": job.id, "first": first, "count": count, "chunk": job.chunk}, separators=P.COMPACT)
+        return [(A_PUBLISH, P.REQ, req, 0, False)]
 
     def chunk(self, payload):
         """A message on the data topic (bytes, or the length of one dropped as too large)."""
@@ -864,6 +900,7 @@ class UpdateCore:
         self.hasher.update(data)
         actions = [(A_WRITE, index * job.chunk, data)]
         self.next += 1
+        self.chunk_seen = True
         self.last_chunk_at = self.now
         self.last_progress_at = self.now
         if self.next == job.chunks:
@@ -982,7 +1019,7 @@ class UpdateCore:
         # A_CONFIRM stores the report in the boot record first: a power cut before the broker
         # acknowledged it re-sends it at the next boot.
         return [self._publish_status(on_trial), (A_CONFIRM, report), self._publish_status(self._report_status(report)),
-                (A_CLEAR_REPORT,), self.inventory()]
+                (A_CLEAR_REPORT,)]
 
     def _report_status(self, report):
         msg = self._status(report["state"], job=report.get("job"), code=report.get("code"),

@@ -24,6 +24,7 @@ DEFAULT_MAX_INFLIGHT = 16384  # bytes of chunks a device lets be in flight (conf
 MIN_CHUNK_SIZE = 64          # smallest chunk size a command or a chunk request may use
 MAX_CHUNK_SIZE = 8192        # largest chunk a device may ask for
 DEFAULT_CHUNK_SIZE = 2048
+COMPACT = (",", ":")         # json.dumps separators of what a device publishes: no spaces on the wire
 DEFAULT_WINDOW = 8           # chunks per request
 MAX_WINDOW = 32              # chunks per command window and per chunk request (`count`)
 MAX_ID = 2**31 - 1           # largest job id, boot and seq the control center takes (32-bit columns)

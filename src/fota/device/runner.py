@@ -112,8 +112,10 @@ class Device:
         # The last step read a message: more may be waiting in the socket (a step reads one).
         self.more = False
         # The MQTT client's payload buffer (chunks are read into it), taken now, before the heap is
-        # fragmented, and handed from one connection to the next.
-        self.payload_buffer = bytearray(P.DEFAULT_CHUNK_SIZE + P.CHUNK_HEADER_SIZE)
+        # fragmented, and handed from one connection to the next; as large as the chunks the
+        # device asks for (inventory `chunk`), which the free heap decides unless configured.
+        self.chunk = self.config.get("chunk") or chunk_for_heap(_mem_free())
+        self.payload_buffer = bytearray(self.chunk + P.CHUNK_HEADER_SIZE)
         self._cmd_topic = P.topic(self.config["id"], P.CMD)
         self._data_topic = P.topic(self.config["id"], P.DATA)
         self.pending = []     # actions not yet executed (a publish failed: retried after reconnect)
@@ -195,6 +197,7 @@ class Device:
             max_inflight=cfg.get("max_inflight") or inflight_for_heap(free_heap),
             health_interval=cfg.get("health_interval_ms", 0),
             progress_interval=cfg.get("progress_interval_ms", 1000),
+            chunk=self.chunk,
         )
         self.core = C.UpdateCore(identity, agent, settings)
         self.core.inventory_extra = {"active": slot, "slots": ex.record["versions"],
@@ -657,6 +660,18 @@ def inflight_for_heap(free):
     if free is None:
         return P.DEFAULT_MAX_INFLIGHT
     return max(8192, min(P.DEFAULT_MAX_INFLIGHT, free // 2 // 1024 * 1024))
+
+
+def chunk_for_heap(free):
+    """The chunk size a device with `free` bytes of heap (before its payload buffer is taken;
+    None: unknown, CPython) asks for: 8192 from 96 KiB free, 4096 from 17 KiB (a 31 KiB heap on
+    32-frozen; 30 KiB and less keep 2 KiB chunks and so their heap margin), else the protocol's
+    default 2048. Each chunk costs ~36 bytes of headers and a share of a request on the wire
+    (docs/heap.md); the buffer that holds one costs its size of heap, and a slot backend may
+    take a few chunk-sized temporaries while it writes one (the sim flash backend does)."""
+    if free is None or free >= 98304:
+        return P.MAX_CHUNK_SIZE
+    return 4096 if free >= 17408 else P.DEFAULT_CHUNK_SIZE
 
 
 def wbits_for_heap(free):

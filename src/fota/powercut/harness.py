@@ -107,7 +107,10 @@ class Center:
         if suffix == P.STATUS:
             self.statuses.append(json.loads(payload))
         elif suffix == P.REQ:
-            req = json.loads(payload)
+            if payload[:1] in (b"{", "{"):
+                req = json.loads(payload)
+            else:  # the text form of §5: job first count chunk
+                req = dict(zip(("job", "first", "count", "chunk"), [int(x) for x in payload.split()]))
             s = self.s
             if req.get("job") != s.job or req.get("chunk") != s.chunk:
                 return

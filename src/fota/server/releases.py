@@ -148,7 +148,7 @@ def update_command(job_id: int, device_id: str, release: Release, signer: Signer
     """
     body = {"type": "update", "job": job_id, "device": device_id, "manifest": release.manifest,
             "manifest_kid": release.key_id, "manifest_sig": release.signature, "chunk": chunk,
-            "window": window}
+            "window": window, "req_format": 2}  # this center takes chunk requests in text (§5)
     if wrapped_key:
         body["key"] = wrapped_key
     if delta:

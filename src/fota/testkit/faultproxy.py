@@ -16,7 +16,8 @@ connection to the upstream (the broker) for each of them and forwards bytes both
 
 Settings are attributes read on every forwarded piece, so a test may change them while
 connections are open. Counters: ``bytes_up``/``bytes_down`` (forwarded), ``dropped`` (read but
-discarded by a cut), ``connections``, ``cuts``, ``stalls``.
+discarded by a cut), ``connections``, ``cuts``, ``stalls``. ``tap``, if set, is called as
+``tap(session, direction, data)`` with every piece forwarded (bench/e2e's wire breakdown).
 
 Use it from asyncio (``await proxy.start()`` / ``await proxy.close()``) or from synchronous code
 in its own thread (``proxy.start_thread()`` / ``proxy.stop_thread()``), or as a command:
@@ -100,6 +101,7 @@ class FaultProxy:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._tasks: set[asyncio.Task] = set()
+        self.tap = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -282,6 +284,8 @@ class FaultProxy:
                     self.dropped += len(data)
                     return
                 writer.write(data)
+                if self.tap is not None:
+                    self.tap(session, direction, data)
                 if direction == UP:
                     session.up += len(data)
                     self.bytes_up += len(data)

@@ -8,6 +8,7 @@ starts for itself (Fleet.standalone, the benches').
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from sqlalchemy import select
 
 from fota.device import protocol as P
 from fota.examples import hello_files
+from fota.server.center.chunks import parse_request
 from fota.server.fleet import provision_device
 from fota.server.kek import Kek
 from fota.server.releases import create_release
@@ -59,13 +61,20 @@ class Spy(BrokerSpy):
         super().__init__(broker, topics=[("fota/v1/+/status", 1), ("fota/v1/+/req", 0)])
 
     def _on_message(self, client, userdata, msg):
+        # Recorded as the center reads them: a request in either form (§5) as a dict, a status
+        # with an absent job, code or reason as null (§11).
         device = msg.topic.split("/")[2]
         try:
+            if msg.topic.endswith("/req"):
+                self.requests.append((time.monotonic(), device, dataclasses.asdict(parse_request(msg.payload))))
+                return
             body = json.loads(msg.payload)
         except ValueError:
             return
-        target = self.statuses if msg.topic.endswith("/status") else self.requests
-        target.append((time.monotonic(), device, body))
+        if isinstance(body, dict):
+            for key in ("job", "code", "reason"):
+                body.setdefault(key, None)
+        self.statuses.append((time.monotonic(), device, body))
 
     def of(self, device, job=None, health=False):
         """Statuses of a device (of one job); health reports (protocol §6) only with health=True."""

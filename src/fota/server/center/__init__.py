@@ -135,7 +135,7 @@ class ControlCenter:
     heartbeat_interval = _Held("workgroup")
 
     def __init__(self, store: Store, broker_url: str, blobs_dir: str | Path, *,
-                 chunk: int = protocol.DEFAULT_CHUNK_SIZE, window: int = protocol.DEFAULT_WINDOW,
+                 chunk: int = protocol.MAX_CHUNK_SIZE, window: int = protocol.DEFAULT_WINDOW,
                  poll_interval: float = 0.2, client_id: str = CLIENT_ID,
                  flush_interval: float = 0.05, flush_max: int = 200, require_online: bool = True,
                  signer: Signer | None = None, keys_update: bytes | None = None,

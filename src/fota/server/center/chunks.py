@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import struct
 from dataclasses import dataclass
 from typing import Callable
@@ -34,14 +35,23 @@ class ChunkRequest:
     chunk: int
 
 
+FIELDS = ("job", "first", "count", "chunk")
+TEXT_REQUEST = re.compile(rb"(0|[1-9][0-9]{0,9}) (0|[1-9][0-9]{0,9}) (0|[1-9][0-9]{0,9}) (0|[1-9][0-9]{0,9})")
+
+
 def parse_request(payload: bytes) -> ChunkRequest:
-    """A chunk-window request (§5); ValueError if malformed or out of bounds."""
-    msg = json.loads(payload)
-    if not isinstance(msg, dict):
-        raise ValueError("not a JSON object")
-    values = {name: msg.get(name) for name in ("job", "first", "count", "chunk")}
-    if not all(is_int(v) for v in values.values()):
-        raise ValueError("job, first, count and chunk must be integers")
+    """A chunk-window request (§5): a JSON object, or the text form `job first count chunk`
+    (four decimal integers, single spaces); ValueError if malformed or out of bounds."""
+    text = TEXT_REQUEST.fullmatch(payload)
+    if text:
+        values = dict(zip(FIELDS, map(int, text.groups())))
+    else:
+        msg = json.loads(payload)
+        if not isinstance(msg, dict):
+            raise ValueError("not a JSON object")
+        values = {name: msg.get(name) for name in FIELDS}
+        if not all(is_int(v) for v in values.values()):
+            raise ValueError("job, first, count and chunk must be integers")
     req = ChunkRequest(**values)
     if not 1 <= req.job <= MAX_ID or not 0 <= req.first <= MAX_ID:
         raise ValueError(f"job must be 1..{MAX_ID} and first 0..{MAX_ID}")

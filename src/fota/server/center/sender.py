@@ -164,7 +164,12 @@ class CommandSender:
                 outgoing.append(Outgoing(job_id, device_id, command, JobInfo(device_id, SENT, None, self.client_id),
                                          keys_behind=behind))
                 continue
-            chunk = self.chunk
+            # The chunk size the device asks for (§3; the default without one), never more than
+            # this center sends (self.chunk) or the device accepts (max_chunk).
+            wanted = (inventory or {}).get("chunk")
+            if not (is_int(wanted) and protocol.MIN_CHUNK_SIZE <= wanted <= protocol.MAX_CHUNK_SIZE):
+                wanted = protocol.DEFAULT_CHUNK_SIZE
+            chunk = min(self.chunk, wanted)
             max_chunk = (inventory or {}).get("max_chunk")
             if is_int(max_chunk) and protocol.MIN_CHUNK_SIZE <= max_chunk < chunk:
                 chunk = max_chunk  # never more than the device accepts
