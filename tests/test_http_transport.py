@@ -343,13 +343,14 @@ def test_power_cut_mid_download_resumes_from_the_journal_with_a_range(http_fleet
     wait_until(lambda: journal.exists() and json.loads(journal.read_text())["pos"] >= 16, timeout=20,
                interval=0.05, what="a checkpoint past chunk 16")
     assert proc.kill(wait=True)
-    pos = json.loads(journal.read_text())["pos"]
-    assert 16 <= pos < len(image) // 2048
+    saved = json.loads(journal.read_text())
+    pos, chunk = saved["pos"], saved["cmd"].get("chunk", 2048)  # the device's chunk size (its heap's)
+    assert 16 <= pos < len(image) // chunk
     j = fleet.wait_job(dep.jobs[0].id)
     assert j.state == "confirmed", (j.state, j.code, j.reason)
     starts = [int(e["range"][6:].split("-")[0]) for e in app.state.blob_log if e["device"] == "h-kill"]
     assert starts[0] == 0 and starts.count(0) == 1  # never downloaded from the start again
-    assert pos * 2048 in starts[1:], (pos, starts)
+    assert pos * chunk in starts[1:], (pos, chunk, starts)
 
 
 def test_tampered_blob_and_expired_url_are_refused_and_the_firmware_kept(http_fleet):
