@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from fota.tools.waiting import TimedOut, wait_until
+from inproc import run_fota
 from test_cli import FOTA, _app_dir, assert_clean_error, stop
 
 SECRET_LINE = "its secret, shown only now:"
@@ -45,9 +46,11 @@ def secret_of(result: subprocess.CompletedProcess) -> str:
 
 class Center:
     """A control center's home (its database: db_url) served by `fota api` on a real port, and
-    `fota` run on it locally or remotely (from a "laptop" directory without any home)."""
+    `fota` run on it locally or remotely (from a "laptop" directory without any home): as a
+    process, or with in_process inside the test's (inproc.run_fota; `fota api` stays a process)."""
 
-    def __init__(self, tmp_path: Path, db_url: str, tls: bool = False):
+    def __init__(self, tmp_path: Path, db_url: str, tls: bool = False, in_process: bool = False):
+        self.run = (lambda args, env, timeout=None, **kw: run_fota(args, env, **kw)) if in_process else run
         self.tmp = tmp_path
         self.home = tmp_path / "home"
         self.laptop = tmp_path / "laptop"
@@ -89,7 +92,7 @@ class Center:
             pytest.fail(f"fota api ended: {stop(self.api)}")
 
     def local(self, *args: str, **kwargs):
-        return run(args, self.server_env, **kwargs)
+        return self.run(args, self.server_env, **kwargs)
 
     def background(self, *args: str) -> subprocess.Popen:
         return subprocess.Popen(FOTA + list(args), env=self.server_env, stdout=subprocess.PIPE,
@@ -100,7 +103,7 @@ class Center:
                 **({"FOTA_CA": self.ca} if self.ca else {}), **extra}
 
     def remote(self, *args: str, token: str | None = None, **kwargs):
-        return run(args, self.remote_env(token), cwd=self.laptop, **kwargs)
+        return self.run(args, self.remote_env(token), cwd=self.laptop, **kwargs)
 
     def close(self) -> None:
         stop(self.api)
@@ -113,14 +116,24 @@ def center(tmp_path, db_url):
     c.close()
 
 
+@pytest.fixture
+def center_in_process(tmp_path, db_url):
+    c = Center(tmp_path, db_url, in_process=True)
+    yield c
+    c.close()
+
+
 @pytest.fixture(params=["local", "remote"])
 def mode(request):
     return request.param
 
 
-def test_operator_commands_answer_alike_in_both_modes(center, mode, tmp_path):
+def test_operator_commands_answer_alike_in_both_modes(center_in_process, mode, tmp_path):
     """The operator's cases through the one seam: releases, devices, deploy, status, history,
-    deployment cancel, tokens and every campaign command; refusals are one line and exit 1."""
+    deployment cancel, tokens and every campaign command; refusals are one line and exit 1.
+    `fota` runs in the test's process (the cases are the point; the refusals below and
+    test_cli.py run it as a process)."""
+    center = center_in_process
     cli = center.local if mode == "local" else center.remote
     for dev in ("u-1", "u-2"):
         assert center.local("device", "add", dev, "--hardware", "unix", "--tag", "lab").returncode == 0
