@@ -12,6 +12,7 @@ import pytest
 
 from fota.examples import hello_files
 from fota.tools.waiting import TimedOut, wait_until
+from inproc import run_fota
 
 FOTA = [sys.executable, "-m", "fota.cli"]
 
@@ -19,6 +20,12 @@ FOTA = [sys.executable, "-m", "fota.cli"]
 def fota(home: Path, *args: str, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "FOTA_HOME": str(home), "COLUMNS": "120", **(env or {})}
     return subprocess.run(FOTA + list(args), capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def fota_in_process(home: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """fota() run inside the test's process (inproc.run_fota): for polling, where the process is
+    not the point and one a second would cost a core."""
+    return run_fota(args, {**os.environ, "FOTA_HOME": str(home), "COLUMNS": "120", **(env or {})})
 
 
 def background(home: Path, *args: str) -> subprocess.Popen:
@@ -40,12 +47,12 @@ def stop(proc: subprocess.Popen) -> str:
 
 def wait_listed(home: Path, ready, what: str, *procs: subprocess.Popen, timeout: float = 30,
                 interval: float = 0.3) -> None:
-    """Poll `fota devices` until ready(listing); else fail with `what`, the last listing and the
-    output of procs (stopped, for the failure report)."""
+    """Poll `fota devices` (in the test's process) until ready(listing); else fail with `what`,
+    the last listing and the output of procs (stopped, for the failure report)."""
     listing = [""]
 
     def listed():
-        listing[0] = fota(home, "devices").stdout
+        listing[0] = fota_in_process(home, "devices").stdout
         return ready(listing[0])
 
     try:
@@ -150,7 +157,7 @@ def test_campaign_commands_roll_out_in_waves_and_watch(tmp_path):
         # wave 1 (one device) succeeds, then the campaign waits for approval
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
-            view = fota(home, "campaign", "status", "lab-rollout", "--devices").stdout
+            view = fota_in_process(home, "campaign", "status", "lab-rollout", "--devices").stdout
             if "waiting" in view:
                 break
             time.sleep(0.5)

@@ -89,6 +89,7 @@ def test_create_refuses_unknown_targets_and_lone_window_options_and_previews(cli
     assert_clean_error(cli("campaign", "status", "spring", "--state", "lost"), "unknown device state(s) lost")
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # help reads no database
 @pytest.mark.parametrize("cli", ["local"], indirect=True)  # help is not remote
 def test_create_help_explains_every_option_with_the_defaults_that_matter(cli):
     from click import Option

@@ -319,14 +319,17 @@ def test_remote_deploy_and_watch_update_micropython_devices(center, tmp_path):
         assert r.returncode == 0, r.stderr
     serve = center.background("serve")
     devices = [center.background("device", "run", dev) for dev in ("rm-1", "rm-2")]
+
+    def listing() -> str:  # polled: `fota devices` in the test's process, through the API all the same
+        return run_fota(["devices"], center.remote_env(), cwd=center.laptop).stdout
     try:
         def online():
-            listing = center.remote("devices").stdout
-            return listing.count("1.0.0") == 2 and listing.count("yes") == 2
+            seen = listing()
+            return seen.count("1.0.0") == 2 and seen.count("yes") == 2
         try:
             wait_until(online, timeout=60, interval=0.5, what="devices online")
         except TimedOut:
-            pytest.fail(f"devices did not come online: {center.remote('devices').stdout}\n{stop(serve)}")
+            pytest.fail(f"devices did not come online: {listing()}\n{stop(serve)}")
         app = _app_dir(tmp_path, "1.4.0")
         r = center.remote("release", "create", str(app), "--version", "1.4.0", "--hardware", "unix")
         assert r.returncode == 0, r.stdout + r.stderr
@@ -338,7 +341,7 @@ def test_remote_deploy_and_watch_update_micropython_devices(center, tmp_path):
         for state in ("downloading", "verifying", "installing", "rebooting", "trial", "confirmed"):
             assert state in hist
         deadline = time.monotonic() + 10
-        while center.remote("devices").stdout.count("1.4.0") != 2 and time.monotonic() < deadline:
+        while listing().count("1.4.0") != 2 and time.monotonic() < deadline:
             time.sleep(0.3)
         assert center.remote("devices").stdout.count("1.4.0") == 2
     finally:
