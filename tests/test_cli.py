@@ -78,24 +78,27 @@ def _app_dir(tmp_path: Path, version: str) -> Path:
 
 
 def test_clear_errors_without_tracebacks(tmp_path):
+    """Refusals are one line and exit 1. Those only this test asserts run as a `fota` process;
+    those test_cli_remote's operator cases assert too run in the test's process (quick)."""
     home = tmp_path / "home"
     app = _app_dir(tmp_path, "1.1.0")
     assert_clean_error(fota(home, "release", "create", str(app), "--version", "1.1.0", "--hardware", "unix"),
                        "no signing key", "fota keys init")
     assert fota(home, "keys", "init").returncode == 0
     assert_clean_error(fota(home, "keys", "init"), "already exist")
-    assert_clean_error(fota(home, "release", "create", str(tmp_path / "nope"), "--version", "1", "--hardware", "x"),
+    quick = lambda *args: fota_in_process(home, *args)  # noqa: E731
+    assert_clean_error(quick("release", "create", str(tmp_path / "nope"), "--version", "1", "--hardware", "x"),
                        "does not exist")
-    assert_clean_error(fota(home, "deploy", "9.9.9", "--device", "d1"), "9.9.9")
-    assert fota(home, "release", "create", str(app), "--version", "1.1.0", "--hardware", "unix").returncode == 0
-    assert_clean_error(fota(home, "release", "create", str(app), "--version", "1.1.0", "--hardware", "unix"),
+    assert_clean_error(quick("deploy", "9.9.9", "--device", "d1"), "9.9.9")
+    assert quick("release", "create", str(app), "--version", "1.1.0", "--hardware", "unix").returncode == 0
+    assert_clean_error(quick("release", "create", str(app), "--version", "1.1.0", "--hardware", "unix"),
                        "already exists")
-    assert_clean_error(fota(home, "deploy", "1.1.0", "--device", "ghost"), "ghost")
-    assert_clean_error(fota(home, "deploy", "1.1.0"), "--device")
+    assert_clean_error(quick("deploy", "1.1.0", "--device", "ghost"), "ghost")
+    assert_clean_error(quick("deploy", "1.1.0"), "--device")
     assert_clean_error(fota(home, "device", "add", "bad/id", "--hardware", "unix"), "bad/id")
-    assert fota(home, "device", "add", "esp-1", "--hardware", "esp32").returncode == 0
-    assert_clean_error(fota(home, "deploy", "1.1.0", "--device", "esp-1"), "esp32")
-    assert_clean_error(fota(home, "status"), "no deployments")
+    assert quick("device", "add", "esp-1", "--hardware", "esp32").returncode == 0
+    assert_clean_error(quick("deploy", "1.1.0", "--device", "esp-1"), "esp32")
+    assert_clean_error(quick("status"), "no deployments")
     assert_clean_error(fota(home, "device", "run", "nobody"), "no device directory")
 
 
