@@ -41,7 +41,8 @@ class _Stdin(io.StringIO):
         return False
 
 
-def run_fota(args, env: dict, *, cwd: Path | str | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
+def run_fota(args, env: dict, *, cwd: Path | str | None = None,
+             stdin: str | None = None) -> subprocess.CompletedProcess:
     from sqlalchemy import Engine, event
 
     from fota.cli import main
