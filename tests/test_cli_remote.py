@@ -59,9 +59,10 @@ class Center:
         base.update(COLUMNS="250", XDG_CONFIG_HOME=str(tmp_path / "config"))
         self.base_env = base
         self.server_env = {**base, "FOTA_HOME": str(self.home), "FOTA_DATABASE_URL": db_url}
-        assert self.local("keys", "init").returncode == 0
-        self.admin = secret_of(self.local("token", "create", "ops", "--role", "admin"))
-        self.reader = secret_of(self.local("token", "create", "viewer", "--role", "read"))
+        # the home's keys and tokens: setup, made in the test's process whichever way `fota` runs
+        assert run_fota(["keys", "init"], self.server_env).returncode == 0
+        self.admin = secret_of(run_fota(["token", "create", "ops", "--role", "admin"], self.server_env))
+        self.reader = secret_of(run_fota(["token", "create", "viewer", "--role", "read"], self.server_env))
         self.port = free_port()
         args = ["api", "--port", str(self.port)]
         scheme = "http"
