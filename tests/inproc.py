@@ -1,9 +1,9 @@
-"""`fota` run inside the test process: the real entry point (fota.cli.main: the Typer app, its
+"""`fota` run inside the test's process: the real entry point (fota.cli.main: the Typer app, its
 one-line errors and exit codes) with the given environment, directory, argv and stdin, its
 stdout and stderr captured, returned as a subprocess.CompletedProcess.
 
 A `python -m fota.cli` process costs about a second (Python, Typer, SQLAlchemy, FastAPI models
-imported afresh); this costs milliseconds. Tests where the operator's cases are the point, not
+imported afresh); this costs what the command itself does (tens of milliseconds for most). Tests where the operator's cases are the point, not
 the process, use it; the tests that are about the process (test_cli.py, the refusals of
 test_cli_remote.py, `fota login`, serve/api/device run) keep real subprocesses.
 
