@@ -3,9 +3,10 @@ one-line errors and exit codes) with the given environment, directory, argv and 
 stdout and stderr captured, returned as a subprocess.CompletedProcess.
 
 A `python -m fota.cli` process costs about a second (Python, Typer, SQLAlchemy, FastAPI models
-imported afresh); this costs what the command itself does (tens of milliseconds for most). Tests where the operator's cases are the point, not
-the process, use it; the tests that are about the process (test_cli.py, the refusals of
-test_cli_remote.py, `fota login`, serve/api/device run) keep real subprocesses.
+imported afresh); this costs what the command itself does (tens of milliseconds for most). Tests
+where the operator's cases are the point, not the process, use it; the tests that are about the
+process (test_cli.py, the refusals of test_cli_remote.py, `fota login`, serve/api/device run)
+keep real subprocesses (docs/testing.md).
 
 An exception that escapes main() is what a process would print as a traceback: it goes to
 stderr with exit code 1, so `assert_clean_error` still catches it.
