@@ -19,7 +19,7 @@ from fota.server.store import Campaign, Release
 from fota.server.store.models import AuditEvent
 from fota.testkit.apifuzz import fuzz
 
-from test_cli import assert_clean_error, fota
+from test_cli import assert_clean_error, fota_in_process
 from test_api import API, KEY, bearer, bundle_bytes, env, lite, seed_release_and_deployment  # noqa: F401 (fixtures)
 
 SAMPLED_EXAMPLES = 10  # per operation and phase; the coverage phase adds its own fixed cases
@@ -68,19 +68,20 @@ def test_semver_versions_are_accepted_and_located(lite):
 
 
 def test_cli_release_create_refuses_unsafe_versions(tmp_path):
+    """`fota release create` in the test's process (test_cli runs it as a process)."""
     home = tmp_path / "home"
     app_dir = tmp_path / "app"
     app_dir.mkdir()
     (app_dir / "app.py").write_text('VERSION = "1.1.0"\n')
-    assert fota(home, "keys", "init").returncode == 0
+    assert fota_in_process(home, "keys", "init").returncode == 0
     for version in ("../../..", "1.1.0\n\x1b[2J"):
-        assert_clean_error(fota(home, "release", "create", str(app_dir), "--version", version, "--hardware", "esp32"),
+        assert_clean_error(fota_in_process(home, "release", "create", str(app_dir), "--version", version, "--hardware", "esp32"),
                            "invalid version")
-    assert_clean_error(fota(home, "release", "create", str(app_dir), "--version", "1.1.0", "--hardware", "esp32",
+    assert_clean_error(fota_in_process(home, "release", "create", str(app_dir), "--version", "1.1.0", "--hardware", "esp32",
                             "--min-version", "1.0\n"), "invalid min_version")
-    assert_clean_error(fota(home, "release", "create", str(app_dir), "--version", "1.1.0", "--hardware", "esp 32"),
+    assert_clean_error(fota_in_process(home, "release", "create", str(app_dir), "--version", "1.1.0", "--hardware", "esp 32"),
                        "invalid hardware type")
-    assert "1.1.0" not in fota(home, "releases").stdout
+    assert "1.1.0" not in fota_in_process(home, "releases").stdout
 
 
 def test_campaign_device_and_deployment_names_are_bounded(lite):

@@ -12,6 +12,7 @@ import pytest
 
 from fota.examples import hello_files
 from fota.tools.waiting import TimedOut, wait_until
+from inproc import run_fota
 
 FOTA = [sys.executable, "-m", "fota.cli"]
 
@@ -19,6 +20,12 @@ FOTA = [sys.executable, "-m", "fota.cli"]
 def fota(home: Path, *args: str, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "FOTA_HOME": str(home), "COLUMNS": "120", **(env or {})}
     return subprocess.run(FOTA + list(args), capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def fota_in_process(home: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """fota() run inside the test's process (inproc.run_fota): for polling, where the process is
+    not the point and one a second would cost a core."""
+    return run_fota(args, {**os.environ, "FOTA_HOME": str(home), "COLUMNS": "120", **(env or {})})
 
 
 def background(home: Path, *args: str) -> subprocess.Popen:
@@ -40,12 +47,12 @@ def stop(proc: subprocess.Popen) -> str:
 
 def wait_listed(home: Path, ready, what: str, *procs: subprocess.Popen, timeout: float = 30,
                 interval: float = 0.3) -> None:
-    """Poll `fota devices` until ready(listing); else fail with `what`, the last listing and the
-    output of procs (stopped, for the failure report)."""
+    """Poll `fota devices` (in the test's process) until ready(listing); else fail with `what`,
+    the last listing and the output of procs (stopped, for the failure report)."""
     listing = [""]
 
     def listed():
-        listing[0] = fota(home, "devices").stdout
+        listing[0] = fota_in_process(home, "devices").stdout
         return ready(listing[0])
 
     try:
@@ -71,24 +78,27 @@ def _app_dir(tmp_path: Path, version: str) -> Path:
 
 
 def test_clear_errors_without_tracebacks(tmp_path):
+    """Refusals are one line and exit 1. Those only this test asserts run as a `fota` process;
+    those test_cli_remote's operator cases assert too run in the test's process (quick)."""
     home = tmp_path / "home"
     app = _app_dir(tmp_path, "1.1.0")
     assert_clean_error(fota(home, "release", "create", str(app), "--version", "1.1.0", "--hardware", "unix"),
                        "no signing key", "fota keys init")
     assert fota(home, "keys", "init").returncode == 0
     assert_clean_error(fota(home, "keys", "init"), "already exist")
-    assert_clean_error(fota(home, "release", "create", str(tmp_path / "nope"), "--version", "1", "--hardware", "x"),
+    quick = lambda *args: fota_in_process(home, *args)  # noqa: E731
+    assert_clean_error(quick("release", "create", str(tmp_path / "nope"), "--version", "1", "--hardware", "x"),
                        "does not exist")
-    assert_clean_error(fota(home, "deploy", "9.9.9", "--device", "d1"), "9.9.9")
-    assert fota(home, "release", "create", str(app), "--version", "1.1.0", "--hardware", "unix").returncode == 0
-    assert_clean_error(fota(home, "release", "create", str(app), "--version", "1.1.0", "--hardware", "unix"),
+    assert_clean_error(quick("deploy", "9.9.9", "--device", "d1"), "9.9.9")
+    assert quick("release", "create", str(app), "--version", "1.1.0", "--hardware", "unix").returncode == 0
+    assert_clean_error(quick("release", "create", str(app), "--version", "1.1.0", "--hardware", "unix"),
                        "already exists")
-    assert_clean_error(fota(home, "deploy", "1.1.0", "--device", "ghost"), "ghost")
-    assert_clean_error(fota(home, "deploy", "1.1.0"), "--device")
+    assert_clean_error(quick("deploy", "1.1.0", "--device", "ghost"), "ghost")
+    assert_clean_error(quick("deploy", "1.1.0"), "--device")
     assert_clean_error(fota(home, "device", "add", "bad/id", "--hardware", "unix"), "bad/id")
-    assert fota(home, "device", "add", "esp-1", "--hardware", "esp32").returncode == 0
-    assert_clean_error(fota(home, "deploy", "1.1.0", "--device", "esp-1"), "esp32")
-    assert_clean_error(fota(home, "status"), "no deployments")
+    assert quick("device", "add", "esp-1", "--hardware", "esp32").returncode == 0
+    assert_clean_error(quick("deploy", "1.1.0", "--device", "esp-1"), "esp32")
+    assert_clean_error(quick("status"), "no deployments")
     assert_clean_error(fota(home, "device", "run", "nobody"), "no device directory")
 
 
@@ -150,7 +160,7 @@ def test_campaign_commands_roll_out_in_waves_and_watch(tmp_path):
         # wave 1 (one device) succeeds, then the campaign waits for approval
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
-            view = fota(home, "campaign", "status", "lab-rollout", "--devices").stdout
+            view = fota_in_process(home, "campaign", "status", "lab-rollout", "--devices").stdout
             if "waiting" in view:
                 break
             time.sleep(0.5)

@@ -1,8 +1,10 @@
-"""`fota campaign …` as an operator meets it (issue 15), through the real entry point (a `fota`
-process), on SQLite and PostgreSQL (the home's database_url from FOTA_DATABASE_URL), locally on
-the home and remotely through `fota api` (test_cli_remote.Center)."""
+"""`fota campaign …` as an operator meets it (issue 15), through the real entry point
+(fota.cli.main, run in the test's process: inproc.run_fota; test_cli.py runs the campaign commands
+as a `fota` process), on SQLite and PostgreSQL (the home's database_url from FOTA_DATABASE_URL),
+locally on the home and remotely through a `fota api` process (test_cli_remote.Center)."""
 from __future__ import annotations
 
+import os
 import re
 from datetime import datetime, timezone
 from pathlib import Path
@@ -13,7 +15,8 @@ from fota.server.campaigns import abort_campaign, create_campaign, start_campaig
 from fota.server.campaigns import states as S
 from fota.server.campaigns.spec import CampaignSpec
 from test_campaigns import Rig
-from test_cli import _app_dir, assert_clean_error, fota
+from inproc import run_fota
+from test_cli import _app_dir, assert_clean_error
 from test_cli_remote import Center
 
 
@@ -22,10 +25,10 @@ class Cli:
 
     def __init__(self, tmp_path: Path, db_url: str):
         self.home = tmp_path / "home"
-        self.env = {"FOTA_DATABASE_URL": db_url, "COLUMNS": "250"}
+        self.env = {**os.environ, "FOTA_HOME": str(self.home), "FOTA_DATABASE_URL": db_url, "COLUMNS": "250"}
 
     def __call__(self, *args: str):
-        return fota(self.home, *args, env=self.env)
+        return run_fota(args, self.env)
 
 
 class RemoteCli:
@@ -35,7 +38,7 @@ class RemoteCli:
     SERVER_SIDE = ("keys", "device")
 
     def __init__(self, tmp_path: Path, db_url: str):
-        self.center = Center(tmp_path, db_url)  # keys made, `fota api` listening
+        self.center = Center(tmp_path, db_url, in_process=True)  # keys made, `fota api` listening
 
     def __call__(self, *args: str):
         return (self.center.local if args[0] in self.SERVER_SIDE else self.center.remote)(*args)
@@ -86,6 +89,7 @@ def test_create_refuses_unknown_targets_and_lone_window_options_and_previews(cli
     assert_clean_error(cli("campaign", "status", "spring", "--state", "lost"), "unknown device state(s) lost")
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # help reads no database
 @pytest.mark.parametrize("cli", ["local"], indirect=True)  # help is not remote
 def test_create_help_explains_every_option_with_the_defaults_that_matter(cli):
     from click import Option

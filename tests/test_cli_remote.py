@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from fota.tools.waiting import TimedOut, wait_until
+from inproc import run_fota
 from test_cli import FOTA, _app_dir, assert_clean_error, stop
 
 SECRET_LINE = "its secret, shown only now:"
@@ -45,9 +46,11 @@ def secret_of(result: subprocess.CompletedProcess) -> str:
 
 class Center:
     """A control center's home (its database: db_url) served by `fota api` on a real port, and
-    `fota` run on it locally or remotely (from a "laptop" directory without any home)."""
+    `fota` run on it locally or remotely (from a "laptop" directory without any home): as a
+    process, or with in_process inside the test's (inproc.run_fota; `fota api` stays a process)."""
 
-    def __init__(self, tmp_path: Path, db_url: str, tls: bool = False):
+    def __init__(self, tmp_path: Path, db_url: str, tls: bool = False, in_process: bool = False):
+        self.run = (lambda args, env, timeout=None, **kw: run_fota(args, env, **kw)) if in_process else run
         self.tmp = tmp_path
         self.home = tmp_path / "home"
         self.laptop = tmp_path / "laptop"
@@ -56,9 +59,10 @@ class Center:
         base.update(COLUMNS="250", XDG_CONFIG_HOME=str(tmp_path / "config"))
         self.base_env = base
         self.server_env = {**base, "FOTA_HOME": str(self.home), "FOTA_DATABASE_URL": db_url}
-        assert self.local("keys", "init").returncode == 0
-        self.admin = secret_of(self.local("token", "create", "ops", "--role", "admin"))
-        self.reader = secret_of(self.local("token", "create", "viewer", "--role", "read"))
+        # the home's keys and tokens: setup, made in the test's process whichever way `fota` runs
+        assert run_fota(["keys", "init"], self.server_env).returncode == 0
+        self.admin = secret_of(run_fota(["token", "create", "ops", "--role", "admin"], self.server_env))
+        self.reader = secret_of(run_fota(["token", "create", "viewer", "--role", "read"], self.server_env))
         self.port = free_port()
         args = ["api", "--port", str(self.port)]
         scheme = "http"
@@ -89,7 +93,7 @@ class Center:
             pytest.fail(f"fota api ended: {stop(self.api)}")
 
     def local(self, *args: str, **kwargs):
-        return run(args, self.server_env, **kwargs)
+        return self.run(args, self.server_env, **kwargs)
 
     def background(self, *args: str) -> subprocess.Popen:
         return subprocess.Popen(FOTA + list(args), env=self.server_env, stdout=subprocess.PIPE,
@@ -100,7 +104,7 @@ class Center:
                 **({"FOTA_CA": self.ca} if self.ca else {}), **extra}
 
     def remote(self, *args: str, token: str | None = None, **kwargs):
-        return run(args, self.remote_env(token), cwd=self.laptop, **kwargs)
+        return self.run(args, self.remote_env(token), cwd=self.laptop, **kwargs)
 
     def close(self) -> None:
         stop(self.api)
@@ -113,14 +117,24 @@ def center(tmp_path, db_url):
     c.close()
 
 
+@pytest.fixture
+def center_in_process(tmp_path, db_url):
+    c = Center(tmp_path, db_url, in_process=True)
+    yield c
+    c.close()
+
+
 @pytest.fixture(params=["local", "remote"])
 def mode(request):
     return request.param
 
 
-def test_operator_commands_answer_alike_in_both_modes(center, mode, tmp_path):
+def test_operator_commands_answer_alike_in_both_modes(center_in_process, mode, tmp_path):
     """The operator's cases through the one seam: releases, devices, deploy, status, history,
-    deployment cancel, tokens and every campaign command; refusals are one line and exit 1."""
+    deployment cancel, tokens and every campaign command; refusals are one line and exit 1.
+    `fota` runs in the test's process (the cases are the point; the refusals below and
+    test_cli.py run it as a process)."""
+    center = center_in_process
     cli = center.local if mode == "local" else center.remote
     for dev in ("u-1", "u-2"):
         assert center.local("device", "add", dev, "--hardware", "unix", "--tag", "lab").returncode == 0
@@ -306,14 +320,17 @@ def test_remote_deploy_and_watch_update_micropython_devices(center, tmp_path):
         assert r.returncode == 0, r.stderr
     serve = center.background("serve")
     devices = [center.background("device", "run", dev) for dev in ("rm-1", "rm-2")]
+
+    def listing() -> str:  # polled: `fota devices` in the test's process, through the API all the same
+        return run_fota(["devices"], center.remote_env(), cwd=center.laptop).stdout
     try:
         def online():
-            listing = center.remote("devices").stdout
-            return listing.count("1.0.0") == 2 and listing.count("yes") == 2
+            seen = listing()
+            return seen.count("1.0.0") == 2 and seen.count("yes") == 2
         try:
             wait_until(online, timeout=60, interval=0.5, what="devices online")
         except TimedOut:
-            pytest.fail(f"devices did not come online: {center.remote('devices').stdout}\n{stop(serve)}")
+            pytest.fail(f"devices did not come online: {listing()}\n{stop(serve)}")
         app = _app_dir(tmp_path, "1.4.0")
         r = center.remote("release", "create", str(app), "--version", "1.4.0", "--hardware", "unix")
         assert r.returncode == 0, r.stdout + r.stderr
@@ -325,7 +342,7 @@ def test_remote_deploy_and_watch_update_micropython_devices(center, tmp_path):
         for state in ("downloading", "verifying", "installing", "rebooting", "trial", "confirmed"):
             assert state in hist
         deadline = time.monotonic() + 10
-        while center.remote("devices").stdout.count("1.4.0") != 2 and time.monotonic() < deadline:
+        while listing().count("1.4.0") != 2 and time.monotonic() < deadline:
             time.sleep(0.3)
         assert center.remote("devices").stdout.count("1.4.0") == 2
     finally:

@@ -15,7 +15,7 @@ from fota.server.releases import create_release, update_command
 from fota.server.store import Deployment, Job, Store
 from fota.tools.bundle import pack_files
 from fota.tools.keyring import Keyring
-from test_cli import assert_clean_error, fota
+from test_cli import assert_clean_error, fota, fota_in_process
 
 
 @pytest.fixture
@@ -76,12 +76,13 @@ def test_expired_deployments_time_out_their_unfinished_jobs_only(setup):
 
 def test_cli_deploy_with_min_battery_and_timeout(tmp_path):
     home = tmp_path / "home"
-    assert fota(home, "keys", "init").returncode == 0
+    assert fota_in_process(home, "keys", "init").returncode == 0  # setup: in the test's process
     app = tmp_path / "app"
     app.mkdir()
     (app / "app.py").write_bytes(hello_files("1.1.0")["app.py"])
-    assert fota(home, "release", "create", str(app), "--version", "1.1.0", "--hardware", "unix").returncode == 0
-    assert fota(home, "device", "add", "cli-b", "--hardware", "unix").returncode == 0
+    r = fota_in_process(home, "release", "create", str(app), "--version", "1.1.0", "--hardware", "unix")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert fota_in_process(home, "device", "add", "cli-b", "--hardware", "unix").returncode == 0
     assert_clean_error(fota(home, "deploy", "1.1.0", "--device", "cli-b", "--min-battery", "101"), "min-battery")
     assert_clean_error(fota(home, "deploy", "1.1.0", "--device", "cli-b", "--timeout", "0"), "timeout")
     r = fota(home, "deploy", "1.1.0", "--device", "cli-b", "--min-battery", "40", "--timeout", "900")

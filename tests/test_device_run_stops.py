@@ -14,7 +14,7 @@ import pytest
 from fota.tools.supervisor import DeviceProcess, run_in_foreground
 from fota.tools.waiting import wait_until
 
-from test_cli import FOTA, background, fota
+from test_cli import FOTA, background, fota, fota_in_process
 
 
 def agent_pids(device_dir: Path) -> set[int]:
@@ -51,8 +51,8 @@ def device_home(tmp_path_factory):
     """A home with keys and one device directory (its broker is not running: the agent keeps
     trying to connect, which is all these tests need)."""
     home = tmp_path_factory.mktemp("home")
-    assert fota(home, "keys", "init").returncode == 0
-    r = fota(home, "device", "add", "stopper", "--hardware", "unix", "--unix-dir")
+    assert fota_in_process(home, "keys", "init").returncode == 0  # setup: in the test's process
+    r = fota_in_process(home, "device", "add", "stopper", "--hardware", "unix", "--unix-dir")
     assert r.returncode == 0, r.stdout + r.stderr
     return home, home / "devices" / "stopper"
 

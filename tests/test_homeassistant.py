@@ -397,11 +397,11 @@ def test_fota_ha_commands_with_the_managed_broker(tmp_path):
     Mosquitto, `fota ha installs` adds the install button live, `fota ha remove` removes it."""
     import re
 
-    from test_cli import assert_clean_error, background, fota, stop
+    from test_cli import assert_clean_error, background, fota, fota_in_process, stop
 
     home = tmp_path / "home"
-    assert fota(home, "keys", "init").returncode == 0
-    assert fota(home, "device", "add", "cli-ha", "--hardware", "unix").returncode == 0
+    assert fota_in_process(home, "keys", "init").returncode == 0  # setup: in the test's process
+    assert fota_in_process(home, "device", "add", "cli-ha", "--hardware", "unix").returncode == 0
     assert_clean_error(fota(home, "ha", "add", "cli-ha"), "not enabled")
     r = fota(home, "ha", "enable")
     assert r.returncode == 0, r.stdout + r.stderr

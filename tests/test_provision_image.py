@@ -14,12 +14,12 @@ from fota.server.credentials import mosquitto_hash
 from fota.tools.boardfs import BOOT_PY
 from fota.tools.lfsimage import MAIN_PY, ImageError, build_image, layout, read_image, write_command
 from fota.tools.supervisor import find_micropython
-from test_cli import assert_clean_error, fota
+from test_cli import assert_clean_error, fota, fota_in_process
 
 
 def _provision(tmp_path: Path, board: str, *args: str):
     home = tmp_path / "home"
-    assert fota(home, "keys", "init").returncode == 0
+    assert fota_in_process(home, "keys", "init").returncode == 0  # setup: in the test's process
     image = tmp_path / f"{board}.img"
     r = fota(home, "device", "provision", "board-1", "--hardware", "picow", "--board", board,
              "--image", str(image), *args)
@@ -78,7 +78,7 @@ def test_esp32_image_size_and_esptool_command(tmp_path):
 
 def test_unknown_board_is_refused_and_registers_nothing(tmp_path):
     home = tmp_path / "home"
-    assert fota(home, "keys", "init").returncode == 0
+    assert fota_in_process(home, "keys", "init").returncode == 0  # setup: in the test's process
     r = fota(home, "device", "provision", "d1", "--hardware", "x", "--board", "esp8266",
              "--image", str(tmp_path / "x.img"))
     assert_clean_error(r, "esp8266", "esp32, esp32s3, rp2")
@@ -192,7 +192,7 @@ def test_device_from_an_image_boots_its_own_main_py_and_completes_an_update(flee
 
 def test_a_filesystem_too_small_for_the_tree_registers_nothing(tmp_path):
     home = tmp_path / "home"
-    assert fota(home, "keys", "init").returncode == 0
+    assert fota_in_process(home, "keys", "init").returncode == 0  # setup: in the test's process
     r = fota(home, "device", "provision", "d2", "--hardware", "x", "--board", "esp32", "--fs-size", str(8 * 4096),
              "--image", str(tmp_path / "x.img"))
     assert_clean_error(r, "does not fit", "--fs-size")

@@ -15,7 +15,7 @@ from fota.server.credentials import mosquitto_hash
 from fota.tools import boardport
 from fota.tools.boardfs import BOOT_PY, MAIN_PY, board_tree
 from fota.tools.supervisor import find_micropython
-from test_cli import assert_clean_error, fota
+from test_cli import assert_clean_error, fota, fota_in_process
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "boards"))
 from serial_board import EmulatedBoard  # noqa: E402
@@ -26,7 +26,7 @@ WIFI_PASSWORD = "correct-horse-battery"
 @pytest.fixture
 def home(tmp_path) -> Path:
     home = tmp_path / "home"
-    assert fota(home, "keys", "init").returncode == 0
+    assert fota_in_process(home, "keys", "init").returncode == 0  # setup: in the test's process
     return home
 
 

@@ -18,7 +18,7 @@ from fota.server.home import Home
 from fota.server.store import Device, Store
 from fota.tools.waiting import wait_until
 from fota.tools.supervisor import DeviceProcess
-from test_cli import _app_dir, assert_clean_error, background, fota, stop
+from test_cli import _app_dir, assert_clean_error, background, fota, fota_in_process, stop
 
 DEVICES = ("rot-1",)
 ASLEEP = "rot-3"  # offline while the keys rotate (its persistent session is kept)
@@ -90,11 +90,13 @@ def serving_home(request, tmp_path):
 
 def test_rotation_while_serving_takes_effect_without_restart(serving_home, tmp_path):
     home, url, serve_args = serving_home
-    assert fota(home, "keys", "init").returncode == 0
+    # setup, in the test's process (inproc.run_fota); what rotation changes runs as fota processes
+    assert fota_in_process(home, "keys", "init").returncode == 0
     for dev in DEVICES + (ASLEEP,):
-        r = fota(home, "device", "add", dev, "--hardware", "unix", "--unix-dir")
+        r = fota_in_process(home, "device", "add", dev, "--hardware", "unix", "--unix-dir")
         assert r.returncode == 0, r.stderr
-    r = fota(home, "release", "create", str(_app_dir(tmp_path, "1.1.0")), "--version", "1.1.0", "--hardware", "unix")
+    r = fota_in_process(home, "release", "create", str(_app_dir(tmp_path, "1.1.0")), "--version", "1.1.0",
+                        "--hardware", "unix")
     assert r.returncode == 0, r.stdout + r.stderr
     serve = background(home, *serve_args)
     devices = {dev: background(home, "device", "run", dev) for dev in DEVICES + (ASLEEP,)}

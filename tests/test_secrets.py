@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from fota.server.kek import Kek, is_wrapped
 from fota.tools import bundle
-from test_cli import _app_dir, assert_clean_error, fota
+from test_cli import _app_dir, assert_clean_error, fota, fota_in_process
 
 NOBODY = 65534
 
@@ -86,12 +86,13 @@ def attack_with_database_copy(db_copy: Path, blob: bytes) -> bytes | None:
 
 def _make_home(open_dir: Path) -> tuple[Path, str]:
     home = open_dir / "home"
-    assert fota(home, "keys", "init").returncode == 0
-    r = fota(home, "device", "add", "sec-1", "--hardware", "unix", "--unix-dir")
+    # setup, in the test's process (inproc.run_fota: fota.cli.main, as a process runs it)
+    assert fota_in_process(home, "keys", "init").returncode == 0
+    r = fota_in_process(home, "device", "add", "sec-1", "--hardware", "unix", "--unix-dir")
     assert r.returncode == 0, r.stderr
     app = _app_dir(open_dir, "7.0.0")
     (app / "secret.txt").write_text("the launch code is 0000\n")
-    r = fota(home, "release", "create", str(app), "--version", "7.0.0", "--hardware", "unix", "--encrypt")
+    r = fota_in_process(home, "release", "create", str(app), "--version", "7.0.0", "--hardware", "unix", "--encrypt")
     assert r.returncode == 0, r.stdout + r.stderr
     return home, "7.0.0"
 
