@@ -21,23 +21,8 @@
 import errno
 import select
 import socket
-import time
 
-try:
-    from time import ticks_ms, ticks_diff, ticks_add, sleep_ms
-except ImportError:  # CPython
-    def ticks_ms():
-        return int(time.monotonic() * 1000)
-
-    def ticks_diff(a, b):
-        return a - b
-
-    def ticks_add(a, b):
-        return a + b
-
-    def sleep_ms(ms):
-        time.sleep(ms / 1000)
-
+from fota.device.mqtt import ticks_ms, ticks_diff, ticks_add, sleep_ms
 from fota.device import protocol as P
 
 SEGMENT = 65536       # bytes per ranged GET (a multiple of the chunk size is used)

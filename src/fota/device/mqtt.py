@@ -19,14 +19,18 @@ import socket
 import struct
 import time
 
+# The device's clock, also for the runner and the http fetch (one copy of CPython's stand-ins).
 try:
-    from time import ticks_ms, ticks_diff, sleep_ms
+    from time import ticks_ms, ticks_diff, ticks_add, sleep_ms
 except ImportError:  # CPython
     def ticks_ms():
         return int(time.monotonic() * 1000)
 
     def ticks_diff(a, b):
         return a - b
+
+    def ticks_add(a, b):
+        return a + b
 
     def sleep_ms(ms):
         time.sleep(ms / 1000)

@@ -17,30 +17,11 @@ from fota.device import core as C
 from fota.device import fsutil
 from fota.device import boot as bootrec
 from fota.device.executor import Executor, Reboot
-from fota.device.mqtt import MQTTClient, MQTTError, backoff_ms
+from fota.device.mqtt import MQTTClient, MQTTError, backoff_ms, ticks_ms, ticks_diff, ticks_add, sleep_ms
 from fota.device.slots import open_backend
 
 REBOOT_EXIT = 3   # the unix-port supervisor restarts the agent on this exit code
 EPOCH_2000 = 946684800  # Unix time of 2000-01-01: some MicroPython ports count from there
-
-try:
-    ticks_ms = time.ticks_ms
-    ticks_diff = time.ticks_diff
-    ticks_add = time.ticks_add
-    _sleep_ms = time.sleep_ms
-except AttributeError:  # CPython
-    def ticks_ms():
-        return int(time.monotonic() * 1000)
-
-    def ticks_diff(a, b):
-        return a - b
-
-    def ticks_add(a, b):
-        return a + b
-
-    def _sleep_ms(ms):
-        time.sleep(ms / 1000)
-
 
 class Clock:
     """Milliseconds since the start, for the core's deadlines, from ticks_ms.
@@ -536,7 +517,7 @@ class Device:
         wait = ticks_diff(self._connect_at, ticks_ms())
         if wait > 0:
             if timeout_ms > 0:
-                _sleep_ms(min(wait, timeout_ms))
+                sleep_ms(min(wait, timeout_ms))
             return False
         if not self.link_up():
             return False
