@@ -20,13 +20,14 @@ from fota.server.center import natsconn
 from fota.server.deployments import create_deployment
 from fota.server.natscluster import NatsCluster
 from fota.server.releases import create_release
-from fota.server.store import Device, Job, StatusEvent, Store
+from fota.server.store import Job, StatusEvent, Store
 from fota.sim import FailurePlan, SimFleet, device_ids, provision
 from fota.testkit.center import CenterThread
 from fota.tools.keyring import Keyring
 from fota.tools.waiting import wait_until
 
 from test_sim import SimThread
+from test_workers import _count, _online  # the same counts as the MQTT 5 workers' fleet test
 
 pytest.importorskip("nats")
 pytestmark = pytest.mark.postgres
@@ -88,16 +89,6 @@ def _stream_state(cluster) -> str:
 def _stored(store: Store) -> set[tuple[str, int, int]]:
     with store.session() as s:
         return set(s.execute(select(StatusEvent.device_id, StatusEvent.boot, StatusEvent.seq)).all())
-
-
-def _online(store: Store) -> int:
-    with store.session() as s:
-        return s.scalar(select(func.count()).select_from(Device).where(Device.online.is_(True)))
-
-
-def _count(store: Store, states) -> int:
-    with store.session() as s:
-        return s.scalar(select(func.count()).select_from(Job).where(Job.kind == "update", Job.state.in_(states)))
 
 
 # When the node dies: once half of the 24 devices download, or once the first one confirmed (the
