@@ -252,6 +252,9 @@ def deploy_run(n: int, args, tmp: Path) -> dict:
                        "cpu_s": time.process_time() - cpu0},
             "broker_cpu_s": broker.cpu_s() - broker_cpu0,
         }
+        # Chunks published beyond one of each per device: sent twice (chunk timeouts, losses).
+        needed = n * -(-len(image) // args.chunk)
+        result["resent_pct"] = 100.0 * (result["center"]["chunks"] - needed) / needed
         result["sim"] = rig.stop_sim()
         # The work done, whatever the number of cores: center + simulator + broker CPU seconds.
         result["cpu_s"] = result["center"]["cpu_s"] + (result["sim"] or {}).get("cpu_s", 0) + result["broker_cpu_s"]
@@ -686,6 +689,7 @@ def main(argv=None) -> int:
         rows.append((d["devices"], f.get("connect_s"), f.get("started_s"), f.get("wall_s"),
                      (fl.get("paho") or {}).get("wall_s"), ra.get("paho"), (fl.get("raw") or {}).get("wall_s"),
                      ra.get("raw"), f.get("confirmed"), (f.get("center") or {}).get("statuses"),
+                     (f.get("center") or {}).get("chunks"), f.get("resent_pct"), sim.get("timeouts"),
                      (f.get("center") or {}).get("cpu_s"), sim.get("cpu_s"), f.get("broker_cpu_s"),
                      _div(f.get("cpu_s"), (fl.get("paho") or {}).get("cpu_s")),
                      _div(f.get("cpu_s"), (fl.get("raw") or {}).get("cpu_s")), sim.get("rss_mib"),
@@ -694,7 +698,7 @@ def main(argv=None) -> int:
         print_table(f"deployment of a {args.image_kib} KiB image, {args.deploy_db} store "
                     f"(target: paho ratio <= {TARGET_RATIO} at 10,000)",
                     ["devices", "connect s", "started s", "fota wall s", "paho floor s", "ratio", "raw floor s",
-                     "ratio raw", "confirmed", "statuses", "center CPU s", "sim CPU s", "broker CPU s",
+                     "ratio raw", "confirmed", "statuses", "chunks", "re-sent %", "timeouts", "center CPU s", "sim CPU s", "broker CPU s",
                      "CPU ratio", "CPU ratio raw", "sim RSS MiB", "broker RSS MiB", "note"],
                     [[_fmt(v) for v in r] for r in rows])
     rows = [(r["db"], r.get("statuses"), r.get("floor_rate"), r.get("fota_rate"), r.get("ratio"), r.get("error"))

@@ -663,12 +663,36 @@ def test_lost_chunks_are_requested_again_after_timeout_and_stall_fails(key):
     h.run(h.core.tick(0))
     h.run(h.core.command(cmd(make_update(key, image))))
     n = len(h.requests())
+    # The timeout asks for one chunk past the window (a probe); it arrives before the window's,
+    # so those were lost: the window is asked for again from the next chunk.
     h.run(h.core.tick(150))
-    again = h.requests()[n:]
-    assert again and again[0]["first"] == 0
+    probe = h.requests()[n:]
+    assert [(r["first"], r["count"]) for r in probe] == [(4, 1)]
+    h.run(h.core.chunk(struct.pack(">II", 1, 4) + image[4 * 256:5 * 256]))
+    again = h.requests()[n + 1:]
+    assert [(r["first"], r["count"]) for r in again] == [(0, 4)]
     h.run(h.core.tick(1200))
     st = h.statuses()[-1]
     assert (st["state"], st["code"]) == ("failed", P.E_TIMEOUT)
+
+
+def test_late_window_after_a_chunk_timeout_is_not_asked_for_twice(key):
+    # Under load a window can take longer than the chunk timeout: the timeout asks for one chunk
+    # more, not the window again, and each timeout in a row without a chunk doubles the next.
+    image = bytes(range(256)) * 8
+    h = Harness(key)
+    h.core.settings = C.Settings(chunk_timeout=100, stall_timeout=10000)
+    h.run(h.core.tick(0))
+    h.run(h.core.command(cmd(make_update(key, image, chunk=256, window=4))))
+    n = len(h.requests())
+    for now in (101, 150, 302, 500, 703):   # timeouts at 101, 302 (+200) and 703 (+400)
+        h.run(h.core.tick(now))
+    probes = h.requests()[n:]
+    assert [(r["first"], r["count"]) for r in probes] == [(4, 1), (5, 1), (6, 1)]
+    h.serve(image, 256)   # the late window, then the probes and whatever they lead to
+    assert bytes(h.slot) == image and h.rebooted
+    asked = [i for r in h.requests() for i in range(r["first"], r["first"] + r["count"])]
+    assert sorted(asked) == list(range(8)), "no chunk asked for twice"
 
 
 def test_resume_from_journal_continues_at_checkpoint(key):

@@ -353,6 +353,8 @@ class UpdateCore:
         self.requested = 0        # chunks requested so far (exclusive end)
         self.last_chunk_at = 0
         self.last_progress_at = 0
+        self.backoff = 0          # chunk timeouts in a row without a chunk: each doubles the next (3 at most)
+        self.probe = -1           # the chunk a timeout's probe asked for (-1: none)
         self.stalled = 0          # connected ms without a chunk, carried across reconnects
         self.reported_next = None  # self.next at the last progress report (None: report the next chunk)
         self.reported_at = 0       # self.now of the last progress report
@@ -488,6 +490,7 @@ class UpdateCore:
             # Ask again from where we are: whatever was in flight is gone with the connection.
             self.requested = self.next
             self.last_chunk_at = self.now
+            self.backoff = 0
             self.last_progress_at = self.now - self.stalled
             if self.stalled > self.settings.stall_timeout:
                 # Connections that die before the next tick never reach tick()'s check.
@@ -840,11 +843,16 @@ class UpdateCore:
         if force:
             self.requested = self.next
             outstanding = 0
+            self.probe = -1
         first = self.requested
         count = min(job.window - outstanding, job.chunks - first)
         if count <= 0:
             return []
+        return self._ask(first, count)
+
+    def _ask(self, first, count):
         self.requested = first + count
+        job = self.job
         if job.cmd.get("req_format") == 2:  # the center takes the short text form (§5)
             req = "%d %d %d %d" % (job.id, first, count, job.chunk)
         else:
@@ -872,6 +880,12 @@ class UpdateCore:
             r = Rejection(P.E_BAD_CHUNK, "chunk %d has %d bytes, expected %d" % (index, got, expected))
             return [self._publish_status(self._rejected(r, job.id))]
         if index != self.next:
+            if index == self.probe and index > self.next:
+                # A timeout's probe overtook the chunks asked for before it: those are lost
+                # (chunks of one job arrive in the order requested), so ask again from here.
+                self.probe = -1
+                self.last_chunk_at = self.now
+                return self._request_more(True)
             return []  # duplicate or out of order: re-requested on timeout
         return self._take(memoryview(payload)[P.CHUNK_HEADER_SIZE:])
 
@@ -903,6 +917,7 @@ class UpdateCore:
         self.chunk_seen = True
         self.last_chunk_at = self.now
         self.last_progress_at = self.now
+        self.backoff = 0
         if self.next == job.chunks:
             return actions + self._downloaded()
         if self.next % job.window == 0:
@@ -1045,7 +1060,21 @@ class UpdateCore:
         if now - self.last_progress_at > self.settings.stall_timeout:
             return self._end(P.FAILED, "error", P.E_TIMEOUT,
                              "no chunk for %d ms (at chunk %d of %d)" % (self.settings.stall_timeout, self.next, self.job.chunks))
-        if now - self.last_chunk_at > self.settings.chunk_timeout:
+        if now - self.last_chunk_at > self.settings.chunk_timeout << self.backoff:
             self.last_chunk_at = now
-            return self._request_more(True)
+            if self.job.http or self.requested <= self.next:
+                return self._request_more(True)
+            if self.backoff < 3:
+                self.backoff += 1
+            return self._probe()
         return []
+
+    def _probe(self):
+        # The chunk timeout with chunks still asked for: under load they are usually late, not
+        # lost, and asking for the window again would have them all sent twice. Ask for one chunk
+        # more (the last one again when all were asked for): if the earlier ones are only late,
+        # it arrives after them and costs nothing; if it arrives first, they were lost and
+        # chunk() asks for the window again from the next chunk.
+        first = min(self.requested, self.job.chunks - 1)
+        self.probe = first
+        return self._ask(first, 1)

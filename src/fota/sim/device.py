@@ -119,6 +119,8 @@ class SimDevice:
         self.boots = 0
         self.connects = 0
         self.chunks = 0
+        self.stale_chunks = 0   # chunks the core dropped (not the next expected: late or duplicate)
+        self.timeouts = 0       # chunk timeouts that re-requested (core.tick asked for chunks)
         self.published = 0
         self.commands: list[float] = []    # clock() when a command reached the core
         self.woke_at: float | None = None
@@ -264,7 +266,11 @@ class SimDevice:
         core = self.core
         core.now = self.now_ms()
         self.chunks += 1
-        return self._execute_now(core.chunk(payload))
+        before = core.next
+        actions = core.chunk(payload)
+        if core.next == before:
+            self.stale_chunks += 1
+        return self._execute_now(actions)
 
     def _on_disconnect(self, client, packet, exc=None):
         if client is self.client:
@@ -410,7 +416,13 @@ class SimDevice:
             if self._lost:
                 await self._close()
                 continue
-            await self.execute(core.tick(self.now_ms()))
+            await self.execute(self._tick(core))
+
+    def _tick(self, core):
+        actions = core.tick(self.now_ms())
+        if any(a[0] == C.A_PUBLISH and a[1] == P.REQ for a in actions):
+            self.timeouts += 1  # a chunk timeout re-requested
+        return actions
 
     def _nap_due(self) -> bool:
         p = self.profile

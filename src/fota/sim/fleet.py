@@ -114,5 +114,7 @@ class SimFleet:
             "reverted": sum(1 for d in devs if d.reverted_at is not None),
             "reboots": sum(d.boots - 1 for d in devs),
             "chunks": sum(d.chunks for d in devs),
+            "stale_chunks": sum(d.stale_chunks for d in devs),
+            "timeouts": sum(d.timeouts for d in devs),
             "errors": [f"{d.id}: {d.error}" for d in devs if d.error][:10],
         }
