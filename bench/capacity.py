@@ -1,7 +1,7 @@
 """Capacity: the per-unit costs a fleet of a million devices is sized from, measured on this machine.
 
     ./run bench capacity [--devices 2000] [--image-kib 64] [--db sqlite|postgres] [--statuses 10000]
-                         [--idle-s 5] [--chunk 2048] [--window 8] [--timeout 600]
+                         [--ranges 2000] [--range-kib 64] [--idle-s 5] [--chunk 2048] [--window 8] [--timeout 600]
                          [--out bench/results/capacity.json]
 
 One run, real parts (bench/fleet.py's rig: an authenticated Mosquitto, the ControlCenter in this
@@ -17,6 +17,8 @@ process on a fresh --db store, --devices simulated devices in a child process):
    of 1,000 chunks (center and broker CPU; the center's part net of its extra statuses).
 3. Ingestion: bench/fleet.py's ingestion run (--statuses QoS 1 statuses, same --db): center CPU
    per 1,000 statuses stored.
+4. Transport http: the blob route (fota.server.blobhttp) on uvicorn, --ranges GETs of --range-kib
+   for open jobs: server CPU per GET and per MiB.
 
 Prints the unit costs, writes JSON, exits 1 when a deployment is not confirmed or a step raises.
 The model built on these figures: docs/operations.md (capacity model).
@@ -113,12 +115,68 @@ def sessions_and_updates(args, tmp: Path) -> dict:
             "sim_cpu_s": (sim or {}).get("cpu_s"), "warmup": warm, "deploy": [small, full]}
 
 
+def http_ranges(args, tmp: Path) -> dict:
+    """The control center's blob route (transport http) on uvicorn in this process: --ranges ranged
+    GETs of --range-kib (the device's segment) over keep-alive, from this process's main thread
+    (not counted), for open jobs of 20 devices; the CPU of the server's threads."""
+    import httpx
+    from fastapi import FastAPI
+
+    from fota.server import blobhttp
+    from fota.server.payloadurls import sign_url
+    from fota.sim.fleet import provision
+    from fota.testkit.appserver import AppServer
+    from fota.testkit.databases import fresh_database
+    from fota.server.store import Store
+    from fota.tools.signing import generate_private_key
+
+    url, drop = fresh_database(args.db, tmp / "http.db")
+    store = Store(url)
+    server = None
+    try:
+        ids = device_ids(20, "http")
+        provision(store, ids)
+        size = args.image_kib * 1024
+        rel = create_release(store, tmp / "blobs", generate_private_key(), os.urandom(size), "2.0.0", ["sim"],
+                             kind="image")
+        dep = create_deployment(store, rel, device_ids=ids)  # the devices stay offline: the jobs stay open
+        key = os.urandom(32)
+        app = FastAPI()
+        blobhttp.mount(app, store, tmp / "blobs", key)
+        server = AppServer(app).start()
+        exp = int(time.time()) + 3600
+        urls = [sign_url(server.url, key, j.device_id, j.id, rel.sha256, exp) for j in dep.jobs]
+        seg = min(args.range_kib * 1024, size)
+        starts = list(range(0, size, seg))
+        with httpx.Client(timeout=30) as client:
+            client.get(urls[0], headers={"Range": "bytes=0-0"}).raise_for_status()  # connection, first-use costs
+            cpu0, t0 = fleet.threads_cpu(), time.monotonic()
+            served = 0
+            for i in range(args.ranges):
+                first = starts[i % len(starts)]
+                r = client.get(urls[i % len(urls)], headers={"Range": f"bytes={first}-{first + seg - 1}"})
+                if r.status_code != 206:
+                    raise RuntimeError(f"blob route answered {r.status_code}: {r.text[:100]}")
+                served += len(r.content)
+            cpu, wall = fleet.threads_cpu_since(cpu0), time.monotonic() - t0
+        return {"ranges": args.ranges, "range_bytes": seg, "bytes": served, "server_cpu_s": cpu, "wall_s": wall}
+    finally:
+        if server is not None:
+            server.stop()
+        store.dispose()
+        drop()
+
+
 def unit_costs(r: dict) -> dict:
     """The per-unit figures from a run's raw measurements (None where a part failed)."""
     s, ing = r.get("sessions") or {}, r.get("ingest") or {}
     u: dict = {}
     if ing.get("center_cpu_s") is not None and ing.get("statuses"):
         u["center_cpu_ms_per_status"] = 1000 * ing["center_cpu_s"] / ing["statuses"]
+    h = r.get("http") or {}
+    if h.get("server_cpu_s") is not None:
+        u["http_cpu_ms_per_range"] = 1000 * h["server_cpu_s"] / h["ranges"]
+        u["http_cpu_ms_per_mib"] = 1000 * h["server_cpu_s"] / (h["bytes"] / 2**20)
     if s:
         n = s["devices"]
         u["broker_rss_kib_per_session"] = (s["broker_rss_kib"]["connected"] - s["broker_rss_kib"]["before"]) / n
@@ -148,6 +206,8 @@ ROWS = [  # (key, label, format)
     ("center_cpu_ms_per_status", "center CPU per status stored (ingestion run)", "{:.3f} ms"),
     ("center_cpu_ms_per_1000_chunks", "center CPU per 1,000 chunks served (marginal)", "{:.0f} ms"),
     ("broker_cpu_ms_per_1000_chunks", "broker CPU per 1,000 chunks (marginal)", "{:.0f} ms"),
+    ("http_cpu_ms_per_range", "blob route CPU per ranged GET (transport http)", "{:.2f} ms"),
+    ("http_cpu_ms_per_mib", "blob route CPU per MiB served", "{:.2f} ms"),
     ("center_cpu_s_per_update", "center CPU per device-update (whole)", "{:.4f} s"),
     ("center_cpu_ms_per_update_besides_chunks", "  of which besides chunks (command, claims, statuses)", "{:.2f} ms"),
     ("broker_cpu_s_per_update", "broker CPU per device-update", "{:.4f} s"),
@@ -176,7 +236,7 @@ def render(result: dict) -> None:
 
 
 def failures(result: dict) -> list[str]:
-    out = [f"{part}: {result[part]['error']}" for part in ("sessions", "ingest") if (result.get(part) or {}).get("error")]
+    out = [f"{part}: {result[part]['error']}" for part in ("sessions", "ingest", "http") if (result.get(part) or {}).get("error")]
     s = result.get("sessions") or {}
     for d in [s["warmup"]] * ("warmup" in s) + s.get("deploy", []):
         if d.get("error"):
@@ -193,6 +253,8 @@ def main(argv=None) -> int:
     ap.add_argument("--db", default="sqlite", choices=("sqlite", "postgres"))
     ap.add_argument("--statuses", type=int, default=10000, help="statuses of the ingestion run")
     ap.add_argument("--ingest-devices", type=int, default=1000)
+    ap.add_argument("--ranges", type=int, default=2000, help="ranged GETs to the blob route")
+    ap.add_argument("--range-kib", type=int, default=64, help="bytes per GET (the device's segment, 64 KiB)")
     ap.add_argument("--idle-s", type=float, default=5.0, help="seconds the connected fleet is left idle")
     ap.add_argument("--chunk", type=int, default=2048)
     ap.add_argument("--window", type=int, default=8)
@@ -212,6 +274,7 @@ def main(argv=None) -> int:
         except Exception as e:  # one failed part does not end the run
             result["sessions"] = {"error": f"{type(e).__name__}: {e}"}
         result["ingest"] = fleet._guarded(fleet.ingest_run, args.db, args, tmp, record={"db": args.db})
+        result["http"] = fleet._guarded(http_ranges, args, tmp, record={})
     result["units"] = unit_costs(result) if not (result["sessions"].get("error")) else {}
     return write_and_judge(result, args.out, render, failures)
 
