@@ -485,6 +485,29 @@ def _children_cpu(procs: list[subprocess.Popen]) -> float:
     return total
 
 
+def threads_cpu() -> dict[int, float]:
+    """CPU seconds (user + system) of each live thread of this process but the main one, by
+    thread id (/proc/self/task): the control center's threads when it runs in this process."""
+    tick = os.sysconf("SC_CLK_TCK")
+    main = threading.main_thread().native_id
+    out = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            tid = int(task.name)
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            if tid != main:
+                out[tid] = (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
+def threads_cpu_since(before: dict[int, float]) -> float:
+    """CPU seconds the threads alive now (but the main one) used since `before` (threads_cpu());
+    a thread that ended in between is not counted (the benches' short-lived client threads)."""
+    return sum(cpu - before.get(tid, 0.0) for tid, cpu in threads_cpu().items())
+
+
 # ----------------------------------------------------------------------------------- ingestion
 
 class PahoCounter(BrokerSpy):
@@ -571,10 +594,12 @@ def _ingest_run(db: str, args, tmp: Path) -> dict:
         center.start()
         c = center.center
         base = c.statuses
+        cpu0 = threads_cpu()
         t1 = _publish_statuses(broker, [(t, p.replace(b'"boot": 1', b'"boot": 2')) for t, p in messages])
         wait_until(lambda: c.statuses - base >= len(messages), timeout=args.timeout, interval=0.02,
                    what=f"{len(messages)} statuses stored")
         fota_s = time.monotonic() - t1
+        center_cpu = threads_cpu_since(cpu0)  # the center's threads (the publisher's ended)
         with store.session() as s:
             states = dict(s.execute(select(Job.state, func.count()).where(Job.deployment_id == dep.id)
                                     .group_by(Job.state)).all())
@@ -582,7 +607,7 @@ def _ingest_run(db: str, args, tmp: Path) -> dict:
                 "floor_s": floor_s, "floor_rate": len(messages) / floor_s if floor_s else None,
                 "fota_s": fota_s, "fota_rate": len(messages) / fota_s,
                 "ratio": (len(messages) / fota_s) / (len(messages) / floor_s) if floor_s else None,
-                "job_states": states, "duplicates": c.duplicates}
+                "job_states": states, "duplicates": c.duplicates, "center_cpu_s": center_cpu}
     finally:
         if center is not None:
             center.stop()
