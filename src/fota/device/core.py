@@ -48,7 +48,7 @@ from fota.device.trust import TrustError, TrustStore
 # job) would land between them, and once they are collected the free heap is left in holes too
 # small for a delta decoder's tables (docs/heap.md, "Delta update"). Collected first, the job's
 # objects fill the lowest holes.
-_collect = gc.collect if hasattr(gc, "mem_free") else (lambda: None)
+collect = gc.collect if hasattr(gc, "mem_free") else (lambda: None)
 
 A_PUBLISH = "publish"
 A_BEGIN = "begin"
@@ -549,7 +549,7 @@ class UpdateCore:
 
         clock: Unix seconds of the port's real-time clock, or None (no clock); it only ever
         makes commands expire sooner (see _expiry)."""
-        _collect()
+        collect()
         try:
             body, kid, now = self._authenticate(payload)
             kind = body["type"]
@@ -644,7 +644,7 @@ class UpdateCore:
                 raise Rejection(e.code, e.reason, job)
         if not self.verify(pub, data, unhexlify(sig)):
             raise Rejection(P.E_BAD_SIGNATURE, "command signature does not verify", job)
-        _collect()
+        collect()
         return body, kid, now
 
     def _expiry(self, body, clock, job):
@@ -720,7 +720,7 @@ class UpdateCore:
             raise Rejection(P.E_BAD_MANIFEST, "manifest is not UTF-8", terminal=True)
         if not self.verify(pub, text, unhexlify(cmd["manifest_sig"])):
             raise Rejection(P.E_BAD_SIGNATURE, "manifest signature does not verify", terminal=True)
-        _collect()
+        collect()
         m = parse_manifest(text, self.kinds)
         if self.hardware not in m["hw"]:
             raise Rejection(P.E_HW_MISMATCH, "release is for %s, this device is %s" % (",".join(m["hw"]), self.hardware), terminal=True)

@@ -15,7 +15,6 @@
 # keeps them in memory). A module, not a wrapper class: on a board every class costs heap.
 #
 # MicroPython and CPython.
-import gc
 import json
 import hashlib
 
@@ -271,7 +270,7 @@ class Executor:
     def _patcher(self, expect, inactive):
         # Imported only by a device that gets a delta; collected first, so that its bytecode
         # fills the heap's holes and leaves room in one piece for the inflate window.
-        gc.collect()
+        C.collect()
         from fota.device.delta import MIN_FREE, Patcher
         backend = self.backend
         active = self.slot
