@@ -119,7 +119,10 @@ def classify(record: dict, journal: bool, states_this_boot: list[str], online_th
     if trial and trial.get("tries", 0) == 0:
         return "install"          # slot marked for trial, the reboot not started yet
     if trial:
-        return "confirm" if online_this_boot else "trial"  # health check passed: confirming
+        # Health check passed and connected: confirming. A device publishes its `trial` status
+        # before `online` after a trial boot (protocol §1.1), so either one shows the connection.
+        connected = online_this_boot or P.TRIAL in states_this_boot
+        return "confirm" if connected else "trial"
     if record.get("report"):
         return "confirm"          # confirmed, the report not yet acknowledged by the broker
     if journal:
