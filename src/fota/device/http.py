@@ -22,7 +22,7 @@ import errno
 import select
 import socket
 
-from fota.device.mqtt import ticks_ms, ticks_diff, ticks_add, sleep_ms
+from fota.device.mqtt import nonblocking_io, ticks_ms, ticks_diff, ticks_add, sleep_ms
 from fota.device import protocol as P
 
 SEGMENT = 65536       # bytes per ranged GET (a multiple of the chunk size is used)
@@ -197,10 +197,7 @@ class Fetch:
             s.close()
             raise
         self.sock = s
-        self._rd = getattr(s, "readinto", None) or s.recv_into  # MicroPython or CPython
-        self._wr = getattr(s, "write", None) or s.send
-        self._poll = select.poll()
-        self._poll.register(s, select.POLLIN)
+        self._rd, self._wr, self._poll = nonblocking_io(s)
         self.origin = (scheme, host, port)
         self.connections += 1
 

@@ -35,6 +35,15 @@ except ImportError:  # CPython
     def sleep_ms(ms):
         time.sleep(ms / 1000)
 
+
+def nonblocking_io(s):
+    """(read into, write, poll) of a connected non-blocking socket, for this client and the http
+    fetch: MicroPython's stream methods or CPython's socket ones, and a poll registered for input."""
+    poll = select.poll()
+    poll.register(s, select.POLLIN)
+    return getattr(s, "readinto", None) or s.recv_into, getattr(s, "write", None) or s.send, poll
+
+
 ETIMEDOUT = getattr(errno, "ETIMEDOUT", 110)
 ECONNRESET = getattr(errno, "ECONNRESET", 104)
 _AGAIN = (errno.EAGAIN, getattr(errno, "EWOULDBLOCK", errno.EAGAIN))
@@ -174,10 +183,7 @@ class MQTTClient:
             s.close()
             raise
         self.sock = s
-        self._rd = getattr(s, "readinto", None) or s.recv_into  # MicroPython or CPython
-        self._wr = getattr(s, "write", None) or s.send
-        self._poll = select.poll()
-        self._poll.register(s, select.POLLIN)
+        self._rd, self._wr, self._poll = nonblocking_io(s)
         self._reset()
 
         fields = [self.client_id]
