@@ -231,7 +231,7 @@ def _when(at: Optional[datetime], now: datetime) -> str:
     """A time stamp for a person: UTC, with how far it is from now."""
     if at is None:
         return "-"
-    seconds = int((at - now).total_seconds())
+    seconds = (at - now).total_seconds()  # not truncated first: 0.4 s ahead is "in 0s", not "0s ago"
     span = _duration(abs(seconds))
     return f"{at:%Y-%m-%d %H:%M:%S} UTC ({'in ' + span if seconds > 0 else span + ' ago'})"
 
@@ -246,8 +246,12 @@ def _duration(seconds: float) -> str:
 
 
 def render(summary: dict[str, Any], devices: bool, now: Optional[datetime] = None) -> Group:
-    """Rich view of a campaign: a header, one progress bar per wave, optionally every device."""
-    now = now or datetime.now(timezone.utc)
+    """Rich view of a campaign: a header, one progress bar per wave, optionally every device.
+
+    Spans ("in 9m59s", "3s ago") are measured from the center's clock when it made the summary
+    (summary["now"]), not this machine's: an ETA a second ahead must not read "0s ago" because
+    the answer took a moment to arrive over HTTP, or because the clocks differ."""
+    now = now or summary.get("now") or datetime.now(timezone.utc)
     s = summary
     lines = [f"campaign [bold]{escape(s['name'])}[/bold] (release {escape(s['release'])}): {s['state']}, "
              f"wave {s['wave']}/{s['waves_total']}, {s['counts'].get('succeeded', 0)}/{s['total']} succeeded"]

@@ -27,7 +27,7 @@ def _parse_times(value: Any, key: str = "") -> Any:
         return {k: _parse_times(v, k) for k, v in value.items()}
     if isinstance(value, list):
         return [_parse_times(v, key) for v in value]
-    if isinstance(value, str) and (key.endswith("_at") or key in ("last_seen", "eta")):
+    if isinstance(value, str) and (key.endswith("_at") or key in ("last_seen", "eta", "now")):
         return datetime.fromisoformat(value.replace("Z", "+00:00"))
     return value
 

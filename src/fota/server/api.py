@@ -304,6 +304,8 @@ class CampaignOut(BaseModel):
     preview: CampaignPreviewOut | None = Field(description="a draft: what starting it now would target")
     waves: list[WaveOut]
     devices: list[CampaignDeviceOut] | None = None
+    now: datetime | None = Field(default=None, description="the center's clock when this summary was made: "
+                                 "the time stamps above are relative to it (a client's clock may differ)")
 
 
 class CampaignIn(BaseModel):

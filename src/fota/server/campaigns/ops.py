@@ -297,6 +297,7 @@ def campaign_summary(store: Store, ref: str | int, devices: bool = True, now: da
             "skipped": _by_reason(skipped_by),
             "preview": _preview(s, c.id, c.release, spec, _unknown_targets(s, spec)) if c.state == S.DRAFT else None,
             "waves": waves,
+            "now": now,
         }
         if devices:
             listed = select(CampaignDevice).where(mine)
