@@ -89,6 +89,23 @@ def test_accepted_update_persists_its_journal_before_the_job_id(key):
     assert again.state == P.DOWNLOADING and again.job.id == 7  # not superseded by itself
 
 
+def test_a_job_the_agent_failed_at_three_times_in_a_row_ends_E_CRASH_at_the_next_boot(key):
+    journal = _half_download(key, os.urandom(4096))
+    # Two failures at this checkpoint: the job resumes (a third try).
+    again = new_core(agent={"last_job": 1, "boot": 2})
+    again.booted({"trial": None}, dict(journal, crash=[P.MAX_CRASHES - 1, 4, "MemoryError: x"]), hashlib.sha256())
+    assert again.state == P.DOWNLOADING and again.job.id == 1
+    # The third: the next boot ends the job instead of resuming it into the same failure.
+    core = new_core(agent={"last_job": 1, "boot": 3})
+    actions = core.booted({"trial": None}, dict(journal, crash=[P.MAX_CRASHES, 4, "MemoryError: x"]),
+                          hashlib.sha256())
+    assert (C.A_JOURNAL, None) in actions and not any(a[0] == C.A_BEGIN for a in actions)
+    statuses = [json.loads(a[2]) for a in actions if a[0] == C.A_PUBLISH and a[1] == P.STATUS]
+    assert [(s["job"], s["state"], s["code"]) for s in statuses] == [(1, P.FAILED, P.E_CRASH)]
+    assert "3 times in a row at chunk 4" in statuses[0]["reason"] and "MemoryError: x" in statuses[0]["reason"]
+    assert core.state == P.IDLE and core.job is None
+
+
 @pytest.fixture(scope="module")
 def key():
     from test_core import SIGNING_KEY
@@ -208,3 +225,45 @@ def test_command_queued_while_offline_is_acknowledged_once_handled(fleet):
         wait_until(lambda: fleet.device_row(dev).online, timeout=30, what="back online")
         time.sleep(0.5)
     assert [s for s in fleet.spy.of(dev, job) if s["state"] == "rejected"] == []
+
+
+# An app whose tick() fails (a MemoryError in the real case: the app and the agent share the heap)
+# whenever a download is journalled: the agent fails at the same checkpoint at every boot.
+FAILS_WHILE_DOWNLOADING = b"""
+import os
+VERSION = "1.0.0"
+def start():
+    print("hungry app started")
+def tick():
+    try:
+        os.stat(JOURNAL)
+    except OSError:
+        return
+    raise MemoryError("the app's buffer while a download runs")
+"""
+
+
+@both_interpreters
+def test_an_agent_that_fails_at_the_same_point_at_every_boot_ends_the_job_not_a_restart_loop(fleet):
+    """The agent fails three times in a row at the same checkpoint (here its app's tick raises
+    MemoryError while the download is journalled): the third restart ends the job failed E_CRASH
+    with the error in its reason, the device keeps running 1.0.0 and stays online, and a later
+    update (the app no longer failing) goes through."""
+    dev = "crash-loop"
+    fleet.add_devices([dev], start=False, max_restarts=20)
+    root = fleet.root(dev)
+    app = [p for p in root.rglob("app.py") if "slots" in str(p)]
+    assert app, list(root.rglob("*"))
+    for p in app:
+        p.write_bytes(FAILS_WHILE_DOWNLOADING.replace(b"JOURNAL", repr(str(root / "journal.json")).encode()))
+    fleet.devices[dev].start()
+    fleet.wait_online(dev)
+    rel = create_release(fleet.store, fleet.blobs, fleet.key, bundle_of_size("1.1.0", 48 * 1024), "1.1.0", ["unix"])
+    job = create_deployment(fleet.store, rel, device_ids=[dev]).jobs[0]
+    j = fleet.wait_job(job.id, timeout=120)
+    log = fleet.devices[dev].log_text()
+    assert (j.state, j.code) == ("failed", P.E_CRASH), (j.state, j.code, j.reason, log[-3000:])
+    assert "3 times in a row" in j.reason and "MemoryError" in j.reason, j.reason
+    assert log.count("agent failure") == P.MAX_CRASHES, log[-3000:]
+    fleet.wait_online(dev, version="1.0.0")
+    assert not (root / "journal.json").exists()

@@ -82,6 +82,11 @@ MEANINGS: dict[str, tuple[str, str]] = {
     'E_HTTP_TLS': ('failed',
         "transport `http`: the server's certificate does not verify against the device's CA, or an https URL "
         'with no CA to verify it'),
+    'E_CRASH': ('failed',
+        'the agent failed (an exception such as `MemoryError`: a heap too small for this job) 3 times in a '
+        'row without the download getting past the same checkpoint; instead of resuming into the same '
+        'failure at every boot, the job ends at the next boot and the device keeps its firmware (§9). A '
+        'failure after the download moved on starts the count over'),
 }
 
 

@@ -257,6 +257,8 @@ def main(root, step_ms=DEFAULT_STEP_MS):
         try:
             log("agent crashed:", type(e).__name__, e)
             sys.print_exception(e)
+            if device is not None:
+                device.executor.crashed(e)  # counted against the job in progress (E_CRASH)
             if device is not None and device.client is not None:
                 device.go_offline()
         except Exception:  # a MemoryError again (a full heap): the reset matters, not the goodbye

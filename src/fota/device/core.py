@@ -439,6 +439,16 @@ class UpdateCore:
             # last_job (see _update), and a cut between the two must not let the command run twice.
             if job.id > self.last_job:
                 self.last_job = job.id
+            crash = journal.get("crash")  # [failures in a row, at checkpoint, error] (executor.crashed)
+            if isinstance(crash, list) and len(crash) == 3 and isinstance(crash[0], int) \
+                    and crash[0] >= P.MAX_CRASHES:
+                # The agent failed that often without the download getting past this checkpoint
+                # (a MemoryError where the heap is too small for this job): resuming would fail
+                # again at every boot. The job ends; the running firmware stays.
+                msg = self._status(P.FAILED, job=job.id, code=P.E_CRASH,
+                                   reason="the agent failed %d times in a row at chunk %s of this job: %s"
+                                   % (crash[0], crash[1], crash[2]))
+                return [self._agent_state(), (A_JOURNAL, None), self._publish_status(msg)]
             if isinstance(cmd.get("time"), int) and cmd["time"] > self.time:
                 self.time = cmd["time"]
             if job.delta or hasher is None:

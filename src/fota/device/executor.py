@@ -46,6 +46,8 @@ class Executor:
         self.core = None        # this boot's core (start())
         self.patcher = None     # the delta decoder of the current job, if it is a delta job
         self.installed = None   # the core's answer to the last install (install_steps)
+        self.crash = None       # the resumed journal's failure count (crashed()), until it moves on
+        self.crash_job = None   # ... and its job
 
     # ---- boot --------------------------------------------------------------------------------
     def select(self, version, max_trial_boots):
@@ -99,10 +101,33 @@ class Executor:
         return core.booted({"trial": record["trial"] if on_trial else None, "report": record.get("report")},
                            journal, hasher)
 
+    def crashed(self, error):
+        """The agent failed with an exception (runner.main, board.main): counted in the journal
+        of the download in progress, if any, as [failures in a row, checkpoint, error]. A failure
+        at a later checkpoint than the last one starts the count over; at P.MAX_CRASHES the core
+        ends the job at the next boot (E_CRASH) instead of resuming it into the same failure.
+        Best effort: the heap may be full (a MemoryError), and the reset matters more."""
+        try:
+            import gc
+            gc.collect()
+            journal = self._read("journal.json")
+            if not journal or not isinstance(journal.get("pos"), int):
+                return
+            pos = journal["pos"]
+            last = journal.get("crash")
+            n = last[0] + 1 if isinstance(last, list) and len(last) == 3 and pos <= last[1] else 1
+            journal["crash"] = [n, pos, ("%s: %s" % (type(error).__name__, error))[:120]]
+            self._write("journal.json", journal)
+            self.log("agent failure", n, "in a row at chunk", pos, "of job", journal["cmd"].get("job"))
+        except Exception:
+            pass
+
     def _load_journal(self):
         journal = self._read("journal.json")
         if not journal:
             return None, None
+        self.crash = journal.get("crash")
+        self.crash_job = (journal.get("cmd") or {}).get("job") if isinstance(journal.get("cmd"), dict) else None
         try:
             cmd = journal["cmd"]
             # A cut between marking the trial and deleting the journal leaves the journal of a
@@ -128,6 +153,8 @@ class Executor:
                 # The backend may continue below the journal's position: send again from the
                 # chunk that holds its offset.
                 journal = {"cmd": cmd, "pos": start // chunk}
+                if self.crash:
+                    journal["crash"] = self.crash
                 offset = journal["pos"] * chunk
             hasher = self._hasher(inactive, offset)
             self.log("resuming job", cmd.get("job"), "at byte", offset)
@@ -184,9 +211,17 @@ class Executor:
             _, journal = action
             if journal is None:
                 self.patcher = None
+                self.crash = None
                 self._remove("journal.json")
             else:
                 self.backend.flush(inactive)  # data first, then the journal that points past it
+                if self.crash:
+                    # The failure count stays until the download gets past where it failed.
+                    if journal["pos"] > self.crash[1] or journal["cmd"].get("job") != self.crash_job:
+                        self.crash = None
+                    else:
+                        journal = dict(journal)
+                        journal["crash"] = self.crash
                 self._write("journal.json", journal)
         elif kind == C.A_STATE:
             _, agent = action

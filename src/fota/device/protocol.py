@@ -107,6 +107,8 @@ E_HTTP_STATUS = "E_HTTP_STATUS"        # transport http: the server refused the 
 E_HTTP_RANGE = "E_HTTP_RANGE"          # transport http: 416, or a response whose range, length or framing is not the one asked for
 E_HTTP_REDIRECT = "E_HTTP_REDIRECT"    # transport http: a redirect to a host the command does not allow, to plain http, or too many
 E_HTTP_TLS = "E_HTTP_TLS"              # transport http: the server's certificate does not verify against the device's CA
+E_CRASH = "E_CRASH"                    # the agent failed (e.g. MemoryError) MAX_CRASHES times in a row at the same point of this job
+MAX_CRASHES = 3                        # agent failures in a row, without the job's checkpoint moving, that end the job
 SPACE_MARGIN = 16384                   # bytes a download leaves free beyond its files (filesystem metadata, state files)
 
 ERROR_CODES = (E_BAD_COMMAND, E_OVERSIZE, E_UNKNOWN_COMMAND, E_STALE_JOB, E_DUPLICATE_JOB,
@@ -114,4 +116,4 @@ ERROR_CODES = (E_BAD_COMMAND, E_OVERSIZE, E_UNKNOWN_COMMAND, E_STALE_JOB, E_DUPL
                E_BAD_CHUNK, E_HASH_MISMATCH, E_INSTALL, E_BAD_BUNDLE, E_TIMEOUT, E_HEALTH,
                E_NOT_RUNNING, E_KEY_REVOKED, E_KEY_EXPIRED, E_WRONG_DEVICE, E_DOWNGRADE, E_STALE_KEYS,
                E_BAD_KEYS, E_DECRYPT, E_BASE_MISMATCH, E_DELTA, E_LOW_BATTERY, E_EXPIRED, E_SPACE,
-               E_HTTP_STATUS, E_HTTP_RANGE, E_HTTP_REDIRECT, E_HTTP_TLS)
+               E_HTTP_STATUS, E_HTTP_RANGE, E_HTTP_REDIRECT, E_HTTP_TLS, E_CRASH)

@@ -713,3 +713,9 @@ def main(root):
             sys.exit(REBOOT_EXIT)  # the unix port: the supervisor starts us again
         import machine  # a board: a hard reset boots the selected slot
         machine.reset()
+    except Exception as e:
+        # The agent failed: counted against the job in progress (executor.crashed), so that a
+        # failure at the same point at every boot ends the job (E_CRASH) instead of a restart
+        # loop. The supervisor starts the agent again.
+        device.executor.crashed(e)
+        raise
