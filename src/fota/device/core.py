@@ -607,10 +607,14 @@ class UpdateCore:
             raise Rejection(P.E_OVERSIZE, "command of %d bytes exceeds %d" % (size, P.MAX_COMMAND_BYTES))
         try:
             env = json.loads(payload)
-        except (ValueError, TypeError, UnicodeError, RuntimeError, MemoryError):
-            # RuntimeError (RecursionError): nested too deep. MemoryError: MicroPython needs tens of
-            # bytes per JSON value, so 8 KB of "[[[..." or "[{},{},..." exhausts a small heap; a
-            # crash there would crash-loop the device, as the broker redelivers the command.
+        except MemoryError:
+            # MicroPython needs tens of bytes per JSON value, so 8 KB of "[[[..." or "[{},{},..."
+            # exhausts a small heap, and so does a valid command in a heap too small for it (said
+            # apart: the operator reads the reason). A crash there would crash-loop the device, as
+            # the broker redelivers the command.
+            raise Rejection(P.E_BAD_COMMAND, "no heap to parse a command of %d bytes" % size)
+        except (ValueError, TypeError, UnicodeError, RuntimeError):
+            # RuntimeError (RecursionError): nested too deep.
             raise Rejection(P.E_BAD_COMMAND, "command is not JSON")
         if not isinstance(env, dict):
             raise Rejection(P.E_BAD_COMMAND, "command is not a JSON object")
@@ -624,7 +628,9 @@ class UpdateCore:
             raise Rejection(P.E_BAD_COMMAND, "kid must be 16 and sig 128 hex chars")
         try:
             body = json.loads(text)
-        except (ValueError, TypeError, RuntimeError, MemoryError):
+        except MemoryError:
+            raise Rejection(P.E_BAD_COMMAND, "no heap to parse a command body of %d bytes" % len(text))
+        except (ValueError, TypeError, RuntimeError):
             raise Rejection(P.E_BAD_COMMAND, "command body is not JSON")
         try:
             data = text.encode()
