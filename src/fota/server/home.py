@@ -199,10 +199,21 @@ class Home:
     @property
     def device_broker(self) -> tuple[str, int]:
         """(host, port) the devices connect to: the managed broker's device listener, or the
-        configured broker's address."""
+        configured broker's address. A NATS cluster (broker_url ``nats://…,nats://…``, §4a of
+        docs/operations.md): devices reach a node's MQTT listener, not its NATS port: the host is
+        ``broker_hostname`` (a DNS name or load balancer in front of every node) or the first
+        node's, the port ``broker_mqtt_port`` (default 1883)."""
+        cfg = self.config()
         if self.managed_broker:
             host, port = self.broker_listen
-            return self.config().get("broker_hostname") or connect_host(host), port
+            return cfg.get("broker_hostname") or connect_host(host), port
+        servers = [u.strip() for u in self.broker_url.split(",") if u.strip()]
+        if servers and servers[0].startswith(("nats://", "tls://")):
+            first = urlsplit(servers[0])
+            port = cfg.get("broker_mqtt_port", 1883)
+            if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+                raise HomeError(f"{self.config_path}: broker_mqtt_port must be a TCP port (the NATS nodes' MQTT listener)")
+            return cfg.get("broker_hostname") or first.hostname or "127.0.0.1", port
         url = urlsplit(self.broker_url)
         return url.hostname or "127.0.0.1", url.port or (8883 if url.scheme == "mqtts" else 1883)
 
