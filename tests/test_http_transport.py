@@ -821,6 +821,11 @@ def test_releases_made_through_the_api_and_the_cli_are_written_to_object_storage
         assert _object(endpoint, bucket, f"cli/{rel.sha256}") == (home.blobs / rel.sha256).read_bytes()
     finally:
         store.dispose()
+    # The bucket presigns the URLs too, unless s3_presign is false: then it only stores the blobs,
+    # and devices get the URLs of the blob route (which reads from the bucket).
+    assert isinstance(home.http_payloads(), S3Payloads) and home.object_store().prefix == "cli/"
+    home.save_config({**cfg, "s3_presign": False, "http_url": "https://fota.example:8443"})
+    assert isinstance(home.http_payloads(), HttpPayloads) and isinstance(home.object_store(), S3Payloads)
     # Storage unreachable: no release is made (the bucket is where every center looks for it).
     cfg.update(s3_endpoint_url="http://127.0.0.1:9")
     home.save_config(cfg)
