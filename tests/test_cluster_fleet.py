@@ -173,3 +173,150 @@ def test_node_killed_every_device_confirms_nothing_lost_nothing_twice(tmp_path, 
             for c in centers:
                 c.stop()
             store.dispose()
+
+
+def _start_nats_worker(home_path, log, ack_wait: float, flush_interval: float = 0.05, poll_interval: float = 0.2):
+    """A worker (`fota worker`'s run_worker, lease 3 s) in a process of its own, with JetStream's ack
+    wait shortened (as the node-kill test does in-process) so that a dead worker's unacknowledged
+    statuses come back soon; flush_interval: how long it gathers statuses before it commits (and
+    only then acknowledges) a batch; poll_interval: how often its sender claims pending jobs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), env.get("PYTHONPATH", "")])
+    code = (f"import asyncio, logging; from fota.server.center import natsconn; natsconn.ACK_WAIT = {ack_wait}; "
+            "from pathlib import Path; from fota.server.app import run_worker; from fota.server.home import Home; "
+            "logging.basicConfig(level=logging.WARNING); logging.getLogger(natsconn.__name__).setLevel(logging.INFO); "
+            f"raise SystemExit(asyncio.run(run_worker(Home(Path({str(home_path)!r})), 3.0, "
+            f"flush_interval={flush_interval}, flush_max=1000000, poll_interval={poll_interval})))")
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+
+
+def _ack_pending(cluster, name: str) -> int | None:
+    """Messages the group's durable consumer delivered and no worker acknowledged yet; None while
+    the consumer does not exist (statuses published before it exists are not kept: interest
+    retention, docs/operations.md §4a)."""
+    import asyncio
+
+    import nats
+
+    async def read():
+        nc = await nats.connect(cluster.server_url.split(","), connect_timeout=2, allow_reconnect=False)
+        try:
+            return (await nc.jetstream(timeout=3).consumer_info(natsconn.STREAM, name)).num_ack_pending
+        finally:
+            await nc.close()
+    try:
+        return asyncio.run(read())
+    except Exception:
+        return None
+
+
+def test_worker_killed_mid_deployment_on_nats_the_other_finishes_nothing_lost_nothing_twice(tmp_path, monkeypatch):
+    """Two workers (`fota worker`'s run_worker) in processes of their own on the 3-node cluster
+    (broker_url: every node's NATS URL); the one that sent every job is SIGKILLed while the
+    devices download. The other finishes the
+    deployment: it takes the dead one's jobs' chunk requests (the queue group hands them to the
+    live member; the dead owner is skipped once its lease ran out), gets the statuses the dead one
+    pulled but never acknowledged again from the durable consumer after the ack wait, and adopts
+    its row. Every device confirms, every status a device was acknowledged for is stored, no
+    device is updated twice."""
+    import signal
+    import subprocess
+
+    from db_fixtures import postgres_database
+    from fota.server import workers
+    from fota.server.app import SHARE_GROUP
+    from fota.server.broker import SERVER_USER
+    from fota.server.home import Home
+    acked = AckedStatuses(monkeypatch)
+    n, size = 16, 128 * 1024  # 64 chunks at 0.1 s each: the download lasts past the kill
+    password = secrets.token_urlsafe(12)
+    with postgres_database() as url, NatsCluster(tmp_path / "nats", server_password=password) as cluster:
+        home = Home(tmp_path / "home")
+        home.save_config({"database_url": url, "broker_url": cluster.server_url, "broker_port": 1,
+                          "server_password": password})
+        assert SERVER_USER in cluster.server_url
+        keyring = home.keyring
+        keyring.init()
+        store = home.store()
+        procs: list[subprocess.Popen] = []
+        sim = None
+        try:
+            ids = device_ids(n, "nw")
+            passwords = provision(store, ids)
+            cluster.add_devices(passwords)
+            # Worker A sends every command (B's sender looks for pending jobs only at its start and
+            # then every 60 s) and commits (and only then acknowledges) the statuses it pulls every
+            # 2 s, so that it certainly holds unacknowledged ones when it dies.
+            procs = [_start_nats_worker(home.path, tmp_path / "worker-a.log", 3.0, flush_interval=2.0)]
+            wait_until(lambda: len(workers.live_workers(store, lease=3)) == 1, timeout=60, what="worker A registered")
+            (dead,) = workers.live_workers(store, lease=3)
+            procs.append(_start_nats_worker(home.path, tmp_path / "worker-b.log", 3.0, poll_interval=60.0))
+            wait_until(lambda: len(workers.live_workers(store, lease=3)) == 2, timeout=60, what="worker B registered")
+            # registered first, then connected: devices report once the group's consumer exists
+            wait_until(lambda: _ack_pending(cluster, SHARE_GROUP) is not None, timeout=60, what="the workers' consumer")
+            fleet = SimFleet.build(passwords, host="127.0.0.1", port=cluster.mqtt_ports,
+                                   root_key=keyring.root_public(), trust=keyring.trust(),
+                                   plan=FailurePlan(slow=1.0, chunk_delay=0.1))
+            sim = SimThread(fleet).start()
+            wait_until(lambda: _online(store) == n, timeout=60, what=f"{n} devices online")
+            rel = create_release(store, home.blobs, keyring.signer().key, os.urandom(size), "2.0.0", ["sim"],
+                                 kind="image")
+            dep = create_deployment(store, rel, device_ids=ids)
+            wait_until(lambda: _count(store, ("pending",)) == 0, timeout=60, what="every command sent")
+            with store.session() as s:
+                owners = dict(s.execute(select(Job.worker, func.count()).where(Job.deployment_id == dep.id)
+                                        .group_by(Job.worker)).all())
+            assert owners == {dead: n}, owners
+            wait_until(lambda: _count(store, ("downloading",)) >= n // 2, timeout=60, interval=0.02,
+                       what="the deployment downloading")
+            # A holds each batch it pulls for 2 s, B for 50 ms: statuses pulled and not acknowledged now are A's
+            wait_until(lambda: (_ack_pending(cluster, SHARE_GROUP) or 0) > 0, timeout=10, interval=0.02,
+                       what="statuses held by worker A")
+            victim = procs[0]
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(10)
+            assert _count(store, ("confirmed",)) < n, "all confirmed before the kill: slow the devices down"
+            try:
+                wait_until(lambda: _count(store, ("confirmed",)) == n, timeout=180, interval=0.2,
+                           what="every device confirmed by the surviving worker")
+            finally:
+                with store.session() as s:
+                    print("jobs:", s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+                print("devices:", fleet.summary())
+                print("open jobs by worker at the kill:", owners)
+            # the survivor adopted the dead worker (its row gone); the dead one had open jobs
+            wait_until(lambda: workers.count_workers(store) == 1, timeout=30, what="the dead worker forgotten")
+            assert dead not in workers.live_workers(store, lease=3)
+            assert all(p.poll() is None for p in procs if p is not victim)
+            assert all(d.running_version() == "2.0.0" for d in fleet.devices.values())
+            # no status a device was acknowledged for is lost (the dead worker's come back after the ack wait)
+            wait_until(lambda: acked.keys <= _stored(store), timeout=30, what="every acknowledged status stored")
+            with store.session() as s:
+                jobs = s.execute(select(Job.device_id, func.count()).where(Job.kind == "update")
+                                 .group_by(Job.device_id)).all()
+                states = s.execute(select(StatusEvent.device_id, StatusEvent.state)).all()
+            assert sorted(jobs) == [(i, 1) for i in ids]
+            for dev in ids:
+                mine = [state for d, state in states if d == dev]
+                assert mine.count("installing") == 1 and mine.count("confirmed") == 1, (dev, mine)
+            assert all(d.boots == 2 for d in fleet.devices.values())
+            # what A had pulled and not acknowledged went to B again after the ack wait (B logs each)
+            redelivered = (tmp_path / "worker-b.log").read_text().count("redelivered: ")
+            assert redelivered > 0
+            print(f"statuses acknowledged: {len(acked.keys)}; dead worker's open jobs at the kill: {owners[dead]}; "
+                  f"statuses redelivered to B: {redelivered}; devices' chunk timeouts: {fleet.summary()['timeouts']}")
+        finally:
+            if sim is not None:
+                sim.stop()
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+                    try:
+                        p.wait(30)
+                    except subprocess.TimeoutExpired:
+                        p.kill()
+            store.dispose()

@@ -647,20 +647,43 @@ def test_core_refuses_a_malformed_http_object(http):
     assert (status["state"], status["code"]) == ("rejected", "E_BAD_COMMAND") and core.state == P.IDLE
 
 
+def _object(endpoint: str, bucket: str, key: str) -> bytes | None:
+    """An object's bytes as the storage holds them (a client of its own), None if there is none."""
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import ClientError
+    client = boto3.client("s3", endpoint_url=endpoint, config=Config(s3={"addressing_style": "path"}))
+    try:
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError:
+        return None
+
+
 def test_a_center_without_the_blob_file_reads_it_from_object_storage(s3, tmp_path, broker, sqlite_url):
-    # A worker on another host has no copy of blobs/: the image comes from the bucket (written
-    # there when a job first needed it), checked against its sha256, for chunks over MQTT too.
+    # The release is made on another machine (its own blobs directory) and written to the bucket
+    # when created; this center's blobs directory never had it: it signs a presigned URL for it
+    # (http) and serves its chunks (mqtt) read from the bucket, checked, kept in its blobs/.
     from fota.server.objectstore import S3Payloads
+    from fota.server.releases import create_release
     endpoint, bucket = s3
     payloads = S3Payloads(bucket, blobs_dir=tmp_path / "blobs", endpoint_url=endpoint, region="us-east-1")
+    maker = S3Payloads(bucket, blobs_dir=tmp_path / "maker-blobs", endpoint_url=endpoint, region="us-east-1")
     fleet = Fleet(tmp_path, broker, sqlite_url, http=payloads)
     try:
-        fleet.add_device("h-remote")
-        fleet.wait_online("h-remote")
+        fleet.add_devices(["h-remote", "h-remote-http"])
+        fleet.wait_online("h-remote", "h-remote-http")
+        wait_until(lambda: "http" in (fleet.device_row("h-remote-http").inventory or {}).get("transports", ()),
+                   timeout=10, what="the inventory naming http")
         image = bundle_of_size("1.1.0", 40_000)
-        rel = fleet.release(image, "1.1.0")
-        payloads.put_blob(rel.sha256)
-        (fleet.blobs / rel.sha256).unlink()
+        rel = create_release(fleet.store, tmp_path / "maker-blobs", fleet.key, image, "1.1.0", ["unix"], remote=maker)
+        assert _object(endpoint, bucket, rel.sha256) == image  # written when created, before any job
+        (tmp_path / "maker-blobs" / rel.sha256).unlink()  # the other machine's file: not here
+        assert not (fleet.blobs / rel.sha256).exists()
+        dep = create_deployment(fleet.store, rel, device_ids=["h-remote-http"], transport="http")
+        j = fleet.wait_job(dep.jobs[0].id)
+        assert j.state == "confirmed", (j.state, j.code, j.reason)
+        assert fleet.center.center.sender.http_sent == 1 and not _requests_of(fleet, "h-remote-http")
+        assert not (fleet.blobs / rel.sha256).exists()  # a URL needs no local copy
         dep = create_deployment(fleet.store, rel, device_ids=["h-remote"])  # mqtt: the center serves chunks
         j = fleet.wait_job(dep.jobs[0].id)
         assert j.state == "confirmed", (j.state, j.code, j.reason)
@@ -668,3 +691,150 @@ def test_a_center_without_the_blob_file_reads_it_from_object_storage(s3, tmp_pat
         assert _requests_of(fleet, "h-remote")
     finally:
         fleet.close()
+
+
+def test_patches_are_written_to_object_storage_and_a_second_center_reads_them_from_there(
+        s3, tmp_path, broker, sqlite_url):
+    # Center A makes both releases (written to the bucket when created) and, for the first device,
+    # the patch between them (written to the bucket when made). Center B, another machine with an
+    # empty blobs directory on the same database, broker and bucket, sends the second device the
+    # same patch read from the bucket: not computed again (which would have read both images).
+    from fota.examples import hello_files
+    from fota.server import delta as server_delta
+    from fota.server import releases
+    from fota.server.objectstore import S3Payloads
+    from fota.server.releases import create_release
+    from fota.server.store import Delta
+    from fota.testkit.center import CenterThread
+    from fota.tools.bundle import pack_files
+    endpoint, bucket = s3
+
+    def storage(blobs):
+        return S3Payloads(bucket, blobs_dir=blobs, endpoint_url=endpoint, region="us-east-1", prefix="fota/")
+    fleet = Fleet(tmp_path, broker, sqlite_url, objects=storage(tmp_path / "blobs"))
+    try:
+        fleet.add_devices(["sot-1", "sot-2"])
+        fleet.wait_online("sot-1", "sot-2")
+        files = hello_files("30.0.0")
+        for i in range(8):
+            files[f"lib/mod{i}.py"] = os.urandom(6000).hex().encode()[:6000]
+        files2 = dict(hello_files("30.1.0"), **{k: v for k, v in files.items() if k.startswith("lib/")})
+        files2["lib/mod3.py"] = files["lib/mod3.py"][:3000] + b"# changed\n" + files["lib/mod3.py"][3000:]
+        rel1, rel2 = (create_release(fleet.store, fleet.blobs, fleet.key, pack_files(f), v, ["unix"],
+                                     remote=storage(fleet.blobs))
+                      for f, v in ((files, "30.0.0"), (files2, "30.1.0")))
+        for rel in (rel1, rel2):
+            assert _object(endpoint, bucket, f"fota/{rel.sha256}") == (fleet.blobs / rel.sha256).read_bytes()
+        dep = create_deployment(fleet.store, rel1, device_ids=["sot-1", "sot-2"])
+        for job in dep.jobs:
+            assert fleet.wait_job(job.id).state == "confirmed"
+        for dev in ("sot-1", "sot-2"):
+            wait_until(lambda: (fleet.device_row(dev).inventory or {}).get("image") == rel1.sha256,
+                       what="inventory image")
+        dep = create_deployment(fleet.store, rel2, device_ids=["sot-1"])
+        j1 = fleet.wait_job(dep.jobs[0].id, timeout=120)
+        assert j1.state == "confirmed" and j1.delta_id is not None, (j1.state, j1.code, j1.reason)
+        with fleet.store.session() as s:
+            patch = s.get(Delta, j1.delta_id)
+        assert _object(endpoint, bucket, f"fota/{patch.sha256}") == (fleet.blobs / patch.sha256).read_bytes()
+
+        # Center B: nothing in memory or on disk from center A (whose blobs directory, which the
+        # database's blob paths name, is moved out of reach).
+        fleet.center.stop()
+        fleet.center = None
+        blobs_a = fleet.blobs.rename(tmp_path / "blobs-a-elsewhere")
+        server_delta._cache.clear()
+        releases._blob_cache.clear()
+        blobs_b = tmp_path / "blobs-b"
+        fleet.center = CenterThread(fleet.store, broker.server_url, blobs_b, signer=fleet.signer,
+                                    keys_update=fleet.keyring.keys_update(), kek=fleet.kek,
+                                    objects=storage(blobs_b)).start()
+        dep = create_deployment(fleet.store, rel2, device_ids=["sot-2"])
+        j2 = fleet.wait_job(dep.jobs[0].id, timeout=120)
+        assert j2.state == "confirmed" and j2.delta_id == j1.delta_id, (j2.state, j2.code, j2.reason)
+        assert j2.bytes_served < 1500, j2.bytes_served  # the patch, not the bundle
+        fleet.wait_online("sot-2", version="30.1.0")
+        # The patches A made (format 1 and 2: B compares their sizes) read from the bucket; not
+        # computed again, which would have read both releases' images into blobs-b.
+        with fleet.store.session() as s:
+            made = {d.sha256 for d in s.scalars(select(Delta))}
+        assert patch.sha256 in made and {p.name for p in blobs_b.iterdir()} == made
+        assert not {rel1.sha256, rel2.sha256} & made
+        # After a restart of B the chunk server reads a delta job's patch by its id, from the bucket too.
+        (blobs_b / patch.sha256).unlink()
+        server_delta._cache.clear()
+        assert server_delta.load_delta(fleet.store, j2.delta_id, blobs_b, storage(blobs_b)) == \
+            (blobs_a / patch.sha256).read_bytes()
+        assert (blobs_b / patch.sha256).is_file()
+    finally:
+        fleet.close()
+
+
+def test_releases_made_through_the_api_and_the_cli_are_written_to_object_storage(s3, tmp_path, sqlite_url):
+    # The API (fota api) and `fota release create` write the image to the bucket at creation; a
+    # second API process with an empty blobs directory serves it on the blob route, from the bucket.
+    from typer.testing import CliRunner
+    from fota.cli import app as cli
+    from fota.server.home import Home
+    from fota.server.objectstore import S3Payloads
+    from fota.server.releases import get_release
+    from test_api import bearer, bundle_bytes, make_env
+    endpoint, bucket = s3
+    env = make_env(sqlite_url, tmp_path, url_key=KEY,
+                   objects=S3Payloads(bucket, blobs_dir=tmp_path / "blobs", endpoint_url=endpoint))
+    try:
+        assert env.upload(env.admin, "1.1.0").status_code == 201
+        rel = get_release(env.store, "1.1.0")
+        assert _object(endpoint, bucket, rel.sha256) == bundle_bytes("1.1.0")
+        dep = create_deployment(env.store, rel, device_ids=["dev-1"])
+        env.blobs.rename(tmp_path / "first-blobs-elsewhere")  # the first API's machine
+        other = tmp_path / "other-blobs"
+        app = create_app(env.store, other, lambda: None, url_key=KEY,
+                         objects=S3Payloads(bucket, blobs_dir=other, endpoint_url=endpoint))
+        with AppServer(app) as server:
+            url = sign_url(server.url, KEY, "dev-1", dep.jobs[0].id, rel.sha256, int(time.time()) + 60)
+            r = _get(url, {"Range": "bytes=10-19"})
+            assert r.status_code == 206 and r.content == bundle_bytes("1.1.0")[10:20]
+            assert (other / rel.sha256).read_bytes() == bundle_bytes("1.1.0")  # cached
+            missing = sign_url(server.url, KEY, "dev-1", dep.jobs[0].id, "ef" * 32, int(time.time()) + 60)
+            assert _get(missing).status_code == 404  # in neither
+    finally:
+        env.client.close()
+        env.store.dispose()
+    home = Home(tmp_path / "home")
+    runner = CliRunner()
+    assert runner.invoke(cli, ["keys", "init", "--home", str(home.path)]).exit_code == 0
+    cfg = home.config()
+    cfg.update(s3_bucket=bucket, s3_endpoint_url=endpoint, s3_prefix="cli/")
+    home.save_config(cfg)
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    from fota.examples import hello_files
+    for name, data in hello_files("1.2.0").items():
+        (app_dir / name).write_bytes(data)
+    r = runner.invoke(cli, ["release", "create", str(app_dir), "--version", "1.2.0", "--hardware", "unix",
+                            "--home", str(home.path)])
+    assert r.exit_code == 0, r.output
+    store = home.store()
+    try:
+        rel = get_release(store, "1.2.0")
+        assert _object(endpoint, bucket, f"cli/{rel.sha256}") == (home.blobs / rel.sha256).read_bytes()
+    finally:
+        store.dispose()
+    # The bucket presigns the URLs too, unless s3_presign is false: then it only stores the blobs,
+    # and devices get the URLs of the blob route (which reads from the bucket).
+    assert isinstance(home.http_payloads(), S3Payloads) and home.object_store().prefix == "cli/"
+    home.save_config({**cfg, "s3_presign": False, "http_url": "https://fota.example:8443"})
+    assert isinstance(home.http_payloads(), HttpPayloads) and isinstance(home.object_store(), S3Payloads)
+    # Storage unreachable: no release is made (the bucket is where every center looks for it).
+    cfg.update(s3_endpoint_url="http://127.0.0.1:9")
+    home.save_config(cfg)
+    r = runner.invoke(cli, ["release", "create", str(app_dir), "--version", "1.3.0", "--hardware", "unix",
+                            "--home", str(home.path)])
+    assert r.exit_code != 0 and "written to object storage" in str(r.exception), r.output
+    store = home.store()
+    try:
+        with pytest.raises(Exception, match="no release"):
+            get_release(store, "1.3.0")
+    finally:
+        store.dispose()

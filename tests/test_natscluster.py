@@ -106,3 +106,27 @@ def test_qos1_from_nats_reaches_offline_device_on_another_node(cluster):
         assert dev.got == [("fota/v1/dev2/cmd", 1, b"command")]
     finally:
         dev.close()
+
+
+def test_home_on_a_nats_cluster_gives_devices_a_nodes_mqtt_listener(cluster, tmp_path):
+    """broker_url nats://a,nats://b,nats://c (the workers' setting): what `fota device add`
+    writes into a device's config is a node's MQTT listener, where the device's account connects
+    (before, the comma-separated list did not parse at all)."""
+    import json
+
+    from fota.server.home import Home, HomeError
+    from fota.server.natscluster import mqtt_ping
+    home = Home(tmp_path / "home")
+    cfg = home.config()
+    cfg.update(broker_url=cluster.server_url, broker_mqtt_port=cluster.mqtt_ports[1])
+    home.save_config(cfg)
+    host, port = home.device_broker
+    assert (host, port) == ("127.0.0.1", cluster.mqtt_ports[1])
+    mqtt_ping(host, port, "dev1", "pw1", timeout=5)  # the device's own account is accepted there
+    cfg["broker_hostname"] = "nats.example"  # a DNS name with every node's address
+    del cfg["broker_mqtt_port"]
+    home.save_config(cfg)
+    assert home.device_broker == ("nats.example", 1883)
+    (home.path / "config.json").write_text(json.dumps({**cfg, "broker_mqtt_port": "1883"}))
+    with pytest.raises(HomeError, match="broker_mqtt_port"):
+        home.device_broker

@@ -601,7 +601,7 @@ def api(host: str = typer.Option("127.0.0.1", "--host", help="address to listen 
     h = Home.locate(home)
     api_app = create_app(open_store(h), h.blobs, lambda: load_private_key(h.private_key),
                          trust_loader=lambda: h.keyring.trust(), kek_loader=h.kek,
-                         url_key=lambda: h.kek().url_key)
+                         url_key=lambda: h.kek().url_key, objects=h.object_store())
     scheme = "https" if certfile else "http"
     if host not in ("127.0.0.1", "localhost", "::1") and not certfile:
         err.print(f"[yellow]warning:[/yellow] plain HTTP on {host}: bearer tokens travel in clear text; "

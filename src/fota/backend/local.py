@@ -38,7 +38,8 @@ class LocalBackend:
         h = self.home
         try:
             rel = create_release(self.store, h.blobs, key, path, version, hardware, counter=counter,
-                                 encrypt=encrypt, min_version=min_version, kek=h.kek() if encrypt else None)
+                                 encrypt=encrypt, min_version=min_version, kek=h.kek() if encrypt else None,
+                                 remote=h.object_store())
         except (ReleaseError, ValueError) as e:
             fail(str(e))
         audit(self.store, "release.create", f"release:{rel.version}",

@@ -628,7 +628,8 @@ def _router() -> APIRouter:
                 raise HTTPException(503, f"the key-encryption key is unavailable: {exc}") from None
         with _service_errors(400), audit.transaction(store) as tx:
             rel = create_release(tx, request.app.state.blobs_dir, key, data, version, hw, kind=kind,
-                                 counter=counter, encrypt=encrypt, min_version=min_version, kek=kek)
+                                 counter=counter, encrypt=encrypt, min_version=min_version, kek=kek,
+                                 remote=request.app.state.objects)
             tx.flush()  # rel.id
             tx.record(token.name, "release.create", f"release:{rel.version}",
                       {"id": rel.id, "kind": rel.kind, "size": rel.size, "sha256": rel.sha256,
@@ -799,7 +800,7 @@ def create_app(store: Store, blobs_dir: str | os.PathLike,
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
                trust_loader: Callable[[], dict] | None = None,
                kek_loader: Callable[[], Any] | None = None,
-               url_key: bytes | Callable[[], bytes] | None = None) -> FastAPI:
+               url_key: bytes | Callable[[], bytes] | None = None, objects: Any = None) -> FastAPI:
     """The API app on ``store``; releases go to ``blobs_dir``, signed with signing_key_loader()'s key.
 
     trust_loader: the keyring's current trust document; given, deployments and campaigns of a
@@ -809,6 +810,9 @@ def create_app(store: Store, blobs_dir: str | os.PathLike,
     url_key: the key of transport http's signed payload URLs (fota.server.kek.Kek.url_key), or what
     loads it at the first blob request; given, the app also serves release and delta blobs to
     devices at /v1/blobs/ (fota.server.blobhttp).
+    objects: object storage (fota.server.objectstore.S3Payloads, Home.object_store), the blobs'
+    source of truth: a release's image is written there when it is created, and the blob route
+    reads a blob missing from blobs_dir from there.
 
     The key is loaded for each release created (never kept in memory between requests).
     """
@@ -820,6 +824,7 @@ def create_app(store: Store, blobs_dir: str | os.PathLike,
     app.state.signing_key_loader = signing_key_loader
     app.state.trust_loader = trust_loader
     app.state.kek_loader = kek_loader
+    app.state.objects = objects
     app.state.max_upload_bytes = max_upload_bytes
     app.include_router(_router())
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -831,7 +836,7 @@ def create_app(store: Store, blobs_dir: str | os.PathLike,
         return Response(metrics.render(store), media_type=metrics.CONTENT_TYPE_LATEST)
     if url_key is not None:
         from fota.server import blobhttp
-        blobhttp.mount(app, store, blobs_dir, url_key)
+        blobhttp.mount(app, store, blobs_dir, url_key, remote=objects)
     from fota.server.dashboard import mount
     mount(app)  # the web dashboard under /ui (docs/dashboard.md): same store, same tokens
     app.add_middleware(_BodyLimit, limit=max_upload_bytes + MULTIPART_OVERHEAD)

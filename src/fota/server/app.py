@@ -103,6 +103,8 @@ async def control_center(home: Home, manage_broker: bool = True, **settings):
         settings.setdefault("ssl_context", home.broker_ssl_context())
     settings.setdefault("homeassistant", home.homeassistant_settings())  # None: not enabled
     settings.setdefault("http", home.http_payloads())  # None: transport http not configured
+    objects = settings["http"] if hasattr(settings["http"], "get_blob") else home.object_store()
+    settings.setdefault("objects", objects)  # None: no object storage; blobs/ only
     center = ControlCenter(store, home.broker_url, home.blobs, **settings)
     watchdog = asyncio.create_task(supervise_broker(broker, home, store)) if broker else None
     try:

@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy import select
 
 from fota.server.payloadurls import PATH, check_url
+from fota.server.releases import blob_file
 from fota.server.store import Delta, Job, Release, Store
 
 __all__ = ["parse_range", "mount"]
@@ -55,7 +56,7 @@ def parse_range(value: str | None, size: int) -> tuple[int, int] | None:
     return first, min(last, size - 1)
 
 
-def _blob_path(store: Store, blobs_dir: Path, sha256: str) -> Path | None:
+def _blob_path(store: Store, blobs_dir: Path, sha256: str, remote=None) -> Path | None:
     path = blobs_dir / sha256
     if path.is_file():
         return path
@@ -64,7 +65,8 @@ def _blob_path(store: Store, blobs_dir: Path, sha256: str) -> Path | None:
             stored = s.scalar(select(model.blob_path).where(model.sha256 == sha256))
             if stored and Path(stored).is_file():
                 return Path(stored)
-    return None
+    # Object storage, the blobs' source of truth: read into blobs_dir (checked), served from there.
+    return blob_file(blobs_dir, sha256, remote) if remote is not None else None
 
 
 def _refuse(status: int, detail: str) -> JSONResponse:
@@ -72,9 +74,10 @@ def _refuse(status: int, detail: str) -> JSONResponse:
 
 
 def mount(app: FastAPI, store: Store, blobs_dir: str | Path, url_key,
-          clock=time.time) -> None:
+          clock=time.time, remote=None) -> None:
     """Add ``GET /v1/blobs/{sha256}`` to ``app`` (not in its OpenAPI schema: it is the devices',
-    not the operators'). url_key: the key, or a function that loads it (at the first request)."""
+    not the operators'). url_key: the key, or a function that loads it (at the first request).
+    remote: object storage (S3Payloads): a blob missing from blobs_dir is read from there."""
     from fota.server.deployments import TERMINAL_STATES
 
     blobs_dir = Path(blobs_dir)
@@ -101,7 +104,7 @@ def mount(app: FastAPI, store: Store, blobs_dir: str | Path, url_key,
             row = s.execute(select(Job.device_id, Job.state).where(Job.id == int(job))).first()
         if row is None or row.device_id != device or row.state in TERMINAL_STATES:
             return _refuse(403, "URL refused: the job is not open for this device")
-        path = _blob_path(store, blobs_dir, sha256)
+        path = _blob_path(store, blobs_dir, sha256, remote)
         if path is None:
             entry["status"] = 404
             return _refuse(404, "no such blob")

@@ -6,6 +6,7 @@ raw-deflate stream with a small window, which fota.device.delta applies as it st
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
@@ -20,7 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from fota.device import delta as device_delta
-from fota.server.releases import write_blob
+from fota.server.releases import blob_file, write_blob
 from fota.server.store import Delta, Release, Store
 
 __all__ = ["DEFAULT_WBITS", "DeltaInfo", "encode", "get_delta", "header", "load_delta"]
@@ -137,11 +138,47 @@ def _lock(key) -> threading.Lock:
         return _locks.setdefault(key, threading.Lock())
 
 
+def _store_patch(blobs_dir: Path, data: bytes, sha: str, remote) -> Path:
+    """A patch into the blob store: blobs_dir, and object storage when configured (where other
+    centers read it: a failure there is logged, not fatal, since they can compute it again)."""
+    path = write_blob(Path(blobs_dir), data, sha)
+    if remote is not None:
+        try:
+            remote.put_blob(sha, data)
+        except Exception:
+            log.exception("patch %s not written to object storage", sha[:16])
+    return path
+
+
+def _read_patch(row: Delta, blobs_dir: Path | None, remote) -> bytes | None:
+    """A stored patch's bytes, checked: its recorded path, else blobs_dir/<sha256>, else object
+    storage (copied into blobs_dir); None when none holds it intact."""
+    try:
+        data = Path(row.blob_path).read_bytes()
+    except OSError:
+        data = b""
+    if hashlib.sha256(data).hexdigest() == row.sha256:
+        return data
+    if blobs_dir is None:
+        return None
+    if Path(row.blob_path) == Path(blobs_dir) / row.sha256 and remote is not None:
+        with contextlib.suppress(OSError):  # our own copy is damaged: read the bucket's instead
+            (Path(blobs_dir) / row.sha256).unlink()
+    path = blob_file(blobs_dir, row.sha256, remote)
+    if path is None:
+        return None
+    data = path.read_bytes()
+    return data if hashlib.sha256(data).hexdigest() == row.sha256 else None
+
+
 def get_delta(store: Store, blobs_dir: Path, base: Release, target: Release, wbits: int,
-              read_blob, fmt: int = device_delta.FORMAT) -> DeltaInfo | None:
+              read_blob, fmt: int = device_delta.FORMAT, remote=None) -> DeltaInfo | None:
     """The patch from `base` to `target` at window 2**wbits in format `fmt`, computed once and
     cached (a row in `deltas`, the bytes in the blob store). None when a patch is not worth it
-    (not smaller than the full image) or not possible (different kinds, an encrypted release)."""
+    (not smaller than the full image) or not possible (different kinds, an encrypted release).
+
+    remote: object storage (fota.server.objectstore.S3Payloads): a patch made here is written
+    there too, and one this machine lacks is read from there before it is computed again."""
     if base.kind != target.kind or base.enc_key or target.enc_key or base.sha256 == target.sha256:
         return None
     key = (base.sha256, target.sha256, wbits, fmt)
@@ -153,7 +190,7 @@ def get_delta(store: Store, blobs_dir: Path, base: Release, target: Release, wbi
         if row is None:
             data = encode(read_blob(base), read_blob(target), wbits, fmt=fmt)
             sha = hashlib.sha256(data).hexdigest()
-            path = write_blob(Path(blobs_dir), data, sha)
+            path = _store_patch(blobs_dir, data, sha, remote)
             row = Delta(base_sha256=base.sha256, base_size=base.size, target_sha256=target.sha256,
                         wbits=wbits, format=fmt, size=len(data), sha256=sha, blob_path=str(path.resolve()))
             try:
@@ -171,23 +208,22 @@ def get_delta(store: Store, blobs_dir: Path, base: Release, target: Release, wbi
         data = _cached(row.sha256)
         if data is not None:
             return DeltaInfo(row, data)
-        try:
-            data = Path(row.blob_path).read_bytes()
-        except OSError:
-            data = b""
-        if hashlib.sha256(data).hexdigest() != row.sha256:
+        data = _read_patch(row, blobs_dir, remote)
+        if data is None:
             # Lost or damaged in the blob store: recompute rather than serve a bad patch.
             data = encode(read_blob(base), read_blob(target), wbits, fmt=fmt)
             if hashlib.sha256(data).hexdigest() != row.sha256:
                 log.error("delta %s -> %s cannot be reproduced; full image", base.version, target.version)
                 return None
-            Path(row.blob_path).write_bytes(data)
+            with contextlib.suppress(OSError):
+                (Path(blobs_dir) / row.sha256).unlink()  # a damaged copy: replaced
+            _store_patch(blobs_dir, data, row.sha256, remote)
         _remember(row.sha256, data)
         return DeltaInfo(row, data)
 
 
 def best_delta(store: Store, blobs_dir: Path, base: Release, target: Release, wbits: int,
-               read_blob, formats) -> DeltaInfo | None:
+               read_blob, formats, remote=None) -> DeltaInfo | None:
     """The smallest patch from `base` to `target` in one of `formats` (the formats the device
     decodes), or None when none is smaller than the image.
 
@@ -196,10 +232,10 @@ def best_delta(store: Store, blobs_dir: Path, base: Release, target: Release, wb
     image (an image unlike its base: compressed, encrypted or rebuilt), format 2 is not tried: on
     every measured pair it is 0.76-0.88x format 1 (bench delta), it would cost seconds of the
     control center's database thread (20 s for a 256 KiB image of random bytes) and lose anyway."""
-    first = get_delta(store, blobs_dir, base, target, wbits, read_blob, device_delta.FORMAT)
+    first = get_delta(store, blobs_dir, base, target, wbits, read_blob, device_delta.FORMAT, remote)
     if first is None or device_delta.RC_FORMAT not in formats:
         return first if device_delta.FORMAT in formats else None
-    second = get_delta(store, blobs_dir, base, target, wbits, read_blob, device_delta.RC_FORMAT)
+    second = get_delta(store, blobs_dir, base, target, wbits, read_blob, device_delta.RC_FORMAT, remote)
     if device_delta.FORMAT not in formats or (second is not None and second.size < first.size):
         return second
     return first
@@ -220,14 +256,14 @@ def _remember(sha256: str, data: bytes) -> None:
             _cache.popitem(last=False)
 
 
-def load_delta(store: Store, delta_id: int) -> bytes | None:
-    """The bytes of a cached patch (a job sent as a delta, after a restart); None if lost."""
+def load_delta(store: Store, delta_id: int, blobs_dir: Path | None = None, remote=None) -> bytes | None:
+    """The bytes of a cached patch (a job sent as a delta, after a restart or by another worker);
+    from its recorded path, else blobs_dir, else object storage (``remote``); None if lost."""
     with store.session() as s:
         row = s.get(Delta, delta_id)
     if row is None:
         return None
-    try:
-        data = Path(row.blob_path).read_bytes()
-    except OSError:
-        return None
-    return data if hashlib.sha256(data).hexdigest() == row.sha256 else None
+    data = _cached(row.sha256)
+    if data is not None:
+        return data
+    return _read_patch(row, blobs_dir, remote)

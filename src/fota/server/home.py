@@ -199,10 +199,21 @@ class Home:
     @property
     def device_broker(self) -> tuple[str, int]:
         """(host, port) the devices connect to: the managed broker's device listener, or the
-        configured broker's address."""
+        configured broker's address. A NATS cluster (broker_url ``nats://…,nats://…``, §4a of
+        docs/operations.md): devices reach a node's MQTT listener, not its NATS port: the host is
+        ``broker_hostname`` (a DNS name or load balancer in front of every node) or the first
+        node's, the port ``broker_mqtt_port`` (default 1883)."""
+        cfg = self.config()
         if self.managed_broker:
             host, port = self.broker_listen
-            return self.config().get("broker_hostname") or connect_host(host), port
+            return cfg.get("broker_hostname") or connect_host(host), port
+        servers = [u.strip() for u in self.broker_url.split(",") if u.strip()]
+        if servers and servers[0].startswith(("nats://", "tls://")):
+            first = urlsplit(servers[0])
+            port = cfg.get("broker_mqtt_port", 1883)
+            if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+                raise HomeError(f"{self.config_path}: broker_mqtt_port must be a TCP port (the NATS nodes' MQTT listener)")
+            return cfg.get("broker_hostname") or first.hostname or "127.0.0.1", port
         url = urlsplit(self.broker_url)
         return url.hostname or "127.0.0.1", url.port or (8883 if url.scheme == "mqtts" else 1883)
 
@@ -292,20 +303,33 @@ class Home:
         cafile = self.broker_cafile
         return ca_der(cafile) if cafile else None
 
-    # ---- Home Assistant ----------------------------------------------------------------------
+    # ---- transport http and object storage ---------------------------------------------------
+    def object_store(self):
+        """The blobs' object storage from config.json (`s3_bucket`, `s3_endpoint_url`, `s3_region`,
+        `s3_prefix`; fota.server.objectstore.S3Payloads, extra `s3`), None without `s3_bucket`.
+        When set it is the blobs' source of truth: releases and patches are written there when
+        made, and a process whose blobs/ lacks one reads it from there (docs/http-transport.md)."""
+        cfg = self.config()
+        if not cfg.get("s3_bucket"):
+            return None
+        from fota.server.objectstore import S3Payloads
+        from fota.server.payloadurls import URL_TTL
+        return S3Payloads(cfg["s3_bucket"], blobs_dir=self.blobs, endpoint_url=cfg.get("s3_endpoint_url"),
+                          region=cfg.get("s3_region"), prefix=cfg.get("s3_prefix", ""),
+                          url_ttl=int(cfg.get("http_url_ttl", URL_TTL)), hosts=tuple(cfg.get("http_hosts", ())))
+
     def http_payloads(self):
         """Transport http's URL setting from config.json (docs/http-transport.md): presigned URLs
-        of S3-compatible storage with `s3_bucket` (fota.server.objectstore.S3Payloads), else the
-        blob route of `fota api` at `http_url` (payloadurls.HttpPayloads, its URL key from the
-        KEK, as in every process of the home), or plain URLs of a static server or CDN with
-        `http_static_url` (payloadurls.StaticPayloads); `http_url_ttl`, `http_hosts`. None: none."""
+        of S3-compatible storage with `s3_bucket` (fota.server.objectstore.S3Payloads; not with
+        `"s3_presign": false`, where the bucket only stores the blobs), else the blob route of
+        `fota api` at `http_url` (payloadurls.HttpPayloads, its URL key from the KEK, as in every
+        process of the home), or plain URLs of a static server or CDN with `http_static_url`
+        (payloadurls.StaticPayloads); `http_url_ttl`, `http_hosts`. None: none."""
         cfg = self.config()
         from fota.server.payloadurls import URL_TTL, HttpPayloads
         ttl, hosts = int(cfg.get("http_url_ttl", URL_TTL)), tuple(cfg.get("http_hosts", ()))
-        if cfg.get("s3_bucket"):  # presigned URLs of S3-compatible storage (fota.server.objectstore)
-            from fota.server.objectstore import S3Payloads
-            return S3Payloads(cfg["s3_bucket"], blobs_dir=self.blobs, endpoint_url=cfg.get("s3_endpoint_url"),
-                              region=cfg.get("s3_region"), prefix=cfg.get("s3_prefix", ""), url_ttl=ttl, hosts=hosts)
+        if cfg.get("s3_bucket") and cfg.get("s3_presign", True):  # presigned URLs of the bucket
+            return self.object_store()
         if cfg.get("http_static_url"):  # a static server or CDN in front of a copy of blobs/
             from fota.server.payloadurls import StaticPayloads
             return StaticPayloads(cfg["http_static_url"], ttl, hosts)
@@ -313,6 +337,7 @@ class Home:
             return None
         return HttpPayloads(cfg["http_url"], self.kek().url_key, ttl, hosts)
 
+    # ---- Home Assistant ----------------------------------------------------------------------
     def homeassistant(self) -> dict:
         """config.json's "homeassistant" block ({} when never enabled)."""
         return dict(self.config().get("homeassistant") or {})

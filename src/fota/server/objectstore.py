@@ -3,9 +3,12 @@
 ``S3Payloads`` is a center's ``http`` setting like ``payloadurls.HttpPayloads``: instead of a URL
 to the center's own blob route it signs, per job, a presigned GET URL of the blob's object
 (``<prefix><sha256>`` in ``bucket``), valid for ``url_ttl`` seconds (at most 7 days: SigV4's
-limit). The blob is uploaded from the home's blob store the first time a job needs it (objects
-are immutable and content-addressed, never overwritten); ``put_blob`` uploads one at once (a
-release or delta just created) and ``get_blob`` reads one back (a worker without the file).
+limit). It is also the home's blob store (Home.object_store; the bucket is then the blobs' source
+of truth): ``put_blob`` writes a release's image when the release is created and a patch when it
+is made (objects are immutable and content-addressed, never overwritten), and ``get_blob`` reads
+one back for a process whose blobs directory lacks it (fota.server.releases.blob_file: the chunk
+server, the sender, the blob route, another worker's patch). A blob made before the storage was
+configured is uploaded the first time a job needs it.
 
 Credentials come from boto3's usual chain (environment, ``~/.aws``, an instance role); the
 device gets only the presigned URL, which grants a GET of that one object until it expires.

@@ -1,11 +1,16 @@
 """Releases: build and sign the manifest (docs/protocol.md §4.1), keep the image as a blob.
 
-Blobs are content-addressed files ``blobs_dir/<sha256>``; the database keeps their path.
+Blobs are content-addressed files ``blobs_dir/<sha256>``; the database keeps their path. With
+object storage configured (fota.server.objectstore, docs/http-transport.md) the bucket is the
+blobs' source of truth: a release's image is written there when the release is created, and a
+machine whose ``blobs_dir`` lacks a blob reads it from there (``blob_file``), checked, into its
+own directory.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -27,8 +32,10 @@ from fota.tools.keyring import COMMAND_TTL, Signer
 from fota.tools.private import private_dir, write_private
 from fota.tools.signing import key_id, public_key_bytes, sign
 
-__all__ = ["KINDS", "ReleaseError", "build_manifest", "check_release_key", "create_release", "get_release",
-           "list_releases", "read_blob", "resign_release", "update_command", "wrap_release_key"]
+__all__ = ["KINDS", "ReleaseError", "blob_file", "build_manifest", "check_release_key", "create_release",
+           "get_release", "list_releases", "read_blob", "resign_release", "update_command", "wrap_release_key"]
+
+log = logging.getLogger(__name__)
 
 KINDS = ("bundle", "image")
 # .app-bin: an ESP32 firmware as MicroPython publishes it for an OTA build (ESP32_GENERIC-OTA): the
@@ -203,11 +210,37 @@ def write_blob(blobs_dir: Path, data: bytes, sha256: str) -> Path:
     return path.resolve()
 
 
+def blob_file(blobs_dir: str | os.PathLike, sha256: str, remote=None) -> Path | None:
+    """``blobs_dir/<sha256>``; when it is missing and ``remote`` (object storage: an object with
+    ``get_blob(sha256) -> bytes``, fota.server.objectstore.S3Payloads) is given, the blob read from
+    there, checked against ``sha256`` and kept in ``blobs_dir`` (content-addressed: a local cache
+    of the bucket). None when neither has it (or the stored object is not those bytes)."""
+    path = Path(blobs_dir) / sha256
+    if path.is_file():
+        return path
+    if remote is None:
+        return None
+    try:
+        data = remote.get_blob(sha256)
+    except Exception as exc:  # missing object, storage unreachable, no credentials
+        log.warning("blob %s: not in %s and not read from object storage: %s", sha256[:16], blobs_dir, exc)
+        return None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        log.error("blob %s in object storage is corrupt (sha256 differs): not used", sha256[:16])
+        return None
+    log.info("blob %s read from object storage into %s", sha256[:16], blobs_dir)
+    return write_blob(Path(blobs_dir), data, sha256)
+
+
 def create_release(store: Store, blobs_dir: str | os.PathLike, key: ec.EllipticCurvePrivateKey,
                    path_or_bytes: str | os.PathLike | bytes, version: str, hardware: list[str],
                    kind: str | None = None, counter: int = 0, encrypt: bool = False,
-                   min_version: str | None = None, kek: Kek | None = None) -> Release:
+                   min_version: str | None = None, kek: Kek | None = None, remote=None) -> Release:
     """Pack, sign and store a release; ReleaseError if invalid or the version exists.
+
+    remote: object storage (an object with ``put_blob(sha256, data)``: S3Payloads), the blobs'
+    source of truth: the image is written there before the release exists in the database, so
+    that every center finds it; ReleaseError (nothing created) if that fails.
 
     encrypt: the image is stored and sent AES-encrypted; its key is stored wrapped by ``kek``
     (fota.server.kek), which an encrypted release needs.
@@ -248,6 +281,11 @@ def create_release(store: Store, blobs_dir: str | os.PathLike, key: ec.EllipticC
         if s.scalar(select(Release.id).where(Release.version == version)) is not None:
             raise ReleaseError(f"release {version} already exists")
     release.blob_path = str(write_blob(Path(blobs_dir), image, release.sha256))
+    if remote is not None:
+        try:
+            remote.put_blob(release.sha256, image)
+        except Exception as exc:
+            raise ReleaseError(f"the image could not be written to object storage: {exc}") from None
     try:
         with store.session() as s:
             s.add(release)

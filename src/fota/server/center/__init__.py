@@ -147,7 +147,7 @@ class ControlCenter:
                  status_limiter: StatusLimiter | None = None, retention: Retention | None = Retention(),
                  retention_interval: float = RETENTION_INTERVAL,
                  homeassistant: HomeAssistantSettings | None = None,
-                 http: HttpPayloads | S3Payloads | None = None):
+                 http: HttpPayloads | S3Payloads | None = None, objects: S3Payloads | None = None):
         if not protocol.MIN_CHUNK_SIZE <= chunk <= protocol.MAX_CHUNK_SIZE:
             raise ValueError(f"chunk must be {protocol.MIN_CHUNK_SIZE}..{protocol.MAX_CHUNK_SIZE}")
         if not 1 <= window <= protocol.MAX_WINDOW:
@@ -205,8 +205,11 @@ class ControlCenter:
             store, self.db.call, self.jobs, self.mqtt, self.keys, client_id=client_id, blobs_dir=self.blobs_dir,
             chunk=chunk, window=window, poll_interval=poll_interval, require_online=require_online,
             delta_wbits=delta_wbits, command_ttl=command_ttl, kek=kek, fenced=fenced, http=http)
-        # Object storage as the blob store of workers that lack a file (fota.server.objectstore).
-        self.jobs.remote = getattr(http, "get_blob", None)
+        # Object storage, the blobs' source of truth when configured (fota.server.objectstore):
+        # patches made here are written there, and a blob missing from blobs_dir is read from
+        # there (cached in blobs_dir) for the chunk server and the sender. ``objects``, else the
+        # bucket of presigned URLs (http).
+        self.jobs.remote = objects if objects is not None else (http if hasattr(http, "get_blob") else None)
         # None unless Home Assistant is enabled: nothing of it on the paths of fleets without it.
         self.homeassistant = None if homeassistant is None else HomeAssistantBridge(
             store, self.db.call, self.mqtt.publish, homeassistant)

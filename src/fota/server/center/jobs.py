@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from fota.server.deployments import TERMINAL_STATES
 from fota.server.delta import load_delta
-from fota.server.releases import read_blob, write_blob
+from fota.server.releases import blob_file, read_blob
 from fota.server.store import Deployment, Job, Release, Store
 from fota.server.store.inlists import IN_LIST_MAX, chunks, id_ranges, in_ranges
 
@@ -35,15 +35,15 @@ class JobInfo:
     owner: str | None = None  # the worker that claimed and sent it (jobs.worker)
 
 
-def release_blob(blobs_dir: Path, release: Release, remote: Callable[[str], bytes] | None = None) -> bytes:
-    """(DB thread) a release's image; blobs_dir/<sha256> if the stored path is gone; else, with
-    ``remote`` (object storage: fota.server.objectstore.S3Payloads.get_blob), fetched from there
-    into blobs_dir (content-addressed, checked against the sha256 when read)."""
+def release_blob(blobs_dir: Path, release: Release, remote=None) -> bytes:
+    """(DB thread) a release's image; blobs_dir/<sha256> if the stored path is gone (another
+    machine, a moved data directory); else, with ``remote`` (object storage:
+    fota.server.objectstore.S3Payloads), read from there into blobs_dir (checked against the
+    sha256, kept as a local copy)."""
     if not Path(release.blob_path).is_file():
-        # The data directory moved; blobs are content-addressed, so look in ours.
-        release.blob_path = str(blobs_dir / release.sha256)  # detached copy, not saved
-        if remote is not None and not Path(release.blob_path).is_file():
-            write_blob(blobs_dir, remote(release.sha256), release.sha256)
+        # Blobs are content-addressed: look in ours, then in the bucket.
+        local = blob_file(blobs_dir, release.sha256, remote)
+        release.blob_path = str(local or blobs_dir / release.sha256)  # detached copy, not saved
     return read_blob(release)
 
 
@@ -53,8 +53,8 @@ class JobCache:
         self.blobs_dir = blobs_dir
         self.db = db                     # runs a function on the database thread
         self.on_end: Callable[[int], None] = lambda job_id: None  # a cached job became terminal
-        # Where blobs missing from blobs_dir are read (object storage), or None.
-        self.remote: Callable[[str], bytes] | None = None
+        # Where blobs missing from blobs_dir are read (object storage: get_blob, put_blob), or None.
+        self.remote = None
         self._jobs: dict[int, JobInfo] = {}
         self._loading: dict[int, asyncio.Future] = {}  # job id -> its read from the database, in flight
         self._to_load: list[int] = []    # job ids for the next batch read
@@ -120,7 +120,7 @@ class JobCache:
                 blob = None
             elif delta_id is not None:
                 # Sent as a patch: serve the same patch (None if lost: the device times out).
-                blob = load_delta(self.store, delta_id)
+                blob = load_delta(self.store, delta_id, self.blobs_dir, self.remote)
             else:
                 blob = release_blob(self.blobs_dir, release, self.remote)
             infos[job_id] = JobInfo(device_id, state, blob, owner)

@@ -247,7 +247,8 @@ class NatsConnection:
     async def _handle(self, msg) -> None:
         self.pulled += 1
         if msg.metadata.num_delivered > 1:
-            self.redelivered += 1
+            self.redelivered += 1  # a dead worker's or node's, unacknowledged for ack_wait
+            log.info("redelivered: %s (delivery %d)", msg.subject, msg.metadata.num_delivered)
         await self.on_message(None, topic(msg.subject[len(MQTT_QOS1_PREFIX):]), msg.data, 1, {})
         try:
             await msg.ack()

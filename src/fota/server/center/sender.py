@@ -189,12 +189,13 @@ class CommandSender:
                                      wrapped_key=wrapped, delta=patch.descriptor() if patch else None,
                                      min_battery=min_battery, ttl=self.command_ttl, http=http)
             self.http_sent += http is not None
-            put = getattr(self.http, "put_blob", None)
-            if put is not None and http is None:
-                # Object storage holds every blob a job used, whatever its transport, so that a
-                # worker without the file finds it there (once per blob and process).
+            objects = self.jobs.remote
+            if objects is not None and http is None:
+                # Releases and patches are written to object storage when made; one made before
+                # the storage was configured goes there when a job first uses it, so that a
+                # worker without the file finds it there (a HEAD once per blob and process).
                 try:
-                    put(patch.sha256 if patch else release.sha256, patch.data if patch else None)
+                    objects.put_blob(patch.sha256 if patch else release.sha256, patch.data if patch else None)
                 except Exception:
                     log.exception("job %d: blob not stored in object storage", job_id)
             # Over http the device fetches from the blob server: the image is not read here.
@@ -233,7 +234,8 @@ class CommandSender:
             if isinstance(formats, list) else {1}
         try:
             return best_delta(self.store, self.blobs_dir, base, release, min(self.delta_wbits, wbits),
-                              partial(release_blob, self.blobs_dir, remote=self.jobs.remote), formats)
+                              partial(release_blob, self.blobs_dir, remote=self.jobs.remote), formats,
+                              self.jobs.remote)
         except Exception:  # a patch is an optimisation: never let it stop the update
             log.exception("delta %s -> %s failed; sending the full image", base.version, release.version)
             return None
