@@ -167,7 +167,8 @@ def test_node_killed_every_device_confirms_nothing_lost_nothing_twice(tmp_path, 
             # both workers took statuses from the stream
             assert all(c.center.mqtt.pulled > 0 for c in centers)
             print(f"devices on the killed node: {on_victim}; statuses acknowledged: {len(acked.keys)}; "
-                  f"redelivered: {sum(c.center.mqtt.redelivered for c in centers)}")
+                  f"redelivered: {sum(c.center.mqtt.redelivered for c in centers)}; "
+                  f"published again by devices: {sum(d.resent for d in fleet.devices.values())}")
         finally:
             if sim is not None:
                 sim.stop()

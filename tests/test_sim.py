@@ -313,7 +313,7 @@ def test_a_status_whose_connection_died_unacknowledged_is_published_again(setup,
         dep = create_deployment(store, release("2.0.0"), device_ids=ids)
         states = wait_until(lambda: _all_terminal(store, dep.id), timeout=120, what="the job terminal")
         assert states == {device.id: P.CONFIRMED}
-        assert proxy.sessions[0].cut == "next up" and device.connects >= 2
+        assert proxy.sessions[0].cut == "next up" and device.connects >= 2 and device.resent >= 1
         with store.session() as s:
             seqs = sorted(s.scalars(select(StatusEvent.seq).where(StatusEvent.device_id == device.id,
                                                                   StatusEvent.boot == 1)))

@@ -126,6 +126,7 @@ class SimDevice:
         self.stale_chunks = 0   # chunks the core dropped (not the next expected: late or duplicate)
         self.timeouts = 0       # chunk timeouts that re-requested (core.tick asked for chunks)
         self.published = 0
+        self.resent = 0         # QoS 1 statuses published again: their connection died before the PUBACK
         self.commands: list[float] = []    # clock() when a command reached the core
         self.woke_at: float | None = None
         self.confirmed_at: float | None = None
@@ -308,7 +309,9 @@ class SimDevice:
         # What the last connection published and the broker never acknowledged goes first, before
         # what waited for this connection; what every connection sends afresh anyway (online,
         # inventory, health) is dropped, as the device's runner does.
-        self.pending[0:0] = [a for a in self._unacked if not _superseded(a)]
+        again = [a for a in self._unacked if not _superseded(a)]
+        self.pending[0:0] = again
+        self.resent += len(again)
         self._unacked = []
 
     async def _close(self):
