@@ -22,6 +22,7 @@ from fota.sim import FailurePlan, SimFleet, device_ids, provision
 from fota.sim.device import SimDevice
 from fota.sim.verify import fast_verify
 from fota.testkit.center import CenterThread
+from fota.testkit.faultproxy import UP, FaultProxy
 from fota.tools.waiting import wait_until
 from fota.tools.keyring import Keyring
 
@@ -73,10 +74,11 @@ def setup(tmp_path, broker, sqlite_url):
         add_users(broker, passwords)
         return start(passwords, plan, **settings)
 
-    def start(passwords, plan=None, **settings):
-        """A simulator over provisioned devices (again: a restarted simulator, counters from 1)."""
+    def start(passwords, plan=None, port=None, **settings):
+        """A simulator over provisioned devices (again: a restarted simulator, counters from 1);
+        port: where they connect (a fault proxy's), else the broker."""
         ids = list(passwords)
-        fleet = SimFleet.build(passwords, host=broker.host, port=broker.port, root_key=keyring.root_public(),
+        fleet = SimFleet.build(passwords, host=broker.host, port=port or broker.port, root_key=keyring.root_public(),
                                trust=keyring.trust(), plan=plan, **settings)
         sim = SimThread(fleet).start()
         made.append(sim)
@@ -291,6 +293,52 @@ def test_sleeping_device_gets_its_command_when_it_wakes(setup):
     assert len(slow) == 5
     for d in slow:
         assert d.chunks >= IMAGE // 2048 and d.confirmed_at - d.commands[0] >= (IMAGE // 2048) * 0.25
+
+
+def test_a_status_whose_connection_died_unacknowledged_is_published_again(setup, broker):
+    """The link dies just as the device sends the first status of its update (the broker never
+    gets it, so never acknowledges it): the device publishes it again on its next connection
+    (docs/protocol.md §9), and the center stores every status of the update, without a gap."""
+    store, make, release = setup
+    with FaultProxy(broker.port) as proxy:
+        fleet, ids = make(1, "simcut", port=proxy.port)
+        (device,) = fleet.devices.values()
+
+        def settled():  # the connection's statuses are stored: nothing of it is in flight
+            with store.session() as s:
+                return s.scalar(select(func.count()).select_from(StatusEvent)
+                                .where(StatusEvent.device_id == device.id, StatusEvent.state == P.HEALTH))
+        wait_until(settled, timeout=30, what="the device's health report stored")
+        assert proxy.cut_on_next(UP) == 1
+        dep = create_deployment(store, release("2.0.0"), device_ids=ids)
+        states = wait_until(lambda: _all_terminal(store, dep.id), timeout=120, what="the job terminal")
+        assert states == {device.id: P.CONFIRMED}
+        assert proxy.sessions[0].cut == "next up" and device.connects >= 2 and device.resent >= 1
+        with store.session() as s:
+            seqs = sorted(s.scalars(select(StatusEvent.seq).where(StatusEvent.device_id == device.id,
+                                                                  StatusEvent.boot == 1)))
+    # boot 1: online's health report, then the update's statuses up to `rebooting`, none missing
+    assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= 4, seqs
+
+
+def test_an_idle_device_whose_connection_dies_right_after_connack_connects_again(setup, broker):
+    """Connections that end as they are made (here: cut after the CONNACK; seen on a NATS
+    cluster whose node closed them while its JetStream re-elected leaders): the idle device
+    connects again, and again, until a connection lasts; it never parks on a lost connection."""
+    store, make, release = setup
+    with FaultProxy(broker.port) as proxy:
+        fleet, ids = make(1, "simack", port=proxy.port)
+        (device,) = fleet.devices.values()
+        proxy.cut_after_down = 4  # each new connection: its CONNACK (4 bytes), then the cut
+        proxy.cut_all()
+        wait_until(lambda: proxy.cuts >= 10, timeout=30, what="connections cut after their CONNACK")
+        proxy.cut_after_down = None
+        connects = device.connects
+        wait_until(lambda: device.connects > connects and device.client is not None and not device._lost
+                   and _online(store, ids), timeout=30, what="the device connected again")
+        dep = create_deployment(store, release("2.0.0"), device_ids=ids)
+        assert wait_until(lambda: _all_terminal(store, dep.id), timeout=60, what="the job terminal") \
+            == {device.id: P.CONFIRMED}
 
 
 def test_a_simulator_restarted_with_the_same_ids_is_heard(setup):

@@ -14,6 +14,9 @@ Two things fota needs that gmqtt's public API does not offer:
 * ``wait_acked(client)``: until the broker acknowledged every QoS 1 message the client sent
   (gmqtt's in-flight store, ``client._persistent_storage``). The simulator holds a reboot until
   its statuses were acknowledged, as the device's blocking QoS 1 publish does.
+* ``unacked(client)``: the QoS 1 messages still in that store, as (topic, payload, retain). The
+  simulator makes a new client for every connection; what the broker had not acknowledged when
+  a connection died is published again on the next one, as the device does (docs/protocol.md §9).
 
 The attributes used are checked when this module is imported and when a client connects: a
 gmqtt without them fails there with the version fota was written for, not with an
@@ -49,8 +52,9 @@ def _check_import() -> None:
     probe = Client("fota-gmqtt-adapter-probe")
     if "_connection" not in vars(probe):
         raise _changed("Client._connection")
-    if not callable(getattr(getattr(probe, "_persistent_storage", None), "wait_empty", None)):
-        raise _changed("Client._persistent_storage.wait_empty")
+    for method in ("wait_empty", "get_all"):
+        if not callable(getattr(getattr(probe, "_persistent_storage", None), method, None)):
+            raise _changed("Client._persistent_storage." + method)
 
 
 _check_import()
@@ -85,6 +89,22 @@ def publish_qos0(client: Client, topic: str, payloads: list[bytes]) -> None:
 async def wait_acked(client: Client) -> None:
     """Return once the broker acknowledged every QoS 1 (and 2) message the client published."""
     await client._persistent_storage.wait_empty()
+
+
+def unacked(client: Client) -> list[tuple[str, bytes, bool]]:
+    """The QoS 1 messages an MQTT 3.1.1 client published that the broker has not acknowledged
+    (PUBACK), oldest first, as (topic, payload, retain), read back from their stored packets."""
+    out = []
+    for _, packet in client._persistent_storage.get_all():
+        i = 1
+        while packet[i] & 0x80:  # remaining length (varint)
+            i += 1
+        i += 1
+        tlen = int.from_bytes(packet[i:i + 2], "big")
+        topic = packet[i + 2:i + 2 + tlen].decode()
+        # then the packet id (2 bytes); MQTT 3.1.1 has no properties
+        out.append((topic, bytes(packet[i + 2 + tlen + 2:]), bool(packet[0] & 0x01)))
+    return out
 
 
 def quiet_cancelled_reconnects(loop) -> None:

@@ -10,7 +10,9 @@ boot record and builds a new core from what is stored, exactly as the MicroPytho
 
 The MQTT side is one gmqtt client per device (MQTT 3.1.1, its own broker account, persistent
 session, will on `online`), so the broker's password file and ACL apply as to real devices.
-A QoS 1 command is acknowledged only after the core handled it, as on the device.
+A QoS 1 command is acknowledged only after the core handled it, as on the device. A QoS 1
+status the broker had not acknowledged when its connection died is published again on the next
+connection, as the device does (docs/protocol.md §9; gmqtt's in-flight store goes with its client).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from fota.device import boot as bootrec
 from fota.device import core as C
 from fota.device import protocol as P
 from fota.device.executor import Executor, Reboot
+from fota.device.runner import _superseded
 from fota.device.slots.sim import SimBackend, SimFlash
 from fota.sim.slots import HashSlots
 
@@ -106,6 +109,7 @@ class SimDevice:
         self.inbox: deque = deque()
         self._orphans: list = []   # command handlers whose PUBACK must not be sent
         self.pending: list = []
+        self._unacked: list = []   # QoS 1 publishes of a lost connection without PUBACK (actions)
         self._wake = asyncio.Event()
         self._waiting = False      # the session loop is parked on _wake (chunks may skip it)
         self._fault: Exception | None = None
@@ -122,6 +126,7 @@ class SimDevice:
         self.stale_chunks = 0   # chunks the core dropped (not the next expected: late or duplicate)
         self.timeouts = 0       # chunk timeouts that re-requested (core.tick asked for chunks)
         self.published = 0
+        self.resent = 0         # QoS 1 statuses published again: their connection died before the PUBACK
         self.commands: list[float] = []    # clock() when a command reached the core
         self.woke_at: float | None = None
         self.confirmed_at: float | None = None
@@ -149,6 +154,7 @@ class SimDevice:
         ex = self.executor
         on_trial = ex.select(None, self.max_trial_boots)  # boot.json is stored from the start
         self.core = None
+        self._unacked = []  # a restart forgets them, as the device's queue in RAM
         if on_trial and self.profile.unhealthy:
             # The new image's app does not come up: the runner records it and resets.
             ex.trial_failed("health check failed (simulated)")
@@ -300,6 +306,13 @@ class SimDevice:
         client.subscribe([Subscription(P.topic(self.id, P.CMD), qos=1),
                           Subscription(P.topic(self.id, P.DATA), qos=0)])
         self.connects += 1
+        # What the last connection published and the broker never acknowledged goes first, before
+        # what waited for this connection; what every connection sends afresh anyway (online,
+        # inventory, health) is dropped, as the device's runner does.
+        again = [a for a in self._unacked if not _superseded(a)]
+        self.pending[0:0] = again
+        self.resent += len(again)
+        self._unacked = []
 
     async def _close(self):
         client, self.client = self.client, None
@@ -307,6 +320,10 @@ class SimDevice:
         self._orphans += [done for _, _, done in self.inbox if done is not None]
         self.inbox.clear()
         if client is not None:
+            prefix = P.topic(self.id, "")
+            self._unacked += [(C.A_PUBLISH, topic[len(prefix):], payload.decode(), 1, retain)
+                              for topic, payload, retain in gmqtt_adapter.unacked(client)
+                              if topic.startswith(prefix)]
             try:
                 # bounded: on a connection the broker dropped, gmqtt's disconnect can wait for
                 # ever (seen with a NATS node's JetStream stall closing MQTT connections)
@@ -370,7 +387,10 @@ class SimDevice:
             if self._nap_due():
                 await self._nap()
                 continue
-            if not self.inbox:
+            if not self.inbox and not self._lost:
+                # Not when lost: its wake-up may have come before this clear (a connection that
+                # ended as it was made: a broker closing it after the CONNACK, or before it while
+                # gmqtt's one reconnect of its own got one); an idle core would sleep for ever.
                 self._wake.clear()
                 # An idle, connected core has no deadline: sleep until a message (thousands of
                 # idle devices ticking 4 times a second would keep the process busy).

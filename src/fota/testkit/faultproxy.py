@@ -13,6 +13,8 @@ connection to the upstream (the broker) for each of them and forwards bytes both
   stall waits (in the proxy and the kernel's buffers) and is forwarded afterwards.
 * **throttle**: at most N bytes per second per connection and direction (``throttle_up``,
   ``throttle_down``; ``throttle`` sets both), token bucket with a 100 ms burst.
+* **cut on next**: ``cut_on_next(direction)`` aborts each connection open now when it next has
+  bytes to forward that way, dropping them (a link dying just as the device sends a status).
 
 Settings are attributes read on every forwarded piece, so a test may change them while
 connections are open. Counters: ``bytes_up``/``bytes_down`` (forwarded), ``dropped`` (read but
@@ -61,6 +63,7 @@ class Session:
     cut: str | None = None          # "up" / "down" / "total": the budget that cut it
     stalled: bool = False           # its stall_after stall happened
     closed: bool = False
+    cut_on: str | None = None       # cut_on_next: the direction whose next bytes cut it
     stall_until: float = 0.0        # loop time
     tokens: dict = field(default_factory=dict)   # direction -> (tokens, at)
     writers: list = field(default_factory=list)
@@ -187,6 +190,23 @@ class FaultProxy:
             apply()
         return len(open_)
 
+    def cut_on_next(self, direction: str = UP) -> int:
+        """Abort every connection open now when it next has bytes to forward in `direction`
+        (dropped, not forwarded); connections opened later are left alone (thread-safe). Returns
+        how many were armed."""
+        if direction not in (UP, DOWN):
+            raise ValueError("direction is 'up' or 'down'")
+        open_ = [s for s in self.sessions if not s.closed]
+
+        def apply():
+            for session in open_:
+                session.cut_on = direction
+        if self._thread is not None and threading.current_thread() is not self._thread:
+            self._loop.call_soon_threadsafe(apply)
+        else:
+            apply()
+        return len(open_)
+
     @property
     def open_connections(self) -> int:
         return sum(1 for s in self.sessions if not s.closed)
@@ -273,6 +293,9 @@ class FaultProxy:
                 data = b""
             if not data:
                 return  # EOF or reset: _accept closes both sides
+            if session.cut_on == direction:
+                self.dropped += len(data)
+                return self._cut(session, "next " + direction)
             await self._gate(session)
             budget, which = self._budget(session, direction)  # the other direction may have used it
             if budget is not None and budget < len(data):
