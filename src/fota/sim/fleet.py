@@ -116,5 +116,13 @@ class SimFleet:
             "chunks": sum(d.chunks for d in devs),
             "stale_chunks": sum(d.stale_chunks for d in devs),
             "timeouts": sum(d.timeouts for d in devs),
+            # transport http: chunks fetched, bytes read from blob servers (headers included),
+            # GETs, connections, fetch (re)starts, failed attempts resumed, refusals that ended a job
+            "http_chunks": sum(d.fetched for d in devs),
+            **{"http_" + k: sum(d.http_counts()[k] for d in devs)
+               for k in ("bytes_received", "requests", "connections")},
+            "http_fetch_starts": sum(d.fetch_starts for d in devs),
+            "http_failures": sum(d.http_failures for d in devs),
+            "http_errors": [f"{d.id}: {e}" for d in devs for e in d.http_errors][:10],
             "errors": [f"{d.id}: {d.error}" for d in devs if d.error][:10],
         }
