@@ -615,6 +615,14 @@ def test_core_fetches_over_http_with_the_same_hash_checkpoints_and_deadlines():
     core.disconnected(10)
     assert [a for a in core.connected_(20) if a[0] == C.A_FETCH] == [(C.A_FETCH, http, 5 * 256, len(image), 256)]
     assert [a for a in core.tick(20 + 3001) if a[0] == C.A_FETCH] == [(C.A_FETCH, http, 5 * 256, len(image), 256)]
+    # Timeouts in a row back off (6 s, then 12 s, then 24 s at most): a slow server is not re-asked
+    # every 3 s; a chunk taken resets it.
+    restarts = [t for t in range(3022, 58000, 100) if [a for a in core.tick(t) if a[0] == C.A_FETCH]]
+    assert restarts == [9022, 21122, 45222], restarts
+    core.tick(58000)
+    assert [a[0] for a in core.fetched(image[5 * 256:6 * 256])][0] == C.A_WRITE  # (and a progress report)
+    assert not [a for a in core.tick(58000 + 3000) if a[0] == C.A_FETCH]
+    assert [a for a in core.tick(58000 + 3001) if a[0] == C.A_FETCH] == [(C.A_FETCH, http, 6 * 256, len(image), 256)]
     # A refusal the runner reports ends the job with its code.
     ended = core.fetch_failed(P.E_HTTP_STATUS, "HTTP 403 for https://blobs.example/x")
     status = json.loads([a for a in ended if a[0] == C.A_PUBLISH][0][2])
