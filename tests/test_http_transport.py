@@ -152,6 +152,25 @@ def test_device_client_streams_ranges_on_one_kept_alive_connection(blob_server, 
     assert any(e["range"] == f"bytes={40 * 2048}-{6 * 16384 - 1}" for e in app.state.blob_log)
 
 
+def test_device_client_restarted_while_its_request_waits_keeps_waiting(blob_server):
+    """A restart (the core's chunk timeout) from the offset whose request is sent and unanswered
+    does not send it again on a new connection: a loaded server would serve both in turn."""
+    server, app, store, rel, image, jobs = blob_server
+    http = {"url": "", "exp": 0}
+    with FaultProxy(server.port) as proxy:
+        http["url"] = sign_url(f"http://127.0.0.1:{proxy.port}", KEY, "dev-1", jobs["dev-1"], rel.sha256,
+                               int(time.time()) + 60)
+        proxy.stall(0.8)  # the server is slow to answer
+        fetch = devhttp.Fetch()
+        fetch.start(1, http, 0, len(image), 2048)
+        assert fetch.step(50) is None and fetch.phase == 1 and fetch.requests == 1
+        fetch.start(1, http, 0, len(image), 2048)  # the chunk timeout's restart
+        chunks, error = _fetch_all(fetch, 1, http, 0, len(image), 2048)
+    assert error is None and b"".join(chunks) == image
+    assert fetch.connections == 1 and fetch.requests == -(-len(image) // devhttp.SEGMENT), \
+        (fetch.connections, fetch.requests)
+
+
 def test_device_client_refusals_have_precise_codes(blob_server):
     server, app, store, rel, image, jobs = blob_server
     good = sign_url(server.url, KEY, "dev-1", jobs["dev-1"], rel.sha256, int(time.time()) + 60)

@@ -28,10 +28,11 @@ def test_fleet_benchmark_transports_sampled(tmp_path):
     out = tmp_path / "fleet.json"
     image = 32 * 1024
     assert bench_fleet.main(["--skip-deploy", "--skip-ingest", "--workers", "", "--transport-devices", "40",
-                             "--transport-image-kib", "32", "--timeout", "120", "--out", str(out)]) == 0
+                             "--transport-image-kib", "32", "--transport-sim-devices", "25", "--transports", "mqtt,http,static",
+                             "--timeout", "120", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    mqtt, http = result["transports"]
-    assert (mqtt["transport"], http["transport"]) == ("mqtt", "http")
+    mqtt, http, static = result["transports"]
+    assert (mqtt["transport"], http["transport"], http["sim_processes"]) == ("mqtt", "http", 2)
     assert mqtt["confirmed"] == http["confirmed"] == 40 and mqtt["wall_s"] > 0 and http["wall_s"] > 0
     # mqtt: every chunk in from the center and out to its device, at least
     assert mqtt["broker_bytes_per_update"] > 2 * image and mqtt["center"]["chunks"] >= 40 * 16, mqtt
@@ -41,3 +42,5 @@ def test_fleet_benchmark_transports_sampled(tmp_path):
     assert http["sim"]["http_requests"] == 40 and http["sim"]["http_chunks"] == 40 * 16, http["sim"]
     assert http["broker_bytes_per_update"] < mqtt["broker_bytes_per_update"] / 4, (http, mqtt)
     assert http["blob_server_cpu_s"] > 0 and http["blob_requests_per_s"] > 0
+    # static: the same over a static server's plain URLs
+    assert static["confirmed"] == 40 and static["center"]["chunks"] == 0 and static["sim"]["http_requests"] >= 40

@@ -106,8 +106,13 @@ class Fetch:
     def start(self, job, http, offset, size, chunk):
         """Stream the blob of `http` (the command's signed object) from byte `offset` (a
         multiple of `chunk`) to `size`. A restart of the same job keeps the connection only if
-        no response is half read."""
+        no response is half read; one from the offset whose request is sent and whose response
+        has not begun keeps waiting for it (until the header timeout): a loaded server answers
+        requests in turn, and a new one would queue behind the old."""
         self.error = None
+        if job == self.job and self.phase == 1 and self.sock is not None and offset == self.pos \
+                and not self.done and self.url is not None:
+            return
         if self.job != job:
             self.url = None
         self.job = job

@@ -146,6 +146,8 @@ class SimDevice:
         self.fetch_starts = 0   # A_FETCH actions: a start, or a restart after a reconnect or timeout
         self.http_failures = 0  # attempts that failed (a cut, a reset, a 5xx): resumed after a back-off
         self.http_errors: list[str] = []  # refusals that ended a job (E_HTTP_*)
+        self.fetch_waits: list[float] = []  # s from a fetch's (re)start to its first chunk
+        self._fetch_t0: float | None = None
         self.commands: list[float] = []    # clock() when a command reached the core
         self.woke_at: float | None = None
         self.confirmed_at: float | None = None
@@ -305,6 +307,9 @@ class SimDevice:
         core = self.core
         core.now = self.now_ms()
         self.fetched += 1
+        if self._fetch_t0 is not None:
+            self.fetch_waits.append(self.clock() - self._fetch_t0)
+            self._fetch_t0 = None
         return self._execute_now(core.fetched(data))
 
     # ---- transport http ----------------------------------------------------------------------
@@ -313,6 +318,8 @@ class SimDevice:
         # here (a bad URL) is reported by the fetch task, outside this execute().
         _, http, offset, size, chunk = action
         self.fetch_starts += 1
+        if self._fetch_t0 is None:  # a restart before any chunk counts from the first start
+            self._fetch_t0 = self.clock()
         if self.fetch is None:
             self.fetch = AsyncFetch(self.http_timeout)
         try:

@@ -7,7 +7,8 @@ CONFIG: {"host", "port", "root": hex, "trust": {...}, "passwords": {id: password
          "verify": "cryptography" | "pure"}
 Prints one JSON line {"event": "ready", ...} once every device has connected, then runs until
 stdin reaches its end or a line "stop" arrives, and prints {"event": "summary", ...}. A line
-"summary" prints {"event": "report", ...} (the same counters) and goes on.
+"summary" prints {"event": "report", ...} (the same counters; http_first_chunk_s since the last
+report) and goes on.
 """
 from __future__ import annotations
 
@@ -66,6 +67,8 @@ async def main_async(config: dict, out=sys.stdout) -> dict:
     def report():
         print(json.dumps({**fleet.summary(), "event": "report", "cpu_s": time.process_time() - cpu0,
                           "rss_mib": _rss_mib()}), file=out, flush=True)
+        for d in fleet.devices.values():
+            d.fetch_waits.clear()  # the next report's http_first_chunk_s: since this one
     await _stdin_closed(report)
     summary = fleet.summary()
     summary.update(event="summary", cpu_s=time.process_time() - cpu0, rss_mib=_rss_mib())
