@@ -88,6 +88,11 @@ def blob_server(config_path: str) -> None:
     from fota.testkit.appserver import AppServer
 
     logging.basicConfig(level=logging.WARNING)
+    import resource
+    try:  # a connection and an open blob file per device: past the 20,000 the bench gets here
+        resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
+    except (ValueError, OSError):
+        pass
     cfg = json.loads(Path(config_path).read_text())
     store = Store(cfg["db"])
     app = create_app(store, cfg["blobs"], lambda: None, url_key=bytes.fromhex(cfg["key"]))
@@ -95,7 +100,8 @@ def blob_server(config_path: str) -> None:
     Path(cfg["blobs"]).mkdir(parents=True, exist_ok=True)
     app.mount(STATIC, StaticFiles(directory=cfg["blobs"]))  # any static server in front of the blobs
     server = AppServer(app, port=cfg["port"]).start()
-    print(json.dumps({"event": "ready", "url": server.url}), flush=True)
+    print(json.dumps({"event": "ready", "url": server.url,
+                      "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0]}), flush=True)
     for line in sys.stdin:
         if line.strip() == "stop":
             break
@@ -114,6 +120,11 @@ def _sim_report(sims) -> dict:
     reports = [sim.read_event(120) for sim in sims]
     out = {k: sum(r.get(k) or 0 for r in reports) for k in SIM_KEYS}
     waits = [r["http_first_chunk_s"] for r in reports if r.get("http_first_chunk_s")]
+    kinds = {}
+    for r in reports:
+        for k, v in (r.get("http_failure_kinds") or {}).items():
+            kinds[k] = kinds.get(k, 0) + v
+    out["http_failure_kinds"] = kinds
     out["http_first_chunk_s"] = ({"n": sum(w["n"] for w in waits),
                                   **{q: max(w[q] for w in waits) for q in ("p50", "p95", "max")}}
                                  if waits else None)
@@ -167,7 +178,7 @@ def _runs(order, args, tmp: Path, log) -> list[dict]:
         cfg = base / "blobserver.json"
         cfg.write_text(json.dumps({"db": url, "blobs": str(blobs), "key": key.hex(), "port": port}))
         server = Child(["-m", "bench._fleet_transport", "_blobserver", str(cfg)], base / "blobserver.log")
-        server.read_event(60)
+        server_fd_limit = server.read_event(60).get("fd_limit")
         route = HttpPayloads(f"http://127.0.0.1:{port}", key, 3600)
         static = StaticPayloads(f"http://127.0.0.1:{port}{STATIC}", 3600)
         center = CenterThread(store, broker.server_url, blobs, chunk=args.chunk, window=args.window,
@@ -202,7 +213,7 @@ def _runs(order, args, tmp: Path, log) -> list[dict]:
             marks = _wait_all_done(store, dep.id, n, t0, args.timeout)
             wall = marks.get("done")
             io1 = io_bytes(broker.mosquitto.proc.pid)
-            r = {"transport": transport, "devices": n, "sim_processes": len(sims), "image_bytes": size, "wall_s": wall,
+            r = {"transport": transport, "devices": n, "sim_processes": len(sims), "blob_server_fd_limit": server_fd_limit, "image_bytes": size, "wall_s": wall,
                  "started_s": marks.get("started"), "confirmed": _count(store, dep.id, ("confirmed",)),
                  "center": {"statuses": c.statuses - c0[0], "commands": c.commands - c0[1],
                             "chunks": c.chunks - c0[2], "bytes_published": c.bytes_published - c0[3],
@@ -213,6 +224,9 @@ def _runs(order, args, tmp: Path, log) -> list[dict]:
             report = _sim_report(sims)
             r["sim"] = _delta(report, sim0, SIM_KEYS)
             r["sim"]["http_first_chunk_s"] = report.get("http_first_chunk_s")
+            r["sim"]["http_failure_kinds"] = {k: v - sim0["http_failure_kinds"].get(k, 0)
+                                              for k, v in report["http_failure_kinds"].items()
+                                              if v - sim0["http_failure_kinds"].get(k, 0)}
             needed = n * -(-size // args.chunk)
             r["broker_bytes_per_update"] = r["broker_bytes"] / n
             r["broker_percent_of_image"] = 100.0 * r["broker_bytes"] / n / size

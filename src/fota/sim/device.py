@@ -145,6 +145,7 @@ class SimDevice:
         self.fetched = 0        # chunks that came over http
         self.fetch_starts = 0   # A_FETCH actions: a start, or a restart after a reconnect or timeout
         self.http_failures = 0  # attempts that failed (a cut, a reset, a 5xx): resumed after a back-off
+        self.http_failure_kinds: dict[str, int] = {}  # "<phase> <exception>[ <errno>]" -> count
         self.http_errors: list[str] = []  # refusals that ended a job (E_HTTP_*)
         self.fetch_waits: list[float] = []  # s from a fetch's (re)start to its first chunk
         self._fetch_t0: float | None = None
@@ -376,6 +377,9 @@ class SimDevice:
             except (OSError, ValueError, TimeoutError) as e:
                 # Maybe not for good: on from the next chunk after a back-off (the core's stall
                 # deadline ends the job if nothing gets through).
+                kind = "%s %s%s" % (("request", "headers", "body")[min(f.phase, 2)] if not f.needs_connect()
+                                    else "connect", type(e).__name__, " %s" % e.errno if getattr(e, "errno", None) else "")
+                self.http_failure_kinds[kind] = self.http_failure_kinds.get(kind, 0) + 1
                 f.failed()
                 self.http_failures += 1
                 log.info("%s: http fetch failed: %s", self.id, e)

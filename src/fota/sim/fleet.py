@@ -123,6 +123,7 @@ class SimFleet:
                for k in ("bytes_received", "requests", "connections")},
             "http_fetch_starts": sum(d.fetch_starts for d in devs),
             "http_failures": sum(d.http_failures for d in devs),
+            "http_failure_kinds": dict(sum((Counter(d.http_failure_kinds) for d in devs), Counter())),
             "http_errors": [f"{d.id}: {e}" for d in devs for e in d.http_errors][:10],
             # s from a fetch's (re)start to its first chunk (the server's queue): median, 95th, max
             "http_first_chunk_s": _quantiles([w for d in devs for w in d.fetch_waits]),
