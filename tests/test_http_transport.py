@@ -171,6 +171,25 @@ def test_device_client_restarted_while_its_request_waits_keeps_waiting(blob_serv
         (fetch.connections, fetch.requests)
 
 
+def test_device_client_waits_for_a_slow_servers_headers_longer_than_its_network_timeout(blob_server, monkeypatch):
+    """A loaded server answers requests in turn: headers are awaited for HEADER_WAIT_S, not the
+    connect timeout, so the request is not given up and sent again behind the others."""
+    server, app, store, rel, image, jobs = blob_server
+    monkeypatch.setattr(devhttp, "HEADER_WAIT_S", 3)
+    with FaultProxy(server.port) as proxy:
+        http = {"url": sign_url(f"http://127.0.0.1:{proxy.port}", KEY, "dev-1", jobs["dev-1"], rel.sha256,
+                                int(time.time()) + 60), "exp": 0}
+        proxy.stall(1.5)  # longer than the 1 s network timeout, shorter than the header wait
+        fetch = devhttp.Fetch(timeout_s=1)
+        chunks, error = _fetch_all(fetch, 1, http, 0, len(image), 2048)
+        assert error is None and b"".join(chunks) == image
+        assert fetch.connections == 1 and fetch.requests == -(-len(image) // devhttp.SEGMENT)
+        proxy.stall(4)  # longer than the header wait: a timeout, retried as a cut
+        fetch = devhttp.Fetch(timeout_s=1)
+        chunks, error = _fetch_all(fetch, 1, http, 0, len(image), 2048)
+        assert isinstance(error, OSError) and chunks == []
+
+
 def test_device_client_refusals_have_precise_codes(blob_server):
     server, app, store, rel, image, jobs = blob_server
     good = sign_url(server.url, KEY, "dev-1", jobs["dev-1"], rel.sha256, int(time.time()) + 60)

@@ -363,8 +363,16 @@ class SimDevice:
                         continue  # restarted or ended while connecting
                 data = f.step(0)
                 if data is None and f.sock is not None:
-                    if not await f.readable(self.http_timeout) and f.phase != 0:
-                        raise OSError(110, "no response bytes for %.0f s" % self.http_timeout)
+                    # the Fetch's own deadline for the headers (it is stepped without waiting,
+                    # so its count is kept here), else http_timeout for the next body bytes
+                    waits_headers = f.phase == 1
+                    limit = f.header_wait / 1000 if waits_headers else self.http_timeout
+                    t0 = time.monotonic()
+                    ready = await f.readable(max(0.0, limit))
+                    if waits_headers and f.phase == 1:
+                        f.header_wait -= (time.monotonic() - t0) * 1000
+                    if not ready and f.phase != 0:
+                        raise OSError(110, "no response bytes for %.0f s" % limit)
                     continue
             except HttpError as e:
                 f.error = None
