@@ -152,6 +152,36 @@ def test_device_client_streams_ranges_on_one_kept_alive_connection(blob_server, 
     assert any(e["range"] == f"bytes={40 * 2048}-{6 * 16384 - 1}" for e in app.state.blob_log)
 
 
+def test_blob_route_skips_a_request_whose_device_has_gone(blob_server):
+    """A request that waited for a thread while its device closed the connection (it gave up, it
+    rebooted) is not served: at 10,000 devices such requests filled a loaded server's queue."""
+    import asyncio
+    from urllib.parse import urlsplit
+    server, app, store, rel, image, jobs = blob_server
+    url = urlsplit(sign_url(server.url, KEY, "dev-1", jobs["dev-1"], rel.sha256, int(time.time()) + 60))
+
+    def request(gone):
+        sent = []
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+                 "scheme": "http", "path": url.path, "raw_path": url.path.encode(),
+                 "query_string": url.query.encode(), "root_path": "", "headers": [(b"host", b"x")],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+
+        async def receive():
+            if gone:
+                return {"type": "http.disconnect"}
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+        asyncio.run(app(scope, receive, send))
+        body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        return sent[0]["status"], body, app.state.blob_log[-1]["status"]
+
+    assert request(gone=False) == (200, image, 200)
+    assert request(gone=True) == (499, b"", 499)
+
+
 def test_device_client_restarted_while_its_request_waits_keeps_waiting(blob_server):
     """A restart (the core's chunk timeout) from the offset whose request is sent and unanswered
     does not send it again on a new connection: a loaded server would serve both in turn."""
