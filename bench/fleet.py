@@ -3,7 +3,8 @@
     ./run bench fleet [--devices 1000,10000] [--image-kib 64] [--db sqlite,postgres] [--chunk 2048]
                       [--window 8] [--statuses 20000] [--verify cryptography] [--timeout 900]
                       [--skip-deploy] [--skip-ingest] [--workers 1,2] [--workers-devices 1000]
-                      [--out bench/results/fleet.json]
+                      [--transports mqtt,http] [--transport-devices 10000] [--transport-image-kib 64]
+                      [--skip-transports] [--out bench/results/fleet.json]
 
 1. Deployment: a fresh Mosquitto (password file + per-device ACL, raised connection limits),
    N simulated devices (fota.sim, one process, one connection and broker account each), the
@@ -17,6 +18,9 @@
 3. Workers: the same deployment (--workers-devices simulated devices, PostgreSQL) driven by 1,
    then 2, ... control-center worker processes (`fota worker`: MQTT v5 shared subscriptions,
    jobs claimed in the database); wall time to all confirmed, and how the work was shared.
+4. Transports: one image over `mqtt`, then over `http` (the center's blob route in a process of
+   its own), to the same --transport-devices simulated devices: wall time, bytes through the
+   broker per update, center, broker and blob server CPU, chunks re-sent (bench/_fleet_transport.py).
 See bench/README.md.
 """
 from __future__ import annotations
@@ -40,7 +44,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from sqlalchemy import func, select
 
-from bench import _paho_floor
+from bench import _fleet_transport, _paho_floor
 from bench._report import print_table
 from fota.device import protocol as P
 from fota.server.broker import SERVER_USER
@@ -664,8 +668,10 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-ingest", action="store_true")
     ap.add_argument("--workers", default="1,2", help="part 3: worker counts, comma-separated ('' skips)")
     ap.add_argument("--workers-devices", type=int, default=1000, help="part 3: simulated devices")
+    _fleet_transport.add_arguments(ap)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
+    _fleet_transport.wanted(args)  # unknown transports: an error before anything runs
     unknown = [k for k in args.floors.split(",") if k and k not in FLOOR_RECEIVERS]
     if unknown:
         ap.error(f"--floors: unknown {', '.join(unknown)} (known: {', '.join(FLOOR_RECEIVERS)})")
@@ -675,7 +681,7 @@ def main(argv=None) -> int:
     results = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "targets": {"ratio_at_10000": TARGET_RATIO, "ingest_ratio": TARGET_INGEST},
                "env": {"python": platform.python_version(), "cpus": os.cpu_count(), "fd_limit": fd_limit},
-               "deploy": [], "ingest": [], "workers": []}
+               "deploy": [], "ingest": [], "workers": [], "transports": []}
     with tempfile.TemporaryDirectory(prefix="fota-bench-fleet-") as tmp_name:
         tmp = Path(tmp_name)
         if not args.skip_deploy:
@@ -703,6 +709,7 @@ def main(argv=None) -> int:
                          record={"workers": w, "devices": args.workers_devices})
             log("workers", json.dumps({k: v for k, v in r.items() if k != "sim"}))
             results["workers"].append(r)
+        results["transports"] = _fleet_transport.transport_runs(args, tmp, log)
     base = next((r.get("wall_s") for r in results["workers"] if r.get("workers") == 1), None)
     for r in results["workers"]:
         r["speedup"] = base / r["wall_s"] if base and r.get("wall_s") else None
@@ -739,6 +746,7 @@ def main(argv=None) -> int:
         print_table(f"deployment of a {args.image_kib} KiB image with several workers (PostgreSQL)",
                     ["workers", "devices", "started s", "wall s", "speedup vs 1", "confirmed", "jobs per worker",
                      "workers CPU s", "note"], [[_fmt(v) for v in r] for r in rows])
+    _fleet_transport.render(results["transports"], args)
     results["failures"] = failures(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1, default=str))
@@ -763,6 +771,7 @@ def failures(results: dict) -> list[str]:
             out.append(f"{r['workers']} worker(s): {r['error']}")
         elif r.get("confirmed") != r["devices"]:
             out.append(f"{r['workers']} worker(s): {r.get('confirmed')}/{r['devices']} confirmed")
+    out += _fleet_transport.failures(results.get("transports", []))
     return out
 
 

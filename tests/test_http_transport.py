@@ -152,6 +152,74 @@ def test_device_client_streams_ranges_on_one_kept_alive_connection(blob_server, 
     assert any(e["range"] == f"bytes={40 * 2048}-{6 * 16384 - 1}" for e in app.state.blob_log)
 
 
+def test_blob_route_skips_a_request_whose_device_has_gone(blob_server):
+    """A request that waited for a thread while its device closed the connection (it gave up, it
+    rebooted) is not served: at 10,000 devices such requests filled a loaded server's queue."""
+    import asyncio
+    from urllib.parse import urlsplit
+    server, app, store, rel, image, jobs = blob_server
+    url = urlsplit(sign_url(server.url, KEY, "dev-1", jobs["dev-1"], rel.sha256, int(time.time()) + 60))
+
+    def request(gone):
+        sent = []
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+                 "scheme": "http", "path": url.path, "raw_path": url.path.encode(),
+                 "query_string": url.query.encode(), "root_path": "", "headers": [(b"host", b"x")],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+
+        async def receive():
+            if gone:
+                return {"type": "http.disconnect"}
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+        asyncio.run(app(scope, receive, send))
+        body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        return sent[0]["status"], body, app.state.blob_log[-1]["status"]
+
+    assert request(gone=False) == (200, image, 200)
+    assert request(gone=True) == (499, b"", 499)
+
+
+def test_device_client_restarted_while_its_request_waits_keeps_waiting(blob_server):
+    """A restart (the core's chunk timeout) from the offset whose request is sent and unanswered
+    does not send it again on a new connection: a loaded server would serve both in turn."""
+    server, app, store, rel, image, jobs = blob_server
+    http = {"url": "", "exp": 0}
+    with FaultProxy(server.port) as proxy:
+        http["url"] = sign_url(f"http://127.0.0.1:{proxy.port}", KEY, "dev-1", jobs["dev-1"], rel.sha256,
+                               int(time.time()) + 60)
+        proxy.stall(0.8)  # the server is slow to answer
+        fetch = devhttp.Fetch()
+        fetch.start(1, http, 0, len(image), 2048)
+        assert fetch.step(50) is None and fetch.phase == 1 and fetch.requests == 1
+        fetch.start(1, http, 0, len(image), 2048)  # the chunk timeout's restart
+        chunks, error = _fetch_all(fetch, 1, http, 0, len(image), 2048)
+    assert error is None and b"".join(chunks) == image
+    assert fetch.connections == 1 and fetch.requests == -(-len(image) // devhttp.SEGMENT), \
+        (fetch.connections, fetch.requests)
+
+
+def test_device_client_waits_for_a_slow_servers_headers_longer_than_its_network_timeout(blob_server, monkeypatch):
+    """A loaded server answers requests in turn: headers are awaited for HEADER_WAIT_S, not the
+    connect timeout, so the request is not given up and sent again behind the others."""
+    server, app, store, rel, image, jobs = blob_server
+    monkeypatch.setattr(devhttp, "HEADER_WAIT_S", 3)
+    with FaultProxy(server.port) as proxy:
+        http = {"url": sign_url(f"http://127.0.0.1:{proxy.port}", KEY, "dev-1", jobs["dev-1"], rel.sha256,
+                                int(time.time()) + 60), "exp": 0}
+        proxy.stall(1.5)  # longer than the 1 s network timeout, shorter than the header wait
+        fetch = devhttp.Fetch(timeout_s=1)
+        chunks, error = _fetch_all(fetch, 1, http, 0, len(image), 2048)
+        assert error is None and b"".join(chunks) == image
+        assert fetch.connections == 1 and fetch.requests == -(-len(image) // devhttp.SEGMENT)
+        proxy.stall(4)  # longer than the header wait: a timeout, retried as a cut
+        fetch = devhttp.Fetch(timeout_s=1)
+        chunks, error = _fetch_all(fetch, 1, http, 0, len(image), 2048)
+        assert isinstance(error, OSError) and chunks == []
+
+
 def test_device_client_refusals_have_precise_codes(blob_server):
     server, app, store, rel, image, jobs = blob_server
     good = sign_url(server.url, KEY, "dev-1", jobs["dev-1"], rel.sha256, int(time.time()) + 60)
@@ -615,6 +683,14 @@ def test_core_fetches_over_http_with_the_same_hash_checkpoints_and_deadlines():
     core.disconnected(10)
     assert [a for a in core.connected_(20) if a[0] == C.A_FETCH] == [(C.A_FETCH, http, 5 * 256, len(image), 256)]
     assert [a for a in core.tick(20 + 3001) if a[0] == C.A_FETCH] == [(C.A_FETCH, http, 5 * 256, len(image), 256)]
+    # Timeouts in a row back off (6 s, then 12 s, then 24 s at most): a slow server is not re-asked
+    # every 3 s; a chunk taken resets it.
+    restarts = [t for t in range(3022, 58000, 100) if [a for a in core.tick(t) if a[0] == C.A_FETCH]]
+    assert restarts == [9022, 21122, 45222], restarts
+    core.tick(58000)
+    assert [a[0] for a in core.fetched(image[5 * 256:6 * 256])][0] == C.A_WRITE  # (and a progress report)
+    assert not [a for a in core.tick(58000 + 3000) if a[0] == C.A_FETCH]
+    assert [a for a in core.tick(58000 + 3001) if a[0] == C.A_FETCH] == [(C.A_FETCH, http, 6 * 256, len(image), 256)]
     # A refusal the runner reports ends the job with its code.
     ended = core.fetch_failed(P.E_HTTP_STATUS, "HTTP 403 for https://blobs.example/x")
     status = json.loads([a for a in ended if a[0] == C.A_PUBLISH][0][2])

@@ -9,7 +9,7 @@ def test_fleet_benchmark_sampled(tmp_path):
     out = tmp_path / "fleet.json"
     assert bench_fleet.main(["--devices", "30", "--image-kib", "8", "--statuses", "600", "--ingest-devices", "50",
                              "--db", "sqlite", "--timeout", "120", "--workers-devices", "30",
-                             "--out", str(out)]) == 0
+                             "--skip-transports", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     (deploy,) = result["deploy"]
     assert deploy["fota"]["confirmed"] == 30 and deploy["fota"]["wall_s"] > 0, deploy
@@ -20,3 +20,27 @@ def test_fleet_benchmark_sampled(tmp_path):
     assert ingest["statuses"] == 600 and ingest["fota_rate"] > 0 and ingest["floor_rate"] > 0, ingest
     assert ingest["job_states"] == {"downloading": 50}
     assert [(w["workers"], w["confirmed"], w.get("error")) for w in result["workers"]] == [(1, 30, None), (2, 30, None)]
+
+
+def test_fleet_benchmark_transports_sampled(tmp_path):
+    """Part 4 alone at a sample size: the same fleet updated over mqtt, then http; the broker
+    carries the image (both ways) over mqtt and not over http, which the blob server serves."""
+    out = tmp_path / "fleet.json"
+    image = 32 * 1024
+    assert bench_fleet.main(["--skip-deploy", "--skip-ingest", "--workers", "", "--transport-devices", "40",
+                             "--transport-image-kib", "32", "--transport-sim-devices", "25", "--transports", "mqtt,http,static",
+                             "--timeout", "120", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    mqtt, http, static = result["transports"]
+    assert (mqtt["transport"], http["transport"], http["sim_processes"]) == ("mqtt", "http", 2)
+    assert mqtt["confirmed"] == http["confirmed"] == 40 and mqtt["wall_s"] > 0 and http["wall_s"] > 0
+    # mqtt: every chunk in from the center and out to its device, at least
+    assert mqtt["broker_bytes_per_update"] > 2 * image and mqtt["center"]["chunks"] >= 40 * 16, mqtt
+    assert mqtt["sim"]["http_requests"] == 0 and mqtt["resent_pct"] is not None
+    # http: no chunk through the broker; one ranged GET per device; a small fraction of the image
+    assert http["center"]["chunks"] == 0 and http["sim"]["chunks"] == 0, http
+    assert http["sim"]["http_requests"] == 40 and http["sim"]["http_chunks"] == 40 * 16, http["sim"]
+    assert http["broker_bytes_per_update"] < mqtt["broker_bytes_per_update"] / 4, (http, mqtt)
+    assert http["blob_server_cpu_s"] > 0 and http["blob_requests_per_s"] > 0
+    # static: the same over a static server's plain URLs
+    assert static["confirmed"] == 40 and static["center"]["chunks"] == 0 and static["sim"]["http_requests"] >= 40

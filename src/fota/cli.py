@@ -781,6 +781,8 @@ def simulate(devices: int = typer.Option(100, "--devices", min=1, help="number o
              capacity_kib: int = typer.Option(1024, help="slot size in KiB"),
              verify: str = typer.Option("cryptography", help="signature check: cryptography or pure (the device's)"),
              seed: int = typer.Option(1, help="which devices get which failure"),
+             http: bool = typer.Option(False, "--http", help="declare transport http in the inventory: jobs of "
+                                       "'fota deploy --transport http' are fetched from the blob server (plain http)"),
              duration: Optional[float] = typer.Option(None, help="seconds to run (default: until Ctrl-C)"),
              home: Optional[Path] = HomeOpt):
     """Run simulated devices (the device's update core, one broker account each) against this home's broker.
@@ -825,7 +827,8 @@ def simulate(devices: int = typer.Option(100, "--devices", min=1, help="number o
     async def run():
         fleet = SimFleet.build({i: known[i] for i in ids}, host=host, port=port, ssl=tls,
                                root_key=h.keyring.root_public(), trust=h.keyring.trust(), plan=plan,
-                               verify=verify, hardware=hardware, backend=backend, capacity=capacity_kib * 1024)
+                               verify=verify, hardware=hardware, backend=backend, capacity=capacity_kib * 1024,
+                               transports=("mqtt", "http") if http else ("mqtt",))
         await fleet.start()
         start = time.monotonic()
 
@@ -833,7 +836,9 @@ def simulate(devices: int = typer.Option(100, "--devices", min=1, help="number o
             s = fleet.summary()
             console.print(f"{time.monotonic() - start:6.0f}s  connected {s['connected']}/{s['devices']}  "
                           f"versions {s['versions']}  states {s['states']}  confirmed {s['confirmed']}  "
-                          f"reverted {s['reverted']}" + (f"  errors {s['errors']}" if s["errors"] else ""))
+                          f"reverted {s['reverted']}" + (f"  http chunks {s['http_chunks']}" if http else "")
+                          + (f"  errors {s['errors']}" if s["errors"] else "")
+                          + (f"  http errors {s['http_errors']}" if s["http_errors"] else ""))
         try:
             while duration is None or time.monotonic() - start < duration:
                 await asyncio.sleep(min(5.0, max(0.0, duration - (time.monotonic() - start))) if duration else 5.0)

@@ -30,6 +30,8 @@ MAX_REDIRECTS = 4
 RETRY_MS = 200        # first wait after a failed attempt
 RETRY_MAX_MS = 5000
 HEADER_BUFFER = 1024  # smallest read buffer: the longest header line (a Location) must fit
+HEADER_WAIT_S = 30    # longest wait for a response's headers: a loaded server answers in turn,
+                      # and a request given up on is sent again behind the others (bench/fleet)
 
 _AGAIN = (errno.EAGAIN, getattr(errno, "EWOULDBLOCK", errno.EAGAIN))
 _REDIRECTS = (301, 302, 303, 307, 308)
@@ -82,7 +84,8 @@ def _again(e):
 class Fetch:
     """One download's HTTP side. tls(host): an ssl context-like object with
     wrap_socket(sock, server_hostname) for https URLs; timeout_s bounds the connect, the TLS
-    handshake, a request's write and the wait for a response's headers."""
+    handshake and a request's write; a response's headers are awaited for the longer of it and
+    HEADER_WAIT_S."""
 
     def __init__(self, tls=None, timeout_s=10, log=None):
         self.tls = tls
@@ -106,8 +109,13 @@ class Fetch:
     def start(self, job, http, offset, size, chunk):
         """Stream the blob of `http` (the command's signed object) from byte `offset` (a
         multiple of `chunk`) to `size`. A restart of the same job keeps the connection only if
-        no response is half read."""
+        no response is half read; one from the offset whose request is sent and whose response
+        has not begun keeps waiting for it (until the header timeout): a loaded server answers
+        requests in turn, and a new one would queue behind the old."""
         self.error = None
+        if job == self.job and self.phase == 1 and self.sock is not None and offset == self.pos \
+                and not self.done and self.url is not None:
+            return
         if self.job != job:
             self.url = None
         self.job = job
@@ -259,7 +267,7 @@ class Fetch:
         self.asked_end = end
         self.phase = 1
         self.lo = self.hi = 0
-        self.header_wait = self.timeout_s * 1000
+        self.header_wait = max(self.timeout_s, HEADER_WAIT_S) * 1000
 
     def _headers(self, wait_ms):
         # Read until the blank line; parse the status and the headers we need.

@@ -21,6 +21,7 @@ import re
 import time
 from pathlib import Path
 
+from anyio import from_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import select
@@ -95,6 +96,12 @@ def mount(app: FastAPI, store: Store, blobs_dir: str | Path, url_key,
         rng = request.headers.get("range")
         entry = {"sha256": sha256, "device": device, "job": job, "range": rng, "status": 403, "at": time.time()}
         log.append(entry)
+        if from_thread.run(request.is_disconnected):
+            # The device gave up waiting (its fetch restarted, it rebooted) while this request
+            # queued for a thread: a loaded server skips it rather than serve nobody
+            # (bench/fleet, part 4). Nothing is sent; 499 is only what the log says.
+            entry["status"] = 499
+            return Response(status_code=499)
         if not (_SHA.fullmatch(sha256) and device and job and job.isdigit() and exp and exp.isdigit() and sig):
             return _refuse(403, "not a signed blob URL")
         why = check_url(key(), device, int(job), sha256, int(exp), sig, clock())

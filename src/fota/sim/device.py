@@ -13,6 +13,13 @@ session, will on `online`), so the broker's password file and ACL apply as to re
 A QoS 1 command is acknowledged only after the core handled it, as on the device. A QoS 1
 status the broker had not acknowledged when its connection died is published again on the next
 connection, as the device does (docs/protocol.md §9; gmqtt's in-flight store goes with its client).
+
+Transport http (opt-in: `transports=("mqtt", "http")`, declared in the inventory as boards do):
+the core's A_FETCH starts the device's own HTTP client (fota.device.http.Fetch, driven by asyncio
+in fota.sim.httpfetch) in a task of the device; its chunks go to the core's fetched(), in order
+with the MQTT messages, as the MicroPython runner feeds them. Fetched only while the broker
+connection is up (the core's deadlines count connected time); a reconnect restarts it from the
+next chunk.
 """
 from __future__ import annotations
 
@@ -34,7 +41,9 @@ from fota.device import core as C
 from fota.device import protocol as P
 from fota.device.executor import Executor, Reboot
 from fota.device.runner import _superseded
+from fota.device.mqtt import ticks_diff, ticks_ms
 from fota.device.slots.sim import SimBackend, SimFlash
+from fota.sim.httpfetch import AsyncFetch, HttpError
 from fota.sim.slots import HashSlots
 
 log = logging.getLogger(__name__)
@@ -42,6 +51,8 @@ log = logging.getLogger(__name__)
 DISCONNECT_TIMEOUT = 5.0  # s for a DISCONNECT to be written
 ACK_TIMEOUT = 30.0        # s to wait for the broker's PUBACKs before a reboot or a nap
 CONNECT_TIMEOUT = 30.0    # s for CONNECT..CONNACK (thousands connect at once)
+HTTP_TIMEOUT = 10.0       # s for an http connect, and for a response's next bytes
+FETCHED = "\0http"        # inbox marker of a fetched chunk (not an MQTT topic)
 
 
 class Profile:
@@ -72,8 +83,17 @@ class SimDevice:
                  backend: str = "hash", verify=None, profile: Profile | None = None,
                  max_trial_boots: int = 3, keepalive: int = 60, tick: float = 1.0,
                  chunk_timeout_ms: int = 3000, stall_timeout_ms: int = 60000, trial_timeout_ms: int = 60000,
-                 enc_key: str | None = None, clock=time.monotonic, ssl=None):
+                 enc_key: str | None = None, clock=time.monotonic, ssl=None,
+                 transports=("mqtt",), http_timeout: float = HTTP_TIMEOUT):
         self.id = device_id
+        # payload transports declared in the inventory: ("mqtt", "http") takes http jobs
+        self.transports = tuple(transports)
+        if not set(self.transports) <= set(P.TRANSPORTS) or "mqtt" not in self.transports:
+            raise ValueError("transports must include mqtt, and be among %s" % (P.TRANSPORTS,))
+        self.http_timeout = http_timeout
+        self.fetch: AsyncFetch | None = None
+        self._fetch_task: asyncio.Task | None = None
+        self._http_past = {"bytes_received": 0, "requests": 0, "connections": 0}  # of fetches discarded
         self.ssl = ssl  # an ssl.SSLContext (the broker's CA) for a TLS broker; None: plain MQTT
         self.password = password
         self.host = host
@@ -127,6 +147,13 @@ class SimDevice:
         self.timeouts = 0       # chunk timeouts that re-requested (core.tick asked for chunks)
         self.published = 0
         self.resent = 0         # QoS 1 statuses published again: their connection died before the PUBACK
+        self.fetched = 0        # chunks that came over http
+        self.fetch_starts = 0   # A_FETCH actions: a start, or a restart after a reconnect or timeout
+        self.http_failures = 0  # attempts that failed (a cut, a reset, a 5xx): resumed after a back-off
+        self.http_failure_kinds: dict[str, int] = {}  # "<phase> <exception>[ <errno>]" -> count
+        self.http_errors: list[str] = []  # refusals that ended a job (E_HTTP_*)
+        self.fetch_waits: list[float] = []  # s from a fetch's (re)start to its first chunk
+        self._fetch_t0: float | None = None
         self.commands: list[float] = []    # clock() when a command reached the core
         self.woke_at: float | None = None
         self.confirmed_at: float | None = None
@@ -151,6 +178,7 @@ class SimDevice:
     def boot(self) -> None:
         """Select the slot, run the health check of a trial image, build the core from storage."""
         self.boots += 1
+        self._fetch_discard()  # a reset: no socket survives it
         ex = self.executor
         on_trial = ex.select(None, self.max_trial_boots)  # boot.json is stored from the start
         self.core = None
@@ -164,7 +192,7 @@ class SimDevice:
             "id": self.id, "hardware": self.hardware, "root": self.root_key, "trust": ex.trust(self.trust),
             "capacity": self.backend.capacity, "kinds": self.backend.KINDS,
             "version": ex.record["versions"].get(ex.slot), "counter": ex.record.get("counter", 0),
-            "time": 0, "enc_key": None,
+            "time": 0, "enc_key": None, "transports": self.transports,
         }
         core = C.UpdateCore(identity, agent, self.settings, verify=self.verify)
         core.inventory_extra = {"active": ex.slot, "slots": ex.record["versions"], "backend": "sim",
@@ -230,6 +258,10 @@ class SimDevice:
         """Run pending[0], a local action, in the executor; then drop it from `pending` (the core's
         answer to an install runs next)."""
         kind = action[0]
+        if kind == C.A_FETCH:
+            self.pending.pop(0)
+            self._fetch_start(action)  # no I/O here: the device's fetch task does it
+            return
         if kind == C.A_CLEAR_REPORT and (self.executor.record.get("report") or {}).get("state") == P.REVERTED:
             self.reverted_at = self.clock()
         more = self.executor.run(action)
@@ -277,6 +309,137 @@ class SimDevice:
         if core.next == before:
             self.stale_chunks += 1
         return self._execute_now(actions)
+
+    def _handle_fetched(self, data) -> bool:
+        core = self.core
+        core.now = self.now_ms()
+        self.fetched += 1
+        if self._fetch_t0 is not None:
+            self.fetch_waits.append(self.clock() - self._fetch_t0)
+            self._fetch_t0 = None
+        return self._execute_now(core.fetched(data))
+
+    # ---- transport http ----------------------------------------------------------------------
+    def _fetch_start(self, action):
+        # As fota.device.runner: (re)start the fetch from the core's offset; a refusal found
+        # here (a bad URL) is reported by the fetch task, outside this execute().
+        _, http, offset, size, chunk = action
+        self.fetch_starts += 1
+        if self._fetch_t0 is None:  # a restart before any chunk counts from the first start
+            self._fetch_t0 = self.clock()
+        if self.fetch is None:
+            self.fetch = AsyncFetch(self.http_timeout)
+        try:
+            self.fetch.start(self.core.job.id, http, offset, size, chunk)
+        except HttpError as e:
+            self.fetch.done = True
+            self.fetch.error = e
+        if self._fetch_task is None or self._fetch_task.done():
+            self._fetch_task = asyncio.create_task(self._fetch_run(), name="sim-http-" + self.id)
+
+    def _fetching(self) -> bool:
+        f, core = self.fetch, self.core
+        if f is None or core is None:
+            return False
+        job = core.job
+        if core.state == P.DOWNLOADING and job is not None and job.http and f.job == job.id:
+            return not f.done or f.error is not None
+        if f.sock is not None:
+            f.close()  # the job ended (cancelled, superseded, failed): no socket kept for it
+        return False
+
+    async def _fetch_run(self):
+        """The fetch task: step the device's Fetch while the job wants it and the broker
+        connection is up; each chunk to the core, in order with the MQTT messages."""
+        f = self.fetch
+        while not self._stop and f is self.fetch and self._fetching():
+            if self.client is None or self._lost:
+                return  # connected_() starts it again from the next chunk
+            if f.error is None and f.retry_at is not None:
+                wait = ticks_diff(f.retry_at, ticks_ms())
+                if wait > 0:
+                    await asyncio.sleep(wait / 1000)
+                    continue
+            try:
+                if f.error is not None:
+                    raise f.error
+                if f.needs_connect():
+                    await f.connect()
+                    if not self._fetching() or f.phase != 0:
+                        continue  # restarted or ended while connecting
+                data = f.step(0)
+                if data is None and f.sock is not None:
+                    # the Fetch's own deadline for the headers (it is stepped without waiting,
+                    # so its count is kept here), else http_timeout for the next body bytes
+                    waits_headers = f.phase == 1
+                    limit = f.header_wait / 1000 if waits_headers else self.http_timeout
+                    t0 = time.monotonic()
+                    ready = await f.readable(max(0.0, limit))
+                    if waits_headers and f.phase == 1:
+                        f.header_wait -= (time.monotonic() - t0) * 1000
+                    if not ready and f.phase != 0:
+                        raise OSError(110, "no response bytes for %.0f s" % limit)
+                    continue
+            except HttpError as e:
+                f.error = None
+                f.done = True
+                f.close()
+                self.http_errors.append(e.reason)
+                log.info("%s: http: %s", self.id, e.reason)
+                self._feed_core(lambda: self.core.fetch_failed(e.code, e.reason))
+                return
+            except (OSError, ValueError, TimeoutError) as e:
+                # Maybe not for good: on from the next chunk after a back-off (the core's stall
+                # deadline ends the job if nothing gets through).
+                kind = "%s %s%s" % (("request", "headers", "body")[min(f.phase, 2)] if not f.needs_connect()
+                                    else "connect", type(e).__name__, " %s" % e.errno if getattr(e, "errno", None) else "")
+                self.http_failure_kinds[kind] = self.http_failure_kinds.get(kind, 0) + 1
+                f.failed()
+                self.http_failures += 1
+                log.info("%s: http fetch failed: %s", self.id, e)
+                continue
+            if data is None:
+                continue
+            if self._can_handle_now():
+                try:
+                    self._handle_fetched(data)
+                except Exception as e:  # raised in the session loop, as if it had run there
+                    self._fault = e
+                if self.pending or self._fault:
+                    self._wake.set()
+            else:
+                # The session loop is busy (a command, an action waiting for the broker, a slow
+                # link's delay): the chunk waits in the inbox, and the fetch until it is taken.
+                self.inbox.append((FETCHED, bytes(data), None))
+                self._wake.set()
+                while self.inbox and not self._stop and f is self.fetch:
+                    await asyncio.sleep(0.005)
+
+    def _feed_core(self, actions_of):
+        if self.core is None:
+            return
+        self.core.now = self.now_ms()
+        try:
+            self._execute_now(actions_of())
+        except Exception as e:
+            self._fault = e
+        self._wake.set()
+
+    def _fetch_discard(self):
+        task, self._fetch_task = self._fetch_task, None
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()
+        f, self.fetch = self.fetch, None
+        if f is not None:
+            f.discard()
+            for name in self._http_past:
+                self._http_past[name] += getattr(f, name)
+
+    def http_counts(self) -> dict:
+        """Bytes read from blob servers (headers included), GETs sent and connections opened, over
+        every boot."""
+        f = self.fetch
+        return {name: n + (getattr(f, name) if f is not None else 0) for name, n in self._http_past.items()}
 
     def _on_disconnect(self, client, packet, exc=None):
         if client is self.client:
@@ -351,6 +514,7 @@ class SimDevice:
                 await asyncio.wait_for(self._task, 10)
             except (TimeoutError, asyncio.CancelledError):
                 self._task.cancel()
+        self._fetch_discard()
         await self._close()
 
     async def run(self):
@@ -411,7 +575,12 @@ class SimDevice:
                 await self.execute([])
             while self.inbox and not self._lost:
                 topic, payload, done = self.inbox.popleft()
-                if topic.endswith("/" + P.DATA):
+                if topic == FETCHED:
+                    if self.profile.chunk_delay:
+                        await asyncio.sleep(self.profile.chunk_delay)
+                    if not self._handle_fetched(payload):
+                        await self.execute([])
+                elif topic.endswith("/" + P.DATA):
                     if self.profile.chunk_delay:
                         await asyncio.sleep(self.profile.chunk_delay)
                     if not self._handle_chunk(payload):

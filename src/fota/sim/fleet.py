@@ -116,5 +116,23 @@ class SimFleet:
             "chunks": sum(d.chunks for d in devs),
             "stale_chunks": sum(d.stale_chunks for d in devs),
             "timeouts": sum(d.timeouts for d in devs),
+            # transport http: chunks fetched, bytes read from blob servers (headers included),
+            # GETs, connections, fetch (re)starts, failed attempts resumed, refusals that ended a job
+            "http_chunks": sum(d.fetched for d in devs),
+            **{"http_" + k: sum(d.http_counts()[k] for d in devs)
+               for k in ("bytes_received", "requests", "connections")},
+            "http_fetch_starts": sum(d.fetch_starts for d in devs),
+            "http_failures": sum(d.http_failures for d in devs),
+            "http_failure_kinds": dict(sum((Counter(d.http_failure_kinds) for d in devs), Counter())),
+            "http_errors": [f"{d.id}: {e}" for d in devs for e in d.http_errors][:10],
+            # s from a fetch's (re)start to its first chunk (the server's queue): median, 95th, max
+            "http_first_chunk_s": _quantiles([w for d in devs for w in d.fetch_waits]),
             "errors": [f"{d.id}: {d.error}" for d in devs if d.error][:10],
         }
+
+
+def _quantiles(values: list[float]) -> dict | None:
+    if not values:
+        return None
+    v = sorted(values)
+    return {"n": len(v), "p50": v[len(v) // 2], "p95": v[min(len(v) - 1, int(len(v) * 0.95))], "max": v[-1]}

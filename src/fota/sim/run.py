@@ -6,7 +6,9 @@ CONFIG: {"host", "port", "root": hex, "trust": {...}, "passwords": {id: password
          "plan": {FailurePlan keyword arguments}, "device": {SimDevice keyword arguments},
          "verify": "cryptography" | "pure"}
 Prints one JSON line {"event": "ready", ...} once every device has connected, then runs until
-stdin reaches its end or a line "stop" arrives, and prints {"event": "summary", ...}.
+stdin reaches its end or a line "stop" arrives, and prints {"event": "summary", ...}. A line
+"summary" prints {"event": "report", ...} (the same counters; http_first_chunk_s since the last
+report) and goes on.
 """
 from __future__ import annotations
 
@@ -42,12 +44,14 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-async def _stdin_closed() -> None:
+async def _stdin_closed(report=None) -> None:
     loop = asyncio.get_running_loop()
     while True:
         line = await loop.run_in_executor(None, sys.stdin.readline)
         if not line or line.strip() == "stop":
             return
+        if line.strip() == "summary" and report is not None:
+            report()
 
 
 async def main_async(config: dict, out=sys.stdout) -> dict:
@@ -59,7 +63,13 @@ async def main_async(config: dict, out=sys.stdout) -> dict:
     print(json.dumps({"event": "ready", "devices": len(fleet.devices), "connect_s": time.monotonic() - t0,
                       "rss_mib": _rss_mib()}), file=out, flush=True)
     cpu0 = time.process_time()
-    await _stdin_closed()
+
+    def report():
+        print(json.dumps({**fleet.summary(), "event": "report", "cpu_s": time.process_time() - cpu0,
+                          "rss_mib": _rss_mib()}), file=out, flush=True)
+        for d in fleet.devices.values():
+            d.fetch_waits.clear()  # the next report's http_first_chunk_s: since this one
+    await _stdin_closed(report)
     summary = fleet.summary()
     summary.update(event="summary", cpu_s=time.process_time() - cpu0, rss_mib=_rss_mib())
     await fleet.stop()
