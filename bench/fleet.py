@@ -17,6 +17,8 @@
 3. Workers: the same deployment (--workers-devices simulated devices, PostgreSQL) driven by 1,
    then 2, ... control-center worker processes (`fota worker`: MQTT v5 shared subscriptions,
    jobs claimed in the database); wall time to all confirmed, and how the work was shared.
+4. Brokers (--brokers mosquitto,nats; '' skips): the deployment and a status ingestion run on one
+   Mosquitto and on a 3-node NATS cluster, side by side (bench/_fleet_cluster.py).
 See bench/README.md.
 """
 from __future__ import annotations
@@ -40,7 +42,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from sqlalchemy import func, select
 
-from bench import _paho_floor
+from bench import _fleet_cluster, _paho_floor
 from bench._report import print_table
 from fota.device import protocol as P
 from fota.server.broker import SERVER_USER
@@ -665,6 +667,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", default="1,2", help="part 3: worker counts, comma-separated ('' skips)")
     ap.add_argument("--workers-devices", type=int, default=1000, help="part 3: simulated devices")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    _fleet_cluster.add_arguments(ap)  # part 4: the clustered broker against one Mosquitto
     args = ap.parse_args(argv)
     unknown = [k for k in args.floors.split(",") if k and k not in FLOOR_RECEIVERS]
     if unknown:
@@ -703,6 +706,7 @@ def main(argv=None) -> int:
                          record={"workers": w, "devices": args.workers_devices})
             log("workers", json.dumps({k: v for k, v in r.items() if k != "sim"}))
             results["workers"].append(r)
+        _fleet_cluster.run(args, tmp, results)
     base = next((r.get("wall_s") for r in results["workers"] if r.get("workers") == 1), None)
     for r in results["workers"]:
         r["speedup"] = base / r["wall_s"] if base and r.get("wall_s") else None
@@ -739,7 +743,8 @@ def main(argv=None) -> int:
         print_table(f"deployment of a {args.image_kib} KiB image with several workers (PostgreSQL)",
                     ["workers", "devices", "started s", "wall s", "speedup vs 1", "confirmed", "jobs per worker",
                      "workers CPU s", "note"], [[_fmt(v) for v in r] for r in rows])
-    results["failures"] = failures(results)
+    _fleet_cluster.report(args, results)
+    results["failures"] = failures(results) + _fleet_cluster.failures(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1, default=str))
     log(f"results in {args.out}")
