@@ -150,6 +150,7 @@ def _start_sim(base: Path, broker: Broker, keyring: Keyring, passwords: dict[str
               "trust": keyring.trust(), "passwords": passwords, "verify": args.verify,
               "device": {"backend": "hash", "capacity": max(args.image_kib * 1024, 64 * 1024),
                          "keepalive": 300}}
+    config.update(getattr(broker, "sim_settings", {}))  # a NATS cluster's connection pacing (_fleet_cluster)
     base.with_suffix(".json").write_text(json.dumps(config))
     sim = Child(["-m", "fota.sim.run", str(base.with_suffix(".json"))], base.with_suffix(".log"))
     ready = sim.read_event(args.timeout)

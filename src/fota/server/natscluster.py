@@ -72,8 +72,15 @@ class NodePorts:
     monitor: int    # HTTP monitoring (/jsz: is JetStream's cluster whole?)
 
 
+# nats-server 2.15 caps every stream at 1,000 consumers unless told otherwise (jetstream.limits.
+# default_max_consumers), and a device's persistent MQTT session is one consumer on $MQTT_msgs
+# (its QoS 1 `cmd` subscription): measured, the 1,000th device's subscription was refused
+# ("maximum consumers limit reached") and its commands never arrived. The fleet size bounds it.
+MAX_SESSIONS = 1_000_000
+
+
 def node_config(name: str, ports: NodePorts, routes: list[int], store_dir: Path, users: list[dict],
-                host: str = LOOPBACK) -> str:
+                host: str = LOOPBACK, max_sessions: int = MAX_SESSIONS) -> str:
     """The config of one node (nats-server's format accepts JSON values).
 
     The MQTT layer's streams and consumers (sessions, QoS 1 messages, retained messages) get an
@@ -84,7 +91,8 @@ def node_config(name: str, ports: NodePorts, routes: list[int], store_dir: Path,
     conf = {
         "server_name": name,
         "listen": f"{host}:{ports.client}",
-        "jetstream": {"store_dir": str(store_dir), "max_memory_store": 64 << 20, "max_file_store": 1 << 30},
+        "jetstream": {"store_dir": str(store_dir), "max_memory_store": 64 << 20, "max_file_store": 1 << 30,
+                      "limits": {"default_max_consumers": max_sessions}},
         "cluster": {"name": CLUSTER_NAME, "listen": f"{host}:{ports.cluster}",
                     "routes": [f"nats-route://{host}:{p}" for p in routes]},
         "mqtt": {"listen": f"{host}:{ports.mqtt}", "stream_replicas": replicas},

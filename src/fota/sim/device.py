@@ -121,6 +121,8 @@ class SimDevice:
         self.chunks = 0
         self.stale_chunks = 0   # chunks the core dropped (not the next expected: late or duplicate)
         self.timeouts = 0       # chunk timeouts that re-requested (core.tick asked for chunks)
+        self.refused_subscriptions = 0  # SUBACKs with a failure code: dropped and reconnected
+        self._refused = False
         self.published = 0
         self.commands: list[float] = []    # clock() when a command reached the core
         self.woke_at: float | None = None
@@ -277,6 +279,17 @@ class SimDevice:
             self._lost = True
             self._wake.set()
 
+    def _on_subscribe(self, client, mid, granted, properties=None):
+        # A refused subscription (failure code 0x80; a NATS node whose JetStream did not create
+        # the session's consumer in time): like the device (fota.device.mqtt raises MQTTError on
+        # it and reconnects), drop this connection and connect again; the loop waits a little
+        # first. Without it the device would stay connected and deaf to its commands.
+        if client is self.client and any(q >= 0x80 for q in granted):
+            self.refused_subscriptions += 1
+            self._refused = True
+            self._lost = True
+            self._wake.set()
+
     async def _connect(self):
         client = MQTTClient(self.id, clean_session=False, optimistic_acknowledgement=False,
                             will_message=Message(P.topic(self.id, P.ONLINE), "0", qos=1, retain=True))
@@ -284,6 +297,7 @@ class SimDevice:
         client.set_auth_credentials(self.id, self.password)
         client.on_message = self._on_message
         client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
         self.client = client
         self._lost = False
         self.port = random.choice(self.ports)
@@ -415,6 +429,9 @@ class SimDevice:
                             done.set_result(0)
             if self._lost:
                 await self._close()
+                if self._refused:
+                    self._refused = False
+                    await asyncio.sleep(1.0 + random.random())
                 continue
             await self.execute(self._tick(core))
 

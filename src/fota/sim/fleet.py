@@ -78,13 +78,15 @@ class SimFleet:
         return cls([SimDevice(i, passwords[i], host=host, port=port, root_key=root_key, trust=trust,
                               verify=check, profile=profiles[i], **device_settings) for i in ids])
 
-    async def start(self, connect_batch: int = 500) -> None:
-        """Start every device; `connect_batch` at a time get a short head start (CONNECT storms
-        of thousands are fine for Mosquitto, but spreading them keeps CONNACK latency low)."""
+    async def start(self, connect_batch: int = 500, pause: float = 0.05) -> None:
+        """Start every device; `connect_batch` at a time get a head start of `pause` seconds
+        (CONNECT storms of thousands are fine for Mosquitto, but spreading them keeps CONNACK
+        latency low; a NATS cluster creates a replicated JetStream consumer per session and
+        times out under a storm: pace it)."""
         for n, device in enumerate(self.devices.values(), 1):
             device.start()
             if n % connect_batch == 0:
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(pause)
 
     async def wait_connected(self, timeout: float = 120.0) -> None:
         loop = asyncio.get_running_loop()
@@ -116,5 +118,6 @@ class SimFleet:
             "chunks": sum(d.chunks for d in devs),
             "stale_chunks": sum(d.stale_chunks for d in devs),
             "timeouts": sum(d.timeouts for d in devs),
+            "refused_subscriptions": sum(d.refused_subscriptions for d in devs),
             "errors": [f"{d.id}: {d.error}" for d in devs if d.error][:10],
         }
