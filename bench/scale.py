@@ -296,14 +296,17 @@ ROWS = [  # key, label, format
 
 
 def comparison(units: dict) -> list[dict]:
+    """Each measured unit with the model's range (None where the model has no figure) and the
+    ratio measured / the range's midpoint. The session row with its account is the one the model's
+    "broker memory per connected session" means (Mosquitto's, account and ACL entry included)."""
+    model_of = {"broker_rss_kib_per_session_with_account": "broker_rss_kib_per_session",
+                "broker_rss_kib_per_session": None}
     out = []
     for key, label, fmt in ROWS:
-        if key not in units and not key.startswith("db_bytes"):
-            continue
         if key not in units:
             continue
-        model_key = "broker_rss_kib_per_session" if key == "broker_rss_kib_per_session_with_account" else key
-        model = MODEL.get(model_key) if key != "broker_rss_kib_per_session" else None
+        mk = model_of.get(key, key)
+        model = MODEL.get(mk) if mk else None
         mid = (model[0] + model[1]) / 2 if model else None
         out.append({"key": key, "label": label, "measured": units[key], "model": model,
                     "ratio": units[key] / mid if mid else None, "fmt": fmt})

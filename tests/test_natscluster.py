@@ -106,3 +106,25 @@ def test_qos1_from_nats_reaches_offline_device_on_another_node(cluster):
         assert dev.got == [("fota/v1/dev2/cmd", 1, b"command")]
     finally:
         dev.close()
+
+
+def test_session_cap_is_the_nodes_consumer_limit(tmp_path):
+    """Each device's persistent session is one consumer on $MQTT_msgs (its QoS 1 `cmd`
+    subscription), and nats-server 2.15 caps a stream at 1,000 consumers unless configured:
+    NatsCluster's max_sessions is that cap (it applies to every stream: each node's MQTT layer
+    holds a consumer on the retained-messages stream, so it must exceed the node count). Set to
+    4, the fifth device's QoS 1 subscription is refused; the default is far above a fleet."""
+    from fota.server.natscluster import MAX_SESSIONS
+    assert MAX_SESSIONS >= 1_000_000
+    with NatsCluster(tmp_path / "nats", server_password="server-secret", max_sessions=4) as c:
+        c.add_devices({f"d{i}": f"p{i}" for i in range(1, 6)})
+        devices = []
+        try:
+            granted = []
+            for i in range(1, 6):
+                devices.append(Device(f"d{i}", f"p{i}", c.mqtt_ports[i % 3]))
+                granted.append(devices[-1].subscribe([(f"fota/v1/d{i}/cmd", 1)]))
+            assert granted == [[1], [1], [1], [1], [128]]
+        finally:
+            for d in devices:
+                d.close()

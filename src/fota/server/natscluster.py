@@ -129,11 +129,11 @@ class NatsNode:
         self.conf = self.directory / f"{name}.conf"
         self.proc: subprocess.Popen | None = None
 
-    def write(self, routes: list[int], users: list[dict]) -> None:
+    def write(self, routes: list[int], users: list[dict], max_sessions: int = MAX_SESSIONS) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.conf.with_suffix(".tmp")
         tmp.write_text(node_config(self.name, self.ports, routes, self.directory / f"{self.name}-js",
-                                   users, self.host))
+                                   users, self.host, max_sessions))
         os.chmod(tmp, 0o600)  # passwords
         tmp.replace(self.conf)
 
@@ -183,8 +183,10 @@ class NatsCluster:
     and restarted one by one (start_node, kill_node); add_devices rewrites every config and
     reloads the running nodes."""
 
-    def __init__(self, directory: Path, size: int = 3, *, server_password: str, host: str = LOOPBACK):
+    def __init__(self, directory: Path, size: int = 3, *, server_password: str, host: str = LOOPBACK,
+                 max_sessions: int = MAX_SESSIONS):
         self.directory = Path(directory)
+        self.max_sessions = max_sessions
         self.host = host
         self.server_password = server_password
         self.devices: dict[str, str] = {}
@@ -207,7 +209,7 @@ class NatsCluster:
     def _write(self) -> None:
         users = self._users()
         for node in self.nodes:
-            node.write([n.ports.cluster for n in self.nodes if n is not node], users)
+            node.write([n.ports.cluster for n in self.nodes if n is not node], users, self.max_sessions)
 
     def add_devices(self, passwords: dict[str, str]) -> None:
         """Device accounts (id -> password): every node's config rewritten and reloaded."""
@@ -221,10 +223,14 @@ class NatsCluster:
 
     def start(self, timeout: float = 30.0) -> "NatsCluster":
         self._write()
-        for node in self.nodes:
-            node.start()
-        self.wait_ready(timeout)
-        self.warm_up(timeout)
+        try:
+            for node in self.nodes:
+                node.start()
+            self.wait_ready(timeout)
+            self.warm_up(timeout)
+        except BaseException:  # no node left running behind a failed start (`with` never exits)
+            self.stop()
+            raise
         return self
 
     def warm_up(self, timeout: float = 30.0) -> None:
