@@ -122,7 +122,7 @@ class SimDevice:
         self.stale_chunks = 0   # chunks the core dropped (not the next expected: late or duplicate)
         self.timeouts = 0       # chunk timeouts that re-requested (core.tick asked for chunks)
         self.refused_subscriptions = 0  # SUBACKs with a failure code: dropped and reconnected
-        self._refused = False
+        self._refused = 0       # refusals in a row (the back-off's exponent)
         self.published = 0
         self.commands: list[float] = []    # clock() when a command reached the core
         self.woke_at: float | None = None
@@ -282,13 +282,17 @@ class SimDevice:
     def _on_subscribe(self, client, mid, granted, properties=None):
         # A refused subscription (failure code 0x80; a NATS node whose JetStream did not create
         # the session's consumer in time): like the device (fota.device.mqtt raises MQTTError on
-        # it and reconnects), drop this connection and connect again; the loop waits a little
+        # it and reconnects), drop this connection and connect again; the loop backs off
         # first. Without it the device would stay connected and deaf to its commands.
-        if client is self.client and any(q >= 0x80 for q in granted):
+        if client is not self.client:
+            return
+        if any(q >= 0x80 for q in granted):
             self.refused_subscriptions += 1
-            self._refused = True
+            self._refused += 1
             self._lost = True
             self._wake.set()
+        else:
+            self._refused = 0
 
     async def _connect(self):
         client = MQTTClient(self.id, clean_session=False, optimistic_acknowledgement=False,
@@ -429,9 +433,8 @@ class SimDevice:
                             done.set_result(0)
             if self._lost:
                 await self._close()
-                if self._refused:
-                    self._refused = False
-                    await asyncio.sleep(1.0 + random.random())
+                if self._refused:  # back off: 1, 2, 4, ... 32 s, with jitter (a refusing broker is overloaded)
+                    await asyncio.sleep(min(2 ** (self._refused - 1), 32) * (1 + random.random()))
                 continue
             await self.execute(self._tick(core))
 
