@@ -234,6 +234,7 @@ def run(args, tmp: Path) -> dict:
             out["sim"] = {"cpu_s": sum((x or {}).get("cpu_s", 0) for x in summaries),
                           "confirmed": sum((x or {}).get("confirmed", 0) for x in summaries),
                           "timeouts": sum((x or {}).get("timeouts", 0) for x in summaries),
+                          "refused_subscriptions": sum((x or {}).get("refused_subscriptions", 0) for x in summaries),
                           "errors": [e for x in summaries for e in (x or {}).get("errors", [])][:5]}
             out["broker_peak_rss_mib"] = broker.rss_mib()
             return out
@@ -323,10 +324,11 @@ def render(result: dict) -> None:
         rows.append([c["label"], c["fmt"].format(c["measured"]), m,
                      "-" if c["ratio"] is None else f"{c['ratio']:.1f}"])
     up = r.get("update") or {}
-    print_table(f"unit costs at {cfg['devices']:,} devices on a 3-node NATS cluster ({cfg['processes']} simulator "
-                f"processes, {up.get('devices', '-')} updating a {cfg['image_kib']} KiB image, {cfg['db']}, "
-                f"{result['env']['date']}) against the model (one Mosquitto, docs/operations.md §4b)",
-                ["unit", "measured", "model", "ratio"], rows, left=("unit",))
+    if rows:
+        print_table(f"unit costs at {cfg['devices']:,} devices on a 3-node NATS cluster ({cfg['processes']} simulator "
+                    f"processes, {up.get('devices', '-')} updating a {cfg['image_kib']} KiB image, {cfg['db']}, "
+                    f"{result['env']['date']}) against the model (one Mosquitto, docs/operations.md §4b)",
+                    ["unit", "measured", "model", "ratio"], rows, left=("unit",))
     lim = result.get("limits") or {}
     print(f"  limits: open files {lim.get('fd_limit')} per process (hard {lim.get('fd_hard')}), "
           f"{lim.get('ports')} ephemeral ports per destination, {lim.get('mem_available_mib')} MiB available; "
