@@ -135,7 +135,32 @@ class ClusterBroker:
     def rss_kib_now(self) -> int:
         return sum(_proc_kib(p) for p in self.pids)
 
+    def state(self) -> dict:
+        """What the cluster holds now (a failed run's diagnostics): sessions in $MQTT_sess,
+        consumers on $MQTT_msgs, messages waiting there, resident MiB and CPU s of the nodes."""
+        out = {"rss_mib": self.rss_kib_now() / 1024, "cpu_s": self.cpu_s()}
+        for node in self.cluster.nodes:
+            try:
+                with urllib.request.urlopen(f"http://{self.host}:{node.ports.monitor}/jsz?accounts=true&streams=true",
+                                            timeout=5) as r:
+                    data = json.load(r)
+            except OSError:
+                continue
+            for acc in data.get("account_details") or []:
+                for st in acc.get("stream_detail") or []:
+                    state = st.get("state") or {}
+                    if st.get("name") == "$MQTT_sess":
+                        out["sessions"] = state.get("messages")
+                    elif st.get("name") == "$MQTT_msgs":
+                        out["consumers"], out["msgs_waiting"] = state.get("consumer_count"), state.get("messages")
+            break
+        return out
+
     def stop(self) -> None:
+        try:
+            self.last_state = self.state()
+        except Exception:
+            self.last_state = {}
         self.cluster.stop()
 
 
@@ -160,8 +185,17 @@ def make_broker(kind: str, directory: Path):
 
 
 def deploy_on(kind: str, n: int, args, tmp: Path) -> dict:
-    """One deployment of a fresh --image-kib image to n simulated devices on broker `kind`."""
+    """One deployment of a fresh --image-kib image to n simulated devices on broker `kind`; when
+    it raises, the error with what the broker held when it was stopped (NATS: sessions, consumers)."""
     broker = make_broker(kind, tmp / f"{kind}-deploy-{n}")
+    try:
+        return _deploy_on(broker, kind, n, args, tmp)
+    except Exception as e:
+        return {"broker": kind, "devices": n, "error": f"{type(e).__name__}: {e}",
+                "broker_state": getattr(broker, "last_state", None)}
+
+
+def _deploy_on(broker, kind: str, n: int, args, tmp: Path) -> dict:
     with tuned(), fleet.deploy_rig(broker, args.deploy_db, tmp / f"{kind}-{n}.db", tmp / f"keys-{kind}-{n}",
                                    tmp / f"sim-{kind}-{n}", tmp, device_ids(n), args) as rig:
         fleet.log(f"{kind}: {n} simulated devices connected in {rig.ready['connect_s']:.1f}s")
@@ -276,7 +310,7 @@ def report(args, results: dict) -> None:
                      r.get("confirmed"), r.get("statuses"), r.get("chunks"), r.get("chunks_needed"),
                      r.get("resent_pct"), sim.get("timeouts"), r.get("center_cpu_s"), r.get("broker_cpu_s"),
                      _ratio(part["deploy"], "broker_cpu_s", {"devices": r["devices"]}) if r["broker"] == "nats" else None,
-                     sim.get("cpu_s"), r.get("broker_rss_connected_mib"), r.get("error")])
+                     sim.get("cpu_s"), r.get("broker_rss_connected_mib"), (r.get("error") or "")[:40] or None])
     if rows:
         print_table(f"clustered broker (3 nats-server) against one Mosquitto: deployment of a {args.image_kib} KiB "
                     f"image, {args.deploy_db} store", ["broker", "devices", "connect s", "wall s", "wall nats/mosq",
@@ -296,7 +330,9 @@ def report(args, results: dict) -> None:
 
 def failures(results: dict) -> list[str]:
     part = results.get("brokers") or {}
-    out = [f"brokers {r['broker']} N={r['devices']}: {r['error']}" for r in part.get("deploy", []) if r.get("error")]
+    out = [f"brokers {r['broker']} N={r['devices']}: {r['error']}"
+           + (f" (the cluster then: {r['broker_state']})" if r.get("broker_state") else "")
+           for r in part.get("deploy", []) if r.get("error")]
     out += [f"brokers {r['broker']} N={r['devices']}: {r.get('confirmed')}/{r['devices']} confirmed"
             for r in part.get("deploy", []) if not r.get("error") and r.get("confirmed") != r["devices"]]
     out += [f"brokers ingest {r['broker']}: {r['error']}" for r in part.get("ingest", []) if r.get("error")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -127,4 +128,58 @@ def test_session_cap_is_the_nodes_consumer_limit(tmp_path):
             assert granted == [[1], [1], [1], [1], [128]]
         finally:
             for d in devices:
+                d.close()
+
+
+def test_simulated_device_reconnects_when_its_subscription_is_refused(tmp_path):
+    """A simulated device whose `cmd` subscription is refused (SUBACK 0x80; here: the cluster's
+    session cap is full) does what the device agent does (fota.device.mqtt raises on it): it
+    drops the connection and connects again, backing off, until the subscription is granted; then
+    a QoS 1 command reaches it. Without this it stayed connected and deaf to its commands."""
+    from test_core import ROOT_KEY, TRUST
+
+    from fota.sim.device import SimDevice
+    from fota.tools import signing
+
+    with NatsCluster(tmp_path / "nats", server_password="server-secret", max_sessions=4) as c:
+        c.add_devices({f"d{i}": f"p{i}" for i in range(1, 6)})
+        holders = [Device(f"d{i}", f"p{i}", c.mqtt_ports[0]) for i in range(1, 5)]
+        for i, d in enumerate(holders, 1):  # the cap's 4 sessions taken
+            assert d.subscribe([(f"fota/v1/d{i}/cmd", 1)]) == [1]
+        sim = SimDevice("d5", "p5", host="127.0.0.1", port=c.mqtt_ports[1], root_key=signing.public_key_bytes(ROOT_KEY),
+                        trust=TRUST, capacity=16 * 1024)
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, daemon=True)
+        thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(5)
+            loop.call_soon_threadsafe(sim.start)
+            wait_until(lambda: sim.refused_subscriptions >= 2, 30, what="two refusals, with a reconnect between")
+            assert sim.connects >= 2
+            # a session freed: a clean-session login of d1 deletes its session and its consumer
+            holders[0].close()
+            free = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="d1", clean_session=True,
+                               protocol=mqtt.MQTTv311)
+            free.username_pw_set("d1", "p1")
+            free.connect("127.0.0.1", c.mqtt_ports[0])
+            free.loop_start()
+            time.sleep(1.0)
+            free.disconnect()
+            free.loop_stop()
+            wait_until(lambda: sim._refused == 0 and sim.client is not None and not sim._lost, 60,
+                       what="the subscription granted after the back-off")
+            refused = sim.refused_subscriptions
+
+            async def send():
+                nc, js = await _server(c)
+                await js.publish(MQTT_QOS1_PREFIX + "fota.v1.d5.cmd", b"{}", headers={MQTT_QOS_HEADER: "1"})
+                await nc.close()
+            asyncio.run(send())
+            wait_until(lambda: sim.commands, 10, what="the command delivered to the device")
+            assert sim.refused_subscriptions == refused
+        finally:
+            asyncio.run_coroutine_threadsafe(sim.stop(), loop).result(30)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(10)
+            for d in holders[1:]:
                 d.close()
