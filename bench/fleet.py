@@ -153,10 +153,14 @@ def _start_sim(base: Path, broker: Broker, keyring: Keyring, passwords: dict[str
     config.update(getattr(broker, "sim_settings", {}))  # a NATS cluster's connection pacing (_fleet_cluster)
     base.with_suffix(".json").write_text(json.dumps(config))
     sim = Child(["-m", "fota.sim.run", str(base.with_suffix(".json"))], base.with_suffix(".log"))
-    ready = sim.read_event(args.timeout)
-    n = len(passwords)
-    wait_until(lambda: _online(store) == n, timeout=args.timeout, interval=0.2,
-               what=f"{n} devices online in the store")
+    try:
+        ready = sim.read_event(args.timeout)
+        n = len(passwords)
+        wait_until(lambda: _online(store) == n, timeout=args.timeout, interval=0.2,
+                   what=f"{n} devices online in the store")
+    except BaseException:  # the caller never gets it to stop: a fleet that did not connect is not left running
+        sim.stop(timeout=10)
+        raise
     return sim, ready
 
 

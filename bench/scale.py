@@ -146,8 +146,13 @@ def start_sims(broker: ClusterBroker, keyring: Keyring, passwords: dict[str, str
         base = tmp / f"sim-{i}"
         base.with_suffix(".json").write_text(json.dumps(config))
         sims.append(fleet.Child(["-m", "fota.sim.run", str(base.with_suffix(".json"))], base.with_suffix(".log")))
-    for sim in sims:
-        readies.append(sim.read_event(args.timeout))
+    try:
+        for sim in sims:
+            readies.append(sim.read_event(args.timeout))
+    except BaseException:  # not connected in time: no simulator left running
+        for sim in sims:
+            sim.stop(timeout=10)
+        raise
     return sims, readies
 
 
