@@ -21,6 +21,8 @@
 4. Transports: one image over `mqtt`, then over `http` (the center's blob route in a process of
    its own), to the same --transport-devices simulated devices: wall time, bytes through the
    broker per update, center, broker and blob server CPU, chunks re-sent (bench/_fleet_transport.py).
+5. Brokers (--brokers mosquitto,nats; '' skips): the deployment and a status ingestion run on one
+   Mosquitto and on a 3-node NATS cluster, side by side (bench/_fleet_cluster.py).
 See bench/README.md.
 """
 from __future__ import annotations
@@ -44,7 +46,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from sqlalchemy import func, select
 
-from bench import _fleet_transport, _paho_floor
+from bench import _fleet_cluster, _fleet_transport, _paho_floor
 from bench._report import print_table
 from fota.device import protocol as P
 from fota.server.broker import SERVER_USER
@@ -152,12 +154,17 @@ def _start_sim(base: Path, broker: Broker, keyring: Keyring, passwords: dict[str
               "trust": keyring.trust(), "passwords": passwords, "verify": args.verify,
               "device": {"backend": "hash", "capacity": max(args.image_kib * 1024, 64 * 1024),
                          "keepalive": 300}}
+    config.update(getattr(broker, "sim_settings", {}))  # a NATS cluster's connection pacing (_fleet_cluster)
     base.with_suffix(".json").write_text(json.dumps(config))
     sim = Child(["-m", "fota.sim.run", str(base.with_suffix(".json"))], base.with_suffix(".log"))
-    ready = sim.read_event(args.timeout)
-    n = len(passwords)
-    wait_until(lambda: _online(store) == n, timeout=args.timeout, interval=0.2,
-               what=f"{n} devices online in the store")
+    try:
+        ready = sim.read_event(args.timeout)
+        n = len(passwords)
+        wait_until(lambda: _online(store) == n, timeout=args.timeout, interval=0.2,
+                   what=f"{n} devices online in the store")
+    except BaseException:  # the caller never gets it to stop: a fleet that did not connect is not left running
+        sim.stop(timeout=10)
+        raise
     return sim, ready
 
 
@@ -670,6 +677,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workers-devices", type=int, default=1000, help="part 3: simulated devices")
     _fleet_transport.add_arguments(ap)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    _fleet_cluster.add_arguments(ap)  # part 5: the clustered broker against one Mosquitto
     args = ap.parse_args(argv)
     _fleet_transport.wanted(args)  # unknown transports: an error before anything runs
     unknown = [k for k in args.floors.split(",") if k and k not in FLOOR_RECEIVERS]
@@ -710,6 +718,7 @@ def main(argv=None) -> int:
             log("workers", json.dumps({k: v for k, v in r.items() if k != "sim"}))
             results["workers"].append(r)
         results["transports"] = _fleet_transport.transport_runs(args, tmp, log)
+        _fleet_cluster.run(args, tmp, results)
     base = next((r.get("wall_s") for r in results["workers"] if r.get("workers") == 1), None)
     for r in results["workers"]:
         r["speedup"] = base / r["wall_s"] if base and r.get("wall_s") else None
@@ -747,7 +756,8 @@ def main(argv=None) -> int:
                     ["workers", "devices", "started s", "wall s", "speedup vs 1", "confirmed", "jobs per worker",
                      "workers CPU s", "note"], [[_fmt(v) for v in r] for r in rows])
     _fleet_transport.render(results["transports"], args)
-    results["failures"] = failures(results)
+    _fleet_cluster.report(args, results)
+    results["failures"] = failures(results) + _fleet_cluster.failures(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1, default=str))
     log(f"results in {args.out}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -64,7 +65,9 @@ def test_device_acl_own_subjects_only(cluster):
                               ("fota/v1/+/cmd", 1), ("#", 0)]) == [1, 0, 128, 128, 128]
 
         async def check():
-            nc, _ = await _server(cluster)
+            # on the device's node: on another one the subscription's interest reaches node 1 over
+            # the route some time after flush(), and the status could pass before it (1 run in 6)
+            nc = await nats.connect(cluster.server_url.split(",")[0])
             seen = []
 
             async def record(msg):
@@ -130,3 +133,79 @@ def test_home_on_a_nats_cluster_gives_devices_a_nodes_mqtt_listener(cluster, tmp
     (home.path / "config.json").write_text(json.dumps({**cfg, "broker_mqtt_port": "1883"}))
     with pytest.raises(HomeError, match="broker_mqtt_port"):
         home.device_broker
+
+
+def test_session_cap_is_the_nodes_consumer_limit(tmp_path):
+    """Each device's persistent session is one consumer on $MQTT_msgs (its QoS 1 `cmd`
+    subscription), and nats-server 2.15 caps a stream at 1,000 consumers unless configured:
+    NatsCluster's max_sessions is that cap (it applies to every stream: each node's MQTT layer
+    holds a consumer on the retained-messages stream, so it must exceed the node count). Set to
+    4, the fifth device's QoS 1 subscription is refused; the default is far above a fleet."""
+    from fota.server.natscluster import MAX_SESSIONS
+    assert MAX_SESSIONS >= 1_000_000
+    with NatsCluster(tmp_path / "nats", server_password="server-secret", max_sessions=4) as c:
+        c.add_devices({f"d{i}": f"p{i}" for i in range(1, 6)})
+        devices = []
+        try:
+            granted = []
+            for i in range(1, 6):
+                devices.append(Device(f"d{i}", f"p{i}", c.mqtt_ports[i % 3]))
+                granted.append(devices[-1].subscribe([(f"fota/v1/d{i}/cmd", 1)]))
+            assert granted == [[1], [1], [1], [1], [128]]
+        finally:
+            for d in devices:
+                d.close()
+
+
+def test_simulated_device_reconnects_when_its_subscription_is_refused(tmp_path):
+    """A simulated device whose `cmd` subscription is refused (SUBACK 0x80; here: the cluster's
+    session cap is full) does what the device agent does (fota.device.mqtt raises on it): it
+    drops the connection and connects again, backing off, until the subscription is granted; then
+    a QoS 1 command reaches it. Without this it stayed connected and deaf to its commands."""
+    from test_core import ROOT_KEY, TRUST
+
+    from fota.sim.device import SimDevice
+    from fota.tools import signing
+
+    with NatsCluster(tmp_path / "nats", server_password="server-secret", max_sessions=4) as c:
+        c.add_devices({f"d{i}": f"p{i}" for i in range(1, 6)})
+        holders = [Device(f"d{i}", f"p{i}", c.mqtt_ports[0]) for i in range(1, 5)]
+        for i, d in enumerate(holders, 1):  # the cap's 4 sessions taken
+            assert d.subscribe([(f"fota/v1/d{i}/cmd", 1)]) == [1]
+        sim = SimDevice("d5", "p5", host="127.0.0.1", port=c.mqtt_ports[1], root_key=signing.public_key_bytes(ROOT_KEY),
+                        trust=TRUST, capacity=16 * 1024)
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, daemon=True)
+        thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(5)
+            loop.call_soon_threadsafe(sim.start)
+            wait_until(lambda: sim.refused_subscriptions >= 2, 30, what="two refusals, with a reconnect between")
+            assert sim.connects >= 2
+            # a session freed: a clean-session login of d1 deletes its session and its consumer
+            holders[0].close()
+            free = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="d1", clean_session=True,
+                               protocol=mqtt.MQTTv311)
+            free.username_pw_set("d1", "p1")
+            free.connect("127.0.0.1", c.mqtt_ports[0])
+            free.loop_start()
+            time.sleep(1.0)
+            free.disconnect()
+            free.loop_stop()
+            wait_until(lambda: sim._refused == 0 and sim.client is not None and not sim._lost, 60,
+                       what="the subscription granted after the back-off")
+            refused = sim.refused_subscriptions
+
+            async def send():
+                nc, js = await _server(c)
+                await js.publish(MQTT_QOS1_PREFIX + "fota.v1.d5.cmd", b"{}", headers={MQTT_QOS_HEADER: "1"})
+                await nc.close()
+            asyncio.run(send())
+            wait_until(lambda: sim.commands, 10, what="the command delivered to the device")
+            assert sim.refused_subscriptions == refused
+        finally:
+            asyncio.run_coroutine_threadsafe(sim.stop(), loop).result(30)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(10)
+            for d in holders[1:]:
+                d.close()

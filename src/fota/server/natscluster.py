@@ -72,8 +72,15 @@ class NodePorts:
     monitor: int    # HTTP monitoring (/jsz: is JetStream's cluster whole?)
 
 
+# nats-server 2.15 caps every stream at 1,000 consumers unless told otherwise (jetstream.limits.
+# default_max_consumers), and a device's persistent MQTT session is one consumer on $MQTT_msgs
+# (its QoS 1 `cmd` subscription): measured, the 1,000th device's subscription was refused
+# ("maximum consumers limit reached") and its commands never arrived. The fleet size bounds it.
+MAX_SESSIONS = 1_000_000
+
+
 def node_config(name: str, ports: NodePorts, routes: list[int], store_dir: Path, users: list[dict],
-                host: str = LOOPBACK) -> str:
+                host: str = LOOPBACK, max_sessions: int = MAX_SESSIONS) -> str:
     """The config of one node (nats-server's format accepts JSON values).
 
     The MQTT layer's streams and consumers (sessions, QoS 1 messages, retained messages) get an
@@ -84,7 +91,8 @@ def node_config(name: str, ports: NodePorts, routes: list[int], store_dir: Path,
     conf = {
         "server_name": name,
         "listen": f"{host}:{ports.client}",
-        "jetstream": {"store_dir": str(store_dir), "max_memory_store": 64 << 20, "max_file_store": 1 << 30},
+        "jetstream": {"store_dir": str(store_dir), "max_memory_store": 64 << 20, "max_file_store": 1 << 30,
+                      "limits": {"default_max_consumers": max_sessions}},
         "cluster": {"name": CLUSTER_NAME, "listen": f"{host}:{ports.cluster}",
                     "routes": [f"nats-route://{host}:{p}" for p in routes]},
         "mqtt": {"listen": f"{host}:{ports.mqtt}", "stream_replicas": replicas},
@@ -121,11 +129,11 @@ class NatsNode:
         self.conf = self.directory / f"{name}.conf"
         self.proc: subprocess.Popen | None = None
 
-    def write(self, routes: list[int], users: list[dict]) -> None:
+    def write(self, routes: list[int], users: list[dict], max_sessions: int = MAX_SESSIONS) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.conf.with_suffix(".tmp")
         tmp.write_text(node_config(self.name, self.ports, routes, self.directory / f"{self.name}-js",
-                                   users, self.host))
+                                   users, self.host, max_sessions))
         os.chmod(tmp, 0o600)  # passwords
         tmp.replace(self.conf)
 
@@ -175,8 +183,10 @@ class NatsCluster:
     and restarted one by one (start_node, kill_node); add_devices rewrites every config and
     reloads the running nodes."""
 
-    def __init__(self, directory: Path, size: int = 3, *, server_password: str, host: str = LOOPBACK):
+    def __init__(self, directory: Path, size: int = 3, *, server_password: str, host: str = LOOPBACK,
+                 max_sessions: int = MAX_SESSIONS):
         self.directory = Path(directory)
+        self.max_sessions = max_sessions
         self.host = host
         self.server_password = server_password
         self.devices: dict[str, str] = {}
@@ -199,7 +209,7 @@ class NatsCluster:
     def _write(self) -> None:
         users = self._users()
         for node in self.nodes:
-            node.write([n.ports.cluster for n in self.nodes if n is not node], users)
+            node.write([n.ports.cluster for n in self.nodes if n is not node], users, self.max_sessions)
 
     def add_devices(self, passwords: dict[str, str]) -> None:
         """Device accounts (id -> password): every node's config rewritten and reloaded."""
@@ -213,10 +223,14 @@ class NatsCluster:
 
     def start(self, timeout: float = 30.0) -> "NatsCluster":
         self._write()
-        for node in self.nodes:
-            node.start()
-        self.wait_ready(timeout)
-        self.warm_up(timeout)
+        try:
+            for node in self.nodes:
+                node.start()
+            self.wait_ready(timeout)
+            self.warm_up(timeout)
+        except BaseException:  # no node left running behind a failed start (`with` never exits)
+            self.stop()
+            raise
         return self
 
     def warm_up(self, timeout: float = 30.0) -> None:

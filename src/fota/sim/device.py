@@ -145,6 +145,8 @@ class SimDevice:
         self.chunks = 0
         self.stale_chunks = 0   # chunks the core dropped (not the next expected: late or duplicate)
         self.timeouts = 0       # chunk timeouts that re-requested (core.tick asked for chunks)
+        self.refused_subscriptions = 0  # SUBACKs with a failure code: dropped and reconnected
+        self._refused = 0       # refusals in a row (the back-off's exponent)
         self.published = 0
         self.resent = 0         # QoS 1 statuses published again: their connection died before the PUBACK
         self.fetched = 0        # chunks that came over http
@@ -446,6 +448,21 @@ class SimDevice:
             self._lost = True
             self._wake.set()
 
+    def _on_subscribe(self, client, mid, granted, properties=None):
+        # A refused subscription (failure code 0x80; a NATS node whose JetStream did not create
+        # the session's consumer in time): like the device (fota.device.mqtt raises MQTTError on
+        # it and reconnects), drop this connection and connect again; the loop backs off
+        # first. Without it the device would stay connected and deaf to its commands.
+        if client is not self.client:
+            return
+        if any(q >= 0x80 for q in granted):
+            self.refused_subscriptions += 1
+            self._refused += 1
+            self._lost = True
+            self._wake.set()
+        else:
+            self._refused = 0
+
     async def _connect(self):
         client = MQTTClient(self.id, clean_session=False, optimistic_acknowledgement=False,
                             will_message=Message(P.topic(self.id, P.ONLINE), "0", qos=1, retain=True))
@@ -453,6 +470,7 @@ class SimDevice:
         client.set_auth_credentials(self.id, self.password)
         client.on_message = self._on_message
         client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
         self.client = client
         self._lost = False
         self.port = random.choice(self.ports)
@@ -604,6 +622,8 @@ class SimDevice:
                             done.set_result(0)
             if self._lost:
                 await self._close()
+                if self._refused:  # back off: 1, 2, 4, ... 32 s, with jitter (a refusing broker is overloaded)
+                    await asyncio.sleep(min(2 ** (self._refused - 1), 32) * (1 + random.random()))
                 continue
             await self.execute(self._tick(core))
 

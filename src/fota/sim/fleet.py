@@ -78,13 +78,15 @@ class SimFleet:
         return cls([SimDevice(i, passwords[i], host=host, port=port, root_key=root_key, trust=trust,
                               verify=check, profile=profiles[i], **device_settings) for i in ids])
 
-    async def start(self, connect_batch: int = 500) -> None:
-        """Start every device; `connect_batch` at a time get a short head start (CONNECT storms
-        of thousands are fine for Mosquitto, but spreading them keeps CONNACK latency low)."""
+    async def start(self, connect_batch: int = 500, pause: float = 0.05) -> None:
+        """Start every device; `connect_batch` at a time get a head start of `pause` seconds
+        (CONNECT storms of thousands are fine for Mosquitto, but spreading them keeps CONNACK
+        latency low; a NATS cluster creates a replicated JetStream consumer per session and
+        times out under a storm: pace it)."""
         for n, device in enumerate(self.devices.values(), 1):
             device.start()
             if n % connect_batch == 0:
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(pause)
 
     async def wait_connected(self, timeout: float = 120.0) -> None:
         loop = asyncio.get_running_loop()
@@ -127,6 +129,7 @@ class SimFleet:
             "http_errors": [f"{d.id}: {e}" for d in devs for e in d.http_errors][:10],
             # s from a fetch's (re)start to its first chunk (the server's queue): median, 95th, max
             "http_first_chunk_s": _quantiles([w for d in devs for w in d.fetch_waits]),
+            "refused_subscriptions": sum(d.refused_subscriptions for d in devs),
             "errors": [f"{d.id}: {d.error}" for d in devs if d.error][:10],
         }
 

@@ -4,7 +4,7 @@
 
 CONFIG: {"host", "port", "root": hex, "trust": {...}, "passwords": {id: password},
          "plan": {FailurePlan keyword arguments}, "device": {SimDevice keyword arguments},
-         "verify": "cryptography" | "pure"}
+         "verify": "cryptography" | "pure", "connect_batch": 500, "connect_pause": 0.05 (s between batches)}
 Prints one JSON line {"event": "ready", ...} once every device has connected, then runs until
 stdin reaches its end or a line "stop" arrives, and prints {"event": "summary", ...}. A line
 "summary" prints {"event": "report", ...} (the same counters; http_first_chunk_s since the last
@@ -57,7 +57,7 @@ async def _stdin_closed(report=None) -> None:
 async def main_async(config: dict, out=sys.stdout) -> dict:
     fleet = build(config)
     t0 = time.monotonic()
-    await fleet.start()
+    await fleet.start(config.get("connect_batch", 500), config.get("connect_pause", 0.05))
     await fleet.wait_connected(config.get("connect_timeout", 300))
     tune_for_throughput()  # the fleet is built: thousands of long-lived objects
     print(json.dumps({"event": "ready", "devices": len(fleet.devices), "connect_s": time.monotonic() - t0,

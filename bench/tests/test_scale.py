@@ -1,0 +1,37 @@
+"""Sampled run of bench/scale.py (the full size is `./run bench scale`)."""
+import json
+
+import pytest
+
+from bench import scale
+
+pytest.importorskip("nats")
+pytestmark = pytest.mark.postgres
+
+
+def test_scale_benchmark_sampled(tmp_path):
+    """bench/scale.py end to end at 2 processes x 100 devices: every device connected with its
+    session, the updating share confirmed, every unit cost measured and set against the model."""
+    out = tmp_path / "scale.json"
+    assert scale.main(["--devices", "200", "--processes", "2", "--updating-pct", "5", "--statuses", "300",
+                       "--idle-s", "1", "--image-kib", "16", "--timeout", "120", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    run, u = result["run"], result["units"]
+    assert run["update"]["devices"] == 10 and run["update"]["confirmed"] == 10, run["update"]
+    assert run["sim"]["confirmed"] == 10 and not run["sim"]["errors"], run["sim"]
+    assert u["chunks_per_update"] == 8, u  # 16 KiB in 2 KiB chunks, none re-sent
+    assert u["statuses_per_update"] >= 3 and u["db_rows_per_update"] >= 1 and u["db_bytes_per_update_postgres"] > 0, u
+    assert u["broker_rss_kib_per_session_with_account"] > 0 and u["center_cpu_ms_per_status"] > 0, u
+    assert run["ingest"]["statuses"] == 300
+    ratios = {c["key"]: c["ratio"] for c in result["comparison"]}
+    assert ratios["chunks_per_update"] is not None and ratios["center_cpu_ms_per_update"] is not None
+
+
+def test_scale_refuses_a_fleet_the_open_files_limit_cannot_hold(tmp_path):
+    """More devices per node than the open-files limit allows: the run stops before starting
+    anything and says why (exit 1)."""
+    out = tmp_path / "scale.json"
+    assert scale.main(["--devices", "10000000", "--processes", "1000", "--out", str(out)]) == 1
+    result = json.loads(out.read_text())
+    assert "run" not in result
+    assert any("open-files limit" in f for f in result["failures"]), result["failures"]
