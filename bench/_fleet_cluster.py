@@ -108,6 +108,13 @@ class ClusterBroker:
     def session_consumers(self) -> int:
         """Consumers on the MQTT layer's $MQTT_msgs stream, as the first answering node reports
         them: one per persistent session's QoS 1 subscription, plus the center's."""
+        for st in self._streams():
+            if st.get("name") == "$MQTT_msgs":
+                return int((st.get("state") or {}).get("consumer_count", 0))
+        return 0
+
+    def _streams(self) -> list[dict]:
+        """The streams' details as the first node that answers its monitoring port reports them."""
         for node in self.cluster.nodes:
             try:
                 with urllib.request.urlopen(f"http://{self.host}:{node.ports.monitor}/jsz?accounts=true&streams=true",
@@ -115,11 +122,8 @@ class ClusterBroker:
                     data = json.load(r)
             except OSError:
                 continue
-            for acc in data.get("account_details") or []:
-                for st in acc.get("stream_detail") or []:
-                    if st.get("name") == "$MQTT_msgs":
-                        return int((st.get("state") or {}).get("consumer_count", 0))
-        return 0
+            return [st for acc in data.get("account_details") or [] for st in acc.get("stream_detail") or []]
+        return []
 
     def wait_sessions(self, n: int, timeout: float) -> float:
         """Wait until n device sessions (+ the center's consumer) exist; seconds it took."""
@@ -139,21 +143,12 @@ class ClusterBroker:
         """What the cluster holds now (a failed run's diagnostics): sessions in $MQTT_sess,
         consumers on $MQTT_msgs, messages waiting there, resident MiB and CPU s of the nodes."""
         out = {"rss_mib": self.rss_kib_now() / 1024, "cpu_s": self.cpu_s()}
-        for node in self.cluster.nodes:
-            try:
-                with urllib.request.urlopen(f"http://{self.host}:{node.ports.monitor}/jsz?accounts=true&streams=true",
-                                            timeout=5) as r:
-                    data = json.load(r)
-            except OSError:
-                continue
-            for acc in data.get("account_details") or []:
-                for st in acc.get("stream_detail") or []:
-                    state = st.get("state") or {}
-                    if st.get("name") == "$MQTT_sess":
-                        out["sessions"] = state.get("messages")
-                    elif st.get("name") == "$MQTT_msgs":
-                        out["consumers"], out["msgs_waiting"] = state.get("consumer_count"), state.get("messages")
-            break
+        for st in self._streams():
+            state = st.get("state") or {}
+            if st.get("name") == "$MQTT_sess":
+                out["sessions"] = state.get("messages")
+            elif st.get("name") == "$MQTT_msgs":
+                out["consumers"], out["msgs_waiting"] = state.get("consumer_count"), state.get("messages")
         return out
 
     def stop(self) -> None:

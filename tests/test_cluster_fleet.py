@@ -27,7 +27,7 @@ from fota.tools.keyring import Keyring
 from fota.tools.waiting import wait_until
 
 from test_sim import SimThread
-from test_workers import _count, _online  # the same counts as the MQTT 5 workers' fleet test
+from test_workers import _count, _online, stop_processes  # the same counts as the MQTT 5 workers' fleet test
 
 pytest.importorskip("nats")
 pytestmark = pytest.mark.postgres
@@ -89,6 +89,18 @@ def _stream_state(cluster) -> str:
 def _stored(store: Store) -> set[tuple[str, int, int]]:
     with store.session() as s:
         return set(s.execute(select(StatusEvent.device_id, StatusEvent.boot, StatusEvent.seq)).all())
+
+
+def _assert_updated_once(store: Store, ids: list[str]) -> None:
+    """Each device updated once: one update job, one `installing` and one `confirmed` stored."""
+    with store.session() as s:
+        jobs = s.execute(select(Job.device_id, func.count()).where(Job.kind == "update")
+                         .group_by(Job.device_id)).all()
+        states = s.execute(select(StatusEvent.device_id, StatusEvent.state)).all()
+    assert sorted(jobs) == [(i, 1) for i in ids]
+    for dev in ids:
+        mine = [state for d, state in states if d == dev]
+        assert mine.count("installing") == 1 and mine.count("confirmed") == 1, (dev, mine)
 
 
 # When the node dies: once half of the 24 devices download, or once the first one confirmed (the
@@ -155,14 +167,7 @@ def test_node_killed_every_device_confirms_nothing_lost_nothing_twice(tmp_path, 
             # no status a device was acknowledged for is lost (some come back after ACK_WAIT)
             wait_until(lambda: acked.keys <= _stored(store), timeout=20, what="every acknowledged status stored")
             # updated once: one job each, one install each, one confirmation each
-            with store.session() as s:
-                jobs = s.execute(select(Job.device_id, func.count()).where(Job.kind == "update")
-                                 .group_by(Job.device_id)).all()
-                states = s.execute(select(StatusEvent.device_id, StatusEvent.state)).all()
-            assert sorted(jobs) == [(i, 1) for i in ids]
-            for dev in ids:
-                mine = [state for d, state in states if d == dev]
-                assert mine.count("installing") == 1 and mine.count("confirmed") == 1, (dev, mine)
+            _assert_updated_once(store, ids)
             assert all(d.boots == 2 for d in fleet.devices.values())  # one reboot into the new image
             # both workers took statuses from the stream
             assert all(c.center.mqtt.pulled > 0 for c in centers)
@@ -297,14 +302,7 @@ def test_worker_killed_mid_deployment_on_nats_the_other_finishes_nothing_lost_no
             assert all(d.running_version() == "2.0.0" for d in fleet.devices.values())
             # no status a device was acknowledged for is lost (the dead worker's come back after the ack wait)
             wait_until(lambda: acked.keys <= _stored(store), timeout=30, what="every acknowledged status stored")
-            with store.session() as s:
-                jobs = s.execute(select(Job.device_id, func.count()).where(Job.kind == "update")
-                                 .group_by(Job.device_id)).all()
-                states = s.execute(select(StatusEvent.device_id, StatusEvent.state)).all()
-            assert sorted(jobs) == [(i, 1) for i in ids]
-            for dev in ids:
-                mine = [state for d, state in states if d == dev]
-                assert mine.count("installing") == 1 and mine.count("confirmed") == 1, (dev, mine)
+            _assert_updated_once(store, ids)
             assert all(d.boots == 2 for d in fleet.devices.values())
             # what A had pulled and not acknowledged went to B again after the ack wait (B logs each)
             redelivered = (tmp_path / "worker-b.log").read_text().count("redelivered: ")
@@ -314,11 +312,5 @@ def test_worker_killed_mid_deployment_on_nats_the_other_finishes_nothing_lost_no
         finally:
             if sim is not None:
                 sim.stop()
-            for p in procs:
-                if p.poll() is None:
-                    p.terminate()
-                    try:
-                        p.wait(30)
-                    except subprocess.TimeoutExpired:
-                        p.kill()
+            stop_processes(procs)
             store.dispose()

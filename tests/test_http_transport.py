@@ -520,14 +520,7 @@ def test_home_settings_and_the_deploy_command(tmp_path):
     store = home.store()
     try:
         provision_device(store, "dev-1", "unix")
-        app_dir = tmp_path / "app"
-        app_dir.mkdir()
-        from fota.examples import hello_files
-        for name, data in hello_files("1.2.0").items():
-            (app_dir / name).write_bytes(data)
-        r = runner.invoke(cli, ["release", "create", str(app_dir), "--version", "1.2.0", "--hardware", "unix",
-                                "--home", str(home.path)])
-        assert r.exit_code == 0, r.output
+        _release_hello_with_the_cli(runner, home, tmp_path, "1.2.0")
         r = runner.invoke(cli, ["deploy", "1.2.0", "--device", "dev-1", "--transport", "http", "--home", str(home.path)])
         assert r.exit_code == 0 and "over http" in r.output, r.output
         r = runner.invoke(cli, ["deploy", "1.2.0", "--device", "dev-1", "--transport", "ftp", "--home", str(home.path)])
@@ -883,14 +876,7 @@ def test_releases_made_through_the_api_and_the_cli_are_written_to_object_storage
     cfg = home.config()
     cfg.update(s3_bucket=bucket, s3_endpoint_url=endpoint, s3_prefix="cli/")
     home.save_config(cfg)
-    app_dir = tmp_path / "app"
-    app_dir.mkdir()
-    from fota.examples import hello_files
-    for name, data in hello_files("1.2.0").items():
-        (app_dir / name).write_bytes(data)
-    r = runner.invoke(cli, ["release", "create", str(app_dir), "--version", "1.2.0", "--hardware", "unix",
-                            "--home", str(home.path)])
-    assert r.exit_code == 0, r.output
+    _release_hello_with_the_cli(runner, home, tmp_path, "1.2.0")
     store = home.store()
     try:
         rel = get_release(store, "1.2.0")
@@ -905,7 +891,7 @@ def test_releases_made_through_the_api_and_the_cli_are_written_to_object_storage
     # Storage unreachable: no release is made (the bucket is where every center looks for it).
     cfg.update(s3_endpoint_url="http://127.0.0.1:9")
     home.save_config(cfg)
-    r = runner.invoke(cli, ["release", "create", str(app_dir), "--version", "1.3.0", "--hardware", "unix",
+    r = runner.invoke(cli, ["release", "create", str(tmp_path / "app"), "--version", "1.3.0", "--hardware", "unix",
                             "--home", str(home.path)])
     assert r.exit_code != 0 and "written to object storage" in str(r.exception), r.output
     store = home.store()
@@ -914,3 +900,16 @@ def test_releases_made_through_the_api_and_the_cli_are_written_to_object_storage
             get_release(store, "1.3.0")
     finally:
         store.dispose()
+
+
+def _release_hello_with_the_cli(runner, home, tmp_path, version: str) -> None:
+    """`fota release create` of the hello app at `version` from a directory."""
+    from fota.cli import app as cli
+    from fota.examples import hello_files
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    for name, data in hello_files(version).items():
+        (app_dir / name).write_bytes(data)
+    r = runner.invoke(cli, ["release", "create", str(app_dir), "--version", version, "--hardware", "unix",
+                            "--home", str(home.path)])
+    assert r.exit_code == 0, r.output

@@ -253,13 +253,7 @@ def test_worker_killed_mid_campaign_the_other_finishes_nothing_lost_nothing_twic
                 sim.stop()
             if spy is not None:
                 spy.close()
-            for p in procs:
-                if p.poll() is None:
-                    p.terminate()
-                    try:
-                        p.wait(30)
-                    except subprocess.TimeoutExpired:
-                        p.kill()
+            stop_processes(procs)
             store.dispose()
 
 
@@ -267,6 +261,17 @@ def _online(store: Store) -> int:
     from fota.server.store import Device
     with store.session() as s:
         return s.scalar(select(func.count()).select_from(Device).where(Device.online.is_(True)))
+
+
+def stop_processes(procs) -> None:
+    """Worker processes still running: SIGTERM, then SIGKILL after 30 s."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
 
 
 def _count(store: Store, states) -> int:
