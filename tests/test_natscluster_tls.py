@@ -32,8 +32,9 @@ HOST = "127.0.0.1"
 def pki(tmp_path_factory):
     """The fota CA with the nodes' certificate (localhost, 127.0.0.1; clientAuth for the routes),
     and an impostor CA with a certificate for the same names."""
+    from fota.server.home import Home
     directory = tmp_path_factory.mktemp("pki")
-    files = ensure_tls(directory / "tls", stem="nats", client_auth=True)
+    files = Home(directory / "home").nats_tls_files()  # a home's CA (test_home_on_a_tls_cluster)
     impostor_ca, impostor_key = create_ca(directory / "impostor", name="impostor CA")
     impostor = issue_server_cert(directory / "impostor", impostor_ca, impostor_key, stem="nats", client_auth=True)
     return files, impostor_ca, impostor
@@ -223,3 +224,63 @@ def test_node_certificate_is_made_once_and_must_allow_client_auth(tmp_path):
                       client_auth=True).certfile.read_bytes() == before
     with pytest.raises(TlsError, match="clientAuth"):
         NatsCluster(tmp_path / "nats", server_password="x", tls=mosquitto)
+    # `fota broker nats-tls-init` is for a home whose broker is a NATS cluster
+    from typer.testing import CliRunner
+
+    from fota.cli import app
+    result = CliRunner().invoke(app, ["broker", "nats-tls-init", "--home", str(tmp_path / "home")])
+    assert result.exit_code == 1 and "not a NATS cluster" in str(result.exception)
+
+
+def test_home_on_a_tls_cluster(cluster, pki):
+    """A home whose broker_url lists the nodes (nats://…): `fota broker nats-tls-init` issues
+    the nodes' certificate from the home's CA (here: the one the cluster already runs with,
+    reused), switches broker_url to tls://, and from then on the control center (`fota serve`'s
+    control_center) verifies the nodes against that CA and a device made by the home pins it and
+    comes online over TLS on a node's MQTT listener."""
+    from typer.testing import CliRunner
+
+    from fota.cli import app
+    from fota.cli_common import make_unix_device
+    from fota.server.app import control_center
+    from fota.server.fleet import list_devices, provision_device
+    from fota.server.home import Home
+    from fota.server.store import Store
+    from fota.tools.supervisor import DeviceProcess
+    files, _, _ = pki
+    home = Home(files.cafile.parent.parent)
+    home.keyring.init()
+    cfg = home.config()
+    cfg.update(broker_url=cluster.server_url.replace("tls://", "nats://"), broker_mqtt_port=cluster.mqtt_ports[2],
+               broker_hostname="localhost")
+    home.save_config(cfg)
+    assert not home.broker_tls and home.broker_cadata() is None
+    cert = files.certfile.read_bytes()
+    result = CliRunner().invoke(app, ["broker", "nats-tls-init", "--home", str(home.path), "--hostname", "localhost"])
+    assert result.exit_code == 0, result.output
+    assert "handshake_first" in result.output and str(files.certfile) in result.output
+    assert files.certfile.read_bytes() == cert  # reused: the same names, the same CA
+    assert home.broker_url == cluster.server_url and home.broker_tls
+    assert home.broker_cadata() == files.ca_der()
+    store = Store(home.database_url)
+    _, password = provision_device(store, "ntls-home-1", "unix")
+    cluster.add_devices({"ntls-home-1": password})
+    root = make_unix_device(home, "ntls-home-1", "unix", password)
+    broker = json.loads((root / "config.json").read_text())["broker"]
+    assert (broker["host"], broker["port"], broker["tls"]) == ("localhost", cluster.mqtt_ports[2], True)
+
+    async def scenario():
+        async with control_center(home, client_id=f"center-{time.monotonic_ns()}") as center:
+            assert center.ssl_context is not None and center.mqtt.connected
+            proc = DeviceProcess(root).start()
+            try:
+                deadline = time.monotonic() + 20
+                while not any(d.id == "ntls-home-1" and d.online for d in list_devices(store)):
+                    assert time.monotonic() < deadline, proc.log_text()
+                    await asyncio.sleep(0.2)
+            finally:
+                proc.stop()
+    try:
+        asyncio.run(scenario())
+    finally:
+        store.dispose()
