@@ -672,11 +672,13 @@ def broker_nats_tls_init(home: Optional[Path] = HomeOpt,
         cfg["broker_url"] = ",".join("tls://" + u.split("://", 1)[1] for u in servers)
         h.save_config(cfg)
     blocks = tls_blocks(files)
-    console.print(f"the nodes' certificate {files.certfile} (key {files.keyfile}), issued by {files.cafile}; "
-                  "copy them to every node and add to each node's config:")
-    console.print(f"tls: {json.dumps(blocks['client'])}\n"
-                  f"mqtt {{ tls: {json.dumps(blocks['mqtt'])} }}\n"
-                  f"cluster {{ tls: {json.dumps(blocks['cluster'])} }}", markup=False, highlight=False)
+    # plain echo: the lines are to be copied into the node configs, not wrapped at the terminal's width
+    typer.echo(f"the nodes' certificate {files.certfile} (key {files.keyfile}), issued by {files.cafile}; "
+               "copy them and ca.pem to every node (adjust the paths below to where they are there) and "
+               "add to each node's config (fota.server.natscluster.node_config writes the same):")
+    typer.echo(f"at the top level:    tls: {json.dumps(blocks['client'])}\n"
+               f"in the mqtt block:    tls: {json.dumps(blocks['mqtt'])}\n"
+               f"in the cluster block: tls: {json.dumps(blocks['cluster'])}")
     console.print("the control center reaches the nodes as tls://… (handshake first) and verifies them against "
                   "the CA; devices made from now on pin it (docs/operations.md §4a)")
 
