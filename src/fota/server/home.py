@@ -314,7 +314,7 @@ class Home:
         return None
 
     def broker_ssl_context(self):
-        """The control center's TLS context for an mqtts:// broker (None: plain, or system CAs)."""
+        """The control center's TLS context for an mqtts:// broker or tls:// NATS nodes (None: plain, or system CAs)."""
         from fota.server.tls import client_context
         cafile = self.broker_cafile
         return client_context(cafile) if cafile else None
