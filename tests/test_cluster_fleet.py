@@ -72,7 +72,9 @@ def _stream_state(cluster) -> str:
     import nats
 
     async def read():
-        nc = await nats.connect(cluster.server_url.split(",")[1:], connect_timeout=2, allow_reconnect=False)
+        secure = {} if cluster.tls is None else dict(tls=cluster.ssl_context(), tls_handshake_first=True)
+        nc = await nats.connect(cluster.server_url.split(",")[1:], connect_timeout=2, allow_reconnect=False,
+                                **secure)
         try:
             js = nc.jetstream(timeout=3)
             si = await js.stream_info(natsconn.STREAM)
@@ -111,14 +113,20 @@ def _assert_updated_once(store: Store, ids: list[str]) -> None:
 PHASES = {"download": (("downloading",), 6), "confirm": (("confirmed",), 1)}
 
 
-@pytest.mark.parametrize("phase", PHASES)
-def test_node_killed_every_device_confirms_nothing_lost_nothing_twice(tmp_path, monkeypatch, phase):
+# tls: the nodes speak only TLS (MQTT listeners, client ports, routes; docs/operations.md §4a), the
+# simulated devices and the workers verify them against the CA and reconnect over TLS after the kill.
+@pytest.mark.parametrize("phase,tls", [pytest.param("download", False, id="download"),
+                                       pytest.param("confirm", False, id="confirm"),
+                                       pytest.param("download", True, id="download-tls")])
+def test_node_killed_every_device_confirms_nothing_lost_nothing_twice(tmp_path, monkeypatch, phase, tls):
     from db_fixtures import postgres_database
+    from fota.server.tls import ensure_tls
     monkeypatch.setattr(natsconn, "ACK_WAIT", 3.0)  # a dead node's unacknowledged statuses come back soon
     acked = AckedStatuses(monkeypatch)
     n, size = 24, 32 * 1024
+    files = ensure_tls(tmp_path / "tls", stem="nats", client_auth=True) if tls else None
     with postgres_database() as url, \
-            NatsCluster(tmp_path / "nats", server_password=secrets.token_urlsafe(12)) as cluster:
+            NatsCluster(tmp_path / "nats", server_password=secrets.token_urlsafe(12), tls=files) as cluster:
         store = Store(url)
         keyring = Keyring(tmp_path / "keys")
         keyring.init()
@@ -126,7 +134,8 @@ def test_node_killed_every_device_confirms_nothing_lost_nothing_twice(tmp_path, 
         passwords = provision(store, ids)
         cluster.add_devices(passwords)
         settings = dict(signer=keyring.signer(), keys_update=keyring.keys_update(), share_group="nats-test",
-                        campaign_interval=0.2, lease=5.0, heartbeat_interval=0.5)
+                        campaign_interval=0.2, lease=5.0, heartbeat_interval=0.5,
+                        ssl_context=cluster.ssl_context())
         centers, sim = [], None
         try:
             centers = [CenterThread(store, cluster.server_url, tmp_path / "blobs", **settings).start()
@@ -137,7 +146,7 @@ def test_node_killed_every_device_confirms_nothing_lost_nothing_twice(tmp_path, 
             # store's ingest lag of the first: seen in 1 case of 13 on 2026-12-05)
             fleet = SimFleet.build(passwords, host="127.0.0.1", port=cluster.mqtt_ports,
                                    root_key=keyring.root_public(), trust=keyring.trust(),
-                                   plan=FailurePlan(slow=1.0, chunk_delay=0.05))
+                                   plan=FailurePlan(slow=1.0, chunk_delay=0.05), ssl=cluster.ssl_context())
             for i, device in enumerate(fleet.devices.values()):
                 device.profile.chunk_delay = 0.03 + 0.005 * i
             sim = SimThread(fleet).start()

@@ -641,6 +641,48 @@ def broker_tls_init(home: Optional[Path] = HomeOpt,
                   "broker.cadata in their config.json (docs/architecture.md, TLS)")
 
 
+@broker_app.command("nats-tls-init")
+def broker_nats_tls_init(home: Optional[Path] = HomeOpt,
+                         hostname: List[str] = typer.Option([], "--hostname",
+                                                            help="a node's DNS name (repeat for each name "
+                                                                 "devices or the center use)"),
+                         ip: List[str] = typer.Option([], "--ip", help="a node's IP address (repeat)")):
+    """TLS for a NATS cluster (broker_url nats://…): the nodes' certificate from the home's CA."""
+    import ipaddress
+    import json
+
+    from fota.server.natscluster import tls_blocks
+    from fota.server.tls import TlsError
+    h = Home.locate(home)
+    if not h.nats_broker:
+        fail("broker_url is not a NATS cluster (nats://…,nats://…): see docs/operations.md §4a")
+    if h.config().get("broker_cafile"):
+        fail("broker_cafile is set (a CA of your own): issue the nodes' certificates with it")
+    try:
+        for address in ip:
+            ipaddress.ip_address(address)
+        files = h.nats_tls_files(hostname, ip)
+    except (TlsError, ValueError) as e:
+        fail(str(e))
+    cfg = h.config()
+    if os.environ.get("FOTA_BROKER_URL"):
+        console.print("FOTA_BROKER_URL is set: list the nodes there as tls://… (config.json is left alone)")
+    else:
+        servers = [u.strip() for u in cfg["broker_url"].split(",") if u.strip()]
+        cfg["broker_url"] = ",".join("tls://" + u.split("://", 1)[1] for u in servers)
+        h.save_config(cfg)
+    blocks = tls_blocks(files)
+    # plain echo: the lines are to be copied into the node configs, not wrapped at the terminal's width
+    typer.echo(f"the nodes' certificate {files.certfile} (key {files.keyfile}), issued by {files.cafile}; "
+               "copy them and ca.pem to every node (adjust the paths below to where they are there) and "
+               "add to each node's config (fota.server.natscluster.node_config writes the same):")
+    typer.echo(f"at the top level:    tls: {json.dumps(blocks['client'])}\n"
+               f"in the mqtt block:    tls: {json.dumps(blocks['mqtt'])}\n"
+               f"in the cluster block: tls: {json.dumps(blocks['cluster'])}")
+    console.print("the control center reaches the nodes as tls://… (handshake first) and verifies them against "
+                  "the CA; devices made from now on pin it (docs/operations.md §4a)")
+
+
 HistoryKeepOpt = typer.Option(None, "--history-keep", min=0,
                               help="statuses kept per device beyond those campaigns and operators need "
                                    "(0: no count limit; default: config.json history_keep, else 200)")

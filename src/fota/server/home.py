@@ -261,8 +261,26 @@ class Home:
     # ---- TLS ---------------------------------------------------------------------------------
     @property
     def broker_tls(self) -> bool:
-        """Clients reach the broker over TLS: an mqtts:// URL (the managed one with broker_tls)."""
-        return self.broker_url.startswith("mqtts://")
+        """Clients reach the broker over TLS: an mqtts:// URL (the managed one with broker_tls),
+        or a NATS cluster's tls:// URLs (its nodes' MQTT listeners speak TLS too: §4a of
+        docs/operations.md)."""
+        url = self.broker_url.lstrip()
+        return url.startswith(("mqtts://", "tls://"))
+
+    @property
+    def nats_broker(self) -> bool:
+        """broker_url lists the nodes of a NATS cluster (nats://… or tls://…)."""
+        return self.broker_url.lstrip().startswith(("nats://", "tls://"))
+
+    def nats_tls_files(self, hostnames=(), ips=()):
+        """The NATS nodes' certificate (tls/nats.pem, nats.key; serverAuth and clientAuth, for the
+        routes) issued by the home's CA (tls/ca.pem, created if missing, the one the managed
+        Mosquitto uses), naming localhost, 127.0.0.1 and hostnames/ips; made once, then reused
+        (re-issued when a name is missing or it nears expiry)."""
+        from fota.server.tls import ensure_tls
+        names = ["localhost"] + [h for h in hostnames if h != "localhost"]
+        addresses = [LOOPBACK] + [i for i in ips if i != LOOPBACK]
+        return ensure_tls(self.tls_dir, names, addresses, stem="nats", client_auth=True)
 
     def tls_files(self):
         """The managed broker's listener files (fota.server.tls.TlsFiles), None without TLS: the
@@ -289,10 +307,14 @@ class Home:
         if files is not None:
             return files.cafile
         cafile = self.config().get("broker_cafile")
-        return Path(cafile) if cafile else None
+        if cafile:
+            return Path(cafile)
+        if self.nats_broker and (self.tls_dir / "ca.pem").is_file():  # `fota broker nats-tls-init`
+            return self.tls_dir / "ca.pem"
+        return None
 
     def broker_ssl_context(self):
-        """The control center's TLS context for an mqtts:// broker (None: plain, or system CAs)."""
+        """The control center's TLS context for an mqtts:// broker or tls:// NATS nodes (None: plain, or system CAs)."""
         from fota.server.tls import client_context
         cafile = self.broker_cafile
         return client_context(cafile) if cafile else None

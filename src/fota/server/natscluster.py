@@ -13,6 +13,14 @@ Accounts (one NATS account, FOTA, JetStream enabled):
                 internal clients, not under the device's permissions (measured: QoS 1, retained
                 messages and wills work without; tests/test_natscluster.py).
   fota-server   NATS connections only (the workers); the whole account.
+
+TLS (NatsCluster(tls=TlsFiles), node_config(tls=)): every listener but monitoring speaks only TLS
+with the nodes' certificate (fota.server.tls.ensure_tls(..., stem="nats", client_auth=True)):
+  mqtt { tls }      devices verify the node against the CA they pinned (and its name)
+  tls (clients)     handshake_first: the TLS handshake comes before the server's INFO, so a
+                    client (natsconn) never reads a plaintext INFO nor sends its password in clear
+  cluster { tls }   routes: mutual TLS, each node verifies the other's certificate against ca_file
+                    (nats-server forces verification on routes; the certificate needs clientAuth)
 docs/operations.md §"A clustered broker".
 """
 from __future__ import annotations
@@ -22,6 +30,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sysconfig
 import time
@@ -30,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fota.server.broker import LOOPBACK, SERVER_USER, BrokerError, free_port
+from fota.server.tls import TlsError, TlsFiles, has_client_auth
 
 ACCOUNT = "FOTA"
 CLUSTER_NAME = "fota"
@@ -78,10 +88,26 @@ class NodePorts:
 # ("maximum consumers limit reached") and its commands never arrived. The fleet size bounds it.
 MAX_SESSIONS = 1_000_000
 
+# TLS handshake deadlines (s). nats-server's default is 2 s; a microcontroller's first handshake
+# (EC P-256 in software) can take several seconds.
+MQTT_TLS_TIMEOUT = 10.0
+TLS_TIMEOUT = 5.0
+
+
+def tls_blocks(tls: TlsFiles) -> dict[str, dict]:
+    """The `tls` blocks of a node's client port, MQTT listener and cluster routes."""
+    pair = {"cert_file": str(tls.certfile), "key_file": str(tls.keyfile)}
+    return {"client": {**pair, "handshake_first": True, "timeout": TLS_TIMEOUT},
+            "mqtt": {**pair, "timeout": MQTT_TLS_TIMEOUT},
+            "cluster": {**pair, "ca_file": str(tls.cafile), "timeout": TLS_TIMEOUT}}
+
 
 def node_config(name: str, ports: NodePorts, routes: list[int], store_dir: Path, users: list[dict],
-                host: str = LOOPBACK, max_sessions: int = MAX_SESSIONS) -> str:
+                host: str = LOOPBACK, max_sessions: int = MAX_SESSIONS, tls: TlsFiles | None = None) -> str:
     """The config of one node (nats-server's format accepts JSON values).
+
+    tls: the client port, the MQTT listener and the routes speak only TLS (tls_blocks); the
+    monitoring port stays plain HTTP (bind it to loopback).
 
     The MQTT layer's streams and consumers (sessions, QoS 1 messages, retained messages) get an
     explicit replica count: left to itself, nats-server 2.15.1 sized them from the peers it knew
@@ -99,18 +125,27 @@ def node_config(name: str, ports: NodePorts, routes: list[int], store_dir: Path,
         "http": f"{host}:{ports.monitor}",
         "accounts": {ACCOUNT: {"jetstream": "enabled", "users": users}},
     }
+    if tls is not None:
+        blocks = tls_blocks(tls)
+        conf["tls"] = blocks["client"]
+        conf["mqtt"]["tls"] = blocks["mqtt"]
+        conf["cluster"]["tls"] = blocks["cluster"]
     return "\n".join(f"{key}: {json.dumps(value)}" for key, value in conf.items()) + "\n"
 
 
-def mqtt_ping(host: str, port: int, user: str, password: str, timeout: float) -> None:
-    """MQTT 3.1.1 CONNECT (clean session) and DISCONNECT; BrokerError unless accepted."""
+def mqtt_ping(host: str, port: int, user: str, password: str, timeout: float,
+              ssl_context: ssl.SSLContext | None = None, server_hostname: str | None = None) -> None:
+    """MQTT 3.1.1 CONNECT (clean session) and DISCONNECT; BrokerError unless accepted.
+    ssl_context: over TLS, the node verified with it (as server_hostname, default host)."""
     name, pw = user.encode(), password.encode()
     client_id = b"fota-warmup"
     body = (b"\x00\x04MQTT\x04\xc2\x00\x3c" + len(client_id).to_bytes(2, "big") + client_id
             + len(name).to_bytes(2, "big") + name + len(pw).to_bytes(2, "big") + pw)
     if len(body) > 127:
         raise ValueError("MQTT warm-up: user name and password too long for a one-byte length")
-    with socket.create_connection((host, port), timeout=timeout) as sock:
+    with socket.create_connection((host, port), timeout=timeout) as raw:
+        sock = raw if ssl_context is None else ssl_context.wrap_socket(
+            raw, server_hostname=server_hostname or host)
         sock.sendall(b"\x10" + bytes([len(body)]) + body)
         ack = sock.recv(4)
         if ack[:1] != b"\x20" or ack[3:4] != b"\x00":
@@ -121,8 +156,10 @@ def mqtt_ping(host: str, port: int, user: str, password: str, timeout: float) ->
 class NatsNode:
     """One supervised nats-server process."""
 
-    def __init__(self, name: str, directory: Path, ports: NodePorts, host: str = LOOPBACK):
+    def __init__(self, name: str, directory: Path, ports: NodePorts, host: str = LOOPBACK,
+                 tls: TlsFiles | None = None):
         self.name = name
+        self.tls = tls
         self.directory = Path(directory)
         self.ports = ports
         self.host = host
@@ -133,7 +170,7 @@ class NatsNode:
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.conf.with_suffix(".tmp")
         tmp.write_text(node_config(self.name, self.ports, routes, self.directory / f"{self.name}-js",
-                                   users, self.host, max_sessions))
+                                   users, self.host, max_sessions, self.tls))
         os.chmod(tmp, 0o600)  # passwords
         tmp.replace(self.conf)
 
@@ -148,10 +185,14 @@ class NatsNode:
         return self.proc is not None and self.proc.poll() is None
 
     def listening(self) -> bool:
+        """The client port and the MQTT listener accept connections (with TLS: and complete a
+        handshake, so that the probe is no "TLS handshake error" in the node's log)."""
         try:
-            with socket.create_connection((self.host, self.ports.client), timeout=0.2), \
-                    socket.create_connection((self.host, self.ports.mqtt), timeout=0.2):
-                return True
+            for port in (self.ports.client, self.ports.mqtt):
+                with socket.create_connection((self.host, port), timeout=0.5) as raw:
+                    if self.tls is not None:
+                        self.tls.client_context().wrap_socket(raw, server_hostname=self.host).close()
+            return True
         except OSError:
             return False
 
@@ -181,10 +222,16 @@ class NatsCluster:
 
     users: device id -> password; server_password: the workers' account. Nodes start, are killed
     and restarted one by one (start_node, kill_node); add_devices rewrites every config and
-    reloads the running nodes."""
+    reloads the running nodes. tls: every node's client port, MQTT listener and routes speak
+    only TLS with this certificate (it must name `host` and allow clientAuth: the routes);
+    server_url is then tls://… and ssl_context() what clients verify the nodes with."""
 
     def __init__(self, directory: Path, size: int = 3, *, server_password: str, host: str = LOOPBACK,
-                 max_sessions: int = MAX_SESSIONS):
+                 max_sessions: int = MAX_SESSIONS, tls: TlsFiles | None = None):
+        if tls is not None and not has_client_auth(tls.certfile):
+            raise TlsError(f"{tls.certfile} does not allow clientAuth: the nodes present it to each other "
+                           "on the cluster routes (fota.server.tls.ensure_tls(..., client_auth=True))")
+        self.tls = tls
         self.directory = Path(directory)
         self.max_sessions = max_sessions
         self.host = host
@@ -198,7 +245,7 @@ class NatsCluster:
             taken.add(p)
             return p
 
-        self.nodes = [NatsNode(f"n{i + 1}", self.directory, NodePorts(port(), port(), port(), port()), host)
+        self.nodes = [NatsNode(f"n{i + 1}", self.directory, NodePorts(port(), port(), port(), port()), host, tls)
                       for i in range(size)]
 
     # ------------------------------------------------------------ accounts
@@ -242,7 +289,8 @@ class NatsCluster:
         for node in self.nodes:
             while node.running:
                 try:  # refused (connection closed) while the node's JetStream calls time out: again
-                    mqtt_ping(self.host, node.ports.mqtt, SERVER_USER, self.server_password, timeout)
+                    mqtt_ping(self.host, node.ports.mqtt, SERVER_USER, self.server_password, timeout,
+                              self.ssl_context())
                     break
                 except (BrokerError, OSError):
                     if time.monotonic() > deadline:
@@ -309,6 +357,11 @@ class NatsCluster:
 
     @property
     def server_url(self) -> str:
-        """The control center's broker setting: every node, comma-separated."""
-        return ",".join(f"nats://{SERVER_USER}:{self.server_password}@{self.host}:{n.ports.client}"
+        """The control center's broker setting: every node, comma-separated (tls://… with TLS)."""
+        scheme = "nats" if self.tls is None else "tls"
+        return ",".join(f"{scheme}://{SERVER_USER}:{self.server_password}@{self.host}:{n.ports.client}"
                         for n in self.nodes)
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """A client context that trusts only the cluster's CA (None: plain)."""
+        return None if self.tls is None else self.tls.client_context()

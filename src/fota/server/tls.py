@@ -2,6 +2,7 @@
 
     <dir>/ca.pem, ca.key          the fota CA (devices pin it; the key only issues server certs)
     <dir>/server.pem, server.key  the broker's certificate (EC P-256, SAN DNS + IP, serverAuth)
+    <dir>/nats.pem, nats.key      the NATS nodes' certificate (the same, plus clientAuth: routes)
 
 Keys are EC P-256, written 0600. `ensure_tls(dir)` creates what is missing and reuses the rest,
 so the CA that devices were provisioned with survives restarts. Operators with their own PKI
@@ -110,8 +111,13 @@ def create_ca(directory: Path, name: str = "fota CA", days: int = 3650) -> tuple
 
 
 def issue_server_cert(directory: Path, ca_cert: Path, ca_key: Path, hostnames=("localhost",),
-                      ips=("127.0.0.1",), days: int = 825) -> tuple[Path, Path]:
-    """Issue the broker's certificate signed by the CA: returns (server.pem, server.key)."""
+                      ips=("127.0.0.1",), days: int = 825, *, stem: str = "server",
+                      client_auth: bool = False) -> tuple[Path, Path]:
+    """Issue the broker's certificate signed by the CA: returns (<stem>.pem, <stem>.key).
+
+    client_auth: the certificate may also authenticate its holder as a TLS client (extended key
+    usage clientAuth besides serverAuth): a NATS node presents it to the other nodes on the
+    cluster routes, which verify it (mutual TLS)."""
     directory = Path(directory)
     private_dir(directory)
     ca = x509.load_pem_x509_certificate(Path(ca_cert).read_bytes())
@@ -134,11 +140,13 @@ def issue_server_cert(directory: Path, ca_cert: Path, ca_key: Path, hostnames=("
                                          key_encipherment=False, data_encipherment=False, key_agreement=False,
                                          key_cert_sign=False, crl_sign=False, encipher_only=False,
                                          decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]
+                                                 + ([ExtendedKeyUsageOID.CLIENT_AUTH] if client_auth else [])),
+                           critical=False)
             .add_extension(x509.SubjectAlternativeName(san), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), critical=False)
             .sign(signer, hashes.SHA256()))
-    cert_path, key_path = directory / "server.pem", directory / "server.key"
+    cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}.key"
     _write_key(key, key_path)
     _write_cert(cert, cert_path)
     return cert_path, key_path
@@ -149,7 +157,18 @@ def ca_der(ca_cert_path: Path) -> bytes:
     return x509.load_pem_x509_certificate(Path(ca_cert_path).read_bytes()).public_bytes(serialization.Encoding.DER)
 
 
-def _needs_server_cert(cert_path: Path, key_path: Path, ca_path: Path, hostnames, ips) -> bool:
+def has_client_auth(cert_path: Path) -> bool:
+    """The certificate's extended key usage allows TLS client authentication (or is unrestricted)."""
+    cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return True
+    return ExtendedKeyUsageOID.CLIENT_AUTH in usage or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in usage
+
+
+def _needs_server_cert(cert_path: Path, key_path: Path, ca_path: Path, hostnames, ips,
+                       client_auth: bool = False) -> bool:
     if not (cert_path.exists() and key_path.exists()):
         return True
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
@@ -164,25 +183,30 @@ def _needs_server_cert(cert_path: Path, key_path: Path, ca_path: Path, hostnames
         return True
     wanted = {*hostnames} | {ipaddress.ip_address(i) for i in ips}
     have = {*san.get_values_for_type(x509.DNSName)} | {*san.get_values_for_type(x509.IPAddress)}
+    if client_auth and not has_client_auth(cert_path):
+        return True
     return not wanted <= have or cert.not_valid_after_utc - _now() < RENEW_BEFORE
 
 
-def ensure_tls(directory: Path, hostnames=("localhost",), ips=("127.0.0.1",)) -> TlsFiles:
+def ensure_tls(directory: Path, hostnames=("localhost",), ips=("127.0.0.1",), *, stem: str = "server",
+               client_auth: bool = False) -> TlsFiles:
     """The CA and server certificate in directory, created on first use and then reused.
 
     The server certificate is re-issued (by the same CA, so devices keep working) when it is
     missing, close to expiry, lacks one of hostnames/ips, or was not issued by ca.pem.
+    stem: the certificate's file names (<stem>.pem, <stem>.key): "server" for Mosquitto, "nats"
+    for the NATS nodes' certificate, which also has client_auth (the cluster routes' mutual TLS).
     """
     directory = Path(directory)
     ca_cert, ca_key = directory / "ca.pem", directory / "ca.key"
     if not ca_cert.exists():
-        if (directory / "server.pem").exists():
-            raise TlsError(f"{ca_cert} is missing but {directory / 'server.pem'} exists: restore the CA "
+        if (directory / f"{stem}.pem").exists():
+            raise TlsError(f"{ca_cert} is missing but {directory / (stem + '.pem')} exists: restore the CA "
                            "(devices pin it) or remove the directory to start over")
         create_ca(directory)
-    cert, key = directory / "server.pem", directory / "server.key"
-    if _needs_server_cert(cert, key, ca_cert, hostnames, ips):
+    cert, key = directory / f"{stem}.pem", directory / f"{stem}.key"
+    if _needs_server_cert(cert, key, ca_cert, hostnames, ips, client_auth):
         if not ca_key.exists():
             raise TlsError(f"the server certificate must be (re-)issued but the CA key {ca_key} is missing")
-        issue_server_cert(directory, ca_cert, ca_key, hostnames, ips)
+        issue_server_cert(directory, ca_cert, ca_key, hostnames, ips, stem=stem, client_auth=client_auth)
     return TlsFiles(ca_cert, cert, key)

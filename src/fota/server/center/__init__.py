@@ -161,7 +161,7 @@ class ControlCenter:
         self.store = store
         self.broker_url = broker_url
         self.blobs_dir = Path(blobs_dir)
-        self.ssl_context = ssl_context  # mqtts:// only; None: the system's CAs
+        self.ssl_context = ssl_context  # mqtts:// or tls:// (NATS) only; None: the system's CAs
         # share_group: one of several workers (shared subscriptions $share/<group>/..., a
         # persistent session per worker start, registered in center_workers); None: the only one.
         self.share_group = share_group
@@ -185,8 +185,6 @@ class ControlCenter:
         self.nats = is_nats_url(broker_url)
         if self.nats and homeassistant is not None:
             raise ValueError("Home Assistant needs an MQTT broker (retained messages), not NATS")
-        if self.nats and ssl_context is not None:
-            raise ValueError("TLS to NATS nodes is not supported yet (an ssl_context needs an mqtts:// broker URL)")
         self.mqtt = (NatsConnection(client_id, share_group, self._on_message, fenced) if self.nats
                      else CenterConnection(client_id, filters, self._on_message, fenced))
         self.workgroup = Workgroup(store, self.db.call, self.mqtt, self._on_message, client_id=client_id,
@@ -221,7 +219,7 @@ class ControlCenter:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self, timeout: float = 10.0) -> None:
-        address = (NatsAddress.parse(self.broker_url) if self.nats
+        address = (NatsAddress.parse(self.broker_url, self.ssl_context) if self.nats
                    else BrokerAddress.parse(self.broker_url, self.ssl_context))
         await self.workgroup.register(address)
         self._tasks = [asyncio.create_task(self.intake.run(), name="fota-flush")]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import ssl
 from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import urlsplit
@@ -58,11 +59,15 @@ def topic(subject_: str) -> str:
 @dataclass(frozen=True)
 class NatsAddress:
     """nats://user:password@host:port,nats://...: every node of the cluster (a client reconnects to
-    any of them)."""
+    any of them). tls://…: every node over TLS (fota.server.natscluster's TLS nodes), verified
+    with ssl_context (None: the system's CAs) and the URL's host name; the TLS handshake comes
+    first (the nodes' `handshake_first`), so the password is never sent to a node that did not
+    prove itself, and a node that does not speak TLS is not talked to at all."""
     servers: tuple[str, ...]
+    ssl_context: ssl.SSLContext | None = None
 
     @classmethod
-    def parse(cls, url: str) -> NatsAddress:
+    def parse(cls, url: str, ssl_context: ssl.SSLContext | None = None) -> NatsAddress:
         servers = tuple(u.strip() for u in url.split(",") if u.strip())
         for server in servers:
             parts = urlsplit(server)
@@ -70,7 +75,16 @@ class NatsAddress:
                 raise ValueError(f"a NATS broker URL looks like nats://user:password@host:port, not {server!r}")
         if not servers:
             raise ValueError("no NATS server given")
-        return cls(servers)
+        schemes = {urlsplit(s).scheme for s in servers}
+        if len(schemes) > 1:
+            raise ValueError("a NATS broker URL lists nodes with nats:// and with tls://: all or none over TLS")
+        if ssl_context is not None and schemes != {"tls"}:
+            raise ValueError("an ssl_context needs tls:// NATS URLs (every node over TLS)")
+        return cls(servers, ssl_context)
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.servers[0]).scheme == "tls"
 
     @property
     def replicas(self) -> int:
@@ -95,6 +109,7 @@ class NatsConnection:
         self.ack_wait = ACK_WAIT
         self.nc = None
         self.js = None
+        self._last_error: BaseException | None = None
         self._tasks: list[asyncio.Task] = []
         self._outbox: asyncio.Queue | None = None      # core publishes, in order
         self._inflight: set[asyncio.Task] = set()      # QoS 1 publishes not yet stored
@@ -103,13 +118,28 @@ class NatsConnection:
         self.redelivered = 0
 
     async def start(self, address: NatsAddress, timeout: float) -> None:
-        import nats  # the `cluster` extra
+        from nats.aio.client import Client  # the `cluster` extra
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-        self.nc = await nats.connect(
-            servers=list(address.servers), name=self.client_id, connect_timeout=2, reconnect_time_wait=0.5,
-            max_reconnect_attempts=-1, allow_reconnect=True, error_cb=self._on_error,
-            disconnected_cb=self._on_disconnected, reconnected_cb=self._on_reconnected)
+        secure = {}
+        if address.tls:  # nats-py upgrades to TLS only when the INFO asks for it; first: always
+            secure = dict(tls=address.ssl_context or ssl.create_default_context(), tls_handshake_first=True)
+        # The first connection within `timeout`, as on MQTT: nats-py would otherwise try the nodes
+        # forever (max_reconnect_attempts=-1), also when none can ever be reached (a certificate
+        # of a CA not trusted, a wrong password). The last error is raised.
+        self._last_error = None
+        nc = Client()
+        try:
+            await asyncio.wait_for(nc.connect(
+                servers=list(address.servers), name=self.client_id, connect_timeout=2, reconnect_time_wait=0.5,
+                max_reconnect_attempts=-1, allow_reconnect=True, error_cb=self._on_error,
+                disconnected_cb=self._on_disconnected, reconnected_cb=self._on_reconnected, **secure), timeout)
+        except asyncio.TimeoutError:
+            await nc.close()
+            if self._last_error is not None:
+                raise self._last_error
+            raise
+        self.nc = nc
         self.js = self.nc.jetstream(timeout=5)
         # The consumer reads the MQTT layer's own stream: a device's QoS 1 PUBLISH is stored there
         # (as $MQTT.msgs.<subject>) before its PUBACK, and kept while a consumer is interested.
@@ -258,6 +288,7 @@ class NatsConnection:
     # ------------------------------------------------------------ connection events
 
     async def _on_error(self, exc) -> None:
+        self._last_error = exc
         if not self.closing:
             log.info("NATS: %s", exc)
 
