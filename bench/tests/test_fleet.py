@@ -63,8 +63,10 @@ def test_fleet_brokers_sampled(tmp_path):
     for kind, r in deploy.items():
         assert r["confirmed"] == 30 and r["sim"]["versions"] == {"2.0.0": 30}, (kind, r)
         assert r["chunks_needed"] == 30 * 4 and r["chunks"] >= r["chunks_needed"], (kind, r)
-        assert r["statuses"] >= 30 * 3 and r["broker_cpu_s"] > 0 and r["wall_s"] > 0, (kind, r)
-    # NATS's CPU is that of 3 processes, each with JetStream: more than one Mosquitto's
+        # CPU is read in 10 ms ticks: Mosquitto may serve 30 small updates within one
+        assert r["statuses"] >= 30 * 3 and r["broker_cpu_s"] >= 0 and r["wall_s"] > 0, (kind, r)
+    assert deploy["nats"]["broker_cpu_s"] > 0, deploy["nats"]
+    # NATS's memory is that of 3 processes, each with JetStream: more than one Mosquitto's
     assert deploy["nats"]["broker_rss_connected_mib"] > deploy["mosquitto"]["broker_rss_connected_mib"]
     ingest = {r["broker"]: r for r in part["ingest"]}
     assert {k: (r["statuses"], r["duplicates"]) for k, r in ingest.items()} == {"mosquitto": (300, 0), "nats": (300, 0)}
