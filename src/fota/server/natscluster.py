@@ -78,15 +78,37 @@ class NodePorts:
 # ("maximum consumers limit reached") and its commands never arrived. The fleet size bounds it.
 MAX_SESSIONS = 1_000_000
 
+# Extra settings of the nodes' `mqtt {}` block (NatsCluster(mqtt_options=)); none by default.
+# Measured on nats-server 2.15.1 (docs/operations.md §4a, "Cheaper sessions?"):
+#   consumer_memory_storage: true   session consumers in memory, still R3: 25-32 % less broker
+#       memory per session, no less CPU; passes the node-kill test (one node of 3), but a restart
+#       of every node loses the commands queued for sleeping devices. A durability trade: opt in.
+# Refused here (REFUSED_MQTT_OPTIONS): consumer_replicas (2.15.1 ignores it: "consumer replicas
+# setting ignored in this server version"; an interest-retention stream's consumers must have its
+# replicas), consumer_inactive_threshold (a sleeping device's consumer is deleted: its queued
+# command is lost and, reconnected with its session, it got no command at all), stream_replicas
+# (set from the cluster size; R1 measured: one node's death left no device able to connect).
+MQTT_OPTIONS: dict = {}
+REFUSED_MQTT_OPTIONS = {
+    "consumer_replicas": "ignored by nats-server 2.15 (session consumers follow the stream's replicas)",
+    "consumer_inactive_threshold": "deletes sleeping devices' session consumers: their commands are lost",
+    "stream_replicas": "set from the cluster size (fewer replicas lose every session on a node's death)",
+    "listen": "set from the node's ports",
+}
+
 
 def node_config(name: str, ports: NodePorts, routes: list[int], store_dir: Path, users: list[dict],
-                host: str = LOOPBACK, max_sessions: int = MAX_SESSIONS) -> str:
+                host: str = LOOPBACK, max_sessions: int = MAX_SESSIONS, mqtt: dict | None = None) -> str:
     """The config of one node (nats-server's format accepts JSON values).
 
     The MQTT layer's streams and consumers (sessions, QoS 1 messages, retained messages) get an
     explicit replica count: left to itself, nats-server 2.15.1 sized them from the peers it knew
     at the first MQTT connect (measured: R2 on a fresh 3-node cluster, so a node's death left
-    $MQTT_msgs without quorum and every device without its session)."""
+    $MQTT_msgs without quorum and every device without its session). mqtt: more settings of the
+    `mqtt {}` block (MQTT_OPTIONS); ValueError for one of REFUSED_MQTT_OPTIONS."""
+    refused = sorted(set(mqtt or {}) & set(REFUSED_MQTT_OPTIONS))
+    if refused:
+        raise ValueError("mqtt options refused: " + "; ".join(f"{k}: {REFUSED_MQTT_OPTIONS[k]}" for k in refused))
     replicas = min(3, len(routes) + 1)
     conf = {
         "server_name": name,
@@ -95,7 +117,7 @@ def node_config(name: str, ports: NodePorts, routes: list[int], store_dir: Path,
                       "limits": {"default_max_consumers": max_sessions}},
         "cluster": {"name": CLUSTER_NAME, "listen": f"{host}:{ports.cluster}",
                     "routes": [f"nats-route://{host}:{p}" for p in routes]},
-        "mqtt": {"listen": f"{host}:{ports.mqtt}", "stream_replicas": replicas},
+        "mqtt": {"listen": f"{host}:{ports.mqtt}", "stream_replicas": replicas, **(mqtt or {})},
         "http": f"{host}:{ports.monitor}",
         "accounts": {ACCOUNT: {"jetstream": "enabled", "users": users}},
     }
@@ -129,11 +151,12 @@ class NatsNode:
         self.conf = self.directory / f"{name}.conf"
         self.proc: subprocess.Popen | None = None
 
-    def write(self, routes: list[int], users: list[dict], max_sessions: int = MAX_SESSIONS) -> None:
+    def write(self, routes: list[int], users: list[dict], max_sessions: int = MAX_SESSIONS,
+              mqtt: dict | None = None) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.conf.with_suffix(".tmp")
         tmp.write_text(node_config(self.name, self.ports, routes, self.directory / f"{self.name}-js",
-                                   users, self.host, max_sessions))
+                                   users, self.host, max_sessions, mqtt))
         os.chmod(tmp, 0o600)  # passwords
         tmp.replace(self.conf)
 
@@ -179,13 +202,16 @@ class NatsNode:
 class NatsCluster:
     """`size` nodes on `host`, each its own process, ports, store and log under `directory`.
 
-    users: device id -> password; server_password: the workers' account. Nodes start, are killed
+    users: device id -> password; server_password: the workers' account; mqtt_options: extra
+    `mqtt {}` settings of every node (MQTT_OPTIONS: e.g. {"consumer_memory_storage": True}, a
+    durability trade). Nodes start, are killed
     and restarted one by one (start_node, kill_node); add_devices rewrites every config and
     reloads the running nodes."""
 
     def __init__(self, directory: Path, size: int = 3, *, server_password: str, host: str = LOOPBACK,
-                 max_sessions: int = MAX_SESSIONS):
+                 max_sessions: int = MAX_SESSIONS, mqtt_options: dict | None = None):
         self.directory = Path(directory)
+        self.mqtt_options = dict(MQTT_OPTIONS if mqtt_options is None else mqtt_options)
         self.max_sessions = max_sessions
         self.host = host
         self.server_password = server_password
@@ -209,7 +235,8 @@ class NatsCluster:
     def _write(self) -> None:
         users = self._users()
         for node in self.nodes:
-            node.write([n.ports.cluster for n in self.nodes if n is not node], users, self.max_sessions)
+            node.write([n.ports.cluster for n in self.nodes if n is not node], users, self.max_sessions,
+                       self.mqtt_options)
 
     def add_devices(self, passwords: dict[str, str]) -> None:
         """Device accounts (id -> password): every node's config rewritten and reloaded."""
