@@ -262,7 +262,15 @@ def test_sleeping_devices_command_and_a_restart_of_every_node(tmp_path, memory):
         dev.close()
         [consumer] = _session_consumers(c)
         assert bool(consumer["config"].get("mem_storage")) is memory
-        assert len(consumer["cluster"].get("replicas") or []) == 2  # and the leader: R3
+
+        async def members():  # as the consumer's leader reports them
+            nc, js = await _server(c)
+            try:
+                info = await js.consumer_info("$MQTT_msgs", consumer["name"])
+                return {info.cluster.leader} | {r.name for r in info.cluster.replicas or []}
+            finally:
+                await nc.close()
+        assert asyncio.run(members()) == {n.name for n in c.nodes}  # R3
 
         async def send(payload):
             nc, js = await _server(c)
