@@ -67,8 +67,8 @@ class ClusterBroker:
 
     kind = "nats"
 
-    def __init__(self, directory: Path, size: int = 3, connect_rate: float = 50.0):
-        self.cluster = NatsCluster(directory, size, server_password=secrets.token_urlsafe(12))
+    def __init__(self, directory: Path, size: int = 3, connect_rate: float = 50.0, mqtt_options: dict | None = None):
+        self.cluster = NatsCluster(directory, size, server_password=secrets.token_urlsafe(12), mqtt_options=mqtt_options)
         self.cluster.start(timeout=60)
         # Each device's persistent session gets a replicated JetStream consumer for its QoS 1
         # subscription: the simulator paces its connections (batches of 25) at connect_rate a
@@ -168,21 +168,21 @@ def _accepts(host: str, port: int, user: str, password: str) -> bool:
         return False
 
 
-def make_broker(kind: str, directory: Path):
+def make_broker(kind: str, directory: Path, nats_mqtt: dict | None = None):
     if kind == "mosquitto":
         broker = fleet.Broker(directory)
         broker.kind = "mosquitto"
         broker.rss_kib_now = lambda: _proc_kib(broker.mosquitto.proc.pid)
         return broker
     if kind == "nats":
-        return ClusterBroker(directory)
+        return ClusterBroker(directory, mqtt_options=nats_mqtt)
     raise ValueError(f"unknown broker {kind!r} (known: {', '.join(BROKERS)})")
 
 
 def deploy_on(kind: str, n: int, args, tmp: Path) -> dict:
     """One deployment of a fresh --image-kib image to n simulated devices on broker `kind`; when
     it raises, the error with what the broker held when it was stopped (NATS: sessions, consumers)."""
-    broker = make_broker(kind, tmp / f"{kind}-deploy-{n}")
+    broker = make_broker(kind, tmp / f"{kind}-deploy-{n}", args.nats_mqtt)
     try:
         return _deploy_on(broker, kind, n, args, tmp)
     except Exception as e:
@@ -226,7 +226,7 @@ def ingest_on(kind: str, args, tmp: Path, statuses: int | None = None, devices: 
     (MQTT 3.1.1, the server account, to node 1 on NATS), stored by the center: rate and CPU."""
     statuses = statuses or args.brokers_statuses
     n = devices or args.ingest_devices
-    broker = make_broker(kind, tmp / f"{kind}-ingest")
+    broker = make_broker(kind, tmp / f"{kind}-ingest", args.nats_mqtt)
     url, drop = fresh_database(args.deploy_db, tmp / f"ingest-{kind}.db")
     store = Store(url)
     center = None
@@ -340,6 +340,13 @@ def add_arguments(ap) -> None:
     ap.add_argument("--brokers-devices", default="1000", help="part 5: fleet sizes, comma-separated (10000 does not complete on NATS on 2 cores: docs/operations.md §4a)")
     ap.add_argument("--brokers-statuses", type=int, default=10000,
                     help="part 5: statuses of the ingestion run per broker (0 skips it)")
+    add_nats_mqtt_argument(ap)
+
+
+def add_nats_mqtt_argument(ap) -> None:
+    ap.add_argument("--nats-mqtt", type=json.loads, default=None, metavar="JSON",
+                    help="extra settings of the NATS nodes' mqtt {} block (NatsCluster mqtt_options), e.g. "
+                         "'{\"consumer_memory_storage\": true}' (docs/operations.md §4a)")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from bench import fleet
-from bench._fleet_cluster import ClusterBroker
+from bench._fleet_cluster import ClusterBroker, add_nats_mqtt_argument
 from bench._report import print_table, write_and_judge
 from bench.capacity import db_usage
 from fota.server import credentials
@@ -159,7 +159,7 @@ def start_sims(broker: ClusterBroker, keyring: Keyring, passwords: dict[str, str
 def run(args, tmp: Path) -> dict:
     n = args.devices
     out: dict = {"devices": n, "processes": args.processes}
-    broker = ClusterBroker(tmp / "nats", connect_rate=args.connect_rate)
+    broker = ClusterBroker(tmp / "nats", connect_rate=args.connect_rate, mqtt_options=args.nats_mqtt)
     url, drop = fresh_database(args.db, tmp / "scale.db")
     store = Store(url)
     center, sims = None, []
@@ -368,6 +368,7 @@ def main(argv=None) -> int:
     ap.add_argument("--connect-rate", type=float, default=50.0, help="device connections a second, all processes")
     ap.add_argument("--session-kib", type=float, default=0.0,
                     help="cluster RSS per session from an earlier run, for the memory check (0: no check)")
+    add_nats_mqtt_argument(ap)
     ap.add_argument("--chunk", type=int, default=2048)
     ap.add_argument("--window", type=int, default=8)
     ap.add_argument("--verify", default="cryptography", choices=("cryptography", "pure"))

@@ -3,6 +3,7 @@ MQTT listeners and routes; devices as paho MQTT 3.1.1 clients on different nodes
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 
@@ -209,3 +210,98 @@ def test_simulated_device_reconnects_when_its_subscription_is_refused(tmp_path):
             thread.join(10)
             for d in holders[1:]:
                 d.close()
+
+
+def test_node_config_carries_mqtt_options_and_refuses_the_unsafe_ones(tmp_path):
+    """NatsCluster(mqtt_options=) reaches every node's `mqtt {}` block; none by default. The
+    settings measured to break a guarantee or to do nothing are refused (docs/operations.md §4a)."""
+    from fota.server.natscluster import MQTT_OPTIONS, REFUSED_MQTT_OPTIONS, NodePorts, node_config
+
+    def mqtt_block(**kw):
+        conf = node_config("n1", NodePorts(1, 2, 3, 4), [5, 6], tmp_path, [], **kw)
+        line = next(ln for ln in conf.splitlines() if ln.startswith("mqtt: "))
+        return json.loads(line[len("mqtt: "):])
+
+    assert MQTT_OPTIONS == {}
+    assert mqtt_block() == {"listen": "127.0.0.1:3", "stream_replicas": 3}
+    assert mqtt_block(mqtt={"consumer_memory_storage": True}) == {
+        "listen": "127.0.0.1:3", "stream_replicas": 3, "consumer_memory_storage": True}
+    for key in ("consumer_replicas", "consumer_inactive_threshold", "stream_replicas"):
+        assert key in REFUSED_MQTT_OPTIONS
+        with pytest.raises(ValueError, match=key):
+            mqtt_block(mqtt={key: 1})
+    cluster = NatsCluster(tmp_path / "nats", server_password="pw", mqtt_options={"consumer_memory_storage": True})
+    cluster._write()
+    for node in cluster.nodes:
+        assert '"consumer_memory_storage": true' in node.conf.read_text()
+
+
+def _session_consumers(cluster) -> list[dict]:
+    """The consumers on $MQTT_msgs (here: the devices' sessions) with their config and cluster."""
+    import urllib.request
+    node = next(n for n in cluster.nodes if n.running)
+    url = f"http://127.0.0.1:{node.ports.monitor}/jsz?accounts=true&streams=true&consumers=true&config=true"
+    with urllib.request.urlopen(url, timeout=5) as r:
+        data = json.load(r)
+    return [c for acc in data.get("account_details") or [] for st in acc.get("stream_detail") or []
+            if st["name"] == "$MQTT_msgs" for c in st.get("consumer_detail") or []]
+
+
+@pytest.mark.parametrize("memory", [False, True], ids=["default", "consumer_memory_storage"])
+def test_sleeping_devices_command_and_a_restart_of_every_node(tmp_path, memory):
+    """A device's session consumer is replicated on the 3 nodes (R3) in either case. By default
+    (file storage) the command queued for a sleeping device survives a restart of every node;
+    with mqtt_options consumer_memory_storage (cheaper sessions) it is lost (the session itself is
+    kept: a command sent after the device reconnected arrives). Measured on nats-server 2.15.1:
+    the reason it is not the default (docs/operations.md §4a)."""
+    options = {"consumer_memory_storage": True} if memory else None
+    with NatsCluster(tmp_path / "nats", server_password="server-secret", mqtt_options=options) as c:
+        c.add_devices({"dev1": "pw1"})
+        dev = Device("dev1", "pw1", c.mqtt_ports[1])
+        assert dev.subscribe([("fota/v1/dev1/cmd", 1)]) == [1]
+        dev.close()
+        [consumer] = _session_consumers(c)
+        assert bool(consumer["config"].get("mem_storage")) is memory
+
+        async def members():  # as the consumer's leader reports them
+            nc, js = await _server(c)
+            try:
+                info = await js.consumer_info("$MQTT_msgs", consumer["name"])
+                return {info.cluster.leader} | {r.name for r in info.cluster.replicas or []}
+            finally:
+                await nc.close()
+        assert asyncio.run(members()) == {n.name for n in c.nodes}  # R3
+
+        async def send(payload):
+            nc, js = await _server(c)
+            await js.publish(MQTT_QOS1_PREFIX + "fota.v1.dev1.cmd", payload, headers={MQTT_QOS_HEADER: "1"})
+            await nc.close()
+        asyncio.run(send(b"queued"))
+        c.stop()
+        c.start(timeout=60)
+        dev = None
+        try:
+            deadline = time.monotonic() + 30
+            while dev is None:  # the first CONNECTs after a restart may be refused
+                try:
+                    dev = Device("dev1", "pw1", c.mqtt_ports[0])
+                    wait_until(lambda: dev.client.is_connected(), 5)
+                except Exception:
+                    if dev is not None:
+                        dev.close()
+                    dev = None
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+            if not memory:
+                wait_until(lambda: dev.got, 15, what="the queued command after the restart")
+                assert dev.got == [("fota/v1/dev1/cmd", 1, b"queued")]
+            else:
+                time.sleep(8)
+                assert dev.got == []
+                asyncio.run(send(b"after"))
+                wait_until(lambda: dev.got, 15, what="a command sent after the reconnection")
+                assert dev.got == [("fota/v1/dev1/cmd", 1, b"after")]
+        finally:
+            if dev is not None:
+                dev.close()

@@ -102,8 +102,28 @@ def tls_blocks(tls: TlsFiles) -> dict[str, dict]:
             "cluster": {**pair, "ca_file": str(tls.cafile), "timeout": TLS_TIMEOUT}}
 
 
+# Extra settings of the nodes' `mqtt {}` block (NatsCluster(mqtt_options=)); none by default.
+# Measured on nats-server 2.15.1 (docs/operations.md §4a, "Cheaper sessions?"):
+#   consumer_memory_storage: true   session consumers in memory, still R3: 25-32 % less broker
+#       memory per session, no less CPU; passes the node-kill test (one node of 3), but a restart
+#       of every node loses the commands queued for sleeping devices. A durability trade: opt in.
+# Refused here (REFUSED_MQTT_OPTIONS): consumer_replicas (2.15.1 ignores it: "consumer replicas
+# setting ignored in this server version"; an interest-retention stream's consumers must have its
+# replicas), consumer_inactive_threshold (a sleeping device's consumer is deleted: its queued
+# command is lost and, reconnected with its session, it got no command at all), stream_replicas
+# (set from the cluster size; R1 measured: one node's death left no device able to connect).
+MQTT_OPTIONS: dict = {}
+REFUSED_MQTT_OPTIONS = {
+    "consumer_replicas": "ignored by nats-server 2.15 (session consumers follow the stream's replicas)",
+    "consumer_inactive_threshold": "deletes sleeping devices' session consumers: their commands are lost",
+    "stream_replicas": "set from the cluster size (fewer replicas lose every session on a node's death)",
+    "listen": "set from the node's ports",
+}
+
+
 def node_config(name: str, ports: NodePorts, routes: list[int], store_dir: Path, users: list[dict],
-                host: str = LOOPBACK, max_sessions: int = MAX_SESSIONS, tls: TlsFiles | None = None) -> str:
+                host: str = LOOPBACK, max_sessions: int = MAX_SESSIONS, tls: TlsFiles | None = None,
+                mqtt: dict | None = None) -> str:
     """The config of one node (nats-server's format accepts JSON values).
 
     tls: the client port, the MQTT listener and the routes speak only TLS (tls_blocks); the
@@ -112,7 +132,11 @@ def node_config(name: str, ports: NodePorts, routes: list[int], store_dir: Path,
     The MQTT layer's streams and consumers (sessions, QoS 1 messages, retained messages) get an
     explicit replica count: left to itself, nats-server 2.15.1 sized them from the peers it knew
     at the first MQTT connect (measured: R2 on a fresh 3-node cluster, so a node's death left
-    $MQTT_msgs without quorum and every device without its session)."""
+    $MQTT_msgs without quorum and every device without its session). mqtt: more settings of the
+    `mqtt {}` block (MQTT_OPTIONS); ValueError for one of REFUSED_MQTT_OPTIONS."""
+    refused = sorted(set(mqtt or {}) & set(REFUSED_MQTT_OPTIONS))
+    if refused:
+        raise ValueError("mqtt options refused: " + "; ".join(f"{k}: {REFUSED_MQTT_OPTIONS[k]}" for k in refused))
     replicas = min(3, len(routes) + 1)
     conf = {
         "server_name": name,
@@ -121,7 +145,7 @@ def node_config(name: str, ports: NodePorts, routes: list[int], store_dir: Path,
                       "limits": {"default_max_consumers": max_sessions}},
         "cluster": {"name": CLUSTER_NAME, "listen": f"{host}:{ports.cluster}",
                     "routes": [f"nats-route://{host}:{p}" for p in routes]},
-        "mqtt": {"listen": f"{host}:{ports.mqtt}", "stream_replicas": replicas},
+        "mqtt": {"listen": f"{host}:{ports.mqtt}", "stream_replicas": replicas, **(mqtt or {})},
         "http": f"{host}:{ports.monitor}",
         "accounts": {ACCOUNT: {"jetstream": "enabled", "users": users}},
     }
@@ -166,11 +190,12 @@ class NatsNode:
         self.conf = self.directory / f"{name}.conf"
         self.proc: subprocess.Popen | None = None
 
-    def write(self, routes: list[int], users: list[dict], max_sessions: int = MAX_SESSIONS) -> None:
+    def write(self, routes: list[int], users: list[dict], max_sessions: int = MAX_SESSIONS,
+              mqtt: dict | None = None) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.conf.with_suffix(".tmp")
         tmp.write_text(node_config(self.name, self.ports, routes, self.directory / f"{self.name}-js",
-                                   users, self.host, max_sessions, self.tls))
+                                   users, self.host, max_sessions, tls=self.tls, mqtt=mqtt))
         os.chmod(tmp, 0o600)  # passwords
         tmp.replace(self.conf)
 
@@ -220,19 +245,23 @@ class NatsNode:
 class NatsCluster:
     """`size` nodes on `host`, each its own process, ports, store and log under `directory`.
 
-    users: device id -> password; server_password: the workers' account. Nodes start, are killed
+    users: device id -> password; server_password: the workers' account; mqtt_options: extra
+    `mqtt {}` settings of every node (MQTT_OPTIONS: e.g. {"consumer_memory_storage": True}, a
+    durability trade). Nodes start, are killed
     and restarted one by one (start_node, kill_node); add_devices rewrites every config and
     reloads the running nodes. tls: every node's client port, MQTT listener and routes speak
     only TLS with this certificate (it must name `host` and allow clientAuth: the routes);
     server_url is then tls://… and ssl_context() what clients verify the nodes with."""
 
     def __init__(self, directory: Path, size: int = 3, *, server_password: str, host: str = LOOPBACK,
-                 max_sessions: int = MAX_SESSIONS, tls: TlsFiles | None = None):
+                 max_sessions: int = MAX_SESSIONS, tls: TlsFiles | None = None,
+                 mqtt_options: dict | None = None):
         if tls is not None and not has_client_auth(tls.certfile):
             raise TlsError(f"{tls.certfile} does not allow clientAuth: the nodes present it to each other "
                            "on the cluster routes (fota.server.tls.ensure_tls(..., client_auth=True))")
         self.tls = tls
         self.directory = Path(directory)
+        self.mqtt_options = dict(MQTT_OPTIONS if mqtt_options is None else mqtt_options)
         self.max_sessions = max_sessions
         self.host = host
         self.server_password = server_password
@@ -256,7 +285,8 @@ class NatsCluster:
     def _write(self) -> None:
         users = self._users()
         for node in self.nodes:
-            node.write([n.ports.cluster for n in self.nodes if n is not node], users, self.max_sessions)
+            node.write([n.ports.cluster for n in self.nodes if n is not node], users, self.max_sessions,
+                       self.mqtt_options)
 
     def add_devices(self, passwords: dict[str, str]) -> None:
         """Device accounts (id -> password): every node's config rewritten and reloaded."""
