@@ -69,33 +69,38 @@ def test_three_nodes_one_cluster(cluster):
 
 
 def test_device_acl_own_topics_only_and_sessions_are_quorum_queues(cluster):
-    """Like the Mosquitto ACL: a device subscribes to and publishes on its own fota topics only;
-    RabbitMQ 3.10 answers a refused subscription by closing the connection (no SUBACK 0x80), and
-    drops a publish on another device's topic. The persistent session's queue is a quorum queue."""
+    """Like the Mosquitto ACL: a device subscribes to and publishes on its own fota topics only.
+    RabbitMQ 3.10 answers a refused publish or subscription by closing the connection (no SUBACK
+    0x80); the forged message reaches no one. The persistent session's queue is a quorum queue."""
     server = Client("fota:test", SERVER_USER, cluster.server_password, cluster.mqtt_ports[2], clean=True)
     dev1 = Client("dev1", "dev1", "pw1", cluster.mqtt_ports[0])
     dev2 = Client("dev2", "dev2", "pw2", cluster.mqtt_ports[1])
+    clients = [server, dev1, dev2]
     try:
         assert server.subscribe([("fota/v1/+/status", 1)]) == [1]
         assert dev1.subscribe([("fota/v1/dev1/cmd", 1), ("fota/v1/dev1/data", 0)]) == [1, 0]
         assert dev2.subscribe([("fota/v1/dev2/cmd", 1)]) == [1]
         dev1.client.publish("fota/v1/dev1/status", b"mine", qos=1).wait_for_publish(5)
-        dev1.client.publish("fota/v1/dev2/status", b"forged", qos=1)
         server.client.publish("fota/v1/dev2/cmd", b"for dev2", qos=1)
-        wait_until(lambda: dev2.got, timeout=10, what="dev2's command")
-        time.sleep(0.5)
-        assert server.got == [("fota/v1/dev1/status", 1, b"mine")]
-        assert dev2.got == [("fota/v1/dev2/cmd", 1, b"for dev2")] and not dev1.got
+        wait_until(lambda: dev2.got and server.got, timeout=10, what="dev2's command and dev1's status")
         queues = cluster.nodes[0].ctl("list_queues", "name", "type", "--no-table-headers", "--quiet")
         types = dict(line.split("\t") for line in queues.strip().splitlines())
         assert types["mqtt-subscription-dev1qos1"] == "quorum" and types["mqtt-subscription-dev2qos1"] == "quorum"
 
-        before = dev1.disconnects
-        dev1.subscribe([("fota/v1/dev2/cmd", 1)])
-        assert dev1.disconnects == before + 1, dev1.granted  # refused: the connection ended
+        dev1.client.publish("fota/v1/dev2/status", b"forged", qos=1)
+        wait_until(lambda: dev1.disconnects, timeout=10, what="dev1's connection closed after the forged publish")
+        time.sleep(0.5)
+        assert server.got == [("fota/v1/dev1/status", 1, b"mine")]
+
+        dev1b = Client("dev1", "dev1", "pw1", cluster.mqtt_ports[1])  # same session, another node
+        clients.append(dev1b)
+        dev1b.subscribe([("fota/v1/dev2/cmd", 1)])
+        assert dev1b.disconnects == 1 and dev1b.granted is None  # refused: the connection ended
         server.client.publish("fota/v1/dev2/cmd", b"again", qos=1)
         wait_until(lambda: len(dev2.got) == 2, timeout=10, what="dev2's second command")
-        assert not dev1.got
+        time.sleep(0.5)
+        assert dev2.got == [("fota/v1/dev2/cmd", 1, b"for dev2"), ("fota/v1/dev2/cmd", 1, b"again")]
+        assert not dev1.got and not dev1b.got
     finally:
-        for c in (dev1, dev2, server):
+        for c in clients:
             c.close()

@@ -86,8 +86,10 @@ class NodePorts:
 
 
 class RabbitNode:
-    def __init__(self, name: str, directory: Path, ports: NodePorts, cookie_home: Path, host: str = LOOPBACK):
+    def __init__(self, name: str, directory: Path, ports: NodePorts, cookie_home: Path, host: str = LOOPBACK,
+                 queue_type: str = "quorum"):
         self.name = name                     # short name; the Erlang node is name@localhost
+        self.queue_type = queue_type
         self.node = f"{name}@localhost"
         self.directory = Path(directory)
         self.ports = ports
@@ -128,7 +130,7 @@ class RabbitNode:
             f"listeners.tcp.default = {self.host}:{self.ports.amqp}",
             f"mqtt.listeners.tcp.default = {self.host}:{self.ports.mqtt}",
             "mqtt.allow_anonymous = false",
-            "mqtt.durable_queue_type = quorum",
+            f"mqtt.durable_queue_type = {self.queue_type}",
             "mqtt.vhost = /",
             "mqtt.exchange = amq.topic",
             "loopback_users = none",
@@ -224,7 +226,11 @@ class RabbitCluster:
     and joins them to node 1. add_devices / the server account via import_definitions."""
 
     def __init__(self, directory: Path, size: int = 3, *, server_password: str | None = None,
-                 host: str = LOOPBACK):
+                 host: str = LOOPBACK, queue_type: str = "quorum"):
+        """queue_type: mqtt.durable_queue_type, the persistent sessions' queues (`classic`: one
+        node's, lost with it; only for comparing costs)."""
+        if queue_type not in ("quorum", "classic"):
+            raise ValueError(f"queue_type: quorum or classic, not {queue_type!r}")
         self.directory = Path(directory)
         self.host = host
         self.server_password = server_password or secrets.token_urlsafe(12)
@@ -246,7 +252,8 @@ class RabbitCluster:
             return p
 
         self.nodes = [RabbitNode(f"fota{tag}n{i + 1}", self.directory / f"n{i + 1}",
-                                 NodePorts(port(), port(), port()), home, host) for i in range(size)]
+                                 NodePorts(port(), port(), port()), home, host, queue_type)
+                      for i in range(size)]
 
     def start(self, timeout: float = 120.0) -> "RabbitCluster":
         if not available():
