@@ -33,6 +33,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -207,6 +208,17 @@ class RabbitNode:
             self.proc.wait()
 
 
+EPMD_PORT = 4369
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def _descendants(pid: int) -> list[int]:
     out, todo = [], [pid]
     while todo:
@@ -258,6 +270,9 @@ class RabbitCluster:
     def start(self, timeout: float = 120.0) -> "RabbitCluster":
         if not available():
             raise BrokerError(f"rabbitmq-server not found in {RABBIT_BIN} (Debian: apt-get install rabbitmq-server)")
+        # the nodes register with epmd on 127.0.0.1:4369 and start it if none runs: then stop()
+        # ends it again (epmd -kill, which refuses while other nodes are registered)
+        self._own_epmd = not _listening(LOOPBACK, EPMD_PORT)
         try:
             for node in self.nodes:
                 node.write()
@@ -315,6 +330,14 @@ class RabbitCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+        if getattr(self, "_own_epmd", False):
+            self._own_epmd = False
+            epmd = shutil.which("epmd") or "/usr/bin/epmd"
+            try:
+                subprocess.run([epmd, "-kill"], capture_output=True, timeout=10,
+                               env={**os.environ, "ERL_EPMD_ADDRESS": LOOPBACK})
+            except (OSError, subprocess.TimeoutExpired):
+                pass
 
     def __enter__(self) -> "RabbitCluster":
         return self.start()
