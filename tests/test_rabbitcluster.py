@@ -104,3 +104,40 @@ def test_device_acl_own_topics_only_and_sessions_are_quorum_queues(cluster):
     finally:
         for c in clients:
             c.close()
+
+
+def test_another_account_cannot_take_a_sleeping_devices_session(cluster):
+    """RabbitMQ 3.10 does not force client id = username, but an account connecting with another
+    device's client id is refused (CONNACK 3: it may not use that device's session queue), with a
+    clean session or not, and the command queued for the sleeping device stays for it."""
+    cluster.add_devices({"dev3": "pw3", "dev4": "pw4"})
+    dev3 = Client("dev3", "dev3", "pw3", cluster.mqtt_ports[0])
+    assert dev3.subscribe([("fota/v1/dev3/cmd", 1)]) == [1]
+    dev3.close()  # asleep: its session stays
+    server = Client("fota:test2", SERVER_USER, cluster.server_password, cluster.mqtt_ports[2], clean=True)
+    try:
+        server.client.publish("fota/v1/dev3/cmd", b"queued", qos=1).wait_for_publish(5)
+        for clean in (True, False):
+            intruder = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="dev3", clean_session=clean,
+                                   protocol=mqtt.MQTTv311)
+            intruder.username_pw_set("dev4", "pw4")
+            answers = []
+            intruder.on_connect = lambda c, u, f, rc, p: answers.append(str(rc))  # CONNACK 3
+            intruder.on_message = lambda c, u, m: answers.append(m.payload)
+            intruder.connect("127.0.0.1", cluster.mqtt_ports[1])
+            intruder.loop_start()
+            try:
+                wait_until(lambda: answers, timeout=10, what="the intruder's CONNACK")
+                time.sleep(0.5)
+                assert answers == ["Server unavailable"], answers
+            finally:
+                intruder.disconnect()
+                intruder.loop_stop()
+        dev3 = Client("dev3", "dev3", "pw3", cluster.mqtt_ports[1])
+        try:
+            wait_until(lambda: dev3.got, timeout=10, what="dev3's queued command")
+            assert dev3.got == [("fota/v1/dev3/cmd", 1, b"queued")]
+        finally:
+            dev3.close()
+    finally:
+        server.close()

@@ -23,7 +23,9 @@ session queues only (`mqtt-subscription-<id>qos0|qos1`, configure/write/read) an
 (write: publish; read: bind), and topic permissions on `amq.topic` (MQTT `/` is `.` in the
 routing key): read `fota.v1.<id>.(cmd|data)`, write `fota.v1.<id>.(status|inventory|online|req)`
 -- the Mosquitto ACL of fota.server.broker.DEVICE_ACL. The server account may use every topic.
-RabbitMQ 3.10 does not force client id = username (Mosquitto's use_username_as_clientid).
+RabbitMQ 3.10 does not force client id = username (Mosquitto's use_username_as_clientid): another
+account using a device's client id is refused (CONNACK 3), yet was seen to close that device's
+live connection (docs/operations.md §4a).
 """
 from __future__ import annotations
 
