@@ -1,5 +1,7 @@
-"""What a persistent MQTT session costs each broker engine: one Mosquitto, a 3-node NATS cluster
-(JetStream + MQTT), a 3-node RabbitMQ cluster (MQTT plugin, quorum queues).
+"""What a persistent MQTT session costs each broker engine (Mosquitto, NATS and RabbitMQ clusters).
+
+One Mosquitto, a 3-node NATS cluster (JetStream + MQTT), a 3-node RabbitMQ cluster (MQTT plugin,
+quorum queues).
 
     ./run bench broker_sessions [--brokers mosquitto,nats,rabbitmq] [--sessions 500,1000,2000]
                                 [--idle-s 10] [--kill | --no-kill] [--timeout 300]
