@@ -745,6 +745,46 @@ def test_payloads_dropped_as_oversized_are_reported(key):
     assert h.core.state == P.IDLE
 
 
+class _HeapFullAt:
+    """json for the core whose loads() raises MemoryError at its n-th call (1: the envelope,
+    2: the body), as MicroPython's does in a heap too small for the command."""
+
+    def __init__(self, n):
+        self.n, self.calls = n, 0
+
+    def loads(self, text):
+        self.calls += 1
+        if self.calls == self.n:
+            raise MemoryError("memory allocation failed")
+        return json.loads(text)
+
+    def __getattr__(self, name):
+        return getattr(json, name)
+
+
+@pytest.mark.parametrize("at", [1, 2], ids=["envelope", "body"])
+def test_a_command_the_heap_cannot_parse_is_refused_naming_its_job_only_if_it_is_new(key, monkeypatch, at):
+    """No heap to parse: E_BAD_COMMAND with the job id read from the text, so that the center ends
+    that job at once (docs/protocol.md §9) rather than at its timeout; but never the job being run
+    or an older one (a redelivery the heap could not parse must not end the download)."""
+    image = os.urandom(2048)
+    h = Harness(key)
+    h.run(h.core.command(cmd(make_update(key, image, job=3))))
+    assert h.core.state == P.DOWNLOADING and h.core.job.id == 3
+    for job, named in ((7, 7), (3, None), (2, None)):
+        monkeypatch.setattr(C, "json", _HeapFullAt(at))
+        h.run(h.core.command(cmd(make_update(key, image, job=job))))
+        monkeypatch.setattr(C, "json", json)
+        st = h.statuses()[-1]
+        assert (st["state"], st["code"], st.get("job")) == ("rejected", P.E_BAD_COMMAND, named), (st, h.core.last_job)
+        assert "no heap to parse a command" in st["reason"]
+        assert h.core.state == P.DOWNLOADING and h.core.job.id == 3  # the download goes on
+    # Nor does a malformed command name the running job: the center would end it (§9)
+    h.run(h.core.command(b"{not json"))
+    st = h.statuses()[-1]
+    assert (st["state"], st["code"], st.get("job"), st["current"]) == ("rejected", P.E_BAD_COMMAND, None, "downloading")
+
+
 def test_confirmed_trial_raises_the_counter_for_the_running_agent(key):
     h = Harness(key)
     h.core = new_core(agent={"last_job": 5, "boot": 2}, version="3.0.0")

@@ -161,6 +161,25 @@ def _need(obj, key, kind):
     return value
 
 
+def _job_in(raw, key):
+    """The job id in a command the heap could not parse, read from its text without parsing it
+    (key: b'\\"job\\":' in an envelope's bytes, '"job":' in a body's str); None if not found.
+    Not authenticated: it only lets the center end the device's own job at once (a refusal
+    E_BAD_COMMAND naming it, docs/protocol.md §9) instead of waiting for its timeout."""
+    try:
+        at = raw.find(key)
+        if at < 0:
+            return None
+        at += len(key)
+        end = at
+        digit = (lambda c: 48 <= c <= 57) if isinstance(raw, bytes) else (lambda c: "0" <= c <= "9")
+        while end < len(raw) and end - at < 10 and digit(raw[end]):
+            end += 1
+        return int(raw[at:end]) if end > at else None
+    except (MemoryError, ValueError, TypeError, AttributeError):
+        return None
+
+
 def _is_hex(text, length):
     if not isinstance(text, str) or len(text) != length:
         return False
@@ -612,7 +631,8 @@ class UpdateCore:
             # exhausts a small heap, and so does a valid command in a heap too small for it (said
             # apart: the operator reads the reason). A crash there would crash-loop the device, as
             # the broker redelivers the command.
-            raise Rejection(P.E_BAD_COMMAND, "no heap to parse a command of %d bytes" % size)
+            raise Rejection(P.E_BAD_COMMAND, "no heap to parse a command of %d bytes" % size,
+                            self._new_job(_job_in(payload, b'\\"job\\":')))
         except (ValueError, TypeError, UnicodeError, RuntimeError):
             # RuntimeError (RecursionError): nested too deep.
             raise Rejection(P.E_BAD_COMMAND, "command is not JSON")
@@ -629,7 +649,8 @@ class UpdateCore:
         try:
             body = json.loads(text)
         except MemoryError:
-            raise Rejection(P.E_BAD_COMMAND, "no heap to parse a command body of %d bytes" % len(text))
+            raise Rejection(P.E_BAD_COMMAND, "no heap to parse a command body of %d bytes" % len(text),
+                            self._new_job(_job_in(text, '"job":')))
         except (ValueError, TypeError, RuntimeError):
             raise Rejection(P.E_BAD_COMMAND, "command body is not JSON")
         try:
@@ -693,8 +714,19 @@ class UpdateCore:
         msg["keys"] = self.trust.version
         return [self._agent_state(), (A_TRUST, self.trust.doc), self._publish_status(msg), self.inventory()]
 
+    def _new_job(self, job):
+        """job if it is newer than every job accepted, else None: a refusal must never name the
+        job being run or one already done (a redelivery the heap could not parse), or the center
+        would end it."""
+        return job if isinstance(job, int) and job > self.last_job else None
+
     def _rejected(self, r, job):
         msg = self._status(REJECTED, job=job, code=r.code, reason=r.reason)
+        if job is None:
+            # A refused message whose job could not be read (or that has none: a key update)
+            # names no job (§6): not the one running, which the center would end on a code such
+            # as E_BAD_COMMAND while the device goes on with it.
+            msg.pop("job", None)
         msg["current"] = self.state
         return msg
 
