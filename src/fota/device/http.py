@@ -163,6 +163,31 @@ class Fetch:
             wait_ms = 0
         return self._body(wait_ms)
 
+    def begin(self, job, http, offset, size, chunk):
+        """start(), with a refusal (HttpError: a bad URL) kept in `error` instead of raised: the
+        runners start a fetch while executing the core's actions, and report it at the next step."""
+        try:
+            self.start(job, http, offset, size, chunk)
+        except HttpError as e:
+            self.done = True
+            self.error = e
+
+    def wanted(self, core):
+        """Whether `core` still wants this fetch stepped: downloading its http job, or with an
+        error to report. For a job that ended (cancelled, superseded, failed) no socket is kept."""
+        job = core.job
+        if core.state == P.DOWNLOADING and job is not None and job.http and self.job == job.id:
+            return not self.done or self.error is not None
+        if self.sock is not None:
+            self.close()
+        return False
+
+    def give_up(self):
+        """After a refusal that ends the job (HttpError, handed to the core's fetch_failed)."""
+        self.error = None
+        self.done = True
+        self.close()
+
     def failed(self):
         """A failed attempt (OSError): the connection is dropped and the fetch goes on from its
         next chunk after a back-off."""

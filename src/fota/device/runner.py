@@ -427,23 +427,10 @@ class Device:
         if self.fetch is None:
             from fota.device.http import Fetch  # only devices that get an http job pay for it
             self.fetch = Fetch(self._http_tls, self.net_timeout_s, log)
-        from fota.device.http import HttpError
-        try:
-            self.fetch.start(self.core.job.id, http, offset, size, chunk)
-        except HttpError as e:
-            self.fetch.done = True
-            self.fetch.error = e  # reported by the next step, outside this execute()
+        self.fetch.begin(self.core.job.id, http, offset, size, chunk)  # a refusal: at the next step
 
     def _fetching(self):
-        f = self.fetch
-        if f is None:
-            return False
-        job = self.core.job
-        if self.core.state == P.DOWNLOADING and job is not None and job.http and f.job == job.id:
-            return not f.done or f.error is not None
-        if f.sock is not None:
-            f.close()  # the job ended (cancelled, superseded, failed): no socket kept for it
-        return False
+        return self.fetch is not None and self.fetch.wanted(self.core)
 
     def _fetch_step(self, timeout_ms):
         from fota.device.http import HttpError
@@ -453,9 +440,7 @@ class Device:
                 raise f.error
             data = f.step(timeout_ms)
         except HttpError as e:
-            f.error = None
-            f.done = True
-            f.close()
+            f.give_up()
             log("http:", e.reason)
             self.execute(self.core.fetch_failed(e.code, e.reason))
             return

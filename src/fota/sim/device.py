@@ -331,24 +331,12 @@ class SimDevice:
             self._fetch_t0 = self.clock()
         if self.fetch is None:
             self.fetch = AsyncFetch(self.http_timeout)
-        try:
-            self.fetch.start(self.core.job.id, http, offset, size, chunk)
-        except HttpError as e:
-            self.fetch.done = True
-            self.fetch.error = e
+        self.fetch.begin(self.core.job.id, http, offset, size, chunk)
         if self._fetch_task is None or self._fetch_task.done():
             self._fetch_task = asyncio.create_task(self._fetch_run(), name="sim-http-" + self.id)
 
     def _fetching(self) -> bool:
-        f, core = self.fetch, self.core
-        if f is None or core is None:
-            return False
-        job = core.job
-        if core.state == P.DOWNLOADING and job is not None and job.http and f.job == job.id:
-            return not f.done or f.error is not None
-        if f.sock is not None:
-            f.close()  # the job ended (cancelled, superseded, failed): no socket kept for it
-        return False
+        return self.fetch is not None and self.core is not None and self.fetch.wanted(self.core)
 
     async def _fetch_run(self):
         """The fetch task: step the device's Fetch while the job wants it and the broker
@@ -383,9 +371,7 @@ class SimDevice:
                         raise OSError(110, "no response bytes for %.0f s" % limit)
                     continue
             except HttpError as e:
-                f.error = None
-                f.done = True
-                f.close()
+                f.give_up()
                 self.http_errors.append(e.reason)
                 log.info("%s: http: %s", self.id, e.reason)
                 self._feed_core(lambda: self.core.fetch_failed(e.code, e.reason))
