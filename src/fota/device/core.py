@@ -1110,18 +1110,16 @@ class UpdateCore:
                              "no chunk for %d ms (at chunk %d of %d)" % (self.settings.stall_timeout, self.next, self.job.chunks))
         if now - self.last_chunk_at > self.settings.chunk_timeout << self.backoff:
             self.last_chunk_at = now
-            if self.job.http:
-                # The fetch starts again from the next chunk, and the next timeout in a row is
-                # twice as long (up to 8x): a loaded blob server is slow, not lost, and a restart
-                # drops the request it has queued for a new one (bench/fleet, part 4).
-                if self.backoff < 3:
-                    self.backoff += 1
-                return self._request_more(True)
-            if self.requested <= self.next:
-                return self._request_more(True)
+            if not self.job.http and self.requested <= self.next:
+                return self._request_more(True)  # nothing asked for is outstanding: ask again
+            # Chunks are outstanding (mqtt), or a fetch runs (http): the next timeout in a row is
+            # twice as long (up to 8x). Under load they are late, not lost: over mqtt a probe
+            # asks for one more chunk; over http the fetch starts again from the next chunk (a
+            # loaded blob server answers in turn, and a restart drops the request it has queued:
+            # bench/fleet, part 4).
             if self.backoff < 3:
                 self.backoff += 1
-            return self._probe()
+            return self._request_more(True) if self.job.http else self._probe()
         return []
 
     def _probe(self):

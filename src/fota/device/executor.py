@@ -108,8 +108,7 @@ class Executor:
         ends the job at the next boot (E_CRASH) instead of resuming it into the same failure.
         Best effort: the heap may be full (a MemoryError), and the reset matters more."""
         try:
-            import gc
-            gc.collect()
+            C.collect()
             journal = self._read("journal.json")
             if not journal or not isinstance(journal.get("pos"), int):
                 return
@@ -127,7 +126,8 @@ class Executor:
         if not journal:
             return None, None
         self.crash = journal.get("crash")
-        self.crash_job = (journal.get("cmd") or {}).get("job") if isinstance(journal.get("cmd"), dict) else None
+        cmd = journal.get("cmd")
+        self.crash_job = cmd.get("job") if isinstance(cmd, dict) else None
         try:
             cmd = journal["cmd"]
             # A cut between marking the trial and deleting the journal leaves the journal of a
