@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import struct
 import threading
 
 import pytest
@@ -16,6 +15,7 @@ from gmqtt.storage import PersistentStorage
 from sqlalchemy import func, select
 
 from fota.device import protocol as P
+from fota.gmqtt_adapter import publish_fields
 from fota.server.center import natsconn
 from fota.server.deployments import create_deployment
 from fota.server.natscluster import NatsCluster
@@ -50,13 +50,7 @@ class AckedStatuses:
         monkeypatch.setattr(PersistentStorage, "remove_message_by_mid", remove)
 
     def _record(self, packet: bytes) -> None:
-        i = 1
-        while packet[i] & 0x80:  # remaining length (varint)
-            i += 1
-        i += 1
-        (tlen,) = struct.unpack_from("!H", packet, i)
-        topic = packet[i + 2:i + 2 + tlen].decode()
-        payload = packet[i + 2 + tlen + 2:]  # after the packet id (MQTT 3.1.1: no properties)
+        topic, payload, _ = publish_fields(packet)
         if topic.endswith("/" + P.STATUS):
             body = json.loads(payload)
             with self._lock:

@@ -94,17 +94,19 @@ async def wait_acked(client: Client) -> None:
 def unacked(client: Client) -> list[tuple[str, bytes, bool]]:
     """The QoS 1 messages an MQTT 3.1.1 client published that the broker has not acknowledged
     (PUBACK), oldest first, as (topic, payload, retain), read back from their stored packets."""
-    out = []
-    for _, packet in client._persistent_storage.get_all():
-        i = 1
-        while packet[i] & 0x80:  # remaining length (varint)
-            i += 1
+    return [publish_fields(packet) for _, packet in client._persistent_storage.get_all()]
+
+
+def publish_fields(packet: bytes) -> tuple[str, bytes, bool]:
+    """(topic, payload, retain) of a stored MQTT 3.1.1 QoS 1 PUBLISH packet, as gmqtt keeps it."""
+    i = 1
+    while packet[i] & 0x80:  # remaining length (varint)
         i += 1
-        tlen = int.from_bytes(packet[i:i + 2], "big")
-        topic = packet[i + 2:i + 2 + tlen].decode()
-        # then the packet id (2 bytes); MQTT 3.1.1 has no properties
-        out.append((topic, bytes(packet[i + 2 + tlen + 2:]), bool(packet[0] & 0x01)))
-    return out
+    i += 1
+    tlen = int.from_bytes(packet[i:i + 2], "big")
+    topic = packet[i + 2:i + 2 + tlen].decode()
+    # then the packet id (2 bytes); MQTT 3.1.1 has no properties
+    return topic, bytes(packet[i + 2 + tlen + 2:]), bool(packet[0] & 0x01)
 
 
 def quiet_cancelled_reconnects(loop) -> None:
