@@ -207,9 +207,8 @@ class Home:
         if self.managed_broker:
             host, port = self.broker_listen
             return cfg.get("broker_hostname") or connect_host(host), port
-        servers = [u.strip() for u in self.broker_url.split(",") if u.strip()]
-        if servers and servers[0].startswith(("nats://", "tls://")):
-            first = urlsplit(servers[0])
+        if self.nats_broker:
+            first = urlsplit(self.broker_url.split(",")[0].strip())
             port = cfg.get("broker_mqtt_port", 1883)
             if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
                 raise HomeError(f"{self.config_path}: broker_mqtt_port must be a TCP port (the NATS nodes' MQTT listener)")
