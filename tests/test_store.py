@@ -26,7 +26,7 @@ from fota.server.store import (
 from fota.server.store.inlists import chunks, id_ranges, in_ranges
 
 TABLES = {"releases", "devices", "deployments", "jobs", "status_events", "api_tokens", "audit_events"}
-HEAD = "0017"
+HEAD = "0018"
 
 
 @pytest.fixture
@@ -393,6 +393,34 @@ def test_deployments_made_before_migration_0017_keep_transport_mqtt(db_url):
         migrate(db_url)
         with store.session() as s:
             assert [d.transport for d in s.scalars(select(Deployment))] == ["mqtt"]
+        assert _diff(store.engine) == []
+    finally:
+        store.dispose()
+
+
+def test_jobs_sent_before_migration_0018_count_one_send(db_url):
+    # 0018 adds jobs.sends and last_sent_at (fota.server.unanswered): a job already sent was sent
+    # once, at sent_at; a pending one not yet.
+    migrate(db_url, "0017")
+    store = Store(db_url, migrate=False)
+    try:
+        now = datetime(2026, 12, 5, tzinfo=timezone.utc)
+        with store.engine.begin() as conn:
+            conn.execute(text("INSERT INTO releases (version, hardware, kind, size, sha256, manifest,"
+                              " key_id, signature, blob_path, created_at) VALUES ('1.0.0', '[\"unix\"]', 'bundle',"
+                              " 1, :s, '{}', 'k', 's', '/p', :now)"), {"s": "aa" * 32, "now": now})
+            conn.execute(text("INSERT INTO deployments (release_id, target, state, created_at) VALUES"
+                              " ((SELECT id FROM releases), '{}', 'active', :now)"), {"now": now})
+            conn.execute(text("INSERT INTO devices (id, hardware, inventory, tags, created_at) VALUES ('d1', 'unix', '{}', '[]', :now)"),
+                         {"now": now})
+            for state, sent in (("sent", now), ("pending", None)):
+                conn.execute(text("INSERT INTO jobs (deployment_id, device_id, state, created_at, updated_at, sent_at)"
+                                  " VALUES ((SELECT id FROM deployments), 'd1', :state, :now, :now, :sent)"),
+                             {"state": state, "now": now, "sent": sent})
+        migrate(db_url)
+        with store.session() as s:
+            rows = s.execute(select(Job.state, Job.sends, Job.last_sent_at).order_by(Job.id)).all()
+        assert rows == [("sent", 1, now), ("pending", 0, None)]
         assert _diff(store.engine) == []
     finally:
         store.dispose()

@@ -171,6 +171,8 @@ class JobOut(BaseModel):
     progress: float | None
     bytes_served: int
     sent_at: datetime | None
+    sends: int = Field(0, description="how often the command was published: more than 1 after an expiry or "
+                                      "when its online device never answered (docs/protocol.md §9)")
     updated_at: datetime | None
 
 

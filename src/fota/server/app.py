@@ -99,6 +99,8 @@ async def control_center(home: Home, manage_broker: bool = True, **settings):
     settings.setdefault("kek", home.kek())
     if home.config().get("command_ttl") is not None:  # seconds a signed command stays valid
         settings.setdefault("command_ttl", home.config()["command_ttl"])
+    if "command_resend" in home.config():  # seconds before an unanswered command is sent again; null: never
+        settings.setdefault("unanswered_after", home.config()["command_resend"])
     if home.broker_tls:
         settings.setdefault("ssl_context", home.broker_ssl_context())
     settings.setdefault("homeassistant", home.homeassistant_settings())  # None: not enabled

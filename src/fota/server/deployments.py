@@ -254,7 +254,8 @@ def deployment_summary(store: Store, deployment_id: int) -> dict[str, Any]:
             raise DeploymentError(f"no deployment {deployment_id}")
         jobs = [{"job": j.id, "device": j.device_id, "state": j.state, "code": j.code,
                  "reason": j.reason, "progress": j.progress, "bytes_served": j.bytes_served,
-                 "sent_at": j.sent_at, "updated_at": j.updated_at, "delta": j.delta_id is not None}
+                 "sent_at": j.sent_at, "sends": j.sends, "updated_at": j.updated_at,
+                 "delta": j.delta_id is not None}
                 for j in deployment.jobs if j.kind == UPDATE]
         return {
             "id": deployment.id,

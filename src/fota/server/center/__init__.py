@@ -69,6 +69,7 @@ from fota.server.retention import DEFAULT_INTERVAL as RETENTION_INTERVAL
 from fota.server.retention import Retention
 from fota.server.statuses import StatusLimiter, parse_status
 from fota.server.store import Job, Store
+from fota.server.unanswered import UNANSWERED_AFTER
 from fota.tools.keyring import COMMAND_TTL, Keyring, Signer
 
 __all__ = ["CLIENT_ID", "ControlCenter", "parse_request", "parse_status"]
@@ -104,6 +105,8 @@ class ControlCenter:
     require_online = _Held("sender")
     delta_wbits = _Held("sender")
     command_ttl = _Held("sender")
+    unanswered_after = _Held("sender")   # seconds before an unanswered command is sent again; None: never
+    unanswered = _Held("sender")         # jobs sent again because their online device never answered
     kek = _Held("sender")
     http = _Held("sender")               # transport http's URL settings (HttpPayloads), or None
     requests = _Held("chunk_server")          # chunk requests served
@@ -142,7 +145,7 @@ class ControlCenter:
                  ssl_context: ssl.SSLContext | None = None, delta_wbits: int | None = DEFAULT_WBITS,
                  campaign_interval: float | None = 1.0, share_group: str | None = None,
                  lease: float = workers.LEASE, heartbeat_interval: float = workers.HEARTBEAT,
-                 command_ttl: int = COMMAND_TTL,
+                 command_ttl: int = COMMAND_TTL, unanswered_after: float | None = UNANSWERED_AFTER,
                  kek: Kek | None = None, keyring: Keyring | None = None, keys_interval: float = KEYS_INTERVAL,
                  status_limiter: StatusLimiter | None = None, retention: Retention | None = Retention(),
                  retention_interval: float = RETENTION_INTERVAL,
@@ -156,6 +159,8 @@ class ControlCenter:
             raise ValueError("delta_wbits must be 9..15, or None for no delta updates")
         if not is_int(command_ttl) or command_ttl < 1:
             raise ValueError("command_ttl must be a positive number of seconds")
+        if unanswered_after is not None and not unanswered_after > 0:
+            raise ValueError("unanswered_after must be a positive number of seconds, or None")
         if signer is None:
             raise ValueError("a signer is needed: devices accept only signed commands")
         self.store = store
@@ -202,7 +207,8 @@ class ControlCenter:
         self.sender = CommandSender(
             store, self.db.call, self.jobs, self.mqtt, self.keys, client_id=client_id, blobs_dir=self.blobs_dir,
             chunk=chunk, window=window, poll_interval=poll_interval, require_online=require_online,
-            delta_wbits=delta_wbits, command_ttl=command_ttl, kek=kek, fenced=fenced, http=http)
+            delta_wbits=delta_wbits, command_ttl=command_ttl, kek=kek, fenced=fenced, http=http,
+            unanswered_after=unanswered_after)
         # Object storage, the blobs' source of truth when configured (fota.server.objectstore):
         # patches made here are written there, and a blob missing from blobs_dir is read from
         # there (cached in blobs_dir) for the chunk server and the sender. ``objects``, else the

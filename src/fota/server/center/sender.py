@@ -7,7 +7,9 @@ and the patch is smaller) or a ``cancel`` command (cancel jobs), publishes them 
 sent. The same pass times out the jobs of deployments past their timeout (expire_jobs queues
 their cancels) and, now and then, re-reads the states of cached jobs changed outside this
 process. A command a device refuses as expired is signed again by ingestion
-(fota.server.expiry); ``command_ttl`` is how long a signed command stays acceptable.
+(fota.server.expiry); ``command_ttl`` is how long a signed command stays acceptable. A command
+its online device never answered goes back to pending after ``unanswered_after`` seconds, with
+back-off (fota.server.unanswered).
 """
 from __future__ import annotations
 
@@ -36,12 +38,14 @@ if TYPE_CHECKING:
 from fota.server.releases import ReleaseError, update_command, wrap_release_key
 from fota.server.store import Deployment, Device, Job, Release, Store, utcnow
 from fota.server.store.inlists import chunks
+from fota.server.unanswered import requeue_unanswered
 
 log = logging.getLogger(__name__)
 
 SEND_BATCH = 500                 # pending jobs claimed per sender pass
 CACHE_REFRESH_INTERVAL = 5.0     # re-read states of cached jobs changed outside this process
 EXPIRE_INTERVAL = 1.0            # how often deployment timeouts are checked
+UNANSWERED_INTERVAL = 5.0        # how often unanswered commands are looked for (at most)
 
 
 @dataclass
@@ -59,7 +63,8 @@ class CommandSender:
     def __init__(self, store: Store, db: Callable[..., Awaitable], jobs: JobCache, mqtt: CenterConnection,
                  keys: KeyPusher, *, client_id: str, blobs_dir: Path, chunk: int, window: int,
                  poll_interval: float, require_online: bool, delta_wbits: int | None, command_ttl: int,
-                 kek: Kek | None, fenced: Callable[[], bool], http: HttpPayloads | S3Payloads | None = None):
+                 kek: Kek | None, fenced: Callable[[], bool], http: HttpPayloads | S3Payloads | None = None,
+                 unanswered_after: float | None = None):
         self.store = store
         self.db = db                     # runs a function on the database thread
         self.jobs = jobs
@@ -81,12 +86,16 @@ class CommandSender:
         self.fenced = fenced             # declared dead by the other workers: send nothing
         # Transport http: where the signed payload URLs point (None: every job gets chunks).
         self.http = http
+        # Seconds a sent command may go unanswered by its online device before it is sent again
+        # (fota.server.unanswered); None: never.
+        self.unanswered_after = unanswered_after
+        self.unanswered = 0              # jobs put back to pending as unanswered
         self.http_sent = 0               # update commands sent with a payload URL
         self.commands = 0                # update commands published
         self.deltas_sent = 0             # update commands sent as a delta
 
     async def run(self) -> None:
-        last_refresh = last_expiry = asyncio.get_running_loop().time()
+        last_refresh = last_expiry = last_unanswered = asyncio.get_running_loop().time()
         while True:
             sent = 0
             try:
@@ -97,6 +106,14 @@ class CommandSender:
                     last_expiry = now
                     for job_id in await self.db(self.expire):
                         self.jobs.set_state(job_id, TIMED_OUT)
+                if self.unanswered_after is not None and not self.fenced() and \
+                        now - last_unanswered >= min(UNANSWERED_INTERVAL, self.unanswered_after / 4):
+                    last_unanswered = now
+                    requeued = await self.db(requeue_unanswered, self.store, self.unanswered_after)
+                    if requeued:
+                        self.unanswered += len(requeued)
+                        log.warning("%d command(s) unanswered by their online device: sending again (jobs %s)",
+                                    len(requeued), ", ".join(map(str, requeued[:10])))
                 if now - last_refresh >= CACHE_REFRESH_INTERVAL:
                     last_refresh = now
                     await self.jobs.refresh()
@@ -260,6 +277,6 @@ class CommandSender:
                 s.execute(update(Job).where(Job.id == job_id).values(delta_id=delta_id, bytes_total=size))
             for ids in chunks(job_ids):  # one UPDATE per row (a new row version on PostgreSQL), not two
                 s.execute(update(Job).where(Job.id.in_(ids), or_(Job.sent_at.is_(None), Job.state == PENDING))
-                          .values(sent_at=func.coalesce(Job.sent_at, now),
+                          .values(sent_at=func.coalesce(Job.sent_at, now), last_sent_at=now, sends=Job.sends + 1,
                                   state=case((Job.state == PENDING, SENT), else_=Job.state))
                           .execution_options(synchronize_session=False))

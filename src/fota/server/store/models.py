@@ -248,6 +248,10 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # How often its command was published and when last (fota.server.unanswered re-sends one no
+    # device answered; an expired one is signed again, fota.server.expiry); sent_at is the first.
+    sends: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    last_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # The delta patch (deltas.id) this job was sent as; None: the full image. No foreign key:
     # see migration 0004.
     delta_id: Mapped[int | None] = mapped_column(Integer)
