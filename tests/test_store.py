@@ -26,7 +26,7 @@ from fota.server.store import (
 from fota.server.store.inlists import chunks, id_ranges, in_ranges
 
 TABLES = {"releases", "devices", "deployments", "jobs", "status_events", "api_tokens", "audit_events"}
-HEAD = "0017"
+HEAD = "0018"
 
 
 @pytest.fixture
@@ -394,5 +394,31 @@ def test_deployments_made_before_migration_0017_keep_transport_mqtt(db_url):
         with store.session() as s:
             assert [d.transport for d in s.scalars(select(Deployment))] == ["mqtt"]
         assert _diff(store.engine) == []
+    finally:
+        store.dispose()
+
+
+def test_devices_provisioned_before_migration_0018_have_no_nats_user_until_rekeyed(db_url):
+    # 0018 adds devices.password_bcrypt (the NATS users file's hash): a device provisioned before
+    # has only its Mosquitto hash, the plain password is gone, so it is listed as missing until
+    # its credentials are rotated; a revoked device is neither a user nor missing.
+    from fota.server.fleet import nats_password_hashes, provision_device, rekey_device, revoke_device
+    migrate(db_url, "0017")
+    store = Store(db_url, migrate=False)
+    try:
+        with store.engine.begin() as conn:
+            conn.execute(text("INSERT INTO devices (id, hardware, online, inventory, tags, password_hash, created_at)"
+                              " VALUES ('old', 'unix', false, '{}', '[]', '$7$101$x$y', :now)"),
+                         {"now": datetime(2026, 12, 5, tzinfo=timezone.utc)})
+        migrate(db_url)
+        assert _diff(store.engine) == []
+        provision_device(store, "new", "unix")
+        provision_device(store, "gone", "unix")
+        revoke_device(store, "gone")
+        hashes, missing = nats_password_hashes(store)
+        assert list(hashes) == ["new"] and hashes["new"].startswith("$2b$") and missing == ["old"]
+        rekey_device(store, "old")
+        hashes, missing = nats_password_hashes(store)
+        assert sorted(hashes) == ["new", "old"] and missing == []
     finally:
         store.dispose()
