@@ -158,3 +158,30 @@ def test_nats_config_refuses(tmp_path, broker_url, args, message):
                     {"FOTA_HOME": str(home.path), "COLUMNS": "200"})
     assert done.returncode != 0 and message in done.stdout + done.stderr
     assert "nats_config" not in home.config()
+
+
+def test_tls_nodes_get_the_tls_blocks_and_may_listen_beyond_loopback(tmp_path):
+    """After `fota broker nats-tls-init` (tls:// URLs), the configs carry the nodes' certificate on
+    the client port, the MQTT listener and the routes (natscluster.tls_blocks, what
+    tests/test_natscluster_tls.py runs), so nodes on other machines may listen there; monitoring
+    stays on loopback; the routes go to the other nodes' hosts."""
+    import json
+    home = Home(tmp_path / "home")
+    cfg = home.config()
+    cfg["broker_url"] = ",".join(f"nats://{SERVER_USER}:pw@nats{i}.example:4222" for i in (1, 2, 3))
+    home.save_config(cfg)
+    env = {"FOTA_HOME": str(home.path), "COLUMNS": "200"}
+    for args in (["broker", "nats-tls-init", *[a for i in (1, 2, 3) for a in ("--hostname", f"nats{i}.example")]],
+                 ["broker", "nats-config", "--out", str(tmp_path / "nats"), "--listen", "0.0.0.0"]):
+        done = run_fota(args, env)
+        assert done.returncode == 0, done.stdout + done.stderr
+    conf = dict(line.split(": ", 1) for line in (tmp_path / "nats" / "n2.conf").read_text().splitlines()
+                if ": " in line)
+    certfile = str(home.tls_dir / "nats.pem")
+    assert json.loads(conf["tls"])["cert_file"] == certfile and json.loads(conf["tls"])["handshake_first"]
+    assert json.loads(conf["mqtt"])["tls"]["cert_file"] == certfile
+    cluster = json.loads(conf["cluster"])
+    assert cluster["tls"]["ca_file"] == str(home.tls_dir / "ca.pem")
+    assert cluster["routes"] == ["nats-route://nats1.example:6222", "nats-route://nats3.example:6222"]
+    assert json.loads(conf["mqtt"])["listen"] == "0.0.0.0:1883"
+    assert json.loads(conf["http"]) == "127.0.0.1:8222"
