@@ -237,3 +237,45 @@ def test_home_from_before_the_service_listener_keeps_working(tmp_path):
 
     asyncio.run(scenario())
     store.dispose()
+
+
+def test_rekey_and_revoke_reach_the_managed_broker(tmp_path):
+    """`fota device rekey` and `fota device revoke` rewrite the password file and reload the managed
+    Mosquitto: the old password, then the device, are refused; another device is untouched."""
+    from fota.server.broker import BrokerError, Mosquitto
+    from fota.server.natscluster import mqtt_ping
+    from inproc import run_fota
+    home = Home(tmp_path / "home")
+    cfg = home.config()
+    env = {"FOTA_HOME": str(home.path), "COLUMNS": "200"}
+
+    def fota(*args) -> str:
+        done = run_fota(args, env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    def accepted(user, password) -> bool:
+        try:
+            mqtt_ping("127.0.0.1", cfg["broker_port"], user, password, 5)
+            return True
+        except BrokerError:
+            return False
+
+    def settled(user, password, want: bool) -> bool:  # a reload is asynchronous
+        deadline = time.monotonic() + 5
+        while accepted(user, password) != want and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return accepted(user, password) == want
+
+    pw_a = fota("device", "add", "mq-a", "--hardware", "unix").rsplit("password ", 1)[1].split()[0]
+    pw_b = fota("device", "add", "mq-b", "--hardware", "unix").rsplit("password ", 1)[1].split()[0]
+    broker = Mosquitto(home.broker_dir, port=cfg["broker_port"], service_port=cfg["broker_service_port"],
+                       auth=True).start()
+    try:
+        assert accepted("mq-a", pw_a) and accepted("mq-b", pw_b)
+        new_a = fota("device", "rekey", "mq-a").rsplit("new password ", 1)[1].split()[0]
+        assert settled("mq-a", pw_a, False) and accepted("mq-a", new_a)
+        fota("device", "revoke", "mq-a")
+        assert settled("mq-a", new_a, False) and accepted("mq-b", pw_b)
+    finally:
+        broker.stop()

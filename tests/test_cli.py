@@ -97,6 +97,8 @@ def test_clear_errors_without_tracebacks(tmp_path):
     assert_clean_error(quick("deploy", "1.1.0"), "--device")
     assert_clean_error(fota(home, "device", "add", "bad/id", "--hardware", "unix"), "bad/id")
     assert quick("device", "add", "esp-1", "--hardware", "esp32").returncode == 0
+    assert_clean_error(quick("device", "rekey", "ghost"), "ghost")
+    assert_clean_error(quick("device", "revoke", "ghost"), "ghost")
     assert_clean_error(quick("deploy", "1.1.0", "--device", "esp-1"), "esp32")
     assert_clean_error(quick("status"), "no deployments")
     assert_clean_error(fota(home, "device", "run", "nobody"), "no device directory")

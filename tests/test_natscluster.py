@@ -218,7 +218,7 @@ def test_node_config_carries_mqtt_options_and_refuses_the_unsafe_ones(tmp_path):
     from fota.server.natscluster import MQTT_OPTIONS, REFUSED_MQTT_OPTIONS, NodePorts, node_config
 
     def mqtt_block(**kw):
-        conf = node_config("n1", NodePorts(1, 2, 3, 4), [5, 6], tmp_path, [], **kw)
+        conf = node_config("n1", NodePorts(1, 2, 3, 4), [5, 6], tmp_path, **kw)
         line = next(ln for ln in conf.splitlines() if ln.startswith("mqtt: "))
         return json.loads(line[len("mqtt: "):])
 

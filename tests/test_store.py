@@ -26,7 +26,7 @@ from fota.server.store import (
 from fota.server.store.inlists import chunks, id_ranges, in_ranges
 
 TABLES = {"releases", "devices", "deployments", "jobs", "status_events", "api_tokens", "audit_events"}
-HEAD = "0018"
+HEAD = "0019"
 
 
 @pytest.fixture
@@ -398,10 +398,36 @@ def test_deployments_made_before_migration_0017_keep_transport_mqtt(db_url):
         store.dispose()
 
 
-def test_jobs_sent_before_migration_0018_count_one_send(db_url):
-    # 0018 adds jobs.sends and last_sent_at (fota.server.unanswered): a job already sent was sent
-    # once, at sent_at; a pending one not yet.
+def test_devices_provisioned_before_migration_0018_have_no_nats_user_until_rekeyed(db_url):
+    # 0018 adds devices.password_bcrypt (the NATS users file's hash): a device provisioned before
+    # has only its Mosquitto hash, the plain password is gone, so it is listed as missing until
+    # its credentials are rotated; a revoked device is neither a user nor missing.
+    from fota.server.fleet import nats_password_hashes, provision_device, rekey_device, revoke_device
     migrate(db_url, "0017")
+    store = Store(db_url, migrate=False)
+    try:
+        with store.engine.begin() as conn:
+            conn.execute(text("INSERT INTO devices (id, hardware, online, inventory, tags, password_hash, created_at)"
+                              " VALUES ('old', 'unix', false, '{}', '[]', '$7$101$x$y', :now)"),
+                         {"now": datetime(2026, 12, 5, tzinfo=timezone.utc)})
+        migrate(db_url)
+        assert _diff(store.engine) == []
+        provision_device(store, "new", "unix")
+        provision_device(store, "gone", "unix")
+        revoke_device(store, "gone")
+        hashes, missing = nats_password_hashes(store)
+        assert list(hashes) == ["new"] and hashes["new"].startswith("$2b$") and missing == ["old"]
+        rekey_device(store, "old")
+        hashes, missing = nats_password_hashes(store)
+        assert sorted(hashes) == ["new", "old"] and missing == []
+    finally:
+        store.dispose()
+
+
+def test_jobs_sent_before_migration_0019_count_one_send(db_url):
+    # 0019 adds jobs.sends and last_sent_at (fota.server.unanswered): a job already sent was sent
+    # once, at sent_at; a pending one not yet.
+    migrate(db_url, "0018")
     store = Store(db_url, migrate=False)
     try:
         now = datetime(2026, 12, 5, tzinfo=timezone.utc)
@@ -411,8 +437,8 @@ def test_jobs_sent_before_migration_0018_count_one_send(db_url):
                               " 1, :s, '{}', 'k', 's', '/p', :now)"), {"s": "aa" * 32, "now": now})
             conn.execute(text("INSERT INTO deployments (release_id, target, state, created_at) VALUES"
                               " ((SELECT id FROM releases), '{}', 'active', :now)"), {"now": now})
-            conn.execute(text("INSERT INTO devices (id, hardware, inventory, tags, created_at) VALUES ('d1', 'unix', '{}', '[]', :now)"),
-                         {"now": now})
+            conn.execute(text("INSERT INTO devices (id, hardware, inventory, tags, created_at)"
+                              " VALUES ('d1', 'unix', '{}', '[]', :now)"), {"now": now})
             for state, sent in (("sent", now), ("pending", None)):
                 conn.execute(text("INSERT INTO jobs (deployment_id, device_id, state, created_at, updated_at, sent_at)"
                                   " VALUES ((SELECT id FROM deployments), 'd1', :state, :now, :now, :sent)"),

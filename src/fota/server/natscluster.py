@@ -61,7 +61,8 @@ def nats_server_binary() -> str:
 
 
 def device_user(device_id: str, password: str) -> dict:
-    """A device's NATS user: MQTT only, its own fota subjects only."""
+    """A device's NATS user: MQTT only, its own fota subjects only. password: plain (the test kit)
+    or a bcrypt hash (the registry's users file: fota.server.natsconfig); nats-server reads both."""
     own = f"fota.v1.{device_id}."
     return {"user": device_id, "password": password, "allowed_connection_types": ["MQTT"],
             "permissions": {"publish": {"allow": [own + s for s in DEVICE_PUBLISHES]},
@@ -72,6 +73,27 @@ def server_user(password: str) -> dict:
     # MQTT too: the first MQTT connection to a node sets up the account's MQTT streams there
     # (NatsCluster.warm_up), which devices connecting all at once would otherwise race for.
     return {"user": SERVER_USER, "password": password, "allowed_connection_types": ["STANDARD", "MQTT"]}
+
+
+# Every node's config includes the one users file (the account and its users), so adding or
+# removing a device rewrites one file, then the nodes reload (SIGHUP). An include path is
+# relative to the including config's directory.
+USERS_FILE = "fota-users.conf"
+
+
+def users_config(server_password: str, devices: dict[str, str]) -> str:
+    """The users file: the FOTA account with the server user and one user per device
+    (id -> password, plain or bcrypt hash)."""
+    users = [server_user(server_password)] + [device_user(d, p) for d, p in sorted(devices.items())]
+    return f"accounts: {json.dumps({ACCOUNT: {'jetstream': 'enabled', 'users': users}})}\n"
+
+
+def write_users(path: Path, server_password: str, devices: dict[str, str]) -> None:
+    """Write the users file atomically (a node reloading meanwhile reads the old or the new one), 0600."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(users_config(server_password, devices))
+    os.chmod(tmp, 0o600)  # passwords or their hashes
+    tmp.replace(path)
 
 
 @dataclass(frozen=True)
@@ -121,10 +143,16 @@ REFUSED_MQTT_OPTIONS = {
 }
 
 
-def node_config(name: str, ports: NodePorts, routes: list[int], store_dir: Path, users: list[dict],
+def node_config(name: str, ports: NodePorts, routes: list[int | str], store_dir: Path | str,
                 host: str = LOOPBACK, max_sessions: int = MAX_SESSIONS, tls: TlsFiles | None = None,
-                mqtt: dict | None = None) -> str:
+                mqtt: dict | None = None, monitor_host: str | None = None, pid_file: str | None = None,
+                users_file: str = USERS_FILE) -> str:
     """The config of one node (nats-server's format accepts JSON values).
+
+    routes: the other nodes' cluster ports on host, or "HOST:PORT" for nodes elsewhere.
+    users_file: the users file (users_config) the config includes, relative to its directory.
+    monitor_host: where monitoring listens (default host); pid_file: where the node writes its
+    pid (nats-server --signal reload=PID_FILE reloads it).
 
     tls: the client port, the MQTT listener and the routes speak only TLS (tls_blocks); the
     monitoring port stays plain HTTP (bind it to loopback).
@@ -144,17 +172,19 @@ def node_config(name: str, ports: NodePorts, routes: list[int], store_dir: Path,
         "jetstream": {"store_dir": str(store_dir), "max_memory_store": 64 << 20, "max_file_store": 1 << 30,
                       "limits": {"default_max_consumers": max_sessions}},
         "cluster": {"name": CLUSTER_NAME, "listen": f"{host}:{ports.cluster}",
-                    "routes": [f"nats-route://{host}:{p}" for p in routes]},
+                    "routes": [f"nats-route://{p if isinstance(p, str) else f'{host}:{p}'}" for p in routes]},
         "mqtt": {"listen": f"{host}:{ports.mqtt}", "stream_replicas": replicas, **(mqtt or {})},
-        "http": f"{host}:{ports.monitor}",
-        "accounts": {ACCOUNT: {"jetstream": "enabled", "users": users}},
+        "http": f"{monitor_host or host}:{ports.monitor}",
     }
+    if pid_file is not None:
+        conf["pid_file"] = pid_file
     if tls is not None:
         blocks = tls_blocks(tls)
         conf["tls"] = blocks["client"]
         conf["mqtt"]["tls"] = blocks["mqtt"]
         conf["cluster"]["tls"] = blocks["cluster"]
-    return "\n".join(f"{key}: {json.dumps(value)}" for key, value in conf.items()) + "\n"
+    return "\n".join([f"{key}: {json.dumps(value)}" for key, value in conf.items()]
+                     + [f"include {json.dumps(users_file)}"]) + "\n"
 
 
 def mqtt_ping(host: str, port: int, user: str, password: str, timeout: float,
@@ -190,13 +220,13 @@ class NatsNode:
         self.conf = self.directory / f"{name}.conf"
         self.proc: subprocess.Popen | None = None
 
-    def write(self, routes: list[int], users: list[dict], max_sessions: int = MAX_SESSIONS,
-              mqtt: dict | None = None) -> None:
+    def write(self, routes: list[int], max_sessions: int = MAX_SESSIONS, mqtt: dict | None = None) -> None:
+        """The node's config, including the users file in its directory (NatsCluster writes it)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.conf.with_suffix(".tmp")
         tmp.write_text(node_config(self.name, self.ports, routes, self.directory / f"{self.name}-js",
-                                   users, self.host, max_sessions, tls=self.tls, mqtt=mqtt))
-        os.chmod(tmp, 0o600)  # passwords
+                                   self.host, max_sessions, tls=self.tls, mqtt=mqtt))
+        os.chmod(tmp, 0o600)
         tmp.replace(self.conf)
 
     def start(self) -> None:
@@ -248,7 +278,7 @@ class NatsCluster:
     users: device id -> password; server_password: the workers' account; mqtt_options: extra
     `mqtt {}` settings of every node (MQTT_OPTIONS: e.g. {"consumer_memory_storage": True}, a
     durability trade). Nodes start, are killed
-    and restarted one by one (start_node, kill_node); add_devices rewrites every config and
+    and restarted one by one (start_node, kill_node); add_devices rewrites the users file and
     reloads the running nodes. tls: every node's client port, MQTT listener and routes speak
     only TLS with this certificate (it must name `host` and allow clientAuth: the routes);
     server_url is then tls://… and ssl_context() what clients verify the nodes with."""
@@ -279,17 +309,15 @@ class NatsCluster:
 
     # ------------------------------------------------------------ accounts
 
-    def _users(self) -> list[dict]:
-        return [server_user(self.server_password)] + [device_user(d, p) for d, p in self.devices.items()]
-
     def _write(self) -> None:
-        users = self._users()
+        """The users file (plain passwords: the test kit holds them) and every node's config."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        write_users(self.directory / USERS_FILE, self.server_password, self.devices)
         for node in self.nodes:
-            node.write([n.ports.cluster for n in self.nodes if n is not node], users, self.max_sessions,
-                       self.mqtt_options)
+            node.write([n.ports.cluster for n in self.nodes if n is not node], self.max_sessions, self.mqtt_options)
 
     def add_devices(self, passwords: dict[str, str]) -> None:
-        """Device accounts (id -> password): every node's config rewritten and reloaded."""
+        """Device accounts (id -> password): the users file rewritten, every node reloaded."""
         self.devices.update(passwords)
         self._write()
         for node in self.nodes:

@@ -178,6 +178,9 @@ class Device(Base):
     inventory: Mapped[dict[str, Any]] = mapped_column(MutableDict.as_mutable(JSONType()), default=dict)
     tags: Mapped[list[str]] = mapped_column(MutableList.as_mutable(JSONType()), default=list)
     password_hash: Mapped[str | None] = mapped_column(Text)  # Mosquitto "$7$..." line
+    # The same password's bcrypt hash, for a NATS cluster's users file (fota.server.natsconfig);
+    # None for devices provisioned before migration 0018 (until their credentials are rotated).
+    password_bcrypt: Mapped[str | None] = mapped_column(Text)
     # The device's AES-256 key that release keys are wrapped with, itself wrapped by the
     # key-encryption key (fota.server.kek); set at provisioning.
     enc_key: Mapped[str | None] = mapped_column(String(160))
