@@ -28,7 +28,7 @@ from fota.server.campaigns import states as S
 from fota.server.campaigns.pacing import window_open
 from fota.server.campaigns.spec import CampaignSpec, Window, version_key
 from fota.server.releases import create_release
-from fota.server.store import Campaign, CampaignDevice, Job, StatusEvent, Store
+from fota.server.store import Campaign, CampaignDevice, Deployment, Job, StatusEvent, Store
 from fota.testkit.center import CenterThread
 from fota.tools.waiting import wait_until
 from fota.tools.bundle import pack_files
@@ -105,6 +105,12 @@ def rig(tmp_path, broker, db_url):
     r.close()
 
 
+def _deployment_state(rig, campaign) -> str:
+    with rig.store.session() as s:
+        return s.scalar(select(Deployment.state).join(Campaign, Campaign.deployment_id == Deployment.id)
+                        .where(Campaign.name == campaign))
+
+
 # ---------------------------------------------------------------- waves and probation
 
 def test_wave_advances_only_after_confirmed_and_probation(rig):
@@ -126,7 +132,12 @@ def test_wave_advances_only_after_confirmed_and_probation(rig):
     rig.tick()
     assert rig.state("probe", canary) == S.PROBATION
     assert rig.campaign("probe").wave == 0
+    # Between waves no job is open: the campaign's deployment is done; the next wave's jobs make
+    # it active again (it is what shows, and only an active deployment's commands are re-sent).
+    assert _deployment_state(rig, "probe") == "done"
     rig.clock.advance(2)
+    rig.tick()
+    assert _deployment_state(rig, "probe") == "active"
     rig.drive(lambda: all(rig.state("probe", d) == S.PROBATION for d in rest), what="wave 2 confirmed")
     assert rig.state("probe", canary) == S.SUCCEEDED
     assert rig.state("probe", quiet) == S.QUEUED  # wave 3 waits for wave 2's probation

@@ -26,8 +26,8 @@ from fota.device import protocol as P
 from fota.server.campaigns import pacing
 from fota.server.campaigns import states as S
 from fota.server.campaigns.spec import CampaignSpec, version_key
-from fota.server.deployments import PENDING, SENT, TERMINAL_STATES
-from fota.server.store import Campaign, CampaignDevice, Device, Job, Release, StatusEvent, Store, utcnow
+from fota.server.deployments import ACTIVE, DONE, PENDING, SENT, TERMINAL_STATES
+from fota.server.store import Campaign, CampaignDevice, Deployment, Device, Job, Release, StatusEvent, Store, utcnow
 from fota.server.store.inlists import chunks
 
 __all__ = ["CampaignEngine", "TargetPlan", "cancel_downloads", "plan_targets", "target_devices", "PHASES"]
@@ -524,6 +524,10 @@ class CampaignEngine:
                          [{"deployment_id": c.deployment_id, "device_id": row.device_id, "kind": "update",
                            "state": PENDING, "bytes_total": release.size, "created_at": now, "updated_at": now}
                           for row in chosen]).scalars().all()
+        # The campaign's deployment went `done` when its last open job ended (between waves): with
+        # jobs open again it is active (what the API shows, and what re-sends unanswered commands).
+        s.execute(update(Deployment).where(Deployment.id == c.deployment_id, Deployment.state == DONE)
+                  .values(state=ACTIVE))
         s.execute(update(CampaignDevice), [
             {"id": row.id, "job_id": job_id, "attempts": row.attempts + 1, "step": "download", "step_at": now,
              "next_at": None, "state": S.IN_FLIGHT, "code": None, "reason": None, "updated_at": now}
