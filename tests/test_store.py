@@ -378,6 +378,15 @@ def test_delta_rows_with_the_format_folded_into_the_window_are_split_by_migratio
         store.dispose()
 
 
+def _old_deployment(conn, now) -> None:
+    """A release and an active deployment of it, inserted as plain SQL (an older schema)."""
+    conn.execute(text("INSERT INTO releases (version, hardware, kind, size, sha256, manifest,"
+                      " key_id, signature, blob_path, created_at) VALUES ('1.0.0', '[\"unix\"]', 'bundle',"
+                      " 1, :s, '{}', 'k', 's', '/p', :now)"), {"s": "aa" * 32, "now": now})
+    conn.execute(text("INSERT INTO deployments (release_id, target, state, created_at) VALUES"
+                      " ((SELECT id FROM releases), '{}', 'active', :now)"), {"now": now})
+
+
 def test_deployments_made_before_migration_0017_keep_transport_mqtt(db_url):
     # 0017 adds deployments.transport: existing deployments are 'mqtt' (what they were sent with).
     migrate(db_url, "0016")
@@ -385,11 +394,7 @@ def test_deployments_made_before_migration_0017_keep_transport_mqtt(db_url):
     try:
         now = datetime(2026, 12, 5, tzinfo=timezone.utc)
         with store.engine.begin() as conn:
-            conn.execute(text("INSERT INTO releases (version, hardware, kind, size, sha256, manifest,"
-                              " key_id, signature, blob_path, created_at) VALUES ('1.0.0', '[\"unix\"]', 'bundle',"
-                              " 1, :s, '{}', 'k', 's', '/p', :now)"), {"s": "aa" * 32, "now": now})
-            conn.execute(text("INSERT INTO deployments (release_id, target, state, created_at) VALUES"
-                              " ((SELECT id FROM releases), '{}', 'active', :now)"), {"now": now})
+            _old_deployment(conn, now)
         migrate(db_url)
         with store.session() as s:
             assert [d.transport for d in s.scalars(select(Deployment))] == ["mqtt"]
@@ -432,11 +437,7 @@ def test_jobs_sent_before_migration_0019_count_one_send(db_url):
     try:
         now = datetime(2026, 12, 5, tzinfo=timezone.utc)
         with store.engine.begin() as conn:
-            conn.execute(text("INSERT INTO releases (version, hardware, kind, size, sha256, manifest,"
-                              " key_id, signature, blob_path, created_at) VALUES ('1.0.0', '[\"unix\"]', 'bundle',"
-                              " 1, :s, '{}', 'k', 's', '/p', :now)"), {"s": "aa" * 32, "now": now})
-            conn.execute(text("INSERT INTO deployments (release_id, target, state, created_at) VALUES"
-                              " ((SELECT id FROM releases), '{}', 'active', :now)"), {"now": now})
+            _old_deployment(conn, now)
             conn.execute(text("INSERT INTO devices (id, hardware, inventory, tags, created_at)"
                               " VALUES ('d1', 'unix', '{}', '[]', :now)"), {"now": now})
             for state, sent in (("sent", now), ("pending", None)):

@@ -380,19 +380,27 @@ def _report_nats_users(done) -> None:
                   "rotate their credentials ('fota device rekey ID', or 'fota device provision --force' on the board) to give them one")
 
 
+def _change_account(home: Optional[Path], device_id: str, change, action: str):
+    """Change a device's broker account (fleet.rekey_device, revoke_device), audit it and rewrite
+    the broker's password files (Mosquitto's, the NATS users file); what ``change`` returned."""
+    from fota.server.fleet import FleetError
+    h = Home.locate(home)
+    store = open_store(h)
+    try:
+        result = change(store, device_id)
+    except FleetError as e:
+        fail(str(e))
+    audit(store, action, f"device:{device_id}", {})
+    _refresh_broker_passwords(h, store)
+    return result
+
+
 @device_app.command("rekey")
 def device_rekey(device_id: str, home: Optional[Path] = HomeOpt):
     """A new broker password for a registered device (printed once): the old one stops working at
     the broker's next reload (done here). Put it in the board's config.json (broker.password)."""
-    from fota.server.fleet import FleetError, rekey_device
-    h = Home.locate(home)
-    store = open_store(h)
-    try:
-        _, password = rekey_device(store, device_id)
-    except FleetError as e:
-        fail(str(e))
-    audit(store, "device.rekey", f"device:{device_id}", {})
-    _refresh_broker_passwords(h, store)
+    from fota.server.fleet import rekey_device
+    _, password = _change_account(home, device_id, rekey_device, "device.rekey")
     console.print(f"device {device_id}: broker user {device_id}, new password {password}")
 
 
@@ -400,15 +408,8 @@ def device_rekey(device_id: str, home: Optional[Path] = HomeOpt):
 def device_revoke(device_id: str, home: Optional[Path] = HomeOpt):
     """Remove a device's broker account: the broker refuses it from its next reload (done here).
     Its registry entry and history stay; 'fota device provision --force' gives it a new account."""
-    from fota.server.fleet import FleetError, revoke_device
-    h = Home.locate(home)
-    store = open_store(h)
-    try:
-        revoke_device(store, device_id)
-    except FleetError as e:
-        fail(str(e))
-    audit(store, "device.revoke", f"device:{device_id}", {})
-    _refresh_broker_passwords(h, store)
+    from fota.server.fleet import revoke_device
+    _change_account(home, device_id, revoke_device, "device.revoke")
     console.print(f"device {device_id}: broker account removed")
 
 
