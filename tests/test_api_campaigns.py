@@ -5,7 +5,7 @@ import pytest
 from sqlalchemy import select, update
 
 from fota.server.campaigns import CampaignEngine
-from fota.server.store import Device, StatusEvent
+from fota.server.store import Device, Job, StatusEvent
 from fota.server.store.models import AuditEvent
 from test_api import API, bearer, env_fixture
 
@@ -79,8 +79,11 @@ def test_metrics_endpoint_reports_fleet_and_campaigns(env):
                  'fota_campaign_devices{campaign="m",state="in_flight"} 1.0',
                  'fota_campaign_devices{campaign="m",state="queued"} 1.0',
                  'fota_campaign_progress{campaign="m"} 0.0', "fota_statuses_received_total 1.0",
-                 "fota_chunk_bytes_served_total 0.0"]:
+                 "fota_chunk_bytes_served_total 0.0", "fota_commands_sent_again_total 0.0"]:
         assert line in text, line
+    with env.store.session() as s:  # a job whose command went out three times: two copies
+        s.execute(update(Job).values(sends=3))
+    assert "fota_commands_sent_again_total 2.0" in env.client.get("/metrics", headers=bearer(env.reader)).text
 
 
 def test_campaign_preview_and_refused_targets_over_the_api(env):

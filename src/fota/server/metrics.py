@@ -5,7 +5,9 @@ fleet, however many control-center workers write to it. Counters are totals (tak
 ``rate()`` in Prometheus for per-second figures): ``fota_statuses_received_total`` is the
 ingestion rate (statuses stored, those the retention deleted since included, so it never goes
 down), ``fota_statuses_dropped_total{reason}`` the statuses not stored (refused at parsing,
-over a device's rate limit), ``fota_chunk_bytes_served_total`` the chunk bytes served.
+over a device's rate limit), ``fota_chunk_bytes_served_total`` the chunk bytes served,
+``fota_commands_sent_again_total`` the command copies beyond each job's first (expired ones
+signed again, fota.server.expiry; unanswered ones sent again, fota.server.unanswered).
 """
 from __future__ import annotations
 
@@ -97,6 +99,12 @@ class FleetCollector:
             served = CounterMetricFamily("fota_chunk_bytes_served", "Chunk payload bytes served to devices")
             served.add_metric([], s.scalar(select(func.coalesce(func.sum(Job.bytes_served), 0))) or 0)
             yield served
+            # copies beyond each job's first: expired ones signed again, unanswered ones sent again
+            again = CounterMetricFamily("fota_commands_sent_again",
+                                        "Commands published again (expired before their device took them, "
+                                        "or unanswered by their online device)")
+            again.add_metric([], s.scalar(select(func.coalesce(func.sum(Job.sends - 1), 0)).where(Job.sends > 1)) or 0)
+            yield again
 
 
 def render(store: Store) -> bytes:
