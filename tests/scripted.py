@@ -148,5 +148,5 @@ class ScriptedDevices:
             self.current[device_id] = (job, state)
 
     def close(self) -> None:
-        self.client.loop_stop()
         self.client.disconnect()
+        self.client.loop_stop()
