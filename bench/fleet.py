@@ -549,8 +549,8 @@ def _publish_statuses(broker: Broker, messages: list[tuple[str, bytes]]) -> floa
     t0 = time.monotonic()
     infos = [pub.publish(topic, payload, qos=1) for topic, payload in messages]
     infos[-1].wait_for_publish(300)
-    pub.loop_stop()
     pub.disconnect()
+    pub.loop_stop()
     return t0
 
 

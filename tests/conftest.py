@@ -15,6 +15,17 @@ ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src"
 
 
+# The default run samples a few sweeps (docs/testing.md, "What the default run samples");
+# FOTA_FULL=1 runs each in full.
+FULL = os.environ.get("FOTA_FULL") == "1"
+
+
+def sampled(cases: list, keep: int = 1) -> list:
+    """`cases` under FOTA_FULL=1; otherwise the first `keep` of them (a fixed choice, never a
+    random one, so that a failure comes back on the next run)."""
+    return list(cases) if FULL else list(cases)[:keep]
+
+
 def micropython_binary() -> str:
     try:
         return find_micropython()

@@ -20,7 +20,7 @@ import pytest
 
 from fota.testkit.databases import PG_ADMIN_URL, create_postgres_database
 
-__all__ = ["db_url", "postgres_database", "sqlite_url", "PG_ADMIN_URL"]
+__all__ = ["db_url", "on_one_database", "postgres_database", "sqlite_url", "PG_ADMIN_URL"]
 
 
 def _skip_postgres() -> bool:
@@ -44,8 +44,20 @@ def postgres_database() -> Iterator[str]:
         drop()
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)],
-                ids=["sqlite", "postgres"])
+DATABASES = {"sqlite": pytest.param("sqlite", id="sqlite"),
+             "postgres": pytest.param("postgres", marks=pytest.mark.postgres, id="postgres")}
+
+
+def on_one_database(first: str):
+    """For an end-to-end test whose subject is not the database (the storage layer's tests run
+    on both): db_url is `first` alone in the default run, both databases under FOTA_FULL=1
+    (docs/testing.md, "What the default run samples")."""
+    from conftest import sampled
+    order = [first] + [name for name in DATABASES if name != first]
+    return pytest.mark.parametrize("db_url", sampled([DATABASES[name] for name in order]), indirect=True)
+
+
+@pytest.fixture(params=list(DATABASES.values()))
 def db_url(request, tmp_path) -> Iterator[str]:
     """URL of a fresh, empty database: SQLite file or PostgreSQL database."""
     if request.param == "sqlite":

@@ -58,10 +58,12 @@ class ScriptedDevices:
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"scripted-{time.monotonic_ns()}")
         self.client.username_pw_set(SERVER_USER, broker.users[SERVER_USER])
         self.client.on_message = self._on_message
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *_: subscribed.set()
         self.client.connect(broker.host, broker.service_port)
         self.client.subscribe(f"{P.PREFIX}+/{P.CMD}", qos=1)
         self.client.loop_start()
-        time.sleep(0.2)
+        assert subscribed.wait(10), "no SUBACK for the scripted devices' commands"
 
     def add(self, name: str, behaviour: str = "ok", hardware: str = "unix", version: str = "1.0.0",
             tags=(), online: bool = True, inventory: dict | None = None) -> str:
@@ -148,5 +150,5 @@ class ScriptedDevices:
             self.current[device_id] = (job, state)
 
     def close(self) -> None:
-        self.client.loop_stop()
         self.client.disconnect()
+        self.client.loop_stop()

@@ -70,8 +70,8 @@ def test_managed_broker_enforces_accounts_and_acl_and_is_restarted(tmp_path):
             time.sleep(0.3)
             assert c.is_connected()
             for cl in (a, b, c):
-                cl.loop_stop()
                 cl.disconnect()
+                cl.loop_stop()
 
     asyncio.run(scenario())
     store.dispose()
@@ -97,8 +97,8 @@ def test_device_provisioned_while_the_managed_broker_starts_is_accepted(tmp_path
         while not c.is_connected() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert c.is_connected()
-        c.loop_stop()
         c.disconnect()
+        c.loop_stop()
     finally:
         broker.stop()
         store.dispose()

@@ -247,8 +247,8 @@ def test_attack_device_credentials_publish_command_to_another_device(fleet):
         assert fleet.spy.of(b, 901) == []  # the broker never delivered it
         assert fleet.running_version(b) == "1.0.0"
     finally:
-        stolen.loop_stop()
         stolen.disconnect()
+        stolen.loop_stop()
 
 
 def test_attack_device_subscribes_to_another_devices_topics(fleet):
@@ -264,8 +264,8 @@ def test_attack_device_subscribes_to_another_devices_topics(fleet):
         assert fleet.wait_job(dep.jobs[0].id).state == "confirmed"
         assert [t for t in got if f"/{b}/" in t] == []  # nothing of B's reached A
     finally:
-        spy_a.loop_stop()
         spy_a.disconnect()
+        spy_a.loop_stop()
 
 
 # ---------------------------------------------------------------- session takeover by client id

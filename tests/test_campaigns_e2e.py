@@ -12,6 +12,8 @@ from fota.testkit.fleet import Fleet
 from fota.tools.waiting import wait_until
 from fota.tools.bundle import pack_files
 
+from db_fixtures import on_one_database
+
 
 def _release(fleet, version, padding=0, broken=False):
     files = hello_files(version, broken=broken)
@@ -24,6 +26,7 @@ def _summary(fleet, name):
     return campaign_summary(fleet.store, name)
 
 
+@on_one_database("postgres")
 def test_canary_then_fleet_success_counts_only_after_health_and_probation(tmp_path, broker, db_url):
     fleet = Fleet(tmp_path, broker, db_url, campaign_interval=0.2)
     try:
@@ -56,6 +59,7 @@ def test_canary_then_fleet_success_counts_only_after_health_and_probation(tmp_pa
         fleet.close()
 
 
+@on_one_database("sqlite")
 def test_abort_mid_download_leaves_no_device_half_installed(tmp_path, broker, db_url):
     # Small chunks and a one-chunk window: the download takes long enough to abort in the middle.
     fleet = Fleet(tmp_path, broker, db_url, chunk=256, campaign_interval=0.2)

@@ -17,8 +17,10 @@ from fota.testkit.center import CenterThread
 from fota.tools.waiting import wait_until
 from fota.tools.keyring import Keyring
 from test_sim import SimThread, _online, add_users
+from db_fixtures import on_one_database
 
 
+@on_one_database("sqlite")
 def test_campaign_over_simulated_fleet_pauses_on_failures_and_finishes(tmp_path, broker, db_url):
     keyring = Keyring(tmp_path / "keys")
     keyring.init()

@@ -18,6 +18,7 @@ from test_campaigns import Rig
 from inproc import run_fota
 from test_cli import _app_dir, assert_clean_error
 from test_cli_remote import Center
+from db_fixtures import on_one_database
 
 
 class Cli:
@@ -57,6 +58,7 @@ def cli(request, tmp_path, db_url):
     yield c
 
 
+@on_one_database("sqlite")
 def test_create_refuses_unknown_targets_and_lone_window_options_and_previews(cli, tmp_path):
     for dev in ("u-1", "u-2", "u-3"):
         assert cli("device", "add", dev, "--hardware", "unix", "--tag", "lab").returncode == 0
@@ -113,6 +115,7 @@ def test_create_help_explains_every_option_with_the_defaults_that_matter(cli):
         assert needle in text, needle
 
 
+@on_one_database("postgres")
 def test_status_shows_clocks_probation_eta_skips_and_filters_devices(tmp_path, broker, db_url, cli):
     rig = Rig(tmp_path, broker, db_url)
     try:

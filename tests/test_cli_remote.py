@@ -19,6 +19,7 @@ import pytest
 from fota.tools.waiting import TimedOut, wait_until
 from inproc import run_fota
 from test_cli import FOTA, _app_dir, assert_clean_error, stop
+from db_fixtures import on_one_database
 
 SECRET_LINE = "its secret, shown only now:"
 
@@ -129,6 +130,7 @@ def mode(request):
     return request.param
 
 
+@on_one_database("postgres")
 def test_operator_commands_answer_alike_in_both_modes(center_in_process, mode, tmp_path):
     """The operator's cases through the one seam: releases, devices, deploy, status, history,
     deployment cancel, tokens and every campaign command; refusals are one line and exit 1.

@@ -22,7 +22,7 @@ from fota.testkit.deltarun import apply_with_micropython
 from fota.testkit.fleet import Fleet
 from fota.tools.waiting import wait_until
 from fota.tools.bundle import pack_files
-from conftest import INTERPRETERS, both_interpreters, missing_corpus
+from conftest import INTERPRETERS, both_interpreters, missing_corpus, sampled
 
 FORMATS = (1, 2)
 
@@ -51,7 +51,7 @@ def expect_of(old: bytes, new: bytes) -> dict:
 # ---- the format on the real firmware corpus -----------------------------------------------------
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("pair", corpus_pairs() + corpus_pairs("thumb") or [None],
+@pytest.mark.parametrize("pair", sampled(corpus_pairs()) + sampled(corpus_pairs("thumb")) or [None],
                          ids=lambda p: f"{p[0].stem}->{p[1].stem}" if p else "no-corpus")
 def test_corpus_round_trip_cpython_and_micropython(pair, fmt, tmp_path):
     if pair is None:

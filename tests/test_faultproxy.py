@@ -243,7 +243,7 @@ def test_mqtt_through_the_proxy_to_the_real_broker_and_a_cut(open_broker):
             # 3072, the fourth is cut inside and never delivered
             assert len(got) == 4
         finally:
-            sub.loop_stop()
-            pub.loop_stop()
             sub.disconnect()
             pub.disconnect()
+            sub.loop_stop()
+            pub.loop_stop()

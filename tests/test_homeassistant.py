@@ -129,8 +129,8 @@ class HomeAssistant:
         return json.loads(payload) if payload else None
 
     def close(self):
-        self.client.loop_stop()
         self.client.disconnect()
+        self.client.loop_stop()
 
 
 @pytest.fixture(scope="module")
@@ -357,8 +357,8 @@ def test_home_assistant_account_reads_its_topics_and_writes_only_install_command
         assert _deployments(fleet) == []  # a wrong payload starts nothing
     finally:
         ha.close()
-        watcher.loop_stop()
         watcher.disconnect()
+        watcher.loop_stop()
 
 
 def test_home_assistant_account_with_a_wrong_password_is_refused(ha_broker):

@@ -355,8 +355,8 @@ def test_paho_interop(open_broker):
         assert got == [(t + "/to-dev", big), (t + "/to-dev", b"")]
         c.disconnect()
     finally:
-        p.loop_stop()
         p.disconnect()
+        p.loop_stop()
 
 
 @pytest.fixture(scope="module")
@@ -406,8 +406,8 @@ c.disconnect()
                 p.publish(t + "/data", bytes([i]) * 2048, qos=1)
             out = fut.result(timeout=40)
     finally:
-        p.loop_stop()
         p.disconnect()
+        p.loop_stop()
     used = int(out.split("CLIENT_HEAP")[1].split()[0])
     print(out)
     assert used < 8192, out

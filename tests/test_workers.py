@@ -90,8 +90,8 @@ def test_mosquitto_keeps_queueing_a_dead_shared_members_share(broker, persistent
             assert len(got_live) == 40 and got_back == []
     finally:
         for c in (live, back, pub):
-            c.loop_stop()
             c.disconnect()
+            c.loop_stop()
         if persistent:  # delete the two sessions
             for cid in (f"live-{tag}", f"dead-{tag}"):
                 _member(broker, cid, group, topic, False)[0].disconnect()
@@ -147,7 +147,7 @@ class StatusSpy(BrokerSpy):
 
     def __init__(self, broker):
         self.statuses: dict[tuple[str, int, int], dict] = {}
-        super().__init__(broker, settle=0.3)
+        super().__init__(broker)
 
     def _on_message(self, client, userdata, msg):
         body = json.loads(msg.payload)
@@ -213,8 +213,8 @@ def test_worker_killed_mid_campaign_the_other_finishes_nothing_lost_nothing_twic
             for seq in range(1, 11):  # round robin: about half wait in the dead worker's session
                 msg = {"job": None, "state": "idle", "code": None, "reason": None, "boot": 1, "seq": seq}
                 pub.publish(P.topic(bystander, P.STATUS), json.dumps(msg), qos=1).wait_for_publish(10)
-            pub.loop_stop()
             pub.disconnect()
+            pub.loop_stop()
             with store.session() as s:
                 at_kill = s.execute(select(Job.state, func.count()).group_by(Job.state)).all()
             print("jobs at the kill:", at_kill)
@@ -414,8 +414,8 @@ def test_statuses_published_while_every_worker_is_down_are_stored_by_the_next_on
             for seq in range(1, 31):
                 msg = {"job": None, "state": "idle", "code": None, "reason": None, "boot": 1, "seq": seq}
                 pub.publish(P.topic(dev, P.STATUS), json.dumps(msg), qos=1).wait_for_publish(10)
-            pub.loop_stop()
             pub.disconnect()
+            pub.loop_stop()
             time.sleep(1.0)
             new = CenterThread(store, broker.server_url, tmp_path / "blobs", **settings).start()
             wait_until(lambda: len(_stored_keys(store)) == 30, timeout=60, what="30 statuses stored")

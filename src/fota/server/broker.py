@@ -222,6 +222,25 @@ def write_config(directory: Path, port: int, *, service_port: int | None = None,
     return conf
 
 
+# An MQTT 3.1.1 CONNECT without credentials (client id "", clean session): any Mosquitto answers
+# it with a CONNACK (refused where accounts are required).
+_PROBE_CONNECT = b"\x10\x0c\x00\x04MQTT\x04\x02\x00\x3c\x00\x00"
+
+
+def _answers_connect(port: int, timeout: float = 5.0) -> bool:
+    """Whether Mosquitto on 127.0.0.1:port answered a CONNECT on a new connection (a CONNACK, or
+    closing the connection). Mosquitto runs a SIGHUP's reload at the end of the loop turn in
+    which the signal arrived, and takes a new connection's first packet in a later turn than its
+    accept: two of these in a row, started after the signal, end after the reload."""
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=timeout) as sock:
+            sock.sendall(_PROBE_CONNECT)
+            sock.recv(4)
+        return True
+    except OSError:
+        return False
+
+
 class Mosquitto:
     """A supervised Mosquitto process: devices on host:port (127.0.0.1 unless given), the
     control center on 127.0.0.1:service_port (the same port without auth); TLS only if tls is
@@ -268,10 +287,12 @@ class Mosquitto:
         raise BrokerError(f"mosquitto did not listen on port {self.port} within {timeout}s")
 
     def reload(self) -> None:
-        """Re-read the password and ACL files (Mosquitto reloads them on SIGHUP)."""
+        """Re-read the password and ACL files (Mosquitto reloads them on SIGHUP); returns once
+        the new accounts count."""
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGHUP)
-            time.sleep(0.2)
+            if self.tls is not None or not (_answers_connect(self.service_port) and _answers_connect(self.service_port)):
+                time.sleep(0.2)  # no plain probe possible (TLS), or it went unanswered: a while
 
     def save(self) -> None:
         """Write the persistent state now (Mosquitto saves it on SIGUSR1)."""

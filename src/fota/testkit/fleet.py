@@ -41,6 +41,10 @@ from fota.tools.supervisor import DEFAULT_HEAP, DeviceProcess
 # most once a second as the device's default would on the loopback.
 TEST_DEVICE_SETTINGS = {"progress_interval_ms": 0}
 
+# wait_online and wait_job poll the database every 20 ms (one indexed query): a test waits for
+# its devices and jobs several times, and a coarser poll adds half its interval to each wait.
+WAIT_POLL = 0.02
+
 
 def bundle_of_size(version: str, size: int) -> bytes:
     """hello_files(version) plus a random assets/blob.bin, packed to exactly `size` bytes
@@ -244,12 +248,12 @@ class Fleet:
         return len(rows) == len(ids) and all(on and v == version for _, on, v in rows)
 
     def wait_online(self, *ids: str, version: str = "1.0.0", timeout: float = 30) -> None:
-        wait_until(lambda: self.online(ids, version), timeout=timeout, interval=0.1,
+        wait_until(lambda: self.online(ids, version), timeout=timeout, interval=WAIT_POLL,
                    what=f"{', '.join(ids) if len(ids) <= 3 else f'{len(ids)} devices'} online on {version}")
 
     def wait_job(self, job_id, states=P.TERMINAL_STATES, timeout=60):
         return wait_until(lambda: (j := self.job(job_id)).state in states and j, timeout=timeout,
-                          what=f"job {job_id} to reach {states}")
+                          interval=WAIT_POLL, what=f"job {job_id} to reach {states}")
 
     def release(self, image: bytes, version: str, hardware=("unix",)):
         """A signed release of `image` for the hardware types (default: unix)."""
