@@ -141,7 +141,8 @@ def limits(args) -> dict:
     # sockets a simulator process holds: its awake devices' (a sleeper's only while it connects)
     per_sim = max(-(-g[k] // procs[k]) if procs[k] else 0 for k in ("awake", "wakers"))
     ports = hi - lo + 1
-    time_wait = int(args.connect_rate * 60)  # a minute of connections closed (TIME_WAIT is 60 s)
+    # a minute of sleepers' closed connections (TIME_WAIT is 60 s); none when every device stays
+    time_wait = int(args.connect_rate * 60) if g["sleepers"] or g["wakers"] else 0
     out = {"fd_limit": fd, "fd_hard": resource.getrlimit(resource.RLIMIT_NOFILE)[1], "ports": ports,
            "mem_available_mib": mem_kib // 1024, "connected": connected, "per_node": per_node,
            "per_sim_process": per_sim, "sim_processes": procs,
@@ -240,15 +241,27 @@ class Sims:
 
 # A sleeper naps right after its first connection (sleep_at 0), for longer than any run.
 SLEEP_FOR_GOOD = 10 ** 7
+STALL_S = 60.0  # s without a device more online in the store: the rest will not come
 
 
-def _settled(broker, store: Store, n: int, args) -> None:
-    """n devices online in the store (their online 1 is retained: a sleeper stays online there)
-    and, on NATS, n sessions' consumers."""
-    wait_until(lambda: _online(store) == n, timeout=args.timeout, interval=1.0, what=f"{n} devices online")
+def _settled(broker, store: Store, n: int, args) -> int:
+    """Until n devices are online in the store (their online 1 is retained: a sleeper stays online
+    there) or the count stopped growing for STALL_S, and on NATS as many sessions' consumers exist;
+    how many are missing (a device whose connection dropped before its online was acknowledged
+    naps with it unsent, as a board keeps it for its next connection)."""
+    t0, last, since = time.monotonic(), -1, time.monotonic()
+    while (online := _online(store)) < n:
+        now = time.monotonic()
+        if online != last:
+            last, since = online, now
+        elif now - since > STALL_S or now - t0 > args.timeout:
+            fleet.log(f"{n - online} of {n} devices never online in the store")
+            break
+        time.sleep(1.0)
     if args.broker == "nats":
-        broker.wait_sessions(n, args.timeout)
+        broker.wait_sessions(min(online, n), args.timeout)
     time.sleep(2.0)
+    return max(0, n - online)
 
 
 def run(args, tmp: Path) -> dict:
@@ -280,6 +293,7 @@ def run(args, tmp: Path) -> dict:
                                   signer=signer, keys_update=keyring.keys_update()).start()
             sims = Sims(broker, keyring, passwords, args, tmp)
             sleep = {"sleepy": 1.0, "sleep_at": 0.0, "sleep_for": SLEEP_FOR_GOOD}
+            missing = out["never_online"] = {}  # per group: devices whose online never reached the store
             # 1. sessions: the sleepers connect once and nap, then the awake share connects
             if g["sleepers"]:
                 cpu0, b0, t = fleet.threads_cpu(), broker.cpu_s(), time.monotonic()
@@ -287,7 +301,7 @@ def run(args, tmp: Path) -> dict:
                 out["sleepers_connect_s"] = time.monotonic() - t
                 fleet.log(f"{len(g['sleepers'])} sleepers connected once in {out['sleepers_connect_s']:.0f}s")
                 out["sleepers_asleep_wait_s"] = sims.wait_asleep("sleepers")
-                _settled(broker, store, len(g["sleepers"]), args)
+                missing["sleepers"] = _settled(broker, store, len(g["sleepers"]), args)
                 out["created"] = {"sessions": len(g["sleepers"]), "center_cpu_s": fleet.threads_cpu_since(cpu0),
                                   "broker_cpu_s": broker.cpu_s() - b0, "wall_s": time.monotonic() - t}
                 rss["sleeping"] = broker.rss_kib_now()
@@ -296,7 +310,8 @@ def run(args, tmp: Path) -> dict:
                 sims.start("awake", g["awake"], procs["awake"])
                 out["awake_connect_s"] = time.monotonic() - t
                 fleet.log(f"{len(g['awake'])} awake devices connected in {out['awake_connect_s']:.0f}s")
-                _settled(broker, store, len(g["sleepers"]) + len(g["awake"]), args)
+                missing["awake"] = _settled(broker, store, len(g["sleepers"]) + len(g["awake"]), args) - sum(
+                    missing.values())
                 rss["connected"] = broker.rss_kib_now()
             out["broker_rss_kib"] = rss
             # the fleet as it is (sleepers asleep, the awake share idle)
@@ -308,7 +323,7 @@ def run(args, tmp: Path) -> dict:
             if g["wakers"]:
                 sims.start("wakers", g["wakers"], 1, {**sleep, "sleep_for": args.wake_s})
                 sims.wait_asleep("wakers")
-                _settled(broker, store, n, args)
+                missing["wakers"] = _settled(broker, store, n, args) - sum(missing.values())
             # 2. a share updating: every k-th awake device (each awake process has some), and the wakers
             m = min(len(g["awake"]), round(n * args.updating_pct / 100))
             updating = g["awake"][::max(1, len(g["awake"]) // m)][:m] if m else []
@@ -494,6 +509,9 @@ def failures(result: dict) -> list[str]:
         out.append(r["error"])
     if (r.get("update") or {}).get("error"):
         out.append(f"update: {r['update']['error']}")
+    for group, k in (r.get("never_online") or {}).items():
+        if k:
+            out.append(f"{k} {group} connected but never online in the store (their online status was lost)")
     up = r.get("update") or {}
     if up.get("wakers") and up.get("wakers_confirmed") != up["wakers"]:
         out.append(f"wakers: {up.get('wakers_confirmed')}/{up['wakers']} confirmed their queued update")
