@@ -168,9 +168,10 @@ def _accepts(host: str, port: int, user: str, password: str) -> bool:
         return False
 
 
-def make_broker(kind: str, directory: Path, nats_mqtt: dict | None = None):
+def make_broker(kind: str, directory: Path, nats_mqtt: dict | None = None, *, persistence: bool = False):
+    """persistence: Mosquitto's (sessions saved to disk, as the managed broker of `fota serve`)."""
     if kind == "mosquitto":
-        broker = fleet.Broker(directory)
+        broker = fleet.Broker(directory, persistence=persistence)
         broker.kind = "mosquitto"
         broker.rss_kib_now = lambda: _proc_kib(broker.mosquitto.proc.pid)
         return broker

@@ -13,7 +13,8 @@ def test_scale_benchmark_sampled(tmp_path):
     """bench/scale.py end to end at 2 processes x 100 devices: every device connected with its
     session, the updating share confirmed, every unit cost measured and set against the model."""
     out = tmp_path / "scale.json"
-    assert scale.main(["--devices", "200", "--processes", "2", "--updating-pct", "5", "--statuses", "300",
+    assert scale.main(["--broker", "nats", "--awake-pct", "100", "--wakers", "0", "--connect-rate", "50",
+                       "--devices", "200", "--processes", "2", "--updating-pct", "5", "--statuses", "300",
                        "--idle-s", "1", "--image-kib", "16", "--timeout", "120", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     run, u = result["run"], result["units"]
