@@ -33,10 +33,11 @@ SCAN_LIMIT = 2000        # jobs looked at per pass (the oldest sends first)
 
 
 def requeue_unanswered(store: Store, after: float, now=None) -> list[int]:
-    """(DB thread) unanswered `sent` jobs of online devices back to `pending`; their ids.
+    """(DB thread) unanswered `sent` jobs of online devices back to `pending`; the ids of those
+    this call put back.
 
     Several workers may run this at once: the UPDATE re-checks `sent` and the last send's age,
-    so a job another worker already sent again is not taken twice."""
+    so a job another worker already sent again is not taken twice (nor counted here)."""
     now = now or utcnow()
     due = now - timedelta(seconds=after)
     with store.session() as s:
@@ -48,9 +49,11 @@ def requeue_unanswered(store: Store, after: float, now=None) -> list[int]:
                    Deployment.state == ACTIVE, Device.online.is_(True), Device.online_at <= due)
             .order_by(Job.last_sent_at).limit(SCAN_LIMIT)).all()
         # back-off: copy n (sends = n) waits after × 2^(n-1)
-        ids = [job_id for job_id, sends, last in rows
-               if last <= now - timedelta(seconds=after * 2 ** max(sends - 1, 0))]
-        for part in chunks(ids):
-            s.execute(update(Job).where(Job.id.in_(part), Job.state == SENT, Job.last_sent_at <= due)
-                      .values(state=PENDING, worker=None).execution_options(synchronize_session=False))
-    return ids
+        due_ids = [job_id for job_id, sends, last in rows
+                   if last <= now - timedelta(seconds=after * 2 ** max(sends - 1, 0))]
+        requeued = []
+        for part in chunks(due_ids):
+            requeued += s.scalars(update(Job).where(Job.id.in_(part), Job.state == SENT, Job.last_sent_at <= due)
+                                  .values(state=PENDING, worker=None).returning(Job.id)
+                                  .execution_options(synchronize_session=False)).all()
+    return sorted(requeued)
