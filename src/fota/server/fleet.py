@@ -69,24 +69,24 @@ def rekey_device(store: Store, device_id: str) -> tuple[Device, str]:
     (device, plain password); the old password stops working at the broker's next reload. The
     payload key, tags and history stay."""
     password = credentials.new_password()
-    with store.session() as s:
-        device = s.get(Device, device_id)
-        if device is None:
-            raise FleetError(f"no device {device_id}")
-        for column, value in password_columns(password).items():
-            setattr(device, column, value)
-    return device, password
+    return _set_account(store, device_id, password_columns(password)), password
 
 
 def revoke_device(store: Store, device_id: str) -> Device:
     """Remove a device's broker account: its password hashes are cleared, so the next password
     or users file written leaves it out (the broker refuses it once reloaded). Its registry entry,
     payload key and history stay; re-provisioning its board (rekey_device) gives it a new account."""
+    return _set_account(store, device_id, {"password_hash": None, "password_bcrypt": None})
+
+
+def _set_account(store: Store, device_id: str, columns: dict[str, str | None]) -> Device:
+    """Set a registered device's password columns (rekey_device, revoke_device); FleetError if unknown."""
     with store.session() as s:
         device = s.get(Device, device_id) if protocol.valid_device_id(device_id) else None
         if device is None:
             raise FleetError(f"no device {device_id!r}")
-        device.password_hash = device.password_bcrypt = None
+        for column, value in columns.items():
+            setattr(device, column, value)
     return device
 
 
