@@ -36,6 +36,7 @@ from typing import Any, Awaitable, Callable
 
 from sqlalchemy import String, cast, func, select
 
+from fota.aiowait import within
 from fota import __version__
 from fota.device import protocol
 from fota.server import audit
@@ -222,7 +223,7 @@ class HomeAssistantBridge:
             except Exception:
                 log.exception("Home Assistant pass failed")
             try:
-                await asyncio.wait_for(self._wake.wait(), self.settings.interval)
+                await within(self._wake.wait(), self.settings.interval)
             except TimeoutError:
                 pass
             self._wake.clear()

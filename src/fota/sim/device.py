@@ -36,6 +36,7 @@ from gmqtt import Message, Subscription
 from gmqtt.mqtt.constants import MQTTv311
 
 from fota import gmqtt_adapter
+from fota.aiowait import within
 from fota.device import boot as bootrec
 from fota.device import core as C
 from fota.device import protocol as P
@@ -251,7 +252,7 @@ class SimDevice:
         if client is None or self._lost:
             return False
         try:
-            await asyncio.wait_for(gmqtt_adapter.wait_acked(client), ACK_TIMEOUT)
+            await within(gmqtt_adapter.wait_acked(client), ACK_TIMEOUT)
         except TimeoutError:
             return False
         return not self._lost and client is self.client
@@ -461,12 +462,12 @@ class SimDevice:
         self._lost = False
         self.port = random.choice(self.ports)
         try:
-            await asyncio.wait_for(client.connect(self.host, self.port, ssl=self.ssl or False,
-                                                  keepalive=self.keepalive, version=MQTTv311), CONNECT_TIMEOUT)
+            await within(client.connect(self.host, self.port, ssl=self.ssl or False,
+                                        keepalive=self.keepalive, version=MQTTv311), CONNECT_TIMEOUT)
         except BaseException:
             self.client = None
             try:
-                await asyncio.wait_for(client.disconnect(), DISCONNECT_TIMEOUT)
+                await within(client.disconnect(), DISCONNECT_TIMEOUT)
             except Exception:
                 pass
             raise
@@ -494,7 +495,7 @@ class SimDevice:
             try:
                 # bounded: on a connection the broker dropped, gmqtt's disconnect can wait for
                 # ever (seen with a NATS node's JetStream stall closing MQTT connections)
-                await asyncio.wait_for(client.disconnect(), DISCONNECT_TIMEOUT)
+                await within(client.disconnect(), DISCONNECT_TIMEOUT)
             except Exception:
                 pass
         # The connection is closed: releasing gmqtt's handlers now acknowledges nothing.
@@ -515,7 +516,7 @@ class SimDevice:
         self._wake.set()
         if self._task is not None:
             try:
-                await asyncio.wait_for(self._task, 10)
+                await within(self._task, 10)
             except (TimeoutError, asyncio.CancelledError):
                 self._task.cancel()
         self._fetch_discard()

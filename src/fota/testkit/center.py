@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import io
 import os
+import sys
 import threading
 import time
+import traceback
 
 from fota.server.center import ControlCenter
 
@@ -31,7 +35,23 @@ class CenterThread:
 
     def stop(self) -> None:
         try:
-            self.run(self.center.stop())
+            try:
+                self.run(self.center.stop())
+            except concurrent.futures.TimeoutError:
+                raise TimeoutError("the control center did not stop in 30 s; where it waits:\n"
+                                   + self.stacks()) from None
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
+
+    def stacks(self) -> str:
+        """Where the loop's tasks and every thread wait (a diagnosis for a stop that hangs)."""
+        out = io.StringIO()
+        for task in list(asyncio.all_tasks(self.loop)):
+            out.write(f"--- task {task.get_name()}\n")
+            task.print_stack(limit=12, file=out)
+        names = {t.ident: t.name for t in threading.enumerate()}
+        for ident, frame in sys._current_frames().items():
+            out.write(f"--- thread {names.get(ident, ident)}\n")
+            out.write("".join(traceback.format_stack(frame, limit=12)))
+        return out.getvalue()

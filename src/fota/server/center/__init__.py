@@ -256,6 +256,8 @@ class ControlCenter:
             if task.get_name() != "fota-flush":
                 task.cancel()
         for task in self._tasks:
+            if task.get_name() != "fota-flush":
+                await _cancelled(task)
             try:
                 await task
             except asyncio.CancelledError:
@@ -329,3 +331,14 @@ class ControlCenter:
             except Exception:
                 log.exception("campaign step failed")
             await asyncio.sleep(self.campaign_interval)
+
+
+async def _cancelled(task: asyncio.Task) -> None:
+    """Wait for a cancelled task to end, cancelling it again each second: a task that lost its
+    cancellation (fota.aiowait) must not hold the stop for ever."""
+    while not task.done():
+        await asyncio.wait({task}, timeout=1.0)
+        if not task.done():
+            log.warning("control center task %s still runs after its cancellation; cancelled again",
+                        task.get_name())
+            task.cancel()

@@ -18,6 +18,7 @@ from gmqtt import Client as MQTTClient
 from gmqtt import Subscription
 from gmqtt.mqtt.constants import MQTTv50
 
+from fota.aiowait import within
 from fota import gmqtt_adapter
 from fota.device import protocol
 
@@ -129,7 +130,7 @@ class CenterConnection:
         gmqtt_adapter.quiet_cancelled_reconnects(asyncio.get_running_loop())
         self.client = client
         await address.connect(client)
-        await asyncio.wait_for(self._subscribed.wait(), timeout)
+        await within(self._subscribed.wait(), timeout)
 
     async def stop(self) -> None:
         self.closing = True

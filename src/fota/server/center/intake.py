@@ -19,6 +19,7 @@ from typing import Any, Awaitable, Callable
 
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from fota.aiowait import within
 from fota.device import protocol
 from fota.server import counters
 from fota.server.deployments import finish_deployments
@@ -162,7 +163,7 @@ class StatusIntake:
             await self._wakeup.wait()
             if not self.closing:
                 try:  # gather a batch: up to flush_interval, or until flush_max messages
-                    await asyncio.wait_for(self._full.wait(), self.flush_interval)
+                    await within(self._full.wait(), self.flush_interval)
                 except TimeoutError:
                     pass
             batch, self._queue = self._queue[:self.flush_max], self._queue[self.flush_max:]

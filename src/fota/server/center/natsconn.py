@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import urlsplit
 
+from fota.aiowait import within
 from fota.device import protocol
 from fota.server.center.connection import FORWARD_PREFIX, OnMessage
 from fota.server.natscluster import MQTT_QOS1_PREFIX, MQTT_QOS_HEADER
@@ -130,7 +131,7 @@ class NatsConnection:
         self._last_error = None
         nc = Client()
         try:
-            await asyncio.wait_for(nc.connect(
+            await within(nc.connect(
                 servers=list(address.servers), name=self.client_id, connect_timeout=2, reconnect_time_wait=0.5,
                 max_reconnect_attempts=-1, allow_reconnect=True, error_cb=self._on_error,
                 disconnected_cb=self._on_disconnected, reconnected_cb=self._on_reconnected, **secure), timeout)
@@ -180,7 +181,7 @@ class NatsConnection:
         if self.nc is not None:
             # close, not drain: what was pulled and not acknowledged goes to a live worker anyway
             try:
-                await asyncio.wait_for(self.nc.close(), 5)
+                await within(self.nc.close(), 5)
             except Exception:
                 log.exception("NATS close failed")
             self.nc = None
@@ -253,7 +254,7 @@ class NatsConnection:
         while True:
             try:
                 # wait_for: a pull whose request went to a node that died is not always answered
-                msgs = await asyncio.wait_for(pull.fetch(FETCH_BATCH, timeout=1), 5)
+                msgs = await within(pull.fetch(FETCH_BATCH, timeout=1), 5)
             except asyncio.CancelledError:
                 raise
             except NatsTimeout:

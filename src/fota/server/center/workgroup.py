@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from fota.aiowait import within
 from fota.server import workers
 from fota.server.broker import LEGACY_CENTER_ID
 from fota.server.center.connection import BrokerAddress, CenterConnection, OnMessage, topic_filters
@@ -148,7 +149,7 @@ class Workgroup:
             # arrives on connect (Mosquitto sends the whole queue: no in-flight limit).
             client.unsubscribe([topic for topic, _ in topic_filters(self.share_group if worker else None,
                                                                    self.client_id)])
-            await asyncio.wait_for(unsubscribed.wait(), 30)
+            await within(unsubscribed.wait(), 30)
             while state["busy"] or loop.time() - state["last"] < DRAIN_QUIET:
                 await asyncio.sleep(0.1)
             await client.disconnect(session_expiry_interval=0)  # the broker deletes the session
