@@ -229,7 +229,10 @@ class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         Index("ix_jobs_device_id_state", "device_id", "state"),
-        Index("ix_jobs_state", "state"),
+        # (state, last_sent_at): the unanswered-command scan (fota.server.unanswered) reads only
+        # the `sent` jobs that are due, in send order, not every `sent` job sorted; queries on the
+        # state alone use its prefix.
+        Index("ix_jobs_state_last_sent_at", "state", "last_sent_at"),
         # AUTOINCREMENT on SQLite: job ids strictly increase, never reused.
         {"sqlite_autoincrement": True},
     )
