@@ -26,7 +26,7 @@ from fota.server.store import (
 from fota.server.store.inlists import chunks, id_ranges, in_ranges
 
 TABLES = {"releases", "devices", "deployments", "jobs", "status_events", "api_tokens", "audit_events"}
-HEAD = "0020"
+HEAD = "0021"
 
 
 @pytest.fixture

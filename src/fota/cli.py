@@ -135,12 +135,35 @@ def release_resign(release: str = typer.Argument(..., help="release version or i
     console.print(f"release {rel.version} re-signed by key {rel.key_id} (was {old_kid}); image unchanged")
 
 
+@release_app.command("delete")
+def release_delete(release: str = typer.Argument(..., help="release version or id"),
+                   home: Optional[Path] = HomeOpt):
+    """Delete a release: its image and the cached patches from or to it leave the blobs directory
+    and object storage (refused while a deployment or campaign that has not finished uses it).
+    Devices running it get full images from then on."""
+    out = open_backend(home).delete_release(release)
+    where = "the blobs directory" + (" and object storage" if out["object_storage"] else "")
+    if out["image_kept_for"]:
+        console.print(f"release {out['version']} deleted; its image stays: release(s) "
+                      f"{', '.join(out['image_kept_for'])} have the same image")
+    else:
+        console.print(f"release {out['version']} deleted: its image and {out['patches_removed']} patch(es) "
+                      f"removed from {where}")
+    for failure in out["failures"]:
+        err.print(f"warning: not removed (left behind): {failure}")
+
+
 @app.command("releases")
-def releases(home: Optional[Path] = HomeOpt):
+def releases(home: Optional[Path] = HomeOpt,
+             deleted: bool = typer.Option(False, "--deleted", help="also deleted releases (column 'deleted')")):
     """List releases."""
-    t = Table("id", "version", "kind", "size", "hardware", "sha256")
-    for r in open_backend(home).releases():
-        t.add_row(str(r["id"]), r["version"], r["kind"], str(r["size"]), ",".join(r["hardware"]), r["sha256"][:16])
+    columns = ("id", "version", "kind", "size", "hardware", "sha256") + (("deleted",) if deleted else ())
+    t = Table(*columns)
+    for r in open_backend(home).releases(deleted=deleted):
+        row = [str(r["id"]), r["version"], r["kind"], str(r["size"]), ",".join(r["hardware"]), r["sha256"][:16]]
+        if deleted:
+            row.append(f"{r['deleted_at']:%Y-%m-%d %H:%M} UTC" if r.get("deleted_at") else "")
+        t.add_row(*row)
     console.print(t)
 
 

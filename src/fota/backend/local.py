@@ -27,9 +27,18 @@ class LocalBackend:
         return self._store
 
     # ---- releases -----------------------------------------------------------------------------
-    def releases(self) -> list[dict[str, Any]]:
+    def releases(self, deleted: bool = False) -> list[dict[str, Any]]:
         from fota.server.releases import list_releases
-        return [_release(r) for r in list_releases(self.store)]
+        return [_release(r) for r in list_releases(self.store, deleted=deleted)]
+
+    def delete_release(self, version: str) -> dict[str, Any]:
+        from fota.server.audit import cli_actor
+        from fota.server.release_delete import delete_release
+        from fota.server.releases import ReleaseError
+        try:
+            return delete_release(self.store, self.home.blobs, version, self.home.object_store(), actor=cli_actor())
+        except ReleaseError as e:
+            fail(str(e))
 
     def create_release(self, path: Path, version: str, hardware: list[str], *, counter: int, encrypt: bool,
                        min_version: Optional[str]) -> dict[str, Any]:
@@ -183,7 +192,7 @@ class LocalBackend:
 
 def _release(r) -> dict[str, Any]:
     return {"id": r.id, "version": r.version, "kind": r.kind, "size": r.size, "hardware": list(r.hardware),
-            "sha256": r.sha256, "key_id": r.key_id}
+            "sha256": r.sha256, "key_id": r.key_id, "deleted_at": r.deleted_at}
 
 
 def _token(t) -> dict[str, Any]:

@@ -109,8 +109,11 @@ class RemoteBackend:
         return self.get("/whoami")
 
     # ---- releases -------------------------------------------------------------------------------
-    def releases(self) -> list[dict[str, Any]]:
-        return self.get("/releases")
+    def releases(self, deleted: bool = False) -> list[dict[str, Any]]:
+        return self.get("/releases", deleted="true" if deleted else None)
+
+    def delete_release(self, version: str) -> dict[str, Any]:
+        return self.call("DELETE", f"/releases/{quote(version, safe='')}")
 
     def create_release(self, path: Path, version: str, hardware: list[str], *, counter: int, encrypt: bool,
                        min_version: Optional[str]) -> dict[str, Any]:

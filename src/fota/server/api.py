@@ -74,8 +74,9 @@ from fota.server.deployments import (
     recent_deployments,
 )
 from fota.server.fleet import FleetError, get_device, list_devices
-from fota.server.releases import (IMAGE_SUFFIXES, KINDS, ReleaseError, check_release_key, create_release, get_release,
-                                  list_releases)
+from fota.server.release_delete import ReleaseInUse, delete_release
+from fota.server.releases import (IMAGE_SUFFIXES, KINDS, ReleaseError, ReleaseNotFound, check_release_key,
+                                  create_release, get_release, list_releases)
 from fota.server.store import Store, utcnow
 from fota.server.store.models import ApiToken
 
@@ -160,6 +161,20 @@ class ReleaseOut(_Out):
     manifest: str = Field(description="the exact signed manifest text")
     signature: str = Field(description="ECDSA P-256 signature of the manifest, hex r||s")
     created_at: datetime
+    deleted_at: datetime | None = Field(None, description="when it was deleted (listed only with deleted=true); "
+                                                          "null: not deleted")
+
+
+class ReleaseDeletedOut(BaseModel):
+    id: int
+    version: str
+    deleted_at: datetime
+    blobs_removed: list[str] = Field(description="sha256 of the blobs (image, patches) removed from the blobs "
+                                                 "directory and object storage")
+    patches_removed: int = Field(description="cached delta patches from or to its image, removed")
+    image_kept_for: list[str] = Field(description="other releases with the same image: it stays for them")
+    object_storage: bool = Field(description="the blobs were removed from object storage too")
+    failures: list[str] = Field(description="files or objects that could not be removed (left behind)")
 
 
 class JobOut(BaseModel):
@@ -570,17 +585,37 @@ def _router() -> APIRouter:
                                          include_ignored=ignored)
         return {"statuses": rows, "next_cursor": next_cursor}
 
+    DeletedQuery = Annotated[bool, Query(description="also deleted releases (their deleted_at set)")]
+
     @router.get("/releases", response_model=list[ReleaseOut], tags=["releases"])
-    def releases(store: StoreDep):
-        """Every release, oldest first."""
-        return list_releases(store)
+    def releases(store: StoreDep, deleted: DeletedQuery = False):
+        """Every release, oldest first; deleted ones only with deleted=true."""
+        return list_releases(store, deleted=deleted)
 
     @router.get("/releases/{version}", response_model=ReleaseOut, tags=["releases"],
                 responses={404: {"model": ErrorOut}})
-    def release(version: VersionPath, store: StoreDep):
-        """One release, by version (or id)."""
+    def release(version: VersionPath, store: StoreDep, deleted: DeletedQuery = False):
+        """One release, by version (or id); a deleted one is 404 unless deleted=true."""
         with _service_errors(404):
-            return get_release(store, version)
+            return get_release(store, version, deleted=deleted)
+
+    @router.delete("/releases/{version}", response_model=ReleaseDeletedOut, tags=["releases"],
+                   responses={**admin_responses, 404: {"model": ErrorOut},
+                              409: {"model": ErrorOut, "description": "a deployment or campaign that has not "
+                                                                      "finished uses it (named in detail)"}})
+    def release_delete(request: Request, version: VersionPath, store: StoreDep, token: AdminDep):
+        """Delete a release (admin): its image and the cached patches from or to it leave the blobs
+        directory and object storage; the release is then listed only with deleted=true and refused for
+        deployments and campaigns. 404: no such release (or deleted already); 409: in use."""
+        try:
+            return delete_release(store, request.app.state.blobs_dir, version, request.app.state.objects,
+                                  actor=token.name)
+        except ReleaseNotFound as exc:
+            raise HTTPException(404, str(exc)) from None
+        except ReleaseInUse as exc:
+            raise HTTPException(409, str(exc)) from None
+        except IntegrityError:
+            raise HTTPException(409, "conflict with a concurrent change; retry") from None
 
     @router.post("/releases", response_model=ReleaseOut, status_code=201, tags=["releases"],
                  responses={**change_responses, 503: {"model": ErrorOut}})

@@ -12,7 +12,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from fota.device import protocol
 from fota.server import names
-from fota.server.releases import get_release
+from fota.server.releases import ReleaseError, get_release, lock_live
 from fota.server.store import Deployment, Device, Job, Release, StatusEvent, Store, utcnow
 from fota.server.store.inlists import chunks
 
@@ -120,6 +120,10 @@ def create_deployment(store: Store, release: Release | str | int, device_ids: It
     if not isinstance(release, Release):
         release = get_release(store, release)
     with store.session() as s:
+        try:
+            lock_live(s, release)  # not deleted meanwhile (fota.server.release_delete)
+        except ReleaseError as exc:
+            raise DeploymentError(str(exc)) from None
         devices = _select_devices(s, release, device_ids, tag)
         target: dict[str, Any] = {"devices": devices} if tag is None else {"tag": tag}
         now = utcnow()

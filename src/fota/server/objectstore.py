@@ -8,7 +8,8 @@ of truth): ``put_blob`` writes a release's image when the release is created and
 is made (objects are immutable and content-addressed, never overwritten), and ``get_blob`` reads
 one back for a process whose blobs directory lacks it (fota.server.releases.blob_file: the chunk
 server, the sender, the blob route, another worker's patch). A blob made before the storage was
-configured is uploaded the first time a job needs it.
+configured is uploaded the first time a job needs it. ``delete_blob`` removes one when its release is
+deleted (fota.server.release_delete).
 
 Credentials come from boto3's usual chain (environment, ``~/.aws``, an instance role); the
 device gets only the presigned URL, which grants a GET of that one object until it expires.
@@ -67,6 +68,13 @@ class S3Payloads:
                                    ContentType="application/octet-stream")
             log.info("blob %s stored in s3://%s/%s", sha256[:16], self.bucket, self.key(sha256))
         self._stored.add(sha256)
+
+    def delete_blob(self, sha256: str) -> None:
+        """Remove blob ``sha256``'s object (a deleted release's image or patch); no error if it is
+        not there (S3 answers a DELETE of a missing key with success)."""
+        self._stored.discard(sha256)
+        self.client.delete_object(Bucket=self.bucket, Key=self.key(sha256))
+        log.info("blob %s deleted from s3://%s/%s", sha256[:16], self.bucket, self.key(sha256))
 
     def get_blob(self, sha256: str) -> bytes:
         return self.client.get_object(Bucket=self.bucket, Key=self.key(sha256))["Body"].read()

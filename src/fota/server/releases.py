@@ -32,8 +32,9 @@ from fota.tools.keyring import COMMAND_TTL, Signer
 from fota.tools.private import private_dir, write_private
 from fota.tools.signing import key_id, public_key_bytes, sign
 
-__all__ = ["KINDS", "ReleaseError", "blob_file", "build_manifest", "check_release_key", "create_release",
-           "get_release", "list_releases", "read_blob", "resign_release", "update_command", "wrap_release_key"]
+__all__ = ["KINDS", "ReleaseDeleted", "ReleaseError", "ReleaseNotFound", "blob_file", "build_manifest",
+           "check_release_key", "create_release", "get_release", "list_releases", "lock_live", "read_blob",
+           "resign_release", "update_command", "wrap_release_key"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,17 @@ BLOB_CACHE_SIZE = 8  # releases kept in memory; a rollout serves one or two at a
 
 class ReleaseError(ValueError):
     """A release cannot be created or found."""
+
+
+class ReleaseNotFound(ReleaseError):
+    """No release of that version or id."""
+
+
+class ReleaseDeleted(ReleaseNotFound):
+    """The release was deleted (fota.server.release_delete): nothing can use it any more."""
+
+    def __init__(self, version: str, deleted_at):
+        super().__init__(f"no release {version!r}: it was deleted at {deleted_at:%Y-%m-%d %H:%M:%S} UTC")
 
 
 def encrypt_image(image: bytes, key: bytes) -> bytes:
@@ -294,8 +306,10 @@ def create_release(store: Store, blobs_dir: str | os.PathLike, key: ec.EllipticC
     return release
 
 
-def get_release(store: Store, version_or_id: str | int) -> Release:
-    """A release by version, or by id (an int, or a string of digits no version matches)."""
+def get_release(store: Store, version_or_id: str | int, deleted: bool = False) -> Release:
+    """A release by version, or by id (an int, or a string of digits no version matches).
+
+    ReleaseNotFound if there is none; ReleaseDeleted for a deleted one, unless ``deleted``."""
     with store.session() as s:
         release = None
         if names.may_be_stored(version_or_id):
@@ -304,14 +318,31 @@ def get_release(store: Store, version_or_id: str | int) -> Release:
         if release is None and release_id is not None:
             release = s.get(Release, release_id)
         if release is None:
-            raise ReleaseError(f"no release {version_or_id!r}")
+            raise ReleaseNotFound(f"no release {version_or_id!r}")
+        if release.deleted_at is not None and not deleted:
+            raise ReleaseDeleted(release.version, release.deleted_at)
         return release
 
 
-def list_releases(store: Store) -> list[Release]:
-    """All releases, oldest first."""
+def list_releases(store: Store, deleted: bool = False) -> list[Release]:
+    """The releases, oldest first; the deleted ones too (deleted_at set) if ``deleted``."""
+    query = select(Release).order_by(Release.id)
+    if not deleted:
+        query = query.where(Release.deleted_at.is_(None))
     with store.session() as s:
-        return list(s.scalars(select(Release).order_by(Release.id)))
+        return list(s.scalars(query))
+
+
+def lock_live(session, release: Release) -> None:
+    """ReleaseDeleted if ``release`` was deleted meanwhile; else its row stays share-locked
+    (PostgreSQL's FOR SHARE; SQLite has one writer anyway) until ``session``'s transaction ends.
+    A deployment or campaign takes it before it names the release: delete_release, which
+    updates the row first, then waits for that transaction and sees what it made (or it sees
+    the release deleted)."""
+    deleted_at = session.scalar(select(Release.deleted_at).where(Release.id == release.id)
+                                .with_for_update(read=True))
+    if deleted_at is not None:
+        raise ReleaseDeleted(release.version, deleted_at)
 
 
 class _BlobCache:

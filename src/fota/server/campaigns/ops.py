@@ -19,7 +19,7 @@ from fota.server.campaigns import states as S
 from fota.server.campaigns.engine import cancel_downloads, plan_targets, target_devices
 from fota.server.campaigns.spec import CampaignError, CampaignNotFound, CampaignSpec
 from fota.server.deployments import ACTIVE as DEPLOYMENT_ACTIVE
-from fota.server.releases import ReleaseError, check_release_key, get_release
+from fota.server.releases import ReleaseError, check_release_key, get_release, lock_live
 from fota.server.store import Campaign, CampaignDevice, Deployment, Device, Job, Release, Store, utcnow
 from fota.server.store.inlists import chunks
 
@@ -134,6 +134,10 @@ def create_campaign(store: Store, name: str, release: Release | str | int, spec:
     fleet does not have is refused (CampaignError)."""
     with store.session() as s:
         parsed, release, _ = _validated(s, store, name, release, spec, trust)
+        try:
+            lock_live(s, release)  # not deleted meanwhile (fota.server.release_delete)
+        except ReleaseError as exc:
+            raise CampaignError(str(exc)) from None
         deployment = Deployment(release_id=release.id, target={"campaign": name}, state=DEPLOYMENT_ACTIVE,
                                 transport=parsed.transport)
         s.add(deployment)

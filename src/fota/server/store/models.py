@@ -136,6 +136,9 @@ class Release(Base):
     enc_key: Mapped[str | None] = mapped_column(String(160))
     # Optional: campaigns send this release only to devices running at least this version.
     min_version: Mapped[str | None] = mapped_column(String(64))
+    # When the release was deleted (fota.server.releases.delete_release): its image and patches
+    # are gone, the row stays for the deployments, campaigns and audit events that name it.
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     deployments: Mapped[list[Deployment]] = relationship(back_populates="release")
 
