@@ -107,6 +107,7 @@ def admin_requests(env: Env) -> list[tuple[str, str, dict]]:
         ("GET", f"{API}/tokens", {}),
         ("POST", f"{API}/tokens", {"json": {"name": "ci", "role": "read"}}),
         ("POST", f"{API}/tokens/viewer/revoke", {}),
+        ("DELETE", f"{API}/releases/1.0.0", {}),
     ]
 
 
@@ -353,6 +354,41 @@ def test_service_errors_are_400_or_404_and_change_nothing(env):
               env.upload(env.admin, "3.0.0", hardware=(",",))):
         assert r.status_code == 422, r.text
     assert env.snapshot() == before
+
+
+def test_release_delete_is_admin_404_unknown_409_in_use_and_audited(env):
+    seed_release_and_deployment(env)  # 1.0.0, deployed to dev-1: active
+    assert env.upload(env.admin, "1.1.0").status_code == 201
+    admin = bearer(env.admin)
+    rel_1_0 = env.client.get(f"{API}/releases/1.0.0", headers=admin).json()
+    before = env.snapshot()
+    r = env.client.delete(f"{API}/releases/1.0.0", headers=admin)
+    assert r.status_code == 409 and r.json()["detail"].startswith("release 1.0.0 is in use by deployment 1 (active)")
+    r = env.client.delete(f"{API}/releases/9.9.9", headers=admin)
+    assert r.status_code == 404 and r.json()["detail"] == "no release '9.9.9'", r.text
+    assert env.snapshot() == before
+
+    r = env.client.delete(f"{API}/releases/1.1.0", headers=admin)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert (out["version"], out["patches_removed"], out["failures"], out["object_storage"]) == ("1.1.0", 0, [], False)
+    assert out["blobs_removed"] == [hashlib.sha256(bundle_bytes("1.1.0")).hexdigest()]
+    assert out["deleted_at"] and env.snapshot()["blobs"] == [rel_1_0["sha256"]]
+    assert [x["version"] for x in env.client.get(f"{API}/releases", headers=admin).json()] == ["1.0.0"]
+    listed = env.client.get(f"{API}/releases", headers=admin, params={"deleted": "true"}).json()
+    assert [(x["version"], x["deleted_at"] is not None) for x in listed] == [("1.0.0", False), ("1.1.0", True)]
+    r = env.client.get(f"{API}/releases/1.1.0", headers=admin)
+    assert r.status_code == 404 and "it was deleted at" in r.json()["detail"]
+    assert env.client.get(f"{API}/releases/1.1.0", headers=admin, params={"deleted": True}).json()["deleted_at"]
+    r = env.client.delete(f"{API}/releases/1.1.0", headers=admin)
+    assert r.status_code == 404 and r.json()["detail"].startswith("no release '1.1.0': it was deleted at"), r.text
+    for path, body in (("deployments", {"release": "1.1.0", "devices": ["dev-1"]}),
+                       ("campaigns", {"name": "spring", "release": "1.1.0"}),
+                       ("campaign-previews", {"name": "spring", "release": "1.1.0"})):
+        r = env.client.post(f"{API}/{path}", headers=admin, json=body)
+        assert r.status_code == 400 and "no release '1.1.0': it was deleted" in r.json()["detail"], (path, r.text)
+    events = audit.list_events(env.store, action="release.delete")
+    assert [(e.actor, e.target) for e in events] == [("ops-admin", "release:1.1.0")]
 
 
 def test_deployment_cancel_is_audited_and_refused_where_it_cannot_apply(env):

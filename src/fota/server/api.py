@@ -421,6 +421,7 @@ CampaignRefPath = Annotated[str, PathParam(min_length=1, max_length=names.MAX_NA
                                            description="campaign name (or id)")]
 DeploymentIdPath = Annotated[int, PathParam(ge=1, le=names.MAX_DB_INT)]
 NameQuery = Annotated[str | None, Query(min_length=1, max_length=names.MAX_NAME, pattern=names.NAME)]
+DeletedQuery = Annotated[bool, Query(description="also deleted releases (their deleted_at set)")]
 
 
 @contextmanager
@@ -584,8 +585,6 @@ def _router() -> APIRouter:
         rows, next_cursor = history_page(store, device_id, limit, cursor, newest_first=order == "desc",
                                          include_ignored=ignored)
         return {"statuses": rows, "next_cursor": next_cursor}
-
-    DeletedQuery = Annotated[bool, Query(description="also deleted releases (their deleted_at set)")]
 
     @router.get("/releases", response_model=list[ReleaseOut], tags=["releases"])
     def releases(store: StoreDep, deleted: DeletedQuery = False):
