@@ -231,6 +231,53 @@ def test_operator_commands_answer_alike_in_both_modes(center_in_process, mode, t
         assert not (center.laptop / ".fota").exists()
 
 
+def test_release_delete_answers_alike_in_both_modes(center_in_process, mode, tmp_path):
+    """`fota release delete`: refused while a deployment needs the release, then its image leaves
+    the home's blobs; listed only with --deleted; a second delete and a deploy of it are refused.
+    The same words and exit codes locally and through the API (SQLite and PostgreSQL)."""
+    from fota.server.home import Home
+    center = center_in_process
+    cli = center.local if mode == "local" else center.remote
+    assert center.local("device", "add", "u-1", "--hardware", "unix").returncode == 0
+    for version in ("1.1.0", "1.2.0"):
+        r = cli("release", "create", str(_app_dir(tmp_path, version)), "--version", version, "--hardware", "unix")
+        assert r.returncode == 0, r.stdout + r.stderr
+    blobs = Home(center.home).blobs
+    stored = {p.name for p in blobs.iterdir()}
+    r = cli("deploy", "1.1.0", "--device", "u-1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    dep = r.stdout.split()[1].rstrip(":")
+
+    in_use = cli("release", "delete", "1.1.0")
+    assert_clean_error(in_use, f"release 1.1.0 is in use by deployment {dep} (active): it can be deleted once")
+    assert {p.name for p in blobs.iterdir()} == stored
+    assert cli("deployment", "cancel", dep).returncode == 0
+    r = cli("release", "delete", "1.1.0")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.strip() == "release 1.1.0 deleted: its image and 0 patch(es) removed from the blobs directory"
+    assert len({p.name for p in blobs.iterdir()}) == len(stored) - 1
+    listing = cli("releases").stdout
+    assert "1.2.0" in listing and "1.1.0" not in listing and "deleted" not in listing
+    listing = cli("releases", "--deleted").stdout
+    assert "1.1.0" in listing and "deleted" in listing and " UTC" in listing
+    again = cli("release", "delete", "1.1.0")
+    assert_clean_error(again, "no release '1.1.0': it was deleted at 20")
+    assert_clean_error(cli("release", "delete", "9.9.9"), "no release '9.9.9'")
+    assert_clean_error(cli("deploy", "1.1.0", "--device", "u-1"), "no release '1.1.0': it was deleted at")
+
+    if mode == "remote":
+        # the same words and exit codes as the local command on the same home
+        for args in (("release", "delete", "1.1.0"), ("release", "delete", "9.9.9"), ("releases", "--deleted")):
+            remote, local = center.remote(*args), center.local(*args)
+            assert (remote.returncode, remote.stdout, remote.stderr) == \
+                (local.returncode, local.stdout, local.stderr), args
+        assert_clean_error(center.remote("release", "delete", "1.2.0", token=center.reader),
+                           "role 'read': this needs an admin token")
+        audit = httpx.get(f"{center.url}/api/v1/audit", params={"action": "release.delete"},
+                          headers={"Authorization": f"Bearer {center.admin}"}).json()
+        assert [(e["actor"], e["target"]) for e in audit] == [("ops", "release:1.1.0")]
+
+
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_remote_refusals_are_one_line_and_exit_1(center, tmp_path):
     app = _app_dir(tmp_path, "1.1.0")

@@ -902,6 +902,57 @@ def test_releases_made_through_the_api_and_the_cli_are_written_to_object_storage
         store.dispose()
 
 
+def test_a_deleted_releases_image_and_patches_leave_object_storage(s3, tmp_path, db_url):
+    # Through the API (`fota release delete` in remote mode): the image and the patches from and
+    # to it leave the bucket as well as the blobs directory; the other release's stay. Storage
+    # unreachable at that moment: the release is deleted, and what was left behind is named.
+    import boto3
+    from botocore.config import Config
+    from fota.server import delta as server_delta
+    from fota.server.objectstore import S3Payloads
+    from fota.server.release_delete import delete_release
+    from fota.server.releases import get_release, read_blob
+    from test_api import bearer, make_env
+    endpoint, bucket = s3
+    objects = S3Payloads(bucket, blobs_dir=tmp_path / "blobs", endpoint_url=endpoint, region="us-east-1",
+                         prefix="fota/")
+    env = make_env(db_url, tmp_path, objects=objects)
+    try:
+        first = os.urandom(30_000)
+        for i, version in enumerate(("1.0.0", "1.1.0", "1.2.0")):
+            image = first[:9_000 + i] + b"change" + first[9_000 + i:]
+            r = env.upload(env.admin, version, data=image, filename="fw.bin")
+            assert r.status_code == 201, r.text
+        r1, r2, r3 = (get_release(env.store, v) for v in ("1.0.0", "1.1.0", "1.2.0"))
+        patches = [server_delta.get_delta(env.store, env.blobs, base, target, 12, read_blob, remote=objects)
+                   for base, target in ((r1, r2), (r2, r3), (r1, r3))]
+        for blob in [r1.sha256, r2.sha256, r3.sha256] + [p.sha256 for p in patches]:
+            assert _object(endpoint, bucket, f"fota/{blob}") == (env.blobs / blob).read_bytes()
+
+        r = env.client.delete("/api/v1/releases/1.1.0", headers=bearer(env.admin))
+        assert r.status_code == 200 and r.json()["object_storage"] and r.json()["failures"] == [], r.text
+        gone = [r2.sha256, patches[0].sha256, patches[1].sha256]
+        assert sorted(r.json()["blobs_removed"]) == sorted(gone) and r.json()["patches_removed"] == 2
+        for blob in gone:
+            assert _object(endpoint, bucket, f"fota/{blob}") is None and not (env.blobs / blob).exists()
+        for blob in (r1.sha256, r3.sha256, patches[2].sha256):
+            assert _object(endpoint, bucket, f"fota/{blob}") == (env.blobs / blob).read_bytes()
+
+        # The storage unreachable: the database says deleted, the objects left behind are named.
+        closed = boto3.client("s3", endpoint_url="http://127.0.0.1:9", region_name="us-east-1",
+                              config=Config(retries={"max_attempts": 1}, connect_timeout=2,
+                                            s3={"addressing_style": "path"}))
+        unreachable = S3Payloads(bucket, blobs_dir=env.blobs, prefix="fota/", client=closed)
+        out = delete_release(env.store, env.blobs, "1.2.0", unreachable, actor="test")
+        assert [f.split(":")[0] for f in out["failures"]] == [f"object fota/{b}" for b in sorted(out["blobs_removed"])]
+        assert r3.sha256 in out["blobs_removed"] and not (env.blobs / r3.sha256).exists()
+        assert _object(endpoint, bucket, f"fota/{r3.sha256}") is not None  # left behind, and said so
+        assert get_release(env.store, "1.2.0", deleted=True).deleted_at is not None
+    finally:
+        env.client.close()
+        env.store.dispose()
+
+
 def _release_hello_with_the_cli(runner, home, tmp_path, version: str) -> None:
     """`fota release create` of the hello app at `version` from a directory."""
     from fota.cli import app as cli
