@@ -211,3 +211,42 @@ def test_home_assistant_never_offers_a_deleted_release(store, tmp_path):
     assert bridge.read_views()["ha-1"].release[1] == "1.0.0"
     delete_release(store, blobs, "1.0.0", actor=ACTOR)
     assert bridge.read_views()["ha-1"].release is None
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_a_deployment_made_while_the_release_is_deleted_is_seen_or_refused(store, tmp_path):
+    # PostgreSQL, READ COMMITTED: a deployment whose transaction took the release (lock_live) and
+    # has not committed yet makes delete_release wait at its mark; once it commits, the delete
+    # sees it and is refused, and the release keeps its image (never a deployment without one).
+    import threading
+    from sqlalchemy import text
+    from fota.server.releases import lock_live
+    from fota.server.store import Deployment
+    from fota.tools.waiting import wait_until
+    blobs = tmp_path / "blobs"
+    (rel,) = _releases(store, blobs, ("1.0.0",))
+    outcome: list[BaseException | dict] = []
+    with store.session() as s:
+        lock_live(s, rel)
+        s.add(Deployment(release_id=rel.id, target={"devices": []}, state="active"))
+        s.flush()
+
+        def delete():
+            try:
+                outcome.append(delete_release(store, blobs, "1.0.0", actor=ACTOR))
+            except BaseException as exc:
+                outcome.append(exc)
+        worker = threading.Thread(target=delete)
+        worker.start()
+
+        def waiting() -> bool:  # the delete's UPDATE waits for this transaction's row lock
+            with store.engine.connect() as c:
+                return bool(c.execute(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                           "AND query LIKE 'UPDATE releases SET deleted_at%'")).scalar())
+        wait_until(waiting, timeout=30, what="delete_release waiting for the deployment's transaction")
+        assert not outcome
+    worker.join(30)
+    (result,) = outcome
+    assert isinstance(result, ReleaseInUse) and "deployment" in str(result), result
+    assert get_release(store, "1.0.0").deleted_at is None and rel.sha256 in _stored(blobs)
