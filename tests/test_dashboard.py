@@ -246,6 +246,13 @@ def test_releases_say_whether_their_key_is_still_trusted_and_the_fleet_page_coun
     assert ">not trusted<" in row and "revoked in trust version 3" in row
     fleet = client.get("/ui/").text
     assert "2 online" in fleet and "5 offline" in fleet and "campaign roll" in fleet and "<svg" in fleet
+    # A deleted release is not listed (fota release delete)
+    from fota.server.release_delete import delete_release
+    create_release(env.store, env.app.state.blobs_dir, KEY, pack_files({"app.py": b"V = 3\n"}), "1.2.0", ["esp32"])
+    assert "<td>1.2.0</td>" in client.get("/ui/releases").text
+    delete_release(env.store, env.app.state.blobs_dir, "1.2.0", actor="test")
+    page = client.get("/ui/releases").text
+    assert "<td>1.2.0</td>" not in page and "<td>1.1.0</td>" in page
 
 
 def test_error_code_table_is_the_protocol_documents():
