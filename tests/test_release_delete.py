@@ -142,7 +142,8 @@ def test_refused_while_a_deployment_campaign_or_patch_download_needs_it(store, t
     sending = create_deployment(store, r3, device_ids=["dev-2"])
     with store.session() as s:
         s.execute(update(Job).where(Job.id == sending.jobs[0].id).values(state="downloading", delta_id=patch.id))
-    refused("1.1.0", f"deployment {sending.id} (sending patches from it to release 1.2.0)")
+    refused("1.1.0", f"release 1.1.0 is in use by deployment {sending.id} (devices downloading patches of it to "
+                     "release 1.2.0)")
     with store.session() as s:
         s.execute(update(Job).where(Job.id == sending.jobs[0].id).values(state="confirmed"))
     assert delete_release(store, blobs, "1.1.0", actor=ACTOR)["patches_removed"] == 1

@@ -45,13 +45,14 @@ def _in_use(s, release: Release, patch_ids: list[int]) -> list[str]:
     users += [f"deployment {dep_id} ({ACTIVE})" for dep_id in s.scalars(
         select(Deployment.id).where(Deployment.release_id == release.id, Deployment.state == ACTIVE,
                                     Deployment.id.not_in(campaign_deployments)).order_by(Deployment.id))]
-    if patch_ids:  # a device downloading a patch from this image (to another release) needs it
+    if patch_ids:  # a device downloading a patch from this image (to another release) needs it too
         rows = s.execute(select(Job.deployment_id, Release.version).distinct()
                          .join(Deployment, Deployment.id == Job.deployment_id)
                          .join(Release, Release.id == Deployment.release_id)
                          .where(Job.delta_id.in_(patch_ids), Job.state.not_in(TERMINAL_STATES))
                          .order_by(Job.deployment_id)).all()
-        users += [f"deployment {dep_id} (sending patches from it to release {version})" for dep_id, version in rows]
+        users += [f"deployment {dep_id} (devices downloading patches of it to release {version})"
+                  for dep_id, version in rows]
     return users
 
 
