@@ -279,3 +279,38 @@ def test_rekey_and_revoke_reach_the_managed_broker(tmp_path):
         assert settled("mq-a", new_a, False) and accepted("mq-b", pw_b)
     finally:
         broker.stop()
+
+
+def test_managed_broker_saves_its_sessions_every_broker_autosave_seconds(tmp_path):
+    """config.json's broker_autosave sets how often the managed Mosquitto saves its sessions (a
+    large fleet's saves stall its one thread: docs/operations.md §4b); a bad value is refused
+    before anything starts, naming the setting."""
+    from fota.server.app import managed_broker
+    from fota.server.home import HomeError
+    home = Home(tmp_path / "home")
+    home.keyring.init()
+    store = home.store()
+    conf = home.broker_dir / "mosquitto.conf"
+    try:
+        for setting, expected in ((None, "autosave_interval 1"), (120, "autosave_interval 120")):
+            cfg = home.config()
+            if setting is not None:
+                cfg["broker_autosave"] = setting
+                home.save_config(cfg)
+            broker = managed_broker(home, store)
+            try:
+                assert expected in conf.read_text().splitlines()
+                assert "persistence true" in conf.read_text().splitlines()
+                assert broker.proc.poll() is None  # Mosquitto took the setting and runs
+            finally:
+                broker.stop()
+        for bad in (0, -5, 1.5, "60", True, 86401):
+            cfg = home.config()
+            cfg["broker_autosave"] = bad
+            home.save_config(cfg)
+            conf.unlink(missing_ok=True)
+            with pytest.raises(HomeError, match="broker_autosave must be a whole number of seconds"):
+                managed_broker(home, store)
+            assert not conf.exists()  # refused before the broker was configured
+    finally:
+        store.dispose()

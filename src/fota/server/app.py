@@ -75,13 +75,15 @@ def start_broker(broker: Mosquitto, home: Home, store) -> Mosquitto:
 
 def managed_broker(home: Home, store) -> Mosquitto:
     """Start the home's own Mosquitto (device listener on broker_listen and service listener,
-    fota.server.broker; persistence on, TLS if the home has broker_tls or listens beyond loopback)."""
+    fota.server.broker; persistence on, saved every broker_autosave seconds, TLS if the home has
+    broker_tls or listens beyond loopback)."""
     home.sync_broker_passwords(store)
     cfg = home.config()
     host, port = home.broker_listen
     return start_broker(Mosquitto(home.broker_dir, port=port, service_port=cfg["broker_service_port"],
                                   auth=True, persistence=True, tls=home.tls_files(), host=host,
-                                  max_packet_size=MANAGED_MAX_PACKET, acl_extra=home.broker_acl_extra()),
+                                  max_packet_size=MANAGED_MAX_PACKET, acl_extra=home.broker_acl_extra(),
+                                  autosave_interval=home.broker_autosave),
                         home, store)
 
 

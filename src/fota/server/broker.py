@@ -248,8 +248,10 @@ class Mosquitto:
 
     def __init__(self, directory: Path, port: int | None = None, *, service_port: int | None = None,
                  auth: bool = True, persistence: bool = False, tls: TlsFiles | None = None,
-                 max_packet_size: int = 65536, host: str = LOOPBACK, acl_extra: tuple[str, str] = ("", "")):
+                 max_packet_size: int = 65536, host: str = LOOPBACK, acl_extra: tuple[str, str] = ("", ""),
+                 autosave_interval: int = AUTOSAVE_INTERVAL):
         self.directory = Path(directory)
+        self.autosave_interval = autosave_interval
         self.acl_extra = acl_extra
         self.host = host
         self.max_packet_size = max_packet_size
@@ -267,7 +269,7 @@ class Mosquitto:
     def start(self, timeout: float = 10.0) -> "Mosquitto":
         conf = write_config(self.directory, self.port, service_port=self.service_port, auth=self.auth,
                             persistence=self.persistence, tls=self.tls, max_packet_size=self.max_packet_size,
-                            host=self.host, acl_extra=self.acl_extra)
+                            host=self.host, acl_extra=self.acl_extra, autosave_interval=self.autosave_interval)
         self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout

@@ -244,6 +244,21 @@ class Home:
             raise HomeError(f"{self.config_path}: broker_listen: {e}") from None
         return host, port or (cfg["broker_port"] if is_loopback(host) else TLS_PORT)
 
+    @property
+    def broker_autosave(self) -> int:
+        """Seconds between the managed broker's saves of its sessions (config.json's
+        broker_autosave; default fota.server.broker.AUTOSAVE_INTERVAL, 1). A save rewrites every
+        session and stalls Mosquitto's one thread: ~1.9 ms of CPU a second per 1,000 sessions at
+        the default (docs/operations.md §4b); a longer interval costs less and loses more of the
+        broker's state when it is killed (the center re-sends unanswered commands, devices their
+        unacknowledged statuses: docs/reliability.md)."""
+        from fota.server.broker import AUTOSAVE_INTERVAL
+        value = self.config().get("broker_autosave", AUTOSAVE_INTERVAL)
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 86400:
+            raise HomeError(f"{self.config_path}: broker_autosave must be a whole number of seconds "
+                            f"from 1 to 86400, not {value!r}")
+        return value
+
     def _managed_tls(self, cfg: dict) -> bool:
         """The managed broker speaks TLS: broker_tls, or a device listener beyond loopback (boards
         on the network send their passwords over it: never in clear)."""
