@@ -349,6 +349,20 @@ def _accepted(port: int, user: str, password: str) -> bool:
         return False
 
 
+def _session(port: int, user: str, password: str):
+    """A device's MQTT connection, kept open (no reconnect within the test)."""
+    import paho.mqtt.client as mqtt
+
+    from fota.tools.waiting import wait_until
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=user)
+    client.username_pw_set(user, password)
+    client.reconnect_delay_set(300, 300)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    wait_until(client.is_connected, timeout=5, what=f"{user} connected")
+    return client
+
+
 def test_device_rekey_and_revoke_are_audited_and_reach_the_homes_broker(db_url, tmp_path):
     """POST /devices/{id}/rekey and /revoke (admin): the registry changes, the token's name is the
     actor in the audit log, and the home's Mosquitto password file is rewritten from the registry:
@@ -398,9 +412,16 @@ def test_device_rekey_and_revoke_are_audited_and_reach_the_homes_broker(db_url, 
         wait_until(lambda: not _accepted(port, "acc-2", pw2), timeout=5, what="acc-2's old password refused")
         assert _accepted(port, "acc-2", new2)
 
+        # a device connected at the revoke is disconnected at the reload; another stays connected
+        sessions = {dev: _session(port, dev, pw) for dev, pw in (("acc-1", new1), ("acc-2", new2))}
         r = e.client.post(f"{API}/devices/acc-1/revoke", headers=admin)
         assert r.status_code == 200, r.text
         assert "password" not in r.json() and r.json()["broker"]["applied"] is True
+        wait_until(lambda: not sessions["acc-1"].is_connected(), timeout=5, what="acc-1 disconnected at the reload")
+        assert sessions["acc-2"].is_connected()
+        for client in sessions.values():  # (a CONNECT as acc-2 below would take its client id over)
+            client.disconnect()
+            client.loop_stop()
         wait_until(lambda: not _accepted(port, "acc-1", new1), timeout=5, what="acc-1 refused after the revoke")
         assert _accepted(port, "acc-2", new2)
         assert "acc-1" not in _password_file(home)
