@@ -423,8 +423,9 @@ class Home:
         nats-config` wrote, its users file instead (sync_nats_users, returned); None: a broker
         whose accounts fota does not write (another broker URL, a NATS cluster without configs).
 
-        Several processes do this: `fota serve` before and after starting its broker, and every
-        command that provisions devices (`fota device add`, `fota simulate`). Reading the devices
+        Several processes do this: `fota serve` before and after starting its broker, every
+        command that provisions devices (`fota device add`, `fota simulate`), and `fota device
+        rekey|revoke` or the `fota api` process that runs them (fota.server.accounts). Reading the devices
         and writing the file happen under one lock, so a process that read the list earlier never
         replaces a newer file with it (`fota simulate` started with `fota serve` lost its devices'
         passwords that way, and the broker refused them)."""
