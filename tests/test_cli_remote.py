@@ -271,7 +271,8 @@ def test_device_rekey_and_revoke_answer_alike_in_both_modes_and_reach_the_homes_
         assert "managed Mosquitto reloaded" in remote.stdout
         same(local, remote, "rk-1", "rk-2")
         new2 = new_password(remote)
-        wait_until(lambda: not _accepted(port, "rk-2", passwords["rk-2"]), timeout=5, what="rk-2's old password refused")
+        wait_until(lambda: not _accepted(port, "rk-2", passwords["rk-2"]), timeout=5,
+                   what="rk-2's old password refused")
         assert _accepted(port, "rk-2", new2) and _accepted(port, "rk-1", new_password(local))
 
         remote = center.remote("device", "revoke", "rk-2")
@@ -301,7 +302,9 @@ def test_device_rekey_and_revoke_answer_alike_in_both_modes_and_reach_the_homes_
     # audited: under the token's name through the API, as cli:<user> on the home
     events = httpx.get(f"{center.url}/api/v1/audit", headers={"Authorization": f"Bearer {center.admin}"}).json()
     cli = audit_actor()
-    assert [(e["actor"], e["action"], e["target"]) for e in reversed(events) if e["action"] in ("device.rekey", "device.revoke")] == [
+    accounts = [(e["actor"], e["action"], e["target"]) for e in reversed(events)
+                if e["action"] in ("device.rekey", "device.revoke")]
+    assert accounts == [
         (cli, "device.rekey", "device:rk-1"), ("ops", "device.rekey", "device:rk-2"),
         ("ops", "device.revoke", "device:rk-2"), (cli, "device.revoke", "device:rk-1"),
         (cli, "device.rekey", "device:rk-3"), ("ops", "device.rekey", "device:rk-3"),

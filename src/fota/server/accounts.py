@@ -20,7 +20,7 @@ the same lines in local and remote mode:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from fota.server import audit
@@ -74,9 +74,9 @@ def broker_report(home, done) -> dict[str, Any]:
     """The ``broker`` object for what Home.sync_broker_passwords (or sync_nats_users) returned."""
     from fota.server.home import MosquittoPasswords, NatsUsers
     if isinstance(done, NatsUsers):
+        from fota.server.natscluster import USERS_FILE
         reloaded = [str(p) for p in done.reloaded]
         others = [str(p) for p in done.pid_files if p not in done.reloaded]
-        from fota.server.natscluster import USERS_FILE
         return _report("nats", applied=not others, file=str(done.directory / USERS_FILE), reloaded=reloaded,
                        not_reloaded=others, missing=list(done.missing))
     if isinstance(done, MosquittoPasswords):
@@ -103,8 +103,8 @@ def _kind(home) -> str:
     return "nats" if home.nats_broker else "mosquitto" if home.managed_broker else "external"
 
 
-def _report(kind: str, *, applied: bool = False, file: str | None = None, reloaded: list[str] = (),
-            not_reloaded: list[str] = (), missing: list[str] = (), note: str | None = None,
+def _report(kind: str, *, applied: bool = False, file: str | None = None, reloaded: Iterable[str] = (),
+            not_reloaded: Iterable[str] = (), missing: Iterable[str] = (), note: str | None = None,
             error: str | None = None) -> dict[str, Any]:
     return {"kind": kind, "applied": applied, "file": file, "reloaded": list(reloaded),
             "not_reloaded": list(not_reloaded), "missing": list(missing), "note": note, "error": error}
