@@ -2,10 +2,13 @@
 
 Three real nats-server processes started from the configs the command wrote; the devices' users
 come from the registry as bcrypt hashes, rewritten and reloaded by fota device add / rekey /
-revoke; devices are MQTT clients (fota.server.natscluster.mqtt_ping, paho)."""
+revoke and by fota serve as it starts; devices are MQTT clients (fota.server.natscluster.mqtt_ping,
+paho)."""
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import threading
 
 import paho.mqtt.client as mqtt
@@ -18,6 +21,7 @@ from fota.server.natscluster import USERS_FILE, NatsNode, NodePorts, mqtt_ping
 from fota.server.store import Device, Store
 from fota.tools.waiting import wait_until
 from inproc import run_fota
+from test_cli import FOTA, stop
 
 SERVER_PASSWORD = "server-secret"
 
@@ -212,11 +216,7 @@ def test_serve_rewrites_the_users_file_from_the_registry_at_start(tmp_path, sqli
     database: here straight in the registry) reach the nodes when `fota serve` starts: it rewrites the
     users file and reloads the nodes on this machine before it connects, as it rewrites the managed
     Mosquitto's password file (tests/test_app.py)."""
-    import os
-    import subprocess
-
     from fota.server.fleet import rekey_device, revoke_device
-    from test_cli import FOTA, stop
     nats = Cluster(tmp_path, sqlite_url)
     home, ports = nats.home, nats.mqtt_ports
     _fota(home.path, "keys", "init")
@@ -248,3 +248,21 @@ def test_serve_rewrites_the_users_file_from_the_registry_at_start(tmp_path, sqli
         if serve is not None:
             stop(serve)
         nats.stop()
+
+
+def test_serve_refuses_to_start_when_it_cannot_rewrite_the_users_file(tmp_path, sqlite_url):
+    """A users file serve cannot rewrite might still let a revoked device in: it says so and exits 1
+    before it connects (here its directory is a file)."""
+    home = Home(tmp_path / "home")
+    cfg = home.config()
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    cfg.update(database_url=sqlite_url, nats_config={"dir": str(blocked), "pid_files": []},
+               broker_url=",".join(f"nats://{SERVER_USER}:{SERVER_PASSWORD}@127.0.0.1:{p}" for p in _ports(3)))
+    home.save_config(cfg)
+    _fota(home.path, "keys", "init")
+    # a process: a serve that went on would run until the timeout, not for ever
+    done = subprocess.run(FOTA + ["serve"], env={**os.environ, "FOTA_HOME": str(home.path), "COLUMNS": "200"},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "cannot rewrite the NATS users file from the registry" in done.stderr and "Traceback" not in done.stderr
