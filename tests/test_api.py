@@ -23,6 +23,7 @@ from fota.server.api import create_app
 from fota.server.auth import AuthError, create_token, hash_secret, revoke_token, verify_token
 from fota.server.broker import free_port
 from fota.server.fleet import provision_device
+from fota.server.home import Home
 from fota.server.store import Base, Deployment, Device, Job, Release, StatusEvent, Store, utcnow
 from fota.server.store.models import ApiToken, AuditEvent
 from fota.tools.bundle import pack_files
@@ -108,6 +109,8 @@ def admin_requests(env: Env) -> list[tuple[str, str, dict]]:
         ("POST", f"{API}/tokens", {"json": {"name": "ci", "role": "read"}}),
         ("POST", f"{API}/tokens/viewer/revoke", {}),
         ("DELETE", f"{API}/releases/1.0.0", {}),
+        ("POST", f"{API}/devices/dev-3/rekey", {}),
+        ("POST", f"{API}/devices/dev-3/revoke", {}),
     ]
 
 
@@ -320,6 +323,168 @@ def test_admin_creates_release_and_deployment_audited(env):
     assert [(e["actor"], e["action"]) for e in r.json()] == [("ops-admin", "deployment.create")] * 2
     r = env.client.get(f"{API}/audit", headers=bearer(env.admin), params={"action": "release.create"})
     assert [e["target"] for e in r.json()] == ["release:2.0.0-img", "release:1.1.0"]
+
+
+# ---- device accounts ------------------------------------------------------------------------------
+def _account_home(tmp_path: Path, url: str, **config) -> Home:
+    home = Home(tmp_path / "home")
+    cfg = home.config()
+    cfg.update(database_url=url, **config)
+    home.save_config(cfg)
+    return home
+
+
+def _password_file(home: Home) -> dict[str, str]:
+    """The managed Mosquitto's device accounts: user -> hash."""
+    text = (home.broker_dir / "passwords").read_text()
+    return dict(line.split(":", 1) for line in text.splitlines() if line)
+
+
+def _accepted(port: int, user: str, password: str) -> bool:
+    from fota.server.broker import BrokerError
+    from fota.server.natscluster import mqtt_ping
+    try:
+        mqtt_ping("127.0.0.1", port, user, password, 5)
+        return True
+    except BrokerError:  # CONNACK "not authorized"
+        return False
+
+
+def _session(port: int, user: str, password: str):
+    """A device's MQTT connection, kept open (no reconnect within the test)."""
+    import paho.mqtt.client as mqtt
+
+    from fota.tools.waiting import wait_until
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=user)
+    client.username_pw_set(user, password)
+    client.reconnect_delay_set(300, 300)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    wait_until(client.is_connected, timeout=5, what=f"{user} connected")
+    return client
+
+
+def test_device_rekey_and_revoke_are_audited_and_reach_the_homes_broker(db_url, tmp_path):
+    """POST /devices/{id}/rekey and /revoke (admin): the registry changes, the token's name is the
+    actor in the audit log, and the home's Mosquitto password file is rewritten from the registry:
+    with no broker running the answer says when it takes effect; with one, it is reloaded and the
+    old password (then the device) is refused. An unknown device is 404 and changes nothing."""
+    import bcrypt
+
+    from fota.server.accounts import broker_sync
+    from fota.server.broker import Mosquitto
+    from fota.tools.waiting import wait_until
+    home = _account_home(tmp_path, db_url)
+    e = make_env(db_url, tmp_path, broker_sync=lambda store: broker_sync(home, store))
+    admin = bearer(e.admin)
+    broker = None
+    try:
+        _, pw1 = provision_device(e.store, "acc-1", "unix")
+        _, pw2 = provision_device(e.store, "acc-2", "unix")
+        home.sync_broker_passwords(e.store)
+        before = _password_file(home)
+
+        r = e.client.post(f"{API}/devices/acc-1/rekey", headers=admin)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        new1 = body["password"]
+        assert body["device"] == "acc-1" and new1 != pw1 and len(new1) >= 20
+        pid_file = str(home.broker_dir / "mosquitto.pid")
+        assert body["broker"] == {"kind": "mosquitto", "applied": False, "file": str(home.broker_dir / "passwords"),
+                                  "reloaded": [], "not_reloaded": [pid_file], "missing": [],
+                                  "note": body["broker"]["note"], "error": None}
+        assert "no managed Mosquitto runs" in body["broker"]["note"] and "'fota serve'" in body["broker"]["note"]
+        with e.store.session() as s:
+            stored = s.get(Device, "acc-1").password_bcrypt
+        assert bcrypt.checkpw(new1.encode(), stored.encode())
+        after = _password_file(home)
+        assert after["acc-1"] != before["acc-1"] and after["acc-2"] == before["acc-2"]
+
+        # with the home's broker running: reloaded, the old password refused, the new one taken
+        cfg = home.config()
+        broker = Mosquitto(home.broker_dir, port=cfg["broker_port"], service_port=cfg["broker_service_port"],
+                           auth=True).start()
+        port = cfg["broker_port"]
+        assert _accepted(port, "acc-1", new1) and not _accepted(port, "acc-1", pw1)
+        r = e.client.post(f"{API}/devices/acc-2/rekey", headers=admin)
+        assert r.status_code == 200 and r.json()["broker"]["applied"] is True, r.text
+        assert r.json()["broker"]["reloaded"] == [pid_file] and r.json()["broker"]["note"] is None
+        new2 = r.json()["password"]
+        wait_until(lambda: not _accepted(port, "acc-2", pw2), timeout=5, what="acc-2's old password refused")
+        assert _accepted(port, "acc-2", new2)
+
+        # a device connected at the revoke is disconnected at the reload; another stays connected
+        sessions = {dev: _session(port, dev, pw) for dev, pw in (("acc-1", new1), ("acc-2", new2))}
+        r = e.client.post(f"{API}/devices/acc-1/revoke", headers=admin)
+        assert r.status_code == 200, r.text
+        assert "password" not in r.json() and r.json()["broker"]["applied"] is True
+        wait_until(lambda: not sessions["acc-1"].is_connected(), timeout=5, what="acc-1 disconnected at the reload")
+        assert sessions["acc-2"].is_connected()
+        for client in sessions.values():  # (a CONNECT as acc-2 below would take its client id over)
+            client.disconnect()
+            client.loop_stop()
+        wait_until(lambda: not _accepted(port, "acc-1", new1), timeout=5, what="acc-1 refused after the revoke")
+        assert _accepted(port, "acc-2", new2)
+        assert "acc-1" not in _password_file(home)
+        with e.store.session() as s:
+            revoked = s.get(Device, "acc-1")
+            assert (revoked.password_hash, revoked.password_bcrypt) == (None, None)
+            assert revoked.hardware == "unix"  # the registry entry stays
+        assert e.client.get(f"{API}/devices/acc-1", headers=admin).status_code == 200
+
+        events = [(x.actor, x.action, x.target) for x in reversed(audit.list_events(e.store))]
+        assert events == [("ops-admin", "device.rekey", "device:acc-1"), ("ops-admin", "device.rekey", "device:acc-2"),
+                          ("ops-admin", "device.revoke", "device:acc-1")]
+        assert not any(pw in json.dumps([x.detail for x in audit.list_events(e.store)]) for pw in (new1, new2))
+
+        # an unknown device: 404, nothing changed, nothing audited; a malformed id: 422
+        snapshot, accounts = e.snapshot(), _password_file(home)
+        for action in ("rekey", "revoke"):
+            r = e.client.post(f"{API}/devices/ghost/{action}", headers=admin)
+            assert r.status_code == 404 and r.json()["detail"] == "no device 'ghost'", r.text
+            assert e.client.post(f"{API}/devices/bad%20id/{action}", headers=admin).status_code == 422
+            r = e.client.post(f"{API}/devices/acc-2/{action}", headers=bearer(e.reader))
+            assert r.status_code == 403 and "admin" in r.json()["detail"]
+        assert e.snapshot() == snapshot and _password_file(home) == accounts
+        assert _accepted(port, "acc-2", new2)
+    finally:
+        if broker is not None:
+            broker.stop()
+        e.client.close()
+        e.store.dispose()
+
+
+def test_device_account_answers_say_what_the_api_process_could_not_do(sqlite_url, tmp_path):
+    """Where the API's process cannot put the change in force, the answer says so and what to do:
+    an app made without a home, a broker fota does not manage, a NATS cluster whose configs fota
+    did not write, and a password file it cannot write (the registry change stands: 200)."""
+    from fota.server.accounts import broker_sync
+    homes = {"none": None,
+             "external": _account_home(tmp_path / "ext", sqlite_url, broker_url="mqtt://fota-server:pw@127.0.0.1:1"),
+             "nats": _account_home(tmp_path / "nats", sqlite_url,
+                                   broker_url="nats://fota-server:pw@127.0.0.1:1,nats://fota-server:pw@127.0.0.1:2"),
+             "mosquitto": _account_home(tmp_path / "broken", sqlite_url)}
+    homes["mosquitto"].broker_dir.write_text("not a directory")  # the password file cannot be written
+    notes = {"none": "knows no home", "external": "change the device's account at that broker",
+             "nats": "fota broker nats-config", "mosquitto": None}
+    for kind, home in homes.items():
+        e = make_env(sqlite_url.replace("fota.db", f"fota-{kind}.db"), tmp_path / kind,
+                     **({"broker_sync": lambda store, home=home: broker_sync(home, store)} if home else {}))
+        try:
+            r = e.client.post(f"{API}/devices/dev-1/revoke", headers=bearer(e.admin))
+            assert r.status_code == 200, r.text
+            report = r.json()["broker"]
+            assert report["kind"] == kind and report["applied"] is False and report["file"] is None, report
+            if notes[kind]:
+                assert notes[kind] in report["note"] and report["error"] is None, report
+            else:
+                assert str(home.broker_dir) in report["error"] and report["note"] is None, report
+            with e.store.session() as s:  # the registry change stands, audited
+                assert s.get(Device, "dev-1").password_hash is None
+            assert [x.action for x in audit.list_events(e.store)] == ["device.revoke"]
+        finally:
+            e.client.close()
+            e.store.dispose()
 
 
 def test_service_errors_are_400_or_404_and_change_nothing(env):

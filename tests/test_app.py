@@ -314,3 +314,38 @@ def test_managed_broker_saves_its_sessions_every_broker_autosave_seconds(tmp_pat
             assert not conf.exists()  # refused before the broker was configured
     finally:
         store.dispose()
+
+
+def test_serve_rewrites_the_password_file_from_the_registry_at_start(tmp_path):
+    """An account changed while no control center ran (through an API on another home, a restored
+    database: here straight in the registry, the password file left as it was) is in force once the
+    control center starts: it writes the managed Mosquitto's password file from the registry first."""
+    from fota.server.broker import BrokerError
+    from fota.server.fleet import rekey_device, revoke_device
+    from fota.server.natscluster import mqtt_ping
+    home = Home(tmp_path / "home")
+    home.keyring.init()
+    port = home.config()["broker_port"]
+    store = Store(home.database_url)
+    _, pw_a = provision_device(store, "st-a", "unix")
+    _, pw_b = provision_device(store, "st-b", "unix")
+    home.sync_broker_passwords(store)
+    revoke_device(store, "st-a")
+    _, new_b = rekey_device(store, "st-b")
+    stale = (home.broker_dir / "passwords").read_text()
+    assert "st-a:" in stale  # what a broker started on this file would take
+
+    def accepted(user, password) -> bool:
+        try:
+            mqtt_ping("127.0.0.1", port, user, password, 5)
+            return True
+        except BrokerError:
+            return False
+
+    async def scenario():
+        async with control_center(home):
+            assert not accepted("st-a", pw_a) and not accepted("st-b", pw_b)
+            assert accepted("st-b", new_b)
+
+    asyncio.run(scenario())
+    store.dispose()

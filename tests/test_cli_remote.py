@@ -5,6 +5,7 @@ server, a refused token, a read token, an untrusted certificate) and `fota login
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import ssl
 import stat
@@ -16,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from fota.server.audit import cli_actor as audit_actor
 from fota.tools.waiting import TimedOut, wait_until
 from inproc import run_fota
 from test_cli import FOTA, _app_dir, assert_clean_error, stop
@@ -276,6 +278,84 @@ def test_release_delete_answers_alike_in_both_modes(center_in_process, mode, tmp
         audit = httpx.get(f"{center.url}/api/v1/audit", params={"action": "release.delete"},
                           headers={"Authorization": f"Bearer {center.admin}"}).json()
         assert [(e["actor"], e["target"]) for e in audit] == [("ops", "release:1.1.0")]
+
+
+@on_one_database("sqlite")
+def test_device_rekey_and_revoke_answer_alike_in_both_modes_and_reach_the_homes_broker(center_in_process):
+    """`fota device rekey|revoke` on the home and from the laptop (through `fota api`, whose process
+    rewrites the home's broker accounts): the same output and exit codes, audited under the token's
+    name, and the real Mosquitto the home manages refuses the old credentials, then the device."""
+    import re
+
+    from fota.server.broker import Mosquitto
+    from fota.server.home import Home
+    from test_api import _accepted
+    center = center_in_process
+    home = Home(center.home)
+    cfg = home.config()
+    port = cfg["broker_port"]
+    passwords = {}
+    for dev in ("rk-1", "rk-2", "rk-3"):
+        r = center.local("device", "add", dev, "--hardware", "unix")
+        passwords[dev] = re.search(r"password (\S+)", r.stdout).group(1)
+
+    def same(local, remote, local_id: str, remote_id: str) -> None:
+        """The two runs print the same, but for the device and a new password."""
+        def plain(text: str, dev: str) -> str:
+            return re.sub(r"new password \S+", "new password P", text.replace(dev, "D"))
+        assert local.returncode == remote.returncode, (local.stdout + local.stderr, remote.stdout + remote.stderr)
+        assert plain(local.stdout, local_id) == plain(remote.stdout, remote_id)
+        assert plain(local.stderr, local_id) == plain(remote.stderr, remote_id)
+
+    def new_password(result) -> str:
+        return re.search(r"new password (\S+)", result.stdout).group(1)
+
+    broker = Mosquitto(home.broker_dir, port=port, service_port=cfg["broker_service_port"], auth=True).start()
+    try:
+        assert all(_accepted(port, dev, pw) for dev, pw in passwords.items())
+        local, remote = center.local("device", "rekey", "rk-1"), center.remote("device", "rekey", "rk-2")
+        assert remote.returncode == 0 and "device rk-2: broker user rk-2, new password" in remote.stdout, remote.stderr
+        assert "managed Mosquitto reloaded" in remote.stdout
+        same(local, remote, "rk-1", "rk-2")
+        new2 = new_password(remote)
+        wait_until(lambda: not _accepted(port, "rk-2", passwords["rk-2"]), timeout=5,
+                   what="rk-2's old password refused")
+        assert _accepted(port, "rk-2", new2) and _accepted(port, "rk-1", new_password(local))
+
+        remote = center.remote("device", "revoke", "rk-2")
+        assert remote.returncode == 0 and "device rk-2: broker account removed" in remote.stdout, remote.stderr
+        wait_until(lambda: not _accepted(port, "rk-2", new2), timeout=5, what="rk-2 refused after the revoke")
+        assert _accepted(port, "rk-3", passwords["rk-3"])
+        same(center.local("device", "revoke", "rk-1"), remote, "rk-1", "rk-2")
+        for run_it in (center.local, center.remote):
+            assert_clean_error(run_it("device", "revoke", "ghost"), "no device 'ghost'")
+        assert_clean_error(center.remote("device", "rekey", "rk-3", token=center.reader),
+                           "role 'read': this needs an admin token")
+    finally:
+        broker.stop()
+
+    # no broker runs from the home: changed all the same, and a note says when it takes effect
+    local, remote = center.local("device", "rekey", "rk-3"), center.remote("device", "rekey", "rk-3")
+    same(local, remote, "rk-3", "rk-3")
+    assert remote.returncode == 0 and "no managed Mosquitto runs from the home" in remote.stderr, remote.stderr
+    # the broker's files cannot be written: the new password is printed all the same, then the error, exit 1
+    shutil.rmtree(home.broker_dir)
+    home.broker_dir.write_text("")
+    local, remote = center.local("device", "rekey", "rk-3"), center.remote("device", "rekey", "rk-3")
+    same(local, remote, "rk-3", "rk-3")
+    assert remote.returncode == 1 and "new password" in remote.stdout, remote.stdout + remote.stderr
+    assert "the broker's accounts were not rewritten" in remote.stderr and "Traceback" not in remote.stderr
+
+    # audited: under the token's name through the API, as cli:<user> on the home
+    events = httpx.get(f"{center.url}/api/v1/audit", headers={"Authorization": f"Bearer {center.admin}"}).json()
+    cli = audit_actor()
+    accounts = [(e["actor"], e["action"], e["target"]) for e in reversed(events)
+                if e["action"] in ("device.rekey", "device.revoke")]
+    assert accounts == [
+        (cli, "device.rekey", "device:rk-1"), ("ops", "device.rekey", "device:rk-2"),
+        ("ops", "device.revoke", "device:rk-2"), (cli, "device.revoke", "device:rk-1"),
+        (cli, "device.rekey", "device:rk-3"), ("ops", "device.rekey", "device:rk-3"),
+        (cli, "device.rekey", "device:rk-3"), ("ops", "device.rekey", "device:rk-3")]
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

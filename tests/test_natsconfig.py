@@ -2,10 +2,13 @@
 
 Three real nats-server processes started from the configs the command wrote; the devices' users
 come from the registry as bcrypt hashes, rewritten and reloaded by fota device add / rekey /
-revoke; devices are MQTT clients (fota.server.natscluster.mqtt_ping, paho)."""
+revoke and by fota serve as it starts; devices are MQTT clients (fota.server.natscluster.mqtt_ping,
+paho)."""
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import threading
 
 import paho.mqtt.client as mqtt
@@ -18,6 +21,7 @@ from fota.server.natscluster import USERS_FILE, NatsNode, NodePorts, mqtt_ping
 from fota.server.store import Device, Store
 from fota.tools.waiting import wait_until
 from inproc import run_fota
+from test_cli import FOTA, stop
 
 SERVER_PASSWORD = "server-secret"
 
@@ -67,13 +71,45 @@ def _subscribe(port: int, device_id: str, password: str, topics) -> list[int]:
     return granted
 
 
+class Cluster:
+    """A home whose broker_url lists three NATS nodes on this machine (their ports free ones)."""
+
+    def __init__(self, tmp_path, database_url: str):
+        self.home = Home(tmp_path / "home")
+        self.out_dir = tmp_path / "nats"
+        self.client, self.cluster, self.mqtt_ports, self.monitor = (
+            lambda p: (p[0:3], p[3:6], p[6:9], p[9:12]))(_ports(12))
+        cfg = self.home.config()
+        cfg.update(database_url=database_url, broker_url=",".join(
+            f"nats://{SERVER_USER}:{SERVER_PASSWORD}@127.0.0.1:{p}" for p in self.client))
+        self.home.save_config(cfg)
+        self.nodes = [NatsNode(f"n{i + 1}", self.out_dir, NodePorts(self.client[i], self.cluster[i],
+                                                                   self.mqtt_ports[i], self.monitor[i]))
+                      for i in range(3)]
+
+    def configure(self) -> tuple[str, str]:
+        """`fota broker nats-config` for the three nodes: (stdout, stderr)."""
+        args = ["broker", "nats-config", "--out", str(self.out_dir)]
+        for flag, ports in (("--cluster-port", self.cluster), ("--mqtt-port", self.mqtt_ports),
+                            ("--monitor-port", self.monitor)):
+            args += [a for p in ports for a in (flag, str(p))]
+        return _fota(self.home.path, *args)
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        for node in self.nodes:  # up, routed, JetStream (MQTT sessions) ready: the server user connects
+            wait_until(lambda: node.running and _try(node.ports.mqtt, SERVER_USER, SERVER_PASSWORD),
+                       timeout=30, interval=0.3, what=f"{node.name} accepting MQTT")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
 def test_nodes_from_the_generated_configs_take_the_registrys_devices(tmp_path, sqlite_url):
-    home = Home(tmp_path / "home")
-    client, cluster, mqtt_ports, monitor = (lambda p: (p[0:3], p[3:6], p[6:9], p[9:12]))(_ports(12))
-    cfg = home.config()
-    cfg.update(database_url=sqlite_url,
-               broker_url=",".join(f"nats://{SERVER_USER}:{SERVER_PASSWORD}@127.0.0.1:{p}" for p in client))
-    home.save_config(cfg)
+    nats = Cluster(tmp_path, sqlite_url)
+    home, out_dir, mqtt_ports = nats.home, nats.out_dir, nats.mqtt_ports
     # A device provisioned before bcrypt hashes were kept (migration 0018): no NATS user.
     _, err = _fota(home.path, "device", "add", "old-dev", "--hardware", "unix")
     assert "fota broker nats-config" in err  # no users file written yet: the operator is told
@@ -82,25 +118,14 @@ def test_nodes_from_the_generated_configs_take_the_registrys_devices(tmp_path, s
         s.execute(update(Device).where(Device.id == "old-dev").values(password_bcrypt=None))
     store.dispose()
 
-    out_dir = tmp_path / "nats"
-    args = ["broker", "nats-config", "--out", str(out_dir)]
-    for flag, ports in (("--cluster-port", cluster), ("--mqtt-port", mqtt_ports), ("--monitor-port", monitor)):
-        args += [a for p in ports for a in (flag, str(p))]
-    out, err = _fota(home.path, *args)
+    out, err = nats.configure()
     assert "old-dev" in err and "fota device rekey" in err  # told, and how to fix it
     users = (out_dir / USERS_FILE).read_text()
     assert SERVER_PASSWORD not in users and "$2b$" in users  # hashes only
     assert home.config()["broker_mqtt_port"] == mqtt_ports[0]  # what devices are given
 
-    nodes = [NatsNode(f"n{i + 1}", out_dir, NodePorts(client[i], cluster[i], mqtt_ports[i], monitor[i]))
-             for i in range(3)]
     try:
-        for node in nodes:
-            node.start()
-        for node in nodes:  # up, routed, JetStream (MQTT sessions) ready: the server user connects
-            wait_until(lambda: node.running and _try(node.ports.mqtt, SERVER_USER, SERVER_PASSWORD),
-                       timeout=30, interval=0.3, what=f"{node.name} accepting MQTT")
-
+        nats.start()
         pw1, pw2 = _add(home.path, "dev1"), _add(home.path, "dev2")
         wait_until(lambda: _accepted(mqtt_ports[1], "dev1", pw1), timeout=5, what="dev1 accepted after the reload")
         assert _accepted(mqtt_ports[2], "dev2", pw2)
@@ -127,8 +152,7 @@ def test_nodes_from_the_generated_configs_take_the_registrys_devices(tmp_path, s
         assert "dev1" not in (out_dir / USERS_FILE).read_text()
         assert "Plaintext passwords" not in (out_dir / "n1.log").read_text()  # nats-server's warning
     finally:
-        for node in nodes:
-            node.stop()
+        nats.stop()
 
 
 def _try(port: int, user: str, password: str) -> bool:
@@ -185,3 +209,60 @@ def test_tls_nodes_get_the_tls_blocks_and_may_listen_beyond_loopback(tmp_path):
     assert cluster["routes"] == ["nats-route://nats1.example:6222", "nats-route://nats3.example:6222"]
     assert json.loads(conf["mqtt"])["listen"] == "0.0.0.0:1883"
     assert json.loads(conf["http"]) == "127.0.0.1:8222"
+
+
+def test_serve_rewrites_the_users_file_from_the_registry_at_start(tmp_path, sqlite_url):
+    """Accounts changed while no control center ran (by an API process on another machine, a restored
+    database: here straight in the registry) reach the nodes when `fota serve` starts: it rewrites the
+    users file and reloads the nodes on this machine before it connects, as it rewrites the managed
+    Mosquitto's password file (tests/test_app.py)."""
+    from fota.server.fleet import rekey_device, revoke_device
+    nats = Cluster(tmp_path, sqlite_url)
+    home, ports = nats.home, nats.mqtt_ports
+    _fota(home.path, "keys", "init")
+    nats.configure()
+    serve = None
+    try:
+        nats.start()
+        pw1, pw2 = _add(home.path, "dev1"), _add(home.path, "dev2")
+        wait_until(lambda: _accepted(ports[0], "dev1", pw1), timeout=5, what="dev1 accepted after the reload")
+        store = Store(sqlite_url)
+        try:  # the registry changes, the users file does not
+            revoke_device(store, "dev1")
+            _, new_pw2 = rekey_device(store, "dev2")
+        finally:
+            store.dispose()
+        assert _accepted(ports[1], "dev1", pw1) and _accepted(ports[1], "dev2", pw2)  # stale until a rewrite
+
+        serve = subprocess.Popen(FOTA + ["serve"], env={**os.environ, "FOTA_HOME": str(home.path)},
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        wait_until(lambda: serve.poll() is not None or not _accepted(ports[2], "dev1", pw1), timeout=30,
+                   interval=0.3, what="dev1 refused once serve started")
+        assert serve.poll() is None, stop(serve)  # the center runs on the cluster
+        wait_until(lambda: not _accepted(ports[0], "dev2", pw2), timeout=5, what="dev2's old password refused")
+        assert _accepted(ports[0], "dev2", new_pw2) and _accepted(ports[1], "dev2", new_pw2)
+        users = (nats.out_dir / USERS_FILE).read_text()
+        assert "dev1" not in users and "dev2" in users
+        assert serve.poll() is None, stop(serve)
+    finally:
+        if serve is not None:
+            stop(serve)
+        nats.stop()
+
+
+def test_serve_refuses_to_start_when_it_cannot_rewrite_the_users_file(tmp_path, sqlite_url):
+    """A users file serve cannot rewrite might still let a revoked device in: it says so and exits 1
+    before it connects (here its directory is a file)."""
+    home = Home(tmp_path / "home")
+    cfg = home.config()
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    cfg.update(database_url=sqlite_url, nats_config={"dir": str(blocked), "pid_files": []},
+               broker_url=",".join(f"nats://{SERVER_USER}:{SERVER_PASSWORD}@127.0.0.1:{p}" for p in _ports(3)))
+    home.save_config(cfg)
+    _fota(home.path, "keys", "init")
+    # a process: a serve that went on would run until the timeout, not for ever
+    done = subprocess.run(FOTA + ["serve"], env={**os.environ, "FOTA_HOME": str(home.path), "COLUMNS": "200"},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "cannot rewrite the NATS users file from the registry" in done.stderr and "Traceback" not in done.stderr

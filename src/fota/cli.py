@@ -379,61 +379,61 @@ def _board_device_dir(h: Home, root: Path, device_id: str, hardware: str, passwo
 def _refresh_broker_passwords(h: Home, store) -> None:
     """The broker's accounts from the registry: the managed Mosquitto's password file, or a NATS
     cluster's users file (fota broker nats-config), the nodes told to reload."""
-    done = h.sync_broker_passwords(store)
-    if done is None and h.nats_broker:
-        err.print("[yellow]note:[/yellow] broker_url is a NATS cluster whose users file fota does not write yet: "
-                  "run 'fota broker nats-config' (docs/operations.md §4a)")
-    _report_nats_users(done)
+    from fota.server.accounts import broker_report
+    _print_broker(broker_report(h, h.sync_broker_passwords(store)))
 
 
-def _report_nats_users(done) -> None:
-    """What the operator must know after a NATS users file was written (Home.sync_nats_users)."""
-    if done is None:
-        return
-    from fota.server.natscluster import USERS_FILE
-    console.print(f"NATS users file {done.directory / USERS_FILE} rewritten; "
-                  f"nodes reloaded here: {len(done.reloaded)} of {len(done.pid_files)}", markup=False)
-    others = [p for p in done.pid_files if p not in done.reloaded]
-    if others:
-        console.print("copy it to the other nodes and reload each: "
-                      + "; ".join(f"nats-server --signal reload={p}" for p in others), markup=False)
-    if done.missing:
-        err.print(f"[yellow]warning:[/yellow] {len(done.missing)} device(s) have no NATS user (provisioned before "
-                  f"bcrypt hashes were kept): {', '.join(done.missing[:20])}{' …' if len(done.missing) > 20 else ''}; "
-                  "rotate their credentials ('fota device rekey ID', or 'fota device provision --force' on the board) to give them one")
+def _print_broker(report: dict, account_change: bool = False) -> None:
+    """What the operator must know after the broker's accounts were rewritten (the ``broker``
+    object of fota.server.accounts, local or from the API). A new device needs no word on a
+    Mosquitto that is not running yet or a broker fota does not manage; a rekey or revoke does."""
+    if report["kind"] == "nats" and report["file"]:
+        reloaded, others = report["reloaded"], report["not_reloaded"]
+        console.print(f"NATS users file {report['file']} rewritten; "
+                      f"nodes reloaded here: {len(reloaded)} of {len(reloaded) + len(others)}", markup=False)
+        if others:
+            console.print("copy it to the other nodes and reload each: "
+                          + "; ".join(f"nats-server --signal reload={p}" for p in others), markup=False)
+    elif report["kind"] == "mosquitto" and report["applied"] and account_change:
+        console.print(f"managed Mosquitto reloaded its password file {report['file']}", markup=False)
+    missing = report["missing"]
+    if missing:
+        err.print(f"[yellow]warning:[/yellow] {len(missing)} device(s) have no NATS user (provisioned before "
+                  f"bcrypt hashes were kept): {', '.join(missing[:20])}{' …' if len(missing) > 20 else ''}; "
+                  "rotate their credentials ('fota device rekey ID', or 'fota device provision --force' on the board) "
+                  "to give them one")
+    if report["note"] and (account_change or report["kind"] == "nats"):
+        from rich.markup import escape
+        err.print(f"[yellow]note:[/yellow] {escape(report['note'])}", soft_wrap=True)
 
 
-def _change_account(home: Optional[Path], device_id: str, change, action: str):
-    """Change a device's broker account (fleet.rekey_device, revoke_device), audit it and rewrite
-    the broker's password files (Mosquitto's, the NATS users file); what ``change`` returned."""
-    from fota.server.fleet import FleetError
-    h = Home.locate(home)
-    store = open_store(h)
-    try:
-        result = change(store, device_id)
-    except FleetError as e:
-        fail(str(e))
-    audit(store, action, f"device:{device_id}", {})
-    _refresh_broker_passwords(h, store)
-    return result
+def _account_changed(report: dict) -> None:
+    """The broker's part of a rekey or revoke (done through the backend, locally or by the API's
+    process: fota.server.accounts); exit code 1 when its accounts could not be rewritten."""
+    _print_broker(report, account_change=True)
+    if report["error"]:
+        fail(f"the broker's accounts were not rewritten: {report['error']} (the registry holds the change: "
+             "the same command again, or 'fota serve' starting, applies it)")
 
 
 @device_app.command("rekey")
 def device_rekey(device_id: str, home: Optional[Path] = HomeOpt):
     """A new broker password for a registered device (printed once): the old one stops working at
-    the broker's next reload (done here). Put it in the board's config.json (broker.password)."""
-    from fota.server.fleet import rekey_device
-    _, password = _change_account(home, device_id, rekey_device, "device.rekey")
-    console.print(f"device {device_id}: broker user {device_id}, new password {password}")
+    the broker's next reload (done here; in remote mode by the API's process, on its home). Put
+    it in the board's config.json (broker.password)."""
+    result = open_backend(home).change_account("rekey", device_id)
+    console.print(f"device {device_id}: broker user {device_id}, new password {result['password']}", markup=False)
+    _account_changed(result["broker"])
 
 
 @device_app.command("revoke")
 def device_revoke(device_id: str, home: Optional[Path] = HomeOpt):
-    """Remove a device's broker account: the broker refuses it from its next reload (done here).
-    Its registry entry and history stay; 'fota device provision --force' gives it a new account."""
-    from fota.server.fleet import revoke_device
-    _change_account(home, device_id, revoke_device, "device.revoke")
-    console.print(f"device {device_id}: broker account removed")
+    """Remove a device's broker account: the broker refuses it from its next reload (done here; in
+    remote mode by the API's process, on its home). Its registry entry and history stay; 'fota
+    device rekey' or 'fota device provision --force' gives it a new account."""
+    result = open_backend(home).change_account("revoke", device_id)
+    console.print(f"device {device_id}: broker account removed", markup=False)
+    _account_changed(result["broker"])
 
 
 @device_app.command("run")
@@ -678,9 +678,12 @@ def api(host: str = typer.Option("127.0.0.1", "--host", help="address to listen 
         if given is not None and not given.is_file():
             fail(f"{given} does not exist")
     h = Home.locate(home)
+    from fota.server.accounts import broker_sync
     api_app = create_app(open_store(h), h.blobs, lambda: load_private_key(h.private_key),
                          trust_loader=lambda: h.keyring.trust(), kek_loader=h.kek,
-                         url_key=lambda: h.kek().url_key, objects=h.object_store())
+                         url_key=lambda: h.kek().url_key, objects=h.object_store(),
+                         # a device rekeyed or revoked through the API: this home's broker accounts
+                         broker_sync=lambda store: broker_sync(h, store))
     scheme = "https" if certfile else "http"
     if host not in ("127.0.0.1", "localhost", "::1") and not certfile:
         err.print(f"[yellow]warning:[/yellow] plain HTTP on {host}: bearer tokens travel in clear text; "
@@ -811,6 +814,7 @@ def broker_nats_config(out: Path = typer.Option(..., "--out", help="directory fo
     h.save_config(cfg)
     for node, path in zip(nodes, paths):
         console.print(f"{node.name} ({node.host}:{node.client_port}): {path}", markup=False)
+    from fota.server.accounts import broker_report
     store = open_store(h)
     try:
         done = h.sync_nats_users(store)
@@ -818,7 +822,7 @@ def broker_nats_config(out: Path = typer.Option(..., "--out", help="directory fo
         store.dispose()
     console.print(f"start each node with: nats-server -c {out}/<node>.conf (on its machine: copy {out} there, "
                   f"and create {state})", markup=False)
-    _report_nats_users(done)
+    _print_broker(broker_report(h, done))
 
 
 HistoryKeepOpt = typer.Option(None, "--history-keep", min=0,

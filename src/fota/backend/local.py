@@ -75,6 +75,18 @@ class LocalBackend:
         return [{"received_at": e.received_at, "job_id": e.job_id, "state": e.state, "code": e.code,
                  "reason": e.reason, "version": e.version, "ignored": e.ignored} for e in rows], cursor
 
+    def change_account(self, action: str, device_id: str) -> dict[str, Any]:
+        """rekey or revoke a device's broker account, then rewrite the home's broker accounts
+        (fota.server.accounts: {"device", "broker"[, "password"]})."""
+        from fota.server.accounts import broker_sync, change_account
+        from fota.server.audit import cli_actor
+        from fota.server.fleet import FleetError
+        try:
+            return change_account(self.store, device_id, action, cli_actor(),
+                                  lambda store: broker_sync(self.home, store))
+        except FleetError as e:
+            fail(str(e))
+
     # ---- deployments --------------------------------------------------------------------------
     def deploy(self, release: str, devices: Optional[list[str]], tag: Optional[str], *,
                min_battery: Optional[int], timeout: Optional[int], transport: str = "mqtt") -> dict[str, Any]:

@@ -144,6 +144,10 @@ class RemoteBackend:
                         order="desc" if newest else "asc", ignored="true" if ignored else None)
         return page["statuses"], page["next_cursor"]
 
+    def change_account(self, action: str, device_id: str) -> dict[str, Any]:
+        """rekey or revoke: the server changes the account and rewrites its broker's accounts."""
+        return self.post(f"/devices/{quote(device_id, safe='')}/{action}")
+
     # ---- deployments ----------------------------------------------------------------------------
     def deploy(self, release: str, devices: Optional[list[str]], tag: Optional[str], *,
                min_battery: Optional[int], timeout: Optional[int], transport: str = "mqtt") -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""The control center's HTTP API (FastAPI): read the fleet, create releases, deployments and
-campaigns, manage API tokens. `fota` in remote mode (fota.backend.remote, docs/cli.md) uses it.
+"""The control center's HTTP API (FastAPI): read the fleet, re-key or revoke devices' broker
+accounts, create releases, deployments and campaigns, manage API tokens. `fota` in remote mode
+(fota.backend.remote, docs/cli.md) uses it.
 
     app = create_app(store, home.blobs, lambda: load_private_key(home.private_key))
     uvicorn.run(app, host="127.0.0.1", port=8080)      # or: fota api
@@ -9,7 +10,7 @@ A missing, unknown, expired or revoked token gets 401; a ``read`` token on an ad
 endpoint gets 403. The store is neither read nor changed before the token is checked
 (request bodies are parsed first, so their size is capped: 413 beyond ``max_upload_bytes``).
 
-The routes are thin: the work is done by fota.server.releases, fleet and deployments.
+The routes are thin: the work is done by fota.server.releases, fleet, accounts and deployments.
 Every state change and its audit event (actor = the token's name) are committed in one
 transaction (fota.server.audit.transaction). The OpenAPI schema states the form of every
 parameter and body (patterns, lengths, integer ranges: fota.server.names); a request not of that
@@ -44,6 +45,7 @@ from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fota.server import audit, metrics, names
+from fota.server.accounts import change_account, no_home_report
 from fota.server.auth import ADMIN, MAX_TTL_SECONDS, ROLES, AuthError, create_token, list_tokens, revoke_token, \
     token_state, verify_token
 from fota.server.campaigns import (
@@ -378,6 +380,32 @@ class TokenIn(BaseModel):
                                                                       "(default: never)")
 
 
+class BrokerAccountsOut(BaseModel):
+    """What rewriting the broker's accounts from the registry did in the API's process
+    (fota.server.accounts)."""
+    kind: Literal["mosquitto", "nats", "external", "none"] = Field(
+        description="mosquitto: the managed one; nats: a NATS cluster; external: a broker whose accounts fota does "
+                    "not keep; none: this API process knows no home")
+    applied: bool = Field(description="every broker process was told to reload here: the change is in force")
+    file: str | None = Field(description="the password or users file rewritten (a path on the API's machine)")
+    reloaded: list[str] = Field(description="pid files of the broker processes told to reload")
+    not_reloaded: list[str] = Field(description="pid files of those not reached: not running, or on another machine")
+    missing: list[str] = Field(description="NATS: devices left out of the users file for want of a bcrypt hash")
+    note: str | None = Field(description="what is left for the operator to do; null: nothing")
+    error: str | None = Field(description="why the rewrite failed; the registry change stands and the next "
+                                          "rewrite applies it (the same request again, or `fota serve` starting)")
+
+
+class DeviceAccountOut(BaseModel):
+    device: str
+    broker: BrokerAccountsOut
+
+
+class DeviceRekeyOut(DeviceAccountOut):
+    password: str = Field(description="the device's new broker password: shown only in this answer, stored "
+                                      "nowhere (the registry keeps hashes)")
+
+
 class ErrorOut(BaseModel):
     detail: str
 
@@ -585,6 +613,29 @@ def _router() -> APIRouter:
         rows, next_cursor = history_page(store, device_id, limit, cursor, newest_first=order == "desc",
                                          include_ignored=ignored)
         return {"statuses": rows, "next_cursor": next_cursor}
+
+    def _account_change(request: Request, device_id: str, action: str, store: Store, token: ApiToken):
+        sync = request.app.state.broker_sync
+        with _service_errors(404):
+            return change_account(store, device_id, action, token.name,
+                                  sync if sync is not None else lambda _store: no_home_report())
+
+    @router.post("/devices/{device_id}/rekey", response_model=DeviceRekeyOut, tags=["devices"],
+                 responses={**change_responses, 404: {"model": ErrorOut}})
+    def device_rekey(request: Request, device_id: DeviceIdPath, store: StoreDep, token: AdminDep):
+        """A new broker password for a device (admin; audited as device.rekey), in this answer only:
+        put it in the board's config.json (broker.password). The broker's accounts are rewritten
+        from the registry and reloaded where the API's process can (`broker`): its old password is
+        refused from then on. Its registry entry, payload key and history stay."""
+        return _account_change(request, device_id, "rekey", store, token)
+
+    @router.post("/devices/{device_id}/revoke", response_model=DeviceAccountOut, tags=["devices"],
+                 responses={**change_responses, 404: {"model": ErrorOut}})
+    def device_revoke(request: Request, device_id: DeviceIdPath, store: StoreDep, token: AdminDep):
+        """Remove a device's broker account (admin; audited as device.revoke): rewritten from the
+        registry and reloaded where the API's process can (`broker`), the broker refuses it from
+        then on. Its registry entry, payload key and history stay; a rekey gives it a new account."""
+        return _account_change(request, device_id, "revoke", store, token)
 
     @router.get("/releases", response_model=list[ReleaseOut], tags=["releases"])
     def releases(store: StoreDep, deleted: DeletedQuery = False):
@@ -836,7 +887,8 @@ def create_app(store: Store, blobs_dir: str | os.PathLike,
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
                trust_loader: Callable[[], dict] | None = None,
                kek_loader: Callable[[], Any] | None = None,
-               url_key: bytes | Callable[[], bytes] | None = None, objects: Any = None) -> FastAPI:
+               url_key: bytes | Callable[[], bytes] | None = None, objects: Any = None,
+               broker_sync: Callable[[Store], dict[str, Any]] | None = None) -> FastAPI:
     """The API app on ``store``; releases go to ``blobs_dir``, signed with signing_key_loader()'s key.
 
     trust_loader: the keyring's current trust document; given, deployments and campaigns of a
@@ -849,6 +901,9 @@ def create_app(store: Store, blobs_dir: str | os.PathLike,
     objects: object storage (fota.server.objectstore.S3Payloads, Home.object_store), the blobs'
     source of truth: a release's image is written there when it is created, and the blob route
     reads a blob missing from blobs_dir from there.
+    broker_sync: rewrites the broker's accounts from the store after a device's account changed and
+    says what it did (``lambda store: fota.server.accounts.broker_sync(home, store)``, as `fota api`
+    passes); None: not rewritten, and the answers say so.
 
     The key is loaded for each release created (never kept in memory between requests).
     """
@@ -861,6 +916,7 @@ def create_app(store: Store, blobs_dir: str | os.PathLike,
     app.state.trust_loader = trust_loader
     app.state.kek_loader = kek_loader
     app.state.objects = objects
+    app.state.broker_sync = broker_sync
     app.state.max_upload_bytes = max_upload_bytes
     app.include_router(_router())
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -87,11 +87,45 @@ def managed_broker(home: Home, store) -> Mosquitto:
                         home, store)
 
 
+def sync_nats_users(home: Home, store) -> None:
+    """A NATS cluster's users file rewritten from the registry and the nodes on this machine
+    reloaded, as `fota serve` starts (the managed Mosquitto's password file is, by managed_broker):
+    an account changed while no control center ran (through an API on another machine, a restored
+    database) takes effect now. ServeError when the file cannot be written: a stale one may still
+    let a revoked device in."""
+    from fota.server.accounts import SYNC_ERRORS
+    from fota.server.natscluster import USERS_FILE
+    try:
+        done = home.sync_nats_users(store)
+    except SYNC_ERRORS as e:
+        raise ServeError(f"cannot rewrite the NATS users file from the registry: {e}") from None
+    if done is None:
+        log.warning("broker_url is a NATS cluster whose users file fota does not write yet: run "
+                    "'fota broker nats-config' (docs/operations.md §4a)")
+        return
+    others = [str(p) for p in done.pid_files if p not in done.reloaded]
+    log.info("NATS users file %s rewritten from the registry; nodes reloaded here: %d of %d",
+             done.directory / USERS_FILE, len(done.reloaded), len(done.pid_files))
+    if others:
+        log.warning("NATS users file %s rewritten: copy it to the nodes not running here and reload them (%s)",
+                    done.directory / USERS_FILE, ", ".join(others))
+    if done.missing:
+        log.warning("%d device(s) have no NATS user (no bcrypt hash): %s; 'fota device rekey ID' gives one",
+                    len(done.missing), ", ".join(done.missing[:20]))
+
+
 @contextlib.asynccontextmanager
 async def control_center(home: Home, manage_broker: bool = True, **settings):
-    """Start everything a home needs; yields the running ControlCenter."""
+    """Start everything a home needs; yields the running ControlCenter. manage_broker: `fota
+    serve` (the managed Mosquitto, or a NATS cluster's users file); False: a worker of several."""
     from fota.server.center import ControlCenter
     store = home.store()
+    try:
+        if manage_broker and home.nats_broker:
+            sync_nats_users(home, store)
+    except BaseException:
+        store.dispose()
+        raise
     broker = managed_broker(home, store) if home.managed_broker and manage_broker else None
     ring = home.keyring
     signer, keys_update = ring.current()
@@ -168,8 +202,12 @@ def supervise_workers(home: Home, n: int, stop_after: float | None = None, worke
                          "(database_url postgresql://...) for --workers > 1")
     from fota.server.store import Store
     store = home.store()  # migrates (and wraps plain keys) once, before the workers start
-    broker = managed_broker(home, store) if home.managed_broker else None
-    store.dispose()
+    try:
+        if home.nats_broker:
+            sync_nats_users(home, store)
+        broker = managed_broker(home, store) if home.managed_broker else None
+    finally:
+        store.dispose()
     stopping = []
     previous = {sig: signal.signal(sig, lambda *_: stopping.append(1)) for sig in (signal.SIGINT, signal.SIGTERM)}
     procs: list[subprocess.Popen | None] = [None] * n

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from fota.server.broker import (HOMEASSISTANT_USER, LOOPBACK, SERVER_USER, TLS_PORT, connect_host, free_port,
-                                is_loopback, parse_listen, write_broker_acl, write_broker_passwords)
+from fota.server.broker import (DEVICE_PASSWORDS, HOMEASSISTANT_USER, LOOPBACK, SERVER_USER, TLS_PORT, connect_host,
+                                free_port, is_loopback, parse_listen, write_broker_acl, write_broker_passwords)
 from fota.server.credentials import mosquitto_hash, new_password
 from fota.tools.private import private_dir, private_tree, write_private
 
@@ -53,6 +53,15 @@ class NatsUsers:
     missing: list[str]
     pid_files: list[Path]
     reloaded: list[Path]
+
+
+@dataclass(frozen=True)
+class MosquittoPasswords:
+    """What Home.sync_broker_passwords did on the managed Mosquitto: the password file written, the
+    broker's pid file and whether a broker running from this home was told to reload (SIGHUP)."""
+    file: Path
+    pid_file: Path
+    reloaded: bool
 
 
 @dataclass
@@ -423,13 +432,15 @@ class Home:
         self._reload_broker()
 
     # ---- managed broker credentials ---------------------------------------------------------
-    def sync_broker_passwords(self, store) -> "NatsUsers | None":
+    def sync_broker_passwords(self, store) -> "MosquittoPasswords | NatsUsers | None":
         """Write the managed broker's password file from the database and make a running
-        broker reload it; on a NATS cluster whose configs `fota broker nats-config` wrote, its
-        users file instead (sync_nats_users, returned).
+        broker reload it (MosquittoPasswords); on a NATS cluster whose configs `fota broker
+        nats-config` wrote, its users file instead (sync_nats_users, returned); None: a broker
+        whose accounts fota does not write (another broker URL, a NATS cluster without configs).
 
-        Several processes do this: `fota serve` before and after starting its broker, and every
-        command that provisions devices (`fota device add`, `fota simulate`). Reading the devices
+        Several processes do this: `fota serve` before and after starting its broker, every
+        command that provisions devices (`fota device add`, `fota simulate`), and `fota device
+        rekey|revoke` or the `fota api` process that runs them (fota.server.accounts). Reading the devices
         and writing the file happen under one lock, so a process that read the list earlier never
         replaces a newer file with it (`fota simulate` started with `fota serve` lost its devices'
         passwords that way, and the broker refused them)."""
@@ -447,8 +458,8 @@ class Home:
             if ha.get("enabled") and ha.get("password_hash"):
                 hashes[HOMEASSISTANT_USER] = ha["password_hash"]
             write_broker_passwords(self.broker_dir, hashes)
-            self._reload_broker()
-        return None
+            reloaded = self._reload_broker()
+        return MosquittoPasswords(self.broker_dir / DEVICE_PASSWORDS, self.broker_dir / "mosquitto.pid", reloaded)
 
     def nats_config(self) -> dict | None:
         """Where `fota broker nats-config` wrote the nodes' configs ({"dir", "pid_files"}), None: never."""
@@ -467,11 +478,14 @@ class Home:
         pid_files = [Path(p) for p in block.get("pid_files", [])]
         return NatsUsers(directory, missing, pid_files, reload_nodes(pid_files))
 
-    def _reload_broker(self) -> None:
-        """SIGHUP the managed Mosquitto if it runs (its pid file is written once it listens)."""
+    def _reload_broker(self) -> bool:
+        """SIGHUP the managed Mosquitto if it runs (its pid file is written once it listens);
+        whether one was signalled."""
         pid_file = self.broker_dir / "mosquitto.pid"
         if pid_file.exists():
             try:
                 os.kill(int(pid_file.read_text().strip()), signal.SIGHUP)
+                return True
             except (ValueError, ProcessLookupError, PermissionError):
                 pass
+        return False

@@ -7,9 +7,10 @@ of fota.server.broker, natscluster.device_user), every password a bcrypt hash: t
 the store (devices.password_bcrypt, set with each broker password: fota.server.fleet), the
 server's made from broker_url's password. config.json keeps where (`nats_config`: dir, pid
 files); from then on every command that changes broker accounts rewrites the users file
-(Home.sync_broker_passwords: fota device add / provision / revoke, fota simulate, fota serve)
-and reloads the nodes whose pid file is on this machine (SIGHUP); a node elsewhere needs the
-file copied to it and `nats-server --signal reload=PID_FILE` (or SIGHUP).
+(Home.sync_broker_passwords: fota device add / provision / rekey / revoke, the same through the
+API's process, fota simulate, fota serve as it starts) and reloads the nodes whose pid file is on
+this machine (SIGHUP); a node elsewhere needs the file copied to it and `nats-server --signal
+reload=PID_FILE` (or SIGHUP).
 
 Devices with a broker account but no bcrypt hash (provisioned before migration 0018, or on an
 install without bcrypt) are left out of the users file, so the nodes refuse them: their plain
