@@ -25,8 +25,9 @@ from fota.server.store import (
 )
 from fota.server.store.inlists import chunks, id_ranges, in_ranges
 
-TABLES = {"releases", "devices", "deployments", "jobs", "status_events", "api_tokens", "audit_events"}
-HEAD = "0021"
+TABLES = {"releases", "devices", "deployments", "jobs", "status_events", "api_tokens", "audit_events",
+          "dashboard_sessions"}
+HEAD = "0022"
 
 
 @pytest.fixture

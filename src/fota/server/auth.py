@@ -25,7 +25,7 @@ from fota.server.store import Store, utcnow
 from fota.server.store.models import TOKEN_ROLES, ApiToken
 
 __all__ = ["ADMIN", "READ", "ROLES", "SECRET_PREFIX", "AuthError", "create_token", "hash_secret",
-           "list_tokens", "revoke_token", "token_state", "verify_token"]
+           "list_tokens", "note_use", "revoke_token", "token_state", "verify_token"]
 
 READ = "read"
 ADMIN = "admin"
@@ -106,9 +106,15 @@ def verify_token(store: Store, secret: str | None) -> ApiToken:
         state = token_state(token, now)
         if state != "active":
             raise AuthError(f"token {state}")
-        if token.last_used_at is None or now - token.last_used_at >= LAST_USED_RESOLUTION:
-            token.last_used_at = now
+        note_use(token, now)
     return token
+
+
+def note_use(token: ApiToken, now: datetime) -> None:
+    """A use of this token (loaded in a store session), by a request or a dashboard session:
+    last_used_at refreshed at most every LAST_USED_RESOLUTION, so a request is not a write."""
+    if token.last_used_at is None or now - token.last_used_at >= LAST_USED_RESOLUTION:
+        token.last_used_at = now
 
 
 def revoke_token(store: Store, name: str, *, actor: str | None = None) -> ApiToken:

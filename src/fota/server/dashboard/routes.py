@@ -26,7 +26,7 @@ from fota.server.campaigns import (CampaignError, CampaignNotFound, CampaignStat
                                    check_campaign_key, get_campaign, list_campaigns, pause_campaign,
                                    resume_campaign, start_campaign)
 from fota.server.dashboard import pages, queries
-from fota.server.dashboard.sessions import COOKIE, LOGIN_COOKIE, SessionStore, same
+from fota.server.dashboard.sessions import COOKIE, LOGIN_COOKIE, close_session, open_session, same, signed_in
 from fota.server.deployments import DeploymentError, cancel_deployment, list_deployments
 from fota.server.store import Store, utcnow
 from fota.server.store.models import Device
@@ -53,29 +53,17 @@ class NotSignedIn(Exception):
     pass
 
 
-def _sessions(request: Request) -> SessionStore:
-    app = request.app
-    if getattr(app.state, "dashboard_sessions", None) is None:
-        app.state.dashboard_sessions = SessionStore()
-    return app.state.dashboard_sessions
-
-
 def _store(request: Request) -> Store:
     return request.app.state.store
 
 
 def _ctx(request: Request) -> pages.Ctx:
-    """The signed-in operator; NotSignedIn when there is no session or its token stopped working."""
-    sid = request.cookies.get(COOKIE)
-    session = _sessions(request).get(sid)
-    if session is None:
+    """The signed-in operator; NotSignedIn when there is no session, it went idle or its token
+    stopped working."""
+    operator = signed_in(_store(request), request.cookies.get(COOKIE))
+    if operator is None:
         raise NotSignedIn()
-    try:
-        token = verify_token(_store(request), session.secret)
-    except AuthError:
-        _sessions(request).close(sid)
-        raise NotSignedIn() from None
-    return pages.Ctx(token.name, token.role, session.csrf)
+    return pages.Ctx(operator.name, operator.role, operator.csrf)
 
 
 def _html(body: str, status: int = 200) -> HTMLResponse:
@@ -178,8 +166,8 @@ def login(request: Request, token: Annotated[str, Form(max_length=512)] = "",
         response = _html(pages.login_page(nonce, f"sign-in refused: {exc}"), 401)
         _set_cookie(request, response, LOGIN_COOKIE, nonce, path=f"{PREFIX}/login", max_age=600)
         return response
-    _sessions(request).close(request.cookies.get(COOKIE))  # a new session id at every sign-in
-    sid, _ = _sessions(request).open(token.strip())
+    close_session(_store(request), request.cookies.get(COOKIE))  # a new session id at every sign-in
+    sid, _ = open_session(_store(request), row.id)
     log.info("dashboard sign-in: token %s (%s)", row.name, row.role)
     response = RedirectResponse(f"{PREFIX}/", 303)
     _set_cookie(request, response, COOKIE, sid, path=PREFIX)
@@ -190,10 +178,10 @@ def login(request: Request, token: Annotated[str, Form(max_length=512)] = "",
 @router.post("/logout")
 def logout(request: Request, csrf: Annotated[str, Form(max_length=128)] = ""):
     sid = request.cookies.get(COOKIE)
-    session = _sessions(request).get(sid)
-    if session is not None and not same(session.csrf, csrf):
+    operator = signed_in(_store(request), sid)
+    if operator is not None and not same(operator.csrf, csrf):
         return _refused(403, "stale or missing CSRF token: reload the page and try again")
-    _sessions(request).close(sid)
+    close_session(_store(request), sid)
     response = _to_login()
     response.delete_cookie(COOKIE, path=PREFIX)
     return response

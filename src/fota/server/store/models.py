@@ -40,6 +40,7 @@ __all__ = [
     "Base",
     "Campaign",
     "CampaignDevice",
+    "DashboardSession",
     "CenterWorker",
     "Deployment",
     "Device",
@@ -370,6 +371,24 @@ class ApiToken(Base):
 
     def __repr__(self) -> str:  # never the hash either
         return f"ApiToken(id={self.id!r}, name={self.name!r}, role={self.role!r}, revoked={self.revoked!r})"
+
+
+class DashboardSession(Base):
+    """A web dashboard sign-in session (fota.server.dashboard.sessions), shared by every API process
+    on this database. Holds the SHA-256 of the session id (the cookie value), never the id and
+    never the token's secret: the session acts as its token (token_id), checked on every request."""
+
+    __tablename__ = "dashboard_sessions"
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 hex of the cookie value
+    token_id: Mapped[int] = mapped_column(ForeignKey("api_tokens.id"), index=True)
+    csrf: Mapped[str] = mapped_column(String(64))  # the session's CSRF token (useless without the cookie)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # refreshed at most every sessions.USED_RESOLUTION; idle expiry and pruning go by it
+    used_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+    def __repr__(self) -> str:  # neither hash nor CSRF token
+        return f"DashboardSession(token_id={self.token_id!r}, used_at={self.used_at!r})"
 
 
 class AuditEvent(Base):
