@@ -26,6 +26,7 @@ from fota.server.fleet import provision_device
 from fota.server.home import Home
 from fota.server.store import Base, Deployment, Device, Job, Release, StatusEvent, Store, utcnow
 from fota.server.store.models import ApiToken, AuditEvent
+from fota.testkit.broker import accepted
 from fota.tools.bundle import pack_files
 from fota.tools.signing import generate_private_key, public_key_bytes
 
@@ -340,16 +341,6 @@ def _password_file(home: Home) -> dict[str, str]:
     return dict(line.split(":", 1) for line in text.splitlines() if line)
 
 
-def _accepted(port: int, user: str, password: str) -> bool:
-    from fota.server.broker import BrokerError
-    from fota.server.natscluster import mqtt_ping
-    try:
-        mqtt_ping("127.0.0.1", port, user, password, 5)
-        return True
-    except BrokerError:  # CONNACK "not authorized"
-        return False
-
-
 def _session(port: int, user: str, password: str):
     """A device's MQTT connection, kept open (no reconnect within the test)."""
     import paho.mqtt.client as mqtt
@@ -405,13 +396,13 @@ def test_device_rekey_and_revoke_are_audited_and_reach_the_homes_broker(db_url, 
         broker = Mosquitto(home.broker_dir, port=cfg["broker_port"], service_port=cfg["broker_service_port"],
                            auth=True).start()
         port = cfg["broker_port"]
-        assert _accepted(port, "acc-1", new1) and not _accepted(port, "acc-1", pw1)
+        assert accepted(port, "acc-1", new1) and not accepted(port, "acc-1", pw1)
         r = e.client.post(f"{API}/devices/acc-2/rekey", headers=admin)
         assert r.status_code == 200 and r.json()["broker"]["applied"] is True, r.text
         assert r.json()["broker"]["reloaded"] == [pid_file] and r.json()["broker"]["note"] is None
         new2 = r.json()["password"]
-        wait_until(lambda: not _accepted(port, "acc-2", pw2), timeout=5, what="acc-2's old password refused")
-        assert _accepted(port, "acc-2", new2)
+        wait_until(lambda: not accepted(port, "acc-2", pw2), timeout=5, what="acc-2's old password refused")
+        assert accepted(port, "acc-2", new2)
 
         # a device connected at the revoke is disconnected at the reload; another stays connected
         sessions = {dev: _session(port, dev, pw) for dev, pw in (("acc-1", new1), ("acc-2", new2))}
@@ -423,8 +414,8 @@ def test_device_rekey_and_revoke_are_audited_and_reach_the_homes_broker(db_url, 
         for client in sessions.values():  # (a CONNECT as acc-2 below would take its client id over)
             client.disconnect()
             client.loop_stop()
-        wait_until(lambda: not _accepted(port, "acc-1", new1), timeout=5, what="acc-1 refused after the revoke")
-        assert _accepted(port, "acc-2", new2)
+        wait_until(lambda: not accepted(port, "acc-1", new1), timeout=5, what="acc-1 refused after the revoke")
+        assert accepted(port, "acc-2", new2)
         assert "acc-1" not in _password_file(home)
         with e.store.session() as s:
             revoked = s.get(Device, "acc-1")
@@ -446,7 +437,7 @@ def test_device_rekey_and_revoke_are_audited_and_reach_the_homes_broker(db_url, 
             r = e.client.post(f"{API}/devices/acc-2/{action}", headers=bearer(e.reader))
             assert r.status_code == 403 and "admin" in r.json()["detail"]
         assert e.snapshot() == snapshot and _password_file(home) == accounts
-        assert _accepted(port, "acc-2", new2)
+        assert accepted(port, "acc-2", new2)
     finally:
         if broker is not None:
             broker.stop()

@@ -11,6 +11,7 @@ from fota.server.app import control_center
 from fota.server.fleet import provision_device
 from fota.server.home import Home
 from fota.server.store import Store
+from fota.testkit.broker import accepted as broker_accepts
 from fota.testkit.checked_mqtt import acknowledged
 
 
@@ -242,8 +243,7 @@ def test_home_from_before_the_service_listener_keeps_working(tmp_path):
 def test_rekey_and_revoke_reach_the_managed_broker(tmp_path):
     """`fota device rekey` and `fota device revoke` rewrite the password file and reload the managed
     Mosquitto: the old password, then the device, are refused; another device is untouched."""
-    from fota.server.broker import BrokerError, Mosquitto
-    from fota.server.natscluster import mqtt_ping
+    from fota.server.broker import Mosquitto
     from inproc import run_fota
     home = Home(tmp_path / "home")
     cfg = home.config()
@@ -255,11 +255,7 @@ def test_rekey_and_revoke_reach_the_managed_broker(tmp_path):
         return done.stdout
 
     def accepted(user, password) -> bool:
-        try:
-            mqtt_ping("127.0.0.1", cfg["broker_port"], user, password, 5)
-            return True
-        except BrokerError:
-            return False
+        return broker_accepts(cfg["broker_port"], user, password)
 
     def settled(user, password, want: bool) -> bool:  # a reload is asynchronous
         deadline = time.monotonic() + 5
@@ -320,9 +316,7 @@ def test_serve_rewrites_the_password_file_from_the_registry_at_start(tmp_path):
     """An account changed while no control center ran (through an API on another home, a restored
     database: here straight in the registry, the password file left as it was) is in force once the
     control center starts: it writes the managed Mosquitto's password file from the registry first."""
-    from fota.server.broker import BrokerError
     from fota.server.fleet import rekey_device, revoke_device
-    from fota.server.natscluster import mqtt_ping
     home = Home(tmp_path / "home")
     home.keyring.init()
     port = home.config()["broker_port"]
@@ -336,11 +330,7 @@ def test_serve_rewrites_the_password_file_from_the_registry_at_start(tmp_path):
     assert "st-a:" in stale  # what a broker started on this file would take
 
     def accepted(user, password) -> bool:
-        try:
-            mqtt_ping("127.0.0.1", port, user, password, 5)
-            return True
-        except BrokerError:
-            return False
+        return broker_accepts(port, user, password)
 
     async def scenario():
         async with control_center(home):

@@ -15,10 +15,11 @@ import paho.mqtt.client as mqtt
 import pytest
 from sqlalchemy import update
 
-from fota.server.broker import SERVER_USER, BrokerError, free_port
+from fota.server.broker import SERVER_USER, free_port
 from fota.server.home import Home
-from fota.server.natscluster import USERS_FILE, NatsNode, NodePorts, mqtt_ping
+from fota.server.natscluster import USERS_FILE, NatsNode, NodePorts
 from fota.server.store import Device, Store
+from fota.testkit.broker import accepted
 from fota.tools.waiting import wait_until
 from inproc import run_fota
 from test_cli import FOTA, stop
@@ -44,14 +45,6 @@ def _add(home, device_id: str) -> str:
     out, _ = _fota(home, "device", "add", device_id, "--hardware", "unix")
     assert "nodes reloaded here: 3 of 3" in out
     return re.search(r"password (\S+)", out).group(1)
-
-
-def _accepted(port: int, user: str, password: str) -> bool:
-    try:
-        mqtt_ping("127.0.0.1", port, user, password, 5)
-        return True
-    except BrokerError:  # CONNACK "not authorized"
-        return False
 
 
 def _subscribe(port: int, device_id: str, password: str, topics) -> list[int]:
@@ -127,10 +120,10 @@ def test_nodes_from_the_generated_configs_take_the_registrys_devices(tmp_path, s
     try:
         nats.start()
         pw1, pw2 = _add(home.path, "dev1"), _add(home.path, "dev2")
-        wait_until(lambda: _accepted(mqtt_ports[1], "dev1", pw1), timeout=5, what="dev1 accepted after the reload")
-        assert _accepted(mqtt_ports[2], "dev2", pw2)
-        assert not _accepted(mqtt_ports[0], "dev1", pw2)  # a wrong password
-        assert not _accepted(mqtt_ports[0], "dev1", "")
+        wait_until(lambda: accepted(mqtt_ports[1], "dev1", pw1), timeout=5, what="dev1 accepted after the reload")
+        assert accepted(mqtt_ports[2], "dev2", pw2)
+        assert not accepted(mqtt_ports[0], "dev1", pw2)  # a wrong password
+        assert not accepted(mqtt_ports[0], "dev1", "")
         # its own topics only (the Mosquitto ACL)
         assert _subscribe(mqtt_ports[0], "dev1", pw1, [("fota/v1/dev1/cmd", 1), ("fota/v1/dev2/cmd", 1),
                                                        ("fota/v1/+/cmd", 1)]) == [1, 128, 128]
@@ -139,16 +132,16 @@ def test_nodes_from_the_generated_configs_take_the_registrys_devices(tmp_path, s
         out, err = _fota(home.path, "device", "rekey", "old-dev")
         old_pw = re.search(r"new password (\S+)", out).group(1)
         assert "old-dev" not in err
-        wait_until(lambda: _accepted(mqtt_ports[0], "old-dev", old_pw), timeout=5, what="old-dev re-keyed")
+        wait_until(lambda: accepted(mqtt_ports[0], "old-dev", old_pw), timeout=5, what="old-dev re-keyed")
         out, _ = _fota(home.path, "device", "rekey", "dev2")
         new_pw2 = re.search(r"new password (\S+)", out).group(1)
-        wait_until(lambda: not _accepted(mqtt_ports[1], "dev2", pw2), timeout=5, what="dev2's old password refused")
-        assert _accepted(mqtt_ports[1], "dev2", new_pw2)
+        wait_until(lambda: not accepted(mqtt_ports[1], "dev2", pw2), timeout=5, what="dev2's old password refused")
+        assert accepted(mqtt_ports[1], "dev2", new_pw2)
 
         # removal: refused from the reload on, the others unaffected
         _fota(home.path, "device", "revoke", "dev1")
-        wait_until(lambda: not _accepted(mqtt_ports[2], "dev1", pw1), timeout=5, what="dev1 refused after revoke")
-        assert _accepted(mqtt_ports[2], "dev2", new_pw2)
+        wait_until(lambda: not accepted(mqtt_ports[2], "dev1", pw1), timeout=5, what="dev1 refused after revoke")
+        assert accepted(mqtt_ports[2], "dev2", new_pw2)
         assert "dev1" not in (out_dir / USERS_FILE).read_text()
         assert "Plaintext passwords" not in (out_dir / "n1.log").read_text()  # nats-server's warning
     finally:
@@ -157,7 +150,7 @@ def test_nodes_from_the_generated_configs_take_the_registrys_devices(tmp_path, s
 
 def _try(port: int, user: str, password: str) -> bool:
     try:
-        return _accepted(port, user, password)
+        return accepted(port, user, password)
     except OSError:
         return False
 
@@ -225,22 +218,22 @@ def test_serve_rewrites_the_users_file_from_the_registry_at_start(tmp_path, sqli
     try:
         nats.start()
         pw1, pw2 = _add(home.path, "dev1"), _add(home.path, "dev2")
-        wait_until(lambda: _accepted(ports[0], "dev1", pw1), timeout=5, what="dev1 accepted after the reload")
+        wait_until(lambda: accepted(ports[0], "dev1", pw1), timeout=5, what="dev1 accepted after the reload")
         store = Store(sqlite_url)
         try:  # the registry changes, the users file does not
             revoke_device(store, "dev1")
             _, new_pw2 = rekey_device(store, "dev2")
         finally:
             store.dispose()
-        assert _accepted(ports[1], "dev1", pw1) and _accepted(ports[1], "dev2", pw2)  # stale until a rewrite
+        assert accepted(ports[1], "dev1", pw1) and accepted(ports[1], "dev2", pw2)  # stale until a rewrite
 
         serve = subprocess.Popen(FOTA + ["serve"], env={**os.environ, "FOTA_HOME": str(home.path)},
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        wait_until(lambda: serve.poll() is not None or not _accepted(ports[2], "dev1", pw1), timeout=30,
+        wait_until(lambda: serve.poll() is not None or not accepted(ports[2], "dev1", pw1), timeout=30,
                    interval=0.3, what="dev1 refused once serve started")
         assert serve.poll() is None, stop(serve)  # the center runs on the cluster
-        wait_until(lambda: not _accepted(ports[0], "dev2", pw2), timeout=5, what="dev2's old password refused")
-        assert _accepted(ports[0], "dev2", new_pw2) and _accepted(ports[1], "dev2", new_pw2)
+        wait_until(lambda: not accepted(ports[0], "dev2", pw2), timeout=5, what="dev2's old password refused")
+        assert accepted(ports[0], "dev2", new_pw2) and accepted(ports[1], "dev2", new_pw2)
         users = (nats.out_dir / USERS_FILE).read_text()
         assert "dev1" not in users and "dev2" in users
         assert serve.poll() is None, stop(serve)

@@ -56,3 +56,15 @@ class ManagedBroker(BrokerAccounts):
 
     def stop(self) -> None:
         self.mosquitto.stop()
+
+
+def accepted(port: int, user: str, password: str, host: str = "127.0.0.1") -> bool:
+    """Whether the broker listening on host:port accepts these credentials: an MQTT CONNECT
+    (fota.server.natscluster.mqtt_ping) answered by a CONNACK "accepted", not "not authorized"."""
+    from fota.server.broker import BrokerError
+    from fota.server.natscluster import mqtt_ping
+    try:
+        mqtt_ping(host, port, user, password, 5)
+        return True
+    except BrokerError:
+        return False
