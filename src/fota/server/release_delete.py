@@ -24,13 +24,31 @@ from fota.server import audit
 from fota.server.releases import ReleaseDeleted, ReleaseError, get_release
 from fota.server.store import Campaign, Delta, Deployment, Job, Release, Store, utcnow
 
-__all__ = ["ReleaseInUse", "delete_release"]
+__all__ = ["ReleaseInUse", "delete_release", "release_users"]
 
 log = logging.getLogger(__name__)
 
 
 class ReleaseInUse(ReleaseError):
-    """A deployment or campaign that has not finished still needs the release."""
+    """A deployment or campaign that has not finished still needs the release (``users``: what)."""
+
+    def __init__(self, version: str, users: list[str]):
+        super().__init__(f"release {version} is in use by {', '.join(users)}: it can be deleted once they "
+                         "finish (or are cancelled: fota deployment cancel, fota campaign abort)")
+        self.users = users
+
+
+def _sharing_and_patches(s, release: Release) -> tuple[list[str], list]:
+    """The other live releases with the same image (versions), and the cached patches a delete
+    removes with it: those from or to its image, none while another release has that image."""
+    shared = list(s.scalars(select(Release.version).where(Release.sha256 == release.sha256,
+                                                          Release.id != release.id,
+                                                          Release.deleted_at.is_(None)).order_by(Release.id)))
+    patches = [] if shared else list(s.execute(
+        select(Delta.id, Delta.sha256, Delta.blob_path).where(
+            or_(Delta.base_sha256 == release.sha256, Delta.target_sha256 == release.sha256))
+        .order_by(Delta.id)))
+    return shared, patches
 
 
 def _in_use(s, release: Release, patch_ids: list[int]) -> list[str]:
@@ -85,6 +103,14 @@ def _remove_blobs(blobs_dir: Path, blobs: Iterable[tuple[str, str]], objects) ->
     return failures
 
 
+def release_users(store: Store, release: Release) -> list[str]:
+    """What would make delete_release refuse ``release`` now (ReleaseInUse's ``users``); empty
+    when nothing needs it. Read only: what a dry run (fota.server.release_prune) reports."""
+    with store.session() as s:
+        _, patches = _sharing_and_patches(s, release)
+        return _in_use(s, release, [p.id for p in patches])
+
+
 def delete_release(store: Store, blobs_dir: str | os.PathLike, version_or_id: str | int, objects=None, *,
                    actor: str) -> dict[str, Any]:
     """Delete a release: refused (ReleaseInUse, naming them) while a deployment or campaign that
@@ -108,17 +134,10 @@ def delete_release(store: Store, blobs_dir: str | os.PathLike, version_or_id: st
         if marked.rowcount != 1:
             raise ReleaseDeleted(release.version, s.scalar(select(Release.deleted_at)
                                                            .where(Release.id == release.id)) or now)
-        shared = list(s.scalars(select(Release.version).where(Release.sha256 == release.sha256,
-                                                              Release.id != release.id,
-                                                              Release.deleted_at.is_(None)).order_by(Release.id)))
-        patches = [] if shared else list(s.execute(
-            select(Delta.id, Delta.sha256, Delta.blob_path).where(
-                or_(Delta.base_sha256 == release.sha256, Delta.target_sha256 == release.sha256))
-            .order_by(Delta.id)))
+        shared, patches = _sharing_and_patches(s, release)
         users = _in_use(s, release, [p.id for p in patches])
         if users:
-            raise ReleaseInUse(f"release {release.version} is in use by {', '.join(users)}: it can be deleted "
-                               "once they finish (or are cancelled: fota deployment cancel, fota campaign abort)")
+            raise ReleaseInUse(release.version, users)
         blobs: dict[str, str] = {}
         if patches:
             s.execute(delete(Delta).where(Delta.id.in_([p.id for p in patches])))
