@@ -110,6 +110,7 @@ def admin_requests(env: Env) -> list[tuple[str, str, dict]]:
         ("POST", f"{API}/tokens", {"json": {"name": "ci", "role": "read"}}),
         ("POST", f"{API}/tokens/viewer/revoke", {}),
         ("DELETE", f"{API}/releases/1.0.0", {}),
+        ("POST", f"{API}/releases/prune", {"json": {"keep": 1}}),
         ("POST", f"{API}/devices/dev-3/rekey", {}),
         ("POST", f"{API}/devices/dev-3/revoke", {}),
     ]
@@ -545,6 +546,47 @@ def test_release_delete_is_admin_404_unknown_409_in_use_and_audited(env):
         assert r.status_code == 400 and "no release '1.1.0': it was deleted" in r.json()["detail"], (path, r.text)
     events = audit.list_events(env.store, action="release.delete")
     assert [(e.actor, e.target) for e in events] == [("ops-admin", "release:1.1.0")]
+
+
+def test_release_prune_is_admin_keeps_running_and_in_use_releases_and_dry_run_changes_nothing(env):
+    for version in ("1.0.0", "1.1.0", "1.2.0", "1.3.0"):
+        assert env.upload(env.admin, version).status_code == 201
+    with env.store.session() as s:  # dev-1 runs 1.0.0; dev-3 (rp2040) runs "1.2.0", not this esp32 release
+        s.execute(update(Device).where(Device.id == "dev-1").values(version="1.0.0"))
+        s.execute(update(Device).where(Device.id == "dev-3").values(version="1.2.0"))
+    admin = bearer(env.admin)
+    r = env.client.post(f"{API}/deployments", headers=admin, json={"release": "1.1.0", "devices": ["dev-2"]})
+    dep = r.json()["id"]
+    before = env.snapshot()
+    for body in ({"keep": 0}, {"keep": 1, "dry": True}, {"keep": "all"}):
+        r = env.client.post(f"{API}/releases/prune", headers=admin, json=body)
+        assert r.status_code == 422, r.text
+    r = env.client.post(f"{API}/releases/prune", headers=bearer(env.reader), json={"keep": 1})
+    assert r.status_code == 403 and "admin" in r.json()["detail"]
+    r = env.client.post(f"{API}/releases/prune", headers=admin, json={"keep": 1, "dry_run": True})
+    assert r.status_code == 200, r.text
+    dry = r.json()
+    assert env.snapshot() == before
+    assert dry["deleted"] == [{"version": "1.2.0", "hardware": ["esp32"], "kind": "bundle"}]
+    assert [(k["version"], k["why"]) for k in dry["kept"]] == [
+        ("1.0.0", ["running on 1 device(s)"]), ("1.1.0", [f"in use by deployment {dep} (active)"]),
+        ("1.3.0", ["one of the 1 newest bundles for esp32"])]
+    assert (dry["keep"], dry["dry_run"], dry["blobs_removed"], dry["failures"]) == (1, True, [], [])
+
+    r = env.client.post(f"{API}/releases/prune", headers=admin, json={"keep": 1})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert (out["deleted"], out["kept"], out["dry_run"]) == (dry["deleted"], dry["kept"], False)
+    assert out["blobs_removed"] == [hashlib.sha256(bundle_bytes("1.2.0")).hexdigest()]
+    assert [x["version"] for x in env.client.get(f"{API}/releases", headers=admin).json()] == [
+        "1.0.0", "1.1.0", "1.3.0"]
+    assert [(e.actor, e.target) for e in audit.list_events(env.store, action="release.delete")] == [
+        ("ops-admin", "release:1.2.0")]
+    (event,) = audit.list_events(env.store, action="release.prune")
+    assert event.actor == "ops-admin" and event.detail["deleted"] == ["1.2.0"] and event.detail["in_use"] == ["1.1.0"]
+    # the default keep (3) deletes nothing more here
+    r = env.client.post(f"{API}/releases/prune", headers=admin, json={})
+    assert r.status_code == 200 and r.json()["keep"] == 3 and r.json()["deleted"] == []
 
 
 def test_deployment_cancel_is_audited_and_refused_where_it_cannot_apply(env):

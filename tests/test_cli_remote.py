@@ -280,6 +280,72 @@ def test_release_delete_answers_alike_in_both_modes(center_in_process, mode, tmp
         assert [(e["actor"], e["target"]) for e in audit] == [("ops", "release:1.1.0")]
 
 
+def test_release_prune_answers_alike_in_both_modes(center_in_process, mode, tmp_path, db_url):
+    """`fota release prune`: per hardware type the --keep newest stay, so do a release a device runs
+    and one a deployment uses (each said why); --dry-run changes nothing; the same words and exit
+    codes locally and through the API (SQLite and PostgreSQL); a read token is refused."""
+    from sqlalchemy import update
+
+    from fota.server.home import Home
+    from fota.server.store import Device, Store
+    center = center_in_process
+    cli = center.local if mode == "local" else center.remote
+    for dev in ("u-1", "u-2"):
+        assert center.local("device", "add", dev, "--hardware", "unix").returncode == 0
+    for version in ("1.0.0", "1.1.0", "1.2.0", "1.3.0"):
+        r = cli("release", "create", str(_app_dir(tmp_path, version)), "--version", version, "--hardware", "unix")
+        assert r.returncode == 0, r.stdout + r.stderr
+    store = Store(db_url)
+    try:
+        with store.session() as s:
+            s.execute(update(Device).where(Device.id == "u-1").values(version="1.0.0"))
+    finally:
+        store.dispose()
+    r = cli("deploy", "1.1.0", "--device", "u-2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    dep = r.stdout.split()[1].rstrip(":")
+    blobs = Home(center.home).blobs
+    stored = {p.name for p in blobs.iterdir()}
+
+    kept = ["kept 1.0.0 (bundle, unix): running on 1 device(s)",
+            f"kept 1.1.0 (bundle, unix): in use by deployment {dep} (active)",
+            "kept 1.3.0 (bundle, unix): one of the 1 newest bundles for unix"]
+    dry = cli("release", "prune", "--keep", "1", "--dry-run")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert dry.stdout.splitlines() == ["would delete 1.2.0 (bundle, unix)", *kept,
+                                       "dry run: 1 release(s) would be deleted, 3 kept; nothing changed"]
+    assert {p.name for p in blobs.iterdir()} == stored and "1.2.0" in cli("releases").stdout
+    zero = cli("release", "prune", "--keep", "0")
+    assert_clean_error(zero, "Invalid value for '--keep'")
+    assert zero.returncode == 2
+    if mode == "remote":
+        for args in (("release", "prune", "--keep", "1", "--dry-run"), ("release", "prune", "--keep", "0")):
+            remote, local = center.remote(*args), center.local(*args)
+            assert (remote.returncode, remote.stdout, remote.stderr) == \
+                (local.returncode, local.stdout, local.stderr), args
+        assert_clean_error(center.remote("release", "prune", "--keep", "1", token=center.reader),
+                           "role 'read': this needs an admin token")
+        assert {p.name for p in blobs.iterdir()} == stored
+
+    r = cli("release", "prune", "--keep", "1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines() == ["deleted 1.2.0 (bundle, unix)", *kept,
+                                     "1 release(s) deleted (1 blob(s), 0 patch(es) removed from the blobs directory), "
+                                     "3 kept"]
+    assert len({p.name for p in blobs.iterdir()}) == len(stored) - 1
+    listing = cli("releases").stdout
+    assert "1.2.0" not in listing and "1.3.0" in listing
+    if mode == "remote":  # nothing left to delete: the same answer either way
+        remote, local = center.remote("release", "prune", "--keep", "1"), center.local("release", "prune", "--keep", "1")
+        assert (remote.returncode, remote.stdout, remote.stderr) == (local.returncode, local.stdout, local.stderr)
+        assert remote.stdout.splitlines()[-1] == "0 release(s) deleted (0 blob(s), 0 patch(es) removed from the " \
+                                                 "blobs directory), 3 kept"
+        audit = httpx.get(f"{center.url}/api/v1/audit", params={"actor": "ops"},
+                          headers={"Authorization": f"Bearer {center.admin}"}).json()
+        assert [(e["action"], e["target"]) for e in audit if e["action"].startswith("release.")][:3] == [
+            ("release.prune", "releases"), ("release.prune", "releases"), ("release.delete", "release:1.2.0")]
+
+
 @on_one_database("sqlite")
 def test_device_rekey_and_revoke_answer_alike_in_both_modes_and_reach_the_homes_broker(center_in_process):
     """`fota device rekey|revoke` on the home and from the laptop (through `fota api`, whose process

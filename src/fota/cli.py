@@ -20,7 +20,7 @@ from fota.deployment_view import progress_view, refresh_live, summarize
 from fota.extras import missing_module_message
 from fota.device import protocol as P
 from fota.server.home import Home, HomeError
-from fota.tools.defaults import DEFAULT_HEAP
+from fota.tools.defaults import DEFAULT_HEAP, DEFAULT_RELEASE_KEEP
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Signed firmware updates over MQTT for fleets of MicroPython devices.")
@@ -149,6 +149,31 @@ def release_delete(release: str = typer.Argument(..., help="release version or i
     else:
         console.print(f"release {out['version']} deleted: its image and {out['patches_removed']} patch(es) "
                       f"removed from {where}")
+    for failure in out["failures"]:
+        err.print(f"warning: not removed (left behind): {failure}")
+
+
+@release_app.command("prune")
+def release_prune(keep: int = typer.Option(DEFAULT_RELEASE_KEEP, "--keep", min=1,
+                                           help="newest releases kept per hardware type and kind"),
+                  dry_run: bool = typer.Option(False, "--dry-run", help="only list what would be deleted"),
+                  home: Optional[Path] = HomeOpt):
+    """Delete old releases (release retention): per hardware type and kind the --keep newest by
+    version order stay, so do the releases a registered device runs and those a deployment or
+    campaign that has not finished uses; the others are deleted as 'fota release delete' does."""
+    out = open_backend(home).prune_releases(keep, dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    for rel in out["deleted"]:
+        console.print(f"{verb} {rel['version']} ({rel['kind']}, {', '.join(rel['hardware'])})")
+    for rel in out["kept"]:
+        console.print(f"kept {rel['version']} ({rel['kind']}, {', '.join(rel['hardware'])}): {'; '.join(rel['why'])}")
+    where = "the blobs directory" + (" and object storage" if out["object_storage"] else "")
+    if dry_run:
+        console.print(f"dry run: {len(out['deleted'])} release(s) would be deleted, {len(out['kept'])} kept; "
+                      "nothing changed")
+    else:
+        console.print(f"{len(out['deleted'])} release(s) deleted ({len(out['blobs_removed'])} blob(s), "
+                      f"{out['patches_removed']} patch(es) removed from {where}), {len(out['kept'])} kept")
     for failure in out["failures"]:
         err.print(f"warning: not removed (left behind): {failure}")
 

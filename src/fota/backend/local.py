@@ -40,6 +40,16 @@ class LocalBackend:
         except ReleaseError as e:
             fail(str(e))
 
+    def prune_releases(self, keep: int, dry_run: bool) -> dict[str, Any]:
+        from fota.server.audit import cli_actor
+        from fota.server.release_prune import prune_releases
+        from fota.server.releases import ReleaseError
+        try:
+            return prune_releases(self.store, self.home.blobs, keep, self.home.object_store(), actor=cli_actor(),
+                                  dry_run=dry_run)
+        except ReleaseError as e:
+            fail(str(e))
+
     def create_release(self, path: Path, version: str, hardware: list[str], *, counter: int, encrypt: bool,
                        min_version: Optional[str]) -> dict[str, Any]:
         from fota.server.releases import ReleaseError, create_release

@@ -77,6 +77,7 @@ from fota.server.deployments import (
 )
 from fota.server.fleet import FleetError, get_device, list_devices
 from fota.server.release_delete import ReleaseInUse, delete_release
+from fota.server.release_prune import DEFAULT_KEEP, prune_releases
 from fota.server.releases import (IMAGE_SUFFIXES, KINDS, ReleaseError, ReleaseNotFound, check_release_key,
                                   create_release, get_release, list_releases)
 from fota.server.store import Store, utcnow
@@ -175,6 +176,35 @@ class ReleaseDeletedOut(BaseModel):
                                                  "directory and object storage")
     patches_removed: int = Field(description="cached delta patches from or to its image, removed")
     image_kept_for: list[str] = Field(description="other releases with the same image: it stays for them")
+    object_storage: bool = Field(description="the blobs were removed from object storage too")
+    failures: list[str] = Field(description="files or objects that could not be removed (left behind)")
+
+
+class ReleasePruneIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    keep: int = Field(DEFAULT_KEEP, ge=1, le=names.MAX_DB_INT,
+                      description="newest releases kept per hardware type and kind (by version order)")
+    dry_run: bool = Field(False, description="only list what would be deleted: nothing changes")
+
+
+class PrunedReleaseOut(BaseModel):
+    version: str
+    hardware: list[str]
+    kind: str
+
+
+class KeptReleaseOut(PrunedReleaseOut):
+    why: list[str] = Field(description="why it stays: among the newest, running on devices, in use by …")
+
+
+class ReleasePruneOut(BaseModel):
+    keep: int
+    dry_run: bool
+    deleted: list[PrunedReleaseOut] = Field(description="the releases deleted (dry run: that would be), "
+                                                        "in version order")
+    kept: list[KeptReleaseOut] = Field(description="every other release, in version order, with why")
+    blobs_removed: list[str] = Field(description="sha256 of the blobs removed (none in a dry run)")
+    patches_removed: int
     object_storage: bool = Field(description="the blobs were removed from object storage too")
     failures: list[str] = Field(description="files or objects that could not be removed (left behind)")
 
@@ -664,6 +694,20 @@ def _router() -> APIRouter:
             raise HTTPException(404, str(exc)) from None
         except ReleaseInUse as exc:
             raise HTTPException(409, str(exc)) from None
+        except IntegrityError:
+            raise HTTPException(409, "conflict with a concurrent change; retry") from None
+
+    @router.post("/releases/prune", response_model=ReleasePruneOut, tags=["releases"],
+                 responses={**admin_responses, 409: {"model": ErrorOut, "description": "conflict with a "
+                                                                                       "concurrent change; retry"}})
+    def release_prune(request: Request, body: ReleasePruneIn, store: StoreDep, token: AdminDep):
+        """Release retention (admin): per hardware type and kind the `keep` newest releases by
+        version order stay, so do those a registered device runs and those a deployment or campaign
+        that has not finished uses; the others are deleted as DELETE /releases/{version} deletes
+        (audited as release.delete each, and release.prune). dry_run: only the list."""
+        try:
+            return prune_releases(store, request.app.state.blobs_dir, body.keep, request.app.state.objects,
+                                  actor=token.name, dry_run=body.dry_run)
         except IntegrityError:
             raise HTTPException(409, "conflict with a concurrent change; retry") from None
 

@@ -26,12 +26,11 @@ from fota.server.campaigns.spec import version_key
 from fota.server.release_delete import ReleaseInUse, delete_release, release_users
 from fota.server.releases import ReleaseError, ReleaseNotFound, list_releases
 from fota.server.store import Device, Release, Store
+from fota.tools.defaults import DEFAULT_RELEASE_KEEP as DEFAULT_KEEP
 
 __all__ = ["DEFAULT_KEEP", "prune_releases"]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_KEEP = 3  # newest releases kept per hardware type and kind
 
 
 def _order(release: Release) -> tuple:

@@ -5,3 +5,7 @@ supervisor imports the device runner: 20-90 ms that every command paid to read o
 # (TLS, a stalled or resumed download) no longer fits 128K on the 64-bit unix port: at 128K the
 # first 2 KiB chunk after a resume failed with MemoryError nearly every time (a crash loop).
 DEFAULT_HEAP = "160K"
+
+# Release retention (fota release prune, fota.server.release_prune): the newest releases kept per
+# hardware type and kind.
+DEFAULT_RELEASE_KEEP = 3
