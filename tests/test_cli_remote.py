@@ -355,7 +355,7 @@ def test_device_rekey_and_revoke_answer_alike_in_both_modes_and_reach_the_homes_
 
     from fota.server.broker import Mosquitto
     from fota.server.home import Home
-    from test_api import _accepted
+    from fota.testkit.broker import accepted as _accepted
     center = center_in_process
     home = Home(center.home)
     cfg = home.config()
