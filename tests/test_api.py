@@ -110,7 +110,7 @@ def admin_requests(env: Env) -> list[tuple[str, str, dict]]:
         ("POST", f"{API}/tokens", {"json": {"name": "ci", "role": "read"}}),
         ("POST", f"{API}/tokens/viewer/revoke", {}),
         ("DELETE", f"{API}/releases/1.0.0", {}),
-        ("POST", f"{API}/releases/prune", {"json": {"keep": 1}}),
+        ("POST", f"{API}/release-prune", {"json": {"keep": 1}}),
         ("POST", f"{API}/devices/dev-3/rekey", {}),
         ("POST", f"{API}/devices/dev-3/revoke", {}),
     ]
@@ -559,11 +559,11 @@ def test_release_prune_is_admin_keeps_running_and_in_use_releases_and_dry_run_ch
     dep = r.json()["id"]
     before = env.snapshot()
     for body in ({"keep": 0}, {"keep": 1, "dry": True}, {"keep": "all"}):
-        r = env.client.post(f"{API}/releases/prune", headers=admin, json=body)
+        r = env.client.post(f"{API}/release-prune", headers=admin, json=body)
         assert r.status_code == 422, r.text
-    r = env.client.post(f"{API}/releases/prune", headers=bearer(env.reader), json={"keep": 1})
+    r = env.client.post(f"{API}/release-prune", headers=bearer(env.reader), json={"keep": 1})
     assert r.status_code == 403 and "admin" in r.json()["detail"]
-    r = env.client.post(f"{API}/releases/prune", headers=admin, json={"keep": 1, "dry_run": True})
+    r = env.client.post(f"{API}/release-prune", headers=admin, json={"keep": 1, "dry_run": True})
     assert r.status_code == 200, r.text
     dry = r.json()
     assert env.snapshot() == before
@@ -573,7 +573,7 @@ def test_release_prune_is_admin_keeps_running_and_in_use_releases_and_dry_run_ch
         ("1.3.0", ["one of the 1 newest bundles for esp32"])]
     assert (dry["keep"], dry["dry_run"], dry["blobs_removed"], dry["failures"]) == (1, True, [], [])
 
-    r = env.client.post(f"{API}/releases/prune", headers=admin, json={"keep": 1})
+    r = env.client.post(f"{API}/release-prune", headers=admin, json={"keep": 1})
     assert r.status_code == 200, r.text
     out = r.json()
     assert (out["deleted"], out["kept"], out["dry_run"]) == (dry["deleted"], dry["kept"], False)
@@ -585,7 +585,7 @@ def test_release_prune_is_admin_keeps_running_and_in_use_releases_and_dry_run_ch
     (event,) = audit.list_events(env.store, action="release.prune")
     assert event.actor == "ops-admin" and event.detail["deleted"] == ["1.2.0"] and event.detail["in_use"] == ["1.1.0"]
     # the default keep (3) deletes nothing more here
-    r = env.client.post(f"{API}/releases/prune", headers=admin, json={})
+    r = env.client.post(f"{API}/release-prune", headers=admin, json={})
     assert r.status_code == 200 and r.json()["keep"] == 3 and r.json()["deleted"] == []
 
 

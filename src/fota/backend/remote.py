@@ -116,7 +116,7 @@ class RemoteBackend:
         return self.call("DELETE", f"/releases/{quote(version, safe='')}")
 
     def prune_releases(self, keep: int, dry_run: bool) -> dict[str, Any]:
-        return self.post("/releases/prune", {"keep": keep, "dry_run": dry_run})
+        return self.post("/release-prune", {"keep": keep, "dry_run": dry_run})
 
     def create_release(self, path: Path, version: str, hardware: list[str], *, counter: int, encrypt: bool,
                        min_version: Optional[str]) -> dict[str, Any]:

@@ -697,9 +697,9 @@ def _router() -> APIRouter:
         except IntegrityError:
             raise HTTPException(409, "conflict with a concurrent change; retry") from None
 
-    @router.post("/releases/prune", response_model=ReleasePruneOut, tags=["releases"],
-                 responses={**admin_responses, 409: {"model": ErrorOut, "description": "conflict with a "
-                                                                                       "concurrent change; retry"}})
+    # Not /releases/prune: "prune" is a valid release version (/releases/{version}).
+    @router.post("/release-prune", response_model=ReleasePruneOut, tags=["releases"],
+                 responses=change_responses)
     def release_prune(request: Request, body: ReleasePruneIn, store: StoreDep, token: AdminDep):
         """Release retention (admin): per hardware type and kind the `keep` newest releases by
         version order stay, so do those a registered device runs and those a deployment or campaign
