@@ -45,8 +45,10 @@ def _newest(releases: list[Release], keep: int) -> dict[int, list[str]]:
             groups[(hardware, release.kind)].append(release)
     why: dict[int, list[str]] = defaultdict(list)
     for (hardware, kind), members in sorted(groups.items()):
+        reason = (f"the newest {kind} for {hardware}" if keep == 1
+                  else f"one of the {keep} newest {kind}s for {hardware}")
         for release in sorted(members, key=_order, reverse=True)[:keep]:
-            why[release.id].append(f"one of the {keep} newest {kind}s for {hardware}")
+            why[release.id].append(reason)
     return why
 
 
