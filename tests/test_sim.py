@@ -83,7 +83,10 @@ def setup(tmp_path, broker, sqlite_url):
         sim = SimThread(fleet).start()
         made.append(sim)
         fleet.passwords = passwords
-        wait_until(lambda: _online(store, ids), timeout=60, what=f"{len(ids)} simulated devices online")
+        # A device that announces its nap shows offline while it sleeps (maybe already now)
+        shown = [i for i in ids if fleet.devices[i].profile.sleep_at is None
+                 or not fleet.devices[i].profile.announce_nap]
+        wait_until(lambda: _online(store, shown), timeout=60, what=f"{len(shown)} simulated devices online")
         return fleet, ids
 
     def release(version, size=IMAGE):
@@ -98,10 +101,11 @@ def setup(tmp_path, broker, sqlite_url):
     store.dispose()
 
 
-def _online(store, ids):
+def _online(store, ids, online=True):
+    """Every one of ids shown online (online=False: offline) in the registry."""
     from fota.server.store import Device
     with store.session() as s:
-        return s.scalar(select(func.count()).select_from(Device).where(Device.id.in_(ids), Device.online.is_(True))) == len(ids)
+        return s.scalar(select(func.count()).select_from(Device).where(Device.id.in_(ids), Device.online.is_(online))) == len(ids)
 
 
 def _job_states(store, deployment_id):
@@ -274,19 +278,39 @@ def test_unhealthy_devices_revert(setup):
 
 
 def test_sleeping_device_gets_its_command_when_it_wakes(setup):
+    """Sleepers nap as a board does (the retained `online 0` first): the registry shows them
+    offline while they sleep, and the center holds their jobs until their `online 1` is back,
+    so the broker queues nothing for them; woken, they get the update and confirm."""
     store, make, release = setup
-    plan = FailurePlan(sleepy=0.25, sleep_at=0.0, sleep_for=6.0, slow=0.25, chunk_delay=0.25, seed=3)
-    fleet, ids = make(20, "simnap", plan=plan)
+    # asleep until the test wakes them (sleep_for: a bound only)
+    plan = FailurePlan(sleepy=0.25, sleep_at=0.0, sleep_for=300.0, slow=0.25, chunk_delay=0.25, seed=3)
+    # the devices' clock is the wall clock: their wake-up is compared with the jobs' sent_at
+    fleet, ids = make(20, "simnap", plan=plan, clock=time.time)
+    sim = make.made[-1]
     sleepers = [d for d in fleet.devices.values() if d.profile.sleep_at is not None]
     assert len(sleepers) == 5
+    asleep = {d.id for d in sleepers}
     wait_until(lambda: all(d.slept and d.client is None for d in sleepers), timeout=30, what="sleepers asleep")
+    wait_until(lambda: _online(store, asleep, online=False), timeout=30, what="sleepers shown offline")
     dep = create_deployment(store, release("2.0.0"), device_ids=ids)
-    created = time.monotonic()
+    # the awake devices' jobs all done: the sender went past the sleepers' and held them
+    wait_until(lambda: all(v in P.TERMINAL_STATES for i, v in _job_states(store, dep.id).items() if i not in asleep),
+               timeout=120, what="the awake devices' jobs terminal")
+    with store.session() as s:
+        held = s.execute(select(Job.device_id, Job.state, Job.sent_at).where(Job.deployment_id == dep.id,
+                                                                             Job.device_id.in_(asleep))).all()
+    assert {(i, state, sent) for i, state, sent in held} == {(i, "pending", None) for i in asleep}, held
+    assert not any(d.commands for d in sleepers)  # nothing reached them while they slept
+    for d in sleepers:
+        sim.loop.call_soon_threadsafe(d.wake)
     states = wait_until(lambda: _all_terminal(store, dep.id), timeout=120, what="all jobs terminal")
     assert set(states.values()) == {P.CONFIRMED}
+    with store.session() as s:
+        sent = dict(s.execute(select(Job.device_id, Job.sent_at).where(Job.deployment_id == dep.id)).all())
     for d in sleepers:
-        # the command was queued by the broker while it slept and handled after it woke
-        assert d.woke_at is not None and d.commands and d.commands[0] >= d.woke_at > created - 6.0
+        # sent once it was back (its `online 1` after the wake-up), handled after it woke
+        assert d.woke_at is not None and sent[d.id].timestamp() >= d.woke_at, (d.id, sent[d.id], d.woke_at)
+        assert d.commands and d.commands[0] >= d.woke_at
     # slow links: every one of the image's chunks waited chunk_delay before it was handled
     # (2 s in all: several times what a 16 KiB update takes here)
     slow = [d for d in fleet.devices.values() if d.profile.chunk_delay]
@@ -370,7 +394,10 @@ def test_timed_out_jobs_are_cancelled_on_devices_that_wake_later(setup):
     """A deployment's timeout passes while its devices sleep: when they wake, the broker hands
     them the update and then the cancel the timeout queued; they keep their firmware."""
     store, make, release = setup
-    plan = FailurePlan(sleepy=1.0, sleep_at=0.0, sleep_for=6.0, seed=5)
+    # Naps without `online 0` (devices that leave without saying so): the center takes them for
+    # online and sends, so the broker queues the update and the cancel in their sessions. An
+    # announced nap would hold both jobs in the center, and nothing would reach the devices.
+    plan = FailurePlan(sleepy=1.0, sleep_at=0.0, sleep_for=6.0, seed=5, announce_nap=False)
     fleet, ids = make(4, "simlate", plan=plan)
     wait_until(lambda: all(d.slept and d.client is None for d in fleet.devices.values()), timeout=30,
                what="all asleep")

@@ -983,7 +983,7 @@ def simulate(devices: int = typer.Option(100, "--devices", min=1, help="number o
              unhealthy: float = typer.Option(0.0, help="fraction whose new image fails its health check (they revert)"),
              slow: float = typer.Option(0.0, help="fraction on a slow link (--chunk-delay per chunk)"),
              chunk_delay: float = typer.Option(0.05, help="seconds per chunk on a slow link"),
-             sleepy: float = typer.Option(0.0, help="fraction that nap once (disconnect, session kept)"),
+             sleepy: float = typer.Option(0.0, help="fraction that nap once (online 0, clean disconnect, session kept)"),
              sleep_at: float = typer.Option(30.0, help="a nap starts within this many seconds"),
              sleep_for: float = typer.Option(60.0, help="seconds a nap lasts"),
              backend: str = typer.Option("hash", help="slot backend: hash (light) or flash (NOR flash model)"),

@@ -4,8 +4,8 @@ The core's local actions (slots, journal, agent state, boot record, trust store,
 run in the shipped executor (fota.device.executor), as on the MicroPython runner; this module
 adds the asyncio I/O around it. What a board keeps across a reset lives in `SimDevice.storage`
 (JSON text per file: boot.json, agent.json, journal.json, keys.json) and in the slot backend. A
-reboot throws the core away, closes the MQTT connection, runs the boot selector on the stored
-boot record and builds a new core from what is stored, exactly as the MicroPython runner
+reboot publishes the retained `online 0` and disconnects cleanly (the runner's shut_down), throws
+the core away, runs the boot selector on the stored boot record and builds a new core from what is stored, exactly as the MicroPython runner
 (fota.device.runner) does after machine.reset().
 
 The MQTT side is one gmqtt client per device (MQTT 3.1.1, its own broker account, persistent
@@ -62,20 +62,26 @@ class Profile:
     unhealthy: every trial boot of a new image fails its health check (the device reverts after
                max_trial_boots attempts, as the boot selector decides).
     chunk_delay: seconds added before each received chunk is handled (a slow link).
-    sleep_at / sleep_for: seconds after start at which the device naps, and for how long: it
-               disconnects cleanly (no will; the broker keeps its session and queues QoS 1
-               commands) and reconnects when it wakes.
+    sleep_at / sleep_for: seconds after start at which the device naps, and for how long: as a
+               board before its deep sleep, it publishes its retained `online 0` (QoS 1, acknowledged)
+               and disconnects cleanly (no will; the broker keeps its session), so the control
+               center holds its jobs until its `online 1` is back; it reconnects when it wakes.
+    announce_nap: False for a device that leaves without saying so (a firmware bug, or a dropped
+               link whose will has not fired yet): its nap is a bare clean DISCONNECT, the center
+               goes on taking it for online and sends, and the broker queues its QoS 1 commands
+               in the session. Only for tests of that queue.
     """
 
-    def __init__(self, unhealthy=False, chunk_delay=0.0, sleep_at=None, sleep_for=0.0):
+    def __init__(self, unhealthy=False, chunk_delay=0.0, sleep_at=None, sleep_for=0.0, announce_nap=True):
         self.unhealthy = unhealthy
         self.chunk_delay = chunk_delay
         self.sleep_at = sleep_at
         self.sleep_for = sleep_for
+        self.announce_nap = announce_nap
 
     def to_dict(self):
         return {"unhealthy": self.unhealthy, "chunk_delay": self.chunk_delay,
-                "sleep_at": self.sleep_at, "sleep_for": self.sleep_for}
+                "sleep_at": self.sleep_at, "sleep_for": self.sleep_for, "announce_nap": self.announce_nap}
 
 
 class SimDevice:
@@ -139,6 +145,7 @@ class SimDevice:
         self._task: asyncio.Task | None = None
         self.t0 = clock()
         self.slept = False
+        self._nap_over = asyncio.Event()  # set: a nap ends now (wake(), stop())
 
         # observations (tests, benchmark)
         self.boots = 0
@@ -511,9 +518,14 @@ class SimDevice:
         self._task = asyncio.create_task(self.run(), name="sim-" + self.id)
         return self._task
 
+    def wake(self):
+        """End the nap now (or the one to come at once), as a board's wake-up pin (tests)."""
+        self._nap_over.set()
+
     async def stop(self):
         self._stop = True
         self._wake.set()
+        self._nap_over.set()
         if self._task is not None:
             try:
                 await within(self._task, 10)
@@ -528,7 +540,9 @@ class SimDevice:
                 self.boot()
                 await self._session()
             except Reboot:
-                await self._close()
+                # fota.device.runner's shut_down before machine.reset(): go_offline, the retained
+                # `online 0` first, then the clean DISCONNECT (which suppresses the will).
+                await self._go_offline()
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # a bug in the simulator or the core: keep the fleet going
@@ -626,10 +640,24 @@ class SimDevice:
 
     async def _nap(self):
         self.slept = True
-        await self._acked()
-        await self._close()   # clean DISCONNECT: no will, the session stays
-        await asyncio.sleep(self.profile.sleep_for)
+        await self._go_offline(announce=self.profile.announce_nap)  # the session stays
+        try:
+            async with asyncio.timeout(self.profile.sleep_for):
+                await self._nap_over.wait()
+        except TimeoutError:
+            pass
         self.woke_at = self.clock()
+
+    async def _go_offline(self, announce: bool = True):
+        """A clean disconnect, as fota.device.runner's go_offline before a reboot or a deep sleep:
+        once the broker acknowledged what was published (the device's publishes block until their
+        PUBACK), the retained `online 0` (QoS 1, acknowledged), then the DISCONNECT. A DISCONNECT
+        suppresses the will: without the `0` the control center would go on taking the device for
+        online (docs/protocol.md §1). announce=False: the bare DISCONNECT (Profile.announce_nap)."""
+        if await self._acked() and announce:
+            self.client.publish(P.topic(self.id, P.ONLINE), "0", qos=1, retain=True)
+            await self._acked()   # not acknowledged (the link died): the will says 0 instead
+        await self._close()
 
 
 class _Files:

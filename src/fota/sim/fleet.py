@@ -35,17 +35,24 @@ class FailurePlan:
 
     unhealthy: a new image fails its health check at every trial boot, so the device reverts;
     slow: `chunk_delay` seconds before each chunk is handled;
-    sleepy: napping `sleep_for` seconds, starting at a random time in [0, sleep_at] s.
+    sleepy: napping `sleep_for` seconds, starting at a random time in [0, sleep_at] s; a nap
+            publishes the retained `online 0` first, as a board before its deep sleep, so the
+            control center holds the sleeper's jobs until it is back (fota.sim.device.Profile);
+    announce_nap=False: the sleepers leave without saying so (a firmware bug, or a dropped link
+            whose will has not fired yet): the center takes them for online and sends, and the
+            broker queues their commands in the session. Only for tests of that queue.
     """
 
     def __init__(self, unhealthy: float = 0.0, slow: float = 0.0, chunk_delay: float = 0.05,
-                 sleepy: float = 0.0, sleep_at: float = 5.0, sleep_for: float = 10.0, seed: int = 1):
+                 sleepy: float = 0.0, sleep_at: float = 5.0, sleep_for: float = 10.0, seed: int = 1,
+                 announce_nap: bool = True):
         for name, rate in (("unhealthy", unhealthy), ("slow", slow), ("sleepy", sleepy)):
             if not 0.0 <= rate <= 1.0:
                 raise ValueError(f"{name} rate must be within 0..1")
         self.unhealthy, self.slow, self.sleepy = unhealthy, slow, sleepy
         self.chunk_delay, self.sleep_at, self.sleep_for = chunk_delay, sleep_at, sleep_for
         self.seed = seed
+        self.announce_nap = announce_nap
 
     def profiles(self, ids: list[str]) -> dict[str, Profile]:
         rng = random.Random(self.seed)
@@ -55,7 +62,8 @@ class FailurePlan:
         return {i: Profile(unhealthy=i in unhealthy,
                            chunk_delay=self.chunk_delay if i in slow else 0.0,
                            sleep_at=rng.uniform(0, self.sleep_at) if i in sleepy else None,
-                           sleep_for=self.sleep_for if i in sleepy else 0.0)
+                           sleep_for=self.sleep_for if i in sleepy else 0.0,
+                           announce_nap=self.announce_nap)
                 for i in ids}
 
 
