@@ -28,6 +28,23 @@ def test_scale_benchmark_sampled(tmp_path):
     assert ratios["chunks_per_update"] is not None and ratios["center_cpu_ms_per_update"] is not None
 
 
+def test_scale_sleepers_and_wakers_sampled(tmp_path):
+    """Sleepers nap for good and wakers wake after the deployment started, each nap announced
+    (the retained `online 0` first, as a board): every device's first connection is counted in
+    the store although the sleepers show offline, and the wakers' updates, held by the center
+    while they slept, are confirmed once they are back."""
+    out = tmp_path / "scale.json"
+    assert scale.main(["--broker", "mosquitto", "--devices", "60", "--awake-pct", "50", "--wakers", "5",
+                       "--wake-s", "5", "--processes", "3", "--updating-pct", "5", "--statuses", "0",
+                       "--idle-s", "1", "--image-kib", "16", "--connect-rate", "50", "--timeout", "120",
+                       "--out", str(out)]) == 0
+    run = json.loads(out.read_text())["run"]
+    assert run["groups"] == {"sleepers": 25, "wakers": 5, "awake": 30}, run["groups"]
+    assert run["never_online"] == {"sleepers": 0, "awake": 0, "wakers": 0}, run["never_online"]
+    up = run["update"]
+    assert up["devices"] == 8 and up["confirmed"] == 8 and up["wakers_confirmed"] == 5, up
+
+
 def test_scale_refuses_a_fleet_the_open_files_limit_cannot_hold(tmp_path):
     """More devices per node than the open-files limit allows: the run stops before starting
     anything and says why (exit 1)."""
