@@ -5,8 +5,8 @@ run in the shipped executor (fota.device.executor), as on the MicroPython runner
 adds the asyncio I/O around it. What a board keeps across a reset lives in `SimDevice.storage`
 (JSON text per file: boot.json, agent.json, journal.json, keys.json) and in the slot backend. A
 reboot publishes the retained `online 0` and disconnects cleanly (the runner's shut_down), throws
-the core away, runs the boot selector on the stored boot record and builds a new core from what is stored, exactly as the MicroPython runner
-(fota.device.runner) does after machine.reset().
+the core away, runs the boot selector on the stored boot record and builds a new core from what
+is stored, exactly as the MicroPython runner (fota.device.runner) does after machine.reset().
 
 The MQTT side is one gmqtt client per device (MQTT 3.1.1, its own broker account, persistent
 session, will on `online`), so the broker's password file and ACL apply as to real devices.
