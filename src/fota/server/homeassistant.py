@@ -74,6 +74,10 @@ class HomeAssistantSettings:
     # release_url template, "{version}" replaced (e.g. a dashboard's release page); None: no URL
     release_url: str | None = None
     interval: float = DEFAULT_INTERVAL
+    # On a NATS cluster (which has no retained messages of its own): the nodes' MQTT listeners,
+    # mqtt[s]://user:password@host:port comma-separated, that the bridge publishes through
+    # (fota.server.center.hamqtt); unused with an MQTT broker.
+    mqtt_url: str | None = None
 
 
 def discovery_topic(prefix: str, device_id: str) -> str:
@@ -102,6 +106,21 @@ def broker_acl(user: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, str]:
               f"topic write {command_filter()}\n")
     service = f"topic readwrite {prefix}/update/{NODE_ID}/#\n"
     return device, service
+
+
+def nats_user(user: str, password: str, prefix: str = DEFAULT_PREFIX) -> dict:
+    """Home Assistant's user in a NATS cluster's users file (fota.server.natscluster; password
+    plain or a bcrypt hash): MQTT connections only, broker_acl's rights. It may subscribe to the
+    whole discovery prefix: nats-server refuses a subscription wider than the permissions (where
+    Mosquitto grants it and filters the deliveries), and Home Assistant subscribes to
+    <prefix>/+/+/config and the like; in the FOTA account only the center publishes there (Home
+    Assistant's own birth message is refused, as on Mosquitto). It publishes only install commands."""
+    if "." in prefix:  # an MQTT topic's '.' is not a NATS subject's separator
+        raise ValueError(f"discovery prefix {prefix!r}: no '.' on a NATS cluster")
+    root = TOPIC_ROOT.rstrip("/").replace("/", ".")
+    return {"user": user, "password": password, "allowed_connection_types": ["MQTT"],
+            "permissions": {"publish": {"allow": [f"{root}.*.{INSTALL}"]},
+                            "subscribe": {"allow": [prefix, f"{prefix}.>", f"{root}.>"]}}}
 
 
 def set_opt_in(store: Store, device_ids: list[str], tag: str, opted: bool) -> list[str]:
@@ -154,7 +173,7 @@ class DeviceView:
 
 class HomeAssistantBridge:
     def __init__(self, store: Store, db: Callable[..., Awaitable], publish: Callable[..., bool],
-                 settings: HomeAssistantSettings):
+                 settings: HomeAssistantSettings, refresh: float | None = None):
         self.store = store
         self.db = db                        # runs a function on the database thread
         self.publish = publish              # (topic, payload, qos, retain) -> bool
@@ -165,6 +184,11 @@ class HomeAssistantBridge:
         self._sent: dict[str, tuple[bytes, bytes, bytes]] = {}   # device -> (config, state, availability)
         self._installed: dict[str, str] = {}  # device -> installed_version last published
         self._wake = asyncio.Event()
+        # Publish every entity again each `refresh` seconds (None: only after a reconnect). On a
+        # NATS cluster: a retained message published while JetStream re-elects a dead node's
+        # stream leaders may not be stored, and the publisher is not told (measured, 2.15.1).
+        self.refresh = refresh
+        self._refreshed = 0.0
         # counters (tests, diagnostics)
         self.passes = 0
         self.installs_started = 0
@@ -231,6 +255,10 @@ class HomeAssistantBridge:
 
     async def sync(self) -> None:
         """One pass: read the opted-in devices, publish what changed, remove what opted out."""
+        now = asyncio.get_running_loop().time()
+        if self.refresh is not None and now - self._refreshed >= self.refresh:
+            self._sent.clear()
+            self._refreshed = now
         views = await self.db(self.read_views)
         installs = bool(self.settings.installs())
         self.passes += 1
