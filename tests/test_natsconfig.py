@@ -287,5 +287,9 @@ def test_home_assistant_gets_a_nats_user_with_its_acl_and_the_bridge_the_mqtt_li
                    what="the new password accepted after the reload")
         assert not accepted(mqtt_ports[1], "homeassistant", password)
         assert "fota broker nats-config" not in out
+        _fota(home.path, "ha", "disable")  # the user leaves the users file
+        wait_until(lambda: not accepted(mqtt_ports[0], "homeassistant", new_password), timeout=5,
+                   what="the account refused after disable")
+        assert '"homeassistant"' not in (nats.out_dir / USERS_FILE).read_text()
     finally:
         nats.stop()

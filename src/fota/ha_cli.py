@@ -190,7 +190,7 @@ def ha_disable(home: Optional[Path] = HomeOpt):
     from fota.server.broker import HOMEASSISTANT_USER
     h = Home.locate(home)
     block = _enabled(h)
-    block.update(enabled=False, password_hash=None)
+    block.update(enabled=False, password_hash=None, password_bcrypt=None)
     _apply(h, block)
     store = open_store(h)
     audit(store, "ha.disable", "homeassistant", {})

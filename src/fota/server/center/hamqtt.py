@@ -10,10 +10,10 @@ bridge publishes everything again after each (re)connect, so nothing needs keepi
 gmqtt reconnects only to the host it first connected to; a dead node must not end the entities'
 updates, so gmqtt's own reconnects are off and this tries the next node (round robin) itself.
 
-Measured on nats-server 2.15.1 (tests/test_homeassistant_nats.py): an empty retained message
-deletes the retained one as MQTT specifies (a new subscriber gets nothing); a QoS 1 PUBLISH
-from Home Assistant reaches NATS subscribers with the header Nmqtt-Pub: 1 and is stored in
-$MQTT_msgs, but its retain flag does not reach them.
+Measured on nats-server 2.15.1: an empty retained message deletes the retained one as MQTT
+specifies (a new subscriber gets nothing: tests/test_homeassistant_nats.py); a QoS 1 PUBLISH from
+an MQTT client reaches NATS subscribers (header Nmqtt-Pub: 1) and is stored in $MQTT_msgs, and
+its retain flag reaches neither (a retained one is stored in $MQTT_rmsgs too).
 
 Install commands do not come through here: they arrive on the center's NATS connection
 (natsconn, a durable JetStream consumer of the worker group), one worker each.
