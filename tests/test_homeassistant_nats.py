@@ -67,6 +67,8 @@ class HomeAssistant:
             self.messages.append((msg.topic, msg.payload, bool(msg.retain)))
         if msg.topic.endswith("/config") and msg.payload:
             config = json.loads(msg.payload)
+            if "state_topic" not in config:  # the leftover a test makes by hand
+                return
             client.subscribe([(config["state_topic"], 1), (config["availability_topic"], 1)])
 
     def of(self, topic: str) -> list[tuple[bytes, bool]]:
@@ -264,16 +266,15 @@ def test_home_assistant_user_reads_its_topics_and_writes_only_install_commands(t
 def _retained(port: int, topic: str, timeout: float = 30.0) -> bytes | None:
     """The retained message a Home Assistant connecting to the node now gets on topic (None:
     none). Right after a node's death the MQTT layer's JetStream calls time out for seconds (a
-    subscription may fail): a new client is tried until one got its subscription's retained
-    messages (the discovery configs of the entities that exist)."""
+    subscription may fail): a new client is tried until its <prefix>/# subscription was granted;
+    the retained messages follow the SUBACK."""
     deadline = time.monotonic() + timeout
     while True:
         ha = HomeAssistant(port)
         try:
             try:
-                wait_until(lambda: any(t.endswith("/config") and r for t, _, r in ha.messages), timeout=5,
-                           what="retained discovery configs")
-                time.sleep(0.5)
+                wait_until(lambda: ha.subacks and ha.subacks[0] == [1], timeout=5, what="<prefix>/# granted")
+                time.sleep(1.0)
                 got = ha.of(topic)
                 return got[-1][0] if got else None
             except Exception:
@@ -283,35 +284,59 @@ def _retained(port: int, topic: str, timeout: float = 30.0) -> bytes | None:
             ha.close()
 
 
-def test_bridge_moves_to_another_node_and_an_opt_out_empties_the_retained_config(tmp_path, cluster, database):
-    """The node the bridge publishes through dies: it connects to another and a new entity still
-    reaches Home Assistant, on the third node; an opt-out's empty retained message deletes the
-    config on NATS too (a Home Assistant connecting afterwards gets none)."""
-    first, second = f"hm-{secrets.token_hex(2)}", f"hm-{secrets.token_hex(2)}"
-    setup = Setup(tmp_path, cluster, database, [first, second], workers=1)
-    killed = None
+def test_entity_of_a_device_opted_out_while_the_center_was_down_is_removed(tmp_path, cluster, database):
+    """The bridge learns from the node which discovery configs it retains (its MQTT 3.1.1
+    subscription's retained messages): one whose device opted out meanwhile is emptied."""
+    dev = f"hd-{secrets.token_hex(2)}"
+    setup = Setup(tmp_path, cluster, database, [dev], workers=1)
     try:
-        set_opt_in(setup.store, [first], DEFAULT_TAG, True)
-        ha_mqtt = setup.centers[0].center.ha_mqtt
+        set_opt_in(setup.store, [dev], DEFAULT_TAG, True)
+        wait_until(lambda: dev in setup.bridges()[0].retained, timeout=15, what="entity published")
+        assert _retained(cluster.mqtt_ports[2], discovery_topic(PREFIX, dev))
+        setup.centers[0].stop()
+        setup.centers = []
+        set_opt_in(setup.store, [dev], DEFAULT_TAG, False)
+        ha = HomeAssistantSettings(interval=0.5, mqtt_url=",".join(
+            f"mqtt://{SERVER_USER}:{cluster.server_password}@127.0.0.1:{p}" for p in cluster.mqtt_ports))
+        setup.centers = [CenterThread(setup.store, cluster.server_url, setup.blobs, homeassistant=ha,
+                                      signer=setup.keyring.signer(), keys_update=setup.keyring.keys_update(),
+                                      campaign_interval=None).start()]
         bridge = setup.bridges()[0]
-        bridge.refresh = 2.0  # what a publish lost while JetStream re-elects leaders waits for (60 s)
-        wait_until(lambda: first in bridge.retained, timeout=15, what="first entity published")
-        killed = ha_mqtt.node
-        third = cluster.mqtt_ports[(killed + 2) % 3]
-        assert json.loads(_retained(third, discovery_topic(PREFIX, first)))["unique_id"] == f"fota_{first}_firmware"
-        cluster.kill_node(killed)
-        wait_until(lambda: ha_mqtt.connects >= 2 and ha_mqtt.connected, timeout=30, what="bridge on another node")
-        assert ha_mqtt.node != killed
-        set_opt_in(setup.store, [second], DEFAULT_TAG, True)
-        wait_until(lambda: second in bridge.retained, timeout=15, what="second entity published")
-        wait_until(lambda: _retained(third, discovery_topic(PREFIX, second)), timeout=30,
-                   what="second config on the third node")
-        set_opt_in(setup.store, [first], DEFAULT_TAG, False)
-        wait_until(lambda: first not in bridge.retained, timeout=15, what="first entity removed")
-        wait_until(lambda: _retained(third, discovery_topic(PREFIX, first)) is None, timeout=30,
-                   what="first config deleted")
+        wait_until(lambda: bridge.passes > 1 and dev not in bridge.retained, timeout=15, what="removal")
+        assert bridge.opted == set()
+        wait_until(lambda: _retained(cluster.mqtt_ports[1], discovery_topic(PREFIX, dev)) is None, timeout=30,
+                   what="the config deleted")
+        # A removal lost by the cluster (seen after a node's death) leaves a config retained that
+        # the running bridge does not know of: it reads the retained configs again at each
+        # refresh (60 s; 2 here) and removes it. Such a leftover, made by hand:
+        ghost = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"ghost-{secrets.token_hex(3)}",
+                            protocol=mqtt.MQTTv311)
+        ghost.username_pw_set(SERVER_USER, cluster.server_password)
+        ghost.connect("127.0.0.1", cluster.mqtt_ports[2])
+        ghost.loop_start()
+        leftover = discovery_topic(PREFIX, f"hg-{secrets.token_hex(2)}")  # no such device
+        try:
+            ghost.publish(leftover, b'{"name":"left over"}', qos=1, retain=True).wait_for_publish(5)
+        finally:
+            ghost.disconnect()
+            ghost.loop_stop()
+        assert _retained(cluster.mqtt_ports[1], leftover) == b'{"name":"left over"}'
+        bridge.refresh = 2.0
+        wait_until(lambda: _retained(cluster.mqtt_ports[1], leftover) is None, timeout=30,
+                   what="the leftover config removed")
     finally:
         setup.close()
-        if killed is not None:
-            cluster.start_node(killed)
-            cluster.wait_ready()
+
+
+def test_home_assistant_on_nats_needs_the_nodes_mqtt_listeners(tmp_path, sqlite_url):
+    from fota.server.center import ControlCenter
+    keyring = Keyring(tmp_path / "keys")
+    keyring.init()
+    store = Store(sqlite_url)
+    try:
+        with pytest.raises(ValueError, match="MQTT listeners"):
+            ControlCenter(store, "nats://fota-server:pw@127.0.0.1:4222", tmp_path / "blobs",
+                          signer=keyring.signer(), keys_update=keyring.keys_update(),
+                          homeassistant=HomeAssistantSettings())
+    finally:
+        store.dispose()

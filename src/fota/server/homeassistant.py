@@ -11,7 +11,8 @@ A device opts in with a tag (``HomeAssistantSettings.tag``, default ``home-assis
 existing tag machinery, no schema change; ``fota ha add`` / ``fota ha remove`` set it.
 
 What the bridge publishes (retained, QoS 1, through the center's connection: gmqtt's own publish,
-which queues and retransmits QoS 1 messages; fota.gmqtt_adapter's raw path is for QoS 0 chunks):
+which queues and retransmits QoS 1 messages; fota.gmqtt_adapter's raw path is for QoS 0 chunks;
+on a NATS cluster through an MQTT 3.1.1 connection to a node, fota.server.center.hamqtt):
 
     <prefix>/update/fota/<device>/config   discovery (empty: the entity is removed)
     fota/ha/<device>/state                 JSON state
@@ -59,6 +60,7 @@ ACTOR = "homeassistant"              # who Home Assistant's installs are audited
 MAX_SUMMARY = 255                    # release_summary: Home Assistant shows at most 255 characters
 DEFAULT_INTERVAL = 5.0               # s between full passes
 MIN_GAP = 0.2                        # s: statuses arriving together make one pass
+REMOVAL_REPEATS = 10                 # refreshes (HomeAssistantBridge.refresh) a removal is published again at
 # The live job states, and how far each is: download progress while downloading, all of it after.
 PAST_DOWNLOAD = (protocol.VERIFYING, protocol.INSTALLING, protocol.REBOOTING, protocol.TRIAL)
 
@@ -189,6 +191,12 @@ class HomeAssistantBridge:
         # stream leaders may not be stored, and the publisher is not told (measured, 2.15.1).
         self.refresh = refresh
         self._refreshed = 0.0
+        # called at each refresh: ask the broker again which discovery configs it retains (an
+        # empty retained message lost there leaves an entity that must be removed again)
+        self.on_refresh: Callable[[], None] | None = None
+        # device -> refreshes left: a removal is published again at the next REMOVAL_REPEATS
+        # refreshes (a node that missed the first empty message may take a later one)
+        self._removed: dict[str, int] = {}
         # counters (tests, diagnostics)
         self.passes = 0
         self.installs_started = 0
@@ -256,10 +264,14 @@ class HomeAssistantBridge:
     async def sync(self) -> None:
         """One pass: read the opted-in devices, publish what changed, remove what opted out."""
         now = asyncio.get_running_loop().time()
-        if self.refresh is not None and now - self._refreshed >= self.refresh:
+        refreshing = self.refresh is not None and now - self._refreshed >= self.refresh
+        if refreshing:
             self._sent.clear()
             self._refreshed = now
+            if self.on_refresh is not None:
+                self.on_refresh()
         views = await self.db(self.read_views)
+        self._repeat_removals(views, refreshing)
         installs = bool(self.settings.installs())
         self.passes += 1
         for device_id in sorted((self.opted | self.retained) - set(views)):
@@ -274,6 +286,19 @@ class HomeAssistantBridge:
             self._sent[device_id] = messages
             self.retained.add(device_id)
 
+    def _repeat_removals(self, views: dict, refreshing: bool) -> None:
+        """At a refresh, publish the recent removals' empty messages again (a device that opted
+        in again is no longer removed)."""
+        for device_id in list(self._removed):
+            if device_id in views:
+                del self._removed[device_id]
+            elif refreshing:
+                for topic in self._topics(device_id):
+                    self.publish(topic, b"", 1, True)
+                self._removed[device_id] -= 1
+                if not self._removed[device_id]:
+                    del self._removed[device_id]
+
     def _topics(self, device_id: str) -> tuple[str, str, str]:
         return (discovery_topic(self.prefix, device_id), device_topic(device_id, STATE),
                 device_topic(device_id, AVAILABILITY))
@@ -285,6 +310,8 @@ class HomeAssistantBridge:
         self._sent.pop(device_id, None)
         self._installed.pop(device_id, None)
         self.retained.discard(device_id)
+        if self.refresh is not None:
+            self._removed[device_id] = REMOVAL_REPEATS
         log.info("Home Assistant entity of %s removed", device_id)
 
     def read_views(self) -> dict[str, DeviceView]:

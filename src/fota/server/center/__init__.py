@@ -233,6 +233,8 @@ class ControlCenter:
         if self.homeassistant is not None:
             self.intake.on_written = self.homeassistant.touched
             ha_link.on_reconnect = self.homeassistant.republish
+            if self.ha_mqtt is not None:
+                self.homeassistant.on_refresh = self.ha_mqtt.relearn
         self._tasks: list[asyncio.Task] = []
 
     # ------------------------------------------------------------ lifecycle
