@@ -259,3 +259,37 @@ def test_serve_refuses_to_start_when_it_cannot_rewrite_the_users_file(tmp_path, 
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "cannot rewrite the NATS users file from the registry" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_home_assistant_gets_a_nats_user_with_its_acl_and_the_bridge_the_mqtt_listeners(tmp_path, sqlite_url):
+    """fota ha enable on a NATS home: the users file gets Home Assistant's user (bcrypt), which
+    reads its discovery and fota/ha topics but no device's; fota ha account rotates it; the
+    center's Home Assistant settings name every node's MQTT listener."""
+    nats = Cluster(tmp_path, sqlite_url)
+    home, mqtt_ports = nats.home, nats.mqtt_ports
+    out, _ = _fota(home.path, "ha", "enable", "--installs")
+    password = re.search(r"password (\S+)", out).group(1)
+    assert "fota broker nats-config" in out  # its user is written by nats-config
+    nats.configure()
+    users = (nats.out_dir / USERS_FILE).read_text()
+    assert '"homeassistant"' in users and password not in users
+    settings = home.homeassistant_settings()
+    assert settings.mqtt_url == ",".join(f"mqtt://{SERVER_USER}:{SERVER_PASSWORD}@127.0.0.1:{p}" for p in mqtt_ports)
+    try:
+        nats.start()
+        assert accepted(mqtt_ports[2], "homeassistant", password)
+        assert _subscribe(mqtt_ports[0], "homeassistant", password,
+                          [("homeassistant/#", 1), ("homeassistant/+/+/config", 1), ("fota/ha/+/state", 1),
+                           ("fota/v1/+/status", 1), ("fota/#", 1)]) == [1, 1, 1, 128, 128]
+        out, _ = _fota(home.path, "ha", "account")
+        new_password = re.search(r"password (\S+)", out).group(1)
+        wait_until(lambda: accepted(mqtt_ports[1], "homeassistant", new_password), timeout=5,
+                   what="the new password accepted after the reload")
+        assert not accepted(mqtt_ports[1], "homeassistant", password)
+        assert "fota broker nats-config" not in out
+        _fota(home.path, "ha", "disable")  # the user leaves the users file
+        wait_until(lambda: not accepted(mqtt_ports[0], "homeassistant", new_password), timeout=5,
+                   what="the account refused after disable")
+        assert '"homeassistant"' not in (nats.out_dir / USERS_FILE).read_text()
+    finally:
+        nats.stop()

@@ -833,7 +833,8 @@ def broker_nats_config(out: Path = typer.Option(..., "--out", help="directory fo
                                    monitor_ports=per_node(monitor_port, MONITOR_PORT, len(nodes), "--monitor-port"))
     except BrokerError as e:
         fail(str(e))
-    cfg["nats_config"] = {"dir": str(out), "pid_files": [str(pid_file(state, node.name)) for node in nodes]}
+    cfg["nats_config"] = {"dir": str(out), "pid_files": [str(pid_file(state, node.name)) for node in nodes],
+                          "mqtt_ports": mqtt}  # where the Home Assistant bridge publishes (Home.nats_mqtt_url)
     if "broker_mqtt_port" not in cfg:
         cfg["broker_mqtt_port"] = mqtt[0]  # what devices made from now on connect to
     h.save_config(cfg)

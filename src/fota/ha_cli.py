@@ -1,7 +1,7 @@
 """`fota ha …`: Home Assistant update entities (fota.server.homeassistant, docs/home-assistant.md).
 
 Settings live in config.json's "homeassistant" block; the broker account's password is shown
-once and kept only as its Mosquitto hash, like the devices'.
+once and kept only as its Mosquitto hash (and bcrypt hash, for a NATS cluster), like the devices'.
 """
 from __future__ import annotations
 
@@ -24,9 +24,11 @@ def _enabled(h: Home) -> dict:
 
 
 def _new_account(h: Home, block: dict) -> str:
-    from fota.server.credentials import mosquitto_hash, new_password
+    from fota.server.credentials import bcrypt_hash, mosquitto_hash, new_password
     password = new_password()
     block["password_hash"] = mosquitto_hash(password)
+    # a NATS cluster's users file takes bcrypt (Home.sync_nats_users); None without bcrypt
+    block["password_bcrypt"] = bcrypt_hash(password)
     return password
 
 
@@ -47,7 +49,11 @@ def _print_account(h: Home, password: str) -> None:
     console.print(f"Home Assistant's broker account (shown once): user {HOMEASSISTANT_USER}, password {password}")
     tls = f" (TLS: give Home Assistant the CA certificate {h.broker_cafile})" if h.broker_tls else ""
     console.print(f"broker: {host}:{port}{tls}", soft_wrap=True)
-    if not h.managed_broker:
+    if h.nats_broker:
+        if h.nats_config() is None:
+            console.print("NATS cluster: run 'fota broker nats-config' to write its user into the users file "
+                          "(docs/home-assistant.md)", soft_wrap=True)
+    elif not h.managed_broker:
         from fota.server.homeassistant import broker_acl
         device_acl, service_acl = broker_acl(HOMEASSISTANT_USER, h.homeassistant().get("discovery_prefix")
                                              or "homeassistant")
@@ -73,6 +79,8 @@ def ha_enable(installs: bool = typer.Option(
     h = Home.locate(home)
     if not names.matches(tag, names.NAME) or not names.matches(discovery_prefix, names.NAME):
         fail("--tag and --discovery-prefix: 1-64 characters of [A-Za-z0-9._-]")
+    if h.nats_broker and "." in discovery_prefix:
+        fail("--discovery-prefix: no '.' on a NATS cluster (a NATS subject's separator)")
     if release_url is not None and not release_url.startswith(("http://", "https://")):
         fail("--release-url must be an http:// or https:// URL (Home Assistant refuses others)")
     store = open_store(h)
@@ -182,7 +190,7 @@ def ha_disable(home: Optional[Path] = HomeOpt):
     from fota.server.broker import HOMEASSISTANT_USER
     h = Home.locate(home)
     block = _enabled(h)
-    block.update(enabled=False, password_hash=None)
+    block.update(enabled=False, password_hash=None, password_bcrypt=None)
     _apply(h, block)
     store = open_store(h)
     audit(store, "ha.disable", "homeassistant", {})

@@ -31,7 +31,7 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from fota.server.broker import (DEVICE_PASSWORDS, HOMEASSISTANT_USER, LOOPBACK, SERVER_USER, TLS_PORT, connect_host,
                                 free_port, is_loopback, parse_listen, write_broker_acl, write_broker_passwords)
@@ -413,7 +413,21 @@ class Home:
         return HomeAssistantSettings(tag=block.get("tag") or DEFAULT_TAG,
                                      discovery_prefix=block.get("discovery_prefix") or DEFAULT_PREFIX,
                                      installs=lambda: bool(self.homeassistant().get("installs")),
-                                     release_url=block.get("release_url"))
+                                     release_url=block.get("release_url"),
+                                     mqtt_url=self.nats_mqtt_url() if self.nats_broker else None)
+
+    def nats_mqtt_url(self) -> str:
+        """The NATS nodes' MQTT listeners as the server user sees them (mqtt[s]://fota-server:…@
+        host:port, comma-separated, broker_url's order): each node's host in broker_url, its port
+        from `fota broker nats-config` (nats_config.mqtt_ports), else broker_mqtt_port (1883)."""
+        from fota.server.natsconfig import cluster_nodes
+        nodes, password = cluster_nodes(self.broker_url)
+        ports = (self.nats_config() or {}).get("mqtt_ports") or [self.config().get("broker_mqtt_port", 1883)]
+        if len(ports) == 1:
+            ports = ports * len(nodes)
+        scheme = "mqtts" if self.broker_tls else "mqtt"
+        return ",".join(f"{scheme}://{SERVER_USER}:{quote(password, safe='')}@{node.host}:{port}"
+                        for node, port in zip(nodes, ports))
 
     def broker_acl_extra(self) -> tuple[str, str]:
         """The managed broker's ACL lines beyond the devices' and the server's: Home Assistant's."""
@@ -473,8 +487,13 @@ class Home:
         block = self.nats_config()
         if block is None:
             return None
+        from fota.server.homeassistant import DEFAULT_PREFIX, nats_user
         directory = Path(block["dir"])
-        missing = write_registry_users(directory, store, cluster_nodes(self.broker_url)[1])
+        ha, others = self.homeassistant(), []
+        if ha.get("enabled") and ha.get("password_bcrypt"):  # none: an account from before; fota ha account
+            others.append(nats_user(HOMEASSISTANT_USER, ha["password_bcrypt"],
+                                    ha.get("discovery_prefix") or DEFAULT_PREFIX))
+        missing = write_registry_users(directory, store, cluster_nodes(self.broker_url)[1], others)
         pid_files = [Path(p) for p in block.get("pid_files", [])]
         return NatsUsers(directory, missing, pid_files, reload_nodes(pid_files))
 

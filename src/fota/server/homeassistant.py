@@ -11,7 +11,8 @@ A device opts in with a tag (``HomeAssistantSettings.tag``, default ``home-assis
 existing tag machinery, no schema change; ``fota ha add`` / ``fota ha remove`` set it.
 
 What the bridge publishes (retained, QoS 1, through the center's connection: gmqtt's own publish,
-which queues and retransmits QoS 1 messages; fota.gmqtt_adapter's raw path is for QoS 0 chunks):
+which queues and retransmits QoS 1 messages; fota.gmqtt_adapter's raw path is for QoS 0 chunks;
+on a NATS cluster through an MQTT 3.1.1 connection to a node, fota.server.center.hamqtt):
 
     <prefix>/update/fota/<device>/config   discovery (empty: the entity is removed)
     fota/ha/<device>/state                 JSON state
@@ -59,6 +60,7 @@ ACTOR = "homeassistant"              # who Home Assistant's installs are audited
 MAX_SUMMARY = 255                    # release_summary: Home Assistant shows at most 255 characters
 DEFAULT_INTERVAL = 5.0               # s between full passes
 MIN_GAP = 0.2                        # s: statuses arriving together make one pass
+REMOVAL_REPEATS = 10                 # refreshes (HomeAssistantBridge.refresh) a removal is published again at
 # The live job states, and how far each is: download progress while downloading, all of it after.
 PAST_DOWNLOAD = (protocol.VERIFYING, protocol.INSTALLING, protocol.REBOOTING, protocol.TRIAL)
 
@@ -74,6 +76,10 @@ class HomeAssistantSettings:
     # release_url template, "{version}" replaced (e.g. a dashboard's release page); None: no URL
     release_url: str | None = None
     interval: float = DEFAULT_INTERVAL
+    # On a NATS cluster (which has no retained messages of its own): the nodes' MQTT listeners,
+    # mqtt[s]://user:password@host:port comma-separated, that the bridge publishes through
+    # (fota.server.center.hamqtt); unused with an MQTT broker.
+    mqtt_url: str | None = None
 
 
 def discovery_topic(prefix: str, device_id: str) -> str:
@@ -102,6 +108,21 @@ def broker_acl(user: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, str]:
               f"topic write {command_filter()}\n")
     service = f"topic readwrite {prefix}/update/{NODE_ID}/#\n"
     return device, service
+
+
+def nats_user(user: str, password: str, prefix: str = DEFAULT_PREFIX) -> dict:
+    """Home Assistant's user in a NATS cluster's users file (fota.server.natscluster; password
+    plain or a bcrypt hash): MQTT connections only, broker_acl's rights. It may subscribe to the
+    whole discovery prefix: nats-server refuses a subscription wider than the permissions (where
+    Mosquitto grants it and filters the deliveries), and Home Assistant subscribes to
+    <prefix>/+/+/config and the like; in the FOTA account only the center publishes there (Home
+    Assistant's own birth message is refused, as on Mosquitto). It publishes only install commands."""
+    if "." in prefix:  # an MQTT topic's '.' is not a NATS subject's separator
+        raise ValueError(f"discovery prefix {prefix!r}: no '.' on a NATS cluster")
+    root = TOPIC_ROOT.rstrip("/").replace("/", ".")
+    return {"user": user, "password": password, "allowed_connection_types": ["MQTT"],
+            "permissions": {"publish": {"allow": [f"{root}.*.{INSTALL}"]},
+                            "subscribe": {"allow": [prefix, f"{prefix}.>", f"{root}.>"]}}}
 
 
 def set_opt_in(store: Store, device_ids: list[str], tag: str, opted: bool) -> list[str]:
@@ -154,7 +175,7 @@ class DeviceView:
 
 class HomeAssistantBridge:
     def __init__(self, store: Store, db: Callable[..., Awaitable], publish: Callable[..., bool],
-                 settings: HomeAssistantSettings):
+                 settings: HomeAssistantSettings, refresh: float | None = None):
         self.store = store
         self.db = db                        # runs a function on the database thread
         self.publish = publish              # (topic, payload, qos, retain) -> bool
@@ -165,6 +186,17 @@ class HomeAssistantBridge:
         self._sent: dict[str, tuple[bytes, bytes, bytes]] = {}   # device -> (config, state, availability)
         self._installed: dict[str, str] = {}  # device -> installed_version last published
         self._wake = asyncio.Event()
+        # Publish every entity again each `refresh` seconds (None: only after a reconnect). On a
+        # NATS cluster: a retained message published while JetStream re-elects a dead node's
+        # stream leaders may not be stored, and the publisher is not told (measured, 2.15.1).
+        self.refresh = refresh
+        self._refreshed = 0.0
+        # called at each refresh: ask the broker again which discovery configs it retains (an
+        # empty retained message lost there leaves an entity that must be removed again)
+        self.on_refresh: Callable[[], None] | None = None
+        # device -> refreshes left: a removal is published again at the next REMOVAL_REPEATS
+        # refreshes (a node that missed the first empty message may take a later one)
+        self._removed: dict[str, int] = {}
         # counters (tests, diagnostics)
         self.passes = 0
         self.installs_started = 0
@@ -231,7 +263,15 @@ class HomeAssistantBridge:
 
     async def sync(self) -> None:
         """One pass: read the opted-in devices, publish what changed, remove what opted out."""
+        now = asyncio.get_running_loop().time()
+        refreshing = self.refresh is not None and now - self._refreshed >= self.refresh
+        if refreshing:
+            self._sent.clear()
+            self._refreshed = now
+            if self.on_refresh is not None:
+                self.on_refresh()
         views = await self.db(self.read_views)
+        self._repeat_removals(views, refreshing)
         installs = bool(self.settings.installs())
         self.passes += 1
         for device_id in sorted((self.opted | self.retained) - set(views)):
@@ -246,6 +286,19 @@ class HomeAssistantBridge:
             self._sent[device_id] = messages
             self.retained.add(device_id)
 
+    def _repeat_removals(self, views: dict, refreshing: bool) -> None:
+        """At a refresh, publish the recent removals' empty messages again (a device that opted
+        in again is no longer removed)."""
+        for device_id in list(self._removed):
+            if device_id in views:
+                del self._removed[device_id]
+            elif refreshing:
+                for topic in self._topics(device_id):
+                    self.publish(topic, b"", 1, True)
+                self._removed[device_id] -= 1
+                if not self._removed[device_id]:
+                    del self._removed[device_id]
+
     def _topics(self, device_id: str) -> tuple[str, str, str]:
         return (discovery_topic(self.prefix, device_id), device_topic(device_id, STATE),
                 device_topic(device_id, AVAILABILITY))
@@ -257,6 +310,8 @@ class HomeAssistantBridge:
         self._sent.pop(device_id, None)
         self._installed.pop(device_id, None)
         self.retained.discard(device_id)
+        if self.refresh is not None:
+            self._removed[device_id] = REMOVAL_REPEATS
         log.info("Home Assistant entity of %s removed", device_id)
 
     def read_views(self) -> dict[str, DeviceView]:

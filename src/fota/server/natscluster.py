@@ -81,17 +81,18 @@ def server_user(password: str) -> dict:
 USERS_FILE = "fota-users.conf"
 
 
-def users_config(server_password: str, devices: dict[str, str]) -> str:
-    """The users file: the FOTA account with the server user and one user per device
-    (id -> password, plain or bcrypt hash)."""
-    users = [server_user(server_password)] + [device_user(d, p) for d, p in sorted(devices.items())]
+def users_config(server_password: str, devices: dict[str, str], others: list[dict] = ()) -> str:
+    """The users file: the FOTA account with the server user, one user per device (id ->
+    password, plain or bcrypt hash) and `others` (Home Assistant's: homeassistant.nats_user)."""
+    users = ([server_user(server_password)] + [device_user(d, p) for d, p in sorted(devices.items())]
+             + list(others))
     return f"accounts: {json.dumps({ACCOUNT: {'jetstream': 'enabled', 'users': users}})}\n"
 
 
-def write_users(path: Path, server_password: str, devices: dict[str, str]) -> None:
+def write_users(path: Path, server_password: str, devices: dict[str, str], others: list[dict] = ()) -> None:
     """Write the users file atomically (a node reloading meanwhile reads the old or the new one), 0600."""
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(users_config(server_password, devices))
+    tmp.write_text(users_config(server_password, devices, others))
     os.chmod(tmp, 0o600)  # passwords or their hashes
     tmp.replace(path)
 
@@ -296,6 +297,7 @@ class NatsCluster:
         self.host = host
         self.server_password = server_password
         self.devices: dict[str, str] = {}
+        self.others: dict[str, dict] = {}    # user name -> another user (Home Assistant's)
         taken: set[int] = set()
 
         def port() -> int:
@@ -312,13 +314,15 @@ class NatsCluster:
     def _write(self) -> None:
         """The users file (plain passwords: the test kit holds them) and every node's config."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        write_users(self.directory / USERS_FILE, self.server_password, self.devices)
+        write_users(self.directory / USERS_FILE, self.server_password, self.devices, list(self.others.values()))
         for node in self.nodes:
             node.write([n.ports.cluster for n in self.nodes if n is not node], self.max_sessions, self.mqtt_options)
 
-    def add_devices(self, passwords: dict[str, str]) -> None:
-        """Device accounts (id -> password): the users file rewritten, every node reloaded."""
+    def add_devices(self, passwords: dict[str, str], others: list[dict] = ()) -> None:
+        """Device accounts (id -> password) and other users (their users-file entries): the users
+        file rewritten, every node reloaded."""
         self.devices.update(passwords)
+        self.others.update({user["user"]: user for user in others})
         self._write()
         for node in self.nodes:
             node.reload()

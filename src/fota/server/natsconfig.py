@@ -98,10 +98,11 @@ def pid_file(state_dir: Path, name: str) -> Path:
     return state_dir / f"{name}.pid"
 
 
-def write_registry_users(directory: Path, store, server_password: str) -> list[str]:
-    """directory/fota-users.conf from the store (every device with a bcrypt hash), under a lock so
-    that a process that read the devices earlier never replaces a newer file; returns the devices
-    left out for want of a bcrypt hash."""
+def write_registry_users(directory: Path, store, server_password: str, others: list[dict] = ()) -> list[str]:
+    """directory/fota-users.conf from the store (every device with a bcrypt hash) and `others`
+    (Home Assistant's user: Home.sync_nats_users), under a lock so that a process that read the
+    devices earlier never replaces a newer file; returns the devices left out for want of a
+    bcrypt hash."""
     from fota.server.fleet import nats_password_hashes
     server_hash = bcrypt_hash(server_password)
     if server_hash is None:
@@ -110,7 +111,7 @@ def write_registry_users(directory: Path, store, server_password: str) -> list[s
     with open(directory / "users.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         hashes, missing = nats_password_hashes(store)
-        write_users(directory / USERS_FILE, server_hash, hashes)
+        write_users(directory / USERS_FILE, server_hash, hashes, others)
     return missing
 
 

@@ -23,7 +23,8 @@ each in its own module, each given only what it needs:
   new commands are signed with the new key and the root-signed key update is queued (QoS 1) for
   every device whose trust version is older, asleep or offline too;
 * ``homeassistant`` (fota.server.homeassistant, only when given settings): Home Assistant
-  update entities of the devices that opted in, and their install commands;
+  update entities of the devices that opted in, and their install commands (on a NATS cluster
+  its retained messages go through the nodes' MQTT listeners: ``ha_mqtt``, center/hamqtt.py);
 * campaigns: every ``campaign_interval`` seconds one step of each active campaign
   (fota.server.campaigns.CampaignEngine), which adds the jobs the sender then sends and
   ``cancel`` jobs on abort or timeout.
@@ -51,6 +52,8 @@ from fota.server.center.chunks import ChunkServer, parse_request
 from fota.server.center.connection import (ACK_OK, CLIENT_ID, FORWARD_PREFIX, BrokerAddress, CenterConnection,
                                            split_topic, topic_filters)
 from fota.server.center.dbthreads import DbThreads
+from fota.server.center.hamqtt import REFRESH as HA_REFRESH
+from fota.server.center.hamqtt import HomeAssistantMqtt, parse_urls
 from fota.server.center.intake import StatusIntake
 from fota.server.center.inventory import is_int
 from fota.server.center.jobs import JobCache
@@ -188,9 +191,17 @@ class ControlCenter:
                             {"retain_handling_options": 2, "retain_as_published": True}))
         # broker_url nats://...,nats://...: a NATS cluster (fota.server.center.natsconn), same interface.
         self.nats = is_nats_url(broker_url)
+        # On NATS, Home Assistant's retained messages go through the nodes' MQTT listeners
+        # (fota.server.center.hamqtt); its commands through a consumer of the NATS connection.
+        self.ha_mqtt: HomeAssistantMqtt | None = None
         if self.nats and homeassistant is not None:
-            raise ValueError("Home Assistant needs an MQTT broker (retained messages), not NATS")
-        self.mqtt = (NatsConnection(client_id, share_group, self._on_message, fenced) if self.nats
+            if not homeassistant.mqtt_url:
+                raise ValueError("Home Assistant on a NATS cluster needs the nodes' MQTT listeners "
+                                 "(HomeAssistantSettings.mqtt_url): retained messages live in their MQTT layer")
+            self.ha_mqtt = HomeAssistantMqtt(client_id, parse_urls(homeassistant.mqtt_url, ssl_context),
+                                             self._on_retained)
+        self.mqtt = (NatsConnection(client_id, share_group, self._on_message, fenced,
+                                    homeassistant=homeassistant is not None) if self.nats
                      else CenterConnection(client_id, filters, self._on_message, fenced))
         self.workgroup = Workgroup(store, self.db.call, self.mqtt, self._on_message, client_id=client_id,
                                    share_group=share_group, lease=lease, heartbeat_interval=heartbeat_interval)
@@ -215,11 +226,15 @@ class ControlCenter:
         # bucket of presigned URLs (http).
         self.jobs.remote = objects if objects is not None else (http if hasattr(http, "get_blob") else None)
         # None unless Home Assistant is enabled: nothing of it on the paths of fleets without it.
+        ha_link = self.ha_mqtt or self.mqtt   # where its retained messages go
         self.homeassistant = None if homeassistant is None else HomeAssistantBridge(
-            store, self.db.call, self.mqtt.publish, homeassistant)
+            store, self.db.call, ha_link.publish, homeassistant,
+            refresh=HA_REFRESH if self.ha_mqtt is not None else None)
         if self.homeassistant is not None:
             self.intake.on_written = self.homeassistant.touched
-            self.mqtt.on_reconnect = self.homeassistant.republish
+            ha_link.on_reconnect = self.homeassistant.republish
+            if self.ha_mqtt is not None:
+                self.homeassistant.on_refresh = self.ha_mqtt.relearn
         self._tasks: list[asyncio.Task] = []
 
     # ------------------------------------------------------------ lifecycle
@@ -244,7 +259,14 @@ class ControlCenter:
         self._tasks.append(asyncio.create_task(self.keys.run(), name="fota-keys"))
         self._tasks.append(asyncio.create_task(self.intake.run_retention(), name="fota-retention"))
         if self.homeassistant is not None:
-            self.mqtt.subscribe_retained(self.homeassistant.retained_filter(), 1)
+            ha_link = self.ha_mqtt or self.mqtt
+            ha_link.subscribe_retained(self.homeassistant.retained_filter(), 1)
+            if self.ha_mqtt is not None:
+                try:
+                    await self.ha_mqtt.start(timeout)
+                except BaseException:
+                    await self.stop()
+                    raise
             self._tasks.append(asyncio.create_task(self.homeassistant.run(), name="fota-homeassistant"))
         log.info("control center connected to %s as %s", self.broker_url.rsplit("@", 1)[-1], self.client_id)
 
@@ -265,6 +287,8 @@ class ControlCenter:
             except Exception:
                 log.exception("control center task %s failed", task.get_name())
         self._tasks = []
+        if self.ha_mqtt is not None:
+            await self.ha_mqtt.stop()
         await self.mqtt.stop()
         await self.workgroup.retire()
         self.intake.release_unwritten()
@@ -304,6 +328,10 @@ class ControlCenter:
         except Exception:
             log.exception("%s message from %s could not be handled", suffix, device_id)
         return ACK_OK
+
+    async def _on_retained(self, topic: str, payload: bytes) -> None:
+        """A retained discovery config a NATS node's MQTT layer holds (fota.server.center.hamqtt)."""
+        await self.homeassistant.receive(topic, payload, True)
 
     # ------------------------------------------------------------ for operators, tests and benches
 

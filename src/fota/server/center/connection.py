@@ -97,8 +97,8 @@ class BrokerAddress:
             client.set_auth_credentials(self.username, self.password)
         return client
 
-    async def connect(self, client: MQTTClient) -> None:
-        await client.connect(self.host, self.port, ssl=self.tls, keepalive=KEEPALIVE, version=MQTTv50)
+    async def connect(self, client: MQTTClient, version: int = MQTTv50) -> None:
+        await client.connect(self.host, self.port, ssl=self.tls, keepalive=KEEPALIVE, version=version)
         gmqtt_adapter.check_connected(client)
 
 

@@ -21,6 +21,11 @@ key pusher are the same code on both brokers:
   as QoS 1, also when offline at the time (a core publish would reach MQTT subscribers as QoS 0
   and be lost for a device that is not connected). Retried until the stream acknowledged it,
   with a message id, so a retry is not stored twice.
+* Home Assistant's install commands (homeassistant=True; QoS 1 from Home Assistant's MQTT
+  client, docs/home-assistant.md): a second durable consumer of the group on $MQTT_msgs,
+  filtered to fota.ha.*.install, so each command goes to one worker (the $share subscription's
+  guarantee on Mosquitto), is kept while no worker runs and is acknowledged once handled. The
+  bridge's retained messages go through an MQTT connection of its own (center/hamqtt.py).
 """
 from __future__ import annotations
 
@@ -46,6 +51,8 @@ ACK_WAIT = 30.0                  # s before an unacknowledged status goes to a w
 FETCH_BATCH = 200                # messages per pull (the intake's flush_max)
 MAX_ACK_PENDING = 20000
 RETRY_DELAY = 0.5
+HA_CONSUMER = "-homeassistant"   # the group's Home Assistant commands consumer: <group>-homeassistant
+HA_COMMANDS = f"{MQTT_QOS1_PREFIX}fota.ha.*.install"   # fota.server.homeassistant.command_filter()
 
 
 def subject(topic: str) -> str:
@@ -100,9 +107,10 @@ class NatsConnection:
     sessions = False   # nothing to drain when a worker dies: JetStream redelivers (workgroup)
 
     def __init__(self, client_id: str, share_group: str | None, on_message: OnMessage,
-                 fenced: Callable[[], bool]):
+                 fenced: Callable[[], bool], homeassistant: bool = False):
         self.client_id = client_id
         self.group = share_group or DEFAULT_GROUP
+        self.homeassistant = homeassistant   # take Home Assistant's install commands
         self.on_message = on_message
         self.fenced = fenced
         self.closing = False
@@ -159,12 +167,24 @@ class NatsConnection:
                 log.info("JetStream stream %s not ready (%s): retrying", STREAM, exc)
                 await asyncio.sleep(RETRY_DELAY)
         pull = await self.js.pull_subscribe_bind(self.group, STREAM)
+        loops = [self._pull_loop(pull, self.group)]
+        ha_consumer = self.group + HA_CONSUMER
+        if self.homeassistant:
+            await self.js.add_consumer(STREAM, ConsumerConfig(
+                durable_name=ha_consumer, ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
+                ack_wait=self.ack_wait, max_deliver=-1, filter_subject=HA_COMMANDS))
+            loops.append(self._pull_loop(await self.js.pull_subscribe_bind(ha_consumer, STREAM), ha_consumer))
+        else:  # Home Assistant turned off: its consumer would keep commands nobody takes
+            try:
+                await self.js.delete_consumer(STREAM, ha_consumer)
+            except Exception:
+                pass  # none (the usual case)
         await self.nc.subscribe(subject(protocol.PREFIX) + "*." + protocol.REQ, queue=self.group,
                                 cb=self._on_core)
         await self.nc.subscribe(subject(FORWARD_PREFIX) + self.client_id + ".*", cb=self._on_core)
         self._outbox = asyncio.Queue()
-        self._tasks = [asyncio.create_task(self._pull_loop(pull), name="fota-nats-pull"),
-                       asyncio.create_task(self._write_loop(), name="fota-nats-out")]
+        self._tasks = [asyncio.create_task(loop, name=f"fota-nats-pull-{i}") for i, loop in enumerate(loops)]
+        self._tasks.append(asyncio.create_task(self._write_loop(), name="fota-nats-out"))
 
     async def stop(self) -> None:
         self.closing = True
@@ -248,7 +268,7 @@ class NatsConnection:
     async def _on_core(self, msg) -> None:
         await self.on_message(None, topic(msg.subject), msg.data, 0, {})
 
-    async def _pull_loop(self, pull) -> None:
+    async def _pull_loop(self, pull, durable: str) -> None:
         from nats.errors import TimeoutError as NatsTimeout
 
         while True:
@@ -268,7 +288,7 @@ class NatsConnection:
                 except Exception:
                     pass
                 try:
-                    pull = await self.js.pull_subscribe_bind(self.group, STREAM)
+                    pull = await self.js.pull_subscribe_bind(durable, STREAM)
                 except Exception as exc2:
                     log.info("JetStream pull subscription failed (%s): retrying", exc2)
                 continue
