@@ -18,9 +18,10 @@ from contextlib import contextmanager
 import psycopg
 import pytest
 
+from fota.server.store import Store
 from fota.testkit.databases import PG_ADMIN_URL, create_postgres_database
 
-__all__ = ["db_url", "on_one_database", "postgres_database", "sqlite_url", "PG_ADMIN_URL"]
+__all__ = ["db_url", "on_one_database", "postgres_database", "sqlite_url", "store", "PG_ADMIN_URL"]
 
 
 def _skip_postgres() -> bool:
@@ -65,6 +66,14 @@ def db_url(request, tmp_path) -> Iterator[str]:
         return
     with postgres_database() as url:
         yield url
+
+
+@pytest.fixture
+def store(db_url) -> Iterator[Store]:
+    """A Store on a fresh, empty database of each kind (db_url), disposed after the test."""
+    s = Store(db_url)
+    yield s
+    s.dispose()
 
 
 @pytest.fixture

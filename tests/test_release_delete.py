@@ -30,13 +30,6 @@ KEY = generate_private_key()
 ACTOR = "cli:tester"
 
 
-@pytest.fixture
-def store(db_url):
-    s = Store(db_url)
-    yield s
-    s.dispose()
-
-
 def _images(n: int = 3) -> list[bytes]:
     """n images, each a small change of the one before: patches between them are worth it."""
     first = os.urandom(40_000)

@@ -22,13 +22,6 @@ KEY = generate_private_key()
 ACTOR = "cli:tester"
 
 
-@pytest.fixture
-def store(db_url):
-    s = Store(db_url)
-    yield s
-    s.dispose()
-
-
 def _release(store: Store, blobs: Path, version: str, hardware: list[str], kind: str = "image"):
     data = os.urandom(2000) if kind == "image" else bundle.pack_files({"app.py": os.urandom(500)})
     return create_release(store, blobs, KEY, data, version, hardware, kind=kind)

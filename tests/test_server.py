@@ -56,13 +56,6 @@ def key():
 
 
 @pytest.fixture
-def store(db_url):
-    s = Store(db_url)
-    yield s
-    s.dispose()
-
-
-@pytest.fixture
 def lite_store(sqlite_url):
     s = Store(sqlite_url)
     yield s

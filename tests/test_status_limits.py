@@ -163,13 +163,6 @@ def test_a_legitimate_device_never_meets_the_default_rate_limit():
 
 # ---- the control center, with a real broker -------------------------------------------------------
 
-@pytest.fixture
-def store(db_url):
-    s = Store(db_url)
-    yield s
-    s.dispose()
-
-
 def _metric(store: Store, line_start: str) -> float:
     for line in metrics.render(store).decode().splitlines():
         if line.startswith(line_start + " "):

@@ -30,13 +30,6 @@ TABLES = {"releases", "devices", "deployments", "jobs", "status_events", "api_to
 HEAD = "0022"
 
 
-@pytest.fixture
-def store(db_url):
-    s = Store(db_url)
-    yield s
-    s.dispose()
-
-
 def _release(version: str = "1.0.0", **kw) -> Release:
     values = dict(version=version, hardware=["esp32", "esp32s3"], kind="bundle", size=1234,
                   sha256="ab" * 32, manifest='{"version":"%s"}' % version, signature="cd" * 64,
