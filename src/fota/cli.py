@@ -135,6 +135,17 @@ def release_resign(release: str = typer.Argument(..., help="release version or i
     console.print(f"release {rel.version} re-signed by key {rel.key_id} (was {old_kid}); image unchanged")
 
 
+def _blob_places(out: dict) -> str:
+    """Where a release deletion removed blobs from (its answer's object_storage)."""
+    return "the blobs directory" + (" and object storage" if out["object_storage"] else "")
+
+
+def _warn_left_behind(out: dict) -> None:
+    """A deletion's files or objects that could not be removed (its answer's failures)."""
+    for failure in out["failures"]:
+        err.print(f"warning: not removed (left behind): {failure}")
+
+
 @release_app.command("delete")
 def release_delete(release: str = typer.Argument(..., help="release version or id"),
                    home: Optional[Path] = HomeOpt):
@@ -142,15 +153,14 @@ def release_delete(release: str = typer.Argument(..., help="release version or i
     and object storage (refused while a deployment or campaign that has not finished uses it).
     Devices running it get full images from then on."""
     out = open_backend(home).delete_release(release)
-    where = "the blobs directory" + (" and object storage" if out["object_storage"] else "")
+    where = _blob_places(out)
     if out["image_kept_for"]:
         console.print(f"release {out['version']} deleted; its image stays: release(s) "
                       f"{', '.join(out['image_kept_for'])} have the same image")
     else:
         console.print(f"release {out['version']} deleted: its image and {out['patches_removed']} patch(es) "
                       f"removed from {where}")
-    for failure in out["failures"]:
-        err.print(f"warning: not removed (left behind): {failure}")
+    _warn_left_behind(out)
 
 
 @release_app.command("prune")
@@ -167,15 +177,14 @@ def release_prune(keep: int = typer.Option(DEFAULT_RELEASE_KEEP, "--keep", min=1
         console.print(f"{verb} {rel['version']} ({rel['kind']}, {', '.join(rel['hardware'])})")
     for rel in out["kept"]:
         console.print(f"kept {rel['version']} ({rel['kind']}, {', '.join(rel['hardware'])}): {'; '.join(rel['why'])}")
-    where = "the blobs directory" + (" and object storage" if out["object_storage"] else "")
+    where = _blob_places(out)
     if dry_run:
         console.print(f"dry run: {len(out['deleted'])} release(s) would be deleted, {len(out['kept'])} kept; "
                       "nothing changed")
     else:
         console.print(f"{len(out['deleted'])} release(s) deleted ({len(out['blobs_removed'])} blob(s), "
                       f"{out['patches_removed']} patch(es) removed from {where}), {len(out['kept'])} kept")
-    for failure in out["failures"]:
-        err.print(f"warning: not removed (left behind): {failure}")
+    _warn_left_behind(out)
 
 
 @app.command("releases")
