@@ -1,6 +1,8 @@
 """Storage layer: migrations vs models, ids, dedup, JSON and datetime round-trips (SQLite + PostgreSQL)."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -347,12 +349,22 @@ def test_id_lists_are_sliced_and_id_ranges_cover_exactly_what_is_asked(store):
     assert rows == set(ids[5:60] + ids[150:181] + ids[250:])
 
 
+@contextmanager
+def _schema_at(db_url: str, revision: str) -> Iterator[Store]:
+    """A store on a database migrated only up to ``revision`` (write rows of that time through
+    store.engine, then migrate(db_url) the rest of the way), disposed after."""
+    migrate(db_url, revision)
+    store = Store(db_url, migrate=False)
+    try:
+        yield store
+    finally:
+        store.dispose()
+
+
 def test_delta_rows_with_the_format_folded_into_the_window_are_split_by_migration_0016(db_url):
     # Before 0016 a format-2 patch's row held window + 16 in `wbits`; after it, the window and
     # the format have a column each, and both formats of one pair and window can be cached.
-    migrate(db_url, "0015")
-    store = Store(db_url, migrate=False)
-    try:
+    with _schema_at(db_url, "0015") as store:
         with store.engine.begin() as conn:
             for wbits in (12, 12 + 16):
                 conn.execute(text("INSERT INTO deltas (base_sha256, base_size, target_sha256, wbits, size, sha256,"
@@ -368,8 +380,6 @@ def test_delta_rows_with_the_format_folded_into_the_window_are_split_by_migratio
             with store.session() as s:
                 s.add(Delta(base_sha256="aa" * 32, base_size=1, target_sha256="bb" * 32, wbits=12, format=2,
                             size=2, sha256="cc" * 32, blob_path="/q"))
-    finally:
-        store.dispose()
 
 
 def _old_deployment(conn, now) -> None:
@@ -383,9 +393,7 @@ def _old_deployment(conn, now) -> None:
 
 def test_deployments_made_before_migration_0017_keep_transport_mqtt(db_url):
     # 0017 adds deployments.transport: existing deployments are 'mqtt' (what they were sent with).
-    migrate(db_url, "0016")
-    store = Store(db_url, migrate=False)
-    try:
+    with _schema_at(db_url, "0016") as store:
         now = datetime(2026, 12, 5, tzinfo=timezone.utc)
         with store.engine.begin() as conn:
             _old_deployment(conn, now)
@@ -393,8 +401,6 @@ def test_deployments_made_before_migration_0017_keep_transport_mqtt(db_url):
         with store.session() as s:
             assert [d.transport for d in s.scalars(select(Deployment))] == ["mqtt"]
         assert _diff(store.engine) == []
-    finally:
-        store.dispose()
 
 
 def test_devices_provisioned_before_migration_0018_have_no_nats_user_until_rekeyed(db_url):
@@ -402,9 +408,7 @@ def test_devices_provisioned_before_migration_0018_have_no_nats_user_until_rekey
     # has only its Mosquitto hash, the plain password is gone, so it is listed as missing until
     # its credentials are rotated; a revoked device is neither a user nor missing.
     from fota.server.fleet import nats_password_hashes, provision_device, rekey_device, revoke_device
-    migrate(db_url, "0017")
-    store = Store(db_url, migrate=False)
-    try:
+    with _schema_at(db_url, "0017") as store:
         with store.engine.begin() as conn:
             conn.execute(text("INSERT INTO devices (id, hardware, online, inventory, tags, password_hash, created_at)"
                               " VALUES ('old', 'unix', false, '{}', '[]', '$7$101$x$y', :now)"),
@@ -419,16 +423,12 @@ def test_devices_provisioned_before_migration_0018_have_no_nats_user_until_rekey
         rekey_device(store, "old")
         hashes, missing = nats_password_hashes(store)
         assert sorted(hashes) == ["new", "old"] and missing == []
-    finally:
-        store.dispose()
 
 
 def test_jobs_sent_before_migration_0019_count_one_send(db_url):
     # 0019 adds jobs.sends and last_sent_at (fota.server.unanswered): a job already sent was sent
     # once, at sent_at; a pending one not yet.
-    migrate(db_url, "0018")
-    store = Store(db_url, migrate=False)
-    try:
+    with _schema_at(db_url, "0018") as store:
         now = datetime(2026, 12, 5, tzinfo=timezone.utc)
         with store.engine.begin() as conn:
             _old_deployment(conn, now)
@@ -443,5 +443,3 @@ def test_jobs_sent_before_migration_0019_count_one_send(db_url):
             rows = s.execute(select(Job.state, Job.sends, Job.last_sent_at).order_by(Job.id)).all()
         assert rows == [("sent", 1, now), ("pending", 0, None)]
         assert _diff(store.engine) == []
-    finally:
-        store.dispose()
