@@ -21,6 +21,7 @@ from fota.tools.keyring import Keyring
 from fota.tools.waiting import wait_until
 
 from test_sim import SimThread, _all_terminal, _online, add_users
+from test_workers import sim_deployment
 
 AFTER = 60.0
 
@@ -41,13 +42,8 @@ def _online_since(store: Store, device_id: str, ago: float | None) -> None:
 def test_which_sent_jobs_are_sent_again(tmp_path, db_url):
     store = Store(db_url)
     try:
-        keyring = Keyring(tmp_path / "keys")
-        keyring.init()
         ids = device_ids(8, "una")
-        provision(store, ids)
-        rel = create_release(store, tmp_path / "blobs", keyring.signer().key, os.urandom(1024), "2.0.0", ["sim"],
-                             kind="image")
-        dep = create_deployment(store, rel, device_ids=ids)
+        _, dep = sim_deployment(store, tmp_path, ids, os.urandom(1024))
         jobs = {j.device_id: j.id for j in dep.jobs}
         for dev in ids:
             _online_since(store, dev, 3600)

@@ -97,18 +97,23 @@ def test_mosquitto_keeps_queueing_a_dead_shared_members_share(broker, persistent
                 _member(broker, cid, group, topic, False)[0].disconnect()
 
 
+def sim_deployment(store: Store, root: Path, ids: list[str], image: bytes = b"x" * 4096):
+    """(keyring, deployment): a fresh signing keyring in root/keys, release 2.0.0 of ``image`` for
+    hardware 'sim' in root/blobs, and its deployment to the devices ``ids``, provisioned here."""
+    keyring = Keyring(root / "keys")
+    keyring.init()
+    provision(store, ids)
+    rel = create_release(store, root / "blobs", keyring.signer().key, image, "2.0.0", ["sim"], kind="image")
+    return keyring, create_deployment(store, rel, device_ids=ids)
+
+
 # ------------------------------------------------------------------ the registry
 
 def test_registry_heartbeats_adoption_and_released_claims(db_url, tmp_path):
     store = Store(db_url)
     try:
-        keyring = Keyring(tmp_path / "keys")
-        keyring.init()
         ids = device_ids(2, "reg")
-        provision(store, ids)
-        rel = create_release(store, tmp_path / "blobs", keyring.signer().key, b"x" * 4096, "2.0.0", ["sim"],
-                             kind="image")
-        dep = create_deployment(store, rel, device_ids=ids)
+        _, dep = sim_deployment(store, tmp_path, ids)
         workers.register(store, "w-a", lease=5)
         with store.session() as s:  # w-a claimed one job and sent the other
             first, second = sorted(j.id for j in dep.jobs)
@@ -289,12 +294,8 @@ def test_a_status_older_than_the_stored_ones_does_not_move_its_job_back(db_url, 
     store = Store(db_url)
     center = None
     try:
-        keyring = Keyring(tmp_path / "keys")
-        keyring.init()
-        provision(store, ["ooo-1"])
-        rel = create_release(store, tmp_path / "blobs", keyring.signer().key, b"x" * 4096, "2.0.0", ["sim"],
-                             kind="image")
-        job_id = create_deployment(store, rel, device_ids=["ooo-1"]).jobs[0].id
+        keyring, dep = sim_deployment(store, tmp_path, ["ooo-1"])
+        job_id = dep.jobs[0].id
         center = ControlCenter(store, "mqtt://u:p@127.0.0.1:1", tmp_path / "blobs", signer=keyring.signer(),
                                campaign_interval=None)
 
