@@ -8,7 +8,8 @@
                             (the name or IP boards connect to: in the server certificate),
                             homeassistant (fota ha: enabled, installs, tag, discovery_prefix,
                             release_url, password_hash of its broker account), nats_config (where
-                            fota broker nats-config wrote a NATS cluster's configs: dir, pid_files) (0600)
+                            fota broker nats-config wrote a NATS cluster's configs: dir, pid_files,
+                            mqtt_ports) (0600)
     <home>/fota.db          SQLite database (default)
     <home>/keys/            root.pem (pinned on devices; offline in production), signing.pem
                             (signs manifests and commands), trust.json, keys-update.json
@@ -476,7 +477,8 @@ class Home:
         return MosquittoPasswords(self.broker_dir / DEVICE_PASSWORDS, self.broker_dir / "mosquitto.pid", reloaded)
 
     def nats_config(self) -> dict | None:
-        """Where `fota broker nats-config` wrote the nodes' configs ({"dir", "pid_files"}), None: never."""
+        """Where `fota broker nats-config` wrote the nodes' configs ({"dir", "pid_files", "mqtt_ports"}),
+        None: never."""
         block = self.config().get("nats_config")
         return block if block and block.get("dir") else None
 
