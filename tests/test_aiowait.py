@@ -6,8 +6,7 @@ import logging
 
 import pytest
 
-from fota.aiowait import within
-from fota.server.center import _cancelled
+from fota.aiowait import cancel_and_wait, within
 
 
 async def _waiter_loop(event: asyncio.Event, wait) -> None:
@@ -56,10 +55,9 @@ def test_stop_ends_a_task_that_lost_its_cancellation(caplog):
     async def scenario():
         task = asyncio.create_task(stubborn(), name="stubborn")
         await asyncio.sleep(0)
-        task.cancel()
-        await asyncio.wait_for(_cancelled(task), 10)
+        await asyncio.wait_for(cancel_and_wait(task), 10)
         assert task.cancelled()
 
-    with caplog.at_level(logging.WARNING, logger="fota.server.center"):
+    with caplog.at_level(logging.WARNING, logger="fota.aiowait"):
         asyncio.run(scenario())
     assert "stubborn still runs after its cancellation" in caplog.text

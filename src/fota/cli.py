@@ -946,8 +946,8 @@ def _save_broker_listen(h: Home, cfg: dict) -> None:
     """Keep the listener settings (the next 'fota serve' listens the same way) and say what they mean."""
     from fota.server.broker import WILDCARDS, is_loopback
     tls_before = h.config().get("broker_tls")
-    h.save_config(cfg)
-    addr, port = h.broker_listen
+    addr, port = h.broker_listen_in(cfg)
+    # Said before saving: whoever sees the settings saved (a test, a script) has the words too.
     if not is_loopback(addr):
         if not tls_before:
             console.print(f"TLS turned on: the broker listens beyond loopback ({addr}); devices need the CA "
@@ -956,6 +956,7 @@ def _save_broker_listen(h: Home, cfg: dict) -> None:
             err.print("[yellow]warning:[/yellow] listening on every address but no --hostname: the certificate "
                       "names only localhost and 127.0.0.1, so boards cannot verify it")
     console.print(f"device listener on {addr}:{port}")
+    h.save_config(cfg)
 
 
 @app.command("worker")

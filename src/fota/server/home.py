@@ -245,7 +245,10 @@ class Home:
     def broker_listen(self) -> tuple[str, int]:
         """(address, port) of the managed broker's device listener: config.json's broker_listen
         (its port defaults to 8883 beyond loopback, else broker_port), else 127.0.0.1:broker_port."""
-        cfg = self.config()
+        return self.broker_listen_in(self.config())
+
+    def broker_listen_in(self, cfg: dict) -> tuple[str, int]:
+        """broker_listen as these settings (config.json's, saved or not) make it."""
         if not cfg.get("broker_listen"):
             return LOOPBACK, cfg["broker_port"]
         try:

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 from gmqtt import Client as MQTTClient
 from sqlalchemy import select
 
+from fota.aiowait import cancel_and_wait
 from fota.device import protocol
 from fota.server import workers
 from fota.server.campaigns import CampaignEngine
@@ -279,7 +280,7 @@ class ControlCenter:
                 task.cancel()
         for task in self._tasks:
             if task.get_name() != "fota-flush":
-                await _cancelled(task)
+                await cancel_and_wait(task)
             try:
                 await task
             except asyncio.CancelledError:
@@ -360,13 +361,3 @@ class ControlCenter:
                 log.exception("campaign step failed")
             await asyncio.sleep(self.campaign_interval)
 
-
-async def _cancelled(task: asyncio.Task) -> None:
-    """Wait for a cancelled task to end, cancelling it again each second: a task that lost its
-    cancellation (fota.aiowait) must not hold the stop for ever."""
-    while not task.done():
-        await asyncio.wait({task}, timeout=1.0)
-        if not task.done():
-            log.warning("control center task %s still runs after its cancellation; cancelled again",
-                        task.get_name())
-            task.cancel()

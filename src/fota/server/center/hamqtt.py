@@ -27,7 +27,7 @@ from typing import Any, Awaitable, Callable
 from gmqtt import Client as MQTTClient
 from gmqtt.mqtt.constants import MQTTv311
 
-from fota.aiowait import within
+from fota.aiowait import cancel_and_wait, within
 from fota import gmqtt_adapter
 from fota.server.center.connection import KEEPALIVE, RECONNECT_DELAY, BrokerAddress
 
@@ -81,11 +81,7 @@ class HomeAssistantMqtt:
     async def stop(self) -> None:
         self.closing = True
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+            await cancel_and_wait(self._task)
         if self.client is not None:
             try:
                 await within(self.client.disconnect(), 5)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import urlsplit
 
-from fota.aiowait import within
+from fota.aiowait import cancel_and_wait, within
 from fota.device import protocol
 from fota.server.center.connection import FORWARD_PREFIX, OnMessage
 from fota.server.natscluster import MQTT_QOS1_PREFIX, MQTT_QOS_HEADER
@@ -191,10 +191,9 @@ class NatsConnection:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
+            # again and again: a pull's fetch can lose its cancellation (fota.aiowait), and the
+            # batch it then hands on waits for an intake that has stopped writing
+            await cancel_and_wait(task)
         self._tasks = []
         if self._inflight:  # commands the stream has not confirmed yet
             await asyncio.wait(self._inflight, timeout=5)
