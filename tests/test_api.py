@@ -383,7 +383,7 @@ def test_device_rekey_and_revoke_are_audited_and_reach_the_homes_broker(db_url, 
         assert body["device"] == "acc-1" and new1 != pw1 and len(new1) >= 20
         pid_file = str(home.broker_dir / "mosquitto.pid")
         assert body["broker"] == {"kind": "mosquitto", "applied": False, "file": str(home.broker_dir / "passwords"),
-                                  "reloaded": [], "not_reloaded": [pid_file], "missing": [],
+                                  "reloaded": [], "not_reloaded": [pid_file], "refused": [], "missing": [],
                                   "note": body["broker"]["note"], "error": None}
         assert "no managed Mosquitto runs" in body["broker"]["note"] and "'fota serve'" in body["broker"]["note"]
         with e.store.session() as s:

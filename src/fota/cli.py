@@ -421,23 +421,18 @@ def _print_broker(report: dict, account_change: bool = False) -> None:
     """What the operator must know after the broker's accounts were rewritten (the ``broker``
     object of fota.server.accounts, local or from the API). A new device needs no word on a
     Mosquitto that is not running yet or a broker fota does not manage; a rekey or revoke does."""
+    from rich.markup import escape
+
+    from fota.server.accounts import missing_words, nats_words
     if report["kind"] == "nats" and report["file"]:
-        reloaded, others = report["reloaded"], report["not_reloaded"]
-        console.print(f"NATS users file {report['file']} rewritten; "
-                      f"nodes reloaded here: {len(reloaded)} of {len(reloaded) + len(others)}", markup=False)
-        if others:
-            console.print("copy it to the other nodes and reload each: "
-                          + "; ".join(f"nats-server --signal reload={p}" for p in others), markup=False)
+        for line in nats_words(report):
+            if line:
+                console.print(line, markup=False)
     elif report["kind"] == "mosquitto" and report["applied"] and account_change:
         console.print(f"managed Mosquitto reloaded its password file {report['file']}", markup=False)
-    missing = report["missing"]
-    if missing:
-        err.print(f"[yellow]warning:[/yellow] {len(missing)} device(s) have no NATS user (provisioned before "
-                  f"bcrypt hashes were kept): {', '.join(missing[:20])}{' …' if len(missing) > 20 else ''}; "
-                  "rotate their credentials ('fota device rekey ID', or 'fota device provision --force' on the board) "
-                  "to give them one")
+    if report["missing"]:
+        err.print(f"[yellow]warning:[/yellow] {escape(missing_words(report['missing']))}", soft_wrap=True)
     if report["note"] and (account_change or report["kind"] == "nats"):
-        from rich.markup import escape
         err.print(f"[yellow]note:[/yellow] {escape(report['note'])}", soft_wrap=True)
 
 

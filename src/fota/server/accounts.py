@@ -11,7 +11,10 @@ the same lines in local and remote mode:
     applied       every broker process was told here to reload: the change is in force
     file          the password or users file rewritten (a path on the machine that did it), or None
     reloaded      pid files of the broker processes told to reload (SIGHUP)
-    not_reloaded  pid files of those not reached from here: not running, or on another machine
+    not_reloaded  pid files of those not reached from here: not running, on another machine, or
+                  refused
+    refused       of those, the ones running here as another OS user, which this process may not
+                  signal (EPERM): their user or root has to reload them
     missing       NATS: devices left out of the users file for want of a bcrypt hash
     note          what is left for the operator, in words; None: nothing
     error         why the rewrite failed; the registry change stands (the next rewrite applies it:
@@ -27,7 +30,8 @@ from fota.server import audit
 from fota.server.broker import BrokerError
 from fota.server.fleet import rekey_device, revoke_device
 
-__all__ = ["ACTIONS", "broker_report", "broker_sync", "change_account", "no_home_report"]
+__all__ = ["ACTIONS", "broker_report", "broker_sync", "change_account", "missing_words", "nats_words",
+           "no_home_report"]
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +76,29 @@ def broker_sync(home, store) -> dict[str, Any]:
 
 def broker_report(home, done) -> dict[str, Any]:
     """The ``broker`` object for what Home.sync_broker_passwords (or sync_nats_users) returned."""
+    from fota.server.broker import NOT_PERMITTED
     from fota.server.home import MosquittoPasswords, NatsUsers
     if isinstance(done, NatsUsers):
         from fota.server.natscluster import USERS_FILE
         reloaded = [str(p) for p in done.reloaded]
         others = [str(p) for p in done.pid_files if p not in done.reloaded]
+        refused = [str(p) for p in done.refused]
+        note = None
+        if refused:
+            note = ("nodes running here as another OS user, which this process may not signal, did not reload "
+                    "the users file: reload each as its user or root ("
+                    + "; ".join(f"nats-server --signal reload={p}" for p in refused) + ")")
         return _report("nats", applied=not others, file=str(done.directory / USERS_FILE), reloaded=reloaded,
-                       not_reloaded=others, missing=list(done.missing))
+                       not_reloaded=others, refused=refused, missing=list(done.missing), note=note)
     if isinstance(done, MosquittoPasswords):
         if done.reloaded:
             return _report("mosquitto", applied=True, file=str(done.file), reloaded=[str(done.pid_file)])
+        if done.reload == NOT_PERMITTED:
+            return _report("mosquitto", file=str(done.file), not_reloaded=[str(done.pid_file)],
+                           refused=[str(done.pid_file)], note=(
+                               f"the managed Mosquitto of the home {home.path} runs as another OS user, which this "
+                               "process may not signal: it still has the old password file. Reload it as its user "
+                               f"or root (kill -HUP $(cat {done.pid_file})), or restart 'fota serve'"))
         return _report("mosquitto", file=str(done.file), not_reloaded=[str(done.pid_file)], note=(
             f"no managed Mosquitto runs from the home {home.path}: it reads the rewritten password file when "
             "'fota serve' starts there (a 'fota serve' on another home or machine rewrites its own file when "
@@ -92,6 +109,25 @@ def broker_report(home, done) -> dict[str, Any]:
     return _report("external", note="broker_url names a broker whose accounts fota does not keep: change the "
                                     "device's account at that broker")
 
+
+def nats_words(report: dict[str, Any]) -> tuple[str, str | None]:
+    """A NATS users-file rewrite (a ``broker`` object of kind nats with a file) in words: what was
+    done, and what is left for the nodes elsewhere (None: nothing). The CLI prints them, `fota
+    serve` logs them; a refused node is the ``note``'s."""
+    reloaded, others = report["reloaded"], report["not_reloaded"]
+    done = (f"NATS users file {report['file']} rewritten from the registry; "
+            f"nodes reloaded here: {len(reloaded)} of {len(reloaded) + len(others)}")
+    elsewhere = [p for p in others if p not in report.get("refused", ())]
+    left = ("copy it to the other nodes and reload each: "
+            + "; ".join(f"nats-server --signal reload={p}" for p in elsewhere)) if elsewhere else None
+    return done, left
+
+
+def missing_words(missing: list[str]) -> str:
+    """Devices a NATS users file leaves out, in words."""
+    return (f"{len(missing)} device(s) have no NATS user (provisioned before bcrypt hashes were kept): "
+            f"{', '.join(missing[:20])}{' …' if len(missing) > 20 else ''}; rotate their credentials "
+            "('fota device rekey ID', or 'fota device provision --force' on the board) to give them one")
 
 def no_home_report() -> dict[str, Any]:
     """The ``broker`` object of a process that knows no home (an API app made without broker_sync)."""
@@ -104,7 +140,8 @@ def _kind(home) -> str:
 
 
 def _report(kind: str, *, applied: bool = False, file: str | None = None, reloaded: Iterable[str] = (),
-            not_reloaded: Iterable[str] = (), missing: Iterable[str] = (), note: str | None = None,
-            error: str | None = None) -> dict[str, Any]:
+            not_reloaded: Iterable[str] = (), refused: Iterable[str] = (), missing: Iterable[str] = (),
+            note: str | None = None, error: str | None = None) -> dict[str, Any]:
     return {"kind": kind, "applied": applied, "file": file, "reloaded": list(reloaded),
-            "not_reloaded": list(not_reloaded), "missing": list(missing), "note": note, "error": error}
+            "not_reloaded": list(not_reloaded), "refused": list(refused), "missing": list(missing), "note": note,
+            "error": error}

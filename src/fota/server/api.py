@@ -419,7 +419,11 @@ class BrokerAccountsOut(BaseModel):
     applied: bool = Field(description="every broker process was told to reload here: the change is in force")
     file: str | None = Field(description="the password or users file rewritten (a path on the API's machine)")
     reloaded: list[str] = Field(description="pid files of the broker processes told to reload")
-    not_reloaded: list[str] = Field(description="pid files of those not reached: not running, or on another machine")
+    not_reloaded: list[str] = Field(description="pid files of those not reached: not running, on another machine, "
+                                                "or refused")
+    refused: list[str] = Field(default_factory=list,
+                               description="of those, the processes running on the API's machine as another OS user, "
+                                           "which the API may not signal (EPERM): their user or root reloads them")
     missing: list[str] = Field(description="NATS: devices left out of the users file for want of a bcrypt hash")
     note: str | None = Field(description="what is left for the operator to do; null: nothing")
     error: str | None = Field(description="why the rewrite failed; the registry change stands and the next "

@@ -93,25 +93,20 @@ def sync_nats_users(home: Home, store) -> None:
     an account changed while no control center ran (through an API on another machine, a restored
     database) takes effect now. ServeError when the file cannot be written: a stale one may still
     let a revoked device in."""
-    from fota.server.accounts import SYNC_ERRORS
-    from fota.server.natscluster import USERS_FILE
+    from fota.server.accounts import SYNC_ERRORS, broker_report, missing_words, nats_words
     try:
         done = home.sync_nats_users(store)
     except SYNC_ERRORS as e:
         raise ServeError(f"cannot rewrite the NATS users file from the registry: {e}") from None
+    report = broker_report(home, done)
     if done is None:
-        log.warning("broker_url is a NATS cluster whose users file fota does not write yet: run "
-                    "'fota broker nats-config' (docs/operations.md §4a)")
+        log.warning("%s", report["note"])
         return
-    others = [str(p) for p in done.pid_files if p not in done.reloaded]
-    log.info("NATS users file %s rewritten from the registry; nodes reloaded here: %d of %d",
-             done.directory / USERS_FILE, len(done.reloaded), len(done.pid_files))
-    if others:
-        log.warning("NATS users file %s rewritten: copy it to the nodes not running here and reload them (%s)",
-                    done.directory / USERS_FILE, ", ".join(others))
-    if done.missing:
-        log.warning("%d device(s) have no NATS user (no bcrypt hash): %s; 'fota device rekey ID' gives one",
-                    len(done.missing), ", ".join(done.missing[:20]))
+    rewritten, left = nats_words(report)
+    log.info("%s", rewritten)
+    for warning in (left, report["note"], report["missing"] and missing_words(report["missing"])):
+        if warning:
+            log.warning("%s", warning)
 
 
 @contextlib.asynccontextmanager

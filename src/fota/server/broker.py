@@ -79,6 +79,21 @@ def parse_listen(text: str) -> tuple[str, int | None]:
     return addr, int(port) if port is not None else None
 
 
+SIGNALLED, NOT_RUNNING, NOT_PERMITTED = "signalled", "not running", "not permitted"
+
+
+def hup_pid_file(pid_file: Path) -> str:
+    """SIGHUP the broker process a pid file names (Mosquitto and nats-server re-read their
+    accounts on it): SIGNALLED; NOT_RUNNING (no file, no such process, a file that names none);
+    NOT_PERMITTED (it runs as another OS user, EPERM: a reload its user or root has to do)."""
+    try:
+        os.kill(int(Path(pid_file).read_text().strip()), signal.SIGHUP)
+    except PermissionError:
+        return NOT_PERMITTED
+    except (OSError, ValueError):
+        return NOT_RUNNING
+    return SIGNALLED
+
 def is_loopback(host: str) -> bool:
     """Whether only this machine can reach host (a wildcard reaches every interface)."""
     import ipaddress

@@ -29,13 +29,13 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
-from fota.server.broker import (DEVICE_PASSWORDS, HOMEASSISTANT_USER, LOOPBACK, SERVER_USER, TLS_PORT, connect_host,
-                                free_port, is_loopback, parse_listen, write_broker_acl, write_broker_passwords)
+from fota.server.broker import (DEVICE_PASSWORDS, HOMEASSISTANT_USER, LOOPBACK, NOT_PERMITTED, SERVER_USER, SIGNALLED,
+                                TLS_PORT, connect_host, free_port, hup_pid_file, is_loopback, parse_listen,
+                                write_broker_acl, write_broker_passwords)
 from fota.server.credentials import mosquitto_hash, new_password
 from fota.tools.private import private_dir, private_tree, write_private
 
@@ -49,20 +49,37 @@ class HomeError(RuntimeError):
 @dataclass(frozen=True)
 class NatsUsers:
     """What Home.sync_nats_users did: the users file's directory, the devices left out for want of
-    a bcrypt hash, the nodes' pid files and those of the nodes it reloaded (on this machine)."""
+    a bcrypt hash, the nodes' pid files and what telling each to reload came to (SIGHUP, on this
+    machine: fota.server.broker.hup_pid_file)."""
     directory: Path
     missing: list[str]
-    pid_files: list[Path]
-    reloaded: list[Path]
+    reloads: dict[Path, str]
+
+    @property
+    def pid_files(self) -> list[Path]:
+        return list(self.reloads)
+
+    @property
+    def reloaded(self) -> list[Path]:
+        return [p for p, outcome in self.reloads.items() if outcome == SIGNALLED]
+
+    @property
+    def refused(self) -> list[Path]:
+        """Nodes that run as another OS user: this process may not signal them."""
+        return [p for p, outcome in self.reloads.items() if outcome == NOT_PERMITTED]
 
 
 @dataclass(frozen=True)
 class MosquittoPasswords:
     """What Home.sync_broker_passwords did on the managed Mosquitto: the password file written, the
-    broker's pid file and whether a broker running from this home was told to reload (SIGHUP)."""
+    broker's pid file and what telling it to reload came to (SIGHUP: hup_pid_file)."""
     file: Path
     pid_file: Path
-    reloaded: bool
+    reload: str
+
+    @property
+    def reloaded(self) -> bool:
+        return self.reload == SIGNALLED
 
 
 @dataclass
@@ -476,8 +493,8 @@ class Home:
             if ha.get("enabled") and ha.get("password_hash"):
                 hashes[HOMEASSISTANT_USER] = ha["password_hash"]
             write_broker_passwords(self.broker_dir, hashes)
-            reloaded = self._reload_broker()
-        return MosquittoPasswords(self.broker_dir / DEVICE_PASSWORDS, self.broker_dir / "mosquitto.pid", reloaded)
+            reload = self._reload_broker()
+        return MosquittoPasswords(self.broker_dir / DEVICE_PASSWORDS, self.broker_dir / "mosquitto.pid", reload)
 
     def nats_config(self) -> dict | None:
         """Where `fota broker nats-config` wrote the nodes' configs ({"dir", "pid_files", "mqtt_ports"}),
@@ -499,17 +516,9 @@ class Home:
             others.append(nats_user(HOMEASSISTANT_USER, ha["password_bcrypt"],
                                     ha.get("discovery_prefix") or DEFAULT_PREFIX))
         missing = write_registry_users(directory, store, cluster_nodes(self.broker_url)[1], others)
-        pid_files = [Path(p) for p in block.get("pid_files", [])]
-        return NatsUsers(directory, missing, pid_files, reload_nodes(pid_files))
+        return NatsUsers(directory, missing, reload_nodes([Path(p) for p in block.get("pid_files", [])]))
 
-    def _reload_broker(self) -> bool:
-        """SIGHUP the managed Mosquitto if it runs (its pid file is written once it listens);
-        whether one was signalled."""
-        pid_file = self.broker_dir / "mosquitto.pid"
-        if pid_file.exists():
-            try:
-                os.kill(int(pid_file.read_text().strip()), signal.SIGHUP)
-                return True
-            except (ValueError, ProcessLookupError, PermissionError):
-                pass
-        return False
+    def _reload_broker(self) -> str:
+        """SIGHUP the managed Mosquitto if it runs (its pid file is written once it listens):
+        fota.server.broker.hup_pid_file's outcome."""
+        return hup_pid_file(self.broker_dir / "mosquitto.pid")

@@ -19,13 +19,11 @@ password is not known. The writer returns them; rotating their credentials gives
 from __future__ import annotations
 
 import fcntl
-import os
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from fota.server.broker import LOOPBACK, SERVER_USER, BrokerError, is_loopback
+from fota.server.broker import LOOPBACK, SERVER_USER, BrokerError, hup_pid_file, is_loopback
 from fota.server.credentials import bcrypt_hash
 from fota.server.natscluster import USERS_FILE, NodePorts, node_config, write_users
 from fota.server.tls import TlsFiles
@@ -115,14 +113,7 @@ def write_registry_users(directory: Path, store, server_password: str, others: l
     return missing
 
 
-def reload_nodes(pid_files: list[Path]) -> list[Path]:
+def reload_nodes(pid_files: list[Path]) -> dict[Path, str]:
     """SIGHUP each node whose pid file is on this machine (nats-server re-reads its config and the
-    users file); returns the pid files of the nodes signalled."""
-    signalled = []
-    for path in pid_files:
-        try:
-            os.kill(int(Path(path).read_text().strip()), signal.SIGHUP)
-        except (OSError, ValueError):  # no such file, no such process, not ours
-            continue
-        signalled.append(Path(path))
-    return signalled
+    users file); pid file -> what came of it (fota.server.broker.hup_pid_file)."""
+    return {Path(path): hup_pid_file(Path(path)) for path in pid_files}

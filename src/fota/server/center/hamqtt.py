@@ -29,7 +29,7 @@ from gmqtt.mqtt.constants import MQTTv311
 
 from fota.aiowait import cancel_and_wait, within
 from fota import gmqtt_adapter
-from fota.server.center.connection import KEEPALIVE, RECONNECT_DELAY, BrokerAddress
+from fota.server.center.connection import RECONNECT_DELAY, BrokerAddress
 
 log = logging.getLogger(__name__)
 
