@@ -328,7 +328,7 @@ class HomeAssistantBridge:
                 return views
             releases = s.execute(select(Release.id, Release.version, Release.hardware, Release.min_version,
                                         Release.kind, Release.size, Release.security_counter)
-                                 .where(Release.deleted_at.is_(None))).all()  # never offer a deleted one
+                                 .where(Release.live)).all()  # never offer a deleted one
             for part in chunks(sorted(views)):
                 newest = (select(func.max(Job.id)).where(Job.device_id.in_(part), Job.kind == UPDATE)
                           .group_by(Job.device_id))

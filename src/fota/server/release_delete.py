@@ -43,7 +43,7 @@ def _sharing_and_patches(s, release: Release) -> tuple[list[str], list]:
     removes with it: those from or to its image, none while another release has that image."""
     shared = list(s.scalars(select(Release.version).where(Release.sha256 == release.sha256,
                                                           Release.id != release.id,
-                                                          Release.deleted_at.is_(None)).order_by(Release.id)))
+                                                          Release.live).order_by(Release.id)))
     patches = [] if shared else list(s.execute(
         select(Delta.id, Delta.sha256, Delta.blob_path).where(
             or_(Delta.base_sha256 == release.sha256, Delta.target_sha256 == release.sha256))
@@ -129,7 +129,7 @@ def delete_release(store: Store, blobs_dir: str | os.PathLike, version_or_id: st
     with audit.transaction(store) as tx, tx.session() as s:
         # The mark first: a deployment or campaign made meanwhile (lock_live) either committed
         # before it, and is seen below, or sees the release deleted.
-        marked = s.execute(update(Release).where(Release.id == release.id, Release.deleted_at.is_(None))
+        marked = s.execute(update(Release).where(Release.id == release.id, Release.live)
                            .values(deleted_at=now))
         if marked.rowcount != 1:
             raise ReleaseDeleted(release.version, s.scalar(select(Release.deleted_at)
@@ -145,7 +145,7 @@ def delete_release(store: Store, blobs_dir: str | os.PathLike, version_or_id: st
         if not shared:
             blobs[release.sha256] = release.blob_path
         # A blob some other release or patch is (content-addressed: the same bytes) stays.
-        still = set(s.scalars(select(Release.sha256).where(Release.deleted_at.is_(None))))
+        still = set(s.scalars(select(Release.sha256).where(Release.live)))
         still |= set(s.scalars(select(Delta.sha256).where(Delta.sha256.in_(list(blobs) or [""]))))
         blobs = {sha: path for sha, path in blobs.items() if sha not in still}
         tx.record(actor, "release.delete", f"release:{release.version}",

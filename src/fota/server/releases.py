@@ -319,7 +319,7 @@ def get_release(store: Store, version_or_id: str | int, deleted: bool = False) -
             release = s.get(Release, release_id)
         if release is None:
             raise ReleaseNotFound(f"no release {version_or_id!r}")
-        if release.deleted_at is not None and not deleted:
+        if not release.live and not deleted:
             raise ReleaseDeleted(release.version, release.deleted_at)
         return release
 
@@ -328,7 +328,7 @@ def list_releases(store: Store, deleted: bool = False) -> list[Release]:
     """The releases, oldest first; the deleted ones too (deleted_at set) if ``deleted``."""
     query = select(Release).order_by(Release.id)
     if not deleted:
-        query = query.where(Release.deleted_at.is_(None))
+        query = query.where(Release.live)
     with store.session() as s:
         return list(s.scalars(query))
 

@@ -227,13 +227,14 @@ class ControlCenter:
         # bucket of presigned URLs (http).
         self.jobs.remote = objects if objects is not None else (http if hasattr(http, "get_blob") else None)
         # None unless Home Assistant is enabled: nothing of it on the paths of fleets without it.
-        ha_link = self.ha_mqtt or self.mqtt   # where its retained messages go
+        # where its retained messages go: its own MQTT link on a NATS cluster, else the center's
+        self.ha_link = self.ha_mqtt or self.mqtt
         self.homeassistant = None if homeassistant is None else HomeAssistantBridge(
-            store, self.db.call, ha_link.publish, homeassistant,
+            store, self.db.call, self.ha_link.publish, homeassistant,
             refresh=HA_REFRESH if self.ha_mqtt is not None else None)
         if self.homeassistant is not None:
             self.intake.on_written = self.homeassistant.touched
-            ha_link.on_reconnect = self.homeassistant.republish
+            self.ha_link.on_reconnect = self.homeassistant.republish
             if self.ha_mqtt is not None:
                 self.homeassistant.on_refresh = self.ha_mqtt.relearn
         self._tasks: list[asyncio.Task] = []
@@ -260,8 +261,7 @@ class ControlCenter:
         self._tasks.append(asyncio.create_task(self.keys.run(), name="fota-keys"))
         self._tasks.append(asyncio.create_task(self.intake.run_retention(), name="fota-retention"))
         if self.homeassistant is not None:
-            ha_link = self.ha_mqtt or self.mqtt
-            ha_link.subscribe_retained(self.homeassistant.retained_filter(), 1)
+            self.ha_link.subscribe_retained(self.homeassistant.retained_filter(), 1)
             if self.ha_mqtt is not None:
                 try:
                     await self.ha_mqtt.start(timeout)

@@ -243,7 +243,7 @@ class CommandSender:
         with self.store.session() as s:
             # A deleted release is no base: its image is gone (fota.server.release_delete).
             base = s.scalars(select(Release).where(Release.sha256 == image.lower(), Release.kind == release.kind,
-                                                   Release.deleted_at.is_(None)).order_by(Release.id)).first()
+                                                   Release.live).order_by(Release.id)).first()
         if base is None or base.sha256 == release.sha256:
             return None
         formats = inventory.get("delta_formats")

@@ -228,7 +228,7 @@ def device_view(store: Store, device_id: str) -> dict[str, Any] | None:
 # ---- releases ------------------------------------------------------------------------------------
 def releases_view(store: Store, trust: dict | None) -> list[dict[str, Any]]:
     with store.session() as s:
-        releases = list(s.scalars(select(Release).where(Release.deleted_at.is_(None)).order_by(Release.id.desc())))
+        releases = list(s.scalars(select(Release).where(Release.live).order_by(Release.id.desc())))
         running = dict(s.execute(select(Device.version, func.count()).group_by(Device.version)).all())
         deltas = Counter(s.scalars(select(Delta.target_sha256)))
         deployments = Counter(s.scalars(select(Deployment.release_id)))

@@ -29,6 +29,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.hybrid import hybrid_property
 from sqlalchemy.ext.mutable import MutableDict, MutableList
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -137,11 +138,22 @@ class Release(Base):
     enc_key: Mapped[str | None] = mapped_column(String(160))
     # Optional: campaigns send this release only to devices running at least this version.
     min_version: Mapped[str | None] = mapped_column(String(64))
-    # When the release was deleted (fota.server.releases.delete_release): its image and patches
-    # are gone, the row stays for the deployments, campaigns and audit events that name it.
+    # When the release was deleted (fota.server.release_delete): its image and patches are gone,
+    # the row stays for the deployments, campaigns and audit events that name it.
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     deployments: Mapped[list[Deployment]] = relationship(back_populates="release")
+
+    @hybrid_property
+    def live(self) -> bool:
+        """Not deleted: a release that may be offered, deployed or used as a delta base
+        (``select(Release).where(Release.live)`` in a query)."""
+        return self.deleted_at is None
+
+    @live.inplace.expression
+    @classmethod
+    def _live_expression(cls):
+        return cls.deleted_at.is_(None)
 
     def __repr__(self) -> str:
         return f"Release(id={self.id!r}, version={self.version!r}, kind={self.kind!r})"
