@@ -339,3 +339,31 @@ def test_serve_rewrites_the_password_file_from_the_registry_at_start(tmp_path):
 
     asyncio.run(scenario())
     store.dispose()
+
+
+def test_the_homes_api_app_rekeys_at_the_homes_broker(tmp_path):
+    """The API app `fota api` and `fota demo` serve (home_api_app) rewrites the home's broker
+    accounts after a rekey through it: a rekey in the demo's dashboard reaches the managed
+    Mosquitto's password file (the demo's app used to be made without it: "knows no home")."""
+    from starlette.testclient import TestClient
+
+    from fota.server.app import home_api_app
+    from fota.server.auth import create_token
+    home = Home(tmp_path / "home")
+    home.keyring.init()
+    store = home.store()
+    try:
+        provision_device(store, "api-a", "unix")
+        home.sync_broker_passwords(store)
+        before = (home.broker_dir / "passwords").read_text()
+        _, secret = create_token(store, "ops", "admin")
+        with TestClient(home_api_app(home, store)) as client:
+            r = client.post("/api/v1/devices/api-a/rekey", headers={"Authorization": f"Bearer {secret}"})
+        assert r.status_code == 200, r.text
+        broker = r.json()["broker"]
+        assert (broker["kind"], broker["file"], broker["error"]) == \
+            ("mosquitto", str(home.broker_dir / "passwords"), None), broker
+        after = (home.broker_dir / "passwords").read_text()
+        assert after != before and "api-a:" in after
+    finally:
+        store.dispose()

@@ -699,20 +699,15 @@ def api(host: str = typer.Option("127.0.0.1", "--host", help="address to listen 
     """Serve the HTTP API (bearer tokens: 'fota token create'; OpenAPI UI at /docs) and the web
     dashboard (/ui/). Remote 'fota' commands use it ('fota login URL')."""
     import uvicorn
-    from fota.server.api import create_app
-    from fota.tools.signing import load_private_key
+
+    from fota.server.app import home_api_app
     if (certfile is None) != (keyfile is None):
         fail("--certfile and --keyfile go together")
     for given in (certfile, keyfile):
         if given is not None and not given.is_file():
             fail(f"{given} does not exist")
     h = Home.locate(home)
-    from fota.server.accounts import broker_sync
-    api_app = create_app(open_store(h), h.blobs, lambda: load_private_key(h.private_key),
-                         trust_loader=lambda: h.keyring.trust(), kek_loader=h.kek,
-                         url_key=lambda: h.kek().url_key, objects=h.object_store(),
-                         # a device rekeyed or revoked through the API: this home's broker accounts
-                         broker_sync=lambda store: broker_sync(h, store))
+    api_app = home_api_app(h, open_store(h))
     scheme = "https" if certfile else "http"
     if host not in ("127.0.0.1", "localhost", "::1") and not certfile:
         err.print(f"[yellow]warning:[/yellow] plain HTTP on {host}: bearer tokens travel in clear text; "

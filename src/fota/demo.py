@@ -89,7 +89,7 @@ async def serve_dashboard(home, store, port: int, console: Console) -> None:
 
     import uvicorn
 
-    from fota.server.api import create_app
+    from fota.server.app import home_api_app
     from fota.server.auth import create_token
     from fota.server.broker import free_port
 
@@ -98,7 +98,7 @@ async def serve_dashboard(home, store, port: int, console: Console) -> None:
             probe.bind(("127.0.0.1", port))
         except OSError:
             port = free_port()
-    app = create_app(store, home.blobs, lambda: home.keyring.signer().key, trust_loader=home.keyring.trust)
+    app = home_api_app(home, store)
     _, secret = create_token(store, f"demo-viewer-{random.randrange(10**6):06d}", "read")
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                           timeout_graceful_shutdown=1))

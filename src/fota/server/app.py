@@ -87,6 +87,18 @@ def managed_broker(home: Home, store) -> Mosquitto:
                         home, store)
 
 
+def home_api_app(home: Home, store):
+    """The HTTP API and dashboard (fota.server.api.create_app) of a home, with everything the
+    home holds: its signing key and trust document, its key-encryption key (encrypted releases,
+    the URL key of transport http), its object storage, and the rewrite of its broker's accounts
+    after a rekey or revoke. `fota api` and `fota demo` serve this one."""
+    from fota.server.accounts import broker_sync
+    from fota.server.api import create_app
+    return create_app(store, home.blobs, lambda: home.keyring.signer().key,
+                      trust_loader=home.keyring.trust, kek_loader=home.kek,
+                      url_key=lambda: home.kek().url_key, objects=home.object_store(),
+                      broker_sync=lambda s: broker_sync(home, s))
+
 def sync_nats_users(home: Home, store) -> None:
     """A NATS cluster's users file rewritten from the registry and the nodes on this machine
     reloaded, as `fota serve` starts (the managed Mosquitto's password file is, by managed_broker):
