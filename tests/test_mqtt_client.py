@@ -26,7 +26,7 @@ import paho.mqtt.client as paho
 import pytest
 
 from conftest import SRC, run_micropython
-from fota.device.mqtt import MQTTClient, MQTTError, _header, connect_with_backoff
+from fota.device.mqtt import MQTTClient, MQTTError, _header
 from fota.server.broker import free_port
 
 _seq = itertools.count()
@@ -37,7 +37,7 @@ def tag() -> str:
 
 
 PRELUDE = """\
-from fota.device.mqtt import MQTTClient, MQTTError, connect_with_backoff, ticks_ms, ticks_diff, sleep_ms
+from fota.device.mqtt import MQTTClient, MQTTError, backoff_ms, ticks_ms, ticks_diff, sleep_ms
 HOST = "127.0.0.1"
 PORT = {port}
 TAG = "{tag}"
@@ -230,15 +230,11 @@ c.disconnect()
 """
 
 BACKOFF = """
-delays = []
-c = MQTTClient("bo-" + TAG, HOST, DEAD_PORT, timeout=2)
-try:
-    connect_with_backoff(c, attempts=3, base_ms=10, sleep=delays.append)
-    raise AssertionError("connected to a dead port")
-except OSError:
-    pass
-assert len(delays) == 2, delays
-assert 5 <= delays[0] <= 10 and 10 <= delays[1] <= 20, delays
+# After the n-th failure in a row: random in [d/2, d], d = base * 2**(n-1) capped at max_ms
+for n, lo, hi in ((1, 5, 10), (2, 10, 20), (3, 20, 40), (12, 50, 100), (200, 50, 100)):
+    seen = [backoff_ms(n, 10, 100) for _ in range(40)]
+    assert all(lo <= d <= hi for d in seen), (n, seen)
+    assert len(set(seen)) > 1, (n, seen)   # jitter: not one fixed delay
 """
 
 AUTH = """
@@ -297,24 +293,8 @@ def test_auth(broker, interp):
 
 
 @pytest.mark.parametrize("interp", INTERPS)
-def test_backoff_gives_up(interp):
-    run_scenario(interp, BACKOFF, 1, DEAD_PORT=free_port())
-
-
-def test_backoff_returns_session_present(open_broker):
-    calls = []
-
-    class Flaky(MQTTClient):
-        def connect(self):
-            calls.append(1)
-            if len(calls) < 3:
-                raise OSError(111)
-            return super().connect()
-
-    c = Flaky("flaky-" + tag(), "127.0.0.1", open_broker.port, clean_session=True)
-    assert connect_with_backoff(c, base_ms=1, sleep=lambda ms: None) is False
-    assert len(calls) == 3
-    c.disconnect()
+def test_backoff_doubles_with_jitter_up_to_its_cap(interp):
+    run_scenario(interp, BACKOFF, 1)
 
 
 # --- interoperability with paho-mqtt (CPython) ------------------------------------------

@@ -552,17 +552,3 @@ def backoff_ms(n, base_ms=500, max_ms=30000):
     r = struct.unpack("!H", os.urandom(2))[0]
     return d // 2 + d * r // 131072
 
-
-def connect_with_backoff(client, attempts=0, base_ms=500, max_ms=30000, sleep=None):
-    # Retry client.connect() with backoff_ms() between attempts. sleep(ms) defaults to
-    # time.sleep_ms. attempts=0: forever. Returns connect()'s session_present.
-    sleep = sleep or sleep_ms
-    n = 0
-    while True:
-        try:
-            return client.connect()
-        except (OSError, MQTTError):
-            n += 1
-            if attempts and n >= attempts:
-                raise
-        sleep(backoff_ms(n, base_ms, max_ms))

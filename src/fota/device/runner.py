@@ -530,7 +530,7 @@ class Device:
     def _connect_failed(self):
         # The next attempt after the n-th failure in a row: exponential back-off with jitter
         # (fota.device.mqtt.backoff_ms). After `attempts` failures (config broker.attempts) the
-        # count starts over, with an attempt at once, as a new round of connect_with_backoff did.
+        # count starts over, with an attempt at once.
         b = self.config["broker"]
         self._failures += 1
         attempts = b.get("attempts", 0)
