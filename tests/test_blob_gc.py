@@ -245,7 +245,8 @@ def test_objects_left_behind_and_another_hosts_cached_copies_go(s3, store, tmp_p
 
     # The storage unreachable at delete time: the objects are left behind, and named.
     closed = boto3.client("s3", endpoint_url="http://127.0.0.1:9", region_name="us-east-1",
-                          config=Config(retries={"max_attempts": 1}, connect_timeout=2, s3={"addressing_style": "path"}))
+                          config=Config(retries={"max_attempts": 1}, connect_timeout=2,
+                                        s3={"addressing_style": "path"}))
     out = delete_release(store, blobs, "1.1.0", S3Payloads(bucket, blobs_dir=blobs, prefix="fota/", client=closed),
                          actor=ACTOR)
     left = sorted([r2.sha256, to_r2.sha256, from_r2.sha256])
@@ -298,3 +299,58 @@ def test_a_writer_makes_an_object_already_there_young(s3, store, tmp_path):
     assert modified() >= first + 1 and _object(endpoint, bucket, sha) == data
     out = collect_garbage(store, tmp_path / "none", objects, now=at)
     assert (out["objects"], out["young"]) == ([], 1)
+
+
+def test_release_gc_sweeps_the_bucket_and_another_hosts_cache_from_its_home(s3, tmp_path, db_url, monkeypatch):
+    """`fota release gc` on the home sweeps its blobs directory and the bucket; on another host
+    (its own home: the same database, its own blobs/) it sweeps that host's cached copies."""
+    import boto3
+    from botocore.config import Config
+    from typer.testing import CliRunner
+    from fota.cli import app as cli
+    from fota.server.home import Home
+    from fota.server.objectstore import S3Payloads
+    endpoint, bucket = s3
+    monkeypatch.setenv("COLUMNS", "250")
+    for name in ("FOTA_URL", "FOTA_TOKEN", "FOTA_HOME", "FOTA_DATABASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    runner = CliRunner()
+    home, host = Home(tmp_path / "home"), Home(tmp_path / "worker-host")
+    cfg = {**home.config(), "database_url": db_url, "s3_bucket": bucket, "s3_endpoint_url": endpoint,
+           "s3_prefix": "cli/"}
+    home.save_config(cfg)
+    host.save_config(cfg)
+    store = Store(db_url)
+    try:
+        objects = home.object_store()
+        kept, gone = (create_release(store, home.blobs, KEY, os.urandom(size), version, ["unix"], kind="image",
+                                     remote=objects) for version, size in (("1.0.0", 3000), ("1.1.0", 2000)))
+        for rel in (kept, gone):  # the worker host served both: cached from the bucket
+            assert blob_file(host.blobs, rel.sha256, host.object_store()) is not None
+        closed = boto3.client("s3", endpoint_url="http://127.0.0.1:9", region_name="us-east-1",
+                              config=Config(retries={"max_attempts": 1}, connect_timeout=2,
+                                            s3={"addressing_style": "path"}))
+        out = delete_release(store, home.blobs, "1.1.0", S3Payloads(bucket, blobs_dir=home.blobs, prefix="cli/",
+                                                                    client=closed), actor=ACTOR)
+        assert [f.split(":")[0] for f in out["failures"]] == [f"object cli/{gone.sha256}"]  # left behind
+    finally:
+        store.dispose()
+
+    def gc(at: Home, *args: str) -> list[str]:
+        r = runner.invoke(cli, ["release", "gc", "--grace", "0", *args, "--home", str(at.path)])
+        assert r.exit_code == 0, r.output
+        return r.output.splitlines()
+
+    assert gc(home, "--dry-run") == [
+        f"would remove blob {gone.sha256} (2000 bytes) from object storage",
+        "garbage collection: would remove 0 blob(s) (0 bytes) from the blobs directory, 1 blob(s) (2000 bytes) "
+        "from object storage; nothing changed"]
+    assert _object(endpoint, bucket, f"cli/{gone.sha256}") is not None
+    assert gc(home) == ["garbage collection: removed 0 blob(s) (0 bytes) from the blobs directory, 1 blob(s) "
+                        "(2000 bytes) from object storage"]
+    assert _object(endpoint, bucket, f"cli/{gone.sha256}") is None
+    assert _object(endpoint, bucket, f"cli/{kept.sha256}") is not None
+    assert {p.name for p in host.blobs.iterdir()} == {kept.sha256, gone.sha256}  # not the home's directory
+    assert gc(host) == ["garbage collection: removed 1 blob(s) (2000 bytes) from the blobs directory, 0 blob(s) "
+                        "(0 bytes) from object storage"]
+    assert {p.name for p in host.blobs.iterdir()} == {kept.sha256}
