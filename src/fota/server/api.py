@@ -48,6 +48,7 @@ from fota.server import audit, metrics, names
 from fota.server.accounts import change_account, no_home_report
 from fota.server.auth import ADMIN, MAX_TTL_SECONDS, ROLES, AuthError, create_token, list_tokens, revoke_token, \
     token_state, verify_token
+from fota.server.blob_gc import DEFAULT_GRACE, collect_garbage
 from fota.server.campaigns import (
     CampaignError,
     CampaignNotFound,
@@ -77,7 +78,6 @@ from fota.server.deployments import (
 )
 from fota.server.fleet import FleetError, get_device, list_devices
 from fota.server.release_delete import ReleaseInUse, delete_release
-from fota.server.blob_gc import DEFAULT_GRACE, collect_garbage
 from fota.server.release_prune import DEFAULT_KEEP, prune_releases
 from fota.server.releases import (IMAGE_SUFFIXES, KINDS, ReleaseError, ReleaseNotFound, check_release_key,
                                   create_release, get_release, list_releases)
