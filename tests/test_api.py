@@ -111,6 +111,7 @@ def admin_requests(env: Env) -> list[tuple[str, str, dict]]:
         ("POST", f"{API}/tokens/viewer/revoke", {}),
         ("DELETE", f"{API}/releases/1.0.0", {}),
         ("POST", f"{API}/release-prune", {"json": {"keep": 1}}),
+        ("POST", f"{API}/release-gc", {"json": {}}),
         ("POST", f"{API}/devices/dev-3/rekey", {}),
         ("POST", f"{API}/devices/dev-3/revoke", {}),
     ]
@@ -587,6 +588,39 @@ def test_release_prune_is_admin_keeps_running_and_in_use_releases_and_dry_run_ch
     # the default keep (3) deletes nothing more here
     r = env.client.post(f"{API}/release-prune", headers=admin, json={})
     assert r.status_code == 200 and r.json()["keep"] == 3 and r.json()["deleted"] == []
+    assert r.json()["gc"] == {"dry_run": False, "grace": 3600, "files": [], "objects": [], "young": 0,
+                              "object_storage": False, "failures": []}
+
+
+def test_release_gc_is_admin_and_removes_only_old_blobs_nothing_names(env):
+    """POST /release-gc (and the gc of POST /release-prune): the API's blobs directory swept of the
+    blobs no live release and no patch names, once `grace` seconds old; dry_run only lists."""
+    assert env.upload(env.admin, "1.0.0").status_code == 201
+    left = b"left behind by a delete " * 50
+    sha = hashlib.sha256(left).hexdigest()
+    (env.blobs / sha).write_bytes(left)
+    os.utime(env.blobs / sha, (time.time() - 7200, time.time() - 7200))
+    admin = bearer(env.admin)
+    before = env.snapshot()
+    for body in ({"grace": -1}, {"grace": "soon"}, {"dry": True}):
+        assert env.client.post(f"{API}/release-gc", headers=admin, json=body).status_code == 422, body
+    assert env.client.post(f"{API}/release-prune", headers=admin, json={"grace": -1}).status_code == 422
+    r = env.client.post(f"{API}/release-gc", headers=bearer(env.reader), json={})
+    assert r.status_code == 403 and "admin" in r.json()["detail"]
+    r = env.client.post(f"{API}/release-gc", headers=admin, json={"dry_run": True, "grace": 10_000})
+    assert r.status_code == 200 and r.json()["files"] == [] and r.json()["young"] == 1, r.text
+    r = env.client.post(f"{API}/release-prune", headers=admin, json={"dry_run": True})
+    assert r.status_code == 200 and r.json()["gc"]["files"] == [{"sha256": sha, "size": len(left)}], r.text
+    assert env.snapshot() == before and audit.list_events(env.store, action="release.gc") == []
+
+    r = env.client.post(f"{API}/release-gc", headers=admin, json={})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"dry_run": False, "grace": 3600, "files": [{"sha256": sha, "size": len(left)}],
+                        "objects": [], "young": 0, "object_storage": False, "failures": []}
+    assert env.snapshot()["blobs"] == [hashlib.sha256(bundle_bytes("1.0.0")).hexdigest()]
+    (event,) = audit.list_events(env.store, action="release.gc")
+    assert (event.actor, event.target, event.detail["files"], event.detail["file_bytes"]) == (
+        "ops-admin", "blobs", 1, len(left))
 
 
 def test_deployment_cancel_is_audited_and_refused_where_it_cannot_apply(env):

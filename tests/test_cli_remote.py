@@ -313,7 +313,9 @@ def test_release_prune_answers_alike_in_both_modes(center_in_process, mode, tmp_
     dry = cli("release", "prune", "--keep", "1", "--dry-run")
     assert dry.returncode == 0, dry.stdout + dry.stderr
     assert dry.stdout.splitlines() == ["would delete 1.2.0 (bundle, unix)", *kept,
-                                       "dry run: 1 release(s) would be deleted, 3 kept; nothing changed"]
+                                       "dry run: 1 release(s) would be deleted, 3 kept; nothing changed",
+                                       "garbage collection: would remove 0 blob(s) (0 bytes) from the blobs "
+                                       "directory; nothing changed"]
     assert {p.name for p in blobs.iterdir()} == stored and "1.2.0" in cli("releases").stdout
     zero = cli("release", "prune", "--keep", "0")
     assert_clean_error(zero, "Invalid value for '--keep'")
@@ -331,7 +333,8 @@ def test_release_prune_answers_alike_in_both_modes(center_in_process, mode, tmp_
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.splitlines() == ["deleted 1.2.0 (bundle, unix)", *kept,
                                      "1 release(s) deleted (1 blob(s), 0 patch(es) removed from the blobs directory), "
-                                     "3 kept"]
+                                     "3 kept",
+                                     "garbage collection: removed 0 blob(s) (0 bytes) from the blobs directory"]
     assert len({p.name for p in blobs.iterdir()}) == len(stored) - 1
     listing = cli("releases").stdout
     assert "1.2.0" not in listing and "1.3.0" in listing
@@ -339,12 +342,62 @@ def test_release_prune_answers_alike_in_both_modes(center_in_process, mode, tmp_
         args = ("release", "prune", "--keep", "1")
         remote, local = center.remote(*args), center.local(*args)
         assert (remote.returncode, remote.stdout, remote.stderr) == (local.returncode, local.stdout, local.stderr)
-        assert remote.stdout.splitlines()[-1] == "0 release(s) deleted (0 blob(s), 0 patch(es) removed from the " \
+        assert remote.stdout.splitlines()[-2] == "0 release(s) deleted (0 blob(s), 0 patch(es) removed from the " \
                                                  "blobs directory), 3 kept"
         audit = httpx.get(f"{center.url}/api/v1/audit", params={"actor": "ops"},
                           headers={"Authorization": f"Bearer {center.admin}"}).json()
         assert [(e["action"], e["target"]) for e in audit if e["action"].startswith("release.")][:3] == [
             ("release.prune", "releases"), ("release.prune", "releases"), ("release.delete", "release:1.2.0")]
+
+
+@on_one_database("sqlite")
+def test_release_gc_answers_alike_in_both_modes(center_in_process, mode, tmp_path):
+    """`fota release gc`: a blob nothing names (left behind by a delete whose removal failed) goes
+    once older than --grace, a younger one stays; --dry-run lists without removing; the same words
+    locally and through the API (which sweeps the API's own blobs directory); audited as release.gc."""
+    import hashlib
+
+    from fota.server.home import Home
+    center = center_in_process
+    cli = center.local if mode == "local" else center.remote
+    r = cli("release", "create", str(_app_dir(tmp_path, "1.0.0")), "--version", "1.0.0", "--hardware", "unix")
+    assert r.returncode == 0, r.stdout + r.stderr
+    blobs = Home(center.home).blobs
+    old, young = b"left behind " * 100, b"being written " * 10
+    for data in (old, young):
+        (blobs / hashlib.sha256(data).hexdigest()).write_bytes(data)
+    old_path = blobs / hashlib.sha256(old).hexdigest()
+    os.utime(old_path, (time.time() - 7200, time.time() - 7200))
+    stored = {p.name for p in blobs.iterdir()}
+
+    stays = "; 1 named by nothing but younger than 3600 s stay"
+    dry = cli("release", "gc", "--dry-run")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert dry.stdout.splitlines() == [f"would remove blob {old_path.name} (1200 bytes) from the blobs directory",
+                                       "garbage collection: would remove 1 blob(s) (1200 bytes) from the blobs "
+                                       f"directory{stays}; nothing changed"]
+    assert {p.name for p in blobs.iterdir()} == stored
+    assert_clean_error(cli("release", "gc", "--grace", "-1"), "Invalid value for '--grace'")
+    if mode == "remote":
+        args = ("release", "gc", "--dry-run")
+        remote, local = center.remote(*args), center.local(*args)
+        assert (remote.returncode, remote.stdout, remote.stderr) == (local.returncode, local.stdout, local.stderr)
+        assert_clean_error(center.remote("release", "gc", token=center.reader),
+                           "role 'read': this needs an admin token")
+
+    r = cli("release", "gc")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines() == [
+        f"garbage collection: removed 1 blob(s) (1200 bytes) from the blobs directory{stays}"]
+    assert {p.name for p in blobs.iterdir()} == stored - {old_path.name}
+    r = cli("release", "gc", "--grace", "0")
+    assert r.stdout.splitlines() == ["garbage collection: removed 1 blob(s) (140 bytes) from the blobs directory"]
+    assert len(list(blobs.iterdir())) == 1  # the release's image
+    actor = "ops" if mode == "remote" else audit_actor()
+    audit = httpx.get(f"{center.url}/api/v1/audit", params={"action": "release.gc"},
+                      headers={"Authorization": f"Bearer {center.admin}"}).json()
+    assert [(e["actor"], e["target"], e["detail"]["files"], e["detail"]["grace"]) for e in audit] == [
+        (actor, "blobs", 1, 0), (actor, "blobs", 1, 3600)]
 
 
 @on_one_database("sqlite")

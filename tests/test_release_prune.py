@@ -76,7 +76,10 @@ def test_keeps_the_newest_per_hardware_type_and_kind_by_version_order(store, tmp
     (event,) = list_events(store, action="release.prune")
     assert (event.actor, event.target) == (ACTOR, "releases")
     assert event.detail == {"keep": 2, "deleted": ["0.1.0", "0.4.0", "1.0.0", "1.2.0"], "in_use": [],
-                            "failures": []}
+                            "failures": [], "gc": {"grace": 3600, "files": 0, "file_bytes": 0, "objects": 0,
+                                                   "object_bytes": 0, "young": 0, "failures": []}}
+    assert out["gc"] == {"dry_run": False, "grace": 3600, "files": [], "objects": [], "young": 0,
+                         "object_storage": False, "failures": []}  # the deletes left nothing behind
 
     # a second pass finds nothing more; keep 1 then deletes the next oldest
     assert prune_releases(store, blobs, 2, actor=ACTOR)["deleted"] == []

@@ -20,7 +20,7 @@ from fota.deployment_view import progress_view, refresh_live, summarize
 from fota.extras import missing_module_message
 from fota.device import protocol as P
 from fota.server.home import Home, HomeError
-from fota.tools.defaults import DEFAULT_HEAP, DEFAULT_RELEASE_KEEP
+from fota.tools.defaults import DEFAULT_BLOB_GRACE, DEFAULT_HEAP, DEFAULT_RELEASE_KEEP
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Signed firmware updates over MQTT for fleets of MicroPython devices.")
@@ -163,15 +163,42 @@ def release_delete(release: str = typer.Argument(..., help="release version or i
     _warn_left_behind(out)
 
 
+def _print_gc(gc: dict) -> None:
+    """A garbage collection's answer (fota release gc; fota release prune's "gc"): a dry run lists
+    each blob, a real run the totals; what could not be removed as warnings."""
+    places = [("the blobs directory", gc["files"])]
+    if gc["object_storage"]:
+        places.append(("object storage", gc["objects"]))
+    if gc["dry_run"]:
+        for where, blobs in places:
+            for blob in blobs:
+                console.print(f"would remove blob {blob['sha256']} ({blob['size']} bytes) from {where}")
+    line = ("garbage collection: " + ("would remove " if gc["dry_run"] else "removed ")
+            + ", ".join(f"{len(blobs)} blob(s) ({sum(b['size'] for b in blobs)} bytes) from {where}"
+                        for where, blobs in places))
+    if gc["young"]:
+        line += f"; {gc['young']} named by nothing but younger than {gc['grace']} s stay"
+    console.print(line + ("; nothing changed" if gc["dry_run"] else ""))
+    for failure in gc["failures"]:
+        err.print(f"warning: not removed: {failure}")
+
+
+GraceOpt = typer.Option(DEFAULT_BLOB_GRACE, "--grace", min=0,
+                        help="seconds: a blob no live release or patch names is removed once it is this old (a "
+                             "release or patch being made writes its blob before its row)")
+
+
 @release_app.command("prune")
 def release_prune(keep: int = typer.Option(DEFAULT_RELEASE_KEEP, "--keep", min=1,
                                            help="newest releases kept per hardware type and kind"),
                   dry_run: bool = typer.Option(False, "--dry-run", help="only list what would be deleted"),
+                  grace: int = GraceOpt,
                   home: Optional[Path] = HomeOpt):
     """Delete old releases (release retention): per hardware type and kind the --keep newest by
     version order stay, so do the releases a registered device runs and those a deployment or
-    campaign that has not finished uses; the others are deleted as 'fota release delete' does."""
-    out = open_backend(home).prune_releases(keep, dry_run)
+    campaign that has not finished uses; the others are deleted as 'fota release delete' does.
+    Then the blobs nothing names any more are removed, as 'fota release gc' does."""
+    out = open_backend(home).prune_releases(keep, dry_run, grace)
     verb = "would delete" if dry_run else "deleted"
     for rel in out["deleted"]:
         console.print(f"{verb} {rel['version']} ({rel['kind']}, {', '.join(rel['hardware'])})")
@@ -185,6 +212,18 @@ def release_prune(keep: int = typer.Option(DEFAULT_RELEASE_KEEP, "--keep", min=1
         console.print(f"{len(out['deleted'])} release(s) deleted ({len(out['blobs_removed'])} blob(s), "
                       f"{out['patches_removed']} patch(es) removed from {where}), {len(out['kept'])} kept")
     _warn_left_behind(out)
+    _print_gc(out["gc"])
+
+
+@release_app.command("gc")
+def release_gc(grace: int = GraceOpt,
+               dry_run: bool = typer.Option(False, "--dry-run", help="only list what would be removed"),
+               home: Optional[Path] = HomeOpt):
+    """Garbage collection of blobs: remove from the home's blobs directory (and object storage)
+    the images and patches no live release and no patch names any more, older than --grace: what a
+    delete whose removal failed left behind. Run it on every host with its own blobs directory
+    (--home there): remote mode sweeps the API's host and the bucket only."""
+    _print_gc(open_backend(home).collect_garbage(grace, dry_run))
 
 
 @app.command("releases")

@@ -40,15 +40,21 @@ class LocalBackend:
         except ReleaseError as e:
             fail(str(e))
 
-    def prune_releases(self, keep: int, dry_run: bool) -> dict[str, Any]:
+    def prune_releases(self, keep: int, dry_run: bool, grace: int) -> dict[str, Any]:
         from fota.server.audit import cli_actor
         from fota.server.release_prune import prune_releases
         from fota.server.releases import ReleaseError
         try:
             return prune_releases(self.store, self.home.blobs, keep, self.home.object_store(), actor=cli_actor(),
-                                  dry_run=dry_run)
+                                  dry_run=dry_run, grace=grace)
         except ReleaseError as e:
             fail(str(e))
+
+    def collect_garbage(self, grace: int, dry_run: bool) -> dict[str, Any]:
+        from fota.server.audit import cli_actor
+        from fota.server.blob_gc import collect_garbage
+        return collect_garbage(self.store, self.home.blobs, self.home.object_store(), grace=grace, dry_run=dry_run,
+                               actor=cli_actor())
 
     def create_release(self, path: Path, version: str, hardware: list[str], *, counter: int, encrypt: bool,
                        min_version: Optional[str]) -> dict[str, Any]:

@@ -115,8 +115,11 @@ class RemoteBackend:
     def delete_release(self, version: str) -> dict[str, Any]:
         return self.call("DELETE", f"/releases/{quote(version, safe='')}")
 
-    def prune_releases(self, keep: int, dry_run: bool) -> dict[str, Any]:
-        return self.post("/release-prune", {"keep": keep, "dry_run": dry_run})
+    def prune_releases(self, keep: int, dry_run: bool, grace: int) -> dict[str, Any]:
+        return self.post("/release-prune", {"keep": keep, "dry_run": dry_run, "grace": grace})
+
+    def collect_garbage(self, grace: int, dry_run: bool) -> dict[str, Any]:
+        return self.post("/release-gc", {"grace": grace, "dry_run": dry_run})
 
     def create_release(self, path: Path, version: str, hardware: list[str], *, counter: int, encrypt: bool,
                        min_version: Optional[str]) -> dict[str, Any]:

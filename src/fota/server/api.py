@@ -48,6 +48,7 @@ from fota.server import audit, metrics, names
 from fota.server.accounts import change_account, no_home_report
 from fota.server.auth import ADMIN, MAX_TTL_SECONDS, ROLES, AuthError, create_token, list_tokens, revoke_token, \
     token_state, verify_token
+from fota.server.blob_gc import DEFAULT_GRACE, collect_garbage
 from fota.server.campaigns import (
     CampaignError,
     CampaignNotFound,
@@ -180,11 +181,40 @@ class ReleaseDeletedOut(BaseModel):
     failures: list[str] = Field(description="files or objects that could not be removed (left behind)")
 
 
+def _grace_field():
+    return Field(DEFAULT_GRACE, ge=0, le=names.MAX_DB_INT,
+                 description="seconds: a blob nothing names is removed only once it is that old (a release "
+                             "or patch being made writes its blob before its row commits)")
+
+
+class BlobGcIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    grace: int = _grace_field()
+    dry_run: bool = Field(False, description="only list what would be removed: nothing changes")
+
+
 class ReleasePruneIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     keep: int = Field(DEFAULT_KEEP, ge=1, le=names.MAX_DB_INT,
                       description="newest releases kept per hardware type and kind (by version order)")
     dry_run: bool = Field(False, description="only list what would be deleted: nothing changes")
+    grace: int = _grace_field()
+
+
+class BlobOut(BaseModel):
+    sha256: str
+    size: int
+
+
+class BlobGcOut(BaseModel):
+    dry_run: bool
+    grace: int
+    files: list[BlobOut] = Field(description="blobs removed from the blobs directory (dry run: that would be), "
+                                             "named by no live release and no patch, at least `grace` seconds old")
+    objects: list[BlobOut] = Field(description="the same, from object storage (under its prefix)")
+    young: int = Field(description="blobs named by nothing but younger than `grace`: a later run removes them")
+    object_storage: bool = Field(description="object storage was swept too")
+    failures: list[str] = Field(description="files or objects that could not be removed or listed")
 
 
 class PrunedReleaseOut(BaseModel):
@@ -207,6 +237,8 @@ class ReleasePruneOut(BaseModel):
     patches_removed: int
     object_storage: bool = Field(description="the blobs were removed from object storage too")
     failures: list[str] = Field(description="files or objects that could not be removed (left behind)")
+    gc: BlobGcOut = Field(description="the garbage collection after the deletes (as POST /release-gc): "
+                                      "what earlier failures left behind")
 
 
 class JobOut(BaseModel):
@@ -708,12 +740,23 @@ def _router() -> APIRouter:
         """Release retention (admin): per hardware type and kind the `keep` newest releases by
         version order stay, so do those a registered device runs and those a deployment or campaign
         that has not finished uses; the others are deleted as DELETE /releases/{version} deletes
-        (audited as release.delete each, and release.prune). dry_run: only the list."""
+        (audited as release.delete each, and release.prune); then the blobs nothing names any more
+        go, as POST /release-gc removes them (`gc`). dry_run: only the lists."""
         try:
             return prune_releases(store, request.app.state.blobs_dir, body.keep, request.app.state.objects,
-                                  actor=token.name, dry_run=body.dry_run)
+                                  actor=token.name, dry_run=body.dry_run, grace=body.grace)
         except IntegrityError:
             raise HTTPException(409, "conflict with a concurrent change; retry") from None
+
+    # Not /releases/gc either ("gc" is a valid release version).
+    @router.post("/release-gc", response_model=BlobGcOut, tags=["releases"], responses=change_responses)
+    def release_gc(request: Request, body: BlobGcIn, store: StoreDep, token: AdminDep):
+        """Garbage collection of blobs (admin): removes from this API's blobs directory and object
+        storage the blobs (images, patches) that no live release and no patch names and that are at
+        least `grace` seconds old: what a delete whose removal failed left behind (audited as
+        release.gc). Other hosts' blobs directories: `fota release gc` there. dry_run: only the list."""
+        return collect_garbage(store, request.app.state.blobs_dir, request.app.state.objects, grace=body.grace,
+                               dry_run=body.dry_run, actor=token.name)
 
     @router.post("/releases", response_model=ReleaseOut, status_code=201, tags=["releases"],
                  responses={**change_responses, 503: {"model": ErrorOut}})

@@ -144,7 +144,7 @@ def _store_patch(blobs_dir: Path, data: bytes, sha: str, remote) -> Path:
     path = write_blob(Path(blobs_dir), data, sha)
     if remote is not None:
         try:
-            remote.put_blob(sha, data)
+            remote.put_blob(sha, data, fresh=True)
         except Exception:
             log.exception("patch %s not written to object storage", sha[:16])
     return path

@@ -9,7 +9,8 @@ is made (objects are immutable and content-addressed, never overwritten), and ``
 one back for a process whose blobs directory lacks it (fota.server.releases.blob_file: the chunk
 server, the sender, the blob route, another worker's patch). A blob made before the storage was
 configured is uploaded the first time a job needs it. ``delete_blob`` removes one when its release is
-deleted (fota.server.release_delete).
+deleted (fota.server.release_delete) or when nothing names it any more (fota.server.blob_gc, which
+finds them with ``list_blobs``).
 
 Credentials come from boto3's usual chain (environment, ``~/.aws``, an instance role); the
 device gets only the presigned URL, which grants a GET of that one object until it expires.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from fota.server.payloadurls import URL_TTL
@@ -28,6 +30,11 @@ __all__ = ["MAX_PRESIGN", "S3Payloads"]
 log = logging.getLogger(__name__)
 
 MAX_PRESIGN = 7 * 86400  # SigV4 presigned URLs live at most a week
+
+
+def _missing(exc) -> bool:
+    """Whether a botocore ClientError says the object is not there."""
+    return exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
 
 
 class S3Payloads:
@@ -52,22 +59,58 @@ class S3Payloads:
     def key(self, sha256: str) -> str:
         return self.prefix + sha256
 
-    def put_blob(self, sha256: str, data: bytes | None = None) -> None:
-        """Store blob ``sha256`` (``data``, else the file ``<blobs_dir>/<sha256>``) unless it is there."""
-        if sha256 in self._stored:
-            return
+    def put_blob(self, sha256: str, data: bytes | None = None, *, fresh: bool = False) -> None:
+        """Store blob ``sha256`` (``data``, else the file ``<blobs_dir>/<sha256>``) unless it is
+        there (asked once per process).
+
+        fresh: the blob of a release or a patch being made, its row not committed yet: an object
+        already there is copied onto itself, which makes it recent (asked every time). A garbage
+        collection (fota.server.blob_gc) leaves objects younger than its grace period, so it
+        keeps this one until the row names it."""
         from botocore.exceptions import ClientError
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=self.key(sha256))
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
-                raise
-            if data is None:
-                data = (self.blobs_dir / sha256).read_bytes()
-            self.client.put_object(Bucket=self.bucket, Key=self.key(sha256), Body=data,
-                                   ContentType="application/octet-stream")
-            log.info("blob %s stored in s3://%s/%s", sha256[:16], self.bucket, self.key(sha256))
+        if fresh:
+            try:
+                self._refresh(sha256)
+                return
+            except ClientError as exc:
+                if not _missing(exc):
+                    raise
+        elif sha256 in self._stored:
+            return
+        else:
+            try:
+                self.client.head_object(Bucket=self.bucket, Key=self.key(sha256))
+                self._stored.add(sha256)
+                return
+            except ClientError as exc:
+                if not _missing(exc):
+                    raise
+        if data is None:
+            data = (self.blobs_dir / sha256).read_bytes()
+        self.client.put_object(Bucket=self.bucket, Key=self.key(sha256), Body=data,
+                               ContentType="application/octet-stream")
+        log.info("blob %s stored in s3://%s/%s", sha256[:16], self.bucket, self.key(sha256))
         self._stored.add(sha256)
+
+    def _refresh(self, sha256: str) -> None:
+        """Copy the object onto itself (S3 allows that when the metadata is replaced): a new
+        LastModified, the same bytes. ClientError NoSuchKey when it is not there."""
+        key = self.key(sha256)
+        self.client.copy_object(Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": key},
+                                MetadataDirective="REPLACE", ContentType="application/octet-stream")
+        self._stored.add(sha256)
+
+    def list_blobs(self) -> Iterator[tuple[str, int, float]]:
+        """(sha256, size, last modified as a Unix time) of each blob's object under the prefix,
+        one page of the listing (1,000 keys) at a time; other keys (another name, a deeper
+        "folder") are not blobs and are left out."""
+        from fota.server.releases import is_blob_name
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix)
+        for page in pages:
+            for item in page.get("Contents", ()):
+                name = item["Key"][len(self.prefix):]
+                if is_blob_name(name):
+                    yield name, int(item["Size"]), item["LastModified"].timestamp()
 
     def delete_blob(self, sha256: str) -> None:
         """Remove blob ``sha256``'s object (a deleted release's image or patch); no error if it is

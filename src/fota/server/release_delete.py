@@ -8,7 +8,8 @@ offered by Home Assistant.
 
 Order: the database first (one transaction: the mark, the patch rows, the audit event), the
 files and objects after it committed. A file or object that cannot be removed then is left
-behind and named in the result (garbage, never a release that lost its image).
+behind and named in the result (garbage, never a release that lost its image); the next
+garbage collection (fota.server.blob_gc: fota release gc, and after every prune) removes it.
 """
 from __future__ import annotations
 

@@ -10,7 +10,9 @@ Kept, whatever their age:
   base, and what it rolls back to;
 * a release delete_release refuses (in use by a deployment, a campaign or a patch download).
 
-Every release is listed, deleted or kept, with why it was kept.
+Every release is listed, deleted or kept, with why it was kept. Then the blobs nothing names
+any more go (fota.server.blob_gc): those an earlier delete failed to remove, and, run on another
+host, that host's cached copies.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from typing import Any
 from sqlalchemy import select
 
 from fota.server import audit
+from fota.server.blob_gc import DEFAULT_GRACE, collect_garbage, summary
 from fota.server.campaigns.spec import version_key
 from fota.server.release_delete import ReleaseInUse, delete_release, release_users
 from fota.server.releases import ReleaseError, ReleaseNotFound, list_releases
@@ -70,14 +73,16 @@ def _entry(release: Release, **more) -> dict[str, Any]:
 
 
 def prune_releases(store: Store, blobs_dir: str | os.PathLike, keep: int = DEFAULT_KEEP, objects=None, *,
-                   actor: str, dry_run: bool = False) -> dict[str, Any]:
+                   actor: str, dry_run: bool = False, grace: float = DEFAULT_GRACE) -> dict[str, Any]:
     """Delete (with ``dry_run``: only list) the releases the policy above does not keep, oldest
     first, each with delete_release (``objects``: object storage, as there), audited as
-    ``release.delete`` each and once as ``release.prune`` (not in a dry run).
+    ``release.delete`` each and once as ``release.prune`` (not in a dry run); then collect the
+    garbage (blob_gc.collect_garbage, ``grace`` and ``dry_run`` as there).
 
     Returns {"keep", "dry_run", "deleted": [{"version", "hardware", "kind"}], "kept": [{"version",
     "hardware", "kind", "why": [text]}], "blobs_removed": [sha256], "patches_removed": n,
-    "object_storage": bool, "failures": [text]}; both lists in version order."""
+    "object_storage": bool, "failures": [text], "gc": collect_garbage's answer}; both lists in
+    version order; failures: the deletes' (the collection's are its own)."""
     if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
         raise ReleaseError("keep must be at least 1: the newest release of each hardware type stays")
     releases = sorted(list_releases(store), key=_order)
@@ -107,12 +112,13 @@ def prune_releases(store: Store, blobs_dir: str | os.PathLike, keep: int = DEFAU
             log.info("release prune: %s was deleted meanwhile", release.version)
             continue
         deleted.append(_entry(release))
+    log.info("release prune (keep %d%s): %d deleted, %d kept", keep, ", dry run" if dry_run else "",
+             len(deleted), len(kept))
+    gc = collect_garbage(store, blobs_dir, objects, grace=grace, dry_run=dry_run)
     if not dry_run:
         audit.record(store, actor, "release.prune", "releases",
                      {"keep": keep, "deleted": [d["version"] for d in deleted],
                       "in_use": in_use,
-                      "failures": failures})
-    log.info("release prune (keep %d%s): %d deleted, %d kept", keep, ", dry run" if dry_run else "",
-             len(deleted), len(kept))
+                      "failures": failures, "gc": summary(gc)})
     return {"keep": keep, "dry_run": dry_run, "deleted": deleted, "kept": kept, "blobs_removed": blobs,
-            "patches_removed": patches, "object_storage": objects is not None, "failures": failures}
+            "patches_removed": patches, "object_storage": objects is not None, "failures": failures, "gc": gc}

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -33,8 +34,8 @@ from fota.tools.private import private_dir, write_private
 from fota.tools.signing import key_id, public_key_bytes, sign
 
 __all__ = ["KINDS", "ReleaseDeleted", "ReleaseError", "ReleaseNotFound", "blob_file", "build_manifest",
-           "check_release_key", "create_release", "get_release", "list_releases", "lock_live", "read_blob",
-           "resign_release", "update_command", "wrap_release_key"]
+           "check_release_key", "create_release", "get_release", "is_blob_name", "list_releases", "lock_live",
+           "read_blob", "resign_release", "update_command", "wrap_release_key", "write_blob"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ KINDS = ("bundle", "image")
 IMAGE_SUFFIXES = (".bin", ".img", ".app-bin")
 MANIFEST_FORMAT = 1
 BLOB_CACHE_SIZE = 8  # releases kept in memory; a rollout serves one or two at a time
+BLOB_NAME = re.compile(r"[0-9a-f]{64}")  # a blob's file (and object) name: its sha256, lower-case hex
 
 
 class ReleaseError(ValueError):
@@ -213,12 +215,25 @@ def _load_image(source: str | os.PathLike | bytes, kind: str | None) -> tuple[by
     return data, kind
 
 
+def is_blob_name(name: str) -> bool:
+    """Whether a file or object name is a blob's (its sha256 in lower-case hex, nothing else)."""
+    return BLOB_NAME.fullmatch(name) is not None
+
+
 def write_blob(blobs_dir: Path, data: bytes, sha256: str) -> Path:
-    """Store ``data`` as blobs_dir/<sha256> (0600, in a 0700 directory); its resolved path."""
+    """Store ``data`` as blobs_dir/<sha256> (0600, in a 0700 directory); its resolved path.
+
+    A file already there holds these bytes (content-addressed): it is only made recent, so that
+    a garbage collection running before the row that names it commits (fota.server.blob_gc
+    leaves files younger than its grace period) keeps it; one removed meanwhile is written."""
     private_dir(blobs_dir)
     path = blobs_dir / sha256
-    if not path.exists():  # content-addressed: an existing file already holds these bytes
+    try:
+        os.utime(path)
+    except FileNotFoundError:
         write_private(path, data)
+    except OSError as exc:  # another owner's read-only file: still these bytes
+        log.warning("blob %s: its time not refreshed: %s", sha256[:16], exc)
     return path.resolve()
 
 
@@ -295,7 +310,7 @@ def create_release(store: Store, blobs_dir: str | os.PathLike, key: ec.EllipticC
     release.blob_path = str(write_blob(Path(blobs_dir), image, release.sha256))
     if remote is not None:
         try:
-            remote.put_blob(release.sha256, image)
+            remote.put_blob(release.sha256, image, fresh=True)
         except Exception as exc:
             raise ReleaseError(f"the image could not be written to object storage: {exc}") from None
     try:

@@ -9,3 +9,8 @@ DEFAULT_HEAP = "160K"
 # Release retention (fota release prune, fota.server.release_prune): the newest releases kept per
 # hardware type and kind.
 DEFAULT_RELEASE_KEEP = 3
+
+# Garbage collection of blobs (fota release gc, and after fota release prune; fota.server.blob_gc):
+# a blob nothing names is removed only once it is this many seconds old, since a release or a patch
+# being made writes its blob before its row commits.
+DEFAULT_BLOB_GRACE = 3600
