@@ -152,6 +152,12 @@ def delete_release(store: Store, blobs_dir: str | os.PathLike, version_or_id: st
         tx.record(actor, "release.delete", f"release:{release.version}",
                   {"id": release.id, "sha256": release.sha256, "patches": len(patches),
                    "blobs": sorted(blobs), "image_kept_for": shared})
+    # Read again after the commit: a release made meanwhile with the same image (its blob was
+    # there already, so create_release only touched it) committed after the check above and
+    # needs the blob. This narrows that race to the instant between this read and the removal.
+    from fota.server.blob_gc import named_blobs
+    named_now = named_blobs(store)
+    blobs = {sha: path for sha, path in blobs.items() if sha not in named_now}
     failures = _remove_blobs(blobs_dir, sorted(blobs.items()), objects)
     log.info("release %s deleted: %d blob(s) removed, %d patch(es)", release.version, len(blobs), len(patches))
     return {"id": release.id, "version": release.version, "deleted_at": now, "blobs_removed": sorted(blobs),
