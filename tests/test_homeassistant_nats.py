@@ -4,7 +4,8 @@ and a paho MQTT 3.1.1 client playing Home Assistant with the account fota writes
 file (fota.server.homeassistant.nats_user).
 
 Measured here on nats-server 2.15.1: an empty retained message deletes the retained one (a new
-subscriber gets nothing), and a QoS 1 PUBLISH from an MQTT client is stored in $MQTT_msgs."""
+subscriber gets nothing; after a node's death on every node only with the bridge's delete notice),
+and a QoS 1 PUBLISH from an MQTT client is stored in $MQTT_msgs."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ import os
 import secrets
 import threading
 import time
+import urllib.request
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -55,7 +57,9 @@ class HomeAssistant:
         self.client.on_subscribe = lambda c, u, mid, codes, p: self.subacks.append([x.value for x in codes])
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
-        assert self.connected.wait(10), "Home Assistant not connected"
+        if not self.connected.wait(10):
+            self.close()
+            raise AssertionError("Home Assistant not connected")
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if not reason_code.is_failure:
@@ -270,7 +274,12 @@ def _retained(port: int, topic: str, timeout: float = 30.0) -> bytes | None:
     the retained messages follow the SUBACK."""
     deadline = time.monotonic() + timeout
     while True:
-        ha = HomeAssistant(port)
+        try:
+            ha = HomeAssistant(port)
+        except AssertionError:  # not connected within 10 s
+            if time.monotonic() > deadline:
+                raise
+            continue
         try:
             try:
                 wait_until(lambda: ha.subacks and ha.subacks[0] == [1], timeout=5, what="<prefix>/# granted")
@@ -326,6 +335,93 @@ def test_entity_of_a_device_opted_out_while_the_center_was_down_is_removed(tmp_p
                    what="the leftover config removed")
     finally:
         setup.close()
+
+
+def _retained_feeds(cluster) -> dict[str, str]:
+    """node -> the node that runs the consumer feeding its map of retained messages (nats-server
+    2.15.1's MQTT layer: one R1 push consumer of $MQTT_rmsgs per node, delivering to that node's
+    internal subscription $MQTT.sub.<id>; read from the nodes' monitoring)."""
+    def monitor(node, path):
+        with urllib.request.urlopen(f"http://127.0.0.1:{node.ports.monitor}{path}", timeout=5) as r:
+            return json.load(r)
+    subscriber, runs_on = {}, {}
+    for node in cluster.nodes:
+        for sub in monitor(node, "/subsz?subs=1&limit=100000&acc=FOTA").get("subscriptions_list") or []:
+            if sub["subject"].startswith("$MQTT.sub."):
+                subscriber[sub["subject"]] = node.name
+        jsz = monitor(node, "/jsz?accounts=true&streams=true&consumers=true&config=true")
+        for account in jsz.get("account_details") or []:
+            for stream in account.get("stream_detail") or []:
+                if stream["name"] == "$MQTT_rmsgs":
+                    for consumer in stream.get("consumer_detail") or []:
+                        runs_on[consumer["config"].get("deliver_subject")] = node.name
+    return {subscriber[s]: host for s, host in runs_on.items() if s in subscriber}
+
+
+def test_removal_after_a_node_death_sticks_on_every_node(tmp_path, database):
+    """A config retained before a node's death, then removed: no surviving node hands it to a new
+    subscriber. The node killed is the one that runs the bridge's node's feed of retained
+    messages (_retained_feeds), whose map then stops changing: without the bridge's notice
+    (natsconn.NatsConnection.forget_retained) that node kept handing the deleted config from its
+    cache (2 min)."""
+    for attempt in range(5):  # a cluster where a node's feed runs on another node (26 in 27)
+        cluster = NatsCluster(tmp_path / f"nats-{attempt}", server_password=secrets.token_urlsafe(12)).start()
+        try:
+            cut = sorted((node, host) for node, host in _retained_feeds(cluster).items() if node != host)
+        except BaseException:
+            cluster.stop()
+            raise
+        if cut:
+            break
+        cluster.stop()
+    else:
+        pytest.fail("every node's $MQTT_rmsgs consumer ran on itself, 5 clusters in a row")
+    store = center = None
+    try:
+        cluster.add_devices({}, [nats_user(HOMEASSISTANT_USER, HA_PASSWORD, PREFIX)])
+        names = [n.name for n in cluster.nodes]
+        bridged, dead = (names.index(n) for n in cut[0])
+        survivors = [i for i in range(len(names)) if i != dead]
+        store = Store(database)
+        keyring = Keyring(tmp_path / "keys")
+        keyring.init()
+        dev = f"hk-{secrets.token_hex(2)}"
+        provision(store, [dev])
+        set_opt_in(store, [dev], DEFAULT_TAG, True)
+        ports = cluster.mqtt_ports
+        order = [bridged] + [i for i in range(len(names)) if i != bridged]  # the bridge on `bridged`
+        ha = HomeAssistantSettings(interval=0.5, mqtt_url=",".join(
+            f"mqtt://{SERVER_USER}:{cluster.server_password}@127.0.0.1:{ports[i]}" for i in order))
+        center = CenterThread(store, cluster.server_url, tmp_path / "blobs", homeassistant=ha,
+                              signer=keyring.signer(), keys_update=keyring.keys_update(),
+                              campaign_interval=None).start()
+        bridge = center.center.homeassistant
+        topic = discovery_topic(PREFIX, dev)
+        wait_until(lambda: dev in bridge.retained, timeout=15, what="entity published")
+        for port in ports:  # Home Assistants on every node got it (each node caches it)
+            wait_until(lambda: _retained(port, topic), timeout=30, what="config retained on every node")
+        cluster.kill_node(dead)
+        bridge.refresh = 2.0   # entities and removals published again (a removal lost meanwhile)
+        assert center.center.ha_mqtt.node == 0   # still on `bridged`
+        set_opt_in(store, [dev], DEFAULT_TAG, False)
+        wait_until(lambda: bridge.passes > 1 and dev not in bridge.retained and not bridge.opted, timeout=15,
+                   what="removal")
+        # Removed: nothing, or an empty retained message (no entity for Home Assistant). A node
+        # may hand the empty one: the stream keeps it when the node it was published through has
+        # lost its feed (the publishing node deletes it once its feed hands it back).
+        for i in survivors:
+            wait_until(lambda: not _retained(ports[i], topic), timeout=30,
+                       what=f"the config deleted on {names[i]} (its feed on {names[dead]}: {cut})")
+        for _ in range(3):  # refreshes later: still gone (each look a new Home Assistant)
+            time.sleep(1)
+            assert ({names[i]: _retained(ports[i], topic) or None for i in survivors}
+                    == {names[i]: None for i in survivors})
+    finally:
+        if center is not None:
+            center.stop()
+        if store is not None:
+            store.dispose()
+        cluster.stop()
 
 
 def test_home_assistant_on_nats_needs_the_nodes_mqtt_listeners(tmp_path, sqlite_url):

@@ -48,6 +48,17 @@ CLUSTER_NAME = "fota"
 # publish on <subject> reaches them as QoS 0).
 MQTT_QOS1_PREFIX = "$MQTT.msgs."
 MQTT_QOS_HEADER = "Nmqtt-Pub"
+# Where nats-server's MQTT layer tells every node to forget a retained message (a core NATS
+# subject each node subscribes to, $MQTT.JSA.<node id>.RD, with {"subject": <subject>, "seq": <n>};
+# seq 0: whatever the node holds for that subject). Each node keeps its own map of the retained
+# messages' subjects, fed by an R1 push consumer of $MQTT_rmsgs that nats-server 2.15.1 places on
+# a random node: when that node dies, the map stops changing (measured: a new subscriber kept
+# getting a deleted config, from a cache of 2 min, and never got a config published after the
+# death). fota.server.center.natsconn.NatsConnection.forget_retained sends it for each removal;
+# "fota" is no node's id (8 characters), so no node ignores it as its own. nats-server keeps this
+# notice "for backward compatibility" (server/mqtt.go, processRetainedMsgDel): a version that drops
+# it fails tests/test_homeassistant_nats.py (the removal after a node's death).
+MQTT_RETAINED_DELETE = "$MQTT.JSA.fota.RD"
 DEVICE_PUBLISHES = ("status", "inventory", "online", "req")
 DEVICE_SUBSCRIBES = ("cmd", "data")
 

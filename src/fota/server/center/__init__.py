@@ -237,6 +237,7 @@ class ControlCenter:
             self.ha_link.on_reconnect = self.homeassistant.republish
             if self.ha_mqtt is not None:
                 self.homeassistant.on_refresh = self.ha_mqtt.relearn
+                self.ha_mqtt.on_emptied = self.mqtt.forget_retained   # removals stick on every node
         self._tasks: list[asyncio.Task] = []
 
     # ------------------------------------------------------------ lifecycle

@@ -15,6 +15,14 @@ specifies (a new subscriber gets nothing: tests/test_homeassistant_nats.py); a Q
 an MQTT client reaches NATS subscribers (header Nmqtt-Pub: 1) and is stored in $MQTT_msgs, and
 its retain flag reaches neither (a retained one is stored in $MQTT_rmsgs too).
 
+After a node's death an empty retained message alone is not enough: each node hands new
+subscribers the retained messages of its own map, which an R1 consumer of $MQTT_rmsgs feeds, and
+nats-server 2.15.1 places that consumer on a random node; a node whose consumer died with another
+node kept handing the deleted config (from a cache of 2 min; the node-kill test of
+tests/test_homeassistant_nats.py failed 5 of 5 runs so). So each empty retained message is
+followed by the MQTT layer's own "forget it" notice over NATS (on_emptied:
+natsconn.NatsConnection.forget_retained, natscluster.MQTT_RETAINED_DELETE; docs/home-assistant.md).
+
 Install commands do not come through here: they arrive on the center's NATS connection
 (natsconn, a durable JetStream consumer of the worker group), one worker each.
 """
@@ -42,8 +50,7 @@ SUFFIX = ":ha"
 # Assistant on another node not getting a retained config published then), and nothing tells
 # the publisher whether its retained message was stored: every entity is published again this
 # often, the removals of the last REMOVAL_REPEATS refreshes too, and the retained discovery configs
-# are read again (relearn), so a lost removal is redone. (Not mended: nodes that keep handing a
-# config deleted after a node's death, seen in 6 of 6 runs: docs/home-assistant.md.)
+# are read again (relearn), so a lost removal is redone (and its notice sent again: on_emptied).
 REFRESH = 60.0
 
 
@@ -65,6 +72,9 @@ class HomeAssistantMqtt:
         self.addresses = addresses
         self.on_retained = on_retained
         self.on_reconnect: Callable[[], None] | None = None
+        # called with the topic of each empty retained message published (the center: every
+        # node forgets it, natsconn.NatsConnection.forget_retained)
+        self.on_emptied: Callable[[str], None] | None = None
         self.retained_filter: tuple[str, int] | None = None
         self.closing = False
         self.client: MQTTClient | None = None
@@ -98,6 +108,8 @@ class HomeAssistantMqtt:
         if not self.connected:
             return False
         self.client.publish(topic, payload, qos=qos, retain=retain)
+        if retain and not payload and self.on_emptied is not None:
+            self.on_emptied(topic)
         return True
 
     def subscribe_retained(self, topic: str, qos: int) -> None:

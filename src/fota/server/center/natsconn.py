@@ -30,6 +30,7 @@ key pusher are the same code on both brokers:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import ssl
@@ -40,7 +41,7 @@ from urllib.parse import urlsplit
 from fota.aiowait import cancel_and_wait, within
 from fota.device import protocol
 from fota.server.center.connection import FORWARD_PREFIX, OnMessage
-from fota.server.natscluster import MQTT_QOS1_PREFIX, MQTT_QOS_HEADER
+from fota.server.natscluster import MQTT_QOS1_PREFIX, MQTT_QOS_HEADER, MQTT_RETAINED_DELETE
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +227,15 @@ class NatsConnection:
 
     def publish_qos0(self, topic_: str, payloads: list[bytes]) -> None:
         self._outbox.put_nowait((subject(topic_), payloads))
+
+    def forget_retained(self, topic_: str) -> None:
+        """Tell every node's MQTT layer to forget the retained message of topic_ (after its empty
+        retained message went out on a node's MQTT listener: fota.server.center.hamqtt). A node
+        whose feed of retained messages died with another node (natscluster.MQTT_RETAINED_DELETE)
+        would otherwise keep handing the old one to new subscribers."""
+        if self._outbox is not None:
+            notice = json.dumps({"subject": subject(topic_), "seq": 0}).encode()
+            self._outbox.put_nowait((MQTT_RETAINED_DELETE, [notice]))
 
     def subscribe_retained(self, topic_: str, qos: int) -> None:
         raise NotImplementedError("Home Assistant needs the MQTT broker")
