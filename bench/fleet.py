@@ -14,7 +14,10 @@
    bare gmqtt subscribers (one process, device accounts) by one raw-socket publisher.
 2. Ingestion: --statuses status messages (QoS 1, valid, for real jobs) published as fast as a
    pipelined paho publisher can; statuses persisted per second by the ControlCenter (SQLite,
-   PostgreSQL) against the rate one bare paho subscriber receives the same messages.
+   PostgreSQL) against the rate one bare paho subscriber receives the same messages; the
+   publisher's offered rate and who was busy over the wall (bench/_ingest_probe.py); then
+   (unless --skip-drain) as many queued in the stopped center's session and drained by a new
+   center: its rate with no publisher beside it.
 3. Workers: the same deployment (--workers-devices simulated devices, PostgreSQL) driven by 1,
    then 2, ... control-center worker processes (`fota worker`: MQTT v5 shared subscriptions,
    jobs claimed in the database); wall time to all confirmed, and how the work was shared.

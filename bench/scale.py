@@ -44,9 +44,11 @@ awake connections, plus a minute of sleepers' connections in TIME_WAIT), and mem
 2. Updates: one deployment of an --image-kib image to --updating-pct % of the devices (awake,
    spread over the awake processes) and the wakers: per device-update, center CPU (its threads),
    broker CPU, statuses, chunks, database rows and bytes; the wakers' confirmations.
-3. Ingestion under load: --statuses QoS 1 statuses (one pipelined paho publisher, the server
-   account) for open jobs of 1,000 extra offline devices: stored per second, center and broker
-   CPU per status.
+3. Ingestion under load: --statuses QoS 1 statuses (one pipelined paho publisher in this
+   process, the server account) for open jobs of 1,000 extra offline devices: stored per second
+   next to the publisher's offered rate, center and broker CPU per status, who was busy over the
+   wall (bench/_ingest_probe.py); then (unless --no-drain) as many queued in the stopped center's
+   session and drained by a new center: its rate with no publisher beside it.
 Prints the unit costs next to the model's (docs/operations.md §4b: its measured ranges on one
 Mosquitto) with the ratio measured / model (range midpoint), writes JSON, exits 1 when the fleet
 does not fit, does not connect, or a deployment is not confirmed.
