@@ -75,12 +75,13 @@ def processes_cpu() -> dict[int, tuple[str, float]]:
 
 
 def pg_backends(store) -> list[int]:
-    """Process ids of the PostgreSQL backends connected to the store's database ([] on SQLite)."""
+    """Process ids of the PostgreSQL backends connected to the store's database ([] on SQLite);
+    the one asked through is in it: it goes back to the pool the center draws from."""
     if store.engine.dialect.name != "postgresql":
         return []
     with store.engine.connect() as conn:
         return [pid for (pid,) in conn.execute(text(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"))]
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"))]
 
 
 def _group(name: str) -> str:
