@@ -249,7 +249,8 @@ def ingest_on(kind: str, args, tmp: Path, statuses: int | None = None, devices: 
             c = center.center
             base = c.statuses
             cpu0, broker0 = fleet.threads_cpu(), broker.cpu_s()
-            t1 = fleet._publish_statuses(broker, messages)
+            pub = fleet._publish_statuses(broker, messages)
+            t1 = pub.t0
             wait_until(lambda: c.statuses - base >= len(messages), timeout=args.timeout, interval=0.02,
                        what=f"{len(messages)} statuses stored")
             wall = time.monotonic() - t1
@@ -257,7 +258,8 @@ def ingest_on(kind: str, args, tmp: Path, statuses: int | None = None, devices: 
             return {"broker": kind, "statuses": len(messages), "devices": n, "wall_s": wall,
                     "rate": len(messages) / wall, "center_cpu_s": center_cpu, "broker_cpu_s": broker_cpu,
                     "center_ms_per_status": 1000 * center_cpu / len(messages),
-                    "broker_ms_per_status": 1000 * broker_cpu / len(messages), "duplicates": c.duplicates}
+                    "broker_ms_per_status": 1000 * broker_cpu / len(messages), "duplicates": c.duplicates,
+                    "publisher": pub.summary()}
     finally:
         if center is not None:
             center.stop()

@@ -14,7 +14,10 @@
    bare gmqtt subscribers (one process, device accounts) by one raw-socket publisher.
 2. Ingestion: --statuses status messages (QoS 1, valid, for real jobs) published as fast as a
    pipelined paho publisher can; statuses persisted per second by the ControlCenter (SQLite,
-   PostgreSQL) against the rate one bare paho subscriber receives the same messages.
+   PostgreSQL) against the rate one bare paho subscriber receives the same messages; the
+   publisher's offered rate and who was busy over the wall (bench/_ingest_probe.py); then
+   (unless --skip-drain) as many queued in the stopped center's session and drained by a new
+   center: its rate with no publisher beside it.
 3. Workers: the same deployment (--workers-devices simulated devices, PostgreSQL) driven by 1,
    then 2, ... control-center worker processes (`fota worker`: MQTT v5 shared subscriptions,
    jobs claimed in the database); wall time to all confirmed, and how the work was shared.
@@ -47,6 +50,7 @@ import paho.mqtt.client as mqtt
 from sqlalchemy import func, select
 
 from bench import _fleet_cluster, _fleet_transport, _paho_floor
+from bench._ingest_probe import IngestProbe, split_rows
 from bench._report import print_table
 from fota.device import protocol as P
 from fota.server.broker import SERVER_USER
@@ -538,20 +542,85 @@ class PahoCounter(BrokerSpy):
             self.done.set()
 
 
-def _publish_statuses(broker: Broker, messages: list[tuple[str, bytes]]) -> float:
-    """Publish at QoS 1, pipelined (paho, 1000 in flight); returns the start time."""
+@dataclass
+class Published:
+    """The publisher's own timeline and CPU (_publish_statuses)."""
+    t0: float           # monotonic time of the first publish (connected before)
+    messages: int
+    handed_s: float     # t0 until every message was handed to paho (publish() returned)
+    acked_s: float      # t0 until the broker acknowledged the last one (PUBACK)
+    cpu_s: float        # CPU of the publishing thread (handing) and of paho's network thread
+    runqueue_s: float   # time paho's network thread waited for a CPU (runnable, not running)
+
+    def summary(self) -> dict:
+        """For a result's JSON: the timeline, the CPU, and the rate the broker took them at."""
+        return {"handed_s": self.handed_s, "acked_s": self.acked_s, "cpu_s": self.cpu_s,
+                "runqueue_s": self.runqueue_s, "offered_rate": self.messages / self.acked_s if self.acked_s else None}
+
+
+def _task_schedstat(tid: int) -> tuple[float, float]:
+    """(CPU s, run-queue wait s) of one thread of this process."""
+    cpu, wait, _ = (int(x) for x in Path(f"/proc/self/task/{tid}/schedstat").read_text().split())
+    return cpu / 1e9, wait / 1e9
+
+
+def _publish_statuses(broker: Broker, messages: list[tuple[str, bytes]]) -> Published:
+    """Publish at QoS 1, pipelined (paho, 1000 in flight); its timeline (Published.t0: the start).
+    The broker acknowledges a message once it took it, not once a subscriber did: acked_s is when
+    the last one left the publisher, not when it was stored."""
     pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"status-pub-{secrets.token_hex(4)}")
     pub.username_pw_set(SERVER_USER, broker.users[SERVER_USER])
     pub.max_inflight_messages_set(1000)
     pub.max_queued_messages_set(0)
+    n, acks, last = len(messages), [0], [0.0]
+
+    def on_publish(client, userdata, mid, reason_code, properties):
+        acks[0] += 1
+        if acks[0] == n:
+            last[0] = time.monotonic()
+
+    pub.on_publish = on_publish
     pub.connect(broker.host, broker.service_port)
     pub.loop_start()
-    t0 = time.monotonic()
+    net = pub._thread.native_id  # paho's network thread (loop_start)
+    net0 = _task_schedstat(net)
+    t0, cpu0 = time.monotonic(), time.thread_time()
     infos = [pub.publish(topic, payload, qos=1) for topic, payload in messages]
+    handed, hand_cpu = time.monotonic() - t0, time.thread_time() - cpu0
     infos[-1].wait_for_publish(300)
+    acked = (last[0] or time.monotonic()) - t0
+    net1 = _task_schedstat(net)
     pub.disconnect()
     pub.loop_stop()
-    return t0
+    return Published(t0, n, handed, acked, hand_cpu + net1[0] - net0[0], net1[1] - net0[1])
+
+
+def _drain_statuses(center: CenterThread, new_center, store: Store, broker, messages: list[tuple[str, bytes]],
+                    timeout: float) -> tuple[CenterThread, dict]:
+    """The center's own ceiling, no publisher beside it: the center stops (its persistent session
+    stays), the messages are published into that session (the broker queues them), a new center
+    (new_center(client_id): a CenterThread not started) takes the session over and stores the
+    backlog. Returns the new center and the run: wall from its start() until all are stored, the
+    publishing (alone) before it, who was busy over the wall (IngestProbe)."""
+    client_id = center.center.client_id
+    center.stop()
+    pub = _publish_statuses(broker, messages)
+    after = new_center(client_id)
+    c = after.center
+    try:
+        probe = IngestProbe(c, store, broker)
+        t0 = time.monotonic()
+        after.start()
+        started = time.monotonic() - t0
+        wait_until(lambda: c.statuses >= len(messages), timeout=timeout, interval=0.02,
+                   what=f"{len(messages)} queued statuses stored")
+        wall = time.monotonic() - t0
+    except BaseException:
+        with contextlib.suppress(Exception):
+            after.stop()
+        raise
+    return after, {"statuses": len(messages), "wall_s": wall, "rate": len(messages) / wall, "start_s": started,
+                   "publisher": pub.summary(), "split": probe.stop(), "duplicates": c.duplicates}
 
 
 def _status_messages(jobs: list[tuple[int, str]], count: int, size: int) -> list[tuple[str, bytes]]:
@@ -596,7 +665,7 @@ def _ingest_run(db: str, args, tmp: Path) -> dict:
 
         # floor: one bare paho subscriber, same messages, same publisher
         sub = PahoCounter(broker, len(messages))
-        t0 = _publish_statuses(broker, messages)
+        t0 = _publish_statuses(broker, messages).t0
         got = sub.done.wait(args.timeout)
         sub.close()
         floor_s = (sub.last - t0) if got else None
@@ -606,19 +675,31 @@ def _ingest_run(db: str, args, tmp: Path) -> dict:
         c = center.center
         base = c.statuses
         cpu0 = threads_cpu()
-        t1 = _publish_statuses(broker, [(t, p.replace(b'"boot": 1', b'"boot": 2')) for t, p in messages])
+        probe = IngestProbe(c, store, broker)
+        pub = _publish_statuses(broker, [(t, p.replace(b'"boot": 1', b'"boot": 2')) for t, p in messages])
         wait_until(lambda: c.statuses - base >= len(messages), timeout=args.timeout, interval=0.02,
                    what=f"{len(messages)} statuses stored")
-        fota_s = time.monotonic() - t1
+        fota_s = time.monotonic() - pub.t0
         center_cpu = threads_cpu_since(cpu0)  # the center's threads (the publisher's ended)
+        split = probe.stop()
+        drain = None
+        # the center's own ceiling: the same count queued in its session, then drained (not for
+        # bench capacity, whose options have no --skip-drain)
+        if not getattr(args, "skip_drain", True):
+            before, center = center, None
+            center, drain = _drain_statuses(
+                before, lambda client_id: CenterThread(store, broker.server_url, tmp / "blobs", signer=signer,
+                                                       client_id=client_id),
+                store, broker, [(t, p.replace(b'"boot": 1', b'"boot": 3')) for t, p in messages], args.timeout)
         with store.session() as s:
             states = dict(s.execute(select(Job.state, func.count()).where(Job.deployment_id == dep.id)
                                     .group_by(Job.state)).all())
-        return {"db": db, "statuses": len(messages), "devices": n,
+        return {"db": db, "statuses": len(messages), "devices": n, "drain": drain,
                 "floor_s": floor_s, "floor_rate": len(messages) / floor_s if floor_s else None,
                 "fota_s": fota_s, "fota_rate": len(messages) / fota_s,
                 "ratio": (len(messages) / fota_s) / (len(messages) / floor_s) if floor_s else None,
-                "job_states": states, "duplicates": c.duplicates, "center_cpu_s": center_cpu}
+                "job_states": states, "duplicates": c.duplicates, "center_cpu_s": center_cpu,
+                "publisher": pub.summary(), "split": split}
     finally:
         if center is not None:
             center.stop()
@@ -673,6 +754,9 @@ def main(argv=None) -> int:
                     help="floors of part 1: paho (the target's: bare paho clients), raw (raw-socket publisher, "
                          "gmqtt subscribers)")
     ap.add_argument("--skip-ingest", action="store_true")
+    ap.add_argument("--skip-drain", action="store_true",
+                    help="part 2: skip the drain run (the statuses queued in the stopped center's session, "
+                         "then stored by a new center)")
     ap.add_argument("--workers", default="1,2", help="part 3: worker counts, comma-separated ('' skips)")
     ap.add_argument("--workers-devices", type=int, default=1000, help="part 3: simulated devices")
     _fleet_transport.add_arguments(ap)
@@ -742,12 +826,23 @@ def main(argv=None) -> int:
                      "ratio raw", "confirmed", "statuses", "chunks", "re-sent %", "timeouts", "center CPU s", "sim CPU s", "broker CPU s",
                      "CPU ratio", "CPU ratio raw", "sim RSS MiB", "broker RSS MiB", "note"],
                     [[_fmt(v) for v in r] for r in rows])
-    rows = [(r["db"], r.get("statuses"), r.get("floor_rate"), r.get("fota_rate"), r.get("ratio"), r.get("error"))
+    rows = [(r["db"], r.get("statuses"), r.get("floor_rate"), r.get("fota_rate"), r.get("ratio"),
+             (r.get("publisher") or {}).get("offered_rate"), (r.get("drain") or {}).get("rate"), r.get("error"))
             for r in results["ingest"]]
     if rows:
         print_table(f"status ingestion (target: ratio >= {TARGET_INGEST})",
-               ["db", "statuses", "paho subscriber msg/s", "fota persisted/s", "ratio", "note"],
+               ["db", "statuses", "paho subscriber msg/s", "fota persisted/s", "ratio", "offered/s",
+                "fota drain/s", "note"],
                     [[_fmt(v) for v in r] for r in rows])
+        for r in results["ingest"]:
+            if r.get("split"):
+                print_table(f"status ingestion on {r['db']}, published while the center stores: who was busy "
+                            f"over the wall (shares of one core)", ["who", "s", "of wall", "what"],
+                            split_rows({**r, "wall_s": r["fota_s"]}), left=("who", "what"))
+            if r.get("drain"):
+                print_table(f"status ingestion on {r['db']}, queued then drained: who was busy over the wall "
+                            f"(shares of one core)", ["who", "s", "of wall", "what"], split_rows(r["drain"]),
+                            left=("who", "what"))
     rows = [(r["workers"], r["devices"], r.get("started_s"), r.get("wall_s"), r.get("speedup"), r.get("confirmed"),
              "/".join(str(x) for x in r.get("jobs_per_worker") or []), r.get("workers_cpu_s"), r.get("error"))
             for r in results["workers"]]

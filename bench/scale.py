@@ -44,9 +44,11 @@ awake connections, plus a minute of sleepers' connections in TIME_WAIT), and mem
 2. Updates: one deployment of an --image-kib image to --updating-pct % of the devices (awake,
    spread over the awake processes) and the wakers: per device-update, center CPU (its threads),
    broker CPU, statuses, chunks, database rows and bytes; the wakers' confirmations.
-3. Ingestion under load: --statuses QoS 1 statuses (one pipelined paho publisher, the server
-   account) for open jobs of 1,000 extra offline devices: stored per second, center and broker
-   CPU per status.
+3. Ingestion under load: --statuses QoS 1 statuses (one pipelined paho publisher in this
+   process, the server account) for open jobs of 1,000 extra offline devices: stored per second
+   next to the publisher's offered rate, center and broker CPU per status, who was busy over the
+   wall (bench/_ingest_probe.py); then (unless --no-drain) as many queued in the stopped center's
+   session and drained by a new center: its rate with no publisher beside it.
 Prints the unit costs next to the model's (docs/operations.md §4b: its measured ranges on one
 Mosquitto) with the ratio measured / model (range midpoint), writes JSON, exits 1 when the fleet
 does not fit, does not connect, or a deployment is not confirmed.
@@ -69,6 +71,7 @@ from sqlalchemy import func, select
 
 from bench import fleet
 from bench._fleet_cluster import BROKERS, add_nats_mqtt_argument, make_broker
+from bench._ingest_probe import IngestProbe, split_rows
 from bench._report import print_table, write_and_judge
 from bench.capacity import db_usage
 from fota.server import credentials
@@ -366,12 +369,24 @@ def run(args, tmp: Path) -> dict:
                 messages = fleet._status_messages(jobs, args.statuses, rel.size)
                 base = c.statuses
                 cpu0, b0 = fleet.threads_cpu(), broker.cpu_s()
-                t1 = fleet._publish_statuses(broker, messages)
+                probe = IngestProbe(c, store, broker)
+                pub = fleet._publish_statuses(broker, messages)
                 wait_until(lambda: c.statuses - base >= len(messages), timeout=args.timeout, interval=0.05,
                            what=f"{len(messages)} statuses stored")
-                wall = time.monotonic() - t1
+                wall = time.monotonic() - pub.t0
                 out["ingest"] = {"statuses": len(messages), "wall_s": wall, "rate": len(messages) / wall,
-                                 "center_cpu_s": fleet.threads_cpu_since(cpu0), "broker_cpu_s": broker.cpu_s() - b0}
+                                 "center_cpu_s": fleet.threads_cpu_since(cpu0), "broker_cpu_s": broker.cpu_s() - b0,
+                                 "publisher": pub.summary(), "split": probe.stop()}
+                if args.drain:  # the center's own ceiling: the same count queued in its session, then drained
+                    def restart(client_id: str) -> CenterThread:
+                        return CenterThread(store, broker.server_url, tmp / "blobs", chunk=args.chunk,
+                                            window=args.window, signer=signer, keys_update=keyring.keys_update(),
+                                            client_id=client_id)
+
+                    before, center = center, None
+                    center, out["drain"] = fleet._drain_statuses(
+                        before, restart, store, broker,
+                        [(t, p.replace(b'"boot": 1', b'"boot": 2')) for t, p in messages], args.timeout)
             out["sim_rss_mib"] = sims.rss_mib()
             summaries = sims.stop()
             out["sim"] = {"cpu_s": sum((x or {}).get("cpu_s", 0) for x in summaries),
@@ -427,6 +442,13 @@ def unit_costs(r: dict, db: str) -> dict:
         u["center_cpu_ms_per_status"] = 1000 * ing["center_cpu_s"] / ing["statuses"]
         u["broker_cpu_ms_per_status"] = 1000 * ing["broker_cpu_s"] / ing["statuses"]
         u["statuses_per_second"] = ing["rate"]
+        if (ing.get("publisher") or {}).get("offered_rate"):
+            u["statuses_per_second_offered"] = ing["publisher"]["offered_rate"]
+    drain = r.get("drain")
+    if drain:
+        u["statuses_per_second_drain"] = drain["rate"]
+        threads = drain["split"]["center_threads"]
+        u["center_cpu_ms_per_status_drain"] = 1000 * sum(t["cpu_s"] for t in threads.values()) / drain["statuses"]
     return u
 
 
@@ -445,6 +467,11 @@ ROWS = [  # key, label, format
     ("center_cpu_ms_per_status", "center CPU per status stored (ingestion under load)", "{:.3f} ms"),
     ("broker_cpu_ms_per_status", "broker CPU per status stored", "{:.3f} ms"),
     ("statuses_per_second", "statuses stored per second, one center", "{:,.0f}"),
+    ("statuses_per_second_offered", "  offered: the publisher's rate (first publish to the broker's last PUBACK)",
+     "{:,.0f}"),
+    ("statuses_per_second_drain", "statuses stored per second draining a backlog, no publisher beside the center",
+     "{:,.0f}"),
+    ("center_cpu_ms_per_status_drain", "  center CPU per status stored, draining", "{:.3f} ms"),
     ("center_cpu_ms_per_update", "center CPU per device-update (whole)", "{:.2f} ms"),
     ("broker_cpu_ms_per_update", "broker CPU per device-update", "{:.2f} ms"),
     ("statuses_per_update", "statuses per device-update", "{:.1f}"),
@@ -494,6 +521,12 @@ def render(result: dict) -> None:
                     f"{up.get('devices', '-')} updating a {cfg['image_kib']} KiB image; {cfg['db']}, "
                     f"{result['env']['date']}) against the model (one Mosquitto, docs/operations.md §4b)",
                     ["unit", "measured", "model", "ratio"], rows, left=("unit",))
+    for key, what in (("ingest", "published while the center stores"), ("drain", "queued, then drained")):
+        ing = r.get(key)
+        if ing:
+            print_table(f"ingestion under load, {ing['statuses']:,} QoS 1 statuses {what}: who was busy over "
+                        f"the wall (shares of one core)", ["who", "s", "of wall", "what"], split_rows(ing),
+                        left=("who", "what"))
     lim = result.get("limits") or {}
     print(f"  limits: open files {lim.get('fd_limit')} per process (hard {lim.get('fd_hard')}), "
           f"{lim.get('ports')} ephemeral ports per destination, {lim.get('mem_available_mib')} MiB available; "
@@ -538,6 +571,9 @@ def main(argv=None) -> int:
     ap.add_argument("--image-kib", type=int, default=64)
     ap.add_argument("--db", default="postgres", choices=("sqlite", "postgres"))
     ap.add_argument("--statuses", type=int, default=5000, help="statuses of the ingestion run (0 skips it)")
+    ap.add_argument("--no-drain", dest="drain", action="store_false",
+                    help="skip the drain run of part 3 (the statuses queued in the stopped center's session, "
+                         "then stored by a new center)")
     ap.add_argument("--idle-s", type=float, default=10.0)
     ap.add_argument("--connect-rate", type=float, default=200.0,
                     help="device connections a second, all processes (NATS: 20-50)")

@@ -21,6 +21,8 @@ def test_fleet_benchmark_sampled(tmp_path):
     (ingest,) = result["ingest"]
     assert ingest["statuses"] == 600 and ingest["fota_rate"] > 0 and ingest["floor_rate"] > 0, ingest
     assert ingest["job_states"] == {"downloading": 50}
+    assert ingest["publisher"]["offered_rate"] > 0 and ingest["split"]["batches"] >= 1, ingest
+    assert ingest["drain"]["statuses"] == 600 and ingest["drain"]["duplicates"] == 0, ingest["drain"]
     assert [(w["workers"], w["confirmed"], w.get("error")) for w in result["workers"]] == [(1, 30, None), (2, 30, None)]
 
 

@@ -24,6 +24,13 @@ def test_scale_benchmark_sampled(tmp_path):
     assert u["statuses_per_update"] >= 3 and u["db_rows_per_update"] >= 1 and u["db_bytes_per_update_postgres"] > 0, u
     assert u["broker_rss_kib_per_session_with_account"] > 0 and u["center_cpu_ms_per_status"] > 0, u
     assert run["ingest"]["statuses"] == 300
+    # who was busy: the publisher's timeline, the center's batches; the drain run's center alone
+    ing, drain = run["ingest"], run["drain"]
+    assert 0 < ing["publisher"]["handed_s"] <= ing["publisher"]["acked_s"] and ing["publisher"]["cpu_s"] > 0, ing
+    assert ing["split"]["batches"] >= 1 and ing["split"]["batch_write_s"] > 0, ing["split"]
+    assert ing["split"]["center_threads"]["db"]["cpu_s"] > 0 and ing["split"]["machine_busy_s"] > 0, ing["split"]
+    assert drain["statuses"] == 300 and drain["split"]["batches"] >= 1 and drain["duplicates"] == 0, drain
+    assert u["statuses_per_second_drain"] > 0 and u["statuses_per_second_offered"] > 0, u
     ratios = {c["key"]: c["ratio"] for c in result["comparison"]}
     assert ratios["chunks_per_update"] is not None and ratios["center_cpu_ms_per_update"] is not None
 

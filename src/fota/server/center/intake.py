@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections import Counter, defaultdict
 from typing import Any, Awaitable, Callable
 
@@ -63,6 +64,9 @@ class StatusIntake:
         self.refused = 0             # statuses refused at parsing (oversize, NUL, NaN, out of range ...)
         self.rate_limited = 0        # statuses over their device's rate (StatusLimiter), not stored
         self.pruned = 0              # statuses deleted by the retention policy
+        self.batches = 0             # batch transactions written (the one-by-one retries not counted)
+        self.batch_write_s = 0.0     # seconds inside those transactions, on the database thread
+        self.batch_wait_s = 0.0      # seconds they waited for the database thread (busy with other calls)
         self._drop_log = DropLog(log)
         self._counts: Counter[str] = Counter()   # ingest_counters deltas not written yet
         self._touched: set[str] = set()  # devices with statuses stored since the last retention pass
@@ -187,7 +191,7 @@ class StatusIntake:
     async def _flush(self, batch: list[Incoming], served: dict[int, int], counts: dict[str, int]) -> bool:
         """Write a batch, then release its acknowledgements; False if the database is unavailable."""
         try:
-            result = await self.db(self.write_batch, batch, served, counts)
+            result = await self.db(self._write_timed, time.monotonic(), batch, served, counts)
         except OperationalError as exc:
             # The database is unreachable or locked: keep everything (unacknowledged) and retry.
             self._queue[:0] = batch
@@ -242,6 +246,17 @@ class StatusIntake:
             total.stored += result.stored
             total.duplicates += result.duplicates
         return total
+
+    def _write_timed(self, submitted: float, batch: list[Incoming], served: dict[int, int],
+                     counts: dict[str, int]) -> BatchResult:
+        """(DB thread) write_batch, its time counted (batch_wait_s, batch_write_s)."""
+        start = time.monotonic()
+        self.batch_wait_s += start - submitted
+        try:
+            return self.write_batch(batch, served, counts)
+        finally:
+            self.batches += 1
+            self.batch_write_s += time.monotonic() - start
 
     def write_batch(self, batch: list[Incoming], served: dict[int, int],
                     counts: dict[str, int] | None = None) -> BatchResult:
