@@ -23,7 +23,7 @@ from fota.server.releases import blob_file, create_release, read_blob, write_blo
 from fota.server.store import Release, Store
 from fota.tools.signing import generate_private_key
 
-from test_http_transport import s3, s3_endpoint  # noqa: F401 (fixtures: moto's S3 server)
+from test_http_transport import _object, s3, s3_endpoint  # noqa: F401 (fixtures: moto's S3 server)
 
 KEY = generate_private_key()
 ACTOR = "cli:tester"
@@ -205,17 +205,6 @@ def test_prune_sweeps_after_deleting_and_its_dry_run_only_lists(store, tmp_path)
 
 
 # ---- object storage, and another host's cache of it ------------------------------------------------
-
-def _object(endpoint: str, bucket: str, key: str) -> bytes | None:
-    import boto3
-    from botocore.config import Config
-    from botocore.exceptions import ClientError
-    client = boto3.client("s3", endpoint_url=endpoint, config=Config(s3={"addressing_style": "path"}))
-    try:
-        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
-    except ClientError:
-        return None
-
 
 def _client(endpoint: str):
     import boto3
