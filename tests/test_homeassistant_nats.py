@@ -419,10 +419,11 @@ def test_removal_after_a_node_death_sticks_on_every_node(tmp_path, database):
         for i in survivors:
             wait_until(lambda: not _retained(ports[i], topic), timeout=30,
                        what=f"the config deleted on {names[i]} (its feed on {names[dead]}: {cut})")
-        for _ in range(3):  # refreshes later: still gone (each look a new Home Assistant)
-            time.sleep(1)
-            assert ({names[i]: _retained(ports[i], topic) or None for i in survivors}
-                    == {names[i]: None for i in survivors})
+        # Two refreshes later (the bridge's republishing and its repeated removals): still gone,
+        # to a new Home Assistant on each node. (One look: each costs seconds after a node's death.)
+        time.sleep(2 * bridge.refresh)
+        assert ({names[i]: _retained(ports[i], topic) or None for i in survivors}
+                == {names[i]: None for i in survivors})
     finally:
         if center is not None:
             center.stop()
