@@ -161,17 +161,17 @@ def test_a_release_made_with_the_same_image_while_one_is_deleted_keeps_it(store,
     """A release created with the deleted one's image after the delete's transaction checked who
     else has it (its blob was there, so creating it only touched the file) keeps the blob: the
     delete reads the names again before it removes anything."""
-    from fota.server import blob_gc
+    from fota.server import release_delete
     blobs = tmp_path / "blobs"
     (r1,) = _releases(store, blobs, ("1.0.0",))
     image = read_blob(r1)
-    named = blob_gc.named_blobs
+    named = release_delete.named_blobs
 
-    def twin_commits_first(store_):  # the concurrent create's commit lands right after the delete's
+    def twin_commits_first(store_, among=None):  # the concurrent create's commit lands right after the delete's
         create_release(store_, blobs, KEY, image, "1.0.0-twin", ["board"], kind="image")
-        return named(store_)
+        return named(store_, among)
 
-    monkeypatch.setattr(blob_gc, "named_blobs", twin_commits_first)
+    monkeypatch.setattr(release_delete, "named_blobs", twin_commits_first)
     out = delete_release(store, blobs, "1.0.0", actor=ACTOR)
     assert out["image_kept_for"] == [] and out["blobs_removed"] == []  # it looked alone; then it was not
     assert read_blob(get_release(store, "1.0.0-twin")) == image

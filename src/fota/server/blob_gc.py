@@ -24,6 +24,7 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +35,25 @@ from fota.server.releases import is_blob_name
 from fota.server.store import Delta, Release, Store
 from fota.tools.defaults import DEFAULT_BLOB_GRACE as DEFAULT_GRACE
 
-__all__ = ["DEFAULT_GRACE", "collect_garbage", "named_blobs", "summary"]
+__all__ = ["DEFAULT_GRACE", "collect_garbage", "named_blobs", "named_in", "summary"]
 
 log = logging.getLogger(__name__)
 
 
-def named_blobs(store: Store) -> set[str]:
-    """The sha256 of every blob a live release or a patch row names."""
+def named_in(session, among: Collection[str] | None = None) -> set[str]:
+    """The sha256 of every blob a live release or a patch row names, in ``session`` (of those
+    ``among`` when given)."""
+    releases, patches = select(Release.sha256).where(Release.live), select(Delta.sha256)
+    if among is not None:
+        releases = releases.where(Release.sha256.in_(list(among) or [""]))
+        patches = patches.where(Delta.sha256.in_(list(among) or [""]))
+    return set(session.scalars(releases)) | set(session.scalars(patches))
+
+
+def named_blobs(store: Store, among: Collection[str] | None = None) -> set[str]:
+    """named_in, in a session of its own."""
     with store.session() as s:
-        return set(s.scalars(select(Release.sha256).where(Release.live))) | set(s.scalars(select(Delta.sha256)))
+        return named_in(s, among)
 
 
 def _file_age(path: Path, now: float) -> tuple[int, float] | None:

@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import delete, or_, select, update
 
 from fota.server import audit
+from fota.server.blob_gc import named_blobs, named_in
 from fota.server.releases import ReleaseDeleted, ReleaseError, get_release
 from fota.server.store import Campaign, Delta, Deployment, Job, Release, Store, utcnow
 
@@ -146,8 +147,7 @@ def delete_release(store: Store, blobs_dir: str | os.PathLike, version_or_id: st
         if not shared:
             blobs[release.sha256] = release.blob_path
         # A blob some other release or patch is (content-addressed: the same bytes) stays.
-        still = set(s.scalars(select(Release.sha256).where(Release.live)))
-        still |= set(s.scalars(select(Delta.sha256).where(Delta.sha256.in_(list(blobs) or [""]))))
+        still = named_in(s, blobs)
         blobs = {sha: path for sha, path in blobs.items() if sha not in still}
         tx.record(actor, "release.delete", f"release:{release.version}",
                   {"id": release.id, "sha256": release.sha256, "patches": len(patches),
@@ -155,8 +155,7 @@ def delete_release(store: Store, blobs_dir: str | os.PathLike, version_or_id: st
     # Read again after the commit: a release made meanwhile with the same image (its blob was
     # there already, so create_release only touched it) committed after the check above and
     # needs the blob. This narrows that race to the instant between this read and the removal.
-    from fota.server.blob_gc import named_blobs
-    named_now = named_blobs(store)
+    named_now = named_blobs(store, blobs)
     blobs = {sha: path for sha, path in blobs.items() if sha not in named_now}
     failures = _remove_blobs(blobs_dir, sorted(blobs.items()), objects)
     log.info("release %s deleted: %d blob(s) removed, %d patch(es)", release.version, len(blobs), len(patches))
