@@ -86,8 +86,7 @@ def broker_report(home, done) -> dict[str, Any]:
         note = None
         if refused:
             note = ("nodes running here as another OS user, which this process may not signal, did not reload "
-                    "the users file: reload each as its user or root ("
-                    + "; ".join(f"nats-server --signal reload={p}" for p in refused) + ")")
+                    f"the users file: reload each as its user or root ({_reload_commands(refused)})")
         return _report("nats", applied=not others, file=str(done.directory / USERS_FILE), reloaded=reloaded,
                        not_reloaded=others, refused=refused, missing=list(done.missing), note=note)
     if isinstance(done, MosquittoPasswords):
@@ -118,9 +117,12 @@ def nats_words(report: dict[str, Any]) -> tuple[str, str | None]:
     done = (f"NATS users file {report['file']} rewritten from the registry; "
             f"nodes reloaded here: {len(reloaded)} of {len(reloaded) + len(others)}")
     elsewhere = [p for p in others if p not in report.get("refused", ())]
-    left = ("copy it to the other nodes and reload each: "
-            + "; ".join(f"nats-server --signal reload={p}" for p in elsewhere)) if elsewhere else None
+    left = f"copy it to the other nodes and reload each: {_reload_commands(elsewhere)}" if elsewhere else None
     return done, left
+
+
+def _reload_commands(pid_files: list[str]) -> str:
+    return "; ".join(f"nats-server --signal reload={p}" for p in pid_files)
 
 
 def missing_words(missing: list[str]) -> str:
@@ -128,6 +130,7 @@ def missing_words(missing: list[str]) -> str:
     return (f"{len(missing)} device(s) have no NATS user (provisioned before bcrypt hashes were kept): "
             f"{', '.join(missing[:20])}{' …' if len(missing) > 20 else ''}; rotate their credentials "
             "('fota device rekey ID', or 'fota device provision --force' on the board) to give them one")
+
 
 def no_home_report() -> dict[str, Any]:
     """The ``broker`` object of a process that knows no home (an API app made without broker_sync)."""

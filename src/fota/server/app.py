@@ -99,6 +99,7 @@ def home_api_app(home: Home, store):
                       url_key=lambda: home.kek().url_key, objects=home.object_store(),
                       broker_sync=lambda s: broker_sync(home, s))
 
+
 def sync_nats_users(home: Home, store) -> None:
     """A NATS cluster's users file rewritten from the registry and the nodes on this machine
     reloaded, as `fota serve` starts (the managed Mosquitto's password file is, by managed_broker):

@@ -94,6 +94,7 @@ def hup_pid_file(pid_file: Path) -> str:
         return NOT_RUNNING
     return SIGNALLED
 
+
 def is_loopback(host: str) -> bool:
     """Whether only this machine can reach host (a wildcard reaches every interface)."""
     import ipaddress
