@@ -68,23 +68,18 @@ class S3Payloads:
         collection (fota.server.blob_gc) leaves objects younger than its grace period, so it
         keeps this one until the row names it."""
         from botocore.exceptions import ClientError
-        if fresh:
-            try:
-                self._refresh(sha256)
-                return
-            except ClientError as exc:
-                if not _missing(exc):
-                    raise
-        elif sha256 in self._stored:
+        if not fresh and sha256 in self._stored:
             return
-        else:
-            try:
+        try:
+            if fresh:
+                self._refresh(sha256)
+            else:
                 self.client.head_object(Bucket=self.bucket, Key=self.key(sha256))
-                self._stored.add(sha256)
-                return
-            except ClientError as exc:
-                if not _missing(exc):
-                    raise
+            self._stored.add(sha256)
+            return
+        except ClientError as exc:
+            if not _missing(exc):
+                raise
         if data is None:
             data = (self.blobs_dir / sha256).read_bytes()
         self.client.put_object(Bucket=self.bucket, Key=self.key(sha256), Body=data,
@@ -98,7 +93,6 @@ class S3Payloads:
         key = self.key(sha256)
         self.client.copy_object(Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": key},
                                 MetadataDirective="REPLACE", ContentType="application/octet-stream")
-        self._stored.add(sha256)
 
     def list_blobs(self) -> Iterator[tuple[str, int, float]]:
         """(sha256, size, last modified as a Unix time) of each blob's object under the prefix,
