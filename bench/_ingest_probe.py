@@ -23,6 +23,8 @@ from pathlib import Path
 
 from sqlalchemy import text
 
+from bench._report import print_table
+
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -189,3 +191,9 @@ def split_rows(ingest: dict) -> list[list[str]]:
         for name, cpu in (sp.get("processes_cpu_s") or {}).items():
             rows.append(row(f"  CPU of {name}", cpu))
     return rows
+
+
+def print_split(what: str, ingest: dict) -> None:
+    """split_rows as a table: who was busy over an ingestion run's wall (``what``: which run)."""
+    print_table(f"{what}: who was busy over the wall (shares of one core)", ["who", "s", "of wall", "what"],
+                split_rows(ingest), left=("who", "what"))

@@ -50,7 +50,7 @@ import paho.mqtt.client as mqtt
 from sqlalchemy import func, select
 
 from bench import _fleet_cluster, _fleet_transport, _paho_floor
-from bench._ingest_probe import IngestProbe, split_rows
+from bench._ingest_probe import IngestProbe, print_split
 from bench._report import print_table
 from fota.device import protocol as P
 from fota.server.broker import SERVER_USER
@@ -836,13 +836,10 @@ def main(argv=None) -> int:
                     [[_fmt(v) for v in r] for r in rows])
         for r in results["ingest"]:
             if r.get("split"):
-                print_table(f"status ingestion on {r['db']}, published while the center stores: who was busy "
-                            f"over the wall (shares of one core)", ["who", "s", "of wall", "what"],
-                            split_rows({**r, "wall_s": r["fota_s"]}), left=("who", "what"))
+                print_split(f"status ingestion on {r['db']}, published while the center stores",
+                            {**r, "wall_s": r["fota_s"]})
             if r.get("drain"):
-                print_table(f"status ingestion on {r['db']}, queued then drained: who was busy over the wall "
-                            f"(shares of one core)", ["who", "s", "of wall", "what"], split_rows(r["drain"]),
-                            left=("who", "what"))
+                print_split(f"status ingestion on {r['db']}, queued then drained", r["drain"])
     rows = [(r["workers"], r["devices"], r.get("started_s"), r.get("wall_s"), r.get("speedup"), r.get("confirmed"),
              "/".join(str(x) for x in r.get("jobs_per_worker") or []), r.get("workers_cpu_s"), r.get("error"))
             for r in results["workers"]]

@@ -71,7 +71,7 @@ from sqlalchemy import func, select
 
 from bench import fleet
 from bench._fleet_cluster import BROKERS, add_nats_mqtt_argument, make_broker
-from bench._ingest_probe import IngestProbe, split_rows
+from bench._ingest_probe import IngestProbe, print_split
 from bench._report import print_table, write_and_judge
 from bench.capacity import db_usage
 from fota.server import credentials
@@ -524,9 +524,7 @@ def render(result: dict) -> None:
     for key, what in (("ingest", "published while the center stores"), ("drain", "queued, then drained")):
         ing = r.get(key)
         if ing:
-            print_table(f"ingestion under load, {ing['statuses']:,} QoS 1 statuses {what}: who was busy over "
-                        f"the wall (shares of one core)", ["who", "s", "of wall", "what"], split_rows(ing),
-                        left=("who", "what"))
+            print_split(f"ingestion under load, {ing['statuses']:,} QoS 1 statuses {what}", ing)
     lim = result.get("limits") or {}
     print(f"  limits: open files {lim.get('fd_limit')} per process (hard {lim.get('fd_hard')}), "
           f"{lim.get('ports')} ephemeral ports per destination, {lim.get('mem_available_mib')} MiB available; "
